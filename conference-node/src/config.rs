@@ -1,0 +1,24 @@
+//! The node agent's configuration (see `shared::config` for how it is loaded).
+
+use serde::Deserialize;
+
+use confroute_shared::config::{ConfigError, Issues, LogConfig, RedisConfig, Validate};
+
+/// Root of `confroute-node`'s settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where Redis is.
+    pub redis: RedisConfig,
+    /// Log output.
+    pub log: LogConfig,
+}
+
+impl Validate for NodeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut issues = Issues::default();
+        issues.extend(self.redis.validate());
+        issues.extend(self.log.validate());
+        issues.finish()
+    }
+}

@@ -1,0 +1,3 @@
+//! confroute conference-node agent: hosts conferences on one Asterisk through ARI.
+
+pub mod config;

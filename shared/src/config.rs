@@ -1,0 +1,799 @@
+//! Configuration loading: built-in defaults < TOML file (`--config FILE`) < environment
+//! (`CONFROUTE_` prefix, `__` for nesting), with errors that name the offending key.
+//!
+//! Each binary owns its root config struct; this module holds the loader and the sections
+//! every binary shares (Redis, logging).
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Format, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::secret::Secret;
+
+/// Environment variable prefix for every setting.
+pub const ENV_PREFIX: &str = "CONFROUTE_";
+
+/// One problem found in the configuration, naming the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key path, e.g. `redis.url`.
+    pub key: String,
+    /// What is wrong and what form is expected.
+    pub message: String,
+    /// Where the value came from (file path or environment variable), when known.
+    pub origin: Option<String>,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config key `{}`: {}", self.key, self.message)?;
+        if let Some(origin) = &self.origin {
+            write!(f, " (set in {origin})")?;
+        }
+        Ok(())
+    }
+}
+
+/// The configuration could not be loaded; every issue names its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// All problems found (at least one).
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl ConfigError {
+    /// A single issue about `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            issues: vec![ConfigIssue {
+                key: key.into(),
+                message: message.into(),
+                origin: None,
+            }],
+        }
+    }
+
+    /// True when some issue concerns exactly `key`.
+    pub fn mentions(&self, key: &str) -> bool {
+        self.issues.iter().any(|i| i.key == key)
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that go beyond what deserialization can express.
+pub trait Validate {
+    /// Returns every semantic problem, each naming its key.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Loads `T` from defaults, the optional TOML file, then `CONFROUTE_*` variables, and validates it.
+pub fn load<T: DeserializeOwned + Validate>(file: Option<&Path>) -> Result<T, ConfigError> {
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    load_from(file, &vars)
+}
+
+/// Like [`load`] but with an explicit environment, so tests need not touch the process's own.
+pub fn load_from<T: DeserializeOwned + Validate>(
+    file: Option<&Path>,
+    env: &[(String, String)],
+) -> Result<T, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigError::new(
+                "--config",
+                format!("file {} does not exist or is not a file", path.display()),
+            ));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let figment = figment.merge(EnvSnapshot { vars: env.to_vec() });
+    let value: T = figment.extract().map_err(convert)?;
+    value.validate()?;
+    Ok(value)
+}
+
+/// `CONFROUTE_*` variables as a figment provider; `__` separates nesting levels.
+///
+/// It reads a given list rather than the process environment so tests can run in parallel.
+struct EnvSnapshot {
+    vars: Vec<(String, String)>,
+}
+
+impl figment::Provider for EnvSnapshot {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment").interpolater(|_profile, keys| {
+            format!("{ENV_PREFIX}{}", keys.join("__").to_uppercase())
+        })
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, value) in &self.vars {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if rest.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(figment::Error::from(format!(
+                    "environment variable {key} has an empty key segment"
+                )));
+            }
+            let parsed: figment::value::Value = value
+                .parse()
+                .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+            insert_path(&mut dict, &path, parsed);
+        }
+        let mut map = figment::value::Map::new();
+        map.insert(figment::Profile::Default, dict);
+        Ok(map)
+    }
+}
+
+fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
+    use figment::value::{Dict, Value};
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            } else {
+                let mut inner = Dict::new();
+                insert_path(&mut inner, rest, value);
+                *entry = Value::from(inner);
+            }
+        }
+    }
+}
+
+fn convert(err: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let issues = err
+        .into_iter()
+        .map(|e| {
+            let mut path = e.path.clone();
+            let message = match &e.kind {
+                Kind::UnknownField(name, expected) => {
+                    if path.last() != Some(name) {
+                        path.push(name.clone());
+                    }
+                    if expected.is_empty() {
+                        "unknown key; this section takes no keys".to_string()
+                    } else {
+                        format!("unknown key; expected one of: {}", expected.join(", "))
+                    }
+                }
+                Kind::MissingField(name) => {
+                    if path.last().map(String::as_str) != Some(name.as_ref()) {
+                        path.push(name.to_string());
+                    }
+                    "required key is missing".to_string()
+                }
+                Kind::InvalidType(actual, expected) => {
+                    format!("found {actual}, expected {expected}")
+                }
+                Kind::InvalidValue(actual, expected) => {
+                    format!("invalid value {actual}, expected {expected}")
+                }
+                Kind::UnknownVariant(actual, expected) => {
+                    format!(
+                        "unknown value `{actual}`, expected one of: {}",
+                        expected.join(", ")
+                    )
+                }
+                other => other.to_string(),
+            };
+            let origin = e.metadata.as_ref().map(|m| {
+                let key = path.join(".");
+                match &m.source {
+                    Some(figment::Source::File(p)) => p.display().to_string(),
+                    _ if m.name == "environment" => format!(
+                        "environment variable {ENV_PREFIX}{}",
+                        key.to_uppercase().replace('.', "__")
+                    ),
+                    _ => m.name.to_string(),
+                }
+            });
+            ConfigIssue {
+                key: if path.is_empty() {
+                    "(root)".to_string()
+                } else {
+                    path.join(".")
+                },
+                message,
+                origin,
+            }
+        })
+        .collect();
+    ConfigError { issues }
+}
+
+/// Accepts a duration written like `500ms`, `2s`, `1h 30m`.
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime_serde::re::humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}); expected a form like 500ms, 2s, 5m"
+        ))
+    })
+}
+
+/// Accepts a string, or a number or boolean written where a string is meant.
+///
+/// Environment values are parsed (so `CONFROUTE_NODE__CAPACITY=50` is a number); a string key
+/// such as a node id or a password that happens to look numeric must still load.
+pub fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// [`string_like`] for an optional key.
+pub fn opt_string_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    string_like(d).map(Some)
+}
+
+/// Collects issues from several checks into one error.
+#[derive(Default)]
+pub struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    /// Records a problem with `key`.
+    pub fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigIssue {
+            key: key.into(),
+            message: message.into(),
+            origin: None,
+        });
+    }
+
+    /// Merges the issues of a nested validation.
+    pub fn extend(&mut self, result: Result<(), ConfigError>) {
+        if let Err(e) = result {
+            self.0.extend(e.issues);
+        }
+    }
+
+    /// Ok when nothing was recorded.
+    pub fn finish(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { issues: self.0 })
+        }
+    }
+}
+
+/// How to reach Redis: exactly one of `url`, `sentinel` or `cluster`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// A single Redis: `redis://host:port/db` or `rediss://` for TLS.
+    pub url: Option<String>,
+    /// A Sentinel-managed primary.
+    pub sentinel: Option<SentinelConfig>,
+    /// A Redis Cluster.
+    pub cluster: Option<ClusterConfig>,
+    /// ACL user name for the data nodes.
+    #[serde(deserialize_with = "opt_string_like")]
+    pub username: Option<String>,
+    /// Password for the data nodes.
+    pub password: Option<Secret>,
+    /// Use TLS to the data nodes (implied by a `rediss://` URL).
+    pub tls: bool,
+    /// Prefix of every key; must hold a `{hash tag}` so all keys share one Cluster slot.
+    pub prefix: String,
+    /// Deadline for one Redis operation; past it the caller gets an error (and SIP a 503).
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Deadline for opening a connection.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Replicas that must acknowledge a claim before it is answered (Redis `WAIT`), capped at
+    /// the replicas connected at that moment; 0 = none. Set 1 or more behind Sentinel so a
+    /// failover cannot lose a claim that was already answered.
+    pub wait_replicas: u32,
+    /// Lease of a conference claim, renewed by its owner while the conference lives.
+    #[serde(deserialize_with = "duration")]
+    pub conference_lease: Duration,
+}
+
+/// Sentinel group settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// Name of the monitored primary (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// Sentinel addresses as `host:port` or `redis://host:port`.
+    pub addresses: Vec<String>,
+    /// ACL user name for the sentinels.
+    #[serde(default, deserialize_with = "opt_string_like")]
+    pub username: Option<String>,
+    /// Password for the sentinels (the data-node password is `redis.password`).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Use TLS to the sentinels.
+    #[serde(default)]
+    pub tls: bool,
+}
+
+/// Redis Cluster settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Seed nodes as `host:port` or `redis://host:port`.
+    pub seeds: Vec<String>,
+}
+
+/// Default Redis address when none is configured.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            sentinel: None,
+            cluster: None,
+            username: None,
+            password: None,
+            tls: false,
+            prefix: "{confroute}:".to_string(),
+            timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(1),
+            wait_replicas: 0,
+            conference_lease: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The Redis deployment a [`RedisConfig`] describes, after validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server.
+    Single(String),
+    /// A Sentinel group.
+    Sentinel {
+        /// Primary's name.
+        master_name: String,
+        /// Sentinel addresses, normalised to URLs.
+        addresses: Vec<String>,
+    },
+    /// A Cluster, by seed URLs.
+    Cluster(Vec<String>),
+}
+
+fn normalise_addr(a: &str, tls: bool) -> String {
+    if a.contains("://") {
+        a.to_string()
+    } else if tls {
+        format!("rediss://{a}")
+    } else {
+        format!("redis://{a}")
+    }
+}
+
+impl RedisConfig {
+    /// Which deployment to connect to (single URL when nothing is set).
+    pub fn target(&self) -> RedisTarget {
+        if let Some(s) = &self.sentinel {
+            RedisTarget::Sentinel {
+                master_name: s.master_name.clone(),
+                addresses: s
+                    .addresses
+                    .iter()
+                    .map(|a| normalise_addr(a, s.tls))
+                    .collect(),
+            }
+        } else if let Some(c) = &self.cluster {
+            RedisTarget::Cluster(
+                c.seeds
+                    .iter()
+                    .map(|a| normalise_addr(a, self.tls))
+                    .collect(),
+            )
+        } else {
+            RedisTarget::Single(
+                self.url
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string()),
+            )
+        }
+    }
+
+    /// A loggable description with no credentials.
+    pub fn describe(&self) -> String {
+        match self.target() {
+            RedisTarget::Single(url) => format!("redis {}", redact_url(&url)),
+            RedisTarget::Sentinel {
+                master_name,
+                addresses,
+            } => format!(
+                "sentinel master {master_name} via {}",
+                addresses
+                    .iter()
+                    .map(|a| redact_url(a))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            RedisTarget::Cluster(seeds) => format!(
+                "cluster via {}",
+                seeds
+                    .iter()
+                    .map(|a| redact_url(a))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+}
+
+/// Removes `user:password@` from a URL so it can be logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn check_url(issues: &mut Issues, key: &str, url: &str) {
+    let ok = (url.starts_with("redis://") || url.starts_with("rediss://"))
+        && url.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
+    if !ok {
+        issues.add(
+            key,
+            format!(
+                "`{}` is not a Redis URL; expected redis://host:port or rediss://host:port",
+                redact_url(url)
+            ),
+        );
+    }
+}
+
+fn check_addresses(issues: &mut Issues, key: &str, list: &[String], tls: bool) {
+    if list.is_empty() {
+        issues.add(key, "must list at least one address (host:port)");
+    }
+    for (i, a) in list.iter().enumerate() {
+        check_url(issues, &format!("{key}[{i}]"), &normalise_addr(a, tls));
+    }
+}
+
+impl Validate for RedisConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut issues = Issues::default();
+        let set = [
+            self.url.is_some(),
+            self.sentinel.is_some(),
+            self.cluster.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if set > 1 {
+            issues.add(
+                "redis",
+                "set exactly one of redis.url, redis.sentinel, redis.cluster",
+            );
+        }
+        if let Some(url) = &self.url {
+            check_url(&mut issues, "redis.url", url);
+        }
+        if let Some(s) = &self.sentinel {
+            if s.master_name.trim().is_empty() {
+                issues.add("redis.sentinel.master_name", "must not be empty");
+            }
+            check_addresses(&mut issues, "redis.sentinel.addresses", &s.addresses, s.tls);
+        }
+        if let Some(c) = &self.cluster {
+            check_addresses(&mut issues, "redis.cluster.seeds", &c.seeds, self.tls);
+        }
+        match (self.prefix.find('{'), self.prefix.find('}')) {
+            (Some(open), Some(close)) if close > open + 1 => {}
+            _ => issues.add(
+                "redis.prefix",
+                format!(
+                    "`{}` has no hash tag; expected a form like {{confroute}}: so every key lands in one Cluster slot",
+                    self.prefix
+                ),
+            ),
+        }
+        if self.timeout.is_zero() {
+            issues.add("redis.timeout", "must be greater than zero");
+        }
+        if self.connect_timeout.is_zero() {
+            issues.add("redis.connect_timeout", "must be greater than zero");
+        }
+        if self.conference_lease < Duration::from_secs(1) {
+            issues.add("redis.conference_lease", "must be at least 1s");
+        }
+        issues.finish()
+    }
+}
+
+/// Log output settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `confroute_controller=debug,info`.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+impl Validate for LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "`{}` is not a log filter ({e}); expected e.g. info or confroute_controller=debug,info",
+                    self.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct Root {
+        redis: RedisConfig,
+        log: LogConfig,
+        #[serde(deserialize_with = "string_like")]
+        name: String,
+    }
+
+    impl Validate for Root {
+        fn validate(&self) -> Result<(), ConfigError> {
+            let mut i = Issues::default();
+            i.extend(self.redis.validate());
+            i.extend(self.log.validate());
+            i.finish()
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn toml(text: &str) -> tempfile_lite::TempFile {
+        let f = tempfile_lite::TempFile::new("toml");
+        let mut h = std::fs::File::create(f.path()).expect("create temp config");
+        h.write_all(text.as_bytes()).expect("write temp config");
+        f
+    }
+
+    /// A tiny temp file helper so the shared crate needs no extra dev-dependency.
+    mod tempfile_lite {
+        use std::path::{Path, PathBuf};
+        pub struct TempFile(PathBuf);
+        impl TempFile {
+            pub fn new(ext: &str) -> Self {
+                let n: u64 = rand::random();
+                TempFile(std::env::temp_dir().join(format!("confroute-cfg-{n:x}.{ext}")))
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_apply_without_file_or_env() {
+        let root: Root = load_from(None, &[]).expect("defaults load");
+        assert_eq!(
+            root.redis.target(),
+            RedisTarget::Single(DEFAULT_REDIS_URL.into())
+        );
+        assert_eq!(root.redis.timeout, Duration::from_millis(500));
+        assert_eq!(root.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        let f = toml("name = \"from-file\"\n[redis]\nurl = \"redis://file:1\"\ntimeout = \"2s\"\n");
+        let root: Root = load_from(Some(f.path()), &[]).expect("file loads");
+        assert_eq!(root.redis.url.as_deref(), Some("redis://file:1"));
+        assert_eq!(root.redis.timeout, Duration::from_secs(2));
+        let root: Root = load_from(
+            Some(f.path()),
+            &env(&[
+                ("CONFROUTE_REDIS__URL", "redis://env:2"),
+                ("CONFROUTE_NAME", "12345"),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )
+        .expect("env loads");
+        assert_eq!(root.redis.url.as_deref(), Some("redis://env:2"));
+        assert_eq!(
+            root.redis.timeout,
+            Duration::from_secs(2),
+            "file value kept"
+        );
+        assert_eq!(root.name, "12345", "a numeric env value fills a string key");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let f = toml("[redis]\nurll = \"redis://x:1\"\n");
+        let err = load_from::<Root>(Some(f.path()), &[]).expect_err("unknown key");
+        assert!(err.mentions("redis.urll"), "{err}");
+        assert!(err.to_string().contains("expected one of"), "{err}");
+
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__NOPE", "1")]))
+            .expect_err("unknown env key");
+        assert!(err.mentions("redis.nope"), "{err}");
+        assert!(
+            err.to_string().contains("CONFROUTE_REDIS__NOPE"),
+            "origin named: {err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named_with_the_expected_form() {
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__TIMEOUT", "soon")]))
+            .expect_err("bad duration");
+        assert!(err.mentions("redis.timeout"), "{err}");
+        assert!(err.to_string().contains("500ms"), "{err}");
+
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__WAIT_REPLICAS", "-3")]))
+            .expect_err("negative count");
+        assert!(err.mentions("redis.wait_replicas"), "{err}");
+
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_LOG__FORMAT", "xml")]))
+            .expect_err("bad enum");
+        assert!(err.mentions("log.format"), "{err}");
+        assert!(err.to_string().contains("text, json"), "{err}");
+
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__URL", "http://x")]))
+            .expect_err("bad url");
+        assert!(err.mentions("redis.url"), "{err}");
+
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__PREFIX", "confroute:")]))
+            .expect_err("prefix without hash tag");
+        assert!(err.mentions("redis.prefix"), "{err}");
+
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_LOG__LEVEL", "info,[[[")]))
+            .expect_err("bad filter");
+        assert!(err.mentions("log.level"), "{err}");
+    }
+
+    #[test]
+    fn exactly_one_redis_mode() {
+        let f =
+            toml("[redis]\nurl = \"redis://a:1\"\n[redis.cluster]\nseeds = [\"127.0.0.1:7000\"]\n");
+        let err = load_from::<Root>(Some(f.path()), &[]).expect_err("two modes");
+        assert!(err.mentions("redis"), "{err}");
+
+        let f = toml("[redis.sentinel]\nmaster_name = \"mymaster\"\naddresses = []\n");
+        let err = load_from::<Root>(Some(f.path()), &[]).expect_err("no sentinels");
+        assert!(err.mentions("redis.sentinel.addresses"), "{err}");
+
+        let f = toml("[redis.sentinel]\naddresses = [\"127.0.0.1:26379\"]\n");
+        let err = load_from::<Root>(Some(f.path()), &[]).expect_err("missing master name");
+        assert!(err.mentions("redis.sentinel.master_name"), "{err}");
+    }
+
+    #[test]
+    fn sentinel_and_cluster_targets() {
+        let f = toml(
+            "[redis]\npassword = \"s3cret\"\n[redis.sentinel]\nmaster_name = \"m\"\naddresses = [\"127.0.0.1:26379\", \"redis://h:26380\"]\n",
+        );
+        let root: Root = load_from(Some(f.path()), &[]).expect("sentinel config");
+        assert_eq!(
+            root.redis.target(),
+            RedisTarget::Sentinel {
+                master_name: "m".into(),
+                addresses: vec!["redis://127.0.0.1:26379".into(), "redis://h:26380".into()]
+            }
+        );
+        assert!(!format!("{:?}", root.redis).contains("s3cret"));
+        let root: Root = load_from(
+            None,
+            &env(&[("CONFROUTE_REDIS__CLUSTER__SEEDS", "[\"a:1\", \"b:2\"]")]),
+        )
+        .expect("cluster from env");
+        assert_eq!(
+            root.redis.target(),
+            RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = load_from::<Root>(Some(Path::new("/nonexistent/confroute.toml")), &[])
+            .expect_err("missing file");
+        assert!(err.mentions("--config"), "{err}");
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+}

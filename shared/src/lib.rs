@@ -1,0 +1,11 @@
+//! Shared pieces of confroute: configuration, conference names, the Redis data model and its
+//! atomic scripts, node placement, and telemetry setup.
+
+pub mod config;
+pub mod name;
+pub mod placement;
+pub mod secret;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod types;

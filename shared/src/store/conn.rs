@@ -1,0 +1,341 @@
+//! One Redis connection handle for a single server, a Sentinel group or a Cluster.
+//!
+//! The store never holds a pool: a multiplexed connection pipelines concurrent requests on
+//! one socket, which is what keeps lookups close to raw Redis throughput. The handle is
+//! created lazily and re-created after a connection-level failure, so a controller starts
+//! and stays alive while Redis is away (invariant 5), and follows a Sentinel failover by
+//! asking the sentinels for the new primary.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
+    Value,
+};
+
+use crate::config::{RedisConfig, RedisTarget};
+use crate::store::StoreError;
+
+/// Minimum gap between two connection attempts, so an outage does not turn every request
+/// into a connect storm.
+const RECONNECT_GAP: Duration = Duration::from_millis(200);
+
+/// A live connection of any deployment kind.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// Single server or Sentinel primary.
+    Plain(MultiplexedConnection),
+    /// Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Plain(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Plain(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Plain(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+enum Source {
+    Single(Client),
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+struct Current {
+    conn: Conn,
+    generation: u64,
+}
+
+struct ConnectState {
+    last_failure: Option<(Instant, String)>,
+}
+
+/// Shared, cheaply clonable access to Redis.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Source,
+    current: RwLock<Option<Current>>,
+    generation: AtomicU64,
+    connecting: tokio::sync::Mutex<ConnectState>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    is_cluster: bool,
+}
+
+fn config_error(what: &str, e: RedisError) -> StoreError {
+    StoreError::Config(format!("{what}: {e}"))
+}
+
+impl Connector {
+    /// Prepares a connector; no connection is opened until the first request.
+    pub(crate) fn new(cfg: &RedisConfig) -> Result<Self, StoreError> {
+        let target = cfg.target();
+        let is_cluster = matches!(target, RedisTarget::Cluster(_));
+        let source = match target {
+            RedisTarget::Single(url) => {
+                let mut info = url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| config_error("redis.url", e))?;
+                let mut settings = info.redis_settings().clone();
+                if let Some(user) = &cfg.username {
+                    settings = settings.set_username(user);
+                }
+                if let Some(pw) = &cfg.password {
+                    settings = settings.set_password(pw.expose());
+                }
+                info = info.set_redis_settings(settings);
+                Source::Single(Client::open(info).map_err(|e| config_error("redis.url", e))?)
+            }
+            RedisTarget::Sentinel {
+                master_name,
+                addresses,
+            } => {
+                let sentinel_cfg = cfg.sentinel.as_ref();
+                let mut infos = Vec::with_capacity(addresses.len());
+                for (i, a) in addresses.iter().enumerate() {
+                    let key = format!("redis.sentinel.addresses[{i}]");
+                    let mut info = a
+                        .as_str()
+                        .into_connection_info()
+                        .map_err(|e| config_error(&key, e))?;
+                    let mut settings = info.redis_settings().clone();
+                    if let Some(s) = sentinel_cfg {
+                        if let Some(user) = &s.username {
+                            settings = settings.set_username(user);
+                        }
+                        if let Some(pw) = &s.password {
+                            settings = settings.set_password(pw.expose());
+                        }
+                    }
+                    info = info.set_redis_settings(settings);
+                    infos.push(info);
+                }
+                let mut node_settings = redis::RedisConnectionInfo::default();
+                if let Some(user) = &cfg.username {
+                    node_settings = node_settings.set_username(user);
+                }
+                if let Some(pw) = &cfg.password {
+                    node_settings = node_settings.set_password(pw.expose());
+                }
+                let mut node_info =
+                    SentinelNodeConnectionInfo::default().set_redis_connection_info(node_settings);
+                if cfg.tls {
+                    node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
+                }
+                let client = SentinelClient::build(
+                    infos,
+                    master_name,
+                    Some(node_info),
+                    SentinelServerType::Master,
+                )
+                .map_err(|e| config_error("redis.sentinel", e))?;
+                Source::Sentinel(tokio::sync::Mutex::new(client))
+            }
+            RedisTarget::Cluster(seeds) => {
+                let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+                    .connection_timeout(cfg.connect_timeout)
+                    .response_timeout(cfg.timeout);
+                if let Some(user) = &cfg.username {
+                    builder = builder.username(user);
+                }
+                if let Some(pw) = &cfg.password {
+                    builder = builder.password(pw.expose());
+                }
+                if cfg.tls {
+                    builder = builder.tls(redis::TlsMode::Secure);
+                }
+                Source::Cluster(
+                    builder
+                        .build()
+                        .map_err(|e| config_error("redis.cluster.seeds", e))?,
+                )
+            }
+        };
+        Ok(Connector {
+            inner: Arc::new(Inner {
+                source,
+                current: RwLock::new(None),
+                generation: AtomicU64::new(0),
+                connecting: tokio::sync::Mutex::new(ConnectState { last_failure: None }),
+                connect_timeout: cfg.connect_timeout,
+                response_timeout: cfg.timeout,
+                is_cluster,
+            }),
+        })
+    }
+
+    /// True for a Redis Cluster deployment.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.inner.is_cluster
+    }
+
+    /// The current connection, opening one if there is none.
+    pub(crate) async fn get(&self) -> Result<(Conn, u64), StoreError> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let mut state = self.inner.connecting.lock().await;
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        if let Some((at, why)) = &state.last_failure {
+            if at.elapsed() < RECONNECT_GAP {
+                return Err(StoreError::Unavailable(format!(
+                    "reconnecting after: {why}"
+                )));
+            }
+        }
+        match tokio::time::timeout(self.inner.connect_timeout, self.connect()).await {
+            Ok(Ok(conn)) => {
+                let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Ok(mut slot) = self.inner.current.write() {
+                    *slot = Some(Current {
+                        conn: conn.clone(),
+                        generation,
+                    });
+                }
+                state.last_failure = None;
+                Ok((conn, generation))
+            }
+            Ok(Err(e)) => {
+                let why = format!("connect failed: {e}");
+                state.last_failure = Some((Instant::now(), why.clone()));
+                Err(StoreError::Unavailable(why))
+            }
+            Err(_) => {
+                let why = format!("connect timed out after {:?}", self.inner.connect_timeout);
+                state.last_failure = Some((Instant::now(), why.clone()));
+                Err(StoreError::Unavailable(why))
+            }
+        }
+    }
+
+    fn cached(&self) -> Option<(Conn, u64)> {
+        let slot = self.inner.current.read().ok()?;
+        slot.as_ref().map(|c| (c.conn.clone(), c.generation))
+    }
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.inner.connect_timeout))
+            .set_response_timeout(Some(self.inner.response_timeout));
+        match &self.inner.source {
+            Source::Single(client) => Ok(Conn::Plain(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            )),
+            Source::Sentinel(client) => {
+                let mut client = client.lock().await;
+                Ok(Conn::Plain(
+                    client.get_async_connection_with_config(&config).await?,
+                ))
+            }
+            Source::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+
+    /// Drops connection `generation` after a failure that means it is no longer usable.
+    pub(crate) fn invalidate(&self, generation: u64) {
+        if let Ok(mut slot) = self.inner.current.write() {
+            if slot.as_ref().is_some_and(|c| c.generation == generation) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// True when an error means the connection (or the server role behind it) cannot be reused.
+pub(crate) fn is_fatal(e: &RedisError) -> bool {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+    {
+        return true;
+    }
+    // A former primary demoted by Sentinel answers READONLY; MASTERDOWN and LOADING mean the
+    // server behind this socket cannot serve writes now.
+    matches!(
+        e.code(),
+        Some("READONLY") | Some("MASTERDOWN") | Some("LOADING") | Some("CLUSTERDOWN")
+    )
+}
+
+/// The Cluster hash slot of a key (CRC16/XMODEM of its hash tag, mod 16384).
+pub(crate) fn hash_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            key[open + 1..]
+                .iter()
+                .position(|&b| b == b'}')
+                .filter(|&len| len > 0)
+                .map(|len| &key[open + 1..open + 1 + len])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &b in tagged {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hash_slot;
+
+    #[test]
+    fn hash_slots_match_redis() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(hash_slot(b"123456789"), 0x31C3);
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"{user1000}.following"), hash_slot(b"user1000"));
+        assert_eq!(hash_slot(b"{}x"), hash_slot(b"{}x"));
+        assert_eq!(
+            hash_slot(b"{confroute}:conf:a"),
+            hash_slot(b"{confroute}:nodes")
+        );
+    }
+}

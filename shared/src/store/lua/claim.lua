@@ -1,0 +1,81 @@
+-- claim: find or place the home of a conference in one atomic step.
+-- Keeps invariant 1 (one home: the owner changes only inside this script) and invariant 2
+-- (fencing: the owner is replaced only when its node lease has expired, or it is not
+-- serving and the conference has no participants; each change of owner adds 1 to the epoch).
+-- Keeps invariant 4: a node that is not serving, or is at capacity, gets no new conference.
+-- Every key shares the prefix's hash tag, so this touches one Cluster slot.
+--
+-- KEYS[1] conference record   <prefix>conf:<name>
+-- KEYS[2] conference index    <prefix>confs
+-- ARGV[1] prefix, ARGV[2] name, ARGV[3] conference lease (ms),
+-- ARGV[4] "1" when the caller will WAIT for replicas: then every path writes (so the WAIT
+-- also covers a claim made by another client that this call only read) and the reply
+-- carries the number of replicas connected now (a WAIT for more would only time out).
+-- ARGV[5..] candidate node ids, best first.
+-- Returns {outcome, owner, epoch, owner_sip_uri, created_ms, candidates_skipped, replicas}
+-- with outcome one of existing | claimed | rehomed | no_capacity.
+
+local prefix, name, lease, touch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local replicas = 0
+if touch == '1' then
+  replicas = tonumber(string.match(redis.call('INFO', 'replication'), 'connected_slaves:(%d+)')) or 0
+end
+
+local function node_key(id) return prefix .. 'node:' .. id end
+local function set_key(id) return prefix .. 'node:' .. id .. ':confs' end
+
+-- A candidate must hold a live lease, be serving, and have room under its capacity.
+local function usable(id)
+  local n = redis.call('HMGET', node_key(id), 'state', 'capacity', 'sip_uri')
+  if n[1] ~= 'serving' then return nil end
+  if redis.call('SCARD', set_key(id)) >= (tonumber(n[2]) or 0) then return nil end
+  return n[3]
+end
+
+local function place(epoch, created, outcome)
+  for i = 5, #ARGV do
+    local id = ARGV[i]
+    local uri = usable(id)
+    if uri then
+      redis.call('HSET', KEYS[1], 'owner', id, 'epoch', epoch, 'participants', 0,
+        'created_ms', created, 'updated_ms', now)
+      redis.call('PEXPIRE', KEYS[1], lease)
+      redis.call('SADD', set_key(id), name)
+      -- A running count lets placers see how many placements everyone made between two
+      -- looks at the nodes, whatever ended meanwhile.
+      redis.call('HINCRBY', node_key(id), 'placements', 1)
+      -- The placement set lives exactly as long as its node's lease.
+      local pttl = redis.call('PTTL', node_key(id))
+      if pttl > 0 then redis.call('PEXPIRE', set_key(id), pttl) end
+      redis.call('ZADD', KEYS[2], 0, name)
+      return {outcome, id, epoch, uri, created, i - 5, replicas}
+    end
+  end
+  return nil
+end
+
+local rec = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'participants', 'created_ms')
+if rec[1] then
+  local owner, epoch = rec[1], tonumber(rec[2])
+  local participants = tonumber(rec[3]) or 0
+  local created = tonumber(rec[4]) or now
+  local n = redis.call('HMGET', node_key(owner), 'state', 'sip_uri')
+  -- n[1] is false when the owner's lease expired: the owner is dead.
+  if n[1] == 'serving' or (n[1] and participants > 0) then
+    if touch == '1' then redis.call('HSET', KEYS[1], 'seen_ms', now) end
+    return {'existing', owner, epoch, n[2], created, 0, replicas}
+  end
+  local placed = place(epoch + 1, created, 'rehomed')
+  if placed then
+    redis.call('SREM', set_key(owner), name)
+    return placed
+  end
+  return {'no_capacity', owner, epoch, '', created, #ARGV - 4, replicas}
+end
+
+local placed = place(1, now, 'claimed')
+if placed then return placed end
+return {'no_capacity', '', 0, '', 0, #ARGV - 4, replicas}

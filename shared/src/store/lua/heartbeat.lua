@@ -1,0 +1,43 @@
+-- heartbeat: renew a node's lease, record its load, and renew the claims it still holds.
+-- Keeps invariant 3 (leases renewed only by the living owner) and invariant 2 (a claim is
+-- renewed only for its owner at its epoch; the node learns which ones it lost).
+-- It also drops placements whose claim expired or moved, so capacity counts stay exact.
+-- KEYS[1] node record, KEYS[2] node index.
+-- ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease (ms), ARGV[4] conference lease (ms),
+-- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu,
+-- ARGV[8..] triples (name, epoch, participants) of conferences the node hosts.
+-- Returns {state, status per hosted conference: ok | lost | missing}, or {false} when the
+-- node has no record (its lease expired; it must register again).
+if redis.call('EXISTS', KEYS[1]) == 0 then return {false} end
+local prefix, id = ARGV[1], ARGV[2]
+local lease, conf_lease = tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'conferences', ARGV[5], 'participants', ARGV[6], 'cpu', ARGV[7],
+  'updated_ms', now)
+redis.call('PEXPIRE', KEYS[1], lease)
+redis.call('ZADD', KEYS[2], now + lease, id)
+
+local out = {redis.call('HGET', KEYS[1], 'state')}
+for i = 8, #ARGV, 3 do
+  local ckey = prefix .. 'conf:' .. ARGV[i]
+  local r = redis.call('HMGET', ckey, 'owner', 'epoch')
+  if r[1] == id and r[2] == ARGV[i + 1] then
+    redis.call('HSET', ckey, 'participants', tonumber(ARGV[i + 2]), 'updated_ms', now)
+    redis.call('PEXPIRE', ckey, conf_lease)
+    out[#out + 1] = 'ok'
+  elseif r[1] then
+    out[#out + 1] = 'lost'
+  else
+    out[#out + 1] = 'missing'
+  end
+end
+
+local set = prefix .. 'node:' .. id .. ':confs'
+for _, name in ipairs(redis.call('SMEMBERS', set)) do
+  if redis.call('HGET', prefix .. 'conf:' .. name, 'owner') ~= id then
+    redis.call('SREM', set, name)
+  end
+end
+if redis.call('EXISTS', set) == 1 then redis.call('PEXPIRE', set, lease) end
+return out

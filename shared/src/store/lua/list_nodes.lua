@@ -1,0 +1,23 @@
+-- list_nodes: every node with a live lease, with its claimed-conference count and lease left.
+-- Keeps invariant 3 for the index: members whose record expired are removed here.
+-- KEYS[1] node index. ARGV[1] prefix.
+-- Returns a list of flat field/value lists (HGETALL plus claimed and lease_ms).
+local prefix = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = prefix .. 'node:' .. id
+  local fields = redis.call('HGETALL', key)
+  if #fields == 0 then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    fields[#fields + 1] = 'claimed'
+    fields[#fields + 1] = redis.call('SCARD', key .. ':confs')
+    fields[#fields + 1] = 'lease_ms'
+    fields[#fields + 1] = redis.call('PTTL', key)
+    out[#out + 1] = fields
+  end
+end
+return out

@@ -1,0 +1,17 @@
+-- register: announce a node with a lease (invariant 3: a crashed node's record expires).
+-- KEYS[1] node record, KEYS[2] node index.
+-- ARGV[1] prefix, ARGV[2] id, ARGV[3] lease (ms), ARGV[4] sip_uri, ARGV[5] control,
+-- ARGV[6] zone, ARGV[7] capacity, ARGV[8] state.
+-- Returns the state the record had before (false when it did not exist).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[3])
+local before = redis.call('HGET', KEYS[1], 'state')
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5],
+  'zone', ARGV[6], 'capacity', ARGV[7], 'state', ARGV[8], 'conferences', 0,
+  'participants', 0, 'cpu', 0, 'registered_ms', now, 'updated_ms', now)
+redis.call('PEXPIRE', KEYS[1], lease)
+redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
+local set = ARGV[1] .. 'node:' .. ARGV[2] .. ':confs'
+if redis.call('EXISTS', set) == 1 then redis.call('PEXPIRE', set, lease) end
+return before

@@ -1,0 +1,14 @@
+-- release: end a conference's claim by compare-and-delete on (owner, epoch).
+-- Keeps invariants 2 and 3: a stale owner (older epoch, or another node) can never delete
+-- the claim of the current one.
+-- KEYS[1] conference record, KEYS[2] conference index.
+-- ARGV[1] prefix, ARGV[2] name, ARGV[3] node id, ARGV[4] epoch.
+-- Returns 1 when released, 0 when the caller was not the owner at that epoch.
+local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+if r[1] == ARGV[3] and r[2] == ARGV[4] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('SREM', ARGV[1] .. 'node:' .. ARGV[3] .. ':confs', ARGV[2])
+  return 1
+end
+return 0

@@ -1,0 +1,604 @@
+//! The Redis data model: conference claims, node registrations, and their leases.
+//!
+//! Every key starts with the configured prefix, whose `{hash tag}` puts them all in one
+//! Cluster slot, so the same atomic scripts run unchanged on a single Redis, behind
+//! Sentinel and on Redis Cluster.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `<p>conf:<name>` | hash, lease = `redis.conference_lease` | owner, epoch, participants, created_ms |
+//! | `<p>confs` | sorted set (score 0) | conference names, for paged listing |
+//! | `<p>node:<id>` | hash, lease = node lease | sip_uri, control, zone, capacity, state, load |
+//! | `<p>node:<id>:confs` | set, lease = node lease | conferences placed on the node (capacity count) |
+//! | `<p>nodes` | sorted set (score = lease end, ms) | node ids, for listing |
+
+mod conn;
+mod metrics;
+mod reply;
+mod scripts;
+
+use std::time::{Duration, Instant};
+
+use redis::Value;
+
+pub use metrics::StoreMetrics;
+
+use crate::config::RedisConfig;
+use crate::name::ConferenceName;
+use crate::types::{ConferenceRecord, NodeId, NodeInfo, NodeLoad, NodeRecord, NodeState, Owner};
+use conn::{Conn, Connector};
+use reply::Reply;
+use scripts::Scripts;
+
+/// A store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Redis could not be reached, or did not answer within `redis.timeout`.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered with an error.
+    #[error("redis error in {op}: {message}")]
+    Redis {
+        /// Store operation.
+        op: &'static str,
+        /// Redis's message.
+        message: String,
+    },
+    /// Redis answered with something the data model does not allow.
+    #[error("unexpected redis reply in {op}: {message}")]
+    Protocol {
+        /// Store operation.
+        op: &'static str,
+        /// What was wrong.
+        message: String,
+    },
+    /// The Redis settings cannot be used.
+    #[error("redis configuration: {0}")]
+    Config(String),
+    /// Fewer replicas than `redis.wait_replicas` acknowledged a write in time.
+    #[error("claim not acknowledged by {wanted} replica(s) within the deadline (got {got})")]
+    NotReplicated {
+        /// Replicas required (the configured count, capped at those connected).
+        wanted: u32,
+        /// Replicas that acknowledged.
+        got: u32,
+    },
+}
+
+impl StoreError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Redis { .. } => "redis",
+            StoreError::Protocol { .. } => "protocol",
+            StoreError::Config(_) => "config",
+            StoreError::NotReplicated { .. } => "not_replicated",
+        }
+    }
+}
+
+/// How a claim ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// The conference already had a live home.
+    Existing,
+    /// This call created the conference's home.
+    Claimed,
+    /// The previous owner was dead, or not serving and empty; a new owner took over.
+    Rehomed,
+    /// No candidate could take the conference.
+    NoCapacity,
+}
+
+impl ClaimKind {
+    /// The outcome label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimKind::Existing => "existing",
+            ClaimKind::Claimed => "claimed",
+            ClaimKind::Rehomed => "rehomed",
+            ClaimKind::NoCapacity => "no_capacity",
+        }
+    }
+}
+
+/// The answer of [`Store::claim`], the same for winners and losers of a race.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// What happened.
+    pub kind: ClaimKind,
+    /// The owner after the call; for `NoCapacity`, the previous owner if there was one.
+    pub owner: Option<Owner>,
+    /// The owner's SIP URI (empty for `NoCapacity`).
+    pub sip_uri: String,
+    /// When the conference was first claimed (ms since the epoch, Redis time); 0 if never.
+    pub created_ms: u64,
+    /// Candidates passed over before the chosen one (all of them for `NoCapacity`).
+    pub skipped: usize,
+}
+
+/// A conference's status as reported by its owner with each heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hosted {
+    /// Conference name.
+    pub name: ConferenceName,
+    /// Epoch the node believes it owns.
+    pub epoch: u64,
+    /// Participants now in the conference.
+    pub participants: u32,
+}
+
+/// What a heartbeat learned about one hosted conference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostedStatus {
+    /// Still owned at that epoch; lease renewed.
+    Owned,
+    /// Another node or a newer epoch owns it now: stop admitting (invariant 2).
+    Lost,
+    /// No claim exists any more (it expired).
+    Missing,
+}
+
+/// The reply to [`Store::heartbeat`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// The node's record was renewed.
+    Renewed {
+        /// State stored in Redis (an admin may have changed it).
+        state: NodeState,
+        /// One status per hosted conference, in the order given.
+        hosted: Vec<HostedStatus>,
+    },
+    /// The node has no record (its lease expired): register again.
+    Unregistered,
+}
+
+/// One page of conferences.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConferencePage {
+    /// Conferences in name order.
+    pub items: Vec<(ConferenceName, ConferenceRecord)>,
+    /// Pass to the next call to continue; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// Handle to the Redis data model; cheap to clone and share.
+#[derive(Clone)]
+pub struct Store {
+    conn: Connector,
+    prefix: String,
+    confs_key: String,
+    nodes_key: String,
+    scripts: std::sync::Arc<Scripts>,
+    timeout: Duration,
+    conference_lease: Duration,
+    wait_replicas: u32,
+    metrics: StoreMetrics,
+}
+
+impl Store {
+    /// Prepares a store for `cfg`; connects lazily, so it succeeds while Redis is down.
+    pub fn new(cfg: &RedisConfig, metrics: StoreMetrics) -> Result<Self, StoreError> {
+        Ok(Store {
+            conn: Connector::new(cfg)?,
+            prefix: cfg.prefix.clone(),
+            confs_key: format!("{}confs", cfg.prefix),
+            nodes_key: format!("{}nodes", cfg.prefix),
+            scripts: std::sync::Arc::new(Scripts::new()),
+            timeout: cfg.timeout,
+            conference_lease: cfg.conference_lease,
+            wait_replicas: cfg.wait_replicas,
+            metrics,
+        })
+    }
+
+    /// The key prefix in use.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The lease given to conference claims.
+    pub fn conference_lease(&self) -> Duration {
+        self.conference_lease
+    }
+
+    fn conf_key(&self, name: &str) -> String {
+        format!("{}conf:{name}", self.prefix)
+    }
+
+    fn node_key(&self, id: &NodeId) -> String {
+        format!("{}node:{id}", self.prefix)
+    }
+
+    /// Runs `f` on a connection with the operation deadline, timing it and dropping the
+    /// connection if the failure means it is dead.
+    async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        let started = Instant::now();
+        let result = async {
+            let (conn, generation) = self.conn.get().await?;
+            match tokio::time::timeout(self.timeout, f(conn)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => {
+                    if conn::is_fatal(&e) {
+                        self.conn.invalidate(generation);
+                        Err(StoreError::Unavailable(format!("{op}: {e}")))
+                    } else {
+                        Err(StoreError::Redis {
+                            op,
+                            message: e.to_string(),
+                        })
+                    }
+                }
+                Err(_) => {
+                    // A socket that swallows requests (a partition) looks exactly like this;
+                    // start over with a fresh connection next time.
+                    self.conn.invalidate(generation);
+                    Err(StoreError::Unavailable(format!(
+                        "{op}: no answer within {:?}",
+                        self.timeout
+                    )))
+                }
+            }
+        }
+        .await;
+        self.metrics
+            .observe(op, started.elapsed(), result.as_ref().err());
+        result
+    }
+
+    /// Checks that Redis answers (used by readiness probes).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run("ping", |mut c| async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads a conference's record: one `HMGET`, no script, for the routing hot path.
+    pub async fn lookup(
+        &self,
+        name: &ConferenceName,
+    ) -> Result<Option<ConferenceRecord>, StoreError> {
+        let key = self.conf_key(name.as_str());
+        let values: Vec<Value> = self
+            .run("lookup", |mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg(&["owner", "epoch", "participants", "created_ms"])
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let r = Reply::new("lookup", &values);
+        if r.is_nil(0)? {
+            return Ok(None);
+        }
+        Ok(Some(ConferenceRecord {
+            owner: Owner {
+                node: r.node_id(0)?,
+                epoch: r.u64(1)?,
+            },
+            participants: r.u64_or_zero(2)? as u32,
+            created_ms: r.u64_or_zero(3)?,
+        }))
+    }
+
+    /// Finds or places the conference's home in one atomic step (invariants 1, 2, 4).
+    ///
+    /// `candidates` are tried in order; the first that is alive, serving and under capacity
+    /// takes the conference if it has no live home. Every concurrent caller for the same
+    /// name gets the same owner back.
+    pub async fn claim(
+        &self,
+        name: &ConferenceName,
+        candidates: &[NodeId],
+    ) -> Result<Claim, StoreError> {
+        let conf_key = self.conf_key(name.as_str());
+        let touch = if self.wait_replicas > 0 { "1" } else { "0" };
+        let lease_ms = self.conference_lease.as_millis() as u64;
+        let script = &self.scripts.claim;
+        let wait = self.wait_replicas;
+        let timeout_ms = self.timeout.as_millis() as u64;
+        let slot = conn::hash_slot(conf_key.as_bytes());
+        let cluster = self.conn.is_cluster();
+        let (values, acked): (Vec<Value>, Option<(u32, u32)>) = self
+            .run("claim", |mut c| async move {
+                let mut inv = script.key(&conf_key);
+                inv.key(&self.confs_key)
+                    .arg(&self.prefix)
+                    .arg(name.as_str())
+                    .arg(lease_ms)
+                    .arg(touch);
+                for id in candidates {
+                    inv.arg(id.as_str());
+                }
+                let values: Vec<Value> = inv.invoke_async(&mut c).await?;
+                // Wait only for replicas connected now: with none, no replica lacking this
+                // write can be promoted, and a WAIT would just time out.
+                let connected = Reply::new("claim", &values).u64_or_zero(6).unwrap_or(0) as u32;
+                let need = wait.min(connected);
+                let acked = if need > 0 {
+                    let got = wait_for_replicas(&mut c, cluster, slot, need, timeout_ms).await?;
+                    Some((need, got))
+                } else {
+                    None
+                };
+                Ok((values, acked))
+            })
+            .await?;
+        if let Some((need, got)) = acked {
+            if got < need {
+                return Err(StoreError::NotReplicated { wanted: need, got });
+            }
+        }
+        parse_claim(&values)
+    }
+
+    /// Extends the lease of a claim this owner holds; false if it is no longer the owner.
+    pub async fn renew(&self, name: &ConferenceName, owner: &Owner) -> Result<bool, StoreError> {
+        let key = self.conf_key(name.as_str());
+        let lease_ms = self.conference_lease.as_millis() as u64;
+        let script = &self.scripts.renew;
+        self.run("renew", |mut c| async move {
+            script
+                .key(&key)
+                .arg(owner.node.as_str())
+                .arg(owner.epoch)
+                .arg(lease_ms)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|n| n == 1)
+        })
+        .await
+    }
+
+    /// Ends a claim by compare-and-delete on owner and epoch; false if not the owner.
+    pub async fn release(&self, name: &ConferenceName, owner: &Owner) -> Result<bool, StoreError> {
+        let key = self.conf_key(name.as_str());
+        let script = &self.scripts.release;
+        self.run("release", |mut c| async move {
+            script
+                .key(&key)
+                .key(&self.confs_key)
+                .arg(&self.prefix)
+                .arg(name.as_str())
+                .arg(owner.node.as_str())
+                .arg(owner.epoch)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|n| n == 1)
+        })
+        .await
+    }
+
+    /// Records the participant count of a conference this owner holds; false if not owner.
+    pub async fn set_participants(
+        &self,
+        name: &ConferenceName,
+        owner: &Owner,
+        count: u32,
+    ) -> Result<bool, StoreError> {
+        let key = self.conf_key(name.as_str());
+        let script = &self.scripts.participants;
+        self.run("set_participants", |mut c| async move {
+            script
+                .key(&key)
+                .arg(owner.node.as_str())
+                .arg(owner.epoch)
+                .arg(count)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|n| n == 1)
+        })
+        .await
+    }
+
+    /// Announces a node with a lease; returns the state its previous record had, if any.
+    pub async fn register(
+        &self,
+        node: &NodeInfo,
+        lease: Duration,
+    ) -> Result<Option<NodeState>, StoreError> {
+        let key = self.node_key(&node.id);
+        let script = &self.scripts.register;
+        let value: Value = self
+            .run("register", |mut c| async move {
+                script
+                    .key(&key)
+                    .key(&self.nodes_key)
+                    .arg(&self.prefix)
+                    .arg(node.id.as_str())
+                    .arg(lease.as_millis() as u64)
+                    .arg(&node.sip_uri)
+                    .arg(&node.control)
+                    .arg(&node.zone)
+                    .arg(node.capacity)
+                    .arg(node.state.as_str())
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        reply::optional_state("register", &value)
+    }
+
+    /// Renews a node's lease, records its load and renews the claims it hosts.
+    pub async fn heartbeat(
+        &self,
+        id: &NodeId,
+        load: &NodeLoad,
+        lease: Duration,
+        hosted: &[Hosted],
+    ) -> Result<Heartbeat, StoreError> {
+        let key = self.node_key(id);
+        let script = &self.scripts.heartbeat;
+        let conf_lease = self.conference_lease.as_millis() as u64;
+        let values: Vec<Value> = self
+            .run("heartbeat", |mut c| async move {
+                let mut inv = script.key(&key);
+                inv.key(&self.nodes_key)
+                    .arg(&self.prefix)
+                    .arg(id.as_str())
+                    .arg(lease.as_millis() as u64)
+                    .arg(conf_lease)
+                    .arg(load.conferences)
+                    .arg(load.participants)
+                    .arg(format!("{:.1}", load.cpu));
+                for h in hosted {
+                    inv.arg(h.name.as_str()).arg(h.epoch).arg(h.participants);
+                }
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        reply::heartbeat(&values, hosted.len())
+    }
+
+    /// Changes a live node's state; returns the previous state, `None` if it is not registered.
+    pub async fn set_state(
+        &self,
+        id: &NodeId,
+        state: NodeState,
+    ) -> Result<Option<NodeState>, StoreError> {
+        let key = self.node_key(id);
+        let script = &self.scripts.set_state;
+        let value: Value = self
+            .run("set_state", |mut c| async move {
+                script
+                    .key(&key)
+                    .arg(state.as_str())
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        reply::optional_state("set_state", &value)
+    }
+
+    /// Removes a node's record at a clean shutdown; true if there was one.
+    pub async fn deregister(&self, id: &NodeId) -> Result<bool, StoreError> {
+        let key = self.node_key(id);
+        let script = &self.scripts.deregister;
+        self.run("deregister", |mut c| async move {
+            script
+                .key(&key)
+                .key(&self.nodes_key)
+                .arg(&self.prefix)
+                .arg(id.as_str())
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|n| n == 1)
+        })
+        .await
+    }
+
+    /// Every node with a live lease.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let script = &self.scripts.list_nodes;
+        let values: Vec<Vec<Value>> = self
+            .run("list_nodes", |mut c| async move {
+                script
+                    .key(&self.nodes_key)
+                    .arg(&self.prefix)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        values.iter().map(|v| reply::node_record(v)).collect()
+    }
+
+    /// One node with a live lease, if registered.
+    pub async fn get_node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self
+            .list_nodes()
+            .await?
+            .into_iter()
+            .find(|n| &n.info.id == id))
+    }
+
+    /// A page of live conferences in name order, starting after `after`.
+    pub async fn list_conferences(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ConferencePage, StoreError> {
+        let script = &self.scripts.list_conferences;
+        let limit = limit.clamp(1, 1000);
+        let values: Vec<Value> = self
+            .run("list_conferences", |mut c| async move {
+                script
+                    .key(&self.confs_key)
+                    .arg(&self.prefix)
+                    .arg(after.unwrap_or(""))
+                    .arg(limit)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        reply::conference_page(&values)
+    }
+}
+
+/// Blocks until `wanted` replicas acknowledged this connection's writes, or the deadline.
+async fn wait_for_replicas(
+    c: &mut Conn,
+    cluster: bool,
+    slot: u16,
+    wanted: u32,
+    timeout_ms: u64,
+) -> Result<u32, redis::RedisError> {
+    let mut cmd = redis::cmd("WAIT");
+    cmd.arg(wanted).arg(timeout_ms);
+    let got: i64 = match c {
+        // WAIT must run on the primary that took the write, over the same connection.
+        Conn::Cluster(cc) => {
+            use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                slot,
+                SlotAddr::Master,
+            )));
+            let v = cc.route_command(cmd, route).await?;
+            redis::from_redis_value(v)?
+        }
+        Conn::Plain(_) => {
+            debug_assert!(!cluster);
+            cmd.query_async(c).await?
+        }
+    };
+    Ok(u32::try_from(got.max(0)).unwrap_or(u32::MAX))
+}
+
+fn parse_claim(values: &[Value]) -> Result<Claim, StoreError> {
+    let r = Reply::new("claim", values);
+    let kind = match r.string(0)?.as_str() {
+        "existing" => ClaimKind::Existing,
+        "claimed" => ClaimKind::Claimed,
+        "rehomed" => ClaimKind::Rehomed,
+        "no_capacity" => ClaimKind::NoCapacity,
+        other => {
+            return Err(StoreError::Protocol {
+                op: "claim",
+                message: format!("unknown outcome `{other}`"),
+            })
+        }
+    };
+    let owner_id = r.string(1)?;
+    let owner = if owner_id.is_empty() {
+        None
+    } else {
+        Some(Owner {
+            node: r.node_id(1)?,
+            epoch: r.u64(2)?,
+        })
+    };
+    Ok(Claim {
+        kind,
+        owner,
+        sip_uri: r.string_or_empty(3)?,
+        created_ms: r.u64_or_zero(4)?,
+        skipped: r.u64_or_zero(5)? as usize,
+    })
+}

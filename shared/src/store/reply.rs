@@ -1,0 +1,197 @@
+//! Decoding of script replies into the data model, with errors that say what was wrong.
+
+use redis::Value;
+
+use crate::name::ConferenceName;
+use crate::store::{ConferencePage, Heartbeat, HostedStatus, StoreError};
+use crate::types::{ConferenceRecord, NodeId, NodeInfo, NodeLoad, NodeRecord, NodeState, Owner};
+
+/// Positional access to a flat reply.
+pub(crate) struct Reply<'a> {
+    op: &'static str,
+    values: &'a [Value],
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Double(d) => Some(d.to_string()),
+        _ => None,
+    }
+}
+
+impl<'a> Reply<'a> {
+    pub(crate) fn new(op: &'static str, values: &'a [Value]) -> Self {
+        Reply { op, values }
+    }
+
+    fn err(&self, message: String) -> StoreError {
+        StoreError::Protocol {
+            op: self.op,
+            message,
+        }
+    }
+
+    fn at(&self, i: usize) -> Result<&'a Value, StoreError> {
+        self.values.get(i).ok_or_else(|| {
+            self.err(format!(
+                "reply has {} items, wanted item {i}",
+                self.values.len()
+            ))
+        })
+    }
+
+    pub(crate) fn is_nil(&self, i: usize) -> Result<bool, StoreError> {
+        Ok(matches!(self.at(i)?, Value::Nil | Value::Boolean(false)))
+    }
+
+    pub(crate) fn string(&self, i: usize) -> Result<String, StoreError> {
+        let v = self.at(i)?;
+        text(v).ok_or_else(|| self.err(format!("item {i} is {v:?}, wanted a string")))
+    }
+
+    pub(crate) fn string_or_empty(&self, i: usize) -> Result<String, StoreError> {
+        if self.is_nil(i)? {
+            return Ok(String::new());
+        }
+        self.string(i)
+    }
+
+    pub(crate) fn u64(&self, i: usize) -> Result<u64, StoreError> {
+        let s = self.string(i)?;
+        s.parse::<u64>()
+            .map_err(|_| self.err(format!("item {i} is `{s}`, wanted a non-negative integer")))
+    }
+
+    pub(crate) fn u64_or_zero(&self, i: usize) -> Result<u64, StoreError> {
+        if self.is_nil(i)? {
+            return Ok(0);
+        }
+        self.u64(i)
+    }
+
+    pub(crate) fn node_id(&self, i: usize) -> Result<NodeId, StoreError> {
+        let s = self.string(i)?;
+        NodeId::parse(&s).map_err(|e| self.err(e.to_string()))
+    }
+}
+
+fn parse_state(op: &'static str, s: &str) -> Result<NodeState, StoreError> {
+    s.parse()
+        .map_err(|message| StoreError::Protocol { op, message })
+}
+
+/// A nil-or-state reply.
+pub(crate) fn optional_state(op: &'static str, v: &Value) -> Result<Option<NodeState>, StoreError> {
+    match v {
+        Value::Nil | Value::Boolean(false) => Ok(None),
+        other => match text(other) {
+            Some(s) => parse_state(op, &s).map(Some),
+            None => Err(StoreError::Protocol {
+                op,
+                message: format!("wanted a node state, got {other:?}"),
+            }),
+        },
+    }
+}
+
+pub(crate) fn heartbeat(values: &[Value], hosted: usize) -> Result<Heartbeat, StoreError> {
+    let r = Reply::new("heartbeat", values);
+    if r.is_nil(0)? {
+        return Ok(Heartbeat::Unregistered);
+    }
+    let state = parse_state("heartbeat", &r.string(0)?)?;
+    if values.len() != hosted + 1 {
+        return Err(r.err(format!(
+            "{} statuses for {hosted} hosted conferences",
+            values.len() - 1
+        )));
+    }
+    let mut statuses = Vec::with_capacity(hosted);
+    for i in 1..values.len() {
+        statuses.push(match r.string(i)?.as_str() {
+            "ok" => HostedStatus::Owned,
+            "lost" => HostedStatus::Lost,
+            "missing" => HostedStatus::Missing,
+            other => return Err(r.err(format!("unknown hosted status `{other}`"))),
+        });
+    }
+    Ok(Heartbeat::Renewed {
+        state,
+        hosted: statuses,
+    })
+}
+
+pub(crate) fn node_record(fields: &[Value]) -> Result<NodeRecord, StoreError> {
+    let r = Reply::new("list_nodes", fields);
+    let mut get = std::collections::HashMap::new();
+    for i in (0..fields.len()).step_by(2) {
+        get.insert(r.string(i)?, r.string(i + 1)?);
+    }
+    let field = |k: &str| {
+        get.get(k)
+            .cloned()
+            .ok_or_else(|| r.err(format!("node record lacks `{k}`")))
+    };
+    let num = |k: &str| -> Result<u64, StoreError> {
+        let v = field(k)?;
+        // PTTL answers -1/-2 for keys without/with no TTL; treat both as no time left.
+        if v.starts_with('-') {
+            return Ok(0);
+        }
+        v.parse::<u64>()
+            .map_err(|_| r.err(format!("node field `{k}` is `{v}`, wanted an integer")))
+    };
+    let id = NodeId::parse(&field("id")?).map_err(|e| r.err(e.to_string()))?;
+    Ok(NodeRecord {
+        info: NodeInfo {
+            id,
+            sip_uri: field("sip_uri")?,
+            control: field("control")?,
+            zone: field("zone")?,
+            capacity: num("capacity")? as u32,
+            state: parse_state("list_nodes", &field("state")?)?,
+        },
+        load: NodeLoad {
+            conferences: num("conferences")? as u32,
+            participants: num("participants")? as u32,
+            cpu: field("cpu")?.parse::<f32>().unwrap_or(0.0),
+        },
+        claimed: num("claimed")? as u32,
+        placements: get
+            .get("placements")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        lease_ms: num("lease_ms")?,
+        updated_ms: num("updated_ms")?,
+    })
+}
+
+pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreError> {
+    let r = Reply::new("list_conferences", values);
+    let next = r.string_or_empty(0)?;
+    let mut items = Vec::new();
+    let mut i = 1;
+    while i + 5 <= values.len() {
+        let name = ConferenceName::parse(&r.string(i)?).map_err(|e| r.err(e.to_string()))?;
+        items.push((
+            name,
+            ConferenceRecord {
+                owner: Owner {
+                    node: r.node_id(i + 1)?,
+                    epoch: r.u64(i + 2)?,
+                },
+                participants: r.u64_or_zero(i + 3)? as u32,
+                created_ms: r.u64_or_zero(i + 4)?,
+            },
+        ));
+        i += 5;
+    }
+    Ok(ConferencePage {
+        items,
+        next: (!next.is_empty()).then_some(next),
+    })
+}

@@ -1,0 +1,193 @@
+//! Domain types shared by the controller, the node agent and the store.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted node id in bytes.
+pub const MAX_NODE_ID_LEN: usize = 64;
+
+/// A conference node's id: 1–64 bytes of `A–Z a–z 0–9 . _ -`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct NodeId(String);
+
+/// Why a string is not a valid node id.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("node id `{0}` is invalid; expected 1-64 bytes of A-Z a-z 0-9 . _ -")]
+pub struct NodeIdError(pub String);
+
+impl NodeId {
+    /// Validates `s` as a node id.
+    pub fn parse(s: &str) -> Result<Self, NodeIdError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_NODE_ID_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(NodeId(s.to_string()))
+        } else {
+            Err(NodeIdError(s.chars().take(80).collect()))
+        }
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = NodeIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NodeId::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = crate::config::string_like(d)?;
+        NodeId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A node's lifecycle state (invariant 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Takes new conferences.
+    Serving,
+    /// Takes joiners of its existing conferences only.
+    Draining,
+    /// About to exit; takes nothing new.
+    ShuttingDown,
+}
+
+impl NodeState {
+    /// The wire form stored in Redis.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Serving => "serving",
+            NodeState::Draining => "draining",
+            NodeState::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for NodeState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "serving" => Ok(NodeState::Serving),
+            "draining" => Ok(NodeState::Draining),
+            "shutting_down" => Ok(NodeState::ShuttingDown),
+            other => Err(format!(
+                "unknown node state `{other}`; expected serving, draining or shutting_down"
+            )),
+        }
+    }
+}
+
+/// What a node announces about itself when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Unique id.
+    pub id: NodeId,
+    /// Where the edge sends calls, e.g. `sip:10.0.0.5:5060;transport=udp`.
+    pub sip_uri: String,
+    /// The agent's HTTP control address, e.g. `http://10.0.0.5:9090`.
+    pub control: String,
+    /// Zone or site label used for placement preference; empty for none.
+    pub zone: String,
+    /// Most conferences this node may host at once.
+    pub capacity: u32,
+    /// Current state.
+    pub state: NodeState,
+}
+
+/// Load a node reports with every heartbeat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    /// Conferences with a live bridge on this node.
+    pub conferences: u32,
+    /// Participants in those conferences.
+    pub participants: u32,
+    /// CPU use of the host, 0–100 per cent.
+    pub cpu: f32,
+}
+
+/// A node as read back from Redis.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Registration data.
+    #[serde(flatten)]
+    pub info: NodeInfo,
+    /// Last reported load.
+    pub load: NodeLoad,
+    /// Conferences currently claimed for this node in Redis (authoritative for capacity).
+    pub claimed: u32,
+    /// Conferences ever placed on this node since it registered (only grows).
+    pub placements: u64,
+    /// Milliseconds left on the node's lease.
+    pub lease_ms: u64,
+    /// Redis time (ms since the epoch) of the last heartbeat.
+    pub updated_ms: u64,
+}
+
+/// The owner of a conference at a given epoch: the fencing token of invariant 2.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    /// Owning node.
+    pub node: NodeId,
+    /// Rises by one on every change of owner.
+    pub epoch: u64,
+}
+
+/// A conference as read back from Redis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConferenceRecord {
+    /// Current owner and epoch.
+    pub owner: Owner,
+    /// Participants last reported by the owner.
+    pub participants: u32,
+    /// Redis time (ms since the epoch) the conference was first claimed.
+    pub created_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids() {
+        assert!(NodeId::parse("node-1.zone_a").is_ok());
+        for bad in ["", "a b", "a:b", "{x}", &"n".repeat(65)] {
+            assert!(NodeId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn node_state_round_trip() {
+        for s in [
+            NodeState::Serving,
+            NodeState::Draining,
+            NodeState::ShuttingDown,
+        ] {
+            assert_eq!(s.as_str().parse::<NodeState>(), Ok(s));
+        }
+        assert!("paused".parse::<NodeState>().is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! Small builders shared by the integration tests: Redis settings for each deployment kind
+//! and registered test nodes.
+
+use std::time::Duration;
+
+use confroute_shared::config::{ClusterConfig, RedisConfig, SentinelConfig};
+use confroute_shared::store::{Store, StoreMetrics};
+use confroute_shared::types::{NodeId, NodeInfo, NodeState};
+
+/// Settings for a single server at `url`, with a fresh key prefix.
+pub fn single(url: &str) -> RedisConfig {
+    RedisConfig {
+        url: Some(url.to_string()),
+        ..RedisConfig::default()
+    }
+}
+
+/// Settings for a Redis Cluster with these seeds.
+pub fn cluster(seeds: &[String]) -> RedisConfig {
+    RedisConfig {
+        cluster: Some(ClusterConfig {
+            seeds: seeds.to_vec(),
+        }),
+        ..RedisConfig::default()
+    }
+}
+
+/// Settings for a Sentinel group; claims wait for one replica so a failover loses none.
+pub fn sentinel(master_name: &str, sentinels: &[String]) -> RedisConfig {
+    RedisConfig {
+        sentinel: Some(SentinelConfig {
+            master_name: master_name.to_string(),
+            addresses: sentinels.to_vec(),
+            username: None,
+            password: None,
+            tls: false,
+        }),
+        wait_replicas: 1,
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    }
+}
+
+/// The `CONFROUTE_REDIS__*` variables that reproduce `cfg` in a child process.
+pub fn redis_env(cfg: &RedisConfig) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("CONFROUTE_REDIS__PREFIX".to_string(), cfg.prefix.clone()),
+        (
+            "CONFROUTE_REDIS__TIMEOUT".to_string(),
+            format!("{}ms", cfg.timeout.as_millis()),
+        ),
+        (
+            "CONFROUTE_REDIS__WAIT_REPLICAS".to_string(),
+            cfg.wait_replicas.to_string(),
+        ),
+    ];
+    let list = |v: &[String]| {
+        format!(
+            "[{}]",
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    if let Some(url) = &cfg.url {
+        env.push(("CONFROUTE_REDIS__URL".into(), url.clone()));
+    }
+    if let Some(c) = &cfg.cluster {
+        env.push(("CONFROUTE_REDIS__CLUSTER__SEEDS".into(), list(&c.seeds)));
+    }
+    if let Some(s) = &cfg.sentinel {
+        env.push((
+            "CONFROUTE_REDIS__SENTINEL__MASTER_NAME".into(),
+            s.master_name.clone(),
+        ));
+        env.push((
+            "CONFROUTE_REDIS__SENTINEL__ADDRESSES".into(),
+            list(&s.addresses),
+        ));
+    }
+    env
+}
+
+/// A store without metrics.
+pub fn store(cfg: &RedisConfig) -> Store {
+    Store::new(cfg, StoreMetrics::disabled()).expect("valid redis settings")
+}
+
+/// A serving test node `id` with `capacity`.
+pub fn node(id: &str, capacity: u32) -> NodeInfo {
+    NodeInfo {
+        id: NodeId::parse(id).expect("valid node id"),
+        sip_uri: format!("sip:{id}.test:5060"),
+        control: format!("http://{id}.test:9090"),
+        zone: String::new(),
+        capacity,
+        state: NodeState::Serving,
+    }
+}
+
+/// A node id from a literal.
+pub fn id(s: &str) -> NodeId {
+    NodeId::parse(s).expect("valid node id")
+}

@@ -1,0 +1,156 @@
+//! Test harness: starts real servers (Redis, Redis Cluster, Sentinel, and later our own
+//! binaries, sipp and Kamailio) on free loopback ports and stops them when dropped, whether
+//! the test passed or failed.
+//!
+//! Processes are started from the test's own thread: they are also killed by the kernel if
+//! that thread dies without running destructors (`PR_SET_PDEATHSIG`).
+
+mod process;
+mod redis;
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use self::redis::{redis_query, RedisCluster, RedisServer, SentinelGroup};
+pub use process::Proc;
+
+/// A harness step failed; the message says what and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HarnessError(pub String);
+
+/// Result of a harness step.
+pub type HarnessResult<T> = Result<T, HarnessError>;
+
+/// Fails with the install command when a required program is missing.
+pub fn require_tool(program: &str, debian_package: &str) -> HarnessResult<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+    {
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(HarnessError(format!(
+        "`{program}` is not installed; install it with: sudo apt-get install -y {debian_package} \
+         (the README's test command does this for you)"
+    )))
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"))
+}
+
+/// A port free for both TCP and UDP on 127.0.0.1 (for SIP listeners).
+pub fn free_udp_tcp_port() -> u16 {
+    for _ in 0..100 {
+        let port = free_port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both TCP and UDP on 127.0.0.1 after 100 tries")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `within`.
+pub fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> HarnessResult<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(HarnessError(format!(
+                "timed out after {within:?} waiting for {what}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async twin of [`wait_for`] for checks that await.
+pub async fn wait_for_async<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut check: F,
+) -> HarnessResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(HarnessError(format!(
+                "timed out after {within:?} waiting for {what}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A private directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/confroute-<label>-<random>`.
+    pub fn new(label: &str) -> HarnessResult<Self> {
+        let n: u64 = rand::random();
+        let path = std::env::temp_dir().join(format!("confroute-{label}-{n:016x}"));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| HarnessError(format!("cannot create {}: {e}", path.display())))?;
+        Ok(TempDir(path))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Path of a binary of this workspace, built into the same target directory as the test.
+///
+/// The README's test command builds every binary before running the tests.
+pub fn workspace_bin(name: &str) -> HarnessResult<PathBuf> {
+    let exe = std::env::current_exe()
+        .map_err(|e| HarnessError(format!("cannot find the test executable: {e}")))?;
+    // target/<profile>/deps/<test>  ->  target/<profile>/<name>
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    while let Some(d) = dir {
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+        if dir
+            .as_deref()
+            .is_some_and(|p| p.file_name().is_some_and(|n| n == "target"))
+        {
+            break;
+        }
+    }
+    Err(HarnessError(format!(
+        "binary `{name}` not found next to {}; build it first with `cargo build --workspace --bins`",
+        exe.display()
+    )))
+}

@@ -1,0 +1,113 @@
+//! A child process that is killed and reaped when dropped.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::{HarnessError, HarnessResult};
+
+/// A running child; dropping it kills it (SIGKILL) and waits for it.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr going to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> HarnessResult<Proc> {
+        let out = File::create(log)
+            .map_err(|e| HarnessError(format!("cannot create log {}: {e}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| HarnessError(format!("cannot reuse log {}: {e}", log.display())))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes the
+        // kernel kill the child if the spawning thread dies without running our destructor.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| HarnessError(format!("cannot start {name}: {e}")))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The captured output so far (for failure messages).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Path of the output log.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) without waiting.
+    pub fn signal(&self, signal: i32) -> HarnessResult<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| HarnessError(format!("{} is not running", self.name)))?;
+        // SAFETY: kill(2) on a pid we own; no memory is shared.
+        let rc = unsafe { libc::kill(pid as i32, signal) };
+        if rc != 0 {
+            return Err(HarnessError(format!(
+                "kill({pid}, {signal}) on {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits for exit up to `within`; returns the exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> HarnessResult<Option<i32>> {
+        let name = self.name.clone();
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| HarnessError(format!("{name} already reaped")))?;
+        let status = super::wait_for(&format!("{name} to exit"), within, || {
+            child.try_wait().ok().flatten()
+        })?;
+        self.child = None;
+        Ok(status.code())
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

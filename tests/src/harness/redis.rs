@@ -1,0 +1,329 @@
+//! Private Redis deployments for tests: a single server, a 3-primary Cluster, and a
+//! primary + replica watched by 3 Sentinels.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use super::{free_port, require_tool, wait_for, HarnessError, HarnessResult, Proc, TempDir};
+
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn query(port: u16, cmd: &mut redis::Cmd) -> Option<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_millis(300))
+        .ok()?;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    cmd.query::<redis::Value>(&mut conn).ok()
+}
+
+/// Runs one command against the server on `port` (harness use: setup and inspection).
+pub fn redis_query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> Option<T> {
+    redis::from_redis_value(query(port, cmd)?).ok()
+}
+
+fn query_string(port: u16, cmd: &mut redis::Cmd) -> Option<String> {
+    match query(port, cmd)? {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s),
+        redis::Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let text = query_string(port, redis::cmd("INFO").arg(section))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+}
+
+/// One private `redis-server` on a free loopback port.
+pub struct RedisServer {
+    port: u16,
+    proc: Option<Proc>,
+    dir: TempDir,
+    extra: Vec<String>,
+    starts: u32,
+}
+
+impl RedisServer {
+    /// Starts a plain server (no persistence).
+    pub fn start() -> HarnessResult<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `--option value` arguments.
+    pub fn start_with(extra: &[&str]) -> HarnessResult<Self> {
+        require_tool("redis-server", "redis-server redis-tools")?;
+        let mut server = RedisServer {
+            port: free_port(),
+            proc: None,
+            dir: TempDir::new("redis")?,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    fn launch(&mut self) -> HarnessResult<()> {
+        self.starts += 1;
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra);
+        let log = self.dir.path().join(format!("redis-{}.log", self.starts));
+        let proc = Proc::spawn(&format!("redis-server :{}", self.port), cmd, &log)?;
+        self.proc = Some(proc);
+        let port = self.port;
+        wait_for(
+            &format!("redis-server on port {port}"),
+            START_TIMEOUT,
+            || query_string(port, &mut redis::cmd("PING")).filter(|p| p == "PONG"),
+        )
+        .map_err(|e| HarnessError(format!("{e}\nredis output:\n{}", self.output())))?;
+        Ok(())
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's working directory (its config and logs live here).
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Output of the current process.
+    pub fn output(&self) -> String {
+        self.proc.as_ref().map(Proc::output).unwrap_or_default()
+    }
+
+    /// Process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the server again on the same port after [`RedisServer::kill`].
+    pub fn restart(&mut self) -> HarnessResult<()> {
+        self.kill();
+        self.launch()
+    }
+
+    /// Runs a command against this server (harness use: setup and inspection).
+    pub fn query(&self, cmd: &mut redis::Cmd) -> Option<redis::Value> {
+        query(self.port, cmd)
+    }
+}
+
+/// A Redis Cluster of three primaries (no replicas), all slots assigned.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled servers and joins them with `redis-cli --cluster create`.
+    pub fn start() -> HarnessResult<Self> {
+        require_tool("redis-cli", "redis-tools")?;
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            // The cluster bus gets its own free port rather than the default port + 10000,
+            // which may be taken or out of range.
+            let bus = free_port().to_string();
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ])?);
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port()));
+        }
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = create
+            .output()
+            .map_err(|e| HarnessError(format!("cannot run redis-cli --cluster create: {e}")))?;
+        if !out.status.success() {
+            return Err(HarnessError(format!(
+                "redis-cli --cluster create failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let ports: Vec<u16> = nodes.iter().map(RedisServer::port).collect();
+        wait_for("cluster_state:ok on every node", START_TIMEOUT, || {
+            ports
+                .iter()
+                .all(|&p| {
+                    query_string(p, redis::cmd("CLUSTER").arg("INFO"))
+                        .is_some_and(|t| t.contains("cluster_state:ok"))
+                })
+                .then_some(())
+        })?;
+        Ok(RedisCluster { nodes })
+    }
+
+    /// Seed addresses as `redis://127.0.0.1:<port>`.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The servers.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+/// A primary, one replica and three Sentinels monitoring them as `master_name`.
+pub struct SentinelGroup {
+    master_name: String,
+    primary: RedisServer,
+    replica: RedisServer,
+    sentinels: Vec<(u16, Proc)>,
+    _dir: TempDir,
+}
+
+impl SentinelGroup {
+    /// Starts the group and waits until every Sentinel knows the replica and its peers.
+    pub fn start() -> HarnessResult<Self> {
+        let master_name = "confroute-test".to_string();
+        let primary = RedisServer::start()?;
+        let replica_of = primary.port().to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &replica_of])?;
+        let rport = replica.port();
+        wait_for("replica link up", START_TIMEOUT, || {
+            info_field(rport, "replication", "master_link_status").filter(|s| s == "up")
+        })?;
+        let dir = TempDir::new("sentinel")?;
+        let mut sentinels = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor {master_name} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {master_name} 1000\n\
+                     sentinel failover-timeout {master_name} 5000\n\
+                     sentinel parallel-syncs {master_name} 1\n",
+                    dir = dir.path().display(),
+                    primary = primary.port(),
+                ),
+            )
+            .map_err(|e| HarnessError(format!("cannot write {}: {e}", conf.display())))?;
+            let mut cmd = Command::new("redis-server");
+            cmd.arg(&conf).arg("--sentinel");
+            let log = dir.path().join(format!("sentinel-{i}.log"));
+            sentinels.push((port, Proc::spawn(&format!("sentinel :{port}"), cmd, &log)?));
+        }
+        let ports: Vec<u16> = sentinels.iter().map(|(p, _)| *p).collect();
+        let name = master_name.clone();
+        wait_for(
+            "sentinels to discover the replica and each other",
+            START_TIMEOUT,
+            || {
+                ports
+                    .iter()
+                    .all(|&p| {
+                        let replicas = query(p, redis::cmd("SENTINEL").arg("REPLICAS").arg(&name));
+                        let peers = query(p, redis::cmd("SENTINEL").arg("SENTINELS").arg(&name));
+                        matches!(replicas, Some(redis::Value::Array(r)) if r.len() == 1)
+                            && matches!(peers, Some(redis::Value::Array(s)) if s.len() == 2)
+                    })
+                    .then_some(())
+            },
+        )?;
+        Ok(SentinelGroup {
+            master_name,
+            primary,
+            replica,
+            sentinels,
+            _dir: dir,
+        })
+    }
+
+    /// The monitored primary's name.
+    pub fn master_name(&self) -> &str {
+        &self.master_name
+    }
+
+    /// Sentinel addresses as `redis://127.0.0.1:<port>`.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The port the Sentinels currently report as primary.
+    pub fn current_primary_port(&self) -> Option<u16> {
+        for (p, _) in &self.sentinels {
+            let v = query(
+                *p,
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(&self.master_name),
+            );
+            if let Some(redis::Value::Array(items)) = v {
+                if let Some(port) = items.get(1).and_then(|v| match v {
+                    redis::Value::BulkString(b) => String::from_utf8_lossy(b).parse().ok(),
+                    _ => None,
+                }) {
+                    return Some(port);
+                }
+            }
+        }
+        None
+    }
+
+    /// Port of the initial primary.
+    pub fn primary_port(&self) -> u16 {
+        self.primary.port()
+    }
+
+    /// Port of the initial replica.
+    pub fn replica_port(&self) -> u16 {
+        self.replica.port()
+    }
+
+    /// Kills the primary (SIGKILL) and waits until the Sentinels promote the replica.
+    pub fn kill_primary_and_wait_failover(&mut self, within: Duration) -> HarnessResult<()> {
+        let old = self.primary.port();
+        self.primary.kill();
+        let new = self.replica.port();
+        wait_for("sentinels to promote the replica", within, || {
+            let promoted = self.current_primary_port() == Some(new)
+                && info_field(new, "replication", "role").is_some_and(|r| r == "master");
+            promoted.then_some(())
+        })
+        .map_err(|e| HarnessError(format!("{e} (old primary {old}, replica {new})")))
+    }
+}

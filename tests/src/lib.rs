@@ -1,0 +1,5 @@
+//! confroute's test support: the harness that starts real servers, the ARI simulator,
+//! and the load and benchmark tools.
+
+pub mod fixtures;
+pub mod harness;

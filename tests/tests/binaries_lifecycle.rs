@@ -1,0 +1,59 @@
+//! The two binaries load their configuration, refuse a bad one with a message naming the
+//! key, and stop cleanly on SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use confroute_tests::harness::{wait_for, workspace_bin, Proc, RedisServer, TempDir};
+
+const BINARIES: [&str; 2] = ["confroute-controller", "confroute-node"];
+
+fn run_to_exit(bin: &str, env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
+    let dir = TempDir::new("bin").expect("temp dir");
+    let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
+    cmd.args(args).envs(env.iter().copied());
+    let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
+    let code = p.wait_exit(Duration::from_secs(20)).expect("exits");
+    (code, p.output())
+}
+
+#[test]
+fn unknown_key_stops_start_up_naming_the_key() {
+    for bin in BINARIES {
+        let (code, out) = run_to_exit(bin, &[("CONFROUTE_REDIS__URLL", "redis://x:1")], &[]);
+        assert_eq!(code, Some(2), "{bin}: {out}");
+        assert!(out.contains("`redis.urll`"), "{bin}: {out}");
+        assert!(out.contains("CONFROUTE_REDIS__URLL"), "{bin}: {out}");
+    }
+}
+
+#[test]
+fn bad_value_in_file_names_key_and_form() {
+    let dir = TempDir::new("cfg").expect("temp dir");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[redis]\ntimeout = \"soon\"\n").expect("write config");
+    for bin in BINARIES {
+        let (code, out) = run_to_exit(bin, &[], &["--config", file.to_str().expect("utf-8")]);
+        assert_eq!(code, Some(2), "{bin}: {out}");
+        assert!(out.contains("`redis.timeout`"), "{bin}: {out}");
+        assert!(out.contains("500ms"), "{bin}: expected form shown: {out}");
+    }
+}
+
+#[test]
+fn starts_and_exits_zero_on_sigterm() {
+    let redis = RedisServer::start().expect("redis");
+    for bin in BINARIES {
+        let dir = TempDir::new("bin").expect("temp dir");
+        let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
+        cmd.env("CONFROUTE_REDIS__URL", redis.url());
+        let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
+        wait_for(&format!("{bin} to start"), Duration::from_secs(20), || {
+            p.output().contains("started").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+        p.signal(libc::SIGTERM).expect("sigterm");
+        let code = p.wait_exit(Duration::from_secs(10)).expect("exits");
+        assert_eq!(code, Some(0), "{bin}: {}", p.output());
+    }
+}

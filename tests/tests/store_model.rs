@@ -1,0 +1,529 @@
+//! The Redis data model against a real Redis: re-homing on lease expiry, draining, fencing
+//! by epoch, capacity, heartbeats, listings, script reloading and outage recovery. The same
+//! operations are run on a Redis Cluster and behind Sentinel.
+
+use std::time::{Duration, Instant};
+
+use confroute_shared::config::RedisConfig;
+use confroute_shared::name::ConferenceName;
+use confroute_shared::store::{ClaimKind, Heartbeat, Hosted, HostedStatus, Store, StoreError};
+use confroute_shared::types::{NodeLoad, NodeState, Owner};
+use confroute_tests::fixtures::{self, id, node};
+use confroute_tests::harness::{
+    redis_query, wait_for_async, RedisCluster, RedisServer, SentinelGroup,
+};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn name(s: &str) -> ConferenceName {
+    ConferenceName::parse(s).expect("valid name")
+}
+
+fn owner(node: &str, epoch: u64) -> Owner {
+    Owner {
+        node: id(node),
+        epoch,
+    }
+}
+
+async fn gone(store: &Store, node: &str) {
+    let target = id(node);
+    wait_for_async(
+        &format!("lease of {node} to expire"),
+        Duration::from_secs(10),
+        || async {
+            let nodes = store.list_nodes().await.ok()?;
+            (!nodes.iter().any(|n| n.info.id == target)).then_some(())
+        },
+    )
+    .await
+    .expect("node lease expires");
+}
+
+#[tokio::test]
+async fn rehome_after_owner_lease_expires_raises_epoch_by_one() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    let short = Duration::from_millis(400);
+    store
+        .register(&node("a", 10), short)
+        .await
+        .expect("register a");
+    store
+        .register(&node("b", 10), LONG)
+        .await
+        .expect("register b");
+
+    let c = store.claim(&name("room"), &[id("a")]).await.expect("claim");
+    assert_eq!(c.kind, ClaimKind::Claimed);
+    assert_eq!(c.owner, Some(owner("a", 1)));
+    assert_eq!(c.sip_uri, "sip:a.test:5060");
+
+    // While a heartbeats, claims proposing b never move the conference, for several leases.
+    let until = Instant::now() + short * 3;
+    while Instant::now() < until {
+        store
+            .heartbeat(&id("a"), &NodeLoad::default(), short, &[])
+            .await
+            .expect("heartbeat a");
+        let again = store.claim(&name("room"), &[id("b")]).await.expect("claim");
+        assert_eq!(again.kind, ClaimKind::Existing);
+        assert_eq!(again.owner, Some(owner("a", 1)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    gone(&store, "a").await;
+    let moved = store
+        .claim(&name("room"), &[id("a"), id("b")])
+        .await
+        .expect("claim");
+    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    assert_eq!(moved.owner, Some(owner("b", 2)), "epoch is previous + 1");
+    assert_eq!(moved.skipped, 1, "the dead node was passed over");
+    assert_eq!(
+        store
+            .lookup(&name("room"))
+            .await
+            .expect("lookup")
+            .map(|r| r.owner),
+        Some(owner("b", 2))
+    );
+    // The dead owner's stale release cannot touch the new claim.
+    assert!(!store
+        .release(&name("room"), &owner("a", 1))
+        .await
+        .expect("release"));
+    assert_eq!(
+        store
+            .lookup(&name("room"))
+            .await
+            .expect("lookup")
+            .map(|r| r.owner),
+        Some(owner("b", 2))
+    );
+}
+
+#[tokio::test]
+async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store
+        .register(&node("a", 10), LONG)
+        .await
+        .expect("register a");
+    store
+        .register(&node("b", 10), LONG)
+        .await
+        .expect("register b");
+    let busy = store.claim(&name("busy"), &[id("a")]).await.expect("claim");
+    let empty = store
+        .claim(&name("empty"), &[id("a")])
+        .await
+        .expect("claim");
+    assert_eq!(busy.owner, Some(owner("a", 1)));
+    assert_eq!(empty.owner, Some(owner("a", 1)));
+    assert!(store
+        .set_participants(&name("busy"), &owner("a", 1), 3)
+        .await
+        .expect("participants"));
+
+    assert_eq!(
+        store
+            .set_state(&id("a"), NodeState::Draining)
+            .await
+            .expect("drain"),
+        Some(NodeState::Serving)
+    );
+
+    let fresh = store
+        .claim(&name("fresh"), &[id("a"), id("b")])
+        .await
+        .expect("claim");
+    assert_eq!(fresh.kind, ClaimKind::Claimed);
+    assert_eq!(
+        fresh.owner,
+        Some(owner("b", 1)),
+        "no new conference on a draining node"
+    );
+
+    let still = store.claim(&name("busy"), &[id("b")]).await.expect("claim");
+    assert_eq!(still.kind, ClaimKind::Existing);
+    assert_eq!(
+        still.owner,
+        Some(owner("a", 1)),
+        "joiners still reach the draining node"
+    );
+
+    // An empty conference on a node that is not serving moves on the next call.
+    let moved = store
+        .claim(&name("empty"), &[id("b")])
+        .await
+        .expect("claim");
+    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    assert_eq!(moved.owner, Some(owner("b", 2)));
+
+    let none = store
+        .claim(&name("nowhere"), &[id("a")])
+        .await
+        .expect("claim");
+    assert_eq!(none.kind, ClaimKind::NoCapacity);
+    assert_eq!(none.owner, None);
+    assert_eq!(store.lookup(&name("nowhere")).await.expect("lookup"), None);
+}
+
+#[tokio::test]
+async fn release_is_compare_and_delete() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store
+        .register(&node("a", 10), LONG)
+        .await
+        .expect("register");
+    store.claim(&name("x"), &[id("a")]).await.expect("claim");
+    for stale in [owner("a", 2), owner("a", 0), owner("b", 1)] {
+        assert!(
+            !store.release(&name("x"), &stale).await.expect("release"),
+            "{stale:?}"
+        );
+        assert!(store.lookup(&name("x")).await.expect("lookup").is_some());
+        assert!(!store.renew(&name("x"), &stale).await.expect("renew"));
+        assert!(!store
+            .set_participants(&name("x"), &stale, 9)
+            .await
+            .expect("participants"));
+    }
+    assert!(store
+        .renew(&name("x"), &owner("a", 1))
+        .await
+        .expect("renew"));
+    assert!(store
+        .release(&name("x"), &owner("a", 1))
+        .await
+        .expect("release"));
+    assert_eq!(store.lookup(&name("x")).await.expect("lookup"), None);
+    let page = store.list_conferences(None, 100).await.expect("list");
+    assert!(page.items.is_empty());
+    let nodes = store.list_nodes().await.expect("nodes");
+    assert_eq!(nodes[0].claimed, 0, "release frees the node's capacity");
+}
+
+#[tokio::test]
+async fn capacity_is_a_hard_limit_even_under_concurrency() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store
+        .register(&node("small", 10), LONG)
+        .await
+        .expect("register");
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .claim(&name(&format!("c{i}")), &[id("small")])
+                .await
+                .expect("claim")
+                .kind
+        }));
+    }
+    let mut claimed = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            ClaimKind::Claimed => claimed += 1,
+            ClaimKind::NoCapacity => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((claimed, refused), (10, 40));
+    let nodes = store.list_nodes().await.expect("nodes");
+    assert_eq!(nodes[0].claimed, 10);
+}
+
+#[tokio::test]
+async fn scripts_are_reloaded_after_script_flush() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store
+        .register(&node("a", 10), LONG)
+        .await
+        .expect("register");
+    store.claim(&name("one"), &[id("a")]).await.expect("claim");
+    let flushed: Option<String> = redis_query(redis.port(), redis::cmd("SCRIPT").arg("FLUSH"));
+    assert_eq!(flushed.as_deref(), Some("OK"));
+    let c = store
+        .claim(&name("two"), &[id("a")])
+        .await
+        .expect("claim after flush");
+    assert_eq!(c.kind, ClaimKind::Claimed);
+    store
+        .heartbeat(&id("a"), &NodeLoad::default(), LONG, &[])
+        .await
+        .expect("heartbeat after flush");
+}
+
+#[tokio::test]
+async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = RedisConfig {
+        conference_lease: Duration::from_millis(1500),
+        ..fixtures::single(&redis.url())
+    };
+    let store = fixtures::store(&cfg);
+    store
+        .register(&node("a", 10), LONG)
+        .await
+        .expect("register a");
+    store
+        .register(&node("b", 10), LONG)
+        .await
+        .expect("register b");
+    store.claim(&name("mine"), &[id("a")]).await.expect("claim");
+    store
+        .claim(&name("theirs"), &[id("b")])
+        .await
+        .expect("claim");
+    store
+        .claim(&name("en-route"), &[id("a")])
+        .await
+        .expect("claim");
+
+    let hosted = vec![
+        Hosted {
+            name: name("mine"),
+            epoch: 1,
+            participants: 4,
+        },
+        Hosted {
+            name: name("theirs"),
+            epoch: 1,
+            participants: 2,
+        },
+        Hosted {
+            name: name("gone"),
+            epoch: 1,
+            participants: 1,
+        },
+    ];
+    let load = NodeLoad {
+        conferences: 1,
+        participants: 4,
+        cpu: 12.5,
+    };
+    match store
+        .heartbeat(&id("a"), &load, LONG, &hosted)
+        .await
+        .expect("heartbeat")
+    {
+        Heartbeat::Renewed { state, hosted } => {
+            assert_eq!(state, NodeState::Serving);
+            assert_eq!(
+                hosted,
+                vec![
+                    HostedStatus::Owned,
+                    HostedStatus::Lost,
+                    HostedStatus::Missing
+                ]
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let mine = store
+        .lookup(&name("mine"))
+        .await
+        .expect("lookup")
+        .expect("exists");
+    assert_eq!(mine.participants, 4);
+    let a = store
+        .get_node(&id("a"))
+        .await
+        .expect("node")
+        .expect("registered");
+    assert_eq!(a.load.participants, 4);
+    assert!((a.load.cpu - 12.5).abs() < 0.01);
+    assert_eq!(a.claimed, 2, "mine and en-route");
+
+    // Only renewed claims outlive the conference lease; the heartbeat then drops the
+    // expired placement from the node's capacity count.
+    let only_mine = &hosted[..1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        store
+            .heartbeat(&id("a"), &load, LONG, only_mine)
+            .await
+            .expect("heartbeat");
+        if store
+            .lookup(&name("en-route"))
+            .await
+            .expect("lookup")
+            .is_none()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "unrenewed claim never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store
+        .heartbeat(&id("a"), &load, LONG, only_mine)
+        .await
+        .expect("heartbeat");
+    assert!(store.lookup(&name("mine")).await.expect("lookup").is_some());
+    let a = store
+        .get_node(&id("a"))
+        .await
+        .expect("node")
+        .expect("registered");
+    assert_eq!(a.claimed, 1, "expired placement pruned");
+
+    assert_eq!(
+        store
+            .heartbeat(&id("nobody"), &load, LONG, &[])
+            .await
+            .expect("heartbeat"),
+        Heartbeat::Unregistered
+    );
+}
+
+#[tokio::test]
+async fn conferences_list_in_pages() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store
+        .register(&node("a", 100), LONG)
+        .await
+        .expect("register");
+    for i in 0..25 {
+        store
+            .claim(&name(&format!("conf-{i:02}")), &[id("a")])
+            .await
+            .expect("claim");
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .list_conferences(after.as_deref(), 10)
+            .await
+            .expect("page");
+        pages += 1;
+        seen.extend(page.items.iter().map(|(n, _)| n.to_string()));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("conf-{i:02}")).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 3);
+}
+
+#[tokio::test]
+async fn store_recovers_by_itself_when_redis_returns() {
+    let mut redis = RedisServer::start().expect("redis");
+    let cfg = RedisConfig {
+        timeout: Duration::from_millis(300),
+        ..fixtures::single(&redis.url())
+    };
+    let store = fixtures::store(&cfg);
+    store.ping().await.expect("ping");
+    redis.kill();
+    let started = Instant::now();
+    match store.lookup(&name("x")).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "fails fast");
+    redis.restart().expect("restart redis");
+    wait_for_async("store to reconnect", Duration::from_secs(10), || async {
+        store.ping().await.ok()
+    })
+    .await
+    .expect("reconnects without a new store");
+}
+
+/// Every store operation, so a deployment kind that rejects one (e.g. a cross-slot key in
+/// Cluster) fails here.
+async fn exercise_every_operation(store: &Store) {
+    store.ping().await.expect("ping");
+    assert_eq!(
+        store.register(&node("a", 5), LONG).await.expect("register"),
+        None
+    );
+    store.register(&node("b", 5), LONG).await.expect("register");
+    let c = store
+        .claim(&name("room"), &[id("a"), id("b")])
+        .await
+        .expect("claim");
+    assert_eq!(c.owner, Some(owner("a", 1)));
+    assert!(store
+        .set_participants(&name("room"), &owner("a", 1), 2)
+        .await
+        .expect("participants"));
+    assert!(store
+        .renew(&name("room"), &owner("a", 1))
+        .await
+        .expect("renew"));
+    let hb = store
+        .heartbeat(
+            &id("a"),
+            &NodeLoad::default(),
+            LONG,
+            &[Hosted {
+                name: name("room"),
+                epoch: 1,
+                participants: 2,
+            }],
+        )
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        hb,
+        Heartbeat::Renewed {
+            state: NodeState::Serving,
+            hosted: vec![HostedStatus::Owned]
+        }
+    );
+    assert_eq!(store.list_nodes().await.expect("nodes").len(), 2);
+    let page = store.list_conferences(None, 10).await.expect("list");
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(
+        store
+            .set_state(&id("a"), NodeState::Draining)
+            .await
+            .expect("state"),
+        Some(NodeState::Serving)
+    );
+    assert!(store
+        .release(&name("room"), &owner("a", 1))
+        .await
+        .expect("release"));
+    assert!(store.deregister(&id("a")).await.expect("deregister"));
+    assert_eq!(
+        store
+            .set_state(&id("a"), NodeState::Serving)
+            .await
+            .expect("state"),
+        None
+    );
+    assert_eq!(store.list_nodes().await.expect("nodes").len(), 1);
+}
+
+#[tokio::test]
+async fn every_operation_on_single_redis() {
+    let redis = RedisServer::start().expect("redis");
+    exercise_every_operation(&fixtures::store(&fixtures::single(&redis.url()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_on_redis_cluster() {
+    let cluster = RedisCluster::start().expect("cluster");
+    exercise_every_operation(&fixtures::store(&fixtures::cluster(&cluster.seeds()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_behind_sentinel() {
+    let group = SentinelGroup::start().expect("sentinel");
+    let cfg = fixtures::sentinel(group.master_name(), &group.sentinel_urls());
+    exercise_every_operation(&fixtures::store(&cfg)).await;
+}
