@@ -1,5 +1,6 @@
 //! confroute's test support: the harness that starts real servers, the ARI simulator,
 //! and the load and benchmark tools.
 
+pub mod ari_sim;
 pub mod fixtures;
 pub mod harness;

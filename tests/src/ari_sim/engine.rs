@@ -1,0 +1,1690 @@
+//! The state of one simulated Asterisk, its event routing and the channel/bridge lifecycle.
+//!
+//! Everything a server knows sits behind one mutex ([`Core::lock`]); events are turned into JSON
+//! while it is held and pushed into unbounded per-WebSocket queues, so REST handlers never wait
+//! on a slow event reader and each reader sees events in the order they happened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::scenario::{cause_text, EndpointMatch, Outcome};
+use super::time::{ari_timestamp, epoch_secs, uuid4};
+use super::SimConfig;
+
+/// Listener and connection control: a restart takes the port down and kills every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ctl {
+    pub up: bool,
+    pub generation: u64,
+}
+
+/// One request as the server saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestRecord {
+    /// HTTP method.
+    pub method: String,
+    /// Request path without the query string.
+    pub path: String,
+    /// Status code answered (101 for an accepted WebSocket).
+    pub status: u16,
+    /// Swagger nickname of the ARI operation, when the path named one.
+    pub operation: Option<String>,
+}
+
+/// Shared per-server core: configuration, the state mutex and the logs.
+pub(crate) struct Core {
+    pub cfg: SimConfig,
+    pub asterisk_id: String,
+    pub docs_dir: PathBuf,
+    state: Mutex<State>,
+    pub requests: Mutex<Vec<RequestRecord>>,
+    pub stall_until: Mutex<Option<Instant>>,
+    pub ctl: watch::Sender<Ctl>,
+    pub events_changed: Notify,
+    pub violations: Mutex<Vec<String>>,
+    pub unsimulated: Vec<(String, String, String)>,
+}
+
+impl Core {
+    pub fn new(cfg: SimConfig, asterisk_id: String, docs_dir: PathBuf) -> Arc<Core> {
+        let unsimulated = super::routes::unsimulated_operations(&docs_dir);
+        let (ctl, _) = watch::channel(Ctl {
+            up: true,
+            generation: 0,
+        });
+        Arc::new(Core {
+            cfg,
+            asterisk_id,
+            docs_dir,
+            state: Mutex::new(State::new()),
+            requests: Mutex::new(Vec::new()),
+            stall_until: Mutex::new(None),
+            ctl,
+            events_changed: Notify::new(),
+            violations: Mutex::new(Vec::new()),
+            unsimulated,
+        })
+    }
+
+    /// Locks the server state; a poisoned lock is taken over rather than propagated.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stalled_until(&self) -> Option<Instant> {
+        let g = self.stall_until.lock().unwrap_or_else(|p| p.into_inner());
+        (*g).filter(|t| *t > Instant::now())
+    }
+
+    /// Waits while the server is stalled.
+    pub async fn wait_stall(&self) {
+        while let Some(until) = self.stalled_until() {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+
+    pub fn log_request(&self, rec: RequestRecord) {
+        if self.cfg.record_requests {
+            self.requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(rec);
+        }
+    }
+}
+
+/// Runs `f` on the state after `delay`, unless the server restarted or went away meanwhile.
+pub(crate) fn schedule<F>(core: &Arc<Core>, epoch: u64, delay: Duration, f: F)
+where
+    F: FnOnce(&Arc<Core>, &mut State) + Send + 'static,
+{
+    let weak: Weak<Core> = Arc::downgrade(core);
+    tokio::spawn(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+        let Some(core) = weak.upgrade() else { return };
+        let mut st = core.lock();
+        if st.epoch == epoch && st.up {
+            f(&core, &mut st);
+        }
+        drop(st);
+        core.events_changed.notify_waiters();
+    });
+}
+
+/// `AST_SOFTHANGUP_EXPLICIT`, the reason `ast_softhangup` reports for an ARI hangup.
+pub(crate) const AST_SOFTHANGUP_EXPLICIT: i64 = 1 << 5;
+
+/// How a hangup was requested, which decides the `ChannelHangupRequest` Asterisk publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HangupRequest {
+    /// The far end hung up (`ast_queue_hangup_with_cause`).
+    Remote,
+    /// ARI or the core asked for it (`ast_softhangup`).
+    Soft,
+}
+
+/// Channel states the simulator uses (`ast_state2str` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChanState {
+    Down,
+    Ring,
+    Ringing,
+    Up,
+}
+
+impl ChanState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChanState::Down => "Down",
+            ChanState::Ring => "Ring",
+            ChanState::Ringing => "Ringing",
+            ChanState::Up => "Up",
+        }
+    }
+}
+
+/// What happens to an outgoing channel once its far end answers.
+#[derive(Debug, Clone)]
+pub(crate) enum AfterAnswer {
+    /// `POST /channels?app=`: run `Stasis(app,args)`.
+    Stasis { app: String, args: Vec<String> },
+    /// `POST /channels?extension=`: continue in the dialplan.
+    Dialplan {
+        context: String,
+        exten: String,
+        priority: i64,
+    },
+    /// `POST /channels/{id}/dial`: the channel is already in Stasis.
+    StayInStasis,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Dialing {
+    pub after: AfterAnswer,
+    pub token: u64,
+    pub caller: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct StasisInfo {
+    pub app: String,
+    pub args: Vec<String>,
+}
+
+pub(crate) struct Channel {
+    pub id: String,
+    pub name: String,
+    pub protocol_id: String,
+    pub tech: String,
+    pub resource: String,
+    pub state: ChanState,
+    pub caller_name: String,
+    pub caller_number: String,
+    pub connected_name: String,
+    pub connected_number: String,
+    pub accountcode: String,
+    pub context: String,
+    pub exten: String,
+    pub priority: i64,
+    pub appl: String,
+    pub data: String,
+    pub created: SystemTime,
+    pub seq: u64,
+    pub language: String,
+    pub vars: BTreeMap<String, String>,
+    pub sip_headers: BTreeMap<String, String>,
+    pub stasis: Option<StasisInfo>,
+    pub bridge: Option<String>,
+    pub role: Option<String>,
+    pub bridge_mute: bool,
+    pub absorb_dtmf: bool,
+    pub mute_in: bool,
+    pub mute_out: bool,
+    pub held: bool,
+    pub moh: Option<String>,
+    pub ringing: bool,
+    pub silence: bool,
+    pub dtmf_sent: String,
+    pub dialing: Option<Dialing>,
+    pub dialstring: Option<String>,
+    pub originated: bool,
+    pub recording: Option<String>,
+    pub redirected_to: Option<String>,
+}
+
+pub(crate) struct Bridge {
+    pub id: String,
+    pub name: String,
+    pub holding: bool,
+    pub dtmf_events: bool,
+    pub proxy_media: bool,
+    pub video_mode: &'static str,
+    pub types: String,
+    pub created: SystemTime,
+    pub seq: u64,
+    pub channels: Vec<String>,
+    pub moh: Option<String>,
+    pub recording: Option<String>,
+}
+
+impl Bridge {
+    /// Technology a smart stasis bridge would pick for its current members.
+    pub fn technology(&self) -> &'static str {
+        if self.holding {
+            return "holding_bridge";
+        }
+        match self.channels.len() {
+            0 | 1 => "simple_bridge",
+            2 if self.dtmf_events || self.proxy_media => "simple_bridge",
+            2 => "native_rtp",
+            _ => "softmix",
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct App {
+    pub session: Option<u64>,
+    pub subscribe_all: bool,
+    pub channels: HashMap<String, u32>,
+    pub bridges: HashMap<String, u32>,
+    pub endpoints: HashMap<String, u32>,
+    pub devices: HashMap<String, u32>,
+}
+
+impl App {
+    fn finished(&self) -> bool {
+        self.session.is_none()
+            && self.channels.is_empty()
+            && self.bridges.is_empty()
+            && self.endpoints.is_empty()
+            && self.devices.is_empty()
+    }
+}
+
+/// Commands for a WebSocket writer task.
+#[derive(Debug)]
+pub(crate) enum WsCmd {
+    Text(String),
+    Drop,
+}
+
+pub(crate) struct Session {
+    pub apps: Vec<String>,
+    pub tx: mpsc::UnboundedSender<WsCmd>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    Channel(String),
+    Bridge(String),
+}
+
+impl Target {
+    pub fn uri(&self) -> String {
+        match self {
+            Target::Channel(c) => format!("channel:{c}"),
+            Target::Bridge(b) => format!("bridge:{b}"),
+        }
+    }
+}
+
+pub(crate) struct Playback {
+    pub id: String,
+    pub media: Vec<String>,
+    pub index: usize,
+    pub target: Target,
+    pub language: String,
+    pub state: &'static str,
+}
+
+pub(crate) struct Recording {
+    pub name: String,
+    pub format: String,
+    pub target: Target,
+    pub state: &'static str,
+    pub started: Option<Instant>,
+    pub token: u64,
+}
+
+/// An event before it is addressed to applications.
+pub(crate) struct Ev {
+    pub ty: &'static str,
+    pub body: Map<String, Value>,
+    pub channels: Vec<String>,
+    pub bridges: Vec<String>,
+    pub endpoints: Vec<String>,
+    pub to_app: Option<String>,
+}
+
+impl Ev {
+    pub fn new(ty: &'static str) -> Ev {
+        Ev {
+            ty,
+            body: Map::new(),
+            channels: Vec::new(),
+            bridges: Vec::new(),
+            endpoints: Vec::new(),
+            to_app: None,
+        }
+    }
+
+    pub fn with(mut self, key: &str, v: Value) -> Ev {
+        self.body.insert(key.to_string(), v);
+        self
+    }
+}
+
+/// Everything one simulated Asterisk knows.
+pub(crate) struct State {
+    pub epoch: u64,
+    pub up: bool,
+    pub startup: SystemTime,
+    pub last_reload: SystemTime,
+    seq: u64,
+    name_seq: u64,
+    pub channels: HashMap<String, Channel>,
+    pub bridges: HashMap<String, Bridge>,
+    pub apps: HashMap<String, App>,
+    pub sessions: HashMap<u64, Session>,
+    pub playbacks: HashMap<String, Playback>,
+    pub recordings: HashMap<String, Recording>,
+    pub globals: HashMap<String, String>,
+    pub behaviors: Vec<(EndpointMatch, Outcome)>,
+    pub event_log: Vec<Value>,
+}
+
+impl State {
+    fn new() -> State {
+        let now = SystemTime::now();
+        State {
+            epoch: 0,
+            up: true,
+            startup: now,
+            last_reload: now,
+            seq: 0,
+            name_seq: 0,
+            channels: HashMap::new(),
+            bridges: HashMap::new(),
+            apps: HashMap::new(),
+            sessions: HashMap::new(),
+            playbacks: HashMap::new(),
+            recordings: HashMap::new(),
+            globals: HashMap::new(),
+            behaviors: Vec::new(),
+            event_log: Vec::new(),
+        }
+    }
+
+    /// Forgets everything, as an Asterisk process that died would; originate behaviours stay.
+    pub fn crash(&mut self) {
+        for (_, s) in self.sessions.drain() {
+            let _ = s.tx.send(WsCmd::Drop);
+        }
+        self.channels.clear();
+        self.bridges.clear();
+        self.apps.clear();
+        self.playbacks.clear();
+        self.recordings.clear();
+        self.globals.clear();
+        self.epoch += 1;
+        self.up = false;
+    }
+
+    pub fn boot(&mut self) {
+        let now = SystemTime::now();
+        self.startup = now;
+        self.last_reload = now;
+        self.up = true;
+    }
+
+    pub fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    // ----- JSON models -----
+
+    pub fn channel_json(&self, core: &Core, ch: &Channel) -> Value {
+        let mut v = json!({
+            "id": ch.id,
+            "name": ch.name,
+            "state": ch.state.as_str(),
+            "protocol_id": ch.protocol_id,
+            "caller": {"name": ch.caller_name, "number": ch.caller_number},
+            "connected": {"name": ch.connected_name, "number": ch.connected_number},
+            "accountcode": ch.accountcode,
+            "dialplan": {
+                "context": ch.context,
+                "exten": ch.exten,
+                "priority": ch.priority,
+                "app_name": ch.appl,
+                "app_data": ch.data,
+            },
+            "creationtime": ari_timestamp(ch.created),
+            "language": ch.language,
+        });
+        if !core.cfg.channelvars.is_empty() {
+            let vars: Map<String, Value> = core
+                .cfg
+                .channelvars
+                .iter()
+                .map(|name| {
+                    let val = read_variable(ch, name).ok().flatten().unwrap_or_default();
+                    (name.clone(), Value::String(val))
+                })
+                .collect();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("channelvars".into(), Value::Object(vars));
+            }
+        }
+        v
+    }
+
+    pub fn chan_json(&self, core: &Core, id: &str) -> Value {
+        self.channels
+            .get(id)
+            .map(|c| self.channel_json(core, c))
+            .unwrap_or(Value::Null)
+    }
+
+    pub fn bridge_json(&self, b: &Bridge) -> Value {
+        json!({
+            "id": b.id,
+            "technology": b.technology(),
+            "bridge_type": if b.holding { "holding" } else { "mixing" },
+            "bridge_class": "stasis",
+            "creator": "Stasis",
+            "name": b.name,
+            "channels": b.channels,
+            "video_mode": b.video_mode,
+            "creationtime": ari_timestamp(b.created),
+        })
+    }
+
+    pub fn brg_json(&self, id: &str) -> Value {
+        self.bridges
+            .get(id)
+            .map(|b| self.bridge_json(b))
+            .unwrap_or(Value::Null)
+    }
+
+    pub fn playback_json(pb: &Playback) -> Value {
+        let mut v = json!({
+            "id": pb.id,
+            "media_uri": pb.media.get(pb.index).cloned().unwrap_or_default(),
+            "target_uri": pb.target.uri(),
+            "language": pb.language,
+            "state": pb.state,
+        });
+        if let (Some(next), Some(o)) = (pb.media.get(pb.index + 1), v.as_object_mut()) {
+            o.insert("next_media_uri".into(), Value::String(next.clone()));
+        }
+        v
+    }
+
+    pub fn recording_json(rec: &Recording) -> Value {
+        let mut v = json!({
+            "name": rec.name,
+            "format": rec.format,
+            "state": rec.state,
+            "target_uri": rec.target.uri(),
+        });
+        if rec.state == "done" || rec.state == "canceled" {
+            let secs = rec.started.map(|s| s.elapsed().as_secs()).unwrap_or(0);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("duration".into(), json!(secs));
+                o.insert("talking_duration".into(), json!(secs));
+                o.insert("silence_duration".into(), json!(0));
+            }
+        }
+        v
+    }
+
+    pub fn app_json(&self, name: &str) -> Option<Value> {
+        let app = self.apps.get(name)?;
+        let keys = |m: &HashMap<String, u32>| {
+            let mut v: Vec<&String> = m.keys().collect();
+            v.sort();
+            v.into_iter().cloned().collect::<Vec<_>>()
+        };
+        Some(json!({
+            "name": name,
+            "channel_ids": keys(&app.channels),
+            "bridge_ids": keys(&app.bridges),
+            "endpoint_ids": keys(&app.endpoints),
+            "device_names": keys(&app.devices),
+            "events_allowed": [],
+            "events_disallowed": [],
+        }))
+    }
+
+    // ----- events -----
+
+    /// Addresses `ev` to every application subscribed to what it is about and queues it.
+    pub fn emit(&mut self, core: &Core, ev: Ev) {
+        let mut recipients: Vec<(String, u64)> = Vec::new();
+        match &ev.to_app {
+            Some(app) => {
+                if let Some(sid) = self.apps.get(app).and_then(|a| a.session) {
+                    recipients.push((app.clone(), sid));
+                }
+            }
+            None => {
+                for (name, app) in &self.apps {
+                    let Some(sid) = app.session else { continue };
+                    let wanted = app.subscribe_all
+                        || ev.channels.iter().any(|c| app.channels.contains_key(c))
+                        || ev.bridges.iter().any(|b| app.bridges.contains_key(b))
+                        || ev.endpoints.iter().any(|e| app.endpoints.contains_key(e));
+                    if wanted {
+                        recipients.push((name.clone(), sid));
+                    }
+                }
+                recipients.sort();
+            }
+        }
+        if recipients.is_empty() {
+            return;
+        }
+        let timestamp = Value::String(ari_timestamp(SystemTime::now()));
+        for (app, sid) in recipients {
+            let mut body = ev.body.clone();
+            body.insert("type".into(), Value::String(ev.ty.to_string()));
+            body.insert("timestamp".into(), timestamp.clone());
+            body.insert("application".into(), Value::String(app));
+            body.insert(
+                "asterisk_id".into(),
+                Value::String(core.asterisk_id.clone()),
+            );
+            let v = Value::Object(body);
+            if let Some(s) = self.sessions.get(&sid) {
+                let _ = s.tx.send(WsCmd::Text(v.to_string()));
+            }
+            if core.cfg.record_events {
+                self.event_log.push(v);
+            }
+        }
+    }
+
+    /// An event about channel `id`, carrying its snapshot under `channel`.
+    pub fn chan_ev(&self, core: &Core, ty: &'static str, id: &str) -> Ev {
+        let mut ev = Ev::new(ty).with("channel", self.chan_json(core, id));
+        ev.channels.push(id.to_string());
+        if let Some(ch) = self.channels.get(id) {
+            ev.endpoints.push(format!("{}/{}", ch.tech, ch.resource));
+            ev.endpoints.push(ch.tech.clone());
+        }
+        ev
+    }
+
+    pub fn emit_chan(&mut self, core: &Core, ty: &'static str, id: &str) {
+        let ev = self.chan_ev(core, ty, id);
+        self.emit(core, ev);
+    }
+
+    // ----- subscriptions -----
+
+    pub fn sub_channel(&mut self, app: &str, id: &str) {
+        if let Some(a) = self.apps.get_mut(app) {
+            *a.channels.entry(id.to_string()).or_insert(0) += 1;
+        }
+    }
+
+    pub fn unsub_channel(&mut self, app: &str, id: &str) {
+        if let Some(a) = self.apps.get_mut(app) {
+            if let Some(n) = a.channels.get_mut(id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    a.channels.remove(id);
+                }
+            }
+        }
+        self.reap_app(app);
+    }
+
+    pub fn sub_bridge(&mut self, app: &str, id: &str) {
+        if let Some(a) = self.apps.get_mut(app) {
+            *a.bridges.entry(id.to_string()).or_insert(0) += 1;
+        }
+    }
+
+    pub fn unsub_bridge(&mut self, app: &str, id: &str) {
+        if let Some(a) = self.apps.get_mut(app) {
+            if let Some(n) = a.bridges.get_mut(id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    a.bridges.remove(id);
+                }
+            }
+        }
+        self.reap_app(app);
+    }
+
+    /// Drops an application that has no WebSocket and nothing it follows (`app_is_finished`).
+    pub fn reap_app(&mut self, app: &str) {
+        if self.apps.get(app).is_some_and(App::finished) {
+            self.apps.remove(app);
+        }
+    }
+
+    // ----- WebSocket sessions -----
+
+    /// Registers `apps` for a new WebSocket; an app already on another socket is taken over.
+    pub fn open_session(
+        &mut self,
+        core: &Core,
+        sid: u64,
+        apps: &[String],
+        subscribe_all: bool,
+        tx: mpsc::UnboundedSender<WsCmd>,
+    ) {
+        for name in apps {
+            let previous = self.apps.get(name).and_then(|a| a.session);
+            if let Some(old) = previous.filter(|old| *old != sid) {
+                let mut ev = Ev::new("ApplicationReplaced");
+                ev.to_app = Some(name.clone());
+                self.emit(core, ev);
+                if let Some(s) = self.sessions.get_mut(&old) {
+                    s.apps.retain(|a| a != name);
+                }
+            }
+            let app = self.apps.entry(name.clone()).or_default();
+            app.session = Some(sid);
+            app.subscribe_all = subscribe_all;
+        }
+        self.sessions.insert(
+            sid,
+            Session {
+                apps: apps.to_vec(),
+                tx,
+            },
+        );
+    }
+
+    /// Deactivates the apps of a closed WebSocket; channels stay in their Stasis apps.
+    pub fn close_session(&mut self, sid: u64) {
+        let Some(s) = self.sessions.remove(&sid) else {
+            return;
+        };
+        for name in s.apps {
+            if let Some(app) = self.apps.get_mut(&name) {
+                if app.session == Some(sid) {
+                    app.session = None;
+                    app.subscribe_all = false;
+                }
+            }
+            self.reap_app(&name);
+        }
+    }
+
+    pub fn app_active(&self, app: &str) -> bool {
+        self.apps.get(app).is_some_and(|a| a.session.is_some())
+    }
+
+    // ----- channel lifecycle -----
+
+    /// Creates a channel and announces it (`ChannelCreated`, seen only by applications already
+    /// following its endpoint or everything).
+    pub fn new_channel(
+        &mut self,
+        core: &Core,
+        id: Option<String>,
+        tech: &str,
+        resource: &str,
+        state: ChanState,
+        language: &str,
+    ) -> String {
+        self.new_channel_with(core, id, tech, resource, state, language, |_| {})
+    }
+
+    /// [`State::new_channel`], with `init` filling in details before the channel is announced.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_channel_with<F: FnOnce(&mut Channel)>(
+        &mut self,
+        core: &Core,
+        id: Option<String>,
+        tech: &str,
+        resource: &str,
+        state: ChanState,
+        language: &str,
+        init: F,
+    ) -> String {
+        let seq = self.next_seq();
+        self.name_seq += 1;
+        let now = SystemTime::now();
+        let id = id.unwrap_or_else(|| {
+            if core.cfg.system_name.is_empty() {
+                format!("{}.{}", epoch_secs(now), seq)
+            } else {
+                format!("{}-{}.{}", core.cfg.system_name, epoch_secs(now), seq)
+            }
+        });
+        let peer = resource.split('@').next().unwrap_or(resource);
+        let name = format!("{tech}/{peer}-{:08x}", self.name_seq);
+        let protocol_id = if tech.eq_ignore_ascii_case("PJSIP") {
+            uuid4()
+        } else {
+            String::new()
+        };
+        self.channels.insert(
+            id.clone(),
+            Channel {
+                id: id.clone(),
+                name,
+                protocol_id,
+                tech: tech.to_string(),
+                resource: resource.to_string(),
+                state,
+                caller_name: String::new(),
+                caller_number: String::new(),
+                connected_name: String::new(),
+                connected_number: String::new(),
+                accountcode: String::new(),
+                context: "default".into(),
+                exten: "s".into(),
+                priority: 1,
+                appl: String::new(),
+                data: String::new(),
+                created: now,
+                seq,
+                language: language.to_string(),
+                vars: BTreeMap::new(),
+                sip_headers: BTreeMap::new(),
+                stasis: None,
+                bridge: None,
+                role: None,
+                bridge_mute: false,
+                absorb_dtmf: false,
+                mute_in: false,
+                mute_out: false,
+                held: false,
+                moh: None,
+                ringing: false,
+                silence: false,
+                dtmf_sent: String::new(),
+                dialing: None,
+                dialstring: None,
+                originated: false,
+                recording: None,
+                redirected_to: None,
+            },
+        );
+        if let Some(ch) = self.channels.get_mut(&id) {
+            init(ch);
+        }
+        self.emit_chan(core, "ChannelCreated", &id);
+        id
+    }
+
+    pub fn set_state(&mut self, core: &Core, id: &str, state: ChanState) {
+        let Some(ch) = self.channels.get_mut(id) else {
+            return;
+        };
+        if ch.state == state {
+            return;
+        }
+        ch.state = state;
+        self.emit_chan(core, "ChannelStateChange", id);
+    }
+
+    /// Sets a channel variable and publishes `ChannelVarset`, as `pbx_builtin_setvar_helper` does.
+    pub fn set_var(&mut self, core: &Core, id: &str, name: &str, value: &str) {
+        let Some(ch) = self.channels.get_mut(id) else {
+            return;
+        };
+        ch.vars.insert(name.to_string(), value.to_string());
+        let ev = self
+            .chan_ev(core, "ChannelVarset", id)
+            .with("variable", json!(name))
+            .with("value", json!(value));
+        self.emit(core, ev);
+    }
+
+    /// The channel starts running a dialplan application (publishes `ChannelDialplan`).
+    pub fn set_app(&mut self, core: &Core, id: &str, appl: &str, data: &str) {
+        let Some(ch) = self.channels.get_mut(id) else {
+            return;
+        };
+        ch.appl = appl.to_string();
+        ch.data = data.to_string();
+        let ev = self
+            .chan_ev(core, "ChannelDialplan", id)
+            .with("dialplan_app", json!(appl))
+            .with("dialplan_app_data", json!(data));
+        self.emit(core, ev);
+    }
+
+    /// Runs `Stasis(app,args)` on the channel; false when the app is not registered and active.
+    pub fn enter_stasis(&mut self, core: &Core, id: &str, app: &str, args: Vec<String>) -> bool {
+        if !self.app_active(app) || !self.channels.contains_key(id) {
+            return false;
+        }
+        if let Some(ch) = self.channels.get_mut(id) {
+            ch.stasis = Some(StasisInfo {
+                app: app.to_string(),
+                args: args.clone(),
+            });
+        }
+        let mut ev = self
+            .chan_ev(core, "StasisStart", id)
+            .with("args", json!(args));
+        ev.to_app = Some(app.to_string());
+        self.emit(core, ev);
+        self.sub_channel(app, id);
+        true
+    }
+
+    /// The channel leaves its Stasis app: out of its bridge, `StasisEnd`, then `STASISSTATUS`.
+    pub fn leave_stasis(&mut self, core: &Core, id: &str) {
+        let Some(ch) = self.channels.get(id) else {
+            return;
+        };
+        let Some(info) = ch.stasis.clone() else {
+            return;
+        };
+        if let Some(bid) = ch.bridge.clone() {
+            self.bridge_remove(core, &bid, id, true);
+        }
+        if let Some(ch) = self.channels.get_mut(id) {
+            ch.stasis = None;
+        }
+        self.unsub_channel(&info.app, id);
+        let mut ev = self.chan_ev(core, "StasisEnd", id);
+        ev.to_app = Some(info.app.clone());
+        self.emit(core, ev);
+        self.set_var(core, id, "STASISSTATUS", "SUCCESS");
+    }
+
+    /// Hangs a channel up with Q.850 `cause`: optional `ChannelHangupRequest`, media stops,
+    /// Stasis ends, `ChannelDestroyed`.
+    pub fn hangup(&mut self, core: &Core, id: &str, cause: i64, request: Option<HangupRequest>) {
+        if !self.channels.contains_key(id) {
+            return;
+        }
+        match request {
+            // ast_queue_hangup_with_cause: the far end's cause.
+            Some(HangupRequest::Remote) => {
+                let ev = self
+                    .chan_ev(core, "ChannelHangupRequest", id)
+                    .with("cause", json!(cause));
+                self.emit(core, ev);
+            }
+            // ast_softhangup: the blob's cause is the soft hangup reason flag, not Q.850.
+            Some(HangupRequest::Soft) => {
+                let ev = self
+                    .chan_ev(core, "ChannelHangupRequest", id)
+                    .with("cause", json!(AST_SOFTHANGUP_EXPLICIT))
+                    .with("soft", json!(true));
+                self.emit(core, ev);
+            }
+            None => {}
+        }
+        let target = Target::Channel(id.to_string());
+        let pbs: Vec<String> = self
+            .playbacks
+            .values()
+            .filter(|p| p.target == target)
+            .map(|p| p.id.clone())
+            .collect();
+        for pb in pbs {
+            self.finish_playback(core, &pb, "done");
+        }
+        if let Some(rec) = self.channels.get(id).and_then(|c| c.recording.clone()) {
+            self.finish_recording(core, &rec, "done");
+        }
+        if let Some(ch) = self.channels.get_mut(id) {
+            ch.dialing = None;
+        }
+        self.leave_stasis(core, id);
+        let ev = self
+            .chan_ev(core, "ChannelDestroyed", id)
+            .with("cause", json!(cause))
+            .with("cause_txt", json!(cause_text(cause)));
+        self.emit(core, ev);
+        self.channels.remove(id);
+        let apps: Vec<String> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.channels.contains_key(id))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for app in apps {
+            if let Some(a) = self.apps.get_mut(&app) {
+                a.channels.remove(id);
+            }
+            self.reap_app(&app);
+        }
+    }
+
+    /// Whether a DTMF digit from the caller reaches the core (a native RTP bridge carries it past).
+    pub fn dtmf_visible(&self, id: &str) -> bool {
+        let Some(ch) = self.channels.get(id) else {
+            return false;
+        };
+        match ch.bridge.as_ref().and_then(|b| self.bridges.get(b)) {
+            Some(b) => b.technology() != "native_rtp",
+            None => true,
+        }
+    }
+
+    // ----- bridges -----
+
+    /// Puts a Stasis channel into a bridge, leaving any bridge it was in.
+    pub fn bridge_add(
+        &mut self,
+        core: &Core,
+        bid: &str,
+        cid: &str,
+        role: Option<String>,
+        mute: bool,
+        absorb: bool,
+    ) {
+        let Some(ch) = self.channels.get(cid) else {
+            return;
+        };
+        let app = ch.stasis.as_ref().map(|s| s.app.clone());
+        if ch.bridge.as_deref() == Some(bid) {
+            if let Some(ch) = self.channels.get_mut(cid) {
+                ch.role = role;
+                ch.bridge_mute = mute;
+                ch.absorb_dtmf = absorb;
+            }
+            return;
+        }
+        if let Some(old) = ch.bridge.clone() {
+            self.bridge_remove(core, &old, cid, true);
+        }
+        let Some(b) = self.bridges.get_mut(bid) else {
+            return;
+        };
+        b.channels.push(cid.to_string());
+        let default_role = b.holding.then(|| "participant".to_string());
+        if let Some(app) = &app {
+            self.sub_bridge(app, bid);
+        }
+        if let Some(ch) = self.channels.get_mut(cid) {
+            ch.bridge = Some(bid.to_string());
+            ch.role = role.or(default_role);
+            ch.bridge_mute = mute;
+            ch.absorb_dtmf = absorb;
+        }
+        let mut ev = self
+            .chan_ev(core, "ChannelEnteredBridge", cid)
+            .with("bridge", self.brg_json(bid));
+        ev.bridges.push(bid.to_string());
+        self.emit(core, ev);
+    }
+
+    /// Takes a channel out of a bridge (`ChannelLeftBridge`); `unsubscribe` drops its app's interest.
+    pub fn bridge_remove(&mut self, core: &Core, bid: &str, cid: &str, unsubscribe: bool) {
+        let Some(b) = self.bridges.get_mut(bid) else {
+            return;
+        };
+        let before = b.channels.len();
+        b.channels.retain(|c| c != cid);
+        if b.channels.len() == before {
+            return;
+        }
+        let app = match self.channels.get_mut(cid) {
+            Some(ch) => {
+                ch.bridge = None;
+                ch.role = None;
+                ch.stasis.as_ref().map(|s| s.app.clone())
+            }
+            None => None,
+        };
+        let mut ev = self
+            .chan_ev(core, "ChannelLeftBridge", cid)
+            .with("bridge", self.brg_json(bid));
+        ev.bridges.push(bid.to_string());
+        self.emit(core, ev);
+        if unsubscribe {
+            if let Some(app) = app {
+                self.unsub_bridge(&app, bid);
+            }
+        }
+    }
+
+    /// Destroys a bridge: members leave it (they stay in Stasis), then `BridgeDestroyed`.
+    pub fn bridge_destroy(&mut self, core: &Core, bid: &str) {
+        let Some(b) = self.bridges.get(bid) else {
+            return;
+        };
+        let members = b.channels.clone();
+        let rec = b.recording.clone();
+        let target = Target::Bridge(bid.to_string());
+        let pbs: Vec<String> = self
+            .playbacks
+            .values()
+            .filter(|p| p.target == target)
+            .map(|p| p.id.clone())
+            .collect();
+        for pb in pbs {
+            self.finish_playback(core, &pb, "done");
+        }
+        if let Some(rec) = rec {
+            self.finish_recording(core, &rec, "done");
+        }
+        for cid in &members {
+            self.bridge_remove(core, bid, cid, false);
+        }
+        let mut ev = Ev::new("BridgeDestroyed").with("bridge", self.brg_json(bid));
+        ev.bridges.push(bid.to_string());
+        self.emit(core, ev);
+        self.bridges.remove(bid);
+        let apps: Vec<String> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.bridges.contains_key(bid))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for app in apps {
+            if let Some(a) = self.apps.get_mut(&app) {
+                a.bridges.remove(bid);
+            }
+            self.reap_app(&app);
+        }
+    }
+
+    // ----- playbacks and recordings -----
+
+    fn target_ev(&self, core: &Core, ty: &'static str, target: &Target) -> Ev {
+        let mut ev = Ev::new(ty);
+        match target {
+            Target::Channel(c) => {
+                ev.channels.push(c.clone());
+                if let Some(ch) = self.channels.get(c) {
+                    ev.endpoints.push(format!("{}/{}", ch.tech, ch.resource));
+                    ev.endpoints.push(ch.tech.clone());
+                }
+            }
+            Target::Bridge(b) => ev.bridges.push(b.clone()),
+        }
+        let _ = core;
+        ev
+    }
+
+    /// Queues a playback and runs it through its media list.
+    pub fn start_playback(core: &Arc<Core>, st: &mut State, pb: Playback) -> Value {
+        let id = pb.id.clone();
+        let first = Self::playback_json(&pb);
+        st.playbacks.insert(id.clone(), pb);
+        let epoch = st.epoch;
+        schedule(core, epoch, Duration::ZERO, move |core, st| {
+            let Some(pb) = st.playbacks.get_mut(&id) else {
+                return;
+            };
+            pb.state = "playing";
+            let v = Self::playback_json(pb);
+            let target = pb.target.clone();
+            let ev = st
+                .target_ev(core, "PlaybackStarted", &target)
+                .with("playback", v);
+            st.emit(core, ev);
+            Self::schedule_playback_step(core, st, id);
+        });
+        first
+    }
+
+    fn schedule_playback_step(core: &Arc<Core>, st: &mut State, id: String) {
+        let epoch = st.epoch;
+        let step = core.cfg.playback_duration;
+        schedule(core, epoch, step, move |core, st| {
+            let Some(pb) = st.playbacks.get_mut(&id) else {
+                return;
+            };
+            if pb.index + 1 < pb.media.len() {
+                pb.index += 1;
+                pb.state = "continuing";
+                let v = Self::playback_json(pb);
+                let target = pb.target.clone();
+                if let Some(pb) = st.playbacks.get_mut(&id) {
+                    pb.state = "playing";
+                }
+                let ev = st
+                    .target_ev(core, "PlaybackContinuing", &target)
+                    .with("playback", v);
+                st.emit(core, ev);
+                Self::schedule_playback_step(core, st, id);
+            } else {
+                st.finish_playback(core, &id, "done");
+            }
+        });
+    }
+
+    pub fn finish_playback(&mut self, core: &Core, id: &str, state: &'static str) {
+        let Some(mut pb) = self.playbacks.remove(id) else {
+            return;
+        };
+        let started = pb.state != "queued";
+        pb.state = state;
+        if started {
+            let v = Self::playback_json(&pb);
+            let ev = self
+                .target_ev(core, "PlaybackFinished", &pb.target)
+                .with("playback", v);
+            self.emit(core, ev);
+        }
+    }
+
+    /// Starts a live recording; it runs until stopped, its target goes away or `max_duration`.
+    pub fn start_recording(
+        core: &Arc<Core>,
+        st: &mut State,
+        rec: Recording,
+        max_duration: Option<Duration>,
+    ) -> Value {
+        let name = rec.name.clone();
+        let token = rec.token;
+        let first = Self::recording_json(&rec);
+        match &rec.target {
+            Target::Channel(c) => {
+                if let Some(ch) = st.channels.get_mut(c) {
+                    ch.recording = Some(name.clone());
+                }
+            }
+            Target::Bridge(b) => {
+                if let Some(br) = st.bridges.get_mut(b) {
+                    br.recording = Some(name.clone());
+                }
+            }
+        }
+        st.recordings.insert(name.clone(), rec);
+        let epoch = st.epoch;
+        let n = name.clone();
+        schedule(core, epoch, Duration::ZERO, move |core, st| {
+            let Some(rec) = st.recordings.get_mut(&n) else {
+                return;
+            };
+            if rec.token != token {
+                return;
+            }
+            rec.state = "recording";
+            rec.started = Some(Instant::now());
+            let v = Self::recording_json(rec);
+            let target = rec.target.clone();
+            let ev = st
+                .target_ev(core, "RecordingStarted", &target)
+                .with("recording", v);
+            st.emit(core, ev);
+        });
+        if let Some(max) = max_duration {
+            schedule(core, epoch, max, move |core, st| {
+                if st.recordings.get(&name).is_some_and(|r| r.token == token) {
+                    st.finish_recording(core, &name, "done");
+                }
+            });
+        }
+        first
+    }
+
+    pub fn finish_recording(&mut self, core: &Core, name: &str, state: &'static str) {
+        let Some(mut rec) = self.recordings.remove(name) else {
+            return;
+        };
+        match &rec.target {
+            Target::Channel(c) => {
+                if let Some(ch) = self.channels.get_mut(c) {
+                    ch.recording = None;
+                }
+            }
+            Target::Bridge(b) => {
+                if let Some(br) = self.bridges.get_mut(b) {
+                    br.recording = None;
+                }
+            }
+        }
+        rec.state = state;
+        let v = Self::recording_json(&rec);
+        let ev = self
+            .target_ev(core, "RecordingFinished", &rec.target)
+            .with("recording", v);
+        self.emit(core, ev);
+    }
+
+    // ----- outgoing calls -----
+
+    /// The outcome configured for an endpoint, or the default (ring briefly, answer).
+    pub fn outcome_for(&self, core: &Core, endpoint: &str) -> Outcome {
+        self.behaviors
+            .iter()
+            .rev()
+            .find(|(m, _)| m.matches(endpoint))
+            .map(|(_, o)| o.clone())
+            .unwrap_or(Outcome::AnswerAfter(core.cfg.ring_time))
+    }
+
+    fn dial_ev(&self, core: &Core, id: &str, status: &str, caller: Option<&str>) -> Ev {
+        let dialstring = self
+            .channels
+            .get(id)
+            .map(|c| c.resource.clone())
+            .unwrap_or_default();
+        let mut ev = Ev::new("Dial")
+            .with("peer", self.chan_json(core, id))
+            .with("dialstring", json!(dialstring))
+            .with("dialstatus", json!(status))
+            .with("forward", json!(""));
+        ev.channels.push(id.to_string());
+        if let Some(ch) = self.channels.get(id) {
+            ev.endpoints.push(format!("{}/{}", ch.tech, ch.resource));
+            ev.endpoints.push(ch.tech.clone());
+        }
+        if let Some(c) = caller.filter(|c| self.channels.contains_key(*c)) {
+            ev.body.insert("caller".into(), self.chan_json(core, c));
+            ev.channels.push(c.to_string());
+        }
+        ev
+    }
+
+    fn dialing_token(&self, id: &str) -> Option<u64> {
+        self.channels
+            .get(id)
+            .and_then(|c| c.dialing.as_ref())
+            .map(|d| d.token)
+    }
+
+    /// Calls the far end of channel `id` and plays out `outcome` (`main/dial.c` as ARI drives it).
+    pub fn start_dial(
+        core: &Arc<Core>,
+        st: &mut State,
+        id: &str,
+        after: AfterAnswer,
+        outcome: Outcome,
+        timeout: Option<Duration>,
+        caller: Option<String>,
+    ) {
+        let token = st.next_seq();
+        let Some(ch) = st.channels.get_mut(id) else {
+            return;
+        };
+        ch.dialing = Some(Dialing {
+            after,
+            token,
+            caller,
+        });
+        let epoch = st.epoch;
+        let id = id.to_string();
+        schedule(core, epoch, Duration::ZERO, move |core, st| {
+            if st.dialing_token(&id) != Some(token) {
+                return;
+            }
+            let caller = st
+                .channels
+                .get(&id)
+                .and_then(|c| c.dialing.as_ref())
+                .and_then(|d| d.caller.clone());
+            let ev = st.dial_ev(core, &id, "", caller.as_deref());
+            st.emit(core, ev);
+            let ring = |core: &Arc<Core>, st: &mut State| {
+                st.set_state(core, &id, ChanState::Ringing);
+                let ev = st.dial_ev(core, &id, "RINGING", caller.as_deref());
+                st.emit(core, ev);
+            };
+            let epoch = st.epoch;
+            let mut answer_at = None;
+            match outcome {
+                Outcome::AnswerAfter(d) if d.is_zero() => {
+                    st.far_end_answer(core, &id);
+                    return;
+                }
+                Outcome::AnswerAfter(d) => {
+                    ring(core, st);
+                    answer_at = Some(d);
+                    let id2 = id.clone();
+                    schedule(core, epoch, d, move |core, st| {
+                        if st.dialing_token(&id2) == Some(token) {
+                            st.far_end_answer(core, &id2);
+                        }
+                    });
+                }
+                Outcome::NoAnswer | Outcome::Manual => ring(core, st),
+                Outcome::Busy | Outcome::Congested | Outcome::Rejected => {
+                    let id2 = id.clone();
+                    schedule(core, epoch, core.cfg.reject_delay, move |core, st| {
+                        if st.dialing_token(&id2) == Some(token) {
+                            st.far_end_fail(core, &id2, &outcome);
+                        }
+                    });
+                    return;
+                }
+            }
+            if let Some(t) = timeout.filter(|t| answer_at.is_none_or(|a| *t < a)) {
+                let id2 = id.clone();
+                schedule(core, epoch, t, move |core, st| {
+                    if st.dialing_token(&id2) == Some(token) {
+                        st.far_end_fail(core, &id2, &Outcome::NoAnswer);
+                    }
+                });
+            }
+        });
+    }
+
+    /// The far end of a dialling channel answers.
+    pub fn far_end_answer(&mut self, core: &Core, id: &str) -> bool {
+        let Some(dialing) = self.channels.get_mut(id).and_then(|c| c.dialing.take()) else {
+            return false;
+        };
+        self.set_state(core, id, ChanState::Up);
+        let ev = self.dial_ev(core, id, "ANSWER", dialing.caller.as_deref());
+        self.emit(core, ev);
+        match dialing.after {
+            AfterAnswer::Stasis { app, args } => {
+                let mut data = app.clone();
+                for a in &args {
+                    data.push(',');
+                    data.push_str(a);
+                }
+                self.set_app(core, id, "Stasis", &data);
+                if !self.enter_stasis(core, id, &app, args) {
+                    self.set_var(core, id, "STASISSTATUS", "FAILED");
+                    self.hangup(core, id, 16, None);
+                }
+            }
+            AfterAnswer::Dialplan {
+                context,
+                exten,
+                priority,
+            } => {
+                if let Some(ch) = self.channels.get_mut(id) {
+                    ch.context = context;
+                    ch.exten = exten;
+                    ch.priority = priority;
+                }
+            }
+            AfterAnswer::StayInStasis => {}
+        }
+        true
+    }
+
+    /// The far end of a dialling channel gives up with `outcome` (busy, congestion, reject, no answer).
+    pub fn far_end_fail(&mut self, core: &Core, id: &str, outcome: &Outcome) {
+        let Some(dialing) = self.channels.get_mut(id).and_then(|c| c.dialing.take()) else {
+            return;
+        };
+        let caller = dialing.caller.as_deref();
+        match outcome {
+            Outcome::Busy => {
+                let ev = self.dial_ev(core, id, "BUSY", caller);
+                self.emit(core, ev);
+                self.hangup(core, id, 17, None);
+            }
+            Outcome::Congested => {
+                let ev = self.dial_ev(core, id, "CONGESTION", caller);
+                self.emit(core, ev);
+                self.hangup(core, id, 34, None);
+            }
+            Outcome::NoAnswer => {
+                let ev = self.dial_ev(core, id, "NOANSWER", caller);
+                self.emit(core, ev);
+                self.hangup(core, id, 19, None);
+            }
+            _ => self.hangup(core, id, 21, Some(HangupRequest::Remote)),
+        }
+    }
+
+    /// Rejects a ringing call with an arbitrary cause, as a far end sending a final error would.
+    pub fn far_end_reject(&mut self, core: &Core, id: &str, cause: i64) {
+        if let Some(ch) = self.channels.get_mut(id) {
+            ch.dialing = None;
+        }
+        self.hangup(core, id, cause, Some(HangupRequest::Remote));
+    }
+}
+
+/// Reads a channel variable or dialplan function the way `getChannelVar` resolves it.
+///
+/// `Ok(None)`: not set; `Err(())`: a function the simulator cannot read.
+pub(crate) fn read_variable(ch: &Channel, name: &str) -> Result<Option<String>, ()> {
+    if let Some(inner) = name.strip_suffix(')') {
+        let (func, args) = inner.split_once('(').ok_or(())?;
+        let args: Vec<&str> = args.split(',').map(str::trim).collect();
+        let header = |h: &str| {
+            ch.sip_headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(h))
+                .map(|(_, v)| v.clone())
+        };
+        return match func.to_ascii_uppercase().as_str() {
+            "PJSIP_HEADER" if args.first().is_some_and(|a| a.eq_ignore_ascii_case("read")) => Ok(
+                Some(args.get(1).and_then(|h| header(h)).unwrap_or_default()),
+            ),
+            "SIP_HEADER" => Ok(Some(
+                args.first().and_then(|h| header(h)).unwrap_or_default(),
+            )),
+            "CALLERID" => match args.first().map(|a| a.to_ascii_lowercase()).as_deref() {
+                Some("num") | Some("number") => Ok(Some(ch.caller_number.clone())),
+                Some("name") => Ok(Some(ch.caller_name.clone())),
+                Some("all") => Ok(Some(format!(
+                    "\"{}\" <{}>",
+                    ch.caller_name, ch.caller_number
+                ))),
+                _ => Err(()),
+            },
+            "CHANNEL" => match args.first().map(|a| a.to_ascii_lowercase()).as_deref() {
+                Some("name") => Ok(Some(ch.name.clone())),
+                Some("language") => Ok(Some(ch.language.clone())),
+                Some("state") => Ok(Some(ch.state.as_str().to_string())),
+                _ => Err(()),
+            },
+            _ => Err(()),
+        };
+    }
+    if let Some(v) = ch.vars.get(name) {
+        return Ok(Some(v.clone()));
+    }
+    Ok(match name {
+        "CHANNEL" => Some(ch.name.clone()),
+        "UNIQUEID" => Some(ch.id.clone()),
+        "EXTEN" => Some(ch.exten.clone()),
+        "CONTEXT" => Some(ch.context.clone()),
+        "PRIORITY" => Some(ch.priority.to_string()),
+        "LANGUAGE" => Some(ch.language.clone()),
+        _ => None,
+    })
+}
+
+// ----- inspection for tests -----
+
+/// State of one channel, for test assertions.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelSnapshot {
+    /// Unique id.
+    pub id: String,
+    /// Channel name (`PJSIP/alice-00000001`).
+    pub name: String,
+    /// Channel state (`Ring`, `Up`, ...).
+    pub state: String,
+    /// Stasis application it is in.
+    pub stasis_app: Option<String>,
+    /// Stasis arguments.
+    pub stasis_args: Vec<String>,
+    /// Bridge it is in.
+    pub bridge: Option<String>,
+    /// Bridge role.
+    pub role: Option<String>,
+    /// Muted in the bridge (addChannel `mute`).
+    pub bridge_mute: bool,
+    /// DTMF absorbed in the bridge.
+    pub absorb_dtmf: bool,
+    /// Audio from the channel muted (`direction=in`).
+    pub muted_in: bool,
+    /// Audio to the channel muted (`direction=out`).
+    pub muted_out: bool,
+    /// On hold (ARI hold or the caller's own hold).
+    pub held: bool,
+    /// Music on hold class playing to it.
+    pub moh: Option<String>,
+    /// Ringing indicated to it.
+    pub ringing: bool,
+    /// Silence generator on.
+    pub silence: bool,
+    /// DTMF digits sent to it through ARI.
+    pub dtmf_sent: String,
+    /// Channel variables.
+    pub variables: BTreeMap<String, String>,
+    /// Caller id number.
+    pub caller_number: String,
+    /// Live recording on it.
+    pub recording: Option<String>,
+    /// Where ARI redirected it (`POST /channels/{id}/redirect`).
+    pub redirected_to: Option<String>,
+}
+
+/// State of one bridge, for test assertions.
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeSnapshot {
+    /// Bridge id.
+    pub id: String,
+    /// Bridge name.
+    pub name: String,
+    /// `mixing` or `holding`.
+    pub bridge_type: String,
+    /// Type attributes as requested.
+    pub types: String,
+    /// Current technology.
+    pub technology: String,
+    /// Members in join order.
+    pub channels: Vec<String>,
+    /// Music on hold class playing to the bridge.
+    pub moh: Option<String>,
+    /// Live recording of the bridge.
+    pub recording: Option<String>,
+}
+
+/// State of one Stasis application, for test assertions.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppSnapshot {
+    /// Application name.
+    pub name: String,
+    /// Whether a WebSocket serves it.
+    pub active: bool,
+    /// Registered with `subscribeAll`.
+    pub subscribe_all: bool,
+    /// Channels it follows.
+    pub channel_ids: Vec<String>,
+    /// Bridges it follows.
+    pub bridge_ids: Vec<String>,
+}
+
+/// State of one playback, for test assertions.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlaybackSnapshot {
+    /// Playback id.
+    pub id: String,
+    /// Media list.
+    pub media: Vec<String>,
+    /// `channel:ID` or `bridge:ID`.
+    pub target_uri: String,
+    /// Current state.
+    pub state: String,
+}
+
+/// State of one live recording, for test assertions.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordingSnapshot {
+    /// Recording name.
+    pub name: String,
+    /// File format.
+    pub format: String,
+    /// `channel:ID` or `bridge:ID`.
+    pub target_uri: String,
+    /// Current state.
+    pub state: String,
+}
+
+/// Everything a simulated Asterisk holds, for test assertions.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimSnapshot {
+    /// Whether it is up (not crashed).
+    pub up: bool,
+    /// Channels in creation order.
+    pub channels: Vec<ChannelSnapshot>,
+    /// Bridges in creation order.
+    pub bridges: Vec<BridgeSnapshot>,
+    /// Registered applications by name.
+    pub apps: Vec<AppSnapshot>,
+    /// Playbacks in progress.
+    pub playbacks: Vec<PlaybackSnapshot>,
+    /// Live recordings.
+    pub recordings: Vec<RecordingSnapshot>,
+    /// Open event WebSockets.
+    pub websockets: usize,
+}
+
+impl SimSnapshot {
+    /// The channel with this id.
+    pub fn channel(&self, id: &str) -> Option<&ChannelSnapshot> {
+        self.channels.iter().find(|c| c.id == id)
+    }
+
+    /// The bridge with this id.
+    pub fn bridge(&self, id: &str) -> Option<&BridgeSnapshot> {
+        self.bridges.iter().find(|b| b.id == id)
+    }
+}
+
+impl State {
+    pub fn snapshot(&self) -> SimSnapshot {
+        let mut chans: Vec<&Channel> = self.channels.values().collect();
+        chans.sort_by_key(|c| c.seq);
+        let mut bridges: Vec<&Bridge> = self.bridges.values().collect();
+        bridges.sort_by_key(|b| b.seq);
+        let mut apps: Vec<AppSnapshot> = self
+            .apps
+            .iter()
+            .map(|(name, a)| {
+                let mut channel_ids: Vec<String> = a.channels.keys().cloned().collect();
+                channel_ids.sort();
+                let mut bridge_ids: Vec<String> = a.bridges.keys().cloned().collect();
+                bridge_ids.sort();
+                AppSnapshot {
+                    name: name.clone(),
+                    active: a.session.is_some(),
+                    subscribe_all: a.subscribe_all,
+                    channel_ids,
+                    bridge_ids,
+                }
+            })
+            .collect();
+        apps.sort_by(|a, b| a.name.cmp(&b.name));
+        SimSnapshot {
+            up: self.up,
+            channels: chans
+                .into_iter()
+                .map(|c| ChannelSnapshot {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    state: c.state.as_str().to_string(),
+                    stasis_app: c.stasis.as_ref().map(|s| s.app.clone()),
+                    stasis_args: c
+                        .stasis
+                        .as_ref()
+                        .map(|s| s.args.clone())
+                        .unwrap_or_default(),
+                    bridge: c.bridge.clone(),
+                    role: c.role.clone(),
+                    bridge_mute: c.bridge_mute,
+                    absorb_dtmf: c.absorb_dtmf,
+                    muted_in: c.mute_in,
+                    muted_out: c.mute_out,
+                    held: c.held,
+                    moh: c.moh.clone(),
+                    ringing: c.ringing,
+                    silence: c.silence,
+                    dtmf_sent: c.dtmf_sent.clone(),
+                    variables: c.vars.clone(),
+                    caller_number: c.caller_number.clone(),
+                    recording: c.recording.clone(),
+                    redirected_to: c.redirected_to.clone(),
+                })
+                .collect(),
+            bridges: bridges
+                .into_iter()
+                .map(|b| BridgeSnapshot {
+                    id: b.id.clone(),
+                    name: b.name.clone(),
+                    bridge_type: if b.holding { "holding" } else { "mixing" }.to_string(),
+                    types: b.types.clone(),
+                    technology: b.technology().to_string(),
+                    channels: b.channels.clone(),
+                    moh: b.moh.clone(),
+                    recording: b.recording.clone(),
+                })
+                .collect(),
+            apps,
+            playbacks: self
+                .playbacks
+                .values()
+                .map(|p| PlaybackSnapshot {
+                    id: p.id.clone(),
+                    media: p.media.clone(),
+                    target_uri: p.target.uri(),
+                    state: p.state.to_string(),
+                })
+                .collect(),
+            recordings: self
+                .recordings
+                .values()
+                .map(|r| RecordingSnapshot {
+                    name: r.name.clone(),
+                    format: r.format.clone(),
+                    target_uri: r.target.uri(),
+                    state: r.state.to_string(),
+                })
+                .collect(),
+            websockets: self.sessions.len(),
+        }
+    }
+}

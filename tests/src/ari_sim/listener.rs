@@ -1,0 +1,153 @@
+//! A listener that can take its port down and kill every open connection, so a simulated
+//! restart looks like a process dying: refused connections while down, resets for open ones.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::engine::Ctl;
+
+pub(crate) struct SimListener {
+    addr: SocketAddr,
+    listener: Option<TcpListener>,
+    ctl: watch::Receiver<Ctl>,
+}
+
+impl SimListener {
+    pub fn new(listener: TcpListener, addr: SocketAddr, ctl: watch::Receiver<Ctl>) -> SimListener {
+        SimListener {
+            addr,
+            listener: Some(listener),
+            ctl,
+        }
+    }
+}
+
+impl axum::serve::Listener for SimListener {
+    type Io = KillableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let ctl = *self.ctl.borrow_and_update();
+            if !ctl.up {
+                self.listener = None;
+                if self.ctl.changed().await.is_err() {
+                    // The simulator is gone; park this accept loop until the task is aborted.
+                    std::future::pending::<()>().await;
+                }
+                continue;
+            }
+            if self.listener.is_none() {
+                match TcpListener::bind(self.addr).await {
+                    Ok(l) => self.listener = Some(l),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(listener) = self.listener.as_ref() else {
+                continue;
+            };
+            tokio::select! {
+                res = listener.accept() => match res {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        return (KillableStream::new(stream, self.ctl.clone(), ctl.generation), peer);
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                },
+                changed = self.ctl.changed() => {
+                    if changed.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
+type KillFuture = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
+
+/// A TCP stream that fails with a reset once the server generation changes.
+pub(crate) struct KillableStream {
+    inner: TcpStream,
+    kill: KillFuture,
+    killed: bool,
+}
+
+impl KillableStream {
+    fn new(inner: TcpStream, mut ctl: watch::Receiver<Ctl>, generation: u64) -> KillableStream {
+        let kill = Box::pin(async move {
+            let _ = ctl.wait_for(|c| c.generation != generation).await;
+        });
+        KillableStream {
+            inner,
+            kill,
+            killed: false,
+        }
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.killed && self.kill.as_mut().poll(cx).is_ready() {
+            self.killed = true;
+        }
+        if self.killed {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "simulated Asterisk restarted",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsyncRead for KillableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KillableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

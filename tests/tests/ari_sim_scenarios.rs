@@ -1,0 +1,689 @@
+//! Scenario tests of the ARI simulator: the exact event sequences of each call outcome, as a
+//! Stasis application subscribed only to its own channels receives them from Asterisk.
+//!
+//! Sequences follow Asterisk's sources: `res/res_stasis.c` (`stasis_app_exec`: StasisStart, the
+//! bridge leaving before StasisEnd), `main/dial.c` (Dial events with dialstatus "" then
+//! RINGING/ANSWER/BUSY/CONGESTION), `res/ari/resource_channels.c` (originate subscribes the app
+//! to the channel before dialling, so it also sees ChannelDestroyed) and `res/stasis/app.c`
+//! (an app only hears about channels and bridges it is subscribed to).
+
+use std::time::{Duration, Instant};
+
+use confroute_tests::ari_sim::client::{AriClient, EventStream};
+use confroute_tests::ari_sim::{AriSim, DialIn, EndpointMatch, Outcome, SimConfig};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn sim() -> AriSim {
+    AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        channelvars: vec![
+            "CONFROUTE_CONFERENCE".into(),
+            "PJSIP_HEADER(read,X-Conference)".into(),
+        ],
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts")
+}
+
+async fn events(sim: &AriSim, app: &str) -> EventStream {
+    EventStream::connect(&sim.events_url(app))
+        .await
+        .expect("events WebSocket connects")
+}
+
+fn ty(e: &Value) -> &str {
+    e.get("type").and_then(Value::as_str).unwrap_or("")
+}
+
+fn str_at<'a>(e: &'a Value, ptr: &str) -> &'a str {
+    e.pointer(ptr).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Each event as `Type` plus the detail that distinguishes it in a call flow.
+fn summary(evs: &[Value]) -> Vec<String> {
+    evs.iter()
+        .map(|e| match ty(e) {
+            "Dial" => format!("Dial({})", str_at(e, "/dialstatus")),
+            "ChannelStateChange" => format!("ChannelStateChange({})", str_at(e, "/channel/state")),
+            "ChannelDialplan" => format!("ChannelDialplan({})", str_at(e, "/dialplan_app")),
+            "ChannelDestroyed" | "ChannelHangupRequest" => {
+                format!(
+                    "{}({})",
+                    ty(e),
+                    e.get("cause").and_then(Value::as_i64).unwrap_or(-1)
+                )
+            }
+            "ChannelVarset" => format!("ChannelVarset({})", str_at(e, "/variable")),
+            "ChannelDtmfReceived" => format!("ChannelDtmfReceived({})", str_at(e, "/digit")),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+fn is(t: &'static str) -> impl Fn(&Value) -> bool {
+    move |e| ty(e) == t
+}
+
+async fn expect_seq<F: Fn(&Value) -> bool>(
+    ws: &mut EventStream,
+    last: F,
+    want: &[&str],
+) -> Vec<Value> {
+    let evs = match ws.until(WAIT, last).await {
+        Ok(evs) => evs,
+        Err(seen) => panic!(
+            "sequence did not complete; got {:?}, want {want:?}",
+            summary(&seen)
+        ),
+    };
+    assert_eq!(summary(&evs), want, "event sequence");
+    evs
+}
+
+async fn ok(c: &AriClient, method: &str, path: &str) -> Value {
+    let r = c
+        .call(method, path, None)
+        .await
+        .expect("ARI request is answered");
+    assert!(
+        r.status < 300,
+        "{method} {path} answered {}: {}",
+        r.status,
+        r.text
+    );
+    r.json.unwrap_or(Value::Null)
+}
+
+fn dial_in(app: &str, conf: &str) -> DialIn {
+    DialIn {
+        app: app.into(),
+        args: vec![conf.into()],
+        caller_number: "+15550001".into(),
+        caller_name: "Alice".into(),
+        extension: conf.into(),
+        variables: [("CONFROUTE_CONFERENCE".into(), conf.into())].into(),
+        sip_headers: [("X-Conference".into(), conf.into())].into(),
+        ..DialIn::default()
+    }
+}
+
+#[tokio::test]
+async fn caller_dials_in_joins_and_hangs_up() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    ok(&c, "POST", "/bridges/sales-42?type=mixing").await;
+
+    let ch = sim
+        .dial_in(dial_in("confroute", "sales-42"))
+        .await
+        .expect("dial-in");
+    let start = expect_seq(&mut ws, is("StasisStart"), &["StasisStart"]).await;
+    let e = &start[0];
+    assert_eq!(e["args"], serde_json::json!(["sales-42"]));
+    assert_eq!(str_at(e, "/channel/id"), ch);
+    assert_eq!(str_at(e, "/channel/state"), "Ring");
+    assert_eq!(str_at(e, "/channel/caller/number"), "+15550001");
+    assert_eq!(str_at(e, "/channel/dialplan/exten"), "sales-42");
+    assert_eq!(str_at(e, "/channel/dialplan/app_name"), "Stasis");
+    assert_eq!(
+        str_at(e, "/channel/dialplan/app_data"),
+        "confroute,sales-42"
+    );
+    assert_eq!(
+        str_at(e, "/channel/channelvars/CONFROUTE_CONFERENCE"),
+        "sales-42"
+    );
+    assert_eq!(
+        str_at(e, "/channel/channelvars/PJSIP_HEADER(read,X-Conference)"),
+        "sales-42"
+    );
+    assert!(str_at(e, "/channel/name").starts_with("PJSIP/trunk-"));
+    assert_eq!(str_at(e, "/application"), "confroute");
+    assert_eq!(str_at(e, "/asterisk_id"), sim.asterisk_id());
+
+    let v = ok(
+        &c,
+        "GET",
+        &format!("/channels/{ch}/variable?variable=PJSIP_HEADER(read,X-Conference)"),
+    )
+    .await;
+    assert_eq!(v["value"], "sales-42");
+
+    ok(&c, "POST", &format!("/channels/{ch}/answer")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/sales-42/addChannel?channel={ch}"),
+    )
+    .await;
+    let evs = expect_seq(
+        &mut ws,
+        is("ChannelEnteredBridge"),
+        &["ChannelStateChange(Up)", "ChannelEnteredBridge"],
+    )
+    .await;
+    assert_eq!(evs[1]["bridge"]["channels"], serde_json::json!([ch]));
+
+    sim.hangup_far_end(&ch, 16).await.expect("far end hangs up");
+    expect_seq(
+        &mut ws,
+        is("StasisEnd"),
+        &["ChannelHangupRequest(16)", "ChannelLeftBridge", "StasisEnd"],
+    )
+    .await;
+    // After StasisEnd the app no longer follows a dialplan-entered channel: no ChannelDestroyed.
+    assert!(
+        ws.next(Duration::from_millis(300)).await.is_none(),
+        "nothing after StasisEnd"
+    );
+    let snap = sim.snapshot();
+    assert!(snap.channels.is_empty());
+    assert!(snap
+        .bridge("sales-42")
+        .expect("bridge stays")
+        .channels
+        .is_empty());
+}
+
+#[tokio::test]
+async fn originate_answered_enters_stasis() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/alice"),
+        Outcome::AnswerAfter(Duration::from_millis(300)),
+    );
+    let t0 = Instant::now();
+    let chan = ok(
+        &c,
+        "POST",
+        "/channels?endpoint=PJSIP/alice&app=confroute&appArgs=sales-42&callerId=Bob%20%3C100%3E",
+    )
+    .await;
+    assert_eq!(chan["state"], "Down");
+    assert_eq!(chan["dialplan"]["app_name"], "AppDial2");
+    assert_eq!(chan["caller"]["number"], "100");
+    let evs = expect_seq(
+        &mut ws,
+        is("StasisStart"),
+        &[
+            "Dial()",
+            "ChannelStateChange(Ringing)",
+            "Dial(RINGING)",
+            "ChannelStateChange(Up)",
+            "Dial(ANSWER)",
+            "ChannelDialplan(Stasis)",
+            "StasisStart",
+        ],
+    )
+    .await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "rang for the configured time"
+    );
+    assert_eq!(evs[0]["dialstring"], "alice");
+    assert_eq!(evs[6]["args"], serde_json::json!(["sales-42"]));
+    assert_eq!(evs[6]["channel"]["id"], chan["id"]);
+
+    // The default far end (no behaviour set) rings briefly and answers.
+    let chan2 = ok(&c, "POST", "/channels?endpoint=PJSIP/carol&app=confroute").await;
+    let evs = ws
+        .until(WAIT, is("StasisStart"))
+        .await
+        .expect("default originate enters Stasis");
+    assert_eq!(evs.last().expect("event")["channel"]["id"], chan2["id"]);
+    assert_eq!(evs.last().expect("event")["args"], serde_json::json!([]));
+
+    // The far end hangs up: the originate subscription also brings ChannelDestroyed.
+    let id = chan["id"].as_str().expect("id").to_string();
+    ok(&c, "POST", "/bridges/b1").await;
+    ok(&c, "POST", &format!("/bridges/b1/addChannel?channel={id}")).await;
+    ws.until(WAIT, is("ChannelEnteredBridge"))
+        .await
+        .expect("entered");
+    sim.hangup_far_end(&id, 16).await.expect("hangup");
+    let evs = expect_seq(
+        &mut ws,
+        is("ChannelDestroyed"),
+        &[
+            "ChannelHangupRequest(16)",
+            "ChannelLeftBridge",
+            "StasisEnd",
+            "ChannelVarset(STASISSTATUS)",
+            "ChannelDestroyed(16)",
+        ],
+    )
+    .await;
+    assert_eq!(evs[4]["cause_txt"], "Normal Clearing");
+}
+
+async fn failed_originate(outcome: Outcome, query: &str, want: &[&str]) -> (Vec<Value>, Duration) {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    sim.set_originate_behavior(EndpointMatch::prefix("PJSIP/5551"), outcome);
+    let t0 = Instant::now();
+    ok(
+        &c,
+        "POST",
+        &format!("/channels?endpoint=PJSIP/5551234&app=confroute{query}"),
+    )
+    .await;
+    let evs = expect_seq(&mut ws, is("ChannelDestroyed"), want).await;
+    let elapsed = t0.elapsed();
+    assert!(sim.snapshot().channels.is_empty(), "the channel is gone");
+    (evs, elapsed)
+}
+
+#[tokio::test]
+async fn originate_busy() {
+    let (evs, _) = failed_originate(
+        Outcome::Busy,
+        "",
+        &["Dial()", "Dial(BUSY)", "ChannelDestroyed(17)"],
+    )
+    .await;
+    assert_eq!(evs[2]["cause_txt"], "User busy");
+}
+
+#[tokio::test]
+async fn originate_congested() {
+    let (evs, _) = failed_originate(
+        Outcome::Congested,
+        "",
+        &["Dial()", "Dial(CONGESTION)", "ChannelDestroyed(34)"],
+    )
+    .await;
+    assert_eq!(evs[2]["cause_txt"], "Circuit/channel congestion");
+}
+
+#[tokio::test]
+async fn originate_rejected() {
+    let (evs, _) = failed_originate(
+        Outcome::Rejected,
+        "",
+        &["Dial()", "ChannelHangupRequest(21)", "ChannelDestroyed(21)"],
+    )
+    .await;
+    assert_eq!(evs[2]["cause_txt"], "Call Rejected");
+}
+
+#[tokio::test]
+async fn originate_not_answered_until_timeout() {
+    let (evs, elapsed) = failed_originate(
+        Outcome::NoAnswer,
+        "&timeout=1",
+        &[
+            "Dial()",
+            "ChannelStateChange(Ringing)",
+            "Dial(RINGING)",
+            "Dial(NOANSWER)",
+            "ChannelDestroyed(19)",
+        ],
+    )
+    .await;
+    assert_eq!(evs[4]["cause_txt"], "User alerting, no answer");
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "rang until the 1 s timeout, took {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn manual_far_end_answers_when_told() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let chan = ok(&c, "POST", "/channels?endpoint=PJSIP/dave&app=confroute").await;
+    let id = chan["id"].as_str().expect("id").to_string();
+    expect_seq(
+        &mut ws,
+        |e| ty(e) == "Dial" && str_at(e, "/dialstatus") == "RINGING",
+        &["Dial()", "ChannelStateChange(Ringing)", "Dial(RINGING)"],
+    )
+    .await;
+    assert!(
+        ws.next(Duration::from_millis(300)).await.is_none(),
+        "keeps ringing"
+    );
+    sim.answer_far_end(&id).await.expect("answers");
+    expect_seq(
+        &mut ws,
+        is("StasisStart"),
+        &[
+            "ChannelStateChange(Up)",
+            "Dial(ANSWER)",
+            "ChannelDialplan(Stasis)",
+            "StasisStart",
+        ],
+    )
+    .await;
+    assert!(
+        sim.answer_far_end(&id).await.is_err(),
+        "an answered call cannot answer again"
+    );
+}
+
+#[tokio::test]
+async fn create_then_dial() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let chan = ok(
+        &c,
+        "POST",
+        "/channels/create?endpoint=PJSIP/erin&app=confroute&channelId=erin-1",
+    )
+    .await;
+    assert_eq!(chan["state"], "Down");
+    let evs = expect_seq(
+        &mut ws,
+        is("StasisStart"),
+        &["ChannelDialplan(Stasis)", "StasisStart"],
+    )
+    .await;
+    assert_eq!(evs[1]["channel"]["state"], "Down");
+    let r = c
+        .call("POST", "/channels/erin-1/answer", None)
+        .await
+        .expect("answered");
+    assert_eq!(
+        r.status, 412,
+        "a Down channel cannot be answered: {}",
+        r.text
+    );
+    ok(&c, "POST", "/channels/erin-1/dial?timeout=5").await;
+    expect_seq(
+        &mut ws,
+        |e| ty(e) == "Dial" && str_at(e, "/dialstatus") == "ANSWER",
+        &[
+            "Dial()",
+            "ChannelStateChange(Ringing)",
+            "Dial(RINGING)",
+            "ChannelStateChange(Up)",
+            "Dial(ANSWER)",
+        ],
+    )
+    .await;
+    let r = c
+        .call("POST", "/channels/erin-1/dial", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 409);
+    ok(&c, "DELETE", "/channels/erin-1").await;
+    let evs = expect_seq(
+        &mut ws,
+        is("ChannelDestroyed"),
+        &[
+            "ChannelHangupRequest(32)",
+            "StasisEnd",
+            "ChannelVarset(STASISSTATUS)",
+            "ChannelDestroyed(16)",
+        ],
+    )
+    .await;
+    // ast_softhangup reports its reason flag (AST_SOFTHANGUP_EXPLICIT), not the Q.850 cause.
+    assert_eq!(evs[0]["soft"], true, "an ARI hangup is a soft hangup");
+}
+
+#[tokio::test]
+async fn caller_dtmf_and_hold() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "c1"))
+        .await
+        .expect("dial-in a");
+    let b = sim
+        .dial_in(dial_in("confroute", "c1"))
+        .await
+        .expect("dial-in b");
+    ws.until(WAIT, |e| {
+        ty(e) == "StasisStart" && str_at(e, "/channel/id") == b
+    })
+    .await
+    .expect("both in Stasis");
+
+    // Not bridged: Asterisk's core sees the digits.
+    sim.send_dtmf_from_caller(&a, "1#").await.expect("dtmf");
+    expect_seq(
+        &mut ws,
+        |e| str_at(e, "/digit") == "#",
+        &["ChannelDtmfReceived(1)", "ChannelDtmfReceived(#)"],
+    )
+    .await;
+
+    // Two channels in a plain mixing bridge are bridged natively: digits pass Asterisk by.
+    ok(&c, "POST", "/bridges/plain?type=mixing").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/plain/addChannel?channel={a},{b}"),
+    )
+    .await;
+    ws.until(WAIT, |e| {
+        ty(e) == "ChannelEnteredBridge" && str_at(e, "/channel/id") == b
+    })
+    .await
+    .expect("both bridged");
+    assert_eq!(
+        sim.snapshot().bridge("plain").expect("bridge").technology,
+        "native_rtp"
+    );
+    sim.send_dtmf_from_caller(&a, "5").await.expect("dtmf");
+    assert!(
+        ws.next(Duration::from_millis(300)).await.is_none(),
+        "no DTMF event in a native bridge"
+    );
+
+    // A dtmf_events bridge keeps media in the core, so digits are reported again.
+    ok(&c, "POST", "/bridges/dtmf?type=mixing,dtmf_events").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/dtmf/addChannel?channel={a},{b}"),
+    )
+    .await;
+    ws.until(WAIT, |e| {
+        ty(e) == "ChannelEnteredBridge"
+            && str_at(e, "/channel/id") == b
+            && str_at(e, "/bridge/id") == "dtmf"
+    })
+    .await
+    .expect("moved");
+    sim.send_dtmf_from_caller(&a, "7").await.expect("dtmf");
+    expect_seq(
+        &mut ws,
+        is("ChannelDtmfReceived"),
+        &["ChannelDtmfReceived(7)"],
+    )
+    .await;
+
+    sim.caller_hold(&a, true).await.expect("hold");
+    sim.caller_hold(&a, false).await.expect("unhold");
+    expect_seq(
+        &mut ws,
+        is("ChannelUnhold"),
+        &["ChannelHold", "ChannelUnhold"],
+    )
+    .await;
+    assert!(!sim.snapshot().channel(&a).expect("channel").held);
+}
+
+#[tokio::test]
+async fn restart_drops_everything_and_comes_back() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    ok(&c, "POST", "/bridges/sales-42").await;
+    let ch = sim
+        .dial_in(dial_in("confroute", "sales-42"))
+        .await
+        .expect("dial-in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+
+    let restarting = sim.clone();
+    let restart = tokio::spawn(async move {
+        restarting
+            .restart_with_downtime(Duration::from_millis(1500))
+            .await
+    });
+    assert!(ws.closed(WAIT).await, "the events WebSocket closes");
+    let down = c.call("GET", "/asterisk/ping", None).await;
+    assert!(
+        down.is_err(),
+        "connections are refused while Asterisk is down"
+    );
+    restart.await.expect("restart finishes");
+
+    let mut ws = events(&sim, "confroute").await;
+    assert_eq!(ok(&c, "GET", "/channels").await, serde_json::json!([]));
+    assert_eq!(ok(&c, "GET", "/bridges").await, serde_json::json!([]));
+    let r = c
+        .call("GET", &format!("/channels/{ch}"), None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 404);
+    let ch = sim
+        .dial_in(dial_in("confroute", "again"))
+        .await
+        .expect("calls work again");
+    let evs = ws
+        .until(WAIT, is("StasisStart"))
+        .await
+        .expect("StasisStart after restart");
+    assert_eq!(str_at(&evs[0], "/channel/id"), ch);
+}
+
+#[tokio::test]
+async fn stall_delays_answers() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    ok(&c, "GET", "/asterisk/ping").await;
+    sim.stall(Duration::from_millis(600));
+    let t0 = Instant::now();
+    ok(&c, "GET", "/asterisk/ping").await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(550),
+        "answered only after the stall"
+    );
+}
+
+#[tokio::test]
+async fn dropped_websocket_keeps_calls_and_resumes() {
+    let sim = sim().await;
+    let mut ws = events(&sim, "confroute").await;
+    let ch = sim
+        .dial_in(dial_in("confroute", "flap"))
+        .await
+        .expect("dial-in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+
+    sim.drop_websockets();
+    assert!(ws.closed(WAIT).await, "the WebSocket drops");
+    let snap = sim.snapshot();
+    assert_eq!(
+        snap.channel(&ch)
+            .expect("call survives")
+            .stasis_app
+            .as_deref(),
+        Some("confroute")
+    );
+    assert!(!snap.apps.iter().any(|a| a.active), "the app is inactive");
+
+    let mut ws = events(&sim, "confroute").await;
+    sim.hangup_far_end(&ch, 16).await.expect("hangup");
+    expect_seq(
+        &mut ws,
+        is("StasisEnd"),
+        &["ChannelHangupRequest(16)", "StasisEnd"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn dial_in_without_app_fails_like_asterisk() {
+    let sim = sim().await;
+    let err = sim.dial_in(dial_in("nobody", "x")).await;
+    assert!(err.is_err(), "Stasis fails without a registered app");
+    assert!(sim.snapshot().channels.is_empty(), "the call was hung up");
+}
+
+#[tokio::test]
+async fn second_websocket_replaces_the_app() {
+    let sim = sim().await;
+    let mut first = events(&sim, "confroute").await;
+    let _second = events(&sim, "confroute").await;
+    expect_seq(
+        &mut first,
+        is("ApplicationReplaced"),
+        &["ApplicationReplaced"],
+    )
+    .await;
+    sim.dial_in(dial_in("confroute", "x"))
+        .await
+        .expect("dial-in");
+    assert!(
+        first.next(Duration::from_millis(300)).await.is_none(),
+        "the replaced socket hears nothing"
+    );
+}
+
+#[tokio::test]
+async fn subscribe_all_sees_channel_creation() {
+    let sim = sim().await;
+    let mut all = EventStream::connect(&format!("{}&subscribeAll=true", sim.events_url("watcher")))
+        .await
+        .expect("connects");
+    let _app = events(&sim, "confroute").await;
+    sim.dial_in(dial_in("confroute", "x"))
+        .await
+        .expect("dial-in");
+    let evs = all
+        .until(WAIT, is("ChannelDialplan"))
+        .await
+        .expect("events");
+    let types: Vec<&str> = evs.iter().map(ty).collect();
+    assert_eq!(
+        types,
+        ["ChannelCreated", "ChannelVarset", "ChannelDialplan"],
+        "a subscribeAll app sees the call arrive; StasisStart goes only to the call's app"
+    );
+    assert!(all.next(Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn request_log_counts_round_trips() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    sim.clear_request_log();
+    ok(&c, "GET", "/asterisk/ping").await;
+    ok(&c, "POST", "/bridges/x").await;
+    let r = c
+        .call("GET", "/bridges/nope", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 404);
+    let log = sim.request_log();
+    let seen: Vec<(String, String, u16)> = log
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone(), r.status))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("GET".to_string(), "/ari/asterisk/ping".to_string(), 200),
+            ("POST".to_string(), "/ari/bridges/x".to_string(), 200),
+            ("GET".to_string(), "/ari/bridges/nope".to_string(), 404),
+        ]
+    );
+    assert_eq!(log[1].operation.as_deref(), Some("createWithId"));
+}
