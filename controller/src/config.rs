@@ -1,17 +1,157 @@
 //! The controller's configuration (see `shared::config` for how it is loaded).
 
-use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use confroute_shared::config::{ConfigError, Issues, LogConfig, RedisConfig, Validate};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use confroute_shared::config::{
+    duration, string_like, ConfigError, Issues, LogConfig, RedisConfig, Validate,
+};
+use confroute_shared::secret::Secret;
 
 /// Root of `confroute-controller`'s settings.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControllerConfig {
+    /// SIP redirect server.
+    pub sip: SipConfig,
+    /// HTTP API, health and metrics.
+    pub http: HttpConfig,
+    /// Placement and routing deadlines.
+    pub routing: RoutingConfig,
     /// Where Redis is.
     pub redis: RedisConfig,
     /// Log output.
     pub log: LogConfig,
+}
+
+/// SIP listener and redirect settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SipConfig {
+    /// Address for both UDP and TCP.
+    pub listen: SocketAddr,
+    /// Transports to serve: `udp`, `tcp` or both.
+    pub transports: Vec<Transport>,
+    /// Header that names the conference, taking precedence over the Request-URI user part
+    /// when present; empty to always use the Request-URI.
+    #[serde(deserialize_with = "string_like")]
+    pub conference_header: String,
+    /// Name of the header carrying the conference name in the 302.
+    #[serde(deserialize_with = "string_like")]
+    pub header_conference: String,
+    /// Name of the header carrying the chosen node id in the 302.
+    #[serde(deserialize_with = "string_like")]
+    pub header_node: String,
+    /// Sources allowed to send requests (CIDRs); empty allows everyone.
+    #[serde(deserialize_with = "cidrs")]
+    pub trusted_cidrs: Vec<IpNet>,
+    /// `Retry-After` seconds in 503 answers.
+    pub retry_after: u32,
+    /// Largest accepted message in bytes.
+    pub max_message_size: usize,
+    /// INVITE transactions remembered for retransmissions, at most.
+    pub max_transactions: usize,
+}
+
+/// A SIP transport.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Datagrams.
+    Udp,
+    /// Streams.
+    Tcp,
+}
+
+/// HTTP API settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Bearer token required on every route but health and metrics; none = open.
+    pub api_token: Option<Secret>,
+    /// Largest accepted request body in bytes.
+    pub max_body_size: usize,
+}
+
+/// How conferences are placed and how long a routing decision may take.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Preferred zone for new conferences (nodes elsewhere are the fallback); empty for none.
+    #[serde(deserialize_with = "string_like")]
+    pub zone: String,
+    /// How often the node list is re-read from Redis.
+    #[serde(deserialize_with = "duration")]
+    pub node_refresh: Duration,
+    /// Deadline for one routing decision, all Redis calls included; past it SIP gets 503.
+    #[serde(deserialize_with = "duration")]
+    pub deadline: Duration,
+    /// Candidates passed to one claim (the claim script tries them in order).
+    pub candidates: usize,
+}
+
+fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let items = Vec::<String>::deserialize(d)?;
+    items
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{s}` is not a CIDR; expected a form like 10.0.0.0/8 or 2001:db8::/32"
+                    ))
+                })
+        })
+        .collect()
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        SipConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5060)),
+            transports: vec![Transport::Udp, Transport::Tcp],
+            conference_header: "X-Conference".to_string(),
+            header_conference: "X-Conference".to_string(),
+            header_node: "X-Conference-Node".to_string(),
+            trusted_cidrs: Vec::new(),
+            retry_after: 5,
+            max_message_size: crate::sip::message::DEFAULT_MAX_MESSAGE,
+            max_transactions: 1_000_000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            api_token: None,
+            max_body_size: 64 * 1024,
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            zone: String::new(),
+            node_refresh: Duration::from_millis(500),
+            deadline: Duration::from_secs(1),
+            candidates: 4,
+        }
+    }
+}
+
+fn header_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl Validate for ControllerConfig {
@@ -19,6 +159,111 @@ impl Validate for ControllerConfig {
         let mut issues = Issues::default();
         issues.extend(self.redis.validate());
         issues.extend(self.log.validate());
+        if self.sip.transports.is_empty() {
+            issues.add("sip.transports", "must list udp, tcp or both");
+        }
+        if !self.sip.conference_header.is_empty() && !header_name_ok(&self.sip.conference_header) {
+            issues.add(
+                "sip.conference_header",
+                "must be a header name (letters, digits, '-') or empty",
+            );
+        }
+        for (key, value) in [
+            ("sip.header_conference", &self.sip.header_conference),
+            ("sip.header_node", &self.sip.header_node),
+        ] {
+            if !header_name_ok(value) {
+                issues.add(key, "must be a header name (letters, digits, '-')");
+            }
+        }
+        if self.sip.max_message_size < 1024 || self.sip.max_message_size > 65_535 {
+            issues.add(
+                "sip.max_message_size",
+                "must be between 1024 and 65535 bytes",
+            );
+        }
+        if self.sip.retry_after == 0 {
+            issues.add("sip.retry_after", "must be at least 1 second");
+        }
+        if let Some(t) = &self.http.api_token {
+            if t.expose().len() < 16 {
+                issues.add(
+                    "http.api_token",
+                    "must be at least 16 characters (or unset to leave the API open)",
+                );
+            }
+        }
+        if self.http.max_body_size < 1024 {
+            issues.add("http.max_body_size", "must be at least 1024 bytes");
+        }
+        if self.routing.deadline.is_zero() {
+            issues.add("routing.deadline", "must be greater than zero");
+        }
+        if self.routing.node_refresh < Duration::from_millis(50) {
+            issues.add("routing.node_refresh", "must be at least 50ms");
+        }
+        if !(1..=16).contains(&self.routing.candidates) {
+            issues.add("routing.candidates", "must be between 1 and 16");
+        }
         issues.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confroute_shared::config::load_from;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg: ControllerConfig = load_from(None, &[]).expect("defaults");
+        assert_eq!(cfg.sip.listen.port(), 5060);
+        assert_eq!(cfg.sip.transports, vec![Transport::Udp, Transport::Tcp]);
+        assert!(cfg.http.api_token.is_none());
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("CONFROUTE_SIP__LISTEN", "nowhere", "sip.listen"),
+            ("CONFROUTE_SIP__TRANSPORTS", "[\"sctp\"]", "sip.transports"),
+            (
+                "CONFROUTE_SIP__TRUSTED_CIDRS",
+                "[\"10.0.0.0/33\"]",
+                "sip.trusted_cidrs",
+            ),
+            ("CONFROUTE_SIP__HEADER_NODE", "X Node", "sip.header_node"),
+            ("CONFROUTE_SIP__RETRY_AFTER", "0", "sip.retry_after"),
+            ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            ("CONFROUTE_ROUTING__DEADLINE", "0s", "routing.deadline"),
+            ("CONFROUTE_ROUTING__CANDIDATES", "99", "routing.candidates"),
+            ("CONFROUTE_HTTP__NOPE", "1", "http.nope"),
+        ];
+        for (var, value, key) in cases {
+            let err = load_from::<ControllerConfig>(None, &env(&[(var, value)])).expect_err(var);
+            assert!(err.mentions(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn cidrs_and_single_addresses() {
+        let cfg: ControllerConfig = load_from(
+            None,
+            &env(&[(
+                "CONFROUTE_SIP__TRUSTED_CIDRS",
+                "[\"10.0.0.0/8\", \"192.0.2.7\"]",
+            )]),
+        )
+        .expect("cidrs");
+        assert_eq!(cfg.sip.trusted_cidrs.len(), 2);
+        assert!(cfg.sip.trusted_cidrs[1]
+            .contains(&"192.0.2.7".parse::<std::net::IpAddr>().expect("ip")));
     }
 }

@@ -1,11 +1,12 @@
-//! `confroute-controller`: loads its configuration and serves until SIGTERM or Ctrl-C.
+//! `confroute-controller`: loads its configuration and serves SIP and HTTP until SIGTERM or
+//! Ctrl-C.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use confroute_controller::app;
 use confroute_controller::config::ControllerConfig;
-use confroute_shared::store::{Store, StoreMetrics};
 use confroute_shared::{config, shutdown, telemetry};
 
 /// Command line of the controller.
@@ -31,20 +32,24 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init(&cfg.log);
-    let _store = match Store::new(&cfg.redis, StoreMetrics::disabled()) {
-        Ok(s) => s,
+    let controller = match app::start(&cfg).await {
+        Ok(c) => c,
         Err(e) => {
+            tracing::error!(error = %e, "cannot start");
             eprintln!("confroute-controller: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(1);
         }
     };
-    tracing::info!(redis = %cfg.redis.describe(), "confroute-controller started");
+    tracing::info!(
+        sip = %controller.sip_addr,
+        http = %controller.http_addr,
+        redis = %cfg.redis.describe(),
+        "confroute-controller started"
+    );
     match shutdown::signal().await {
         Ok(sig) => tracing::info!(?sig, "stopping"),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot wait for signals");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => tracing::error!(error = %e, "cannot wait for signals; stopping"),
     }
+    controller.stop().await;
     ExitCode::SUCCESS
 }

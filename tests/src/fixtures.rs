@@ -103,3 +103,40 @@ pub fn node(id: &str, capacity: u32) -> NodeInfo {
 pub fn id(s: &str) -> NodeId {
     NodeId::parse(s).expect("valid node id")
 }
+
+/// An HTTP client for tests (installs the TLS crypto provider once; plain HTTP needs none,
+/// but the client is built with TLS support).
+pub fn http() -> reqwest::Client {
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// The value of one series in a Prometheus text exposition (`name{labels}` exactly as
+/// rendered, labels sorted by name), or 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Fetches `/metrics` from `base`.
+pub async fn scrape(base: &str) -> String {
+    http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}

@@ -5,15 +5,19 @@
 //! Processes are started from the test's own thread: they are also killed by the kernel if
 //! that thread dies without running destructors (`PR_SET_PDEATHSIG`).
 
+mod controller;
 mod process;
 mod redis;
+mod sipp;
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use self::redis::{redis_query, RedisCluster, RedisServer, SentinelGroup};
+pub use controller::ControllerProc;
 pub use process::Proc;
+pub use sipp::{run_sipp, scenario, SippRun, SippTransport};
 
 /// A harness step failed; the message says what and how to fix it.
 #[derive(Debug, thiserror::Error)]

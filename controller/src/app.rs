@@ -1,0 +1,145 @@
+//! Starting and stopping a controller: binds the sockets, starts the tasks, and stops them
+//! in order.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::task::JoinHandle;
+
+use confroute_shared::store::Store;
+
+use crate::config::{ControllerConfig, Transport};
+use crate::http::{self, ApiState};
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::sip::handler::SipService;
+use crate::sip::server;
+
+/// The controller could not start; the message names the setting involved.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// A running controller.
+pub struct Controller {
+    /// Bound SIP address (UDP and/or TCP).
+    pub sip_addr: SocketAddr,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    http_task: Option<JoinHandle<()>>,
+}
+
+/// Binds every socket and starts serving.
+pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
+    let metrics = Metrics::new().map_err(|e| StartError(format!("metrics: {e}")))?;
+    let store =
+        Store::new(&cfg.redis, metrics.store.clone()).map_err(|e| StartError(e.to_string()))?;
+    let zone = Some(cfg.routing.zone.clone()).filter(|z| !z.is_empty());
+    let router = Arc::new(Router::new(
+        store,
+        zone,
+        cfg.routing.candidates,
+        cfg.routing.deadline,
+        metrics.clone(),
+    ));
+    if let Err(e) = router.refresh().await {
+        tracing::warn!(error = %e, "redis not reachable at start-up; answering 503 until it is");
+    }
+    let mut tasks = vec![router.spawn_refresher(cfg.routing.node_refresh)];
+
+    let service = Arc::new(SipService::new(&cfg.sip, router.clone(), metrics.clone()));
+    let mut sip_addr = cfg.sip.listen;
+    if cfg.sip.transports.contains(&Transport::Udp) {
+        let socket = UdpSocket::bind(cfg.sip.listen).await.map_err(|e| {
+            StartError(format!(
+                "sip.listen: cannot bind UDP {}: {e}",
+                cfg.sip.listen
+            ))
+        })?;
+        sip_addr = socket.local_addr().unwrap_or(sip_addr);
+        let socket = Arc::new(socket);
+        // Several receivers on one socket let a burst use every core.
+        let receivers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        for _ in 0..receivers {
+            tasks.push(tokio::spawn(server::serve_udp(
+                socket.clone(),
+                service.clone(),
+                cfg.sip.max_message_size,
+            )));
+        }
+    }
+    if cfg.sip.transports.contains(&Transport::Tcp) {
+        // With UDP bound to an ephemeral port, TCP takes the same port.
+        let addr = SocketAddr::new(cfg.sip.listen.ip(), sip_addr.port());
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| StartError(format!("sip.listen: cannot bind TCP {addr}: {e}")))?;
+        sip_addr = listener.local_addr().unwrap_or(sip_addr);
+        tasks.push(tokio::spawn(server::serve_tcp(
+            listener,
+            service.clone(),
+            cfg.sip.max_message_size,
+        )));
+    }
+    let sweeper = service.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            sweeper.sweep();
+        }
+    }));
+
+    let sip_bound = Arc::new(AtomicBool::new(true));
+    let state = ApiState {
+        router,
+        metrics,
+        token: cfg.http.api_token.clone(),
+        sip_bound: sip_bound.clone(),
+        retry_after: cfg.sip.retry_after,
+    };
+    let listener = TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(|e| StartError(format!("http.listen: cannot bind {}: {e}", cfg.http.listen)))?;
+    let http_addr = listener.local_addr().unwrap_or(cfg.http.listen);
+    let app = http::app(state, cfg.http.max_body_size);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    sip_bound.store(true, Ordering::Relaxed);
+    Ok(Controller {
+        sip_addr,
+        http_addr,
+        tasks,
+        http_stop: Some(stop_tx),
+        http_task: Some(http_task),
+    })
+}
+
+impl Controller {
+    /// Stops SIP at once (the edge retries elsewhere) and lets HTTP requests in flight finish.
+    pub async fn stop(mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(tx) = self.http_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.http_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}

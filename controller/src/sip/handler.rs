@@ -1,0 +1,413 @@
+//! What the redirect server answers to each request: the SIP side of a routing decision.
+//!
+//! INVITE → conference name (configured header, else the Request-URI user part) → routing
+//! decision → `302 Moved Temporarily` with the node's Contact and the `X-Conference` /
+//! `X-Conference-Node` headers. Bad input gets a precise status and a `Warning` saying why,
+//! and never reaches Redis (invariant 6).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use confroute_shared::name::{ConferenceName, NameError};
+
+use super::message::{self, parse_sip_uri, percent_decode, ParseError, Request, UriError};
+use super::response::{self, Response, ALLOW};
+use super::transactions::{Answer, Begin, Transactions};
+use crate::config::{SipConfig, Transport};
+use crate::metrics::Metrics;
+use crate::router::{RouteError, Router};
+
+/// A response and where to send it.
+pub struct Outgoing {
+    /// Serialised response.
+    pub bytes: Vec<u8>,
+    /// Destination (UDP; TCP answers on the same connection).
+    pub to: SocketAddr,
+}
+
+/// The SIP request handler shared by the UDP and TCP listeners.
+pub struct SipService {
+    router: Arc<Router>,
+    transactions: Transactions,
+    conference_header: String,
+    header_conference: String,
+    header_node: String,
+    trusted: Vec<IpNet>,
+    retry_after: String,
+    metrics: Metrics,
+}
+
+/// A bounded method label for metrics.
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 14] = [
+        "INVITE",
+        "ACK",
+        "CANCEL",
+        "OPTIONS",
+        "BYE",
+        "REGISTER",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "INFO",
+        "MESSAGE",
+        "UPDATE",
+        "PRACK",
+        "REFER",
+        "PUBLISH",
+    ];
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// What the request names as its conference, or the answer explaining why it names none.
+enum Target {
+    Name(ConferenceName),
+    Reject(Response),
+}
+
+impl SipService {
+    /// A handler routing through `router`.
+    pub fn new(cfg: &SipConfig, router: Arc<Router>, metrics: Metrics) -> Self {
+        SipService {
+            router,
+            transactions: Transactions::new(cfg.max_transactions),
+            conference_header: cfg.conference_header.clone(),
+            header_conference: cfg.header_conference.clone(),
+            header_node: cfg.header_node.clone(),
+            trusted: cfg.trusted_cidrs.clone(),
+            retry_after: cfg.retry_after.to_string(),
+            metrics,
+        }
+    }
+
+    /// Drops transactions past their timers; returns how many remain.
+    pub fn sweep(&self) -> usize {
+        self.transactions.sweep()
+    }
+
+    /// Counts a packet dropped without an answer.
+    pub fn note_dropped(&self, reason: &'static str) {
+        self.metrics.sip_dropped.with_label_values(&[reason]).inc();
+    }
+
+    fn drop_packet(&self, reason: &'static str) -> Option<Outgoing> {
+        self.note_dropped(reason);
+        None
+    }
+
+    /// Handles one request received over `transport` from `source`.
+    pub async fn handle(
+        &self,
+        packet: &[u8],
+        source: SocketAddr,
+        transport: Transport,
+    ) -> Option<Outgoing> {
+        let req = match message::parse(packet) {
+            Ok(r) => r,
+            Err(ParseError::Response) => return self.drop_packet("response"),
+            Err(ParseError::Garbage(_)) => return self.drop_packet("garbage"),
+        };
+        // Without a Via there is nowhere to send an answer (RFC 3261 §18.2.2).
+        let Some(via) = req.top_via() else {
+            return self.drop_packet("no_via");
+        };
+        let to = match (transport, via.rport) {
+            (Transport::Tcp, _) | (Transport::Udp, true) => source,
+            (Transport::Udp, false) => SocketAddr::new(source.ip(), via.port.unwrap_or(5060)),
+        };
+        let method = method_label(req.method);
+        let key = transaction_key(&req, &via);
+
+        if req.method == "ACK" {
+            // The ACK for our final answer ends the transaction; ACKs are never answered.
+            self.transactions.ack(&key);
+            self.metrics
+                .sip_requests
+                .with_label_values(&["ACK", "none"])
+                .inc();
+            return None;
+        }
+
+        let (resp, tag) =
+            if !self.trusted.is_empty() && !self.trusted.iter().any(|n| n.contains(&source.ip())) {
+                (
+                    Response::new(403, "Forbidden").warning("source address is not trusted"),
+                    new_tag(),
+                )
+            } else if let Some(problem) = malformed(&req, packet, transport) {
+                (
+                    Response::new(400, "Bad Request").warning(&problem),
+                    new_tag(),
+                )
+            } else {
+                match req.method {
+                    "INVITE" => return self.invite(&req, &key, source, to).await,
+                    "OPTIONS" => (
+                        Response::new(200, "OK")
+                            .header("Allow", ALLOW)
+                            .header("Accept", "application/sdp"),
+                        new_tag(),
+                    ),
+                    // The INVITE already has its final answer; the CANCEL changes nothing. Its 200
+                    // carries the INVITE answer's To-tag when we know it (RFC 3261 §9.2).
+                    "CANCEL" => (
+                        Response::new(200, "OK"),
+                        self.transactions
+                            .answered(&key)
+                            .map(|a| a.to_tag.clone())
+                            .unwrap_or_else(new_tag),
+                    ),
+                    _ => (
+                        Response::new(405, "Method Not Allowed")
+                            .header("Allow", ALLOW)
+                            .warning("a conference router only redirects INVITEs"),
+                        new_tag(),
+                    ),
+                }
+            };
+        self.count(method, resp.code);
+        Some(Outgoing {
+            bytes: response::build(&req, &resp, &tag, source),
+            to,
+        })
+    }
+
+    fn count(&self, method: &str, code: u16) {
+        self.metrics
+            .sip_requests
+            .with_label_values(&[method, &code.to_string()])
+            .inc();
+    }
+
+    async fn invite(
+        &self,
+        req: &Request<'_>,
+        key: &str,
+        source: SocketAddr,
+        to: SocketAddr,
+    ) -> Option<Outgoing> {
+        match self.transactions.begin(key) {
+            Begin::Answered(answer) => {
+                self.metrics.sip_retransmissions.inc();
+                return Some(Outgoing {
+                    bytes: rebuild(req, &answer, source),
+                    to,
+                });
+            }
+            Begin::Pending => return self.drop_packet("retransmission_in_progress"),
+            Begin::New => {}
+        }
+        let answer = self.answer_invite(req).await;
+        self.count("INVITE", answer.response.code);
+        let bytes = rebuild(req, &answer, source);
+        self.transactions.complete(key, Arc::new(answer));
+        Some(Outgoing { bytes, to })
+    }
+
+    async fn answer_invite(&self, req: &Request<'_>) -> Answer {
+        let finish = |response: Response| Answer {
+            response,
+            to_tag: new_tag(),
+        };
+        if let Some(max) = req.header("Max-Forwards") {
+            if max.trim() == "0" {
+                return finish(
+                    Response::new(483, "Too Many Hops").warning("Max-Forwards reached 0"),
+                );
+            }
+        }
+        if let Some(unsupported) = unsupported_requirements(req) {
+            return finish(
+                Response::new(420, "Bad Extension")
+                    .header("Unsupported", unsupported)
+                    .warning("required extension not supported by the router"),
+            );
+        }
+        let name = match self.target(req) {
+            Target::Name(n) => n,
+            Target::Reject(resp) => return finish(resp),
+        };
+        let resp = match self.router.route(&name, "sip").await {
+            Ok(d) => Response::new(302, "Moved Temporarily")
+                .header("Contact", contact(&d.sip_uri, name.as_str()))
+                .header(self.header_conference.clone(), name.to_string())
+                .header(self.header_node.clone(), d.node_id.to_string()),
+            Err(RouteError::NoCapacity) => Response::new(503, "Service Unavailable")
+                .header("Retry-After", self.retry_after.clone())
+                .warning("no conference node has room"),
+            Err(RouteError::Unavailable(why)) => {
+                tracing::warn!(conference = %name, error = %why, "routing failed; answering 503");
+                Response::new(503, "Service Unavailable")
+                    .header("Retry-After", self.retry_after.clone())
+                    .warning("routing store unavailable")
+            }
+        };
+        finish(resp)
+    }
+
+    fn target(&self, req: &Request<'_>) -> Target {
+        let reject_name = |e: NameError| {
+            self.router.record_invalid();
+            Target::Reject(Response::new(404, "Not Found").warning(&e.to_string()))
+        };
+        if !self.conference_header.is_empty() {
+            if let Some(v) = req.header(&self.conference_header) {
+                return match ConferenceName::parse(v.trim()) {
+                    Ok(n) => Target::Name(n),
+                    Err(e) => reject_name(e),
+                };
+            }
+        }
+        let uri = match parse_sip_uri(req.uri) {
+            Ok(u) => u,
+            Err(UriError::Scheme(s)) => {
+                self.router.record_invalid();
+                return Target::Reject(
+                    Response::new(416, "Unsupported URI Scheme")
+                        .warning(&format!("scheme `{s}` is not sip or sips")),
+                );
+            }
+            Err(UriError::Malformed(why)) => {
+                self.router.record_invalid();
+                return Target::Reject(
+                    Response::new(400, "Bad Request")
+                        .warning(&format!("Request-URI is malformed: {why}")),
+                );
+            }
+        };
+        let Some(user) = uri.user.filter(|u| !u.is_empty()) else {
+            self.router.record_invalid();
+            return Target::Reject(
+                Response::new(484, "Address Incomplete")
+                    .warning("the Request-URI has no user part to name the conference"),
+            );
+        };
+        let Some(decoded) = percent_decode(user) else {
+            self.router.record_invalid();
+            return Target::Reject(
+                Response::new(404, "Not Found").warning("broken %-escape in the user part"),
+            );
+        };
+        match ConferenceName::parse(&decoded) {
+            Ok(n) => Target::Name(n),
+            Err(e) => reject_name(e),
+        }
+    }
+}
+
+/// `<sip:NAME@host:port;params>` from the node's registered URI (any user part replaced).
+pub fn contact(node_uri: &str, name: &str) -> String {
+    let (scheme, rest) = match node_uri.split_once(':') {
+        Some((s, r)) if s.eq_ignore_ascii_case("sip") || s.eq_ignore_ascii_case("sips") => (s, r),
+        _ => ("sip", node_uri),
+    };
+    let hostpart = match rest.rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    format!("<{scheme}:{name}@{hostpart}>")
+}
+
+fn new_tag() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn rebuild(req: &Request<'_>, answer: &Answer, source: SocketAddr) -> Vec<u8> {
+    response::build(req, &answer.response, &answer.to_tag, source)
+}
+
+/// RFC 3261 §17.2.3: branch + sent-by identify a server transaction (ACK matches its INVITE).
+/// Pre-RFC 3261 branches fall back to Call-ID, CSeq number and the Via itself.
+fn transaction_key(req: &Request<'_>, via: &message::Via<'_>) -> String {
+    match via.branch {
+        Some(b) if b.starts_with("z9hG4bK") => format!(
+            "{b}|{}:{}",
+            via.host.to_ascii_lowercase(),
+            via.port.unwrap_or(5060)
+        ),
+        _ => format!(
+            "{}|{}|{}",
+            req.header("Call-ID").unwrap_or(""),
+            req.cseq().map(|c| c.0).unwrap_or(0),
+            req.header("Via").unwrap_or("")
+        ),
+    }
+}
+
+/// What makes a request unanswerable as asked; `None` when it is well-formed.
+fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<String> {
+    for name in ["From", "To", "Call-ID", "CSeq"] {
+        match req.count(name) {
+            0 => return Some(format!("missing {name} header")),
+            1 => {}
+            _ => return Some(format!("more than one {name} header")),
+        }
+    }
+    match req.cseq() {
+        None => return Some("CSeq is not `number METHOD`".into()),
+        Some((_, m)) if m != req.method => {
+            return Some(format!("CSeq method {m} does not match {}", req.method))
+        }
+        _ => {}
+    }
+    match req.content_length() {
+        Err(e) => return Some(e.into()),
+        Ok(Some(len)) if len > req.body.len() => {
+            return Some(format!(
+                "Content-Length {len} exceeds the {} body bytes received",
+                req.body.len()
+            ))
+        }
+        Ok(_) => {}
+    }
+    if transport == Transport::Udp && packet.len() > u16::MAX as usize {
+        return Some("datagram too large".into());
+    }
+    if let Some(v) = req.header("Max-Forwards") {
+        if v.trim().parse::<u8>().is_err() {
+            return Some("Max-Forwards is not a number 0-255".into());
+        }
+    }
+    None
+}
+
+/// Option tags in `Require` this server does not support (it supports none).
+fn unsupported_requirements(req: &Request<'_>) -> Option<String> {
+    let tags: Vec<&str> = req
+        .headers_named("Require")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    (!tags.is_empty()).then(|| tags.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contact_from_node_uri() {
+        assert_eq!(
+            contact("sip:10.0.0.5:5060;transport=udp", "sales-42"),
+            "<sip:sales-42@10.0.0.5:5060;transport=udp>"
+        );
+        assert_eq!(
+            contact("sips:old@node.example:5061", "+15555550101"),
+            "<sips:+15555550101@node.example:5061>"
+        );
+        assert_eq!(contact("node.example", "r"), "<sip:r@node.example>");
+    }
+
+    #[test]
+    fn method_labels_are_bounded() {
+        assert_eq!(method_label("INVITE"), "INVITE");
+        assert_eq!(method_label("FOO"), "other");
+        assert_eq!(method_label("invite"), "other");
+    }
+}

@@ -1,0 +1,503 @@
+//! SIP request parsing (RFC 3261 §7): start line, headers with compact forms and folding,
+//! Via values, and the body by Content-Length.
+//!
+//! The parser borrows from the packet and allocates only to unfold continuation lines. It
+//! accepts what RFC 3261 says a server must accept and reports what is wrong precisely, so
+//! the caller can answer 400 with a reason whenever enough headers exist to answer at all.
+
+use std::borrow::Cow;
+
+/// Largest message accepted, in bytes (UDP datagram or TCP message).
+pub const DEFAULT_MAX_MESSAGE: usize = 16 * 1024;
+
+/// A parsed SIP request.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// Method token, e.g. `INVITE` (case-sensitive, RFC 3261 §7.1).
+    pub method: &'a str,
+    /// Request-URI as written.
+    pub uri: &'a str,
+    /// Headers in order, names in full form.
+    pub headers: Vec<Header<'a>>,
+    /// Message body (by Content-Length when present).
+    pub body: &'a [u8],
+}
+
+/// One header line (continuations joined).
+#[derive(Debug, Clone)]
+pub struct Header<'a> {
+    /// Full header name as written, or the full form of a compact name.
+    pub name: Cow<'a, str>,
+    /// Value with surrounding whitespace trimmed and folded lines joined by one space.
+    pub value: Cow<'a, str>,
+}
+
+/// Why a packet is not a usable request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Not a SIP request at all; nothing can be answered.
+    #[error("not a SIP request: {0}")]
+    Garbage(&'static str),
+    /// A SIP response (a redirect server has no client transactions); dropped.
+    #[error("a SIP response, not a request")]
+    Response,
+}
+
+/// Full forms of the compact header names of RFC 3261 §7.3.3 and its extensions.
+fn expand_compact(name: &str) -> Option<&'static str> {
+    if name.len() != 1 {
+        return None;
+    }
+    Some(match name.as_bytes()[0].to_ascii_lowercase() {
+        b'v' => "Via",
+        b'f' => "From",
+        b't' => "To",
+        b'i' => "Call-ID",
+        b'm' => "Contact",
+        b'l' => "Content-Length",
+        b'c' => "Content-Type",
+        b'e' => "Content-Encoding",
+        b'k' => "Supported",
+        b's' => "Subject",
+        b'o' => "Event",
+        b'r' => "Refer-To",
+        b'b' => "Referred-By",
+        b'u' => "Allow-Events",
+        b'x' => "Session-Expires",
+        b'a' => "Accept-Contact",
+        b'j' => "Reject-Contact",
+        b'd' => "Request-Disposition",
+        b'y' => "Identity",
+        _ => return None,
+    })
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+                )
+        })
+}
+
+/// Where the header block ends: the index just past the blank line, if present.
+pub fn header_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Parses one request; the body is everything after the headers (the caller frames TCP
+/// messages by Content-Length and checks it against UDP datagrams).
+pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
+    let end = header_end(buf).ok_or(ParseError::Garbage("no blank line ends the headers"))?;
+    let head = std::str::from_utf8(&buf[..end - 4])
+        .map_err(|_| ParseError::Garbage("header block is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let start = lines.next().ok_or(ParseError::Garbage("empty message"))?;
+    if start.starts_with("SIP/2.0 ") {
+        return Err(ParseError::Response);
+    }
+    let mut parts = start.split(' ');
+    let (Some(method), Some(uri), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ParseError::Garbage(
+            "start line is not `METHOD URI SIP/2.0`",
+        ));
+    };
+    if !is_token(method) {
+        return Err(ParseError::Garbage("method is not a token"));
+    }
+    if version != "SIP/2.0" {
+        return Err(ParseError::Garbage("version is not SIP/2.0"));
+    }
+    if uri.is_empty() || !uri.contains(':') {
+        return Err(ParseError::Garbage("request-URI has no scheme"));
+    }
+    let mut headers: Vec<Header<'_>> = Vec::with_capacity(16);
+    for line in lines {
+        if line.starts_with(' ') || line.starts_with('\t') {
+            // Folded continuation (RFC 3261 §7.3.1): joined to the previous value.
+            let Some(last) = headers.last_mut() else {
+                return Err(ParseError::Garbage("continuation line before any header"));
+            };
+            let joined = format!("{} {}", last.value, line.trim());
+            last.value = Cow::Owned(joined.trim().to_string());
+            continue;
+        }
+        let Some(colon) = line.find(':') else {
+            return Err(ParseError::Garbage("header line without a colon"));
+        };
+        let raw_name = line[..colon].trim_end();
+        if !is_token(raw_name) {
+            return Err(ParseError::Garbage("header name is not a token"));
+        }
+        let name = match expand_compact(raw_name) {
+            Some(full) => Cow::Borrowed(full),
+            None => Cow::Borrowed(raw_name),
+        };
+        headers.push(Header {
+            name,
+            value: Cow::Borrowed(line[colon + 1..].trim()),
+        });
+    }
+    let body = &buf[end..];
+    Ok(Request {
+        method,
+        uri,
+        headers,
+        body,
+    })
+}
+
+impl<'a> Request<'a> {
+    /// The first header called `name` (case-insensitive, compact forms already expanded).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_ref())
+    }
+
+    /// Every header called `name`, in order.
+    pub fn headers_named<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        self.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_ref())
+    }
+
+    /// How many headers called `name` there are.
+    pub fn count(&self, name: &str) -> usize {
+        self.headers_named(name).count()
+    }
+
+    /// The topmost Via value (the first of a comma-separated first Via header).
+    pub fn top_via(&self) -> Option<Via<'_>> {
+        let first = self.header("Via")?;
+        Via::parse(split_first_value(first))
+    }
+
+    /// Content-Length, if present and a number.
+    pub fn content_length(&self) -> Result<Option<usize>, &'static str> {
+        match self.header("Content-Length") {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<usize>()
+                .map(Some)
+                .map_err(|_| "Content-Length is not a number"),
+        }
+    }
+
+    /// The CSeq number and method.
+    pub fn cseq(&self) -> Option<(u32, &str)> {
+        let v = self.header("CSeq")?;
+        let mut it = v.split_whitespace();
+        let num = it.next()?.parse().ok()?;
+        let method = it.next()?;
+        it.next().is_none().then_some((num, method))
+    }
+}
+
+/// The first element of a comma-separated header value, ignoring commas inside quotes or
+/// angle brackets.
+pub fn split_first_value(v: &str) -> &str {
+    let mut quoted = false;
+    let mut angle = false;
+    for (i, c) in v.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' if !quoted && !angle => return v[..i].trim(),
+            _ => {}
+        }
+    }
+    v.trim()
+}
+
+/// A parsed Via value: `SIP/2.0/UDP host[:port];params`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Via<'a> {
+    /// Transport token, upper-cased by comparison only (UDP, TCP, TLS, ...).
+    pub transport: &'a str,
+    /// Host of sent-by.
+    pub host: &'a str,
+    /// Port of sent-by, if given.
+    pub port: Option<u16>,
+    /// The `branch` parameter.
+    pub branch: Option<&'a str>,
+    /// Whether `rport` is present (RFC 3581).
+    pub rport: bool,
+}
+
+impl<'a> Via<'a> {
+    /// Parses one Via value; `None` when it is malformed.
+    pub fn parse(v: &'a str) -> Option<Via<'a>> {
+        let mut parts = v.splitn(2, |c: char| c.is_ascii_whitespace());
+        let proto = parts.next()?;
+        let rest = parts.next()?.trim_start();
+        let mut pp = proto.split('/');
+        let (name, version, transport) = (pp.next()?, pp.next()?, pp.next()?);
+        if !name.trim().eq_ignore_ascii_case("SIP")
+            || version.trim() != "2.0"
+            || !is_token(transport.trim())
+        {
+            return None;
+        }
+        let mut params = rest.split(';');
+        let sent_by = params.next()?.trim();
+        let (host, port) = split_host_port(sent_by)?;
+        let mut branch = None;
+        let mut rport = false;
+        for p in params {
+            let p = p.trim();
+            let (k, val) = match p.find('=') {
+                Some(i) => (p[..i].trim(), Some(p[i + 1..].trim())),
+                None => (p, None),
+            };
+            if k.eq_ignore_ascii_case("branch") {
+                branch = val.filter(|b| !b.is_empty());
+            } else if k.eq_ignore_ascii_case("rport") {
+                rport = true;
+            }
+        }
+        Some(Via {
+            transport: transport.trim(),
+            host,
+            port,
+            branch,
+            rport,
+        })
+    }
+}
+
+/// Splits `host[:port]`, handling `[v6]:port`.
+pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
+    if s.is_empty() {
+        return None;
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let close = rest.find(']')?;
+        let host = &s[..close + 2];
+        let after = &rest[close + 1..];
+        return match after.strip_prefix(':') {
+            Some(p) => Some((host, Some(p.parse().ok()?))),
+            None if after.is_empty() => Some((host, None)),
+            None => None,
+        };
+    }
+    match s.rfind(':') {
+        Some(i) => Some((&s[..i], Some(s[i + 1..].parse().ok()?))),
+        None => Some((s, None)),
+    }
+}
+
+/// The parts of a SIP or SIPS URI a router needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SipUri<'a> {
+    /// `sip` or `sips` (lower-cased comparison).
+    pub scheme: &'a str,
+    /// User part, still percent-encoded; `None` when absent.
+    pub user: Option<&'a str>,
+}
+
+/// Why a Request-URI cannot name a conference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UriError {
+    /// Scheme other than sip/sips (answer 416).
+    Scheme(String),
+    /// Not a well-formed URI (answer 400).
+    Malformed(&'static str),
+}
+
+/// Parses `sip:user@host...` / `sips:...`, possibly inside `<...>`.
+pub fn parse_sip_uri(uri: &str) -> Result<SipUri<'_>, UriError> {
+    let uri = uri.trim();
+    let uri = uri
+        .strip_prefix('<')
+        .and_then(|u| u.split('>').next())
+        .unwrap_or(uri);
+    let colon = uri.find(':').ok_or(UriError::Malformed("no scheme"))?;
+    let scheme = &uri[..colon];
+    if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {
+        return Err(UriError::Scheme(scheme.chars().take(16).collect()));
+    }
+    let rest = &uri[colon + 1..];
+    // The user part ends at the last '@' before any URI parameter or header.
+    let hostpart_end = rest.find(['?']).unwrap_or(rest.len());
+    let before_headers = &rest[..hostpart_end];
+    let user = match before_headers.rfind('@') {
+        Some(at) => {
+            let userinfo = &before_headers[..at];
+            // userinfo may carry ":password"; the conference is the user.
+            Some(userinfo.split(':').next().unwrap_or(""))
+        }
+        None => None,
+    };
+    let host = match before_headers.rfind('@') {
+        Some(at) => &before_headers[at + 1..],
+        None => before_headers,
+    };
+    if host.split(';').next().is_none_or(|h| h.is_empty()) {
+        return Err(UriError::Malformed("no host"));
+    }
+    Ok(SipUri { scheme, user })
+}
+
+/// Decodes `%XX` escapes (RFC 3261 §19.1.2); `None` for a broken escape.
+pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    // Invalid UTF-8 after decoding is kept lossy so the name check can name the bad byte.
+    Some(Cow::Owned(String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:sales-42@router.example.com SIP/2.0\r\n\
+        Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776asdhds;rport\r\n\
+        v: SIP/2.0/TCP proxy.example.com;branch=z9hG4bKabc, SIP/2.0/UDP 10.9.9.9:5070;branch=z9hG4bKdef\r\n\
+        Max-Forwards: 70\r\n\
+        t: <sip:sales-42@router.example.com>\r\n\
+        f: \"Alice\" <sip:alice@example.com>;tag=1928301774\r\n\
+        i: a84b4c76e66710@pc33.example.com\r\n\
+        CSeq: 314159 INVITE\r\n\
+        Subject: a long\r\n subject\r\n\tfolded\r\n\
+        l: 4\r\n\
+        \r\n\
+        v=0\r\n";
+
+    #[test]
+    fn parses_compact_forms_folding_and_multiple_vias() {
+        let r = parse(INVITE.as_bytes()).expect("parses");
+        assert_eq!(r.method, "INVITE");
+        assert_eq!(r.uri, "sip:sales-42@router.example.com");
+        assert_eq!(r.header("to"), Some("<sip:sales-42@router.example.com>"));
+        assert_eq!(r.header("Call-ID"), Some("a84b4c76e66710@pc33.example.com"));
+        assert_eq!(r.header("Subject"), Some("a long subject folded"));
+        assert_eq!(r.count("Via"), 2);
+        assert_eq!(r.content_length(), Ok(Some(4)));
+        assert_eq!(r.cseq(), Some((314159, "INVITE")));
+        let via = r.top_via().expect("via");
+        assert_eq!(via.transport, "UDP");
+        assert_eq!(via.host, "10.0.0.1");
+        assert_eq!(via.port, Some(5060));
+        assert_eq!(via.branch, Some("z9hG4bK776asdhds"));
+        assert!(via.rport);
+        let second: Vec<&str> = r.headers_named("Via").collect();
+        assert_eq!(
+            split_first_value(second[1]),
+            "SIP/2.0/TCP proxy.example.com;branch=z9hG4bKabc"
+        );
+        assert_eq!(r.body, b"v=0\r\n");
+    }
+
+    #[test]
+    fn rejects_garbage_and_recognises_responses() {
+        assert!(matches!(parse(b"hello"), Err(ParseError::Garbage(_))));
+        assert!(matches!(
+            parse(b"\x00\x01\r\n\r\n"),
+            Err(ParseError::Garbage(_))
+        ));
+        assert!(matches!(
+            parse(b"INVITE sip:a@b SIP/3.0\r\n\r\n"),
+            Err(ParseError::Garbage(_))
+        ));
+        assert!(matches!(
+            parse(b"INVITE sip:a@b\r\n\r\n"),
+            Err(ParseError::Garbage(_))
+        ));
+        assert!(matches!(
+            parse(b"INV ITE sip:a@b SIP/2.0\r\n\r\n"),
+            Err(ParseError::Garbage(_))
+        ));
+        assert!(matches!(
+            parse(b"INVITE sip:a@b SIP/2.0\r\nNoColon\r\n\r\n"),
+            Err(ParseError::Garbage(_))
+        ));
+        assert!(matches!(
+            parse(b"INVITE sip:a@b SIP/2.0\r\n folded-first\r\n\r\n"),
+            Err(ParseError::Garbage(_))
+        ));
+        assert_eq!(
+            parse(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\n\r\n").err(),
+            Some(ParseError::Response)
+        );
+    }
+
+    #[test]
+    fn via_variants() {
+        let v = Via::parse("SIP/2.0/TCP [2001:db8::1]:5080;branch=z9hG4bKx").expect("v6");
+        assert_eq!(v.host, "[2001:db8::1]");
+        assert_eq!(v.port, Some(5080));
+        let v = Via::parse("SIP / 2.0 / UDP host.example;branch=z9hG4bKy").map(|v| v.host);
+        assert_eq!(
+            v, None,
+            "spaces around slashes are not accepted by this parser"
+        );
+        let v = Via::parse("SIP/2.0/UDP host.example ; branch = z9hG4bKz ; rport=5060")
+            .expect("spaces in params");
+        assert_eq!(v.branch, Some("z9hG4bKz"));
+        assert!(v.rport);
+        assert!(Via::parse("SIP/2.0/UDP").is_none());
+        assert!(Via::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn sip_uris() {
+        let u = parse_sip_uri("sip:sales-42@router.example.com;transport=tcp").expect("uri");
+        assert_eq!(u.user, Some("sales-42"));
+        let u = parse_sip_uri("sips:%2B15555550101@10.0.0.1:5061").expect("uri");
+        assert_eq!(u.user, Some("%2B15555550101"));
+        let u = parse_sip_uri("sip:router.example.com").expect("uri");
+        assert_eq!(u.user, None);
+        let u = parse_sip_uri("sip:@router.example.com").expect("uri");
+        assert_eq!(u.user, Some(""));
+        let u = parse_sip_uri("<sip:room:secret@h>").expect("uri");
+        assert_eq!(u.user, Some("room"));
+        assert_eq!(
+            parse_sip_uri("tel:+15555550101"),
+            Err(UriError::Scheme("tel".into()))
+        );
+        assert!(matches!(
+            parse_sip_uri("sip:user@"),
+            Err(UriError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("%2B1555").as_deref(), Some("+1555"));
+        assert_eq!(percent_decode("a%00b").as_deref(), Some("a\0b"));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decode("bad%2"), None);
+        assert_eq!(percent_decode("bad%zz"), None);
+    }
+
+    #[test]
+    fn header_end_finds_blank_line() {
+        assert_eq!(header_end(b"A\r\n\r\nbody"), Some(5));
+        assert_eq!(header_end(b"A\r\n"), None);
+    }
+}

@@ -1,0 +1,7 @@
+//! The SIP redirect server: parsing, answering and the UDP/TCP transports.
+
+pub mod handler;
+pub mod message;
+pub mod response;
+pub mod server;
+pub mod transactions;

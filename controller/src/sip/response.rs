@@ -1,0 +1,239 @@
+//! Building responses as RFC 3261 §8.2.6 requires: Via (all, in order), From, To (with a
+//! To-tag added), Call-ID and CSeq copied from the request; `received`/`rport` on the top Via
+//! (§18.2.1, RFC 3581).
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use super::message::{split_first_value, Request};
+
+/// Product token sent in `Server`.
+pub const SERVER: &str = concat!("confroute/", env!("CARGO_PKG_VERSION"));
+
+/// Methods this server answers, for `Allow`.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, OPTIONS";
+
+/// A header name: a literal, or one taken from configuration.
+pub type HeaderName = Cow<'static, str>;
+
+/// A response about to be serialised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub code: u16,
+    /// Reason phrase.
+    pub reason: &'static str,
+    /// Extra headers after the copied ones.
+    pub extra: Vec<(HeaderName, String)>,
+}
+
+impl Response {
+    /// A response with no extra headers.
+    pub fn new(code: u16, reason: &'static str) -> Self {
+        Response {
+            code,
+            reason,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<HeaderName>, value: impl Into<String>) -> Self {
+        self.extra.push((name.into(), value.into()));
+        self
+    }
+
+    /// Adds `Warning: 399 confroute "text"` (RFC 3261 §20.43) saying why.
+    pub fn warning(self, text: &str) -> Self {
+        self.header("Warning", format!("399 confroute {}", quote(text)))
+    }
+}
+
+/// A quoted-string with `"` and `\` escaped and control characters replaced.
+pub fn quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// True when the To value already carries a `tag` parameter (outside the URI).
+pub fn has_to_tag(to: &str) -> bool {
+    let params = match to.rfind('>') {
+        Some(i) => &to[i + 1..],
+        None => to.split_once(';').map(|(_, p)| p).unwrap_or(""),
+    };
+    params
+        .split(';')
+        .any(|p| p.trim().to_ascii_lowercase().starts_with("tag="))
+}
+
+/// The top Via with `received` and `rport` filled in for a request from `source`.
+fn fix_top_via(value: &str, source: SocketAddr) -> String {
+    let top = split_first_value(value);
+    let rest = &value[value
+        .find(top)
+        .map(|i| i + top.len())
+        .unwrap_or(value.len())..];
+    let ip = source.ip().to_string();
+    let mut params: Vec<String> = Vec::new();
+    let mut sent_by = "";
+    let mut had_rport = false;
+    for (i, part) in top.split(';').enumerate() {
+        if i == 0 {
+            sent_by = part;
+            continue;
+        }
+        let p = part.trim();
+        let key = p
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match key.as_str() {
+            "rport" => {
+                had_rport = true;
+                params.push(format!("rport={}", source.port()));
+            }
+            "received" => {}
+            _ => params.push(p.to_string()),
+        }
+    }
+    let host = sent_by
+        .split_whitespace()
+        .nth(1)
+        .map(|hp| {
+            super::message::split_host_port(hp)
+                .map(|(h, _)| h)
+                .unwrap_or(hp)
+        })
+        .unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if had_rport || host != ip {
+        params.push(format!("received={ip}"));
+    }
+    let mut out = String::with_capacity(value.len() + 32);
+    out.push_str(sent_by.trim_end());
+    for p in params {
+        out.push(';');
+        out.push_str(&p);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Serialises `resp` as the answer to `req`, received from `source`.
+pub fn build(req: &Request<'_>, resp: &Response, to_tag: &str, source: SocketAddr) -> Vec<u8> {
+    let mut out = String::with_capacity(512);
+    let _ = write!(out, "SIP/2.0 {} {}\r\n", resp.code, resp.reason);
+    let mut first_via = true;
+    for h in &req.headers {
+        let name: &str = &h.name;
+        if name.eq_ignore_ascii_case("Via") {
+            if first_via {
+                let _ = write!(out, "Via: {}\r\n", fix_top_via(&h.value, source));
+                first_via = false;
+            } else {
+                let _ = write!(out, "Via: {}\r\n", h.value);
+            }
+        }
+    }
+    if let Some(from) = req.header("From") {
+        let _ = write!(out, "From: {from}\r\n");
+    }
+    if let Some(to) = req.header("To") {
+        // A 100 Trying carries no tag; every other response of ours does (§8.2.6.2).
+        if resp.code > 100 && !has_to_tag(to) && !to_tag.is_empty() {
+            let _ = write!(out, "To: {to};tag={to_tag}\r\n");
+        } else {
+            let _ = write!(out, "To: {to}\r\n");
+        }
+    }
+    if let Some(call_id) = req.header("Call-ID") {
+        let _ = write!(out, "Call-ID: {call_id}\r\n");
+    }
+    if let Some(cseq) = req.header("CSeq") {
+        let _ = write!(out, "CSeq: {cseq}\r\n");
+    }
+    for (name, value) in &resp.extra {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    let _ = write!(out, "Server: {SERVER}\r\nContent-Length: 0\r\n\r\n");
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::parse;
+
+    fn src(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn copies_headers_adds_tag_and_fixes_via() {
+        let raw = "INVITE sip:room@router SIP/2.0\r\n\
+            Via: SIP/2.0/UDP client.example:5070;branch=z9hG4bK1;rport\r\n\
+            Via: SIP/2.0/UDP proxy:5060;branch=z9hG4bK0\r\n\
+            From: <sip:a@b>;tag=f1\r\nTo: <sip:room@router>\r\n\
+            Call-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let req = parse(raw.as_bytes()).expect("parse");
+        let resp = Response::new(302, "Moved Temporarily")
+            .header("Contact", "<sip:room@10.0.0.5:5060>")
+            .warning("say \"why\"");
+        let text =
+            String::from_utf8(build(&req, &resp, "t1", src("192.0.2.7:40000"))).expect("utf8");
+        assert!(text.starts_with("SIP/2.0 302 Moved Temporarily\r\n"));
+        assert!(text.contains(
+            "Via: SIP/2.0/UDP client.example:5070;branch=z9hG4bK1;rport=40000;received=192.0.2.7\r\nVia: SIP/2.0/UDP proxy:5060;branch=z9hG4bK0\r\n"
+        ), "{text}");
+        assert!(text.contains("To: <sip:room@router>;tag=t1\r\n"));
+        assert!(text.contains("From: <sip:a@b>;tag=f1\r\n"));
+        assert!(text.contains("Call-ID: c1\r\nCSeq: 1 INVITE\r\n"));
+        assert!(text.contains("Warning: 399 confroute \"say \\\"why\\\"\"\r\n"));
+        assert!(text.ends_with("Content-Length: 0\r\n\r\n"));
+    }
+
+    #[test]
+    fn no_received_when_sent_by_matches_and_no_rport() {
+        let raw = "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bK9\r\n\
+            From: <sip:a@b>;tag=x\r\nTo: <sip:router>;tag=already\r\nCall-ID: c\r\nCSeq: 2 OPTIONS\r\n\r\n";
+        let req = parse(raw.as_bytes()).expect("parse");
+        let text = String::from_utf8(build(
+            &req,
+            &Response::new(200, "OK"),
+            "t2",
+            src("10.1.1.1:5060"),
+        ))
+        .expect("utf8");
+        assert!(
+            text.contains("Via: SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bK9\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("To: <sip:router>;tag=already\r\n"),
+            "existing tag kept: {text}"
+        );
+    }
+
+    #[test]
+    fn to_tag_detection() {
+        assert!(has_to_tag("<sip:a@b>;tag=1"));
+        assert!(has_to_tag("sip:a@b;TAG=1"));
+        assert!(!has_to_tag("<sip:a@b;tag=inside-uri>"));
+        assert!(!has_to_tag("\"x\" <sip:a@b>"));
+    }
+}

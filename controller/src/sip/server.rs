@@ -1,0 +1,231 @@
+//! SIP over UDP and TCP: receiving, framing (Content-Length on streams, pipelined requests,
+//! CRLF keepalives) and sending answers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+use super::handler::SipService;
+use super::message::header_end;
+use crate::config::Transport;
+
+/// A TCP connection with no traffic for this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(3600);
+
+/// Receives datagrams forever, answering each in its own task.
+pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_message: usize) {
+    let mut buf = vec![0u8; max_message.max(1024) + 1];
+    loop {
+        let (len, source) = match socket.recv_from(&mut buf).await {
+            Ok(v) => v,
+            Err(e) => {
+                // ICMP port-unreachable from an earlier send surfaces here on Linux; it says
+                // nothing about this socket, so keep receiving.
+                tracing::debug!(error = %e, "udp receive error");
+                continue;
+            }
+        };
+        if len > max_message {
+            service.note_dropped("too_large");
+            continue;
+        }
+        let packet = buf[..len].to_vec();
+        if packet.iter().all(|b| *b == b'\r' || *b == b'\n') {
+            // RFC 5626 keepalive: nothing to answer over UDP.
+            continue;
+        }
+        let (socket, service) = (socket.clone(), service.clone());
+        tokio::spawn(async move {
+            if let Some(out) = service.handle(&packet, source, Transport::Udp).await {
+                if let Err(e) = socket.send_to(&out.bytes, out.to).await {
+                    tracing::debug!(error = %e, to = %out.to, "udp send failed");
+                }
+            }
+        });
+    }
+}
+
+/// Accepts TCP connections forever.
+pub async fn serve_tcp(listener: TcpListener, service: Arc<SipService>, max_message: usize) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection(stream, peer, service.clone(), max_message));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What the framer found at the start of the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A whole message of this many bytes.
+    Message(usize),
+    /// A double-CRLF keepalive ping of this many bytes (answered with one CRLF).
+    Ping(usize),
+    /// Stray line ends of this many bytes to skip.
+    Skip(usize),
+    /// More bytes are needed.
+    Incomplete,
+    /// The stream cannot be framed; close it.
+    Broken(&'static str),
+}
+
+/// Frames the next message in a stream buffer (RFC 3261 §18.3).
+pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
+    if buf.starts_with(b"\r\n\r\n") {
+        return Frame::Ping(4);
+    }
+    let leading = buf
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    if leading > 0 {
+        return if leading == buf.len() && leading < 4 {
+            Frame::Incomplete
+        } else {
+            Frame::Skip(leading)
+        };
+    }
+    let Some(end) = header_end(buf) else {
+        return if buf.len() > max_message {
+            Frame::Broken("header block larger than the message limit")
+        } else {
+            Frame::Incomplete
+        };
+    };
+    let body = match content_length(&buf[..end]) {
+        Ok(n) => n,
+        Err(why) => return Frame::Broken(why),
+    };
+    let total = end + body;
+    if total > max_message {
+        Frame::Broken("message larger than the limit")
+    } else if buf.len() < total {
+        Frame::Incomplete
+    } else {
+        Frame::Message(total)
+    }
+}
+
+/// Content-Length (or `l`) from a raw header block; 0 when absent.
+fn content_length(head: &[u8]) -> Result<usize, &'static str> {
+    let text = std::str::from_utf8(head).map_err(|_| "header block is not UTF-8")?;
+    for line in text.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("l") {
+            return value
+                .trim()
+                .parse()
+                .map_err(|_| "Content-Length is not a number");
+        }
+    }
+    Ok(0)
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, service: Arc<SipService>, max: usize) {
+    let (mut reader, mut writer) = stream.into_split();
+    // Pipelined requests are routed concurrently; one writer keeps answers whole.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+    let writer_task = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if writer.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 8192];
+    'read: loop {
+        let n = match tokio::time::timeout(TCP_IDLE, reader.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "tcp read failed");
+                break;
+            }
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            match next_frame(&buf, max) {
+                Frame::Incomplete => break,
+                Frame::Skip(n) => {
+                    buf.drain(..n);
+                }
+                Frame::Ping(n) => {
+                    buf.drain(..n);
+                    if tx.send(b"\r\n".to_vec()).await.is_err() {
+                        break 'read;
+                    }
+                }
+                Frame::Broken(why) => {
+                    service.note_dropped("unframeable");
+                    tracing::debug!(%peer, why, "closing tcp connection");
+                    break 'read;
+                }
+                Frame::Message(len) => {
+                    let message: Vec<u8> = buf.drain(..len).collect();
+                    let (service, tx) = (service.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
+                            let _ = tx.send(out.bytes).await;
+                        }
+                    });
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer_task.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_pipelined_messages_by_content_length() {
+        let one = b"OPTIONS sip:a SIP/2.0\r\nl: 3\r\n\r\nabc";
+        let mut two = one.to_vec();
+        two.extend_from_slice(b"OPTIONS sip:b SIP/2.0\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(next_frame(&two, 4096), Frame::Message(one.len()));
+        assert_eq!(
+            next_frame(&two[one.len()..], 4096),
+            Frame::Message(two.len() - one.len())
+        );
+        assert_eq!(next_frame(&one[..one.len() - 1], 4096), Frame::Incomplete);
+        assert_eq!(
+            next_frame(b"OPTIONS sip:a SIP/2.0\r\n", 4096),
+            Frame::Incomplete
+        );
+    }
+
+    #[test]
+    fn keepalives_and_limits() {
+        assert_eq!(next_frame(b"\r\n\r\nOPTIONS", 4096), Frame::Ping(4));
+        assert_eq!(next_frame(b"\r\nOPTIONS", 4096), Frame::Skip(2));
+        assert_eq!(next_frame(b"\r\n", 4096), Frame::Incomplete);
+        assert!(matches!(next_frame(&[b'A'; 5000], 4096), Frame::Broken(_)));
+        assert!(matches!(
+            next_frame(b"OPTIONS sip:a SIP/2.0\r\nl: x\r\n\r\n", 4096),
+            Frame::Broken(_)
+        ));
+        assert!(matches!(
+            next_frame(b"OPTIONS sip:a SIP/2.0\r\nl: 99999\r\n\r\n", 4096),
+            Frame::Broken(_)
+        ));
+    }
+}

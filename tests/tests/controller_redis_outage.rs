@@ -1,0 +1,117 @@
+//! Invariant 5: with Redis gone the controller answers 503 with Retry-After, stays alive
+//! (`/healthz` 200) but not ready (`/readyz` 503), and routes again by itself when Redis is
+//! back, without a restart.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use confroute_tests::fixtures;
+use confroute_tests::harness::{wait_for_async, ControllerProc, RedisServer};
+
+fn invite(to: std::net::SocketAddr, name: &str) -> String {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let port = socket.local_addr().expect("addr").port();
+    let branch = format!("z9hG4bK{:x}", rand::random::<u64>());
+    let msg = format!(
+        "INVITE sip:{name}@router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
+         From: <sip:a@b>;tag=1\r\nTo: <sip:{name}@router>\r\nCall-ID: {branch}\r\nCSeq: 1 INVITE\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    socket.send_to(msg.as_bytes(), to).expect("send");
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("answer");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+async fn status(url: &str) -> u16 {
+    fixtures::http()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
+    let mut redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let node = fixtures::node("node-a", 100);
+    store
+        .register(&node, Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    let mut controller = ControllerProc::start(&env).expect("controller");
+    let base = controller.http_url();
+    let pid = controller.process().pid();
+
+    assert!(invite(controller.sip_addr(), "before").starts_with("SIP/2.0 302"));
+    assert_eq!(status(&format!("{base}/readyz")).await, 200);
+
+    redis.kill();
+    let started = Instant::now();
+    let answer = invite(controller.sip_addr(), "during");
+    assert!(answer.starts_with("SIP/2.0 503"), "{answer}");
+    assert!(answer.contains("\r\nRetry-After: 5\r\n"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "503 comes within the deadline"
+    );
+    // Existing conferences cannot be confirmed either: still 503, never a guess.
+    assert!(invite(controller.sip_addr(), "before").starts_with("SIP/2.0 503"));
+    assert_eq!(
+        status(&format!("{base}/healthz")).await,
+        200,
+        "liveness stays green"
+    );
+    wait_for_async("readiness to turn red", Duration::from_secs(10), || async {
+        (status(&format!("{base}/readyz")).await == 503).then_some(())
+    })
+    .await
+    .expect("not ready while redis is down");
+    let resp = fixtures::http()
+        .post(format!("{base}/v1/route"))
+        .json(&serde_json::json!({"conference": "during"}))
+        .send()
+        .await
+        .expect("http route");
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+
+    redis.restart().expect("redis back");
+    // A real node re-registers with its next heartbeat; this test plays that part.
+    wait_for_async("node to re-register", Duration::from_secs(10), || async {
+        store.register(&node, Duration::from_secs(300)).await.ok()
+    })
+    .await
+    .expect("register again");
+    wait_for_async("routing to work again", Duration::from_secs(10), || async {
+        invite(controller.sip_addr(), "after")
+            .starts_with("SIP/2.0 302")
+            .then_some(())
+    })
+    .await
+    .expect("routes again without a restart");
+    wait_for_async(
+        "readiness to turn green",
+        Duration::from_secs(10),
+        || async { (status(&format!("{base}/readyz")).await == 200).then_some(()) },
+    )
+    .await
+    .expect("ready again");
+    assert!(controller.process().is_running());
+    assert_eq!(controller.process().pid(), pid, "same process throughout");
+}

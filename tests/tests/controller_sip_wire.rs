@@ -1,0 +1,385 @@
+//! SIP details checked on the wire with raw sockets: retransmissions answered without a
+//! second Redis call, RFC 3261 §8.2.6 header copying, compact and folded headers, TCP
+//! pipelining and keepalives, each class of bad input, the conference header, and the ACL.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use confroute_tests::fixtures::{self, metric, scrape};
+use confroute_tests::harness::{ControllerProc, RedisServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Setup {
+    _redis: RedisServer,
+    controller: ControllerProc,
+}
+
+async fn setup(extra: &[(&str, &str)]) -> Setup {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let mut info = fixtures::node("node-a", 100);
+    info.sip_uri = "sip:10.0.0.11:5060;transport=udp".into();
+    store
+        .register(&info, Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut env = fixtures::redis_env(&cfg);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let controller = ControllerProc::start(&env).expect("controller");
+    Setup {
+        _redis: redis,
+        controller,
+    }
+}
+
+struct Udp {
+    socket: UdpSocket,
+    to: SocketAddr,
+}
+
+impl Udp {
+    fn new(to: SocketAddr) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        Udp { socket, to }
+    }
+
+    fn port(&self) -> u16 {
+        self.socket.local_addr().expect("addr").port()
+    }
+
+    fn exchange(&self, msg: &str) -> String {
+        self.socket.send_to(msg.as_bytes(), self.to).expect("send");
+        let mut buf = [0u8; 8192];
+        let n = self.socket.recv(&mut buf).expect("an answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Sends and expects no answer within `wait`.
+    fn silence(&self, msg: &[u8], wait: Duration) {
+        self.socket.send_to(msg, self.to).expect("send");
+        self.socket.set_read_timeout(Some(wait)).expect("timeout");
+        let mut buf = [0u8; 8192];
+        let got = self.socket.recv(&mut buf);
+        self.socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        assert!(
+            got.is_err(),
+            "unexpected answer: {}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
+
+fn invite(uri: &str, port: u16, branch: &str, extra: &str) -> String {
+    format!(
+        "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <{uri}>\r\n\
+         Call-ID: {branch}@test\r\nCSeq: 1 INVITE\r\n{extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
+    msg.split("\r\n").find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn status(msg: &str) -> u16 {
+    msg.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmitted_invite_gets_the_same_answer_without_touching_redis() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let msg = invite("sip:retrans@router", udp.port(), "z9hG4bKretrans1", "");
+    let first = udp.exchange(&msg);
+    assert_eq!(status(&first), 302, "{first}");
+    let before = scrape(&s.controller.http_url()).await;
+    let second = udp.exchange(&msg);
+    assert_eq!(first, second, "byte-identical answer, same To-tag");
+    let after = scrape(&s.controller.http_url()).await;
+    for series in [
+        r#"confroute_redis_request_duration_seconds_count{op="lookup"}"#,
+        r#"confroute_redis_request_duration_seconds_count{op="claim"}"#,
+        r#"confroute_route_total{outcome="claimed"}"#,
+    ] {
+        assert_eq!(metric(&before, series), metric(&after, series), "{series}");
+    }
+    assert_eq!(metric(&after, "confroute_sip_retransmissions_total"), 1.0);
+
+    // The ACK (same branch) is absorbed: no answer.
+    let ack = msg
+        .replace(
+            "INVITE sip:retrans@router SIP/2.0",
+            "ACK sip:retrans@router SIP/2.0",
+        )
+        .replace("CSeq: 1 INVITE", "CSeq: 1 ACK");
+    udp.silence(ack.as_bytes(), Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_copies_vias_from_to_callid_cseq_with_compact_and_folded_headers() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let port = udp.port();
+    let msg = format!(
+        "INVITE sip:compact@router SIP/2.0\r\n\
+         v: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKtop;rport\r\n\
+         Via: SIP/2.0/TCP proxy1.example:5060;branch=z9hG4bKp1,\r\n SIP/2.0/UDP proxy2.example;branch=z9hG4bKp2\r\n\
+         Max-Forwards: 70\r\n\
+         f: \"Bob\" <sip:bob@example.com>;tag=b1\r\n\
+         t: <sip:compact@router>\r\n\
+         i: folded-call@test\r\n\
+         CSeq: 7\r\n INVITE\r\n\
+         l: 0\r\n\r\n"
+    );
+    let answer = udp.exchange(&msg);
+    assert_eq!(status(&answer), 302, "{answer}");
+    let vias: Vec<&str> = answer
+        .split("\r\n")
+        .filter(|l| l.starts_with("Via: "))
+        .collect();
+    assert_eq!(
+        vias,
+        vec![
+            format!("Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKtop;rport={port};received=127.0.0.1").as_str(),
+            "Via: SIP/2.0/TCP proxy1.example:5060;branch=z9hG4bKp1, SIP/2.0/UDP proxy2.example;branch=z9hG4bKp2",
+        ]
+    );
+    assert_eq!(
+        header(&answer, "From"),
+        Some("\"Bob\" <sip:bob@example.com>;tag=b1")
+    );
+    let to = header(&answer, "To").expect("To");
+    assert!(to.starts_with("<sip:compact@router>;tag="), "{to}");
+    assert_eq!(header(&answer, "Call-ID"), Some("folded-call@test"));
+    assert_eq!(header(&answer, "CSeq"), Some("7 INVITE"));
+    assert_eq!(
+        header(&answer, "Contact"),
+        Some("<sip:compact@10.0.0.11:5060;transport=udp>")
+    );
+    assert_eq!(header(&answer, "X-Conference"), Some("compact"));
+    assert_eq!(header(&answer, "X-Conference-Node"), Some("node-a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_pipelined_requests_each_get_an_answer() {
+    let s = setup(&[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    let mut batch = String::new();
+    for i in 0..3 {
+        batch.push_str(
+            &invite(
+                &format!("sip:pipe-{i}@router"),
+                5060,
+                &format!("z9hG4bKpipe{i}"),
+                "",
+            )
+            .replace("SIP/2.0/UDP", "SIP/2.0/TCP"),
+        );
+    }
+    batch.push_str("\r\n\r\n");
+    batch.push_str(
+        "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bKopt\r\n\
+         From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: opt@test\r\nCSeq: 1 OPTIONS\r\n\
+         Content-Length: 4\r\n\r\nbody",
+    );
+    tcp.write_all(batch.as_bytes()).await.expect("write");
+    let mut got = String::new();
+    let mut buf = vec![0u8; 16384];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.matches("SIP/2.0 ").count() < 4 {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .expect("answers in time")
+            .expect("read");
+        assert!(n > 0, "connection closed early: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(
+        got.matches("SIP/2.0 302 Moved Temporarily").count(),
+        3,
+        "{got}"
+    );
+    assert_eq!(got.matches("SIP/2.0 200 OK").count(), 1, "{got}");
+    assert!(
+        got.starts_with("\r\nSIP/2.0") || got.contains("\r\n\r\n\r\n"),
+        "the double-CRLF keepalive is answered with one CRLF: {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let port = udp.port();
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            invite("tel:+15555550101", port, "z9hG4bKtel", ""),
+            416,
+            "tel",
+        ),
+        (
+            invite("sip:%00bad@router", port, "z9hG4bKnul", ""),
+            404,
+            "NUL",
+        ),
+        (
+            invite("sip:caf%C3%A9@router", port, "z9hG4bKutf", ""),
+            404,
+            "non-ASCII",
+        ),
+        (
+            invite(
+                &format!("sip:{}@router", "x".repeat(129)),
+                port,
+                "z9hG4bKlong",
+                "",
+            ),
+            404,
+            "129 bytes",
+        ),
+        // userinfo `a:b` is user `a` with a password: the conference is `a`.
+        (invite("sip:a:b@router", port, "z9hG4bKcolon", ""), 302, ""),
+        (
+            invite("sip:hops@router", port, "z9hG4bKmf", "")
+                .replace("Max-Forwards: 70", "Max-Forwards: 0"),
+            483,
+            "Max-Forwards",
+        ),
+        (
+            invite("sip:req@router", port, "z9hG4bKreq", "Require: 100rel\r\n"),
+            420,
+            "extension",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKnocall", "")
+                .replace("Call-ID: z9hG4bKnocall@test\r\n", ""),
+            400,
+            "Call-ID",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKcseq", "")
+                .replace("CSeq: 1 INVITE", "CSeq: 1 BYE"),
+            400,
+            "CSeq",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKcl", "")
+                .replace("Content-Length: 0", "Content-Length: 50"),
+            400,
+            "Content-Length",
+        ),
+        (
+            invite(
+                "sip:x@router",
+                port,
+                "z9hG4bKtwo",
+                "From: <sip:b@c>;tag=2\r\n",
+            ),
+            400,
+            "more than one From",
+        ),
+    ];
+    for (msg, want, why) in &cases {
+        let answer = udp.exchange(msg);
+        assert_eq!(status(&answer), *want, "{msg}\n---\n{answer}");
+        if !why.is_empty() {
+            let warning = header(&answer, "Warning").unwrap_or("");
+            assert!(
+                warning.contains(why),
+                "Warning should mention {why}: {answer}"
+            );
+        }
+    }
+    let before = scrape(&s.controller.http_url()).await;
+    udp.silence(b"this is not SIP\r\n\r\n", Duration::from_millis(300));
+    udp.silence(
+        b"\x16\x03\x01\x02\x00\x01\x00\x01",
+        Duration::from_millis(300),
+    );
+    udp.silence(
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKr\r\n\r\n",
+        Duration::from_millis(300),
+    );
+    udp.silence(
+        b"INVITE sip:novia@router SIP/2.0\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:b@c>\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n\r\n",
+        Duration::from_millis(300),
+    );
+    let after = scrape(&s.controller.http_url()).await;
+    let dropped =
+        |m: &str, r: &str| metric(m, &format!("confroute_sip_dropped_total{{reason=\"{r}\"}}"));
+    assert_eq!(
+        dropped(&after, "garbage") - dropped(&before, "garbage"),
+        2.0
+    );
+    assert_eq!(
+        dropped(&after, "response") - dropped(&before, "response"),
+        1.0
+    );
+    assert_eq!(dropped(&after, "no_via") - dropped(&before, "no_via"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conference_header_takes_precedence_and_percent_escapes_decode() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let a = udp.exchange(&invite(
+        "sip:ignored@router",
+        udp.port(),
+        "z9hG4bKhdr",
+        "X-Conference: from-header\r\n",
+    ));
+    assert_eq!(status(&a), 302, "{a}");
+    assert_eq!(header(&a, "X-Conference"), Some("from-header"));
+    assert_eq!(
+        header(&a, "Contact"),
+        Some("<sip:from-header@10.0.0.11:5060;transport=udp>")
+    );
+    let b = udp.exchange(&invite(
+        "sip:x@router",
+        udp.port(),
+        "z9hG4bKhdrbad",
+        "X-Conference: bad name\r\n",
+    ));
+    assert_eq!(status(&b), 404, "{b}");
+    let c = udp.exchange(&invite(
+        "sip:%2B15555550101@router",
+        udp.port(),
+        "z9hG4bKpct",
+        "",
+    ));
+    assert_eq!(status(&c), 302, "{c}");
+    assert_eq!(header(&c, "X-Conference"), Some("+15555550101"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_sources_get_403_when_an_acl_is_set() {
+    let s = setup(&[("CONFROUTE_SIP__TRUSTED_CIDRS", "[\"10.0.0.0/8\"]")]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let a = udp.exchange(&invite("sip:acl@router", udp.port(), "z9hG4bKacl", ""));
+    assert_eq!(status(&a), 403, "{a}");
+    let m = scrape(&s.controller.http_url()).await;
+    assert_eq!(
+        metric(&m, r#"confroute_route_total{outcome="claimed"}"#),
+        0.0,
+        "no routing for untrusted sources"
+    );
+
+    let trusted = setup(&[("CONFROUTE_SIP__TRUSTED_CIDRS", "[\"127.0.0.0/8\"]")]).await;
+    let udp = Udp::new(trusted.controller.sip_addr());
+    let b = udp.exchange(&invite("sip:acl@router", udp.port(), "z9hG4bKacl2", ""));
+    assert_eq!(status(&b), 302, "{b}");
+}
