@@ -58,9 +58,11 @@ impl ConfigError {
         }
     }
 
-    /// True when some issue concerns exactly `key`.
+    /// True when some issue concerns `key` (or an element `key[i]` of it).
     pub fn mentions(&self, key: &str) -> bool {
-        self.issues.iter().any(|i| i.key == key)
+        self.issues
+            .iter()
+            .any(|i| i.key == key || i.key.strip_prefix(key).is_some_and(|r| r.starts_with('[')))
     }
 }
 
@@ -210,22 +212,33 @@ fn convert(err: figment::Error) -> ConfigError {
                 }
                 other => other.to_string(),
             };
-            let origin = e.metadata.as_ref().map(|m| {
-                let key = path.join(".");
-                match &m.source {
-                    Some(figment::Source::File(p)) => p.display().to_string(),
-                    _ if m.name == "environment" => format!(
-                        "environment variable {ENV_PREFIX}{}",
-                        key.to_uppercase().replace('.', "__")
-                    ),
-                    _ => m.name.to_string(),
+            // Array elements show as `key[i]`; their variable is the array's own.
+            let mut key = String::new();
+            let mut var_parts: Vec<&str> = Vec::new();
+            for part in &path {
+                if part.parse::<usize>().is_ok() {
+                    key.push_str(&format!("[{part}]"));
+                } else {
+                    if !key.is_empty() {
+                        key.push('.');
+                    }
+                    key.push_str(part);
+                    var_parts.push(part);
                 }
+            }
+            let origin = e.metadata.as_ref().map(|m| match &m.source {
+                Some(figment::Source::File(p)) => p.display().to_string(),
+                _ if m.name == "environment" => format!(
+                    "environment variable {ENV_PREFIX}{}",
+                    var_parts.join("__").to_uppercase()
+                ),
+                _ => m.name.to_string(),
             });
             ConfigIssue {
-                key: if path.is_empty() {
+                key: if key.is_empty() {
                     "(root)".to_string()
                 } else {
-                    path.join(".")
+                    key
                 },
                 message,
                 origin,

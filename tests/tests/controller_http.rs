@@ -1,0 +1,442 @@
+//! The controller's HTTP API against a real controller and Redis: every route, with the
+//! token on and off, and every error path with its status and JSON error code. Also checks
+//! that `docs/openapi.json`'s routes are served and that `/metrics` passes
+//! `promtool check metrics`.
+
+use std::time::Duration;
+
+use confroute_shared::store::Store;
+use confroute_tests::fixtures;
+use confroute_tests::harness::{require_tool, ControllerProc, RedisServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+struct Setup {
+    _redis: RedisServer,
+    store: Store,
+    controller: ControllerProc,
+}
+
+async fn setup(token: Option<&str>) -> Setup {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    for id in ["node-a", "node-b"] {
+        store
+            .register(&fixtures::node(id, 100), Duration::from_secs(300))
+            .await
+            .expect("register");
+    }
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_HTTP__MAX_BODY_SIZE".into(), "2048".into()));
+    if let Some(t) = token {
+        env.push(("CONFROUTE_HTTP__API_TOKEN".into(), t.into()));
+    }
+    let controller = ControllerProc::start(&env).expect("controller");
+    Setup {
+        _redis: redis,
+        store,
+        controller,
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+async fn call(
+    s: &Setup,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Answer {
+    let mut req = fixtures::http().request(method, format!("{}{path}", s.controller.http_url()));
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.expect("body");
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+fn assert_error(a: &Answer, status: u16, code: &str) {
+    assert_eq!(a.status.as_u16(), status, "{}", a.text);
+    assert_eq!(a.body["error"]["code"], code, "{}", a.text);
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "message present: {}",
+        a.text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_answers_and_its_error_paths() {
+    let s = setup(None).await;
+    let a = call(
+        &s,
+        Method::POST,
+        "/v1/route",
+        Some(r#"{"conference":"sales-42"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["conference"], "sales-42");
+    assert_eq!(a.body["epoch"], 1);
+    assert_eq!(a.body["created"], true);
+    let node = a.body["node_id"].as_str().expect("node").to_string();
+    assert_eq!(a.body["sip_uri"], format!("sip:{node}.test:5060"));
+    let again = call(
+        &s,
+        Method::POST,
+        "/v1/route",
+        Some(r#"{"conference":"sales-42"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(again.body["created"], false);
+    assert_eq!(again.body["node_id"], node.as_str());
+
+    let cases: &[(&str, u16, &str)] = &[
+        (r#"{"conference":"bad name"}"#, 422, "invalid_conference"),
+        (r#"{"conference":""}"#, 422, "invalid_conference"),
+        (r#"{"conference":"a\r\nb"}"#, 422, "invalid_conference"),
+        (r#"{"conference":"caf\u00e9"}"#, 422, "invalid_conference"),
+        (r#"{"conference":"{x}"}"#, 422, "invalid_conference"),
+        (r#"{"conference":"a:b"}"#, 422, "invalid_conference"),
+        (r#"{"conference":"%00"}"#, 422, "invalid_conference"),
+        (r#"{"conference":1}"#, 400, "invalid_request"),
+        (r#"{}"#, 400, "invalid_request"),
+        (r#"{"conference":"a","extra":1}"#, 400, "invalid_request"),
+        (r#"{"conference": "#, 400, "invalid_json"),
+        ("not json", 400, "invalid_json"),
+    ];
+    for (body, status, code) in cases {
+        let a = call(&s, Method::POST, "/v1/route", Some(body), None).await;
+        assert_error(&a, *status, code);
+    }
+    let long = format!(r#"{{"conference":"{}"}}"#, "x".repeat(129));
+    assert_error(
+        &call(&s, Method::POST, "/v1/route", Some(&long), None).await,
+        422,
+        "invalid_conference",
+    );
+    let huge = format!(r#"{{"conference":"{}"}}"#, "x".repeat(4096));
+    assert_error(
+        &call(&s, Method::POST, "/v1/route", Some(&huge), None).await,
+        413,
+        "payload_too_large",
+    );
+    let no_type = fixtures::http()
+        .post(format!("{}/v1/route", s.controller.http_url()))
+        .body(r#"{"conference":"x"}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(no_type.status().as_u16(), 415);
+    let page = s.store.list_conferences(None, 100).await.expect("list");
+    assert_eq!(page.items.len(), 1, "bad requests created nothing");
+
+    // Every node drained: no capacity.
+    for id in ["node-a", "node-b"] {
+        let a = call(
+            &s,
+            Method::POST,
+            &format!("/v1/nodes/{id}/drain"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    let a = call(
+        &s,
+        Method::POST,
+        "/v1/route",
+        Some(r#"{"conference":"new-one"}"#),
+        None,
+    )
+    .await;
+    assert_error(&a, 503, "no_capacity");
+    assert_eq!(
+        a.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_drain_undrain_and_their_errors() {
+    let s = setup(None).await;
+    let a = call(&s, Method::GET, "/v1/nodes", None, None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let ids: Vec<&str> = a.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 2, "{}", a.text);
+    let a = call(&s, Method::GET, "/v1/nodes/node-a", None, None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["state"], "serving");
+    assert_eq!(a.body["capacity"], 100);
+    assert_error(
+        &call(&s, Method::GET, "/v1/nodes/nope", None, None).await,
+        404,
+        "node_not_found",
+    );
+    assert_error(
+        &call(&s, Method::GET, "/v1/nodes/bad%20id", None, None).await,
+        422,
+        "invalid_node_id",
+    );
+
+    let a = call(&s, Method::POST, "/v1/nodes/node-a/drain", None, None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(
+        a.body,
+        json!({"id": "node-a", "state": "draining", "previous": "serving"})
+    );
+    for i in 0..10 {
+        let a = call(
+            &s,
+            Method::POST,
+            "/v1/route",
+            Some(&format!(r#"{{"conference":"d{i}"}}"#)),
+            None,
+        )
+        .await;
+        assert_eq!(
+            a.body["node_id"], "node-b",
+            "no new conference on a draining node"
+        );
+    }
+    let a = call(&s, Method::POST, "/v1/nodes/node-a/undrain", None, None).await;
+    assert_eq!(
+        a.body,
+        json!({"id": "node-a", "state": "serving", "previous": "draining"})
+    );
+    assert_error(
+        &call(&s, Method::POST, "/v1/nodes/ghost/drain", None, None).await,
+        404,
+        "node_not_found",
+    );
+    assert_error(
+        &call(&s, Method::POST, "/v1/nodes/ghost/undrain", None, None).await,
+        404,
+        "node_not_found",
+    );
+    assert_error(
+        &call(&s, Method::POST, "/v1/nodes/a:b/drain", None, None).await,
+        422,
+        "invalid_node_id",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conferences_list_get_end_and_their_errors() {
+    let s = setup(None).await;
+    for i in 0..5 {
+        call(
+            &s,
+            Method::POST,
+            "/v1/route",
+            Some(&format!(r#"{{"conference":"c{i}"}}"#)),
+            None,
+        )
+        .await;
+    }
+    let a = call(&s, Method::GET, "/v1/conferences?limit=2", None, None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(a.body["next"], "c1");
+    let a = call(
+        &s,
+        Method::GET,
+        "/v1/conferences?limit=2&after=c3",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(a.body["items"][0]["conference"], "c4");
+    assert_eq!(a.body["next"], Value::Null);
+    for q in [
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "after=bad%20name",
+        "page=2",
+    ] {
+        assert_error(
+            &call(&s, Method::GET, &format!("/v1/conferences?{q}"), None, None).await,
+            400,
+            "invalid_request",
+        );
+    }
+
+    let a = call(&s, Method::GET, "/v1/conferences/c0", None, None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["conference"], "c0");
+    assert_eq!(a.body["epoch"], 1);
+    assert_eq!(a.body["node"]["id"], a.body["node_id"]);
+    assert_error(
+        &call(&s, Method::GET, "/v1/conferences/unknown", None, None).await,
+        404,
+        "conference_not_found",
+    );
+    assert_error(
+        &call(&s, Method::GET, "/v1/conferences/bad%7Bname", None, None).await,
+        422,
+        "invalid_conference",
+    );
+    assert_error(
+        &call(&s, Method::DELETE, "/v1/conferences/c0", None, None).await,
+        501,
+        "not_implemented",
+    );
+    assert_error(
+        &call(&s, Method::DELETE, "/v1/conferences/bad%00", None, None).await,
+        422,
+        "invalid_conference",
+    );
+
+    assert_error(
+        &call(&s, Method::GET, "/v1/nothing", None, None).await,
+        404,
+        "route_not_found",
+    );
+    assert_error(
+        &call(&s, Method::PUT, "/v1/route", None, None).await,
+        405,
+        "method_not_allowed",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guards_every_v1_route_but_not_health_or_metrics() {
+    let s = setup(Some(TOKEN)).await;
+    let routes: &[(Method, &str, Option<&str>)] = &[
+        (Method::POST, "/v1/route", Some(r#"{"conference":"t"}"#)),
+        (Method::GET, "/v1/nodes", None),
+        (Method::GET, "/v1/nodes/node-a", None),
+        (Method::POST, "/v1/nodes/node-a/drain", None),
+        (Method::POST, "/v1/nodes/node-a/undrain", None),
+        (Method::GET, "/v1/conferences", None),
+        (Method::GET, "/v1/conferences/t", None),
+        (Method::DELETE, "/v1/conferences/t", None),
+    ];
+    for (m, path, body) in routes {
+        for bad in [None, Some("wrong-token-0123456789"), Some("")] {
+            let a = call(&s, m.clone(), path, *body, bad).await;
+            assert_error(&a, 401, "unauthorized");
+            assert!(a.headers.contains_key("www-authenticate"), "{m} {path}");
+        }
+        let a = call(&s, m.clone(), path, *body, Some(TOKEN)).await;
+        assert_ne!(
+            a.status.as_u16(),
+            401,
+            "{m} {path} with the token: {}",
+            a.text
+        );
+    }
+    let page = s.store.list_conferences(None, 10).await.expect("list");
+    assert_eq!(
+        page.items.len(),
+        1,
+        "only the authorised route call created a conference"
+    );
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            call(&s, Method::GET, path, None, None).await.status,
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_routes_are_served_and_metrics_pass_promtool() {
+    let s = setup(None).await;
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
+            .expect("openapi document"),
+    )
+    .expect("valid JSON");
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        for method in ops.as_object().expect("ops").keys() {
+            let concrete = path
+                .replace("{id}", "node-a")
+                .replace("{name}", "doc-check");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let body = (m == Method::POST && path == "/v1/route")
+                .then_some(r#"{"conference":"doc-check"}"#);
+            let a = call(&s, m, &concrete, body, None).await;
+            let code = a.body["error"]["code"].as_str().unwrap_or("");
+            assert!(
+                code != "route_not_found" && code != "method_not_allowed",
+                "{method} {path} is documented but not served: {}",
+                a.text
+            );
+        }
+    }
+    assert_eq!(
+        call(&s, Method::GET, "/healthz", None, None).await.body,
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        call(&s, Method::GET, "/readyz", None, None).await.body,
+        json!({"status": "ready", "redis": true, "sip": true})
+    );
+    let metrics = call(&s, Method::GET, "/metrics", None, None).await;
+    assert!(metrics
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")));
+    let promtool = require_tool("promtool", "prometheus").expect("promtool");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool finishes");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !metrics.text.contains("doc-check"),
+        "no conference name appears in any label"
+    );
+}
