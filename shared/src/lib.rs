@@ -1,6 +1,7 @@
 //! Shared pieces of confroute: configuration, conference names, the Redis data model and its
 //! atomic scripts, node placement, and telemetry setup.
 
+pub mod bus;
 pub mod config;
 pub mod name;
 pub mod placement;

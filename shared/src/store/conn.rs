@@ -91,6 +91,7 @@ struct Inner {
     connect_timeout: Duration,
     response_timeout: Duration,
     is_cluster: bool,
+    cluster_seeds: Vec<redis::ConnectionInfo>,
 }
 
 fn config_error(what: &str, e: RedisError) -> StoreError {
@@ -102,6 +103,7 @@ impl Connector {
     pub(crate) fn new(cfg: &RedisConfig) -> Result<Self, StoreError> {
         let target = cfg.target();
         let is_cluster = matches!(target, RedisTarget::Cluster(_));
+        let mut cluster_seeds = Vec::new();
         let source = match target {
             RedisTarget::Single(url) => {
                 let mut info = url
@@ -164,6 +166,21 @@ impl Connector {
                 Source::Sentinel(tokio::sync::Mutex::new(client))
             }
             RedisTarget::Cluster(seeds) => {
+                for (i, seed) in seeds.iter().enumerate() {
+                    let mut info = seed
+                        .as_str()
+                        .into_connection_info()
+                        .map_err(|e| config_error(&format!("redis.cluster.seeds[{i}]"), e))?;
+                    let mut settings = info.redis_settings().clone();
+                    if let Some(user) = &cfg.username {
+                        settings = settings.set_username(user);
+                    }
+                    if let Some(pw) = &cfg.password {
+                        settings = settings.set_password(pw.expose());
+                    }
+                    info = info.set_redis_settings(settings);
+                    cluster_seeds.push(info);
+                }
                 let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
                     .connection_timeout(cfg.connect_timeout)
                     .response_timeout(cfg.timeout);
@@ -192,6 +209,7 @@ impl Connector {
                 connect_timeout: cfg.connect_timeout,
                 response_timeout: cfg.timeout,
                 is_cluster,
+                cluster_seeds,
             }),
         })
     }
@@ -264,6 +282,31 @@ impl Connector {
                 ))
             }
             Source::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+
+    /// A client for a pub/sub connection: the single server, the current Sentinel primary,
+    /// or the first reachable Cluster seed (Cluster pub/sub reaches every node's
+    /// subscribers whichever node a message is published on).
+    pub(crate) async fn pubsub_client(&self) -> Result<Client, RedisError> {
+        match &self.inner.source {
+            Source::Single(client) => Ok(client.clone()),
+            Source::Sentinel(client) => client.lock().await.async_get_client().await,
+            Source::Cluster(_) => {
+                let mut last = None;
+                for seed in &self.inner.cluster_seeds {
+                    match Client::open(seed.clone()) {
+                        Ok(c) => match c.get_multiplexed_async_connection().await {
+                            Ok(_) => return Ok(c),
+                            Err(e) => last = Some(e),
+                        },
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    RedisError::from((redis::ErrorKind::InvalidClientConfig, "no cluster seeds"))
+                }))
+            }
         }
     }
 

@@ -251,6 +251,28 @@ impl Store {
         result
     }
 
+    /// Publishes `payload` on `channel` (under the key prefix); returns how many subscribers
+    /// received it, which is 0 when nobody listens.
+    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<u64, StoreError> {
+        let channel = format!("{}{channel}", self.prefix);
+        self.run("publish", |mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(payload)
+                .query_async::<u64>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// A client to open a pub/sub connection with (see [`crate::bus`]).
+    pub(crate) async fn pubsub_client(&self) -> Result<redis::Client, StoreError> {
+        tokio::time::timeout(self.timeout * 4, self.conn.pubsub_client())
+            .await
+            .map_err(|_| StoreError::Unavailable("pub/sub connect timed out".into()))?
+            .map_err(|e| StoreError::Unavailable(format!("pub/sub connect: {e}")))
+    }
+
     /// Checks that Redis answers (used by readiness probes).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.run("ping", |mut c| async move {

@@ -1,0 +1,517 @@
+//! The command bus between controllers and node agents, over Redis pub/sub.
+//!
+//! Any controller can control a conference on any node: it publishes a [`Command`] on the
+//! owning node's channel and waits for the [`Reply`] on its own reply channel; the node may
+//! follow with progress notifications (dial-out status) on the same channel. Conference
+//! events go to one shared channel that every controller hears and filters for its
+//! subscribed clients.
+//!
+//! | channel (under the key prefix) | carries |
+//! |---|---|
+//! | `cmd:<node id>` | commands for that node |
+//! | `reply:<instance id>` | replies and notifications for one controller process |
+//! | `events` | conference events from every node |
+//!
+//! `PUBLISH` answers how many subscribers got a message, so a command to a node that is not
+//! listening fails at once with `node_unavailable`; one that is accepted but never answered
+//! fails at its deadline the same way. Nothing hangs. Pub/sub keeps no history: a message
+//! sent while a process reconnects is lost, which for commands shows up as the same error.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::store::Store;
+use crate::types::NodeId;
+
+/// How often an idle subscription is probed, so a dead connection is noticed.
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// Events buffered per receiver before a slow one starts losing the oldest.
+const EVENT_BUFFER: usize = 4096;
+
+/// Application error codes carried across the bus (and mapped to JSON-RPC codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The conference has no home, or the node does not host it.
+    ConferenceNotFound,
+    /// No such participant in the conference.
+    ParticipantNotFound,
+    /// The owning node is not listening or did not answer in time.
+    NodeUnavailable,
+    /// A dial-out target that is not an E.164 number or SIP URI.
+    InvalidNumber,
+    /// The conference is at its maximum number of participants.
+    ConferenceFull,
+    /// The operation is not allowed.
+    Forbidden,
+    /// The operation did not finish in time on the node.
+    Timeout,
+    /// Parameters the node cannot use.
+    InvalidParams,
+    /// The node failed for a reason of its own.
+    Internal,
+}
+
+/// An error answer from a node (or from the bus itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct BusError {
+    /// Machine code.
+    pub code: ErrorCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl BusError {
+    /// An error with `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        BusError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A command for a node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique id; replies carry it back.
+    pub id: String,
+    /// Reply channel suffix (the sender's instance id).
+    pub reply_to: String,
+    /// Operation, e.g. `participant.mute`.
+    pub method: String,
+    /// Its parameters.
+    pub params: Value,
+    /// Wall-clock deadline (ms since the epoch); past it the sender has given up.
+    pub deadline_ms: u64,
+}
+
+/// What comes back for a command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    /// The command succeeded.
+    Result {
+        /// Command id.
+        id: String,
+        /// Its result.
+        result: Value,
+    },
+    /// The command failed.
+    Error {
+        /// Command id.
+        id: String,
+        /// Why.
+        error: BusError,
+    },
+    /// Progress after the result (dial-out status); `last` ends the stream.
+    Notify {
+        /// Command id.
+        id: String,
+        /// Notification parameters.
+        params: Value,
+        /// True on the final notification.
+        last: bool,
+    },
+}
+
+impl Reply {
+    fn id(&self) -> &str {
+        match self {
+            Reply::Result { id, .. } | Reply::Error { id, .. } | Reply::Notify { id, .. } => id,
+        }
+    }
+}
+
+/// A conference event published by the node that hosts the conference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Conference name.
+    pub conference: String,
+    /// Publishing node.
+    pub node: String,
+    /// Per-conference sequence number on that node, so receivers can see order and gaps.
+    pub seq: u64,
+    /// Event type: `join`, `leave`, `mute`, `hold`, `talking`, `end`, `owner_change`, ...
+    pub event: String,
+    /// Event details.
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// An accepted command: its first answer, then any notifications.
+pub struct Call {
+    /// The command id (to [`Bus::forget`] a call whose notifications are no longer wanted).
+    pub id: String,
+    /// The result (or error) the node answered.
+    pub reply: Result<Value, BusError>,
+    /// Notifications that follow (dial-out status); ends after the `last` one.
+    pub notifications: mpsc::UnboundedReceiver<Reply>,
+}
+
+struct Inner {
+    store: Store,
+    instance: String,
+    pending: Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>,
+    events: broadcast::Sender<Arc<Event>>,
+    connected: AtomicBool,
+    counter: AtomicU64,
+}
+
+/// A process's end of the bus; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Bus {
+    /// A controller's bus: hears replies to its own commands and every conference event.
+    pub fn controller(store: Store) -> Bus {
+        let instance = format!("ctl-{:016x}", rand::random::<u64>());
+        let bus = Bus::new(store, instance.clone());
+        let channels = vec![format!("reply:{instance}"), "events".to_string()];
+        bus.spawn_subscriber(channels, None);
+        bus
+    }
+
+    /// A node's bus: hears the commands addressed to `node`, delivered on the receiver.
+    pub fn node(store: Store, node: &NodeId) -> (Bus, mpsc::Receiver<Command>) {
+        let bus = Bus::new(store, format!("node-{node}"));
+        let (tx, rx) = mpsc::channel(1024);
+        bus.spawn_subscriber(vec![format!("cmd:{node}")], Some(tx));
+        (bus, rx)
+    }
+
+    fn new(store: Store, instance: String) -> Bus {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Bus {
+            inner: Arc::new(Inner {
+                store,
+                instance,
+                pending: Mutex::new(HashMap::new()),
+                events,
+                connected: AtomicBool::new(false),
+                counter: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Whether the subscription is up (commands can be heard and answered).
+    pub fn connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the subscription is up or `within` passes; true when it is up.
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Every conference event this process hears (controllers only).
+    pub fn events(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.inner.events.subscribe()
+    }
+
+    /// Sends `method` to `node` and waits up to `timeout` for its answer. With `follow`, the
+    /// notifications that come after the result are delivered on [`Call::notifications`]
+    /// until the last one (or [`Bus::forget`]).
+    pub async fn call(
+        &self,
+        node: &NodeId,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        follow: bool,
+    ) -> Result<Call, BusError> {
+        let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", self.inner.instance);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.insert(id.clone(), tx);
+        }
+        let forget = |id: &str| {
+            if let Ok(mut p) = self.inner.pending.lock() {
+                p.remove(id);
+            }
+        };
+        let cmd = Command {
+            id: id.clone(),
+            reply_to: self.inner.instance.clone(),
+            method: method.to_string(),
+            params,
+            deadline_ms: now_ms() + timeout.as_millis() as u64,
+        };
+        let payload = match serde_json::to_vec(&cmd) {
+            Ok(p) => p,
+            Err(e) => {
+                forget(&id);
+                return Err(BusError::new(ErrorCode::Internal, format!("encode: {e}")));
+            }
+        };
+        match self
+            .inner
+            .store
+            .publish(&format!("cmd:{node}"), &payload)
+            .await
+        {
+            Ok(0) => {
+                forget(&id);
+                return Err(BusError::new(
+                    ErrorCode::NodeUnavailable,
+                    format!("node {node} is not listening for commands"),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                forget(&id);
+                return Err(BusError::new(
+                    ErrorCode::NodeUnavailable,
+                    format!("cannot reach node {node}: {e}"),
+                ));
+            }
+        }
+        let first = tokio::time::timeout(timeout, rx.recv()).await;
+        let reply = match first {
+            Ok(Some(Reply::Result { result, .. })) => Ok(result),
+            Ok(Some(Reply::Error { error, .. })) => Err(error),
+            Ok(Some(Reply::Notify { .. })) | Ok(None) => Err(BusError::new(
+                ErrorCode::Internal,
+                "node sent a notification before the result",
+            )),
+            Err(_) => Err(BusError::new(
+                ErrorCode::NodeUnavailable,
+                format!("node {node} did not answer within {timeout:?}"),
+            )),
+        };
+        if reply.is_err() || !follow {
+            forget(&id);
+        }
+        Ok(Call {
+            id,
+            reply,
+            notifications: rx,
+        })
+    }
+
+    /// Stops routing notifications of command `id` (the caller lost interest).
+    pub fn forget(&self, id: &str) {
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.remove(id);
+        }
+    }
+
+    /// Answers `cmd` (node side).
+    pub async fn respond(&self, cmd: &Command, result: Result<Value, BusError>) {
+        let reply = match result {
+            Ok(result) => Reply::Result {
+                id: cmd.id.clone(),
+                result,
+            },
+            Err(error) => Reply::Error {
+                id: cmd.id.clone(),
+                error,
+            },
+        };
+        self.send_reply(&cmd.reply_to, &reply).await;
+    }
+
+    /// Sends a progress notification for command `id` to `reply_to` (node side).
+    pub async fn notify(&self, reply_to: &str, id: &str, params: Value, last: bool) {
+        let reply = Reply::Notify {
+            id: id.to_string(),
+            params,
+            last,
+        };
+        self.send_reply(reply_to, &reply).await;
+    }
+
+    async fn send_reply(&self, reply_to: &str, reply: &Reply) {
+        match serde_json::to_vec(reply) {
+            Ok(payload) => {
+                if let Err(e) = self
+                    .inner
+                    .store
+                    .publish(&format!("reply:{reply_to}"), &payload)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot send a command reply");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode a command reply"),
+        }
+    }
+
+    /// Publishes a conference event (node side).
+    pub async fn publish_event(&self, event: &Event) {
+        match serde_json::to_vec(event) {
+            Ok(payload) => {
+                if let Err(e) = self.inner.store.publish("events", &payload).await {
+                    tracing::debug!(error = %e, "cannot publish a conference event");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode a conference event"),
+        }
+    }
+
+    fn spawn_subscriber(&self, channels: Vec<String>, commands: Option<mpsc::Sender<Command>>) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let Some(inner) = weak.upgrade() else { break };
+                let prefix = inner.store.prefix().to_string();
+                match subscribe(&inner, &prefix, &channels).await {
+                    Ok(pubsub) => {
+                        backoff = Duration::from_millis(100);
+                        inner.connected.store(true, Ordering::Relaxed);
+                        drop(inner);
+                        listen(pubsub, &weak, &prefix, commands.as_ref()).await;
+                        if let Some(inner) = weak.upgrade() {
+                            inner.connected.store(false, Ordering::Relaxed);
+                        }
+                        tracing::warn!("command bus subscription lost; reconnecting");
+                    }
+                    Err(e) => {
+                        drop(inner);
+                        tracing::debug!(error = %e, "command bus cannot subscribe yet");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn subscribe(
+    inner: &Inner,
+    prefix: &str,
+    channels: &[String],
+) -> Result<redis::aio::PubSub, String> {
+    let client = inner
+        .store
+        .pubsub_client()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+        .await
+        .map_err(|_| "pub/sub connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    for c in channels {
+        pubsub
+            .subscribe(format!("{prefix}{c}"))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(pubsub)
+}
+
+async fn listen(
+    pubsub: redis::aio::PubSub,
+    weak: &std::sync::Weak<Inner>,
+    prefix: &str,
+    commands: Option<&mpsc::Sender<Command>>,
+) {
+    let (mut sink, mut stream) = pubsub.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let events_channel = format!("{prefix}events");
+    loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let Some(msg) = msg else { return };
+                let Some(inner) = weak.upgrade() else { return };
+                let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+                let channel = msg.get_channel_name();
+                if channel == events_channel {
+                    match serde_json::from_slice::<Event>(&payload) {
+                        Ok(ev) => { let _ = inner.events.send(Arc::new(ev)); }
+                        Err(e) => tracing::debug!(error = %e, "undecodable conference event"),
+                    }
+                } else if let Some(tx) = commands {
+                    match serde_json::from_slice::<Command>(&payload) {
+                        Ok(cmd) if cmd.deadline_ms >= now_ms() => {
+                            if tx.try_send(cmd).is_err() {
+                                tracing::warn!("command queue full; dropping a command");
+                            }
+                        }
+                        Ok(cmd) => tracing::debug!(id = %cmd.id, "dropping a command past its deadline"),
+                        Err(e) => tracing::warn!(error = %e, "undecodable command"),
+                    }
+                } else {
+                    match serde_json::from_slice::<Reply>(&payload) {
+                        Ok(reply) => deliver(&inner, reply),
+                        Err(e) => tracing::debug!(error = %e, "undecodable reply"),
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                let alive = tokio::time::timeout(Duration::from_secs(2), sink.ping::<redis::Value>()).await;
+                if !matches!(alive, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn deliver(inner: &Inner, reply: Reply) {
+    let Ok(mut pending) = inner.pending.lock() else {
+        return;
+    };
+    let id = reply.id().to_string();
+    let finished = matches!(
+        &reply,
+        Reply::Error { .. } | Reply::Notify { last: true, .. }
+    );
+    let gone = match pending.get(&id) {
+        Some(tx) => tx.send(reply).is_err(),
+        None => false,
+    };
+    if finished || gone {
+        pending.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_forms_are_stable() {
+        let r = Reply::Error {
+            id: "c-1".into(),
+            error: BusError::new(ErrorCode::NodeUnavailable, "gone"),
+        };
+        assert_eq!(
+            serde_json::to_value(&r).expect("encode"),
+            serde_json::json!({"kind": "error", "id": "c-1", "error": {"code": "node_unavailable", "message": "gone"}})
+        );
+        let n: Reply = serde_json::from_value(serde_json::json!(
+            {"kind": "notify", "id": "c-2", "params": {"status": "ringing"}, "last": false}
+        ))
+        .expect("decode");
+        assert_eq!(n.id(), "c-2");
+    }
+}

@@ -1,0 +1,187 @@
+//! The command bus over real Redis (single and Cluster): commands reach the node and its
+//! answers come back; notifications follow in order; a node that is not listening, or that
+//! never answers, fails fast with `node_unavailable`; events reach every controller in order.
+
+use std::time::{Duration, Instant};
+
+use confroute_shared::bus::{Bus, BusError, Call, ErrorCode, Event, Reply};
+use confroute_shared::config::RedisConfig;
+use confroute_tests::fixtures;
+use confroute_tests::harness::{RedisCluster, RedisServer};
+use serde_json::json;
+
+async fn exercise(cfg: &RedisConfig) {
+    let controller = Bus::controller(fixtures::store(cfg));
+    let other_controller = Bus::controller(fixtures::store(cfg));
+    let node_id = fixtures::id("node-a");
+    let (node, mut commands) = Bus::node(fixtures::store(cfg), &node_id);
+    for b in [&controller, &other_controller, &node] {
+        assert!(
+            b.wait_connected(Duration::from_secs(10)).await,
+            "bus connects"
+        );
+    }
+
+    // The node answers each command; the dial-out also sends notifications.
+    let responder = node.clone();
+    let serve = tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            match cmd.method.as_str() {
+                "echo" => responder.respond(&cmd, Ok(cmd.params.clone())).await,
+                "fail" => {
+                    responder
+                        .respond(
+                            &cmd,
+                            Err(BusError::new(
+                                ErrorCode::ParticipantNotFound,
+                                "no such participant",
+                            )),
+                        )
+                        .await
+                }
+                "dialout" => {
+                    responder.respond(&cmd, Ok(json!({"callid": "c1"}))).await;
+                    for (i, status) in ["accepted", "ringing", "connected"].iter().enumerate() {
+                        responder
+                            .notify(&cmd.reply_to, &cmd.id, json!({"status": status}), i == 2)
+                            .await;
+                    }
+                }
+                _ => {} // "ignore": never answered
+            }
+        }
+    });
+
+    let call = controller
+        .call(
+            &node_id,
+            "echo",
+            json!({"x": 1}),
+            Duration::from_secs(5),
+            false,
+        )
+        .await
+        .expect("accepted");
+    assert_eq!(call.reply, Ok(json!({"x": 1})));
+
+    let call = controller
+        .call(&node_id, "fail", json!({}), Duration::from_secs(5), false)
+        .await
+        .expect("accepted");
+    assert_eq!(
+        call.reply.map_err(|e| e.code),
+        Err(ErrorCode::ParticipantNotFound)
+    );
+
+    let mut call = controller
+        .call(&node_id, "dialout", json!({}), Duration::from_secs(5), true)
+        .await
+        .expect("accepted");
+    assert_eq!(call.reply, Ok(json!({"callid": "c1"})));
+    let mut statuses = Vec::new();
+    while let Some(Reply::Notify { params, last, .. }) = call.notifications.recv().await {
+        statuses.push(params["status"].as_str().unwrap_or("").to_string());
+        if last {
+            break;
+        }
+    }
+    assert_eq!(statuses, ["accepted", "ringing", "connected"]);
+
+    // Nobody listens on node-b: fails at once.
+    let started = Instant::now();
+    let err = controller
+        .call(
+            &fixtures::id("node-b"),
+            "echo",
+            json!({}),
+            Duration::from_secs(5),
+            false,
+        )
+        .await
+        .err()
+        .expect("no listener");
+    assert_eq!(err.code, ErrorCode::NodeUnavailable);
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Heard but never answered: fails at the deadline, not later.
+    let started = Instant::now();
+    let call = controller
+        .call(
+            &node_id,
+            "ignore",
+            json!({}),
+            Duration::from_millis(500),
+            false,
+        )
+        .await
+        .expect("published");
+    assert_eq!(
+        call.reply.map_err(|e| e.code),
+        Err(ErrorCode::NodeUnavailable)
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Events reach every controller, in order.
+    let mut a = controller.events();
+    let mut b = other_controller.events();
+    for seq in 0..50 {
+        node.publish_event(&Event {
+            conference: "room".into(),
+            node: "node-a".into(),
+            seq,
+            event: "join".into(),
+            data: json!({}),
+        })
+        .await;
+    }
+    for rx in [&mut a, &mut b] {
+        for want in 0..50 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("event in time")
+                .expect("event");
+            assert_eq!(ev.seq, want);
+        }
+    }
+    serve.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_on_single_redis() {
+    let redis = RedisServer::start().expect("redis");
+    exercise(&fixtures::single(&redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_on_redis_cluster() {
+    let cluster = RedisCluster::start().expect("cluster");
+    exercise(&fixtures::cluster(&cluster.seeds())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_resubscribes_after_redis_restarts() {
+    let mut redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node_id = fixtures::id("node-a");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &node_id);
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            responder.respond(&cmd, Ok(json!("pong"))).await;
+        }
+    });
+    redis.restart().expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let call = controller
+            .call(&node_id, "ping", json!({}), Duration::from_secs(1), false)
+            .await;
+        if matches!(call, Ok(Call { reply: Ok(_), .. })) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bus never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
