@@ -9,9 +9,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 
+use confroute_shared::bus::Bus;
 use confroute_shared::store::Store;
 
 use crate::config::{ControllerConfig, Transport};
+use crate::control::Control;
 use crate::http::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -97,6 +99,8 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         }
     }));
 
+    let bus = Bus::controller(router.store().clone());
+    let control = Control::new(router.clone(), bus, cfg.rpc.command_timeout);
     let sip_bound = Arc::new(AtomicBool::new(true));
     let state = ApiState {
         router,
@@ -104,6 +108,8 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         token: cfg.http.api_token.clone(),
         sip_bound: sip_bound.clone(),
         retry_after: cfg.sip.retry_after,
+        control,
+        rpc_limits: cfg.rpc.limits(),
     };
     let listener = TcpListener::bind(cfg.http.listen)
         .await

@@ -21,6 +21,8 @@ pub struct ControllerConfig {
     pub http: HttpConfig,
     /// Placement and routing deadlines.
     pub routing: RoutingConfig,
+    /// Call control (JSON-RPC WebSocket and REST mirrors).
+    pub rpc: RpcConfig,
     /// Where Redis is.
     pub redis: RedisConfig,
     /// Log output.
@@ -93,6 +95,53 @@ pub struct RoutingConfig {
     pub deadline: Duration,
     /// Candidates passed to one claim (the claim script tries them in order).
     pub candidates: usize,
+}
+
+/// Call-control limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Deadline for a command to reach the owning node and be answered.
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// Largest JSON-RPC message accepted, in bytes.
+    pub max_message_size: usize,
+    /// Conferences one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Commands per second per connection, on average.
+    pub rate_limit: u32,
+    /// Commands per connection allowed in a burst.
+    pub burst: u32,
+    /// Requests in one batch.
+    pub max_batch: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        let l = crate::rpc::Limits::default();
+        RpcConfig {
+            command_timeout: crate::rpc::DEFAULT_COMMAND_TIMEOUT,
+            max_message_size: l.max_message_size,
+            max_subscriptions: l.max_subscriptions,
+            rate_limit: l.rate_per_sec,
+            burst: l.burst,
+            max_batch: l.max_batch,
+        }
+    }
+}
+
+impl RpcConfig {
+    /// The per-connection limits these settings give.
+    pub fn limits(&self) -> crate::rpc::Limits {
+        crate::rpc::Limits {
+            max_message_size: self.max_message_size,
+            max_subscriptions: self.max_subscriptions,
+            rate_per_sec: self.rate_limit,
+            burst: self.burst,
+            max_batch: self.max_batch,
+            ..crate::rpc::Limits::default()
+        }
+    }
 }
 
 fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
@@ -204,6 +253,24 @@ impl Validate for ControllerConfig {
         }
         if !(1..=16).contains(&self.routing.candidates) {
             issues.add("routing.candidates", "must be between 1 and 16");
+        }
+        if self.rpc.command_timeout < Duration::from_millis(100) {
+            issues.add("rpc.command_timeout", "must be at least 100ms");
+        }
+        if !(1024..=1024 * 1024).contains(&self.rpc.max_message_size) {
+            issues.add(
+                "rpc.max_message_size",
+                "must be between 1024 and 1048576 bytes",
+            );
+        }
+        if self.rpc.rate_limit == 0 || self.rpc.burst == 0 {
+            issues.add("rpc.rate_limit", "rate_limit and burst must be at least 1");
+        }
+        if self.rpc.max_batch == 0 || self.rpc.max_subscriptions == 0 {
+            issues.add(
+                "rpc.max_batch",
+                "max_batch and max_subscriptions must be at least 1",
+            );
         }
         issues.finish()
     }

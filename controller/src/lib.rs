@@ -7,7 +7,9 @@
 
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod metrics;
 pub mod router;
+pub mod rpc;
 pub mod sip;

@@ -77,6 +77,40 @@ async fn call(
     }
 }
 
+/// Every (method, path template) in `docs/openapi.json`.
+fn documented() -> Vec<(String, String)> {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
+            .expect("openapi document"),
+    )
+    .expect("valid JSON");
+    let mut out = Vec::new();
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        for method in ops.as_object().expect("ops").keys() {
+            out.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    out
+}
+
+/// A request for a documented route with its placeholders filled in (and a body where
+/// the route needs one to get past validation).
+fn concrete_request(
+    method: &str,
+    path: &str,
+    conference: &str,
+) -> (Method, String, Option<&'static str>) {
+    let m = Method::from_bytes(method.as_bytes()).expect("method");
+    let id = if path.contains("participants") {
+        "p1"
+    } else {
+        "node-a"
+    };
+    let concrete = path.replace("{id}", id).replace("{name}", conference);
+    let body = (m == Method::POST && path == "/v1/route").then_some(r#"{"conference":"t"}"#);
+    (m, concrete, body)
+}
+
 fn assert_error(a: &Answer, status: u16, code: &str) {
     assert_eq!(a.status.as_u16(), status, "{}", a.text);
     assert_eq!(a.body["error"]["code"], code, "{}", a.text);
@@ -309,15 +343,21 @@ async fn conferences_list_get_end_and_their_errors() {
         422,
         "invalid_conference",
     );
+    // The test nodes are registrations only: no agent listens for the command.
     assert_error(
         &call(&s, Method::DELETE, "/v1/conferences/c0", None, None).await,
-        501,
-        "not_implemented",
+        503,
+        "node_unavailable",
+    );
+    assert_error(
+        &call(&s, Method::DELETE, "/v1/conferences/nobody", None, None).await,
+        404,
+        "conference_not_found",
     );
     assert_error(
         &call(&s, Method::DELETE, "/v1/conferences/bad%00", None, None).await,
         422,
-        "invalid_conference",
+        "invalid_params",
     );
 
     assert_error(
@@ -335,23 +375,17 @@ async fn conferences_list_get_end_and_their_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_guards_every_v1_route_but_not_health_or_metrics() {
     let s = setup(Some(TOKEN)).await;
-    let routes: &[(Method, &str, Option<&str>)] = &[
-        (Method::POST, "/v1/route", Some(r#"{"conference":"t"}"#)),
-        (Method::GET, "/v1/nodes", None),
-        (Method::GET, "/v1/nodes/node-a", None),
-        (Method::POST, "/v1/nodes/node-a/drain", None),
-        (Method::POST, "/v1/nodes/node-a/undrain", None),
-        (Method::GET, "/v1/conferences", None),
-        (Method::GET, "/v1/conferences/t", None),
-        (Method::DELETE, "/v1/conferences/t", None),
-    ];
-    for (m, path, body) in routes {
+    for (method, path) in documented() {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        let (m, concrete, body) = concrete_request(&method, &path, "t");
         for bad in [None, Some("wrong-token-0123456789"), Some("")] {
-            let a = call(&s, m.clone(), path, *body, bad).await;
+            let a = call(&s, m.clone(), &concrete, body, bad).await;
             assert_error(&a, 401, "unauthorized");
             assert!(a.headers.contains_key("www-authenticate"), "{m} {path}");
         }
-        let a = call(&s, m.clone(), path, *body, Some(TOKEN)).await;
+        let a = call(&s, m.clone(), &concrete, body, Some(TOKEN)).await;
         assert_ne!(
             a.status.as_u16(),
             401,
@@ -377,19 +411,9 @@ async fn token_guards_every_v1_route_but_not_health_or_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documented_routes_are_served_and_metrics_pass_promtool() {
     let s = setup(None).await;
-    let doc: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
-            .expect("openapi document"),
-    )
-    .expect("valid JSON");
-    for (path, ops) in doc["paths"].as_object().expect("paths") {
-        for method in ops.as_object().expect("ops").keys() {
-            let concrete = path
-                .replace("{id}", "node-a")
-                .replace("{name}", "doc-check");
-            let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
-            let body = (m == Method::POST && path == "/v1/route")
-                .then_some(r#"{"conference":"doc-check"}"#);
+    for (method, path) in documented() {
+        {
+            let (m, concrete, body) = concrete_request(&method, &path, "doc-check");
             let a = call(&s, m, &concrete, body, None).await;
             let code = a.body["error"]["code"].as_str().unwrap_or("");
             assert!(

@@ -15,7 +15,8 @@ use confroute_shared::types::{NodeId, NodeRecord, NodeState};
 use super::{sip_ready, ApiError, ApiState};
 use crate::router::RouteError;
 
-fn json_rejection(r: JsonRejection) -> ApiError {
+/// The error for a body the JSON extractor refused.
+pub fn json_rejection(r: JsonRejection) -> ApiError {
     match r {
         JsonRejection::JsonSyntaxError(e) => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text())
@@ -293,14 +294,4 @@ pub async fn get_conference(
         "created_ms": rec.created_ms,
         "node": node,
     })))
-}
-
-/// `DELETE /v1/conferences/{name}`: needs the node agent's control channel.
-pub async fn end_conference(Path(raw): Path<String>) -> Result<Json<Value>, ApiError> {
-    conference_name(&raw)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "ending a conference needs the node agent's control channel, which this version lacks",
-    ))
 }

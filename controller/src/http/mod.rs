@@ -3,6 +3,7 @@
 
 mod api;
 mod error;
+mod participants;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, MethodRouter};
+use axum::routing::{delete, get, patch, post, MethodRouter};
 use axum::Router as AxumRouter;
 use subtle::ConstantTimeEq;
 
@@ -34,6 +35,19 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/conferences"),
     ("GET", "/v1/conferences/{name}"),
     ("DELETE", "/v1/conferences/{name}"),
+    ("POST", "/v1/conferences/{name}/play"),
+    ("GET", "/v1/conferences/{name}/participants"),
+    ("POST", "/v1/conferences/{name}/participants"),
+    ("PATCH", "/v1/conferences/{name}/participants/{id}"),
+    ("DELETE", "/v1/conferences/{name}/participants/{id}"),
+    ("POST", "/v1/conferences/{name}/participants/{id}/mute"),
+    ("POST", "/v1/conferences/{name}/participants/{id}/unmute"),
+    ("POST", "/v1/conferences/{name}/participants/{id}/hold"),
+    ("POST", "/v1/conferences/{name}/participants/{id}/unhold"),
+    ("POST", "/v1/conferences/{name}/participants/{id}/dtmf"),
+    ("POST", "/v1/conferences/{name}/participants/{id}/play"),
+    ("POST", "/v1/conferences/{name}/participants/{id}/move"),
+    ("GET", "/v1/rpc"),
 ];
 
 /// State shared by the handlers.
@@ -49,6 +63,10 @@ pub struct ApiState {
     pub sip_bound: Arc<AtomicBool>,
     /// `Retry-After` seconds for 503s.
     pub retry_after: u32,
+    /// Call control through the command bus.
+    pub control: crate::control::Control,
+    /// Limits of each JSON-RPC connection.
+    pub rpc_limits: crate::rpc::Limits,
 }
 
 /// The handler of one entry of [`ROUTES`]; registering from the table keeps the router and
@@ -65,7 +83,20 @@ fn endpoint(method: &str, path: &str) -> MethodRouter<ApiState> {
         ("POST", "/v1/nodes/{id}/undrain") => post(api::undrain),
         ("GET", "/v1/conferences") => get(api::list_conferences),
         ("GET", "/v1/conferences/{name}") => get(api::get_conference),
-        ("DELETE", "/v1/conferences/{name}") => delete(api::end_conference),
+        ("DELETE", "/v1/conferences/{name}") => delete(participants::end),
+        ("POST", "/v1/conferences/{name}/play") => post(participants::play_all),
+        ("GET", "/v1/conferences/{name}/participants") => get(participants::list),
+        ("POST", "/v1/conferences/{name}/participants") => post(participants::dialout),
+        ("PATCH", "/v1/conferences/{name}/participants/{id}") => patch(participants::update),
+        ("DELETE", "/v1/conferences/{name}/participants/{id}") => delete(participants::kick),
+        ("POST", "/v1/conferences/{name}/participants/{id}/mute") => post(participants::mute),
+        ("POST", "/v1/conferences/{name}/participants/{id}/unmute") => post(participants::unmute),
+        ("POST", "/v1/conferences/{name}/participants/{id}/hold") => post(participants::hold),
+        ("POST", "/v1/conferences/{name}/participants/{id}/unhold") => post(participants::unhold),
+        ("POST", "/v1/conferences/{name}/participants/{id}/dtmf") => post(participants::dtmf),
+        ("POST", "/v1/conferences/{name}/participants/{id}/play") => post(participants::play),
+        ("POST", "/v1/conferences/{name}/participants/{id}/move") => post(participants::move_to),
+        ("GET", "/v1/rpc") => get(participants::rpc),
         _ => panic!("route {method} {path} is listed in ROUTES but has no handler"),
     }
 }

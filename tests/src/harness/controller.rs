@@ -71,6 +71,11 @@ impl ControllerProc {
         self.proc.output()
     }
 
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// The process, for signals and exit checks.
     pub fn process(&mut self) -> &mut Proc {
         &mut self.proc

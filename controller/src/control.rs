@@ -1,0 +1,564 @@
+//! Call control: validates an operation on a live conference and sends it to the node that
+//! owns the conference, over the command bus. Shared by the JSON-RPC WebSocket and the REST
+//! mirrors, so both check the same things and answer the same errors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use confroute_shared::bus::{Bus, BusError, ErrorCode, Reply};
+use confroute_shared::name::ConferenceName;
+use confroute_shared::types::NodeId;
+
+use crate::router::{RouteError, Router};
+
+/// Longest accepted dial-out target.
+const MAX_TARGET: usize = 256;
+
+/// Why an operation failed, before or after reaching the node.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// Parameters are missing, of the wrong type, or out of range.
+    #[error("invalid params: {0}")]
+    InvalidParams(String),
+    /// The node or the bus answered an application error.
+    #[error("{0}")]
+    Node(BusError),
+    /// Routing is impossible now (Redis down, no node with room).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ControlError {
+    fn code(code: ErrorCode, message: impl Into<String>) -> Self {
+        ControlError::Node(BusError::new(code, message))
+    }
+}
+
+/// Decodes `params` into `T`, naming the offending field.
+pub fn params<T: serde::de::DeserializeOwned>(params: Value) -> Result<T, ControlError> {
+    serde_json::from_value(params).map_err(|e| ControlError::InvalidParams(e.to_string()))
+}
+
+/// `{conference}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConferenceRef {
+    /// Conference name.
+    pub conference: String,
+}
+
+/// `{conference, participant}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParticipantRef {
+    /// Conference name.
+    pub conference: String,
+    /// Participant id (the channel id the node reported).
+    pub participant: String,
+}
+
+/// `{conference, participant, digits}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DtmfParams {
+    /// Conference name.
+    pub conference: String,
+    /// Participant id.
+    pub participant: String,
+    /// Digits `0-9 * # A-D`.
+    pub digits: String,
+}
+
+/// `{conference, participant?, media}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlayParams {
+    /// Conference name.
+    pub conference: String,
+    /// One participant; the whole conference when absent.
+    #[serde(default)]
+    pub participant: Option<String>,
+    /// Media URI as ARI takes it, e.g. `sound:conf-onlyperson`.
+    pub media: String,
+}
+
+/// `{conference, participant, to}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveParams {
+    /// Conference name.
+    pub conference: String,
+    /// Participant id.
+    pub participant: String,
+    /// Target conference.
+    pub to: String,
+}
+
+/// `{conference, participant, endConferenceOnExit?, beepOnExit?}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateParams {
+    /// Conference name.
+    pub conference: String,
+    /// Participant id.
+    pub participant: String,
+    /// End the conference when this participant leaves.
+    #[serde(default, rename = "endConferenceOnExit")]
+    pub end_conference_on_exit: Option<bool>,
+    /// Beep when this participant leaves.
+    #[serde(default, rename = "beepOnExit")]
+    pub beep_on_exit: Option<bool>,
+}
+
+/// `{conference, to, from?, timeout?, options?}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialoutParams {
+    /// Conference to bring the callee into.
+    pub conference: String,
+    /// E.164 number or SIP URI.
+    pub to: String,
+    /// Caller id to present.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Seconds to ring before giving up (1-600, default 30).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Participant options (TwiML-style: muted, beep, startConferenceOnEnter, ...).
+    #[serde(default)]
+    pub options: Option<serde_json::Map<String, Value>>,
+}
+
+/// `{after?, limit?}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Exclusive start name.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Page size 1-1000.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+fn name(raw: &str) -> Result<ConferenceName, ControlError> {
+    ConferenceName::parse(raw).map_err(|e| ControlError::InvalidParams(format!("conference: {e}")))
+}
+
+fn participant_id(raw: &str) -> Result<&str, ControlError> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 128
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then_some(raw).ok_or_else(|| {
+        ControlError::InvalidParams(
+            "participant: expected 1-128 bytes of A-Z a-z 0-9 . _ -".to_string(),
+        )
+    })
+}
+
+/// Checks DTMF digits: `0-9 * # A-D`, 1 to 64 of them.
+pub fn valid_digits(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 64
+        && d.bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'*' | b'#' | b'A'..=b'D'))
+}
+
+/// Checks a dial-out target: an E.164-style number (optional `+`, 3-15 digits, no leading
+/// zero) or a SIP URI.
+pub fn valid_target(t: &str) -> bool {
+    if t.len() > MAX_TARGET || t.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return false;
+    }
+    let e164 = |s: &str| {
+        let digits = s.strip_prefix('+').unwrap_or(s);
+        (3..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0')
+    };
+    if e164(t) {
+        return true;
+    }
+    let Some(rest) = t.strip_prefix("sip:").or_else(|| t.strip_prefix("sips:")) else {
+        return false;
+    };
+    match rest.split_once('@') {
+        Some((user, host)) => {
+            !user.is_empty()
+                && !host.is_empty()
+                && !t.contains(['<', '>', '"', '\'', ','])
+                && host.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b';' | b'=')
+                })
+        }
+        None => false,
+    }
+}
+
+/// A dial-out that was accepted: its call id, then status notifications.
+pub struct Dialout {
+    /// The call id the node assigned.
+    pub result: Value,
+    /// Status notifications (`accepted`, `ringing`, `connected`, `rejected`, `cleared`).
+    pub notifications: mpsc::UnboundedReceiver<Reply>,
+}
+
+/// Call control over the bus.
+#[derive(Clone)]
+pub struct Control {
+    router: Arc<Router>,
+    bus: Bus,
+    timeout: Duration,
+}
+
+impl Control {
+    /// A control service sending commands with `timeout` as their deadline.
+    pub fn new(router: Arc<Router>, bus: Bus, timeout: Duration) -> Self {
+        Control {
+            router,
+            bus,
+            timeout,
+        }
+    }
+
+    /// The bus (for event subscriptions).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    async fn owner(&self, conference: &ConferenceName) -> Result<NodeId, ControlError> {
+        match self.router.store().lookup(conference).await {
+            Ok(Some(rec)) => Ok(rec.owner.node),
+            Ok(None) => Err(ControlError::code(
+                ErrorCode::ConferenceNotFound,
+                format!("conference `{conference}` has no home"),
+            )),
+            Err(e) => Err(ControlError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn send(
+        &self,
+        conference: &ConferenceName,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, ControlError> {
+        let node = self.owner(conference).await?;
+        let call = self
+            .bus
+            .call(&node, method, params, self.timeout, false)
+            .await
+            .map_err(ControlError::Node)?;
+        call.reply.map_err(ControlError::Node)
+    }
+
+    /// `conference.list`: a page of live conferences from Redis.
+    pub async fn list(&self, p: ListParams) -> Result<Value, ControlError> {
+        let limit = p.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ControlError::InvalidParams("limit must be 1-1000".into()));
+        }
+        if let Some(a) = &p.after {
+            name(a)?;
+        }
+        let page = self
+            .router
+            .store()
+            .list_conferences(p.after.as_deref(), limit)
+            .await
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+        let items: Vec<Value> = page
+            .items
+            .iter()
+            .map(|(n, r)| {
+                json!({"conference": n, "node_id": r.owner.node, "epoch": r.owner.epoch,
+                       "participants": r.participants, "created_ms": r.created_ms})
+            })
+            .collect();
+        Ok(json!({"items": items, "next": page.next}))
+    }
+
+    /// `conference.get`: owner, epoch and the participants with their state (from the node).
+    pub async fn get(&self, p: ConferenceRef) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        let rec = self
+            .router
+            .store()
+            .lookup(&conference)
+            .await
+            .map_err(|e| ControlError::Unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                ControlError::code(
+                    ErrorCode::ConferenceNotFound,
+                    format!("conference `{conference}` has no home"),
+                )
+            })?;
+        let call = self
+            .bus
+            .call(
+                &rec.owner.node,
+                "participant.list",
+                json!({"conference": conference}),
+                self.timeout,
+                false,
+            )
+            .await
+            .map_err(ControlError::Node)?;
+        let participants = call.reply.map_err(ControlError::Node)?;
+        Ok(json!({
+            "conference": conference,
+            "node_id": rec.owner.node,
+            "epoch": rec.owner.epoch,
+            "created_ms": rec.created_ms,
+            "participants": participants.get("participants").cloned().unwrap_or(participants),
+        }))
+    }
+
+    /// `conference.end`: the owning node hangs everyone up and releases the claim.
+    pub async fn end(&self, p: ConferenceRef) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        self.send(
+            &conference,
+            "conference.end",
+            json!({"conference": conference}),
+        )
+        .await
+    }
+
+    /// `participant.list`.
+    pub async fn participants(&self, p: ConferenceRef) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        self.send(
+            &conference,
+            "participant.list",
+            json!({"conference": conference}),
+        )
+        .await
+    }
+
+    /// A participant operation without further parameters: `participant.mute`, `unmute`,
+    /// `hold`, `unhold`, `kick`.
+    pub async fn participant(
+        &self,
+        method: &str,
+        p: ParticipantRef,
+    ) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        let participant = participant_id(&p.participant)?;
+        self.send(
+            &conference,
+            method,
+            json!({"conference": conference, "participant": participant}),
+        )
+        .await
+    }
+
+    /// `participant.dtmf`.
+    pub async fn dtmf(&self, p: DtmfParams) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        let participant = participant_id(&p.participant)?;
+        if !valid_digits(&p.digits) {
+            return Err(ControlError::InvalidParams(
+                "digits: expected 1-64 of 0-9 * # A-D".into(),
+            ));
+        }
+        self.send(
+            &conference,
+            "participant.dtmf",
+            json!({"conference": conference, "participant": participant, "digits": p.digits}),
+        )
+        .await
+    }
+
+    /// `participant.play` / `conference.play`.
+    pub async fn play(&self, p: PlayParams) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        if let Some(id) = &p.participant {
+            participant_id(id)?;
+        }
+        let media_ok = !p.media.is_empty()
+            && p.media.len() <= 256
+            && p.media.contains(':')
+            && !p.media.bytes().any(|b| b.is_ascii_control() || b == b' ');
+        if !media_ok {
+            return Err(ControlError::InvalidParams(
+                "media: expected a media URI like sound:conf-onlyperson".into(),
+            ));
+        }
+        let method = if p.participant.is_some() {
+            "participant.play"
+        } else {
+            "conference.play"
+        };
+        self.send(
+            &conference,
+            method,
+            json!({"conference": conference, "participant": p.participant, "media": p.media}),
+        )
+        .await
+    }
+
+    /// `participant.move`: to a conference on the same node (bridge to bridge) or elsewhere
+    /// (the node redirects the channel to the target's owner). The target is homed first.
+    pub async fn move_participant(&self, p: MoveParams) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        let participant = participant_id(&p.participant)?;
+        let to = ConferenceName::parse(&p.to)
+            .map_err(|e| ControlError::InvalidParams(format!("to: {e}")))?;
+        if to == conference {
+            return Err(ControlError::InvalidParams(
+                "to: the participant is already there".into(),
+            ));
+        }
+        let node = self.owner(&conference).await?;
+        let target = self.home(&to).await?;
+        let call = self
+            .bus
+            .call(
+                &node,
+                "participant.move",
+                json!({"conference": conference, "participant": participant, "to": to,
+                       "to_node": target.node_id, "to_sip_uri": target.sip_uri, "to_epoch": target.epoch}),
+                self.timeout,
+                false,
+            )
+            .await
+            .map_err(ControlError::Node)?;
+        call.reply.map_err(ControlError::Node)
+    }
+
+    /// `participant.update`: `endConferenceOnExit`, `beepOnExit`.
+    pub async fn update(&self, p: UpdateParams) -> Result<Value, ControlError> {
+        let conference = name(&p.conference)?;
+        let participant = participant_id(&p.participant)?;
+        if p.end_conference_on_exit.is_none() && p.beep_on_exit.is_none() {
+            return Err(ControlError::InvalidParams(
+                "nothing to update: give endConferenceOnExit and/or beepOnExit".into(),
+            ));
+        }
+        self.send(
+            &conference,
+            "participant.update",
+            json!({"conference": conference, "participant": participant,
+                   "endConferenceOnExit": p.end_conference_on_exit, "beepOnExit": p.beep_on_exit}),
+        )
+        .await
+    }
+
+    async fn home(
+        &self,
+        conference: &ConferenceName,
+    ) -> Result<crate::router::Decision, ControlError> {
+        self.router
+            .route(conference, "control")
+            .await
+            .map_err(|e| match e {
+                RouteError::NoCapacity => {
+                    ControlError::Unavailable("no conference node has room".into())
+                }
+                RouteError::Unavailable(why) => ControlError::Unavailable(why),
+            })
+    }
+
+    /// `dialout`: validates the target, homes the conference if it has no home yet, and asks
+    /// the owning node to originate; status notifications follow.
+    pub async fn dialout(&self, p: DialoutParams) -> Result<Dialout, ControlError> {
+        let conference = name(&p.conference)?;
+        if !valid_target(&p.to) {
+            return Err(ControlError::code(
+                ErrorCode::InvalidNumber,
+                format!(
+                    "`{}` is not an E.164 number or a SIP URI",
+                    p.to.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        if let Some(from) = &p.from {
+            if from.len() > 128 || from.bytes().any(|b| b.is_ascii_control()) {
+                return Err(ControlError::InvalidParams(
+                    "from: at most 128 printable characters".into(),
+                ));
+            }
+        }
+        let timeout = p.timeout.unwrap_or(30);
+        if !(1..=600).contains(&timeout) {
+            return Err(ControlError::InvalidParams("timeout: 1-600 seconds".into()));
+        }
+        let home = self.home(&conference).await?;
+        let call = self
+            .bus
+            .call(
+                &home.node_id,
+                "dialout",
+                json!({"conference": conference, "to": p.to, "from": p.from,
+                       "timeout": timeout, "options": p.options.unwrap_or_default()}),
+                self.timeout,
+                true,
+            )
+            .await
+            .map_err(ControlError::Node)?;
+        match call.reply {
+            Ok(result) => Ok(Dialout {
+                result,
+                notifications: call.notifications,
+            }),
+            Err(e) => Err(ControlError::Node(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        for ok in [
+            "+15555550101",
+            "4930123456",
+            "sip:alice@example.com",
+            "sips:bob@10.0.0.1:5061;transport=tls",
+        ] {
+            assert!(valid_target(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "+0123",
+            "+1",
+            "12345678901234567",
+            "alice",
+            "sip:",
+            "sip:@host",
+            "sip:a@",
+            "sip:a@b c",
+            "sip:a@b\r\nX: y",
+            "tel:+1555",
+            "sip:a@<b>",
+            &format!("sip:{}@h", "a".repeat(300)),
+        ] {
+            assert!(!valid_target(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn digits() {
+        assert!(valid_digits("0123456789*#ABCD"));
+        for bad in ["", "E", "1 2", "abc", &"1".repeat(65)] {
+            assert!(!valid_digits(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn participant_ids() {
+        assert!(participant_id("1716282823.42").is_ok());
+        assert!(participant_id("a/b").is_err());
+        assert!(participant_id("").is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! REST mirrors of the call-control operations, for clients that prefer HTTP to the JSON-RPC
+//! WebSocket, and the WebSocket upgrade itself. Both go through [`crate::control::Control`].
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use confroute_shared::bus::ErrorCode;
+
+use super::api::json_rejection;
+use super::{ApiError, ApiState};
+use crate::control::{
+    ConferenceRef, ControlError, DialoutParams, DtmfParams, MoveParams, ParticipantRef, PlayParams,
+    UpdateParams,
+};
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::InvalidParams(m) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_params", m)
+            }
+            ControlError::Unavailable(m) => ApiError::unavailable("unavailable", m, 5),
+            ControlError::Node(b) => {
+                let (status, code) = match b.code {
+                    ErrorCode::ConferenceNotFound => {
+                        (StatusCode::NOT_FOUND, "conference_not_found")
+                    }
+                    ErrorCode::ParticipantNotFound => {
+                        (StatusCode::NOT_FOUND, "participant_not_found")
+                    }
+                    ErrorCode::NodeUnavailable => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "node_unavailable")
+                    }
+                    ErrorCode::InvalidNumber => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_number")
+                    }
+                    ErrorCode::ConferenceFull => (StatusCode::CONFLICT, "conference_full"),
+                    ErrorCode::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+                    ErrorCode::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                    ErrorCode::InvalidParams => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_params")
+                    }
+                    ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+                };
+                ApiError::new(status, code, b.message)
+            }
+        }
+    }
+}
+
+/// `GET /v1/rpc`: upgrades to the JSON-RPC WebSocket.
+pub async fn rpc(State(state): State<ApiState>, ws: WebSocketUpgrade) -> Response {
+    let limits = state.rpc_limits.clone();
+    let control = state.control.clone();
+    // The protocol cap sits well above our own limit so an oversize message gets a JSON-RPC
+    // error and the connection stays usable; only absurd frames close it.
+    ws.max_message_size(limits.max_message_size.saturating_mul(16).max(1 << 20))
+        .on_upgrade(move |socket| crate::rpc::serve(socket, control, limits))
+}
+
+fn body(b: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value>, ApiError> {
+    match b.map_err(json_rejection)?.0 {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad_request("the body must be a JSON object")),
+    }
+}
+
+fn with(mut m: Map<String, Value>, extra: &[(&str, &str)]) -> Value {
+    for (k, v) in extra {
+        m.insert((*k).to_string(), Value::String((*v).to_string()));
+    }
+    Value::Object(m)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    crate::control::params(v).map_err(ApiError::from)
+}
+
+/// `GET /v1/conferences/{name}/participants`.
+pub async fn list(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        state
+            .control
+            .participants(ConferenceRef { conference: name })
+            .await?,
+    ))
+}
+
+/// `DELETE /v1/conferences/{name}`: the owning node ends the conference.
+pub async fn end(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        state
+            .control
+            .end(ConferenceRef { conference: name })
+            .await?,
+    ))
+}
+
+/// `POST /v1/conferences/{name}/participants`: dial out; answers 202 with the call id.
+pub async fn dialout(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    b: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)]))?;
+    let d = state.control.dialout(p).await?;
+    // REST callers follow the status through the WebSocket's conference events.
+    drop(d.notifications);
+    Ok((StatusCode::ACCEPTED, Json(d.result)).into_response())
+}
+
+/// `POST /v1/conferences/{name}/play`: an announcement to the whole conference.
+pub async fn play_all(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    b: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let mut m = body(b)?;
+    if m.contains_key("participant") {
+        return Err(ApiError::bad_request(
+            "use /participants/{id}/play for one participant",
+        ));
+    }
+    m.insert("conference".into(), Value::String(name));
+    let p: PlayParams = decode(Value::Object(m))?;
+    Ok(Json(state.control.play(p).await?))
+}
+
+/// Path of a participant route.
+#[derive(Deserialize)]
+pub struct ParticipantPath {
+    name: String,
+    id: String,
+}
+
+async fn simple(
+    state: &ApiState,
+    method: &str,
+    p: ParticipantPath,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        state
+            .control
+            .participant(
+                method,
+                ParticipantRef {
+                    conference: p.name,
+                    participant: p.id,
+                },
+            )
+            .await?,
+    ))
+}
+
+/// `POST .../participants/{id}/mute`.
+pub async fn mute(
+    State(s): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+) -> Result<Json<Value>, ApiError> {
+    simple(&s, "participant.mute", p).await
+}
+
+/// `POST .../participants/{id}/unmute`.
+pub async fn unmute(
+    State(s): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+) -> Result<Json<Value>, ApiError> {
+    simple(&s, "participant.unmute", p).await
+}
+
+/// `POST .../participants/{id}/hold`.
+pub async fn hold(
+    State(s): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+) -> Result<Json<Value>, ApiError> {
+    simple(&s, "participant.hold", p).await
+}
+
+/// `POST .../participants/{id}/unhold`.
+pub async fn unhold(
+    State(s): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+) -> Result<Json<Value>, ApiError> {
+    simple(&s, "participant.unhold", p).await
+}
+
+/// `DELETE .../participants/{id}`: kick.
+pub async fn kick(
+    State(s): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+) -> Result<Json<Value>, ApiError> {
+    simple(&s, "participant.kick", p).await
+}
+
+/// `POST .../participants/{id}/dtmf` with `{"digits"}`.
+pub async fn dtmf(
+    State(state): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+    b: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let params: DtmfParams = decode(v)?;
+    Ok(Json(state.control.dtmf(params).await?))
+}
+
+/// `POST .../participants/{id}/play` with `{"media"}`.
+pub async fn play(
+    State(state): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+    b: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let params: PlayParams = decode(v)?;
+    Ok(Json(state.control.play(params).await?))
+}
+
+/// `POST .../participants/{id}/move` with `{"to"}`.
+pub async fn move_to(
+    State(state): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+    b: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let params: MoveParams = decode(v)?;
+    Ok(Json(state.control.move_participant(params).await?))
+}
+
+/// `PATCH .../participants/{id}` with `{"endConferenceOnExit"?, "beepOnExit"?}`.
+pub async fn update(
+    State(state): State<ApiState>,
+    Path(p): Path<ParticipantPath>,
+    b: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let params: UpdateParams = decode(v)?;
+    Ok(Json(state.control.update(params).await.map(|r| {
+        if r.is_null() {
+            json!({"updated": true})
+        } else {
+            r
+        }
+    })?))
+}

@@ -1,0 +1,581 @@
+//! JSON-RPC 2.0 over WebSocket (`GET /v1/rpc`) for live-conference control, in the manner of
+//! the OpenSIPS Call API: each command gets its answer by id, then asynchronous
+//! notifications (dial-out status, conference events of subscribed conferences).
+//! Methods, notifications and error codes are documented in `docs/call-control.md`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Semaphore};
+
+use confroute_shared::bus::{ErrorCode, Reply};
+use confroute_shared::name::ConferenceName;
+
+use crate::control::{self, params, Control, ControlError};
+
+/// Standard JSON-RPC codes.
+pub mod codes {
+    /// Invalid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Not a valid request object.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// No such method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Parameters missing or wrong.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Failure inside the controller or node.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// The conference has no home.
+    pub const CONFERENCE_NOT_FOUND: i64 = -32001;
+    /// No such participant.
+    pub const PARTICIPANT_NOT_FOUND: i64 = -32002;
+    /// The owning node is gone or did not answer within the deadline.
+    pub const NODE_UNAVAILABLE: i64 = -32003;
+    /// The dial-out target is not an E.164 number or SIP URI.
+    pub const INVALID_NUMBER: i64 = -32004;
+    /// The conference is full.
+    pub const CONFERENCE_FULL: i64 = -32005;
+    /// Not allowed.
+    pub const FORBIDDEN: i64 = -32006;
+    /// The operation timed out on the node.
+    pub const TIMEOUT: i64 = -32007;
+    /// Too many commands on this connection; slow down.
+    pub const RATE_LIMITED: i64 = -32008;
+    /// The connection holds the most subscriptions allowed.
+    pub const TOO_MANY_SUBSCRIPTIONS: i64 = -32009;
+    /// The message is larger than allowed.
+    pub const MESSAGE_TOO_LARGE: i64 = -32010;
+    /// Routing is impossible now (Redis unavailable, no node with room).
+    pub const UNAVAILABLE: i64 = -32011;
+}
+
+/// Limits of one connection.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest message accepted (bytes); larger ones get `MESSAGE_TOO_LARGE`.
+    pub max_message_size: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Commands per second allowed on average.
+    pub rate_per_sec: u32,
+    /// Commands allowed in a burst.
+    pub burst: u32,
+    /// Requests in one batch.
+    pub max_batch: usize,
+    /// Commands in progress at once.
+    pub max_in_flight: usize,
+}
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcError {
+    /// Code (see [`codes`]).
+    pub code: i64,
+    /// Message.
+    pub message: String,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ControlError> for RpcError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::InvalidParams(m) => RpcError::new(codes::INVALID_PARAMS, m),
+            ControlError::Unavailable(m) => RpcError::new(codes::UNAVAILABLE, m),
+            ControlError::Node(b) => {
+                let code = match b.code {
+                    ErrorCode::ConferenceNotFound => codes::CONFERENCE_NOT_FOUND,
+                    ErrorCode::ParticipantNotFound => codes::PARTICIPANT_NOT_FOUND,
+                    ErrorCode::NodeUnavailable => codes::NODE_UNAVAILABLE,
+                    ErrorCode::InvalidNumber => codes::INVALID_NUMBER,
+                    ErrorCode::ConferenceFull => codes::CONFERENCE_FULL,
+                    ErrorCode::Forbidden => codes::FORBIDDEN,
+                    ErrorCode::Timeout => codes::TIMEOUT,
+                    ErrorCode::InvalidParams => codes::INVALID_PARAMS,
+                    ErrorCode::Internal => codes::INTERNAL_ERROR,
+                };
+                RpcError::new(code, b.message)
+            }
+        }
+    }
+}
+
+fn response(id: &Value, result: Result<Value, RpcError>) -> Value {
+    match result {
+        Ok(r) => json!({"jsonrpc": "2.0", "result": r, "id": id}),
+        Err(e) => {
+            json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id})
+        }
+    }
+}
+
+fn notification(method: &str, params: Value) -> String {
+    json!({"jsonrpc": "2.0", "method": method, "params": params}).to_string()
+}
+
+/// A validated request.
+struct Request {
+    method: String,
+    params: Value,
+    /// `None` for a notification (no answer).
+    id: Option<Value>,
+}
+
+/// Checks the request object shape (JSON-RPC 2.0 §4).
+fn request(v: Value) -> Result<Request, (Value, RpcError)> {
+    let id = v.get("id").cloned();
+    let id_for_error = match &id {
+        Some(i @ (Value::String(_) | Value::Number(_) | Value::Null)) => i.clone(),
+        _ => Value::Null,
+    };
+    let invalid = |m: &str| {
+        (
+            id_for_error.clone(),
+            RpcError::new(codes::INVALID_REQUEST, m),
+        )
+    };
+    let Value::Object(obj) = v else {
+        return Err(invalid("a request must be an object"));
+    };
+    if obj.get("jsonrpc") != Some(&Value::String("2.0".into())) {
+        return Err(invalid("\"jsonrpc\" must be \"2.0\""));
+    }
+    let Some(Value::String(method)) = obj.get("method") else {
+        return Err(invalid("\"method\" must be a string"));
+    };
+    if let Some(i) = &id {
+        if !matches!(i, Value::String(_) | Value::Number(_) | Value::Null) {
+            return Err(invalid("\"id\" must be a string, a number or null"));
+        }
+    }
+    let params = match obj.get("params") {
+        None => Value::Object(Default::default()),
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(Value::Array(_)) => {
+            return Err((
+                id_for_error,
+                RpcError::new(
+                    codes::INVALID_PARAMS,
+                    "params must be an object (named parameters)",
+                ),
+            ))
+        }
+        Some(_) => return Err(invalid("\"params\" must be an object")),
+    };
+    if let Some(extra) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "jsonrpc" | "method" | "params" | "id"))
+    {
+        return Err(invalid(&format!("unexpected member \"{extra}\"")));
+    }
+    Ok(Request {
+        method: method.clone(),
+        params,
+        id,
+    })
+}
+
+/// Token bucket for the per-connection command rate.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One connection's state shared by its tasks.
+struct Session {
+    control: Control,
+    limits: Limits,
+    subscriptions: Mutex<HashSet<String>>,
+    bucket: Mutex<Bucket>,
+    in_flight: Arc<Semaphore>,
+    out: mpsc::Sender<String>,
+}
+
+/// Serves one WebSocket until it closes.
+pub async fn serve(socket: WebSocket, control: Control, limits: Limits) {
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut out_rx) = mpsc::channel::<String>(1024);
+    let writer = tokio::spawn(async move {
+        while let Some(text) = out_rx.recv().await {
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let session = Arc::new(Session {
+        bucket: Mutex::new(Bucket {
+            tokens: f64::from(limits.burst),
+            last: Instant::now(),
+            rate: f64::from(limits.rate_per_sec),
+            burst: f64::from(limits.burst),
+        }),
+        in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+        subscriptions: Mutex::new(HashSet::new()),
+        control,
+        limits,
+        out,
+    });
+    let events = tokio::spawn(forward_events(session.clone()));
+    while let Some(msg) = stream.next().await {
+        match msg {
+            Ok(Message::Text(text)) => session.clone().incoming(text.as_str()).await,
+            Ok(Message::Binary(_)) => {
+                session
+                    .send(response(
+                        &Value::Null,
+                        Err(RpcError::new(
+                            codes::INVALID_REQUEST,
+                            "send JSON-RPC as text frames",
+                        )),
+                    ))
+                    .await
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    events.abort();
+    drop(session);
+    let _ = writer.await;
+}
+
+/// Sends subscribed conferences' events as `event` notifications. A client that does not
+/// read fast enough loses events (told by an `events.lost` notification) rather than
+/// stalling anyone.
+async fn forward_events(session: Arc<Session>) {
+    let mut rx = session.control.bus().events();
+    loop {
+        match rx.recv().await {
+            Ok(ev) => {
+                let wanted = session
+                    .subscriptions
+                    .lock()
+                    .map(|s| s.contains(&ev.conference))
+                    .unwrap_or(false);
+                if wanted {
+                    let text = notification(
+                        "event",
+                        json!({"conference": ev.conference, "node": ev.node, "seq": ev.seq,
+                               "event": ev.event, "data": ev.data}),
+                    );
+                    if session.out.try_send(text).is_err() {
+                        let _ = session
+                            .out
+                            .try_send(notification("events.lost", json!({"count": 1})));
+                    }
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                let _ = session
+                    .out
+                    .try_send(notification("events.lost", json!({"count": n})));
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+impl Session {
+    async fn send(&self, v: Value) {
+        let _ = self.out.send(v.to_string()).await;
+    }
+
+    async fn incoming(self: Arc<Self>, text: &str) {
+        if text.len() > self.limits.max_message_size {
+            self.send(response(
+                &Value::Null,
+                Err(RpcError::new(
+                    codes::MESSAGE_TOO_LARGE,
+                    format!(
+                        "message of {} bytes exceeds {}",
+                        text.len(),
+                        self.limits.max_message_size
+                    ),
+                )),
+            ))
+            .await;
+            return;
+        }
+        let parsed: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                self.send(response(
+                    &Value::Null,
+                    Err(RpcError::new(codes::PARSE_ERROR, e.to_string())),
+                ))
+                .await;
+                return;
+            }
+        };
+        match parsed {
+            Value::Array(items) => {
+                if items.is_empty() {
+                    self.send(response(
+                        &Value::Null,
+                        Err(RpcError::new(codes::INVALID_REQUEST, "empty batch")),
+                    ))
+                    .await;
+                    return;
+                }
+                if items.len() > self.limits.max_batch {
+                    self.send(response(
+                        &Value::Null,
+                        Err(RpcError::new(
+                            codes::INVALID_REQUEST,
+                            format!("batch of {} exceeds {}", items.len(), self.limits.max_batch),
+                        )),
+                    ))
+                    .await;
+                    return;
+                }
+                // The batch is answered as one array once every member is done.
+                tokio::spawn(async move {
+                    let answers = futures_util::future::join_all(
+                        items.into_iter().map(|i| self.clone().one(i)),
+                    )
+                    .await;
+                    let answers: Vec<Value> = answers.into_iter().flatten().collect();
+                    if !answers.is_empty() {
+                        self.send(Value::Array(answers)).await;
+                    }
+                });
+            }
+            single => {
+                tokio::spawn(async move {
+                    if let Some(answer) = self.clone().one(single).await {
+                        self.send(answer).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Runs one request; `None` for notifications.
+    async fn one(self: Arc<Self>, v: Value) -> Option<Value> {
+        let req = match request(v) {
+            Ok(r) => r,
+            Err((id, e)) => return Some(response(&id, Err(e))),
+        };
+        let allowed = self.bucket.lock().map(|mut b| b.take()).unwrap_or(false);
+        let result = if !allowed {
+            Err(RpcError::new(
+                codes::RATE_LIMITED,
+                format!("more than {} commands per second", self.limits.rate_per_sec),
+            ))
+        } else {
+            match self.in_flight.clone().try_acquire_owned() {
+                Ok(_permit) => self.dispatch(&req.method, req.params).await,
+                Err(_) => Err(RpcError::new(
+                    codes::RATE_LIMITED,
+                    format!(
+                        "more than {} commands in progress",
+                        self.limits.max_in_flight
+                    ),
+                )),
+            }
+        };
+        req.id.map(|id| response(&id, result))
+    }
+
+    async fn dispatch(self: &Arc<Self>, method: &str, p: Value) -> Result<Value, RpcError> {
+        let c = &self.control;
+        let r = match method {
+            "conference.list" => c.list(params(p)?).await,
+            "conference.get" => c.get(params(p)?).await,
+            "conference.end" => c.end(params(p)?).await,
+            "conference.play" => {
+                let pp: control::PlayParams = params(p)?;
+                if pp.participant.is_some() {
+                    return Err(RpcError::new(
+                        codes::INVALID_PARAMS,
+                        "conference.play takes no participant (use participant.play)",
+                    ));
+                }
+                c.play(pp).await
+            }
+            "participant.list" => c.participants(params(p)?).await,
+            "participant.mute" | "participant.unmute" | "participant.hold"
+            | "participant.unhold" | "participant.kick" => c.participant(method, params(p)?).await,
+            "participant.dtmf" => c.dtmf(params(p)?).await,
+            "participant.play" => {
+                let pp: control::PlayParams = params(p)?;
+                if pp.participant.is_none() {
+                    return Err(RpcError::new(
+                        codes::INVALID_PARAMS,
+                        "participant is required",
+                    ));
+                }
+                c.play(pp).await
+            }
+            "participant.move" => c.move_participant(params(p)?).await,
+            "participant.update" => c.update(params(p)?).await,
+            "dialout" => {
+                let d = c.dialout(params(p)?).await?;
+                let me = self.clone();
+                let mut notes = d.notifications;
+                tokio::spawn(async move {
+                    while let Some(Reply::Notify { params, last, .. }) = notes.recv().await {
+                        me.send_text(notification("dialout.status", params)).await;
+                        if last {
+                            break;
+                        }
+                    }
+                });
+                return Ok(d.result);
+            }
+            "subscribe" => return self.subscribe(params(p)?),
+            "unsubscribe" => return self.unsubscribe(params(p)?),
+            other => {
+                return Err(RpcError::new(
+                    codes::METHOD_NOT_FOUND,
+                    format!(
+                        "method `{}` does not exist",
+                        other.chars().take(64).collect::<String>()
+                    ),
+                ))
+            }
+        };
+        r.map_err(RpcError::from)
+    }
+
+    async fn send_text(&self, text: String) {
+        let _ = self.out.send(text).await;
+    }
+
+    fn subscribe(&self, p: control::ConferenceRef) -> Result<Value, RpcError> {
+        let name = ConferenceName::parse(&p.conference)
+            .map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("conference: {e}")))?;
+        let mut subs = self
+            .subscriptions
+            .lock()
+            .map_err(|_| RpcError::new(codes::INTERNAL_ERROR, "subscription table poisoned"))?;
+        if !subs.contains(name.as_str()) && subs.len() >= self.limits.max_subscriptions {
+            return Err(RpcError::new(
+                codes::TOO_MANY_SUBSCRIPTIONS,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.limits.max_subscriptions
+                ),
+            ));
+        }
+        subs.insert(name.to_string());
+        Ok(json!({"subscribed": name}))
+    }
+
+    fn unsubscribe(&self, p: control::ConferenceRef) -> Result<Value, RpcError> {
+        let name = ConferenceName::parse(&p.conference)
+            .map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("conference: {e}")))?;
+        let removed = self
+            .subscriptions
+            .lock()
+            .map(|mut s| s.remove(name.as_str()))
+            .unwrap_or(false);
+        Ok(json!({"unsubscribed": name, "was_subscribed": removed}))
+    }
+}
+
+/// Default per-connection limits.
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 64 * 1024,
+            max_subscriptions: 100,
+            rate_per_sec: 50,
+            burst: 100,
+            max_batch: 50,
+            max_in_flight: 64,
+        }
+    }
+}
+
+/// How long a command may take end to end before the client gets `NODE_UNAVAILABLE`.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_validation() {
+        assert!(request(json!({"jsonrpc": "2.0", "method": "m", "id": 1})).is_ok());
+        let Ok(notif) = request(json!({"jsonrpc": "2.0", "method": "m"})) else {
+            panic!("a notification is a valid request");
+        };
+        assert!(notif.id.is_none());
+        let cases = [
+            (
+                json!({"jsonrpc": "1.0", "method": "m", "id": 1}),
+                codes::INVALID_REQUEST,
+            ),
+            (json!({"method": "m", "id": 1}), codes::INVALID_REQUEST),
+            (
+                json!({"jsonrpc": "2.0", "method": 5, "id": 1}),
+                codes::INVALID_REQUEST,
+            ),
+            (
+                json!({"jsonrpc": "2.0", "method": "m", "id": {}}),
+                codes::INVALID_REQUEST,
+            ),
+            (
+                json!({"jsonrpc": "2.0", "method": "m", "params": 3, "id": 1}),
+                codes::INVALID_REQUEST,
+            ),
+            (
+                json!({"jsonrpc": "2.0", "method": "m", "params": [1], "id": 1}),
+                codes::INVALID_PARAMS,
+            ),
+            (
+                json!({"jsonrpc": "2.0", "method": "m", "id": 1, "x": 1}),
+                codes::INVALID_REQUEST,
+            ),
+            (json!(7), codes::INVALID_REQUEST),
+        ];
+        for (v, code) in cases {
+            match request(v.clone()) {
+                Err((_, e)) => assert_eq!(e.code, code, "{v}"),
+                Ok(_) => panic!("{v} should be rejected"),
+            }
+        }
+    }
+
+    #[test]
+    fn bucket_limits_bursts() {
+        let mut b = Bucket {
+            tokens: 3.0,
+            last: Instant::now(),
+            rate: 0.0,
+            burst: 3.0,
+        };
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+    }
+}

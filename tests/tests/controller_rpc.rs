@@ -1,0 +1,442 @@
+//! The JSON-RPC 2.0 WebSocket of a real controller with real Redis: every protocol error and
+//! limit (with the connection staying usable), routing of commands to the owning node over
+//! the command bus, dial-out notifications and subscribed events.
+//!
+//! The node here is a bus participant written in the test that answers like a node agent
+//! does; the node agent's own handling of these commands is tested in the node tests.
+
+use std::time::Duration;
+
+use confroute_shared::bus::{Bus, BusError, ErrorCode, Event};
+use confroute_tests::fixtures;
+use confroute_tests::harness::{ControllerProc, RedisServer};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Setup {
+    redis: RedisServer,
+    controller: ControllerProc,
+}
+
+async fn setup(extra: &[(&str, &str)]) -> Setup {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    for id in ["node-a", "node-b"] {
+        store
+            .register(&fixtures::node(id, 100), Duration::from_secs(300))
+            .await
+            .expect("register");
+    }
+    let mut env = fixtures::redis_env(&cfg);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let controller = ControllerProc::start(&env).expect("controller");
+    Setup { redis, controller }
+}
+
+async fn connect(
+    s: &Setup,
+    token: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://127.0.0.1:{}/v1/rpc", s.controller.http_port)
+        .into_client_request()
+        .expect("request");
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+async fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.into())).await.expect("send");
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(t.as_str()).expect("JSON answer");
+        }
+    }
+}
+
+/// Sends a request and returns the answer with its id (skipping notifications).
+async fn rpc(ws: &mut Ws, method: &str, params: Value, id: u64) -> Value {
+    send(
+        ws,
+        &json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}).to_string(),
+    )
+    .await;
+    loop {
+        let v = recv(ws).await;
+        if v.get("id") == Some(&json!(id)) {
+            return v;
+        }
+    }
+}
+
+/// Checks the connection still answers requests.
+async fn ping(ws: &mut Ws, id: u64) {
+    let v = rpc(ws, "conference.list", json!({}), id).await;
+    assert!(v["result"]["items"].is_array(), "usable again: {v}");
+}
+
+fn code(v: &Value) -> i64 {
+    v["error"]["code"].as_i64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_keep_the_connection_usable() {
+    let s = setup(&[("CONFROUTE_RPC__MAX_MESSAGE_SIZE", "4096")]).await;
+    let mut ws = connect(&s, None).await.expect("connect");
+
+    send(&mut ws, "{not json").await;
+    let v = recv(&mut ws).await;
+    assert_eq!((code(&v), v["id"].clone()), (-32700, Value::Null), "{v}");
+    ping(&mut ws, 1).await;
+
+    for (req, want) in [
+        (
+            json!({"jsonrpc": "1.0", "method": "conference.list", "id": 2}),
+            -32600,
+        ),
+        (json!({"method": "conference.list", "id": 2}), -32600),
+        (json!({"jsonrpc": "2.0", "method": 7, "id": 2}), -32600),
+        (
+            json!({"jsonrpc": "2.0", "method": "conference.list", "params": "x", "id": 2}),
+            -32600,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "no.such.method", "id": 2}),
+            -32601,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "participant.mute", "params": {"conference": "c"}, "id": 2}),
+            -32602,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "participant.mute", "params": ["c", "p"], "id": 2}),
+            -32602,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "participant.mute", "params": {"conference": "bad name", "participant": "p"}, "id": 2}),
+            -32602,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "participant.dtmf", "params": {"conference": "c", "participant": "p", "digits": "12E"}, "id": 2}),
+            -32602,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "conference.list", "params": {"limit": 0}, "id": 2}),
+            -32602,
+        ),
+        (
+            json!({"jsonrpc": "2.0", "method": "conference.list", "params": {"bogus": 1}, "id": 2}),
+            -32602,
+        ),
+    ] {
+        send(&mut ws, &req.to_string()).await;
+        let v = recv(&mut ws).await;
+        assert_eq!(code(&v), want, "{req} -> {v}");
+        assert_eq!(v["id"], json!(2), "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    ping(&mut ws, 3).await;
+
+    let big = json!({"jsonrpc": "2.0", "method": "conference.list", "params": {"after": "x".repeat(5000)}, "id": 4});
+    send(&mut ws, &big.to_string()).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(code(&v), -32010, "{v}");
+    ping(&mut ws, 5).await;
+
+    ws.send(Message::Binary(vec![1u8, 2, 3].into()))
+        .await
+        .expect("send");
+    assert_eq!(code(&recv(&mut ws).await), -32600);
+
+    // Notifications get no answer; the next request's answer comes first.
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "conference.list"}).to_string(),
+    )
+    .await;
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "no.such", "params": {}}).to_string(),
+    )
+    .await;
+    ping(&mut ws, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_rate_limits_and_subscription_limits() {
+    let s = setup(&[
+        ("CONFROUTE_RPC__RATE_LIMIT", "5"),
+        ("CONFROUTE_RPC__BURST", "5"),
+        ("CONFROUTE_RPC__MAX_SUBSCRIPTIONS", "2"),
+        ("CONFROUTE_RPC__MAX_BATCH", "4"),
+    ])
+    .await;
+    let mut ws = connect(&s, None).await.expect("connect");
+    send(
+        &mut ws,
+        &json!([
+            {"jsonrpc": "2.0", "method": "conference.list", "id": "a"},
+            {"jsonrpc": "2.0", "method": "nope", "id": "b"},
+            {"jsonrpc": "2.0", "method": "conference.list"},
+            {"bad": true}
+        ])
+        .to_string(),
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    let arr = v.as_array().expect("batch answer");
+    assert_eq!(arr.len(), 3, "the notification gets no answer: {v}");
+    let by_id = |id: Value| arr.iter().find(|x| x["id"] == id).cloned().expect("answer");
+    assert!(by_id(json!("a"))["result"].is_object());
+    assert_eq!(code(&by_id(json!("b"))), -32601);
+    assert_eq!(code(&by_id(Value::Null)), -32600);
+
+    send(&mut ws, "[]").await;
+    assert_eq!(code(&recv(&mut ws).await), -32600);
+    let five: Vec<Value> = (0..5)
+        .map(|i| json!({"jsonrpc": "2.0", "method": "conference.list", "id": i}))
+        .collect();
+    send(&mut ws, &Value::Array(five).to_string()).await;
+    assert_eq!(code(&recv(&mut ws).await), -32600, "batch over the limit");
+
+    // The bucket (burst 5) is spent by now: the next commands are refused, then allowed again.
+    let mut limited = 0;
+    for i in 100..110 {
+        if code(&rpc(&mut ws, "conference.list", json!({}), i).await) == -32008 {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 5, "rate limit applied ({limited} of 10 refused)");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        rpc(&mut ws, "conference.list", json!({}), 200).await["result"].is_object(),
+        "refilled"
+    );
+
+    // A fresh connection has its own bucket.
+    let mut ws = connect(&s, None).await.expect("connect");
+    assert!(
+        rpc(&mut ws, "subscribe", json!({"conference": "one"}), 201).await["result"].is_object()
+    );
+    assert!(
+        rpc(&mut ws, "subscribe", json!({"conference": "two"}), 202).await["result"].is_object()
+    );
+    assert_eq!(
+        code(&rpc(&mut ws, "subscribe", json!({"conference": "three"}), 203).await),
+        -32009
+    );
+    assert_eq!(
+        code(&rpc(&mut ws, "subscribe", json!({"conference": "bad{"}), 204).await),
+        -32602
+    );
+    let v = rpc(&mut ws, "unsubscribe", json!({"conference": "one"}), 205).await;
+    assert_eq!(v["result"]["was_subscribed"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_the_owner_and_fail_fast_without_it() {
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "1s")]).await;
+    let cfg = fixtures::single(&s.redis.url());
+    let store = fixtures::store(&cfg);
+    // "owned-a" lives on node-a (which answers), "owned-b" on node-b (nobody listens).
+    store
+        .claim(&"owned-a".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    store
+        .claim(&"owned-b".parse().expect("name"), &[fixtures::id("node-b")])
+        .await
+        .expect("claim");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            match cmd.method.as_str() {
+                "participant.mute" if cmd.params["participant"] == "p1" => {
+                    responder.respond(&cmd, Ok(json!({"muted": true}))).await
+                }
+                "participant.mute" => {
+                    responder
+                        .respond(
+                            &cmd,
+                            Err(BusError::new(
+                                ErrorCode::ParticipantNotFound,
+                                "no such participant",
+                            )),
+                        )
+                        .await
+                }
+                "dialout" => {
+                    responder
+                        .respond(&cmd, Ok(json!({"callid": "call-1"})))
+                        .await;
+                    for (i, st) in ["accepted", "ringing", "connected"].iter().enumerate() {
+                        responder
+                            .notify(
+                                &cmd.reply_to,
+                                &cmd.id,
+                                json!({"callid": "call-1", "status": st}),
+                                i == 2,
+                            )
+                            .await;
+                    }
+                }
+                _ => {
+                    responder
+                        .respond(&cmd, Err(BusError::new(ErrorCode::Internal, "unexpected")))
+                        .await
+                }
+            }
+        }
+    });
+
+    let mut ws = connect(&s, None).await.expect("connect");
+    let v = rpc(
+        &mut ws,
+        "participant.mute",
+        json!({"conference": "owned-a", "participant": "p1"}),
+        1,
+    )
+    .await;
+    assert_eq!(v["result"], json!({"muted": true}), "{v}");
+    let v = rpc(
+        &mut ws,
+        "participant.mute",
+        json!({"conference": "owned-a", "participant": "p9"}),
+        2,
+    )
+    .await;
+    assert_eq!(code(&v), -32002, "{v}");
+    let v = rpc(
+        &mut ws,
+        "participant.mute",
+        json!({"conference": "nowhere", "participant": "p1"}),
+        3,
+    )
+    .await;
+    assert_eq!(code(&v), -32001, "{v}");
+    let started = std::time::Instant::now();
+    let v = rpc(
+        &mut ws,
+        "participant.kick",
+        json!({"conference": "owned-b", "participant": "p1"}),
+        4,
+    )
+    .await;
+    assert_eq!(code(&v), -32003, "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "node unavailable within the deadline"
+    );
+
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "owned-a", "to": "not a number"}),
+        5,
+    )
+    .await;
+    assert_eq!(code(&v), -32004, "{v}");
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "fresh", "to": "12"}),
+        6,
+    )
+    .await;
+    assert_eq!(code(&v), -32004, "{v}");
+    assert!(
+        store
+            .lookup(&"fresh".parse().expect("name"))
+            .await
+            .expect("lookup")
+            .is_none(),
+        "nothing homed"
+    );
+
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "owned-a", "to": "+15555550101"}),
+        7,
+    )
+    .await;
+    assert_eq!(v["result"], json!({"callid": "call-1"}), "{v}");
+    let mut statuses = Vec::new();
+    while statuses.len() < 3 {
+        let n = recv(&mut ws).await;
+        assert_eq!(n["method"], "dialout.status", "{n}");
+        statuses.push(n["params"]["status"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(statuses, ["accepted", "ringing", "connected"]);
+
+    // Events of subscribed conferences only, in order.
+    assert!(
+        rpc(&mut ws, "subscribe", json!({"conference": "owned-a"}), 8).await["result"].is_object()
+    );
+    for (conf, seq) in [
+        ("other", 0),
+        ("owned-a", 0),
+        ("owned-a", 1),
+        ("other", 1),
+        ("owned-a", 2),
+    ] {
+        node.publish_event(&Event {
+            conference: conf.into(),
+            node: "node-a".into(),
+            seq,
+            event: "join".into(),
+            data: json!({"participant": format!("p{seq}")}),
+        })
+        .await;
+    }
+    for want in 0..3u64 {
+        let n = recv(&mut ws).await;
+        assert_eq!(n["method"], "event", "{n}");
+        assert_eq!(n["params"]["conference"], "owned-a");
+        assert_eq!(n["params"]["seq"], json!(want));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_needs_the_token_when_one_is_set() {
+    let s = setup(&[("CONFROUTE_HTTP__API_TOKEN", "rpc-token-0123456789")]).await;
+    for bad in [None, Some("wrong-token-0123456789")] {
+        match connect(&s, bad).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status().as_u16(), 401)
+            }
+            other => panic!(
+                "upgrade without the token must fail with 401: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+    let mut ws = connect(&s, Some("rpc-token-0123456789"))
+        .await
+        .expect("connect with token");
+    assert!(rpc(&mut ws, "conference.list", json!({}), 1).await["result"].is_object());
+}
