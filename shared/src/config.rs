@@ -18,6 +18,9 @@ use crate::secret::Secret;
 /// Environment variable prefix for every setting.
 pub const ENV_PREFIX: &str = "CONFROUTE_";
 
+/// Variables of the `confroute-ctl` command line; the daemons' loader skips them.
+pub const CTL_ENV_PREFIX: &str = "CONFROUTE_CTL_";
+
 /// One problem found in the configuration, naming the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -130,6 +133,9 @@ impl figment::Provider for EnvSnapshot {
     ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         let mut dict = figment::value::Dict::new();
         for (key, value) in &self.vars {
+            if key.starts_with(CTL_ENV_PREFIX) {
+                continue;
+            }
             let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
@@ -699,6 +705,7 @@ mod tests {
                 ("CONFROUTE_REDIS__URL", "redis://env:2"),
                 ("CONFROUTE_NAME", "12345"),
                 ("OTHER_VAR", "ignored"),
+                ("CONFROUTE_CTL_TOKEN", "belongs to confroute-ctl"),
             ]),
         )
         .expect("env loads");

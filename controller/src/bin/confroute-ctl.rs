@@ -1,0 +1,667 @@
+//! `confroute-ctl`: the operator's command line for a confroute cluster, talking to any
+//! controller's HTTP API (and its JSON-RPC WebSocket to follow dial-outs and tail events).
+//! Tables for people by default, `--json` for scripts.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Command line.
+#[derive(Parser)]
+#[command(version, about = "Operate a confroute cluster through any controller")]
+struct Cli {
+    /// Controller HTTP address.
+    #[arg(
+        long,
+        env = "CONFROUTE_CTL_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// API token (`http.api_token` of the controller).
+    #[arg(long, env = "CONFROUTE_CTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Conference nodes.
+    Nodes {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Live conferences.
+    Conferences {
+        #[command(subcommand)]
+        cmd: ConfCmd,
+    },
+    /// Participants of a conference.
+    Participants {
+        #[command(subcommand)]
+        cmd: PartCmd,
+    },
+    /// Where a conference goes (claims a node if it has none).
+    Route {
+        /// Conference name.
+        conference: String,
+    },
+    /// Call a number or SIP URI into a conference.
+    Dialout {
+        /// Conference name.
+        conference: String,
+        /// E.164 number or SIP URI.
+        to: String,
+        /// Caller id to present.
+        #[arg(long)]
+        from: Option<String>,
+        /// Seconds to ring.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Follow the call's status until it connects or fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print the events of conferences as they happen (Ctrl-C to stop).
+    Events {
+        /// Conference names.
+        #[arg(required = true)]
+        conferences: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes with a live lease.
+    List,
+    /// Show one node.
+    Get {
+        /// Node id.
+        id: String,
+    },
+    /// Stop placing new conferences on a node.
+    Drain {
+        /// Node id.
+        id: String,
+    },
+    /// Let a drained node take new conferences again.
+    Undrain {
+        /// Node id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfCmd {
+    /// List live conferences.
+    List {
+        /// Start after this name.
+        #[arg(long)]
+        after: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show a conference and its owner.
+    Get {
+        /// Conference name.
+        name: String,
+    },
+    /// End a conference: everyone is hung up.
+    End {
+        /// Conference name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PartCmd {
+    /// List participants.
+    List {
+        /// Conference name.
+        conference: String,
+    },
+    /// Mute a participant.
+    Mute {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+    },
+    /// Unmute a participant.
+    Unmute {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+    },
+    /// Put a participant on hold (music on hold, out of the mix).
+    Hold {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+    },
+    /// Take a participant off hold.
+    Unhold {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+    },
+    /// Hang a participant up.
+    Kick {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+    },
+    /// Send DTMF digits to a participant.
+    Dtmf {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+        /// Digits 0-9 * # A-D.
+        digits: String,
+    },
+    /// Move a participant to another conference.
+    Move {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+        /// Target conference.
+        to: String,
+    },
+}
+
+/// A failed command, with the API's error code when it gave one.
+struct Failure(String);
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    token: Option<String>,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url.trim_end_matches('/')));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure(format!("cannot reach {}: {e}", self.url)))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Failure(format!("reading the answer: {e}")))?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            Ok(v)
+        } else {
+            let code = v["error"]["code"].as_str().unwrap_or("error");
+            let msg = v["error"]["message"].as_str().unwrap_or("");
+            Err(Failure(format!("{status}: {code}: {msg}")))
+        }
+    }
+
+    async fn websocket(
+        &self,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        Failure,
+    > {
+        let ws_url = self
+            .url
+            .trim_end_matches('/')
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1);
+        let mut req = format!("{ws_url}/v1/rpc")
+            .into_client_request()
+            .map_err(|e| Failure(format!("bad url: {e}")))?;
+        if let Some(t) = &self.token {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Failure("the token is not a valid header value".into()))?;
+            req.headers_mut().insert("authorization", v);
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| Failure(format!("cannot open the WebSocket: {e}")))?;
+        Ok(ws)
+    }
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_nodes(v: &Value) {
+    let mut rows = vec![vec![
+        "ID",
+        "STATE",
+        "ZONE",
+        "CONFS",
+        "CLAIMED/CAP",
+        "PARTICIPANTS",
+        "CPU",
+        "SIP URI",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>()];
+    let items = v["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| vec![v.clone()]);
+    for n in items {
+        rows.push(vec![
+            s(&n["id"]),
+            s(&n["state"]),
+            if n["zone"].as_str().unwrap_or("").is_empty() {
+                "-".into()
+            } else {
+                s(&n["zone"])
+            },
+            s(&n["conferences"]),
+            format!("{}/{}", s(&n["claimed"]), s(&n["capacity"])),
+            s(&n["participants"]),
+            format!("{:.0}%", n["cpu"].as_f64().unwrap_or(0.0)),
+            s(&n["sip_uri"]),
+        ]);
+    }
+    print!("{}", table(&rows));
+}
+
+fn print_conferences(v: &Value) {
+    let mut rows = vec![vec!["CONFERENCE", "NODE", "EPOCH", "PARTICIPANTS"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()];
+    let items = v["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| vec![v.clone()]);
+    for c in items {
+        rows.push(vec![
+            s(&c["conference"]),
+            s(&c["node_id"]),
+            s(&c["epoch"]),
+            s(&c["participants"]),
+        ]);
+    }
+    print!("{}", table(&rows));
+    if let Some(next) = v["next"].as_str() {
+        println!("more: --after {next}");
+    }
+}
+
+fn print_participants(v: &Value) {
+    let mut rows = vec![vec!["PARTICIPANT", "CALLER", "MUTED", "HELD", "JOINED"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()];
+    let items = v["participants"].as_array().cloned().unwrap_or_default();
+    for p in items {
+        rows.push(vec![
+            s(&p["id"]),
+            s(&p["caller"]),
+            s(&p["muted"]),
+            s(&p["held"]),
+            s(&p["joined_ms"]),
+        ]);
+    }
+    print!("{}", table(&rows));
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| Failure(format!("http client: {e}")))?;
+    let api = Api {
+        http,
+        url: cli.url.clone(),
+        token: cli.token.clone(),
+    };
+    let json_out = cli.json;
+    let show = |v: &Value, human: fn(&Value)| {
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            human(v);
+        }
+    };
+    let done = |v: &Value, what: &str| {
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            println!("{what}");
+        }
+    };
+    match cli.cmd {
+        Cmd::Nodes { cmd } => match cmd {
+            NodeCmd::List => show(
+                &api.call(Method::GET, "/v1/nodes", None).await?,
+                print_nodes,
+            ),
+            NodeCmd::Get { id } => show(
+                &api.call(Method::GET, &format!("/v1/nodes/{id}"), None)
+                    .await?,
+                print_nodes,
+            ),
+            NodeCmd::Drain { id } => {
+                let v = api
+                    .call(Method::POST, &format!("/v1/nodes/{id}/drain"), None)
+                    .await?;
+                done(
+                    &v,
+                    &format!("{id}: {} -> {}", s(&v["previous"]), s(&v["state"])),
+                );
+            }
+            NodeCmd::Undrain { id } => {
+                let v = api
+                    .call(Method::POST, &format!("/v1/nodes/{id}/undrain"), None)
+                    .await?;
+                done(
+                    &v,
+                    &format!("{id}: {} -> {}", s(&v["previous"]), s(&v["state"])),
+                );
+            }
+        },
+        Cmd::Conferences { cmd } => match cmd {
+            ConfCmd::List { after, limit } => {
+                let mut path = format!("/v1/conferences?limit={limit}");
+                if let Some(a) = after {
+                    path.push_str(&format!("&after={a}"));
+                }
+                show(
+                    &api.call(Method::GET, &path, None).await?,
+                    print_conferences,
+                );
+            }
+            ConfCmd::Get { name } => show(
+                &api.call(Method::GET, &format!("/v1/conferences/{name}"), None)
+                    .await?,
+                print_conferences,
+            ),
+            ConfCmd::End { name } => {
+                let v = api
+                    .call(Method::DELETE, &format!("/v1/conferences/{name}"), None)
+                    .await?;
+                done(&v, &format!("{name}: ended"));
+            }
+        },
+        Cmd::Participants { cmd } => {
+            let (method, path, body, what) = match cmd {
+                PartCmd::List { conference } => {
+                    let v = api
+                        .call(
+                            Method::GET,
+                            &format!("/v1/conferences/{conference}/participants"),
+                            None,
+                        )
+                        .await?;
+                    show(&v, print_participants);
+                    return Ok(());
+                }
+                PartCmd::Mute {
+                    conference,
+                    participant,
+                } => (
+                    Method::POST,
+                    format!("/v1/conferences/{conference}/participants/{participant}/mute"),
+                    None,
+                    "muted",
+                ),
+                PartCmd::Unmute {
+                    conference,
+                    participant,
+                } => (
+                    Method::POST,
+                    format!("/v1/conferences/{conference}/participants/{participant}/unmute"),
+                    None,
+                    "unmuted",
+                ),
+                PartCmd::Hold {
+                    conference,
+                    participant,
+                } => (
+                    Method::POST,
+                    format!("/v1/conferences/{conference}/participants/{participant}/hold"),
+                    None,
+                    "on hold",
+                ),
+                PartCmd::Unhold {
+                    conference,
+                    participant,
+                } => (
+                    Method::POST,
+                    format!("/v1/conferences/{conference}/participants/{participant}/unhold"),
+                    None,
+                    "off hold",
+                ),
+                PartCmd::Kick {
+                    conference,
+                    participant,
+                } => (
+                    Method::DELETE,
+                    format!("/v1/conferences/{conference}/participants/{participant}"),
+                    None,
+                    "kicked",
+                ),
+                PartCmd::Dtmf {
+                    conference,
+                    participant,
+                    digits,
+                } => (
+                    Method::POST,
+                    format!("/v1/conferences/{conference}/participants/{participant}/dtmf"),
+                    Some(json!({"digits": digits})),
+                    "digits sent",
+                ),
+                PartCmd::Move {
+                    conference,
+                    participant,
+                    to,
+                } => (
+                    Method::POST,
+                    format!("/v1/conferences/{conference}/participants/{participant}/move"),
+                    Some(json!({"to": to})),
+                    "moved",
+                ),
+            };
+            let v = api.call(method, &path, body).await?;
+            done(&v, what);
+        }
+        Cmd::Route { conference } => {
+            let v = api
+                .call(
+                    Method::POST,
+                    "/v1/route",
+                    Some(json!({"conference": conference})),
+                )
+                .await?;
+            done(
+                &v,
+                &format!(
+                    "{conference} -> {} ({}) epoch {}{}",
+                    s(&v["node_id"]),
+                    s(&v["sip_uri"]),
+                    s(&v["epoch"]),
+                    if v["created"] == true { ", new" } else { "" }
+                ),
+            );
+        }
+        Cmd::Dialout {
+            conference,
+            to,
+            from,
+            timeout,
+            wait,
+        } => {
+            let mut params = json!({"conference": conference, "to": to});
+            if let Some(f) = from {
+                params["from"] = json!(f);
+            }
+            if let Some(t) = timeout {
+                params["timeout"] = json!(t);
+            }
+            if !wait {
+                let mut body = params.clone();
+                if let Some(m) = body.as_object_mut() {
+                    m.remove("conference");
+                }
+                let v = api
+                    .call(
+                        Method::POST,
+                        &format!("/v1/conferences/{conference}/participants"),
+                        Some(body),
+                    )
+                    .await?;
+                done(&v, &format!("calling {to}: callid {}", s(&v["callid"])));
+                return Ok(());
+            }
+            let mut ws = api.websocket().await?;
+            let req = json!({"jsonrpc": "2.0", "method": "dialout", "params": params, "id": 1});
+            ws.send(Message::Text(req.to_string().into()))
+                .await
+                .map_err(|e| Failure(format!("send: {e}")))?;
+            while let Some(msg) = ws.next().await {
+                let Ok(Message::Text(t)) = msg else { continue };
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                if json_out {
+                    println!("{v}");
+                }
+                if v["id"] == json!(1) {
+                    if let Some(e) = v.get("error") {
+                        return Err(Failure(format!("{}: {}", s(&e["code"]), s(&e["message"]))));
+                    }
+                    if !json_out {
+                        println!("callid {}", s(&v["result"]["callid"]));
+                    }
+                } else if v["method"] == "dialout.status" {
+                    let p = &v["params"];
+                    let status = p["status"].as_str().unwrap_or("");
+                    if !json_out {
+                        let extra = match (p.get("code"), p.get("cause")) {
+                            (Some(c), Some(q)) => format!(" (SIP {} / cause {})", s(c), s(q)),
+                            (None, Some(q)) => format!(" (cause {})", s(q)),
+                            _ => String::new(),
+                        };
+                        println!("{status}{extra}");
+                    }
+                    match status {
+                        "connected" | "cleared" => return Ok(()),
+                        "rejected" => return Err(Failure("the call was rejected".into())),
+                        _ => {}
+                    }
+                }
+            }
+            return Err(Failure(
+                "the connection closed before the call finished".into(),
+            ));
+        }
+        Cmd::Events { conferences } => {
+            let mut ws = api.websocket().await?;
+            for (i, c) in conferences.iter().enumerate() {
+                let req = json!({"jsonrpc": "2.0", "method": "subscribe", "params": {"conference": c}, "id": i});
+                ws.send(Message::Text(req.to_string().into()))
+                    .await
+                    .map_err(|e| Failure(format!("send: {e}")))?;
+            }
+            while let Some(msg) = ws.next().await {
+                let Ok(Message::Text(t)) = msg else { continue };
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                if let Some(e) = v.get("error") {
+                    return Err(Failure(format!("{}: {}", s(&e["code"]), s(&e["message"]))));
+                }
+                if v["method"] == "event" {
+                    if json_out {
+                        println!("{}", v["params"]);
+                    } else {
+                        let p = &v["params"];
+                        println!(
+                            "{} {} #{} {} {}",
+                            s(&p["conference"]),
+                            s(&p["node"]),
+                            s(&p["seq"]),
+                            s(&p["event"]),
+                            p["data"]
+                        );
+                    }
+                } else if v["method"] == "events.lost" {
+                    eprintln!("({} events lost)", s(&v["params"]["count"]));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(m)) => {
+            eprintln!("confroute-ctl: {m}");
+            ExitCode::FAILURE
+        }
+    }
+}
