@@ -1,17 +1,387 @@
 //! The node agent's configuration (see `shared::config` for how it is loaded).
+//!
+//! Conference options have a default set (`[conference]`) and named profiles
+//! (`[profiles.NAME]`), like ConfBridge's bridge and user profiles; a call picks a profile
+//! with the channel variable `CONFROUTE_PROFILE` and may override single options with
+//! other channel variables (see [`crate::options`]).
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use confroute_shared::config::{ConfigError, Issues, LogConfig, RedisConfig, Validate};
+use serde::{Deserialize, Deserializer};
+
+use confroute_shared::config::{
+    duration, string_like, ConfigError, Issues, LogConfig, RedisConfig, Validate,
+};
+use confroute_shared::secret::Secret;
+use confroute_shared::types::NodeId;
+
+use crate::options::{Beep, CallbackEvent, Record};
 
 /// Root of `confroute-node`'s settings.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
+    /// This node: identity, address, capacity, lifecycle timings.
+    pub node: NodeSection,
+    /// The agent's own HTTP port (health, metrics, drain).
+    pub http: HttpConfig,
+    /// The local Asterisk's REST Interface.
+    pub ari: AriConfig,
+    /// Default conference options.
+    pub conference: ConferenceDefaults,
+    /// Named option sets a call selects with `CONFROUTE_PROFILE`.
+    pub profiles: BTreeMap<String, Profile>,
+    /// Status callback delivery.
+    pub webhook: WebhookConfig,
     /// Where Redis is.
     pub redis: RedisConfig,
     /// Log output.
     pub log: LogConfig,
+}
+
+/// What to do with a caller who reached this node for a conference another node owns.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WrongNodePolicy {
+    /// Send the call to the owner with a SIP 302 (ARI `redirect`), else hang up.
+    Redirect,
+    /// Hang up with cause 34 (SIP 503) so the edge asks the router again.
+    Hangup,
+}
+
+/// What to do with a conference whose claim moved to another node (invariant 2).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LostPolicy {
+    /// Admit nobody new; the participants already here stay until they leave.
+    Drain,
+    /// Hang up every participant at once.
+    End,
+}
+
+/// `[node]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Unique node id; defaults to the host name.
+    pub id: Option<NodeId>,
+    /// Where the edge sends calls for this node, e.g. `sip:10.0.0.5:5060`; defaults to
+    /// `sip:<host name>:5060`.
+    #[serde(deserialize_with = "opt_string")]
+    pub sip_uri: Option<String>,
+    /// Advertised HTTP control address; defaults to `http://<http.listen>`.
+    #[serde(deserialize_with = "opt_string")]
+    pub control: Option<String>,
+    /// Zone or site label for placement preference; empty for none.
+    #[serde(deserialize_with = "string_like")]
+    pub zone: String,
+    /// Most conferences this node hosts at once.
+    pub capacity: u32,
+    /// How often the node record and load are written (the lease is three of these).
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Longest a drain waits for conferences to end before ending them.
+    #[serde(deserialize_with = "duration")]
+    pub drain_deadline: Duration,
+    /// Wrong-node arrivals: `redirect` or `hangup`.
+    pub wrong_node: WrongNodePolicy,
+    /// Conferences whose claim moved elsewhere: `drain` or `end`.
+    pub on_ownership_lost: LostPolicy,
+}
+
+/// `[http]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Bearer token required on `/v1/*`; none = open.
+    pub api_token: Option<Secret>,
+}
+
+/// `[ari]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AriConfig {
+    /// Base URL of Asterisk's HTTP server, e.g. `http://127.0.0.1:8088` (ARI under `/ari`).
+    #[serde(deserialize_with = "string_like")]
+    pub url: String,
+    /// ARI user (ari.conf).
+    #[serde(deserialize_with = "string_like")]
+    pub username: String,
+    /// ARI password (never logged).
+    pub password: Secret,
+    /// Stasis application name.
+    #[serde(deserialize_with = "string_like")]
+    pub app: String,
+    /// Deadline of one REST call.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// First reconnect delay of the events WebSocket; doubles up to `reconnect_max`.
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_max: Duration,
+    /// WebSocket ping interval; no answer within two intervals means the link is dead.
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// How often bridges and channels are compared with what the agent believes.
+    #[serde(deserialize_with = "duration")]
+    pub reconcile_interval: Duration,
+    /// Create bridges with `proxy_media` (media always flows through Asterisk).
+    pub proxy_media: bool,
+    /// Channel variable naming the conference when no app argument does.
+    #[serde(deserialize_with = "string_like")]
+    pub conference_variable: String,
+    /// SIP header naming the conference when neither an argument nor the variable does.
+    #[serde(deserialize_with = "string_like")]
+    pub conference_header: String,
+}
+
+/// `[conference]`: the options every call gets unless a profile or a variable says otherwise.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConferenceDefaults {
+    /// TwiML `muted`: the participant joins muted.
+    pub muted: bool,
+    /// TwiML `beep`: `true`, `false`, `onEnter` or `onExit`.
+    pub beep: Beep,
+    /// TwiML `startConferenceOnEnter`.
+    pub start_conference_on_enter: bool,
+    /// TwiML `endConferenceOnExit`.
+    pub end_conference_on_exit: bool,
+    /// TwiML `maxParticipants` (2–250 in Twilio; here 1–10000).
+    pub max_participants: u32,
+    /// TwiML `waitUrl`, as a music-on-hold class.
+    #[serde(deserialize_with = "string_like")]
+    pub wait_music: String,
+    /// TwiML `record`: `do-not-record` or `record-from-start`.
+    pub record: Record,
+    /// TwiML `statusCallback`: URL for conference events; empty for none.
+    #[serde(deserialize_with = "string_like")]
+    pub status_callback: String,
+    /// TwiML `statusCallbackEvent`: any of start, end, join, leave, mute, hold.
+    pub status_callback_event: Vec<CallbackEvent>,
+    /// Sound played to the bridge for a beep.
+    #[serde(deserialize_with = "string_like")]
+    pub beep_sound: String,
+    /// Sound played to a caller refused because the conference is full; empty for none.
+    #[serde(deserialize_with = "string_like")]
+    pub full_sound: String,
+    /// File format of conference recordings.
+    #[serde(deserialize_with = "string_like")]
+    pub recording_format: String,
+}
+
+/// `[profiles.NAME]`: any option of `[conference]` that differs from the defaults.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Profile {
+    /// See [`ConferenceDefaults::muted`].
+    pub muted: Option<bool>,
+    /// See [`ConferenceDefaults::beep`].
+    pub beep: Option<Beep>,
+    /// See [`ConferenceDefaults::start_conference_on_enter`].
+    pub start_conference_on_enter: Option<bool>,
+    /// See [`ConferenceDefaults::end_conference_on_exit`].
+    pub end_conference_on_exit: Option<bool>,
+    /// See [`ConferenceDefaults::max_participants`].
+    pub max_participants: Option<u32>,
+    /// See [`ConferenceDefaults::wait_music`].
+    #[serde(deserialize_with = "opt_string")]
+    pub wait_music: Option<String>,
+    /// See [`ConferenceDefaults::record`].
+    pub record: Option<Record>,
+    /// See [`ConferenceDefaults::status_callback`].
+    #[serde(deserialize_with = "opt_string")]
+    pub status_callback: Option<String>,
+    /// See [`ConferenceDefaults::status_callback_event`].
+    pub status_callback_event: Option<Vec<CallbackEvent>>,
+}
+
+/// `[webhook]`: how status callbacks are delivered.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Deadline of one POST.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Attempts per event before it is given up.
+    pub max_attempts: u32,
+    /// First retry delay; doubles up to `retry_max`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    /// Events queued per conference at most; past it new events are dropped and counted.
+    pub queue_size: usize,
+}
+
+fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    string_like(d).map(Some)
+}
+
+/// The machine's host name, for default ids and addresses.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: None,
+            sip_uri: None,
+            control: None,
+            zone: String::new(),
+            capacity: 100,
+            heartbeat_interval: Duration::from_secs(1),
+            drain_deadline: Duration::from_secs(600),
+            wrong_node: WrongNodePolicy::Redirect,
+            on_ownership_lost: LostPolicy::Drain,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            api_token: None,
+        }
+    }
+}
+
+impl Default for AriConfig {
+    fn default() -> Self {
+        AriConfig {
+            url: "http://127.0.0.1:8088".to_string(),
+            username: "confroute".to_string(),
+            password: Secret::default(),
+            app: "confroute".to_string(),
+            request_timeout: Duration::from_secs(2),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(5),
+            reconcile_interval: Duration::from_secs(60),
+            proxy_media: false,
+            conference_variable: "CONFROUTE_CONFERENCE".to_string(),
+            conference_header: "X-Conference".to_string(),
+        }
+    }
+}
+
+impl Default for ConferenceDefaults {
+    fn default() -> Self {
+        ConferenceDefaults {
+            muted: false,
+            beep: Beep::True,
+            start_conference_on_enter: true,
+            end_conference_on_exit: false,
+            max_participants: 250,
+            wait_music: "default".to_string(),
+            record: Record::DoNotRecord,
+            status_callback: String::new(),
+            status_callback_event: vec![CallbackEvent::Start, CallbackEvent::End],
+            beep_sound: "beep".to_string(),
+            full_sound: String::new(),
+            recording_format: "wav".to_string(),
+        }
+    }
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            timeout: Duration::from_secs(5),
+            max_attempts: 5,
+            retry_initial: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            queue_size: 1000,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// This node's id (the configured one, else the host name made into a valid id).
+    pub fn node_id(&self) -> NodeId {
+        if let Some(id) = &self.node.id {
+            return id.clone();
+        }
+        let host: String = host_name()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(confroute_shared::types::MAX_NODE_ID_LEN)
+            .collect();
+        NodeId::parse(&host).unwrap_or_else(|_| NodeId::parse("node").expect("literal id"))
+    }
+
+    /// The SIP URI callers of this node's conferences are sent to.
+    pub fn sip_uri(&self) -> String {
+        self.node
+            .sip_uri
+            .clone()
+            .unwrap_or_else(|| format!("sip:{}:5060", host_name()))
+    }
+
+    /// The advertised control URL, given the bound HTTP address (a wildcard address is
+    /// advertised as the host name, which others can reach).
+    pub fn control_url(&self, bound: SocketAddr) -> String {
+        self.node.control.clone().unwrap_or_else(|| {
+            if bound.ip().is_unspecified() {
+                format!("http://{}:{}", host_name(), bound.port())
+            } else {
+                format!("http://{bound}")
+            }
+        })
+    }
+
+    /// The ARI base URL without a trailing slash or `/ari`.
+    pub fn ari_base(&self) -> String {
+        let u = self.ari.url.trim_end_matches('/');
+        u.strip_suffix("/ari").unwrap_or(u).to_string()
+    }
+}
+
+fn http_url_ok(s: &str) -> bool {
+    (s.starts_with("http://") || s.starts_with("https://"))
+        && reqwest::Url::parse(s).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+}
+
+fn variable_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+/// Checks a profile's or the defaults' callback URL.
+fn check_callback(issues: &mut Issues, key: &str, url: &str) {
+    if !url.is_empty() && !http_url_ok(url) {
+        issues.add(
+            key,
+            format!("`{url}` is not an http(s) URL; expected e.g. https://app.example.com/events"),
+        );
+    }
+}
+
+fn check_max(issues: &mut Issues, key: &str, n: u32) {
+    if !(1..=10_000).contains(&n) {
+        issues.add(key, "must be between 1 and 10000");
+    }
 }
 
 impl Validate for NodeConfig {
@@ -19,6 +389,272 @@ impl Validate for NodeConfig {
         let mut issues = Issues::default();
         issues.extend(self.redis.validate());
         issues.extend(self.log.validate());
+        if let Some(uri) = &self.node.sip_uri {
+            let lower = uri.to_ascii_lowercase();
+            let host = lower
+                .strip_prefix("sip:")
+                .or_else(|| lower.strip_prefix("sips:"));
+            if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+                issues.add(
+                    "node.sip_uri",
+                    format!("`{uri}` is not a SIP URI; expected e.g. sip:10.0.0.5:5060"),
+                );
+            }
+        }
+        if let Some(c) = &self.node.control {
+            if !http_url_ok(c) {
+                issues.add(
+                    "node.control",
+                    format!("`{c}` is not an http(s) URL; expected e.g. http://10.0.0.5:9090"),
+                );
+            }
+        }
+        if self.node.capacity == 0 {
+            issues.add("node.capacity", "must be at least 1");
+        }
+        if self.node.heartbeat_interval < Duration::from_millis(100)
+            || self.node.heartbeat_interval > Duration::from_secs(60)
+        {
+            issues.add("node.heartbeat_interval", "must be between 100ms and 60s");
+        }
+        if self.node.drain_deadline.is_zero() {
+            issues.add("node.drain_deadline", "must be greater than zero");
+        }
+        if !self.ari.url.starts_with("http://")
+            || reqwest::Url::parse(&self.ari.url).map_or(true, |u| u.host_str().is_none())
+        {
+            issues.add(
+                "ari.url",
+                format!(
+                    "`{}` is not a plain http URL; expected e.g. http://127.0.0.1:8088 (the agent runs beside Asterisk; TLS to ARI is not supported)",
+                    self.ari.url
+                ),
+            );
+        }
+        if self.ari.username.is_empty() {
+            issues.add("ari.username", "must not be empty");
+        }
+        if self.ari.app.is_empty()
+            || !self
+                .ari
+                .app
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            issues.add(
+                "ari.app",
+                "must be a Stasis application name (letters, digits, '_', '-', '.')",
+            );
+        }
+        for (key, d) in [
+            ("ari.request_timeout", self.ari.request_timeout),
+            ("ari.reconnect_min", self.ari.reconnect_min),
+            ("ari.ping_interval", self.ari.ping_interval),
+            ("ari.reconcile_interval", self.ari.reconcile_interval),
+        ] {
+            if d.is_zero() {
+                issues.add(key, "must be greater than zero");
+            }
+        }
+        if self.ari.reconnect_max < self.ari.reconnect_min {
+            issues.add(
+                "ari.reconnect_max",
+                "must not be less than ari.reconnect_min",
+            );
+        }
+        if !variable_ok(&self.ari.conference_variable) {
+            issues.add(
+                "ari.conference_variable",
+                "must be a channel variable name (letters, digits, '_')",
+            );
+        }
+        if !variable_ok(&self.ari.conference_header) {
+            issues.add(
+                "ari.conference_header",
+                "must be a SIP header name (letters, digits, '-')",
+            );
+        }
+        if let Some(t) = &self.http.api_token {
+            if t.expose().len() < 16 {
+                issues.add(
+                    "http.api_token",
+                    "must be at least 16 characters (or unset to leave the API open)",
+                );
+            }
+        }
+        let c = &self.conference;
+        check_max(
+            &mut issues,
+            "conference.max_participants",
+            c.max_participants,
+        );
+        check_callback(
+            &mut issues,
+            "conference.status_callback",
+            &c.status_callback,
+        );
+        if c.beep_sound.is_empty() {
+            issues.add("conference.beep_sound", "must name a sound, e.g. beep");
+        }
+        if c.recording_format.is_empty() {
+            issues.add(
+                "conference.recording_format",
+                "must name a format, e.g. wav",
+            );
+        }
+        for (name, p) in &self.profiles {
+            if !variable_ok(name) {
+                issues.add(
+                    format!("profiles.{name}"),
+                    "profile names take letters, digits, '_' and '-'",
+                );
+            }
+            if let Some(n) = p.max_participants {
+                check_max(&mut issues, &format!("profiles.{name}.max_participants"), n);
+            }
+            if let Some(u) = &p.status_callback {
+                check_callback(&mut issues, &format!("profiles.{name}.status_callback"), u);
+            }
+        }
+        if self.webhook.max_attempts == 0 {
+            issues.add("webhook.max_attempts", "must be at least 1");
+        }
+        if self.webhook.queue_size == 0 {
+            issues.add("webhook.queue_size", "must be at least 1");
+        }
+        if self.webhook.timeout.is_zero() {
+            issues.add("webhook.timeout", "must be greater than zero");
+        }
         issues.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confroute_shared::config::load_from;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg: NodeConfig = load_from(None, &[]).expect("defaults");
+        assert_eq!(cfg.node.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(cfg.ari.app, "confroute");
+        assert_eq!(cfg.conference.beep, Beep::True);
+        assert_eq!(cfg.ari_base(), "http://127.0.0.1:8088");
+        let host = host_name();
+        assert_eq!(
+            cfg.control_url("0.0.0.0:9090".parse().expect("addr")),
+            format!("http://{host}:9090")
+        );
+        assert_eq!(
+            cfg.control_url("127.0.0.1:9091".parse().expect("addr")),
+            "http://127.0.0.1:9091"
+        );
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("CONFROUTE_NODE__ID", "bad id", "node.id"),
+            ("CONFROUTE_NODE__SIP_URI", "10.0.0.5", "node.sip_uri"),
+            ("CONFROUTE_NODE__CAPACITY", "0", "node.capacity"),
+            (
+                "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
+                "soon",
+                "node.heartbeat_interval",
+            ),
+            (
+                "CONFROUTE_NODE__DRAIN_DEADLINE",
+                "0s",
+                "node.drain_deadline",
+            ),
+            ("CONFROUTE_NODE__WRONG_NODE", "bounce", "node.wrong_node"),
+            ("CONFROUTE_ARI__URL", "ws://x", "ari.url"),
+            ("CONFROUTE_ARI__APP", "bad app", "ari.app"),
+            (
+                "CONFROUTE_ARI__REQUEST_TIMEOUT",
+                "0s",
+                "ari.request_timeout",
+            ),
+            ("CONFROUTE_CONFERENCE__BEEP", "loud", "conference.beep"),
+            (
+                "CONFROUTE_CONFERENCE__RECORD",
+                "always",
+                "conference.record",
+            ),
+            (
+                "CONFROUTE_CONFERENCE__MAX_PARTICIPANTS",
+                "0",
+                "conference.max_participants",
+            ),
+            (
+                "CONFROUTE_CONFERENCE__STATUS_CALLBACK",
+                "ftp://x",
+                "conference.status_callback",
+            ),
+            (
+                "CONFROUTE_CONFERENCE__STATUS_CALLBACK_EVENT",
+                "[\"speak\"]",
+                "conference.status_callback_event",
+            ),
+            ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            ("CONFROUTE_NODE__NOPE", "1", "node.nope"),
+            (
+                "CONFROUTE_PROFILES__VIP__MUTED",
+                "maybe",
+                "profiles.vip.muted",
+            ),
+            (
+                "CONFROUTE_PROFILES__VIP__COLOUR",
+                "red",
+                "profiles.vip.colour",
+            ),
+        ];
+        for (var, value, key) in cases {
+            let err = load_from::<NodeConfig>(None, &env(&[(var, value)])).expect_err(var);
+            assert!(err.mentions(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_sample_config_loads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/node.toml");
+        let cfg: NodeConfig = load_from(Some(std::path::Path::new(path)), &[])
+            .unwrap_or_else(|e| panic!("examples/node.toml: {e}"));
+        assert_eq!(cfg.node_id().as_str(), "node-5");
+        assert_eq!(cfg.profiles["moderator"].beep, Some(Beep::OnEnter));
+        assert_eq!(cfg.profiles["listener"].beep, Some(Beep::False));
+    }
+
+    #[test]
+    fn profiles_and_twiml_spellings_load() {
+        let cfg: NodeConfig = load_from(
+            None,
+            &env(&[
+                ("CONFROUTE_PROFILES__MODERATOR__BEEP", "onExit"),
+                (
+                    "CONFROUTE_PROFILES__MODERATOR__END_CONFERENCE_ON_EXIT",
+                    "true",
+                ),
+                ("CONFROUTE_PROFILES__LISTENER__MUTED", "true"),
+                ("CONFROUTE_CONFERENCE__RECORD", "record-from-start"),
+                (
+                    "CONFROUTE_CONFERENCE__STATUS_CALLBACK_EVENT",
+                    "[\"start\", \"end\", \"join\"]",
+                ),
+            ]),
+        )
+        .expect("profiles");
+        assert_eq!(cfg.profiles["moderator"].beep, Some(Beep::OnExit));
+        assert_eq!(cfg.profiles["listener"].muted, Some(true));
+        assert_eq!(cfg.conference.record, Record::RecordFromStart);
+        assert_eq!(cfg.conference.status_callback_event.len(), 3);
     }
 }

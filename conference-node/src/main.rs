@@ -1,11 +1,12 @@
-//! `confroute-node`: loads its configuration and serves until SIGTERM or Ctrl-C.
+//! `confroute-node`: loads its configuration, hosts conferences until SIGTERM, then drains
+//! and exits.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use confroute_node::config::NodeConfig;
-use confroute_shared::store::{Store, StoreMetrics};
+use confroute_node::{app, lifecycle};
 use confroute_shared::{config, shutdown, telemetry};
 
 /// Command line of the node agent.
@@ -31,20 +32,43 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init(&cfg.log);
-    let _store = match Store::new(&cfg.redis, StoreMetrics::disabled()) {
-        Ok(s) => s,
+    let redis = cfg.redis.describe();
+    let ari_url = cfg.ari_base();
+    let agent = match app::start(cfg).await {
+        Ok(a) => a,
         Err(e) => {
+            tracing::error!(error = %e, "cannot start");
             eprintln!("confroute-node: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(1);
         }
     };
-    tracing::info!(redis = %cfg.redis.describe(), "confroute-node started");
+    let node = agent.node.clone();
+    tracing::info!(
+        node = %node.id,
+        sip_uri = %node.info.sip_uri,
+        http = %agent.http_addr,
+        ari = %ari_url,
+        redis = %redis,
+        "confroute-node started"
+    );
+    let mut exit = node.exit.subscribe();
     match shutdown::signal().await {
-        Ok(sig) => tracing::info!(?sig, "stopping"),
+        Ok(sig) => tracing::info!(?sig, "stop requested; draining"),
         Err(e) => {
-            tracing::error!(error = %e, "cannot wait for signals");
+            tracing::error!(error = %e, "cannot wait for signals; stopping");
+            agent.stop().await;
             return ExitCode::FAILURE;
         }
     }
+    lifecycle::drain(&node, true).await;
+    tokio::select! {
+        _ = exit.wait_for(|done| *done) => {}
+        sig = shutdown::signal() => {
+            tracing::info!(?sig, "second stop signal");
+            lifecycle::shutdown_now(&node).await;
+        }
+    }
+    agent.stop().await;
+    tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -6,6 +6,8 @@
 //! that thread dies without running destructors (`PR_SET_PDEATHSIG`).
 
 mod controller;
+mod kamailio;
+mod node;
 mod process;
 mod redis;
 mod sipp;
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 
 pub use self::redis::{redis_query, RedisCluster, RedisServer, SentinelGroup};
 pub use controller::ControllerProc;
+pub use kamailio::{kamailio_example_config, KamailioOptions, KamailioProc};
+pub use node::NodeProc;
 pub use process::Proc;
 pub use sipp::{run_sipp, scenario, SippRun, SippTransport};
 

@@ -1,0 +1,154 @@
+//! Starting and stopping the agent: clients, registration, and the tasks (events WebSocket,
+//! heartbeat, reconciliation, HTTP).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use confroute_shared::store::Store;
+use confroute_shared::types::{NodeInfo, NodeState};
+
+use crate::ari::ws::{self, Timing};
+use crate::ari::AriClient;
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::node::{Node, Sink};
+use crate::{heartbeat, http, reconcile};
+
+/// The agent could not start; the message names the setting involved.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// A running agent.
+pub struct Agent {
+    /// The node's shared state.
+    pub node: Arc<Node>,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+    ws_task: Option<JoinHandle<()>>,
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    http_task: Option<JoinHandle<()>>,
+}
+
+/// Binds the HTTP port, registers the node and starts every task.
+pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
+    // reqwest is built without a default TLS provider; a second install is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = Metrics::new().map_err(|e| StartError(format!("metrics: {e}")))?;
+    let store =
+        Store::new(&cfg.redis, metrics.store.clone()).map_err(|e| StartError(e.to_string()))?;
+    let ari = AriClient::new(
+        &cfg.ari_base(),
+        &cfg.ari.username,
+        cfg.ari.password.clone(),
+        cfg.ari.request_timeout,
+        metrics.clone(),
+    )
+    .map_err(|e| StartError(format!("ari: {e}")))?;
+    let webhook_http = reqwest::Client::builder()
+        .timeout(cfg.webhook.timeout)
+        .build()
+        .map_err(|e| StartError(format!("webhook client: {e}")))?;
+    let listener = TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(|e| StartError(format!("http.listen: cannot bind {}: {e}", cfg.http.listen)))?;
+    let http_addr = listener.local_addr().unwrap_or(cfg.http.listen);
+    let id = cfg.node_id();
+    // An admin drain survives an agent restart: keep the state the record still has.
+    let initial = match store.get_node(&id).await {
+        Ok(Some(rec)) if rec.info.state == NodeState::Draining => NodeState::Draining,
+        _ => NodeState::Serving,
+    };
+    let info = NodeInfo {
+        id,
+        sip_uri: cfg.sip_uri(),
+        control: cfg.control_url(http_addr),
+        zone: cfg.node.zone.clone(),
+        capacity: cfg.node.capacity,
+        state: initial,
+    };
+    let (reconcile_tx, reconcile_rx) = mpsc::unbounded_channel();
+    let timing = Timing {
+        reconnect_min: cfg.ari.reconnect_min,
+        reconnect_max: cfg.ari.reconnect_max,
+        ping_interval: cfg.ari.ping_interval,
+        connect_timeout: cfg.ari.request_timeout.max(Duration::from_secs(1)),
+    };
+    let app_name = cfg.ari.app.clone();
+    let node = Arc::new(Node::new(
+        cfg,
+        info,
+        store,
+        ari.clone(),
+        metrics.clone(),
+        webhook_http,
+        initial,
+        reconcile_tx,
+    ));
+    if !heartbeat::register(&node).await {
+        tracing::warn!("Redis not reachable at start-up; refusing new conferences until it is");
+    }
+    if initial == NodeState::Draining {
+        tracing::info!("the node record says draining (an admin drained it): resuming the drain");
+        crate::lifecycle::drain(&node, false).await;
+    }
+    let mut tasks = vec![
+        tokio::spawn(heartbeat::run(node.clone())),
+        tokio::spawn(reconcile::run(node.clone(), reconcile_rx)),
+    ];
+    let (stop, stop_rx) = watch::channel(false);
+    let ws_task = tokio::spawn(ws::run(
+        ari,
+        app_name,
+        timing,
+        metrics,
+        Arc::new(Sink(node.clone())),
+        stop_rx,
+    ));
+    let app = http::app(node.clone());
+    let (http_stop, http_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = http_rx.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    tasks.shrink_to_fit();
+    Ok(Agent {
+        node,
+        http_addr,
+        tasks,
+        stop,
+        ws_task: Some(ws_task),
+        http_stop: Some(http_stop),
+        http_task: Some(http_task),
+    })
+}
+
+impl Agent {
+    /// Stops every task (after a drain; conferences are not touched here).
+    pub async fn stop(mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.stop.send(true);
+        if let Some(t) = self.ws_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        if let Some(tx) = self.http_stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.http_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+    }
+}

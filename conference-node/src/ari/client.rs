@@ -1,0 +1,533 @@
+//! ARI REST calls over reqwest: Basic auth and a deadline on every call, status codes mapped
+//! to what they mean for the caller (`resource_*.c` in Asterisk uses 404 for an unknown
+//! resource, 409 for a conflict or a channel not in Stasis, 412 for a channel in the wrong
+//! state, 422 for a channel or bridge that cannot take the operation).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+
+use confroute_shared::secret::Secret;
+
+use super::events::{Bridge, Channel};
+use crate::metrics::Metrics;
+
+/// What kind of failure an ARI call had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AriErrorKind {
+    /// No answer within `ari.request_timeout`.
+    Timeout,
+    /// The connection failed (Asterisk down or restarting).
+    Transport,
+    /// 400: a parameter was wrong.
+    BadRequest,
+    /// 401/403: the ARI credentials are wrong.
+    Unauthorized,
+    /// 404: the channel, bridge, playback or recording does not exist (any more).
+    NotFound,
+    /// 409: it exists already, or the channel is not in Stasis.
+    Conflict,
+    /// 412: the channel is in a state that does not allow the operation.
+    InvalidState,
+    /// 422: the operation cannot be done on that resource (e.g. not in Stasis).
+    Unprocessable,
+    /// 5xx from Asterisk.
+    Server,
+    /// Any other status code.
+    Unexpected,
+    /// A 2xx body that is not what the operation returns.
+    Decode,
+}
+
+impl AriErrorKind {
+    fn from_status(status: u16) -> AriErrorKind {
+        match status {
+            400 => AriErrorKind::BadRequest,
+            401 | 403 => AriErrorKind::Unauthorized,
+            404 => AriErrorKind::NotFound,
+            409 => AriErrorKind::Conflict,
+            412 => AriErrorKind::InvalidState,
+            422 => AriErrorKind::Unprocessable,
+            500..=599 => AriErrorKind::Server,
+            _ => AriErrorKind::Unexpected,
+        }
+    }
+}
+
+/// An ARI call failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct AriError {
+    /// The operation, e.g. `addChannel`.
+    pub op: &'static str,
+    /// What kind of failure.
+    pub kind: AriErrorKind,
+    /// HTTP status, when there was an answer.
+    pub status: Option<u16>,
+    /// Asterisk's message or the transport error.
+    pub message: String,
+}
+
+impl fmt::Display for AriError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "ARI {}: {} {}", self.op, s, self.message),
+            None => write!(f, "ARI {}: {:?}: {}", self.op, self.kind, self.message),
+        }
+    }
+}
+
+impl AriError {
+    /// True when the failure means the caller's channel is gone or left Stasis: a channel
+    /// operation's 404 (`Channel not found`) or 409 (`Channel not in Stasis application`), or
+    /// `addChannel`'s 400 `Channel not found` and 422 (`find_channel_control` in
+    /// resource_bridges.c answers those where channel operations answer 404/409).
+    pub fn channel_gone(&self) -> bool {
+        match (self.op, self.kind) {
+            ("addChannel", AriErrorKind::BadRequest) => self.message.contains("Channel not found"),
+            ("addChannel", AriErrorKind::Unprocessable) => true,
+            ("addChannel", _) => false,
+            (_, AriErrorKind::NotFound | AriErrorKind::Conflict) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Percent-encodes one path segment or query value; Asterisk's HTTP server decodes `+` as a
+/// space (`ast_uri_decode` with the legacy HTTP rules), so `+` must be escaped.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Typed REST side of ARI; cheap to clone.
+#[derive(Clone)]
+pub struct AriClient {
+    http: reqwest::Client,
+    base: String,
+    username: String,
+    password: Secret,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+/// HTTP method of a call.
+#[derive(Clone, Copy)]
+enum Method {
+    Get,
+    Post,
+    Delete,
+}
+
+impl AriClient {
+    /// A client for the Asterisk at `base` (`http://host:port`, ARI under `/ari`).
+    pub fn new(
+        base: &str,
+        username: &str,
+        password: Secret,
+        timeout: Duration,
+        metrics: Metrics,
+    ) -> Result<AriClient, String> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("building the ARI HTTP client: {e}"))?;
+        Ok(AriClient {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            username: username.to_string(),
+            password,
+            timeout,
+            metrics,
+        })
+    }
+
+    /// `ws://host:port/ari/events?app=APP` for the events WebSocket.
+    pub fn events_url(&self, app: &str) -> String {
+        let ws = if let Some(rest) = self.base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = self.base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            self.base.clone()
+        };
+        format!("{ws}/ari/events?app={}", encode(app))
+    }
+
+    /// The `Authorization` header value for the WebSocket handshake.
+    pub fn basic_auth(&self) -> String {
+        use base64::Engine as _;
+        let raw = format!("{}:{}", self.username, self.password.expose());
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+
+    /// One call: `path` relative to `/ari` with already encoded segments.
+    async fn call(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Vec<u8>, AriError> {
+        let mut url = format!("{}/ari{path}", self.base);
+        for (i, (k, v)) in query.iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(k);
+            url.push('=');
+            url.push_str(&encode(v));
+        }
+        let req = match method {
+            Method::Get => self.http.get(&url),
+            Method::Post => self.http.post(&url),
+            Method::Delete => self.http.delete(&url),
+        }
+        .basic_auth(&self.username, Some(self.password.expose()));
+        let started = Instant::now();
+        let result = async {
+            let resp = req.send().await.map_err(|e| self.transport(op, e))?;
+            let status = resp.status().as_u16();
+            let body = resp.bytes().await.map_err(|e| self.transport(op, e))?;
+            if (200..300).contains(&status) {
+                Ok(body.to_vec())
+            } else {
+                Err(AriError {
+                    op,
+                    kind: AriErrorKind::from_status(status),
+                    status: Some(status),
+                    message: error_message(&body),
+                })
+            }
+        }
+        .await;
+        let label = match &result {
+            Ok(_) => "2xx".to_string(),
+            Err(e) => match (e.status, e.kind) {
+                (Some(s), _) => s.to_string(),
+                (None, AriErrorKind::Timeout) => "timeout".to_string(),
+                (None, _) => "transport".to_string(),
+            },
+        };
+        self.metrics
+            .ari_requests
+            .with_label_values(&[op, &label])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            if matches!(
+                e.kind,
+                AriErrorKind::Unexpected | AriErrorKind::Server | AriErrorKind::Unauthorized
+            ) {
+                tracing::warn!(error = %e, "unexpected ARI answer");
+            }
+        }
+        result
+    }
+
+    fn transport(&self, op: &'static str, e: reqwest::Error) -> AriError {
+        if e.is_timeout() {
+            AriError {
+                op,
+                kind: AriErrorKind::Timeout,
+                status: None,
+                message: format!("no answer within {:?}", self.timeout),
+            }
+        } else {
+            AriError {
+                op,
+                kind: AriErrorKind::Transport,
+                status: None,
+                message: e.to_string(),
+            }
+        }
+    }
+
+    async fn call_json<T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, AriError> {
+        let body = self.call(op, method, path, query).await?;
+        serde_json::from_slice(&body).map_err(|e| AriError {
+            op,
+            kind: AriErrorKind::Decode,
+            status: None,
+            message: format!("unexpected body: {e}"),
+        })
+    }
+
+    /// `POST /bridges/{id}`: creates the bridge; `Ok(false)` when it existed already (409).
+    pub async fn create_bridge(&self, id: &str, types: &str, name: &str) -> Result<bool, AriError> {
+        let path = format!("/bridges/{}", encode(id));
+        match self
+            .call(
+                "createBridge",
+                Method::Post,
+                &path,
+                &[("type", types), ("name", name)],
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == AriErrorKind::Conflict => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `DELETE /bridges/{id}`; a bridge already gone is fine.
+    pub async fn destroy_bridge(&self, id: &str) -> Result<(), AriError> {
+        let path = format!("/bridges/{}", encode(id));
+        match self.call("destroyBridge", Method::Delete, &path, &[]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /bridges`.
+    pub async fn list_bridges(&self) -> Result<Vec<Bridge>, AriError> {
+        self.call_json("listBridges", Method::Get, "/bridges", &[])
+            .await
+    }
+
+    /// `GET /channels`.
+    pub async fn list_channels(&self) -> Result<Vec<Channel>, AriError> {
+        self.call_json("listChannels", Method::Get, "/channels", &[])
+            .await
+    }
+
+    /// `POST /bridges/{id}/addChannel` with one or more channels (moved from any other bridge).
+    pub async fn add_channels(
+        &self,
+        bridge: &str,
+        channels: &[&str],
+        mute: bool,
+    ) -> Result<(), AriError> {
+        let path = format!("/bridges/{}/addChannel", encode(bridge));
+        let list = channels.join(",");
+        let mut q = vec![("channel", list.as_str())];
+        if mute {
+            q.push(("mute", "true"));
+        }
+        self.call("addChannel", Method::Post, &path, &q)
+            .await
+            .map(drop)
+    }
+
+    /// `POST /channels/{id}/answer`.
+    pub async fn answer(&self, channel: &str) -> Result<(), AriError> {
+        let path = format!("/channels/{}/answer", encode(channel));
+        self.call("answer", Method::Post, &path, &[])
+            .await
+            .map(drop)
+    }
+
+    /// `DELETE /channels/{id}` with the Q.850 `cause`, as a named `reason` where ARI has one
+    /// (understood by every ARI version) and as `reason_code` otherwise (newer versions
+    /// only); a channel already gone is fine.
+    pub async fn hangup(&self, channel: &str, cause: u16) -> Result<(), AriError> {
+        let path = format!("/channels/{}", encode(channel));
+        let code = cause.to_string();
+        let param = match hangup_reason(cause) {
+            Some(reason) => ("reason", reason),
+            None => ("reason_code", code.as_str()),
+        };
+        match self.call("hangup", Method::Delete, &path, &[param]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /channels/{id}/redirect?endpoint=TECH/URI` (a 302 while the call is unanswered).
+    pub async fn redirect(&self, channel: &str, endpoint: &str) -> Result<(), AriError> {
+        let path = format!("/channels/{}/redirect", encode(channel));
+        self.call("redirect", Method::Post, &path, &[("endpoint", endpoint)])
+            .await
+            .map(drop)
+    }
+
+    /// `GET /channels/{id}/variable`: `None` when the variable is not set (404).
+    pub async fn get_variable(
+        &self,
+        channel: &str,
+        variable: &str,
+    ) -> Result<Option<String>, AriError> {
+        #[derive(serde::Deserialize)]
+        struct Var {
+            value: Option<String>,
+        }
+        let path = format!("/channels/{}/variable", encode(channel));
+        match self
+            .call_json::<Var>(
+                "getChannelVar",
+                Method::Get,
+                &path,
+                &[("variable", variable)],
+            )
+            .await
+        {
+            Ok(v) => Ok(v.value.filter(|s| !s.is_empty())),
+            Err(e) if e.kind == AriErrorKind::NotFound && e.message.contains("variable") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /bridges/{id}/play/{playbackId}?media=...`.
+    pub async fn play_on_bridge(
+        &self,
+        bridge: &str,
+        playback: &str,
+        media: &str,
+    ) -> Result<(), AriError> {
+        let path = format!("/bridges/{}/play/{}", encode(bridge), encode(playback));
+        self.call("playBridge", Method::Post, &path, &[("media", media)])
+            .await
+            .map(drop)
+    }
+
+    /// `POST /channels/{id}/play/{playbackId}?media=...`.
+    pub async fn play_on_channel(
+        &self,
+        channel: &str,
+        playback: &str,
+        media: &str,
+    ) -> Result<(), AriError> {
+        let path = format!("/channels/{}/play/{}", encode(channel), encode(playback));
+        self.call("playChannel", Method::Post, &path, &[("media", media)])
+            .await
+            .map(drop)
+    }
+
+    /// `POST /bridges/{id}/moh?mohClass=...`.
+    pub async fn start_bridge_moh(&self, bridge: &str, class: &str) -> Result<(), AriError> {
+        let path = format!("/bridges/{}/moh", encode(bridge));
+        self.call(
+            "startBridgeMoh",
+            Method::Post,
+            &path,
+            &[("mohClass", class)],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `POST /bridges/{id}/record`: a live recording named `name`.
+    pub async fn record_bridge(
+        &self,
+        bridge: &str,
+        name: &str,
+        format: &str,
+    ) -> Result<(), AriError> {
+        let path = format!("/bridges/{}/record", encode(bridge));
+        self.call(
+            "recordBridge",
+            Method::Post,
+            &path,
+            &[
+                ("name", name),
+                ("format", format),
+                ("ifExists", "overwrite"),
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `POST /recordings/live/{name}/stop`; a recording already finished is fine.
+    pub async fn stop_recording(&self, name: &str) -> Result<(), AriError> {
+        let path = format!("/recordings/live/{}/stop", encode(name));
+        match self.call("stopRecording", Method::Post, &path, &[]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// ARI's name for a hangup cause (`convert_reason_to_hangup_code` in resource_channels.c).
+pub fn hangup_reason(cause: u16) -> Option<&'static str> {
+    Some(match cause {
+        1 => "unallocated",
+        16 => "normal",
+        17 => "busy",
+        18 => "timeout",
+        19 => "no_answer",
+        21 => "rejected",
+        28 => "number_incomplete",
+        31 => "normal_unspecified",
+        34 => "congestion",
+        38 => "failure",
+        _ => return None,
+    })
+}
+
+/// Asterisk's `{"message": ...}` error body, or the raw text.
+fn error_message(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Msg {
+        message: Option<String>,
+        error: Option<String>,
+    }
+    match serde_json::from_slice::<Msg>(body) {
+        Ok(Msg {
+            message: Some(m), ..
+        }) => m,
+        Ok(Msg { error: Some(e), .. }) => e,
+        _ => String::from_utf8_lossy(body).chars().take(200).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_escapes_plus_and_reserved_bytes() {
+        assert_eq!(encode("cr-1-+15550101"), "cr-1-%2B15550101");
+        assert_eq!(encode("a b/c~d"), "a%20b%2Fc%7Ed");
+        assert_eq!(encode("PJSIP/sip:x@h:5060"), "PJSIP%2Fsip%3Ax%40h%3A5060");
+    }
+
+    #[test]
+    fn status_codes_map_to_kinds() {
+        assert_eq!(AriErrorKind::from_status(404), AriErrorKind::NotFound);
+        assert_eq!(AriErrorKind::from_status(409), AriErrorKind::Conflict);
+        assert_eq!(AriErrorKind::from_status(422), AriErrorKind::Unprocessable);
+        assert_eq!(AriErrorKind::from_status(412), AriErrorKind::InvalidState);
+        assert_eq!(AriErrorKind::from_status(503), AriErrorKind::Server);
+        assert_eq!(AriErrorKind::from_status(418), AriErrorKind::Unexpected);
+        assert_eq!(
+            error_message(br#"{"message":"Channel not found"}"#),
+            "Channel not found"
+        );
+        assert_eq!(error_message(b"<html>oops</html>"), "<html>oops</html>");
+        let e = |op, status: u16, message: &str| AriError {
+            op,
+            kind: AriErrorKind::from_status(status),
+            status: Some(status),
+            message: message.to_string(),
+        };
+        assert!(e("answer", 404, "Channel not found").channel_gone());
+        assert!(e("answer", 409, "Channel not in Stasis application").channel_gone());
+        assert!(!e("answer", 412, "Channel in invalid state").channel_gone());
+        assert!(e("addChannel", 400, "Channel not found").channel_gone());
+        assert!(e("addChannel", 422, "Channel not in Stasis application").channel_gone());
+        assert!(!e("addChannel", 404, "Bridge not found").channel_gone());
+        assert!(!e("addChannel", 409, "Channel x currently recording").channel_gone());
+    }
+}

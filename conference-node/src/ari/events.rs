@@ -1,0 +1,268 @@
+//! ARI events (Asterisk's `events.json`) as the agent reads them: only the fields it uses,
+//! unknown fields ignored, unknown event types kept as [`Event::Other`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// A channel snapshot (the fields the agent reads).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct Channel {
+    /// Unique id.
+    pub id: String,
+    /// Channel name, e.g. `PJSIP/trunk-00000001`.
+    #[serde(default)]
+    pub name: String,
+    /// State (`Ring`, `Up`, ...).
+    #[serde(default)]
+    pub state: String,
+    /// Caller id.
+    #[serde(default)]
+    pub caller: CallerId,
+    /// Where it is in the dialplan.
+    #[serde(default)]
+    pub dialplan: Option<Dialplan>,
+    /// Variables listed in ari.conf `channelvars`, when configured.
+    #[serde(default)]
+    pub channelvars: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// Caller id name and number.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct CallerId {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Number.
+    #[serde(default)]
+    pub number: String,
+}
+
+/// A channel's dialplan location.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct Dialplan {
+    /// Context.
+    #[serde(default)]
+    pub context: String,
+    /// Extension.
+    #[serde(default)]
+    pub exten: String,
+    /// Application running (`Stasis` inside an app).
+    #[serde(default)]
+    pub app_name: String,
+    /// Its arguments (`confroute,sales-42`).
+    #[serde(default)]
+    pub app_data: String,
+}
+
+impl Channel {
+    /// The channel variable `name` as listed in `channelvars`; `None` when absent or empty.
+    pub fn channelvar(&self, name: &str) -> Option<String> {
+        self.channelvars
+            .as_ref()?
+            .get(name)?
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    }
+
+    /// `(app, args)` when the channel is running `Stasis(app,args...)`.
+    pub fn stasis_app(&self) -> Option<(String, Vec<String>)> {
+        let d = self.dialplan.as_ref()?;
+        if !d.app_name.eq_ignore_ascii_case("Stasis") {
+            return None;
+        }
+        let mut parts = d.app_data.split(',').map(str::to_string);
+        let app = parts.next().filter(|a| !a.is_empty())?;
+        Some((app, parts.collect()))
+    }
+}
+
+/// A bridge snapshot.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct Bridge {
+    /// Unique id.
+    pub id: String,
+    /// `mixing` or `holding`.
+    #[serde(default)]
+    pub bridge_type: String,
+    /// Name given at creation.
+    #[serde(default)]
+    pub name: String,
+    /// Member channel ids.
+    #[serde(default)]
+    pub channels: Vec<String>,
+}
+
+/// A playback snapshot.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct Playback {
+    /// Playback id.
+    pub id: String,
+    /// `queued`, `playing`, `done`, ...
+    #[serde(default)]
+    pub state: String,
+}
+
+/// A live recording snapshot.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct LiveRecording {
+    /// Recording name.
+    pub name: String,
+    /// State.
+    #[serde(default)]
+    pub state: String,
+}
+
+/// One event from the events WebSocket.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type")]
+pub enum Event {
+    /// A channel entered the app.
+    StasisStart {
+        /// The channel.
+        channel: Channel,
+        /// `Stasis()` arguments after the app name.
+        #[serde(default)]
+        args: Vec<String>,
+    },
+    /// A channel left the app (hung up, moved, or continued in the dialplan).
+    StasisEnd {
+        /// The channel.
+        channel: Channel,
+    },
+    /// A channel entered a bridge.
+    ChannelEnteredBridge {
+        /// The channel.
+        channel: Channel,
+        /// The bridge.
+        bridge: Bridge,
+    },
+    /// A channel left a bridge.
+    ChannelLeftBridge {
+        /// The channel.
+        channel: Channel,
+        /// The bridge.
+        bridge: Bridge,
+    },
+    /// The caller put the call on hold.
+    ChannelHold {
+        /// The channel.
+        channel: Channel,
+    },
+    /// The caller took the call off hold.
+    ChannelUnhold {
+        /// The channel.
+        channel: Channel,
+    },
+    /// A playback finished.
+    PlaybackFinished {
+        /// The playback.
+        playback: Playback,
+    },
+    /// A recording failed.
+    RecordingFailed {
+        /// The recording.
+        recording: LiveRecording,
+    },
+    /// A bridge was destroyed.
+    BridgeDestroyed {
+        /// The bridge.
+        bridge: Bridge,
+    },
+    /// Another WebSocket took over this app.
+    ApplicationReplaced {
+        /// The app.
+        #[serde(default)]
+        application: String,
+    },
+    /// Any other event type; ignored.
+    #[serde(other)]
+    Other,
+}
+
+/// Why an event could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed ARI event (type {kind}): {reason}")]
+pub struct DecodeError {
+    /// The event's `type`, or `?` when it has none.
+    pub kind: String,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// Decodes one WebSocket text frame.
+pub fn decode(text: &str) -> Result<Event, DecodeError> {
+    serde_json::from_str::<Event>(text).map_err(|e| {
+        let kind = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+            .unwrap_or_else(|| "?".to_string());
+        DecodeError {
+            kind,
+            reason: e.to_string(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stasis_start_with_unknown_fields_decodes() {
+        let text = r#"{"type":"StasisStart","timestamp":"2024-01-01T00:00:00.000+0000",
+            "args":["sales-42"],"application":"confroute","asterisk_id":"x","new_field":{"a":1},
+            "channel":{"id":"1.1","name":"PJSIP/trunk-00000001","state":"Ring",
+              "caller":{"name":"","number":"+1555"},"connected":{"name":"","number":""},
+              "accountcode":"","dialplan":{"context":"default","exten":"s","priority":1,
+              "app_name":"Stasis","app_data":"confroute,sales-42"},"creationtime":"x",
+              "language":"en","channelvars":{"CONFROUTE_MUTED":"true","EMPTY":""}}}"#;
+        let ev = decode(text).expect("decodes");
+        match ev {
+            Event::StasisStart { channel, args } => {
+                assert_eq!(args, vec!["sales-42"]);
+                assert_eq!(channel.state, "Ring");
+                assert_eq!(
+                    channel.channelvar("CONFROUTE_MUTED").as_deref(),
+                    Some("true")
+                );
+                assert_eq!(channel.channelvar("EMPTY"), None);
+                assert_eq!(
+                    channel.stasis_app(),
+                    Some(("confroute".to_string(), vec!["sales-42".to_string()]))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_event_types_are_other() {
+        let ev =
+            decode(r#"{"type":"ChannelTalkingStarted","channel":{"id":"x"}}"#).expect("decodes");
+        assert_eq!(ev, Event::Other);
+        let ev =
+            decode(r#"{"type":"SomethingFromAsterisk30","whatever":[1,2,3]}"#).expect("decodes");
+        assert_eq!(ev, Event::Other);
+    }
+
+    #[test]
+    fn malformed_events_are_errors_naming_the_type() {
+        let err =
+            decode(r#"{"type":"StasisStart","channel":"not an object"}"#).expect_err("bad channel");
+        assert_eq!(err.kind, "StasisStart");
+        let err = decode(r#"{"type":"StasisEnd"}"#).expect_err("missing channel");
+        assert_eq!(err.kind, "StasisEnd");
+        let err = decode("not json at all").expect_err("not json");
+        assert_eq!(err.kind, "?");
+        let err = decode(r#"{"no_type":true}"#).expect_err("no type");
+        assert_eq!(err.kind, "?");
+        let err = decode(r#"[1,2]"#).expect_err("array");
+        assert_eq!(err.kind, "?");
+        let err =
+            decode(r#"{"type":"ChannelEnteredBridge","channel":{"id":"a"},"bridge":{"id":7}}"#)
+                .expect_err("bad bridge id");
+        assert_eq!(err.kind, "ChannelEnteredBridge");
+    }
+}

@@ -1,0 +1,191 @@
+//! The events WebSocket: connects with Basic auth, hands each decoded event to a sink,
+//! pings to notice a dead link, and reconnects with capped exponential backoff and jitter.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::client::AriClient;
+use super::events::{decode, Event};
+use crate::metrics::Metrics;
+
+/// Receives what happens on the events WebSocket.
+pub trait EventSink: Send + Sync + 'static {
+    /// The WebSocket is up (the app is registered); `reconnect` is false the first time.
+    fn connected(&self, reconnect: bool);
+    /// The WebSocket went away.
+    fn disconnected(&self);
+    /// One event, in the order Asterisk sent it.
+    fn event(&self, event: Event);
+}
+
+/// Reconnect and liveness settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Ping interval; silence for two intervals drops the link.
+    pub ping_interval: Duration,
+    /// Deadline for the WebSocket handshake.
+    pub connect_timeout: Duration,
+}
+
+/// Delay before reconnect attempt `attempt` (0-based): exponential, capped, with jitter in
+/// `[d/2, d]` so many agents restarting together do not reconnect in lockstep.
+pub fn backoff(timing: &Timing, attempt: u32) -> Duration {
+    let base = timing
+        .reconnect_min
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)));
+    let capped = base.min(timing.reconnect_max);
+    let half = capped / 2;
+    let jitter_ms = rand::random_range(0..=half.as_millis().max(1) as u64);
+    half + Duration::from_millis(jitter_ms)
+}
+
+/// Runs the events WebSocket until `stop` turns true.
+pub async fn run(
+    client: AriClient,
+    app: String,
+    timing: Timing,
+    metrics: Metrics,
+    sink: Arc<dyn EventSink>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let url = client.events_url(&app);
+    let mut attempt: u32 = 0;
+    let mut ever_connected = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match connect(&client, &url, timing.connect_timeout).await {
+            Ok(ws) => {
+                attempt = 0;
+                if ever_connected {
+                    metrics.ari_reconnects.inc();
+                }
+                metrics.ari_connected.set(1);
+                tracing::info!(app = %app, reconnect = ever_connected, "ARI events connected");
+                sink.connected(ever_connected);
+                ever_connected = true;
+                let why = read_loop(ws, &timing, &metrics, sink.as_ref(), &mut stop).await;
+                metrics.ari_connected.set(0);
+                sink.disconnected();
+                if *stop.borrow() {
+                    return;
+                }
+                tracing::warn!(reason = %why, "ARI events connection lost; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "cannot connect ARI events");
+            }
+        }
+        let delay = backoff(&timing, attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(client: &AriClient, url: &str, timeout: Duration) -> Result<Ws, String> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| format!("bad events URL: {e}"))?;
+    let auth = HeaderValue::from_str(&client.basic_auth())
+        .map_err(|_| "ARI credentials are not a valid header value".to_string())?;
+    req.headers_mut().insert("Authorization", auth);
+    match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req)).await {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no handshake within {timeout:?}")),
+    }
+}
+
+async fn read_loop(
+    ws: Ws,
+    timing: &Timing,
+    metrics: &Metrics,
+    sink: &dyn EventSink,
+    stop: &mut watch::Receiver<bool>,
+) -> String {
+    let (mut tx, mut rx) = ws.split();
+    let mut ping = tokio::time::interval(timing.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            msg = rx.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    last_heard = Instant::now();
+                    match decode(text.as_str()) {
+                        Ok(Event::Other) => {
+                            metrics.ari_events.with_label_values(&["unknown"]).inc();
+                        }
+                        Ok(ev) => {
+                            metrics.ari_events.with_label_values(&["known"]).inc();
+                            sink.event(ev);
+                        }
+                        Err(e) => {
+                            metrics.ari_events.with_label_values(&["malformed"]).inc();
+                            tracing::warn!(error = %e, "ignoring malformed ARI event");
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return format!("closed by Asterisk ({frame:?})");
+                }
+                Some(Ok(_)) => last_heard = Instant::now(),
+                Some(Err(e)) => return e.to_string(),
+                None => return "connection ended".to_string(),
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > timing.ping_interval * 2 {
+                    return format!("no answer to pings for {:?}", last_heard.elapsed());
+                }
+                if let Err(e) = tx.send(Message::Ping(Vec::new().into())).await {
+                    return format!("ping failed: {e}");
+                }
+            }
+            _ = stop.changed() => {
+                let _ = tx.send(Message::Close(None)).await;
+                return "stopping".to_string();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered() {
+        let t = Timing {
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+        };
+        for _ in 0..50 {
+            let d0 = backoff(&t, 0);
+            assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(101));
+            let d3 = backoff(&t, 3);
+            assert!(d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(801));
+            let d20 = backoff(&t, 20);
+            assert!(d20 >= Duration::from_secs(1) && d20 <= Duration::from_millis(2001));
+        }
+    }
+}

@@ -1,0 +1,1050 @@
+//! One conference's actor: it alone touches its bridges, participants, recording and claim,
+//! one message at a time. A join is: fence (Redis says this node owns the conference at its
+//! epoch, else claim it, else send the caller to the owner), create the bridge idempotently,
+//! answer, add the channel, apply the options, record the count in Redis.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use confroute_shared::name::ConferenceName;
+use confroute_shared::store::{ClaimKind, HostedStatus};
+use confroute_shared::types::{NodeId, Owner};
+
+use crate::ari::{AriError, AriErrorKind, Bridge, Channel};
+use crate::config::{LostPolicy, WrongNodePolicy};
+use crate::node::{ConferenceView, Node, ParticipantView};
+use crate::options::{self, CallbackEvent, Options, Record};
+use crate::webhook::{Callbacks, ParticipantFields};
+
+/// Q.850 cause for a caller the conference cannot take now: switching congestion (SIP 503),
+/// so the edge can try again through the router.
+pub const CAUSE_UNAVAILABLE: u16 = 34;
+/// Q.850 cause for a full conference: user busy (SIP 486).
+pub const CAUSE_BUSY: u16 = 17;
+/// Q.850 cause for participants hung up by the conference: normal clearing.
+pub const CAUSE_NORMAL: u16 = 16;
+
+/// How long a refused caller may listen to the "conference full" sound.
+const FULL_SOUND_LIMIT: Duration = Duration::from_secs(30);
+
+/// A caller ready to join.
+#[derive(Debug)]
+pub struct Join {
+    /// The channel as StasisStart showed it.
+    pub channel: Channel,
+    /// Its resolved options.
+    pub options: Options,
+}
+
+/// What an actor is told.
+#[derive(Debug)]
+pub enum Msg {
+    /// A caller wants in.
+    Join(Box<Join>),
+    /// A participant's channel left Stasis.
+    Left {
+        /// Channel id.
+        channel: String,
+    },
+    /// A participant put the call on hold or took it off.
+    Hold {
+        /// Channel id.
+        channel: String,
+        /// On hold now.
+        held: bool,
+    },
+    /// One of the conference's bridges was destroyed.
+    BridgeGone {
+        /// Bridge id.
+        bridge: String,
+    },
+    /// The heartbeat found the claim lost or missing.
+    Claim(HostedStatus),
+    /// Reconciliation: the conference's bridges as Asterisk has them now.
+    Reconcile {
+        /// The mixing bridge, if it exists.
+        main: Option<Bridge>,
+        /// The holding bridge, if it exists.
+        holding: Option<Bridge>,
+        /// When the listing was taken: what changed since is newer than it.
+        taken: Instant,
+        /// Answers whether the conference is active and owned afterwards.
+        reply: oneshot::Sender<bool>,
+    },
+    /// End the conference now (drain deadline, shutdown).
+    End {
+        /// Why, for logs and metrics.
+        reason: &'static str,
+    },
+}
+
+/// The bridge ids of a conference: `cr-EPOCH-NAME` (mixing) and `crh-EPOCH-NAME` (holding).
+pub fn bridge_ids(name: &ConferenceName, epoch: u64) -> (String, String) {
+    (format!("cr-{epoch}-{name}"), format!("crh-{epoch}-{name}"))
+}
+
+/// Reads a bridge id back: `(holding, epoch, name)`; `None` for bridges that are not ours.
+pub fn parse_bridge_id(id: &str) -> Option<(bool, u64, ConferenceName)> {
+    let (holding, rest) = if let Some(r) = id.strip_prefix("crh-") {
+        (true, r)
+    } else {
+        (false, id.strip_prefix("cr-")?)
+    };
+    let (epoch, name) = rest.split_once('-')?;
+    let epoch = epoch.parse().ok()?;
+    Some((holding, epoch, ConferenceName::parse(name).ok()?))
+}
+
+/// The ARI redirect endpoint for a caller on `tech` to the owner's SIP URI: chan_pjsip's
+/// `transfer_redirect` parses the resource as the 302's Contact URI, so the endpoint is
+/// `PJSIP/sip:NAME@host:port`.
+pub fn redirect_endpoint(tech: &str, owner_uri: &str, name: &str) -> String {
+    let (scheme, rest) = match owner_uri.split_once(':') {
+        Some((s, r)) if s.eq_ignore_ascii_case("sip") || s.eq_ignore_ascii_case("sips") => (s, r),
+        _ => ("sip", owner_uri),
+    };
+    let hostpart = match rest.rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    format!("{tech}/{scheme}:{name}@{hostpart}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No conference here.
+    Idle,
+    /// Hosting it under a claim this node holds.
+    Active,
+    /// Hosting what is left of it; the claim moved elsewhere (invariant 2).
+    Lost,
+}
+
+#[derive(Debug)]
+struct Participant {
+    options: Options,
+    waiting: bool,
+    muted: bool,
+    held: bool,
+    since: Instant,
+}
+
+enum Fence {
+    Owned(u64),
+    Elsewhere { node: NodeId, sip_uri: String },
+    NotServing,
+    Unavailable(String),
+}
+
+struct Conference {
+    node: Arc<Node>,
+    name: ConferenceName,
+    phase: Phase,
+    epoch: u64,
+    main: String,
+    main_created: bool,
+    main_created_at: Instant,
+    holding: String,
+    holding_created: bool,
+    started: bool,
+    participants: BTreeMap<String, Participant>,
+    max_participants: u32,
+    record: Record,
+    recording: Option<String>,
+    callbacks: Option<Callbacks>,
+    beeps: u64,
+}
+
+/// Runs a conference's actor until it is idle with nothing queued.
+pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut c = Conference {
+        node: node.clone(),
+        name: name.clone(),
+        phase: Phase::Idle,
+        epoch: 0,
+        main: String::new(),
+        main_created: false,
+        main_created_at: Instant::now(),
+        holding: String::new(),
+        holding_created: false,
+        started: false,
+        participants: BTreeMap::new(),
+        max_participants: 0,
+        record: Record::DoNotRecord,
+        recording: None,
+        callbacks: None,
+        beeps: 0,
+    };
+    loop {
+        if c.phase == Phase::Idle && node.retire(&name, &rx) {
+            return;
+        }
+        let Some(msg) = rx.recv().await else {
+            return;
+        };
+        c.handle(msg).await;
+    }
+}
+
+impl Conference {
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Join(j) => {
+                let span = tracing::info_span!("call", conference = %self.name, channel = %j.channel.id, node = %self.node.id);
+                self.join(*j).instrument(span).await
+            }
+            Msg::Left { channel } => self.left(&channel, "hangup").await,
+            Msg::Hold { channel, held } => self.hold(&channel, held),
+            Msg::BridgeGone { bridge } => self.bridge_gone(&bridge).await,
+            Msg::Claim(status) => self.claim_status(status).await,
+            Msg::Reconcile {
+                main,
+                holding,
+                taken,
+                reply,
+            } => {
+                let owned = self.reconcile(main, holding, taken).await;
+                let _ = reply.send(owned);
+            }
+            Msg::End { reason } => self.end(reason, None).await,
+        }
+    }
+
+    // ----- joining -----
+
+    /// Asks Redis who owns the conference; claims it for this node when nobody does.
+    async fn fence(&self) -> Fence {
+        let store = &self.node.store;
+        match store.lookup(&self.name).await {
+            Err(e) => return Fence::Unavailable(e.to_string()),
+            Ok(Some(rec)) if rec.owner.node == self.node.id => {
+                return Fence::Owned(rec.owner.epoch)
+            }
+            Ok(_) => {}
+        }
+        match store
+            .claim(&self.name, std::slice::from_ref(&self.node.id))
+            .await
+        {
+            Err(e) => Fence::Unavailable(e.to_string()),
+            Ok(c) => match (c.kind, c.owner) {
+                (ClaimKind::NoCapacity, _) => Fence::NotServing,
+                (_, Some(o)) if o.node == self.node.id => Fence::Owned(o.epoch),
+                (ClaimKind::Existing, Some(o)) => Fence::Elsewhere {
+                    node: o.node,
+                    sip_uri: c.sip_uri,
+                },
+                (kind, owner) => Fence::Unavailable(format!(
+                    "unexpected claim answer {} for owner {owner:?}",
+                    kind.as_str()
+                )),
+            },
+        }
+    }
+
+    fn activate(&mut self, epoch: u64, opts: &Options) {
+        let (main, holding) = bridge_ids(&self.name, epoch);
+        self.phase = Phase::Active;
+        self.epoch = epoch;
+        self.main = main;
+        self.main_created = false;
+        self.holding = holding;
+        self.holding_created = false;
+        self.started = false;
+        self.max_participants = opts.max_participants;
+        self.record = opts.record;
+        self.recording = None;
+        self.beeps = 0;
+        self.callbacks = (!opts.status_callback.is_empty()).then(|| {
+            let sid = format!("CF{:032x}", rand::random::<u128>());
+            Callbacks::start(
+                self.node.webhook_http.clone(),
+                opts.status_callback.clone(),
+                opts.status_callback_event.clone(),
+                &self.node.cfg.webhook,
+                self.node.metrics.clone(),
+                sid,
+                self.name.to_string(),
+            )
+        });
+        tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
+        // Visible (to drain and the heartbeat) from now on, before its first caller is in.
+        self.publish();
+    }
+
+    async fn join(&mut self, j: Join) {
+        let ch = j.channel.id.clone();
+        match self.fence().await {
+            Fence::Owned(epoch) => match self.phase {
+                Phase::Idle => self.activate(epoch, &j.options),
+                _ if self.epoch != epoch => {
+                    tracing::info!(conference = %self.name, from = self.epoch, to = epoch, "claim re-established at a new epoch");
+                    if self.phase == Phase::Lost {
+                        tracing::info!(conference = %self.name, "this node owns the conference again");
+                    }
+                    self.phase = Phase::Active;
+                    self.epoch = epoch;
+                }
+                _ => {}
+            },
+            Fence::Elsewhere { node, sip_uri } => {
+                if self.phase == Phase::Active {
+                    self.lost(&node).await;
+                }
+                self.wrong_node(&j.channel, &node, &sip_uri).await;
+                return;
+            }
+            Fence::NotServing => {
+                tracing::info!(conference = %self.name, state = %self.node.state(), "no claim and this node takes no new conference; refusing");
+                self.refuse(&ch, CAUSE_UNAVAILABLE, "not_serving").await;
+                return;
+            }
+            Fence::Unavailable(why) => {
+                tracing::warn!(conference = %self.name, error = %why, "cannot check ownership in Redis; refusing the new joiner");
+                self.refuse(&ch, CAUSE_UNAVAILABLE, "redis_unavailable")
+                    .await;
+                return;
+            }
+        }
+        if self.participants.len() >= self.max_participants as usize {
+            tracing::info!(conference = %self.name, max = self.max_participants, "conference full; refusing with busy");
+            self.refuse_full(&ch).await;
+            return;
+        }
+        if !self.main_created {
+            if let Err(e) = self.create_main().await {
+                tracing::error!(conference = %self.name, error = %e, "cannot create the conference bridge");
+                self.refuse(&ch, CAUSE_UNAVAILABLE, "ari_error").await;
+                if self.participants.is_empty() {
+                    self.end("bridge_failed", None).await;
+                }
+                return;
+            }
+        }
+        if !j.channel.state.eq_ignore_ascii_case("Up") {
+            if let Err(e) = self.node.ari.answer(&ch).await {
+                self.join_failed(&ch, &e).await;
+                return;
+            }
+        }
+        let waiting = !(j.options.start_on_enter || self.started);
+        if waiting {
+            if let Err(e) = self.ensure_holding(&j.options.wait_music).await {
+                tracing::error!(conference = %self.name, error = %e, "cannot create the holding bridge");
+                self.refuse(&ch, CAUSE_UNAVAILABLE, "ari_error").await;
+                return;
+            }
+        }
+        if let Err(e) = self.add(&ch, waiting, &j.options).await {
+            self.join_failed(&ch, &e).await;
+            return;
+        }
+        let opts = j.options;
+        let beep_in = !waiting && opts.beep.on_enter();
+        let starts = opts.start_on_enter && !self.started;
+        self.participants.insert(
+            ch.clone(),
+            Participant {
+                muted: opts.muted,
+                waiting,
+                held: false,
+                options: opts,
+                since: Instant::now(),
+            },
+        );
+        self.node
+            .metrics
+            .join(if waiting { "waiting" } else { "joined" });
+        tracing::info!(conference = %self.name, channel = %ch, waiting, participants = self.participants.len(), "participant joined");
+        self.callback_participant(CallbackEvent::Join, "participant-join", &ch);
+        if starts {
+            self.start().await;
+        }
+        if beep_in {
+            self.beep().await;
+        }
+        self.counts_changed().await;
+    }
+
+    /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
+    /// destroyed behind the agent's back) is created again once.
+    async fn add(&mut self, ch: &str, waiting: bool, opts: &Options) -> Result<(), AriError> {
+        let mut recreated = false;
+        loop {
+            let bridge = if waiting { &self.holding } else { &self.main };
+            match self.node.ari.add_channels(bridge, &[ch], opts.muted).await {
+                Err(e) if e.kind == AriErrorKind::NotFound && !recreated => {
+                    tracing::warn!(conference = %self.name, bridge = %bridge, "bridge vanished; creating it again");
+                    recreated = true;
+                    if waiting {
+                        self.holding_created = false;
+                        self.ensure_holding(&opts.wait_music).await?;
+                    } else {
+                        self.main_created = false;
+                        self.create_main().await?;
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn create_main(&mut self) -> Result<(), AriError> {
+        let mut types = String::from("mixing,dtmf_events");
+        if self.node.cfg.ari.proxy_media {
+            types.push_str(",proxy_media");
+        }
+        let created = self
+            .node
+            .ari
+            .create_bridge(&self.main, &types, self.name.as_str())
+            .await?;
+        if !created {
+            tracing::info!(bridge = %self.main, "conference bridge exists already; using it");
+        }
+        self.main_created = true;
+        self.main_created_at = Instant::now();
+        Ok(())
+    }
+
+    async fn ensure_holding(&mut self, moh: &str) -> Result<(), AriError> {
+        if self.holding_created {
+            return Ok(());
+        }
+        self.node
+            .ari
+            .create_bridge(&self.holding, "holding", self.name.as_str())
+            .await?;
+        self.holding_created = true;
+        if let Err(e) = self.node.ari.start_bridge_moh(&self.holding, moh).await {
+            tracing::warn!(conference = %self.name, error = %e, "cannot start wait music");
+        }
+        Ok(())
+    }
+
+    /// A starter joined: everyone waiting moves into the mixing bridge, recording starts.
+    async fn start(&mut self) {
+        self.started = true;
+        let waiting: Vec<String> = self
+            .participants
+            .iter()
+            .filter(|(_, p)| p.waiting)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // addChannel takes one mute flag per call: move the muted and the others apart.
+        for muted in [false, true] {
+            let group: Vec<&str> = waiting
+                .iter()
+                .filter(|id| self.participants.get(*id).is_some_and(|p| p.muted == muted))
+                .map(String::as_str)
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            match self.node.ari.add_channels(&self.main, &group, muted).await {
+                Ok(()) => {
+                    for id in &group {
+                        if let Some(p) = self.participants.get_mut(*id) {
+                            p.waiting = false;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(conference = %self.name, error = %e, "cannot move waiting participants into the conference");
+                }
+            }
+        }
+        if self.holding_created {
+            if let Err(e) = self.node.ari.destroy_bridge(&self.holding).await {
+                tracing::warn!(conference = %self.name, error = %e, "cannot destroy the holding bridge");
+            }
+            self.holding_created = false;
+        }
+        if self.record == Record::RecordFromStart && self.recording.is_none() {
+            let name = format!(
+                "confroute-{}-{}-{:08x}",
+                self.name,
+                self.epoch,
+                rand::random::<u32>()
+            );
+            match self
+                .node
+                .ari
+                .record_bridge(
+                    &self.main,
+                    &name,
+                    &self.node.cfg.conference.recording_format,
+                )
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(conference = %self.name, recording = %name, "recording started");
+                    self.recording = Some(name);
+                }
+                Err(e) => {
+                    tracing::error!(conference = %self.name, error = %e, "cannot start recording")
+                }
+            }
+        }
+        tracing::info!(conference = %self.name, "conference started");
+        if let Some(cb) = &mut self.callbacks {
+            cb.send(CallbackEvent::Start, "conference-start", None, &[]);
+        }
+    }
+
+    async fn beep(&mut self) {
+        if !self.main_created {
+            return;
+        }
+        self.beeps += 1;
+        let id = format!(
+            "beep-{}-{}-{}",
+            self.main,
+            self.beeps,
+            rand::random::<u32>()
+        );
+        let media = format!("sound:{}", self.node.cfg.conference.beep_sound);
+        if let Err(e) = self.node.ari.play_on_bridge(&self.main, &id, &media).await {
+            tracing::warn!(conference = %self.name, error = %e, "cannot play the beep");
+        }
+    }
+
+    async fn join_failed(&mut self, ch: &str, e: &AriError) {
+        if e.channel_gone() {
+            tracing::info!(conference = %self.name, channel = ch, error = %e, "caller left while joining");
+            self.node.metrics.join("abandoned");
+        } else {
+            tracing::error!(conference = %self.name, channel = ch, error = %e, "join failed");
+            self.node.metrics.join("ari_error");
+            let _ = self.node.ari.hangup(ch, CAUSE_UNAVAILABLE).await;
+        }
+        self.node.join_abandoned(ch);
+        if self.participants.is_empty() {
+            self.end("join_failed", None).await;
+        }
+    }
+
+    async fn refuse(&self, ch: &str, cause: u16, outcome: &'static str) {
+        self.node.metrics.join(outcome);
+        self.node.join_abandoned(ch);
+        if let Err(e) = self.node.ari.hangup(ch, cause).await {
+            tracing::warn!(channel = ch, error = %e, "cannot hang up refused caller");
+        }
+    }
+
+    /// A full conference: optional sound, then busy. Runs beside the actor so the sound
+    /// does not hold up other callers.
+    async fn refuse_full(&self, ch: &str) {
+        self.node.metrics.join("full");
+        self.node.join_abandoned(ch);
+        let sound = self.node.cfg.conference.full_sound.clone();
+        let node = self.node.clone();
+        let ch = ch.to_string();
+        tokio::spawn(async move {
+            if !sound.is_empty() {
+                let id = format!("full-{ch}");
+                let done = node.wait_playback(&id);
+                let played = match node.ari.answer(&ch).await {
+                    Ok(()) => node
+                        .ari
+                        .play_on_channel(&ch, &id, &format!("sound:{sound}"))
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                };
+                if played {
+                    let _ = tokio::time::timeout(FULL_SOUND_LIMIT, done).await;
+                }
+                node.forget_playback(&id);
+            }
+            if let Err(e) = node.ari.hangup(&ch, CAUSE_BUSY).await {
+                tracing::warn!(channel = %ch, error = %e, "cannot hang up caller of a full conference");
+            }
+        });
+    }
+
+    async fn wrong_node(&self, channel: &Channel, owner: &NodeId, sip_uri: &str) {
+        let ch = channel.id.as_str();
+        self.node.join_abandoned(ch);
+        let tech = channel.name.split('/').next().unwrap_or("PJSIP");
+        let can_redirect = self.node.cfg.node.wrong_node == WrongNodePolicy::Redirect
+            && !sip_uri.is_empty()
+            && !channel.state.eq_ignore_ascii_case("Up");
+        if can_redirect {
+            let endpoint = redirect_endpoint(tech, sip_uri, self.name.as_str());
+            match self.node.ari.redirect(ch, &endpoint).await {
+                Ok(()) => {
+                    tracing::info!(conference = %self.name, channel = ch, owner = %owner, %endpoint, "caller reached the wrong node; redirected to the owner");
+                    self.node.metrics.join("redirected");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(conference = %self.name, channel = ch, error = %e, "redirect failed; hanging up instead");
+                }
+            }
+        }
+        tracing::info!(conference = %self.name, channel = ch, owner = %owner, "caller reached the wrong node; hanging up so the edge asks the router again");
+        self.node.metrics.join("wrong_node_hangup");
+        if let Err(e) = self.node.ari.hangup(ch, CAUSE_UNAVAILABLE).await {
+            tracing::warn!(channel = ch, error = %e, "cannot hang up wrong-node caller");
+        }
+    }
+
+    // ----- leaving -----
+
+    async fn left(&mut self, ch: &str, reason: &'static str) {
+        let Some(p) = self.participants.remove(ch) else {
+            return;
+        };
+        self.node.metrics.leaves.with_label_values(&[reason]).inc();
+        tracing::info!(conference = %self.name, channel = ch, participants = self.participants.len(), "participant left");
+        self.callback_left(ch, &p);
+        if p.options.end_on_exit && !p.waiting {
+            self.end("end_conference_on_exit", Some(ch)).await;
+            return;
+        }
+        if self.participants.is_empty() {
+            self.end("last_participant_left", None).await;
+            return;
+        }
+        if !p.waiting && p.options.beep.on_exit() && self.participants.values().any(|p| !p.waiting)
+        {
+            self.beep().await;
+        }
+        self.counts_changed().await;
+    }
+
+    fn hold(&mut self, ch: &str, held: bool) {
+        let Some(p) = self.participants.get_mut(ch) else {
+            return;
+        };
+        if p.held == held {
+            return;
+        }
+        p.held = held;
+        self.callback_participant(
+            CallbackEvent::Hold,
+            if held {
+                "participant-hold"
+            } else {
+                "participant-unhold"
+            },
+            ch,
+        );
+        self.publish();
+    }
+
+    /// Ends the conference: recording stopped, remaining callers hung up, bridges destroyed,
+    /// claim released by compare-and-delete, `end` sent.
+    async fn end(&mut self, reason: &'static str, ended_by: Option<&str>) {
+        if self.phase == Phase::Idle {
+            return;
+        }
+        if let Some(rec) = self.recording.take() {
+            match self.node.ari.stop_recording(&rec).await {
+                Ok(()) => {
+                    tracing::info!(conference = %self.name, recording = %rec, "recording stopped")
+                }
+                Err(e) => {
+                    tracing::warn!(conference = %self.name, error = %e, "cannot stop recording")
+                }
+            }
+        }
+        let remaining: Vec<(String, Participant)> =
+            std::mem::take(&mut self.participants).into_iter().collect();
+        for (ch, p) in &remaining {
+            self.node
+                .metrics
+                .leaves
+                .with_label_values(&["conference_ended"])
+                .inc();
+            self.callback_left(ch, p);
+        }
+        let ari = &self.node.ari;
+        let hangups = remaining.iter().map(|(ch, _)| async move {
+            if let Err(e) = ari.hangup(ch, CAUSE_NORMAL).await {
+                tracing::warn!(channel = %ch, error = %e, "cannot hang up participant");
+            }
+        });
+        futures_util::future::join_all(hangups).await;
+        for (created, id) in [
+            (self.main_created, self.main.clone()),
+            (self.holding_created, self.holding.clone()),
+        ] {
+            if created {
+                if let Err(e) = self.node.ari.destroy_bridge(&id).await {
+                    tracing::warn!(bridge = %id, error = %e, "cannot destroy bridge");
+                }
+            }
+        }
+        self.main_created = false;
+        self.holding_created = false;
+        if self.phase == Phase::Active {
+            let owner = Owner {
+                node: self.node.id.clone(),
+                epoch: self.epoch,
+            };
+            match self.node.store.release(&self.name, &owner).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(conference = %self.name, "claim was no longer ours to release")
+                }
+                Err(e) => {
+                    tracing::warn!(conference = %self.name, error = %e, "cannot release claim; it expires with its lease")
+                }
+            }
+        }
+        if let Some(mut cb) = self.callbacks.take() {
+            let mut extra = vec![("ReasonConferenceEnded", reason.to_string())];
+            if let Some(by) = ended_by {
+                extra.push(("CallSidEndingConference", by.to_string()));
+            }
+            cb.send(CallbackEvent::End, "conference-end", None, &extra);
+        }
+        self.node
+            .metrics
+            .conferences_ended
+            .with_label_values(&[reason])
+            .inc();
+        tracing::info!(conference = %self.name, reason, "conference ended");
+        self.phase = Phase::Idle;
+        self.started = false;
+        self.node.publish(&self.name, None);
+    }
+
+    // ----- ownership -----
+
+    async fn lost(&mut self, new_owner: &NodeId) {
+        if self.phase != Phase::Active {
+            return;
+        }
+        self.phase = Phase::Lost;
+        self.node.metrics.ownership_losses.inc();
+        tracing::warn!(conference = %self.name, epoch = self.epoch, owner = %new_owner, participants = self.participants.len(), "lost ownership of the conference; admitting nobody new");
+        if self.node.cfg.node.on_ownership_lost == LostPolicy::End || self.participants.is_empty() {
+            self.end("ownership_lost", None).await;
+        } else {
+            self.publish();
+        }
+    }
+
+    async fn claim_status(&mut self, status: HostedStatus) {
+        if self.phase != Phase::Active {
+            return;
+        }
+        match status {
+            HostedStatus::Owned => {}
+            HostedStatus::Lost => {
+                let owner = match self.node.store.lookup(&self.name).await {
+                    Ok(Some(rec)) => rec.owner.node,
+                    _ => self.node.id.clone(),
+                };
+                if owner == self.node.id {
+                    // Same node, newer epoch: a restart of ours claimed it again.
+                    if let Ok(Some(rec)) = self.node.store.lookup(&self.name).await {
+                        self.epoch = rec.owner.epoch;
+                        self.publish();
+                        return;
+                    }
+                }
+                self.lost(&owner).await;
+            }
+            HostedStatus::Missing => {
+                // The claim expired (Redis was away longer than the lease, or restarted
+                // empty): claim it again; whoever holds it now wins.
+                match self.fence().await {
+                    Fence::Owned(e) => {
+                        tracing::info!(conference = %self.name, epoch = e, "claim re-established after it expired");
+                        self.epoch = e;
+                        self.counts_changed().await;
+                    }
+                    Fence::Elsewhere { node, .. } => self.lost(&node).await,
+                    Fence::NotServing | Fence::Unavailable(_) => {}
+                }
+            }
+        }
+    }
+
+    // ----- reconciliation -----
+
+    async fn bridge_gone(&mut self, bridge: &str) {
+        if self.phase == Phase::Idle {
+            return;
+        }
+        if bridge == self.holding {
+            self.holding_created = false;
+            return;
+        }
+        if bridge == self.main && self.main_created {
+            self.main_created = false;
+            tracing::warn!(conference = %self.name, "conference bridge destroyed outside the agent; ending the conference");
+            self.end("bridge_gone", None).await;
+        }
+    }
+
+    /// Brings the actor in line with Asterisk; returns whether it owns an active conference.
+    async fn reconcile(
+        &mut self,
+        main: Option<Bridge>,
+        holding: Option<Bridge>,
+        taken: Instant,
+    ) -> bool {
+        let in_main: Vec<String> = main
+            .as_ref()
+            .map(|b| b.channels.clone())
+            .unwrap_or_default();
+        let in_holding: Vec<String> = holding
+            .as_ref()
+            .map(|b| b.channels.clone())
+            .unwrap_or_default();
+        if self.phase == Phase::Idle {
+            if main.is_none() && holding.is_none() {
+                return false;
+            }
+            if in_main.is_empty() && in_holding.is_empty() {
+                for b in main.iter().chain(holding.iter()) {
+                    if let Err(e) = self.node.ari.destroy_bridge(&b.id).await {
+                        tracing::warn!(bridge = %b.id, error = %e, "cannot destroy empty bridge");
+                    }
+                    self.node
+                        .metrics
+                        .reconcile_actions
+                        .with_label_values(&["destroyed_empty_bridge"])
+                        .inc();
+                }
+                return false;
+            }
+            let (defaults, _) = options::resolve(
+                &self.node.cfg.conference,
+                &self.node.cfg.profiles,
+                &BTreeMap::new(),
+            );
+            let fence = self.fence().await;
+            let owned_epoch = match &fence {
+                Fence::Owned(e) => Some(*e),
+                Fence::Unavailable(why) => {
+                    tracing::warn!(conference = %self.name, error = %why, "cannot check ownership while reconciling; will retry");
+                    return false;
+                }
+                _ => None,
+            };
+            self.activate(owned_epoch.unwrap_or(0), &defaults);
+            if let Some(b) = &main {
+                self.main = b.id.clone();
+                self.main_created = true;
+                self.main_created_at = Instant::now();
+            }
+            if let Some(b) = &holding {
+                self.holding = b.id.clone();
+                self.holding_created = true;
+            }
+            self.started = !in_main.is_empty() || holding.is_none();
+            for (ids, waiting) in [(&in_main, false), (&in_holding, true)] {
+                for id in ids {
+                    self.participants.insert(
+                        id.clone(),
+                        Participant {
+                            options: defaults.clone(),
+                            waiting,
+                            muted: false,
+                            held: false,
+                            since: Instant::now(),
+                        },
+                    );
+                    self.node.claim_adopted(id, &self.name);
+                }
+            }
+            self.node
+                .metrics
+                .reconcile_actions
+                .with_label_values(&["adopted_conference"])
+                .inc();
+            tracing::info!(conference = %self.name, participants = self.participants.len(), owned = owned_epoch.is_some(), "re-adopted conference found in Asterisk");
+            match fence {
+                Fence::Owned(_) => {
+                    self.counts_changed().await;
+                    return true;
+                }
+                Fence::Elsewhere { node, .. } => {
+                    self.phase = Phase::Active;
+                    self.lost(&node).await;
+                    return false;
+                }
+                _ => {
+                    // No claim and none to be had (the node is draining): keep serving
+                    // who is here without admitting anyone new.
+                    self.phase = Phase::Lost;
+                    self.publish();
+                    return false;
+                }
+            }
+        }
+        // A listing older than the bridge (or a participant) says nothing about it.
+        if main.is_none() && self.main_created && self.main_created_at < taken {
+            tracing::warn!(conference = %self.name, "conference bridge no longer exists in Asterisk; ending the conference");
+            self.node
+                .metrics
+                .reconcile_actions
+                .with_label_values(&["ended_missing_bridge"])
+                .inc();
+            self.main_created = false;
+            self.end("bridge_gone", None).await;
+            return false;
+        }
+        let present: Vec<&String> = in_main.iter().chain(in_holding.iter()).collect();
+        let gone: Vec<String> = self
+            .participants
+            .iter()
+            .filter(|(id, p)| p.since < taken && !present.contains(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.node
+                .metrics
+                .reconcile_actions
+                .with_label_values(&["removed_gone_participant"])
+                .inc();
+            self.left(&id, "gone").await;
+            if self.phase == Phase::Idle {
+                return false;
+            }
+        }
+        self.phase == Phase::Active
+    }
+
+    // ----- bookkeeping -----
+
+    fn callback_participant(&mut self, event: CallbackEvent, status: &str, ch: &str) {
+        let Some(p) = self.participants.get(ch) else {
+            return;
+        };
+        let fields = ParticipantFields {
+            call_sid: ch.to_string(),
+            muted: p.muted,
+            hold: p.held,
+            start_on_enter: p.options.start_on_enter,
+            end_on_exit: p.options.end_on_exit,
+        };
+        if let Some(cb) = &mut self.callbacks {
+            cb.send(event, status, Some(&fields), &[]);
+        }
+    }
+
+    fn callback_left(&mut self, ch: &str, p: &Participant) {
+        let fields = ParticipantFields {
+            call_sid: ch.to_string(),
+            muted: p.muted,
+            hold: p.held,
+            start_on_enter: p.options.start_on_enter,
+            end_on_exit: p.options.end_on_exit,
+        };
+        if let Some(cb) = &mut self.callbacks {
+            cb.send(
+                CallbackEvent::Leave,
+                "participant-leave",
+                Some(&fields),
+                &[],
+            );
+        }
+    }
+
+    fn publish(&self) {
+        if self.phase == Phase::Idle {
+            self.node.publish(&self.name, None);
+            return;
+        }
+        let view = ConferenceView {
+            conference: self.name.clone(),
+            epoch: self.epoch,
+            phase: if self.phase == Phase::Active {
+                "active"
+            } else {
+                "lost"
+            },
+            bridge: self.main.clone(),
+            started: self.started,
+            recording: self.recording.clone(),
+            participants: self
+                .participants
+                .iter()
+                .map(|(id, p)| ParticipantView {
+                    channel: id.clone(),
+                    profile: p.options.profile.clone(),
+                    waiting: p.waiting,
+                    muted: p.muted,
+                    hold: p.held,
+                })
+                .collect(),
+        };
+        self.node.publish(&self.name, Some(view));
+    }
+
+    /// Publishes the view and records the participant count in Redis (owner-only write).
+    async fn counts_changed(&mut self) {
+        self.publish();
+        if self.phase != Phase::Active {
+            return;
+        }
+        let owner = Owner {
+            node: self.node.id.clone(),
+            epoch: self.epoch,
+        };
+        match self
+            .node
+            .store
+            .set_participants(&self.name, &owner, self.participants.len() as u32)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let owner = match self.node.store.lookup(&self.name).await {
+                    Ok(Some(rec)) => rec.owner.node,
+                    _ => self.node.id.clone(),
+                };
+                if owner != self.node.id {
+                    self.lost(&owner).await;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(conference = %self.name, error = %e, "participant count not written; the heartbeat carries it")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_ids_round_trip() {
+        let name = ConferenceName::parse("+1555-0101.x_y~z").expect("name");
+        let (main, holding) = bridge_ids(&name, 7);
+        assert_eq!(main, "cr-7-+1555-0101.x_y~z");
+        assert_eq!(parse_bridge_id(&main), Some((false, 7, name.clone())));
+        assert_eq!(parse_bridge_id(&holding), Some((true, 7, name)));
+        assert_eq!(parse_bridge_id("some-other-bridge"), None);
+        assert_eq!(parse_bridge_id("cr-x-name"), None);
+        assert_eq!(parse_bridge_id("cr-1-bad name"), None);
+    }
+
+    #[test]
+    fn redirect_endpoints_carry_the_conference_in_the_uri() {
+        assert_eq!(
+            redirect_endpoint("PJSIP", "sip:10.0.0.5:5060", "sales-42"),
+            "PJSIP/sip:sales-42@10.0.0.5:5060"
+        );
+        assert_eq!(
+            redirect_endpoint("PJSIP", "sip:old@node-b.example;transport=tcp", "room"),
+            "PJSIP/sip:room@node-b.example;transport=tcp"
+        );
+        assert_eq!(
+            redirect_endpoint("PJSIP", "node-c:5070", "r"),
+            "PJSIP/sip:r@node-c:5070"
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! The heartbeat: every `node.heartbeat_interval` the node record, its load and the claims
+//! of its conferences are renewed in one Redis script, with a lease of three intervals
+//! (invariant 3). The reply tells which claims were lost (invariant 2) and the state an
+//! admin may have set through the controller, which the node adopts.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confroute_shared::store::{Heartbeat, HostedStatus};
+use confroute_shared::types::{NodeInfo, NodeLoad, NodeState};
+
+use crate::conference::Msg;
+use crate::lifecycle;
+use crate::node::Node;
+
+/// Lease of the node record: three heartbeats.
+pub fn lease(node: &Node) -> Duration {
+    node.cfg.node.heartbeat_interval * 3
+}
+
+/// The record to register, with the node's current state.
+fn info(node: &Node) -> NodeInfo {
+    NodeInfo {
+        state: node.state(),
+        ..node.info.clone()
+    }
+}
+
+/// Registers the node (at start, and when a heartbeat finds the record gone).
+pub async fn register(node: &Node) -> bool {
+    let (_, version) = node.state_versioned();
+    match node.store.register(&info(node), lease(node)).await {
+        Ok(previous) => {
+            node.redis_ok.store(true, Ordering::SeqCst);
+            node.state_written(version);
+            node.metrics
+                .heartbeats
+                .with_label_values(&["registered"])
+                .inc();
+            tracing::info!(node = %node.id, state = %node.state(), ?previous, "node registered");
+            true
+        }
+        Err(e) => {
+            node.redis_ok.store(false, Ordering::SeqCst);
+            node.metrics.heartbeats.with_label_values(&["error"]).inc();
+            tracing::warn!(error = %e, "cannot register the node; retrying with the next heartbeat");
+            false
+        }
+    }
+}
+
+/// Runs heartbeats until the task is aborted.
+pub async fn run(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(node.cfg.node.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cpu = CpuSampler::new();
+    loop {
+        tick.tick().await;
+        beat(&node, cpu.sample()).await;
+    }
+}
+
+/// One heartbeat.
+pub async fn beat(node: &Arc<Node>, cpu: f32) {
+    if node.state_dirty() {
+        node.write_state().await;
+    }
+    let hosted = node.hosted();
+    let (conferences, participants) = node.load();
+    let load = NodeLoad {
+        conferences,
+        participants,
+        cpu,
+    };
+    let (_, version) = node.state_versioned();
+    let was_ok = node.redis_ok.load(Ordering::SeqCst);
+    match node
+        .store
+        .heartbeat(&node.id, &load, lease(node), &hosted)
+        .await
+    {
+        Ok(Heartbeat::Unregistered) => {
+            tracing::warn!(node = %node.id, "node record gone (lease expired or Redis restarted); registering again");
+            if register(node).await {
+                // Claims may have gone with the record: let the next beat re-check them.
+                node.request_reconcile();
+            }
+        }
+        Ok(Heartbeat::Renewed {
+            state,
+            hosted: statuses,
+        }) => {
+            node.redis_ok.store(true, Ordering::SeqCst);
+            if !was_ok {
+                tracing::info!("Redis reachable again");
+            }
+            node.metrics
+                .heartbeats
+                .with_label_values(&["renewed"])
+                .inc();
+            for (h, status) in hosted.iter().zip(statuses) {
+                if status != HostedStatus::Owned {
+                    node.send(&h.name, Msg::Claim(status), false);
+                }
+            }
+            if state != NodeState::ShuttingDown {
+                lifecycle::adopt(node, state, version);
+            }
+        }
+        Err(e) => {
+            node.redis_ok.store(false, Ordering::SeqCst);
+            node.metrics.heartbeats.with_label_values(&["error"]).inc();
+            if was_ok {
+                tracing::warn!(error = %e, "heartbeat failed; serving existing conferences, refusing new ones until Redis is back");
+            }
+        }
+    }
+}
+
+/// Host CPU use from `/proc/stat`, as the busy share between two samples.
+pub struct CpuSampler {
+    last: Option<(u64, u64)>,
+}
+
+impl Default for CpuSampler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuSampler {
+    /// A sampler with no previous sample.
+    pub fn new() -> Self {
+        CpuSampler {
+            last: read_proc_stat(),
+        }
+    }
+
+    /// Per cent busy since the previous sample (0 when unknown).
+    pub fn sample(&mut self) -> f32 {
+        let now = read_proc_stat();
+        let out = match (self.last, now) {
+            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+                (busy1.saturating_sub(busy0)) as f32 * 100.0 / (total1 - total0) as f32
+            }
+            _ => 0.0,
+        };
+        self.last = now.or(self.last);
+        out.clamp(0.0, 100.0)
+    }
+}
+
+/// `(busy, total)` jiffies from the `cpu` line of `/proc/stat`.
+fn read_proc_stat() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_proc_stat(&text)
+}
+
+fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if v.len() < 4 {
+        return None;
+    }
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_parsing() {
+        let text = "cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3 4\n";
+        assert_eq!(parse_proc_stat(text), Some((200, 1000)));
+        assert_eq!(parse_proc_stat("nothing"), None);
+        let mut s = CpuSampler::new();
+        let v = s.sample();
+        assert!((0.0..=100.0).contains(&v));
+    }
+}

@@ -1,0 +1,178 @@
+//! The agent's HTTP port: health, readiness, metrics, drain and undrain, and the local view
+//! of its conferences. Errors are `{"error":{"code","message"}}`, as the controller's.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::lifecycle;
+use crate::node::Node;
+
+/// Every route as (method, path).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/drain"),
+    ("POST", "/v1/undrain"),
+    ("GET", "/v1/conferences"),
+];
+
+/// An HTTP error with a stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"confroute\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Builds the application.
+pub fn app(node: Arc<Node>) -> Router {
+    let protected = Router::new()
+        .route("/v1/drain", post(drain))
+        .route("/v1/undrain", post(undrain))
+        .route("/v1/conferences", get(conferences))
+        .route_layer(middleware::from_fn_with_state(node.clone(), authorize));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(node)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &node.cfg.http.api_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = given.as_bytes().ct_eq(token.expose().as_bytes()).into();
+        if !ok {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required (Authorization: Bearer <token>)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// `GET /healthz`: the process is alive; touches neither Redis nor ARI.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the events WebSocket is connected and Redis answers.
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let ari = node.ari_connected.load(Ordering::SeqCst);
+    let redis = tokio::time::timeout(Duration::from_secs(1), node.store.ping())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let ready = ari && redis;
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "ari": ari,
+        "redis": redis,
+        "state": node.state(),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `POST /v1/drain`: no new conferences; existing ones keep taking joiners until they end
+/// or `node.drain_deadline`; the node then stays drained.
+async fn drain(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let previous = lifecycle::drain(&node, false).await;
+    Json(json!({"id": node.id, "state": node.state(), "previous": previous}))
+}
+
+/// `POST /v1/undrain`: back to serving (not while shutting down).
+async fn undrain(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value>, ApiError> {
+    match lifecycle::undrain(&node).await {
+        Ok(previous) => Ok(Json(
+            json!({"id": node.id, "state": node.state(), "previous": previous}),
+        )),
+        Err(state) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "shutting_down",
+            format!("the node is stopping (state {state}); it cannot be undrained"),
+        )),
+    }
+}
+
+/// `GET /v1/conferences`: the conferences this node hosts, as it sees them.
+async fn conferences(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "node_id": node.id,
+        "state": node.state(),
+        "items": node.views(),
+    }))
+}

@@ -1,0 +1,154 @@
+//! Drain and shutdown (invariant 4): `serving` → `draining` (no new conferences, existing
+//! ones keep taking joiners) → when empty or at `node.drain_deadline` → for a shutdown,
+//! `shutting_down`, deregistration and exit; for an admin drain, the node stays drained
+//! until undrained.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use confroute_shared::types::NodeState;
+
+use crate::conference::Msg;
+use crate::node::{lock, Node};
+
+/// How long ended conferences get to tear down after the deadline.
+const TEARDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts draining; `shutdown` makes the drain end in an exit. Returns the previous state.
+pub async fn drain(node: &Arc<Node>, shutdown: bool) -> NodeState {
+    let previous = node.state();
+    if previous == NodeState::ShuttingDown {
+        return previous;
+    }
+    {
+        let mut slot = lock(&node.drain);
+        match slot.as_ref() {
+            Some((_, true)) => return previous,
+            Some((task, false)) if !shutdown && !task.is_finished() => return previous,
+            _ => {}
+        }
+        if let Some((task, _)) = slot.take() {
+            task.abort();
+        }
+        node.set_state_local(NodeState::Draining);
+        let task = tokio::spawn(run(node.clone(), shutdown));
+        *slot = Some((task, shutdown));
+    }
+    node.write_state().await;
+    tracing::info!(shutdown, deadline = ?node.cfg.node.drain_deadline, "draining: no new conferences on this node");
+    previous
+}
+
+/// Ends a drain started by an admin; `Err` with the current state when the node is
+/// shutting down.
+pub async fn undrain(node: &Arc<Node>) -> Result<NodeState, NodeState> {
+    let previous = node.state();
+    {
+        let mut slot = lock(&node.drain);
+        if previous == NodeState::ShuttingDown || matches!(slot.as_ref(), Some((_, true))) {
+            return Err(previous);
+        }
+        if let Some((task, _)) = slot.take() {
+            task.abort();
+        }
+        node.set_state_local(NodeState::Serving);
+    }
+    node.write_state().await;
+    Ok(previous)
+}
+
+/// Adopts a state an admin set through the controller (seen in a heartbeat reply).
+pub fn adopt(node: &Arc<Node>, remote: NodeState, version: u64) {
+    let local = node.state();
+    if remote == local || local == NodeState::ShuttingDown {
+        return;
+    }
+    let mut slot = lock(&node.drain);
+    if matches!(slot.as_ref(), Some((_, true))) {
+        return;
+    }
+    match remote {
+        NodeState::Draining if node.adopt_state(NodeState::Draining, version) => {
+            if let Some((task, _)) = slot.take() {
+                task.abort();
+            }
+            *slot = Some((tokio::spawn(run(node.clone(), false)), false));
+        }
+        NodeState::Serving if node.adopt_state(NodeState::Serving, version) => {
+            if let Some((task, _)) = slot.take() {
+                task.abort();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Waits until no conference is hosted, or `deadline`; true when empty.
+pub async fn wait_empty(node: &Node, deadline: Instant) -> bool {
+    loop {
+        let changed = node.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if node.idle() {
+            return true;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(deadline) => return node.idle(),
+        }
+    }
+}
+
+/// Ends every conference now.
+pub fn end_all(node: &Arc<Node>, reason: &'static str) {
+    for name in node.actor_names() {
+        node.send(&name, Msg::End { reason }, false);
+    }
+}
+
+async fn run(node: Arc<Node>, shutdown: bool) {
+    let deadline = Instant::now() + node.cfg.node.drain_deadline;
+    if !wait_empty(&node, deadline).await {
+        let (left, participants) = node.load();
+        tracing::warn!(
+            conferences = left,
+            participants,
+            "drain deadline reached; ending the remaining conferences"
+        );
+        end_all(&node, "drain_deadline");
+        if !wait_empty(&node, Instant::now() + TEARDOWN_GRACE).await {
+            tracing::error!("conferences still tearing down after the grace period");
+        }
+    }
+    if shutdown {
+        finish_shutdown(&node).await;
+    } else {
+        tracing::info!("drained: no conference left; the node stays drained until undrained");
+    }
+}
+
+/// `shutting_down`, deregistration, and the signal to exit.
+pub async fn finish_shutdown(node: &Arc<Node>) {
+    node.set_state_local(NodeState::ShuttingDown);
+    node.write_state().await;
+    match node.store.deregister(&node.id).await {
+        Ok(_) => tracing::info!(node = %node.id, "deregistered"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot deregister; the node record expires with its lease")
+        }
+    }
+    node.exit.send_replace(true);
+}
+
+/// A second stop signal: end everything now and exit.
+pub async fn shutdown_now(node: &Arc<Node>) {
+    if let Some((task, _)) = lock(&node.drain).take() {
+        task.abort();
+    }
+    tracing::warn!("second stop signal: ending every conference now");
+    end_all(node, "shutdown");
+    wait_empty(node, Instant::now() + TEARDOWN_GRACE).await;
+    finish_shutdown(node).await;
+}

@@ -1,0 +1,515 @@
+//! The running agent's shared state, and the event dispatcher: each ARI event is routed to
+//! the actor of the conference it concerns (one actor per conference serialises that
+//! conference's operations; there is no lock around conference work).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use confroute_shared::name::ConferenceName;
+use confroute_shared::store::{Hosted, Store};
+use confroute_shared::types::{NodeId, NodeInfo, NodeState};
+
+use crate::ari::ws::EventSink;
+use crate::ari::{AriClient, Event};
+use crate::conference::{self, Msg};
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+
+/// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where a channel's events go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// StasisStart seen; its conference is being worked out.
+    Pending,
+    /// The channel left Stasis before its conference was known.
+    Gone,
+    /// The channel belongs to this conference's actor.
+    Conference(ConferenceName),
+    /// The channel was refused and is being hung up.
+    Refused,
+}
+
+/// One participant as `GET /v1/conferences` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParticipantView {
+    /// Channel id.
+    pub channel: String,
+    /// Profile its options came from.
+    pub profile: String,
+    /// In the holding bridge, waiting for the conference to start.
+    pub waiting: bool,
+    /// Joined muted.
+    pub muted: bool,
+    /// On hold.
+    pub hold: bool,
+}
+
+/// One conference as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConferenceView {
+    /// Conference name.
+    pub conference: ConferenceName,
+    /// Epoch of the claim this node holds.
+    pub epoch: u64,
+    /// `active`, or `lost` when the claim moved elsewhere.
+    pub phase: &'static str,
+    /// Mixing bridge id.
+    pub bridge: String,
+    /// A starter has joined.
+    pub started: bool,
+    /// Recording name, while recording.
+    pub recording: Option<String>,
+    /// Participants.
+    pub participants: Vec<ParticipantView>,
+}
+
+/// The agent: configuration, clients, and what it hosts.
+pub struct Node {
+    /// Configuration.
+    pub cfg: NodeConfig,
+    /// This node's id.
+    pub id: NodeId,
+    /// What the node registers in Redis (state is filled in at each registration).
+    pub info: NodeInfo,
+    /// The Redis data model.
+    pub store: Store,
+    /// ARI REST.
+    pub ari: AriClient,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// HTTP client for status callbacks.
+    pub webhook_http: reqwest::Client,
+    /// Whether the last Redis operation of the heartbeat succeeded.
+    pub redis_ok: AtomicBool,
+    /// Whether the events WebSocket is connected.
+    pub ari_connected: AtomicBool,
+    state: watch::Sender<NodeState>,
+    state_version: AtomicU64,
+    state_dirty: AtomicBool,
+    registry: Mutex<HashMap<ConferenceName, mpsc::UnboundedSender<Msg>>>,
+    routes: Mutex<HashMap<String, Route>>,
+    joining: Mutex<HashMap<String, Instant>>,
+    ended: Mutex<std::collections::HashSet<String>>,
+    stale_claims: Mutex<std::collections::HashSet<(ConferenceName, u64)>>,
+    views: Mutex<BTreeMap<ConferenceName, ConferenceView>>,
+    playbacks: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    /// Wakes whoever waits for the hosted set to change (drain).
+    pub changed: Notify,
+    reconcile: mpsc::UnboundedSender<()>,
+    /// The running drain, and whether it ends in an exit.
+    pub drain: Mutex<Option<(tokio::task::JoinHandle<()>, bool)>>,
+    /// Turns true when a shutdown drain finished and the process may exit.
+    pub exit: watch::Sender<bool>,
+}
+
+impl Node {
+    /// Builds the node; `reconcile` receives a unit each time reconciliation is wanted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: NodeConfig,
+        info: NodeInfo,
+        store: Store,
+        ari: AriClient,
+        metrics: Metrics,
+        webhook_http: reqwest::Client,
+        initial: NodeState,
+        reconcile: mpsc::UnboundedSender<()>,
+    ) -> Node {
+        let (state, _) = watch::channel(initial);
+        metrics.set_state(initial.as_str());
+        Node {
+            id: info.id.clone(),
+            cfg,
+            info,
+            store,
+            ari,
+            metrics,
+            webhook_http,
+            redis_ok: AtomicBool::new(false),
+            ari_connected: AtomicBool::new(false),
+            state,
+            state_version: AtomicU64::new(0),
+            state_dirty: AtomicBool::new(false),
+            registry: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
+            joining: Mutex::new(HashMap::new()),
+            ended: Mutex::new(std::collections::HashSet::new()),
+            stale_claims: Mutex::new(std::collections::HashSet::new()),
+            views: Mutex::new(BTreeMap::new()),
+            playbacks: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            reconcile,
+            drain: Mutex::new(None),
+            exit: watch::channel(false).0,
+        }
+    }
+
+    // ----- node state -----
+
+    /// The node's state now.
+    pub fn state(&self) -> NodeState {
+        *self.state.borrow()
+    }
+
+    /// A receiver that sees every state change.
+    pub fn watch_state(&self) -> watch::Receiver<NodeState> {
+        self.state.subscribe()
+    }
+
+    /// `(state, version)`; the version changes with every local state change.
+    pub fn state_versioned(&self) -> (NodeState, u64) {
+        (self.state(), self.state_version.load(Ordering::SeqCst))
+    }
+
+    /// Changes the state locally and marks it for writing to Redis.
+    pub fn set_state_local(&self, to: NodeState) -> NodeState {
+        let previous = self.state.send_replace(to);
+        self.state_version.fetch_add(1, Ordering::SeqCst);
+        self.state_dirty.store(true, Ordering::SeqCst);
+        self.metrics.set_state(to.as_str());
+        if previous != to {
+            tracing::info!(%previous, state = %to, "node state changed");
+        }
+        previous
+    }
+
+    /// Adopts a state set elsewhere (an admin through the controller), unless a local change
+    /// happened since `version` was read or is not yet written.
+    pub fn adopt_state(&self, to: NodeState, version: u64) -> bool {
+        if self.state_dirty.load(Ordering::SeqCst)
+            || self.state_version.load(Ordering::SeqCst) != version
+            || self.state() == to
+        {
+            return false;
+        }
+        self.state.send_replace(to);
+        self.metrics.set_state(to.as_str());
+        tracing::info!(state = %to, "adopting node state set through the controller");
+        true
+    }
+
+    /// True while a local state change still has to be written to Redis.
+    pub fn state_dirty(&self) -> bool {
+        self.state_dirty.load(Ordering::SeqCst)
+    }
+
+    /// Records that the local state reached Redis.
+    pub fn state_written(&self, version: u64) {
+        if self.state_version.load(Ordering::SeqCst) == version {
+            self.state_dirty.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Writes the local state to Redis now (best effort; the heartbeat retries).
+    pub async fn write_state(&self) {
+        let (state, version) = self.state_versioned();
+        match self.store.set_state(&self.id, state).await {
+            Ok(_) => self.state_written(version),
+            Err(e) => {
+                tracing::warn!(error = %e, %state, "cannot write node state yet; the heartbeat retries")
+            }
+        }
+    }
+
+    // ----- conference actors -----
+
+    /// Sends `msg` to the conference's actor, starting one when `spawn` and there is none.
+    pub fn send(self: &Arc<Self>, name: &ConferenceName, msg: Msg, spawn: bool) -> bool {
+        let mut reg = lock(&self.registry);
+        let msg = match reg.get(name) {
+            Some(tx) => match tx.send(msg) {
+                Ok(()) => return true,
+                Err(mpsc::error::SendError(m)) => {
+                    reg.remove(name);
+                    m
+                }
+            },
+            None => msg,
+        };
+        if !spawn {
+            return false;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        if tx.send(msg).is_err() {
+            return false;
+        }
+        reg.insert(name.clone(), tx);
+        tokio::spawn(conference::run(self.clone(), name.clone(), rx));
+        true
+    }
+
+    /// Called by an idle actor: removes it if no message waits for it. Sends happen under the
+    /// same lock, so none can slip in between the check and the removal.
+    pub fn retire(&self, name: &ConferenceName, rx: &mpsc::UnboundedReceiver<Msg>) -> bool {
+        let mut reg = lock(&self.registry);
+        if rx.is_empty() {
+            reg.remove(name);
+            drop(reg);
+            self.changed.notify_waiters();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether no conference has an actor (nothing hosted, nothing being set up).
+    pub fn idle(&self) -> bool {
+        lock(&self.registry).is_empty() && lock(&self.views).is_empty()
+    }
+
+    /// Names of conferences with an actor.
+    pub fn actor_names(&self) -> Vec<ConferenceName> {
+        lock(&self.registry).keys().cloned().collect()
+    }
+
+    /// Routes a channel's events to `name`; false if the channel already left Stasis.
+    pub fn route(&self, channel: &str, name: &ConferenceName) -> bool {
+        let mut routes = lock(&self.routes);
+        match routes.get(channel) {
+            Some(Route::Gone) => {
+                routes.remove(channel);
+                false
+            }
+            _ => {
+                routes.insert(channel.to_string(), Route::Conference(name.clone()));
+                true
+            }
+        }
+    }
+
+    /// Marks a channel that will not join (refused); its StasisEnd removes the mark.
+    pub fn unroute(&self, channel: &str) {
+        let mut routes = lock(&self.routes);
+        match routes.get(channel) {
+            Some(Route::Pending) => {
+                routes.insert(channel.to_string(), Route::Refused);
+            }
+            Some(Route::Gone) => {
+                routes.remove(channel);
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a reconciliation's record of channels that leave Stasis meanwhile.
+    pub fn forget_ended(&self) {
+        lock(&self.ended).clear();
+    }
+
+    /// Whether the channel left Stasis since [`Node::forget_ended`].
+    pub fn ended_since_listing(&self, channel: &str) -> bool {
+        lock(&self.ended).contains(channel)
+    }
+
+    /// Marks a channel found by reconciliation as being worked on; false if already known.
+    pub fn claim_route(&self, channel: &str) -> bool {
+        let mut routes = lock(&self.routes);
+        if routes.contains_key(channel) {
+            return false;
+        }
+        routes.insert(channel.to_string(), Route::Pending);
+        true
+    }
+
+    /// Routes a channel found in one of the conference's bridges by reconciliation.
+    pub fn claim_adopted(&self, channel: &str, name: &ConferenceName) {
+        lock(&self.routes).insert(channel.to_string(), Route::Conference(name.clone()));
+    }
+
+    /// Starts the join clock of a channel (StasisStart).
+    pub fn join_started(&self, channel: &str, at: Instant) {
+        lock(&self.joining).insert(channel.to_string(), at);
+    }
+
+    /// Stops the join clock without observing it (refused or gone).
+    pub fn join_abandoned(&self, channel: &str) {
+        lock(&self.joining).remove(channel);
+    }
+
+    // ----- published views -----
+
+    /// Replaces (or with `None`, removes) a conference's view and updates the gauges.
+    pub fn publish(&self, name: &ConferenceName, view: Option<ConferenceView>) {
+        let mut views = lock(&self.views);
+        match view {
+            Some(v) => {
+                views.insert(name.clone(), v);
+            }
+            None => {
+                views.remove(name);
+            }
+        }
+        self.metrics.conferences.set(views.len() as i64);
+        self.metrics
+            .participants
+            .set(views.values().map(|v| v.participants.len() as i64).sum());
+        drop(views);
+        self.changed.notify_waiters();
+    }
+
+    /// Every conference view.
+    pub fn views(&self) -> Vec<ConferenceView> {
+        lock(&self.views).values().cloned().collect()
+    }
+
+    /// Conferences this node holds a claim for, as the heartbeat reports them.
+    pub fn hosted(&self) -> Vec<Hosted> {
+        lock(&self.views)
+            .values()
+            .filter(|v| v.phase == "active")
+            .map(|v| Hosted {
+                name: v.conference.clone(),
+                epoch: v.epoch,
+                participants: v.participants.len() as u32,
+            })
+            .collect()
+    }
+
+    /// `(conferences, participants)` hosted now.
+    pub fn load(&self) -> (u32, u32) {
+        let views = lock(&self.views);
+        (
+            views.len() as u32,
+            views.values().map(|v| v.participants.len() as u32).sum(),
+        )
+    }
+
+    // ----- playbacks -----
+
+    /// Returns a receiver that fires when playback `id` finishes.
+    pub fn wait_playback(&self, id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.playbacks).insert(id.to_string(), tx);
+        rx
+    }
+
+    /// Empty claims found without a conference by the previous reconciliation.
+    pub fn take_stale_claims(&self) -> std::collections::HashSet<(ConferenceName, u64)> {
+        std::mem::take(&mut *lock(&self.stale_claims))
+    }
+
+    /// Remembers empty claims without a conference until the next reconciliation.
+    pub fn keep_stale_claims(&self, seen: std::collections::HashSet<(ConferenceName, u64)>) {
+        *lock(&self.stale_claims) = seen;
+    }
+
+    /// Forgets a playback nobody waits for any more.
+    pub fn forget_playback(&self, id: &str) {
+        lock(&self.playbacks).remove(id);
+    }
+
+    /// Asks the reconcile worker for a run.
+    pub fn request_reconcile(&self) {
+        let _ = self.reconcile.send(());
+    }
+
+    /// Handles one event (called in the order events arrive).
+    pub fn dispatch(self: &Arc<Self>, event: Event) {
+        match event {
+            Event::StasisStart { channel, args } => {
+                let now = Instant::now();
+                {
+                    let mut routes = lock(&self.routes);
+                    if routes.contains_key(&channel.id) {
+                        return;
+                    }
+                    routes.insert(channel.id.clone(), Route::Pending);
+                }
+                self.join_started(&channel.id, now);
+                tokio::spawn(crate::join::prepare(self.clone(), channel, args));
+            }
+            Event::StasisEnd { channel } => {
+                self.join_abandoned(&channel.id);
+                lock(&self.ended).insert(channel.id.clone());
+                let route = {
+                    let mut routes = lock(&self.routes);
+                    match routes.remove(&channel.id) {
+                        Some(Route::Pending) => {
+                            routes.insert(channel.id.clone(), Route::Gone);
+                            None
+                        }
+                        Some(Route::Conference(n)) => Some(n),
+                        _ => None,
+                    }
+                };
+                if let Some(name) = route {
+                    self.send(
+                        &name,
+                        Msg::Left {
+                            channel: channel.id,
+                        },
+                        false,
+                    );
+                }
+            }
+            Event::ChannelEnteredBridge { channel, .. } => {
+                if let Some(at) = lock(&self.joining).remove(&channel.id) {
+                    self.metrics
+                        .join_duration
+                        .observe(at.elapsed().as_secs_f64());
+                }
+            }
+            Event::ChannelHold { channel } => self.hold(&channel.id, true),
+            Event::ChannelUnhold { channel } => self.hold(&channel.id, false),
+            Event::PlaybackFinished { playback } => {
+                if let Some(tx) = lock(&self.playbacks).remove(&playback.id) {
+                    let _ = tx.send(());
+                }
+            }
+            Event::BridgeDestroyed { bridge } => {
+                if let Some((_, _, name)) = conference::parse_bridge_id(&bridge.id) {
+                    self.send(&name, Msg::BridgeGone { bridge: bridge.id }, false);
+                }
+            }
+            Event::ApplicationReplaced { application } => {
+                tracing::error!(app = %application, "another ARI client took over the Stasis app; this agent gets no more calls until it reconnects");
+            }
+            Event::RecordingFailed { recording } => {
+                tracing::warn!(recording = %recording.name, "conference recording failed");
+            }
+            Event::ChannelLeftBridge { .. } | Event::Other => {}
+        }
+    }
+
+    fn hold(self: &Arc<Self>, channel: &str, held: bool) {
+        let name = match lock(&self.routes).get(channel) {
+            Some(Route::Conference(n)) => n.clone(),
+            _ => return,
+        };
+        self.send(
+            &name,
+            Msg::Hold {
+                channel: channel.to_string(),
+                held,
+            },
+            false,
+        );
+    }
+}
+
+/// The node as the events WebSocket's sink.
+pub struct Sink(pub Arc<Node>);
+
+impl EventSink for Sink {
+    fn connected(&self, _reconnect: bool) {
+        self.0.ari_connected.store(true, Ordering::SeqCst);
+        self.0.request_reconcile();
+    }
+
+    fn disconnected(&self) {
+        self.0.ari_connected.store(false, Ordering::SeqCst);
+    }
+
+    fn event(&self, event: Event) {
+        self.0.dispatch(event);
+    }
+}

@@ -1,0 +1,195 @@
+//! Reconciliation after an ARI (re)connect, an agent restart, and periodically: what
+//! Asterisk has (bridges, channels) and what Redis says (claims) are brought in line with
+//! what the agent believes, so nothing is orphaned in either.
+//!
+//! - Bridges of ours (`cr-*`, `crh-*`) go to their conference's actor, which re-adopts them
+//!   when this node still owns the conference (or can claim it), tears them down when the
+//!   claim moved elsewhere, and destroys them when empty.
+//! - Actors whose bridge vanished end their conference (and release the claim).
+//! - Claims owned by this node with no live conference here are released.
+//! - Callers still in our Stasis app but in no bridge are joined again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use confroute_shared::name::ConferenceName;
+use confroute_shared::types::Owner;
+
+use crate::ari::Bridge;
+use crate::conference::{parse_bridge_id, Msg};
+use crate::node::Node;
+
+/// Delay before retrying a reconciliation that could not finish.
+const RETRY: Duration = Duration::from_secs(1);
+/// Longest delay between retries (Redis or Asterisk may be away for long).
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Runs reconciliations when asked and every `ari.reconcile_interval`.
+pub async fn run(node: Arc<Node>, mut wake: mpsc::UnboundedReceiver<()>) {
+    let every = node.cfg.ari.reconcile_interval;
+    loop {
+        tokio::select! {
+            got = wake.recv() => if got.is_none() { return },
+            _ = tokio::time::sleep(every) => {}
+        }
+        while wake.try_recv().is_ok() {}
+        let mut delay = RETRY;
+        loop {
+            if !node.ari_connected.load(Ordering::SeqCst) {
+                break;
+            }
+            match once(&node).await {
+                Ok(()) => break,
+                Err(why) => {
+                    tracing::warn!(error = %why, retry_in = ?delay, "reconciliation incomplete; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Found {
+    main: Option<Bridge>,
+    holding: Option<Bridge>,
+}
+
+/// One reconciliation pass.
+pub async fn once(node: &Arc<Node>) -> Result<(), String> {
+    let taken = std::time::Instant::now();
+    node.forget_ended();
+    let bridges = node.ari.list_bridges().await.map_err(|e| e.to_string())?;
+    let channels = node.ari.list_channels().await.map_err(|e| e.to_string())?;
+    let mut ours: BTreeMap<ConferenceName, Found> = BTreeMap::new();
+    let mut bridged: HashSet<String> = HashSet::new();
+    for b in bridges {
+        bridged.extend(b.channels.iter().cloned());
+        if let Some((holding, _epoch, name)) = parse_bridge_id(&b.id) {
+            let f = ours.entry(name).or_default();
+            if holding {
+                f.holding = Some(b);
+            } else {
+                f.main = Some(b);
+            }
+        }
+    }
+    for name in node.actor_names() {
+        ours.entry(name).or_default();
+    }
+    let had_bridge: HashSet<ConferenceName> = ours
+        .iter()
+        .filter(|(_, f)| f.main.is_some() || f.holding.is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut active: HashSet<ConferenceName> = HashSet::new();
+    let mut incomplete = false;
+    for (name, found) in ours {
+        let spawn = found.main.is_some() || found.holding.is_some();
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Reconcile {
+            main: found.main,
+            holding: found.holding,
+            taken,
+            reply: tx,
+        };
+        if !node.send(&name, msg, spawn) {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(true)) => {
+                active.insert(name);
+            }
+            Ok(Ok(false)) => {}
+            _ => incomplete = true,
+        }
+    }
+    if !incomplete {
+        release_stale_claims(node, &active, &had_bridge).await?;
+    }
+    for ch in channels {
+        let Some((app, args)) = ch.stasis_app() else {
+            continue;
+        };
+        if app != node.cfg.ari.app
+            || bridged.contains(&ch.id)
+            || node.ended_since_listing(&ch.id)
+            || !node.claim_route(&ch.id)
+        {
+            continue;
+        }
+        tracing::info!(channel = %ch.id, "caller in the Stasis app but in no bridge; joining it again");
+        node.metrics
+            .reconcile_actions
+            .with_label_values(&["rejoined_channel"])
+            .inc();
+        node.join_started(&ch.id, std::time::Instant::now());
+        tokio::spawn(crate::join::prepare(node.clone(), ch, args));
+    }
+    if incomplete {
+        return Err("a conference did not answer in time".to_string());
+    }
+    Ok(())
+}
+
+/// Releases (compare-and-delete) claims this node holds in Redis for conferences it does
+/// not host: their bridge no longer exists.
+async fn release_stale_claims(
+    node: &Arc<Node>,
+    active: &HashSet<ConferenceName>,
+    had_bridge: &HashSet<ConferenceName>,
+) -> Result<(), String> {
+    let previous = node.take_stale_claims();
+    let mut seen = HashSet::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = node
+            .store
+            .list_conferences(after.as_deref(), 1000)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (name, rec) in &page.items {
+            if rec.owner.node != node.id || active.contains(name) {
+                continue;
+            }
+            // An actor may be creating this conference's bridge right now.
+            if node.actor_names().contains(name) {
+                continue;
+            }
+            // A claim that never had a participant nor a bridge may be a placement a controller
+            // just made, its first caller on the way: release it only if still stale next time.
+            let key = (name.clone(), rec.owner.epoch);
+            if rec.participants == 0 && !had_bridge.contains(name) && !previous.contains(&key) {
+                seen.insert(key);
+                continue;
+            }
+            let owner = Owner {
+                node: node.id.clone(),
+                epoch: rec.owner.epoch,
+            };
+            match node.store.release(name, &owner).await {
+                Ok(true) => {
+                    tracing::info!(conference = %name, epoch = rec.owner.epoch, "released a claim whose bridge no longer exists");
+                    node.metrics
+                        .reconcile_actions
+                        .with_label_values(&["released_stale_claim"])
+                        .inc();
+                }
+                Ok(false) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        match page.next {
+            Some(n) => after = Some(n),
+            None => {
+                node.keep_stale_claims(seen);
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Status callbacks (TwiML `statusCallback`): HTTP POSTs with Twilio's form fields, sent in
+//! order per conference by one delivery task, retried with backoff, from a bounded queue the
+//! conference only ever `try_send`s into, so call handling never waits for a slow receiver.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+
+use crate::config::WebhookConfig;
+use crate::metrics::Metrics;
+use crate::options::CallbackEvent;
+
+/// What happened to the participant, for `participant-*` events.
+#[derive(Clone, Debug)]
+pub struct ParticipantFields {
+    /// Channel id (Twilio's `CallSid`).
+    pub call_sid: String,
+    /// Muted now.
+    pub muted: bool,
+    /// On hold now.
+    pub hold: bool,
+    /// TwiML `startConferenceOnEnter`.
+    pub start_on_enter: bool,
+    /// TwiML `endConferenceOnExit`.
+    pub end_on_exit: bool,
+}
+
+/// One conference's callback sender; dropping it lets the delivery task finish its queue.
+pub struct Callbacks {
+    tx: mpsc::Sender<Vec<(String, String)>>,
+    events: Vec<CallbackEvent>,
+    sid: String,
+    name: String,
+    seq: u64,
+    metrics: Metrics,
+}
+
+impl Callbacks {
+    /// Starts delivery of the conference's events to `url`.
+    pub fn start(
+        http: reqwest::Client,
+        url: String,
+        events: Vec<CallbackEvent>,
+        cfg: &WebhookConfig,
+        metrics: Metrics,
+        sid: String,
+        name: String,
+    ) -> Callbacks {
+        let (tx, rx) = mpsc::channel(cfg.queue_size);
+        tokio::spawn(deliver(http, url, rx, cfg.clone(), metrics.clone()));
+        Callbacks {
+            tx,
+            events,
+            sid,
+            name,
+            seq: 0,
+            metrics,
+        }
+    }
+
+    /// Queues `event` (`status` is Twilio's `StatusCallbackEvent` value) if it was asked for.
+    pub fn send(
+        &mut self,
+        event: CallbackEvent,
+        status: &str,
+        participant: Option<&ParticipantFields>,
+        extra: &[(&str, String)],
+    ) {
+        if !self.events.contains(&event) {
+            return;
+        }
+        self.seq += 1;
+        let mut form = vec![
+            ("ConferenceSid".to_string(), self.sid.clone()),
+            ("FriendlyName".to_string(), self.name.clone()),
+            ("StatusCallbackEvent".to_string(), status.to_string()),
+            ("SequenceNumber".to_string(), self.seq.to_string()),
+            ("Timestamp".to_string(), rfc2822(SystemTime::now())),
+        ];
+        if let Some(p) = participant {
+            form.push(("CallSid".to_string(), p.call_sid.clone()));
+            form.push(("Muted".to_string(), p.muted.to_string()));
+            form.push(("Hold".to_string(), p.hold.to_string()));
+            form.push((
+                "StartConferenceOnEnter".to_string(),
+                p.start_on_enter.to_string(),
+            ));
+            form.push(("EndConferenceOnExit".to_string(), p.end_on_exit.to_string()));
+        }
+        for (k, v) in extra {
+            form.push((k.to_string(), v.clone()));
+        }
+        if self.tx.try_send(form).is_err() {
+            self.metrics.webhooks.with_label_values(&["dropped"]).inc();
+            tracing::warn!(conference = %self.name, event = %event, "status callback queue full; event dropped");
+        }
+    }
+}
+
+async fn deliver(
+    http: reqwest::Client,
+    url: String,
+    mut rx: mpsc::Receiver<Vec<(String, String)>>,
+    cfg: WebhookConfig,
+    metrics: Metrics,
+) {
+    while let Some(form) = rx.recv().await {
+        let mut delay = cfg.retry_initial;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = http
+                .post(&url)
+                .timeout(cfg.timeout)
+                .form(&form)
+                .send()
+                .await;
+            let why = match result {
+                Ok(r) if r.status().is_success() => {
+                    metrics.webhooks.with_label_values(&["delivered"]).inc();
+                    break;
+                }
+                Ok(r) => format!("status {}", r.status().as_u16()),
+                Err(e) => e.to_string(),
+            };
+            if attempt >= cfg.max_attempts {
+                metrics.webhooks.with_label_values(&["failed"]).inc();
+                tracing::warn!(url = %url, attempts = attempt, error = %why, "status callback given up");
+                break;
+            }
+            metrics.webhook_retries.inc();
+            tracing::debug!(url = %url, attempt, error = %why, "status callback failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(cfg.retry_max.max(cfg.retry_initial));
+        }
+    }
+}
+
+/// `Tue, 01 Jan 2024 12:00:00 +0000`, the form Twilio's `Timestamp` has.
+pub fn rfc2822(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {:02} {} {:04} {:02}:{:02}:{:02} +0000",
+        DAYS[days.rem_euclid(7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_look_like_twilio() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_704_110_400);
+        assert_eq!(rfc2822(t), "Mon, 01 Jan 2024 12:00:00 +0000");
+        assert_eq!(rfc2822(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
+    }
+}

@@ -1,0 +1,210 @@
+//! Helpers shared by the node agent tests: a simulated Asterisk per node, the agent's
+//! environment, and waits on the simulator.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use confroute_shared::config::RedisConfig;
+use confroute_tests::ari_sim::client::EventStream;
+use confroute_tests::ari_sim::{AriSim, DialIn, SimConfig, SimSnapshot};
+use confroute_tests::fixtures;
+use confroute_tests::harness::{NodeProc, RedisServer};
+use serde_json::Value;
+
+/// Generous bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Option variables listed in ari.conf `channelvars` for most tests (no extra round trips).
+pub const CHANNELVARS: &[&str] = &[
+    "CONFROUTE_CONFERENCE",
+    "CONFROUTE_PROFILE",
+    "CONFROUTE_MUTED",
+    "CONFROUTE_BEEP",
+    "CONFROUTE_START_ON_ENTER",
+    "CONFROUTE_END_ON_EXIT",
+    "CONFROUTE_MAX_PARTICIPANTS",
+    "CONFROUTE_WAIT_MUSIC",
+    "CONFROUTE_RECORD",
+    "CONFROUTE_STATUS_CALLBACK",
+    "CONFROUTE_STATUS_CALLBACK_EVENT",
+];
+
+/// A simulated Asterisk plus an observer app following everything, so the event log also
+/// holds events the agent's app stops seeing (e.g. `ChannelDestroyed` with its cause).
+pub struct TestSim {
+    pub sim: AriSim,
+    _observer: EventStream,
+}
+
+impl std::ops::Deref for TestSim {
+    type Target = AriSim;
+    fn deref(&self) -> &AriSim {
+        &self.sim
+    }
+}
+
+/// A simulated Asterisk with the test credentials and `channelvars` set.
+pub async fn sim() -> TestSim {
+    sim_with(CHANNELVARS).await
+}
+
+/// A simulated Asterisk listing `channelvars` in channel snapshots.
+pub async fn sim_with(channelvars: &[&str]) -> TestSim {
+    let sim = AriSim::start(SimConfig {
+        username: "confroute".into(),
+        password: "s3cret-ari".into(),
+        channelvars: channelvars.iter().map(|s| s.to_string()).collect(),
+        playback_duration: Duration::from_millis(50),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let observer =
+        EventStream::connect(&format!("{}&subscribeAll=true", sim.events_url("observer")))
+            .await
+            .expect("observer connects");
+    TestSim {
+        sim,
+        _observer: observer,
+    }
+}
+
+/// The environment of an agent for `sim` and Redis `cfg`, plus `extra`.
+pub fn env(sim: &AriSim, cfg: &RedisConfig, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = fixtures::redis_env(cfg);
+    env.push(("CONFROUTE_ARI__URL".into(), sim.base_url()));
+    env.push(("CONFROUTE_ARI__USERNAME".into(), sim.username().into()));
+    env.push(("CONFROUTE_ARI__PASSWORD".into(), sim.password().into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
+/// One Redis, one simulator and one agent.
+pub struct Single {
+    pub redis: RedisServer,
+    pub cfg: RedisConfig,
+    pub sim: TestSim,
+    pub node: NodeProc,
+}
+
+impl Single {
+    /// Starts Redis, a simulator and agent `node-a` with `extra` settings, and waits until
+    /// the agent's Stasis app is registered.
+    pub async fn start(extra: &[(&str, &str)]) -> Single {
+        let redis = RedisServer::start().expect("redis");
+        let cfg = fixtures::single(&redis.url());
+        let sim = sim().await;
+        let node = NodeProc::start("node-a", &env(&sim, &cfg, extra)).expect("node starts");
+        wait_app(&sim, &node).await;
+        Single {
+            redis,
+            cfg,
+            sim,
+            node,
+        }
+    }
+}
+
+/// Waits until the agent's events WebSocket registered the `confroute` app.
+pub async fn wait_app(sim: &AriSim, node: &NodeProc) {
+    let ok = sim
+        .wait_until(WAIT, |s| {
+            s.apps.iter().any(|a| a.name == "confroute" && a.active)
+        })
+        .await;
+    assert!(
+        ok,
+        "agent never connected its events WebSocket\n{}",
+        node.output()
+    );
+}
+
+/// A caller dials in with Stasis argument `conf` (empty: no argument) and `vars`.
+pub async fn dial(sim: &AriSim, conf: &str, vars: &[(&str, &str)]) -> String {
+    sim.dial_in(DialIn {
+        app: "confroute".into(),
+        args: if conf.is_empty() {
+            vec![]
+        } else {
+            vec![conf.to_string()]
+        },
+        caller_number: "+15550001".into(),
+        variables: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..DialIn::default()
+    })
+    .await
+    .expect("dial in")
+}
+
+/// Waits until channel `ch` is in a bridge; returns the bridge id.
+pub async fn wait_bridged(sim: &AriSim, ch: &str) -> String {
+    let ok = sim
+        .wait_until(WAIT, |s| s.channel(ch).is_some_and(|c| c.bridge.is_some()))
+        .await;
+    let snap = sim.snapshot();
+    assert!(ok, "channel {ch} never entered a bridge: {snap:#?}");
+    snap.channel(ch)
+        .and_then(|c| c.bridge.clone())
+        .expect("bridged")
+}
+
+/// Waits until channel `ch` is gone (hung up); returns its hangup cause from the event log.
+pub async fn wait_hangup(sim: &AriSim, ch: &str) -> i64 {
+    let ev = sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "ChannelDestroyed" && e["channel"]["id"] == ch
+        })
+        .await
+        .unwrap_or_else(|| panic!("channel {ch} was not hung up: {:#?}", sim.snapshot()));
+    ev["cause"].as_i64().expect("cause")
+}
+
+/// Waits until `pred` holds for the snapshot, failing with the snapshot.
+pub async fn until(sim: &AriSim, what: &str, pred: impl Fn(&SimSnapshot) -> bool) {
+    if !sim.wait_until(WAIT, pred).await {
+        panic!("timed out waiting for {what}: {:#?}", sim.snapshot());
+    }
+}
+
+/// `GET` a JSON document from the agent.
+pub async fn get_json(url: &str) -> Value {
+    fixtures::http()
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+/// The ARI requests of one operation nickname in the simulator's log.
+pub fn ops(sim: &AriSim, op: &str) -> usize {
+    sim.request_log()
+        .iter()
+        .filter(|r| r.operation.as_deref() == Some(op))
+        .count()
+}
+
+/// Waits until the simulator logged a request for `op` whose path starts with `prefix`.
+/// (The log entry is written after the answer, so a state change can be seen first.)
+pub async fn wait_request(sim: &AriSim, op: &str, prefix: &str) {
+    let found = confroute_tests::harness::wait_for_async(
+        &format!("an ARI {op} request on {prefix}"),
+        WAIT,
+        || async {
+            sim.request_log()
+                .iter()
+                .any(|r| r.operation.as_deref() == Some(op) && r.path.starts_with(prefix))
+                .then_some(())
+        },
+    )
+    .await;
+    if let Err(e) = found {
+        panic!("{e}: {:#?}", sim.request_log());
+    }
+}

@@ -1,0 +1,175 @@
+//! Draining (invariant 4): SIGTERM and `POST /v1/drain` stop new conferences while existing
+//! ones keep taking joiners; the drain ends when the node is empty or at its deadline (the
+//! remaining callers are then hung up); SIGTERM then deregisters and exits 0, an admin
+//! drain stays drained until undrained. A drain set through the controller is adopted.
+
+mod node_common;
+
+use std::time::Duration;
+
+use confroute_shared::name::ConferenceName;
+use confroute_shared::types::NodeState;
+use confroute_tests::fixtures;
+use confroute_tests::harness::{wait_for_async, ControllerProc};
+use node_common::*;
+use serde_json::Value;
+
+async fn node_state(store: &confroute_shared::store::Store, id: &str) -> Option<NodeState> {
+    store
+        .get_node(&fixtures::id(id))
+        .await
+        .ok()
+        .flatten()
+        .map(|n| n.info.state)
+}
+
+async fn post(url: &str) -> (u16, Value) {
+    let r = fixtures::http().post(url).send().await.expect("POST");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "busy", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    wait_for_async("draining in Redis", WAIT, || async {
+        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // An admin cannot undrain a node that is stopping.
+    let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "shutting_down");
+    assert_eq!(
+        node_state(&store, "node-a").await,
+        Some(NodeState::Draining)
+    );
+    // A new conference is refused; the existing one still takes joiners.
+    let fresh = dial(&s.sim, "fresh", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &fresh).await, 34);
+    let joiner = dial(&s.sim, "busy", &[]).await;
+    if !s
+        .sim
+        .wait_until(WAIT, |snap| {
+            snap.channel(&joiner).is_some_and(|c| c.bridge.is_some())
+        })
+        .await
+    {
+        panic!("joiner not admitted while draining\n{}", s.node.output());
+    }
+    assert!(s.node.process().is_running());
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    s.sim.hangup_far_end(&joiner, 16).await.expect("hangup");
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    assert_eq!(node_state(&store, "node-a").await, None, "deregistered");
+    let out = s.node.output();
+    assert!(
+        out.contains("shutting_down") && out.contains("deregistered"),
+        "{out}"
+    );
+    let name = ConferenceName::parse("busy").expect("name");
+    assert!(store.lookup(&name).await.expect("lookup").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deadline_ends_remaining_conferences_then_exits() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "700ms"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let a = dial(&s.sim, "stubborn", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    if s.sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "ChannelDestroyed" && e["channel"]["id"] == a.as_str()
+        })
+        .await
+        .is_none()
+    {
+        panic!("not hung up at the deadline\n{}", s.node.output());
+    }
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    assert!(s.sim.snapshot().bridges.is_empty());
+    let store = fixtures::store(&s.cfg);
+    let name = ConferenceName::parse("stubborn").expect("name");
+    assert!(store.lookup(&name).await.expect("lookup").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_drain_with_deadline_stays_drained_until_undrain() {
+    let s = Single::start(&[
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "700ms"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "draining");
+    assert_eq!(body["previous"], "serving");
+    assert_eq!(
+        node_state(&store, "node-a").await,
+        Some(NodeState::Draining)
+    );
+    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "ended at the deadline");
+    until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
+    // Still drained: new conferences refused.
+    let refused = dial(&s.sim, "new-one", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &refused).await, 34);
+    let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "serving");
+    assert_eq!(node_state(&store, "node-a").await, Some(NodeState::Serving));
+    let welcome = dial(&s.sim, "new-one", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &welcome).await, "cr-1-new-one");
+    // Bad input: a wrong method or route gets a JSON error and changes nothing.
+    let r = fixtures::http()
+        .get(format!("{}/v1/drain", s.node.http_url()))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 405);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    assert_eq!(node_state(&store, "node-a").await, Some(NodeState::Serving));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_set_through_the_controller_is_adopted() {
+    let s = Single::start(&[]).await;
+    let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
+    let (status, body) = post(&format!("{}/v1/nodes/node-a/drain", controller.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for_async("agent adopts draining", WAIT, || async {
+        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+        (v["state"] == "draining").then_some(())
+    })
+    .await
+    .expect("adopted");
+    let refused = dial(&s.sim, "after-drain", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &refused).await, 34);
+    let (status, _) = post(&format!(
+        "{}/v1/nodes/node-a/undrain",
+        controller.http_url()
+    ))
+    .await;
+    assert_eq!(status, 200);
+    wait_for_async("agent adopts serving", WAIT, || async {
+        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+        (v["state"] == "serving").then_some(())
+    })
+    .await
+    .expect("adopted");
+    let _ = Duration::ZERO;
+}

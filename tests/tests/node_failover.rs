@@ -1,0 +1,225 @@
+//! Losing the agent or Asterisk: a killed agent's conference is re-homed on the next call
+//! once its lease is gone; a restarted agent re-adopts what it still owns and cleans up the
+//! rest; an Asterisk restart is survived by reconnecting and reconciling.
+
+mod node_common;
+
+use std::time::Duration;
+
+use confroute_shared::name::ConferenceName;
+use confroute_tests::fixtures::{self, metric, scrape};
+use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer};
+use node_common::*;
+
+fn name(s: &str) -> ConferenceName {
+    ConferenceName::parse(s).expect("name")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_conference_is_rehomed_on_the_next_call_after_the_lease() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let sim_a = sim().await;
+    let mut node_a = NodeProc::start("node-a", &env(&sim_a, &cfg, &[])).expect("node a");
+    let sim_b = sim().await;
+    let node_b = NodeProc::start("node-b", &env(&sim_b, &cfg, &[])).expect("node b");
+    wait_app(&sim_a, &node_a).await;
+    wait_app(&sim_b, &node_b).await;
+
+    let first = dial(&sim_a, "phoenix", &[]).await;
+    wait_bridged(&sim_a, &first).await;
+    node_a.process().kill();
+    // Before the lease runs out the claim still points at the dead node: b redirects.
+    let early = dial(&sim_b, "phoenix", &[]).await;
+    wait_request(&sim_b, "redirect", &format!("/ari/channels/{early}")).await;
+    wait_for_async("node a's lease to expire", WAIT, || async {
+        store
+            .get_node(&fixtures::id("node-a"))
+            .await
+            .ok()
+            .and_then(|n| n.is_none().then_some(()))
+    })
+    .await
+    .expect("lease expired");
+    let next = dial(&sim_b, "phoenix", &[]).await;
+    assert_eq!(
+        wait_bridged(&sim_b, &next).await,
+        "cr-2-phoenix",
+        "new home, epoch 2"
+    );
+    let rec = store
+        .lookup(&name("phoenix"))
+        .await
+        .expect("lookup")
+        .expect("claimed");
+    assert_eq!(rec.owner.node.as_str(), "node-b");
+    assert_eq!(rec.owner.epoch, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let sim = sim().await;
+    let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &[])).expect("node");
+    wait_app(&sim, &node).await;
+    let stays = dial(&sim, "keep", &[]).await;
+    wait_bridged(&sim, &stays).await;
+    let leaves = dial(&sim, "vanish", &[]).await;
+    wait_bridged(&sim, &leaves).await;
+
+    node.process().kill();
+    until(&sim, "agent's socket gone", |s| s.websockets == 1).await;
+    // While the agent is down, the only caller of "vanish" hangs up: its bridge stays in
+    // Asterisk and its claim in Redis.
+    sim.hangup_far_end(&leaves, 16).await.expect("hangup");
+    assert!(sim.snapshot().bridge("cr-1-vanish").is_some());
+    assert!(store
+        .lookup(&name("vanish"))
+        .await
+        .expect("lookup")
+        .is_some());
+
+    node.restart().expect("restart");
+    wait_app(&sim, &node).await;
+    until(&sim, "empty bridge destroyed", |s| {
+        s.bridge("cr-1-vanish").is_none()
+    })
+    .await;
+    wait_for_async("stale claim released", WAIT, || async {
+        store
+            .lookup(&name("vanish"))
+            .await
+            .ok()
+            .and_then(|r| r.is_none().then_some(()))
+    })
+    .await
+    .expect("released");
+    let rec = store
+        .lookup(&name("keep"))
+        .await
+        .expect("lookup")
+        .expect("kept");
+    assert_eq!((rec.owner.node.as_str(), rec.owner.epoch), ("node-a", 1));
+    wait_for_async("re-adopted", WAIT, || async {
+        let v = get_json(&format!("{}/v1/conferences", node.http_url())).await;
+        (v["items"][0]["conference"] == "keep"
+            && v["items"][0]["participants"].as_array().map(Vec::len) == Some(1))
+        .then_some(())
+    })
+    .await
+    .expect("local view");
+
+    // The re-adopted conference works as before: a new caller joins the same bridge, and
+    // when everyone has left nothing remains anywhere.
+    let late = dial(&sim, "keep", &[]).await;
+    assert_eq!(wait_bridged(&sim, &late).await, "cr-1-keep");
+    sim.hangup_far_end(&stays, 16).await.expect("hangup");
+    sim.hangup_far_end(&late, 16).await.expect("hangup");
+    until(&sim, "no bridges", |s| s.bridges.is_empty()).await;
+    wait_for_async("no claims", WAIT, || async {
+        let page = store.list_conferences(None, 100).await.ok()?;
+        page.items.is_empty().then_some(())
+    })
+    .await
+    .expect("nothing left in Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_restart_is_survived_by_reconnecting_and_reconciling() {
+    let s = Single::start(&[]).await;
+    let store = fixtures::store(&s.cfg);
+    let ch = dial(&s.sim, "through-restart", &[]).await;
+    wait_bridged(&s.sim, &ch).await;
+    s.sim
+        .restart_with_downtime(Duration::from_millis(300))
+        .await;
+    wait_app(&s.sim, &s.node).await;
+    // Asterisk lost the bridge and the caller: the conference ends and its claim goes.
+    wait_for_async("claim released after the restart", WAIT, || async {
+        store
+            .lookup(&name("through-restart"))
+            .await
+            .ok()
+            .and_then(|r| r.is_none().then_some(()))
+    })
+    .await
+    .expect("released");
+    let again = dial(&s.sim, "through-restart", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &again).await, "cr-1-through-restart");
+    let m = scrape(&s.node.http_url()).await;
+    assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
+    assert_eq!(metric(&m, "confroute_ari_connected"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "yanked", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let other = confroute_tests::ari_sim::client::AriClient::new(&s.sim).expect("client");
+    let r = other
+        .call("DELETE", "/bridges/cr-1-yanked", None)
+        .await
+        .expect("destroy");
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        wait_hangup(&s.sim, &a).await,
+        16,
+        "the participant is let go"
+    );
+    wait_for_async("claim released", WAIT, || async {
+        store
+            .lookup(&name("yanked"))
+            .await
+            .ok()
+            .and_then(|r| r.is_none().then_some(()))
+    })
+    .await
+    .expect("released");
+    let again = dial(&s.sim, "yanked", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &again).await, "cr-1-yanked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
+    let s = Single::start(&[("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms")]).await;
+    let store = fixtures::store(&s.cfg);
+    let placed = store
+        .claim(&name("no-show"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    assert_eq!(placed.kind, confroute_shared::store::ClaimKind::Claimed);
+    // A caller that does come in time finds the placement and uses it.
+    store
+        .claim(&name("on-time"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let ch = dial(&s.sim, "on-time", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &ch).await, "cr-1-on-time");
+    wait_for_async("empty placement released", WAIT, || async {
+        store
+            .lookup(&name("no-show"))
+            .await
+            .ok()
+            .and_then(|r| r.is_none().then_some(()))
+    })
+    .await
+    .expect("released");
+    assert!(store
+        .lookup(&name("on-time"))
+        .await
+        .expect("lookup")
+        .is_some());
+    let m = scrape(&s.node.http_url()).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="released_stale_claim"}"#
+        ),
+        1.0
+    );
+}

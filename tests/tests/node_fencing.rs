@@ -1,0 +1,163 @@
+//! Fencing (invariant 2) and Redis trouble (invariant 5) on the node: with Redis gone the
+//! agent keeps its participants, refuses new joins and recovers by itself; a node that
+//! finds its claim moved stops admitting, says so, and sends newcomers to the new owner.
+
+mod node_common;
+
+use std::time::Duration;
+
+use confroute_shared::name::ConferenceName;
+use confroute_tests::fixtures::{self, metric, scrape};
+use confroute_tests::harness::wait_for_async;
+use node_common::*;
+
+fn name(s: &str) -> ConferenceName {
+    ConferenceName::parse(s).expect("name")
+}
+
+async fn status(url: &str) -> u16 {
+    fixtures::http()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "steady", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.redis.kill();
+    let ready = format!("{}/readyz", s.node.http_url());
+    wait_for_async("readyz reports Redis down", WAIT, || async {
+        (status(&ready).await == 503).then_some(())
+    })
+    .await
+    .expect("not ready");
+    assert_eq!(status(&format!("{}/healthz", s.node.http_url())).await, 200);
+
+    let joiner = dial(&s.sim, "steady", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &joiner).await, 34);
+    let fresh = dial(&s.sim, "fresh", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &fresh).await, 34);
+    let snap = s.sim.snapshot();
+    assert_eq!(
+        snap.bridge("cr-1-steady").expect("bridge").channels,
+        vec![a.clone()],
+        "the participant stays"
+    );
+    let m = scrape(&s.node.http_url()).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_node_joins_total{outcome="redis_unavailable"}"#
+        ),
+        2.0
+    );
+
+    // Redis comes back empty (no persistence): the node registers again and re-claims
+    // the conference it hosts, by itself.
+    s.redis.restart().expect("redis back");
+    let store = fixtures::store(&s.cfg);
+    wait_for_async("claim re-established", WAIT, || async {
+        let rec = store.lookup(&name("steady")).await.ok().flatten()?;
+        (rec.owner.node.as_str() == "node-a").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    wait_for_async("ready again", WAIT, || async {
+        (status(&ready).await == 200).then_some(())
+    })
+    .await
+    .expect("ready");
+    let later = dial(&s.sim, "steady", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &later).await, "cr-1-steady");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_claim_stops_admitting_and_says_so() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    // A live node b that the claim will move to.
+    store
+        .register(&fixtures::node("node-b", 10), Duration::from_secs(60))
+        .await
+        .expect("register b");
+    let a = dial(&s.sim, "contested", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    // The claim moves to node b at a new epoch (as a re-home would do).
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:contested")
+                .arg("owner")
+                .arg("node-b")
+                .arg("epoch")
+                .arg(2),
+        )
+        .expect("hset");
+    wait_for_async("loss noticed", WAIT, || async {
+        let m = scrape(&s.node.http_url()).await;
+        (metric(&m, "confroute_node_ownership_losses_total") == 1.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.node
+        .wait_log("lost ownership of the conference", WAIT)
+        .expect("loss logged");
+    let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+    assert_eq!(v["items"][0]["phase"], "lost");
+    // The participant already here stays; a newcomer is sent to node b.
+    let newcomer = dial(&s.sim, "contested", &[]).await;
+    wait_request(&s.sim, "redirect", &format!("/ari/channels/{newcomer}")).await;
+    s.node
+        .wait_log("sip:contested@node-b.test:5060", WAIT)
+        .expect("redirect target logged");
+    assert_eq!(
+        s.sim
+            .snapshot()
+            .bridge("cr-1-contested")
+            .expect("bridge")
+            .channels,
+        vec![a.clone()]
+    );
+    // When the last one leaves the bridge goes, but the claim is node b's to keep.
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
+    let rec = store
+        .lookup(&name("contested"))
+        .await
+        .expect("lookup")
+        .expect("still claimed");
+    assert_eq!((rec.owner.node.as_str(), rec.owner.epoch), ("node-b", 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_claim_ends_the_conference_at_once_when_configured() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__ON_OWNERSHIP_LOST", "end"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    store
+        .register(&fixtures::node("node-b", 10), Duration::from_secs(60))
+        .await
+        .expect("register b");
+    let a = dial(&s.sim, "taken", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:taken")
+                .arg("owner")
+                .arg("node-b")
+                .arg("epoch")
+                .arg(2),
+        )
+        .expect("hset");
+    assert_eq!(wait_hangup(&s.sim, &a).await, 16);
+    until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
+}

@@ -1,0 +1,90 @@
+//! The agent's HTTP API refuses bad requests with a JSON error and changes nothing:
+//! a missing or wrong bearer token, an unknown route, a wrong method; health never depends
+//! on Redis or ARI, readiness does.
+
+mod node_common;
+
+use confroute_shared::types::NodeState;
+use confroute_tests::fixtures;
+use confroute_tests::harness::{NodeProc, RedisServer};
+use node_common::*;
+use serde_json::Value;
+
+const TOKEN: &str = "an-admin-token-of-some-length";
+
+async fn call(method: &str, url: &str, token: Option<&str>) -> (u16, Value) {
+    let http = fixtures::http();
+    let mut req = match method {
+        "POST" => http.post(url),
+        _ => http.get(url),
+    };
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_json_errors_and_change_nothing() {
+    let s = Single::start(&[("CONFROUTE_HTTP__API_TOKEN", TOKEN)]).await;
+    let store = fixtures::store(&s.cfg);
+    let base = s.node.http_url();
+    let state = || async {
+        store
+            .get_node(&fixtures::id("node-a"))
+            .await
+            .expect("redis")
+            .map(|n| n.info.state)
+    };
+    for token in [None, Some("wrong-token-wrong-token")] {
+        let (status, body) = call("POST", &format!("{base}/v1/drain"), token).await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+        assert_eq!(state().await, Some(NodeState::Serving), "nothing changed");
+    }
+    let (status, body) = call("GET", &format!("{base}/v1/conferences"), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, "unauthorized".into())
+    );
+    let (status, body) = call("GET", &format!("{base}/v1/nope"), Some(TOKEN)).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "route_not_found");
+    let (status, body) = call("GET", &format!("{base}/v1/undrain"), Some(TOKEN)).await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    assert_eq!(state().await, Some(NodeState::Serving));
+    // Health and metrics stay open; the token opens the admin routes.
+    assert_eq!(call("GET", &format!("{base}/healthz"), None).await.0, 200);
+    let (status, body) = call("GET", &format!("{base}/readyz"), None).await;
+    assert_eq!(
+        (status, body["ari"].clone(), body["redis"].clone()),
+        (200, true.into(), true.into())
+    );
+    let (status, body) = call("POST", &format!("{base}/v1/drain"), Some(TOKEN)).await;
+    assert_eq!((status, body["state"].clone()), (200, "draining".into()));
+    assert_eq!(state().await, Some(NodeState::Draining));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_without_ari_or_redis_and_readiness_with_both() {
+    // Nothing listens on the ARI port and Redis is gone: alive, not ready.
+    let mut redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let closed = confroute_tests::harness::free_port();
+    let mut env = fixtures::redis_env(&cfg);
+    env.push((
+        "CONFROUTE_ARI__URL".into(),
+        format!("http://127.0.0.1:{closed}"),
+    ));
+    let node = NodeProc::start("node-a", &env).expect("starts without Asterisk");
+    redis.kill();
+    let base = node.http_url();
+    assert_eq!(call("GET", &format!("{base}/healthz"), None).await.0, 200);
+    let (status, body) = call("GET", &format!("{base}/readyz"), None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["ari"], false);
+    assert_eq!(body["redis"], false);
+}

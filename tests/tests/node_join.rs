@@ -1,0 +1,117 @@
+//! A caller's way into a conference on one node: the conference name from the app
+//! argument, a channel variable or the SIP header; the bridge created once; the channel
+//! answered and added; bad names refused with a clear cause and nothing touched.
+
+mod node_common;
+
+use confroute_shared::name::ConferenceName;
+use confroute_tests::ari_sim::DialIn;
+use confroute_tests::fixtures::{self, metric, scrape};
+use node_common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_of_one_conference_share_one_bridge_and_the_claim_counts_them() {
+    let s = Single::start(&[]).await;
+    let a = dial(&s.sim, "sales-42", &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_eq!(bridge, "cr-1-sales-42");
+    let b = dial(&s.sim, "sales-42", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &b).await, bridge);
+    let snap = s.sim.snapshot();
+    let br = snap.bridge(&bridge).expect("bridge");
+    assert_eq!(br.types, "mixing,dtmf_events");
+    assert_eq!(br.channels, vec![a.clone(), b.clone()]);
+    for ch in [&a, &b] {
+        assert_eq!(snap.channel(ch).expect("channel").state, "Up");
+    }
+    assert_eq!(ops(&s.sim, "createWithId"), 1, "bridge created once");
+
+    let store = fixtures::store(&s.cfg);
+    let name = ConferenceName::parse("sales-42").expect("name");
+    confroute_tests::harness::wait_for_async("participants counted", WAIT, || async {
+        let rec = store.lookup(&name).await.ok().flatten()?;
+        (rec.participants == 2 && rec.owner.node.as_str() == "node-a").then_some(())
+    })
+    .await
+    .expect("count in Redis");
+
+    let local = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+    assert_eq!(local["items"][0]["conference"], "sales-42");
+    assert_eq!(
+        local["items"][0]["participants"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    // Both leave: the conference ends, the bridge goes, the claim is released.
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup a");
+    s.sim.hangup_far_end(&b, 16).await.expect("hangup b");
+    until(&s.sim, "bridge destroyed", |snap| snap.bridges.is_empty()).await;
+    confroute_tests::harness::wait_for_async("claim released", WAIT, || async {
+        store
+            .lookup(&name)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .expect("released");
+    let m = scrape(&s.node.http_url()).await;
+    assert_eq!(
+        metric(&m, r#"confroute_node_joins_total{outcome="joined"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "confroute_node_join_duration_seconds_count"),
+        2.0
+    );
+    assert_eq!(metric(&m, "confroute_node_conferences"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_from_variable_or_sip_header_when_no_argument() {
+    let s = Single::start(&[]).await;
+    let by_var = dial(&s.sim, "", &[("CONFROUTE_CONFERENCE", "room-var")]).await;
+    assert_eq!(wait_bridged(&s.sim, &by_var).await, "cr-1-room-var");
+    let by_header = s
+        .sim
+        .dial_in(DialIn {
+            app: "confroute".into(),
+            sip_headers: [("X-Conference".to_string(), "room-hdr".to_string())].into(),
+            ..DialIn::default()
+        })
+        .await
+        .expect("dial in");
+    assert_eq!(wait_bridged(&s.sim, &by_header).await, "cr-1-room-hdr");
+    // An E.164 name survives the trip through the bridge id in a URL path.
+    let e164 = dial(&s.sim, "+15555550101", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &e164).await, "cr-1-+15555550101");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_missing_names_are_hung_up_with_a_cause_and_touch_nothing() {
+    let s = Single::start(&[]).await;
+    let bad = dial(&s.sim, "bad name", &[]).await;
+    assert_eq!(
+        wait_hangup(&s.sim, &bad).await,
+        28,
+        "invalid number format (SIP 484)"
+    );
+    let none = dial(&s.sim, "", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &none).await, 1, "unallocated (SIP 404)");
+    assert!(s.sim.snapshot().bridges.is_empty());
+    assert_eq!(ops(&s.sim, "createWithId"), 0);
+    let store = fixtures::store(&s.cfg);
+    let page = store.list_conferences(None, 100).await.expect("list");
+    assert!(page.items.is_empty(), "no claim made: {page:?}");
+    let m = scrape(&s.node.http_url()).await;
+    assert_eq!(
+        metric(&m, r#"confroute_node_joins_total{outcome="invalid_name"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, r#"confroute_node_joins_total{outcome="no_name"}"#),
+        1.0
+    );
+}

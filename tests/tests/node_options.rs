@@ -1,0 +1,398 @@
+//! Conference options as in TwiML `<Conference>`, each checked by the ARI calls and events
+//! it must cause: beep, muted, startConferenceOnEnter with wait music, endConferenceOnExit,
+//! maxParticipants, record, statusCallback; profiles and per-call overrides.
+
+mod node_common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Form, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use confroute_tests::fixtures;
+use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer};
+use node_common::*;
+
+fn playbacks_on(sim: &TestSim, target: &str) -> Vec<String> {
+    sim.event_log()
+        .iter()
+        .filter(|e| {
+            e["type"] == "PlaybackStarted"
+                && e["application"] == "confroute"
+                && e["playback"]["target_uri"] == target
+        })
+        .map(|e| {
+            e["playback"]["media_uri"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beep_plays_to_the_bridge_on_enter_and_exit_as_asked() {
+    let s = Single::start(&[]).await;
+    // Default beep=true: one beep per entry and one per exit (while others remain).
+    let a = dial(&s.sim, "beeps", &[("CONFROUTE_BEEP", "false")]).await;
+    wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "beeps", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    let target = "bridge:cr-1-beeps";
+    wait_for_async("beep on enter", WAIT, || async {
+        (playbacks_on(&s.sim, target).len() == 1).then_some(())
+    })
+    .await
+    .expect("one beep for b's entry (a asked for none)");
+    assert_eq!(playbacks_on(&s.sim, target), vec!["sound:beep"]);
+    let c = dial(&s.sim, "beeps", &[("CONFROUTE_BEEP", "onExit")]).await;
+    wait_bridged(&s.sim, &c).await;
+    s.sim.hangup_far_end(&c, 16).await.expect("c leaves");
+    wait_for_async("beep on exit", WAIT, || async {
+        (playbacks_on(&s.sim, target).len() == 2).then_some(())
+    })
+    .await
+    .expect("c's exit beeps, its entry did not");
+    s.sim.hangup_far_end(&a, 16).await.expect("a leaves");
+    until(&s.sim, "a gone", |snap| snap.channel(&a).is_none()).await;
+    s.sim.hangup_far_end(&b, 16).await.expect("b leaves");
+    until(&s.sim, "conference over", |snap| snap.bridges.is_empty()).await;
+    assert_eq!(
+        playbacks_on(&s.sim, target).len(),
+        2,
+        "a asked for no beep, and the last one out hears none"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn muted_profile_and_overrides_with_bad_values_logged() {
+    let s = Single::start(&[
+        ("CONFROUTE_PROFILES__LISTENER__MUTED", "true"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let listener = dial(&s.sim, "opts", &[("CONFROUTE_PROFILE", "listener")]).await;
+    let talker = dial(&s.sim, "opts", &[]).await;
+    let forced = dial(&s.sim, "opts", &[("CONFROUTE_MUTED", "yes")]).await;
+    let bad = dial(&s.sim, "opts", &[("CONFROUTE_MUTED", "perhaps")]).await;
+    for ch in [&listener, &talker, &forced, &bad] {
+        wait_bridged(&s.sim, ch).await;
+    }
+    let snap = s.sim.snapshot();
+    let muted = |ch: &str| snap.channel(ch).expect("channel").bridge_mute;
+    assert!(muted(&listener), "profile listener joins muted");
+    assert!(!muted(&talker));
+    assert!(muted(&forced), "CONFROUTE_MUTED=yes");
+    assert!(!muted(&bad), "a bad value keeps the profile's value");
+    let out = s.node.output();
+    assert!(
+        out.contains("CONFROUTE_MUTED") && out.contains("`perhaps` is not a boolean"),
+        "bad value logged: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_are_read_with_get_channel_var_without_channelvars() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim_with(&[]).await;
+    let node = NodeProc::start("node-a", &env(&sim, &cfg, &[])).expect("node");
+    wait_app(&sim, &node).await;
+    let ch = dial(
+        &sim,
+        "",
+        &[("CONFROUTE_CONFERENCE", "novars"), ("CONFROUTE_MUTED", "1")],
+    )
+    .await;
+    assert_eq!(wait_bridged(&sim, &ch).await, "cr-1-novars");
+    assert!(sim.snapshot().channel(&ch).expect("channel").bridge_mute);
+    assert!(ops(&sim, "getChannelVar") >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let w1 = dial(
+        &s.sim,
+        "hold-room",
+        &[
+            ("CONFROUTE_START_ON_ENTER", "false"),
+            ("CONFROUTE_WAIT_MUSIC", "jazz"),
+        ],
+    )
+    .await;
+    assert_eq!(wait_bridged(&s.sim, &w1).await, "crh-1-hold-room");
+    let w2 = dial(
+        &s.sim,
+        "hold-room",
+        &[
+            ("CONFROUTE_START_ON_ENTER", "false"),
+            ("CONFROUTE_MUTED", "true"),
+        ],
+    )
+    .await;
+    assert_eq!(wait_bridged(&s.sim, &w2).await, "crh-1-hold-room");
+    let snap = s.sim.snapshot();
+    let holding = snap.bridge("crh-1-hold-room").expect("holding bridge");
+    assert_eq!(holding.bridge_type, "holding");
+    assert_eq!(holding.moh.as_deref(), Some("jazz"));
+    assert!(snap
+        .bridge("cr-1-hold-room")
+        .expect("main bridge")
+        .channels
+        .is_empty());
+
+    let starter = dial(&s.sim, "hold-room", &[]).await;
+    until(&s.sim, "everyone in the mixing bridge", |snap| {
+        snap.bridge("cr-1-hold-room")
+            .is_some_and(|b| b.channels.len() == 3)
+            && snap.bridge("crh-1-hold-room").is_none()
+    })
+    .await;
+    let order: Vec<String> = s
+        .sim
+        .event_log()
+        .iter()
+        .filter(|e| {
+            e["application"] == "confroute"
+                && e["type"] == "ChannelEnteredBridge"
+                && e["bridge"]["id"] == "cr-1-hold-room"
+        })
+        .map(|e| e["channel"]["id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        order[0], starter,
+        "the starter enters first, then the waiters move"
+    );
+    let snap = s.sim.snapshot();
+    assert!(!snap.channel(&w1).expect("w1").bridge_mute);
+    assert!(
+        snap.channel(&w2).expect("w2").bridge_mute,
+        "a muted waiter stays muted in the conference"
+    );
+    // A later caller with startConferenceOnEnter=false joins the started conference directly.
+    let late = dial(
+        &s.sim,
+        "hold-room",
+        &[("CONFROUTE_START_ON_ENTER", "false")],
+    )
+    .await;
+    assert_eq!(wait_bridged(&s.sim, &late).await, "cr-1-hold-room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_conference_on_exit_hangs_up_everyone() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let moderator = dial(&s.sim, "mod-room", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    let p1 = dial(&s.sim, "mod-room", &[]).await;
+    let p2 = dial(&s.sim, "mod-room", &[]).await;
+    for ch in [&moderator, &p1, &p2] {
+        wait_bridged(&s.sim, ch).await;
+    }
+    s.sim
+        .hangup_far_end(&moderator, 16)
+        .await
+        .expect("moderator leaves");
+    assert_eq!(wait_hangup(&s.sim, &p1).await, 16);
+    assert_eq!(wait_hangup(&s.sim, &p2).await, 16);
+    until(&s.sim, "bridge destroyed", |snap| {
+        snap.bridges.is_empty() && snap.channels.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_participants_refuses_the_next_caller_with_a_sound_then_busy() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_CONFERENCE__FULL_SOUND", "conf-full"),
+    ])
+    .await;
+    // The conference's first caller sets its size.
+    let a = dial(&s.sim, "small", &[("CONFROUTE_MAX_PARTICIPANTS", "2")]).await;
+    wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "small", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    let c = dial(&s.sim, "small", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &c).await, 17, "user busy (SIP 486)");
+    let log = s.sim.event_log();
+    let target = format!("channel:{c}");
+    let finished = log.iter().position(|e| {
+        e["type"] == "PlaybackFinished" && e["playback"]["target_uri"] == target.as_str()
+    });
+    let destroyed = log
+        .iter()
+        .position(|e| e["type"] == "ChannelDestroyed" && e["channel"]["id"] == c.as_str());
+    assert!(
+        finished.is_some() && finished < destroyed,
+        "the full sound played to the end before the hangup"
+    );
+    assert!(
+        log.iter()
+            .any(|e| e["type"] == "PlaybackStarted"
+                && e["playback"]["media_uri"] == "sound:conf-full")
+    );
+    assert_eq!(
+        s.sim
+            .snapshot()
+            .bridge("cr-1-small")
+            .expect("bridge")
+            .channels
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_from_start_records_the_bridge_until_the_end() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(
+        &s.sim,
+        "rec-room",
+        &[("CONFROUTE_RECORD", "record-from-start")],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    let started = s
+        .sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "RecordingStarted"
+                && e["recording"]["target_uri"] == "bridge:cr-1-rec-room"
+        })
+        .await
+        .expect("recording started");
+    let name = started["recording"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    assert!(name.starts_with("confroute-rec-room-1-"), "{name}");
+    s.sim.hangup_far_end(&a, 16).await.expect("leave");
+    s.sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "RecordingFinished" && e["recording"]["name"] == name.as_str()
+        })
+        .await
+        .expect("recording finished");
+    until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
+    wait_request(&s.sim, "destroy", "/ari/bridges/").await;
+    let log = s.sim.request_log();
+    let stop = log.iter().position(|r| {
+        r.operation.as_deref() == Some("stop") && r.path.starts_with("/ari/recordings/live/")
+    });
+    let destroy = log.iter().position(|r| {
+        r.operation.as_deref() == Some("destroy") && r.path.starts_with("/ari/bridges/")
+    });
+    assert!(
+        stop.is_some() && stop < destroy,
+        "recording stopped before the bridge went: {log:#?}"
+    );
+}
+
+type Received = Arc<Mutex<Vec<HashMap<String, String>>>>;
+
+async fn receiver(fail_first: usize) -> (String, Received) {
+    let got: Received = Arc::default();
+    let failures = Arc::new(Mutex::new(fail_first));
+    let state = (got.clone(), failures);
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            post(
+                |State((got, failures)): State<(Received, Arc<Mutex<usize>>)>,
+                 Form(form): Form<HashMap<String, String>>| async move {
+                    let mut f = failures.lock().expect("lock");
+                    if *f > 0 {
+                        *f -= 1;
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    got.lock().expect("lock").push(form);
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
+    let (url, got) = receiver(2).await;
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_WEBHOOK__RETRY_INITIAL", "50ms"),
+    ])
+    .await;
+    let vars = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        (
+            "CONFROUTE_STATUS_CALLBACK_EVENT",
+            "start end join leave hold",
+        ),
+    ];
+    let a = dial(&s.sim, "hooks", &vars).await;
+    wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "hooks", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    s.sim.caller_hold(&b, true).await.expect("hold");
+    s.sim.caller_hold(&b, false).await.expect("unhold");
+    s.sim.hangup_far_end(&b, 16).await.expect("b leaves");
+    s.sim.hangup_far_end(&a, 16).await.expect("a leaves");
+    wait_for_async("all callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 8).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    let events: Vec<(&str, &str)> = got
+        .iter()
+        .map(|f| {
+            (
+                f["StatusCallbackEvent"].as_str(),
+                f.get("CallSid").map(String::as_str).unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("participant-join", a.as_str()),
+            ("conference-start", ""),
+            ("participant-join", b.as_str()),
+            ("participant-hold", b.as_str()),
+            ("participant-unhold", b.as_str()),
+            ("participant-leave", b.as_str()),
+            ("participant-leave", a.as_str()),
+            ("conference-end", ""),
+        ]
+    );
+    let seq: Vec<u64> = got
+        .iter()
+        .map(|f| f["SequenceNumber"].parse().expect("number"))
+        .collect();
+    assert_eq!(seq, (1..=8).collect::<Vec<u64>>());
+    let sid = &got[0]["ConferenceSid"];
+    assert!(sid.starts_with("CF") && sid.len() == 34, "{sid}");
+    assert!(got
+        .iter()
+        .all(|f| &f["ConferenceSid"] == sid && f["FriendlyName"] == "hooks"));
+    assert_eq!(got[3]["Hold"], "true");
+    assert_eq!(got[0]["Muted"], "false");
+    assert!(got[0]["Timestamp"].ends_with("+0000"));
+    let m = fixtures::scrape(&s.node.http_url()).await;
+    assert_eq!(fixtures::metric(&m, "confroute_webhook_retries_total"), 2.0);
+    assert_eq!(
+        fixtures::metric(
+            &m,
+            r#"confroute_webhook_deliveries_total{outcome="delivered"}"#
+        ),
+        8.0
+    );
+}

@@ -1,0 +1,271 @@
+//! The agent against a tiny fake Asterisk that misbehaves: malformed and unknown events,
+//! unexpected status codes and a REST call that never answers are logged, counted and
+//! survived; the caller involved is hung up with a clear cause and nothing is left behind.
+
+mod node_common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use confroute_shared::name::ConferenceName;
+use confroute_tests::fixtures::{self, metric, scrape};
+use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer};
+use node_common::WAIT;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+#[derive(Clone)]
+struct Fake {
+    requests: Arc<Mutex<Vec<String>>>,
+    frames: Arc<Mutex<Option<mpsc::UnboundedReceiver<String>>>>,
+}
+
+async fn events(State(fake): State<Fake>, ws: WebSocketUpgrade) -> Response {
+    let rx = fake.frames.lock().expect("lock").take();
+    ws.on_upgrade(move |socket| async move {
+        if let Some(rx) = rx {
+            pump(socket, rx).await;
+        }
+    })
+}
+
+async fn pump(mut socket: WebSocket, mut rx: mpsc::UnboundedReceiver<String>) {
+    loop {
+        tokio::select! {
+            frame = rx.recv() => match frame {
+                Some(f) if f == "<binary>" => {
+                    if socket.send(Message::Binary(vec![0xff, 0x00].into())).await.is_err() { return; }
+                }
+                Some(f) => {
+                    if socket.send(Message::Text(f.into())).await.is_err() { return; }
+                }
+                None => return,
+            },
+            got = socket.recv() => if got.is_none() { return },
+        }
+    }
+}
+
+/// The REST side: records every request and answers by rule.
+async fn rest(State(fake): State<Fake>, req: Request) -> Response {
+    let line = format!(
+        "{} {}",
+        req.method(),
+        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("")
+    );
+    fake.requests.lock().expect("lock").push(line.clone());
+    let path = req.uri().path().to_string();
+    let method = req.method().as_str().to_string();
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/ari/bridges") | ("GET", "/ari/channels") => {
+            (StatusCode::OK, axum::Json(json!([]))).into_response()
+        }
+        // Not what Asterisk would ever say: a proxy's HTML error page.
+        ("POST", "/ari/bridges/cr-1-room-503") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "<html>upstream gone</html>",
+        )
+            .into_response(),
+        ("POST", p) if p.starts_with("/ari/bridges/") && !p.ends_with("addChannel") => {
+            (StatusCode::OK, axum::Json(json!({"id": "x"}))).into_response()
+        }
+        ("POST", "/ari/channels/c-teapot/answer") => StatusCode::IM_A_TEAPOT.into_response(),
+        ("POST", "/ari/channels/c-slow/answer") => StatusCode::NO_CONTENT.into_response(),
+        ("POST", p) if p.ends_with("/addChannel") => {
+            // Never answers in time.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        ("DELETE", _) => StatusCode::NO_CONTENT.into_response(),
+        _ => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"message": "Resource not found"})),
+        )
+            .into_response(),
+    }
+}
+
+fn stasis_start(id: &str, conf: &str) -> String {
+    json!({
+        "type": "StasisStart",
+        "application": "confroute",
+        "args": [conf],
+        "channel": {
+            "id": id, "name": format!("PJSIP/trunk-{id}"), "state": "Ring",
+            "caller": {"name": "", "number": "100"},
+            "dialplan": {"context": "default", "exten": "s", "app_name": "Stasis", "app_data": format!("confroute,{conf}")},
+            "channelvars": {}
+        }
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_and_unexpected_answers_are_logged_and_survived() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let fake = Fake {
+        requests: Arc::default(),
+        frames: Arc::new(Mutex::new(Some(rx))),
+    };
+    let app = axum::Router::new()
+        .route("/ari/events", get(events))
+        .fallback(rest)
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_ARI__URL".into(), base));
+    env.push(("CONFROUTE_ARI__REQUEST_TIMEOUT".into(), "300ms".into()));
+    let mut node = NodeProc::start("node-a", &env).expect("node");
+    node.wait_log("ARI events connected", WAIT)
+        .expect("connected");
+
+    for frame in [
+        "not json at all",
+        r#"{"type":"StasisStart","channel":"not an object","args":[]}"#,
+        r#"{"type":"StasisEnd"}"#,
+        r#"{"type":"EventFromTheFuture","whatever":[1,2,3]}"#,
+        "<binary>",
+    ] {
+        tx.send(frame.to_string()).expect("send");
+    }
+    tx.send(stasis_start("c-503", "room-503")).expect("send");
+    tx.send(stasis_start("c-teapot", "room-teapot"))
+        .expect("send");
+    tx.send(stasis_start("c-slow", "room-slow")).expect("send");
+
+    let requests = fake.requests.clone();
+    for ch in ["c-503", "c-teapot", "c-slow"] {
+        let want = format!("DELETE /ari/channels/{ch}?reason=congestion");
+        wait_for_async(&format!("{ch} hung up with cause 34"), WAIT, || {
+            let requests = requests.clone();
+            let want = want.clone();
+            async move { requests.lock().expect("lock").contains(&want).then_some(()) }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{:#?}\n{}",
+                requests.lock().expect("lock"),
+                node.output()
+            )
+        });
+    }
+    assert!(node.process().is_running(), "{}", node.output());
+    let health = fixtures::http()
+        .get(format!("{}/healthz", node.http_url()))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+    let m = scrape(&node.http_url()).await;
+    assert_eq!(
+        metric(&m, r#"confroute_ari_events_total{kind="malformed"}"#),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"confroute_ari_events_total{kind="unknown"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, r#"confroute_node_joins_total{outcome="ari_error"}"#),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_ari_request_duration_seconds_count{op="createBridge",status="503"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_ari_request_duration_seconds_count{op="answer",status="418"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_ari_request_duration_seconds_count{op="addChannel",status="timeout"}"#
+        ),
+        1.0
+    );
+    let out = node.output();
+    assert!(out.contains("ignoring malformed ARI event"), "{out}");
+    assert!(
+        out.contains("upstream gone"),
+        "the odd answer is logged: {out}"
+    );
+    // Nothing left in Redis for the failed conferences.
+    let store = fixtures::store(&cfg);
+    for conf in ["room-503", "room-teapot", "room-slow"] {
+        let name = ConferenceName::parse(conf).expect("name");
+        wait_for_async(&format!("{conf} released"), WAIT, || async {
+            store
+                .lookup(&name)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+                .then_some(())
+        })
+        .await
+        .expect("released");
+    }
+}
+
+/// An events WebSocket that never reads (so never answers pings) and never writes.
+async fn silent_events(State(count): State<Arc<Mutex<usize>>>, ws: WebSocketUpgrade) -> Response {
+    *count.lock().expect("lock") += 1;
+    ws.on_upgrade(|socket| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(socket);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_that_stops_answering_pings_is_dropped_and_reconnected() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let count: Arc<Mutex<usize>> = Arc::default();
+    let app = axum::Router::new()
+        .route("/ari/events", get(silent_events))
+        .fallback(|| async { (StatusCode::OK, axum::Json(json!([]))) })
+        .with_state(count.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_ARI__URL".into(), base));
+    env.push(("CONFROUTE_ARI__PING_INTERVAL".into(), "200ms".into()));
+    let mut node = NodeProc::start("node-a", &env).expect("node");
+    node.wait_log("no answer to pings", WAIT)
+        .expect("silence noticed");
+    wait_for_async("a second connection", WAIT, || {
+        let count = count.clone();
+        async move { (*count.lock().expect("lock") >= 2).then_some(()) }
+    })
+    .await
+    .expect("reconnected");
+    let m = scrape(&node.http_url()).await;
+    assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
+}

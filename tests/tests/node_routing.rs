@@ -1,0 +1,148 @@
+//! A real controller and three node agents, each beside its own simulated Asterisk: callers
+//! of one conference reaching the router from different edges land in one bridge on one
+//! node, and different conferences spread over the nodes.
+
+mod node_common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use confroute_tests::fixtures;
+use confroute_tests::harness::{wait_for_async, ControllerProc, NodeProc, RedisServer};
+use node_common::*;
+use serde_json::json;
+
+struct Cluster {
+    _redis: RedisServer,
+    controller: ControllerProc,
+    nodes: Vec<(String, TestSim, NodeProc)>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let redis = RedisServer::start().expect("redis");
+        let cfg = fixtures::single(&redis.url());
+        let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let id = format!("node-{}", (b'a' + i as u8) as char);
+            let sim = sim().await;
+            let node = NodeProc::start(&id, &env(&sim, &cfg, &[])).expect("node");
+            wait_app(&sim, &node).await;
+            nodes.push((id, sim, node));
+        }
+        let c = Cluster {
+            _redis: redis,
+            controller,
+            nodes,
+        };
+        let url = format!("{}/v1/nodes", c.controller.http_url());
+        wait_for_async("controller sees every node", WAIT, || async {
+            let v = get_json(&url).await;
+            (v["items"].as_array().map(Vec::len) == Some(n)).then_some(())
+        })
+        .await
+        .expect("nodes registered");
+        c
+    }
+
+    fn sim_of(&self, id: &str) -> &TestSim {
+        &self
+            .nodes
+            .iter()
+            .find(|(n, _, _)| n == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+            .1
+    }
+
+    /// Edge 1 asks over SIP: the 302's `X-Conference-Node`.
+    fn route_sip(&self, conf: &str, branch: &str) -> String {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let port = sock.local_addr().expect("addr").port();
+        let msg = format!(
+            "INVITE sip:{conf}@router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:{conf}@router>\r\n\
+             Call-ID: {branch}@edge1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        );
+        sock.send_to(msg.as_bytes(), self.controller.sip_addr())
+            .expect("send");
+        let mut buf = [0u8; 8192];
+        let n = sock.recv(&mut buf).expect("answer");
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(answer.starts_with("SIP/2.0 302"), "{answer}");
+        answer
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("X-Conference-Node: "))
+            .unwrap_or_else(|| panic!("no node header: {answer}"))
+            .to_string()
+    }
+
+    /// Edge 2 asks over HTTP.
+    async fn route_http(&self, conf: &str) -> String {
+        let v: serde_json::Value = fixtures::http()
+            .post(format!("{}/v1/route", self.controller.http_url()))
+            .json(&json!({ "conference": conf }))
+            .send()
+            .await
+            .expect("route")
+            .json()
+            .await
+            .expect("json");
+        v["node_id"].as_str().expect("node_id").to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_from_two_edges_share_one_bridge_on_one_node() {
+    let c = Cluster::start(3).await;
+    let first = c.route_sip("sales-42", "z9hG4bKe1a");
+    let a = dial(c.sim_of(&first), "sales-42", &[]).await;
+    let bridge = wait_bridged(c.sim_of(&first), &a).await;
+    let second = c.route_http("sales-42").await;
+    assert_eq!(first, second, "both edges are sent to the same node");
+    let b = dial(c.sim_of(&second), "sales-42", &[]).await;
+    assert_eq!(wait_bridged(c.sim_of(&second), &b).await, bridge);
+    let third = c.route_sip("sales-42", "z9hG4bKe1b");
+    assert_eq!(third, first);
+    for (id, sim, _) in &c.nodes {
+        if *id != first {
+            assert!(sim.snapshot().bridges.is_empty(), "{id} hosts nothing");
+        }
+    }
+    assert_eq!(
+        c.sim_of(&first)
+            .snapshot()
+            .bridge(&bridge)
+            .expect("bridge")
+            .channels,
+        vec![a, b]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_conferences_spread_over_the_nodes() {
+    let c = Cluster::start(3).await;
+    let mut placed: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..12 {
+        let conf = format!("room-{i}");
+        let node = c.route_http(&conf).await;
+        let ch = dial(c.sim_of(&node), &conf, &[]).await;
+        assert_eq!(
+            wait_bridged(c.sim_of(&node), &ch).await,
+            format!("cr-1-{conf}")
+        );
+        *placed.entry(node).or_default() += 1;
+    }
+    let used: BTreeSet<&String> = placed.keys().collect();
+    assert!(used.len() >= 2, "12 conferences on one node: {placed:?}");
+    for (id, sim, _) in &c.nodes {
+        assert_eq!(
+            sim.snapshot().bridges.len(),
+            placed.get(id).copied().unwrap_or(0),
+            "{id}"
+        );
+    }
+}
