@@ -1,0 +1,280 @@
+//! A real Kamailio 5.6 running the shipped example configuration
+//! (`examples/kamailio/kamailio.cfg`) in front of a real controller and Redis: a sipp caller
+//! dials a conference through Kamailio, Kamailio asks the controller, follows its 302 with
+//! `uac_redirect`, and a sipp UAS playing the conference node answers the INVITE, which must
+//! carry the controller's `X-Conference` and `X-Conference-Node` headers.
+
+use std::collections::HashMap;
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use confroute_shared::store::Store;
+use confroute_tests::fixtures::{self, metric, scrape};
+use confroute_tests::harness::{
+    free_udp_tcp_port, kamailio_example_config, require_tool, run_sipp, scenario, wait_for,
+    ControllerProc, KamailioOptions, KamailioProc, Proc, RedisServer, SippTransport, TempDir,
+};
+
+/// A sipp UAS playing a conference node on a free loopback UDP port, for one call.
+struct NodeUas {
+    proc: Proc,
+    port: u16,
+    dir: TempDir,
+}
+
+impl NodeUas {
+    fn start() -> Self {
+        require_tool("sipp", "sip-tester").expect("sipp installed");
+        let dir = TempDir::new("sipp-uas").expect("temp dir");
+        let port = free_udp_tcp_port();
+        let mut cmd = Command::new("sipp");
+        cmd.current_dir(dir.path())
+            .arg("-sf")
+            .arg(scenario("conference_node_uas.xml"))
+            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", "u1"])
+            .args(["-m", "1", "-timeout", "30s", "-timeout_error", "-nostdin"])
+            .args(["-trace_logs", "-log_file"])
+            .arg(dir.path().join("actions.log"))
+            .args(["-trace_err", "-error_file"])
+            .arg(dir.path().join("errors.log"))
+            .args(["-trace_msg", "-message_file"])
+            .arg(dir.path().join("messages.log"));
+        let mut proc =
+            Proc::spawn("sipp UAS", cmd, &dir.path().join("sipp.out")).expect("start sipp UAS");
+        // Ready once its socket is bound: our own bind on that port then fails.
+        let bound = wait_for("sipp UAS to bind its port", Duration::from_secs(10), || {
+            if !proc.is_running() {
+                return Some(false);
+            }
+            UdpSocket::bind(("127.0.0.1", port))
+                .is_err()
+                .then_some(true)
+        })
+        .expect("sipp UAS start-up");
+        assert!(bound, "sipp UAS exited at start:\n{}", proc.output());
+        NodeUas { proc, port, dir }
+    }
+
+    fn sip_uri(&self) -> String {
+        format!("sip:127.0.0.1:{};transport=udp", self.port)
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(file)).unwrap_or_default()
+    }
+
+    /// Waits for the one call to end and returns what the scenario logged.
+    fn finish(mut self) -> HashMap<String, String> {
+        let code = self
+            .proc
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("sipp UAS did not finish: {e}\n{}", self.proc.output()));
+        assert_eq!(
+            code,
+            Some(0),
+            "the conference node's call failed\n--- errors\n{}\n--- messages\n{}\n--- output\n{}",
+            self.read("errors.log"),
+            self.read("messages.log"),
+            self.proc.output()
+        );
+        self.read("actions.log")
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("RESULT "))
+            .map(|l| {
+                l.split('|')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every message the UAS received and sent (for failure messages).
+    fn messages(&self) -> String {
+        self.read("messages.log")
+    }
+
+    /// The INVITE the UAS received, as sipp traced it.
+    fn received_invite(&self) -> String {
+        let log = self.messages();
+        let Some(start) = log.find("INVITE sip:") else {
+            return String::new();
+        };
+        let rest = &log[start..];
+        rest[..rest.find("\n---").unwrap_or(rest.len())].to_string()
+    }
+}
+
+struct Setup {
+    _redis: RedisServer,
+    store: Store,
+    controller: ControllerProc,
+}
+
+/// Redis, a controller, and (when `node` is given) one serving node at that SIP URI.
+async fn setup(node: Option<(&str, String)>) -> Setup {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    if let Some((id, sip_uri)) = node {
+        let mut info = fixtures::node(id, 100);
+        info.sip_uri = sip_uri;
+        store
+            .register(&info, Duration::from_secs(300))
+            .await
+            .expect("register node");
+    }
+    let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    Setup {
+        _redis: redis,
+        store,
+        controller,
+    }
+}
+
+/// The example configuration, pointed at `controller` over `transport` (`udp` or `tcp`).
+fn kamailio(controller: &ControllerProc, transport: &str) -> KamailioProc {
+    let config: PathBuf = kamailio_example_config();
+    let opts = KamailioOptions::new(config)
+        .define(
+            "CONTROLLER",
+            format!(
+                "\"sip:127.0.0.1:{};transport={transport}\"",
+                controller.sip_port
+            ),
+        )
+        .define("UDP_CHILDREN", "2")
+        .define("TCP_CHILDREN", "2")
+        .define("LOG_LEVEL", "2");
+    KamailioProc::start(&opts).expect("kamailio")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_reaches_the_conference_node_through_kamailio_with_the_conference_headers() {
+    // Caller → Kamailio over UDP with Kamailio → controller over UDP, then both over TCP.
+    // Kamailio → node is UDP in both cases (the node's registered URI says so).
+    for (caller, to_controller) in [(SippTransport::Udp, "udp"), (SippTransport::Tcp, "tcp")] {
+        let uas = NodeUas::start();
+        let s = setup(Some(("node-a", uas.sip_uri()))).await;
+        let kam = kamailio(&s.controller, to_controller);
+        let conf = format!("sales-{to_controller}");
+
+        let run =
+            run_sipp("edge_caller.xml", kam.sip_addr(), caller, &conf, 1).expect("sipp caller");
+        if run.code != Some(0) {
+            panic!(
+                "caller failed ({caller:?}, controller over {to_controller})\n--- caller errors\n{}\n\
+                 --- caller messages\n{}\n--- node messages\n{}\n--- kamailio\n{}\n--- controller\n{}",
+                run.errors,
+                run.messages,
+                uas.messages(),
+                kam.output(),
+                s.controller.output()
+            );
+        }
+        assert_eq!(
+            run.get("answered_by"),
+            Some("node-a"),
+            "the 200 came from the node"
+        );
+
+        let invite = uas.received_invite();
+        for name in ["X-Conference:", "X-Conference-Node:"] {
+            let count = invite
+                .lines()
+                .filter(|l| l.trim_start().starts_with(name))
+                .count();
+            assert_eq!(
+                count, 1,
+                "{name} exactly once in the node's INVITE:\n{invite}"
+            );
+        }
+        let seen = uas.finish();
+        assert_eq!(
+            seen.get("node").map(String::as_str),
+            Some("node-a"),
+            "X-Conference-Node on the INVITE the node received: {seen:?}"
+        );
+        assert_eq!(
+            seen.get("conference").map(String::as_str),
+            Some(conf.as_str()),
+            "X-Conference, exactly once, on the INVITE the node received: {seen:?}"
+        );
+        assert_eq!(
+            seen.get("ruri_user").map(String::as_str),
+            Some(conf.as_str()),
+            "the Request-URI is the 302's Contact: {seen:?}"
+        );
+
+        let rec = s
+            .store
+            .lookup(&conf.parse().expect("name"))
+            .await
+            .expect("lookup")
+            .expect("claimed");
+        assert_eq!(rec.owner.node.as_str(), "node-a");
+
+        // One 302, and Kamailio's ACK for it absorbed by the controller.
+        let m = scrape(&s.controller.http_url()).await;
+        assert_eq!(
+            metric(
+                &m,
+                r#"confroute_sip_requests_total{code="302",method="INVITE"}"#
+            ),
+            1.0,
+            "{to_controller}"
+        );
+        assert_eq!(
+            metric(
+                &m,
+                r#"confroute_sip_requests_total{code="none",method="ACK"}"#
+            ),
+            1.0,
+            "{to_controller}"
+        );
+        assert_eq!(metric(&m, "confroute_sip_retransmissions_total"), 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_refusals_reach_the_caller_through_kamailio_unchanged() {
+    // No node registered: the controller answers 503 with Retry-After, and Kamailio passes
+    // that answer back rather than treating it as a redirect or inventing its own.
+    let s = setup(None).await;
+    for (caller, to_controller) in [(SippTransport::Udp, "udp"), (SippTransport::Tcp, "tcp")] {
+        let kam = kamailio(&s.controller, to_controller);
+        let run = run_sipp(
+            "invite_status.xml",
+            kam.sip_addr(),
+            caller,
+            "nobody-home",
+            1,
+        )
+        .expect("sipp");
+        if run.code != Some(0) {
+            panic!(
+                "caller failed ({caller:?})\n--- errors\n{}\n--- messages\n{}\n--- kamailio\n{}",
+                run.errors,
+                run.messages,
+                kam.output()
+            );
+        }
+        assert_eq!(run.get("status"), Some("503"), "{to_controller}");
+        assert_eq!(run.get("retry_after"), Some("5"), "{to_controller}");
+        assert!(
+            run.get("warning").is_some_and(|w| w.contains("room")),
+            "{:?}",
+            run.results
+        );
+
+        // A bad conference name: the controller's 404 comes back as it is.
+        let run =
+            run_sipp("invite_status.xml", kam.sip_addr(), caller, "bad{name", 1).expect("sipp");
+        run.assert_ok();
+        assert_eq!(run.get("status"), Some("404"), "{to_controller}");
+    }
+    let page = s.store.list_conferences(None, 10).await.expect("list");
+    assert!(page.items.is_empty(), "nothing claimed: {:?}", page.items);
+}
