@@ -1,0 +1,34 @@
+#!/bin/sh
+# preStop hook of the confroute-node agent: drains the node through the agent's own HTTP port
+# (no new conference here; those already here keep taking joiners) and waits until every
+# conference on it has ended. The agent ends what is left at node.drain_deadline, so the wait
+# is bounded; MAX_WAIT bounds it again should the agent stop answering. Asterisk's own preStop
+# waits for the marker written at the end, so it is stopped only once no call is left.
+set -u
+url="http://127.0.0.1:${AGENT_PORT}"
+marker=/run/confroute/drained
+max_wait="${MAX_WAIT:-14460}"
+token="${CONFROUTE_HTTP__API_TOKEN:-}"
+
+call() {
+  if [ -n "$token" ]; then
+    curl -fsS -m 10 -H "Authorization: Bearer ${token}" "$@"
+  else
+    curl -fsS -m 10 "$@"
+  fi
+}
+
+if ! call -X POST "${url}/v1/drain" >/dev/null; then
+  echo "preStop: drain request to ${url} failed; stopping without waiting" >&2
+  touch "$marker"
+  exit 0
+fi
+start=$(date +%s)
+while [ $(( $(date +%s) - start )) -lt "$max_wait" ]; do
+  body=$(call "${url}/v1/conferences") || break
+  case "$body" in
+    *'"items":[]'*) break ;;
+  esac
+  sleep 5
+done
+touch "$marker"

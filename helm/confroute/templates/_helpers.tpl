@@ -1,0 +1,265 @@
+{{/* Names, labels, secrets and the TOML writer shared by the templates. */}}
+
+{{- define "confroute.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "confroute.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of a component's resources; short enough for the Service name limit (63). */}}
+{{- define "confroute.component" -}}
+{{- printf "%s-%s" (include "confroute.fullname" .root | trunc 45 | trimSuffix "-") .name -}}
+{{- end -}}
+
+{{- define "confroute.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "confroute.labels" -}}
+helm.sh/chart: {{ include "confroute.chart" . }}
+{{ include "confroute.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: confroute
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "confroute.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "confroute.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of a component: (dict "root" $ "component" "controller"). */}}
+{{- define "confroute.componentLabels" -}}
+{{ include "confroute.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "confroute.componentSelector" -}}
+{{ include "confroute.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "confroute.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "confroute.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "confroute.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The chart's own Secret (values given in values.yaml or generated). */}}
+{{- define "confroute.secretName" -}}
+{{- include "confroute.fullname" . -}}
+{{- end -}}
+
+{{/* secretKeyRef of the API token, or nothing when the API is open. */}}
+{{- define "confroute.apiTokenEnv" -}}
+{{- if .Values.apiToken.enabled }}
+- name: CONFROUTE_HTTP__API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.apiToken.existingSecret }}
+      name: {{ .Values.apiToken.existingSecret }}
+      key: {{ .Values.apiToken.existingSecretKey }}
+      {{- else }}
+      name: {{ include "confroute.secretName" . }}
+      key: api-token
+      {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "confroute.redisPasswordSet" -}}
+{{- if or .Values.redis.password.value .Values.redis.password.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* Redis password for the data nodes (and the sentinels when asked). */}}
+{{- define "confroute.redisEnv" -}}
+{{- if include "confroute.redisPasswordSet" . }}
+{{- $ref := dict "name" (include "confroute.secretName" .) "key" "redis-password" }}
+{{- if .Values.redis.password.existingSecret }}
+{{- $ref = dict "name" .Values.redis.password.existingSecret "key" .Values.redis.password.existingSecretKey }}
+{{- end }}
+- name: CONFROUTE_REDIS__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      {{- toYaml $ref | nindent 6 }}
+{{- if and (eq .Values.redis.mode "sentinel") .Values.redis.sentinel.usePassword }}
+- name: CONFROUTE_REDIS__SENTINEL__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      {{- toYaml $ref | nindent 6 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "confroute.ariPasswordRef" -}}
+{{- if .Values.asterisk.ariPassword.existingSecret -}}
+name: {{ .Values.asterisk.ariPassword.existingSecret }}
+key: {{ .Values.asterisk.ariPassword.existingSecretKey }}
+{{- else -}}
+name: {{ include "confroute.secretName" . }}
+key: ari-password
+{{- end -}}
+{{- end -}}
+
+{{/* The `[redis]` section both binaries share, as a map for the TOML writer. */}}
+{{- define "confroute.redisConfig" -}}
+{{- $r := .Values.redis -}}
+{{- $out := dict "prefix" $r.prefix "timeout" $r.timeout "tls" $r.tls -}}
+{{- if $r.username }}{{ $_ := set $out "username" $r.username }}{{ end -}}
+{{- if eq $r.mode "url" -}}
+{{- if not $r.url }}{{ fail "redis.url is required with redis.mode=url" }}{{ end -}}
+{{- $_ := set $out "url" $r.url -}}
+{{- else if eq $r.mode "sentinel" -}}
+{{- if not $r.sentinel.addresses }}{{ fail "redis.sentinel.addresses is required with redis.mode=sentinel" }}{{ end -}}
+{{- $s := dict "master_name" $r.sentinel.masterName "addresses" $r.sentinel.addresses "tls" $r.sentinel.tls -}}
+{{- if $r.sentinel.username }}{{ $_ := set $s "username" $r.sentinel.username }}{{ end -}}
+{{- $_ := set $out "sentinel" $s -}}
+{{- else if eq $r.mode "cluster" -}}
+{{- if not $r.cluster.seeds }}{{ fail "redis.cluster.seeds is required with redis.mode=cluster" }}{{ end -}}
+{{- $_ := set $out "cluster" (dict "seeds" $r.cluster.seeds) -}}
+{{- end -}}
+{{- if kindIs "invalid" $r.waitReplicas -}}
+{{- $_ := set $out "wait_replicas" (ternary 1 0 (eq $r.mode "sentinel")) -}}
+{{- else -}}
+{{- $_ := set $out "wait_replicas" $r.waitReplicas -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/*
+TOML writer: (dict "map" M "path" "a.b"). Scalars and arrays first, then one [table] per
+nested map, so the output reads like a hand-written file. Helm's own toToml writes every
+number as a float (values are parsed as JSON), which the binaries reject for integer keys;
+whole numbers are written as integers here.
+*/}}
+{{- define "confroute.toml" -}}
+{{- $map := .map -}}
+{{- $path := .path -}}
+{{- range $k := keys $map | sortAlpha -}}
+{{- $v := get $map $k -}}
+{{- if and (not (kindIs "map" $v)) (not (kindIs "invalid" $v)) }}
+{{ include "confroute.tomlKey" $k }} = {{ include "confroute.tomlValue" $v }}
+{{- end -}}
+{{- end -}}
+{{- range $k := keys $map | sortAlpha -}}
+{{- $v := get $map $k -}}
+{{- if and (kindIs "map" $v) (not (empty $v)) -}}
+{{- $sub := include "confroute.tomlKey" $k -}}
+{{- if $path }}{{ $sub = printf "%s.%s" $path $sub }}{{ end }}
+{{- /* A table holding only tables needs no header of its own. */ -}}
+{{- $scalars := false -}}
+{{- range $e := values $v }}{{ if not (kindIs "map" $e) }}{{ $scalars = true }}{{ end }}{{ end -}}
+{{- if $scalars }}
+
+[{{ $sub }}]
+{{- end -}}
+{{- include "confroute.toml" (dict "map" $v "path" $sub) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "confroute.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . -}}{{ . }}{{- else -}}{{ toJson . }}{{- end -}}
+{{- end -}}
+
+{{- define "confroute.tomlValue" -}}
+{{- $v := . -}}
+{{- if kindIs "string" $v -}}
+{{- toJson $v -}}
+{{- else if kindIs "bool" $v -}}
+{{- ternary "true" "false" $v -}}
+{{- else if or (kindIs "float64" $v) (kindIs "float32" $v) -}}
+{{- if eq ($v | float64) ($v | int64 | float64) -}}{{ $v | int64 }}{{- else -}}{{ $v }}{{- end -}}
+{{- else if or (kindIs "int" $v) (kindIs "int64" $v) -}}
+{{- $v -}}
+{{- else if kindIs "slice" $v -}}
+[{{- range $i, $e := $v -}}{{- if $i }}, {{ end -}}{{- include "confroute.tomlValue" $e -}}{{- end -}}]
+{{- else -}}
+{{- fail (printf "cannot write %v (%s) as TOML" $v (kindOf $v)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The controller's TOML file. */}}
+{{- define "confroute.controllerToml" -}}
+{{- $c := .Values.controller -}}
+{{- $cfg := deepCopy ($c.config | default dict) -}}
+{{- $_ := set $cfg "sip" (merge (dict "listen" (printf "0.0.0.0:%d" (int $c.sipPort))) ($cfg.sip | default dict)) -}}
+{{- $_ := set $cfg "http" (merge (dict "listen" (printf "0.0.0.0:%d" (int $c.httpPort))) ($cfg.http | default dict)) -}}
+{{- $_ := set $cfg "redis" (include "confroute.redisConfig" . | fromJson) -}}
+# confroute-controller settings, written by the confroute chart. The API token and the
+# Redis password come from the environment (CONFROUTE_HTTP__API_TOKEN, CONFROUTE_REDIS__PASSWORD).
+{{- include "confroute.toml" (dict "map" $cfg "path" "") }}
+{{ end -}}
+
+{{/* The node agent's TOML file. Identity and addresses come from the environment. */}}
+{{- define "confroute.nodeToml" -}}
+{{- $n := .Values.node -}}
+{{- $cfg := deepCopy ($n.config | default dict) -}}
+{{- $node := dict "zone" $n.zone "capacity" $n.capacity "drain_deadline" (printf "%ds" (int $n.drainDeadlineSeconds)) -}}
+{{- $_ := set $cfg "node" (merge $node ($cfg.node | default dict)) -}}
+{{- $_ := set $cfg "http" (dict "listen" (printf "0.0.0.0:%d" (int $n.httpPort))) -}}
+{{- $ari := dict "url" (printf "http://127.0.0.1:%d" (int .Values.asterisk.ariPort)) "username" .Values.asterisk.ariUser "app" .Values.asterisk.ariApp -}}
+{{- $_ := set $cfg "ari" (merge $ari ($cfg.ari | default dict)) -}}
+{{- $_ := set $cfg "redis" (include "confroute.redisConfig" . | fromJson) -}}
+{{- if not $cfg.profiles }}{{ $_ := unset $cfg "profiles" }}{{ end -}}
+# confroute-node settings, written by the confroute chart. node.id, node.sip_uri and
+# node.control come from the pod (CONFROUTE_NODE__*); the ARI password, the API token and the
+# Redis password from Secrets.
+{{- include "confroute.toml" (dict "map" $cfg "path" "") }}
+{{ end -}}
+
+{{- define "confroute.nodeTerminationGrace" -}}
+{{- if kindIs "invalid" .Values.node.terminationGracePeriodSeconds -}}
+{{- add (int .Values.node.drainDeadlineSeconds) 300 -}}
+{{- else -}}
+{{- int .Values.node.terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod anti-affinity over hosts: (dict "root" $ "component" "node" "mode" "soft"). */}}
+{{- define "confroute.antiAffinity" -}}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "confroute.componentSelector" . | fromYaml)) -}}
+{{- if eq .mode "hard" -}}
+podAntiAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - {{- toYaml $term | nindent 6 }}
+{{- else if eq .mode "soft" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        {{- toYaml $term | nindent 8 }}
+{{- end -}}
+{{- end -}}
+
+{{/* Asterisk's configuration files: the chart's, each replaced by asterisk.configFiles when
+named there, plus any other file named there. As JSON: {"pjsip.conf": "...", ...}. */}}
+{{- define "confroute.asteriskFiles" -}}
+{{- $out := dict -}}
+{{- range $path, $_ := .Files.Glob "files/asterisk/*.conf" -}}
+{{- $_ := set $out (base $path) (tpl ($.Files.Get $path) $) -}}
+{{- end -}}
+{{- range $name, $content := .Values.asterisk.configFiles -}}
+{{- $_ := set $out $name $content -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}

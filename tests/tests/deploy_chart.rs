@@ -1,0 +1,660 @@
+//! The Helm chart (helm/confroute), rendered and linted by Helm's own Go library (PyPI
+//! helm-python-sdk, offline): every values scenario of tests/deploy/values renders, passes
+//! `helm lint --strict`, and every manifest validates with `kubernetes-validate --strict`
+//! (Kubernetes kinds) or against the Prometheus Operator's CRD schemas and TypeScript types
+//! (ServiceMonitor, PrometheusRule). Values that break values.schema.json are refused.
+
+#[path = "../deploy/common.rs"]
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use common::*;
+use confroute_tests::harness::TempDir;
+use serde_json::{json, Value};
+
+/// Kinds kubernetes-validate has no schema for, checked by tests/deploy/validate-crs.mjs.
+const OPERATOR_KINDS: &[&str] = &["ServiceMonitor", "PrometheusRule"];
+
+/// Renders a scenario, lints it strictly and validates every manifest; returns the rendering.
+fn check_scenario(name: &str) -> Rendered {
+    let values = scenario(name);
+    let r = render(&values);
+
+    let lint = chart_py(&[
+        "lint",
+        chart_dir().to_str().expect("path"),
+        values.to_str().expect("path"),
+    ]);
+    assert!(
+        lint.status.success(),
+        "helm lint --strict with {name}:\n{}",
+        text(&lint)
+    );
+
+    let t = tools();
+    let yaml = r.files("yaml");
+    assert!(!yaml.is_empty(), "{name} rendered nothing");
+    // The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest known.
+    let mut out = String::new();
+    for version in ["1.26.0", "1.37.0"] {
+        let kv = run(Command::new(&t.kubernetes_validate)
+            .args(["--strict", "--kubernetes-version", version])
+            .args(&yaml));
+        let o = text(&kv);
+        assert!(
+            kv.status.success(),
+            "kubernetes-validate --strict -k {version} with {name}:\n{o}"
+        );
+        out.push_str(&o);
+    }
+    // A kind it has no schema for is only a warning there; only the operator's kinds may be
+    // unknown, and those are checked below.
+    for line in out.lines().filter(|l| l.contains("Couldn't find schema")) {
+        assert!(
+            OPERATOR_KINDS
+                .iter()
+                .any(|k| line.contains(&format!("kind {k} "))),
+            "{name}: no schema for a rendered kind: {line}"
+        );
+    }
+
+    let crs: Vec<std::path::PathBuf> = r
+        .files("json")
+        .into_iter()
+        .filter(|p| {
+            let doc: Value =
+                serde_json::from_slice(&std::fs::read(p).expect("read")).expect("json");
+            OPERATOR_KINDS.iter().any(|k| doc["kind"] == *k)
+        })
+        .collect();
+    if !crs.is_empty() {
+        let v = run(Command::new("node")
+            .current_dir(deploy_dir())
+            .arg("validate-crs.mjs")
+            .args(&crs));
+        assert!(
+            v.status.success(),
+            "operator resources of {name} invalid:\n{}",
+            text(&v)
+        );
+        typecheck_crs(name, &r);
+    }
+    r
+}
+
+/// `satisfies IServiceMonitor` / `IPrometheusRule` under `tsc --noEmit`: the TypeScript types
+/// reject misspelt fields, which the CRD schemas (open objects) let through.
+fn typecheck_crs(name: &str, r: &Rendered) {
+    let mut ts = String::from(
+        "import type { IServiceMonitor } from \"@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor\";\n\
+         import type { IPrometheusRule } from \"@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule\";\n",
+    );
+    for (i, d) in r.docs.iter().enumerate() {
+        let ty = match d["kind"].as_str() {
+            Some("ServiceMonitor") => "IServiceMonitor",
+            Some("PrometheusRule") => "IPrometheusRule",
+            _ => continue,
+        };
+        ts.push_str(&format!(
+            "export const r{i} = {} satisfies {ty};\n",
+            serde_json::to_string_pretty(d).expect("json")
+        ));
+    }
+    let out = tsc_check("crs", &ts);
+    assert!(
+        out.status.success(),
+        "operator resources of {name} do not type-check:\n{}",
+        text(&out)
+    );
+}
+
+/// Runs `tsc --noEmit` on one generated file inside tests/deploy (so node_modules resolves).
+fn tsc_check(stem: &str, source: &str) -> std::process::Output {
+    let dir = deploy_dir().join(format!(".gen-{stem}-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).expect("gen dir");
+    std::fs::write(dir.join(format!("{stem}.ts")), source).expect("write ts");
+    std::fs::write(
+        dir.join("tsconfig.json"),
+        r#"{ "extends": "../tsconfig.json", "include": ["*.ts"] }"#,
+    )
+    .expect("write tsconfig");
+    let out = run(Command::new(&tools().tsc)
+        .arg("-p")
+        .arg(dir.join("tsconfig.json")));
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn env_of<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+fn config_of(r: &Rendered, cm_suffix: &str, key: &str) -> String {
+    r.one("ConfigMap", cm_suffix)["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in ConfigMap *{cm_suffix}"))
+        .to_string()
+}
+
+#[test]
+fn every_values_scenario_has_a_test() {
+    let names: BTreeSet<String> = scenarios().into_iter().map(|(n, _)| n).collect();
+    let tested: BTreeSet<String> = [
+        "default",
+        "hpa",
+        "servicemonitor",
+        "prometheusrule",
+        "networkpolicy",
+        "sentinel",
+        "cluster",
+        "existing-secret",
+        "host-network",
+        "everything",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(
+        names, tested,
+        "tests/deploy/values/ and the tests below differ"
+    );
+}
+
+#[test]
+fn defaults_render_a_complete_deployment() {
+    let r = check_scenario("default");
+    let d = r.one("Deployment", "-controller");
+    let spec = &d["spec"]["template"]["spec"];
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert!(
+        spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            .is_array()
+    );
+    assert_eq!(spec["enableServiceLinks"], false);
+    let c = r.container(d, "controller");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert!(
+        d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            .as_str()
+            .is_some_and(|s| s.len() == 64)
+    );
+    assert_eq!(
+        env_of(c, "CONFROUTE_HTTP__API_TOKEN").expect("token")["valueFrom"]["secretKeyRef"]["name"],
+        "confroute"
+    );
+    let toml = config_of(&r, "-controller", "controller.toml");
+    assert!(toml.contains("listen = \"0.0.0.0:5060\""), "{toml}");
+    assert!(toml.contains("url = \"redis://redis:6379\""), "{toml}");
+
+    // One SIP service with both protocols, and the HTTP service.
+    let sip = r.one("Service", "-sip");
+    let protocols: BTreeSet<&str> = sip["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["protocol"].as_str())
+        .collect();
+    assert_eq!(protocols, BTreeSet::from(["TCP", "UDP"]));
+    r.one("Service", "-http");
+    assert!(r.all("HorizontalPodAutoscaler").is_empty());
+    assert!(r.all("NetworkPolicy").is_empty());
+    assert!(r.all("ServiceMonitor").is_empty());
+    assert!(r.all("PrometheusRule").is_empty());
+    assert_eq!(r.all("PodDisruptionBudget").len(), 2);
+
+    // The node pod: Asterisk and the agent, identity from the pod, drain before stopping.
+    let s = r.one("StatefulSet", "-node");
+    let pod = &s["spec"]["template"]["spec"];
+    assert_eq!(pod["terminationGracePeriodSeconds"], 14_400 + 300);
+    assert_eq!(pod["enableServiceLinks"], false);
+    assert!(pod["hostNetwork"].is_null());
+    let agent = r.container(s, "agent");
+    assert_eq!(
+        env_of(agent, "CONFROUTE_NODE__ID").expect("id")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env_of(agent, "NODE_IP").expect("ip")["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert_eq!(
+        env_of(agent, "CONFROUTE_NODE__SIP_URI").expect("uri")["value"],
+        "sip:$(NODE_IP):5060"
+    );
+    assert!(env_of(agent, "CONFROUTE_ARI__PASSWORD").is_some());
+    assert_eq!(
+        agent["lifecycle"]["preStop"]["exec"]["command"],
+        json!(["sh", "/etc/confroute/prestop-drain.sh"])
+    );
+    let asterisk = r.container(s, "asterisk");
+    assert_eq!(asterisk["image"], "andrius/asterisk:20");
+    assert!(asterisk["lifecycle"]["preStop"]["exec"]["command"].is_array());
+
+    let node_toml = config_of(&r, "-node", "node.toml");
+    assert!(
+        node_toml.contains("url = \"http://127.0.0.1:8088\""),
+        "{node_toml}"
+    );
+    assert!(
+        node_toml.contains("drain_deadline = \"14400s\""),
+        "{node_toml}"
+    );
+    let drain = config_of(&r, "-node", "prestop-drain.sh");
+    assert!(drain.contains("/v1/drain") && drain.contains("/v1/conferences"));
+
+    let http = config_of(&r, "-asterisk", "http.conf");
+    assert!(http.contains("bindaddr = 127.0.0.1") && http.contains("bindport = 8088"));
+    let ari = config_of(&r, "-asterisk", "ari.conf");
+    assert!(ari.contains("enabled = yes") && ari.contains("#include \"confroute/ari-user.conf\""));
+    let ext = config_of(&r, "-asterisk", "extensions.conf");
+    assert!(
+        ext.contains("Stasis(confroute,${PJSIP_HEADER(read,X-Conference)})"),
+        "{ext}"
+    );
+    config_of(&r, "-asterisk", "pjsip.conf");
+
+    // Random ARI password and API token, long enough for the binaries' checks.
+    assert!(r
+        .secret_value("confroute", "ari-password")
+        .is_some_and(|v| v.len() >= 16));
+    assert!(r
+        .secret_value("confroute", "api-token")
+        .is_some_and(|v| v.len() >= 16));
+    assert!(r.secret_value("confroute", "redis-password").is_none());
+    let dash = r.one("ConfigMap", "-dashboard");
+    assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value =
+        serde_json::from_str(dash["data"]["confroute.json"].as_str().expect("json"))
+            .expect("dashboard JSON in the ConfigMap");
+    assert_eq!(shipped, dashboard());
+    assert!(
+        r.notes().contains("confroute-sip.voice.svc"),
+        "{}",
+        r.notes()
+    );
+}
+
+#[test]
+fn hpa_replaces_the_fixed_replica_count() {
+    let r = check_scenario("hpa");
+    let hpa = r.one("HorizontalPodAutoscaler", "-controller");
+    assert_eq!(hpa["spec"]["minReplicas"], 3);
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        "confroute-controller"
+    );
+    assert!(r.one("Deployment", "-controller")["spec"]["replicas"].is_null());
+}
+
+#[test]
+fn service_monitors_label_nodes_by_pod_name_and_zone() {
+    let r = check_scenario("servicemonitor");
+    let sm = r.one("ServiceMonitor", "-node");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    let relabel = &sm["spec"]["endpoints"][0]["relabelings"];
+    assert_eq!(
+        relabel[0]["sourceLabels"],
+        json!(["__meta_kubernetes_pod_name"])
+    );
+    assert_eq!(relabel[0]["targetLabel"], "node");
+    assert_eq!(relabel[1]["targetLabel"], "zone");
+    assert_eq!(relabel[1]["replacement"], "eu-west-1a");
+    let ctl = r.one("ServiceMonitor", "-controller");
+    assert_eq!(ctl["spec"]["endpoints"][0]["port"], "http");
+}
+
+#[test]
+fn prometheus_rule_carries_the_rules_file() {
+    let r = check_scenario("prometheusrule");
+    let pr = r.one("PrometheusRule", "confroute");
+    let file = yaml_to_json(&chart_dir().join("rules/confroute.rules.yaml"));
+    let rendered = pr["spec"]["groups"].as_array().expect("groups");
+    let expected = file["groups"].as_array().expect("groups");
+    assert_eq!(rendered.len(), expected.len());
+    for (g, e) in rendered.iter().zip(expected) {
+        let (rs, es) = (
+            g["rules"].as_array().expect("rules"),
+            e["rules"].as_array().expect("rules"),
+        );
+        assert_eq!(rs.len(), es.len());
+        for (r, e) in rs.iter().zip(es) {
+            assert_eq!(r["alert"], e["alert"]);
+            assert_eq!(r["expr"], e["expr"], "{}", e["alert"]);
+            assert_eq!(r["annotations"], e["annotations"], "{}", e["alert"]);
+            assert_eq!(r["labels"]["severity"], e["labels"]["severity"]);
+            assert_eq!(
+                r["labels"]["team"], "voice",
+                "alertLabels reach {}",
+                e["alert"]
+            );
+            if r["alert"] == "ConfrouteDrainStuck" {
+                // drainDeadlineSeconds 3600 + 15 minutes.
+                assert_eq!(r["for"], "4500s");
+            } else {
+                assert_eq!(r["for"], e["for"], "{}", e["alert"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn network_policies_admit_the_named_peers() {
+    let r = check_scenario("networkpolicy");
+    let np = r.one("NetworkPolicy", "-node");
+    let ingress = np["spec"]["ingress"].as_array().expect("ingress");
+    assert_eq!(ingress.len(), 3, "SIP, RTP and HTTP");
+    assert_eq!(ingress[1]["ports"][0]["endPort"], 20000);
+    assert_eq!(
+        ingress[2]["from"].as_array().map(Vec::len),
+        Some(2),
+        "httpFrom and metricsFrom"
+    );
+    r.one("NetworkPolicy", "-controller");
+}
+
+#[test]
+fn sentinel_settings_and_password_reach_both_binaries() {
+    let r = check_scenario("sentinel");
+    for (cm, key) in [("-controller", "controller.toml"), ("-node", "node.toml")] {
+        let toml = config_of(&r, cm, key);
+        assert!(toml.contains("[redis.sentinel]"), "{toml}");
+        assert!(toml.contains("master_name = \"confroute\""), "{toml}");
+        assert!(toml.contains("wait_replicas = 1"), "{toml}");
+        assert!(!toml.contains("redis://redis:6379"), "{toml}");
+    }
+    let c = r.container(r.one("Deployment", "-controller"), "controller");
+    for var in [
+        "CONFROUTE_REDIS__PASSWORD",
+        "CONFROUTE_REDIS__SENTINEL__PASSWORD",
+    ] {
+        assert_eq!(
+            env_of(c, var).unwrap_or_else(|| panic!("{var}"))["valueFrom"]["secretKeyRef"]["key"],
+            "redis-password"
+        );
+    }
+    assert_eq!(
+        r.secret_value("confroute", "redis-password").as_deref(),
+        Some("redis-s3cret")
+    );
+}
+
+#[test]
+fn cluster_seeds_and_an_existing_password_secret() {
+    let r = check_scenario("cluster");
+    let toml = config_of(&r, "-node", "node.toml");
+    assert!(
+        toml.contains("[redis.cluster]") && toml.contains("seeds = ["),
+        "{toml}"
+    );
+    assert!(
+        toml.contains("tls = true") && toml.contains("username = \"confroute\""),
+        "{toml}"
+    );
+    let agent = r.container(r.one("StatefulSet", "-node"), "agent");
+    assert_eq!(
+        env_of(agent, "CONFROUTE_REDIS__PASSWORD").expect("password")["valueFrom"]["secretKeyRef"],
+        json!({"name": "redis-cluster-auth", "key": "password"})
+    );
+}
+
+#[test]
+fn existing_secrets_replace_the_charts_own() {
+    let r = check_scenario("existing-secret");
+    assert!(r.all("Secret").is_empty(), "{:?}", r.names());
+    let s = r.one("StatefulSet", "-node");
+    let agent = r.container(s, "agent");
+    let refs = |var: &str| env_of(agent, var).expect(var)["valueFrom"]["secretKeyRef"].clone();
+    assert_eq!(
+        refs("CONFROUTE_HTTP__API_TOKEN"),
+        json!({"name": "confroute-api", "key": "token"})
+    );
+    assert_eq!(
+        refs("CONFROUTE_ARI__PASSWORD"),
+        json!({"name": "confroute-ari", "key": "password"})
+    );
+    assert_eq!(
+        refs("CONFROUTE_REDIS__PASSWORD"),
+        json!({"name": "confroute-redis", "key": "redis-password"})
+    );
+    let init = &s["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(
+        init["env"][1]["valueFrom"]["secretKeyRef"],
+        json!({"name": "confroute-ari", "key": "password"})
+    );
+}
+
+#[test]
+fn host_network_advertises_the_host_address() {
+    let r = check_scenario("host-network");
+    let s = r.one("StatefulSet", "-node");
+    let pod = &s["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 7500);
+    assert!(
+        pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            .is_array(),
+        "one node per host: its ports are the host's"
+    );
+    let agent = r.container(s, "agent");
+    assert_eq!(
+        env_of(agent, "NODE_IP").expect("ip")["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    let rtp = config_of(&r, "-asterisk", "rtp.conf");
+    assert!(rtp.contains("rtpstart = 20000") && rtp.contains("rtpend = 29999"));
+}
+
+#[test]
+fn everything_at_once() {
+    let r = check_scenario("everything");
+    r.one("Service", "-sip-udp");
+    r.one("Service", "-sip-tcp");
+    let udp = r.one("Service", "-sip-udp");
+    assert_eq!(udp["spec"]["type"], "LoadBalancer");
+    assert_eq!(udp["spec"]["externalTrafficPolicy"], "Local");
+    assert_eq!(udp["spec"]["ports"][0]["nodePort"], 30060);
+    let toml = config_of(&r, "-controller", "controller.toml");
+    for line in [
+        "retry_after = 10",
+        "candidates = 6",
+        "trusted_cidrs = [\"10.0.0.0/8\", \"192.0.2.7\"]",
+        "level = \"confroute_controller=debug,info\"",
+    ] {
+        assert!(toml.contains(line), "{line} missing:\n{toml}");
+    }
+    let node = config_of(&r, "-node", "node.toml");
+    for line in [
+        "[profiles.moderator]",
+        "end_conference_on_exit = true",
+        "beep = \"onEnter\"",
+    ] {
+        assert!(node.contains(line), "{line} missing:\n{node}");
+    }
+    let modules = config_of(&r, "-asterisk", "modules.conf");
+    assert!(modules.contains("autoload = yes"));
+    let ext = config_of(&r, "-asterisk", "extensions.conf");
+    assert!(ext.contains("_X."), "configFiles replaces the chart's file");
+    let dash = r.one("ConfigMap", "-dashboard");
+    assert_eq!(dash["metadata"]["namespace"], "monitoring");
+    assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "confroute");
+}
+
+#[test]
+fn a_changed_configuration_changes_the_checksum() {
+    let dir = TempDir::new("values").expect("dir");
+    let base = render(&values_file(dir.path(), "base", &json!({})));
+    let changed = render(&values_file(
+        dir.path(),
+        "changed",
+        &json!({"controller": {"config": {"sip": {"retry_after": 9}}}, "node": {"capacity": 7}}),
+    ));
+    let unrelated = render(&values_file(
+        dir.path(),
+        "unrelated",
+        &json!({"controller": {"replicas": 5}, "node": {"replicas": 4}}),
+    ));
+    let sum = |r: &Rendered, kind: &str, suffix: &str| {
+        r.one(kind, suffix)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            .clone()
+    };
+    for (kind, suffix) in [("Deployment", "-controller"), ("StatefulSet", "-node")] {
+        assert_ne!(
+            sum(&base, kind, suffix),
+            sum(&changed, kind, suffix),
+            "{kind}"
+        );
+        assert_eq!(
+            sum(&base, kind, suffix),
+            sum(&unrelated, kind, suffix),
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn values_that_break_the_schema_are_refused() {
+    let dir = TempDir::new("values").expect("dir");
+    let cases = [
+        (
+            "typo at the top",
+            json!({"controler": {"replicas": 3}}),
+            "controler",
+        ),
+        (
+            "typo in a section",
+            json!({"node": {"hostNetwrok": true}}),
+            "hostNetwrok",
+        ),
+        (
+            "wrong type",
+            json!({"controller": {"replicas": "two"}}),
+            "replicas",
+        ),
+        (
+            "unknown controller setting",
+            json!({"controller": {"config": {"sip": {"retry_afterr": 3}}}}),
+            "retry_afterr",
+        ),
+        (
+            "setting the chart owns",
+            json!({"controller": {"config": {"sip": {"listen": "0.0.0.0:5070"}}}}),
+            "listen",
+        ),
+        (
+            "bad enum in node settings",
+            json!({"node": {"config": {"conference": {"beep": "loud"}}}}),
+            "beep",
+        ),
+        (
+            "bad duration",
+            json!({"redis": {"timeout": "soon"}}),
+            "timeout",
+        ),
+        (
+            "unknown redis mode",
+            json!({"redis": {"mode": "memcached"}}),
+            "mode",
+        ),
+        (
+            "sentinel without addresses",
+            json!({"redis": {"mode": "sentinel"}}),
+            "addresses",
+        ),
+        (
+            "short API token",
+            json!({"apiToken": {"value": "short"}}),
+            "apiToken",
+        ),
+        (
+            "port out of range",
+            json!({"node": {"sipPort": 70000}}),
+            "sipPort",
+        ),
+    ];
+    for (what, values, key) in cases {
+        let file = values_file(dir.path(), "bad", &values);
+        let out = chart_py(&[
+            "schema",
+            chart_dir().to_str().expect("path"),
+            file.to_str().expect("path"),
+        ]);
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{what}: accepted\n{msg}");
+        assert!(
+            msg.contains(key),
+            "{what}: the message does not name {key}:\n{msg}"
+        );
+        let render = chart_py(&[
+            "render",
+            chart_dir().to_str().expect("path"),
+            file.to_str().expect("path"),
+            dir.path().join("out").to_str().expect("path"),
+        ]);
+        assert!(!render.status.success(), "{what}: rendered anyway");
+        let lint = chart_py(&[
+            "lint",
+            chart_dir().to_str().expect("path"),
+            file.to_str().expect("path"),
+        ]);
+        assert!(
+            !lint.status.success(),
+            "{what}: lint passed\n{}",
+            text(&lint)
+        );
+    }
+}
+
+/// Every value of values.yaml has a row in the chart README's table.
+#[test]
+fn every_value_is_documented_in_the_readme() {
+    let out = chart_py(&["values", chart_dir().to_str().expect("path")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let values: Value = serde_json::from_slice(&out.stdout).expect("values");
+    let readme = std::fs::read_to_string(chart_dir().join("README.md")).expect("README.md");
+    let mut missing = Vec::new();
+    fn walk(v: &Value, path: String, out: &mut Vec<String>) {
+        match v {
+            // Maps of Kubernetes objects or settings are documented as one value.
+            Value::Object(m)
+                if !m.is_empty()
+                    && !path.ends_with("resources")
+                    && !path.ends_with("Probe")
+                    && !path.ends_with("securityContext")
+                    && !path.ends_with("SecurityContext")
+                    && !path.ends_with(".config") =>
+            {
+                for (k, v) in m {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(v, p, out);
+                }
+            }
+            _ => out.push(path),
+        }
+    }
+    let mut paths = Vec::new();
+    walk(&values, String::new(), &mut paths);
+    for p in paths {
+        if !readme.contains(&format!("| `{p}` |")) {
+            missing.push(p);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "values without a README row: {missing:?}"
+    );
+}

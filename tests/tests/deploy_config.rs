@@ -1,0 +1,202 @@
+//! What the packaging hands the binaries is accepted by them: for every values scenario of
+//! the chart, the rendered TOML file plus the container's environment (pod fields, Secrets)
+//! starts `confroute-controller` and `confroute-node` past configuration loading (an unknown
+//! key or a bad value would stop them with exit code 2); the same for the sample
+//! /etc/confroute files of the Debian packages.
+
+#[path = "../deploy/common.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use confroute_tests::harness::{free_port, wait_for, workspace_bin, Proc, TempDir};
+use serde_json::Value;
+
+/// Stand-ins for what Kubernetes would fill in.
+const POD_NAME: &str = "confroute-node-0";
+const POD_IP: &str = "127.0.0.1";
+const SECRET: &str = "secret-from-an-existing-secret-0123456789";
+
+/// The environment Kubernetes would give `container` (`$(VAR)` references expanded, pod
+/// fields and Secrets filled in).
+fn pod_env(r: &Rendered, container: &Value) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for e in container["env"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let name = e["name"].as_str().expect("env name").to_string();
+        let value = if let Some(v) = e["value"].as_str() {
+            let mut v = v.to_string();
+            for (k, val) in &env {
+                v = v.replace(&format!("$({k})"), val);
+            }
+            v
+        } else if let Some(f) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            match f {
+                "metadata.name" => POD_NAME.to_string(),
+                "status.podIP" | "status.hostIP" => POD_IP.to_string(),
+                other => panic!("unexpected field {other}"),
+            }
+        } else if let Some(s) = e["valueFrom"]["secretKeyRef"].as_object() {
+            let (n, k) = (
+                s["name"].as_str().expect("name"),
+                s["key"].as_str().expect("key"),
+            );
+            r.secret_value(n, k).unwrap_or_else(|| SECRET.to_string())
+        } else {
+            panic!("unexpected env entry {e}")
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+/// Starts `bin` with `config` and `env` (nothing inherited but PATH) and waits until it says
+/// it started; fails with its output if it exits first.
+fn starts(bin: &str, config: &Path, env: &[(String, String)], what: &str) {
+    let dir = TempDir::new("config-check").expect("dir");
+    let mut cmd = Command::new(workspace_bin(bin).expect("binary"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("spawn");
+    let done = wait_for(
+        &format!("{what}: {bin} to start"),
+        Duration::from_secs(30),
+        || {
+            let out = p.output();
+            if out.contains(&format!("{bin} started")) {
+                Some(Ok(()))
+            } else if !p.is_running() {
+                Some(Err(out))
+            } else {
+                None
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+    if let Err(out) = done {
+        panic!("{what}: {bin} refused its configuration:\n{out}");
+    }
+    p.kill();
+}
+
+/// Listen addresses the test can bind, overriding the chart's (the environment wins over
+/// the file).
+fn local_listen(sip: bool) -> Vec<(String, String)> {
+    let mut v = vec![(
+        "CONFROUTE_HTTP__LISTEN".to_string(),
+        format!("127.0.0.1:{}", free_port()),
+    )];
+    if sip {
+        v.push((
+            "CONFROUTE_SIP__LISTEN".to_string(),
+            format!(
+                "127.0.0.1:{}",
+                confroute_tests::harness::free_udp_tcp_port()
+            ),
+        ));
+    }
+    v
+}
+
+#[test]
+fn binaries_accept_what_the_chart_renders() {
+    for (name, values) in scenarios() {
+        let r = render(&values);
+        let dir = TempDir::new("rendered-config").expect("dir");
+
+        let ctl_toml = dir.path().join("controller.toml");
+        std::fs::write(
+            &ctl_toml,
+            r.one("ConfigMap", "-controller")["data"]["controller.toml"]
+                .as_str()
+                .expect("controller.toml"),
+        )
+        .expect("write");
+        let deploy = r.one("Deployment", "-controller");
+        let mut env = pod_env(&r, r.container(deploy, "controller"));
+        env.extend(local_listen(true));
+        starts("confroute-controller", &ctl_toml, &env, &name);
+
+        let node_toml = dir.path().join("node.toml");
+        std::fs::write(
+            &node_toml,
+            r.one("ConfigMap", "-node")["data"]["node.toml"]
+                .as_str()
+                .expect("node.toml"),
+        )
+        .expect("write");
+        let sts = r.one("StatefulSet", "-node");
+        let mut env = pod_env(&r, r.container(sts, "agent"));
+        env.extend(local_listen(false));
+        // The pod's own address and name reach the node record.
+        assert!(env.contains(&("CONFROUTE_NODE__ID".into(), POD_NAME.into())));
+        assert!(env
+            .iter()
+            .any(|(k, v)| k == "CONFROUTE_NODE__SIP_URI" && v.starts_with("sip:127.0.0.1:")));
+        starts("confroute-node", &node_toml, &env, &name);
+    }
+}
+
+#[test]
+fn binaries_accept_the_packaged_sample_configuration() {
+    let dir = repo().join("examples/packaging");
+    let mut env = local_listen(true);
+    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), SECRET.into()));
+    starts(
+        "confroute-controller",
+        &dir.join("controller.toml"),
+        &env,
+        "examples/packaging/controller.toml",
+    );
+    let mut env = local_listen(false);
+    env.push(("CONFROUTE_ARI__PASSWORD".into(), SECRET.into()));
+    starts(
+        "confroute-node",
+        &dir.join("node.toml"),
+        &env,
+        "examples/packaging/node.toml",
+    );
+}
+
+/// The packages install the files their metadata names, and the units stop the way the
+/// binaries expect (SIGTERM; the node's stop timeout above its drain deadline).
+#[test]
+fn deb_metadata_names_existing_files() {
+    for (pkg, unit) in [
+        ("controller", "confroute-controller"),
+        ("conference-node", "confroute-node"),
+    ] {
+        let manifest = std::fs::read_to_string(repo().join(pkg).join("Cargo.toml")).expect("toml");
+        let meta = manifest
+            .split("[package.metadata.deb]")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{pkg}/Cargo.toml has no [package.metadata.deb]"));
+        for src in meta.split('"').filter(|s| s.starts_with("../")) {
+            let path = repo().join(pkg).join(src);
+            assert!(path.exists(), "{pkg}: {src} does not exist");
+        }
+        let service = std::fs::read_to_string(
+            repo().join(format!("examples/packaging/systemd/{unit}.service")),
+        )
+        .expect("unit");
+        assert!(service.contains("Restart=on-failure"), "{unit}");
+        assert!(service.contains("KillSignal=SIGTERM"), "{unit}");
+        assert!(service.contains("TimeoutStopSec="), "{unit}");
+    }
+    let node =
+        std::fs::read_to_string(repo().join("examples/packaging/systemd/confroute-node.service"))
+            .expect("unit");
+    assert!(node.contains("TimeoutStopSec=4h 5min"));
+    let sample =
+        std::fs::read_to_string(repo().join("examples/packaging/node.toml")).expect("toml");
+    assert!(sample.contains("drain_deadline = \"4h\""));
+}

@@ -1,0 +1,96 @@
+//! The Grafana dashboard (helm/confroute/dashboards/confroute.json) type-checks against npm
+//! `@grafana/schema` (`... satisfies Dashboard` under `tsc --noEmit`), and has the variables
+//! and panels operators rely on. Its queries are run against real metrics in deploy_metrics.
+
+#[path = "../deploy/common.rs"]
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn dashboard_satisfies_grafanas_dashboard_type() {
+    let json =
+        std::fs::read_to_string(chart_dir().join("dashboards/confroute.json")).expect("dashboard");
+    let source = format!(
+        "import type {{ Dashboard }} from \"@grafana/schema\";\n\
+         export const dashboard = {} satisfies Dashboard;\n",
+        json.trim_end()
+    );
+    let dir = deploy_dir().join(format!(".gen-dashboard-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).expect("gen dir");
+    std::fs::write(dir.join("dashboard.ts"), source).expect("write");
+    std::fs::write(
+        dir.join("tsconfig.json"),
+        r#"{ "extends": "../tsconfig.json", "include": ["*.ts"] }"#,
+    )
+    .expect("write");
+    let out = run(Command::new(&tools().tsc)
+        .arg("-p")
+        .arg(dir.join("tsconfig.json")));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "tsc --noEmit:\n{}", text(&out));
+}
+
+#[test]
+fn dashboard_has_its_variables_and_panels() {
+    let d = dashboard();
+    let vars: Vec<&Value> = d["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .collect();
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no variable {name}"))
+    };
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    for v in ["zone", "node"] {
+        assert_eq!(var(v)["type"], "query");
+        assert_eq!(var(v)["includeAll"], true);
+    }
+    let titles: Vec<&str> = d["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    for t in [
+        "Route rate by outcome",
+        "SIP responses by code",
+        "503 rate",
+        "Route latency p50 / p99",
+        "Conferences per node",
+        "Participants per node",
+        "Node states",
+        "Join latency p50 / p99",
+        "ARI errors and reconnects",
+        "Redis latency p50 / p99",
+        "Redis errors",
+        "Webhook failures",
+    ] {
+        assert!(titles.contains(&t), "panel {t:?} missing: {titles:?}");
+    }
+    // Every query goes to the chosen data source, and node panels honour the variables.
+    for p in d["panels"].as_array().expect("panels") {
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        for t in p["targets"].as_array().expect("targets") {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+            let expr = t["expr"].as_str().expect("expr");
+            if expr.contains("confroute_node_") || expr.contains("confroute_ari_") {
+                assert!(
+                    expr.contains("node=~\"$node\"") && expr.contains("zone=~\"$zone\""),
+                    "{}: {expr}",
+                    p["title"]
+                );
+            }
+        }
+    }
+}
