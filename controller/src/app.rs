@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use confroute_shared::bus::Bus;
@@ -14,7 +14,7 @@ use confroute_shared::store::Store;
 
 use crate::config::{ControllerConfig, Transport};
 use crate::control::Control;
-use crate::http::{self, ApiState};
+use crate::http::{self, ApiShared, ApiState};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::sip::handler::SipService;
@@ -57,7 +57,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     let service = Arc::new(SipService::new(&cfg.sip, router.clone(), metrics.clone()));
     let mut sip_addr = cfg.sip.listen;
     if cfg.sip.transports.contains(&Transport::Udp) {
-        let socket = UdpSocket::bind(cfg.sip.listen).await.map_err(|e| {
+        let socket = server::bind_udp(cfg.sip.listen, cfg.sip.udp_buffer_size).map_err(|e| {
             StartError(format!(
                 "sip.listen: cannot bind UDP {}: {e}",
                 cfg.sip.listen
@@ -102,7 +102,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     let bus = Bus::controller(router.store().clone());
     let control = Control::new(router.clone(), bus, cfg.rpc.command_timeout);
     let sip_bound = Arc::new(AtomicBool::new(true));
-    let state = ApiState {
+    let state = ApiState::new(ApiShared {
         router,
         metrics,
         token: cfg.http.api_token.clone(),
@@ -110,7 +110,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         retry_after: cfg.sip.retry_after,
         control,
         rpc_limits: cfg.rpc.limits(),
-    };
+    });
     let listener = TcpListener::bind(cfg.http.listen)
         .await
         .map_err(|e| StartError(format!("http.listen: cannot bind {}: {e}", cfg.http.listen)))?;

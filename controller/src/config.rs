@@ -56,6 +56,8 @@ pub struct SipConfig {
     pub max_message_size: usize,
     /// INVITE transactions remembered for retransmissions, at most.
     pub max_transactions: usize,
+    /// Kernel receive/send buffer of the UDP socket in bytes; 0 keeps the system default.
+    pub udp_buffer_size: usize,
 }
 
 /// A SIP transport.
@@ -172,6 +174,7 @@ impl Default for SipConfig {
             retry_after: 5,
             max_message_size: crate::sip::message::DEFAULT_MAX_MESSAGE,
             max_transactions: 1_000_000,
+            udp_buffer_size: 4 * 1024 * 1024,
         }
     }
 }

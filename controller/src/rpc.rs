@@ -125,11 +125,61 @@ fn notification(method: &str, params: Value) -> String {
 }
 
 /// A validated request.
-struct Request {
-    method: String,
-    params: Value,
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Method name.
+    pub method: String,
+    /// Named parameters (always an object; `{}` when absent).
+    pub params: Value,
     /// `None` for a notification (no answer).
-    id: Option<Value>,
+    pub id: Option<Value>,
+}
+
+/// One member of a frame: a request, or the error answer (with its id) for an invalid one.
+pub type Item = Result<Request, (Value, RpcError)>;
+
+/// What one text frame holds once decoded, before anything runs.
+#[derive(Debug)]
+pub enum Decoded {
+    /// The whole frame is refused with one error answer (id `null`).
+    Refused(RpcError),
+    /// A single request.
+    Single(Item),
+    /// A batch, in order.
+    Batch(Vec<Item>),
+}
+
+/// Decodes one text frame under `limits`: size, JSON, batch shape, then each request.
+pub fn decode(text: &str, limits: &Limits) -> Decoded {
+    if text.len() > limits.max_message_size {
+        return Decoded::Refused(RpcError::new(
+            codes::MESSAGE_TOO_LARGE,
+            format!(
+                "message of {} bytes exceeds {}",
+                text.len(),
+                limits.max_message_size
+            ),
+        ));
+    }
+    let parsed: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return Decoded::Refused(RpcError::new(codes::PARSE_ERROR, e.to_string())),
+    };
+    match parsed {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Decoded::Refused(RpcError::new(codes::INVALID_REQUEST, "empty batch"));
+            }
+            if items.len() > limits.max_batch {
+                return Decoded::Refused(RpcError::new(
+                    codes::INVALID_REQUEST,
+                    format!("batch of {} exceeds {}", items.len(), limits.max_batch),
+                ));
+            }
+            Decoded::Batch(items.into_iter().map(request).collect())
+        }
+        single => Decoded::Single(request(single)),
+    }
 }
 
 /// Checks the request object shape (JSON-RPC 2.0 §4).
@@ -310,53 +360,9 @@ impl Session {
     }
 
     async fn incoming(self: Arc<Self>, text: &str) {
-        if text.len() > self.limits.max_message_size {
-            self.send(response(
-                &Value::Null,
-                Err(RpcError::new(
-                    codes::MESSAGE_TOO_LARGE,
-                    format!(
-                        "message of {} bytes exceeds {}",
-                        text.len(),
-                        self.limits.max_message_size
-                    ),
-                )),
-            ))
-            .await;
-            return;
-        }
-        let parsed: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                self.send(response(
-                    &Value::Null,
-                    Err(RpcError::new(codes::PARSE_ERROR, e.to_string())),
-                ))
-                .await;
-                return;
-            }
-        };
-        match parsed {
-            Value::Array(items) => {
-                if items.is_empty() {
-                    self.send(response(
-                        &Value::Null,
-                        Err(RpcError::new(codes::INVALID_REQUEST, "empty batch")),
-                    ))
-                    .await;
-                    return;
-                }
-                if items.len() > self.limits.max_batch {
-                    self.send(response(
-                        &Value::Null,
-                        Err(RpcError::new(
-                            codes::INVALID_REQUEST,
-                            format!("batch of {} exceeds {}", items.len(), self.limits.max_batch),
-                        )),
-                    ))
-                    .await;
-                    return;
-                }
+        match decode(text, &self.limits) {
+            Decoded::Refused(e) => self.send(response(&Value::Null, Err(e))).await,
+            Decoded::Batch(items) => {
                 // The batch is answered as one array once every member is done.
                 tokio::spawn(async move {
                     let answers = futures_util::future::join_all(
@@ -369,9 +375,9 @@ impl Session {
                     }
                 });
             }
-            single => {
+            Decoded::Single(item) => {
                 tokio::spawn(async move {
-                    if let Some(answer) = self.clone().one(single).await {
+                    if let Some(answer) = self.clone().one(item).await {
                         self.send(answer).await;
                     }
                 });
@@ -380,8 +386,8 @@ impl Session {
     }
 
     /// Runs one request; `None` for notifications.
-    async fn one(self: Arc<Self>, v: Value) -> Option<Value> {
-        let req = match request(v) {
+    async fn one(self: Arc<Self>, item: Item) -> Option<Value> {
+        let req = match item {
             Ok(r) => r,
             Err((id, e)) => return Some(response(&id, Err(e))),
         };

@@ -50,9 +50,27 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/rpc"),
 ];
 
-/// State shared by the handlers.
+/// State shared by the handlers; one allocation, so the per-request clone axum makes is a
+/// reference-count increment.
 #[derive(Clone)]
-pub struct ApiState {
+pub struct ApiState(Arc<ApiShared>);
+
+impl ApiState {
+    /// Wraps the shared parts.
+    pub fn new(shared: ApiShared) -> Self {
+        ApiState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for ApiState {
+    type Target = ApiShared;
+    fn deref(&self) -> &ApiShared {
+        &self.0
+    }
+}
+
+/// What the handlers share.
+pub struct ApiShared {
     /// Routing decisions and the store.
     pub router: Arc<Router>,
     /// Metrics to render and count into.

@@ -64,6 +64,25 @@ fn method_label(method: &str) -> &'static str {
         .unwrap_or("other")
 }
 
+/// The `code` label for a status this server sends (a bounded set, no allocation per call).
+fn code_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        302 => "302",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        416 => "416",
+        420 => "420",
+        483 => "483",
+        484 => "484",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
 /// What the request names as its conference, or the answer explaining why it names none.
 enum Target {
     Name(ConferenceName),
@@ -180,7 +199,7 @@ impl SipService {
     fn count(&self, method: &str, code: u16) {
         self.metrics
             .sip_requests
-            .with_label_values(&[method, &code.to_string()])
+            .with_label_values(&[method, code_label(code)])
             .inc();
     }
 
@@ -191,7 +210,7 @@ impl SipService {
         source: SocketAddr,
         to: SocketAddr,
     ) -> Option<Outgoing> {
-        match self.transactions.begin(key) {
+        match self.transactions.begin(key.to_string()) {
             Begin::Answered(answer) => {
                 self.metrics.sip_retransmissions.inc();
                 return Some(Outgoing {

@@ -16,7 +16,9 @@ use crate::config::Transport;
 /// A TCP connection with no traffic for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(3600);
 
-/// Receives datagrams forever, answering each in its own task.
+/// Receives datagrams forever. INVITEs, which may wait on Redis, are answered in their own
+/// task; everything else (ACKs, OPTIONS, CANCELs, errors) is answered inline, which saves a
+/// task and a thread wake-up per packet.
 pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_message: usize) {
     let mut buf = vec![0u8; max_message.max(1024) + 1];
     loop {
@@ -33,19 +35,70 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_mes
             service.note_dropped("too_large");
             continue;
         }
-        let packet = buf[..len].to_vec();
+        let packet = &buf[..len];
         if packet.iter().all(|b| *b == b'\r' || *b == b'\n') {
             // RFC 5626 keepalive: nothing to answer over UDP.
             continue;
         }
-        let (socket, service) = (socket.clone(), service.clone());
-        tokio::spawn(async move {
-            if let Some(out) = service.handle(&packet, source, Transport::Udp).await {
-                if let Err(e) = socket.send_to(&out.bytes, out.to).await {
-                    tracing::debug!(error = %e, to = %out.to, "udp send failed");
+        if packet.starts_with(b"INVITE ") {
+            let packet = packet.to_vec();
+            let (socket, service) = (socket.clone(), service.clone());
+            // Boxed so the task holds a pointer, not the whole routing state machine.
+            tokio::spawn(Box::pin(async move {
+                if let Some(out) = service.handle(&packet, source, Transport::Udp).await {
+                    send(&socket, &out.bytes, out.to).await;
                 }
-            }
-        });
+            }));
+        } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
+            send(&socket, &out.bytes, out.to).await;
+        }
+    }
+}
+
+async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = socket.send_to(bytes, to).await {
+        tracing::debug!(error = %e, %to, "udp send failed");
+    }
+}
+
+/// Binds the SIP UDP socket with `buffer` bytes of kernel receive and send buffer (0 keeps
+/// the system default). Bursts of INVITEs overflow the default buffer long before the CPU is
+/// busy, and a dropped INVITE costs the caller a 500 ms retransmission.
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if buffer > 0 {
+        // The FORCE variants pass the rmem_max/wmem_max caps when the process may (root or
+        // CAP_NET_ADMIN); otherwise the kernel grants what the caps allow.
+        if force_buffer(&socket, libc::SO_RCVBUFFORCE, buffer).is_err() {
+            let _ = socket.set_recv_buffer_size(buffer);
+        }
+        if force_buffer(&socket, libc::SO_SNDBUFFORCE, buffer).is_err() {
+            let _ = socket.set_send_buffer_size(buffer);
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+fn force_buffer(socket: &socket2::Socket, option: libc::c_int, size: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a descriptor we own, with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

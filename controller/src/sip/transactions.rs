@@ -74,12 +74,12 @@ impl Transactions {
     }
 
     /// Looks up `key`, registering it as pending when new.
-    pub fn begin(&self, key: &str) -> Begin {
-        let Ok(mut map) = self.shard(key).lock() else {
+    pub fn begin(&self, key: String) -> Begin {
+        let Ok(mut map) = self.shard(&key).lock() else {
             return Begin::New;
         };
         let now = Instant::now();
-        match map.get(key) {
+        match map.get(&key) {
             Some(e) if e.expires > now => match &e.state {
                 State::Pending => Begin::Pending,
                 State::Answered(a) => Begin::Answered(a.clone()),
@@ -87,7 +87,7 @@ impl Transactions {
             _ => {
                 if map.len() < self.max_entries_per_shard {
                     map.insert(
-                        key.to_string(),
+                        key,
                         Entry {
                             state: State::Pending,
                             expires: now + TIMER_H,
@@ -162,14 +162,14 @@ mod tests {
     #[test]
     fn retransmission_gets_the_same_answer() {
         let t = Transactions::new(1000);
-        assert!(matches!(t.begin("b1"), Begin::New));
-        assert!(matches!(t.begin("b1"), Begin::Pending));
+        assert!(matches!(t.begin("b1".into()), Begin::New));
+        assert!(matches!(t.begin("b1".into()), Begin::Pending));
         let a = Arc::new(Answer {
             response: Response::new(302, "Moved Temporarily").header("Contact", "<sip:x@y>"),
             to_tag: "t".into(),
         });
         t.complete("b1", a.clone());
-        match t.begin("b1") {
+        match t.begin("b1".into()) {
             Begin::Answered(got) => assert_eq!(got, a),
             other => panic!("unexpected {other:?}"),
         }
@@ -181,16 +181,16 @@ mod tests {
     #[test]
     fn abandoned_transactions_start_over() {
         let t = Transactions::new(1000);
-        assert!(matches!(t.begin("b"), Begin::New));
+        assert!(matches!(t.begin("b".into()), Begin::New));
         t.abandon("b");
-        assert!(matches!(t.begin("b"), Begin::New));
+        assert!(matches!(t.begin("b".into()), Begin::New));
     }
 
     #[test]
     fn bounded_table_still_answers() {
         let t = Transactions::new(SHARDS);
         for i in 0..1000 {
-            assert!(matches!(t.begin(&format!("k{i}")), Begin::New));
+            assert!(matches!(t.begin(format!("k{i}")), Begin::New));
         }
         assert!(t.sweep() <= SHARDS);
     }
