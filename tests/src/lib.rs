@@ -2,5 +2,6 @@
 //! and the load and benchmark tools.
 
 pub mod ari_sim;
+pub mod dev;
 pub mod fixtures;
 pub mod harness;

@@ -1,0 +1,285 @@
+//! The local cluster of `confroute-dev`: a private Redis (child process), controllers and
+//! node agents in this process, and one simulated Asterisk per node (or a real Asterisk's
+//! ARI for the first node).
+//!
+//! Each agent runs on its own runtime thread, so "kill a node" can stop it the way a crash
+//! does: every task dropped at once, nothing deregistered, its Asterisk gone with it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use confroute_controller::app::{self as controller_app, Controller};
+use confroute_controller::config::ControllerConfig;
+use confroute_node::config::NodeConfig;
+use confroute_shared::config::load_from;
+use confroute_shared::store::{Store, StoreMetrics};
+
+use crate::ari_sim::{AriSim, SimConfig};
+use crate::harness::{free_udp_tcp_port, RedisServer};
+
+/// ARI credentials of the simulated Asterisks.
+const ARI_USER: &str = "confroute";
+const ARI_PASSWORD: &str = "confroute-dev";
+
+/// What to start.
+pub struct Topology {
+    /// Node agents (each with its own Asterisk).
+    pub nodes: usize,
+    /// Controllers.
+    pub controllers: usize,
+    /// Conferences each node may host.
+    pub capacity: u32,
+    /// API token the controllers require.
+    pub token: String,
+    /// A real Asterisk's ARI (`http://host:8088`, user, password) for node 1.
+    pub real_ari: Option<(String, String, String)>,
+}
+
+/// One controller.
+pub struct ControllerHandle {
+    /// SIP address (UDP and TCP).
+    pub sip: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    running: Option<Controller>,
+}
+
+/// One node: its agent thread and its Asterisk.
+pub struct NodeHandle {
+    /// Node id.
+    pub id: String,
+    /// The simulated Asterisk (`None` for a real one).
+    pub sim: Option<AriSim>,
+    /// Agent HTTP address.
+    pub http: SocketAddr,
+    /// False once killed.
+    pub alive: bool,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Everything started.
+pub struct Cluster {
+    /// The private Redis.
+    pub redis: RedisServer,
+    /// A store on it (for the view: node states, claims).
+    pub store: Store,
+    /// Controllers.
+    pub controllers: Vec<ControllerHandle>,
+    /// Nodes.
+    pub nodes: Vec<NodeHandle>,
+}
+
+fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+impl Cluster {
+    /// Starts Redis, the simulated Asterisks, the agents and the controllers.
+    pub async fn start(t: &Topology) -> Result<Cluster, String> {
+        let redis = RedisServer::start().map_err(|e| e.to_string())?;
+        let redis_cfg = crate::fixtures::single(&redis.url());
+        let store = Store::new(&redis_cfg, StoreMetrics::disabled()).map_err(|e| e.to_string())?;
+
+        let mut nodes = Vec::new();
+        for i in 0..t.nodes {
+            let id = format!("node-{}", i + 1);
+            let (sim, url, user, password) = match (&t.real_ari, i) {
+                (Some((url, user, password)), 0) => {
+                    (None, url.clone(), user.clone(), password.clone())
+                }
+                _ => {
+                    let sim = AriSim::start(SimConfig {
+                        listen: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+                        username: ARI_USER.into(),
+                        password: ARI_PASSWORD.into(),
+                        record_events: false,
+                        record_requests: false,
+                        ..SimConfig::default()
+                    })
+                    .await
+                    .map_err(|e| format!("simulated Asterisk for {id}: {e}"))?;
+                    let url = sim.base_url();
+                    (
+                        Some(sim),
+                        url,
+                        ARI_USER.to_string(),
+                        ARI_PASSWORD.to_string(),
+                    )
+                }
+            };
+            // The node's SIP address is where a real edge would send its callers; here the
+            // generator dials straight into the simulator, so any distinct address will do.
+            let sip_port = free_udp_tcp_port();
+            let cfg: NodeConfig = load_from(
+                None,
+                &env(&[
+                    ("CONFROUTE_NODE__ID", id.clone()),
+                    (
+                        "CONFROUTE_NODE__SIP_URI",
+                        format!("sip:127.0.0.1:{sip_port}"),
+                    ),
+                    ("CONFROUTE_NODE__CAPACITY", t.capacity.to_string()),
+                    ("CONFROUTE_NODE__DRAIN_DEADLINE", "15s".into()),
+                    ("CONFROUTE_HTTP__LISTEN", "127.0.0.1:0".into()),
+                    ("CONFROUTE_ARI__URL", url),
+                    ("CONFROUTE_ARI__USERNAME", user),
+                    ("CONFROUTE_ARI__PASSWORD", password),
+                    ("CONFROUTE_REDIS__URL", redis.url()),
+                ]),
+            )
+            .map_err(|e| format!("{id} configuration: {e}"))?;
+            nodes.push(start_agent(id, sim, cfg)?);
+        }
+
+        let mut controllers = Vec::new();
+        for i in 0..t.controllers {
+            let cfg: ControllerConfig = load_from(
+                None,
+                &env(&[
+                    ("CONFROUTE_SIP__LISTEN", "127.0.0.1:0".into()),
+                    ("CONFROUTE_HTTP__LISTEN", "127.0.0.1:0".into()),
+                    ("CONFROUTE_HTTP__API_TOKEN", t.token.clone()),
+                    ("CONFROUTE_ROUTING__NODE_REFRESH", "250ms".into()),
+                    ("CONFROUTE_REDIS__URL", redis.url()),
+                ]),
+            )
+            .map_err(|e| format!("controller {} configuration: {e}", i + 1))?;
+            let c = controller_app::start(&cfg)
+                .await
+                .map_err(|e| format!("controller {}: {e}", i + 1))?;
+            controllers.push(ControllerHandle {
+                sip: c.sip_addr,
+                http: c.http_addr,
+                running: Some(c),
+            });
+        }
+        Ok(Cluster {
+            redis,
+            store,
+            controllers,
+            nodes,
+        })
+    }
+
+    /// Kills node `i` as a crash would: its Asterisk dies with every call, its agent stops
+    /// mid-step and leaves its Redis record to expire.
+    pub fn kill(&mut self, i: usize) {
+        let Some(n) = self.nodes.get_mut(i) else {
+            return;
+        };
+        if let Some(sim) = &n.sim {
+            sim.crash();
+        }
+        if let Some(k) = n.kill.take() {
+            let _ = k.send(());
+        }
+        if let Some(t) = n.thread.take() {
+            let _ = t.join();
+        }
+        n.alive = false;
+    }
+
+    /// Asks node `i`'s agent to drain (as `POST /v1/drain` on its own port).
+    pub async fn drain(&self, i: usize, token: Option<&str>) -> Result<(), String> {
+        let n = self.nodes.get(i).ok_or("no such node")?;
+        let mut req = crate::fixtures::http().post(format!("http://{}/v1/drain", n.http));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("drain answered {}", resp.status()))
+        }
+    }
+
+    /// Stops what is left, in order: node agents (already drained), controllers, simulated
+    /// Asterisks, Redis.
+    pub async fn stop(mut self) {
+        for n in &mut self.nodes {
+            if let Some(s) = n.stop.take() {
+                let _ = s.send(());
+            }
+            if let Some(t) = n.thread.take() {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+        }
+        for c in &mut self.controllers {
+            if let Some(r) = c.running.take() {
+                r.stop().await;
+            }
+        }
+        for n in self.nodes {
+            if let Some(sim) = n.sim {
+                sim.shutdown().await;
+            }
+        }
+        let mut redis = self.redis;
+        redis.kill();
+    }
+}
+
+/// Starts an agent on its own runtime thread and waits until it is up.
+fn start_agent(id: String, sim: Option<AriSim>, cfg: NodeConfig) -> Result<NodeHandle, String> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let name = id.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("agent-{id}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("runtime: {e}")));
+                    return;
+                }
+            };
+            let graceful = rt.block_on(async move {
+                let agent = match confroute_node::app::start(cfg).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return false;
+                    }
+                };
+                let _ = ready_tx.send(Ok(agent.http_addr));
+                tokio::select! {
+                    _ = kill_rx => {
+                        // A crash runs no cleanup: the tasks are dropped with the runtime.
+                        std::mem::forget(agent);
+                        false
+                    }
+                    _ = stop_rx => {
+                        agent.stop().await;
+                        true
+                    }
+                }
+            });
+            let _ = graceful;
+            rt.shutdown_background();
+        })
+        .map_err(|e| format!("agent thread: {e}"))?;
+    let http = ready_rx
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| format!("{name}: agent did not start within 20 s"))??;
+    Ok(NodeHandle {
+        id,
+        sim,
+        http,
+        alive: true,
+        kill: Some(kill_tx),
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}

@@ -1,0 +1,363 @@
+//! `confroute-dev`: a whole confroute cluster on one machine, with traffic and a live view.
+//!
+//! Starts a private Redis, node agents each beside a simulated Asterisk (or a real one's ARI),
+//! and controllers; places calls into a set of conferences through the controllers (SIP or
+//! HTTP), then through the simulated Asterisks; shows what happens; and stops everything in
+//! order on Ctrl-C or after `--duration`, with a summary.
+
+mod cluster;
+mod stats;
+mod traffic;
+mod view;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::Rng;
+
+use cluster::{Cluster, Topology};
+use traffic::{Entry, Traffic};
+
+/// Command line of `confroute-dev`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "confroute-dev",
+    about = "Run a whole confroute cluster on this machine, with traffic and a live view"
+)]
+pub struct DevArgs {
+    /// Conference nodes (each an agent beside a simulated Asterisk).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Controllers.
+    #[arg(long, default_value_t = 2)]
+    pub controllers: usize,
+    /// Conferences the callers spread over.
+    #[arg(long, default_value_t = 20)]
+    pub conferences: usize,
+    /// New callers per second.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Shortest stay of a caller, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub hold_min: f64,
+    /// Longest stay of a caller, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub hold_max: f64,
+    /// How calls reach the controllers.
+    #[arg(long, value_enum, default_value_t = Entry::Mixed)]
+    pub entry: Entry,
+    /// Dial-outs per minute (through the JSON-RPC API).
+    #[arg(long, default_value_t = 6.0)]
+    pub dialouts_per_minute: f64,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Kill node 2 (its Asterisk and agent, as a crash) this many seconds in.
+    #[arg(long)]
+    pub kill_node_after: Option<f64>,
+    /// Drain node 1 this many seconds in.
+    #[arg(long)]
+    pub drain_node_after: Option<f64>,
+    /// A real Asterisk's ARI for node 1 instead of the simulator, e.g. http://10.0.0.5:8088.
+    #[arg(long)]
+    pub ari: Option<String>,
+    /// ARI user for `--ari`.
+    #[arg(long, default_value = "confroute")]
+    pub ari_username: String,
+    /// ARI password for `--ari`.
+    #[arg(long, default_value = "confroute")]
+    pub ari_password: String,
+    /// Conferences each node may host.
+    #[arg(long, default_value_t = 1000)]
+    pub capacity: u32,
+    /// Plain status lines instead of the refreshing view (the default when stdout is not a
+    /// terminal).
+    #[arg(long)]
+    pub plain: bool,
+}
+
+/// Runs the cluster; the exit code is non-zero when a conference was ever split.
+pub async fn run(args: DevArgs) -> ExitCode {
+    if let Err(e) = validate(&args) {
+        eprintln!("confroute-dev: {e}");
+        return ExitCode::from(2);
+    }
+    let log_dir = std::env::temp_dir().join(format!("confroute-dev-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&log_dir);
+    let log_file = log_dir.join("cluster.log");
+    init_logging(&log_file);
+    let token = format!("{:032x}", rand::random::<u128>());
+    let topology = Topology {
+        nodes: args.nodes,
+        controllers: args.controllers,
+        capacity: args.capacity,
+        token: token.clone(),
+        real_ari: args
+            .ari
+            .clone()
+            .map(|u| (u, args.ari_username.clone(), args.ari_password.clone())),
+    };
+    println!(
+        "confroute-dev: starting Redis, {} node(s) and {} controller(s)...",
+        args.nodes, args.controllers
+    );
+    let mut cluster = match Cluster::start(&topology).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("confroute-dev: cannot start the cluster: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    view::banner(&cluster, &token, &log_file);
+
+    let node_ids: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let traffic = Traffic::new(node_ids);
+    let sims: Arc<Vec<_>> = Arc::new(cluster.nodes.iter().map(|n| n.sim.clone()).collect());
+    let mut background = Vec::new();
+    for (i, sim) in sims.iter().enumerate() {
+        if let Some(sim) = sim {
+            background.push(tokio::spawn(traffic::observe(
+                traffic.clone(),
+                i,
+                sim.clone(),
+            )));
+        }
+    }
+    let generator = tokio::spawn(generate(
+        traffic.clone(),
+        sims.clone(),
+        Load {
+            controllers: cluster
+                .controllers
+                .iter()
+                .map(|c| (c.sip, c.http))
+                .collect(),
+            conferences: args.conferences,
+            rate: args.rate,
+            hold: (args.hold_min, args.hold_max),
+            entry: args.entry,
+            dialouts_per_minute: args.dialouts_per_minute,
+            token: token.clone(),
+        },
+    ));
+
+    let live = !args.plain && std::io::stdout().is_terminal();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut killed = false;
+    let mut drained = false;
+    let mut first = true;
+    let mut stop_signal = Box::pin(confroute_shared::shutdown::signal());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop_signal => break,
+        }
+        let t = started.elapsed().as_secs_f64();
+        traffic.check();
+        if let (Some(at), false) = (args.kill_node_after, killed) {
+            if t >= at {
+                let i = 1.min(cluster.nodes.len() - 1);
+                cluster.kill(i);
+                traffic.node_lost(i);
+                killed = true;
+                let id = cluster.nodes[i].id.clone();
+                stats::with(&traffic.stats, |s| {
+                    let hosted = s
+                        .last_node
+                        .iter()
+                        .filter(|(_, n)| **n == id)
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    s.killed = Some(stats::Killed {
+                        node: id.clone(),
+                        at: t,
+                        hosted,
+                        rehomed: Vec::new(),
+                    });
+                    s.notes
+                        .push(format!("{t:.1}s: killed {id} (Asterisk and agent)"))
+                });
+            }
+        }
+        if let (Some(at), false) = (args.drain_node_after, drained) {
+            if t >= at {
+                let note = match cluster.drain(0, None).await {
+                    Ok(()) => format!("{t:.1}s: draining {}", cluster.nodes[0].id),
+                    Err(e) => format!("{t:.1}s: drain of {} failed: {e}", cluster.nodes[0].id),
+                };
+                drained = true;
+                stats::with(&traffic.stats, |s| s.notes.push(note));
+            }
+        }
+        let nodes = cluster.store.list_nodes().await.unwrap_or_default();
+        view::show(&traffic, &cluster, &nodes, t, live, first);
+        first = false;
+        if args.duration.is_some_and(|d| t >= d) {
+            break;
+        }
+    }
+
+    // Stop in order: no new callers, everyone hangs up, the nodes drain empty, then stop.
+    generator.abort();
+    println!("\nconfroute-dev: stopping: callers hang up, nodes drain, then everything stops");
+    for sim in sims.iter().flatten() {
+        for ch in sim.snapshot().channels {
+            let _ = sim.hangup_far_end(&ch.id, 16).await;
+        }
+    }
+    for i in 0..cluster.nodes.len() {
+        if cluster.nodes[i].alive {
+            let _ = cluster.drain(i, None).await;
+        }
+    }
+    wait_empty(&cluster).await;
+    traffic.check();
+    let nodes = cluster.store.list_nodes().await.unwrap_or_default();
+    let splits = stats::with(&traffic.stats, |s| s.splits);
+    for b in background {
+        b.abort();
+    }
+    cluster.stop().await;
+    view::summary(&traffic, &nodes, started.elapsed().as_secs_f64());
+    if splits > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn validate(a: &DevArgs) -> Result<(), String> {
+    if a.nodes == 0 || a.nodes > 50 {
+        return Err("--nodes must be 1-50".into());
+    }
+    if a.controllers == 0 || a.controllers > 10 {
+        return Err("--controllers must be 1-10".into());
+    }
+    if a.conferences == 0 {
+        return Err("--conferences must be at least 1".into());
+    }
+    if !(a.rate > 0.0 && a.rate <= 5000.0) {
+        return Err("--rate must be between 0 and 5000 calls/s".into());
+    }
+    if !(a.hold_min >= 0.0 && a.hold_max >= a.hold_min) {
+        return Err("--hold-min must be >= 0 and <= --hold-max".into());
+    }
+    if a.kill_node_after.is_some() && a.nodes < 2 {
+        return Err("--kill-node-after needs at least 2 nodes (one must survive)".into());
+    }
+    Ok(())
+}
+
+fn init_logging(file: &std::path::Path) {
+    use tracing_subscriber::EnvFilter;
+    let Ok(f) = std::fs::File::create(file) else {
+        return;
+    };
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(f))
+        .try_init();
+}
+
+/// What the generator places.
+struct Load {
+    controllers: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    conferences: usize,
+    rate: f64,
+    hold: (f64, f64),
+    entry: Entry,
+    dialouts_per_minute: f64,
+    token: String,
+}
+
+/// Places callers at the configured rate, and dial-outs now and then.
+async fn generate(traffic: Traffic, sims: Arc<Vec<Option<crate::ari_sim::AriSim>>>, load: Load) {
+    let Load {
+        controllers,
+        conferences,
+        rate,
+        hold: (hold_min, hold_max),
+        entry,
+        dialouts_per_minute,
+        token,
+    } = load;
+    let names: Vec<String> = (0..conferences).map(|i| format!("conf-{i:03}")).collect();
+    let http = crate::fixtures::http();
+    let every = Duration::from_secs_f64(1.0 / rate);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let dial_every =
+        (dialouts_per_minute > 0.0).then(|| Duration::from_secs_f64(60.0 / dialouts_per_minute));
+    let mut next_dial = Instant::now() + dial_every.unwrap_or_default() / 2;
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let (conf, hold, controller) = {
+            let mut rng = rand::rng();
+            let conf = names[rng.random_range(0..names.len())].clone();
+            let hold = Duration::from_secs_f64(rng.random_range(hold_min..=hold_max));
+            (conf, hold, controllers[n as usize % controllers.len()])
+        };
+        let use_sip = match entry {
+            Entry::Sip => true,
+            Entry::Http => false,
+            Entry::Mixed => n.is_multiple_of(2),
+        };
+        tokio::spawn(traffic::call(
+            traffic.clone(),
+            sims.clone(),
+            http.clone(),
+            controller,
+            token.clone(),
+            use_sip,
+            conf.clone(),
+            hold,
+        ));
+        if let Some(d) = dial_every {
+            if Instant::now() >= next_dial {
+                next_dial += d;
+                tokio::spawn(traffic::dialout(
+                    traffic.clone(),
+                    controller.1,
+                    token.clone(),
+                    conf,
+                    sims.clone(),
+                    hold,
+                ));
+            }
+        }
+    }
+}
+
+/// Waits (up to 20 s) until no live node hosts a conference.
+async fn wait_empty(cluster: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let http = crate::fixtures::http();
+    loop {
+        let mut busy = 0;
+        for n in cluster.nodes.iter().filter(|n| n.alive) {
+            if let Ok(r) = http
+                .get(format!("http://{}/v1/conferences", n.http))
+                .send()
+                .await
+            {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                busy += v["items"].as_array().map(Vec::len).unwrap_or(0);
+            }
+        }
+        if busy == 0 || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

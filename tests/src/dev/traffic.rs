@@ -1,0 +1,461 @@
+//! The traffic of `confroute-dev`: callers routed through a controller (SIP INVITE → 302,
+//! or `POST /v1/route`), then dialled into the chosen node's Asterisk, staying a while and
+//! hanging up; a few dial-outs through the JSON-RPC API; and an observer on every Asterisk
+//! that sees callers enter and leave bridges, to time joins and check that no conference is
+//! ever on two nodes at once.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::net::UdpSocket;
+
+use super::stats::{self, Rehome, Shared};
+use crate::ari_sim::{AriSim, DialIn};
+
+/// How calls reach a controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Entry {
+    /// SIP INVITE over UDP, answered with a 302.
+    Sip,
+    /// `POST /v1/route`.
+    Http,
+    /// Alternate between the two.
+    Mixed,
+}
+
+/// Which conference each of our channels belongs to and where it sits.
+#[derive(Default)]
+pub struct Membership {
+    /// channel id → (conference, node index).
+    channels: HashMap<String, (String, usize)>,
+    /// channel id → when it was dialled in (until it enters a bridge).
+    pending: HashMap<String, Instant>,
+    /// (conference, node index) → channels of ours in a bridge there.
+    in_bridge: HashMap<(String, usize), HashSet<String>>,
+}
+
+impl Membership {
+    /// Conferences and participants per node, from what the observers saw.
+    pub fn per_node(&self, nodes: usize) -> Vec<(usize, usize)> {
+        let mut out = vec![(0usize, 0usize); nodes];
+        for ((_, node), members) in &self.in_bridge {
+            if !members.is_empty() && *node < nodes {
+                out[*node].0 += 1;
+                out[*node].1 += members.len();
+            }
+        }
+        out
+    }
+
+    /// Callers currently in a bridge.
+    pub fn active(&self) -> usize {
+        self.in_bridge.values().map(HashSet::len).sum()
+    }
+}
+
+/// Shared traffic state.
+#[derive(Clone)]
+pub struct Traffic {
+    /// Counters.
+    pub stats: Shared,
+    /// Bridge membership.
+    pub members: Arc<Mutex<Membership>>,
+    started: Instant,
+    node_ids: Arc<Vec<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Traffic {
+    /// Traffic over nodes named `node_ids`.
+    pub fn new(node_ids: Vec<String>) -> Self {
+        Traffic {
+            stats: Default::default(),
+            members: Default::default(),
+            started: Instant::now(),
+            node_ids: Arc::new(node_ids),
+        }
+    }
+
+    /// Seconds since the start.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Records a caller entering a bridge on `node` (observer event).
+    fn entered(&self, node: usize, channel: &str) {
+        let mut m = lock(&self.members);
+        let Some((conference, _)) = m.channels.get(channel).cloned() else {
+            return;
+        };
+        if let Some(at) = m.pending.remove(channel) {
+            stats::with(&self.stats, |s| {
+                s.joined += 1;
+                s.join_latency.add(at.elapsed());
+            });
+        }
+        m.in_bridge
+            .entry((conference, node))
+            .or_default()
+            .insert(channel.to_string());
+    }
+
+    /// Records a caller leaving its bridge or hanging up.
+    fn left(&self, node: usize, channel: &str, destroyed: bool) {
+        let mut m = lock(&self.members);
+        let Some((conference, _)) = m.channels.get(channel).cloned() else {
+            return;
+        };
+        if let Some(set) = m.in_bridge.get_mut(&(conference.clone(), node)) {
+            set.remove(channel);
+        }
+        if destroyed {
+            m.channels.remove(channel);
+            if m.pending.remove(channel).is_some() {
+                stats::with(&self.stats, |s| s.join_failed("hung up before joining"));
+            }
+        }
+    }
+
+    /// Forgets everything on a node whose Asterisk is gone.
+    pub fn node_lost(&self, node: usize) {
+        let mut m = lock(&self.members);
+        m.in_bridge.retain(|(_, n), _| *n != node);
+        let gone: Vec<String> = m
+            .channels
+            .iter()
+            .filter(|(_, (_, n))| *n == node)
+            .map(|(c, _)| c.clone())
+            .collect();
+        let mut lost = 0;
+        for c in gone {
+            m.channels.remove(&c);
+            if m.pending.remove(&c).is_some() {
+                lost += 1;
+            }
+        }
+        drop(m);
+        if lost > 0 {
+            stats::with(&self.stats, |s| {
+                *s.join_failures.entry("node lost".into()).or_default() += lost
+            });
+        }
+    }
+
+    /// Checks, once, that every conference has members on one node at most.
+    pub fn check(&self) {
+        let m = lock(&self.members);
+        let mut nodes_of: HashMap<&str, Vec<usize>> = HashMap::new();
+        for ((conf, node), members) in &m.in_bridge {
+            if !members.is_empty() {
+                nodes_of.entry(conf.as_str()).or_default().push(*node);
+            }
+        }
+        let at = self.elapsed();
+        stats::with(&self.stats, |s| {
+            for (conf, nodes) in nodes_of {
+                if nodes.len() > 1 {
+                    s.splits += 1;
+                    s.notes.push(format!(
+                        "{at:.1}s: conference {conf} has members on {} nodes at once",
+                        nodes.len()
+                    ));
+                }
+            }
+        });
+    }
+}
+
+/// Follows one Asterisk's events as an observer application subscribed to everything.
+pub async fn observe(traffic: Traffic, node: usize, sim: AriSim) {
+    loop {
+        let url = format!(
+            "{}&subscribeAll=true",
+            sim.events_url("confroute-dev-observer")
+        );
+        if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await {
+            while let Some(Ok(msg)) = ws.next().await {
+                let tokio_tungstenite::tungstenite::Message::Text(text) = msg else {
+                    continue;
+                };
+                let Ok(ev) = serde_json::from_str::<Value>(text.as_str()) else {
+                    continue;
+                };
+                let channel = ev["channel"]["id"].as_str().unwrap_or("");
+                match ev["type"].as_str().unwrap_or("") {
+                    "ChannelEnteredBridge" => traffic.entered(node, channel),
+                    "ChannelLeftBridge" => traffic.left(node, channel, false),
+                    "ChannelDestroyed" => traffic.left(node, channel, true),
+                    _ => {}
+                }
+            }
+            let _ = ws.close(None).await;
+            // The socket closes when this Asterisk dies: its callers are gone.
+            if !sim.snapshot().up {
+                traffic.node_lost(node);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Where a controller sent a conference.
+pub enum Routed {
+    /// The node id.
+    Node(String),
+    /// Why not.
+    Failed(String),
+}
+
+/// Asks a controller over SIP: INVITE, then ACK the final answer.
+pub async fn route_sip(controller: SocketAddr, conference: &str) -> Routed {
+    let socket = match UdpSocket::bind("127.0.0.1:0").await {
+        Ok(s) => s,
+        Err(e) => return Routed::Failed(format!("local socket: {e}")),
+    };
+    let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+    let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
+    let call_id = format!("{:016x}@confroute-dev", rand::random::<u64>());
+    let head = |method: &str, to_tag: &str| {
+        format!(
+            "{method} sip:{conference}@{controller} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:dev@127.0.0.1>;tag=dev1\r\n\
+             To: <sip:{conference}@{controller}>{to_tag}\r\nCall-ID: {call_id}\r\n\
+             CSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    if let Err(e) = socket
+        .send_to(head("INVITE", "").as_bytes(), controller)
+        .await
+    {
+        return Routed::Failed(format!("send: {e}"));
+    }
+    let mut buf = vec![0u8; 4096];
+    let n = match tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await {
+        Ok(Ok(n)) => n,
+        _ => return Routed::Failed("no SIP answer within 2 s".into()),
+    };
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    let header = |name: &str| {
+        answer.split("\r\n").find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let to_tag = header("To")
+        .and_then(|t| t.split(";tag=").nth(1).map(|t| format!(";tag={t}")))
+        .unwrap_or_default();
+    let _ = socket
+        .send_to(head("ACK", &to_tag).as_bytes(), controller)
+        .await;
+    let status = answer.split(' ').nth(1).unwrap_or("").to_string();
+    match (status.as_str(), header("X-Conference-Node")) {
+        ("302", Some(node)) => Routed::Node(node),
+        _ => Routed::Failed(format!(
+            "SIP {status} {}",
+            header("Warning").unwrap_or_default()
+        )),
+    }
+}
+
+/// Asks a controller over HTTP.
+pub async fn route_http(
+    http: &reqwest::Client,
+    controller: SocketAddr,
+    token: &str,
+    conference: &str,
+) -> Routed {
+    let resp = http
+        .post(format!("http://{controller}/v1/route"))
+        .bearer_auth(token)
+        .json(&json!({"conference": conference}))
+        .send()
+        .await;
+    match resp {
+        Ok(r) => {
+            let status = r.status();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            match body["node_id"].as_str() {
+                Some(n) if status.is_success() => Routed::Node(n.to_string()),
+                _ => Routed::Failed(format!(
+                    "HTTP {} {}",
+                    status.as_u16(),
+                    body["error"]["code"].as_str().unwrap_or("")
+                )),
+            }
+        }
+        Err(e) => Routed::Failed(format!("HTTP: {e}")),
+    }
+}
+
+/// One caller: routed, dialled into the chosen node, in the conference for `hold`, gone.
+#[allow(clippy::too_many_arguments)]
+pub async fn call(
+    traffic: Traffic,
+    sims: Arc<Vec<Option<AriSim>>>,
+    http: reqwest::Client,
+    controller: (SocketAddr, SocketAddr),
+    token: String,
+    use_sip: bool,
+    conference: String,
+    hold: Duration,
+) {
+    stats::with(&traffic.stats, |s| s.placed += 1);
+    let started = Instant::now();
+    let routed = if use_sip {
+        route_sip(controller.0, &conference).await
+    } else {
+        route_http(&http, controller.1, &token, &conference).await
+    };
+    let node_id = match routed {
+        Routed::Node(n) => n,
+        Routed::Failed(why) => {
+            stats::with(&traffic.stats, |s| s.route_failed(why));
+            return;
+        }
+    };
+    let at = traffic.elapsed();
+    stats::with(&traffic.stats, |s| {
+        s.routed += 1;
+        s.route_latency.add(started.elapsed());
+        // A conference the controllers now send somewhere else: re-homed (its node died or
+        // drained empty) or ended and started again elsewhere.
+        if let Some(k) = &mut s.killed {
+            if k.node != node_id
+                && k.hosted.contains(&conference)
+                && !k.rehomed.iter().any(|(c, _, _)| *c == conference)
+            {
+                k.rehomed
+                    .push((conference.clone(), node_id.clone(), at - k.at));
+            }
+        }
+        match s.last_node.insert(conference.clone(), node_id.clone()) {
+            Some(before) if before != node_id => s.rehomes.push(Rehome {
+                conference: conference.clone(),
+                from: before,
+                to: node_id.clone(),
+                at,
+            }),
+            _ => {}
+        }
+    });
+    let Some(node) = traffic.node_ids.iter().position(|n| *n == node_id) else {
+        stats::with(&traffic.stats, |s| {
+            s.join_failed("routed to an unknown node")
+        });
+        return;
+    };
+    let Some(Some(sim)) = sims.get(node).cloned() else {
+        stats::with(&traffic.stats, |s| {
+            s.join_failed("node on a real Asterisk (not dialled)")
+        });
+        return;
+    };
+    let channel_id = format!("dev-{:016x}", rand::random::<u64>());
+    {
+        let mut m = lock(&traffic.members);
+        m.channels
+            .insert(channel_id.clone(), (conference.clone(), node));
+        m.pending.insert(channel_id.clone(), Instant::now());
+    }
+    let dial = DialIn {
+        app: "confroute".into(),
+        args: vec![conference.clone()],
+        caller_number: format!("+1555{:07}", rand::rng().random_range(0..10_000_000)),
+        extension: conference.clone(),
+        channel_id: Some(channel_id.clone()),
+        ..DialIn::default()
+    };
+    if let Err(e) = sim.dial_in(dial).await {
+        let mut m = lock(&traffic.members);
+        m.channels.remove(&channel_id);
+        m.pending.remove(&channel_id);
+        drop(m);
+        stats::with(&traffic.stats, |s| s.join_failed(format!("dial-in: {e}")));
+        return;
+    }
+    tokio::time::sleep(hold).await;
+    // Gone already (kicked, conference ended, node lost) is fine.
+    let _ = sim.hangup_far_end(&channel_id, 16).await;
+}
+
+/// One dial-out through a controller's JSON-RPC WebSocket, followed to its last status.
+pub async fn dialout(
+    traffic: Traffic,
+    controller: SocketAddr,
+    token: String,
+    conference: String,
+    sims: Arc<Vec<Option<AriSim>>>,
+    hold: Duration,
+) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let count = |what: &str| {
+        stats::with(&traffic.stats, |s| {
+            *s.dialouts.entry(what.to_string()).or_default() += 1
+        })
+    };
+    let Ok(mut req) = format!("ws://{controller}/v1/rpc").into_client_request() else {
+        return;
+    };
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        req.headers_mut().insert("authorization", v);
+    }
+    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(req).await else {
+        count("error: websocket");
+        return;
+    };
+    let to = format!("+1555{:07}", rand::rng().random_range(0..10_000_000));
+    let msg = json!({"jsonrpc": "2.0", "method": "dialout", "params": {"conference": conference, "to": to, "timeout": 10}, "id": 1});
+    if ws
+        .send(Message::Text(msg.to_string().into()))
+        .await
+        .is_err()
+    {
+        count("error: websocket");
+        return;
+    }
+    count("placed");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut callid = None;
+    while let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+        if v["id"] == json!(1) {
+            if let Some(e) = v.get("error") {
+                count(&format!("error: {}", e["message"].as_str().unwrap_or("?")));
+                return;
+            }
+            callid = v["result"]["callid"].as_str().map(String::from);
+        } else if v["method"] == "dialout.status" {
+            let status = v["params"]["status"].as_str().unwrap_or("?").to_string();
+            count(&status);
+            if status == "connected" {
+                break;
+            }
+            if status == "rejected" || status == "cleared" {
+                return;
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    // The callee stays a while, then hangs up on whichever Asterisk it is on.
+    tokio::time::sleep(hold).await;
+    if let Some(id) = callid {
+        for sim in sims.iter().flatten() {
+            if sim.hangup_far_end(&id, 16).await.is_ok() {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The README's run command, `confroute-dev`, for a bounded time with a small topology:
+//! it exits 0 with a summary where every conference stayed on one node and no route failed;
+//! killing a node re-homes its conferences on the next calls; Ctrl-C stops it cleanly; and
+//! no process it started outlives it.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Children (and their children) of `pid`, from /proc.
+fn descendants(pid: u32) -> HashSet<u32> {
+    let mut out = HashSet::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(text) = std::fs::read_to_string(t.path().join("children")) else {
+                continue;
+            };
+            for c in text
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                if out.insert(c) {
+                    todo.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Runs confroute-dev with `args`; `interrupt_after` sends SIGINT (Ctrl-C) at that time.
+fn run(args: &[&str], interrupt_after: Option<Duration>) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_confroute-dev"))
+        .args(args)
+        .arg("--plain")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start confroute-dev");
+    let pid = child.id();
+    let mut seen = HashSet::new();
+    let started = Instant::now();
+    let mut interrupted = false;
+    let status = loop {
+        seen.extend(descendants(pid));
+        if let Some(after) = interrupt_after {
+            if !interrupted && started.elapsed() >= after {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(pid as i32, libc::SIGINT) };
+                interrupted = true;
+            }
+        }
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "confroute-dev did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().expect("output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!seen.is_empty(), "it started a Redis child process: {text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<u32> = seen.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}\n{text}");
+    (status.code(), text)
+}
+
+fn summary(text: &str) -> &str {
+    text.split("== confroute-dev summary").nth(1).unwrap_or("")
+}
+
+#[test]
+fn bounded_run_keeps_every_conference_on_one_node() {
+    let (code, text) = run(
+        &[
+            "--nodes",
+            "2",
+            "--controllers",
+            "2",
+            "--conferences",
+            "6",
+            "--rate",
+            "8",
+            "--hold-min",
+            "1",
+            "--hold-max",
+            "4",
+            "--duration",
+            "8",
+        ],
+        None,
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let s = summary(&text);
+    assert!(s.contains("failed routes 0,"), "{s}");
+    assert!(s.contains("failed joins 0"), "{s}");
+    assert!(
+        s.contains("every conference was on exactly one node at every check (splits 0)"),
+        "{s}"
+    );
+    let placed: u64 = s
+        .split("calls placed ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(placed >= 30, "traffic flowed: {s}");
+    assert!(text.contains("API token: "), "prints the token: {text}");
+    assert!(
+        text.contains("/v1/rpc") && text.contains("/metrics"),
+        "prints the addresses: {text}"
+    );
+}
+
+#[test]
+fn killing_a_node_rehomes_its_conferences_on_the_next_calls() {
+    let (code, text) = run(
+        &[
+            "--nodes",
+            "3",
+            "--controllers",
+            "2",
+            "--conferences",
+            "8",
+            "--rate",
+            "10",
+            "--hold-min",
+            "4",
+            "--hold-max",
+            "8",
+            "--duration",
+            "16",
+            "--kill-node-after",
+            "4",
+        ],
+        None,
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let s = summary(&text);
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("killed node-2"))
+        .unwrap_or_else(|| panic!("no kill line: {s}"));
+    // "killed node-2 at 4.0s hosting N conference(s); re-homed on later calls: M of N"
+    let hosted: usize = line
+        .split("hosting ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("hosted count");
+    let tail = line
+        .split("re-homed on later calls: ")
+        .nth(1)
+        .expect("re-homed count");
+    let rehomed: usize = tail
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("number");
+    assert!(
+        hosted > 0,
+        "node-2 hosted conferences when it was killed: {s}"
+    );
+    assert_eq!(
+        rehomed, hosted,
+        "every one of them re-homed on a later call: {s}"
+    );
+    assert!(
+        !s.contains("-> node-2 ("),
+        "nothing re-homed onto the dead node: {s}"
+    );
+    assert!(s.contains("(splits 0)"), "{s}");
+}
+
+#[test]
+fn ctrl_c_stops_everything_in_order_with_a_summary() {
+    let (code, text) = run(
+        &[
+            "--nodes",
+            "2",
+            "--controllers",
+            "1",
+            "--conferences",
+            "4",
+            "--rate",
+            "5",
+            "--hold-min",
+            "30",
+            "--hold-max",
+            "60",
+        ],
+        Some(Duration::from_secs(6)),
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("stopping: callers hang up, nodes drain"),
+        "{text}"
+    );
+    let s = summary(&text);
+    assert!(s.contains("(splits 0)"), "{s}");
+    // Drained before stopping: the nodes end empty.
+    for l in s.lines().filter(|l| l.starts_with("  node-")) {
+        assert!(l.contains("draining claimed 0/"), "{l}");
+    }
+}
+
+#[test]
+fn bad_options_are_refused_with_a_reason() {
+    let out = Command::new(env!("CARGO_BIN_EXE_confroute-dev"))
+        .args(["--nodes", "1", "--kill-node-after", "2"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--kill-node-after needs at least 2 nodes")
+    );
+}
