@@ -10,7 +10,12 @@ use super::{free_port, require_tool, wait_for, HarnessError, HarnessResult, Proc
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn query(port: u16, cmd: &mut redis::Cmd) -> Option<redis::Value> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    query_as(port, None, cmd)
+}
+
+fn query_as(port: u16, password: Option<&str>, cmd: &mut redis::Cmd) -> Option<redis::Value> {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}")).ok()?;
     let mut conn = client
         .get_connection_with_timeout(Duration::from_millis(300))
         .ok()?;
@@ -47,6 +52,7 @@ pub struct RedisServer {
     dir: TempDir,
     extra: Vec<String>,
     starts: u32,
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -64,6 +70,11 @@ impl RedisServer {
             dir: TempDir::new("redis")?,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             starts: 0,
+            password: extra
+                .iter()
+                .position(|a| *a == "--requirepass")
+                .and_then(|i| extra.get(i + 1))
+                .map(|p| p.to_string()),
         };
         server.launch()?;
         Ok(server)
@@ -83,10 +94,14 @@ impl RedisServer {
         let proc = Proc::spawn(&format!("redis-server :{}", self.port), cmd, &log)?;
         self.proc = Some(proc);
         let port = self.port;
+        let password = self.password.clone();
         wait_for(
             &format!("redis-server on port {port}"),
             START_TIMEOUT,
-            || query_string(port, &mut redis::cmd("PING")).filter(|p| p == "PONG"),
+            || match query_as(port, password.as_deref(), &mut redis::cmd("PING"))? {
+                redis::Value::SimpleString(p) if p == "PONG" => Some(()),
+                _ => None,
+            },
         )
         .map_err(|e| HarnessError(format!("{e}\nredis output:\n{}", self.output())))?;
         Ok(())
@@ -130,9 +145,10 @@ impl RedisServer {
         self.launch()
     }
 
-    /// Runs a command against this server (harness use: setup and inspection).
+    /// Runs a command against this server (harness use: setup and inspection), with the
+    /// `--requirepass` password if it was started with one.
     pub fn query(&self, cmd: &mut redis::Cmd) -> Option<redis::Value> {
-        query(self.port, cmd)
+        query_as(self.port, self.password.as_deref(), cmd)
     }
 }
 

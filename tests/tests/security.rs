@@ -1,0 +1,377 @@
+//! Security checks across the whole system: bad conference names are refused at every entry
+//! (SIP, HTTP, JSON-RPC, ARI app args) and create nothing; the API token, the ARI password
+//! and the Redis password never appear in any log, even at debug level and on failures;
+//! message size limits hold on SIP.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use confroute_tests::ari_sim::{AriSim, DialIn, SimConfig};
+use confroute_tests::fixtures;
+use confroute_tests::harness::{wait_for_async, ControllerProc, NodeProc, RedisServer};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const REDIS_PW: &str = "redis-pw-7c1e0b9a52f4";
+const TOKEN: &str = "api-token-3f9d2a71c8e0b4d6";
+const ARI_PW: &str = "ari-pw-5b8e1d0c7a93";
+const NODE_TOKEN: &str = "node-token-91ab0c7e55d2";
+
+/// Conference names that must be refused everywhere, with a label.
+fn bad_names() -> Vec<(&'static str, String)> {
+    vec![
+        ("CR/LF", "a\r\nb".to_string()),
+        ("braces", "{conf}".to_string()),
+        ("colon", "a:b".to_string()),
+        ("%00", "%00".to_string()),
+        ("NUL", "a\0b".to_string()),
+        ("overlong", "x".repeat(129)),
+        ("non-ASCII", "caf\u{e9}".to_string()),
+        ("space", "a b".to_string()),
+        ("at sign", "a@b".to_string()),
+        ("slash", "../etc".to_string()),
+    ]
+}
+
+struct System {
+    redis: RedisServer,
+    controller: ControllerProc,
+    node: NodeProc,
+    sim: AriSim,
+}
+
+fn common_env(redis: &RedisServer) -> Vec<(String, String)> {
+    vec![
+        ("CONFROUTE_REDIS__URL".into(), redis.url()),
+        ("CONFROUTE_REDIS__PASSWORD".into(), REDIS_PW.into()),
+        ("CONFROUTE_LOG__LEVEL".into(), "debug".into()),
+    ]
+}
+
+async fn system() -> System {
+    let redis =
+        RedisServer::start_with(&["--requirepass", REDIS_PW]).expect("redis with a password");
+    let sim = AriSim::start(SimConfig {
+        username: "confroute".into(),
+        password: ARI_PW.into(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulated Asterisk");
+    let mut env = common_env(&redis);
+    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let mut env = common_env(&redis);
+    env.extend([
+        ("CONFROUTE_ARI__URL".to_string(), sim.base_url()),
+        (
+            "CONFROUTE_ARI__USERNAME".to_string(),
+            "confroute".to_string(),
+        ),
+        ("CONFROUTE_ARI__PASSWORD".to_string(), ARI_PW.to_string()),
+        (
+            "CONFROUTE_HTTP__API_TOKEN".to_string(),
+            NODE_TOKEN.to_string(),
+        ),
+    ]);
+    let node = NodeProc::start("node-a", &env).expect("node agent");
+    System {
+        redis,
+        controller,
+        node,
+        sim,
+    }
+}
+
+fn sip_invite(to: std::net::SocketAddr, uri_user: &str, header: Option<&str>) -> String {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let port = socket.local_addr().expect("addr").port();
+    let branch = format!("z9hG4bK{:x}", rand::random::<u64>());
+    let extra = header
+        .map(|h| format!("X-Conference: {h}\r\n"))
+        .unwrap_or_default();
+    let msg = format!(
+        "INVITE sip:{uri_user}@router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
+         From: <sip:a@b>;tag=1\r\nTo: <sip:router>\r\nCall-ID: {branch}\r\nCSeq: 1 INVITE\r\n\
+         {extra}Content-Length: 0\r\n\r\n"
+    );
+    socket.send_to(msg.as_bytes(), to).expect("send");
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("an answer");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_are_refused_at_every_entry_and_create_nothing() {
+    let s = system().await;
+    let base = s.controller.http_url();
+    let http = fixtures::http();
+    let mut req = format!("ws://127.0.0.1:{}/v1/rpc", s.controller.http_port)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("websocket");
+
+    for (i, (label, name)) in bad_names().into_iter().enumerate() {
+        // SIP: in the Request-URI (escaped, as a SIP URI must carry these bytes) and, where a
+        // header can hold it, in X-Conference.
+        let answer = sip_invite(s.controller.sip_addr(), &percent_encode(&name), None);
+        assert!(
+            answer.starts_with("SIP/2.0 404"),
+            "{label} in the URI: {answer}"
+        );
+        assert!(
+            answer.contains("\r\nWarning: 399 confroute "),
+            "{label}: {answer}"
+        );
+        if !name.contains(['\r', '\n', '\0']) {
+            let answer = sip_invite(s.controller.sip_addr(), "ok-name", Some(&name));
+            assert!(
+                answer.starts_with("SIP/2.0 404"),
+                "{label} in X-Conference: {answer}"
+            );
+        }
+
+        // HTTP: the routing body and the conference path.
+        let resp = http
+            .post(format!("{base}/v1/route"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"conference": name}))
+            .send()
+            .await
+            .expect("route");
+        assert_eq!(resp.status().as_u16(), 422, "{label} in /v1/route");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "invalid_conference", "{label}");
+        let resp = http
+            .get(format!("{base}/v1/conferences/{}", percent_encode(&name)))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(resp.status().as_u16(), 422, "{label} in the path");
+
+        // JSON-RPC.
+        for method in ["conference.get", "subscribe", "participant.mute"] {
+            let id = i * 10 + method.len();
+            let msg = json!({"jsonrpc": "2.0", "method": method,
+                             "params": {"conference": name, "participant": "p1"}, "id": id});
+            ws.send(Message::Text(msg.to_string().into()))
+                .await
+                .expect("send");
+            loop {
+                let Some(Ok(Message::Text(t))) = ws.next().await else {
+                    panic!("websocket closed");
+                };
+                let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                if v["id"] == json!(id) {
+                    assert_eq!(v["error"]["code"], -32602, "{label} via {method}: {v}");
+                    break;
+                }
+            }
+        }
+
+        // ARI: a caller entering the Stasis app with the bad name as its argument.
+        let channel = s
+            .sim
+            .dial_in(DialIn {
+                app: "confroute".into(),
+                args: vec![name.clone()],
+                ..DialIn::default()
+            })
+            .await
+            .expect("dial in");
+        wait_for_async(
+            &format!("{label}: caller refused"),
+            Duration::from_secs(10),
+            || async { s.sim.snapshot().channel(&channel).is_none().then_some(()) },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}: the agent must hang up a caller with a bad name"));
+    }
+
+    let keys: Vec<String> = s
+        .redis
+        .query(redis::cmd("KEYS").arg("{confroute}:conf:*"))
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .expect("read keys");
+    assert!(keys.is_empty(), "bad names claimed nothing: {keys:?}");
+    assert!(s.sim.snapshot().bridges.is_empty(), "no bridge was created");
+    let m = fixtures::scrape(&base).await;
+    assert!(fixtures::metric(&m, r#"confroute_route_total{outcome="invalid"}"#) >= 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_logs() {
+    let s = system().await;
+    let base = s.controller.http_url();
+    let http = fixtures::http();
+    // Normal traffic: a routed call that joins, API calls with and without the token.
+    let answer = sip_invite(s.controller.sip_addr(), "secret-check", None);
+    assert!(answer.starts_with("SIP/2.0 302"), "{answer}");
+    let channel = s
+        .sim
+        .dial_in(DialIn {
+            app: "confroute".into(),
+            args: vec!["secret-check".into()],
+            ..DialIn::default()
+        })
+        .await
+        .expect("dial in");
+    wait_for_async("caller in a bridge", Duration::from_secs(10), || async {
+        s.sim
+            .snapshot()
+            .channel(&channel)
+            .and_then(|c| c.bridge.clone())
+    })
+    .await
+    .expect("joined");
+    for token in [Some(TOKEN), Some("wrong-token-000000000"), None] {
+        let mut r = http.get(format!("{base}/v1/nodes"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.expect("nodes");
+    }
+    let r = http
+        .post(format!("{}/v1/drain", s.node.http_url()))
+        .bearer_auth("wrong-node-token-000")
+        .send()
+        .await
+        .expect("drain");
+    assert_eq!(r.status().as_u16(), 401);
+    s.sim.hangup_far_end(&channel, 16).await.expect("hang up");
+
+    // Failure paths that log connection errors: a controller whose Redis password is wrong,
+    // and a config error carrying a password in a URL.
+    let mut env = common_env(&s.redis);
+    env.retain(|(k, _)| k != "CONFROUTE_REDIS__PASSWORD");
+    env.push((
+        "CONFROUTE_REDIS__PASSWORD".into(),
+        format!("{REDIS_PW}-wrong"),
+    ));
+    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
+    let wrong = ControllerProc::start(&env).expect("controller with a wrong password");
+    let answer = sip_invite(wrong.sip_addr(), "x", None);
+    assert!(answer.starts_with("SIP/2.0 503"), "{answer}");
+    let bad_url = std::process::Command::new(
+        confroute_tests::harness::workspace_bin("confroute-controller").expect("binary"),
+    )
+    .env(
+        "CONFROUTE_REDIS__URL",
+        format!("http://user:{REDIS_PW}@127.0.0.1:1"),
+    )
+    .output()
+    .expect("run");
+    let bad_url_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad_url.stdout),
+        String::from_utf8_lossy(&bad_url.stderr)
+    );
+    assert!(bad_url_text.contains("redis.url"), "{bad_url_text}");
+
+    let logs = [
+        ("controller", s.controller.output()),
+        ("node", s.node.output()),
+        ("controller with a wrong Redis password", wrong.output()),
+        ("config error", bad_url_text),
+    ];
+    for (who, text) in &logs {
+        assert!(!text.is_empty(), "{who} logged something");
+        for secret in [REDIS_PW, TOKEN, ARI_PW, NODE_TOKEN] {
+            assert!(!text.contains(secret), "{who} logged a secret:\n{text}");
+        }
+    }
+    assert!(
+        logs[0].1.contains("DEBUG") || logs[1].1.contains("DEBUG"),
+        "debug logging was on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sip_message_size_limits_hold() {
+    let redis = RedisServer::start().expect("redis");
+    let mut env = fixtures::redis_env(&fixtures::single(&redis.url()));
+    env.push(("CONFROUTE_SIP__MAX_MESSAGE_SIZE".into(), "2048".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+
+    // UDP: an oversized datagram is dropped and counted; the socket keeps working.
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .expect("timeout");
+    let port = socket.local_addr().expect("addr").port();
+    let big = format!(
+        "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKbig\r\n\
+         From: <sip:a@b>;tag=1\r\nTo: <sip:router>\r\nCall-ID: big\r\nCSeq: 1 OPTIONS\r\n\
+         X-Padding: {}\r\nContent-Length: 0\r\n\r\n",
+        "p".repeat(3000)
+    );
+    socket
+        .send_to(big.as_bytes(), controller.sip_addr())
+        .expect("send");
+    let mut buf = [0u8; 4096];
+    assert!(
+        socket.recv(&mut buf).is_err(),
+        "an oversized datagram gets no answer"
+    );
+    let small = big.replace(&"p".repeat(3000), "p");
+    socket
+        .send_to(small.as_bytes(), controller.sip_addr())
+        .expect("send");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let n = socket.recv(&mut buf).expect("answer");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("SIP/2.0 200"));
+    let m = fixtures::scrape(&controller.http_url()).await;
+    assert_eq!(
+        fixtures::metric(&m, r#"confroute_sip_dropped_total{reason="too_large"}"#),
+        1.0
+    );
+
+    // TCP: a header block that never ends within the limit closes the connection.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+        .await
+        .expect("connect");
+    let endless = format!(
+        "OPTIONS sip:router SIP/2.0\r\nX-Padding: {}",
+        "p".repeat(4096)
+    );
+    let _ = tcp.write_all(endless.as_bytes()).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "the controller closed the connection"
+    );
+    assert!(rest.is_empty(), "and answered nothing");
+    let m = fixtures::scrape(&controller.http_url()).await;
+    assert_eq!(
+        fixtures::metric(&m, r#"confroute_sip_dropped_total{reason="unframeable"}"#),
+        1.0
+    );
+}
