@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use confroute_shared::bus::Bus;
 use confroute_shared::store::Store;
 use confroute_shared::types::{NodeInfo, NodeState};
 
@@ -17,7 +18,8 @@ use crate::ari::AriClient;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::node::{Node, Sink};
-use crate::{heartbeat, http, reconcile};
+use crate::outbox::Outbox;
+use crate::{control, heartbeat, http, reconcile};
 
 /// The agent could not start; the message names the setting involved.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,9 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         connect_timeout: cfg.ari.request_timeout.max(Duration::from_secs(1)),
     };
     let app_name = cfg.ari.app.clone();
+    metrics.set_info(info.id.as_str(), &info.zone);
+    let (bus, commands) = Bus::node(store.clone(), &info.id);
+    let (outbox, outbox_task) = Outbox::start(bus.clone(), metrics.clone());
     let node = Arc::new(Node::new(
         cfg,
         info,
@@ -91,6 +96,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         webhook_http,
         initial,
         reconcile_tx,
+        outbox,
     ));
     if !heartbeat::register(&node).await {
         tracing::warn!("Redis not reachable at start-up; refusing new conferences until it is");
@@ -102,6 +108,9 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     let mut tasks = vec![
         tokio::spawn(heartbeat::run(node.clone())),
         tokio::spawn(reconcile::run(node.clone(), reconcile_rx)),
+        tokio::spawn(control::run(node.clone(), commands)),
+        tokio::spawn(announce_bus(bus)),
+        outbox_task,
     ];
     let (stop, stop_rx) = watch::channel(false);
     let ws_task = tokio::spawn(ws::run(
@@ -132,6 +141,23 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         http_stop: Some(http_stop),
         http_task: Some(http_task),
     })
+}
+
+/// Logs when the command bus subscription is up (and when it comes back), so operators and
+/// tests can see when the node starts hearing commands.
+async fn announce_bus(bus: Bus) {
+    let mut up = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let now = bus.connected();
+        if now && !up {
+            tracing::info!("command bus subscribed");
+        } else if !now && up {
+            tracing::warn!("command bus subscription lost; commands fail until it is back");
+        }
+        up = now;
+    }
 }
 
 impl Agent {

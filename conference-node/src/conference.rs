@@ -2,13 +2,23 @@
 //! one message at a time. A join is: fence (Redis says this node owns the conference at its
 //! epoch, else claim it, else send the caller to the owner), create the bridge idempotently,
 //! answer, add the channel, apply the options, record the count in Redis.
+//!
+//! Call-control commands (mute, hold, kick, move, dial-out, ...) run here too, in
+//! [`commands`], so they are serialised with the conference's calls. Every change a
+//! subscriber may care about is published on the bus as an event with a `seq` that rises by
+//! one per conference (reset when the conference starts again on this node).
 
-use std::collections::BTreeMap;
+mod commands;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
+
+use confroute_shared::bus;
 
 use confroute_shared::name::ConferenceName;
 use confroute_shared::store::{ClaimKind, HostedStatus};
@@ -80,6 +90,51 @@ pub enum Msg {
         /// Why, for logs and metrics.
         reason: &'static str,
     },
+    /// A call-control command for this conference (see [`crate::control`]).
+    Command(Box<crate::control::Request>),
+    /// A dial-out's callee answered and entered the Stasis app.
+    DialoutAnswered {
+        /// The callee's channel as StasisStart showed it.
+        channel: Channel,
+    },
+    /// A dial-out ended before its callee answered.
+    DialoutGone {
+        /// The callee's channel id (the call id).
+        channel: String,
+    },
+    /// A participant of another conference on this node moves in (`participant.move`).
+    MoveIn(Box<MoveIn>),
+    /// The answer to a [`Msg::MoveIn`] this conference sent.
+    MovedOut {
+        /// The participant's channel id.
+        channel: String,
+        /// True when it is now in the other conference.
+        moved: bool,
+    },
+    /// Talk detection on a participant's channel.
+    Talking {
+        /// Channel id.
+        channel: String,
+        /// Talking now.
+        talking: bool,
+    },
+}
+
+/// A participant moving between two conferences of this node.
+#[derive(Debug)]
+pub struct MoveIn {
+    /// The participant's channel.
+    pub channel: Channel,
+    /// Its options, carried over.
+    pub options: Options,
+    /// Muted in the conference it leaves.
+    pub muted: bool,
+    /// Caller id number.
+    pub caller: String,
+    /// The conference it leaves.
+    pub from: ConferenceName,
+    /// The command to answer once the move is done or refused.
+    pub pending: crate::control::Pending,
 }
 
 /// The bridge ids of a conference: `cr-EPOCH-NAME` (mixing) and `crh-EPOCH-NAME` (holding).
@@ -128,9 +183,69 @@ enum Phase {
 struct Participant {
     options: Options,
     waiting: bool,
+    /// Not heard by the others (ARI channel mute `in`, or joined muted).
     muted: bool,
+    /// Joined with addChannel's `mute`: a bridge feature only a new addChannel takes off.
+    bridge_muted: bool,
+    /// On hold through call control: in the holding bridge, hearing music, out of the mix.
     held: bool,
+    /// The caller's own phone put the call on hold (ChannelHold).
+    caller_held: bool,
+    /// Talk detection says the participant is talking.
+    talking: bool,
+    /// A move to another conference of this node is under way.
+    moving: bool,
+    /// Redirected to another node: its hangup is a move, not a leave.
+    redirected: bool,
+    /// Caller id number.
+    caller: String,
+    /// Channel technology (`PJSIP`), for redirects.
+    tech: String,
+    /// Wall-clock join time (ms since the epoch).
+    joined_ms: u64,
     since: Instant,
+}
+
+impl Participant {
+    fn new(options: Options, waiting: bool, muted: bool, caller: String) -> Participant {
+        Participant {
+            options,
+            waiting,
+            muted,
+            bridge_muted: muted,
+            held: false,
+            caller_held: false,
+            talking: false,
+            moving: false,
+            redirected: false,
+            caller,
+            tech: "PJSIP".to_string(),
+            joined_ms: now_ms(),
+            since: Instant::now(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a caller (or a moving participant) cannot be admitted.
+enum Refusal {
+    /// Another node owns the conference.
+    Elsewhere { node: NodeId, sip_uri: String },
+    /// Nobody owns it and this node takes no new conferences.
+    NotServing,
+    /// Redis could not say who owns it.
+    Unavailable(String),
+    /// At `maxParticipants`.
+    Full,
+    /// The mixing bridge could not be created.
+    Bridge(AriError),
 }
 
 enum Fence {
@@ -157,6 +272,10 @@ struct Conference {
     recording: Option<String>,
     callbacks: Option<Callbacks>,
     beeps: u64,
+    /// Sequence number of the last event published on the bus.
+    seq: u64,
+    /// Dial-outs ringing into this conference: call id and the callee's options.
+    dialing: HashMap<String, Options>,
 }
 
 /// Runs a conference's actor until it is idle with nothing queued.
@@ -178,6 +297,8 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         recording: None,
         callbacks: None,
         beeps: 0,
+        seq: 0,
+        dialing: HashMap::new(),
     };
     loop {
         if c.phase == Phase::Idle && node.retire(&name, &rx) {
@@ -211,6 +332,41 @@ impl Conference {
                 let _ = reply.send(owned);
             }
             Msg::End { reason } => self.end(reason, None).await,
+            Msg::Command(req) => {
+                let span = tracing::info_span!("command", conference = %self.name, method = req.pending.method(), node = %self.node.id);
+                self.command(*req).instrument(span).await
+            }
+            Msg::DialoutAnswered { channel } => {
+                let span = tracing::info_span!("call", conference = %self.name, channel = %channel.id, node = %self.node.id);
+                self.dialout_answered(channel).instrument(span).await
+            }
+            Msg::DialoutGone { channel } => self.dialout_gone(&channel).await,
+            Msg::MoveIn(m) => {
+                let span = tracing::info_span!("call", conference = %self.name, channel = %m.channel.id, node = %self.node.id);
+                self.move_in(*m).instrument(span).await
+            }
+            Msg::MovedOut { channel, moved } => self.moved_out(&channel, moved).await,
+            Msg::Talking { channel, talking } => self.talking(&channel, talking),
+        }
+    }
+
+    /// Publishes a conference event on the bus (through the node's ordered publisher, so
+    /// the actor never waits for Redis).
+    fn emit(&mut self, event: &str, data: Value) {
+        self.seq += 1;
+        self.node.outbox.event(bus::Event {
+            conference: self.name.to_string(),
+            node: self.node.id.to_string(),
+            seq: self.seq,
+            event: event.to_string(),
+            data,
+        });
+    }
+
+    /// Ends a conference nobody is in and nobody is being called into.
+    async fn end_if_empty(&mut self, reason: &'static str) {
+        if self.phase != Phase::Idle && self.participants.is_empty() && self.dialing.is_empty() {
+            self.end(reason, None).await;
         }
     }
 
@@ -259,6 +415,7 @@ impl Conference {
         self.record = opts.record;
         self.recording = None;
         self.beeps = 0;
+        self.seq = 0;
         self.callbacks = (!opts.status_callback.is_empty()).then(|| {
             let sid = format!("CF{:032x}", rand::random::<u128>());
             Callbacks::start(
@@ -276,11 +433,12 @@ impl Conference {
         self.publish();
     }
 
-    async fn join(&mut self, j: Join) {
-        let ch = j.channel.id.clone();
+    /// Checks that a newcomer may enter: this node owns the conference (claiming it when
+    /// nobody does), there is room, and the mixing bridge exists.
+    async fn admit(&mut self, opts: &Options) -> Result<(), Refusal> {
         match self.fence().await {
             Fence::Owned(epoch) => match self.phase {
-                Phase::Idle => self.activate(epoch, &j.options),
+                Phase::Idle => self.activate(epoch, opts),
                 _ if self.epoch != epoch => {
                     tracing::info!(conference = %self.name, from = self.epoch, to = epoch, "claim re-established at a new epoch");
                     if self.phase == Phase::Lost {
@@ -295,33 +453,49 @@ impl Conference {
                 if self.phase == Phase::Active {
                     self.lost(&node).await;
                 }
+                return Err(Refusal::Elsewhere { node, sip_uri });
+            }
+            Fence::NotServing => return Err(Refusal::NotServing),
+            Fence::Unavailable(why) => return Err(Refusal::Unavailable(why)),
+        }
+        // A ringing dial-out holds its seat.
+        if self.participants.len() + self.dialing.len() >= self.max_participants as usize {
+            return Err(Refusal::Full);
+        }
+        if !self.main_created {
+            self.create_main().await.map_err(Refusal::Bridge)?;
+        }
+        Ok(())
+    }
+
+    async fn join(&mut self, j: Join) {
+        let ch = j.channel.id.clone();
+        match self.admit(&j.options).await {
+            Ok(()) => {}
+            Err(Refusal::Elsewhere { node, sip_uri }) => {
                 self.wrong_node(&j.channel, &node, &sip_uri).await;
                 return;
             }
-            Fence::NotServing => {
+            Err(Refusal::NotServing) => {
                 tracing::info!(conference = %self.name, state = %self.node.state(), "no claim and this node takes no new conference; refusing");
                 self.refuse(&ch, CAUSE_UNAVAILABLE, "not_serving").await;
                 return;
             }
-            Fence::Unavailable(why) => {
+            Err(Refusal::Unavailable(why)) => {
                 tracing::warn!(conference = %self.name, error = %why, "cannot check ownership in Redis; refusing the new joiner");
                 self.refuse(&ch, CAUSE_UNAVAILABLE, "redis_unavailable")
                     .await;
                 return;
             }
-        }
-        if self.participants.len() >= self.max_participants as usize {
-            tracing::info!(conference = %self.name, max = self.max_participants, "conference full; refusing with busy");
-            self.refuse_full(&ch).await;
-            return;
-        }
-        if !self.main_created {
-            if let Err(e) = self.create_main().await {
+            Err(Refusal::Full) => {
+                tracing::info!(conference = %self.name, max = self.max_participants, "conference full; refusing with busy");
+                self.refuse_full(&ch).await;
+                return;
+            }
+            Err(Refusal::Bridge(e)) => {
                 tracing::error!(conference = %self.name, error = %e, "cannot create the conference bridge");
                 self.refuse(&ch, CAUSE_UNAVAILABLE, "ari_error").await;
-                if self.participants.is_empty() {
-                    self.end("bridge_failed", None).await;
-                }
+                self.end_if_empty("bridge_failed").await;
                 return;
             }
         }
@@ -336,6 +510,7 @@ impl Conference {
             if let Err(e) = self.ensure_holding(&j.options.wait_music).await {
                 tracing::error!(conference = %self.name, error = %e, "cannot create the holding bridge");
                 self.refuse(&ch, CAUSE_UNAVAILABLE, "ari_error").await;
+                self.end_if_empty("bridge_failed").await;
                 return;
             }
         }
@@ -343,24 +518,36 @@ impl Conference {
             self.join_failed(&ch, &e).await;
             return;
         }
-        let opts = j.options;
-        let beep_in = !waiting && opts.beep.on_enter();
-        let starts = opts.start_on_enter && !self.started;
-        self.participants.insert(
-            ch.clone(),
-            Participant {
-                muted: opts.muted,
-                waiting,
-                held: false,
-                options: opts,
-                since: Instant::now(),
-            },
-        );
+        let muted = j.options.muted;
+        let mut p = Participant::new(j.options, waiting, muted, j.channel.caller.number.clone());
+        if let Some(tech) = j.channel.name.split('/').next().filter(|t| !t.is_empty()) {
+            p.tech = tech.to_string();
+        }
+        self.entered(&ch, p, None).await;
+    }
+
+    /// Bookkeeping once a channel is in one of the conference's bridges: the participant
+    /// is recorded, announced (metrics, status callback, bus event), starts the conference
+    /// or beeps as its options say, and a dial-out's callee counts as connected.
+    async fn entered(&mut self, ch: &str, p: Participant, moved_from: Option<&ConferenceName>) {
+        let waiting = p.waiting;
+        let beep_in = !waiting && p.options.beep.on_enter();
+        let starts = p.options.start_on_enter && !self.started;
+        let data = json!({
+            "participant": ch,
+            "caller": p.caller,
+            "muted": p.muted,
+            "waiting": waiting,
+            "moved_from": moved_from.map(ConferenceName::as_str),
+        });
+        self.participants.insert(ch.to_string(), p);
         self.node
             .metrics
             .join(if waiting { "waiting" } else { "joined" });
         tracing::info!(conference = %self.name, channel = %ch, waiting, participants = self.participants.len(), "participant joined");
-        self.callback_participant(CallbackEvent::Join, "participant-join", &ch);
+        self.callback_participant(CallbackEvent::Join, "participant-join", ch);
+        self.emit("join", data);
+        self.node.dialouts.connected(&self.node, ch);
         if starts {
             self.start().await;
         }
@@ -426,13 +613,14 @@ impl Conference {
         Ok(())
     }
 
-    /// A starter joined: everyone waiting moves into the mixing bridge, recording starts.
+    /// A starter joined: everyone waiting moves into the mixing bridge (except those put on
+    /// hold, who stay with the music), recording starts.
     async fn start(&mut self) {
         self.started = true;
         let waiting: Vec<String> = self
             .participants
             .iter()
-            .filter(|(_, p)| p.waiting)
+            .filter(|(_, p)| p.waiting && !p.held)
             .map(|(id, _)| id.clone())
             .collect();
         // addChannel takes one mute flag per call: move the muted and the others apart.
@@ -450,6 +638,7 @@ impl Conference {
                     for id in &group {
                         if let Some(p) = self.participants.get_mut(*id) {
                             p.waiting = false;
+                            p.bridge_muted = muted;
                         }
                     }
                 }
@@ -458,12 +647,7 @@ impl Conference {
                 }
             }
         }
-        if self.holding_created {
-            if let Err(e) = self.node.ari.destroy_bridge(&self.holding).await {
-                tracing::warn!(conference = %self.name, error = %e, "cannot destroy the holding bridge");
-            }
-            self.holding_created = false;
-        }
+        self.tidy_holding().await;
         if self.record == Record::RecordFromStart && self.recording.is_none() {
             let name = format!(
                 "confroute-{}-{}-{:08x}",
@@ -496,6 +680,21 @@ impl Conference {
         }
     }
 
+    /// Destroys the holding bridge once the conference has started and nobody waits or is
+    /// on hold in it.
+    async fn tidy_holding(&mut self) {
+        if !self.holding_created
+            || !self.started
+            || self.participants.values().any(|p| p.waiting || p.held)
+        {
+            return;
+        }
+        if let Err(e) = self.node.ari.destroy_bridge(&self.holding).await {
+            tracing::warn!(conference = %self.name, error = %e, "cannot destroy the holding bridge");
+        }
+        self.holding_created = false;
+    }
+
     async fn beep(&mut self) {
         if !self.main_created {
             return;
@@ -523,9 +722,7 @@ impl Conference {
             let _ = self.node.ari.hangup(ch, CAUSE_UNAVAILABLE).await;
         }
         self.node.join_abandoned(ch);
-        if self.participants.is_empty() {
-            self.end("join_failed", None).await;
-        }
+        self.end_if_empty("join_failed").await;
     }
 
     async fn refuse(&self, ch: &str, cause: u16, outcome: &'static str) {
@@ -600,32 +797,43 @@ impl Conference {
         let Some(p) = self.participants.remove(ch) else {
             return;
         };
+        let reason = if p.redirected && reason == "hangup" {
+            "moved"
+        } else {
+            reason
+        };
         self.node.metrics.leaves.with_label_values(&[reason]).inc();
-        tracing::info!(conference = %self.name, channel = ch, participants = self.participants.len(), "participant left");
+        tracing::info!(conference = %self.name, channel = ch, participants = self.participants.len(), reason, "participant left");
         self.callback_left(ch, &p);
+        self.emit("leave", json!({"participant": ch, "reason": reason}));
+        let in_mix = !p.waiting && !p.held;
         if p.options.end_on_exit && !p.waiting {
             self.end("end_conference_on_exit", Some(ch)).await;
             return;
         }
-        if self.participants.is_empty() {
+        if self.participants.is_empty() && self.dialing.is_empty() {
             self.end("last_participant_left", None).await;
             return;
         }
-        if !p.waiting && p.options.beep.on_exit() && self.participants.values().any(|p| !p.waiting)
+        if in_mix
+            && p.options.beep.on_exit()
+            && self.participants.values().any(|p| !p.waiting && !p.held)
         {
             self.beep().await;
         }
+        self.tidy_holding().await;
         self.counts_changed().await;
     }
 
+    /// The caller's phone put the call on hold or took it off (ChannelHold/ChannelUnhold).
     fn hold(&mut self, ch: &str, held: bool) {
         let Some(p) = self.participants.get_mut(ch) else {
             return;
         };
-        if p.held == held {
+        if p.caller_held == held {
             return;
         }
-        p.held = held;
+        p.caller_held = held;
         self.callback_participant(
             CallbackEvent::Hold,
             if held {
@@ -635,7 +843,30 @@ impl Conference {
             },
             ch,
         );
+        self.emit(
+            if held { "hold" } else { "unhold" },
+            json!({"participant": ch, "by": "caller"}),
+        );
         self.publish();
+    }
+
+    /// Talk detection (ChannelTalkingStarted/Finished) on a participant.
+    fn talking(&mut self, ch: &str, talking: bool) {
+        let Some(p) = self.participants.get_mut(ch) else {
+            return;
+        };
+        if p.talking == talking {
+            return;
+        }
+        p.talking = talking;
+        self.emit(
+            if talking {
+                "talking_start"
+            } else {
+                "talking_stop"
+            },
+            json!({"participant": ch}),
+        );
     }
 
     /// Ends the conference: recording stopped, remaining callers hung up, bridges destroyed,
@@ -663,13 +894,23 @@ impl Conference {
                 .with_label_values(&["conference_ended"])
                 .inc();
             self.callback_left(ch, p);
+            self.emit(
+                "leave",
+                json!({"participant": ch, "reason": "conference_ended"}),
+            );
         }
+        // Callees still ringing are called off too (their dial-out ends `rejected`, 487).
+        let ringing: Vec<String> = std::mem::take(&mut self.dialing).into_keys().collect();
         let ari = &self.node.ari;
-        let hangups = remaining.iter().map(|(ch, _)| async move {
-            if let Err(e) = ari.hangup(ch, CAUSE_NORMAL).await {
-                tracing::warn!(channel = %ch, error = %e, "cannot hang up participant");
-            }
-        });
+        let hangups = remaining
+            .iter()
+            .map(|(ch, _)| ch)
+            .chain(ringing.iter())
+            .map(|ch| async move {
+                if let Err(e) = ari.hangup(ch, CAUSE_NORMAL).await {
+                    tracing::warn!(channel = %ch, error = %e, "cannot hang up participant");
+                }
+            });
         futures_util::future::join_all(hangups).await;
         for (created, id) in [
             (self.main_created, self.main.clone()),
@@ -711,6 +952,7 @@ impl Conference {
             .with_label_values(&[reason])
             .inc();
         tracing::info!(conference = %self.name, reason, "conference ended");
+        self.emit("end", json!({"reason": reason, "ended_by": ended_by}));
         self.phase = Phase::Idle;
         self.started = false;
         self.node.publish(&self.name, None);
@@ -725,6 +967,10 @@ impl Conference {
         self.phase = Phase::Lost;
         self.node.metrics.ownership_losses.inc();
         tracing::warn!(conference = %self.name, epoch = self.epoch, owner = %new_owner, participants = self.participants.len(), "lost ownership of the conference; admitting nobody new");
+        self.emit(
+            "owner_change",
+            json!({"owner": new_owner, "previous": self.node.id, "epoch": self.epoch}),
+        );
         if self.node.cfg.node.on_ownership_lost == LostPolicy::End || self.participants.is_empty() {
             self.end("ownership_lost", None).await;
         } else {
@@ -847,13 +1093,7 @@ impl Conference {
                 for id in ids {
                     self.participants.insert(
                         id.clone(),
-                        Participant {
-                            options: defaults.clone(),
-                            waiting,
-                            muted: false,
-                            held: false,
-                            since: Instant::now(),
-                        },
+                        Participant::new(defaults.clone(), waiting, false, String::new()),
                     );
                     self.node.claim_adopted(id, &self.name);
                 }
@@ -925,7 +1165,7 @@ impl Conference {
         let fields = ParticipantFields {
             call_sid: ch.to_string(),
             muted: p.muted,
-            hold: p.held,
+            hold: p.held || p.caller_held,
             start_on_enter: p.options.start_on_enter,
             end_on_exit: p.options.end_on_exit,
         };
@@ -938,7 +1178,7 @@ impl Conference {
         let fields = ParticipantFields {
             call_sid: ch.to_string(),
             muted: p.muted,
-            hold: p.held,
+            hold: p.held || p.caller_held,
             start_on_enter: p.options.start_on_enter,
             end_on_exit: p.options.end_on_exit,
         };
@@ -976,7 +1216,10 @@ impl Conference {
                     profile: p.options.profile.clone(),
                     waiting: p.waiting,
                     muted: p.muted,
-                    hold: p.held,
+                    hold: p.held || p.caller_held,
+                    caller: p.caller.clone(),
+                    joined_ms: p.joined_ms,
+                    talking: p.talking,
                 })
                 .collect(),
         };

@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub profiles: BTreeMap<String, Profile>,
     /// Status callback delivery.
     pub webhook: WebhookConfig,
+    /// Calling out into conferences (the `dialout` command).
+    pub dialout: DialoutConfig,
     /// Where Redis is.
     pub redis: RedisConfig,
     /// Log output.
@@ -219,6 +221,23 @@ pub struct WebhookConfig {
     pub retry_max: Duration,
     /// Events queued per conference at most; past it new events are dropped and counted.
     pub queue_size: usize,
+}
+
+/// `[dialout]`: how the node calls out. Dial strings are ARI endpoints (`TECH/resource`);
+/// an empty one turns that kind of target off (the command is answered `forbidden`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DialoutConfig {
+    /// Dial string for E.164 numbers, e.g. `PJSIP/{number}@trunk`: `{number}` is the number
+    /// as given (with its `+`), `{digits}` the same without the `+`.
+    #[serde(deserialize_with = "string_like")]
+    pub endpoint: String,
+    /// Dial string for `sip:`/`sips:` URIs, e.g. `PJSIP/trunk/{uri}`: `{uri}` is the URI.
+    #[serde(deserialize_with = "string_like")]
+    pub sip_endpoint: String,
+    /// Caller id presented when a dial-out names no `from`; empty for the endpoint's own.
+    #[serde(deserialize_with = "string_like")]
+    pub caller_id: String,
 }
 
 fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -516,6 +535,7 @@ impl Validate for NodeConfig {
                 check_callback(&mut issues, &format!("profiles.{name}.status_callback"), u);
             }
         }
+        crate::dialout::check_config(&self.dialout, &mut issues);
         if self.webhook.max_attempts == 0 {
             issues.add("webhook.max_attempts", "must be at least 1");
         }
@@ -616,6 +636,37 @@ mod tests {
                 "red",
                 "profiles.vip.colour",
             ),
+            (
+                "CONFROUTE_DIALOUT__ENDPOINT",
+                "PJSIP/trunk",
+                "dialout.endpoint",
+            ),
+            (
+                "CONFROUTE_DIALOUT__ENDPOINT",
+                "{number}@trunk",
+                "dialout.endpoint",
+            ),
+            (
+                "CONFROUTE_DIALOUT__ENDPOINT",
+                "PJSIP/{numbr}@trunk",
+                "dialout.endpoint",
+            ),
+            (
+                "CONFROUTE_DIALOUT__SIP_ENDPOINT",
+                "PJSIP/{number}",
+                "dialout.sip_endpoint",
+            ),
+            (
+                "CONFROUTE_DIALOUT__SIP_ENDPOINT",
+                "PJSIP/trunk /{uri}",
+                "dialout.sip_endpoint",
+            ),
+            (
+                "CONFROUTE_DIALOUT__CALLER_ID",
+                "x\u{7}y",
+                "dialout.caller_id",
+            ),
+            ("CONFROUTE_DIALOUT__TRUNK", "x", "dialout.trunk"),
         ];
         for (var, value, key) in cases {
             let err = load_from::<NodeConfig>(None, &env(&[(var, value)])).expect_err(var);

@@ -6,6 +6,10 @@
 //! checks ownership in Redis (fencing), creates the bridge, answers and adds the channel
 //! through [`ari::client`]. [`heartbeat`] keeps the node and its claims alive,
 //! [`reconcile`] repairs drift after reconnects and restarts, [`lifecycle`] drains.
+//!
+//! Call control: [`control`] hears the commands controllers send on the bus and hands each
+//! to its conference's actor; [`dialout`] calls out into conferences; [`outbox`] publishes
+//! answers, dial-out notifications and conference events in order.
 
 #![warn(missing_docs)]
 
@@ -13,6 +17,8 @@ pub mod app;
 pub mod ari;
 pub mod conference;
 pub mod config;
+pub mod control;
+pub mod dialout;
 pub mod heartbeat;
 pub mod http;
 pub mod join;
@@ -20,5 +26,6 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod options;
+pub mod outbox;
 pub mod reconcile;
 pub mod webhook;

@@ -34,7 +34,42 @@ pub const JOIN_OUTCOMES: &[&str] = &[
 ];
 
 /// Why a participant left (the `reason` label of leaves).
-pub const LEAVE_REASONS: &[&str] = &["hangup", "conference_ended", "gone"];
+pub const LEAVE_REASONS: &[&str] = &["hangup", "conference_ended", "gone", "kicked", "moved"];
+
+/// Dial-out statuses (the `status` label of dial-outs), as the notifications name them.
+pub const DIALOUT_STATUSES: &[&str] = &["accepted", "ringing", "connected", "rejected", "cleared"];
+
+/// Call-control methods a node answers (the `method` label of commands); anything else is
+/// counted as `unknown`.
+pub const COMMAND_METHODS: &[&str] = &[
+    "participant.list",
+    "conference.end",
+    "conference.play",
+    "participant.mute",
+    "participant.unmute",
+    "participant.hold",
+    "participant.unhold",
+    "participant.kick",
+    "participant.dtmf",
+    "participant.play",
+    "participant.move",
+    "participant.update",
+    "dialout",
+];
+
+/// How a command ended (the `outcome` label of commands): `ok` or a bus error code.
+pub const COMMAND_OUTCOMES: &[&str] = &[
+    "ok",
+    "conference_not_found",
+    "participant_not_found",
+    "invalid_number",
+    "conference_full",
+    "forbidden",
+    "timeout",
+    "invalid_params",
+    "internal",
+    "node_unavailable",
+];
 
 /// Node states, for the state gauge.
 pub const STATES: &[&str] = &["serving", "draining", "shutting_down"];
@@ -76,6 +111,14 @@ pub struct Metrics {
     pub reconcile_actions: IntCounterVec,
     /// Conferences ended, by reason.
     pub conferences_ended: IntCounterVec,
+    /// Dial-out status notifications sent, by status.
+    pub dialouts: IntCounterVec,
+    /// Call-control commands answered, by method and outcome.
+    pub commands: IntCounterVec,
+    /// Replies, notifications and events the bus publisher had to drop (queue full).
+    pub bus_dropped: IntCounterVec,
+    /// `confroute_node_info{node_id, zone}`: 1, to join other series to the node's identity.
+    pub info: IntGaugeVec,
     /// Redis store instrumentation.
     pub store: StoreMetrics,
 }
@@ -176,6 +219,34 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let dialouts = IntCounterVec::new(
+            Opts::new(
+                "confroute_node_dialouts_total",
+                "Dial-out status notifications, by status: accepted, ringing, connected, rejected, cleared.",
+            ),
+            &["status"],
+        )?;
+        let commands = IntCounterVec::new(
+            Opts::new(
+                "confroute_node_commands_total",
+                "Call-control commands answered by this node, by method and outcome (ok or the error code).",
+            ),
+            &["method", "outcome"],
+        )?;
+        let bus_dropped = IntCounterVec::new(
+            Opts::new(
+                "confroute_node_bus_dropped_total",
+                "Command replies, dial-out notifications and conference events dropped because the bus publisher fell behind, by kind.",
+            ),
+            &["kind"],
+        )?;
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "confroute_node_info",
+                "Always 1; labels name this node agent and its zone.",
+            ),
+            &["node_id", "zone"],
+        )?;
         registry.register(Box::new(conferences.clone()))?;
         registry.register(Box::new(participants.clone()))?;
         registry.register(Box::new(joins.clone()))?;
@@ -192,6 +263,10 @@ impl Metrics {
         registry.register(Box::new(heartbeats.clone()))?;
         registry.register(Box::new(reconcile_actions.clone()))?;
         registry.register(Box::new(conferences_ended.clone()))?;
+        registry.register(Box::new(dialouts.clone()))?;
+        registry.register(Box::new(commands.clone()))?;
+        registry.register(Box::new(bus_dropped.clone()))?;
+        registry.register(Box::new(info.clone()))?;
         let store = StoreMetrics::new(&registry)?;
         // Series exist from the start so dashboards and alerts see zeros, not gaps.
         for o in JOIN_OUTCOMES {
@@ -208,6 +283,12 @@ impl Metrics {
         }
         for o in ["delivered", "failed", "dropped"] {
             webhooks.with_label_values(&[o]).inc_by(0);
+        }
+        for st in DIALOUT_STATUSES {
+            dialouts.with_label_values(&[st]).inc_by(0);
+        }
+        for k in ["reply", "notify", "event"] {
+            bus_dropped.with_label_values(&[k]).inc_by(0);
         }
         Ok(Metrics {
             registry,
@@ -227,6 +308,10 @@ impl Metrics {
             heartbeats,
             reconcile_actions,
             conferences_ended,
+            dialouts,
+            commands,
+            bus_dropped,
+            info,
             store,
         })
     }
@@ -234,6 +319,32 @@ impl Metrics {
     /// Counts one join attempt.
     pub fn join(&self, outcome: &'static str) {
         self.joins.with_label_values(&[outcome]).inc();
+    }
+
+    /// Sets `confroute_node_info{node_id, zone}` to 1.
+    pub fn set_info(&self, node_id: &str, zone: &str) {
+        self.info.with_label_values(&[node_id, zone]).set(1);
+    }
+
+    /// Counts one answered command; `method` is folded to `unknown` unless it is one of
+    /// [`COMMAND_METHODS`], so labels stay bounded.
+    pub fn command(&self, method: &str, outcome: &str) {
+        let method = COMMAND_METHODS
+            .iter()
+            .find(|m| **m == method)
+            .copied()
+            .unwrap_or("unknown");
+        let outcome = COMMAND_OUTCOMES
+            .iter()
+            .find(|o| **o == outcome)
+            .copied()
+            .unwrap_or("internal");
+        self.commands.with_label_values(&[method, outcome]).inc();
+    }
+
+    /// Counts one dial-out notification.
+    pub fn dialout(&self, status: &'static str) {
+        self.dialouts.with_label_values(&[status]).inc();
     }
 
     /// Sets the state gauge to `current`.

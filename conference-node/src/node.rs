@@ -18,7 +18,9 @@ use crate::ari::ws::EventSink;
 use crate::ari::{AriClient, Event};
 use crate::conference::{self, Msg};
 use crate::config::NodeConfig;
+use crate::dialout::Dialouts;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 
 /// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -36,6 +38,8 @@ pub enum Route {
     Conference(ConferenceName),
     /// The channel was refused and is being hung up.
     Refused,
+    /// A dial-out ringing for this conference; it joins when answered.
+    Dialout(ConferenceName),
 }
 
 /// One participant as `GET /v1/conferences` shows it.
@@ -47,10 +51,16 @@ pub struct ParticipantView {
     pub profile: String,
     /// In the holding bridge, waiting for the conference to start.
     pub waiting: bool,
-    /// Joined muted.
+    /// Muted: not heard by the others.
     pub muted: bool,
-    /// On hold.
+    /// On hold (put on hold through call control, or by the caller's phone).
     pub hold: bool,
+    /// Caller id number.
+    pub caller: String,
+    /// When it joined (ms since the epoch).
+    pub joined_ms: u64,
+    /// Talk detection says it is talking.
+    pub talking: bool,
 }
 
 /// One conference as this node sees it.
@@ -92,6 +102,10 @@ pub struct Node {
     pub redis_ok: AtomicBool,
     /// Whether the events WebSocket is connected.
     pub ari_connected: AtomicBool,
+    /// The ordered publisher of command replies, dial-out notifications and events.
+    pub outbox: Outbox,
+    /// Dial-outs in progress, turning their calls' events into status notifications.
+    pub dialouts: Dialouts,
     state: watch::Sender<NodeState>,
     state_version: AtomicU64,
     state_dirty: AtomicBool,
@@ -123,6 +137,7 @@ impl Node {
         webhook_http: reqwest::Client,
         initial: NodeState,
         reconcile: mpsc::UnboundedSender<()>,
+        outbox: Outbox,
     ) -> Node {
         let (state, _) = watch::channel(initial);
         metrics.set_state(initial.as_str());
@@ -136,6 +151,8 @@ impl Node {
             webhook_http,
             redis_ok: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
+            outbox,
+            dialouts: Dialouts::default(),
             state,
             state_version: AtomicU64::new(0),
             state_dirty: AtomicBool::new(false),
@@ -224,10 +241,20 @@ impl Node {
 
     /// Sends `msg` to the conference's actor, starting one when `spawn` and there is none.
     pub fn send(self: &Arc<Self>, name: &ConferenceName, msg: Msg, spawn: bool) -> bool {
+        self.deliver(name, msg, spawn).is_ok()
+    }
+
+    /// [`Node::send`], handing the message back when no actor takes it.
+    pub fn deliver(
+        self: &Arc<Self>,
+        name: &ConferenceName,
+        msg: Msg,
+        spawn: bool,
+    ) -> Result<(), Box<Msg>> {
         let mut reg = lock(&self.registry);
         let msg = match reg.get(name) {
             Some(tx) => match tx.send(msg) {
-                Ok(()) => return true,
+                Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(m)) => {
                     reg.remove(name);
                     m
@@ -236,15 +263,15 @@ impl Node {
             None => msg,
         };
         if !spawn {
-            return false;
+            return Err(Box::new(msg));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        if tx.send(msg).is_err() {
-            return false;
+        if let Err(mpsc::error::SendError(m)) = tx.send(msg) {
+            return Err(Box::new(m));
         }
         reg.insert(name.clone(), tx);
         tokio::spawn(conference::run(self.clone(), name.clone(), rx));
-        true
+        Ok(())
     }
 
     /// Called by an idle actor: removes it if no message waits for it. Sends happen under the
@@ -308,6 +335,33 @@ impl Node {
     /// Whether the channel left Stasis since [`Node::forget_ended`].
     pub fn ended_since_listing(&self, channel: &str) -> bool {
         lock(&self.ended).contains(channel)
+    }
+
+    /// Routes the events of a dial-out's channel (created with a known id) to `name`
+    /// before it exists, so nothing it does is missed.
+    pub fn route_dialout(&self, channel: &str, name: &ConferenceName) {
+        lock(&self.routes).insert(channel.to_string(), Route::Dialout(name.clone()));
+    }
+
+    /// Forgets a dial-out's route (its originate failed or it ended before answering);
+    /// true when it was still ringing.
+    pub fn unroute_dialout(&self, channel: &str) -> Option<ConferenceName> {
+        let mut routes = lock(&self.routes);
+        match routes.get(channel) {
+            Some(Route::Dialout(_)) => match routes.remove(channel) {
+                Some(Route::Dialout(n)) => Some(n),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The conference a channel's events go to, if it is one of its participants.
+    pub fn conference_of(&self, channel: &str) -> Option<ConferenceName> {
+        match lock(&self.routes).get(channel) {
+            Some(Route::Conference(n)) => Some(n.clone()),
+            _ => None,
+        }
     }
 
     /// Marks a channel found by reconciliation as being worked on; false if already known.
@@ -417,19 +471,47 @@ impl Node {
         match event {
             Event::StasisStart { channel, args } => {
                 let now = Instant::now();
-                {
+                let dialout = {
                     let mut routes = lock(&self.routes);
-                    if routes.contains_key(&channel.id) {
-                        return;
+                    match routes.get(&channel.id) {
+                        Some(Route::Dialout(name)) => {
+                            let name = name.clone();
+                            routes.insert(channel.id.clone(), Route::Conference(name.clone()));
+                            Some(name)
+                        }
+                        Some(_) => return,
+                        None => {
+                            routes.insert(channel.id.clone(), Route::Pending);
+                            None
+                        }
                     }
-                    routes.insert(channel.id.clone(), Route::Pending);
-                }
+                };
                 self.join_started(&channel.id, now);
-                tokio::spawn(crate::join::prepare(self.clone(), channel, args));
+                match dialout {
+                    // The callee of a dial-out answered: its conference joins it with the
+                    // options the dial-out asked for.
+                    Some(name) => {
+                        let id = channel.id.clone();
+                        if !self.send(&name, Msg::DialoutAnswered { channel }, false) {
+                            self.join_abandoned(&id);
+                            let node = self.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = node.ari.hangup(&id, conference::CAUSE_NORMAL).await
+                                {
+                                    tracing::warn!(channel = %id, error = %e, "cannot hang up a callee whose conference is gone");
+                                }
+                            });
+                        }
+                    }
+                    None => {
+                        tokio::spawn(crate::join::prepare(self.clone(), channel, args));
+                    }
+                }
             }
             Event::StasisEnd { channel } => {
                 self.join_abandoned(&channel.id);
                 lock(&self.ended).insert(channel.id.clone());
+                self.dialouts.stasis_ended(self, &channel.id);
                 let route = {
                     let mut routes = lock(&self.routes);
                     match routes.remove(&channel.id) {
@@ -460,6 +542,35 @@ impl Node {
             }
             Event::ChannelHold { channel } => self.hold(&channel.id, true),
             Event::ChannelUnhold { channel } => self.hold(&channel.id, false),
+            Event::Dial { peer, dialstatus } => {
+                self.dialouts.dial_status(self, &peer.id, &dialstatus)
+            }
+            Event::ChannelHangupRequest {
+                channel,
+                cause,
+                soft,
+            } => {
+                // A soft hangup's cause is a flag, not a Q.850 cause.
+                if soft != Some(true) {
+                    if let Some(c) = cause {
+                        self.dialouts.hangup_requested(&channel.id, c);
+                    }
+                }
+            }
+            Event::ChannelDestroyed { channel, cause } => {
+                self.dialouts.destroyed(self, &channel.id, cause);
+                if let Some(name) = self.unroute_dialout(&channel.id) {
+                    self.send(
+                        &name,
+                        Msg::DialoutGone {
+                            channel: channel.id,
+                        },
+                        false,
+                    );
+                }
+            }
+            Event::ChannelTalkingStarted { channel } => self.talking(&channel.id, true),
+            Event::ChannelTalkingFinished { channel } => self.talking(&channel.id, false),
             Event::PlaybackFinished { playback } => {
                 if let Some(tx) = lock(&self.playbacks).remove(&playback.id) {
                     let _ = tx.send(());
@@ -477,6 +588,19 @@ impl Node {
                 tracing::warn!(recording = %recording.name, "conference recording failed");
             }
             Event::ChannelLeftBridge { .. } | Event::Other => {}
+        }
+    }
+
+    fn talking(self: &Arc<Self>, channel: &str, talking: bool) {
+        if let Some(name) = self.conference_of(channel) {
+            self.send(
+                &name,
+                Msg::Talking {
+                    channel: channel.to_string(),
+                    talking,
+                },
+                false,
+            );
         }
     }
 

@@ -1,11 +1,17 @@
 //! `confroute-ctl` against a running controller with real Redis: listing, drain/undrain,
-//! routing, the token, and its error output.
+//! routing, the token, and its error output; dial-out followed to the end against a node
+//! agent beside a simulated Asterisk.
+
+mod node_common;
 
 use std::process::Command;
 use std::time::Duration;
 
+use confroute_tests::ari_sim::{EndpointMatch, Outcome};
 use confroute_tests::fixtures;
-use confroute_tests::harness::{workspace_bin, ControllerProc, RedisServer};
+use confroute_tests::harness::{wait_for_async, workspace_bin, ControllerProc, RedisServer};
+use node_common::control::DIALOUT_ENV;
+use node_common::{dial, wait_bridged, Single, WAIT};
 
 const TOKEN: &str = "ctl-token-0123456789abcdef";
 
@@ -103,4 +109,90 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     let (ok, _, err) = ctl("http://127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
     assert!(!ok);
     assert!(err.contains("cannot reach"), "{err}");
+}
+
+/// Runs `confroute-ctl` off the async runtime (the simulated Asterisk lives on it).
+async fn ctl_async(url: &str, args: &[&str]) -> (bool, String, String) {
+    let url = url.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ctl(&url, None, &args)
+    })
+    .await
+    .expect("confroute-ctl ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_dials_out_and_follows_the_call() {
+    let mut s = Single::start(DIALOUT_ENV).await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
+    let url = controller.http_url();
+    let nodes = format!("{url}/v1/nodes");
+    wait_for_async("the controller sees the node", WAIT, || async {
+        let v: serde_json::Value = fixtures::http()
+            .get(&nodes)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (v["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await
+    .expect("node registered");
+    let a = dial(&s.sim, "ctl-room", &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+
+    let (ok, out, err) = ctl_async(&url, &["dialout", "ctl-room", "+15555550101", "--wait"]).await;
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    let callid = lines[0].strip_prefix("callid ").expect("callid line");
+    assert_eq!(&lines[1..], ["accepted", "ringing", "connected"], "{out}");
+    let snap = s.sim.snapshot();
+    assert_eq!(
+        snap.channel(callid).and_then(|c| c.bridge.as_deref()),
+        Some(bridge.as_str()),
+        "the callee is in the conference"
+    );
+
+    // A busy callee: the status with its SIP code and cause, and a failing exit.
+    s.sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550102@trunk"),
+        Outcome::Busy,
+    );
+    let (ok, out, err) = ctl_async(&url, &["dialout", "ctl-room", "+15555550102", "--wait"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.ends_with("accepted\nrejected (SIP 486 / cause 17)\n"),
+        "{out}"
+    );
+    assert!(err.contains("rejected"), "{err}");
+
+    // Without --wait: the call id at once.
+    let (ok, out, err) = ctl_async(&url, &["dialout", "ctl-room", "sip:bob@example.com"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("calling sip:bob@example.com: callid dial-"),
+        "{out}"
+    );
+
+    // Bad input: the API's code, nothing originated.
+    let originates = || {
+        s.sim
+            .request_log()
+            .iter()
+            .filter(|r| r.operation.as_deref() == Some("originateWithId"))
+            .count()
+    };
+    let before = originates();
+    let (ok, _, err) = ctl_async(&url, &["dialout", "ctl-room", "12", "--wait"]).await;
+    assert!(!ok);
+    assert!(err.contains("-32004"), "{err}");
+    assert_eq!(originates(), before);
 }

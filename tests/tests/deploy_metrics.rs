@@ -85,6 +85,10 @@ impl Cluster {
                     "s3cret-ari".to_string(),
                 ),
                 ("CONFROUTE_NODE__ZONE".to_string(), zone.to_string()),
+                (
+                    "CONFROUTE_DIALOUT__ENDPOINT".to_string(),
+                    "PJSIP/{number}@trunk".to_string(),
+                ),
             ]);
             let proc = NodeProc::start(id, &env).expect("node agent");
             let ok = sim
@@ -124,14 +128,28 @@ impl Cluster {
     }
 
     /// Calls that give every panel's series samples: a SIP route and an HTTP route, callers
-    /// joining both conferences and one leaving (its conference ends), and an INVITE the
-    /// broken controller answers 503.
+    /// joining both conferences and one leaving (its conference ends), a dial-out into one
+    /// (call control), and an INVITE the broken controller answers 503.
     async fn traffic(&self) {
         let (code, owner) = invite(self.controller.sip_addr(), "sales-1", "z9hG4bKdeploy1");
         assert_eq!(code, 302);
         let sim = &self.node(&owner.expect("X-Conference-Node")).sim;
         let a = dial(sim, "sales-1").await;
         wait_bridged(sim, &a).await;
+
+        let resp = fixtures::http()
+            .post(format!(
+                "{}/v1/conferences/sales-1/participants",
+                self.controller.http_url()
+            ))
+            .json(&json!({"to": "+15555550101"}))
+            .send()
+            .await
+            .expect("dial-out");
+        assert_eq!(resp.status().as_u16(), 202, "dial-out accepted");
+        let v: Value = resp.json().await.expect("json");
+        let callee = v["callid"].as_str().expect("callid").to_string();
+        wait_bridged(sim, &callee).await;
 
         let v: Value = fixtures::http()
             .post(format!("{}/v1/route", self.controller.http_url()))

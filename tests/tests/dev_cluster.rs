@@ -107,12 +107,22 @@ fn bounded_run_keeps_every_conference_on_one_node() {
             "4",
             "--duration",
             "8",
+            "--dialouts-per-minute",
+            "60",
         ],
         None,
     );
     assert_eq!(code, Some(0), "{text}");
     let s = summary(&text);
     assert!(s.contains("failed routes 0,"), "{s}");
+    // Dial-outs go through the JSON-RPC API to a node, which originates them on its
+    // simulated Asterisk; the simulator answers, so each is seen connected.
+    let dialouts = s
+        .lines()
+        .find(|l| l.starts_with("dial-outs: "))
+        .unwrap_or_else(|| panic!("a dial-out line: {s}"));
+    assert!(dialouts.contains("connected"), "{dialouts}");
+    assert!(!dialouts.contains("error"), "{dialouts}");
     assert!(s.contains("failed joins 0"), "{s}");
     assert!(
         s.contains("every conference was on exactly one node at every check (splits 0)"),

@@ -359,6 +359,46 @@ impl AriClient {
             .map(drop)
     }
 
+    /// `POST /channels/{id}` (originateWithId): calls `endpoint`; once answered the channel
+    /// enters Stasis `app` with `app_args`. Ringing longer than `timeout` seconds ends the
+    /// attempt (Asterisk hangs up with cause 19).
+    pub async fn originate(&self, o: &Originate<'_>) -> Result<Channel, AriError> {
+        let path = format!("/channels/{}", encode(o.channel_id));
+        let timeout = o.timeout_secs.to_string();
+        let mut q = vec![
+            ("endpoint", o.endpoint),
+            ("app", o.app),
+            ("appArgs", o.app_args),
+            ("timeout", timeout.as_str()),
+        ];
+        if !o.caller_id.is_empty() {
+            q.push(("callerId", o.caller_id));
+        }
+        self.call_json("originateWithId", Method::Post, &path, &q)
+            .await
+    }
+
+    /// `POST /channels/{id}/dtmf?dtmf=...`: sends DTMF digits to the channel's far end.
+    pub async fn send_dtmf(&self, channel: &str, digits: &str) -> Result<(), AriError> {
+        let path = format!("/channels/{}/dtmf", encode(channel));
+        self.call("sendDTMF", Method::Post, &path, &[("dtmf", digits)])
+            .await
+            .map(drop)
+    }
+
+    /// `POST` (mute) or `DELETE` (unmute) `/channels/{id}/mute?direction=...`.
+    pub async fn mute(&self, channel: &str, direction: &str, on: bool) -> Result<(), AriError> {
+        let path = format!("/channels/{}/mute", encode(channel));
+        let (op, method) = if on {
+            ("mute", Method::Post)
+        } else {
+            ("unmute", Method::Delete)
+        };
+        self.call(op, method, &path, &[("direction", direction)])
+            .await
+            .map(drop)
+    }
+
     /// `GET /channels/{id}/variable`: `None` when the variable is not set (404).
     pub async fn get_variable(
         &self,
@@ -457,6 +497,23 @@ impl AriClient {
             Err(e) => Err(e),
         }
     }
+}
+
+/// What an originate asks for.
+#[derive(Clone, Debug)]
+pub struct Originate<'a> {
+    /// The channel id to give the new channel (also the dial-out's call id).
+    pub channel_id: &'a str,
+    /// `TECH/resource` to call.
+    pub endpoint: &'a str,
+    /// Stasis application the answered channel enters.
+    pub app: &'a str,
+    /// Its arguments (comma separated).
+    pub app_args: &'a str,
+    /// Caller id to present; empty for the endpoint's default.
+    pub caller_id: &'a str,
+    /// Seconds to ring before giving up.
+    pub timeout_secs: u64,
 }
 
 /// ARI's name for a hangup cause (`convert_reason_to_hangup_code` in resource_channels.c).

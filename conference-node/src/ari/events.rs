@@ -165,6 +165,44 @@ pub enum Event {
         /// The recording.
         recording: LiveRecording,
     },
+    /// Progress of an outgoing call (originate): `dialstatus` is empty when the dial
+    /// starts, then `RINGING`, `PROGRESS`, `ANSWER`, `BUSY`, `NOANSWER`, `CONGESTION`, ...
+    Dial {
+        /// The called channel.
+        peer: Channel,
+        /// Dial status.
+        #[serde(default)]
+        dialstatus: String,
+    },
+    /// Something asked for the channel to hang up; `cause` is Q.850 unless `soft`.
+    ChannelHangupRequest {
+        /// The channel.
+        channel: Channel,
+        /// Q.850 cause (a soft-hangup flag when `soft`).
+        #[serde(default)]
+        cause: Option<i64>,
+        /// True when the request came from inside Asterisk (ARI hangup, dialplan).
+        #[serde(default)]
+        soft: Option<bool>,
+    },
+    /// The channel is gone, with its Q.850 hangup cause.
+    ChannelDestroyed {
+        /// The channel.
+        channel: Channel,
+        /// Q.850 cause.
+        #[serde(default)]
+        cause: i64,
+    },
+    /// Talk detection (`TALK_DETECT(set)`) heard the channel start talking.
+    ChannelTalkingStarted {
+        /// The channel.
+        channel: Channel,
+    },
+    /// Talk detection heard the channel stop talking.
+    ChannelTalkingFinished {
+        /// The channel.
+        channel: Channel,
+    },
     /// A bridge was destroyed.
     BridgeDestroyed {
         /// The bridge.
@@ -238,9 +276,36 @@ mod tests {
     }
 
     #[test]
-    fn unknown_event_types_are_other() {
+    fn call_progress_events_decode() {
+        let ev =
+            decode(r#"{"type":"Dial","peer":{"id":"p1"},"dialstatus":"RINGING","dialstring":"x"}"#)
+                .expect("decodes");
+        assert!(
+            matches!(ev, Event::Dial { ref peer, ref dialstatus } if peer.id == "p1" && dialstatus == "RINGING")
+        );
+        let ev = decode(r#"{"type":"ChannelDestroyed","channel":{"id":"p1"},"cause":17,"cause_txt":"User busy"}"#)
+            .expect("decodes");
+        assert!(matches!(ev, Event::ChannelDestroyed { cause: 17, .. }));
+        let ev = decode(
+            r#"{"type":"ChannelHangupRequest","channel":{"id":"p1"},"soft":true,"cause":32}"#,
+        )
+        .expect("decodes");
+        assert!(matches!(
+            ev,
+            Event::ChannelHangupRequest {
+                soft: Some(true),
+                ..
+            }
+        ));
         let ev =
             decode(r#"{"type":"ChannelTalkingStarted","channel":{"id":"x"}}"#).expect("decodes");
+        assert!(matches!(ev, Event::ChannelTalkingStarted { .. }));
+    }
+
+    #[test]
+    fn unknown_event_types_are_other() {
+        let ev = decode(r#"{"type":"ChannelDtmfReceived","channel":{"id":"x"},"digit":"1"}"#)
+            .expect("decodes");
         assert_eq!(ev, Event::Other);
         let ev =
             decode(r#"{"type":"SomethingFromAsterisk30","whatever":[1,2,3]}"#).expect("decodes");

@@ -5,5 +5,5 @@ pub mod client;
 pub mod events;
 pub mod ws;
 
-pub use client::{AriClient, AriError, AriErrorKind};
+pub use client::{AriClient, AriError, AriErrorKind, Originate};
 pub use events::{Bridge, Channel, Event};

@@ -130,6 +130,9 @@ impl Cluster {
                     ("CONFROUTE_ARI__USERNAME", user),
                     ("CONFROUTE_ARI__PASSWORD", password),
                     ("CONFROUTE_REDIS__URL", redis.url()),
+                    // The simulator rings and answers any endpoint; a real Asterisk given
+                    // with --ari needs a `trunk` endpoint in its pjsip.conf for dial-outs.
+                    ("CONFROUTE_DIALOUT__ENDPOINT", "PJSIP/{number}@trunk".into()),
                 ]),
             )
             .map_err(|e| format!("{id} configuration: {e}"))?;

@@ -12,6 +12,8 @@ use confroute_tests::fixtures;
 use confroute_tests::harness::{NodeProc, RedisServer};
 use serde_json::Value;
 
+pub mod control;
+
 /// Generous bound for anything a test waits on.
 pub const WAIT: Duration = Duration::from_secs(10);
 

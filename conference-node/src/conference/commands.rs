@@ -1,0 +1,561 @@
+//! Call-control commands inside a conference's actor (parameters were checked by
+//! [`crate::control`]): list, end, play, mute, hold, kick, DTMF, move, update and dial-out.
+//!
+//! - Mute is ARI's channel mute in direction `in`: the participant hears the conference
+//!   but is not heard. A participant who joined muted has addChannel's bridge `mute` as
+//!   well, a bridge feature that only a new addChannel clears, so unmuting adds it to its
+//!   bridge again without it.
+//! - Hold is Twilio's: the participant leaves the mix and hears music. ARI's channel
+//!   `hold` only indicates hold to the far end (chan_pjsip then plays music locally) and
+//!   leaves the channel's audio in the mixing bridge, so the others would still hear it;
+//!   instead the channel moves to the conference's holding bridge, which plays the wait
+//!   music and mixes nobody, and moves back on unhold.
+//! - Move to a conference of this node goes bridge to bridge through the target's actor,
+//!   which admits the participant like any joiner (fencing, room); until it answers, the
+//!   participant stays here. To another node, the channel is redirected to the target's
+//!   owner with ARI `redirect`, which chan_pjsip turns into a 302 while the call rings and
+//!   into a REFER once it is answered (`transfer()` in channels/chan_pjsip.c).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use confroute_shared::bus::{BusError, ErrorCode};
+use confroute_shared::name::ConferenceName;
+use confroute_shared::types::NodeId;
+
+use super::{
+    redirect_endpoint, Conference, Join, MoveIn, Msg, Participant, Phase, Refusal, CAUSE_NORMAL,
+};
+use crate::ari::{AriError, Channel, Originate};
+use crate::control::{Op, Pending, Request};
+use crate::dialout::{self, DialoutOp};
+use crate::options::{Beep, CallbackEvent};
+
+fn not_found(ch: &str) -> BusError {
+    BusError::new(
+        ErrorCode::ParticipantNotFound,
+        format!("no participant `{ch}` in this conference"),
+    )
+}
+
+/// An ARI failure on a participant's channel: gone means not found, anything else internal.
+fn ari_failure(ch: &str, e: &AriError) -> BusError {
+    if e.channel_gone() {
+        not_found(ch)
+    } else {
+        BusError::new(ErrorCode::Internal, e.to_string())
+    }
+}
+
+fn refusal_error(name: &ConferenceName, node: &NodeId, r: Refusal) -> BusError {
+    match r {
+        Refusal::Elsewhere { node: owner, .. } => BusError::new(
+            ErrorCode::ConferenceNotFound,
+            format!("conference `{name}` is owned by node {owner}, not by node {node}"),
+        ),
+        Refusal::NotServing => BusError::new(
+            ErrorCode::ConferenceNotFound,
+            format!("conference `{name}` has no home and node {node} takes no new conferences"),
+        ),
+        Refusal::Unavailable(why) => BusError::new(
+            ErrorCode::Internal,
+            format!("cannot check the ownership of `{name}` in Redis: {why}"),
+        ),
+        Refusal::Full => BusError::new(
+            ErrorCode::ConferenceFull,
+            format!("conference `{name}` is at its maximum number of participants"),
+        ),
+        Refusal::Bridge(e) => BusError::new(
+            ErrorCode::Internal,
+            format!("cannot create the conference bridge: {e}"),
+        ),
+    }
+}
+
+impl Conference {
+    /// Runs one command and answers it (a move to a conference of this node is answered
+    /// by the target's actor).
+    pub(super) async fn command(&mut self, req: Request) {
+        let Request { op, pending, .. } = req;
+        if pending.expired() {
+            pending.answer(
+                &self.node,
+                Err(BusError::new(
+                    ErrorCode::Timeout,
+                    "the command waited past its deadline; nothing was done",
+                )),
+            );
+            return;
+        }
+        if let Op::Dialout(d) = op {
+            self.dialout(*d, pending).await;
+            return;
+        }
+        if self.phase == Phase::Idle {
+            let msg = format!(
+                "conference `{}` is not hosted on node {}",
+                self.name, self.node.id
+            );
+            pending.answer(
+                &self.node,
+                Err(BusError::new(ErrorCode::ConferenceNotFound, msg)),
+            );
+            return;
+        }
+        let result = match op {
+            Op::List => Ok(self.list()),
+            Op::End => {
+                self.end("ended_by_api", None).await;
+                Ok(json!({"ended": true}))
+            }
+            Op::PlayConference { media } => self.play_conference(&media).await,
+            Op::Mute { participant, on } => self.mute(&participant, on).await,
+            Op::Hold { participant, on } => self.hold_api(&participant, on).await,
+            Op::Kick { participant } => self.kick(&participant).await,
+            Op::Dtmf {
+                participant,
+                digits,
+            } => self.dtmf(&participant, &digits).await,
+            Op::Play { participant, media } => self.play(&participant, &media).await,
+            Op::Update {
+                participant,
+                end_on_exit,
+                beep_on_exit,
+            } => self.update(&participant, end_on_exit, beep_on_exit),
+            Op::Move {
+                participant,
+                to,
+                to_node,
+                to_sip_uri,
+            } => {
+                if let Some((pending, result)) = self
+                    .move_out(&participant, to, to_node, &to_sip_uri, pending)
+                    .await
+                {
+                    pending.answer(&self.node, result);
+                }
+                return;
+            }
+            Op::Dialout(_) => return,
+        };
+        pending.answer(&self.node, result);
+    }
+
+    fn list(&self) -> Value {
+        let participants: Vec<Value> = self
+            .participants
+            .iter()
+            .map(|(id, p)| {
+                json!({
+                    "id": id,
+                    "caller": p.caller,
+                    "muted": p.muted,
+                    "held": p.held || p.caller_held,
+                    "joined_ms": p.joined_ms,
+                    "waiting": p.waiting,
+                    "talking": p.talking,
+                    "profile": p.options.profile,
+                })
+            })
+            .collect();
+        json!({"participants": participants})
+    }
+
+    async fn play_conference(&mut self, media: &str) -> Result<Value, BusError> {
+        if !self.main_created {
+            return Err(BusError::new(
+                ErrorCode::Forbidden,
+                "nobody has joined the conference yet",
+            ));
+        }
+        let id = format!("cp-{:016x}", rand::random::<u64>());
+        self.node
+            .ari
+            .play_on_bridge(&self.main, &id, media)
+            .await
+            .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
+        Ok(json!({"playback": id}))
+    }
+
+    async fn play(&mut self, ch: &str, media: &str) -> Result<Value, BusError> {
+        if !self.participants.contains_key(ch) {
+            return Err(not_found(ch));
+        }
+        let id = format!("pp-{:016x}", rand::random::<u64>());
+        self.node
+            .ari
+            .play_on_channel(ch, &id, media)
+            .await
+            .map_err(|e| ari_failure(ch, &e))?;
+        Ok(json!({"playback": id}))
+    }
+
+    async fn dtmf(&mut self, ch: &str, digits: &str) -> Result<Value, BusError> {
+        if !self.participants.contains_key(ch) {
+            return Err(not_found(ch));
+        }
+        self.node
+            .ari
+            .send_dtmf(ch, digits)
+            .await
+            .map_err(|e| ari_failure(ch, &e))?;
+        Ok(json!({}))
+    }
+
+    async fn mute(&mut self, ch: &str, on: bool) -> Result<Value, BusError> {
+        let Some(p) = self.participants.get(ch) else {
+            return Err(not_found(ch));
+        };
+        if p.muted == on {
+            return Ok(json!({}));
+        }
+        let bridge_muted = p.bridge_muted;
+        let bridge = if p.waiting || p.held {
+            self.holding.clone()
+        } else {
+            self.main.clone()
+        };
+        let ari = &self.node.ari;
+        ari.mute(ch, "in", on)
+            .await
+            .map_err(|e| ari_failure(ch, &e))?;
+        if !on && bridge_muted {
+            ari.add_channels(&bridge, &[ch], false)
+                .await
+                .map_err(|e| ari_failure(ch, &e))?;
+        }
+        if let Some(p) = self.participants.get_mut(ch) {
+            p.muted = on;
+            if !on {
+                p.bridge_muted = false;
+            }
+        }
+        let status = if on {
+            "participant-mute"
+        } else {
+            "participant-unmute"
+        };
+        self.callback_participant(CallbackEvent::Mute, status, ch);
+        self.emit(
+            if on { "mute" } else { "unmute" },
+            json!({"participant": ch}),
+        );
+        self.publish();
+        Ok(json!({}))
+    }
+
+    async fn hold_api(&mut self, ch: &str, on: bool) -> Result<Value, BusError> {
+        let Some(p) = self.participants.get(ch) else {
+            return Err(not_found(ch));
+        };
+        if p.held == on {
+            return Ok(json!({}));
+        }
+        // A participant waiting for the conference to start is in the holding bridge
+        // already; held, it stays there when the conference starts.
+        if !p.waiting {
+            let mut opts = p.options.clone();
+            opts.muted = p.muted;
+            if on {
+                self.ensure_holding(&opts.wait_music)
+                    .await
+                    .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
+                self.node
+                    .ari
+                    .add_channels(&self.holding, &[ch], false)
+                    .await
+                    .map_err(|e| ari_failure(ch, &e))?;
+            } else {
+                self.add(ch, false, &opts)
+                    .await
+                    .map_err(|e| ari_failure(ch, &e))?;
+            }
+        }
+        if let Some(p) = self.participants.get_mut(ch) {
+            p.held = on;
+            if !on && !p.waiting {
+                p.bridge_muted = p.muted;
+            }
+        }
+        let status = if on {
+            "participant-hold"
+        } else {
+            "participant-unhold"
+        };
+        self.callback_participant(CallbackEvent::Hold, status, ch);
+        self.emit(
+            if on { "hold" } else { "unhold" },
+            json!({"participant": ch, "by": "api"}),
+        );
+        if !on {
+            self.tidy_holding().await;
+        }
+        self.publish();
+        Ok(json!({}))
+    }
+
+    async fn kick(&mut self, ch: &str) -> Result<Value, BusError> {
+        let ringing = self.dialing.contains_key(ch);
+        if !self.participants.contains_key(ch) && !ringing {
+            return Err(not_found(ch));
+        }
+        self.node
+            .ari
+            .hangup(ch, CAUSE_NORMAL)
+            .await
+            .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
+        // A ringing callee's dial-out ends when its channel is destroyed (DialoutGone).
+        if !ringing {
+            self.left(ch, "kicked").await;
+        }
+        Ok(json!({}))
+    }
+
+    fn update(
+        &mut self,
+        ch: &str,
+        end_on_exit: Option<bool>,
+        beep_on_exit: Option<bool>,
+    ) -> Result<Value, BusError> {
+        let Some(p) = self.participants.get_mut(ch) else {
+            return Err(not_found(ch));
+        };
+        if let Some(v) = end_on_exit {
+            p.options.end_on_exit = v;
+        }
+        if let Some(v) = beep_on_exit {
+            p.options.beep = match (p.options.beep.on_enter(), v) {
+                (true, true) => Beep::True,
+                (true, false) => Beep::OnEnter,
+                (false, true) => Beep::OnExit,
+                (false, false) => Beep::False,
+            };
+        }
+        Ok(json!({}))
+    }
+
+    // ----- moving -----
+
+    /// Starts a move; `Some` with the answer when it is done (or refused) here, `None` when
+    /// the target's actor answers.
+    async fn move_out(
+        &mut self,
+        ch: &str,
+        to: ConferenceName,
+        to_node: NodeId,
+        to_sip_uri: &str,
+        pending: Pending,
+    ) -> Option<(Pending, Result<Value, BusError>)> {
+        let Some(p) = self.participants.get_mut(ch) else {
+            return Some((pending, Err(not_found(ch))));
+        };
+        if p.moving {
+            return Some((
+                pending,
+                Err(BusError::new(
+                    ErrorCode::Forbidden,
+                    "a move of this participant is under way",
+                )),
+            ));
+        }
+        if to_node == self.node.id {
+            p.moving = true;
+            let m = MoveIn {
+                channel: Channel {
+                    id: ch.to_string(),
+                    name: format!("{}/{ch}", p.tech),
+                    state: "Up".to_string(),
+                    ..Channel::default()
+                },
+                options: p.options.clone(),
+                muted: p.muted,
+                caller: p.caller.clone(),
+                from: self.name.clone(),
+                pending,
+            };
+            tracing::info!(conference = %self.name, channel = ch, to = %to, "moving a participant to a conference of this node");
+            self.node.send(&to, Msg::MoveIn(Box::new(m)), true);
+            return None;
+        }
+        let endpoint = redirect_endpoint(&p.tech, to_sip_uri, to.as_str());
+        match self.node.ari.redirect(ch, &endpoint).await {
+            Ok(()) => {
+                if let Some(p) = self.participants.get_mut(ch) {
+                    p.redirected = true;
+                }
+                tracing::info!(conference = %self.name, channel = ch, to = %to, node = %to_node, %endpoint, "participant redirected to the target's node");
+                Some((
+                    pending,
+                    Ok(
+                        json!({"moved": "redirect", "to": to, "node": to_node, "endpoint": endpoint}),
+                    ),
+                ))
+            }
+            Err(e) => Some((pending, Err(ari_failure(ch, &e)))),
+        }
+    }
+
+    /// The target side of a move between two conferences of this node.
+    pub(super) async fn move_in(&mut self, m: MoveIn) {
+        let ch = m.channel.id.clone();
+        let from = m.from.clone();
+        let refused = |c: &mut Self, m: MoveIn, e: BusError| {
+            c.node.send(
+                &from,
+                Msg::MovedOut {
+                    channel: m.channel.id.clone(),
+                    moved: false,
+                },
+                false,
+            );
+            m.pending.answer(&c.node, Err(e));
+        };
+        if m.pending.expired() {
+            let e = BusError::new(
+                ErrorCode::Timeout,
+                "the move waited past its deadline; nothing was done",
+            );
+            refused(self, m, e);
+            return;
+        }
+        if let Err(r) = self.admit(&m.options).await {
+            let e = refusal_error(&self.name, &self.node.id, r);
+            self.end_if_empty("move_failed").await;
+            refused(self, m, e);
+            return;
+        }
+        let mut opts = m.options.clone();
+        opts.muted = m.muted;
+        let waiting = !(opts.start_on_enter || self.started);
+        if waiting {
+            if let Err(e) = self.ensure_holding(&opts.wait_music).await {
+                let e = BusError::new(ErrorCode::Internal, e.to_string());
+                self.end_if_empty("move_failed").await;
+                refused(self, m, e);
+                return;
+            }
+        }
+        if let Err(e) = self.add(&ch, waiting, &opts).await {
+            let e = ari_failure(&ch, &e);
+            self.end_if_empty("move_failed").await;
+            refused(self, m, e);
+            return;
+        }
+        self.node.route(&ch, &self.name);
+        let mut p = Participant::new(opts, waiting, m.muted, m.caller.clone());
+        if let Some(tech) = m.channel.name.split('/').next() {
+            p.tech = tech.to_string();
+        }
+        tracing::info!(conference = %self.name, channel = %ch, from = %from, "participant moved in");
+        self.entered(&ch, p, Some(&from)).await;
+        self.node.send(
+            &from,
+            Msg::MovedOut {
+                channel: ch.clone(),
+                moved: true,
+            },
+            false,
+        );
+        let result = json!({"moved": "bridge", "to": self.name, "node": self.node.id});
+        m.pending.answer(&self.node, Ok(result));
+    }
+
+    /// The answer of a move this conference started.
+    pub(super) async fn moved_out(&mut self, ch: &str, moved: bool) {
+        let Some(p) = self.participants.get_mut(ch) else {
+            return;
+        };
+        if !p.moving {
+            return;
+        }
+        p.moving = false;
+        if moved {
+            self.left(ch, "moved").await;
+        }
+    }
+
+    // ----- dial-out -----
+
+    /// Originates a dial-out into this conference once this node owns it (claiming it
+    /// when nobody does) and it has room; answers with the call id at once.
+    async fn dialout(&mut self, d: DialoutOp, pending: Pending) {
+        if let Err(r) = self.admit(&d.options).await {
+            let e = refusal_error(&self.name, &self.node.id, r);
+            self.end_if_empty("dialout_failed").await;
+            pending.answer(&self.node, Err(e));
+            return;
+        }
+        let callid = format!(
+            "dial-{:016x}{:08x}",
+            rand::random::<u64>(),
+            rand::random::<u32>()
+        );
+        self.node.route_dialout(&callid, &self.name);
+        self.node.dialouts.begin(&callid, &pending);
+        self.dialing.insert(callid.clone(), d.options);
+        let app = self.node.cfg.ari.app.clone();
+        let o = Originate {
+            channel_id: &callid,
+            endpoint: &d.endpoint,
+            app: &app,
+            app_args: self.name.as_str(),
+            caller_id: &d.caller_id,
+            timeout_secs: d.timeout_secs,
+        };
+        match self.node.ari.originate(&o).await {
+            Ok(_) => {
+                tracing::info!(conference = %self.name, callid = %callid, to = %d.to, endpoint = %d.endpoint, "dialing out");
+                pending.answer(&self.node, Ok(json!({"callid": callid})));
+                self.node.dialouts.accepted(&self.node, &callid);
+                // Asterisk ends the call by the ring timeout; should that end never be seen,
+                // the seat is freed and the dial-out reported all the same.
+                let node = self.node.clone();
+                let name = self.name.clone();
+                let limit = Duration::from_secs(d.timeout_secs) + dialout::RINGING_FALLBACK;
+                tokio::spawn(async move {
+                    tokio::time::sleep(limit).await;
+                    if node.dialouts.expire(&node, &callid) {
+                        tracing::warn!(conference = %name, callid = %callid, "dial-out end never seen; given up");
+                        node.unroute_dialout(&callid);
+                        node.send(&name, Msg::DialoutGone { channel: callid }, false);
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(conference = %self.name, to = %d.to, endpoint = %d.endpoint, error = %e, "cannot originate the dial-out");
+                self.node.dialouts.abandon(&callid);
+                self.node.unroute_dialout(&callid);
+                self.dialing.remove(&callid);
+                self.end_if_empty("dialout_failed").await;
+                pending.answer(
+                    &self.node,
+                    Err(BusError::new(
+                        ErrorCode::Internal,
+                        format!("cannot call {}: {e}", d.to),
+                    )),
+                );
+            }
+        }
+    }
+
+    /// A dial-out's callee answered: it joins with the options the dial-out gave.
+    pub(super) async fn dialout_answered(&mut self, channel: Channel) {
+        let Some(options) = self.dialing.remove(&channel.id) else {
+            // The dial-out was called off (the conference ended) as the callee answered.
+            self.node.join_abandoned(&channel.id);
+            if let Err(e) = self.node.ari.hangup(&channel.id, CAUSE_NORMAL).await {
+                tracing::warn!(channel = %channel.id, error = %e, "cannot hang up a callee nobody waits for");
+            }
+            return;
+        };
+        self.join(Join { channel, options }).await;
+    }
+
+    /// A dial-out ended before its callee answered.
+    pub(super) async fn dialout_gone(&mut self, ch: &str) {
+        if self.dialing.remove(ch).is_some() {
+            self.end_if_empty("dialout_failed").await;
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! Call control on the node: hears the commands controllers send on the bus
+//! (`cmd:<node id>`, see `docs/call-control.md`), checks their parameters here, at the
+//! node's own boundary, and hands each to the actor of its conference, so an operation on
+//! one conference is serialised with that conference's calls. Bad input is answered at once
+//! with a precise error and reaches no actor; a conference this node does not host is
+//! answered `conference_not_found` (only a dial-out may start one, after fencing).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use confroute_shared::bus::{BusError, Command, ErrorCode};
+use confroute_shared::name::ConferenceName;
+use confroute_shared::types::NodeId;
+
+use crate::conference::Msg;
+use crate::dialout::{self, DialoutOp};
+use crate::metrics::COMMAND_METHODS;
+use crate::node::Node;
+
+/// Longest media URI accepted for a playback.
+const MAX_MEDIA: usize = 256;
+
+/// A command still to be answered; answering it counts it in
+/// `confroute_node_commands_total` and queues the reply on the bus.
+#[derive(Debug)]
+pub struct Pending {
+    pub(crate) id: String,
+    pub(crate) reply_to: String,
+    method: &'static str,
+    deadline_ms: u64,
+}
+
+impl Pending {
+    fn new(cmd: &Command) -> Pending {
+        Pending {
+            id: cmd.id.clone(),
+            reply_to: cmd.reply_to.clone(),
+            method: COMMAND_METHODS
+                .iter()
+                .find(|m| **m == cmd.method)
+                .copied()
+                .unwrap_or("unknown"),
+            deadline_ms: cmd.deadline_ms,
+        }
+    }
+
+    /// The method, as the metrics label it.
+    pub fn method(&self) -> &'static str {
+        self.method
+    }
+
+    /// True once the sender's deadline passed: it reported the node unavailable and the
+    /// command must not take effect any more.
+    pub fn expired(&self) -> bool {
+        now_ms() > self.deadline_ms
+    }
+
+    /// Answers the command.
+    pub fn answer(self, node: &Node, result: Result<Value, BusError>) {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => code_label(e.code),
+        };
+        node.metrics.command(self.method, outcome);
+        if let Err(e) = &result {
+            tracing::debug!(method = self.method, code = outcome, error = %e.message, "command refused");
+        }
+        node.outbox.reply(&self.id, &self.reply_to, result);
+    }
+}
+
+fn code_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::ConferenceNotFound => "conference_not_found",
+        ErrorCode::ParticipantNotFound => "participant_not_found",
+        ErrorCode::NodeUnavailable => "node_unavailable",
+        ErrorCode::InvalidNumber => "invalid_number",
+        ErrorCode::ConferenceFull => "conference_full",
+        ErrorCode::Forbidden => "forbidden",
+        ErrorCode::Timeout => "timeout",
+        ErrorCode::InvalidParams => "invalid_params",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A checked operation on one conference.
+#[derive(Debug)]
+pub enum Op {
+    /// `participant.list`.
+    List,
+    /// `conference.end`.
+    End,
+    /// `conference.play`: media to the whole conference.
+    PlayConference {
+        /// Media URI.
+        media: String,
+    },
+    /// `participant.mute` (true) / `participant.unmute` (false).
+    Mute {
+        /// Participant id.
+        participant: String,
+        /// Mute or unmute.
+        on: bool,
+    },
+    /// `participant.hold` (true) / `participant.unhold` (false).
+    Hold {
+        /// Participant id.
+        participant: String,
+        /// Hold or unhold.
+        on: bool,
+    },
+    /// `participant.kick`.
+    Kick {
+        /// Participant id (or the call id of a ringing dial-out).
+        participant: String,
+    },
+    /// `participant.dtmf`.
+    Dtmf {
+        /// Participant id.
+        participant: String,
+        /// Digits `0-9 * # A-D`.
+        digits: String,
+    },
+    /// `participant.play`.
+    Play {
+        /// Participant id.
+        participant: String,
+        /// Media URI.
+        media: String,
+    },
+    /// `participant.move`.
+    Move {
+        /// Participant id.
+        participant: String,
+        /// Target conference.
+        to: ConferenceName,
+        /// The target's owner, as the controller found (or made) it.
+        to_node: NodeId,
+        /// The owner's SIP URI, for a redirect to another node.
+        to_sip_uri: String,
+    },
+    /// `participant.update`.
+    Update {
+        /// Participant id.
+        participant: String,
+        /// New `endConferenceOnExit`.
+        end_on_exit: Option<bool>,
+        /// New `beepOnExit`.
+        beep_on_exit: Option<bool>,
+    },
+    /// `dialout`.
+    Dialout(Box<DialoutOp>),
+}
+
+/// A command for one conference's actor.
+#[derive(Debug)]
+pub struct Request {
+    /// The conference.
+    pub conference: ConferenceName,
+    /// What to do.
+    pub op: Op,
+    /// Whom to answer.
+    pub pending: Pending,
+}
+
+/// Hands every command heard on the bus to its conference until the bus goes away.
+pub async fn run(node: Arc<Node>, mut commands: mpsc::Receiver<Command>) {
+    while let Some(cmd) = commands.recv().await {
+        intake(&node, cmd);
+    }
+}
+
+/// Checks one command and routes it to its conference's actor (or answers it at once).
+pub fn intake(node: &Arc<Node>, cmd: Command) {
+    tracing::debug!(id = %cmd.id, method = %cmd.method, "command received");
+    let pending = Pending::new(&cmd);
+    let (conference, op) = match parse(node, &cmd) {
+        Ok(x) => x,
+        Err(e) => {
+            pending.answer(node, Err(e));
+            return;
+        }
+    };
+    // Only a dial-out may bring a conference to this node; everything else needs one here.
+    let spawn = matches!(op, Op::Dialout(_));
+    let req = Request {
+        conference: conference.clone(),
+        op,
+        pending,
+    };
+    if let Err(back) = node.deliver(&conference, Msg::Command(Box::new(req)), spawn) {
+        if let Msg::Command(req) = *back {
+            let msg = format!(
+                "conference `{conference}` is not hosted on node {}",
+                node.id
+            );
+            req.pending
+                .answer(node, Err(BusError::new(ErrorCode::ConferenceNotFound, msg)));
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> BusError {
+    BusError::new(ErrorCode::InvalidParams, message)
+}
+
+/// Decodes `params`, naming the parameter at fault.
+fn decode<T: DeserializeOwned>(params: &Value) -> Result<T, BusError> {
+    serde_path_to_error::deserialize(params.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            invalid(e.inner().to_string())
+        } else {
+            invalid(format!("{path}: {}", e.inner()))
+        }
+    })
+}
+
+fn conference(raw: &str) -> Result<ConferenceName, BusError> {
+    ConferenceName::parse(raw).map_err(|e| invalid(format!("conference: {e}")))
+}
+
+/// A participant id as the node reports them (channel ids): 1-128 bytes of
+/// `A-Z a-z 0-9 . _ -`.
+pub fn participant(raw: &str) -> Result<String, BusError> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 128
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(invalid(
+            "participant: expected 1-128 bytes of A-Z a-z 0-9 . _ -",
+        ))
+    }
+}
+
+fn digits(raw: &str) -> Result<String, BusError> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 64
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'*' | b'#' | b'A'..=b'D'));
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(invalid("digits: expected 1-64 of 0-9 * # A-D"))
+    }
+}
+
+fn media(raw: &str) -> Result<String, BusError> {
+    let ok = !raw.is_empty()
+        && raw.len() <= MAX_MEDIA
+        && raw.contains(':')
+        && !raw.bytes().any(|b| b.is_ascii_control() || b == b' ');
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(invalid(
+            "media: expected a media URI like sound:conf-onlyperson",
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConferenceP {
+    conference: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParticipantP {
+    conference: String,
+    participant: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DtmfP {
+    conference: String,
+    participant: String,
+    digits: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlayP {
+    conference: String,
+    #[serde(default)]
+    participant: Option<String>,
+    media: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveP {
+    conference: String,
+    participant: String,
+    to: String,
+    to_node: String,
+    #[serde(default)]
+    to_sip_uri: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    to_epoch: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateP {
+    conference: String,
+    participant: String,
+    #[serde(default, rename = "endConferenceOnExit")]
+    end_on_exit: Option<bool>,
+    #[serde(default, rename = "beepOnExit")]
+    beep_on_exit: Option<bool>,
+}
+
+/// `dialout` parameters as the controller sends them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialoutP {
+    /// Conference name.
+    pub conference: String,
+    /// E.164 number or SIP URI.
+    pub to: String,
+    /// Caller id to present.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Seconds to ring (1-600).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// The callee's options (TwiML `<Conference>` attributes).
+    #[serde(default)]
+    pub options: Option<Map<String, Value>>,
+}
+
+/// Checks a command's parameters; the conference it is for and what to do.
+fn parse(node: &Node, cmd: &Command) -> Result<(ConferenceName, Op), BusError> {
+    if !cmd.params.is_object() {
+        return Err(invalid("params must be an object"));
+    }
+    let p = &cmd.params;
+    let simple = |f: fn(String) -> Op| -> Result<(ConferenceName, Op), BusError> {
+        let v: ParticipantP = decode(p)?;
+        Ok((conference(&v.conference)?, f(participant(&v.participant)?)))
+    };
+    match cmd.method.as_str() {
+        "participant.list" | "conference.end" => {
+            let v: ConferenceP = decode(p)?;
+            let op = if cmd.method == "conference.end" {
+                Op::End
+            } else {
+                Op::List
+            };
+            Ok((conference(&v.conference)?, op))
+        }
+        "conference.play" => {
+            let v: PlayP = decode(p)?;
+            if v.participant.is_some() {
+                return Err(invalid(
+                    "conference.play takes no participant (use participant.play)",
+                ));
+            }
+            Ok((
+                conference(&v.conference)?,
+                Op::PlayConference {
+                    media: media(&v.media)?,
+                },
+            ))
+        }
+        "participant.mute" => simple(|participant| Op::Mute {
+            participant,
+            on: true,
+        }),
+        "participant.unmute" => simple(|participant| Op::Mute {
+            participant,
+            on: false,
+        }),
+        "participant.hold" => simple(|participant| Op::Hold {
+            participant,
+            on: true,
+        }),
+        "participant.unhold" => simple(|participant| Op::Hold {
+            participant,
+            on: false,
+        }),
+        "participant.kick" => simple(|participant| Op::Kick { participant }),
+        "participant.dtmf" => {
+            let v: DtmfP = decode(p)?;
+            Ok((
+                conference(&v.conference)?,
+                Op::Dtmf {
+                    participant: participant(&v.participant)?,
+                    digits: digits(&v.digits)?,
+                },
+            ))
+        }
+        "participant.play" => {
+            let v: PlayP = decode(p)?;
+            let Some(who) = v.participant else {
+                return Err(invalid("participant is required"));
+            };
+            Ok((
+                conference(&v.conference)?,
+                Op::Play {
+                    participant: participant(&who)?,
+                    media: media(&v.media)?,
+                },
+            ))
+        }
+        "participant.move" => {
+            let v: MoveP = decode(p)?;
+            let from = conference(&v.conference)?;
+            let to = ConferenceName::parse(&v.to).map_err(|e| invalid(format!("to: {e}")))?;
+            if to == from {
+                return Err(invalid("to: the participant is already there"));
+            }
+            let to_node =
+                NodeId::parse(&v.to_node).map_err(|e| invalid(format!("to_node: {e}")))?;
+            let to_sip_uri = v.to_sip_uri.unwrap_or_default();
+            if to_node != node.id && !valid_sip_uri(&to_sip_uri) {
+                return Err(invalid(
+                    "to_sip_uri: a SIP URI of the target's node is needed to move a participant to another node",
+                ));
+            }
+            Ok((
+                from,
+                Op::Move {
+                    participant: participant(&v.participant)?,
+                    to,
+                    to_node,
+                    to_sip_uri,
+                },
+            ))
+        }
+        "participant.update" => {
+            let v: UpdateP = decode(p)?;
+            if v.end_on_exit.is_none() && v.beep_on_exit.is_none() {
+                return Err(invalid(
+                    "nothing to update: give endConferenceOnExit and/or beepOnExit",
+                ));
+            }
+            Ok((
+                conference(&v.conference)?,
+                Op::Update {
+                    participant: participant(&v.participant)?,
+                    end_on_exit: v.end_on_exit,
+                    beep_on_exit: v.beep_on_exit,
+                },
+            ))
+        }
+        "dialout" => {
+            let v: DialoutP = decode(p)?;
+            let name = conference(&v.conference)?;
+            let op = dialout::prepare(&node.cfg, v)?;
+            Ok((name, Op::Dialout(Box::new(op))))
+        }
+        other => Err(invalid(format!(
+            "method `{}` is not a node command",
+            other.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
+/// A SIP URI the redirect can name: `sip:`/`sips:` and a host, no spaces or controls.
+fn valid_sip_uri(uri: &str) -> bool {
+    let lower = uri.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("sip:")
+        .or_else(|| lower.strip_prefix("sips:"));
+    rest.is_some_and(|r| {
+        !r.is_empty() && r.len() <= 256 && !r.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_checks() {
+        assert!(participant("1716282823.42").is_ok());
+        assert!(participant("a/b").is_err());
+        assert!(participant("").is_err());
+        assert!(digits("0123456789*#ABCD").is_ok());
+        for bad in ["", "E", "1 2", &"1".repeat(65)] {
+            assert!(digits(bad).is_err(), "{bad:?}");
+        }
+        assert!(media("sound:beep").is_ok());
+        for bad in [
+            "beep",
+            "sound:a b",
+            "",
+            &format!("sound:{}", "x".repeat(300)),
+        ] {
+            assert!(media(bad).is_err(), "{bad:?}");
+        }
+        assert!(valid_sip_uri("sip:10.0.0.5:5060"));
+        assert!(valid_sip_uri("SIPS:node-b.example;transport=tls"));
+        assert!(!valid_sip_uri("http://x"));
+        assert!(!valid_sip_uri("sip:"));
+        assert!(!valid_sip_uri("sip:a b"));
+    }
+
+    #[test]
+    fn error_codes_have_bounded_labels() {
+        for code in [
+            ErrorCode::ConferenceNotFound,
+            ErrorCode::ParticipantNotFound,
+            ErrorCode::NodeUnavailable,
+            ErrorCode::InvalidNumber,
+            ErrorCode::ConferenceFull,
+            ErrorCode::Forbidden,
+            ErrorCode::Timeout,
+            ErrorCode::InvalidParams,
+            ErrorCode::Internal,
+        ] {
+            assert!(crate::metrics::COMMAND_OUTCOMES.contains(&code_label(code)));
+        }
+    }
+}

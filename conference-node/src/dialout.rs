@@ -1,0 +1,613 @@
+//! Dial-out: calling a number or SIP URI into a conference (the `dialout` command).
+//!
+//! This module holds what does not belong to one conference: the dial strings of
+//! `[dialout]` and their start-up checks, the target and option checks of a command, the
+//! Q.850 → SIP status mapping, and the tracker that turns the call's ARI events into
+//! `dialout.status` notifications: `accepted` → `ringing` (Dial `RINGING`/`PROGRESS`) →
+//! `connected` (the callee is in the conference's bridge), or `rejected` with `code` and
+//! `cause` when the call ends before that, or `cleared` with `cause` when it ends after. The
+//! conference's actor originates the call and joins the callee (`conference::commands`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use confroute_shared::bus::{BusError, ErrorCode};
+use confroute_shared::config::Issues;
+
+use crate::config::{DialoutConfig, NodeConfig};
+use crate::control::{DialoutP, Pending};
+use crate::node::{lock, Node};
+use crate::options::{self, Options};
+
+/// Longest accepted target.
+const MAX_TARGET: usize = 256;
+/// Longest accepted caller id.
+const MAX_CALLER_ID: usize = 128;
+/// Seconds a callee rings when the command names no timeout.
+const DEFAULT_TIMEOUT: u64 = 30;
+/// How long after the callee's StasisEnd the call is reported `cleared` if Asterisk's
+/// `ChannelDestroyed` (which carries the cause) never comes, e.g. across an ARI reconnect.
+const CLEARED_FALLBACK: Duration = Duration::from_secs(5);
+/// How long past its ring timeout an unanswered dial-out whose end was never seen (an event
+/// lost across an ARI reconnect) is given up: reported `rejected` and its seat freed.
+pub const RINGING_FALLBACK: Duration = Duration::from_secs(30);
+
+/// Where a dial-out goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// An E.164-style number: optional `+`, 3-15 digits, no leading zero.
+    Number(&'a str),
+    /// A `sip:` or `sips:` URI with a user and a host.
+    Sip(&'a str),
+}
+
+/// Reads a dial-out target; `None` for anything that is neither an E.164-style number nor
+/// a SIP URI (the same rule as the controller's, so the node trusts nobody's checks).
+pub fn target(t: &str) -> Option<Target<'_>> {
+    if t.len() > MAX_TARGET || t.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return None;
+    }
+    let digits = t.strip_prefix('+').unwrap_or(t);
+    if (3..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+    {
+        return Some(Target::Number(t));
+    }
+    let rest = t.strip_prefix("sip:").or_else(|| t.strip_prefix("sips:"))?;
+    let (user, host) = rest.split_once('@')?;
+    let ok = !user.is_empty()
+        && !host.is_empty()
+        && !t.contains(['<', '>', '"', '\'', ','])
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b';' | b'=')
+        });
+    ok.then_some(Target::Sip(t))
+}
+
+/// The ARI endpoint for `target` from the configured dial strings; `forbidden` when that
+/// kind of target is not configured on this node.
+pub fn endpoint(cfg: &DialoutConfig, target: Target<'_>) -> Result<String, BusError> {
+    match target {
+        Target::Number(n) if !cfg.endpoint.is_empty() => Ok(cfg
+            .endpoint
+            .replace("{number}", n)
+            .replace("{digits}", n.trim_start_matches('+'))),
+        Target::Sip(u) if !cfg.sip_endpoint.is_empty() => Ok(cfg.sip_endpoint.replace("{uri}", u)),
+        Target::Number(_) => Err(BusError::new(
+            ErrorCode::Forbidden,
+            "dial-out to numbers is not configured on this node (dialout.endpoint)",
+        )),
+        Target::Sip(_) => Err(BusError::new(
+            ErrorCode::Forbidden,
+            "dial-out to SIP URIs is not configured on this node (dialout.sip_endpoint)",
+        )),
+    }
+}
+
+/// Checks one dial string: `TECH/resource` with exactly the placeholders allowed.
+fn check_dial_string(issues: &mut Issues, key: &str, s: &str, allowed: &[&str], example: &str) {
+    if s.is_empty() {
+        return;
+    }
+    let bad = |issues: &mut Issues, why: &str| {
+        issues.add(key, format!("`{s}` {why}; expected e.g. {example}"));
+    };
+    if s.bytes()
+        .any(|b| b.is_ascii_control() || b.is_ascii_whitespace())
+    {
+        return bad(issues, "holds spaces or control characters");
+    }
+    let Some((tech, resource)) = s.split_once('/') else {
+        return bad(issues, "is not an ARI endpoint TECH/resource");
+    };
+    if tech.is_empty() || !tech.bytes().all(|b| b.is_ascii_alphanumeric()) || resource.is_empty() {
+        return bad(issues, "is not an ARI endpoint TECH/resource");
+    }
+    let mut rest = s;
+    let mut found = false;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            return bad(issues, "has an unclosed `{`");
+        };
+        let name = &rest[open..open + close + 1];
+        if !allowed.contains(&name) {
+            return bad(
+                issues,
+                &format!("names {name}, which is not one of {}", allowed.join(", ")),
+            );
+        }
+        found = true;
+        rest = &rest[open + close + 1..];
+    }
+    if !found {
+        bad(
+            issues,
+            &format!(
+                "has no placeholder for the target ({})",
+                allowed.join(" or ")
+            ),
+        );
+    }
+}
+
+/// Start-up checks of `[dialout]`, naming the key at fault.
+pub fn check_config(cfg: &DialoutConfig, issues: &mut Issues) {
+    check_dial_string(
+        issues,
+        "dialout.endpoint",
+        &cfg.endpoint,
+        &["{number}", "{digits}"],
+        "PJSIP/{number}@trunk",
+    );
+    check_dial_string(
+        issues,
+        "dialout.sip_endpoint",
+        &cfg.sip_endpoint,
+        &["{uri}"],
+        "PJSIP/trunk/{uri}",
+    );
+    if let Err(e) = caller_id(&cfg.caller_id) {
+        issues.add("dialout.caller_id", e);
+    }
+}
+
+fn caller_id(s: &str) -> Result<(), String> {
+    if s.len() > MAX_CALLER_ID || s.bytes().any(|b| b.is_ascii_control()) {
+        Err(format!(
+            "must be at most {MAX_CALLER_ID} printable characters"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A checked dial-out, ready to originate.
+#[derive(Debug)]
+pub struct DialoutOp {
+    /// The target as given (for logs).
+    pub to: String,
+    /// The ARI endpoint to call.
+    pub endpoint: String,
+    /// Caller id to present; empty for the endpoint's own.
+    pub caller_id: String,
+    /// Seconds to ring.
+    pub timeout_secs: u64,
+    /// The callee's options once it joins.
+    pub options: Options,
+}
+
+/// Checks a `dialout` command: target (`invalid_number`), dial string configured
+/// (`forbidden`), `from`, `timeout` and `options` (`invalid_params`).
+pub fn prepare(cfg: &NodeConfig, p: DialoutP) -> Result<DialoutOp, BusError> {
+    let Some(t) = target(&p.to) else {
+        return Err(BusError::new(
+            ErrorCode::InvalidNumber,
+            format!(
+                "`{}` is not an E.164 number or a SIP URI",
+                p.to.chars().take(64).collect::<String>()
+            ),
+        ));
+    };
+    let invalid = |m: String| BusError::new(ErrorCode::InvalidParams, m);
+    let caller = p.from.unwrap_or_else(|| cfg.dialout.caller_id.clone());
+    caller_id(&caller).map_err(|e| invalid(format!("from: {e}")))?;
+    let timeout_secs = p.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    if !(1..=600).contains(&timeout_secs) {
+        return Err(invalid("timeout: 1-600 seconds".into()));
+    }
+    let options = callee_options(cfg, &p.options.unwrap_or_default()).map_err(invalid)?;
+    let endpoint = endpoint(&cfg.dialout, t)?;
+    Ok(DialoutOp {
+        to: p.to,
+        endpoint,
+        caller_id: caller,
+        timeout_secs,
+        options,
+    })
+}
+
+/// The callee's options: the dial-out's `options` map (TwiML names) over the profile it
+/// names over `[conference]`, with the same rules as a caller's channel variables; any bad
+/// value is an error naming the option.
+pub fn callee_options(cfg: &NodeConfig, given: &Map<String, Value>) -> Result<Options, String> {
+    const NAMES: &[(&str, &str)] = &[
+        ("profile", options::VAR_PROFILE),
+        ("muted", options::VAR_MUTED),
+        ("beep", options::VAR_BEEP),
+        ("startConferenceOnEnter", options::VAR_START_ON_ENTER),
+        ("endConferenceOnExit", options::VAR_END_ON_EXIT),
+        ("maxParticipants", options::VAR_MAX_PARTICIPANTS),
+        ("waitMusic", options::VAR_WAIT_MUSIC),
+        ("record", options::VAR_RECORD),
+        ("statusCallback", options::VAR_STATUS_CALLBACK),
+        ("statusCallbackEvent", options::VAR_STATUS_CALLBACK_EVENT),
+    ];
+    let mut vars = std::collections::BTreeMap::new();
+    for (key, value) in given {
+        let Some((_, var)) = NAMES.iter().find(|(k, _)| k == key) else {
+            let known: Vec<&str> = NAMES.iter().map(|(k, _)| *k).collect();
+            return Err(format!(
+                "options.{}: unknown option; expected one of {}",
+                key.chars().take(64).collect::<String>(),
+                known.join(", ")
+            ));
+        };
+        let text = match value {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::Array(items) if items.iter().all(Value::is_string) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => {
+                return Err(format!(
+                    "options.{key}: expected a string, a boolean or a number"
+                ))
+            }
+        };
+        vars.insert(var.to_string(), text);
+    }
+    let (opts, warnings) = options::resolve(&cfg.conference, &cfg.profiles, &vars);
+    if let Some(w) = warnings.first() {
+        let key = NAMES
+            .iter()
+            .find(|(_, v)| *v == w.variable)
+            .map(|(k, _)| *k)
+            .unwrap_or(w.variable);
+        let why = w
+            .message
+            .trim_end_matches("; keeping the profile's value")
+            .trim_end_matches("; using the defaults");
+        return Err(format!("options.{key}: {why}"));
+    }
+    Ok(opts)
+}
+
+/// The SIP status reported for a dial-out that ended before it connected, from the
+/// Q.850 cause of its channel (docs/call-control.md).
+pub fn sip_code(cause: i64) -> u16 {
+    match cause {
+        1 => 404,
+        3 => 604,
+        // Called off by this side before an answer: the conference ended or it was kicked.
+        16 => 487,
+        17 => 486,
+        18..=20 => 480,
+        21 => 603,
+        22 => 410,
+        27 => 502,
+        28 => 484,
+        34 | 38 | 41 | 42 => 503,
+        58 => 488,
+        _ => 500,
+    }
+}
+
+/// One dial-out's progress.
+#[derive(Debug)]
+struct Track {
+    id: String,
+    reply_to: String,
+    accepted: bool,
+    ringing: bool,
+    connected: bool,
+    /// Cause of the last hangup request from the far end (not a soft hangup).
+    requested: Option<i64>,
+    /// The call ended (with this cause) before `accepted` could be sent.
+    ended: Option<i64>,
+}
+
+/// Dial-outs in progress on this node, by call id (the callee's channel id).
+#[derive(Default)]
+pub struct Dialouts {
+    calls: Mutex<HashMap<String, Track>>,
+}
+
+fn send(node: &Node, t: &Track, callid: &str, status: &'static str, extra: Value, last: bool) {
+    let mut params = json!({"callid": callid, "status": status});
+    if let (Some(p), Value::Object(e)) = (params.as_object_mut(), extra) {
+        p.extend(e);
+    }
+    node.metrics.dialout(status);
+    tracing::info!(callid, status, "dial-out status");
+    node.outbox.notify(&t.id, &t.reply_to, params, last);
+}
+
+fn finish(node: &Node, t: &Track, callid: &str, cause: i64) {
+    if t.connected {
+        send(node, t, callid, "cleared", json!({"cause": cause}), true);
+    } else {
+        send(
+            node,
+            t,
+            callid,
+            "rejected",
+            json!({"code": sip_code(cause), "cause": cause}),
+            true,
+        );
+    }
+}
+
+impl Dialouts {
+    /// Starts tracking call `callid` of command `pending` (before the originate, so no
+    /// event of the call is missed).
+    pub fn begin(&self, callid: &str, pending: &Pending) {
+        lock(&self.calls).insert(
+            callid.to_string(),
+            Track {
+                id: pending.id.clone(),
+                reply_to: pending.reply_to.clone(),
+                accepted: false,
+                ringing: false,
+                connected: false,
+                requested: None,
+                ended: None,
+            },
+        );
+    }
+
+    /// The command was answered with the call id: `accepted`, then whatever the call did
+    /// meanwhile.
+    pub fn accepted(&self, node: &Node, callid: &str) {
+        let mut calls = lock(&self.calls);
+        let Some(t) = calls.get_mut(callid) else {
+            return;
+        };
+        t.accepted = true;
+        send(node, t, callid, "accepted", Value::Null, false);
+        if t.ringing {
+            send(node, t, callid, "ringing", Value::Null, false);
+        }
+        if t.connected {
+            send(node, t, callid, "connected", Value::Null, false);
+        }
+        if let Some(cause) = t.ended {
+            finish(node, t, callid, cause);
+            calls.remove(callid);
+        }
+    }
+
+    /// The originate failed: no notifications follow.
+    pub fn abandon(&self, callid: &str) {
+        lock(&self.calls).remove(callid);
+    }
+
+    /// A Dial event of the call.
+    pub fn dial_status(&self, node: &Node, callid: &str, status: &str) {
+        if !matches!(status, "RINGING" | "PROGRESS") {
+            return;
+        }
+        let mut calls = lock(&self.calls);
+        let Some(t) = calls.get_mut(callid) else {
+            return;
+        };
+        if t.ringing || t.connected {
+            return;
+        }
+        t.ringing = true;
+        if t.accepted {
+            send(node, t, callid, "ringing", Value::Null, false);
+        }
+    }
+
+    /// The callee is in the conference's bridge.
+    pub fn connected(&self, node: &Node, callid: &str) {
+        let mut calls = lock(&self.calls);
+        let Some(t) = calls.get_mut(callid) else {
+            return;
+        };
+        if t.connected {
+            return;
+        }
+        t.connected = true;
+        if t.accepted {
+            send(node, t, callid, "connected", Value::Null, false);
+        }
+    }
+
+    /// The far end asked to hang up with Q.850 `cause`.
+    pub fn hangup_requested(&self, callid: &str, cause: i64) {
+        if let Some(t) = lock(&self.calls).get_mut(callid) {
+            t.requested = Some(cause);
+        }
+    }
+
+    /// The call's channel is gone (ChannelDestroyed): the last notification.
+    pub fn destroyed(&self, node: &Node, callid: &str, cause: i64) {
+        let mut calls = lock(&self.calls);
+        let Some(t) = calls.get_mut(callid) else {
+            return;
+        };
+        let cause = if cause > 0 {
+            cause
+        } else {
+            t.requested.unwrap_or(16)
+        };
+        if !t.accepted {
+            t.ended = Some(cause);
+            return;
+        }
+        finish(node, t, callid, cause);
+        calls.remove(callid);
+    }
+
+    /// Gives up a dial-out still unanswered long after its ring timeout (its end was not
+    /// seen): `rejected` with the last cause heard, else 19 (no answer). True when it was.
+    pub fn expire(&self, node: &Node, callid: &str) -> bool {
+        let mut calls = lock(&self.calls);
+        if !calls
+            .get(callid)
+            .is_some_and(|t| t.accepted && !t.connected)
+        {
+            return false;
+        }
+        if let Some(t) = calls.remove(callid) {
+            let cause = t.requested.unwrap_or(19);
+            finish(node, &t, callid, cause);
+        }
+        true
+    }
+
+    /// The callee left the Stasis app; if Asterisk's ChannelDestroyed does not follow, the
+    /// call is reported cleared anyway.
+    pub fn stasis_ended(&self, node: &Arc<Node>, callid: &str) {
+        if !lock(&self.calls)
+            .get(callid)
+            .is_some_and(|t| t.connected && t.accepted)
+        {
+            return;
+        }
+        let node = node.clone();
+        let callid = callid.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLEARED_FALLBACK).await;
+            let mut calls = lock(&node.dialouts.calls);
+            if let Some(t) = calls.remove(&callid) {
+                let cause = t.requested.unwrap_or(16);
+                finish(&node, &t, &callid, cause);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(target("+15555550101"), Some(Target::Number("+15555550101")));
+        assert_eq!(target("4930123456"), Some(Target::Number("4930123456")));
+        assert_eq!(
+            target("sip:alice@example.com"),
+            Some(Target::Sip("sip:alice@example.com"))
+        );
+        assert!(target("sips:bob@10.0.0.1:5061;transport=tls").is_some());
+        for bad in [
+            "",
+            "+0123",
+            "+1",
+            "12345678901234567",
+            "alice",
+            "sip:",
+            "sip:@host",
+            "sip:a@",
+            "sip:a@b c",
+            "sip:a@b\r\nX: y",
+            "tel:+1555",
+            "sip:a@<b>",
+        ] {
+            assert_eq!(target(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn endpoints_from_templates() {
+        let cfg = DialoutConfig {
+            endpoint: "PJSIP/{number}@trunk".into(),
+            sip_endpoint: "PJSIP/trunk/{uri}".into(),
+            caller_id: String::new(),
+        };
+        assert_eq!(
+            endpoint(&cfg, Target::Number("+15555550101")).expect("number"),
+            "PJSIP/+15555550101@trunk"
+        );
+        assert_eq!(
+            endpoint(&cfg, Target::Sip("sip:a@b")).expect("uri"),
+            "PJSIP/trunk/sip:a@b"
+        );
+        let digits = DialoutConfig {
+            endpoint: "PJSIP/00{digits}@carrier".into(),
+            ..DialoutConfig::default()
+        };
+        assert_eq!(
+            endpoint(&digits, Target::Number("+4930123")).expect("digits"),
+            "PJSIP/004930123@carrier"
+        );
+        let e = endpoint(&digits, Target::Sip("sip:a@b")).expect_err("not configured");
+        assert_eq!(e.code, ErrorCode::Forbidden);
+        assert!(e.message.contains("dialout.sip_endpoint"));
+    }
+
+    #[test]
+    fn dial_string_checks() {
+        let check = |endpoint: &str, sip: &str| {
+            let mut issues = Issues::default();
+            check_config(
+                &DialoutConfig {
+                    endpoint: endpoint.into(),
+                    sip_endpoint: sip.into(),
+                    caller_id: String::new(),
+                },
+                &mut issues,
+            );
+            issues.finish()
+        };
+        assert!(check("", "").is_ok());
+        assert!(check("PJSIP/{number}@trunk", "PJSIP/trunk/{uri}").is_ok());
+        assert!(check("Local/{digits}@outbound", "").is_ok());
+        for (e, s, key) in [
+            ("PJSIP/trunk", "", "dialout.endpoint"),
+            ("{number}", "", "dialout.endpoint"),
+            ("PJSIP/{num}", "", "dialout.endpoint"),
+            ("PJSIP/{number", "", "dialout.endpoint"),
+            ("PJ SIP/{number}", "", "dialout.endpoint"),
+            ("", "PJSIP/{number}", "dialout.sip_endpoint"),
+            ("", "/{uri}", "dialout.sip_endpoint"),
+        ] {
+            let err = check(e, s).expect_err(e);
+            assert!(err.mentions(key), "{e} {s}: {err}");
+        }
+    }
+
+    #[test]
+    fn q850_to_sip() {
+        for (cause, code) in [
+            (17, 486),
+            (18, 480),
+            (19, 480),
+            (21, 603),
+            (34, 503),
+            (38, 503),
+            (41, 503),
+            (42, 503),
+            (1, 404),
+            (3, 604),
+            (16, 487),
+            (99, 500),
+        ] {
+            assert_eq!(sip_code(cause), code, "cause {cause}");
+        }
+    }
+
+    #[test]
+    fn callee_options_name_the_bad_key() {
+        let cfg = NodeConfig::default();
+        let ok: Map<String, Value> = serde_json::from_value(json!({
+            "muted": true, "beep": "onExit", "startConferenceOnEnter": false,
+            "maxParticipants": 5, "statusCallbackEvent": ["join", "leave"]
+        }))
+        .expect("map");
+        let o = callee_options(&cfg, &ok).expect("valid options");
+        assert!(o.muted && !o.start_on_enter);
+        assert_eq!(o.max_participants, 5);
+        assert_eq!(o.beep, options::Beep::OnExit);
+        for (bad, key) in [
+            (json!({"muted": "perhaps"}), "options.muted"),
+            (json!({"colour": "red"}), "options.colour"),
+            (json!({"maxParticipants": 0}), "options.maxParticipants"),
+            (json!({"profile": "nope"}), "options.profile"),
+            (json!({"beep": {"a": 1}}), "options.beep"),
+        ] {
+            let m: Map<String, Value> = serde_json::from_value(bad.clone()).expect("map");
+            let e = callee_options(&cfg, &m).expect_err("bad option");
+            assert!(e.starts_with(key), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Dial-out through a controller to the node that hosts the conference, with the exact
+//! `dialout.status` sequence of each outcome: answered, busy, no answer, answered then hung
+//! up by the far end, called off while ringing; refusals (invalid number, full conference)
+//! originate nothing.
+
+mod node_common;
+
+use std::time::{Duration, Instant};
+
+use confroute_tests::ari_sim::{EndpointMatch, Outcome};
+use confroute_tests::fixtures;
+use confroute_tests::harness::wait_for_async;
+use node_common::control::*;
+use node_common::*;
+use serde_json::{json, Value};
+
+fn originates(sim: &TestSim) -> Vec<String> {
+    sim.request_log()
+        .into_iter()
+        .filter(|r| r.operation.as_deref() == Some("originateWithId"))
+        .map(|r| r.path)
+        .collect()
+}
+
+/// A conference placed by controller B with one caller in it; `(node id, bridge id)`.
+async fn room(c: &Cluster, name: &str, vars: &[(&str, &str)]) -> (String, String) {
+    let owner = c.route(1, name).await;
+    let sim = &c.node(&owner).sim;
+    let caller = dial(sim, name, vars).await;
+    let bridge = wait_bridged(sim, &caller).await;
+    (owner, bridge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialout_outcomes_have_their_exact_status_sequences() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (owner, bridge) = room(&c, "sales-1", &[]).await;
+    let sim = &c.node(&owner).sim;
+    let mut ws = c.client(0).await;
+
+    // Answered: accepted, ringing, connected; the callee is in the bridge with its options.
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "sales-1", "to": "+15555550101", "from": "\"Sales\" <+15550000>",
+                   "options": {"muted": true}}),
+        )
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    let st = ws.statuses(&callid, "connected").await;
+    assert_eq!(names(&st), ["accepted", "ringing", "connected"], "{st:?}");
+    let snap = sim.snapshot();
+    let callee = snap
+        .channel(&callid)
+        .expect("the callee's channel has the call id");
+    assert_eq!(callee.bridge.as_deref(), Some(bridge.as_str()));
+    assert!(callee.bridge_mute, "options.muted applied");
+    assert_eq!(callee.caller_number, "+15550000");
+    assert_eq!(
+        originates(sim),
+        vec![format!("/ari/channels/{callid}")],
+        "originateWithId with the call id"
+    );
+    let list = ws
+        .ok("participant.list", json!({"conference": "sales-1"}))
+        .await;
+    assert!(
+        list["participants"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p["id"] == callid.as_str())),
+        "{list}"
+    );
+    // The far end hangs up: cleared, with the cause.
+    sim.hangup_far_end(&callid, 16).await.expect("hang up");
+    let st = ws.statuses(&callid, "cleared").await;
+    assert_eq!(
+        st,
+        vec![json!({"callid": callid, "status": "cleared", "cause": 16})]
+    );
+
+    // Busy: rejected 486 (Q.850 17), never ringing.
+    sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550102@trunk"),
+        Outcome::Busy,
+    );
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "sales-1", "to": "+15555550102"}),
+        )
+        .await;
+    let busy = r["callid"].as_str().expect("callid").to_string();
+    let st = ws.statuses(&busy, "rejected").await;
+    assert_eq!(
+        st,
+        vec![
+            json!({"callid": busy, "status": "accepted"}),
+            json!({"callid": busy, "status": "rejected", "code": 486, "cause": 17}),
+        ]
+    );
+
+    // No answer: rings until the timeout, then rejected 480 (Q.850 19).
+    sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550103@trunk"),
+        Outcome::NoAnswer,
+    );
+    let started = Instant::now();
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "sales-1", "to": "+15555550103", "timeout": 1}),
+        )
+        .await;
+    let silent = r["callid"].as_str().expect("callid").to_string();
+    let st = ws.statuses(&silent, "rejected").await;
+    assert_eq!(names(&st), ["accepted", "ringing", "rejected"], "{st:?}");
+    assert_eq!(
+        st[2],
+        json!({"callid": silent, "status": "rejected", "code": 480, "cause": 19})
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "rejected only after the 1 s timeout ({:?})",
+        started.elapsed()
+    );
+
+    // Congestion: rejected 503.
+    sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550104@trunk"),
+        Outcome::Congested,
+    );
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "sales-1", "to": "+15555550104"}),
+        )
+        .await;
+    let congested = r["callid"].as_str().expect("callid").to_string();
+    let st = ws.statuses(&congested, "rejected").await;
+    assert_eq!(
+        st.last().map(|p| p["code"].clone()),
+        Some(json!(503)),
+        "{st:?}"
+    );
+
+    // A SIP URI goes through the SIP dial string.
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "sales-1", "to": "sip:alice@example.com"}),
+        )
+        .await;
+    let sip = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&sip, "connected").await),
+        ["accepted", "ringing", "connected"]
+    );
+    let snap = sim.snapshot();
+    assert!(
+        snap.channel(&sip)
+            .is_some_and(|c| c.name.starts_with("PJSIP/trunk")),
+        "{snap:#?}"
+    );
+
+    // Called off while ringing: kicked (its call id) → rejected 487 (Q.850 16).
+    sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550105@trunk"),
+        Outcome::Manual,
+    );
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "sales-1", "to": "+15555550105"}),
+        )
+        .await;
+    let ringing = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&ringing, "ringing").await),
+        ["accepted", "ringing"]
+    );
+    ws.ok(
+        "participant.kick",
+        json!({"conference": "sales-1", "participant": ringing}),
+    )
+    .await;
+    assert_eq!(
+        ws.statuses(&ringing, "rejected").await,
+        vec![json!({"callid": ringing, "status": "rejected", "code": 487, "cause": 16})]
+    );
+
+    // The ending conference calls off a callee still ringing.
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "sales-1", "to": "+15555550105"}),
+        )
+        .await;
+    let late = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&late, "ringing").await;
+    ws.ok("conference.end", json!({"conference": "sales-1"}))
+        .await;
+    let st = ws.statuses(&late, "rejected").await;
+    assert_eq!(st.last().map(|p| p["code"].clone()), Some(json!(487)));
+    assert_eq!(
+        ws.statuses(&sip, "cleared").await,
+        vec![json!({"callid": sip, "status": "cleared", "cause": 16})],
+        "the connected SIP callee is cleared by the end"
+    );
+
+    let m = fixtures::scrape(&c.node(&owner).proc.http_url()).await;
+    for (status, at_least) in [
+        ("accepted", 7.0),
+        ("ringing", 5.0),
+        ("connected", 2.0),
+        ("rejected", 5.0),
+        ("cleared", 2.0),
+    ] {
+        let series = format!(r#"confroute_node_dialouts_total{{status="{status}"}}"#);
+        assert!(fixtures::metric(&m, &series) >= at_least, "{series}\n{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialout_homes_a_new_conference_and_ends_it_with_its_callee() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let store = fixtures::store(&c.cfg);
+    let mut ws = c.client(1).await;
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "fresh-1", "to": "+15555550111"}),
+        )
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&callid, "connected").await),
+        ["accepted", "ringing", "connected"]
+    );
+    let rec = store
+        .lookup(&"fresh-1".parse().expect("name"))
+        .await
+        .expect("lookup")
+        .expect("homed");
+    let sim = &c.node(rec.owner.node.as_str()).sim;
+    let bridge = format!("cr-{}-fresh-1", rec.owner.epoch);
+    until(sim, "the callee in the new conference's bridge", |s| {
+        s.channel(&callid).and_then(|c| c.bridge.as_deref()) == Some(bridge.as_str())
+    })
+    .await;
+    sim.hangup_far_end(&callid, 16).await.expect("hang up");
+    assert_eq!(names(&ws.statuses(&callid, "cleared").await), ["cleared"]);
+    wait_for_async("the claim released", WAIT, || async {
+        let r = store.lookup(&"fresh-1".parse().ok()?).await.ok()?;
+        r.is_none().then_some(())
+    })
+    .await
+    .expect("the conference ended with its only participant");
+
+    // A dial-out that fails into a conference nobody is in ends it too.
+    // Wherever the controller places it.
+    for n in &c.nodes {
+        n.sim
+            .set_originate_behavior(EndpointMatch::prefix("PJSIP/+1555555"), Outcome::Busy);
+    }
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "fresh-2", "to": "+15555550112"}),
+        )
+        .await;
+    let busy = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&busy, "rejected").await),
+        ["accepted", "rejected"]
+    );
+    wait_for_async("the empty conference's claim released", WAIT, || async {
+        let r = store.lookup(&"fresh-2".parse().ok()?).await.ok()?;
+        r.is_none().then_some(())
+    })
+    .await
+    .expect("released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_dialouts_originate_nothing() {
+    let c = Cluster::start(&[], &[]).await;
+    let (owner, _) = room(&c, "small-1", &[("CONFROUTE_MAX_PARTICIPANTS", "1")]).await;
+    let sim = &c.node(&owner).sim;
+    let mut ws = c.client(0).await;
+    for (params, code) in [
+        (json!({"conference": "small-1", "to": "12"}), -32004),
+        (
+            json!({"conference": "small-1", "to": "not a number"}),
+            -32004,
+        ),
+        (json!({"conference": "small-1", "to": "+0123456"}), -32004),
+        (json!({"conference": "small-1", "to": "sip:nobody"}), -32004),
+        (
+            json!({"conference": "small-1", "to": "+15555550101", "timeout": 0}),
+            -32602,
+        ),
+        (
+            json!({"conference": "small-1", "to": "+15555550101", "options": {"muted": "perhaps"}}),
+            -32602,
+        ),
+        (
+            json!({"conference": "small-1", "to": "+15555550101", "options": {"colour": "red"}}),
+            -32602,
+        ),
+        (
+            json!({"conference": "bad name", "to": "+15555550101"}),
+            -32602,
+        ),
+        // Full: one participant of at most one.
+        (
+            json!({"conference": "small-1", "to": "+15555550101"}),
+            -32005,
+        ),
+    ] {
+        let (got, msg) = ws.err("dialout", params.clone()).await;
+        assert_eq!(got, code, "{params}: {msg}");
+        if params["options"]["colour"].is_string() {
+            assert!(msg.contains("options.colour"), "{msg}");
+        }
+    }
+    for n in &c.nodes {
+        assert!(
+            originates(&n.sim).is_empty(),
+            "{}: {:?}",
+            n.id,
+            originates(&n.sim)
+        );
+    }
+    let v: Value = ws
+        .ok("participant.list", json!({"conference": "small-1"}))
+        .await;
+    assert_eq!(v["participants"].as_array().map(Vec::len), Some(1));
+    assert!(sim.snapshot().channels.len() == 1);
+}

@@ -1,0 +1,124 @@
+//! Conference events on the bus: a client subscribed on controller B sees every event of a
+//! conference, in the order the node published them (`seq` rising by one), while the
+//! commands that cause them go through controller A and callers come and go in Asterisk.
+
+mod node_common;
+
+use node_common::control::*;
+use node_common::*;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_on_another_controller_see_every_event_in_order() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let mut watcher = c.client(1).await;
+    let r = watcher
+        .ok("subscribe", json!({"conference": "events-1"}))
+        .await;
+    assert_eq!(r["subscribed"], "events-1");
+    let owner = c.route(0, "events-1").await;
+    let sim = &c.node(&owner).sim;
+    let mut ctl = c.client(0).await;
+    let who = |p: &str| json!({"conference": "events-1", "participant": p});
+
+    let a = dial(sim, "events-1", &[]).await;
+    wait_bridged(sim, &a).await;
+    let b = dial(sim, "events-1", &[]).await;
+    wait_bridged(sim, &b).await;
+    ctl.ok("participant.mute", who(&a)).await;
+    ctl.ok("participant.unmute", who(&a)).await;
+    ctl.ok("participant.hold", who(&b)).await;
+    ctl.ok("participant.unhold", who(&b)).await;
+    sim.caller_hold(&a, true).await.expect("caller holds");
+    sim.caller_hold(&a, false).await.expect("caller resumes");
+    let r = ctl
+        .ok(
+            "dialout",
+            json!({"conference": "events-1", "to": "+15555550199"}),
+        )
+        .await;
+    let callee = r["callid"].as_str().expect("callid").to_string();
+    ctl.statuses(&callee, "connected").await;
+    ctl.ok("participant.kick", who(&callee)).await;
+    sim.hangup_far_end(&b, 16).await.expect("b leaves");
+
+    let events = watcher
+        .events_until(|e| e["event"] == "leave" && e["data"]["participant"] == b.as_str())
+        .await;
+    let got: Vec<(String, Value)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or("").to_string(),
+                e["data"]["participant"].clone(),
+            )
+        })
+        .collect();
+    let p = |s: &str| Value::String(s.to_string());
+    assert_eq!(
+        got,
+        vec![
+            ("join".to_string(), p(&a)),
+            ("join".to_string(), p(&b)),
+            ("mute".to_string(), p(&a)),
+            ("unmute".to_string(), p(&a)),
+            ("hold".to_string(), p(&b)),
+            ("unhold".to_string(), p(&b)),
+            ("hold".to_string(), p(&a)),
+            ("unhold".to_string(), p(&a)),
+            ("join".to_string(), p(&callee)),
+            ("leave".to_string(), p(&callee)),
+            ("leave".to_string(), p(&b)),
+        ],
+        "{events:#?}"
+    );
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=11).collect::<Vec<u64>>(), "{events:#?}");
+    assert!(events
+        .iter()
+        .all(|e| e["conference"] == "events-1" && e["node"] == owner.as_str()));
+    assert_eq!(events[4]["data"]["by"], "api");
+    assert_eq!(events[6]["data"]["by"], "caller");
+    assert_eq!(events[9]["data"]["reason"], "kicked");
+    assert_eq!(events[10]["data"]["reason"], "hangup");
+
+    // The claim moves to the other node (as a re-home would): owner_change.
+    let other = c.other(&owner).id.clone();
+    c.redis
+        .query(
+            redis::cmd("HSET")
+                .arg(format!("{}conf:events-1", c.cfg.prefix))
+                .arg("owner")
+                .arg(&other)
+                .arg("epoch")
+                .arg(99),
+        )
+        .expect("hset");
+    let more = watcher.events_until(|e| e["event"] == "owner_change").await;
+    let change = more.last().expect("owner_change");
+    assert_eq!(change["data"]["owner"], other.as_str(), "{more:#?}");
+    assert_eq!(change["seq"], json!(12));
+
+    // The last one out ends what is left of the conference here.
+    sim.hangup_far_end(&a, 16).await.expect("a leaves");
+    let rest = watcher.events_until(|e| e["event"] == "end").await;
+    let tail: Vec<&str> = rest.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(tail, ["leave", "end"], "{rest:#?}");
+    assert_eq!(rest[1]["seq"], json!(14));
+
+    // Unsubscribed, nothing more arrives for it: the next conference's events only.
+    watcher
+        .ok("unsubscribe", json!({"conference": "events-1"}))
+        .await;
+    watcher
+        .ok("subscribe", json!({"conference": "events-2"}))
+        .await;
+    let owner2 = c.route(0, "events-2").await;
+    let sim2 = &c.node(&owner2).sim;
+    let x = dial(sim2, "events-2", &[]).await;
+    wait_bridged(sim2, &x).await;
+    let next = watcher.events_until(|e| e["event"] == "join").await;
+    assert_eq!(next.len(), 1, "{next:#?}");
+    assert_eq!(next[0]["conference"], "events-2");
+    assert_eq!(next[0]["seq"], json!(1));
+}

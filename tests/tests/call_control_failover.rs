@@ -1,0 +1,77 @@
+//! A node agent killed (SIGKILL) while it works on a command: the client hears "node
+//! unavailable" (-32003) within the controller's command deadline, and the next command
+//! to that node fails at once (nobody listens on its channel any more).
+
+mod node_common;
+
+use std::time::{Duration, Instant};
+
+use node_common::control::*;
+use node_common::*;
+use serde_json::json;
+
+/// `rpc.command_timeout` of the controllers here.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_command_is_reported_unavailable_in_time() {
+    let mut c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
+            // Long enough that the stalled Asterisk, not the agent, holds the command.
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "20s"),
+        ],
+        &[("CONFROUTE_RPC__COMMAND_TIMEOUT", "2s")],
+    )
+    .await;
+    let owner = c.route(1, "doomed").await;
+    let a = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(sim, "doomed", &[]).await;
+        wait_bridged(sim, &a).await;
+        a
+    };
+    let port = c.controllers[0].http_port;
+    // Asterisk stops answering: the conference's actor waits inside the mute.
+    c.node(&owner).sim.stall(Duration::from_secs(30));
+    let started = Instant::now();
+    let pending = tokio::spawn(async move {
+        let mut ws = Client::connect(port).await;
+        let v = ws
+            .call(
+                "participant.mute",
+                json!({"conference": "doomed", "participant": a}),
+            )
+            .await;
+        (v, Instant::now())
+    });
+    let node = c.node_mut(&owner);
+    node.proc
+        .wait_log("command received", WAIT)
+        .expect("the node took the command");
+    node.proc.process().kill();
+    let (v, answered) = pending.await.expect("client task");
+    assert_eq!(v["error"]["code"], -32003, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not answer")),
+        "{v}"
+    );
+    let took = answered - started;
+    assert!(
+        took <= DEADLINE + Duration::from_millis(1500),
+        "answered after {took:?}, deadline {DEADLINE:?}"
+    );
+
+    // Nobody listens for that node now: refused at once, long before the deadline.
+    let mut ws = c.client(0).await;
+    let t = Instant::now();
+    let (code, msg) = ws
+        .err("participant.list", json!({"conference": "doomed"}))
+        .await;
+    assert_eq!(code, -32003, "{msg}");
+    assert!(t.elapsed() < DEADLINE, "{:?}", t.elapsed());
+    assert!(msg.contains("not listening"), "{msg}");
+}

@@ -1,0 +1,454 @@
+//! Every call-control method, through a real JSON-RPC WebSocket on controller A, for
+//! conferences hosted on a node that controller B placed: two controllers, two node agents
+//! each beside its own simulated Asterisk, real Redis. Each operation is checked by what it
+//! did in Asterisk (the simulator's state and events) and by what `participant.list` and
+//! the status callbacks report; each refusal by its error code and by nothing changing.
+
+mod node_common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Form, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use confroute_tests::fixtures;
+use confroute_tests::harness::wait_for_async;
+use node_common::control::*;
+use node_common::*;
+use serde_json::{json, Value};
+
+type Received = Arc<Mutex<Vec<HashMap<String, String>>>>;
+
+/// An HTTP server taking status callbacks; its URL and what it received.
+async fn receiver() -> (String, Received) {
+    let got: Received = Arc::new(Mutex::new(Vec::new()));
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            post(
+                |State(got): State<Received>, Form(form): Form<HashMap<String, String>>| async move {
+                    got.lock().expect("lock").push(form);
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, got)
+}
+
+fn participant<'a>(list: &'a Value, id: &str) -> &'a Value {
+    list["participants"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["id"] == id))
+        .unwrap_or_else(|| panic!("no participant {id} in {list}"))
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    let mut v: Vec<String> = list["participants"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Polls `participant.list` until `id` is no longer in `conference`.
+async fn wait_unlisted(ws: &mut Client, conference: &str, id: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = ws
+            .ok("participant.list", json!({"conference": conference}))
+            .await;
+        if !ids(&list).iter().any(|p| p == id) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} still listed: {list}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn playback_started(sim: &TestSim, target: &str, media: &str) -> bool {
+    sim.event_log().iter().any(|e| {
+        e["type"] == "PlaybackStarted"
+            && e["application"] == "confroute"
+            && e["playback"]["target_uri"] == target
+            && e["playback"]["media_uri"] == media
+    })
+}
+
+/// ARI requests that change something (everything but GET), for "nothing changed" checks.
+fn changes(sim: &TestSim) -> usize {
+    sim.request_log()
+        .iter()
+        .filter(|r| r.method != "GET")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_works_through_any_controller() {
+    let (hook, got) = receiver().await;
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_CONFERENCE__STATUS_CALLBACK", hook.as_str()),
+            (
+                "CONFROUTE_CONFERENCE__STATUS_CALLBACK_EVENT",
+                "[\"mute\", \"hold\"]",
+            ),
+        ],
+        &[],
+    )
+    .await;
+    // Controller B places the conference; callers reach that node; A controls it.
+    let owner = c.route(1, "room-1").await;
+    let n = c.node(&owner);
+    let other = c.other(&owner);
+    let sim = &n.sim;
+    let a = dial(sim, "room-1", &[]).await;
+    let main = wait_bridged(sim, &a).await;
+    assert!(
+        main.starts_with("cr-") && main.ends_with("-room-1"),
+        "{main}"
+    );
+    let b = dial(sim, "room-1", &[]).await;
+    let m = dial(sim, "room-1", &[("CONFROUTE_MUTED", "true")]).await;
+    for ch in [&b, &m] {
+        assert_eq!(wait_bridged(sim, ch).await, main);
+    }
+    let room = json!({"conference": "room-1"});
+    let who = |p: &str| json!({"conference": "room-1", "participant": p});
+    let mut ws = c.client(0).await;
+
+    // participant.list, and conference.get built on it.
+    let list = ws.ok("participant.list", room.clone()).await;
+    let mut want = vec![a.clone(), b.clone(), m.clone()];
+    want.sort();
+    assert_eq!(ids(&list), want);
+    let pa = participant(&list, &a);
+    assert_eq!(pa["caller"], "+15550001");
+    assert_eq!(pa["muted"], false);
+    assert_eq!(pa["held"], false);
+    assert!(pa["joined_ms"]
+        .as_u64()
+        .is_some_and(|t| t > 1_600_000_000_000));
+    assert_eq!(participant(&list, &m)["muted"], true);
+    let conf = ws.ok("conference.get", room.clone()).await;
+    assert_eq!(conf["node_id"], owner.as_str());
+    assert_eq!(conf["participants"].as_array().map(Vec::len), Some(3));
+
+    // Mute: ARI channel mute, direction in (the participant is not heard).
+    assert_eq!(ws.ok("participant.mute", who(&a)).await, json!({}));
+    until(sim, "a muted in", |s| {
+        s.channel(&a).is_some_and(|c| c.muted_in && !c.muted_out)
+    })
+    .await;
+    let list = ws.ok("participant.list", room.clone()).await;
+    assert_eq!(participant(&list, &a)["muted"], true);
+    assert_eq!(ws.ok("participant.unmute", who(&a)).await, json!({}));
+    until(sim, "a unmuted", |s| {
+        s.channel(&a).is_some_and(|c| !c.muted_in)
+    })
+    .await;
+    // One who joined muted (addChannel mute) is unmuted in the bridge as well.
+    assert!(sim.snapshot().channel(&m).is_some_and(|c| c.bridge_mute));
+    ws.ok("participant.unmute", who(&m)).await;
+    until(sim, "m unmuted in the bridge", |s| {
+        s.channel(&m).is_some_and(|c| {
+            !c.bridge_mute && !c.muted_in && c.bridge.as_deref() == Some(main.as_str())
+        })
+    })
+    .await;
+    let list = ws.ok("participant.list", room.clone()).await;
+    assert_eq!(participant(&list, &m)["muted"], false);
+
+    // Hold: out of the mix into the holding bridge with music; unhold: back.
+    assert_eq!(ws.ok("participant.hold", who(&b)).await, json!({}));
+    let holding = main.replacen("cr-", "crh-", 1);
+    until(sim, "b on hold", |s| {
+        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(holding.as_str())
+            && s.bridge(&holding)
+                .is_some_and(|h| h.bridge_type == "holding" && h.moh.as_deref() == Some("default"))
+    })
+    .await;
+    let list = ws.ok("participant.list", room.clone()).await;
+    assert_eq!(participant(&list, &b)["held"], true);
+    ws.ok("participant.unhold", who(&b)).await;
+    until(sim, "b back in the mix, holding bridge gone", |s| {
+        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(main.as_str())
+            && s.bridge(&holding).is_none()
+    })
+    .await;
+    let list = ws.ok("participant.list", room.clone()).await;
+    assert_eq!(participant(&list, &b)["held"], false);
+
+    // The mute and hold status callbacks.
+    wait_for_async("mute and hold callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() >= 5).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let events: Vec<(String, String)> = got
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|f| {
+            (
+                f["StatusCallbackEvent"].clone(),
+                f.get("CallSid").cloned().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("participant-mute".to_string(), a.clone()),
+            ("participant-unmute".to_string(), a.clone()),
+            ("participant-unmute".to_string(), m.clone()),
+            ("participant-hold".to_string(), b.clone()),
+            ("participant-unhold".to_string(), b.clone()),
+        ]
+    );
+
+    // DTMF to the participant's far end.
+    ws.ok(
+        "participant.dtmf",
+        json!({"conference": "room-1", "participant": a, "digits": "12#"}),
+    )
+    .await;
+    until(sim, "DTMF sent", |s| {
+        s.channel(&a).is_some_and(|c| c.dtmf_sent == "12#")
+    })
+    .await;
+
+    // Playback to one participant and to the whole conference.
+    let r = ws
+        .ok(
+            "participant.play",
+            json!({"conference": "room-1", "participant": a, "media": "sound:hello-world"}),
+        )
+        .await;
+    assert!(r["playback"].as_str().is_some_and(|p| !p.is_empty()), "{r}");
+    let target = format!("channel:{a}");
+    wait_for_async("playback to a", WAIT, || async {
+        playback_started(sim, &target, "sound:hello-world").then_some(())
+    })
+    .await
+    .expect("participant playback started");
+    let r = ws
+        .ok(
+            "conference.play",
+            json!({"conference": "room-1", "media": "sound:conf-onlyperson"}),
+        )
+        .await;
+    assert!(r["playback"].is_string(), "{r}");
+    let target = format!("bridge:{main}");
+    wait_for_async("playback to the bridge", WAIT, || async {
+        playback_started(sim, &target, "sound:conf-onlyperson").then_some(())
+    })
+    .await
+    .expect("conference playback started");
+
+    // Refusals change nothing.
+    let before = changes(sim);
+    for (method, params, code) in [
+        ("participant.mute", who("nobody.1"), -32002),
+        ("participant.hold", who("nobody.1"), -32002),
+        ("participant.kick", who("nobody.1"), -32002),
+        (
+            "participant.dtmf",
+            json!({"conference": "room-1", "participant": "nobody.1", "digits": "1"}),
+            -32002,
+        ),
+        (
+            "participant.play",
+            json!({"conference": "room-1", "participant": "nobody.1", "media": "sound:x"}),
+            -32002,
+        ),
+        (
+            "participant.update",
+            json!({"conference": "room-1", "participant": "nobody.1", "beepOnExit": true}),
+            -32002,
+        ),
+        (
+            "participant.move",
+            json!({"conference": "room-1", "participant": "nobody.1", "to": "room-9"}),
+            -32002,
+        ),
+        (
+            "participant.mute",
+            json!({"conference": "nowhere", "participant": a}),
+            -32001,
+        ),
+        (
+            "participant.dtmf",
+            json!({"conference": "room-1", "participant": a, "digits": "1X"}),
+            -32602,
+        ),
+        (
+            "participant.mute",
+            json!({"conference": "room-1", "participant": "a/b"}),
+            -32602,
+        ),
+    ] {
+        let (got, msg) = ws.err(method, params.clone()).await;
+        assert_eq!(got, code, "{method} {params}: {msg}");
+        assert!(!msg.is_empty());
+    }
+    assert_eq!(changes(sim), before, "refused commands touched Asterisk");
+
+    // Two more callers, for the moves, the kick and the update.
+    let d = dial(sim, "room-1", &[]).await;
+    let e = dial(sim, "room-1", &[]).await;
+    wait_bridged(sim, &d).await;
+    wait_bridged(sim, &e).await;
+
+    // Move to a conference of the same node: bridge to bridge.
+    let x = dial(sim, "room-2", &[]).await;
+    let main2 = wait_bridged(sim, &x).await;
+    let r = ws
+        .ok(
+            "participant.move",
+            json!({"conference": "room-1", "participant": a, "to": "room-2"}),
+        )
+        .await;
+    assert_eq!(r["moved"], "bridge", "{r}");
+    until(sim, "a in room-2's bridge", |s| {
+        s.channel(&a).and_then(|c| c.bridge.as_deref()) == Some(main2.as_str())
+    })
+    .await;
+    let l1 = ws.ok("participant.list", room.clone()).await;
+    assert!(!ids(&l1).contains(&a), "{l1}");
+    let l2 = ws
+        .ok("participant.list", json!({"conference": "room-2"}))
+        .await;
+    assert!(ids(&l2).contains(&a), "{l2}");
+
+    // Move to a conference of the other node: redirected there (REFER once answered).
+    let y = dial(&other.sim, "room-3", &[]).await;
+    wait_bridged(&other.sim, &y).await;
+    let r = ws
+        .ok(
+            "participant.move",
+            json!({"conference": "room-1", "participant": b, "to": "room-3"}),
+        )
+        .await;
+    assert_eq!(r["moved"], "redirect", "{r}");
+    let endpoint = format!("PJSIP/sip:room-3@{}.test:5060", other.id);
+    assert_eq!(r["endpoint"], endpoint.as_str());
+    until(sim, "b redirected and gone", |s| s.channel(&b).is_none()).await;
+    let redirect = sim
+        .request_log()
+        .into_iter()
+        .find(|r| r.operation.as_deref() == Some("redirect"))
+        .expect("a redirect request");
+    assert_eq!(redirect.path, format!("/ari/channels/{b}/redirect"));
+    wait_unlisted(&mut ws, "room-1", &b).await;
+
+    // Kick: hung up, out of the bridge.
+    assert_eq!(ws.ok("participant.kick", who(&m)).await, json!({}));
+    assert_eq!(wait_hangup(sim, &m).await, 16);
+    let l1 = ws.ok("participant.list", room.clone()).await;
+    assert!(!ids(&l1).contains(&m), "{l1}");
+
+    // Update: d now ends the conference when it leaves.
+    ws.ok(
+        "participant.update",
+        json!({"conference": "room-1", "participant": d, "endConferenceOnExit": true}),
+    )
+    .await;
+    sim.hangup_far_end(&d, 16).await.expect("d leaves");
+    assert_eq!(wait_hangup(sim, &e).await, 16, "e hung up by the end");
+    until(sim, "room-1's bridge gone", |s| s.bridge(&main).is_none()).await;
+
+    // conference.end: everyone hung up, bridge destroyed, claim released.
+    let store = fixtures::store(&c.cfg);
+    let r = ws
+        .ok("conference.end", json!({"conference": "room-2"}))
+        .await;
+    assert_eq!(r, json!({"ended": true}));
+    for ch in [&a, &x] {
+        assert_eq!(wait_hangup(sim, ch).await, 16);
+    }
+    until(sim, "room-2's bridge gone", |s| s.bridge(&main2).is_none()).await;
+    wait_for_async("room-1 and room-2 claims released", WAIT, || async {
+        let r1 = store.lookup(&"room-1".parse().ok()?).await.ok()?;
+        let r2 = store.lookup(&"room-2".parse().ok()?).await.ok()?;
+        (r1.is_none() && r2.is_none()).then_some(())
+    })
+    .await
+    .expect("claims released");
+    let (code, _) = ws
+        .err("participant.list", json!({"conference": "room-2"}))
+        .await;
+    assert_eq!(code, -32001, "an ended conference has no home");
+
+    // The node counted what it did.
+    let metrics = fixtures::scrape(&n.proc.http_url()).await;
+    for (method, outcome) in [
+        ("participant.mute", "ok"),
+        ("participant.unmute", "ok"),
+        ("participant.hold", "ok"),
+        ("participant.kick", "ok"),
+        ("participant.move", "ok"),
+        ("conference.end", "ok"),
+        ("participant.mute", "participant_not_found"),
+    ] {
+        let series =
+            format!(r#"confroute_node_commands_total{{method="{method}",outcome="{outcome}"}}"#);
+        assert!(
+            fixtures::metric(&metrics, &series) >= 1.0,
+            "{series}\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(&format!(
+            r#"confroute_node_info{{node_id="{owner}",zone=""}} 1"#
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_the_node_does_not_host_is_not_found() {
+    let c = Cluster::start(&[], &[]).await;
+    // A claim without any call: Redis names node-a, but node-a hosts nothing.
+    let store = fixtures::store(&c.cfg);
+    store
+        .claim(&"ghost".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let mut ws = c.client(1).await;
+    let before = changes(&c.node("node-a").sim);
+    for (method, params) in [
+        ("participant.list", json!({"conference": "ghost"})),
+        ("conference.end", json!({"conference": "ghost"})),
+        (
+            "conference.play",
+            json!({"conference": "ghost", "media": "sound:beep"}),
+        ),
+        (
+            "participant.kick",
+            json!({"conference": "ghost", "participant": "x.1"}),
+        ),
+    ] {
+        let (code, msg) = ws.err(method, params).await;
+        assert_eq!(code, -32001, "{method}: {msg}");
+        assert!(msg.contains("node-a"), "{msg}");
+    }
+    assert_eq!(changes(&c.node("node-a").sim), before);
+}

@@ -1,0 +1,361 @@
+//! The node agent's own checks of the commands it hears on the bus (it trusts no
+//! controller): every bad command gets a precise bus error code and changes nothing in
+//! Asterisk; a conference another node owns is refused (fencing); dial-out needs its dial
+//! strings configured. Commands are sent straight on the bus, as a controller would.
+
+mod node_common;
+
+use std::time::Duration;
+
+use confroute_shared::bus::{Bus, ErrorCode};
+use confroute_tests::fixtures;
+use node_common::control::DIALOUT_ENV;
+use node_common::*;
+use serde_json::{json, Value};
+
+async fn bus(s: &Single) -> Bus {
+    let bus = Bus::controller(fixtures::store(&s.cfg));
+    assert!(bus.wait_connected(WAIT).await, "bus connects");
+    bus
+}
+
+async fn send(bus: &Bus, method: &str, params: Value) -> Result<Value, (ErrorCode, String)> {
+    let call = bus
+        .call(
+            &fixtures::id("node-a"),
+            method,
+            params,
+            Duration::from_secs(5),
+            false,
+        )
+        .await
+        .map_err(|e| (e.code, e.message))?;
+    call.reply.map_err(|e| (e.code, e.message))
+}
+
+/// ARI requests that change something (everything but GET).
+fn changes(sim: &TestSim) -> usize {
+    sim.request_log()
+        .iter()
+        .filter(|r| r.method != "GET")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_commands_get_precise_errors_and_change_nothing() {
+    let mut s = Single::start(DIALOUT_ENV).await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let a = dial(&s.sim, "room", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let store = fixtures::store(&s.cfg);
+    // "theirs" belongs to another live node.
+    store
+        .register(&fixtures::node("node-z", 10), Duration::from_secs(60))
+        .await
+        .expect("register node-z");
+    store
+        .claim(&"theirs".parse().expect("name"), &[fixtures::id("node-z")])
+        .await
+        .expect("claim");
+    let bus = bus(&s).await;
+    let before = changes(&s.sim);
+    let p = |extra: Value| {
+        let mut v = json!({"conference": "room", "participant": a});
+        if let (Some(m), Value::Object(e)) = (v.as_object_mut(), extra) {
+            m.extend(e);
+        }
+        v
+    };
+    let dial_to = |to: &str, extra: Value| {
+        let mut v = json!({"conference": "room", "to": to});
+        if let (Some(m), Value::Object(e)) = (v.as_object_mut(), extra) {
+            m.extend(e);
+        }
+        v
+    };
+    use ErrorCode::*;
+    let cases: Vec<(&str, Value, ErrorCode, &str)> = vec![
+        (
+            "participant.frobnicate",
+            p(json!({})),
+            InvalidParams,
+            "not a node command",
+        ),
+        (
+            "participant.mute",
+            json!(["room", a]),
+            InvalidParams,
+            "object",
+        ),
+        (
+            "participant.mute",
+            p(json!({"extra": 1})),
+            InvalidParams,
+            "extra",
+        ),
+        (
+            "participant.mute",
+            json!({"conference": "room"}),
+            InvalidParams,
+            "participant",
+        ),
+        (
+            "participant.mute",
+            json!({"conference": "bad name", "participant": a}),
+            InvalidParams,
+            "conference",
+        ),
+        (
+            "participant.kick",
+            json!({"conference": "room", "participant": "a/b"}),
+            InvalidParams,
+            "participant",
+        ),
+        (
+            "participant.dtmf",
+            p(json!({"digits": "12E"})),
+            InvalidParams,
+            "digits",
+        ),
+        (
+            "participant.dtmf",
+            p(json!({"digits": ""})),
+            InvalidParams,
+            "digits",
+        ),
+        (
+            "participant.play",
+            p(json!({"media": "hello"})),
+            InvalidParams,
+            "media",
+        ),
+        (
+            "participant.play",
+            json!({"conference": "room", "media": "sound:x"}),
+            InvalidParams,
+            "participant is required",
+        ),
+        (
+            "conference.play",
+            p(json!({"media": "sound:x"})),
+            InvalidParams,
+            "participant.play",
+        ),
+        (
+            "participant.move",
+            p(json!({"to": "room", "to_node": "node-a"})),
+            InvalidParams,
+            "already there",
+        ),
+        (
+            "participant.move",
+            p(json!({"to": "bad name", "to_node": "node-a"})),
+            InvalidParams,
+            "to:",
+        ),
+        (
+            "participant.move",
+            p(json!({"to": "elsewhere", "to_node": "bad id"})),
+            InvalidParams,
+            "to_node",
+        ),
+        (
+            "participant.move",
+            p(json!({"to": "elsewhere", "to_node": "node-b"})),
+            InvalidParams,
+            "to_sip_uri",
+        ),
+        (
+            "participant.move",
+            p(json!({"to": "elsewhere", "to_node": "node-b", "to_sip_uri": "http://x"})),
+            InvalidParams,
+            "to_sip_uri",
+        ),
+        (
+            "participant.update",
+            p(json!({})),
+            InvalidParams,
+            "nothing to update",
+        ),
+        (
+            "participant.update",
+            p(json!({"beepOnExit": "yes"})),
+            InvalidParams,
+            "beepOnExit",
+        ),
+        ("dialout", dial_to("12", json!({})), InvalidNumber, "E.164"),
+        (
+            "dialout",
+            dial_to("sip:x@a b", json!({})),
+            InvalidNumber,
+            "E.164",
+        ),
+        (
+            "dialout",
+            dial_to("+15555550101", json!({"from": "a\u{1}b"})),
+            InvalidParams,
+            "from",
+        ),
+        (
+            "dialout",
+            dial_to("+15555550101", json!({"timeout": 0})),
+            InvalidParams,
+            "timeout",
+        ),
+        (
+            "dialout",
+            dial_to("+15555550101", json!({"timeout": 601})),
+            InvalidParams,
+            "timeout",
+        ),
+        (
+            "dialout",
+            dial_to("+15555550101", json!({"options": {"beep": "loud"}})),
+            InvalidParams,
+            "options.beep",
+        ),
+        (
+            "dialout",
+            dial_to("+15555550101", json!({"options": {"muted": [1]}})),
+            InvalidParams,
+            "options.muted",
+        ),
+        (
+            "dialout",
+            dial_to("+15555550101", json!({"options": {"profile": "nope"}})),
+            InvalidParams,
+            "options.profile",
+        ),
+        (
+            "dialout",
+            dial_to("+15555550101", json!({"options": {"loudness": 3}})),
+            InvalidParams,
+            "options.loudness",
+        ),
+        // Fencing: another node owns it; this node neither originates nor takes it.
+        (
+            "dialout",
+            json!({"conference": "theirs", "to": "+15555550101"}),
+            ConferenceNotFound,
+            "node-z",
+        ),
+        (
+            "participant.mute",
+            json!({"conference": "ghost", "participant": a}),
+            ConferenceNotFound,
+            "node-a",
+        ),
+        (
+            "participant.list",
+            json!({"conference": "theirs"}),
+            ConferenceNotFound,
+            "node-a",
+        ),
+        (
+            "participant.mute",
+            p(json!({"participant": "nobody.1"})),
+            ParticipantNotFound,
+            "nobody.1",
+        ),
+    ];
+    for (method, params, code, words) in cases {
+        match send(&bus, method, params.clone()).await {
+            Err((got, msg)) => {
+                assert_eq!(got, code, "{method} {params}: {msg}");
+                assert!(
+                    msg.contains(words),
+                    "{method} {params}: {msg:?} should mention {words:?}"
+                );
+            }
+            Ok(v) => panic!("{method} {params} should fail, answered {v}"),
+        }
+    }
+    assert_eq!(changes(&s.sim), before, "{:#?}", s.sim.request_log());
+    let rec = store
+        .lookup(&"theirs".parse().expect("name"))
+        .await
+        .expect("lookup")
+        .expect("still claimed");
+    assert_eq!(rec.owner.node.as_str(), "node-z");
+    // The conference and its caller are untouched and the node still answers.
+    let v = send(&bus, "participant.list", json!({"conference": "room"}))
+        .await
+        .expect("list");
+    assert_eq!(v["participants"][0]["id"], a.as_str());
+    let m = fixtures::scrape(&s.node.http_url()).await;
+    assert!(
+        fixtures::metric(
+            &m,
+            r#"confroute_node_commands_total{method="dialout",outcome="invalid_params"}"#
+        ) >= 7.0,
+        "{m}"
+    );
+    assert!(
+        fixtures::metric(
+            &m,
+            r#"confroute_node_commands_total{method="unknown",outcome="invalid_params"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialout_needs_its_dial_string() {
+    let mut s = Single::start(&[("CONFROUTE_DIALOUT__ENDPOINT", "PJSIP/{number}@trunk")]).await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let a = dial(&s.sim, "room", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let bus = bus(&s).await;
+    let before = changes(&s.sim);
+    match send(
+        &bus,
+        "dialout",
+        json!({"conference": "room", "to": "sip:alice@example.com"}),
+    )
+    .await
+    {
+        Err((code, msg)) => {
+            assert_eq!(code, ErrorCode::Forbidden, "{msg}");
+            assert!(msg.contains("dialout.sip_endpoint"), "{msg}");
+        }
+        Ok(v) => panic!("no SIP dial string, yet {v}"),
+    }
+    assert_eq!(changes(&s.sim), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_dial_string_stops_start_up_naming_the_key() {
+    let redis = confroute_tests::harness::RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim().await;
+    for (key, var, value) in [
+        (
+            "dialout.endpoint",
+            "CONFROUTE_DIALOUT__ENDPOINT",
+            "PJSIP/trunk",
+        ),
+        (
+            "dialout.sip_endpoint",
+            "CONFROUTE_DIALOUT__SIP_ENDPOINT",
+            "PJSIP/trunk/{number}",
+        ),
+        (
+            "dialout.caller_id",
+            "CONFROUTE_DIALOUT__CALLER_ID",
+            "a\u{7}b",
+        ),
+    ] {
+        let err = match confroute_tests::harness::NodeProc::start(
+            "node-a",
+            &env(&sim, &cfg, &[(var, value)]),
+        ) {
+            Ok(_) => panic!("{var}={value:?} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(key), "{var}={value:?}: {err}");
+    }
+}
