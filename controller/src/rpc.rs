@@ -574,6 +574,37 @@ mod tests {
     }
 
     #[test]
+    fn decode_refuses_frames_and_keeps_ids_exact() {
+        let limits = Limits {
+            max_message_size: 64,
+            max_batch: 2,
+            ..Limits::default()
+        };
+        let refused = |text: &str| match decode(text, &limits) {
+            Decoded::Refused(e) => e.code,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(refused(&"x".repeat(65)), codes::MESSAGE_TOO_LARGE);
+        assert_eq!(refused("{"), codes::PARSE_ERROR);
+        assert_eq!(refused("[]"), codes::INVALID_REQUEST);
+        assert_eq!(refused("[1,2,3]"), codes::INVALID_REQUEST);
+        assert!(matches!(decode("[1,2]", &limits), Decoded::Batch(b) if b.len() == 2));
+
+        // Found by fuzzing: a float id read, written back and read again must not change
+        // (the answer carries it, and the client matches on it).
+        let id = format!("7777577{}4", "7".repeat(173));
+        let text = format!(r#"{{"jsonrpc":"2.0","method":"m","id":{id}}}"#);
+        let Decoded::Single(Ok(first)) = decode(&text, &Limits::default()) else {
+            panic!("a valid request");
+        };
+        let again = json!({"jsonrpc": "2.0", "method": "m", "id": first.id}).to_string();
+        let Decoded::Single(Ok(second)) = decode(&again, &Limits::default()) else {
+            panic!("still valid");
+        };
+        assert_eq!(second.id, first.id);
+    }
+
+    #[test]
     fn bucket_limits_bursts() {
         let mut b = Bucket {
             tokens: 3.0,

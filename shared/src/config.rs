@@ -148,15 +148,24 @@ impl figment::Provider for EnvSnapshot {
                     "environment variable {key} has an empty key segment"
                 )));
             }
-            let parsed: figment::value::Value = value
-                .parse()
-                .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
-            insert_path(&mut dict, &path, parsed);
+            insert_path(&mut dict, &path, env_value(value));
         }
         let mut map = figment::value::Map::new();
         map.insert(figment::Profile::Default, dict);
         Ok(map)
     }
+}
+
+/// An environment value as figment reads it (`50`, `true`, `["a", "b"]`), else the string.
+fn env_value(value: &str) -> figment::value::Value {
+    // figment 0.10's string unescaping slices at a char index: a backslash after a non-ASCII
+    // character inside quotes panics (found by fuzzing). Such a value stays a plain string.
+    if !value.is_ascii() && value.contains('\\') {
+        return figment::value::Value::from(value.to_string());
+    }
+    value
+        .parse()
+        .unwrap_or_else(|_| figment::value::Value::from(value.to_string()))
 }
 
 fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
@@ -801,6 +810,28 @@ mod tests {
         assert_eq!(
             root.redis.target(),
             RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+    }
+
+    #[test]
+    fn env_values_with_escapes_after_non_ascii_do_not_panic() {
+        // Found by fuzzing: figment's unescaping panicked on this value.
+        let value = "[\"10.\u{e9}\\\\ADER_NODE=X\"]";
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__CLUSTER__SEEDS", value)]))
+            .expect_err("a string where a list belongs");
+        assert!(err.mentions("redis.cluster.seeds"), "{err}");
+        let root: Root =
+            load_from(None, &env(&[("CONFROUTE_NAME", "caf\u{e9}\\x")])).expect("kept as a string");
+        assert_eq!(root.name, "caf\u{e9}\\x");
+        // ASCII values are still parsed, escapes included.
+        let root: Root = load_from(
+            None,
+            &env(&[("CONFROUTE_REDIS__CLUSTER__SEEDS", "[\"a\\\\b:1\"]")]),
+        )
+        .expect("escaped list");
+        assert_eq!(
+            root.redis.target(),
+            RedisTarget::Cluster(vec!["redis://a\\b:1".into()])
         );
     }
 

@@ -4,4 +4,5 @@
 pub mod ari_sim;
 pub mod dev;
 pub mod fixtures;
+pub mod fuzz_checks;
 pub mod harness;

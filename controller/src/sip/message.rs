@@ -242,7 +242,10 @@ impl<'a> Via<'a> {
         let rest = parts.next()?.trim_start();
         let mut pp = proto.split('/');
         let (name, version, transport) = (pp.next()?, pp.next()?, pp.next()?);
-        if !name.trim().eq_ignore_ascii_case("SIP")
+        // Exactly three parts: `SIP/2.0/UDP/x;` would otherwise pass as transport `UDP`
+        // with the rest of the value misread (found by fuzzing).
+        if pp.next().is_some()
+            || !name.trim().eq_ignore_ascii_case("SIP")
             || version.trim() != "2.0"
             || !is_token(transport.trim())
         {
@@ -359,6 +362,11 @@ pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = bytes.get(i + 1..i + 3)?;
+            // `from_str_radix` alone would take a sign: `%+B` decoded to 0x0B (found by
+            // fuzzing); RFC 3261 §25.1 wants `%` HEXDIG HEXDIG.
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             let hex = std::str::from_utf8(hex).ok()?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
@@ -465,6 +473,26 @@ mod tests {
     }
 
     #[test]
+    fn via_protocol_has_exactly_three_parts() {
+        // Fuzzing found this one accepted as transport `UDSIP`; the response then rewrote
+        // it into a Via that no longer parsed.
+        assert_eq!(
+            Via::parse("SIP/2.0/UDSIP/2.0/UDP; 7.01.20.1:5070;branch="),
+            None
+        );
+        assert_eq!(Via::parse("SIP/2.0/UDP/TCP host;branch=z9hG4bK1"), None);
+        let raw = b"INVITE sip:caf%C3%A9@router SIP/2.0\r\n\
+            Via: SIP/2.0/UDSIP/2.0/UDP; 7.01.20.1:5070;branch=\r\nMax-Forwards: 70\r\n\
+            From: <sip:alice@example.com>;tag=g0\r\nTo: <sip:caf%C3%A9@router>\r\n\
+            Call-ID: z9hGD\x00Kutf@test\r\nCSeq: @teNVITE\r\nContent-Length: 0\r\n\r\n";
+        let req = parse(raw).expect("the request still parses");
+        assert!(
+            req.top_via().is_none(),
+            "no usable Via: the packet is dropped"
+        );
+    }
+
+    #[test]
     fn sip_uris() {
         let u = parse_sip_uri("sip:sales-42@router.example.com;transport=tcp").expect("uri");
         assert_eq!(u.user, Some("sales-42"));
@@ -493,6 +521,9 @@ mod tests {
         assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
         assert_eq!(percent_decode("bad%2"), None);
         assert_eq!(percent_decode("bad%zz"), None);
+        // Found by fuzzing: a sign is not a hex digit.
+        assert_eq!(percent_decode("%+B15555550101"), None);
+        assert_eq!(percent_decode("%-1"), None);
     }
 
     #[test]

@@ -160,7 +160,11 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
         Ok(n) => n,
         Err(why) => return Frame::Broken(why),
     };
-    let total = end + body;
+    // A Content-Length near usize::MAX would wrap the sum (found by fuzzing): in a release
+    // build the framer then cut the message inside its own header block.
+    let Some(total) = end.checked_add(body) else {
+        return Frame::Broken("message larger than the limit");
+    };
     if total > max_message {
         Frame::Broken("message larger than the limit")
     } else if buf.len() < total {
@@ -171,21 +175,37 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
 }
 
 /// Content-Length (or `l`) from a raw header block; 0 when absent.
+///
+/// Folded lines are read as the parser reads them (joined to the header above, never a
+/// header of their own), so the framer cuts the body at the length the handler checks.
+/// Fuzzing found a folded ` Content-Length: 50` taken as the length here while the parser
+/// saw none, which would swallow the next pipelined request as body.
 fn content_length(head: &[u8]) -> Result<usize, &'static str> {
     let text = std::str::from_utf8(head).map_err(|_| "header block is not UTF-8")?;
+    let mut found: Option<String> = None;
     for line in text.split("\r\n").skip(1) {
+        if line.starts_with([' ', '\t']) {
+            if let Some(v) = found.as_mut() {
+                *v = format!("{} {}", v, line.trim()).trim().to_string();
+            }
+            continue;
+        }
+        if found.is_some() {
+            // The first Content-Length and its continuations are complete.
+            break;
+        }
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
-        let name = name.trim();
+        let name = name.trim_end();
         if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("l") {
-            return value
-                .trim()
-                .parse()
-                .map_err(|_| "Content-Length is not a number");
+            found = Some(value.trim().to_string());
         }
     }
-    Ok(0)
+    match found {
+        None => Ok(0),
+        Some(v) => v.parse().map_err(|_| "Content-Length is not a number"),
+    }
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, service: Arc<SipService>, max: usize) {
@@ -264,6 +284,32 @@ mod tests {
             next_frame(b"OPTIONS sip:a SIP/2.0\r\n", 4096),
             Frame::Incomplete
         );
+    }
+
+    #[test]
+    fn folded_lines_are_not_headers_of_their_own() {
+        // Found by fuzzing: the framer read `Content-Length: 0` while the parser read the
+        // folded value `0 IN;...`; the framer now sees what the parser sees.
+        let fuzzed = b"INVITE tel:+15555550101 SIP/2.0\r\nVia:S IPrds: 70\r\n\
+            From: <s=ip:alice@example.com>;tag=a1\r\nTo: <tfl:+15555550101|Seq: 701NVITE \
+            tel:+15555550101 SIP/2.0\r\nVia:S IPrds: 70\r\nFrom: <s=ip:alice@example.com>;\
+            tag=a1\r\nTo: <tfl:+15555550101|Seq: 701 IN;;;;;;;;;;?;outer SIP/2./VITE\r\n\
+            Content-Length: 0\r\n IN;;;;;;;;;;?;outer SIP/2./VITE\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(next_frame(fuzzed, 4096), Frame::Broken(_)));
+        // A folded line that looks like a Content-Length belongs to the header above it.
+        let head = b"OPTIONS sip:a SIP/2.0\r\nSubject: x\r\n Content-Length: 3\r\n\r\nabc";
+        assert_eq!(next_frame(head, 4096), Frame::Message(head.len() - 3));
+        // A Content-Length value folded onto the next line still counts.
+        let folded = b"OPTIONS sip:a SIP/2.0\r\nContent-Length:\r\n 3\r\nTo: b\r\n\r\nabc";
+        assert_eq!(next_frame(folded, 4096), Frame::Message(folded.len()));
+    }
+
+    #[test]
+    fn huge_content_length_is_broken_not_wrapped() {
+        let head = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: \r000018446744073709551615\t\r\n\r\n";
+        assert!(matches!(next_frame(head, 4096), Frame::Broken(_)));
+        let max = format!("OPTIONS sip:a SIP/2.0\r\nl: {}\r\n\r\n", usize::MAX);
+        assert!(matches!(next_frame(max.as_bytes(), 4096), Frame::Broken(_)));
     }
 
     #[test]
