@@ -5,8 +5,16 @@
 //! with candidates from the placer, decides (and re-homes when the owner is gone). The whole
 //! decision has a deadline; past it, or when Redis fails, the caller answers 503: never a
 //! guess (invariant 5).
+//!
+//! Redis trouble also stops every node from renewing its lease: when Redis comes back (or a
+//! replica is promoted), the leases of live nodes may have run out meanwhile, and a claim
+//! would re-home their conferences (people still talking on the old node, newcomers sent to
+//! a new one) or place a conference whose claim Redis lost next to its live bridge. So after
+//! trouble no conference is placed or re-homed until the nodes that were live before it
+//! have been seen registered again, or their lease has passed since Redis came back (then
+//! they are really gone); conferences with a live owner are routed as usual meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -76,6 +84,39 @@ impl NodeView {
     }
 }
 
+/// Lease assumed for nodes never seen (three heartbeats of the default 1 s).
+const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3);
+
+/// Refreshes in a row a node must appear renewed in after Redis trouble: a node that had to
+/// register again renews (or claims again) the conferences it hosts right after, which the
+/// second sighting leaves time for.
+const SIGHTINGS: u8 = 2;
+
+/// A node that was live before Redis trouble.
+#[derive(Clone)]
+struct Known {
+    id: NodeId,
+    /// Its full lease (the longest lease left ever seen).
+    lease: Duration,
+    /// Redis time of its last write seen before the trouble.
+    updated_ms: u64,
+}
+
+/// Whether Redis trouble may have let leases of live nodes run out.
+enum Health {
+    /// No trouble seen since the last settled state.
+    Good,
+    /// Redis failed; these nodes were live before.
+    Trouble { known: Vec<Known> },
+    /// Redis is back; waiting for these nodes to write to Redis again (sightings in a row of
+    /// a renewed record), at most until `until`.
+    Settling {
+        known: Vec<Known>,
+        seen: HashMap<NodeId, u8>,
+        until: Instant,
+    },
+}
+
 /// Routing state shared by every entry point.
 pub struct Router {
     store: Store,
@@ -85,6 +126,9 @@ pub struct Router {
     deadline: Duration,
     metrics: Metrics,
     redis_ok: AtomicBool,
+    health: Mutex<Health>,
+    /// Longest lease left seen per node: its full lease, give or take a heartbeat.
+    leases: Mutex<HashMap<NodeId, u64>>,
 }
 
 impl Router {
@@ -107,7 +151,116 @@ impl Router {
             deadline,
             metrics,
             redis_ok: AtomicBool::new(false),
+            health: Mutex::new(Health::Good),
+            leases: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Notes a Redis failure: placements wait until the live nodes are seen again.
+    fn trouble(&self) {
+        let mut health = match self.health.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        let known = match &*health {
+            Health::Good => {
+                let view = self.view();
+                let leases = match self.leases.lock() {
+                    Ok(l) => l.clone(),
+                    Err(p) => p.into_inner().clone(),
+                };
+                view.nodes
+                    .keys()
+                    .filter_map(|id| view.live(id))
+                    .map(|n| Known {
+                        id: n.info.id.clone(),
+                        lease: Duration::from_millis(
+                            leases.get(&n.info.id).copied().unwrap_or(n.lease_ms),
+                        ),
+                        updated_ms: n.updated_ms,
+                    })
+                    .collect()
+            }
+            Health::Trouble { .. } => return,
+            Health::Settling { known, .. } => known.clone(),
+        };
+        *health = Health::Trouble { known };
+    }
+
+    /// After a successful refresh: moves on from trouble once the nodes known before it are
+    /// seen again (or had time to be).
+    fn settle(&self, nodes: &[NodeRecord]) {
+        let mut health = match self.health.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        if let Health::Trouble { known } = &*health {
+            let longest = known
+                .iter()
+                .map(|k| k.lease)
+                .max()
+                .filter(|l| !l.is_zero())
+                .unwrap_or(DEFAULT_NODE_LEASE);
+            tracing::info!(wait_at_most = ?longest, nodes = known.len(), "redis reachable again; placing no conference until the nodes that were live have renewed their leases");
+            *health = Health::Settling {
+                known: known.clone(),
+                seen: HashMap::new(),
+                until: Instant::now() + longest,
+            };
+        }
+        let Health::Settling { known, seen, until } = &mut *health else {
+            return;
+        };
+        // A record that merely outlived the trouble says nothing: it may expire before its
+        // node reaches Redis again. Only a write since the trouble shows the node is back.
+        let renewed: HashSet<&NodeId> = nodes
+            .iter()
+            .filter(|n| {
+                known
+                    .iter()
+                    .any(|k| k.id == n.info.id && n.updated_ms > k.updated_ms)
+            })
+            .map(|n| &n.info.id)
+            .collect();
+        for k in known.iter() {
+            if renewed.contains(&k.id) {
+                *seen.entry(k.id.clone()).or_default() += 1;
+            } else {
+                seen.remove(&k.id);
+            }
+        }
+        let back = !known.is_empty()
+            && known
+                .iter()
+                .all(|k| seen.get(&k.id).is_some_and(|n| *n >= SIGHTINGS));
+        if back || Instant::now() >= *until {
+            tracing::info!(
+                all_back = back,
+                "placing conferences again after the redis trouble"
+            );
+            *health = Health::Good;
+        }
+    }
+
+    /// True while Redis trouble may have let leases of live nodes run out.
+    fn settling(&self) -> bool {
+        let health = match self.health.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        match &*health {
+            Health::Good => false,
+            Health::Trouble { .. } => true,
+            Health::Settling { until, .. } => Instant::now() < *until,
+        }
+    }
+
+    /// A routing error for a store failure, noting Redis trouble.
+    fn store_failed(&self, e: StoreError) -> RouteError {
+        if matches!(e, StoreError::Unavailable(_)) {
+            self.trouble();
+        }
+        RouteError::Unavailable(e.to_string())
     }
 
     /// The store (for the admin API).
@@ -132,7 +285,22 @@ impl Router {
     pub async fn refresh(&self) -> Result<(), StoreError> {
         let result = self.store.list_nodes().await;
         self.redis_ok.store(result.is_ok(), Ordering::Relaxed);
-        let nodes = result?;
+        let nodes = match result {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(e, StoreError::Unavailable(_)) {
+                    self.trouble();
+                }
+                return Err(e);
+            }
+        };
+        if let Ok(mut leases) = self.leases.lock() {
+            for n in &nodes {
+                let l = leases.entry(n.info.id.clone()).or_default();
+                *l = (*l).max(n.lease_ms);
+            }
+        }
+        self.settle(&nodes);
         if let Ok(mut p) = self.placer.lock() {
             p.refresh(&nodes);
         }
@@ -216,7 +384,7 @@ impl Router {
     }
 
     async fn decide(&self, name: &ConferenceName) -> Result<Decision, RouteError> {
-        let unavailable = |e: StoreError| RouteError::Unavailable(e.to_string());
+        let unavailable = |e: StoreError| self.store_failed(e);
         let record = self.store.lookup(name).await.map_err(unavailable)?;
         if let Some(rec) = &record {
             let view = self.view();
@@ -231,6 +399,11 @@ impl Router {
                     });
                 }
             }
+        }
+        if self.settling() {
+            return Err(RouteError::Unavailable(
+                "redis was unreachable; waiting for the live nodes to renew their leases before placing or re-homing a conference".into(),
+            ));
         }
         let candidates = match self.placer.lock() {
             Ok(mut p) => p.candidates(self.candidates).unwrap_or_default(),

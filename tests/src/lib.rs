@@ -2,6 +2,7 @@
 //! and the load and benchmark tools.
 
 pub mod ari_sim;
+pub mod chaos;
 pub mod dev;
 pub mod fixtures;
 pub mod fuzz_checks;

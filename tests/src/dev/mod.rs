@@ -7,7 +7,7 @@
 
 mod cluster;
 mod stats;
-mod traffic;
+pub(crate) mod traffic;
 mod view;
 
 use std::io::IsTerminal;

@@ -93,7 +93,7 @@ impl Traffic {
     }
 
     /// Records a caller entering a bridge on `node` (observer event).
-    fn entered(&self, node: usize, channel: &str) {
+    fn record_entered(&self, node: usize, channel: &str) {
         let mut m = lock(&self.members);
         let Some((conference, _)) = m.channels.get(channel).cloned() else {
             return;
@@ -111,7 +111,7 @@ impl Traffic {
     }
 
     /// Records a caller leaving its bridge or hanging up.
-    fn left(&self, node: usize, channel: &str, destroyed: bool) {
+    fn record_left(&self, node: usize, channel: &str, destroyed: bool) {
         let mut m = lock(&self.members);
         let Some((conference, _)) = m.channels.get(channel).cloned() else {
             return;
@@ -176,14 +176,50 @@ impl Traffic {
     }
 }
 
+/// What an observer of one Asterisk reports: callers entering and leaving bridges.
+pub trait BridgeEvents: Clone + Send + Sync + 'static {
+    /// `channel` entered bridge `bridge` on node `node`.
+    fn entered(&self, node: usize, channel: &str, bridge: &str);
+    /// `channel` left bridge `bridge` on node `node`.
+    fn left(&self, node: usize, channel: &str, bridge: &str);
+    /// `channel` on node `node` is gone, hung up with Q.850 `cause`.
+    fn destroyed(&self, node: usize, channel: &str, cause: i64);
+    /// The events socket is (again) connected: what happened while it was not was missed.
+    fn connected(&self, _node: usize, _sim: &AriSim) {}
+    /// The events socket closed.
+    fn disconnected(&self, _node: usize, _sim: &AriSim) {}
+}
+
+impl BridgeEvents for Traffic {
+    fn entered(&self, node: usize, channel: &str, _bridge: &str) {
+        self.record_entered(node, channel);
+    }
+
+    fn left(&self, node: usize, channel: &str, _bridge: &str) {
+        self.record_left(node, channel, false);
+    }
+
+    fn destroyed(&self, node: usize, channel: &str, _cause: i64) {
+        self.record_left(node, channel, true);
+    }
+
+    fn disconnected(&self, node: usize, sim: &AriSim) {
+        // The socket closes when this Asterisk dies: its callers are gone.
+        if !sim.snapshot().up {
+            self.node_lost(node);
+        }
+    }
+}
+
 /// Follows one Asterisk's events as an observer application subscribed to everything.
-pub async fn observe(traffic: Traffic, node: usize, sim: AriSim) {
+pub async fn observe<E: BridgeEvents>(events: E, node: usize, sim: AriSim) {
     loop {
         let url = format!(
             "{}&subscribeAll=true",
             sim.events_url("confroute-dev-observer")
         );
         if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await {
+            events.connected(node, &sim);
             while let Some(Ok(msg)) = ws.next().await {
                 let tokio_tungstenite::tungstenite::Message::Text(text) = msg else {
                     continue;
@@ -192,18 +228,18 @@ pub async fn observe(traffic: Traffic, node: usize, sim: AriSim) {
                     continue;
                 };
                 let channel = ev["channel"]["id"].as_str().unwrap_or("");
+                let bridge = ev["bridge"]["id"].as_str().unwrap_or("");
                 match ev["type"].as_str().unwrap_or("") {
-                    "ChannelEnteredBridge" => traffic.entered(node, channel),
-                    "ChannelLeftBridge" => traffic.left(node, channel, false),
-                    "ChannelDestroyed" => traffic.left(node, channel, true),
+                    "ChannelEnteredBridge" => events.entered(node, channel, bridge),
+                    "ChannelLeftBridge" => events.left(node, channel, bridge),
+                    "ChannelDestroyed" => {
+                        events.destroyed(node, channel, ev["cause"].as_i64().unwrap_or(0))
+                    }
                     _ => {}
                 }
             }
             let _ = ws.close(None).await;
-            // The socket closes when this Asterisk dies: its callers are gone.
-            if !sim.snapshot().up {
-                traffic.node_lost(node);
-            }
+            events.disconnected(node, &sim);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -217,12 +253,36 @@ pub enum Routed {
     Failed(String),
 }
 
-/// Asks a controller over SIP: INVITE, then ACK the final answer.
-pub async fn route_sip(controller: SocketAddr, conference: &str) -> Routed {
-    let socket = match UdpSocket::bind("127.0.0.1:0").await {
-        Ok(s) => s,
-        Err(e) => return Routed::Failed(format!("local socket: {e}")),
-    };
+/// A controller's final answer to an INVITE.
+pub struct SipAnswer {
+    /// Status code.
+    pub status: u16,
+    /// The whole message.
+    pub text: String,
+}
+
+impl SipAnswer {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.text.split("\r\n").find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// Sends an INVITE for `conference` over UDP and ACKs the answer; `Err` when none comes
+/// within `wait`.
+pub async fn sip_invite(
+    controller: SocketAddr,
+    conference: &str,
+    wait: Duration,
+) -> Result<SipAnswer, String> {
+    let socket = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("local socket: {e}"))?;
     let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
     let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
     let call_id = format!("{:016x}@confroute-dev", rand::random::<u64>());
@@ -235,38 +295,84 @@ pub async fn route_sip(controller: SocketAddr, conference: &str) -> Routed {
              CSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
         )
     };
-    if let Err(e) = socket
+    socket
         .send_to(head("INVITE", "").as_bytes(), controller)
         .await
-    {
-        return Routed::Failed(format!("send: {e}"));
-    }
+        .map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; 4096];
-    let n = match tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await {
+    let n = match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
         Ok(Ok(n)) => n,
-        _ => return Routed::Failed("no SIP answer within 2 s".into()),
+        _ => return Err(format!("no SIP answer within {} s", wait.as_secs_f64())),
     };
-    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
-    let header = |name: &str| {
-        answer.split("\r\n").find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
-    };
-    let to_tag = header("To")
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let answer = SipAnswer { status, text };
+    let to_tag = answer
+        .header("To")
         .and_then(|t| t.split(";tag=").nth(1).map(|t| format!(";tag={t}")))
         .unwrap_or_default();
     let _ = socket
         .send_to(head("ACK", &to_tag).as_bytes(), controller)
         .await;
-    let status = answer.split(' ').nth(1).unwrap_or("").to_string();
-    match (status.as_str(), header("X-Conference-Node")) {
-        ("302", Some(node)) => Routed::Node(node),
+    Ok(answer)
+}
+
+/// Asks a controller over SIP: INVITE, then ACK the final answer.
+pub async fn route_sip(controller: SocketAddr, conference: &str) -> Routed {
+    let answer = match sip_invite(controller, conference, Duration::from_secs(2)).await {
+        Ok(a) => a,
+        Err(why) => return Routed::Failed(why),
+    };
+    match (answer.status, answer.header("X-Conference-Node")) {
+        (302, Some(node)) => Routed::Node(node),
         _ => Routed::Failed(format!(
-            "SIP {status} {}",
-            header("Warning").unwrap_or_default()
+            "SIP {} {}",
+            answer.status,
+            answer.header("Warning").unwrap_or_default()
         )),
     }
+}
+
+/// A controller's answer to `POST /v1/route`.
+pub struct HttpAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// The `Retry-After` header.
+    pub retry_after: Option<String>,
+    /// The JSON body (`Null` when it is not JSON).
+    pub body: Value,
+}
+
+/// `POST /v1/route` for `conference`, with `token` as bearer token unless it is empty.
+pub async fn http_route(
+    http: &reqwest::Client,
+    controller: SocketAddr,
+    token: &str,
+    conference: &str,
+) -> Result<HttpAnswer, String> {
+    let mut req = http
+        .post(format!("http://{controller}/v1/route"))
+        .json(&json!({"conference": conference}));
+    if !token.is_empty() {
+        req = req.bearer_auth(token);
+    }
+    let r = req.send().await.map_err(|e| format!("HTTP: {e}"))?;
+    let status = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    Ok(HttpAnswer {
+        status,
+        retry_after,
+        body,
+    })
 }
 
 /// Asks a controller over HTTP.
@@ -276,26 +382,16 @@ pub async fn route_http(
     token: &str,
     conference: &str,
 ) -> Routed {
-    let resp = http
-        .post(format!("http://{controller}/v1/route"))
-        .bearer_auth(token)
-        .json(&json!({"conference": conference}))
-        .send()
-        .await;
-    match resp {
-        Ok(r) => {
-            let status = r.status();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            match body["node_id"].as_str() {
-                Some(n) if status.is_success() => Routed::Node(n.to_string()),
-                _ => Routed::Failed(format!(
-                    "HTTP {} {}",
-                    status.as_u16(),
-                    body["error"]["code"].as_str().unwrap_or("")
-                )),
-            }
-        }
-        Err(e) => Routed::Failed(format!("HTTP: {e}")),
+    match http_route(http, controller, token, conference).await {
+        Ok(a) => match a.body["node_id"].as_str() {
+            Some(n) if (200..300).contains(&a.status) => Routed::Node(n.to_string()),
+            _ => Routed::Failed(format!(
+                "HTTP {} {}",
+                a.status,
+                a.body["error"]["code"].as_str().unwrap_or("")
+            )),
+        },
+        Err(e) => Routed::Failed(e),
     }
 }
 

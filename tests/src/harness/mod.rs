@@ -9,6 +9,7 @@ mod controller;
 mod kamailio;
 mod node;
 mod process;
+mod proxy;
 mod redis;
 mod sipp;
 
@@ -21,6 +22,7 @@ pub use controller::ControllerProc;
 pub use kamailio::{kamailio_example_config, KamailioOptions, KamailioProc};
 pub use node::NodeProc;
 pub use process::Proc;
+pub use proxy::TcpProxy;
 pub use sipp::{run_sipp, scenario, SippRun, SippTransport};
 
 /// A harness step failed; the message says what and how to fix it.

@@ -1,0 +1,184 @@
+//! A rolling drain of every node, one after another, under continuous calls: SIGTERM to an
+//! agent, which drains (no new conferences; its conferences keep taking joiners), ends what
+//! is left at `node.drain_deadline`, deregisters and exits; its supervisor starts it again
+//! and the next node goes.
+//!
+//! No participant of a conference on another node may be dropped; the stopped node's
+//! conferences end naturally or at the deadline.
+
+use std::time::{Duration, Instant};
+
+use super::cluster::{Cluster, Spec};
+use super::load::{ClaimWatch, Load, LoadSpec, Targets};
+use super::report::{Recovery, Report};
+use super::{keep_logs, ChaosError, ChaosResult, Common};
+use crate::harness::wait_for_async;
+
+/// The goals this report misses.
+pub fn goals(r: &Report) -> Vec<String> {
+    let mut missed = super::report::shared_goals(r, false);
+    let nodes = r.value("nodes");
+    super::expect_value(
+        &mut missed,
+        r,
+        "clean_exits",
+        &format!("agents that exited 0 (of {nodes})"),
+        |v| v == nodes,
+    );
+    missed
+}
+
+/// Load of a run of this length.
+pub fn load(common: &Common) -> LoadSpec {
+    common.pick(
+        LoadSpec {
+            rate: 30.0,
+            conferences: 12,
+            hold: (Duration::from_secs(3), Duration::from_secs(10)),
+            long_every: 0,
+            long_hold: Duration::ZERO,
+        },
+        LoadSpec {
+            rate: 12.0,
+            conferences: 6,
+            hold: (Duration::from_millis(1500), Duration::from_secs(4)),
+            long_every: 0,
+            long_hold: Duration::ZERO,
+        },
+    )
+}
+
+/// Runs the scenario.
+pub async fn run(common: &Common) -> ChaosResult<Report> {
+    let spec = load(common);
+    let deadline = common.fault_or(Duration::from_secs(20), Duration::from_secs(2));
+    let deadline_text = format!("{}ms", deadline.as_millis());
+    let mut cluster = Cluster::start(
+        &Spec::new(3, 2).node_setting("CONFROUTE_NODE__DRAIN_DEADLINE", &deadline_text),
+    )
+    .await?;
+    let claims = ClaimWatch::start(cluster.store.clone());
+    let mut load = Load::start(
+        spec.clone(),
+        Targets {
+            controllers: cluster.controller_addrs(),
+            sims: cluster.sims.clone(),
+            node_ids: cluster.node_ids.clone(),
+        },
+    );
+    let tracker = load.tracker.clone();
+    let started = Instant::now();
+    let warm = started + common.pick(Duration::from_secs(10), Duration::from_secs(3));
+    wait_for_async(
+        "every node to host a conference with callers",
+        Duration::from_secs(30),
+        || async {
+            let all = (0..cluster.nodes.len()).all(|i| !tracker.conferences_on(i).is_empty());
+            (all && Instant::now() >= warm).then_some(())
+        },
+    )
+    .await?;
+
+    let mut per_node = Vec::new();
+    let mut exit_codes = Vec::new();
+    let mut worst_drain = Duration::ZERO;
+    let mut admitted_while_draining = 0usize;
+    let first_stop = Instant::now();
+    for i in 0..cluster.nodes.len() {
+        let id = cluster.node_ids[i].clone();
+        let confs = tracker.conferences_on(i);
+        let members = tracker.members_on(i);
+        let drops_before = tracker.dropped().len();
+        tracker.expect_drops(i, true);
+        let stop = Instant::now();
+        cluster.nodes[i]
+            .process()
+            .signal(libc::SIGTERM)
+            .map_err(|e| ChaosError(e.0))?;
+        let code = cluster.nodes[i]
+            .process()
+            .wait_exit(deadline + Duration::from_secs(30))?;
+        let exited = Instant::now();
+        exit_codes.push(code);
+        let drain_took = exited - stop;
+        worst_drain = worst_drain.max(drain_took);
+        let ended: Vec<_> = tracker.dropped()[drops_before..]
+            .iter()
+            .filter(|d| d.node == i)
+            .map(|d| d.conference.clone())
+            .collect();
+        let mut at_deadline: Vec<&String> = ended.iter().collect();
+        at_deadline.sort();
+        at_deadline.dedup();
+        let admitted = tracker
+            .entries()
+            .iter()
+            .filter(|(at, n, _)| *n == i && *at > stop && *at <= exited)
+            .count();
+        admitted_while_draining += admitted;
+        per_node.push(format!(
+            "{id}: {} conference(s), {members} participant(s) at SIGTERM; {admitted} joiner(s) \
+             admitted while draining; exit {:?} after {:.1} s; {} conference(s) ended at the \
+             deadline ({} participant(s)), {} ended naturally",
+            confs.len(),
+            code,
+            drain_took.as_secs_f64(),
+            at_deadline.len(),
+            ended.len(),
+            confs.len().saturating_sub(at_deadline.len()),
+        ));
+        // Its supervisor starts it again; the next node goes once it is back in service.
+        cluster.nodes[i].restart()?;
+        cluster.wait_node_app(i).await?;
+        cluster.wait_controllers_see(cluster.nodes.len()).await?;
+        tracker.expect_drops(i, false);
+    }
+    let rolled = Instant::now();
+    // A measurement window under load, not a wait for an event.
+    tokio::time::sleep(common.pick(Duration::from_secs(5), Duration::from_secs(1))).await;
+    load.stop().await;
+    let bridges = cluster.wait_no_bridges(Duration::from_secs(15)).await;
+    let left_claims = cluster.wait_no_claims(Duration::from_secs(15)).await;
+
+    let history = claims.history();
+    let mut report = Report::from_run(
+        "rolling-drain",
+        format!(
+            "SIGTERM to each of {} agents in turn (node.drain_deadline {:.1} s), each started \
+             again before the next; {} callers/s over {} conferences",
+            cluster.nodes.len(),
+            deadline.as_secs_f64(),
+            spec.rate,
+            spec.conferences
+        ),
+        &tracker,
+        &history,
+        (first_stop, rolled),
+    );
+    report.recovery.push(Recovery {
+        what: "SIGTERM -> agent exited (slowest node)".into(),
+        took: Some(worst_drain),
+        goal: Some(deadline + Duration::from_secs(10)),
+    });
+    report.recovery.push(Recovery {
+        what: "whole rolling drain".into(),
+        took: Some(rolled - first_stop),
+        goal: None,
+    });
+    for line in per_node {
+        report.figure("node", line);
+    }
+    report.figure(
+        "joiners admitted by draining nodes",
+        admitted_while_draining.to_string(),
+    );
+    let clean_exits = exit_codes.iter().filter(|c| **c == Some(0)).count();
+    report.set("clean_exits", clean_exits as f64);
+    report.set("nodes", cluster.nodes.len() as f64);
+    report.set("worst_drain_ms", worst_drain.as_millis() as f64);
+    report.leftovers(&bridges, &left_claims);
+    let nodes = cluster.node_ids.clone();
+    report.restarts(&cluster.restarted(&nodes));
+    keep_logs(common, "rolling-drain", &cluster);
+    Ok(report)
+}
