@@ -984,6 +984,9 @@ impl Conference {
         }
         match status {
             HostedStatus::Owned => {}
+            HostedStatus::Reclaimed => {
+                tracing::info!(conference = %self.name, epoch = self.epoch, "claim had expired while Redis was away; the heartbeat claimed it again");
+            }
             HostedStatus::Lost => {
                 let owner = match self.node.store.lookup(&self.name).await {
                     Ok(Some(rec)) => rec.owner.node,

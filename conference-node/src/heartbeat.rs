@@ -61,8 +61,18 @@ pub async fn run(node: Arc<Node>) {
     }
 }
 
-/// One heartbeat.
+/// One heartbeat; right after registering again, a second one at once.
 pub async fn beat(node: &Arc<Node>, cpu: f32) {
+    // The claims of a node whose record expired may have expired too. Renewing (or claiming
+    // again) at once, rather than a heartbeat later, has them back before a controller that
+    // sees the node registered again places any of its conferences elsewhere.
+    if beat_once(node, cpu).await {
+        beat_once(node, cpu).await;
+    }
+}
+
+/// One heartbeat; true when the node had to register again.
+async fn beat_once(node: &Arc<Node>, cpu: f32) -> bool {
     if node.state_dirty() {
         node.write_state().await;
     }
@@ -83,8 +93,8 @@ pub async fn beat(node: &Arc<Node>, cpu: f32) {
         Ok(Heartbeat::Unregistered) => {
             tracing::warn!(node = %node.id, "node record gone (lease expired or Redis restarted); registering again");
             if register(node).await {
-                // Claims may have gone with the record: let the next beat re-check them.
                 node.request_reconcile();
+                return true;
             }
         }
         Ok(Heartbeat::Renewed {
@@ -116,6 +126,7 @@ pub async fn beat(node: &Arc<Node>, cpu: f32) {
             }
         }
     }
+    false
 }
 
 /// Host CPU use from `/proc/stat`, as the busy share between two samples.

@@ -161,3 +161,44 @@ async fn lost_claim_ends_the_conference_at_once_when_configured() {
     assert_eq!(wait_hangup(&s.sim, &a).await, 16);
     until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_that_expired_with_the_node_record_come_back_with_its_registration() {
+    // Redis away longer than both leases: the node's record and its conference's claim are
+    // gone when Redis answers again, while the bridge still has its caller. A controller
+    // that sees the node registered again places conferences again, so the claim must be
+    // back with the registration, not a heartbeat (here 3 s) later.
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
+    ])
+    .await;
+    let a = dial(&s.sim, "kept", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &a).await, "cr-1-kept");
+    let store = fixtures::store(&s.cfg);
+    s.redis
+        .query(
+            redis::cmd("DEL")
+                .arg("{confroute}:node:node-a")
+                .arg("{confroute}:conf:kept"),
+        )
+        .expect("del");
+    let node_id = fixtures::id("node-a");
+    wait_for_async("the node registered again", WAIT, || async {
+        store.get_node(&node_id).await.ok().flatten().map(|_| ())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let rec = wait_for_async(
+        "the claim back within 1 s of the registration",
+        Duration::from_secs(1),
+        || async { store.lookup(&name("kept")).await.ok().flatten() },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!((rec.owner.node.as_str(), rec.owner.epoch), ("node-a", 1));
+    assert_eq!(rec.participants, 1);
+    // The caller was never disturbed, and newcomers join the same bridge.
+    let later = dial(&s.sim, "kept", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &later).await, "cr-1-kept");
+}

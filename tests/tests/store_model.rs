@@ -322,7 +322,7 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
                 vec![
                     HostedStatus::Owned,
                     HostedStatus::Lost,
-                    HostedStatus::Missing
+                    HostedStatus::Reclaimed
                 ]
             );
         }
@@ -341,7 +341,15 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
         .expect("registered");
     assert_eq!(a.load.participants, 4);
     assert!((a.load.cpu - 12.5).abs() < 0.01);
-    assert_eq!(a.claimed, 2, "mine and en-route");
+    assert_eq!(a.claimed, 3, "mine, en-route and gone (claimed again)");
+    // The expired claim is back for its node at the node's epoch, with its participants.
+    let gone = store
+        .lookup(&name("gone"))
+        .await
+        .expect("lookup")
+        .expect("claimed again by the heartbeat");
+    assert_eq!((gone.owner.node.as_str(), gone.owner.epoch), ("a", 1));
+    assert_eq!(gone.participants, 1);
 
     // Only renewed claims outlive the conference lease; the heartbeat then drops the
     // expired placement from the node's capacity count.
@@ -374,6 +382,30 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
         .expect("node")
         .expect("registered");
     assert_eq!(a.claimed, 1, "expired placement pruned");
+
+    // A node shutting down ends its conferences: it claims nothing again.
+    store
+        .set_state(&id("a"), NodeState::ShuttingDown)
+        .await
+        .expect("set state");
+    let gone_again = [Hosted {
+        name: name("en-route"),
+        epoch: 1,
+        participants: 1,
+    }];
+    match store
+        .heartbeat(&id("a"), &load, LONG, &gone_again)
+        .await
+        .expect("heartbeat")
+    {
+        Heartbeat::Renewed { hosted, .. } => assert_eq!(hosted, vec![HostedStatus::Missing]),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(store
+        .lookup(&name("en-route"))
+        .await
+        .expect("lookup")
+        .is_none());
 
     assert_eq!(
         store

@@ -136,7 +136,10 @@ pub enum HostedStatus {
     Owned,
     /// Another node or a newer epoch owns it now: stop admitting (invariant 2).
     Lost,
-    /// No claim exists any more (it expired).
+    /// The claim had expired (Redis was away longer than the conference lease); the
+    /// heartbeat claimed it again for this node at the same epoch.
+    Reclaimed,
+    /// No claim exists any more (it expired) and the node, shutting down, did not claim it.
     Missing,
 }
 

@@ -115,6 +115,7 @@ pub(crate) fn heartbeat(values: &[Value], hosted: usize) -> Result<Heartbeat, St
         statuses.push(match r.string(i)?.as_str() {
             "ok" => HostedStatus::Owned,
             "lost" => HostedStatus::Lost,
+            "reclaimed" => HostedStatus::Reclaimed,
             "missing" => HostedStatus::Missing,
             other => return Err(r.err(format!("unknown hosted status `{other}`"))),
         });

@@ -93,8 +93,17 @@ async fn probe(http: &reqwest::Client, url: &str) -> u16 {
 pub async fn run(common: &Common) -> ChaosResult<Report> {
     let spec = load(common);
     let outage = common.fault_or(Duration::from_secs(60), Duration::from_secs(4));
+    // The outage outlasts the conference lease (60 s by default; 2 s in the short run), so
+    // claims expire meanwhile and must come back to the nodes that still host them.
+    let conference_lease = common.pick("60s", "2s");
+    let lease_env = vec![(
+        "CONFROUTE_REDIS__CONFERENCE_LEASE".to_string(),
+        conference_lease.to_string(),
+    )];
     let mut cluster = Cluster::start(&Spec {
         shared_proxy: true,
+        node_env: lease_env.clone(),
+        controller_env: lease_env,
         ..Spec::new(3, 2)
     })
     .await?;
@@ -256,7 +265,7 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
         format!(
             "every controller and agent cut off from Redis for {:.0} s (proxy black-holed: \
              sockets open, no answers) with {participants_before} participant(s) in \
-             conferences; {} callers/s over {} conferences",
+             conferences; {} callers/s over {} conferences; conference lease {conference_lease}",
             outage.as_secs_f64(),
             spec.rate,
             spec.conferences

@@ -2,11 +2,15 @@
 -- Keeps invariant 3 (leases renewed only by the living owner) and invariant 2 (a claim is
 -- renewed only for its owner at its epoch; the node learns which ones it lost).
 -- It also drops placements whose claim expired or moved, so capacity counts stay exact.
+-- A hosted conference whose claim expired (Redis was away longer than the conference lease)
+-- is claimed again here, at the node's epoch, in the same step that shows the node alive:
+-- a controller that sees this node renewed after Redis trouble then finds its conferences
+-- claimed, and never places a second home beside the live bridge (invariant 1).
 -- KEYS[1] node record, KEYS[2] node index.
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease (ms), ARGV[4] conference lease (ms),
 -- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu,
 -- ARGV[8..] triples (name, epoch, participants) of conferences the node hosts.
--- Returns {state, status per hosted conference: ok | lost | missing}, or {false} when the
+-- Returns {state, status per hosted conference: ok | lost | reclaimed | missing}, or {false} when the
 -- node has no record (its lease expired; it must register again).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {false} end
 local prefix, id = ARGV[1], ARGV[2]
@@ -28,7 +32,16 @@ for i = 8, #ARGV, 3 do
     out[#out + 1] = 'ok'
   elseif r[1] then
     out[#out + 1] = 'lost'
+  elseif out[1] == 'serving' or out[1] == 'draining' then
+    local epoch = tonumber(ARGV[i + 1])
+    redis.call('HSET', ckey, 'owner', id, 'epoch', epoch, 'participants',
+      tonumber(ARGV[i + 2]), 'created_ms', now, 'updated_ms', now)
+    redis.call('PEXPIRE', ckey, conf_lease)
+    redis.call('SADD', prefix .. 'node:' .. id .. ':confs', ARGV[i])
+    redis.call('ZADD', prefix .. 'confs', 0, ARGV[i])
+    out[#out + 1] = 'reclaimed'
   else
+    -- A node shutting down ends its conferences: it claims nothing again.
     out[#out + 1] = 'missing'
   end
 end
