@@ -87,6 +87,10 @@ impl NodeView {
 /// Lease assumed for nodes never seen (three heartbeats of the default 1 s).
 const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3);
 
+/// Longest wait for the known nodes after Redis trouble: a node registered with a longer
+/// lease is waited for this long at most before it counts as gone.
+const MAX_SETTLE: Duration = Duration::from_secs(10);
+
 /// Refreshes in a row a node must appear renewed in after Redis trouble: a node that had to
 /// register again renews (or claims again) the conferences it hosts right after, which the
 /// second sighting leaves time for.
@@ -106,8 +110,8 @@ struct Known {
 enum Health {
     /// No trouble seen since the last settled state.
     Good,
-    /// Redis failed; these nodes were live before.
-    Trouble { known: Vec<Known> },
+    /// Redis failed at `since`; these nodes were live before.
+    Trouble { known: Vec<Known>, since: Instant },
     /// Redis is back; waiting for these nodes to write to Redis again (sightings in a row of
     /// a renewed record), at most until `until`.
     Settling {
@@ -115,6 +119,20 @@ enum Health {
         seen: HashMap<NodeId, u8>,
         until: Instant,
     },
+}
+
+/// How long Redis trouble may last without any live node losing its lease for it: a live
+/// node renews every third of its lease (three heartbeats per lease), so it still has a
+/// third of its lease left to renew in. A blip (a timed-out call, a reconnect) stays under
+/// this and changes nothing.
+fn harmless(known: &[Known]) -> Duration {
+    known
+        .iter()
+        .map(|k| k.lease)
+        .filter(|l| !l.is_zero())
+        .min()
+        .unwrap_or(DEFAULT_NODE_LEASE)
+        / 3
 }
 
 /// Routing state shared by every entry point.
@@ -162,14 +180,15 @@ impl Router {
             Ok(h) => h,
             Err(p) => p.into_inner(),
         };
-        let known = match &*health {
+        let (known, since) = match &*health {
             Health::Good => {
                 let view = self.view();
                 let leases = match self.leases.lock() {
                     Ok(l) => l.clone(),
                     Err(p) => p.into_inner().clone(),
                 };
-                view.nodes
+                let known = view
+                    .nodes
                     .keys()
                     .filter_map(|id| view.live(id))
                     .map(|n| Known {
@@ -179,12 +198,14 @@ impl Router {
                         ),
                         updated_ms: n.updated_ms,
                     })
-                    .collect()
+                    .collect();
+                (known, Instant::now())
             }
             Health::Trouble { .. } => return,
-            Health::Settling { known, .. } => known.clone(),
+            // Trouble again while settling: it counts from now.
+            Health::Settling { known, .. } => (known.clone(), Instant::now()),
         };
-        *health = Health::Trouble { known };
+        *health = Health::Trouble { known, since };
     }
 
     /// After a successful refresh: moves on from trouble once the nodes known before it are
@@ -194,13 +215,18 @@ impl Router {
             Ok(h) => h,
             Err(p) => p.into_inner(),
         };
-        if let Health::Trouble { known } = &*health {
+        if let Health::Trouble { known, since } = &*health {
+            if since.elapsed() < harmless(known) {
+                *health = Health::Good;
+                return;
+            }
             let longest = known
                 .iter()
                 .map(|k| k.lease)
                 .max()
                 .filter(|l| !l.is_zero())
-                .unwrap_or(DEFAULT_NODE_LEASE);
+                .unwrap_or(DEFAULT_NODE_LEASE)
+                .min(MAX_SETTLE);
             tracing::info!(wait_at_most = ?longest, nodes = known.len(), "redis reachable again; placing no conference until the nodes that were live have renewed their leases");
             *health = Health::Settling {
                 known: known.clone(),
@@ -250,7 +276,7 @@ impl Router {
         };
         match &*health {
             Health::Good => false,
-            Health::Trouble { .. } => true,
+            Health::Trouble { known, since } => since.elapsed() >= harmless(known),
             Health::Settling { until, .. } => Instant::now() < *until,
         }
     }

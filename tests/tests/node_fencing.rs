@@ -168,7 +168,7 @@ async fn claims_that_expired_with_the_node_record_come_back_with_its_registratio
     // gone when Redis answers again, while the bridge still has its caller. A controller
     // that sees the node registered again places conferences again, so the claim must be
     // back with the registration, not a heartbeat (here 3 s) later.
-    let mut s = Single::start(&[
+    let s = Single::start(&[
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
         ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
     ])
