@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confroute_shared::store::{Heartbeat, HostedStatus};
-use confroute_shared::types::{NodeInfo, NodeLoad, NodeState};
+use confroute_shared::types::{NodeInfo, NodeLoad, NodeState, Owner};
 
 use crate::conference::Msg;
 use crate::lifecycle;
@@ -66,13 +66,14 @@ pub async fn beat(node: &Arc<Node>, cpu: f32) {
     // The claims of a node whose record expired may have expired too. Renewing (or claiming
     // again) at once, rather than a heartbeat later, has them back before a controller that
     // sees the node registered again places any of its conferences elsewhere.
-    if beat_once(node, cpu).await {
-        beat_once(node, cpu).await;
+    if beat_once(node, cpu, false).await {
+        beat_once(node, cpu, true).await;
     }
 }
 
-/// One heartbeat; true when the node had to register again.
-async fn beat_once(node: &Arc<Node>, cpu: f32) -> bool {
+/// One heartbeat; true when the node had to register again. With `reclaim`, or when Redis
+/// failed the last time, it also claims again the hosted conferences whose claims expired.
+async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     if node.state_dirty() {
         node.write_state().await;
     }
@@ -85,11 +86,16 @@ async fn beat_once(node: &Arc<Node>, cpu: f32) -> bool {
     };
     let (_, version) = node.state_versioned();
     let was_ok = node.redis_ok.load(Ordering::SeqCst);
-    match node
-        .store
-        .heartbeat(&node.id, &load, lease(node), &hosted)
-        .await
-    {
+    let beat = if reclaim || !was_ok {
+        node.store
+            .heartbeat_reclaiming(&node.id, &load, lease(node), &hosted)
+            .await
+    } else {
+        node.store
+            .heartbeat(&node.id, &load, lease(node), &hosted)
+            .await
+    };
+    match beat {
         Ok(Heartbeat::Unregistered) => {
             tracing::warn!(node = %node.id, "node record gone (lease expired or Redis restarted); registering again");
             if register(node).await {
@@ -110,8 +116,19 @@ async fn beat_once(node: &Arc<Node>, cpu: f32) -> bool {
                 .with_label_values(&["renewed"])
                 .inc();
             for (h, status) in hosted.iter().zip(statuses) {
-                if status != HostedStatus::Owned {
-                    node.send(&h.name, Msg::Claim(status), false);
+                if status != HostedStatus::Owned
+                    && !node.send(&h.name, Msg::Claim(status), false)
+                    && status == HostedStatus::Reclaimed
+                {
+                    // The conference ended between the listing and the heartbeat: give back
+                    // the claim the heartbeat just made for it.
+                    let owner = Owner {
+                        node: node.id.clone(),
+                        epoch: h.epoch,
+                    };
+                    if let Err(e) = node.store.release(&h.name, &owner).await {
+                        tracing::warn!(conference = %h.name, error = %e, "cannot release the claim of an ended conference; it expires with its lease");
+                    }
                 }
             }
             if state != NodeState::ShuttingDown {

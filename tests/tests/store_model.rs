@@ -310,6 +310,8 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
         participants: 4,
         cpu: 12.5,
     };
+    // An ordinary heartbeat leaves a missing claim alone: its conference may just have
+    // ended and released it.
     match store
         .heartbeat(&id("a"), &load, LONG, &hosted)
         .await
@@ -322,10 +324,27 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
                 vec![
                     HostedStatus::Owned,
                     HostedStatus::Lost,
-                    HostedStatus::Reclaimed
+                    HostedStatus::Missing
                 ]
             );
         }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(store.lookup(&name("gone")).await.expect("lookup").is_none());
+    // After Redis trouble or a new registration the node asks to claim it again.
+    match store
+        .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
+        .await
+        .expect("heartbeat")
+    {
+        Heartbeat::Renewed { hosted, .. } => assert_eq!(
+            hosted,
+            vec![
+                HostedStatus::Owned,
+                HostedStatus::Lost,
+                HostedStatus::Reclaimed
+            ]
+        ),
         other => panic!("unexpected {other:?}"),
     }
     let mine = store
@@ -394,7 +413,7 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
         participants: 1,
     }];
     match store
-        .heartbeat(&id("a"), &load, LONG, &gone_again)
+        .heartbeat_reclaiming(&id("a"), &load, LONG, &gone_again)
         .await
         .expect("heartbeat")
     {

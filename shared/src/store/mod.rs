@@ -137,9 +137,10 @@ pub enum HostedStatus {
     /// Another node or a newer epoch owns it now: stop admitting (invariant 2).
     Lost,
     /// The claim had expired (Redis was away longer than the conference lease); the
-    /// heartbeat claimed it again for this node at the same epoch.
+    /// heartbeat claimed it again for this node at the same epoch
+    /// ([`Store::heartbeat_reclaiming`] only).
     Reclaimed,
-    /// No claim exists any more (it expired) and the node, shutting down, did not claim it.
+    /// No claim exists any more (it expired or was released), and it was not claimed again.
     Missing,
 }
 
@@ -460,6 +461,31 @@ impl Store {
         lease: Duration,
         hosted: &[Hosted],
     ) -> Result<Heartbeat, StoreError> {
+        self.heartbeat_with(id, load, lease, hosted, false).await
+    }
+
+    /// [`Store::heartbeat`] that also claims again, for this node at its epoch, each hosted
+    /// conference whose claim is gone: for the first heartbeat after Redis trouble or a new
+    /// registration, when claims may have expired under live conferences. (At other times a
+    /// missing claim means the conference just ended and released it.)
+    pub async fn heartbeat_reclaiming(
+        &self,
+        id: &NodeId,
+        load: &NodeLoad,
+        lease: Duration,
+        hosted: &[Hosted],
+    ) -> Result<Heartbeat, StoreError> {
+        self.heartbeat_with(id, load, lease, hosted, true).await
+    }
+
+    async fn heartbeat_with(
+        &self,
+        id: &NodeId,
+        load: &NodeLoad,
+        lease: Duration,
+        hosted: &[Hosted],
+        reclaim: bool,
+    ) -> Result<Heartbeat, StoreError> {
         let key = self.node_key(id);
         let script = &self.scripts.heartbeat;
         let conf_lease = self.conference_lease.as_millis() as u64;
@@ -473,7 +499,8 @@ impl Store {
                     .arg(conf_lease)
                     .arg(load.conferences)
                     .arg(load.participants)
-                    .arg(format!("{:.1}", load.cpu));
+                    .arg(format!("{:.1}", load.cpu))
+                    .arg(if reclaim { "1" } else { "0" });
                 for h in hosted {
                     inv.arg(h.name.as_str()).arg(h.epoch).arg(h.participants);
                 }

@@ -2,19 +2,22 @@
 -- Keeps invariant 3 (leases renewed only by the living owner) and invariant 2 (a claim is
 -- renewed only for its owner at its epoch; the node learns which ones it lost).
 -- It also drops placements whose claim expired or moved, so capacity counts stay exact.
--- A hosted conference whose claim expired (Redis was away longer than the conference lease)
+-- When asked (ARGV[8] = "1": the first heartbeat after Redis trouble or a new registration),
+-- a hosted conference whose claim expired (Redis was away longer than the conference lease)
 -- is claimed again here, at the node's epoch, in the same step that shows the node alive:
 -- a controller that sees this node renewed after Redis trouble then finds its conferences
 -- claimed, and never places a second home beside the live bridge (invariant 1).
 -- KEYS[1] node record, KEYS[2] node index.
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease (ms), ARGV[4] conference lease (ms),
--- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu,
--- ARGV[8..] triples (name, epoch, participants) of conferences the node hosts.
+-- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu, ARGV[8] "1" to claim again,
+-- ARGV[9..] triples (name, epoch, participants) of conferences the node hosts. At other
+-- times a missing claim is one its conference released on ending after the node listed it.
 -- Returns {state, status per hosted conference: ok | lost | reclaimed | missing}, or {false} when the
 -- node has no record (its lease expired; it must register again).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {false} end
 local prefix, id = ARGV[1], ARGV[2]
 local lease, conf_lease = tonumber(ARGV[3]), tonumber(ARGV[4])
+local reclaim = ARGV[8] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'conferences', ARGV[5], 'participants', ARGV[6], 'cpu', ARGV[7],
@@ -23,7 +26,7 @@ redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 
 local out = {redis.call('HGET', KEYS[1], 'state')}
-for i = 8, #ARGV, 3 do
+for i = 9, #ARGV, 3 do
   local ckey = prefix .. 'conf:' .. ARGV[i]
   local r = redis.call('HMGET', ckey, 'owner', 'epoch')
   if r[1] == id and r[2] == ARGV[i + 1] then
@@ -32,7 +35,7 @@ for i = 8, #ARGV, 3 do
     out[#out + 1] = 'ok'
   elseif r[1] then
     out[#out + 1] = 'lost'
-  elseif out[1] == 'serving' or out[1] == 'draining' then
+  elseif reclaim and (out[1] == 'serving' or out[1] == 'draining') then
     local epoch = tonumber(ARGV[i + 1])
     redis.call('HSET', ckey, 'owner', id, 'epoch', epoch, 'participants',
       tonumber(ARGV[i + 2]), 'created_ms', now, 'updated_ms', now)
@@ -41,7 +44,7 @@ for i = 8, #ARGV, 3 do
     redis.call('ZADD', prefix .. 'confs', 0, ARGV[i])
     out[#out + 1] = 'reclaimed'
   else
-    -- A node shutting down ends its conferences: it claims nothing again.
+    -- Released by its conference on ending, or the node (shutting down) ends it anyway.
     out[#out + 1] = 'missing'
   end
 end
