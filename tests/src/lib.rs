@@ -7,3 +7,4 @@ pub mod dev;
 pub mod fixtures;
 pub mod fuzz_checks;
 pub mod harness;
+pub mod soak;
