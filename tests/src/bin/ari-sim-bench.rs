@@ -243,5 +243,15 @@ async fn run(args: Args) -> Result<(), String> {
             ));
         }
     }
+    // Machine-readable line for `bench/run-all`: a bare ARI join (answer, addChannel).
+    println!(
+        "BENCH ari_sim servers={servers} joins={} concurrency={} members={members} \
+         joins_per_s={:.0} p50_ms={:.2} p99_ms={:.2} ari_per_join=2",
+        latencies.len(),
+        args.concurrency,
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+    );
     Ok(())
 }

@@ -305,5 +305,20 @@ async fn run(args: Args) -> Result<(), String> {
             sum / count * 1000.0
         );
     }
+    // Machine-readable lines for `bench/run-all`.
+    for (key, r) in [("new", &new_row), ("existing", &existing_row)] {
+        let total: usize = r.ari.values().sum();
+        println!(
+            "BENCH join phase={key} joins={} concurrency={} beep={} joins_per_s={:.0} \
+             p50_ms={:.2} p99_ms={:.2} ari_per_join={:.2}",
+            r.joins,
+            args.concurrency,
+            args.beep,
+            r.joins as f64 / r.secs,
+            pct(&r.lat, 0.50),
+            pct(&r.lat, 0.99),
+            total as f64 / r.joins.max(1) as f64,
+        );
+    }
     Ok(())
 }

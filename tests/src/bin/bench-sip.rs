@@ -24,7 +24,7 @@ use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,9 @@ const CLAIM_LUA: &str = include_str!("../../../shared/src/store/lua/claim.lua");
 
 /// Conference claims outlive the whole run, so the existing conferences stay existing.
 const CONFERENCE_LEASE: Duration = Duration::from_secs(24 * 3600);
+
+/// Process group of the running Kamailio (0: none), for the signal watcher in `main`.
+static KAMAILIO_GROUP: AtomicI32 = AtomicI32::new(0);
 
 /// Node ids are `bench-0` .. `bench-<NODES-1>`.
 const NODES: usize = 8;
@@ -874,9 +877,14 @@ async fn run(args: Args) -> Result<(), String> {
     let dir = TempDir::new("bench-sip").map_err(|e| e.to_string())?;
 
     let mut results: HashMap<(String, String), Outcome> = HashMap::new();
+    // Machine-readable lines for `bench/run-all`, printed after the human-readable report.
+    let mut bench_lines: Vec<String> = Vec::new();
     if !args.no_sip {
         let kamailio = if args.servers.iter().any(|s| s == "kamailio") {
-            Some(start_kamailio(redis.port(), &sha, args.kamailio_children)?)
+            let k = start_kamailio(redis.port(), &sha, args.kamailio_children)?;
+            let group = k.pid().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+            KAMAILIO_GROUP.store(group, Ordering::SeqCst);
+            Some(k)
         } else {
             None
         };
@@ -911,6 +919,16 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
         print_sip_table(&results, &args.workloads, &plan);
+        for w in &args.workloads {
+            for s in ["controller", "kamailio"] {
+                if let Some(o) = results.get(&(s.to_string(), w.clone())) {
+                    bench_lines.push(bench_sip_line(s, w, o, &plan));
+                }
+            }
+        }
+        // Stopped here (as before), and the signal watcher has no group left to kill.
+        drop(kamailio);
+        KAMAILIO_GROUP.store(0, Ordering::SeqCst);
     }
 
     if !args.no_http {
@@ -948,6 +966,13 @@ async fn run(args: Args) -> Result<(), String> {
             let cpu = controller_pid.map(cpu_seconds).unwrap_or(0.0) - cpu_before;
             let redis_cpu = cpu_seconds(redis_pid) - redis_before;
             let get = redis_benchmark_get(redis.port(), c, requests);
+            bench_lines.push(format!(
+                "BENCH route concurrency={c} requests={requests} route_rps={rps:.0} errors={errors} \
+                 redis_get_rps={} controller_cpu_us={:.1} redis_cpu_us={:.1}",
+                get.map(|g| format!("{g:.0}")).unwrap_or_else(|| "none".into()),
+                LoadRun::us_per_call(cpu, requests as u64),
+                LoadRun::us_per_call(redis_cpu, requests as u64),
+            ));
             println!(
                 "{:>11} {:>12.0} {:>8} {:>13} {:>12} {:>16.1} {:>16.1}",
                 c,
@@ -960,7 +985,49 @@ async fn run(args: Args) -> Result<(), String> {
             );
         }
     }
+    if !bench_lines.is_empty() {
+        println!();
+        for l in &bench_lines {
+            println!("{l}");
+        }
+    }
     Ok(())
+}
+
+/// `BENCH sip ...`: one server on one workload, for `bench/run-all`.
+fn bench_sip_line(server: &str, workload: &str, o: &Outcome, plan: &Plan) -> String {
+    let num = |v: Option<f64>, digits: usize| match v {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "none".into(),
+    };
+    let best = o.best.as_ref();
+    let fixed = o.fixed.as_ref();
+    format!(
+        "BENCH sip server={server} workload={workload} step_secs={} top_rate={} max_rate={} p50_ms={} \
+         p99_ms={} first_failure={} cpu_rate={} cpu_us={} redis_cpu_us={} fixed_p99_ms={} \
+         fixed_sustained={}",
+        plan.secs,
+        plan.rates.iter().max().copied().unwrap_or(0),
+        best.map(|b| b.rate.to_string())
+            .unwrap_or_else(|| "none".into()),
+        num(best.map(|b| b.p50_ms), 2),
+        num(best.map(|b| b.p99_ms), 2),
+        o.first_failure
+            .as_ref()
+            .map(|f| f.rate.to_string())
+            .unwrap_or_else(|| "none".into()),
+        plan.cpu_rate,
+        num(
+            fixed.map(|f| LoadRun::us_per_call(f.server_cpu, f.answered())),
+            1
+        ),
+        num(
+            fixed.map(|f| LoadRun::us_per_call(f.redis_cpu, f.answered())),
+            1
+        ),
+        num(fixed.map(|f| f.p99_ms), 2),
+        fixed.map(|f| f.sustained()).unwrap_or(false),
+    )
 }
 
 fn print_sip_table(
@@ -1039,7 +1106,32 @@ fn print_sip_table(
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    // Kamailio's workers live in their own process group: a bench killed by a signal would
+    // leave them running (the other servers die with it, `PR_SET_PDEATHSIG`). The SIP part
+    // blocks its thread for minutes, so the watcher runs on a worker thread and kills the
+    // group itself.
+    tokio::spawn(async {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        let why = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        };
+        let group = KAMAILIO_GROUP.load(Ordering::SeqCst);
+        if group > 0 {
+            // SAFETY: kill(2) on the process group the harness created for our Kamailio.
+            unsafe {
+                libc::kill(-group, libc::SIGKILL);
+            }
+        }
+        eprintln!("bench-sip: stopped by {why}");
+        std::process::exit(130);
+    });
+    let result = run(args).await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench-sip: {e}");
