@@ -1054,6 +1054,20 @@ impl Conference {
             if main.is_none() && holding.is_none() {
                 return false;
             }
+            // The listing may be older than this conference's end: members that left Stasis
+            // since were in the conference that ended, and are nobody to adopt.
+            let listed = in_main.len() + in_holding.len();
+            let in_main: Vec<String> = in_main
+                .into_iter()
+                .filter(|c| !self.node.ended_since_listing(c))
+                .collect();
+            let in_holding: Vec<String> = in_holding
+                .into_iter()
+                .filter(|c| !self.node.ended_since_listing(c))
+                .collect();
+            if listed > 0 && in_main.is_empty() && in_holding.is_empty() {
+                return false;
+            }
             if in_main.is_empty() && in_holding.is_empty() {
                 for b in main.iter().chain(holding.iter()) {
                     if let Err(e) = self.node.ari.destroy_bridge(&b.id).await {
