@@ -160,6 +160,11 @@ impl Default for Tracker {
     }
 }
 
+/// The id the cluster gives the node at index `i` (`node-1` is index 0), for notes.
+fn node_name(i: usize) -> String {
+    format!("node-{}", i + 1)
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -354,8 +359,10 @@ impl Tracker {
                 splits.push((*n, b.clone(), h.members.len()));
             } else {
                 doubles.push(format!(
-                    "{:.1}s: {conference}: a caller entered {bridge} on node {node} while node {n} had {} member(s) in {b}",
+                    "{:.1}s: {conference}: a caller entered {bridge} on {} while {} had {} member(s) in {b}",
                     self.secs(now),
+                    node_name(node),
+                    node_name(*n),
                     h.members.len()
                 ));
             }
@@ -369,8 +376,9 @@ impl Tracker {
             });
         if home.stranded {
             doubles.push(format!(
-                "{:.1}s: {conference}: a caller entered {bridge} on node {node} after the conference moved elsewhere",
-                self.secs(now)
+                "{:.1}s: {conference}: a caller entered {bridge} on {} after the conference moved elsewhere",
+                self.secs(now),
+                node_name(node)
             ));
         }
         home.members.insert(channel.to_string());
@@ -379,8 +387,10 @@ impl Tracker {
             st.stranded += members as u64;
             st.splits.insert((conference.clone(), n, b.clone()));
             st.split_notes.push(format!(
-                "{:.1}s: {conference} re-homed to node {node} ({bridge}); {members} participant(s) left in {b} on node {n}",
-                self.secs(now)
+                "{:.1}s: {conference} re-homed to {} ({bridge}); {members} participant(s) left in {b} on {}",
+                self.secs(now),
+                node_name(node),
+                node_name(n)
             ));
         }
         if !doubles.is_empty() {

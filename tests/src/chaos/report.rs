@@ -142,10 +142,10 @@ impl Report {
             } else {
                 r.dropped += 1;
                 r.notes.push(format!(
-                    "{:.1}s: participant of {} dropped on node {} (cause {})",
+                    "{:.1}s: participant of {} dropped on node-{} (cause {})",
                     tracker.secs(d.at),
                     d.conference,
-                    d.node,
+                    d.node + 1,
                     d.cause
                 ));
             }
@@ -179,7 +179,8 @@ impl Report {
         self.orphan_bridges = bridges.len() as u64;
         for (node, id, members) in bridges {
             self.notes.push(format!(
-                "orphan bridge {id} on node {node} ({members} member(s))"
+                "orphan bridge {id} on node-{} ({members} member(s))",
+                node + 1
             ));
         }
         self.orphan_claims = claims.len() as u64;
