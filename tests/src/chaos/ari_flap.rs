@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 use confroute_node::conference::parse_bridge_id;
 
 use super::cluster::{Cluster, Spec};
-use super::load::{ClaimWatch, Load, LoadSpec, Targets};
+use super::load::LoadSpec;
 use super::report::{Recovery, Report};
 use super::{keep_logs, ChaosResult, Common};
 use crate::fixtures;
-use crate::harness::wait_for_async;
 
 /// The goals this report misses.
 pub fn goals(r: &Report) -> Vec<String> {
@@ -99,26 +98,8 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
     let flapping = common.fault_or(Duration::from_secs(60), Duration::from_secs(10));
     let every = common.pick(Duration::from_secs(3), Duration::from_secs(2));
     let mut cluster = Cluster::start(&Spec::new(3, 2)).await?;
-    let claims = ClaimWatch::start(cluster.store.clone());
-    let mut load = Load::start(
-        spec.clone(),
-        Targets {
-            controllers: cluster.controller_addrs(),
-            sims: cluster.sims.clone(),
-            node_ids: cluster.node_ids.clone(),
-        },
-    );
+    let (claims, mut load) = super::under_load(common, &cluster, &spec).await?;
     let tracker = load.tracker.clone();
-    let warm = Instant::now() + common.pick(Duration::from_secs(10), Duration::from_secs(3));
-    wait_for_async(
-        "every node to host a conference with callers",
-        Duration::from_secs(30),
-        || async {
-            let all = (0..cluster.nodes.len()).all(|i| !tracker.conferences_on(i).is_empty());
-            (all && Instant::now() >= warm).then_some(())
-        },
-    )
-    .await?;
 
     let start = Instant::now();
     let mut flaps = 0u64;

@@ -157,6 +157,37 @@ pub(crate) fn first_after<T>(
         .min()
 }
 
+/// Starts `spec`'s callers on `cluster` and a claim watcher, then waits until every node
+/// hosts a conference with callers in it and the warm-up (10 s; short: 3 s) has passed: the
+/// state every scenario injects its fault into.
+pub(crate) async fn under_load(
+    common: &Common,
+    cluster: &cluster::Cluster,
+    spec: &load::LoadSpec,
+) -> ChaosResult<(load::ClaimWatch, load::Load)> {
+    let claims = load::ClaimWatch::start(cluster.store.clone());
+    let load = load::Load::start(
+        spec.clone(),
+        load::Targets {
+            controllers: cluster.controller_addrs(),
+            sims: cluster.sims.clone(),
+            node_ids: cluster.node_ids.clone(),
+        },
+    );
+    let tracker = load.tracker.clone();
+    let warm = Instant::now() + common.pick(Duration::from_secs(10), Duration::from_secs(3));
+    crate::harness::wait_for_async(
+        "every node to host a conference with callers",
+        Duration::from_secs(30),
+        || async {
+            let all = (0..cluster.nodes.len()).all(|i| !tracker.conferences_on(i).is_empty());
+            (all && Instant::now() >= warm).then_some(())
+        },
+    )
+    .await?;
+    Ok((claims, load))
+}
+
 /// Saves the cluster's logs when asked.
 pub(crate) fn keep_logs(common: &Common, scenario: &str, cluster: &cluster::Cluster) {
     if let Some(dir) = &common.logs {

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::cluster::{Cluster, Spec};
-use super::load::{ClaimWatch, Load, LoadSpec, RouteOutcome, Targets};
+use super::load::{LoadSpec, RouteOutcome};
 use super::report::{secs, Recovery, Report};
 use super::{first_after, keep_logs, ChaosError, ChaosResult, Common};
 use crate::harness::wait_for_async;
@@ -75,29 +75,8 @@ pub fn load(common: &Common) -> LoadSpec {
 pub async fn run(common: &Common) -> ChaosResult<Report> {
     let spec = load(common);
     let mut cluster = Cluster::start(&Spec::new(3, 2)).await?;
-    let claims = ClaimWatch::start(cluster.store.clone());
-    let mut load = Load::start(
-        spec.clone(),
-        Targets {
-            controllers: cluster.controller_addrs(),
-            sims: cluster.sims.clone(),
-            node_ids: cluster.node_ids.clone(),
-        },
-    );
+    let (claims, mut load) = super::under_load(common, &cluster, &spec).await?;
     let tracker = load.tracker.clone();
-
-    // Under load until every node hosts a conference with callers in it, and at least the
-    // warm-up has passed.
-    let warm = Instant::now() + common.pick(Duration::from_secs(10), Duration::from_secs(3));
-    wait_for_async(
-        "every node to host a conference with callers",
-        Duration::from_secs(30),
-        || async {
-            let all = (0..cluster.nodes.len()).all(|i| !tracker.conferences_on(i).is_empty());
-            (all && Instant::now() >= warm).then_some(())
-        },
-    )
-    .await?;
     let victim = (0..cluster.nodes.len())
         .max_by_key(|i| tracker.conferences_on(*i).len())
         .unwrap_or(0);

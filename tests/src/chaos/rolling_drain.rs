@@ -9,10 +9,9 @@
 use std::time::{Duration, Instant};
 
 use super::cluster::{Cluster, Spec};
-use super::load::{ClaimWatch, Load, LoadSpec, Targets};
+use super::load::LoadSpec;
 use super::report::{Recovery, Report};
 use super::{keep_logs, ChaosError, ChaosResult, Common};
-use crate::harness::wait_for_async;
 
 /// The goals this report misses.
 pub fn goals(r: &Report) -> Vec<String> {
@@ -57,27 +56,8 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
         &Spec::new(3, 2).node_setting("CONFROUTE_NODE__DRAIN_DEADLINE", &deadline_text),
     )
     .await?;
-    let claims = ClaimWatch::start(cluster.store.clone());
-    let mut load = Load::start(
-        spec.clone(),
-        Targets {
-            controllers: cluster.controller_addrs(),
-            sims: cluster.sims.clone(),
-            node_ids: cluster.node_ids.clone(),
-        },
-    );
+    let (claims, mut load) = super::under_load(common, &cluster, &spec).await?;
     let tracker = load.tracker.clone();
-    let started = Instant::now();
-    let warm = started + common.pick(Duration::from_secs(10), Duration::from_secs(3));
-    wait_for_async(
-        "every node to host a conference with callers",
-        Duration::from_secs(30),
-        || async {
-            let all = (0..cluster.nodes.len()).all(|i| !tracker.conferences_on(i).is_empty());
-            (all && Instant::now() >= warm).then_some(())
-        },
-    )
-    .await?;
 
     let mut per_node = Vec::new();
     let mut exit_codes = Vec::new();

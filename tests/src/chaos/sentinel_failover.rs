@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use super::cluster::{Cluster, RedisKind, Spec};
-use super::load::{ClaimWatch, JoinOutcome, Load, LoadSpec, RouteOutcome, Targets};
+use super::load::{JoinOutcome, LoadSpec, RouteOutcome};
 use super::report::{secs, Recovery, Report};
 use super::{keep_logs, ChaosError, ChaosResult, Common};
 use crate::harness::wait_for_async;
@@ -61,26 +61,8 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
         ..Spec::new(3, 2)
     })
     .await?;
-    let claims = ClaimWatch::start(cluster.store.clone());
-    let mut load = Load::start(
-        spec.clone(),
-        Targets {
-            controllers: cluster.controller_addrs(),
-            sims: cluster.sims.clone(),
-            node_ids: cluster.node_ids.clone(),
-        },
-    );
+    let (claims, mut load) = super::under_load(common, &cluster, &spec).await?;
     let tracker = load.tracker.clone();
-    let warm = Instant::now() + common.pick(Duration::from_secs(10), Duration::from_secs(3));
-    wait_for_async(
-        "every node to host a conference with callers",
-        Duration::from_secs(30),
-        || async {
-            let all = (0..cluster.nodes.len()).all(|i| !tracker.conferences_on(i).is_empty());
-            (all && Instant::now() >= warm).then_some(())
-        },
-    )
-    .await?;
     let participants: usize = (0..cluster.nodes.len())
         .map(|i| tracker.members_on(i))
         .sum();
