@@ -60,6 +60,16 @@ async fn install_ari_client() {
 
 #[tokio::test]
 async fn npm_ari_client_runs_the_bridge_hold_example() {
+    // node-ari-client builds its API from the simulator's /ari/api-docs, served from
+    // Asterisk's Swagger files.
+    let docs = confroute_tests::ari_sim::spec::docs_dir();
+    if !docs.join("resources.json").is_file() {
+        println!(
+            "skipping the ari-client test: spec folder {} is absent (set ARI_API_DOCS)",
+            docs.display()
+        );
+        return;
+    }
     require_tool("node").await;
     require_tool("npm").await;
     install_ari_client().await;
