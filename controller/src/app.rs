@@ -56,14 +56,51 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
 
     let service = Arc::new(SipService::new(&cfg.sip, router.clone(), metrics.clone()));
     let mut sip_addr = cfg.sip.listen;
-    if cfg.sip.transports.contains(&Transport::Udp) {
-        let socket = server::bind_udp(cfg.sip.listen, cfg.sip.udp_buffer_size).map_err(|e| {
-            StartError(format!(
-                "sip.listen: cannot bind UDP {}: {e}",
-                cfg.sip.listen
-            ))
-        })?;
-        sip_addr = socket.local_addr().unwrap_or(sip_addr);
+    let udp_on = cfg.sip.transports.contains(&Transport::Udp);
+    let tcp_on = cfg.sip.transports.contains(&Transport::Tcp);
+    // UDP and TCP share one port. Asked for any port (0), TCP takes the port UDP got, which
+    // another socket may hold for TCP: then both are bound again elsewhere.
+    let attempts = if cfg.sip.listen.port() == 0 && udp_on && tcp_on {
+        20
+    } else {
+        1
+    };
+    let mut bound = None;
+    for attempt in 1..=attempts {
+        let udp = if udp_on {
+            let socket =
+                server::bind_udp(cfg.sip.listen, cfg.sip.udp_buffer_size).map_err(|e| {
+                    StartError(format!(
+                        "sip.listen: cannot bind UDP {}: {e}",
+                        cfg.sip.listen
+                    ))
+                })?;
+            sip_addr = socket.local_addr().unwrap_or(sip_addr);
+            Some(socket)
+        } else {
+            None
+        };
+        let tcp = if tcp_on {
+            let addr = SocketAddr::new(cfg.sip.listen.ip(), sip_addr.port());
+            match TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < attempts => {
+                    continue
+                }
+                Err(e) => {
+                    return Err(StartError(format!(
+                        "sip.listen: cannot bind TCP {addr}: {e}"
+                    )))
+                }
+            }
+        } else {
+            None
+        };
+        bound = Some((udp, tcp));
+        break;
+    }
+    let (udp, tcp) = bound.unwrap_or((None, None));
+    if let Some(socket) = udp {
         let socket = Arc::new(socket);
         // Several receivers on one socket let a burst use every core.
         let receivers = std::thread::available_parallelism()
@@ -77,12 +114,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
             )));
         }
     }
-    if cfg.sip.transports.contains(&Transport::Tcp) {
-        // With UDP bound to an ephemeral port, TCP takes the same port.
-        let addr = SocketAddr::new(cfg.sip.listen.ip(), sip_addr.port());
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| StartError(format!("sip.listen: cannot bind TCP {addr}: {e}")))?;
+    if let Some(listener) = tcp {
         sip_addr = listener.local_addr().unwrap_or(sip_addr);
         tasks.push(tokio::spawn(server::serve_tcp(
             listener,
