@@ -77,6 +77,24 @@ async fn system() -> System {
         ),
     ]);
     let node = NodeProc::start("node-a", &env).expect("node agent");
+    // Ready for calls: the agent's Stasis app is up and the controller sees the node.
+    let app_up = sim
+        .wait_until(Duration::from_secs(10), |s| {
+            s.apps.iter().any(|a| a.name == "confroute" && a.active)
+        })
+        .await;
+    assert!(app_up, "agent never connected\n{}", node.output());
+    let base = controller.http_url();
+    wait_for_async(
+        "the node in the controller's view",
+        Duration::from_secs(10),
+        || async {
+            let m = fixtures::scrape(&base).await;
+            (fixtures::metric(&m, r#"confroute_nodes{state="serving"}"#) >= 1.0).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
     System {
         redis,
         controller,
