@@ -16,14 +16,13 @@ use serde_json::{json, Map, Value};
 
 use confroute_shared::bus::{BusError, ErrorCode};
 use confroute_shared::config::Issues;
+pub use confroute_shared::dialout::{target, Target};
 
 use crate::config::{DialoutConfig, NodeConfig};
 use crate::control::{DialoutP, Pending};
 use crate::node::{lock, Node};
 use crate::options::{self, Options};
 
-/// Longest accepted target.
-const MAX_TARGET: usize = 256;
 /// Longest accepted caller id.
 const MAX_CALLER_ID: usize = 128;
 /// Seconds a callee rings when the command names no timeout.
@@ -34,39 +33,6 @@ const CLEARED_FALLBACK: Duration = Duration::from_secs(5);
 /// How long past its ring timeout an unanswered dial-out whose end was never seen (an event
 /// lost across an ARI reconnect) is given up: reported `rejected` and its seat freed.
 pub const RINGING_FALLBACK: Duration = Duration::from_secs(30);
-
-/// Where a dial-out goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target<'a> {
-    /// An E.164-style number: optional `+`, 3-15 digits, no leading zero.
-    Number(&'a str),
-    /// A `sip:` or `sips:` URI with a user and a host.
-    Sip(&'a str),
-}
-
-/// Reads a dial-out target; `None` for anything that is neither an E.164-style number nor
-/// a SIP URI (the same rule as the controller's, so the node trusts nobody's checks).
-pub fn target(t: &str) -> Option<Target<'_>> {
-    if t.len() > MAX_TARGET || t.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return None;
-    }
-    let digits = t.strip_prefix('+').unwrap_or(t);
-    if (3..=15).contains(&digits.len())
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0')
-    {
-        return Some(Target::Number(t));
-    }
-    let rest = t.strip_prefix("sip:").or_else(|| t.strip_prefix("sips:"))?;
-    let (user, host) = rest.split_once('@')?;
-    let ok = !user.is_empty()
-        && !host.is_empty()
-        && !t.contains(['<', '>', '"', '\'', ','])
-        && host.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b';' | b'=')
-        });
-    ok.then_some(Target::Sip(t))
-}
 
 /// The ARI endpoint for `target` from the configured dial strings; `forbidden` when that
 /// kind of target is not configured on this node.
@@ -479,33 +445,6 @@ impl Dialouts {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets() {
-        assert_eq!(target("+15555550101"), Some(Target::Number("+15555550101")));
-        assert_eq!(target("4930123456"), Some(Target::Number("4930123456")));
-        assert_eq!(
-            target("sip:alice@example.com"),
-            Some(Target::Sip("sip:alice@example.com"))
-        );
-        assert!(target("sips:bob@10.0.0.1:5061;transport=tls").is_some());
-        for bad in [
-            "",
-            "+0123",
-            "+1",
-            "12345678901234567",
-            "alice",
-            "sip:",
-            "sip:@host",
-            "sip:a@",
-            "sip:a@b c",
-            "sip:a@b\r\nX: y",
-            "tel:+1555",
-            "sip:a@<b>",
-        ] {
-            assert_eq!(target(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn endpoints_from_templates() {

@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod config;
+pub mod dialout;
 pub mod name;
 pub mod placement;
 pub mod secret;

@@ -1,0 +1,72 @@
+//! Dial-out targets: the one rule the controller checks before sending a dial-out and the
+//! node checks again before dialling (it trusts nobody's checks).
+
+/// Longest accepted target.
+pub const MAX_TARGET: usize = 256;
+
+/// Where a dial-out goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// An E.164-style number: optional `+`, 3-15 digits, no leading zero.
+    Number(&'a str),
+    /// A `sip:` or `sips:` URI with a user and a host.
+    Sip(&'a str),
+}
+
+/// Reads a dial-out target; `None` for anything that is neither an E.164-style number nor
+/// a SIP URI.
+pub fn target(t: &str) -> Option<Target<'_>> {
+    if t.len() > MAX_TARGET || t.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return None;
+    }
+    let digits = t.strip_prefix('+').unwrap_or(t);
+    if (3..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+    {
+        return Some(Target::Number(t));
+    }
+    let rest = t.strip_prefix("sip:").or_else(|| t.strip_prefix("sips:"))?;
+    let (user, host) = rest.split_once('@')?;
+    let ok = !user.is_empty()
+        && !host.is_empty()
+        && !t.contains(['<', '>', '"', '\'', ','])
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b';' | b'=')
+        });
+    ok.then_some(Target::Sip(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(target("+15555550101"), Some(Target::Number("+15555550101")));
+        assert_eq!(target("4930123456"), Some(Target::Number("4930123456")));
+        assert_eq!(
+            target("sip:alice@example.com"),
+            Some(Target::Sip("sip:alice@example.com"))
+        );
+        assert!(target("sips:bob@10.0.0.1:5061;transport=tls").is_some());
+        let long = format!("sip:{}@h", "a".repeat(300));
+        for bad in [
+            &long,
+            "",
+            "+0123",
+            "+1",
+            "12345678901234567",
+            "alice",
+            "sip:",
+            "sip:@host",
+            "sip:a@",
+            "sip:a@b c",
+            "sip:a@b\r\nX: y",
+            "tel:+1555",
+            "sip:a@<b>",
+        ] {
+            assert_eq!(target(bad), None, "{bad:?}");
+        }
+    }
+}
