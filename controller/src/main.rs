@@ -29,8 +29,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (the same in mimalloc 2 and 3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     // mimalloc gives freed pages back to the OS 10 ms after they empty, so every burst of
     // calls faulted them in again (page faults were 7% of the controller's CPU at 8,000
     // calls/s). A server's working set is steady: keep pages for a second.
@@ -44,6 +43,23 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The runtime is built after the configuration is read: `runtime.worker_threads` sizes it.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.runtime.worker_threads > 0 {
+        builder.worker_threads(cfg.runtime.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("confroute-controller: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(serve(cfg))
+}
+
+/// Runs the controller until a stop signal.
+async fn serve(cfg: ControllerConfig) -> ExitCode {
     telemetry::init(&cfg.log);
     let controller = match app::start(&cfg).await {
         Ok(c) => c,
