@@ -74,41 +74,35 @@ pub fn has_to_tag(to: &str) -> bool {
         Some(i) => &to[i + 1..],
         None => to.split_once(';').map(|(_, p)| p).unwrap_or(""),
     };
-    params
-        .split(';')
-        .any(|p| p.trim().to_ascii_lowercase().starts_with("tag="))
+    params.split(';').any(|p| {
+        p.trim()
+            .get(..4)
+            .is_some_and(|k| k.eq_ignore_ascii_case("tag="))
+    })
 }
 
-/// The top Via with `received` and `rport` filled in for a request from `source`.
-fn fix_top_via(value: &str, source: SocketAddr) -> String {
+/// Appends the top Via with `received` and `rport` filled in for a request from `source`.
+///
+/// Written straight into the response: this runs for every answer, and building the value
+/// apart cost several allocations per call.
+fn push_top_via(out: &mut String, value: &str, source: SocketAddr) {
     let top = split_first_value(value);
-    let rest = &value[value
-        .find(top)
-        .map(|i| i + top.len())
-        .unwrap_or(value.len())..];
-    let ip = source.ip().to_string();
-    let mut params: Vec<String> = Vec::new();
-    let mut sent_by = "";
+    // `top` is `value` trimmed up to its first top-level comma.
+    let start = value.len() - value.trim_start().len();
+    let rest = &value[start + top.len()..];
+    let mut parts = top.split(';');
+    let sent_by = parts.next().unwrap_or("");
+    out.push_str(sent_by.trim_end());
     let mut had_rport = false;
-    for (i, part) in top.split(';').enumerate() {
-        if i == 0 {
-            sent_by = part;
-            continue;
-        }
+    for part in parts {
         let p = part.trim();
-        let key = p
-            .split('=')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        match key.as_str() {
-            "rport" => {
-                had_rport = true;
-                params.push(format!("rport={}", source.port()));
-            }
-            "received" => {}
-            _ => params.push(p.to_string()),
+        let key = p.split('=').next().unwrap_or("").trim();
+        if key.eq_ignore_ascii_case("rport") {
+            had_rport = true;
+            let _ = write!(out, ";rport={}", source.port());
+        } else if !key.eq_ignore_ascii_case("received") {
+            out.push(';');
+            out.push_str(p);
         }
     }
     let host = sent_by
@@ -121,56 +115,67 @@ fn fix_top_via(value: &str, source: SocketAddr) -> String {
         })
         .unwrap_or("");
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if had_rport || host != ip {
-        params.push(format!("received={ip}"));
-    }
-    let mut out = String::with_capacity(value.len() + 32);
-    out.push_str(sent_by.trim_end());
-    for p in params {
-        out.push(';');
-        out.push_str(&p);
+    // RFC 3261 §18.2.1: `received` when sent-by is a name or an address other than the
+    // packet's source.
+    let same_address = host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip == source.ip());
+    if had_rport || !same_address {
+        let _ = write!(out, ";received={}", source.ip());
     }
     out.push_str(rest);
-    out
+}
+
+/// Appends `name: value` and the line end.
+fn push_header(out: &mut String, name: &str, value: &str) {
+    out.push_str(name);
+    out.push_str(": ");
+    out.push_str(value);
+    out.push_str("\r\n");
 }
 
 /// Serialises `resp` as the answer to `req`, received from `source`.
 pub fn build(req: &Request<'_>, resp: &Response, to_tag: &str, source: SocketAddr) -> Vec<u8> {
-    let mut out = String::with_capacity(512);
+    let mut out = String::with_capacity(1024);
     let _ = write!(out, "SIP/2.0 {} {}\r\n", resp.code, resp.reason);
     let mut first_via = true;
     for h in &req.headers {
         let name: &str = &h.name;
         if name.eq_ignore_ascii_case("Via") {
             if first_via {
-                let _ = write!(out, "Via: {}\r\n", fix_top_via(&h.value, source));
+                out.push_str("Via: ");
+                push_top_via(&mut out, &h.value, source);
+                out.push_str("\r\n");
                 first_via = false;
             } else {
-                let _ = write!(out, "Via: {}\r\n", h.value);
+                push_header(&mut out, "Via", &h.value);
             }
         }
     }
     if let Some(from) = req.header("From") {
-        let _ = write!(out, "From: {from}\r\n");
+        push_header(&mut out, "From", from);
     }
     if let Some(to) = req.header("To") {
+        push_header(&mut out, "To", to);
         // A 100 Trying carries no tag; every other response of ours does (§8.2.6.2).
         if resp.code > 100 && !has_to_tag(to) && !to_tag.is_empty() {
-            let _ = write!(out, "To: {to};tag={to_tag}\r\n");
-        } else {
-            let _ = write!(out, "To: {to}\r\n");
+            out.truncate(out.len() - 2);
+            out.push_str(";tag=");
+            out.push_str(to_tag);
+            out.push_str("\r\n");
         }
     }
     if let Some(call_id) = req.header("Call-ID") {
-        let _ = write!(out, "Call-ID: {call_id}\r\n");
+        push_header(&mut out, "Call-ID", call_id);
     }
     if let Some(cseq) = req.header("CSeq") {
-        let _ = write!(out, "CSeq: {cseq}\r\n");
+        push_header(&mut out, "CSeq", cseq);
     }
     for (name, value) in &resp.extra {
-        let _ = write!(out, "{name}: {value}\r\n");
+        push_header(&mut out, name, value);
     }
-    let _ = write!(out, "Server: {SERVER}\r\nContent-Length: 0\r\n\r\n");
+    push_header(&mut out, "Server", SERVER);
+    out.push_str("Content-Length: 0\r\n\r\n");
     out.into_bytes()
 }
 
