@@ -596,10 +596,35 @@ fn measure(
     Ok(out)
 }
 
-/// A minimal HTTP/1.1 keep-alive client: `POST /v1/route` in a loop on one connection.
+/// What the HTTP client asks for.
+#[derive(Clone)]
+enum HttpLoad {
+    /// `POST /v1/route` for these conferences in turn.
+    Route(Arc<Vec<String>>),
+    /// `GET /healthz`: the HTTP stack alone, no Redis; the floor of any API request.
+    Healthz,
+}
+
+impl HttpLoad {
+    fn request(&self, i: u64) -> String {
+        match self {
+            HttpLoad::Route(names) => {
+                let body = format!("{{\"conference\":\"{}\"}}", names[i as usize % names.len()]);
+                format!(
+                    "POST /v1/route HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            }
+            HttpLoad::Healthz => "GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n".to_string(),
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 keep-alive client: one request after another on one connection.
 async fn http_worker(
     addr: SocketAddr,
-    names: Arc<Vec<String>>,
+    load: HttpLoad,
     next: Arc<AtomicU64>,
     total: u64,
     errors: Arc<AtomicU64>,
@@ -615,12 +640,7 @@ async fn http_worker(
         if i >= total || stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let body = format!("{{\"conference\":\"{}\"}}", names[i as usize % names.len()]);
-        let req = format!(
-            "POST /v1/route HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let req = load.request(i);
         conn.write_all(req.as_bytes())
             .await
             .map_err(|e| format!("write: {e}"))?;
@@ -669,10 +689,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Requests per second of `POST /v1/route` with `concurrency` connections.
-async fn http_route_rate(
+/// Requests per second of `load` with `concurrency` connections.
+async fn http_rate(
     addr: SocketAddr,
-    names: Arc<Vec<String>>,
+    load: HttpLoad,
     concurrency: usize,
     requests: u64,
 ) -> Result<(f64, u64), String> {
@@ -684,7 +704,7 @@ async fn http_route_rate(
     for _ in 0..concurrency {
         tasks.push(tokio::spawn(http_worker(
             addr,
-            names.clone(),
+            load.clone(),
             next.clone(),
             requests,
             errors.clone(),
@@ -943,45 +963,52 @@ async fn run(args: Args) -> Result<(), String> {
             .http_requests
             .unwrap_or(if args.quick { 20_000 } else { 200_000 });
         let http_addr = SocketAddr::from(([127, 0, 0, 1], controller.http_port));
-        let shared = Arc::new(names.clone());
+        let route = HttpLoad::Route(Arc::new(names.clone()));
         println!();
         println!("== POST /v1/route (existing conferences) vs redis-benchmark -t get");
+        println!("   (GET /healthz: the same client and HTTP stack with no Redis call, the floor)");
         println!(
-            "{:>11} {:>12} {:>8} {:>13} {:>12} {:>16} {:>16}",
+            "{:>11} {:>12} {:>8} {:>13} {:>12} {:>16} {:>16} {:>14} {:>12}",
             "concurrency",
             "route req/s",
             "errors",
             "redis GET/s",
             "route/GET",
             "ctrl cpu us/req",
-            "redis cpu us/req"
+            "redis cpu us/req",
+            "healthz req/s",
+            "healthz/GET"
         );
         for c in conc {
             // Warm-up: connections and the node view.
-            let _ = http_route_rate(http_addr, shared.clone(), c, (requests / 10) as u64).await?;
+            let _ = http_rate(http_addr, route.clone(), c, (requests / 10) as u64).await?;
             let cpu_before = controller_pid.map(cpu_seconds).unwrap_or(0.0);
             let redis_before = cpu_seconds(redis_pid);
-            let (rps, errors) =
-                http_route_rate(http_addr, shared.clone(), c, requests as u64).await?;
+            let (rps, errors) = http_rate(http_addr, route.clone(), c, requests as u64).await?;
             let cpu = controller_pid.map(cpu_seconds).unwrap_or(0.0) - cpu_before;
             let redis_cpu = cpu_seconds(redis_pid) - redis_before;
+            let (floor, floor_errors) =
+                http_rate(http_addr, HttpLoad::Healthz, c, requests as u64).await?;
             let get = redis_benchmark_get(redis.port(), c, requests);
             bench_lines.push(format!(
-                "BENCH route concurrency={c} requests={requests} route_rps={rps:.0} errors={errors} \
-                 redis_get_rps={} controller_cpu_us={:.1} redis_cpu_us={:.1}",
+                "BENCH route concurrency={c} requests={requests} route_rps={rps:.0} errors={} \
+                 redis_get_rps={} controller_cpu_us={:.1} redis_cpu_us={:.1} healthz_rps={floor:.0}",
+                errors + floor_errors,
                 get.map(|g| format!("{g:.0}")).unwrap_or_else(|| "none".into()),
                 LoadRun::us_per_call(cpu, requests as u64),
                 LoadRun::us_per_call(redis_cpu, requests as u64),
             ));
             println!(
-                "{:>11} {:>12.0} {:>8} {:>13} {:>12} {:>16.1} {:>16.1}",
+                "{:>11} {:>12.0} {:>8} {:>13} {:>12} {:>16.1} {:>16.1} {:>14.0} {:>12}",
                 c,
                 rps,
-                errors,
+                errors + floor_errors,
                 get.map(|g| format!("{g:.0}")).unwrap_or_else(|| "-".into()),
                 ratio(Some(rps), get),
                 LoadRun::us_per_call(cpu, requests as u64),
                 LoadRun::us_per_call(redis_cpu, requests as u64),
+                floor,
+                ratio(Some(floor), get),
             );
         }
     }
