@@ -476,6 +476,8 @@ struct Outcome {
     best: Option<LoadRun>,
     first_failure: Option<LoadRun>,
     fixed: Option<LoadRun>,
+    /// Every sustained step of the ramp as (rate, probe p99 in ms), lowest rate first.
+    sustained: Vec<(u32, f64)>,
 }
 
 struct Plan {
@@ -537,6 +539,7 @@ fn measure(
         )?;
         println!("  {:<10} {:<8} {}", server.name, workload, run.line());
         if run.sustained() {
+            out.sustained.push((run.rate, run.p99_ms));
             out.best = Some(run);
             retried = false;
         } else if !retried {
@@ -946,6 +949,12 @@ async fn run(args: Args) -> Result<(), String> {
                 }
             }
         }
+        for w in &args.workloads {
+            if let Some(line) = bench_p99_line(&results, w) {
+                println!("{}", line.trim_start_matches("BENCH "));
+                bench_lines.push(line);
+            }
+        }
         // Stopped here (as before), and the signal watcher has no group left to kill.
         drop(kamailio);
         KAMAILIO_GROUP.store(0, Ordering::SeqCst);
@@ -1019,6 +1028,32 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `BENCH sipp99 ...`: the controller's highest sustained rate whose p99 is no worse than
+/// Kamailio's p99 at Kamailio's own highest sustained rate (the rate goal is "at no worse
+/// p99"; the top rates alone compare p99s taken at different loads).
+fn bench_p99_line(results: &HashMap<(String, String), Outcome>, workload: &str) -> Option<String> {
+    let get = |s: &str| results.get(&(s.to_string(), workload.to_string()));
+    let k = get("kamailio")?.best.as_ref()?;
+    let c = get("controller")?;
+    let within = c
+        .sustained
+        .iter()
+        .filter(|(_, p99)| *p99 <= k.p99_ms)
+        .max_by_key(|(rate, _)| *rate);
+    Some(format!(
+        "BENCH sipp99 workload={workload} kamailio_rate={} kamailio_p99_ms={:.2} \
+         controller_rate={} controller_p99_ms={}",
+        k.rate,
+        k.p99_ms,
+        within
+            .map(|w| w.0.to_string())
+            .unwrap_or_else(|| "none".into()),
+        within
+            .map(|w| format!("{:.2}", w.1))
+            .unwrap_or_else(|| "none".into()),
+    ))
 }
 
 /// `BENCH sip ...`: one server on one workload, for `bench/run-all`.
