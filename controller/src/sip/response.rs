@@ -156,14 +156,14 @@ pub fn build(req: &Request<'_>, resp: &Response, to_tag: &str, source: SocketAdd
         push_header(&mut out, "From", from);
     }
     if let Some(to) = req.header("To") {
-        push_header(&mut out, "To", to);
+        out.push_str("To: ");
+        out.push_str(to);
         // A 100 Trying carries no tag; every other response of ours does (§8.2.6.2).
         if resp.code > 100 && !has_to_tag(to) && !to_tag.is_empty() {
-            out.truncate(out.len() - 2);
             out.push_str(";tag=");
             out.push_str(to_tag);
-            out.push_str("\r\n");
         }
+        out.push_str("\r\n");
     }
     if let Some(call_id) = req.header("Call-ID") {
         push_header(&mut out, "Call-ID", call_id);
