@@ -1131,6 +1131,16 @@ pub struct StepResult {
     pub left: Vec<String>,
 }
 
+impl StepResult {
+    /// `sustained`, or `not sustained: <why>`, as the progress lines and the report print it.
+    pub fn verdict_text(&self) -> String {
+        match &self.verdict {
+            Ok(()) => "sustained".to_string(),
+            Err(e) => format!("not sustained: {e}"),
+        }
+    }
+}
+
 /// Whether `calls`, placed at `rate` for `seconds`, show the rate sustained: every call
 /// routed and joined with no error, the callers kept the rate, and set-up p99 within bound.
 pub fn judge_step(
@@ -1316,10 +1326,7 @@ async fn ramp(cfg: &SoakConfig) -> SoakResult<(f64, Vec<StepResult>, Vec<String>
                 r.calls.joined,
                 r.calls.error_count(),
                 r.calls.setup_latency.describe(),
-                match &r.verdict {
-                    Ok(()) => "sustained".to_string(),
-                    Err(e) => format!("not sustained: {e}"),
-                }
+                r.verdict_text()
             );
         }
         if cfg.progress {
@@ -1837,10 +1844,7 @@ impl fmt::Display for SoakReport {
                     s.calls.joined,
                     s.calls.error_count(),
                     s.calls.setup_latency.describe(),
-                    match &s.verdict {
-                        Ok(()) => "sustained".to_string(),
-                        Err(e) => format!("not sustained: {e}"),
-                    }
+                    s.verdict_text()
                 )?;
             }
         }
