@@ -44,6 +44,9 @@ pub struct RuntimeConfig {
     /// waiting on Redis, and handing each call between threads (the receive loop, the call,
     /// the Redis connection) cost about a third of the controller's CPU per call. One thread
     /// answers over 20,000 calls/s; scale out with replicas, or raise this on a large host.
+    /// With one thread the runtime is tokio's current-thread scheduler: it runs the requests
+    /// already queued before the Redis connection's task, so their commands leave in one
+    /// write instead of one or two at a time.
     pub worker_threads: usize,
 }
 

@@ -44,8 +44,14 @@ fn main() -> ExitCode {
         }
     };
     // The runtime is built after the configuration is read: `runtime.worker_threads` sizes it.
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if cfg.runtime.worker_threads > 0 {
+    // One thread gets the current-thread scheduler: it has no LIFO slot, so a burst of
+    // requests all queue their Redis commands before the connection task writes them.
+    let mut builder = if cfg.runtime.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if cfg.runtime.worker_threads > 1 {
         builder.worker_threads(cfg.runtime.worker_threads);
     }
     let runtime = match builder.enable_all().build() {
