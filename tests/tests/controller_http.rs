@@ -464,3 +464,44 @@ async fn documented_routes_are_served_and_metrics_pass_promtool() {
         "no conference name appears in any label"
     );
 }
+
+/// `runtime.worker_threads`: one thread (the current-thread scheduler) and several (the
+/// multi-thread one) both route, and only the latter starts worker threads of its own.
+#[tokio::test]
+async fn worker_threads_sizes_the_runtime_and_either_kind_routes() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    store
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut threads = Vec::new();
+    for n in [1usize, 3] {
+        let mut env = fixtures::redis_env(&cfg);
+        env.push(("CONFROUTE_RUNTIME__WORKER_THREADS".into(), n.to_string()));
+        let controller = ControllerProc::start(&env).expect("controller");
+        let resp = fixtures::http()
+            .post(format!("{}/v1/route", controller.http_url()))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"conference":"threads-{n}"}}"#))
+            .send()
+            .await
+            .expect("route");
+        assert_eq!(resp.status(), StatusCode::OK, "{n} thread(s)");
+        let body: Value = serde_json::from_str(&resp.text().await.expect("body")).expect("json");
+        assert_eq!(body["node_id"], "node-a", "{n} thread(s): {body}");
+        let pid = controller.pid().expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let count: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a Threads line");
+        threads.push(count);
+    }
+    assert!(
+        threads[1] >= threads[0] + 3,
+        "3 workers should add 3 threads to the single-thread controller's: {threads:?}"
+    );
+}
