@@ -996,7 +996,7 @@ async fn run(args: Args) -> Result<(), String> {
         println!("== POST /v1/route (existing conferences) vs redis-benchmark -t get");
         println!("   (GET /healthz: the same client and HTTP stack with no Redis call, the floor)");
         println!(
-            "{:>11} {:>12} {:>8} {:>13} {:>12} {:>16} {:>16} {:>14} {:>12}",
+            "{:>11} {:>12} {:>8} {:>13} {:>12} {:>16} {:>16} {:>14} {:>12} {:>18}",
             "concurrency",
             "route req/s",
             "errors",
@@ -1005,7 +1005,8 @@ async fn run(args: Args) -> Result<(), String> {
             "ctrl cpu us/req",
             "redis cpu us/req",
             "healthz req/s",
-            "healthz/GET"
+            "healthz/GET",
+            "healthz cpu us/req"
         );
         for c in conc {
             // Warm-up: connections and the node view.
@@ -1031,7 +1032,7 @@ async fn run(args: Args) -> Result<(), String> {
                 LoadRun::us_per_call(floor_cpu, requests as u64),
             ));
             println!(
-                "{:>11} {:>12.0} {:>8} {:>13} {:>12} {:>16.1} {:>16.1} {:>14.0} {:>12}",
+                "{:>11} {:>12.0} {:>8} {:>13} {:>12} {:>16.1} {:>16.1} {:>14.0} {:>12} {:>18.1}",
                 c,
                 rps,
                 errors + floor_errors,
@@ -1041,6 +1042,7 @@ async fn run(args: Args) -> Result<(), String> {
                 LoadRun::us_per_call(redis_cpu, requests as u64),
                 floor,
                 ratio(Some(floor), get),
+                LoadRun::us_per_call(floor_cpu, requests as u64),
             );
         }
     }
