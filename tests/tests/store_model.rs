@@ -576,3 +576,71 @@ async fn every_operation_behind_sentinel() {
     let cfg = fixtures::sentinel(group.master_name(), &group.sentinel_urls());
     exercise_every_operation(&fixtures::store(&cfg)).await;
 }
+
+/// With `redis.wait_replicas = 1` a claim is answered once a replica holds it. A replica
+/// that stays connected but does not acknowledge (stopped) makes the claim fail as not
+/// replicated, a typed error the router answers with 503, and claims go through again once
+/// it acknowledges.
+#[tokio::test]
+async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
+    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).expect("primary");
+    let primary_port = primary.port().to_string();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port]).expect("replica");
+    let online = || {
+        let info: String = redis_query(primary.port(), redis::cmd("INFO").arg("replication"))?;
+        info.contains("state=online").then_some(())
+    };
+    confroute_tests::harness::wait_for("the replica to be online", LONG, online)
+        .expect("replica online");
+    let mut cfg = fixtures::single(&primary.url());
+    cfg.wait_replicas = 1;
+    cfg.timeout = Duration::from_millis(500);
+    let store = fixtures::store(&cfg);
+    store
+        .register(&node("node-a", 100), LONG)
+        .await
+        .expect("register");
+
+    let first = store
+        .claim(&name("replicated-1"), &[id("node-a")])
+        .await
+        .expect("claim with a live replica");
+    assert_eq!(first.kind, ClaimKind::Claimed);
+    let on_replica: Option<String> = redis_query(
+        replica.port(),
+        redis::cmd("HGET")
+            .arg(format!("{}conf:replicated-1", cfg.prefix))
+            .arg("owner"),
+    );
+    assert_eq!(
+        on_replica.as_deref(),
+        Some("node-a"),
+        "answered before the replica had it"
+    );
+
+    let pid = replica.pid().expect("replica pid") as libc::pid_t;
+    // SAFETY: signals a child process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stalled = store.claim(&name("replicated-2"), &[id("node-a")]).await;
+    // SAFETY: as above; resumed before any assertion can fail.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(
+        stalled,
+        Err(StoreError::NotReplicated { wanted: 1, got: 0 }),
+        "a stopped replica cannot acknowledge"
+    );
+
+    let again = store
+        .claim(&name("replicated-3"), &[id("node-a")])
+        .await
+        .expect("claim once the replica acknowledges again");
+    assert_eq!(again.kind, ClaimKind::Claimed);
+    // The unacknowledged claim stayed on the primary; asking again waits for it once more.
+    let retried = store
+        .claim(&name("replicated-2"), &[id("node-a")])
+        .await
+        .expect("the unacknowledged claim, asked again");
+    assert_eq!(retried.kind, ClaimKind::Existing);
+    assert_eq!(retried.owner, Some(owner("node-a", 1)));
+}

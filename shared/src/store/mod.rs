@@ -330,7 +330,11 @@ impl Store {
         let lease_ms = self.conference_lease.as_millis() as u64;
         let script = &self.scripts.claim;
         let wait = self.wait_replicas;
-        let timeout_ms = self.timeout.as_millis() as u64;
+        // The server-side WAIT must end before the client's deadline for the command (the
+        // same `redis.timeout`), or a lagging replica would look like a dead connection and
+        // drop it for every request sharing it; half the budget leaves the rest for the script
+        // and the round trips.
+        let wait_ms = (self.timeout.as_millis() as u64 / 2).max(1);
         let slot = conn::hash_slot(conf_key.as_bytes());
         let cluster = self.conn.is_cluster();
         let (values, acked): (Vec<Value>, Option<(u32, u32)>) = self
@@ -350,7 +354,7 @@ impl Store {
                 let connected = Reply::new("claim", &values).u64_or_zero(6).unwrap_or(0) as u32;
                 let need = wait.min(connected);
                 let acked = if need > 0 {
-                    let got = wait_for_replicas(&mut c, cluster, slot, need, timeout_ms).await?;
+                    let got = wait_for_replicas(&mut c, cluster, slot, need, wait_ms).await?;
                     Some((need, got))
                 } else {
                     None
