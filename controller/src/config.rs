@@ -293,8 +293,11 @@ impl Validate for ControllerConfig {
                 "must be between 1024 and 1048576 bytes",
             );
         }
-        if self.rpc.rate_limit == 0 || self.rpc.burst == 0 {
-            issues.add("rpc.rate_limit", "rate_limit and burst must be at least 1");
+        if self.rpc.rate_limit == 0 {
+            issues.add("rpc.rate_limit", "must be at least 1");
+        }
+        if self.rpc.burst == 0 {
+            issues.add("rpc.burst", "must be at least 1");
         }
         if self.runtime.worker_threads > MAX_WORKER_THREADS {
             issues.add(
@@ -302,11 +305,11 @@ impl Validate for ControllerConfig {
                 format!("must be between 0 (one per CPU) and {MAX_WORKER_THREADS}"),
             );
         }
-        if self.rpc.max_batch == 0 || self.rpc.max_subscriptions == 0 {
-            issues.add(
-                "rpc.max_batch",
-                "max_batch and max_subscriptions must be at least 1",
-            );
+        if self.rpc.max_batch == 0 {
+            issues.add("rpc.max_batch", "must be at least 1");
+        }
+        if self.rpc.max_subscriptions == 0 {
+            issues.add("rpc.max_subscriptions", "must be at least 1");
         }
         issues.finish()
     }
@@ -349,6 +352,10 @@ mod tests {
             ("CONFROUTE_ROUTING__DEADLINE", "0s", "routing.deadline"),
             ("CONFROUTE_ROUTING__CANDIDATES", "99", "routing.candidates"),
             ("CONFROUTE_HTTP__NOPE", "1", "http.nope"),
+            ("CONFROUTE_RPC__RATE_LIMIT", "0", "rpc.rate_limit"),
+            ("CONFROUTE_RPC__BURST", "0", "rpc.burst"),
+            ("CONFROUTE_RPC__MAX_BATCH", "0", "rpc.max_batch"),
+            ("CONFROUTE_RPC__MAX_SUBSCRIPTIONS", "0", "rpc.max_subscriptions"),
             (
                 "CONFROUTE_RUNTIME__WORKER_THREADS",
                 "257",
