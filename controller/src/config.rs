@@ -355,7 +355,11 @@ mod tests {
             ("CONFROUTE_RPC__RATE_LIMIT", "0", "rpc.rate_limit"),
             ("CONFROUTE_RPC__BURST", "0", "rpc.burst"),
             ("CONFROUTE_RPC__MAX_BATCH", "0", "rpc.max_batch"),
-            ("CONFROUTE_RPC__MAX_SUBSCRIPTIONS", "0", "rpc.max_subscriptions"),
+            (
+                "CONFROUTE_RPC__MAX_SUBSCRIPTIONS",
+                "0",
+                "rpc.max_subscriptions",
+            ),
             (
                 "CONFROUTE_RUNTIME__WORKER_THREADS",
                 "257",

@@ -37,6 +37,12 @@ impl ControlError {
 
 /// Decodes `params` into `T`, naming the offending field.
 pub fn params<T: serde::de::DeserializeOwned>(params: Value) -> Result<T, ControlError> {
+    if !params.is_object() {
+        // serde would map an array onto the fields by position, silently.
+        return Err(ControlError::InvalidParams(
+            "params must be an object (named parameters)".into(),
+        ));
+    }
     serde_json::from_value(params).map_err(|e| ControlError::InvalidParams(e.to_string()))
 }
 
@@ -176,6 +182,8 @@ pub fn valid_target(t: &str) -> bool {
 pub struct Dialout {
     /// The call id the node assigned.
     pub result: Value,
+    /// The bus command id its notifications are routed by (to `Bus::forget` it).
+    pub call_id: String,
     /// Status notifications (`accepted`, `ringing`, `connected`, `rejected`, `cleared`).
     pub notifications: mpsc::UnboundedReceiver<Reply>,
 }
@@ -477,6 +485,7 @@ impl Control {
         match call.reply {
             Ok(result) => Ok(Dialout {
                 result,
+                call_id: call.id,
                 notifications: call.notifications,
             }),
             Err(e) => Err(ControlError::Node(e)),

@@ -170,18 +170,90 @@ async fn protocol_errors_keep_the_connection_usable() {
         .expect("send");
     assert_eq!(code(&recv(&mut ws).await), -32600);
 
-    // Notifications get no answer; the next request's answer comes first.
+    // Positional params are a valid request: an unknown method is still unknown.
     send(
         &mut ws,
-        &json!({"jsonrpc": "2.0", "method": "conference.list"}).to_string(),
+        &json!({"jsonrpc": "2.0", "method": "no.such", "params": [1], "id": 7}).to_string(),
     )
     .await;
+    assert_eq!(code(&recv(&mut ws).await), -32601);
+
+    // Notifications get no answer, not even an error, alone or in a batch: the next
+    // request's answer is the next message.
+    for notification in [
+        json!({"jsonrpc": "2.0", "method": "conference.list"}),
+        json!({"jsonrpc": "2.0", "method": "no.such", "params": {}}),
+        json!({"jsonrpc": "2.0", "method": "subscribe", "params": ["x"]}),
+        json!({"jsonrpc": "2.0", "method": "participant.mute", "params": {"conference": "c"}}),
+        json!([{"jsonrpc": "2.0", "method": "subscribe", "params": ["x"]},
+               {"jsonrpc": "2.0", "method": "no.such"}]),
+    ] {
+        send(&mut ws, &notification.to_string()).await;
+    }
     send(
         &mut ws,
-        &json!({"jsonrpc": "2.0", "method": "no.such", "params": {}}).to_string(),
+        &json!({"jsonrpc": "2.0", "method": "conference.list", "id": 6}).to_string(),
     )
     .await;
-    ping(&mut ws, 6).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["id"], json!(6), "only the request is answered: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_without_reading_is_held_back() {
+    let s = setup(&[]).await;
+    let (mut sink, mut stream) = connect(&s, None).await.expect("connect").split();
+    // Each answer echoes its 8 KB id, so the socket buffers fill after a few thousand.
+    let pad = "i".repeat(8000);
+    const LIMIT: usize = 20_000;
+    let mut sent = 0;
+    let mut stalled = false;
+    while sent < LIMIT && !stalled {
+        let frame = json!({"jsonrpc": "2.0", "method": "no.such", "id": format!("{pad}{sent}")});
+        let sending = sink.send(Message::Text(frame.to_string().into()));
+        match tokio::time::timeout(Duration::from_secs(3), sending).await {
+            Ok(r) => r.expect("send"),
+            Err(_) => stalled = true,
+        }
+        sent += 1;
+    }
+    assert!(
+        stalled,
+        "the controller read all {LIMIT} frames of a client that reads nothing"
+    );
+
+    // Held back, not dropped: once the client reads, every frame it sent is answered.
+    let last = tokio::spawn(async move {
+        sink.send(Message::Text(
+            json!({"jsonrpc": "2.0", "method": "conference.list", "id": "last"})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .expect("send after the stall");
+        sink
+    });
+    let mut answered = 0;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("answers keep coming")
+            .expect("open")
+            .expect("frame");
+        let Message::Text(t) = msg else { continue };
+        let v: Value = serde_json::from_str(t.as_str()).expect("JSON answer");
+        if v["id"] == json!("last") {
+            assert!(v["result"].is_object() || code(&v) == -32008, "{v}");
+            break;
+        }
+        assert!(matches!(code(&v), -32601 | -32008), "{v}");
+        answered += 1;
+    }
+    // The frame whose send timed out may not have left the client.
+    assert!(answered + 1 >= sent, "{answered} answers for {sent} frames");
+    let sink = last.await.expect("sender");
+    let mut ws = sink.reunite(stream).expect("one connection");
+    ping(&mut ws, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

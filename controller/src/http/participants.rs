@@ -117,7 +117,7 @@ pub async fn dialout(
     let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)]))?;
     let d = state.control.dialout(p).await?;
     // REST callers follow the status through the WebSocket's conference events.
-    drop(d.notifications);
+    state.control.bus().forget(&d.call_id);
     Ok((StatusCode::ACCEPTED, Json(d.result)).into_response())
 }
 
