@@ -220,6 +220,96 @@ async fn tcp_pipelined_requests_each_get_an_answer() {
     );
 }
 
+/// The value of header `name` in a raw message, as bytes.
+fn raw_header<'a>(msg: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    msg.split(|b| *b == b'\n').find_map(|line| {
+        let colon = line.iter().position(|b| *b == b':')?;
+        let n = std::str::from_utf8(&line[..colon]).ok()?;
+        n.eq_ignore_ascii_case(name)
+            .then(|| line[colon + 1..].trim_ascii())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latin1_headers_are_answered_with_their_bytes_copied_over_udp_and_tcp() {
+    let s = setup(&[]).await;
+    // `M\xfcller`: a Latin-1 display name, as older PBXs send it.
+    let latin1 = |msg: String| -> Vec<u8> {
+        let msg = msg.replace("From: <sip:alice", "From: \"M\u{1}ller\" <sip:alice");
+        msg.bytes().map(|b| if b == 1 { 0xfc } else { b }).collect()
+    };
+    let from = b"\"M\xfcller\" <sip:alice@example.com>;tag=a1".as_slice();
+
+    let udp = Udp::new(s.controller.sip_addr());
+    let msg = latin1(invite("sip:latin@router", udp.port(), "z9hG4bKlatin", ""));
+    assert_eq!(raw_header(&msg, "From"), Some(from), "the request as meant");
+    udp.socket.send_to(&msg, udp.to).expect("send");
+    let mut buf = [0u8; 8192];
+    let n = udp.socket.recv(&mut buf).expect("an answer over UDP");
+    let answer = &buf[..n];
+    assert!(
+        answer.starts_with(b"SIP/2.0 302 "),
+        "{}",
+        String::from_utf8_lossy(answer)
+    );
+    assert_eq!(
+        raw_header(answer, "From"),
+        Some(from),
+        "From copied byte for byte"
+    );
+
+    // Over TCP the connection stays up: the request after it is answered too.
+    let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    let mut batch = latin1(
+        invite("sip:latin@router", 5060, "z9hG4bKlatintcp", "")
+            .replace("SIP/2.0/UDP", "SIP/2.0/TCP"),
+    );
+    batch.extend_from_slice(
+        b"OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bKafter\r\n\
+          From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: after@test\r\n\
+          CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+    );
+    tcp.write_all(&batch).await.expect("write");
+    let mut got: Vec<u8> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.windows(8).filter(|w| w == b"SIP/2.0 ").count() < 2 {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .expect("answers in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("SIP/2.0 302 ") && text.contains("SIP/2.0 200 OK"),
+        "{text}"
+    );
+    assert!(got.windows(from.len()).any(|w| w == from), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_folded_lines_are_joined_and_answered() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let folds = " x\r\n".repeat(3000);
+    let msg = format!(
+        "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKfold\r\n\
+         Subject: a\r\n{folds}From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\n\
+         Call-ID: fold@test\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        udp.port()
+    );
+    assert!(msg.len() < 16 * 1024, "within the default message limit");
+    let answer = udp.exchange(&msg);
+    assert_eq!(status(&answer), 200, "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
     let s = setup(&[]).await;
@@ -291,6 +381,21 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             ),
             400,
             "more than one From",
+        ),
+        (
+            invite(
+                "sip:x@router",
+                port,
+                "z9hG4bKnocolon",
+                "Subject without colon\r\n",
+            ),
+            400,
+            "no colon",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKname", "Bad Name: x\r\n"),
+            400,
+            "not a token",
         ),
     ];
     for (msg, want, why) in &cases {

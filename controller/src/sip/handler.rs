@@ -126,6 +126,20 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
     ) -> Option<Outgoing> {
+        if let Some(utf8) = message::latin1_as_utf8(packet) {
+            let mut out = self.handle_utf8(&utf8, source, transport).await?;
+            out.bytes = message::utf8_as_latin1(&out.bytes);
+            return Some(out);
+        }
+        self.handle_utf8(packet, source, transport).await
+    }
+
+    async fn handle_utf8(
+        &self,
+        packet: &[u8],
+        source: SocketAddr,
+        transport: Transport,
+    ) -> Option<Outgoing> {
         let req = match message::parse(packet) {
             Ok(r) => r,
             Err(ParseError::Response) => return self.drop_packet("response"),
@@ -360,6 +374,9 @@ fn transaction_key(req: &Request<'_>, via: &message::Via<'_>) -> String {
 
 /// What makes a request unanswerable as asked; `None` when it is well-formed.
 fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<String> {
+    if let Some(defect) = req.defect {
+        return Some(defect.into());
+    }
     for name in ["From", "To", "Call-ID", "CSeq"] {
         match req.count(name) {
             0 => return Some(format!("missing {name} header")),

@@ -21,6 +21,9 @@ pub struct Request<'a> {
     pub headers: Vec<Header<'a>>,
     /// Message body (by Content-Length when present).
     pub body: &'a [u8],
+    /// The first header line that could not be read (skipped); the request gets a 400
+    /// naming it, which needs the other headers.
+    pub defect: Option<&'static str>,
 }
 
 /// One header line (continuations joined).
@@ -117,22 +120,33 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
         return Err(ParseError::Garbage("request-URI has no scheme"));
     }
     let mut headers: Vec<Header<'_>> = Vec::with_capacity(16);
+    let mut defect = None;
     for line in lines {
         if line.starts_with(' ') || line.starts_with('\t') {
             // Folded continuation (RFC 3261 §7.3.1): joined to the previous value.
             let Some(last) = headers.last_mut() else {
                 return Err(ParseError::Garbage("continuation line before any header"));
             };
-            let joined = format!("{} {}", last.value, line.trim());
-            last.value = Cow::Owned(joined.trim().to_string());
+            // Appended in place: copying the whole value per line would make a message of
+            // many short continuation lines cost quadratic time before it is even checked.
+            let piece = line.trim();
+            if !piece.is_empty() {
+                let value = last.value.to_mut();
+                if !value.is_empty() {
+                    value.push(' ');
+                }
+                value.push_str(piece);
+            }
             continue;
         }
         let Some(colon) = line.find(':') else {
-            return Err(ParseError::Garbage("header line without a colon"));
+            defect = defect.or(Some("a header line has no colon"));
+            continue;
         };
         let raw_name = line[..colon].trim_end();
         if !is_token(raw_name) {
-            return Err(ParseError::Garbage("header name is not a token"));
+            defect = defect.or(Some("a header name is not a token"));
+            continue;
         }
         let name = match expand_compact(raw_name) {
             Some(full) => Cow::Borrowed(full),
@@ -149,7 +163,34 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
         uri,
         headers,
         body,
+        defect,
     })
+}
+
+/// A request whose header block is not UTF-8, with the header block re-read as Latin-1
+/// (each byte one character) and the body as it was; `None` when it is UTF-8 already.
+///
+/// RFC 3261 says UTF-8, but older PBXs send Latin-1 display names; answering those would be
+/// impossible otherwise. Read this way, the answer's copied headers go back byte for byte
+/// through [`utf8_as_latin1`].
+pub fn latin1_as_utf8(packet: &[u8]) -> Option<Vec<u8>> {
+    let end = header_end(packet)?;
+    if std::str::from_utf8(&packet[..end]).is_ok() {
+        return None;
+    }
+    let head: String = packet[..end].iter().map(|&b| char::from(b)).collect();
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&packet[end..]);
+    Some(bytes)
+}
+
+/// The answer to a request read by [`latin1_as_utf8`], written back as Latin-1; a character
+/// outside Latin-1 (none of ours are) becomes `?`.
+pub fn utf8_as_latin1(answer: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(answer)
+        .chars()
+        .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
+        .collect()
 }
 
 impl<'a> Request<'a> {
@@ -440,10 +481,13 @@ mod tests {
             parse(b"INV ITE sip:a@b SIP/2.0\r\n\r\n"),
             Err(ParseError::Garbage(_))
         ));
-        assert!(matches!(
-            parse(b"INVITE sip:a@b SIP/2.0\r\nNoColon\r\n\r\n"),
-            Err(ParseError::Garbage(_))
-        ));
+        // A bad header line is skipped and named, so the request can still get its 400.
+        let r = parse(b"INVITE sip:a@b SIP/2.0\r\nNoColon\r\nVia: SIP/2.0/UDP h\r\n\r\n")
+            .expect("answerable");
+        assert_eq!(r.defect, Some("a header line has no colon"));
+        assert!(r.header("Via").is_some());
+        let r = parse(b"INVITE sip:a@b SIP/2.0\r\nBad Name: x\r\n\r\n").expect("answerable");
+        assert_eq!(r.defect, Some("a header name is not a token"));
         assert!(matches!(
             parse(b"INVITE sip:a@b SIP/2.0\r\n folded-first\r\n\r\n"),
             Err(ParseError::Garbage(_))

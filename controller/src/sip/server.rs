@@ -181,12 +181,20 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
 /// Fuzzing found a folded ` Content-Length: 50` taken as the length here while the parser
 /// saw none, which would swallow the next pipelined request as body.
 fn content_length(head: &[u8]) -> Result<usize, &'static str> {
-    let text = std::str::from_utf8(head).map_err(|_| "header block is not UTF-8")?;
+    // Lossy: a Latin-1 display name elsewhere in the block does not change where lines
+    // end or what the length says (the handler reads such blocks as Latin-1).
+    let text = String::from_utf8_lossy(head);
     let mut found: Option<String> = None;
     for line in text.split("\r\n").skip(1) {
         if line.starts_with([' ', '\t']) {
             if let Some(v) = found.as_mut() {
-                *v = format!("{} {}", v, line.trim()).trim().to_string();
+                let piece = line.trim();
+                if !piece.is_empty() {
+                    if !v.is_empty() {
+                        v.push(' ');
+                    }
+                    v.push_str(piece);
+                }
             }
             continue;
         }
