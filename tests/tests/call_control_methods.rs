@@ -452,3 +452,52 @@ async fn a_conference_the_node_does_not_host_is_not_found() {
     }
     assert_eq!(changes(&c.node("node-a").sim), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_held_before_the_start_joins_the_mix_on_unhold() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "held-waiter").await;
+    let sim = &c.node(&owner).sim;
+    let w = dial(
+        sim,
+        "held-waiter",
+        &[
+            ("CONFROUTE_START_ON_ENTER", "false"),
+            ("CONFROUTE_MUTED", "true"),
+        ],
+    )
+    .await;
+    let holding = wait_bridged(sim, &w).await;
+    assert!(holding.starts_with("crh-"), "{holding}");
+    let main = holding.replacen("crh-", "cr-", 1);
+    let room = json!({"conference": "held-waiter"});
+    let who = json!({"conference": "held-waiter", "participant": w});
+    let mut ws = c.client(0).await;
+    assert_eq!(ws.ok("participant.hold", who.clone()).await, json!({}));
+
+    // The starter starts the conference; the held waiter stays with the music.
+    let s = dial(sim, "held-waiter", &[]).await;
+    assert_eq!(wait_bridged(sim, &s).await, main);
+    let list = ws.ok("participant.list", room.clone()).await;
+    assert_eq!(participant(&list, &w)["held"], true, "{list}");
+    assert_eq!(
+        sim.snapshot().channel(&w).and_then(|c| c.bridge.clone()),
+        Some(holding.clone())
+    );
+
+    // Unheld, it joins the mix, still muted, and waits no more.
+    assert_eq!(ws.ok("participant.unhold", who).await, json!({}));
+    until(sim, "the waiter in the mix, holding bridge gone", |snap| {
+        snap.channel(&w)
+            .is_some_and(|ch| ch.bridge.as_deref() == Some(main.as_str()) && ch.bridge_mute)
+            && snap.bridge(&holding).is_none()
+    })
+    .await;
+    let list = ws.ok("participant.list", room).await;
+    let pw = participant(&list, &w);
+    assert_eq!(
+        (&pw["waiting"], &pw["held"], &pw["muted"]),
+        (&json!(false), &json!(false), &json!(true)),
+        "{list}"
+    );
+}

@@ -253,28 +253,29 @@ impl Conference {
             return Ok(json!({}));
         }
         // A participant waiting for the conference to start is in the holding bridge
-        // already; held, it stays there when the conference starts.
-        if !p.waiting {
-            let mut opts = p.options.clone();
-            opts.muted = p.muted;
-            if on {
-                self.ensure_holding(&opts.wait_music)
-                    .await
-                    .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
-                self.node
-                    .ari
-                    .add_channels(&self.holding, &[ch], false)
-                    .await
-                    .map_err(|e| ari_failure(ch, &e))?;
-            } else {
-                self.add(ch, false, &opts)
-                    .await
-                    .map_err(|e| ari_failure(ch, &e))?;
-            }
+        // already; held, it stays there when the conference starts (start() skips it), so
+        // once the conference has started its unhold is its move into the mix.
+        let to_mix = !on && (!p.waiting || self.started);
+        let mut opts = p.options.clone();
+        opts.muted = p.muted;
+        if on && !p.waiting {
+            self.ensure_holding(&opts.wait_music)
+                .await
+                .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
+            self.node
+                .ari
+                .add_channels(&self.holding, &[ch], false)
+                .await
+                .map_err(|e| ari_failure(ch, &e))?;
+        } else if to_mix {
+            self.add(ch, false, &opts)
+                .await
+                .map_err(|e| ari_failure(ch, &e))?;
         }
         if let Some(p) = self.participants.get_mut(ch) {
             p.held = on;
-            if !on && !p.waiting {
+            if to_mix {
+                p.waiting = false;
                 p.bridge_muted = p.muted;
             }
         }
