@@ -119,7 +119,11 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         tasks.push(tokio::spawn(server::serve_tcp(
             listener,
             service.clone(),
-            cfg.sip.max_message_size,
+            server::TcpLimits {
+                max_message: cfg.sip.max_message_size,
+                max_connections: cfg.sip.tcp_max_connections,
+                idle: cfg.sip.tcp_idle_timeout,
+            },
         )));
     }
     let sweeper = service.clone();

@@ -85,6 +85,11 @@ pub struct SipConfig {
     pub max_transactions: usize,
     /// Kernel receive/send buffer of the UDP socket in bytes; 0 keeps the system default.
     pub udp_buffer_size: usize,
+    /// TCP connections open at once; further ones are closed as they are accepted.
+    pub tcp_max_connections: usize,
+    /// A TCP connection with no traffic for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub tcp_idle_timeout: Duration,
 }
 
 /// A SIP transport.
@@ -200,8 +205,10 @@ impl Default for SipConfig {
             trusted_cidrs: Vec::new(),
             retry_after: 5,
             max_message_size: crate::sip::message::DEFAULT_MAX_MESSAGE,
-            max_transactions: 1_000_000,
+            max_transactions: 200_000,
             udp_buffer_size: 4 * 1024 * 1024,
+            tcp_max_connections: 4096,
+            tcp_idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -278,6 +285,12 @@ impl Validate for ControllerConfig {
         if self.routing.deadline.is_zero() {
             issues.add("routing.deadline", "must be greater than zero");
         }
+        if !(1..=1_000_000).contains(&self.sip.tcp_max_connections) {
+            issues.add("sip.tcp_max_connections", "must be between 1 and 1000000");
+        }
+        if self.sip.tcp_idle_timeout < Duration::from_secs(1) {
+            issues.add("sip.tcp_idle_timeout", "must be at least 1s");
+        }
         if self.routing.node_refresh < Duration::from_millis(50) {
             issues.add("routing.node_refresh", "must be at least 50ms");
         }
@@ -352,6 +365,16 @@ mod tests {
             ("CONFROUTE_ROUTING__DEADLINE", "0s", "routing.deadline"),
             ("CONFROUTE_ROUTING__CANDIDATES", "99", "routing.candidates"),
             ("CONFROUTE_HTTP__NOPE", "1", "http.nope"),
+            (
+                "CONFROUTE_SIP__TCP_MAX_CONNECTIONS",
+                "0",
+                "sip.tcp_max_connections",
+            ),
+            (
+                "CONFROUTE_SIP__TCP_IDLE_TIMEOUT",
+                "0s",
+                "sip.tcp_idle_timeout",
+            ),
             ("CONFROUTE_RPC__RATE_LIMIT", "0", "rpc.rate_limit"),
             ("CONFROUTE_RPC__BURST", "0", "rpc.burst"),
             ("CONFROUTE_RPC__MAX_BATCH", "0", "rpc.max_batch"),

@@ -488,3 +488,160 @@ async fn untrusted_sources_get_403_when_an_acl_is_set() {
     let b = udp.exchange(&invite("sip:acl@router", udp.port(), "z9hG4bKacl2", ""));
     assert_eq!(status(&b), 302, "{b}");
 }
+
+fn options_tcp(branch: &str, call_id: &str) -> String {
+    format!(
+        "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch={branch}\r\n\
+         From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: {call_id}\r\n\
+         CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// Whether the controller ends `tcp` (EOF or reset) within a few seconds.
+async fn closed_by_peer(tcp: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Sends an OPTIONS on `tcp` and reads its 200.
+async fn options_answered(tcp: &mut tokio::net::TcpStream, branch: &str) -> bool {
+    if tcp
+        .write_all(options_tcp(branch, branch).as_bytes())
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+    got.starts_with(b"SIP/2.0 200 OK")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_peer_that_sends_without_reading_is_held_back() {
+    let s = setup(&[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    // The answer copies the 8 KB Call-ID, so the socket buffers fill after a few thousand.
+    let pad = "c".repeat(8000);
+    const LIMIT: usize = 20_000;
+    let mut sent = 0;
+    let mut stalled = false;
+    while sent < LIMIT && !stalled {
+        let msg = options_tcp(&format!("z9hG4bKflood{sent}"), &format!("{pad}{sent}"));
+        match tokio::time::timeout(Duration::from_secs(3), tcp.write_all(msg.as_bytes())).await {
+            Ok(r) => {
+                r.expect("write");
+                sent += 1;
+            }
+            Err(_) => stalled = true,
+        }
+    }
+    assert!(
+        stalled,
+        "the controller read all {LIMIT} requests of a peer that reads nothing"
+    );
+    // Held back, not dropped: every whole request sent is answered once the peer reads.
+    let mut answered = 0;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while answered < sent {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("answers keep coming")
+            .expect("read");
+        assert!(n > 0, "closed after {answered} of {sent} answers");
+        tail.extend_from_slice(&buf[..n]);
+        while let Some(end) = tail.windows(4).position(|w| w == b"\r\n\r\n") {
+            assert!(tail.starts_with(b"SIP/2.0 200 OK"), "an OPTIONS answer");
+            tail.drain(..end + 4);
+            answered += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_are_capped_and_untrusted_ones_closed_at_accept() {
+    let s = setup(&[("CONFROUTE_SIP__TCP_MAX_CONNECTIONS", "2")]).await;
+    let connect = || tokio::net::TcpStream::connect(s.controller.sip_addr());
+    let mut a = connect().await.expect("connect");
+    let mut b = connect().await.expect("connect");
+    assert!(options_answered(&mut a, "z9hG4bKcapa").await);
+    assert!(options_answered(&mut b, "z9hG4bKcapb").await);
+    let mut c = connect().await.expect("the kernel accepts");
+    assert!(closed_by_peer(&mut c).await, "a third connection is closed");
+    drop(a);
+    // The slot frees once the controller sees the close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut d = connect().await.expect("connect");
+        if options_answered(&mut d, "z9hG4bKcapd").await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a slot frees when a connection ends"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        options_answered(&mut b, "z9hG4bKcapb2").await,
+        "b untouched"
+    );
+    let m = scrape(&s.controller.http_url()).await;
+    assert!(
+        metric(
+            &m,
+            r#"confroute_sip_dropped_total{reason="too_many_connections"}"#
+        ) >= 1.0
+    );
+
+    let acl = setup(&[("CONFROUTE_SIP__TRUSTED_CIDRS", "[\"10.0.0.0/8\"]")]).await;
+    let mut tcp = tokio::net::TcpStream::connect(acl.controller.sip_addr())
+        .await
+        .expect("the kernel accepts");
+    assert!(closed_by_peer(&mut tcp).await, "untrusted: closed at once");
+    let m = scrape(&acl.controller.http_url()).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_sip_dropped_total{reason="untrusted_connection"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_listener_matches_ipv4_peers_against_ipv4_cidrs() {
+    let port = confroute_tests::harness::free_udp_tcp_port();
+    let listen = format!("[::]:{port}");
+    let s = setup(&[
+        ("CONFROUTE_SIP__LISTEN", listen.as_str()),
+        ("CONFROUTE_SIP__TRUSTED_CIDRS", "[\"127.0.0.0/8\"]"),
+    ])
+    .await;
+    let udp = Udp::new(SocketAddr::from(([127, 0, 0, 1], port)));
+    let msg = invite("sip:dual@router", udp.port(), "z9hG4bKdual", "").replace(
+        &format!("SIP/2.0/UDP 127.0.0.1:{};", udp.port()),
+        "SIP/2.0/UDP 192.0.2.1:5060;rport;",
+    );
+    let answer = udp.exchange(&msg);
+    assert_eq!(status(&answer), 302, "{answer}");
+    let via = header(&answer, "Via").unwrap_or("");
+    assert!(
+        via.contains("received=127.0.0.1;") || via.ends_with("received=127.0.0.1"),
+        "plain IPv4 in received: {via}"
+    );
+    drop(s);
+}

@@ -109,6 +109,13 @@ impl SipService {
         self.transactions.sweep()
     }
 
+    /// Whether `ip` may send requests (`sip.trusted_cidrs`; IPv4 peers of a dual-stack socket
+    /// arrive as IPv4-mapped IPv6 addresses and are matched as IPv4).
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.is_empty() || self.trusted.iter().any(|n| n.contains(&ip))
+    }
+
     /// Counts a packet dropped without an answer.
     pub fn note_dropped(&self, reason: &'static str) {
         self.metrics.sip_dropped.with_label_values(&[reason]).inc();
@@ -153,6 +160,9 @@ impl SipService {
             (Transport::Tcp, _) | (Transport::Udp, true) => source,
             (Transport::Udp, false) => SocketAddr::new(source.ip(), via.port.unwrap_or(5060)),
         };
+        // On a dual-stack socket an IPv4 peer is `::ffff:a.b.c.d`; its Via gets
+        // `received=a.b.c.d` (the answer still goes out through the socket's own family).
+        let source = SocketAddr::new(source.ip().to_canonical(), source.port());
         let method = method_label(req.method);
         let key = transaction_key(&req, &via);
 
@@ -166,43 +176,42 @@ impl SipService {
             return None;
         }
 
-        let (resp, tag) =
-            if !self.trusted.is_empty() && !self.trusted.iter().any(|n| n.contains(&source.ip())) {
-                (
-                    Response::new(403, "Forbidden").warning("source address is not trusted"),
+        let (resp, tag) = if !self.trusts(source.ip()) {
+            (
+                Response::new(403, "Forbidden").warning("source address is not trusted"),
+                new_tag(),
+            )
+        } else if let Some(problem) = malformed(&req, packet, transport) {
+            (
+                Response::new(400, "Bad Request").warning(&problem),
+                new_tag(),
+            )
+        } else {
+            match req.method {
+                "INVITE" => return self.invite(&req, &key, source, to).await,
+                "OPTIONS" => (
+                    Response::new(200, "OK")
+                        .header("Allow", ALLOW)
+                        .header("Accept", "application/sdp"),
                     new_tag(),
-                )
-            } else if let Some(problem) = malformed(&req, packet, transport) {
-                (
-                    Response::new(400, "Bad Request").warning(&problem),
+                ),
+                // The INVITE already has its final answer; the CANCEL changes nothing. Its 200
+                // carries the INVITE answer's To-tag when we know it (RFC 3261 §9.2).
+                "CANCEL" => (
+                    Response::new(200, "OK"),
+                    self.transactions
+                        .answered(&key)
+                        .map(|a| a.to_tag.clone())
+                        .unwrap_or_else(new_tag),
+                ),
+                _ => (
+                    Response::new(405, "Method Not Allowed")
+                        .header("Allow", ALLOW)
+                        .warning("a conference router only redirects INVITEs"),
                     new_tag(),
-                )
-            } else {
-                match req.method {
-                    "INVITE" => return self.invite(&req, &key, source, to).await,
-                    "OPTIONS" => (
-                        Response::new(200, "OK")
-                            .header("Allow", ALLOW)
-                            .header("Accept", "application/sdp"),
-                        new_tag(),
-                    ),
-                    // The INVITE already has its final answer; the CANCEL changes nothing. Its 200
-                    // carries the INVITE answer's To-tag when we know it (RFC 3261 §9.2).
-                    "CANCEL" => (
-                        Response::new(200, "OK"),
-                        self.transactions
-                            .answered(&key)
-                            .map(|a| a.to_tag.clone())
-                            .unwrap_or_else(new_tag),
-                    ),
-                    _ => (
-                        Response::new(405, "Method Not Allowed")
-                            .header("Allow", ALLOW)
-                            .warning("a conference router only redirects INVITEs"),
-                        new_tag(),
-                    ),
-                }
-            };
+                ),
+            }
+        };
         self.count(method, resp.code);
         Some(Outgoing {
             bytes: response::build(&req, &resp, &tag, source),

@@ -7,14 +7,27 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::handler::SipService;
 use super::message::header_end;
 use crate::config::Transport;
 
-/// A TCP connection with no traffic for this long is closed.
-const TCP_IDLE: Duration = Duration::from_secs(3600);
+/// Requests of one TCP connection being answered at once. Past it the connection is not
+/// read until answers are written, so a peer that sends without reading is held back by TCP
+/// instead of growing the controller's memory.
+const TCP_PENDING: usize = 64;
+
+/// Limits on the TCP listener.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpLimits {
+    /// Largest message in bytes.
+    pub max_message: usize,
+    /// Connections open at once; further ones are closed as they are accepted.
+    pub max_connections: usize,
+    /// A connection with no traffic for this long is closed.
+    pub idle: Duration,
+}
 
 /// Receives datagrams forever. INVITEs, which may wait on Redis, are answered in their own
 /// task; everything else (ACKs, OPTIONS, CANCELs, errors) is answered inline, which saves a
@@ -102,13 +115,29 @@ fn force_buffer(socket: &socket2::Socket, option: libc::c_int, size: usize) -> s
     }
 }
 
-/// Accepts TCP connections forever.
-pub async fn serve_tcp(listener: TcpListener, service: Arc<SipService>, max_message: usize) {
+/// Accepts TCP connections forever. Connections from sources outside `sip.trusted_cidrs`
+/// are closed at once (over TCP nobody else may hold a connection open), and past
+/// `limits.max_connections` new ones are closed until others end.
+pub async fn serve_tcp(listener: TcpListener, service: Arc<SipService>, limits: TcpLimits) {
+    let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                if !service.trusts(peer.ip()) {
+                    service.note_dropped("untrusted_connection");
+                    continue;
+                }
+                let Ok(slot) = open.clone().try_acquire_owned() else {
+                    service.note_dropped("too_many_connections");
+                    tracing::warn!(%peer, max = limits.max_connections, "tcp connection refused: sip.tcp_max_connections reached");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, peer, service.clone(), max_message));
+                let service = service.clone();
+                tokio::spawn(async move {
+                    connection(stream, peer, service, limits).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tcp accept failed");
@@ -216,7 +245,14 @@ fn content_length(head: &[u8]) -> Result<usize, &'static str> {
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, service: Arc<SipService>, max: usize) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: Arc<SipService>,
+    limits: TcpLimits,
+) {
+    let max = limits.max_message;
+    let pending = Arc::new(Semaphore::new(TCP_PENDING));
     let (mut reader, mut writer) = stream.into_split();
     // Pipelined requests are routed concurrently; one writer keeps answers whole.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
@@ -231,7 +267,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, service: Arc<SipService
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
     'read: loop {
-        let n = match tokio::time::timeout(TCP_IDLE, reader.read(&mut chunk)).await {
+        let n = match tokio::time::timeout(limits.idle, reader.read(&mut chunk)).await {
             Ok(Ok(0)) | Err(_) => break,
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
@@ -258,12 +294,16 @@ async fn connection(stream: TcpStream, peer: SocketAddr, service: Arc<SipService
                     break 'read;
                 }
                 Frame::Message(len) => {
+                    let Ok(permit) = pending.clone().acquire_owned().await else {
+                        break 'read;
+                    };
                     let message: Vec<u8> = buf.drain(..len).collect();
                     let (service, tx) = (service.clone(), tx.clone());
                     tokio::spawn(async move {
                         if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
                             let _ = tx.send(out.bytes).await;
                         }
+                        drop(permit);
                     });
                 }
             }
