@@ -439,13 +439,19 @@ impl Conference {
         match self.fence().await {
             Fence::Owned(epoch) => match self.phase {
                 Phase::Idle => self.activate(epoch, opts),
-                _ if self.epoch != epoch => {
-                    tracing::info!(conference = %self.name, from = self.epoch, to = epoch, "claim re-established at a new epoch");
+                // A Lost conference may win its claim back at the epoch it had (epochs
+                // restart at 1 once a claim is released): only Active claims are renewed.
+                _ if self.epoch != epoch || self.phase == Phase::Lost => {
+                    if self.epoch != epoch {
+                        tracing::info!(conference = %self.name, from = self.epoch, to = epoch, "claim re-established at a new epoch");
+                    }
                     if self.phase == Phase::Lost {
-                        tracing::info!(conference = %self.name, "this node owns the conference again");
+                        tracing::info!(conference = %self.name, epoch, "this node owns the conference again");
                     }
                     self.phase = Phase::Active;
                     self.epoch = epoch;
+                    // The heartbeat renews what the view says is active.
+                    self.publish();
                 }
                 _ => {}
             },

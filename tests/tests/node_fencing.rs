@@ -202,3 +202,56 @@ async fn claims_that_expired_with_the_node_record_come_back_with_its_registratio
     let later = dial(&s.sim, "kept", &[]).await;
     assert_eq!(wait_bridged(&s.sim, &later).await, "cr-1-kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_won_back_at_the_same_epoch_is_renewed_by_heartbeats() {
+    let lease = Duration::from_secs(2);
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_REDIS__CONFERENCE_LEASE", "2s"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "400ms"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    store
+        .register(&fixtures::node("node-b", 10), Duration::from_secs(60))
+        .await
+        .expect("register b");
+    let a = dial(&s.sim, "regained", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &a).await, "cr-1-regained");
+    // Node b takes the conference over; node a's heartbeat finds its claim lost.
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:regained")
+                .arg("owner")
+                .arg("node-b")
+                .arg("epoch")
+                .arg(2),
+        )
+        .expect("hset");
+    wait_for_async("loss noticed", WAIT, || async {
+        let m = scrape(&s.node.http_url()).await;
+        (metric(&m, "confroute_node_ownership_losses_total") == 1.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // Node b's conference ends: the claim is released, so the next claim is at epoch 1
+    // again, the epoch node a still has.
+    s.redis
+        .query(redis::cmd("DEL").arg("{confroute}:conf:regained"))
+        .expect("del");
+    let b = dial(&s.sim, "regained", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &b).await, "cr-1-regained");
+    // Two leases later the claim is still node a's: its heartbeats renew it.
+    tokio::time::sleep(lease * 2 + Duration::from_millis(500)).await;
+    let rec = store
+        .lookup(&name("regained"))
+        .await
+        .expect("lookup")
+        .unwrap_or_else(|| panic!("the claim lapsed\n{}", s.node.output()));
+    assert_eq!((rec.owner.node.as_str(), rec.owner.epoch), ("node-a", 1));
+    assert_eq!(rec.participants, 2);
+    let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+    assert_eq!(v["items"][0]["phase"], "active", "{v}");
+}
