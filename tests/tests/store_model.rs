@@ -433,6 +433,88 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
     );
 }
 
+/// The placement set has the node's lease, the claims a longer one: when the node record
+/// expires (Redis away, process paused) and the node registers again, its heartbeats must
+/// count its conferences again, or claims would place more than its capacity on it.
+#[tokio::test]
+async fn heartbeat_after_the_node_lease_expired_restores_its_capacity_count() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let short = Duration::from_millis(300);
+    store
+        .register(&node("small", 2), short)
+        .await
+        .expect("register");
+    for c in ["c1", "c2"] {
+        let claim = store.claim(&name(c), &[id("small")]).await.expect("claim");
+        assert_eq!(claim.kind, ClaimKind::Claimed, "{c}");
+    }
+    let full = store
+        .claim(&name("c3"), &[id("small")])
+        .await
+        .expect("claim");
+    assert_eq!(full.kind, ClaimKind::NoCapacity);
+
+    let node_key = format!("{}node:small", cfg.prefix);
+    let set_key = format!("{node_key}:confs");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Option<i64> = redis_query(
+            redis.port(),
+            redis::cmd("EXISTS").arg(&node_key).arg(&set_key),
+        );
+        if left == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node lease never expired: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in ["c1", "c2"] {
+        assert!(
+            store.lookup(&name(c)).await.expect("lookup").is_some(),
+            "{c}: the claim outlives the node lease"
+        );
+    }
+
+    store
+        .register(&node("small", 2), LONG)
+        .await
+        .expect("register again");
+    let hosted: Vec<Hosted> = ["c1", "c2"]
+        .iter()
+        .map(|c| Hosted {
+            name: name(c),
+            epoch: 1,
+            participants: 1,
+        })
+        .collect();
+    match store
+        .heartbeat(&id("small"), &NodeLoad::default(), LONG, &hosted)
+        .await
+        .expect("heartbeat")
+    {
+        Heartbeat::Renewed { hosted, .. } => {
+            assert_eq!(hosted, vec![HostedStatus::Owned, HostedStatus::Owned])
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let counted: Option<i64> = redis_query(redis.port(), redis::cmd("SCARD").arg(&set_key));
+    assert_eq!(counted, Some(2), "renewed claims are counted again");
+    let ttl: Option<i64> = redis_query(redis.port(), redis::cmd("PTTL").arg(&set_key));
+    assert!(
+        ttl.is_some_and(|t| t > 0 && t <= LONG.as_millis() as i64),
+        "the set keeps the node's lease: {ttl:?}"
+    );
+    for c in ["c3", "c4"] {
+        let claim = store.claim(&name(c), &[id("small")]).await.expect("claim");
+        assert_eq!(claim.kind, ClaimKind::NoCapacity, "{c} over capacity 2");
+    }
+}
+
 #[tokio::test]
 async fn conferences_list_in_pages() {
     let redis = RedisServer::start().expect("redis");

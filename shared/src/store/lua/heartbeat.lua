@@ -1,7 +1,10 @@
 -- heartbeat: renew a node's lease, record its load, and renew the claims it still holds.
 -- Keeps invariant 3 (leases renewed only by the living owner) and invariant 2 (a claim is
 -- renewed only for its owner at its epoch; the node learns which ones it lost).
--- It also drops placements whose claim expired or moved, so capacity counts stay exact.
+-- It also keeps the node's placement set exact, so claim.lua's capacity check (invariant 4)
+-- counts what the node really hosts: placements whose claim expired or moved are dropped,
+-- and each renewed claim is put back, since the set has the node's lease and is lost with
+-- the node record while the longer conference claims live on.
 -- When asked (ARGV[8] = "1": the first heartbeat after Redis trouble or a new registration),
 -- a hosted conference whose claim expired (Redis was away longer than the conference lease)
 -- is claimed again here, at the node's epoch, in the same step that shows the node alive:
@@ -32,6 +35,7 @@ for i = 9, #ARGV, 3 do
   if r[1] == id and r[2] == ARGV[i + 1] then
     redis.call('HSET', ckey, 'participants', tonumber(ARGV[i + 2]), 'updated_ms', now)
     redis.call('PEXPIRE', ckey, conf_lease)
+    redis.call('SADD', prefix .. 'node:' .. id .. ':confs', ARGV[i])
     out[#out + 1] = 'ok'
   elseif r[1] then
     out[#out + 1] = 'lost'
