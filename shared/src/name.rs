@@ -2,7 +2,8 @@
 //!
 //! A name ends up in SIP URIs, Redis keys, ARI bridge ids and URL paths, so only characters
 //! that are safe unescaped in all of them are allowed: `A–Z a–z 0–9 . _ ~ + -`, 1 to 128 bytes.
-//! E.164 numbers such as `+15555550101` are valid names.
+//! E.164 numbers such as `+15555550101` are valid names. `.` and `..` are not: HTTP clients
+//! resolve them as path dot-segments, so such a conference could never be addressed by URL.
 
 use std::fmt;
 
@@ -36,6 +37,9 @@ pub enum NameError {
         /// Byte offset of the first offending byte.
         offset: usize,
     },
+    /// The name is `.` or `..`, which URL paths treat as "this" or "parent" segment.
+    #[error("conference name `{0}` is a URL dot-segment; `.` and `..` cannot be used")]
+    DotSegment(&'static str),
 }
 
 impl NameError {
@@ -45,6 +49,7 @@ impl NameError {
             NameError::Empty => "empty",
             NameError::TooLong { .. } => "too_long",
             NameError::BadCharacter { .. } => "bad_character",
+            NameError::DotSegment(_) => "dot_segment",
         }
     }
 }
@@ -95,7 +100,11 @@ pub fn validate(s: &str) -> Result<(), NameError> {
             offset,
         });
     }
-    Ok(())
+    match s {
+        "." => Err(NameError::DotSegment(".")),
+        ".." => Err(NameError::DotSegment("..")),
+        _ => Ok(()),
+    }
 }
 
 impl fmt::Display for ConferenceName {
@@ -136,6 +145,9 @@ mod tests {
             "a",
             "A.b_c~d+e-f",
             "0123456789",
+            "...",
+            ".a",
+            "a..",
             &"x".repeat(MAX_NAME_LEN),
         ] {
             assert!(ConferenceName::parse(ok).is_ok(), "{ok:?} should be valid");
@@ -157,6 +169,8 @@ mod tests {
             ("pct%00", "'%'"),
             ("slash/x", "'/'"),
             ("caf\u{e9}", "non-ASCII byte 0xC3"),
+            (".", "`.` is a URL dot-segment"),
+            ("..", "`..` is a URL dot-segment"),
         ];
         for (input, expect) in cases {
             let err = ConferenceName::parse(input).expect_err(input);
