@@ -86,6 +86,41 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         "{out}"
     );
 
+    // Paging past an E.164 name: the `+` must reach the API as itself, not as a space.
+    for number in ["+15555550101", "+15555550102"] {
+        let (ok, _, err) = ctl(&url, Some(TOKEN), &["route", number]);
+        assert!(ok, "{err}");
+    }
+    let (ok, out, err) = ctl(
+        &url,
+        Some(TOKEN),
+        &[
+            "conferences",
+            "list",
+            "--limit",
+            "1",
+            "--after",
+            "+15555550101",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("+15555550102"),
+        "the page after the name: {out}"
+    );
+    assert!(!out.contains("+15555550101"), "{out}");
+    assert!(out.contains("more: --after +15555550102"), "{out}");
+    let (ok, out, err) = ctl(
+        &url,
+        Some(TOKEN),
+        &["conferences", "list", "--after", "+15555550102"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("weekly-sync") && !out.contains("+1555555010"),
+        "{out}"
+    );
+
     let (ok, out, err) = ctl(&url, Some(TOKEN), &["nodes", "undrain", "node-a"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "node-a: draining -> serving");

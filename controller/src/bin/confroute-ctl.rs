@@ -201,9 +201,23 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, Failure> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url.trim_end_matches('/')));
+        self.call_with_query(method, path, &[], body).await
+    }
+
+    /// `call` with query parameters, percent-encoded: a raw `+` in a query means a space.
+    async fn call_with_query(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.url.trim_end_matches('/')))
+            .map_err(|e| Failure(format!("bad --url {}: {e}", self.url)))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let mut req = self.http.request(method, url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -425,12 +439,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         },
         Cmd::Conferences { cmd } => match cmd {
             ConfCmd::List { after, limit } => {
-                let mut path = format!("/v1/conferences?limit={limit}");
-                if let Some(a) = after {
-                    path.push_str(&format!("&after={a}"));
+                let limit = limit.to_string();
+                let mut query = vec![("limit", limit.as_str())];
+                if let Some(a) = &after {
+                    query.push(("after", a));
                 }
                 show(
-                    &api.call(Method::GET, &path, None).await?,
+                    &api.call_with_query(Method::GET, "/v1/conferences", &query, None)
+                        .await?,
                     print_conferences,
                 );
             }
