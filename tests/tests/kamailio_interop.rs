@@ -2,7 +2,8 @@
 //! (`examples/kamailio/kamailio.cfg`) in front of a real controller and Redis: a sipp caller
 //! dials a conference through Kamailio, Kamailio asks the controller, follows its 302 with
 //! `uac_redirect`, and a sipp UAS playing the conference node answers the INVITE, which must
-//! carry the controller's `X-Conference` and `X-Conference-Node` headers.
+//! carry the controller's `X-Conference` and `X-Conference-Node` headers (and not the
+//! `X-Conference` the caller sent, which would otherwise choose the conference).
 
 use std::collections::HashMap;
 use std::net::UdpSocket;
@@ -215,6 +216,15 @@ async fn caller_reaches_the_conference_node_through_kamailio_with_the_conference
             .expect("lookup")
             .expect("claimed");
         assert_eq!(rec.owner.node.as_str(), "node-a");
+        let injected = format!("injected-{conf}");
+        assert!(
+            s.store
+                .lookup(&injected.parse().expect("name"))
+                .await
+                .expect("lookup")
+                .is_none(),
+            "the caller's own X-Conference was dropped by the edge, nothing routed by it"
+        );
 
         // One 302, and Kamailio's ACK for it absorbed by the controller.
         let m = scrape(&s.controller.http_url()).await;
