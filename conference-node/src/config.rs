@@ -436,6 +436,23 @@ impl Validate for NodeConfig {
         {
             issues.add("node.heartbeat_interval", "must be between 100ms and 60s");
         }
+        // Only heartbeats renew conference claims: like the node lease, a claim's lease must
+        // span three of them, or one late heartbeat lets a live conference's claim lapse and
+        // a controller give it a second home.
+        if self
+            .node
+            .heartbeat_interval
+            .checked_mul(3)
+            .is_none_or(|three| three > self.redis.conference_lease)
+        {
+            issues.add(
+                "node.heartbeat_interval",
+                format!(
+                    "{:?} is more than a third of redis.conference_lease ({:?}); claims are renewed only by heartbeats, three per lease",
+                    self.node.heartbeat_interval, self.redis.conference_lease
+                ),
+            );
+        }
         if self.node.drain_deadline.is_zero() {
             issues.add("node.drain_deadline", "must be greater than zero");
         }
@@ -580,6 +597,19 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_lease_of_three_heartbeats_is_enough() {
+        let cfg: NodeConfig = load_from(
+            None,
+            &env(&[
+                ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "2s"),
+                ("CONFROUTE_REDIS__CONFERENCE_LEASE", "6s"),
+            ]),
+        )
+        .expect("three heartbeats per conference lease");
+        assert_eq!(cfg.node.heartbeat_interval * 3, cfg.redis.conference_lease);
+    }
+
+    #[test]
     fn each_bad_value_names_its_key() {
         let cases: &[(&str, &str, &str)] = &[
             ("CONFROUTE_NODE__ID", "bad id", "node.id"),
@@ -590,6 +620,17 @@ mod tests {
                 "soon",
                 "node.heartbeat_interval",
             ),
+            (
+                "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
+                "21s",
+                "node.heartbeat_interval",
+            ),
+            (
+                "CONFROUTE_REDIS__CONFERENCE_LEASE",
+                "2s",
+                "node.heartbeat_interval",
+            ),
+            ("CONFROUTE_REDIS__TLS", "true", "redis.tls"),
             (
                 "CONFROUTE_NODE__DRAIN_DEADLINE",
                 "0s",

@@ -567,6 +567,21 @@ impl Validate for RedisConfig {
         if let Some(c) = &self.cluster {
             check_addresses(&mut issues, "redis.cluster.seeds", &c.seeds, self.tls);
         }
+        // A single server's TLS comes from its URL scheme alone; accepting the flag beside a
+        // redis:// URL would send the password in plaintext while the operator believes not.
+        if self.tls {
+            if let RedisTarget::Single(url) = self.target() {
+                if !url.starts_with("rediss://") {
+                    issues.add(
+                        "redis.tls",
+                        format!(
+                            "is true but the single server `{}` is a redis:// URL; write it as rediss:// to use TLS (redis.tls applies to Sentinel and Cluster)",
+                            redact_url(&url)
+                        ),
+                    );
+                }
+            }
+        }
         match (self.prefix.find('{'), self.prefix.find('}')) {
             (Some(open), Some(close)) if close > open + 1 => {}
             _ => issues.add(
@@ -770,6 +785,34 @@ mod tests {
         let err = load_from::<Root>(None, &env(&[("CONFROUTE_LOG__LEVEL", "info,[[[")]))
             .expect_err("bad filter");
         assert!(err.mentions("log.level"), "{err}");
+
+        for url in [None, Some("redis://secret@cache:6379")] {
+            let mut vars = vec![("CONFROUTE_REDIS__TLS", "true")];
+            vars.extend(url.map(|u| ("CONFROUTE_REDIS__URL", u)));
+            let err = load_from::<Root>(None, &env(&vars)).expect_err("tls with redis://");
+            assert!(err.mentions("redis.tls"), "{err}");
+            assert!(err.to_string().contains("rediss://"), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_goes_with_a_rediss_url_sentinel_or_cluster() {
+        let ok: Root = load_from(
+            None,
+            &env(&[
+                ("CONFROUTE_REDIS__TLS", "true"),
+                ("CONFROUTE_REDIS__URL", "rediss://cache:6379"),
+            ]),
+        )
+        .expect("tls with rediss://");
+        assert!(ok.redis.tls);
+        let f = toml(
+            "[redis]\ntls = true\n[redis.sentinel]\nmaster_name = \"m\"\naddresses = [\"127.0.0.1:26379\"]\n",
+        );
+        load_from::<Root>(Some(f.path()), &[]).expect("tls behind sentinel");
+        let f = toml("[redis]\ntls = true\n[redis.cluster]\nseeds = [\"127.0.0.1:7000\"]\n");
+        load_from::<Root>(Some(f.path()), &[]).expect("tls to a cluster");
     }
 
     #[test]

@@ -32,6 +32,13 @@ fn bad_keys_and_values_stop_start_up_naming_the_key() {
             "`node.heartbeat_interval`",
             true,
         ),
+        (
+            "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
+            "30s",
+            "`node.heartbeat_interval`",
+            false,
+        ),
+        ("CONFROUTE_REDIS__TLS", "true", "`redis.tls`", false),
         ("CONFROUTE_ARI__URL", "ftp://asterisk", "`ari.url`", false),
         ("CONFROUTE_ARI__NOPE", "1", "`ari.nope`", true),
         (
