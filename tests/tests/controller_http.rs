@@ -343,11 +343,25 @@ async fn conferences_list_get_end_and_their_errors() {
         422,
         "invalid_conference",
     );
-    // The test nodes are registrations only: no agent listens for the command.
+    // The test nodes are registrations only: no agent listens for the command. Every 503
+    // says when to come back.
+    let a = call(&s, Method::DELETE, "/v1/conferences/c0", None, None).await;
+    assert_error(&a, 503, "node_unavailable");
+    assert_eq!(
+        a.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("5"),
+        "sip.retry_after on a node's 503"
+    );
+    // What axum's extractors refuse in plain text gets the JSON error body too.
     assert_error(
-        &call(&s, Method::DELETE, "/v1/conferences/c0", None, None).await,
-        503,
-        "node_unavailable",
+        &call(&s, Method::GET, "/v1/conferences/%FF", None, None).await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &call(&s, Method::GET, "/v1/rpc", None, None).await,
+        400,
+        "invalid_request",
     );
     assert_error(
         &call(&s, Method::DELETE, "/v1/conferences/nobody", None, None).await,
@@ -405,6 +419,22 @@ async fn token_guards_every_v1_route_but_not_health_or_metrics() {
             StatusCode::OK,
             "{path}"
         );
+    }
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+    let nodes = format!("{}/v1/nodes", s.controller.http_url());
+    for (value, want) in [
+        (format!("bearer {TOKEN}"), 200),
+        (format!("BEARER  {TOKEN}"), 200),
+        (format!("Bearer {}", TOKEN.to_uppercase()), 401),
+        (format!("Basic {TOKEN}"), 401),
+    ] {
+        let resp = fixtures::http()
+            .get(&nodes)
+            .header("authorization", &value)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), want, "{value}");
     }
 }
 

@@ -154,10 +154,12 @@ async fn method_not_allowed() -> ApiError {
 /// True when `given` is the `Authorization` value the configured token asks for; compared in
 /// constant time.
 fn authorized(token: &Secret, given: Option<&header::HeaderValue>) -> bool {
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let given = given
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t.trim_start());
     given.as_bytes().ct_eq(token.expose().as_bytes()).into()
 }
 
@@ -168,7 +170,7 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
     // Unmatched paths carry no template: they get their 404 whatever the token.
     let route = req.extensions().get::<MatchedPath>().cloned();
     let template = route.as_ref().map_or("unmatched", |p| p.as_str());
-    let resp = match &state.token {
+    let mut resp = match &state.token {
         Some(token)
             if template.starts_with("/v1/")
                 && !authorized(token, req.headers().get(header::AUTHORIZATION)) =>
@@ -180,14 +182,58 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             )
             .into_response()
         }
-        _ => next.run(req).await,
+        _ => as_json_error(next.run(req).await).await,
     };
+    if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !resp.headers().contains_key(header::RETRY_AFTER)
+    {
+        // Every 503 says when to come back (invariant 5), whichever part refused.
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(state.retry_after),
+        );
+    }
     state
         .metrics
         .http_requests
         .with_label_values(&[template, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// Longest plain-text error kept when it is turned into a JSON error body.
+const MAX_PLAIN_ERROR: usize = 1024;
+
+/// Gives an error answered in plain text by an extractor of axum's (a path that is not
+/// UTF-8, a WebSocket upgrade without its headers) the JSON error body every other error
+/// has; anything else passes through untouched.
+async fn as_json_error(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), MAX_PLAIN_ERROR).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_request",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 #[cfg(test)]

@@ -25,7 +25,10 @@ impl From<ControlError> for ApiError {
             ControlError::InvalidParams(m) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_params", m)
             }
-            ControlError::Unavailable(m) => ApiError::unavailable("unavailable", m, 5),
+            // `Retry-After` (sip.retry_after) is added to every 503 by the gate.
+            ControlError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
             ControlError::Node(b) => {
                 let (status, code) = match b.code {
                     ErrorCode::ConferenceNotFound => {
