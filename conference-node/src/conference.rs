@@ -639,17 +639,37 @@ impl Conference {
             if group.is_empty() {
                 continue;
             }
-            match self.node.ari.add_channels(&self.main, &group, muted).await {
-                Ok(()) => {
-                    for id in &group {
-                        if let Some(p) = self.participants.get_mut(*id) {
-                            p.waiting = false;
-                            p.bridge_muted = muted;
+            let moved = match self.node.ari.add_channels(&self.main, &group, muted).await {
+                Ok(()) => group,
+                Err(e) if group.len() > 1 => {
+                    // Asterisk adds nobody when one channel of the list is gone or out of
+                    // Stasis (control_list_create checks them all first), and nothing runs
+                    // start() again: one waiter hanging up as the starter joins would leave
+                    // the others on hold music for good.
+                    tracing::warn!(conference = %self.name, error = %e, "cannot move the waiting participants together; moving them one by one");
+                    let mut moved = Vec::new();
+                    for id in group {
+                        match self.node.ari.add_channels(&self.main, &[id], muted).await {
+                            Ok(()) => moved.push(id),
+                            Err(e) if e.channel_gone() => {
+                                tracing::info!(conference = %self.name, channel = id, "waiting participant left as the conference started");
+                            }
+                            Err(e) => {
+                                tracing::error!(conference = %self.name, channel = id, error = %e, "cannot move a waiting participant into the conference");
+                            }
                         }
                     }
+                    moved
                 }
                 Err(e) => {
                     tracing::error!(conference = %self.name, error = %e, "cannot move waiting participants into the conference");
+                    Vec::new()
+                }
+            };
+            for id in moved {
+                if let Some(p) = self.participants.get_mut(id) {
+                    p.waiting = false;
+                    p.bridge_muted = muted;
                 }
             }
         }

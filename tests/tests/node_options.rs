@@ -182,6 +182,56 @@ async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_move_in_even_when_one_hangs_up_as_the_starter_joins() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let wait = [("CONFROUTE_START_ON_ENTER", "false")];
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        let w = dial(&s.sim, "race-room", &wait).await;
+        assert_eq!(wait_bridged(&s.sim, &w).await, "crh-1-race-room");
+        waiters.push(w);
+    }
+    let gone = waiters.pop().expect("three waiters");
+    // The starter's answer waits in Asterisk while a waiter hangs up, so the conference's
+    // actor, busy with the starter's join, moves the waiters before it hears of it.
+    s.sim.hold_operation("answer");
+    let starter = dial(&s.sim, "race-room", &[]).await;
+    wait_for_async("the starter's answer held", WAIT, || async {
+        (s.sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim
+        .hangup_far_end(&gone, 16)
+        .await
+        .expect("a waiter hangs up");
+    s.sim.release_operation("answer");
+    let mut want = vec![starter, waiters[0].clone(), waiters[1].clone()];
+    want.sort();
+    until(
+        &s.sim,
+        "the other waiters in the mix, holding bridge gone",
+        |snap| {
+            snap.bridge("cr-1-race-room").is_some_and(|b| {
+                let mut got = b.channels.clone();
+                got.sort();
+                got == want
+            }) && snap.bridge("crh-1-race-room").is_none()
+        },
+    )
+    .await;
+    assert!(
+        s.sim.request_log().iter().any(|r| {
+            r.operation.as_deref() == Some("addChannel")
+                && r.path == "/ari/bridges/cr-1-race-room/addChannel"
+                && r.status == 400
+        }),
+        "the waiters were never refused together: {:#?}",
+        s.sim.request_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_conference_on_exit_hangs_up_everyone() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let moderator = dial(&s.sim, "mod-room", &[("CONFROUTE_END_ON_EXIT", "true")]).await;

@@ -4,7 +4,7 @@
 //! while it is held and pushed into unbounded per-WebSocket queues, so REST handlers never wait
 //! on a slow event reader and each reader sees events in the order they happened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -45,6 +45,10 @@ pub(crate) struct Core {
     state: Mutex<State>,
     pub requests: Mutex<Vec<RequestRecord>>,
     pub stall_until: Mutex<Option<Instant>>,
+    /// Operations whose requests wait, unhandled, until released (test-only latency).
+    pub held_ops: watch::Sender<BTreeSet<String>>,
+    /// How many requests of each held operation wait now.
+    pub held_waiting: Mutex<HashMap<String, usize>>,
     pub ctl: watch::Sender<Ctl>,
     pub events_changed: Notify,
     pub violations: Mutex<Vec<String>>,
@@ -65,6 +69,8 @@ impl Core {
             state: Mutex::new(State::new()),
             requests: Mutex::new(Vec::new()),
             stall_until: Mutex::new(None),
+            held_ops: watch::Sender::new(BTreeSet::new()),
+            held_waiting: Mutex::new(HashMap::new()),
             ctl,
             events_changed: Notify::new(),
             violations: Mutex::new(Vec::new()),
@@ -86,6 +92,20 @@ impl Core {
     pub async fn wait_stall(&self) {
         while let Some(until) = self.stalled_until() {
             tokio::time::sleep_until(until.into()).await;
+        }
+    }
+
+    /// Waits while requests for `op` are held, counted among the held meanwhile.
+    pub async fn wait_held(&self, op: &str) {
+        let mut rx = self.held_ops.subscribe();
+        if !rx.borrow_and_update().contains(op) {
+            return;
+        }
+        let waiting = || self.held_waiting.lock().unwrap_or_else(|p| p.into_inner());
+        *waiting().entry(op.to_string()).or_default() += 1;
+        let _ = rx.wait_for(|held| !held.contains(op)).await;
+        if let Some(n) = waiting().get_mut(op) {
+            *n = n.saturating_sub(1);
         }
     }
 

@@ -453,6 +453,7 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         path: path_params,
         params: Params::new(query, json, route.params, route.nickname),
     };
+    core.wait_held(route.nickname).await;
     let result = handler(core, &mut req);
     let undeclared = req.params.take_undeclared();
     if !undeclared.is_empty() {

@@ -508,6 +508,33 @@ impl AriSim {
             .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
     }
 
+    /// Test-only latency: requests for the ARI operation `op` (its Swagger nickname, e.g.
+    /// `answer`) wait, unhandled and unanswered, until [`AriSim::release_operation`]; what
+    /// they do then is unchanged.
+    pub fn hold_operation(&self, op: &str) {
+        self.core.held_ops.send_modify(|h| {
+            h.insert(op.to_string());
+        });
+    }
+
+    /// Lets the held requests for `op` through, and the later ones straight away.
+    pub fn release_operation(&self, op: &str) {
+        self.core.held_ops.send_modify(|h| {
+            h.remove(op);
+        });
+    }
+
+    /// How many requests for `op` are held now.
+    pub fn held_requests(&self, op: &str) -> usize {
+        self.core
+            .held_waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(op)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Every events WebSocket drops (no close frame); channels and bridges stay, and apps
     /// become inactive until a client connects again.
     pub fn drop_websockets(&self) {
