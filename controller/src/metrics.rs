@@ -31,6 +31,8 @@ pub struct Metrics {
     pub claim_conflicts: IntCounter,
     /// HTTP requests by route template and status.
     pub http_requests: IntCounterVec,
+    /// JSON-RPC error answers by error code (bad input, unknown methods, limits, failures).
+    pub rpc_errors: IntCounterVec,
     /// Nodes in the controller's view, by state.
     pub nodes: IntGaugeVec,
     /// Redis store instrumentation.
@@ -82,6 +84,13 @@ impl Metrics {
             ),
             &["route", "status"],
         )?;
+        let rpc_errors = IntCounterVec::new(
+            Opts::new(
+                "confroute_rpc_errors_total",
+                "JSON-RPC requests answered with an error, by JSON-RPC error code.",
+            ),
+            &["code"],
+        )?;
         let nodes = IntGaugeVec::new(
             Opts::new(
                 "confroute_nodes",
@@ -96,6 +105,7 @@ impl Metrics {
         registry.register(Box::new(route_duration.clone()))?;
         registry.register(Box::new(claim_conflicts.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(rpc_errors.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
         let store = StoreMetrics::new(&registry)?;
         // Outcome series exist from the start so dashboards and alerts see zeros, not gaps.
@@ -114,6 +124,7 @@ impl Metrics {
             route_duration,
             claim_conflicts,
             http_requests,
+            rpc_errors,
             nodes,
             store,
         })

@@ -268,10 +268,17 @@ struct Session {
     out: mpsc::Sender<String>,
     /// Becomes true when the client is gone; dial-out status streams stop on it.
     closed: tokio::sync::watch::Receiver<bool>,
+    /// `confroute_rpc_errors_total`, by code.
+    errors: prometheus::IntCounterVec,
 }
 
 /// Serves one WebSocket until it closes.
-pub async fn serve(socket: WebSocket, control: Control, limits: Limits) {
+pub async fn serve(
+    socket: WebSocket,
+    control: Control,
+    limits: Limits,
+    errors: prometheus::IntCounterVec,
+) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<String>(1024);
     let writer = tokio::spawn(async move {
@@ -297,6 +304,7 @@ pub async fn serve(socket: WebSocket, control: Control, limits: Limits) {
         limits,
         out,
         closed,
+        errors,
     });
     let events = tokio::spawn(forward_events(session.clone()));
     while let Some(msg) = stream.next().await {
@@ -308,15 +316,9 @@ pub async fn serve(socket: WebSocket, control: Control, limits: Limits) {
                 session.clone().incoming(text.as_str(), permit).await
             }
             Ok(Message::Binary(_)) => {
-                session
-                    .send(response(
-                        &Value::Null,
-                        Err(RpcError::new(
-                            codes::INVALID_REQUEST,
-                            "send JSON-RPC as text frames",
-                        )),
-                    ))
-                    .await
+                let e = RpcError::new(codes::INVALID_REQUEST, "send JSON-RPC as text frames");
+                session.count(&e);
+                session.send(response(&Value::Null, Err(e))).await
             }
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => {}
@@ -365,6 +367,11 @@ async fn forward_events(session: Arc<Session>) {
 }
 
 impl Session {
+    /// Counts an error answer (or the error a notification would have had).
+    fn count(&self, e: &RpcError) {
+        self.errors.with_label_values(&[&e.code.to_string()]).inc();
+    }
+
     async fn send(&self, v: Value) {
         let _ = self.out.send(v.to_string()).await;
     }
@@ -372,7 +379,10 @@ impl Session {
     /// Answers one text frame; `permit` is held until its answer is queued for writing.
     async fn incoming(self: Arc<Self>, text: &str, permit: tokio::sync::OwnedSemaphorePermit) {
         match decode(text, &self.limits) {
-            Decoded::Refused(e) => self.send(response(&Value::Null, Err(e))).await,
+            Decoded::Refused(e) => {
+                self.count(&e);
+                self.send(response(&Value::Null, Err(e))).await
+            }
             Decoded::Batch(items) => {
                 // The batch is answered as one array once every member is done.
                 tokio::spawn(async move {
@@ -402,7 +412,10 @@ impl Session {
     async fn one(self: Arc<Self>, item: Item) -> Option<Value> {
         let req = match item {
             Ok(r) => r,
-            Err((id, e)) => return Some(response(&id, Err(e))),
+            Err((id, e)) => {
+                self.count(&e);
+                return Some(response(&id, Err(e)));
+            }
         };
         let allowed = self.bucket.lock().map(|mut b| b.take()).unwrap_or(false);
         let result = if !allowed {
@@ -422,6 +435,9 @@ impl Session {
                 )),
             }
         };
+        if let Err(e) = &result {
+            self.count(e);
+        }
         req.id.map(|id| response(&id, result))
     }
 

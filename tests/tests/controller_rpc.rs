@@ -197,6 +197,19 @@ async fn protocol_errors_keep_the_connection_usable() {
     .await;
     let v = recv(&mut ws).await;
     assert_eq!(v["id"], json!(6), "only the request is answered: {v}");
+
+    // Bad input is counted by error code.
+    let m = fixtures::scrape(&s.controller.http_url()).await;
+    let errors = |code: &str| {
+        fixtures::metric(
+            &m,
+            &format!("confroute_rpc_errors_total{{code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(errors("-32700"), 1.0, "the one unparsable frame");
+    assert_eq!(errors("-32010"), 1.0, "the one oversize message");
+    assert!(errors("-32601") >= 2.0, "unknown methods");
+    assert!(errors("-32600") >= 4.0, "invalid requests");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,10 +61,11 @@ impl From<ControlError> for ApiError {
 pub async fn rpc(State(state): State<ApiState>, ws: WebSocketUpgrade) -> Response {
     let limits = state.rpc_limits.clone();
     let control = state.control.clone();
+    let errors = state.metrics.rpc_errors.clone();
     // The protocol cap sits well above our own limit so an oversize message gets a JSON-RPC
     // error and the connection stays usable; only absurd frames close it.
     ws.max_message_size(limits.max_message_size.saturating_mul(16).max(1 << 20))
-        .on_upgrade(move |socket| crate::rpc::serve(socket, control, limits))
+        .on_upgrade(move |socket| crate::rpc::serve(socket, control, limits, errors))
 }
 
 fn body(b: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value>, ApiError> {
