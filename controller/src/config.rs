@@ -148,6 +148,9 @@ pub struct RpcConfig {
     pub burst: u32,
     /// Requests in one batch.
     pub max_batch: usize,
+    /// How often each connection is pinged; silent for 2.5 of these, it is closed.
+    #[serde(deserialize_with = "duration")]
+    pub ping_interval: Duration,
 }
 
 impl Default for RpcConfig {
@@ -160,6 +163,7 @@ impl Default for RpcConfig {
             rate_limit: l.rate_per_sec,
             burst: l.burst,
             max_batch: l.max_batch,
+            ping_interval: l.ping_interval,
         }
     }
 }
@@ -173,6 +177,7 @@ impl RpcConfig {
             rate_per_sec: self.rate_limit,
             burst: self.burst,
             max_batch: self.max_batch,
+            ping_interval: self.ping_interval,
             ..crate::rpc::Limits::default()
         }
     }
@@ -318,6 +323,9 @@ impl Validate for ControllerConfig {
                 format!("must be between 0 (one per CPU) and {MAX_WORKER_THREADS}"),
             );
         }
+        if self.rpc.ping_interval < Duration::from_secs(1) {
+            issues.add("rpc.ping_interval", "must be at least 1s");
+        }
         if self.rpc.max_batch == 0 {
             issues.add("rpc.max_batch", "must be at least 1");
         }
@@ -377,6 +385,7 @@ mod tests {
             ),
             ("CONFROUTE_RPC__RATE_LIMIT", "0", "rpc.rate_limit"),
             ("CONFROUTE_RPC__BURST", "0", "rpc.burst"),
+            ("CONFROUTE_RPC__PING_INTERVAL", "10ms", "rpc.ping_interval"),
             ("CONFROUTE_RPC__MAX_BATCH", "0", "rpc.max_batch"),
             (
                 "CONFROUTE_RPC__MAX_SUBSCRIPTIONS",

@@ -68,6 +68,10 @@ pub struct Limits {
     pub max_batch: usize,
     /// Commands in progress at once.
     pub max_in_flight: usize,
+    /// How often the server pings; a connection silent for two and a half of these (no
+    /// pong, no message) is closed, so a client whose host vanished does not hold its
+    /// session and subscriptions for ever.
+    pub ping_interval: Duration,
 }
 
 /// A JSON-RPC error object.
@@ -281,14 +285,25 @@ pub async fn serve(
 ) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<String>(1024);
+    let ping_every = limits.ping_interval;
     let writer = tokio::spawn(async move {
-        while let Some(text) = out_rx.recv().await {
-            if sink.send(Message::Text(text.into())).await.is_err() {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        loop {
+            let msg = tokio::select! {
+                text = out_rx.recv() => match text {
+                    Some(text) => Message::Text(text.into()),
+                    None => break,
+                },
+                _ = ping.tick() => Message::Ping(Default::default()),
+            };
+            if sink.send(msg).await.is_err() {
                 break;
             }
         }
         let _ = sink.close().await;
     });
+    let silence = ping_every.saturating_mul(5) / 2;
     let (close, closed) = tokio::sync::watch::channel(false);
     let pending = Arc::new(Semaphore::new(MAX_PENDING_FRAMES));
     let session = Arc::new(Session {
@@ -307,7 +322,8 @@ pub async fn serve(
         errors,
     });
     let events = tokio::spawn(forward_events(session.clone()));
-    while let Some(msg) = stream.next().await {
+    // A pong or any message proves the client is there; silence past `silence` ends it.
+    while let Ok(Some(msg)) = tokio::time::timeout(silence, stream.next()).await {
         match msg {
             Ok(Message::Text(text)) => {
                 let Ok(permit) = pending.clone().acquire_owned().await else {
@@ -564,6 +580,7 @@ impl Default for Limits {
             burst: 100,
             max_batch: 50,
             max_in_flight: 64,
+            ping_interval: Duration::from_secs(30),
         }
     }
 }

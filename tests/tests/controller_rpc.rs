@@ -525,3 +525,35 @@ async fn the_upgrade_needs_the_token_when_one_is_set() {
         .expect("connect with token");
     assert!(rpc(&mut ws, "conference.list", json!({}), 1).await["result"].is_object());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_closed_and_ponging_ones_kept() {
+    let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1s")]).await;
+
+    // A client that reads answers the server's pings (tungstenite pongs on read): after
+    // several ping intervals it is still connected and served.
+    let mut live = connect(&s, None).await.expect("connect");
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(4500);
+    while let Ok(msg) = tokio::time::timeout_at(until, live.next()).await {
+        match msg {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("only pings while idle, got {other:?}"),
+        }
+    }
+    assert!(pings >= 3, "pinged every second: {pings}");
+    ping(&mut live, 1).await;
+
+    // A client that never reads never pongs: the server closes it after 2.5 intervals.
+    let mut silent = connect(&s, None).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let ended = loop {
+        match tokio::time::timeout_at(deadline, silent.next()).await {
+            Err(_) => break false,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break true,
+            Ok(Some(Ok(_))) => {}
+        }
+    };
+    assert!(ended, "the silent connection was closed by the server");
+}
