@@ -662,7 +662,7 @@ async fn every_operation_behind_sentinel() {
 /// With `redis.wait_replicas = 1` a claim is answered once a replica holds it. A replica
 /// that stays connected but does not acknowledge (stopped) makes the claim fail as not
 /// replicated, a typed error the router answers with 503, and claims go through again once
-/// it acknowledges.
+/// it acknowledges. Lookups are answered while claims wait.
 #[tokio::test]
 async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
     let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).expect("primary");
@@ -704,13 +704,62 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
     let pid = replica.pid().expect("replica pid") as libc::pid_t;
     // SAFETY: signals a child process this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let stalled = store.claim(&name("replicated-2"), &[id("node-a")]).await;
+    let claim = |conference: &str| {
+        let store = store.clone();
+        let conference = name(conference);
+        tokio::spawn(async move { store.claim(&conference, &[id("node-a")]).await })
+    };
+    let waiting = claim("replicated-2");
+    // Redis answers nothing else on a connection while its WAIT blocks.
+    let blocked = wait_for_async("a claim blocked in WAIT", LONG, || async {
+        let info: String = redis_query(primary.port(), redis::cmd("INFO").arg("clients"))?;
+        let blocked: u32 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        (blocked > 0).then_some(())
+    })
+    .await;
+    let queued = claim("replicated-4");
+    // Routing goes on meanwhile: lookups on the same store, one after another, all answered
+    // while the claim still waits.
+    let mut lookups = Vec::new();
+    let mut claim_still_waiting = false;
+    if blocked.is_ok() {
+        for _ in 0..20 {
+            lookups.push(store.lookup(&name("replicated-1")).await);
+        }
+        claim_still_waiting = !waiting.is_finished();
+    }
+    let stalled = waiting.await.expect("claim task");
+    let queued = queued.await.expect("claim task");
     // SAFETY: as above; resumed before any assertion can fail.
     unsafe { libc::kill(pid, libc::SIGCONT) };
+    blocked.expect("the claim waits for the stopped replica");
+    assert!(
+        claim_still_waiting,
+        "the lookups were answered only after the claim's WAIT ended"
+    );
+    for found in lookups {
+        let found = found
+            .expect("lookup during a claim's WAIT")
+            .expect("exists");
+        assert_eq!(found.owner, owner("node-a", 1));
+    }
     assert_eq!(
         stalled,
         Err(StoreError::NotReplicated { wanted: 1, got: 0 }),
         "a stopped replica cannot acknowledge"
+    );
+    // Behind the first WAIT on the claims' connection, it times out or is not acknowledged.
+    assert!(
+        matches!(
+            queued,
+            Err(StoreError::NotReplicated { .. } | StoreError::Unavailable(_))
+        ),
+        "{queued:?}"
     );
 
     let again = store

@@ -156,6 +156,12 @@ async fn race_on_sentinel_survives_a_primary_failover() {
     let cfg = fixtures::sentinel(group.master_name(), &group.sentinel_urls());
     let store = fixtures::store(&cfg);
     register_contender_nodes(&store).await;
+    // Claims waiting for replicas have a connection of their own: open it on the old primary.
+    let before = ConferenceName::parse("before-failover").expect("name");
+    store
+        .claim(&before, &[fixtures::id("node-0")])
+        .await
+        .expect("claim before the failover");
 
     let storm = start_storm(&cfg, 4);
     // Kill the primary once part of the names are claimed, so the failover lands mid-race.
@@ -174,8 +180,8 @@ async fn race_on_sentinel_survives_a_primary_failover() {
         .expect("failover");
     let promoted = Instant::now();
 
-    // Claims must work again within 10 s of the promotion, on a store that was connected
-    // to the old primary.
+    // Claims must work again within 10 s of the promotion, on a store whose connections
+    // (the shared one and the claims' own) were open to the old primary.
     let probe = ConferenceName::parse("after-failover").expect("name");
     loop {
         match store.claim(&probe, &[fixtures::id("node-0")]).await {
@@ -185,6 +191,22 @@ async fn race_on_sentinel_survives_a_primary_failover() {
                 assert!(
                     promoted.elapsed() < Duration::from_secs(10),
                     "claims still failing 10 s after promotion: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // And so must lookups, which do not share the claims' connection.
+    loop {
+        match store.lookup(&before).await {
+            Ok(rec) => {
+                assert!(rec.is_some(), "a replicated claim survives the failover");
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    promoted.elapsed() < Duration::from_secs(10),
+                    "lookups still failing 10 s after promotion: {e}"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

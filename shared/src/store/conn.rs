@@ -1,7 +1,9 @@
 //! One Redis connection handle for a single server, a Sentinel group or a Cluster.
 //!
 //! The store never holds a pool: a multiplexed connection pipelines concurrent requests on
-//! one socket, which is what keeps lookups close to raw Redis throughput. The handle is
+//! one socket, which is what keeps lookups close to raw Redis throughput. The one exception
+//! is a second handle for claims that `WAIT` for replicas (see `Store`), since Redis answers
+//! nothing else on a connection while its WAIT blocks. The handle is
 //! created lazily and re-created after a connection-level failure, so a controller starts
 //! and stays alive while Redis is away (invariant 5), and follows a Sentinel failover by
 //! asking the sentinels for the new primary.

@@ -171,6 +171,10 @@ pub struct ConferencePage {
 #[derive(Clone)]
 pub struct Store {
     conn: Connector,
+    /// Claims that WAIT for replicas run here: Redis holds a client's later commands until
+    /// its WAIT returns, so on the shared connection a lagging replica would stall every
+    /// lookup and readiness probe queued behind a claim.
+    replicated: Option<Connector>,
     prefix: String,
     confs_key: String,
     nodes_key: String,
@@ -186,6 +190,11 @@ impl Store {
     pub fn new(cfg: &RedisConfig, metrics: StoreMetrics) -> Result<Self, StoreError> {
         Ok(Store {
             conn: Connector::new(cfg)?,
+            replicated: if cfg.wait_replicas > 0 {
+                Some(Connector::new(cfg)?)
+            } else {
+                None
+            },
             prefix: cfg.prefix.clone(),
             confs_key: format!("{}confs", cfg.prefix),
             nodes_key: format!("{}nodes", cfg.prefix),
@@ -215,21 +224,35 @@ impl Store {
         format!("{}node:{id}", self.prefix)
     }
 
-    /// Runs `f` on a connection with the operation deadline, timing it and dropping the
-    /// connection if the failure means it is dead.
+    /// Runs `f` on the shared connection with the operation deadline, timing it and
+    /// dropping the connection if the failure means it is dead.
     async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        self.run_on(&self.conn, op, f).await
+    }
+
+    /// [`Store::run`] on the connection `connector` manages.
+    async fn run_on<T, F, Fut>(
+        &self,
+        connector: &Connector,
+        op: &'static str,
+        f: F,
+    ) -> Result<T, StoreError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
     {
         let started = Instant::now();
         let result = async {
-            let (conn, generation) = self.conn.get().await?;
+            let (conn, generation) = connector.get().await?;
             match tokio::time::timeout(self.timeout, f(conn)).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => {
                     if conn::is_fatal(&e) {
-                        self.conn.invalidate(generation);
+                        connector.invalidate(generation);
                         Err(StoreError::Unavailable(format!("{op}: {e}")))
                     } else {
                         Err(StoreError::Redis {
@@ -241,7 +264,7 @@ impl Store {
                 Err(_) => {
                     // A socket that swallows requests (a partition) looks exactly like this;
                     // start over with a fresh connection next time.
-                    self.conn.invalidate(generation);
+                    connector.invalidate(generation);
                     Err(StoreError::Unavailable(format!(
                         "{op}: no answer within {:?}",
                         self.timeout
@@ -332,13 +355,14 @@ impl Store {
         let wait = self.wait_replicas;
         // The server-side WAIT must end before the client's deadline for the command (the
         // same `redis.timeout`), or a lagging replica would look like a dead connection and
-        // drop it for every request sharing it; half the budget leaves the rest for the script
+        // drop it for every claim sharing it; half the budget leaves the rest for the script
         // and the round trips.
         let wait_ms = (self.timeout.as_millis() as u64 / 2).max(1);
         let slot = conn::hash_slot(conf_key.as_bytes());
         let cluster = self.conn.is_cluster();
+        let connector = self.replicated.as_ref().unwrap_or(&self.conn);
         let (values, acked): (Vec<Value>, Option<(u32, u32)>) = self
-            .run("claim", |mut c| async move {
+            .run_on(connector, "claim", |mut c| async move {
                 let mut inv = script.key(&conf_key);
                 inv.key(&self.confs_key)
                     .arg(&self.prefix)
