@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 
 use confroute_shared::bus::{Bus, BusError, ErrorCode, Reply};
 use confroute_shared::name::ConferenceName;
-use confroute_shared::types::NodeId;
+use confroute_shared::types::{NodeId, Owner};
 
-use crate::router::{RouteError, Router};
+use crate::router::{Decision, RouteError, Router};
 
 /// Why an operation failed, before or after reaching the node.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -397,7 +397,7 @@ impl Control {
         }
         let node = self.owner(&conference).await?;
         let target = self.home(&to).await?;
-        let call = self
+        let reply = match self
             .bus
             .call(
                 &node,
@@ -408,8 +408,40 @@ impl Control {
                 false,
             )
             .await
-            .map_err(ControlError::Node)?;
-        call.reply.map_err(ControlError::Node)
+        {
+            Ok(call) => call.reply,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &reply {
+            self.give_back(&to, &target, e).await;
+        }
+        reply.map_err(ControlError::Node)
+    }
+
+    /// Gives back the home this command claimed for `conference` when the node refused the
+    /// command: a refused command changes nothing (invariant 6), and the claim would count
+    /// against the node's capacity until its lease ran out. Not after a timeout or a lost
+    /// node, where the command may yet have been carried out.
+    async fn give_back(&self, conference: &ConferenceName, home: &Decision, why: &BusError) {
+        let refused = matches!(
+            why.code,
+            ErrorCode::InvalidParams
+                | ErrorCode::InvalidNumber
+                | ErrorCode::ParticipantNotFound
+                | ErrorCode::ConferenceNotFound
+                | ErrorCode::ConferenceFull
+                | ErrorCode::Forbidden
+        );
+        if !home.created() || !refused {
+            return;
+        }
+        let owner = Owner {
+            node: home.node_id.clone(),
+            epoch: home.epoch,
+        };
+        if let Err(e) = self.router.store().release(conference, &owner).await {
+            tracing::warn!(%conference, error = %e, "cannot give back the claim of a refused command; it expires with its lease");
+        }
     }
 
     /// `participant.update`: `endConferenceOnExit`, `beepOnExit`.
@@ -480,15 +512,23 @@ impl Control {
                 self.timeout,
                 true,
             )
-            .await
-            .map_err(ControlError::Node)?;
-        match call.reply {
-            Ok(result) => Ok(Dialout {
-                result,
-                call_id: call.id,
-                notifications: call.notifications,
-            }),
-            Err(e) => Err(ControlError::Node(e)),
+            .await;
+        match call {
+            Ok(call) => match call.reply {
+                Ok(result) => Ok(Dialout {
+                    result,
+                    call_id: call.id,
+                    notifications: call.notifications,
+                }),
+                Err(e) => {
+                    self.give_back(&conference, &home, &e).await;
+                    Err(ControlError::Node(e))
+                }
+            },
+            Err(e) => {
+                self.give_back(&conference, &home, &e).await;
+                Err(ControlError::Node(e))
+            }
         }
     }
 }

@@ -307,6 +307,11 @@ async fn refused_dialouts_originate_nothing() {
             json!({"conference": "small-1", "to": "+15555550101", "options": {"colour": "red"}}),
             -32602,
         ),
+        // A conference with no home yet: the claim made for the command is given back.
+        (
+            json!({"conference": "fresh-z", "to": "+15555550101", "options": {"colour": "red"}}),
+            -32602,
+        ),
         (
             json!({"conference": "bad name", "to": "+15555550101"}),
             -32602,
@@ -336,4 +341,9 @@ async fn refused_dialouts_originate_nothing() {
         .await;
     assert_eq!(v["participants"].as_array().map(Vec::len), Some(1));
     assert!(sim.snapshot().channels.len() == 1);
+    let fresh = fixtures::store(&c.cfg)
+        .lookup(&"fresh-z".parse().expect("name"))
+        .await
+        .expect("lookup");
+    assert_eq!(fresh, None, "a refused dial-out leaves no claim behind");
 }

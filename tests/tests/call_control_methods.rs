@@ -310,6 +310,14 @@ async fn every_method_works_through_any_controller() {
         assert!(!msg.is_empty());
     }
     assert_eq!(changes(sim), before, "refused commands touched Asterisk");
+    let moved_to = fixtures::store(&c.cfg)
+        .lookup(&"room-9".parse().expect("name"))
+        .await
+        .expect("lookup");
+    assert_eq!(
+        moved_to, None,
+        "a refused move leaves no claim on its target"
+    );
 
     // Two more callers, for the moves, the kick and the update.
     let d = dial(sim, "room-1", &[]).await;
