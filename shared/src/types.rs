@@ -8,20 +8,23 @@ use serde::{Deserialize, Serialize};
 /// Longest accepted node id in bytes.
 pub const MAX_NODE_ID_LEN: usize = 64;
 
-/// A conference node's id: 1–64 bytes of `A–Z a–z 0–9 . _ -`.
+/// A conference node's id: 1–64 bytes of `A–Z a–z 0–9 . _ -`, other than `.` and `..`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct NodeId(String);
 
 /// Why a string is not a valid node id.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("node id `{0}` is invalid; expected 1-64 bytes of A-Z a-z 0-9 . _ -")]
+#[error("node id `{0}` is invalid; expected 1-64 bytes of A-Z a-z 0-9 . _ - (not `.` or `..`)")]
 pub struct NodeIdError(pub String);
 
 impl NodeId {
     /// Validates `s` as a node id.
     pub fn parse(s: &str) -> Result<Self, NodeIdError> {
+        // `.` and `..` would be URL dot-segments in /v1/nodes/{id}, never addressable.
         let ok = !s.is_empty()
+            && s != "."
+            && s != ".."
             && s.len() <= MAX_NODE_ID_LEN
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -174,7 +177,7 @@ mod tests {
     #[test]
     fn node_ids() {
         assert!(NodeId::parse("node-1.zone_a").is_ok());
-        for bad in ["", "a b", "a:b", "{x}", &"n".repeat(65)] {
+        for bad in ["", "a b", "a:b", "{x}", ".", "..", &"n".repeat(65)] {
             assert!(NodeId::parse(bad).is_err(), "{bad:?}");
         }
     }

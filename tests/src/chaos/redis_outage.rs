@@ -95,9 +95,10 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
     // The short outage leaves a loaded machine time to notice it everywhere: a process sees
     // Redis gone when a call of its own times out, which under load took over 4 s.
     let outage = common.fault_or(Duration::from_secs(60), Duration::from_secs(7));
-    // The outage outlasts the conference lease (60 s by default; 2 s in the short run), so
-    // claims expire meanwhile and must come back to the nodes that still host them.
-    let conference_lease = common.pick("60s", "2s");
+    // The outage outlasts the conference lease (60 s by default; 3 s, three of the short
+    // run's 1 s heartbeats, in the short run), so claims expire meanwhile and must come back
+    // to the nodes that still host them.
+    let conference_lease = common.pick("60s", "3s");
     let lease_env = vec![(
         "CONFROUTE_REDIS__CONFERENCE_LEASE".to_string(),
         conference_lease.to_string(),

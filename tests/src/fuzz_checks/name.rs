@@ -21,6 +21,7 @@ fn check(s: &str) {
     let first_bad = bytes.iter().position(|b| !ALPHABET.contains(b));
     match validate(s) {
         Ok(()) => {
+            assert!(s != "." && s != "..", "accepted a URL dot-segment");
             assert!(
                 (1..=MAX_NAME_LEN).contains(&bytes.len()),
                 "accepted a name of {} bytes",
@@ -41,6 +42,8 @@ fn check(s: &str) {
         Err(e) => {
             let expected = if bytes.is_empty() {
                 NameError::Empty
+            } else if s == "." || s == ".." {
+                NameError::DotSegment(if s == "." { "." } else { ".." })
             } else if bytes.len() > MAX_NAME_LEN {
                 NameError::TooLong { len: bytes.len() }
             } else {
@@ -55,7 +58,10 @@ fn check(s: &str) {
                 e.clone()
             };
             assert_eq!(e, expected);
-            assert!(matches!(e.code(), "empty" | "too_long" | "bad_character"));
+            assert!(matches!(
+                e.code(),
+                "empty" | "too_long" | "bad_character" | "dot_segment"
+            ));
             assert!(!e.to_string().is_empty());
             assert!(ConferenceName::parse(s).is_err());
             let json = serde_json::Value::String(s.to_string());

@@ -69,7 +69,12 @@ fn one(item: Item) {
             return;
         }
     };
-    assert!(req.params.is_object(), "params {}", req.params);
+    // By-name or by-position (JSON-RPC 2.0 §4.2); methods refuse positional ones.
+    assert!(
+        req.params.is_object() || req.params.is_array(),
+        "params {}",
+        req.params
+    );
     assert!(req.id.as_ref().is_none_or(is_id));
     let mut canonical = json!({"jsonrpc": "2.0", "method": req.method, "params": req.params});
     if let (Some(id), Some(obj)) = (&req.id, canonical.as_object_mut()) {
@@ -89,6 +94,13 @@ fn one(item: Item) {
 /// The typed parameters each method takes, and the checks applied to their values.
 fn method_params(req: &Request) {
     let p = || req.params.clone();
+    if req.params.is_array() {
+        assert!(
+            control::params::<ListParams>(p()).is_err(),
+            "positional params are refused, never mapped onto fields by position"
+        );
+        return;
+    }
     match req.method.as_str() {
         "conference.list" => {
             let _ = control::params::<ListParams>(p());
