@@ -581,13 +581,11 @@ impl Node {
                     self.send(&name, Msg::BridgeGone { bridge: bridge.id }, false);
                 }
             }
-            Event::ApplicationReplaced { application } => {
-                tracing::error!(app = %application, "another ARI client took over the Stasis app; this agent gets no more calls until it reconnects");
-            }
             Event::RecordingFailed { recording } => {
                 tracing::warn!(recording = %recording.name, "conference recording failed");
             }
-            Event::ChannelLeftBridge { .. } | Event::Other => {}
+            // The events WebSocket reconnects on ApplicationReplaced itself.
+            Event::ChannelLeftBridge { .. } | Event::ApplicationReplaced { .. } | Event::Other => {}
         }
     }
 

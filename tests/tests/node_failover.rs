@@ -7,6 +7,7 @@ mod node_common;
 use std::time::Duration;
 
 use confroute_shared::name::ConferenceName;
+use confroute_tests::ari_sim::client::EventStream;
 use confroute_tests::fixtures::{self, metric, scrape};
 use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer};
 use node_common::*;
@@ -222,4 +223,55 @@ async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
         ),
         1.0
     );
+}
+
+async fn http_status(url: &str) -> u16 {
+    match fixtures::http().get(url).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_client_subscribing_to_the_app_does_not_leave_the_agent_deaf() {
+    // A slow first reconnect makes the agent's not-ready spell long enough to be seen.
+    let s = Single::start(&[
+        ("CONFROUTE_ARI__RECONNECT_MIN", "1s"),
+        ("CONFROUTE_ARI__RECONNECT_MAX", "2s"),
+    ])
+    .await;
+    let ready = format!("{}/readyz", s.node.http_url());
+    assert_eq!(http_status(&ready).await, 200);
+
+    // An operator debugs with their own events socket on the agent's app: Asterisk hands it
+    // the app and sends the agent's socket nothing more.
+    let mut operator = EventStream::connect(&s.sim.events_url("confroute"))
+        .await
+        .expect("operator connects");
+    wait_for_async("the agent to report not ready", WAIT, || async {
+        (http_status(&ready).await == 503).then_some(())
+    })
+    .await
+    .expect("not ready while another client has the app");
+    // The agent subscribes again and so takes the app back from the operator.
+    operator
+        .until(WAIT, |e| e["type"] == "ApplicationReplaced")
+        .await
+        .unwrap_or_else(|seen| panic!("the agent never took the app back: {seen:#?}"));
+    wait_for_async("the agent to be ready again", WAIT, || async {
+        (http_status(&ready).await == 200).then_some(())
+    })
+    .await
+    .expect("ready again");
+
+    // The operator goes away; the app stays with the agent and calls work.
+    drop(operator);
+    until(&s.sim, "operator's socket gone", |snap| {
+        snap.websockets == 2 && snap.apps.iter().any(|a| a.name == "confroute" && a.active)
+    })
+    .await;
+    let ch = dial(&s.sim, "after-debugging", &[]).await;
+    wait_bridged(&s.sim, &ch).await;
+    let m = scrape(&s.node.http_url()).await;
+    assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
 }

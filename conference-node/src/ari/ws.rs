@@ -1,5 +1,7 @@
 //! The events WebSocket: connects with Basic auth, hands each decoded event to a sink,
 //! pings to notice a dead link, and reconnects with capped exponential backoff and jitter.
+//! A socket whose app another client took over (`ApplicationReplaced`) counts as lost too:
+//! Asterisk keeps it open but sends it nothing more.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +62,7 @@ pub async fn run(
 ) {
     let url = client.events_url(&app);
     let mut attempt: u32 = 0;
+    let mut replaced: u32 = 0;
     let mut ever_connected = false;
     loop {
         if *stop.borrow() {
@@ -75,13 +78,30 @@ pub async fn run(
                 tracing::info!(app = %app, reconnect = ever_connected, "ARI events connected");
                 sink.connected(ever_connected);
                 ever_connected = true;
-                let why = read_loop(ws, &timing, &metrics, sink.as_ref(), &mut stop).await;
+                let since = Instant::now();
+                let lost = read_loop(ws, &app, &timing, &metrics, sink.as_ref(), &mut stop).await;
                 metrics.ari_connected.set(0);
                 sink.disconnected();
                 if *stop.borrow() {
                     return;
                 }
-                tracing::warn!(reason = %why, "ARI events connection lost; reconnecting");
+                match lost {
+                    Lost::Replaced => {
+                        // Asterisk gives the app to its newest subscriber, so reconnecting takes
+                        // it back. Should the other client do the same, the two back off further
+                        // with each round instead of trading the app as fast as they can.
+                        if since.elapsed() > timing.reconnect_max {
+                            replaced = 0;
+                        }
+                        attempt = replaced;
+                        replaced = replaced.saturating_add(1);
+                        tracing::error!(app = %app, "another ARI client subscribed to the Stasis app and took it over; reconnecting to take it back");
+                    }
+                    Lost::Other(why) => {
+                        replaced = 0;
+                        tracing::warn!(reason = %why, "ARI events connection lost; reconnecting");
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "cannot connect ARI events");
@@ -113,13 +133,22 @@ async fn connect(client: &AriClient, url: &str, timeout: Duration) -> Result<Ws,
     }
 }
 
+/// Why a connection's read loop ended.
+enum Lost {
+    /// Another client subscribed to the app; Asterisk sends this socket nothing more.
+    Replaced,
+    /// The link failed or was closed.
+    Other(String),
+}
+
 async fn read_loop(
     ws: Ws,
+    app: &str,
     timing: &Timing,
     metrics: &Metrics,
     sink: &dyn EventSink,
     stop: &mut watch::Receiver<bool>,
-) -> String {
+) -> Lost {
     let (mut tx, mut rx) = ws.split();
     let mut ping = tokio::time::interval(timing.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,6 +163,13 @@ async fn read_loop(
                         Ok(Event::Other) => {
                             metrics.ari_events.with_label_values(&["unknown"]).inc();
                         }
+                        Ok(Event::ApplicationReplaced { application })
+                            if application.is_empty() || application == app =>
+                        {
+                            metrics.ari_events.with_label_values(&["known"]).inc();
+                            let _ = tx.send(Message::Close(None)).await;
+                            return Lost::Replaced;
+                        }
                         Ok(ev) => {
                             metrics.ari_events.with_label_values(&["known"]).inc();
                             sink.event(ev);
@@ -145,23 +181,23 @@ async fn read_loop(
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    return format!("closed by Asterisk ({frame:?})");
+                    return Lost::Other(format!("closed by Asterisk ({frame:?})"));
                 }
                 Some(Ok(_)) => last_heard = Instant::now(),
-                Some(Err(e)) => return e.to_string(),
-                None => return "connection ended".to_string(),
+                Some(Err(e)) => return Lost::Other(e.to_string()),
+                None => return Lost::Other("connection ended".to_string()),
             },
             _ = ping.tick() => {
                 if last_heard.elapsed() > timing.ping_interval * 2 {
-                    return format!("no answer to pings for {:?}", last_heard.elapsed());
+                    return Lost::Other(format!("no answer to pings for {:?}", last_heard.elapsed()));
                 }
                 if let Err(e) = tx.send(Message::Ping(Vec::new().into())).await {
-                    return format!("ping failed: {e}");
+                    return Lost::Other(format!("ping failed: {e}"));
                 }
             }
             _ = stop.changed() => {
                 let _ = tx.send(Message::Close(None)).await;
-                return "stopping".to_string();
+                return Lost::Other("stopping".to_string());
             }
         }
     }
