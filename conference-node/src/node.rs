@@ -226,10 +226,13 @@ impl Node {
         }
     }
 
-    /// Writes the local state to Redis now (best effort; the heartbeat retries).
+    /// Writes the local state to Redis now (best effort; the heartbeat retries). During a
+    /// shutdown the record is marked stopping, so no admin can make the node serving again.
     pub async fn write_state(&self) {
         let (state, version) = self.state_versioned();
-        match self.store.set_state(&self.id, state).await {
+        let stopping = state == NodeState::ShuttingDown
+            || matches!(lock(&self.drain).as_ref(), Some((_, true)));
+        match self.store.set_own_state(&self.id, state, stopping).await {
             Ok(_) => self.state_written(version),
             Err(e) => {
                 tracing::warn!(error = %e, %state, "cannot write node state yet; the heartbeat retries")

@@ -33,6 +33,7 @@ async fn post(url: &str) -> (u16, Value) {
 async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let store = fixtures::store(&s.cfg);
+    let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
     let a = dial(&s.sim, "busy", &[]).await;
     wait_bridged(&s.sim, &a).await;
     s.node.process().signal(libc::SIGTERM).expect("sigterm");
@@ -45,6 +46,14 @@ async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
     let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "shutting_down");
+    // Nor through a controller: Redis would say serving and conferences would be placed
+    // on a node that ends them at its drain deadline.
+    for action in ["undrain", "drain"] {
+        let url = format!("{}/v1/nodes/node-a/{action}", controller.http_url());
+        let (status, body) = post(&url).await;
+        assert_eq!(status, 409, "{action}: {body}");
+        assert_eq!(body["error"]["code"], "node_shutting_down", "{body}");
+    }
     assert_eq!(
         node_state(&store, "node-a").await,
         Some(NodeState::Draining)

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use confroute_shared::config::RedisConfig;
 use confroute_shared::name::ConferenceName;
-use confroute_shared::store::{ClaimKind, Heartbeat, Hosted, HostedStatus, Store, StoreError};
+use confroute_shared::store::{
+    ClaimKind, Heartbeat, Hosted, HostedStatus, StateChange, Store, StoreError,
+};
 use confroute_shared::types::{NodeLoad, NodeState, Owner};
 use confroute_tests::fixtures::{self, id, node};
 use confroute_tests::harness::{
@@ -132,7 +134,7 @@ async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
             .set_state(&id("a"), NodeState::Draining)
             .await
             .expect("drain"),
-        Some(NodeState::Serving)
+        StateChange::Changed(NodeState::Serving)
     );
 
     let fresh = store
@@ -623,7 +625,54 @@ async fn exercise_every_operation(store: &Store) {
             .set_state(&id("a"), NodeState::Draining)
             .await
             .expect("state"),
-        Some(NodeState::Serving)
+        StateChange::Changed(NodeState::Serving)
+    );
+    // A node stopping for good: admins can no longer change its state, the node can; a new
+    // registration is a new life.
+    assert_eq!(
+        store
+            .set_own_state(&id("a"), NodeState::Draining, true)
+            .await
+            .expect("own state"),
+        StateChange::Changed(NodeState::Draining)
+    );
+    assert_eq!(
+        store
+            .set_state(&id("a"), NodeState::Serving)
+            .await
+            .expect("state"),
+        StateChange::Stopping(NodeState::Draining),
+        "an undrain of a stopping node is refused"
+    );
+    assert_eq!(
+        store
+            .get_node(&id("a"))
+            .await
+            .expect("node")
+            .map(|n| n.info.state),
+        Some(NodeState::Draining),
+        "and changes nothing"
+    );
+    assert_eq!(
+        store
+            .set_own_state(&id("a"), NodeState::ShuttingDown, true)
+            .await
+            .expect("own state"),
+        StateChange::Changed(NodeState::Draining)
+    );
+    let mut again = fixtures::node("a", 10);
+    again.state = NodeState::Serving;
+    store
+        .register(&again, Duration::from_secs(30))
+        .await
+        .expect("register again");
+    assert_eq!(
+        store
+            .set_state(&id("a"), NodeState::Draining)
+            .await
+            .expect("state"),
+        StateChange::Changed(NodeState::Serving),
+        "a new registration takes admin changes again"
     );
     assert!(store
         .release(&name("room"), &owner("a", 1))
@@ -635,7 +684,7 @@ async fn exercise_every_operation(store: &Store) {
             .set_state(&id("a"), NodeState::Serving)
             .await
             .expect("state"),
-        None
+        StateChange::NotRegistered
     );
     assert_eq!(store.list_nodes().await.expect("nodes").len(), 1);
 }

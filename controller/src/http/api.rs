@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use confroute_shared::name::ConferenceName;
-use confroute_shared::store::StoreError;
+use confroute_shared::store::{StateChange, StoreError};
 use confroute_shared::types::{NodeId, NodeRecord, NodeState};
 
 use super::{sip_ready, ApiError, ApiState};
@@ -190,16 +190,21 @@ pub async fn get_node(
 async fn set_state(state: &ApiState, raw_id: &str, to: NodeState) -> Result<Json<Value>, ApiError> {
     let id = node_id(raw_id)?;
     match state.router.store().set_state(&id, to).await {
-        Ok(Some(previous)) => {
+        Ok(StateChange::Changed(previous)) => {
             tracing::info!(node = %id, %previous, state = %to, "node state changed by the admin API");
             // Take effect for this controller's placements now, not at the next refresh.
             let _ = state.router.refresh().await;
             Ok(Json(json!({"id": id, "state": to, "previous": previous})))
         }
-        Ok(None) => Err(ApiError::new(
+        Ok(StateChange::NotRegistered) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "node_not_found",
             format!("no live node `{id}`"),
+        )),
+        Ok(StateChange::Stopping(current)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "node_shutting_down",
+            format!("node `{id}` is {current} for a shutdown; its state can no longer be changed"),
         )),
         Err(e) => Err(store_error(e, state.retry_after)),
     }

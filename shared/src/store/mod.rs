@@ -30,6 +30,17 @@ use conn::{Conn, Connector};
 use reply::Reply;
 use scripts::Scripts;
 
+/// What a state write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateChange {
+    /// Written; the state before.
+    Changed(NodeState),
+    /// The node has no live record.
+    NotRegistered,
+    /// Refused: the node is stopping for good (its shutdown drain); its current state.
+    Stopping(NodeState),
+}
+
 /// A store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -538,12 +549,33 @@ impl Store {
         reply::heartbeat(&values, hosted.len())
     }
 
-    /// Changes a live node's state; returns the previous state, `None` if it is not registered.
+    /// An admin's change of a live node's state; refused for a node stopping for good.
     pub async fn set_state(
         &self,
         id: &NodeId,
         state: NodeState,
-    ) -> Result<Option<NodeState>, StoreError> {
+    ) -> Result<StateChange, StoreError> {
+        self.write_state(id, state, "admin").await
+    }
+
+    /// A node's own write of its state; `stopping` marks it as shutting down for good, so
+    /// admins can no longer change it.
+    pub async fn set_own_state(
+        &self,
+        id: &NodeId,
+        state: NodeState,
+        stopping: bool,
+    ) -> Result<StateChange, StoreError> {
+        let who = if stopping { "node-stopping" } else { "node" };
+        self.write_state(id, state, who).await
+    }
+
+    async fn write_state(
+        &self,
+        id: &NodeId,
+        state: NodeState,
+        who: &'static str,
+    ) -> Result<StateChange, StoreError> {
         let key = self.node_key(id);
         let script = &self.scripts.set_state;
         let value: Value = self
@@ -551,11 +583,12 @@ impl Store {
                 script
                     .key(&key)
                     .arg(state.as_str())
+                    .arg(who)
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
-        reply::optional_state("set_state", &value)
+        reply::state_change(&value)
     }
 
     /// Removes a node's record at a clean shutdown; true if there was one.

@@ -98,6 +98,28 @@ pub(crate) fn optional_state(op: &'static str, v: &Value) -> Result<Option<NodeS
     }
 }
 
+pub(crate) fn state_change(v: &Value) -> Result<super::StateChange, StoreError> {
+    use super::StateChange;
+    if let Value::Array(items) = v {
+        return match items.as_slice() {
+            [tag, state] if text(tag).as_deref() == Some("stopping") => {
+                match optional_state("set_state", state)? {
+                    Some(s) => Ok(StateChange::Stopping(s)),
+                    None => Ok(StateChange::NotRegistered),
+                }
+            }
+            _ => Err(StoreError::Protocol {
+                op: "set_state",
+                message: format!("unexpected reply {v:?}"),
+            }),
+        };
+    }
+    Ok(match optional_state("set_state", v)? {
+        Some(previous) => StateChange::Changed(previous),
+        None => StateChange::NotRegistered,
+    })
+}
+
 pub(crate) fn heartbeat(values: &[Value], hosted: usize) -> Result<Heartbeat, StoreError> {
     let r = Reply::new("heartbeat", values);
     if r.is_nil(0)? {

@@ -10,6 +10,8 @@ local before = redis.call('HGET', KEYS[1], 'state')
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5],
   'zone', ARGV[6], 'capacity', ARGV[7], 'state', ARGV[8], 'conferences', 0,
   'participants', 0, 'cpu', 0, 'registered_ms', now, 'updated_ms', now)
+-- A new registration is a new life: a stopping mark of the last one does not carry over.
+redis.call('HDEL', KEYS[1], 'stopping')
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
 local set = ARGV[1] .. 'node:' .. ARGV[2] .. ':confs'
