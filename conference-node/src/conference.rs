@@ -137,12 +137,19 @@ pub struct MoveIn {
     pub pending: crate::control::Pending,
 }
 
-/// The bridge ids of a conference: `cr-EPOCH-NAME` (mixing) and `crh-EPOCH-NAME` (holding).
-pub fn bridge_ids(name: &ConferenceName, epoch: u64) -> (String, String) {
-    (format!("cr-{epoch}-{name}"), format!("crh-{epoch}-{name}"))
+/// The bridge ids of one lifetime of a conference: `cr-EPOCH.LIFETIME-NAME` (mixing) and
+/// `crh-EPOCH.LIFETIME-NAME` (holding). Epochs start again at 1 once a claim is released, so
+/// without the random `lifetime` a late `BridgeDestroyed` of the previous lifetime's bridge
+/// would name the new one, and Asterisk would see an id reused right after its destruction.
+pub fn bridge_ids(name: &ConferenceName, epoch: u64, lifetime: u32) -> (String, String) {
+    (
+        format!("cr-{epoch}.{lifetime:08x}-{name}"),
+        format!("crh-{epoch}.{lifetime:08x}-{name}"),
+    )
 }
 
 /// Reads a bridge id back: `(holding, epoch, name)`; `None` for bridges that are not ours.
+/// Ids without a lifetime (`cr-EPOCH-NAME`, from agents before it) are still ours.
 pub fn parse_bridge_id(id: &str) -> Option<(bool, u64, ConferenceName)> {
     let (holding, rest) = if let Some(r) = id.strip_prefix("crh-") {
         (true, r)
@@ -150,6 +157,15 @@ pub fn parse_bridge_id(id: &str) -> Option<(bool, u64, ConferenceName)> {
         (false, id.strip_prefix("cr-")?)
     };
     let (epoch, name) = rest.split_once('-')?;
+    let epoch = match epoch.split_once('.') {
+        Some((e, lifetime))
+            if !lifetime.is_empty() && lifetime.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            e
+        }
+        Some(_) => return None,
+        None => epoch,
+    };
     let epoch = epoch.parse().ok()?;
     Some((holding, epoch, ConferenceName::parse(name).ok()?))
 }
@@ -403,7 +419,7 @@ impl Conference {
     }
 
     fn activate(&mut self, epoch: u64, opts: &Options) {
-        let (main, holding) = bridge_ids(&self.name, epoch);
+        let (main, holding) = bridge_ids(&self.name, epoch, rand::random());
         self.phase = Phase::Active;
         self.epoch = epoch;
         self.main = main;
@@ -438,7 +454,10 @@ impl Conference {
     async fn admit(&mut self, opts: &Options) -> Result<(), Refusal> {
         match self.fence().await {
             Fence::Owned(epoch) => match self.phase {
-                Phase::Idle => self.activate(epoch, opts),
+                Phase::Idle => {
+                    self.activate(epoch, opts);
+                    self.find_bridges().await;
+                }
                 // A Lost conference may win its claim back at the epoch it had (epochs
                 // restart at 1 once a claim is released): only Active claims are renewed.
                 _ if self.epoch != epoch || self.phase == Phase::Lost => {
@@ -584,6 +603,38 @@ impl Conference {
                 other => return other,
             }
         }
+    }
+
+    /// Until the first reconciliation after a (re)connect has run, Asterisk may still hold
+    /// bridges of this conference made before an agent restart: the newcomer joins those,
+    /// not a new lifetime's, so the conference stays in one mix.
+    async fn find_bridges(&mut self) {
+        if self.node.reconciled() {
+            return;
+        }
+        let bridges = match self.node.ari.list_bridges().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(conference = %self.name, error = %e, "cannot look for bridges left from before a restart");
+                return;
+            }
+        };
+        for b in bridges {
+            match parse_bridge_id(&b.id) {
+                Some((true, _, name)) if name == self.name => {
+                    self.holding = b.id;
+                    self.holding_created = true;
+                }
+                Some((false, _, name)) if name == self.name => {
+                    tracing::info!(conference = %self.name, bridge = %b.id, "using the conference bridge left from before a restart");
+                    self.main = b.id;
+                    self.main_created = true;
+                    self.main_created_at = Instant::now();
+                }
+                _ => {}
+            }
+        }
+        self.publish();
     }
 
     async fn create_main(&mut self) -> Result<(), AriError> {
@@ -1309,12 +1360,20 @@ mod tests {
     #[test]
     fn bridge_ids_round_trip() {
         let name = ConferenceName::parse("+1555-0101.x_y~z").expect("name");
-        let (main, holding) = bridge_ids(&name, 7);
-        assert_eq!(main, "cr-7-+1555-0101.x_y~z");
+        let (main, holding) = bridge_ids(&name, 7, 0xbeef);
+        assert_eq!(main, "cr-7.0000beef-+1555-0101.x_y~z");
         assert_eq!(parse_bridge_id(&main), Some((false, 7, name.clone())));
-        assert_eq!(parse_bridge_id(&holding), Some((true, 7, name)));
+        assert_eq!(parse_bridge_id(&holding), Some((true, 7, name.clone())));
+        assert_ne!(bridge_ids(&name, 7, 1), bridge_ids(&name, 7, 2));
+        assert_eq!(
+            parse_bridge_id("cr-7-+1555-0101.x_y~z"),
+            Some((false, 7, name)),
+            "ids of agents before lifetimes"
+        );
         assert_eq!(parse_bridge_id("some-other-bridge"), None);
         assert_eq!(parse_bridge_id("cr-x-name"), None);
+        assert_eq!(parse_bridge_id("cr-1.-name"), None);
+        assert_eq!(parse_bridge_id("cr-1.xyz-name"), None);
         assert_eq!(parse_bridge_id("cr-1-bad name"), None);
     }
 

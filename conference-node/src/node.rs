@@ -102,6 +102,10 @@ pub struct Node {
     pub redis_ok: AtomicBool,
     /// Whether the events WebSocket is connected.
     pub ari_connected: AtomicBool,
+    /// Events WebSocket connections made so far.
+    connections: AtomicU64,
+    /// The connection under which the last complete reconciliation ran.
+    reconciled_under: AtomicU64,
     /// The ordered publisher of command replies, dial-out notifications and events.
     pub outbox: Outbox,
     /// Dial-outs in progress, turning their calls' events into status notifications.
@@ -151,6 +155,8 @@ impl Node {
             webhook_http,
             redis_ok: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            reconciled_under: AtomicU64::new(0),
             outbox,
             dialouts: Dialouts::default(),
             state,
@@ -464,6 +470,22 @@ impl Node {
         lock(&self.playbacks).remove(id);
     }
 
+    /// The events WebSocket connection in place now (counted from 1).
+    pub fn connection(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Records that a reconciliation started under `connection` completed.
+    pub fn reconciled_at(&self, connection: u64) {
+        self.reconciled_under.store(connection, Ordering::SeqCst);
+    }
+
+    /// Whether a reconciliation completed since the events WebSocket last connected.
+    pub fn reconciled(&self) -> bool {
+        let now = self.connection();
+        now != 0 && self.reconciled_under.load(Ordering::SeqCst) == now
+    }
+
     /// Asks the reconcile worker for a run.
     pub fn request_reconcile(&self) {
         let _ = self.reconcile.send(());
@@ -626,6 +648,7 @@ pub struct Sink(pub Arc<Node>);
 
 impl EventSink for Sink {
     fn connected(&self, _reconnect: bool) {
+        self.0.connections.fetch_add(1, Ordering::SeqCst);
         self.0.ari_connected.store(true, Ordering::SeqCst);
         self.0.request_reconcile();
     }

@@ -42,8 +42,12 @@ pub async fn run(node: Arc<Node>, mut wake: mpsc::UnboundedReceiver<()>) {
             if !node.ari_connected.load(Ordering::SeqCst) {
                 break;
             }
+            let connection = node.connection();
             match once(&node).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    node.reconciled_at(connection);
+                    break;
+                }
                 Err(why) => {
                     tracing::warn!(error = %why, retry_in = ?delay, "reconciliation incomplete; retrying");
                     tokio::time::sleep(delay).await;

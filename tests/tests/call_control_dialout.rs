@@ -242,9 +242,11 @@ async fn a_dialout_homes_a_new_conference_and_ends_it_with_its_callee() {
         .expect("lookup")
         .expect("homed");
     let sim = &c.node(rec.owner.node.as_str()).sim;
-    let bridge = format!("cr-{}-fresh-1", rec.owner.epoch);
+    let epoch = rec.owner.epoch;
     until(sim, "the callee in the new conference's bridge", |s| {
-        s.channel(&callid).and_then(|c| c.bridge.as_deref()) == Some(bridge.as_str())
+        s.channel(&callid)
+            .and_then(|c| c.bridge.as_deref())
+            .is_some_and(|b| is_main(b, epoch, "fresh-1"))
     })
     .await;
     sim.hangup_far_end(&callid, 16).await.expect("hang up");

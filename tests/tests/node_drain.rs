@@ -141,7 +141,7 @@ async fn api_drain_with_deadline_stays_drained_until_undrain() {
     assert_eq!(body["state"], "serving");
     assert_eq!(node_state(&store, "node-a").await, Some(NodeState::Serving));
     let welcome = dial(&s.sim, "new-one", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &welcome).await, "cr-1-new-one");
+    assert_main(&wait_bridged(&s.sim, &welcome).await, 1, "new-one");
     // Bad input: a wrong method or route gets a JSON error and changes nothing.
     let r = fixtures::http()
         .get(format!("{}/v1/drain", s.node.http_url()))

@@ -44,11 +44,7 @@ async fn killed_agent_conference_is_rehomed_on_the_next_call_after_the_lease() {
     .await
     .expect("lease expired");
     let next = dial(&sim_b, "phoenix", &[]).await;
-    assert_eq!(
-        wait_bridged(&sim_b, &next).await,
-        "cr-2-phoenix",
-        "new home, epoch 2"
-    );
+    assert_main(&wait_bridged(&sim_b, &next).await, 2, "phoenix");
     let rec = store
         .lookup(&name("phoenix"))
         .await
@@ -67,7 +63,7 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
     let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &[])).expect("node");
     wait_app(&sim, &node).await;
     let stays = dial(&sim, "keep", &[]).await;
-    wait_bridged(&sim, &stays).await;
+    let kept = wait_bridged(&sim, &stays).await;
     let leaves = dial(&sim, "vanish", &[]).await;
     wait_bridged(&sim, &leaves).await;
 
@@ -76,7 +72,7 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
     // While the agent is down, the only caller of "vanish" hangs up: its bridge stays in
     // Asterisk and its claim in Redis.
     sim.hangup_far_end(&leaves, 16).await.expect("hangup");
-    assert!(sim.snapshot().bridge("cr-1-vanish").is_some());
+    assert!(main_bridge(&sim.snapshot(), 1, "vanish").is_some());
     assert!(store
         .lookup(&name("vanish"))
         .await
@@ -86,7 +82,7 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
     node.restart().expect("restart");
     wait_app(&sim, &node).await;
     until(&sim, "empty bridge destroyed", |s| {
-        s.bridge("cr-1-vanish").is_none()
+        main_bridge(s, 1, "vanish").is_none()
     })
     .await;
     wait_for_async("stale claim released", WAIT, || async {
@@ -116,7 +112,7 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
     // The re-adopted conference works as before: a new caller joins the same bridge, and
     // when everyone has left nothing remains anywhere.
     let late = dial(&sim, "keep", &[]).await;
-    assert_eq!(wait_bridged(&sim, &late).await, "cr-1-keep");
+    assert_eq!(wait_bridged(&sim, &late).await, kept);
     sim.hangup_far_end(&stays, 16).await.expect("hangup");
     sim.hangup_far_end(&late, 16).await.expect("hangup");
     until(&sim, "no bridges", |s| s.bridges.is_empty()).await;
@@ -149,7 +145,7 @@ async fn asterisk_restart_is_survived_by_reconnecting_and_reconciling() {
     .await
     .expect("released");
     let again = dial(&s.sim, "through-restart", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &again).await, "cr-1-through-restart");
+    assert_main(&wait_bridged(&s.sim, &again).await, 1, "through-restart");
     let m = scrape(&s.node.http_url()).await;
     assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
     assert_eq!(metric(&m, "confroute_ari_connected"), 1.0);
@@ -160,10 +156,10 @@ async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let store = fixtures::store(&s.cfg);
     let a = dial(&s.sim, "yanked", &[]).await;
-    wait_bridged(&s.sim, &a).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
     let other = confroute_tests::ari_sim::client::AriClient::new(&s.sim).expect("client");
     let r = other
-        .call("DELETE", "/bridges/cr-1-yanked", None)
+        .call("DELETE", &format!("/bridges/{bridge}"), None)
         .await
         .expect("destroy");
     assert_eq!(r.status, 204);
@@ -182,7 +178,7 @@ async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
     .await
     .expect("released");
     let again = dial(&s.sim, "yanked", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &again).await, "cr-1-yanked");
+    assert_main(&wait_bridged(&s.sim, &again).await, 1, "yanked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,7 +196,7 @@ async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
         .await
         .expect("claim");
     let ch = dial(&s.sim, "on-time", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &ch).await, "cr-1-on-time");
+    assert_main(&wait_bridged(&s.sim, &ch).await, 1, "on-time");
     wait_for_async("empty placement released", WAIT, || async {
         store
             .lookup(&name("no-show"))
@@ -274,4 +270,63 @@ async fn another_client_subscribing_to_the_app_does_not_leave_the_agent_deaf() {
     wait_bridged(&s.sim, &ch).await;
     let m = scrape(&s.node.http_url()).await;
     assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_bridge_destroyed_of_the_previous_lifetime_does_not_end_the_next() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "again", &[]).await;
+    let first = wait_bridged(&s.sim, &a).await;
+    assert_main(&first, 1, "again");
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    wait_for_async("the first lifetime's claim released", WAIT, || async {
+        store
+            .lookup(&name("again"))
+            .await
+            .ok()
+            .and_then(|r| r.is_none().then_some(()))
+    })
+    .await
+    .expect("released");
+    // The conference starts again, at epoch 1 again, with a bridge of its own.
+    let b = dial(&s.sim, "again", &[]).await;
+    let second = wait_bridged(&s.sim, &b).await;
+    assert_main(&second, 1, "again");
+    assert_ne!(first, second, "each lifetime has a bridge of its own");
+
+    // A BridgeDestroyed for the first lifetime's bridge reaches the agent now (Asterisk only
+    // sends it to an app following that bridge; here another client makes the agent's app
+    // follow a bridge it creates under that id, then destroys it).
+    let other = confroute_tests::ari_sim::client::AriClient::new(&s.sim).expect("client");
+    for (method, path, want) in [
+        ("POST", format!("/bridges/{first}?type=mixing"), 200),
+        (
+            "POST",
+            format!("/applications/confroute/subscription?eventSource=bridge:{first}"),
+            200,
+        ),
+        ("DELETE", format!("/bridges/{first}"), 204),
+    ] {
+        let r = other.call(method, &path, None).await.expect("ARI call");
+        assert_eq!(r.status, want, "{method} {path}: {}", r.text);
+    }
+    s.sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "BridgeDestroyed"
+                && e["application"] == "confroute"
+                && e["bridge"]["id"] == first.as_str()
+        })
+        .await
+        .expect("the agent's app hears the old bridge destroyed");
+    // A newcomer's join is handled after that event (events arrive in order): the second
+    // lifetime's conference is still on, its first caller still in it.
+    let c = dial(&s.sim, "again", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &c).await, second);
+    let snap = s.sim.snapshot();
+    assert_eq!(
+        snap.bridge(&second).map(|br| br.channels.clone()),
+        Some(vec![b.clone(), c.clone()]),
+        "the conference was not ended: {snap:#?}"
+    );
 }

@@ -28,7 +28,8 @@ async fn status(url: &str) -> u16 {
 async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let a = dial(&s.sim, "steady", &[]).await;
-    wait_bridged(&s.sim, &a).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_main(&bridge, 1, "steady");
     s.redis.kill();
     let ready = format!("{}/readyz", s.node.http_url());
     wait_for_async("readyz reports Redis down", WAIT, || async {
@@ -44,7 +45,7 @@ async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
     assert_eq!(wait_hangup(&s.sim, &fresh).await, 34);
     let snap = s.sim.snapshot();
     assert_eq!(
-        snap.bridge("cr-1-steady").expect("bridge").channels,
+        snap.bridge(&bridge).expect("bridge").channels,
         vec![a.clone()],
         "the participant stays"
     );
@@ -73,7 +74,7 @@ async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
     .await
     .expect("ready");
     let later = dial(&s.sim, "steady", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &later).await, "cr-1-steady");
+    assert_eq!(wait_bridged(&s.sim, &later).await, bridge);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +87,8 @@ async fn a_node_that_lost_its_claim_stops_admitting_and_says_so() {
         .await
         .expect("register b");
     let a = dial(&s.sim, "contested", &[]).await;
-    wait_bridged(&s.sim, &a).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_main(&bridge, 1, "contested");
     // The claim moves to node b at a new epoch (as a re-home would do).
     s.redis
         .query(
@@ -116,11 +118,7 @@ async fn a_node_that_lost_its_claim_stops_admitting_and_says_so() {
         .wait_log("sip:contested@node-b.test:5060", WAIT)
         .expect("redirect target logged");
     assert_eq!(
-        s.sim
-            .snapshot()
-            .bridge("cr-1-contested")
-            .expect("bridge")
-            .channels,
+        s.sim.snapshot().bridge(&bridge).expect("bridge").channels,
         vec![a.clone()]
     );
     // When the last one leaves the bridge goes, but the claim is node b's to keep.
@@ -174,7 +172,8 @@ async fn claims_that_expired_with_the_node_record_come_back_with_its_registratio
     ])
     .await;
     let a = dial(&s.sim, "kept", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &a).await, "cr-1-kept");
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_main(&bridge, 1, "kept");
     let store = fixtures::store(&s.cfg);
     s.redis
         .query(
@@ -200,7 +199,7 @@ async fn claims_that_expired_with_the_node_record_come_back_with_its_registratio
     assert_eq!(rec.participants, 1);
     // The caller was never disturbed, and newcomers join the same bridge.
     let later = dial(&s.sim, "kept", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &later).await, "cr-1-kept");
+    assert_eq!(wait_bridged(&s.sim, &later).await, bridge);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +217,8 @@ async fn a_claim_won_back_at_the_same_epoch_is_renewed_by_heartbeats() {
         .await
         .expect("register b");
     let a = dial(&s.sim, "regained", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &a).await, "cr-1-regained");
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_main(&bridge, 1, "regained");
     // Node b takes the conference over; node a's heartbeat finds its claim lost.
     s.redis
         .query(
@@ -242,7 +242,7 @@ async fn a_claim_won_back_at_the_same_epoch_is_renewed_by_heartbeats() {
         .query(redis::cmd("DEL").arg("{confroute}:conf:regained"))
         .expect("del");
     let b = dial(&s.sim, "regained", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &b).await, "cr-1-regained");
+    assert_eq!(wait_bridged(&s.sim, &b).await, bridge);
     // Two leases later the claim is still node a's: its heartbeats renew it.
     tokio::time::sleep(lease * 2 + Duration::from_millis(500)).await;
     let rec = store

@@ -14,7 +14,7 @@ async fn callers_of_one_conference_share_one_bridge_and_the_claim_counts_them() 
     let s = Single::start(&[]).await;
     let a = dial(&s.sim, "sales-42", &[]).await;
     let bridge = wait_bridged(&s.sim, &a).await;
-    assert_eq!(bridge, "cr-1-sales-42");
+    assert_main(&bridge, 1, "sales-42");
     let b = dial(&s.sim, "sales-42", &[]).await;
     assert_eq!(wait_bridged(&s.sim, &b).await, bridge);
     let snap = s.sim.snapshot();
@@ -73,7 +73,7 @@ async fn callers_of_one_conference_share_one_bridge_and_the_claim_counts_them() 
 async fn name_from_variable_or_sip_header_when_no_argument() {
     let s = Single::start(&[]).await;
     let by_var = dial(&s.sim, "", &[("CONFROUTE_CONFERENCE", "room-var")]).await;
-    assert_eq!(wait_bridged(&s.sim, &by_var).await, "cr-1-room-var");
+    assert_main(&wait_bridged(&s.sim, &by_var).await, 1, "room-var");
     let by_header = s
         .sim
         .dial_in(DialIn {
@@ -83,10 +83,10 @@ async fn name_from_variable_or_sip_header_when_no_argument() {
         })
         .await
         .expect("dial in");
-    assert_eq!(wait_bridged(&s.sim, &by_header).await, "cr-1-room-hdr");
+    assert_main(&wait_bridged(&s.sim, &by_header).await, 1, "room-hdr");
     // An E.164 name survives the trip through the bridge id in a URL path.
     let e164 = dial(&s.sim, "+15555550101", &[]).await;
-    assert_eq!(wait_bridged(&s.sim, &e164).await, "cr-1-+15555550101");
+    assert_main(&wait_bridged(&s.sim, &e164).await, 1, "+15555550101");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

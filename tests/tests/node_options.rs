@@ -36,10 +36,12 @@ async fn beep_plays_to_the_bridge_on_enter_and_exit_as_asked() {
     let s = Single::start(&[]).await;
     // Default beep=true: one beep per entry and one per exit (while others remain).
     let a = dial(&s.sim, "beeps", &[("CONFROUTE_BEEP", "false")]).await;
-    wait_bridged(&s.sim, &a).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_main(&bridge, 1, "beeps");
     let b = dial(&s.sim, "beeps", &[]).await;
     wait_bridged(&s.sim, &b).await;
-    let target = "bridge:cr-1-beeps";
+    let target = format!("bridge:{bridge}");
+    let target = target.as_str();
     wait_for_async("beep on enter", WAIT, || async {
         (playbacks_on(&s.sim, target).len() == 1).then_some(())
     })
@@ -105,7 +107,7 @@ async fn options_are_read_with_get_channel_var_without_channelvars() {
         &[("CONFROUTE_CONFERENCE", "novars"), ("CONFROUTE_MUTED", "1")],
     )
     .await;
-    assert_eq!(wait_bridged(&sim, &ch).await, "cr-1-novars");
+    assert_main(&wait_bridged(&sim, &ch).await, 1, "novars");
     assert!(sim.snapshot().channel(&ch).expect("channel").bridge_mute);
     assert!(ops(&sim, "getChannelVar") >= 2);
 }
@@ -122,7 +124,8 @@ async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
         ],
     )
     .await;
-    assert_eq!(wait_bridged(&s.sim, &w1).await, "crh-1-hold-room");
+    let holding_id = wait_bridged(&s.sim, &w1).await;
+    assert_holding(&holding_id, 1, "hold-room");
     let w2 = dial(
         &s.sim,
         "hold-room",
@@ -132,22 +135,19 @@ async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
         ],
     )
     .await;
-    assert_eq!(wait_bridged(&s.sim, &w2).await, "crh-1-hold-room");
+    assert_eq!(wait_bridged(&s.sim, &w2).await, holding_id);
     let snap = s.sim.snapshot();
-    let holding = snap.bridge("crh-1-hold-room").expect("holding bridge");
+    let holding = snap.bridge(&holding_id).expect("holding bridge");
     assert_eq!(holding.bridge_type, "holding");
     assert_eq!(holding.moh.as_deref(), Some("jazz"));
-    assert!(snap
-        .bridge("cr-1-hold-room")
-        .expect("main bridge")
-        .channels
-        .is_empty());
+    let main = main_bridge(&snap, 1, "hold-room").expect("main bridge");
+    assert!(main.channels.is_empty());
+    let main_id = main.id.clone();
 
     let starter = dial(&s.sim, "hold-room", &[]).await;
     until(&s.sim, "everyone in the mixing bridge", |snap| {
-        snap.bridge("cr-1-hold-room")
-            .is_some_and(|b| b.channels.len() == 3)
-            && snap.bridge("crh-1-hold-room").is_none()
+        snap.bridge(&main_id).is_some_and(|b| b.channels.len() == 3)
+            && snap.bridge(&holding_id).is_none()
     })
     .await;
     let order: Vec<String> = s
@@ -157,7 +157,7 @@ async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
         .filter(|e| {
             e["application"] == "confroute"
                 && e["type"] == "ChannelEnteredBridge"
-                && e["bridge"]["id"] == "cr-1-hold-room"
+                && e["bridge"]["id"] == main_id.as_str()
         })
         .map(|e| e["channel"]["id"].as_str().unwrap_or("").to_string())
         .collect();
@@ -178,7 +178,7 @@ async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
         &[("CONFROUTE_START_ON_ENTER", "false")],
     )
     .await;
-    assert_eq!(wait_bridged(&s.sim, &late).await, "cr-1-hold-room");
+    assert_eq!(wait_bridged(&s.sim, &late).await, main_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,11 +186,18 @@ async fn waiters_move_in_even_when_one_hangs_up_as_the_starter_joins() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let wait = [("CONFROUTE_START_ON_ENTER", "false")];
     let mut waiters = Vec::new();
+    let mut holding_id = String::new();
     for _ in 0..3 {
         let w = dial(&s.sim, "race-room", &wait).await;
-        assert_eq!(wait_bridged(&s.sim, &w).await, "crh-1-race-room");
+        let bridge = wait_bridged(&s.sim, &w).await;
+        assert_holding(&bridge, 1, "race-room");
+        holding_id = bridge;
         waiters.push(w);
     }
+    let main_id = main_bridge(&s.sim.snapshot(), 1, "race-room")
+        .expect("main bridge")
+        .id
+        .clone();
     let gone = waiters.pop().expect("three waiters");
     // The starter's answer waits in Asterisk while a waiter hangs up, so the conference's
     // actor, busy with the starter's join, moves the waiters before it hears of it.
@@ -212,18 +219,18 @@ async fn waiters_move_in_even_when_one_hangs_up_as_the_starter_joins() {
         &s.sim,
         "the other waiters in the mix, holding bridge gone",
         |snap| {
-            snap.bridge("cr-1-race-room").is_some_and(|b| {
+            snap.bridge(&main_id).is_some_and(|b| {
                 let mut got = b.channels.clone();
                 got.sort();
                 got == want
-            }) && snap.bridge("crh-1-race-room").is_none()
+            }) && snap.bridge(&holding_id).is_none()
         },
     )
     .await;
     assert!(
         s.sim.request_log().iter().any(|r| {
             r.operation.as_deref() == Some("addChannel")
-                && r.path == "/ari/bridges/cr-1-race-room/addChannel"
+                && r.path == format!("/ari/bridges/{main_id}/addChannel")
                 && r.status == 400
         }),
         "the waiters were never refused together: {:#?}",
@@ -284,9 +291,7 @@ async fn max_participants_refuses_the_next_caller_with_a_sound_then_busy() {
                 && e["playback"]["media_uri"] == "sound:conf-full")
     );
     assert_eq!(
-        s.sim
-            .snapshot()
-            .bridge("cr-1-small")
+        main_bridge(&s.sim.snapshot(), 1, "small")
             .expect("bridge")
             .channels
             .len(),
@@ -303,12 +308,13 @@ async fn record_from_start_records_the_bridge_until_the_end() {
         &[("CONFROUTE_RECORD", "record-from-start")],
     )
     .await;
-    wait_bridged(&s.sim, &a).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_main(&bridge, 1, "rec-room");
+    let target = format!("bridge:{bridge}");
     let started = s
         .sim
         .wait_for_event(WAIT, |e| {
-            e["type"] == "RecordingStarted"
-                && e["recording"]["target_uri"] == "bridge:cr-1-rec-room"
+            e["type"] == "RecordingStarted" && e["recording"]["target_uri"] == target.as_str()
         })
         .await
         .expect("recording started");

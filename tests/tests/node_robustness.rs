@@ -66,7 +66,7 @@ async fn rest(State(fake): State<Fake>, req: Request) -> Response {
             (StatusCode::OK, axum::Json(json!([]))).into_response()
         }
         // Not what Asterisk would ever say: a proxy's HTML error page.
-        ("POST", "/ari/bridges/cr-1-room-503") => (
+        ("POST", p) if p.starts_with("/ari/bridges/cr-1.") && p.ends_with("-room-503") => (
             StatusCode::SERVICE_UNAVAILABLE,
             "<html>upstream gone</html>",
         )

@@ -130,10 +130,7 @@ async fn different_conferences_spread_over_the_nodes() {
         let conf = format!("room-{i}");
         let node = c.route_http(&conf).await;
         let ch = dial(c.sim_of(&node), &conf, &[]).await;
-        assert_eq!(
-            wait_bridged(c.sim_of(&node), &ch).await,
-            format!("cr-1-{conf}")
-        );
+        assert_main(&wait_bridged(c.sim_of(&node), &ch).await, 1, &conf);
         *placed.entry(node).or_default() += 1;
     }
     let used: BTreeSet<&String> = placed.keys().collect();

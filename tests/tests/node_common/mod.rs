@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use confroute_shared::config::RedisConfig;
 use confroute_tests::ari_sim::client::EventStream;
-use confroute_tests::ari_sim::{AriSim, DialIn, SimConfig, SimSnapshot};
+use confroute_tests::ari_sim::{AriSim, BridgeSnapshot, DialIn, SimConfig, SimSnapshot};
 use confroute_tests::fixtures;
 use confroute_tests::harness::{NodeProc, RedisServer};
 use serde_json::Value;
@@ -209,4 +209,55 @@ pub async fn wait_request(sim: &AriSim, op: &str, prefix: &str) {
     if let Err(e) = found {
         panic!("{e}: {:#?}", sim.request_log());
     }
+}
+
+/// `(holding, epoch, conference)` named by a bridge id the agent made; `None` for others.
+pub fn bridge_of(id: &str) -> Option<(bool, u64, String)> {
+    confroute_node::conference::parse_bridge_id(id).map(|(h, e, n)| (h, e, n.to_string()))
+}
+
+/// Whether `id` is the agent's mixing bridge of `conf` at `epoch` (any lifetime).
+pub fn is_main(id: &str, epoch: u64, conf: &str) -> bool {
+    bridge_of(id) == Some((false, epoch, conf.to_string()))
+}
+
+/// Whether `id` is the agent's holding bridge of `conf` at `epoch` (any lifetime).
+pub fn is_holding(id: &str, epoch: u64, conf: &str) -> bool {
+    bridge_of(id) == Some((true, epoch, conf.to_string()))
+}
+
+/// Asserts that `id` is the agent's mixing bridge of `conf` at `epoch`.
+#[track_caller]
+pub fn assert_main(id: &str, epoch: u64, conf: &str) {
+    assert!(
+        is_main(id, epoch, conf),
+        "{id} is not the mixing bridge of {conf} at epoch {epoch}"
+    );
+}
+
+/// Asserts that `id` is the agent's holding bridge of `conf` at `epoch`.
+#[track_caller]
+pub fn assert_holding(id: &str, epoch: u64, conf: &str) {
+    assert!(
+        is_holding(id, epoch, conf),
+        "{id} is not the holding bridge of {conf} at epoch {epoch}"
+    );
+}
+
+/// The agent's mixing bridge of `conf` at `epoch` in `snap`.
+pub fn main_bridge<'a>(
+    snap: &'a SimSnapshot,
+    epoch: u64,
+    conf: &str,
+) -> Option<&'a BridgeSnapshot> {
+    snap.bridges.iter().find(|b| is_main(&b.id, epoch, conf))
+}
+
+/// The agent's holding bridge of `conf` at `epoch` in `snap`.
+pub fn holding_bridge<'a>(
+    snap: &'a SimSnapshot,
+    epoch: u64,
+    conf: &str,
+) -> Option<&'a BridgeSnapshot> {
+    snap.bridges.iter().find(|b| is_holding(&b.id, epoch, conf))
 }
