@@ -412,7 +412,8 @@ impl Router {
     async fn decide(&self, name: &ConferenceName) -> Result<Decision, RouteError> {
         let unavailable = |e: StoreError| self.store_failed(e);
         let record = self.store.lookup(name).await.map_err(unavailable)?;
-        if let Some(rec) = &record {
+        // An unconfirmed record may yet be lost in a failover: claiming confirms it first.
+        if let Some(rec) = record.as_ref().filter(|r| !r.unconfirmed) {
             let view = self.view();
             if let Some(node) = view.live(&rec.owner.node) {
                 // A node that is not serving keeps only conferences that have people in them.

@@ -168,6 +168,11 @@ pub struct ConferenceRecord {
     pub participants: u32,
     /// Redis time (ms since the epoch) the conference was first claimed.
     pub created_ms: u64,
+    /// Placed by a claim that waits for replicas (`redis.wait_replicas`) and not acknowledged
+    /// by them yet: a failover could still lose it, so routing confirms it (claims again,
+    /// which waits again) before sending anyone there. Read by `lookup` only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unconfirmed: bool,
 }
 
 #[cfg(test)]

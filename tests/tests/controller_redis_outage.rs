@@ -115,3 +115,65 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
     assert!(controller.process().is_running());
     assert_eq!(controller.process().pid(), pid, "same process throughout");
 }
+
+/// With `redis.wait_replicas`, a claim its replica has not acknowledged is answered 503, and
+/// so is every later call for that conference until the replica acknowledges it: a failover
+/// could still lose it, and a second home would follow. Then it routes as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_claim_is_not_routed_until_a_replica_has_it() {
+    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).expect("primary");
+    let primary_port = primary.port().to_string();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port]).expect("replica");
+    confroute_tests::harness::wait_replica_acks(primary.port()).expect("replica acknowledges");
+    let mut cfg = fixtures::single(&primary.url());
+    cfg.wait_replicas = 1;
+    cfg.timeout = Duration::from_millis(500);
+    let store = fixtures::store(&cfg);
+    store
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    let route = |name: &'static str| {
+        let url = format!("{}/v1/route", controller.http_url());
+        async move {
+            let r = fixtures::http()
+                .post(url)
+                .json(&serde_json::json!({"conference": name}))
+                .send()
+                .await
+                .expect("request");
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, body)
+        }
+    };
+    let (status, body) = route("kept").await;
+    assert_eq!(status, 200, "{body}");
+
+    let pid = replica.pid().expect("replica pid") as libc::pid_t;
+    // SAFETY: signals a child process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let first = route("fresh").await;
+    let again = route("fresh").await;
+    let existing = route("kept").await;
+    // SAFETY: as above; resumed before any assertion can fail.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(first.0, 503, "not acknowledged: {}", first.1);
+    assert_eq!(
+        again.0, 503,
+        "the unacknowledged claim is not routed by a lookup: {}",
+        again.1
+    );
+    assert_eq!(
+        existing.0, 200,
+        "confirmed conferences route: {}",
+        existing.1
+    );
+
+    let (status, body) = route("fresh").await;
+    assert_eq!(status, 200, "acknowledged now: {body}");
+    assert_eq!(body["created"], false, "the same claim, confirmed: {body}");
+    assert_eq!(body["node_id"], "node-a");
+}

@@ -718,12 +718,7 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
     let primary_port = primary.port().to_string();
     let replica =
         RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port]).expect("replica");
-    let online = || {
-        let info: String = redis_query(primary.port(), redis::cmd("INFO").arg("replication"))?;
-        info.contains("state=online").then_some(())
-    };
-    confroute_tests::harness::wait_for("the replica to be online", LONG, online)
-        .expect("replica online");
+    confroute_tests::harness::wait_replica_acks(primary.port()).expect("replica acknowledges");
     let mut cfg = fixtures::single(&primary.url());
     cfg.wait_replicas = 1;
     cfg.timeout = Duration::from_millis(500);
@@ -784,6 +779,7 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
     }
     let stalled = waiting.await.expect("claim task");
     let queued = queued.await.expect("claim task");
+    let unacknowledged = store.lookup(&name("replicated-2")).await;
     // SAFETY: as above; resumed before any assertion can fail.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     blocked.expect("the claim waits for the stopped replica");
@@ -796,7 +792,15 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
             .expect("lookup during a claim's WAIT")
             .expect("exists");
         assert_eq!(found.owner, owner("node-a", 1));
+        assert!(!found.unconfirmed, "acknowledged claims are confirmed");
     }
+    let unacknowledged = unacknowledged
+        .expect("lookup")
+        .expect("the unacknowledged claim stays on the primary");
+    assert!(
+        unacknowledged.unconfirmed,
+        "marked, so routing confirms it before using it"
+    );
     assert_eq!(
         stalled,
         Err(StoreError::NotReplicated { wanted: 1, got: 0 }),
@@ -823,4 +827,10 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
         .expect("the unacknowledged claim, asked again");
     assert_eq!(retried.kind, ClaimKind::Existing);
     assert_eq!(retried.owner, Some(owner("node-a", 1)));
+    let confirmed = store
+        .lookup(&name("replicated-2"))
+        .await
+        .expect("lookup")
+        .expect("exists");
+    assert!(!confirmed.unconfirmed, "acknowledged at last: confirmed");
 }

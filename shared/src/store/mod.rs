@@ -330,7 +330,13 @@ impl Store {
             .run("lookup", |mut c| async move {
                 redis::cmd("HMGET")
                     .arg(&key)
-                    .arg(&["owner", "epoch", "participants", "created_ms"])
+                    .arg(&[
+                        "owner",
+                        "epoch",
+                        "participants",
+                        "created_ms",
+                        "unconfirmed",
+                    ])
                     .query_async(&mut c)
                     .await
             })
@@ -346,6 +352,7 @@ impl Store {
             },
             participants: r.u64_or_zero(2)? as u32,
             created_ms: r.u64_or_zero(3)?,
+            unconfirmed: r.u64_or_zero(4)? == 1,
         }))
     }
 
@@ -394,6 +401,19 @@ impl Store {
                 } else {
                     None
                 };
+                let placed = Reply::new("claim", &values).string(0).ok();
+                if wait > 0
+                    && acked.is_none_or(|(need, got)| got >= need)
+                    && placed.as_deref() != Some("no_capacity")
+                {
+                    // Acknowledged (or no replica could be promoted without it): lookups may
+                    // route to it from now on.
+                    redis::cmd("HDEL")
+                        .arg(&conf_key)
+                        .arg("unconfirmed")
+                        .query_async::<i64>(&mut c)
+                        .await?;
+                }
                 Ok((values, acked))
             })
             .await?;

@@ -209,6 +209,7 @@ pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreE
                 },
                 participants: r.u64_or_zero(i + 3)? as u32,
                 created_ms: r.u64_or_zero(i + 4)?,
+                unconfirmed: false,
             },
         ));
         i += 5;

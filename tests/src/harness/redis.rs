@@ -29,6 +29,29 @@ pub fn redis_query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) ->
     redis::from_redis_value(query(port, cmd)?).ok()
 }
 
+/// Waits until the primary on `primary` has a replica that acknowledges writes. `online` in
+/// `INFO replication` comes earlier: after a diskless sync the primary streams writes to
+/// the replica only once its first `REPLCONF ACK` arrives (up to a second later), and a
+/// `WAIT` before that times out.
+pub fn wait_replica_acks(primary: u16) -> HarnessResult<()> {
+    wait_for("a replica acknowledging writes", START_TIMEOUT, || {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{primary}")).ok()?;
+        let mut conn = client
+            .get_connection_with_timeout(Duration::from_millis(300))
+            .ok()?;
+        let acked: (String, i64) = redis::pipe()
+            .cmd("SET")
+            .arg("harness:replica-probe")
+            .arg(1)
+            .cmd("WAIT")
+            .arg(1)
+            .arg(100)
+            .query(&mut conn)
+            .ok()?;
+        (acked.1 >= 1).then_some(())
+    })
+}
+
 fn query_string(port: u16, cmd: &mut redis::Cmd) -> Option<String> {
     match query(port, cmd)? {
         redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),

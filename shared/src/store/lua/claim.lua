@@ -11,6 +11,8 @@
 -- ARGV[4] "1" when the caller will WAIT for replicas: then every path writes (so the WAIT
 -- also covers a claim made by another client that this call only read) and the reply
 -- carries the number of replicas connected now (a WAIT for more would only time out).
+-- A home placed then is marked unconfirmed until that WAIT succeeds (the caller clears the
+-- mark), so no lookup routes to a claim a failover could still lose (invariant 1).
 -- ARGV[5..] candidate node ids, best first.
 -- Returns {outcome, owner, epoch, owner_sip_uri, created_ms, candidates_skipped, replicas}
 -- with outcome one of existing | claimed | rehomed | no_capacity.
@@ -42,6 +44,8 @@ local function place(epoch, created, outcome)
     if uri then
       redis.call('HSET', KEYS[1], 'owner', id, 'epoch', epoch, 'participants', 0,
         'created_ms', created, 'updated_ms', now)
+      -- Not routed by lookups until the caller's WAIT confirms it (it clears the mark).
+      if touch == '1' then redis.call('HSET', KEYS[1], 'unconfirmed', 1) end
       redis.call('PEXPIRE', KEYS[1], lease)
       redis.call('SADD', set_key(id), name)
       -- A running count lets placers see how many placements everyone made between two
