@@ -80,6 +80,8 @@ pub enum Msg {
         main: Option<Bridge>,
         /// The holding bridge, if it exists.
         holding: Option<Bridge>,
+        /// Snapshots of the bridges' members, as listed with them.
+        members: HashMap<String, Channel>,
         /// When the listing was taken: what changed since is newer than it.
         taken: Instant,
         /// Answers whether the conference is active and owned afterwards.
@@ -341,10 +343,11 @@ impl Conference {
             Msg::Reconcile {
                 main,
                 holding,
+                members,
                 taken,
                 reply,
             } => {
-                let owned = self.reconcile(main, holding, taken).await;
+                let owned = self.reconcile(main, holding, &members, taken).await;
                 let _ = reply.send(owned);
             }
             Msg::End { reason } => self.end(reason, None).await,
@@ -1117,6 +1120,7 @@ impl Conference {
         &mut self,
         main: Option<Bridge>,
         holding: Option<Bridge>,
+        members: &HashMap<String, Channel>,
         taken: Instant,
     ) -> bool {
         let in_main: Vec<String> = main
@@ -1184,12 +1188,10 @@ impl Conference {
             }
             self.started = !in_main.is_empty() || holding.is_none();
             for (ids, waiting) in [(&in_main, false), (&in_holding, true)] {
-                for id in ids {
-                    self.participants.insert(
-                        id.clone(),
-                        Participant::new(defaults.clone(), waiting, false, String::new()),
-                    );
-                    self.node.claim_adopted(id, &self.name);
+                let adopted = ids.iter().map(|id| self.adopted(id, members, waiting));
+                for (id, p) in futures_util::future::join_all(adopted).await {
+                    self.participants.insert(id.clone(), p);
+                    self.node.claim_adopted(&id, &self.name);
                 }
             }
             self.node
@@ -1248,6 +1250,33 @@ impl Conference {
             }
         }
         self.phase == Phase::Active
+    }
+
+    /// A participant found in one of the conference's bridges after a restart, with the
+    /// options its channel variables give, as when it joined. Joined muted, it was added to
+    /// the bridge muted, so an unmute must take that off too.
+    async fn adopted(
+        &self,
+        id: &str,
+        members: &HashMap<String, Channel>,
+        waiting: bool,
+    ) -> (String, Participant) {
+        let channel = members.get(id).cloned().unwrap_or_else(|| Channel {
+            id: id.to_string(),
+            ..Channel::default()
+        });
+        let vars = crate::join::option_variables(&self.node, &channel).await;
+        let (opts, warnings) =
+            options::resolve(&self.node.cfg.conference, &self.node.cfg.profiles, &vars);
+        for w in warnings {
+            tracing::warn!(conference = %self.name, channel = id, variable = w.variable, "{}", w.message);
+        }
+        let muted = opts.muted;
+        let mut p = Participant::new(opts, waiting, muted, channel.caller.number.clone());
+        if let Some(tech) = channel.name.split('/').next().filter(|t| !t.is_empty()) {
+            p.tech = tech.to_string();
+        }
+        (id.to_string(), p)
     }
 
     // ----- bookkeeping -----

@@ -95,7 +95,7 @@ async fn conference_name(node: &Node, channel: &Channel, args: &[String]) -> Opt
 
 /// The option variables that are set: from `channelvars` when the snapshot carries them
 /// (no round trip), else read one by one, concurrently.
-async fn option_variables(node: &Node, channel: &Channel) -> BTreeMap<String, String> {
+pub(crate) async fn option_variables(node: &Node, channel: &Channel) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     if let Some(map) = &channel.channelvars {
         for name in OPTION_VARIABLES {

@@ -9,7 +9,7 @@
 //! - Claims owned by this node with no live conference here are released.
 //! - Callers still in our Stasis app but in no bridge are joined again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use confroute_shared::name::ConferenceName;
 use confroute_shared::types::Owner;
 
-use crate::ari::Bridge;
+use crate::ari::{Bridge, Channel};
 use crate::conference::{parse_bridge_id, Msg};
 use crate::node::Node;
 
@@ -70,6 +70,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     node.forget_ended();
     let bridges = node.ari.list_bridges().await.map_err(|e| e.to_string())?;
     let channels = node.ari.list_channels().await.map_err(|e| e.to_string())?;
+    let snapshots: HashMap<&str, &Channel> = channels.iter().map(|c| (c.id.as_str(), c)).collect();
     let mut ours: BTreeMap<ConferenceName, Found> = BTreeMap::new();
     let mut bridged: HashSet<String> = HashSet::new();
     for b in bridges {
@@ -95,10 +96,22 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     let mut incomplete = false;
     for (name, found) in ours {
         let spawn = found.main.is_some() || found.holding.is_some();
+        let members: HashMap<String, Channel> = found
+            .main
+            .iter()
+            .chain(found.holding.iter())
+            .flat_map(|b| b.channels.iter())
+            .filter_map(|id| {
+                snapshots
+                    .get(id.as_str())
+                    .map(|c| (id.clone(), (*c).clone()))
+            })
+            .collect();
         let (tx, rx) = oneshot::channel();
         let msg = Msg::Reconcile {
             main: found.main,
             holding: found.holding,
+            members,
             taken,
             reply: tx,
         };

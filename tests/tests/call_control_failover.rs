@@ -6,6 +6,7 @@ mod node_common;
 
 use std::time::{Duration, Instant};
 
+use confroute_tests::harness::wait_for_async;
 use node_common::control::*;
 use node_common::*;
 use serde_json::json;
@@ -74,4 +75,75 @@ async fn a_node_killed_mid_command_is_reported_unavailable_in_time() {
     assert_eq!(code, -32003, "{msg}");
     assert!(t.elapsed() < DEADLINE, "{:?}", t.elapsed());
     assert!(msg.contains("not listening"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_its_participants_options() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "kept-options").await;
+    let (muted, moderator, other) = {
+        let sim = &c.node(&owner).sim;
+        let muted = dial(sim, "kept-options", &[("CONFROUTE_MUTED", "true")]).await;
+        let moderator = dial(sim, "kept-options", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+        let other = dial(sim, "kept-options", &[]).await;
+        for ch in [&muted, &moderator, &other] {
+            wait_bridged(sim, ch).await;
+        }
+        assert!(sim.snapshot().channel(&muted).expect("muted").bridge_mute);
+        (muted, moderator, other)
+    };
+
+    // The agent restarts; Asterisk keeps the calls, and the agent adopts them again.
+    let node = c.node_mut(&owner);
+    node.proc.restart().expect("restart");
+    wait_app(&node.sim, &node.proc).await;
+    node.proc
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let url = format!("{}/v1/conferences", node.proc.http_url());
+    wait_for_async("participants re-adopted", WAIT, || async {
+        let v = get_json(&url).await;
+        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(3)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    let mut ws = c.client(0).await;
+    let list = ws
+        .ok("participant.list", json!({"conference": "kept-options"}))
+        .await;
+    let muted_of = |list: &serde_json::Value, id: &str| {
+        list["participants"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == id))
+            .map(|p| p["muted"].clone())
+    };
+    assert_eq!(muted_of(&list, &muted), Some(json!(true)), "{list}");
+    assert_eq!(muted_of(&list, &other), Some(json!(false)), "{list}");
+    ws.ok(
+        "participant.unmute",
+        json!({"conference": "kept-options", "participant": muted}),
+    )
+    .await;
+    let sim = &c.node(&owner).sim;
+    let snap = sim.snapshot();
+    let ch = snap.channel(&muted).expect("still there");
+    assert!(
+        !ch.bridge_mute && !ch.muted_in,
+        "really unmuted in Asterisk: {ch:#?}"
+    );
+    assert_eq!(
+        ch.variables.get("CONFROUTE_MUTED").map(String::as_str),
+        Some("false"),
+        "the unmute is recorded for the next restart"
+    );
+    let list = ws
+        .ok("participant.list", json!({"conference": "kept-options"}))
+        .await;
+    assert_eq!(muted_of(&list, &muted), Some(json!(false)), "{list}");
+
+    // The moderator still ends the conference as it leaves.
+    sim.hangup_far_end(&moderator, 16).await.expect("hangup");
+    assert_eq!(wait_hangup(sim, &other).await, 16);
+    assert_eq!(wait_hangup(sim, &muted).await, 16);
 }

@@ -330,3 +330,49 @@ async fn a_late_bridge_destroyed_of_the_previous_lifetime_does_not_end_the_next(
         "the conference was not ended: {snap:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_reads_back_the_options_of_the_callers_it_adopts() {
+    // ari.conf lists no channelvars: the options are only to be had by reading each one.
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim_with(&[]).await;
+    let extra = [("CONFROUTE_CONFERENCE__BEEP", "false")];
+    let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &extra)).expect("node");
+    wait_app(&sim, &node).await;
+    let muted = dial(&sim, "read-back", &[("CONFROUTE_MUTED", "true")]).await;
+    let moderator = dial(&sim, "read-back", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    let other = dial(&sim, "read-back", &[]).await;
+    for ch in [&muted, &moderator, &other] {
+        wait_bridged(&sim, ch).await;
+    }
+
+    node.process().kill();
+    until(&sim, "agent's socket gone", |s| s.websockets == 1).await;
+    node.restart().expect("restart");
+    wait_app(&sim, &node).await;
+    let url = format!("{}/v1/conferences", node.http_url());
+    let view = wait_for_async("participants re-adopted", WAIT, || async {
+        let v = get_json(&url).await;
+        let ps = v["items"][0]["participants"].as_array()?.clone();
+        (ps.len() == 3).then_some(ps)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let muted_of = |id: &str| {
+        view.iter()
+            .find(|p| p["channel"] == id)
+            .map(|p| p["muted"].clone())
+    };
+    assert_eq!(muted_of(&muted), Some(serde_json::json!(true)), "{view:#?}");
+    assert_eq!(
+        muted_of(&other),
+        Some(serde_json::json!(false)),
+        "{view:#?}"
+    );
+
+    // The moderator still ends the conference as it leaves.
+    sim.hangup_far_end(&moderator, 16).await.expect("hangup");
+    assert_eq!(wait_hangup(&sim, &other).await, 16);
+    assert_eq!(wait_hangup(&sim, &muted).await, 16);
+}

@@ -399,6 +399,24 @@ impl AriClient {
             .map(drop)
     }
 
+    /// `POST /channels/{id}/variable?variable=...&value=...`.
+    pub async fn set_variable(
+        &self,
+        channel: &str,
+        variable: &str,
+        value: &str,
+    ) -> Result<(), AriError> {
+        let path = format!("/channels/{}/variable", encode(channel));
+        self.call(
+            "setChannelVar",
+            Method::Post,
+            &path,
+            &[("variable", variable), ("value", value)],
+        )
+        .await
+        .map(drop)
+    }
+
     /// `GET /channels/{id}/variable`: `None` when the variable is not set (404).
     pub async fn get_variable(
         &self,

@@ -30,7 +30,7 @@ use super::{
 use crate::ari::{AriError, Channel, Originate};
 use crate::control::{Op, Pending, Request};
 use crate::dialout::{self, DialoutOp};
-use crate::options::{Beep, CallbackEvent};
+use crate::options::{self, Beep, CallbackEvent};
 
 fn not_found(ch: &str) -> BusError {
     BusError::new(
@@ -224,6 +224,12 @@ impl Conference {
             ari.add_channels(&bridge, &[ch], false)
                 .await
                 .map_err(|e| ari_failure(ch, &e))?;
+        }
+        // Asterisk shows no mute that an agent restarted later could read back; the
+        // variable a caller joins muted with can say it instead.
+        let value = if on { "true" } else { "false" };
+        if let Err(e) = ari.set_variable(ch, options::VAR_MUTED, value).await {
+            tracing::warn!(conference = %self.name, channel = ch, error = %e, "cannot record the mute on the channel; a restarted agent may not know it");
         }
         if let Some(p) = self.participants.get_mut(ch) {
             p.muted = on;
