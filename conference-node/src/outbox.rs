@@ -118,6 +118,7 @@ async fn publish(bus: Bus, mut rx: mpsc::Receiver<Outgoing>) {
                     method: String::new(),
                     params: Value::Null,
                     deadline_ms: 0,
+                    timeout_ms: 0,
                 };
                 bus.respond(&cmd, result).await;
             }

@@ -90,8 +90,28 @@ pub struct Command {
     pub method: String,
     /// Its parameters.
     pub params: Value,
-    /// Wall-clock deadline (ms since the epoch); past it the sender has given up.
+    /// Wall-clock deadline (ms since the epoch) by the sender's clock; past it the sender
+    /// has given up. The receiver re-bases it on its own clock from `timeout_ms`.
     pub deadline_ms: u64,
+    /// The sender's whole budget for the command (ms); 0 from senders that did not say.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+/// More than this between the sender's deadline and the one re-based on our clock means the
+/// two hosts' clocks differ (transit over pub/sub takes milliseconds).
+const CLOCK_SKEW_WARNING_MS: u64 = 1000;
+
+/// The command's deadline on the receiver's clock, `now_ms` being that clock's time at
+/// receipt: the budget counts from receipt, so hosts whose clocks differ by more than the
+/// budget still act on each other's commands (by the sender's clock alone every such
+/// command looked expired and was dropped). Pub/sub delivers within milliseconds or never,
+/// so the budget is not stretched by more than the transit time.
+pub fn local_deadline(cmd: &Command, now_ms: u64) -> u64 {
+    if cmd.timeout_ms == 0 {
+        return cmd.deadline_ms;
+    }
+    now_ms.saturating_add(cmd.timeout_ms)
 }
 
 /// What comes back for a command.
@@ -261,6 +281,7 @@ impl Bus {
             method: method.to_string(),
             params,
             deadline_ms: now_ms() + timeout.as_millis() as u64,
+            timeout_ms: timeout.as_millis() as u64,
         };
         let payload = match serde_json::to_vec(&cmd) {
             Ok(p) => p,
@@ -451,12 +472,19 @@ async fn listen(
                     }
                 } else if let Some(tx) = commands {
                     match serde_json::from_slice::<Command>(&payload) {
-                        Ok(cmd) if cmd.deadline_ms >= now_ms() => {
-                            if tx.try_send(cmd).is_err() {
+                        Ok(mut cmd) => {
+                            let now = now_ms();
+                            let local = local_deadline(&cmd, now);
+                            if local.abs_diff(cmd.deadline_ms) > CLOCK_SKEW_WARNING_MS {
+                                tracing::warn!(id = %cmd.id, skew_ms = i128::from(cmd.deadline_ms) - i128::from(local), "the sender's clock differs from ours; check NTP on both hosts");
+                            }
+                            cmd.deadline_ms = local;
+                            if local < now {
+                                tracing::debug!(id = %cmd.id, "dropping a command past its deadline");
+                            } else if tx.try_send(cmd).is_err() {
                                 tracing::warn!("command queue full; dropping a command");
                             }
                         }
-                        Ok(cmd) => tracing::debug!(id = %cmd.id, "dropping a command past its deadline"),
                         Err(e) => tracing::warn!(error = %e, "undecodable command"),
                     }
                 } else {
@@ -497,6 +525,36 @@ fn deliver(inner: &Inner, reply: Reply) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_count_from_receipt_whatever_the_clocks() {
+        let cmd = |deadline_ms, timeout_ms| Command {
+            id: "c-1".into(),
+            reply_to: "x".into(),
+            method: "conference.get".into(),
+            params: serde_json::json!({}),
+            deadline_ms,
+            timeout_ms,
+        };
+        // The sender's clock is an hour behind ours: its deadline is long past here.
+        let now = 10_000_000;
+        assert_eq!(
+            local_deadline(&cmd(now - 3_600_000, 5_000), now),
+            now + 5_000
+        );
+        // An hour ahead: the command must not live an hour here either.
+        assert_eq!(
+            local_deadline(&cmd(now + 3_600_000, 5_000), now),
+            now + 5_000
+        );
+        // A sender that did not give its budget: its deadline as it is.
+        assert_eq!(local_deadline(&cmd(now + 10, 0), now), now + 10);
+        let old: Command = serde_json::from_value(serde_json::json!({
+            "id": "c-2", "reply_to": "x", "method": "m", "params": {}, "deadline_ms": 7
+        }))
+        .expect("a command without timeout_ms still decodes");
+        assert_eq!(old.timeout_ms, 0);
+    }
 
     #[test]
     fn wire_forms_are_stable() {
