@@ -645,3 +645,57 @@ async fn a_dual_stack_listener_matches_ipv4_peers_against_ipv4_cidrs() {
     );
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmissions_keep_their_to_tag_cancel_needs_its_invite_and_options_honour_require() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let port = udp.port();
+    let options = |branch: &str, extra: &str| {
+        format!(
+            "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
+             From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: {branch}@test\r\n\
+             CSeq: 1 OPTIONS\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+    };
+    // Answers that are not remembered: a retransmission still gets the same To-tag.
+    let bad_invite =
+        invite("sip:x@router", port, "z9hG4bKre400", "").replace("CSeq: 1 INVITE", "CSeq: 1 BYE");
+    for msg in [options("z9hG4bKreopt", ""), bad_invite] {
+        let first = udp.exchange(&msg);
+        let again = udp.exchange(&msg);
+        assert_eq!(
+            header(&first, "To"),
+            header(&again, "To"),
+            "{first}\n{again}"
+        );
+        assert!(header(&first, "To").is_some_and(|t| t.contains(";tag=")));
+    }
+    let other = udp.exchange(&options("z9hG4bKreopt2", ""));
+    let first = udp.exchange(&options("z9hG4bKreopt", ""));
+    assert_ne!(
+        header(&other, "To"),
+        header(&first, "To"),
+        "another transaction, another tag"
+    );
+
+    // OPTIONS with an extension the router does not support: 420 naming it (RFC 3261 §8.2.2.3).
+    let a = udp.exchange(&options("z9hG4bKreq", "Require: foo, bar\r\n"));
+    assert_eq!(status(&a), 420, "{a}");
+    assert_eq!(header(&a, "Unsupported"), Some("foo, bar"));
+
+    // A CANCEL for an INVITE never seen: 481 (RFC 3261 §9.2).
+    let cancel = invite("sip:ghost@router", port, "z9hG4bKghost", "")
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    let a = udp.exchange(&cancel);
+    assert_eq!(status(&a), 481, "{a}");
+    let m = scrape(&s.controller.http_url()).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_sip_requests_total{code="481",method="CANCEL"}"#
+        ),
+        1.0
+    );
+}

@@ -37,6 +37,8 @@ pub struct SipService {
     trusted: Vec<IpNet>,
     retry_after: String,
     metrics: Metrics,
+    /// Keys of the To-tags derived for answers that are not remembered.
+    tag_keys: std::collections::hash_map::RandomState,
 }
 
 /// A bounded method label for metrics.
@@ -75,6 +77,7 @@ fn code_label(code: u16) -> &'static str {
         405 => "405",
         416 => "416",
         420 => "420",
+        481 => "481",
         483 => "483",
         484 => "484",
         500 => "500",
@@ -101,6 +104,7 @@ impl SipService {
             trusted: cfg.trusted_cidrs.clone(),
             retry_after: cfg.retry_after.to_string(),
             metrics,
+            tag_keys: Default::default(),
         }
     }
 
@@ -176,39 +180,49 @@ impl SipService {
             return None;
         }
 
+        // Answers not remembered get a To-tag derived from their transaction, so a
+        // retransmission gets the same tag (RFC 3261 §8.2.6.2) without keeping state.
+        let tag = || self.tag_for(&key, req.method);
         let (resp, tag) = if !self.trusts(source.ip()) {
             (
                 Response::new(403, "Forbidden").warning("source address is not trusted"),
-                new_tag(),
+                tag(),
             )
         } else if let Some(problem) = malformed(&req, packet, transport) {
-            (
-                Response::new(400, "Bad Request").warning(&problem),
-                new_tag(),
-            )
+            (Response::new(400, "Bad Request").warning(&problem), tag())
         } else {
             match req.method {
                 "INVITE" => return self.invite(&req, &key, source, to).await,
-                "OPTIONS" => (
-                    Response::new(200, "OK")
-                        .header("Allow", ALLOW)
-                        .header("Accept", "application/sdp"),
-                    new_tag(),
-                ),
+                "OPTIONS" => match unsupported_requirements(&req) {
+                    Some(unsupported) => (
+                        Response::new(420, "Bad Extension")
+                            .header("Unsupported", unsupported)
+                            .warning("required extension not supported by the router"),
+                        tag(),
+                    ),
+                    None => (
+                        Response::new(200, "OK")
+                            .header("Allow", ALLOW)
+                            .header("Accept", "application/sdp"),
+                        tag(),
+                    ),
+                },
                 // The INVITE already has its final answer; the CANCEL changes nothing. Its 200
-                // carries the INVITE answer's To-tag when we know it (RFC 3261 §9.2).
-                "CANCEL" => (
-                    Response::new(200, "OK"),
-                    self.transactions
-                        .answered(&key)
-                        .map(|a| a.to_tag.clone())
-                        .unwrap_or_else(new_tag),
-                ),
+                // carries the INVITE answer's To-tag; a CANCEL matching no INVITE we answered
+                // gets 481 (RFC 3261 §9.2).
+                "CANCEL" => match self.transactions.answered(&key) {
+                    Some(a) => (Response::new(200, "OK"), a.to_tag.clone()),
+                    None => (
+                        Response::new(481, "Call/Transaction Does Not Exist")
+                            .warning("no INVITE with this branch was answered here"),
+                        tag(),
+                    ),
+                },
                 _ => (
                     Response::new(405, "Method Not Allowed")
                         .header("Allow", ALLOW)
                         .warning("a conference router only redirects INVITEs"),
-                    new_tag(),
+                    tag(),
                 ),
             }
         };
@@ -217,6 +231,13 @@ impl SipService {
             bytes: response::build(&req, &resp, &tag, source),
             to,
         })
+    }
+
+    /// The To-tag for an answer to the request of transaction `key`: the same for every
+    /// retransmission, unguessable across processes (the hasher's keys are random).
+    fn tag_for(&self, key: &str, method: &str) -> String {
+        use std::hash::BuildHasher;
+        format!("{:016x}", self.tag_keys.hash_one((key, method)))
     }
 
     fn count(&self, method: &str, code: u16) {
