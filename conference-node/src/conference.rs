@@ -517,7 +517,7 @@ impl Conference {
             }
             Err(Refusal::Full) => {
                 tracing::info!(conference = %self.name, max = self.max_participants, "conference full; refusing with busy");
-                self.refuse_full(&ch).await;
+                self.refuse_full(&j.channel).await;
                 return;
             }
             Err(Refusal::Bridge(e)) => {
@@ -814,24 +814,35 @@ impl Conference {
     }
 
     /// A full conference: optional sound, then busy. Runs beside the actor so the sound
-    /// does not hold up other callers.
-    async fn refuse_full(&self, ch: &str) {
+    /// does not hold up other callers. The sound goes out as early media: answering would
+    /// turn the busy into a 200 and a BYE, billed as answered, that the edge cannot fail
+    /// over. Without early media (Asterisk before 20.16, 21.11, 22.6) the caller hears none.
+    async fn refuse_full(&self, channel: &Channel) {
+        let ch = channel.id.clone();
         self.node.metrics.join("full");
-        self.node.join_abandoned(ch);
+        self.node.join_abandoned(&ch);
         let sound = self.node.cfg.conference.full_sound.clone();
         let node = self.node.clone();
-        let ch = ch.to_string();
+        let up = channel.state.eq_ignore_ascii_case("Up");
         tokio::spawn(async move {
             if !sound.is_empty() {
                 let id = format!("full-{ch}");
                 let done = node.wait_playback(&id);
-                let played = match node.ari.answer(&ch).await {
+                let early = if up {
+                    Ok(())
+                } else {
+                    node.ari.progress(&ch).await
+                };
+                let played = match early {
                     Ok(()) => node
                         .ari
                         .play_on_channel(&ch, &id, &format!("sound:{sound}"))
                         .await
                         .is_ok(),
-                    Err(_) => false,
+                    Err(e) => {
+                        tracing::info!(channel = %ch, error = %e, "no early media for the conference-full sound; refusing with busy only");
+                        false
+                    }
                 };
                 if played {
                     let _ = tokio::time::timeout(FULL_SOUND_LIMIT, done).await;

@@ -290,6 +290,22 @@ async fn max_participants_refuses_the_next_caller_with_a_sound_then_busy() {
             .any(|e| e["type"] == "PlaybackStarted"
                 && e["playback"]["media_uri"] == "sound:conf-full")
     );
+    // The sound went out as early media: the refused call was never answered, so the edge
+    // gets the busy (486), not a 200 and a BYE.
+    assert!(
+        !log.iter().any(|e| e["type"] == "ChannelStateChange"
+            && e["channel"]["id"] == c.as_str()
+            && e["channel"]["state"] == "Up"),
+        "the refused caller was answered"
+    );
+    let requests = s.sim.request_log();
+    let on_c = |op: &str| {
+        requests
+            .iter()
+            .any(|r| r.operation.as_deref() == Some(op) && r.path.contains(c.as_str()))
+    };
+    assert!(!on_c("answer"), "{requests:#?}");
+    assert!(on_c("progress"), "early media asked for: {requests:#?}");
     assert_eq!(
         main_bridge(&s.sim.snapshot(), 1, "small")
             .expect("bridge")

@@ -334,6 +334,15 @@ impl AriClient {
             .map(drop)
     }
 
+    /// `POST /channels/{id}/progress`: early media without answering (Asterisk 20.16, 21.11,
+    /// 22.6 and later; older versions answer 404).
+    pub async fn progress(&self, channel: &str) -> Result<(), AriError> {
+        let path = format!("/channels/{}/progress", encode(channel));
+        self.call("progress", Method::Post, &path, &[])
+            .await
+            .map(drop)
+    }
+
     /// `DELETE /channels/{id}` with the Q.850 `cause`, as a named `reason` where ARI has one
     /// (understood by every ARI version) and as `reason_code` otherwise (newer versions
     /// only); a channel already gone is fine.

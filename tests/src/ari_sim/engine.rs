@@ -233,6 +233,7 @@ pub(crate) struct Channel {
     pub held: bool,
     pub moh: Option<String>,
     pub ringing: bool,
+    pub early_media: bool,
     pub silence: bool,
     pub dtmf_sent: String,
     pub dialing: Option<Dialing>,
@@ -791,6 +792,7 @@ impl State {
                 held: false,
                 moh: None,
                 ringing: false,
+                early_media: false,
                 silence: false,
                 dtmf_sent: String::new(),
                 dialing: None,
@@ -1508,6 +1510,8 @@ pub struct ChannelSnapshot {
     pub moh: Option<String>,
     /// Ringing indicated to it.
     pub ringing: bool,
+    /// Progress (early media) indicated to it.
+    pub early_media: bool,
     /// Silence generator on.
     pub silence: bool,
     /// DTMF digits sent to it through ARI.
@@ -1662,6 +1666,7 @@ impl State {
                     held: c.held,
                     moh: c.moh.clone(),
                     ringing: c.ringing,
+                    early_media: c.early_media,
                     silence: c.silence,
                     dtmf_sent: c.dtmf_sent.clone(),
                     variables: c.vars.clone(),

@@ -1151,6 +1151,12 @@ pub(crate) fn ring_stop(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     with_channel(core, req, |ch| ch.ringing = false)
 }
 
+/// `ast_ari_channels_progress` (Asterisk 20.16, 21.11, 22.6): indicates progress (SIP 183,
+/// early media); the channel stays unanswered.
+pub(crate) fn progress(core: &Arc<Core>, req: &mut Req) -> ApiResult {
+    with_channel(core, req, |ch| ch.early_media = true)
+}
+
 /// `ast_ari_channels_send_dtmf`.
 pub(crate) fn send_dtmf(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("channelId");

@@ -289,6 +289,13 @@ fn table() -> Vec<Route> {
         ),
         r!(
             "POST",
+            "/channels/{channelId}/progress",
+            "progress",
+            [],
+            ops::progress
+        ),
+        r!(
+            "POST",
             "/channels/{channelId}/dtmf",
             "sendDTMF",
             ["dtmf", "before", "between", "duration", "after"],
