@@ -137,24 +137,31 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
     ) -> Option<Outgoing> {
-        if let Some(utf8) = message::latin1_as_utf8(packet) {
-            let mut out = self.handle_utf8(&utf8, source, transport).await?;
-            out.bytes = message::utf8_as_latin1(&out.bytes);
-            return Some(out);
+        match message::parse(packet) {
+            Err(ParseError::NotUtf8) => {
+                let utf8 = message::latin1_as_utf8(packet)?;
+                let parsed = message::parse(&utf8);
+                let mut out = self.answer(parsed, &utf8, source, transport).await?;
+                out.bytes = message::utf8_as_latin1(&out.bytes);
+                Some(out)
+            }
+            parsed => self.answer(parsed, packet, source, transport).await,
         }
-        self.handle_utf8(packet, source, transport).await
     }
 
-    async fn handle_utf8(
+    async fn answer(
         &self,
+        parsed: Result<Request<'_>, ParseError>,
         packet: &[u8],
         source: SocketAddr,
         transport: Transport,
     ) -> Option<Outgoing> {
-        let req = match message::parse(packet) {
+        let req = match parsed {
             Ok(r) => r,
             Err(ParseError::Response) => return self.drop_packet("response"),
-            Err(ParseError::Garbage(_)) => return self.drop_packet("garbage"),
+            Err(ParseError::Garbage(_) | ParseError::NotUtf8) => {
+                return self.drop_packet("garbage")
+            }
         };
         // Without a Via there is nowhere to send an answer (RFC 3261 §18.2.2).
         let Some(via) = req.top_via() else {

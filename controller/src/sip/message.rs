@@ -44,6 +44,9 @@ pub enum ParseError {
     /// A SIP response (a redirect server has no client transactions); dropped.
     #[error("a SIP response, not a request")]
     Response,
+    /// The header block is not UTF-8 (read again as Latin-1 by [`latin1_as_utf8`]).
+    #[error("header block is not UTF-8")]
+    NotUtf8,
 }
 
 /// Full forms of the compact header names of RFC 3261 §7.3.3 and its extensions.
@@ -95,8 +98,7 @@ pub fn header_end(buf: &[u8]) -> Option<usize> {
 /// messages by Content-Length and checks it against UDP datagrams).
 pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     let end = header_end(buf).ok_or(ParseError::Garbage("no blank line ends the headers"))?;
-    let head = std::str::from_utf8(&buf[..end - 4])
-        .map_err(|_| ParseError::Garbage("header block is not UTF-8"))?;
+    let head = std::str::from_utf8(&buf[..end - 4]).map_err(|_| ParseError::NotUtf8)?;
     let mut lines = head.split("\r\n");
     let start = lines.next().ok_or(ParseError::Garbage("empty message"))?;
     if start.starts_with("SIP/2.0 ") {

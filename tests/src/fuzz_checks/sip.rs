@@ -23,7 +23,7 @@ use confroute_shared::store::{Store, StoreMetrics};
 const SOURCES: [&str; 2] = ["192.0.2.10:5070", "[2001:db8::7]:5080"];
 
 /// Every status the handler may send when Redis cannot be reached.
-const HANDLER_CODES: [u16; 10] = [200, 400, 403, 404, 405, 416, 420, 483, 484, 503];
+const HANDLER_CODES: [u16; 11] = [200, 400, 403, 404, 405, 416, 420, 481, 483, 484, 503];
 
 /// Frames, parses and answers the input as a SIP packet, asserting what must hold.
 pub fn sip_message(data: &[u8]) {
@@ -44,6 +44,11 @@ pub fn sip_message(data: &[u8]) {
             );
         }
         Err(ParseError::Garbage(why)) => assert!(!why.is_empty()),
+        Err(ParseError::NotUtf8) => {
+            // Read again as Latin-1, it parses like any other block (or is garbage).
+            let utf8 = message::latin1_as_utf8(data).expect("a header block that is not UTF-8");
+            assert!(!matches!(message::parse(&utf8), Err(ParseError::NotUtf8)));
+        }
     }
     handler(data);
 }
