@@ -121,11 +121,7 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
 /// could still lose it, and a second home would follow. Then it routes as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacknowledged_claim_is_not_routed_until_a_replica_has_it() {
-    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).expect("primary");
-    let primary_port = primary.port().to_string();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port]).expect("replica");
-    confroute_tests::harness::wait_replica_acks(primary.port()).expect("replica acknowledges");
+    let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
     let mut cfg = fixtures::single(&primary.url());
     cfg.wait_replicas = 1;
     cfg.timeout = Duration::from_millis(500);

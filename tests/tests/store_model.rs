@@ -714,11 +714,7 @@ async fn every_operation_behind_sentinel() {
 /// it acknowledges. Lookups are answered while claims wait.
 #[tokio::test]
 async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
-    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).expect("primary");
-    let primary_port = primary.port().to_string();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port]).expect("replica");
-    confroute_tests::harness::wait_replica_acks(primary.port()).expect("replica acknowledges");
+    let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
     let mut cfg = fixtures::single(&primary.url());
     cfg.wait_replicas = 1;
     cfg.timeout = Duration::from_millis(500);

@@ -29,7 +29,8 @@ pub fn redis_query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) ->
     redis::from_redis_value(query(port, cmd)?).ok()
 }
 
-/// Waits until the primary on `primary` has a replica that acknowledges writes. `online` in
+/// Waits until the primary on `primary` has a replica that acknowledges writes (what a
+/// `WAIT` for one replica needs). `online` in
 /// `INFO replication` comes earlier: after a diskless sync the primary streams writes to
 /// the replica only once its first `REPLCONF ACK` arrives (up to a second later), and a
 /// `WAIT` before that times out.
@@ -101,6 +102,15 @@ impl RedisServer {
         };
         server.launch()?;
         Ok(server)
+    }
+
+    /// A primary and one replica that already acknowledges its writes.
+    pub fn with_replica() -> HarnessResult<(RedisServer, RedisServer)> {
+        let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"])?;
+        let port = primary.port().to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port])?;
+        wait_replica_acks(primary.port())?;
+        Ok((primary, replica))
     }
 
     fn launch(&mut self) -> HarnessResult<()> {
