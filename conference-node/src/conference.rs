@@ -610,7 +610,8 @@ impl Conference {
 
     /// Until the first reconciliation after a (re)connect has run, Asterisk may still hold
     /// bridges of this conference made before an agent restart: the newcomer joins those,
-    /// not a new lifetime's, so the conference stays in one mix.
+    /// with the callers still in them, not a new lifetime's, so the conference stays in one
+    /// mix.
     async fn find_bridges(&mut self) {
         if self.node.reconciled() {
             return;
@@ -622,20 +623,37 @@ impl Conference {
                 return;
             }
         };
+        let mut members: Vec<(String, bool)> = Vec::new();
+        let mut holding_found = false;
         for b in bridges {
             match parse_bridge_id(&b.id) {
                 Some((true, _, name)) if name == self.name => {
+                    members.extend(b.channels.iter().map(|c| (c.clone(), true)));
                     self.holding = b.id;
                     self.holding_created = true;
+                    holding_found = true;
                 }
                 Some((false, _, name)) if name == self.name => {
                     tracing::info!(conference = %self.name, bridge = %b.id, "using the conference bridge left from before a restart");
+                    members.extend(b.channels.iter().map(|c| (c.clone(), false)));
                     self.main = b.id;
                     self.main_created = true;
                     self.main_created_at = Instant::now();
                 }
                 _ => {}
             }
+        }
+        if !members.is_empty() {
+            self.started = members.iter().any(|(_, waiting)| !waiting) || !holding_found;
+            let none = HashMap::new();
+            let adopted = members
+                .iter()
+                .map(|(id, waiting)| self.adopted(id, &none, *waiting));
+            for (id, p) in futures_util::future::join_all(adopted).await {
+                self.node.claim_adopted(&id, &self.name);
+                self.participants.insert(id, p);
+            }
+            tracing::info!(conference = %self.name, participants = self.participants.len(), "adopted the callers left in the conference's bridges from before a restart");
         }
         self.publish();
     }

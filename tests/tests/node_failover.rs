@@ -376,3 +376,61 @@ async fn a_restarted_agent_reads_back_the_options_of_the_callers_it_adopts() {
     assert_eq!(wait_hangup(&sim, &other).await, 16);
     assert_eq!(wait_hangup(&sim, &muted).await, 16);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_coming_before_the_restarted_agent_reconciles_joins_the_same_mix() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim().await;
+    let extra = [("CONFROUTE_CONFERENCE__BEEP", "false")];
+    let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &extra)).expect("node");
+    wait_app(&sim, &node).await;
+    let a = dial(&sim, "one-mix", &[("CONFROUTE_MUTED", "true")]).await;
+    let bridge = wait_bridged(&sim, &a).await;
+    node.process().kill();
+    until(&sim, "agent's socket gone", |s| s.websockets == 1).await;
+
+    // The restarted agent's first reconciliation waits in Asterisk (its listings are held),
+    // so the next caller of the conference comes before it.
+    sim.hold_operation("list");
+    node.restart().expect("restart");
+    wait_app(&sim, &node).await;
+    let b = dial(&sim, "one-mix", &[]).await;
+    wait_for_async(
+        "the reconciliation's and the join's listings held",
+        WAIT,
+        || async { (sim.held_requests("list") >= 2).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    sim.release_operation("list");
+    assert_eq!(wait_bridged(&sim, &b).await, bridge, "one mix, not two");
+    let url = format!("{}/v1/conferences", node.http_url());
+    let view = wait_for_async("both callers in the conference", WAIT, || async {
+        let v = get_json(&url).await;
+        let ps = v["items"][0]["participants"].as_array()?.clone();
+        (ps.len() == 2).then_some(ps)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    assert!(
+        view.iter()
+            .any(|p| p["channel"] == a.as_str() && p["muted"] == true),
+        "{view:#?}"
+    );
+
+    // The caller who was there first keeps the conference going after the newcomer leaves.
+    sim.hangup_far_end(&b, 16).await.expect("hangup");
+    wait_for_async("one participant left", WAIT, || async {
+        let v = get_json(&url).await;
+        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    assert_eq!(
+        sim.snapshot().bridge(&bridge).map(|br| br.channels.clone()),
+        Some(vec![a.clone()])
+    );
+    sim.hangup_far_end(&a, 16).await.expect("hangup");
+    until(&sim, "no bridges", |s| s.bridges.is_empty()).await;
+}
