@@ -33,6 +33,16 @@ impl Beep {
     pub fn on_exit(self) -> bool {
         matches!(self, Beep::True | Beep::OnExit)
     }
+
+    /// The setting as `CONFROUTE_BEEP` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Beep::True => "true",
+            Beep::False => "false",
+            Beep::OnEnter => "onEnter",
+            Beep::OnExit => "onExit",
+        }
+    }
 }
 
 impl FromStr for Beep {
@@ -427,6 +437,9 @@ mod tests {
         assert_eq!("false".parse::<Beep>(), Ok(Beep::False));
         assert!(Beep::True.on_enter() && Beep::True.on_exit());
         assert!(!Beep::OnExit.on_enter());
+        for b in [Beep::True, Beep::False, Beep::OnEnter, Beep::OnExit] {
+            assert_eq!(b.as_str().parse::<Beep>(), Ok(b));
+        }
         assert_eq!(
             parse_events("start,end join"),
             Ok(vec![

@@ -92,6 +92,15 @@ async fn a_restarted_agent_keeps_its_participants_options() {
         assert!(sim.snapshot().channel(&muted).expect("muted").bridge_mute);
         (muted, moderator, other)
     };
+    // Call control hands the end-on-exit role from the moderator to the other caller.
+    let mut ws = c.client(0).await;
+    for (who, end) in [(&moderator, false), (&other, true)] {
+        ws.ok(
+            "participant.update",
+            json!({"conference": "kept-options", "participant": who, "endConferenceOnExit": end}),
+        )
+        .await;
+    }
 
     // The agent restarts; Asterisk keeps the calls, and the agent adopts them again.
     let node = c.node_mut(&owner);
@@ -142,8 +151,16 @@ async fn a_restarted_agent_keeps_its_participants_options() {
         .await;
     assert_eq!(muted_of(&list, &muted), Some(json!(false)), "{list}");
 
-    // The moderator still ends the conference as it leaves.
+    // The roles call control gave survived the restart: the moderator leaves and the
+    // conference goes on; the other caller leaves and it ends.
     sim.hangup_far_end(&moderator, 16).await.expect("hangup");
-    assert_eq!(wait_hangup(sim, &other).await, 16);
+    let url = format!("{}/v1/conferences", c.node(&owner).proc.http_url());
+    wait_for_async("the moderator gone, the others kept", WAIT, || async {
+        let v = get_json(&url).await;
+        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    sim.hangup_far_end(&other, 16).await.expect("hangup");
     assert_eq!(wait_hangup(sim, &muted).await, 16);
 }

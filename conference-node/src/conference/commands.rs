@@ -122,7 +122,7 @@ impl Conference {
                 participant,
                 end_on_exit,
                 beep_on_exit,
-            } => self.update(&participant, end_on_exit, beep_on_exit),
+            } => self.update(&participant, end_on_exit, beep_on_exit).await,
             Op::Move {
                 participant,
                 to,
@@ -319,7 +319,7 @@ impl Conference {
         Ok(json!({}))
     }
 
-    fn update(
+    async fn update(
         &mut self,
         ch: &str,
         end_on_exit: Option<bool>,
@@ -338,6 +338,19 @@ impl Conference {
                 (false, true) => Beep::OnExit,
                 (false, false) => Beep::False,
             };
+        }
+        // Kept on the channel, as the mute is, for a restarted agent to read back.
+        let mut record = Vec::new();
+        if end_on_exit.is_some() {
+            record.push((options::VAR_END_ON_EXIT, p.options.end_on_exit.to_string()));
+        }
+        if beep_on_exit.is_some() {
+            record.push((options::VAR_BEEP, p.options.beep.as_str().to_string()));
+        }
+        for (var, value) in record {
+            if let Err(e) = self.node.ari.set_variable(ch, var, &value).await {
+                tracing::warn!(conference = %self.name, channel = ch, variable = var, error = %e, "cannot record the option on the channel; a restarted agent may not know it");
+            }
         }
         Ok(json!({}))
     }
