@@ -15,6 +15,40 @@ fn name(s: &str) -> ConferenceName {
     ConferenceName::parse(s).expect("name")
 }
 
+/// Registers a live node-b, bridges a caller into `conference` on the node under test, then
+/// gives the conference to node-b at epoch 2 in Redis (as a re-home would); returns the
+/// caller's channel and bridge.
+async fn caller_then_taken_over(s: &Single, conference: &str) -> (String, String) {
+    fixtures::store(&s.cfg)
+        .register(&fixtures::node("node-b", 10), Duration::from_secs(60))
+        .await
+        .expect("register b");
+    let a = dial(&s.sim, conference, &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    assert_main(&bridge, 1, conference);
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg(format!("{{confroute}}:conf:{conference}"))
+                .arg("owner")
+                .arg("node-b")
+                .arg("epoch")
+                .arg(2),
+        )
+        .expect("hset");
+    (a, bridge)
+}
+
+/// Waits until the node counted one ownership loss.
+async fn loss_noticed(s: &Single) {
+    wait_for_async("loss noticed", WAIT, || async {
+        let m = scrape(&s.node.http_url()).await;
+        (metric(&m, "confroute_node_ownership_losses_total") == 1.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
 async fn status(url: &str) -> u16 {
     fixtures::http()
         .get(url)
@@ -81,31 +115,9 @@ async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
 async fn a_node_that_lost_its_claim_stops_admitting_and_says_so() {
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let store = fixtures::store(&s.cfg);
-    // A live node b that the claim will move to.
-    store
-        .register(&fixtures::node("node-b", 10), Duration::from_secs(60))
-        .await
-        .expect("register b");
-    let a = dial(&s.sim, "contested", &[]).await;
-    let bridge = wait_bridged(&s.sim, &a).await;
-    assert_main(&bridge, 1, "contested");
-    // The claim moves to node b at a new epoch (as a re-home would do).
-    s.redis
-        .query(
-            redis::cmd("HSET")
-                .arg("{confroute}:conf:contested")
-                .arg("owner")
-                .arg("node-b")
-                .arg("epoch")
-                .arg(2),
-        )
-        .expect("hset");
-    wait_for_async("loss noticed", WAIT, || async {
-        let m = scrape(&s.node.http_url()).await;
-        (metric(&m, "confroute_node_ownership_losses_total") == 1.0).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // The claim moves to a live node b at a new epoch (as a re-home would do).
+    let (a, bridge) = caller_then_taken_over(&s, "contested").await;
+    loss_noticed(&s).await;
     s.node
         .wait_log("lost ownership of the conference", WAIT)
         .expect("loss logged");
@@ -139,23 +151,7 @@ async fn lost_claim_ends_the_conference_at_once_when_configured() {
         ("CONFROUTE_NODE__ON_OWNERSHIP_LOST", "end"),
     ])
     .await;
-    let store = fixtures::store(&s.cfg);
-    store
-        .register(&fixtures::node("node-b", 10), Duration::from_secs(60))
-        .await
-        .expect("register b");
-    let a = dial(&s.sim, "taken", &[]).await;
-    wait_bridged(&s.sim, &a).await;
-    s.redis
-        .query(
-            redis::cmd("HSET")
-                .arg("{confroute}:conf:taken")
-                .arg("owner")
-                .arg("node-b")
-                .arg("epoch")
-                .arg(2),
-        )
-        .expect("hset");
+    let (a, _) = caller_then_taken_over(&s, "taken").await;
     assert_eq!(wait_hangup(&s.sim, &a).await, 16);
     until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
 }
@@ -212,30 +208,9 @@ async fn a_claim_won_back_at_the_same_epoch_is_renewed_by_heartbeats() {
     ])
     .await;
     let store = fixtures::store(&s.cfg);
-    store
-        .register(&fixtures::node("node-b", 10), Duration::from_secs(60))
-        .await
-        .expect("register b");
-    let a = dial(&s.sim, "regained", &[]).await;
-    let bridge = wait_bridged(&s.sim, &a).await;
-    assert_main(&bridge, 1, "regained");
     // Node b takes the conference over; node a's heartbeat finds its claim lost.
-    s.redis
-        .query(
-            redis::cmd("HSET")
-                .arg("{confroute}:conf:regained")
-                .arg("owner")
-                .arg("node-b")
-                .arg("epoch")
-                .arg(2),
-        )
-        .expect("hset");
-    wait_for_async("loss noticed", WAIT, || async {
-        let m = scrape(&s.node.http_url()).await;
-        (metric(&m, "confroute_node_ownership_losses_total") == 1.0).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let (_, bridge) = caller_then_taken_over(&s, "regained").await;
+    loss_noticed(&s).await;
     // Node b's conference ends: the claim is released, so the next claim is at epoch 1
     // again, the epoch node a still has.
     s.redis
