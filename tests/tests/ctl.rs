@@ -231,3 +231,50 @@ async fn ctl_dials_out_and_follows_the_call() {
     assert!(err.contains("-32004"), "{err}");
     assert_eq!(originates(), before);
 }
+
+/// A name or id is sent as one path segment: `?`, `#`, `/` and dot segments in what the
+/// operator typed (an unmatched shell glob such as `sales-4?`, a pasted URL) are refused by
+/// name, and never turn into the path of another conference that then gets ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_never_turns_a_bad_name_into_another_conference() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    store
+        .register(&fixtures::node("node-a", 50), Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let url = controller.http_url();
+    for name in ["sales-4", "sales-5"] {
+        let (ok, _, err) = ctl(&url, Some(TOKEN), &["route", name]);
+        assert!(ok, "{err}");
+    }
+
+    for args in [
+        &["conferences", "end", "sales-4?"][..],
+        &["conferences", "end", "sales-4#x"],
+        &["conferences", "end", "x/../sales-5"],
+        &["participants", "list", "sales-4?"],
+    ] {
+        let (ok, out, err) = ctl(&url, Some(TOKEN), args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(err.contains("conference name has"), "{args:?}: {err}");
+    }
+    for args in [
+        &["participants", "kick", "sales-4", ".."][..],
+        &["conferences", "end", "."],
+        &["nodes", "drain", ""],
+    ] {
+        let (ok, out, err) = ctl(&url, Some(TOKEN), args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(err.contains("is not a valid"), "{args:?}: {err}");
+    }
+    for name in ["sales-4", "sales-5"] {
+        let (ok, out, err) = ctl(&url, Some(TOKEN), &["conferences", "get", name]);
+        assert!(ok, "{name} was ended: {err}");
+        assert!(out.contains("node-a"), "{out}");
+    }
+}

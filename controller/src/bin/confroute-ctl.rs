@@ -195,25 +195,38 @@ struct Api {
 }
 
 impl Api {
+    /// Calls the API at the path made of `segments`, each percent-encoded as one segment:
+    /// a name holding `?`, `#`, `/` or `%` reaches the API as itself (and is refused there)
+    /// instead of turning into another path, such as a different conference.
     async fn call(
         &self,
         method: Method,
-        path: &str,
+        segments: &[&str],
         body: Option<Value>,
     ) -> Result<Value, Failure> {
-        self.call_with_query(method, path, &[], body).await
+        self.call_with_query(method, segments, &[], body).await
     }
 
     /// `call` with query parameters, percent-encoded: a raw `+` in a query means a space.
     async fn call_with_query(
         &self,
         method: Method,
-        path: &str,
+        segments: &[&str],
         query: &[(&str, &str)],
         body: Option<Value>,
     ) -> Result<Value, Failure> {
-        let mut url = reqwest::Url::parse(&format!("{}{path}", self.url.trim_end_matches('/')))
-            .map_err(|e| Failure(format!("bad --url {}: {e}", self.url)))?;
+        // The URL parser would resolve these as path steps rather than send them.
+        if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
+            return Err(Failure(format!(
+                "`{bad}` is not a valid conference name, node id or participant id"
+            )));
+        }
+        let bad_url = |e: String| Failure(format!("bad --url {}: {e}", self.url));
+        let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(e.to_string()))?;
+        url.path_segments_mut()
+            .map_err(|()| bad_url("not an http(s) URL".into()))?
+            .pop_if_empty()
+            .extend(segments);
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
@@ -410,17 +423,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.cmd {
         Cmd::Nodes { cmd } => match cmd {
             NodeCmd::List => show(
-                &api.call(Method::GET, "/v1/nodes", None).await?,
+                &api.call(Method::GET, &["v1", "nodes"], None).await?,
                 print_nodes,
             ),
             NodeCmd::Get { id } => show(
-                &api.call(Method::GET, &format!("/v1/nodes/{id}"), None)
-                    .await?,
+                &api.call(Method::GET, &["v1", "nodes", &id], None).await?,
                 print_nodes,
             ),
             NodeCmd::Drain { id } => {
                 let v = api
-                    .call(Method::POST, &format!("/v1/nodes/{id}/drain"), None)
+                    .call(Method::POST, &["v1", "nodes", &id, "drain"], None)
                     .await?;
                 done(
                     &v,
@@ -429,7 +441,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             NodeCmd::Undrain { id } => {
                 let v = api
-                    .call(Method::POST, &format!("/v1/nodes/{id}/undrain"), None)
+                    .call(Method::POST, &["v1", "nodes", &id, "undrain"], None)
                     .await?;
                 done(
                     &v,
@@ -445,19 +457,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     query.push(("after", a));
                 }
                 show(
-                    &api.call_with_query(Method::GET, "/v1/conferences", &query, None)
+                    &api.call_with_query(Method::GET, &["v1", "conferences"], &query, None)
                         .await?,
                     print_conferences,
                 );
             }
             ConfCmd::Get { name } => show(
-                &api.call(Method::GET, &format!("/v1/conferences/{name}"), None)
+                &api.call(Method::GET, &["v1", "conferences", &name], None)
                     .await?,
                 print_conferences,
             ),
             ConfCmd::End { name } => {
                 let v = api
-                    .call(Method::DELETE, &format!("/v1/conferences/{name}"), None)
+                    .call(Method::DELETE, &["v1", "conferences", &name], None)
                     .await?;
                 done(&v, &format!("{name}: ended"));
             }
@@ -468,7 +480,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     let v = api
                         .call(
                             Method::GET,
-                            &format!("/v1/conferences/{conference}/participants"),
+                            &["v1", "conferences", &conference, "participants"],
                             None,
                         )
                         .await?;
@@ -480,7 +492,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    format!("/v1/conferences/{conference}/participants/{participant}/mute"),
+                    vec![
+                        "v1".into(),
+                        "conferences".into(),
+                        conference.clone(),
+                        "participants".into(),
+                        participant.clone(),
+                        "mute".into(),
+                    ],
                     None,
                     "muted",
                 ),
@@ -489,7 +508,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    format!("/v1/conferences/{conference}/participants/{participant}/unmute"),
+                    vec![
+                        "v1".into(),
+                        "conferences".into(),
+                        conference.clone(),
+                        "participants".into(),
+                        participant.clone(),
+                        "unmute".into(),
+                    ],
                     None,
                     "unmuted",
                 ),
@@ -498,7 +524,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    format!("/v1/conferences/{conference}/participants/{participant}/hold"),
+                    vec![
+                        "v1".into(),
+                        "conferences".into(),
+                        conference.clone(),
+                        "participants".into(),
+                        participant.clone(),
+                        "hold".into(),
+                    ],
                     None,
                     "on hold",
                 ),
@@ -507,7 +540,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    format!("/v1/conferences/{conference}/participants/{participant}/unhold"),
+                    vec![
+                        "v1".into(),
+                        "conferences".into(),
+                        conference.clone(),
+                        "participants".into(),
+                        participant.clone(),
+                        "unhold".into(),
+                    ],
                     None,
                     "off hold",
                 ),
@@ -516,7 +556,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::DELETE,
-                    format!("/v1/conferences/{conference}/participants/{participant}"),
+                    vec![
+                        "v1".into(),
+                        "conferences".into(),
+                        conference.clone(),
+                        "participants".into(),
+                        participant.clone(),
+                    ],
                     None,
                     "kicked",
                 ),
@@ -526,7 +572,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     digits,
                 } => (
                     Method::POST,
-                    format!("/v1/conferences/{conference}/participants/{participant}/dtmf"),
+                    vec![
+                        "v1".into(),
+                        "conferences".into(),
+                        conference.clone(),
+                        "participants".into(),
+                        participant.clone(),
+                        "dtmf".into(),
+                    ],
                     Some(json!({"digits": digits})),
                     "digits sent",
                 ),
@@ -536,11 +589,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     to,
                 } => (
                     Method::POST,
-                    format!("/v1/conferences/{conference}/participants/{participant}/move"),
+                    vec![
+                        "v1".into(),
+                        "conferences".into(),
+                        conference.clone(),
+                        "participants".into(),
+                        participant.clone(),
+                        "move".into(),
+                    ],
                     Some(json!({"to": to})),
                     "moved",
                 ),
             };
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
             let v = api.call(method, &path, body).await?;
             done(&v, what);
         }
@@ -548,7 +609,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let v = api
                 .call(
                     Method::POST,
-                    "/v1/route",
+                    &["v1", "route"],
                     Some(json!({"conference": conference})),
                 )
                 .await?;
@@ -585,7 +646,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let v = api
                     .call(
                         Method::POST,
-                        &format!("/v1/conferences/{conference}/participants"),
+                        &["v1", "conferences", &conference, "participants"],
                         Some(body),
                     )
                     .await?;
