@@ -581,6 +581,18 @@ fn values_that_break_the_schema_are_refused() {
             json!({"node": {"sipPort": 70000}}),
             "sipPort",
         ),
+        // Both binaries refuse redis.tls beside a redis:// single server (every pod would
+        // crash-loop); the chart's default URL is one.
+        (
+            "redis.tls with a redis:// URL",
+            json!({"redis": {"tls": true}}),
+            "url",
+        ),
+        (
+            "redis.tls with an explicit redis:// URL",
+            json!({"redis": {"tls": true, "url": "redis://cache:6379/0"}}),
+            "url",
+        ),
     ];
     for (what, values, key) in cases {
         let file = values_file(dir.path(), "bad", &values);
@@ -612,6 +624,27 @@ fn values_that_break_the_schema_are_refused() {
             "{what}: lint passed\n{}",
             text(&lint)
         );
+    }
+}
+
+/// TLS to a single Redis through a rediss:// URL, with or without redis.tls, and TLS to
+/// Sentinel or Cluster through redis.tls: the schema accepts them all.
+#[test]
+fn redis_tls_the_binaries_accept_passes_the_schema() {
+    let dir = TempDir::new("values").expect("dir");
+    for values in [
+        json!({"redis": {"tls": true, "url": "rediss://cache:6380/0"}}),
+        json!({"redis": {"url": "rediss://cache:6380"}}),
+        json!({"redis": {"tls": true, "mode": "sentinel", "sentinel": {"addresses": ["s1:26379"]}}}),
+        json!({"redis": {"tls": true, "mode": "cluster", "cluster": {"seeds": ["c1:6379"]}}}),
+    ] {
+        let file = values_file(dir.path(), "tls", &values);
+        let out = chart_py(&[
+            "schema",
+            chart_dir().to_str().expect("path"),
+            file.to_str().expect("path"),
+        ]);
+        assert!(out.status.success(), "{values}: refused\n{}", text(&out));
     }
 }
 
