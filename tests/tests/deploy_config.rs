@@ -200,3 +200,112 @@ fn deb_metadata_names_existing_files() {
         std::fs::read_to_string(repo().join("examples/packaging/node.toml")).expect("toml");
     assert!(sample.contains("drain_deadline = \"4h\""));
 }
+
+/// Durations whose bounds the schema cannot express (the heartbeat at most a third of the
+/// 60 s conference lease, the TCP idle timeout and the WebSocket ping at least 1 s): a value
+/// the binary would refuse at start, crash-looping every pod, is refused by the chart with
+/// the key's name; the bounds themselves render and start.
+#[test]
+fn durations_the_binaries_refuse_are_refused_by_the_chart() {
+    let dir = TempDir::new("durations").expect("dir");
+    let cases = [
+        (
+            serde_json::json!({"node": {"config": {"node": {"heartbeat_interval": "30s"}}}}),
+            "node.config.node.heartbeat_interval",
+            (
+                "confroute-node",
+                "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
+                "30s",
+            ),
+        ),
+        (
+            serde_json::json!({"node": {"config": {"node": {"heartbeat_interval": "20s 1ms"}}}}),
+            "node.config.node.heartbeat_interval",
+            (
+                "confroute-node",
+                "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
+                "20s 1ms",
+            ),
+        ),
+        (
+            serde_json::json!({"node": {"config": {"node": {"heartbeat_interval": "50ms"}}}}),
+            "node.config.node.heartbeat_interval",
+            (
+                "confroute-node",
+                "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
+                "50ms",
+            ),
+        ),
+        (
+            serde_json::json!({"controller": {"config": {"sip": {"tcp_idle_timeout": "500ms"}}}}),
+            "controller.config.sip.tcp_idle_timeout",
+            (
+                "confroute-controller",
+                "CONFROUTE_SIP__TCP_IDLE_TIMEOUT",
+                "500ms",
+            ),
+        ),
+        (
+            serde_json::json!({"controller": {"config": {"rpc": {"ping_interval": "0s"}}}}),
+            "controller.config.rpc.ping_interval",
+            ("confroute-controller", "CONFROUTE_RPC__PING_INTERVAL", "0s"),
+        ),
+    ];
+    for (values, key, (bin, var, value)) in cases {
+        // The binary refuses it (so the chart must).
+        let out = Command::new(workspace_bin(bin).expect("binary"))
+            .env_clear()
+            .env(var, value)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{bin} accepted {var}={value}");
+        let file = values_file(dir.path(), "bad", &values);
+        let out = chart_py(&[
+            "render",
+            chart_dir().to_str().expect("path"),
+            file.to_str().expect("path"),
+            dir.path().join("out").to_str().expect("path"),
+        ]);
+        let msg = text(&out);
+        assert!(!out.status.success(), "{values}: rendered\n{msg}");
+        assert!(
+            msg.contains(key),
+            "{values}: the message does not name {key}:\n{msg}"
+        );
+    }
+
+    // The bounds are accepted by the chart and by the binaries.
+    let values = serde_json::json!({
+        "controller": {"config": {
+            "sip": {"tcp_idle_timeout": "1s"},
+            "rpc": {"ping_interval": "1000ms"},
+        }},
+        "node": {"config": {"node": {"heartbeat_interval": "20s"}}},
+    });
+    let r = render(&values_file(dir.path(), "bounds", &values));
+    let cfg = dir.path().join("controller.toml");
+    std::fs::write(
+        &cfg,
+        r.one("ConfigMap", "-controller")["data"]["controller.toml"]
+            .as_str()
+            .expect("controller.toml"),
+    )
+    .expect("write");
+    let mut env = pod_env(
+        &r,
+        r.container(r.one("Deployment", "-controller"), "controller"),
+    );
+    env.extend(local_listen(true));
+    starts("confroute-controller", &cfg, &env, "bounds");
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        r.one("ConfigMap", "-node")["data"]["node.toml"]
+            .as_str()
+            .expect("node.toml"),
+    )
+    .expect("write");
+    let mut env = pod_env(&r, r.container(r.one("StatefulSet", "-node"), "agent"));
+    env.extend(local_listen(false));
+    starts("confroute-node", &cfg, &env, "bounds");
+}

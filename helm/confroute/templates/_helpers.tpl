@@ -198,8 +198,58 @@ whole numbers are written as integers here.
 {{- end -}}
 {{- end -}}
 
+{{/*
+A duration as humantime (the binaries' parser) reads it, in microseconds as a float; empty
+when a unit is not known here (the binary then names the key itself).
+*/}}
+{{- define "confroute.durationMicros" -}}
+{{- $units := dict "nsec" 0.001 "ns" 0.001 "usec" 1.0 "us" 1.0 "µs" 1.0 "msec" 1000.0 "ms" 1000.0 "seconds" 1000000.0 "second" 1000000.0 "sec" 1000000.0 "s" 1000000.0 "minutes" 60000000.0 "minute" 60000000.0 "min" 60000000.0 "m" 60000000.0 "hours" 3600000000.0 "hour" 3600000000.0 "hr" 3600000000.0 "h" 3600000000.0 "days" 86400000000.0 "day" 86400000000.0 "d" 86400000000.0 "weeks" 604800000000.0 "week" 604800000000.0 "w" 604800000000.0 -}}
+{{- $total := 0.0 -}}
+{{- $known := true -}}
+{{- range $part := regexFindAll "[0-9]+(\\.[0-9]+)?\\s*[a-zA-Zµ]+" (toString .) -1 -}}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $part | float64 -}}
+{{- $unit := regexFind "[a-zA-Zµ]+$" $part -}}
+{{- if hasKey $units $unit -}}
+{{- $total = addf $total (mulf $num (get $units $unit)) -}}
+{{- else -}}
+{{- $known = false -}}
+{{- end -}}
+{{- end -}}
+{{- if $known }}{{ $total }}{{ end -}}
+{{- end -}}
+
+{{/*
+Refuses at render time a duration the binary would refuse at start (the pods would
+crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT).
+*/}}
+{{- define "confroute.checkDuration" -}}
+{{- if and .value (kindIs "string" .value) -}}
+{{- $us := include "confroute.durationMicros" .value -}}
+{{- if $us -}}
+{{- if lt ($us | float64) (.min | float64) -}}
+{{- fail (printf "%s is %q; the binary refuses it: %s" .key .value .limit) -}}
+{{- end -}}
+{{- if and .max (gt ($us | float64) (.max | float64)) -}}
+{{- fail (printf "%s is %q; the binary refuses it: %s" .key .value .limit) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Durations of both binaries with bounds the schema cannot express. */}}
+{{- define "confroute.checkDurations" -}}
+{{- $c := .Values.controller.config | default dict -}}
+{{- $sip := $c.sip | default dict -}}
+{{- $rpc := $c.rpc | default dict -}}
+{{- include "confroute.checkDuration" (dict "key" "controller.config.sip.tcp_idle_timeout" "value" $sip.tcp_idle_timeout "min" 1000000.0 "max" 0 "limit" "must be at least 1s") -}}
+{{- include "confroute.checkDuration" (dict "key" "controller.config.rpc.ping_interval" "value" $rpc.ping_interval "min" 1000000.0 "max" 0 "limit" "must be at least 1s") -}}
+{{- $n := (.Values.node.config | default dict).node | default dict -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.node.heartbeat_interval" "value" $n.heartbeat_interval "min" 100000.0 "max" 20000000.0 "limit" "must be between 100ms and 20s, a third of the 60s redis.conference_lease (claims are renewed only by heartbeats, three per lease)") -}}
+{{- end -}}
+
 {{/* The controller's TOML file. */}}
 {{- define "confroute.controllerToml" -}}
+{{- include "confroute.checkDurations" . -}}
 {{- $c := .Values.controller -}}
 {{- $cfg := deepCopy ($c.config | default dict) -}}
 {{- $_ := set $cfg "sip" (merge (dict "listen" (printf "0.0.0.0:%d" (int $c.sipPort))) ($cfg.sip | default dict)) -}}
@@ -212,6 +262,7 @@ whole numbers are written as integers here.
 
 {{/* The node agent's TOML file. Identity and addresses come from the environment. */}}
 {{- define "confroute.nodeToml" -}}
+{{- include "confroute.checkDurations" . -}}
 {{- $n := .Values.node -}}
 {{- $cfg := deepCopy ($n.config | default dict) -}}
 {{- $node := dict "zone" $n.zone "capacity" $n.capacity "drain_deadline" (printf "%ds" (int $n.drainDeadlineSeconds)) -}}
