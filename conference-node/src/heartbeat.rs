@@ -56,7 +56,10 @@ pub async fn run(node: Arc<Node>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cpu = CpuSampler::new();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = node.ari_changed.notified() => {}
+        }
         beat(&node, cpu.sample()).await;
     }
 }
@@ -83,6 +86,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
         conferences,
         participants,
         cpu,
+        ari: node.ari_available(),
     };
     let (_, version) = node.state_versioned();
     let was_ok = node.redis_ok.load(Ordering::SeqCst);

@@ -102,6 +102,10 @@ pub struct Node {
     pub redis_ok: AtomicBool,
     /// Whether the events WebSocket is connected.
     pub ari_connected: AtomicBool,
+    /// Wakes the heartbeat when the events WebSocket connects or drops, so the node record's
+    /// `ari` changes at once rather than a heartbeat later: callers arriving right after a
+    /// reconnection find the node placeable again.
+    pub ari_changed: Notify,
     /// Events WebSocket connections made so far.
     connections: AtomicU64,
     /// The connection under which the last complete reconciliation ran.
@@ -155,6 +159,7 @@ impl Node {
             webhook_http,
             redis_ok: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
+            ari_changed: Notify::new(),
             connections: AtomicU64::new(0),
             reconciled_under: AtomicU64::new(0),
             outbox,
@@ -470,6 +475,13 @@ impl Node {
         lock(&self.playbacks).remove(id);
     }
 
+    /// Whether the node can take new conferences as far as ARI goes: false once the events
+    /// WebSocket it had is lost, until it is back. Before the first connection it counts as
+    /// up, so a starting agent is placed on as soon as it registers, as before.
+    pub fn ari_available(&self) -> bool {
+        self.ari_connected.load(Ordering::SeqCst) || self.connection() == 0
+    }
+
     /// The events WebSocket connection in place now (counted from 1).
     pub fn connection(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
@@ -650,11 +662,13 @@ impl EventSink for Sink {
     fn connected(&self, _reconnect: bool) {
         self.0.connections.fetch_add(1, Ordering::SeqCst);
         self.0.ari_connected.store(true, Ordering::SeqCst);
+        self.0.ari_changed.notify_one();
         self.0.request_reconcile();
     }
 
     fn disconnected(&self) {
         self.0.ari_connected.store(false, Ordering::SeqCst);
+        self.0.ari_changed.notify_one();
     }
 
     fn event(&self, event: Event) {

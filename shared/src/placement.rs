@@ -6,7 +6,7 @@
 //! Jicofo does), so a burst of new conferences does not all land on the node that looked
 //! emptiest at the last refresh. Two random candidates are compared rather than always taking
 //! the minimum, so many controllers with similar views do not herd onto one node. The view
-//! only orders candidates: the claim script checks capacity and state atomically in Redis.
+//! only orders candidates: the claim script checks capacity, state and ARI atomically in Redis.
 
 use std::collections::HashMap;
 
@@ -31,6 +31,8 @@ struct Entry {
     zone: String,
     capacity: u32,
     state: NodeState,
+    /// The node's ARI is up: it can admit the callers of a new conference.
+    ari: bool,
     reported: u32,
     placed: u32,
     blocked: bool,
@@ -49,6 +51,7 @@ impl Entry {
 
     fn eligible(&self) -> bool {
         self.state == NodeState::Serving
+            && self.ari
             && !self.blocked
             && self.capacity > 0
             && self.reported.saturating_add(self.placed) < self.capacity
@@ -120,6 +123,7 @@ impl Placer {
                 zone: n.info.zone.clone(),
                 capacity: n.info.capacity,
                 state: n.info.state,
+                ari: n.load.ari,
                 // `claimed` is the count the claim script enforces; the node's own count
                 // can only be lower (callers still on their way are not in it yet).
                 reported: n.claimed.max(n.load.conferences),
@@ -247,6 +251,21 @@ mod tests {
             assert_eq!(c.len(), 1);
             assert_eq!(c[0].as_str(), "ok");
         }
+    }
+
+    #[test]
+    fn a_node_whose_ari_is_down_is_no_candidate() {
+        let mut p = Placer::new(None, Some(1));
+        let mut deaf = node("deaf", "", 10, 0, NodeState::Serving);
+        deaf.load.ari = false;
+        p.refresh(&[deaf, node("ok", "", 10, 5, NodeState::Serving)]);
+        for _ in 0..50 {
+            assert_eq!(p.candidates(4).expect("one candidate"), vec![id("ok")]);
+        }
+    }
+
+    fn id(s: &str) -> NodeId {
+        NodeId::parse(s).expect("id")
     }
 
     #[test]

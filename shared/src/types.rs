@@ -122,7 +122,7 @@ pub struct NodeInfo {
 }
 
 /// Load a node reports with every heartbeat.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeLoad {
     /// Conferences with a live bridge on this node.
     pub conferences: u32,
@@ -130,6 +130,25 @@ pub struct NodeLoad {
     pub participants: u32,
     /// CPU use of the host, 0–100 per cent.
     pub cpu: f32,
+    /// The agent's ARI events WebSocket is up. While it is down the agent cannot admit
+    /// anyone, so the node gets no new conference (invariant 4); its own stay where they are.
+    #[serde(default = "ari_up")]
+    pub ari: bool,
+}
+
+fn ari_up() -> bool {
+    true
+}
+
+impl Default for NodeLoad {
+    fn default() -> Self {
+        NodeLoad {
+            conferences: 0,
+            participants: 0,
+            cpu: 0.0,
+            ari: true,
+        }
+    }
 }
 
 /// A node as read back from Redis.

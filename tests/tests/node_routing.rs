@@ -15,6 +15,7 @@ use serde_json::json;
 
 struct Cluster {
     _redis: RedisServer,
+    cfg: confroute_shared::config::RedisConfig,
     controller: ControllerProc,
     nodes: Vec<(String, TestSim, NodeProc)>,
 }
@@ -34,6 +35,7 @@ impl Cluster {
         }
         let c = Cluster {
             _redis: redis,
+            cfg,
             controller,
             nodes,
         };
@@ -142,4 +144,73 @@ async fn different_conferences_spread_over_the_nodes() {
             "{id}"
         );
     }
+}
+
+/// Waits until `node`'s record in Redis says its ARI is `up` (or not).
+async fn wait_ari(c: &Cluster, node: &str, up: bool) {
+    let store = fixtures::store(&c.cfg);
+    let id = fixtures::id(node);
+    wait_for_async(
+        &format!("{node} reported with ARI up={up}"),
+        WAIT,
+        || async {
+            let nodes = store.list_nodes().await.ok()?;
+            nodes
+                .iter()
+                .any(|n| n.info.id == id && n.load.ari == up)
+                .then_some(())
+        },
+    )
+    .await
+    .expect("ARI state reported");
+}
+
+/// Invariant 4: while a node's Asterisk is down its agent can admit nobody, so new conferences
+/// go elsewhere; its conference keeps its home, and it gets new ones again once ARI is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
+    let c = Cluster::start(2).await;
+    let mut kept = None;
+    for i in 0..40 {
+        let conf = format!("kept-{i}");
+        if c.route_http(&conf).await == "node-a" {
+            kept = Some(conf);
+            break;
+        }
+    }
+    let kept = kept.expect("a conference placed on node-a");
+    let sim_a = c.sim_of("node-a");
+    let caller = dial(sim_a, &kept, &[]).await;
+    wait_bridged(sim_a, &caller).await;
+    // The join is over once the agent has counted the caller in Redis.
+    let store = fixtures::store(&c.cfg);
+    let name = confroute_shared::name::ConferenceName::parse(&kept).expect("name");
+    wait_for_async("the caller counted", WAIT, || async {
+        let rec = store.lookup(&name).await.ok()??;
+        (rec.participants == 1).then_some(())
+    })
+    .await
+    .expect("caller joined");
+
+    sim_a.crash();
+    wait_ari(&c, "node-a", false).await;
+    for i in 0..20 {
+        let conf = format!("new-{i}");
+        assert_eq!(c.route_http(&conf).await, "node-b", "{conf}");
+    }
+    assert_eq!(
+        c.route_http(&kept).await,
+        "node-a",
+        "the live conference stays"
+    );
+
+    sim_a.recover();
+    wait_ari(&c, "node-a", true).await;
+    let mut on_a = 0;
+    for i in 0..20 {
+        if c.route_http(&format!("later-{i}")).await == "node-a" {
+            on_a += 1;
+        }
+    }
+    assert!(on_a > 0, "node-a gets new conferences again");
 }

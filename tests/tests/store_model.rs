@@ -105,6 +105,64 @@ async fn rehome_after_owner_lease_expires_raises_epoch_by_one() {
     );
 }
 
+/// Invariant 4: a serving node whose heartbeat says its ARI is down is passed over for new
+/// conferences, keeps the ones it has (empty or not), and is a candidate again once it is back.
+#[tokio::test]
+async fn claim_skips_a_node_whose_ari_is_down_but_keeps_its_conferences() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    for n in ["a", "b"] {
+        store.register(&node(n, 10), LONG).await.expect("register");
+    }
+    let old = store.claim(&name("old"), &[id("a")]).await.expect("claim");
+    assert_eq!(old.owner, Some(owner("a", 1)));
+    let deaf = NodeLoad {
+        ari: false,
+        ..NodeLoad::default()
+    };
+    let hosted = [Hosted {
+        name: name("old"),
+        epoch: 1,
+        participants: 0,
+    }];
+    store
+        .heartbeat(&id("a"), &deaf, LONG, &hosted)
+        .await
+        .expect("heartbeat");
+    let nodes = store.list_nodes().await.expect("list");
+    let a = nodes.iter().find(|n| n.info.id == id("a")).expect("a");
+    assert!(!a.load.ari, "the record says ARI is down");
+
+    let fresh = store
+        .claim(&name("fresh"), &[id("a"), id("b")])
+        .await
+        .expect("claim");
+    assert_eq!(fresh.kind, ClaimKind::Claimed);
+    assert_eq!(fresh.owner, Some(owner("b", 1)), "no new conference on a");
+    assert_eq!(fresh.skipped, 1);
+    let none = store.claim(&name("none"), &[id("a")]).await.expect("claim");
+    assert_eq!(none.kind, ClaimKind::NoCapacity);
+
+    let kept = store.claim(&name("old"), &[id("b")]).await.expect("claim");
+    assert_eq!(
+        kept.kind,
+        ClaimKind::Existing,
+        "its conference keeps its home"
+    );
+    assert_eq!(kept.owner, Some(owner("a", 1)));
+
+    store
+        .heartbeat(&id("a"), &NodeLoad::default(), LONG, &hosted)
+        .await
+        .expect("heartbeat");
+    let back = store.claim(&name("back"), &[id("a")]).await.expect("claim");
+    assert_eq!(
+        back.owner,
+        Some(owner("a", 1)),
+        "a takes new conferences again"
+    );
+}
+
 #[tokio::test]
 async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
     let redis = RedisServer::start().expect("redis");
@@ -311,6 +369,7 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
         conferences: 1,
         participants: 4,
         cpu: 12.5,
+        ari: true,
     };
     // An ordinary heartbeat leaves a missing claim alone: its conference may just have
     // ended and released it.

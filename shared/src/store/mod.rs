@@ -559,7 +559,8 @@ impl Store {
                     .arg(load.conferences)
                     .arg(load.participants)
                     .arg(format!("{:.1}", load.cpu))
-                    .arg(if reclaim { "1" } else { "0" });
+                    .arg(if reclaim { "1" } else { "0" })
+                    .arg(if load.ari { "1" } else { "0" });
                 for h in hosted {
                     inv.arg(h.name.as_str()).arg(h.epoch).arg(h.participants);
                 }

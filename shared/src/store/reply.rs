@@ -182,6 +182,8 @@ pub(crate) fn node_record(fields: &[Value]) -> Result<NodeRecord, StoreError> {
             conferences: num("conferences")? as u32,
             participants: num("participants")? as u32,
             cpu: field("cpu")?.parse::<f32>().unwrap_or(0.0),
+            // Absent until the first heartbeat after registering, or from an older agent.
+            ari: get.get("ari").is_none_or(|v| v != "0"),
         },
         claimed: num("claimed")? as u32,
         placements: get

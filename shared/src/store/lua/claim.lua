@@ -2,7 +2,9 @@
 -- Keeps invariant 1 (one home: the owner changes only inside this script) and invariant 2
 -- (fencing: the owner is replaced only when its node lease has expired, or it is not
 -- serving and the conference has no participants; each change of owner adds 1 to the epoch).
--- Keeps invariant 4: a node that is not serving, or is at capacity, gets no new conference.
+-- Keeps invariant 4: a node that is not serving, whose agent reports its ARI events WebSocket
+-- down (it could admit nobody), or is at capacity, gets no new conference. The owner check
+-- below ignores ARI: callers of a live conference are in that Asterisk, so it keeps its home.
 -- Every key shares the prefix's hash tag, so this touches one Cluster slot.
 --
 -- KEYS[1] conference record   <prefix>conf:<name>
@@ -29,10 +31,11 @@ end
 local function node_key(id) return prefix .. 'node:' .. id end
 local function set_key(id) return prefix .. 'node:' .. id .. ':confs' end
 
--- A candidate must hold a live lease, be serving, and have room under its capacity.
+-- A candidate must hold a live lease, be serving with its ARI up, and have room under its
+-- capacity. A record without `ari` has not had a heartbeat yet since registering.
 local function usable(id)
-  local n = redis.call('HMGET', node_key(id), 'state', 'capacity', 'sip_uri')
-  if n[1] ~= 'serving' then return nil end
+  local n = redis.call('HMGET', node_key(id), 'state', 'capacity', 'sip_uri', 'ari')
+  if n[1] ~= 'serving' or n[4] == '0' then return nil end
   if redis.call('SCARD', set_key(id)) >= (tonumber(n[2]) or 0) then return nil end
   return n[3]
 end

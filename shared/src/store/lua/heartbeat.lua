@@ -13,7 +13,9 @@
 -- KEYS[1] node record, KEYS[2] node index.
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease (ms), ARGV[4] conference lease (ms),
 -- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu, ARGV[8] "1" to claim again,
--- ARGV[9..] triples (name, epoch, participants) of conferences the node hosts. At other
+-- ARGV[9] "0" while the agent's ARI events WebSocket is down (claim.lua then places no new
+-- conference on the node, invariant 4), "1" when it is up,
+-- ARGV[10..] triples (name, epoch, participants) of conferences the node hosts. At other
 -- times a missing claim is one its conference released on ending after the node listed it.
 -- Returns {state, status per hosted conference: ok | lost | reclaimed | missing}, or {false} when the
 -- node has no record (its lease expired; it must register again).
@@ -24,12 +26,12 @@ local reclaim = ARGV[8] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'conferences', ARGV[5], 'participants', ARGV[6], 'cpu', ARGV[7],
-  'updated_ms', now)
+  'ari', ARGV[9], 'updated_ms', now)
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 
 local out = {redis.call('HGET', KEYS[1], 'state')}
-for i = 9, #ARGV, 3 do
+for i = 10, #ARGV, 3 do
   local ckey = prefix .. 'conf:' .. ARGV[i]
   local r = redis.call('HMGET', ckey, 'owner', 'epoch')
   if r[1] == id and r[2] == ARGV[i + 1] then
