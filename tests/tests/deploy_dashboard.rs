@@ -72,8 +72,22 @@ fn dashboard_has_its_variables_and_panels() {
         "Redis latency p50 / p99",
         "Redis errors",
         "Webhook failures",
+        "SIP dropped by reason",
+        "Call-control errors by code",
     ] {
         assert!(titles.contains(&t), "panel {t:?} missing: {titles:?}");
+    }
+    // The controllers' drops (edges turned away at sip.tcp_max_connections, untrusted TCP
+    // peers) and call-control errors are shown by their bounded label.
+    let exprs: Vec<String> = dashboard_queries(&d).into_iter().map(|(_, e)| e).collect();
+    for (metric, by) in [
+        ("confroute_sip_dropped_total", "by (reason)"),
+        ("confroute_rpc_errors_total", "by (code)"),
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(metric) && e.contains(by)),
+            "no panel reads {metric} {by}: {exprs:?}"
+        );
     }
     // Every query goes to the chosen data source, and node panels honour the variables.
     for p in d["panels"].as_array().expect("panels") {

@@ -21,7 +21,9 @@ use confroute_tests::fixtures;
 use confroute_tests::harness::{
     free_port, require_tool, wait_for_async, ControllerProc, NodeProc, Proc, RedisServer, TempDir,
 };
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Generous bound for anything a test waits on.
 const WAIT: Duration = Duration::from_secs(30);
@@ -58,6 +60,10 @@ impl Cluster {
             (
                 "CONFROUTE_REDIS__CONNECT_TIMEOUT".to_string(),
                 "200ms".to_string(),
+            ),
+            (
+                "CONFROUTE_SIP__TCP_MAX_CONNECTIONS".to_string(),
+                "1".to_string(),
             ),
         ])
         .expect("controller without Redis");
@@ -167,6 +173,45 @@ impl Cluster {
 
         let (code, _) = invite(self.broken.sip_addr(), "sales-3", "z9hG4bKdeploy2");
         assert_eq!(code, 503, "a controller without Redis turns callers away");
+
+        // An edge past sip.tcp_max_connections (1 on the broken controller) is dropped.
+        let _first = std::net::TcpStream::connect(self.broken.sip_addr()).expect("tcp");
+        let broken = self.broken.http_url();
+        wait_for_async("a connection dropped at the limit", WAIT, || async {
+            let _extra = std::net::TcpStream::connect(self.broken.sip_addr()).ok()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let t = fixtures::scrape(&broken).await;
+            t.contains("reason=\"too_many_connections\"").then_some(())
+        })
+        .await
+        .expect("too_many_connections counted");
+
+        // A call-control request with an unknown method gets a JSON-RPC error.
+        let ws_url = format!(
+            "{}/v1/rpc",
+            self.controller.http_url().replacen("http://", "ws://", 1)
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
+            .await
+            .expect("websocket");
+        let req = json!({"jsonrpc": "2.0", "method": "no.such.method", "id": 1});
+        ws.send(Message::Text(req.to_string().into()))
+            .await
+            .expect("send");
+        loop {
+            let msg = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("an answer")
+                .expect("open")
+                .expect("message");
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(t.as_str()).expect("json");
+                if v["id"] == json!(1) {
+                    assert!(v["error"]["code"].is_i64(), "{v}");
+                    break;
+                }
+            }
+        }
     }
 
     /// Every scrape target.
