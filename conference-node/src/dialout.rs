@@ -8,7 +8,7 @@
 //! `cause` when the call ends before that, or `cleared` with `cause` when it ends after. The
 //! conference's actor originates the call and joins the callee (`conference::commands`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -144,6 +144,9 @@ pub struct DialoutOp {
     pub timeout_secs: u64,
     /// The callee's options once it joins.
     pub options: Options,
+    /// The same options as the `CONFROUTE_*` channel variables a caller would bring, set on
+    /// the callee's channel: an agent that adopts the callee after a restart reads them back.
+    pub variables: BTreeMap<String, String>,
 }
 
 /// Checks a `dialout` command: target (`invalid_number`), dial string configured
@@ -165,7 +168,8 @@ pub fn prepare(cfg: &NodeConfig, p: DialoutP) -> Result<DialoutOp, BusError> {
     if !(1..=600).contains(&timeout_secs) {
         return Err(invalid("timeout: 1-600 seconds".into()));
     }
-    let options = callee_options(cfg, &p.options.unwrap_or_default()).map_err(invalid)?;
+    let variables = callee_variables(&p.options.unwrap_or_default()).map_err(invalid)?;
+    let options = resolve_callee(cfg, &variables).map_err(invalid)?;
     let endpoint = endpoint(&cfg.dialout, t)?;
     Ok(DialoutOp {
         to: p.to,
@@ -173,6 +177,7 @@ pub fn prepare(cfg: &NodeConfig, p: DialoutP) -> Result<DialoutOp, BusError> {
         caller_id: caller,
         timeout_secs,
         options,
+        variables,
     })
 }
 
@@ -180,19 +185,27 @@ pub fn prepare(cfg: &NodeConfig, p: DialoutP) -> Result<DialoutOp, BusError> {
 /// names over `[conference]`, with the same rules as a caller's channel variables; any bad
 /// value is an error naming the option.
 pub fn callee_options(cfg: &NodeConfig, given: &Map<String, Value>) -> Result<Options, String> {
-    const NAMES: &[(&str, &str)] = &[
-        ("profile", options::VAR_PROFILE),
-        ("muted", options::VAR_MUTED),
-        ("beep", options::VAR_BEEP),
-        ("startConferenceOnEnter", options::VAR_START_ON_ENTER),
-        ("endConferenceOnExit", options::VAR_END_ON_EXIT),
-        ("maxParticipants", options::VAR_MAX_PARTICIPANTS),
-        ("waitMusic", options::VAR_WAIT_MUSIC),
-        ("record", options::VAR_RECORD),
-        ("statusCallback", options::VAR_STATUS_CALLBACK),
-        ("statusCallbackEvent", options::VAR_STATUS_CALLBACK_EVENT),
-    ];
-    let mut vars = std::collections::BTreeMap::new();
+    resolve_callee(cfg, &callee_variables(given)?)
+}
+
+/// The dial-out's option names (TwiML) and the channel variables that carry them.
+const NAMES: &[(&str, &str)] = &[
+    ("profile", options::VAR_PROFILE),
+    ("muted", options::VAR_MUTED),
+    ("beep", options::VAR_BEEP),
+    ("startConferenceOnEnter", options::VAR_START_ON_ENTER),
+    ("endConferenceOnExit", options::VAR_END_ON_EXIT),
+    ("maxParticipants", options::VAR_MAX_PARTICIPANTS),
+    ("waitMusic", options::VAR_WAIT_MUSIC),
+    ("record", options::VAR_RECORD),
+    ("statusCallback", options::VAR_STATUS_CALLBACK),
+    ("statusCallbackEvent", options::VAR_STATUS_CALLBACK_EVENT),
+];
+
+/// The dial-out's `options` map as `CONFROUTE_*` channel variables; an unknown option or a
+/// value that is not text is an error naming it.
+fn callee_variables(given: &Map<String, Value>) -> Result<BTreeMap<String, String>, String> {
+    let mut vars = BTreeMap::new();
     for (key, value) in given {
         let Some((_, var)) = NAMES.iter().find(|(k, _)| k == key) else {
             let known: Vec<&str> = NAMES.iter().map(|(k, _)| *k).collect();
@@ -219,7 +232,13 @@ pub fn callee_options(cfg: &NodeConfig, given: &Map<String, Value>) -> Result<Op
         };
         vars.insert(var.to_string(), text);
     }
-    let (opts, warnings) = options::resolve(&cfg.conference, &cfg.profiles, &vars);
+    Ok(vars)
+}
+
+/// Options from the callee's variables, by the join path's rules; a bad value is an error
+/// naming its option.
+fn resolve_callee(cfg: &NodeConfig, vars: &BTreeMap<String, String>) -> Result<Options, String> {
+    let (opts, warnings) = options::resolve(&cfg.conference, &cfg.profiles, vars);
     if let Some(w) = warnings.first() {
         let key = NAMES
             .iter()

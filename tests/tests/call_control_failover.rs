@@ -164,3 +164,69 @@ async fn a_restarted_agent_keeps_its_participants_options() {
     sim.hangup_far_end(&other, 16).await.expect("hangup");
     assert_eq!(wait_hangup(sim, &muted).await, 16);
 }
+
+/// A dial-out callee's options come from the dial-out, not from its channel's variables: the
+/// originate sets them as those variables, so an agent that adopts the callee after a
+/// restart keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_its_dial_out_callees_options() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "dialled").await;
+    let caller = {
+        let sim = &c.node(&owner).sim;
+        let caller = dial(sim, "dialled", &[]).await;
+        wait_bridged(sim, &caller).await;
+        caller
+    };
+    let mut ws = c.client(0).await;
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "dialled", "to": "+15555550101", "options": {"muted": true}}),
+        )
+        .await;
+    let callee = r["callid"].as_str().expect("callid").to_string();
+    let st = ws.statuses(&callee, "connected").await;
+    assert_eq!(names(&st), ["accepted", "ringing", "connected"], "{st:?}");
+    assert!(
+        c.node(&owner)
+            .sim
+            .snapshot()
+            .channel(&callee)
+            .expect("callee")
+            .bridge_mute,
+        "options.muted applied"
+    );
+
+    let node = c.node_mut(&owner);
+    node.proc.restart().expect("restart");
+    wait_app(&node.sim, &node.proc).await;
+    node.proc
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let url = format!("{}/v1/conferences", node.proc.http_url());
+    wait_for_async("participants re-adopted", WAIT, || async {
+        let v = get_json(&url).await;
+        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    let mut ws = c.client(0).await;
+    let list = ws
+        .ok("participant.list", json!({"conference": "dialled"}))
+        .await;
+    let muted_of = |id: &str| {
+        list["participants"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == id))
+            .map(|p| p["muted"].clone())
+    };
+    assert_eq!(muted_of(&callee), Some(json!(true)), "{list}");
+    assert_eq!(muted_of(&caller), Some(json!(false)), "{list}");
+    let snap = c.node(&owner).sim.snapshot();
+    assert!(
+        snap.channel(&callee).expect("callee").bridge_mute,
+        "still muted in Asterisk"
+    );
+}

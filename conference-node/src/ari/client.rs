@@ -3,6 +3,7 @@
 //! resource, 409 for a conflict or a channel not in Stasis, 412 for a channel in the wrong
 //! state, 422 for a channel or bridge that cannot take the operation).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -181,6 +182,19 @@ impl AriClient {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<Vec<u8>, AriError> {
+        self.call_with_body(op, method, path, query, None).await
+    }
+
+    /// [`Self::call`] with a JSON body, for the operations whose Swagger has a `body`
+    /// parameter (`variables`).
+    async fn call_with_body(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<Vec<u8>, AriError> {
         let mut url = format!("{}/ari{path}", self.base);
         for (i, (k, v)) in query.iter().enumerate() {
             url.push(if i == 0 { '?' } else { '&' });
@@ -194,6 +208,10 @@ impl AriClient {
             Method::Delete => self.http.delete(&url),
         }
         .basic_auth(&self.username, Some(self.password.expose()));
+        let req = match body {
+            Some(b) => req.json(b),
+            None => req,
+        };
         let started = Instant::now();
         let result = async {
             let resp = req.send().await.map_err(|e| self.transport(op, e))?;
@@ -383,8 +401,18 @@ impl AriClient {
         if !o.caller_id.is_empty() {
             q.push(("callerId", o.caller_id));
         }
-        self.call_json("originateWithId", Method::Post, &path, &q)
-            .await
+        let body =
+            (!o.variables.is_empty()).then(|| serde_json::json!({ "variables": o.variables }));
+        let op = "originateWithId";
+        let answer = self
+            .call_with_body(op, Method::Post, &path, &q, body.as_ref())
+            .await?;
+        serde_json::from_slice(&answer).map_err(|e| AriError {
+            op,
+            kind: AriErrorKind::Decode,
+            status: None,
+            message: format!("unexpected body: {e}"),
+        })
     }
 
     /// `POST /channels/{id}/dtmf?dtmf=...`: sends DTMF digits to the channel's far end.
@@ -541,6 +569,8 @@ pub struct Originate<'a> {
     pub caller_id: &'a str,
     /// Seconds to ring before giving up.
     pub timeout_secs: u64,
+    /// Channel variables set on the new channel as it is created.
+    pub variables: &'a BTreeMap<String, String>,
 }
 
 /// ARI's name for a hangup cause (`convert_reason_to_hangup_code` in resource_channels.c).

@@ -522,6 +522,7 @@ impl Conference {
             app_args: self.name.as_str(),
             caller_id: &d.caller_id,
             timeout_secs: d.timeout_secs,
+            variables: &d.variables,
         };
         match self.node.ari.originate(&o).await {
             Ok(_) => {
