@@ -1301,7 +1301,15 @@ impl Conference {
             tracing::warn!(conference = %self.name, channel = id, variable = w.variable, "{}", w.message);
         }
         let muted = opts.muted;
+        // Only a caller still in the holding bridge is on hold: one found in the mix was
+        // taken off hold before the variable could say so.
+        let held = waiting
+            && crate::join::variable(&self.node, &channel, options::VAR_HELD)
+                .await
+                .is_some_and(|v| v == "true");
+        let waiting = waiting && !(held && self.started);
         let mut p = Participant::new(opts, waiting, muted, channel.caller.number.clone());
+        p.held = held;
         if let Some(tech) = channel.name.split('/').next().filter(|t| !t.is_empty()) {
             p.tech = tech.to_string();
         }

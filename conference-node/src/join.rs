@@ -93,6 +93,23 @@ async fn conference_name(node: &Node, channel: &Channel, args: &[String]) -> Opt
     }
 }
 
+/// One channel variable: from `channelvars` when the snapshot carries it, else read.
+pub(crate) async fn variable(node: &Node, channel: &Channel, name: &str) -> Option<String> {
+    if let Some(v) = channel.channelvar(name) {
+        return Some(v);
+    }
+    if channel
+        .channelvars
+        .as_ref()
+        .is_some_and(|m| m.contains_key(name))
+    {
+        return None;
+    }
+    let mut out = BTreeMap::new();
+    read_variables(node, &channel.id, &[name], &mut out).await;
+    out.remove(name).filter(|v| !v.is_empty())
+}
+
 /// The option variables that are set: from `channelvars` when the snapshot carries them
 /// (no round trip), else read one by one, concurrently.
 pub(crate) async fn option_variables(node: &Node, channel: &Channel) -> BTreeMap<String, String> {

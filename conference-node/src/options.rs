@@ -179,6 +179,11 @@ pub const VAR_STATUS_CALLBACK: &str = "CONFROUTE_STATUS_CALLBACK";
 /// Override of `statusCallbackEvent`.
 pub const VAR_STATUS_CALLBACK_EVENT: &str = "CONFROUTE_STATUS_CALLBACK_EVENT";
 
+/// Set by the agent, not by callers: `true` while call control holds the participant. Asterisk
+/// shows no such hold (the holding bridge also has callers waiting for the start), so a
+/// restarted agent reads it back.
+pub const VAR_HELD: &str = "CONFROUTE_HELD";
+
 /// Every variable the agent reads for one call's options.
 pub const OPTION_VARIABLES: &[&str] = &[
     VAR_PROFILE,

@@ -230,3 +230,59 @@ async fn a_restarted_agent_keeps_its_dial_out_callees_options() {
         "still muted in Asterisk"
     );
 }
+
+/// A participant held through call control is still held, not waiting, once a restarted agent
+/// adopts it from the holding bridge, and its unhold takes it back into the mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_a_held_participant_held() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "held-over").await;
+    let (a, b, main) = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(sim, "held-over", &[]).await;
+        let b = dial(sim, "held-over", &[]).await;
+        let main = wait_bridged(sim, &a).await;
+        wait_bridged(sim, &b).await;
+        (a, b, main)
+    };
+    let mut ws = c.client(0).await;
+    let who = json!({"conference": "held-over", "participant": b});
+    ws.ok("participant.hold", who.clone()).await;
+    let holding = main.replacen("cr-", "crh-", 1);
+    until(&c.node(&owner).sim, "b on hold", |s| {
+        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(holding.as_str())
+    })
+    .await;
+
+    let node = c.node_mut(&owner);
+    node.proc.restart().expect("restart");
+    wait_app(&node.sim, &node.proc).await;
+    node.proc
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let url = format!("{}/v1/conferences", node.proc.http_url());
+    wait_for_async("participants re-adopted", WAIT, || async {
+        let v = get_json(&url).await;
+        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    let mut ws = c.client(0).await;
+    let list = ws
+        .ok("participant.list", json!({"conference": "held-over"}))
+        .await;
+    let state_of = |id: &str| {
+        list["participants"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == id))
+            .map(|p| (p["held"].clone(), p["waiting"].clone()))
+    };
+    assert_eq!(state_of(&b), Some((json!(true), json!(false))), "{list}");
+    assert_eq!(state_of(&a), Some((json!(false), json!(false))), "{list}");
+    ws.ok("participant.unhold", who).await;
+    until(&c.node(&owner).sim, "b back in the mix", |s| {
+        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(main.as_str())
+    })
+    .await;
+}

@@ -278,6 +278,15 @@ impl Conference {
                 .await
                 .map_err(|e| ari_failure(ch, &e))?;
         }
+        let value = if on { "true" } else { "false" };
+        if let Err(e) = self
+            .node
+            .ari
+            .set_variable(ch, options::VAR_HELD, value)
+            .await
+        {
+            tracing::warn!(conference = %self.name, channel = ch, error = %e, "cannot record the hold on the channel; a restarted agent may not know it");
+        }
         if let Some(p) = self.participants.get_mut(ch) {
             p.held = on;
             if to_mix {
