@@ -146,19 +146,22 @@ async fn different_conferences_spread_over_the_nodes() {
     }
 }
 
-/// Waits until `node`'s record in Redis says its ARI is `up` (or not).
+/// Waits until the controller's `GET /v1/nodes/{node}` says its ARI is `up` (or not).
 async fn wait_ari(c: &Cluster, node: &str, up: bool) {
-    let store = fixtures::store(&c.cfg);
-    let id = fixtures::id(node);
+    let url = format!("{}/v1/nodes/{node}", c.controller.http_url());
     wait_for_async(
         &format!("{node} reported with ARI up={up}"),
         WAIT,
         || async {
-            let nodes = store.list_nodes().await.ok()?;
-            nodes
-                .iter()
-                .any(|n| n.info.id == id && n.load.ari == up)
-                .then_some(())
+            let v: serde_json::Value = fixtures::http()
+                .get(&url)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["ari"] == json!(up)).then_some(())
         },
     )
     .await

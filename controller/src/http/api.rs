@@ -148,6 +148,7 @@ fn node_json(n: &NodeRecord) -> Value {
         "zone": n.info.zone,
         "capacity": n.info.capacity,
         "state": n.info.state,
+        "ari": n.load.ari,
         "conferences": n.load.conferences,
         "participants": n.load.participants,
         "cpu": n.load.cpu,
