@@ -278,3 +278,33 @@ async fn ctl_never_turns_a_bad_name_into_another_conference() {
         assert!(out.contains("node-a"), "{out}");
     }
 }
+
+/// `events` runs until Ctrl-C; the controller going away is an error a script can see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_events_fails_when_the_controller_goes_away() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let mut controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    let url = controller.http_url();
+    let events = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || ctl(&url, None, &["events", "room-1"]))
+    };
+    wait_for_async("the events WebSocket open", WAIT, || async {
+        let m = fixtures::scrape(&url).await;
+        let upgraded = fixtures::metric(
+            &m,
+            r#"confroute_http_requests_total{route="/v1/rpc",status="101"}"#,
+        );
+        (upgraded >= 1.0).then_some(())
+    })
+    .await
+    .expect("ctl subscribed");
+    controller.process().kill();
+    let (ok, _, err) = tokio::time::timeout(WAIT, events)
+        .await
+        .expect("ctl ends when the controller goes")
+        .expect("ctl ran");
+    assert!(!ok, "a non-zero exit");
+    assert!(err.contains("closed the connection"), "{err}");
+}

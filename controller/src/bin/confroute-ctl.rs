@@ -188,6 +188,12 @@ enum PartCmd {
 /// A failed command, with the API's error code when it gave one.
 struct Failure(String);
 
+/// Longest wait for the WebSocket to open.
+const WS_CONNECT: Duration = Duration::from_secs(10);
+
+/// How long `dialout --wait` waits past the ring time for the final status.
+const DIALOUT_MARGIN: Duration = Duration::from_secs(30);
+
 struct Api {
     http: reqwest::Client,
     url: String,
@@ -278,8 +284,9 @@ impl Api {
                 .map_err(|_| Failure("the token is not a valid header value".into()))?;
             req.headers_mut().insert("authorization", v);
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req)
+        let (ws, _) = tokio::time::timeout(WS_CONNECT, tokio_tungstenite::connect_async(req))
             .await
+            .map_err(|_| Failure(format!("cannot open the WebSocket within {WS_CONNECT:?}")))?
             .map_err(|e| Failure(format!("cannot open the WebSocket: {e}")))?;
         Ok(ws)
     }
@@ -658,7 +665,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ws.send(Message::Text(req.to_string().into()))
                 .await
                 .map_err(|e| Failure(format!("send: {e}")))?;
-            while let Some(msg) = ws.next().await {
+            // A node that dies while the call rings never sends the last status: give up
+            // once the ring time and a margin have passed.
+            let ring = Duration::from_secs(timeout.unwrap_or(30));
+            let deadline = tokio::time::Instant::now() + ring + DIALOUT_MARGIN;
+            loop {
+                let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(Failure(format!(
+                            "no final status within {:?} (the ring time and {DIALOUT_MARGIN:?})",
+                            ring + DIALOUT_MARGIN
+                        )))
+                    }
+                };
                 let Ok(Message::Text(t)) = msg else { continue };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
                 if json_out {
@@ -725,6 +746,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     eprintln!("({} events lost)", s(&v["params"]["count"]));
                 }
             }
+            // Only Ctrl-C is a normal end; a script must see the controller going away.
+            return Err(Failure("the controller closed the connection".into()));
         }
     }
     Ok(())
