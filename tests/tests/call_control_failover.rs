@@ -14,6 +14,24 @@ use serde_json::json;
 /// `rpc.command_timeout` of the controllers here.
 const DEADLINE: Duration = Duration::from_secs(2);
 
+/// Restarts the agent of `owner` (Asterisk keeps the calls) and waits until it has adopted
+/// `participants` callers of its one conference again.
+async fn restart_and_readopt(c: &mut Cluster, owner: &str, participants: usize) {
+    let node = c.node_mut(owner);
+    node.proc.restart().expect("restart");
+    wait_app(&node.sim, &node.proc).await;
+    node.proc
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let url = format!("{}/v1/conferences", node.proc.http_url());
+    wait_for_async("participants re-adopted", WAIT, || async {
+        let v = get_json(&url).await;
+        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(participants)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_command_is_reported_unavailable_in_time() {
     let mut c = Cluster::start(
@@ -103,19 +121,7 @@ async fn a_restarted_agent_keeps_its_participants_options() {
     }
 
     // The agent restarts; Asterisk keeps the calls, and the agent adopts them again.
-    let node = c.node_mut(&owner);
-    node.proc.restart().expect("restart");
-    wait_app(&node.sim, &node.proc).await;
-    node.proc
-        .wait_log("command bus subscribed", WAIT)
-        .expect("the node hears commands");
-    let url = format!("{}/v1/conferences", node.proc.http_url());
-    wait_for_async("participants re-adopted", WAIT, || async {
-        let v = get_json(&url).await;
-        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(3)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    restart_and_readopt(&mut c, &owner, 3).await;
 
     let mut ws = c.client(0).await;
     let list = ws
@@ -198,19 +204,7 @@ async fn a_restarted_agent_keeps_its_dial_out_callees_options() {
         "options.muted applied"
     );
 
-    let node = c.node_mut(&owner);
-    node.proc.restart().expect("restart");
-    wait_app(&node.sim, &node.proc).await;
-    node.proc
-        .wait_log("command bus subscribed", WAIT)
-        .expect("the node hears commands");
-    let url = format!("{}/v1/conferences", node.proc.http_url());
-    wait_for_async("participants re-adopted", WAIT, || async {
-        let v = get_json(&url).await;
-        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(2)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    restart_and_readopt(&mut c, &owner, 2).await;
 
     let mut ws = c.client(0).await;
     let list = ws
@@ -254,19 +248,7 @@ async fn a_restarted_agent_keeps_a_held_participant_held() {
     })
     .await;
 
-    let node = c.node_mut(&owner);
-    node.proc.restart().expect("restart");
-    wait_app(&node.sim, &node.proc).await;
-    node.proc
-        .wait_log("command bus subscribed", WAIT)
-        .expect("the node hears commands");
-    let url = format!("{}/v1/conferences", node.proc.http_url());
-    wait_for_async("participants re-adopted", WAIT, || async {
-        let v = get_json(&url).await;
-        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(2)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    restart_and_readopt(&mut c, &owner, 2).await;
 
     let mut ws = c.client(0).await;
     let list = ws
