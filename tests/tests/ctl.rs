@@ -196,6 +196,35 @@ async fn ctl_dials_out_and_follows_the_call() {
         "the callee is in the conference"
     );
 
+    // Participant commands reach the caller (each path built from the same pieces).
+    for (args, want) in [
+        (
+            vec!["participants", "mute", "ctl-room", a.as_str()],
+            "muted",
+        ),
+        (
+            vec!["participants", "dtmf", "ctl-room", a.as_str(), "12#"],
+            "digits sent",
+        ),
+        (
+            vec!["participants", "unmute", "ctl-room", a.as_str()],
+            "unmuted",
+        ),
+        (vec!["participants", "kick", "ctl-room", callid], "kicked"),
+    ] {
+        let (ok, out, err) = ctl_async(&url, &args).await;
+        assert!(ok, "{args:?}: {err}");
+        assert!(out.contains(want), "{args:?}: {out}");
+    }
+    let snap = s.sim.snapshot();
+    let caller = snap.channel(&a).expect("caller still there");
+    assert_eq!(caller.dtmf_sent, "12#");
+    assert!(!caller.bridge_mute, "muted, then unmuted");
+    assert!(
+        snap.channel(callid).is_none_or(|c| c.bridge.is_none()),
+        "the callee was kicked"
+    );
+
     // A busy callee: the status with its SIP code and cause, and a failing exit.
     s.sim.set_originate_behavior(
         EndpointMatch::exact("PJSIP/+15555550102@trunk"),

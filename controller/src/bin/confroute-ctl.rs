@@ -482,7 +482,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         },
         Cmd::Participants { cmd } => {
-            let (method, path, body, what) = match cmd {
+            // (method, conference, participant, action after the participant, body, done)
+            let (method, conference, participant, action, body, what) = match cmd {
                 PartCmd::List { conference } => {
                     let v = api
                         .call(
@@ -499,14 +500,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    vec![
-                        "v1".into(),
-                        "conferences".into(),
-                        conference.clone(),
-                        "participants".into(),
-                        participant.clone(),
-                        "mute".into(),
-                    ],
+                    conference,
+                    participant,
+                    Some("mute"),
                     None,
                     "muted",
                 ),
@@ -515,14 +511,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    vec![
-                        "v1".into(),
-                        "conferences".into(),
-                        conference.clone(),
-                        "participants".into(),
-                        participant.clone(),
-                        "unmute".into(),
-                    ],
+                    conference,
+                    participant,
+                    Some("unmute"),
                     None,
                     "unmuted",
                 ),
@@ -531,14 +522,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    vec![
-                        "v1".into(),
-                        "conferences".into(),
-                        conference.clone(),
-                        "participants".into(),
-                        participant.clone(),
-                        "hold".into(),
-                    ],
+                    conference,
+                    participant,
+                    Some("hold"),
                     None,
                     "on hold",
                 ),
@@ -547,14 +533,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::POST,
-                    vec![
-                        "v1".into(),
-                        "conferences".into(),
-                        conference.clone(),
-                        "participants".into(),
-                        participant.clone(),
-                        "unhold".into(),
-                    ],
+                    conference,
+                    participant,
+                    Some("unhold"),
                     None,
                     "off hold",
                 ),
@@ -563,13 +544,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                 } => (
                     Method::DELETE,
-                    vec![
-                        "v1".into(),
-                        "conferences".into(),
-                        conference.clone(),
-                        "participants".into(),
-                        participant.clone(),
-                    ],
+                    conference,
+                    participant,
+                    None,
                     None,
                     "kicked",
                 ),
@@ -579,14 +556,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     digits,
                 } => (
                     Method::POST,
-                    vec![
-                        "v1".into(),
-                        "conferences".into(),
-                        conference.clone(),
-                        "participants".into(),
-                        participant.clone(),
-                        "dtmf".into(),
-                    ],
+                    conference,
+                    participant,
+                    Some("dtmf"),
                     Some(json!({"digits": digits})),
                     "digits sent",
                 ),
@@ -596,19 +568,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     to,
                 } => (
                     Method::POST,
-                    vec![
-                        "v1".into(),
-                        "conferences".into(),
-                        conference.clone(),
-                        "participants".into(),
-                        participant.clone(),
-                        "move".into(),
-                    ],
+                    conference,
+                    participant,
+                    Some("move"),
                     Some(json!({"to": to})),
                     "moved",
                 ),
             };
-            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            let mut path = vec![
+                "v1",
+                "conferences",
+                &conference,
+                "participants",
+                &participant,
+            ];
+            path.extend(action);
             let v = api.call(method, &path, body).await?;
             done(&v, what);
         }
