@@ -15,6 +15,16 @@ pub fn single(url: &str) -> RedisConfig {
     }
 }
 
+/// Settings for a primary whose claims wait for one replica, within a 500 ms Redis timeout
+/// (so a claim's WAIT gets 250 ms).
+pub fn replicated(url: &str) -> RedisConfig {
+    RedisConfig {
+        wait_replicas: 1,
+        timeout: Duration::from_millis(500),
+        ..single(url)
+    }
+}
+
 /// Settings for a Redis Cluster with these seeds.
 pub fn cluster(seeds: &[String]) -> RedisConfig {
     RedisConfig {
@@ -115,6 +125,11 @@ pub fn http() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("http client")
+}
+
+/// GETs `url` as JSON; `None` while it cannot be fetched or read (for polls with a deadline).
+pub async fn try_get_json(url: &str) -> Option<serde_json::Value> {
+    http().get(url).send().await.ok()?.json().await.ok()
 }
 
 /// The value of one series in a Prometheus text exposition (`name{labels}` exactly as

@@ -122,9 +122,7 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacknowledged_claim_is_not_routed_until_a_replica_has_it() {
     let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
-    let mut cfg = fixtures::single(&primary.url());
-    cfg.wait_replicas = 1;
-    cfg.timeout = Duration::from_millis(500);
+    let cfg = fixtures::replicated(&primary.url());
     let store = fixtures::store(&cfg);
     store
         .register(&fixtures::node("node-a", 100), Duration::from_secs(300))

@@ -168,14 +168,7 @@ async fn ctl_dials_out_and_follows_the_call() {
     let url = controller.http_url();
     let nodes = format!("{url}/v1/nodes");
     wait_for_async("the controller sees the node", WAIT, || async {
-        let v: serde_json::Value = fixtures::http()
-            .get(&nodes)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = fixtures::try_get_json(&nodes).await?;
         (v["items"].as_array().map(Vec::len) == Some(1)).then_some(())
     })
     .await

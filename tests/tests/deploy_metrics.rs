@@ -439,14 +439,8 @@ impl Prometheus {
 
     /// The result vector of an instant query, or None while the query fails.
     async fn query(&self, q: &str) -> Option<Vec<Value>> {
-        let v: Value = fixtures::http()
-            .get(format!("{}/api/v1/query?{}", self.url, encode("query", q)))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let url = format!("{}/api/v1/query?{}", self.url, encode("query", q));
+        let v = fixtures::try_get_json(&url).await?;
         (v["status"] == "success")
             .then(|| v["data"]["result"].as_array().cloned().unwrap_or_default())
     }

@@ -153,14 +153,7 @@ async fn wait_ari(c: &Cluster, node: &str, up: bool) {
         &format!("{node} reported with ARI up={up}"),
         WAIT,
         || async {
-            let v: serde_json::Value = fixtures::http()
-                .get(&url)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = fixtures::try_get_json(&url).await?;
             (v["ari"] == json!(up)).then_some(())
         },
     )

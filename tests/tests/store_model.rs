@@ -774,9 +774,7 @@ async fn every_operation_behind_sentinel() {
 #[tokio::test]
 async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
     let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
-    let mut cfg = fixtures::single(&primary.url());
-    cfg.wait_replicas = 1;
-    cfg.timeout = Duration::from_millis(500);
+    let cfg = fixtures::replicated(&primary.url());
     let store = fixtures::store(&cfg);
     store
         .register(&node("node-a", 100), LONG)

@@ -81,14 +81,7 @@ impl Cluster {
         for c in &controllers {
             let url = format!("{}/v1/nodes", c.http_url());
             wait_for_async("the controller sees both nodes", WAIT, || async {
-                let v: Value = fixtures::http()
-                    .get(&url)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let v = fixtures::try_get_json(&url).await?;
                 (v["items"].as_array().map(Vec::len) == Some(2)).then_some(())
             })
             .await
