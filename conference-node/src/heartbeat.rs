@@ -30,7 +30,11 @@ fn info(node: &Node) -> NodeInfo {
 /// Registers the node (at start, and when a heartbeat finds the record gone).
 pub async fn register(node: &Node) -> bool {
     let (_, version) = node.state_versioned();
-    match node.store.register(&info(node), lease(node)).await {
+    match node
+        .store
+        .register_agent(&info(node), lease(node), node.ari_available())
+        .await
+    {
         Ok(previous) => {
             node.redis_ok.store(true, Ordering::SeqCst);
             node.state_written(version);

@@ -475,11 +475,11 @@ impl Node {
         lock(&self.playbacks).remove(id);
     }
 
-    /// Whether the node can take new conferences as far as ARI goes: false once the events
-    /// WebSocket it had is lost, until it is back. Before the first connection it counts as
-    /// up, so a starting agent is placed on as soon as it registers, as before.
+    /// Whether the node can take new conferences as far as ARI goes: false while the events
+    /// WebSocket is down, including before its first connection: an agent that never reached
+    /// its Asterisk (wrong URL or password, Asterisk not up yet) can admit nobody.
     pub fn ari_available(&self) -> bool {
-        self.ari_connected.load(Ordering::SeqCst) || self.connection() == 0
+        self.ari_connected.load(Ordering::SeqCst)
     }
 
     /// The events WebSocket connection in place now (counted from 1).

@@ -210,3 +210,33 @@ async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
     }
     assert!(on_a > 0, "node-a gets new conferences again");
 }
+
+/// Invariant 4 from the first moment: an agent that never reached its Asterisk (here a wrong
+/// ARI password) registers, but no conference is placed on it until its ARI is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_agent_never_reached_ari_gets_no_conference() {
+    let c = Cluster::start(1).await;
+    let sim = sim().await;
+    let node = NodeProc::start(
+        "node-z",
+        &env(
+            &sim,
+            &c.cfg,
+            &[("CONFROUTE_ARI__PASSWORD", "not-the-password")],
+        ),
+    )
+    .expect("node");
+    let url = format!("{}/v1/nodes/node-z", c.controller.http_url());
+    let seen = wait_for_async("node-z registered", WAIT, || async {
+        let v = fixtures::try_get_json(&url).await?;
+        (v["id"] == json!("node-z")).then_some(v)
+    })
+    .await
+    .expect("node-z registered");
+    assert_eq!(seen["ari"], json!(false), "{seen}\n{}", node.output());
+    for i in 0..20 {
+        let conf = format!("new-{i}");
+        assert_eq!(c.route_http(&conf).await, "node-a", "{conf}");
+    }
+    assert!(sim.snapshot().bridges.is_empty(), "{}", node.output());
+}

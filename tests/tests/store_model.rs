@@ -163,6 +163,38 @@ async fn claim_skips_a_node_whose_ari_is_down_but_keeps_its_conferences() {
     );
 }
 
+/// Invariant 4 from registration: an agent that registers with its ARI down is no candidate
+/// before any heartbeat, and a registration that says nothing of ARI does not inherit the
+/// last life's state.
+#[tokio::test]
+async fn an_agent_registered_with_ari_down_is_no_candidate() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store
+        .register_agent(&node("a", 10), LONG, false)
+        .await
+        .expect("register");
+    let none = store.claim(&name("room"), &[id("a")]).await.expect("claim");
+    assert_eq!(none.kind, ClaimKind::NoCapacity);
+    assert_eq!(none.skipped, 1);
+    let nodes = store.list_nodes().await.expect("list");
+    assert!(!nodes[0].load.ari, "the record says ARI is down");
+
+    store
+        .register(&node("a", 10), LONG)
+        .await
+        .expect("register");
+    let placed = store.claim(&name("room"), &[id("a")]).await.expect("claim");
+    assert_eq!(placed.owner, Some(owner("a", 1)));
+
+    store
+        .register_agent(&node("a", 10), LONG, true)
+        .await
+        .expect("register");
+    let more = store.claim(&name("more"), &[id("a")]).await.expect("claim");
+    assert_eq!(more.owner, Some(owner("a", 1)));
+}
+
 #[tokio::test]
 async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
     let redis = RedisServer::start().expect("redis");

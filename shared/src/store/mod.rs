@@ -485,10 +485,31 @@ impl Store {
     }
 
     /// Announces a node with a lease; returns the state its previous record had, if any.
+    /// The record says nothing of ARI until a heartbeat does, which counts as up.
     pub async fn register(
         &self,
         node: &NodeInfo,
         lease: Duration,
+    ) -> Result<Option<NodeState>, StoreError> {
+        self.register_with_ari(node, lease, None).await
+    }
+
+    /// Announces a node agent with a lease and whether its ARI events WebSocket is up, so an
+    /// agent that has not reached its Asterisk is not placed on before its first heartbeat.
+    pub async fn register_agent(
+        &self,
+        node: &NodeInfo,
+        lease: Duration,
+        ari: bool,
+    ) -> Result<Option<NodeState>, StoreError> {
+        self.register_with_ari(node, lease, Some(ari)).await
+    }
+
+    async fn register_with_ari(
+        &self,
+        node: &NodeInfo,
+        lease: Duration,
+        ari: Option<bool>,
     ) -> Result<Option<NodeState>, StoreError> {
         let key = self.node_key(&node.id);
         let script = &self.scripts.register;
@@ -505,6 +526,7 @@ impl Store {
                     .arg(&node.zone)
                     .arg(node.capacity)
                     .arg(node.state.as_str())
+                    .arg(ari.map(|up| if up { "1" } else { "0" }))
                     .invoke_async(&mut c)
                     .await
             })

@@ -1,7 +1,10 @@
 -- register: announce a node with a lease (invariant 3: a crashed node's record expires).
 -- KEYS[1] node record, KEYS[2] node index.
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] lease (ms), ARGV[4] sip_uri, ARGV[5] control,
--- ARGV[6] zone, ARGV[7] capacity, ARGV[8] state.
+-- ARGV[6] zone, ARGV[7] capacity, ARGV[8] state, ARGV[9] (optional) '1'/'0': the agent's
+-- ARI events WebSocket is up. It keeps invariant 4 from the first moment: an agent that has
+-- not reached its Asterisk yet can admit nobody, so claim.lua must not place on it. Without
+-- ARGV[9] (a registration that does not know) the field is removed: unknown counts as up.
 -- Returns the state the record had before (false when it did not exist).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -12,6 +15,12 @@ redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5
   'participants', 0, 'cpu', 0, 'registered_ms', now, 'updated_ms', now)
 -- A new registration is a new life: a stopping mark of the last one does not carry over.
 redis.call('HDEL', KEYS[1], 'stopping')
+-- Nor does the last life's ARI state.
+if ARGV[9] then
+  redis.call('HSET', KEYS[1], 'ari', ARGV[9])
+else
+  redis.call('HDEL', KEYS[1], 'ari')
+end
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
 local set = ARGV[1] .. 'node:' .. ARGV[2] .. ':confs'
