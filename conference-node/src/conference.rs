@@ -9,6 +9,7 @@
 //! one per conference (reset when the conference starts again on this node).
 
 mod commands;
+mod settings;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -289,6 +290,9 @@ struct Conference {
     record: Record,
     recording: Option<String>,
     callbacks: Option<Callbacks>,
+    /// The conference's settings as kept in Redis, and whether the record has them.
+    settings: String,
+    settings_saved: bool,
     beeps: u64,
     /// Sequence number of the last event published on the bus.
     seq: u64,
@@ -314,6 +318,8 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         record: Record::DoNotRecord,
         recording: None,
         callbacks: None,
+        settings: String::new(),
+        settings_saved: false,
         beeps: 0,
         seq: 0,
         dialing: HashMap::new(),
@@ -421,7 +427,9 @@ impl Conference {
         }
     }
 
-    fn activate(&mut self, epoch: u64, opts: &Options) {
+    /// Starts the conference's life on this node with the settings of `opts`; `sid` is the
+    /// ConferenceSid of an adopted conference's callbacks (a new one otherwise).
+    fn activate(&mut self, epoch: u64, opts: &Options, sid: Option<String>) {
         let (main, holding) = bridge_ids(&self.name, epoch, rand::random());
         self.phase = Phase::Active;
         self.epoch = epoch;
@@ -435,8 +443,10 @@ impl Conference {
         self.recording = None;
         self.beeps = 0;
         self.seq = 0;
+        let sid = sid.unwrap_or_else(|| format!("CF{:032x}", rand::random::<u128>()));
+        self.settings = settings::encode(opts, Some(&sid));
+        self.settings_saved = false;
         self.callbacks = (!opts.status_callback.is_empty()).then(|| {
-            let sid = format!("CF{:032x}", rand::random::<u128>());
             Callbacks::start(
                 self.node.webhook_http.clone(),
                 opts.status_callback.clone(),
@@ -458,7 +468,7 @@ impl Conference {
         match self.fence().await {
             Fence::Owned(epoch) => match self.phase {
                 Phase::Idle => {
-                    self.activate(epoch, opts);
+                    self.activate(epoch, opts, None);
                     self.find_bridges().await;
                 }
                 // A Lost conference may win its claim back at the epoch it had (epochs
@@ -472,6 +482,8 @@ impl Conference {
                     }
                     self.phase = Phase::Active;
                     self.epoch = epoch;
+                    // A new claim is a new record: the next count writes the settings.
+                    self.settings_saved = false;
                     // The heartbeat renews what the view says is active.
                     self.publish();
                 }
@@ -1095,6 +1107,9 @@ impl Conference {
             HostedStatus::Owned => {}
             HostedStatus::Reclaimed => {
                 tracing::info!(conference = %self.name, epoch = self.epoch, "claim had expired while Redis was away; the heartbeat claimed it again");
+                // The record was made anew without the settings.
+                self.settings_saved = false;
+                self.counts_changed().await;
             }
             HostedStatus::Lost => {
                 let owner = match self.node.store.lookup(&self.name).await {
@@ -1118,6 +1133,7 @@ impl Conference {
                     Fence::Owned(e) => {
                         tracing::info!(conference = %self.name, epoch = e, "claim re-established after it expired");
                         self.epoch = e;
+                        self.settings_saved = false;
                         self.counts_changed().await;
                     }
                     Fence::Elsewhere { node, .. } => self.lost(&node).await,
@@ -1191,11 +1207,6 @@ impl Conference {
                 }
                 return false;
             }
-            let (defaults, _) = options::resolve(
-                &self.node.cfg.conference,
-                &self.node.cfg.profiles,
-                &BTreeMap::new(),
-            );
             let fence = self.fence().await;
             let owned_epoch = match &fence {
                 Fence::Owned(e) => Some(*e),
@@ -1205,7 +1216,8 @@ impl Conference {
                 }
                 _ => None,
             };
-            self.activate(owned_epoch.unwrap_or(0), &defaults);
+            let (opts, sid) = self.kept_settings().await;
+            self.activate(owned_epoch.unwrap_or(0), &opts, sid);
             if let Some(b) = &main {
                 self.main = b.id.clone();
                 self.main_created = true;
@@ -1279,6 +1291,34 @@ impl Conference {
             }
         }
         self.phase == Phase::Active
+    }
+
+    /// The settings the conference was started with, as its record in Redis keeps them, for
+    /// adopting it after a restart; the configuration's defaults when there are none.
+    async fn kept_settings(&self) -> (Options, Option<String>) {
+        let cfg = &self.node.cfg;
+        let kept = match self.node.store.conference_settings(&self.name).await {
+            Ok(Some(text)) => settings::decode(&cfg.conference, &cfg.profiles, &text).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        };
+        match kept {
+            Ok(Some(kept)) => kept,
+            Ok(None) => {
+                tracing::info!(conference = %self.name, "no settings recorded for the conference; adopting it with the configured defaults");
+                (
+                    options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0,
+                    None,
+                )
+            }
+            Err(why) => {
+                tracing::warn!(conference = %self.name, error = %why, "cannot read the conference's settings; adopting it with the configured defaults");
+                (
+                    options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0,
+                    None,
+                )
+            }
+        }
     }
 
     /// A participant found in one of the conference's bridges after a restart, with the
@@ -1396,13 +1436,14 @@ impl Conference {
             node: self.node.id.clone(),
             epoch: self.epoch,
         };
+        let settings = (!self.settings_saved).then_some(self.settings.as_str());
         match self
             .node
             .store
-            .set_participants(&self.name, &owner, self.participants.len() as u32)
+            .set_participants(&self.name, &owner, self.participants.len() as u32, settings)
             .await
         {
-            Ok(true) => {}
+            Ok(true) => self.settings_saved = true,
             Ok(false) => {
                 let owner = match self.node.store.lookup(&self.name).await {
                     Ok(Some(rec)) => rec.owner.node,

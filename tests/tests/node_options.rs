@@ -468,3 +468,68 @@ async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
         8.0
     );
 }
+
+/// What the first caller set for the whole conference (its size, its status callbacks and
+/// their ConferenceSid) outlives a restart of the agent: the conference is adopted with it,
+/// not with the configured defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conference() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(
+        &s.sim,
+        "kept",
+        &[
+            ("CONFROUTE_MAX_PARTICIPANTS", "2"),
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start join"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    let store = fixtures::store(&s.cfg);
+    let name = confroute_shared::name::ConferenceName::parse("kept").expect("name");
+    wait_for_async("settings recorded", WAIT, || async {
+        store.conference_settings(&name).await.ok().flatten()
+    })
+    .await
+    .expect("settings in Redis");
+    wait_for_async("start callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 2).then_some(())
+    })
+    .await
+    .expect("join and start delivered");
+
+    s.node.process().kill();
+    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    let view = format!("{}/v1/conferences", s.node.http_url());
+    wait_for_async("re-adopted", WAIT, || async {
+        let v = fixtures::try_get_json(&view).await?;
+        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+
+    let b = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    let c = dial(&s.sim, "kept", &[]).await;
+    assert_eq!(
+        wait_hangup(&s.sim, &c).await,
+        17,
+        "the room of two is still full at two"
+    );
+    wait_for_async("the join after the restart", WAIT, || async {
+        (got.lock().expect("lock").len() == 3).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got[2]["StatusCallbackEvent"], "participant-join");
+    assert_eq!(got[2]["CallSid"], b);
+    assert_eq!(
+        got[2]["ConferenceSid"], got[0]["ConferenceSid"],
+        "the same conference to the application"
+    );
+}

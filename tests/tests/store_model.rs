@@ -215,7 +215,7 @@ async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
     assert_eq!(busy.owner, Some(owner("a", 1)));
     assert_eq!(empty.owner, Some(owner("a", 1)));
     assert!(store
-        .set_participants(&name("busy"), &owner("a", 1), 3)
+        .set_participants(&name("busy"), &owner("a", 1), 3, None)
         .await
         .expect("participants"));
 
@@ -280,7 +280,7 @@ async fn release_is_compare_and_delete() {
         assert!(store.lookup(&name("x")).await.expect("lookup").is_some());
         assert!(!store.renew(&name("x"), &stale).await.expect("renew"));
         assert!(!store
-            .set_participants(&name("x"), &stale, 9)
+            .set_participants(&name("x"), &stale, 9, None)
             .await
             .expect("participants"));
     }
@@ -681,7 +681,7 @@ async fn exercise_every_operation(store: &Store) {
         .expect("claim");
     assert_eq!(c.owner, Some(owner("a", 1)));
     assert!(store
-        .set_participants(&name("room"), &owner("a", 1), 2)
+        .set_participants(&name("room"), &owner("a", 1), 2, None)
         .await
         .expect("participants"));
     assert!(store
@@ -918,4 +918,51 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
         .expect("lookup")
         .expect("exists");
     assert!(!confirmed.unconfirmed, "acknowledged at last: confirmed");
+}
+
+/// The settings an agent keeps beside its claim are written only by the owner at its epoch,
+/// and a new home does not inherit the last home's (invariant 2).
+#[tokio::test]
+async fn conference_settings_belong_to_the_current_home() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    for n in ["a", "b"] {
+        store.register(&node(n, 10), LONG).await.expect("register");
+    }
+    let room = name("room");
+    store.claim(&room, &[id("a")]).await.expect("claim");
+    assert_eq!(store.conference_settings(&room).await.expect("read"), None);
+    assert!(store
+        .set_participants(&room, &owner("a", 1), 1, Some("from-a"))
+        .await
+        .expect("write"));
+    assert!(!store
+        .set_participants(&room, &owner("b", 1), 1, Some("from-b"))
+        .await
+        .expect("write"));
+    assert_eq!(
+        store.conference_settings(&room).await.expect("read"),
+        Some("from-a".to_string())
+    );
+    assert!(store
+        .set_participants(&room, &owner("a", 1), 0, None)
+        .await
+        .expect("write"));
+    assert_eq!(
+        store.conference_settings(&room).await.expect("read"),
+        Some("from-a".to_string()),
+        "a count alone leaves the settings"
+    );
+
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("drain");
+    let moved = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    assert_eq!(
+        store.conference_settings(&room).await.expect("read"),
+        None,
+        "the new home starts without the old home's settings"
+    );
 }

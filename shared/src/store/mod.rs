@@ -462,12 +462,14 @@ impl Store {
         .await
     }
 
-    /// Records the participant count of a conference this owner holds; false if not owner.
+    /// Records the participant count of a conference this owner holds, and with `settings`
+    /// the opaque settings its agent keeps across a restart; false if not owner.
     pub async fn set_participants(
         &self,
         name: &ConferenceName,
         owner: &Owner,
         count: u32,
+        settings: Option<&str>,
     ) -> Result<bool, StoreError> {
         let key = self.conf_key(name.as_str());
         let script = &self.scripts.participants;
@@ -477,9 +479,27 @@ impl Store {
                 .arg(owner.node.as_str())
                 .arg(owner.epoch)
                 .arg(count)
+                .arg(settings)
                 .invoke_async::<i64>(&mut c)
                 .await
                 .map(|n| n == 1)
+        })
+        .await
+    }
+
+    /// The settings its owner recorded with [`Store::set_participants`] for the conference's
+    /// current home, if any.
+    pub async fn conference_settings(
+        &self,
+        name: &ConferenceName,
+    ) -> Result<Option<String>, StoreError> {
+        let key = self.conf_key(name.as_str());
+        self.run("conference_settings", |mut c| async move {
+            redis::cmd("HGET")
+                .arg(&key)
+                .arg("settings")
+                .query_async::<Option<String>>(&mut c)
+                .await
         })
         .await
     }

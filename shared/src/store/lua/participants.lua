@@ -1,11 +1,13 @@
 -- participants: record a conference's participant count, only for its owner at its epoch.
 -- Keeps invariant 2: the count decides whether a non-serving owner may be replaced, so a
 -- stale owner must not be able to write it.
--- KEYS[1] conference record. ARGV[1] node id, ARGV[2] epoch, ARGV[3] count.
+-- KEYS[1] conference record. ARGV[1] node id, ARGV[2] epoch, ARGV[3] count, ARGV[4]
+-- (optional) the conference's settings, kept for an agent that restarts (same owner check).
 -- Returns 1 when written, 0 when the caller is not the owner at that epoch.
 local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
 if r[1] == ARGV[1] and r[2] == ARGV[2] then
   redis.call('HSET', KEYS[1], 'participants', tonumber(ARGV[3]))
+  if ARGV[4] then redis.call('HSET', KEYS[1], 'settings', ARGV[4]) end
   return 1
 end
 return 0

@@ -1,0 +1,100 @@
+//! What a conference keeps for its whole life (room size, recording, status callbacks and
+//! their ConferenceSid), fixed by the caller that started it. The agent records them beside
+//! the conference's claim in Redis, so that after a restart it adopts the conference with
+//! them rather than with the configuration's defaults.
+//!
+//! They are written as the channel variables that would have set them, so reading them back
+//! goes through the same resolution (and the same checks) as a caller's options.
+
+use std::collections::BTreeMap;
+
+use crate::config::{ConferenceDefaults, Profile};
+use crate::options::{self, Options, Record};
+
+/// The key of the ConferenceSid beside the option variables.
+const SID: &str = "sid";
+
+/// The settings of a conference started with `opts`, with the ConferenceSid of its status
+/// callbacks, as the text kept in Redis.
+pub fn encode(opts: &Options, sid: Option<&str>) -> String {
+    let mut vars: BTreeMap<&str, String> = BTreeMap::new();
+    vars.insert(
+        options::VAR_MAX_PARTICIPANTS,
+        opts.max_participants.to_string(),
+    );
+    let record = match opts.record {
+        Record::DoNotRecord => "do-not-record",
+        Record::RecordFromStart => "record-from-start",
+    };
+    vars.insert(options::VAR_RECORD, record.to_string());
+    vars.insert(options::VAR_STATUS_CALLBACK, opts.status_callback.clone());
+    let events: Vec<String> = opts
+        .status_callback_event
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    vars.insert(options::VAR_STATUS_CALLBACK_EVENT, events.join(" "));
+    if let Some(sid) = sid {
+        vars.insert(SID, sid.to_string());
+    }
+    serde_json::to_string(&vars).unwrap_or_default()
+}
+
+/// The options and ConferenceSid that `text` records, on top of the configuration's
+/// defaults; `None` (with the reason) when the text is not settings this agent wrote.
+pub fn decode(
+    defaults: &ConferenceDefaults,
+    profiles: &BTreeMap<String, Profile>,
+    text: &str,
+) -> Result<(Options, Option<String>), String> {
+    let mut vars: BTreeMap<String, String> =
+        serde_json::from_str(text).map_err(|e| format!("not a settings object: {e}"))?;
+    let sid = vars.remove(SID);
+    let (opts, warnings) = options::resolve(defaults, profiles, &vars);
+    match warnings.first() {
+        Some(w) => Err(format!("{}: {}", w.variable, w.message)),
+        None => Ok((opts, sid)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::CallbackEvent;
+
+    fn defaults() -> ConferenceDefaults {
+        ConferenceDefaults::default()
+    }
+
+    #[test]
+    fn settings_round_trip() {
+        let (mut opts, _) = options::resolve(&defaults(), &BTreeMap::new(), &BTreeMap::new());
+        opts.max_participants = 7;
+        opts.record = Record::RecordFromStart;
+        opts.status_callback = "https://app.example/events".into();
+        opts.status_callback_event = vec![CallbackEvent::Start, CallbackEvent::Join];
+        let text = encode(&opts, Some("CF0123"));
+        let (back, sid) = decode(&defaults(), &BTreeMap::new(), &text).expect("decodes");
+        assert_eq!(back.max_participants, 7);
+        assert_eq!(back.record, Record::RecordFromStart);
+        assert_eq!(back.status_callback, "https://app.example/events");
+        assert_eq!(
+            back.status_callback_event,
+            vec![CallbackEvent::Start, CallbackEvent::Join]
+        );
+        assert_eq!(sid.as_deref(), Some("CF0123"));
+    }
+
+    #[test]
+    fn foreign_settings_are_refused_with_the_reason() {
+        let err = decode(&defaults(), &BTreeMap::new(), "[1]").expect_err("not an object");
+        assert!(err.contains("not a settings object"), "{err}");
+        let err = decode(
+            &defaults(),
+            &BTreeMap::new(),
+            r#"{"CONFROUTE_MAX_PARTICIPANTS":"lots"}"#,
+        )
+        .expect_err("bad value");
+        assert!(err.starts_with("CONFROUTE_MAX_PARTICIPANTS"), "{err}");
+    }
+}
