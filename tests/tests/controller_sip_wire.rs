@@ -699,3 +699,33 @@ async fn retransmissions_keep_their_to_tag_cancel_needs_its_invite_and_options_h
         1.0
     );
 }
+
+/// On a wildcard listener (IPv4 and dual-stack) an answer leaves from the address its request
+/// was sent to (RFC 3261 §18.2.2), not the one the kernel's route picks: 127.0.0.2 here,
+/// where the route back to 127.0.0.1 would pick 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_answers_leave_from_the_address_the_request_was_sent_to() {
+    for wildcard in ["0.0.0.0", "[::]"] {
+        let port = confroute_tests::harness::free_udp_tcp_port();
+        let listen = format!("{wildcard}:{port}");
+        let s = setup(&[("CONFROUTE_SIP__LISTEN", listen.as_str())]).await;
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let me = socket.local_addr().expect("addr").port();
+        let options = format!(
+            "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKsrc\r\n\
+             From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: src@test\r\n\
+             CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        );
+        let target = SocketAddr::from(([127, 0, 0, 2], port));
+        socket.send_to(options.as_bytes(), target).expect("send");
+        let mut buf = [0u8; 4096];
+        let (n, from) = socket.recv_from(&mut buf).expect("an answer");
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert_eq!(status(&answer), 200, "{answer}");
+        assert_eq!(from, target, "answer's source on {listen}");
+        drop(s);
+    }
+}

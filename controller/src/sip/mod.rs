@@ -2,6 +2,7 @@
 
 pub mod handler;
 pub mod message;
+pub mod pktinfo;
 pub mod response;
 pub mod server;
 pub mod transactions;

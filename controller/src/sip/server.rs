@@ -1,7 +1,7 @@
 //! SIP over UDP and TCP: receiving, framing (Content-Length on streams, pipelined requests,
 //! CRLF keepalives) and sending answers.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::handler::SipService;
 use super::message::header_end;
+use super::pktinfo;
 use crate::config::Transport;
 
 /// Requests of one TCP connection being answered at once. Past it the connection is not
@@ -35,7 +36,7 @@ pub struct TcpLimits {
 pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_message: usize) {
     let mut buf = vec![0u8; max_message.max(1024) + 1];
     loop {
-        let (len, source) = match socket.recv_from(&mut buf).await {
+        let (len, source, local) = match pktinfo::recv(&socket, &mut buf).await {
             Ok(v) => v,
             Err(e) => {
                 // ICMP port-unreachable from an earlier send surfaces here on Linux; it says
@@ -59,17 +60,18 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_mes
             // Boxed so the task holds a pointer, not the whole routing state machine.
             tokio::spawn(Box::pin(async move {
                 if let Some(out) = service.handle(&packet, source, Transport::Udp).await {
-                    send(&socket, &out.bytes, out.to).await;
+                    send(&socket, &out.bytes, out.to, local).await;
                 }
             }));
         } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
-            send(&socket, &out.bytes, out.to).await;
+            send(&socket, &out.bytes, out.to, local).await;
         }
     }
 }
 
-async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    if let Err(e) = socket.send_to(bytes, to).await {
+/// Sends an answer from `local`, the address its request came to (when known).
+async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr, local: Option<IpAddr>) {
+    if let Err(e) = pktinfo::send(socket, bytes, to, local).await {
         tracing::debug!(error = %e, %to, "udp send failed");
     }
 }
@@ -92,7 +94,12 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    let socket = UdpSocket::from_std(socket.into())?;
+    // On a wildcard address, answers name the address each request came to as their source.
+    if let Err(e) = pktinfo::enable(&socket) {
+        tracing::warn!(error = %e, %addr, "cannot learn the destination address of datagrams; answers leave from the address the kernel's routes pick");
+    }
+    Ok(socket)
 }
 
 fn force_buffer(socket: &socket2::Socket, option: libc::c_int, size: usize) -> std::io::Result<()> {
