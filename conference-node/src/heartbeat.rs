@@ -64,7 +64,9 @@ pub async fn run(node: Arc<Node>) {
             _ = tick.tick() => {}
             _ = node.ari_changed.notified() => {}
         }
+        let n = node.beats_started.fetch_add(1, Ordering::SeqCst) + 1;
         beat(&node, cpu.sample()).await;
+        node.beats_done.send_replace(n);
     }
 }
 

@@ -21,6 +21,7 @@ use crate::config::NodeConfig;
 use crate::dialout::Dialouts;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use futures_util::future::BoxFuture;
 
 /// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,6 +107,11 @@ pub struct Node {
     /// `ari` changes at once rather than a heartbeat later: callers arriving right after a
     /// reconnection find the node placeable again.
     pub ari_changed: Notify,
+    /// Heartbeats started, and the last one finished, so the events WebSocket can wait for a
+    /// heartbeat that saw it connected (see [`Sink`]).
+    pub beats_started: AtomicU64,
+    /// The number of the last heartbeat finished.
+    pub beats_done: watch::Sender<u64>,
     /// Events WebSocket connections made so far.
     connections: AtomicU64,
     /// The connection under which the last complete reconciliation ran.
@@ -160,6 +166,8 @@ impl Node {
             redis_ok: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
             ari_changed: Notify::new(),
+            beats_started: AtomicU64::new(0),
+            beats_done: watch::channel(0).0,
             connections: AtomicU64::new(0),
             reconciled_under: AtomicU64::new(0),
             outbox,
@@ -659,11 +667,20 @@ impl Node {
 pub struct Sink(pub Arc<Node>);
 
 impl EventSink for Sink {
-    fn connected(&self, _reconnect: bool) {
+    /// Completes once a heartbeat that started after the connection has run: Redis then says
+    /// this node's ARI is up before the connection's first event is handled. A caller's
+    /// StasisStart may need the node to claim a new conference for itself, which claim.lua
+    /// refuses to a node whose record says ARI is down.
+    fn connected(&self, _reconnect: bool) -> BoxFuture<'static, ()> {
         self.0.connections.fetch_add(1, Ordering::SeqCst);
         self.0.ari_connected.store(true, Ordering::SeqCst);
+        let wanted = self.0.beats_started.load(Ordering::SeqCst) + 1;
+        let mut done = self.0.beats_done.subscribe();
         self.0.ari_changed.notify_one();
         self.0.request_reconcile();
+        Box::pin(async move {
+            let _ = done.wait_for(|n| *n >= wanted).await;
+        })
     }
 
     fn disconnected(&self) {

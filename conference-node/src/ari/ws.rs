@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -18,8 +19,10 @@ use crate::metrics::Metrics;
 
 /// Receives what happens on the events WebSocket.
 pub trait EventSink: Send + Sync + 'static {
-    /// The WebSocket is up (the app is registered); `reconnect` is false the first time.
-    fn connected(&self, reconnect: bool);
+    /// The WebSocket is up (the app is registered); `reconnect` is false the first time. No
+    /// event of the connection is handed over before the returned future completes (or the
+    /// connect timeout passes), so the sink can first tell others that it is reachable.
+    fn connected(&self, reconnect: bool) -> BoxFuture<'static, ()>;
     /// The WebSocket went away.
     fn disconnected(&self);
     /// One event, in the order Asterisk sent it.
@@ -76,7 +79,15 @@ pub async fn run(
                 }
                 metrics.ari_connected.set(1);
                 tracing::info!(app = %app, reconnect = ever_connected, "ARI events connected");
-                sink.connected(ever_connected);
+                let ready = sink.connected(ever_connected);
+                if tokio::time::timeout(timing.connect_timeout, ready)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the node could not say it is reachable in time; handling events anyway"
+                    );
+                }
                 ever_connected = true;
                 let since = Instant::now();
                 let lost = read_loop(ws, &app, &timing, &metrics, sink.as_ref(), &mut stop).await;
