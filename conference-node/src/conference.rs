@@ -1297,28 +1297,17 @@ impl Conference {
     /// adopting it after a restart; the configuration's defaults when there are none.
     async fn kept_settings(&self) -> (Options, Option<String>) {
         let cfg = &self.node.cfg;
-        let kept = match self.node.store.conference_settings(&self.name).await {
-            Ok(Some(text)) => settings::decode(&cfg.conference, &cfg.profiles, &text).map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e.to_string()),
+        let why = match self.node.store.conference_settings(&self.name).await {
+            Ok(Some(text)) => match settings::decode(&cfg.conference, &cfg.profiles, &text) {
+                Ok(kept) => return kept,
+                Err(e) => e,
+            },
+            Ok(None) => "none recorded".to_string(),
+            Err(e) => e.to_string(),
         };
-        match kept {
-            Ok(Some(kept)) => kept,
-            Ok(None) => {
-                tracing::info!(conference = %self.name, "no settings recorded for the conference; adopting it with the configured defaults");
-                (
-                    options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0,
-                    None,
-                )
-            }
-            Err(why) => {
-                tracing::warn!(conference = %self.name, error = %why, "cannot read the conference's settings; adopting it with the configured defaults");
-                (
-                    options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0,
-                    None,
-                )
-            }
-        }
+        tracing::warn!(conference = %self.name, reason = %why, "no settings to adopt the conference with; using the configured defaults");
+        let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
+        (defaults, None)
     }
 
     /// A participant found in one of the conference's bridges after a restart, with the

@@ -111,8 +111,10 @@ unsafe fn destination(msg: &libc::msghdr) -> Option<IpAddr> {
         if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
             let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
             let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
-            // A multicast destination is no address to answer from.
-            return (!ip.is_multicast() && !ip.is_unspecified()).then_some(IpAddr::V6(ip));
+            // A multicast destination is no address to answer from, and a link-local one
+            // would need its interface too: the kernel's choice serves both.
+            let usable = !ip.is_multicast() && !ip.is_unspecified() && !ip.is_unicast_link_local();
+            return usable.then_some(IpAddr::V6(ip));
         }
         cmsg = libc::CMSG_NXTHDR(msg, cmsg);
     }
@@ -156,9 +158,18 @@ pub async fn send(
     let Some(from) = from else {
         return socket.send_to(bytes, to).await;
     };
-    socket
+    match socket
         .async_io(Interest::WRITABLE, || send_now(socket, bytes, to, from))
         .await
+    {
+        Ok(n) => Ok(n),
+        // An address the kernel will not send from (removed since the request came): an
+        // answer from another address beats none.
+        Err(e) => {
+            tracing::debug!(error = %e, %from, %to, "cannot answer from the request's address");
+            socket.send_to(bytes, to).await
+        }
+    }
 }
 
 fn send_now(socket: &UdpSocket, bytes: &[u8], to: SocketAddr, from: IpAddr) -> io::Result<usize> {
@@ -271,5 +282,23 @@ mod tests {
         let (n, from) = client.recv_from(&mut buf).await.expect("answer");
         assert_eq!(&buf[..n], b"pong");
         assert_eq!(from, SocketAddr::from(([127, 0, 0, 2], port)));
+    }
+
+    /// An address the host cannot send from (gone since the request came) still gets the
+    /// answer out, from the address the kernel picks.
+    #[tokio::test]
+    async fn an_address_the_host_cannot_send_from_falls_back_to_the_kernels_choice() {
+        let server = UdpSocket::bind("0.0.0.0:0").await.expect("bind");
+        assert!(enable(&server).expect("pktinfo"));
+        let port = server.local_addr().expect("addr").port();
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let to = client.local_addr().expect("addr");
+        let gone = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        assert!(send_now(&server, b"x", to, gone).is_err(), "not ours to send from");
+        send(&server, b"pong", to, Some(gone)).await.expect("send");
+        let mut buf = [0u8; 16];
+        let (n, from) = client.recv_from(&mut buf).await.expect("answer");
+        assert_eq!(&buf[..n], b"pong");
+        assert_eq!(from, SocketAddr::from(([127, 0, 0, 1], port)));
     }
 }
