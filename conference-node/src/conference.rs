@@ -132,6 +132,8 @@ pub struct MoveIn {
     pub options: Options,
     /// Muted in the conference it leaves.
     pub muted: bool,
+    /// Held in the conference it leaves (its channel says so for a restarted agent).
+    pub held: bool,
     /// Caller id number.
     pub caller: String,
     /// The conference it leaves.

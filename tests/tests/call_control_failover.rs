@@ -268,3 +268,54 @@ async fn a_restarted_agent_keeps_a_held_participant_held() {
     })
     .await;
 }
+
+/// A caller held in one conference and moved to another of the same node is not held there;
+/// an agent that restarts while it waits for that conference's start must not take it for
+/// held (its channel still said so), or the start would leave it with the music.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_caller_moved_to_a_waiting_conference_joins_its_start_after_a_restart() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "lobby").await;
+    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
+    let (a, w) = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(sim, "lobby", &waits).await;
+        let w = dial(sim, "stage", &waits).await;
+        wait_bridged(sim, &a).await;
+        wait_bridged(sim, &w).await;
+        (a, w)
+    };
+    let mut ws = c.client(0).await;
+    ws.ok(
+        "participant.hold",
+        json!({"conference": "lobby", "participant": a}),
+    )
+    .await;
+    let r = ws
+        .ok(
+            "participant.move",
+            json!({"conference": "lobby", "participant": a, "to": "stage"}),
+        )
+        .await;
+    assert_eq!(r["moved"], "bridge", "{r}");
+    let list = ws
+        .ok("participant.list", json!({"conference": "stage"}))
+        .await;
+    let held = list["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == a.as_str()))
+        .map(|p| p["held"].clone());
+    assert_eq!(held, Some(json!(false)), "{list}");
+
+    // Only "stage" is left (the lobby ended with its last caller); the agent restarts.
+    restart_and_readopt(&mut c, &owner, 2).await;
+    let sim = &c.node(&owner).sim;
+    let starter = dial(sim, "stage", &[]).await;
+    let main = wait_bridged(sim, &starter).await;
+    until(sim, "both waiters in the mix", |s| {
+        [&a, &w]
+            .iter()
+            .all(|ch| s.channel(ch).and_then(|c| c.bridge.as_deref()) == Some(main.as_str()))
+    })
+    .await;
+}

@@ -399,6 +399,7 @@ impl Conference {
                 },
                 options: p.options.clone(),
                 muted: p.muted,
+                held: p.held,
                 caller: p.caller.clone(),
                 from: self.name.clone(),
                 pending,
@@ -472,6 +473,17 @@ impl Conference {
             return;
         }
         self.node.route(&ch, &self.name);
+        if m.held {
+            // Not held here: a restarted agent must not read the old conference's hold.
+            if let Err(e) = self
+                .node
+                .ari
+                .set_variable(&ch, options::VAR_HELD, "false")
+                .await
+            {
+                tracing::warn!(conference = %self.name, channel = %ch, error = %e, "cannot clear the hold recorded on the channel; a restarted agent may take it for held");
+            }
+        }
         let mut p = Participant::new(opts, waiting, m.muted, m.caller.clone());
         if let Some(tech) = m.channel.name.split('/').next() {
             p.tech = tech.to_string();
