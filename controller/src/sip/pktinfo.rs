@@ -294,7 +294,10 @@ mod tests {
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let to = client.local_addr().expect("addr");
         let gone = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
-        assert!(send_now(&server, b"x", to, gone).is_err(), "not ours to send from");
+        assert!(
+            send_now(&server, b"x", to, gone).is_err(),
+            "not ours to send from"
+        );
         send(&server, b"pong", to, Some(gone)).await.expect("send");
         let mut buf = [0u8; 16];
         let (n, from) = client.recv_from(&mut buf).await.expect("answer");
