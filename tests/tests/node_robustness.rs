@@ -1,6 +1,7 @@
 //! The agent against a tiny fake Asterisk that misbehaves: malformed and unknown events,
 //! unexpected status codes and a REST call that never answers are logged, counted and
 //! survived; the caller involved is hung up with a clear cause and nothing is left behind.
+//! And the events WebSocket holds a new connection's events until the node is ready for them.
 
 mod node_common;
 
@@ -268,4 +269,98 @@ async fn a_websocket_that_stops_answering_pings_is_dropped_and_reconnected() {
     .expect("reconnected");
     let m = scrape(&node.http_url()).await;
     assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
+}
+
+/// The events WebSocket hands over no event of a connection before the sink says it is
+/// ready (the node waits for a heartbeat recording its ARI up): a caller arriving at once is
+/// held back, not handled against a node record that still says ARI is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
+    use confroute_node::ari::ws::{self, EventSink, Timing};
+    use confroute_node::ari::{AriClient, Event};
+    use futures_util::future::BoxFuture;
+    use tokio::sync::{oneshot, watch};
+
+    struct Sink {
+        ready: Mutex<Option<oneshot::Receiver<()>>>,
+        events: mpsc::UnboundedSender<String>,
+    }
+    impl EventSink for Sink {
+        fn connected(&self, _reconnect: bool) -> BoxFuture<'static, ()> {
+            let ready = self.ready.lock().expect("lock").take();
+            let _ = self.events.send("connected".into());
+            Box::pin(async move {
+                if let Some(r) = ready {
+                    let _ = r.await;
+                }
+            })
+        }
+        fn disconnected(&self) {}
+        fn event(&self, event: Event) {
+            let _ = self.events.send(format!("{event:?}"));
+        }
+    }
+
+    // reqwest is built without a default TLS provider; the agent installs this one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sim = node_common::sim().await;
+    let metrics = confroute_node::metrics::Metrics::new().expect("metrics");
+    let client = AriClient::new(
+        &sim.base_url(),
+        sim.username(),
+        confroute_shared::secret::Secret::new(sim.password()),
+        Duration::from_secs(5),
+        metrics.clone(),
+    )
+    .expect("client");
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sink = Arc::new(Sink {
+        ready: Mutex::new(Some(ready_rx)),
+        events: tx,
+    });
+    let timing = Timing {
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(500),
+        ping_interval: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(30),
+    };
+    let (_stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(ws::run(
+        client,
+        "confroute".into(),
+        timing,
+        metrics,
+        sink,
+        stop,
+    ));
+    assert_eq!(rx.recv().await.as_deref(), Some("connected"));
+    assert!(
+        sim.wait_until(WAIT, |s| s
+            .apps
+            .iter()
+            .any(|a| a.name == "confroute" && a.active))
+            .await,
+        "the app is registered"
+    );
+    let caller = node_common::dial(&sim, "early", &[]).await;
+    // The StasisStart is out (the simulator logged it) but the sink has not had it.
+    sim.wait_for_event(WAIT, |e| {
+        e["type"] == "StasisStart" && e["channel"]["id"] == caller.as_str()
+    })
+    .await
+    .expect("Asterisk sent the StasisStart");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "an event reached the sink before it was ready"
+    );
+    ready_tx.send(()).expect("the connection waits");
+    let first = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the held events follow")
+        .expect("an event");
+    assert!(first.contains("StasisStart"), "{first}");
+    task.abort();
 }
