@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -21,7 +22,6 @@ use crate::config::NodeConfig;
 use crate::dialout::Dialouts;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use futures_util::future::BoxFuture;
 
 /// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,8 +107,8 @@ pub struct Node {
     /// `ari` changes at once rather than a heartbeat later: callers arriving right after a
     /// reconnection find the node placeable again.
     pub ari_changed: Notify,
-    /// Heartbeats started, and the last one finished, so the events WebSocket can wait for a
-    /// heartbeat that saw it connected (see [`Sink`]).
+    /// Heartbeats started so far, so the events WebSocket can wait for one that saw it
+    /// connected (see [`Sink`]).
     pub beats_started: AtomicU64,
     /// The number of the last heartbeat finished.
     pub beats_done: watch::Sender<u64>,
