@@ -292,8 +292,9 @@ struct Conference {
     record: Record,
     recording: Option<String>,
     callbacks: Option<Callbacks>,
-    /// The conference's settings as kept in Redis, and whether the record has them.
-    settings: String,
+    /// The conference's settings as kept in Redis (none when they are the configured
+    /// defaults), and whether the record has them.
+    settings: Option<String>,
     settings_saved: bool,
     beeps: u64,
     /// Sequence number of the last event published on the bus.
@@ -320,7 +321,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         record: Record::DoNotRecord,
         recording: None,
         callbacks: None,
-        settings: String::new(),
+        settings: None,
         settings_saved: false,
         beeps: 0,
         seq: 0,
@@ -446,7 +447,9 @@ impl Conference {
         self.beeps = 0;
         self.seq = 0;
         let sid = sid.unwrap_or_else(|| format!("CF{:032x}", rand::random::<u128>()));
-        self.settings = settings::encode(opts, Some(&sid));
+        let cfg = &self.node.cfg;
+        let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
+        self.settings = settings::encode(opts, &defaults, &sid);
         self.settings_saved = false;
         self.callbacks = (!opts.status_callback.is_empty()).then(|| {
             Callbacks::start(
@@ -1299,15 +1302,19 @@ impl Conference {
     /// adopting it after a restart; the configuration's defaults when there are none.
     async fn kept_settings(&self) -> (Options, Option<String>) {
         let cfg = &self.node.cfg;
-        let why = match self.node.store.conference_settings(&self.name).await {
+        match self.node.store.conference_settings(&self.name).await {
             Ok(Some(text)) => match settings::decode(&cfg.conference, &cfg.profiles, &text) {
                 Ok(kept) => return kept,
-                Err(e) => e,
+                Err(why) => {
+                    tracing::warn!(conference = %self.name, reason = %why, "the conference's recorded settings are unusable; using the configured defaults")
+                }
             },
-            Ok(None) => "none recorded".to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::warn!(conference = %self.name, reason = %why, "no settings to adopt the conference with; using the configured defaults");
+            // The conference was started with the defaults: nothing was recorded.
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(conference = %self.name, error = %e, "cannot read the conference's settings; using the configured defaults")
+            }
+        }
         let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
         (defaults, None)
     }
@@ -1427,7 +1434,7 @@ impl Conference {
             node: self.node.id.clone(),
             epoch: self.epoch,
         };
-        let settings = (!self.settings_saved).then_some(self.settings.as_str());
+        let settings = self.settings.as_deref().filter(|_| !self.settings_saved);
         match self
             .node
             .store

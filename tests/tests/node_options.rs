@@ -494,6 +494,20 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     })
     .await
     .expect("settings in Redis");
+    // A conference started with the configured defaults and no callbacks records nothing.
+    let plain = dial(&s.sim, "plain", &[]).await;
+    wait_bridged(&s.sim, &plain).await;
+    let plain_name = confroute_shared::name::ConferenceName::parse("plain").expect("name");
+    wait_for_async("the plain caller counted", WAIT, || async {
+        let rec = store.lookup(&plain_name).await.ok()??;
+        (rec.participants == 1).then_some(())
+    })
+    .await
+    .expect("counted");
+    assert_eq!(
+        store.conference_settings(&plain_name).await.expect("read"),
+        None
+    );
     wait_for_async("start callbacks", WAIT, || async {
         (got.lock().expect("lock").len() == 2).then_some(())
     })
@@ -507,7 +521,12 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     let view = format!("{}/v1/conferences", s.node.http_url());
     wait_for_async("re-adopted", WAIT, || async {
         let v = fixtures::try_get_json(&view).await?;
-        (v["items"][0]["participants"].as_array().map(Vec::len) == Some(1)).then_some(())
+        let kept = v["items"]
+            .as_array()?
+            .iter()
+            .find(|c| c["conference"] == "kept")?
+            .clone();
+        (kept["participants"].as_array().map(Vec::len) == Some(1)).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));

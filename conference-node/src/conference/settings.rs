@@ -1,7 +1,8 @@
 //! What a conference keeps for its whole life (room size, recording, status callbacks and
 //! their ConferenceSid), fixed by the caller that started it. The agent records them beside
 //! the conference's claim in Redis, so that after a restart it adopts the conference with
-//! them rather than with the configuration's defaults.
+//! them rather than with the configuration's defaults. A conference started with exactly
+//! the defaults and no callbacks records nothing: most keep the record at its bare size.
 //!
 //! They are written as the channel variables that would have set them, so reading them back
 //! goes through the same resolution (and the same checks) as a caller's options.
@@ -15,8 +16,14 @@ use crate::options::{self, Options, Record};
 const SID: &str = "sid";
 
 /// The settings of a conference started with `opts`, with the ConferenceSid of its status
-/// callbacks, as the text kept in Redis.
-pub fn encode(opts: &Options, sid: Option<&str>) -> String {
+/// callbacks, as the text kept in Redis; `None` when they are `defaults` without callbacks.
+pub fn encode(opts: &Options, defaults: &Options, sid: &str) -> Option<String> {
+    if opts.max_participants == defaults.max_participants
+        && opts.record == defaults.record
+        && opts.status_callback.is_empty()
+    {
+        return None;
+    }
     let mut vars: BTreeMap<&str, String> = BTreeMap::new();
     vars.insert(
         options::VAR_MAX_PARTICIPANTS,
@@ -34,10 +41,10 @@ pub fn encode(opts: &Options, sid: Option<&str>) -> String {
         .map(|e| e.to_string())
         .collect();
     vars.insert(options::VAR_STATUS_CALLBACK_EVENT, events.join(" "));
-    if let Some(sid) = sid {
+    if !opts.status_callback.is_empty() {
         vars.insert(SID, sid.to_string());
     }
-    serde_json::to_string(&vars).unwrap_or_default()
+    serde_json::to_string(&vars).ok()
 }
 
 /// The options and ConferenceSid that `text` records, on top of the configuration's
@@ -68,12 +75,13 @@ mod tests {
 
     #[test]
     fn settings_round_trip() {
-        let (mut opts, _) = options::resolve(&defaults(), &BTreeMap::new(), &BTreeMap::new());
+        let (plain, _) = options::resolve(&defaults(), &BTreeMap::new(), &BTreeMap::new());
+        let mut opts = plain.clone();
         opts.max_participants = 7;
         opts.record = Record::RecordFromStart;
         opts.status_callback = "https://app.example/events".into();
         opts.status_callback_event = vec![CallbackEvent::Start, CallbackEvent::Join];
-        let text = encode(&opts, Some("CF0123"));
+        let text = encode(&opts, &plain, "CF0123").expect("not the defaults");
         let (back, sid) = decode(&defaults(), &BTreeMap::new(), &text).expect("decodes");
         assert_eq!(back.max_participants, 7);
         assert_eq!(back.record, Record::RecordFromStart);
@@ -83,6 +91,18 @@ mod tests {
             vec![CallbackEvent::Start, CallbackEvent::Join]
         );
         assert_eq!(sid.as_deref(), Some("CF0123"));
+    }
+
+    #[test]
+    fn the_defaults_without_callbacks_record_nothing() {
+        let (plain, _) = options::resolve(&defaults(), &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(encode(&plain, &plain, "CF0"), None);
+        let mut small = plain.clone();
+        small.max_participants = 2;
+        let text = encode(&small, &plain, "CF0").expect("a room of two is recorded");
+        let (back, sid) = decode(&defaults(), &BTreeMap::new(), &text).expect("decodes");
+        assert_eq!(back.max_participants, 2);
+        assert_eq!(sid, None, "no callbacks, no ConferenceSid to keep");
     }
 
     #[test]
