@@ -52,10 +52,15 @@ impl Udp {
     }
 
     fn exchange(&self, msg: &str) -> String {
+        self.exchange_from(msg).0
+    }
+
+    /// Sends and returns the answer with the address it came from.
+    fn exchange_from(&self, msg: &str) -> (String, SocketAddr) {
         self.socket.send_to(msg.as_bytes(), self.to).expect("send");
         let mut buf = [0u8; 8192];
-        let n = self.socket.recv(&mut buf).expect("an answer");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let (n, from) = self.socket.recv_from(&mut buf).expect("an answer");
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
     }
 
     /// Sends and expects no answer within `wait`.
@@ -709,21 +714,15 @@ async fn udp_answers_leave_from_the_address_the_request_was_sent_to() {
         let port = confroute_tests::harness::free_udp_tcp_port();
         let listen = format!("{wildcard}:{port}");
         let s = setup(&[("CONFROUTE_SIP__LISTEN", listen.as_str())]).await;
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .expect("timeout");
-        let me = socket.local_addr().expect("addr").port();
-        let options = format!(
-            "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKsrc\r\n\
-             From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: src@test\r\n\
-             CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
-        );
         let target = SocketAddr::from(([127, 0, 0, 2], port));
-        socket.send_to(options.as_bytes(), target).expect("send");
-        let mut buf = [0u8; 4096];
-        let (n, from) = socket.recv_from(&mut buf).expect("an answer");
-        let answer = String::from_utf8_lossy(&buf[..n]);
+        let udp = Udp::new(target);
+        let options = format!(
+            "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKsrc\r\n\
+             From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: src@test\r\n\
+             CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            udp.port()
+        );
+        let (answer, from) = udp.exchange_from(&options);
         assert_eq!(status(&answer), 200, "{answer}");
         assert_eq!(from, target, "answer's source on {listen}");
         drop(s);
