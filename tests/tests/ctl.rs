@@ -1,11 +1,13 @@
 //! `confroute-ctl` against a running controller with real Redis: listing, drain/undrain,
 //! routing, the token, and its error output; dial-out followed to the end against a node
-//! agent beside a simulated Asterisk.
+//! agent beside a simulated Asterisk, and given up at its deadline when the node dies mid-ring.
 
 mod node_common;
 
 use std::process::Command;
 use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
 
 use confroute_tests::ari_sim::{EndpointMatch, Outcome};
 use confroute_tests::fixtures;
@@ -329,4 +331,67 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
         .expect("ctl ran");
     assert!(!ok, "a non-zero exit");
     assert!(err.contains("closed the connection"), "{err}");
+}
+
+/// `dialout --wait` gives up with a failing exit once the ring time and its margin have
+/// passed with no final status: here the node dies while the callee rings, so none comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_dialout_wait_gives_up_when_the_node_dies_mid_ring() {
+    let mut s = Single::start(DIALOUT_ENV).await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
+    let url = controller.http_url();
+    let nodes = format!("{url}/v1/nodes");
+    wait_for_async("the controller sees the node", WAIT, || async {
+        let v = fixtures::try_get_json(&nodes).await?;
+        (v["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await
+    .expect("node registered");
+    let a = dial(&s.sim, "ring-room", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550199@trunk"),
+        Outcome::Manual,
+    );
+
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(workspace_bin("confroute-ctl").expect("built"))
+        .args([
+            "--url",
+            url.as_str(),
+            "dialout",
+            "ring-room",
+            "+15555550199",
+        ])
+        .args(["--timeout", "1", "--wait"])
+        .env_remove("CONFROUTE_CTL_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("confroute-ctl starts");
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    // The node answered the command and reported the ringing: then it dies.
+    let mut out = String::new();
+    while let Some(line) = lines.next_line().await.expect("ctl output") {
+        out.push_str(&line);
+        out.push('\n');
+        if line == "ringing" {
+            break;
+        }
+    }
+    assert!(out.ends_with("accepted\nringing\n"), "{out}");
+    s.node.process().kill();
+    let done = child.wait_with_output().await.expect("ctl exits");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success(), "{out}");
+    assert!(err.contains("no final status within 31s"), "{err}\n{out}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(31),
+        "not before the deadline"
+    );
 }
