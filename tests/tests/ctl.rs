@@ -45,6 +45,15 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
             .await
             .expect("register");
     }
+    // node-c's agent has not reached its Asterisk: it gets nothing.
+    store
+        .register_agent(
+            &fixtures::node("node-c", 50),
+            Duration::from_secs(300),
+            false,
+        )
+        .await
+        .expect("register");
     let mut env = fixtures::redis_env(&cfg);
     env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
     let controller = ControllerProc::start(&env).expect("controller");
@@ -57,11 +66,23 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         out.contains("node-a") && out.contains("node-b") && out.contains("serving"),
         "{out}"
     );
+    let ari_of = |id: &str| {
+        out.lines()
+            .find(|l| l.starts_with(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .map(str::to_string)
+    };
+    assert!(
+        out.lines().next().is_some_and(|h| h.contains(" ARI ")),
+        "{out}"
+    );
+    assert_eq!(ari_of("node-a").as_deref(), Some("up"), "{out}");
+    assert_eq!(ari_of("node-c").as_deref(), Some("down"), "{out}");
 
     let (ok, out, err) = ctl(&url, Some(TOKEN), &["--json", "nodes", "list"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
-    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(3));
 
     let (ok, out, err) = ctl(&url, Some(TOKEN), &["nodes", "drain", "node-a"]);
     assert!(ok, "{err}");

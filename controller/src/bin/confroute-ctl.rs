@@ -328,6 +328,7 @@ fn print_nodes(v: &Value) {
     let mut rows = vec![vec![
         "ID",
         "STATE",
+        "ARI",
         "ZONE",
         "CONFS",
         "CLAIMED/CAP",
@@ -346,6 +347,8 @@ fn print_nodes(v: &Value) {
         rows.push(vec![
             s(&n["id"]),
             s(&n["state"]),
+            // A node whose agent lost its Asterisk gets no new conference, whatever its state.
+            if n["ari"] == false { "down" } else { "up" }.into(),
             if n["zone"].as_str().unwrap_or("").is_empty() {
                 "-".into()
             } else {
