@@ -181,21 +181,27 @@ async fn ctl_async(url: &str, args: &[&str]) -> (bool, String, String) {
     .expect("confroute-ctl ran")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctl_dials_out_and_follows_the_call() {
+/// One agent beside a simulated Asterisk that can dial out, and a controller that sees it.
+async fn dialout_cluster() -> (Single, ControllerProc) {
     let mut s = Single::start(DIALOUT_ENV).await;
     s.node
         .wait_log("command bus subscribed", WAIT)
         .expect("the node hears commands");
     let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
-    let url = controller.http_url();
-    let nodes = format!("{url}/v1/nodes");
+    let nodes = format!("{}/v1/nodes", controller.http_url());
     wait_for_async("the controller sees the node", WAIT, || async {
         let v = fixtures::try_get_json(&nodes).await?;
         (v["items"].as_array().map(Vec::len) == Some(1)).then_some(())
     })
     .await
     .expect("node registered");
+    (s, controller)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_dials_out_and_follows_the_call() {
+    let (s, controller) = dialout_cluster().await;
+    let url = controller.http_url();
     let a = dial(&s.sim, "ctl-room", &[]).await;
     let bridge = wait_bridged(&s.sim, &a).await;
 
@@ -358,19 +364,8 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
 /// passed with no final status: here the node dies while the callee rings, so none comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_dialout_wait_gives_up_when_the_node_dies_mid_ring() {
-    let mut s = Single::start(DIALOUT_ENV).await;
-    s.node
-        .wait_log("command bus subscribed", WAIT)
-        .expect("the node hears commands");
-    let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
+    let (mut s, controller) = dialout_cluster().await;
     let url = controller.http_url();
-    let nodes = format!("{url}/v1/nodes");
-    wait_for_async("the controller sees the node", WAIT, || async {
-        let v = fixtures::try_get_json(&nodes).await?;
-        (v["items"].as_array().map(Vec::len) == Some(1)).then_some(())
-    })
-    .await
-    .expect("node registered");
     let a = dial(&s.sim, "ring-room", &[]).await;
     wait_bridged(&s.sim, &a).await;
     s.sim.set_originate_behavior(
