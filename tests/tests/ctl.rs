@@ -382,7 +382,7 @@ async fn ctl_dialout_wait_gives_up_when_the_node_dies_mid_ring() {
             "ring-room",
             "+15555550199",
         ])
-        .args(["--timeout", "1", "--wait"])
+        .args(["--timeout", "5", "--wait"])
         .env_remove("CONFROUTE_CTL_TOKEN")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -391,7 +391,8 @@ async fn ctl_dialout_wait_gives_up_when_the_node_dies_mid_ring() {
         .expect("confroute-ctl starts");
     let stdout = child.stdout.take().expect("piped");
     let mut lines = tokio::io::BufReader::new(stdout).lines();
-    // The node answered the command and reported the ringing: then it dies.
+    // The node answered the command and reported the ringing: then it dies, well inside the
+    // 5 s ring time (were it alive then, it would report the unanswered call).
     let mut out = String::new();
     while let Some(line) = lines.next_line().await.expect("ctl output") {
         out.push_str(&line);
@@ -405,9 +406,9 @@ async fn ctl_dialout_wait_gives_up_when_the_node_dies_mid_ring() {
     let done = child.wait_with_output().await.expect("ctl exits");
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(!done.status.success(), "{out}");
-    assert!(err.contains("no final status within 31s"), "{err}\n{out}");
+    assert!(err.contains("no final status within 35s"), "{err}\n{out}");
     assert!(
-        started.elapsed() >= Duration::from_secs(31),
+        started.elapsed() >= Duration::from_secs(35),
         "not before the deadline"
     );
 }
