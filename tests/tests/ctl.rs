@@ -34,6 +34,13 @@ fn ctl(url: &str, token: Option<&str>, args: &[&str]) -> (bool, String, String) 
     )
 }
 
+/// A controller on `cfg`'s Redis whose API wants [`TOKEN`].
+fn token_controller(cfg: &confroute_shared::config::RedisConfig) -> ControllerProc {
+    let mut env = fixtures::redis_env(cfg);
+    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
+    ControllerProc::start(&env).expect("controller")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_lists_routes_drains_and_reports_errors() {
     let redis = RedisServer::start().expect("redis");
@@ -54,9 +61,7 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         )
         .await
         .expect("register");
-    let mut env = fixtures::redis_env(&cfg);
-    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
-    let controller = ControllerProc::start(&env).expect("controller");
+    let controller = token_controller(&cfg);
     let url = controller.http_url();
 
     let (ok, out, err) = ctl(&url, Some(TOKEN), &["nodes", "list"]);
@@ -295,9 +300,7 @@ async fn ctl_never_turns_a_bad_name_into_another_conference() {
         .register(&fixtures::node("node-a", 50), Duration::from_secs(300))
         .await
         .expect("register");
-    let mut env = fixtures::redis_env(&cfg);
-    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
-    let controller = ControllerProc::start(&env).expect("controller");
+    let controller = token_controller(&cfg);
     let url = controller.http_url();
     for name in ["sales-4", "sales-5"] {
         let (ok, _, err) = ctl(&url, Some(TOKEN), &["route", name]);
