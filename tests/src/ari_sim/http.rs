@@ -453,7 +453,10 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         path: path_params,
         params: Params::new(query, json, route.params, route.nickname),
     };
+    // Nicknames repeat across resources (`list`): a hold may also name the route itself.
     core.wait_held(route.nickname).await;
+    core.wait_held(&format!("{} {}", route.method, route.path))
+        .await;
     let result = handler(core, &mut req);
     let undeclared = req.params.take_undeclared();
     if !undeclared.is_empty() {
