@@ -29,7 +29,7 @@ use crate::ari::{AriError, AriErrorKind, Bridge, Channel};
 use crate::config::{LostPolicy, WrongNodePolicy};
 use crate::node::{ConferenceView, Node, ParticipantView};
 use crate::options::{self, CallbackEvent, Options, Record};
-use crate::webhook::{Callbacks, ParticipantFields};
+use crate::webhook::{Callbacks, ParticipantFields, Reservations};
 
 /// Q.850 cause for a caller the conference cannot take now: switching congestion (SIP 503),
 /// so the edge can try again through the router.
@@ -441,11 +441,20 @@ impl Conference {
         self.holding = holding;
         self.holding_created = false;
         self.started = false;
-        self.max_participants = opts.max_participants;
-        self.record = opts.record;
         self.recording = None;
         self.beeps = 0;
         self.seq = 0;
+        self.apply_settings(opts, sid);
+        tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
+        // Visible (to drain and the heartbeat) from now on, before its first caller is in.
+        self.publish();
+    }
+
+    /// Takes the conference-wide settings of `opts` (the first caller's, or those kept from
+    /// before a restart) and starts its status callbacks.
+    fn apply_settings(&mut self, opts: &Options, sid: Option<String>) {
+        self.max_participants = opts.max_participants;
+        self.record = opts.record;
         let sid = sid.unwrap_or_else(|| format!("CF{:032x}", rand::random::<u128>()));
         let cfg = &self.node.cfg;
         let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
@@ -459,12 +468,23 @@ impl Conference {
                 &self.node.cfg.webhook,
                 self.node.metrics.clone(),
                 sid,
-                self.name.to_string(),
+                Reservations {
+                    store: self.node.store.clone(),
+                    name: self.name.clone(),
+                    node: self.node.id.clone(),
+                },
             )
         });
-        tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
-        // Visible (to drain and the heartbeat) from now on, before its first caller is in.
-        self.publish();
+    }
+
+    /// The conference lived here before a restart: it goes on with the settings its first
+    /// caller gave it, and its callbacks go on numbering above what they sent.
+    async fn resume_settings(&mut self) {
+        let (opts, sid) = self.kept_settings().await;
+        self.apply_settings(&opts, sid);
+        if let Some(cb) = &mut self.callbacks {
+            cb.resume_numbering().await;
+        }
     }
 
     /// Checks that a newcomer may enter: this node owns the conference (claiming it when
@@ -661,6 +681,8 @@ impl Conference {
             }
         }
         if !members.is_empty() {
+            // Not the newcomer's settings: those of the conference it walks into.
+            self.resume_settings().await;
             self.started = members.iter().any(|(_, waiting)| !waiting) || !holding_found;
             let none = HashMap::new();
             let adopted = members
@@ -1223,6 +1245,9 @@ impl Conference {
             };
             let (opts, sid) = self.kept_settings().await;
             self.activate(owned_epoch.unwrap_or(0), &opts, sid);
+            if let Some(cb) = &mut self.callbacks {
+                cb.resume_numbering().await;
+            }
             if let Some(b) = &main {
                 self.main = b.id.clone();
                 self.main_created = true;

@@ -2,6 +2,7 @@
 //! order per conference by one delivery task, retried with backoff, from a bounded queue the
 //! conference only ever `try_send`s into, so call handling never waits for a slow receiver.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -9,6 +10,11 @@ use tokio::sync::mpsc;
 use crate::config::WebhookConfig;
 use crate::metrics::Metrics;
 use crate::options::CallbackEvent;
+
+mod sequence;
+
+pub use sequence::Reservations;
+use sequence::Sequence;
 
 /// What happened to the participant, for `participant-*` events.
 #[derive(Clone, Debug)]
@@ -31,12 +37,13 @@ pub struct Callbacks {
     events: Vec<CallbackEvent>,
     sid: String,
     name: String,
-    seq: u64,
+    seq: Sequence,
     metrics: Metrics,
 }
 
 impl Callbacks {
-    /// Starts delivery of the conference's events to `url`.
+    /// Starts delivery of the conference's events to `url`, numbered from blocks reserved
+    /// in the conference's record.
     pub fn start(
         http: reqwest::Client,
         url: String,
@@ -44,7 +51,7 @@ impl Callbacks {
         cfg: &WebhookConfig,
         metrics: Metrics,
         sid: String,
-        name: String,
+        reservations: Reservations,
     ) -> Callbacks {
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         tokio::spawn(deliver(http, url, rx, cfg.clone(), metrics.clone()));
@@ -52,9 +59,18 @@ impl Callbacks {
             tx,
             events,
             sid,
-            name,
-            seq: 0,
+            name: reservations.name.to_string(),
+            seq: Sequence::new(Arc::new(reservations)),
             metrics,
+        }
+    }
+
+    /// For a conference adopted after a restart: reserves a block above every number an
+    /// earlier lifetime may have used, and numbers from it. Without a reservation (Redis
+    /// unreachable, the conference owned elsewhere) numbering starts again at 1.
+    pub async fn resume_numbering(&mut self) {
+        if !self.seq.resume().await {
+            tracing::warn!(conference = %self.name, "status callback SequenceNumber starts again at 1");
         }
     }
 
@@ -69,12 +85,12 @@ impl Callbacks {
         if !self.events.contains(&event) {
             return;
         }
-        self.seq += 1;
+        let seq = self.seq.next();
         let mut form = vec![
             ("ConferenceSid".to_string(), self.sid.clone()),
             ("FriendlyName".to_string(), self.name.clone()),
             ("StatusCallbackEvent".to_string(), status.to_string()),
-            ("SequenceNumber".to_string(), self.seq.to_string()),
+            ("SequenceNumber".to_string(), seq.to_string()),
             ("Timestamp".to_string(), rfc2822(SystemTime::now())),
         ];
         if let Some(p) = participant {

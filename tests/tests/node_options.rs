@@ -472,16 +472,16 @@ async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
 /// What the first caller set for the whole conference (its size, its status callbacks and
 /// their ConferenceSid) outlives a restart of the agent: the conference is adopted with it,
 /// not with the configured defaults.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conference() {
-    let (url, got) = receiver(0).await;
-    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+/// Starts conference "kept" with settings that differ from the defaults (a room of two,
+/// callbacks for start and join to `url`): returns its first caller once both callbacks
+/// arrived and the settings are in Redis.
+async fn kept_conference(s: &Single, url: &str, got: &Received) -> String {
     let a = dial(
         &s.sim,
         "kept",
         &[
             ("CONFROUTE_MAX_PARTICIPANTS", "2"),
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK", url),
             ("CONFROUTE_STATUS_CALLBACK_EVENT", "start join"),
         ],
     )
@@ -494,6 +494,53 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     })
     .await
     .expect("settings in Redis");
+    wait_for_async("start callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 2).then_some(())
+    })
+    .await
+    .expect("join and start delivered");
+    a
+}
+
+/// After the restart, a newcomer `b` joined conference "kept": the room of two refuses a
+/// third caller, and `b`'s join reached the application as the same conference, numbered
+/// after everything sent before the restart.
+async fn check_kept_after_restart(s: &Single, got: &Received, b: &str) {
+    let c = dial(&s.sim, "kept", &[]).await;
+    assert_eq!(
+        wait_hangup(&s.sim, &c).await,
+        17,
+        "the room of two is still full at two"
+    );
+    wait_for_async("the join after the restart", WAIT, || async {
+        (got.lock().expect("lock").len() == 3).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got[2]["StatusCallbackEvent"], "participant-join");
+    assert_eq!(got[2]["CallSid"], b);
+    assert_eq!(
+        got[2]["ConferenceSid"], got[0]["ConferenceSid"],
+        "the same conference to the application"
+    );
+    let seq = |i: usize| -> u64 {
+        got[i]["SequenceNumber"]
+            .parse()
+            .unwrap_or_else(|e| panic!("SequenceNumber of {:?}: {e}", got[i]))
+    };
+    assert!(
+        seq(0) < seq(1) && seq(1) < seq(2),
+        "SequenceNumber keeps increasing across the restart: {got:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conference() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    kept_conference(&s, &url, &got).await;
+    let store = fixtures::store(&s.cfg);
     // A conference started with the configured defaults and no callbacks records nothing.
     let plain = dial(&s.sim, "plain", &[]).await;
     wait_bridged(&s.sim, &plain).await;
@@ -508,11 +555,6 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
         store.conference_settings(&plain_name).await.expect("read"),
         None
     );
-    wait_for_async("start callbacks", WAIT, || async {
-        (got.lock().expect("lock").len() == 2).then_some(())
-    })
-    .await
-    .expect("join and start delivered");
 
     s.node.process().kill();
     until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
@@ -533,22 +575,48 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
 
     let b = dial(&s.sim, "kept", &[]).await;
     wait_bridged(&s.sim, &b).await;
-    let c = dial(&s.sim, "kept", &[]).await;
+    check_kept_after_restart(&s, &got, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_before_the_first_reconciliation_gets_the_settings_the_conference_had() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = kept_conference(&s, &url, &got).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+
+    s.node.process().kill();
+    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
+    // The restarted agent's first reconciliation lists the bridges, then the channels:
+    // holding the latter keeps it from adopting the conference before the newcomer comes.
+    s.sim.hold_operation("GET /channels");
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async(
+        "the reconciliation waiting for the channels",
+        WAIT,
+        || async { (s.sim.held_requests("GET /channels") > 0).then_some(()) },
+    )
+    .await
+    .expect("the restarted agent reconciles");
+    let b = dial(&s.sim, "kept", &[]).await;
     assert_eq!(
-        wait_hangup(&s.sim, &c).await,
-        17,
-        "the room of two is still full at two"
+        wait_bridged(&s.sim, &b).await,
+        bridge,
+        "the newcomer joins the caller left from before the restart"
     );
-    wait_for_async("the join after the restart", WAIT, || async {
-        (got.lock().expect("lock").len() == 3).then_some(())
+    check_kept_after_restart(&s, &got, &b).await;
+    s.sim.release_operation("GET /channels");
+    let view = format!("{}/v1/conferences", s.node.http_url());
+    wait_for_async("both callers in the conference's view", WAIT, || async {
+        let v = fixtures::try_get_json(&view).await?;
+        let kept = v["items"]
+            .as_array()?
+            .iter()
+            .find(|c| c["conference"] == "kept")?
+            .clone();
+        (kept["participants"].as_array().map(Vec::len) == Some(2)).then_some(())
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
-    let got = got.lock().expect("lock").clone();
-    assert_eq!(got[2]["StatusCallbackEvent"], "participant-join");
-    assert_eq!(got[2]["CallSid"], b);
-    assert_eq!(
-        got[2]["ConferenceSid"], got[0]["ConferenceSid"],
-        "the same conference to the application"
-    );
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
 }

@@ -966,3 +966,60 @@ async fn conference_settings_belong_to_the_current_home() {
         "the new home starts without the old home's settings"
     );
 }
+
+#[tokio::test]
+async fn callback_numbers_are_reserved_by_the_owner_above_what_it_used() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    for n in ["a", "b"] {
+        store.register(&node(n, 10), LONG).await.expect("register");
+    }
+    let room = name("room");
+    const BLOCK: u64 = 100;
+    assert_eq!(
+        store
+            .reserve_callback_sequence(&room, &id("a"), BLOCK, 0)
+            .await
+            .expect("reserve"),
+        None,
+        "no record, no owner"
+    );
+    store.claim(&room, &[id("a")]).await.expect("claim");
+    let reserve = |node: &'static str, used: u64| {
+        let store = store.clone();
+        let room = room.clone();
+        async move {
+            store
+                .reserve_callback_sequence(&room, &id(node), BLOCK, used)
+                .await
+                .expect("reserve")
+        }
+    };
+    // The first block is the new conference's without asking: the next starts above it.
+    assert_eq!(reserve("a", 0).await, Some(2 * BLOCK));
+    assert_eq!(reserve("a", 0).await, Some(3 * BLOCK));
+    assert_eq!(
+        reserve("a", 5 * BLOCK).await,
+        Some(6 * BLOCK),
+        "above what the owner says it used"
+    );
+    assert_eq!(reserve("b", 0).await, None, "only the owner reserves");
+    assert_eq!(reserve("a", 0).await, Some(7 * BLOCK));
+
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("drain");
+    let moved = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    assert_eq!(
+        reserve("a", 0).await,
+        None,
+        "the old home no longer reserves"
+    );
+    assert_eq!(
+        reserve("b", 0).await,
+        Some(2 * BLOCK),
+        "the new home numbers its own callbacks from the start"
+    );
+}

@@ -504,6 +504,31 @@ impl Store {
         .await
     }
 
+    /// Reserves the next `block` status-callback sequence numbers of a conference `node`
+    /// owns, above `used` (the highest it may have used already); returns the block's last
+    /// number, or `None` when `node` is not the owner.
+    pub async fn reserve_callback_sequence(
+        &self,
+        name: &ConferenceName,
+        node: &NodeId,
+        block: u64,
+        used: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = self.conf_key(name.as_str());
+        let script = &self.scripts.callback_seq;
+        self.run("reserve_callback_sequence", |mut c| async move {
+            script
+                .key(&key)
+                .arg(node.as_str())
+                .arg(block)
+                .arg(used)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(|n| u64::try_from(n).ok())
+        })
+        .await
+    }
+
     /// Announces a node with a lease; returns the state its previous record had, if any.
     /// The record says nothing of ARI until a heartbeat does, which counts as up.
     pub async fn register(

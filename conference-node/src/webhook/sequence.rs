@@ -1,0 +1,212 @@
+//! Status callbacks' `SequenceNumber`s. Applications order a conference's events by them, so
+//! they keep increasing when an agent restarts and adopts the conference: each agent lifetime
+//! numbers from blocks reserved in the conference's record (callback_seq.lua), and reserves
+//! the next block while half of the current one is left, so no event waits for Redis.
+
+use std::sync::Arc;
+
+use confroute_shared::name::ConferenceName;
+use confroute_shared::store::Store;
+use confroute_shared::types::NodeId;
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+/// How many numbers a conference's home reserves at a time. A new conference numbers from the
+/// first block without reserving it (the script counts it as handed out), so this never
+/// changes.
+pub const BLOCK: u64 = 10_000;
+
+/// Reserves the next block above `used`; its last number, or `None` when none was had.
+pub(crate) trait Reserve: Send + Sync {
+    /// Reserves the block after `used` (the highest number that may have been used).
+    fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>>;
+}
+
+/// Where a conference's numbers are reserved: its record in Redis, for its owner.
+#[derive(Clone)]
+pub struct Reservations {
+    /// The store holding the conference's record.
+    pub store: Store,
+    /// The conference.
+    pub name: ConferenceName,
+    /// This node, its owner.
+    pub node: NodeId,
+}
+
+impl Reserve for Reservations {
+    fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>> {
+        let r = self.clone();
+        Box::pin(async move {
+            match r
+                .store
+                .reserve_callback_sequence(&r.name, &r.node, BLOCK, used)
+                .await
+            {
+                Ok(Some(ceiling)) => Some(ceiling),
+                Ok(None) => {
+                    tracing::info!(conference = %r.name, "conference no longer owned here; status callback numbers not reserved");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(conference = %r.name, error = %e, "cannot reserve status callback numbers");
+                    None
+                }
+            }
+        })
+    }
+}
+
+/// One conference's numbering on this agent.
+pub(crate) struct Sequence {
+    last: u64,
+    ceiling: u64,
+    reservations: Arc<dyn Reserve>,
+    pending: Option<oneshot::Receiver<Option<u64>>>,
+    next_ceiling: Option<u64>,
+    warned: bool,
+}
+
+impl Sequence {
+    /// A new conference: numbers from 1, in the implied first block.
+    pub(crate) fn new(reservations: Arc<dyn Reserve>) -> Sequence {
+        Sequence {
+            last: 0,
+            ceiling: BLOCK,
+            reservations,
+            pending: None,
+            next_ceiling: None,
+            warned: false,
+        }
+    }
+
+    /// An adopted conference: numbers from a block above anything an earlier lifetime may
+    /// have used; false (numbering from 1) when none could be reserved.
+    pub(crate) async fn resume(&mut self) -> bool {
+        match self.reservations.reserve(0).await {
+            Some(ceiling) => {
+                self.last = ceiling.saturating_sub(BLOCK);
+                self.ceiling = ceiling;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The next event's number.
+    pub(crate) fn next(&mut self) -> u64 {
+        if let Some(rx) = &mut self.pending {
+            match rx.try_recv() {
+                Ok(got) => {
+                    self.pending = None;
+                    self.next_ceiling = got;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Err(oneshot::error::TryRecvError::Closed) => self.pending = None,
+            }
+        }
+        if self.last >= self.ceiling {
+            if let Some(c) = self.next_ceiling.take() {
+                self.last = self.last.max(c.saturating_sub(BLOCK));
+                self.ceiling = c;
+            } else if !self.warned {
+                // Numbers go on increasing; only a restart before a reservation could repeat some.
+                self.warned = true;
+                tracing::warn!(
+                    last = self.last,
+                    "status callback numbers beyond the reserved block"
+                );
+            }
+        }
+        self.last += 1;
+        let low = self.ceiling.saturating_sub(self.last) <= BLOCK / 2;
+        if low && self.pending.is_none() && self.next_ceiling.is_none() {
+            let (tx, rx) = oneshot::channel();
+            let reserved = self.reservations.reserve(self.ceiling.max(self.last));
+            tokio::spawn(async move {
+                let _ = tx.send(reserved.await);
+            });
+            self.pending = Some(rx);
+        }
+        self.last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// callback_seq.lua's arithmetic on one record, answering or not as told.
+    struct Record {
+        stored: Mutex<Option<u64>>,
+        owned: bool,
+    }
+
+    impl Reserve for Record {
+        fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>> {
+            let got = self.owned.then(|| {
+                let mut stored = self.stored.lock().expect("lock");
+                let c = stored.unwrap_or(BLOCK).max(used) + BLOCK;
+                *stored = Some(c);
+                c
+            });
+            Box::pin(async move { got })
+        }
+    }
+
+    fn record(owned: bool) -> Arc<Record> {
+        Arc::new(Record {
+            stored: Mutex::new(None),
+            owned,
+        })
+    }
+
+    async fn numbers(seq: &mut Sequence, n: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(seq.next());
+            // Lets a spawned reservation finish, as the agent's other work would.
+            tokio::task::yield_now().await;
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_lifetime_numbers_without_gaps_across_blocks() {
+        let rec = record(true);
+        let mut seq = Sequence::new(rec.clone());
+        let got = numbers(&mut seq, 3 * BLOCK + 7).await;
+        assert_eq!(got, (1..=3 * BLOCK + 7).collect::<Vec<_>>());
+        let stored = rec.stored.lock().expect("lock").expect("reserved");
+        assert!(stored >= 3 * BLOCK + 7, "reserved ahead: {stored}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_restart_numbers_above_everything_the_last_lifetime_could_use() {
+        let rec = record(true);
+        let mut first = Sequence::new(rec.clone());
+        let before = numbers(&mut first, BLOCK / 2 + 3).await;
+        let mut second = Sequence::new(rec.clone());
+        assert!(second.resume().await);
+        let after = numbers(&mut second, 5).await;
+        let highest_reserved_before = 2 * BLOCK;
+        assert_eq!(after[0], highest_reserved_before + 1);
+        assert!(before.last() < after.first());
+        // A lifetime that never reserved (a few events) is still below the first block.
+        let rec = record(true);
+        let mut short = Sequence::new(rec.clone());
+        let few = numbers(&mut short, 3).await;
+        let mut again = Sequence::new(rec);
+        assert!(again.resume().await);
+        assert!(numbers(&mut again, 1).await[0] > few[2]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_reservations_numbers_still_increase() {
+        let mut seq = Sequence::new(record(false));
+        assert!(!seq.resume().await);
+        let got = numbers(&mut seq, BLOCK + 2).await;
+        assert_eq!(got, (1..=BLOCK + 2).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,16 @@
+-- callback_seq: reserve the next block of status-callback SequenceNumbers for the conference's
+-- current home, so the numbers an application sees keep increasing across agent restarts: no
+-- block is handed out twice while the conference keeps its home (claim.lua drops the field
+-- when it moves, and the new home's callbacks carry a new ConferenceSid).
+-- KEYS[1] conference record. ARGV[1] node id, ARGV[2] block size, ARGV[3] the highest number
+-- the caller may already have used (0 after a restart).
+-- A home's first agent lifetime numbers from the first block without reserving it, so a
+-- record without the field counts as having handed out one block.
+-- Returns the new ceiling (the block is ceiling - size + 1 .. ceiling), or -1 when the caller
+-- does not own the conference.
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+local size = tonumber(ARGV[2])
+local ceiling = tonumber(redis.call('HGET', KEYS[1], 'callback_seq') or size)
+ceiling = math.max(ceiling, tonumber(ARGV[3])) + size
+redis.call('HSET', KEYS[1], 'callback_seq', ceiling)
+return ceiling
