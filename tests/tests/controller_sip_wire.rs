@@ -532,31 +532,56 @@ async fn options_answered(tcp: &mut tokio::net::TcpStream, branch: &str) -> bool
     got.starts_with(b"SIP/2.0 200 OK")
 }
 
+/// Sends OPTIONS whose answers are large, reading nothing, until the controller stops taking
+/// them (or closes); returns how many were sent whole.
+async fn flood_without_reading(tcp: &mut tokio::net::TcpStream) -> usize {
+    // The answer copies the 8 KB Call-ID, so the socket buffers fill after a few thousand.
+    let pad = "c".repeat(8000);
+    const LIMIT: usize = 20_000;
+    let mut sent = 0;
+    while sent < LIMIT {
+        let msg = options_tcp(&format!("z9hG4bKflood{sent}"), &format!("{pad}{sent}"));
+        match tokio::time::timeout(Duration::from_secs(3), tcp.write_all(msg.as_bytes())).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(_)) | Err(_) => return sent,
+        }
+    }
+    panic!("the controller read all {LIMIT} requests of a peer that reads nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_peer_that_never_reads_is_closed_after_the_idle_timeout() {
+    let s = setup(&[
+        ("CONFROUTE_SIP__TCP_MAX_CONNECTIONS", "1"),
+        ("CONFROUTE_SIP__TCP_IDLE_TIMEOUT", "2s"),
+    ])
+    .await;
+    let connect = || tokio::net::TcpStream::connect(s.controller.sip_addr());
+    let mut stuck = connect().await.expect("connect");
+    flood_without_reading(&mut stuck).await;
+    // Its one slot comes free once its answers have waited the idle timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut next = connect().await.expect("connect");
+        if options_answered(&mut next, "z9hG4bKafter").await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection that reads nothing still holds the only slot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(stuck);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_peer_that_sends_without_reading_is_held_back() {
     let s = setup(&[]).await;
     let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
         .await
         .expect("connect");
-    // The answer copies the 8 KB Call-ID, so the socket buffers fill after a few thousand.
-    let pad = "c".repeat(8000);
-    const LIMIT: usize = 20_000;
-    let mut sent = 0;
-    let mut stalled = false;
-    while sent < LIMIT && !stalled {
-        let msg = options_tcp(&format!("z9hG4bKflood{sent}"), &format!("{pad}{sent}"));
-        match tokio::time::timeout(Duration::from_secs(3), tcp.write_all(msg.as_bytes())).await {
-            Ok(r) => {
-                r.expect("write");
-                sent += 1;
-            }
-            Err(_) => stalled = true,
-        }
-    }
-    assert!(
-        stalled,
-        "the controller read all {LIMIT} requests of a peer that reads nothing"
-    );
+    let sent = flood_without_reading(&mut tcp).await;
     // Held back, not dropped: every whole request sent is answered once the peer reads.
     let mut answered = 0;
     let mut tail: Vec<u8> = Vec::new();

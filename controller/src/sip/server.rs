@@ -263,10 +263,18 @@ async fn connection(
     let (mut reader, mut writer) = stream.into_split();
     // Pipelined requests are routed concurrently; one writer keeps answers whole.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+    let idle = limits.idle;
     let writer_task = tokio::spawn(async move {
         while let Some(bytes) = rx.recv().await {
-            if writer.write_all(&bytes).await.is_err() {
-                break;
+            // A peer that reads nothing for as long as it may stay idle is gone; its
+            // connection would otherwise hold a slot and its queued answers forever.
+            match tokio::time::timeout(idle, writer.write_all(&bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::debug!(%peer, "tcp peer reads nothing; closing");
+                    break;
+                }
             }
         }
         let _ = writer.shutdown().await;
@@ -274,7 +282,12 @@ async fn connection(
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
     'read: loop {
-        let n = match tokio::time::timeout(limits.idle, reader.read(&mut chunk)).await {
+        let read = tokio::select! {
+            read = tokio::time::timeout(limits.idle, reader.read(&mut chunk)) => read,
+            // The writer gave up on the peer: nothing read now could be answered.
+            () = tx.closed() => break,
+        };
+        let n = match read {
             Ok(Ok(0)) | Err(_) => break,
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
@@ -301,7 +314,11 @@ async fn connection(
                     break 'read;
                 }
                 Frame::Message(len) => {
-                    let Ok(permit) = pending.clone().acquire_owned().await else {
+                    let permit = tokio::select! {
+                        permit = pending.clone().acquire_owned() => permit,
+                        () = tx.closed() => break 'read,
+                    };
+                    let Ok(permit) = permit else {
                         break 'read;
                     };
                     let message: Vec<u8> = buf.drain(..len).collect();
