@@ -355,6 +355,22 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             "Max-Forwards",
         ),
         (
+            invite("sip:hops2@router", port, "z9hG4bKmf2", "")
+                .replace("Max-Forwards: 70", "Max-Forwards: 00"),
+            483,
+            "Max-Forwards",
+        ),
+        // The version is case-insensitive (RFC 3261 §7.1).
+        (
+            invite("sip:lower@router", port, "z9hG4bKver", "").replacen(
+                "SIP/2.0\r\n",
+                "sip/2.0\r\n",
+                1,
+            ),
+            302,
+            "",
+        ),
+        (
             invite("sip:req@router", port, "z9hG4bKreq", "Require: 100rel\r\n"),
             420,
             "extension",
@@ -428,12 +444,21 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
         b"INVITE sip:novia@router SIP/2.0\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:b@c>\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n\r\n",
         Duration::from_millis(300),
     );
+    // A bare LF or CR in a value would end a line for a laxer reader of the copied header:
+    // here it would add a Contact of the caller's choosing to the 302.
+    for bare in ["\n", "\r"] {
+        let smuggled = invite("sip:smuggle@router", port, "z9hG4bKsmuggle", "").replace(
+            "Call-ID: z9hG4bKsmuggle@test",
+            &format!("Call-ID: z9hG4bKsmuggle@test{bare}Contact: <sip:evil@203.0.113.9>"),
+        );
+        udp.silence(smuggled.as_bytes(), Duration::from_millis(300));
+    }
     let after = scrape(&s.controller.http_url()).await;
     let dropped =
         |m: &str, r: &str| metric(m, &format!("confroute_sip_dropped_total{{reason=\"{r}\"}}"));
     assert_eq!(
         dropped(&after, "garbage") - dropped(&before, "garbage"),
-        2.0
+        4.0
     );
     assert_eq!(
         dropped(&after, "response") - dropped(&before, "response"),

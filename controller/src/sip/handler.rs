@@ -285,7 +285,8 @@ impl SipService {
             to_tag: new_tag(),
         };
         if let Some(max) = req.header("Max-Forwards") {
-            if max.trim() == "0" {
+            // 1*DIGIT: `00` is 0 too.
+            if max.trim().parse::<u32>() == Ok(0) {
                 return finish(
                     Response::new(483, "Too Many Hops").warning("Max-Forwards reached 0"),
                 );

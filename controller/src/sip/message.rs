@@ -99,6 +99,12 @@ pub fn header_end(buf: &[u8]) -> Option<usize> {
 pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     let end = header_end(buf).ok_or(ParseError::Garbage("no blank line ends the headers"))?;
     let head = std::str::from_utf8(&buf[..end - 4]).map_err(|_| ParseError::NotUtf8)?;
+    // A CR or LF that does not end a line would end one for a laxer reader of our answer,
+    // which copies the header it sits in: a value could smuggle a header (a second Contact)
+    // into the 302. RFC 3261 §7.3.1 allows neither, so such a message is not SIP.
+    if head.split("\r\n").any(|l| l.contains(['\r', '\n'])) {
+        return Err(ParseError::Garbage("a bare CR or LF in the headers"));
+    }
     let mut lines = head.split("\r\n");
     let start = lines.next().ok_or(ParseError::Garbage("empty message"))?;
     if start.starts_with("SIP/2.0 ") {
@@ -115,7 +121,8 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     if !is_token(method) {
         return Err(ParseError::Garbage("method is not a token"));
     }
-    if version != "SIP/2.0" {
+    // Case-insensitive (RFC 3261 §7.1), though senders must write it in upper case.
+    if !version.eq_ignore_ascii_case("SIP/2.0") {
         return Err(ParseError::Garbage("version is not SIP/2.0"));
     }
     if uri.is_empty() || !uri.contains(':') {

@@ -74,10 +74,11 @@ pub fn has_to_tag(to: &str) -> bool {
         Some(i) => &to[i + 1..],
         None => to.split_once(';').map(|(_, p)| p).unwrap_or(""),
     };
+    // EQUAL may have spaces around it (RFC 3261 §25.1): `tag = x` is a tag.
     params.split(';').any(|p| {
-        p.trim()
-            .get(..4)
-            .is_some_and(|k| k.eq_ignore_ascii_case("tag="))
+        p.split('=')
+            .next()
+            .is_some_and(|k| k.trim().eq_ignore_ascii_case("tag"))
     })
 }
 
@@ -238,6 +239,9 @@ mod tests {
     fn to_tag_detection() {
         assert!(has_to_tag("<sip:a@b>;tag=1"));
         assert!(has_to_tag("sip:a@b;TAG=1"));
+        // EQUAL allows spaces around `=` (RFC 3261 §25.1).
+        assert!(has_to_tag("<sip:r@h> ;tag = abc"));
+        assert!(!has_to_tag("<sip:r@h>;tagx=1"));
         assert!(!has_to_tag("<sip:a@b;tag=inside-uri>"));
         assert!(!has_to_tag("\"x\" <sip:a@b>"));
     }
