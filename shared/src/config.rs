@@ -163,9 +163,21 @@ fn env_value(value: &str) -> figment::value::Value {
     if !value.is_ascii() && value.contains('\\') {
         return figment::value::Value::from(value.to_string());
     }
-    value
-        .parse()
-        .unwrap_or_else(|_| figment::value::Value::from(value.to_string()))
+    let parsed: figment::value::Value = match value.parse() {
+        Ok(v) => v,
+        Err(_) => return figment::value::Value::from(value.to_string()),
+    };
+    // A number whose usual rendering is not what was written (`007`, `+1`, `1.50`, a token
+    // of 40 digits) is text to the operator: a token, password or id keeps every character.
+    let rendered = parsed
+        .to_u128()
+        .map(|n| n.to_string())
+        .or_else(|| parsed.to_i128().map(|n| n.to_string()))
+        .or_else(|| parsed.to_f64().map(|n| n.to_string()));
+    match rendered {
+        Some(r) if r != value.trim() => figment::value::Value::from(value.to_string()),
+        _ => parsed,
+    }
 }
 
 fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
@@ -740,6 +752,20 @@ mod tests {
             "file value kept"
         );
         assert_eq!(root.name, "12345", "a numeric env value fills a string key");
+        // Digits that read as a number are still the operator's text, every character kept.
+        for text in [
+            "00001111222233334444",
+            "007",
+            "+15555550101",
+            "1.50",
+            "1234567890123456789012345678901234567890",
+        ] {
+            let root: Root = load_from(None, &env(&[("CONFROUTE_NAME", text)])).expect("env loads");
+            assert_eq!(root.name, text);
+        }
+        let root: Root = load_from(None, &env(&[("CONFROUTE_REDIS__WAIT_REPLICAS", "2")]))
+            .expect("a number still fills a number");
+        assert_eq!(root.redis.wait_replicas, 2);
     }
 
     #[test]
