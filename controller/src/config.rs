@@ -34,6 +34,9 @@ pub struct ControllerConfig {
 /// Most worker threads accepted.
 pub const MAX_WORKER_THREADS: usize = 256;
 
+/// The longest duration any timer setting takes.
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// How many threads run the controller's work.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -178,6 +181,11 @@ impl RpcConfig {
             burst: self.burst,
             max_batch: self.max_batch,
             ping_interval: self.ping_interval,
+            // A whole batch may run at once: its members would otherwise be refused as
+            // too many in progress however low the rate.
+            max_in_flight: crate::rpc::Limits::default()
+                .max_in_flight
+                .max(self.max_batch),
             ..crate::rpc::Limits::default()
         }
     }
@@ -302,8 +310,9 @@ impl Validate for ControllerConfig {
         if !(1..=16).contains(&self.routing.candidates) {
             issues.add("routing.candidates", "must be between 1 and 16");
         }
-        if self.rpc.command_timeout < Duration::from_millis(100) {
-            issues.add("rpc.command_timeout", "must be at least 100ms");
+        // Upper bounds too: a deadline computed from an absurd duration would overflow.
+        if !(Duration::from_millis(100)..=DAY).contains(&self.rpc.command_timeout) {
+            issues.add("rpc.command_timeout", "must be between 100ms and 24h");
         }
         if !(1024..=1024 * 1024).contains(&self.rpc.max_message_size) {
             issues.add(
@@ -323,8 +332,8 @@ impl Validate for ControllerConfig {
                 format!("must be between 0 (one per CPU) and {MAX_WORKER_THREADS}"),
             );
         }
-        if self.rpc.ping_interval < Duration::from_secs(1) {
-            issues.add("rpc.ping_interval", "must be at least 1s");
+        if !(Duration::from_secs(1)..=DAY).contains(&self.rpc.ping_interval) {
+            issues.add("rpc.ping_interval", "must be between 1s and 24h");
         }
         if self.rpc.max_batch == 0 {
             issues.add("rpc.max_batch", "must be at least 1");
@@ -386,6 +395,12 @@ mod tests {
             ("CONFROUTE_RPC__RATE_LIMIT", "0", "rpc.rate_limit"),
             ("CONFROUTE_RPC__BURST", "0", "rpc.burst"),
             ("CONFROUTE_RPC__PING_INTERVAL", "10ms", "rpc.ping_interval"),
+            ("CONFROUTE_RPC__PING_INTERVAL", "25h", "rpc.ping_interval"),
+            (
+                "CONFROUTE_RPC__COMMAND_TIMEOUT",
+                "9999999999999s",
+                "rpc.command_timeout",
+            ),
             ("CONFROUTE_RPC__MAX_BATCH", "0", "rpc.max_batch"),
             (
                 "CONFROUTE_RPC__MAX_SUBSCRIPTIONS",

@@ -155,3 +155,18 @@ pub async fn scrape(base: &str) -> String {
         .await
         .expect("metrics body")
 }
+
+/// The error codes `docs/openapi.json` lets an HTTP client expect.
+pub fn documented_error_codes() -> Vec<String> {
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
+            .expect("openapi document"),
+    )
+    .expect("valid JSON");
+    doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+        .as_array()
+        .expect("error code enum")
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_string))
+        .collect()
+}

@@ -77,13 +77,17 @@ async fn call(
     }
 }
 
-/// Every (method, path template) in `docs/openapi.json`.
-fn documented() -> Vec<(String, String)> {
-    let doc: Value = serde_json::from_str(
+fn openapi() -> Value {
+    serde_json::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"))
             .expect("openapi document"),
     )
-    .expect("valid JSON");
+    .expect("valid JSON")
+}
+
+/// Every (method, path template) in `docs/openapi.json`.
+fn documented() -> Vec<(String, String)> {
+    let doc = openapi();
     let mut out = Vec::new();
     for (path, ops) in doc["paths"].as_object().expect("paths") {
         for method in ops.as_object().expect("ops").keys() {
@@ -114,6 +118,10 @@ fn concrete_request(
 fn assert_error(a: &Answer, status: u16, code: &str) {
     assert_eq!(a.status.as_u16(), status, "{}", a.text);
     assert_eq!(a.body["error"]["code"], code, "{}", a.text);
+    assert!(
+        fixtures::documented_error_codes().iter().any(|c| c == code),
+        "error code {code} is not in docs/openapi.json"
+    );
     assert!(
         a.body["error"]["message"]
             .as_str()

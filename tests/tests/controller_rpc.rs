@@ -270,6 +270,26 @@ async fn a_client_that_sends_without_reading_is_held_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_batch_runs_when_the_rate_allows_it() {
+    let s = setup(&[
+        ("CONFROUTE_RPC__RATE_LIMIT", "1000"),
+        ("CONFROUTE_RPC__BURST", "1000"),
+        ("CONFROUTE_RPC__MAX_BATCH", "200"),
+    ])
+    .await;
+    let mut ws = connect(&s, None).await.expect("connect");
+    let batch: Vec<Value> = (0..200)
+        .map(|i| json!({"jsonrpc": "2.0", "method": "conference.list", "id": i}))
+        .collect();
+    send(&mut ws, &Value::Array(batch).to_string()).await;
+    let v = recv(&mut ws).await;
+    let arr = v.as_array().expect("batch answer");
+    assert_eq!(arr.len(), 200);
+    let refused: Vec<&Value> = arr.iter().filter(|a| a["result"].is_null()).collect();
+    assert!(refused.is_empty(), "refused members: {refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_rate_limits_and_subscription_limits() {
     let s = setup(&[
         ("CONFROUTE_RPC__RATE_LIMIT", "5"),

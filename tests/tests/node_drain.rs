@@ -54,6 +54,12 @@ async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
         assert_eq!(status, 409, "{action}: {body}");
         assert_eq!(body["error"]["code"], "node_shutting_down", "{body}");
     }
+    assert!(
+        fixtures::documented_error_codes()
+            .iter()
+            .any(|c| c == "node_shutting_down"),
+        "the controller's code is in docs/openapi.json"
+    );
     assert_eq!(
         node_state(&store, "node-a").await,
         Some(NodeState::Draining)
