@@ -347,39 +347,51 @@ pub async fn serve(
 }
 
 /// Sends subscribed conferences' events as `event` notifications. A client that does not
-/// read fast enough loses events (told by an `events.lost` notification) rather than
-/// stalling anyone.
+/// read fast enough loses events rather than stalling anyone, and is told how many by one
+/// `events.lost` notification as soon as its queue has room again, before any later event.
 async fn forward_events(session: Arc<Session>) {
     let mut rx = session.control.bus().events();
+    let mut lost: u64 = 0;
     loop {
-        match rx.recv().await {
-            Ok(ev) => {
-                let wanted = session
-                    .subscriptions
-                    .lock()
-                    .map(|s| s.contains(&ev.conference))
-                    .unwrap_or(false);
-                if wanted {
+        tokio::select! {
+            got = rx.recv() => match got {
+                Ok(ev) => {
+                    let wanted = session
+                        .subscriptions
+                        .lock()
+                        .map(|s| s.contains(&ev.conference))
+                        .unwrap_or(false);
+                    if !wanted {
+                        continue;
+                    }
+                    if lost > 0 && session.out.try_send(lost_notice(lost)).is_ok() {
+                        lost = 0;
+                    }
                     let text = notification(
                         "event",
                         json!({"conference": ev.conference, "node": ev.node, "seq": ev.seq,
                                "event": ev.event, "data": ev.data}),
                     );
-                    if session.out.try_send(text).is_err() {
-                        let _ = session
-                            .out
-                            .try_send(notification("events.lost", json!({"count": 1})));
+                    if lost > 0 || session.out.try_send(text).is_err() {
+                        lost += 1;
                     }
                 }
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                let _ = session
-                    .out
-                    .try_send(notification("events.lost", json!({"count": n})));
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => lost += n,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            room = session.out.reserve(), if lost > 0 => match room {
+                Ok(slot) => {
+                    slot.send(lost_notice(lost));
+                    lost = 0;
+                }
+                Err(_) => return,
+            },
         }
     }
+}
+
+fn lost_notice(count: u64) -> String {
+    notification("events.lost", json!({ "count": count }))
 }
 
 impl Session {

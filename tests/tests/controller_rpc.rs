@@ -577,3 +577,41 @@ async fn silent_clients_are_closed_and_ponging_ones_kept() {
     };
     assert!(ended, "the silent connection was closed by the server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
+    let s = setup(&[]).await;
+    let store = fixtures::store(&fixtures::single(&s.redis.url()));
+    let (node, _commands) = Bus::node(store, &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let mut ws = connect(&s, None).await.expect("connect");
+    assert!(
+        rpc(&mut ws, "subscribe", json!({"conference": "loud"}), 1).await["result"].is_object()
+    );
+    // Far more than the connection's queue and socket buffers hold, read by nobody meanwhile.
+    const SENT: u64 = 20_000;
+    let pad = "x".repeat(1000);
+    for seq in 0..SENT {
+        node.publish_event(&Event {
+            conference: "loud".into(),
+            node: "node-a".into(),
+            seq,
+            event: "talking".into(),
+            data: json!({ "pad": pad }),
+        })
+        .await;
+    }
+    // Every event arrives or is counted as lost; the count comes though no event follows.
+    let (mut events, mut lost) = (0u64, 0u64);
+    while events + lost < SENT {
+        let v = recv(&mut ws).await;
+        match v["method"].as_str() {
+            Some("event") => events += 1,
+            Some("events.lost") => lost += v["params"]["count"].as_u64().expect("count"),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert_eq!(events + lost, SENT);
+    assert!(lost > 0, "the client did lose events ({events} arrived)");
+    ping(&mut ws, 2).await;
+}
