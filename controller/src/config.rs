@@ -186,7 +186,6 @@ impl RpcConfig {
             max_in_flight: crate::rpc::Limits::default()
                 .max_in_flight
                 .max(self.max_batch),
-            ..crate::rpc::Limits::default()
         }
     }
 }
