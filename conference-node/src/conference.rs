@@ -1445,11 +1445,17 @@ impl Conference {
                     talking: p.talking,
                 })
                 .collect(),
+            ringing: self.dialing.len() as u32,
         };
         self.node.publish(&self.name, Some(view));
     }
 
     /// Publishes the view and records the participant count in Redis (owner-only write).
+    /// Who keeps the conference at its home: participants and dial-outs ringing into it.
+    fn people(&self) -> u32 {
+        (self.participants.len() + self.dialing.len()) as u32
+    }
+
     async fn counts_changed(&mut self) {
         self.publish();
         if self.phase != Phase::Active {
@@ -1463,7 +1469,7 @@ impl Conference {
         match self
             .node
             .store
-            .set_participants(&self.name, &owner, self.participants.len() as u32, settings)
+            .set_participants(&self.name, &owner, self.people(), settings)
             .await
         {
             Ok(true) => self.settings_saved = true,

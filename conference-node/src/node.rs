@@ -81,6 +81,9 @@ pub struct ConferenceView {
     pub recording: Option<String>,
     /// Participants.
     pub participants: Vec<ParticipantView>,
+    /// Dial-outs ringing into it: they count as people in it for Redis, so the conference
+    /// keeps its home (a drain may not move it) until they answer or give up.
+    pub ringing: u32,
 }
 
 /// The agent: configuration, clients, and what it hosts.
@@ -445,7 +448,7 @@ impl Node {
             .map(|v| Hosted {
                 name: v.conference.clone(),
                 epoch: v.epoch,
-                participants: v.participants.len() as u32,
+                participants: v.participants.len() as u32 + v.ringing,
             })
             .collect()
     }

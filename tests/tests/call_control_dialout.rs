@@ -349,3 +349,69 @@ async fn refused_dialouts_originate_nothing() {
         .expect("lookup");
     assert_eq!(fresh, None, "a refused dial-out leaves no claim behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ringing_dialout_keeps_its_conference_home_through_a_drain() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    for n in &c.nodes {
+        n.sim
+            .set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    }
+    let store = fixtures::store(&c.cfg);
+    let mut ws = c.client(0).await;
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "ring-1", "to": "+15555550121"}),
+        )
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&callid, "ringing").await),
+        ["accepted", "ringing"]
+    );
+    let name: confroute_shared::name::ConferenceName = "ring-1".parse().expect("name");
+    let rec = wait_for_async("the ringing callee counted in Redis", WAIT, || async {
+        let rec = store.lookup(&name).await.ok()??;
+        (rec.participants == 1).then_some(rec)
+    })
+    .await
+    .expect("a ringing dial-out counts as someone in the conference");
+    let owner = rec.owner.node.to_string();
+
+    // Its node drains (a rolling upgrade): a caller for the conference still goes there,
+    // where the callee will join, rather than to a new home that would end the dial-out.
+    let drained = fixtures::http()
+        .post(format!(
+            "{}/v1/nodes/{owner}/drain",
+            c.controllers[1].http_url()
+        ))
+        .send()
+        .await
+        .expect("drain");
+    assert_eq!(drained.status(), 200);
+    assert_eq!(
+        c.route(1, "ring-1").await,
+        owner,
+        "the conference kept its home"
+    );
+    let sim = &c.node(&owner).sim;
+    sim.answer_far_end(&callid).await.expect("answer");
+    assert_eq!(
+        names(&ws.statuses(&callid, "connected").await),
+        ["connected"]
+    );
+    until(sim, "the callee in the conference's bridge", |s| {
+        s.channel(&callid)
+            .and_then(|c| c.bridge.as_deref())
+            .is_some_and(|b| is_main(b, rec.owner.epoch, "ring-1"))
+    })
+    .await;
+    // Once it gives up its seat, the count follows.
+    sim.hangup_far_end(&callid, 16).await.expect("hang up");
+    wait_for_async("the conference ended", WAIT, || async {
+        store.lookup(&name).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .expect("released");
+}

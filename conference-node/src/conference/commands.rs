@@ -550,6 +550,7 @@ impl Conference {
                 tracing::info!(conference = %self.name, callid = %callid, to = %d.to, endpoint = %d.endpoint, "dialing out");
                 pending.answer(&self.node, Ok(json!({"callid": callid})));
                 self.node.dialouts.accepted(&self.node, &callid);
+                self.counts_changed().await;
                 // Asterisk ends the call by the ring timeout; should that end never be seen,
                 // the seat is freed and the dial-out reported all the same.
                 let node = self.node.clone();
@@ -598,6 +599,7 @@ impl Conference {
     pub(super) async fn dialout_gone(&mut self, ch: &str) {
         if self.dialing.remove(ch).is_some() {
             self.end_if_empty("dialout_failed").await;
+            self.counts_changed().await;
         }
     }
 }
