@@ -830,6 +830,9 @@ impl Conference {
             tracing::warn!(conference = %self.name, error = %e, "cannot destroy the holding bridge");
         }
         self.holding_created = false;
+        // The next holding bridge gets an id of its own: this one's BridgeDestroyed may come
+        // after it is made, and must not be taken for its end.
+        self.holding = bridge_ids(&self.name, self.epoch, rand::random()).1;
     }
 
     async fn beep(&mut self) {
@@ -1177,7 +1180,28 @@ impl Conference {
             return;
         }
         if bridge == self.holding {
+            if !self.holding_created {
+                return;
+            }
             self.holding_created = false;
+            // Destroyed outside the agent: Asterisk left its callers in the Stasis app, in
+            // silence. They go back to waiting with music in a new holding bridge.
+            let stranded: Vec<(String, Options)> = self
+                .participants
+                .iter()
+                .filter(|(_, p)| p.waiting || p.held)
+                .map(|(id, p)| (id.clone(), p.options.clone()))
+                .collect();
+            if stranded.is_empty() {
+                return;
+            }
+            tracing::warn!(conference = %self.name, callers = stranded.len(), "holding bridge destroyed outside the agent; putting its callers back");
+            self.holding = bridge_ids(&self.name, self.epoch, rand::random()).1;
+            for (id, opts) in stranded {
+                if let Err(e) = self.add(&id, true, &opts).await {
+                    tracing::warn!(conference = %self.name, channel = %id, error = %e, "cannot put a caller back on hold");
+                }
+            }
             return;
         }
         if bridge == self.main && self.main_created {
@@ -1315,6 +1339,10 @@ impl Conference {
                 .reconcile_actions
                 .with_label_values(&["removed_gone_participant"])
                 .inc();
+            // A caller still in the Stasis app but in none of the conference's bridges
+            // (taken out behind the agent's back) is no longer routed here, so the
+            // reconciliation's last step joins it again rather than leaving it in silence.
+            self.node.release_route(&id, &self.name);
             self.left(&id, "gone").await;
             if self.phase == Phase::Idle {
                 return false;

@@ -338,6 +338,15 @@ impl Node {
         }
     }
 
+    /// Forgets that `channel` belongs to conference `name` (found in none of its bridges),
+    /// so a later join may claim it.
+    pub fn release_route(&self, channel: &str, name: &ConferenceName) {
+        let mut routes = lock(&self.routes);
+        if matches!(routes.get(channel), Some(Route::Conference(n)) if n == name) {
+            routes.remove(channel);
+        }
+    }
+
     /// Marks a channel that will not join (refused); its StasisEnd removes the mark.
     pub fn unroute(&self, channel: &str) {
         let mut routes = lock(&self.routes);

@@ -182,6 +182,57 @@ async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_taken_out_of_their_bridge_behind_the_agents_back_are_put_back() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+    ])
+    .await;
+    let other = confroute_tests::ari_sim::client::AriClient::new(&s.sim).expect("client");
+    // A waiter's holding bridge destroyed by another ARI application: Asterisk leaves the
+    // caller in the Stasis app, in no bridge. It is put back on hold with music.
+    let waiter = dial(&s.sim, "put-back", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
+    let holding = wait_bridged(&s.sim, &waiter).await;
+    assert!(is_holding(&holding, 1, "put-back"), "{holding}");
+    let r = other
+        .call("DELETE", &format!("/bridges/{holding}"), None)
+        .await
+        .expect("destroy");
+    assert_eq!(r.status, 204);
+    until(&s.sim, "the waiter in a new holding bridge", |snap| {
+        snap.channel(&waiter)
+            .and_then(|c| c.bridge.as_deref())
+            .is_some_and(|b| b != holding && is_holding(b, 1, "put-back"))
+    })
+    .await;
+
+    // A caller removed from the mixing bridge by another application: the next
+    // reconciliation finds it in no bridge and joins it again.
+    let a = dial(&s.sim, "put-back-2", &[]).await;
+    let b = dial(&s.sim, "put-back-2", &[]).await;
+    let main = wait_bridged(&s.sim, &a).await;
+    assert_eq!(wait_bridged(&s.sim, &b).await, main);
+    let r = other
+        .call(
+            "POST",
+            &format!("/bridges/{main}/removeChannel?channel={b}"),
+            None,
+        )
+        .await
+        .expect("remove");
+    assert_eq!(r.status, 204);
+    until(&s.sim, "the removed caller back in the mix", |snap| {
+        snap.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(main.as_str())
+    })
+    .await;
+    assert_eq!(
+        s.sim.snapshot().channel(&a).and_then(|c| c.bridge.clone()),
+        Some(main),
+        "the other caller was never disturbed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
     let s = Single::start(&[("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms")]).await;
     let store = fixtures::store(&s.cfg);
