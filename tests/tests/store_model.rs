@@ -640,6 +640,15 @@ async fn conferences_list_in_pages() {
     let expected: Vec<String> = (0..25).map(|i| format!("conf-{i:02}")).collect();
     assert_eq!(seen, expected);
     assert_eq!(pages, 3);
+    // A full last page says it is the last.
+    let last = store
+        .list_conferences(Some("conf-14"), 10)
+        .await
+        .expect("page");
+    assert_eq!(last.items.len(), 10);
+    assert_eq!(last.next, None, "nothing after conf-24");
+    let whole = store.list_conferences(None, 25).await.expect("page");
+    assert_eq!((whole.items.len(), whole.next), (25, None));
 }
 
 #[tokio::test]

@@ -3,11 +3,13 @@
 -- KEYS[1] conference index. ARGV[1] prefix, ARGV[2] exclusive start name ('' for the first
 -- page), ARGV[3] page size.
 -- Returns {next_cursor, name, owner, epoch, participants, created_ms, ...}; next_cursor is
--- '' on the last page.
+-- '' on the last page (one name more is read to know: a full last page has none).
 local prefix, after, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local start = '-'
 if after ~= '' then start = '(' .. after end
-local names = redis.call('ZRANGEBYLEX', KEYS[1], start, '+', 'LIMIT', 0, count)
+local names = redis.call('ZRANGEBYLEX', KEYS[1], start, '+', 'LIMIT', 0, count + 1)
+local more = #names > count
+if more then names[#names] = nil end
 local out = {''}
 for _, name in ipairs(names) do
   local r = redis.call('HMGET', prefix .. 'conf:' .. name, 'owner', 'epoch', 'participants',
@@ -22,5 +24,5 @@ for _, name in ipairs(names) do
     redis.call('ZREM', KEYS[1], name)
   end
 end
-if #names == count then out[1] = names[#names] end
+if more then out[1] = names[#names] end
 return out
