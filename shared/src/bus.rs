@@ -13,7 +13,9 @@
 //! | `events` | conference events from every node |
 //!
 //! `PUBLISH` answers how many subscribers got a message, so a command to a node that is not
-//! listening fails at once with `node_unavailable`; one that is accepted but never answered
+//! listening fails at once with `node_unavailable` (on a Cluster it counts only the
+//! subscribers of the node that took it, so everyone subscribes on the primary serving the
+//! channels' slot, where publishes are routed); one that is accepted but never answered
 //! fails at its deadline the same way. Nothing hangs. Pub/sub keeps no history: a message
 //! sent while a process reconnects is lost, which for commands shows up as the same error.
 
@@ -403,11 +405,11 @@ impl Bus {
                 let Some(inner) = weak.upgrade() else { break };
                 let prefix = inner.store.prefix().to_string();
                 match subscribe(&inner, &prefix, &channels).await {
-                    Ok(pubsub) => {
+                    Ok((pubsub, home)) => {
                         backoff = Duration::from_millis(100);
                         inner.connected.store(true, Ordering::Relaxed);
                         drop(inner);
-                        listen(pubsub, &weak, &prefix, commands.as_ref()).await;
+                        listen(pubsub, home, &weak, &prefix, commands.as_ref()).await;
                         if let Some(inner) = weak.upgrade() {
                             inner.connected.store(false, Ordering::Relaxed);
                         }
@@ -425,16 +427,22 @@ impl Bus {
     }
 }
 
+/// Subscribes to `channels`; with the subscription, on a Cluster, the address of the node
+/// it is on (see [`listen`]).
 async fn subscribe(
     inner: &Inner,
     prefix: &str,
     channels: &[String],
-) -> Result<redis::aio::PubSub, String> {
+) -> Result<(redis::aio::PubSub, Option<String>), String> {
     let client = inner
         .store
-        .pubsub_client()
+        .pubsub_client(&format!("{prefix}events"))
         .await
         .map_err(|e| e.to_string())?;
+    let home = inner
+        .store
+        .is_cluster()
+        .then(|| crate::store::connection_address(client.get_connection_info()));
     let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
         .await
         .map_err(|_| "pub/sub connect timed out".to_string())?
@@ -445,11 +453,15 @@ async fn subscribe(
             .await
             .map_err(|e| e.to_string())?;
     }
-    Ok(pubsub)
+    Ok((pubsub, home))
 }
 
+/// Hands on what the subscription brings until it fails, or, on a Cluster, until the
+/// channels' slot is served by another node than `home` (a failover): publishers' counts
+/// come from that node, so the subscription must move there.
 async fn listen(
     pubsub: redis::aio::PubSub,
+    home: Option<String>,
     weak: &std::sync::Weak<Inner>,
     prefix: &str,
     commands: Option<&mpsc::Sender<Command>>,
@@ -498,6 +510,14 @@ async fn listen(
                 let alive = tokio::time::timeout(Duration::from_secs(2), sink.ping::<redis::Value>()).await;
                 if !matches!(alive, Ok(Ok(_))) {
                     return;
+                }
+                if let (Some(home), Some(inner)) = (&home, weak.upgrade()) {
+                    if let Ok(Some(now)) = inner.store.pubsub_home(&events_channel).await {
+                        if &now != home {
+                            tracing::info!(from = %home, to = %now, "the bus's Cluster slot moved; subscribing there");
+                            return;
+                        }
+                    }
                 }
             }
         }

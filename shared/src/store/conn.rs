@@ -288,20 +288,19 @@ impl Connector {
     }
 
     /// A client for a pub/sub connection: the single server, the current Sentinel primary,
-    /// or the first reachable Cluster seed (Cluster pub/sub reaches every node's
-    /// subscribers whichever node a message is published on).
-    pub(crate) async fn pubsub_client(&self) -> Result<Client, RedisError> {
+    /// or on a Cluster the primary serving `slot` (the channels' slot). Cluster pub/sub
+    /// delivers a message to every node's subscribers, but `PUBLISH` (routed by its
+    /// channel's slot) counts only those of the node that took it, and the bus reads a count
+    /// of 0 as "nobody listening".
+    pub(crate) async fn pubsub_client(&self, slot: u16) -> Result<Client, RedisError> {
         match &self.inner.source {
             Source::Single(client) => Ok(client.clone()),
             Source::Sentinel(client) => client.lock().await.async_get_client().await,
             Source::Cluster(_) => {
                 let mut last = None;
                 for seed in &self.inner.cluster_seeds {
-                    match Client::open(seed.clone()) {
-                        Ok(c) => match c.get_multiplexed_async_connection().await {
-                            Ok(_) => return Ok(c),
-                            Err(e) => last = Some(e),
-                        },
+                    match self.slot_primary_via(seed, slot).await {
+                        Ok(info) => return Client::open(info),
                         Err(e) => last = Some(e),
                     }
                 }
@@ -312,6 +311,68 @@ impl Connector {
         }
     }
 
+    /// On a Cluster, `host:port` of the primary serving `slot` now (`None` elsewhere), so a
+    /// subscriber can tell that a failover moved it.
+    pub(crate) async fn slot_primary(&self, slot: u16) -> Result<Option<String>, RedisError> {
+        if !matches!(self.inner.source, Source::Cluster(_)) {
+            return Ok(None);
+        }
+        let mut last = None;
+        for seed in &self.inner.cluster_seeds {
+            match self.slot_primary_via(seed, slot).await {
+                Ok(info) => return Ok(Some(address(&info))),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "no cluster seeds"))
+        }))
+    }
+
+    /// Asks `seed` which primary serves `slot`; that primary's connection details (the
+    /// seed's credentials and TLS settings, its address).
+    async fn slot_primary_via(
+        &self,
+        seed: &redis::ConnectionInfo,
+        slot: u16,
+    ) -> Result<redis::ConnectionInfo, RedisError> {
+        let client = Client::open(seed.clone())?;
+        let mut conn = tokio::time::timeout(
+            self.inner.connect_timeout,
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| {
+            RedisError::from((redis::ErrorKind::Io, "cluster seed connect timed out"))
+        })??;
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await?;
+        let (host, port) = primary_of(&slots, slot).ok_or_else(|| {
+            RedisError::from((redis::ErrorKind::Client, "no primary serves the bus's slot"))
+        })?;
+        let addr = match seed.addr().clone() {
+            // An empty address means "the one you reached me at".
+            redis::ConnectionAddr::Tcp(seed_host, _) => {
+                redis::ConnectionAddr::Tcp(if host.is_empty() { seed_host } else { host }, port)
+            }
+            redis::ConnectionAddr::TcpTls {
+                host: seed_host,
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host: if host.is_empty() { seed_host } else { host },
+                port,
+                insecure,
+                tls_params,
+            },
+            other => other,
+        };
+        Ok(seed.clone().set_addr(addr))
+    }
+
     /// Drops connection `generation` after a failure that means it is no longer usable.
     pub(crate) fn invalidate(&self, generation: u64) {
         if let Ok(mut slot) = self.inner.current.write() {
@@ -320,6 +381,50 @@ impl Connector {
             }
         }
     }
+}
+
+/// `host:port` of a connection's address (the socket path for a Unix socket).
+pub(crate) fn address(info: &redis::ConnectionInfo) -> String {
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p)
+        | redis::ConnectionAddr::TcpTls {
+            host: h, port: p, ..
+        } => {
+            format!("{h}:{p}")
+        }
+        redis::ConnectionAddr::Unix(path) => path.display().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The primary serving `slot` in a `CLUSTER SLOTS` reply: `(ip, port)`, the ip empty when
+/// the node does not know its own.
+fn primary_of(reply: &redis::Value, slot: u16) -> Option<(String, u16)> {
+    use redis::Value;
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let int = |v: &Value| match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    ranges.iter().find_map(|range| {
+        let Value::Array(r) = range else { return None };
+        let (start, end) = (int(r.first()?)?, int(r.get(1)?)?);
+        if !(start..=end).contains(&i64::from(slot)) {
+            return None;
+        }
+        let Value::Array(primary) = r.get(2)? else {
+            return None;
+        };
+        let host = match primary.first()? {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            _ => return None,
+        };
+        let port = u16::try_from(int(primary.get(1)?)?).ok()?;
+        Some((host, port))
+    })
 }
 
 /// True when an error means the connection (or the server role behind it) cannot be reused.
@@ -369,7 +474,32 @@ pub(crate) fn hash_slot(key: &[u8]) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use super::hash_slot;
+    use super::{hash_slot, primary_of};
+
+    #[test]
+    fn the_primary_of_a_slot_is_read_from_cluster_slots() {
+        use redis::Value;
+        let node = |ip: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(ip.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Value::Array(vec![Value::Int(5461), Value::Int(16383), node("", 7001)]),
+        ]);
+        assert_eq!(primary_of(&reply, 3375), Some(("10.0.0.1".into(), 7000)));
+        assert_eq!(primary_of(&reply, 5461), Some((String::new(), 7001)));
+        assert_eq!(primary_of(&Value::Array(vec![]), 1), None);
+        assert_eq!(primary_of(&Value::Nil, 1), None);
+    }
 
     #[test]
     fn hash_slots_match_redis() {

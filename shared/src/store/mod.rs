@@ -23,6 +23,8 @@ use redis::Value;
 
 pub use metrics::StoreMetrics;
 
+pub(crate) use conn::address as connection_address;
+
 use crate::config::RedisConfig;
 use crate::name::ConferenceName;
 use crate::types::{ConferenceRecord, NodeId, NodeInfo, NodeLoad, NodeRecord, NodeState, Owner};
@@ -303,12 +305,29 @@ impl Store {
         .await
     }
 
-    /// A client to open a pub/sub connection with (see [`crate::bus`]).
-    pub(crate) async fn pubsub_client(&self) -> Result<redis::Client, StoreError> {
-        tokio::time::timeout(self.timeout * 4, self.conn.pubsub_client())
+    /// A client to open a pub/sub connection with (see [`crate::bus`]): on a Cluster, the
+    /// primary serving `channel`'s slot.
+    pub(crate) async fn pubsub_client(&self, channel: &str) -> Result<redis::Client, StoreError> {
+        let slot = conn::hash_slot(channel.as_bytes());
+        tokio::time::timeout(self.timeout * 4, self.conn.pubsub_client(slot))
             .await
             .map_err(|_| StoreError::Unavailable("pub/sub connect timed out".into()))?
             .map_err(|e| StoreError::Unavailable(format!("pub/sub connect: {e}")))
+    }
+
+    /// True on a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    /// On a Cluster, `host:port` of the primary serving `channel`'s slot now; `None` on a
+    /// single server or Sentinel (nothing to follow).
+    pub(crate) async fn pubsub_home(&self, channel: &str) -> Result<Option<String>, StoreError> {
+        let slot = conn::hash_slot(channel.as_bytes());
+        tokio::time::timeout(self.timeout * 4, self.conn.slot_primary(slot))
+            .await
+            .map_err(|_| StoreError::Unavailable("cluster slots timed out".into()))?
+            .map_err(|e| StoreError::Unavailable(format!("cluster slots: {e}")))
     }
 
     /// Checks that Redis answers (used by readiness probes).
