@@ -77,10 +77,11 @@ pub enum Msg {
     Claim(HostedStatus),
     /// Reconciliation: the conference's bridges as Asterisk has them now.
     Reconcile {
-        /// The mixing bridge, if it exists.
-        main: Option<Bridge>,
-        /// The holding bridge, if it exists.
-        holding: Option<Bridge>,
+        /// The conference's mixing bridges found (normally one; a lifetime's bridge whose
+        /// destruction failed may still be there beside the current one).
+        main: Vec<Bridge>,
+        /// Its holding bridges found, the same way.
+        holding: Vec<Bridge>,
         /// Snapshots of the bridges' members, as listed with them.
         members: HashMap<String, Channel>,
         /// When the listing was taken: what changed since is newer than it.
@@ -356,6 +357,8 @@ impl Conference {
                 taken,
                 reply,
             } => {
+                let main = self.one_bridge(main, &self.main.clone()).await;
+                let holding = self.one_bridge(holding, &self.holding.clone()).await;
                 let owned = self.reconcile(main, holding, &members, taken).await;
                 let _ = reply.send(owned);
             }
@@ -660,25 +663,27 @@ impl Conference {
                 return;
             }
         };
-        let mut members: Vec<(String, bool)> = Vec::new();
-        let mut holding_found = false;
+        let (mut mains, mut holdings) = (Vec::new(), Vec::new());
         for b in bridges {
             match parse_bridge_id(&b.id) {
-                Some((true, _, name)) if name == self.name => {
-                    members.extend(b.channels.iter().map(|c| (c.clone(), true)));
-                    self.holding = b.id;
-                    self.holding_created = true;
-                    holding_found = true;
-                }
-                Some((false, _, name)) if name == self.name => {
-                    tracing::info!(conference = %self.name, bridge = %b.id, "using the conference bridge left from before a restart");
-                    members.extend(b.channels.iter().map(|c| (c.clone(), false)));
-                    self.main = b.id;
-                    self.main_created = true;
-                    self.main_created_at = Instant::now();
-                }
+                Some((true, _, name)) if name == self.name => holdings.push(b),
+                Some((false, _, name)) if name == self.name => mains.push(b),
                 _ => {}
             }
+        }
+        let mut members: Vec<(String, bool)> = Vec::new();
+        let holding_found = !holdings.is_empty();
+        if let Some(b) = self.one_bridge(holdings, "").await {
+            members.extend(b.channels.iter().map(|c| (c.clone(), true)));
+            self.holding = b.id;
+            self.holding_created = true;
+        }
+        if let Some(b) = self.one_bridge(mains, "").await {
+            tracing::info!(conference = %self.name, bridge = %b.id, "using the conference bridge left from before a restart");
+            members.extend(b.channels.iter().map(|c| (c.clone(), false)));
+            self.main = b.id;
+            self.main_created = true;
+            self.main_created_at = Instant::now();
         }
         if !members.is_empty() {
             // Not the newcomer's settings: those of the conference it walks into.
@@ -1209,6 +1214,51 @@ impl Conference {
             tracing::warn!(conference = %self.name, "conference bridge destroyed outside the agent; ending the conference");
             self.end("bridge_gone", None).await;
         }
+    }
+
+    /// Of the bridges of one kind found for this conference, the one to go on with: the
+    /// actor's own, else (adopting after a restart) the one with the most callers. Callers
+    /// in the others are moved into it, and the others destroyed: they are leftovers of an
+    /// earlier lifetime, and taking one for the conference would leave the callers of the
+    /// real one out of it.
+    async fn one_bridge(&mut self, mut found: Vec<Bridge>, current: &str) -> Option<Bridge> {
+        if found.len() <= 1 {
+            return found.pop();
+        }
+        let pick = found
+            .iter()
+            .position(|b| b.id == current)
+            .or_else(|| {
+                found
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, b)| b.channels.len())
+                    .map(|(i, _)| i)
+            })
+            .unwrap_or(0);
+        let mut chosen = found.swap_remove(pick);
+        for extra in found {
+            tracing::warn!(conference = %self.name, keep = %chosen.id, leftover = %extra.id, callers = extra.channels.len(), "two bridges of one kind for the conference; merging the leftover into the other");
+            if !extra.channels.is_empty() {
+                let ids: Vec<&str> = extra.channels.iter().map(String::as_str).collect();
+                match self.node.ari.add_channels(&chosen.id, &ids, false).await {
+                    Ok(()) => chosen.channels.extend(extra.channels.iter().cloned()),
+                    Err(e) => {
+                        tracing::warn!(bridge = %extra.id, error = %e, "cannot move callers out of a leftover bridge");
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.node.ari.destroy_bridge(&extra.id).await {
+                tracing::warn!(bridge = %extra.id, error = %e, "cannot destroy a leftover bridge");
+            }
+            self.node
+                .metrics
+                .reconcile_actions
+                .with_label_values(&["merged_leftover_bridge"])
+                .inc();
+        }
+        Some(chosen)
     }
 
     /// Brings the actor in line with Asterisk; returns whether it owns an active conference.

@@ -60,8 +60,8 @@ pub async fn run(node: Arc<Node>, mut wake: mpsc::UnboundedReceiver<()>) {
 
 #[derive(Default)]
 struct Found {
-    main: Option<Bridge>,
-    holding: Option<Bridge>,
+    main: Vec<Bridge>,
+    holding: Vec<Bridge>,
 }
 
 /// One reconciliation pass.
@@ -78,9 +78,9 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
         if let Some((holding, _epoch, name)) = parse_bridge_id(&b.id) {
             let f = ours.entry(name).or_default();
             if holding {
-                f.holding = Some(b);
+                f.holding.push(b);
             } else {
-                f.main = Some(b);
+                f.main.push(b);
             }
         }
     }
@@ -89,13 +89,13 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     }
     let had_bridge: HashSet<ConferenceName> = ours
         .iter()
-        .filter(|(_, f)| f.main.is_some() || f.holding.is_some())
+        .filter(|(_, f)| !f.main.is_empty() || !f.holding.is_empty())
         .map(|(n, _)| n.clone())
         .collect();
     let mut active: HashSet<ConferenceName> = HashSet::new();
     let mut incomplete = false;
     for (name, found) in ours {
-        let spawn = found.main.is_some() || found.holding.is_some();
+        let spawn = !found.main.is_empty() || !found.holding.is_empty();
         let members: HashMap<String, Channel> = found
             .main
             .iter()

@@ -233,6 +233,47 @@ async fn callers_taken_out_of_their_bridge_behind_the_agents_back_are_put_back()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_bridge_of_an_earlier_lifetime_is_merged_not_taken_for_the_conference() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "twice", &[]).await;
+    let main = wait_bridged(&s.sim, &a).await;
+    // A bridge an earlier lifetime of the conference could not destroy (Asterisk did not
+    // answer its DELETE), listed after the live one.
+    let other = confroute_tests::ari_sim::client::AriClient::new(&s.sim).expect("client");
+    let leftover = "cr-1.00000000-twice";
+    assert_ne!(main, leftover);
+    let r = other
+        .call("POST", &format!("/bridges/{leftover}?type=mixing"), None)
+        .await
+        .expect("create");
+    assert_eq!(r.status, 200);
+    until(&s.sim, "the leftover destroyed", |snap| {
+        !snap.bridges.iter().any(|b| b.id == leftover)
+    })
+    .await;
+    let snap = s.sim.snapshot();
+    assert_eq!(
+        snap.channel(&a).and_then(|c| c.bridge.clone()),
+        Some(main.clone()),
+        "the caller stayed in the live bridge"
+    );
+    let rec = store
+        .lookup(&name("twice"))
+        .await
+        .expect("lookup")
+        .expect("the conference is still claimed");
+    assert_eq!(rec.participants, 1);
+    // And the conference goes on there.
+    let b = dial(&s.sim, "twice", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &b).await, main);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
     let s = Single::start(&[("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms")]).await;
     let store = fixtures::store(&s.cfg);
