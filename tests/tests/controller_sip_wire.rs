@@ -6,7 +6,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use confroute_tests::fixtures::{self, metric, scrape};
-use confroute_tests::harness::{ControllerProc, RedisServer};
+use confroute_tests::harness::{ControllerProc, RedisServer, TcpProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Setup {
@@ -130,6 +130,100 @@ async fn retransmitted_invite_gets_the_same_answer_without_touching_redis() {
         )
         .replace("CSeq: 1 INVITE", "CSeq: 1 ACK");
     udp.silence(ack.as_bytes(), Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487() {
+    let redis = RedisServer::start().expect("redis");
+    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    let direct = fixtures::single(&redis.url());
+    fixtures::store(&direct)
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "3s".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let udp = Udp::new(controller.sip_addr());
+    let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
+    assert_eq!(status(&warm), 302, "{warm}");
+
+    // Redis stops answering: the INVITE waits for its routing deadline.
+    proxy.black_hole();
+    let msg = invite("sip:slow@router", udp.port(), "z9hG4bKslow", "");
+    udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    let trying = udp.exchange(&msg);
+    assert_eq!(status(&trying), 100, "a retransmission meanwhile: {trying}");
+    assert!(
+        header(&trying, "To").is_some_and(|t| !t.contains("tag=")),
+        "100 Trying adds no To-tag: {trying}"
+    );
+    let cancel = msg
+        .replace(
+            "INVITE sip:slow@router SIP/2.0",
+            "CANCEL sip:slow@router SIP/2.0",
+        )
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    let ok = udp.exchange(&cancel);
+    assert_eq!(
+        status(&ok),
+        200,
+        "the CANCEL matches the INVITE being routed: {ok}"
+    );
+    assert!(header(&ok, "CSeq").is_some_and(|c| c.ends_with("CANCEL")));
+    udp.socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 8192];
+    let n = udp
+        .socket
+        .recv(&mut buf)
+        .expect("the INVITE's final answer");
+    let last = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(status(&last), 487, "{last}");
+    assert!(header(&last, "CSeq").is_some_and(|c| c.ends_with("INVITE")));
+    let tag = |m: &str| {
+        header(m, "To")
+            .and_then(|t| t.split_once("tag="))
+            .map(|(_, t)| t.to_string())
+    };
+    assert!(tag(&last).is_some());
+    assert_eq!(
+        tag(&last),
+        tag(&ok),
+        "the CANCEL's 200 and the 487 share the To-tag"
+    );
+    proxy.heal();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_transaction_table_still_gives_retransmissions_the_same_to_tag() {
+    let s = setup(&[("CONFROUTE_SIP__MAX_TRANSACTIONS", "32")]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    // Long branches are kept as a digest; they fill the table all the same.
+    let long = "x".repeat(2000);
+    for i in 0..300 {
+        let a = udp.exchange(&invite(
+            "sip:fill@router",
+            udp.port(),
+            &format!("z9hG4bKfill{i}{long}"),
+            "",
+        ));
+        assert_eq!(status(&a), 302, "{a}");
+    }
+    let msg = invite("sip:fill@router", udp.port(), "z9hG4bKunkept", "");
+    let first = udp.exchange(&msg);
+    let before = scrape(&s.controller.http_url()).await;
+    let second = udp.exchange(&msg);
+    let after = scrape(&s.controller.http_url()).await;
+    let lookups = r#"confroute_redis_request_duration_seconds_count{op="lookup"}"#;
+    assert_eq!(
+        metric(&after, lookups) - metric(&before, lookups),
+        1.0,
+        "not remembered: routed again"
+    );
+    assert_eq!(first, second, "the same answer, To-tag included");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

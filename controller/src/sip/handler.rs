@@ -14,10 +14,13 @@ use confroute_shared::name::{ConferenceName, NameError};
 
 use super::message::{self, parse_sip_uri, percent_decode, ParseError, Request, UriError};
 use super::response::{self, Response, ALLOW};
-use super::transactions::{Answer, Begin, Transactions};
+use super::transactions::{Answer, Begin, Cancel, Transactions};
 use crate::config::{SipConfig, Transport};
 use crate::metrics::Metrics;
 use crate::router::{RouteError, Router};
+
+/// Longest transaction key kept as it is.
+const MAX_KEY: usize = 160;
 
 /// A response and where to send it.
 pub struct Outgoing {
@@ -175,7 +178,7 @@ impl SipService {
         // `received=a.b.c.d` (the answer still goes out through the socket's own family).
         let source = SocketAddr::new(source.ip().to_canonical(), source.port());
         let method = method_label(req.method);
-        let key = transaction_key(&req, &via);
+        let key = self.compact_key(transaction_key(&req, &via));
 
         if req.method == "ACK" {
             // The ACK for our final answer ends the transaction; ACKs are never answered.
@@ -217,11 +220,13 @@ impl SipService {
                 // The INVITE already has its final answer; the CANCEL changes nothing. Its 200
                 // carries the INVITE answer's To-tag; a CANCEL matching no INVITE we answered
                 // gets 481 (RFC 3261 §9.2).
-                "CANCEL" => match self.transactions.answered(&key) {
-                    Some(a) => (Response::new(200, "OK"), a.to_tag.clone()),
-                    None => (
+                "CANCEL" => match self.transactions.cancel(&key) {
+                    Cancel::Answered(a) => (Response::new(200, "OK"), a.to_tag.clone()),
+                    // Still being routed: it will be answered 487 (RFC 3261 §9.2).
+                    Cancel::Pending => (Response::new(200, "OK"), self.tag_for(&key, "INVITE")),
+                    Cancel::Unknown => (
                         Response::new(481, "Call/Transaction Does Not Exist")
-                            .warning("no INVITE with this branch was answered here"),
+                            .warning("no INVITE with this branch is known here"),
                         tag(),
                     ),
                 },
@@ -238,6 +243,21 @@ impl SipService {
             bytes: response::build(&req, &resp, &tag, source),
             to,
         })
+    }
+
+    /// A transaction key as kept in the table: long keys (a long branch, or a pre-RFC 3261
+    /// key made of Call-ID and Via) become a 128-bit keyed digest, so an entry costs the
+    /// same few hundred bytes whatever the sender puts in its headers.
+    fn compact_key(&self, key: String) -> String {
+        use std::hash::BuildHasher;
+        if key.len() <= MAX_KEY {
+            return key;
+        }
+        format!(
+            "#{:016x}{:016x}",
+            self.tag_keys.hash_one((&key, 1u8)),
+            self.tag_keys.hash_one((&key, 2u8))
+        )
     }
 
     /// The To-tag for an answer to the request of transaction `key`: the same for every
@@ -269,21 +289,29 @@ impl SipService {
                     to,
                 });
             }
-            Begin::Pending => return self.drop_packet("retransmission_in_progress"),
+            // Still being routed (Redis is slow): 100 Trying stops the sender's
+            // retransmissions while it waits (RFC 3261 §17.2.1).
+            Begin::Pending => {
+                self.metrics.sip_retransmissions.inc();
+                self.count("INVITE", 100);
+                return Some(Outgoing {
+                    bytes: response::build(req, &Response::new(100, "Trying"), "", source),
+                    to,
+                });
+            }
             Begin::New => {}
         }
-        let answer = self.answer_invite(req).await;
+        let answer = self.answer_invite(req, self.tag_for(key, "INVITE")).await;
+        let answer = self.transactions.complete(key, answer);
         self.count("INVITE", answer.response.code);
         let bytes = rebuild(req, &answer, source);
-        self.transactions.complete(key, Arc::new(answer));
         Some(Outgoing { bytes, to })
     }
 
-    async fn answer_invite(&self, req: &Request<'_>) -> Answer {
-        let finish = |response: Response| Answer {
-            response,
-            to_tag: new_tag(),
-        };
+    /// `to_tag` is derived from the transaction, so even an answer the table had no room
+    /// to remember carries the same tag when a retransmission is answered again.
+    async fn answer_invite(&self, req: &Request<'_>, to_tag: String) -> Answer {
+        let finish = |response: Response| Answer { response, to_tag };
         if let Some(max) = req.header("Max-Forwards") {
             // 1*DIGIT: `00` is 0 too.
             if max.trim().parse::<u32>() == Ok(0) {
@@ -382,10 +410,6 @@ pub fn contact(node_uri: &str, name: &str) -> String {
         None => rest,
     };
     format!("<{scheme}:{name}@{hostpart}>")
-}
-
-fn new_tag() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 fn rebuild(req: &Request<'_>, answer: &Answer, source: SocketAddr) -> Vec<u8> {

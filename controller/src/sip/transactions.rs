@@ -29,6 +29,17 @@ pub struct Answer {
     pub to_tag: String,
 }
 
+/// What a CANCEL found ([`Transactions::cancel`]).
+#[derive(Debug, Clone)]
+pub enum Cancel {
+    /// The INVITE was answered already: the CANCEL changes nothing.
+    Answered(Arc<Answer>),
+    /// The INVITE is still being routed: it will be answered 487 (RFC 3261 §9.2).
+    Pending,
+    /// No such INVITE here.
+    Unknown,
+}
+
 /// What [`Transactions::begin`] found.
 #[derive(Debug, Clone)]
 pub enum Begin {
@@ -41,7 +52,10 @@ pub enum Begin {
 }
 
 enum State {
-    Pending,
+    /// Being routed; `cancelled` once a CANCEL for it came.
+    Pending {
+        cancelled: bool,
+    },
     Answered(Arc<Answer>),
 }
 
@@ -81,7 +95,7 @@ impl Transactions {
         let now = Instant::now();
         match map.get(&key) {
             Some(e) if e.expires > now => match &e.state {
-                State::Pending => Begin::Pending,
+                State::Pending { .. } => Begin::Pending,
                 State::Answered(a) => Begin::Answered(a.clone()),
             },
             _ => {
@@ -89,7 +103,7 @@ impl Transactions {
                     map.insert(
                         key,
                         Entry {
-                            state: State::Pending,
+                            state: State::Pending { cancelled: false },
                             expires: now + TIMER_H,
                         },
                     );
@@ -99,25 +113,47 @@ impl Transactions {
         }
     }
 
-    /// The answer already given for `key`, without registering anything.
-    pub fn answered(&self, key: &str) -> Option<Arc<Answer>> {
-        let map = self.shard(key).lock().ok()?;
-        match map.get(key) {
+    /// A CANCEL for `key`: marks a pending INVITE cancelled.
+    pub fn cancel(&self, key: &str) -> Cancel {
+        let Ok(mut map) = self.shard(key).lock() else {
+            return Cancel::Unknown;
+        };
+        match map.get_mut(key) {
             Some(Entry {
                 state: State::Answered(a),
                 ..
-            }) => Some(a.clone()),
-            _ => None,
+            }) => Cancel::Answered(a.clone()),
+            Some(Entry {
+                state: State::Pending { cancelled },
+                ..
+            }) => {
+                *cancelled = true;
+                Cancel::Pending
+            }
+            None => Cancel::Unknown,
         }
     }
 
-    /// Records the final answer of `key`.
-    pub fn complete(&self, key: &str, answer: Arc<Answer>) {
-        if let Ok(mut map) = self.shard(key).lock() {
-            if let Some(e) = map.get_mut(key) {
-                e.state = State::Answered(answer);
-            }
-        }
+    /// Records the final answer of `key` and returns it: `487 Request Terminated` instead
+    /// when a CANCEL came while it was routed.
+    pub fn complete(&self, key: &str, answer: Answer) -> Arc<Answer> {
+        let Ok(mut map) = self.shard(key).lock() else {
+            return Arc::new(answer);
+        };
+        let Some(e) = map.get_mut(key) else {
+            return Arc::new(answer);
+        };
+        let answer = match e.state {
+            State::Pending { cancelled: true } => Answer {
+                response: Response::new(487, "Request Terminated")
+                    .warning("cancelled while it was being routed"),
+                to_tag: answer.to_tag,
+            },
+            _ => answer,
+        };
+        let answer = Arc::new(answer);
+        e.state = State::Answered(answer.clone());
+        answer
     }
 
     /// Forgets a pending transaction whose routing failed before any answer.
@@ -164,11 +200,14 @@ mod tests {
         let t = Transactions::new(1000);
         assert!(matches!(t.begin("b1".into()), Begin::New));
         assert!(matches!(t.begin("b1".into()), Begin::Pending));
-        let a = Arc::new(Answer {
-            response: Response::new(302, "Moved Temporarily").header("Contact", "<sip:x@y>"),
-            to_tag: "t".into(),
-        });
-        t.complete("b1", a.clone());
+        let a = t.complete(
+            "b1",
+            Answer {
+                response: Response::new(302, "Moved Temporarily").header("Contact", "<sip:x@y>"),
+                to_tag: "t".into(),
+            },
+        );
+        assert_eq!(a.response.code, 302);
         match t.begin("b1".into()) {
             Begin::Answered(got) => assert_eq!(got, a),
             other => panic!("unexpected {other:?}"),
@@ -176,6 +215,23 @@ mod tests {
         assert!(t.ack("b1"));
         assert!(!t.ack("unknown"));
         assert_eq!(t.sweep(), 1, "kept for ACK retransmissions");
+    }
+
+    #[test]
+    fn a_cancel_while_routing_turns_the_answer_into_487() {
+        let t = Transactions::new(1000);
+        assert!(matches!(t.cancel("b"), Cancel::Unknown));
+        assert!(matches!(t.begin("b".into()), Begin::New));
+        assert!(matches!(t.cancel("b"), Cancel::Pending));
+        let got = t.complete(
+            "b",
+            Answer {
+                response: Response::new(302, "Moved Temporarily"),
+                to_tag: "t".into(),
+            },
+        );
+        assert_eq!((got.response.code, got.to_tag.as_str()), (487, "t"));
+        assert!(matches!(t.cancel("b"), Cancel::Answered(a) if a.response.code == 487));
     }
 
     #[test]
