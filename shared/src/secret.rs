@@ -23,6 +23,21 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// True when `given` is this secret. The time taken depends on `given`'s length only:
+    /// neither the secret's bytes nor its length can be learnt by timing guesses (a plain
+    /// constant-time slice comparison returns at once when the lengths differ).
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        let secret = self.0.as_bytes();
+        let mut same = subtle::Choice::from(1u8);
+        for (i, g) in given.iter().enumerate() {
+            let s = secret.get(i).copied().unwrap_or(!*g);
+            same &= g.ct_eq(&s);
+        }
+        let lengths = (given.len() as u64).ct_eq(&(secret.len() as u64));
+        (same & lengths).into()
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -40,5 +55,28 @@ impl fmt::Display for Secret {
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         crate::config::string_like(d).map(Secret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Secret;
+
+    #[test]
+    fn matches_only_the_same_bytes() {
+        let s = Secret::new("s3cret-token");
+        assert!(s.matches(b"s3cret-token"));
+        for other in [
+            &b""[..],
+            b"s3cret-toke",
+            b"s3cret-tokem",
+            b"s3cret-token!",
+            b"S3cret-token",
+            b"s3cret-token\0",
+        ] {
+            assert!(!s.matches(other), "{other:?}");
+        }
+        assert!(Secret::new("").matches(b""));
+        assert!(!Secret::new("").matches(b"x"));
     }
 }
