@@ -687,3 +687,37 @@ async fn request_log_counts_round_trips() {
     );
     assert_eq!(log[1].operation.as_deref(), Some("createWithId"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_hanging_up_during_add_channel_gets_204_and_never_enters() {
+    let sim = sim().await;
+    let mut ws = events(&sim, "confroute").await;
+    let c = AriClient::new(&sim).expect("client");
+    let chan = ok(&c, "POST", "/channels?endpoint=PJSIP/dave&app=confroute").await;
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let id = chan["id"].as_str().expect("id").to_string();
+    ok(&c, "POST", "/bridges/b2").await;
+    sim.hangup_during_add(&id);
+    let r = c
+        .call(
+            "POST",
+            &format!("/bridges/b2/addChannel?channel={id}"),
+            None,
+        )
+        .await
+        .expect("addChannel");
+    assert_eq!(
+        r.status, 204,
+        "Asterisk reports only a recording channel's failure"
+    );
+    let evs = ws
+        .until(WAIT, is("StasisEnd"))
+        .await
+        .expect("the caller left");
+    assert!(
+        !evs.iter().any(|e| ty(e) == "ChannelEnteredBridge"),
+        "it never entered: {:?}",
+        summary(&evs)
+    );
+    assert!(sim.snapshot().channel(&id).is_none());
+}

@@ -49,6 +49,8 @@ pub(crate) struct Core {
     pub held_ops: watch::Sender<BTreeSet<String>>,
     /// How many requests of each held operation wait now.
     pub held_waiting: Mutex<HashMap<String, usize>>,
+    /// Channels whose far end hangs up between an `addChannel`'s checks and its queued add.
+    pub hangup_during_add: Mutex<BTreeSet<String>>,
     pub ctl: watch::Sender<Ctl>,
     pub events_changed: Notify,
     pub violations: Mutex<Vec<String>>,
@@ -71,6 +73,7 @@ impl Core {
             stall_until: Mutex::new(None),
             held_ops: watch::Sender::new(BTreeSet::new()),
             held_waiting: Mutex::new(HashMap::new()),
+            hangup_during_add: Mutex::new(BTreeSet::new()),
             ctl,
             events_changed: Notify::new(),
             violations: Mutex::new(Vec::new()),

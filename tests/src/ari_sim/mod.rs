@@ -525,6 +525,18 @@ impl AriSim {
         });
     }
 
+    /// Test-only race: the next `addChannel` naming `channel` passes its checks, then the
+    /// far end hangs up before the queued add runs. Asterisk answers such a request 204 all
+    /// the same (`ast_ari_bridges_add_channel` reports only a recording channel's failure),
+    /// and the channel never enters the bridge.
+    pub fn hangup_during_add(&self, channel: &str) {
+        self.core
+            .hangup_during_add
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.to_string());
+    }
+
     /// How many requests for `op` are held now.
     pub fn held_requests(&self, op: &str) -> usize {
         self.core

@@ -545,6 +545,15 @@ pub(crate) fn bridge_add_channel(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         }
     }
     for c in &list {
+        let races = core
+            .hangup_during_add
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(c);
+        if races {
+            st.hangup(core, c, 16, Some(HangupRequest::Remote));
+            continue;
+        }
         st.bridge_add(core, &id, c, role.clone(), mute, absorb);
     }
     no_content()
