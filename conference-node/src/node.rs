@@ -41,6 +41,10 @@ pub enum Route {
     Refused,
     /// A dial-out ringing for this conference; it joins when answered.
     Dialout(ConferenceName),
+    /// Being moved out of this conference to another of this node: its events still go
+    /// here, and should it leave Stasis meanwhile the mark turns to [`Route::Gone`], so the
+    /// target does not take in a channel that is no more.
+    Moving(ConferenceName),
 }
 
 /// One participant as `GET /v1/conferences` shows it.
@@ -393,8 +397,16 @@ impl Node {
     /// The conference a channel's events go to, if it is one of its participants.
     pub fn conference_of(&self, channel: &str) -> Option<ConferenceName> {
         match lock(&self.routes).get(channel) {
-            Some(Route::Conference(n)) => Some(n.clone()),
+            Some(Route::Conference(n) | Route::Moving(n)) => Some(n.clone()),
             _ => None,
+        }
+    }
+
+    /// Marks a participant of `name` as being moved to another conference of this node.
+    pub fn mark_moving(&self, channel: &str, name: &ConferenceName) {
+        let mut routes = lock(&self.routes);
+        if matches!(routes.get(channel), Some(Route::Conference(n)) if n == name) {
+            routes.insert(channel.to_string(), Route::Moving(name.clone()));
         }
     }
 
@@ -577,6 +589,10 @@ impl Node {
                             None
                         }
                         Some(Route::Conference(n)) => Some(n),
+                        Some(Route::Moving(n)) => {
+                            routes.insert(channel.id.clone(), Route::Gone);
+                            Some(n)
+                        }
                         _ => None,
                     }
                 };

@@ -509,3 +509,38 @@ async fn a_waiter_held_before_the_start_joins_the_mix_on_unhold() {
         "{list}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "from-1").await;
+    let sim = &c.node(&owner).sim;
+    let a = dial(sim, "from-1", &[]).await;
+    let b = dial(sim, "from-1", &[]).await;
+    wait_bridged(sim, &a).await;
+    wait_bridged(sim, &b).await;
+    // The target lives on the same node: the move is bridge to bridge.
+    let x = dial(sim, "to-1", &[]).await;
+    wait_bridged(sim, &x).await;
+    // The caller hangs up while Asterisk carries out the addChannel (answered 204).
+    sim.hangup_during_add(&a);
+    let mut ws = c.client(0).await;
+    let (code, msg) = ws
+        .err(
+            "participant.move",
+            json!({"conference": "from-1", "participant": a, "to": "to-1"}),
+        )
+        .await;
+    assert_eq!(code, -32002, "the participant is gone: {msg}");
+    let to = ws
+        .ok("participant.list", json!({"conference": "to-1"}))
+        .await;
+    assert_eq!(ids(&to), vec![x.clone()], "no ghost in the target: {to}");
+    wait_unlisted(&mut ws, "from-1", &a).await;
+    let rec = fixtures::store(&c.cfg)
+        .lookup(&"to-1".parse().expect("name"))
+        .await
+        .expect("lookup")
+        .expect("claimed");
+    assert_eq!(rec.participants, 1, "the target counts its one caller");
+}

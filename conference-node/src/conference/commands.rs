@@ -390,6 +390,7 @@ impl Conference {
         }
         if to_node == self.node.id {
             p.moving = true;
+            self.node.mark_moving(ch, &self.name);
             let m = MoveIn {
                 channel: Channel {
                     id: ch.to_string(),
@@ -472,7 +473,13 @@ impl Conference {
             refused(self, m, e);
             return;
         }
-        self.node.route(&ch, &self.name);
+        if !self.node.route(&ch, &self.name) {
+            // It left Stasis while Asterisk carried out the add (answered all the same).
+            tracing::info!(conference = %self.name, channel = %ch, "participant hung up during its move");
+            self.end_if_empty("move_failed").await;
+            m.pending.answer(&self.node, Err(not_found(&ch)));
+            return;
+        }
         if m.held {
             // Not held here: a restarted agent must not read the old conference's hold.
             if let Err(e) = self
@@ -513,6 +520,9 @@ impl Conference {
         p.moving = false;
         if moved {
             self.left(ch, "moved").await;
+        } else {
+            // Still ours: its route goes back from "moving" to this conference.
+            self.node.route(ch, &self.name);
         }
     }
 
