@@ -691,3 +691,70 @@ fn every_value_is_documented_in_the_readme() {
         "values without a README row: {missing:?}"
     );
 }
+
+/// Runs Asterisk's preStop hook with `asterisk` on PATH answering each `-rx` with the next
+/// of `answers` (the last repeats; `fail` exits 1); returns how many times it was asked.
+fn asterisk_prestop(answers: &[&str], max_wait: &str) -> usize {
+    let dir = TempDir::new("prestop").expect("tmp");
+    let state = dir.path().join("asked");
+    let list = answers
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let stub = format!(
+        "#!/bin/sh\nn=$(cat '{s}' 2>/dev/null || echo 0)\necho $((n + 1)) > '{s}'\n\
+         i=0\nfor a in {list}; do last=\"$a\"; [ \"$i\" -eq \"$n\" ] && break; i=$((i + 1)); done\n\
+         [ \"$last\" = fail ] && exit 1\nprintf '%s\\n' \"$last\"\n",
+        s = state.display()
+    );
+    let bin = dir.path().join("asterisk");
+    std::fs::write(&bin, stub).expect("stub");
+    let status = Command::new("chmod")
+        .arg("+x")
+        .arg(&bin)
+        .status()
+        .expect("chmod");
+    assert!(status.success());
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .arg(chart_dir().join("files/scripts/asterisk-prestop.sh"))
+        .arg(max_wait)
+        .env("PATH", path)
+        .output()
+        .expect("run the hook");
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::read_to_string(&state)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn asterisk_prestop_waits_for_its_last_channel_and_not_for_a_hung_asterisk() {
+    let calls = |n: u32| format!("{n} active channels\n{n} active calls\n0 calls processed");
+    let (two, one, none) = (
+        calls(2),
+        "1 active channel\n1 active call".to_string(),
+        calls(0),
+    );
+    assert_eq!(
+        asterisk_prestop(&[&two, &one, &none], "600"),
+        3,
+        "asked until no channel was left"
+    );
+    assert_eq!(
+        asterisk_prestop(&["fail"], "600"),
+        1,
+        "an Asterisk that does not answer is not waited for"
+    );
+    assert_eq!(
+        asterisk_prestop(&[&two], "2"),
+        1,
+        "MAX_WAIT bounds the wait"
+    );
+}

@@ -3,10 +3,9 @@
 # (no new conference here; those already here keep taking joiners) and waits until every
 # conference on it has ended. The agent ends what is left at node.drain_deadline, so the wait
 # is bounded; MAX_WAIT bounds it again should the agent stop answering. Asterisk's own preStop
-# waits for the marker written at the end, so it is stopped only once no call is left.
+# waits meanwhile until it has no channel left, so it is stopped only once no call is left.
 set -u
 url="http://127.0.0.1:${AGENT_PORT}"
-marker=/run/confroute/drained
 max_wait="${MAX_WAIT:-14460}"
 token="${CONFROUTE_HTTP__API_TOKEN:-}"
 
@@ -20,7 +19,6 @@ call() {
 
 if ! call -X POST "${url}/v1/drain" >/dev/null; then
   echo "preStop: drain request to ${url} failed; stopping without waiting" >&2
-  touch "$marker"
   exit 0
 fi
 start=$(date +%s)
@@ -31,4 +29,3 @@ while [ $(( $(date +%s) - start )) -lt "$max_wait" ]; do
   esac
   sleep 5
 done
-touch "$marker"
