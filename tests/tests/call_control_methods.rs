@@ -522,21 +522,27 @@ async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
     // The target lives on the same node: the move is bridge to bridge.
     let x = dial(sim, "to-1", &[]).await;
     wait_bridged(sim, &x).await;
-    // The caller hangs up while Asterisk carries out the addChannel (answered 204).
+    // The caller hangs up while Asterisk carries out the addChannel (answered 204), and the
+    // agent hears its StasisEnd before that answer.
     sim.hangup_during_add(&a);
+    sim.hold_operation("answer addChannel");
+    let mut mover = c.client(0).await;
+    let params = json!({"conference": "from-1", "participant": a, "to": "to-1"});
+    let moved = tokio::spawn(async move { mover.err("participant.move", params).await });
+    wait_for_async("the addChannel done, its answer held", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 1).then_some(())
+    })
+    .await
+    .expect("the move adds the caller");
     let mut ws = c.client(0).await;
-    let (code, msg) = ws
-        .err(
-            "participant.move",
-            json!({"conference": "from-1", "participant": a, "to": "to-1"}),
-        )
-        .await;
+    wait_unlisted(&mut ws, "from-1", &a).await;
+    sim.release_operation("answer addChannel");
+    let (code, msg) = moved.await.expect("the move's answer");
     assert_eq!(code, -32002, "the participant is gone: {msg}");
     let to = ws
         .ok("participant.list", json!({"conference": "to-1"}))
         .await;
     assert_eq!(ids(&to), vec![x.clone()], "no ghost in the target: {to}");
-    wait_unlisted(&mut ws, "from-1", &a).await;
     let rec = fixtures::store(&c.cfg)
         .lookup(&"to-1".parse().expect("name"))
         .await

@@ -466,6 +466,9 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
             .extend(undeclared);
     }
     core.events_changed.notify_waiters();
+    // Test-only latency after the work is done: the events it caused are out, the answer
+    // waits (`answer <nickname>`).
+    core.wait_held(&format!("answer {}", route.nickname)).await;
     let resp = match result {
         Ok(Resp::Ok(v)) => json_response(core, 200, Some(&v), Vec::new()),
         Ok(Resp::Created(location, v)) => {
