@@ -74,7 +74,12 @@ pub enum Msg {
         bridge: String,
     },
     /// The heartbeat found the claim lost or missing.
-    Claim(HostedStatus),
+    Claim {
+        /// What the heartbeat found.
+        status: HostedStatus,
+        /// The epoch the heartbeat renewed (or claimed again) for it.
+        epoch: u64,
+    },
     /// Reconciliation: the conference's bridges as Asterisk has them now.
     Reconcile {
         /// The conference's mixing bridges found (normally one; a lifetime's bridge whose
@@ -349,7 +354,7 @@ impl Conference {
             Msg::Left { channel } => self.left(&channel, "hangup").await,
             Msg::Hold { channel, held } => self.hold(&channel, held),
             Msg::BridgeGone { bridge } => self.bridge_gone(&bridge).await,
-            Msg::Claim(status) => self.claim_status(status).await,
+            Msg::Claim { status, epoch } => self.claim_status(status, epoch).await,
             Msg::Reconcile {
                 main,
                 holding,
@@ -1134,8 +1139,19 @@ impl Conference {
         }
     }
 
-    async fn claim_status(&mut self, status: HostedStatus) {
+    async fn claim_status(&mut self, status: HostedStatus, epoch: u64) {
         if self.phase != Phase::Active {
+            // Ended between the heartbeat's listing and its answer: the claim it made again
+            // for the conference would otherwise keep routing callers here for a lease.
+            if self.phase == Phase::Idle && status == HostedStatus::Reclaimed {
+                let owner = Owner {
+                    node: self.node.id.clone(),
+                    epoch,
+                };
+                if let Err(e) = self.node.store.release(&self.name, &owner).await {
+                    tracing::warn!(conference = %self.name, error = %e, "cannot release the claim of an ended conference; it expires with its lease");
+                }
+            }
             return;
         }
         match status {

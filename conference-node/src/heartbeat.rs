@@ -74,14 +74,16 @@ pub async fn run(node: Arc<Node>) {
 pub async fn beat(node: &Arc<Node>, cpu: f32) {
     // The claims of a node whose record expired may have expired too. Renewing (or claiming
     // again) at once, rather than a heartbeat later, has them back before a controller that
-    // sees the node registered again places any of its conferences elsewhere.
+    // sees the node registered again places any of its conferences elsewhere; the same for
+    // claims found missing.
     if beat_once(node, cpu, false).await {
         beat_once(node, cpu, true).await;
     }
 }
 
-/// One heartbeat; true when the node had to register again. With `reclaim`, or when Redis
-/// failed the last time, it also claims again the hosted conferences whose claims expired.
+/// One heartbeat; true when a reclaiming one must follow at once (the node had to register
+/// again, or claims of its conferences are missing). With `reclaim`, or when Redis failed the
+/// last time, it also claims again the hosted conferences whose claims expired.
 async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     if node.state_dirty() {
         node.write_state().await;
@@ -125,9 +127,23 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                 .heartbeats
                 .with_label_values(&["renewed"])
                 .inc();
+            // A claim gone while its conference lives here (deleted, or lost in a failover):
+            // claim it again at once, as a reclaiming heartbeat does whatever this node's
+            // state. Left to the conference, a draining, full or ARI-down node could not, and
+            // the next caller would give the conference a second home.
+            if !reclaim && statuses.contains(&HostedStatus::Missing) {
+                tracing::warn!(
+                    "claims of conferences hosted here are missing; claiming them again"
+                );
+                return true;
+            }
             for (h, status) in hosted.iter().zip(statuses) {
+                let msg = Msg::Claim {
+                    status,
+                    epoch: h.epoch,
+                };
                 if status != HostedStatus::Owned
-                    && !node.send(&h.name, Msg::Claim(status), false)
+                    && !node.send(&h.name, msg, false)
                     && status == HostedStatus::Reclaimed
                 {
                     // The conference ended between the listing and the heartbeat: give back

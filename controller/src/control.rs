@@ -439,7 +439,13 @@ impl Control {
             node: home.node_id.clone(),
             epoch: home.epoch,
         };
-        if let Err(e) = self.router.store().release(conference, &owner).await {
+        // Only while empty: a caller may have reached the new home meanwhile.
+        if let Err(e) = self
+            .router
+            .store()
+            .release_if_empty(conference, &owner)
+            .await
+        {
             tracing::warn!(%conference, error = %e, "cannot give back the claim of a refused command; it expires with its lease");
         }
     }

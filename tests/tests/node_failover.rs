@@ -274,6 +274,43 @@ async fn a_leftover_bridge_of_an_earlier_lifetime_is_merged_not_taken_for_the_co
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_claims_again_a_live_conference_whose_claim_vanished() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "vanished", &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    let rec = wait_for_async("the caller counted", WAIT, || async {
+        let rec = store.lookup(&name("vanished")).await.ok()??;
+        (rec.participants == 1).then_some(rec)
+    })
+    .await
+    .expect("counted");
+    let drained = fixtures::http()
+        .post(format!("{}/v1/drain", s.node.http_url()))
+        .send()
+        .await
+        .expect("drain");
+    assert!(drained.status().is_success());
+    // The claim goes (a failover to a replica without it, or a release by mistake) while the
+    // conference lives on the draining node: it must come back there, or the next caller
+    // would be placed elsewhere and the conference would have two homes.
+    assert!(store
+        .release(&name("vanished"), &rec.owner)
+        .await
+        .expect("release"));
+    let back = wait_for_async("the claim back on its node", WAIT, || async {
+        store.lookup(&name("vanished")).await.ok()?
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(back.owner.node.as_str(), "node-a");
+    assert_eq!(
+        s.sim.snapshot().channel(&a).and_then(|c| c.bridge.clone()),
+        Some(bridge)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
     let s = Single::start(&[("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms")]).await;
     let store = fixtures::store(&s.cfg);

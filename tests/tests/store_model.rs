@@ -1032,3 +1032,35 @@ async fn callback_numbers_are_reserved_by_the_owner_above_what_it_used() {
         "the new home numbers its own callbacks from the start"
     );
 }
+
+#[tokio::test]
+async fn a_refused_commands_claim_is_given_back_only_while_nobody_is_in_it() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store
+        .register(&node("a", 10), LONG)
+        .await
+        .expect("register");
+    let room = name("room");
+    let placed = store.claim(&room, &[id("a")]).await.expect("claim");
+    let owner = placed.owner.clone().expect("owner");
+    // A caller reached the new home before the command was refused.
+    assert!(store
+        .set_participants(&room, &owner, 1, None)
+        .await
+        .expect("count"));
+    assert!(!store
+        .release_if_empty(&room, &owner)
+        .await
+        .expect("release"));
+    assert!(store.lookup(&room).await.expect("lookup").is_some());
+    assert!(store
+        .set_participants(&room, &owner, 0, None)
+        .await
+        .expect("count"));
+    assert!(store
+        .release_if_empty(&room, &owner)
+        .await
+        .expect("release"));
+    assert!(store.lookup(&room).await.expect("lookup").is_none());
+}

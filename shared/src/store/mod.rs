@@ -464,6 +464,25 @@ impl Store {
 
     /// Ends a claim by compare-and-delete on owner and epoch; false if not the owner.
     pub async fn release(&self, name: &ConferenceName, owner: &Owner) -> Result<bool, StoreError> {
+        self.release_with(name, owner, false).await
+    }
+
+    /// [`Store::release`], only while nobody is in the conference (its recorded count is 0):
+    /// for a claim made for a command that was then refused, which a caller may have used.
+    pub async fn release_if_empty(
+        &self,
+        name: &ConferenceName,
+        owner: &Owner,
+    ) -> Result<bool, StoreError> {
+        self.release_with(name, owner, true).await
+    }
+
+    async fn release_with(
+        &self,
+        name: &ConferenceName,
+        owner: &Owner,
+        only_empty: bool,
+    ) -> Result<bool, StoreError> {
         let key = self.conf_key(name.as_str());
         let script = &self.scripts.release;
         self.run("release", |mut c| async move {
@@ -474,6 +493,7 @@ impl Store {
                 .arg(name.as_str())
                 .arg(owner.node.as_str())
                 .arg(owner.epoch)
+                .arg(if only_empty { "1" } else { "0" })
                 .invoke_async::<i64>(&mut c)
                 .await
                 .map(|n| n == 1)

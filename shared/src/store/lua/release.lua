@@ -2,9 +2,13 @@
 -- Keeps invariants 2 and 3: a stale owner (older epoch, or another node) can never delete
 -- the claim of the current one.
 -- KEYS[1] conference record, KEYS[2] conference index.
--- ARGV[1] prefix, ARGV[2] name, ARGV[3] node id, ARGV[4] epoch.
--- Returns 1 when released, 0 when the caller was not the owner at that epoch.
-local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+-- ARGV[1] prefix, ARGV[2] name, ARGV[3] node id, ARGV[4] epoch, ARGV[5] (optional) "1" to
+-- release only a conference nobody is in (a claim made for a command that was refused may
+-- meanwhile have been used by a caller).
+-- Returns 1 when released, 0 when the caller was not the owner at that epoch (or people are
+-- in it and ARGV[5] asked).
+local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'participants')
+if ARGV[5] == '1' and (tonumber(r[3]) or 0) > 0 then return 0 end
 if r[1] == ARGV[3] and r[2] == ARGV[4] then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
