@@ -522,6 +522,21 @@ async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
     // The target lives on the same node: the move is bridge to bridge.
     let x = dial(sim, "to-1", &[]).await;
     wait_bridged(sim, &x).await;
+    // Every join has had its answers: the agent lists all three callers.
+    let mut ws = c.client(0).await;
+    for (conf, n) in [("from-1", 2), ("to-1", 1)] {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let l = ws
+                .ok("participant.list", json!({ "conference": conf }))
+                .await;
+            if ids(&l).len() == n {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{conf}: {l}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     // The caller hangs up while Asterisk carries out the addChannel (answered 204), and the
     // agent hears its StasisEnd before that answer.
     sim.hangup_during_add(&a);
@@ -534,7 +549,6 @@ async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
     })
     .await
     .expect("the move adds the caller");
-    let mut ws = c.client(0).await;
     wait_unlisted(&mut ws, "from-1", &a).await;
     sim.release_operation("answer addChannel");
     let (code, msg) = moved.await.expect("the move's answer");
