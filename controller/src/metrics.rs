@@ -2,7 +2,7 @@
 //! conference name, a node id or an address.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use confroute_shared::store::StoreMetrics;
@@ -35,6 +35,8 @@ pub struct Metrics {
     pub rpc_errors: IntCounterVec,
     /// Nodes in the controller's view, by state.
     pub nodes: IntGaugeVec,
+    /// Nodes in the view whose agent reports its ARI connection down.
+    pub nodes_ari_down: IntGauge,
     /// Redis store instrumentation.
     pub store: StoreMetrics,
 }
@@ -98,6 +100,11 @@ impl Metrics {
             ),
             &["state"],
         )?;
+        let nodes_ari_down = IntGauge::new(
+            "confroute_nodes_ari_down",
+            "Nodes with a live lease in this controller's view whose agent reports its ARI events WebSocket down: no new conference is placed there.",
+        )?;
+        registry.register(Box::new(nodes_ari_down.clone()))?;
         registry.register(Box::new(sip_requests.clone()))?;
         registry.register(Box::new(sip_dropped.clone()))?;
         registry.register(Box::new(sip_retransmissions.clone()))?;
@@ -126,6 +133,7 @@ impl Metrics {
             http_requests,
             rpc_errors,
             nodes,
+            nodes_ari_down,
             store,
         })
     }

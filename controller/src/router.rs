@@ -341,6 +341,10 @@ impl Router {
         for (state, count) in ["serving", "draining", "shutting_down"].iter().zip(counts) {
             self.metrics.nodes.with_label_values(&[state]).set(count);
         }
+        let ari_down = nodes.iter().filter(|n| !n.load.ari).count();
+        self.metrics
+            .nodes_ari_down
+            .set(i64::try_from(ari_down).unwrap_or(i64::MAX));
         let view = Arc::new(NodeView {
             nodes: nodes.into_iter().map(|n| (n.info.id.clone(), n)).collect(),
             read_at: Instant::now(),

@@ -239,4 +239,12 @@ async fn a_node_whose_agent_never_reached_ari_gets_no_conference() {
         assert_eq!(c.route_http(&conf).await, "node-a", "{conf}");
     }
     assert!(sim.snapshot().bridges.is_empty(), "{}", node.output());
+    // Operators see it: the controller counts the node among those with ARI down.
+    let base = c.controller.http_url();
+    wait_for_async("node-z counted with ARI down", WAIT, || async {
+        let m = fixtures::scrape(&base).await;
+        (fixtures::metric(&m, "confroute_nodes_ari_down") == 1.0).then_some(())
+    })
+    .await
+    .expect("confroute_nodes_ari_down");
 }

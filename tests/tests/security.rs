@@ -95,6 +95,20 @@ async fn system() -> System {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
+    // And with its ARI up there: only then are conferences placed on it (the record says
+    // so once a heartbeat after the connection ran, the view at its next refresh).
+    wait_for_async(
+        "the node's ARI up in the controller's view",
+        Duration::from_secs(10),
+        || async {
+            let m = fixtures::scrape(&base).await;
+            (fixtures::metric(&m, "confroute_nodes_ari_down") == 0.0
+                && fixtures::metric(&m, r#"confroute_nodes{state="serving"}"#) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
     System {
         redis,
         controller,
