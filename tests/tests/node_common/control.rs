@@ -86,6 +86,16 @@ impl Cluster {
             })
             .await
             .expect("nodes registered");
+            // Placed on only once the controller's view has both with ARI up.
+            let base = c.http_url();
+            wait_for_async("both nodes placeable in the view", WAIT, || async {
+                let m = fixtures::scrape(&base).await;
+                (fixtures::metric(&m, r#"confroute_nodes{state="serving"}"#) == 2.0
+                    && fixtures::metric(&m, "confroute_nodes_ari_down") == 0.0)
+                    .then_some(())
+            })
+            .await
+            .expect("nodes placeable");
         }
         Cluster {
             redis,
