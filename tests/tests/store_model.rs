@@ -1064,3 +1064,50 @@ async fn a_refused_commands_claim_is_given_back_only_while_nobody_is_in_it() {
         .expect("release"));
     assert!(store.lookup(&room).await.expect("lookup").is_none());
 }
+
+#[tokio::test]
+async fn a_wait_confirms_only_the_claim_it_covered() {
+    let redis = RedisServer::start().expect("redis");
+    let key = "{confroute}:conf:room";
+    // The record as a re-home by another client left it: node b at epoch 2, not yet confirmed.
+    redis
+        .query(
+            redis::cmd("HSET")
+                .arg(key)
+                .arg("owner")
+                .arg("b")
+                .arg("epoch")
+                .arg(2)
+                .arg("unconfirmed")
+                .arg(1),
+        )
+        .expect("hset");
+    let script = include_str!("../../shared/src/store/lua/confirm.lua");
+    let confirm = |owner: &str, epoch: u64| {
+        redis
+            .query(
+                redis::cmd("EVAL")
+                    .arg(script)
+                    .arg(1)
+                    .arg(key)
+                    .arg(owner)
+                    .arg(epoch),
+            )
+            .and_then(|v| redis::from_redis_value::<i64>(v).ok())
+            .expect("eval")
+    };
+    let marked = || {
+        redis
+            .query(redis::cmd("HEXISTS").arg(key).arg("unconfirmed"))
+            .and_then(|v| redis::from_redis_value::<i64>(v).ok())
+            .expect("hexists")
+            == 1
+    };
+    // A WAIT that covered the earlier claim (a, 1) leaves b's mark alone.
+    assert_eq!(confirm("a", 1), 0);
+    assert!(marked(), "the re-home stays unconfirmed");
+    assert_eq!(confirm("b", 1), 0, "same node, other epoch");
+    assert!(marked());
+    assert_eq!(confirm("b", 2), 1);
+    assert!(!marked(), "its own WAIT confirms it");
+}

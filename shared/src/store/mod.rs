@@ -420,17 +420,23 @@ impl Store {
                 } else {
                     None
                 };
-                let placed = Reply::new("claim", &values).string(0).ok();
+                let reply = Reply::new("claim", &values);
+                let placed = reply.string(0).ok();
                 if wait > 0
                     && acked.is_none_or(|(need, got)| got >= need)
                     && placed.as_deref() != Some("no_capacity")
                 {
                     // Acknowledged (or no replica could be promoted without it): lookups may
-                    // route to it from now on.
-                    redis::cmd("HDEL")
-                        .arg(&conf_key)
-                        .arg("unconfirmed")
-                        .query_async::<i64>(&mut c)
+                    // route to it from now on. Only this claim's mark: the WAIT says nothing
+                    // of a re-home made meanwhile by another client.
+                    let owner = reply.string(1).unwrap_or_default();
+                    let epoch = reply.u64_or_zero(2).unwrap_or(0);
+                    self.scripts
+                        .confirm
+                        .key(&conf_key)
+                        .arg(owner)
+                        .arg(epoch)
+                        .invoke_async::<i64>(&mut c)
                         .await?;
                 }
                 Ok((values, acked))

@@ -8,6 +8,7 @@ use redis::Script;
 /// All scripts, hashed once at start-up.
 pub(crate) struct Scripts {
     pub(crate) claim: Script,
+    pub(crate) confirm: Script,
     pub(crate) renew: Script,
     pub(crate) release: Script,
     pub(crate) participants: Script,
@@ -24,6 +25,7 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Scripts {
             claim: Script::new(include_str!("lua/claim.lua")),
+            confirm: Script::new(include_str!("lua/confirm.lua")),
             renew: Script::new(include_str!("lua/renew.lua")),
             release: Script::new(include_str!("lua/release.lua")),
             participants: Script::new(include_str!("lua/participants.lua")),
