@@ -535,6 +535,38 @@ impl Conference {
         if self.participants.len() + self.dialing.len() >= self.max_participants as usize {
             return Err(Refusal::Full);
         }
+        // The first one in an empty conference counts at once, before the ARI work: claim.lua
+        // moves an empty conference off a node that is not serving, and a caller routed
+        // meanwhile would open a second home. Written only while this node still owns it.
+        if self.people() == 0 {
+            let owner = Owner {
+                node: self.node.id.clone(),
+                epoch: self.epoch,
+            };
+            match self
+                .node
+                .store
+                .set_participants(&self.name, &owner, 1, None)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    return match self.fence().await {
+                        Fence::Elsewhere { node, sip_uri } => {
+                            if self.phase == Phase::Active {
+                                self.lost(&node).await;
+                            }
+                            Err(Refusal::Elsewhere { node, sip_uri })
+                        }
+                        Fence::Unavailable(why) => Err(Refusal::Unavailable(why)),
+                        _ => Err(Refusal::Unavailable(
+                            "the conference's claim changed while admitting".into(),
+                        )),
+                    }
+                }
+                Err(e) => return Err(Refusal::Unavailable(e.to_string())),
+            }
+        }
         if !self.main_created {
             self.create_main().await.map_err(Refusal::Bridge)?;
         }

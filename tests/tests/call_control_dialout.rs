@@ -415,3 +415,36 @@ async fn a_ringing_dialout_keeps_its_conference_home_through_a_drain() {
     .await
     .expect("released");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_caller_being_admitted_keeps_its_conference_home_through_a_drain() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "admit-1").await;
+    let sim = &c.node(&owner).sim;
+    // The first caller is admitted; Asterisk is slow to answer it.
+    sim.hold_operation("answer");
+    let first = dial(sim, "admit-1", &[]).await;
+    wait_for_async("the first caller being answered", WAIT, || async {
+        (sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .expect("admitted");
+    // Its node drains meanwhile, and a second caller is routed: the conference must stay
+    // where its first caller is going, not move because nobody was counted in it yet.
+    let drained = fixtures::http()
+        .post(format!(
+            "{}/v1/nodes/{owner}/drain",
+            c.controllers[0].http_url()
+        ))
+        .send()
+        .await
+        .expect("drain");
+    assert_eq!(drained.status(), 200);
+    assert_eq!(
+        c.route(0, "admit-1").await,
+        owner,
+        "the conference kept its home"
+    );
+    sim.release_operation("answer");
+    wait_bridged(sim, &first).await;
+}
