@@ -502,6 +502,26 @@ async fn kept_conference(s: &Single, url: &str, got: &Received) -> String {
     a
 }
 
+/// Waits until the agent lists `n` participants in conference "kept".
+async fn wait_kept_listed(s: &Single, n: usize) {
+    let view = format!("{}/v1/conferences", s.node.http_url());
+    wait_for_async(
+        "the conference's participants in the agent's view",
+        WAIT,
+        || async {
+            let v = fixtures::try_get_json(&view).await?;
+            let kept = v["items"]
+                .as_array()?
+                .iter()
+                .find(|c| c["conference"] == "kept")?
+                .clone();
+            (kept["participants"].as_array().map(Vec::len) == Some(n)).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
 /// After the restart, a newcomer `b` joined conference "kept": the room of two refuses a
 /// third caller, and `b`'s join reached the application as the same conference, numbered
 /// after everything sent before the restart.
@@ -560,18 +580,7 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
     s.node.restart().expect("restart");
     wait_app(&s.sim, &s.node).await;
-    let view = format!("{}/v1/conferences", s.node.http_url());
-    wait_for_async("re-adopted", WAIT, || async {
-        let v = fixtures::try_get_json(&view).await?;
-        let kept = v["items"]
-            .as_array()?
-            .iter()
-            .find(|c| c["conference"] == "kept")?
-            .clone();
-        (kept["participants"].as_array().map(Vec::len) == Some(1)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    wait_kept_listed(&s, 1).await;
 
     let b = dial(&s.sim, "kept", &[]).await;
     wait_bridged(&s.sim, &b).await;
@@ -607,16 +616,5 @@ async fn a_newcomer_before_the_first_reconciliation_gets_the_settings_the_confer
     );
     check_kept_after_restart(&s, &got, &b).await;
     s.sim.release_operation("GET /channels");
-    let view = format!("{}/v1/conferences", s.node.http_url());
-    wait_for_async("both callers in the conference's view", WAIT, || async {
-        let v = fixtures::try_get_json(&view).await?;
-        let kept = v["items"]
-            .as_array()?
-            .iter()
-            .find(|c| c["conference"] == "kept")?
-            .clone();
-        (kept["participants"].as_array().map(Vec::len) == Some(2)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    wait_kept_listed(&s, 2).await;
 }
