@@ -28,6 +28,16 @@ fn owner(node: &str, epoch: u64) -> Owner {
     }
 }
 
+/// A Redis of its own and a store on it, with nodes `ids` registered (capacity 10).
+async fn with_nodes(ids: &[&str]) -> (RedisServer, Store) {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    for n in ids {
+        store.register(&node(n, 10), LONG).await.expect("register");
+    }
+    (redis, store)
+}
+
 async fn gone(store: &Store, node: &str) {
     let target = id(node);
     wait_for_async(
@@ -109,11 +119,7 @@ async fn rehome_after_owner_lease_expires_raises_epoch_by_one() {
 /// conferences, keeps the ones it has (empty or not), and is a candidate again once it is back.
 #[tokio::test]
 async fn claim_skips_a_node_whose_ari_is_down_but_keeps_its_conferences() {
-    let redis = RedisServer::start().expect("redis");
-    let store = fixtures::store(&fixtures::single(&redis.url()));
-    for n in ["a", "b"] {
-        store.register(&node(n, 10), LONG).await.expect("register");
-    }
+    let (_redis, store) = with_nodes(&["a", "b"]).await;
     let old = store.claim(&name("old"), &[id("a")]).await.expect("claim");
     assert_eq!(old.owner, Some(owner("a", 1)));
     let deaf = NodeLoad {
@@ -265,12 +271,7 @@ async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
 
 #[tokio::test]
 async fn release_is_compare_and_delete() {
-    let redis = RedisServer::start().expect("redis");
-    let store = fixtures::store(&fixtures::single(&redis.url()));
-    store
-        .register(&node("a", 10), LONG)
-        .await
-        .expect("register");
+    let (_redis, store) = with_nodes(&["a"]).await;
     store.claim(&name("x"), &[id("a")]).await.expect("claim");
     for stale in [owner("a", 2), owner("a", 0), owner("b", 1)] {
         assert!(
@@ -334,12 +335,7 @@ async fn capacity_is_a_hard_limit_even_under_concurrency() {
 
 #[tokio::test]
 async fn scripts_are_reloaded_after_script_flush() {
-    let redis = RedisServer::start().expect("redis");
-    let store = fixtures::store(&fixtures::single(&redis.url()));
-    store
-        .register(&node("a", 10), LONG)
-        .await
-        .expect("register");
+    let (redis, store) = with_nodes(&["a"]).await;
     store.claim(&name("one"), &[id("a")]).await.expect("claim");
     let flushed: Option<String> = redis_query(redis.port(), redis::cmd("SCRIPT").arg("FLUSH"));
     assert_eq!(flushed.as_deref(), Some("OK"));
@@ -933,11 +929,7 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
 /// and a new home does not inherit the last home's (invariant 2).
 #[tokio::test]
 async fn conference_settings_belong_to_the_current_home() {
-    let redis = RedisServer::start().expect("redis");
-    let store = fixtures::store(&fixtures::single(&redis.url()));
-    for n in ["a", "b"] {
-        store.register(&node(n, 10), LONG).await.expect("register");
-    }
+    let (_redis, store) = with_nodes(&["a", "b"]).await;
     let room = name("room");
     store.claim(&room, &[id("a")]).await.expect("claim");
     assert_eq!(store.conference_settings(&room).await.expect("read"), None);
@@ -978,11 +970,7 @@ async fn conference_settings_belong_to_the_current_home() {
 
 #[tokio::test]
 async fn callback_numbers_are_reserved_by_the_owner_above_what_it_used() {
-    let redis = RedisServer::start().expect("redis");
-    let store = fixtures::store(&fixtures::single(&redis.url()));
-    for n in ["a", "b"] {
-        store.register(&node(n, 10), LONG).await.expect("register");
-    }
+    let (_redis, store) = with_nodes(&["a", "b"]).await;
     let room = name("room");
     const BLOCK: u64 = 100;
     assert_eq!(
@@ -1035,12 +1023,7 @@ async fn callback_numbers_are_reserved_by_the_owner_above_what_it_used() {
 
 #[tokio::test]
 async fn a_refused_commands_claim_is_given_back_only_while_nobody_is_in_it() {
-    let redis = RedisServer::start().expect("redis");
-    let store = fixtures::store(&fixtures::single(&redis.url()));
-    store
-        .register(&node("a", 10), LONG)
-        .await
-        .expect("register");
+    let (_redis, store) = with_nodes(&["a"]).await;
     let room = name("room");
     let placed = store.claim(&room, &[id("a")]).await.expect("claim");
     let owner = placed.owner.clone().expect("owner");
