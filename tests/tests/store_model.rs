@@ -38,6 +38,16 @@ async fn with_nodes(ids: &[&str]) -> (RedisServer, Store) {
     (redis, store)
 }
 
+/// Drains node a so that `room`, empty, moves to node b.
+async fn rehome_from_a_to_b(store: &Store, room: &ConferenceName) {
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("drain");
+    let moved = store.claim(room, &[id("b")]).await.expect("claim");
+    assert_eq!(moved.kind, ClaimKind::Rehomed);
+}
+
 async fn gone(store: &Store, node: &str) {
     let target = id(node);
     wait_for_async(
@@ -955,12 +965,7 @@ async fn conference_settings_belong_to_the_current_home() {
         "a count alone leaves the settings"
     );
 
-    store
-        .set_state(&id("a"), NodeState::Draining)
-        .await
-        .expect("drain");
-    let moved = store.claim(&room, &[id("b")]).await.expect("claim");
-    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    rehome_from_a_to_b(&store, &room).await;
     assert_eq!(
         store.conference_settings(&room).await.expect("read"),
         None,
@@ -1003,12 +1008,7 @@ async fn callback_numbers_are_reserved_by_the_owner_above_what_it_used() {
     assert_eq!(reserve("b", 0).await, None, "only the owner reserves");
     assert_eq!(reserve("a", 0).await, Some(7 * BLOCK));
 
-    store
-        .set_state(&id("a"), NodeState::Draining)
-        .await
-        .expect("drain");
-    let moved = store.claim(&room, &[id("b")]).await.expect("claim");
-    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    rehome_from_a_to_b(&store, &room).await;
     assert_eq!(
         reserve("a", 0).await,
         None,
