@@ -89,6 +89,21 @@ fn is_token(s: &str) -> bool {
         })
 }
 
+/// True when a CR or LF in `head` is not part of a CRLF pair. One pass over the bytes: this
+/// runs for every message.
+fn has_bare_cr_or_lf(head: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(p) = head[i..].iter().position(|&b| b == b'\r' || b == b'\n') {
+        let at = i + p;
+        // A CRLF is skipped whole, so an LF met here has no CR before it.
+        if head[at] == b'\n' || head.get(at + 1) != Some(&b'\n') {
+            return true;
+        }
+        i = at + 2;
+    }
+    false
+}
+
 /// Where the header block ends: the index just past the blank line, if present.
 pub fn header_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
@@ -102,7 +117,7 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     // A CR or LF that does not end a line would end one for a laxer reader of our answer,
     // which copies the header it sits in: a value could smuggle a header (a second Contact)
     // into the 302. RFC 3261 §7.3.1 allows neither, so such a message is not SIP.
-    if head.split("\r\n").any(|l| l.contains(['\r', '\n'])) {
+    if has_bare_cr_or_lf(head.as_bytes()) {
         return Err(ParseError::Garbage("a bare CR or LF in the headers"));
     }
     let mut lines = head.split("\r\n");
@@ -445,6 +460,18 @@ mod tests {
         l: 4\r\n\
         \r\n\
         v=0\r\n";
+
+    #[test]
+    fn bare_cr_and_lf_are_found() {
+        assert!(!has_bare_cr_or_lf(b"A: 1\r\nB: 2"));
+        assert!(!has_bare_cr_or_lf(b""));
+        assert!(has_bare_cr_or_lf(b"A: 1\nB: 2"));
+        assert!(has_bare_cr_or_lf(b"A: 1\rB: 2"));
+        assert!(has_bare_cr_or_lf(b"A: 1\r\r\nB: 2"));
+        assert!(has_bare_cr_or_lf(b"A: 1\r\n\nB: 2"));
+        assert!(has_bare_cr_or_lf(b"A: 1\r"));
+        assert!(has_bare_cr_or_lf(b"\nA: 1"));
+    }
 
     #[test]
     fn parses_compact_forms_folding_and_multiple_vias() {
