@@ -307,6 +307,9 @@ struct Conference {
     seq: u64,
     /// Dial-outs ringing into this conference: call id and the callee's options.
     dialing: HashMap<String, Options>,
+    /// A caller admitted and being brought in (answer, bridge): counted in the view, so a
+    /// heartbeat meanwhile does not write the conference's count back to 0.
+    admitting: bool,
 }
 
 /// Runs a conference's actor until it is idle with nothing queued.
@@ -332,6 +335,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         beeps: 0,
         seq: 0,
         dialing: HashMap::new(),
+        admitting: false,
     };
     loop {
         if c.phase == Phase::Idle && node.retire(&name, &rx) {
@@ -539,6 +543,18 @@ impl Conference {
         // moves an empty conference off a node that is not serving, and a caller routed
         // meanwhile would open a second home. Written only while this node still owns it.
         if self.people() == 0 {
+            self.count_first_in().await?;
+        }
+        if !self.main_created {
+            self.create_main().await.map_err(Refusal::Bridge)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a count of 1 for the first one into an empty conference, while this node
+    /// owns it; a claim found re-established by this node at another epoch is followed once.
+    async fn count_first_in(&mut self) -> Result<(), Refusal> {
+        for _ in 0..2 {
             let owner = Owner {
                 node: self.node.id.clone(),
                 epoch: self.epoch,
@@ -549,34 +565,46 @@ impl Conference {
                 .set_participants(&self.name, &owner, 1, None)
                 .await
             {
-                Ok(true) => {}
-                Ok(false) => {
-                    return match self.fence().await {
-                        Fence::Elsewhere { node, sip_uri } => {
-                            if self.phase == Phase::Active {
-                                self.lost(&node).await;
-                            }
-                            Err(Refusal::Elsewhere { node, sip_uri })
-                        }
-                        Fence::Unavailable(why) => Err(Refusal::Unavailable(why)),
-                        _ => Err(Refusal::Unavailable(
-                            "the conference's claim changed while admitting".into(),
-                        )),
+                Ok(true) => return Ok(()),
+                Ok(false) => match self.fence().await {
+                    Fence::Owned(epoch) => {
+                        // A new claim is a new record: the next count writes the settings.
+                        self.epoch = epoch;
+                        self.settings_saved = false;
+                        self.publish();
                     }
-                }
+                    Fence::Elsewhere { node, sip_uri } => {
+                        if self.phase == Phase::Active {
+                            self.lost(&node).await;
+                        }
+                        return Err(Refusal::Elsewhere { node, sip_uri });
+                    }
+                    Fence::NotServing => return Err(Refusal::NotServing),
+                    Fence::Unavailable(why) => return Err(Refusal::Unavailable(why)),
+                },
                 Err(e) => return Err(Refusal::Unavailable(e.to_string())),
             }
         }
-        if !self.main_created {
-            self.create_main().await.map_err(Refusal::Bridge)?;
-        }
-        Ok(())
+        Err(Refusal::Unavailable(
+            "the conference's claim kept changing while admitting".into(),
+        ))
     }
 
     async fn join(&mut self, j: Join) {
+        self.bring_in(j).await;
+        if self.admitting {
+            self.admitting = false;
+            self.publish();
+        }
+    }
+
+    async fn bring_in(&mut self, j: Join) {
         let ch = j.channel.id.clone();
         match self.admit(&j.options).await {
-            Ok(()) => {}
+            Ok(()) => {
+                self.admitting = true;
+                self.publish();
+            }
             Err(Refusal::Elsewhere { node, sip_uri }) => {
                 self.wrong_node(&j.channel, &node, &sip_uri).await;
                 return;
@@ -635,6 +663,8 @@ impl Conference {
     /// is recorded, announced (metrics, status callback, bus event), starts the conference
     /// or beeps as its options say, and a dial-out's callee counts as connected.
     async fn entered(&mut self, ch: &str, p: Participant, moved_from: Option<&ConferenceName>) {
+        // In now: counted as a participant from here on.
+        self.admitting = false;
         let waiting = p.waiting;
         let beep_in = !waiting && p.options.beep.on_enter();
         let starts = p.options.start_on_enter && !self.started;
@@ -1571,7 +1601,7 @@ impl Conference {
                     talking: p.talking,
                 })
                 .collect(),
-            ringing: self.dialing.len() as u32,
+            ringing: self.dialing.len() as u32 + u32::from(self.admitting),
         };
         self.node.publish(&self.name, Some(view));
     }

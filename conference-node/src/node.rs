@@ -85,8 +85,8 @@ pub struct ConferenceView {
     pub recording: Option<String>,
     /// Participants.
     pub participants: Vec<ParticipantView>,
-    /// Dial-outs ringing into it: they count as people in it for Redis, so the conference
-    /// keeps its home (a drain may not move it) until they answer or give up.
+    /// Dial-outs ringing into it, and a caller being brought in: they count as people in it
+    /// for Redis, so the conference keeps its home (a drain may not move it) meanwhile.
     pub ringing: u32,
 }
 

@@ -429,6 +429,25 @@ async fn a_first_caller_being_admitted_keeps_its_conference_home_through_a_drain
     })
     .await
     .expect("admitted");
+    // A heartbeat of the node passes meanwhile (it writes the conference's count too).
+    let beat = || {
+        c.redis
+            .query(
+                redis::cmd("HGET")
+                    .arg(format!("{{confroute}}:node:{owner}"))
+                    .arg("updated_ms"),
+            )
+            .and_then(|v| redis::from_redis_value::<Option<String>>(v).ok())
+            .flatten()
+    };
+    let before = beat();
+    wait_for_async(
+        "a heartbeat while the caller is brought in",
+        WAIT,
+        || async { (beat() != before).then_some(()) },
+    )
+    .await
+    .expect("heartbeat");
     // Its node drains meanwhile, and a second caller is routed: the conference must stay
     // where its first caller is going, not move because nobody was counted in it yet.
     let drained = fixtures::http()
