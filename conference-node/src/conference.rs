@@ -526,14 +526,7 @@ impl Conference {
                 }
                 _ => {}
             },
-            Fence::Elsewhere { node, sip_uri } => {
-                if self.phase == Phase::Active {
-                    self.lost(&node).await;
-                }
-                return Err(Refusal::Elsewhere { node, sip_uri });
-            }
-            Fence::NotServing => return Err(Refusal::NotServing),
-            Fence::Unavailable(why) => return Err(Refusal::Unavailable(why)),
+            other => return Err(self.not_owned(other).await),
         }
         // A ringing dial-out holds its seat.
         if self.participants.len() + self.dialing.len() >= self.max_participants as usize {
@@ -549,6 +542,22 @@ impl Conference {
             self.create_main().await.map_err(Refusal::Bridge)?;
         }
         Ok(())
+    }
+
+    /// Why a newcomer cannot enter when the fence is not this node's own; a conference
+    /// found owned elsewhere is given up here.
+    async fn not_owned(&mut self, fence: Fence) -> Refusal {
+        match fence {
+            Fence::Elsewhere { node, sip_uri } => {
+                if self.phase == Phase::Active {
+                    self.lost(&node).await;
+                }
+                Refusal::Elsewhere { node, sip_uri }
+            }
+            Fence::NotServing => Refusal::NotServing,
+            Fence::Unavailable(why) => Refusal::Unavailable(why),
+            Fence::Owned(_) => Refusal::Unavailable("the conference's claim changed".into()),
+        }
     }
 
     /// Writes a count of 1 for the first one into an empty conference, while this node
@@ -573,14 +582,7 @@ impl Conference {
                         self.settings_saved = false;
                         self.publish();
                     }
-                    Fence::Elsewhere { node, sip_uri } => {
-                        if self.phase == Phase::Active {
-                            self.lost(&node).await;
-                        }
-                        return Err(Refusal::Elsewhere { node, sip_uri });
-                    }
-                    Fence::NotServing => return Err(Refusal::NotServing),
-                    Fence::Unavailable(why) => return Err(Refusal::Unavailable(why)),
+                    other => return Err(self.not_owned(other).await),
                 },
                 Err(e) => return Err(Refusal::Unavailable(e.to_string())),
             }
