@@ -1329,16 +1329,22 @@ impl Conference {
                     }
                 }
             }
-            if let Err(e) = self.node.ari.destroy_bridge(&extra.id).await {
-                tracing::warn!(bridge = %extra.id, error = %e, "cannot destroy a leftover bridge");
-            }
-            self.node
-                .metrics
-                .reconcile_actions
-                .with_label_values(&["merged_leftover_bridge"])
-                .inc();
+            self.destroy_found(&extra.id, "merged_leftover_bridge")
+                .await;
         }
         Some(chosen)
+    }
+
+    /// Destroys a bridge reconciliation found to be of no use, counted as `action`.
+    async fn destroy_found(&self, id: &str, action: &str) {
+        if let Err(e) = self.node.ari.destroy_bridge(id).await {
+            tracing::warn!(bridge = %id, error = %e, action, "cannot destroy a bridge found by reconciliation");
+        }
+        self.node
+            .metrics
+            .reconcile_actions
+            .with_label_values(&[action])
+            .inc();
     }
 
     /// Brings the actor in line with Asterisk; returns whether it owns an active conference.
@@ -1377,14 +1383,7 @@ impl Conference {
             }
             if in_main.is_empty() && in_holding.is_empty() {
                 for b in main.iter().chain(holding.iter()) {
-                    if let Err(e) = self.node.ari.destroy_bridge(&b.id).await {
-                        tracing::warn!(bridge = %b.id, error = %e, "cannot destroy empty bridge");
-                    }
-                    self.node
-                        .metrics
-                        .reconcile_actions
-                        .with_label_values(&["destroyed_empty_bridge"])
-                        .inc();
+                    self.destroy_found(&b.id, "destroyed_empty_bridge").await;
                 }
                 return false;
             }
