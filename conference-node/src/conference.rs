@@ -933,7 +933,7 @@ impl Conference {
         } else {
             tracing::error!(conference = %self.name, channel = ch, error = %e, "join failed");
             self.node.metrics.join("ari_error");
-            let _ = self.node.ari.hangup(ch, CAUSE_UNAVAILABLE).await;
+            let _ = self.node.hang_up(ch, CAUSE_UNAVAILABLE).await;
         }
         self.node.join_abandoned(ch);
         self.end_if_empty("join_failed").await;
@@ -942,7 +942,7 @@ impl Conference {
     async fn refuse(&self, ch: &str, cause: u16, outcome: &'static str) {
         self.node.metrics.join(outcome);
         self.node.join_abandoned(ch);
-        if let Err(e) = self.node.ari.hangup(ch, cause).await {
+        if let Err(e) = self.node.hang_up(ch, cause).await {
             tracing::warn!(channel = ch, error = %e, "cannot hang up refused caller");
         }
     }
@@ -983,7 +983,7 @@ impl Conference {
                 }
                 node.forget_playback(&id);
             }
-            if let Err(e) = node.ari.hangup(&ch, CAUSE_BUSY).await {
+            if let Err(e) = node.hang_up(&ch, CAUSE_BUSY).await {
                 tracing::warn!(channel = %ch, error = %e, "cannot hang up caller of a full conference");
             }
         });
@@ -1011,7 +1011,7 @@ impl Conference {
         }
         tracing::info!(conference = %self.name, channel = ch, owner = %owner, "caller reached the wrong node; hanging up so the edge asks the router again");
         self.node.metrics.join("wrong_node_hangup");
-        if let Err(e) = self.node.ari.hangup(ch, CAUSE_UNAVAILABLE).await {
+        if let Err(e) = self.node.hang_up(ch, CAUSE_UNAVAILABLE).await {
             tracing::warn!(channel = ch, error = %e, "cannot hang up wrong-node caller");
         }
     }
@@ -1126,13 +1126,13 @@ impl Conference {
         }
         // Callees still ringing are called off too (their dial-out ends `rejected`, 487).
         let ringing: Vec<String> = std::mem::take(&mut self.dialing).into_keys().collect();
-        let ari = &self.node.ari;
+        let node = &self.node;
         let hangups = remaining
             .iter()
             .map(|(ch, _)| ch)
             .chain(ringing.iter())
             .map(|ch| async move {
-                if let Err(e) = ari.hangup(ch, CAUSE_NORMAL).await {
+                if let Err(e) = node.hang_up(ch, CAUSE_NORMAL).await {
                     tracing::warn!(channel = %ch, error = %e, "cannot hang up participant");
                 }
             });
@@ -1368,16 +1368,13 @@ impl Conference {
                 return false;
             }
             // The listing may be older than this conference's end: members that left Stasis
-            // since were in the conference that ended, and are nobody to adopt.
+            // since, or are being hung up (Asterisk answers that request before the channel
+            // leaves), were in the conference that ended, and are nobody to adopt.
             let listed = in_main.len() + in_holding.len();
-            let in_main: Vec<String> = in_main
-                .into_iter()
-                .filter(|c| !self.node.ended_since_listing(c))
-                .collect();
-            let in_holding: Vec<String> = in_holding
-                .into_iter()
-                .filter(|c| !self.node.ended_since_listing(c))
-                .collect();
+            let leaving =
+                |c: &String| self.node.ended_since_listing(c) || self.node.hangup_under_way(c);
+            let in_main: Vec<String> = in_main.into_iter().filter(|c| !leaving(c)).collect();
+            let in_holding: Vec<String> = in_holding.into_iter().filter(|c| !leaving(c)).collect();
             if listed > 0 && in_main.is_empty() && in_holding.is_empty() {
                 return false;
             }

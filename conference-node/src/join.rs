@@ -55,7 +55,7 @@ async fn refuse(node: &Node, channel: &str, cause: u16, outcome: &'static str) {
     node.metrics.join(outcome);
     node.join_abandoned(channel);
     node.unroute(channel);
-    if let Err(e) = node.ari.hangup(channel, cause).await {
+    if let Err(e) = node.hang_up(channel, cause).await {
         tracing::warn!(channel, error = %e, "cannot hang up refused caller");
     }
 }

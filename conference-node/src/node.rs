@@ -16,12 +16,16 @@ use confroute_shared::store::{Hosted, Store};
 use confroute_shared::types::{NodeId, NodeInfo, NodeState};
 
 use crate::ari::ws::EventSink;
-use crate::ari::{AriClient, Event};
+use crate::ari::{AriClient, AriError, Event};
 use crate::conference::{self, Msg};
 use crate::config::NodeConfig;
 use crate::dialout::Dialouts;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+
+/// How long a hangup the agent asked for counts as under way: Asterisk carries one out in
+/// milliseconds, and a channel still there after this is taken for what it is.
+const HANGUP_UNDER_WAY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,6 +138,8 @@ pub struct Node {
     routes: Mutex<HashMap<String, Route>>,
     joining: Mutex<HashMap<String, Instant>>,
     ended: Mutex<std::collections::HashSet<String>>,
+    /// Channels the agent asked Asterisk to hang up, and when, until their `StasisEnd`.
+    hanging_up: Mutex<HashMap<String, Instant>>,
     stale_claims: Mutex<std::collections::HashSet<(ConferenceName, u64)>>,
     views: Mutex<BTreeMap<ConferenceName, ConferenceView>>,
     playbacks: Mutex<HashMap<String, oneshot::Sender<()>>>,
@@ -186,6 +192,7 @@ impl Node {
             routes: Mutex::new(HashMap::new()),
             joining: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::HashSet::new()),
+            hanging_up: Mutex::new(HashMap::new()),
             stale_claims: Mutex::new(std::collections::HashSet::new()),
             views: Mutex::new(BTreeMap::new()),
             playbacks: Mutex::new(HashMap::new()),
@@ -368,6 +375,23 @@ impl Node {
     /// Starts a reconciliation's record of channels that leave Stasis meanwhile.
     pub fn forget_ended(&self) {
         lock(&self.ended).clear();
+        // A channel never in Stasis (a callee that did not answer) sends no StasisEnd.
+        lock(&self.hanging_up).retain(|_, asked| asked.elapsed() < HANGUP_UNDER_WAY);
+    }
+
+    /// Asks Asterisk to hang up `channel` with Q.850 `cause`. Asterisk answers before the
+    /// channel has left its bridge and Stasis, so the channel is remembered until its
+    /// `StasisEnd`: a listing taken meanwhile shows it, and must not bring it back.
+    pub async fn hang_up(&self, channel: &str, cause: u16) -> Result<(), AriError> {
+        lock(&self.hanging_up).insert(channel.to_string(), Instant::now());
+        self.ari.hangup(channel, cause).await
+    }
+
+    /// Whether the agent asked for `channel`'s hangup and it has not left Stasis yet.
+    pub fn hangup_under_way(&self, channel: &str) -> bool {
+        lock(&self.hanging_up)
+            .get(channel)
+            .is_some_and(|asked| asked.elapsed() < HANGUP_UNDER_WAY)
     }
 
     /// Whether the channel left Stasis since [`Node::forget_ended`].
@@ -565,8 +589,7 @@ impl Node {
                             self.join_abandoned(&id);
                             let node = self.clone();
                             tokio::spawn(async move {
-                                if let Err(e) = node.ari.hangup(&id, conference::CAUSE_NORMAL).await
-                                {
+                                if let Err(e) = node.hang_up(&id, conference::CAUSE_NORMAL).await {
                                     tracing::warn!(channel = %id, error = %e, "cannot hang up a callee whose conference is gone");
                                 }
                             });
@@ -580,6 +603,7 @@ impl Node {
             Event::StasisEnd { channel } => {
                 self.join_abandoned(&channel.id);
                 lock(&self.ended).insert(channel.id.clone());
+                lock(&self.hanging_up).remove(&channel.id);
                 self.dialouts.stasis_ended(self, &channel.id);
                 let route = {
                     let mut routes = lock(&self.routes);

@@ -563,3 +563,128 @@ async fn a_caller_coming_before_the_restarted_agent_reconciles_joins_the_same_mi
     sim.hangup_far_end(&a, 16).await.expect("hangup");
     until(&sim, "no bridges", |s| s.bridges.is_empty()).await;
 }
+
+/// Ends conference `conf`: its chair (end-on-exit) hangs up while `other`, whose channel is
+/// slow to act on the agent's hangup request, lingers in Stasis. Returns once the agent has
+/// released the claim, destroyed the bridge and asked for `other`'s hangup.
+async fn end_with_a_lingering_caller(s: &Single, conf: &str, chair: &str, other: &str) {
+    let store = fixtures::store(&s.cfg);
+    s.sim.slow_hangup(other);
+    s.sim.hangup_far_end(chair, 16).await.expect("hangup");
+    wait_for_async("the claim released", WAIT, || async {
+        store
+            .lookup(&name(conf))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    until(&s.sim, "the bridge destroyed", |snap| {
+        snap.bridges.is_empty()
+    })
+    .await;
+    wait_request(&s.sim, "hangup", &format!("/ari/channels/{other}")).await;
+    assert!(
+        s.sim
+            .snapshot()
+            .channel(other)
+            .is_some_and(|c| c.stasis_app.is_some()),
+        "the caller lingers in Stasis until its hangup is carried out"
+    );
+}
+
+/// After a full reconciliation that saw `other` lingering: the ended conference stayed
+/// ended, then `other`'s hangup completes.
+async fn assert_stays_ended(s: &Single, conf: &str, other: &str, created: usize) {
+    let store = fixtures::store(&s.cfg);
+    let m = scrape(&s.node.http_url()).await;
+    for action in ["rejoined_channel", "adopted_conference"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!(r#"confroute_node_reconcile_actions_total{{action="{action}"}}"#)
+            ),
+            0.0,
+            "{action}\n{}",
+            s.node.output()
+        );
+    }
+    assert_eq!(ops(&s.sim, "createWithId"), created, "no bridge made again");
+    assert!(store.lookup(&name(conf)).await.expect("lookup").is_none());
+    assert!(
+        s.sim.finish_hangup(other),
+        "the agent asked for the hangup once"
+    );
+    wait_hangup(&s.sim, other).await;
+    assert!(s.sim.snapshot().bridges.is_empty());
+    assert!(store.lookup(&name(conf)).await.expect("lookup").is_none());
+}
+
+/// How many times the agent has listed the bridges (each reconciliation does, first).
+fn bridge_listings(s: &Single) -> usize {
+    s.sim
+        .request_log()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/ari/bridges")
+        .count()
+}
+
+/// Waits until the agent has listed the bridges `n` more times than `since`.
+async fn wait_listings(s: &Single, since: usize, n: usize) {
+    wait_for_async("reconciliations", WAIT, || async {
+        (bridge_listings(s) >= since + n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_does_not_rejoin_a_caller_whose_hangup_is_under_way() {
+    let s = Single::start(&[
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let chair = dial(&s.sim, "wrap-up", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    wait_bridged(&s.sim, &chair).await;
+    let other = dial(&s.sim, "wrap-up", &[]).await;
+    wait_bridged(&s.sim, &other).await;
+    end_with_a_lingering_caller(&s, "wrap-up", &chair, &other).await;
+    // Asterisk answered the hangup request; the channel is still in Stasis, in no bridge.
+    let created = ops(&s.sim, "createWithId");
+    // The listing in progress may predate the end: wait for two that do not.
+    wait_listings(&s, bridge_listings(&s), 3).await;
+    assert_stays_ended(&s, "wrap-up", &other, created).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_taken_before_a_conference_ended_does_not_bring_it_back() {
+    let s = Single::start(&[
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let chair = dial(&s.sim, "stale-view", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    wait_bridged(&s.sim, &chair).await;
+    let other = dial(&s.sim, "stale-view", &[]).await;
+    wait_bridged(&s.sim, &other).await;
+    // A reconciliation has listed the bridges, the conference in them, and waits for its
+    // channels listing while the conference ends.
+    s.sim.hold_operation("GET /channels");
+    wait_for_async(
+        "a reconciliation waiting for its channels",
+        WAIT,
+        || async { (s.sim.held_requests("GET /channels") > 0).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    end_with_a_lingering_caller(&s, "stale-view", &chair, &other).await;
+    let created = ops(&s.sim, "createWithId");
+    let listed = bridge_listings(&s);
+    s.sim.release_operation("GET /channels");
+    // The next listing begins once the one that was held has been acted on.
+    wait_listings(&s, listed, 1).await;
+    assert_stays_ended(&s, "stale-view", &other, created).await;
+}

@@ -317,8 +317,7 @@ impl Conference {
             return Err(not_found(ch));
         }
         self.node
-            .ari
-            .hangup(ch, CAUSE_NORMAL)
+            .hang_up(ch, CAUSE_NORMAL)
             .await
             .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
         // A ringing callee's dial-out ends when its channel is destroyed (DialoutGone).
@@ -597,7 +596,7 @@ impl Conference {
         let Some(options) = self.dialing.remove(&channel.id) else {
             // The dial-out was called off (the conference ended) as the callee answered.
             self.node.join_abandoned(&channel.id);
-            if let Err(e) = self.node.ari.hangup(&channel.id, CAUSE_NORMAL).await {
+            if let Err(e) = self.node.hang_up(&channel.id, CAUSE_NORMAL).await {
                 tracing::warn!(channel = %channel.id, error = %e, "cannot hang up a callee nobody waits for");
             }
             return;

@@ -51,6 +51,9 @@ pub(crate) struct Core {
     pub held_waiting: Mutex<HashMap<String, usize>>,
     /// Channels whose far end hangs up between an `addChannel`'s checks and its queued add.
     pub hangup_during_add: Mutex<BTreeSet<String>>,
+    /// Channels slow to act on `DELETE /channels/{id}`, with the cause of the hangup asked
+    /// for them meanwhile (test-only latency).
+    pub slow_hangups: Mutex<BTreeMap<String, Option<i64>>>,
     pub ctl: watch::Sender<Ctl>,
     pub events_changed: Notify,
     pub violations: Mutex<Vec<String>>,
@@ -74,6 +77,7 @@ impl Core {
             held_ops: watch::Sender::new(BTreeSet::new()),
             held_waiting: Mutex::new(HashMap::new()),
             hangup_during_add: Mutex::new(BTreeSet::new()),
+            slow_hangups: Mutex::new(BTreeMap::new()),
             ctl,
             events_changed: Notify::new(),
             violations: Mutex::new(Vec::new()),

@@ -538,6 +538,41 @@ impl AriSim {
             .insert(channel.to_string());
     }
 
+    /// Test-only latency: `channel` is slow to act on a hangup request. Asterisk's
+    /// `ast_ari_channels_hangup` only queues a soft hangup and answers 204; the channel's own
+    /// thread then leaves its bridge and Stasis. Until [`AriSim::finish_hangup`], such a
+    /// request answers 204 and the channel stays as it is: listed, in Stasis, no events.
+    pub fn slow_hangup(&self, channel: &str) {
+        self.core
+            .slow_hangups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.to_string(), None);
+    }
+
+    /// Carries out the hangup asked for a [`AriSim::slow_hangup`] channel, if one was;
+    /// returns whether one was.
+    pub fn finish_hangup(&self, channel: &str) -> bool {
+        let pending = self
+            .core
+            .slow_hangups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(channel)
+            .flatten();
+        let Some(cause) = pending else {
+            return false;
+        };
+        let core = &self.core;
+        let mut st = core.lock();
+        if st.channels.contains_key(channel) {
+            st.hangup(core, channel, cause, Some(engine::HangupRequest::Soft));
+        }
+        drop(st);
+        self.done();
+        true
+    }
+
     /// How many requests for `op` are held now.
     pub fn held_requests(&self, op: &str) -> usize {
         self.core

@@ -982,6 +982,16 @@ pub(crate) fn hangup(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     } else {
         16
     };
+    // Asterisk only queues a soft hangup here; a channel slow to act on it stays meanwhile.
+    if let Some(pending) = core
+        .slow_hangups
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&id)
+    {
+        pending.get_or_insert(cause);
+        return no_content();
+    }
     st.hangup(core, &id, cause, Some(HangupRequest::Soft));
     no_content()
 }
