@@ -961,7 +961,7 @@ pub(crate) fn hangup(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("channelId");
     let reason = req.params.se("reason");
     let reason_code = req.params.se("reason_code");
-    let mut st = core.lock();
+    let st = core.lock();
     if !st.channels.contains_key(&id) {
         return Err(ApiErr::new(404, "Channel not found"));
     }
@@ -992,7 +992,13 @@ pub(crate) fn hangup(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         pending.get_or_insert(cause);
         return no_content();
     }
-    st.hangup(core, &id, cause, Some(HangupRequest::Soft));
+    // The channel's own thread acts on the soft hangup after this answer is on its way.
+    let epoch = st.epoch;
+    super::engine::schedule(core, epoch, Duration::ZERO, move |core, st| {
+        if st.channels.contains_key(&id) {
+            st.hangup(core, &id, cause, Some(HangupRequest::Soft));
+        }
+    });
     no_content()
 }
 
