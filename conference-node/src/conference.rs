@@ -310,6 +310,9 @@ struct Conference {
     /// A caller admitted and being brought in (answer, bridge): counted in the view, so a
     /// heartbeat meanwhile does not write the conference's count back to 0.
     admitting: bool,
+    /// A reconciliation's answer, sent once the actor has retired if it was going to: the
+    /// reconciliation then finds the names of actors that ended gone from the registry.
+    reconciled: Option<(oneshot::Sender<bool>, bool)>,
 }
 
 /// Runs a conference's actor until it is idle with nothing queued.
@@ -336,9 +339,14 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         seq: 0,
         dialing: HashMap::new(),
         admitting: false,
+        reconciled: None,
     };
     loop {
-        if c.phase == Phase::Idle && node.retire(&name, &rx) {
+        let retired = c.phase == Phase::Idle && node.retire(&name, &rx);
+        if let Some((reply, owned)) = c.reconciled.take() {
+            let _ = reply.send(owned);
+        }
+        if retired {
             return;
         }
         let Some(msg) = rx.recv().await else {
@@ -369,7 +377,7 @@ impl Conference {
                 let main = self.one_bridge(main, &self.main.clone()).await;
                 let holding = self.one_bridge(holding, &self.holding.clone()).await;
                 let owned = self.reconcile(main, holding, &members, taken).await;
-                let _ = reply.send(owned);
+                self.reconciled = Some((reply, owned));
             }
             Msg::End { reason } => self.end(reason, None).await,
             Msg::Command(req) => {
