@@ -50,12 +50,38 @@ pub fn require_tool(program: &str, debian_package: &str) -> HarnessResult<PathBu
     )))
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it).
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// It is picked below the kernel's ephemeral range where there is room: a port the OS hands
+/// out for `bind(0)` is free again as soon as it is released, and any outgoing connection
+/// (a client of another test) may take it before the process it is meant for binds it.
 pub fn free_port() -> u16 {
+    let low = ephemeral_low().unwrap_or(0);
+    if low >= FIXED_FLOOR + 1000 {
+        for _ in 0..200 {
+            let port = rand::random_range(FIXED_FLOOR..low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"))
+}
+
+/// Lowest port [`free_port`] picks itself.
+const FIXED_FLOOR: u16 = 10_000;
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A port free for both TCP and UDP on 127.0.0.1 (for SIP listeners).

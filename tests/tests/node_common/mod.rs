@@ -99,6 +99,15 @@ impl Single {
         let sim = sim().await;
         let node = NodeProc::start("node-a", &env(&sim, &cfg, extra)).expect("node starts");
         wait_app(&sim, &node).await;
+        // The app is registered before the heartbeat says ARI is up: until then no
+        // conference is placed on the node.
+        let store = fixtures::store(&cfg);
+        confroute_tests::harness::wait_for_async("the node placeable in Redis", WAIT, || async {
+            let rec = store.get_node(&fixtures::id("node-a")).await.ok()??;
+            rec.load.ari.then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
         Single {
             redis,
             cfg,
