@@ -1118,8 +1118,12 @@ impl Conference {
                 }
             }
         }
-        let remaining: Vec<(String, Participant)> =
-            std::mem::take(&mut self.participants).into_iter().collect();
+        // A caller being moved to another conference of this node is the target's now:
+        // should the target refuse it after all, `moved_out` hangs it up.
+        let remaining: Vec<(String, Participant)> = std::mem::take(&mut self.participants)
+            .into_iter()
+            .filter(|(_, p)| !p.moving)
+            .collect();
         for (ch, p) in &remaining {
             self.node
                 .metrics

@@ -358,11 +358,12 @@ impl Node {
         }
     }
 
-    /// Marks a channel that will not join (refused); its StasisEnd removes the mark.
+    /// Marks a channel that will not join (refused, or its move refused after its conference
+    /// ended); its StasisEnd removes the mark.
     pub fn unroute(&self, channel: &str) {
         let mut routes = lock(&self.routes);
         match routes.get(channel) {
-            Some(Route::Pending) => {
+            Some(Route::Pending | Route::Moving(_)) => {
                 routes.insert(channel.to_string(), Route::Refused);
             }
             Some(Route::Gone) => {

@@ -510,21 +510,25 @@ async fn a_waiter_held_before_the_start_joins_the_mix_on_unhold() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
-    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
-    let owner = c.route(1, "from-1").await;
+/// Conference `from` with callers a and b, and `to` with caller x, on one node (so a move
+/// between them is bridge to bridge); returns the node's simulator, a, b, x and a client
+/// that has seen all three listed.
+async fn two_conferences_on_one_node<'a>(
+    c: &'a Cluster,
+    from: &str,
+    to: &str,
+) -> (&'a TestSim, String, String, String, Client) {
+    let owner = c.route(1, from).await;
     let sim = &c.node(&owner).sim;
-    let a = dial(sim, "from-1", &[]).await;
-    let b = dial(sim, "from-1", &[]).await;
+    let a = dial(sim, from, &[]).await;
+    let b = dial(sim, from, &[]).await;
     wait_bridged(sim, &a).await;
     wait_bridged(sim, &b).await;
-    // The target lives on the same node: the move is bridge to bridge.
-    let x = dial(sim, "to-1", &[]).await;
+    let x = dial(sim, to, &[]).await;
     wait_bridged(sim, &x).await;
     // Every join has had its answers: the agent lists all three callers.
     let mut ws = c.client(0).await;
-    for (conf, n) in [("from-1", 2), ("to-1", 1)] {
+    for (conf, n) in [(from, 2), (to, 1)] {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let l = ws
@@ -537,6 +541,13 @@ async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
+    (sim, a, b, x, ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (sim, a, _b, x, mut ws) = two_conferences_on_one_node(&c, "from-1", "to-1").await;
     // The caller hangs up while Asterisk carries out the addChannel (answered 204), and the
     // agent hears its StasisEnd before that answer.
     sim.hangup_during_add(&a);
@@ -563,4 +574,61 @@ async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
         .expect("lookup")
         .expect("claimed");
     assert_eq!(rec.participants, 1, "the target counts its one caller");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_conference_during_a_move_keeps_the_caller_being_moved() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (sim, a, b, x, mut ws) = two_conferences_on_one_node(&c, "from-2", "to-2").await;
+    // The target has added the caller to its bridge; the answer is held while the source
+    // conference is ended.
+    sim.hold_operation("answer addChannel");
+    let mut mover = c.client(0).await;
+    let params = json!({"conference": "from-2", "participant": a, "to": "to-2"});
+    let moved = tokio::spawn(async move { mover.ok("participant.move", params).await });
+    wait_for_async("the addChannel done, its answer held", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 1).then_some(())
+    })
+    .await
+    .expect("the move adds the caller");
+    ws.ok("conference.end", json!({"conference": "from-2"}))
+        .await;
+    assert_eq!(
+        wait_hangup(sim, &b).await,
+        16,
+        "the one who stayed is hung up"
+    );
+    let store = fixtures::store(&c.cfg);
+    wait_for_async("the ended conference's claim released", WAIT, || async {
+        let rec = store.lookup(&"from-2".parse().ok()?).await.ok()?;
+        rec.is_none().then_some(())
+    })
+    .await
+    .expect("released");
+    sim.release_operation("answer addChannel");
+    let done = moved.await.expect("the move's answer");
+    assert_eq!(done["to"], "to-2", "{done}");
+    let hung_up: Vec<_> = sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.operation.as_deref() == Some("hangup") && r.path.ends_with(&a))
+        .collect();
+    assert!(
+        hung_up.is_empty(),
+        "the caller being moved was hung up: {hung_up:?}"
+    );
+    let to = ws
+        .ok("participant.list", json!({"conference": "to-2"}))
+        .await;
+    let mut want = vec![a.clone(), x.clone()];
+    want.sort();
+    let mut got = ids(&to);
+    got.sort();
+    assert_eq!(got, want, "{to}");
+    let snap = sim.snapshot();
+    assert_eq!(
+        snap.channel(&a).and_then(|ch| ch.bridge.clone()),
+        snap.channel(&x).and_then(|ch| ch.bridge.clone()),
+        "the moved caller hears the target"
+    );
 }

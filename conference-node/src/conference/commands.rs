@@ -431,14 +431,15 @@ impl Conference {
         let ch = m.channel.id.clone();
         let from = m.from.clone();
         let refused = |c: &mut Self, m: MoveIn, e: BusError| {
-            c.node.send(
-                &from,
-                Msg::MovedOut {
-                    channel: m.channel.id.clone(),
-                    moved: false,
-                },
-                false,
-            );
+            let back = Msg::MovedOut {
+                channel: m.channel.id.clone(),
+                moved: false,
+            };
+            // A source that ended and retired meanwhile still means what it says: the
+            // caller's conference is over.
+            if !c.node.send(&from, back, true) {
+                tracing::warn!(channel = %m.channel.id, from = %from, "cannot return a refused move to its conference");
+            }
             m.pending.answer(&c.node, Err(e));
         };
         if m.pending.expired() {
@@ -511,6 +512,11 @@ impl Conference {
     /// The answer of a move this conference started.
     pub(super) async fn moved_out(&mut self, ch: &str, moved: bool) {
         let Some(p) = self.participants.get_mut(ch) else {
+            if !moved {
+                // The conference ended while the move was under way: the caller has no
+                // conference left, as if it had stayed for the end.
+                self.refused_move_of_ended(ch).await;
+            }
             return;
         };
         if !p.moving {
@@ -522,6 +528,15 @@ impl Conference {
         } else {
             // Still ours: its route goes back from "moving" to this conference.
             self.node.route(ch, &self.name);
+        }
+    }
+
+    /// Hangs up a caller the target of its move refused after its conference ended.
+    async fn refused_move_of_ended(&self, ch: &str) {
+        tracing::info!(conference = %self.name, channel = ch, "move refused after the conference ended; hanging the caller up");
+        self.node.unroute(ch);
+        if let Err(e) = self.node.hang_up(ch, CAUSE_NORMAL).await {
+            tracing::warn!(conference = %self.name, channel = ch, error = %e, "cannot hang up the caller of an ended conference");
         }
     }
 
