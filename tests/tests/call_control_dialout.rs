@@ -467,3 +467,66 @@ async fn a_first_caller_being_admitted_keeps_its_conference_home_through_a_drain
     sim.release_operation("answer");
     wait_bridged(sim, &first).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialout_whose_originate_timed_out_never_joins_when_it_answers_late() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(1, "late-1").await;
+    let sim = &c.node(&owner).sim;
+    let first = dial(sim, "late-1", &[]).await;
+    wait_bridged(sim, &first).await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    // Asterisk places the call but answers the request later than the agent's request
+    // timeout: the app is told the dial-out failed while the callee's phone rings.
+    sim.hold_operation("answer originateWithId");
+    let mut ws = c.client(0).await;
+    let (code, msg) = ws
+        .err(
+            "dialout",
+            json!({"conference": "late-1", "to": "+15555550131"}),
+        )
+        .await;
+    assert_eq!(code, -32603, "{msg}");
+    let callid = wait_for_async(
+        "the agent hanging up the call it may have placed",
+        WAIT,
+        || async {
+            sim.request_log()
+                .iter()
+                .filter(|r| r.operation.as_deref() == Some("hangup"))
+                .find_map(|r| r.path.strip_prefix("/ari/channels/").map(str::to_string))
+        },
+    )
+    .await
+    .expect("hung up");
+    sim.release_operation("answer originateWithId");
+    let snap = sim.snapshot();
+    if snap.channel(&callid).is_some() {
+        sim.answer_far_end(&callid).await.expect("answer");
+    }
+    wait_hangup(sim, &callid).await;
+    let entered = sim
+        .event_log()
+        .into_iter()
+        .filter(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == callid.as_str())
+        .count();
+    assert_eq!(
+        entered, 0,
+        "the callee of a failed dial-out joined the conference"
+    );
+    let list = ws
+        .ok("participant.list", json!({"conference": "late-1"}))
+        .await;
+    assert_eq!(
+        list["participants"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+}
