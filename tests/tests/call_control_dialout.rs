@@ -530,3 +530,60 @@ async fn a_dialout_whose_originate_timed_out_never_joins_when_it_answers_late() 
         "{list}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_kicked_while_ringing_never_joins_even_if_it_answers_first() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "kick-1").await;
+    let sim = &c.node(&owner).sim;
+    let first = dial(sim, "kick-1", &[]).await;
+    wait_bridged(sim, &first).await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let mut ws = c.client(0).await;
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "kick-1", "to": "+15555550141"}),
+        )
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&callid, "ringing").await),
+        ["accepted", "ringing"]
+    );
+    // The kick's hangup is under way in Asterisk when the callee picks up.
+    sim.slow_hangup(&callid);
+    ws.ok(
+        "participant.kick",
+        json!({"conference": "kick-1", "participant": callid}),
+    )
+    .await;
+    sim.answer_far_end(&callid).await.expect("answer");
+    wait_for_async("the answered callee in the Stasis app", WAIT, || async {
+        let snap = sim.snapshot();
+        snap.channel(&callid)?.stasis_app.as_ref().map(|_| ())
+    })
+    .await
+    .expect("in Stasis");
+    // What the conference lists meanwhile, for the failure message.
+    let list = ws
+        .ok("participant.list", json!({"conference": "kick-1"}))
+        .await;
+    assert!(sim.finish_hangup(&callid), "the kick asked for the hangup");
+    let st = ws.statuses(&callid, "rejected").await;
+    assert!(
+        !names(&st).contains(&"connected".to_string()),
+        "a kicked callee was connected: {st:?} {list}"
+    );
+    assert_eq!(
+        st.last().map(|p| p["status"].clone()),
+        Some(json!("rejected")),
+        "{st:?}"
+    );
+    let entered = sim
+        .event_log()
+        .into_iter()
+        .filter(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == callid.as_str())
+        .count();
+    assert_eq!(entered, 0, "the kicked callee entered the conference");
+}

@@ -320,8 +320,14 @@ impl Conference {
             .hang_up(ch, CAUSE_NORMAL)
             .await
             .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
-        // A ringing callee's dial-out ends when its channel is destroyed (DialoutGone).
-        if !ringing {
+        if ringing {
+            // Its dial-out ends when its channel is destroyed. Should the callee answer
+            // before Asterisk acts on the hangup, nobody waits for it: it is hung up, not
+            // joined.
+            self.dialing.remove(ch);
+            self.end_if_empty("dialout_failed").await;
+            self.counts_changed().await;
+        } else {
             self.left(ch, "kicked").await;
         }
         Ok(json!({}))
