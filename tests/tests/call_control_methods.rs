@@ -582,15 +582,7 @@ async fn ending_a_conference_during_a_move_keeps_the_caller_being_moved() {
     let (sim, a, b, x, mut ws) = two_conferences_on_one_node(&c, "from-2", "to-2").await;
     // The target has added the caller to its bridge; the answer is held while the source
     // conference is ended.
-    sim.hold_operation("answer addChannel");
-    let mut mover = c.client(0).await;
-    let params = json!({"conference": "from-2", "participant": a, "to": "to-2"});
-    let moved = tokio::spawn(async move { mover.ok("participant.move", params).await });
-    wait_for_async("the addChannel done, its answer held", WAIT, || async {
-        (sim.held_requests("answer addChannel") == 1).then_some(())
-    })
-    .await
-    .expect("the move adds the caller");
+    let moved = held_move(&c, sim, "from-2", &a, "to-2").await;
     ws.ok("conference.end", json!({"conference": "from-2"}))
         .await;
     assert_eq!(
@@ -606,29 +598,84 @@ async fn ending_a_conference_during_a_move_keeps_the_caller_being_moved() {
     .await
     .expect("released");
     sim.release_operation("answer addChannel");
+    assert_moved_in(sim, &mut ws, moved, &a, &x, "to-2").await;
+}
+
+/// Starts moving `a` from `from` to `to` between conferences of one node, and returns once
+/// the target has added it to its bridge, with that answer held; the handle gives the
+/// move's own answer once `answer addChannel` is released.
+async fn held_move(
+    c: &Cluster,
+    sim: &TestSim,
+    from: &str,
+    a: &str,
+    to: &str,
+) -> tokio::task::JoinHandle<Value> {
+    sim.hold_operation("answer addChannel");
+    let mut mover = c.client(0).await;
+    let params = json!({"conference": from, "participant": a, "to": to});
+    let moved = tokio::spawn(async move { mover.ok("participant.move", params).await });
+    wait_for_async("the addChannel done, its answer held", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 1).then_some(())
+    })
+    .await
+    .expect("the move adds the caller");
+    moved
+}
+
+/// The move answered success, and `a` is in `to` beside `x`, in its bridge, never hung up.
+async fn assert_moved_in(
+    sim: &TestSim,
+    ws: &mut Client,
+    moved: tokio::task::JoinHandle<Value>,
+    a: &str,
+    x: &str,
+    to: &str,
+) {
     let done = moved.await.expect("the move's answer");
-    assert_eq!(done["to"], "to-2", "{done}");
+    assert_eq!(done["to"], to, "{done}");
     let hung_up: Vec<_> = sim
         .request_log()
         .into_iter()
-        .filter(|r| r.operation.as_deref() == Some("hangup") && r.path.ends_with(&a))
+        .filter(|r| r.operation.as_deref() == Some("hangup") && r.path.ends_with(a))
         .collect();
     assert!(
         hung_up.is_empty(),
         "the caller being moved was hung up: {hung_up:?}"
     );
-    let to = ws
-        .ok("participant.list", json!({"conference": "to-2"}))
-        .await;
-    let mut want = vec![a.clone(), x.clone()];
+    let list = ws.ok("participant.list", json!({ "conference": to })).await;
+    let mut want = vec![a.to_string(), x.to_string()];
     want.sort();
-    let mut got = ids(&to);
+    let mut got = ids(&list);
     got.sort();
-    assert_eq!(got, want, "{to}");
+    assert_eq!(got, want, "{list}");
     let snap = sim.snapshot();
     assert_eq!(
-        snap.channel(&a).and_then(|ch| ch.bridge.clone()),
-        snap.channel(&x).and_then(|ch| ch.bridge.clone()),
+        snap.channel(a).and_then(|ch| ch.bridge.clone()),
+        snap.channel(x).and_then(|ch| ch.bridge.clone()),
         "the moved caller hears the target"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_a_caller_being_moved_are_refused_and_the_move_completes() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (sim, a, _b, x, mut ws) = two_conferences_on_one_node(&c, "from-3", "to-3").await;
+    let moved = held_move(&c, sim, "from-3", &a, "to-3").await;
+    for method in [
+        "participant.hold",
+        "participant.mute",
+        "participant.kick",
+        "participant.move",
+    ] {
+        let mut params = json!({"conference": "from-3", "participant": a});
+        if method == "participant.move" {
+            params["to"] = json!("to-3");
+        }
+        let (code, msg) = ws.err(method, params).await;
+        assert_eq!(code, -32006, "{method}: {msg}");
+        assert!(msg.contains("move"), "{method}: {msg}");
+    }
+    sim.release_operation("answer addChannel");
+    assert_moved_in(sim, &mut ws, moved, &a, &x, "to-3").await;
 }

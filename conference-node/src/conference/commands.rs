@@ -39,6 +39,15 @@ fn not_found(ch: &str) -> BusError {
     )
 }
 
+/// A participant being moved out belongs to neither conference until the target has it: a
+/// command acting on its bridge now would pull it back out of the target's.
+fn moving(ch: &str) -> BusError {
+    BusError::new(
+        ErrorCode::Forbidden,
+        format!("a move of participant `{ch}` is under way; send the command to its new conference once the move is answered"),
+    )
+}
+
 /// An ARI failure on a participant's channel: gone means not found, anything else internal.
 fn ari_failure(ch: &str, e: &AriError) -> BusError {
     if e.channel_gone() {
@@ -204,9 +213,7 @@ impl Conference {
     }
 
     async fn mute(&mut self, ch: &str, on: bool) -> Result<Value, BusError> {
-        let Some(p) = self.participants.get(ch) else {
-            return Err(not_found(ch));
-        };
+        let p = self.settled(ch)?;
         if p.muted == on {
             return Ok(json!({}));
         }
@@ -252,9 +259,7 @@ impl Conference {
     }
 
     async fn hold_api(&mut self, ch: &str, on: bool) -> Result<Value, BusError> {
-        let Some(p) = self.participants.get(ch) else {
-            return Err(not_found(ch));
-        };
+        let p = self.settled(ch)?;
         if p.held == on {
             return Ok(json!({}));
         }
@@ -311,10 +316,19 @@ impl Conference {
         Ok(json!({}))
     }
 
+    /// The participant `ch`, unless there is none or it is being moved out.
+    fn settled(&self, ch: &str) -> Result<&Participant, BusError> {
+        match self.participants.get(ch) {
+            None => Err(not_found(ch)),
+            Some(p) if p.moving => Err(moving(ch)),
+            Some(p) => Ok(p),
+        }
+    }
+
     async fn kick(&mut self, ch: &str) -> Result<Value, BusError> {
         let ringing = self.dialing.contains_key(ch);
-        if !self.participants.contains_key(ch) && !ringing {
-            return Err(not_found(ch));
+        if !ringing {
+            self.settled(ch)?;
         }
         self.node
             .hang_up(ch, CAUSE_NORMAL)
@@ -381,18 +395,12 @@ impl Conference {
         to_sip_uri: &str,
         pending: Pending,
     ) -> Option<(Pending, Result<Value, BusError>)> {
+        if let Err(e) = self.settled(ch) {
+            return Some((pending, Err(e)));
+        }
         let Some(p) = self.participants.get_mut(ch) else {
             return Some((pending, Err(not_found(ch))));
         };
-        if p.moving {
-            return Some((
-                pending,
-                Err(BusError::new(
-                    ErrorCode::Forbidden,
-                    "a move of this participant is under way",
-                )),
-            ));
-        }
         if to_node == self.node.id {
             p.moving = true;
             self.node.mark_moving(ch, &self.name);
