@@ -983,14 +983,8 @@ impl State {
             return;
         };
         let app = ch.stasis.as_ref().map(|s| s.app.clone());
-        if ch.bridge.as_deref() == Some(bid) {
-            if let Some(ch) = self.channels.get_mut(cid) {
-                ch.role = role;
-                ch.bridge_mute = mute;
-                ch.absorb_dtmf = absorb;
-            }
-            return;
-        }
+        // `control_add_channel_to_bridge` departs the channel's current Stasis bridge first,
+        // the one it is added to included, then imparts it again with the new features.
         if let Some(old) = ch.bridge.clone() {
             self.bridge_remove(core, &old, cid, true);
         }
