@@ -263,6 +263,8 @@ pub(crate) struct Bridge {
     pub channels: Vec<String>,
     pub moh: Option<String>,
     pub recording: Option<String>,
+    /// Destroyed through ARI and on its way out: no longer a Stasis bridge, still listed.
+    pub dissolving: bool,
 }
 
 impl Bridge {

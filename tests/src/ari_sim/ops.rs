@@ -85,12 +85,13 @@ fn controllable(st: &State, id: &str) -> Result<(), ApiErr> {
     state_valid(st, id)
 }
 
-/// `find_bridge` in resource_bridges.c (every simulated bridge is a Stasis bridge).
+/// `find_bridge` in resource_bridges.c: every simulated bridge is a Stasis bridge until
+/// `DELETE` unlinks it from the app's bridges; its snapshot stays while it dissolves.
 fn find_bridge(st: &State, id: &str) -> Result<(), ApiErr> {
-    if st.bridges.contains_key(id) {
-        Ok(())
-    } else {
-        Err(ApiErr::new(404, "Bridge not found"))
+    match st.bridges.get(id) {
+        Some(b) if !b.dissolving => Ok(()),
+        Some(_) => Err(ApiErr::new(409, "Bridge not in Stasis application")),
+        None => Err(ApiErr::new(404, "Bridge not found")),
     }
 }
 
@@ -457,6 +458,7 @@ fn create_bridge(
             channels: Vec::new(),
             moh: None,
             recording: None,
+            dissolving: false,
         },
     );
     let json = st.brg_json(&id);
@@ -515,16 +517,28 @@ pub(crate) fn bridge_create_with_id(core: &Arc<Core>, req: &mut Req) -> ApiResul
 pub(crate) fn bridge_get(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("bridgeId");
     let st = core.lock();
-    find_bridge(&st, &id)?;
+    // By its snapshot: a bridge that is dissolving is still there.
+    if !st.bridges.contains_key(&id) {
+        return Err(ApiErr::new(404, "Bridge not found"));
+    }
     ok(st.brg_json(&id))
 }
 
-/// `ast_ari_bridges_destroy`.
+/// `ast_ari_bridges_destroy`: `stasis_app_bridge_destroy` unlinks the bridge from the app's
+/// bridges and asks it to dissolve; its members leave, and it goes, after the answer.
 pub(crate) fn bridge_destroy(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("bridgeId");
     let mut st = core.lock();
     find_bridge(&st, &id)?;
-    st.bridge_destroy(core, &id);
+    if let Some(b) = st.bridges.get_mut(&id) {
+        b.dissolving = true;
+    }
+    let epoch = st.epoch;
+    super::engine::schedule(core, epoch, Duration::ZERO, move |core, st| {
+        if st.bridges.contains_key(&id) {
+            st.bridge_destroy(core, &id);
+        }
+    });
     no_content()
 }
 
