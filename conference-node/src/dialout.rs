@@ -282,6 +282,8 @@ struct Track {
     accepted: bool,
     ringing: bool,
     connected: bool,
+    /// When the callee entered the conference.
+    connected_at: Option<std::time::Instant>,
     /// Cause of the last hangup request from the far end (not a soft hangup).
     requested: Option<i64>,
     /// The call ended (with this cause) before `accepted` could be sent.
@@ -331,6 +333,7 @@ impl Dialouts {
                 accepted: false,
                 ringing: false,
                 connected: false,
+                connected_at: None,
                 requested: None,
                 ended: None,
             },
@@ -391,8 +394,36 @@ impl Dialouts {
             return;
         }
         t.connected = true;
+        t.connected_at = Some(std::time::Instant::now());
         if t.accepted {
             send(node, t, callid, "connected", Value::Null, false);
+        }
+    }
+
+    /// A reconciliation listed Asterisk's channels (`present`) after `taken`: a callee
+    /// connected before that and not among them is gone, its end unheard (lost with the
+    /// events WebSocket), and is reported cleared.
+    pub fn vanished(
+        &self,
+        node: &Node,
+        present: &std::collections::HashSet<&str>,
+        taken: std::time::Instant,
+    ) {
+        let mut calls = lock(&self.calls);
+        let gone: Vec<String> = calls
+            .iter()
+            .filter(|(id, t)| {
+                t.accepted
+                    && t.connected_at.is_some_and(|at| at < taken)
+                    && !present.contains(id.as_str())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for callid in gone {
+            if let Some(t) = calls.remove(&callid) {
+                tracing::info!(callid = %callid, "connected callee no longer in Asterisk; its end was not heard");
+                finish(node, &t, &callid, t.requested.unwrap_or(16));
+            }
         }
     }
 

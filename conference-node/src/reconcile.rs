@@ -71,6 +71,8 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     let bridges = node.ari.list_bridges().await.map_err(|e| e.to_string())?;
     let channels = node.ari.list_channels().await.map_err(|e| e.to_string())?;
     let snapshots: HashMap<&str, &Channel> = channels.iter().map(|c| (c.id.as_str(), c)).collect();
+    let present: HashSet<&str> = snapshots.keys().copied().collect();
+    node.dialouts.vanished(node, &present, taken);
     let mut ours: BTreeMap<ConferenceName, Found> = BTreeMap::new();
     let mut bridged: HashSet<String> = HashSet::new();
     for b in bridges {

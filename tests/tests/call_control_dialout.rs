@@ -587,3 +587,35 @@ async fn a_callee_kicked_while_ringing_never_joins_even_if_it_answers_first() {
         .count();
     assert_eq!(entered, 0, "the kicked callee entered the conference");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_callee_whose_end_was_lost_with_the_websocket_is_reported_cleared() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "lost-1").await;
+    let sim = &c.node(&owner).sim;
+    let first = dial(sim, "lost-1", &[]).await;
+    wait_bridged(sim, &first).await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let mut ws = c.client(0).await;
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "lost-1", "to": "+15555550151"}),
+        )
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&callid, "ringing").await;
+    sim.answer_far_end(&callid).await.expect("answer");
+    assert_eq!(
+        names(&ws.statuses(&callid, "connected").await),
+        ["connected"]
+    );
+    // The callee hangs up while the agent's events WebSocket is down: nobody hears its end.
+    sim.drop_websockets();
+    sim.hangup_far_end(&callid, 16).await.expect("hang up");
+    let st = ws.statuses(&callid, "cleared").await;
+    assert_eq!(
+        st,
+        vec![json!({"callid": callid, "status": "cleared", "cause": 16})]
+    );
+}
