@@ -517,6 +517,7 @@ async fn two_conferences_on_one_node<'a>(
     c: &'a Cluster,
     from: &str,
     to: &str,
+    x_vars: &[(&str, &str)],
 ) -> (&'a TestSim, String, String, String, Client) {
     let owner = c.route(1, from).await;
     let sim = &c.node(&owner).sim;
@@ -524,7 +525,7 @@ async fn two_conferences_on_one_node<'a>(
     let b = dial(sim, from, &[]).await;
     wait_bridged(sim, &a).await;
     wait_bridged(sim, &b).await;
-    let x = dial(sim, to, &[]).await;
+    let x = dial(sim, to, x_vars).await;
     wait_bridged(sim, &x).await;
     // Every join has had its answers: the agent lists all three callers.
     let mut ws = c.client(0).await;
@@ -547,7 +548,7 @@ async fn two_conferences_on_one_node<'a>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
-    let (sim, a, _b, x, mut ws) = two_conferences_on_one_node(&c, "from-1", "to-1").await;
+    let (sim, a, _b, x, mut ws) = two_conferences_on_one_node(&c, "from-1", "to-1", &[]).await;
     // The caller hangs up while Asterisk carries out the addChannel (answered 204), and the
     // agent hears its StasisEnd before that answer.
     sim.hangup_during_add(&a);
@@ -579,7 +580,7 @@ async fn a_caller_hanging_up_during_a_move_leaves_no_ghost_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ending_a_conference_during_a_move_keeps_the_caller_being_moved() {
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
-    let (sim, a, b, x, mut ws) = two_conferences_on_one_node(&c, "from-2", "to-2").await;
+    let (sim, a, b, x, mut ws) = two_conferences_on_one_node(&c, "from-2", "to-2", &[]).await;
     // The target has added the caller to its bridge; the answer is held while the source
     // conference is ended.
     let moved = held_move(&c, sim, "from-2", &a, "to-2").await;
@@ -660,7 +661,7 @@ async fn assert_moved_in(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_on_a_caller_being_moved_are_refused_and_the_move_completes() {
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
-    let (sim, a, _b, x, mut ws) = two_conferences_on_one_node(&c, "from-3", "to-3").await;
+    let (sim, a, _b, x, mut ws) = two_conferences_on_one_node(&c, "from-3", "to-3", &[]).await;
     let moved = held_move(&c, sim, "from-3", &a, "to-3").await;
     for method in [
         "participant.hold",
@@ -678,4 +679,50 @@ async fn commands_on_a_caller_being_moved_are_refused_and_the_move_completes() {
     }
     sim.release_operation("answer addChannel");
     assert_moved_in(sim, &mut ws, moved, &a, &x, "to-3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_refused_after_its_conference_ended_hangs_the_caller_up() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let room_for_two = [("CONFROUTE_MAX_PARTICIPANTS", "2")];
+    let (sim, a, b, _x, mut ws) =
+        two_conferences_on_one_node(&c, "from-4", "to-4", &room_for_two).await;
+    // The target is busy bringing in a caller of its own (its addChannel answer held), which
+    // fills it: the move waits behind that, while its old conference ends.
+    sim.hold_operation("answer addChannel");
+    let y = dial(sim, "to-4", &[]).await;
+    wait_for_async("the target adding its own caller", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 1).then_some(())
+    })
+    .await
+    .expect("the target joins y");
+    let mut mover = c.client(0).await;
+    let params = json!({"conference": "from-4", "participant": a, "to": "to-4"});
+    let moved = tokio::spawn(async move { mover.err("participant.move", params).await });
+    // The source has the move once it refuses other commands for the caller.
+    let who = json!({"conference": "from-4", "participant": a});
+    let deadline = std::time::Instant::now() + WAIT;
+    while ws.call("participant.mute", who.clone()).await["error"]["code"] != -32006 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move never reached the source"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    ws.ok("conference.end", json!({"conference": "from-4"}))
+        .await;
+    assert_eq!(
+        wait_hangup(sim, &b).await,
+        16,
+        "the one who stayed is hung up"
+    );
+    sim.release_operation("answer addChannel");
+    let (code, msg) = moved.await.expect("the move's answer");
+    assert_eq!(code, -32005, "the target is full: {msg}");
+    assert_eq!(
+        wait_hangup(sim, &a).await,
+        16,
+        "the caller whose conference ended and whose move was refused is hung up"
+    );
+    wait_bridged(sim, &y).await;
 }
