@@ -138,8 +138,9 @@ pub struct Node {
     routes: Mutex<HashMap<String, Route>>,
     joining: Mutex<HashMap<String, Instant>>,
     ended: Mutex<std::collections::HashSet<String>>,
-    /// Channels the agent asked Asterisk to hang up, and when, until their `StasisEnd`.
-    hanging_up: Mutex<HashMap<String, Instant>>,
+    /// Channels the agent asked Asterisk to hang up, when and with which cause, until their
+    /// `StasisEnd`.
+    hanging_up: Mutex<HashMap<String, (Instant, u16)>>,
     stale_claims: Mutex<std::collections::HashSet<(ConferenceName, u64)>>,
     views: Mutex<BTreeMap<ConferenceName, ConferenceView>>,
     playbacks: Mutex<HashMap<String, oneshot::Sender<()>>>,
@@ -377,14 +378,14 @@ impl Node {
     pub fn forget_ended(&self) {
         lock(&self.ended).clear();
         // A channel never in Stasis (a callee that did not answer) sends no StasisEnd.
-        lock(&self.hanging_up).retain(|_, asked| asked.elapsed() < HANGUP_UNDER_WAY);
+        lock(&self.hanging_up).retain(|_, (asked, _)| asked.elapsed() < HANGUP_UNDER_WAY);
     }
 
     /// Asks Asterisk to hang up `channel` with Q.850 `cause`. Asterisk answers before the
     /// channel has left its bridge and Stasis, so the channel is remembered until its
     /// `StasisEnd`: a listing taken meanwhile shows it, and must not bring it back.
     pub async fn hang_up(&self, channel: &str, cause: u16) -> Result<(), AriError> {
-        lock(&self.hanging_up).insert(channel.to_string(), Instant::now());
+        lock(&self.hanging_up).insert(channel.to_string(), (Instant::now(), cause));
         self.ari.hangup(channel, cause).await
     }
 
@@ -392,7 +393,16 @@ impl Node {
     pub fn hangup_under_way(&self, channel: &str) -> bool {
         lock(&self.hanging_up)
             .get(channel)
-            .is_some_and(|asked| asked.elapsed() < HANGUP_UNDER_WAY)
+            .is_some_and(|(asked, _)| asked.elapsed() < HANGUP_UNDER_WAY)
+    }
+
+    /// The cause of a hangup the agent asked for before `before` and that has not happened
+    /// yet (the request failed, or Asterisk lost it): the channel is still listed after it.
+    pub fn hangup_overdue(&self, channel: &str, before: Instant) -> Option<u16> {
+        lock(&self.hanging_up)
+            .get(channel)
+            .filter(|(asked, _)| *asked < before && asked.elapsed() < HANGUP_UNDER_WAY)
+            .map(|(_, cause)| *cause)
     }
 
     /// Whether the channel left Stasis since [`Node::forget_ended`].

@@ -135,10 +135,29 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
         let Some((app, args)) = ch.stasis_app() else {
             continue;
         };
-        if app != node.cfg.ari.app
-            || bridged.contains(&ch.id)
-            || node.ended_since_listing(&ch.id)
-            || !node.claim_route(&ch.id)
+        if app != node.cfg.ari.app {
+            continue;
+        }
+        // A caller the agent hung up (its conference ended, it was kicked or refused) is
+        // still here: the request failed or was lost, so it is asked again rather than left
+        // in silence.
+        if let Some(cause) = node.hangup_overdue(&ch.id, taken) {
+            if !node.ended_since_listing(&ch.id) {
+                tracing::warn!(channel = %ch.id, cause, "a caller the agent hung up is still in Asterisk; hanging it up again");
+                node.metrics
+                    .reconcile_actions
+                    .with_label_values(&["hung_up_again"])
+                    .inc();
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.hang_up(&ch.id, cause).await {
+                        tracing::warn!(channel = %ch.id, error = %e, "cannot hang up the caller again");
+                    }
+                });
+            }
+            continue;
+        }
+        if bridged.contains(&ch.id) || node.ended_since_listing(&ch.id) || !node.claim_route(&ch.id)
         {
             continue;
         }

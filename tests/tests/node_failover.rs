@@ -688,3 +688,51 @@ async fn a_listing_taken_before_a_conference_ended_does_not_bring_it_back() {
     wait_listings(&s, listed, 1).await;
     assert_stays_ended(&s, "stale-view", &other, created).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_whose_hangup_request_failed_is_hung_up_at_the_next_reconciliation() {
+    let s = Single::start(&[
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let chair = dial(&s.sim, "no-silence", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    wait_bridged(&s.sim, &chair).await;
+    let other = dial(&s.sim, "no-silence", &[]).await;
+    wait_bridged(&s.sim, &other).await;
+    // The conference ends while Asterisk does not answer hangup requests: the agent's
+    // request for the other caller times out and is never carried out.
+    s.sim.hold_operation("hangup");
+    s.sim.hangup_far_end(&chair, 16).await.expect("hangup");
+    wait_for_async("the claim released", WAIT, || async {
+        store
+            .lookup(&name("no-silence"))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    until(&s.sim, "the bridge destroyed", |snap| {
+        snap.bridges.is_empty()
+    })
+    .await;
+    s.sim.release_operation("hangup");
+    // The caller sits in Stasis in no bridge: the reconciliation asks for its hangup again.
+    assert_eq!(wait_hangup(&s.sim, &other).await, 16);
+    let m = scrape(&s.node.http_url()).await;
+    assert!(
+        metric(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="hung_up_again"}"#
+        ) >= 1.0
+    );
+    assert!(store
+        .lookup(&name("no-silence"))
+        .await
+        .expect("lookup")
+        .is_none());
+}
