@@ -1380,11 +1380,15 @@ impl Conference {
                 return false;
             }
             // The listing may be older than this conference's end: members that left Stasis
-            // since, or are being hung up (Asterisk answers that request before the channel
-            // leaves), were in the conference that ended, and are nobody to adopt.
+            // since, are being hung up (Asterisk answers that request before the channel
+            // leaves) or belong elsewhere now (moved out as it ended) were in the conference
+            // that ended, and are nobody to adopt.
             let listed = in_main.len() + in_holding.len();
-            let leaving =
-                |c: &String| self.node.ended_since_listing(c) || self.node.hangup_under_way(c);
+            let leaving = |c: &String| {
+                self.node.ended_since_listing(c)
+                    || self.node.hangup_under_way(c)
+                    || self.node.routed_elsewhere(c, &self.name)
+            };
             let in_main: Vec<String> = in_main.into_iter().filter(|c| !leaving(c)).collect();
             let in_holding: Vec<String> = in_holding.into_iter().filter(|c| !leaving(c)).collect();
             if listed > 0 && in_main.is_empty() && in_holding.is_empty() {

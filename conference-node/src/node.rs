@@ -23,6 +23,19 @@ use crate::dialout::Dialouts;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
+/// How long before a reconciliation's listing a hangup must have been asked for to count as
+/// overdue there: Asterisk acts in milliseconds, but its StasisEnd may still be on its way.
+const HANGUP_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `route` sends a channel's events somewhere other than conference `name`.
+fn elsewhere(route: Option<&Route>, name: &ConferenceName) -> bool {
+    match route {
+        None | Some(Route::Pending) => false,
+        Some(Route::Conference(n) | Route::Dialout(n)) => n != name,
+        Some(Route::Moving(_) | Route::Refused | Route::Gone) => true,
+    }
+}
+
 /// How long a hangup the agent asked for counts as under way: Asterisk carries one out in
 /// milliseconds, and a channel still there after this is taken for what it is.
 const HANGUP_UNDER_WAY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -389,6 +402,11 @@ impl Node {
         self.ari.hangup(channel, cause).await
     }
 
+    /// Forgets a hangup request that failed and is not to be repeated (the caller was told).
+    pub fn hangup_failed(&self, channel: &str) {
+        lock(&self.hanging_up).remove(channel);
+    }
+
     /// Whether the agent asked for `channel`'s hangup and it has not left Stasis yet.
     pub fn hangup_under_way(&self, channel: &str) -> bool {
         lock(&self.hanging_up)
@@ -401,7 +419,10 @@ impl Node {
     pub fn hangup_overdue(&self, channel: &str, before: Instant) -> Option<u16> {
         lock(&self.hanging_up)
             .get(channel)
-            .filter(|(asked, _)| *asked < before && asked.elapsed() < HANGUP_UNDER_WAY)
+            .filter(|(asked, _)| {
+                before.checked_duration_since(*asked) >= Some(HANGUP_RETRY_AFTER)
+                    && asked.elapsed() < HANGUP_UNDER_WAY
+            })
             .map(|(_, cause)| *cause)
     }
 
@@ -455,9 +476,20 @@ impl Node {
         true
     }
 
-    /// Routes a channel found in one of the conference's bridges by reconciliation.
+    /// Routes a channel found in one of the conference's bridges by reconciliation, unless
+    /// it belongs elsewhere by now (see [`Node::routed_elsewhere`]).
     pub fn claim_adopted(&self, channel: &str, name: &ConferenceName) {
-        lock(&self.routes).insert(channel.to_string(), Route::Conference(name.clone()));
+        let mut routes = lock(&self.routes);
+        if !elsewhere(routes.get(channel), name) {
+            routes.insert(channel.to_string(), Route::Conference(name.clone()));
+        }
+    }
+
+    /// Whether the channel's events go somewhere other than conference `name`: another
+    /// conference, a move under way, a refusal, or it left Stasis. A listing older than that
+    /// may still show it in `name`'s bridge, and `name` must not take it back.
+    pub fn routed_elsewhere(&self, channel: &str, name: &ConferenceName) -> bool {
+        elsewhere(lock(&self.routes).get(channel), name)
     }
 
     /// Starts the join clock of a channel (StasisStart).

@@ -726,3 +726,72 @@ async fn a_move_refused_after_its_conference_ended_hangs_the_caller_up() {
     );
     wait_bridged(sim, &y).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_older_than_an_end_does_not_take_back_a_caller_moving_out() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+        ],
+        &[],
+    )
+    .await;
+    let (sim, a, b, x, mut ws) = two_conferences_on_one_node(&c, "from-5", "to-5", &[]).await;
+    let owner = c.route(1, "from-5").await;
+    let listings = || {
+        sim.request_log()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == "/ari/bridges")
+            .count()
+    };
+    // A reconciliation has listed the bridges (a in from-5's) and waits for its channels
+    // while a moves out and from-5 ends.
+    sim.hold_operation("GET /channels");
+    wait_for_async(
+        "a reconciliation waiting for its channels",
+        WAIT,
+        || async { (sim.held_requests("GET /channels") > 0).then_some(()) },
+    )
+    .await
+    .expect("reconciling");
+    let moved = held_move(&c, sim, "from-5", &a, "to-5").await;
+    ws.ok("conference.end", json!({"conference": "from-5"}))
+        .await;
+    assert_eq!(wait_hangup(sim, &b).await, 16);
+    let store = fixtures::store(&c.cfg);
+    let from: confroute_shared::name::ConferenceName = "from-5".parse().expect("name");
+    wait_for_async("the ended conference's claim released", WAIT, || async {
+        store.lookup(&from).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .expect("released");
+    // The move completes: the caller is the target's now.
+    sim.release_operation("answer addChannel");
+    assert_moved_in(sim, &mut ws, moved, &a, &x, "to-5").await;
+    let listed = listings();
+    sim.release_operation("GET /channels");
+    wait_for_async("the held reconciliation done", WAIT, || async {
+        (listings() > listed).then_some(())
+    })
+    .await
+    .expect("reconciled");
+    let m = fixtures::scrape(&c.node(&owner).proc.http_url()).await;
+    assert_eq!(
+        fixtures::metric(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="adopted_conference"}"#
+        ),
+        0.0,
+        "the ended conference took its moving caller back"
+    );
+    assert_eq!(store.lookup(&from).await.expect("lookup"), None);
+    let list = ws
+        .ok("participant.list", json!({"conference": "to-5"}))
+        .await;
+    let mut got = ids(&list);
+    got.sort();
+    let mut want = vec![a.clone(), x.clone()];
+    want.sort();
+    assert_eq!(got, want, "{list}");
+}

@@ -330,10 +330,11 @@ impl Conference {
         if !ringing {
             self.settled(ch)?;
         }
-        self.node
-            .hang_up(ch, CAUSE_NORMAL)
-            .await
-            .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
+        if let Err(e) = self.node.hang_up(ch, CAUSE_NORMAL).await {
+            // The application hears the kick failed: nothing is to carry it out later.
+            self.node.hangup_failed(ch);
+            return Err(BusError::new(ErrorCode::Internal, e.to_string()));
+        }
         if ringing {
             // Its dial-out ends when its channel is destroyed. Should the callee answer
             // before Asterisk acts on the hangup, nobody waits for it: it is hung up, not
