@@ -401,16 +401,16 @@ impl Dialouts {
     }
 
     /// A reconciliation listed Asterisk's channels (`present`) after `taken`: a callee
-    /// connected before that and not among them is gone, its end unheard (lost with the
-    /// events WebSocket), and is reported cleared.
+    /// connected before that and not among them is gone. Its end may have been lost with
+    /// the events WebSocket, or may still be on its way: it is reported cleared unless its
+    /// ChannelDestroyed comes soon.
     pub fn vanished(
         &self,
-        node: &Node,
+        node: &Arc<Node>,
         present: &std::collections::HashSet<&str>,
         taken: std::time::Instant,
     ) {
-        let mut calls = lock(&self.calls);
-        let gone: Vec<String> = calls
+        let gone: Vec<String> = lock(&self.calls)
             .iter()
             .filter(|(id, t)| {
                 t.accepted
@@ -420,10 +420,8 @@ impl Dialouts {
             .map(|(id, _)| id.clone())
             .collect();
         for callid in gone {
-            if let Some(t) = calls.remove(&callid) {
-                tracing::info!(callid = %callid, "connected callee no longer in Asterisk; its end was not heard");
-                finish(node, &t, &callid, t.requested.unwrap_or(16));
-            }
+            tracing::info!(callid = %callid, "connected callee no longer in Asterisk");
+            clear_later(node, callid);
         }
     }
 
@@ -479,17 +477,22 @@ impl Dialouts {
         {
             return;
         }
-        let node = node.clone();
-        let callid = callid.to_string();
-        tokio::spawn(async move {
-            tokio::time::sleep(CLEARED_FALLBACK).await;
-            let mut calls = lock(&node.dialouts.calls);
-            if let Some(t) = calls.remove(&callid) {
-                let cause = t.requested.unwrap_or(16);
-                finish(&node, &t, &callid, cause);
-            }
-        });
+        clear_later(node, callid.to_string());
     }
+}
+
+/// Reports a connected call cleared after [`CLEARED_FALLBACK`] unless its ChannelDestroyed
+/// (with the real cause) has ended it by then.
+fn clear_later(node: &Arc<Node>, callid: String) {
+    let node = node.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(CLEARED_FALLBACK).await;
+        let mut calls = lock(&node.dialouts.calls);
+        if let Some(t) = calls.remove(&callid) {
+            let cause = t.requested.unwrap_or(16);
+            finish(&node, &t, &callid, cause);
+        }
+    });
 }
 
 #[cfg(test)]

@@ -485,6 +485,12 @@ impl AriSim {
     /// Asterisk dies and stays down until [`AriSim::recover`].
     pub fn crash(&self) {
         self.core.lock().crash();
+        // Test latency set for the channels of this life goes with them.
+        self.core
+            .slow_hangups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.core.ctl.send_modify(|c| {
             c.up = false;
             c.generation += 1;

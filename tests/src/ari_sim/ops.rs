@@ -535,7 +535,7 @@ pub(crate) fn bridge_destroy(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     }
     let epoch = st.epoch;
     super::engine::schedule(core, epoch, Duration::ZERO, move |core, st| {
-        if st.bridges.contains_key(&id) {
+        if st.bridges.get(&id).is_some_and(|b| b.dissolving) {
             st.bridge_destroy(core, &id);
         }
     });
