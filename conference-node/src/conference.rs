@@ -1383,7 +1383,6 @@ impl Conference {
             // since, are being hung up (Asterisk answers that request before the channel
             // leaves) or belong elsewhere now (moved out as it ended) were in the conference
             // that ended, and are nobody to adopt.
-            let listed = in_main.len() + in_holding.len();
             let leaving = |c: &String| {
                 self.node.ended_since_listing(c)
                     || self.node.hangup_under_way(c)
@@ -1391,9 +1390,9 @@ impl Conference {
             };
             let in_main: Vec<String> = in_main.into_iter().filter(|c| !leaving(c)).collect();
             let in_holding: Vec<String> = in_holding.into_iter().filter(|c| !leaving(c)).collect();
-            if listed > 0 && in_main.is_empty() && in_holding.is_empty() {
-                return false;
-            }
+            // Nobody to adopt: the bridges go. One the conference's end destroyed already
+            // answers 404 (or 409 while it dissolves); one whose last callers left while the
+            // agent was away is an orphan otherwise.
             if in_main.is_empty() && in_holding.is_empty() {
                 for b in main.iter().chain(holding.iter()) {
                     self.destroy_found(&b.id, "destroyed_empty_bridge").await;

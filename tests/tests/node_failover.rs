@@ -702,9 +702,9 @@ async fn a_caller_whose_hangup_request_failed_is_hung_up_at_the_next_reconciliat
     wait_bridged(&s.sim, &chair).await;
     let other = dial(&s.sim, "no-silence", &[]).await;
     wait_bridged(&s.sim, &other).await;
-    // The conference ends while Asterisk does not answer hangup requests: the agent's
-    // request for the other caller times out and is never carried out.
-    s.sim.hold_operation("hangup");
+    // The conference ends while hangup requests are lost on the way to Asterisk: the
+    // agent's request for the other caller times out and is never carried out.
+    s.sim.lose_operation("hangup");
     s.sim.hangup_far_end(&chair, 16).await.expect("hangup");
     wait_for_async("the claim released", WAIT, || async {
         store
@@ -720,7 +720,7 @@ async fn a_caller_whose_hangup_request_failed_is_hung_up_at_the_next_reconciliat
         snap.bridges.is_empty()
     })
     .await;
-    s.sim.release_operation("hangup");
+    s.sim.deliver_operation("hangup");
     // The caller sits in Stasis in no bridge: the reconciliation asks for its hangup again.
     assert_eq!(wait_hangup(&s.sim, &other).await, 16);
     let m = scrape(&s.node.http_url()).await;
@@ -735,4 +735,42 @@ async fn a_caller_whose_hangup_request_failed_is_hung_up_at_the_next_reconciliat
         .await
         .expect("lookup")
         .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_whose_last_caller_left_during_the_restarts_listing_is_destroyed() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "last-one", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().kill();
+    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
+    // The restarted agent lists the bridges (the caller still in its conference's), and
+    // the caller hangs up before the channels are listed.
+    s.sim.hold_operation("GET /channels");
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async(
+        "the reconciliation waiting for its channels",
+        WAIT,
+        || async { (s.sim.held_requests("GET /channels") > 0).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    s.sim.release_operation("GET /channels");
+    until(&s.sim, "the conference's empty bridge destroyed", |snap| {
+        snap.bridges.is_empty()
+    })
+    .await;
+    let store = fixtures::store(&s.cfg);
+    wait_for_async("the claim released", WAIT, || async {
+        store
+            .lookup(&name("last-one"))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
 }

@@ -304,12 +304,13 @@ impl AriClient {
         }
     }
 
-    /// `DELETE /bridges/{id}`; a bridge already gone is fine.
+    /// `DELETE /bridges/{id}`; a bridge already gone is fine, and so is one already being
+    /// destroyed (409: no longer a Stasis bridge while it dissolves).
     pub async fn destroy_bridge(&self, id: &str) -> Result<(), AriError> {
         let path = format!("/bridges/{}", encode(id));
         match self.call("destroyBridge", Method::Delete, &path, &[]).await {
             Ok(_) => Ok(()),
-            Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Err(e) if matches!(e.kind, AriErrorKind::NotFound | AriErrorKind::Conflict) => Ok(()),
             Err(e) => Err(e),
         }
     }

@@ -54,6 +54,8 @@ pub(crate) struct Core {
     /// Channels slow to act on `DELETE /channels/{id}`, with the cause of the hangup asked
     /// for them meanwhile (test-only latency).
     pub slow_hangups: Mutex<BTreeMap<String, Option<i64>>>,
+    /// Operations whose requests are lost on the way: never carried out, never answered.
+    pub lost_ops: Mutex<BTreeSet<String>>,
     pub ctl: watch::Sender<Ctl>,
     pub events_changed: Notify,
     pub violations: Mutex<Vec<String>>,
@@ -78,6 +80,7 @@ impl Core {
             held_waiting: Mutex::new(HashMap::new()),
             hangup_during_add: Mutex::new(BTreeSet::new()),
             slow_hangups: Mutex::new(BTreeMap::new()),
+            lost_ops: Mutex::new(BTreeSet::new()),
             ctl,
             events_changed: Notify::new(),
             violations: Mutex::new(Vec::new()),

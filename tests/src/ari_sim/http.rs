@@ -453,22 +453,42 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         path: path_params,
         params: Params::new(query, json, route.params, route.nickname),
     };
-    // Nicknames repeat across resources (`list`): a hold may also name the route itself.
-    core.wait_held(route.nickname).await;
-    core.wait_held(&format!("{} {}", route.method, route.path))
-        .await;
-    let result = handler(core, &mut req);
-    let undeclared = req.params.take_undeclared();
-    if !undeclared.is_empty() {
-        core.violations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(undeclared);
+    // Asterisk carries out a request it has read even when its client gives up waiting
+    // (a timeout closes the connection): the work runs on a task of its own.
+    let nickname = route.nickname;
+    let by_path = format!("{} {}", route.method, route.path);
+    let lost = {
+        let lost = core.lost_ops.lock().unwrap_or_else(|p| p.into_inner());
+        lost.contains(nickname) || lost.contains(&by_path)
+    };
+    if lost {
+        // Test-only loss: the request never reached Asterisk's handler.
+        std::future::pending::<()>().await;
     }
-    core.events_changed.notify_waiters();
-    // Test-only latency after the work is done: the events it caused are out, the answer
-    // waits (`answer <nickname>`).
-    core.wait_held(&format!("answer {}", route.nickname)).await;
+    let worker = core.clone();
+    let work = tokio::spawn(async move {
+        let core = &worker;
+        // Nicknames repeat across resources (`list`): a hold may also name the route itself.
+        core.wait_held(nickname).await;
+        core.wait_held(&by_path).await;
+        let result = handler(core, &mut req);
+        let undeclared = req.params.take_undeclared();
+        if !undeclared.is_empty() {
+            core.violations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(undeclared);
+        }
+        core.events_changed.notify_waiters();
+        // Test-only latency after the work is done: the events it caused are out, the
+        // answer waits (`answer <nickname>`).
+        core.wait_held(&format!("answer {nickname}")).await;
+        result
+    });
+    let result = match work.await {
+        Ok(r) => r,
+        Err(_) => Err(ApiErr::new(500, "Internal Server Error")),
+    };
     let resp = match result {
         Ok(Resp::Ok(v)) => json_response(core, 200, Some(&v), Vec::new()),
         Ok(Resp::Created(location, v)) => {

@@ -544,6 +544,26 @@ impl AriSim {
             .insert(channel.to_string());
     }
 
+    /// Test-only loss: requests for `op` (as [`AriSim::hold_operation`] names them) are lost
+    /// on the way (a dropped connection, a proxy failing): never carried out, never
+    /// answered, until [`AriSim::deliver_operation`].
+    pub fn lose_operation(&self, op: &str) {
+        self.core
+            .lost_ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(op.to_string());
+    }
+
+    /// Requests for `op` reach Asterisk again (the lost ones stay lost).
+    pub fn deliver_operation(&self, op: &str) {
+        self.core
+            .lost_ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(op);
+    }
+
     /// Test-only latency: `channel` is slow to act on a hangup request. Asterisk's
     /// `ast_ari_channels_hangup` only queues a soft hangup and answers 204; the channel's own
     /// thread then leaves its bridge and Stasis. Until [`AriSim::finish_hangup`], such a
