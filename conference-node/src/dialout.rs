@@ -366,22 +366,20 @@ impl Dialouts {
         lock(&self.calls).remove(callid);
     }
 
-    /// A Dial event of the call.
-    pub fn dial_status(&self, node: &Node, callid: &str, status: &str) {
-        if !matches!(status, "RINGING" | "PROGRESS") {
-            return;
-        }
+    /// A Dial event of the call; false when the call is not tracked (never, or no more).
+    pub fn dial_status(&self, node: &Node, callid: &str, status: &str) -> bool {
         let mut calls = lock(&self.calls);
         let Some(t) = calls.get_mut(callid) else {
-            return;
+            return false;
         };
-        if t.ringing || t.connected {
-            return;
+        if !matches!(status, "RINGING" | "PROGRESS") || t.ringing || t.connected {
+            return true;
         }
         t.ringing = true;
         if t.accepted {
             send(node, t, callid, "ringing", Value::Null, false);
         }
+        true
     }
 
     /// The callee is in the conference's bridge.

@@ -450,6 +450,11 @@ impl Node {
         }
     }
 
+    /// Whether the channel is routed as a dial-out.
+    pub fn is_dialout(&self, channel: &str) -> bool {
+        matches!(lock(&self.routes).get(channel), Some(Route::Dialout(_)))
+    }
+
     /// The conference a channel's events go to, if it is one of its participants.
     pub fn conference_of(&self, channel: &str) -> Option<ConferenceName> {
         match lock(&self.routes).get(channel) {
@@ -683,7 +688,17 @@ impl Node {
             Event::ChannelHold { channel } => self.hold(&channel.id, true),
             Event::ChannelUnhold { channel } => self.hold(&channel.id, false),
             Event::Dial { peer, dialstatus } => {
-                self.dialouts.dial_status(self, &peer.id, &dialstatus)
+                let tracked = self.dialouts.dial_status(self, &peer.id, &dialstatus);
+                // A dial-out given up (its originate failed, yet Asterisk placed the call
+                // after the agent's hangup found nothing): hung up as soon as it shows.
+                if !tracked && self.is_dialout(&peer.id) && dialstatus != "CANCEL" {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = node.hang_up(&peer.id, conference::CAUSE_NORMAL).await {
+                            tracing::warn!(callid = %peer.id, error = %e, "cannot hang up a dial-out that was given up");
+                        }
+                    });
+                }
             }
             Event::ChannelHangupRequest {
                 channel,

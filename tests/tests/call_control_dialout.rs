@@ -619,3 +619,55 @@ async fn a_connected_callee_whose_end_was_lost_with_the_websocket_is_reported_cl
         vec![json!({"callid": callid, "status": "cleared", "cause": 16})]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialout_placed_after_its_originate_timed_out_is_hung_up_as_it_rings() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(1, "late-2").await;
+    let sim = &c.node(&owner).sim;
+    let first = dial(sim, "late-2", &[]).await;
+    wait_bridged(sim, &first).await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    // Asterisk takes the originate up only after the agent gave up waiting, and after the
+    // agent's hangup of the call id found nothing to hang up.
+    sim.hold_operation("originateWithId");
+    let mut ws = c.client(0).await;
+    let (code, msg) = ws
+        .err(
+            "dialout",
+            json!({"conference": "late-2", "to": "+15555550161"}),
+        )
+        .await;
+    assert_eq!(code, -32603, "{msg}");
+    wait_request(sim, "hangup", "/ari/channels/dial-").await;
+    sim.release_operation("originateWithId");
+    let gone = sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "ChannelDestroyed"
+                && e["channel"]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("dial-"))
+        })
+        .await
+        .unwrap_or_else(|| panic!("the late call still rings: {:#?}", sim.snapshot()));
+    let callid = gone["channel"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let entered = sim
+        .event_log()
+        .into_iter()
+        .filter(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == callid.as_str())
+        .count();
+    assert_eq!(
+        entered, 0,
+        "the callee of a failed dial-out joined the conference"
+    );
+}
