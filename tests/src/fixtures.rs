@@ -15,12 +15,12 @@ pub fn single(url: &str) -> RedisConfig {
     }
 }
 
-/// Settings for a primary whose claims wait for one replica, within a 500 ms Redis timeout
-/// (so a claim's WAIT gets 250 ms).
+/// Settings for a primary whose claims wait for one replica, within a 2 s Redis timeout
+/// (so a claim's WAIT gets 1 s: a loaded test machine's replica can take a few hundred ms).
 pub fn replicated(url: &str) -> RedisConfig {
     RedisConfig {
         wait_replicas: 1,
-        timeout: Duration::from_millis(500),
+        timeout: Duration::from_secs(2),
         ..single(url)
     }
 }
