@@ -1383,8 +1383,11 @@ impl Conference {
             // since, are being hung up (Asterisk answers that request before the channel
             // leaves) or belong elsewhere now (moved out as it ended) were in the conference
             // that ended, and are nobody to adopt.
+            // The channels were listed after the bridges: a member missing there is gone,
+            // whether or not its StasisEnd has been heard yet.
             let leaving = |c: &String| {
-                self.node.ended_since_listing(c)
+                !members.contains_key(c)
+                    || self.node.ended_since_listing(c)
                     || self.node.hangup_under_way(c)
                     || self.node.routed_elsewhere(c, &self.name)
             };
