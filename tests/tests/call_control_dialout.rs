@@ -470,30 +470,11 @@ async fn a_first_caller_being_admitted_keeps_its_conference_home_through_a_drain
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialout_whose_originate_timed_out_never_joins_when_it_answers_late() {
-    let c = Cluster::start(
-        &[
-            ("CONFROUTE_CONFERENCE__BEEP", "false"),
-            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
-        ],
-        &[],
-    )
-    .await;
-    let owner = c.route(1, "late-1").await;
-    let sim = &c.node(&owner).sim;
-    let first = dial(sim, "late-1", &[]).await;
-    wait_bridged(sim, &first).await;
-    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
     // Asterisk places the call but answers the request later than the agent's request
     // timeout: the app is told the dial-out failed while the callee's phone rings.
-    sim.hold_operation("answer originateWithId");
-    let mut ws = c.client(0).await;
-    let (code, msg) = ws
-        .err(
-            "dialout",
-            json!({"conference": "late-1", "to": "+15555550131"}),
-        )
-        .await;
-    assert_eq!(code, -32603, "{msg}");
+    let (c, owner, mut ws) =
+        given_up_dialout("answer originateWithId", "late-1", "+15555550131").await;
+    let sim = &c.node(&owner).sim;
     let callid = wait_for_async(
         "the agent hanging up the call it may have placed",
         WAIT,
@@ -512,14 +493,10 @@ async fn a_dialout_whose_originate_timed_out_never_joins_when_it_answers_late() 
         sim.answer_far_end(&callid).await.expect("answer");
     }
     wait_hangup(sim, &callid).await;
-    let entered = sim
-        .event_log()
-        .into_iter()
-        .filter(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == callid.as_str())
-        .count();
-    assert_eq!(
-        entered, 0,
-        "the callee of a failed dial-out joined the conference"
+    assert_never_joined(
+        sim,
+        &callid,
+        "the callee of a failed dial-out joined the conference",
     );
     let list = ws
         .ok("participant.list", json!({"conference": "late-1"}))
@@ -533,24 +510,8 @@ async fn a_dialout_whose_originate_timed_out_never_joins_when_it_answers_late() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callee_kicked_while_ringing_never_joins_even_if_it_answers_first() {
-    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
-    let owner = c.route(1, "kick-1").await;
+    let (c, owner, mut ws, callid) = ringing_dialout("kick-1", "+15555550141").await;
     let sim = &c.node(&owner).sim;
-    let first = dial(sim, "kick-1", &[]).await;
-    wait_bridged(sim, &first).await;
-    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
-    let mut ws = c.client(0).await;
-    let r = ws
-        .ok(
-            "dialout",
-            json!({"conference": "kick-1", "to": "+15555550141"}),
-        )
-        .await;
-    let callid = r["callid"].as_str().expect("callid").to_string();
-    assert_eq!(
-        names(&ws.statuses(&callid, "ringing").await),
-        ["accepted", "ringing"]
-    );
     // The kick's hangup is under way in Asterisk when the callee picks up.
     sim.slow_hangup(&callid);
     ws.ok(
@@ -580,31 +541,13 @@ async fn a_callee_kicked_while_ringing_never_joins_even_if_it_answers_first() {
         Some(json!("rejected")),
         "{st:?}"
     );
-    let entered = sim
-        .event_log()
-        .into_iter()
-        .filter(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == callid.as_str())
-        .count();
-    assert_eq!(entered, 0, "the kicked callee entered the conference");
+    assert_never_joined(sim, &callid, "the kicked callee entered the conference");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_callee_whose_end_was_lost_with_the_websocket_is_reported_cleared() {
-    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
-    let owner = c.route(1, "lost-1").await;
+    let (c, owner, mut ws, callid) = ringing_dialout("lost-1", "+15555550151").await;
     let sim = &c.node(&owner).sim;
-    let first = dial(sim, "lost-1", &[]).await;
-    wait_bridged(sim, &first).await;
-    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
-    let mut ws = c.client(0).await;
-    let r = ws
-        .ok(
-            "dialout",
-            json!({"conference": "lost-1", "to": "+15555550151"}),
-        )
-        .await;
-    let callid = r["callid"].as_str().expect("callid").to_string();
-    ws.statuses(&callid, "ringing").await;
     sim.answer_far_end(&callid).await.expect("answer");
     assert_eq!(
         names(&ws.statuses(&callid, "connected").await),
@@ -622,30 +565,10 @@ async fn a_connected_callee_whose_end_was_lost_with_the_websocket_is_reported_cl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialout_placed_after_its_originate_timed_out_is_hung_up_as_it_rings() {
-    let c = Cluster::start(
-        &[
-            ("CONFROUTE_CONFERENCE__BEEP", "false"),
-            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
-        ],
-        &[],
-    )
-    .await;
-    let owner = c.route(1, "late-2").await;
-    let sim = &c.node(&owner).sim;
-    let first = dial(sim, "late-2", &[]).await;
-    wait_bridged(sim, &first).await;
-    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
     // Asterisk takes the originate up only after the agent gave up waiting, and after the
     // agent's hangup of the call id found nothing to hang up.
-    sim.hold_operation("originateWithId");
-    let mut ws = c.client(0).await;
-    let (code, msg) = ws
-        .err(
-            "dialout",
-            json!({"conference": "late-2", "to": "+15555550161"}),
-        )
-        .await;
-    assert_eq!(code, -32603, "{msg}");
+    let (c, owner, _ws) = given_up_dialout("originateWithId", "late-2", "+15555550161").await;
+    let sim = &c.node(&owner).sim;
     wait_request(sim, "hangup", "/ari/channels/dial-").await;
     sim.release_operation("originateWithId");
     let gone = sim
@@ -661,13 +584,71 @@ async fn a_dialout_placed_after_its_originate_timed_out_is_hung_up_as_it_rings()
         .as_str()
         .unwrap_or_default()
         .to_string();
+    assert_never_joined(
+        sim,
+        &callid,
+        "the callee of a failed dial-out joined the conference",
+    );
+}
+
+/// Conference `conf` with one caller in it, its node's originates ringing until answered;
+/// returns the node.
+async fn ringing_conference(c: &Cluster, conf: &str) -> String {
+    let owner = c.route(1, conf).await;
+    let sim = &c.node(&owner).sim;
+    let first = dial(sim, conf, &[]).await;
+    wait_bridged(sim, &first).await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    owner
+}
+
+/// Agents giving up on ARI requests after 300 ms, conference `conf` with one caller, and a
+/// dial-out to `to` into it whose originate is held at `held` (a hold_operation name) past
+/// that: the application is told it failed. Returns the cluster, the conference's node and
+/// the client.
+async fn given_up_dialout(held: &str, conf: &str, to: &str) -> (Cluster, String, Client) {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = ringing_conference(&c, conf).await;
+    let mut ws = c.client(0).await;
+    let sim = &c.node(&owner).sim;
+    sim.hold_operation(held);
+    let (code, msg) = ws
+        .err("dialout", json!({"conference": conf, "to": to}))
+        .await;
+    assert_eq!(code, -32603, "{msg}");
+    (c, owner, ws)
+}
+
+/// A dial-out to `to` into conference `conf` (which has one caller), ringing; returns the
+/// cluster, the conference's node, the client that asked and the call id.
+async fn ringing_dialout(conf: &str, to: &str) -> (Cluster, String, Client, String) {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = ringing_conference(&c, conf).await;
+    let mut ws = c.client(0).await;
+    let r = ws
+        .ok("dialout", json!({"conference": conf, "to": to}))
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&callid, "ringing").await),
+        ["accepted", "ringing"]
+    );
+    (c, owner, ws, callid)
+}
+
+/// Asserts that the callee `callid` never entered a bridge; `what` says what that means.
+fn assert_never_joined(sim: &TestSim, callid: &str, what: &str) {
     let entered = sim
         .event_log()
         .into_iter()
-        .filter(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == callid.as_str())
+        .filter(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == callid)
         .count();
-    assert_eq!(
-        entered, 0,
-        "the callee of a failed dial-out joined the conference"
-    );
+    assert_eq!(entered, 0, "{what}");
 }

@@ -568,23 +568,8 @@ async fn a_caller_coming_before_the_restarted_agent_reconciles_joins_the_same_mi
 /// slow to act on the agent's hangup request, lingers in Stasis. Returns once the agent has
 /// released the claim, destroyed the bridge and asked for `other`'s hangup.
 async fn end_with_a_lingering_caller(s: &Single, conf: &str, chair: &str, other: &str) {
-    let store = fixtures::store(&s.cfg);
     s.sim.slow_hangup(other);
-    s.sim.hangup_far_end(chair, 16).await.expect("hangup");
-    wait_for_async("the claim released", WAIT, || async {
-        store
-            .lookup(&name(conf))
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    until(&s.sim, "the bridge destroyed", |snap| {
-        snap.bridges.is_empty()
-    })
-    .await;
+    end_by_its_chair(s, conf, chair).await;
     wait_request(&s.sim, "hangup", &format!("/ari/channels/{other}")).await;
     assert!(
         s.sim
@@ -642,15 +627,7 @@ async fn wait_listings(s: &Single, since: usize, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconciliation_does_not_rejoin_a_caller_whose_hangup_is_under_way() {
-    let s = Single::start(&[
-        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-    ])
-    .await;
-    let chair = dial(&s.sim, "wrap-up", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
-    wait_bridged(&s.sim, &chair).await;
-    let other = dial(&s.sim, "wrap-up", &[]).await;
-    wait_bridged(&s.sim, &other).await;
+    let (s, chair, other) = chaired_conference("wrap-up", &[]).await;
     end_with_a_lingering_caller(&s, "wrap-up", &chair, &other).await;
     // Asterisk answered the hangup request; the channel is still in Stasis, in no bridge.
     let created = ops(&s.sim, "createWithId");
@@ -661,15 +638,7 @@ async fn a_reconciliation_does_not_rejoin_a_caller_whose_hangup_is_under_way() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_taken_before_a_conference_ended_does_not_bring_it_back() {
-    let s = Single::start(&[
-        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-    ])
-    .await;
-    let chair = dial(&s.sim, "stale-view", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
-    wait_bridged(&s.sim, &chair).await;
-    let other = dial(&s.sim, "stale-view", &[]).await;
-    wait_bridged(&s.sim, &other).await;
+    let (s, chair, other) = chaired_conference("stale-view", &[]).await;
     // A reconciliation has listed the bridges, the conference in them, and waits for its
     // channels listing while the conference ends.
     s.sim.hold_operation("GET /channels");
@@ -691,35 +660,13 @@ async fn a_listing_taken_before_a_conference_ended_does_not_bring_it_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_whose_hangup_request_failed_is_hung_up_at_the_next_reconciliation() {
-    let s = Single::start(&[
-        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
-        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-    ])
-    .await;
+    let (s, chair, other) =
+        chaired_conference("no-silence", &[("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms")]).await;
     let store = fixtures::store(&s.cfg);
-    let chair = dial(&s.sim, "no-silence", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
-    wait_bridged(&s.sim, &chair).await;
-    let other = dial(&s.sim, "no-silence", &[]).await;
-    wait_bridged(&s.sim, &other).await;
     // The conference ends while hangup requests are lost on the way to Asterisk: the
     // agent's request for the other caller times out and is never carried out.
     s.sim.lose_operation("hangup");
-    s.sim.hangup_far_end(&chair, 16).await.expect("hangup");
-    wait_for_async("the claim released", WAIT, || async {
-        store
-            .lookup(&name("no-silence"))
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    until(&s.sim, "the bridge destroyed", |snap| {
-        snap.bridges.is_empty()
-    })
-    .await;
+    end_by_its_chair(&s, "no-silence", &chair).await;
     s.sim.deliver_operation("hangup");
     // The caller sits in Stasis in no bridge: the reconciliation asks for its hangup again.
     assert_eq!(wait_hangup(&s.sim, &other).await, 16);
@@ -742,30 +689,51 @@ async fn a_bridge_whose_last_caller_left_during_the_restarts_listing_is_destroye
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let a = dial(&s.sim, "last-one", &[]).await;
     wait_bridged(&s.sim, &a).await;
-    s.node.process().kill();
-    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
     // The restarted agent lists the bridges (the caller still in its conference's), and
     // the caller hangs up before the channels are listed.
-    s.sim.hold_operation("GET /channels");
-    s.node.restart().expect("restart");
-    wait_app(&s.sim, &s.node).await;
-    wait_for_async(
-        "the reconciliation waiting for its channels",
-        WAIT,
-        || async { (s.sim.held_requests("GET /channels") > 0).then_some(()) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.restart_with_channel_listing_held().await;
     s.sim.hangup_far_end(&a, 16).await.expect("hangup");
     s.sim.release_operation("GET /channels");
     until(&s.sim, "the conference's empty bridge destroyed", |snap| {
         snap.bridges.is_empty()
     })
     .await;
+    wait_released(&s, "last-one").await;
+}
+
+/// The chair (end-on-exit) of `conf` hangs up; returns once the agent has released the
+/// claim and Asterisk no longer has the bridge.
+async fn end_by_its_chair(s: &Single, conf: &str, chair: &str) {
+    s.sim.hangup_far_end(chair, 16).await.expect("hangup");
+    wait_released(s, conf).await;
+    until(&s.sim, "the bridge destroyed", |snap| {
+        snap.bridges.is_empty()
+    })
+    .await;
+}
+
+/// An agent reconciling every 300 ms (with `extra` settings), and conference `conf` with
+/// its chair (end-on-exit) and another caller; returns them.
+async fn chaired_conference(conf: &str, extra: &[(&str, &str)]) -> (Single, String, String) {
+    let mut settings = vec![
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ];
+    settings.extend_from_slice(extra);
+    let s = Single::start(&settings).await;
+    let chair = dial(&s.sim, conf, &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    wait_bridged(&s.sim, &chair).await;
+    let other = dial(&s.sim, conf, &[]).await;
+    wait_bridged(&s.sim, &other).await;
+    (s, chair, other)
+}
+
+/// Waits until conference `conf` has no claim in Redis.
+async fn wait_released(s: &Single, conf: &str) {
     let store = fixtures::store(&s.cfg);
     wait_for_async("the claim released", WAIT, || async {
         store
-            .lookup(&name("last-one"))
+            .lookup(&name(conf))
             .await
             .ok()?
             .is_none()

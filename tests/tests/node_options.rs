@@ -594,20 +594,9 @@ async fn a_newcomer_before_the_first_reconciliation_gets_the_settings_the_confer
     let a = kept_conference(&s, &url, &got).await;
     let bridge = wait_bridged(&s.sim, &a).await;
 
-    s.node.process().kill();
-    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
     // The restarted agent's first reconciliation lists the bridges, then the channels:
     // holding the latter keeps it from adopting the conference before the newcomer comes.
-    s.sim.hold_operation("GET /channels");
-    s.node.restart().expect("restart");
-    wait_app(&s.sim, &s.node).await;
-    wait_for_async(
-        "the reconciliation waiting for the channels",
-        WAIT,
-        || async { (s.sim.held_requests("GET /channels") > 0).then_some(()) },
-    )
-    .await
-    .expect("the restarted agent reconciles");
+    s.restart_with_channel_listing_held().await;
     let b = dial(&s.sim, "kept", &[]).await;
     assert_eq!(
         wait_bridged(&s.sim, &b).await,

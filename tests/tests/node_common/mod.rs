@@ -117,6 +117,29 @@ impl Single {
     }
 }
 
+impl Single {
+    /// Kills the agent and starts it again with Asterisk holding `GET /channels`; returns
+    /// once its first reconciliation has listed the bridges and waits for the channels
+    /// (release with `sim.release_operation("GET /channels")`).
+    pub async fn restart_with_channel_listing_held(&mut self) {
+        self.node.process().kill();
+        until(&self.sim, "agent's socket gone", |snap| {
+            snap.websockets == 1
+        })
+        .await;
+        self.sim.hold_operation("GET /channels");
+        self.node.restart().expect("restart");
+        wait_app(&self.sim, &self.node).await;
+        confroute_tests::harness::wait_for_async(
+            "the reconciliation waiting for its channels",
+            WAIT,
+            || async { (self.sim.held_requests("GET /channels") > 0).then_some(()) },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.node.output()));
+    }
+}
+
 /// Waits until the agent's events WebSocket registered the `confroute` app.
 pub async fn wait_app(sim: &AriSim, node: &NodeProc) {
     let ok = sim
