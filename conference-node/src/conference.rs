@@ -579,7 +579,7 @@ impl Conference {
             match self
                 .node
                 .store
-                .set_participants(&self.name, &owner, 1, None)
+                .set_participants(&self.name, &owner, 1, self.node.next_count_version(), None)
                 .await
             {
                 Ok(true) => return Ok(()),
@@ -1618,6 +1618,7 @@ impl Conference {
                 })
                 .collect(),
             ringing: self.dialing.len() as u32 + u32::from(self.admitting),
+            count_version: 0,
         };
         self.node.publish(&self.name, Some(view));
     }
@@ -1641,7 +1642,13 @@ impl Conference {
         match self
             .node
             .store
-            .set_participants(&self.name, &owner, self.people(), settings)
+            .set_participants(
+                &self.name,
+                &owner,
+                self.people(),
+                self.node.next_count_version(),
+                settings,
+            )
             .await
         {
             Ok(true) => self.settings_saved = true,

@@ -105,6 +105,9 @@ pub struct ConferenceView {
     /// Dial-outs ringing into it, and a caller being brought in: they count as people in it
     /// for Redis, so the conference keeps its home (a drain may not move it) meanwhile.
     pub ringing: u32,
+    /// Version of the count this view makes (set by [`Node::publish`]).
+    #[serde(skip)]
+    pub count_version: u64,
 }
 
 /// The agent: configuration, clients, and what it hosts.
@@ -156,6 +159,9 @@ pub struct Node {
     hanging_up: Mutex<HashMap<String, (Instant, u16)>>,
     stale_claims: Mutex<std::collections::HashSet<(ConferenceName, u64)>>,
     views: Mutex<BTreeMap<ConferenceName, ConferenceView>>,
+    /// Versions of participant counts, rising across views and direct writes (and across
+    /// restarts: it starts at the wall clock's microseconds), so Redis keeps the newest.
+    count_versions: AtomicU64,
     playbacks: Mutex<HashMap<String, oneshot::Sender<()>>>,
     /// Wakes whoever waits for the hosted set to change (drain).
     pub changed: Notify,
@@ -209,6 +215,11 @@ impl Node {
             hanging_up: Mutex::new(HashMap::new()),
             stale_claims: Mutex::new(std::collections::HashSet::new()),
             views: Mutex::new(BTreeMap::new()),
+            count_versions: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64),
+            ),
             playbacks: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             reconcile,
@@ -513,7 +524,8 @@ impl Node {
     pub fn publish(&self, name: &ConferenceName, view: Option<ConferenceView>) {
         let mut views = lock(&self.views);
         match view {
-            Some(v) => {
+            Some(mut v) => {
+                v.count_version = self.next_count_version();
                 views.insert(name.clone(), v);
             }
             None => {
@@ -526,6 +538,12 @@ impl Node {
             .set(views.values().map(|v| v.participants.len() as i64).sum());
         drop(views);
         self.changed.notify_waiters();
+    }
+
+    /// A participant count version newer than every view published so far: a count written
+    /// with it is not undone by a heartbeat carrying an older view (heartbeat.lua).
+    pub fn next_count_version(&self) -> u64 {
+        self.count_versions.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Every conference view.
@@ -542,6 +560,7 @@ impl Node {
                 name: v.conference.clone(),
                 epoch: v.epoch,
                 participants: v.participants.len() as u32 + v.ringing,
+                count_version: v.count_version,
             })
             .collect()
     }

@@ -140,6 +140,7 @@ async fn claim_skips_a_node_whose_ari_is_down_but_keeps_its_conferences() {
         name: name("old"),
         epoch: 1,
         participants: 0,
+        count_version: 1,
     }];
     store
         .heartbeat(&id("a"), &deaf, LONG, &hosted)
@@ -231,7 +232,7 @@ async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
     assert_eq!(busy.owner, Some(owner("a", 1)));
     assert_eq!(empty.owner, Some(owner("a", 1)));
     assert!(store
-        .set_participants(&name("busy"), &owner("a", 1), 3, None)
+        .set_participants(&name("busy"), &owner("a", 1), 3, 1, None)
         .await
         .expect("participants"));
 
@@ -279,6 +280,63 @@ async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
     assert_eq!(store.lookup(&name("nowhere")).await.expect("lookup"), None);
 }
 
+/// The agent writes a count of 1 for the first caller of an empty conference before the ARI
+/// work; a heartbeat whose snapshot was taken just before must not put 0 back, or a drain
+/// would move the conference under that caller (two homes). A newer heartbeat still writes.
+#[tokio::test]
+async fn a_heartbeat_with_an_older_count_does_not_undo_a_newer_one() {
+    let (_redis, store) = with_nodes(&["a", "b"]).await;
+    let room = name("first-in");
+    store.claim(&room, &[id("a")]).await.expect("claim");
+    assert!(store
+        .set_participants(&room, &owner("a", 1), 1, 10, None)
+        .await
+        .expect("count"));
+    let load = NodeLoad {
+        conferences: 1,
+        participants: 0,
+        cpu: 0.0,
+        ari: true,
+    };
+    let beat = |participants, count_version| {
+        [Hosted {
+            name: room.clone(),
+            epoch: 1,
+            participants,
+            count_version,
+        }]
+    };
+    store
+        .heartbeat(&id("a"), &load, LONG, &beat(0, 9))
+        .await
+        .expect("older heartbeat");
+    let rec = store.lookup(&room).await.expect("lookup").expect("claimed");
+    assert_eq!(
+        rec.participants, 1,
+        "an older snapshot leaves the count alone"
+    );
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("drain");
+    let still = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(still.kind, ClaimKind::Existing);
+    assert_eq!(still.owner, Some(owner("a", 1)), "one home");
+
+    store
+        .heartbeat(&id("a"), &load, LONG, &beat(0, 11))
+        .await
+        .expect("newer heartbeat");
+    let rec = store.lookup(&room).await.expect("lookup").expect("claimed");
+    assert_eq!(rec.participants, 0, "a newer snapshot is written");
+    let moved = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(
+        moved.kind,
+        ClaimKind::Rehomed,
+        "empty on a draining node: moves"
+    );
+}
+
 #[tokio::test]
 async fn release_is_compare_and_delete() {
     let (_redis, store) = with_nodes(&["a"]).await;
@@ -291,7 +349,7 @@ async fn release_is_compare_and_delete() {
         assert!(store.lookup(&name("x")).await.expect("lookup").is_some());
         assert!(!store.renew(&name("x"), &stale).await.expect("renew"));
         assert!(!store
-            .set_participants(&name("x"), &stale, 9, None)
+            .set_participants(&name("x"), &stale, 9, 1, None)
             .await
             .expect("participants"));
     }
@@ -391,16 +449,19 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
             name: name("mine"),
             epoch: 1,
             participants: 4,
+            count_version: 1,
         },
         Hosted {
             name: name("theirs"),
             epoch: 1,
             participants: 2,
+            count_version: 1,
         },
         Hosted {
             name: name("gone"),
             epoch: 1,
             participants: 1,
+            count_version: 1,
         },
     ];
     let load = NodeLoad {
@@ -508,6 +569,7 @@ async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
         name: name("en-route"),
         epoch: 1,
         participants: 1,
+        count_version: 1,
     }];
     match store
         .heartbeat_reclaiming(&id("a"), &load, LONG, &gone_again)
@@ -589,6 +651,7 @@ async fn heartbeat_after_the_node_lease_expired_restores_its_capacity_count() {
             name: name(c),
             epoch: 1,
             participants: 1,
+            count_version: 1,
         })
         .collect();
     match store
@@ -696,7 +759,7 @@ async fn exercise_every_operation(store: &Store) {
         .expect("claim");
     assert_eq!(c.owner, Some(owner("a", 1)));
     assert!(store
-        .set_participants(&name("room"), &owner("a", 1), 2, None)
+        .set_participants(&name("room"), &owner("a", 1), 2, 1, None)
         .await
         .expect("participants"));
     assert!(store
@@ -712,6 +775,7 @@ async fn exercise_every_operation(store: &Store) {
                 name: name("room"),
                 epoch: 1,
                 participants: 2,
+                count_version: 1,
             }],
         )
         .await
@@ -944,11 +1008,11 @@ async fn conference_settings_belong_to_the_current_home() {
     store.claim(&room, &[id("a")]).await.expect("claim");
     assert_eq!(store.conference_settings(&room).await.expect("read"), None);
     assert!(store
-        .set_participants(&room, &owner("a", 1), 1, Some("from-a"))
+        .set_participants(&room, &owner("a", 1), 1, 1, Some("from-a"))
         .await
         .expect("write"));
     assert!(!store
-        .set_participants(&room, &owner("b", 1), 1, Some("from-b"))
+        .set_participants(&room, &owner("b", 1), 1, 1, Some("from-b"))
         .await
         .expect("write"));
     assert_eq!(
@@ -956,7 +1020,7 @@ async fn conference_settings_belong_to_the_current_home() {
         Some("from-a".to_string())
     );
     assert!(store
-        .set_participants(&room, &owner("a", 1), 0, None)
+        .set_participants(&room, &owner("a", 1), 0, 1, None)
         .await
         .expect("write"));
     assert_eq!(
@@ -1029,7 +1093,7 @@ async fn a_refused_commands_claim_is_given_back_only_while_nobody_is_in_it() {
     let owner = placed.owner.clone().expect("owner");
     // A caller reached the new home before the command was refused.
     assert!(store
-        .set_participants(&room, &owner, 1, None)
+        .set_participants(&room, &owner, 1, 1, None)
         .await
         .expect("count"));
     assert!(!store
@@ -1038,7 +1102,7 @@ async fn a_refused_commands_claim_is_given_back_only_while_nobody_is_in_it() {
         .expect("release"));
     assert!(store.lookup(&room).await.expect("lookup").is_some());
     assert!(store
-        .set_participants(&room, &owner, 0, None)
+        .set_participants(&room, &owner, 0, 1, None)
         .await
         .expect("count"));
     assert!(store

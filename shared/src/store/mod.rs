@@ -140,6 +140,9 @@ pub struct Hosted {
     pub epoch: u64,
     /// Participants now in the conference.
     pub participants: u32,
+    /// Version of this count (see [`Store::set_participants`]): the heartbeat writes it
+    /// only over a count of the same or an older version.
+    pub count_version: u64,
 }
 
 /// What a heartbeat learned about one hosted conference.
@@ -508,12 +511,15 @@ impl Store {
     }
 
     /// Records the participant count of a conference this owner holds, and with `settings`
-    /// the opaque settings its agent keeps across a restart; false if not owner.
+    /// the opaque settings its agent keeps across a restart; false if not owner. `version`
+    /// orders it against the counts heartbeats carry: one rising counter per agent, so a
+    /// heartbeat's older snapshot never undoes this write.
     pub async fn set_participants(
         &self,
         name: &ConferenceName,
         owner: &Owner,
         count: u32,
+        version: u64,
         settings: Option<&str>,
     ) -> Result<bool, StoreError> {
         let key = self.conf_key(name.as_str());
@@ -524,6 +530,7 @@ impl Store {
                 .arg(owner.node.as_str())
                 .arg(owner.epoch)
                 .arg(count)
+                .arg(version)
                 .arg(settings)
                 .invoke_async::<i64>(&mut c)
                 .await
@@ -674,7 +681,10 @@ impl Store {
                     .arg(if reclaim { "1" } else { "0" })
                     .arg(if load.ari { "1" } else { "0" });
                 for h in hosted {
-                    inv.arg(h.name.as_str()).arg(h.epoch).arg(h.participants);
+                    inv.arg(h.name.as_str())
+                        .arg(h.epoch)
+                        .arg(h.participants)
+                        .arg(h.count_version);
                 }
                 inv.invoke_async(&mut c).await
             })

@@ -47,8 +47,9 @@ local function place(epoch, created, outcome)
     if uri then
       redis.call('HSET', KEYS[1], 'owner', id, 'epoch', epoch, 'participants', 0,
         'created_ms', created, 'updated_ms', now)
-      -- The settings and callback numbering were the last home's; the new one has its own.
-      redis.call('HDEL', KEYS[1], 'settings', 'callback_seq')
+      -- The settings, callback numbering and count version were the last home's; the new
+      -- one has its own.
+      redis.call('HDEL', KEYS[1], 'settings', 'callback_seq', 'count_v')
       -- Not routed by lookups until the caller's WAIT confirms it (it clears the mark).
       if touch == '1' then redis.call('HSET', KEYS[1], 'unconfirmed', 1) end
       redis.call('PEXPIRE', KEYS[1], lease)

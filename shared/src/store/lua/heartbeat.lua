@@ -15,7 +15,8 @@
 -- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu, ARGV[8] "1" to claim again,
 -- ARGV[9] "0" while the agent's ARI events WebSocket is down (claim.lua then places no new
 -- conference on the node, invariant 4), "1" when it is up,
--- ARGV[10..] triples (name, epoch, participants) of conferences the node hosts. At other
+-- ARGV[10..] quadruples (name, epoch, participants, count version) of conferences the
+-- node hosts. At other
 -- times a missing claim is one its conference released on ending after the node listed it.
 -- Returns {state, status per hosted conference: ok | lost | reclaimed | missing}, or {false} when the
 -- node has no record (its lease expired; it must register again).
@@ -31,11 +32,15 @@ redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 
 local out = {redis.call('HGET', KEYS[1], 'state')}
-for i = 10, #ARGV, 3 do
+for i = 10, #ARGV, 4 do
   local ckey = prefix .. 'conf:' .. ARGV[i]
   local r = redis.call('HMGET', ckey, 'owner', 'epoch')
   if r[1] == id and r[2] == ARGV[i + 1] then
-    redis.call('HSET', ckey, 'participants', tonumber(ARGV[i + 2]), 'updated_ms', now)
+    local written = tonumber(redis.call('HGET', ckey, 'count_v') or '0') or 0
+    if tonumber(ARGV[i + 3]) >= written then
+      redis.call('HSET', ckey, 'participants', tonumber(ARGV[i + 2]), 'count_v', ARGV[i + 3])
+    end
+    redis.call('HSET', ckey, 'updated_ms', now)
     redis.call('PEXPIRE', ckey, conf_lease)
     redis.call('SADD', prefix .. 'node:' .. id .. ':confs', ARGV[i])
     out[#out + 1] = 'ok'
@@ -44,7 +49,7 @@ for i = 10, #ARGV, 3 do
   elseif reclaim and (out[1] == 'serving' or out[1] == 'draining') then
     local epoch = tonumber(ARGV[i + 1])
     redis.call('HSET', ckey, 'owner', id, 'epoch', epoch, 'participants',
-      tonumber(ARGV[i + 2]), 'created_ms', now, 'updated_ms', now)
+      tonumber(ARGV[i + 2]), 'count_v', ARGV[i + 3], 'created_ms', now, 'updated_ms', now)
     redis.call('PEXPIRE', ckey, conf_lease)
     redis.call('SADD', prefix .. 'node:' .. id .. ':confs', ARGV[i])
     redis.call('ZADD', prefix .. 'confs', 0, ARGV[i])
