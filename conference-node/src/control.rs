@@ -54,8 +54,9 @@ impl Pending {
         self.method
     }
 
-    /// True once the sender's deadline passed: it reported the node unavailable and the
-    /// command must not take effect any more.
+    /// True once the command may no longer start: what is left of the sender's budget is
+    /// for the work and the answer ([`confroute_shared::bus::local_deadline`]), and a command
+    /// started later could take effect after the sender reported the node unavailable.
     pub fn expired(&self) -> bool {
         now_ms() > self.deadline_ms
     }

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
-use confroute_shared::bus::{Bus, BusError, ErrorCode, Reply};
+use confroute_shared::bus::{Bus, BusError, ErrorCode, Notifications};
 use confroute_shared::name::ConferenceName;
 use confroute_shared::types::{NodeId, Owner};
 
@@ -185,7 +184,7 @@ pub struct Dialout {
     /// The bus command id its notifications are routed by (to `Bus::forget` it).
     pub call_id: String,
     /// Status notifications (`accepted`, `ringing`, `connected`, `rejected`, `cleared`).
-    pub notifications: mpsc::UnboundedReceiver<Reply>,
+    pub notifications: Notifications,
 }
 
 /// Call control over the bus.
@@ -397,7 +396,7 @@ impl Control {
         }
         let node = self.owner(&conference).await?;
         let target = self.home(&to).await?;
-        let reply = match self
+        let (reply, sent) = match self
             .bus
             .call(
                 &node,
@@ -409,29 +408,37 @@ impl Control {
             )
             .await
         {
-            Ok(call) => call.reply,
-            Err(e) => Err(e),
+            Ok(call) => (call.reply, true),
+            Err(e) => (Err(e), false),
         };
         if let Err(e) = &reply {
-            self.give_back(&to, &target, e).await;
+            self.give_back(&to, &target, e, sent).await;
         }
         reply.map_err(ControlError::Node)
     }
 
     /// Gives back the home this command claimed for `conference` when the node refused the
-    /// command: a refused command changes nothing (invariant 6), and the claim would count
-    /// against the node's capacity until its lease ran out. Not after a timeout or a lost
-    /// node, where the command may yet have been carried out.
-    async fn give_back(&self, conference: &ConferenceName, home: &Decision, why: &BusError) {
-        let refused = matches!(
-            why.code,
-            ErrorCode::InvalidParams
-                | ErrorCode::InvalidNumber
-                | ErrorCode::ParticipantNotFound
-                | ErrorCode::ConferenceNotFound
-                | ErrorCode::ConferenceFull
-                | ErrorCode::Forbidden
-        );
+    /// command, or never heard it (`sent` false): such a command changes nothing (invariant
+    /// 6), and the claim would count against the node's capacity until its lease ran out.
+    /// Not after a timeout, where the command may yet have been carried out.
+    async fn give_back(
+        &self,
+        conference: &ConferenceName,
+        home: &Decision,
+        why: &BusError,
+        sent: bool,
+    ) {
+        let refused = !sent
+            || matches!(
+                why.code,
+                ErrorCode::InvalidParams
+                    | ErrorCode::InvalidNumber
+                    | ErrorCode::ParticipantNotFound
+                    | ErrorCode::ConferenceNotFound
+                    | ErrorCode::ConferenceFull
+                    | ErrorCode::Forbidden
+                    | ErrorCode::Timeout
+            );
         if !home.created() || !refused {
             return;
         }
@@ -527,12 +534,12 @@ impl Control {
                     notifications: call.notifications,
                 }),
                 Err(e) => {
-                    self.give_back(&conference, &home, &e).await;
+                    self.give_back(&conference, &home, &e, true).await;
                     Err(ControlError::Node(e))
                 }
             },
             Err(e) => {
-                self.give_back(&conference, &home, &e).await;
+                self.give_back(&conference, &home, &e, false).await;
                 Err(ControlError::Node(e))
             }
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use confroute_shared::bus::{ErrorCode, Reply};
 use confroute_shared::name::ConferenceName;
@@ -351,9 +351,23 @@ pub async fn serve(
 /// `events.lost` notification as soon as its queue has room again, before any later event.
 async fn forward_events(session: Arc<Session>) {
     let mut rx = session.control.bus().events();
+    let mut gaps = session.control.bus().gaps();
+    gaps.borrow_and_update();
     let mut lost: u64 = 0;
+    // Only a connection that follows some conference has anything to re-read.
+    let following = |s: &Session| s.subscriptions.lock().is_ok_and(|s| !s.is_empty());
     loop {
         tokio::select! {
+            changed = gaps.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // The bus lost its subscription: whatever was published meanwhile is
+                // unknown, and a full queue folds this notice into the next count.
+                if following(&session) && session.out.try_send(gap_notice()).is_err() {
+                    lost += 1;
+                }
+            }
             got = rx.recv() => match got {
                 Ok(ev) => {
                     let wanted = session
@@ -376,7 +390,13 @@ async fn forward_events(session: Arc<Session>) {
                         lost += 1;
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => lost += n,
+                // Events of any conference were dropped; a connection that follows none
+                // lost nothing it wanted.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    if following(&session) {
+                        lost += n;
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
             room = session.out.reserve(), if lost > 0 => match room {
@@ -391,7 +411,19 @@ async fn forward_events(session: Arc<Session>) {
 }
 
 fn lost_notice(count: u64) -> String {
-    notification("events.lost", json!({ "count": count }))
+    notification(
+        "events.lost",
+        json!({ "count": count, "reason": "slow_client" }),
+    )
+}
+
+/// Events published while the controller's bus was reconnecting to Redis: how many is
+/// unknown.
+fn gap_notice() -> String {
+    notification(
+        "events.lost",
+        json!({ "count": null, "reason": "bus_reconnected" }),
+    )
 }
 
 impl Session {
@@ -414,30 +446,35 @@ impl Session {
             Decoded::Batch(items) => {
                 // The batch is answered as one array once every member is done.
                 tokio::spawn(async move {
+                    let (answered, sent) = watch::channel(false);
                     let answers = futures_util::future::join_all(
-                        items.into_iter().map(|i| self.clone().one(i)),
+                        items.into_iter().map(|i| self.clone().one(i, sent.clone())),
                     )
                     .await;
                     let answers: Vec<Value> = answers.into_iter().flatten().collect();
                     if !answers.is_empty() {
                         self.send(Value::Array(answers)).await;
                     }
+                    let _ = answered.send(true);
                     drop(permit);
                 });
             }
             Decoded::Single(item) => {
                 tokio::spawn(async move {
-                    if let Some(answer) = self.clone().one(item).await {
+                    let (answered, sent) = watch::channel(false);
+                    if let Some(answer) = self.clone().one(item, sent).await {
                         self.send(answer).await;
                     }
+                    let _ = answered.send(true);
                     drop(permit);
                 });
             }
         }
     }
 
-    /// Runs one request; `None` for notifications.
-    async fn one(self: Arc<Self>, item: Item) -> Option<Value> {
+    /// Runs one request; `None` for notifications. `answered` turns true once its answer
+    /// is queued for the client (for a batch, the whole array).
+    async fn one(self: Arc<Self>, item: Item, answered: watch::Receiver<bool>) -> Option<Value> {
         let req = match item {
             Ok(r) => r,
             Err((id, e)) => {
@@ -453,7 +490,7 @@ impl Session {
             ))
         } else {
             match self.in_flight.clone().try_acquire_owned() {
-                Ok(_permit) => self.dispatch(&req.method, req.params).await,
+                Ok(_permit) => self.dispatch(&req.method, req.params, answered).await,
                 Err(_) => Err(RpcError::new(
                     codes::RATE_LIMITED,
                     format!(
@@ -469,7 +506,12 @@ impl Session {
         req.id.map(|id| response(&id, result))
     }
 
-    async fn dispatch(self: &Arc<Self>, method: &str, p: Value) -> Result<Value, RpcError> {
+    async fn dispatch(
+        self: &Arc<Self>,
+        method: &str,
+        p: Value,
+        mut answered: watch::Receiver<bool>,
+    ) -> Result<Value, RpcError> {
         let c = &self.control;
         let r = match method {
             "conference.list" => c.list(params(p)?).await,
@@ -513,6 +555,13 @@ impl Session {
                         let _ = closed.wait_for(|c| *c).await;
                     };
                     tokio::pin!(gone);
+                    // The statuses follow the `{callid}` answer, as documented; the node
+                    // sends `accepted` right after it, and a batch is answered only once
+                    // its slowest member is done. They wait in the bus meanwhile.
+                    tokio::select! {
+                        _ = answered.wait_for(|a| *a) => {}
+                        _ = &mut gone => return,
+                    }
                     loop {
                         tokio::select! {
                             note = notes.recv() => match note {

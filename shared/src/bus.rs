@@ -53,7 +53,7 @@ pub enum ErrorCode {
     ConferenceFull,
     /// The operation is not allowed.
     Forbidden,
-    /// The operation did not finish in time on the node.
+    /// The command waited on the node past the last moment it could start; nothing was done.
     Timeout,
     /// Parameters the node cannot use.
     InvalidParams,
@@ -93,7 +93,8 @@ pub struct Command {
     /// Its parameters.
     pub params: Value,
     /// Wall-clock deadline (ms since the epoch) by the sender's clock; past it the sender
-    /// has given up. The receiver re-bases it on its own clock from `timeout_ms`.
+    /// has given up. The receiver replaces it with the last moment to start the command on
+    /// its own clock ([`local_deadline`]).
     pub deadline_ms: u64,
     /// The sender's whole budget for the command (ms); 0 from senders that did not say.
     #[serde(default)]
@@ -104,16 +105,20 @@ pub struct Command {
 /// two hosts' clocks differ (transit over pub/sub takes milliseconds).
 const CLOCK_SKEW_WARNING_MS: u64 = 1000;
 
-/// The command's deadline on the receiver's clock, `now_ms` being that clock's time at
-/// receipt: the budget counts from receipt, so hosts whose clocks differ by more than the
-/// budget still act on each other's commands (by the sender's clock alone every such
-/// command looked expired and was dropped). Pub/sub delivers within milliseconds or never,
-/// so the budget is not stretched by more than the transit time.
+/// The last moment the receiver may start the command, on its own clock, `now_ms` being
+/// that clock's time at receipt. The budget counts from receipt, so hosts whose clocks
+/// differ by more than the budget still act on each other's commands (by the sender's clock
+/// alone every such command looked expired and was dropped); pub/sub delivers within
+/// milliseconds or never, so the budget is not stretched by more than the transit time.
+/// Only the first half of the budget may pass before the start: the second is for the work
+/// and the answer's way back. A command started as the sender gave up would be carried out
+/// after the sender reported it unanswered (and a retried dial-out would call twice); this
+/// way the receiver's own `timeout` answer ("nothing was done") reaches the sender in time.
 pub fn local_deadline(cmd: &Command, now_ms: u64) -> u64 {
     if cmd.timeout_ms == 0 {
         return cmd.deadline_ms;
     }
-    now_ms.saturating_add(cmd.timeout_ms)
+    now_ms.saturating_add(cmd.timeout_ms / 2)
 }
 
 /// What comes back for a command.
@@ -176,7 +181,38 @@ pub struct Call {
     /// The result (or error) the node answered.
     pub reply: Result<Value, BusError>,
     /// Notifications that follow (dial-out status); ends after the `last` one.
-    pub notifications: mpsc::UnboundedReceiver<Reply>,
+    pub notifications: Notifications,
+}
+
+/// The notifications of one command. Dropping it forgets the command: a node that died
+/// never sends the last one, and the routing entry must not outlive whoever listens.
+pub struct Notifications {
+    rx: mpsc::UnboundedReceiver<Reply>,
+    _pending: Pending,
+}
+
+impl Notifications {
+    /// The next notification; `None` once the last one was delivered or the command was
+    /// forgotten.
+    pub async fn recv(&mut self) -> Option<Reply> {
+        self.rx.recv().await
+    }
+}
+
+/// A command's entry in the routing table of replies, removed when this is dropped: also
+/// when the caller gives up on [`Bus::call`] before the answer (a client that went away),
+/// since a node that drops the command (past its deadline, queue full) never answers.
+struct Pending {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.inner.pending.lock() {
+            p.remove(&self.id);
+        }
+    }
 }
 
 struct Inner {
@@ -185,6 +221,9 @@ struct Inner {
     pending: Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>,
     events: broadcast::Sender<Arc<Event>>,
     connected: AtomicBool,
+    /// How many times the subscription came back after being lost: events published in
+    /// each gap are unknown to this process.
+    gaps: tokio::sync::watch::Sender<u64>,
     counter: AtomicU64,
 }
 
@@ -228,6 +267,7 @@ impl Bus {
                 pending: Mutex::new(HashMap::new()),
                 events,
                 connected: AtomicBool::new(false),
+                gaps: tokio::sync::watch::channel(0).0,
                 counter: AtomicU64::new(0),
             }),
         }
@@ -255,9 +295,22 @@ impl Bus {
         self.inner.events.subscribe()
     }
 
+    /// Changes each time the subscription comes back after it was lost: the events
+    /// published meanwhile never reached this process.
+    pub fn gaps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.gaps.subscribe()
+    }
+
+    /// Commands whose answer or notifications are still awaited.
+    pub fn pending(&self) -> usize {
+        self.inner.pending.lock().map_or(0, |p| p.len())
+    }
+
     /// Sends `method` to `node` and waits up to `timeout` for its answer. With `follow`, the
     /// notifications that come after the result are delivered on [`Call::notifications`]
-    /// until the last one (or [`Bus::forget`]).
+    /// until the last one (or [`Bus::forget`]). An `Err` means the command was not sent, or
+    /// nobody heard it: it certainly had no effect. A [`Call`] whose reply is an error may
+    /// have been carried out when that error is `node_unavailable` (no answer in time).
     pub async fn call(
         &self,
         node: &NodeId,
@@ -266,16 +319,23 @@ impl Bus {
         timeout: Duration,
         follow: bool,
     ) -> Result<Call, BusError> {
+        // Without the subscription the answer could not be heard: the node would act and
+        // the caller would be told, after the whole timeout, that it did not answer.
+        if !self.connected() {
+            return Err(BusError::new(
+                ErrorCode::NodeUnavailable,
+                "the command bus is reconnecting to Redis; nothing was sent",
+            ));
+        }
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", self.inner.instance);
         let (tx, mut rx) = mpsc::unbounded_channel();
         if let Ok(mut p) = self.inner.pending.lock() {
             p.insert(id.clone(), tx);
         }
-        let forget = |id: &str| {
-            if let Ok(mut p) = self.inner.pending.lock() {
-                p.remove(id);
-            }
+        let pending = Pending {
+            inner: self.inner.clone(),
+            id: id.clone(),
         };
         let cmd = Command {
             id: id.clone(),
@@ -287,10 +347,7 @@ impl Bus {
         };
         let payload = match serde_json::to_vec(&cmd) {
             Ok(p) => p,
-            Err(e) => {
-                forget(&id);
-                return Err(BusError::new(ErrorCode::Internal, format!("encode: {e}")));
-            }
+            Err(e) => return Err(BusError::new(ErrorCode::Internal, format!("encode: {e}"))),
         };
         match self
             .inner
@@ -299,19 +356,26 @@ impl Bus {
             .await
         {
             Ok(0) => {
-                forget(&id);
                 return Err(BusError::new(
                     ErrorCode::NodeUnavailable,
                     format!("node {node} is not listening for commands"),
                 ));
             }
             Ok(_) => {}
+            // The command may have reached Redis and the node all the same.
             Err(e) => {
-                forget(&id);
-                return Err(BusError::new(
-                    ErrorCode::NodeUnavailable,
-                    format!("cannot reach node {node}: {e}"),
-                ));
+                self.forget(&id);
+                return Ok(Call {
+                    id,
+                    reply: Err(BusError::new(
+                        ErrorCode::NodeUnavailable,
+                        format!("cannot reach node {node}: {e}"),
+                    )),
+                    notifications: Notifications {
+                        rx,
+                        _pending: pending,
+                    },
+                });
             }
         }
         let first = tokio::time::timeout(timeout, rx.recv()).await;
@@ -328,12 +392,15 @@ impl Bus {
             )),
         };
         if reply.is_err() || !follow {
-            forget(&id);
+            self.forget(&id);
         }
         Ok(Call {
             id,
             reply,
-            notifications: rx,
+            notifications: Notifications {
+                rx,
+                _pending: pending,
+            },
         })
     }
 
@@ -401,6 +468,8 @@ impl Bus {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
+            // True once a subscription was up: every later one follows a gap.
+            let mut lost_once = false;
             loop {
                 let Some(inner) = weak.upgrade() else { break };
                 let prefix = inner.store.prefix().to_string();
@@ -408,6 +477,10 @@ impl Bus {
                     Ok((pubsub, home)) => {
                         backoff = Duration::from_millis(100);
                         inner.connected.store(true, Ordering::Relaxed);
+                        if lost_once {
+                            inner.gaps.send_modify(|g| *g += 1);
+                        }
+                        lost_once = true;
                         drop(inner);
                         listen(pubsub, home, &weak, &prefix, commands.as_ref()).await;
                         if let Some(inner) = weak.upgrade() {
@@ -487,8 +560,11 @@ async fn listen(
                         Ok(mut cmd) => {
                             let now = now_ms();
                             let local = local_deadline(&cmd, now);
-                            if local.abs_diff(cmd.deadline_ms) > CLOCK_SKEW_WARNING_MS {
-                                tracing::warn!(id = %cmd.id, skew_ms = i128::from(cmd.deadline_ms) - i128::from(local), "the sender's clock differs from ours; check NTP on both hosts");
+                            let full = now.saturating_add(cmd.timeout_ms);
+                            if cmd.timeout_ms > 0
+                                && full.abs_diff(cmd.deadline_ms) > CLOCK_SKEW_WARNING_MS
+                            {
+                                tracing::warn!(id = %cmd.id, skew_ms = i128::from(cmd.deadline_ms) - i128::from(full), "the sender's clock differs from ours; check NTP on both hosts");
                             }
                             cmd.deadline_ms = local;
                             if local < now {
@@ -556,16 +632,17 @@ mod tests {
             deadline_ms,
             timeout_ms,
         };
-        // The sender's clock is an hour behind ours: its deadline is long past here.
+        // The sender's clock is an hour behind ours: its deadline is long past here. The
+        // command may start within the first half of its budget.
         let now = 10_000_000;
         assert_eq!(
             local_deadline(&cmd(now - 3_600_000, 5_000), now),
-            now + 5_000
+            now + 2_500
         );
         // An hour ahead: the command must not live an hour here either.
         assert_eq!(
             local_deadline(&cmd(now + 3_600_000, 5_000), now),
-            now + 5_000
+            now + 2_500
         );
         // A sender that did not give its budget: its deadline as it is.
         assert_eq!(local_deadline(&cmd(now + 10, 0), now), now + 10);

@@ -652,3 +652,65 @@ fn assert_never_joined(sim: &TestSim, callid: &str, what: &str) {
         .count();
     assert_eq!(entered, 0, "{what}");
 }
+
+/// A command that waited on its node past half of `rpc.command_timeout` (its conference was
+/// busy with a slow Asterisk request) is answered `timeout` and never carried out: started
+/// later, a dial-out could ring after the application was told the node did not answer,
+/// and its retry would call the callee twice. The answer reaches the client in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialout_that_waited_past_half_its_budget_is_not_placed() {
+    let c = Cluster::start(
+        &[("CONFROUTE_CONFERENCE__BEEP", "false")],
+        &[("CONFROUTE_RPC__COMMAND_TIMEOUT", "2s")],
+    )
+    .await;
+    let owner = c.route(0, "busy-1").await;
+    let sim = &c.node(&owner).sim;
+    let caller = dial(sim, "busy-1", &[]).await;
+    wait_bridged(sim, &caller).await;
+
+    // The conference's actor is held up in Asterisk by a mute.
+    sim.hold_operation("mute");
+    let mut first = c.client(0).await;
+    let params = json!({"conference": "busy-1", "participant": caller});
+    let mute = tokio::spawn(async move { first.call("participant.mute", params).await });
+    wait_for_async("the mute reaches Asterisk", WAIT, || async {
+        (sim.held_requests("mute") == 1).then_some(())
+    })
+    .await
+    .expect("mute held");
+    sim.clear_request_log();
+
+    let mut second = c.client(1).await;
+    let asked = Instant::now();
+    let dialout = tokio::spawn(async move {
+        second
+            .call(
+                "dialout",
+                json!({"conference": "busy-1", "to": "+15555550101"}),
+            )
+            .await
+    });
+    // Past half of the 2 s budget, well before the whole of it, the actor is free again.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    sim.release_operation("mute");
+
+    let v = dialout.await.expect("dial-out task");
+    assert_eq!(v["error"]["code"], -32007, "{v}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the node's own answer came before the controller gave up"
+    );
+    let v = mute.await.expect("mute task");
+    assert!(v["result"].is_object(), "the mute itself went through: {v}");
+    // Whatever the node does with the conference next comes after the refused dial-out.
+    let mut third = c.client(0).await;
+    third
+        .ok("participant.list", json!({"conference": "busy-1"}))
+        .await;
+    assert!(
+        originates(sim).is_empty(),
+        "nothing was originated: {:?}",
+        originates(sim)
+    );
+}

@@ -615,3 +615,147 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
     assert!(lost > 0, "the client did lose events ({events} arrived)");
     ping(&mut ws, 2).await;
 }
+
+/// `dialout.status` notifications come after the `{callid}` answer, as documented, also
+/// when the dial-out is in a batch answered only once its slowest member is done: the node
+/// sends `accepted` right after its answer, and a client must not see statuses of a call
+/// id it has not been given yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_out_statuses_follow_the_answer_even_in_a_batch() {
+    let s = setup(&[]).await;
+    let cfg = fixtures::single(&s.redis.url());
+    fixtures::store(&cfg)
+        .claim(&"batch".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let (statuses_sent, mut sent) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let responder = node.clone();
+    tokio::spawn(async move {
+        let mut released = Some(released);
+        while let Some(cmd) = commands.recv().await {
+            match cmd.method.as_str() {
+                "dialout" => {
+                    responder
+                        .respond(&cmd, Ok(json!({"callid": "call-9"})))
+                        .await;
+                    for (i, st) in ["accepted", "ringing", "connected"].iter().enumerate() {
+                        responder
+                            .notify(
+                                &cmd.reply_to,
+                                &cmd.id,
+                                json!({"callid": "call-9", "status": st}),
+                                i == 2,
+                            )
+                            .await;
+                    }
+                    let _ = statuses_sent.send(());
+                }
+                // The batch's slow member: answered when the test says.
+                _ => {
+                    if let Some(r) = released.take() {
+                        let _ = r.await;
+                    }
+                    responder
+                        .respond(&cmd, Ok(json!({"participants": []})))
+                        .await;
+                }
+            }
+        }
+    });
+
+    let mut ws = connect(&s, None).await.expect("connect");
+    let batch = json!([
+        {"jsonrpc": "2.0", "method": "dialout",
+         "params": {"conference": "batch", "to": "+15555550101"}, "id": 1},
+        {"jsonrpc": "2.0", "method": "participant.list",
+         "params": {"conference": "batch"}, "id": 2},
+    ]);
+    send(&mut ws, &batch.to_string()).await;
+    sent.recv().await.expect("the node sent every status");
+    // The statuses reached the controller; none may reach the client before the answer.
+    let early = tokio::time::timeout(Duration::from_secs(1), ws.next()).await;
+    assert!(
+        early.is_err(),
+        "a frame before the batch's answer: {early:?}"
+    );
+    release.send(()).expect("release");
+
+    let answer = recv(&mut ws).await;
+    let answers = answer.as_array().expect("the batch's answer comes first");
+    assert_eq!(answers.len(), 2, "{answer}");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let v = recv(&mut ws).await;
+        assert_eq!(v["method"], "dialout.status", "{v}");
+        seen.push(v["params"]["status"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(seen, ["accepted", "ringing", "connected"]);
+}
+
+/// When the controller's subscription to Redis comes back after it was lost, the events
+/// published meanwhile are unknown: a connection that follows a conference is told with one
+/// `events.lost` (`reason: bus_reconnected`); one that follows none is told nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_are_told_when_the_bus_reconnects() {
+    let s = setup(&[]).await;
+    let mut follower = connect(&s, None).await.expect("connect");
+    assert!(
+        rpc(&mut follower, "subscribe", json!({"conference": "room"}), 1).await["result"]
+            .is_object()
+    );
+    let mut idle = connect(&s, None).await.expect("connect");
+    ping(&mut idle, 1).await;
+
+    let killed: Option<i64> = confroute_tests::harness::redis_query(
+        s.redis.port(),
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"),
+    );
+    assert!(
+        killed.unwrap_or(0) >= 1,
+        "the controller's subscription was cut"
+    );
+
+    let v = recv(&mut follower).await;
+    assert_eq!(v["method"], "events.lost", "{v}");
+    assert_eq!(v["params"]["reason"], "bus_reconnected", "{v}");
+    assert!(v["params"]["count"].is_null(), "{v}");
+    ping(&mut follower, 2).await;
+
+    // The idle connection's next frame is the answer to its own request.
+    send(
+        &mut idle,
+        &json!({"jsonrpc": "2.0", "method": "conference.list", "params": {}, "id": 2}).to_string(),
+    )
+    .await;
+    let v = recv(&mut idle).await;
+    assert_eq!(v["id"], 2, "nothing before the answer: {v}");
+}
+
+/// A dial-out into a conference with no home homes it first; when the chosen node never
+/// hears the command (its agent is not listening), nothing was done, and the claim made for
+/// it is given back rather than holding a seat on that node until its lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_out_nobody_heard_gives_its_new_home_back() {
+    let s = setup(&[]).await;
+    let store = fixtures::store(&fixtures::single(&s.redis.url()));
+    let mut ws = connect(&s, None).await.expect("connect");
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "unheard", "to": "+15555550101"}),
+        1,
+    )
+    .await;
+    assert_eq!(code(&v), -32003, "{v}");
+    assert_eq!(
+        store
+            .lookup(&"unheard".parse().expect("name"))
+            .await
+            .expect("lookup"),
+        None,
+        "the claim made for the dial-out is given back"
+    );
+}

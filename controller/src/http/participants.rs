@@ -120,8 +120,10 @@ pub async fn dialout(
 ) -> Result<Response, ApiError> {
     let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)]))?;
     let d = state.control.dialout(p).await?;
-    // REST callers follow the status through the WebSocket's conference events.
-    state.control.bus().forget(&d.call_id);
+    // Statuses are not events: REST callers see the callee's `join` (participant = call id)
+    // among the conference events; the JSON-RPC `dialout` streams every status. Dropping
+    // the stream forgets the command.
+    drop(d.notifications);
     Ok((StatusCode::ACCEPTED, Json(d.result)).into_response())
 }
 
