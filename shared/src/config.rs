@@ -148,13 +148,26 @@ impl figment::Provider for EnvSnapshot {
                     "environment variable {key} has an empty key segment"
                 )));
             }
-            insert_path(&mut dict, &path, env_value(value));
+            let value = if path
+                .last()
+                .is_some_and(|k| SECRET_KEYS.contains(&k.as_str()))
+            {
+                // A secret is taken as written: quotes, brackets and spaces are part of it
+                // (parsed, `"pw"` lost its quotes and `[a, b]` became a list).
+                figment::value::Value::from(value.clone())
+            } else {
+                env_value(value)
+            };
+            insert_path(&mut dict, &path, value);
         }
         let mut map = figment::value::Map::new();
         map.insert(figment::Profile::Default, dict);
         Ok(map)
     }
 }
+
+/// Keys whose environment values are secrets, kept exactly as written.
+const SECRET_KEYS: &[&str] = &["password", "api_token"];
 
 /// An environment value as figment reads it (`50`, `true`, `["a", "b"]`), else the string.
 fn env_value(value: &str) -> figment::value::Value {
@@ -902,6 +915,33 @@ mod tests {
             root.redis.target(),
             RedisTarget::Cluster(vec!["redis://a\\b:1".into()])
         );
+    }
+
+    /// Passwords and tokens reach containers as environment variables: each is taken exactly
+    /// as written, where other values are parsed (`"x"` would lose its quotes, `[a]` become
+    /// a list, spaces be trimmed).
+    #[test]
+    fn secrets_from_the_environment_are_taken_as_written() {
+        for raw in [
+            "\"quoted\"",
+            "[1, 2]",
+            "{a}",
+            " padded ",
+            "007",
+            "true",
+            "p;w#x",
+        ] {
+            let root: Root = load_from(
+                None,
+                &env(&[
+                    ("CONFROUTE_REDIS__URL", "redis://127.0.0.1:6379"),
+                    ("CONFROUTE_REDIS__PASSWORD", raw),
+                ]),
+            )
+            .unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+            let got = root.redis.password.as_ref().map(|p| p.expose().to_string());
+            assert_eq!(got.as_deref(), Some(raw));
+        }
     }
 
     #[test]
