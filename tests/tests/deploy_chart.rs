@@ -154,6 +154,7 @@ fn every_values_scenario_has_a_test() {
         "cluster",
         "existing-secret",
         "host-network",
+        "custom-headers",
         "everything",
     ]
     .iter()
@@ -433,6 +434,23 @@ fn existing_secrets_replace_the_charts_own() {
     );
 }
 
+/// The dialplan reads the conference name from the header the controller writes it in: with
+/// a renamed header, a dialplan still reading `X-Conference` would pass Stasis an empty
+/// name and every call would be refused.
+#[test]
+fn renamed_headers_reach_the_dialplan() {
+    let r = check_scenario("custom-headers");
+    let ext = config_of(&r, "-asterisk", "extensions.conf");
+    assert!(
+        ext.contains("Stasis(confroute,${PJSIP_HEADER(read,X-Room)})"),
+        "{ext}"
+    );
+    assert!(ext.contains("${PJSIP_HEADER(read,X-Room-Node)}"), "{ext}");
+    assert!(!ext.contains("X-Conference"), "{ext}");
+    // Every first character a conference name may have is matched.
+    assert!(ext.contains("exten => _[+0-9a-zA-Z._~]!,1,"), "{ext}");
+}
+
 #[test]
 fn host_network_advertises_the_host_address() {
     let r = check_scenario("host-network");
@@ -689,6 +707,35 @@ fn every_value_is_documented_in_the_readme() {
     assert!(
         missing.is_empty(),
         "values without a README row: {missing:?}"
+    );
+}
+
+/// The init container writes the ARI user for Asterisk with the password from the Secret,
+/// `;` escaped, readable by every user of the pod: Asterisk started as root with
+/// `-U asterisk` drops the pod's fsGroup, so a file readable by that group only would leave
+/// ARI without its user. Written so even under a restrictive inherited umask.
+#[test]
+fn the_ari_user_file_is_written_readable_with_its_password_escaped() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("ari-user").expect("tmp");
+    let out = dir.path().join("ari-user.conf");
+    let script = chart_dir().join("files/scripts/asterisk-init.sh");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask 077; sh '{}'", script.display()))
+        .env("ARI_USER", "confroute")
+        .env("ARI_PASSWORD", "pa;ss word")
+        .env("ARI_USER_FILE", &out)
+        .status()
+        .expect("run the init script");
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).expect("written");
+    assert!(text.contains("[confroute]"), "{text}");
+    assert!(text.contains("password = pa\\;ss word"), "{text}");
+    let mode = std::fs::metadata(&out).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o644,
+        "readable by Asterisk's user whatever its groups"
     );
 }
 
