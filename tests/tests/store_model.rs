@@ -337,6 +337,62 @@ async fn a_heartbeat_with_an_older_count_does_not_undo_a_newer_one() {
     );
 }
 
+/// Records written by hand or by something else, with fields missing or not numbers, are
+/// each passed over or read as zero: they do not fail the operation for everything else
+/// (one unreadable node record hid every node from placement; a conference whose epoch was
+/// not a number could never be claimed, listed or numbered while its lease was renewed).
+#[tokio::test]
+async fn unreadable_fields_fail_no_operation_for_the_rest() {
+    let (redis, store) = with_nodes(&["a", "b"]).await;
+    let port = redis.port();
+    // A node record with nothing but its id, listed in the node index.
+    let _: Option<i64> = redis_query(
+        port,
+        redis::cmd("HSET")
+            .arg("{confroute}:node:broken")
+            .arg("id")
+            .arg("broken"),
+    );
+    let _: Option<i64> = redis_query(
+        port,
+        redis::cmd("ZADD")
+            .arg("{confroute}:nodes")
+            .arg(i64::MAX / 2)
+            .arg("broken"),
+    );
+    let nodes = store
+        .list_nodes()
+        .await
+        .expect("the readable nodes are listed");
+    let mut ids: Vec<String> = nodes.iter().map(|n| n.info.id.to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b"]);
+
+    // A conference of node a whose epoch and callback numbering are not numbers.
+    store.claim(&name("odd"), &[id("a")]).await.expect("claim");
+    for (field, value) in [("epoch", "seven"), ("callback_seq", "many")] {
+        let _: Option<i64> = redis_query(
+            port,
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:odd")
+                .arg(field)
+                .arg(value),
+        );
+    }
+    let again = store.claim(&name("odd"), &[id("b")]).await.expect("claim");
+    assert_eq!(again.kind, ClaimKind::Existing, "its live owner keeps it");
+    assert_eq!(again.owner, Some(owner("a", 0)));
+    let page = store.list_conferences(None, 10).await.expect("list");
+    assert_eq!(page.items.len(), 1, "{:?}", page.items);
+    assert_eq!(page.items[0].0, name("odd"));
+    assert_eq!(page.items[0].1.owner, owner("a", 0));
+    let ceiling = store
+        .reserve_callback_sequence(&name("odd"), &id("a"), 100, 0)
+        .await
+        .expect("reserve");
+    assert_eq!(ceiling, Some(200), "counted as the first block only");
+}
+
 #[tokio::test]
 async fn release_is_compare_and_delete() {
     let (_redis, store) = with_nodes(&["a"]).await;

@@ -49,6 +49,13 @@ impl StoreMetrics {
         }
     }
 
+    /// Counts an error found in a part of an answer that was otherwise used.
+    pub(crate) fn error(&self, op: &'static str, e: &StoreError) {
+        if let Some(c) = &self.errors {
+            c.with_label_values(&[op, e.kind()]).inc();
+        }
+    }
+
     pub(crate) fn observe(&self, op: &'static str, took: Duration, error: Option<&StoreError>) {
         if let Some(h) = &self.latency {
             h.with_label_values(&[op]).observe(took.as_secs_f64());

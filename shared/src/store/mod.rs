@@ -763,7 +763,19 @@ impl Store {
                     .await
             })
             .await?;
-        values.iter().map(|v| reply::node_record(v)).collect()
+        // One unreadable record (written by hand, or by something else) must not hide every
+        // node from placement: it is skipped, said in the log and counted.
+        Ok(values
+            .iter()
+            .filter_map(|v| match reply::node_record(v) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable node record");
+                    self.metrics.error("list_nodes", &e);
+                    None
+                }
+            })
+            .collect())
     }
 
     /// One node with a live lease, if registered.

@@ -10,7 +10,8 @@
 -- does not own the conference.
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
 local size = tonumber(ARGV[2])
-local ceiling = tonumber(redis.call('HGET', KEYS[1], 'callback_seq') or size)
+-- A field left non-numeric counts as never reserved rather than failing every reservation.
+local ceiling = tonumber(redis.call('HGET', KEYS[1], 'callback_seq') or size) or size
 ceiling = math.max(ceiling, tonumber(ARGV[3])) + size
 redis.call('HSET', KEYS[1], 'callback_seq', ceiling)
 return ceiling

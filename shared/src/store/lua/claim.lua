@@ -69,7 +69,9 @@ end
 
 local rec = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'participants', 'created_ms')
 if rec[1] then
-  local owner, epoch = rec[1], tonumber(rec[2])
+  -- A record whose epoch is missing or not a number (written by hand, or by something
+  -- else) would fail every claim of the name until it expired; it counts as epoch 0.
+  local owner, epoch = rec[1], tonumber(rec[2]) or 0
   local participants = tonumber(rec[3]) or 0
   local created = tonumber(rec[4]) or now
   local n = redis.call('HMGET', node_key(owner), 'state', 'sip_uri')

@@ -17,7 +17,8 @@ for _, name in ipairs(names) do
   if r[1] then
     out[#out + 1] = name
     out[#out + 1] = r[1]
-    out[#out + 1] = tonumber(r[2])
+    -- A field another writer left non-numeric must not leave a hole in the reply.
+    out[#out + 1] = tonumber(r[2]) or 0
     out[#out + 1] = tonumber(r[3]) or 0
     out[#out + 1] = tonumber(r[4]) or 0
   else
