@@ -46,6 +46,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     let metrics = Metrics::new().map_err(|e| StartError(format!("metrics: {e}")))?;
     let store =
         Store::new(&cfg.redis, metrics.store.clone()).map_err(|e| StartError(e.to_string()))?;
+    store.spawn_settings_check();
     let ari = AriClient::new(
         &cfg.ari_base(),
         &cfg.ari.username,

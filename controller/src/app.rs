@@ -41,6 +41,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     let metrics = Metrics::new().map_err(|e| StartError(format!("metrics: {e}")))?;
     let store =
         Store::new(&cfg.redis, metrics.store.clone()).map_err(|e| StartError(e.to_string()))?;
+    store.spawn_settings_check();
     let zone = Some(cfg.routing.zone.clone()).filter(|z| !z.is_empty());
     let router = Arc::new(Router::new(
         store,

@@ -57,3 +57,26 @@ fn starts_and_exits_zero_on_sigterm() {
         assert_eq!(code, Some(0), "{bin}: {}", p.output());
     }
 }
+
+/// A Redis that may evict keys when full could evict live claims and leases: each binary
+/// says so in its log once it reaches Redis.
+#[test]
+fn an_evicting_redis_is_named_in_the_log() {
+    let redis =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
+            .expect("redis");
+    for bin in BINARIES {
+        let dir = TempDir::new("bin").expect("temp dir");
+        let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
+        cmd.env("CONFROUTE_REDIS__URL", redis.url());
+        let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
+        wait_for(&format!("{bin} to warn"), Duration::from_secs(20), || {
+            p.output()
+                .contains("maxmemory-policy allkeys-lru")
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+        p.signal(libc::SIGTERM).expect("sigterm");
+        let _ = p.wait_exit(Duration::from_secs(10));
+    }
+}

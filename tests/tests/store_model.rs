@@ -1214,3 +1214,51 @@ async fn a_wait_confirms_only_the_claim_it_covered() {
     assert_eq!(confirm("b", 2), 1);
     assert!(!marked(), "its own WAIT confirms it");
 }
+
+/// Redis settings that break the store's guarantees are named: an eviction policy that may
+/// evict claims and leases (they all carry TTLs), and replica waits on a primary that keeps
+/// accepting writes cut off from its replicas. Settings that keep them say nothing.
+#[tokio::test]
+async fn redis_settings_that_break_guarantees_are_named() {
+    let evicting =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"])
+            .expect("redis");
+    let warnings = fixtures::store(&fixtures::single(&evicting.url()))
+        .settings_warnings()
+        .await
+        .expect("read");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("maxmemory-policy volatile-lru"),
+        "{warnings:?}"
+    );
+
+    let keeping =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"])
+            .expect("redis");
+    let plain = fixtures::store(&fixtures::single(&keeping.url()));
+    assert_eq!(
+        plain.settings_warnings().await.expect("read"),
+        Vec::<String>::new()
+    );
+    let waiting = fixtures::store(&fixtures::replicated(&keeping.url()));
+    let warnings = waiting.settings_warnings().await.expect("read");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("min-replicas-to-write"),
+        "{warnings:?}"
+    );
+
+    let guarded = RedisServer::start_with(&[
+        "--min-replicas-to-write",
+        "1",
+        "--min-replicas-max-lag",
+        "10",
+    ])
+    .expect("redis");
+    let warnings = fixtures::store(&fixtures::replicated(&guarded.url()))
+        .settings_warnings()
+        .await
+        .expect("read");
+    assert_eq!(warnings, Vec::<String>::new());
+}

@@ -294,6 +294,72 @@ impl Store {
         result
     }
 
+    /// What in Redis's own settings breaks this store's guarantees, one sentence each (read
+    /// with `INFO`, which managed Redis offerings allow where `CONFIG GET` is refused).
+    pub async fn settings_warnings(&self) -> Result<Vec<String>, StoreError> {
+        let info: String = self
+            .run("settings_check", |mut c| async move {
+                redis::cmd("INFO")
+                    .arg("memory")
+                    .arg("replication")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let mut out = Vec::new();
+        let limited = field("maxmemory").is_some_and(|m| m != "0");
+        match field("maxmemory_policy") {
+            Some(policy) if limited && policy != "noeviction" => out.push(format!(
+                "Redis evicts keys when full (maxmemory-policy {policy}): conference claims \
+                 and node leases all carry TTLs and may be evicted first, which moves live \
+                 conferences to a second home; set maxmemory-policy noeviction"
+            )),
+            _ => {}
+        }
+        if self.wait_replicas > 0 && field("min_slaves_good_slaves").is_none() {
+            out.push(
+                "redis.wait_replicas is set but the primary has no min-replicas-to-write: \
+                 cut off from its replicas it keeps confirming claims that a failover loses; \
+                 set min-replicas-to-write and min-replicas-max-lag"
+                    .to_string(),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Logs [`Store::settings_warnings`] once Redis first answers them (it may be down at
+    /// start-up), in the background.
+    pub fn spawn_settings_check(&self) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(500);
+            loop {
+                match store.settings_warnings().await {
+                    Ok(warnings) => {
+                        for w in warnings {
+                            tracing::warn!("{w}");
+                        }
+                        return;
+                    }
+                    Err(StoreError::Unavailable(_)) => {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                    // A server that answers INFO in another form (a proxy): nothing to say.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read Redis's settings");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
     /// Publishes `payload` on `channel` (under the key prefix); returns how many subscribers
     /// received it, which is 0 when nobody listens.
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<u64, StoreError> {
