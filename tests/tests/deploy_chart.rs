@@ -155,6 +155,7 @@ fn every_values_scenario_has_a_test() {
         "existing-secret",
         "host-network",
         "custom-headers",
+        "udp-only",
         "everything",
     ]
     .iter()
@@ -449,6 +450,22 @@ fn renamed_headers_reach_the_dialplan() {
     assert!(!ext.contains("X-Conference"), "{ext}");
     // Every first character a conference name may have is matched.
     assert!(ext.contains("exten => _[+0-9a-zA-Z._~]!,1,"), "{ext}");
+}
+
+/// A controller serving only UDP gets no Service port for TCP: callers sent there would
+/// reach nothing.
+#[test]
+fn services_offer_only_the_transports_served() {
+    let r = check_scenario("udp-only");
+    let udp = r.one("Service", "-sip-udp");
+    assert_eq!(udp["spec"]["ports"][0]["protocol"], "UDP");
+    assert_eq!(udp["spec"]["ports"].as_array().map(Vec::len), Some(1));
+    let tcp = r.all("Service").into_iter().any(|d| {
+        d["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("-sip-tcp"))
+    });
+    assert!(!tcp, "no Service for a transport not served: {:?}", r.names());
 }
 
 #[test]
