@@ -55,8 +55,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         metrics.clone(),
     )
     .map_err(|e| StartError(format!("ari: {e}")))?;
+    // Redirects are not followed: a receiver outside could otherwise send the agent's POSTs
+    // on to an address inside that the URL's own checks would have refused.
     let webhook_http = reqwest::Client::builder()
         .timeout(cfg.webhook.timeout)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| StartError(format!("webhook client: {e}")))?;
     let listener = TcpListener::bind(cfg.http.listen)

@@ -181,6 +181,17 @@ pub fn parse_bridge_id(id: &str) -> Option<(bool, u64, ConferenceName)> {
     Some((holding, epoch, ConferenceName::parse(name).ok()?))
 }
 
+/// `ReasonConferenceEnded` of a `conference-end` callback: Twilio's value where Twilio has
+/// one for the reason, else the agent's own with dashes (`drain-deadline`).
+fn twilio_end_reason(reason: &str) -> String {
+    match reason {
+        "ended_by_api" => "conference-ended-via-api".to_string(),
+        "last_participant_left" => "last-participant-left".to_string(),
+        "end_conference_on_exit" => "participant-with-end-conference-on-exit-left".to_string(),
+        other => other.replace('_', "-"),
+    }
+}
+
 /// The ARI redirect endpoint for a caller on `tech` to the owner's SIP URI: chan_pjsip's
 /// `transfer_redirect` parses the resource as the 302's Contact URI, so the endpoint is
 /// `PJSIP/sip:NAME@host:port`.
@@ -1177,7 +1188,7 @@ impl Conference {
             }
         }
         if let Some(mut cb) = self.callbacks.take() {
-            let mut extra = vec![("ReasonConferenceEnded", reason.to_string())];
+            let mut extra = vec![("ReasonConferenceEnded", twilio_end_reason(reason))];
             if let Some(by) = ended_by {
                 extra.push(("CallSidEndingConference", by.to_string()));
             }

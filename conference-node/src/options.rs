@@ -247,7 +247,22 @@ fn callback_ok(s: &str) -> Result<String, String> {
     }
     match reqwest::Url::parse(t) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
-            Ok(t.to_string())
+            // Link-local addresses are cloud metadata services, and unspecified ones reach
+            // the host itself: no status callback belongs there.
+            let host = u.host_str().unwrap_or("");
+            let literal = host.trim_start_matches('[').trim_end_matches(']');
+            let refused = match literal.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) => ip.is_link_local() || ip.is_unspecified(),
+                Ok(std::net::IpAddr::V6(ip)) => {
+                    ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80
+                }
+                Err(_) => false,
+            };
+            if refused {
+                Err(format!("`{host}` is a link-local or unspecified address"))
+            } else {
+                Ok(t.to_string())
+            }
         }
         _ => Err(format!("`{t}` is not an http(s) URL")),
     }
@@ -367,6 +382,29 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Status callbacks go to http(s) receivers, never to a cloud metadata service or the
+    /// unspecified address; loopback stays allowed for a receiver beside the agent.
+    #[test]
+    fn callback_urls_refuse_link_local_and_unspecified_hosts() {
+        for bad in [
+            "http://169.254.169.254/latest/meta-data",
+            "http://[fe80::1]/x",
+            "http://0.0.0.0:9090/v1/drain",
+            "http://[::]/x",
+            "ftp://example.com/x",
+        ] {
+            assert!(callback_ok(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "https://hooks.example.com/conf?token=1",
+            "http://127.0.0.1:8080/events",
+            "http://10.0.0.7/events",
+            "http://[2001:db8::1]:8080/e",
+        ] {
+            assert_eq!(callback_ok(good).as_deref(), Ok(good));
+        }
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -120,6 +120,8 @@ async fn deliver(
     cfg: WebhookConfig,
     metrics: Metrics,
 ) {
+    // Callback URLs often carry credentials (`user:pass@`, `?token=`): logs get neither.
+    let shown = redacted(&url);
     while let Some(form) = rx.recv().await {
         let mut delay = cfg.retry_initial;
         let mut attempt = 0;
@@ -131,25 +133,59 @@ async fn deliver(
                 .form(&form)
                 .send()
                 .await;
-            let why = match result {
+            let (why, permanent) = match result {
                 Ok(r) if r.status().is_success() => {
                     metrics.webhooks.with_label_values(&["delivered"]).inc();
                     break;
                 }
-                Ok(r) => format!("status {}", r.status().as_u16()),
-                Err(e) => e.to_string(),
+                // The receiver refused this request as it is: sending it again would get
+                // the same answer (timeouts and rate limits aside).
+                Ok(r) => (
+                    format!("status {}", r.status().as_u16()),
+                    r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 425 | 429),
+                ),
+                Err(e) => (without_url(&e), false),
             };
-            if attempt >= cfg.max_attempts {
+            if permanent || attempt >= cfg.max_attempts {
                 metrics.webhooks.with_label_values(&["failed"]).inc();
-                tracing::warn!(url = %url, attempts = attempt, error = %why, "status callback given up");
+                tracing::warn!(url = %shown, attempts = attempt, error = %why, "status callback given up");
                 break;
             }
             metrics.webhook_retries.inc();
-            tracing::debug!(url = %url, attempt, error = %why, "status callback failed; retrying");
-            tokio::time::sleep(delay).await;
+            tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
+            // Jittered, so the conferences of a node do not all come back at once.
+            tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await;
             delay = (delay * 2).min(cfg.retry_max.max(cfg.retry_initial));
         }
     }
+}
+
+/// `url` without its user, password and query, for logs.
+fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let had_query = u.query().is_some();
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            let mut s = u.to_string();
+            if had_query {
+                s.push_str("?…");
+            }
+            s
+        }
+        Err(_) => "(unparsable URL)".to_string(),
+    }
+}
+
+/// A request error's text without the URL reqwest puts in it.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), &redacted(u.as_str()));
+    }
+    s
 }
 
 /// `Tue, 01 Jan 2024 12:00:00 +0000`, the form Twilio's `Timestamp` has.

@@ -465,7 +465,11 @@ fn services_offer_only_the_transports_served() {
             .as_str()
             .is_some_and(|n| n.ends_with("-sip-tcp"))
     });
-    assert!(!tcp, "no Service for a transport not served: {:?}", r.names());
+    assert!(
+        !tcp,
+        "no Service for a transport not served: {:?}",
+        r.names()
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::{Form, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::post;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer};
@@ -456,6 +457,7 @@ async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
         .iter()
         .all(|f| &f["ConferenceSid"] == sid && f["FriendlyName"] == "hooks"));
     assert_eq!(got[3]["Hold"], "true");
+    assert_eq!(got[7]["ReasonConferenceEnded"], "last-participant-left");
     assert_eq!(got[0]["Muted"], "false");
     assert!(got[0]["Timestamp"].ends_with("+0000"));
     let m = fixtures::scrape(&s.node.http_url()).await;
@@ -606,4 +608,99 @@ async fn a_newcomer_before_the_first_reconciliation_gets_the_settings_the_confer
     check_kept_after_restart(&s, &got, &b).await;
     s.sim.release_operation("GET /channels");
     wait_kept_listed(&s, 2).await;
+}
+
+/// Hits per path of a receiver whose `/gone` answers 404, `/moved` redirects to `/events`,
+/// and `/events` takes anything.
+type Hits = Arc<Mutex<HashMap<String, usize>>>;
+
+async fn refusing_receiver() -> (std::net::SocketAddr, Hits) {
+    let hits: Hits = Arc::default();
+    let count = |hits: Hits, path: &'static str, answer: StatusCode| {
+        post(move || async move {
+            *hits
+                .lock()
+                .expect("lock")
+                .entry(path.to_string())
+                .or_default() += 1;
+            if answer == StatusCode::TEMPORARY_REDIRECT {
+                return (answer, [("location", "/events")]).into_response();
+            }
+            answer.into_response()
+        })
+    };
+    let app = axum::Router::new()
+        .route("/gone", count(hits.clone(), "gone", StatusCode::NOT_FOUND))
+        .route(
+            "/moved",
+            count(hits.clone(), "moved", StatusCode::TEMPORARY_REDIRECT),
+        )
+        .route(
+            "/events",
+            count(hits.clone(), "events", StatusCode::NO_CONTENT),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, hits)
+}
+
+/// A receiver that refuses a callback (404) gets it once: the same request would get the
+/// same answer. A redirect is not followed (an outside receiver must not send the agent's
+/// POSTs to an address inside). Credentials in the URL never reach the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_callbacks_are_not_retried_nor_redirected_and_their_secrets_not_logged() {
+    let (addr, hits) = refusing_receiver().await;
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_WEBHOOK__RETRY_INITIAL", "10ms"),
+        ("CONFROUTE_WEBHOOK__MAX_ATTEMPTS", "2"),
+    ])
+    .await;
+    for (conf, path) in [("refused", "gone"), ("redirected", "moved")] {
+        let url = format!("http://hook-user:s3cr3t-pw@{addr}/{path}?token=t0ken-value");
+        let vars = [
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end"),
+        ];
+        let a = dial(&s.sim, conf, &vars).await;
+        wait_bridged(&s.sim, &a).await;
+        s.sim.hangup_far_end(&a, 16).await.expect("leaves");
+    }
+    // Two events each: start and end.
+    wait_for_async("every callback given up", WAIT, || async {
+        let m = fixtures::scrape(&s.node.http_url()).await;
+        (fixtures::metric(
+            &m,
+            r#"confroute_webhook_deliveries_total{outcome="failed"}"#,
+        ) == 4.0)
+            .then_some(())
+    })
+    .await
+    .expect("callbacks given up");
+    let hits = hits.lock().expect("lock").clone();
+    assert_eq!(
+        hits.get("gone"),
+        Some(&2),
+        "one attempt per refused event: {hits:?}"
+    );
+    assert_eq!(
+        hits.get("moved"),
+        Some(&4),
+        "redirects are retried, not followed: {hits:?}"
+    );
+    assert_eq!(
+        hits.get("events"),
+        None,
+        "the redirect was not followed: {hits:?}"
+    );
+    let log = s.node.output();
+    assert!(log.contains("status callback given up"), "{log}");
+    for secret in ["s3cr3t-pw", "t0ken-value", "hook-user"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
 }
