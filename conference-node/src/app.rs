@@ -67,9 +67,13 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         .map_err(|e| StartError(format!("http.listen: cannot bind {}: {e}", cfg.http.listen)))?;
     let http_addr = listener.local_addr().unwrap_or(cfg.http.listen);
     let id = cfg.node_id();
-    // An admin drain survives an agent restart: keep the state the record still has.
+    // An admin drain survives an agent restart: keep the state the record still has. The
+    // agent's own shutdown drain does not: a new process is a new life, and one killed in its
+    // shutdown drain (its grace period ran out) would otherwise drain for good.
     let initial = match store.get_node(&id).await {
-        Ok(Some(rec)) if rec.info.state == NodeState::Draining => NodeState::Draining,
+        Ok(Some(rec)) if rec.info.state == NodeState::Draining && !rec.stopping => {
+            NodeState::Draining
+        }
         _ => NodeState::Serving,
     };
     let info = NodeInfo {

@@ -234,6 +234,7 @@ mod tests {
             placements: u64::from(claimed),
             lease_ms: 3000,
             updated_ms: 0,
+            stopping: false,
         }
     }
 
@@ -378,6 +379,7 @@ mod stale_views {
                 placements: u64::from(count),
                 lease_ms: 1000,
                 updated_ms: 0,
+                stopping: false,
             })
             .collect()
     }

@@ -167,6 +167,9 @@ pub struct NodeRecord {
     pub lease_ms: u64,
     /// Redis time (ms since the epoch) of the last heartbeat.
     pub updated_ms: u64,
+    /// The node is in its own shutdown drain (not an admin's drain).
+    #[serde(default)]
+    pub stopping: bool,
 }
 
 /// The owner of a conference at a given epoch: the fencing token of invariant 2.

@@ -188,3 +188,42 @@ async fn drain_set_through_the_controller_is_adopted() {
     .expect("adopted");
     let _ = Duration::ZERO;
 }
+
+/// An agent killed in its own shutdown drain (its grace period ran out) and started again
+/// while its record still lives is a new life: it serves, and keeps the calls Asterisk still
+/// has. Only an admin's drain carries over a restart; this one would have drained for good
+/// and ended those calls at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_during_its_shutdown_drain_serves_again() {
+    // A long lease: the record is still there when the agent comes back.
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "busy", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    wait_for_async("draining in Redis", WAIT, || async {
+        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.node.process().kill();
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async("serving again", WAIT, || async {
+        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+        (v["state"] == "serving" && node_state(&store, "node-a").await == Some(NodeState::Serving))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // The caller is still in its conference, now this life's.
+    assert!(s
+        .sim
+        .snapshot()
+        .channel(&a)
+        .is_some_and(|c| c.bridge.is_some()));
+}

@@ -192,6 +192,7 @@ pub(crate) fn node_record(fields: &[Value]) -> Result<NodeRecord, StoreError> {
             .unwrap_or(0),
         lease_ms: num("lease_ms")?,
         updated_ms: num("updated_ms")?,
+        stopping: get.get("stopping").is_some_and(|v| v == "1"),
     })
 }
 
