@@ -43,6 +43,11 @@ pub async fn register(node: &Node) -> bool {
                 .with_label_values(&["registered"])
                 .inc();
             tracing::info!(node = %node.id, state = %node.state(), ?previous, "node registered");
+            // A registration is a new record without the stopping mark: a node registering
+            // again in its shutdown drain marks it again, or an admin could make it serving.
+            if node.stopping() {
+                node.write_state().await;
+            }
             true
         }
         Err(e) => {

@@ -284,12 +284,17 @@ impl Node {
         }
     }
 
+    /// True from the start of the node's own shutdown drain: its record must say so.
+    pub fn stopping(&self) -> bool {
+        self.state() == NodeState::ShuttingDown
+            || matches!(lock(&self.drain).as_ref(), Some((_, true)))
+    }
+
     /// Writes the local state to Redis now (best effort; the heartbeat retries). During a
     /// shutdown the record is marked stopping, so no admin can make the node serving again.
     pub async fn write_state(&self) {
         let (state, version) = self.state_versioned();
-        let stopping = state == NodeState::ShuttingDown
-            || matches!(lock(&self.drain).as_ref(), Some((_, true)));
+        let stopping = self.stopping();
         match self.store.set_own_state(&self.id, state, stopping).await {
             Ok(_) => self.state_written(version),
             Err(e) => {

@@ -8,6 +8,7 @@ mod node_common;
 use std::time::Duration;
 
 use confroute_shared::name::ConferenceName;
+use confroute_shared::store::StateChange;
 use confroute_shared::types::NodeState;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{wait_for_async, ControllerProc};
@@ -226,4 +227,41 @@ async fn an_agent_restarted_during_its_shutdown_drain_serves_again() {
         .snapshot()
         .channel(&a)
         .is_some_and(|c| c.bridge.is_some()));
+}
+
+/// A node in its shutdown drain whose record is lost (Redis restarted, or the lease ran out
+/// while Redis was slow) registers again still marked stopping: no admin can then make it
+/// serving, which would place new conferences on a node about to end them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_registering_again_in_its_shutdown_drain_stays_stopping() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "busy", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    wait_for_async("draining in Redis", WAIT, || async {
+        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let deleted: Option<i64> = confroute_tests::harness::redis_query(
+        s.redis.port(),
+        redis::cmd("DEL").arg("{confroute}:node:node-a"),
+    );
+    assert_eq!(deleted, Some(1));
+    wait_for_async("registered again", WAIT, || async {
+        let rec = store.get_node(&fixtures::id("node-a")).await.ok()??;
+        rec.stopping.then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let change = store
+        .set_state(&fixtures::id("node-a"), NodeState::Serving)
+        .await
+        .expect("set_state");
+    assert_eq!(change, StateChange::Stopping(NodeState::Draining));
+    assert_eq!(
+        node_state(&store, "node-a").await,
+        Some(NodeState::Draining)
+    );
 }
