@@ -108,8 +108,36 @@ pub fn end_all(node: &Arc<Node>, reason: &'static str) {
     }
 }
 
+/// Longest a drain waits for the agent's first look at what Asterisk holds before it trusts
+/// its own (empty) list of conferences: Asterisk may be gone for good, and the node must
+/// still stop.
+const FIRST_LOOK_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until a reconciliation has run since the events WebSocket connected, or `until`.
+async fn wait_reconciled(node: &Node, until: Instant) {
+    loop {
+        let changed = node.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if node.reconciled() {
+            return;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(until) => return,
+        }
+    }
+}
+
 async fn run(node: Arc<Node>, shutdown: bool) {
     let deadline = Instant::now() + node.cfg.node.drain_deadline;
+    // Right after a restart the agent hosts nothing until it has adopted the conferences
+    // Asterisk still holds: empty then is not drained, and exiting would leave those calls
+    // without an agent (and their claims to expire under them).
+    if !node.reconciled() {
+        tracing::info!("draining: waiting for the first look at what Asterisk holds");
+        wait_reconciled(&node, (Instant::now() + FIRST_LOOK_WAIT).min(deadline)).await;
+    }
     if !wait_empty(&node, deadline).await {
         let (left, participants) = node.load();
         tracing::warn!(

@@ -618,6 +618,8 @@ impl Node {
     /// Records that a reconciliation started under `connection` completed.
     pub fn reconciled_at(&self, connection: u64) {
         self.reconciled_under.store(connection, Ordering::SeqCst);
+        // A drain waits for this before it trusts an empty list of conferences.
+        self.changed.notify_waiters();
     }
 
     /// Whether a reconciliation completed since the events WebSocket last connected.

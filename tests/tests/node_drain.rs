@@ -265,3 +265,36 @@ async fn a_node_registering_again_in_its_shutdown_drain_stays_stopping() {
         Some(NodeState::Draining)
     );
 }
+
+/// A stop signal right after a restart, before the agent has looked at what Asterisk holds:
+/// the agent hosts nothing yet, but that is not drained. It waits for its first look, adopts
+/// the conference still in Asterisk, and drains it instead of exiting under its callers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_right_after_a_restart_waits_for_the_conferences_asterisk_holds() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.restart_with_channel_listing_held().await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let store = fixtures::store(&s.cfg);
+    wait_for_async("draining in Redis", WAIT, || async {
+        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("GET /channels");
+    wait_for_async("the conference adopted while draining", WAIT, || async {
+        let v = fixtures::try_get_json(&format!("{}/v1/conferences", s.node.http_url())).await?;
+        (v["state"] == "draining" && v["items"].as_array().is_some_and(|i| i.len() == 1))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert!(s.node.process().is_running(), "still serving its callers");
+    s.sim
+        .hangup_far_end(&a, 16)
+        .await
+        .expect("the caller leaves");
+    let code = s.node.process().wait_exit(WAIT).expect("exits once empty");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
