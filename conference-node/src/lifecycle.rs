@@ -113,6 +113,25 @@ pub fn end_all(node: &Arc<Node>, reason: &'static str) {
 /// still stop.
 const FIRST_LOOK_WAIT: Duration = Duration::from_secs(30);
 
+/// Whether Redis holds conference claims for this node (true when Redis cannot say).
+async fn claims_left(node: &Node) -> bool {
+    let mut after: Option<String> = None;
+    loop {
+        match node.store.list_conferences(after.as_deref(), 1000).await {
+            Ok(page) => {
+                if page.items.iter().any(|(_, r)| r.owner.node == node.id) {
+                    return true;
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => return false,
+                }
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
 /// Waits until a reconciliation has run since the events WebSocket connected, or `until`.
 async fn wait_reconciled(node: &Node, until: Instant) {
     loop {
@@ -133,8 +152,9 @@ async fn run(node: Arc<Node>, shutdown: bool) {
     let deadline = Instant::now() + node.cfg.node.drain_deadline;
     // Right after a restart the agent hosts nothing until it has adopted the conferences
     // Asterisk still holds: empty then is not drained, and exiting would leave those calls
-    // without an agent (and their claims to expire under them).
-    if !node.reconciled() {
+    // without an agent (and their claims to expire under them). Claims in Redis for this
+    // node say a previous life hosted some.
+    if !node.reconciled() && claims_left(&node).await {
         tracing::info!("draining: waiting for the first look at what Asterisk holds");
         wait_reconciled(&node, (Instant::now() + FIRST_LOOK_WAIT).min(deadline)).await;
     }
