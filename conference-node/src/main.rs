@@ -52,18 +52,20 @@ async fn main() -> ExitCode {
         "confroute-node started"
     );
     let mut exit = node.exit.subscribe();
-    match shutdown::signal().await {
-        Ok(sig) => tracing::info!(?sig, "stop requested; draining"),
+    let mut signals = match shutdown::StopSignals::new() {
+        Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot wait for signals; stopping");
             agent.stop().await;
             return ExitCode::FAILURE;
         }
-    }
+    };
+    let sig = signals.next().await;
+    tracing::info!(?sig, "stop requested; draining");
     lifecycle::drain(&node, true).await;
     tokio::select! {
         _ = exit.wait_for(|done| *done) => {}
-        sig = shutdown::signal() => {
+        sig = signals.next() => {
             tracing::info!(?sig, "second stop signal");
             lifecycle::shutdown_now(&node).await;
         }

@@ -298,3 +298,29 @@ async fn a_drain_right_after_a_restart_waits_for_the_conferences_asterisk_holds(
     let code = s.node.process().wait_exit(WAIT).expect("exits once empty");
     assert_eq!(code, Some(0), "{}", s.node.output());
 }
+
+/// A second stop signal sent while the first one's drain is still being written to a slow
+/// Redis is not lost: the agent ends everything now, as it does for any second signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_during_a_slow_drain_start_is_heard() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "busy", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let redis_pid = s.redis.pid().expect("redis pid") as libc::pid_t;
+    // Redis answers nothing: the drain's state write waits out its timeout.
+    // SAFETY: signalling a child process this test started.
+    assert_eq!(unsafe { libc::kill(redis_pid, libc::SIGSTOP) }, 0);
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    s.node
+        .wait_log("stop requested; draining", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.node.process().signal(libc::SIGINT).expect("sigint");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(redis_pid, libc::SIGCONT) }, 0);
+    s.node
+        .wait_log("second stop signal", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "everything ended now");
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
