@@ -580,7 +580,9 @@ async fn silent_clients_are_closed_and_ponging_ones_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
-    let s = setup(&[]).await;
+    // The client reads nothing (and so answers no ping) while the events pile up, which on
+    // a loaded machine takes longer than the default silence limit.
+    let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
     let store = fixtures::store(&fixtures::single(&s.redis.url()));
     let (node, _commands) = Bus::node(store, &fixtures::id("node-a"));
     assert!(node.wait_connected(Duration::from_secs(10)).await);
