@@ -493,7 +493,7 @@ impl Conference {
         self.settings_saved = false;
         self.callbacks = (!opts.status_callback.is_empty()).then(|| {
             Callbacks::start(
-                self.node.webhook_http.clone(),
+                &self.node.webhooks,
                 opts.status_callback.clone(),
                 opts.status_callback_event.clone(),
                 &self.node.cfg.webhook,

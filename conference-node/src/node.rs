@@ -124,8 +124,8 @@ pub struct Node {
     pub ari: AriClient,
     /// Metrics.
     pub metrics: Metrics,
-    /// HTTP client for status callbacks.
-    pub webhook_http: reqwest::Client,
+    /// Status callback delivery: the HTTP client and what is still to go out.
+    pub webhooks: crate::webhook::Delivery,
     /// Whether the last Redis operation of the heartbeat succeeded.
     pub redis_ok: AtomicBool,
     /// Whether the events WebSocket is connected.
@@ -195,7 +195,10 @@ impl Node {
             store,
             ari,
             metrics,
-            webhook_http,
+            webhooks: crate::webhook::Delivery {
+                http: webhook_http,
+                in_flight: crate::webhook::InFlight::default(),
+            },
             redis_ok: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
             ari_changed: Notify::new(),

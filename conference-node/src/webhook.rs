@@ -16,6 +16,54 @@ mod sequence;
 pub use sequence::Reservations;
 use sequence::Sequence;
 
+/// Status callbacks queued or being sent, across the node's conferences: the agent gives
+/// them a bounded time to go out before it exits.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+
+impl InFlight {
+    fn add(&self) {
+        self.0 .0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn done(&self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0 .1.notify_waiters();
+    }
+
+    /// Callbacks not yet delivered or given up.
+    pub fn count(&self) -> usize {
+        self.0 .0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until every queued callback was delivered or given up, or `within`; returns how
+    /// many are left.
+    pub async fn settle(&self, within: Duration) -> usize {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.0 .1.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.count() == 0 {
+                return 0;
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(until) => return self.count(),
+            }
+        }
+    }
+}
+
+/// How the node sends status callbacks: its HTTP client and what is still to go out.
+#[derive(Clone)]
+pub struct Delivery {
+    /// Client for every callback (no redirects, the configured timeout).
+    pub http: reqwest::Client,
+    /// Callbacks queued or being sent.
+    pub in_flight: InFlight,
+}
+
 /// What happened to the participant, for `participant-*` events.
 #[derive(Clone, Debug)]
 pub struct ParticipantFields {
@@ -39,13 +87,14 @@ pub struct Callbacks {
     name: String,
     seq: Sequence,
     metrics: Metrics,
+    in_flight: InFlight,
 }
 
 impl Callbacks {
     /// Starts delivery of the conference's events to `url`, numbered from blocks reserved
     /// in the conference's record.
     pub fn start(
-        http: reqwest::Client,
+        delivery: &Delivery,
         url: String,
         events: Vec<CallbackEvent>,
         cfg: &WebhookConfig,
@@ -54,7 +103,13 @@ impl Callbacks {
         reservations: Reservations,
     ) -> Callbacks {
         let (tx, rx) = mpsc::channel(cfg.queue_size);
-        tokio::spawn(deliver(http, url, rx, cfg.clone(), metrics.clone()));
+        tokio::spawn(deliver(
+            delivery.clone(),
+            url,
+            rx,
+            cfg.clone(),
+            metrics.clone(),
+        ));
         Callbacks {
             tx,
             events,
@@ -62,6 +117,7 @@ impl Callbacks {
             name: reservations.name.to_string(),
             seq: Sequence::new(Arc::new(reservations)),
             metrics,
+            in_flight: delivery.in_flight.clone(),
         }
     }
 
@@ -106,7 +162,9 @@ impl Callbacks {
         for (k, v) in extra {
             form.push((k.to_string(), v.clone()));
         }
-        if self.tx.try_send(form).is_err() {
+        if self.tx.try_send(form).is_ok() {
+            self.in_flight.add();
+        } else {
             self.metrics.webhooks.with_label_values(&["dropped"]).inc();
             tracing::warn!(conference = %self.name, event = %event, "status callback queue full; event dropped");
         }
@@ -114,7 +172,7 @@ impl Callbacks {
 }
 
 async fn deliver(
-    http: reqwest::Client,
+    delivery: Delivery,
     url: String,
     mut rx: mpsc::Receiver<Vec<(String, String)>>,
     cfg: WebhookConfig,
@@ -122,41 +180,50 @@ async fn deliver(
 ) {
     // Callback URLs often carry credentials (`user:pass@`, `?token=`): logs get neither.
     let shown = redacted(&url);
+    let http = &delivery.http;
     while let Some(form) = rx.recv().await {
-        let mut delay = cfg.retry_initial;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = http
-                .post(&url)
-                .timeout(cfg.timeout)
-                .form(&form)
-                .send()
-                .await;
-            let (why, permanent) = match result {
-                Ok(r) if r.status().is_success() => {
-                    metrics.webhooks.with_label_values(&["delivered"]).inc();
-                    break;
-                }
-                // The receiver refused this request as it is: sending it again would get
-                // the same answer (timeouts and rate limits aside).
-                Ok(r) => (
-                    format!("status {}", r.status().as_u16()),
-                    r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 425 | 429),
-                ),
-                Err(e) => (without_url(&e), false),
-            };
-            if permanent || attempt >= cfg.max_attempts {
-                metrics.webhooks.with_label_values(&["failed"]).inc();
-                tracing::warn!(url = %shown, attempts = attempt, error = %why, "status callback given up");
+        attempt_all(http, &url, &shown, &form, &cfg, &metrics).await;
+        delivery.in_flight.done();
+    }
+}
+
+/// Sends one event until it is delivered or given up.
+async fn attempt_all(
+    http: &reqwest::Client,
+    url: &str,
+    shown: &str,
+    form: &[(String, String)],
+    cfg: &WebhookConfig,
+    metrics: &Metrics,
+) {
+    let mut delay = cfg.retry_initial;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = http.post(url).timeout(cfg.timeout).form(form).send().await;
+        let (why, permanent) = match result {
+            Ok(r) if r.status().is_success() => {
+                metrics.webhooks.with_label_values(&["delivered"]).inc();
                 break;
             }
-            metrics.webhook_retries.inc();
-            tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
-            // Jittered, so the conferences of a node do not all come back at once.
-            tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await;
-            delay = (delay * 2).min(cfg.retry_max.max(cfg.retry_initial));
+            // The receiver refused this request as it is: sending it again would get
+            // the same answer (timeouts and rate limits aside).
+            Ok(r) => (
+                format!("status {}", r.status().as_u16()),
+                r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 425 | 429),
+            ),
+            Err(e) => (without_url(&e), false),
+        };
+        if permanent || attempt >= cfg.max_attempts {
+            metrics.webhooks.with_label_values(&["failed"]).inc();
+            tracing::warn!(url = %shown, attempts = attempt, error = %why, "status callback given up");
+            break;
         }
+        metrics.webhook_retries.inc();
+        tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
+        // Jittered, so the conferences of a node do not all come back at once.
+        tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await;
+        delay = (delay * 2).min(cfg.retry_max.max(cfg.retry_initial));
     }
 }
 

@@ -704,3 +704,60 @@ async fn refused_callbacks_are_not_retried_nor_redirected_and_their_secrets_not_
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
+
+/// The leave and end callbacks of the conferences a shutdown ends are queued as they end:
+/// the agent gives them time to go out before it exits, even to a slow receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_of_the_last_conferences_go_out_before_exit() {
+    let got: Received = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            post(
+                |State(got): State<Received>, Form(form): Form<HashMap<String, String>>| async move {
+                    got.lock().expect("lock").push(form);
+                    // A slow receiver: each answer takes a while.
+                    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+    ])
+    .await;
+    let vars = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end join leave"),
+    ];
+    let a = dial(&s.sim, "last", &vars).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    let events: Vec<String> = got
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|f| f["StatusCallbackEvent"].clone())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "participant-join",
+            "conference-start",
+            "participant-leave",
+            "conference-end"
+        ],
+        "every callback was sent before the agent exited"
+    );
+}
