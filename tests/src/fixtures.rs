@@ -170,3 +170,15 @@ pub fn documented_error_codes() -> Vec<String> {
         .filter_map(|c| c.as_str().map(str::to_string))
         .collect()
 }
+
+/// Serves `app` on a free loopback port for the rest of the test; its address.
+pub async fn serve_http(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}

@@ -34,13 +34,8 @@ async fn receiver() -> (String, Received) {
             ),
         )
         .with_state(got.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = fixtures::serve_http(app).await;
+    let url = format!("http://{addr}/events");
     (url, got)
 }
 

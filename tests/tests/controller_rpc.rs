@@ -95,6 +95,24 @@ async fn ping(ws: &mut Ws, id: u64) {
     assert!(v["result"]["items"].is_array(), "usable again: {v}");
 }
 
+/// Answers a dial-out command as a node does: the call id, then `accepted`, `ringing` and
+/// `connected` (the last).
+async fn answer_dialout(responder: &Bus, cmd: &confroute_shared::bus::Command, callid: &str) {
+    responder
+        .respond(cmd, Ok(json!({ "callid": callid })))
+        .await;
+    for (i, st) in ["accepted", "ringing", "connected"].iter().enumerate() {
+        responder
+            .notify(
+                &cmd.reply_to,
+                &cmd.id,
+                json!({"callid": callid, "status": st}),
+                i == 2,
+            )
+            .await;
+    }
+}
+
 fn code(v: &Value) -> i64 {
     v["error"]["code"].as_i64().unwrap_or(0)
 }
@@ -395,19 +413,7 @@ async fn commands_reach_the_owner_and_fail_fast_without_it() {
                         .await
                 }
                 "dialout" => {
-                    responder
-                        .respond(&cmd, Ok(json!({"callid": "call-1"})))
-                        .await;
-                    for (i, st) in ["accepted", "ringing", "connected"].iter().enumerate() {
-                        responder
-                            .notify(
-                                &cmd.reply_to,
-                                &cmd.id,
-                                json!({"callid": "call-1", "status": st}),
-                                i == 2,
-                            )
-                            .await;
-                    }
+                    answer_dialout(&responder, &cmd, "call-1").await;
                 }
                 _ => {
                     responder
@@ -640,19 +646,7 @@ async fn dial_out_statuses_follow_the_answer_even_in_a_batch() {
         while let Some(cmd) = commands.recv().await {
             match cmd.method.as_str() {
                 "dialout" => {
-                    responder
-                        .respond(&cmd, Ok(json!({"callid": "call-9"})))
-                        .await;
-                    for (i, st) in ["accepted", "ringing", "connected"].iter().enumerate() {
-                        responder
-                            .notify(
-                                &cmd.reply_to,
-                                &cmd.id,
-                                json!({"callid": "call-9", "status": st}),
-                                i == 2,
-                            )
-                            .await;
-                    }
+                    answer_dialout(&responder, &cmd, "call-9").await;
                     let _ = statuses_sent.send(());
                 }
                 // The batch's slow member: answered when the test says.

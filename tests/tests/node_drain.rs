@@ -24,6 +24,31 @@ async fn node_state(store: &confroute_shared::store::Store, id: &str) -> Option<
         .map(|n| n.info.state)
 }
 
+/// Waits until Redis says node-a is draining.
+async fn wait_draining(s: &Single, store: &confroute_shared::store::Store) {
+    wait_for_async("draining in Redis", WAIT, || async {
+        (node_state(store, "node-a").await == Some(NodeState::Draining)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
+/// node-a with `extra` settings and a caller in conference `busy`, sent SIGTERM and
+/// draining; returns the setup, a store and the caller.
+async fn draining_with_a_caller(
+    extra: &[(&str, &str)],
+) -> (Single, confroute_shared::store::Store, String) {
+    let mut settings = vec![("CONFROUTE_CONFERENCE__BEEP", "false")];
+    settings.extend_from_slice(extra);
+    let mut s = Single::start(&settings).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "busy", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    wait_draining(&s, &store).await;
+    (s, store, a)
+}
+
 async fn post(url: &str) -> (u16, Value) {
     let r = fixtures::http().post(url).send().await.expect("POST");
     let status = r.status().as_u16();
@@ -38,11 +63,7 @@ async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
     let a = dial(&s.sim, "busy", &[]).await;
     wait_bridged(&s.sim, &a).await;
     s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    wait_for_async("draining in Redis", WAIT, || async {
-        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    wait_draining(&s, &store).await;
     // An admin cannot undrain a node that is stopping.
     let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
     assert_eq!(status, 409, "{body}");
@@ -197,20 +218,8 @@ async fn drain_set_through_the_controller_is_adopted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restarted_during_its_shutdown_drain_serves_again() {
     // A long lease: the record is still there when the agent comes back.
-    let mut s = Single::start(&[
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s"),
-    ])
-    .await;
-    let store = fixtures::store(&s.cfg);
-    let a = dial(&s.sim, "busy", &[]).await;
-    wait_bridged(&s.sim, &a).await;
-    s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    wait_for_async("draining in Redis", WAIT, || async {
-        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let (mut s, store, a) =
+        draining_with_a_caller(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s")]).await;
     s.node.process().kill();
     s.node.restart().expect("restart");
     wait_app(&s.sim, &s.node).await;
@@ -234,16 +243,7 @@ async fn an_agent_restarted_during_its_shutdown_drain_serves_again() {
 /// serving, which would place new conferences on a node about to end them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_registering_again_in_its_shutdown_drain_stays_stopping() {
-    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
-    let store = fixtures::store(&s.cfg);
-    let a = dial(&s.sim, "busy", &[]).await;
-    wait_bridged(&s.sim, &a).await;
-    s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    wait_for_async("draining in Redis", WAIT, || async {
-        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let (s, store, _caller) = draining_with_a_caller(&[]).await;
     let deleted: Option<i64> = confroute_tests::harness::redis_query(
         s.redis.port(),
         redis::cmd("DEL").arg("{confroute}:node:node-a"),
@@ -277,11 +277,7 @@ async fn a_drain_right_after_a_restart_waits_for_the_conferences_asterisk_holds(
     s.restart_with_channel_listing_held().await;
     s.node.process().signal(libc::SIGTERM).expect("sigterm");
     let store = fixtures::store(&s.cfg);
-    wait_for_async("draining in Redis", WAIT, || async {
-        (node_state(&store, "node-a").await == Some(NodeState::Draining)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    wait_draining(&s, &store).await;
     s.sim.release_operation("GET /channels");
     wait_for_async("the conference adopted while draining", WAIT, || async {
         let v = fixtures::try_get_json(&format!("{}/v1/conferences", s.node.http_url())).await?;

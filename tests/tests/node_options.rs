@@ -385,13 +385,8 @@ async fn receiver(fail_first: usize) -> (String, Received) {
             ),
         )
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = fixtures::serve_http(app).await;
+    let url = format!("http://{addr}/events");
     (url, got)
 }
 
@@ -639,14 +634,7 @@ async fn refusing_receiver() -> (std::net::SocketAddr, Hits) {
             "/events",
             count(hits.clone(), "events", StatusCode::NO_CONTENT),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, hits)
+    (fixtures::serve_http(app).await, hits)
 }
 
 /// A receiver that refuses a callback (404) gets it once: the same request would get the
@@ -723,13 +711,8 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
             ),
         )
         .with_state(got.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/events", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = fixtures::serve_http(app).await;
+    let url = format!("http://{addr}/events");
     let mut s = Single::start(&[
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
         ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),

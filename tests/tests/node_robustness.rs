@@ -119,13 +119,8 @@ async fn malformed_events_and_unexpected_answers_are_logged_and_survived() {
         .route("/ari/events", get(events))
         .fallback(rest)
         .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = fixtures::serve_http(app).await;
+    let base = format!("http://{addr}");
     let mut env = fixtures::redis_env(&cfg);
     env.push(("CONFROUTE_ARI__URL".into(), base));
     env.push(("CONFROUTE_ARI__REQUEST_TIMEOUT".into(), "300ms".into()));
@@ -248,13 +243,8 @@ async fn a_websocket_that_stops_answering_pings_is_dropped_and_reconnected() {
         .route("/ari/events", get(silent_events))
         .fallback(|| async { (StatusCode::OK, axum::Json(json!([]))) })
         .with_state(count.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = fixtures::serve_http(app).await;
+    let base = format!("http://{addr}");
     let mut env = fixtures::redis_env(&cfg);
     env.push(("CONFROUTE_ARI__URL".into(), base));
     env.push(("CONFROUTE_ARI__PING_INTERVAL".into(), "200ms".into()));
