@@ -364,7 +364,9 @@ async fn record_from_start_records_the_bridge_until_the_end() {
 
 type Received = Arc<Mutex<Vec<HashMap<String, String>>>>;
 
-async fn receiver(fail_first: usize) -> (String, Received) {
+/// A status callback receiver: its URL and what it took. It answers 500 to the first
+/// `fail_first` requests, and each answer takes `slow`.
+async fn receiver_with(fail_first: usize, slow: std::time::Duration) -> (String, Received) {
     let got: Received = Arc::default();
     let failures = Arc::new(Mutex::new(fail_first));
     let state = (got.clone(), failures);
@@ -372,22 +374,34 @@ async fn receiver(fail_first: usize) -> (String, Received) {
         .route(
             "/events",
             post(
-                |State((got, failures)): State<(Received, Arc<Mutex<usize>>)>,
-                 Form(form): Form<HashMap<String, String>>| async move {
-                    let mut f = failures.lock().expect("lock");
-                    if *f > 0 {
-                        *f -= 1;
-                        return StatusCode::INTERNAL_SERVER_ERROR;
+                move |State((got, failures)): State<(Received, Arc<Mutex<usize>>)>,
+                      Form(form): Form<HashMap<String, String>>| async move {
+                    let failed = {
+                        let mut f = failures.lock().expect("lock");
+                        let failed = *f > 0;
+                        if failed {
+                            *f -= 1;
+                        } else {
+                            got.lock().expect("lock").push(form);
+                        }
+                        failed
+                    };
+                    tokio::time::sleep(slow).await;
+                    if failed {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::NO_CONTENT
                     }
-                    got.lock().expect("lock").push(form);
-                    StatusCode::NO_CONTENT
                 },
             ),
         )
         .with_state(state);
     let addr = fixtures::serve_http(app).await;
-    let url = format!("http://{addr}/events");
-    (url, got)
+    (format!("http://{addr}/events"), got)
+}
+
+async fn receiver(fail_first: usize) -> (String, Received) {
+    receiver_with(fail_first, std::time::Duration::ZERO).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,22 +711,8 @@ async fn refused_callbacks_are_not_retried_nor_redirected_and_their_secrets_not_
 /// the agent gives them time to go out before it exits, even to a slow receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_of_the_last_conferences_go_out_before_exit() {
-    let got: Received = Arc::default();
-    let app = axum::Router::new()
-        .route(
-            "/events",
-            post(
-                |State(got): State<Received>, Form(form): Form<HashMap<String, String>>| async move {
-                    got.lock().expect("lock").push(form);
-                    // A slow receiver: each answer takes a while.
-                    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-                    StatusCode::NO_CONTENT
-                },
-            ),
-        )
-        .with_state(got.clone());
-    let addr = fixtures::serve_http(app).await;
-    let url = format!("http://{addr}/events");
+    // A slow receiver: each answer takes a while.
+    let (url, got) = receiver_with(0, std::time::Duration::from_millis(700)).await;
     let mut s = Single::start(&[
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
         ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
