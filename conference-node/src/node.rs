@@ -157,7 +157,7 @@ pub struct Node {
     /// Channels the agent asked Asterisk to hang up, when and with which cause, until their
     /// `StasisEnd`.
     hanging_up: Mutex<HashMap<String, (Instant, u16)>>,
-    stale_claims: Mutex<std::collections::HashSet<(ConferenceName, u64)>>,
+    stale_claims: Mutex<HashMap<(ConferenceName, u64), Instant>>,
     views: Mutex<BTreeMap<ConferenceName, ConferenceView>>,
     /// Versions of participant counts, rising across views and direct writes (and across
     /// restarts: it starts at the wall clock's microseconds), so Redis keeps the newest.
@@ -216,7 +216,7 @@ impl Node {
             joining: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::HashSet::new()),
             hanging_up: Mutex::new(HashMap::new()),
-            stale_claims: Mutex::new(std::collections::HashSet::new()),
+            stale_claims: Mutex::new(HashMap::new()),
             views: Mutex::new(BTreeMap::new()),
             count_versions: AtomicU64::new(
                 std::time::SystemTime::now()
@@ -592,12 +592,13 @@ impl Node {
     }
 
     /// Empty claims found without a conference by the previous reconciliation.
-    pub fn take_stale_claims(&self) -> std::collections::HashSet<(ConferenceName, u64)> {
+    pub fn take_stale_claims(&self) -> HashMap<(ConferenceName, u64), Instant> {
         std::mem::take(&mut *lock(&self.stale_claims))
     }
 
-    /// Remembers empty claims without a conference until the next reconciliation.
-    pub fn keep_stale_claims(&self, seen: std::collections::HashSet<(ConferenceName, u64)>) {
+    /// Remembers empty claims without a conference, with when each was first seen so, until
+    /// the next reconciliation.
+    pub fn keep_stale_claims(&self, seen: HashMap<(ConferenceName, u64), Instant>) {
         *lock(&self.stale_claims) = seen;
     }
 

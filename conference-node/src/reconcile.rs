@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,6 +27,10 @@ use crate::node::Node;
 const RETRY: Duration = Duration::from_secs(1);
 /// Longest delay between retries (Redis or Asterisk may be away for long).
 const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long an empty claim without a bridge is left alone: a controller may just have placed
+/// the conference here, its first caller on the way (a 302 and a new INVITE).
+const FRESH_CLAIM_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs reconciliations when asked and every `ari.reconcile_interval`.
 pub async fn run(node: Arc<Node>, mut wake: mpsc::UnboundedReceiver<()>) {
@@ -183,7 +187,7 @@ async fn release_stale_claims(
     had_bridge: &HashSet<ConferenceName>,
 ) -> Result<(), String> {
     let previous = node.take_stale_claims();
-    let mut seen = HashSet::new();
+    let mut seen = HashMap::new();
     let mut after: Option<String> = None;
     loop {
         let page = node
@@ -200,11 +204,15 @@ async fn release_stale_claims(
                 continue;
             }
             // A claim that never had a participant nor a bridge may be a placement a controller
-            // just made, its first caller on the way: release it only if still stale next time.
+            // just made, its first caller on the way: release it only once it has been stale
+            // for a while (passes can run back to back: a reconnect, a re-registration).
             let key = (name.clone(), rec.owner.epoch);
-            if rec.participants == 0 && !had_bridge.contains(name) && !previous.contains(&key) {
-                seen.insert(key);
-                continue;
+            if rec.participants == 0 && !had_bridge.contains(name) {
+                let first = previous.get(&key).copied().unwrap_or_else(Instant::now);
+                if first.elapsed() < FRESH_CLAIM_GRACE {
+                    seen.insert(key, first);
+                    continue;
+                }
             }
             let owner = Owner {
                 node: node.id.clone(),

@@ -310,10 +310,14 @@ async fn a_draining_node_claims_again_a_live_conference_whose_claim_vanished() {
     );
 }
 
+/// A placement whose caller never comes is released by reconciliation, but only after it
+/// has been stale for the grace a caller on its way gets (5 s), however many passes run
+/// meanwhile (here one every 300 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
     let s = Single::start(&[("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms")]).await;
     let store = fixtures::store(&s.cfg);
+    let placed_at = std::time::Instant::now();
     let placed = store
         .claim(&name("no-show"), &[fixtures::id("node-a")])
         .await
@@ -335,6 +339,11 @@ async fn a_placement_whose_caller_never_comes_is_released_by_reconciliation() {
     })
     .await
     .expect("released");
+    assert!(
+        placed_at.elapsed() >= Duration::from_secs(5),
+        "released after {:?}, within the grace a caller on its way gets",
+        placed_at.elapsed()
+    );
     assert!(store
         .lookup(&name("on-time"))
         .await
