@@ -203,6 +203,8 @@ pub async fn run(args: DevArgs) -> ExitCode {
 
     // Stop in order: no new callers, everyone hangs up, the nodes drain empty, then stop.
     generator.abort();
+    // Calls already on their way still arrive; hanging up everyone cuts those too.
+    traffic.stop();
     println!("\nconfroute-dev: stopping: callers hang up, nodes drain, then everything stops");
     for sim in sims.iter().flatten() {
         for ch in sim.snapshot().channels {

@@ -67,6 +67,8 @@ pub struct Traffic {
     pub members: Arc<Mutex<Membership>>,
     started: Instant,
     node_ids: Arc<Vec<String>>,
+    /// Set once the run stops: callers cut while joining then were cut by the stop.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,7 +86,15 @@ impl Traffic {
             members: Default::default(),
             started: Instant::now(),
             node_ids: Arc::new(node_ids),
+            stopping: Arc::default(),
         }
+    }
+
+    /// The run stops: every caller is hung up, including those still joining, which is no
+    /// failure of theirs.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Seconds since the start.
@@ -121,7 +131,8 @@ impl Traffic {
         }
         if destroyed {
             m.channels.remove(channel);
-            if m.pending.remove(channel).is_some() {
+            let stopping = self.stopping.load(std::sync::atomic::Ordering::SeqCst);
+            if m.pending.remove(channel).is_some() && !stopping {
                 stats::with(&self.stats, |s| s.join_failed("hung up before joining"));
             }
         }
@@ -417,7 +428,10 @@ pub async fn call(
     let node_id = match routed {
         Routed::Node(n) => n,
         Routed::Failed(why) => {
-            stats::with(&traffic.stats, |s| s.route_failed(why));
+            // Nodes drain as the run stops: a call still on its way then finds no room.
+            if !traffic.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                stats::with(&traffic.stats, |s| s.route_failed(why));
+            }
             return;
         }
     };
