@@ -185,6 +185,8 @@ pub struct Dialout {
     pub call_id: String,
     /// Status notifications (`accepted`, `ringing`, `connected`, `rejected`, `cleared`).
     pub notifications: Notifications,
+    /// The node placing the call.
+    pub node: NodeId,
 }
 
 /// Call control over the bus.
@@ -208,6 +210,12 @@ impl Control {
     /// The bus (for event subscriptions).
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// True when Redis answers and says `node` has no live lease: it is gone, not merely
+    /// out of sight while Redis is unreachable.
+    pub fn node_gone(&self, node: &NodeId) -> bool {
+        self.router.redis_ok() && self.router.view().live(node).is_none()
     }
 
     async fn owner(&self, conference: &ConferenceName) -> Result<NodeId, ControlError> {
@@ -532,6 +540,7 @@ impl Control {
                     result,
                     call_id: call.id,
                     notifications: call.notifications,
+                    node: home.node_id.clone(),
                 }),
                 Err(e) => {
                     self.give_back(&conference, &home, &e, true).await;

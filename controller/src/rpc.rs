@@ -410,6 +410,12 @@ async fn forward_events(session: Arc<Session>) {
     }
 }
 
+/// How often a dial-out's status stream checks that its node still holds a lease.
+const NODE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Checks in a row the node must be found gone (its lease expired, Redis answering) before
+/// the stream ends with `unknown`.
+const NODE_GONE_CHECKS: u32 = 3;
+
 fn lost_notice(count: u64) -> String {
     notification(
         "events.lost",
@@ -548,9 +554,13 @@ impl Session {
                 let me = self.clone();
                 let mut notes = d.notifications;
                 let mut closed = self.closed.clone();
+                let callid = d.result.get("callid").cloned().unwrap_or(Value::Null);
+                let node = d.node;
                 tokio::spawn(async move {
-                    // Ends with the last status, or when the client goes: a status stream
-                    // whose node died never sends its last one.
+                    // Ends with the last status, when the client goes, or when the node is
+                    // gone: a status stream whose node died never sends its last one.
+                    let mut watch = tokio::time::interval(NODE_CHECK_EVERY);
+                    let mut missed = 0u32;
                     let gone = async move {
                         let _ = closed.wait_for(|c| *c).await;
                     };
@@ -573,6 +583,15 @@ impl Session {
                                 }
                                 _ => break,
                             },
+                            _ = watch.tick() => {
+                                missed = if me.control.node_gone(&node) { missed + 1 } else { 0 };
+                                if missed >= NODE_GONE_CHECKS {
+                                    let params = json!({"callid": callid, "status": "unknown",
+                                                        "reason": "node_lost"});
+                                    me.send_text(notification("dialout.status", params)).await;
+                                    break;
+                                }
+                            }
                             _ = &mut gone => break,
                         }
                     }

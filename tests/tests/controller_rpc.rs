@@ -755,3 +755,57 @@ async fn a_dial_out_nobody_heard_gives_its_new_home_back() {
         "the claim made for the dial-out is given back"
     );
 }
+
+/// A dial-out whose node dies before its last status would stream nothing more, for as long
+/// as the connection lives: once the node's lease is gone the stream ends with `unknown`
+/// (`reason: node_lost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_out_stream_ends_when_its_node_is_gone() {
+    let s = setup(&[]).await;
+    let cfg = fixtures::single(&s.redis.url());
+    let store = fixtures::store(&cfg);
+    store
+        .claim(&"orphan".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            responder
+                .respond(&cmd, Ok(json!({"callid": "call-7"})))
+                .await;
+            responder
+                .notify(
+                    &cmd.reply_to,
+                    &cmd.id,
+                    json!({"callid": "call-7", "status": "ringing"}),
+                    false,
+                )
+                .await;
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "orphan", "to": "+15555550101"}),
+        1,
+    )
+    .await;
+    assert_eq!(v["result"]["callid"], "call-7", "{v}");
+    let ringing = recv(&mut ws).await;
+    assert_eq!(ringing["params"]["status"], "ringing", "{ringing}");
+    // The node dies: its record goes, and nothing more comes from it.
+    store
+        .deregister(&fixtures::id("node-a"))
+        .await
+        .expect("deregister");
+    let last = recv(&mut ws).await;
+    assert_eq!(last["method"], "dialout.status", "{last}");
+    assert_eq!(last["params"]["status"], "unknown", "{last}");
+    assert_eq!(last["params"]["reason"], "node_lost", "{last}");
+    assert_eq!(last["params"]["callid"], "call-7", "{last}");
+    ping(&mut ws, 2).await;
+}

@@ -683,6 +683,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     match status {
                         "connected" | "cleared" => return Ok(()),
                         "rejected" => return Err(Failure("the call was rejected".into())),
+                        "unknown" => {
+                            return Err(Failure(format!(
+                                "the node placing the call is gone ({}); its outcome is unknown",
+                                s(&p["reason"])
+                            )))
+                        }
                         _ => {}
                     }
                 }
