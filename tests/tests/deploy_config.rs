@@ -202,7 +202,9 @@ fn deb_metadata_names_existing_files() {
 }
 
 /// Durations whose bounds the schema cannot express (the heartbeat at most a third of the
-/// 60 s conference lease, the TCP idle timeout and the WebSocket ping at least 1 s): a value
+/// 60 s conference lease, the TCP idle timeout at least 1 s, the WebSocket ping and the
+/// command timeout within their ranges, the routing deadline, node refresh and Redis timeout
+/// above their floors): a value
 /// the binary would refuse at start, crash-looping every pod, is refused by the chart with
 /// the key's name; the bounds themselves render and start.
 #[test]
@@ -249,6 +251,43 @@ fn durations_the_binaries_refuse_are_refused_by_the_chart() {
             serde_json::json!({"controller": {"config": {"rpc": {"ping_interval": "0s"}}}}),
             "controller.config.rpc.ping_interval",
             ("confroute-controller", "CONFROUTE_RPC__PING_INTERVAL", "0s"),
+        ),
+        (
+            serde_json::json!({"controller": {"config": {"rpc": {"ping_interval": "25h"}}}}),
+            "controller.config.rpc.ping_interval",
+            (
+                "confroute-controller",
+                "CONFROUTE_RPC__PING_INTERVAL",
+                "25h",
+            ),
+        ),
+        (
+            serde_json::json!({"controller": {"config": {"rpc": {"command_timeout": "50ms"}}}}),
+            "controller.config.rpc.command_timeout",
+            (
+                "confroute-controller",
+                "CONFROUTE_RPC__COMMAND_TIMEOUT",
+                "50ms",
+            ),
+        ),
+        (
+            serde_json::json!({"controller": {"config": {"routing": {"deadline": "0s"}}}}),
+            "controller.config.routing.deadline",
+            ("confroute-controller", "CONFROUTE_ROUTING__DEADLINE", "0s"),
+        ),
+        (
+            serde_json::json!({"controller": {"config": {"routing": {"node_refresh": "10ms"}}}}),
+            "controller.config.routing.node_refresh",
+            (
+                "confroute-controller",
+                "CONFROUTE_ROUTING__NODE_REFRESH",
+                "10ms",
+            ),
+        ),
+        (
+            serde_json::json!({"redis": {"timeout": "0s"}}),
+            "redis.timeout",
+            ("confroute-controller", "CONFROUTE_REDIS__TIMEOUT", "0s"),
         ),
     ];
     for (values, key, (bin, var, value)) in cases {
