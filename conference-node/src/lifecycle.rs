@@ -181,6 +181,21 @@ async fn run(node: Arc<Node>, shutdown: bool) {
 pub async fn finish_shutdown(node: &Arc<Node>) {
     node.set_state_local(NodeState::ShuttingDown);
     node.write_state().await;
+    // The last conferences' callbacks (their leave and end events) were queued as they
+    // ended: they get a bounded time to go out while the node is still registered (a
+    // heartbeat would register a deregistered node again).
+    let bound = node.cfg.webhook.timeout * 2;
+    let left = node.webhooks.in_flight.settle(bound).await;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "status callbacks still queued at exit after {bound:?}; dropped"
+        );
+        node.metrics
+            .webhooks
+            .with_label_values(&["dropped"])
+            .inc_by(left as u64);
+    }
     match node.store.deregister(&node.id).await {
         Ok(_) => tracing::info!(node = %node.id, "deregistered"),
         Err(e) => {

@@ -70,20 +70,6 @@ async fn main() -> ExitCode {
             lifecycle::shutdown_now(&node).await;
         }
     }
-    // The last conferences' callbacks (their leave and end events) are queued as they end:
-    // they get a bounded time to go out.
-    let bound = node.cfg.webhook.timeout * 2;
-    let left = node.webhooks.in_flight.settle(bound).await;
-    if left > 0 {
-        tracing::warn!(
-            left,
-            "status callbacks still queued at exit after {bound:?}; dropped"
-        );
-        node.metrics
-            .webhooks
-            .with_label_values(&["dropped"])
-            .inc_by(left as u64);
-    }
     agent.stop().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS

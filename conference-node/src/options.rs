@@ -254,7 +254,11 @@ fn callback_ok(s: &str) -> Result<String, String> {
             let refused = match literal.parse::<std::net::IpAddr>() {
                 Ok(std::net::IpAddr::V4(ip)) => ip.is_link_local() || ip.is_unspecified(),
                 Ok(std::net::IpAddr::V6(ip)) => {
-                    ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80
+                    ip.is_unspecified()
+                        || (ip.segments()[0] & 0xffc0) == 0xfe80
+                        || ip
+                            .to_ipv4_mapped()
+                            .is_some_and(|v4| v4.is_link_local() || v4.is_unspecified())
                 }
                 Err(_) => false,
             };
@@ -390,6 +394,7 @@ mod tests {
         for bad in [
             "http://169.254.169.254/latest/meta-data",
             "http://[fe80::1]/x",
+            "http://[::ffff:169.254.169.254]/latest",
             "http://0.0.0.0:9090/v1/drain",
             "http://[::]/x",
             "ftp://example.com/x",

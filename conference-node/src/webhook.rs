@@ -162,9 +162,10 @@ impl Callbacks {
         for (k, v) in extra {
             form.push((k.to_string(), v.clone()));
         }
-        if self.tx.try_send(form).is_ok() {
-            self.in_flight.add();
-        } else {
+        // Counted before the delivery task can see it, so the count never runs below zero.
+        self.in_flight.add();
+        if self.tx.try_send(form).is_err() {
+            self.in_flight.done();
             self.metrics.webhooks.with_label_values(&["dropped"]).inc();
             tracing::warn!(conference = %self.name, event = %event, "status callback queue full; event dropped");
         }
@@ -206,11 +207,14 @@ async fn attempt_all(
                 metrics.webhooks.with_label_values(&["delivered"]).inc();
                 break;
             }
-            // The receiver refused this request as it is: sending it again would get
-            // the same answer (timeouts and rate limits aside).
+            // The receiver refused this request as it is, or sent it elsewhere (redirects
+            // are not followed): sending it again would get the same answer (timeouts and
+            // rate limits aside).
             Ok(r) => (
                 format!("status {}", r.status().as_u16()),
-                r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 425 | 429),
+                r.status().is_redirection()
+                    || (r.status().is_client_error()
+                        && !matches!(r.status().as_u16(), 408 | 425 | 429)),
             ),
             Err(e) => (without_url(&e), false),
         };
