@@ -181,8 +181,6 @@ pub fn valid_target(t: &str) -> bool {
 pub struct Dialout {
     /// The call id the node assigned.
     pub result: Value,
-    /// The bus command id its notifications are routed by (to `Bus::forget` it).
-    pub call_id: String,
     /// Status notifications (`accepted`, `ringing`, `connected`, `rejected`, `cleared`).
     pub notifications: Notifications,
     /// The node placing the call.
@@ -213,9 +211,9 @@ impl Control {
     }
 
     /// True when Redis answers and says `node` has no live lease: it is gone, not merely
-    /// out of sight while Redis is unreachable.
+    /// out of sight while Redis is unreachable or just back (leases being renewed then).
     pub fn node_gone(&self, node: &NodeId) -> bool {
-        self.router.redis_ok() && self.router.view().live(node).is_none()
+        self.router.redis_ok() && !self.router.settling() && self.router.view().live(node).is_none()
     }
 
     async fn owner(&self, conference: &ConferenceName) -> Result<NodeId, ControlError> {
@@ -538,7 +536,6 @@ impl Control {
             Ok(call) => match call.reply {
                 Ok(result) => Ok(Dialout {
                     result,
-                    call_id: call.id,
                     notifications: call.notifications,
                     node: home.node_id.clone(),
                 }),

@@ -269,7 +269,7 @@ impl Router {
     }
 
     /// True while Redis trouble may have let leases of live nodes run out.
-    fn settling(&self) -> bool {
+    pub fn settling(&self) -> bool {
         let health = match self.health.lock() {
             Ok(h) => h,
             Err(p) => p.into_inner(),

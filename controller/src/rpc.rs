@@ -354,6 +354,8 @@ async fn forward_events(session: Arc<Session>) {
     let mut gaps = session.control.bus().gaps();
     gaps.borrow_and_update();
     let mut lost: u64 = 0;
+    // A gap notice that found the queue full, to send before anything else.
+    let mut gap = false;
     // Only a connection that follows some conference has anything to re-read.
     let following = |s: &Session| s.subscriptions.lock().is_ok_and(|s| !s.is_empty());
     loop {
@@ -363,9 +365,9 @@ async fn forward_events(session: Arc<Session>) {
                     return;
                 }
                 // The bus lost its subscription: whatever was published meanwhile is
-                // unknown, and a full queue folds this notice into the next count.
+                // unknown. A full queue keeps the notice for when it has room.
                 if following(&session) && session.out.try_send(gap_notice()).is_err() {
-                    lost += 1;
+                    gap = true;
                 }
             }
             got = rx.recv() => match got {
@@ -378,7 +380,10 @@ async fn forward_events(session: Arc<Session>) {
                     if !wanted {
                         continue;
                     }
-                    if lost > 0 && session.out.try_send(lost_notice(lost)).is_ok() {
+                    if gap && session.out.try_send(gap_notice()).is_ok() {
+                        gap = false;
+                    }
+                    if !gap && lost > 0 && session.out.try_send(lost_notice(lost)).is_ok() {
                         lost = 0;
                     }
                     let text = notification(
@@ -386,7 +391,7 @@ async fn forward_events(session: Arc<Session>) {
                         json!({"conference": ev.conference, "node": ev.node, "seq": ev.seq,
                                "event": ev.event, "data": ev.data}),
                     );
-                    if lost > 0 || session.out.try_send(text).is_err() {
+                    if gap || lost > 0 || session.out.try_send(text).is_err() {
                         lost += 1;
                     }
                 }
@@ -399,7 +404,11 @@ async fn forward_events(session: Arc<Session>) {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
-            room = session.out.reserve(), if lost > 0 => match room {
+            room = session.out.reserve(), if gap || lost > 0 => match room {
+                Ok(slot) if gap => {
+                    slot.send(gap_notice());
+                    gap = false;
+                }
                 Ok(slot) => {
                     slot.send(lost_notice(lost));
                     lost = 0;
@@ -559,7 +568,6 @@ impl Session {
                 tokio::spawn(async move {
                     // Ends with the last status, when the client goes, or when the node is
                     // gone: a status stream whose node died never sends its last one.
-                    let mut watch = tokio::time::interval(NODE_CHECK_EVERY);
                     let mut missed = 0u32;
                     let gone = async move {
                         let _ = closed.wait_for(|c| *c).await;
@@ -572,6 +580,10 @@ impl Session {
                         _ = answered.wait_for(|a| *a) => {}
                         _ = &mut gone => return,
                     }
+                    // Checks a second apart even after a wait elsewhere (a slow client):
+                    // three missed ticks must not run back to back.
+                    let mut watch = tokio::time::interval(NODE_CHECK_EVERY);
+                    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
                         tokio::select! {
                             note = notes.recv() => match note {
@@ -595,7 +607,6 @@ impl Session {
                             _ = &mut gone => break,
                         }
                     }
-                    me.control.bus().forget(&d.call_id);
                 });
                 return Ok(d.result);
             }
