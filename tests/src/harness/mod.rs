@@ -55,12 +55,14 @@ pub fn require_tool(program: &str, debian_package: &str) -> HarnessResult<PathBu
 /// It is picked below the kernel's ephemeral range where there is room: a port the OS hands
 /// out for `bind(0)` is free again as soon as it is released, and any outgoing connection
 /// (a client of another test) may take it before the process it is meant for binds it.
+/// Each pick is also reserved for a minute across the test processes running at once, so two
+/// tests never hand out the same port before either has bound it.
 pub fn free_port() -> u16 {
     let low = ephemeral_low().unwrap_or(0);
     if low >= FIXED_FLOOR + 1000 {
         for _ in 0..200 {
             let port = rand::random_range(FIXED_FLOOR..low);
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if reserve_pick(port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
                 return port;
             }
         }
@@ -69,6 +71,34 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"))
+}
+
+/// How long a port [`free_port`] handed out stays reserved for the process it was meant
+/// for: by then it is bound, or was given up.
+const PICK_RESERVED: Duration = Duration::from_secs(60);
+
+/// Reserves `port` for this pick, across processes, by creating a file named after it; false
+/// when another process picked it less than [`PICK_RESERVED`] ago.
+fn reserve_pick(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("confroute-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let path = dir.join(port.to_string());
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .is_ok()
+    };
+    if create() {
+        return true;
+    }
+    let stale = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > PICK_RESERVED));
+    stale && std::fs::remove_file(&path).is_ok() && create()
 }
 
 /// Lowest port [`free_port`] picks itself.
