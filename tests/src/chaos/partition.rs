@@ -68,9 +68,11 @@ pub fn load(common: &Common, fault: Duration) -> LoadSpec {
             long_every: 6,
             long_hold: fault + Duration::from_secs(20),
         },
+        // Conferences here hardly ever empty, so each is placed once: enough of them that
+        // every node gets some (with 6, a node left with none now and then never got one).
         LoadSpec {
             rate: 15.0,
-            conferences: 6,
+            conferences: 9,
             hold: (Duration::from_millis(1500), Duration::from_secs(4)),
             // Some callers outlive the partition, so there is something to tear down.
             long_every: 4,
@@ -109,7 +111,15 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
             (ready && Instant::now() >= warm).then_some(())
         },
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        let per_node: Vec<usize> = (0..cluster.nodes.len())
+            .map(|i| tracker.conferences_on(i).len())
+            .collect();
+        ChaosError(format!(
+            "{e}; conferences with callers per node: {per_node:?}"
+        ))
+    })?;
     let proxy = cluster.node_proxies[VICTIM]
         .as_ref()
         .ok_or_else(|| ChaosError("no proxy for the node".into()))?;
