@@ -113,6 +113,55 @@ async fn answer_dialout(responder: &Bus, cmd: &confroute_shared::bus::Command, c
     }
 }
 
+/// `conference` claimed for node-a, whose command bus the test then plays: the store, the
+/// node's bus and the commands it hears.
+async fn hosted_on_node_a(
+    s: &Setup,
+    conference: &str,
+) -> (
+    confroute_shared::store::Store,
+    Bus,
+    tokio::sync::mpsc::Receiver<confroute_shared::bus::Command>,
+) {
+    let cfg = fixtures::single(&s.redis.url());
+    let store = fixtures::store(&cfg);
+    store
+        .claim(
+            &conference.parse().expect("name"),
+            &[fixtures::id("node-a")],
+        )
+        .await
+        .expect("claim");
+    let (node, commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    (store, node, commands)
+}
+
+/// Sends a dial-out into `conference` that must fail, checks the conference has no home
+/// afterwards (a refused command changes nothing), and returns the error code.
+async fn refused_dialout(
+    ws: &mut Ws,
+    store: &confroute_shared::store::Store,
+    conference: &str,
+    to: &str,
+    id: u64,
+) -> i64 {
+    let v = rpc(
+        ws,
+        "dialout",
+        json!({"conference": conference, "to": to}),
+        id,
+    )
+    .await;
+    assert!(v.get("error").is_some(), "{v}");
+    let home = store
+        .lookup(&conference.parse().expect("name"))
+        .await
+        .expect("lookup");
+    assert_eq!(home, None, "{conference} has no home after {v}");
+    code(&v)
+}
+
 fn code(v: &Value) -> i64 {
     v["error"]["code"].as_i64().unwrap_or(0)
 }
@@ -471,21 +520,9 @@ async fn commands_reach_the_owner_and_fail_fast_without_it() {
     )
     .await;
     assert_eq!(code(&v), -32004, "{v}");
-    let v = rpc(
-        &mut ws,
-        "dialout",
-        json!({"conference": "fresh", "to": "12"}),
-        6,
-    )
-    .await;
-    assert_eq!(code(&v), -32004, "{v}");
-    assert!(
-        store
-            .lookup(&"fresh".parse().expect("name"))
-            .await
-            .expect("lookup")
-            .is_none(),
-        "nothing homed"
+    assert_eq!(
+        refused_dialout(&mut ws, &store, "fresh", "12", 6).await,
+        -32004
     );
 
     let v = rpc(
@@ -631,13 +668,7 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_out_statuses_follow_the_answer_even_in_a_batch() {
     let s = setup(&[]).await;
-    let cfg = fixtures::single(&s.redis.url());
-    fixtures::store(&cfg)
-        .claim(&"batch".parse().expect("name"), &[fixtures::id("node-a")])
-        .await
-        .expect("claim");
-    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
-    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let (_store, node, mut commands) = hosted_on_node_a(&s, "batch").await;
     let (statuses_sent, mut sent) = tokio::sync::mpsc::unbounded_channel();
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let responder = node.clone();
@@ -738,21 +769,10 @@ async fn a_dial_out_nobody_heard_gives_its_new_home_back() {
     let s = setup(&[]).await;
     let store = fixtures::store(&fixtures::single(&s.redis.url()));
     let mut ws = connect(&s, None).await.expect("connect");
-    let v = rpc(
-        &mut ws,
-        "dialout",
-        json!({"conference": "unheard", "to": "+15555550101"}),
-        1,
-    )
-    .await;
-    assert_eq!(code(&v), -32003, "{v}");
+    // The claim made for the dial-out is given back.
     assert_eq!(
-        store
-            .lookup(&"unheard".parse().expect("name"))
-            .await
-            .expect("lookup"),
-        None,
-        "the claim made for the dial-out is given back"
+        refused_dialout(&mut ws, &store, "unheard", "+15555550101", 1).await,
+        -32003
     );
 }
 
@@ -762,14 +782,7 @@ async fn a_dial_out_nobody_heard_gives_its_new_home_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dial_out_stream_ends_when_its_node_is_gone() {
     let s = setup(&[]).await;
-    let cfg = fixtures::single(&s.redis.url());
-    let store = fixtures::store(&cfg);
-    store
-        .claim(&"orphan".parse().expect("name"), &[fixtures::id("node-a")])
-        .await
-        .expect("claim");
-    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
-    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let (store, node, mut commands) = hosted_on_node_a(&s, "orphan").await;
     let responder = node.clone();
     tokio::spawn(async move {
         while let Some(cmd) = commands.recv().await {
