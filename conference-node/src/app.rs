@@ -8,10 +8,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use confroute_shared::bus::Bus;
 use confroute_shared::store::Store;
-use confroute_shared::types::{NodeInfo, NodeState};
+use confroute_shared::types::{NodeId, NodeInfo, NodeRecord, NodeState};
 
 use crate::ari::ws::{self, Timing};
 use crate::ari::AriClient;
@@ -37,6 +38,50 @@ pub struct Agent {
     ws_task: Option<JoinHandle<()>>,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: Option<JoinHandle<()>>,
+}
+
+/// Fails when another live agent renews the record of node `id`; otherwise returns the record
+/// a previous life left (if any).
+///
+/// Two agents under one id would each take the other's conferences for claims that outlived
+/// their callers and release them: a conference with callers in two places. A record left by
+/// a crashed previous life is not renewed, so watching it for two heartbeats tells the cases
+/// apart; an agent that stopped cleanly left no record, and starts at once.
+async fn id_free(
+    store: &Store,
+    id: &NodeId,
+    heartbeat: Duration,
+) -> Result<Option<NodeRecord>, StartError> {
+    let first = match store.get_node(id).await {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this node's record; cannot tell whether another agent uses this node id");
+            return Ok(None);
+        }
+    };
+    tracing::info!(
+        node = %id,
+        "this node id has a live record: checking that no other agent renews it"
+    );
+    let until = Instant::now() + heartbeat * 2 + Duration::from_millis(500);
+    let every = (heartbeat / 5).max(Duration::from_millis(20));
+    let mut last = Some(first);
+    while Instant::now() < until {
+        tokio::time::sleep(every).await;
+        match store.get_node(id).await {
+            Ok(Some(rec)) if last.as_ref().is_some_and(|l| rec.updated_ms > l.updated_ms) => {
+                return Err(StartError(format!(
+                    "node.id: node {id} is in use by another live agent (control {}, heartbeat renewed while this one waited); give each agent its own node.id",
+                    rec.info.control
+                )));
+            }
+            Ok(Some(rec)) => last = Some(rec),
+            Ok(None) => return Ok(None),
+            Err(_) => {}
+        }
+    }
+    Ok(last)
 }
 
 /// Binds the HTTP port, registers the node and starts every task.
@@ -70,10 +115,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     // An admin drain survives an agent restart: keep the state the record still has. The
     // agent's own shutdown drain does not: a new process is a new life, and one killed in its
     // shutdown drain (its grace period ran out) would otherwise drain for good.
-    let initial = match store.get_node(&id).await {
-        Ok(Some(rec)) if rec.info.state == NodeState::Draining && !rec.stopping => {
-            NodeState::Draining
-        }
+    let initial = match id_free(&store, &id, cfg.node.heartbeat_interval).await? {
+        Some(rec) if rec.info.state == NodeState::Draining && !rec.stopping => NodeState::Draining,
         _ => NodeState::Serving,
     };
     let info = NodeInfo {

@@ -125,6 +125,50 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_under_a_live_agents_node_id_refuses_to_start_and_takes_nothing() {
+    let mut s = Single::start(&[]).await;
+    let store = fixtures::store(&s.cfg);
+    let caller = dial(&s.sim, "phoenix", &[]).await;
+    let bridge = wait_bridged(&s.sim, &caller).await;
+    let id = fixtures::id("node-a");
+    let before = store.get_node(&id).await.expect("redis").expect("record");
+
+    // The agent of another Asterisk, given this one's node id by mistake.
+    let other = sim().await;
+    let err = match NodeProc::start("node-a", &env(&other, &s.cfg, &[])) {
+        Ok(p) => panic!("a second agent started as node-a:\n{}", p.output()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("node.id: node node-a is in use by another live agent"),
+        "{err}"
+    );
+    let after = store.get_node(&id).await.expect("redis").expect("record");
+    assert_eq!(after.info.control, before.info.control, "record taken over");
+    let rec = store
+        .lookup(&name("phoenix"))
+        .await
+        .expect("lookup")
+        .expect("claim kept");
+    assert_eq!((rec.owner.node.as_str(), rec.owner.epoch), ("node-a", 1));
+    let late = dial(&s.sim, "phoenix", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &late).await, bridge);
+
+    // A crashed agent's record is not renewed: the agent started again at once, while that
+    // record still lives, takes the id back.
+    s.node.process().kill();
+    s.node.restart().expect("restarted under its own id");
+    assert!(
+        s.node
+            .output()
+            .contains("this node id has a live record: checking that no other agent renews it"),
+        "the restart did not find the last life's record:\n{}",
+        s.node.output()
+    );
+    wait_app(&s.sim, &s.node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asterisk_restart_is_survived_by_reconnecting_and_reconciling() {
     let s = Single::start(&[]).await;
     let store = fixtures::store(&s.cfg);
