@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use confroute_tests::harness::{wait_for, workspace_bin, Proc, RedisServer, TempDir};
+use confroute_tests::harness::{
+    free_port, free_udp_tcp_port, wait_for, workspace_bin, Proc, RedisServer, TempDir,
+};
 
 const BINARIES: [&str; 2] = ["confroute-controller", "confroute-node"];
 
@@ -15,6 +17,22 @@ fn run_to_exit(bin: &str, env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, 
     let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
     let code = p.wait_exit(Duration::from_secs(20)).expect("exits");
     (code, p.output())
+}
+
+/// Free loopback ports for `bin`'s listeners: tests run side by side, so none may take
+/// the defaults.
+fn listen_env(bin: &str) -> Vec<(String, String)> {
+    let mut env = vec![(
+        "CONFROUTE_HTTP__LISTEN".to_string(),
+        format!("127.0.0.1:{}", free_port()),
+    )];
+    if bin == "confroute-controller" {
+        env.push((
+            "CONFROUTE_SIP__LISTEN".to_string(),
+            format!("127.0.0.1:{}", free_udp_tcp_port()),
+        ));
+    }
+    env
 }
 
 #[test]
@@ -46,7 +64,8 @@ fn starts_and_exits_zero_on_sigterm() {
     for bin in BINARIES {
         let dir = TempDir::new("bin").expect("temp dir");
         let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
-        cmd.env("CONFROUTE_REDIS__URL", redis.url());
+        cmd.env("CONFROUTE_REDIS__URL", redis.url())
+            .envs(listen_env(bin));
         let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
         wait_for(&format!("{bin} to start"), Duration::from_secs(20), || {
             p.output().contains("started").then_some(())
@@ -68,7 +87,8 @@ fn an_evicting_redis_is_named_in_the_log() {
     for bin in BINARIES {
         let dir = TempDir::new("bin").expect("temp dir");
         let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
-        cmd.env("CONFROUTE_REDIS__URL", redis.url());
+        cmd.env("CONFROUTE_REDIS__URL", redis.url())
+            .envs(listen_env(bin));
         let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
         wait_for(&format!("{bin} to warn"), Duration::from_secs(20), || {
             p.output()
