@@ -194,6 +194,11 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
         tag(&ok),
         "the CANCEL's 200 and the 487 share the To-tag"
     );
+    let m = scrape(&controller.http_url()).await;
+    for code in ["100", "487"] {
+        let series = format!(r#"confroute_sip_requests_total{{code="{code}",method="INVITE"}}"#);
+        assert_eq!(metric(&m, &series), 1.0, "{series}");
+    }
     proxy.heal();
 }
 
@@ -592,6 +597,64 @@ async fn conference_header_takes_precedence_and_percent_escapes_decode() {
     ));
     assert_eq!(status(&c), 302, "{c}");
     assert_eq!(header(&c, "X-Conference"), Some("+15555550101"));
+    // A carrier's number-portability parameters in the user part (RFC 3966) are not part of
+    // the number that names the conference.
+    let d = udp.exchange(&invite(
+        "sip:+15555550101;npdi;rn=+15555550000@router;user=phone",
+        udp.port(),
+        "z9hG4bKlnp",
+        "",
+    ));
+    assert_eq!(status(&d), 302, "{d}");
+    assert_eq!(header(&d, "X-Conference"), Some("+15555550101"));
+    assert_eq!(
+        header(&d, "Contact"),
+        Some("<sip:+15555550101@10.0.0.11:5060;transport=udp>")
+    );
+    let e = udp.exchange(&invite("sip:;npdi@router", udp.port(), "z9hG4bKnonum", ""));
+    assert_eq!(status(&e), 484, "{e}");
+}
+
+/// RFC 3261 §25.1 lets a Via put whitespace around its slashes and sent-by's colon; the
+/// answer still goes where the Via says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_via_with_whitespace_the_grammar_allows_is_answered() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let msg = invite("sip:spaced@router", udp.port(), "z9hG4bKspaced", "").replace(
+        &format!("Via: SIP/2.0/UDP 127.0.0.1:{};", udp.port()),
+        &format!("Via: SIP / 2.0 / UDP 127.0.0.1 : {} ;", udp.port()),
+    );
+    assert!(msg.contains("SIP / 2.0 / UDP"), "{msg}");
+    let a = udp.exchange(&msg);
+    assert_eq!(status(&a), 302, "{a}");
+    assert!(
+        header(&a, "Via").is_some_and(|v| v.contains("received=127.0.0.1")),
+        "{a}"
+    );
+}
+
+/// A pre-RFC 3261 branch keys its transaction on the top Via: the CANCEL and the ACK carry
+/// that one alone, while the INVITE may have the whole path in one Via header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_style_transaction_is_matched_by_its_top_via_alone() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let port = udp.port();
+    let msg = invite("sip:oldstyle@router", port, "1", "").replace(
+        &format!("Via: SIP/2.0/UDP 127.0.0.1:{port};branch=1\r\n"),
+        &format!(
+            "Via: SIP/2.0/UDP 127.0.0.1:{port};branch=1, SIP/2.0/UDP 192.0.2.7:5060;branch=2\r\n"
+        ),
+    );
+    assert!(msg.contains("branch=2"), "{msg}");
+    let a = udp.exchange(&msg);
+    assert_eq!(status(&a), 302, "{a}");
+    let cancel = invite("sip:oldstyle@router", port, "1", "")
+        .replace("INVITE sip:oldstyle@router", "CANCEL sip:oldstyle@router")
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    let c = udp.exchange(&cancel);
+    assert_eq!(status(&c), 200, "the CANCEL matches its INVITE: {c}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,7 @@ fn method_label(method: &str) -> &'static str {
 /// The `code` label for a status this server sends (a bounded set, no allocation per call).
 fn code_label(code: u16) -> &'static str {
     match code {
+        100 => "100",
         200 => "200",
         302 => "302",
         400 => "400",
@@ -83,6 +84,7 @@ fn code_label(code: u16) -> &'static str {
         481 => "481",
         483 => "483",
         484 => "484",
+        487 => "487",
         500 => "500",
         503 => "503",
         _ => "other",
@@ -379,7 +381,10 @@ impl SipService {
                 );
             }
         };
-        let Some(user) = uri.user.filter(|u| !u.is_empty()) else {
+        // A telephone-subscriber user part carries parameters after the number
+        // (`+15555550101;npdi;rn=+15555550000`, RFC 3966): the number names the conference.
+        let user = uri.user.map(|u| u.split(';').next().unwrap_or(""));
+        let Some(user) = user.filter(|u| !u.is_empty()) else {
             self.router.record_invalid();
             return Target::Reject(
                 Response::new(484, "Address Incomplete")
@@ -425,11 +430,15 @@ fn transaction_key(req: &Request<'_>, via: &message::Via<'_>) -> String {
             via.host.to_ascii_lowercase(),
             via.port.unwrap_or(5060)
         ),
+        // The top Via value only: a CANCEL or ACK carries that one alone (RFC 3261 §9.1,
+        // §17.1.1.3), while the INVITE's first Via header may hold the whole path.
         _ => format!(
             "{}|{}|{}",
             req.header("Call-ID").unwrap_or(""),
             req.cseq().map(|c| c.0).unwrap_or(0),
-            req.header("Via").unwrap_or("")
+            req.header("Via")
+                .map(message::split_first_value)
+                .unwrap_or("")
         ),
     }
 }

@@ -302,17 +302,17 @@ pub struct Via<'a> {
 impl<'a> Via<'a> {
     /// Parses one Via value; `None` when it is malformed.
     pub fn parse(v: &'a str) -> Option<Via<'a>> {
-        let mut parts = v.splitn(2, |c: char| c.is_ascii_whitespace());
-        let proto = parts.next()?;
-        let rest = parts.next()?.trim_start();
-        let mut pp = proto.split('/');
-        let (name, version, transport) = (pp.next()?, pp.next()?, pp.next()?);
-        // Exactly three parts: `SIP/2.0/UDP/x;` would otherwise pass as transport `UDP`
-        // with the rest of the value misread (found by fuzzing).
-        if pp.next().is_some()
-            || !name.trim().eq_ignore_ascii_case("SIP")
+        // sent-protocol allows whitespace around its slashes (SLASH = SWS "/" SWS), and LWS
+        // separates it from sent-by.
+        let mut pp = v.splitn(3, '/');
+        let (name, version, tail) = (pp.next()?, pp.next()?, pp.next()?.trim_start());
+        let split = tail.find(|c: char| c.is_ascii_whitespace())?;
+        let (transport, rest) = (&tail[..split], tail[split..].trim_start());
+        // A transport that is not a token (`SIP/2.0/UDP/x;`, found by fuzzing) would have
+        // the rest of the value misread.
+        if !name.trim().eq_ignore_ascii_case("SIP")
             || version.trim() != "2.0"
-            || !is_token(transport.trim())
+            || !is_token(transport)
         {
             return None;
         }
@@ -334,7 +334,7 @@ impl<'a> Via<'a> {
             }
         }
         Some(Via {
-            transport: transport.trim(),
+            transport,
             host,
             port,
             branch,
@@ -351,15 +351,22 @@ pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
     if let Some(rest) = s.strip_prefix('[') {
         let close = rest.find(']')?;
         let host = &s[..close + 2];
-        let after = &rest[close + 1..];
+        let after = rest[close + 1..].trim_start();
         return match after.strip_prefix(':') {
-            Some(p) => Some((host, Some(p.parse().ok()?))),
+            Some(p) => Some((host, Some(p.trim_start().parse().ok()?))),
             None if after.is_empty() => Some((host, None)),
             None => None,
         };
     }
+    // COLON = SWS ":" SWS.
     match s.rfind(':') {
-        Some(i) => Some((&s[..i], Some(s[i + 1..].parse().ok()?))),
+        Some(i) => {
+            let host = s[..i].trim_end();
+            if host.is_empty() {
+                return None;
+            }
+            Some((host, Some(s[i + 1..].trim_start().parse().ok()?)))
+        }
         None => Some((s, None)),
     }
 }
@@ -539,11 +546,17 @@ mod tests {
         let v = Via::parse("SIP/2.0/TCP [2001:db8::1]:5080;branch=z9hG4bKx").expect("v6");
         assert_eq!(v.host, "[2001:db8::1]");
         assert_eq!(v.port, Some(5080));
-        let v = Via::parse("SIP / 2.0 / UDP host.example;branch=z9hG4bKy").map(|v| v.host);
+        // SWS around the slashes and the colon, LWS before sent-by (RFC 3261 §25.1).
+        let v = Via::parse("SIP / 2.0 / UDP\t host.example : 5070;branch=z9hG4bKy")
+            .expect("whitespace where the grammar allows it");
         assert_eq!(
-            v, None,
-            "spaces around slashes are not accepted by this parser"
+            (v.transport, v.host, v.port),
+            ("UDP", "host.example", Some(5070))
         );
+        let v = Via::parse("SIP/2.0/TCP [2001:db8::1] : 5080;branch=z9hG4bKx").expect("v6");
+        assert_eq!((v.host, v.port), ("[2001:db8::1]", Some(5080)));
+        assert!(Via::parse("SIP/2.0/UDP host.example :;branch=z9hG4bKy").is_none());
+        assert!(Via::parse("SIP/2.0/UDP :5060;branch=z9hG4bKy").is_none());
         let v = Via::parse("SIP/2.0/UDP host.example ; branch = z9hG4bKz ; rport=5060")
             .expect("spaces in params");
         assert_eq!(v.branch, Some("z9hG4bKz"));
