@@ -394,6 +394,69 @@ async fn conferences_list_get_end_and_their_errors() {
     );
 }
 
+/// A path segment that is not UTF-8 is refused with 400 on every route that has one, as
+/// the API document says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_path_segment_gets_the_documented_400_everywhere() {
+    let s = setup(None).await;
+    let doc = openapi();
+    for (method, path) in documented() {
+        if !path.contains('{') {
+            continue;
+        }
+        let m = Method::from_bytes(method.as_bytes()).expect("method");
+        let concrete = path.replace("{id}", "%FF").replace("{name}", "%FF");
+        let body = matches!(m, Method::POST | Method::PATCH).then_some("{}");
+        let a = call(&s, m, &concrete, body, None).await;
+        assert_error(&a, 400, "invalid_request");
+        assert!(
+            doc["paths"][&path][method.to_lowercase()]["responses"]
+                .get("400")
+                .is_some(),
+            "{method} {path} answers 400 but does not document it"
+        );
+    }
+    let page = s.store.list_conferences(None, 10).await.expect("list");
+    assert!(page.items.is_empty(), "nothing claimed: {:?}", page.items);
+}
+
+/// A call-control body that names the conference or participant its path names is refused
+/// like any unknown field, before anything is claimed or sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_control_bodies_may_not_name_what_their_path_names() {
+    let s = setup(None).await;
+    for (path, body) in [
+        (
+            "/v1/conferences/path-conf/participants",
+            r#"{"to":"+15555550101","conference":"body-conf"}"#,
+        ),
+        (
+            "/v1/conferences/path-conf/play",
+            r#"{"media":"sound:beep","conference":"body-conf"}"#,
+        ),
+        (
+            "/v1/conferences/path-conf/participants/p1/dtmf",
+            r#"{"digits":"1","participant":"p2"}"#,
+        ),
+        (
+            "/v1/conferences/path-conf/participants/p1/dtmf",
+            r#"{"digits":"1","conference":"body-conf"}"#,
+        ),
+    ] {
+        let a = call(&s, Method::POST, path, Some(body), None).await;
+        assert_error(&a, 422, "invalid_params");
+        assert!(
+            a.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("the path names")),
+            "{path}: {}",
+            a.text
+        );
+    }
+    let page = s.store.list_conferences(None, 10).await.expect("list");
+    assert!(page.items.is_empty(), "nothing claimed: {:?}", page.items);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_guards_every_v1_route_but_not_health_or_metrics() {
     let s = setup(Some(TOKEN)).await;

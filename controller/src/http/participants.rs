@@ -75,11 +75,20 @@ fn body(b: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value>, Api
     }
 }
 
-fn with(mut m: Map<String, Value>, extra: &[(&str, &str)]) -> Value {
+/// The body with the path's values added. A body naming them too is refused, as any other
+/// unknown field is: overwriting it would act on what the path says while the client may
+/// have meant what its body says.
+fn with(mut m: Map<String, Value>, extra: &[(&str, &str)]) -> Result<Value, ApiError> {
     for (k, v) in extra {
+        if m.contains_key(*k) {
+            return Err(ControlError::InvalidParams(format!(
+                "unknown field `{k}`: the path names the {k}"
+            ))
+            .into());
+        }
         m.insert((*k).to_string(), Value::String((*v).to_string()));
     }
-    Value::Object(m)
+    Ok(Value::Object(m))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
@@ -118,7 +127,7 @@ pub async fn dialout(
     Path(name): Path<String>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)]))?;
+    let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)])?)?;
     let d = state.control.dialout(p).await?;
     // Statuses are not events: REST callers see the callee's `join` (participant = call id)
     // among the conference events; the JSON-RPC `dialout` streams every status. Dropping
@@ -133,14 +142,13 @@ pub async fn play_all(
     Path(name): Path<String>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut m = body(b)?;
+    let m = body(b)?;
     if m.contains_key("participant") {
         return Err(ApiError::bad_request(
             "use /participants/{id}/play for one participant",
         ));
     }
-    m.insert("conference".into(), Value::String(name));
-    let p: PlayParams = decode(Value::Object(m))?;
+    let p: PlayParams = decode(with(m, &[("conference", &name)])?)?;
     Ok(Json(state.control.play(p).await?))
 }
 
@@ -216,7 +224,7 @@ pub async fn dtmf(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: DtmfParams = decode(v)?;
     Ok(Json(state.control.dtmf(params).await?))
 }
@@ -227,7 +235,7 @@ pub async fn play(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: PlayParams = decode(v)?;
     Ok(Json(state.control.play(params).await?))
 }
@@ -238,7 +246,7 @@ pub async fn move_to(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: MoveParams = decode(v)?;
     Ok(Json(state.control.move_participant(params).await?))
 }
@@ -249,7 +257,7 @@ pub async fn update(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)]);
+    let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: UpdateParams = decode(v)?;
     Ok(Json(state.control.update(params).await.map(|r| {
         if r.is_null() {
