@@ -705,13 +705,22 @@ async fn options_answered(tcp: &mut tokio::net::TcpStream, branch: &str) -> bool
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+    while !got
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .is_some_and(|start| got[start..].windows(4).any(|w| w == b"\r\n\r\n"))
+    {
         match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
             _ => return false,
         }
     }
-    got.starts_with(b"SIP/2.0 200 OK")
+    // Pongs to keepalive pings may come first.
+    let start = got
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    got[start..].starts_with(b"SIP/2.0 200 OK")
 }
 
 /// Sends OPTIONS whose answers are large, reading nothing, until the controller stops taking
@@ -755,6 +764,71 @@ async fn a_tcp_peer_that_never_reads_is_closed_after_the_idle_timeout() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(stuck);
+}
+
+/// A peer that keeps a message coming a byte at a time (every byte inside the idle timeout)
+/// loses its connection once the message has taken the idle timeout, so a few such peers
+/// cannot hold every slot; line-end keepalives alone do not count as a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_message_trickling_in_is_cut_off_and_frees_its_slot() {
+    let s = setup(&[
+        ("CONFROUTE_SIP__TCP_MAX_CONNECTIONS", "2"),
+        ("CONFROUTE_SIP__TCP_IDLE_TIMEOUT", "2s"),
+    ])
+    .await;
+    let connect = || tokio::net::TcpStream::connect(s.controller.sip_addr());
+    let mut keepalive = connect().await.expect("connect");
+    assert!(options_answered(&mut keepalive, "z9hG4bKkeep").await);
+    let mut slow = connect().await.expect("connect");
+    let message = options_tcp("z9hG4bKslow", "slow");
+    let started = tokio::time::Instant::now();
+    let mut closed = false;
+    for (i, byte) in message.as_bytes().iter().enumerate() {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        // The other peer sends single-CRLF keepalives at the same pace.
+        if i % 2 == 0 {
+            let _ = keepalive.write_all(b"\r\n").await;
+        }
+        if started.elapsed() > Duration::from_secs(12) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if i > 2 && closed_soon(&mut slow).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "a message trickling in for {:?} still holds its connection",
+        started.elapsed()
+    );
+    let mut next = connect().await.expect("connect");
+    assert!(
+        options_answered(&mut next, "z9hG4bKnext").await,
+        "the trickling peer's slot is free"
+    );
+    assert!(
+        options_answered(&mut keepalive, "z9hG4bKkeep2").await,
+        "keepalives alone keep a connection"
+    );
+    let m = scrape(&s.controller.http_url()).await;
+    assert_eq!(
+        metric(&m, r#"confroute_sip_dropped_total{reason="incomplete"}"#),
+        1.0
+    );
+}
+
+/// Whether the controller has closed `tcp` (checked without waiting long).
+async fn closed_soon(tcp: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(10), tcp.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

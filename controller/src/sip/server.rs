@@ -19,6 +19,10 @@ use crate::config::Transport;
 /// instead of growing the controller's memory.
 const TCP_PENDING: usize = 64;
 
+/// Longest a TCP message may take to arrive once begun (RFC 3261 Timer B and F: its sender
+/// has given up on it by then), unless `sip.tcp_idle_timeout` is shorter.
+const MESSAGE_DEADLINE: Duration = Duration::from_secs(32);
+
 /// Limits on the TCP listener.
 #[derive(Clone, Copy, Debug)]
 pub struct TcpLimits {
@@ -281,14 +285,35 @@ async fn connection(
     });
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
+    // When the message now in `buf` began: it must be whole by `message_deadline` from
+    // then, however steadily its bytes trickle in, or a few peers sending a byte now and
+    // then could hold every connection slot.
+    let message_deadline = limits.idle.min(MESSAGE_DEADLINE);
+    let mut begun: Option<tokio::time::Instant> = None;
+    // No header block ends before this offset of `buf`: a message arriving in small pieces
+    // is searched once, not again from its start on every read.
+    let mut scanned = 0usize;
     'read: loop {
+        let wait = match begun {
+            Some(t) => {
+                (t + message_deadline).saturating_duration_since(tokio::time::Instant::now())
+            }
+            None => limits.idle,
+        };
         let read = tokio::select! {
-            read = tokio::time::timeout(limits.idle, reader.read(&mut chunk)) => read,
+            read = tokio::time::timeout(wait, reader.read(&mut chunk)) => read,
             // The writer gave up on the peer: nothing read now could be answered.
             () = tx.closed() => break,
         };
         let n = match read {
-            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(0)) => break,
+            Err(_) => {
+                if begun.is_some() {
+                    service.note_dropped("incomplete");
+                    tracing::debug!(%peer, "tcp message not complete in time; closing");
+                }
+                break;
+            }
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "tcp read failed");
@@ -297,13 +322,23 @@ async fn connection(
         };
         buf.extend_from_slice(&chunk[..n]);
         loop {
+            if buf.len() <= max
+                && !buf.starts_with(b"\r")
+                && !buf.starts_with(b"\n")
+                && header_end(&buf[scanned.min(buf.len())..]).is_none()
+            {
+                scanned = buf.len().saturating_sub(3);
+                break;
+            }
             match next_frame(&buf, max) {
                 Frame::Incomplete => break,
                 Frame::Skip(n) => {
                     buf.drain(..n);
+                    scanned = 0;
                 }
                 Frame::Ping(n) => {
                     buf.drain(..n);
+                    scanned = 0;
                     if tx.send(b"\r\n".to_vec()).await.is_err() {
                         break 'read;
                     }
@@ -322,6 +357,8 @@ async fn connection(
                         break 'read;
                     };
                     let message: Vec<u8> = buf.drain(..len).collect();
+                    scanned = 0;
+                    begun = None;
                     let (service, tx) = (service.clone(), tx.clone());
                     tokio::spawn(async move {
                         if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
@@ -331,6 +368,12 @@ async fn connection(
                     });
                 }
             }
+        }
+        // Line ends alone are keepalives (some peers send a single CRLF), not a message.
+        if buf.iter().all(|b| *b == b'\r' || *b == b'\n') {
+            begun = None;
+        } else if begun.is_none() {
+            begun = Some(tokio::time::Instant::now());
         }
     }
     drop(tx);
