@@ -107,11 +107,13 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         let receivers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
+        let pending = Arc::new(tokio::sync::Semaphore::new(cfg.sip.max_pending_invites));
         for _ in 0..receivers {
             tasks.push(tokio::spawn(server::serve_udp(
                 socket.clone(),
                 service.clone(),
                 cfg.sip.max_message_size,
+                pending.clone(),
             )));
         }
     }

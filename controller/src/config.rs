@@ -88,6 +88,9 @@ pub struct SipConfig {
     pub max_transactions: usize,
     /// Kernel receive/send buffer of the UDP socket in bytes; 0 keeps the system default.
     pub udp_buffer_size: usize,
+    /// INVITEs received over UDP being routed at once; further ones are dropped (their
+    /// senders retransmit) until some are answered.
+    pub max_pending_invites: usize,
     /// TCP connections open at once; further ones are closed as they are accepted.
     pub tcp_max_connections: usize,
     /// A TCP connection with no traffic for this long is closed.
@@ -219,6 +222,7 @@ impl Default for SipConfig {
             max_message_size: crate::sip::message::DEFAULT_MAX_MESSAGE,
             max_transactions: 200_000,
             udp_buffer_size: 4 * 1024 * 1024,
+            max_pending_invites: 10_000,
             tcp_max_connections: 4096,
             tcp_idle_timeout: Duration::from_secs(600),
         }
@@ -296,6 +300,9 @@ impl Validate for ControllerConfig {
         }
         if self.routing.deadline.is_zero() {
             issues.add("routing.deadline", "must be greater than zero");
+        }
+        if !(1..=1_000_000).contains(&self.sip.max_pending_invites) {
+            issues.add("sip.max_pending_invites", "must be between 1 and 1000000");
         }
         if !(1..=1_000_000).contains(&self.sip.tcp_max_connections) {
             issues.add("sip.tcp_max_connections", "must be between 1 and 1000000");
@@ -385,6 +392,11 @@ mod tests {
                 "CONFROUTE_SIP__TCP_MAX_CONNECTIONS",
                 "0",
                 "sip.tcp_max_connections",
+            ),
+            (
+                "CONFROUTE_SIP__MAX_PENDING_INVITES",
+                "0",
+                "sip.max_pending_invites",
             ),
             (
                 "CONFROUTE_SIP__TCP_IDLE_TIMEOUT",

@@ -202,6 +202,82 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
     proxy.heal();
 }
 
+/// While Redis does not answer, at most `sip.max_pending_invites` UDP INVITEs wait for it;
+/// the rest are dropped and counted, and once those are answered INVITEs are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_invites_waiting_on_redis_are_capped() {
+    let redis = RedisServer::start().expect("redis");
+    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    fixtures::store(&fixtures::single(&redis.url()))
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "2s".into()));
+    env.push(("CONFROUTE_SIP__MAX_PENDING_INVITES".into(), "2".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let udp = Udp::new(controller.sip_addr());
+    let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
+    assert_eq!(status(&warm), 302, "{warm}");
+
+    proxy.black_hole();
+    for i in 0..5 {
+        let msg = invite(
+            &format!("sip:held{i}@router"),
+            udp.port(),
+            &format!("z9hG4bKheld{i}"),
+            "",
+        );
+        udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    }
+    let dropped = |m: &str| metric(m, r#"confroute_sip_dropped_total{reason="overloaded"}"#);
+    let url = controller.http_url();
+    confroute_tests::harness::wait_for_async(
+        "three INVITEs dropped",
+        Duration::from_secs(5),
+        || async { (dropped(&scrape(&url).await) == 3.0).then_some(()) },
+    )
+    .await
+    .expect("dropped past the limit");
+    // The two taken are answered at their deadline; nothing else was.
+    udp.socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answered = Vec::new();
+    let mut buf = [0u8; 8192];
+    for _ in 0..2 {
+        let n = udp.socket.recv(&mut buf).expect("an answer");
+        let a = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(status(&a), 503, "{a}");
+        answered.push(header(&a, "Call-ID").unwrap_or("").to_string());
+    }
+    answered.sort();
+    answered.dedup();
+    assert_eq!(
+        answered.len(),
+        2,
+        "two different INVITEs answered: {answered:?}"
+    );
+    udp.silence(b"\r\n\r\n", Duration::from_millis(300));
+    proxy.heal();
+    let retry = (0..5)
+        .find(|i| !answered.contains(&format!("z9hG4bKheld{i}@test")))
+        .expect("a dropped INVITE");
+    let again = udp.exchange(&invite(
+        &format!("sip:held{retry}@router"),
+        udp.port(),
+        &format!("z9hG4bKheld{retry}"),
+        "",
+    ));
+    assert_eq!(
+        status(&again),
+        302,
+        "the dropped INVITE's retransmission: {again}"
+    );
+    assert_eq!(dropped(&scrape(&url).await), 3.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_transaction_table_still_gives_retransmissions_the_same_to_tag() {
     let s = setup(&[("CONFROUTE_SIP__MAX_TRANSACTIONS", "32")]).await;

@@ -35,9 +35,15 @@ pub struct TcpLimits {
 }
 
 /// Receives datagrams forever. INVITEs, which may wait on Redis, are answered in their own
-/// task; everything else (ACKs, OPTIONS, CANCELs, errors) is answered inline, which saves a
-/// task and a thread wake-up per packet.
-pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_message: usize) {
+/// task, at most `pending` at once (`sip.max_pending_invites`); everything else (ACKs,
+/// OPTIONS, CANCELs, errors) is answered inline, which saves a task and a thread wake-up
+/// per packet.
+pub async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    service: Arc<SipService>,
+    max_message: usize,
+    pending: Arc<Semaphore>,
+) {
     let mut buf = vec![0u8; max_message.max(1024) + 1];
     loop {
         let (len, source, local) = match pktinfo::recv(&socket, &mut buf).await {
@@ -59,6 +65,13 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_mes
             continue;
         }
         if packet.starts_with(b"INVITE ") {
+            // While Redis is slow every INVITE waits out the routing deadline; a flood then
+            // would pile up tasks and Redis commands without bound. Past the limit the
+            // INVITE is dropped: its sender retransmits it.
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                service.note_dropped("overloaded");
+                continue;
+            };
             let packet = packet.to_vec();
             let (socket, service) = (socket.clone(), service.clone());
             // Boxed so the task holds a pointer, not the whole routing state machine.
@@ -66,6 +79,7 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, service: Arc<SipService>, max_mes
                 if let Some(out) = service.handle(&packet, source, Transport::Udp).await {
                     send(&socket, &out.bytes, out.to, local).await;
                 }
+                drop(permit);
             }));
         } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
             send(&socket, &out.bytes, out.to, local).await;
