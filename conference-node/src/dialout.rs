@@ -284,6 +284,8 @@ struct Track {
     connected: bool,
     /// When the callee entered the conference.
     connected_at: Option<std::time::Instant>,
+    /// When Asterisk took the originate up (the callee's channel existed from then).
+    accepted_at: Option<std::time::Instant>,
     /// Cause of the last hangup request from the far end (not a soft hangup).
     requested: Option<i64>,
     /// The call ended (with this cause) before `accepted` could be sent.
@@ -334,6 +336,7 @@ impl Dialouts {
                 ringing: false,
                 connected: false,
                 connected_at: None,
+                accepted_at: None,
                 requested: None,
                 ended: None,
             },
@@ -348,6 +351,7 @@ impl Dialouts {
             return;
         };
         t.accepted = true;
+        t.accepted_at = Some(std::time::Instant::now());
         send(node, t, callid, "accepted", Value::Null, false);
         if t.ringing {
             send(node, t, callid, "ringing", Value::Null, false);
@@ -399,27 +403,38 @@ impl Dialouts {
     }
 
     /// A reconciliation listed Asterisk's channels (`present`) after `taken`: a callee
-    /// connected before that and not among them is gone. Its end may have been lost with
-    /// the events WebSocket, or may still be on its way: it is reported cleared unless its
-    /// ChannelDestroyed comes soon.
+    /// connected, or placed, before that and not among them is gone. Its end may have been
+    /// lost with the events WebSocket, or may still be on its way: it is reported cleared
+    /// (rejected, if it never connected) unless its ChannelDestroyed comes soon.
     pub fn vanished(
         &self,
         node: &Arc<Node>,
         present: &std::collections::HashSet<&str>,
         taken: std::time::Instant,
     ) {
-        let gone: Vec<String> = lock(&self.calls)
+        let gone: Vec<(String, bool)> = lock(&self.calls)
             .iter()
             .filter(|(id, t)| {
-                t.accepted
-                    && t.connected_at.is_some_and(|at| at < taken)
-                    && !present.contains(id.as_str())
+                let listed_after = if t.connected {
+                    t.connected_at.is_some_and(|at| at < taken)
+                } else {
+                    t.accepted_at.is_some_and(|at| at < taken)
+                };
+                t.accepted && listed_after && !present.contains(id.as_str())
             })
-            .map(|(id, _)| id.clone())
+            .map(|(id, t)| (id.clone(), t.connected))
             .collect();
-        for callid in gone {
-            tracing::info!(callid = %callid, "connected callee no longer in Asterisk");
-            clear_later(node, callid);
+        for (callid, connected) in gone {
+            if connected {
+                tracing::info!(callid = %callid, "connected callee no longer in Asterisk");
+                clear_later(node, callid, CAUSE_NORMAL_CLEARING);
+            } else {
+                // Answered while the events WebSocket was down, Asterisk could not hand the
+                // callee to the app and hung it up; or it failed unheard. Without this the
+                // call would be reported only when its ring time ran out.
+                tracing::info!(callid = %callid, "ringing callee no longer in Asterisk");
+                clear_later(node, callid, CAUSE_NORMAL_UNSPECIFIED);
+            }
         }
     }
 
@@ -475,19 +490,25 @@ impl Dialouts {
         {
             return;
         }
-        clear_later(node, callid.to_string());
+        clear_later(node, callid.to_string(), CAUSE_NORMAL_CLEARING);
     }
 }
 
-/// Reports a connected call cleared after [`CLEARED_FALLBACK`] unless its ChannelDestroyed
-/// (with the real cause) has ended it by then.
-fn clear_later(node: &Arc<Node>, callid: String) {
+/// Q.850 normal call clearing.
+const CAUSE_NORMAL_CLEARING: i64 = 16;
+/// Q.850 normal, unspecified: the call ended and nothing says how.
+const CAUSE_NORMAL_UNSPECIFIED: i64 = 31;
+
+/// Reports a call ended (cleared, or rejected if it never connected) after
+/// [`CLEARED_FALLBACK`] unless its ChannelDestroyed (with the real cause) has ended it by
+/// then; `cause` when the far end gave none.
+fn clear_later(node: &Arc<Node>, callid: String, cause: i64) {
     let node = node.clone();
     tokio::spawn(async move {
         tokio::time::sleep(CLEARED_FALLBACK).await;
         let mut calls = lock(&node.dialouts.calls);
         if let Some(t) = calls.remove(&callid) {
-            let cause = t.requested.unwrap_or(16);
+            let cause = t.requested.unwrap_or(cause);
             finish(&node, &t, &callid, cause);
         }
     });

@@ -563,6 +563,27 @@ async fn a_connected_callee_whose_end_was_lost_with_the_websocket_is_reported_cl
     );
 }
 
+/// The callee answers while the agent's events WebSocket is down: Asterisk cannot hand it
+/// to an app that is not connected and hangs it up, unheard. The next reconciliation finds
+/// it gone and the dial-out ends then, not when its ring time would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_lost_while_the_websocket_was_down_ends_its_dialout_at_the_next_look() {
+    let (c, owner, mut ws, callid) = ringing_dialout("lost-2", "+15555550152").await;
+    let sim = &c.node(&owner).sim;
+    sim.drop_websockets();
+    sim.answer_far_end(&callid).await.expect("answer");
+    let st = ws.statuses(&callid, "rejected").await;
+    assert!(
+        sim.snapshot().channel(&callid).is_none(),
+        "Asterisk hung the callee up: no app took it"
+    );
+    assert_eq!(
+        st,
+        vec![json!({"callid": callid, "status": "rejected", "code": 500, "cause": 31})]
+    );
+    assert_never_joined(sim, &callid, "the lost callee entered the conference");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialout_placed_after_its_originate_timed_out_is_hung_up_as_it_rings() {
     // Asterisk takes the originate up only after the agent gave up waiting, and after the
