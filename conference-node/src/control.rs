@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use confroute_shared::bus::{BusError, Command, ErrorCode};
@@ -187,6 +187,15 @@ pub async fn run(node: Arc<Node>, mut commands: mpsc::Receiver<Command>) {
 pub fn intake(node: &Arc<Node>, cmd: Command) {
     tracing::debug!(id = %cmd.id, method = %cmd.method, "command received");
     let pending = Pending::new(&cmd);
+    // A controller whose bus was reconnecting may have missed statuses of a dial-out it
+    // streams: it asks where the call is now. Nothing of a conference is involved.
+    if cmd.method == "dialout.state" {
+        let state = decode::<DialoutStateP>(&cmd.params)
+            .and_then(|p| participant(&p.callid))
+            .map(|callid| json!({"status": node.dialouts.state(&callid)}));
+        pending.answer(node, state);
+        return;
+    }
     let (conference, op) = match parse(node, &cmd) {
         Ok(x) => x,
         Err(e) => {
@@ -330,6 +339,14 @@ struct UpdateP {
     end_on_exit: Option<bool>,
     #[serde(default, rename = "beepOnExit")]
     beep_on_exit: Option<bool>,
+}
+
+/// `dialout.state` parameters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DialoutStateP {
+    /// The call id the dial-out was answered with.
+    callid: String,
 }
 
 /// `dialout` parameters as the controller sends them.

@@ -365,6 +365,22 @@ impl Dialouts {
         }
     }
 
+    /// The latest status of call `callid` (`accepted`, `ringing` or `connected`); `None`
+    /// once it ended (its last status is sent) or when no such call was placed here.
+    pub fn state(&self, callid: &str) -> Option<&'static str> {
+        let calls = lock(&self.calls);
+        let t = calls
+            .get(callid)
+            .filter(|t| t.accepted && t.ended.is_none())?;
+        Some(if t.connected {
+            "connected"
+        } else if t.ringing {
+            "ringing"
+        } else {
+            "accepted"
+        })
+    }
+
     /// The originate failed: no notifications follow.
     pub fn abandon(&self, callid: &str) {
         lock(&self.calls).remove(callid);

@@ -55,6 +55,7 @@ pub const COMMAND_METHODS: &[&str] = &[
     "participant.move",
     "participant.update",
     "dialout",
+    "dialout.state",
 ];
 
 /// How a command ended (the `outcome` label of commands): `ok` or a bus error code.

@@ -216,6 +216,31 @@ impl Control {
         self.router.redis_ok() && !self.router.settling() && self.router.view().live(node).is_none()
     }
 
+    /// Where dial-out `callid` placed by `node` is now (`accepted`, `ringing`, `connected`),
+    /// or `None` once the node tracks it no more (it ended).
+    pub async fn dialout_state(
+        &self,
+        node: &NodeId,
+        callid: &str,
+    ) -> Result<Option<String>, ControlError> {
+        let call = self
+            .bus
+            .call(
+                node,
+                "dialout.state",
+                json!({ "callid": callid }),
+                self.timeout,
+                false,
+            )
+            .await
+            .map_err(ControlError::Node)?;
+        let state = call.reply.map_err(ControlError::Node)?;
+        Ok(state
+            .get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string))
+    }
+
     async fn owner(&self, conference: &ConferenceName) -> Result<NodeId, ControlError> {
         match self.router.store().lookup(conference).await {
             Ok(Some(rec)) => Ok(rec.owner.node),

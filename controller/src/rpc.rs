@@ -425,6 +425,29 @@ const NODE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// the stream ends with `unknown`.
 const NODE_GONE_CHECKS: u32 = 3;
 
+/// How long a dial-out the node no longer tracks may take to deliver its last status
+/// before its stream ends with `unknown` (`bus_reconnected`).
+const LAST_STATUS_GRACE: Duration = Duration::from_secs(1);
+
+/// The `status` of a `dialout.status` notification.
+fn status_of(params: &Value) -> String {
+    params
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Order of the statuses a call goes through before its last one.
+fn status_rank(status: &str) -> u8 {
+    match status {
+        "accepted" => 1,
+        "ringing" => 2,
+        "connected" => 3,
+        _ => 0,
+    }
+}
+
 fn lost_notice(count: u64) -> String {
     notification(
         "events.lost",
@@ -565,10 +588,13 @@ impl Session {
                 let mut closed = self.closed.clone();
                 let callid = d.result.get("callid").cloned().unwrap_or(Value::Null);
                 let node = d.node;
+                let mut gaps = self.control.bus().gaps();
+                gaps.borrow_and_update();
                 tokio::spawn(async move {
                     // Ends with the last status, when the client goes, or when the node is
                     // gone: a status stream whose node died never sends its last one.
                     let mut missed = 0u32;
+                    let mut last_status = String::new();
                     let gone = async move {
                         let _ = closed.wait_for(|c| *c).await;
                     };
@@ -588,6 +614,12 @@ impl Session {
                         tokio::select! {
                             note = notes.recv() => match note {
                                 Some(Reply::Notify { params, last, .. }) => {
+                                    let status = status_of(&params);
+                                    // Already told, from the node's answer after a bus gap.
+                                    if !last && status_rank(&status) > 0 && status_rank(&status) <= status_rank(&last_status) {
+                                        continue;
+                                    }
+                                    last_status = status;
                                     me.send_text(notification("dialout.status", params)).await;
                                     if last {
                                         break;
@@ -595,6 +627,42 @@ impl Session {
                                 }
                                 _ => break,
                             },
+                            // Statuses published while the bus was reconnecting are lost:
+                            // the node says where the call is now.
+                            Ok(()) = gaps.changed() => {
+                                let Some(callid_str) = callid.as_str() else { continue };
+                                match me.control.dialout_state(&node, callid_str).await {
+                                    Ok(Some(now)) => {
+                                        if status_rank(&now) > status_rank(&last_status) {
+                                            let params = json!({"callid": callid, "status": now});
+                                            last_status = now;
+                                            me.send_text(notification("dialout.status", params)).await;
+                                        }
+                                    }
+                                    // Ended: its last status went out, maybe while the bus was
+                                    // away, maybe still on its way from the node.
+                                    Ok(None) => {
+                                        match tokio::time::timeout(LAST_STATUS_GRACE, notes.recv()).await {
+                                            Ok(Some(Reply::Notify { params, last, .. })) => {
+                                                last_status = status_of(&params);
+                                                me.send_text(notification("dialout.status", params)).await;
+                                                if last {
+                                                    break;
+                                                }
+                                            }
+                                            _ => {
+                                                let params = json!({"callid": callid, "status": "unknown",
+                                                                    "reason": "bus_reconnected"});
+                                                me.send_text(notification("dialout.status", params)).await;
+                                                break;
+                                            }
+                                        }
+                                    }
+                                    // The node does not answer: the watchdog tells whether it
+                                    // is gone.
+                                    Err(_) => {}
+                                }
+                            }
                             _ = watch.tick() => {
                                 missed = if me.control.node_gone(&node) { missed + 1 } else { 0 };
                                 if missed >= NODE_GONE_CHECKS {

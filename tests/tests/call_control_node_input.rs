@@ -8,6 +8,7 @@ mod node_common;
 use std::time::Duration;
 
 use confroute_shared::bus::{Bus, ErrorCode};
+use confroute_tests::ari_sim::{EndpointMatch, Outcome};
 use confroute_tests::fixtures;
 use node_common::control::DIALOUT_ENV;
 use node_common::*;
@@ -259,6 +260,19 @@ async fn bad_commands_get_precise_errors_and_change_nothing() {
             ParticipantNotFound,
             "nobody.1",
         ),
+        (
+            "dialout.state",
+            json!({"callid": "a/b"}),
+            InvalidParams,
+            "participant",
+        ),
+        ("dialout.state", json!({}), InvalidParams, "callid"),
+        (
+            "dialout.state",
+            json!({"callid": "x", "conference": "room"}),
+            InvalidParams,
+            "conference",
+        ),
     ];
     for (method, params, code, words) in cases {
         match send(&bus, method, params.clone()).await {
@@ -284,6 +298,11 @@ async fn bad_commands_get_precise_errors_and_change_nothing() {
         .await
         .expect("list");
     assert_eq!(v["participants"][0]["id"], a.as_str());
+    // A call this node never placed has no state.
+    let v = send(&bus, "dialout.state", json!({"callid": a}))
+        .await
+        .expect("state");
+    assert_eq!(v, json!({"status": null}));
     let m = fixtures::scrape(&s.node.http_url()).await;
     assert!(
         fixtures::metric(
@@ -299,6 +318,47 @@ async fn bad_commands_get_precise_errors_and_change_nothing() {
         ) >= 1.0,
         "{m}"
     );
+}
+
+/// `dialout.state` tells a controller that lost notices where a call stands: ringing,
+/// connected, and nothing once it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialout_state_follows_the_call() {
+    let mut s = Single::start(DIALOUT_ENV).await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let a = dial(&s.sim, "room", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.sim
+        .set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let bus = bus(&s).await;
+    let v = send(
+        &bus,
+        "dialout",
+        json!({"conference": "room", "to": "+15555550101"}),
+    )
+    .await
+    .expect("dialout");
+    let callid = v["callid"].as_str().expect("callid").to_string();
+    let state = |want: Value| {
+        let (bus, callid) = (&bus, callid.clone());
+        async move {
+            confroute_tests::harness::wait_for_async("the call's state", WAIT, || async {
+                let v = send(bus, "dialout.state", json!({"callid": callid}))
+                    .await
+                    .ok()?;
+                (v["status"] == want).then_some(())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}: wanted {want}"));
+        }
+    };
+    state(json!("ringing")).await;
+    s.sim.answer_far_end(&callid).await.expect("answer");
+    state(json!("connected")).await;
+    s.sim.hangup_far_end(&callid, 16).await.expect("hang up");
+    state(Value::Null).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 //! The node here is a bus participant written in the test that answers like a node agent
 //! does; the node agent's own handling of these commands is tested in the node tests.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use confroute_shared::bus::{Bus, BusError, ErrorCode, Event};
@@ -774,6 +775,127 @@ async fn a_dial_out_nobody_heard_gives_its_new_home_back() {
         refused_dialout(&mut ws, &store, "unheard", "+15555550101", 1).await,
         -32003
     );
+}
+
+/// Ids of the Redis clients holding a subscription now.
+fn pubsub_clients(port: u16) -> Vec<String> {
+    let list: String = confroute_tests::harness::redis_query(
+        port,
+        redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub"),
+    )
+    .unwrap_or_default();
+    list.lines()
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Statuses published while the controller's bus was reconnecting never reach it. Once it
+/// is back, it asks the node where each dial-out it streams is: one that moved on is
+/// reported at its new status (and not again when the node's own notice follows); one that
+/// ended is reported `unknown` (`reason: bus_reconnected`), its last status being lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
+    let s = setup(&[]).await;
+    let controller_subs = confroute_tests::harness::wait_for_async(
+        "the controller's subscription",
+        Duration::from_secs(10),
+        || async {
+            let ids = pubsub_clients(s.redis.port());
+            (!ids.is_empty()).then_some(ids)
+        },
+    )
+    .await
+    .expect("subscribed");
+    let (store, node, mut commands) = hosted_on_node_a(&s, "gap-a").await;
+    store
+        .claim(&"gap-b".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let responder = node.clone();
+    let (tx, mut asked) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            match cmd.method.as_str() {
+                "dialout" => {
+                    let callid = if cmd.params["conference"] == "gap-a" {
+                        "call-a"
+                    } else {
+                        "call-b"
+                    };
+                    responder.respond(&cmd, Ok(json!({"callid": callid}))).await;
+                    responder
+                        .notify(
+                            &cmd.reply_to,
+                            &cmd.id,
+                            json!({"callid": callid, "status": "ringing"}),
+                            false,
+                        )
+                        .await;
+                    let _ = tx.send(format!("{} {}", cmd.id, cmd.reply_to));
+                }
+                "dialout.state" => {
+                    // call-a was answered meanwhile; call-b ended.
+                    let status = (cmd.params["callid"] == "call-a").then_some("connected");
+                    responder.respond(&cmd, Ok(json!({"status": status}))).await;
+                }
+                _ => responder.respond(&cmd, Ok(json!({}))).await,
+            }
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    let mut streams = Vec::new();
+    for (i, conf) in ["gap-a", "gap-b"].into_iter().enumerate() {
+        let v = rpc(
+            &mut ws,
+            "dialout",
+            json!({"conference": conf, "to": "+15555550101"}),
+            i as u64 + 1,
+        )
+        .await;
+        assert!(v["result"]["callid"].is_string(), "{v}");
+        let ringing = recv(&mut ws).await;
+        assert_eq!(ringing["params"]["status"], "ringing", "{ringing}");
+        streams.push(asked.recv().await.expect("command seen"));
+    }
+
+    // Only the controller's subscription is cut.
+    for id in &controller_subs {
+        let _: Option<i64> = confroute_tests::harness::redis_query(
+            s.redis.port(),
+            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id),
+        );
+    }
+    let mut got = HashMap::new();
+    while got.len() < 2 {
+        let v = recv(&mut ws).await;
+        assert_eq!(v["method"], "dialout.status", "{v}");
+        let callid = v["params"]["callid"].as_str().unwrap_or("").to_string();
+        got.insert(callid, v["params"].clone());
+    }
+    assert_eq!(
+        got["call-a"],
+        json!({"callid": "call-a", "status": "connected"})
+    );
+    assert_eq!(
+        got["call-b"],
+        json!({"callid": "call-b", "status": "unknown", "reason": "bus_reconnected"})
+    );
+
+    // The node's own notices for call-a go on: `connected` again is not repeated.
+    let (id, reply_to) = streams[0].split_once(' ').expect("id and reply address");
+    for (status, last) in [("connected", false), ("cleared", true)] {
+        node.notify(
+            reply_to,
+            id,
+            json!({"callid": "call-a", "status": status, "cause": 16}),
+            last,
+        )
+        .await;
+    }
+    let v = recv(&mut ws).await;
+    assert_eq!(v["params"]["status"], "cleared", "{v}");
+    ping(&mut ws, 9).await;
 }
 
 /// A dial-out whose node dies before its last status would stream nothing more, for as long
