@@ -34,6 +34,18 @@ async fn send(bus: &Bus, method: &str, params: Value) -> Result<Value, (ErrorCod
     call.reply.map_err(|e| (e.code, e.message))
 }
 
+/// An agent (with `extra` settings) that hears commands, and caller `a` in conference
+/// `room`; returns both.
+async fn listening_with_a_caller(extra: &[(&str, &str)]) -> (Single, String) {
+    let mut s = Single::start(extra).await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let a = dial(&s.sim, "room", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    (s, a)
+}
+
 /// ARI requests that change something (everything but GET).
 fn changes(sim: &TestSim) -> usize {
     sim.request_log()
@@ -44,12 +56,7 @@ fn changes(sim: &TestSim) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_commands_get_precise_errors_and_change_nothing() {
-    let mut s = Single::start(DIALOUT_ENV).await;
-    s.node
-        .wait_log("command bus subscribed", WAIT)
-        .expect("the node hears commands");
-    let a = dial(&s.sim, "room", &[]).await;
-    wait_bridged(&s.sim, &a).await;
+    let (s, a) = listening_with_a_caller(DIALOUT_ENV).await;
     let store = fixtures::store(&s.cfg);
     // "theirs" belongs to another live node.
     store
@@ -324,12 +331,7 @@ async fn bad_commands_get_precise_errors_and_change_nothing() {
 /// connected, and nothing once it ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialout_state_follows_the_call() {
-    let mut s = Single::start(DIALOUT_ENV).await;
-    s.node
-        .wait_log("command bus subscribed", WAIT)
-        .expect("the node hears commands");
-    let a = dial(&s.sim, "room", &[]).await;
-    wait_bridged(&s.sim, &a).await;
+    let (s, _caller) = listening_with_a_caller(DIALOUT_ENV).await;
     s.sim
         .set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
     let bus = bus(&s).await;
@@ -363,12 +365,8 @@ async fn dialout_state_follows_the_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialout_needs_its_dial_string() {
-    let mut s = Single::start(&[("CONFROUTE_DIALOUT__ENDPOINT", "PJSIP/{number}@trunk")]).await;
-    s.node
-        .wait_log("command bus subscribed", WAIT)
-        .expect("the node hears commands");
-    let a = dial(&s.sim, "room", &[]).await;
-    wait_bridged(&s.sim, &a).await;
+    let (s, _caller) =
+        listening_with_a_caller(&[("CONFROUTE_DIALOUT__ENDPOINT", "PJSIP/{number}@trunk")]).await;
     let bus = bus(&s).await;
     let before = changes(&s.sim);
     match send(
