@@ -555,10 +555,19 @@ async fn broad_session_conforms() {
         204,
     )
     .await;
+    let holds_before = hold_events(&sim, &ch);
     c.expect("POST", &format!("/channels/{ch}/hold"), None, 204)
         .await;
     c.expect("DELETE", &format!("/channels/{ch}/hold"), None, 204)
         .await;
+    // Holding the far end through ARI publishes no hold event (`app_control_hold` only
+    // indicates); the far end holding us does.
+    if hold_events(&sim, &ch) != holds_before {
+        c.problems
+            .push("ARI hold/unhold published ChannelHold/ChannelUnhold".into());
+    }
+    sim.caller_hold(&ch, true).await.expect("far end holds");
+    sim.caller_hold(&ch, false).await.expect("far end resumes");
     c.expect(
         "POST",
         &format!("/channels/{ch}/moh?mohClass=jazz"),
@@ -680,6 +689,21 @@ async fn broad_session_conforms() {
         "/bridges/conf-1/record?name=rec2&format=wav&ifExists=sometimes",
         None,
         400,
+    )
+    .await;
+    // The bridge checks its formats first (`ast_ari_bridges_record`), then the options.
+    c.expect(
+        "POST",
+        "/bridges/conf-1/record?name=rec2&format=nosuchformat&ifExists=sometimes",
+        None,
+        422,
+    )
+    .await;
+    c.expect(
+        "POST",
+        "/bridges/conf-1/record?name=rec2&format=wav&recorder_format=nosuchcodec",
+        None,
+        422,
     )
     .await;
     c.expect(
@@ -1068,7 +1092,8 @@ async fn broad_session_conforms() {
     .await;
     c.expect("DELETE", &format!("/channels/{ch}"), None, 404)
         .await;
-    c.expect("DELETE", "/channels/erin-1?reason_code=21", None, 204)
+    // `sscanf("%30d")` reads the leading number and ignores the rest.
+    c.expect("DELETE", "/channels/erin-1?reason_code=21abc", None, 204)
         .await;
 
     // --- destroy ---
@@ -1245,4 +1270,12 @@ async fn broad_session_conforms() {
         "conformance problems:\n{}",
         c.problems.join("\n")
     );
+}
+
+/// `ChannelHold`/`ChannelUnhold` events of channel `ch` so far.
+fn hold_events(sim: &AriSim, ch: &str) -> usize {
+    sim.event_log()
+        .iter()
+        .filter(|e| matches!(ty(e), "ChannelHold" | "ChannelUnhold") && e["channel"]["id"] == ch)
+        .count()
 }

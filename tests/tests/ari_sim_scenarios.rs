@@ -433,6 +433,94 @@ async fn create_then_dial() {
     assert_eq!(evs[0]["soft"], true, "an ARI hangup is a soft hangup");
 }
 
+/// `res_stasis_playback.c`: each media item of a playback starts with `PlaybackStarted`,
+/// items are linked by `PlaybackContinuing` (the item done, the next one); a target plays
+/// its playbacks one after another; one stopped while it waits stays listed and ends with
+/// `PlaybackFinished` when its turn comes, without playing.
+#[tokio::test]
+async fn playbacks_queue_per_target_and_report_each_media_item() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "pb"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/first?media=sound:a,sound:b"),
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/second?media=sound:c"),
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/third?media=sound:d"),
+    )
+    .await;
+    let waiting = ok(&c, "GET", "/playbacks/third").await;
+    assert_eq!(waiting["state"], "queued");
+    ok(&c, "DELETE", "/playbacks/third").await;
+    assert_eq!(
+        ok(&c, "GET", "/playbacks/third").await["state"],
+        "queued",
+        "a stopped playback waiting for its turn is still there"
+    );
+    let evs = match ws
+        .until(WAIT, |e| {
+            ty(e) == "PlaybackFinished" && str_at(e, "/playback/id") == "third"
+        })
+        .await
+    {
+        Ok(evs) => evs,
+        Err(seen) => panic!("playbacks did not finish: {:?}", summary(&seen)),
+    };
+    let seq: Vec<String> = evs
+        .iter()
+        .filter(|e| ty(e).starts_with("Playback"))
+        .map(|e| {
+            format!(
+                "{}({} {} {})",
+                ty(e),
+                str_at(e, "/playback/id"),
+                str_at(e, "/playback/media_uri"),
+                str_at(e, "/playback/next_media_uri")
+            )
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        [
+            "PlaybackStarted(first sound:a sound:b)",
+            "PlaybackContinuing(first sound:a sound:b)",
+            "PlaybackStarted(first sound:b )",
+            "PlaybackFinished(first sound:b )",
+            "PlaybackStarted(second sound:c )",
+            "PlaybackFinished(second sound:c )",
+            "PlaybackFinished(third sound:d )",
+        ]
+    );
+    let r = c
+        .call("GET", "/playbacks/third", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 404, "{}", r.text);
+    // A media list with an empty item is refused as a whole.
+    let r = c
+        .call("POST", &format!("/channels/{a}/play?media=sound:a,"), None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 500, "{}", r.text);
+}
+
 #[tokio::test]
 async fn caller_dtmf_and_hold() {
     let sim = sim().await;

@@ -339,6 +339,10 @@ pub(crate) struct Playback {
     pub target: Target,
     pub language: String,
     pub state: &'static str,
+    /// Order of creation: a target plays its playbacks one after another, in this order.
+    pub seq: u64,
+    /// Stopped while queued (`playback_cancel`): it ends, unplayed, when its turn comes.
+    pub canceled: bool,
 }
 
 pub(crate) struct Recording {
@@ -513,12 +517,18 @@ impl State {
     }
 
     pub fn playback_json(pb: &Playback) -> Value {
+        // Taken up but not playing yet is still queued to a client.
+        let state = if pb.state == "starting" {
+            "queued"
+        } else {
+            pb.state
+        };
         let mut v = json!({
             "id": pb.id,
             "media_uri": pb.media.get(pb.index).cloned().unwrap_or_default(),
             "target_uri": pb.target.uri(),
             "language": pb.language,
-            "state": pb.state,
+            "state": state,
         });
         if let (Some(next), Some(o)) = (pb.media.get(pb.index + 1), v.as_object_mut()) {
             o.insert("next_media_uri".into(), Value::String(next.clone()));
@@ -1103,54 +1113,103 @@ impl State {
         ev
     }
 
-    /// Queues a playback and runs it through its media list.
-    pub fn start_playback(core: &Arc<Core>, st: &mut State, pb: Playback) -> Value {
+    /// Queues a playback. A channel runs its commands one at a time, and a bridge plays
+    /// through its one announcer channel: a target's playbacks play one after another
+    /// (`stasis_app_send_command_async`), each once those before it are finished.
+    pub fn start_playback(core: &Arc<Core>, st: &mut State, mut pb: Playback) -> Value {
         let id = pb.id.clone();
+        pb.seq = st.next_seq();
         let first = Self::playback_json(&pb);
-        st.playbacks.insert(id.clone(), pb);
-        let epoch = st.epoch;
-        schedule(core, epoch, Duration::ZERO, move |core, st| {
-            let Some(pb) = st.playbacks.get_mut(&id) else {
-                return;
-            };
-            pb.state = "playing";
-            let v = Self::playback_json(pb);
-            let target = pb.target.clone();
-            let ev = st
-                .target_ev(core, "PlaybackStarted", &target)
-                .with("playback", v);
-            st.emit(core, ev);
-            Self::schedule_playback_step(core, st, id);
-        });
+        let target = pb.target.clone();
+        st.playbacks.insert(id, pb);
+        Self::next_playback(core, st, &target);
         first
     }
 
-    fn schedule_playback_step(core: &Arc<Core>, st: &mut State, id: String) {
+    /// Starts the oldest queued playback of `target` unless one of its playbacks is under
+    /// way.
+    fn next_playback(core: &Arc<Core>, st: &mut State, target: &Target) {
+        let mut mine: Vec<(&String, &Playback)> = st
+            .playbacks
+            .iter()
+            .filter(|(_, p)| &p.target == target)
+            .collect();
+        if mine.iter().any(|(_, p)| p.state != "queued") {
+            return;
+        }
+        mine.sort_by_key(|(_, p)| p.seq);
+        let Some(id) = mine.first().map(|(id, _)| (*id).clone()) else {
+            return;
+        };
+        if let Some(pb) = st.playbacks.get_mut(&id) {
+            // Taken up: no longer waiting, whatever it does next.
+            pb.state = "starting";
+        }
         let epoch = st.epoch;
-        let step = core.cfg.playback_duration;
-        schedule(core, epoch, step, move |core, st| {
-            let Some(pb) = st.playbacks.get_mut(&id) else {
-                return;
-            };
-            if pb.index + 1 < pb.media.len() {
-                pb.index += 1;
-                pb.state = "continuing";
-                let v = Self::playback_json(pb);
-                let target = pb.target.clone();
-                if let Some(pb) = st.playbacks.get_mut(&id) {
-                    pb.state = "playing";
-                }
-                let ev = st
-                    .target_ev(core, "PlaybackContinuing", &target)
-                    .with("playback", v);
-                st.emit(core, ev);
-                Self::schedule_playback_step(core, st, id);
-            } else {
-                st.finish_playback(core, &id, "done");
-            }
+        schedule(core, epoch, Duration::ZERO, move |core, st| {
+            Self::play_item(core, st, id);
         });
     }
 
+    /// `playback_first_update` for the current media item: `PlaybackStarted`, or, for a
+    /// playback stopped while it waited, `PlaybackFinished` at once.
+    fn play_item(core: &Arc<Core>, st: &mut State, id: String) {
+        let Some(pb) = st.playbacks.get_mut(&id) else {
+            return;
+        };
+        if pb.canceled {
+            Self::end_playback(core, st, &id);
+            return;
+        }
+        pb.state = "playing";
+        let v = Self::playback_json(pb);
+        let target = pb.target.clone();
+        let ev = st
+            .target_ev(core, "PlaybackStarted", &target)
+            .with("playback", v);
+        st.emit(core, ev);
+        let epoch = st.epoch;
+        let step = core.cfg.playback_duration;
+        schedule(core, epoch, step, move |core, st| {
+            Self::item_done(core, st, id);
+        });
+    }
+
+    /// `playback_final_update`: `PlaybackContinuing` (this item and the next) and the next
+    /// item, or `PlaybackFinished` after the last.
+    fn item_done(core: &Arc<Core>, st: &mut State, id: String) {
+        let Some(pb) = st.playbacks.get_mut(&id) else {
+            return;
+        };
+        if pb.state != "playing" {
+            return;
+        }
+        if pb.index + 1 >= pb.media.len() {
+            Self::end_playback(core, st, &id);
+            return;
+        }
+        pb.state = "continuing";
+        let v = Self::playback_json(pb);
+        pb.index += 1;
+        let target = pb.target.clone();
+        let ev = st
+            .target_ev(core, "PlaybackContinuing", &target)
+            .with("playback", v);
+        st.emit(core, ev);
+        Self::play_item(core, st, id);
+    }
+
+    /// Ends a playback (`done`) and lets the next one of its target start.
+    pub fn end_playback(core: &Arc<Core>, st: &mut State, id: &str) {
+        let Some(target) = st.playbacks.get(id).map(|p| p.target.clone()) else {
+            return;
+        };
+        st.finish_playback(core, id, "done");
+        Self::next_playback(core, st, &target);
+    }
+
+    /// Ends a playback; one that had started (or was stopped while it waited and whose turn
+    /// came) sends `PlaybackFinished`.
     pub fn finish_playback(&mut self, core: &Core, id: &str, state: &'static str) {
         let Some(mut pb) = self.playbacks.remove(id) else {
             return;

@@ -133,11 +133,9 @@ fn body_variables(req: &mut Req) -> Result<Vec<(String, String)>, ApiErr> {
     else {
         return Ok(Vec::new());
     };
+    // `ast_json_object_iter` of anything but an object finds nothing: no variables.
     let Some(obj) = vars.as_object() else {
-        return Err(ApiErr::new(
-            400,
-            "Only string values in the 'variables' object allowed",
-        ));
+        return Ok(Vec::new());
     };
     obj.iter()
         .map(|(k, v)| match v.as_str() {
@@ -630,7 +628,8 @@ pub(crate) fn bridge_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let mut st = core.lock();
     find_bridge(&st, &id)?;
     let pid = playback_id.unwrap_or_else(uuid4);
-    if media.iter().all(String::is_empty) || st.playbacks.contains_key(&pid) {
+    // `stasis_app_control_play_uri` refuses a list with any empty item.
+    if media.is_empty() || media.iter().any(String::is_empty) || st.playbacks.contains_key(&pid) {
         return Err(ApiErr::alloc_failed());
     }
     let pb = Playback {
@@ -640,6 +639,8 @@ pub(crate) fn bridge_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         target: Target::Bridge(id),
         language: lang.unwrap_or_else(|| "en".into()),
         state: "queued",
+        seq: 0,
+        canceled: false,
     };
     let json = State::start_playback(core, &mut st, pb);
     Ok(Resp::Created(format!("/playbacks/{pid}"), json))
@@ -709,13 +710,33 @@ fn start_record(core: &Arc<Core>, st: &mut State, target: Target, a: RecordArgs)
     Ok(Resp::Created(format!("/recordings/live/{encoded}"), json))
 }
 
-/// `ast_ari_bridges_record`.
+/// Media format names Asterisk's format cache knows (`recorder_format`).
+const CODECS: &[&str] = &[
+    "ulaw", "alaw", "gsm", "g722", "g723", "g726", "g726aal2", "g729", "ilbc", "lpc10", "adpcm",
+    "speex", "speex16", "speex32", "opus", "siren7", "siren14", "testlaw", "slin", "slin12",
+    "slin16", "slin24", "slin32", "slin44", "slin48", "slin96", "slin192",
+];
+
+/// `ast_ari_bridges_record`: the file format, then the recorder channel's format, are
+/// checked before the options shared with channel recording.
 pub(crate) fn bridge_record(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("bridgeId");
-    let _ = req.params.s("recorder_format");
+    let recorder_format = req.params.se("recorder_format");
     let a = record_args(req);
     let mut st = core.lock();
     find_bridge(&st, &id)?;
+    if !FORMATS.contains(&a.format.as_str()) {
+        return Err(ApiErr::new(
+            422,
+            "specified format is unknown on this system",
+        ));
+    }
+    if !recorder_format.is_empty() && !CODECS.contains(&recorder_format.as_str()) {
+        return Err(ApiErr::new(
+            422,
+            "specified recorder_format is unknown on this system",
+        ));
+    }
     start_record(core, &mut st, Target::Bridge(id), a)
 }
 
@@ -970,6 +991,29 @@ pub(crate) fn channel_create(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     ok(json)
 }
 
+/// `sscanf("%d")`: optional leading whitespace and sign, then the digits up to the first
+/// other character; `None` without a digit.
+fn scan_int(s: &str) -> Option<i64> {
+    let s = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (negative, rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let digits: String = rest
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .take(30)
+        .collect();
+    if digits.is_empty() {
+        return None;
+    }
+    let n = digits.bytes().fold(0i64, |n, d| {
+        n.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+    });
+    Some(if negative { -n } else { n })
+}
+
 /// `ast_ari_channels_hangup`.
 pub(crate) fn hangup(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("channelId");
@@ -986,10 +1030,8 @@ pub(crate) fn hangup(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         ));
     }
     let cause = if !reason_code.is_empty() {
-        reason_code
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| ApiErr::new(400, "Invalid reason for hangup reason code provided"))?
+        scan_int(&reason_code)
+            .ok_or_else(|| ApiErr::new(400, "Invalid reason for hangup reason code provided"))?
     } else if !reason.is_empty() {
         reason_cause(&reason)
             .ok_or_else(|| ApiErr::new(400, "Invalid reason for hangup reason provided"))?
@@ -1247,6 +1289,9 @@ pub(crate) fn unmute(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     mute_direction(core, req, false)
 }
 
+/// `app_control_hold` indicates hold to the far end (which then hears music on hold).
+/// `ChannelHold`/`ChannelUnhold` are published only when the far end holds (`ast_queue_hold`)
+/// or a bridge writes a hold, so this sends no event.
 fn hold_state(core: &Arc<Core>, req: &mut Req, held: bool) -> ApiResult {
     let id = req.path("channelId");
     let mut st = core.lock();
@@ -1254,11 +1299,6 @@ fn hold_state(core: &Arc<Core>, req: &mut Req, held: bool) -> ApiResult {
     if let Some(ch) = st.channels.get_mut(&id) {
         ch.held = held;
     }
-    st.emit_chan(
-        core,
-        if held { "ChannelHold" } else { "ChannelUnhold" },
-        &id,
-    );
     no_content()
 }
 
@@ -1315,7 +1355,8 @@ pub(crate) fn channel_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         return Err(ApiErr::new(400, "offsetms cannot be negative"));
     }
     let pid = playback_id.unwrap_or_else(uuid4);
-    if media.iter().all(String::is_empty) || st.playbacks.contains_key(&pid) {
+    // `stasis_app_control_play_uri` refuses a list with any empty item.
+    if media.is_empty() || media.iter().any(String::is_empty) || st.playbacks.contains_key(&pid) {
         return Err(ApiErr::new(500, "Failed to queue media for playback"));
     }
     let language = lang.unwrap_or_else(|| {
@@ -1331,6 +1372,8 @@ pub(crate) fn channel_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         target: Target::Channel(id),
         language,
         state: "queued",
+        seq: 0,
+        canceled: false,
     };
     let json = State::start_playback(core, &mut st, pb);
     Ok(Resp::Created(format!("/playbacks/{pid}"), json))
@@ -1451,10 +1494,16 @@ pub(crate) fn playback_get(core: &Arc<Core>, req: &mut Req) -> ApiResult {
 pub(crate) fn playback_stop(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("playbackId");
     let mut st = core.lock();
-    if !st.playbacks.contains_key(&id) {
+    let Some(pb) = st.playbacks.get_mut(&id) else {
         return Err(ApiErr::new(404, "Playback not found"));
+    };
+    // `playback_cancel`: one still waiting for its turn is only marked; it ends, unplayed,
+    // when its turn comes.
+    if matches!(pb.state, "queued" | "starting") {
+        pb.canceled = true;
+        return no_content();
     }
-    st.finish_playback(core, &id, "done");
+    State::end_playback(core, &mut st, &id);
     no_content()
 }
 
