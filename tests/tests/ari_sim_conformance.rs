@@ -433,6 +433,14 @@ async fn broad_session_conforms() {
     c.expect("POST", "/bridges/conf-1?type=mixing,dtmf_events", None, 200)
         .await;
     c.expect("POST", "/bridges/conf-1", None, 409).await;
+    // Only a bridge's first play makes its announcer, in `announcer_format`.
+    c.expect(
+        "POST",
+        &format!("/bridges/{conf}/play?media=sound:beep&announcer_format=nosuchcodec"),
+        None,
+        422,
+    )
+    .await;
     c.expect("POST", "/bridges?bridgeId=conf-1", None, 409)
         .await;
     c.expect(

@@ -268,6 +268,8 @@ pub(crate) struct Bridge {
     pub recording: Option<String>,
     /// Destroyed through ARI and on its way out: no longer a Stasis bridge, still listed.
     pub dissolving: bool,
+    /// Its announcer channel exists (made by its first `play`, kept for later ones).
+    pub announcer: bool,
 }
 
 impl Bridge {

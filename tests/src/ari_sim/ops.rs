@@ -457,6 +457,7 @@ fn create_bridge(
             moh: None,
             recording: None,
             dissolving: false,
+            announcer: false,
         },
     );
     let json = st.brg_json(&id);
@@ -617,7 +618,7 @@ pub(crate) fn bridge_stop_moh(core: &Arc<Core>, req: &mut Req) -> ApiResult {
 pub(crate) fn bridge_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("bridgeId");
     let media = req.params.multi("media");
-    let _ = req.params.s("announcer_format");
+    let announcer_format = req.params.se("announcer_format");
     let lang = req.params.s("lang").filter(|l| !l.is_empty());
     let _ = req.params.int("offsetms");
     let _ = req.params.int("skipms");
@@ -627,6 +628,15 @@ pub(crate) fn bridge_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     };
     let mut st = core.lock();
     find_bridge(&st, &id)?;
+    // `ari_bridges_play_new`: only the first play makes the announcer channel, in
+    // `announcer_format`; later plays reuse it and never look at the parameter.
+    let first = !st.bridges.get(&id).is_some_and(|b| b.announcer);
+    if first && !announcer_format.is_empty() && !CODECS.contains(&announcer_format.as_str()) {
+        return Err(ApiErr::new(
+            422,
+            "specified announcer_format is unknown on this system",
+        ));
+    }
     let pid = playback_id.unwrap_or_else(uuid4);
     // `stasis_app_control_play_uri` refuses a list with any empty item.
     if media.is_empty() || media.iter().any(String::is_empty) || st.playbacks.contains_key(&pid) {
@@ -636,12 +646,15 @@ pub(crate) fn bridge_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         id: pid.clone(),
         media,
         index: 0,
-        target: Target::Bridge(id),
+        target: Target::Bridge(id.clone()),
         language: lang.unwrap_or_else(|| "en".into()),
         state: "queued",
         seq: 0,
         canceled: false,
     };
+    if let Some(b) = st.bridges.get_mut(&id) {
+        b.announcer = true;
+    }
     let json = State::start_playback(core, &mut st, pb);
     Ok(Resp::Created(format!("/playbacks/{pid}"), json))
 }
