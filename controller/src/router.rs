@@ -14,7 +14,7 @@
 //! have been seen registered again, or their lease has passed since Redis came back (then
 //! they are really gone); conferences with a live owner are routed as usual meanwhile.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -91,9 +91,9 @@ const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3);
 /// lease is waited for this long at most before it counts as gone.
 const MAX_SETTLE: Duration = Duration::from_secs(10);
 
-/// Refreshes in a row a node must appear renewed in after Redis trouble: a node that had to
-/// register again renews (or claims again) the conferences it hosts right after, which the
-/// second sighting leaves time for.
+/// Writes of a node that must be seen after Redis trouble, each newer than the last: the
+/// first may have been made before the trouble; a node that had to register again renews
+/// (or claims again) the conferences it hosts right after, which the second leaves time for.
 const SIGHTINGS: u8 = 2;
 
 /// A node that was live before Redis trouble.
@@ -112,11 +112,11 @@ enum Health {
     Good,
     /// Redis failed at `since`; these nodes were live before.
     Trouble { known: Vec<Known>, since: Instant },
-    /// Redis is back; waiting for these nodes to write to Redis again (sightings in a row of
-    /// a renewed record), at most until `until`.
+    /// Redis is back; waiting for these nodes to write to Redis again (writes seen since,
+    /// each newer than the last, with the last one's time), at most until `until`.
     Settling {
         known: Vec<Known>,
-        seen: HashMap<NodeId, u8>,
+        seen: HashMap<NodeId, (u8, u64)>,
         until: Instant,
     },
 }
@@ -147,6 +147,8 @@ pub struct Router {
     health: Mutex<Health>,
     /// Longest lease left seen per node: its full lease, give or take a heartbeat.
     leases: Mutex<HashMap<NodeId, u64>>,
+    /// The Redis connection the node view was last read on ([`Store::connection_generation`]).
+    view_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -171,6 +173,7 @@ impl Router {
             redis_ok: AtomicBool::new(false),
             health: Mutex::new(Health::Good),
             leases: Mutex::new(HashMap::new()),
+            view_generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -199,7 +202,9 @@ impl Router {
                         updated_ms: n.updated_ms,
                     })
                     .collect();
-                (known, Instant::now())
+                // The trouble began after the last good read, perhaps well before this call
+                // noticed it: the earliest time it can have begun bounds how long it lasted.
+                (known, view.read_at)
             }
             Health::Trouble { .. } => return,
             // Trouble again while settling: it counts from now.
@@ -216,7 +221,15 @@ impl Router {
             Err(p) => p.into_inner(),
         };
         if let Health::Trouble { known, since } = &*health {
-            if since.elapsed() < harmless(known) {
+            // Short trouble left every lease time to be renewed, unless Redis lost them: a
+            // restart without persistence comes back empty in well under a second, and a
+            // node that registers again first would be given the conferences of the others.
+            let intact = known.iter().all(|k| {
+                nodes
+                    .iter()
+                    .any(|n| n.info.id == k.id && n.updated_ms >= k.updated_ms)
+            });
+            if since.elapsed() < harmless(known) && intact {
                 *health = Health::Good;
                 return;
             }
@@ -239,26 +252,27 @@ impl Router {
         };
         // A record that merely outlived the trouble says nothing: it may expire before its
         // node reaches Redis again. Only a write since the trouble shows the node is back.
-        let renewed: HashSet<&NodeId> = nodes
-            .iter()
-            .filter(|n| {
-                known
-                    .iter()
-                    .any(|k| k.id == n.info.id && n.updated_ms > k.updated_ms)
-            })
-            .map(|n| &n.info.id)
-            .collect();
+        // Each sighting must be a write newer than the last one counted: the view taken when
+        // the trouble began may predate the node's last write before it, and that one write,
+        // seen on every refresh, would otherwise count as the node being back.
         for k in known.iter() {
-            if renewed.contains(&k.id) {
-                *seen.entry(k.id.clone()).or_default() += 1;
-            } else {
-                seen.remove(&k.id);
+            match nodes.iter().find(|n| n.info.id == k.id) {
+                Some(n) => {
+                    let (count, last) = seen.entry(k.id.clone()).or_insert((0, k.updated_ms));
+                    if n.updated_ms > *last {
+                        *count = count.saturating_add(1);
+                        *last = n.updated_ms;
+                    }
+                }
+                None => {
+                    seen.remove(&k.id);
+                }
             }
         }
         let back = !known.is_empty()
             && known
                 .iter()
-                .all(|k| seen.get(&k.id).is_some_and(|n| *n >= SIGHTINGS));
+                .all(|k| seen.get(&k.id).is_some_and(|(n, _)| *n >= SIGHTINGS));
         if back || Instant::now() >= *until {
             tracing::info!(
                 all_back = back,
@@ -266,6 +280,24 @@ impl Router {
             );
             *health = Health::Good;
         }
+    }
+
+    /// Before a placement: after Redis trouble, or a reconnect since the node view was read,
+    /// the nodes are read again first, so that a Redis that lost its data is noticed before
+    /// anything is placed in it.
+    async fn verify_before_placing(&self) -> Result<(), RouteError> {
+        let reconnected =
+            self.store.connection_generation() != self.view_generation.load(Ordering::Relaxed);
+        let unverified = match self.health.lock() {
+            Ok(h) => matches!(*h, Health::Trouble { .. }),
+            Err(p) => matches!(*p.into_inner(), Health::Trouble { .. }),
+        };
+        if reconnected || unverified {
+            self.refresh()
+                .await
+                .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// True while Redis trouble may have let leases of live nodes run out.
@@ -309,6 +341,9 @@ impl Router {
 
     /// Re-reads the nodes from Redis into the view and the placer.
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        // Leases are read at the server: counting them from before the request errs on the
+        // side of a node being gone.
+        let asked = Instant::now();
         let result = self.store.list_nodes().await;
         self.redis_ok.store(result.is_ok(), Ordering::Relaxed);
         let nodes = match result {
@@ -320,6 +355,14 @@ impl Router {
                 return Err(e);
             }
         };
+        // Connected anew since the last read: Redis may have restarted in between, unseen by
+        // any failed call here, and come back without the leases. That is trouble too; the
+        // listing then shows whether the nodes live before are still there.
+        let generation = self.store.connection_generation();
+        let previous = self.view_generation.swap(generation, Ordering::Relaxed);
+        if previous != 0 && previous != generation {
+            self.trouble();
+        }
         if let Ok(mut leases) = self.leases.lock() {
             for n in &nodes {
                 let l = leases.entry(n.info.id.clone()).or_default();
@@ -347,7 +390,7 @@ impl Router {
             .set(i64::try_from(ari_down).unwrap_or(i64::MAX));
         let view = Arc::new(NodeView {
             nodes: nodes.into_iter().map(|n| (n.info.id.clone(), n)).collect(),
-            read_at: Instant::now(),
+            read_at: asked,
         });
         if let Ok(mut v) = self.view.write() {
             *v = view;
@@ -415,7 +458,16 @@ impl Router {
 
     async fn decide(&self, name: &ConferenceName) -> Result<Decision, RouteError> {
         let unavailable = |e: StoreError| self.store_failed(e);
-        let record = self.store.lookup(name).await.map_err(unavailable)?;
+        let record = match self.store.lookup(name).await {
+            Ok(r) => r,
+            // A record this process cannot read (written by hand, or by something else) is
+            // the claim's to judge: it reads such fields leniently and keeps one home.
+            Err(StoreError::Protocol { message, .. }) => {
+                tracing::warn!(conference = %name, error = %message, "unreadable conference record; letting the claim decide");
+                None
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
         // An unconfirmed record may yet be lost in a failover: claiming confirms it first.
         if let Some(rec) = record.as_ref().filter(|r| !r.unconfirmed) {
             let view = self.view();
@@ -431,6 +483,7 @@ impl Router {
                 }
             }
         }
+        self.verify_before_placing().await?;
         if self.settling() {
             return Err(RouteError::Unavailable(
                 "redis was unreachable; waiting for the live nodes to renew their leases before placing or re-homing a conference".into(),
@@ -469,5 +522,91 @@ impl Router {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confroute_shared::config::RedisConfig;
+    use confroute_shared::types::{NodeInfo, NodeLoad};
+
+    fn router() -> Router {
+        let metrics = Metrics::new().expect("metrics");
+        // Never connected to: these tests drive the health state by hand.
+        let store = Store::new(&RedisConfig::default(), metrics.store.clone()).expect("store");
+        Router::new(store, None, 2, Duration::from_secs(1), metrics)
+    }
+
+    fn record(id: &str, updated_ms: u64) -> NodeRecord {
+        NodeRecord {
+            info: NodeInfo {
+                id: id.parse().expect("id"),
+                sip_uri: "sip:10.0.0.1:5060".into(),
+                control: String::new(),
+                zone: String::new(),
+                capacity: 10,
+                state: NodeState::Serving,
+            },
+            load: NodeLoad {
+                conferences: 0,
+                participants: 0,
+                cpu: 0.0,
+                ari: true,
+            },
+            claimed: 0,
+            placements: 0,
+            lease_ms: 3000,
+            updated_ms,
+            stopping: false,
+        }
+    }
+
+    /// The view taken when trouble began may predate a node's last write before it: that
+    /// write, read on refresh after refresh, is one sighting, not the node being back.
+    #[test]
+    fn settling_counts_each_write_once() {
+        let r = router();
+        if let Ok(mut h) = r.health.lock() {
+            *h = Health::Trouble {
+                known: vec![Known {
+                    id: "node-a".parse().expect("id"),
+                    lease: Duration::from_secs(3),
+                    updated_ms: 100,
+                }],
+                since: Instant::now() - Duration::from_secs(5),
+            };
+        }
+        r.settle(&[record("node-a", 150)]);
+        assert!(r.settling(), "one write seen");
+        r.settle(&[record("node-a", 150)]);
+        assert!(r.settling(), "the same write again is no second sighting");
+        r.settle(&[record("node-a", 1150)]);
+        assert!(!r.settling(), "two writes since: the node is back");
+    }
+
+    /// Trouble too short to cost a lease still needs the nodes seen before it: a Redis that
+    /// came back empty lost them.
+    #[test]
+    fn short_trouble_is_harmless_only_if_the_nodes_are_still_there() {
+        let r = router();
+        let trouble = || Health::Trouble {
+            known: vec![Known {
+                id: "node-a".parse().expect("id"),
+                lease: Duration::from_secs(30),
+                updated_ms: 100,
+            }],
+            since: Instant::now(),
+        };
+        if let Ok(mut h) = r.health.lock() {
+            *h = trouble();
+        }
+        r.settle(&[record("node-a", 100)]);
+        assert!(!r.settling(), "still listed: nothing was lost");
+        if let Ok(mut h) = r.health.lock() {
+            *h = trouble();
+        }
+        r.settle(&[record("node-b", 100)]);
+        assert!(r.settling(), "node-a is gone from Redis");
     }
 }

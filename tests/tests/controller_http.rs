@@ -394,6 +394,35 @@ async fn conferences_list_get_end_and_their_errors() {
     );
 }
 
+/// A conference record this process cannot read (an epoch that is not a number, written by
+/// hand or by something else) is left to the claim, which reads it as the store's scripts
+/// do, rather than answered 503 until it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_conference_record_is_left_to_the_claim() {
+    let s = setup(None).await;
+    s._redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:junk")
+                .arg("owner")
+                .arg("node-a")
+                .arg("epoch")
+                .arg("not-a-number"),
+        )
+        .expect("write the record");
+    let a = call(
+        &s,
+        Method::POST,
+        "/v1/route",
+        Some(r#"{"conference":"junk"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["node_id"], "node-a", "{}", a.text);
+    assert_eq!(a.body["created"], false, "{}", a.text);
+}
+
 /// A path segment that is not UTF-8 is refused with 400 on every route that has one, as
 /// the API document says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

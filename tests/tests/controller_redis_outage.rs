@@ -171,3 +171,81 @@ async fn an_unacknowledged_claim_is_not_routed_until_a_replica_has_it() {
     assert_eq!(body["created"], false, "the same claim, confirmed: {body}");
     assert_eq!(body["node_id"], "node-a");
 }
+
+/// A Redis restarted without persistence comes back empty within a second: too short for
+/// live nodes to lose their leases to the outage, yet every lease is gone. Until the nodes
+/// that were live have written again, no conference is placed: the node that registers
+/// again first would otherwise be given a live conference of another (a second home).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_back() {
+    let mut redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    // Long leases: the outage below is far shorter than a third of one.
+    let lease = Duration::from_secs(30);
+    for id in ["node-a", "node-b"] {
+        store
+            .register(&fixtures::node(id, 100), lease)
+            .await
+            .expect("register");
+    }
+    let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
+    store
+        .claim(&name, &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let before = invite(controller.sip_addr(), "sales-42");
+    assert!(
+        before.contains("X-Conference-Node: node-a"),
+        "placed on node-a: {before}"
+    );
+
+    redis.restart().expect("redis back, empty");
+    // node-b's heartbeat comes first; node-a's is late.
+    wait_for_async(
+        "node-b to register again",
+        Duration::from_secs(10),
+        || async {
+            store
+                .register(&fixtures::node("node-b", 100), lease)
+                .await
+                .ok()
+        },
+    )
+    .await
+    .expect("node-b registers again");
+    let base = controller.http_url();
+    wait_for_async(
+        "the controller to read Redis again",
+        Duration::from_secs(10),
+        || async {
+            let nodes: serde_json::Value = fixtures::http()
+                .get(format!("{base}/v1/nodes"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (nodes.to_string().contains("node-b") && !nodes.to_string().contains("node-a"))
+                .then_some(())
+        },
+    )
+    .await
+    .expect("node-b listed alone");
+    let during = invite(controller.sip_addr(), "sales-42");
+    assert!(
+        during.starts_with("SIP/2.0 503"),
+        "{during}\n{}",
+        controller.output()
+    );
+    assert!(
+        store.lookup(&name).await.expect("lookup").is_none(),
+        "no second home was claimed"
+    );
+}

@@ -1262,3 +1262,30 @@ async fn redis_settings_that_break_guarantees_are_named() {
         .expect("read");
     assert_eq!(warnings, Vec::<String>::new());
 }
+
+/// A Redis that refuses writes (a primary cut off from its replicas under
+/// `min-replicas-to-write`, one out of memory) is unavailable, as if unreachable: the
+/// connection is opened again (asking Sentinel for the primary anew) and the controller
+/// treats it as Redis trouble, so no lease that runs out meanwhile re-homes a live conference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_refusing_writes_is_unavailable() {
+    let cut_off = RedisServer::start_with(&["--min-replicas-to-write", "1"]).expect("redis");
+    let store = fixtures::store(&fixtures::single(&cut_off.url()));
+    match store
+        .register(&fixtures::node("a", 10), Duration::from_secs(3))
+        .await
+    {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("NOREPLICAS"), "{why}"),
+        other => panic!("expected unavailable (NOREPLICAS), got {other:?}"),
+    }
+    let full = RedisServer::start_with(&["--maxmemory", "1", "--maxmemory-policy", "noeviction"])
+        .expect("redis");
+    let store = fixtures::store(&fixtures::single(&full.url()));
+    match store
+        .register(&fixtures::node("a", 10), Duration::from_secs(3))
+        .await
+    {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("OOM"), "{why}"),
+        other => panic!("expected unavailable (OOM), got {other:?}"),
+    }
+}

@@ -221,6 +221,11 @@ impl Connector {
         self.inner.is_cluster
     }
 
+    /// How many connections were opened so far: it changes when Redis was reconnected to.
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Relaxed)
+    }
+
     /// The current connection, opening one if there is none.
     pub(crate) async fn get(&self) -> Result<(Conn, u64), StoreError> {
         if let Some(c) = self.cached() {
@@ -438,10 +443,19 @@ pub(crate) fn is_fatal(e: &RedisError) -> bool {
         return true;
     }
     // A former primary demoted by Sentinel answers READONLY; MASTERDOWN and LOADING mean the
-    // server behind this socket cannot serve writes now.
+    // server behind this socket cannot serve writes now. A primary cut off from its replicas
+    // refuses writes with NOREPLICAS (min-replicas-to-write) and may never learn it was
+    // replaced: connecting again asks Sentinel for the primary anew. OOM and MISCONF refuse
+    // every write too, heartbeats included, so leases run out as in an outage.
     matches!(
         e.code(),
-        Some("READONLY") | Some("MASTERDOWN") | Some("LOADING") | Some("CLUSTERDOWN")
+        Some("READONLY")
+            | Some("MASTERDOWN")
+            | Some("LOADING")
+            | Some("CLUSTERDOWN")
+            | Some("NOREPLICAS")
+            | Some("OOM")
+            | Some("MISCONF")
     )
 }
 

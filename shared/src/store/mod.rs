@@ -240,6 +240,12 @@ impl Store {
         format!("{}node:{id}", self.prefix)
     }
 
+    /// Changes each time the shared connection to Redis is opened again: the server behind it
+    /// may have restarted (and lost what it held) in between.
+    pub fn connection_generation(&self) -> u64 {
+        self.conn.generation()
+    }
+
     /// Runs `f` on the shared connection with the operation deadline, timing it and
     /// dropping the connection if the failure means it is dead.
     async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
