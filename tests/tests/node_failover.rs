@@ -188,8 +188,9 @@ async fn asterisk_restart_is_survived_by_reconnecting_and_reconciling() {
     })
     .await
     .expect("released");
+    // A new life of the name, above the epoch the last one ended with.
     let again = dial(&s.sim, "through-restart", &[]).await;
-    assert_main(&wait_bridged(&s.sim, &again).await, 1, "through-restart");
+    assert_main(&wait_bridged(&s.sim, &again).await, 2, "through-restart");
     let m = scrape(&s.node.http_url()).await;
     assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
     assert_eq!(metric(&m, "confroute_ari_connected"), 1.0);
@@ -222,7 +223,7 @@ async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
     .await
     .expect("released");
     let again = dial(&s.sim, "yanked", &[]).await;
-    assert_main(&wait_bridged(&s.sim, &again).await, 1, "yanked");
+    assert_main(&wait_bridged(&s.sim, &again).await, 2, "yanked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,10 +472,11 @@ async fn a_late_bridge_destroyed_of_the_previous_lifetime_does_not_end_the_next(
     })
     .await
     .expect("released");
-    // The conference starts again, at epoch 1 again, with a bridge of its own.
+    // The conference starts again, above the epoch its first lifetime ended with, with a
+    // bridge of its own.
     let b = dial(&s.sim, "again", &[]).await;
     let second = wait_bridged(&s.sim, &b).await;
-    assert_main(&second, 1, "again");
+    assert_main(&second, 2, "again");
     assert_ne!(first, second, "each lifetime has a bridge of its own");
 
     // A BridgeDestroyed for the first lifetime's bridge reaches the agent now (Asterisk only

@@ -422,6 +422,21 @@ async fn release_is_compare_and_delete() {
     assert!(page.items.is_empty());
     let nodes = store.list_nodes().await.expect("nodes");
     assert_eq!(nodes[0].claimed, 0, "release frees the node's capacity");
+
+    // The name's next life, on the same node, starts above the ended epoch: the ended
+    // life's release arriving late (retried, or delayed in the network) matches nothing.
+    let next = store.claim(&name("x"), &[id("a")]).await.expect("claim");
+    assert_eq!(next.owner, Some(owner("a", 2)));
+    assert!(!store
+        .release(&name("x"), &owner("a", 1))
+        .await
+        .expect("release"));
+    let rec = store.lookup(&name("x")).await.expect("lookup");
+    assert_eq!(
+        rec.map(|r| r.owner),
+        Some(owner("a", 2)),
+        "the new life stands"
+    );
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `<p>conf:<name>` | hash, lease = `redis.conference_lease` | owner, epoch, participants, created_ms |
 //! | `<p>confs` | sorted set (score 0) | conference names, for paged listing |
+//! | `<p>ended:<name>` | string, lease = `redis.conference_lease` | the epoch the name's last life ended with |
 //! | `<p>node:<id>` | hash, lease = node lease | sip_uri, control, zone, capacity, state, load |
 //! | `<p>node:<id>:confs` | set, lease = node lease | conferences placed on the node (capacity count) |
 //! | `<p>nodes` | sorted set (score = lease end, ms) | node ids, for listing |
@@ -575,6 +576,7 @@ impl Store {
                 .arg(owner.node.as_str())
                 .arg(owner.epoch)
                 .arg(if only_empty { "1" } else { "0" })
+                .arg(self.conference_lease.as_millis() as u64)
                 .invoke_async::<i64>(&mut c)
                 .await
                 .map(|n| n == 1)

@@ -1,7 +1,8 @@
 -- claim: find or place the home of a conference in one atomic step.
 -- Keeps invariant 1 (one home: the owner changes only inside this script) and invariant 2
 -- (fencing: the owner is replaced only when its node lease has expired, or it is not
--- serving and the conference has no participants; each change of owner adds 1 to the epoch).
+-- serving and the conference has no participants; each change of owner adds 1 to the epoch,
+-- and a new life of a name released a short while ago starts above its last epoch).
 -- Keeps invariant 4: a node that is not serving, whose agent reports its ARI events WebSocket
 -- down (it could admit nobody), or is at capacity, gets no new conference. The owner check
 -- below ignores ARI: callers of a live conference are in that Asterisk, so it keeps its home.
@@ -88,6 +89,9 @@ if rec[1] then
   return {'no_capacity', owner, epoch, '', created, #ARGV - 4, replicas}
 end
 
-local placed = place(1, now, 'claimed')
+-- A new life of a name starts above the epoch its last life ended with (release.lua keeps it
+-- for a conference lease): a late compare-and-delete of that life cannot match this one.
+local ended = tonumber(redis.call('GET', prefix .. 'ended:' .. name) or '0') or 0
+local placed = place(ended + 1, now, 'claimed')
 if placed then return placed end
 return {'no_capacity', '', 0, '', 0, #ARGV - 4, replicas}

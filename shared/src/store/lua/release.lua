@@ -1,16 +1,20 @@
 -- release: end a conference's claim by compare-and-delete on (owner, epoch).
 -- Keeps invariants 2 and 3: a stale owner (older epoch, or another node) can never delete
--- the claim of the current one.
+-- the claim of the current one. The ended epoch is remembered for ARGV[6] ms (the
+-- conference lease) so that the next life of the name starts above it (claim.lua): a late
+-- release of this life, retried or delayed in the network, then cannot match the next one,
+-- even on the same node.
 -- KEYS[1] conference record, KEYS[2] conference index.
--- ARGV[1] prefix, ARGV[2] name, ARGV[3] node id, ARGV[4] epoch, ARGV[5] (optional) "1" to
+-- ARGV[1] prefix, ARGV[2] name, ARGV[3] node id, ARGV[4] epoch, ARGV[5] "1" to
 -- release only a conference nobody is in (a claim made for a command that was refused may
--- meanwhile have been used by a caller).
+-- meanwhile have been used by a caller), ARGV[6] how long the ended epoch is remembered (ms).
 -- Returns 1 when released, 0 when the caller was not the owner at that epoch (or people are
 -- in it and ARGV[5] asked).
 local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'participants')
 if ARGV[5] == '1' and (tonumber(r[3]) or 0) > 0 then return 0 end
 if r[1] == ARGV[3] and r[2] == ARGV[4] then
   redis.call('DEL', KEYS[1])
+  redis.call('SET', ARGV[1] .. 'ended:' .. ARGV[2], ARGV[4], 'PX', ARGV[6])
   redis.call('ZREM', KEYS[2], ARGV[2])
   redis.call('SREM', ARGV[1] .. 'node:' .. ARGV[3] .. ':confs', ARGV[2])
   return 1
