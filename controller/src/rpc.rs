@@ -12,8 +12,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use confroute_shared::bus::{ErrorCode, Reply};
+use confroute_shared::bus::{ErrorCode, Notifications, Reply};
 use confroute_shared::name::ConferenceName;
+use confroute_shared::types::NodeId;
 
 use crate::control::{self, params, Control, ControlError};
 
@@ -425,6 +426,10 @@ const NODE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// the stream ends with `unknown`.
 const NODE_GONE_CHECKS: u32 = 3;
 
+/// How often a dial-out's node is asked whether it still tracks the call: an agent restarted
+/// within its lease forgot it, and its stream would otherwise never end.
+const DIALOUT_AUDIT_EVERY: Duration = Duration::from_secs(5);
+
 /// How long a dial-out the node no longer tracks may take to deliver its last status
 /// before its stream ends with `unknown` (`bus_reconnected`).
 const LAST_STATUS_GRACE: Duration = Duration::from_secs(1);
@@ -465,6 +470,47 @@ fn gap_notice() -> String {
 }
 
 impl Session {
+    /// Asks `node` where dial-out `callid` stands and sends the status the stream has not
+    /// told yet. True when the stream ended: with the call's last status (still on its way
+    /// from the node), or, when the node no longer tracks the call, `unknown` with `reason`.
+    async fn catch_up(
+        &self,
+        node: &NodeId,
+        callid: &Value,
+        notes: &mut Notifications,
+        last_status: &mut String,
+        reason: &str,
+    ) -> bool {
+        let Some(id) = callid.as_str() else {
+            return false;
+        };
+        match self.control.dialout_state(node, id).await {
+            Ok(Some(now)) => {
+                if status_rank(&now) > status_rank(last_status) {
+                    let params = json!({"callid": callid, "status": now});
+                    *last_status = now;
+                    self.send_text(notification("dialout.status", params)).await;
+                }
+                false
+            }
+            // Ended, or forgotten: its last status may still be on its way from the node.
+            Ok(None) => match tokio::time::timeout(LAST_STATUS_GRACE, notes.recv()).await {
+                Ok(Some(Reply::Notify { params, last, .. })) => {
+                    *last_status = status_of(&params);
+                    self.send_text(notification("dialout.status", params)).await;
+                    last
+                }
+                _ => {
+                    let params = json!({"callid": callid, "status": "unknown", "reason": reason});
+                    self.send_text(notification("dialout.status", params)).await;
+                    true
+                }
+            },
+            // The node does not answer: the watchdog tells whether it is gone.
+            Err(_) => false,
+        }
+    }
+
     /// Counts an error answer (or the error a notification would have had).
     fn count(&self, e: &RpcError) {
         self.errors.with_label_values(&[&e.code.to_string()]).inc();
@@ -610,6 +656,11 @@ impl Session {
                     // three missed ticks must not run back to back.
                     let mut watch = tokio::time::interval(NODE_CHECK_EVERY);
                     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut audit = tokio::time::interval_at(
+                        tokio::time::Instant::now() + DIALOUT_AUDIT_EVERY,
+                        DIALOUT_AUDIT_EVERY,
+                    );
+                    audit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
                         tokio::select! {
                             note = notes.recv() => match note {
@@ -630,37 +681,15 @@ impl Session {
                             // Statuses published while the bus was reconnecting are lost:
                             // the node says where the call is now.
                             Ok(()) = gaps.changed() => {
-                                let Some(callid_str) = callid.as_str() else { continue };
-                                match me.control.dialout_state(&node, callid_str).await {
-                                    Ok(Some(now)) => {
-                                        if status_rank(&now) > status_rank(&last_status) {
-                                            let params = json!({"callid": callid, "status": now});
-                                            last_status = now;
-                                            me.send_text(notification("dialout.status", params)).await;
-                                        }
-                                    }
-                                    // Ended: its last status went out, maybe while the bus was
-                                    // away, maybe still on its way from the node.
-                                    Ok(None) => {
-                                        match tokio::time::timeout(LAST_STATUS_GRACE, notes.recv()).await {
-                                            Ok(Some(Reply::Notify { params, last, .. })) => {
-                                                last_status = status_of(&params);
-                                                me.send_text(notification("dialout.status", params)).await;
-                                                if last {
-                                                    break;
-                                                }
-                                            }
-                                            _ => {
-                                                let params = json!({"callid": callid, "status": "unknown",
-                                                                    "reason": "bus_reconnected"});
-                                                me.send_text(notification("dialout.status", params)).await;
-                                                break;
-                                            }
-                                        }
-                                    }
-                                    // The node does not answer: the watchdog tells whether it
-                                    // is gone.
-                                    Err(_) => {}
+                                if me.catch_up(&node, &callid, &mut notes, &mut last_status, "bus_reconnected").await {
+                                    break;
+                                }
+                            }
+                            // An agent restarted within its lease (the node never looked gone)
+                            // no longer knows the call, and would never send its last status.
+                            _ = audit.tick() => {
+                                if me.catch_up(&node, &callid, &mut notes, &mut last_status, "node_restarted").await {
+                                    break;
                                 }
                             }
                             _ = watch.tick() => {

@@ -898,6 +898,58 @@ async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
     ping(&mut ws, 9).await;
 }
 
+/// An agent restarted within its lease (its node never looked gone) no longer knows the
+/// dial-outs of its last life, whose last statuses will never come: the controller asks the
+/// node every few seconds, and ends such a stream with `unknown` (`reason: node_restarted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_out_its_restarted_node_forgot_ends_its_stream() {
+    let s = setup(&[]).await;
+    let (_store, node, mut commands) = hosted_on_node_a(&s, "forgot").await;
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            match cmd.method.as_str() {
+                "dialout" => {
+                    responder
+                        .respond(&cmd, Ok(json!({"callid": "call-f"})))
+                        .await;
+                    responder
+                        .notify(
+                            &cmd.reply_to,
+                            &cmd.id,
+                            json!({"callid": "call-f", "status": "ringing"}),
+                            false,
+                        )
+                        .await;
+                }
+                // The agent that answers now is a new life: it tracks no call.
+                "dialout.state" => responder.respond(&cmd, Ok(json!({"status": null}))).await,
+                _ => responder.respond(&cmd, Ok(json!({}))).await,
+            }
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "forgot", "to": "+15555550101"}),
+        1,
+    )
+    .await;
+    assert_eq!(v["result"]["callid"], "call-f", "{v}");
+    let ringing = recv(&mut ws).await;
+    assert_eq!(ringing["params"]["status"], "ringing", "{ringing}");
+    let last = tokio::time::timeout(Duration::from_secs(15), recv(&mut ws))
+        .await
+        .expect("the stream ends");
+    assert_eq!(
+        last["params"],
+        json!({"callid": "call-f", "status": "unknown", "reason": "node_restarted"}),
+        "{last}"
+    );
+    ping(&mut ws, 2).await;
+}
+
 /// A dial-out whose node dies before its last status would stream nothing more, for as long
 /// as the connection lives: once the node's lease is gone the stream ends with `unknown`
 /// (`reason: node_lost`).
