@@ -115,3 +115,33 @@ async fn bad_or_missing_names_are_hung_up_with_a_cause_and_touch_nothing() {
         1.0
     );
 }
+
+/// A caller hanging up while its answer waits in its channel's queue gets the answer
+/// refused with 500 (`Failed to answer channel`): that is a caller who left, counted as
+/// abandoned, not an ARI failure, and there is nobody left to hang up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_gone_while_being_answered_is_abandoned_not_an_error() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    s.sim.hold_operation("answer");
+    let ch = dial(&s.sim, "shy", &[]).await;
+    confroute_tests::harness::wait_for_async("the answer to be asked", WAIT, || async {
+        (s.sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .expect("answer asked");
+    s.sim.hangup_during_answer(&ch);
+    s.sim.release_operation("answer");
+    wait_hangup(&s.sim, &ch).await;
+    let url = s.node.http_url();
+    let m = confroute_tests::harness::wait_for_async("the join counted", WAIT, || async {
+        let m = scrape(&url).await;
+        (metric(&m, r#"confroute_node_joins_total{outcome="abandoned"}"#) == 1.0).then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(
+        metric(&m, r#"confroute_node_joins_total{outcome="ari_error"}"#),
+        0.0
+    );
+    assert_eq!(ops(&s.sim, "hangup"), 0, "nobody left to hang up");
+}

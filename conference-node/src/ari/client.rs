@@ -321,6 +321,19 @@ impl AriClient {
             .await
     }
 
+    /// `GET /channels/{id}`: whether the channel still exists (`false` on 404).
+    pub async fn channel_exists(&self, channel: &str) -> Result<bool, AriError> {
+        let path = format!("/channels/{}", encode(channel));
+        match self
+            .call_json::<Channel>("getChannel", Method::Get, &path, &[])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET /channels`.
     pub async fn list_channels(&self) -> Result<Vec<Channel>, AriError> {
         self.call_json("listChannels", Method::Get, "/channels", &[])

@@ -51,6 +51,8 @@ pub(crate) struct Core {
     pub held_waiting: Mutex<HashMap<String, usize>>,
     /// Channels whose far end hangs up between an `addChannel`'s checks and its queued add.
     pub hangup_during_add: Mutex<BTreeSet<String>>,
+    /// Channels whose next `answer` finds them hung up once its command runs.
+    pub hangup_during_answer: Mutex<BTreeSet<String>>,
     /// Channels slow to act on `DELETE /channels/{id}`, with the cause of the hangup asked
     /// for them meanwhile (test-only latency).
     pub slow_hangups: Mutex<BTreeMap<String, Option<i64>>>,
@@ -79,6 +81,7 @@ impl Core {
             held_ops: watch::Sender::new(BTreeSet::new()),
             held_waiting: Mutex::new(HashMap::new()),
             hangup_during_add: Mutex::new(BTreeSet::new()),
+            hangup_during_answer: Mutex::new(BTreeSet::new()),
             slow_hangups: Mutex::new(BTreeMap::new()),
             lost_ops: Mutex::new(BTreeSet::new()),
             ctl,

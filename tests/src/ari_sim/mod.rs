@@ -544,6 +544,18 @@ impl AriSim {
             .insert(channel.to_string());
     }
 
+    /// Test-only race: the next `answer` naming `channel` finds its channel, then the far
+    /// end hangs up before the queued answer command runs. Asterisk answers such a request
+    /// 500 `Failed to answer channel` (`ast_ari_channels_answer`: the command queue of a
+    /// channel that left completes every command with failure).
+    pub fn hangup_during_answer(&self, channel: &str) {
+        self.core
+            .hangup_during_answer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.to_string());
+    }
+
     /// Test-only loss: requests for `op` (as [`AriSim::hold_operation`] names them) are lost
     /// on the way (a dropped connection, a proxy failing): never carried out, never
     /// answered, until [`AriSim::deliver_operation`].

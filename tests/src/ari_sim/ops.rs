@@ -1217,6 +1217,15 @@ pub(crate) fn answer(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("channelId");
     let mut st = core.lock();
     controllable(&st, &id)?;
+    let races = core
+        .hangup_during_answer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    if races {
+        st.hangup(core, &id, 16, Some(HangupRequest::Remote));
+        return Err(ApiErr::new(500, "Failed to answer channel"));
+    }
     st.set_state(core, &id, ChanState::Up);
     no_content()
 }
