@@ -45,8 +45,8 @@ pub struct Agent {
 ///
 /// Two agents under one id would each take the other's conferences for claims that outlived
 /// their callers and release them: a conference with callers in two places. A record left by
-/// a crashed previous life is not renewed, so watching it for two heartbeats tells the cases
-/// apart; an agent that stopped cleanly left no record, and starts at once.
+/// a crashed previous life is not renewed, so watching it until it expires or is renewed
+/// tells the cases apart; an agent that stopped cleanly left no record, and starts at once.
 async fn id_free(
     store: &Store,
     id: &NodeId,
@@ -64,7 +64,11 @@ async fn id_free(
         node = %id,
         "this node id has a live record: checking that no other agent renews it"
     );
-    let until = Instant::now() + heartbeat * 2 + Duration::from_millis(500);
+    // A live agent (with the same heartbeat interval, as agents of one cluster have) renews
+    // its record within two heartbeats; a dead one's record expires, at the latest, when its
+    // lease ends.
+    let left = Duration::from_millis(first.lease_ms).min(heartbeat * 2);
+    let until = Instant::now() + left + Duration::from_millis(500);
     let every = (heartbeat / 5).max(Duration::from_millis(20));
     let mut last = Some(first);
     while Instant::now() < until {
@@ -77,7 +81,8 @@ async fn id_free(
                 )));
             }
             Ok(Some(rec)) => last = Some(rec),
-            Ok(None) => return Ok(None),
+            // Expired: its last life's state (an admin drain) still carries over.
+            Ok(None) => return Ok(last),
             Err(_) => {}
         }
     }

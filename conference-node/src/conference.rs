@@ -948,7 +948,10 @@ impl Conference {
     async fn join_failed(&mut self, ch: &str, e: &AriError) {
         // A caller hanging up while a request for it waits in its channel's queue gets that
         // request a plain failure (`answer`: 500); whether the channel is still there tells.
-        let gone = e.channel_gone() || matches!(self.node.ari.channel_exists(ch).await, Ok(false));
+        // Only then: asking after a timeout would hold this conference up for another one.
+        let queued_failure = e.kind == AriErrorKind::Server && e.status == Some(500);
+        let gone = e.channel_gone()
+            || (queued_failure && matches!(self.node.ari.channel_exists(ch).await, Ok(false)));
         if gone {
             tracing::info!(conference = %self.name, channel = ch, error = %e, "caller left while joining");
             self.node.metrics.join("abandoned");

@@ -149,6 +149,8 @@ pub struct Router {
     leases: Mutex<HashMap<NodeId, u64>>,
     /// The Redis connection the node view was last read on ([`Store::connection_generation`]).
     view_generation: std::sync::atomic::AtomicU64,
+    /// Held by the placement that reads the nodes again after trouble or a reconnect.
+    verifying: tokio::sync::Mutex<()>,
 }
 
 impl Router {
@@ -174,6 +176,7 @@ impl Router {
             health: Mutex::new(Health::Good),
             leases: Mutex::new(HashMap::new()),
             view_generation: std::sync::atomic::AtomicU64::new(0),
+            verifying: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -202,9 +205,7 @@ impl Router {
                         updated_ms: n.updated_ms,
                     })
                     .collect();
-                // The trouble began after the last good read, perhaps well before this call
-                // noticed it: the earliest time it can have begun bounds how long it lasted.
-                (known, view.read_at)
+                (known, Instant::now())
             }
             Health::Trouble { .. } => return,
             // Trouble again while settling: it counts from now.
@@ -292,6 +293,17 @@ impl Router {
             Ok(h) => matches!(*h, Health::Trouble { .. }),
             Err(p) => matches!(*p.into_inner(), Health::Trouble { .. }),
         };
+        if !(reconnected || unverified) {
+            return Ok(());
+        }
+        // One read for all the placements waiting on it.
+        let _one = self.verifying.lock().await;
+        let reconnected =
+            self.store.connection_generation() != self.view_generation.load(Ordering::Relaxed);
+        let unverified = match self.health.lock() {
+            Ok(h) => matches!(*h, Health::Trouble { .. }),
+            Err(p) => matches!(*p.into_inner(), Health::Trouble { .. }),
+        };
         if reconnected || unverified {
             self.refresh()
                 .await
@@ -344,6 +356,9 @@ impl Router {
         // Leases are read at the server: counting them from before the request errs on the
         // side of a node being gone.
         let asked = Instant::now();
+        // The connection as it was before the read: one opened meanwhile (by this read or
+        // another call) is noticed by the next look rather than credited with this listing.
+        let generation = self.store.connection_generation();
         let result = self.store.list_nodes().await;
         self.redis_ok.store(result.is_ok(), Ordering::Relaxed);
         let nodes = match result {
@@ -358,7 +373,6 @@ impl Router {
         // Connected anew since the last read: Redis may have restarted in between, unseen by
         // any failed call here, and come back without the leases. That is trouble too; the
         // listing then shows whether the nodes live before are still there.
-        let generation = self.store.connection_generation();
         let previous = self.view_generation.swap(generation, Ordering::Relaxed);
         if previous != 0 && previous != generation {
             self.trouble();

@@ -496,7 +496,12 @@ impl Session {
             // Ended, or forgotten: its last status may still be on its way from the node.
             Ok(None) => match tokio::time::timeout(LAST_STATUS_GRACE, notes.recv()).await {
                 Ok(Some(Reply::Notify { params, last, .. })) => {
-                    *last_status = status_of(&params);
+                    let status = status_of(&params);
+                    // Sent already, from an earlier answer of the node.
+                    if !last && status_rank(&status) <= status_rank(last_status) {
+                        return false;
+                    }
+                    *last_status = status;
                     self.send_text(notification("dialout.status", params)).await;
                     last
                 }

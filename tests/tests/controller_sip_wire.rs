@@ -214,7 +214,8 @@ async fn udp_invites_waiting_on_redis_are_capped() {
         .await
         .expect("register");
     let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "2s".into()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "3s".into()));
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "3s".into()));
     env.push(("CONFROUTE_SIP__MAX_PENDING_INVITES".into(), "2".into()));
     let controller = ControllerProc::start(&env).expect("controller");
     let udp = Udp::new(controller.sip_addr());
@@ -240,25 +241,46 @@ async fn udp_invites_waiting_on_redis_are_capped() {
     )
     .await
     .expect("dropped past the limit");
+    // Retransmissions of all five meanwhile: the two waiting on Redis get 100 Trying from
+    // the transaction table; the three not taken are dropped again.
+    for i in 0..5 {
+        let msg = invite(
+            &format!("sip:held{i}@router"),
+            udp.port(),
+            &format!("z9hG4bKheld{i}"),
+            "",
+        );
+        udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    }
     // The two taken are answered at their deadline; nothing else was.
     udp.socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let mut answered = Vec::new();
+    let (mut trying, mut answered) = (Vec::new(), Vec::new());
     let mut buf = [0u8; 8192];
-    for _ in 0..2 {
+    while answered.len() < 2 {
         let n = udp.socket.recv(&mut buf).expect("an answer");
         let a = String::from_utf8_lossy(&buf[..n]).into_owned();
-        assert_eq!(status(&a), 503, "{a}");
-        answered.push(header(&a, "Call-ID").unwrap_or("").to_string());
+        let call = header(&a, "Call-ID").unwrap_or("").to_string();
+        match status(&a) {
+            100 => trying.push(call),
+            503 => answered.push(call),
+            other => panic!("unexpected {other}: {a}"),
+        }
     }
     answered.sort();
     answered.dedup();
+    trying.sort();
     assert_eq!(
         answered.len(),
         2,
         "two different INVITEs answered: {answered:?}"
     );
+    assert_eq!(
+        trying, answered,
+        "the waiting ones' retransmissions got 100 Trying"
+    );
+    assert_eq!(dropped(&scrape(&url).await), 6.0);
     udp.silence(b"\r\n\r\n", Duration::from_millis(300));
     proxy.heal();
     let retry = (0..5)
@@ -275,7 +297,7 @@ async fn udp_invites_waiting_on_redis_are_capped() {
         302,
         "the dropped INVITE's retransmission: {again}"
     );
-    assert_eq!(dropped(&scrape(&url).await), 3.0);
+    assert_eq!(dropped(&scrape(&url).await), 6.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

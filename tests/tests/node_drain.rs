@@ -211,6 +211,28 @@ async fn drain_set_through_the_controller_is_adopted() {
     let _ = Duration::ZERO;
 }
 
+/// An admin's drain carries over a crash: the agent started again at once watches its last
+/// life's record until it expires, and still resumes the drain that record held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_survives_a_crash_and_an_immediate_restart() {
+    let mut s = Single::start(&[]).await;
+    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    s.node.process().kill();
+    s.node.restart().expect("restart");
+    assert!(
+        s.node
+            .output()
+            .contains("this node id has a live record: checking that no other agent renews it"),
+        "restarted while the last life's record lived:\n{}",
+        s.node.output()
+    );
+    let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+    assert_eq!(v["state"], "draining", "{}", s.node.output());
+    let refused = dial(&s.sim, "after-crash", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &refused).await, 34);
+}
+
 /// An agent killed in its own shutdown drain (its grace period ran out) and started again
 /// while its record still lives is a new life: it serves, and keeps the calls Asterisk still
 /// has. Only an admin's drain carries over a restart; this one would have drained for good

@@ -75,14 +75,14 @@ fn body(b: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value>, Api
     }
 }
 
-/// The body with the path's values added. A body naming them too is refused, as any other
-/// unknown field is: overwriting it would act on what the path says while the client may
-/// have meant what its body says.
+/// The body with the path's values added. A body naming another one is refused: acting on
+/// what the path says while the client meant what its body says would act on the wrong
+/// conference or participant. The same value, repeated, is fine.
 fn with(mut m: Map<String, Value>, extra: &[(&str, &str)]) -> Result<Value, ApiError> {
     for (k, v) in extra {
-        if m.contains_key(*k) {
+        if m.get(*k).is_some_and(|given| given.as_str() != Some(*v)) {
             return Err(ControlError::InvalidParams(format!(
-                "unknown field `{k}`: the path names the {k}"
+                "`{k}` differs from the {k} the path names"
             ))
             .into());
         }

@@ -142,15 +142,37 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
     ) -> Option<Outgoing> {
+        self.handle_as(packet, source, transport, false).await
+    }
+
+    /// Answers a retransmitted INVITE (one being routed, or answered) from the transaction
+    /// table and nothing else: a new INVITE is dropped, counted as overloaded. For when no
+    /// more INVITEs may wait on Redis; never waits on Redis itself.
+    pub async fn handle_known(&self, packet: &[u8], source: SocketAddr) -> Option<Outgoing> {
+        self.handle_as(packet, source, Transport::Udp, true).await
+    }
+
+    async fn handle_as(
+        &self,
+        packet: &[u8],
+        source: SocketAddr,
+        transport: Transport,
+        known_only: bool,
+    ) -> Option<Outgoing> {
         match message::parse(packet) {
             Err(ParseError::NotUtf8) => {
                 let utf8 = message::latin1_as_utf8(packet)?;
                 let parsed = message::parse(&utf8);
-                let mut out = self.answer(parsed, &utf8, source, transport).await?;
+                let mut out = self
+                    .answer(parsed, &utf8, source, transport, known_only)
+                    .await?;
                 out.bytes = message::utf8_as_latin1(&out.bytes);
                 Some(out)
             }
-            parsed => self.answer(parsed, packet, source, transport).await,
+            parsed => {
+                self.answer(parsed, packet, source, transport, known_only)
+                    .await
+            }
         }
     }
 
@@ -160,6 +182,7 @@ impl SipService {
         packet: &[u8],
         source: SocketAddr,
         transport: Transport,
+        known_only: bool,
     ) -> Option<Outgoing> {
         let req = match parsed {
             Ok(r) => r,
@@ -204,6 +227,9 @@ impl SipService {
             (Response::new(400, "Bad Request").warning(&problem), tag())
         } else {
             match req.method {
+                "INVITE" if known_only && self.transactions.peek(&key).is_none() => {
+                    return self.drop_packet("overloaded");
+                }
                 "INVITE" => return self.invite(&req, &key, source, to).await,
                 "OPTIONS" => match unsupported_requirements(&req) {
                     Some(unsupported) => (

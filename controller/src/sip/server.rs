@@ -66,10 +66,14 @@ pub async fn serve_udp(
         }
         if packet.starts_with(b"INVITE ") {
             // While Redis is slow every INVITE waits out the routing deadline; a flood then
-            // would pile up tasks and Redis commands without bound. Past the limit the
+            // would pile up tasks and Redis commands without bound. Past the limit a new
             // INVITE is dropped: its sender retransmits it.
             let Ok(permit) = pending.clone().try_acquire_owned() else {
-                service.note_dropped("overloaded");
+                // Retransmissions are still answered from the transaction table (100 Trying,
+                // or the answer again): dropping them would keep their senders retrying.
+                if let Some(out) = service.handle_known(packet, source).await {
+                    send(&socket, &out.bytes, out.to, local).await;
+                }
                 continue;
             };
             let packet = packet.to_vec();

@@ -113,6 +113,18 @@ impl Transactions {
         }
     }
 
+    /// What is known of `key`, registering nothing: `None` when it is not in the table.
+    pub fn peek(&self, key: &str) -> Option<Begin> {
+        let map = self.shard(key).lock().ok()?;
+        match map.get(key) {
+            Some(e) if e.expires > Instant::now() => Some(match &e.state {
+                State::Pending { .. } => Begin::Pending,
+                State::Answered(a) => Begin::Answered(a.clone()),
+            }),
+            _ => None,
+        }
+    }
+
     /// A CANCEL for `key`: marks a pending INVITE cancelled.
     pub fn cancel(&self, key: &str) -> Cancel {
         let Ok(mut map) = self.shard(key).lock() else {
