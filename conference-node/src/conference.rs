@@ -824,13 +824,19 @@ impl Conference {
     }
 
     /// A starter joined: everyone waiting moves into the mixing bridge (except those put on
-    /// hold, who stay with the music), recording starts.
+    /// hold, who stay with the music, now held in a started conference, and those being
+    /// moved to another conference, whose new bridge has them), recording starts.
     async fn start(&mut self) {
         self.started = true;
+        for p in self.participants.values_mut() {
+            if p.waiting && p.held && !p.moving {
+                p.waiting = false;
+            }
+        }
         let waiting: Vec<String> = self
             .participants
             .iter()
-            .filter(|(_, p)| p.waiting && !p.held)
+            .filter(|(_, p)| p.waiting && !p.held && !p.moving)
             .map(|(id, _)| id.clone())
             .collect();
         // addChannel takes one mute flag per call: move the muted and the others apart.
@@ -1303,7 +1309,7 @@ impl Conference {
             let stranded: Vec<(String, Options)> = self
                 .participants
                 .iter()
-                .filter(|(_, p)| p.waiting || p.held)
+                .filter(|(_, p)| (p.waiting || p.held) && !p.moving)
                 .map(|(id, p)| (id.clone(), p.options.clone()))
                 .collect();
             if stranded.is_empty() {

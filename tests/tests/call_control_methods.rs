@@ -663,10 +663,16 @@ async fn commands_on_a_caller_being_moved_are_refused_and_the_move_completes() {
         "participant.mute",
         "participant.kick",
         "participant.move",
+        "participant.update",
     ] {
         let mut params = json!({"conference": "from-3", "participant": a});
         if method == "participant.move" {
             params["to"] = json!("to-3");
+        }
+        // The options go with the caller to its new conference: a change here would be
+        // reported done and never apply.
+        if method == "participant.update" {
+            params["endConferenceOnExit"] = json!(true);
         }
         let (code, msg) = ws.err(method, params).await;
         assert_eq!(code, -32006, "{method}: {msg}");
@@ -674,6 +680,45 @@ async fn commands_on_a_caller_being_moved_are_refused_and_the_move_completes() {
     }
     sim.release_operation("answer addChannel");
     assert_moved_in(sim, &mut ws, moved, &a, &x, "to-3").await;
+}
+
+/// A waiter being moved to another conference is the target's: a starter joining its old
+/// conference meanwhile does not pull it back into the old mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_does_not_pull_back_a_waiter_being_moved_out() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "from-w").await;
+    let sim = &c.node(&owner).sim;
+    let w = dial(sim, "from-w", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
+    wait_bridged(sim, &w).await;
+    let x = dial(sim, "to-w", &[]).await;
+    wait_bridged(sim, &x).await;
+    let mut ws = c.client(0).await;
+    for conf in ["from-w", "to-w"] {
+        let deadline = std::time::Instant::now() + WAIT;
+        while ids(&ws
+            .ok("participant.list", json!({ "conference": conf }))
+            .await)
+        .len()
+            != 1
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{conf} lists its caller"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let moved = held_move(&c, sim, "from-w", &w, "to-w").await;
+    // A starter joins the old conference while the move's answer is held.
+    let starter = dial(sim, "from-w", &[]).await;
+    wait_bridged(sim, &starter).await;
+    sim.release_operation("answer addChannel");
+    assert_moved_in(sim, &mut ws, moved, &w, &x, "to-w").await;
+    let from = ws
+        .ok("participant.list", json!({"conference": "from-w"}))
+        .await;
+    assert_eq!(ids(&from), vec![starter.clone()], "{from}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

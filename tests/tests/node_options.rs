@@ -260,6 +260,78 @@ async fn end_conference_on_exit_hangs_up_everyone() {
     .await;
 }
 
+/// A waiter put on hold before the conference starts is, once it has started, a held
+/// participant of a started conference: with endConferenceOnExit its leaving ends it, as
+/// Twilio's does, and the list no longer shows it waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_held_before_the_start_ends_the_conference_on_exit_after_it() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let store = fixtures::store(&s.cfg);
+    let bus = confroute_shared::bus::Bus::controller(store);
+    assert!(bus.wait_connected(WAIT).await, "bus connects");
+    let send = |method: &'static str, params: serde_json::Value| {
+        let bus = bus.clone();
+        async move {
+            bus.call(
+                &fixtures::id("node-a"),
+                method,
+                params,
+                std::time::Duration::from_secs(5),
+                false,
+            )
+            .await
+            .expect("sent")
+            .reply
+            .expect("done")
+        }
+    };
+    let customer = dial(
+        &s.sim,
+        "held-room",
+        &[
+            ("CONFROUTE_START_ON_ENTER", "false"),
+            ("CONFROUTE_END_ON_EXIT", "true"),
+        ],
+    )
+    .await;
+    let holding = wait_bridged(&s.sim, &customer).await;
+    send(
+        "participant.hold",
+        serde_json::json!({"conference": "held-room", "participant": customer}),
+    )
+    .await;
+    let agent = dial(&s.sim, "held-room", &[]).await;
+    let main = wait_bridged(&s.sim, &agent).await;
+    assert_ne!(main, holding, "the agent started the conference in its mix");
+    let list = send(
+        "participant.list",
+        serde_json::json!({"conference": "held-room"}),
+    )
+    .await;
+    let entry = list["participants"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["id"] == customer.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&entry["waiting"], &entry["held"]),
+        (&serde_json::json!(false), &serde_json::json!(true)),
+        "{list}"
+    );
+    s.sim
+        .hangup_far_end(&customer, 16)
+        .await
+        .expect("the customer leaves");
+    assert_eq!(
+        wait_hangup(&s.sim, &agent).await,
+        16,
+        "the conference ended"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_participants_refuses_the_next_caller_with_a_sound_then_busy() {
     let s = Single::start(&[

@@ -354,6 +354,9 @@ impl Conference {
         end_on_exit: Option<bool>,
         beep_on_exit: Option<bool>,
     ) -> Result<Value, BusError> {
+        // One being moved out takes the options it had to its new conference: a change
+        // here would be reported done and never apply.
+        self.settled(ch)?;
         let Some(p) = self.participants.get_mut(ch) else {
             return Err(not_found(ch));
         };
