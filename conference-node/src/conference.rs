@@ -626,24 +626,31 @@ impl Conference {
                 self.admitting = true;
                 self.publish();
             }
+            // A refused joiner may have been all the conference had (a dial-out's callee,
+            // its `dialing` entry gone once it answered): an empty conference ends rather
+            // than keep its bridge and claim with nobody to end it.
             Err(Refusal::Elsewhere { node, sip_uri }) => {
                 self.wrong_node(&j.channel, &node, &sip_uri).await;
+                self.end_if_empty("join_refused").await;
                 return;
             }
             Err(Refusal::NotServing) => {
                 tracing::info!(conference = %self.name, state = %self.node.state(), "no claim and this node takes no new conference; refusing");
                 self.refuse(&ch, CAUSE_UNAVAILABLE, "not_serving").await;
+                self.end_if_empty("join_refused").await;
                 return;
             }
             Err(Refusal::Unavailable(why)) => {
                 tracing::warn!(conference = %self.name, error = %why, "cannot check ownership in Redis; refusing the new joiner");
                 self.refuse(&ch, CAUSE_UNAVAILABLE, "redis_unavailable")
                     .await;
+                self.end_if_empty("join_refused").await;
                 return;
             }
             Err(Refusal::Full) => {
                 tracing::info!(conference = %self.name, max = self.max_participants, "conference full; refusing with busy");
                 self.refuse_full(&j.channel).await;
+                self.end_if_empty("join_refused").await;
                 return;
             }
             Err(Refusal::Bridge(e)) => {

@@ -363,6 +363,37 @@ async fn dialout_state_follows_the_call() {
     state(Value::Null).await;
 }
 
+/// A dial-out's callee is all a new conference has; refused when it answers (Redis cannot
+/// confirm the home), it leaves the conference empty, which then ends instead of keeping its
+/// bridge with nobody in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_left_empty_by_a_refused_callee_ends() {
+    let (mut s, _caller) = listening_with_a_caller(DIALOUT_ENV).await;
+    s.sim
+        .set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let bus = bus(&s).await;
+    let v = send(
+        &bus,
+        "dialout",
+        json!({"conference": "lonely", "to": "+15555550101"}),
+    )
+    .await
+    .expect("dialout");
+    let callid = v["callid"].as_str().expect("callid").to_string();
+    until(&s.sim, "the new conference's bridge", |snap| {
+        snap.bridges.iter().any(|b| b.id.ends_with("-lonely"))
+    })
+    .await;
+    // Redis goes away as the callee answers: the agent cannot confirm the home.
+    s.redis.kill();
+    s.sim.answer_far_end(&callid).await.expect("answer");
+    wait_hangup(&s.sim, &callid).await;
+    until(&s.sim, "the empty conference's bridge gone", |snap| {
+        !snap.bridges.iter().any(|b| b.id.ends_with("-lonely"))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialout_needs_its_dial_string() {
     let (s, _caller) =
