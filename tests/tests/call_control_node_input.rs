@@ -46,6 +46,25 @@ async fn listening_with_a_caller(extra: &[(&str, &str)]) -> (Single, String) {
     (s, a)
 }
 
+/// An agent with dial strings and a caller in `room`, and a dial-out into `conference`
+/// sent on the bus, ringing until the test answers it; returns the agent, the bus and the
+/// call id.
+async fn ringing_dialout_into(conference: &str) -> (Single, Bus, String) {
+    let (s, _caller) = listening_with_a_caller(DIALOUT_ENV).await;
+    s.sim
+        .set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let bus = bus(&s).await;
+    let v = send(
+        &bus,
+        "dialout",
+        json!({"conference": conference, "to": "+15555550101"}),
+    )
+    .await
+    .expect("dialout");
+    let callid = v["callid"].as_str().expect("callid").to_string();
+    (s, bus, callid)
+}
+
 /// ARI requests that change something (everything but GET).
 fn changes(sim: &TestSim) -> usize {
     sim.request_log()
@@ -331,18 +350,7 @@ async fn bad_commands_get_precise_errors_and_change_nothing() {
 /// connected, and nothing once it ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialout_state_follows_the_call() {
-    let (s, _caller) = listening_with_a_caller(DIALOUT_ENV).await;
-    s.sim
-        .set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
-    let bus = bus(&s).await;
-    let v = send(
-        &bus,
-        "dialout",
-        json!({"conference": "room", "to": "+15555550101"}),
-    )
-    .await
-    .expect("dialout");
-    let callid = v["callid"].as_str().expect("callid").to_string();
+    let (s, bus, callid) = ringing_dialout_into("room").await;
     let state = |want: Value| {
         let (bus, callid) = (&bus, callid.clone());
         async move {
@@ -368,18 +376,7 @@ async fn dialout_state_follows_the_call() {
 /// bridge with nobody in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conference_left_empty_by_a_refused_callee_ends() {
-    let (mut s, _caller) = listening_with_a_caller(DIALOUT_ENV).await;
-    s.sim
-        .set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
-    let bus = bus(&s).await;
-    let v = send(
-        &bus,
-        "dialout",
-        json!({"conference": "lonely", "to": "+15555550101"}),
-    )
-    .await
-    .expect("dialout");
-    let callid = v["callid"].as_str().expect("callid").to_string();
+    let (mut s, _bus, callid) = ringing_dialout_into("lonely").await;
     until(&s.sim, "the new conference's bridge", |snap| {
         snap.bridges.iter().any(|b| b.id.ends_with("-lonely"))
     })
