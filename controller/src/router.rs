@@ -373,8 +373,12 @@ impl Router {
         // Connected anew since the last read: Redis may have restarted in between, unseen by
         // any failed call here, and come back without the leases. That is trouble too; the
         // listing then shows whether the nodes live before are still there.
+        // A connection opened during the read (by it, or by another call that found the old
+        // one dead) means this listing may come from a Redis that restarted: trouble, judged
+        // against the view from before it.
+        let after = self.store.connection_generation();
         let previous = self.view_generation.swap(generation, Ordering::Relaxed);
-        if previous != 0 && previous != generation {
+        if previous != 0 && (previous != generation || generation != after) {
             self.trouble();
         }
         if let Ok(mut leases) = self.leases.lock() {
