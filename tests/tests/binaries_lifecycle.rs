@@ -35,6 +35,21 @@ fn listen_env(bin: &str) -> Vec<(String, String)> {
     env
 }
 
+/// Starts `bin` against `redis` on free ports and waits until its output holds `text`;
+/// returns its temporary directory (kept while it runs) and the process.
+fn spawn_until(bin: &str, redis: &RedisServer, text: &str) -> (TempDir, Proc) {
+    let dir = TempDir::new("bin").expect("temp dir");
+    let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
+    cmd.env("CONFROUTE_REDIS__URL", redis.url())
+        .envs(listen_env(bin));
+    let p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
+    wait_for(&format!("{bin}: {text:?}"), Duration::from_secs(20), || {
+        p.output().contains(text).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+    (dir, p)
+}
+
 #[test]
 fn unknown_key_stops_start_up_naming_the_key() {
     for bin in BINARIES {
@@ -62,15 +77,7 @@ fn bad_value_in_file_names_key_and_form() {
 fn starts_and_exits_zero_on_sigterm() {
     let redis = RedisServer::start().expect("redis");
     for bin in BINARIES {
-        let dir = TempDir::new("bin").expect("temp dir");
-        let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
-        cmd.env("CONFROUTE_REDIS__URL", redis.url())
-            .envs(listen_env(bin));
-        let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
-        wait_for(&format!("{bin} to start"), Duration::from_secs(20), || {
-            p.output().contains("started").then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+        let (_dir, mut p) = spawn_until(bin, &redis, "started");
         p.signal(libc::SIGTERM).expect("sigterm");
         let code = p.wait_exit(Duration::from_secs(10)).expect("exits");
         assert_eq!(code, Some(0), "{bin}: {}", p.output());
@@ -85,17 +92,7 @@ fn an_evicting_redis_is_named_in_the_log() {
         RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
             .expect("redis");
     for bin in BINARIES {
-        let dir = TempDir::new("bin").expect("temp dir");
-        let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
-        cmd.env("CONFROUTE_REDIS__URL", redis.url())
-            .envs(listen_env(bin));
-        let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
-        wait_for(&format!("{bin} to warn"), Duration::from_secs(20), || {
-            p.output()
-                .contains("maxmemory-policy allkeys-lru")
-                .then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+        let (_dir, mut p) = spawn_until(bin, &redis, "maxmemory-policy allkeys-lru");
         p.signal(libc::SIGTERM).expect("sigterm");
         let _ = p.wait_exit(Duration::from_secs(10));
     }
