@@ -156,6 +156,24 @@ pub async fn scrape(base: &str) -> String {
         .expect("metrics body")
 }
 
+/// Waits until the controller at `base` would place conferences on `n` nodes: its view holds
+/// them serving with ARI up. A node is listed as soon as its agent registers, but its record
+/// says ARI is up only after a heartbeat that followed the events connection, and the view
+/// picks that up at its next refresh; a route sent before then may find no room.
+pub async fn wait_placeable(base: &str, n: usize) -> crate::harness::HarnessResult<()> {
+    crate::harness::wait_for_async(
+        &format!("{n} placeable nodes in the controller's view"),
+        Duration::from_secs(30),
+        || async {
+            let m = scrape(base).await;
+            (metric(&m, r#"confroute_nodes{state="serving"}"#) == n as f64
+                && metric(&m, "confroute_nodes_ari_down") == 0.0)
+                .then_some(())
+        },
+    )
+    .await
+}
+
 /// The error codes `docs/openapi.json` lets an HTTP client expect.
 pub fn documented_error_codes() -> Vec<String> {
     let doc: serde_json::Value = serde_json::from_str(

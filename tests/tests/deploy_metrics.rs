@@ -116,13 +116,9 @@ impl Cluster {
             broken,
             nodes,
         };
-        let url = format!("{}/v1/nodes", c.controller.http_url());
-        wait_for_async("the controller sees every node", WAIT, || async {
-            let v = get_json(&url).await?;
-            (v["items"].as_array().map(Vec::len) == Some(NODES.len())).then_some(())
-        })
-        .await
-        .expect("nodes registered");
+        fixtures::wait_placeable(&c.controller.http_url(), NODES.len())
+            .await
+            .expect("nodes placeable");
         c
     }
 

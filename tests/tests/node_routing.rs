@@ -39,13 +39,9 @@ impl Cluster {
             controller,
             nodes,
         };
-        let url = format!("{}/v1/nodes", c.controller.http_url());
-        wait_for_async("controller sees every node", WAIT, || async {
-            let v = get_json(&url).await;
-            (v["items"].as_array().map(Vec::len) == Some(n)).then_some(())
-        })
-        .await
-        .expect("nodes registered");
+        fixtures::wait_placeable(&c.controller.http_url(), n)
+            .await
+            .expect("nodes placeable");
         c
     }
 

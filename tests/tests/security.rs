@@ -84,31 +84,10 @@ async fn system() -> System {
         })
         .await;
     assert!(app_up, "agent never connected\n{}", node.output());
-    let base = controller.http_url();
-    wait_for_async(
-        "the node in the controller's view",
-        Duration::from_secs(10),
-        || async {
-            let m = fixtures::scrape(&base).await;
-            (fixtures::metric(&m, r#"confroute_nodes{state="serving"}"#) >= 1.0).then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
-    // And with its ARI up there: only then are conferences placed on it (the record says
-    // so once a heartbeat after the connection ran, the view at its next refresh).
-    wait_for_async(
-        "the node's ARI up in the controller's view",
-        Duration::from_secs(10),
-        || async {
-            let m = fixtures::scrape(&base).await;
-            (fixtures::metric(&m, "confroute_nodes_ari_down") == 0.0
-                && fixtures::metric(&m, r#"confroute_nodes{state="serving"}"#) >= 1.0)
-                .then_some(())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    // Only with its ARI up in the controller's view are conferences placed on it.
+    fixtures::wait_placeable(&controller.http_url(), 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", controller.output(), node.output()));
     System {
         redis,
         controller,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use confroute_shared::config::RedisConfig;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{wait_for_async, ControllerProc, NodeProc, RedisServer};
+use confroute_tests::harness::{ControllerProc, NodeProc, RedisServer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -79,23 +79,9 @@ impl Cluster {
             ControllerProc::start(&ctl_env).expect("controller B"),
         ];
         for c in &controllers {
-            let url = format!("{}/v1/nodes", c.http_url());
-            wait_for_async("the controller sees both nodes", WAIT, || async {
-                let v = fixtures::try_get_json(&url).await?;
-                (v["items"].as_array().map(Vec::len) == Some(2)).then_some(())
-            })
-            .await
-            .expect("nodes registered");
-            // Placed on only once the controller's view has both with ARI up.
-            let base = c.http_url();
-            wait_for_async("both nodes placeable in the view", WAIT, || async {
-                let m = fixtures::scrape(&base).await;
-                (fixtures::metric(&m, r#"confroute_nodes{state="serving"}"#) == 2.0
-                    && fixtures::metric(&m, "confroute_nodes_ari_down") == 0.0)
-                    .then_some(())
-            })
-            .await
-            .expect("nodes placeable");
+            fixtures::wait_placeable(&c.http_url(), 2)
+                .await
+                .expect("nodes placeable");
         }
         Cluster {
             redis,
