@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use confroute_tests::harness::{free_port, wait_for, workspace_bin, Proc, TempDir};
+use confroute_tests::harness::{free_port, require_tool, wait_for, workspace_bin, Proc, TempDir};
 use serde_json::Value;
 
 /// Stand-ins for what Kubernetes would fill in.
@@ -199,6 +199,50 @@ fn deb_metadata_names_existing_files() {
     let sample =
         std::fs::read_to_string(repo().join("examples/packaging/node.toml")).expect("toml");
     assert!(sample.contains("drain_deadline = \"4h\""));
+}
+
+/// systemd reads the units without a complaint (an unknown key, a value it cannot parse, a
+/// setting of the wrong section: `systemd-analyze verify` prints each and systemd would
+/// ignore it). The packages install the binaries in /usr/bin, which the metadata test above
+/// checks; here the units point at the built ones, since verify also checks the command.
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    let analyze = require_tool("systemd-analyze", "systemd").expect("systemd-analyze");
+    let dir = TempDir::new("units").expect("dir");
+    let mut units = Vec::new();
+    for unit in ["confroute-controller", "confroute-node"] {
+        let text = std::fs::read_to_string(
+            repo().join(format!("examples/packaging/systemd/{unit}.service")),
+        )
+        .expect("unit");
+        let installed = format!("/usr/bin/{unit} ");
+        assert!(
+            text.contains(&installed),
+            "{unit}: ExecStart runs {installed}"
+        );
+        let built = workspace_bin(unit).expect("built binary");
+        let path = dir.path().join(format!("{unit}.service"));
+        std::fs::write(
+            &path,
+            text.replace(&installed, &format!("{} ", built.display())),
+        )
+        .expect("write unit");
+        units.push(path);
+    }
+    let out = Command::new(&analyze)
+        .arg("verify")
+        .args(&units)
+        .output()
+        .expect("systemd-analyze verify");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify:\n{said}"
+    );
 }
 
 /// Durations whose bounds the schema cannot express (the heartbeat at most a third of the
