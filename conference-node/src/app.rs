@@ -2,6 +2,7 @@
 //! heartbeat, reconciliation, HTTP).
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,9 +121,11 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     // An admin drain survives an agent restart: keep the state the record still has. The
     // agent's own shutdown drain does not: a new process is a new life, and one killed in its
     // shutdown drain (its grace period ran out) would otherwise drain for good.
-    let initial = match id_free(&store, &id, cfg.node.heartbeat_interval).await? {
-        Some(rec) if rec.info.state == NodeState::Draining && !rec.stopping => NodeState::Draining,
-        _ => NodeState::Serving,
+    let (initial, drain_since) = match id_free(&store, &id, cfg.node.heartbeat_interval).await? {
+        Some(rec) if rec.info.state == NodeState::Draining && !rec.stopping => {
+            (NodeState::Draining, rec.drain_since_ms)
+        }
+        _ => (NodeState::Serving, None),
     };
     let info = NodeInfo {
         id,
@@ -154,12 +157,19 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         reconcile_tx,
         outbox,
     ));
+    if let Some(since) = drain_since {
+        node.drain_since_ms.store(since, Ordering::SeqCst);
+    }
     if !heartbeat::register(&node).await {
         tracing::warn!("Redis not reachable at start-up; refusing new conferences until it is");
     }
     if initial == NodeState::Draining {
         tracing::info!("the node record says draining (an admin drained it): resuming the drain");
-        crate::lifecycle::drain(&node, false).await;
+        match drain_since {
+            Some(since) => crate::lifecycle::resume_drain(&node, since).await,
+            // A record written before drains kept their start: a whole deadline.
+            None => crate::lifecycle::drain(&node, false).await,
+        };
     }
     let mut tasks = vec![
         tokio::spawn(heartbeat::run(node.clone())),

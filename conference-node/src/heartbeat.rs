@@ -29,12 +29,18 @@ fn info(node: &Node) -> NodeInfo {
 
 /// Registers the node (at start, and when a heartbeat finds the record gone).
 pub async fn register(node: &Node) -> bool {
-    let (_, version) = node.state_versioned();
-    match node
-        .store
-        .register_agent(&info(node), lease(node), node.ari_available())
-        .await
-    {
+    let (state, version) = node.state_versioned();
+    let since = node.drain_since_ms.load(Ordering::SeqCst);
+    let registered = if state == NodeState::Draining && since > 0 {
+        node.store
+            .register_draining_agent(&info(node), lease(node), node.ari_available(), since)
+            .await
+    } else {
+        node.store
+            .register_agent(&info(node), lease(node), node.ari_available())
+            .await
+    };
+    match registered {
         Ok(previous) => {
             node.redis_ok.store(true, Ordering::SeqCst);
             node.state_written(version);

@@ -3,8 +3,9 @@
 //! `shutting_down`, deregistration and exit; for an admin drain, the node stays drained
 //! until undrained.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
@@ -16,8 +17,34 @@ use crate::node::{lock, Node};
 /// How long ended conferences get to tear down after the deadline.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Milliseconds since the epoch on this host's clock.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Starts draining; `shutdown` makes the drain end in an exit. Returns the previous state.
 pub async fn drain(node: &Arc<Node>, shutdown: bool) -> NodeState {
+    start(node, shutdown, Duration::ZERO).await
+}
+
+/// Resumes, in an agent started again, the admin drain its last life's record held, begun
+/// at `since_ms` (Redis time): it ends at the deadline it had (invariant 4), not a whole
+/// `node.drain_deadline` after the restart.
+pub async fn resume_drain(node: &Arc<Node>, since_ms: u64) -> NodeState {
+    let elapsed = Duration::from_millis(now_ms().saturating_sub(since_ms));
+    node.drain_since_ms.store(since_ms, Ordering::SeqCst);
+    let left = node.cfg.node.drain_deadline.saturating_sub(elapsed);
+    tracing::info!(
+        ?elapsed,
+        ?left,
+        "resuming the admin drain where its deadline stood"
+    );
+    start(node, false, elapsed).await
+}
+
+async fn start(node: &Arc<Node>, shutdown: bool, elapsed: Duration) -> NodeState {
     let previous = node.state();
     if previous == NodeState::ShuttingDown {
         return previous;
@@ -33,7 +60,10 @@ pub async fn drain(node: &Arc<Node>, shutdown: bool) -> NodeState {
             task.abort();
         }
         node.set_state_local(NodeState::Draining);
-        let task = tokio::spawn(run(node.clone(), shutdown));
+        let _ =
+            node.drain_since_ms
+                .compare_exchange(0, now_ms(), Ordering::SeqCst, Ordering::SeqCst);
+        let task = tokio::spawn(run(node.clone(), shutdown, elapsed));
         *slot = Some((task, shutdown));
     }
     node.write_state().await;
@@ -54,6 +84,7 @@ pub async fn undrain(node: &Arc<Node>) -> Result<NodeState, NodeState> {
             task.abort();
         }
         node.set_state_local(NodeState::Serving);
+        node.drain_since_ms.store(0, Ordering::SeqCst);
     }
     node.write_state().await;
     Ok(previous)
@@ -74,12 +105,22 @@ pub fn adopt(node: &Arc<Node>, remote: NodeState, version: u64) {
             if let Some((task, _)) = slot.take() {
                 task.abort();
             }
-            *slot = Some((tokio::spawn(run(node.clone(), false)), false));
+            let _ = node.drain_since_ms.compare_exchange(
+                0,
+                now_ms(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            *slot = Some((
+                tokio::spawn(run(node.clone(), false, Duration::ZERO)),
+                false,
+            ));
         }
         NodeState::Serving if node.adopt_state(NodeState::Serving, version) => {
             if let Some((task, _)) = slot.take() {
                 task.abort();
             }
+            node.drain_since_ms.store(0, Ordering::SeqCst);
         }
         _ => {}
     }
@@ -148,8 +189,9 @@ async fn wait_reconciled(node: &Node, until: Instant) {
     }
 }
 
-async fn run(node: Arc<Node>, shutdown: bool) {
-    let deadline = Instant::now() + node.cfg.node.drain_deadline;
+/// The drain itself; `elapsed` of its deadline went by in an earlier life of the agent.
+async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
+    let deadline = Instant::now() + node.cfg.node.drain_deadline.saturating_sub(elapsed);
     // Right after a restart the agent hosts nothing until it has adopted the conferences
     // Asterisk still holds: empty then is not drained, and exiting would leave those calls
     // without an agent (and their claims to expire under them). Claims in Redis for this

@@ -130,6 +130,9 @@ pub struct Node {
     pub redis_ok: AtomicBool,
     /// Whether the events WebSocket is connected.
     pub ari_connected: AtomicBool,
+    /// When the current drain began (ms since the epoch; 0 while serving), handed to a
+    /// registration of a draining node so its record keeps the drain's deadline.
+    pub drain_since_ms: AtomicU64,
     /// Wakes the heartbeat when the events WebSocket connects or drops, so the node record's
     /// `ari` changes at once rather than a heartbeat later: callers arriving right after a
     /// reconnection find the node placeable again.
@@ -201,6 +204,7 @@ impl Node {
             },
             redis_ok: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
+            drain_since_ms: AtomicU64::new(0),
             ari_changed: Notify::new(),
             beats_started: AtomicU64::new(0),
             beats_done: watch::channel(0).0,

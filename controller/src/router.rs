@@ -577,6 +577,7 @@ mod tests {
             lease_ms: 3000,
             updated_ms,
             stopping: false,
+            drain_since_ms: None,
         }
     }
 

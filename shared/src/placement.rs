@@ -235,6 +235,7 @@ mod tests {
             lease_ms: 3000,
             updated_ms: 0,
             stopping: false,
+            drain_since_ms: None,
         }
     }
 
@@ -380,6 +381,7 @@ mod stale_views {
                 lease_ms: 1000,
                 updated_ms: 0,
                 stopping: false,
+                drain_since_ms: None,
             })
             .collect()
     }

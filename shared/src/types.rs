@@ -170,6 +170,9 @@ pub struct NodeRecord {
     /// The node is in its own shutdown drain (not an admin's drain).
     #[serde(default)]
     pub stopping: bool,
+    /// Redis time (ms since the epoch) the node's current drain began; `None` when serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_since_ms: Option<u64>,
 }
 
 /// The owner of a conference at a given epoch: the fencing token of invariant 2.

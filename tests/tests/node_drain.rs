@@ -233,6 +233,43 @@ async fn an_admin_drain_survives_a_crash_and_an_immediate_restart() {
     assert_eq!(wait_hangup(&s.sim, &refused).await, 34);
 }
 
+/// An admin drain's deadline carries over a restart of the agent: the conference still there
+/// ends when the deadline set at the drain comes, not a whole deadline after the restart.
+/// (The drain's start is in the node record; the restart comes halfway through.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drains_deadline_carries_over_a_restart() {
+    const DEADLINE: Duration = Duration::from_secs(8);
+    let mut s = Single::start(&[
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "8s"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let a = dial(&s.sim, "long-haul", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let drained_at = std::time::Instant::now();
+    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    // Half the deadline passes in this life of the agent: the time itself is what is tested.
+    tokio::time::sleep_until((drained_at + DEADLINE / 2).into()).await;
+    s.node.restart().expect("restart");
+    assert!(
+        s.node
+            .output()
+            .contains("resuming the admin drain where its deadline stood"),
+        "{}",
+        s.node.output()
+    );
+    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "ended at the deadline");
+    let ended = drained_at.elapsed();
+    // A whole deadline after the restart would be at least 12 s after the drain.
+    assert!(
+        ended >= DEADLINE - Duration::from_secs(1)
+            && ended < DEADLINE + Duration::from_millis(2500),
+        "ended {ended:?} after the drain, deadline {DEADLINE:?}\n{}",
+        s.node.output()
+    );
+}
+
 /// An agent killed in its own shutdown drain (its grace period ran out) and started again
 /// while its record still lives is a new life: it serves, and keeps the calls Asterisk still
 /// has. Only an admin's drain carries over a restart; this one would have drained for good

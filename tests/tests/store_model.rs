@@ -212,6 +212,93 @@ async fn an_agent_registered_with_ari_down_is_no_candidate() {
     assert_eq!(more.owner, Some(owner("a", 1)));
 }
 
+/// Invariant 4's deadline across agent restarts: the record keeps when the node's drain
+/// began (Redis time) from the first change to draining until it serves again; a repeated
+/// write or a registration of the live record keeps it; a draining registration of a
+/// record that expired takes the start its agent remembers.
+#[tokio::test]
+async fn a_drain_keeps_when_it_began_until_the_node_serves_again() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    let since = |store: &Store| {
+        let store = store.clone();
+        async move {
+            store
+                .get_node(&id("a"))
+                .await
+                .expect("get")
+                .expect("live")
+                .drain_since_ms
+        }
+    };
+    store
+        .register_agent(&node("a", 10), LONG, true)
+        .await
+        .expect("register");
+    assert_eq!(
+        since(&store).await,
+        None,
+        "a serving node has no drain start"
+    );
+
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("admin drain");
+    let first = since(&store).await.expect("the drain's start is recorded");
+    let now = redis_time(&redis);
+    assert!(
+        first <= now && now - first < 5_000,
+        "Redis time: {first} vs {now}"
+    );
+
+    // The agent adopts the drain and writes it again; then it restarts while the record
+    // lives and registers draining, remembering a later start: the record's own stands.
+    store
+        .set_own_state(&id("a"), NodeState::Draining, false)
+        .await
+        .expect("own write");
+    let mut draining = node("a", 10);
+    draining.state = NodeState::Draining;
+    store
+        .register_draining_agent(&draining, LONG, true, first + 1_000)
+        .await
+        .expect("register draining");
+    assert_eq!(since(&store).await, Some(first));
+
+    store
+        .set_state(&id("a"), NodeState::Serving)
+        .await
+        .expect("undrain");
+    assert_eq!(since(&store).await, None, "serving again clears it");
+
+    // A record that expired: the registration brings the start its agent remembers.
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("drain");
+    store.deregister(&id("a")).await.expect("deregister");
+    store
+        .register_draining_agent(&draining, LONG, true, first)
+        .await
+        .expect("register draining");
+    assert_eq!(since(&store).await, Some(first));
+
+    // A serving registration starts without one.
+    store
+        .register_agent(&node("a", 10), LONG, true)
+        .await
+        .expect("register serving");
+    assert_eq!(since(&store).await, None);
+}
+
+/// Redis's clock, in ms since the epoch.
+fn redis_time(redis: &RedisServer) -> u64 {
+    let (secs, micros): (u64, u64) =
+        redis_query(redis.port(), &mut redis::cmd("TIME")).expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
 #[tokio::test]
 async fn draining_node_gets_no_new_conference_but_keeps_its_busy_ones() {
     let redis = RedisServer::start().expect("redis");

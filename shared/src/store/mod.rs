@@ -662,7 +662,7 @@ impl Store {
         node: &NodeInfo,
         lease: Duration,
     ) -> Result<Option<NodeState>, StoreError> {
-        self.register_with_ari(node, lease, None).await
+        self.register_with_ari(node, lease, None, None).await
     }
 
     /// Announces a node agent with a lease and whether its ARI events WebSocket is up, so an
@@ -673,7 +673,21 @@ impl Store {
         lease: Duration,
         ari: bool,
     ) -> Result<Option<NodeState>, StoreError> {
-        self.register_with_ari(node, lease, Some(ari)).await
+        self.register_with_ari(node, lease, Some(ari), None).await
+    }
+
+    /// [`Store::register_agent`] for an agent that resumes a drain its last life's record
+    /// held: `drain_since_ms` is when that drain began (Redis time), kept unless the record is
+    /// still alive with its own.
+    pub async fn register_draining_agent(
+        &self,
+        node: &NodeInfo,
+        lease: Duration,
+        ari: bool,
+        drain_since_ms: u64,
+    ) -> Result<Option<NodeState>, StoreError> {
+        self.register_with_ari(node, lease, Some(ari), Some(drain_since_ms))
+            .await
     }
 
     async fn register_with_ari(
@@ -681,6 +695,7 @@ impl Store {
         node: &NodeInfo,
         lease: Duration,
         ari: Option<bool>,
+        drain_since_ms: Option<u64>,
     ) -> Result<Option<NodeState>, StoreError> {
         let key = self.node_key(&node.id);
         let script = &self.scripts.register;
@@ -698,6 +713,8 @@ impl Store {
                     .arg(node.capacity)
                     .arg(node.state.as_str())
                     .arg(ari.map(|up| if up { "1" } else { "0" }))
+                    // ARGV[10] only follows ARGV[9].
+                    .arg(ari.and(drain_since_ms))
                     .invoke_async(&mut c)
                     .await
             })

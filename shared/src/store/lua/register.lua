@@ -5,6 +5,9 @@
 -- ARI events WebSocket is up. It keeps invariant 4 from the first moment: an agent that has
 -- not reached its Asterisk yet can admit nobody, so claim.lua must not place on it. Without
 -- ARGV[9] (a registration that does not know) the field is removed: unknown counts as up.
+-- ARGV[10] (optional, with ARGV[9]) for a draining registration: when that drain began
+-- (Redis time, ms), as the agent knows it from its last life's record; a live record's own
+-- `drain_since_ms` wins (set_state.lua keeps it, for invariant 4's deadline).
 -- Returns the state the record had before (false when it did not exist).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -20,6 +23,11 @@ if ARGV[9] then
   redis.call('HSET', KEYS[1], 'ari', ARGV[9])
 else
   redis.call('HDEL', KEYS[1], 'ari')
+end
+if ARGV[8] ~= 'draining' then
+  redis.call('HDEL', KEYS[1], 'drain_since_ms')
+elseif before ~= 'draining' or redis.call('HEXISTS', KEYS[1], 'drain_since_ms') == 0 then
+  redis.call('HSET', KEYS[1], 'drain_since_ms', tonumber(ARGV[10]) or now)
 end
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, ARGV[2])

@@ -3,6 +3,9 @@
 -- whose lease expired is not brought back by this script, and a node stopping for good
 -- (its own shutdown drain) cannot be made serving again by an admin: it would take new
 -- conferences and end them at its drain deadline.
+-- Keeps invariant 4's deadline across an agent restart: `drain_since_ms` records (Redis time)
+-- when the node's current drain began, so an agent started again mid-drain ends it at the
+-- deadline it had, not a full deadline later.
 -- KEYS[1] node record. ARGV[1] state. ARGV[2] who: 'admin', 'node', or 'node-stopping'
 -- (the node itself, starting or in its shutdown; marks the record stopping).
 -- Returns the previous state; false when the node has no live record; {'stopping', state}
@@ -14,4 +17,10 @@ if ARGV[2] == 'admin' and redis.call('HGET', KEYS[1], 'stopping') == '1' then
 end
 if ARGV[2] == 'node-stopping' then redis.call('HSET', KEYS[1], 'stopping', '1') end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
+if ARGV[1] == 'serving' then
+  redis.call('HDEL', KEYS[1], 'drain_since_ms')
+elseif before == 'serving' or redis.call('HEXISTS', KEYS[1], 'drain_since_ms') == 0 then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'drain_since_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
 return before
