@@ -65,10 +65,10 @@ async fn id_free(
         node = %id,
         "this node id has a live record: checking that no other agent renews it"
     );
-    // A live agent (with the same heartbeat interval, as agents of one cluster have) renews
-    // its record within two heartbeats; a dead one's record expires, at the latest, when its
-    // lease ends.
-    let left = Duration::from_millis(first.lease_ms).min(heartbeat * 2);
+    // A live agent renews its record before its lease ends, whatever its heartbeat interval;
+    // a dead one's record expires then. Watching until the lease left ends tells them apart
+    // without assuming the other agent beats as often as this one.
+    let left = Duration::from_millis(first.lease_ms);
     let until = Instant::now() + left + Duration::from_millis(500);
     let every = (heartbeat / 5).max(Duration::from_millis(20));
     let mut last = Some(first);

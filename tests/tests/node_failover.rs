@@ -124,6 +124,28 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
     .expect("nothing left in Redis");
 }
 
+/// The same check when the live agent beats less often than the newcomer (agents of one
+/// cluster configured differently): it is still seen renewing its record, so the newcomer
+/// refuses rather than taking the id over between two of its heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_agent_with_a_slower_heartbeat_still_keeps_its_node_id() {
+    let s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1500ms")]).await;
+    let store = fixtures::store(&s.cfg);
+    let id = fixtures::id("node-a");
+    let before = store.get_node(&id).await.expect("redis").expect("record");
+    let other = sim().await;
+    let err = match NodeProc::start("node-a", &env(&other, &s.cfg, &[])) {
+        Ok(p) => panic!("a second agent started as node-a:\n{}", p.output()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("node.id: node node-a is in use by another live agent"),
+        "{err}"
+    );
+    let after = store.get_node(&id).await.expect("redis").expect("record");
+    assert_eq!(after.info.control, before.info.control, "record taken over");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_under_a_live_agents_node_id_refuses_to_start_and_takes_nothing() {
     let mut s = Single::start(&[]).await;
