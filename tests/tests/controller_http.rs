@@ -242,6 +242,7 @@ async fn nodes_drain_undrain_and_their_errors() {
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["state"], "serving");
     assert_eq!(a.body["capacity"], 100);
+    assert_eq!(a.body["drain_since_ms"], Value::Null, "{}", a.text);
     assert_error(
         &call(&s, Method::GET, "/v1/nodes/nope", None, None).await,
         404,
@@ -258,6 +259,14 @@ async fn nodes_drain_undrain_and_their_errors() {
     assert_eq!(
         a.body,
         json!({"id": "node-a", "state": "draining", "previous": "serving"})
+    );
+    let a = call(&s, Method::GET, "/v1/nodes/node-a", None, None).await;
+    let since = a.body["drain_since_ms"].as_u64();
+    let registered = a.body["updated_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        since.is_some_and(|ms| ms >= registered && ms < registered.saturating_add(60_000)),
+        "a draining node says when its drain began: {}",
+        a.text
     );
     for i in 0..10 {
         let a = call(

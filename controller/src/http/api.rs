@@ -155,6 +155,7 @@ fn node_json(n: &NodeRecord) -> Value {
         "claimed": n.claimed,
         "lease_ms": n.lease_ms,
         "updated_ms": n.updated_ms,
+        "drain_since_ms": n.drain_since_ms,
     })
 }
 
