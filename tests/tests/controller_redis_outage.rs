@@ -9,6 +9,11 @@ use confroute_tests::fixtures;
 use confroute_tests::harness::{wait_for_async, ControllerProc, RedisServer};
 
 fn invite(to: std::net::SocketAddr, name: &str) -> String {
+    request(to, "INVITE", name)
+}
+
+/// Sends one `method` request for `name` over UDP and returns the answer.
+fn request(to: std::net::SocketAddr, method: &str, name: &str) -> String {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
     socket
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -16,8 +21,8 @@ fn invite(to: std::net::SocketAddr, name: &str) -> String {
     let port = socket.local_addr().expect("addr").port();
     let branch = format!("z9hG4bK{:x}", rand::random::<u64>());
     let msg = format!(
-        "INVITE sip:{name}@router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
-         From: <sip:a@b>;tag=1\r\nTo: <sip:{name}@router>\r\nCall-ID: {branch}\r\nCSeq: 1 INVITE\r\n\
+        "{method} sip:{name}@router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\n\
+         From: <sip:a@b>;tag=1\r\nTo: <sip:{name}@router>\r\nCall-ID: {branch}\r\nCSeq: 1 {method}\r\n\
          Content-Length: 0\r\n\r\n"
     );
     socket.send_to(msg.as_bytes(), to).expect("send");
@@ -55,6 +60,7 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
 
     assert!(invite(controller.sip_addr(), "before").starts_with("SIP/2.0 302"));
     assert_eq!(status(&format!("{base}/readyz")).await, 200);
+    assert!(request(controller.sip_addr(), "OPTIONS", "probe").starts_with("SIP/2.0 200"));
 
     redis.kill();
     let started = Instant::now();
@@ -77,6 +83,11 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
     })
     .await
     .expect("not ready while redis is down");
+    // An edge's OPTIONS probe gets the answer an INVITE would (RFC 3261 §11.2), so it can
+    // send its calls to another controller.
+    let answer = request(controller.sip_addr(), "OPTIONS", "probe");
+    assert!(answer.starts_with("SIP/2.0 503"), "{answer}");
+    assert!(answer.contains("\r\nRetry-After: 5\r\n"), "{answer}");
     let resp = fixtures::http()
         .post(format!("{base}/v1/route"))
         .json(&serde_json::json!({"conference": "during"}))
@@ -112,6 +123,7 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
     )
     .await
     .expect("ready again");
+    assert!(request(controller.sip_addr(), "OPTIONS", "probe").starts_with("SIP/2.0 200"));
     assert!(controller.process().is_running());
     assert_eq!(controller.process().pid(), pid, "same process throughout");
 }

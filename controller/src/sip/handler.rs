@@ -238,6 +238,15 @@ impl SipService {
                             .warning("required extension not supported by the router"),
                         tag(),
                     ),
+                    // The answer an INVITE would get (RFC 3261 §11.2): with the routing store
+                    // out of reach that is 503, so an edge probing with OPTIONS (Kamailio's
+                    // dispatcher, say) sends its calls to another controller meanwhile.
+                    None if !self.router.redis_ok() => (
+                        Response::new(503, "Service Unavailable")
+                            .header("Retry-After", self.retry_after.clone())
+                            .warning("routing store unreachable"),
+                        tag(),
+                    ),
                     None => (
                         Response::new(200, "OK")
                             .header("Allow", ALLOW)
