@@ -422,6 +422,46 @@ async fn tcp_pipelined_requests_each_get_an_answer() {
     );
 }
 
+/// A TCP message whose Content-Length cannot frame it (not a number, given twice, past the
+/// message limit) gets its 400 naming the fault, then the connection closes: what follows
+/// in the stream cannot be told apart from its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_message_with_an_unusable_content_length_gets_400_then_the_close() {
+    let s = setup(&[]).await;
+    let cases = [
+        ("Content-Length: abc", "Content-Length is not a number"),
+        (
+            "Content-Length: 3\r\nl: 0",
+            "more than one Content-Length header",
+        ),
+        ("Content-Length: 99999999", "larger than the limit"),
+    ];
+    for (i, (length, why)) in cases.iter().enumerate() {
+        let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+            .await
+            .expect("connect");
+        let msg = invite(
+            &format!("sip:framing-{i}@router"),
+            5060,
+            &format!("z9hG4bKframing{i}"),
+            "",
+        )
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+        .replace("Content-Length: 0", length);
+        tcp.write_all(msg.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(read.is_ok(), "closed after the answer: {got}");
+        assert_eq!(status(&got), 400, "{length}: {got}");
+        assert!(
+            header(&got, "Warning").is_some_and(|w| w.contains(why)),
+            "{length}: {got}"
+        );
+        assert_eq!(got.matches("SIP/2.0 ").count(), 1, "{got}");
+    }
+}
+
 /// The value of header `name` in a raw message, as bytes.
 fn raw_header<'a>(msg: &'a [u8], name: &str) -> Option<&'a [u8]> {
     msg.split(|b| *b == b'\n').find_map(|line| {
@@ -614,6 +654,17 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             invite("sip:x@router", port, "z9hG4bKname", "Bad Name: x\r\n"),
             400,
             "not a token",
+        ),
+        // Single-valued headers given twice: which one counts would be a guess.
+        (
+            invite("sip:x@router", port, "z9hG4bKtwocl", "l: 0\r\n"),
+            400,
+            "more than one Content-Length",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKtwomf", "Max-Forwards: 0\r\n"),
+            400,
+            "more than one Max-Forwards",
         ),
     ];
     for (msg, want, why) in &cases {

@@ -142,14 +142,27 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
     ) -> Option<Outgoing> {
-        self.handle_as(packet, source, transport, false).await
+        self.handle_as(packet, source, transport, false, None).await
+    }
+
+    /// Answers the header block of a stream message whose Content-Length cannot frame it
+    /// (`why`): 400 naming that fault, as far as the block can be answered at all.
+    pub async fn handle_unframeable(
+        &self,
+        head: &[u8],
+        source: SocketAddr,
+        why: &'static str,
+    ) -> Option<Outgoing> {
+        self.handle_as(head, source, Transport::Tcp, false, Some(why))
+            .await
     }
 
     /// Answers a retransmitted INVITE (one being routed, or answered) from the transaction
     /// table and nothing else: a new INVITE is dropped, counted as overloaded. For when no
     /// more INVITEs may wait on Redis; never waits on Redis itself.
     pub async fn handle_known(&self, packet: &[u8], source: SocketAddr) -> Option<Outgoing> {
-        self.handle_as(packet, source, Transport::Udp, true).await
+        self.handle_as(packet, source, Transport::Udp, true, None)
+            .await
     }
 
     async fn handle_as(
@@ -158,19 +171,20 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
         known_only: bool,
+        fault: Option<&'static str>,
     ) -> Option<Outgoing> {
         match message::parse(packet) {
             Err(ParseError::NotUtf8) => {
                 let utf8 = message::latin1_as_utf8(packet)?;
                 let parsed = message::parse(&utf8);
                 let mut out = self
-                    .answer(parsed, &utf8, source, transport, known_only)
+                    .answer(parsed, &utf8, source, transport, known_only, fault)
                     .await?;
                 out.bytes = message::utf8_as_latin1(&out.bytes);
                 Some(out)
             }
             parsed => {
-                self.answer(parsed, packet, source, transport, known_only)
+                self.answer(parsed, packet, source, transport, known_only, fault)
                     .await
             }
         }
@@ -183,6 +197,7 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
         known_only: bool,
+        fault: Option<&'static str>,
     ) -> Option<Outgoing> {
         let req = match parsed {
             Ok(r) => r,
@@ -223,7 +238,10 @@ impl SipService {
                 Response::new(403, "Forbidden").warning("source address is not trusted"),
                 tag(),
             )
-        } else if let Some(problem) = malformed(&req, packet, transport) {
+        } else if let Some(problem) = fault
+            .map(str::to_string)
+            .or_else(|| malformed(&req, packet, transport))
+        {
             (Response::new(400, "Bad Request").warning(&problem), tag())
         } else {
             match req.method {
@@ -488,6 +506,13 @@ fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<S
             0 => return Some(format!("missing {name} header")),
             1 => {}
             _ => return Some(format!("more than one {name} header")),
+        }
+    }
+    // Single-valued too: two lengths are the classic way to make two parsers cut a stream
+    // differently, and two hop counts leave the loop check to whichever one is read.
+    for name in ["Content-Length", "Max-Forwards"] {
+        if req.count(name) > 1 {
+            return Some(format!("more than one {name} header"));
         }
     }
     match req.cseq() {

@@ -189,6 +189,14 @@ pub enum Frame {
     Incomplete,
     /// The stream cannot be framed; close it.
     Broken(&'static str),
+    /// A whole header block whose Content-Length cannot frame a body (not a number, more
+    /// than one, past the message limit): answer the block (400), then close.
+    Refused {
+        /// Bytes of the header block, up to and including its blank line.
+        head: usize,
+        /// Why.
+        why: &'static str,
+    },
 }
 
 /// Frames the next message in a stream buffer (RFC 3261 §18.3).
@@ -216,15 +224,21 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
     };
     let body = match content_length(&buf[..end]) {
         Ok(n) => n,
-        Err(why) => return Frame::Broken(why),
+        Err(why) => return Frame::Refused { head: end, why },
     };
     // A Content-Length near usize::MAX would wrap the sum (found by fuzzing): in a release
     // build the framer then cut the message inside its own header block.
     let Some(total) = end.checked_add(body) else {
-        return Frame::Broken("message larger than the limit");
+        return Frame::Refused {
+            head: end,
+            why: "message larger than the limit",
+        };
     };
     if total > max_message {
-        Frame::Broken("message larger than the limit")
+        Frame::Refused {
+            head: end,
+            why: "message larger than the limit",
+        }
     } else if buf.len() < total {
         Frame::Incomplete
     } else {
@@ -243,9 +257,11 @@ fn content_length(head: &[u8]) -> Result<usize, &'static str> {
     // end or what the length says (the handler reads such blocks as Latin-1).
     let text = String::from_utf8_lossy(head);
     let mut found: Option<String> = None;
+    // Whether the header being read (with its folded lines) is the Content-Length.
+    let mut in_length = false;
     for line in text.split("\r\n").skip(1) {
         if line.starts_with([' ', '\t']) {
-            if let Some(v) = found.as_mut() {
+            if let (true, Some(v)) = (in_length, found.as_mut()) {
                 let piece = line.trim();
                 if !piece.is_empty() {
                     if !v.is_empty() {
@@ -256,16 +272,19 @@ fn content_length(head: &[u8]) -> Result<usize, &'static str> {
             }
             continue;
         }
-        if found.is_some() {
-            // The first Content-Length and its continuations are complete.
-            break;
-        }
+        in_length = false;
         let Some((name, value)) = line.split_once(':') else {
             continue;
         };
         let name = name.trim_end();
         if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("l") {
+            // Two lengths: whichever one a parser picks, another may pick the other and cut
+            // the stream elsewhere.
+            if found.is_some() {
+                return Err("more than one Content-Length header");
+            }
             found = Some(value.trim().to_string());
+            in_length = true;
         }
     }
     match found {
@@ -366,6 +385,18 @@ async fn connection(
                     tracing::debug!(%peer, why, "closing tcp connection");
                     break 'read;
                 }
+                Frame::Refused { head, why } => {
+                    // The header block alone is answered 400 naming the fault (an ACK or
+                    // garbage gets nothing). The stream cannot go on after it.
+                    tracing::debug!(%peer, why, "answering an unframeable message, then closing");
+                    match service.handle_unframeable(&buf[..head], peer, why).await {
+                        Some(out) => {
+                            let _ = tx.send(out.bytes).await;
+                        }
+                        None => service.note_dropped("unframeable"),
+                    }
+                    break 'read;
+                }
                 Frame::Message(len) => {
                     let permit = tokio::select! {
                         permit = pending.clone().acquire_owned() => permit,
@@ -428,7 +459,13 @@ mod tests {
             tel:+15555550101 SIP/2.0\r\nVia:S IPrds: 70\r\nFrom: <s=ip:alice@example.com>;\
             tag=a1\r\nTo: <tfl:+15555550101|Seq: 701 IN;;;;;;;;;;?;outer SIP/2./VITE\r\n\
             Content-Length: 0\r\n IN;;;;;;;;;;?;outer SIP/2./VITE\r\nContent-Length: 0\r\n\r\n";
-        assert!(matches!(next_frame(fuzzed, 4096), Frame::Broken(_)));
+        assert_eq!(
+            next_frame(fuzzed, 4096),
+            Frame::Refused {
+                head: fuzzed.len(),
+                why: "more than one Content-Length header"
+            }
+        );
         // A folded line that looks like a Content-Length belongs to the header above it.
         let head = b"OPTIONS sip:a SIP/2.0\r\nSubject: x\r\n Content-Length: 3\r\n\r\nabc";
         assert_eq!(next_frame(head, 4096), Frame::Message(head.len() - 3));
@@ -440,9 +477,14 @@ mod tests {
     #[test]
     fn huge_content_length_is_broken_not_wrapped() {
         let head = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: \r000018446744073709551615\t\r\n\r\n";
-        assert!(matches!(next_frame(head, 4096), Frame::Broken(_)));
+        assert!(
+            matches!(next_frame(head, 4096), Frame::Refused { head: n, .. } if n == head.len())
+        );
         let max = format!("OPTIONS sip:a SIP/2.0\r\nl: {}\r\n\r\n", usize::MAX);
-        assert!(matches!(next_frame(max.as_bytes(), 4096), Frame::Broken(_)));
+        assert!(matches!(
+            next_frame(max.as_bytes(), 4096),
+            Frame::Refused { .. }
+        ));
     }
 
     #[test]
@@ -451,13 +493,29 @@ mod tests {
         assert_eq!(next_frame(b"\r\nOPTIONS", 4096), Frame::Skip(2));
         assert_eq!(next_frame(b"\r\n", 4096), Frame::Incomplete);
         assert!(matches!(next_frame(&[b'A'; 5000], 4096), Frame::Broken(_)));
-        assert!(matches!(
-            next_frame(b"OPTIONS sip:a SIP/2.0\r\nl: x\r\n\r\n", 4096),
-            Frame::Broken(_)
-        ));
-        assert!(matches!(
-            next_frame(b"OPTIONS sip:a SIP/2.0\r\nl: 99999\r\n\r\n", 4096),
-            Frame::Broken(_)
-        ));
+        let bad = b"OPTIONS sip:a SIP/2.0\r\nl: x\r\n\r\n";
+        assert_eq!(
+            next_frame(bad, 4096),
+            Frame::Refused {
+                head: bad.len(),
+                why: "Content-Length is not a number"
+            }
+        );
+        let big = b"OPTIONS sip:a SIP/2.0\r\nl: 99999\r\n\r\n";
+        assert_eq!(
+            next_frame(big, 4096),
+            Frame::Refused {
+                head: big.len(),
+                why: "message larger than the limit"
+            }
+        );
+        let two = b"OPTIONS sip:a SIP/2.0\r\nl: 3\r\nTo: b\r\nContent-Length: 0\r\n\r\nabc";
+        assert_eq!(
+            next_frame(two, 4096),
+            Frame::Refused {
+                head: two.len() - 3,
+                why: "more than one Content-Length header"
+            }
+        );
     }
 }

@@ -68,6 +68,15 @@ fn framing(data: &[u8], max: usize) {
                 assert!(!why.is_empty());
                 return;
             }
+            Frame::Refused { head, why } => {
+                assert!(!why.is_empty());
+                assert_eq!(
+                    header_end(rest),
+                    Some(head),
+                    "refused at its header block's end"
+                );
+                return;
+            }
             Frame::Ping(n) => {
                 assert_eq!(n, 4);
                 assert!(rest.starts_with(b"\r\n\r\n"));
