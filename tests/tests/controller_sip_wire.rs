@@ -583,6 +583,13 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             404,
             "129 bytes",
         ),
+        // Only a telephone number's user part has parameters to drop; elsewhere `;` is part
+        // of the name, and no name may hold it.
+        (
+            invite("sip:sales;x=1@router", port, "z9hG4bKsemi", ""),
+            404,
+            "';'",
+        ),
         // userinfo `a:b` is user `a` with a password: the conference is `a`.
         (invite("sip:a:b@router", port, "z9hG4bKcolon", ""), 302, ""),
         (

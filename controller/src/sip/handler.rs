@@ -436,7 +436,12 @@ impl SipService {
         };
         // A telephone-subscriber user part carries parameters after the number
         // (`+15555550101;npdi;rn=+15555550000`, RFC 3966): the number names the conference.
-        let user = uri.user.map(|u| u.split(';').next().unwrap_or(""));
+        // Any other user part is a name as it stands (`sales;x` is refused, not `sales`);
+        // parameters with no number before them leave the address incomplete.
+        let user = uri.user.map(|u| match u.split_once(';') {
+            Some((number, _)) if number.is_empty() || is_phone_number(number) => number,
+            _ => u,
+        });
         let Some(user) = user.filter(|u| !u.is_empty()) else {
             self.router.record_invalid();
             return Target::Reject(
@@ -543,6 +548,16 @@ fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<S
     None
 }
 
+/// Whether `s` is the number of a telephone-subscriber (RFC 3966): an optional `+`, then
+/// digits, `*`, `#` and the visual separators `-.()`, with at least one digit.
+fn is_phone_number(s: &str) -> bool {
+    let digits = s.strip_prefix('+').unwrap_or(s);
+    digits.bytes().any(|b| b.is_ascii_digit())
+        && digits
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'*' | b'#' | b'-' | b'.' | b'(' | b')'))
+}
+
 /// Option tags in `Require` this server does not support (it supports none).
 fn unsupported_requirements(req: &Request<'_>) -> Option<String> {
     let tags: Vec<&str> = req
@@ -557,6 +572,22 @@ fn unsupported_requirements(req: &Request<'_>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phone_numbers_are_told_from_names() {
+        for number in [
+            "+15555550101",
+            "5550101",
+            "+1-555-(555)-0101",
+            "*21#",
+            "1.2",
+        ] {
+            assert!(is_phone_number(number), "{number}");
+        }
+        for name in ["sales", "", "+", "-", "room-1a", "+1x", "a1"] {
+            assert!(!is_phone_number(name), "{name}");
+        }
+    }
 
     #[test]
     fn contact_from_node_uri() {
