@@ -3,7 +3,8 @@
 //! node's own boundary, and hands each to the actor of its conference, so an operation on
 //! one conference is serialised with that conference's calls. Bad input is answered at once
 //! with a precise error and reaches no actor; a conference this node does not host is
-//! answered `conference_not_found` (only a dial-out may start one, after fencing).
+//! answered `conference_not_found` (only a dial-out may start one, after fencing; an end of
+//! one placed here that nobody reached releases its claim).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -203,8 +204,10 @@ pub fn intake(node: &Arc<Node>, cmd: Command) {
             return;
         }
     };
-    // Only a dial-out may bring a conference to this node; everything else needs one here.
-    let spawn = matches!(op, Op::Dialout(_));
+    // Only a dial-out may bring a conference to this node; everything else needs one here,
+    // but for an end of one placed here that no caller reached yet (its actor releases the
+    // claim, in order with any first caller).
+    let spawn = matches!(op, Op::Dialout(_) | Op::End);
     let req = Request {
         conference: conference.clone(),
         op,

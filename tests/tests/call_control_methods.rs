@@ -426,20 +426,23 @@ async fn every_method_works_through_any_controller() {
     );
 }
 
+/// A conference placed on a node that no caller has reached (a route claimed it): commands
+/// on it are not found there, but ending it gives its claim back at once; ending it again
+/// finds no home. Asterisk is not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conference_the_node_does_not_host_is_not_found() {
     let c = Cluster::start(&[], &[]).await;
     // A claim without any call: Redis names node-a, but node-a hosts nothing.
     let store = fixtures::store(&c.cfg);
+    let ghost = "ghost".parse().expect("name");
     store
-        .claim(&"ghost".parse().expect("name"), &[fixtures::id("node-a")])
+        .claim(&ghost, &[fixtures::id("node-a")])
         .await
         .expect("claim");
     let mut ws = c.client(1).await;
     let before = changes(&c.node("node-a").sim);
     for (method, params) in [
         ("participant.list", json!({"conference": "ghost"})),
-        ("conference.end", json!({"conference": "ghost"})),
         (
             "conference.play",
             json!({"conference": "ghost", "media": "sound:beep"}),
@@ -453,6 +456,19 @@ async fn a_conference_the_node_does_not_host_is_not_found() {
         assert_eq!(code, -32001, "{method}: {msg}");
         assert!(msg.contains("node-a"), "{msg}");
     }
+    assert!(store.lookup(&ghost).await.expect("lookup").is_some());
+    let r = ws
+        .ok("conference.end", json!({"conference": "ghost"}))
+        .await;
+    assert_eq!(r, json!({"ended": true}));
+    assert!(
+        store.lookup(&ghost).await.expect("lookup").is_none(),
+        "the claim is given back at once"
+    );
+    let (code, msg) = ws
+        .err("conference.end", json!({"conference": "ghost"}))
+        .await;
+    assert_eq!(code, -32001, "ended already: {msg}");
     assert_eq!(changes(&c.node("node-a").sim), before);
 }
 

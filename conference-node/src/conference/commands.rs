@@ -83,6 +83,47 @@ fn refusal_error(name: &ConferenceName, node: &NodeId, r: Refusal) -> BusError {
 }
 
 impl Conference {
+    fn not_hosted(&self) -> BusError {
+        BusError::new(
+            ErrorCode::ConferenceNotFound,
+            format!(
+                "conference `{}` is not hosted on node {}",
+                self.name, self.node.id
+            ),
+        )
+    }
+
+    /// `end` of a conference placed on this node that no caller has reached yet (a
+    /// controller claimed it for a route, say): its claim is given back at once rather than
+    /// when reconciliation finds it stale. Run in this conference's actor, so a first
+    /// caller arriving meanwhile is handled after it, under a claim of its own.
+    async fn end_unreached(&mut self) -> Result<Value, BusError> {
+        let unavailable = |e: confroute_shared::store::StoreError| {
+            BusError::new(
+                ErrorCode::Internal,
+                format!("cannot check the claim of `{}` in Redis: {e}", self.name),
+            )
+        };
+        let rec = match self.node.store.lookup(&self.name).await {
+            Ok(Some(rec)) if rec.owner.node == self.node.id => rec,
+            Ok(_) => return Err(self.not_hosted()),
+            Err(e) => return Err(unavailable(e)),
+        };
+        match self
+            .node
+            .store
+            .release_if_empty(&self.name, &rec.owner)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(conference = %self.name, epoch = rec.owner.epoch, "ended before anyone reached it: claim released");
+                Ok(json!({"ended": true}))
+            }
+            Ok(false) => Err(self.not_hosted()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// Runs one command and answers it (a move to a conference of this node is answered
     /// by the target's actor).
     pub(super) async fn command(&mut self, req: Request) {
@@ -102,14 +143,11 @@ impl Conference {
             return;
         }
         if self.phase == Phase::Idle {
-            let msg = format!(
-                "conference `{}` is not hosted on node {}",
-                self.name, self.node.id
-            );
-            pending.answer(
-                &self.node,
-                Err(BusError::new(ErrorCode::ConferenceNotFound, msg)),
-            );
+            let answer = match op {
+                Op::End => self.end_unreached().await,
+                _ => Err(self.not_hosted()),
+            };
+            pending.answer(&self.node, answer);
             return;
         }
         let result = match op {
