@@ -55,6 +55,13 @@ impl Udp {
         self.exchange_from(msg).0
     }
 
+    /// The next datagram that arrives (within the socket's read timeout).
+    fn recv(&self) -> String {
+        let mut buf = [0u8; 8192];
+        let n = self.socket.recv(&mut buf).expect("an answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
     /// Sends and returns the answer with the address it came from.
     fn exchange_from(&self, msg: &str) -> (String, SocketAddr) {
         self.socket.send_to(msg.as_bytes(), self.to).expect("send");
@@ -132,6 +139,11 @@ async fn retransmitted_invite_gets_the_same_answer_without_touching_redis() {
     udp.silence(ack.as_bytes(), Duration::from_millis(300));
 }
 
+/// RFC 3261 §17.2.1 and §9.2: an INVITE still being routed after 200 ms gets `100 Trying`
+/// without waiting for a retransmission (a TCP sender never retransmits), and a CANCEL for
+/// it gets `200` while the INVITE is answered `487` at once, not when routing gives up.
+/// Redis stops answering and the routing deadline is far off, so every answer read here
+/// came without the routing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487() {
     let redis = RedisServer::start().expect("redis");
@@ -143,18 +155,19 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
         .await
         .expect("register");
     let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "3s".into()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "60s".into()));
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "60s".into()));
     let controller = ControllerProc::start(&env).expect("controller");
     let udp = Udp::new(controller.sip_addr());
     let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
     assert_eq!(status(&warm), 302, "{warm}");
-
-    // Redis stops answering: the INVITE waits for its routing deadline.
     proxy.black_hole();
+
+    // UDP: sent once, never retransmitted.
     let msg = invite("sip:slow@router", udp.port(), "z9hG4bKslow", "");
     udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
-    let trying = udp.exchange(&msg);
-    assert_eq!(status(&trying), 100, "a retransmission meanwhile: {trying}");
+    let trying = udp.recv();
+    assert_eq!(status(&trying), 100, "{trying}");
     assert!(
         header(&trying, "To").is_some_and(|t| !t.contains("tag=")),
         "100 Trying adds no To-tag: {trying}"
@@ -165,41 +178,78 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
             "CANCEL sip:slow@router SIP/2.0",
         )
         .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
-    let ok = udp.exchange(&cancel);
-    assert_eq!(
-        status(&ok),
-        200,
-        "the CANCEL matches the INVITE being routed: {ok}"
-    );
-    assert!(header(&ok, "CSeq").is_some_and(|c| c.ends_with("CANCEL")));
-    udp.socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut buf = [0u8; 8192];
-    let n = udp
-        .socket
-        .recv(&mut buf)
-        .expect("the INVITE's final answer");
-    let last = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert_eq!(status(&last), 487, "{last}");
-    assert!(header(&last, "CSeq").is_some_and(|c| c.ends_with("INVITE")));
+    udp.socket.send_to(cancel.as_bytes(), udp.to).expect("send");
+    let answers = [udp.recv(), udp.recv()];
+    let ok = answers
+        .iter()
+        .find(|a| header(a, "CSeq").is_some_and(|c| c.ends_with("CANCEL")))
+        .unwrap_or_else(|| panic!("no answer to the CANCEL: {answers:?}"));
+    let last = answers
+        .iter()
+        .find(|a| header(a, "CSeq").is_some_and(|c| c.ends_with("INVITE")))
+        .unwrap_or_else(|| panic!("no final answer to the INVITE: {answers:?}"));
+    assert_eq!(status(ok), 200, "the CANCEL matches the INVITE: {ok}");
+    assert_eq!(status(last), 487, "{last}");
     let tag = |m: &str| {
         header(m, "To")
             .and_then(|t| t.split_once("tag="))
             .map(|(_, t)| t.to_string())
     };
-    assert!(tag(&last).is_some());
+    assert!(tag(last).is_some());
     assert_eq!(
-        tag(&last),
-        tag(&ok),
+        tag(last),
+        tag(ok),
         "the CANCEL's 200 and the 487 share the To-tag"
     );
+    // A retransmission now gets the 487 again, from the table.
+    assert_eq!(status(&udp.exchange(&msg)), 487);
+
+    // TCP: the same, on one connection.
+    let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+        .await
+        .expect("connect");
+    let msg = invite("sip:slow-tcp@router", 5060, "z9hG4bKslowtcp", "")
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    tcp.write_all(msg.as_bytes()).await.expect("write");
+    let mut got = String::new();
+    read_until(&mut tcp, &mut got, |g| g.contains("SIP/2.0 100 Trying")).await;
+    let cancel = msg
+        .replace(
+            "INVITE sip:slow-tcp@router SIP/2.0",
+            "CANCEL sip:slow-tcp@router SIP/2.0",
+        )
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    tcp.write_all(cancel.as_bytes()).await.expect("write");
+    read_until(&mut tcp, &mut got, |g| {
+        g.contains("SIP/2.0 200 OK") && g.contains("SIP/2.0 487 Request Terminated")
+    })
+    .await;
+
     let m = scrape(&controller.http_url()).await;
-    for code in ["100", "487"] {
+    for (code, n) in [("100", 2.0), ("487", 2.0)] {
         let series = format!(r#"confroute_sip_requests_total{{code="{code}",method="INVITE"}}"#);
-        assert_eq!(metric(&m, &series), 1.0, "{series}");
+        assert_eq!(metric(&m, &series), n, "{series}");
     }
     proxy.heal();
+}
+
+/// Reads from `tcp` into `got` until `done` holds; fails after 10 s (the routing these
+/// answers must not wait for would take a minute).
+async fn read_until(
+    tcp: &mut tokio::net::TcpStream,
+    got: &mut String,
+    done: impl Fn(&str) -> bool,
+) {
+    let mut buf = vec![0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(got) {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no such answer in time: {got}"))
+            .expect("read");
+        assert!(n > 0, "connection closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
 }
 
 /// While Redis does not answer, at most `sip.max_pending_invites` UDP INVITEs wait for it;
@@ -241,8 +291,8 @@ async fn udp_invites_waiting_on_redis_are_capped() {
     )
     .await
     .expect("dropped past the limit");
-    // Retransmissions of all five meanwhile: the two waiting on Redis get 100 Trying from
-    // the transaction table; the three not taken are dropped again.
+    // Retransmissions of all five meanwhile: the two waiting on Redis get 100 Trying (again)
+    // from the transaction table; the three not taken are dropped again.
     for i in 0..5 {
         let msg = invite(
             &format!("sip:held{i}@router"),
@@ -270,16 +320,16 @@ async fn udp_invites_waiting_on_redis_are_capped() {
     }
     answered.sort();
     answered.dedup();
+    // Each waiting one got 100 Trying after 200 ms and again for its retransmission.
+    assert_eq!(trying.len(), 4, "{trying:?}");
     trying.sort();
+    trying.dedup();
     assert_eq!(
         answered.len(),
         2,
         "two different INVITEs answered: {answered:?}"
     );
-    assert_eq!(
-        trying, answered,
-        "the waiting ones' retransmissions got 100 Trying"
-    );
+    assert_eq!(trying, answered, "only the waiting ones got 100 Trying");
     assert_eq!(dropped(&scrape(&url).await), 6.0);
     udp.silence(b"\r\n\r\n", Duration::from_millis(300));
     proxy.heal();

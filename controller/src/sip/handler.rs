@@ -30,6 +30,40 @@ pub struct Outgoing {
     pub to: SocketAddr,
 }
 
+/// Where a provisional answer goes while its INVITE is still being routed: the transport
+/// the request came over.
+pub trait Early: Sync {
+    /// Sends `out` now.
+    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, ()>;
+}
+
+/// How long an INVITE may wait on routing before it gets `100 Trying` (RFC 3261 §17.2.1:
+/// a server that will not answer within 200 ms must say it is trying).
+pub const TRYING_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How one request is to be handled, beside the request itself.
+#[derive(Clone, Copy)]
+struct How<'a> {
+    transport: Transport,
+    /// Answer only what the transaction table knows (INVITEs past `max_pending_invites`).
+    known_only: bool,
+    /// A framing fault to answer with 400 instead of handling the request.
+    fault: Option<&'static str>,
+    early: Option<&'a dyn Early>,
+}
+
+/// An [`Early`] for a request read as Latin-1: what it sends goes back to Latin-1 bytes.
+struct Latin1<'a> {
+    inner: &'a dyn Early,
+}
+
+impl Early for Latin1<'_> {
+    fn send(&self, mut out: Outgoing) -> futures_util::future::BoxFuture<'_, ()> {
+        out.bytes = message::utf8_as_latin1(&out.bytes);
+        self.inner.send(out)
+    }
+}
+
 /// The SIP request handler shared by the UDP and TCP listeners.
 pub struct SipService {
     router: Arc<Router>,
@@ -142,7 +176,22 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
     ) -> Option<Outgoing> {
-        self.handle_as(packet, source, transport, false, None).await
+        self.handle_as(packet, source, transport, false, None, None)
+            .await
+    }
+
+    /// [`SipService::handle`] for a request whose transport can carry a provisional answer
+    /// ahead of the final one: an INVITE still being routed after [`TRYING_AFTER`] gets
+    /// `100 Trying` through `early`, and one cancelled meanwhile is answered `487` at once.
+    pub async fn handle_early(
+        &self,
+        packet: &[u8],
+        source: SocketAddr,
+        transport: Transport,
+        early: &dyn Early,
+    ) -> Option<Outgoing> {
+        self.handle_as(packet, source, transport, false, None, Some(early))
+            .await
     }
 
     /// Answers the header block of a stream message whose Content-Length cannot frame it
@@ -153,7 +202,7 @@ impl SipService {
         source: SocketAddr,
         why: &'static str,
     ) -> Option<Outgoing> {
-        self.handle_as(head, source, Transport::Tcp, false, Some(why))
+        self.handle_as(head, source, Transport::Tcp, false, Some(why), None)
             .await
     }
 
@@ -161,7 +210,7 @@ impl SipService {
     /// table and nothing else: a new INVITE is dropped, counted as overloaded. For when no
     /// more INVITEs may wait on Redis; never waits on Redis itself.
     pub async fn handle_known(&self, packet: &[u8], source: SocketAddr) -> Option<Outgoing> {
-        self.handle_as(packet, source, Transport::Udp, true, None)
+        self.handle_as(packet, source, Transport::Udp, true, None, None)
             .await
     }
 
@@ -172,21 +221,29 @@ impl SipService {
         transport: Transport,
         known_only: bool,
         fault: Option<&'static str>,
+        early: Option<&dyn Early>,
     ) -> Option<Outgoing> {
+        let how = How {
+            transport,
+            known_only,
+            fault,
+            early,
+        };
         match message::parse(packet) {
             Err(ParseError::NotUtf8) => {
                 let utf8 = message::latin1_as_utf8(packet)?;
                 let parsed = message::parse(&utf8);
-                let mut out = self
-                    .answer(parsed, &utf8, source, transport, known_only, fault)
-                    .await?;
+                // A provisional answer to such a request goes out as Latin-1 too.
+                let latin1 = how.early.map(|inner| Latin1 { inner });
+                let how = How {
+                    early: latin1.as_ref().map(|e| e as &dyn Early),
+                    ..how
+                };
+                let mut out = self.answer(parsed, &utf8, source, how).await?;
                 out.bytes = message::utf8_as_latin1(&out.bytes);
                 Some(out)
             }
-            parsed => {
-                self.answer(parsed, packet, source, transport, known_only, fault)
-                    .await
-            }
+            parsed => self.answer(parsed, packet, source, how).await,
         }
     }
 
@@ -195,10 +252,14 @@ impl SipService {
         parsed: Result<Request<'_>, ParseError>,
         packet: &[u8],
         source: SocketAddr,
-        transport: Transport,
-        known_only: bool,
-        fault: Option<&'static str>,
+        how: How<'_>,
     ) -> Option<Outgoing> {
+        let How {
+            transport,
+            known_only,
+            fault,
+            early,
+        } = how;
         let req = match parsed {
             Ok(r) => r,
             Err(ParseError::Response) => return self.drop_packet("response"),
@@ -248,7 +309,7 @@ impl SipService {
                 "INVITE" if known_only && self.transactions.peek(&key).is_none() => {
                     return self.drop_packet("overloaded");
                 }
-                "INVITE" => return self.invite(&req, &key, source, to).await,
+                "INVITE" => return self.invite(&req, &key, source, to, early).await,
                 "OPTIONS" => match unsupported_requirements(&req) {
                     Some(unsupported) => (
                         Response::new(420, "Bad Extension")
@@ -335,8 +396,9 @@ impl SipService {
         key: &str,
         source: SocketAddr,
         to: SocketAddr,
+        early: Option<&dyn Early>,
     ) -> Option<Outgoing> {
-        match self.transactions.begin(key.to_string()) {
+        let cancel = match self.transactions.begin(key.to_string()) {
             Begin::Answered(answer) => {
                 self.metrics.sip_retransmissions.inc();
                 return Some(Outgoing {
@@ -354,9 +416,50 @@ impl SipService {
                     to,
                 });
             }
-            Begin::New => {}
-        }
-        let answer = self.answer_invite(req, self.tag_for(key, "INVITE")).await;
+            Begin::New(cancel) => cancel,
+        };
+        let to_tag = self.tag_for(key, "INVITE");
+        let answer = match early {
+            None => self.answer_invite(req, to_tag).await,
+            Some(early) => {
+                let routed = self.answer_invite(req, to_tag.clone());
+                tokio::pin!(routed);
+                let cancelled = async {
+                    match &cancel {
+                        Some(c) => c.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(cancelled);
+                let trying = tokio::time::sleep(TRYING_AFTER);
+                tokio::pin!(trying);
+                let mut tried = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        a = &mut routed => break a,
+                        // Answered 487 now (RFC 3261 §9.2): `complete` turns any answer of
+                        // a cancelled transaction into that. The routing is dropped; a
+                        // claim it made meanwhile is released as unused by its node.
+                        () = &mut cancelled => break Answer {
+                            response: Response::new(487, "Request Terminated"),
+                            to_tag,
+                        },
+                        () = &mut trying, if !tried => {
+                            tried = true;
+                            self.count("INVITE", 100);
+                            let trying = Response::new(100, "Trying");
+                            early
+                                .send(Outgoing {
+                                    bytes: response::build(req, &trying, "", source),
+                                    to,
+                                })
+                                .await;
+                        }
+                    }
+                }
+            }
+        };
         let answer = self.transactions.complete(key, answer);
         self.count("INVITE", answer.response.code);
         let bytes = rebuild(req, &answer, source);

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::handler::SipService;
+use super::handler::{Early, Outgoing, SipService};
 use super::message::header_end;
 use super::pktinfo;
 use crate::config::Transport;
@@ -80,7 +80,14 @@ pub async fn serve_udp(
             let (socket, service) = (socket.clone(), service.clone());
             // Boxed so the task holds a pointer, not the whole routing state machine.
             tokio::spawn(Box::pin(async move {
-                if let Some(out) = service.handle(&packet, source, Transport::Udp).await {
+                let early = UdpEarly {
+                    socket: &socket,
+                    local,
+                };
+                let answered = service
+                    .handle_early(&packet, source, Transport::Udp, &early)
+                    .await;
+                if let Some(out) = answered {
                     send(&socket, &out.bytes, out.to, local).await;
                 }
                 drop(permit);
@@ -88,6 +95,31 @@ pub async fn serve_udp(
         } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
             send(&socket, &out.bytes, out.to, local).await;
         }
+    }
+}
+
+/// Provisional answers over UDP, from the address the request came to.
+struct UdpEarly<'a> {
+    socket: &'a UdpSocket,
+    local: Option<IpAddr>,
+}
+
+impl Early for UdpEarly<'_> {
+    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async move { send(self.socket, &out.bytes, out.to, self.local).await })
+    }
+}
+
+/// Provisional answers over TCP, through the connection's writer.
+struct TcpEarly {
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl Early for TcpEarly {
+    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.tx.send(out.bytes).await;
+        })
     }
 }
 
@@ -410,8 +442,12 @@ async fn connection(
                     begun = None;
                     let (service, tx) = (service.clone(), tx.clone());
                     tokio::spawn(async move {
-                        if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
-                            let _ = tx.send(out.bytes).await;
+                        let early = TcpEarly { tx };
+                        let answered = service
+                            .handle_early(&message, peer, Transport::Tcp, &early)
+                            .await;
+                        if let Some(out) = answered {
+                            let _ = early.tx.send(out.bytes).await;
                         }
                         drop(permit);
                     });

@@ -11,6 +11,8 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use super::response::Response;
 
 /// Timer H: how long an unacknowledged INVITE transaction is remembered.
@@ -43,8 +45,9 @@ pub enum Cancel {
 /// What [`Transactions::begin`] found.
 #[derive(Debug, Clone)]
 pub enum Begin {
-    /// A new transaction: route it, then call [`Transactions::complete`].
-    New,
+    /// A new transaction: route it, then call [`Transactions::complete`]. The notice, when
+    /// the table remembers it, fires when a CANCEL for it comes meanwhile.
+    New(Option<Arc<Notify>>),
     /// The first copy is still being routed: drop this retransmission.
     Pending,
     /// Already answered: send the same answer again.
@@ -52,9 +55,10 @@ pub enum Begin {
 }
 
 enum State {
-    /// Being routed; `cancelled` once a CANCEL for it came.
+    /// Being routed; `cancelled` once a CANCEL for it came, which `cancel` also notifies.
     Pending {
         cancelled: bool,
+        cancel: Arc<Notify>,
     },
     Answered(Arc<Answer>),
 }
@@ -90,7 +94,7 @@ impl Transactions {
     /// Looks up `key`, registering it as pending when new.
     pub fn begin(&self, key: String) -> Begin {
         let Ok(mut map) = self.shard(&key).lock() else {
-            return Begin::New;
+            return Begin::New(None);
         };
         let now = Instant::now();
         match map.get(&key) {
@@ -99,16 +103,21 @@ impl Transactions {
                 State::Answered(a) => Begin::Answered(a.clone()),
             },
             _ => {
-                if map.len() < self.max_entries_per_shard {
-                    map.insert(
-                        key,
-                        Entry {
-                            state: State::Pending { cancelled: false },
-                            expires: now + TIMER_H,
-                        },
-                    );
+                if map.len() >= self.max_entries_per_shard {
+                    return Begin::New(None);
                 }
-                Begin::New
+                let cancel = Arc::new(Notify::new());
+                map.insert(
+                    key,
+                    Entry {
+                        state: State::Pending {
+                            cancelled: false,
+                            cancel: cancel.clone(),
+                        },
+                        expires: now + TIMER_H,
+                    },
+                );
+                Begin::New(Some(cancel))
             }
         }
     }
@@ -136,10 +145,12 @@ impl Transactions {
                 ..
             }) => Cancel::Answered(a.clone()),
             Some(Entry {
-                state: State::Pending { cancelled },
+                state: State::Pending { cancelled, cancel },
                 ..
             }) => {
                 *cancelled = true;
+                // A permit is kept if the INVITE's task is not waiting at this moment.
+                cancel.notify_one();
                 Cancel::Pending
             }
             None => Cancel::Unknown,
@@ -156,7 +167,9 @@ impl Transactions {
             return Arc::new(answer);
         };
         let answer = match e.state {
-            State::Pending { cancelled: true } => Answer {
+            State::Pending {
+                cancelled: true, ..
+            } => Answer {
                 response: Response::new(487, "Request Terminated")
                     .warning("cancelled while it was being routed"),
                 to_tag: answer.to_tag,
@@ -210,7 +223,7 @@ mod tests {
     #[test]
     fn retransmission_gets_the_same_answer() {
         let t = Transactions::new(1000);
-        assert!(matches!(t.begin("b1".into()), Begin::New));
+        assert!(matches!(t.begin("b1".into()), Begin::New(_)));
         assert!(matches!(t.begin("b1".into()), Begin::Pending));
         let a = t.complete(
             "b1",
@@ -233,7 +246,7 @@ mod tests {
     fn a_cancel_while_routing_turns_the_answer_into_487() {
         let t = Transactions::new(1000);
         assert!(matches!(t.cancel("b"), Cancel::Unknown));
-        assert!(matches!(t.begin("b".into()), Begin::New));
+        assert!(matches!(t.begin("b".into()), Begin::New(_)));
         assert!(matches!(t.cancel("b"), Cancel::Pending));
         let got = t.complete(
             "b",
@@ -249,16 +262,16 @@ mod tests {
     #[test]
     fn abandoned_transactions_start_over() {
         let t = Transactions::new(1000);
-        assert!(matches!(t.begin("b".into()), Begin::New));
+        assert!(matches!(t.begin("b".into()), Begin::New(_)));
         t.abandon("b");
-        assert!(matches!(t.begin("b".into()), Begin::New));
+        assert!(matches!(t.begin("b".into()), Begin::New(_)));
     }
 
     #[test]
     fn bounded_table_still_answers() {
         let t = Transactions::new(SHARDS);
         for i in 0..1000 {
-            assert!(matches!(t.begin(format!("k{i}")), Begin::New));
+            assert!(matches!(t.begin(format!("k{i}")), Begin::New(_)));
         }
         assert!(t.sweep() <= SHARDS);
     }
