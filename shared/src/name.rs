@@ -67,7 +67,15 @@ fn describe(bytes: &[u8], offset: usize) -> String {
         b'\t' => "a tab".to_string(),
         0 => "a NUL byte".to_string(),
         0x01..=0x1f | 0x7f => format!("control byte 0x{b:02X}"),
-        0x80..=0xff => format!("non-ASCII byte 0x{b:02X}"),
+        // The character, not its first UTF-8 byte: a Latin-1 byte read as a character
+        // (SIP from an older PBX) is then reported as the byte it was sent as.
+        0x80..=0xff => std::str::from_utf8(&bytes[offset..])
+            .ok()
+            .and_then(|rest| rest.chars().next())
+            .map_or_else(
+                || format!("non-ASCII byte 0x{b:02X}"),
+                |c| format!("non-ASCII character U+{:04X}", u32::from(c)),
+            ),
         _ => format!("'{}'", b as char),
     }
 }
@@ -168,7 +176,7 @@ mod tests {
             ("nul\0x", "NUL"),
             ("pct%00", "'%'"),
             ("slash/x", "'/'"),
-            ("caf\u{e9}", "non-ASCII byte 0xC3"),
+            ("caf\u{e9}", "non-ASCII character U+00E9"),
             (".", "`.` is a URL dot-segment"),
             ("..", "`..` is a URL dot-segment"),
         ];

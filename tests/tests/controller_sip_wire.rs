@@ -549,6 +549,19 @@ async fn latin1_headers_are_answered_with_their_bytes_copied_over_udp_and_tcp() 
         Some(from),
         "From copied byte for byte"
     );
+    // A Latin-1 byte in the name: refused, naming the character the byte stands for.
+    let bad: Vec<u8> = invite("sip:n\u{1}u@router", udp.port(), "z9hG4bKlatinname", "")
+        .bytes()
+        .map(|b| if b == 1 { 0xff } else { b })
+        .collect();
+    udp.socket.send_to(&bad, udp.to).expect("send");
+    let n = udp.socket.recv(&mut buf).expect("an answer over UDP");
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(status(&answer), 404, "{answer}");
+    assert!(
+        header(&answer, "Warning").is_some_and(|w| w.contains("U+00FF at byte 1")),
+        "{answer}"
+    );
 
     // Over TCP the connection stays up: the request after it is answered too.
     let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
