@@ -198,7 +198,10 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
     // node say a previous life hosted some.
     if !node.reconciled() && claims_left(&node).await {
         tracing::info!("draining: waiting for the first look at what Asterisk holds");
-        wait_reconciled(&node, (Instant::now() + FIRST_LOOK_WAIT).min(deadline)).await;
+        // Not cut short by the deadline: a deadline already near (a resumed drain, a short
+        // setting) would find the node idle before the adoption and leave the conferences
+        // it adopts next running; at the deadline they are ended like any others.
+        wait_reconciled(&node, Instant::now() + FIRST_LOOK_WAIT).await;
     }
     if !wait_empty(&node, deadline).await {
         let (left, participants) = node.load();

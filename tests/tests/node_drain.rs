@@ -270,6 +270,42 @@ async fn an_admin_drains_deadline_carries_over_a_restart() {
     );
 }
 
+/// An admin drain whose deadline passed while its agent was down (its record still alive):
+/// the agent started again first adopts the conference Asterisk still holds, then ends it
+/// (the deadline is past), rather than finding itself empty before the adoption and leaving
+/// the call running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_past_its_deadline_at_a_restart_ends_what_the_agent_adopts() {
+    // A 6 s lease outlives the 1 s deadline.
+    let mut s = Single::start(&[
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "2s"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let a = dial(&s.sim, "overdue", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let drained_at = std::time::Instant::now();
+    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    s.node.process().kill();
+    // The deadline passes while no agent runs.
+    tokio::time::sleep_until((drained_at + Duration::from_millis(1500)).into()).await;
+    assert!(
+        s.sim.snapshot().channel(&a).is_some(),
+        "the call is still up"
+    );
+    s.node.restart().expect("restart");
+    let gone = s
+        .sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "ChannelDestroyed" && e["channel"]["id"] == a.as_str()
+        })
+        .await
+        .unwrap_or_else(|| panic!("not ended once adopted\n{}", s.node.output()));
+    assert_eq!(gone["cause"], 16, "{gone}");
+}
+
 /// An agent killed in its own shutdown drain (its grace period ran out) and started again
 /// while its record still lives is a new life: it serves, and keeps the calls Asterisk still
 /// has. Only an admin's drain carries over a restart; this one would have drained for good
