@@ -233,6 +233,63 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
     proxy.heal();
 }
 
+/// An edge's one TCP connection with as many INVITEs waiting on a stalled Redis as the
+/// connection may have in progress (64): a CANCEL sent next is still read and answered at
+/// once, and its INVITE gets its 487, since a CANCEL never waits on Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_a_tcp_connection_full_of_waiting_invites_is_answered() {
+    let redis = RedisServer::start().expect("redis");
+    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    fixtures::store(&fixtures::single(&redis.url()))
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "60s".into()));
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "60s".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let udp = Udp::new(controller.sip_addr());
+    let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
+    assert_eq!(status(&warm), 302, "{warm}");
+    proxy.black_hole();
+
+    let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+        .await
+        .expect("connect");
+    let tcp_invite = |i: usize| {
+        invite(
+            &format!("sip:stuck-{i}@router"),
+            5060,
+            &format!("z9hG4bKstuck{i}"),
+            "",
+        )
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+    };
+    let mut batch = String::new();
+    for i in 0..64 {
+        batch.push_str(&tcp_invite(i));
+    }
+    tcp.write_all(batch.as_bytes()).await.expect("write");
+    let mut got = String::new();
+    read_until(&mut tcp, &mut got, |g| {
+        g.matches("SIP/2.0 100 Trying").count() == 64
+    })
+    .await;
+    let cancel = tcp_invite(0)
+        .replace(
+            "INVITE sip:stuck-0@router SIP/2.0",
+            "CANCEL sip:stuck-0@router SIP/2.0",
+        )
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    tcp.write_all(cancel.as_bytes()).await.expect("write");
+    read_until(&mut tcp, &mut got, |g| {
+        g.contains("SIP/2.0 200 OK") && g.contains("SIP/2.0 487 Request Terminated")
+    })
+    .await;
+    proxy.heal();
+}
+
 /// Reads from `tcp` into `got` until `done` holds; fails after 10 s (the routing these
 /// answers must not wait for would take a minute).
 async fn read_until(

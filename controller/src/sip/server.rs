@@ -429,6 +429,19 @@ async fn connection(
                     }
                     break 'read;
                 }
+                Frame::Message(len) if !buf.starts_with(b"INVITE ") => {
+                    // Nothing but an INVITE waits on Redis: the rest (a CANCEL above all,
+                    // while INVITEs of this connection wait) is answered here and now, in
+                    // order, as over UDP.
+                    let message: Vec<u8> = buf.drain(..len).collect();
+                    scanned = 0;
+                    begun = None;
+                    if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
+                        if tx.send(out.bytes).await.is_err() {
+                            break 'read;
+                        }
+                    }
+                }
                 Frame::Message(len) => {
                     let permit = tokio::select! {
                         permit = pending.clone().acquire_owned() => permit,
