@@ -362,6 +362,8 @@ async fn connection(
     // No header block ends before this offset of `buf`: a message arriving in small pieces
     // is searched once, not again from its start on every read.
     let mut scanned = 0usize;
+    // Set when the connection ends on a refused message whose body may still be arriving.
+    let mut linger = false;
     'read: loop {
         let wait = match begun {
             Some(t) => {
@@ -424,6 +426,7 @@ async fn connection(
                     match service.handle_unframeable(&buf[..head], peer, why).await {
                         Some(out) => {
                             let _ = tx.send(out.bytes).await;
+                            linger = true;
                         }
                         None => service.note_dropped("unframeable"),
                     }
@@ -476,7 +479,25 @@ async fn connection(
     }
     drop(tx);
     let _ = writer_task.await;
+    if linger {
+        // Closing with input unread sends a reset, and the peer's stack may then drop the
+        // 400 it has not read yet: after our FIN, read (and drop) what it still sends, for a
+        // bounded time and amount.
+        let until = tokio::time::Instant::now() + LINGER;
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match tokio::time::timeout_at(until, reader.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    }
 }
+
+/// How long a connection closed after a refused message still reads what its peer sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// And how much of it at most.
+const LINGER_BYTES: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
