@@ -65,10 +65,15 @@ async fn id_free(
         node = %id,
         "this node id has a live record: checking that no other agent renews it"
     );
-    // A live agent renews its record before its lease ends, whatever its heartbeat interval;
-    // a dead one's record expires then. Watching until the lease left ends tells them apart
-    // without assuming the other agent beats as often as this one.
-    let left = Duration::from_millis(first.lease_ms);
+    // A live agent renews its record within one of its heartbeats (a third of the lease its
+    // registration recorded; this agent's own for an older record); a dead one's record
+    // expires when its lease ends. Two of those heartbeats tell them apart, and usually end
+    // before the record expires: registering again before then keeps the last life's
+    // conferences from being placed elsewhere meanwhile.
+    let theirs = first
+        .lease_period_ms
+        .map_or(heartbeat, |l| Duration::from_millis(l / 3));
+    let left = Duration::from_millis(first.lease_ms).min(theirs * 2);
     let until = Instant::now() + left + Duration::from_millis(500);
     let every = (heartbeat / 5).max(Duration::from_millis(20));
     let mut last = Some(first);

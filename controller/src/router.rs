@@ -578,6 +578,7 @@ mod tests {
             updated_ms,
             stopping: false,
             drain_since_ms: None,
+            lease_period_ms: None,
         }
     }
 

@@ -236,6 +236,7 @@ mod tests {
             updated_ms: 0,
             stopping: false,
             drain_since_ms: None,
+            lease_period_ms: None,
         }
     }
 
@@ -382,6 +383,7 @@ mod stale_views {
                 updated_ms: 0,
                 stopping: false,
                 drain_since_ms: None,
+                lease_period_ms: None,
             })
             .collect()
     }

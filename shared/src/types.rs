@@ -173,6 +173,10 @@ pub struct NodeRecord {
     /// Redis time (ms since the epoch) the node's current drain began; `None` when serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_since_ms: Option<u64>,
+    /// The lease each renewal grants (three heartbeats of an agent); `None` from a
+    /// registration that did not record it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_period_ms: Option<u64>,
 }
 
 /// The owner of a conference at a given epoch: the fencing token of invariant 2.

@@ -240,6 +240,12 @@ async fn a_drain_keeps_when_it_began_until_the_node_serves_again() {
         None,
         "a serving node has no drain start"
     );
+    let rec = store.get_node(&id("a")).await.expect("get").expect("live");
+    assert_eq!(
+        rec.lease_period_ms,
+        Some(LONG.as_millis() as u64),
+        "the record says how long each renewal's lease is"
+    );
 
     store
         .set_state(&id("a"), NodeState::Draining)
@@ -282,6 +288,19 @@ async fn a_drain_keeps_when_it_began_until_the_node_serves_again() {
         .register_draining_agent(&draining, LONG, true, first)
         .await
         .expect("register draining");
+    assert_eq!(since(&store).await, Some(first));
+
+    // Its shutdown, and a registration during it, keep it too.
+    store
+        .set_own_state(&id("a"), NodeState::ShuttingDown, true)
+        .await
+        .expect("shutting down");
+    let mut stopping = node("a", 10);
+    stopping.state = NodeState::ShuttingDown;
+    store
+        .register_agent(&stopping, LONG, true)
+        .await
+        .expect("register shutting down");
     assert_eq!(since(&store).await, Some(first));
 
     // A serving registration starts without one.

@@ -194,6 +194,7 @@ pub(crate) fn node_record(fields: &[Value]) -> Result<NodeRecord, StoreError> {
         updated_ms: num("updated_ms")?,
         stopping: get.get("stopping").is_some_and(|v| v == "1"),
         drain_since_ms: get.get("drain_since_ms").and_then(|v| v.parse().ok()),
+        lease_period_ms: get.get("lease_period_ms").and_then(|v| v.parse().ok()),
     })
 }
 

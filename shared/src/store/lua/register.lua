@@ -13,9 +13,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[3])
 local before = redis.call('HGET', KEYS[1], 'state')
+-- `lease_period_ms`: the lease each renewal grants, so an agent starting under the same id
+-- knows how long a live one may take to renew (three of its heartbeats).
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5],
   'zone', ARGV[6], 'capacity', ARGV[7], 'state', ARGV[8], 'conferences', 0,
-  'participants', 0, 'cpu', 0, 'registered_ms', now, 'updated_ms', now)
+  'participants', 0, 'cpu', 0, 'registered_ms', now, 'updated_ms', now,
+  'lease_period_ms', lease)
 -- A new registration is a new life: a stopping mark of the last one does not carry over.
 redis.call('HDEL', KEYS[1], 'stopping')
 -- Nor does the last life's ARI state.
@@ -24,9 +27,10 @@ if ARGV[9] then
 else
   redis.call('HDEL', KEYS[1], 'ari')
 end
-if ARGV[8] ~= 'draining' then
+if ARGV[8] == 'serving' then
   redis.call('HDEL', KEYS[1], 'drain_since_ms')
-elseif before ~= 'draining' or redis.call('HEXISTS', KEYS[1], 'drain_since_ms') == 0 then
+elseif not before or before == 'serving'
+    or redis.call('HEXISTS', KEYS[1], 'drain_since_ms') == 0 then
   redis.call('HSET', KEYS[1], 'drain_since_ms', tonumber(ARGV[10]) or now)
 end
 redis.call('PEXPIRE', KEYS[1], lease)
