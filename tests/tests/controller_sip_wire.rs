@@ -139,6 +139,41 @@ async fn retransmitted_invite_gets_the_same_answer_without_touching_redis() {
     udp.silence(ack.as_bytes(), Duration::from_millis(300));
 }
 
+/// A controller whose Redis stopped answering: node-a registered and one INVITE routed while
+/// it answered, then the proxy in between swallows everything. `timeout` is both the routing
+/// deadline and the Redis timeout.
+struct Stalled {
+    _redis: RedisServer,
+    proxy: TcpProxy,
+    controller: ControllerProc,
+    udp: Udp,
+}
+
+async fn stalled(timeout: &str, extra: &[(&str, &str)]) -> Stalled {
+    let redis = RedisServer::start().expect("redis");
+    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    fixtures::store(&fixtures::single(&redis.url()))
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), timeout.into()));
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), timeout.into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let udp = Udp::new(controller.sip_addr());
+    let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
+    assert_eq!(status(&warm), 302, "{warm}");
+    proxy.black_hole();
+    Stalled {
+        _redis: redis,
+        proxy,
+        controller,
+        udp,
+    }
+}
+
 /// RFC 3261 §17.2.1 and §9.2: an INVITE still being routed after 200 ms gets `100 Trying`
 /// without waiting for a retransmission (a TCP sender never retransmits), and a CANCEL for
 /// it gets `200` while the INVITE is answered `487` at once, not when routing gives up.
@@ -146,22 +181,12 @@ async fn retransmitted_invite_gets_the_same_answer_without_touching_redis() {
 /// came without the routing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487() {
-    let redis = RedisServer::start().expect("redis");
-    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
-    let proxy = TcpProxy::start(upstream).await.expect("proxy");
-    let direct = fixtures::single(&redis.url());
-    fixtures::store(&direct)
-        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
-        .await
-        .expect("register");
-    let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "60s".into()));
-    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "60s".into()));
-    let controller = ControllerProc::start(&env).expect("controller");
-    let udp = Udp::new(controller.sip_addr());
-    let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
-    assert_eq!(status(&warm), 302, "{warm}");
-    proxy.black_hole();
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp,
+    } = stalled("60s", &[]).await;
 
     // UDP: sent once, never retransmitted.
     let msg = invite("sip:slow@router", udp.port(), "z9hG4bKslow", "");
@@ -238,21 +263,12 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
 /// once, and its INVITE gets its 487, since a CANCEL never waits on Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_on_a_tcp_connection_full_of_waiting_invites_is_answered() {
-    let redis = RedisServer::start().expect("redis");
-    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
-    let proxy = TcpProxy::start(upstream).await.expect("proxy");
-    fixtures::store(&fixtures::single(&redis.url()))
-        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
-        .await
-        .expect("register");
-    let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "60s".into()));
-    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "60s".into()));
-    let controller = ControllerProc::start(&env).expect("controller");
-    let udp = Udp::new(controller.sip_addr());
-    let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
-    assert_eq!(status(&warm), 302, "{warm}");
-    proxy.black_hole();
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp: _udp,
+    } = stalled("60s", &[]).await;
 
     let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
         .await
@@ -313,23 +329,12 @@ async fn read_until(
 /// the rest are dropped and counted, and once those are answered INVITEs are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_invites_waiting_on_redis_are_capped() {
-    let redis = RedisServer::start().expect("redis");
-    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
-    let proxy = TcpProxy::start(upstream).await.expect("proxy");
-    fixtures::store(&fixtures::single(&redis.url()))
-        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
-        .await
-        .expect("register");
-    let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "3s".into()));
-    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "3s".into()));
-    env.push(("CONFROUTE_SIP__MAX_PENDING_INVITES".into(), "2".into()));
-    let controller = ControllerProc::start(&env).expect("controller");
-    let udp = Udp::new(controller.sip_addr());
-    let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
-    assert_eq!(status(&warm), 302, "{warm}");
-
-    proxy.black_hole();
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp,
+    } = stalled("3s", &[("CONFROUTE_SIP__MAX_PENDING_INVITES", "2")]).await;
     for i in 0..5 {
         let msg = invite(
             &format!("sip:held{i}@router"),

@@ -130,6 +130,12 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_agent_with_a_slower_heartbeat_still_keeps_its_node_id() {
     let s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1500ms")]).await;
+    second_agent_is_refused(&s).await;
+}
+
+/// Another Asterisk's agent, given node-a's id by mistake, refuses to start and leaves the
+/// live agent's record as it was.
+async fn second_agent_is_refused(s: &Single) {
     let store = fixtures::store(&s.cfg);
     let id = fixtures::id("node-a");
     let before = store.get_node(&id).await.expect("redis").expect("record");
@@ -152,21 +158,7 @@ async fn a_second_agent_under_a_live_agents_node_id_refuses_to_start_and_takes_n
     let store = fixtures::store(&s.cfg);
     let caller = dial(&s.sim, "phoenix", &[]).await;
     let bridge = wait_bridged(&s.sim, &caller).await;
-    let id = fixtures::id("node-a");
-    let before = store.get_node(&id).await.expect("redis").expect("record");
-
-    // The agent of another Asterisk, given this one's node id by mistake.
-    let other = sim().await;
-    let err = match NodeProc::start("node-a", &env(&other, &s.cfg, &[])) {
-        Ok(p) => panic!("a second agent started as node-a:\n{}", p.output()),
-        Err(e) => e.to_string(),
-    };
-    assert!(
-        err.contains("node.id: node node-a is in use by another live agent"),
-        "{err}"
-    );
-    let after = store.get_node(&id).await.expect("redis").expect("record");
-    assert_eq!(after.info.control, before.info.control, "record taken over");
+    second_agent_is_refused(&s).await;
     let rec = store
         .lookup(&name("phoenix"))
         .await
