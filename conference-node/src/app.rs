@@ -66,16 +66,22 @@ async fn id_free(
         "this node id has a live record: checking that no other agent renews it"
     );
     // A live agent renews its record within one of its heartbeats (a third of the lease its
-    // registration recorded; this agent's own for an older record); a dead one's record
+    // registration recorded); a dead one's record
     // expires when its lease ends. Two of those heartbeats tell them apart, and usually end
     // before the record expires: registering again before then keeps the last life's
     // conferences from being placed elsewhere meanwhile.
-    let theirs = first
-        .lease_period_ms
-        .map_or(heartbeat, |l| Duration::from_millis(l / 3));
-    let left = Duration::from_millis(first.lease_ms).min(theirs * 2);
+    let remaining = Duration::from_millis(first.lease_ms);
+    let (left, every) = match first.lease_period_ms {
+        Some(lease) => {
+            let theirs = Duration::from_millis(lease / 3);
+            (remaining.min(theirs * 2), theirs.min(heartbeat) / 5)
+        }
+        // A record of an agent that does not say its lease (an older version): its
+        // heartbeat is unknown, so the whole remaining lease is watched.
+        None => (remaining, heartbeat / 5),
+    };
     let until = Instant::now() + left + Duration::from_millis(500);
-    let every = (heartbeat / 5).max(Duration::from_millis(20));
+    let every = every.max(Duration::from_millis(20));
     let mut last = Some(first);
     while Instant::now() < until {
         tokio::time::sleep(every).await;

@@ -276,10 +276,10 @@ async fn an_admin_drains_deadline_carries_over_a_restart() {
 /// the call running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_drain_past_its_deadline_at_a_restart_ends_what_the_agent_adopts() {
-    // A 6 s lease outlives the 1 s deadline.
+    // A 9 s lease outlives the 1 s deadline by far.
     let mut s = Single::start(&[
         ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
-        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "2s"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
     ])
     .await;
@@ -296,6 +296,13 @@ async fn an_admin_drain_past_its_deadline_at_a_restart_ends_what_the_agent_adopt
         "the call is still up"
     );
     s.node.restart().expect("restart");
+    assert!(
+        s.node
+            .output()
+            .contains("resuming the admin drain where its deadline stood"),
+        "restarted while the drained record lived:\n{}",
+        s.node.output()
+    );
     let gone = s
         .sim
         .wait_for_event(WAIT, |e| {

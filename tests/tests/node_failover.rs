@@ -131,6 +131,15 @@ async fn restarted_agent_readopts_its_conference_and_leaves_no_orphans() {
 async fn a_live_agent_with_a_slower_heartbeat_still_keeps_its_node_id() {
     let s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1500ms")]).await;
     second_agent_is_refused(&s).await;
+    // A record that does not say its lease (an older agent's): the whole remaining lease is
+    // watched, which a live agent's renewal always falls within.
+    let key = format!("{}node:node-a", s.cfg.prefix);
+    let removed: Option<i64> = confroute_tests::harness::redis_query(
+        s.redis.port(),
+        redis::cmd("HDEL").arg(&key).arg("lease_period_ms"),
+    );
+    assert_eq!(removed, Some(1));
+    second_agent_is_refused(&s).await;
 }
 
 /// Another Asterisk's agent, given node-a's id by mistake, refuses to start and leaves the

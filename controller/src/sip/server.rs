@@ -14,9 +14,9 @@ use super::message::header_end;
 use super::pktinfo;
 use crate::config::Transport;
 
-/// Requests of one TCP connection being answered at once. Past it the connection is not
-/// read until answers are written, so a peer that sends without reading is held back by TCP
-/// instead of growing the controller's memory.
+/// INVITEs of one TCP connection being routed at once (other requests are answered as they
+/// are read). Past it the connection is not read until answers are written, so a peer that
+/// sends without reading is held back by TCP instead of growing the controller's memory.
 const TCP_PENDING: usize = 64;
 
 /// Longest a TCP message may take to arrive once begun (RFC 3261 Timer B and F: its sender

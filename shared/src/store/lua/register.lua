@@ -5,9 +5,9 @@
 -- ARI events WebSocket is up. It keeps invariant 4 from the first moment: an agent that has
 -- not reached its Asterisk yet can admit nobody, so claim.lua must not place on it. Without
 -- ARGV[9] (a registration that does not know) the field is removed: unknown counts as up.
--- ARGV[10] (optional, with ARGV[9]) for a draining registration: when that drain began
--- (Redis time, ms), as the agent knows it from its last life's record; a live record's own
--- `drain_since_ms` wins (set_state.lua keeps it, for invariant 4's deadline).
+-- ARGV[10] (optional, with ARGV[9]) for a registration that is not serving: when its drain
+-- began (Redis time, ms), as the agent knows it from its last life's record; a live record's
+-- own `drain_since_ms` wins (set_state.lua keeps it, for invariant 4's deadline).
 -- Returns the state the record had before (false when it did not exist).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
