@@ -52,6 +52,18 @@ struct How<'a> {
     early: Option<&'a dyn Early>,
 }
 
+impl How<'_> {
+    /// A request over `transport` handled in full, with no provisional answers.
+    fn plain(transport: Transport) -> Self {
+        How {
+            transport,
+            known_only: false,
+            fault: None,
+            early: None,
+        }
+    }
+}
+
 /// An [`Early`] for a request read as Latin-1: what it sends goes back to Latin-1 bytes.
 struct Latin1<'a> {
     inner: &'a dyn Early,
@@ -176,8 +188,7 @@ impl SipService {
         source: SocketAddr,
         transport: Transport,
     ) -> Option<Outgoing> {
-        self.handle_as(packet, source, transport, false, None, None)
-            .await
+        self.handle_as(packet, source, How::plain(transport)).await
     }
 
     /// [`SipService::handle`] for a request whose transport can carry a provisional answer
@@ -190,8 +201,11 @@ impl SipService {
         transport: Transport,
         early: &dyn Early,
     ) -> Option<Outgoing> {
-        self.handle_as(packet, source, transport, false, None, Some(early))
-            .await
+        let how = How {
+            early: Some(early),
+            ..How::plain(transport)
+        };
+        self.handle_as(packet, source, how).await
     }
 
     /// Answers the header block of a stream message whose Content-Length cannot frame it
@@ -202,33 +216,25 @@ impl SipService {
         source: SocketAddr,
         why: &'static str,
     ) -> Option<Outgoing> {
-        self.handle_as(head, source, Transport::Tcp, false, Some(why), None)
-            .await
+        let how = How {
+            fault: Some(why),
+            ..How::plain(Transport::Tcp)
+        };
+        self.handle_as(head, source, how).await
     }
 
     /// Answers a retransmitted INVITE (one being routed, or answered) from the transaction
     /// table and nothing else: a new INVITE is dropped, counted as overloaded. For when no
     /// more INVITEs may wait on Redis; never waits on Redis itself.
     pub async fn handle_known(&self, packet: &[u8], source: SocketAddr) -> Option<Outgoing> {
-        self.handle_as(packet, source, Transport::Udp, true, None, None)
-            .await
+        let how = How {
+            known_only: true,
+            ..How::plain(Transport::Udp)
+        };
+        self.handle_as(packet, source, how).await
     }
 
-    async fn handle_as(
-        &self,
-        packet: &[u8],
-        source: SocketAddr,
-        transport: Transport,
-        known_only: bool,
-        fault: Option<&'static str>,
-        early: Option<&dyn Early>,
-    ) -> Option<Outgoing> {
-        let how = How {
-            transport,
-            known_only,
-            fault,
-            early,
-        };
+    async fn handle_as(&self, packet: &[u8], source: SocketAddr, how: How<'_>) -> Option<Outgoing> {
         match message::parse(packet) {
             Err(ParseError::NotUtf8) => {
                 let utf8 = message::latin1_as_utf8(packet)?;
