@@ -233,32 +233,46 @@ async fn an_admin_drain_survives_a_crash_and_an_immediate_restart() {
     assert_eq!(wait_hangup(&s.sim, &refused).await, 34);
 }
 
+/// node-a with `extra` settings and a caller in `conference`, drained through its API;
+/// returns the setup, the caller and when the drain was asked for.
+async fn admin_drained_with_a_caller(
+    conference: &str,
+    extra: &[(&str, &str)],
+) -> (Single, String, std::time::Instant) {
+    let mut settings = vec![("CONFROUTE_CONFERENCE__BEEP", "false")];
+    settings.extend_from_slice(extra);
+    let s = Single::start(&settings).await;
+    let a = dial(&s.sim, conference, &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let drained_at = std::time::Instant::now();
+    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    (s, a, drained_at)
+}
+
+/// Starts the agent again and checks it resumed the drain its record held.
+fn restart_resuming_the_drain(s: &mut Single) {
+    s.node.restart().expect("restart");
+    assert!(
+        s.node
+            .output()
+            .contains("resuming the admin drain where its deadline stood"),
+        "restarted while the drained record lived:\n{}",
+        s.node.output()
+    );
+}
+
 /// An admin drain's deadline carries over a restart of the agent: the conference still there
 /// ends when the deadline set at the drain comes, not a whole deadline after the restart.
 /// (The drain's start is in the node record; the restart comes halfway through.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_drains_deadline_carries_over_a_restart() {
     const DEADLINE: Duration = Duration::from_secs(8);
-    let mut s = Single::start(&[
-        ("CONFROUTE_NODE__DRAIN_DEADLINE", "8s"),
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-    ])
-    .await;
-    let a = dial(&s.sim, "long-haul", &[]).await;
-    wait_bridged(&s.sim, &a).await;
-    let drained_at = std::time::Instant::now();
-    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
-    assert_eq!(status, 200, "{body}");
+    let (mut s, a, drained_at) =
+        admin_drained_with_a_caller("long-haul", &[("CONFROUTE_NODE__DRAIN_DEADLINE", "8s")]).await;
     // Half the deadline passes in this life of the agent: the time itself is what is tested.
     tokio::time::sleep_until((drained_at + DEADLINE / 2).into()).await;
-    s.node.restart().expect("restart");
-    assert!(
-        s.node
-            .output()
-            .contains("resuming the admin drain where its deadline stood"),
-        "{}",
-        s.node.output()
-    );
+    restart_resuming_the_drain(&mut s);
     assert_eq!(wait_hangup(&s.sim, &a).await, 16, "ended at the deadline");
     let ended = drained_at.elapsed();
     // A whole deadline after the restart would be at least 12 s after the drain.
@@ -277,17 +291,14 @@ async fn an_admin_drains_deadline_carries_over_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_drain_past_its_deadline_at_a_restart_ends_what_the_agent_adopts() {
     // A 9 s lease outlives the 1 s deadline by far.
-    let mut s = Single::start(&[
-        ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
-        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-    ])
+    let (mut s, a, drained_at) = admin_drained_with_a_caller(
+        "overdue",
+        &[
+            ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+            ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
+        ],
+    )
     .await;
-    let a = dial(&s.sim, "overdue", &[]).await;
-    wait_bridged(&s.sim, &a).await;
-    let drained_at = std::time::Instant::now();
-    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
-    assert_eq!(status, 200, "{body}");
     s.node.process().kill();
     // The deadline passes while no agent runs.
     tokio::time::sleep_until((drained_at + Duration::from_millis(1500)).into()).await;
@@ -295,14 +306,7 @@ async fn an_admin_drain_past_its_deadline_at_a_restart_ends_what_the_agent_adopt
         s.sim.snapshot().channel(&a).is_some(),
         "the call is still up"
     );
-    s.node.restart().expect("restart");
-    assert!(
-        s.node
-            .output()
-            .contains("resuming the admin drain where its deadline stood"),
-        "restarted while the drained record lived:\n{}",
-        s.node.output()
-    );
+    restart_resuming_the_drain(&mut s);
     let gone = s
         .sim
         .wait_for_event(WAIT, |e| {
