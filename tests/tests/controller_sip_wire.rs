@@ -534,6 +534,70 @@ async fn tcp_pipelined_requests_each_get_an_answer() {
     );
 }
 
+/// Line ends as lenient SIP stacks send them: LF alone (in a block without any CR) and line
+/// ends before the start line (RFC 3261 §7.5), over UDP and in a TCP stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lf_only_messages_and_leading_line_ends_are_answered_over_udp_and_tcp() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let lf_only = |uri: &str, port: u16, branch: &str, transport: &str| {
+        invite(uri, port, branch, "Subject: lf\r\n")
+            .replace("SIP/2.0/UDP", transport)
+            .replace("\r\n", "\n")
+    };
+    let answer = udp.exchange(&lf_only(
+        "sip:lf-udp@router",
+        udp.port(),
+        "z9hG4bKlf1",
+        "SIP/2.0/UDP",
+    ));
+    assert_eq!(status(&answer), 302, "{answer}");
+    assert_eq!(header(&answer, "X-Conference"), Some("lf-udp"), "{answer}");
+    assert_eq!(
+        header(&answer, "Call-ID"),
+        Some("z9hG4bKlf1@test"),
+        "{answer}"
+    );
+    assert!(
+        !answer.replace("\r\n", "").contains('\n'),
+        "the answer's lines end in CRLF: {answer:?}"
+    );
+    let prefixed = format!(
+        "\r\n\r\n{}",
+        invite("sip:crlf-udp@router", udp.port(), "z9hG4bKlf2", "")
+    );
+    let answer = udp.exchange(&prefixed);
+    assert_eq!(status(&answer), 302, "{answer}");
+    assert_eq!(
+        header(&answer, "X-Conference"),
+        Some("crlf-udp"),
+        "{answer}"
+    );
+
+    // TCP: an LF-only message with a body, then a CRLF one, in one write; each is framed
+    // by its own Content-Length.
+    let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    let with_body = lf_only("sip:lf-tcp@router", 5060, "z9hG4bKlf3", "SIP/2.0/TCP")
+        .replace("Content-Length: 0\n\n", "Content-Length: 4\n\nv=0\n");
+    let mut batch = with_body;
+    batch.push_str(
+        &invite("sip:after-lf@router", 5060, "z9hG4bKlf4", "")
+            .replace("SIP/2.0/UDP", "SIP/2.0/TCP"),
+    );
+    tcp.write_all(batch.as_bytes()).await.expect("write");
+    let mut got = String::new();
+    read_until(&mut tcp, &mut got, |g| g.matches("SIP/2.0 ").count() >= 2).await;
+    assert_eq!(
+        got.matches("SIP/2.0 302 Moved Temporarily").count(),
+        2,
+        "{got}"
+    );
+    assert!(got.contains("X-Conference: lf-tcp\r\n"), "{got}");
+    assert!(got.contains("X-Conference: after-lf\r\n"), "{got}");
+}
+
 /// A TCP message whose Content-Length cannot frame it (not a number, given twice, past the
 /// message limit) gets its 400 naming the fault, then the connection closes: what follows
 /// in the stream cannot be told apart from its body.
@@ -816,6 +880,35 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             400,
             "more than one Max-Forwards",
         ),
+        // Another SIP version: RFC 3261 §21.5.7.
+        (
+            invite("sip:v3@router", port, "z9hG4bKv3", "").replacen(
+                "SIP/2.0\r\n",
+                "SIP/3.0\r\n",
+                1,
+            ),
+            505,
+            "SIP/3.0 is not supported",
+        ),
+        (
+            invite("sip:router", port, "z9hG4bKv3opt", "")
+                .replacen("INVITE sip:router SIP/2.0", "OPTIONS sip:router SIP/2.1", 1)
+                .replace("CSeq: 1 INVITE", "CSeq: 1 OPTIONS"),
+            505,
+            "SIP/2.1",
+        ),
+        (
+            invite("noscheme", port, "z9hG4bKnoscheme", ""),
+            400,
+            "no scheme",
+        ),
+        // A re-INVITE routed here: redirecting it would move a live call (RFC 3261 §12.2.2).
+        (
+            invite("sip:redial@router", port, "z9hG4bKretag", "")
+                .replace("To: <sip:redial@router>", "To: <sip:redial@router>;tag=b7"),
+            481,
+            "no dialogs",
+        ),
     ];
     for (msg, want, why) in &cases {
         let answer = udp.exchange(msg);
@@ -828,8 +921,18 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             );
         }
     }
+    // Refusals change nothing: the conferences they named were not placed.
+    for name in ["v3", "redial"] {
+        let url = format!("{}/v1/conferences/{name}", s.controller.http_url());
+        let got = fixtures::http().get(&url).send().await.expect("GET");
+        assert_eq!(got.status().as_u16(), 404, "{name} was placed");
+    }
     let before = scrape(&s.controller.http_url()).await;
     udp.silence(b"this is not SIP\r\n\r\n", Duration::from_millis(300));
+    udp.silence(
+        b"GET / HTTP/1.1\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKh\r\n\r\n",
+        Duration::from_millis(300),
+    );
     udp.silence(
         b"\x16\x03\x01\x02\x00\x01\x00\x01",
         Duration::from_millis(300),
@@ -856,7 +959,7 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
         |m: &str, r: &str| metric(m, &format!("confroute_sip_dropped_total{{reason=\"{r}\"}}"));
     assert_eq!(
         dropped(&after, "garbage") - dropped(&before, "garbage"),
-        4.0
+        5.0
     );
     assert_eq!(
         dropped(&after, "response") - dropped(&before, "response"),

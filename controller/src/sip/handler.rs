@@ -305,6 +305,13 @@ impl SipService {
                 Response::new(403, "Forbidden").warning("source address is not trusted"),
                 tag(),
             )
+        } else if !req.version.eq_ignore_ascii_case("SIP/2.0") {
+            // Checked before the headers: another version's rules for them may differ.
+            (
+                Response::new(505, "Version Not Supported")
+                    .warning(&format!("{} is not supported; SIP/2.0 is", req.version)),
+                tag(),
+            )
         } else if let Some(problem) = fault
             .map(str::to_string)
             .or_else(|| malformed(&req, packet, transport))
@@ -484,6 +491,15 @@ impl SipService {
                 );
             }
         }
+        // A To-tag means a request inside a dialog (RFC 3261 §12.2.2), and this server is
+        // party to none: a re-INVITE routed here must not be redirected elsewhere mid-call.
+        if req.header("To").is_some_and(response::has_to_tag) {
+            return finish(
+                Response::new(481, "Call/Transaction Does Not Exist").warning(
+                    "the router holds no dialogs; route in-dialog requests by Record-Route",
+                ),
+            );
+        }
         if let Some(unsupported) = unsupported_requirements(req) {
             return finish(
                 Response::new(420, "Bad Extension")
@@ -614,6 +630,10 @@ fn transaction_key(req: &Request<'_>, via: &message::Via<'_>) -> String {
 fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<String> {
     if let Some(defect) = req.defect {
         return Some(defect.into());
+    }
+    // RFC 3261 §25.1: every Request-URI is `scheme:...`.
+    if !req.uri.contains(':') {
+        return Some("Request-URI has no scheme".into());
     }
     for name in ["From", "To", "Call-ID", "CSeq"] {
         match req.count(name) {

@@ -15,8 +15,11 @@ pub const DEFAULT_MAX_MESSAGE: usize = 16 * 1024;
 pub struct Request<'a> {
     /// Method token, e.g. `INVITE` (case-sensitive, RFC 3261 §7.1).
     pub method: &'a str,
-    /// Request-URI as written.
+    /// Request-URI as written (its scheme is checked by the handler, which answers 400).
     pub uri: &'a str,
+    /// Protocol version as written: `SIP/` and two numbers (the handler answers 505 to any
+    /// but 2.0).
+    pub version: &'a str,
     /// Headers in order, names in full form.
     pub headers: Vec<Header<'a>>,
     /// Message body (by Content-Length when present).
@@ -105,22 +108,58 @@ fn has_bare_cr_or_lf(head: &[u8]) -> bool {
 }
 
 /// Where the header block ends: the index just past the blank line, if present.
+///
+/// Lines end in CRLF, or in a bare LF when the block has no CR at all: RFC 3261 asks for
+/// CRLF, but many SIP stacks read LF-only messages too, and a block without any CR
+/// splits into the same lines for every reader, so nothing can hide in it.
 pub fn header_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+    let mut seen_cr = false;
+    let mut from = 0;
+    while let Some(p) = buf[from..].iter().position(|&b| b == b'\n') {
+        let at = from + p;
+        seen_cr = seen_cr || buf[from..at].contains(&b'\r');
+        match buf.get(at + 1) {
+            Some(b'\n') if !seen_cr => return Some(at + 2),
+            Some(b'\r') if at > 0 && buf[at - 1] == b'\r' && buf.get(at + 2) == Some(&b'\n') => {
+                return Some(at + 3)
+            }
+            _ => {}
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Whether `version` is `SIP/` and two numbers (any case), so a 505 can answer it.
+fn is_sip_version(version: &str) -> bool {
+    let number = |s: &str| (1..=9).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    version
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case("SIP/"))
+        && version[4..]
+            .split_once('.')
+            .is_some_and(|(major, minor)| number(major) && number(minor))
 }
 
 /// Parses one request; the body is everything after the headers (the caller frames TCP
 /// messages by Content-Length and checks it against UDP datagrams).
 pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     let end = header_end(buf).ok_or(ParseError::Garbage("no blank line ends the headers"))?;
-    let head = std::str::from_utf8(&buf[..end - 4]).map_err(|_| ParseError::NotUtf8)?;
+    // [`header_end`] ends an LF-only block (one without any CR) at `\n\n`.
+    let lf_only = buf[end - 2] == b'\n';
+    let (head, eol) = if lf_only {
+        (&buf[..end - 2], "\n")
+    } else {
+        (&buf[..end - 4], "\r\n")
+    };
+    let head = std::str::from_utf8(head).map_err(|_| ParseError::NotUtf8)?;
     // A CR or LF that does not end a line would end one for a laxer reader of our answer,
     // which copies the header it sits in: a value could smuggle a header (a second Contact)
     // into the 302. RFC 3261 §7.3.1 allows neither, so such a message is not SIP.
-    if has_bare_cr_or_lf(head.as_bytes()) {
+    if !lf_only && has_bare_cr_or_lf(head.as_bytes()) {
         return Err(ParseError::Garbage("a bare CR or LF in the headers"));
     }
-    let mut lines = head.split("\r\n");
+    let mut lines = head.split(eol);
     let start = lines.next().ok_or(ParseError::Garbage("empty message"))?;
     if start.starts_with("SIP/2.0 ") {
         return Err(ParseError::Response);
@@ -136,12 +175,13 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     if !is_token(method) {
         return Err(ParseError::Garbage("method is not a token"));
     }
-    // Case-insensitive (RFC 3261 §7.1), though senders must write it in upper case.
-    if !version.eq_ignore_ascii_case("SIP/2.0") {
-        return Err(ParseError::Garbage("version is not SIP/2.0"));
+    // Another SIP version is answered (505, by the handler); anything else in its place
+    // means this is not SIP at all.
+    if !is_sip_version(version) {
+        return Err(ParseError::Garbage("version is not SIP/x.y"));
     }
-    if uri.is_empty() || !uri.contains(':') {
-        return Err(ParseError::Garbage("request-URI has no scheme"));
+    if uri.is_empty() {
+        return Err(ParseError::Garbage("empty request-URI"));
     }
     let mut headers: Vec<Header<'_>> = Vec::with_capacity(16);
     let mut defect = None;
@@ -185,6 +225,7 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     Ok(Request {
         method,
         uri,
+        version,
         headers,
         body,
         defect,
@@ -506,16 +547,52 @@ mod tests {
     }
 
     #[test]
+    fn reads_lf_only_messages_but_not_mixed_line_ends() {
+        let lf = b"OPTIONS sip:a@b SIP/2.0\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\nl: 4\n\nbody";
+        assert_eq!(header_end(lf), Some(lf.len() - 4));
+        let r = parse(lf).expect("LF-only");
+        assert_eq!(r.header("Via"), Some("SIP/2.0/UDP h;branch=z9hG4bK1"));
+        assert_eq!(r.header("Content-Length"), Some("4"));
+        assert_eq!(r.body, b"body");
+        // An LF-only block ends at its first empty line, even if its body has CRLFs.
+        let body_crlf = b"OPTIONS sip:a@b SIP/2.0\nl: 4\n\n\r\n\r\n";
+        assert_eq!(header_end(body_crlf), Some(body_crlf.len() - 4));
+        // Once a CR is seen, only CRLF ends lines: a bare LF inside is refused, not a line.
+        let mixed = b"OPTIONS sip:a@b SIP/2.0\r\nVia: x\n\nContact: y\r\n\r\n";
+        assert_eq!(header_end(mixed), Some(mixed.len()));
+        assert!(matches!(parse(mixed), Err(ParseError::Garbage(_))));
+        assert_eq!(header_end(b"OPTIONS sip:a@b SIP/2.0\r\nVia: x\n\n"), None);
+    }
+
+    #[test]
     fn rejects_garbage_and_recognises_responses() {
         assert!(matches!(parse(b"hello"), Err(ParseError::Garbage(_))));
         assert!(matches!(
             parse(b"\x00\x01\r\n\r\n"),
             Err(ParseError::Garbage(_))
         ));
-        assert!(matches!(
-            parse(b"INVITE sip:a@b SIP/3.0\r\n\r\n"),
-            Err(ParseError::Garbage(_))
-        ));
+        // Another SIP version is read (for its 505); another protocol is not SIP.
+        let r = parse(b"INVITE sip:a@b SIP/3.0\r\n\r\n").expect("another SIP version");
+        assert_eq!(r.version, "SIP/3.0");
+        for v in [
+            "HTTP/1.1",
+            "SIP/2",
+            "SIP/.0",
+            "SIP/2.x",
+            "SIP/1234567890.0",
+            "SIP/",
+        ] {
+            let line = format!("INVITE sip:a@b {v}\r\n\r\n");
+            assert!(
+                matches!(parse(line.as_bytes()), Err(ParseError::Garbage(_))),
+                "{v}"
+            );
+        }
+        // A Request-URI without a scheme is read, for the handler's 400.
+        assert_eq!(
+            parse(b"INVITE alice SIP/2.0\r\n\r\n").expect("read").uri,
+            "alice"
+        );
         assert!(matches!(
             parse(b"INVITE sip:a@b\r\n\r\n"),
             Err(ParseError::Garbage(_))

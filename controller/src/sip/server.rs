@@ -59,11 +59,16 @@ pub async fn serve_udp(
             service.note_dropped("too_large");
             continue;
         }
-        let packet = &buf[..len];
-        if packet.iter().all(|b| *b == b'\r' || *b == b'\n') {
-            // RFC 5626 keepalive: nothing to answer over UDP.
+        // Line ends before the start line are skipped, as RFC 3261 §7.5 asks of streams;
+        // line ends alone are a keepalive (RFC 5626): nothing to answer over UDP.
+        let leading = buf[..len]
+            .iter()
+            .take_while(|b| **b == b'\r' || **b == b'\n')
+            .count();
+        if leading == len {
             continue;
         }
+        let packet = &buf[leading..len];
         if packet.starts_with(b"INVITE ") {
             // While Redis is slow every INVITE waits out the routing deadline; a flood then
             // would pile up tasks and Redis commands without bound. Past the limit a new
@@ -291,7 +296,9 @@ fn content_length(head: &[u8]) -> Result<usize, &'static str> {
     let mut found: Option<String> = None;
     // Whether the header being read (with its folded lines) is the Content-Length.
     let mut in_length = false;
-    for line in text.split("\r\n").skip(1) {
+    // Lines end as the parser ends them: in a bare LF only in a block without any CR.
+    let eol = if text.contains('\r') { "\r\n" } else { "\n" };
+    for line in text.split(eol).skip(1) {
         if line.starts_with([' ', '\t']) {
             if let (true, Some(v)) = (in_length, found.as_mut()) {
                 let piece = line.trim();
@@ -562,6 +569,9 @@ mod tests {
         assert_eq!(next_frame(b"\r\n\r\nOPTIONS", 4096), Frame::Ping(4));
         assert_eq!(next_frame(b"\r\nOPTIONS", 4096), Frame::Skip(2));
         assert_eq!(next_frame(b"\r\n", 4096), Frame::Incomplete);
+        // An LF-only block is framed by its length as the parser reads it.
+        let lf = b"OPTIONS sip:a SIP/2.0\nl: 3\n\nabcOPTIONS";
+        assert_eq!(next_frame(lf, 4096), Frame::Message(lf.len() - 7));
         assert!(matches!(next_frame(&[b'A'; 5000], 4096), Frame::Broken(_)));
         let bad = b"OPTIONS sip:a SIP/2.0\r\nl: x\r\n\r\n";
         assert_eq!(

@@ -126,13 +126,26 @@ fn is_token(s: &str) -> bool {
 /// What a parsed request and its accessors must look like.
 fn request(req: &Request<'_>, data: &[u8]) {
     assert!(is_token(req.method), "method {:?}", req.method);
-    assert!(req.uri.contains(':') && !req.uri.contains(' '));
+    assert!(!req.uri.is_empty() && !req.uri.contains(' '));
+    let (name, numbers) = req.version.split_at(4);
+    assert!(
+        name.eq_ignore_ascii_case("SIP/"),
+        "version {:?}",
+        req.version
+    );
+    let (major, minor) = numbers.split_once('.').expect("SIP/x.y");
+    for n in [major, minor] {
+        assert!(!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    }
     let end = header_end(data).expect("a parsed request has a header block");
     assert_eq!(req.body, &data[end..]);
     for h in &req.headers {
         assert!(is_token(&h.name), "header name {:?}", h.name);
         assert_eq!(h.value.trim(), h.value, "header values are trimmed");
-        assert!(!h.value.contains("\r\n"), "a header value spans lines");
+        assert!(
+            !h.value.contains(['\r', '\n']),
+            "a header value holds a line end"
+        );
     }
     if let Some(via) = req.top_via() {
         assert!(is_token(via.transport));
