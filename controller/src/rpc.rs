@@ -3,14 +3,14 @@
 //! notifications (dial-out status, conference events of subscribed conferences).
 //! Methods, notifications and error codes are documented in `docs/call-control.md`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use confroute_shared::bus::{ErrorCode, Notifications, Reply};
 use confroute_shared::name::ConferenceName;
@@ -264,8 +264,66 @@ impl Bucket {
 const MAX_PENDING_FRAMES: usize = 256;
 
 /// One connection's state shared by its tasks.
+/// The last command of each conference this connection has running, by arrival number.
+#[derive(Default)]
+struct Order {
+    arrived: u64,
+    last: HashMap<String, (u64, oneshot::Receiver<()>)>,
+}
+
+/// A command's place in its conference's line: it starts once the command that arrived
+/// before it for the same conference has finished, and lets the next one start when
+/// dropped. Without it, commands sent back to back (mute, then unmute) reached the node in
+/// whatever order their tasks got there, and the participant could end up muted.
+struct Turn {
+    after: Option<oneshot::Receiver<()>>,
+    /// Dropped with the turn: that is what the next command waits for.
+    _done: oneshot::Sender<()>,
+    conference: String,
+    arrived: u64,
+    order: Arc<Mutex<Order>>,
+}
+
+impl Turn {
+    async fn wait(&mut self) {
+        if let Some(before) = self.after.take() {
+            // Finished or gone, either way it is this one's turn.
+            let _ = before.await;
+        }
+    }
+}
+
+impl Turn {
+    /// Leaves the line without running (the command was refused): the next command still
+    /// waits for the one before this.
+    fn pass(mut self) {
+        if let Some(before) = self.after.take() {
+            tokio::spawn(async move {
+                let _ = before.await;
+                drop(self);
+            });
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Ok(mut order) = self.order.lock() {
+            if order
+                .last
+                .get(&self.conference)
+                .is_some_and(|(arrived, _)| *arrived == self.arrived)
+            {
+                order.last.remove(&self.conference);
+            }
+        }
+    }
+}
+
 struct Session {
     control: Control,
+    /// Commands of one conference run in the order they arrived on this connection.
+    order: Arc<Mutex<Order>>,
     limits: Limits,
     subscriptions: Mutex<HashSet<String>>,
     bucket: Mutex<Bucket>,
@@ -316,6 +374,7 @@ pub async fn serve(
         }),
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
         subscriptions: Mutex::new(HashSet::new()),
+        order: Arc::default(),
         control,
         limits,
         out,
@@ -533,11 +592,21 @@ impl Session {
                 self.send(response(&Value::Null, Err(e))).await
             }
             Decoded::Batch(items) => {
+                // Turns are taken here, in the order the requests were written.
+                let items: Vec<(Item, Option<Turn>)> = items
+                    .into_iter()
+                    .map(|i| {
+                        let turn = self.turn(&i);
+                        (i, turn)
+                    })
+                    .collect();
                 // The batch is answered as one array once every member is done.
                 tokio::spawn(async move {
                     let (answered, sent) = watch::channel(false);
                     let answers = futures_util::future::join_all(
-                        items.into_iter().map(|i| self.clone().one(i, sent.clone())),
+                        items
+                            .into_iter()
+                            .map(|(i, turn)| self.clone().one(i, turn, sent.clone())),
                     )
                     .await;
                     let answers: Vec<Value> = answers.into_iter().flatten().collect();
@@ -549,9 +618,10 @@ impl Session {
                 });
             }
             Decoded::Single(item) => {
+                let turn = self.turn(&item);
                 tokio::spawn(async move {
                     let (answered, sent) = watch::channel(false);
-                    if let Some(answer) = self.clone().one(item, sent).await {
+                    if let Some(answer) = self.clone().one(item, turn, sent).await {
                         self.send(answer).await;
                     }
                     let _ = answered.send(true);
@@ -561,9 +631,34 @@ impl Session {
         }
     }
 
-    /// Runs one request; `None` for notifications. `answered` turns true once its answer
-    /// is queued for the client (for a batch, the whole array).
-    async fn one(self: Arc<Self>, item: Item, answered: watch::Receiver<bool>) -> Option<Value> {
+    /// The place in line of a request naming a conference (taken as frames are read).
+    fn turn(&self, item: &Item) -> Option<Turn> {
+        let conference = item.as_ref().ok()?.params.get("conference")?.as_str()?;
+        let (done, finished) = oneshot::channel();
+        let mut order = self.order.lock().ok()?;
+        order.arrived += 1;
+        let arrived = order.arrived;
+        let after = order
+            .last
+            .insert(conference.to_string(), (arrived, finished))
+            .map(|(_, before)| before);
+        Some(Turn {
+            after,
+            _done: done,
+            conference: conference.to_string(),
+            arrived,
+            order: self.order.clone(),
+        })
+    }
+
+    /// Runs one request once its turn comes; `None` for notifications. `answered` turns
+    /// true once its answer is queued for the client (for a batch, the whole array).
+    async fn one(
+        self: Arc<Self>,
+        item: Item,
+        mut turn: Option<Turn>,
+        answered: watch::Receiver<bool>,
+    ) -> Option<Value> {
         let req = match item {
             Ok(r) => r,
             Err((id, e)) => {
@@ -579,7 +674,14 @@ impl Session {
             ))
         } else {
             match self.in_flight.clone().try_acquire_owned() {
-                Ok(_permit) => self.dispatch(&req.method, req.params, answered).await,
+                Ok(_permit) => {
+                    if let Some(turn) = turn.as_mut() {
+                        turn.wait().await;
+                    }
+                    let result = self.dispatch(&req.method, req.params, answered).await;
+                    drop(turn.take());
+                    result
+                }
                 Err(_) => Err(RpcError::new(
                     codes::RATE_LIMITED,
                     format!(
@@ -589,6 +691,9 @@ impl Session {
                 )),
             }
         };
+        if let Some(turn) = turn {
+            turn.pass();
+        }
         if let Err(e) = &result {
             self.count(e);
         }

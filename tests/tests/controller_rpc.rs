@@ -996,3 +996,97 @@ async fn a_dial_out_stream_ends_when_its_node_is_gone() {
     assert_eq!(last["params"]["callid"], "call-7", "{last}");
     ping(&mut ws, 2).await;
 }
+
+/// Commands for one conference sent back to back on one connection reach its node one at a
+/// time, in the order they were sent (a mute then an unmute leaves the caller unmuted); a
+/// command for another conference does not wait behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_for_one_conference_run_in_the_order_sent() {
+    let s = setup(&[]).await;
+    let (store, node, mut commands) = hosted_on_node_a(&s, "ordered").await;
+    store
+        .claim(&"other".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    // The node answers "ordered" commands 20 ms late and notes what it heard, and whether
+    // one came while another was still unanswered.
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<(String, String, bool)>();
+    let responder = node.clone();
+    tokio::spawn(async move {
+        let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        while let Some(cmd) = commands.recv().await {
+            let conference = cmd.params["conference"].as_str().unwrap_or("").to_string();
+            let participant = cmd.params["participant"].as_str().unwrap_or("").to_string();
+            let overlapped =
+                conference == "ordered" && busy.swap(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = heard_tx.send((conference.clone(), participant, overlapped));
+            let (responder, busy) = (responder.clone(), busy.clone());
+            tokio::spawn(async move {
+                if conference == "ordered" {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    busy.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+                responder.respond(&cmd, Ok(json!({}))).await;
+            });
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    let mut frames = Vec::new();
+    for i in 0..16u64 {
+        let method = if i % 2 == 0 {
+            "participant.mute"
+        } else {
+            "participant.unmute"
+        };
+        frames.push(json!({"jsonrpc": "2.0", "method": method, "id": i,
+            "params": {"conference": "ordered", "participant": format!("p{i}")}}));
+    }
+    // A batch keeps its members' order too.
+    let batch: Vec<Value> = (16..20u64)
+        .map(|i| {
+            json!({"jsonrpc": "2.0", "method": "participant.mute", "id": i,
+            "params": {"conference": "ordered", "participant": format!("p{i}")}})
+        })
+        .collect();
+    for f in &frames {
+        send(&mut ws, &f.to_string()).await;
+    }
+    send(&mut ws, &Value::Array(batch).to_string()).await;
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.mute", "id": 100,
+            "params": {"conference": "other", "participant": "q"}})
+        .to_string(),
+    )
+    .await;
+    let mut order = Vec::new();
+    let mut other_at = None;
+    while order.len() < 20 || other_at.is_none() {
+        let (conference, participant, overlapped) =
+            tokio::time::timeout(Duration::from_secs(10), heard.recv())
+                .await
+                .expect("the node hears every command")
+                .expect("node running");
+        assert!(
+            !overlapped,
+            "{participant} reached the node before the command before it was answered"
+        );
+        if conference == "other" {
+            other_at = Some(order.len());
+        } else {
+            order.push(participant);
+        }
+    }
+    let sent: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+    assert_eq!(order, sent, "the node heard the commands out of order");
+    assert!(
+        other_at.is_some_and(|at| at < 20),
+        "the other conference's command waited behind the first's ({other_at:?})"
+    );
+    // Every command is answered.
+    let mut answered = 0;
+    while answered < 21 {
+        let v = recv(&mut ws).await;
+        answered += v.as_array().map_or(1, Vec::len);
+    }
+}
