@@ -426,6 +426,31 @@ impl Control {
             ));
         }
         let node = self.owner(&conference).await?;
+        // Homing the target claims it: a move refused for its participant would have changed
+        // state (a claim given back leaves the name's next life a higher epoch), so the
+        // participant is looked for first. One that leaves meanwhile is still refused by
+        // the node, and the claim given back.
+        let listed = self
+            .bus
+            .call(
+                &node,
+                "participant.list",
+                json!({"conference": conference}),
+                self.timeout,
+                false,
+            )
+            .await
+            .and_then(|call| call.reply)
+            .map_err(ControlError::Node)?;
+        let present = listed["participants"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["id"] == participant));
+        if !present {
+            return Err(ControlError::code(
+                ErrorCode::ParticipantNotFound,
+                format!("no participant `{participant}` in conference `{conference}`"),
+            ));
+        }
         let target = self.home(&to).await?;
         let (reply, sent) = match self
             .bus

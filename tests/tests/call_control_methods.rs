@@ -313,6 +313,17 @@ async fn every_method_works_through_any_controller() {
         moved_to, None,
         "a refused move leaves no claim on its target"
     );
+    // Nor a trace of one: the target's first life starts at epoch 1.
+    let store = fixtures::store(&c.cfg);
+    let room9 = "room-9".parse().expect("name");
+    let first = store
+        .claim(&room9, &[fixtures::id(&other.id)])
+        .await
+        .expect("claim")
+        .owner
+        .expect("placed");
+    assert_eq!(first.epoch, 1, "a refused move claimed its target");
+    store.release(&room9, &first).await.expect("release");
 
     // Two more callers, for the moves, the kick and the update.
     let d = dial(sim, "room-1", &[]).await;
