@@ -48,6 +48,14 @@ fn moving(ch: &str) -> BusError {
     )
 }
 
+/// Who holds a participant: `api` (call control), `caller` (its own phone), or both.
+fn held_by(api: bool, caller: bool) -> Vec<&'static str> {
+    [(api, "api"), (caller, "caller")]
+        .into_iter()
+        .filter_map(|(on, by)| on.then_some(by))
+        .collect()
+}
+
 /// An ARI failure on a participant's channel: gone means not found, anything else internal.
 fn ari_failure(ch: &str, e: &AriError) -> BusError {
     if e.channel_gone() {
@@ -199,6 +207,9 @@ impl Conference {
                     "caller": p.caller,
                     "muted": p.muted,
                     "held": p.held || p.caller_held,
+                    // Who holds it: an unhold lifts only the API's hold, so an application
+                    // needs to tell the two apart.
+                    "held_by": held_by(p.held, p.caller_held),
                     "joined_ms": p.joined_ms,
                     "waiting": p.waiting,
                     "talking": p.talking,
