@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -147,10 +147,31 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 }
 
 /// `POST /v1/drain`: no new conferences; existing ones keep taking joiners until they end
-/// or `node.drain_deadline`; the node then stays drained.
-async fn drain(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
-    let previous = lifecycle::drain(&node, false).await;
-    Json(json!({"id": node.id, "state": node.state(), "previous": previous}))
+/// or `node.drain_deadline`; the node then stays drained, across agent restarts too.
+///
+/// `?shutdown=true` (the chart's preStop hook) starts the drain SIGTERM starts instead: the
+/// agent exits once empty, and an agent started again serves. A stop's drain taken for an
+/// admin's would outlive the stop: the pod's next agent (after a liveness restart, say)
+/// would resume it and leave the node drained until someone undrained it.
+async fn drain(
+    State(node): State<Arc<Node>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let shutdown = match query.as_deref() {
+        None | Some("") | Some("shutdown=false") => false,
+        Some("shutdown=true") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("query `{other}` is not understood; the only one is shutdown=true or shutdown=false"),
+            ))
+        }
+    };
+    let previous = lifecycle::drain(&node, shutdown).await;
+    Ok(Json(
+        json!({"id": node.id, "state": node.state(), "previous": previous}),
+    ))
 }
 
 /// `POST /v1/undrain`: back to serving (not while shutting down).

@@ -60,14 +60,23 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sig = signals.next().await;
-    tracing::info!(?sig, "stop requested; draining");
-    lifecycle::drain(&node, true).await;
-    tokio::select! {
-        _ = exit.wait_for(|done| *done) => {}
+    // A shutdown drain is started by a stop signal or over HTTP (`POST /v1/drain?shutdown=true`,
+    // the chart's preStop hook); either way the agent exits when it is done.
+    let signalled = tokio::select! {
         sig = signals.next() => {
-            tracing::info!(?sig, "second stop signal");
-            lifecycle::shutdown_now(&node).await;
+            tracing::info!(?sig, "stop requested; draining");
+            true
+        }
+        _ = exit.wait_for(|done| *done) => false,
+    };
+    if signalled {
+        lifecycle::drain(&node, true).await;
+        tokio::select! {
+            _ = exit.wait_for(|done| *done) => {}
+            sig = signals.next() => {
+                tracing::info!(?sig, "second stop signal");
+                lifecycle::shutdown_now(&node).await;
+            }
         }
     }
     agent.stop().await;

@@ -252,7 +252,8 @@ fn defaults_render_a_complete_deployment() {
         "{node_toml}"
     );
     let drain = config_of(&r, "-node", "prestop-drain.sh");
-    assert!(drain.contains("/v1/drain") && drain.contains("/v1/conferences"));
+    // The drain of a stop, not an admin's: a restarted agent must not resume it.
+    assert!(drain.contains("/v1/drain?shutdown=true") && drain.contains("/v1/conferences"));
 
     let http = config_of(&r, "-asterisk", "http.conf");
     assert!(http.contains("bindaddr = 127.0.0.1") && http.contains("bindport = 8088"));

@@ -344,6 +344,56 @@ async fn an_agent_restarted_during_its_shutdown_drain_serves_again() {
         .is_some_and(|c| c.bridge.is_some()));
 }
 
+/// `POST /v1/drain?shutdown=true` (the chart's preStop hook) is the drain SIGTERM starts: an
+/// agent killed in it and started again serves (an admin's drain would carry over and leave
+/// the pod drained for good), and one left empty exits. A query it does not know is refused
+/// with a JSON error and drains nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_for_a_stop_ends_in_an_exit_and_does_not_outlive_the_agent() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        // A long lease: the record is still there when the agent comes back.
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let drain = format!("{}/v1/drain", s.node.http_url());
+    for bad in ["shutdown=yes", "deadline=5", "shutdown"] {
+        let (status, body) = post(&format!("{drain}?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    }
+    let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+    assert_eq!(v["state"], "serving", "a refused drain drained: {v}");
+
+    let a = dial(&s.sim, "busy", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let (status, body) = post(&format!("{drain}?shutdown=true")).await;
+    assert_eq!(status, 200, "{body}");
+    wait_draining(&s, &store).await;
+    s.node.process().kill();
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async("serving again", WAIT, || async {
+        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+        (v["state"] == "serving" && node_state(&store, "node-a").await == Some(NodeState::Serving))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+
+    // Drained for a stop with its last caller gone, it exits.
+    let (status, body) = post(&format!("{drain}?shutdown=true")).await;
+    assert_eq!(status, 200, "{body}");
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    let code = s
+        .node
+        .process()
+        .wait_exit(WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
+
 /// A node in its shutdown drain whose record is lost (Redis restarted, or the lease ran out
 /// while Redis was slow) registers again still marked stopping: no admin can then make it
 /// serving, which would place new conferences on a node about to end them.

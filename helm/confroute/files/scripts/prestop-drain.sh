@@ -1,7 +1,9 @@
 #!/bin/sh
 # preStop hook of the confroute-node agent: drains the node through the agent's own HTTP port
 # (no new conference here; those already here keep taking joiners) and waits until every
-# conference on it has ended. The agent ends what is left at node.drain_deadline, so the wait
+# conference on it has ended. `shutdown=true` makes it the drain SIGTERM starts: the agent
+# exits once empty, and the pod's next agent (after a liveness restart) serves; an admin's
+# drain would carry over into it. The agent ends what is left at node.drain_deadline, so the wait
 # is bounded; MAX_WAIT bounds it again should the agent stop answering. Asterisk's own preStop
 # waits meanwhile until it has no channel left, so it is stopped only once no call is left.
 set -u
@@ -17,7 +19,7 @@ call() {
   fi
 }
 
-if ! call -X POST "${url}/v1/drain" >/dev/null; then
+if ! call -X POST "${url}/v1/drain?shutdown=true" >/dev/null; then
   echo "preStop: drain request to ${url} failed; stopping without waiting" >&2
   exit 0
 fi
