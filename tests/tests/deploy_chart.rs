@@ -473,6 +473,47 @@ fn services_offer_only_the_transports_served() {
     );
 }
 
+/// Outside the cluster the SIP Services keep the caller's source address unless told
+/// otherwise: with `Cluster` kube-proxy replaces it by a node's, so answers to requests
+/// without `rport` go to the wrong host and `sip.trusted_cidrs` only ever sees node
+/// addresses.
+#[test]
+fn external_sip_services_keep_the_callers_address() {
+    let dir = TempDir::new("values").expect("dir");
+    let policy = |values: Value, suffix: &str| -> Value {
+        let r = render(&values_file(dir.path(), "etp", &values));
+        r.one("Service", suffix)["spec"]["externalTrafficPolicy"].clone()
+    };
+    for ty in ["NodePort", "LoadBalancer"] {
+        assert_eq!(
+            policy(
+                json!({"controller": {"service": {"sip": {"type": ty}}}}),
+                "-sip"
+            ),
+            "Local",
+            "{ty}"
+        );
+        let split = json!({"controller": {"service": {"sip": {"type": ty, "split": true}}}});
+        assert_eq!(policy(split.clone(), "-sip-udp"), "Local", "{ty} split");
+        assert_eq!(policy(split, "-sip-tcp"), "Local", "{ty} split");
+    }
+    assert_eq!(
+        policy(
+            json!({"controller": {"service": {"sip": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}}}}),
+            "-sip"
+        ),
+        "Cluster",
+        "an explicit choice stands"
+    );
+    assert!(policy(json!({}), "-sip").is_null(), "ClusterIP has none");
+    // The HTTP Service keeps Kubernetes' default.
+    assert!(policy(
+        json!({"controller": {"service": {"http": {"type": "NodePort"}}}}),
+        "-http"
+    )
+    .is_null());
+}
+
 #[test]
 fn host_network_advertises_the_host_address() {
     let r = check_scenario("host-network");
