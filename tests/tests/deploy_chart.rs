@@ -365,6 +365,36 @@ fn network_policies_admit_the_named_peers() {
     r.one("NetworkPolicy", "-controller");
 }
 
+/// `/metrics` shares its port with the API, and a NetworkPolicy cannot tell them apart: the
+/// HTTP ports admit both lists together, and are open to any peer only when both are empty.
+/// An empty `metricsFrom` beside a set `httpFrom` (or the reverse) must not open the API.
+#[test]
+fn one_http_peer_list_alone_keeps_the_http_ports_closed_to_others() {
+    let dir = TempDir::new("values").expect("dir");
+    let apps =
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}]);
+    for list in ["httpFrom", "metricsFrom"] {
+        let r = render(&values_file(
+            dir.path(),
+            "np",
+            &json!({"networkPolicy": {"enabled": true, list: apps}}),
+        ));
+        for (suffix, port) in [("-controller", "http"), ("-node", "agent-http")] {
+            let np = r.one("NetworkPolicy", suffix);
+            let rules: Vec<&Value> = np["spec"]["ingress"]
+                .as_array()
+                .expect("ingress")
+                .iter()
+                .filter(|i| i["ports"][0]["port"] == port)
+                .collect();
+            assert!(!rules.is_empty(), "{list}: no rule for {port}");
+            for rule in rules {
+                assert_eq!(rule["from"], apps, "{list}: {port} admits others");
+            }
+        }
+    }
+}
+
 #[test]
 fn sentinel_settings_and_password_reach_both_binaries() {
     let r = check_scenario("sentinel");
