@@ -23,9 +23,6 @@ use crate::dialout::{self, DialoutOp};
 use crate::metrics::COMMAND_METHODS;
 use crate::node::Node;
 
-/// Longest media URI accepted for a playback.
-const MAX_MEDIA: usize = 256;
-
 /// A command still to be answered; answering it counts it in
 /// `confroute_node_commands_total` and queues the reply on the bus.
 #[derive(Debug)]
@@ -276,17 +273,8 @@ fn digits(raw: &str) -> Result<String, BusError> {
 }
 
 fn media(raw: &str) -> Result<String, BusError> {
-    let ok = !raw.is_empty()
-        && raw.len() <= MAX_MEDIA
-        && raw.contains(':')
-        && !raw.bytes().any(|b| b.is_ascii_control() || b == b' ');
-    if ok {
-        Ok(raw.to_string())
-    } else {
-        Err(invalid(
-            "media: expected a media URI like sound:conf-onlyperson",
-        ))
-    }
+    confroute_shared::media::check(raw).map_err(invalid)?;
+    Ok(raw.to_string())
 }
 
 #[derive(Deserialize)]

@@ -391,15 +391,7 @@ impl Control {
         if let Some(id) = &p.participant {
             participant_id(id)?;
         }
-        let media_ok = !p.media.is_empty()
-            && p.media.len() <= 256
-            && p.media.contains(':')
-            && !p.media.bytes().any(|b| b.is_ascii_control() || b == b' ');
-        if !media_ok {
-            return Err(ControlError::InvalidParams(
-                "media: expected a media URI like sound:conf-onlyperson".into(),
-            ));
-        }
+        confroute_shared::media::check(&p.media).map_err(ControlError::InvalidParams)?;
         let method = if p.participant.is_some() {
             "participant.play"
         } else {

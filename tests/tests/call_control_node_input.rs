@@ -158,6 +158,19 @@ async fn bad_commands_get_precise_errors_and_change_nothing() {
             InvalidParams,
             "media",
         ),
+        // Asterisk would take these and play nothing, saying why only in its log.
+        (
+            "participant.play",
+            p(json!({"media": "sound:"})),
+            InvalidParams,
+            "names nothing",
+        ),
+        (
+            "participant.play",
+            p(json!({"media": "SOUND:beep"})),
+            InvalidParams,
+            "scheme `SOUND`",
+        ),
         (
             "participant.play",
             json!({"conference": "room", "media": "sound:x"}),

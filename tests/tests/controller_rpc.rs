@@ -212,6 +212,11 @@ async fn protocol_errors_keep_the_connection_usable() {
             json!({"jsonrpc": "2.0", "method": "conference.list", "params": {"limit": 0}, "id": 2}),
             -32602,
         ),
+        // A scheme Asterisk does not play: refused here, before any node is asked.
+        (
+            json!({"jsonrpc": "2.0", "method": "participant.play", "params": {"conference": "c", "participant": "p", "media": "http://x/a.wav"}, "id": 2}),
+            -32602,
+        ),
         (
             json!({"jsonrpc": "2.0", "method": "conference.list", "params": {"bogus": 1}, "id": 2}),
             -32602,
