@@ -190,10 +190,15 @@ impl Rendered {
 /// Renders the chart with the values file `values` (YAML or JSON); panics with Helm's message
 /// when the values are refused or a template fails.
 pub fn render(values: &Path) -> Rendered {
+    render_chart(&chart_dir(), values)
+}
+
+/// [`render`] for the chart in `chart` (a modified copy, say).
+pub fn render_chart(chart: &Path, values: &Path) -> Rendered {
     let dir = TempDir::new("chart").expect("temp dir");
     let out = chart_py(&[
         "render",
-        chart_dir().to_str().expect("utf-8 path"),
+        chart.to_str().expect("utf-8 path"),
         values.to_str().expect("utf-8 path"),
         dir.path().to_str().expect("utf-8 path"),
     ]);

@@ -633,6 +633,66 @@ fn a_changed_configuration_changes_the_checksum() {
     }
 }
 
+/// A new chart version with the same values leaves the pod templates alone: a changed
+/// StatefulSet template rolls every conference node, each draining for hours.
+#[test]
+fn a_new_chart_version_rolls_no_pod() {
+    let dir = TempDir::new("chart-bump").expect("dir");
+    let bumped = dir.path().join("confroute");
+    let cp = run(Command::new("cp").arg("-r").arg(chart_dir()).arg(&bumped));
+    assert!(cp.status.success(), "{}", text(&cp));
+    let chart_yaml = bumped.join("Chart.yaml");
+    let meta = std::fs::read_to_string(&chart_yaml).expect("Chart.yaml");
+    assert!(meta.contains("\nversion: "), "{meta}");
+    let meta = meta
+        .lines()
+        .map(|l| {
+            if l.starts_with("version: ") {
+                "version: 99.0.0".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&chart_yaml, meta).expect("write Chart.yaml");
+
+    let values = values_file(
+        dir.path(),
+        "values",
+        &json!({"commonLabels": {"team": "voice"}}),
+    );
+    let old = render_chart(&chart_dir(), &values);
+    let new = render_chart(&bumped, &values);
+    for (kind, suffix) in [("Deployment", "-controller"), ("StatefulSet", "-node")] {
+        let (o, n) = (old.one(kind, suffix), new.one(kind, suffix));
+        assert_ne!(
+            o["metadata"]["labels"]["helm.sh/chart"], n["metadata"]["labels"]["helm.sh/chart"],
+            "{kind}: the object itself names its chart"
+        );
+        assert_eq!(
+            o["spec"]["template"], n["spec"]["template"],
+            "{kind}: the pod template changed with the chart version"
+        );
+        let labels = &o["spec"]["template"]["metadata"]["labels"];
+        assert!(labels["helm.sh/chart"].is_null(), "{kind}: {labels}");
+        assert!(
+            labels["app.kubernetes.io/version"].is_null(),
+            "{kind}: {labels}"
+        );
+        assert_eq!(
+            labels["team"], "voice",
+            "{kind}: commonLabels reach the pods"
+        );
+        for (k, v) in o["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .expect("selector")
+        {
+            assert_eq!(&labels[k], v, "{kind}: pods match their selector");
+        }
+    }
+}
+
 #[test]
 fn values_that_break_the_schema_are_refused() {
     let dir = TempDir::new("values").expect("dir");

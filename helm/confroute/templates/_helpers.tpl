@@ -48,6 +48,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/*
+Labels of a component's pod template: no chart version or appVersion, which would make every
+chart upgrade roll the pods, and a StatefulSet roll drains each node for hours.
+*/}}
+{{- define "confroute.podLabels" -}}
+{{ include "confroute.componentSelector" . }}
+app.kubernetes.io/part-of: confroute
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
 {{- define "confroute.componentSelector" -}}
 {{ include "confroute.selectorLabels" .root }}
 app.kubernetes.io/component: {{ .component }}
