@@ -299,6 +299,48 @@ fn hpa_replaces_the_fixed_replica_count() {
     assert!(r.one("Deployment", "-controller")["spec"]["replicas"].is_null());
 }
 
+/// A controller PDB that can never allow an eviction (one controller, minAvailable 1) blocks
+/// `kubectl drain` of its host forever: it is left out then. An unready controller may always
+/// be evicted: it serves nothing.
+#[test]
+fn the_controller_pdb_never_blocks_a_drain_for_good() {
+    let dir = TempDir::new("values").expect("dir");
+    let pdb = |values: Value| -> Option<Value> {
+        let r = render(&values_file(dir.path(), "pdb", &values));
+        let found: Vec<Value> = r
+            .all("PodDisruptionBudget")
+            .into_iter()
+            .filter(|d| d["metadata"]["name"] == "confroute-controller")
+            .cloned()
+            .collect();
+        assert!(found.len() <= 1);
+        found.into_iter().next()
+    };
+    for values in [
+        json!({"controller": {"replicas": 1}}),
+        json!({"controller": {"replicas": 3, "autoscaling": {"enabled": true, "minReplicas": 1}}}),
+        json!({"controller": {"replicas": 3, "podDisruptionBudget": {"minAvailable": 3}}}),
+        // Kubernetes rounds a percentage up: 50% of one controller is one.
+        json!({"controller": {"replicas": 1, "podDisruptionBudget": {"minAvailable": "50%"}}}),
+    ] {
+        assert!(
+            pdb(values.clone()).is_none(),
+            "{values}: a PDB no eviction can pass"
+        );
+    }
+    for values in [
+        json!({}),
+        json!({"controller": {"replicas": 1, "autoscaling": {"enabled": true, "minReplicas": 2}}}),
+        json!({"controller": {"replicas": 4, "podDisruptionBudget": {"minAvailable": "50%"}}}),
+    ] {
+        let p = pdb(values.clone()).unwrap_or_else(|| panic!("{values}: no controller PDB"));
+        assert_eq!(
+            p["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow",
+            "{values}"
+        );
+    }
+}
+
 #[test]
 fn service_monitors_label_nodes_by_pod_name_and_zone() {
     let r = check_scenario("servicemonitor");
