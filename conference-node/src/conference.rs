@@ -712,7 +712,7 @@ impl Conference {
         self.emit("join", data);
         self.node.dialouts.connected(&self.node, ch);
         if starts {
-            self.start().await;
+            self.start(ch).await;
         }
         if beep_in {
             self.beep().await;
@@ -833,11 +833,15 @@ impl Conference {
     /// A starter joined: everyone waiting moves into the mixing bridge (except those put on
     /// hold, who stay with the music, now held in a started conference, and those being
     /// moved to another conference, whose new bridge has them), recording starts.
-    async fn start(&mut self) {
+    async fn start(&mut self, by: &str) {
         self.started = true;
-        for p in self.participants.values_mut() {
+        // Who stops waiting, for the `start` event: without it a subscriber would see them
+        // still waiting, as their `join` said.
+        let mut unwaited: Vec<String> = Vec::new();
+        for (id, p) in self.participants.iter_mut() {
             if p.waiting && p.held && !p.moving {
                 p.waiting = false;
+                unwaited.push(id.clone());
             }
         }
         let waiting: Vec<String> = self
@@ -887,9 +891,15 @@ impl Conference {
                 if let Some(p) = self.participants.get_mut(id) {
                     p.waiting = false;
                     p.bridge_muted = muted;
+                    unwaited.push(id.to_string());
                 }
             }
         }
+        unwaited.sort();
+        self.emit(
+            "start",
+            json!({"started_by": by, "no_longer_waiting": unwaited}),
+        );
         self.tidy_holding().await;
         if self.record == Record::RecordFromStart && self.recording.is_none() {
             let name = format!(

@@ -85,6 +85,8 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
         got,
         vec![
             ("join".to_string(), p(&a)),
+            // a starts the conference (startConferenceOnEnter, the default); nobody waited.
+            ("start".to_string(), Value::Null),
             ("join".to_string(), p(&b)),
             ("mute".to_string(), p(&a)),
             ("unmute".to_string(), p(&a)),
@@ -99,14 +101,16 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
         "{events:#?}"
     );
     let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
-    assert_eq!(seqs, (1..=11).collect::<Vec<u64>>(), "{events:#?}");
+    assert_eq!(seqs, (1..=12).collect::<Vec<u64>>(), "{events:#?}");
     assert!(events
         .iter()
         .all(|e| e["conference"] == "events-1" && e["node"] == owner.as_str()));
-    assert_eq!(events[4]["data"]["by"], "api");
-    assert_eq!(events[6]["data"]["by"], "caller");
-    assert_eq!(events[9]["data"]["reason"], "kicked");
-    assert_eq!(events[10]["data"]["reason"], "hangup");
+    assert_eq!(events[1]["data"]["started_by"], a.as_str());
+    assert_eq!(events[1]["data"]["no_longer_waiting"], json!([]));
+    assert_eq!(events[5]["data"]["by"], "api");
+    assert_eq!(events[7]["data"]["by"], "caller");
+    assert_eq!(events[10]["data"]["reason"], "kicked");
+    assert_eq!(events[11]["data"]["reason"], "hangup");
 
     // The claim moves to the other node (as a re-home would): owner_change.
     let other = c.other(&owner).id.clone();
@@ -123,14 +127,14 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
     let more = watcher.events_until(|e| e["event"] == "owner_change").await;
     let change = more.last().expect("owner_change");
     assert_eq!(change["data"]["owner"], other.as_str(), "{more:#?}");
-    assert_eq!(change["seq"], json!(12));
+    assert_eq!(change["seq"], json!(13));
 
     // The last one out ends what is left of the conference here.
     sim.hangup_far_end(&a, 16).await.expect("a leaves");
     let rest = watcher.events_until(|e| e["event"] == "end").await;
     let tail: Vec<&str> = rest.iter().filter_map(|e| e["event"].as_str()).collect();
     assert_eq!(tail, ["leave", "end"], "{rest:#?}");
-    assert_eq!(rest[1]["seq"], json!(14));
+    assert_eq!(rest[1]["seq"], json!(15));
 
     // Unsubscribed, nothing more arrives for it: the next conference's events only.
     watcher
@@ -141,10 +145,18 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
         .await;
     let owner2 = c.route(0, "events-2").await;
     let sim2 = &c.node(&owner2).sim;
-    let x = dial(sim2, "events-2", &[]).await;
-    wait_bridged(sim2, &x).await;
+    let w = dial(sim2, "events-2", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
     let next = watcher.events_until(|e| e["event"] == "join").await;
     assert_eq!(next.len(), 1, "{next:#?}");
     assert_eq!(next[0]["conference"], "events-2");
     assert_eq!(next[0]["seq"], json!(1));
+    assert_eq!(next[0]["data"]["waiting"], true, "{next:#?}");
+    // The starter's join, then the start that takes the waiter into the mix.
+    let x = dial(sim2, "events-2", &[]).await;
+    wait_bridged(sim2, &x).await;
+    let started = watcher.events_until(|e| e["event"] == "start").await;
+    let kinds: Vec<&str> = started.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds, ["join", "start"], "{started:#?}");
+    assert_eq!(started[1]["data"]["started_by"], x.as_str());
+    assert_eq!(started[1]["data"]["no_longer_waiting"], json!([w]));
 }
