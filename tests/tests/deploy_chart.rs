@@ -840,6 +840,63 @@ fn values_that_break_the_schema_are_refused() {
     }
 }
 
+/// Asserts that the chart refuses to render `values`, naming each of `names`. (`helm lint`
+/// only logs a template's `fail`, so it is not asked.)
+fn refused_at_render(dir: &std::path::Path, what: &str, values: &Value, names: &[&str]) {
+    let file = values_file(dir, "refused", values);
+    let render = chart_py(&[
+        "render",
+        chart_dir().to_str().expect("path"),
+        file.to_str().expect("path"),
+        dir.join("out").to_str().expect("path"),
+    ]);
+    let msg = text(&render);
+    assert!(!render.status.success(), "{what}: rendered anyway");
+    for name in names {
+        assert!(
+            msg.contains(name),
+            "{what}: the message does not name {name}:\n{msg}"
+        );
+    }
+}
+
+/// Values the schema cannot judge alone (they depend on each other) that would cost calls:
+/// the chart refuses to render them, naming the values involved; their bounds render.
+#[test]
+fn values_that_would_drop_calls_are_refused_at_render() {
+    let dir = TempDir::new("values").expect("dir");
+    // Kubernetes kills a node pod at its grace period: one shorter than the drain deadline
+    // plus 30 s (the agent's reconciliation wait) cuts the preStop drain and drops the calls.
+    refused_at_render(
+        dir.path(),
+        "node grace below the drain deadline",
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 300}}),
+        &[
+            "node.terminationGracePeriodSeconds",
+            "node.drainDeadlineSeconds",
+            "630",
+        ],
+    );
+    refused_at_render(
+        dir.path(),
+        "node grace without the reconciliation wait",
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 629}}),
+        &[
+            "node.terminationGracePeriodSeconds",
+            "node.drainDeadlineSeconds",
+        ],
+    );
+    let r = render(&values_file(
+        dir.path(),
+        "bound",
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 630}}),
+    ));
+    assert_eq!(
+        r.one("StatefulSet", "-node")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        630
+    );
+}
+
 /// TLS to a single Redis through a rediss:// URL, with or without redis.tls, and TLS to
 /// Sentinel or Cluster through redis.tls: the schema accepts them all.
 #[test]

@@ -295,11 +295,22 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- include "confroute.toml" (dict "map" $cfg "path" "") }}
 {{ end -}}
 
+{{/*
+Grace period of a node pod. Kubernetes kills the pod when it ends, preStop drain or not; the
+agent may wait up to 30 s past the drain deadline (its first reconciliation after a restart,
+docs/configuration.md), so a shorter grace would cut the drain and drop the calls.
+*/}}
 {{- define "confroute.nodeTerminationGrace" -}}
+{{- $deadline := int .Values.node.drainDeadlineSeconds -}}
 {{- if kindIs "invalid" .Values.node.terminationGracePeriodSeconds -}}
-{{- add (int .Values.node.drainDeadlineSeconds) 300 -}}
+{{- add $deadline 300 -}}
 {{- else -}}
-{{- int .Values.node.terminationGracePeriodSeconds -}}
+{{- $grace := int .Values.node.terminationGracePeriodSeconds -}}
+{{- $least := add $deadline 30 -}}
+{{- if lt $grace $least -}}
+{{- fail (printf "node.terminationGracePeriodSeconds (%d) is below node.drainDeadlineSeconds (%d) + 30 s: Kubernetes would kill draining nodes before their calls end. Set it to at least %d, or null for node.drainDeadlineSeconds + 300" $grace $deadline $least) -}}
+{{- end -}}
+{{- $grace -}}
 {{- end -}}
 {{- end -}}
 
