@@ -806,6 +806,18 @@ fn values_that_break_the_schema_are_refused() {
             json!({"redis": {"tls": true, "url": "redis://cache:6379/0"}}),
             "url",
         ),
+        // The URL lands in ConfigMaps, readable by anyone who may read the namespace's
+        // configuration: a password belongs in redis.password.
+        (
+            "password in redis.url",
+            json!({"redis": {"url": "redis://:s3cret@cache:6379"}}),
+            "url",
+        ),
+        (
+            "user and password in redis.url",
+            json!({"redis": {"url": "rediss://confroute:s3cret@cache:6380/0"}}),
+            "url",
+        ),
     ];
     for (what, values, key) in cases {
         let file = values_file(dir.path(), "bad", &values);
@@ -916,6 +928,24 @@ fn redis_tls_the_binaries_accept_passes_the_schema() {
         ]);
         assert!(out.status.success(), "{values}: refused\n{}", text(&out));
     }
+}
+
+/// A user name in the Redis URL is no secret and passes; the notes name the Redis server by
+/// its address alone, never by the URL.
+#[test]
+fn the_redis_url_stays_out_of_the_notes() {
+    let dir = TempDir::new("values").expect("dir");
+    let r = render(&values_file(
+        dir.path(),
+        "url",
+        &json!({"redis": {"url": "rediss://confroute@cache.example:6380/2"}}),
+    ));
+    let notes = r.notes();
+    assert!(notes.contains("cache.example:6380"), "{notes}");
+    assert!(
+        !notes.contains("rediss://") && !notes.contains("confroute@"),
+        "{notes}"
+    );
 }
 
 /// Every value of values.yaml has a row in the chart README's table.
