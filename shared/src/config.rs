@@ -5,7 +5,7 @@
 //! every binary shares (Redis, logging).
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Format, Toml};
@@ -384,6 +384,14 @@ pub struct RedisConfig {
     pub password: Option<Secret>,
     /// Use TLS to the data nodes (implied by a `rediss://` URL).
     pub tls: bool,
+    /// PEM file of the CAs to trust for TLS to Redis (data nodes and sentinels) instead of
+    /// the built-in public roots: a private CA (cert-manager, a cloud's server CA).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that ask for one (`tls-auth-clients`); with
+    /// `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// Prefix of every key; must hold a `{hash tag}` so all keys share one Cluster slot.
     pub prefix: String,
     /// Deadline for one Redis operation; past it the caller gets an error (and SIP a 503).
@@ -440,6 +448,9 @@ impl Default for RedisConfig {
             username: None,
             password: None,
             tls: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             prefix: "{confroute}:".to_string(),
             timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(1),
@@ -447,6 +458,15 @@ impl Default for RedisConfig {
             conference_lease: Duration::from_secs(60),
         }
     }
+}
+
+/// TLS material for Redis read from the configured PEM files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// CAs to trust instead of the built-in roots.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The Redis deployment a [`RedisConfig`] describes, after validation.
@@ -476,6 +496,89 @@ fn normalise_addr(a: &str, tls: bool) -> String {
 }
 
 impl RedisConfig {
+    /// Whether any connection to Redis (data nodes or sentinels) uses TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls
+            || self
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+            || self
+                .sentinel
+                .as_ref()
+                .is_some_and(|s| s.tls || s.addresses.iter().any(|a| a.starts_with("rediss://")))
+            || self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.seeds.iter().any(|a| a.starts_with("rediss://")))
+    }
+
+    /// The PEM files of `tls_ca_file`, `tls_cert_file` and `tls_key_file`, read; `None`
+    /// when none is set. The error names the key.
+    pub fn tls_files(&self) -> Result<Option<TlsFiles>, (String, String)> {
+        if self.tls_ca_file.is_none() && self.tls_cert_file.is_none() && self.tls_key_file.is_none()
+        {
+            return Ok(None);
+        }
+        let read =
+            |key: &str, path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, (String, String)> {
+                let Some(path) = path else { return Ok(None) };
+                let pem = std::fs::read(path).map_err(|e| {
+                    (
+                        key.to_string(),
+                        format!("cannot read `{}`: {e}", path.display()),
+                    )
+                })?;
+                if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+                    return Err((
+                        key.to_string(),
+                        format!("`{}` holds no PEM block", path.display()),
+                    ));
+                }
+                Ok(Some(pem))
+            };
+        let ca = read("redis.tls_ca_file", &self.tls_ca_file)?;
+        let cert = read("redis.tls_cert_file", &self.tls_cert_file)?;
+        let key = read("redis.tls_key_file", &self.tls_key_file)?;
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err((
+                    "redis.tls_key_file".into(),
+                    "is needed with redis.tls_cert_file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "redis.tls_cert_file".into(),
+                    "is needed with redis.tls_key_file".into(),
+                ))
+            }
+        };
+        Ok(Some(TlsFiles { ca, client }))
+    }
+
+    fn check_tls_files(&self, issues: &mut Issues) {
+        let set = [
+            ("redis.tls_ca_file", &self.tls_ca_file),
+            ("redis.tls_cert_file", &self.tls_cert_file),
+            ("redis.tls_key_file", &self.tls_key_file),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, v)| v.is_some()) {
+            if !self.uses_tls() {
+                issues.add(
+                    *key,
+                    "is set but no connection to Redis uses TLS (a rediss:// URL, redis.tls or redis.sentinel.tls)",
+                );
+                return;
+            }
+        }
+        if let Err((key, message)) = self.tls_files() {
+            issues.add(key, message);
+        }
+    }
+
     /// Which deployment to connect to (single URL when nothing is set).
     pub fn target(&self) -> RedisTarget {
         if let Some(s) = &self.sentinel {
@@ -607,6 +710,7 @@ impl Validate for RedisConfig {
                 }
             }
         }
+        self.check_tls_files(&mut issues);
         match (self.prefix.find('{'), self.prefix.find('}')) {
             (Some(open), Some(close)) if close > open + 1 => {}
             _ => issues.add(
@@ -728,6 +832,59 @@ mod tests {
             fn drop(&mut self) {
                 let _ = std::fs::remove_file(&self.0);
             }
+        }
+    }
+
+    #[test]
+    fn tls_files_are_checked_and_named() {
+        let pem = toml("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        let not_pem = toml("hello\n");
+        let pem_path = pem.path().to_string_lossy().into_owned();
+        let bad_path = not_pem.path().to_string_lossy().into_owned();
+        let tls = ("CONFROUTE_REDIS__URL", "rediss://redis.example:6380");
+        let ok: Root = load_from(
+            None,
+            &env(&[
+                tls,
+                ("CONFROUTE_REDIS__TLS_CA_FILE", &pem_path),
+                ("CONFROUTE_REDIS__TLS_CERT_FILE", &pem_path),
+                ("CONFROUTE_REDIS__TLS_KEY_FILE", &pem_path),
+            ]),
+        )
+        .expect("CA, certificate and key");
+        let files = ok.redis.tls_files().expect("read").expect("set");
+        assert!(files.ca.is_some() && files.client.is_some());
+        for (vars, key, says) in [
+            (
+                vec![tls, ("CONFROUTE_REDIS__TLS_CA_FILE", "/nonexistent/ca.pem")],
+                "redis.tls_ca_file",
+                "cannot read",
+            ),
+            (
+                vec![tls, ("CONFROUTE_REDIS__TLS_CA_FILE", bad_path.as_str())],
+                "redis.tls_ca_file",
+                "no PEM block",
+            ),
+            (
+                vec![tls, ("CONFROUTE_REDIS__TLS_CERT_FILE", pem_path.as_str())],
+                "redis.tls_key_file",
+                "is needed",
+            ),
+            (
+                vec![tls, ("CONFROUTE_REDIS__TLS_KEY_FILE", pem_path.as_str())],
+                "redis.tls_cert_file",
+                "is needed",
+            ),
+            // Without TLS anywhere the file would be ignored while the operator believes not.
+            (
+                vec![("CONFROUTE_REDIS__TLS_CA_FILE", pem_path.as_str())],
+                "redis.tls_ca_file",
+                "no connection to Redis uses TLS",
+            ),
+        ] {
+            let err = load_from::<Root>(None, &env(&vars)).expect_err(key);
+            assert!(err.mentions(key), "{key}: {err}");
+            assert!(err.to_string().contains(says), "{err}");
         }
     }
 

@@ -76,6 +76,15 @@ pub fn redis_env(cfg: &RedisConfig) -> Vec<(String, String)> {
     if let Some(url) = &cfg.url {
         env.push(("CONFROUTE_REDIS__URL".into(), url.clone()));
     }
+    for (key, file) in [
+        ("CONFROUTE_REDIS__TLS_CA_FILE", &cfg.tls_ca_file),
+        ("CONFROUTE_REDIS__TLS_CERT_FILE", &cfg.tls_cert_file),
+        ("CONFROUTE_REDIS__TLS_KEY_FILE", &cfg.tls_key_file),
+    ] {
+        if let Some(f) = file {
+            env.push((key.into(), f.to_string_lossy().into_owned()));
+        }
+    }
     if let Some(c) = &cfg.cluster {
         env.push(("CONFROUTE_REDIS__CLUSTER__SEEDS".into(), list(&c.seeds)));
     }

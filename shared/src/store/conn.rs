@@ -94,10 +94,86 @@ struct Inner {
     response_timeout: Duration,
     is_cluster: bool,
     cluster_seeds: Vec<redis::ConnectionInfo>,
+    /// `redis.tls_*` files, for clients opened later (a Cluster's pub/sub primaries).
+    certs: Option<redis::TlsCertificates>,
+}
+
+/// `redis.tls_*` as redis-rs takes them; `None` when none is set.
+fn certificates(cfg: &RedisConfig) -> Result<Option<redis::TlsCertificates>, StoreError> {
+    let files = cfg
+        .tls_files()
+        .map_err(|(key, message)| StoreError::Config(format!("{key}: {message}")))?;
+    Ok(files.map(|f| redis::TlsCertificates {
+        client_tls: f
+            .client
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: f.ca,
+    }))
+}
+
+/// A client for `info`, trusting the configured CAs (and presenting the client certificate)
+/// when there are any.
+fn open(
+    info: redis::ConnectionInfo,
+    certs: Option<&redis::TlsCertificates>,
+) -> Result<Client, RedisError> {
+    match certs {
+        Some(c) if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) => {
+            Client::build_with_tls(info, c.clone())
+        }
+        _ => Client::open(info),
+    }
 }
 
 fn config_error(what: &str, e: RedisError) -> StoreError {
     StoreError::Config(format!("{what}: {e}"))
+}
+
+/// A Sentinel client through redis-rs's builder, the one way it takes certificates: the
+/// sentinels' addresses and credentials, then the data nodes'.
+fn sentinel_with_certs(
+    cfg: &RedisConfig,
+    sentinels: Vec<redis::ConnectionInfo>,
+    master_name: &str,
+    certs: redis::TlsCertificates,
+) -> Result<SentinelClient, RedisError> {
+    let sentinel_tls = sentinels
+        .iter()
+        .any(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    let addrs: Vec<redis::ConnectionAddr> = sentinels.iter().map(|i| i.addr().clone()).collect();
+    let mut b = redis::sentinel::SentinelClientBuilder::new(
+        addrs,
+        master_name,
+        SentinelServerType::Master,
+    )?;
+    if let Some(s) = cfg.sentinel.as_ref() {
+        if let Some(user) = &s.username {
+            b = b.set_client_to_sentinel_username(user);
+        }
+        if let Some(pw) = &s.password {
+            b = b.set_client_to_sentinel_password(pw.expose());
+        }
+    }
+    if sentinel_tls {
+        b = b
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_certificates(certs.clone());
+    }
+    if let Some(user) = &cfg.username {
+        b = b.set_client_to_redis_username(user);
+    }
+    if let Some(pw) = &cfg.password {
+        b = b.set_client_to_redis_password(pw.expose());
+    }
+    if cfg.tls {
+        b = b
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_redis_certificates(certs);
+    }
+    b.build()
 }
 
 impl Connector {
@@ -105,6 +181,7 @@ impl Connector {
     pub(crate) fn new(cfg: &RedisConfig) -> Result<Self, StoreError> {
         let target = cfg.target();
         let is_cluster = matches!(target, RedisTarget::Cluster(_));
+        let certs = certificates(cfg)?;
         let mut cluster_seeds = Vec::new();
         let source = match target {
             RedisTarget::Single(url) => {
@@ -120,7 +197,9 @@ impl Connector {
                     settings = settings.set_password(pw.expose());
                 }
                 info = info.set_redis_settings(settings);
-                Source::Single(Client::open(info).map_err(|e| config_error("redis.url", e))?)
+                Source::Single(
+                    open(info, certs.as_ref()).map_err(|e| config_error("redis.url", e))?,
+                )
             }
             RedisTarget::Sentinel {
                 master_name,
@@ -158,12 +237,15 @@ impl Connector {
                 if cfg.tls {
                     node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
                 }
-                let client = SentinelClient::build(
-                    infos,
-                    master_name,
-                    Some(node_info),
-                    SentinelServerType::Master,
-                )
+                let client = match &certs {
+                    None => SentinelClient::build(
+                        infos,
+                        master_name,
+                        Some(node_info),
+                        SentinelServerType::Master,
+                    ),
+                    Some(c) => sentinel_with_certs(cfg, infos, &master_name, c.clone()),
+                }
                 .map_err(|e| config_error("redis.sentinel", e))?;
                 Source::Sentinel(tokio::sync::Mutex::new(client))
             }
@@ -195,6 +277,9 @@ impl Connector {
                 if cfg.tls {
                     builder = builder.tls(redis::TlsMode::Secure);
                 }
+                if let Some(c) = &certs {
+                    builder = builder.certs(c.clone());
+                }
                 Source::Cluster(
                     builder
                         .build()
@@ -212,6 +297,7 @@ impl Connector {
                 response_timeout: cfg.timeout,
                 is_cluster,
                 cluster_seeds,
+                certs,
             }),
         })
     }
@@ -305,7 +391,7 @@ impl Connector {
                 let mut last = None;
                 for seed in &self.inner.cluster_seeds {
                     match self.slot_primary_via(seed, slot).await {
-                        Ok(info) => return Client::open(info),
+                        Ok(info) => return open(info, self.inner.certs.as_ref()),
                         Err(e) => last = Some(e),
                     }
                 }
@@ -341,7 +427,7 @@ impl Connector {
         seed: &redis::ConnectionInfo,
         slot: u16,
     ) -> Result<redis::ConnectionInfo, RedisError> {
-        let client = Client::open(seed.clone())?;
+        let client = open(seed.clone(), self.inner.certs.as_ref())?;
         let mut conn = tokio::time::timeout(
             self.inner.connect_timeout,
             client.get_multiplexed_async_connection(),

@@ -17,7 +17,9 @@ use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use self::redis::{redis_query, wait_replica_acks, RedisCluster, RedisServer, SentinelGroup};
+pub use self::redis::{
+    redis_query, wait_replica_acks, RedisCluster, RedisServer, SentinelGroup, TestCa,
+};
 pub use controller::ControllerProc;
 pub use kamailio::{kamailio_example_config, KamailioOptions, KamailioProc};
 pub use node::NodeProc;

@@ -376,3 +376,133 @@ impl SentinelGroup {
         .map_err(|e| HarnessError(format!("{e} (old primary {old}, replica {new})")))
     }
 }
+
+/// A private certificate authority for TLS tests, made by `openssl` in a temporary
+/// directory: a CA, a server certificate for 127.0.0.1 and localhost, and a client
+/// certificate, all signed by it (EC P-256, valid two days).
+pub struct TestCa {
+    dir: TempDir,
+}
+
+impl TestCa {
+    /// Makes the CA and both certificates.
+    pub fn new() -> HarnessResult<Self> {
+        let openssl = require_tool("openssl", "openssl")?;
+        let dir = TempDir::new("test-ca")?;
+        let d = dir.path();
+        let run = |args: &[&str]| -> HarnessResult<()> {
+            let out = Command::new(&openssl)
+                .args(args)
+                .current_dir(d)
+                .output()
+                .map_err(|e| HarnessError(format!("openssl: {e}")))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(HarnessError(format!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                )))
+            }
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend_from_slice(&ec);
+        ca.extend_from_slice(&[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=confroute test CA",
+        ]);
+        run(&ca)?;
+        for (name, usage, san) in [
+            (
+                "server",
+                "serverAuth",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            ),
+            ("client", "clientAuth", ""),
+        ] {
+            let ext = format!("basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}");
+            std::fs::write(d.join(format!("{name}.ext")), ext)
+                .map_err(|e| HarnessError(format!("{name}.ext: {e}")))?;
+            let (key, csr, pem, extfile, subj) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+                format!("/CN=confroute test {name}"),
+            );
+            let mut req = vec!["req"];
+            req.extend_from_slice(&ec);
+            req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            run(&req)?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ])?;
+        }
+        Ok(TestCa { dir })
+    }
+
+    /// A file of the CA's directory: `ca.pem`, `server.pem`, `server.key`, `client.pem`,
+    /// `client.key`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl RedisServer {
+    /// Starts a server that also takes TLS connections, on the port returned, with a
+    /// certificate from `ca`; `client_certs`: whether it asks clients for a certificate
+    /// signed by `ca` (`tls-auth-clients`). The plain port stays for the harness.
+    pub fn start_tls(ca: &TestCa, client_certs: bool) -> HarnessResult<(Self, u16)> {
+        let tls_port = free_port().to_string();
+        let files = [
+            ca.file("server.pem"),
+            ca.file("server.key"),
+            ca.file("ca.pem"),
+        ]
+        .map(|p| p.to_string_lossy().into_owned());
+        let server = RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &files[0],
+            "--tls-key-file",
+            &files[1],
+            "--tls-ca-cert-file",
+            &files[2],
+            "--tls-auth-clients",
+            if client_certs { "yes" } else { "no" },
+        ])?;
+        let port = tls_port
+            .parse()
+            .map_err(|e| HarnessError(format!("tls port: {e}")))?;
+        Ok((server, port))
+    }
+}

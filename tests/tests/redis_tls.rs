@@ -1,0 +1,86 @@
+//! Redis over TLS with a private CA (`redis.tls_ca_file`) and a client certificate
+//! (`redis.tls_cert_file`, `redis.tls_key_file`), against a real `redis-server` with TLS on,
+//! its certificates made by `openssl`: the store and the controller reach it, and without
+//! the CA or the certificate the connection is refused rather than made insecure.
+
+use std::time::Duration;
+
+use confroute_shared::config::RedisConfig;
+use confroute_shared::store::StoreError;
+use confroute_tests::fixtures;
+use confroute_tests::harness::{ControllerProc, RedisServer, TestCa};
+use serde_json::json;
+
+fn over_tls(ca: &TestCa, port: u16, trust: bool, client_cert: bool) -> RedisConfig {
+    RedisConfig {
+        url: Some(format!("rediss://127.0.0.1:{port}")),
+        tls_ca_file: trust.then(|| ca.file("ca.pem")),
+        tls_cert_file: client_cert.then(|| ca.file("client.pem")),
+        tls_key_file: client_cert.then(|| ca.file("client.key")),
+        ..RedisConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_and_the_controller_reach_redis_over_tls_with_a_private_ca() {
+    let ca = TestCa::new().expect("test CA");
+    let (redis, tls_port) = RedisServer::start_tls(&ca, true).expect("redis with TLS");
+    let cfg = over_tls(&ca, tls_port, true, true);
+    fixtures::store(&cfg)
+        .register(&fixtures::node("node-a", 10), Duration::from_secs(300))
+        .await
+        .expect("registered over TLS");
+    // Written where the plain port reads: the same server.
+    let plain = fixtures::store(&fixtures::single(&redis.url()));
+    let seen = plain.get_node(&fixtures::id("node-a")).await.expect("read");
+    assert!(seen.is_some(), "the node written over TLS is in Redis");
+
+    let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    fixtures::wait_placeable(&controller.http_url(), 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
+    let r = fixtures::http()
+        .post(format!("{}/v1/route", controller.http_url()))
+        .json(&json!({"conference": "over-tls"}))
+        .send()
+        .await
+        .expect("route");
+    assert_eq!(r.status().as_u16(), 200);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["node_id"], "node-a", "{body}");
+    let placed = plain
+        .lookup(&"over-tls".parse().expect("name"))
+        .await
+        .expect("lookup");
+    assert!(placed.is_some(), "the claim made over TLS is in Redis");
+}
+
+/// Without `redis.tls_ca_file` the built-in public roots do not know a private CA; without a
+/// client certificate a server that asks for one closes the handshake. Either way the store
+/// reports Redis unavailable, naming the certificate trouble where TLS says it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_ca_or_the_client_certificate_the_connection_is_refused() {
+    let ca = TestCa::new().expect("test CA");
+    let (_redis, tls_port) = RedisServer::start_tls(&ca, true).expect("redis with TLS");
+    let untrusted = fixtures::store(&over_tls(&ca, tls_port, false, true))
+        .ping()
+        .await
+        .expect_err("a server certificate of an unknown CA is refused");
+    assert!(
+        matches!(&untrusted, StoreError::Unavailable(m) if m.contains("UnknownIssuer")),
+        "{untrusted:?}"
+    );
+    let anonymous = fixtures::store(&over_tls(&ca, tls_port, true, false))
+        .ping()
+        .await
+        .expect_err("a server asking for a client certificate refuses a client without one");
+    assert!(
+        matches!(&anonymous, StoreError::Unavailable(_)),
+        "{anonymous:?}"
+    );
+    // With both, the same server answers.
+    fixtures::store(&over_tls(&ca, tls_port, true, true))
+        .ping()
+        .await
+        .expect("ping over TLS");
+}
