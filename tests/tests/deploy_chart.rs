@@ -362,6 +362,10 @@ fn service_monitors_label_nodes_by_pod_name_and_zone() {
 fn prometheus_rule_carries_the_rules_file() {
     let r = check_scenario("prometheusrule");
     let pr = r.one("PrometheusRule", "confroute");
+    let grace = r.one("StatefulSet", "-node")["spec"]["template"]["spec"]
+        ["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace");
     let file = yaml_to_json(&chart_dir().join("rules/confroute.rules.yaml"));
     let rendered = pr["spec"]["groups"].as_array().expect("groups");
     let expected = file["groups"].as_array().expect("groups");
@@ -383,8 +387,13 @@ fn prometheus_rule_carries_the_rules_file() {
                 e["alert"]
             );
             if r["alert"] == "ConfrouteDrainStuck" {
-                // drainDeadlineSeconds 3600 + 15 minutes.
-                assert_eq!(r["for"], "4500s");
+                // drainDeadlineSeconds 3600 + 2 minutes: it must fire before Kubernetes kills
+                // the stopping pod at its grace period (3600 + 300), or it never fires there.
+                assert_eq!(r["for"], "3720s");
+                assert!(
+                    3720 + 60 < grace,
+                    "fires a minute before the kill at {grace}"
+                );
             } else {
                 assert_eq!(r["for"], e["for"], "{}", e["alert"]);
             }
