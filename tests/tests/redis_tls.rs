@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use confroute_shared::config::RedisConfig;
+use confroute_shared::bus::Bus;
+use confroute_shared::config::{ClusterConfig, RedisConfig};
 use confroute_shared::store::StoreError;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{ControllerProc, RedisServer, TestCa};
+use confroute_tests::harness::{ControllerProc, RedisCluster, RedisServer, TestCa};
 use serde_json::json;
 
 fn over_tls(ca: &TestCa, port: u16, trust: bool, client_cert: bool) -> RedisConfig {
@@ -83,4 +84,39 @@ async fn without_the_ca_or_the_client_certificate_the_connection_is_refused() {
         .ping()
         .await
         .expect("ping over TLS");
+}
+
+/// A Redis Cluster over TLS: the CA and client certificate reach the cluster client (and
+/// the node it asks for a slot's primary), so claims and the bus's pub/sub work there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls_takes_claims_with_the_private_ca() {
+    let ca = TestCa::new().expect("test CA");
+    let (_cluster, seeds) = RedisCluster::start_tls(&ca).expect("cluster with TLS");
+    let cfg = RedisConfig {
+        cluster: Some(ClusterConfig { seeds }),
+        tls: true,
+        tls_ca_file: Some(ca.file("ca.pem")),
+        tls_cert_file: Some(ca.file("client.pem")),
+        tls_key_file: Some(ca.file("client.key")),
+        ..RedisConfig::default()
+    };
+    let store = fixtures::store(&cfg);
+    store
+        .register(&fixtures::node("node-a", 10), Duration::from_secs(300))
+        .await
+        .expect("registered over TLS");
+    let claim = store
+        .claim(
+            &"tls-cluster".parse().expect("name"),
+            &[fixtures::id("node-a")],
+        )
+        .await
+        .expect("claim over TLS");
+    assert_eq!(claim.owner.expect("placed").node, fixtures::id("node-a"));
+    // The bus subscribes on the primary of its channels' slot, found through a seed.
+    let (node, _commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(
+        node.wait_connected(Duration::from_secs(10)).await,
+        "the bus subscribed over TLS"
+    );
 }

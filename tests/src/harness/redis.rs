@@ -193,13 +193,25 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts three cluster-enabled servers and joins them with `redis-cli --cluster create`.
     pub fn start() -> HarnessResult<Self> {
+        Self::start_inner(None).map(|(c, _)| c)
+    }
+
+    /// A cluster whose nodes also take TLS connections (certificates from `ca`, client
+    /// certificates asked for), with TLS on the cluster bus too, so the slot map given to a
+    /// TLS client names TLS ports; returns it with the TLS seed URLs.
+    pub fn start_tls(ca: &TestCa) -> HarnessResult<(Self, Vec<String>)> {
+        Self::start_inner(Some(ca)).map(|(c, seeds)| (c, seeds.unwrap_or_default()))
+    }
+
+    fn start_inner(ca: Option<&TestCa>) -> HarnessResult<(Self, Option<Vec<String>>)> {
         require_tool("redis-cli", "redis-tools")?;
         let mut nodes = Vec::new();
+        let mut tls_seeds = Vec::new();
         for _ in 0..3 {
             // The cluster bus gets its own free port rather than the default port + 10000,
             // which may be taken or out of range.
             let bus = free_port().to_string();
-            nodes.push(RedisServer::start_with(&[
+            let mut args: Vec<String> = [
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -208,7 +220,33 @@ impl RedisCluster {
                 "2000",
                 "--cluster-port",
                 &bus,
-            ])?);
+            ]
+            .map(str::to_string)
+            .to_vec();
+            if let Some(ca) = ca {
+                let tls_port = free_port();
+                tls_seeds.push(format!("rediss://127.0.0.1:{tls_port}"));
+                args.extend([
+                    "--tls-port".to_string(),
+                    tls_port.to_string(),
+                    "--tls-cluster".into(),
+                    "yes".into(),
+                    "--tls-cert-file".into(),
+                    ca.file("server.pem").to_string_lossy().into_owned(),
+                    "--tls-key-file".into(),
+                    ca.file("server.key").to_string_lossy().into_owned(),
+                    "--tls-client-cert-file".into(),
+                    ca.file("client.pem").to_string_lossy().into_owned(),
+                    "--tls-client-key-file".into(),
+                    ca.file("client.key").to_string_lossy().into_owned(),
+                    "--tls-ca-cert-file".into(),
+                    ca.file("ca.pem").to_string_lossy().into_owned(),
+                    "--tls-auth-clients".into(),
+                    "yes".into(),
+                ]);
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            nodes.push(RedisServer::start_with(&refs)?);
         }
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
@@ -236,7 +274,7 @@ impl RedisCluster {
                 })
                 .then_some(())
         })?;
-        Ok(RedisCluster { nodes })
+        Ok((RedisCluster { nodes }, ca.map(|_| tls_seeds)))
     }
 
     /// Seed addresses as `redis://127.0.0.1:<port>`.
