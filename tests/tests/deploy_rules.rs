@@ -64,6 +64,7 @@ fn the_required_alerts_exist() {
     for a in [
         "ConfrouteNoServingNode",
         "ConfrouteNodeLost",
+        "ConfrouteControllersDown",
         "ConfrouteClaimsFailing",
         "ConfrouteRedisErrors",
         "ConfrouteRouteLatencyHigh",
