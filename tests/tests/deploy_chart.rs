@@ -287,6 +287,31 @@ fn defaults_render_a_complete_deployment() {
     );
 }
 
+/// A stopping controller keeps serving SIP for a few seconds: kube-proxy and the edges take a
+/// moment to learn that its endpoint left, and requests sent meanwhile would go unanswered.
+#[test]
+fn controllers_serve_on_while_their_endpoint_is_withdrawn() {
+    let dir = TempDir::new("values").expect("dir");
+    let controller = |values: Value| -> Value {
+        let r = render(&values_file(dir.path(), "prestop", &values));
+        r.container(r.one("Deployment", "-controller"), "controller")
+            .clone()
+    };
+    assert_eq!(
+        controller(json!({}))["lifecycle"]["preStop"],
+        json!({"exec": {"command": ["sleep", "5"]}})
+    );
+    assert_eq!(
+        controller(json!({"controller": {"preStopSleepSeconds": 12}}))["lifecycle"]["preStop"]
+            ["exec"]["command"],
+        json!(["sleep", "12"])
+    );
+    assert!(
+        controller(json!({"controller": {"preStopSleepSeconds": 0}}))["lifecycle"].is_null(),
+        "0: no hook"
+    );
+}
+
 #[test]
 fn hpa_replaces_the_fixed_replica_count() {
     let r = check_scenario("hpa");
@@ -905,6 +930,17 @@ fn values_that_would_drop_calls_are_refused_at_render() {
         &[
             "node.terminationGracePeriodSeconds",
             "node.drainDeadlineSeconds",
+        ],
+    );
+    // The grace period counts the preStop sleep: one no longer kills the controller mid-sleep,
+    // before it has stopped at all.
+    refused_at_render(
+        dir.path(),
+        "controller grace within its preStop sleep",
+        &json!({"controller": {"preStopSleepSeconds": 30, "terminationGracePeriodSeconds": 30}}),
+        &[
+            "controller.terminationGracePeriodSeconds",
+            "controller.preStopSleepSeconds",
         ],
     );
     let r = render(&values_file(
