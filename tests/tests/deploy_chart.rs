@@ -620,6 +620,47 @@ fn external_sip_services_keep_the_callers_address() {
     .is_null());
 }
 
+/// kube-proxy pins an edge's UDP flow to one controller pod; an edge that spreads and fails
+/// over itself (Kamailio's dispatcher) resolves the headless Service to every ready
+/// controller instead.
+#[test]
+fn a_headless_sip_service_names_each_controller() {
+    let dir = TempDir::new("values").expect("dir");
+    let headless = |values: Value| -> Option<Value> {
+        let r = render(&values_file(dir.path(), "headless", &values));
+        r.all("Service")
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == "confroute-sip-headless")
+            .cloned()
+    };
+    assert!(headless(json!({})).is_none(), "off by default");
+    let svc = headless(json!({"controller": {"service": {"sip": {
+        "headless": true, "type": "LoadBalancer", "split": true
+    }}}}))
+    .expect("headless Service");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    assert!(svc["spec"]["type"].is_null() || svc["spec"]["type"] == "ClusterIP");
+    assert!(svc["spec"]["externalTrafficPolicy"].is_null());
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/component"],
+        "controller"
+    );
+    let protocols: BTreeSet<&str> = svc["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["protocol"].as_str())
+        .collect();
+    assert_eq!(protocols, BTreeSet::from(["TCP", "UDP"]));
+    let udp_only = headless(json!({"controller": {
+        "service": {"sip": {"headless": true}},
+        "config": {"sip": {"transports": ["udp"]}}
+    }}))
+    .expect("headless Service");
+    assert_eq!(udp_only["spec"]["ports"].as_array().map(Vec::len), Some(1));
+    assert_eq!(udp_only["spec"]["ports"][0]["protocol"], "UDP");
+}
+
 #[test]
 fn host_network_advertises_the_host_address() {
     let r = check_scenario("host-network");
@@ -651,6 +692,7 @@ fn everything_at_once() {
     assert_eq!(udp["spec"]["type"], "LoadBalancer");
     assert_eq!(udp["spec"]["externalTrafficPolicy"], "Local");
     assert_eq!(udp["spec"]["ports"][0]["nodePort"], 30060);
+    assert_eq!(r.one("Service", "-sip-headless")["spec"]["clusterIP"], "None");
     let toml = config_of(&r, "-controller", "controller.toml");
     for line in [
         "retry_after = 10",
