@@ -514,6 +514,36 @@ fn cluster_seeds_and_an_existing_password_secret() {
         env_of(agent, "CONFROUTE_REDIS__PASSWORD").expect("password")["valueFrom"]["secretKeyRef"],
         json!({"name": "redis-cluster-auth", "key": "password"})
     );
+    // The TLS Secret reaches both binaries where their [redis] section says.
+    for (suffix, file) in [("-node", "node.toml"), ("-controller", "controller.toml")] {
+        let toml = config_of(&r, suffix, file);
+        for line in [
+            "tls_ca_file = \"/etc/confroute/redis-tls/ca.crt\"",
+            "tls_cert_file = \"/etc/confroute/redis-tls/tls.crt\"",
+            "tls_key_file = \"/etc/confroute/redis-tls/tls.key\"",
+        ] {
+            assert!(toml.contains(line), "{file}: {line}\n{toml}");
+        }
+    }
+    for (kind, suffix, container) in [
+        ("StatefulSet", "-node", "agent"),
+        ("Deployment", "-controller", "controller"),
+    ] {
+        let workload = r.one(kind, suffix);
+        let mounted = r.container(workload, container)["volumeMounts"]
+            .as_array()
+            .is_some_and(|m| {
+                m.iter().any(|v| {
+                    v["name"] == "redis-tls" && v["mountPath"] == "/etc/confroute/redis-tls"
+                })
+            });
+        assert!(mounted, "{suffix}: the TLS Secret is mounted");
+        let volume = workload["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "redis-tls"))
+            .expect("redis-tls volume");
+        assert_eq!(volume["secret"]["secretName"], "redis-cluster-tls");
+    }
 }
 
 #[test]
@@ -692,7 +722,10 @@ fn everything_at_once() {
     assert_eq!(udp["spec"]["type"], "LoadBalancer");
     assert_eq!(udp["spec"]["externalTrafficPolicy"], "Local");
     assert_eq!(udp["spec"]["ports"][0]["nodePort"], 30060);
-    assert_eq!(r.one("Service", "-sip-headless")["spec"]["clusterIP"], "None");
+    assert_eq!(
+        r.one("Service", "-sip-headless")["spec"]["clusterIP"],
+        "None"
+    );
     let toml = config_of(&r, "-controller", "controller.toml");
     for line in [
         "retry_after = 10",
@@ -973,6 +1006,13 @@ fn values_that_would_drop_calls_are_refused_at_render() {
             "node.terminationGracePeriodSeconds",
             "node.drainDeadlineSeconds",
         ],
+    );
+    // The binaries refuse a CA file while no connection uses TLS; so does the chart.
+    refused_at_render(
+        dir.path(),
+        "Redis TLS Secret without TLS",
+        &json!({"redis": {"url": "redis://redis:6379", "tlsSecret": {"name": "redis-ca"}}}),
+        &["redis.tlsSecret.name", "no connection to Redis uses TLS"],
     );
     // The grace period counts the preStop sleep: one no longer kills the controller mid-sleep,
     // before it has stopped at all.

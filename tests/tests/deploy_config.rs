@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use confroute_tests::harness::{free_port, require_tool, wait_for, workspace_bin, Proc, TempDir};
+use confroute_tests::harness::{
+    free_port, require_tool, wait_for, workspace_bin, Proc, TempDir, TestCa,
+};
 use serde_json::Value;
 
 /// Stand-ins for what Kubernetes would fill in.
@@ -107,8 +109,26 @@ fn local_listen(sip: bool) -> Vec<(String, String)> {
     v
 }
 
+/// Where the chart mounts the Redis TLS Secret.
+const REDIS_TLS_MOUNT: &str = "/etc/confroute/redis-tls";
+
+/// A rendered config file as the pod sees it: the Redis TLS Secret's mount point is a
+/// directory holding what such a Secret holds (`ca.crt`, `tls.crt`, `tls.key`).
+fn as_mounted(toml: &str, secret_dir: &Path) -> String {
+    toml.replace(REDIS_TLS_MOUNT, &secret_dir.to_string_lossy())
+}
+
 #[test]
 fn binaries_accept_what_the_chart_renders() {
+    let ca = TestCa::new().expect("test CA");
+    let secret = TempDir::new("redis-tls-secret").expect("dir");
+    for (from, to) in [
+        ("ca.pem", "ca.crt"),
+        ("client.pem", "tls.crt"),
+        ("client.key", "tls.key"),
+    ] {
+        std::fs::copy(ca.file(from), secret.path().join(to)).expect("copy");
+    }
     for (name, values) in scenarios() {
         let r = render(&values);
         let dir = TempDir::new("rendered-config").expect("dir");
@@ -116,9 +136,12 @@ fn binaries_accept_what_the_chart_renders() {
         let ctl_toml = dir.path().join("controller.toml");
         std::fs::write(
             &ctl_toml,
-            r.one("ConfigMap", "-controller")["data"]["controller.toml"]
-                .as_str()
-                .expect("controller.toml"),
+            as_mounted(
+                r.one("ConfigMap", "-controller")["data"]["controller.toml"]
+                    .as_str()
+                    .expect("controller.toml"),
+                secret.path(),
+            ),
         )
         .expect("write");
         let deploy = r.one("Deployment", "-controller");
@@ -129,9 +152,12 @@ fn binaries_accept_what_the_chart_renders() {
         let node_toml = dir.path().join("node.toml");
         std::fs::write(
             &node_toml,
-            r.one("ConfigMap", "-node")["data"]["node.toml"]
-                .as_str()
-                .expect("node.toml"),
+            as_mounted(
+                r.one("ConfigMap", "-node")["data"]["node.toml"]
+                    .as_str()
+                    .expect("node.toml"),
+                secret.path(),
+            ),
         )
         .expect("write");
         let sts = r.one("StatefulSet", "-node");

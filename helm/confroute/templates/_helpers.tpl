@@ -149,6 +149,15 @@ key: ari-password
 {{- if not $r.cluster.seeds }}{{ fail "redis.cluster.seeds is required with redis.mode=cluster" }}{{ end -}}
 {{- $_ := set $out "cluster" (dict "seeds" $r.cluster.seeds) -}}
 {{- end -}}
+{{- with $r.tlsSecret.name -}}
+{{- $tlsInUse := or $r.tls (and (eq $r.mode "url") (hasPrefix "rediss://" $r.url)) (and (eq $r.mode "sentinel") $r.sentinel.tls) -}}
+{{- if not $tlsInUse }}{{ fail "redis.tlsSecret.name is set but no connection to Redis uses TLS: set redis.tls (or a rediss:// redis.url, or redis.sentinel.tls)" }}{{ end -}}
+{{- $_ := set $out "tls_ca_file" "/etc/confroute/redis-tls/ca.crt" -}}
+{{- if $r.tlsSecret.clientCertificate -}}
+{{- $_ := set $out "tls_cert_file" "/etc/confroute/redis-tls/tls.crt" -}}
+{{- $_ := set $out "tls_key_file" "/etc/confroute/redis-tls/tls.key" -}}
+{{- end -}}
+{{- end -}}
 {{- if kindIs "invalid" $r.waitReplicas -}}
 {{- $_ := set $out "wait_replicas" (ternary 1 0 (eq $r.mode "sentinel")) -}}
 {{- else -}}
@@ -341,4 +350,22 @@ named there, plus any other file named there. As JSON: {"pjsip.conf": "...", ...
 {{- $_ := set $out $name $content -}}
 {{- end -}}
 {{- toJson $out -}}
+{{- end -}}
+
+{{/* The Redis TLS Secret (redis.tlsSecret.name), mounted where the [redis] section's
+tls_*_file keys point. */}}
+{{- define "confroute.redisTlsMount" -}}
+{{- if .Values.redis.tlsSecret.name }}
+- name: redis-tls
+  mountPath: /etc/confroute/redis-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "confroute.redisTlsVolume" -}}
+{{- with .Values.redis.tlsSecret.name }}
+- name: redis-tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
 {{- end -}}
