@@ -113,21 +113,14 @@ fn has_bare_cr_or_lf(head: &[u8]) -> bool {
 /// CRLF, but many SIP stacks read LF-only messages too, and a block without any CR
 /// splits into the same lines for every reader, so nothing can hide in it.
 pub fn header_end(buf: &[u8]) -> Option<usize> {
-    let mut seen_cr = false;
-    let mut from = 0;
-    while let Some(p) = buf[from..].iter().position(|&b| b == b'\n') {
-        let at = from + p;
-        seen_cr = seen_cr || buf[from..at].contains(&b'\r');
-        match buf.get(at + 1) {
-            Some(b'\n') if !seen_cr => return Some(at + 2),
-            Some(b'\r') if at > 0 && buf[at - 1] == b'\r' && buf.get(at + 2) == Some(&b'\n') => {
-                return Some(at + 3)
-            }
-            _ => {}
-        }
-        from = at + 1;
+    // An LF-only block ends before any CR: only the bytes up to the first CR (the end of
+    // the start line, in a CRLF message) are looked at for it, so the usual case costs what
+    // the CRLF search alone did.
+    let first_cr = buf.iter().position(|&b| b == b'\r').unwrap_or(buf.len());
+    if let Some(p) = buf[..first_cr].windows(2).position(|w| w == b"\n\n") {
+        return Some(p + 2);
     }
-    None
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
 /// Whether `version` is `SIP/` and two numbers (any case), so a 505 can answer it.
