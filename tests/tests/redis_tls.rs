@@ -6,10 +6,12 @@
 use std::time::Duration;
 
 use confroute_shared::bus::Bus;
-use confroute_shared::config::{ClusterConfig, RedisConfig};
+use confroute_shared::config::{ClusterConfig, RedisConfig, SentinelConfig};
 use confroute_shared::store::StoreError;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{ControllerProc, RedisCluster, RedisServer, TestCa};
+use confroute_tests::harness::{
+    free_port, wait_for_async, ControllerProc, Proc, RedisCluster, RedisServer, TempDir, TestCa,
+};
 use serde_json::json;
 
 fn over_tls(ca: &TestCa, port: u16, trust: bool, client_cert: bool) -> RedisConfig {
@@ -119,4 +121,85 @@ async fn a_cluster_over_tls_takes_claims_with_the_private_ca() {
         node.wait_connected(Duration::from_secs(10)).await,
         "the bus subscribed over TLS"
     );
+}
+
+/// Behind a Sentinel (plain) whose primary takes TLS only, with client certificates: the
+/// store builds its Sentinel client with the CA and certificate for the data nodes, asks the
+/// Sentinel for the primary (its TLS port) and claims there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca() {
+    let ca = TestCa::new().expect("test CA");
+    let (primary, tls_port) = RedisServer::start_tls(&ca, true).expect("redis with TLS");
+    // One Sentinel monitoring the primary's TLS port, itself reached in plain text; it
+    // reaches the primary with TLS and the client certificate (`tls-replication`).
+    let dir = TempDir::new("tls-sentinel").expect("dir");
+    let port = free_port();
+    let conf = dir.path().join("sentinel.conf");
+    let f = |n: &str| ca.file(n).display().to_string();
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+             tls-replication yes\ntls-cert-file {cert}\ntls-key-file {key}\n\
+             tls-client-cert-file {ccert}\ntls-client-key-file {ckey}\ntls-ca-cert-file {cafile}\n\
+             sentinel monitor tls-primary 127.0.0.1 {tls_port} 1\n",
+            dir = dir.path().display(),
+            cert = f("server.pem"),
+            key = f("server.key"),
+            ccert = f("client.pem"),
+            ckey = f("client.key"),
+            cafile = f("ca.pem"),
+        ),
+    )
+    .expect("sentinel.conf");
+    let mut cmd = std::process::Command::new("redis-server");
+    cmd.arg(&conf).arg("--sentinel");
+    let _sentinel = Proc::spawn(
+        &format!("sentinel :{port}"),
+        cmd,
+        &dir.path().join("sentinel.log"),
+    )
+    .expect("sentinel");
+    let cfg = RedisConfig {
+        sentinel: Some(SentinelConfig {
+            master_name: "tls-primary".into(),
+            addresses: vec![format!("redis://127.0.0.1:{port}")],
+            username: None,
+            password: None,
+            tls: false,
+        }),
+        tls: true,
+        tls_ca_file: Some(ca.file("ca.pem")),
+        tls_cert_file: Some(ca.file("client.pem")),
+        tls_key_file: Some(ca.file("client.key")),
+        ..RedisConfig::default()
+    };
+    let store = fixtures::store(&cfg);
+    // The Sentinel may still be starting: the first answers may be "unavailable".
+    wait_for_async(
+        "a registration through the Sentinel",
+        Duration::from_secs(15),
+        || async {
+            store
+                .register(&fixtures::node("node-a", 10), Duration::from_secs(300))
+                .await
+                .ok()
+        },
+    )
+    .await
+    .expect("registered over TLS behind the Sentinel");
+    let claim = store
+        .claim(
+            &"tls-sentinel".parse().expect("name"),
+            &[fixtures::id("node-a")],
+        )
+        .await
+        .expect("claim over TLS");
+    assert_eq!(claim.owner.expect("placed").node, fixtures::id("node-a"));
+    let plain = fixtures::store(&fixtures::single(&primary.url()));
+    assert!(plain
+        .lookup(&"tls-sentinel".parse().expect("name"))
+        .await
+        .expect("lookup")
+        .is_some());
 }
