@@ -205,6 +205,11 @@ impl Control {
         }
     }
 
+    /// `rpc.command_timeout`: how long a command may take to reach its node and be answered.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The bus (for event subscriptions).
     pub fn bus(&self) -> &Bus {
         &self.bus

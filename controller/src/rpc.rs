@@ -263,7 +263,6 @@ impl Bucket {
 /// instead of growing the controller's memory with waiting answers.
 const MAX_PENDING_FRAMES: usize = 256;
 
-/// One connection's state shared by its tasks.
 /// The last command of each conference this connection has running, by arrival number.
 #[derive(Default)]
 struct Order {
@@ -271,35 +270,38 @@ struct Order {
     last: HashMap<String, (u64, oneshot::Receiver<()>)>,
 }
 
-/// A command's place in its conference's line: it starts once the command that arrived
-/// before it for the same conference has finished, and lets the next one start when
-/// dropped. Without it, commands sent back to back (mute, then unmute) reached the node in
-/// whatever order their tasks got there, and the participant could end up muted.
+/// A command's place in the lines of the conferences it names (`conference`, and a move's
+/// `to`): it starts once the commands that arrived before it for those conferences have
+/// finished, and lets the next ones start when dropped. Without it, commands sent back to
+/// back (mute, then unmute) reached the node in whatever order their tasks got there, and
+/// the participant could end up muted.
 struct Turn {
-    after: Option<oneshot::Receiver<()>>,
-    /// Dropped with the turn: that is what the next command waits for.
-    _done: oneshot::Sender<()>,
-    conference: String,
+    after: Vec<oneshot::Receiver<()>>,
+    /// Dropped with the turn: that is what the next commands wait for.
+    _done: Vec<oneshot::Sender<()>>,
+    conferences: Vec<String>,
     arrived: u64,
     order: Arc<Mutex<Order>>,
 }
 
 impl Turn {
-    async fn wait(&mut self) {
-        if let Some(before) = self.after.take() {
-            // Finished or gone, either way it is this one's turn.
-            let _ = before.await;
-        }
+    /// Waits until the commands before this one have finished; `false` when that takes
+    /// longer than `limit`.
+    async fn wait(&mut self, limit: Duration) -> bool {
+        let before = std::mem::take(&mut self.after);
+        // Finished or gone, either way it is this one's turn.
+        tokio::time::timeout(limit, futures_util::future::join_all(before))
+            .await
+            .is_ok()
     }
-}
 
-impl Turn {
-    /// Leaves the line without running (the command was refused): the next command still
-    /// waits for the one before this.
+    /// Leaves the lines without running (the command was refused): the next commands
+    /// still wait for the ones before this.
     fn pass(mut self) {
-        if let Some(before) = self.after.take() {
+        let before = std::mem::take(&mut self.after);
+        if !before.is_empty() {
             tokio::spawn(async move {
-                let _ = before.await;
+                futures_util::future::join_all(before).await;
                 drop(self);
             });
         }
@@ -309,17 +311,20 @@ impl Turn {
 impl Drop for Turn {
     fn drop(&mut self) {
         if let Ok(mut order) = self.order.lock() {
-            if order
-                .last
-                .get(&self.conference)
-                .is_some_and(|(arrived, _)| *arrived == self.arrived)
-            {
-                order.last.remove(&self.conference);
+            for conference in &self.conferences {
+                if order
+                    .last
+                    .get(conference)
+                    .is_some_and(|(arrived, _)| *arrived == self.arrived)
+                {
+                    order.last.remove(conference);
+                }
             }
         }
     }
 }
 
+/// One connection's state shared by its tasks.
 struct Session {
     control: Control,
     /// Commands of one conference run in the order they arrived on this connection.
@@ -633,19 +638,39 @@ impl Session {
 
     /// The place in line of a request naming a conference (taken as frames are read).
     fn turn(&self, item: &Item) -> Option<Turn> {
-        let conference = item.as_ref().ok()?.params.get("conference")?.as_str()?;
-        let (done, finished) = oneshot::channel();
+        let req = item.as_ref().ok()?;
+        let params = &req.params;
+        // A move names its target too (a dial-out's `to` is a number, not a conference).
+        let keys: &[&str] = if req.method == "participant.move" {
+            &["conference", "to"]
+        } else {
+            &["conference"]
+        };
+        let mut conferences: Vec<String> = keys
+            .iter()
+            .filter_map(|k| params.get(*k).and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        conferences.dedup();
+        if conferences.is_empty() {
+            return None;
+        }
         let mut order = self.order.lock().ok()?;
         order.arrived += 1;
         let arrived = order.arrived;
-        let after = order
-            .last
-            .insert(conference.to_string(), (arrived, finished))
-            .map(|(_, before)| before);
+        let mut after = Vec::new();
+        let mut done = Vec::new();
+        for conference in &conferences {
+            let (tx, finished) = oneshot::channel();
+            done.push(tx);
+            if let Some((_, before)) = order.last.insert(conference.clone(), (arrived, finished)) {
+                after.push(before);
+            }
+        }
         Some(Turn {
             after,
             _done: done,
-            conference: conference.to_string(),
+            conferences,
             arrived,
             order: self.order.clone(),
         })
@@ -667,17 +692,28 @@ impl Session {
             }
         };
         let allowed = self.bucket.lock().map(|mut b| b.take()).unwrap_or(false);
+        // A command waiting in line is not in progress: the in-flight slot is taken once its
+        // turn has come, so a slow conference does not stall the connection's others.
+        let waited = match turn.as_mut() {
+            Some(t) if allowed => t.wait(self.control.timeout()).await,
+            _ => true,
+        };
         let result = if !allowed {
             Err(RpcError::new(
                 codes::RATE_LIMITED,
                 format!("more than {} commands per second", self.limits.rate_per_sec),
             ))
+        } else if !waited {
+            Err(RpcError::new(
+                codes::TIMEOUT,
+                format!(
+                    "not carried out: the commands sent before it for this conference took longer than rpc.command_timeout ({:?})",
+                    self.control.timeout()
+                ),
+            ))
         } else {
             match self.in_flight.clone().try_acquire_owned() {
                 Ok(_permit) => {
-                    if let Some(turn) = turn.as_mut() {
-                        turn.wait().await;
-                    }
                     let result = self.dispatch(&req.method, req.params, answered).await;
                     drop(turn.take());
                     result

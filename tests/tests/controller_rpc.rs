@@ -1095,3 +1095,152 @@ async fn commands_for_one_conference_run_in_the_order_sent() {
         answered += v.as_array().map_or(1, Vec::len);
     }
 }
+
+/// A move is in line for its target too: a command for the target sent right after it waits
+/// for the move's answer (it would otherwise miss the participant on its way there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_a_moves_target_waits_for_the_move() {
+    let s = setup(&[]).await;
+    let (store, node, mut commands) = hosted_on_node_a(&s, "from-room").await;
+    store
+        .claim(&"to-room".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<(String, bool)>();
+    let responder = node.clone();
+    tokio::spawn(async move {
+        let moving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        while let Some(cmd) = commands.recv().await {
+            let method = cmd.method.clone();
+            let during_move = moving.load(std::sync::atomic::Ordering::SeqCst);
+            if method != "participant.list" {
+                let _ = heard_tx.send((method.clone(), during_move));
+            }
+            let (responder, moving) = (responder.clone(), moving.clone());
+            tokio::spawn(async move {
+                match method.as_str() {
+                    "participant.list" => {
+                        responder
+                            .respond(&cmd, Ok(json!({"participants": [{"id": "p1"}]})))
+                            .await
+                    }
+                    "participant.move" => {
+                        moving.store(true, std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        moving.store(false, std::sync::atomic::Ordering::SeqCst);
+                        responder
+                            .respond(&cmd, Ok(json!({"moved": "bridge"})))
+                            .await
+                    }
+                    _ => responder.respond(&cmd, Ok(json!({}))).await,
+                }
+            });
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.move", "id": 1,
+            "params": {"conference": "from-room", "participant": "p1", "to": "to-room"}})
+        .to_string(),
+    )
+    .await;
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.mute", "id": 2,
+            "params": {"conference": "to-room", "participant": "p1"}})
+        .to_string(),
+    )
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(
+            tokio::time::timeout(Duration::from_secs(10), heard.recv())
+                .await
+                .expect("the node hears both")
+                .expect("node running"),
+        );
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("participant.move".to_string(), false),
+            ("participant.mute".to_string(), false)
+        ],
+        "the mute for the target came during the move"
+    );
+    for _ in 0..2 {
+        let v = recv(&mut ws).await;
+        assert!(v.get("result").is_some(), "{v}");
+    }
+}
+
+/// A command whose turn does not come within `rpc.command_timeout` (the one before it for
+/// its conference is slow: a move, whose participant lookup takes 0.9 s and whose move is
+/// never answered, takes about 1.9 s) is answered `timeout` and never reaches the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "1s")]).await;
+    let (store, node, mut commands) = hosted_on_node_a(&s, "slow-room").await;
+    store
+        .claim(
+            &"elsewhere".parse().expect("name"),
+            &[fixtures::id("node-a")],
+        )
+        .await
+        .expect("claim");
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            let _ = heard_tx.send(cmd.method.clone());
+            if cmd.method == "participant.list" {
+                let responder = responder.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    responder
+                        .respond(&cmd, Ok(json!({"participants": [{"id": "p1"}]})))
+                        .await
+                });
+            }
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.move", "id": 1,
+            "params": {"conference": "slow-room", "participant": "p1", "to": "elsewhere"}})
+        .to_string(),
+    )
+    .await;
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.mute", "id": 2,
+            "params": {"conference": "slow-room", "participant": "p2"}})
+        .to_string(),
+    )
+    .await;
+    let mut answers = HashMap::new();
+    while answers.len() < 2 {
+        let v = recv(&mut ws).await;
+        answers.insert(v["id"].as_u64().expect("id"), v);
+    }
+    assert_eq!(code(&answers[&1]), -32003, "{:?}", answers[&1]);
+    assert_eq!(code(&answers[&2]), -32007, "{:?}", answers[&2]);
+    assert!(
+        answers[&2]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not carried out")),
+        "{:?}",
+        answers[&2]
+    );
+    let mut reached = Vec::new();
+    while let Ok(m) = heard.try_recv() {
+        reached.push(m);
+    }
+    assert_eq!(
+        reached,
+        ["participant.list", "participant.move"],
+        "the mute reached the node"
+    );
+}
