@@ -1176,11 +1176,12 @@ async fn a_command_for_a_moves_target_waits_for_the_move() {
 }
 
 /// A command whose turn does not come within `rpc.command_timeout` (the one before it for
-/// its conference is slow: a move, whose participant lookup takes 0.9 s and whose move is
-/// never answered, takes about 1.9 s) is answered `timeout` and never reaches the node.
+/// its conference is slow: a move, whose participant lookup takes 1.5 s and whose move is
+/// never answered, takes about 4.5 s with a 3 s timeout) is answered `timeout` and never
+/// reaches the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
-    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "1s")]).await;
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "3s")]).await;
     let (store, node, mut commands) = hosted_on_node_a(&s, "slow-room").await;
     store
         .claim(
@@ -1197,7 +1198,7 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
             if cmd.method == "participant.list" {
                 let responder = responder.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
                     responder
                         .respond(&cmd, Ok(json!({"participants": [{"id": "p1"}]})))
                         .await
