@@ -461,12 +461,22 @@ impl Default for RedisConfig {
 }
 
 /// TLS material for Redis read from the configured PEM files.
-#[derive(Clone, Debug)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// CAs to trust instead of the built-in roots.
     pub ca: Option<Vec<u8>>,
     /// Client certificate and key.
     pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for TlsFiles {
+    // The key never reaches a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("ca_bytes", &self.ca.as_ref().map(Vec::len))
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
 }
 
 /// The Redis deployment a [`RedisConfig`] describes, after validation.

@@ -203,3 +203,45 @@ async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca()
         .expect("lookup")
         .is_some());
 }
+
+/// Renewed TLS files (cert-manager rewrites a mounted Secret in place) reach the next
+/// connection without a restart: Redis comes back with a certificate of a new CA, the files
+/// are replaced with that CA's, and the same store connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_tls_files_reach_the_next_connection_without_a_restart() {
+    let (old, new) = (
+        TestCa::new().expect("old CA"),
+        TestCa::new().expect("new CA"),
+    );
+    let (mut redis, port) = RedisServer::start_tls(&old, true).expect("redis with TLS");
+    let secret = TempDir::new("mounted-secret").expect("dir");
+    let mount = |ca: &TestCa| {
+        for (from, to) in [
+            ("ca.pem", "ca.crt"),
+            ("client.pem", "tls.crt"),
+            ("client.key", "tls.key"),
+        ] {
+            std::fs::copy(ca.file(from), secret.path().join(to)).expect("copy");
+        }
+    };
+    mount(&old);
+    let cfg = RedisConfig {
+        url: Some(format!("rediss://127.0.0.1:{port}")),
+        tls_ca_file: Some(secret.path().join("ca.crt")),
+        tls_cert_file: Some(secret.path().join("tls.crt")),
+        tls_key_file: Some(secret.path().join("tls.key")),
+        ..RedisConfig::default()
+    };
+    let store = fixtures::store(&cfg);
+    store.ping().await.expect("ping with the first files");
+    redis.kill();
+    let _renewed = RedisServer::start_tls_on(&new, true, port).expect("redis under the new CA");
+    mount(&new);
+    wait_for_async(
+        "a ping with the renewed files",
+        Duration::from_secs(15),
+        || async { store.ping().await.ok() },
+    )
+    .await
+    .expect("the store connects again with the renewed files");
+}

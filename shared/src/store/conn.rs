@@ -20,7 +20,7 @@ use redis::{
     Value,
 };
 
-use crate::config::{RedisConfig, RedisTarget};
+use crate::config::{RedisConfig, RedisTarget, TlsFiles};
 use crate::store::StoreError;
 
 /// Minimum gap between two connection attempts, so an outage does not turn every request
@@ -86,7 +86,8 @@ pub(crate) struct Connector {
 }
 
 struct Inner {
-    source: Source,
+    /// Rebuilt when the TLS files change (see [`Connector::source`]).
+    source: RwLock<Arc<Source>>,
     current: RwLock<Option<Current>>,
     generation: AtomicU64,
     connecting: tokio::sync::Mutex<ConnectState>,
@@ -95,23 +96,31 @@ struct Inner {
     is_cluster: bool,
     cluster_seeds: Vec<redis::ConnectionInfo>,
     /// `redis.tls_*` files, for clients opened later (a Cluster's pub/sub primaries).
-    certs: Option<redis::TlsCertificates>,
+    certs: RwLock<Option<redis::TlsCertificates>>,
+    /// With `redis.tls_*` files set: the settings and the files' contents the source was
+    /// built with, so renewed files (cert-manager rotates them in place) reach the next
+    /// connection without a restart.
+    tls_reload: Option<(RedisConfig, std::sync::Mutex<TlsFiles>)>,
 }
 
-/// `redis.tls_*` as redis-rs takes them; `None` when none is set.
-fn certificates(cfg: &RedisConfig) -> Result<Option<redis::TlsCertificates>, StoreError> {
-    let files = cfg
-        .tls_files()
-        .map_err(|(key, message)| StoreError::Config(format!("{key}: {message}")))?;
-    Ok(files.map(|f| redis::TlsCertificates {
+/// `redis.tls_*` files, read; `None` when none is set.
+fn tls_files(cfg: &RedisConfig) -> Result<Option<TlsFiles>, StoreError> {
+    cfg.tls_files()
+        .map_err(|(key, message)| StoreError::Config(format!("{key}: {message}")))
+}
+
+/// The files as redis-rs takes them.
+fn certificates(f: &TlsFiles) -> redis::TlsCertificates {
+    redis::TlsCertificates {
         client_tls: f
             .client
+            .clone()
             .map(|(client_cert, client_key)| redis::ClientTlsConfig {
                 client_cert,
                 client_key,
             }),
-        root_cert: f.ca,
-    }))
+        root_cert: f.ca.clone(),
+    }
 }
 
 /// A client for `info`, trusting the configured CAs (and presenting the client certificate)
@@ -179,16 +188,151 @@ fn sentinel_with_certs(
 impl Connector {
     /// Prepares a connector; no connection is opened until the first request.
     pub(crate) fn new(cfg: &RedisConfig) -> Result<Self, StoreError> {
-        let target = cfg.target();
-        let is_cluster = matches!(target, RedisTarget::Cluster(_));
-        let certs = certificates(cfg)?;
-        let mut cluster_seeds = Vec::new();
-        let source = match target {
-            RedisTarget::Single(url) => {
-                let mut info = url
+        let is_cluster = matches!(cfg.target(), RedisTarget::Cluster(_));
+        let files = tls_files(cfg)?;
+        let certs = files.as_ref().map(certificates);
+        let (source, cluster_seeds) = build(cfg, certs.as_ref())?;
+        Ok(Connector {
+            inner: Arc::new(Inner {
+                source: RwLock::new(Arc::new(source)),
+                current: RwLock::new(None),
+                generation: AtomicU64::new(0),
+                connecting: tokio::sync::Mutex::new(ConnectState { last_failure: None }),
+                connect_timeout: cfg.connect_timeout,
+                response_timeout: cfg.timeout,
+                is_cluster,
+                cluster_seeds,
+                certs: RwLock::new(certs),
+                tls_reload: files.map(|f| (cfg.clone(), std::sync::Mutex::new(f))),
+            }),
+        })
+    }
+
+    /// The clients' source; with TLS files set, rebuilt first when their contents changed
+    /// since it was built (checked when a connection is opened, not per command). Files
+    /// that cannot be read or built from leave the last good source in place.
+    fn source(&self) -> Arc<Source> {
+        if let Some((cfg, built_from)) = &self.inner.tls_reload {
+            match tls_files(cfg) {
+                Ok(Some(now)) => {
+                    let changed = built_from.lock().map(|f| *f != now).unwrap_or(false);
+                    if changed {
+                        let certs = certificates(&now);
+                        match build(cfg, Some(&certs)) {
+                            Ok((source, _)) => {
+                                tracing::info!("Redis TLS files changed; new connections use them");
+                                if let Ok(mut s) = self.inner.source.write() {
+                                    *s = Arc::new(source);
+                                }
+                                if let Ok(mut c) = self.inner.certs.write() {
+                                    *c = Some(certs);
+                                }
+                                if let Ok(mut f) = built_from.lock() {
+                                    *f = now;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Redis TLS files changed but cannot be used; keeping the previous ones")
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the Redis TLS files again; keeping the previous ones")
+                }
+            }
+        }
+        match self.inner.source.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn certs(&self) -> Option<redis::TlsCertificates> {
+        match self.inner.certs.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The clients for `cfg`'s deployment, with `certs` for TLS; and a Cluster's seeds.
+fn build(
+    cfg: &RedisConfig,
+    certs: Option<&redis::TlsCertificates>,
+) -> Result<(Source, Vec<redis::ConnectionInfo>), StoreError> {
+    let mut cluster_seeds = Vec::new();
+    let source = match cfg.target() {
+        RedisTarget::Single(url) => {
+            let mut info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| config_error("redis.url", e))?;
+            let mut settings = info.redis_settings().clone();
+            if let Some(user) = &cfg.username {
+                settings = settings.set_username(user);
+            }
+            if let Some(pw) = &cfg.password {
+                settings = settings.set_password(pw.expose());
+            }
+            info = info.set_redis_settings(settings);
+            Source::Single(open(info, certs).map_err(|e| config_error("redis.url", e))?)
+        }
+        RedisTarget::Sentinel {
+            master_name,
+            addresses,
+        } => {
+            let sentinel_cfg = cfg.sentinel.as_ref();
+            let mut infos = Vec::with_capacity(addresses.len());
+            for (i, a) in addresses.iter().enumerate() {
+                let key = format!("redis.sentinel.addresses[{i}]");
+                let mut info = a
                     .as_str()
                     .into_connection_info()
-                    .map_err(|e| config_error("redis.url", e))?;
+                    .map_err(|e| config_error(&key, e))?;
+                let mut settings = info.redis_settings().clone();
+                if let Some(s) = sentinel_cfg {
+                    if let Some(user) = &s.username {
+                        settings = settings.set_username(user);
+                    }
+                    if let Some(pw) = &s.password {
+                        settings = settings.set_password(pw.expose());
+                    }
+                }
+                info = info.set_redis_settings(settings);
+                infos.push(info);
+            }
+            let mut node_settings = redis::RedisConnectionInfo::default();
+            if let Some(user) = &cfg.username {
+                node_settings = node_settings.set_username(user);
+            }
+            if let Some(pw) = &cfg.password {
+                node_settings = node_settings.set_password(pw.expose());
+            }
+            let mut node_info =
+                SentinelNodeConnectionInfo::default().set_redis_connection_info(node_settings);
+            if cfg.tls {
+                node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
+            }
+            let client = match certs {
+                None => SentinelClient::build(
+                    infos,
+                    master_name,
+                    Some(node_info),
+                    SentinelServerType::Master,
+                ),
+                Some(c) => sentinel_with_certs(cfg, infos, &master_name, c.clone()),
+            }
+            .map_err(|e| config_error("redis.sentinel", e))?;
+            Source::Sentinel(tokio::sync::Mutex::new(client))
+        }
+        RedisTarget::Cluster(seeds) => {
+            for (i, seed) in seeds.iter().enumerate() {
+                let mut info = seed
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| config_error(&format!("redis.cluster.seeds[{i}]"), e))?;
                 let mut settings = info.redis_settings().clone();
                 if let Some(user) = &cfg.username {
                     settings = settings.set_username(user);
@@ -197,111 +341,34 @@ impl Connector {
                     settings = settings.set_password(pw.expose());
                 }
                 info = info.set_redis_settings(settings);
-                Source::Single(
-                    open(info, certs.as_ref()).map_err(|e| config_error("redis.url", e))?,
-                )
+                cluster_seeds.push(info);
             }
-            RedisTarget::Sentinel {
-                master_name,
-                addresses,
-            } => {
-                let sentinel_cfg = cfg.sentinel.as_ref();
-                let mut infos = Vec::with_capacity(addresses.len());
-                for (i, a) in addresses.iter().enumerate() {
-                    let key = format!("redis.sentinel.addresses[{i}]");
-                    let mut info = a
-                        .as_str()
-                        .into_connection_info()
-                        .map_err(|e| config_error(&key, e))?;
-                    let mut settings = info.redis_settings().clone();
-                    if let Some(s) = sentinel_cfg {
-                        if let Some(user) = &s.username {
-                            settings = settings.set_username(user);
-                        }
-                        if let Some(pw) = &s.password {
-                            settings = settings.set_password(pw.expose());
-                        }
-                    }
-                    info = info.set_redis_settings(settings);
-                    infos.push(info);
-                }
-                let mut node_settings = redis::RedisConnectionInfo::default();
-                if let Some(user) = &cfg.username {
-                    node_settings = node_settings.set_username(user);
-                }
-                if let Some(pw) = &cfg.password {
-                    node_settings = node_settings.set_password(pw.expose());
-                }
-                let mut node_info =
-                    SentinelNodeConnectionInfo::default().set_redis_connection_info(node_settings);
-                if cfg.tls {
-                    node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
-                }
-                let client = match &certs {
-                    None => SentinelClient::build(
-                        infos,
-                        master_name,
-                        Some(node_info),
-                        SentinelServerType::Master,
-                    ),
-                    Some(c) => sentinel_with_certs(cfg, infos, &master_name, c.clone()),
-                }
-                .map_err(|e| config_error("redis.sentinel", e))?;
-                Source::Sentinel(tokio::sync::Mutex::new(client))
+            let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(cfg.connect_timeout)
+                .response_timeout(cfg.timeout);
+            if let Some(user) = &cfg.username {
+                builder = builder.username(user);
             }
-            RedisTarget::Cluster(seeds) => {
-                for (i, seed) in seeds.iter().enumerate() {
-                    let mut info = seed
-                        .as_str()
-                        .into_connection_info()
-                        .map_err(|e| config_error(&format!("redis.cluster.seeds[{i}]"), e))?;
-                    let mut settings = info.redis_settings().clone();
-                    if let Some(user) = &cfg.username {
-                        settings = settings.set_username(user);
-                    }
-                    if let Some(pw) = &cfg.password {
-                        settings = settings.set_password(pw.expose());
-                    }
-                    info = info.set_redis_settings(settings);
-                    cluster_seeds.push(info);
-                }
-                let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
-                    .connection_timeout(cfg.connect_timeout)
-                    .response_timeout(cfg.timeout);
-                if let Some(user) = &cfg.username {
-                    builder = builder.username(user);
-                }
-                if let Some(pw) = &cfg.password {
-                    builder = builder.password(pw.expose());
-                }
-                if cfg.tls {
-                    builder = builder.tls(redis::TlsMode::Secure);
-                }
-                if let Some(c) = &certs {
-                    builder = builder.certs(c.clone());
-                }
-                Source::Cluster(
-                    builder
-                        .build()
-                        .map_err(|e| config_error("redis.cluster.seeds", e))?,
-                )
+            if let Some(pw) = &cfg.password {
+                builder = builder.password(pw.expose());
             }
-        };
-        Ok(Connector {
-            inner: Arc::new(Inner {
-                source,
-                current: RwLock::new(None),
-                generation: AtomicU64::new(0),
-                connecting: tokio::sync::Mutex::new(ConnectState { last_failure: None }),
-                connect_timeout: cfg.connect_timeout,
-                response_timeout: cfg.timeout,
-                is_cluster,
-                cluster_seeds,
-                certs,
-            }),
-        })
-    }
+            if cfg.tls {
+                builder = builder.tls(redis::TlsMode::Secure);
+            }
+            if let Some(c) = &certs {
+                builder = builder.certs((*c).clone());
+            }
+            Source::Cluster(
+                builder
+                    .build()
+                    .map_err(|e| config_error("redis.cluster.seeds", e))?,
+            )
+        }
+    };
+    Ok((source, cluster_seeds))
+}
 
+impl Connector {
     /// True for a Redis Cluster deployment.
     pub(crate) fn is_cluster(&self) -> bool {
         self.inner.is_cluster
@@ -362,7 +429,7 @@ impl Connector {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.inner.connect_timeout))
             .set_response_timeout(Some(self.inner.response_timeout));
-        match &self.inner.source {
+        match &*self.source() {
             Source::Single(client) => Ok(Conn::Plain(
                 client
                     .get_multiplexed_async_connection_with_config(&config)
@@ -384,14 +451,14 @@ impl Connector {
     /// channel's slot) counts only those of the node that took it, and the bus reads a count
     /// of 0 as "nobody listening".
     pub(crate) async fn pubsub_client(&self, slot: u16) -> Result<Client, RedisError> {
-        match &self.inner.source {
+        match &*self.source() {
             Source::Single(client) => Ok(client.clone()),
             Source::Sentinel(client) => client.lock().await.async_get_client().await,
             Source::Cluster(_) => {
                 let mut last = None;
                 for seed in &self.inner.cluster_seeds {
                     match self.slot_primary_via(seed, slot).await {
-                        Ok(info) => return open(info, self.inner.certs.as_ref()),
+                        Ok(info) => return open(info, self.certs().as_ref()),
                         Err(e) => last = Some(e),
                     }
                 }
@@ -405,7 +472,7 @@ impl Connector {
     /// On a Cluster, `host:port` of the primary serving `slot` now (`None` elsewhere), so a
     /// subscriber can tell that a failover moved it.
     pub(crate) async fn slot_primary(&self, slot: u16) -> Result<Option<String>, RedisError> {
-        if !matches!(self.inner.source, Source::Cluster(_)) {
+        if !self.inner.is_cluster {
             return Ok(None);
         }
         let mut last = None;
@@ -427,7 +494,7 @@ impl Connector {
         seed: &redis::ConnectionInfo,
         slot: u16,
     ) -> Result<redis::ConnectionInfo, RedisError> {
-        let client = open(seed.clone(), self.inner.certs.as_ref())?;
+        let client = open(seed.clone(), self.certs().as_ref())?;
         let mut conn = tokio::time::timeout(
             self.inner.connect_timeout,
             client.get_multiplexed_async_connection(),

@@ -519,7 +519,13 @@ impl RedisServer {
     /// certificate from `ca`; `client_certs`: whether it asks clients for a certificate
     /// signed by `ca` (`tls-auth-clients`). The plain port stays for the harness.
     pub fn start_tls(ca: &TestCa, client_certs: bool) -> HarnessResult<(Self, u16)> {
-        let tls_port = free_port().to_string();
+        let port = free_port();
+        Self::start_tls_on(ca, client_certs, port).map(|s| (s, port))
+    }
+
+    /// [`RedisServer::start_tls`] with TLS on `tls_port` (a server started again there).
+    pub fn start_tls_on(ca: &TestCa, client_certs: bool, tls_port: u16) -> HarnessResult<Self> {
+        let tls_port = tls_port.to_string();
         let files = [
             ca.file("server.pem"),
             ca.file("server.key"),
@@ -538,9 +544,6 @@ impl RedisServer {
             "--tls-auth-clients",
             if client_certs { "yes" } else { "no" },
         ])?;
-        let port = tls_port
-            .parse()
-            .map_err(|e| HarnessError(format!("tls port: {e}")))?;
-        Ok((server, port))
+        Ok(server)
     }
 }
