@@ -49,6 +49,20 @@ async fn draining_with_a_caller(
     (s, store, a)
 }
 
+/// Kills node-a's agent, starts it again, and waits until it serves (locally and in Redis).
+async fn killed_and_serving_again(s: &mut Single, store: &confroute_shared::store::Store) {
+    s.node.process().kill();
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async("serving again", WAIT, || async {
+        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+        (v["state"] == "serving" && node_state(store, "node-a").await == Some(NodeState::Serving))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
 async fn post(url: &str) -> (u16, Value) {
     let r = fixtures::http().post(url).send().await.expect("POST");
     let status = r.status().as_u16();
@@ -326,16 +340,7 @@ async fn an_agent_restarted_during_its_shutdown_drain_serves_again() {
     // A long lease: the record is still there when the agent comes back.
     let (mut s, store, a) =
         draining_with_a_caller(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s")]).await;
-    s.node.process().kill();
-    s.node.restart().expect("restart");
-    wait_app(&s.sim, &s.node).await;
-    wait_for_async("serving again", WAIT, || async {
-        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
-        (v["state"] == "serving" && node_state(&store, "node-a").await == Some(NodeState::Serving))
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    killed_and_serving_again(&mut s, &store).await;
     // The caller is still in its conference, now this life's.
     assert!(s
         .sim
@@ -371,16 +376,7 @@ async fn a_drain_for_a_stop_ends_in_an_exit_and_does_not_outlive_the_agent() {
     let (status, body) = post(&format!("{drain}?shutdown=true")).await;
     assert_eq!(status, 200, "{body}");
     wait_draining(&s, &store).await;
-    s.node.process().kill();
-    s.node.restart().expect("restart");
-    wait_app(&s.sim, &s.node).await;
-    wait_for_async("serving again", WAIT, || async {
-        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
-        (v["state"] == "serving" && node_state(&store, "node-a").await == Some(NodeState::Serving))
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    killed_and_serving_again(&mut s, &store).await;
 
     // Drained for a stop with its last caller gone, it exits.
     let (status, body) = post(&format!("{drain}?shutdown=true")).await;

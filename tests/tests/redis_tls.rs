@@ -14,6 +14,15 @@ use confroute_tests::harness::{
 };
 use serde_json::json;
 
+/// Claims `name` for node-a through `store` and checks node-a got it.
+async fn claimed_for_node_a(store: &confroute_shared::store::Store, name: &str) {
+    let claim = store
+        .claim(&name.parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim over TLS");
+    assert_eq!(claim.owner.expect("placed").node, fixtures::id("node-a"));
+}
+
 fn over_tls(ca: &TestCa, port: u16, trust: bool, client_cert: bool) -> RedisConfig {
     RedisConfig {
         url: Some(format!("rediss://127.0.0.1:{port}")),
@@ -107,14 +116,7 @@ async fn a_cluster_over_tls_takes_claims_with_the_private_ca() {
         .register(&fixtures::node("node-a", 10), Duration::from_secs(300))
         .await
         .expect("registered over TLS");
-    let claim = store
-        .claim(
-            &"tls-cluster".parse().expect("name"),
-            &[fixtures::id("node-a")],
-        )
-        .await
-        .expect("claim over TLS");
-    assert_eq!(claim.owner.expect("placed").node, fixtures::id("node-a"));
+    claimed_for_node_a(&store, "tls-cluster").await;
     // The bus subscribes on the primary of its channels' slot, found through a seed.
     let (node, _commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
     assert!(
@@ -188,14 +190,7 @@ async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca()
     )
     .await
     .expect("registered over TLS behind the Sentinel");
-    let claim = store
-        .claim(
-            &"tls-sentinel".parse().expect("name"),
-            &[fixtures::id("node-a")],
-        )
-        .await
-        .expect("claim over TLS");
-    assert_eq!(claim.owner.expect("placed").node, fixtures::id("node-a"));
+    claimed_for_node_a(&store, "tls-sentinel").await;
     let plain = fixtures::store(&fixtures::single(&primary.url()));
     assert!(plain
         .lookup(&"tls-sentinel".parse().expect("name"))

@@ -257,6 +257,18 @@ impl Connector {
     }
 }
 
+/// `info` with the data nodes' user and password (`redis.username`, `redis.password`).
+fn with_credentials(info: redis::ConnectionInfo, cfg: &RedisConfig) -> redis::ConnectionInfo {
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &cfg.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(pw) = &cfg.password {
+        settings = settings.set_password(pw.expose());
+    }
+    info.set_redis_settings(settings)
+}
+
 /// The clients for `cfg`'s deployment, with `certs` for TLS; and a Cluster's seeds.
 fn build(
     cfg: &RedisConfig,
@@ -269,14 +281,7 @@ fn build(
                 .as_str()
                 .into_connection_info()
                 .map_err(|e| config_error("redis.url", e))?;
-            let mut settings = info.redis_settings().clone();
-            if let Some(user) = &cfg.username {
-                settings = settings.set_username(user);
-            }
-            if let Some(pw) = &cfg.password {
-                settings = settings.set_password(pw.expose());
-            }
-            info = info.set_redis_settings(settings);
+            info = with_credentials(info, cfg);
             Source::Single(open(info, certs).map_err(|e| config_error("redis.url", e))?)
         }
         RedisTarget::Sentinel {
@@ -333,14 +338,7 @@ fn build(
                     .as_str()
                     .into_connection_info()
                     .map_err(|e| config_error(&format!("redis.cluster.seeds[{i}]"), e))?;
-                let mut settings = info.redis_settings().clone();
-                if let Some(user) = &cfg.username {
-                    settings = settings.set_username(user);
-                }
-                if let Some(pw) = &cfg.password {
-                    settings = settings.set_password(pw.expose());
-                }
-                info = info.set_redis_settings(settings);
+                info = with_credentials(info, cfg);
                 cluster_seeds.push(info);
             }
             let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
