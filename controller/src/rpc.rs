@@ -277,6 +277,9 @@ struct Order {
 /// the participant could end up muted.
 struct Turn {
     after: Vec<oneshot::Receiver<()>>,
+    /// The wait for `after` that ran out of time: still to finish before the next commands
+    /// may start (the commands before this one may still be running).
+    unfinished: Option<std::pin::Pin<Box<futures_util::future::JoinAll<oneshot::Receiver<()>>>>>,
     /// Dropped with the turn: that is what the next commands wait for.
     _done: Vec<oneshot::Sender<()>>,
     conferences: Vec<String>,
@@ -290,21 +293,29 @@ impl Turn {
     async fn wait(&mut self, limit: Duration) -> bool {
         let before = std::mem::take(&mut self.after);
         // Finished or gone, either way it is this one's turn.
-        tokio::time::timeout(limit, futures_util::future::join_all(before))
-            .await
-            .is_ok()
+        let mut all = Box::pin(futures_util::future::join_all(before));
+        if tokio::time::timeout(limit, &mut all).await.is_ok() {
+            return true;
+        }
+        self.unfinished = Some(all);
+        false
     }
 
-    /// Leaves the lines without running (the command was refused): the next commands
-    /// still wait for the ones before this.
+    /// Leaves the lines without running (the command was refused, or its turn did not
+    /// come in time): the next commands still wait for the ones before this.
     fn pass(mut self) {
         let before = std::mem::take(&mut self.after);
-        if !before.is_empty() {
-            tokio::spawn(async move {
-                futures_util::future::join_all(before).await;
-                drop(self);
-            });
+        let unfinished = self.unfinished.take();
+        if before.is_empty() && unfinished.is_none() {
+            return;
         }
+        tokio::spawn(async move {
+            if let Some(unfinished) = unfinished {
+                unfinished.await;
+            }
+            futures_util::future::join_all(before).await;
+            drop(self);
+        });
     }
 }
 
@@ -669,6 +680,7 @@ impl Session {
         }
         Some(Turn {
             after,
+            unfinished: None,
             _done: done,
             conferences,
             arrived,

@@ -1176,9 +1176,10 @@ async fn a_command_for_a_moves_target_waits_for_the_move() {
 }
 
 /// A command whose turn does not come within `rpc.command_timeout` (the one before it for
-/// its conference is slow: a move, whose participant lookup takes 1.5 s and whose move is
-/// never answered, takes about 4.5 s with a 3 s timeout) is answered `timeout` and never
-/// reaches the node.
+/// its conference is slow: a move, whose participant lookup takes 2 s and whose move is
+/// never answered, takes about 5 s with a 3 s timeout) is answered `timeout` and never
+/// reaches the node; and the command after it still waits for the slow one, not just for
+/// the one that gave up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
     let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "3s")]).await;
@@ -1198,7 +1199,7 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
             if cmd.method == "participant.list" {
                 let responder = responder.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
                     responder
                         .respond(&cmd, Ok(json!({"participants": [{"id": "p1"}]})))
                         .await
@@ -1207,6 +1208,11 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
         }
     });
     let mut ws = connect(&s, None).await.expect("connect");
+    let mute = |id: u64| {
+        json!({"jsonrpc": "2.0", "method": "participant.mute", "id": id,
+            "params": {"conference": "slow-room", "participant": format!("p{id}")}})
+        .to_string()
+    };
     send(
         &mut ws,
         &json!({"jsonrpc": "2.0", "method": "participant.move", "id": 1,
@@ -1214,27 +1220,27 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
         .to_string(),
     )
     .await;
-    send(
-        &mut ws,
-        &json!({"jsonrpc": "2.0", "method": "participant.mute", "id": 2,
-            "params": {"conference": "slow-room", "participant": "p2"}})
-        .to_string(),
-    )
-    .await;
+    send(&mut ws, &mute(2)).await;
+    // The third comes a second later, so its own wait ends a second after the second's: the
+    // time between is what it must still spend behind the move.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send(&mut ws, &mute(3)).await;
     let mut answers = HashMap::new();
-    while answers.len() < 2 {
+    while answers.len() < 3 {
         let v = recv(&mut ws).await;
         answers.insert(v["id"].as_u64().expect("id"), v);
     }
     assert_eq!(code(&answers[&1]), -32003, "{:?}", answers[&1]);
-    assert_eq!(code(&answers[&2]), -32007, "{:?}", answers[&2]);
-    assert!(
-        answers[&2]["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("not carried out")),
-        "{:?}",
-        answers[&2]
-    );
+    for id in [2, 3] {
+        assert_eq!(code(&answers[&id]), -32007, "{:?}", answers[&id]);
+        assert!(
+            answers[&id]["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not carried out")),
+            "{:?}",
+            answers[&id]
+        );
+    }
     let mut reached = Vec::new();
     while let Ok(m) = heard.try_recv() {
         reached.push(m);
@@ -1242,6 +1248,6 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
     assert_eq!(
         reached,
         ["participant.list", "participant.move"],
-        "the mute reached the node"
+        "a mute reached the node"
     );
 }
