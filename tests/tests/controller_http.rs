@@ -401,6 +401,25 @@ async fn conferences_list_get_end_and_their_errors() {
         405,
         "method_not_allowed",
     );
+    // Every 405 says what the route takes, the WebSocket route's refusal of HEAD included.
+    for (method, path, allow) in [
+        (Method::PUT, "/v1/route", "POST"),
+        (Method::HEAD, "/v1/rpc", "GET"),
+    ] {
+        let r = fixtures::http()
+            .request(method.clone(), format!("{}{path}", s.controller.http_url()))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        let got = r
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        assert!(got.contains(allow), "{method} {path}: Allow `{got}`");
+    }
 }
 
 /// A conference record this process cannot read (an epoch that is not a number, written by

@@ -183,6 +183,22 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         }
         _ => as_json_error(next.run(req).await).await,
     };
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED
+        && !resp.headers().contains_key(header::ALLOW)
+    {
+        // A 405 must say what the route takes (RFC 9110 §15.5.6); the WebSocket upgrade's
+        // own refusal of a HEAD does not.
+        let allowed: Vec<&str> = ROUTES
+            .iter()
+            .filter(|(_, path)| *path == template)
+            .map(|(method, _)| *method)
+            .collect();
+        if let Ok(v) = header::HeaderValue::from_str(&allowed.join(",")) {
+            if !allowed.is_empty() {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+        }
+    }
     if resp.status() == StatusCode::SERVICE_UNAVAILABLE
         && !resp.headers().contains_key(header::RETRY_AFTER)
     {
