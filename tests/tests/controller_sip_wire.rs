@@ -902,6 +902,15 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             400,
             "no scheme",
         ),
+        // `tag=` inside a quoted parameter value is no To-tag: a first INVITE, redirected.
+        (
+            invite("sip:quoted@router", port, "z9hG4bKquoted", "").replace(
+                "To: <sip:quoted@router>",
+                "To: <sip:quoted@router>;foo=\"a;tag=1\"",
+            ),
+            302,
+            "",
+        ),
         // A re-INVITE routed here: redirecting it would move a live call (RFC 3261 §12.2.2).
         (
             invite("sip:redial@router", port, "z9hG4bKretag", "")
@@ -921,6 +930,18 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             );
         }
     }
+    // That INVITE's answer adds its own To-tag after the quoted value.
+    let quoted = udp.exchange(
+        &invite("sip:quoted@router", port, "z9hG4bKquoted", "").replace(
+            "To: <sip:quoted@router>",
+            "To: <sip:quoted@router>;foo=\"a;tag=1\"",
+        ),
+    );
+    let to = header(&quoted, "To").unwrap_or("");
+    assert!(
+        to.starts_with("<sip:quoted@router>;foo=\"a;tag=1\";tag="),
+        "{quoted}"
+    );
     // Refusals change nothing: the conferences they named were not placed.
     for name in ["v3", "redial"] {
         let url = format!("{}/v1/conferences/{name}", s.controller.http_url());

@@ -68,18 +68,64 @@ pub fn quote(text: &str) -> String {
     out
 }
 
-/// True when the To value already carries a `tag` parameter (outside the URI).
+/// True when the To value already carries a `tag` parameter (outside the URI): `tag = token`
+/// among the header parameters, read outside quoted strings (`;foo="a;tag=1"` has none).
 pub fn has_to_tag(to: &str) -> bool {
-    let params = match to.rfind('>') {
-        Some(i) => &to[i + 1..],
-        None => to.split_once(';').map(|(_, p)| p).unwrap_or(""),
+    // The header parameters follow the name-addr's `>` (a display name may hold one, so it
+    // is found outside quotes), or, in the addr-spec form (or a `<` never closed), start at
+    // the first `;`: a tag this server appends to such a value is then found again.
+    let params = match name_addr_end(to) {
+        Some(end) => &to[end..],
+        None => to.find(';').map_or("", |i| &to[i..]),
     };
-    // EQUAL may have spaces around it (RFC 3261 §25.1): `tag = x` is a tag.
-    params.split(';').any(|p| {
-        p.split('=')
-            .next()
-            .is_some_and(|k| k.trim().eq_ignore_ascii_case("tag"))
+    header_params(params).any(|p| {
+        // EQUAL may have spaces around it (RFC 3261 §25.1): `tag = x` is a tag.
+        p.split_once('=')
+            .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("tag") && !v.trim().is_empty())
     })
+}
+
+/// The index just past the `>` closing a name-addr's URI, found outside quoted strings.
+fn name_addr_end(v: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut open = false;
+    for (i, c) in v.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' if !open => quoted = !quoted,
+            '<' if !quoted => open = true,
+            '>' if open => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The `;`-separated parameters of `params` (text that must start with `;`, after
+/// whitespace), split outside quoted strings; text before the first `;` is none of them.
+fn header_params(params: &str) -> impl Iterator<Item = &str> {
+    let mut pieces = Vec::new();
+    let (mut quoted, mut escaped, mut start) = (false, false, None::<usize>);
+    for (i, c) in params.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                if let Some(s) = start {
+                    pieces.push(&params[s..i]);
+                }
+                start = Some(i + 1);
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        pieces.push(&params[s..]);
+    }
+    pieces.into_iter()
 }
 
 /// Appends the top Via with `received` and `rport` filled in for a request from `source`.
@@ -244,5 +290,17 @@ mod tests {
         assert!(!has_to_tag("<sip:r@h>;tagx=1"));
         assert!(!has_to_tag("<sip:a@b;tag=inside-uri>"));
         assert!(!has_to_tag("\"x\" <sip:a@b>"));
+        // A quoted parameter value is not a parameter list (found by a black-box probe).
+        assert!(!has_to_tag("<sip:a@b>;foo=\"a;tag=1\""));
+        assert!(has_to_tag("<sip:a@b>;foo=\"a;\\\"tag=1\";tag=2"));
+        assert!(!has_to_tag("<sip:a@b>;foo=\"a;\\\"tag=1\""));
+        // A display name may hold `>` and `;tag=`.
+        assert!(!has_to_tag("\"a>;tag=b\" <sip:a@b>"));
+        assert!(has_to_tag("\"a>;tag=b\" <sip:a@b>;tag=c"));
+        // Malformed tags are none: the answer adds its own.
+        assert!(!has_to_tag("<sip:a@b>tag=x"));
+        assert!(!has_to_tag("<sip:a@b>;tag"));
+        assert!(!has_to_tag("<sip:a@b>;tag="));
+        assert!(has_to_tag("<sip:a@b;tag=x"));
     }
 }
