@@ -47,7 +47,7 @@ struct How<'a> {
     transport: Transport,
     /// Answer only what the transaction table knows (INVITEs past `max_pending_invites`).
     known_only: bool,
-    /// A framing fault to answer with 400 instead of handling the request.
+    /// A framing fault to answer with 400 (513 for the size) instead of handling the request.
     fault: Option<&'static str>,
     early: Option<&'a dyn Early>,
 }
@@ -310,6 +310,12 @@ impl SipService {
             (
                 Response::new(505, "Version Not Supported")
                     .warning(&format!("{} is not supported; SIP/2.0 is", req.version)),
+                tag(),
+            )
+        } else if fault == Some(super::server::TOO_LARGE) {
+            // RFC 3261 §21.5.14: the length, not the syntax, is what cannot be taken.
+            (
+                Response::new(513, "Message Too Large").warning(super::server::TOO_LARGE),
                 tag(),
             )
         } else if let Some(problem) = fault

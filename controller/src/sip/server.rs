@@ -236,6 +236,9 @@ pub enum Frame {
     },
 }
 
+/// The framing fault of a message past `sip.max_message_size` (answered 513).
+pub const TOO_LARGE: &str = "message larger than the limit";
+
 /// Frames the next message in a stream buffer (RFC 3261 §18.3).
 pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
     if buf.starts_with(b"\r\n\r\n") {
@@ -268,13 +271,13 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
     let Some(total) = end.checked_add(body) else {
         return Frame::Refused {
             head: end,
-            why: "message larger than the limit",
+            why: TOO_LARGE,
         };
     };
     if total > max_message {
         Frame::Refused {
             head: end,
-            why: "message larger than the limit",
+            why: TOO_LARGE,
         }
     } else if buf.len() < total {
         Frame::Incomplete
@@ -427,7 +430,7 @@ async fn connection(
                     break 'read;
                 }
                 Frame::Refused { head, why } => {
-                    // The header block alone is answered 400 naming the fault (an ACK or
+                    // The header block alone is answered 400 (513 for its size) naming the fault (an ACK or
                     // garbage gets nothing). The stream cannot go on after it.
                     tracing::debug!(%peer, why, "answering an unframeable message, then closing");
                     match service.handle_unframeable(&buf[..head], peer, why).await {
@@ -586,7 +589,7 @@ mod tests {
             next_frame(big, 4096),
             Frame::Refused {
                 head: big.len(),
-                why: "message larger than the limit"
+                why: TOO_LARGE
             }
         );
         let two = b"OPTIONS sip:a SIP/2.0\r\nl: 3\r\nTo: b\r\nContent-Length: 0\r\n\r\nabc";

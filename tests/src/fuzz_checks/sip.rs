@@ -23,7 +23,9 @@ use confroute_shared::store::{Store, StoreMetrics};
 const SOURCES: [&str; 2] = ["192.0.2.10:5070", "[2001:db8::7]:5080"];
 
 /// Every status the handler may send when Redis cannot be reached.
-const HANDLER_CODES: [u16; 12] = [200, 400, 403, 404, 405, 416, 420, 481, 483, 484, 503, 505];
+const HANDLER_CODES: [u16; 13] = [
+    200, 400, 403, 404, 405, 416, 420, 481, 483, 484, 503, 505, 513,
+];
 
 /// Frames, parses and answers the input as a SIP packet, asserting what must hold.
 pub fn sip_message(data: &[u8]) {
