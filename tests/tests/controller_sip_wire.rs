@@ -976,12 +976,19 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
         );
         udp.silence(smuggled.as_bytes(), Duration::from_millis(300));
     }
+    // A NUL would be copied into the answer, to readers that end strings there.
+    udp.silence(
+        invite("sip:nul@router", port, "z9hG4bKnul0", "")
+            .replace("Call-ID: z9hG4bKnul0@test", "Call-ID: \0z9hG4bKnul0@test")
+            .as_bytes(),
+        Duration::from_millis(300),
+    );
     let after = scrape(&s.controller.http_url()).await;
     let dropped =
         |m: &str, r: &str| metric(m, &format!("confroute_sip_dropped_total{{reason=\"{r}\"}}"));
     assert_eq!(
         dropped(&after, "garbage") - dropped(&before, "garbage"),
-        5.0
+        6.0
     );
     assert_eq!(
         dropped(&after, "response") - dropped(&before, "response"),

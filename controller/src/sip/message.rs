@@ -152,6 +152,11 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     if !lf_only && has_bare_cr_or_lf(head.as_bytes()) {
         return Err(ParseError::Garbage("a bare CR or LF in the headers"));
     }
+    // No SIP header may hold one (RFC 3261 §25.1), and an answer copying it would hand
+    // it on to readers that end strings there.
+    if head.as_bytes().contains(&0) {
+        return Err(ParseError::Garbage("a NUL byte in the headers"));
+    }
     let mut lines = head.split(eol);
     let start = lines.next().ok_or(ParseError::Garbage("empty message"))?;
     if start.starts_with("SIP/2.0 ") {
@@ -564,6 +569,10 @@ mod tests {
             parse(b"\x00\x01\r\n\r\n"),
             Err(ParseError::Garbage(_))
         ));
+        assert!(matches!(
+            parse(b"OPTIONS sip:a@b SIP/2.0\r\nCall-ID: \x00x\r\n\r\n"),
+            Err(ParseError::Garbage("a NUL byte in the headers"))
+        ));
         // Another SIP version is read (for its 505); another protocol is not SIP.
         let r = parse(b"INVITE sip:a@b SIP/3.0\r\n\r\n").expect("another SIP version");
         assert_eq!(r.version, "SIP/3.0");
@@ -647,7 +656,7 @@ mod tests {
         let raw = b"INVITE sip:caf%C3%A9@router SIP/2.0\r\n\
             Via: SIP/2.0/UDSIP/2.0/UDP; 7.01.20.1:5070;branch=\r\nMax-Forwards: 70\r\n\
             From: <sip:alice@example.com>;tag=g0\r\nTo: <sip:caf%C3%A9@router>\r\n\
-            Call-ID: z9hGD\x00Kutf@test\r\nCSeq: @teNVITE\r\nContent-Length: 0\r\n\r\n";
+            Call-ID: z9hGDKutf@test\r\nCSeq: @teNVITE\r\nContent-Length: 0\r\n\r\n";
         let req = parse(raw).expect("the request still parses");
         assert!(
             req.top_via().is_none(),
