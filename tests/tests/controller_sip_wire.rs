@@ -765,6 +765,11 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
     let s = setup(&[]).await;
     let udp = Udp::new(s.controller.sip_addr());
     let port = udp.port();
+    // `tag=` inside a quoted parameter value of To.
+    let quoted_to = invite("sip:quoted@router", port, "z9hG4bKquoted", "").replace(
+        "To: <sip:quoted@router>",
+        "To: <sip:quoted@router>;foo=\"a;tag=1\"",
+    );
     let cases: Vec<(String, u16, &str)> = vec![
         (
             invite("tel:+15555550101", port, "z9hG4bKtel", ""),
@@ -904,14 +909,7 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             "no scheme",
         ),
         // `tag=` inside a quoted parameter value is no To-tag: a first INVITE, redirected.
-        (
-            invite("sip:quoted@router", port, "z9hG4bKquoted", "").replace(
-                "To: <sip:quoted@router>",
-                "To: <sip:quoted@router>;foo=\"a;tag=1\"",
-            ),
-            302,
-            "",
-        ),
+        (quoted_to.clone(), 302, ""),
         // A re-INVITE routed here: redirecting it would move a live call (RFC 3261 §12.2.2).
         (
             invite("sip:redial@router", port, "z9hG4bKretag", "")
@@ -932,12 +930,7 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
         }
     }
     // That INVITE's answer adds its own To-tag after the quoted value.
-    let quoted = udp.exchange(
-        &invite("sip:quoted@router", port, "z9hG4bKquoted", "").replace(
-            "To: <sip:quoted@router>",
-            "To: <sip:quoted@router>;foo=\"a;tag=1\"",
-        ),
-    );
+    let quoted = udp.exchange(&quoted_to);
     let to = header(&quoted, "To").unwrap_or("");
     assert!(
         to.starts_with("<sip:quoted@router>;foo=\"a;tag=1\";tag="),

@@ -23,6 +23,16 @@ async fn claimed_for_node_a(store: &confroute_shared::store::Store, name: &str) 
     assert_eq!(claim.owner.expect("placed").node, fixtures::id("node-a"));
 }
 
+/// Settings trusting `ca` and presenting its client certificate.
+fn trusting(ca: &TestCa) -> RedisConfig {
+    RedisConfig {
+        tls_ca_file: Some(ca.file("ca.pem")),
+        tls_cert_file: Some(ca.file("client.pem")),
+        tls_key_file: Some(ca.file("client.key")),
+        ..RedisConfig::default()
+    }
+}
+
 fn over_tls(ca: &TestCa, port: u16, trust: bool, client_cert: bool) -> RedisConfig {
     RedisConfig {
         url: Some(format!("rediss://127.0.0.1:{port}")),
@@ -106,10 +116,7 @@ async fn a_cluster_over_tls_takes_claims_with_the_private_ca() {
     let cfg = RedisConfig {
         cluster: Some(ClusterConfig { seeds }),
         tls: true,
-        tls_ca_file: Some(ca.file("ca.pem")),
-        tls_cert_file: Some(ca.file("client.pem")),
-        tls_key_file: Some(ca.file("client.key")),
-        ..RedisConfig::default()
+        ..trusting(&ca)
     };
     let store = fixtures::store(&cfg);
     store
@@ -171,10 +178,7 @@ async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca()
             tls: false,
         }),
         tls: true,
-        tls_ca_file: Some(ca.file("ca.pem")),
-        tls_cert_file: Some(ca.file("client.pem")),
-        tls_key_file: Some(ca.file("client.key")),
-        ..RedisConfig::default()
+        ..trusting(&ca)
     };
     let store = fixtures::store(&cfg);
     // The Sentinel may still be starting: the first answers may be "unavailable".
