@@ -385,11 +385,52 @@ async fn conferences_list_get_end_and_their_errors() {
         404,
         "conference_not_found",
     );
-    assert_error(
-        &call(&s, Method::DELETE, "/v1/conferences/bad%00", None, None).await,
-        422,
-        "invalid_params",
-    );
+    // A bad name in a call-control path is named as on `GET /v1/conferences/{name}`,
+    // ahead of anything the body says.
+    for (method, path, body) in [
+        (Method::DELETE, "/v1/conferences/bad%00", None),
+        (Method::GET, "/v1/conferences/bad%20name/participants", None),
+        (
+            Method::POST,
+            "/v1/conferences/bad%20name/participants",
+            Some(r#"{"to":"sip:x@example.com"}"#),
+        ),
+        (
+            Method::POST,
+            "/v1/conferences/a:b/play",
+            Some(r#"{"media":"sound:beep","conference":"other"}"#),
+        ),
+        (
+            Method::POST,
+            "/v1/conferences/%7Bx%7D/participants/p1/mute",
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/v1/conferences/%7Bx%7D/participants/p1",
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/conferences/a:b/participants/p1/move",
+            Some(r#"{"to":"elsewhere"}"#),
+        ),
+        (
+            Method::PATCH,
+            "/v1/conferences/a:b/participants/p1",
+            Some(r#"{"beepOnExit":true}"#),
+        ),
+    ] {
+        let a = call(&s, method.clone(), path, body, None).await;
+        assert_error(&a, 422, "invalid_conference");
+        assert!(
+            a.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{method} {path}: {}",
+            a.text
+        );
+    }
 
     assert_error(
         &call(&s, Method::GET, "/v1/nothing", None, None).await,

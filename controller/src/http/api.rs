@@ -47,7 +47,8 @@ fn store_error(e: StoreError, retry_after: u32) -> ApiError {
     )
 }
 
-fn conference_name(raw: &str) -> Result<ConferenceName, ApiError> {
+/// A conference name from a request, or 422 `invalid_conference`.
+pub(super) fn conference_name(raw: &str) -> Result<ConferenceName, ApiError> {
     ConferenceName::parse(raw).map_err(|e| ApiError::invalid_conference(e.to_string()))
 }
 

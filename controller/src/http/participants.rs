@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use confroute_shared::bus::ErrorCode;
 
-use super::api::json_rejection;
+use super::api::{conference_name, json_rejection};
 use super::{ApiError, ApiState};
 use crate::control::{
     ConferenceRef, ControlError, DialoutParams, DtmfParams, MoveParams, ParticipantRef, PlayParams,
@@ -91,6 +91,20 @@ fn with(mut m: Map<String, Value>, extra: &[(&str, &str)]) -> Result<Value, ApiE
     Ok(Value::Object(m))
 }
 
+/// The path's conference name, checked before anything else the request says: a name that
+/// breaks the naming rules is `invalid_conference`, as on `GET /v1/conferences/{name}`.
+fn checked(name: String) -> Result<String, ApiError> {
+    conference_name(&name)?;
+    Ok(name)
+}
+
+impl ParticipantPath {
+    fn checked(self) -> Result<Self, ApiError> {
+        conference_name(&self.name)?;
+        Ok(self)
+    }
+}
+
 fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     crate::control::params(v).map_err(ApiError::from)
 }
@@ -100,6 +114,7 @@ pub async fn list(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let name = checked(name)?;
     Ok(Json(
         state
             .control
@@ -113,6 +128,7 @@ pub async fn end(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let name = checked(name)?;
     Ok(Json(
         state
             .control
@@ -127,6 +143,7 @@ pub async fn dialout(
     Path(name): Path<String>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let name = checked(name)?;
     let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)])?)?;
     let d = state.control.dialout(p).await?;
     // Statuses are not events: REST callers see the callee's `join` (participant = call id)
@@ -142,6 +159,7 @@ pub async fn play_all(
     Path(name): Path<String>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let name = checked(name)?;
     let m = body(b)?;
     if m.contains_key("participant") {
         return Err(ApiError::bad_request(
@@ -183,6 +201,7 @@ pub async fn mute(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     simple(&s, "participant.mute", p).await
 }
 
@@ -191,6 +210,7 @@ pub async fn unmute(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     simple(&s, "participant.unmute", p).await
 }
 
@@ -199,6 +219,7 @@ pub async fn hold(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     simple(&s, "participant.hold", p).await
 }
 
@@ -207,6 +228,7 @@ pub async fn unhold(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     simple(&s, "participant.unhold", p).await
 }
 
@@ -215,6 +237,7 @@ pub async fn kick(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     simple(&s, "participant.kick", p).await
 }
 
@@ -224,6 +247,7 @@ pub async fn dtmf(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: DtmfParams = decode(v)?;
     Ok(Json(state.control.dtmf(params).await?))
@@ -235,6 +259,7 @@ pub async fn play(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: PlayParams = decode(v)?;
     Ok(Json(state.control.play(params).await?))
@@ -246,6 +271,7 @@ pub async fn move_to(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: MoveParams = decode(v)?;
     Ok(Json(state.control.move_participant(params).await?))
@@ -257,6 +283,7 @@ pub async fn update(
     Path(p): Path<ParticipantPath>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let p = p.checked()?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: UpdateParams = decode(v)?;
     Ok(Json(state.control.update(params).await.map(|r| {
