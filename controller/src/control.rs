@@ -422,6 +422,9 @@ impl Control {
                 "to: the participant is already there".into(),
             ));
         }
+        // One deadline for the whole move, as for any command: the participant check, the
+        // target's homing and the move itself share `rpc.command_timeout`.
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let node = self.owner(&conference).await?;
         // Homing the target claims it: a move refused for its participant would have changed
         // state (a claim given back leaves the name's next life a higher epoch), so the
@@ -433,7 +436,7 @@ impl Control {
                 &node,
                 "participant.list",
                 json!({"conference": conference}),
-                self.timeout,
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
                 false,
             )
             .await
@@ -449,20 +452,32 @@ impl Control {
             ));
         }
         let target = self.home(&to).await?;
-        let (reply, sent) = match self
-            .bus
-            .call(
-                &node,
-                "participant.move",
-                json!({"conference": conference, "participant": participant, "to": to,
-                       "to_node": target.node_id, "to_sip_uri": target.sip_uri, "to_epoch": target.epoch}),
-                self.timeout,
-                false,
-            )
-            .await
-        {
-            Ok(call) => (call.reply, true),
-            Err(e) => (Err(e), false),
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (reply, sent) = if left.is_zero() {
+            let e = BusError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "the move was not carried out: its checks took all of {:?}",
+                    self.timeout
+                ),
+            );
+            (Err(e), false)
+        } else {
+            match self
+                .bus
+                .call(
+                    &node,
+                    "participant.move",
+                    json!({"conference": conference, "participant": participant, "to": to,
+                           "to_node": target.node_id, "to_sip_uri": target.sip_uri, "to_epoch": target.epoch}),
+                    left,
+                    false,
+                )
+                .await
+            {
+                Ok(call) => (call.reply, true),
+                Err(e) => (Err(e), false),
+            }
         };
         if let Err(e) = &reply {
             self.give_back(&to, &target, e, sent).await;

@@ -1175,36 +1175,19 @@ async fn a_command_for_a_moves_target_waits_for_the_move() {
     }
 }
 
-/// A command whose turn does not come within `rpc.command_timeout` (the one before it for
-/// its conference is slow: a move, whose participant lookup takes 2 s and whose move is
-/// never answered, takes about 5 s with a 3 s timeout) is answered `timeout` and never
-/// reaches the node; and the command after it still waits for the slow one, not just for
-/// the one that gave up.
+/// A command whose turn does not come within `rpc.command_timeout` is answered `timeout` and
+/// never reaches the node; and the command after it still waits for the slow one, not just
+/// for the one that gave up. With a 3 s timeout and a node that answers nothing: mute 1 runs
+/// 0–3 s; mute 2 (sent at 0.5 s) waits, then runs 3–6 s; mute 3 (1 s) gives up waiting at
+/// 4 s; mute 4 (2 s) gives up at 5 s, behind mute 2, although mute 3 left the line at 4 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
     let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "3s")]).await;
-    let (store, node, mut commands) = hosted_on_node_a(&s, "slow-room").await;
-    store
-        .claim(
-            &"elsewhere".parse().expect("name"),
-            &[fixtures::id("node-a")],
-        )
-        .await
-        .expect("claim");
+    let (_store, _node, mut commands) = hosted_on_node_a(&s, "slow-room").await;
     let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let responder = node.clone();
     tokio::spawn(async move {
         while let Some(cmd) = commands.recv().await {
-            let _ = heard_tx.send(cmd.method.clone());
-            if cmd.method == "participant.list" {
-                let responder = responder.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    responder
-                        .respond(&cmd, Ok(json!({"participants": [{"id": "p1"}]})))
-                        .await
-                });
-            }
+            let _ = heard_tx.send(cmd.params["participant"].as_str().unwrap_or("").to_string());
         }
     });
     let mut ws = connect(&s, None).await.expect("connect");
@@ -1213,25 +1196,21 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
             "params": {"conference": "slow-room", "participant": format!("p{id}")}})
         .to_string()
     };
-    send(
-        &mut ws,
-        &json!({"jsonrpc": "2.0", "method": "participant.move", "id": 1,
-            "params": {"conference": "slow-room", "participant": "p1", "to": "elsewhere"}})
-        .to_string(),
-    )
-    .await;
-    send(&mut ws, &mute(2)).await;
-    // The third comes a second later, so its own wait ends a second after the second's: the
-    // time between is what it must still spend behind the move.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    send(&mut ws, &mute(3)).await;
+    send(&mut ws, &mute(1)).await;
+    for (id, gap) in [(2, 500), (3, 500), (4, 1000)] {
+        // Gaps, not synchronisation: they space the waits' deadlines apart.
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        send(&mut ws, &mute(id)).await;
+    }
     let mut answers = HashMap::new();
-    while answers.len() < 3 {
+    while answers.len() < 4 {
         let v = recv(&mut ws).await;
         answers.insert(v["id"].as_u64().expect("id"), v);
     }
-    assert_eq!(code(&answers[&1]), -32003, "{:?}", answers[&1]);
-    for id in [2, 3] {
+    for id in [1, 2] {
+        assert_eq!(code(&answers[&id]), -32003, "{:?}", answers[&id]);
+    }
+    for id in [3, 4] {
         assert_eq!(code(&answers[&id]), -32007, "{:?}", answers[&id]);
         assert!(
             answers[&id]["error"]["message"]
@@ -1247,7 +1226,64 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
     }
     assert_eq!(
         reached,
-        ["participant.list", "participant.move"],
-        "a mute reached the node"
+        ["p1", "p2"],
+        "a command that gave up reached the node"
     );
+}
+
+/// A move's participant check, its target's homing and the move share one
+/// `rpc.command_timeout`: the move reaches the node with what the check left of it, so a
+/// slow check cannot stretch the command to twice the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_gets_one_command_timeout_in_all() {
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "3s")]).await;
+    let (store, node, mut commands) = hosted_on_node_a(&s, "slow-check").await;
+    store
+        .claim(
+            &"elsewhere".parse().expect("name"),
+            &[fixtures::id("node-a")],
+        )
+        .await
+        .expect("claim");
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            let _ = heard_tx.send((cmd.method.clone(), cmd.timeout_ms));
+            if cmd.method == "participant.list" {
+                let responder = responder.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    responder
+                        .respond(&cmd, Ok(json!({"participants": [{"id": "p1"}]})))
+                        .await
+                });
+            }
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.move", "id": 1,
+            "params": {"conference": "slow-check", "participant": "p1", "to": "elsewhere"}})
+        .to_string(),
+    )
+    .await;
+    let answer = recv(&mut ws).await;
+    assert_eq!(
+        code(&answer),
+        -32003,
+        "the node never answers the move: {answer}"
+    );
+    let mut reached = Vec::new();
+    while let Ok(m) = heard.try_recv() {
+        reached.push(m);
+    }
+    assert_eq!(reached.len(), 2, "{reached:?}");
+    assert_eq!(reached[0].0, "participant.list");
+    assert!(reached[0].1 <= 3000, "{reached:?}");
+    let (method, budget) = &reached[1];
+    assert_eq!(method, "participant.move");
+    // The check took 2 s of the 3: at most 1 s is left for the move itself.
+    assert!(*budget <= 1000, "the move was given {budget} ms");
 }
