@@ -132,26 +132,34 @@ async fn a_cluster_over_tls_takes_claims_with_the_private_ca() {
     );
 }
 
-/// Behind a Sentinel (plain) whose primary takes TLS only, with client certificates: the
-/// store builds its Sentinel client with the CA and certificate for the data nodes, asks the
-/// Sentinel for the primary (its TLS port) and claims there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca() {
-    let ca = TestCa::new().expect("test CA");
-    let (primary, tls_port) = RedisServer::start_tls(&ca, true).expect("redis with TLS");
-    // One Sentinel monitoring the primary's TLS port, itself reached in plain text; it
-    // reaches the primary with TLS and the client certificate (`tls-replication`).
+/// One Sentinel monitoring `primary_tls_port` (a primary taking TLS with client
+/// certificates), which it reaches with TLS and the client certificate
+/// (`tls-replication`). With `tls`, the Sentinel itself takes TLS connections only, with
+/// client certificates, and `requirepass` when `password` is given. Returns its port and
+/// what must live as long as it.
+fn sentinel_for(
+    ca: &TestCa,
+    primary_tls_port: u16,
+    tls: bool,
+    password: Option<&str>,
+) -> (u16, Proc, TempDir) {
     let dir = TempDir::new("tls-sentinel").expect("dir");
     let port = free_port();
     let conf = dir.path().join("sentinel.conf");
     let f = |n: &str| ca.file(n).display().to_string();
+    let listen = if tls {
+        format!("port 0\ntls-port {port}\ntls-auth-clients yes\n")
+    } else {
+        format!("port {port}\n")
+    };
+    let auth = password.map_or(String::new(), |p| format!("requirepass {p}\n"));
     std::fs::write(
         &conf,
         format!(
-            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+            "{listen}{auth}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
              tls-replication yes\ntls-cert-file {cert}\ntls-key-file {key}\n\
              tls-client-cert-file {ccert}\ntls-client-key-file {ckey}\ntls-ca-cert-file {cafile}\n\
-             sentinel monitor tls-primary 127.0.0.1 {tls_port} 1\n",
+             sentinel monitor tls-primary 127.0.0.1 {primary_tls_port} 1\n",
             dir = dir.path().display(),
             cert = f("server.pem"),
             key = f("server.key"),
@@ -163,24 +171,19 @@ async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca()
     .expect("sentinel.conf");
     let mut cmd = std::process::Command::new("redis-server");
     cmd.arg(&conf).arg("--sentinel");
-    let _sentinel = Proc::spawn(
+    let sentinel = Proc::spawn(
         &format!("sentinel :{port}"),
         cmd,
         &dir.path().join("sentinel.log"),
     )
     .expect("sentinel");
-    let cfg = RedisConfig {
-        sentinel: Some(SentinelConfig {
-            master_name: "tls-primary".into(),
-            addresses: vec![format!("redis://127.0.0.1:{port}")],
-            username: None,
-            password: None,
-            tls: false,
-        }),
-        tls: true,
-        ..trusting(&ca)
-    };
-    let store = fixtures::store(&cfg);
+    (port, sentinel, dir)
+}
+
+/// Registers node-a through `cfg`'s Sentinel, claims `name` there and checks the claim is
+/// in `primary`.
+async fn claims_through_the_sentinel(cfg: &RedisConfig, primary: &RedisServer, name: &str) {
+    let store = fixtures::store(cfg);
     // The Sentinel may still be starting: the first answers may be "unavailable".
     wait_for_async(
         "a registration through the Sentinel",
@@ -194,13 +197,103 @@ async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca()
     )
     .await
     .expect("registered over TLS behind the Sentinel");
-    claimed_for_node_a(&store, "tls-sentinel").await;
+    claimed_for_node_a(&store, name).await;
     let plain = fixtures::store(&fixtures::single(&primary.url()));
     assert!(plain
-        .lookup(&"tls-sentinel".parse().expect("name"))
+        .lookup(&name.parse().expect("name"))
         .await
         .expect("lookup")
         .is_some());
+}
+
+/// Behind a Sentinel (plain) whose primary takes TLS only, with client certificates: the
+/// store builds its Sentinel client with the CA and certificate for the data nodes, asks the
+/// Sentinel for the primary (its TLS port) and claims there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_over_tls_behind_a_sentinel_takes_claims_with_the_private_ca() {
+    let ca = TestCa::new().expect("test CA");
+    let (primary, tls_port) = RedisServer::start_tls(&ca, true).expect("redis with TLS");
+    let (port, _sentinel, _dir) = sentinel_for(&ca, tls_port, false, None);
+    let cfg = RedisConfig {
+        sentinel: Some(SentinelConfig {
+            master_name: "tls-primary".into(),
+            addresses: vec![format!("redis://127.0.0.1:{port}")],
+            username: None,
+            password: None,
+            tls: false,
+        }),
+        tls: true,
+        ..trusting(&ca)
+    };
+    claims_through_the_sentinel(&cfg, &primary, "tls-sentinel").await;
+}
+
+/// A Sentinel reached over TLS itself, asking for a client certificate and a password: the
+/// private CA and the client certificate reach the connection to the Sentinel too, and the
+/// password written in the Sentinel's `rediss://` URL is sent to it (as on the plain path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_over_tls_with_a_password_in_its_url_finds_the_primary() {
+    let ca = TestCa::new().expect("test CA");
+    let (primary, tls_port) = RedisServer::start_tls(&ca, true).expect("redis with TLS");
+    let (port, _sentinel, _dir) = sentinel_for(&ca, tls_port, true, Some("sentinel-secret"));
+    let sentinel = |url: String| RedisConfig {
+        sentinel: Some(SentinelConfig {
+            master_name: "tls-primary".into(),
+            addresses: vec![url],
+            username: None,
+            password: None,
+            tls: false,
+        }),
+        tls: true,
+        ..trusting(&ca)
+    };
+    claims_through_the_sentinel(
+        &sentinel(format!("rediss://:sentinel-secret@127.0.0.1:{port}")),
+        &primary,
+        "tls-sentinel-auth",
+    )
+    .await;
+    // The password is what let it in: without it the Sentinel refuses.
+    let refused = fixtures::store(&sentinel(format!("rediss://127.0.0.1:{port}")))
+        .ping()
+        .await
+        .expect_err("a Sentinel with requirepass refuses a client without the password");
+    assert!(
+        matches!(&refused, StoreError::Unavailable(_)),
+        "{refused:?}"
+    );
+}
+
+/// With TLS files the Sentinel client takes one user and password for every sentinel:
+/// addresses naming different ones are a configuration error naming the key, not a silent
+/// choice of one.
+#[test]
+fn sentinels_with_different_passwords_and_tls_files_are_a_config_error() {
+    let ca = TestCa::new().expect("test CA");
+    let cfg = RedisConfig {
+        sentinel: Some(SentinelConfig {
+            master_name: "tls-primary".into(),
+            addresses: vec![
+                "rediss://:one@127.0.0.1:26379".into(),
+                "rediss://:two@127.0.0.1:26380".into(),
+            ],
+            username: None,
+            password: None,
+            tls: false,
+        }),
+        tls: true,
+        ..trusting(&ca)
+    };
+    let err = confroute_shared::store::Store::new(
+        &cfg,
+        confroute_shared::store::StoreMetrics::disabled(),
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        matches!(&err, StoreError::Config(m) if m.starts_with("redis.sentinel.addresses")),
+        "{err:?}"
+    );
 }
 
 /// Renewed TLS files (cert-manager rewrites a mounted Secret in place) reach the next

@@ -158,12 +158,15 @@ fn sentinel_with_certs(
         master_name,
         SentinelServerType::Master,
     )?;
-    if let Some(s) = cfg.sentinel.as_ref() {
-        if let Some(user) = &s.username {
+    // The builder takes one set of sentinel credentials: the first address's, which
+    // `build` already merged with `redis.sentinel.username`/`password` (those win), as the
+    // plain path passes each address's own.
+    if let Some(first) = sentinels.first().map(|i| i.redis_settings()) {
+        if let Some(user) = first.username() {
             b = b.set_client_to_sentinel_username(user);
         }
-        if let Some(pw) = &s.password {
-            b = b.set_client_to_sentinel_password(pw.expose());
+        if let Some(pw) = first.password() {
+            b = b.set_client_to_sentinel_password(pw);
         }
     }
     if sentinel_tls {
@@ -319,6 +322,21 @@ fn build(
                 SentinelNodeConnectionInfo::default().set_redis_connection_info(node_settings);
             if cfg.tls {
                 node_info = node_info.set_tls_mode(redis::TlsMode::Secure);
+            }
+            let creds = |i: &redis::ConnectionInfo| {
+                let r = i.redis_settings();
+                (
+                    r.username().map(str::to_owned),
+                    r.password().map(str::to_owned),
+                )
+            };
+            if certs.is_some() && infos.windows(2).any(|w| creds(&w[0]) != creds(&w[1])) {
+                return Err(StoreError::Config(
+                    "redis.sentinel.addresses: with redis.tls_ca_file or a client certificate \
+                     every sentinel takes the same user and password; set them once in \
+                     redis.sentinel.username and redis.sentinel.password"
+                        .into(),
+                ));
             }
             let client = match certs {
                 None => SentinelClient::build(
