@@ -522,11 +522,16 @@ fn clear_later(node: &Arc<Node>, callid: String, cause: i64) {
     let node = node.clone();
     tokio::spawn(async move {
         tokio::time::sleep(CLEARED_FALLBACK).await;
-        let mut calls = lock(&node.dialouts.calls);
-        if let Some(t) = calls.remove(&callid) {
-            let cause = t.requested.unwrap_or(cause);
-            finish(&node, &t, &callid, cause);
+        {
+            let mut calls = lock(&node.dialouts.calls);
+            if let Some(t) = calls.remove(&callid) {
+                let cause = t.requested.unwrap_or(cause);
+                finish(&node, &t, &callid, cause);
+            }
         }
+        // A callee that never answered still holds its seat and route in the conference:
+        // no ChannelDestroyed will free them now.
+        node.dialout_gone(&callid);
     });
 }
 

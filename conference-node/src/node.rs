@@ -473,6 +473,20 @@ impl Node {
         }
     }
 
+    /// A dial-out's callee is gone before it answered: its route is forgotten and its
+    /// conference frees its seat. Nothing happens for a call already forgotten or answered.
+    pub fn dialout_gone(self: &Arc<Self>, channel: &str) {
+        if let Some(name) = self.unroute_dialout(channel) {
+            self.send(
+                &name,
+                Msg::DialoutGone {
+                    channel: channel.to_string(),
+                },
+                false,
+            );
+        }
+    }
+
     /// Whether the channel is routed as a dial-out.
     pub fn is_dialout(&self, channel: &str) -> bool {
         matches!(lock(&self.routes).get(channel), Some(Route::Dialout(_)))
@@ -748,15 +762,7 @@ impl Node {
             }
             Event::ChannelDestroyed { channel, cause } => {
                 self.dialouts.destroyed(self, &channel.id, cause);
-                if let Some(name) = self.unroute_dialout(&channel.id) {
-                    self.send(
-                        &name,
-                        Msg::DialoutGone {
-                            channel: channel.id,
-                        },
-                        false,
-                    );
-                }
+                self.dialout_gone(&channel.id);
             }
             Event::ChannelTalkingStarted { channel } => self.talking(&channel.id, true),
             Event::ChannelTalkingFinished { channel } => self.talking(&channel.id, false),

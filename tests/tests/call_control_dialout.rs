@@ -582,6 +582,23 @@ async fn a_callee_lost_while_the_websocket_was_down_ends_its_dialout_at_the_next
         vec![json!({"callid": callid, "status": "rejected", "code": 500, "cause": 31})]
     );
     assert_never_joined(sim, &callid, "the lost callee entered the conference");
+    // Its seat is freed too: once the one caller leaves, the conference ends (a seat kept
+    // for the lost callee held the conference, its bridge and its claim for good).
+    let caller = sim
+        .snapshot()
+        .channels
+        .iter()
+        .map(|ch| ch.id.clone())
+        .find(|id| *id != callid)
+        .expect("the caller");
+    sim.hangup_far_end(&caller, 16).await.expect("hang up");
+    let store = fixtures::store(&c.cfg);
+    wait_for_async("the claim released", WAIT, || async {
+        let r = store.lookup(&"lost-2".parse().ok()?).await.ok()?;
+        r.is_none().then_some(())
+    })
+    .await
+    .expect("the conference ended with its last caller");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

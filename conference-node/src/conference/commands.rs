@@ -651,9 +651,9 @@ impl Conference {
                     tokio::time::sleep(limit).await;
                     if node.dialouts.expire(&node, &callid) {
                         tracing::warn!(conference = %name, callid = %callid, "dial-out end never seen; given up");
-                        node.unroute_dialout(&callid);
-                        node.send(&name, Msg::DialoutGone { channel: callid }, false);
                     }
+                    // Also when a reconciliation reported it first: the seat goes either way.
+                    node.dialout_gone(&callid);
                 });
             }
             Err(e) => {
