@@ -361,6 +361,7 @@ pub async fn serve(
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<String>(1024);
     let ping_every = limits.ping_interval;
+    let silence = ping_every.saturating_mul(5) / 2;
     let writer = tokio::spawn(async move {
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
@@ -372,13 +373,20 @@ pub async fn serve(
                 },
                 _ = ping.tick() => Message::Ping(Default::default()),
             };
-            if sink.send(msg).await.is_err() {
-                break;
+            // A client that stays connected but reads nothing (hung, stopped) would hold
+            // this task, its queue and every task answering it for good: one that takes
+            // no frame for as long as a silent one is allowed is closed.
+            match tokio::time::timeout(silence, sink.send(msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::info!("JSON-RPC client reads nothing; closing its connection");
+                    return;
+                }
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(silence, sink.close()).await;
     });
-    let silence = ping_every.saturating_mul(5) / 2;
     let (close, closed) = tokio::sync::watch::channel(false);
     let pending = Arc::new(Semaphore::new(MAX_PENDING_FRAMES));
     let session = Arc::new(Session {
@@ -398,12 +406,25 @@ pub async fn serve(
         errors,
     });
     let events = tokio::spawn(forward_events(session.clone()));
-    // A pong or any message proves the client is there; silence past `silence` ends it.
-    while let Ok(Some(msg)) = tokio::time::timeout(silence, stream.next()).await {
+    // A pong or any message proves the client is there; silence past `silence` ends it, and
+    // so does the writer giving up on a client that reads nothing (its queue is closed).
+    let writer_gone = session.out.clone();
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(silence, stream.next()) => match m {
+                Ok(Some(msg)) => msg,
+                _ => break,
+            },
+            _ = writer_gone.closed() => break,
+        };
         match msg {
             Ok(Message::Text(text)) => {
-                let Ok(permit) = pending.clone().acquire_owned().await else {
-                    break;
+                let permit = tokio::select! {
+                    p = pending.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = writer_gone.closed() => break,
                 };
                 session.clone().incoming(text.as_str(), permit).await
             }
@@ -419,6 +440,7 @@ pub async fn serve(
     events.abort();
     let _ = close.send(true);
     drop(session);
+    drop(writer_gone);
     let _ = writer.await;
 }
 

@@ -627,6 +627,53 @@ async fn silent_clients_are_closed_and_ponging_ones_kept() {
     assert!(ended, "the silent connection was closed by the server");
 }
 
+/// A client that keeps sending but reads nothing (a hung consumer whose kernel still
+/// acknowledges) fills the socket buffers with answers; the server does not wait on it for
+/// good: once no frame has been taken for 2.5 ping intervals it closes the connection and
+/// drops what was queued, so reading again later finds the end of the stream, not every
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_closed_rather_than_waited_on() {
+    let s = setup(&[
+        ("CONFROUTE_RPC__PING_INTERVAL", "1s"),
+        ("CONFROUTE_RPC__RATE_LIMIT", "1000000"),
+        ("CONFROUTE_RPC__BURST", "1000000"),
+    ])
+    .await;
+    let mut ws = connect(&s, None).await.expect("connect");
+    // Answers echo their id: 1,000 of 60 kB each are more than loopback's socket buffers
+    // (up to 32 MB + 4 MB here) hold.
+    const SENT: usize = 1000;
+    let pad = "x".repeat(60_000);
+    for i in 0..SENT {
+        send(
+            &mut ws,
+            &json!({"jsonrpc": "2.0", "method": "no.such.method", "id": format!("{i}-{pad}")})
+                .to_string(),
+        )
+        .await;
+    }
+    // Reading nothing (and so answering no ping) for well past the 2.5 s limit.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut answers = 0;
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Err(_) => break false,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break true,
+            Ok(Some(Ok(Message::Text(_)))) => answers += 1,
+            Ok(Some(Ok(_))) => {}
+        }
+    };
+    assert!(ended, "the connection was closed");
+    assert!(
+        answers < SENT,
+        "every answer waited for the client ({answers}): the server kept the connection"
+    );
+    // The controller is still serving.
+    let mut fresh = connect(&s, None).await.expect("connect");
+    ping(&mut fresh, 1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
     // The client reads nothing (and so answers no ping) while the events pile up, which on
