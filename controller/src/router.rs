@@ -382,6 +382,11 @@ impl Router {
             self.trouble();
         }
         if let Ok(mut leases) = self.leases.lock() {
+            // Only listed nodes are looked up; a node id gone from Redis (a replaced agent
+            // with a new id) is forgotten rather than kept for the life of the process.
+            let listed: std::collections::HashSet<&NodeId> =
+                nodes.iter().map(|n| &n.info.id).collect();
+            leases.retain(|id, _| listed.contains(id));
             for n in &nodes {
                 let l = leases.entry(n.info.id.clone()).or_default();
                 *l = (*l).max(n.lease_ms);
