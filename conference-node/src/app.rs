@@ -199,14 +199,13 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         stop_rx,
     ));
     let app = http::app(node.clone());
+    let header_timeout = node.cfg.http.header_timeout;
     let (http_stop, http_rx) = tokio::sync::oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+        confroute_shared::http_serve::serve(listener, app, header_timeout, async {
             let _ = http_rx.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server failed");
-        }
+        })
+        .await;
     });
     tasks.shrink_to_fit();
     Ok(Agent {

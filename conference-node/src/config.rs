@@ -101,6 +101,10 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Bearer token required on `/v1/*`; none = open.
     pub api_token: Option<Secret>,
+    /// Longest a connection may take to send a request's head (or sit idle between
+    /// requests) before it is closed.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
 }
 
 /// `[ari]`.
@@ -275,6 +279,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             api_token: None,
+            header_timeout: confroute_shared::http_serve::DEFAULT_HEADER_TIMEOUT,
         }
     }
 }
@@ -518,6 +523,9 @@ impl Validate for NodeConfig {
                 );
             }
         }
+        if !confroute_shared::http_serve::HEADER_TIMEOUT_RANGE.contains(&self.http.header_timeout) {
+            issues.add("http.header_timeout", "must be between 1s and 1h");
+        }
         let c = &self.conference;
         check_max(
             &mut issues,
@@ -666,6 +674,16 @@ mod tests {
                 "conference.status_callback_event",
             ),
             ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            (
+                "CONFROUTE_HTTP__HEADER_TIMEOUT",
+                "500ms",
+                "http.header_timeout",
+            ),
+            (
+                "CONFROUTE_HTTP__HEADER_TIMEOUT",
+                "2h",
+                "http.header_timeout",
+            ),
             ("CONFROUTE_NODE__NOPE", "1", "node.nope"),
             (
                 "CONFROUTE_PROFILES__VIP__MUTED",

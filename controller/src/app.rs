@@ -155,14 +155,13 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         .map_err(|e| StartError(format!("http.listen: cannot bind {}: {e}", cfg.http.listen)))?;
     let http_addr = listener.local_addr().unwrap_or(cfg.http.listen);
     let app = http::app(state, cfg.http.max_body_size);
+    let header_timeout = cfg.http.header_timeout;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+        confroute_shared::http_serve::serve(listener, app, header_timeout, async {
             let _ = stop_rx.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server failed");
-        }
+        })
+        .await;
     });
     sip_bound.store(true, Ordering::Relaxed);
     Ok(Controller {

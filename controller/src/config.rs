@@ -108,6 +108,8 @@ pub enum Transport {
     Tcp,
 }
 
+pub use confroute_shared::http_serve::{DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_RANGE};
+
 /// HTTP API settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -118,6 +120,10 @@ pub struct HttpConfig {
     pub api_token: Option<Secret>,
     /// Largest accepted request body in bytes.
     pub max_body_size: usize,
+    /// Longest a connection may take to send a request's head (or sit idle between
+    /// requests) before it is closed.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
 }
 
 /// How conferences are placed and how long a routing decision may take.
@@ -235,6 +241,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             api_token: None,
             max_body_size: 64 * 1024,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
         }
     }
 }
@@ -297,6 +304,9 @@ impl Validate for ControllerConfig {
         }
         if self.http.max_body_size < 1024 {
             issues.add("http.max_body_size", "must be at least 1024 bytes");
+        }
+        if !HEADER_TIMEOUT_RANGE.contains(&self.http.header_timeout) {
+            issues.add("http.header_timeout", "must be between 1s and 1h");
         }
         if self.routing.deadline.is_zero() {
             issues.add("routing.deadline", "must be greater than zero");
@@ -385,6 +395,16 @@ mod tests {
             ("CONFROUTE_SIP__HEADER_NODE", "X Node", "sip.header_node"),
             ("CONFROUTE_SIP__RETRY_AFTER", "0", "sip.retry_after"),
             ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            (
+                "CONFROUTE_HTTP__HEADER_TIMEOUT",
+                "0s",
+                "http.header_timeout",
+            ),
+            (
+                "CONFROUTE_HTTP__HEADER_TIMEOUT",
+                "soon",
+                "http.header_timeout",
+            ),
             ("CONFROUTE_ROUTING__DEADLINE", "0s", "routing.deadline"),
             ("CONFROUTE_ROUTING__CANDIDATES", "99", "routing.candidates"),
             ("CONFROUTE_HTTP__NOPE", "1", "http.nope"),

@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod config;
 pub mod dialout;
+pub mod http_serve;
 pub mod media;
 pub mod name;
 pub mod placement;
