@@ -66,15 +66,14 @@ async fn id_free(
         "this node id has a live record: checking that no other agent renews it"
     );
     // A live agent renews its record within one of its heartbeats (a third of the lease its
-    // registration recorded); a dead one's record
-    // expires when its lease ends. Two of those heartbeats tell them apart, and usually end
-    // before the record expires: registering again before then keeps the last life's
-    // conferences from being placed elsewhere meanwhile.
+    // registration recorded); a dead one's record is not renewed. Two of those heartbeats
+    // tell them apart.
     let remaining = Duration::from_millis(first.lease_ms);
     let (left, every) = match first.lease_period_ms {
         Some(lease) => {
             let theirs = Duration::from_millis(lease / 3);
-            (remaining.min(theirs * 2), theirs.min(heartbeat) / 5)
+            // Held meanwhile, the record cannot expire first: the whole two are watched.
+            (theirs * 2, theirs.min(heartbeat) / 5)
         }
         // A record of an agent that does not say its lease (an older version): its
         // heartbeat is unknown, so the whole remaining lease is watched.
@@ -82,8 +81,19 @@ async fn id_free(
     };
     let until = Instant::now() + left + Duration::from_millis(500);
     let every = every.max(Duration::from_millis(20));
+    // The record is held alive meanwhile (its lease extended, not renewed): a crashed last
+    // life's record expiring during the watch would let a controller place its conferences
+    // on another node while their callers are still here (invariant 1).
+    let hold_for = first
+        .lease_period_ms
+        .map_or(heartbeat * 3, Duration::from_millis);
     let mut last = Some(first);
     while Instant::now() < until {
+        if let Ok(false) = store.hold_node(id, hold_for).await {
+            // Expired before it could be held: its last life's state (an admin drain) still
+            // carries over.
+            return Ok(last);
+        }
         tokio::time::sleep(every).await;
         match store.get_node(id).await {
             Ok(Some(rec)) if last.as_ref().is_some_and(|l| rec.updated_ms > l.updated_ms) => {

@@ -6,6 +6,8 @@ mod node_common;
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use confroute_shared::name::ConferenceName;
 use confroute_tests::ari_sim::client::EventStream;
 use confroute_tests::fixtures::{self, metric, scrape};
@@ -14,6 +16,52 @@ use node_common::*;
 
 fn name(s: &str) -> ConferenceName {
     ConferenceName::parse(s).expect("name")
+}
+
+/// An agent started again at once after a crash watches its last life's record for a while
+/// (another live agent under the same id would renew it). A record with less lease left
+/// than that watch used to expire during it, and for that moment a controller could place
+/// the node's conferences elsewhere while their callers were still in its Asterisk. Now the
+/// record is held through the watch: Redis never reports it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_holds_its_last_lives_record_while_it_checks_its_id() {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "Ex"]).expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut expired = client.get_async_pubsub().await.expect("pubsub");
+    expired
+        .subscribe("__keyevent@0__:expired")
+        .await
+        .expect("subscribe");
+    // The crashed life's record: a 900 ms lease, so a live agent would renew it every
+    // 300 ms; the new agent watches two of those and half a second more, past its expiry.
+    store
+        .register(&fixtures::node("node-a", 10), Duration::from_millis(900))
+        .await
+        .expect("register");
+    let sim_a = sim().await;
+    let node_a = NodeProc::start("node-a", &env(&sim_a, &cfg, &[])).expect("node a");
+    wait_app(&sim_a, &node_a).await;
+    let rec = store
+        .get_node(&fixtures::id("node-a"))
+        .await
+        .expect("read")
+        .expect("registered");
+    assert_eq!(
+        rec.info.control,
+        format!("http://127.0.0.1:{}", node_a.http_port),
+        "the new life registered"
+    );
+    let mut messages = expired.on_message();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        let key: String = m.get_payload().unwrap_or_default();
+        assert!(
+            !key.ends_with("node:node-a"),
+            "the node's record expired while its agent was starting again"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

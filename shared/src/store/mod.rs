@@ -722,6 +722,28 @@ impl Store {
         reply::optional_state("register", &value)
     }
 
+    /// Keeps an existing node record (and its index entry and placement set) alive for at
+    /// least `lease` without renewing it: for an agent starting again under a node id whose
+    /// record is still live, while it checks that no other agent renews it. False when the
+    /// record had expired (nothing is created).
+    pub async fn hold_node(&self, id: &NodeId, lease: Duration) -> Result<bool, StoreError> {
+        let key = self.node_key(id);
+        let script = &self.scripts.hold;
+        let held: i64 = self
+            .run("hold", |mut c| async move {
+                script
+                    .key(&key)
+                    .key(&self.nodes_key)
+                    .arg(&self.prefix)
+                    .arg(id.as_str())
+                    .arg(lease.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(held == 1)
+    }
+
     /// Renews a node's lease, records its load and renews the claims it hosts.
     pub async fn heartbeat(
         &self,

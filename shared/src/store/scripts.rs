@@ -17,6 +17,7 @@ pub(crate) struct Scripts {
     pub(crate) heartbeat: Script,
     pub(crate) set_state: Script,
     pub(crate) deregister: Script,
+    pub(crate) hold: Script,
     pub(crate) list_nodes: Script,
     pub(crate) list_conferences: Script,
 }
@@ -34,6 +35,7 @@ impl Scripts {
             heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
             set_state: Script::new(include_str!("lua/set_state.lua")),
             deregister: Script::new(include_str!("lua/deregister.lua")),
+            hold: Script::new(include_str!("lua/hold.lua")),
             list_nodes: Script::new(include_str!("lua/list_nodes.lua")),
             list_conferences: Script::new(include_str!("lua/list_conferences.lua")),
         }
