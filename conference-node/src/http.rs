@@ -182,7 +182,7 @@ async fn undrain(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value
         )),
         Err(state) => Err(ApiError::new(
             StatusCode::CONFLICT,
-            "shutting_down",
+            "node_shutting_down",
             format!("the node is stopping (state {state}); it cannot be undrained"),
         )),
     }

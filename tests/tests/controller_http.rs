@@ -237,12 +237,13 @@ async fn nodes_drain_undrain_and_their_errors() {
         .iter()
         .filter_map(|n| n["id"].as_str())
         .collect();
-    assert_eq!(ids.len(), 2, "{}", a.text);
+    assert_eq!(ids, ["node-a", "node-b"], "listed by id: {}", a.text);
     let a = call(&s, Method::GET, "/v1/nodes/node-a", None, None).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["state"], "serving");
     assert_eq!(a.body["capacity"], 100);
     assert_eq!(a.body["drain_since_ms"], Value::Null, "{}", a.text);
+    assert_eq!(a.body["stopping"], false, "{}", a.text);
     assert_error(
         &call(&s, Method::GET, "/v1/nodes/nope", None, None).await,
         404,

@@ -81,7 +81,8 @@ async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
     // An admin cannot undrain a node that is stopping.
     let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
     assert_eq!(status, 409, "{body}");
-    assert_eq!(body["error"]["code"], "shutting_down");
+    // The same code as the controller's, below.
+    assert_eq!(body["error"]["code"], "node_shutting_down");
     // Nor through a controller: Redis would say serving and conferences would be placed
     // on a node that ends them at its drain deadline.
     for action in ["undrain", "drain"] {
@@ -90,6 +91,15 @@ async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
         assert_eq!(status, 409, "{action}: {body}");
         assert_eq!(body["error"]["code"], "node_shutting_down", "{body}");
     }
+    // What the API shows tells this drain from an admin's: it ends in the agent's exit.
+    let shown = fixtures::http()
+        .get(format!("{}/v1/nodes/node-a", controller.http_url()))
+        .send()
+        .await
+        .expect("GET node");
+    let shown: Value = shown.json().await.expect("json");
+    assert_eq!(shown["state"], "draining", "{shown}");
+    assert_eq!(shown["stopping"], true, "{shown}");
     assert!(
         fixtures::documented_error_codes()
             .iter()

@@ -346,7 +346,12 @@ fn print_nodes(v: &Value) {
     for n in items {
         rows.push(vec![
             s(&n["id"]),
-            s(&n["state"]),
+            // A drain for the agent's own shutdown ends in its exit; an admin's does not.
+            if n["stopping"] == true {
+                format!("{} (stopping)", s(&n["state"]))
+            } else {
+                s(&n["state"])
+            },
             // A node whose agent lost its Asterisk gets no new conference, whatever its state.
             if n["ari"] == false { "down" } else { "up" }.into(),
             if n["zone"].as_str().unwrap_or("").is_empty() {

@@ -157,6 +157,7 @@ fn node_json(n: &NodeRecord) -> Value {
         "lease_ms": n.lease_ms,
         "updated_ms": n.updated_ms,
         "drain_since_ms": n.drain_since_ms,
+        "stopping": n.stopping,
     })
 }
 
@@ -168,8 +169,11 @@ pub async fn list_nodes(State(state): State<ApiState>) -> Result<Json<Value>, Ap
         .list_nodes()
         .await
         .map_err(|e| store_error(e, state.retry_after))?;
+    // By id: Redis's index is ordered by lease end, which every heartbeat changes.
+    let mut nodes: Vec<&NodeRecord> = nodes.iter().collect();
+    nodes.sort_by(|a, b| a.info.id.as_str().cmp(b.info.id.as_str()));
     Ok(Json(
-        json!({"items": nodes.iter().map(node_json).collect::<Vec<_>>()}),
+        json!({"items": nodes.into_iter().map(node_json).collect::<Vec<_>>()}),
     ))
 }
 
