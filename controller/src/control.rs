@@ -23,9 +23,12 @@ pub enum ControlError {
     /// The node or the bus answered an application error.
     #[error("{0}")]
     Node(BusError),
-    /// Routing is impossible now (Redis down, no node with room).
+    /// Routing is impossible now (Redis down).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// No node has room for a conference that needs a home.
+    #[error("no capacity: {0}")]
+    NoCapacity(String),
 }
 
 impl ControlError {
@@ -552,7 +555,7 @@ impl Control {
             .await
             .map_err(|e| match e {
                 RouteError::NoCapacity => {
-                    ControlError::Unavailable("no conference node has room".into())
+                    ControlError::NoCapacity("no conference node has room".into())
                 }
                 RouteError::Unavailable(why) => ControlError::Unavailable(why),
             })

@@ -97,7 +97,10 @@ impl From<ControlError> for RpcError {
     fn from(e: ControlError) -> Self {
         match e {
             ControlError::InvalidParams(m) => RpcError::new(codes::INVALID_PARAMS, m),
-            ControlError::Unavailable(m) => RpcError::new(codes::UNAVAILABLE, m),
+            // JSON-RPC has one code for both: the message says which.
+            ControlError::Unavailable(m) | ControlError::NoCapacity(m) => {
+                RpcError::new(codes::UNAVAILABLE, m)
+            }
             ControlError::Node(b) => {
                 let code = match b.code {
                     ErrorCode::ConferenceNotFound => codes::CONFERENCE_NOT_FOUND,

@@ -305,6 +305,51 @@ async fn nodes_drain_undrain_and_their_errors() {
     );
 }
 
+/// A REST dial-out into a conference that needs a home when no node has room says so as
+/// `POST /v1/route` does (`no_capacity`, not a generic `unavailable`), and places nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_dialout_with_no_node_with_room_is_no_capacity() {
+    let s = setup(None).await;
+    for id in ["node-a", "node-b"] {
+        let a = call(
+            &s,
+            Method::POST,
+            &format!("/v1/nodes/{id}/drain"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    let a = call(
+        &s,
+        Method::POST,
+        "/v1/conferences/roomless/participants",
+        Some(r#"{"to":"+15555550100"}"#),
+        None,
+    )
+    .await;
+    assert_error(&a, 503, "no_capacity");
+    assert!(a.headers.contains_key("retry-after"), "{:?}", a.headers);
+    let route = call(
+        &s,
+        Method::POST,
+        "/v1/route",
+        Some(r#"{"conference":"roomless"}"#),
+        None,
+    )
+    .await;
+    assert_error(&route, 503, "no_capacity");
+    assert!(
+        s.store
+            .lookup(&"roomless".parse().expect("name"))
+            .await
+            .expect("lookup")
+            .is_none(),
+        "nothing was placed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conferences_list_get_end_and_their_errors() {
     let s = setup(None).await;

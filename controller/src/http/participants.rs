@@ -29,6 +29,10 @@ impl From<ControlError> for ApiError {
             ControlError::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
             }
+            // As `POST /v1/route` says it.
+            ControlError::NoCapacity(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", m)
+            }
             ControlError::Node(b) => {
                 let (status, code) = match b.code {
                     ErrorCode::ConferenceNotFound => {
