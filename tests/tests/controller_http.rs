@@ -172,10 +172,16 @@ async fn route_answers_and_its_error_paths() {
         (r#"{"conference":"a","extra":1}"#, 400, "invalid_request"),
         (r#"{"conference": "#, 400, "invalid_json"),
         ("not json", 400, "invalid_json"),
+        // serde would take an array for the object, field by position.
+        (r#"["sales-2"]"#, 400, "invalid_request"),
+        (r#"[]"#, 400, "invalid_request"),
+        (r#""sales-2""#, 400, "invalid_request"),
     ];
     for (body, status, code) in cases {
         let a = call(&s, Method::POST, "/v1/route", Some(body), None).await;
         assert_error(&a, *status, code);
+        // The message speaks of the API, not of the server's own types.
+        assert!(!a.text.contains("RouteRequest"), "{}", a.text);
     }
     let long = format!(r#"{{"conference":"{}"}}"#, "x".repeat(129));
     assert_error(

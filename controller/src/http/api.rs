@@ -97,10 +97,37 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
 }
 
 /// Body of `POST /v1/route`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RouteRequest {
     conference: String,
+}
+
+impl<'de> Deserialize<'de> for RouteRequest {
+    /// Only from a JSON object: a derived struct would also take an array, field by
+    /// position (`["sales-2"]`), which the API does not offer.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            conference: String,
+        }
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = RouteRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object with `conference`")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RouteRequest, A::Error> {
+                let f = Fields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RouteRequest {
+                    conference: f.conference,
+                })
+            }
+        }
+        d.deserialize_map(Object)
+    }
 }
 
 /// Answer of `POST /v1/route`.
