@@ -564,7 +564,7 @@ async fn listen(
                             if cmd.timeout_ms > 0
                                 && full.abs_diff(cmd.deadline_ms) > CLOCK_SKEW_WARNING_MS
                             {
-                                tracing::warn!(id = %cmd.id, skew_ms = i128::from(cmd.deadline_ms) - i128::from(full), "the sender's clock differs from ours; check NTP on both hosts");
+                                tracing::warn!(id = %cmd.id, skew_ms = i128::from(cmd.deadline_ms) - i128::from(full), "a command's deadline is off from what its budget gives by our clock: the hosts' clocks differ (check NTP on both) or it was held on its way (this process paused, Redis or the network slow)");
                             }
                             cmd.deadline_ms = local;
                             if local < now {
