@@ -119,6 +119,7 @@ async fn publish(bus: Bus, mut rx: mpsc::Receiver<Outgoing>) {
                     params: Value::Null,
                     deadline_ms: 0,
                     timeout_ms: 0,
+                    sent_ms: 0,
                 };
                 bus.respond(&cmd, result).await;
             }

@@ -99,6 +99,11 @@ pub struct Command {
     /// The sender's whole budget for the command (ms); 0 from senders that did not say.
     #[serde(default)]
     pub timeout_ms: u64,
+    /// When it was sent, by Redis's clock as the sender reckons it (ms since the epoch); 0
+    /// when the sender does not know Redis's clock yet. With it a receiver tells a command
+    /// held on its way (its own process paused, Redis slow) from clocks that differ.
+    #[serde(default)]
+    pub sent_ms: u64,
 }
 
 /// More than this between the sender's deadline and the one re-based on our clock means the
@@ -119,6 +124,26 @@ pub fn local_deadline(cmd: &Command, now_ms: u64) -> u64 {
         return cmd.deadline_ms;
     }
     now_ms.saturating_add(cmd.timeout_ms / 2)
+}
+
+/// How long `cmd` has been on its way (ms) by Redis's clock, when both its sender and this
+/// process (`redis_now`) know that clock; `None` otherwise, or for a command without a budget.
+pub fn held_for(cmd: &Command, redis_now: Option<u64>) -> Option<u64> {
+    if cmd.sent_ms == 0 || cmd.timeout_ms == 0 {
+        return None;
+    }
+    redis_now.map(|now| now.saturating_sub(cmd.sent_ms))
+}
+
+/// [`local_deadline`] for a command `held` ms on its way: the first half of the budget
+/// counts from when it was sent, not from its receipt, so a command held past it (this
+/// process paused, Redis slow) is answered `timeout` rather than carried out just before
+/// its sender reports the node unavailable. Already past: a moment before `now_ms`.
+pub fn start_by(cmd: &Command, now_ms: u64, held: u64) -> u64 {
+    match (cmd.timeout_ms / 2).checked_sub(held) {
+        Some(left) if left > 0 => now_ms.saturating_add(left),
+        _ => now_ms.saturating_sub(1),
+    }
 }
 
 /// What comes back for a command.
@@ -225,6 +250,29 @@ struct Inner {
     /// each gap are unknown to this process.
     gaps: tokio::sync::watch::Sender<u64>,
     counter: AtomicU64,
+    /// Redis's clock minus ours (ms), and when (our clock) it was last measured; 0 = never.
+    offset_ms: std::sync::atomic::AtomicI64,
+    offset_at: AtomicU64,
+}
+
+/// How often this process compares its clock with Redis's.
+const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// A comparison is trusted for this long; Redis out of reach longer, the clock is unknown.
+const CLOCK_TRUSTED_FOR_MS: u64 = 60_000;
+/// A `TIME` round trip longer than this says too little about the offset to be used.
+const CLOCK_SAMPLE_MAX_RTT_MS: u64 = 100;
+
+impl Inner {
+    /// Now by Redis's clock, as this process reckons it; `None` when not known lately.
+    fn redis_now(&self) -> Option<u64> {
+        let at = self.offset_at.load(Ordering::Relaxed);
+        let now = now_ms();
+        if at == 0 || now.saturating_sub(at) > CLOCK_TRUSTED_FOR_MS {
+            return None;
+        }
+        let offset = self.offset_ms.load(Ordering::Relaxed);
+        Some(now.saturating_add_signed(offset))
+    }
 }
 
 /// A process's end of the bus; cheap to clone.
@@ -247,6 +295,7 @@ impl Bus {
         let bus = Bus::new(store, instance.clone());
         let channels = vec![format!("reply:{instance}"), "events".to_string()];
         bus.spawn_subscriber(channels, None);
+        bus.spawn_clock();
         bus
     }
 
@@ -255,6 +304,7 @@ impl Bus {
         let bus = Bus::new(store, format!("node-{node}"));
         let (tx, rx) = mpsc::channel(1024);
         bus.spawn_subscriber(vec![format!("cmd:{node}")], Some(tx));
+        bus.spawn_clock();
         (bus, rx)
     }
 
@@ -269,8 +319,35 @@ impl Bus {
                 connected: AtomicBool::new(false),
                 gaps: tokio::sync::watch::channel(0).0,
                 counter: AtomicU64::new(0),
+                offset_ms: std::sync::atomic::AtomicI64::new(0),
+                offset_at: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Compares this process's clock with Redis's now and every [`CLOCK_CHECK_EVERY`], so
+    /// commands carry when they were sent by the clock every process shares.
+    fn spawn_clock(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CLOCK_CHECK_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let before = now_ms();
+                let Ok(redis) = inner.store.time_ms().await else {
+                    continue;
+                };
+                let after = now_ms();
+                if after.saturating_sub(before) <= CLOCK_SAMPLE_MAX_RTT_MS {
+                    let ours = before + (after - before) / 2;
+                    let offset = i64::try_from(redis).unwrap_or(i64::MAX)
+                        - i64::try_from(ours).unwrap_or(i64::MAX);
+                    inner.offset_ms.store(offset, Ordering::Relaxed);
+                    inner.offset_at.store(after.max(1), Ordering::Relaxed);
+                }
+            }
+        });
     }
 
     /// Whether the subscription is up (commands can be heard and answered).
@@ -344,6 +421,7 @@ impl Bus {
             params,
             deadline_ms: now_ms() + timeout.as_millis() as u64,
             timeout_ms: timeout.as_millis() as u64,
+            sent_ms: self.inner.redis_now().unwrap_or(0),
         };
         let payload = match serde_json::to_vec(&cmd) {
             Ok(p) => p,
@@ -559,15 +637,28 @@ async fn listen(
                     match serde_json::from_slice::<Command>(&payload) {
                         Ok(mut cmd) => {
                             let now = now_ms();
-                            let local = local_deadline(&cmd, now);
-                            let full = now.saturating_add(cmd.timeout_ms);
-                            if cmd.timeout_ms > 0
-                                && full.abs_diff(cmd.deadline_ms) > CLOCK_SKEW_WARNING_MS
-                            {
-                                tracing::warn!(id = %cmd.id, skew_ms = i128::from(cmd.deadline_ms) - i128::from(full), "a command's deadline is off from what its budget gives by our clock: the hosts' clocks differ (check NTP on both) or it was held on its way (this process paused, Redis or the network slow)");
+                            let held = held_for(&cmd, inner.redis_now());
+                            if held.is_some_and(|ms| ms >= cmd.timeout_ms) {
+                                // Its sender has reported it unanswered: nobody listens.
+                                tracing::warn!(id = %cmd.id, held_ms = held, "dropping a command that reached this process after its sender gave up (this process paused, or Redis slow)");
+                                continue;
                             }
+                            let local = match held {
+                                Some(ms) => start_by(&cmd, now, ms),
+                                None => {
+                                    let full = now.saturating_add(cmd.timeout_ms);
+                                    if cmd.timeout_ms > 0
+                                        && full.abs_diff(cmd.deadline_ms) > CLOCK_SKEW_WARNING_MS
+                                    {
+                                        tracing::warn!(id = %cmd.id, skew_ms = i128::from(cmd.deadline_ms) - i128::from(full), "a command's deadline is off from what its budget gives by our clock: the hosts' clocks differ (check NTP on both) or it was held on its way (this process paused, Redis or the network slow)");
+                                    }
+                                    local_deadline(&cmd, now)
+                                }
+                            };
                             cmd.deadline_ms = local;
-                            if local < now {
+                            // A command late by Redis's clock goes on, to be answered
+                            // `timeout` (nothing done) while its sender still listens.
+                            if local < now && held.is_none() {
                                 tracing::debug!(id = %cmd.id, "dropping a command past its deadline");
                             } else if tx.try_send(cmd).is_err() {
                                 tracing::warn!("command queue full; dropping a command");
@@ -631,6 +722,7 @@ mod tests {
             params: serde_json::json!({}),
             deadline_ms,
             timeout_ms,
+            sent_ms: 0,
         };
         // The sender's clock is an hour behind ours: its deadline is long past here. The
         // command may start within the first half of its budget.
@@ -651,6 +743,33 @@ mod tests {
         }))
         .expect("a command without timeout_ms still decodes");
         assert_eq!(old.timeout_ms, 0);
+        assert_eq!(old.sent_ms, 0);
+    }
+
+    #[test]
+    fn a_command_held_on_its_way_keeps_the_budget_counted_from_its_sending() {
+        let now = 10_000_000;
+        let sent = |sent_ms| Command {
+            id: "c-1".into(),
+            reply_to: "x".into(),
+            method: "participant.mute".into(),
+            params: serde_json::json!({}),
+            // Whatever the sender's own clock said: Redis's clock decides here.
+            deadline_ms: 0,
+            timeout_ms: 5_000,
+            sent_ms,
+        };
+        // Both know Redis's clock: held 1 s, 1.5 s of the first half are left.
+        let held = held_for(&sent(now - 1_000), Some(now));
+        assert_eq!(held, Some(1_000));
+        assert_eq!(start_by(&sent(now - 1_000), now, 1_000), now + 1_500);
+        // Held past the first half (a paused process): already too late to start.
+        assert!(start_by(&sent(now - 3_000), now, 3_000) < now);
+        // Either side not knowing Redis's clock: counted from receipt, as before.
+        assert_eq!(held_for(&sent(0), Some(now)), None);
+        assert_eq!(held_for(&sent(now - 1_000), None), None);
+        // A sender a little ahead (estimates differ by milliseconds): not held at all.
+        assert_eq!(held_for(&sent(now + 3), Some(now)), Some(0));
     }
 
     #[test]

@@ -95,6 +95,68 @@ async fn a_node_killed_mid_command_is_reported_unavailable_in_time() {
     assert!(msg.contains("not listening"), "{msg}");
 }
 
+/// A command reaches a node agent only after its sender gave up (the agent's process was
+/// paused: SIGSTOP here, CPU throttling or a stalled VM in life). The client was told the
+/// node did not answer; the command must not take effect afterwards. Both ends know Redis's
+/// clock, so the agent sees how long the command was on its way and drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried_out() {
+    let mut c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            // A lease (three heartbeats) that outlasts the pause: the node stays the owner.
+            ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
+        ],
+        &[("CONFROUTE_RPC__COMMAND_TIMEOUT", "2s")],
+    )
+    .await;
+    let owner = c.route(1, "paused").await;
+    let a = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(sim, "paused", &[]).await;
+        wait_bridged(sim, &a).await;
+        a
+    };
+    let mut ws = c.client(0).await;
+    c.node_mut(&owner)
+        .proc
+        .process()
+        .signal(libc::SIGSTOP)
+        .expect("stop");
+    let (code, msg) = ws
+        .err(
+            "participant.mute",
+            json!({"conference": "paused", "participant": a}),
+        )
+        .await;
+    c.node_mut(&owner)
+        .proc
+        .process()
+        .signal(libc::SIGCONT)
+        .expect("continue");
+    assert_eq!(code, -32003, "{msg}");
+    // Answered after the agent read everything it was sent while stopped.
+    let list = ws
+        .ok("participant.list", json!({"conference": "paused"}))
+        .await;
+    let muted = list["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == a.as_str()))
+        .map(|p| p["muted"].clone());
+    assert_eq!(
+        muted,
+        Some(json!(false)),
+        "the mute reported unanswered was carried out later: {list}"
+    );
+    let sim = &c.node(&owner).sim;
+    assert!(
+        !sim.request_log()
+            .iter()
+            .any(|r| r.operation.as_deref() == Some("mute")),
+        "Asterisk was asked to mute"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_keeps_its_participants_options() {
     let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;

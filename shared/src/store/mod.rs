@@ -381,6 +381,16 @@ impl Store {
         .await
     }
 
+    /// Redis's clock (`TIME`), in ms since the epoch: the clock every process shares.
+    pub async fn time_ms(&self) -> Result<u64, StoreError> {
+        let (secs, micros): (u64, u64) = self
+            .run("time", |mut c| async move {
+                redis::cmd("TIME").query_async(&mut c).await
+            })
+            .await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     /// A client to open a pub/sub connection with (see [`crate::bus`]): on a Cluster, the
     /// primary serving `channel`'s slot.
     pub(crate) async fn pubsub_client(&self, channel: &str) -> Result<redis::Client, StoreError> {
