@@ -172,6 +172,30 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     let (ok, _, err) = ctl("http://127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
     assert!(!ok);
     assert!(err.contains("cannot reach"), "{err}");
+
+    // Some other HTTP server at --url: said so, with what it answered.
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let other_url = format!("http://{}", other.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = other.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 13\r\nConnection: close\r\n\r\nno such thing")
+                .await;
+        }
+    });
+    let (ok, _, err) = ctl(&other_url, Some(TOKEN), &["nodes", "list"]);
+    assert!(!ok);
+    assert!(
+        err.contains("404 Not Found")
+            && err.contains("does not answer like a confroute controller")
+            && err.contains("no such thing"),
+        "{err}"
+    );
 }
 
 /// Runs `confroute-ctl` off the async runtime (the simulated Asterisk lives on it).
@@ -223,6 +247,23 @@ async fn ctl_dials_out_and_follows_the_call() {
         "the callee is in the conference"
     );
 
+    // The listing says how long each has been in, not an epoch timestamp.
+    let (ok, out, err) = ctl_async(&url, &["participants", "list", "ctl-room"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().next().is_some_and(|h| h.contains("IN FOR")),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(a.as_str()))
+        .unwrap_or_else(|| panic!("{a} listed: {out}"));
+    let in_for = row.split_whitespace().last().unwrap_or_default();
+    assert!(
+        in_for.ends_with('s') && in_for[..in_for.len() - 1].parse::<u64>().is_ok(),
+        "seconds in: {row}"
+    );
+
     // Participant commands reach the caller (each path built from the same pieces).
     for (args, want) in [
         (
@@ -237,6 +278,14 @@ async fn ctl_dials_out_and_follows_the_call() {
             vec!["participants", "unmute", "ctl-room", a.as_str()],
             "unmuted",
         ),
+        (
+            vec!["participants", "hold", "ctl-room", a.as_str()],
+            "on hold",
+        ),
+        (
+            vec!["participants", "unhold", "ctl-room", a.as_str()],
+            "call control's hold lifted",
+        ),
         (vec!["participants", "kick", "ctl-room", callid], "kicked"),
     ] {
         let (ok, out, err) = ctl_async(&url, &args).await;
@@ -250,6 +299,17 @@ async fn ctl_dials_out_and_follows_the_call() {
     assert!(
         snap.channel(callid).is_none_or(|c| c.bridge.is_none()),
         "the callee was kicked"
+    );
+    // A move says how it went: this node hosts the target too, so bridge to bridge.
+    let (ok, out, err) = ctl_async(
+        &url,
+        &["participants", "move", "ctl-room", a.as_str(), "ctl-other"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("moved within node node-a (bridge to bridge)"),
+        "{out}"
     );
 
     // A busy callee: the status with its SIP code and cause, and a failing exit.

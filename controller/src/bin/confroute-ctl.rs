@@ -243,10 +243,13 @@ impl Api {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Failure(format!("cannot reach {}: {e}", self.url)))?;
+        let resp = req.send().await.map_err(|e| {
+            if e.is_timeout() {
+                Failure(format!("{} did not answer within 30 s", self.url))
+            } else {
+                Failure(format!("cannot reach {}: {e}", self.url))
+            }
+        })?;
         let status = resp.status();
         let text = resp
             .text()
@@ -255,10 +258,25 @@ impl Api {
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
             Ok(v)
-        } else {
-            let code = v["error"]["code"].as_str().unwrap_or("error");
-            let msg = v["error"]["message"].as_str().unwrap_or("");
+        } else if let (Some(code), Some(msg)) =
+            (v["error"]["code"].as_str(), v["error"]["message"].as_str())
+        {
             Err(Failure(format!("{status}: {code}: {msg}")))
+        } else {
+            // Not a controller's error body: some other server (a wrong --url, a proxy).
+            let body: String = match &v {
+                Value::String(t) => t.chars().take(200).collect(),
+                other => other.to_string().chars().take(200).collect(),
+            };
+            Err(Failure(format!(
+                "{status} from {}, which does not answer like a confroute controller (is --url right?){}",
+                self.url,
+                if body.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", body.trim())
+                }
+            )))
         }
     }
 
@@ -392,8 +410,22 @@ fn print_conferences(v: &Value) {
     }
 }
 
+/// How long ago `ms` (since the epoch) was, as `1h2m`, `3m4s` or `5s`; the exact time is in
+/// `--json`.
+fn since(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(ms) / 1000;
+    match (secs / 3600, secs / 60 % 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
 fn print_participants(v: &Value) {
-    let mut rows = vec![vec!["PARTICIPANT", "CALLER", "MUTED", "HELD", "JOINED"]
+    let mut rows = vec![vec!["PARTICIPANT", "CALLER", "MUTED", "HELD", "IN FOR"]
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>()];
@@ -404,7 +436,7 @@ fn print_participants(v: &Value) {
             s(&p["caller"]),
             s(&p["muted"]),
             s(&p["held"]),
-            s(&p["joined_ms"]),
+            p["joined_ms"].as_u64().map_or_else(|| "-".into(), since),
         ]);
     }
     print!("{}", table(&rows));
@@ -545,7 +577,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     participant,
                     Some("unhold"),
                     None,
-                    "off hold",
+                    // A hold from the caller's own phone lasts until the caller resumes.
+                    "call control's hold lifted",
                 ),
                 PartCmd::Kick {
                     conference,
@@ -592,7 +625,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ];
             path.extend(action);
             let v = api.call(method, &path, body).await?;
-            done(&v, what);
+            let what = match v["moved"].as_str() {
+                Some("redirect") => format!(
+                    "moved: redirected to node {} ({})",
+                    s(&v["node"]),
+                    s(&v["endpoint"])
+                ),
+                Some(_) => format!("moved within node {} (bridge to bridge)", s(&v["node"])),
+                None => what.to_string(),
+            };
+            done(&v, &what);
         }
         Cmd::Route { conference } => {
             let v = api
