@@ -335,3 +335,143 @@ async fn a_controller_that_cannot_hear_replies_sends_no_command() {
         "the refused command never reached the node"
     );
 }
+
+/// The cluster node (id, port) serving `slot`, read from `CLUSTER NODES` on `port`.
+fn slot_owner(port: u16, slot: i64) -> Option<(String, u16)> {
+    let text: String = redis_query(port, redis::cmd("CLUSTER").arg("NODES"))?;
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let serves = f.iter().skip(8).any(|r| match r.split_once('-') {
+            Some((a, b)) => matches!(
+                (a.parse::<i64>(), b.parse::<i64>()),
+                (Ok(a), Ok(b)) if a <= slot && slot <= b
+            ),
+            None => r.parse::<i64>().ok() == Some(slot),
+        });
+        let p = f
+            .get(1)?
+            .split('@')
+            .next()?
+            .rsplit(':')
+            .next()?
+            .parse()
+            .ok()?;
+        serves.then(|| (f[0].to_string(), p))
+    })
+}
+
+/// A node bus answering `echo`.
+fn echo_node(cfg: &RedisConfig) -> Bus {
+    let (node, mut commands) = Bus::node(fixtures::store(cfg), &fixtures::id("node-a"));
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            responder.respond(&cmd, Ok(cmd.params.clone())).await;
+        }
+    });
+    node
+}
+
+/// The bus's channels move with their slot: after the slot is handed to another primary
+/// (what a failover or a resharding does), commands fail as "not listening" for a moment,
+/// then every process has subscribed where the slot is now served and commands get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
+    let cluster = RedisCluster::start().expect("cluster");
+    let cfg = fixtures::cluster(&cluster.seeds());
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node = echo_node(&cfg);
+    for b in [&controller, &node] {
+        assert!(b.wait_connected(Duration::from_secs(10)).await);
+    }
+    let echo = || async {
+        controller
+            .call(
+                &fixtures::id("node-a"),
+                "echo",
+                json!(1),
+                Duration::from_secs(2),
+                false,
+            )
+            .await
+            .ok()
+            .and_then(|c| c.reply.ok())
+    };
+    assert_eq!(echo().await, Some(json!(1)));
+    let ports: Vec<u16> = cluster.nodes().iter().map(RedisServer::port).collect();
+    let slot: i64 = redis_query(
+        ports[0],
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{}events", cfg.prefix)),
+    )
+    .expect("keyslot");
+    let (from_id, from) = slot_owner(ports[0], slot).expect("owner");
+    let to = *ports.iter().find(|p| **p != from).expect("another primary");
+    let to_id: String = redis_query(to, redis::cmd("CLUSTER").arg("MYID")).expect("target id");
+    // The documented hand-over of a slot (no keys live in it: pub/sub channels are not keys).
+    let set = |port: u16, args: &[&str]| {
+        let mut c = redis::cmd("CLUSTER");
+        c.arg("SETSLOT").arg(slot);
+        for a in args {
+            c.arg(*a);
+        }
+        let ok: Option<String> = redis_query(port, &mut c);
+        assert_eq!(ok.as_deref(), Some("OK"), "SETSLOT {args:?} on {port}");
+    };
+    set(to, &["IMPORTING", &from_id]);
+    set(from, &["MIGRATING", &to_id]);
+    for p in std::iter::once(to).chain(std::iter::once(from)) {
+        set(p, &["NODE", &to_id]);
+    }
+    for p in ports.iter().filter(|p| **p != to && **p != from) {
+        set(*p, &["NODE", &to_id]);
+    }
+    confroute_tests::harness::wait_for_async(
+        "commands heard where the slot is served now",
+        Duration::from_secs(30),
+        || async { (echo().await == Some(json!(1))).then_some(()) },
+    )
+    .await
+    .expect("the bus followed its slot");
+    assert_eq!(slot_owner(ports[0], slot).map(|(_, p)| p), Some(to));
+}
+
+/// Checking where the channels' slot is served (every 5 s) opens no connection: an idle
+/// bus on a Cluster leaves the servers' connection counts as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_cluster_bus_opens_no_connections() {
+    let cluster = RedisCluster::start().expect("cluster");
+    let cfg = fixtures::cluster(&cluster.seeds());
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node = echo_node(&cfg);
+    for b in [&controller, &node] {
+        assert!(b.wait_connected(Duration::from_secs(10)).await);
+    }
+    // Settled: both buses have made their first slot check and clock reading.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let opened = || -> u64 {
+        cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                let info: String =
+                    redis_query(n.port(), redis::cmd("INFO").arg("stats")).unwrap_or_default();
+                info.lines()
+                    .find_map(|l| l.strip_prefix("total_connections_received:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let before = opened();
+    // Two slot checks of each bus.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let after = opened();
+    // Counting opens one connection to each server.
+    assert_eq!(
+        after - before,
+        cluster.nodes().len() as u64,
+        "connections opened by idle buses"
+    );
+}

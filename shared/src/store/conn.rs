@@ -491,6 +491,22 @@ impl Connector {
         if !self.inner.is_cluster {
             return Ok(None);
         }
+        // Asked over the store's own Cluster connection, this check (every few seconds per
+        // subscriber) opens no connection; a seed is asked only when that fails, or when the
+        // answer gives no host (the one it was reached at is not known here).
+        if let Ok((Conn::Cluster(mut c), _)) = self.get().await {
+            let slots = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<redis::Value>(&mut c)
+                .await;
+            if let Some((host, port)) = slots
+                .ok()
+                .and_then(|s| primary_of(&s, slot))
+                .filter(|(host, _)| !host.is_empty() && host != "?")
+            {
+                return Ok(Some(format!("{host}:{port}")));
+            }
+        }
         let mut last = None;
         for seed in &self.inner.cluster_seeds {
             match self.slot_primary_via(seed, slot).await {
