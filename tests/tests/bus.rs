@@ -372,11 +372,8 @@ fn echo_node(cfg: &RedisConfig) -> Bus {
     node
 }
 
-/// The bus's channels move with their slot: after the slot is handed to another primary
-/// (what a failover or a resharding does), commands fail as "not listening" for a moment,
-/// then every process has subscribed where the slot is now served and commands get through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
+/// A Cluster with a controller's bus and an echoing node's bus on it, both subscribed.
+async fn cluster_buses() -> (RedisCluster, RedisConfig, Bus, Bus) {
     let cluster = RedisCluster::start().expect("cluster");
     let cfg = fixtures::cluster(&cluster.seeds());
     let controller = Bus::controller(fixtures::store(&cfg));
@@ -384,6 +381,15 @@ async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
     for b in [&controller, &node] {
         assert!(b.wait_connected(Duration::from_secs(10)).await);
     }
+    (cluster, cfg, controller, node)
+}
+
+/// The bus's channels move with their slot: after the slot is handed to another primary
+/// (what a failover or a resharding does), commands fail as "not listening" for a moment,
+/// then every process has subscribed where the slot is now served and commands get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
+    let (cluster, cfg, controller, _node) = cluster_buses().await;
     let echo = || async {
         controller
             .call(
@@ -441,13 +447,7 @@ async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
 /// bus on a Cluster leaves the servers' connection counts as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_cluster_bus_opens_no_connections() {
-    let cluster = RedisCluster::start().expect("cluster");
-    let cfg = fixtures::cluster(&cluster.seeds());
-    let controller = Bus::controller(fixtures::store(&cfg));
-    let node = echo_node(&cfg);
-    for b in [&controller, &node] {
-        assert!(b.wait_connected(Duration::from_secs(10)).await);
-    }
+    let (cluster, _cfg, _controller, _node) = cluster_buses().await;
     // Settled: both buses have made their first slot check and clock reading.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let opened = || -> u64 {

@@ -115,6 +115,21 @@ fn concrete_request(
     (m, concrete, body)
 }
 
+/// Drains both test nodes through the API: nothing has room any more.
+async fn drain_every_node(s: &Setup) {
+    for id in ["node-a", "node-b"] {
+        let a = call(
+            s,
+            Method::POST,
+            &format!("/v1/nodes/{id}/drain"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+}
+
 fn assert_error(a: &Answer, status: u16, code: &str) {
     assert_eq!(a.status.as_u16(), status, "{}", a.text);
     assert_eq!(a.body["error"]["code"], code, "{}", a.text);
@@ -206,17 +221,7 @@ async fn route_answers_and_its_error_paths() {
     assert_eq!(page.items.len(), 1, "bad requests created nothing");
 
     // Every node drained: no capacity.
-    for id in ["node-a", "node-b"] {
-        let a = call(
-            &s,
-            Method::POST,
-            &format!("/v1/nodes/{id}/drain"),
-            None,
-            None,
-        )
-        .await;
-        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
-    }
+    drain_every_node(&s).await;
     let a = call(
         &s,
         Method::POST,
@@ -316,17 +321,7 @@ async fn nodes_drain_undrain_and_their_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rest_dialout_with_no_node_with_room_is_no_capacity() {
     let s = setup(None).await;
-    for id in ["node-a", "node-b"] {
-        let a = call(
-            &s,
-            Method::POST,
-            &format!("/v1/nodes/{id}/drain"),
-            None,
-            None,
-        )
-        .await;
-        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
-    }
+    drain_every_node(&s).await;
     let a = call(
         &s,
         Method::POST,
