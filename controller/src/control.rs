@@ -456,7 +456,8 @@ impl Control {
         }
         let target = self.home(&to).await?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let (reply, sent) = if left.is_zero() {
+        // Too little left for the node to hear the move and answer: not sent at all.
+        let (reply, sent) = if left < Duration::from_millis(50) {
             let e = BusError::new(
                 ErrorCode::Timeout,
                 format!(

@@ -257,21 +257,20 @@ struct Inner {
 
 /// How often this process compares its clock with Redis's.
 const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
-/// A comparison is trusted for this long; Redis out of reach longer, the clock is unknown.
-const CLOCK_TRUSTED_FOR_MS: u64 = 60_000;
 /// A `TIME` round trip longer than this says too little about the offset to be used.
 const CLOCK_SAMPLE_MAX_RTT_MS: u64 = 100;
 
 impl Inner {
-    /// Now by Redis's clock, as this process reckons it; `None` when not known lately.
+    /// Now by Redis's clock, as this process reckons it; `None` before the first comparison.
+    /// An old comparison still counts: the clocks drift apart by parts per million, and a
+    /// process paused for minutes must judge the commands it then reads by it before its
+    /// next comparison comes back.
     fn redis_now(&self) -> Option<u64> {
-        let at = self.offset_at.load(Ordering::Relaxed);
-        let now = now_ms();
-        if at == 0 || now.saturating_sub(at) > CLOCK_TRUSTED_FOR_MS {
+        if self.offset_at.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let offset = self.offset_ms.load(Ordering::Relaxed);
-        Some(now.saturating_add_signed(offset))
+        Some(now_ms().saturating_add_signed(offset))
     }
 }
 
@@ -420,7 +419,8 @@ impl Bus {
             method: method.to_string(),
             params,
             deadline_ms: now_ms() + timeout.as_millis() as u64,
-            timeout_ms: timeout.as_millis() as u64,
+            // 0 would read as "no budget given" (an older sender).
+            timeout_ms: (timeout.as_millis() as u64).max(1),
             sent_ms: self.inner.redis_now().unwrap_or(0),
         };
         let payload = match serde_json::to_vec(&cmd) {

@@ -12,16 +12,20 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower_service::Service;
 
-/// `http.header_timeout` by default: hyper's own default, when it has a timer.
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// `http.header_timeout` by default. The timer also closes idle keep-alive connections, so
+/// it outlasts what load balancers and client pools keep an idle connection for (60 s for
+/// an AWS ALB, 90 s for Go's and reqwest's pools): closing first would race their next
+/// request on it and fail that request.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Accepted values of `http.header_timeout`.
 pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
 
-/// Serves `app` on `listener` until `stop` completes, then lets the requests in progress (and
-/// open WebSockets) finish. A connection that has not sent a whole request head within
-/// `header_timeout` of starting one, or of its previous answer, is closed.
+/// Serves `app` on `listener` until `stop` completes, then lets the requests in progress
+/// finish (an upgraded WebSocket lives on in its own task, as under `axum::serve`). A
+/// connection that has not sent a whole request head within `header_timeout` of starting
+/// one, or of its previous answer, is closed.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,

@@ -1410,3 +1410,109 @@ async fn a_redis_refusing_writes_is_unavailable() {
         other => panic!("expected unavailable (OOM), got {other:?}"),
     }
 }
+
+/// `hold_node` (an agent starting again under its id, checking it is the only one): the
+/// record, its index entry, placement set and the claims it owns are kept for a lease, the
+/// record says its ARI is down (no new conference for an agent not running yet), and
+/// `updated_ms` is left as it was, so another agent's renewal still shows.
+#[tokio::test]
+async fn a_held_node_record_lives_on_says_ari_down_and_keeps_its_claims() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = RedisConfig {
+        // As short as the node lease: the claims would lapse with it.
+        conference_lease: Duration::from_secs(3),
+        ..fixtures::single(&redis.url())
+    };
+    let store = fixtures::store(&cfg);
+    let short = Duration::from_millis(1500);
+    store
+        .register(&node("held", 10), short)
+        .await
+        .expect("register");
+    store
+        .claim(&name("kept"), &[id("held")])
+        .await
+        .expect("claim");
+    let before = store
+        .get_node(&id("held"))
+        .await
+        .expect("get")
+        .expect("live");
+    assert!(before.load.ari, "registered without saying: up");
+    assert!(store
+        .hold_node(&id("held"), Duration::from_secs(3))
+        .await
+        .expect("hold"));
+    let pttl = |key: String| -> i64 {
+        redis_query(redis.port(), redis::cmd("PTTL").arg(key)).unwrap_or(-2)
+    };
+    assert!(
+        pttl(format!("{}node:held", cfg.prefix)) > 2000,
+        "record held"
+    );
+    assert!(
+        pttl(format!("{}node:held:confs", cfg.prefix)) > 2000,
+        "placements held"
+    );
+    assert!(
+        pttl(format!("{}conf:kept", cfg.prefix)) > 2000,
+        "claim held"
+    );
+    let after = store
+        .get_node(&id("held"))
+        .await
+        .expect("get")
+        .expect("live");
+    assert!(!after.load.ari, "a held record says its ARI is down");
+    assert_eq!(after.updated_ms, before.updated_ms, "not renewed");
+    // A claim placed on it meanwhile would go to an agent that is not running.
+    let placed = store
+        .claim(&name("fresh"), &[id("held")])
+        .await
+        .expect("claim");
+    assert_eq!(placed.kind, ClaimKind::NoCapacity, "{placed:?}");
+    // An expired record is not brought back.
+    assert!(!store
+        .hold_node(&id("gone"), Duration::from_secs(3))
+        .await
+        .expect("hold"));
+    assert!(store.get_node(&id("gone")).await.expect("get").is_none());
+}
+
+/// A record not renewed for two of its lease periods (and a second) is no longer held:
+/// agents that keep crashing in their start-up check cannot keep a dead node alive.
+#[tokio::test]
+async fn a_node_record_long_unrenewed_is_not_held_any_more() {
+    let (redis, store) = with_nodes(&["stale"]).await;
+    let key = format!("{}node:stale", fixtures::single(&redis.url()).prefix);
+    let rec = store
+        .get_node(&id("stale"))
+        .await
+        .expect("get")
+        .expect("live");
+    let period = rec.lease_period_ms.expect("lease period");
+    // Last renewed two periods and two seconds ago (the record itself still lives).
+    let _: Option<i64> = redis_query(
+        redis.port(),
+        redis::cmd("HSET")
+            .arg(&key)
+            .arg("updated_ms")
+            .arg(rec.updated_ms - 2 * period - 2000),
+    );
+    let _: Option<i64> = redis_query(redis.port(), redis::cmd("PEXPIRE").arg(&key).arg(1000));
+    assert!(store.hold_node(&id("stale"), LONG).await.expect("hold"));
+    let pttl: i64 = redis_query(redis.port(), redis::cmd("PTTL").arg(&key)).unwrap_or(-2);
+    assert!(pttl <= 1000, "extended past its limit: {pttl} ms");
+}
+
+/// Redis's clock through the store: on the server holding the prefix's keys, close to ours.
+#[tokio::test]
+async fn the_store_reads_redis_clock() {
+    let (_redis, store) = with_nodes(&[]).await;
+    let ours = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let theirs = store.time_ms().await.expect("time");
+    assert!(theirs.abs_diff(ours) < 5_000, "{theirs} vs {ours}");
+}

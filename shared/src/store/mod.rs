@@ -381,11 +381,15 @@ impl Store {
         .await
     }
 
-    /// Redis's clock (`TIME`), in ms since the epoch: the clock every process shares.
+    /// Redis's clock (`TIME`), in ms since the epoch: the clock every process shares. Read
+    /// on the server holding the prefix's keys (on a Cluster `TIME` alone would go to any
+    /// node, each with its own clock).
     pub async fn time_ms(&self) -> Result<u64, StoreError> {
+        let key = format!("{}clock", self.prefix);
+        let script = &self.scripts.time;
         let (secs, micros): (u64, u64) = self
             .run("time", |mut c| async move {
-                redis::cmd("TIME").query_async(&mut c).await
+                script.key(&key).invoke_async(&mut c).await
             })
             .await?;
         Ok(secs * 1000 + micros / 1000)
@@ -739,6 +743,7 @@ impl Store {
     pub async fn hold_node(&self, id: &NodeId, lease: Duration) -> Result<bool, StoreError> {
         let key = self.node_key(id);
         let script = &self.scripts.hold;
+        let conf_lease = self.conference_lease.as_millis() as u64;
         let held: i64 = self
             .run("hold", |mut c| async move {
                 script
@@ -747,6 +752,7 @@ impl Store {
                     .arg(&self.prefix)
                     .arg(id.as_str())
                     .arg(lease.as_millis() as u64)
+                    .arg(conf_lease)
                     .invoke_async(&mut c)
                     .await
             })

@@ -18,6 +18,7 @@ pub(crate) struct Scripts {
     pub(crate) set_state: Script,
     pub(crate) deregister: Script,
     pub(crate) hold: Script,
+    pub(crate) time: Script,
     pub(crate) list_nodes: Script,
     pub(crate) list_conferences: Script,
 }
@@ -36,6 +37,7 @@ impl Scripts {
             set_state: Script::new(include_str!("lua/set_state.lua")),
             deregister: Script::new(include_str!("lua/deregister.lua")),
             hold: Script::new(include_str!("lua/hold.lua")),
+            time: Script::new(include_str!("lua/time.lua")),
             list_nodes: Script::new(include_str!("lua/list_nodes.lua")),
             list_conferences: Script::new(include_str!("lua/list_conferences.lua")),
         }
