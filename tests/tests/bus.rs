@@ -405,7 +405,10 @@ async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
     };
     assert_eq!(echo().await, Some(json!(1)));
     // Redis's clock, read where the prefix's slot lives (TIME alone goes to any node).
-    let clock = fixtures::store(&cfg).time_ms().await.expect("Redis's clock");
+    let clock = fixtures::store(&cfg)
+        .time_ms()
+        .await
+        .expect("Redis's clock");
     assert!(clock > 1_600_000_000_000, "{clock}");
     let ports: Vec<u16> = cluster.nodes().iter().map(RedisServer::port).collect();
     let slot: i64 = redis_query(
