@@ -1,9 +1,12 @@
-//! The HTTP server loop of both binaries: `axum::serve` with a header-read timer. Without
-//! one, a client that opens a connection and sends half a request (or nothing, on an idle
-//! keep-alive connection) holds its task and file descriptor for good; enough of them exhaust
-//! the process's descriptors, which the SIP listener shares.
+//! The HTTP server loop of both binaries: `axum::serve` with a header-read timer and a
+//! deadline on request bodies. Without them, a client that opens a connection and sends half
+//! a request (or nothing, on an idle keep-alive connection, or a body a byte a minute) holds
+//! its task and file descriptor for good; enough of them exhaust the process's descriptors,
+//! which the SIP listener shares.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::Request;
@@ -53,8 +56,16 @@ pub async fn serve(
         let done = done_tx.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |r: Request<Incoming>| {
+                let until = tokio::time::Instant::now() + header_timeout;
+                let body = r.map(|inner| {
+                    axum::body::Body::new(Deadline {
+                        inner,
+                        until,
+                        sleep: None,
+                    })
+                });
                 // A Router is always ready: no poll_ready needed before `call`.
-                service.clone().call(r.map(axum::body::Body::new))
+                service.clone().call(body)
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -80,6 +91,50 @@ pub async fn serve(
     let _ = drain_tx.send(true);
     drop(done_tx);
     let _ = done_rx.recv().await;
+}
+
+/// A request body that must arrive by `until` (`http.header_timeout` after its head): one
+/// trickled in slower holds its handler and connection no longer. The timer is only set
+/// once the body is not all there already, as a small request's usually is.
+struct Deadline {
+    inner: Incoming,
+    until: tokio::time::Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for Deadline {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let until = this.until;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(
+                        "the request body did not arrive within http.header_timeout".into(),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// An accept that failed: nothing to do for a connection the peer already gave up; otherwise

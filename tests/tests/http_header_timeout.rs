@@ -1,6 +1,7 @@
 //! `http.header_timeout` on both binaries' HTTP servers: a connection that sends half a
-//! request head, or sits idle after an answer, is closed once the timeout passes, where it
-//! used to hold its task and file descriptor for good; whole requests are served as before.
+//! request head or half a body, or sits idle after an answer, is closed once the timeout
+//! passes, where it used to hold its task and file descriptor for good; whole requests are
+//! served as before.
 
 use std::time::Duration;
 
@@ -65,6 +66,24 @@ async fn the_controller_closes_slow_and_idle_http_connections() {
     env.push(("CONFROUTE_HTTP__HEADER_TIMEOUT".into(), "1s".into()));
     let controller = ControllerProc::start(&env).expect("controller");
     slow_and_idle_connections_are_closed(controller.http_port, "/healthz").await;
+
+    // A body announced and never finished: refused once the timeout has passed, and the
+    // connection closed, rather than a handler waiting for it for good.
+    let mut slow = TcpStream::connect(format!("127.0.0.1:{}", controller.http_port))
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"conference\"",
+    )
+    .await
+    .expect("write");
+    let got = closed_within(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("a half-sent body kept its connection");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("http.header_timeout"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
