@@ -1585,6 +1585,11 @@ impl Conference {
         let waiting = waiting && !(held && self.started);
         let mut p = Participant::new(opts, waiting, muted, channel.caller.number.clone());
         p.held = held;
+        // The last life knew when it joined; the channel's creation is the nearest Asterisk
+        // keeps (a caller joins as it reaches the app), better than the moment of adoption.
+        if let Some(created) = channel.created_ms().filter(|ms| *ms <= p.joined_ms) {
+            p.joined_ms = created;
+        }
         if let Some(tech) = channel.name.split('/').next().filter(|t| !t.is_empty()) {
             p.tech = tech.to_string();
         }

@@ -601,6 +601,14 @@ async fn a_restarted_agent_reads_back_the_options_of_the_callers_it_adopts() {
     for ch in [&muted, &moderator, &other] {
         wait_bridged(&sim, ch).await;
     }
+    let url = format!("{}/v1/conferences", node.http_url());
+    let joined_before = get_json(&url).await["items"][0]["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["channel"] == other.as_str()))
+        .and_then(|p| p["joined_ms"].as_u64())
+        .expect("joined_ms");
+    // Spacing, not synchronisation: the adoption comes well after the join.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     node.process().kill();
     until(&sim, "agent's socket gone", |s| s.websockets == 1).await;
@@ -624,6 +632,16 @@ async fn a_restarted_agent_reads_back_the_options_of_the_callers_it_adopts() {
         muted_of(&other),
         Some(serde_json::json!(false)),
         "{view:#?}"
+    );
+    // When it joined is kept (from the channel's creation), not reset to the adoption.
+    let joined_after = view
+        .iter()
+        .find(|p| p["channel"] == other.as_str())
+        .and_then(|p| p["joined_ms"].as_u64())
+        .expect("joined_ms");
+    assert!(
+        joined_after.abs_diff(joined_before) < 500,
+        "joined {joined_before}, after the restart {joined_after}"
     );
 
     // The moderator still ends the conference as it leaves.

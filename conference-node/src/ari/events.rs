@@ -25,6 +25,62 @@ pub struct Channel {
     /// Variables listed in ari.conf `channelvars`, when configured.
     #[serde(default)]
     pub channelvars: Option<BTreeMap<String, serde_json::Value>>,
+    /// When Asterisk created it, e.g. `2016-12-20T13:45:28.370-0600`.
+    #[serde(default)]
+    pub creationtime: String,
+}
+
+impl Channel {
+    /// [`Channel::creationtime`] in ms since the epoch; `None` when absent or malformed.
+    pub fn created_ms(&self) -> Option<u64> {
+        parse_time(&self.creationtime)
+    }
+}
+
+/// An ARI timestamp (`YYYY-MM-DDTHH:MM:SS.mmm±HHMM`, as Asterisk writes them) in ms since
+/// the epoch.
+pub fn parse_time(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 28
+        || [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+        ]
+        .iter()
+        .any(|(i, c)| b[*i] != *c)
+    {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        let part = s.get(from..to)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (h, mi, sec, ms) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?);
+    let sign = match b[23] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let (tzh, tzm) = (num(24, 26)?, num(26, 28)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - sign * (tzh * 3600 + tzm * 60);
+    u64::try_from(secs * 1000 + ms).ok()
 }
 
 /// Caller id name and number.
@@ -246,6 +302,34 @@ pub fn decode(text: &str) -> Result<Event, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ari_timestamps_are_read_with_their_zone() {
+        // 2016-12-20T19:45:28.370Z, written in UTC-6 and in UTC.
+        assert_eq!(
+            parse_time("2016-12-20T13:45:28.370-0600"),
+            Some(1_482_263_128_370)
+        );
+        assert_eq!(
+            parse_time("2016-12-20T19:45:28.370+0000"),
+            Some(1_482_263_128_370)
+        );
+        assert_eq!(parse_time("1970-01-01T00:00:00.000+0000"), Some(0));
+        assert_eq!(
+            parse_time("2024-02-29T00:00:00.000+0000"),
+            Some(1_709_164_800_000)
+        );
+        for bad in [
+            "",
+            "x",
+            "2016-12-20 13:45:28.370-0600",
+            "2016-13-20T13:45:28.370-0600",
+            "2016-12-20T13:45:28.370*0600",
+            "2016-12-20T13:45:28.37a-0600",
+        ] {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn stasis_start_with_unknown_fields_decodes() {
