@@ -234,6 +234,13 @@ fn defaults_render_a_complete_deployment() {
         "sip:$(NODE_IP):5060"
     );
     assert!(env_of(agent, "CONFROUTE_ARI__PASSWORD").is_some());
+    // The liveness probe waits for the start-up, which watches a last life's record for
+    // two heartbeats (up to 60 s each) before serving HTTP.
+    let startup = &agent["startupProbe"];
+    assert_eq!(startup["httpGet"]["path"], "/healthz");
+    let allowed = startup["periodSeconds"].as_u64().unwrap_or(0)
+        * startup["failureThreshold"].as_u64().unwrap_or(0);
+    assert!(allowed >= 121, "a start-up of 2 x 60 s + 0.5 s fits: {allowed} s");
     assert_eq!(
         agent["lifecycle"]["preStop"]["exec"]["command"],
         json!(["sh", "/etc/confroute/prestop-drain.sh"])
