@@ -149,6 +149,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         retry_after: cfg.sip.retry_after,
         control,
         rpc_limits: cfg.rpc.limits(),
+        rpc_connections: Arc::new(tokio::sync::Semaphore::new(cfg.rpc.max_connections)),
     });
     let listener = TcpListener::bind(cfg.http.listen)
         .await

@@ -163,6 +163,8 @@ pub struct RpcConfig {
     /// How often each connection is pinged; silent for 2.5 of these, it is closed.
     #[serde(deserialize_with = "duration")]
     pub ping_interval: Duration,
+    /// WebSocket connections open at once; further upgrades get 503.
+    pub max_connections: usize,
 }
 
 impl Default for RpcConfig {
@@ -176,6 +178,7 @@ impl Default for RpcConfig {
             burst: l.burst,
             max_batch: l.max_batch,
             ping_interval: l.ping_interval,
+            max_connections: 10_000,
         }
     }
 }
@@ -357,6 +360,9 @@ impl Validate for ControllerConfig {
         if self.rpc.max_subscriptions == 0 {
             issues.add("rpc.max_subscriptions", "must be at least 1");
         }
+        if !(1..=1_000_000).contains(&self.rpc.max_connections) {
+            issues.add("rpc.max_connections", "must be between 1 and 1000000");
+        }
         issues.finish()
     }
 }
@@ -433,6 +439,7 @@ mod tests {
                 "rpc.command_timeout",
             ),
             ("CONFROUTE_RPC__MAX_BATCH", "0", "rpc.max_batch"),
+            ("CONFROUTE_RPC__MAX_CONNECTIONS", "0", "rpc.max_connections"),
             (
                 "CONFROUTE_RPC__MAX_SUBSCRIPTIONS",
                 "0",

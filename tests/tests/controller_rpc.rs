@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use confroute_shared::bus::{Bus, BusError, ErrorCode, Event};
 use confroute_tests::fixtures;
-use confroute_tests::harness::{ControllerProc, RedisServer};
+use confroute_tests::harness::{wait_for_async, ControllerProc, RedisServer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -674,6 +674,41 @@ async fn a_client_that_reads_nothing_is_closed_rather_than_waited_on() {
     // The controller is still serving.
     let mut fresh = connect(&s, None).await.expect("connect");
     ping(&mut fresh, 1).await;
+}
+
+/// `rpc.max_connections`: past it an upgrade is refused with 503 `too_many_connections`
+/// (and `Retry-After`), and a closed connection frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_past_rpc_max_connections_are_refused_until_one_closes() {
+    let s = setup(&[("CONFROUTE_RPC__MAX_CONNECTIONS", "1")]).await;
+    let mut first = connect(&s, None).await.expect("connect");
+    ping(&mut first, 1).await;
+    match connect(&s, None).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503);
+            assert!(resp.headers().contains_key("retry-after"), "{resp:?}");
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())
+                .expect("JSON error body");
+            assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+            assert!(fixtures::documented_error_codes()
+                .iter()
+                .any(|c| c == "too_many_connections"));
+        }
+        other => panic!(
+            "a second connection past the limit: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    first.close(None).await.expect("close");
+    drop(first);
+    let mut again = wait_for_async(
+        "a place freed by the close",
+        Duration::from_secs(10),
+        || async { connect(&s, None).await.ok() },
+    )
+    .await
+    .expect("connects once the first is closed");
+    ping(&mut again, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

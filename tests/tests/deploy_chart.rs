@@ -240,7 +240,10 @@ fn defaults_render_a_complete_deployment() {
     assert_eq!(startup["httpGet"]["path"], "/healthz");
     let allowed = startup["periodSeconds"].as_u64().unwrap_or(0)
         * startup["failureThreshold"].as_u64().unwrap_or(0);
-    assert!(allowed >= 121, "a start-up of 2 x 60 s + 0.5 s fits: {allowed} s");
+    assert!(
+        allowed >= 121,
+        "a start-up of 2 x 60 s + 0.5 s fits: {allowed} s"
+    );
     assert_eq!(
         agent["lifecycle"]["preStop"]["exec"]["command"],
         json!(["sh", "/etc/confroute/prestop-drain.sh"])

@@ -84,6 +84,8 @@ pub struct ApiShared {
     pub control: crate::control::Control,
     /// Limits of each JSON-RPC connection.
     pub rpc_limits: crate::rpc::Limits,
+    /// One permit per open JSON-RPC WebSocket (`rpc.max_connections`).
+    pub rpc_connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// The handler of one entry of [`ROUTES`]; registering from the table keeps the router and

@@ -63,13 +63,25 @@ impl From<ControlError> for ApiError {
 
 /// `GET /v1/rpc`: upgrades to the JSON-RPC WebSocket.
 pub async fn rpc(State(state): State<ApiState>, ws: WebSocketUpgrade) -> Response {
+    // Held for the connection's life: each open WebSocket has its tasks and queues.
+    let Ok(slot) = state.rpc_connections.clone().try_acquire_owned() else {
+        return ApiError::unavailable(
+            "too_many_connections",
+            "the controller has as many call-control connections as rpc.max_connections allows; try another controller or later",
+            state.retry_after,
+        )
+        .into_response();
+    };
     let limits = state.rpc_limits.clone();
     let control = state.control.clone();
     let errors = state.metrics.rpc_errors.clone();
     // The protocol cap sits well above our own limit so an oversize message gets a JSON-RPC
     // error and the connection stays usable; only absurd frames close it.
     ws.max_message_size(limits.max_message_size.saturating_mul(16).max(1 << 20))
-        .on_upgrade(move |socket| crate::rpc::serve(socket, control, limits, errors))
+        .on_upgrade(move |socket| async move {
+            crate::rpc::serve(socket, control, limits, errors).await;
+            drop(slot);
+        })
 }
 
 fn body(b: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value>, ApiError> {
