@@ -895,6 +895,35 @@ async fn conferences_list_in_pages() {
     assert_eq!(last.next, None, "nothing after conf-24");
     let whole = store.list_conferences(None, 25).await.expect("page");
     assert_eq!((whole.items.len(), whole.next), (25, None));
+
+    // Names whose claims were deleted behind the index's back (as expiry does) are skipped
+    // and pruned, and the page is filled past them rather than coming back short or empty.
+    for i in 0..12 {
+        let _: Option<i64> = redis_query(
+            redis.port(),
+            redis::cmd("DEL").arg(format!(
+                "{}conf:conf-{i:02}",
+                fixtures::single(&redis.url()).prefix
+            )),
+        );
+    }
+    let page = store.list_conferences(None, 5).await.expect("page");
+    let names: Vec<String> = page.items.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(
+        names,
+        ["conf-12", "conf-13", "conf-14", "conf-15", "conf-16"]
+    );
+    assert_eq!(page.next.as_deref(), Some("conf-16"));
+    let rest = store
+        .list_conferences(Some("conf-16"), 100)
+        .await
+        .expect("page");
+    assert_eq!((rest.items.len(), rest.next), (8, None));
+    let indexed: Option<i64> = redis_query(
+        redis.port(),
+        redis::cmd("ZCARD").arg(format!("{}confs", fixtures::single(&redis.url()).prefix)),
+    );
+    assert_eq!(indexed, Some(13), "the deleted names left the index");
 }
 
 #[tokio::test]
