@@ -556,6 +556,28 @@ fn cluster_seeds_and_an_existing_password_secret() {
     }
 }
 
+/// A Redis TLS Secret from a public issuer has no `ca.crt`: with `caCertificate: false` the
+/// binaries keep the public roots and take only the client certificate from it.
+#[test]
+fn a_redis_tls_secret_without_a_ca_serves_the_client_certificate_only() {
+    let dir = TempDir::new("values").expect("dir");
+    let values = values_file(
+        dir.path(),
+        "public-ca",
+        &json!({"redis": {"url": "rediss://redis.example.com:6380",
+            "tlsSecret": {"name": "redis-client", "caCertificate": false, "clientCertificate": true}}}),
+    );
+    let r = render(&values);
+    for (suffix, file) in [("-node", "node.toml"), ("-controller", "controller.toml")] {
+        let toml = config_of(&r, suffix, file);
+        assert!(!toml.contains("tls_ca_file"), "{file}: {toml}");
+        assert!(
+            toml.contains("tls_cert_file = \"/etc/confroute/redis-tls/tls.crt\""),
+            "{file}: {toml}"
+        );
+    }
+}
+
 #[test]
 fn existing_secrets_replace_the_charts_own() {
     let r = check_scenario("existing-secret");
@@ -1023,6 +1045,16 @@ fn values_that_would_drop_calls_are_refused_at_render() {
         "Redis TLS Secret without TLS",
         &json!({"redis": {"url": "redis://redis:6379", "tlsSecret": {"name": "redis-ca"}}}),
         &["redis.tlsSecret.name", "no connection to Redis uses TLS"],
+    );
+    refused_at_render(
+        dir.path(),
+        "Redis TLS Secret used for nothing",
+        &json!({"redis": {"url": "rediss://redis:6379",
+            "tlsSecret": {"name": "redis-tls", "caCertificate": false}}}),
+        &[
+            "redis.tlsSecret.caCertificate",
+            "redis.tlsSecret.clientCertificate",
+        ],
     );
     // The grace period counts the preStop sleep: one no longer kills the controller mid-sleep,
     // before it has stopped at all.

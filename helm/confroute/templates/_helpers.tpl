@@ -152,7 +152,10 @@ key: ari-password
 {{- with $r.tlsSecret.name -}}
 {{- $tlsInUse := or $r.tls (and (eq $r.mode "url") (hasPrefix "rediss://" $r.url)) (and (eq $r.mode "sentinel") $r.sentinel.tls) -}}
 {{- if not $tlsInUse }}{{ fail "redis.tlsSecret.name is set but no connection to Redis uses TLS: set redis.tls (or a rediss:// redis.url, or redis.sentinel.tls)" }}{{ end -}}
+{{- if not (or $r.tlsSecret.caCertificate $r.tlsSecret.clientCertificate) }}{{ fail "redis.tlsSecret.name is set but neither redis.tlsSecret.caCertificate nor redis.tlsSecret.clientCertificate uses it" }}{{ end -}}
+{{- if $r.tlsSecret.caCertificate -}}
 {{- $_ := set $out "tls_ca_file" "/etc/confroute/redis-tls/ca.crt" -}}
+{{- end -}}
 {{- if $r.tlsSecret.clientCertificate -}}
 {{- $_ := set $out "tls_cert_file" "/etc/confroute/redis-tls/tls.crt" -}}
 {{- $_ := set $out "tls_key_file" "/etc/confroute/redis-tls/tls.key" -}}
