@@ -334,6 +334,32 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A JSON-RPC error as the REST commands print theirs: the code's name first (as the
+/// HTTP API spells it), then its number and the message.
+fn rpc_failure(e: &Value) -> Failure {
+    use confroute_controller::rpc::codes;
+    let name = match e["code"].as_i64().unwrap_or(0) {
+        codes::PARSE_ERROR => "invalid_json",
+        codes::INVALID_REQUEST => "invalid_request",
+        codes::METHOD_NOT_FOUND => "method_not_found",
+        codes::INVALID_PARAMS => "invalid_params",
+        codes::INTERNAL_ERROR => "internal",
+        codes::CONFERENCE_NOT_FOUND => "conference_not_found",
+        codes::PARTICIPANT_NOT_FOUND => "participant_not_found",
+        codes::NODE_UNAVAILABLE => "node_unavailable",
+        codes::INVALID_NUMBER => "invalid_number",
+        codes::CONFERENCE_FULL => "conference_full",
+        codes::FORBIDDEN => "forbidden",
+        codes::TIMEOUT => "timeout",
+        codes::RATE_LIMITED => "rate_limited",
+        codes::TOO_MANY_SUBSCRIPTIONS => "too_many_subscriptions",
+        codes::MESSAGE_TOO_LARGE => "message_too_large",
+        codes::UNAVAILABLE => "unavailable",
+        _ => "error",
+    };
+    Failure(format!("{name} ({}): {}", s(&e["code"]), s(&e["message"])))
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -711,7 +737,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 if v["id"] == json!(1) {
                     if let Some(e) = v.get("error") {
-                        return Err(Failure(format!("{}: {}", s(&e["code"]), s(&e["message"]))));
+                        return Err(rpc_failure(e));
                     }
                     if !json_out {
                         println!("callid {}", s(&v["result"]["callid"]));
@@ -756,7 +782,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let Ok(Message::Text(t)) = msg else { continue };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
                 if let Some(e) = v.get("error") {
-                    return Err(Failure(format!("{}: {}", s(&e["code"]), s(&e["message"]))));
+                    return Err(rpc_failure(e));
                 }
                 if v["method"] == "event" {
                     if json_out {
