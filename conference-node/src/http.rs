@@ -174,8 +174,25 @@ async fn drain(
     ))
 }
 
+/// Refuses a query on a route that takes none: one the client meant (`?limit=`,
+/// `?force=`) would otherwise be ignored without a word.
+fn no_query(query: Option<&str>) -> Result<(), ApiError> {
+    match query {
+        None | Some("") => Ok(()),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("query `{other}` is not understood; this route takes none"),
+        )),
+    }
+}
+
 /// `POST /v1/undrain`: back to serving (not while shutting down).
-async fn undrain(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn undrain(
+    State(node): State<Arc<Node>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    no_query(query.as_deref())?;
     match lifecycle::undrain(&node).await {
         Ok(previous) => Ok(Json(
             json!({"id": node.id, "state": node.state(), "previous": previous}),
@@ -188,11 +205,16 @@ async fn undrain(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value
     }
 }
 
-/// `GET /v1/conferences`: the conferences this node hosts, as it sees them.
-async fn conferences(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
-    Json(json!({
+/// `GET /v1/conferences`: the conferences this node hosts, as it sees them (all of them:
+/// a node hosts at most `node.capacity`).
+async fn conferences(
+    State(node): State<Arc<Node>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    no_query(query.as_deref())?;
+    Ok(Json(json!({
         "node_id": node.id,
         "state": node.state(),
         "items": node.views(),
-    }))
+    })))
 }

@@ -380,6 +380,16 @@ async fn a_drain_for_a_stop_ends_in_an_exit_and_does_not_outlive_the_agent() {
     }
     let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
     assert_eq!(v["state"], "serving", "a refused drain drained: {v}");
+    // Routes that take no query refuse one rather than ignore it.
+    let (status, body) = post(&format!("{}/v1/undrain?force=true", s.node.http_url())).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    let listed = fixtures::http()
+        .get(format!("{}/v1/conferences?limit=1", s.node.http_url()))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(listed.status().as_u16(), 400);
 
     let a = dial(&s.sim, "busy", &[]).await;
     wait_bridged(&s.sim, &a).await;
