@@ -161,10 +161,9 @@ async fn drain(
         None | Some("") | Some("shutdown=false") => false,
         Some("shutdown=true") => true,
         Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!("query `{other}` is not understood; the only one is shutdown=true or shutdown=false"),
+            return Err(invalid_query(
+                other,
+                "the only one is shutdown=true or shutdown=false",
             ))
         }
     };
@@ -179,12 +178,17 @@ async fn drain(
 fn no_query(query: Option<&str>) -> Result<(), ApiError> {
     match query {
         None | Some("") => Ok(()),
-        Some(other) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            format!("query `{other}` is not understood; this route takes none"),
-        )),
+        Some(other) => Err(invalid_query(other, "this route takes none")),
     }
+}
+
+/// 400 `invalid_query` for `query`, saying what the route takes.
+fn invalid_query(query: &str, takes: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+        format!("query `{query}` is not understood; {takes}"),
+    )
 }
 
 /// `POST /v1/undrain`: back to serving (not while shutting down).
