@@ -606,6 +606,7 @@ async fn a_tcp_message_with_an_unusable_content_length_is_answered_then_closed()
     let s = setup(&[]).await;
     let cases = [
         ("Content-Length: abc", 400, "Content-Length is not a number"),
+        ("Content-Length: +3", 400, "Content-Length is not a number"),
         (
             "Content-Length: 3\r\nl: 0",
             400,
@@ -849,6 +850,38 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
                 .replace("Content-Length: 0", "Content-Length: 50"),
             400,
             "Content-Length",
+        ),
+        // RFC 3261 numbers are `1*DIGIT`: a sign is not a number, and a CSeq is below 2³¹
+        // (§8.1.1.5).
+        (
+            invite("sip:x@router", port, "z9hG4bKclplus", "")
+                .replace("Content-Length: 0", "Content-Length: +0"),
+            400,
+            "Content-Length is not a number",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKcseqbig", "")
+                .replace("CSeq: 1 INVITE", "CSeq: 2147483648 INVITE"),
+            400,
+            "CSeq",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKcseqplus", "")
+                .replace("CSeq: 1 INVITE", "CSeq: +1 INVITE"),
+            400,
+            "CSeq",
+        ),
+        (
+            invite("sip:x@router", port, "z9hG4bKmfplus", "")
+                .replace("Max-Forwards: 70", "Max-Forwards: +70"),
+            400,
+            "Max-Forwards is not a number",
+        ),
+        (
+            invite("sip:cseqmax@router", port, "z9hG4bKcseqmax", "")
+                .replace("CSeq: 1 INVITE", "CSeq: 2147483647 INVITE"),
+            302,
+            "",
         ),
         (
             invite(

@@ -12,7 +12,9 @@ use ipnet::IpNet;
 
 use confroute_shared::name::{ConferenceName, NameError};
 
-use super::message::{self, parse_sip_uri, percent_decode, ParseError, Request, UriError};
+use super::message::{
+    self, parse_digits, parse_sip_uri, percent_decode, ParseError, Request, UriError,
+};
 use super::response::{self, Response, ALLOW};
 use super::transactions::{Answer, Begin, Cancel, Transactions};
 use crate::config::{SipConfig, Transport};
@@ -491,7 +493,7 @@ impl SipService {
         let finish = |response: Response| Answer { response, to_tag };
         if let Some(max) = req.header("Max-Forwards") {
             // 1*DIGIT: `00` is 0 too.
-            if max.trim().parse::<u32>() == Ok(0) {
+            if parse_digits::<u32>(max.trim()) == Some(0) {
                 return finish(
                     Response::new(483, "Too Many Hops").warning("Max-Forwards reached 0"),
                 );
@@ -676,7 +678,7 @@ fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<S
         return Some("datagram too large".into());
     }
     if let Some(v) = req.header("Max-Forwards") {
-        if v.trim().parse::<u8>().is_err() {
+        if parse_digits::<u8>(v.trim()).is_none() {
             return Some("Max-Forwards is not a number 0-255".into());
         }
     }

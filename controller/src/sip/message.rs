@@ -288,22 +288,31 @@ impl<'a> Request<'a> {
     pub fn content_length(&self) -> Result<Option<usize>, &'static str> {
         match self.header("Content-Length") {
             None => Ok(None),
-            Some(v) => v
-                .trim()
-                .parse::<usize>()
+            Some(v) => parse_digits::<usize>(v.trim())
                 .map(Some)
-                .map_err(|_| "Content-Length is not a number"),
+                .ok_or("Content-Length is not a number"),
         }
     }
 
-    /// The CSeq number and method.
+    /// The CSeq number and method; `None` unless the number is below 2³¹ (RFC 3261 §8.1.1.5).
     pub fn cseq(&self) -> Option<(u32, &str)> {
         let v = self.header("CSeq")?;
         let mut it = v.split_whitespace();
-        let num = it.next()?.parse().ok()?;
+        let num = parse_digits::<u32>(it.next()?).filter(|n| *n < 1 << 31)?;
         let method = it.next()?;
         it.next().is_none().then_some((num, method))
     }
+}
+
+/// A number written as `1*DIGIT`, as RFC 3261 writes every numeric header value.
+///
+/// Rust's `parse` also takes a leading `+`, which no SIP grammar allows; a proxy that reads
+/// `+3` differently would frame the stream elsewhere.
+pub fn parse_digits<T: std::str::FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// The first element of a comma-separated header value, ignoring commas inside quotes or

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::handler::{Early, Outgoing, SipService};
-use super::message::header_end;
+use super::message::{header_end, parse_digits};
 use super::pktinfo;
 use crate::config::Transport;
 
@@ -331,7 +331,7 @@ fn content_length(head: &[u8]) -> Result<usize, &'static str> {
     }
     match found {
         None => Ok(0),
-        Some(v) => v.parse().map_err(|_| "Content-Length is not a number"),
+        Some(v) => parse_digits(&v).ok_or("Content-Length is not a number"),
     }
 }
 
