@@ -290,6 +290,28 @@ struct Track {
     requested: Option<i64>,
     /// The call ended (with this cause) before `accepted` could be sent.
     ended: Option<i64>,
+    /// The ring-timeout fallback watching this call while it is unanswered.
+    timer: Option<Timer>,
+}
+
+/// A fallback timer task, stopped when its call no longer needs it (answered or ended), so
+/// a busy node does not keep one sleeping task per call for the whole ring timeout.
+#[derive(Debug)]
+struct Timer(Option<tokio::task::AbortHandle>);
+
+impl Timer {
+    /// Lets the task run on (the timer that fired ends by itself).
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Dial-outs in progress on this node, by call id (the callee's channel id).
@@ -339,8 +361,18 @@ impl Dialouts {
                 accepted_at: None,
                 requested: None,
                 ended: None,
+                timer: None,
             },
         );
+    }
+
+    /// Hands the ring-timeout fallback of call `callid` to its tracker, which stops it once
+    /// the callee answers or the call ends; stopped at once if that has already happened.
+    pub fn watch(&self, callid: &str, timer: tokio::task::AbortHandle) {
+        let timer = Timer(Some(timer));
+        if let Some(t) = lock(&self.calls).get_mut(callid).filter(|t| !t.connected) {
+            t.timer = Some(timer);
+        }
     }
 
     /// The command was answered with the call id: `accepted`, then whatever the call did
@@ -413,6 +445,7 @@ impl Dialouts {
         }
         t.connected = true;
         t.connected_at = Some(std::time::Instant::now());
+        t.timer = None;
         if t.accepted {
             send(node, t, callid, "connected", Value::Null, false);
         }
@@ -490,7 +523,11 @@ impl Dialouts {
         {
             return false;
         }
-        if let Some(t) = calls.remove(callid) {
+        if let Some(mut t) = calls.remove(callid) {
+            // Called from that timer, which still has the seat to free.
+            if let Some(timer) = t.timer.take() {
+                timer.disarm();
+            }
             let cause = t.requested.unwrap_or(19);
             finish(node, &t, callid, cause);
         }

@@ -269,6 +269,7 @@ impl Metrics {
         registry.register(Box::new(bus_dropped.clone()))?;
         registry.register(Box::new(info.clone()))?;
         let store = StoreMetrics::new(&registry)?;
+        confroute_shared::runtime_metrics::RuntimeTasks::register(&registry)?;
         // Series exist from the start so dashboards and alerts see zeros, not gaps.
         for o in JOIN_OUTCOMES {
             joins.with_label_values(&[o]).inc_by(0);

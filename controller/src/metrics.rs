@@ -115,6 +115,7 @@ impl Metrics {
         registry.register(Box::new(rpc_errors.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
         let store = StoreMetrics::new(&registry)?;
+        confroute_shared::runtime_metrics::RuntimeTasks::register(&registry)?;
         // Outcome series exist from the start so dashboards and alerts see zeros, not gaps.
         for o in crate::router::OUTCOMES {
             routes.with_label_values(&[o]).inc_by(0);

@@ -752,3 +752,53 @@ async fn a_dialout_that_waited_past_half_its_budget_is_not_placed() {
         originates(sim)
     );
 }
+
+/// An unanswered dial-out has a fallback timer for when its end is never seen (ring timeout
+/// plus 30 s); a call that ends, here busy at once, stops it. Otherwise a node placing many
+/// calls with long ring timeouts would keep a sleeping task per call for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_dialouts_leave_no_timer_tasks_behind() {
+    const CALLS: usize = 40;
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (owner, _) = room(&c, "timers-1", &[]).await;
+    let node = c.node(&owner);
+    node.sim
+        .set_originate_behavior(EndpointMatch::prefix("PJSIP/+1555555"), Outcome::Busy);
+    let base = node.proc.http_url();
+    let tasks =
+        || async { fixtures::metric(&fixtures::scrape(&base).await, "confroute_runtime_tasks") };
+    let before = tasks().await;
+    assert!(before > 0.0, "the agent reports its runtime's tasks");
+    let mut ws = c.client(0).await;
+    let mut calls = Vec::new();
+    for i in 0..CALLS {
+        let r = ws
+            .ok(
+                "dialout",
+                json!({"conference": "timers-1", "to": format!("+15555550{i:03}"), "timeout": 600}),
+            )
+            .await;
+        calls.push(r["callid"].as_str().expect("callid").to_string());
+    }
+    for callid in &calls {
+        assert_eq!(
+            names(&ws.statuses(callid, "rejected").await),
+            ["accepted", "rejected"]
+        );
+    }
+    // Some tasks of the last calls may still be finishing; a timer per call would be 40.
+    let settled = wait_for_async(
+        "the agent's tasks back near where they were",
+        WAIT,
+        || async {
+            let now = tasks().await;
+            (now < before + (CALLS / 4) as f64).then_some(now)
+        },
+    )
+    .await;
+    assert!(
+        settled.is_ok(),
+        "tasks before the calls: {before}, after: {}",
+        tasks().await
+    );
+}

@@ -647,7 +647,8 @@ impl Conference {
                 let node = self.node.clone();
                 let name = self.name.clone();
                 let limit = Duration::from_secs(d.timeout_secs) + dialout::RINGING_FALLBACK;
-                tokio::spawn(async move {
+                let watched = callid.clone();
+                let timer = tokio::spawn(async move {
                     tokio::time::sleep(limit).await;
                     if node.dialouts.expire(&node, &callid) {
                         tracing::warn!(conference = %name, callid = %callid, "dial-out end never seen; given up");
@@ -655,6 +656,7 @@ impl Conference {
                     // Also when a reconciliation reported it first: the seat goes either way.
                     node.dialout_gone(&callid);
                 });
+                self.node.dialouts.watch(&watched, timer.abort_handle());
             }
             Err(e) => {
                 tracing::warn!(conference = %self.name, to = %d.to, endpoint = %d.endpoint, error = %e, "cannot originate the dial-out");
