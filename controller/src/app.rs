@@ -34,6 +34,9 @@ pub struct Controller {
     tasks: Vec<JoinHandle<()>>,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: Option<JoinHandle<()>>,
+    rpc_stop: tokio::sync::watch::Sender<bool>,
+    rpc_connections: Arc<tokio::sync::Semaphore>,
+    rpc_max_connections: usize,
 }
 
 /// Binds every socket and starts serving.
@@ -141,6 +144,8 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     let bus = Bus::controller(router.store().clone());
     let control = Control::new(router.clone(), bus, cfg.rpc.command_timeout);
     let sip_bound = Arc::new(AtomicBool::new(true));
+    let (rpc_stop, rpc_stop_rx) = tokio::sync::watch::channel(false);
+    let rpc_connections = Arc::new(tokio::sync::Semaphore::new(cfg.rpc.max_connections));
     let state = ApiState::new(ApiShared {
         router,
         metrics,
@@ -149,7 +154,8 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         retry_after: cfg.sip.retry_after,
         control,
         rpc_limits: cfg.rpc.limits(),
-        rpc_connections: Arc::new(tokio::sync::Semaphore::new(cfg.rpc.max_connections)),
+        rpc_connections: rpc_connections.clone(),
+        rpc_stop: rpc_stop_rx,
     });
     let listener = TcpListener::bind(cfg.http.listen)
         .await
@@ -171,6 +177,9 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         tasks,
         http_stop: Some(stop_tx),
         http_task: Some(http_task),
+        rpc_stop,
+        rpc_connections,
+        rpc_max_connections: cfg.rpc.max_connections,
     })
 }
 
@@ -186,5 +195,14 @@ impl Controller {
         if let Some(t) = self.http_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        // Call-control clients are told the controller is going (close 1001) rather than
+        // seeing their connections drop as in a crash; each has a moment to get the frame.
+        let _ = self.rpc_stop.send(true);
+        let all = u32::try_from(self.rpc_max_connections).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.rpc_connections.acquire_many(all),
+        )
+        .await;
     }
 }

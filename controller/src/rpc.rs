@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -360,9 +360,12 @@ pub async fn serve(
     control: Control,
     limits: Limits,
     errors: prometheus::IntCounterVec,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<String>(1024);
+    // Why the server ends the connection, for its close frame; set before the queue closes.
+    let (ending, why) = tokio::sync::oneshot::channel::<CloseFrame>();
     let ping_every = limits.ping_interval;
     let silence = ping_every.saturating_mul(5) / 2;
     let writer = tokio::spawn(async move {
@@ -388,6 +391,10 @@ pub async fn serve(
                 }
             }
         }
+        // The client's own close was answered by the protocol layer already.
+        if let Ok(frame) = why.await {
+            let _ = tokio::time::timeout(silence, sink.send(Message::Close(Some(frame)))).await;
+        }
         let _ = tokio::time::timeout(silence, sink.close()).await;
     });
     let (close, closed) = tokio::sync::watch::channel(false);
@@ -412,22 +419,29 @@ pub async fn serve(
     // A pong or any message proves the client is there; silence past `silence` ends it, and
     // so does the writer giving up on a client that reads nothing (its queue is closed).
     let writer_gone = session.out.clone();
-    loop {
+    let end = loop {
         let msg = tokio::select! {
             m = tokio::time::timeout(silence, stream.next()) => match m {
                 Ok(Some(msg)) => msg,
-                _ => break,
+                Ok(None) => break None,
+                Err(_) => break Some(close_frame(
+                    close_code::POLICY,
+                    format!("nothing heard for {} s (no pong)", silence.as_secs()),
+                )),
             },
-            _ = writer_gone.closed() => break,
+            _ = writer_gone.closed() => break None,
+            _ = stop.wait_for(|s| *s) => {
+                break Some(close_frame(close_code::AWAY, "the controller is shutting down".into()))
+            }
         };
         match msg {
             Ok(Message::Text(text)) => {
                 let permit = tokio::select! {
                     p = pending.clone().acquire_owned() => match p {
                         Ok(p) => p,
-                        Err(_) => break,
+                        Err(_) => break None,
                     },
-                    _ = writer_gone.closed() => break,
+                    _ = writer_gone.closed() => break None,
                 };
                 session.clone().incoming(text.as_str(), permit).await
             }
@@ -436,15 +450,55 @@ pub async fn serve(
                 session.count(&e);
                 session.send(response(&Value::Null, Err(e))).await
             }
-            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(Message::Close(_)) => break None,
+            Err(e) => break refusal(&e),
             Ok(_) => {}
         }
+    };
+    match end {
+        Some(frame) => {
+            tracing::info!(code = frame.code, reason = %frame.reason, "closing a JSON-RPC connection");
+            let _ = ending.send(frame);
+        }
+        None => drop(ending),
     }
     events.abort();
     let _ = close.send(true);
     drop(session);
     drop(writer_gone);
     let _ = writer.await;
+}
+
+fn close_frame(code: u16, reason: String) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// The close frame for a frame the WebSocket layer refused (RFC 6455 §7.4.1): 1007 for a
+/// text message that is not UTF-8, 1009 past the size cap, 1002 for other protocol faults;
+/// `None` when the connection itself failed and no frame can be sent.
+///
+/// The layer's error comes from a tungstenite version of axum's own, so it is told apart by
+/// its text (a test pins each case).
+fn refusal(e: &axum::Error) -> Option<CloseFrame> {
+    let text = e.to_string();
+    let code = if text.starts_with("UTF-8 encoding error") {
+        close_code::INVALID
+    } else if text.starts_with("Space limit exceeded") {
+        close_code::SIZE
+    } else if text.starts_with("WebSocket protocol error") {
+        close_code::PROTOCOL
+    } else {
+        return None;
+    };
+    // A close reason is at most 123 bytes (RFC 6455 §5.5).
+    let mut reason = text;
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    Some(close_frame(code, reason))
 }
 
 /// Sends subscribed conferences' events as `event` notifications. A client that does not

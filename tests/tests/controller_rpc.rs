@@ -1371,3 +1371,142 @@ async fn a_move_gets_one_command_timeout_in_all() {
     // The check took 2 s of the 3: at most 1 s is left for the move itself.
     assert!(*budget <= 1000, "the move was given {budget} ms");
 }
+
+/// A raw WebSocket connection to the controller's `/v1/rpc`, upgraded, for frames no client
+/// library sends.
+async fn raw_ws(s: &Setup) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.controller.http_port))
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"GET /v1/rpc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .expect("upgrade request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.expect("upgrade answer");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// A masked client frame: FIN, `opcode`, `payload` (the mask is zero, which leaves the
+/// payload as is).
+fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads server frames until a close frame; its status code (`Some(None)` for a close without
+/// one), or `None` if the connection ended without a close frame or nothing came in time.
+async fn close_code_of(tcp: &mut tokio::net::TcpStream) -> Option<Option<u16>> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        loop {
+            let mut h = [0u8; 2];
+            tcp.read_exact(&mut h).await.ok()?;
+            let mut len = u64::from(h[1] & 0x7f);
+            if len == 126 {
+                let mut l = [0u8; 2];
+                tcp.read_exact(&mut l).await.ok()?;
+                len = u64::from(u16::from_be_bytes(l));
+            } else if len == 127 {
+                let mut l = [0u8; 8];
+                tcp.read_exact(&mut l).await.ok()?;
+                len = u64::from_be_bytes(l);
+            }
+            let mut payload = vec![0u8; usize::try_from(len).ok()?];
+            tcp.read_exact(&mut payload).await.ok()?;
+            if h[0] & 0x0f == 0x8 {
+                return Some(
+                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
+                );
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Frames the WebSocket layer refuses end the connection with the status code RFC 6455
+/// §7.4.1 gives their fault, so a client can tell why; a frame announcing more than the cap
+/// (16× `rpc.max_message_size`, at least 1 MiB) is refused from its header, before its
+/// payload is taken in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_frames_close_with_the_status_code_of_their_fault() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(&[]).await;
+    let unmasked = {
+        let mut f = frame(0x1, b"{}");
+        f[1] &= 0x7f;
+        f.truncate(2);
+        f.extend_from_slice(b"{}");
+        f
+    };
+    let huge = {
+        // A text frame announcing 2 MiB: only its header is sent.
+        let mut f = vec![0x81, 0x80 | 127];
+        f.extend_from_slice(&(2u64 << 20).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 0]);
+        f
+    };
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("text that is not UTF-8", frame(0x1, &[0xff, 0xfe]), 1007),
+        ("an unmasked client frame", unmasked, 1002),
+        ("a reserved opcode", frame(0x3, b"x"), 1002),
+        ("a ping over 125 bytes", frame(0x9, &[b'p'; 126]), 1002),
+        ("a frame over the cap", huge, 1009),
+    ];
+    for (what, bytes, want) in cases {
+        let mut tcp = raw_ws(&s).await;
+        tcp.write_all(&bytes).await.expect("write");
+        assert_eq!(close_code_of(&mut tcp).await, Some(Some(want)), "{what}");
+    }
+    // A good frame on a fresh connection is still answered.
+    let mut ws = connect(&s, None).await.expect("connect");
+    ping(&mut ws, 1).await;
+}
+
+/// A controller that is stopped closes its call-control connections with 1001 (going away),
+/// so clients reconnect elsewhere knowing it was no crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_controller_closes_its_websockets_with_going_away() {
+    use tokio::io::AsyncWriteExt;
+    let mut s = setup(&[]).await;
+    let mut tcp = raw_ws(&s).await;
+    let list = json!({"jsonrpc": "2.0", "method": "conference.list", "id": 1}).to_string();
+    tcp.write_all(&frame(0x1, list.as_bytes()))
+        .await
+        .expect("write");
+    s.controller
+        .process()
+        .signal(15)
+        .expect("SIGTERM the controller");
+    assert_eq!(close_code_of(&mut tcp).await, Some(Some(1001)));
+    let exited = s
+        .controller
+        .process()
+        .wait_exit(Duration::from_secs(10))
+        .expect("wait");
+    assert_eq!(exited, Some(0), "{}", s.controller.output());
+}

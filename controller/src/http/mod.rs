@@ -86,6 +86,8 @@ pub struct ApiShared {
     pub rpc_limits: crate::rpc::Limits,
     /// One permit per open JSON-RPC WebSocket (`rpc.max_connections`).
     pub rpc_connections: Arc<tokio::sync::Semaphore>,
+    /// Becomes true when the controller stops: open WebSockets close with 1001.
+    pub rpc_stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The handler of one entry of [`ROUTES`]; registering from the table keeps the router and

@@ -75,11 +75,16 @@ pub async fn rpc(State(state): State<ApiState>, ws: WebSocketUpgrade) -> Respons
     let limits = state.rpc_limits.clone();
     let control = state.control.clone();
     let errors = state.metrics.rpc_errors.clone();
+    let stop = state.rpc_stop.clone();
     // The protocol cap sits well above our own limit so an oversize message gets a JSON-RPC
-    // error and the connection stays usable; only absurd frames close it.
-    ws.max_message_size(limits.max_message_size.saturating_mul(16).max(1 << 20))
+    // error and the connection stays usable; only absurd frames close it. The frame cap is
+    // the same: a frame is read whole before its message is measured, so a larger one
+    // would hold its declared size in memory first.
+    let cap = limits.max_message_size.saturating_mul(16).max(1 << 20);
+    ws.max_message_size(cap)
+        .max_frame_size(cap)
         .on_upgrade(move |socket| async move {
-            crate::rpc::serve(socket, control, limits, errors).await;
+            crate::rpc::serve(socket, control, limits, errors, stop).await;
             drop(slot);
         })
 }
