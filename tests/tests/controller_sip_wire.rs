@@ -1466,3 +1466,38 @@ async fn udp_answers_leave_from_the_address_the_request_was_sent_to() {
         drop(s);
     }
 }
+
+/// A branch is meant to be unique, but a client that reuses one (a bare magic cookie, a weak
+/// generator, phones behind one NAT address) for another call must not get that call's
+/// answer: it would be sent into the other conference. Its own retransmission still gets its
+/// own answer, and its ACK is absorbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_branch_does_not_give_another_call_its_answer() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let port = udp.port();
+    for branch in ["z9hG4bK", "z9hG4bKreused"] {
+        let first = invite("sip:reused-a@router", port, branch, "")
+            .replace(&format!("Call-ID: {branch}@test"), "Call-ID: call-a@test");
+        let second = invite("sip:reused-b@router", port, branch, "")
+            .replace(&format!("Call-ID: {branch}@test"), "Call-ID: call-b@test")
+            .replace("tag=a1", "tag=b1");
+        let a = udp.exchange(&first);
+        assert_eq!(header(&a, "X-Conference"), Some("reused-a"), "{a}");
+        let b = udp.exchange(&second);
+        assert_eq!(status(&b), 302, "{b}");
+        assert_eq!(
+            header(&b, "X-Conference"),
+            Some("reused-b"),
+            "{branch}: {b}"
+        );
+        assert_ne!(
+            header(&a, "To"),
+            header(&b, "To"),
+            "each call its own To-tag"
+        );
+        // Each one's retransmission gets its own answer again, byte for byte.
+        assert_eq!(udp.exchange(&second), b, "{branch}");
+        assert_eq!(udp.exchange(&first), a, "{branch}");
+    }
+}

@@ -613,13 +613,21 @@ fn rebuild(req: &Request<'_>, answer: &Answer, source: SocketAddr) -> Vec<u8> {
 }
 
 /// RFC 3261 §17.2.3: branch + sent-by identify a server transaction (ACK matches its INVITE).
-/// Pre-RFC 3261 branches fall back to Call-ID, CSeq number and the Via itself.
+/// Pre-RFC 3261 branches, and a bare magic cookie, fall back to Call-ID, CSeq number and the
+/// Via itself.
+///
+/// The Call-ID and CSeq number are part of every key, though the RFC's match needs only the
+/// branch: a client that reuses a branch for another call (a weak generator, phones behind
+/// one NAT address) would otherwise be sent the other call's answer, into another
+/// conference. Its ACK, CANCEL and retransmissions carry the same two values.
 fn transaction_key(req: &Request<'_>, via: &message::Via<'_>) -> String {
     match via.branch {
-        Some(b) if b.starts_with("z9hG4bK") => format!(
-            "{b}|{}:{}",
+        Some(b) if b.len() > "z9hG4bK".len() && b.starts_with("z9hG4bK") => format!(
+            "{b}|{}:{}|{}|{}",
             via.host.to_ascii_lowercase(),
-            via.port.unwrap_or(5060)
+            via.port.unwrap_or(5060),
+            req.header("Call-ID").unwrap_or(""),
+            req.cseq().map(|c| c.0).unwrap_or(0),
         ),
         // The top Via value only: a CANCEL or ACK carries that one alone (RFC 3261 §9.1,
         // §17.1.1.3), while the INVITE's first Via header may hold the whole path.
