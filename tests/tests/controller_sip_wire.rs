@@ -189,7 +189,12 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
     } = stalled("60s", &[]).await;
 
     // UDP: sent once, never retransmitted.
-    let msg = invite("sip:slow@router", udp.port(), "z9hG4bKslow", "");
+    let msg = invite(
+        "sip:slow@router",
+        udp.port(),
+        "z9hG4bKslow",
+        "Timestamp: 54.3 0.1\r\n",
+    );
     udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
     let trying = udp.recv();
     assert_eq!(status(&trying), 100, "{trying}");
@@ -197,6 +202,8 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
         header(&trying, "To").is_some_and(|t| !t.contains("tag=")),
         "100 Trying adds no To-tag: {trying}"
     );
+    // RFC 3261 §8.2.6.1: the 100 carries the request's Timestamp.
+    assert_eq!(header(&trying, "Timestamp"), Some("54.3 0.1"), "{trying}");
     let cancel = msg
         .replace(
             "INVITE sip:slow@router SIP/2.0",
@@ -850,6 +857,43 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
                 .replace("Content-Length: 0", "Content-Length: 50"),
             400,
             "Content-Length",
+        ),
+        (
+            invite("sip:emptytag@router", port, "z9hG4bKemptytag", "").replace(
+                "To: <sip:emptytag@router>",
+                "To: <sip:emptytag@router>;tag=",
+            ),
+            400,
+            "To tag",
+        ),
+        // A request line with blanks it must not hold (RFC 4475 §3.1.2.8-10) is answered,
+        // not dropped to be retransmitted for 32 s.
+        (
+            invite("sip:lws@router", port, "z9hG4bKlws", "").replacen(
+                "INVITE sip:lws@router SIP/2.0",
+                "INVITE  sip:lws@router  SIP/2.0",
+                1,
+            ),
+            400,
+            "single spaces",
+        ),
+        (
+            invite("sip:trws@router", port, "z9hG4bKtrws", "").replacen(
+                "INVITE sip:trws@router SIP/2.0",
+                "INVITE sip:trws@router SIP/2.0 ",
+                1,
+            ),
+            400,
+            "single spaces",
+        ),
+        (
+            invite("sip:lwsuri@router", port, "z9hG4bKlwsuri", "").replacen(
+                "INVITE sip:lwsuri@router SIP/2.0",
+                "INVITE sip:lwsuri@router;lr=foo bar SIP/2.0",
+                1,
+            ),
+            400,
+            "whitespace",
         ),
         // RFC 3261 numbers are `1*DIGIT`: a sign is not a number, and a CSeq is below 2³¹
         // (§8.1.1.5).

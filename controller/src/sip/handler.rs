@@ -665,6 +665,15 @@ fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<S
             return Some(format!("more than one {name} header"));
         }
     }
+    // An answer would add its own tag beside the empty one: two tags, which no dialog
+    // matches.
+    if req
+        .header("To")
+        .and_then(response::to_tag)
+        .is_some_and(str::is_empty)
+    {
+        return Some("the To tag parameter has no value".into());
+    }
     match req.cseq() {
         None => return Some("CSeq is not `number METHOD`".into()),
         Some((_, m)) if m != req.method => {

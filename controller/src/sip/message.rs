@@ -162,14 +162,36 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     if start.starts_with("SIP/2.0 ") {
         return Err(ParseError::Response);
     }
-    let mut parts = start.split(' ');
-    let (Some(method), Some(uri), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // RFC 3261 §7.1 puts exactly one SP between the three parts. A line that breaks only
+    // that (runs of spaces or tabs, a trailing space, whitespace inside the URI: RFC 4475
+    // §3.1.2.8–10) is still a request, read by its first and last words, and is answered
+    // 400 once its headers are known; otherwise its sender would retransmit for 32 s.
+    let blank = |c: char| c == ' ' || c == '\t';
+    let mut words = start.split(blank).filter(|w| !w.is_empty());
+    let (Some(method), Some(version)) = (words.next(), words.clone().last()) else {
         return Err(ParseError::Garbage(
             "start line is not `METHOD URI SIP/2.0`",
         ));
     };
+    // Three words at least (the URI may hold blanks), so the first and last differ.
+    if words.count() < 2 {
+        return Err(ParseError::Garbage(
+            "start line is not `METHOD URI SIP/2.0`",
+        ));
+    }
+    let mut defect = None;
+    let inner = start.trim_matches(blank);
+    let uri = inner[method.len()..inner.len() - version.len()].trim_matches(blank);
+    let single = start.len() == method.len() + uri.len() + version.len() + 2
+        && start.as_bytes()[method.len()] == b' '
+        && start.as_bytes()[method.len() + 1 + uri.len()] == b' ';
+    if !single {
+        defect = Some(
+            "the request line is not `METHOD SP Request-URI SP SIP-Version` with single spaces",
+        );
+    } else if uri.contains(blank) {
+        defect = Some("the Request-URI holds whitespace");
+    }
     if !is_token(method) {
         return Err(ParseError::Garbage("method is not a token"));
     }
@@ -182,7 +204,6 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
         return Err(ParseError::Garbage("empty request-URI"));
     }
     let mut headers: Vec<Header<'_>> = Vec::with_capacity(16);
-    let mut defect = None;
     for line in lines {
         if line.starts_with(' ') || line.starts_with('\t') {
             // Folded continuation (RFC 3261 §7.3.1): joined to the previous value.
@@ -608,10 +629,42 @@ mod tests {
             parse(b"INVITE sip:a@b\r\n\r\n"),
             Err(ParseError::Garbage(_))
         ));
-        assert!(matches!(
-            parse(b"INV ITE sip:a@b SIP/2.0\r\n\r\n"),
-            Err(ParseError::Garbage(_))
-        ));
+        // Blanks the request line must not hold (RFC 4475 §3.1.2.8-10) leave a request that
+        // gets a 400 naming them.
+        for (line, uri) in [
+            ("INVITE  sip:a@b  SIP/2.0", "sip:a@b"),
+            ("INVITE\tsip:a@b\tSIP/2.0", "sip:a@b"),
+            ("INVITE sip:a@b SIP/2.0 ", "sip:a@b"),
+            (" INVITE sip:a@b SIP/2.0", "sip:a@b"),
+            ("INVITE sip:a@b;lr=foo bar SIP/2.0", "sip:a@b;lr=foo bar"),
+            ("INV ITE sip:a@b SIP/2.0", "ITE sip:a@b"),
+        ] {
+            let msg = format!("{line}\r\nVia: SIP/2.0/UDP h\r\n\r\n");
+            let r = parse(msg.as_bytes()).expect(line);
+            assert_eq!(
+                (r.method, r.uri, r.version),
+                (
+                    line.trim().split([' ', '\t']).next().unwrap_or(""),
+                    uri,
+                    "SIP/2.0"
+                ),
+                "{line}"
+            );
+            assert!(r.defect.is_some(), "{line}");
+        }
+        assert_eq!(
+            parse(b"INVITE sip:a@b SIP/2.0\r\n\r\n")
+                .expect("read")
+                .defect,
+            None
+        );
+        for line in ["INVITE", "INVITE SIP/2.0", "  ", "INVITE\t \tSIP/2.0"] {
+            let msg = format!("{line}\r\nVia: SIP/2.0/UDP h\r\n\r\n");
+            assert!(
+                matches!(parse(msg.as_bytes()), Err(ParseError::Garbage(_))),
+                "{line}"
+            );
+        }
         // A bad header line is skipped and named, so the request can still get its 400.
         let r = parse(b"INVITE sip:a@b SIP/2.0\r\nNoColon\r\nVia: SIP/2.0/UDP h\r\n\r\n")
             .expect("answerable");

@@ -71,6 +71,12 @@ pub fn quote(text: &str) -> String {
 /// True when the To value already carries a `tag` parameter (outside the URI): `tag = token`
 /// among the header parameters, read outside quoted strings (`;foo="a;tag=1"` has none).
 pub fn has_to_tag(to: &str) -> bool {
+    to_tag(to).is_some_and(|t| !t.is_empty())
+}
+
+/// The value of a To value's `tag` parameter: empty for a `tag` or `tag=` without one
+/// (which RFC 3261's grammar does not allow), `None` without a tag parameter.
+pub fn to_tag(to: &str) -> Option<&str> {
     // The header parameters follow the name-addr's `>` (a display name may hold one, so it
     // is found outside quotes), or, in the addr-spec form (or a `<` never closed), start at
     // the first `;`: a tag this server appends to such a value is then found again.
@@ -78,10 +84,10 @@ pub fn has_to_tag(to: &str) -> bool {
         Some(end) => &to[end..],
         None => to.find(';').map_or("", |i| &to[i..]),
     };
-    header_params(params).any(|p| {
+    header_params(params).find_map(|p| {
         // EQUAL may have spaces around it (RFC 3261 §25.1): `tag = x` is a tag.
-        p.split_once('=')
-            .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("tag") && !v.trim().is_empty())
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        k.trim().eq_ignore_ascii_case("tag").then(|| v.trim())
     })
 }
 
@@ -217,6 +223,12 @@ pub fn build(req: &Request<'_>, resp: &Response, to_tag: &str, source: SocketAdd
     }
     if let Some(cseq) = req.header("CSeq") {
         push_header(&mut out, "CSeq", cseq);
+    }
+    // RFC 3261 §8.2.6.1: a 100 carries the request's Timestamp, for its round-trip time.
+    if resp.code == 100 {
+        if let Some(ts) = req.header("Timestamp") {
+            push_header(&mut out, "Timestamp", ts);
+        }
     }
     for (name, value) in &resp.extra {
         push_header(&mut out, name, value);
