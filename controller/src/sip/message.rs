@@ -168,7 +168,7 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     // 400 once its headers are known; otherwise its sender would retransmit for 32 s.
     let blank = |c: char| c == ' ' || c == '\t';
     let mut words = start.split(blank).filter(|w| !w.is_empty());
-    let (Some(method), Some(version)) = (words.next(), words.clone().last()) else {
+    let (Some(method), Some(version)) = (words.next(), words.clone().next_back()) else {
         return Err(ParseError::Garbage(
             "start line is not `METHOD URI SIP/2.0`",
         ));
