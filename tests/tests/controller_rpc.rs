@@ -1510,3 +1510,28 @@ async fn a_stopping_controller_closes_its_websockets_with_going_away() {
         .expect("wait");
     assert_eq!(exited, Some(0), "{}", s.controller.output());
 }
+
+/// An upgrade asking for another WebSocket version is answered 426 with the version spoken
+/// here (RFC 6455 §4.2.2), so the client can retry with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_for_another_websocket_version_is_told_version_13() {
+    let s = setup(&[]).await;
+    let r = fixtures::http()
+        .get(format!("{}/v1/rpc", s.controller.http_url()))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "8")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 426);
+    assert_eq!(
+        r.headers()
+            .get("sec-websocket-version")
+            .and_then(|v| v.to_str().ok()),
+        Some("13")
+    );
+    let body: Value = r.json().await.expect("JSON error body");
+    assert_eq!(body["error"]["code"], "upgrade_required", "{body}");
+}

@@ -2,6 +2,7 @@
 //! WebSocket, and the WebSocket upgrade itself. Both go through [`crate::control::Control`].
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -62,7 +63,29 @@ impl From<ControlError> for ApiError {
 }
 
 /// `GET /v1/rpc`: upgrades to the JSON-RPC WebSocket.
-pub async fn rpc(State(state): State<ApiState>, ws: WebSocketUpgrade) -> Response {
+pub async fn rpc(
+    State(state): State<ApiState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        // RFC 6455 §4.2.2: a version this server does not speak is answered with the one it
+        // does, so the client can retry with it.
+        Err(WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_)) => {
+            let mut r = ApiError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "only WebSocket version 13 (RFC 6455) is spoken here: send Sec-WebSocket-Version: 13",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                "sec-websocket-version",
+                axum::http::HeaderValue::from_static("13"),
+            );
+            return r;
+        }
+        Err(other) => return other.into_response(),
+    };
     // Held for the connection's life: each open WebSocket has its tasks and queues.
     let Ok(slot) = state.rpc_connections.clone().try_acquire_owned() else {
         return ApiError::unavailable(
