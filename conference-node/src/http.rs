@@ -136,6 +136,8 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let tracked = i64::try_from(node.tracked_channels()).unwrap_or(i64::MAX);
+    node.metrics.tracked_channels.set(tracked);
     (
         [(
             header::CONTENT_TYPE,

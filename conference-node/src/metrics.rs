@@ -84,6 +84,8 @@ pub struct Metrics {
     pub conferences: IntGauge,
     /// Participants in them (waiting ones included).
     pub participants: IntGauge,
+    /// Channels whose ARI events the agent routes, set at each scrape.
+    pub tracked_channels: IntGauge,
     /// Join attempts by outcome.
     pub joins: IntCounterVec,
     /// Participants that left, by reason.
@@ -135,6 +137,10 @@ impl Metrics {
         let participants = IntGauge::new(
             "confroute_node_participants",
             "Participants in this node's conferences, waiting ones included.",
+        )?;
+        let tracked_channels = IntGauge::new(
+            "confroute_node_tracked_channels",
+            "Channels whose ARI events the agent routes: participants, callers being admitted, ringing dial-outs, channels whose end is awaited.",
         )?;
         let joins = IntCounterVec::new(
             Opts::new(
@@ -250,6 +256,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(conferences.clone()))?;
         registry.register(Box::new(participants.clone()))?;
+        registry.register(Box::new(tracked_channels.clone()))?;
         registry.register(Box::new(joins.clone()))?;
         registry.register(Box::new(leaves.clone()))?;
         registry.register(Box::new(join_duration.clone()))?;
@@ -296,6 +303,7 @@ impl Metrics {
             registry,
             conferences,
             participants,
+            tracked_channels,
             joins,
             leaves,
             join_duration,

@@ -2,7 +2,7 @@
 //! the actor of the conference it concerns (one actor per conference serialises that
 //! conference's operations; there is no lock around conference work).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -43,6 +43,12 @@ const HANGUP_UNDER_WAY: std::time::Duration = std::time::Duration::from_secs(60)
 /// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A route that only the channel's StasisEnd ends: a participant's, a move's, a refusal's.
+/// (A join still working one out, and a dial-out, end otherwise.)
+fn settled(r: &Route) -> bool {
+    matches!(r, Route::Conference(_) | Route::Moving(_) | Route::Refused)
 }
 
 /// Where a channel's events go.
@@ -155,6 +161,8 @@ pub struct Node {
     state_dirty: AtomicBool,
     registry: Mutex<HashMap<ConferenceName, mpsc::UnboundedSender<Msg>>>,
     routes: Mutex<HashMap<String, Route>>,
+    /// Routed channels the last reconciliation found missing from Asterisk.
+    vanished: Mutex<std::collections::HashSet<String>>,
     joining: Mutex<HashMap<String, Instant>>,
     ended: Mutex<std::collections::HashSet<String>>,
     /// Channels the agent asked Asterisk to hang up, when and with which cause, until their
@@ -217,6 +225,7 @@ impl Node {
             state_dirty: AtomicBool::new(false),
             registry: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
+            vanished: Mutex::new(std::collections::HashSet::new()),
             joining: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::HashSet::new()),
             hanging_up: Mutex::new(HashMap::new()),
@@ -408,6 +417,45 @@ impl Node {
             }
             _ => {}
         }
+    }
+
+    /// Channels whose ARI events are routed here now (participants, callers being admitted,
+    /// ringing dial-outs, channels whose end is awaited).
+    pub fn tracked_channels(&self) -> usize {
+        lock(&self.routes).len()
+    }
+
+    /// The channels routed to a conference (or refused) before a reconciliation lists
+    /// Asterisk's channels, for [`Node::forget_vanished`] after it.
+    pub fn settled_routes(&self) -> Vec<String> {
+        lock(&self.routes)
+            .iter()
+            .filter(|(_, r)| settled(r))
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// Forgets the routes of channels (of `before`, taken before the listing) that this
+    /// listing and the one before it both lack: their StasisEnd was lost (an Asterisk
+    /// restart drops its channels unannounced) and would otherwise be awaited for good.
+    /// One miss is not enough: a channel that just ended may still have its StasisEnd on
+    /// the way, which needs its route. Returns how many were forgotten.
+    pub fn forget_vanished(&self, before: Vec<String>, present: &HashSet<&str>) -> usize {
+        let missing: HashSet<String> = before
+            .into_iter()
+            .filter(|c| !present.contains(c.as_str()))
+            .collect();
+        let mut vanished = lock(&self.vanished);
+        let mut routes = lock(&self.routes);
+        let mut forgotten = 0;
+        for c in missing.intersection(&vanished) {
+            if routes.get(c).is_some_and(settled) {
+                routes.remove(c);
+                forgotten += 1;
+            }
+        }
+        *vanished = missing;
+        forgotten
     }
 
     /// Starts a reconciliation's record of channels that leave Stasis meanwhile.

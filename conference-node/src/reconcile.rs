@@ -71,12 +71,24 @@ struct Found {
 /// One reconciliation pass.
 pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     let taken = std::time::Instant::now();
+    let routed = node.settled_routes();
     node.forget_ended();
     let bridges = node.ari.list_bridges().await.map_err(|e| e.to_string())?;
     let channels = node.ari.list_channels().await.map_err(|e| e.to_string())?;
     let snapshots: HashMap<&str, &Channel> = channels.iter().map(|c| (c.id.as_str(), c)).collect();
     let present: HashSet<&str> = snapshots.keys().copied().collect();
     node.dialouts.vanished(node, &present, taken);
+    let forgotten = node.forget_vanished(routed, &present);
+    if forgotten > 0 {
+        tracing::info!(
+            channels = forgotten,
+            "forgot channels Asterisk no longer has whose end was never heard"
+        );
+        node.metrics
+            .reconcile_actions
+            .with_label_values(&["forgot_vanished_channel"])
+            .inc_by(forgotten as u64);
+    }
     let mut ours: BTreeMap<ConferenceName, Found> = BTreeMap::new();
     let mut bridged: HashSet<String> = HashSet::new();
     for b in bridges {

@@ -886,3 +886,49 @@ async fn wait_released(s: &Single, conf: &str) {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
 }
+
+/// An Asterisk restart drops its channels without a StasisEnd for any of them. The agent
+/// forgets those channels once two reconciliations in a row no longer find them, so it does
+/// not keep a route per caller for every restart it lives through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_an_asterisk_restart_dropped_are_forgotten() {
+    const CALLERS: usize = 6;
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+    ])
+    .await;
+    let tracked = || async {
+        metric(
+            &scrape(&s.node.http_url()).await,
+            "confroute_node_tracked_channels",
+        )
+    };
+    for i in 0..CALLERS {
+        let ch = dial(&s.sim, &format!("dropped-{}", i % 2), &[]).await;
+        wait_bridged(&s.sim, &ch).await;
+    }
+    assert_eq!(tracked().await, CALLERS as f64, "each caller is tracked");
+    s.sim
+        .restart_with_downtime(Duration::from_millis(300))
+        .await;
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async("the dropped callers forgotten", WAIT, || async {
+        (tracked().await == 0.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let m = scrape(&s.node.http_url()).await;
+    assert_eq!(
+        metric(
+            &m,
+            "confroute_node_reconcile_actions_total{action=\"forgot_vanished_channel\"}"
+        ),
+        CALLERS as f64,
+        "{m}"
+    );
+    // A caller after the restart is tracked as before.
+    let ch = dial(&s.sim, "dropped-0", &[]).await;
+    wait_bridged(&s.sim, &ch).await;
+    assert_eq!(tracked().await, 1.0);
+}
