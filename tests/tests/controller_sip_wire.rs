@@ -1545,3 +1545,23 @@ async fn a_reused_branch_does_not_give_another_call_its_answer() {
         assert_eq!(udp.exchange(&first), a, "{branch}");
     }
 }
+
+/// A To with an empty tag parameter gets its 400 with the To as sent: a second tag beside
+/// the empty one would match no dialog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_to_tag_gets_a_400_with_the_to_as_sent() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let empty = udp.exchange(
+        &invite("sip:emptytag2@router", udp.port(), "z9hG4bKempty2", "").replace(
+            "To: <sip:emptytag2@router>",
+            "To: <sip:emptytag2@router>;tag=",
+        ),
+    );
+    assert_eq!(status(&empty), 400, "{empty}");
+    assert_eq!(
+        header(&empty, "To"),
+        Some("<sip:emptytag2@router>;tag="),
+        "{empty}"
+    );
+}

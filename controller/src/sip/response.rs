@@ -212,7 +212,9 @@ pub fn build(req: &Request<'_>, resp: &Response, to_tag: &str, source: SocketAdd
         out.push_str("To: ");
         out.push_str(to);
         // A 100 Trying carries no tag; every other response of ours does (§8.2.6.2).
-        if resp.code > 100 && !has_to_tag(to) && !to_tag.is_empty() {
+        // Not beside a tag parameter of the request's either, even an empty one (answered
+        // 400): two tags would match no dialog.
+        if resp.code > 100 && self::to_tag(to).is_none() && !to_tag.is_empty() {
             out.push_str(";tag=");
             out.push_str(to_tag);
         }
