@@ -196,11 +196,11 @@ impl Controller {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         // Call-control clients are told the controller is going (close 1001) rather than
-        // seeing their connections drop as in a crash; each has a moment to get the frame.
+        // seeing their connections drop as in a crash; answers on their way get a moment first.
         let _ = self.rpc_stop.send(true);
         let all = u32::try_from(self.rpc_max_connections).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(
-            Duration::from_secs(2),
+            crate::rpc::CLOSE_GRACE + Duration::from_secs(1),
             self.rpc_connections.acquire_many(all),
         )
         .await;

@@ -371,28 +371,50 @@ pub async fn serve(
     let writer = tokio::spawn(async move {
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut why = why;
+        let mut heard = false;
+        // Once the reader has ended the connection with a reason: the frame, and until when
+        // answers still on their way are waited for before it goes out.
+        let mut closing: Option<(CloseFrame, tokio::time::Instant)> = None;
         loop {
+            let grace = closing.as_ref().map(|(_, until)| *until);
             let msg = tokio::select! {
                 text = out_rx.recv() => match text {
                     Some(text) => Message::Text(text.into()),
                     None => break,
                 },
-                _ = ping.tick() => Message::Ping(Default::default()),
+                r = &mut why, if !heard => {
+                    heard = true;
+                    if let Ok(frame) = r {
+                        closing = Some((frame, tokio::time::Instant::now() + CLOSE_GRACE));
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(grace.unwrap_or_else(tokio::time::Instant::now)), if grace.is_some() => break,
+                _ = ping.tick(), if closing.is_none() => Message::Ping(Default::default()),
             };
             // A client that stays connected but reads nothing (hung, stopped) would hold
             // this task, its queue and every task answering it for good: one that takes
             // no frame for as long as a silent one is allowed is closed.
             match tokio::time::timeout(silence, sink.send(msg)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
+                // Ending here drops the queue, which tells the reader and every task
+                // answering into it that nobody takes their frames any more.
+                Ok(Err(_)) => return,
                 Err(_) => {
                     tracing::info!("JSON-RPC client reads nothing; closing its connection");
                     return;
                 }
             }
         }
+        // No reason came yet: the queue closed as the reader ended, which decides now.
+        if !heard {
+            if let Ok(frame) = why.await {
+                closing = Some((frame, tokio::time::Instant::now()));
+            }
+        }
         // The client's own close was answered by the protocol layer already.
-        if let Ok(frame) = why.await {
+        if let Some((frame, _)) = closing {
             let _ = tokio::time::timeout(silence, sink.send(Message::Close(Some(frame)))).await;
         }
         let _ = tokio::time::timeout(silence, sink.close()).await;
@@ -469,6 +491,10 @@ pub async fn serve(
     let _ = writer.await;
 }
 
+/// How long answers still being worked out are waited for once the connection is being
+/// closed (a stopping controller, a protocol fault), before the close frame goes out.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 fn close_frame(code: u16, reason: String) -> CloseFrame {
     CloseFrame {
         code,
@@ -484,6 +510,12 @@ fn close_frame(code: u16, reason: String) -> CloseFrame {
 /// its text (a test pins each case).
 fn refusal(e: &axum::Error) -> Option<CloseFrame> {
     let text = e.to_string();
+    // A peer gone without a close frame (or writing after its own) has nobody to read one.
+    if text.ends_with("Connection reset without closing handshake")
+        || text.ends_with("Remote sent after having closed")
+    {
+        return None;
+    }
     let code = if text.starts_with("UTF-8 encoding error") {
         close_code::INVALID
     } else if text.starts_with("Space limit exceeded") {

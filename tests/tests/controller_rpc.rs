@@ -1418,6 +1418,14 @@ fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// Reads server frames until a close frame; its status code (`Some(None)` for a close without
 /// one), or `None` if the connection ended without a close frame or nothing came in time.
 async fn close_code_of(tcp: &mut tokio::net::TcpStream) -> Option<Option<u16>> {
+    frames_until_close(tcp, &mut Vec::new()).await
+}
+
+/// [`close_code_of`], keeping the text frames that came before the close in `texts`.
+async fn frames_until_close(
+    tcp: &mut tokio::net::TcpStream,
+    texts: &mut Vec<String>,
+) -> Option<Option<u16>> {
     use tokio::io::AsyncReadExt;
     let read = async {
         loop {
@@ -1435,6 +1443,9 @@ async fn close_code_of(tcp: &mut tokio::net::TcpStream) -> Option<Option<u16>> {
             }
             let mut payload = vec![0u8; usize::try_from(len).ok()?];
             tcp.read_exact(&mut payload).await.ok()?;
+            if h[0] & 0x0f == 0x1 {
+                texts.push(String::from_utf8_lossy(&payload).into_owned());
+            }
             if h[0] & 0x0f == 0x8 {
                 return Some(
                     (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
@@ -1534,4 +1545,90 @@ async fn an_upgrade_for_another_websocket_version_is_told_version_13() {
     );
     let body: Value = r.json().await.expect("JSON error body");
     assert_eq!(body["error"]["code"], "upgrade_required", "{body}");
+}
+
+/// A client that sends a burst of requests and then drops its connection with a reset: the
+/// answers can no longer be written, and the connection's slot is freed all the same, with
+/// the requests still buffered unread, rather than its tasks waiting on each other for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_after_a_burst_frees_its_connection_slot() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(&[("CONFROUTE_RPC__MAX_CONNECTIONS", "1")]).await;
+    let mut tcp = raw_ws(&s).await;
+    let mut burst = Vec::new();
+    for id in 0..1400 {
+        let req = json!({"jsonrpc": "2.0", "method": "conference.list", "id": id}).to_string();
+        burst.extend_from_slice(&frame(0x1, req.as_bytes()));
+    }
+    tcp.write_all(&burst).await.expect("write the burst");
+    tcp.set_linger(Some(Duration::ZERO)).expect("linger 0");
+    drop(tcp);
+    wait_for_async(
+        "the connection slot freed",
+        Duration::from_secs(20),
+        || async {
+            let mut ws = connect(&s, None).await.ok()?;
+            ping(&mut ws, 1).await;
+            Some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.controller.output()));
+}
+
+/// A stopping controller still delivers answers that come in soon after (within 2 s), then
+/// closes with 1001 even while a command is still waiting on its node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_controller_waits_briefly_for_answers_then_closes() {
+    use tokio::io::AsyncWriteExt;
+    let mut s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "30s")]).await;
+    let (store, node, mut commands) = hosted_on_node_a(&s, "grace-7").await;
+    store
+        .claim(&"grace-8".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    let mut tcp = raw_ws(&s).await;
+    // Two conferences: commands of one conference wait for each other.
+    for id in [7, 8] {
+        let req = json!({"jsonrpc": "2.0", "method": "participant.mute",
+                         "params": {"conference": format!("grace-{id}"), "participant": format!("p{id}")}, "id": id});
+        tcp.write_all(&frame(0x1, req.to_string().as_bytes()))
+            .await
+            .expect("write");
+    }
+    let mut heard = Vec::new();
+    for _ in 0..2 {
+        heard.push(
+            tokio::time::timeout(Duration::from_secs(10), commands.recv())
+                .await
+                .expect("the node hears the command")
+                .expect("bus open"),
+        );
+    }
+    s.controller
+        .process()
+        .signal(15)
+        .expect("SIGTERM the controller");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One answer comes soon; the other never does.
+    let quick = heard
+        .iter()
+        .find(|c| c.params["participant"] == "p7")
+        .expect("p7's command");
+    node.respond(quick, Ok(json!({"muted": true}))).await;
+    let mut texts = Vec::new();
+    assert_eq!(
+        frames_until_close(&mut tcp, &mut texts).await,
+        Some(Some(1001))
+    );
+    let answers: Vec<Value> = texts
+        .iter()
+        .filter_map(|t| serde_json::from_str(t).ok())
+        .collect();
+    assert!(
+        answers
+            .iter()
+            .any(|a| a["id"] == 7 && a.get("result").is_some()),
+        "{texts:?}"
+    );
 }
