@@ -1561,7 +1561,7 @@ async fn a_client_reset_after_a_burst_frees_its_connection_slot() {
         burst.extend_from_slice(&frame(0x1, req.as_bytes()));
     }
     tcp.write_all(&burst).await.expect("write the burst");
-    tcp.set_linger(Some(Duration::ZERO)).expect("linger 0");
+    tcp.set_zero_linger().expect("linger 0");
     drop(tcp);
     wait_for_async(
         "the connection slot freed",
