@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
@@ -119,13 +121,80 @@ impl From<ControlError> for RpcError {
     }
 }
 
-fn response(id: &Value, result: Result<Value, RpcError>) -> Value {
-    match result {
-        Ok(r) => json!({"jsonrpc": "2.0", "result": r, "id": id}),
-        Err(e) => {
-            json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id})
-        }
+/// A request id exactly as the client wrote it: a string, a number or `null`.
+///
+/// JSON-RPC 2.0 §5 wants the same value back. Read into a JSON value, an integer beyond 64
+/// bits or a fraction would come back as a float, another value for the client; kept as
+/// written, it is echoed verbatim.
+#[derive(Debug, Clone)]
+pub struct Id(Box<RawValue>);
+
+impl Id {
+    /// `null`, the id of an answer to a request whose own id could not be read.
+    pub fn null() -> Id {
+        Id(RawValue::NULL.to_owned())
     }
+
+    /// The id as the client wrote it.
+    pub fn raw(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The id read as a JSON value.
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl PartialEq for Id {
+    fn eq(&self, other: &Id) -> bool {
+        self.raw() == other.raw()
+    }
+}
+
+/// One answer as written to the client.
+#[derive(Serialize)]
+struct Answer<'a> {
+    jsonrpc: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<AnswerError>,
+    id: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct AnswerError {
+    code: i64,
+    message: String,
+}
+
+fn response(id: &Id, result: Result<Value, RpcError>) -> String {
+    let (result, error) = match result {
+        Ok(r) => (Some(r), None),
+        Err(e) => (
+            None,
+            Some(AnswerError {
+                code: e.code,
+                message: e.message,
+            }),
+        ),
+    };
+    let answer = Answer {
+        jsonrpc: "2.0",
+        result,
+        error,
+        id: &id.0,
+    };
+    serde_json::to_string(&answer).unwrap_or_else(|e| {
+        json!({"jsonrpc": "2.0", "error": {"code": codes::INTERNAL_ERROR, "message": format!("cannot write the answer: {e}")}, "id": Value::Null}).to_string()
+    })
 }
 
 fn notification(method: &str, params: Value) -> String {
@@ -140,11 +209,11 @@ pub struct Request {
     /// Named parameters (always an object; `{}` when absent).
     pub params: Value,
     /// `None` for a notification (no answer).
-    pub id: Option<Value>,
+    pub id: Option<Id>,
 }
 
 /// One member of a frame: a request, or the error answer (with its id) for an invalid one.
-pub type Item = Result<Request, (Value, RpcError)>;
+pub type Item = Result<Request, (Id, RpcError)>;
 
 /// What one text frame holds once decoded, before anything runs.
 #[derive(Debug)]
@@ -173,6 +242,15 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
         Ok(v) => v,
         Err(e) => return Decoded::Refused(RpcError::new(codes::PARSE_ERROR, e.to_string())),
     };
+    // The ids as written, beside the values read: a second pass over a frame already known
+    // to be JSON.
+    let raw_ids: Vec<Option<Box<RawValue>>> = match &parsed {
+        Value::Array(_) => serde_json::from_str::<Vec<&RawValue>>(text)
+            .map(|items| items.iter().map(|i| raw_id(i.get())).collect())
+            .unwrap_or_default(),
+        _ => vec![raw_id(text)],
+    };
+    let mut raw_ids = raw_ids.into_iter();
     match parsed {
         Value::Array(items) => {
             if items.is_empty() {
@@ -184,18 +262,40 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
                     format!("batch of {} exceeds {}", items.len(), limits.max_batch),
                 ));
             }
-            Decoded::Batch(items.into_iter().map(request).collect())
+            Decoded::Batch(
+                items
+                    .into_iter()
+                    .map(|v| request(v, raw_ids.next().flatten()))
+                    .collect(),
+            )
         }
-        single => Decoded::Single(request(single)),
+        single => Decoded::Single(request(single, raw_ids.next().flatten())),
     }
 }
 
-/// Checks the request object shape (JSON-RPC 2.0 §4).
-fn request(v: Value) -> Result<Request, (Value, RpcError)> {
-    let id = v.get("id").cloned();
+/// The `id` member of a request object as written; `None` for anything else.
+fn raw_id(item: &str) -> Option<Box<RawValue>> {
+    // Of members named twice the last counts, as for the value read.
+    let mut members: HashMap<String, Box<RawValue>> = serde_json::from_str(item).ok()?;
+    members.remove("id")
+}
+
+/// Checks the request object shape (JSON-RPC 2.0 §4); `raw` is its id as written.
+fn request(v: Value, raw: Option<Box<RawValue>>) -> Result<Request, (Id, RpcError)> {
+    let read = v.get("id");
+    let usable = matches!(
+        read,
+        Some(Value::String(_) | Value::Number(_) | Value::Null)
+    );
+    let id = read.map(|read| match raw {
+        Some(raw) if usable => Id(raw),
+        // Not reached for a frame read from text (both readers see the same member); a
+        // value built otherwise is written afresh.
+        _ => serde_json::value::to_raw_value(read).map_or_else(|_| Id::null(), Id),
+    });
     let id_for_error = match &id {
-        Some(i @ (Value::String(_) | Value::Number(_) | Value::Null)) => i.clone(),
-        _ => Value::Null,
+        Some(i) if usable => i.clone(),
+        _ => Id::null(),
     };
     let invalid = |m: &str| {
         (
@@ -212,10 +312,8 @@ fn request(v: Value) -> Result<Request, (Value, RpcError)> {
     let Some(Value::String(method)) = obj.get("method") else {
         return Err(invalid("\"method\" must be a string"));
     };
-    if let Some(i) = &id {
-        if !matches!(i, Value::String(_) | Value::Number(_) | Value::Null) {
-            return Err(invalid("\"id\" must be a string, a number or null"));
-        }
+    if id.is_some() && !usable {
+        return Err(invalid("\"id\" must be a string, a number or null"));
     }
     let params = match obj.get("params") {
         None => Value::Object(Default::default()),
@@ -470,7 +568,7 @@ pub async fn serve(
             Ok(Message::Binary(_)) => {
                 let e = RpcError::new(codes::INVALID_REQUEST, "send JSON-RPC as text frames");
                 session.count(&e);
-                session.send(response(&Value::Null, Err(e))).await
+                session.send(response(&Id::null(), Err(e))).await
             }
             Ok(Message::Close(_)) => break None,
             Err(e) => break refusal(&e),
@@ -707,8 +805,8 @@ impl Session {
         self.errors.with_label_values(&[&e.code.to_string()]).inc();
     }
 
-    async fn send(&self, v: Value) {
-        let _ = self.out.send(v.to_string()).await;
+    async fn send(&self, answer: String) {
+        let _ = self.out.send(answer).await;
     }
 
     /// Answers one text frame; `permit` is held until its answer is queued for writing.
@@ -716,7 +814,7 @@ impl Session {
         match decode(text, &self.limits) {
             Decoded::Refused(e) => {
                 self.count(&e);
-                self.send(response(&Value::Null, Err(e))).await
+                self.send(response(&Id::null(), Err(e))).await
             }
             Decoded::Batch(items) => {
                 // Turns are taken here, in the order the requests were written.
@@ -736,9 +834,9 @@ impl Session {
                             .map(|(i, turn)| self.clone().one(i, turn, sent.clone())),
                     )
                     .await;
-                    let answers: Vec<Value> = answers.into_iter().flatten().collect();
+                    let answers: Vec<String> = answers.into_iter().flatten().collect();
                     if !answers.is_empty() {
-                        self.send(Value::Array(answers)).await;
+                        self.send(format!("[{}]", answers.join(","))).await;
                     }
                     let _ = answered.send(true);
                     drop(permit);
@@ -806,7 +904,7 @@ impl Session {
         item: Item,
         mut turn: Option<Turn>,
         answered: watch::Receiver<bool>,
-    ) -> Option<Value> {
+    ) -> Option<String> {
         let req = match item {
             Ok(r) => r,
             Err((id, e)) => {
@@ -1049,6 +1147,11 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 mod tests {
     use super::*;
 
+    /// A request object checked as if read from text without an id of its own text.
+    fn request(v: Value) -> Result<Request, (Id, RpcError)> {
+        super::request(v, None)
+    }
+
     #[test]
     fn request_validation() {
         assert!(request(json!({"jsonrpc": "2.0", "method": "m", "id": 1})).is_ok());
@@ -1107,18 +1210,45 @@ mod tests {
         assert_eq!(refused("[1,2,3]"), codes::INVALID_REQUEST);
         assert!(matches!(decode("[1,2]", &limits), Decoded::Batch(b) if b.len() == 2));
 
-        // Found by fuzzing: a float id read, written back and read again must not change
-        // (the answer carries it, and the client matches on it).
-        let id = format!("7777577{}4", "7".repeat(173));
-        let text = format!(r#"{{"jsonrpc":"2.0","method":"m","id":{id}}}"#);
-        let Decoded::Single(Ok(first)) = decode(&text, &Limits::default()) else {
-            panic!("a valid request");
+        // The answer carries the id exactly as written, whatever a JSON reader would make
+        // of it (found by fuzzing: a 180-digit number), alone or in a batch, and for an
+        // invalid request too.
+        let long = format!("7777577{}4", "7".repeat(173));
+        for id in [
+            long.as_str(),
+            "12345678901234567890123",
+            "18446744073709551616",
+            "1e3",
+            "-0",
+            "1.50",
+            "0",
+            r#""\u00e9""#,
+            r#""a\"b""#,
+            "null",
+        ] {
+            let text = format!(r#"{{"jsonrpc":"2.0","method":"m","id": {id} }}"#);
+            let Decoded::Single(Ok(req)) = decode(&text, &Limits::default()) else {
+                panic!("{text}: a valid request");
+            };
+            let answer = response(&req.id.expect("an id"), Ok(json!(true)));
+            assert!(answer.contains(&format!(r#""id":{id}"#)), "{answer}");
+            let batch = format!(r#"[{text},{{"jsonrpc":"1.0","method":"m","id":{id}}}]"#);
+            let Decoded::Batch(items) = decode(&batch, &Limits::default()) else {
+                panic!("{batch}: a batch");
+            };
+            let Some(Err((bad, _))) = items.get(1) else {
+                panic!("{batch}: the second is invalid");
+            };
+            assert_eq!(bad.raw(), id);
+        }
+        // The last of two ids counts, as for every member.
+        let Decoded::Single(Ok(req)) = decode(
+            r#"{"jsonrpc":"2.0","method":"m","id":1,"id":2}"#,
+            &Limits::default(),
+        ) else {
+            panic!("valid");
         };
-        let again = json!({"jsonrpc": "2.0", "method": "m", "id": first.id}).to_string();
-        let Decoded::Single(Ok(second)) = decode(&again, &Limits::default()) else {
-            panic!("still valid");
-        };
-        assert_eq!(second.id, first.id);
+        assert_eq!(req.id.map(|i| i.value()), Some(json!(2)));
     }
 
     #[test]

@@ -1632,3 +1632,55 @@ async fn a_stopping_controller_waits_briefly_for_answers_then_closes() {
         "{texts:?}"
     );
 }
+
+/// An answer carries its request's id exactly as written (JSON-RPC 2.0 §5): numbers a JSON
+/// reader would turn into floats or round come back as sent, alone, in a batch, and in the
+/// error answer to an invalid request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_echo_their_request_ids_exactly_as_written() {
+    let s = setup(&[]).await;
+    let mut ws = connect(&s, None).await.expect("connect");
+    for id in [
+        "12345678901234567890123",
+        "1e3",
+        "1.50",
+        "-0",
+        r#""\u00e9""#,
+    ] {
+        send(
+            &mut ws,
+            &format!(r#"{{"jsonrpc":"2.0","method":"conference.list","id":{id}}}"#),
+        )
+        .await;
+        let answer = next_text(&mut ws).await;
+        assert!(answer.contains(&format!(r#""id":{id}"#)), "{id}: {answer}");
+        assert!(answer.contains(r#""result""#), "{answer}");
+        send(
+            &mut ws,
+            &format!(
+                r#"[{{"jsonrpc":"2.0","method":"conference.list","id":{id}}},{{"jsonrpc":"1.0","method":"x","id":{id}}}]"#
+            ),
+        )
+        .await;
+        let batch = next_text(&mut ws).await;
+        assert_eq!(
+            batch.matches(&format!(r#""id":{id}"#)).count(),
+            2,
+            "{id}: {batch}"
+        );
+    }
+}
+
+/// The next text frame, as written.
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            return t.as_str().to_string();
+        }
+    }
+}
