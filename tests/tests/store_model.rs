@@ -1092,7 +1092,9 @@ async fn every_operation_behind_sentinel() {
 async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
     let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
     let cfg = fixtures::replicated(&primary.url());
-    let store = fixtures::store(&cfg);
+    let registry = prometheus::Registry::new();
+    let metrics = confroute_shared::store::StoreMetrics::new(&registry).expect("metrics");
+    let store = confroute_shared::store::Store::new(&cfg, metrics).expect("store");
     store
         .register(&node("node-a", 100), LONG)
         .await
@@ -1175,6 +1177,17 @@ async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
         stalled,
         Err(StoreError::NotReplicated { wanted: 1, got: 0 }),
         "a stopped replica cannot acknowledge"
+    );
+    let exported = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("metrics text");
+    let not_replicated = fixtures::metric(
+        &exported,
+        "confroute_redis_errors_total{kind=\"not_replicated\",op=\"claim\"}",
+    );
+    assert!(
+        not_replicated >= 1.0,
+        "counted as a Redis error of kind not_replicated"
     );
     // Behind the first WAIT on the claims' connection, it times out or is not acknowledged.
     assert!(

@@ -534,7 +534,10 @@ impl Store {
             .await?;
         if let Some((need, got)) = acked {
             if got < need {
-                return Err(StoreError::NotReplicated { wanted: need, got });
+                // Redis answered every command, so the run above counted no error.
+                let e = StoreError::NotReplicated { wanted: need, got };
+                self.metrics.error("claim", &e);
+                return Err(e);
             }
         }
         parse_claim(&values)
