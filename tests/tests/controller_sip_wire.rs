@@ -811,6 +811,12 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             404,
             "';'",
         ),
+        // A user may hold `?` (RFC 4475 §3.1.1.5): a user part, just not a conference name.
+        (
+            invite("sip:sales?x@router", port, "z9hG4bKquery", ""),
+            404,
+            "'?'",
+        ),
         // userinfo `a:b` is user `a` with a password: the conference is `a`.
         (invite("sip:a:b@router", port, "z9hG4bKcolon", ""), 302, ""),
         (

@@ -471,21 +471,18 @@ pub fn parse_sip_uri(uri: &str) -> Result<SipUri<'_>, UriError> {
         return Err(UriError::Scheme(scheme.chars().take(16).collect()));
     }
     let rest = &uri[colon + 1..];
-    // The user part ends at the last '@' before any URI parameter or header.
-    let hostpart_end = rest.find(['?']).unwrap_or(rest.len());
-    let before_headers = &rest[..hostpart_end];
-    let user = match before_headers.rfind('@') {
-        Some(at) => {
-            let userinfo = &before_headers[..at];
-            // userinfo may carry ":password"; the conference is the user.
-            Some(userinfo.split(':').next().unwrap_or(""))
-        }
-        None => None,
+    // The user part ends at the last '@'. A user may hold `?` and `/` (user-unreserved,
+    // RFC 3261 §25.1) while no header may hold an '@' unescaped, so the headers are cut off
+    // after the '@' only.
+    let (user, hostpart) = match rest.rfind('@') {
+        // userinfo may carry ":password"; the conference is the user.
+        Some(at) => (
+            Some(rest[..at].split(':').next().unwrap_or("")),
+            &rest[at + 1..],
+        ),
+        None => (None, rest),
     };
-    let host = match before_headers.rfind('@') {
-        Some(at) => &before_headers[at + 1..],
-        None => before_headers,
-    };
+    let host = hostpart.split('?').next().unwrap_or("");
     if host.split(';').next().is_none_or(|h| h.is_empty()) {
         return Err(UriError::Malformed("no host"));
     }
@@ -744,6 +741,17 @@ mod tests {
         );
         assert!(matches!(
             parse_sip_uri("sip:user@"),
+            Err(UriError::Malformed(_))
+        ));
+        // `?` and `/` may be in a user (RFC 4475 §3.1.1.5); headers follow the host.
+        let u = parse_sip_uri("sip:a/b?c@example.com?Subject=x").expect("uri");
+        assert_eq!(u.user, Some("a/b?c"));
+        let u = parse_sip_uri("sip:room@h?Subject=hi%40there").expect("uri");
+        assert_eq!(u.user, Some("room"));
+        let u = parse_sip_uri("sip:h?Subject=x").expect("uri");
+        assert_eq!(u.user, None);
+        assert!(matches!(
+            parse_sip_uri("sip:room@?x=1"),
             Err(UriError::Malformed(_))
         ));
     }
