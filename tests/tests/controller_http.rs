@@ -762,3 +762,115 @@ async fn worker_threads_sizes_the_runtime_and_either_kind_routes() {
         "3 workers should add 3 threads to the single-thread controller's: {threads:?}"
     );
 }
+
+/// A route that takes no query or no body refuses one (400 `invalid_request`) rather than
+/// act as if it were not there, and changes nothing; an empty body or `{}` is no body. A bad
+/// name in the path is still named first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_a_route_does_not_take_is_refused_and_changes_nothing() {
+    let s = setup(None).await;
+    let state = |s: &Setup| {
+        let url = format!("{}/v1/nodes/node-a", s.controller.http_url());
+        async move {
+            fixtures::try_get_json(&url)
+                .await
+                .map(|v| v["state"].clone())
+                .unwrap_or(Value::Null)
+        }
+    };
+    for body in ["[1,2", "{\"deadline\":\"5s\"}", "null", "x"] {
+        assert_error(
+            &call(&s, Method::POST, "/v1/nodes/node-a/drain", Some(body), None).await,
+            400,
+            "invalid_request",
+        );
+    }
+    assert_error(
+        &call(
+            &s,
+            Method::POST,
+            "/v1/nodes/node-a/drain?deadline=5s",
+            None,
+            None,
+        )
+        .await,
+        400,
+        "invalid_request",
+    );
+    assert_eq!(state(&s).await, "serving", "nothing was drained");
+    let a = call(
+        &s,
+        Method::POST,
+        "/v1/nodes/node-a/drain",
+        Some(" {} "),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(state(&s).await, "draining");
+    assert_error(
+        &call(
+            &s,
+            Method::POST,
+            "/v1/nodes/node-a/undrain",
+            Some("{bad"),
+            None,
+        )
+        .await,
+        400,
+        "invalid_request",
+    );
+    assert_eq!(state(&s).await, "draining", "still draining");
+
+    for (method, path) in [
+        (Method::GET, "/v1/nodes?limit=abc"),
+        (Method::GET, "/v1/nodes/node-a?x=1"),
+        (Method::GET, "/v1/conferences/room-1?x=1"),
+        (Method::GET, "/v1/conferences/room-1/participants?x=1"),
+        (Method::POST, "/v1/route?x=1"),
+    ] {
+        let body = (method == Method::POST).then_some(r#"{"conference":"room-1"}"#);
+        assert_error(
+            &call(&s, method, path, body, None).await,
+            400,
+            "invalid_request",
+        );
+    }
+    assert_eq!(
+        s.store
+            .lookup(&"room-1".parse().expect("name"))
+            .await
+            .expect("lookup"),
+        None,
+        "the refused route placed nothing"
+    );
+    // Call control: refused before any node is asked (there is none to ask here).
+    for (method, path) in [
+        (Method::POST, "/v1/conferences/room-1/participants/p1/mute"),
+        (
+            Method::POST,
+            "/v1/conferences/room-1/participants/p1/unhold",
+        ),
+        (Method::DELETE, "/v1/conferences/room-1/participants/p1"),
+        (Method::DELETE, "/v1/conferences/room-1"),
+    ] {
+        assert_error(
+            &call(&s, method.clone(), path, Some("[1]"), None).await,
+            400,
+            "invalid_request",
+        );
+    }
+    // The path's name is named first.
+    assert_error(
+        &call(
+            &s,
+            Method::POST,
+            "/v1/conferences/bad%20name/participants/p1/mute",
+            Some("[1]"),
+            None,
+        )
+        .await,
+        422,
+        "invalid_conference",
+    );
+}

@@ -12,6 +12,7 @@ use confroute_shared::name::ConferenceName;
 use confroute_shared::store::{StateChange, StoreError};
 use confroute_shared::types::{NodeId, NodeRecord, NodeState};
 
+use super::input::{NoInput, NoQuery};
 use super::{sip_ready, ApiError, ApiState};
 use crate::router::RouteError;
 
@@ -143,8 +144,10 @@ pub struct RouteAnswer {
 /// `POST /v1/route`: the routing decision as JSON.
 pub async fn route(
     State(state): State<ApiState>,
+    q: Result<NoQuery, ApiError>,
     body: Result<Json<RouteRequest>, JsonRejection>,
 ) -> Result<Json<RouteAnswer>, ApiError> {
+    q?;
     let Json(req) = body.map_err(json_rejection)?;
     let name = conference_name(&req.conference).inspect_err(|_| state.router.record_invalid())?;
     match state.router.route(&name, "http").await {
@@ -189,7 +192,11 @@ fn node_json(n: &NodeRecord) -> Value {
 }
 
 /// `GET /v1/nodes`: every node with a live lease.
-pub async fn list_nodes(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_nodes(
+    State(state): State<ApiState>,
+    q: Result<NoQuery, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    q?;
     let nodes = state
         .router
         .store()
@@ -208,8 +215,10 @@ pub async fn list_nodes(State(state): State<ApiState>) -> Result<Json<Value>, Ap
 pub async fn get_node(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    q: Result<NoQuery, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let id = node_id(&id)?;
+    q?;
     match state.router.store().get_node(&id).await {
         Ok(Some(n)) => Ok(Json(node_json(&n))),
         Ok(None) => Err(ApiError::new(
@@ -249,7 +258,10 @@ async fn set_state(state: &ApiState, raw_id: &str, to: NodeState) -> Result<Json
 pub async fn drain(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
+    node_id(&id)?;
+    input?;
     set_state(&state, &id, NodeState::Draining).await
 }
 
@@ -257,7 +269,10 @@ pub async fn drain(
 pub async fn undrain(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
+    node_id(&id)?;
+    input?;
     set_state(&state, &id, NodeState::Serving).await
 }
 
@@ -309,8 +324,10 @@ pub async fn list_conferences(
 pub async fn get_conference(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
+    q: Result<NoQuery, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let name = conference_name(&raw)?;
+    q?;
     let store = state.router.store();
     let rec = store
         .lookup(&name)

@@ -3,6 +3,7 @@
 
 mod api;
 mod error;
+mod input;
 mod participants;
 
 use std::sync::atomic::{AtomicBool, Ordering};

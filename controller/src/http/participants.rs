@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use confroute_shared::bus::ErrorCode;
 
 use super::api::{conference_name, json_rejection};
+use super::input::{NoInput, NoQuery};
 use super::{ApiError, ApiState};
 use crate::control::{
     ConferenceRef, ControlError, DialoutParams, DtmfParams, MoveParams, ParticipantRef, PlayParams,
@@ -157,8 +158,10 @@ fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
 pub async fn list(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    q: Result<NoQuery, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let name = checked(name)?;
+    q?;
     Ok(Json(
         state
             .control
@@ -171,8 +174,10 @@ pub async fn list(
 pub async fn end(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let name = checked(name)?;
+    input?;
     Ok(Json(
         state
             .control
@@ -185,9 +190,11 @@ pub async fn end(
 pub async fn dialout(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    q: Result<NoQuery, ApiError>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let name = checked(name)?;
+    q?;
     let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)])?)?;
     let d = state.control.dialout(p).await?;
     // Statuses are not events: REST callers see the callee's `join` (participant = call id)
@@ -201,9 +208,11 @@ pub async fn dialout(
 pub async fn play_all(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    q: Result<NoQuery, ApiError>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let name = checked(name)?;
+    q?;
     let m = body(b)?;
     if m.contains_key("participant") {
         return Err(ApiError::bad_request(
@@ -244,8 +253,10 @@ async fn simple(
 pub async fn mute(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    input?;
     simple(&s, "participant.mute", p).await
 }
 
@@ -253,8 +264,10 @@ pub async fn mute(
 pub async fn unmute(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    input?;
     simple(&s, "participant.unmute", p).await
 }
 
@@ -262,8 +275,10 @@ pub async fn unmute(
 pub async fn hold(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    input?;
     simple(&s, "participant.hold", p).await
 }
 
@@ -271,8 +286,10 @@ pub async fn hold(
 pub async fn unhold(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    input?;
     simple(&s, "participant.unhold", p).await
 }
 
@@ -280,8 +297,10 @@ pub async fn unhold(
 pub async fn kick(
     State(s): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    input: Result<NoInput, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    input?;
     simple(&s, "participant.kick", p).await
 }
 
@@ -289,9 +308,11 @@ pub async fn kick(
 pub async fn dtmf(
     State(state): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    q: Result<NoQuery, ApiError>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    q?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: DtmfParams = decode(v)?;
     Ok(Json(state.control.dtmf(params).await?))
@@ -301,9 +322,11 @@ pub async fn dtmf(
 pub async fn play(
     State(state): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    q: Result<NoQuery, ApiError>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    q?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: PlayParams = decode(v)?;
     Ok(Json(state.control.play(params).await?))
@@ -313,9 +336,11 @@ pub async fn play(
 pub async fn move_to(
     State(state): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    q: Result<NoQuery, ApiError>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    q?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: MoveParams = decode(v)?;
     Ok(Json(state.control.move_participant(params).await?))
@@ -325,9 +350,11 @@ pub async fn move_to(
 pub async fn update(
     State(state): State<ApiState>,
     Path(p): Path<ParticipantPath>,
+    q: Result<NoQuery, ApiError>,
     b: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let p = p.checked()?;
+    q?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: UpdateParams = decode(v)?;
     Ok(Json(state.control.update(params).await.map(|r| {
