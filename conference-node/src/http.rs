@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -158,7 +159,9 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 async fn drain(
     State(node): State<Arc<Node>>,
     RawQuery(query): RawQuery,
+    body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    no_body(&body)?;
     let shutdown = match query.as_deref() {
         None | Some("") | Some("shutdown=false") => false,
         Some("shutdown=true") => true,
@@ -184,6 +187,19 @@ fn no_query(query: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
+/// Refuses a body on a route that takes none (an empty one, or `{}` as HTTP clients send by
+/// habit, is none): settings the client put there would otherwise be ignored.
+fn no_body(body: &[u8]) -> Result<(), ApiError> {
+    match body.trim_ascii() {
+        b"" | b"{}" => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "this route takes no body: send none, or {}",
+        )),
+    }
+}
+
 /// 400 `invalid_query` for `query`, saying what the route takes.
 fn invalid_query(query: &str, takes: &str) -> ApiError {
     ApiError::new(
@@ -197,8 +213,10 @@ fn invalid_query(query: &str, takes: &str) -> ApiError {
 async fn undrain(
     State(node): State<Arc<Node>>,
     RawQuery(query): RawQuery,
+    body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     no_query(query.as_deref())?;
+    no_body(&body)?;
     match lifecycle::undrain(&node).await {
         Ok(previous) => Ok(Json(
             json!({"id": node.id, "state": node.state(), "previous": previous}),

@@ -384,6 +384,24 @@ async fn a_drain_for_a_stop_ends_in_an_exit_and_does_not_outlive_the_agent() {
     let (status, body) = post(&format!("{}/v1/undrain?force=true", s.node.http_url())).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    // And routes that take no body refuse one other than `{}`.
+    for (url, body) in [
+        (&drain, "{\"deadline\":\"5s\"}"),
+        (&drain, "[1"),
+        (&format!("{}/v1/undrain", s.node.http_url()), "x"),
+    ] {
+        let r = fixtures::http()
+            .post(url.as_str())
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status().as_u16(), 400, "{url} {body}");
+        let v: serde_json::Value = r.json().await.expect("JSON error");
+        assert_eq!(v["error"]["code"], "invalid_body", "{v}");
+    }
+    let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+    assert_eq!(v["state"], "serving", "a refused drain drained: {v}");
     let listed = fixtures::http()
         .get(format!("{}/v1/conferences?limit=1", s.node.http_url()))
         .send()
