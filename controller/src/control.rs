@@ -455,6 +455,9 @@ impl Control {
             ));
         }
         let target = self.home(&to).await?;
+        if target.node_id != node && !target.created() {
+            self.check_room(&to, &target, deadline).await?;
+        }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // Too little left for the node to hear the move and answer: not sent at all.
         let (reply, sent) = if left < Duration::from_millis(50) {
@@ -487,6 +490,45 @@ impl Control {
             self.give_back(&to, &target, e, sent).await;
         }
         reply.map_err(ControlError::Node)
+    }
+
+    /// Refuses a move into `to` on another node when that conference has no seat left. The
+    /// caller is redirected there by SIP, and a full conference would refuse it only then:
+    /// hung up, out of both. Without an answer (not started there yet, or the node slow)
+    /// nothing says it is full, and the move goes ahead.
+    async fn check_room(
+        &self,
+        to: &ConferenceName,
+        target: &Decision,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ControlError> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(listed) = self
+            .bus
+            .call(
+                &target.node_id,
+                "participant.list",
+                json!({"conference": to}),
+                left,
+                false,
+            )
+            .await
+            .and_then(|call| call.reply)
+        else {
+            return Ok(());
+        };
+        match (
+            listed["seats_taken"].as_u64(),
+            listed["max_participants"].as_u64(),
+        ) {
+            (Some(taken), Some(max)) if taken >= max => Err(ControlError::code(
+                ErrorCode::ConferenceFull,
+                format!(
+                    "conference `{to}` is full ({taken} of {max} seats taken); nobody was moved"
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Gives back the home this command claimed for `conference` when the node refused the

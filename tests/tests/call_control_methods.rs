@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::routing::post;
+use confroute_tests::ari_sim::{EndpointMatch, Outcome};
 use confroute_tests::fixtures;
 use confroute_tests::harness::wait_for_async;
 use node_common::control::*;
@@ -861,4 +862,85 @@ async fn a_listing_older_than_an_end_does_not_take_back_a_caller_moving_out() {
     let mut want = vec![a.clone(), x.clone()];
     want.sort();
     assert_eq!(got, want, "{list}");
+}
+
+/// A caller moved to a conference of another node is redirected there by SIP, where a full
+/// conference would only refuse it on arrival (hung up, out of both). A target with no seat
+/// left is refused up front (`conference full`), and the caller stays where it was; one with
+/// a seat is moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_a_full_conference_on_another_node_is_refused_up_front() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "from-5").await;
+    let sim = &c.node(&owner).sim;
+    let other = c.other(&owner);
+    let a = dial(sim, "from-5", &[]).await;
+    let bridge = wait_bridged(sim, &a).await;
+    // The target, on the other node, holds two callers at most: one in, one dial-out ringing.
+    let y = dial(&other.sim, "full-5", &[("CONFROUTE_MAX_PARTICIPANTS", "2")]).await;
+    wait_bridged(&other.sim, &y).await;
+    other.sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550177@trunk"),
+        Outcome::Manual,
+    );
+    let mut ws = c.client(1).await;
+    let ringing = ws
+        .ok(
+            "dialout",
+            json!({"conference": "full-5", "to": "+15555550177"}),
+        )
+        .await;
+    let listed = ws
+        .ok("participant.list", json!({"conference": "full-5"}))
+        .await;
+    assert_eq!(
+        (
+            listed["seats_taken"].clone(),
+            listed["max_participants"].clone()
+        ),
+        (json!(2), json!(2)),
+        "{listed}"
+    );
+    let (code, msg) = ws
+        .err(
+            "participant.move",
+            json!({"conference": "from-5", "participant": a, "to": "full-5"}),
+        )
+        .await;
+    assert_eq!(code, -32005, "{msg}");
+    assert!(
+        !sim.request_log()
+            .iter()
+            .any(|r| r.operation.as_deref() == Some("redirect")),
+        "nobody was redirected"
+    );
+    assert_eq!(
+        sim.snapshot().channel(&a).and_then(|ch| ch.bridge.clone()),
+        Some(bridge),
+        "the caller stays in its conference"
+    );
+    // A seat frees up (the dial-out is called off): the move goes through.
+    let callid = ringing["callid"].as_str().expect("callid").to_string();
+    ws.ok(
+        "participant.kick",
+        json!({"conference": "full-5", "participant": callid}),
+    )
+    .await;
+    wait_for_async("the ringing seat freed", WAIT, || async {
+        let l = c
+            .client(1)
+            .await
+            .ok("participant.list", json!({"conference": "full-5"}))
+            .await;
+        (l["seats_taken"] == json!(1)).then_some(())
+    })
+    .await
+    .expect("freed");
+    let r = ws
+        .ok(
+            "participant.move",
+            json!({"conference": "from-5", "participant": a, "to": "full-5"}),
+        )
+        .await;
+    assert_eq!(r["moved"], "redirect", "{r}");
 }

@@ -217,7 +217,13 @@ impl Conference {
                 })
             })
             .collect();
-        json!({"participants": participants})
+        // Seats as admission counts them (ringing dial-outs hold one), so a controller
+        // moving a caller here from another node can tell it would be refused as full.
+        json!({
+            "participants": participants,
+            "seats_taken": self.participants.len() + self.dialing.len(),
+            "max_participants": self.max_participants,
+        })
     }
 
     async fn play_conference(&mut self, media: &str) -> Result<Value, BusError> {
