@@ -188,6 +188,10 @@ fn twilio_end_reason(reason: &str) -> String {
         "ended_by_api" => "conference-ended-via-api".to_string(),
         "last_participant_left" => "last-participant-left".to_string(),
         "end_conference_on_exit" => "participant-with-end-conference-on-exit-left".to_string(),
+        "end_conference_on_exit_kicked" => {
+            "participant-with-end-conference-on-exit-kicked".to_string()
+        }
+        "last_participant_kicked" => "last-participant-kicked".to_string(),
         other => other.replace('_', "-"),
     }
 }
@@ -1080,12 +1084,25 @@ impl Conference {
         self.callback_left(ch, &p);
         self.emit("leave", json!({"participant": ch, "reason": reason}));
         let in_mix = !p.waiting && !p.held;
+        // Twilio tells a kick from a leave in the reason, so applications porting from it
+        // do too.
+        let kicked = reason == "kicked";
         if p.options.end_on_exit && !p.waiting {
-            self.end("end_conference_on_exit", Some(ch)).await;
+            let why = if kicked {
+                "end_conference_on_exit_kicked"
+            } else {
+                "end_conference_on_exit"
+            };
+            self.end(why, Some(ch)).await;
             return;
         }
         if self.participants.is_empty() && self.dialing.is_empty() {
-            self.end("last_participant_left", None).await;
+            let why = if kicked {
+                "last_participant_kicked"
+            } else {
+                "last_participant_left"
+            };
+            self.end(why, None).await;
             return;
         }
         if in_mix

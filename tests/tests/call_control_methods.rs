@@ -944,3 +944,60 @@ async fn a_move_to_a_full_conference_on_another_node_is_refused_up_front() {
         .await;
     assert_eq!(r["moved"], "redirect", "{r}");
 }
+
+/// A conference ended by a kick says so as Twilio does: `last-participant-kicked` when the
+/// kicked one was the last, `participant-with-end-conference-on-exit-kicked` when the kicked
+/// one ended it by leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_ended_by_a_kick_says_so_in_its_end_callback() {
+    let (url, got) = receiver().await;
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let mut ws = c.client(0).await;
+    let hooks = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "end"),
+    ];
+    let owner = c.route(0, "kick-last").await;
+    let sim = &c.node(&owner).sim;
+    let a = dial(sim, "kick-last", &hooks).await;
+    wait_bridged(sim, &a).await;
+    ws.ok(
+        "participant.kick",
+        json!({"conference": "kick-last", "participant": a}),
+    )
+    .await;
+
+    let owner = c.route(0, "kick-ender").await;
+    let sim = &c.node(&owner).sim;
+    let mut ender_vars = hooks.to_vec();
+    ender_vars.push(("CONFROUTE_END_ON_EXIT", "true"));
+    let b = dial(sim, "kick-ender", &ender_vars).await;
+    wait_bridged(sim, &b).await;
+    let stays = dial(sim, "kick-ender", &[]).await;
+    wait_bridged(sim, &stays).await;
+    ws.ok(
+        "participant.kick",
+        json!({"conference": "kick-ender", "participant": b}),
+    )
+    .await;
+
+    wait_for_async("both end callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    let reason = |name: &str| {
+        got.iter()
+            .find(|f| f["FriendlyName"] == name)
+            .map(|f| f["ReasonConferenceEnded"].clone())
+    };
+    assert_eq!(
+        reason("kick-last").as_deref(),
+        Some("last-participant-kicked")
+    );
+    assert_eq!(
+        reason("kick-ender").as_deref(),
+        Some("participant-with-end-conference-on-exit-kicked")
+    );
+}
