@@ -63,16 +63,7 @@ async fn send(ws: &mut Ws, text: &str) {
 }
 
 async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("an answer in time")
-            .expect("open")
-            .expect("frame");
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(t.as_str()).expect("JSON answer");
-        }
-    }
+    serde_json::from_str(&next_text(ws).await).expect("JSON answer")
 }
 
 /// Sends a request and returns the answer with its id (skipping notifications).
