@@ -26,6 +26,9 @@ use confroute_shared::store::Store;
 use crate::ari_sim::{AriSim, DialIn};
 use crate::dev::traffic::{self, BridgeEvents};
 
+/// How long a caller about to hang up waits, when it finds itself out of every bridge, for
+/// its end or its way back in before it counts as lost from its bridge.
+const LOST_GRACE: Duration = Duration::from_secs(2);
 /// How long a dialled caller may take to reach a bridge before it gives up.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// How long a SIP caller waits for the controller's answer.
@@ -308,6 +311,29 @@ impl Tracker {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(format!("not in a bridge within {} s", within.as_secs()));
+            }
+        }
+    }
+
+    /// Waits (up to `within`) while `channel` is out of every bridge but not gone: a caller
+    /// the node is hanging up leaves its bridge first (the bridge can be destroyed before
+    /// the hangup is carried out), and its end may still be on its way; a caller stranded
+    /// outside a bridge stays so.
+    async fn settle(&self, channel: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = lock(&self.state);
+                match st.chans.get(channel) {
+                    Some(c) if c.destroyed.is_none() && c.bridge.is_none() => {}
+                    _ => return,
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
             }
         }
     }
@@ -755,6 +781,7 @@ async fn caller(
         _ = tokio::time::sleep(hold) => {}
         _ = stop.wait_for(|s| *s) => {}
     }
+    tracker.settle(&channel, LOST_GRACE).await;
     tracker.hanging_up(&channel, true);
     // Gone already (ended by the node, its Asterisk lost) is fine: the tracker counted it.
     let _ = sim.hangup_far_end(&channel, 16).await;
