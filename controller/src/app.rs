@@ -154,6 +154,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         retry_after: cfg.sip.retry_after,
         control,
         rpc_limits: cfg.rpc.limits(),
+        max_body: cfg.http.max_body_size,
         rpc_connections: rpc_connections.clone(),
         rpc_stop: rpc_stop_rx,
     });

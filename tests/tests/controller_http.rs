@@ -493,6 +493,7 @@ async fn conferences_list_get_end_and_their_errors() {
     for (method, path, allow) in [
         (Method::PUT, "/v1/route", "POST"),
         (Method::HEAD, "/v1/rpc", "GET"),
+        (Method::PUT, "/v1/nodes", "GET,HEAD"),
     ] {
         let r = fixtures::http()
             .request(method.clone(), format!("{}{path}", s.controller.http_url()))
@@ -507,7 +508,31 @@ async fn conferences_list_get_end_and_their_errors() {
             .unwrap_or("")
             .to_string();
         assert!(got.contains(allow), "{method} {path}: Allow `{got}`");
+        if path == "/v1/rpc" {
+            assert!(!got.contains("HEAD"), "the upgrade refuses HEAD: `{got}`");
+        }
     }
+    // A body announced past http.max_body_size is refused at once, before it is sent.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.controller.http_port))
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = vec![0u8; 512];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut head),
+    )
+    .await
+    .expect("an answer before the body")
+    .expect("read");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("payload_too_large"), "{head}");
 }
 
 /// A conference record this process cannot read (an epoch that is not a number, written by

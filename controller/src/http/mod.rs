@@ -85,6 +85,8 @@ pub struct ApiShared {
     pub control: crate::control::Control,
     /// Limits of each JSON-RPC connection.
     pub rpc_limits: crate::rpc::Limits,
+    /// `http.max_body_size`: a request announcing a larger body is refused at once.
+    pub max_body: usize,
     /// One permit per open JSON-RPC WebSocket (`rpc.max_connections`).
     pub rpc_connections: Arc<tokio::sync::Semaphore>,
     /// Becomes true when the controller stops: open WebSockets close with 1001.
@@ -174,6 +176,13 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
     // Unmatched paths carry no template: they get their 404 whatever the token.
     let route = req.extensions().get::<MatchedPath>().cloned();
     let template = route.as_ref().map_or("unmatched", |p| p.as_str());
+    // A body announced past the limit is refused before it is sent: waiting for it would
+    // hold the connection until the body deadline.
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let mut resp = match &state.token {
         Some(token)
             if template.starts_with("/v1/")
@@ -186,6 +195,16 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             )
             .into_response()
         }
+        _ if announced.is_some_and(|n| n > state.max_body as u64) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the body announces {} bytes; http.max_body_size is {}",
+                announced.unwrap_or_default(),
+                state.max_body
+            ),
+        )
+        .into_response(),
         _ => as_json_error(next.run(req).await).await,
     };
     if resp.status() == StatusCode::METHOD_NOT_ALLOWED
@@ -193,11 +212,16 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
     {
         // A 405 must say what the route takes (RFC 9110 §15.5.6); the WebSocket upgrade's
         // own refusal of a HEAD does not.
-        let allowed: Vec<&str> = ROUTES
+        let mut allowed: Vec<&str> = ROUTES
             .iter()
             .filter(|(_, path)| *path == template)
             .map(|(method, _)| *method)
             .collect();
+        // axum answers HEAD wherever it answers GET (RFC 9110 §9.3.2), but for the
+        // WebSocket upgrade, which refuses one.
+        if allowed.contains(&"GET") && template != "/v1/rpc" {
+            allowed.push("HEAD");
+        }
         if let Ok(v) = header::HeaderValue::from_str(&allowed.join(",")) {
             if !allowed.is_empty() {
                 resp.headers_mut().insert(header::ALLOW, v);
