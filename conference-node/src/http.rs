@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -159,9 +160,8 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 async fn drain(
     State(node): State<Arc<Node>>,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    no_body(&body)?;
     let shutdown = match query.as_deref() {
         None | Some("") | Some("shutdown=false") => false,
         Some("shutdown=true") => true,
@@ -172,6 +172,7 @@ async fn drain(
             ))
         }
     };
+    no_body(body)?;
     let previous = lifecycle::drain(&node, shutdown).await;
     Ok(Json(
         json!({"id": node.id, "state": node.state(), "previous": previous}),
@@ -189,14 +190,16 @@ fn no_query(query: Option<&str>) -> Result<(), ApiError> {
 
 /// Refuses a body on a route that takes none (an empty one, or `{}` as HTTP clients send by
 /// habit, is none): settings the client put there would otherwise be ignored.
-fn no_body(body: &[u8]) -> Result<(), ApiError> {
-    match body.trim_ascii() {
-        b"" | b"{}" => Ok(()),
-        _ => Err(ApiError::new(
+fn no_body(body: Result<Bytes, BytesRejection>) -> Result<(), ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
+    if confroute_shared::http_serve::says_nothing(&body) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             "this route takes no body: send none, or {}",
-        )),
+        ))
     }
 }
 
@@ -213,10 +216,10 @@ fn invalid_query(query: &str, takes: &str) -> ApiError {
 async fn undrain(
     State(node): State<Arc<Node>>,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     no_query(query.as_deref())?;
-    no_body(&body)?;
+    no_body(body)?;
     match lifecycle::undrain(&node).await {
         Ok(previous) => Ok(Json(
             json!({"id": node.id, "state": node.state(), "previous": previous}),

@@ -14,6 +14,9 @@ use confroute_shared::types::{NodeId, Owner};
 
 use crate::router::{Decision, RouteError, Router};
 
+/// Longest wait for a move's target to say whether it has a seat (see `check_room`).
+const ROOM_CHECK_MAX: Duration = Duration::from_secs(1);
+
 /// Why an operation failed, before or after reaching the node.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
@@ -502,14 +505,16 @@ impl Control {
         target: &Decision,
         deadline: tokio::time::Instant,
     ) -> Result<(), ControlError> {
+        // A share of what is left, so a target slow to answer still leaves the move its own.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let budget = (left / 2).min(ROOM_CHECK_MAX);
         let Ok(listed) = self
             .bus
             .call(
                 &target.node_id,
                 "participant.list",
                 json!({"conference": to}),
-                left,
+                budget,
                 false,
             )
             .await

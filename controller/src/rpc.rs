@@ -243,14 +243,17 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
         Err(e) => return Decoded::Refused(RpcError::new(codes::PARSE_ERROR, e.to_string())),
     };
     // The ids as written, beside the values read: a second pass over a frame already known
-    // to be JSON.
-    let raw_ids: Vec<Option<Box<RawValue>>> = match &parsed {
-        Value::Array(_) => serde_json::from_str::<Vec<&RawValue>>(text)
-            .map(|items| items.iter().map(|i| raw_id(i.get())).collect())
-            .unwrap_or_default(),
-        _ => vec![raw_id(text)],
+    // to be JSON (and, for a batch, of an accepted size).
+    let raw_ids = |batch: bool| -> std::vec::IntoIter<Option<Box<RawValue>>> {
+        let ids: Vec<Option<Box<RawValue>>> = if batch {
+            serde_json::from_str::<Vec<&RawValue>>(text)
+                .map(|items| items.iter().map(|i| raw_id(i.get())).collect())
+                .unwrap_or_default()
+        } else {
+            vec![raw_id(text)]
+        };
+        ids.into_iter()
     };
-    let mut raw_ids = raw_ids.into_iter();
     match parsed {
         Value::Array(items) => {
             if items.is_empty() {
@@ -262,14 +265,15 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
                     format!("batch of {} exceeds {}", items.len(), limits.max_batch),
                 ));
             }
+            let mut ids = raw_ids(true);
             Decoded::Batch(
                 items
                     .into_iter()
-                    .map(|v| request(v, raw_ids.next().flatten()))
+                    .map(|v| request(v, ids.next().flatten()))
                     .collect(),
             )
         }
-        single => Decoded::Single(request(single, raw_ids.next().flatten())),
+        single => Decoded::Single(request(single, raw_ids(false).next().flatten())),
     }
 }
 

@@ -150,3 +150,11 @@ async fn accept_failed(e: std::io::Error) {
     tracing::error!(error = %e, "http accept failed; retrying in 1 s");
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
+
+/// Whether a request body says nothing: empty, or an empty JSON object however spaced. Routes
+/// that take no body accept these (HTTP clients send `{}` by habit) and refuse the rest.
+pub fn says_nothing(body: &[u8]) -> bool {
+    body.trim_ascii().is_empty()
+        || serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+            .is_ok_and(|m| m.is_empty())
+}

@@ -1001,3 +1001,35 @@ async fn a_conference_ended_by_a_kick_says_so_in_its_end_callback() {
         Some("participant-with-end-conference-on-exit-kicked")
     );
 }
+
+/// The seat check before a cross-node move takes a share of the move's time: a target node
+/// that does not answer (its agent stopped) leaves the move its own budget, and the caller
+/// is moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_a_node_slow_to_answer_still_goes_ahead() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "from-6").await;
+    let other_id = c.other(&owner).id.clone();
+    let a = dial(&c.node(&owner).sim, "from-6", &[]).await;
+    wait_bridged(&c.node(&owner).sim, &a).await;
+    let y = dial(&c.node(&other_id).sim, "to-6", &[]).await;
+    wait_bridged(&c.node(&other_id).sim, &y).await;
+    let mut ws = c.client(0).await;
+    c.node_mut(&other_id)
+        .proc
+        .process()
+        .signal(libc::SIGSTOP)
+        .expect("SIGSTOP the target's agent");
+    let r = ws
+        .call(
+            "participant.move",
+            json!({"conference": "from-6", "participant": a, "to": "to-6"}),
+        )
+        .await;
+    c.node_mut(&other_id)
+        .proc
+        .process()
+        .signal(libc::SIGCONT)
+        .expect("SIGCONT");
+    assert_eq!(r["result"]["moved"], "redirect", "{r}");
+}

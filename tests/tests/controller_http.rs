@@ -533,6 +533,26 @@ async fn conferences_list_get_end_and_their_errors() {
     let head = String::from_utf8_lossy(&head[..n]);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(head.contains("payload_too_large"), "{head}");
+    // An unknown route is still a 404, whatever its body would be.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.controller.http_port))
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = vec![0u8; 512];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut head),
+    )
+    .await
+    .expect("an answer before the body")
+    .expect("read");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
 
 /// A conference record this process cannot read (an epoch that is not a number, written by
@@ -827,7 +847,7 @@ async fn input_a_route_does_not_take_is_refused_and_changes_nothing() {
         &s,
         Method::POST,
         "/v1/nodes/node-a/drain",
-        Some(" {} "),
+        Some(" {\n } "),
         None,
     )
     .await;

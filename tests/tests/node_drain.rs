@@ -400,6 +400,14 @@ async fn a_drain_for_a_stop_ends_in_an_exit_and_does_not_outlive_the_agent() {
         let v: serde_json::Value = r.json().await.expect("JSON error");
         assert_eq!(v["error"]["code"], "invalid_body", "{v}");
     }
+    // An empty object, however spaced, is no body.
+    let r = fixtures::http()
+        .post(format!("{}/v1/undrain", s.node.http_url()))
+        .body("{ \n }")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 200);
     let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
     assert_eq!(v["state"], "serving", "a refused drain drained: {v}");
     let listed = fixtures::http()

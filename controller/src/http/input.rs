@@ -50,11 +50,12 @@ impl<S: Send + Sync> FromRequest<S> for NoInput {
             };
             ApiError::new(e.status(), code, e.body_text())
         })?;
-        match bytes.trim_ascii() {
-            b"" | b"{}" => Ok(NoInput),
-            _ => Err(ApiError::bad_request(
+        if confroute_shared::http_serve::says_nothing(&bytes) {
+            Ok(NoInput)
+        } else {
+            Err(ApiError::bad_request(
                 "this route takes no body: send none, or {}",
-            )),
+            ))
         }
     }
 }

@@ -195,16 +195,19 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             )
             .into_response()
         }
-        _ if announced.is_some_and(|n| n > state.max_body as u64) => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!(
-                "the body announces {} bytes; http.max_body_size is {}",
-                announced.unwrap_or_default(),
-                state.max_body
-            ),
-        )
-        .into_response(),
+        // Past the router's own 404 and 405, which need no body.
+        _ if route.is_some() && announced.is_some_and(|n| n > state.max_body as u64) => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "the body announces {} bytes; http.max_body_size is {}",
+                    announced.unwrap_or_default(),
+                    state.max_body
+                ),
+            )
+            .into_response()
+        }
         _ => as_json_error(next.run(req).await).await,
     };
     if resp.status() == StatusCode::METHOD_NOT_ALLOWED

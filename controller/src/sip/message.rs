@@ -474,15 +474,23 @@ pub fn parse_sip_uri(uri: &str) -> Result<SipUri<'_>, UriError> {
     // The user part ends at the last '@'. A user may hold `?` and `/` (user-unreserved,
     // RFC 3261 §25.1) while no header may hold an '@' unescaped, so the headers are cut off
     // after the '@' only.
-    let (user, hostpart) = match rest.rfind('@') {
+    // (A header that breaks the grammar with an '@' of its own stays a header: headers start
+    // at the first `?` after the first '@'.)
+    let before_headers = match rest.find('@') {
+        Some(first) => match rest[first..].find('?') {
+            Some(q) => &rest[..first + q],
+            None => rest,
+        },
+        None => rest.split('?').next().unwrap_or(""),
+    };
+    let (user, host) = match before_headers.rfind('@') {
         // userinfo may carry ":password"; the conference is the user.
         Some(at) => (
-            Some(rest[..at].split(':').next().unwrap_or("")),
-            &rest[at + 1..],
+            Some(before_headers[..at].split(':').next().unwrap_or("")),
+            &before_headers[at + 1..],
         ),
-        None => (None, rest),
+        None => (None, before_headers),
     };
-    let host = hostpart.split('?').next().unwrap_or("");
     if host.split(';').next().is_none_or(|h| h.is_empty()) {
         return Err(UriError::Malformed("no host"));
     }
@@ -750,6 +758,11 @@ mod tests {
         assert_eq!(u.user, Some("room"));
         let u = parse_sip_uri("sip:h?Subject=x").expect("uri");
         assert_eq!(u.user, None);
+        let u = parse_sip_uri("sip:room@host?Replaces=abc@def").expect("uri");
+        assert_eq!(u.user, Some("room"));
+        // The grammar reads this one as user `h?S=a` at host `b`.
+        let u = parse_sip_uri("sip:h?S=a@b").expect("uri");
+        assert_eq!(u.user, Some("h?S=a"));
         assert!(matches!(
             parse_sip_uri("sip:room@?x=1"),
             Err(UriError::Malformed(_))
