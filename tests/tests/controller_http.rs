@@ -513,46 +513,35 @@ async fn conferences_list_get_end_and_their_errors() {
         }
     }
     // A body announced past http.max_body_size is refused at once, before it is sent.
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.controller.http_port))
-        .await
-        .expect("connect");
-    tokio::io::AsyncWriteExt::write_all(
-        &mut tcp,
-        b"POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n",
+    let head = head_only(
+        &s,
+        "POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n",
     )
-    .await
-    .expect("write");
-    let mut head = vec![0u8; 512];
-    let n = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read(&mut tcp, &mut head),
-    )
-    .await
-    .expect("an answer before the body")
-    .expect("read");
-    let head = String::from_utf8_lossy(&head[..n]);
+    .await;
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(head.contains("payload_too_large"), "{head}");
     // An unknown route is still a 404, whatever its body would be.
+    let head = head_only(
+        &s,
+        "POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
+/// Sends a request head alone (no body follows) and returns the start of the answer.
+async fn head_only(s: &Setup, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.controller.http_port))
         .await
         .expect("connect");
-    tokio::io::AsyncWriteExt::write_all(
-        &mut tcp,
-        b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
-    )
-    .await
-    .expect("write");
+    tcp.write_all(request.as_bytes()).await.expect("write");
     let mut head = vec![0u8; 512];
-    let n = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read(&mut tcp, &mut head),
-    )
-    .await
-    .expect("an answer before the body")
-    .expect("read");
-    let head = String::from_utf8_lossy(&head[..n]);
-    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut head))
+        .await
+        .expect("an answer before the body")
+        .expect("read");
+    String::from_utf8_lossy(&head[..n]).into_owned()
 }
 
 /// A conference record this process cannot read (an epoch that is not a number, written by

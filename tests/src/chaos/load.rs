@@ -288,31 +288,40 @@ impl Tracker {
         st.joins.push(ev);
     }
 
-    /// Waits until the caller is in a bridge (`Ok(latency)`) or gone (`Err(why)`).
-    async fn wait_joined(&self, channel: &str, within: Duration) -> Result<Duration, String> {
+    /// Waits until `decide` says something of `channel`'s state (`None` while the channel is
+    /// unknown), or `within` has passed (`None`).
+    async fn watch_chan<T>(
+        &self,
+        channel: &str,
+        within: Duration,
+        decide: impl Fn(Option<&Chan>) -> Option<T>,
+    ) -> Option<T> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let st = lock(&self.state);
-                match st.chans.get(channel) {
-                    None => return Err("unknown channel".into()),
-                    Some(c) => {
-                        if let Some(at) = c.entered {
-                            return Ok(at.saturating_duration_since(c.dialled));
-                        }
-                        if let Some(cause) = c.destroyed {
-                            return Err(format!("hung up by the node (cause {cause})"));
-                        }
-                    }
-                }
+            if let Some(v) = decide(lock(&self.state).chans.get(channel)) {
+                return Some(v);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(format!("not in a bridge within {} s", within.as_secs()));
+                return None;
             }
         }
+    }
+
+    /// Waits until the caller is in a bridge (`Ok(latency)`) or gone (`Err(why)`).
+    async fn wait_joined(&self, channel: &str, within: Duration) -> Result<Duration, String> {
+        self.watch_chan(channel, within, |c| match c {
+            None => Some(Err("unknown channel".to_string())),
+            Some(c) => match (c.entered, c.destroyed) {
+                (Some(at), _) => Some(Ok(at.saturating_duration_since(c.dialled))),
+                (None, Some(cause)) => Some(Err(format!("hung up by the node (cause {cause})"))),
+                (None, None) => None,
+            },
+        })
+        .await
+        .unwrap_or_else(|| Err(format!("not in a bridge within {} s", within.as_secs())))
     }
 
     /// Waits (up to `within`) while `channel` is out of every bridge but not gone: a caller
@@ -320,22 +329,11 @@ impl Tracker {
     /// the hangup is carried out), and its end may still be on its way; a caller stranded
     /// outside a bridge stays so.
     async fn settle(&self, channel: &str, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let st = lock(&self.state);
-                match st.chans.get(channel) {
-                    Some(c) if c.destroyed.is_none() && c.bridge.is_none() => {}
-                    _ => return,
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return;
-            }
-        }
+        let stranded = |c: &Chan| c.destroyed.is_none() && c.bridge.is_none();
+        self.watch_chan(channel, within, |c| {
+            (!c.is_some_and(stranded)).then_some(())
+        })
+        .await;
     }
 
     /// The caller is about to hang up; when it had `joined`, it must still be in a bridge.
