@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Setup {
     _redis: RedisServer,
     controller: ControllerProc,
+    store: confroute_shared::store::Store,
 }
 
 async fn setup(extra: &[(&str, &str)]) -> Setup {
@@ -30,6 +31,7 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
     Setup {
         _redis: redis,
         controller,
+        store,
     }
 }
 
@@ -1120,6 +1122,32 @@ async fn conference_header_takes_precedence_and_percent_escapes_decode() {
     );
     let e = udp.exchange(&invite("sip:;npdi@router", udp.port(), "z9hG4bKnonum", ""));
     assert_eq!(status(&e), 484, "{e}");
+    // Two headers naming different conferences are refused; repeating the same one is not.
+    let f = udp.exchange(&invite(
+        "sip:x@router",
+        udp.port(),
+        "z9hG4bKtwohdr",
+        "X-Conference: room-a\r\nX-Conference: room-b\r\n",
+    ));
+    assert_eq!(status(&f), 400, "{f}");
+    assert!(
+        header(&f, "Warning").is_some_and(|w| w.contains("name different conferences")),
+        "{f}"
+    );
+    assert!(header(&f, "Contact").is_none(), "{f}");
+    for room in ["room-a", "room-b"] {
+        let name = confroute_shared::name::ConferenceName::parse(room).expect("name");
+        let rec = s.store.lookup(&name).await.expect("read");
+        assert!(rec.is_none(), "the refused INVITE claimed {room}");
+    }
+    let g = udp.exchange(&invite(
+        "sip:x@router",
+        udp.port(),
+        "z9hG4bKsamehdr",
+        "X-Conference: room-a\r\nX-Conference:  room-a\r\n",
+    ));
+    assert_eq!(status(&g), 302, "{g}");
+    assert_eq!(header(&g, "X-Conference"), Some("room-a"));
 }
 
 /// RFC 3261 §25.1 lets a Via put whitespace around its slashes and sent-by's colon; the

@@ -543,8 +543,18 @@ impl SipService {
             Target::Reject(Response::new(404, "Not Found").warning(&e.to_string()))
         };
         if !self.conference_header.is_empty() {
-            if let Some(v) = req.header(&self.conference_header) {
-                return match ConferenceName::parse(v.trim()) {
+            let mut values = req.headers_named(&self.conference_header).map(str::trim);
+            if let Some(v) = values.next() {
+                // Two headers naming different conferences leave the call's room a guess
+                // (an edge adding its own beside the caller's): refused, not first-wins.
+                if values.any(|other| other != v) {
+                    self.router.record_invalid();
+                    return Target::Reject(Response::new(400, "Bad Request").warning(&format!(
+                        "{} headers name different conferences",
+                        self.conference_header
+                    )));
+                }
+                return match ConferenceName::parse(v) {
                     Ok(n) => Target::Name(n),
                     Err(e) => reject_name(e),
                 };
