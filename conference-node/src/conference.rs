@@ -140,6 +140,8 @@ pub struct MoveIn {
     pub muted: bool,
     /// Held in the conference it leaves (its channel says so for a restarted agent).
     pub held: bool,
+    /// Its phone has the call on hold, as the conference it leaves last announced.
+    pub caller_held: bool,
     /// Caller id number.
     pub caller: String,
     /// The conference it leaves.
@@ -689,6 +691,7 @@ impl Conference {
             p.tech = tech.to_string();
         }
         self.entered(&ch, p, None).await;
+        self.sync_caller_hold(&ch);
     }
 
     /// Bookkeeping once a channel is in one of the conference's bridges: the participant
@@ -1113,6 +1116,14 @@ impl Conference {
         }
         self.tidy_holding().await;
         self.counts_changed().await;
+    }
+
+    /// Catches up with the caller's own hold of a participant this conference just took in
+    /// or got back: a ChannelHold that came while it was joining or moving reached no
+    /// conference.
+    fn sync_caller_hold(&mut self, ch: &str) {
+        let held = self.node.caller_held(ch);
+        self.hold(ch, held);
     }
 
     /// The caller's phone put the call on hold or took it off (ChannelHold/ChannelUnhold).

@@ -161,6 +161,10 @@ pub struct Node {
     state_dirty: AtomicBool,
     registry: Mutex<HashMap<ConferenceName, mpsc::UnboundedSender<Msg>>>,
     routes: Mutex<HashMap<String, Route>>,
+    /// Routed channels whose caller's phone has them on hold (ChannelHold), whatever
+    /// conference they are in, joining or moving to: a conference taking one in reads it
+    /// here, since a hold that came meanwhile went to no conference.
+    caller_holds: Mutex<std::collections::HashSet<String>>,
     /// Routed channels the last reconciliation found missing from Asterisk.
     vanished: Mutex<std::collections::HashSet<String>>,
     joining: Mutex<HashMap<String, Instant>>,
@@ -225,6 +229,7 @@ impl Node {
             state_dirty: AtomicBool::new(false),
             registry: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
+            caller_holds: Mutex::new(std::collections::HashSet::new()),
             vanished: Mutex::new(std::collections::HashSet::new()),
             joining: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::HashSet::new()),
@@ -451,6 +456,7 @@ impl Node {
         for c in missing.intersection(&vanished) {
             if routes.get(c).is_some_and(settled) {
                 routes.remove(c);
+                lock(&self.caller_holds).remove(c);
                 forgotten += 1;
             }
         }
@@ -546,6 +552,11 @@ impl Node {
             Some(Route::Conference(n) | Route::Moving(n)) => Some(n.clone()),
             _ => None,
         }
+    }
+
+    /// Whether the caller's phone has `channel` on hold (the last ChannelHold/Unhold).
+    pub fn caller_held(&self, channel: &str) -> bool {
+        lock(&self.caller_holds).contains(channel)
     }
 
     /// Marks a participant of `name` as being moved to another conference of this node.
@@ -746,6 +757,7 @@ impl Node {
             }
             Event::StasisEnd { channel } => {
                 self.join_abandoned(&channel.id);
+                lock(&self.caller_holds).remove(&channel.id);
                 lock(&self.ended).insert(channel.id.clone());
                 lock(&self.hanging_up).remove(&channel.id);
                 self.dialouts.stasis_ended(self, &channel.id);
@@ -846,9 +858,24 @@ impl Node {
     }
 
     fn hold(self: &Arc<Self>, channel: &str, held: bool) {
-        let name = match lock(&self.routes).get(channel) {
-            Some(Route::Conference(n)) => n.clone(),
-            _ => return,
+        let name = {
+            let routes = lock(&self.routes);
+            let Some(route) = routes.get(channel).filter(|r| !matches!(r, Route::Gone)) else {
+                return;
+            };
+            // Recorded under the routes' lock: a conference that routes the channel to
+            // itself after this reads it; one that did before gets the message below.
+            let mut holds = lock(&self.caller_holds);
+            if held {
+                holds.insert(channel.to_string());
+            } else {
+                holds.remove(channel);
+            }
+            match route {
+                Route::Conference(n) => n.clone(),
+                // Joining or moving: the conference that takes it in reads the hold.
+                _ => return,
+            }
         };
         self.send(
             &name,

@@ -1033,3 +1033,65 @@ async fn a_move_to_a_node_slow_to_answer_still_goes_ahead() {
         .expect("SIGCONT");
     assert_eq!(r["result"]["moved"], "redirect", "{r}");
 }
+
+/// `held_by` of `participant` in `conference`, from `participant.list` (null if absent).
+async fn held_by(ws: &mut Client, conference: &str, participant: &str) -> Value {
+    let list = ws
+        .ok("participant.list", json!({ "conference": conference }))
+        .await;
+    list["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == participant))
+        .map(|p| p["held_by"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Polls `participant.list` until `participant` of `conference` is held by `want`.
+async fn wait_held_by(ws: &mut Client, conference: &str, participant: &str, want: Value) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let got = held_by(ws, conference, participant).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{participant} in {conference}: held_by {got}, want {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A move does not take the caller's phone off hold: the target lists the caller as held by
+/// its phone and announces the phone's resume. A hold from the phone while the caller is
+/// being moved is not lost either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hold_a_callers_phone_put_on_survives_a_move() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (sim, a, _b, _x, mut ws) = two_conferences_on_one_node(&c, "from-h", "to-h", &[]).await;
+    let mut watcher = c.client(1).await;
+    watcher.ok("subscribe", json!({"conference": "to-h"})).await;
+    sim.caller_hold(&a, true).await.expect("the phone holds");
+    wait_held_by(&mut ws, "from-h", &a, json!(["caller"])).await;
+    ws.ok(
+        "participant.move",
+        json!({"conference": "from-h", "participant": &a, "to": "to-h"}),
+    )
+    .await;
+    assert_eq!(held_by(&mut ws, "to-h", &a).await, json!(["caller"]));
+    sim.caller_hold(&a, false).await.expect("the phone resumes");
+    let events = watcher
+        .events_until(|e| e["event"] == "unhold" && e["data"]["participant"] == a.as_str())
+        .await;
+    let last = events.last().expect("the unhold");
+    assert_eq!(last["data"]["by"], "caller", "{events:#?}");
+    assert_eq!(held_by(&mut ws, "to-h", &a).await, json!([]));
+
+    // The phone holds while the move back is under way (the target has added the caller,
+    // its answer held): the hold reaches the conference the caller ends up in.
+    let moved = held_move(&c, sim, "to-h", &a, "from-h").await;
+    sim.caller_hold(&a, true).await.expect("the phone holds");
+    sim.release_operation("answer addChannel");
+    moved.await.expect("the move's answer");
+    wait_held_by(&mut ws, "from-h", &a, json!(["caller"])).await;
+}

@@ -476,6 +476,58 @@ async fn receiver(fail_first: usize) -> (String, Received) {
     receiver_with(fail_first, std::time::Duration::ZERO).await
 }
 
+/// The caller's phone puts the call on hold while the agent is still reading the caller's
+/// options (no `channelvars`, so it asks Asterisk for each): the conference it joins
+/// announces the hold once it is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_from_the_phone_during_admission_is_announced_once_the_caller_is_in() {
+    let (url, got) = receiver(0).await;
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim_with(&[]).await;
+    let node = NodeProc::start(
+        "node-a",
+        &env(&sim, &cfg, &[("CONFROUTE_CONFERENCE__BEEP", "false")]),
+    )
+    .expect("node");
+    wait_app(&sim, &node).await;
+    sim.hold_operation("getChannelVar");
+    let ch = dial(
+        &sim,
+        "held-early",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start join hold"),
+        ],
+    )
+    .await;
+    confroute_tests::harness::wait_for_async("the options being read", WAIT, || async {
+        (sim.held_requests("getChannelVar") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    sim.caller_hold(&ch, true).await.expect("the phone holds");
+    sim.release_operation("getChannelVar");
+    wait_bridged(&sim, &ch).await;
+    wait_for_async("three callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 3).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}\n{}", got.lock().expect("lock"), node.output()));
+    let got = got.lock().expect("lock").clone();
+    let events: Vec<&str> = got
+        .iter()
+        .map(|f| f["StatusCallbackEvent"].as_str())
+        .collect();
+    assert_eq!(
+        events,
+        ["participant-join", "conference-start", "participant-hold"],
+        "{got:#?}"
+    );
+    assert_eq!(got[2]["Hold"], "true");
+    assert_eq!(got[2]["CallSid"], ch);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
     let (url, got) = receiver(2).await;

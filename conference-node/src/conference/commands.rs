@@ -473,6 +473,7 @@ impl Conference {
                 options: p.options.clone(),
                 muted: p.muted,
                 held: p.held,
+                caller_held: p.caller_held,
                 caller: p.caller.clone(),
                 from: self.name.clone(),
                 pending,
@@ -568,8 +569,11 @@ impl Conference {
         if let Some(tech) = m.channel.name.split('/').next() {
             p.tech = tech.to_string();
         }
+        // A move does not take the phone off hold.
+        p.caller_held = m.caller_held;
         tracing::info!(conference = %self.name, channel = %ch, from = %from, "participant moved in");
         self.entered(&ch, p, Some(&from)).await;
+        self.sync_caller_hold(&ch);
         self.node.send(
             &from,
             Msg::MovedOut {
@@ -601,6 +605,7 @@ impl Conference {
         } else {
             // Still ours: its route goes back from "moving" to this conference.
             self.node.route(ch, &self.name);
+            self.sync_caller_hold(ch);
         }
     }
 
