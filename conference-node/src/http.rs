@@ -94,10 +94,8 @@ async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> R
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let ok = token.matches(given.as_bytes());
+            .and_then(|v| v.to_str().ok());
+        let ok = token.matches_bearer(given);
         if !ok {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,

@@ -38,6 +38,16 @@ impl Secret {
         let lengths = (given.len() as u64).ct_eq(&(secret.len() as u64));
         (same & lengths).into()
     }
+
+    /// True when `authorization` (an `Authorization` header's value) is `Bearer` and this
+    /// secret; the scheme in any case (RFC 9110 §11.1), the token compared as [`Self::matches`].
+    pub fn matches_bearer(&self, authorization: Option<&str>) -> bool {
+        let given = authorization
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, t)| t.trim_start());
+        self.matches(given.as_bytes())
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -78,5 +88,24 @@ mod tests {
         }
         assert!(Secret::new("").matches(b""));
         assert!(!Secret::new("").matches(b"x"));
+    }
+
+    #[test]
+    fn bearer_scheme_in_any_case() {
+        let s = Secret::new("tok");
+        for ok in ["Bearer tok", "bearer tok", "BEARER tok", "Bearer  tok"] {
+            assert!(s.matches_bearer(Some(ok)), "{ok}");
+        }
+        for bad in [
+            "Basic tok",
+            "Bearertok",
+            "tok",
+            "Bearer tok2",
+            "Bearer ",
+            "",
+        ] {
+            assert!(!s.matches_bearer(Some(bad)), "{bad}");
+        }
+        assert!(!s.matches_bearer(None));
     }
 }

@@ -49,6 +49,14 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         (status, body["error"]["code"].clone()),
         (401, "unauthorized".into())
     );
+    // The scheme is case-insensitive (RFC 9110 §11.1), as on the controller.
+    let lower = fixtures::http()
+        .get(format!("{base}/v1/conferences"))
+        .header("Authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(lower.status().as_u16(), 200);
     let (status, body) = call("GET", &format!("{base}/v1/nope"), Some(TOKEN)).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "route_not_found");

@@ -160,13 +160,7 @@ async fn method_not_allowed() -> ApiError {
 /// True when `given` is the `Authorization` value the configured token asks for; compared in
 /// constant time.
 fn authorized(token: &Secret, given: Option<&header::HeaderValue>) -> bool {
-    // The scheme is case-insensitive (RFC 9110 §11.1).
-    let given = given
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, t)| t.trim_start());
-    token.matches(given.as_bytes())
+    token.matches_bearer(given.and_then(|v| v.to_str().ok()))
 }
 
 /// The one middleware of every request: the bearer token on the `/v1` routes, then the
