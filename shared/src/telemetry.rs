@@ -11,8 +11,12 @@ pub fn init(cfg: &LogConfig) {
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    // Colours only for a terminal: escape codes in a log file or a collector's stream are
+    // noise to every tool that reads them.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (tests that start several components in one process) is harmless.
     let _ = match cfg.format {

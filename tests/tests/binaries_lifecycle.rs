@@ -74,13 +74,16 @@ fn bad_value_in_file_names_key_and_form() {
 }
 
 #[test]
-fn starts_and_exits_zero_on_sigterm() {
+fn starts_logs_without_colour_codes_to_a_file_and_exits_zero_on_sigterm() {
     let redis = RedisServer::start().expect("redis");
     for bin in BINARIES {
         let (_dir, mut p) = spawn_until(bin, &redis, "started");
         p.signal(libc::SIGTERM).expect("sigterm");
         let code = p.wait_exit(Duration::from_secs(10)).expect("exits");
-        assert_eq!(code, Some(0), "{bin}: {}", p.output());
+        let log = p.output();
+        assert_eq!(code, Some(0), "{bin}: {log}");
+        // Its stderr is a file here, not a terminal: no ANSI escapes in the text log.
+        assert!(!log.contains('\x1b'), "{bin}: {log:?}");
     }
 }
 
