@@ -137,7 +137,9 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         "the page after the name: {out}"
     );
     assert!(!out.contains("+15555550101"), "{out}");
-    assert!(out.contains("more: --after +15555550102"), "{out}");
+    // The paging hint goes to stderr: a script reading stdout gets the table alone.
+    assert!(err.contains("more: --after +15555550102"), "{err}");
+    assert!(!out.contains("more:"), "{out}");
     let (ok, out, err) = ctl(
         &url,
         Some(TOKEN),
@@ -172,6 +174,74 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     let (ok, _, err) = ctl("http://127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
     assert!(!ok);
     assert!(err.contains("cannot reach"), "{err}");
+    // A password in --url is not repeated in messages.
+    let (ok, _, err) = ctl(
+        "http://admin:hunter2@127.0.0.1:1",
+        Some(TOKEN),
+        &["nodes", "list"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach") && err.contains("***") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let (ok, _, err) = ctl("127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
+    assert!(!ok);
+    assert!(err.contains("give the scheme: http://127.0.0.1:1"), "{err}");
+    // A token no header can carry is named as the problem, not the network.
+    let (ok, _, err) = ctl(&url, Some("ctl-token\nsecond-line"), &["nodes", "list"]);
+    assert!(!ok);
+    assert!(
+        err.contains("the token") && !err.contains("cannot reach"),
+        "{err}"
+    );
+    let (ok, out, err) = ctl(&url, None, &["--version"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("confroute-ctl "), "{out}");
+
+    // A conference whose owner has no live lease says so in the table.
+    redis
+        .query(
+            redis::cmd("HSET")
+                .arg(format!("{}conf:orphan-room", cfg.prefix))
+                .arg("owner")
+                .arg("node-z")
+                .arg("epoch")
+                .arg(3)
+                .arg("participants")
+                .arg(0),
+        )
+        .expect("a record written");
+    let (ok, out, err) = ctl(&url, Some(TOKEN), &["conferences", "get", "orphan-room"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("node-z (no live node)"), "{out}");
+    let (ok, out, err) = ctl(&url, Some(TOKEN), &["conferences", "get", "weekly-sync"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("node-b") && !out.contains("no live node"),
+        "{out}"
+    );
+
+    // Whoever reads the output goes away before it is written (`| head`): a quiet exit.
+    let (closed_reader, writer) = std::io::pipe().expect("pipe");
+    drop(closed_reader);
+    let quiet = Command::new(workspace_bin("confroute-ctl").expect("built"))
+        .args(["--url", &url, "nodes", "list"])
+        .env("CONFROUTE_CTL_TOKEN", TOKEN)
+        .stdout(writer)
+        .output()
+        .expect("run confroute-ctl");
+    assert_eq!(
+        quiet.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
 
     // Some other HTTP server at --url: said so, with what it answered.
     let other = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -422,6 +492,35 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
         .expect("ctl ran");
     assert!(!ok, "a non-zero exit");
     assert!(err.contains("closed the connection"), "{err}");
+
+    // A controller that stops answering without closing (frozen): given up after the idle
+    // timeout, not awaited for good.
+    let mut frozen = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    let url = frozen.http_url();
+    let events = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            ctl(&url, None, &["events", "room-1", "--idle-timeout", "2"])
+        })
+    };
+    wait_for_async("the events WebSocket open", WAIT, || async {
+        let m = fixtures::scrape(&url).await;
+        let upgraded = fixtures::metric(
+            &m,
+            r#"confroute_http_requests_total{route="/v1/rpc",status="101"}"#,
+        );
+        (upgraded >= 1.0).then_some(())
+    })
+    .await
+    .expect("ctl subscribed");
+    frozen.process().signal(libc::SIGSTOP).expect("freeze");
+    let ended = tokio::time::timeout(WAIT, events).await;
+    frozen.process().signal(libc::SIGCONT).expect("thaw");
+    let (ok, _, err) = ended
+        .expect("ctl gives up on a frozen controller")
+        .expect("ctl ran");
+    assert!(!ok, "a non-zero exit");
+    assert!(err.contains("sent nothing for 2s"), "{err}");
 }
 
 /// `dialout --wait` ends with a failing exit when the node placing the call dies while the

@@ -12,9 +12,35 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+/// `print!` that ends the process when whoever reads the output has gone: quietly for a
+/// closed pipe (`| head -1` on `events`), with the error for anything else (a full disk).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("confroute-ctl: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
+/// `println!` through [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        out!("{}\n", format_args!($($arg)*));
+    }};
+}
+
 /// Command line.
 #[derive(Parser)]
-#[command(version, about = "Operate a confroute cluster through any controller")]
+#[command(
+    name = "confroute-ctl",
+    version,
+    about = "Operate a confroute cluster through any controller"
+)]
 struct Cli {
     /// Controller HTTP address.
     #[arg(
@@ -76,6 +102,10 @@ enum Cmd {
         /// Conference names.
         #[arg(required = true)]
         conferences: Vec<String>,
+        /// Give up (exit 1) when the controller sends nothing, not even the answer to a
+        /// ping, for this many seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        idle_timeout: u64,
     },
 }
 
@@ -197,7 +227,47 @@ const DIALOUT_MARGIN: Duration = Duration::from_secs(30);
 struct Api {
     http: reqwest::Client,
     url: String,
+    /// `url` as messages show it: without its password, if it has one.
+    shown: String,
     token: Option<String>,
+}
+
+/// Checks `--url` and `--token` before any request: a mistake in either gets a message
+/// naming it rather than a client library's.
+fn api(http: reqwest::Client, url: &str, token: Option<String>) -> Result<Api, Failure> {
+    let shown = match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+            return Err(Failure(format!(
+                "bad --url {url}: the scheme must be http or https"
+            )))
+        }
+        Ok(_) => url.to_string(),
+        Err(e) => {
+            let hint = if url.contains("://") {
+                String::new()
+            } else {
+                format!(" (give the scheme: http://{url})")
+            };
+            return Err(Failure(format!("bad --url {url}: {e}{hint}")));
+        }
+    };
+    if let Some(t) = &token {
+        if reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
+            return Err(Failure(
+                "the token (--token or CONFROUTE_CTL_TOKEN) holds a character an HTTP header cannot carry, such as a line break".into(),
+            ));
+        }
+    }
+    Ok(Api {
+        http,
+        url: url.to_string(),
+        shown,
+        token,
+    })
 }
 
 impl Api {
@@ -227,7 +297,7 @@ impl Api {
                 "`{bad}` is not a valid conference name, node id or participant id"
             )));
         }
-        let bad_url = |e: String| Failure(format!("bad --url {}: {e}", self.url));
+        let bad_url = |e: String| Failure(format!("bad --url {}: {e}", self.shown));
         let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(e.to_string()))?;
         url.path_segments_mut()
             .map_err(|()| bad_url("not an http(s) URL".into()))?
@@ -245,9 +315,14 @@ impl Api {
         }
         let resp = req.send().await.map_err(|e| {
             if e.is_timeout() {
-                Failure(format!("{} did not answer within 30 s", self.url))
+                Failure(format!("{} did not answer within 30 s", self.shown))
             } else {
-                Failure(format!("cannot reach {}: {e}", self.url))
+                // reqwest's message repeats the URL, password and all.
+                Failure(format!(
+                    "cannot reach {}: {}",
+                    self.shown,
+                    causes(&e.without_url())
+                ))
             }
         })?;
         let status = resp.status();
@@ -270,7 +345,7 @@ impl Api {
             };
             Err(Failure(format!(
                 "{status} from {}, which does not answer like a confroute controller (is --url right?){}",
-                self.url,
+                self.shown,
                 if body.trim().is_empty() {
                     String::new()
                 } else {
@@ -308,6 +383,18 @@ impl Api {
             .map_err(|e| Failure(format!("cannot open the WebSocket: {e}")))?;
         Ok(ws)
     }
+}
+
+/// An error with its causes, `a: b: c` (reqwest's own message leaves out why).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        next = c.source();
+    }
+    text
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -410,7 +497,7 @@ fn print_nodes(v: &Value) {
             s(&n["sip_uri"]),
         ]);
     }
-    print!("{}", table(&rows));
+    out!("{}", table(&rows));
 }
 
 fn print_conferences(v: &Value) {
@@ -425,14 +512,20 @@ fn print_conferences(v: &Value) {
     for c in items {
         rows.push(vec![
             s(&c["conference"]),
-            s(&c["node_id"]),
+            // One conference's answer says whether its owner still has a live lease.
+            if c.get("node").is_some_and(Value::is_null) {
+                format!("{} (no live node)", s(&c["node_id"]))
+            } else {
+                s(&c["node_id"])
+            },
             s(&c["epoch"]),
             s(&c["participants"]),
         ]);
     }
-    print!("{}", table(&rows));
+    out!("{}", table(&rows));
     if let Some(next) = v["next"].as_str() {
-        println!("more: --after {next}");
+        // On stderr: a script reading the table from stdout gets rows only.
+        eprintln!("more: --after {next}");
     }
 }
 
@@ -465,7 +558,7 @@ fn print_participants(v: &Value) {
             p["joined_ms"].as_u64().map_or_else(|| "-".into(), since),
         ]);
     }
-    print!("{}", table(&rows));
+    out!("{}", table(&rows));
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -473,24 +566,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| Failure(format!("http client: {e}")))?;
-    let api = Api {
-        http,
-        url: cli.url.clone(),
-        token: cli.token.clone(),
-    };
+    let api = api(http, &cli.url, cli.token.clone())?;
     let json_out = cli.json;
     let show = |v: &Value, human: fn(&Value)| {
         if json_out {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
         } else {
             human(v);
         }
     };
     let done = |v: &Value, what: &str| {
         if json_out {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
         } else {
-            println!("{what}");
+            outln!("{what}");
         }
     };
     match cli.cmd {
@@ -733,14 +822,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let Ok(Message::Text(t)) = msg else { continue };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
                 if json_out {
-                    println!("{v}");
+                    outln!("{v}");
                 }
                 if v["id"] == json!(1) {
                     if let Some(e) = v.get("error") {
                         return Err(rpc_failure(e));
                     }
                     if !json_out {
-                        println!("callid {}", s(&v["result"]["callid"]));
+                        outln!("callid {}", s(&v["result"]["callid"]));
                     }
                 } else if v["method"] == "dialout.status" {
                     let p = &v["params"];
@@ -751,7 +840,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             (None, Some(q)) => format!(" (cause {})", s(q)),
                             _ => String::new(),
                         };
-                        println!("{status}{extra}");
+                        outln!("{status}{extra}");
                     }
                     match status {
                         "connected" | "cleared" => return Ok(()),
@@ -770,7 +859,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "the connection closed before the call finished".into(),
             ));
         }
-        Cmd::Events { conferences } => {
+        Cmd::Events {
+            conferences,
+            idle_timeout,
+        } => {
             let mut ws = api.websocket().await?;
             for (i, c) in conferences.iter().enumerate() {
                 let req = json!({"jsonrpc": "2.0", "method": "subscribe", "params": {"conference": c}, "id": i});
@@ -778,7 +870,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await
                     .map_err(|e| Failure(format!("send: {e}")))?;
             }
-            while let Some(msg) = ws.next().await {
+            // A quiet conference sends nothing for hours: pings tell a live controller from
+            // one that stopped answering (frozen, or cut off without a close).
+            let idle = Duration::from_secs(idle_timeout);
+            let mut ping = tokio::time::interval(idle / 3);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut heard = tokio::time::Instant::now();
+            loop {
+                let msg = tokio::select! {
+                    msg = ws.next() => msg,
+                    _ = ping.tick() => {
+                        if heard.elapsed() >= idle {
+                            return Err(Failure(format!(
+                                "the controller sent nothing for {idle:?}, not even a pong; giving up"
+                            )));
+                        }
+                        ws.send(Message::Ping(Vec::new().into()))
+                            .await
+                            .map_err(|e| Failure(format!("send: {e}")))?;
+                        continue;
+                    }
+                };
+                let Some(msg) = msg else { break };
+                heard = tokio::time::Instant::now();
                 let Ok(Message::Text(t)) = msg else { continue };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
                 if let Some(e) = v.get("error") {
@@ -786,10 +900,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 if v["method"] == "event" {
                     if json_out {
-                        println!("{}", v["params"]);
+                        outln!("{}", v["params"]);
                     } else {
                         let p = &v["params"];
-                        println!(
+                        outln!(
                             "{} {} #{} {} {}",
                             s(&p["conference"]),
                             s(&p["node"]),
