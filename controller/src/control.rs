@@ -603,7 +603,7 @@ impl Control {
             .await
             .map_err(|e| match e {
                 RouteError::NoCapacity => {
-                    ControlError::NoCapacity("no conference node has room".into())
+                    ControlError::NoCapacity("no conference node is taking new conferences with room to spare (each is full, draining or without its Asterisk)".into())
                 }
                 RouteError::Unavailable(why) => ControlError::Unavailable(why),
             })

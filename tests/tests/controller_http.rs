@@ -231,6 +231,15 @@ async fn route_answers_and_its_error_paths() {
     )
     .await;
     assert_error(&a, 503, "no_capacity");
+    // Every node is draining, not full: the message does not send the operator looking
+    // for capacity alone.
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("draining")),
+        "{}",
+        a.text
+    );
     assert_eq!(
         a.headers.get("retry-after").and_then(|v| v.to_str().ok()),
         Some("5")

@@ -160,7 +160,7 @@ pub async fn route(
         })),
         Err(RouteError::NoCapacity) => Err(ApiError::unavailable(
             "no_capacity",
-            "no conference node has room",
+            "no conference node is taking new conferences with room to spare (each is full, draining or without its Asterisk)",
             state.retry_after,
         )),
         Err(RouteError::Unavailable(why)) => Err(ApiError::unavailable(

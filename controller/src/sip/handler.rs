@@ -526,7 +526,7 @@ impl SipService {
                 .header(self.header_node.clone(), d.node_id.to_string()),
             Err(RouteError::NoCapacity) => Response::new(503, "Service Unavailable")
                 .header("Retry-After", self.retry_after.clone())
-                .warning("no conference node has room"),
+                .warning("no conference node is taking new conferences with room to spare (each is full, draining or without its Asterisk)"),
             Err(RouteError::Unavailable(why)) => {
                 tracing::warn!(conference = %name, error = %why, "routing failed; answering 503");
                 Response::new(503, "Service Unavailable")
