@@ -98,6 +98,7 @@ pub struct NodeSection {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Listen address.
+    #[serde(deserialize_with = "confroute_shared::config::socket_addr")]
     pub listen: SocketAddr,
     /// Bearer token required on `/v1/*`; none = open.
     pub api_token: Option<Secret>,
@@ -392,12 +393,29 @@ fn variable_ok(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
-/// Checks a profile's or the defaults' callback URL.
+/// Checks a profile's or the defaults' callback URL: by the rule a call's own
+/// `CONFROUTE_STATUS_CALLBACK` meets, so the configuration cannot aim callbacks where no
+/// call may (a link-local metadata address).
 fn check_callback(issues: &mut Issues, key: &str, url: &str) {
-    if !url.is_empty() && !http_url_ok(url) {
+    if url.is_empty() {
+        return;
+    }
+    if !http_url_ok(url) {
         issues.add(
             key,
             format!("`{url}` is not an http(s) URL; expected e.g. https://app.example.com/events"),
+        );
+    } else if let Err(why) = crate::options::callback_ok(url) {
+        issues.add(key, format!("`{url}` is refused: {why}"));
+    }
+}
+
+/// Checks a profile's or the defaults' music on hold class by the rule a call's own meets.
+fn check_music(issues: &mut Issues, key: &str, class: &str) {
+    if let Err(why) = crate::options::moh_class_ok(class) {
+        issues.add(
+            key,
+            format!("{why}; expected a class of musiconhold.conf, e.g. default"),
         );
     }
 }
@@ -506,13 +524,16 @@ impl Validate for NodeConfig {
         if !variable_ok(&self.ari.conference_variable) {
             issues.add(
                 "ari.conference_variable",
-                "must be a channel variable name (letters, digits, '_')",
+                "must be a channel variable name (letters, digits, '_' and '-')",
             );
         }
-        if !variable_ok(&self.ari.conference_header) {
+        if !confroute_shared::config::header_name_ok(&self.ari.conference_header) {
             issues.add(
                 "ari.conference_header",
-                "must be a SIP header name (letters, digits, '-')",
+                format!(
+                    "must be a SIP header name ({})",
+                    confroute_shared::config::HEADER_NAME_FORM
+                ),
             );
         }
         if let Some(t) = &self.http.api_token {
@@ -537,6 +558,7 @@ impl Validate for NodeConfig {
             "conference.status_callback",
             &c.status_callback,
         );
+        check_music(&mut issues, "conference.wait_music", &c.wait_music);
         if c.beep_sound.is_empty() {
             issues.add("conference.beep_sound", "must name a sound, e.g. beep");
         }
@@ -559,6 +581,9 @@ impl Validate for NodeConfig {
             if let Some(u) = &p.status_callback {
                 check_callback(&mut issues, &format!("profiles.{name}.status_callback"), u);
             }
+            if let Some(m) = &p.wait_music {
+                check_music(&mut issues, &format!("profiles.{name}.wait_music"), m);
+            }
         }
         crate::dialout::check_config(&self.dialout, &mut issues);
         if self.webhook.max_attempts == 0 {
@@ -569,6 +594,15 @@ impl Validate for NodeConfig {
         }
         if self.webhook.timeout.is_zero() {
             issues.add("webhook.timeout", "must be greater than zero");
+        }
+        if self.webhook.retry_initial.is_zero() {
+            issues.add("webhook.retry_initial", "must be greater than zero");
+        }
+        if self.webhook.retry_max < self.webhook.retry_initial {
+            issues.add(
+                "webhook.retry_max",
+                "must not be less than webhook.retry_initial",
+            );
         }
         issues.finish()
     }
@@ -726,11 +760,56 @@ mod tests {
                 "dialout.caller_id",
             ),
             ("CONFROUTE_DIALOUT__TRUNK", "x", "dialout.trunk"),
+            // Refused for a call's own variables, so for the configuration too.
+            (
+                "CONFROUTE_CONFERENCE__STATUS_CALLBACK",
+                "http://169.254.169.254/latest",
+                "conference.status_callback",
+            ),
+            (
+                "CONFROUTE_PROFILES__VIP__STATUS_CALLBACK",
+                "http://[::ffff:169.254.169.254]/x",
+                "profiles.vip.status_callback",
+            ),
+            (
+                "CONFROUTE_CONFERENCE__STATUS_CALLBACK",
+                "http://0.0.0.0/x",
+                "conference.status_callback",
+            ),
+            (
+                "CONFROUTE_CONFERENCE__WAIT_MUSIC",
+                "",
+                "conference.wait_music",
+            ),
+            (
+                "CONFROUTE_PROFILES__VIP__WAIT_MUSIC",
+                "jazz;x",
+                "profiles.vip.wait_music",
+            ),
+            (
+                "CONFROUTE_WEBHOOK__RETRY_INITIAL",
+                "0s",
+                "webhook.retry_initial",
+            ),
+            ("CONFROUTE_WEBHOOK__RETRY_MAX", "1ms", "webhook.retry_max"),
+            ("CONFROUTE_HTTP__LISTEN", "localhost:9090", "http.listen"),
+            (
+                "CONFROUTE_ARI__CONFERENCE_HEADER",
+                "X,Conf",
+                "ari.conference_header",
+            ),
         ];
         for (var, value, key) in cases {
             let err = load_from::<NodeConfig>(None, &env(&[(var, value)])).expect_err(var);
             assert!(err.mentions(key), "{var}={value}: {err}");
         }
+        // A header name the controller takes, the node takes too.
+        let cfg: NodeConfig = load_from(
+            None,
+            &env(&[("CONFROUTE_ARI__CONFERENCE_HEADER", "X-Conf.Name_1")]),
+        )
+        .expect("a dotted header name");
+        assert_eq!(cfg.ari.conference_header, "X-Conf.Name_1");
     }
 
     #[test]

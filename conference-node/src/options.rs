@@ -240,7 +240,8 @@ fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
-fn callback_ok(s: &str) -> Result<String, String> {
+/// A status callback URL as given (trimmed; empty for none), or why it is refused.
+pub(crate) fn callback_ok(s: &str) -> Result<String, String> {
     let t = s.trim();
     if t.is_empty() {
         return Ok(String::new());
@@ -272,7 +273,8 @@ fn callback_ok(s: &str) -> Result<String, String> {
     }
 }
 
-fn moh_class_ok(s: &str) -> Result<String, String> {
+/// A music on hold class name as given (trimmed), or why it is refused.
+pub(crate) fn moh_class_ok(s: &str) -> Result<String, String> {
     let t = s.trim();
     if !t.is_empty()
         && t.bytes()

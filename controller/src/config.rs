@@ -7,7 +7,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 use confroute_shared::config::{
-    duration, string_like, ConfigError, Issues, LogConfig, RedisConfig, Validate,
+    duration, header_name_ok, socket_addr, string_like, ConfigError, Issues, LogConfig,
+    RedisConfig, Validate, HEADER_NAME_FORM,
 };
 use confroute_shared::secret::Secret;
 
@@ -64,6 +65,7 @@ impl Default for RuntimeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct SipConfig {
     /// Address for both UDP and TCP.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Transports to serve: `udp`, `tcp` or both.
     pub transports: Vec<Transport>,
@@ -115,6 +117,7 @@ pub use confroute_shared::http_serve::{DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_RA
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Listen address.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Bearer token required on every route but health and metrics; none = open.
     pub api_token: Option<Secret>,
@@ -260,12 +263,6 @@ impl Default for RoutingConfig {
     }
 }
 
-fn header_name_ok(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 impl Validate for ControllerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut issues = Issues::default();
@@ -277,7 +274,7 @@ impl Validate for ControllerConfig {
         if !self.sip.conference_header.is_empty() && !header_name_ok(&self.sip.conference_header) {
             issues.add(
                 "sip.conference_header",
-                "must be a header name (letters, digits, '-') or empty",
+                format!("must be a header name ({HEADER_NAME_FORM}) or empty"),
             );
         }
         for (key, value) in [
@@ -285,7 +282,7 @@ impl Validate for ControllerConfig {
             ("sip.header_node", &self.sip.header_node),
         ] {
             if !header_name_ok(value) {
-                issues.add(key, "must be a header name (letters, digits, '-')");
+                issues.add(key, format!("must be a header name ({HEADER_NAME_FORM})"));
             }
         }
         if self.sip.max_message_size < 1024 || self.sip.max_message_size > 65_535 {
@@ -460,6 +457,21 @@ mod tests {
             let err = load_from::<ControllerConfig>(None, &env(&[(var, value)])).expect_err(var);
             assert!(err.mentions(key), "{var}={value}: {err}");
         }
+        // A listen address names the value and the form it takes.
+        for value in ["localhost:5060", "127.0.0.1:99999"] {
+            let err =
+                load_from::<ControllerConfig>(None, &env(&[("CONFROUTE_HTTP__LISTEN", value)]))
+                    .expect_err(value);
+            assert!(err.mentions("http.listen"), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains(value) && text.contains("0.0.0.0:5060"),
+                "{text}"
+            );
+        }
+        let cfg: ControllerConfig =
+            load_from(None, &env(&[("CONFROUTE_SIP__LISTEN", "[::1]:5070")])).expect("IPv6");
+        assert_eq!(cfg.sip.listen, "[::1]:5070".parse().expect("addr"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! every binary shares (Redis, logging).
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -290,10 +291,31 @@ fn convert(err: figment::Error) -> ConfigError {
 
 /// Accepts a duration written like `500ms`, `2s`, `1h 30m`.
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime_serde::re::humantime::parse_duration(&text).map_err(|e| {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Duration;
+        // Also what a bare number is told: it has no unit.
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration with its unit, like 500ms, 2s, 5m")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime_serde::re::humantime::parse_duration(text).map_err(|e| {
+                E::custom(format!(
+                    "`{text}` is not a duration ({e}); expected a form like 500ms, 2s, 5m"
+                ))
+            })
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// Accepts a listen address, `IP:PORT` (`[IPv6]:PORT`), naming the value and the form when
+/// it is not one.
+pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = string_like(d)?;
+    text.trim().parse().map_err(|_| {
         serde::de::Error::custom(format!(
-            "`{text}` is not a duration ({e}); expected a form like 500ms, 2s, 5m"
+            "`{text}` is not an IP address and port; expected e.g. 0.0.0.0:5060 or [::]:5060 (no host names)"
         ))
     })
 }
@@ -643,6 +665,18 @@ impl RedisConfig {
     }
 }
 
+/// The characters [`header_name_ok`] takes, as messages say them.
+pub const HEADER_NAME_FORM: &str = "letters, digits, '-', '_' and '.'";
+
+/// Whether `s` is a SIP header name both binaries take: a token (RFC 3261 §25.1) of the
+/// characters that need no quoting anywhere it goes (an Asterisk dialplan function's
+/// argument on the node).
+pub fn header_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// Removes `user:password@` from a URL so it can be logged.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -661,6 +695,18 @@ fn check_url(issues: &mut Issues, key: &str, url: &str) {
             key,
             format!(
                 "`{}` is not a Redis URL; expected redis://host:port or rediss://host:port",
+                redact_url(url)
+            ),
+        );
+        return;
+    }
+    // What the client itself refuses (a port that is not a number, a database that is
+    // not one) is a configuration mistake too, told before anything starts.
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
+        issues.add(
+            key,
+            format!(
+                "`{}` is not a usable Redis URL ({e}); expected redis://[:password@]host:port[/db]",
                 redact_url(url)
             ),
         );
@@ -775,6 +821,13 @@ impl Default for LogConfig {
 
 impl Validate for LogConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        // An empty filter turns every line off, "started" included: surely not meant.
+        if self.level.trim().is_empty() {
+            return Err(ConfigError::new(
+                "log.level",
+                "must not be empty; expected e.g. info or confroute_controller=debug,info",
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
             return Err(ConfigError::new(
                 "log.level",
@@ -991,6 +1044,24 @@ mod tests {
         let err = load_from::<Root>(None, &env(&[("CONFROUTE_LOG__LEVEL", "info,[[[")]))
             .expect_err("bad filter");
         assert!(err.mentions("log.level"), "{err}");
+        // An empty filter would silence every line.
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_LOG__LEVEL", "")]))
+            .expect_err("empty filter");
+        assert!(err.mentions("log.level"), "{err}");
+
+        // What the Redis client itself would refuse at start-up is named here, no password.
+        for url in ["redis://:pw@host:notaport", "redis://127.0.0.1:6379/abc"] {
+            let err =
+                load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__URL", url)])).expect_err(url);
+            assert!(err.mentions("redis.url"), "{err}");
+            assert!(!err.to_string().contains("pw@"), "{err}");
+        }
+
+        // A bare number where a duration belongs is told to give its unit.
+        let err = load_from::<Root>(None, &env(&[("CONFROUTE_REDIS__TIMEOUT", "5")]))
+            .expect_err("a duration without its unit");
+        assert!(err.mentions("redis.timeout"), "{err}");
+        assert!(err.to_string().contains("with its unit"), "{err}");
 
         for url in [None, Some("redis://secret@cache:6379")] {
             let mut vars = vec![("CONFROUTE_REDIS__TLS", "true")];
@@ -1073,15 +1144,9 @@ mod tests {
             load_from(None, &env(&[("CONFROUTE_NAME", "caf\u{e9}\\x")])).expect("kept as a string");
         assert_eq!(root.name, "caf\u{e9}\\x");
         // ASCII values are still parsed, escapes included.
-        let root: Root = load_from(
-            None,
-            &env(&[("CONFROUTE_REDIS__CLUSTER__SEEDS", "[\"a\\\\b:1\"]")]),
-        )
-        .expect("escaped list");
-        assert_eq!(
-            root.redis.target(),
-            RedisTarget::Cluster(vec!["redis://a\\b:1".into()])
-        );
+        let root: Root =
+            load_from(None, &env(&[("CONFROUTE_NAME", "\"x\\\\y\"")])).expect("escaped string");
+        assert_eq!(root.name, "x\\y");
     }
 
     /// Passwords and tokens reach containers as environment variables: each is taken exactly

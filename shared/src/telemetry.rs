@@ -6,9 +6,18 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `log.level` when set.
 pub fn init(cfg: &LogConfig) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| EnvFilter::try_new(v).ok())
+    let from_env = std::env::var("RUST_LOG").ok().and_then(|v| {
+        EnvFilter::try_new(&v)
+            .map_err(|e| {
+                // Said before logging starts: the operator asked for a filter and gets another.
+                eprintln!(
+                    "RUST_LOG `{v}` is not a log filter ({e}); using log.level `{}`",
+                    cfg.level
+                );
+            })
+            .ok()
+    });
+    let filter = from_env
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     // Colours only for a terminal: escape codes in a log file or a collector's stream are

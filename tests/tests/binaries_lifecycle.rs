@@ -38,10 +38,21 @@ fn listen_env(bin: &str) -> Vec<(String, String)> {
 /// Starts `bin` against `redis` on free ports and waits until its output holds `text`;
 /// returns its temporary directory (kept while it runs) and the process.
 fn spawn_until(bin: &str, redis: &RedisServer, text: &str) -> (TempDir, Proc) {
+    spawn_with_until(bin, redis, &[], text)
+}
+
+/// [`spawn_until`] with `extra` variables.
+fn spawn_with_until(
+    bin: &str,
+    redis: &RedisServer,
+    extra: &[(&str, &str)],
+    text: &str,
+) -> (TempDir, Proc) {
     let dir = TempDir::new("bin").expect("temp dir");
     let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
     cmd.env("CONFROUTE_REDIS__URL", redis.url())
-        .envs(listen_env(bin));
+        .envs(listen_env(bin))
+        .envs(extra.iter().copied());
     let p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
     wait_for(&format!("{bin}: {text:?}"), Duration::from_secs(20), || {
         p.output().contains(text).then_some(())
@@ -98,5 +109,21 @@ fn an_evicting_redis_is_named_in_the_log() {
         let (_dir, mut p) = spawn_until(bin, &redis, "maxmemory-policy allkeys-lru");
         p.signal(libc::SIGTERM).expect("sigterm");
         let _ = p.wait_exit(Duration::from_secs(10));
+    }
+}
+
+/// A `RUST_LOG` that is not a filter is said, not silently replaced by `log.level`.
+#[test]
+fn a_bad_rust_log_is_named_and_log_level_used() {
+    let redis = RedisServer::start().expect("redis");
+    for bin in BINARIES {
+        let (_dir, mut p) = spawn_with_until(bin, &redis, &[("RUST_LOG", "[[[")], "started");
+        let log = p.output();
+        assert!(
+            log.contains("RUST_LOG `[[[` is not a log filter") && log.contains("using log.level"),
+            "{bin}: {log}"
+        );
+        p.signal(libc::SIGTERM).expect("sigterm");
+        p.wait_exit(Duration::from_secs(10)).expect("exits");
     }
 }
