@@ -292,6 +292,8 @@ struct Track {
     ended: Option<i64>,
     /// The ring-timeout fallback watching this call while it is unanswered.
     timer: Option<Timer>,
+    /// When Asterisk gives the call up unanswered: its `timeout` from the originate.
+    rings_until: std::time::Instant,
 }
 
 /// A fallback timer task, stopped when its call no longer needs it (answered or ended), so
@@ -346,9 +348,9 @@ fn finish(node: &Node, t: &Track, callid: &str, cause: i64) {
 }
 
 impl Dialouts {
-    /// Starts tracking call `callid` of command `pending` (before the originate, so no
-    /// event of the call is missed).
-    pub fn begin(&self, callid: &str, pending: &Pending) {
+    /// Starts tracking call `callid` of command `pending`, ringing for `ring` (before the
+    /// originate, so no event of the call is missed).
+    pub fn begin(&self, callid: &str, pending: &Pending, ring: std::time::Duration) {
         lock(&self.calls).insert(
             callid.to_string(),
             Track {
@@ -362,6 +364,7 @@ impl Dialouts {
                 requested: None,
                 ended: None,
                 timer: None,
+                rings_until: std::time::Instant::now() + ring,
             },
         );
     }
@@ -500,10 +503,16 @@ impl Dialouts {
         let Some(t) = calls.get_mut(callid) else {
             return;
         };
-        let cause = if cause > 0 {
-            cause
-        } else {
-            t.requested.unwrap_or(16)
+        // Asterisk's own ring timeout hangs the callee up with no cause of its own and no
+        // Dial status (`handle_timeout_trip` in main/dial.c): past the ring time, that is
+        // the no-answer it means.
+        let cause = match (cause > 0, t.requested) {
+            (true, _) => cause,
+            (false, Some(asked)) => asked,
+            (false, None) if !t.connected && std::time::Instant::now() >= t.rings_until => {
+                CAUSE_NO_ANSWER
+            }
+            (false, None) => CAUSE_NORMAL_CLEARING,
         };
         if !t.accepted {
             t.ended = Some(cause);
@@ -528,7 +537,7 @@ impl Dialouts {
             if let Some(timer) = t.timer.take() {
                 timer.disarm();
             }
-            let cause = t.requested.unwrap_or(19);
+            let cause = t.requested.unwrap_or(CAUSE_NO_ANSWER);
             finish(node, &t, callid, cause);
         }
         true
@@ -549,6 +558,8 @@ impl Dialouts {
 
 /// Q.850 normal call clearing.
 const CAUSE_NORMAL_CLEARING: i64 = 16;
+/// Q.850 19, no answer from user (user alerted): a dial-out that rang out.
+const CAUSE_NO_ANSWER: i64 = 19;
 /// Q.850 normal, unspecified: the call ended and nothing says how.
 const CAUSE_NORMAL_UNSPECIFIED: i64 = 31;
 

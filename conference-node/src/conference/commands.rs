@@ -635,7 +635,11 @@ impl Conference {
             rand::random::<u32>()
         );
         self.node.route_dialout(&callid, &self.name);
-        self.node.dialouts.begin(&callid, &pending);
+        self.node.dialouts.begin(
+            &callid,
+            &pending,
+            std::time::Duration::from_secs(d.timeout_secs),
+        );
         self.dialing.insert(callid.clone(), d.options);
         let app = self.node.cfg.ari.app.clone();
         let o = Originate {

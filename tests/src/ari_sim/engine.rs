@@ -1477,11 +1477,10 @@ impl State {
                 self.emit(core, ev);
                 self.hangup(core, id, 34, None);
             }
-            Outcome::NoAnswer => {
-                let ev = self.dial_ev(core, id, "NOANSWER", caller);
-                self.emit(core, ev);
-                self.hangup(core, id, 19, None);
-            }
+            // The originate's ring timeout: `handle_timeout_trip` (main/dial.c) hangs the
+            // channel up and publishes no Dial status; the no-answer cause it records stays
+            // in the dial structure, so the channel is destroyed with none (0).
+            Outcome::NoAnswer => self.hangup(core, id, 0, None),
             _ => self.hangup(core, id, 21, Some(HangupRequest::Remote)),
         }
     }
