@@ -286,10 +286,17 @@ async fn originate_busy() {
     let (evs, _) = failed_originate(
         Outcome::Busy,
         "",
-        &["Dial()", "Dial(BUSY)", "ChannelDestroyed(17)"],
+        // chan_pjsip queues the hangup with the response's cause; monitor_dial (main/dial.c)
+        // then publishes the Dial status that cause maps to before hanging up.
+        &[
+            "Dial()",
+            "ChannelHangupRequest(17)",
+            "Dial(BUSY)",
+            "ChannelDestroyed(17)",
+        ],
     )
     .await;
-    assert_eq!(evs[2]["cause_txt"], "User busy");
+    assert_eq!(evs[3]["cause_txt"], "User busy");
 }
 
 #[tokio::test]
@@ -297,10 +304,15 @@ async fn originate_congested() {
     let (evs, _) = failed_originate(
         Outcome::Congested,
         "",
-        &["Dial()", "Dial(CONGESTION)", "ChannelDestroyed(34)"],
+        &[
+            "Dial()",
+            "ChannelHangupRequest(34)",
+            "Dial(CONGESTION)",
+            "ChannelDestroyed(34)",
+        ],
     )
     .await;
-    assert_eq!(evs[2]["cause_txt"], "Circuit/channel congestion");
+    assert_eq!(evs[3]["cause_txt"], "Circuit/channel congestion");
 }
 
 #[tokio::test]
@@ -308,10 +320,16 @@ async fn originate_rejected() {
     let (evs, _) = failed_originate(
         Outcome::Rejected,
         "",
-        &["Dial()", "ChannelHangupRequest(21)", "ChannelDestroyed(21)"],
+        // ast_hangup_cause_to_dial_status maps every other cause to NOANSWER.
+        &[
+            "Dial()",
+            "ChannelHangupRequest(21)",
+            "Dial(NOANSWER)",
+            "ChannelDestroyed(21)",
+        ],
     )
     .await;
-    assert_eq!(evs[2]["cause_txt"], "Call Rejected");
+    assert_eq!(evs[3]["cause_txt"], "Call Rejected");
 }
 
 #[tokio::test]
@@ -334,6 +352,37 @@ async fn originate_not_answered_until_timeout() {
         elapsed >= Duration::from_secs(1),
         "rang until the 1 s timeout, took {elapsed:?}"
     );
+}
+
+/// An application hanging up a channel it originated while it still rings: the dialler
+/// reads no frame and publishes the Dial status of the hangup's cause (main/dial.c
+/// monitor_dial) before the channel goes.
+#[tokio::test]
+async fn deleting_a_ringing_originate_gives_its_dial_status() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let chan = ok(&c, "POST", "/channels?endpoint=PJSIP/ringing&app=confroute").await;
+    let id = chan["id"].as_str().expect("id").to_string();
+    expect_seq(
+        &mut ws,
+        |e| ty(e) == "Dial" && e["dialstatus"] == "RINGING",
+        &["Dial()", "ChannelStateChange(Ringing)", "Dial(RINGING)"],
+    )
+    .await;
+    ok(&c, "DELETE", &format!("/channels/{id}")).await;
+    let evs = expect_seq(
+        &mut ws,
+        is("ChannelDestroyed"),
+        &[
+            "ChannelHangupRequest(32)",
+            "Dial(NOANSWER)",
+            "ChannelDestroyed(16)",
+        ],
+    )
+    .await;
+    assert_eq!(evs[0]["soft"], true);
 }
 
 #[tokio::test]

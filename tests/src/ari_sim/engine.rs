@@ -939,6 +939,13 @@ impl State {
             }
             None => {}
         }
+        // A channel still being dialled reads no frame once hung up: the dialler publishes
+        // the Dial status its cause maps to, then hangs it up (monitor_dial and
+        // ast_hangup_cause_to_dial_status in main/dial.c).
+        if let Some(d) = self.channels.get_mut(id).and_then(|c| c.dialing.take()) {
+            let ev = self.dial_ev(core, id, dial_status_of(cause), d.caller.as_deref());
+            self.emit(core, ev);
+        }
         let target = Target::Channel(id.to_string());
         let pbs: Vec<String> = self
             .playbacks
@@ -951,9 +958,6 @@ impl State {
         }
         if let Some(rec) = self.channels.get(id).and_then(|c| c.recording.clone()) {
             self.finish_recording(core, &rec, "done");
-        }
-        if let Some(ch) = self.channels.get_mut(id) {
-            ch.dialing = None;
         }
         self.leave_stasis(core, id);
         let ev = self
@@ -1462,34 +1466,29 @@ impl State {
 
     /// The far end of a dialling channel gives up with `outcome` (busy, congestion, reject, no answer).
     pub fn far_end_fail(&mut self, core: &Core, id: &str, outcome: &Outcome) {
-        let Some(dialing) = self.channels.get_mut(id).and_then(|c| c.dialing.take()) else {
+        if self.channels.get(id).is_none_or(|c| c.dialing.is_none()) {
             return;
-        };
-        let caller = dialing.caller.as_deref();
+        }
         match outcome {
-            Outcome::Busy => {
-                let ev = self.dial_ev(core, id, "BUSY", caller);
-                self.emit(core, ev);
-                self.hangup(core, id, 17, None);
-            }
-            Outcome::Congested => {
-                let ev = self.dial_ev(core, id, "CONGESTION", caller);
-                self.emit(core, ev);
-                self.hangup(core, id, 34, None);
-            }
+            // chan_pjsip queues the hangup with the cause of the final response
+            // (ast_queue_hangup_with_cause); `hangup` adds the Dial status it maps to.
+            Outcome::Busy => self.hangup(core, id, 17, Some(HangupRequest::Remote)),
+            Outcome::Congested => self.hangup(core, id, 34, Some(HangupRequest::Remote)),
             // The originate's ring timeout: `handle_timeout_trip` (main/dial.c) hangs the
-            // channel up and publishes no Dial status; the no-answer cause it records stays
-            // in the dial structure, so the channel is destroyed with none (0).
-            Outcome::NoAnswer => self.hangup(core, id, 0, None),
+            // channel up itself, so no Dial status; the no-answer cause it records stays in
+            // the dial structure, and the channel is destroyed with none (0).
+            Outcome::NoAnswer => {
+                if let Some(ch) = self.channels.get_mut(id) {
+                    ch.dialing = None;
+                }
+                self.hangup(core, id, 0, None);
+            }
             _ => self.hangup(core, id, 21, Some(HangupRequest::Remote)),
         }
     }
 
     /// Rejects a ringing call with an arbitrary cause, as a far end sending a final error would.
     pub fn far_end_reject(&mut self, core: &Core, id: &str, cause: i64) {
-        if let Some(ch) = self.channels.get_mut(id) {
-            ch.dialing = None;
-        }
         self.hangup(core, id, cause, Some(HangupRequest::Remote));
     }
 }
@@ -1780,5 +1779,16 @@ impl State {
                 .collect(),
             websockets: self.sessions.len(),
         }
+    }
+}
+
+/// The Dial status of a dialled channel hung up with Q.850 `cause`
+/// (`ast_hangup_cause_to_dial_status` in main/dial.c).
+fn dial_status_of(cause: i64) -> &'static str {
+    match cause {
+        17 => "BUSY",
+        34 => "CONGESTION",
+        3 | 20 => "CHANUNAVAIL",
+        _ => "NOANSWER",
     }
 }
