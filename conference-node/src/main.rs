@@ -34,6 +34,17 @@ async fn main() -> ExitCode {
     telemetry::init(&cfg.log);
     let redis = cfg.redis.describe();
     let ari_url = cfg.ari_base();
+    // Listened for before start-up, which can take two heartbeats of a previous life's
+    // record: a stop asked meanwhile is kept and drains the node as soon as it is up. Without
+    // a handler, a stop signal would kill the agent outright, and as a container's PID 1
+    // (where the default action is to ignore it) leave it running, serving, until SIGKILL.
+    let mut signals = match shutdown::StopSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("confroute-node: cannot listen for stop signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let agent = match app::start(cfg).await {
         Ok(a) => a,
         Err(e) => {
@@ -52,14 +63,6 @@ async fn main() -> ExitCode {
         "confroute-node started"
     );
     let mut exit = node.exit.subscribe();
-    let mut signals = match shutdown::StopSignals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot wait for signals; stopping");
-            agent.stop().await;
-            return ExitCode::FAILURE;
-        }
-    };
     // A shutdown drain is started by a stop signal or over HTTP (`POST /v1/drain?shutdown=true`,
     // the chart's preStop hook); either way the agent exits when it is done.
     let signalled = tokio::select! {

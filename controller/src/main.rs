@@ -67,6 +67,14 @@ fn main() -> ExitCode {
 /// Runs the controller until a stop signal.
 async fn serve(cfg: ControllerConfig) -> ExitCode {
     telemetry::init(&cfg.log);
+    // Listened for before start-up: a stop asked while it connects is kept, not fatal.
+    let mut signals = match shutdown::StopSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("confroute-controller: cannot listen for stop signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let controller = match app::start(&cfg).await {
         Ok(c) => c,
         Err(e) => {
@@ -81,10 +89,8 @@ async fn serve(cfg: ControllerConfig) -> ExitCode {
         redis = %cfg.redis.describe(),
         "confroute-controller started"
     );
-    match shutdown::signal().await {
-        Ok(sig) => tracing::info!(?sig, "stopping"),
-        Err(e) => tracing::error!(error = %e, "cannot wait for signals; stopping"),
-    }
+    let sig = signals.next().await;
+    tracing::info!(?sig, "stopping");
     controller.stop().await;
     ExitCode::SUCCESS
 }

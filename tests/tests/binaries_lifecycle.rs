@@ -38,19 +38,19 @@ fn listen_env(bin: &str) -> Vec<(String, String)> {
 /// Starts `bin` against `redis` on free ports and waits until its output holds `text`;
 /// returns its temporary directory (kept while it runs) and the process.
 fn spawn_until(bin: &str, redis: &RedisServer, text: &str) -> (TempDir, Proc) {
-    spawn_with_until(bin, redis, &[], text)
+    spawn_with_until(bin, &redis.url(), &[], text)
 }
 
 /// [`spawn_until`] with `extra` variables.
 fn spawn_with_until(
     bin: &str,
-    redis: &RedisServer,
+    redis_url: &str,
     extra: &[(&str, &str)],
     text: &str,
 ) -> (TempDir, Proc) {
     let dir = TempDir::new("bin").expect("temp dir");
     let mut cmd = Command::new(workspace_bin(bin).expect("binary built"));
-    cmd.env("CONFROUTE_REDIS__URL", redis.url())
+    cmd.env("CONFROUTE_REDIS__URL", redis_url)
         .envs(listen_env(bin))
         .envs(extra.iter().copied());
     let p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("start");
@@ -117,7 +117,7 @@ fn an_evicting_redis_is_named_in_the_log() {
 fn a_bad_rust_log_is_named_and_log_level_used() {
     let redis = RedisServer::start().expect("redis");
     for bin in BINARIES {
-        let (_dir, mut p) = spawn_with_until(bin, &redis, &[("RUST_LOG", "[[[")], "started");
+        let (_dir, mut p) = spawn_with_until(bin, &redis.url(), &[("RUST_LOG", "[[[")], "started");
         let log = p.output();
         assert!(
             log.contains("RUST_LOG `[[[` is not a log filter") && log.contains("using log.level"),
@@ -126,4 +126,48 @@ fn a_bad_rust_log_is_named_and_log_level_used() {
         p.signal(libc::SIGTERM).expect("sigterm");
         p.wait_exit(Duration::from_secs(10)).expect("exits");
     }
+}
+
+/// A stop asked while the agent is still starting (watching a previous life's record) is
+/// kept: once up, the agent drains, deregisters and exits 0. Without a handler installed
+/// that early the signal killed it outright, and as a container's PID 1, where a signal
+/// without a handler is ignored, it would have stayed up and serving until SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_start_up_drains_once_up_and_exits_zero() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = confroute_tests::fixtures::single(&redis.url());
+    let store = confroute_tests::fixtures::store(&cfg);
+    store
+        .register(
+            &confroute_tests::fixtures::node("node-a", 10),
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("a previous life's record");
+    let (_dir, mut p) = tokio::task::spawn_blocking({
+        let redis_url = redis.url();
+        move || {
+            spawn_with_until(
+                "confroute-node",
+                &redis_url,
+                &[("CONFROUTE_NODE__ID", "node-a")],
+                "checking that no other agent renews it",
+            )
+        }
+    })
+    .await
+    .expect("spawned");
+    p.signal(libc::SIGTERM).expect("sigterm");
+    let code = p.wait_exit(Duration::from_secs(20)).expect("exits");
+    let log = p.output();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("stop requested"), "{log}");
+    assert!(
+        store
+            .get_node(&confroute_tests::fixtures::id("node-a"))
+            .await
+            .expect("read")
+            .is_none(),
+        "deregistered on the way out: {log}"
+    );
 }
