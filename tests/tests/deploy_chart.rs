@@ -238,6 +238,16 @@ fn defaults_render_a_complete_deployment() {
     // two heartbeats (up to 60 s each) before serving HTTP.
     let startup = &agent["startupProbe"];
     assert_eq!(startup["httpGet"]["path"], "/healthz");
+    // An agent that never came up holds no call: killed by its startup probe, it does not
+    // wait out the pod's hours-long grace period.
+    assert_eq!(startup["terminationGracePeriodSeconds"], 30);
+    // Autoscalers cap the grace period far below a drain: they leave node pods alone.
+    let annotations = &s["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"],
+        "false"
+    );
+    assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
     let allowed = startup["periodSeconds"].as_u64().unwrap_or(0)
         * startup["failureThreshold"].as_u64().unwrap_or(0);
     assert!(
@@ -271,7 +281,10 @@ fn defaults_render_a_complete_deployment() {
     assert!(ari.contains("enabled = yes") && ari.contains("#include \"confroute/ari-user.conf\""));
     let ext = config_of(&r, "-asterisk", "extensions.conf");
     assert!(
-        ext.contains("Stasis(confroute,${PJSIP_HEADER(read,X-Conference)})"),
+        ext.contains("Set(CONFROUTE_NAME=${PJSIP_HEADER(read,X-Conference)})")
+            && ext.contains(
+                "Stasis(confroute,${IF($[\"${CONFROUTE_NAME}\" != \"\"]?${CONFROUTE_NAME}:${EXTEN})})"
+            ),
         "{ext}"
     );
     config_of(&r, "-asterisk", "pjsip.conf");
@@ -319,6 +332,26 @@ fn controllers_serve_on_while_their_endpoint_is_withdrawn() {
     assert!(
         controller(json!({"controller": {"preStopSleepSeconds": 0}}))["lifecycle"].is_null(),
         "0: no hook"
+    );
+}
+
+/// An operator whose autoscaler must be free to move node pods turns the protection off.
+#[test]
+fn autoscaler_protection_can_be_turned_off() {
+    let dir = TempDir::new("values").expect("dir");
+    let r = render(&values_file(
+        dir.path(),
+        "unprotected",
+        &json!({"node": {"protectFromAutoscalers": false}}),
+    ));
+    let annotations = &r.one("StatefulSet", "-node")["spec"]["template"]["metadata"]["annotations"];
+    assert!(annotations["checksum/config"].is_string(), "{annotations}");
+    assert!(
+        annotations
+            .get("cluster-autoscaler.kubernetes.io/safe-to-evict")
+            .is_none()
+            && annotations.get("karpenter.sh/do-not-disrupt").is_none(),
+        "{annotations}"
     );
 }
 
@@ -606,14 +639,22 @@ fn existing_secrets_replace_the_charts_own() {
 
 /// The dialplan reads the conference name from the header the controller writes it in: with
 /// a renamed header, a dialplan still reading `X-Conference` would pass Stasis an empty
-/// name and every call would be refused.
+/// name and every call would be refused. The dialled user part (the name, from the 302's
+/// Contact) stands in while nodes still run an older dialplan, and the agent's own fallback
+/// header is the renamed one too.
 #[test]
 fn renamed_headers_reach_the_dialplan() {
     let r = check_scenario("custom-headers");
     let ext = config_of(&r, "-asterisk", "extensions.conf");
     assert!(
-        ext.contains("Stasis(confroute,${PJSIP_HEADER(read,X-Room)})"),
+        ext.contains("Set(CONFROUTE_NAME=${PJSIP_HEADER(read,X-Room)})")
+            && ext.contains(":${EXTEN})})"),
         "{ext}"
+    );
+    let node_toml = config_of(&r, "-node", "node.toml");
+    assert!(
+        node_toml.contains("conference_header = \"X-Room\""),
+        "{node_toml}"
     );
     assert!(ext.contains("${PJSIP_HEADER(read,X-Room-Node)}"), "{ext}");
     assert!(!ext.contains("X-Conference"), "{ext}");
@@ -959,6 +1000,16 @@ fn values_that_break_the_schema_are_refused() {
             json!({"redis": {"url": "rediss://confroute:s3cret@cache:6380/0"}}),
             "url",
         ),
+        (
+            "password in a cluster seed",
+            json!({"redis": {"mode": "cluster", "cluster": {"seeds": ["redis://:s3cret@redis-0:6379"]}}}),
+            "seeds",
+        ),
+        (
+            "password in a sentinel address",
+            json!({"redis": {"mode": "sentinel", "sentinel": {"masterName": "m", "addresses": [":s3cret@sentinel-0:26379"]}}}),
+            "addresses",
+        ),
     ];
     for (what, values, key) in cases {
         let file = values_file(dir.path(), "bad", &values);
@@ -1190,9 +1241,88 @@ fn the_ari_user_file_is_written_readable_with_its_password_escaped() {
     );
 }
 
+/// Runs the agent's preStop hook with `curl` on PATH answering each drain request and each
+/// conference listing with the next of `drains` and `listings` (the last repeats; `fail`
+/// exits 22 as `curl -f` does on an error status); returns how often each was asked.
+fn agent_prestop(drains: &[&str], listings: &[&str], drain_retry: &str) -> (usize, usize) {
+    let dir = TempDir::new("prestop-agent").expect("tmp");
+    let script = |kind: &str, answers: &[&str]| {
+        let state = dir.path().join(kind);
+        let list = answers
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!(
+            "n=$(cat '{s}' 2>/dev/null || echo 0); echo $((n + 1)) > '{s}'\n\
+             i=0; for a in {list}; do last=\"$a\"; [ \"$i\" -eq \"$n\" ] && break; i=$((i + 1)); done\n\
+             [ \"$last\" = fail ] && exit 22\nprintf '%s' \"$last\"; exit 0\n",
+            s = state.display()
+        )
+    };
+    let stub = format!(
+        "#!/bin/sh\ncase \"$*\" in\n*drain*)\n{}\n;;\n*)\n{}\n;;\nesac\n",
+        script("drains", drains),
+        script("listings", listings)
+    );
+    let bin = dir.path().join("curl");
+    std::fs::write(&bin, stub).expect("stub");
+    let status = Command::new("chmod")
+        .arg("+x")
+        .arg(&bin)
+        .status()
+        .expect("chmod");
+    assert!(status.success());
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .arg(chart_dir().join("files/scripts/prestop-drain.sh"))
+        .env("PATH", path)
+        .env("AGENT_PORT", "9090")
+        .env("MAX_WAIT", "600")
+        .env("DRAIN_RETRY", drain_retry)
+        .env("POLL_SECONDS", "0")
+        .output()
+        .expect("run the hook");
+    assert!(out.status.success(), "{}", text(&out));
+    let count = |kind: &str| {
+        std::fs::read_to_string(dir.path().join(kind))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (count("drains"), count("listings"))
+}
+
+/// The agent's preStop asks again while the agent is still starting (its HTTP port not yet
+/// up), and a listing that fails once does not end the wait for the last conference.
+#[test]
+fn agent_prestop_retries_a_starting_agent_and_rides_out_a_failed_listing() {
+    let busy = r#"{"items":[{"conference":"a"}]}"#;
+    let empty = r#"{"items":[]}"#;
+    assert_eq!(
+        agent_prestop(&["fail", "fail", "{}"], &[busy, "fail", busy, empty], "600"),
+        (3, 4),
+        "drained once the agent answered; waited through the failed listing"
+    );
+    assert_eq!(
+        agent_prestop(&["fail"], &[empty], "0"),
+        (1, 0),
+        "an agent that never answers is given up on after DRAIN_RETRY"
+    );
+}
+
 /// Runs Asterisk's preStop hook with `asterisk` on PATH answering each `-rx` with the next
 /// of `answers` (the last repeats; `fail` exits 1); returns how many times it was asked.
 fn asterisk_prestop(answers: &[&str], max_wait: &str) -> usize {
+    asterisk_prestop_with(answers, &[max_wait])
+}
+
+/// [`asterisk_prestop`] with the hook's arguments (`MAX_WAIT`, `MAX_FAILURES`).
+fn asterisk_prestop_with(answers: &[&str], args: &[&str]) -> usize {
     let dir = TempDir::new("prestop").expect("tmp");
     let state = dir.path().join("asked");
     let list = answers
@@ -1221,7 +1351,7 @@ fn asterisk_prestop(answers: &[&str], max_wait: &str) -> usize {
     );
     let out = Command::new("sh")
         .arg(chart_dir().join("files/scripts/asterisk-prestop.sh"))
-        .arg(max_wait)
+        .args(args)
         .env("PATH", path)
         .output()
         .expect("run the hook");
@@ -1233,7 +1363,7 @@ fn asterisk_prestop(answers: &[&str], max_wait: &str) -> usize {
 }
 
 #[test]
-fn asterisk_prestop_waits_for_its_last_channel_and_not_for_a_hung_asterisk() {
+fn asterisk_prestop_waits_for_its_last_channel_through_a_slow_answer_and_not_for_a_hung_asterisk() {
     let calls = |n: u32| format!("{n} active channels\n{n} active calls\n0 calls processed");
     let (two, one, none) = (
         calls(2),
@@ -1246,9 +1376,14 @@ fn asterisk_prestop_waits_for_its_last_channel_and_not_for_a_hung_asterisk() {
         "asked until no channel was left"
     );
     assert_eq!(
-        asterisk_prestop(&["fail"], "600"),
-        1,
-        "an Asterisk that does not answer is not waited for"
+        asterisk_prestop_with(&["fail"], &["600", "3"]),
+        3,
+        "an Asterisk that does not answer, ask after ask, is not waited for"
+    );
+    assert_eq!(
+        asterisk_prestop_with(&[&two, "fail", &one, &none], &["600", "3"]),
+        4,
+        "one failed ask during a drain does not end the wait"
     );
     assert_eq!(
         asterisk_prestop(&[&two], "2"),

@@ -298,6 +298,8 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- $_ := set $cfg "node" (merge $node ($cfg.node | default dict)) -}}
 {{- $_ := set $cfg "http" (dict "listen" (printf "0.0.0.0:%d" (int $n.httpPort))) -}}
 {{- $ari := dict "url" (printf "http://127.0.0.1:%d" (int .Values.asterisk.ariPort)) "username" .Values.asterisk.ariUser "app" .Values.asterisk.ariApp -}}
+{{- /* The header the controllers name the conference in, read by the agent when the dialplan passes no name. */ -}}
+{{- with (.Values.controller.config.sip | default dict).header_conference }}{{ $_ := set $ari "conference_header" . }}{{ end -}}
 {{- $_ := set $cfg "ari" (merge $ari ($cfg.ari | default dict)) -}}
 {{- $_ := set $cfg "redis" (include "confroute.redisConfig" . | fromJson) -}}
 {{- if not $cfg.profiles }}{{ $_ := unset $cfg "profiles" }}{{ end -}}
