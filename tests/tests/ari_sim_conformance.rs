@@ -499,6 +499,14 @@ async fn broad_session_conforms() {
         200,
     )
     .await;
+    // A header the INVITE lacks: the function's read fails (res_pjsip_header_funcs.c).
+    c.expect(
+        "GET",
+        &format!("/channels/{ch}/variable?variable=PJSIP_HEADER(read,X-Not-Sent)"),
+        None,
+        500,
+    )
+    .await;
     c.expect(
         "GET",
         &format!("/channels/{ch}/variable?variable=NOT_SET"),

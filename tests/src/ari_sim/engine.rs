@@ -1507,9 +1507,11 @@ pub(crate) fn read_variable(ch: &Channel, name: &str) -> Result<Option<String>, 
                 .map(|(_, v)| v.clone())
         };
         return match func.to_ascii_uppercase().as_str() {
-            "PJSIP_HEADER" if args.first().is_some_and(|a| a.eq_ignore_ascii_case("read")) => Ok(
-                Some(args.get(1).and_then(|h| header(h)).unwrap_or_default()),
-            ),
+            // A header the request lacks is a failed read, not an empty value
+            // (`read_header` in res_pjsip_header_funcs.c returns -1): 500 from getChannelVar.
+            "PJSIP_HEADER" if args.first().is_some_and(|a| a.eq_ignore_ascii_case("read")) => {
+                args.get(1).and_then(|h| header(h)).map(Some).ok_or(())
+            }
             "SIP_HEADER" => Ok(Some(
                 args.first().and_then(|h| header(h)).unwrap_or_default(),
             )),
