@@ -171,3 +171,25 @@ async fn a_stop_during_start_up_drains_once_up_and_exits_zero() {
         "deregistered on the way out: {log}"
     );
 }
+
+/// The controller says what UDP receive buffer the kernel granted: one capped in silence
+/// (no CAP_NET_ADMIN and a low `net.core.rmem_max`) drops bursts of INVITEs, so it warns
+/// naming the sysctl, and an operator can check either way.
+#[test]
+fn the_granted_udp_buffer_is_logged() {
+    let redis = RedisServer::start().expect("redis");
+    let (_dir, mut p) = spawn_with_until(
+        "confroute-controller",
+        &redis.url(),
+        &[("CONFROUTE_SIP__UDP_BUFFER_SIZE", "1048576")],
+        "started",
+    );
+    let log = p.output();
+    let granted = log.contains("SIP UDP receive buffer") && log.contains("bytes=1048576");
+    let capped = log.contains("smaller than sip.udp_buffer_size")
+        && log.contains("asked=1048576")
+        && log.contains("net.core.rmem_max");
+    assert!(granted || capped, "{log}");
+    p.signal(libc::SIGTERM).expect("sigterm");
+    p.wait_exit(Duration::from_secs(10)).expect("exits");
+}

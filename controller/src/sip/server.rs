@@ -150,6 +150,18 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
         if force_buffer(&socket, libc::SO_SNDBUFFORCE, buffer).is_err() {
             let _ = socket.set_send_buffer_size(buffer);
         }
+        // Linux reports twice the size it granted; a cap it applied in silence (no
+        // CAP_NET_ADMIN, rmem_max lower than asked) shows here, and bursts would be dropped.
+        let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+        if granted < buffer {
+            tracing::warn!(
+                asked = buffer,
+                granted,
+                "the SIP UDP receive buffer is smaller than sip.udp_buffer_size; raise net.core.rmem_max (sysctl) or give the process CAP_NET_ADMIN, or bursts of INVITEs are dropped"
+            );
+        } else {
+            tracing::info!(bytes = granted, "SIP UDP receive buffer");
+        }
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
