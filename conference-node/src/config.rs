@@ -803,6 +803,16 @@ mod tests {
             let err = load_from::<NodeConfig>(None, &env(&[(var, value)])).expect_err(var);
             assert!(err.mentions(key), "{var}={value}: {err}");
         }
+        // The chart's IPv6 form of the node's addresses loads.
+        let cfg: NodeConfig = load_from(
+            None,
+            &env(&[
+                ("CONFROUTE_NODE__SIP_URI", "sip:[fd00:10::5]:5060"),
+                ("CONFROUTE_NODE__CONTROL", "http://[fd00:10::5]:9090"),
+            ]),
+        )
+        .expect("bracketed IPv6 addresses");
+        assert_eq!(cfg.node.sip_uri.as_deref(), Some("sip:[fd00:10::5]:5060"));
         // A header name the controller takes, the node takes too.
         let cfg: NodeConfig = load_from(
             None,

@@ -335,6 +335,28 @@ fn controllers_serve_on_while_their_endpoint_is_withdrawn() {
     );
 }
 
+/// On an IPv6 cluster the pod's address goes in brackets in the node's URIs: unbracketed,
+/// the agent refuses its control URL and crash-loops.
+#[test]
+fn ipv6_pods_get_bracketed_node_uris() {
+    let dir = TempDir::new("values").expect("dir");
+    let r = render(&values_file(
+        dir.path(),
+        "ipv6",
+        &json!({"node": {"ipFamily": "IPv6"}}),
+    ));
+    let s = r.one("StatefulSet", "-node");
+    let agent = r.container(s, "agent");
+    assert_eq!(
+        env_of(agent, "CONFROUTE_NODE__SIP_URI").expect("uri")["value"],
+        "sip:[$(NODE_IP)]:5060"
+    );
+    assert_eq!(
+        env_of(agent, "CONFROUTE_NODE__CONTROL").expect("control")["value"],
+        "http://[$(NODE_IP)]:9090"
+    );
+}
+
 /// An operator whose autoscaler must be free to move node pods turns the protection off.
 #[test]
 fn autoscaler_protection_can_be_turned_off() {

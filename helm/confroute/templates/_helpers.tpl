@@ -374,3 +374,15 @@ tls_*_file keys point. */}}
     secretName: {{ . }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The pod's address as a URI host: an IPv6 address goes in brackets (RFC 3986, RFC 3261), or
+the agent refuses its own control URL and the SIP URI is not one.
+*/}}
+{{- define "confroute.nodeHost" -}}
+{{- if eq (.Values.node.ipFamily | default "IPv4") "IPv6" -}}
+[$(NODE_IP)]
+{{- else -}}
+$(NODE_IP)
+{{- end -}}
+{{- end -}}
