@@ -8,18 +8,6 @@ use node_common::control::*;
 use node_common::*;
 use serde_json::{json, Value};
 
-/// `held_by` of `participant` in `events-1`, from `participant.list`.
-async fn held_by(ctl: &mut Client, participant: &str) -> Value {
-    let list = ctl
-        .ok("participant.list", json!({"conference": "events-1"}))
-        .await;
-    list["participants"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["id"] == participant))
-        .map(|p| p["held_by"].clone())
-        .unwrap_or(Value::Null)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_on_another_controller_see_every_event_in_order() {
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
@@ -40,14 +28,14 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
     ctl.ok("participant.mute", who(&a)).await;
     ctl.ok("participant.unmute", who(&a)).await;
     ctl.ok("participant.hold", who(&b)).await;
-    assert_eq!(held_by(&mut ctl, &b).await, json!(["api"]));
+    assert_eq!(ctl.held_by("events-1", &b).await, json!(["api"]));
     ctl.ok("participant.unhold", who(&b)).await;
-    assert_eq!(held_by(&mut ctl, &b).await, json!([]));
+    assert_eq!(ctl.held_by("events-1", &b).await, json!([]));
     sim.caller_hold(&a, true).await.expect("caller holds");
     // The listing says who holds the call; an unhold lifts call control's hold only, so
     // here it changes nothing (and sends no event).
     let deadline = tokio::time::Instant::now() + WAIT;
-    while held_by(&mut ctl, &a).await != json!(["caller"]) {
+    while ctl.held_by("events-1", &a).await != json!(["caller"]) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the caller's hold never listed"
@@ -55,7 +43,7 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     ctl.ok("participant.unhold", who(&a)).await;
-    assert_eq!(held_by(&mut ctl, &a).await, json!(["caller"]));
+    assert_eq!(ctl.held_by("events-1", &a).await, json!(["caller"]));
     sim.caller_hold(&a, false).await.expect("caller resumes");
     let r = ctl
         .ok(

@@ -1034,23 +1034,11 @@ async fn a_move_to_a_node_slow_to_answer_still_goes_ahead() {
     assert_eq!(r["result"]["moved"], "redirect", "{r}");
 }
 
-/// `held_by` of `participant` in `conference`, from `participant.list` (null if absent).
-async fn held_by(ws: &mut Client, conference: &str, participant: &str) -> Value {
-    let list = ws
-        .ok("participant.list", json!({ "conference": conference }))
-        .await;
-    list["participants"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["id"] == participant))
-        .map(|p| p["held_by"].clone())
-        .unwrap_or(Value::Null)
-}
-
 /// Polls `participant.list` until `participant` of `conference` is held by `want`.
 async fn wait_held_by(ws: &mut Client, conference: &str, participant: &str, want: Value) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let got = held_by(ws, conference, participant).await;
+        let got = ws.held_by(conference, participant).await;
         if got == want {
             return;
         }
@@ -1078,14 +1066,14 @@ async fn the_hold_a_callers_phone_put_on_survives_a_move() {
         json!({"conference": "from-h", "participant": &a, "to": "to-h"}),
     )
     .await;
-    assert_eq!(held_by(&mut ws, "to-h", &a).await, json!(["caller"]));
+    assert_eq!(ws.held_by("to-h", &a).await, json!(["caller"]));
     sim.caller_hold(&a, false).await.expect("the phone resumes");
     let events = watcher
         .events_until(|e| e["event"] == "unhold" && e["data"]["participant"] == a.as_str())
         .await;
     let last = events.last().expect("the unhold");
     assert_eq!(last["data"]["by"], "caller", "{events:#?}");
-    assert_eq!(held_by(&mut ws, "to-h", &a).await, json!([]));
+    assert_eq!(ws.held_by("to-h", &a).await, json!([]));
 
     // The phone holds while the move back is under way (the target has added the caller,
     // its answer held): the hold reaches the conference the caller ends up in.

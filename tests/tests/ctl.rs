@@ -465,6 +465,20 @@ async fn ctl_never_turns_a_bad_name_into_another_conference() {
 }
 
 /// `events` runs until Ctrl-C; the controller going away is an error a script can see.
+/// Waits until the controller at `url` has upgraded one events WebSocket (ctl's).
+async fn wait_events_open(url: &str) {
+    wait_for_async("the events WebSocket open", WAIT, || async {
+        let m = fixtures::scrape(url).await;
+        let upgraded = fixtures::metric(
+            &m,
+            r#"confroute_http_requests_total{route="/v1/rpc",status="101"}"#,
+        );
+        (upgraded >= 1.0).then_some(())
+    })
+    .await
+    .expect("ctl subscribed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_events_fails_when_the_controller_goes_away() {
     let redis = RedisServer::start().expect("redis");
@@ -475,16 +489,7 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
         let url = url.clone();
         tokio::task::spawn_blocking(move || ctl(&url, None, &["events", "room-1"]))
     };
-    wait_for_async("the events WebSocket open", WAIT, || async {
-        let m = fixtures::scrape(&url).await;
-        let upgraded = fixtures::metric(
-            &m,
-            r#"confroute_http_requests_total{route="/v1/rpc",status="101"}"#,
-        );
-        (upgraded >= 1.0).then_some(())
-    })
-    .await
-    .expect("ctl subscribed");
+    wait_events_open(&url).await;
     controller.process().kill();
     let (ok, _, err) = tokio::time::timeout(WAIT, events)
         .await
@@ -503,16 +508,7 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
             ctl(&url, None, &["events", "room-1", "--idle-timeout", "2"])
         })
     };
-    wait_for_async("the events WebSocket open", WAIT, || async {
-        let m = fixtures::scrape(&url).await;
-        let upgraded = fixtures::metric(
-            &m,
-            r#"confroute_http_requests_total{route="/v1/rpc",status="101"}"#,
-        );
-        (upgraded >= 1.0).then_some(())
-    })
-    .await
-    .expect("ctl subscribed");
+    wait_events_open(&url).await;
     frozen.process().signal(libc::SIGSTOP).expect("freeze");
     let ended = tokio::time::timeout(WAIT, events).await;
     frozen.process().signal(libc::SIGCONT).expect("thaw");

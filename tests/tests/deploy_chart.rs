@@ -1263,43 +1263,51 @@ fn the_ari_user_file_is_written_readable_with_its_password_escaped() {
     );
 }
 
-/// Runs the agent's preStop hook with `curl` on PATH answering each drain request and each
-/// conference listing with the next of `drains` and `listings` (the last repeats; `fail`
-/// exits 22 as `curl -f` does on an error status); returns how often each was asked.
-fn agent_prestop(drains: &[&str], listings: &[&str], drain_retry: &str) -> (usize, usize) {
-    let dir = TempDir::new("prestop-agent").expect("tmp");
-    let script = |kind: &str, answers: &[&str]| {
-        let state = dir.path().join(kind);
-        let list = answers
-            .iter()
-            .map(|a| format!("'{a}'"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        format!(
-            "n=$(cat '{s}' 2>/dev/null || echo 0); echo $((n + 1)) > '{s}'\n\
-             i=0; for a in {list}; do last=\"$a\"; [ \"$i\" -eq \"$n\" ] && break; i=$((i + 1)); done\n\
-             [ \"$last\" = fail ] && exit 22\nprintf '%s' \"$last\"; exit 0\n",
-            s = state.display()
-        )
-    };
-    let stub = format!(
-        "#!/bin/sh\ncase \"$*\" in\n*drain*)\n{}\n;;\n*)\n{}\n;;\nesac\n",
-        script("drains", drains),
-        script("listings", listings)
-    );
-    let bin = dir.path().join("curl");
-    std::fs::write(&bin, stub).expect("stub");
+/// Writes an executable `name` with `script` into `dir` and returns a PATH that finds it
+/// first: a hook under test then runs it instead of the real command.
+fn stub_on_path(dir: &std::path::Path, name: &str, script: &str) -> String {
+    let bin = dir.join(name);
+    std::fs::write(&bin, script).expect("stub");
     let status = Command::new("chmod")
         .arg("+x")
         .arg(&bin)
         .status()
         .expect("chmod");
     assert!(status.success());
-    let path = format!(
+    format!(
         "{}:{}",
-        dir.path().display(),
+        dir.display(),
         std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// A shell fragment answering its `n`-th call (counted in `state`) with the `n`-th of
+/// `answers` (the last repeats; `fail` exits `fail_code`), printed with `print`.
+fn answering(state: &std::path::Path, answers: &[&str], fail_code: u8, print: &str) -> String {
+    let list = answers
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "n=$(cat '{s}' 2>/dev/null || echo 0); echo $((n + 1)) > '{s}'\n\
+         i=0; for a in {list}; do last=\"$a\"; [ \"$i\" -eq \"$n\" ] && break; i=$((i + 1)); done\n\
+         [ \"$last\" = fail ] && exit {fail_code}\nprintf '{print}' \"$last\"; exit 0\n",
+        s = state.display()
+    )
+}
+
+/// Runs the agent's preStop hook with `curl` on PATH answering each drain request and each
+/// conference listing with the next of `drains` and `listings` (the last repeats; `fail`
+/// exits 22 as `curl -f` does on an error status); returns how often each was asked.
+fn agent_prestop(drains: &[&str], listings: &[&str], drain_retry: &str) -> (usize, usize) {
+    let dir = TempDir::new("prestop-agent").expect("tmp");
+    let stub = format!(
+        "#!/bin/sh\ncase \"$*\" in\n*drain*)\n{}\n;;\n*)\n{}\n;;\nesac\n",
+        answering(&dir.path().join("drains"), drains, 22, "%s"),
+        answering(&dir.path().join("listings"), listings, 22, "%s")
     );
+    let path = stub_on_path(dir.path(), "curl", &stub);
     let out = Command::new("sh")
         .arg(chart_dir().join("files/scripts/prestop-drain.sh"))
         .env("PATH", path)
@@ -1347,30 +1355,8 @@ fn asterisk_prestop(answers: &[&str], max_wait: &str) -> usize {
 fn asterisk_prestop_with(answers: &[&str], args: &[&str]) -> usize {
     let dir = TempDir::new("prestop").expect("tmp");
     let state = dir.path().join("asked");
-    let list = answers
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let stub = format!(
-        "#!/bin/sh\nn=$(cat '{s}' 2>/dev/null || echo 0)\necho $((n + 1)) > '{s}'\n\
-         i=0\nfor a in {list}; do last=\"$a\"; [ \"$i\" -eq \"$n\" ] && break; i=$((i + 1)); done\n\
-         [ \"$last\" = fail ] && exit 1\nprintf '%s\\n' \"$last\"\n",
-        s = state.display()
-    );
-    let bin = dir.path().join("asterisk");
-    std::fs::write(&bin, stub).expect("stub");
-    let status = Command::new("chmod")
-        .arg("+x")
-        .arg(&bin)
-        .status()
-        .expect("chmod");
-    assert!(status.success());
-    let path = format!(
-        "{}:{}",
-        dir.path().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let stub = format!("#!/bin/sh\n{}", answering(&state, answers, 1, "%s\\n"));
+    let path = stub_on_path(dir.path(), "asterisk", &stub);
     let out = Command::new("sh")
         .arg(chart_dir().join("files/scripts/asterisk-prestop.sh"))
         .args(args)

@@ -275,6 +275,18 @@ impl Client {
         }
     }
 
+    /// `held_by` of `participant` in `conference`, from `participant.list` (null if absent).
+    pub async fn held_by(&mut self, conference: &str, participant: &str) -> Value {
+        let list = self
+            .ok("participant.list", json!({ "conference": conference }))
+            .await;
+        list["participants"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == participant))
+            .map(|p| p["held_by"].clone())
+            .unwrap_or(Value::Null)
+    }
+
     /// Events of subscribed conferences until `pred` holds for one (included).
     pub async fn events_until(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
         let mut out = Vec::new();
