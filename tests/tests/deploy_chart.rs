@@ -335,16 +335,34 @@ fn controllers_serve_on_while_their_endpoint_is_withdrawn() {
     );
 }
 
-/// On an IPv6 cluster the pod's address goes in brackets in the node's URIs: unbracketed,
-/// the agent refuses its control URL and crash-loops.
+/// On an IPv6 cluster every listener binds `[::]` (an IPv4 wildcard refuses the probes and
+/// the calls), Asterisk offers IPv6 RTP, and the pod's address goes in brackets in the
+/// node's URIs: unbracketed, the agent refuses its control URL and crash-loops.
 #[test]
-fn ipv6_pods_get_bracketed_node_uris() {
+fn ipv6_pods_listen_on_ipv6_and_get_bracketed_node_uris() {
     let dir = TempDir::new("values").expect("dir");
     let r = render(&values_file(
         dir.path(),
         "ipv6",
-        &json!({"node": {"ipFamily": "IPv6"}}),
+        &json!({"ipFamily": "IPv6"}),
     ));
+    let controller_toml = config_of(&r, "-controller", "controller.toml");
+    assert!(
+        controller_toml.contains("listen = \"[::]:5060\"")
+            && controller_toml.contains("listen = \"[::]:8080\""),
+        "{controller_toml}"
+    );
+    let node_toml = config_of(&r, "-node", "node.toml");
+    assert!(node_toml.contains("listen = \"[::]:9090\""), "{node_toml}");
+    let pjsip = config_of(&r, "-asterisk", "pjsip.conf");
+    assert!(
+        pjsip.contains("bind = [::]:5060") && pjsip.contains("rtp_ipv6 = yes"),
+        "{pjsip}"
+    );
+    // The default stays IPv4 throughout.
+    let v4 = check_scenario("default");
+    assert!(config_of(&v4, "-asterisk", "pjsip.conf").contains("bind = 0.0.0.0:5060"));
+    assert!(!config_of(&v4, "-asterisk", "pjsip.conf").contains("rtp_ipv6"));
     let s = r.one("StatefulSet", "-node");
     let agent = r.container(s, "agent");
     assert_eq!(

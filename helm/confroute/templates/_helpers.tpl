@@ -281,8 +281,9 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- include "confroute.checkDurations" . -}}
 {{- $c := .Values.controller -}}
 {{- $cfg := deepCopy ($c.config | default dict) -}}
-{{- $_ := set $cfg "sip" (merge (dict "listen" (printf "0.0.0.0:%d" (int $c.sipPort))) ($cfg.sip | default dict)) -}}
-{{- $_ := set $cfg "http" (merge (dict "listen" (printf "0.0.0.0:%d" (int $c.httpPort))) ($cfg.http | default dict)) -}}
+{{- $any := include "confroute.anyAddr" . -}}
+{{- $_ := set $cfg "sip" (merge (dict "listen" (printf "%s:%d" $any (int $c.sipPort))) ($cfg.sip | default dict)) -}}
+{{- $_ := set $cfg "http" (merge (dict "listen" (printf "%s:%d" $any (int $c.httpPort))) ($cfg.http | default dict)) -}}
 {{- $_ := set $cfg "redis" (include "confroute.redisConfig" . | fromJson) -}}
 # confroute-controller settings, written by the confroute chart. The API token and the
 # Redis password come from the environment (CONFROUTE_HTTP__API_TOKEN, CONFROUTE_REDIS__PASSWORD).
@@ -296,7 +297,7 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- $cfg := deepCopy ($n.config | default dict) -}}
 {{- $node := dict "zone" $n.zone "capacity" $n.capacity "drain_deadline" (printf "%ds" (int $n.drainDeadlineSeconds)) -}}
 {{- $_ := set $cfg "node" (merge $node ($cfg.node | default dict)) -}}
-{{- $_ := set $cfg "http" (dict "listen" (printf "0.0.0.0:%d" (int $n.httpPort))) -}}
+{{- $_ := set $cfg "http" (dict "listen" (printf "%s:%d" (include "confroute.anyAddr" .) (int $n.httpPort))) -}}
 {{- $ari := dict "url" (printf "http://127.0.0.1:%d" (int .Values.asterisk.ariPort)) "username" .Values.asterisk.ariUser "app" .Values.asterisk.ariApp -}}
 {{- /* The header the controllers name the conference in, read by the agent when the dialplan passes no name. */ -}}
 {{- with (.Values.controller.config.sip | default dict).header_conference }}{{ $_ := set $ari "conference_header" . }}{{ end -}}
@@ -380,9 +381,14 @@ The pod's address as a URI host: an IPv6 address goes in brackets (RFC 3986, RFC
 the agent refuses its own control URL and the SIP URI is not one.
 */}}
 {{- define "confroute.nodeHost" -}}
-{{- if eq (.Values.node.ipFamily | default "IPv4") "IPv6" -}}
+{{- if eq (.Values.ipFamily | default "IPv4") "IPv6" -}}
 [$(NODE_IP)]
 {{- else -}}
 $(NODE_IP)
 {{- end -}}
+{{- end -}}
+
+{{/* The wildcard address listeners bind, in the cluster's address family. */}}
+{{- define "confroute.anyAddr" -}}
+{{- if eq (.Values.ipFamily | default "IPv4") "IPv6" -}}[::]{{- else -}}0.0.0.0{{- end -}}
 {{- end -}}
