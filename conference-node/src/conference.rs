@@ -1122,8 +1122,10 @@ impl Conference {
     /// or got back: a ChannelHold that came while it was joining or moving reached no
     /// conference.
     fn sync_caller_hold(&mut self, ch: &str) {
-        let held = self.node.caller_held(ch);
-        self.hold(ch, held);
+        // A channel that left Stasis meanwhile has its leave on the way: no unhold before it.
+        if let Some(held) = self.node.caller_held(ch) {
+            self.hold(ch, held);
+        }
     }
 
     /// The caller's phone put the call on hold or took it off (ChannelHold/ChannelUnhold).

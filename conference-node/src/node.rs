@@ -554,9 +554,14 @@ impl Node {
         }
     }
 
-    /// Whether the caller's phone has `channel` on hold (the last ChannelHold/Unhold).
-    pub fn caller_held(&self, channel: &str) -> bool {
-        lock(&self.caller_holds).contains(channel)
+    /// Whether the caller's phone has `channel` on hold (the last ChannelHold/Unhold);
+    /// `None` once the channel has left Stasis, when there is nothing left to tell.
+    pub fn caller_held(&self, channel: &str) -> Option<bool> {
+        let routes = lock(&self.routes);
+        match routes.get(channel) {
+            None | Some(Route::Gone) => None,
+            Some(_) => Some(lock(&self.caller_holds).contains(channel)),
+        }
     }
 
     /// Marks a participant of `name` as being moved to another conference of this node.
@@ -798,8 +803,13 @@ impl Node {
             Event::Dial { peer, dialstatus } => {
                 let tracked = self.dialouts.dial_status(self, &peer.id, &dialstatus);
                 // A dial-out given up (its originate failed, yet Asterisk placed the call
-                // after the agent's hangup found nothing): hung up as soon as it shows.
-                if !tracked && self.is_dialout(&peer.id) && dialstatus != "CANCEL" {
+                // after the agent's hangup found nothing): hung up as soon as it shows alive.
+                // A final status (busy, no answer, ...) is its end already.
+                let alive = matches!(
+                    dialstatus.as_str(),
+                    "" | "RINGING" | "PROGRESS" | "PROCEEDING" | "ANSWER"
+                );
+                if !tracked && self.is_dialout(&peer.id) && alive {
                     let node = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = node.hang_up(&peer.id, conference::CAUSE_NORMAL).await {

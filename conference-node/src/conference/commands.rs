@@ -604,8 +604,9 @@ impl Conference {
             self.left(ch, "moved").await;
         } else {
             // Still ours: its route goes back from "moving" to this conference.
-            self.node.route(ch, &self.name);
-            self.sync_caller_hold(ch);
+            if self.node.route(ch, &self.name) {
+                self.sync_caller_hold(ch);
+            }
         }
     }
 

@@ -235,25 +235,29 @@ struct Api {
 /// Checks `--url` and `--token` before any request: a mistake in either gets a message
 /// naming it rather than a client library's.
 fn api(http: reqwest::Client, url: &str, token: Option<String>) -> Result<Api, Failure> {
+    // Whatever the URL's shape, what comes before an '@' stays out of every message.
+    let redacted = match url.rfind('@') {
+        Some(at) => match url.find("://") {
+            Some(s) if s < at => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+            _ => format!("***@{}", &url[at + 1..]),
+        },
+        None => url.to_string(),
+    };
+    // Without one, `host:port` would parse as a URL whose scheme is the host.
+    if !url.contains("://") {
+        let host = redacted.trim_start_matches("***@");
+        return Err(Failure(format!(
+            "bad --url {redacted}: give the scheme, e.g. http://{host}"
+        )));
+    }
     let shown = match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
         Ok(u) if !matches!(u.scheme(), "http" | "https") => {
             return Err(Failure(format!(
-                "bad --url {url}: the scheme must be http or https"
+                "bad --url {redacted}: the scheme must be http or https"
             )))
         }
-        Ok(_) => url.to_string(),
-        Err(e) => {
-            let hint = if url.contains("://") {
-                String::new()
-            } else {
-                format!(" (give the scheme: http://{url})")
-            };
-            return Err(Failure(format!("bad --url {url}: {e}{hint}")));
-        }
+        Ok(_) => redacted,
+        Err(e) => return Err(Failure(format!("bad --url {redacted}: {e}"))),
     };
     if let Some(t) = &token {
         if reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).is_err() {

@@ -300,7 +300,9 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- $_ := set $cfg "http" (dict "listen" (printf "%s:%d" (include "confroute.anyAddr" .) (int $n.httpPort))) -}}
 {{- $ari := dict "url" (printf "http://127.0.0.1:%d" (int .Values.asterisk.ariPort)) "username" .Values.asterisk.ariUser "app" .Values.asterisk.ariApp -}}
 {{- /* The header the controllers name the conference in, read by the agent when the dialplan passes no name. */ -}}
+{{- if not (hasKey ($cfg.ari | default dict) "conference_header") -}}
 {{- with (.Values.controller.config.sip | default dict).header_conference }}{{ $_ := set $ari "conference_header" . }}{{ end -}}
+{{- end -}}
 {{- $_ := set $cfg "ari" (merge $ari ($cfg.ari | default dict)) -}}
 {{- $_ := set $cfg "redis" (include "confroute.redisConfig" . | fromJson) -}}
 {{- if not $cfg.profiles }}{{ $_ := unset $cfg "profiles" }}{{ end -}}

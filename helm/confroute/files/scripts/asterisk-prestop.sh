@@ -3,15 +3,15 @@
 # conference here, those here end by node.drain_deadline), this waits until Asterisk has no
 # channel left, or MAX_WAIT seconds, so Asterisk is not stopped under live calls.
 # It reads Asterisk itself rather than a mark left by the agent: Kubernetes also runs preStop
-# hooks before a liveness restart, so such a mark could be stale. An Asterisk that does not
-# answer its CLI for MAX_FAILURES asks in a row (a minute by default) is hung, which is why
-# the liveness probe restarts it, and is not waited for; one slow answer during a long
-# drain is not that, and does not end the wait under live calls. (A liveness restart is cut
-# at the probe's own 30 s grace whatever this does.)
+# hooks before a liveness restart, so such a mark could be stale. An Asterisk whose CLI has
+# failed every ask for MAX_FAILING seconds (a minute by default) is hung, which is why the
+# liveness probe restarts it, and is not waited for; one slow answer during a long drain is
+# not that, and does not end the wait under live calls. (A liveness restart is cut at the
+# probe's own 30 s grace whatever this does.)
 max_wait="${1:-14460}"
-max_failures="${2:-30}"
-waited=0
-failures=0
+max_failing="${2:-60}"
+start=$(date +%s)
+failing_since=""
 cli() {
   if command -v timeout >/dev/null 2>&1; then
     timeout 10 asterisk -rx "$1"
@@ -19,15 +19,15 @@ cli() {
     asterisk -rx "$1"
   fi
 }
-while [ "$waited" -lt "$max_wait" ]; do
+while [ $(( $(date +%s) - start )) -lt "$max_wait" ]; do
   if out=$(cli "core show channels count" 2>/dev/null); then
-    failures=0
+    failing_since=""
     n=$(printf '%s\n' "$out" | sed -n 's/^\([0-9][0-9]*\) active channel.*/\1/p' | head -n 1)
     [ "$n" = "0" ] && break
   else
-    failures=$((failures + 1))
-    [ "$failures" -ge "$max_failures" ] && break
+    now=$(date +%s)
+    [ -z "$failing_since" ] && failing_since=$now
+    [ $(( now - failing_since )) -ge "$max_failing" ] && break
   fi
   sleep 2
-  waited=$((waited + 2))
 done

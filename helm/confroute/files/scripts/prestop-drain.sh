@@ -24,6 +24,7 @@ call() {
   fi
 }
 
+# One clock for the whole hook: MAX_WAIT is sized to end before the pod's grace period.
 start=$(date +%s)
 until call -X POST "${url}/v1/drain?shutdown=true" >/dev/null; do
   if [ $(( $(date +%s) - start )) -ge "$drain_retry" ]; then
@@ -32,7 +33,6 @@ until call -X POST "${url}/v1/drain?shutdown=true" >/dev/null; do
   fi
   sleep "$poll"
 done
-start=$(date +%s)
 failed_since=""
 while [ $(( $(date +%s) - start )) -lt "$max_wait" ]; do
   if body=$(call "${url}/v1/conferences"); then
