@@ -226,6 +226,12 @@ pub struct WebhookConfig {
     pub retry_max: Duration,
     /// Events queued per conference at most; past it new events are dropped and counted.
     pub queue_size: usize,
+    /// Signs each callback as Twilio does (`X-Twilio-Signature`, HMAC-SHA1 of the URL and the
+    /// sorted form fields), with the auth token the receiving application validates with.
+    pub auth_token: Option<Secret>,
+    /// `AccountSid` sent in every callback (empty: none), for applications that check it.
+    #[serde(deserialize_with = "string_like")]
+    pub account_sid: String,
 }
 
 /// `[dialout]`: how the node calls out. Dial strings are ARI endpoints (`TECH/resource`);
@@ -331,6 +337,8 @@ impl Default for WebhookConfig {
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             queue_size: 1000,
+            auth_token: None,
+            account_sid: String::new(),
         }
     }
 }
@@ -595,6 +603,28 @@ impl Validate for NodeConfig {
         if self.webhook.timeout.is_zero() {
             issues.add("webhook.timeout", "must be greater than zero");
         }
+        if self
+            .webhook
+            .auth_token
+            .as_ref()
+            .is_some_and(Secret::is_empty)
+        {
+            issues.add(
+                "webhook.auth_token",
+                "must not be empty (leave it unset to send callbacks unsigned)",
+            );
+        }
+        let sid = &self.webhook.account_sid;
+        let sid_ok = sid.is_empty()
+            || (sid.len() == 34
+                && sid.starts_with("AC")
+                && sid.bytes().skip(2).all(|b| b.is_ascii_hexdigit()));
+        if !sid_ok {
+            issues.add(
+                "webhook.account_sid",
+                "must be a Twilio account SID (AC and 32 hex digits) or empty",
+            );
+        }
         if self.webhook.retry_initial.is_zero() {
             issues.add("webhook.retry_initial", "must be greater than zero");
         }
@@ -793,6 +823,12 @@ mod tests {
             ),
             ("CONFROUTE_WEBHOOK__RETRY_MAX", "1ms", "webhook.retry_max"),
             ("CONFROUTE_HTTP__LISTEN", "localhost:9090", "http.listen"),
+            ("CONFROUTE_WEBHOOK__AUTH_TOKEN", "", "webhook.auth_token"),
+            (
+                "CONFROUTE_WEBHOOK__ACCOUNT_SID",
+                "AC123",
+                "webhook.account_sid",
+            ),
             (
                 "CONFROUTE_ARI__CONFERENCE_HEADER",
                 "X,Conf",

@@ -168,7 +168,7 @@ impl figment::Provider for EnvSnapshot {
 }
 
 /// Keys whose environment values are secrets, kept exactly as written.
-const SECRET_KEYS: &[&str] = &["password", "api_token"];
+const SECRET_KEYS: &[&str] = &["password", "api_token", "auth_token"];
 
 /// An environment value as figment reads it (`50`, `true`, `["a", "b"]`), else the string.
 fn env_value(value: &str) -> figment::value::Value {

@@ -187,12 +187,18 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     );
     let (ok, _, err) = ctl("127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
     assert!(!ok);
-    assert!(err.contains("give the scheme, e.g. http://127.0.0.1:1"), "{err}");
+    assert!(
+        err.contains("give the scheme, e.g. http://127.0.0.1:1"),
+        "{err}"
+    );
     // Nor in a URL that does not parse, or lacks its scheme.
     for bad in ["http://admin:hunter2@host:99999", "admin:hunter2@host:9090"] {
         let (ok, _, err) = ctl(bad, Some(TOKEN), &["nodes", "list"]);
         assert!(!ok);
-        assert!(err.contains("bad --url") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("bad --url") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
     // A token no header can carry is named as the problem, not the network.
     let (ok, _, err) = ctl(&url, Some("ctl-token\nsecond-line"), &["nodes", "list"]);

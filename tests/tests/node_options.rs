@@ -879,3 +879,83 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
         "every callback was sent before the agent exited"
     );
 }
+
+/// Signed callbacks and the signature Python's own HMAC gives for them.
+type Signed = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
+
+/// With `webhook.auth_token`, every callback carries `X-Twilio-Signature` as Twilio computes
+/// it (checked here with Python's HMAC, not the agent's code), so an application validating
+/// Twilio's signature accepts it; `webhook.account_sid` adds `AccountSid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_are_signed_as_twilio_signs_them_when_an_auth_token_is_set() {
+    let got: Signed = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            post(
+                |State(got): State<Signed>,
+                 headers: axum::http::HeaderMap,
+                 Form(form): Form<Vec<(String, String)>>| async move {
+                    let sig = headers
+                        .get("x-twilio-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    got.lock().expect("lock").push((sig, form));
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let addr = fixtures::serve_http(app).await;
+    let url = format!("http://{addr}/events?tenant=7");
+    let token = "tw-auth-token-0123456789";
+    let account = "AC0123456789abcdef0123456789abcdef";
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_WEBHOOK__AUTH_TOKEN", token),
+        ("CONFROUTE_WEBHOOK__ACCOUNT_SID", account),
+    ])
+    .await;
+    let a = dial(
+        &s.sim,
+        "signed",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start join"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    wait_for_async("two callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let got = got.lock().expect("lock").clone();
+    for (sig, form) in &got {
+        assert!(
+            form.iter().any(|(k, v)| k == "AccountSid" && v == account),
+            "{form:?}"
+        );
+        let mut args = vec![token.to_string(), url.clone()];
+        for (k, v) in form {
+            args.push(k.clone());
+            args.push(v.clone());
+        }
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys,hmac,hashlib,base64\n\
+                 t,u,*kv=sys.argv[1:]\n\
+                 d=u+''.join(k+v for k,v in sorted(zip(kv[0::2],kv[1::2])))\n\
+                 print(base64.b64encode(hmac.new(t.encode(),d.encode(),hashlib.sha1).digest()).decode())",
+            )
+            .args(&args)
+            .output()
+            .expect("python3");
+        let want = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(!want.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(sig, &want, "{form:?}");
+    }
+}
