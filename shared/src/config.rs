@@ -107,6 +107,13 @@ pub fn load_from<T: DeserializeOwned + Validate>(
                 format!("file {} does not exist or is not a file", path.display()),
             ));
         }
+        // Read here rather than by the parser, whose error names no key and breaks its line.
+        if let Err(e) = std::fs::read(path) {
+            return Err(ConfigError::new(
+                "--config",
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
         figment = figment.merge(Toml::file_exact(path));
     }
     let figment = figment.merge(EnvSnapshot { vars: env.to_vec() });
@@ -999,6 +1006,19 @@ mod tests {
         let root: Root = load_from(None, &env(&[("CONFROUTE_REDIS__WAIT_REPLICAS", "2")]))
             .expect("a number still fills a number");
         assert_eq!(root.redis.wait_replicas, 2);
+    }
+
+    /// A file that exists but cannot be read (permissions; here a file the kernel refuses
+    /// to read from its start) is named as the `--config` problem it is.
+    #[test]
+    fn an_unreadable_file_is_named_as_the_config_option() {
+        let err =
+            load_from::<Root>(Some(Path::new("/proc/self/mem")), &[]).expect_err("unreadable");
+        assert!(err.mentions("--config"), "{err}");
+        assert!(
+            err.to_string().contains("cannot read /proc/self/mem"),
+            "{err}"
+        );
     }
 
     #[test]
