@@ -206,7 +206,7 @@ async fn attempt_all(
     let signature = cfg
         .auth_token
         .as_ref()
-        .map(|token| twilio_signature(token.expose(), url, form));
+        .map(|token| twilio_signature(token.expose(), &as_received(url), form));
     let mut delay = cfg.retry_initial;
     let mut attempt = 0;
     loop {
@@ -260,6 +260,20 @@ fn twilio_signature(token: &str, url: &str, form: &[(String, String)]) -> String
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, token.as_bytes());
     let tag = ring::hmac::sign(&key, data.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+}
+
+/// `url` as the receiver sees it, which it validates the signature against: normalised as
+/// the HTTP client sends it (host in lower case, a default port dropped, `/` for an empty
+/// path) and without credentials, which travel in the Authorization header instead.
+fn as_received(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => url.to_string(),
+    }
 }
 
 /// `url` without its user, password and query, for logs.
@@ -355,6 +369,19 @@ mod tests {
                 &form
             ),
             "GvWf1cFY/Q7PnoempGyD5oXAezc="
+        );
+    }
+
+    /// The URL signed is the one the receiver reconstructs from the request it gets.
+    #[test]
+    fn the_url_signed_is_the_one_sent() {
+        assert_eq!(
+            as_received("https://user:pw@App.Example.com:443?x=1"),
+            "https://app.example.com/?x=1"
+        );
+        assert_eq!(
+            as_received("http://10.0.0.5:8080/events?tenant=7"),
+            "http://10.0.0.5:8080/events?tenant=7"
         );
     }
 
