@@ -262,14 +262,19 @@ fn twilio_signature(token: &str, url: &str, form: &[(String, String)]) -> String
     base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
 }
 
-/// `url` as the receiver sees it, which it validates the signature against: normalised as
-/// the HTTP client sends it (host in lower case, a default port dropped, `/` for an empty
-/// path) and without credentials, which travel in the Authorization header instead.
+/// `url` as Twilio signs it and the receiver validates it: normalised as the HTTP client
+/// sends it (host in lower case, a default port dropped, `/` for an empty path), without
+/// credentials (they travel in the Authorization header) or a fragment (never sent), and for
+/// HTTPS without its port, as Twilio leaves it out (its helper libraries accept either).
 fn as_received(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             let _ = u.set_username("");
             let _ = u.set_password(None);
+            u.set_fragment(None);
+            if u.scheme() == "https" {
+                let _ = u.set_port(None);
+            }
             u.to_string()
         }
         Err(_) => url.to_string(),
@@ -380,8 +385,12 @@ mod tests {
             "https://app.example.com/?x=1"
         );
         assert_eq!(
-            as_received("http://10.0.0.5:8080/events?tenant=7"),
+            as_received("http://10.0.0.5:8080/events?tenant=7#part"),
             "http://10.0.0.5:8080/events?tenant=7"
+        );
+        assert_eq!(
+            as_received("https://app.example.com:8443/e"),
+            "https://app.example.com/e"
         );
     }
 

@@ -107,8 +107,12 @@ pub fn load_from<T: DeserializeOwned + Validate>(
                 format!("file {} does not exist or is not a file", path.display()),
             ));
         }
-        // Read here rather than by the parser, whose error names no key and breaks its line.
-        if let Err(e) = std::fs::read(path) {
+        // Tried here rather than by the parser, whose error names no key and breaks its line.
+        let readable = std::fs::File::open(path).and_then(|mut f| {
+            use std::io::Read;
+            f.read(&mut [0u8; 1]).map(|_| ())
+        });
+        if let Err(e) = readable {
             return Err(ConfigError::new(
                 "--config",
                 format!("cannot read {}: {e}", path.display()),

@@ -188,7 +188,18 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     let (ok, _, err) = ctl("127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
     assert!(!ok);
     assert!(
-        err.contains("give the scheme, e.g. http://127.0.0.1:1"),
+        err.contains("bad --url 127.0.0.1:1: give the scheme, http:// or https://"),
+        "{err}"
+    );
+    // An '@' in the query is not user information: the host stays in the message.
+    let (ok, _, err) = ctl(
+        "http://127.0.0.1:1/?mail=a@b",
+        Some(TOKEN),
+        &["nodes", "list"],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach http://127.0.0.1:1/?mail=a@b"),
         "{err}"
     );
     // Nor in a URL that does not parse, or lacks its scheme.

@@ -1052,6 +1052,11 @@ fn values_that_break_the_schema_are_refused() {
             "status_callback",
         ),
         (
+            "the unspecified address, spelt short, as the callback",
+            json!({"node": {"config": {"conference": {"status_callback": "http://0/x"}}}}),
+            "status_callback",
+        ),
+        (
             "password in a cluster seed",
             json!({"redis": {"mode": "cluster", "cluster": {"seeds": ["redis://:s3cret@redis-0:6379"]}}}),
             "seeds",

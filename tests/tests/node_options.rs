@@ -880,12 +880,14 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
     );
 }
 
-/// Signed callbacks and the signature Python's own HMAC gives for them.
-type Signed = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
+/// Signed callbacks: the signature, the URL as the receiver rebuilds it, and the form.
+type Signed = Arc<Mutex<Vec<(String, String, Vec<(String, String)>)>>>;
 
 /// With `webhook.auth_token`, every callback carries `X-Twilio-Signature` as Twilio computes
-/// it (checked here with Python's HMAC, not the agent's code), so an application validating
-/// Twilio's signature accepts it; `webhook.account_sid` adds `AccountSid`.
+/// it (checked here with Python's HMAC, not the agent's code) over the URL the receiver
+/// rebuilds from the request (`Host` and the request target: no credentials, no fragment),
+/// so an application validating Twilio's signature accepts it; `webhook.account_sid` adds
+/// `AccountSid`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_are_signed_as_twilio_signs_them_when_an_auth_token_is_set() {
     let got: Signed = Arc::default();
@@ -894,21 +896,28 @@ async fn callbacks_are_signed_as_twilio_signs_them_when_an_auth_token_is_set() {
             "/events",
             post(
                 |State(got): State<Signed>,
+                 uri: axum::http::Uri,
                  headers: axum::http::HeaderMap,
                  Form(form): Form<Vec<(String, String)>>| async move {
-                    let sig = headers
-                        .get("x-twilio-signature")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    got.lock().expect("lock").push((sig, form));
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    let seen = format!("http://{}{uri}", header("host"));
+                    got.lock()
+                        .expect("lock")
+                        .push((header("x-twilio-signature"), seen, form));
                     StatusCode::NO_CONTENT
                 },
             ),
         )
         .with_state(got.clone());
     let addr = fixtures::serve_http(app).await;
-    let url = format!("http://{addr}/events?tenant=7");
+    // Credentials and a fragment the request does not carry as part of its URL.
+    let url = format!("http://hooks:pw@{addr}/events?tenant=7#part");
     let token = "tw-auth-token-0123456789";
     let account = "AC0123456789abcdef0123456789abcdef";
     let s = Single::start(&[
@@ -933,12 +942,13 @@ async fn callbacks_are_signed_as_twilio_signs_them_when_an_auth_token_is_set() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     let got = got.lock().expect("lock").clone();
-    for (sig, form) in &got {
+    for (sig, seen, form) in &got {
+        assert_eq!(seen, &format!("http://{addr}/events?tenant=7"));
         assert!(
             form.iter().any(|(k, v)| k == "AccountSid" && v == account),
             "{form:?}"
         );
-        let mut args = vec![token.to_string(), url.clone()];
+        let mut args = vec![token.to_string(), seen.clone()];
         for (k, v) in form {
             args.push(k.clone());
             args.push(v.clone());

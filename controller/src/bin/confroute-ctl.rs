@@ -235,19 +235,20 @@ struct Api {
 /// Checks `--url` and `--token` before any request: a mistake in either gets a message
 /// naming it rather than a client library's.
 fn api(http: reqwest::Client, url: &str, token: Option<String>) -> Result<Api, Failure> {
-    // Whatever the URL's shape, what comes before an '@' stays out of every message.
-    let redacted = match url.rfind('@') {
-        Some(at) => match url.find("://") {
-            Some(s) if s < at => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-            _ => format!("***@{}", &url[at + 1..]),
-        },
+    // Whatever the URL's shape, user information (before the last '@' of the authority)
+    // stays out of every message; an '@' in the path or query is not one.
+    let start = url.find("://").map_or(0, |s| s + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let redacted = match url[start..end].rfind('@') {
+        Some(at) => format!("{}***@{}", &url[..start], &url[start + at + 1..]),
         None => url.to_string(),
     };
     // Without one, `host:port` would parse as a URL whose scheme is the host.
     if !url.contains("://") {
-        let host = redacted.trim_start_matches("***@");
         return Err(Failure(format!(
-            "bad --url {redacted}: give the scheme, e.g. http://{host}"
+            "bad --url {redacted}: give the scheme, http:// or https://"
         )));
     }
     let shown = match reqwest::Url::parse(url) {
