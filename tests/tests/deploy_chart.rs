@@ -375,6 +375,25 @@ fn ipv6_pods_listen_on_ipv6_and_get_bracketed_node_uris() {
     );
 }
 
+/// Node pods roll one at a time by default, each after its drain; `OnDelete` leaves the
+/// operator to drain and delete several at once, with no partition to keep.
+#[test]
+fn node_update_strategy_is_rolling_or_on_delete() {
+    let dir = TempDir::new("values").expect("dir");
+    let strategy = |values: Value| -> Value {
+        let r = render(&values_file(dir.path(), "strategy", &values));
+        r.one("StatefulSet", "-node")["spec"]["updateStrategy"].clone()
+    };
+    assert_eq!(
+        strategy(json!({})),
+        json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}})
+    );
+    assert_eq!(
+        strategy(json!({"node": {"updateStrategy": "OnDelete"}})),
+        json!({"type": "OnDelete"})
+    );
+}
+
 /// An operator whose autoscaler must be free to move node pods turns the protection off.
 #[test]
 fn autoscaler_protection_can_be_turned_off() {
