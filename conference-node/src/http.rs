@@ -77,8 +77,14 @@ pub fn app(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route")
+async fn not_found(State(node): State<Arc<Node>>, req: Request) -> Response {
+    // Which /v1 routes exist is not told without the token.
+    if req.uri().path().starts_with("/v1/") {
+        if let Some(refused) = unauthorized(&node, &req) {
+            return refused;
+        }
+    }
+    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route").into_response()
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -90,22 +96,30 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &node.cfg.http.api_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let ok = token.matches_bearer(given);
-        if !ok {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required (Authorization: Bearer <token>)",
-            )
-            .into_response();
-        }
+    match unauthorized(&node, &req) {
+        Some(refused) => refused,
+        None => next.run(req).await,
     }
-    next.run(req).await
+}
+
+/// The 401 for a request without the configured token, if one is configured.
+fn unauthorized(node: &Node, req: &Request) -> Option<Response> {
+    let token = node.cfg.http.api_token.as_ref()?;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if token.matches_bearer(given) {
+        return None;
+    }
+    Some(
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required (Authorization: Bearer <token>)",
+        )
+        .into_response(),
+    )
 }
 
 /// `GET /healthz`: the process is alive; touches neither Redis nor ARI.

@@ -683,6 +683,23 @@ async fn token_guards_every_v1_route_but_not_health_or_metrics() {
         1,
         "only the authorised route call created a conference"
     );
+    // Which /v1 routes exist is not told without the token: an unknown one gets 401 too,
+    // and its 404 only with the token.
+    assert_error(
+        &call(&s, Method::GET, "/v1/nothing", None, None).await,
+        401,
+        "unauthorized",
+    );
+    assert_error(
+        &call(&s, Method::GET, "/v1/nothing", None, Some(TOKEN)).await,
+        404,
+        "route_not_found",
+    );
+    assert_error(
+        &call(&s, Method::GET, "/nothing", None, None).await,
+        404,
+        "route_not_found",
+    );
     for path in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
             call(&s, Method::GET, path, None, None).await.status,

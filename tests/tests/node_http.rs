@@ -60,6 +60,12 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
     let (status, body) = call("GET", &format!("{base}/v1/nope"), Some(TOKEN)).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "route_not_found");
+    // Without the token, which /v1 routes exist is not told.
+    let (status, body) = call("GET", &format!("{base}/v1/nope"), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, "unauthorized".into())
+    );
     let (status, body) = call("GET", &format!("{base}/v1/undrain"), Some(TOKEN)).await;
     assert_eq!(status, 405, "{body}");
     assert_eq!(body["error"]["code"], "method_not_allowed");

@@ -167,9 +167,11 @@ fn authorized(token: &Secret, given: Option<&header::HeaderValue>) -> bool {
 /// request count by route template and status. One layer rather than two: each layer costs
 /// a boxed future per request, on the path of `POST /v1/route`.
 async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    // Unmatched paths carry no template: they get their 404 whatever the token.
     let route = req.extensions().get::<MatchedPath>().cloned();
     let template = route.as_ref().map_or("unmatched", |p| p.as_str());
+    // The API's own paths, served or not: without the token, which routes exist is not told.
+    let guarded =
+        template.starts_with("/v1/") || (route.is_none() && req.uri().path().starts_with("/v1/"));
     // A body announced past the limit is refused before it is sent: waiting for it would
     // hold the connection until the body deadline.
     let announced = req
@@ -178,10 +180,7 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut resp = match &state.token {
-        Some(token)
-            if template.starts_with("/v1/")
-                && !authorized(token, req.headers().get(header::AUTHORIZATION)) =>
-        {
+        Some(token) if guarded && !authorized(token, req.headers().get(header::AUTHORIZATION)) => {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
