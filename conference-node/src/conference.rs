@@ -110,6 +110,8 @@ pub enum Msg {
     DialoutGone {
         /// The callee's channel id (the call id).
         channel: String,
+        /// The Q.850 cause its `rejected` status reported, when known.
+        cause: Option<i64>,
     },
     /// A participant of another conference on this node moves in (`participant.move`).
     MoveIn(Box<MoveIn>),
@@ -195,6 +197,41 @@ fn twilio_end_reason(reason: &str) -> String {
         }
         "last_participant_kicked" => "last-participant-kicked".to_string(),
         other => other.replace('_', "-"),
+    }
+}
+
+/// `ReasonParticipantLeft` and `ParticipantCallStatus` of a `participant-leave` callback
+/// for a participant that left with the agent's `reason` while its conference went on.
+fn twilio_leave(reason: &str) -> (&'static str, &'static str) {
+    match reason {
+        "hangup" => ("participant_hung_up", "completed"),
+        "kicked" => ("participant_updated_via_api", "completed"),
+        // Moved to another conference: the call goes on there.
+        "moved" => ("participant_updated_via_api", "in-progress"),
+        // Taken out of the conference's bridges behind the agent's back; still up.
+        _ => ("participant_removed", "in-progress"),
+    }
+}
+
+/// `ReasonParticipantLeft` of the participants a conference's end hangs up: Twilio's value
+/// where Twilio has one, else the conference's own end reason (`drain_deadline`).
+fn twilio_leave_at_end(reason: &'static str) -> &'static str {
+    match reason {
+        "ended_by_api" => "conference_ended_via_api",
+        "end_conference_on_exit" | "end_conference_on_exit_kicked" => "moderator_ended_conference",
+        other => other,
+    }
+}
+
+/// `ParticipantCallStatus` of a dial-out that ended before its callee came in, from the
+/// Q.850 cause reported with its `rejected` status (`None`: not known).
+fn twilio_add_failed_status(cause: Option<i64>) -> &'static str {
+    match cause {
+        Some(17) => "busy",
+        Some(18..=20) => "no-answer",
+        // Normal clearing before an answer is a call given up (SIP 487).
+        Some(16) => "canceled",
+        _ => "failed",
     }
 }
 
@@ -405,7 +442,7 @@ impl Conference {
                 let span = tracing::info_span!("call", conference = %self.name, channel = %channel.id, node = %self.node.id);
                 self.dialout_answered(channel).instrument(span).await
             }
-            Msg::DialoutGone { channel } => self.dialout_gone(&channel).await,
+            Msg::DialoutGone { channel, cause } => self.dialout_gone(&channel, cause).await,
             Msg::MoveIn(m) => {
                 let span = tracing::info_span!("call", conference = %self.name, channel = %m.channel.id, node = %self.node.id);
                 self.move_in(*m).instrument(span).await
@@ -1084,7 +1121,8 @@ impl Conference {
         };
         self.node.metrics.leaves.with_label_values(&[reason]).inc();
         tracing::info!(conference = %self.name, channel = ch, participants = self.participants.len(), reason, "participant left");
-        self.callback_left(ch, &p);
+        let (why, call_status) = twilio_leave(reason);
+        self.callback_left(ch, &p, why, call_status);
         self.emit("leave", json!({"participant": ch, "reason": reason}));
         let in_mix = !p.waiting && !p.held;
         // Twilio tells a kick from a leave in the reason, so applications porting from it
@@ -1194,20 +1232,26 @@ impl Conference {
             .into_iter()
             .filter(|(_, p)| !p.moving)
             .collect();
+        let why = twilio_leave_at_end(reason);
         for (ch, p) in &remaining {
             self.node
                 .metrics
                 .leaves
                 .with_label_values(&["conference_ended"])
                 .inc();
-            self.callback_left(ch, p);
+            self.callback_left(ch, p, why, "completed");
             self.emit(
                 "leave",
                 json!({"participant": ch, "reason": "conference_ended"}),
             );
         }
         // Callees still ringing are called off too (their dial-out ends `rejected`, 487).
-        let ringing: Vec<String> = std::mem::take(&mut self.dialing).into_keys().collect();
+        let ringing: Vec<(String, Options)> =
+            std::mem::take(&mut self.dialing).into_iter().collect();
+        for (ch, opts) in &ringing {
+            self.callback_add_failed(ch, opts, "canceled");
+        }
+        let ringing: Vec<String> = ringing.into_iter().map(|(ch, _)| ch).collect();
         let node = &self.node;
         let hangups = remaining
             .iter()
@@ -1644,7 +1688,9 @@ impl Conference {
         }
     }
 
-    fn callback_left(&mut self, ch: &str, p: &Participant) {
+    /// `participant-leave` for a participant that was in: `why` and `call_status` are
+    /// Twilio's `ReasonParticipantLeft` and `ParticipantCallStatus`.
+    fn callback_left(&mut self, ch: &str, p: &Participant, why: &str, call_status: &str) {
         let fields = ParticipantFields {
             call_sid: ch.to_string(),
             muted: p.muted,
@@ -1652,12 +1698,32 @@ impl Conference {
             start_on_enter: p.options.start_on_enter,
             end_on_exit: p.options.end_on_exit,
         };
+        self.callback_leave(&fields, why, call_status);
+    }
+
+    /// `participant-leave` for a dial-out whose callee never came in, as Twilio reports a
+    /// participant added through its API that did not answer.
+    pub(super) fn callback_add_failed(&mut self, ch: &str, opts: &Options, call_status: &str) {
+        let fields = ParticipantFields {
+            call_sid: ch.to_string(),
+            muted: opts.muted,
+            hold: false,
+            start_on_enter: opts.start_on_enter,
+            end_on_exit: opts.end_on_exit,
+        };
+        self.callback_leave(&fields, "participant_add_failed", call_status);
+    }
+
+    fn callback_leave(&mut self, fields: &ParticipantFields, why: &str, call_status: &str) {
         if let Some(cb) = &mut self.callbacks {
             cb.send(
                 CallbackEvent::Leave,
                 "participant-leave",
-                Some(&fields),
-                &[],
+                Some(fields),
+                &[
+                    ("ReasonParticipantLeft", why.to_string()),
+                    ("ParticipantCallStatus", call_status.to_string()),
+                ],
             );
         }
     }
@@ -1746,6 +1812,21 @@ impl Conference {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_dialouts_report_twilio_call_statuses() {
+        assert_eq!(twilio_add_failed_status(Some(17)), "busy");
+        assert_eq!(twilio_add_failed_status(Some(19)), "no-answer");
+        assert_eq!(twilio_add_failed_status(Some(18)), "no-answer");
+        assert_eq!(twilio_add_failed_status(Some(16)), "canceled");
+        assert_eq!(twilio_add_failed_status(Some(34)), "failed");
+        assert_eq!(twilio_add_failed_status(None), "failed");
+        assert_eq!(
+            twilio_leave_at_end("end_conference_on_exit_kicked"),
+            "moderator_ended_conference"
+        );
+        assert_eq!(twilio_leave_at_end("drain_deadline"), "drain_deadline");
+    }
 
     #[test]
     fn bridge_ids_round_trip() {

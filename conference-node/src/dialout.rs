@@ -497,12 +497,11 @@ impl Dialouts {
         }
     }
 
-    /// The call's channel is gone (ChannelDestroyed): the last notification.
-    pub fn destroyed(&self, node: &Node, callid: &str, cause: i64) {
+    /// The call's channel is gone (ChannelDestroyed): the last notification. Returns the
+    /// cause it is reported with, if it was tracked.
+    pub fn destroyed(&self, node: &Node, callid: &str, cause: i64) -> Option<i64> {
         let mut calls = lock(&self.calls);
-        let Some(t) = calls.get_mut(callid) else {
-            return;
-        };
+        let t = calls.get_mut(callid)?;
         // Asterisk's own ring timeout hangs the callee up with no cause of its own and no
         // Dial status (`handle_timeout_trip` in main/dial.c): past the ring time, that is
         // the no-answer it means.
@@ -516,31 +515,32 @@ impl Dialouts {
         };
         if !t.accepted {
             t.ended = Some(cause);
-            return;
+            return Some(cause);
         }
         finish(node, t, callid, cause);
         calls.remove(callid);
+        Some(cause)
     }
 
     /// Gives up a dial-out still unanswered long after its ring timeout (its end was not
-    /// seen): `rejected` with the last cause heard, else 19 (no answer). True when it was.
-    pub fn expire(&self, node: &Node, callid: &str) -> bool {
+    /// seen): `rejected` with the last cause heard, else 19 (no answer). Returns that cause
+    /// when it was given up.
+    pub fn expire(&self, node: &Node, callid: &str) -> Option<i64> {
         let mut calls = lock(&self.calls);
         if !calls
             .get(callid)
             .is_some_and(|t| t.accepted && !t.connected)
         {
-            return false;
+            return None;
         }
-        if let Some(mut t) = calls.remove(callid) {
-            // Called from that timer, which still has the seat to free.
-            if let Some(timer) = t.timer.take() {
-                timer.disarm();
-            }
-            let cause = t.requested.unwrap_or(CAUSE_NO_ANSWER);
-            finish(node, &t, callid, cause);
+        let mut t = calls.remove(callid)?;
+        // Called from that timer, which still has the seat to free.
+        if let Some(timer) = t.timer.take() {
+            timer.disarm();
         }
-        true
+        let cause = t.requested.unwrap_or(CAUSE_NO_ANSWER);
+        finish(node, &t, callid, cause);
+        Some(cause)
     }
 
     /// The callee left the Stasis app; if Asterisk's ChannelDestroyed does not follow, the
@@ -570,16 +570,17 @@ fn clear_later(node: &Arc<Node>, callid: String, cause: i64) {
     let node = node.clone();
     tokio::spawn(async move {
         tokio::time::sleep(CLEARED_FALLBACK).await;
-        {
+        let reported = {
             let mut calls = lock(&node.dialouts.calls);
-            if let Some(t) = calls.remove(&callid) {
+            calls.remove(&callid).map(|t| {
                 let cause = t.requested.unwrap_or(cause);
                 finish(&node, &t, &callid, cause);
-            }
-        }
+                cause
+            })
+        };
         // A callee that never answered still holds its seat and route in the conference:
         // no ChannelDestroyed will free them now.
-        node.dialout_gone(&callid);
+        node.dialout_gone(&callid, reported);
     });
 }
 

@@ -529,12 +529,13 @@ impl Node {
 
     /// A dial-out's callee is gone before it answered: its route is forgotten and its
     /// conference frees its seat. Nothing happens for a call already forgotten or answered.
-    pub fn dialout_gone(self: &Arc<Self>, channel: &str) {
+    pub fn dialout_gone(self: &Arc<Self>, channel: &str, cause: Option<i64>) {
         if let Some(name) = self.unroute_dialout(channel) {
             self.send(
                 &name,
                 Msg::DialoutGone {
                     channel: channel.to_string(),
+                    cause,
                 },
                 false,
             );
@@ -831,8 +832,8 @@ impl Node {
                 }
             }
             Event::ChannelDestroyed { channel, cause } => {
-                self.dialouts.destroyed(self, &channel.id, cause);
-                self.dialout_gone(&channel.id);
+                let cause = self.dialouts.destroyed(self, &channel.id, cause);
+                self.dialout_gone(&channel.id, cause);
             }
             Event::ChannelTalkingStarted { channel } => self.talking(&channel.id, true),
             Event::ChannelTalkingFinished { channel } => self.talking(&channel.id, false),

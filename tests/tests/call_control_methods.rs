@@ -1002,6 +1002,100 @@ async fn a_conference_ended_by_a_kick_says_so_in_its_end_callback() {
     );
 }
 
+/// `participant-leave` tells why each participant left and how its call stands, in Twilio's
+/// `ReasonParticipantLeft` and `ParticipantCallStatus`: hung up, kicked, moved, ended with
+/// the conference; a dial-out whose callee never came in is reported as Twilio reports a
+/// participant it could not add (busy; called off by the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_leave_callbacks_say_why_as_twilio_does() {
+    let (url, got) = receiver().await;
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let mut ws = c.client(0).await;
+    let hooks = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
+    ];
+    let owner = c.route(0, "why").await;
+    let sim = &c.node(&owner).sim;
+    let stays = dial(sim, "why", &hooks).await;
+    wait_bridged(sim, &stays).await;
+    let mut callers = Vec::new();
+    for _ in 0..3 {
+        let ch = dial(sim, "why", &[]).await;
+        wait_bridged(sim, &ch).await;
+        callers.push(ch);
+    }
+    let (hangs_up, kicked, moved) = (&callers[0], &callers[1], &callers[2]);
+    sim.hangup_far_end(hangs_up, 16).await.expect("hang up");
+    ws.ok(
+        "participant.kick",
+        json!({"conference": "why", "participant": kicked}),
+    )
+    .await;
+    ws.ok(
+        "participant.move",
+        json!({"conference": "why", "participant": moved, "to": "why-next"}),
+    )
+    .await;
+    sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550102@trunk"),
+        Outcome::Busy,
+    );
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "why", "to": "+15555550102"}),
+        )
+        .await;
+    let busy = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&busy, "rejected").await;
+    sim.set_originate_behavior(
+        EndpointMatch::exact("PJSIP/+15555550103@trunk"),
+        Outcome::Manual,
+    );
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "why", "to": "+15555550103"}),
+        )
+        .await;
+    let ringing = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&ringing, "ringing").await;
+    wait_for_async("four leave callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 4).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    ws.ok("conference.end", json!({"conference": "why"})).await;
+    wait_for_async("every callback", WAIT, || async {
+        (got.lock().expect("lock").len() == 7).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    let why = |ch: &str| {
+        let f = got
+            .iter()
+            .find(|f| f.get("CallSid").map(String::as_str) == Some(ch))
+            .unwrap_or_else(|| panic!("no callback for {ch}: {got:#?}"));
+        assert_eq!(f["StatusCallbackEvent"], "participant-leave", "{f:?}");
+        (
+            f["ReasonParticipantLeft"].as_str(),
+            f["ParticipantCallStatus"].as_str(),
+        )
+    };
+    assert_eq!(why(hangs_up), ("participant_hung_up", "completed"));
+    assert_eq!(why(kicked), ("participant_updated_via_api", "completed"));
+    assert_eq!(why(moved), ("participant_updated_via_api", "in-progress"));
+    assert_eq!(why(&busy), ("participant_add_failed", "busy"));
+    assert_eq!(why(&stays), ("conference_ended_via_api", "completed"));
+    assert_eq!(why(&ringing), ("participant_add_failed", "canceled"));
+    let end = &got[6];
+    assert_eq!(end["StatusCallbackEvent"], "conference-end", "{got:#?}");
+    assert_eq!(end["ReasonConferenceEnded"], "conference-ended-via-api");
+    assert!(!end.contains_key("ReasonParticipantLeft"), "{end:?}");
+}
+
 /// The seat check before a cross-node move takes a share of the move's time: a target node
 /// that does not answer (its agent stopped) leaves the move its own budget, and the caller
 /// is moved.

@@ -394,7 +394,9 @@ impl Conference {
             // Its dial-out ends when its channel is destroyed. Should the callee answer
             // before Asterisk acts on the hangup, nobody waits for it: it is hung up, not
             // joined.
-            self.dialing.remove(ch);
+            if let Some(opts) = self.dialing.remove(ch) {
+                self.callback_add_failed(ch, &opts, "canceled");
+            }
             self.end_if_empty("dialout_failed").await;
             self.counts_changed().await;
         } else {
@@ -666,11 +668,12 @@ impl Conference {
                 let watched = callid.clone();
                 let timer = tokio::spawn(async move {
                     tokio::time::sleep(limit).await;
-                    if node.dialouts.expire(&node, &callid) {
+                    let cause = node.dialouts.expire(&node, &callid);
+                    if cause.is_some() {
                         tracing::warn!(conference = %name, callid = %callid, "dial-out end never seen; given up");
                     }
                     // Also when a reconciliation reported it first: the seat goes either way.
-                    node.dialout_gone(&callid);
+                    node.dialout_gone(&callid, cause);
                 });
                 self.node.dialouts.watch(&watched, timer.abort_handle());
             }
@@ -718,8 +721,9 @@ impl Conference {
     }
 
     /// A dial-out ended before its callee answered.
-    pub(super) async fn dialout_gone(&mut self, ch: &str) {
-        if self.dialing.remove(ch).is_some() {
+    pub(super) async fn dialout_gone(&mut self, ch: &str, cause: Option<i64>) {
+        if let Some(opts) = self.dialing.remove(ch) {
+            self.callback_add_failed(ch, &opts, super::twilio_add_failed_status(cause));
             self.end_if_empty("dialout_failed").await;
             self.counts_changed().await;
         }
