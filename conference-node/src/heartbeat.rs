@@ -83,6 +83,10 @@ pub async fn run(node: Arc<Node>) {
 
 /// One heartbeat; right after registering again, a second one at once.
 pub async fn beat(node: &Arc<Node>, cpu: f32) {
+    let deregistered = node.beat_gate.lock().await;
+    if *deregistered {
+        return;
+    }
     // The claims of a node whose record expired may have expired too. Renewing (or claiming
     // again) at once, rather than a heartbeat later, has them back before a controller that
     // sees the node registered again places any of its conferences elsewhere; the same for

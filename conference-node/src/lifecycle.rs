@@ -241,12 +241,17 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
             .with_label_values(&["dropped"])
             .inc_by(left as u64);
     }
+    // A heartbeat under way finishes first; none runs after: one that found the record
+    // gone would register the node again, left to live out its lease.
+    let mut deregistered = node.beat_gate.lock().await;
+    *deregistered = true;
     match node.store.deregister(&node.id).await {
         Ok(_) => tracing::info!(node = %node.id, "deregistered"),
         Err(e) => {
             tracing::warn!(error = %e, "cannot deregister; the node record expires with its lease")
         }
     }
+    drop(deregistered);
     node.exit.send_replace(true);
 }
 

@@ -148,6 +148,9 @@ pub struct Node {
     pub beats_started: AtomicU64,
     /// The number of the last heartbeat finished.
     pub beats_done: watch::Sender<u64>,
+    /// Held through each heartbeat and the deregistration; true once deregistered, after
+    /// which no heartbeat runs (one finding the record gone would register it again).
+    pub beat_gate: tokio::sync::Mutex<bool>,
     /// Events WebSocket connections made so far.
     connections: AtomicU64,
     /// The connection under which the last complete reconciliation ran.
@@ -220,6 +223,7 @@ impl Node {
             ari_changed: Notify::new(),
             beats_started: AtomicU64::new(0),
             beats_done: watch::channel(0).0,
+            beat_gate: tokio::sync::Mutex::new(false),
             connections: AtomicU64::new(0),
             reconciled_under: AtomicU64::new(0),
             outbox,
