@@ -709,7 +709,7 @@ impl Conference {
                 return;
             }
         }
-        let waiting = !(j.options.start_on_enter || self.started);
+        let waiting = self.joins_waiting(&j.options);
         if waiting {
             if let Err(e) = self.ensure_holding(&j.options.wait_music).await {
                 tracing::error!(conference = %self.name, error = %e, "cannot create the holding bridge");
@@ -738,8 +738,10 @@ impl Conference {
         // In now: counted as a participant from here on.
         self.admitting = false;
         let waiting = p.waiting;
-        let beep_in = !waiting && p.options.beep.on_enter();
-        let starts = p.options.start_on_enter && !self.started;
+        let starts = self.starts_with(&p);
+        // A waiter that starts the conference (`lone_starter_waits`) is in the mix by the
+        // time the beep plays, and the beep is what tells the one waiting alone it started.
+        let beep_in = (!waiting || starts) && p.options.beep.on_enter();
         let data = json!({
             "participant": ch,
             "caller": p.caller,
@@ -762,6 +764,38 @@ impl Conference {
             self.beep().await;
         }
         self.counts_changed().await;
+    }
+
+    /// Whether a participant coming in now with `opts` waits in the holding bridge: before
+    /// the start, unless it starts the conference (a starter; with
+    /// `conference.lone_starter_waits`, only one that finds someone already there).
+    fn joins_waiting(&self, opts: &Options) -> bool {
+        if self.started {
+            return false;
+        }
+        !opts.start_on_enter || (self.node.cfg.conference.lone_starter_waits && self.present() == 0)
+    }
+
+    /// Whether `p`, coming in now (not yet counted), starts the conference. With
+    /// `conference.lone_starter_waits` it takes two participants, one of them a starter, as
+    /// Twilio's conferences do: a second caller starts it for a starter waiting alone.
+    fn starts_with(&self, p: &Participant) -> bool {
+        if self.started {
+            return false;
+        }
+        if !self.node.cfg.conference.lone_starter_waits {
+            return p.options.start_on_enter;
+        }
+        let starter_waits = self
+            .participants
+            .values()
+            .any(|q| q.waiting && !q.moving && q.options.start_on_enter);
+        self.present() > 0 && (p.options.start_on_enter || starter_waits)
+    }
+
+    /// Participants that are here and staying (not being moved out).
+    fn present(&self) -> usize {
+        self.participants.values().filter(|p| !p.moving).count()
     }
 
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
@@ -1128,7 +1162,9 @@ impl Conference {
         // Twilio tells a kick from a leave in the reason, so applications porting from it
         // do too.
         let kicked = reason == "kicked";
-        if p.options.end_on_exit && !p.waiting {
+        // A starter waiting alone (`lone_starter_waits`) is the conference's moderator all
+        // the same: its leaving calls off the callees still ringing for it.
+        if p.options.end_on_exit && (!p.waiting || p.options.start_on_enter) {
             let why = if kicked {
                 "end_conference_on_exit_kicked"
             } else {

@@ -181,6 +181,9 @@ pub struct ConferenceDefaults {
     /// File format of conference recordings.
     #[serde(deserialize_with = "string_like")]
     pub recording_format: String,
+    /// Twilio's start: a conference starts once two participants are in, one a starter; a
+    /// starter alone waits with music.
+    pub lone_starter_waits: bool,
 }
 
 /// `[profiles.NAME]`: any option of `[conference]` that differs from the defaults.
@@ -325,6 +328,7 @@ impl Default for ConferenceDefaults {
             beep_sound: "beep".to_string(),
             full_sound: String::new(),
             recording_format: "wav".to_string(),
+            lone_starter_waits: false,
         }
     }
 }

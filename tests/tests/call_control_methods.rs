@@ -1096,6 +1096,65 @@ async fn participant_leave_callbacks_say_why_as_twilio_does() {
     assert!(!end.contains_key("ReasonParticipantLeft"), "{end:?}");
 }
 
+/// With `conference.lone_starter_waits`, a moderator (starter with endConferenceOnExit)
+/// waiting alone for the callee it dialled ends the conference by hanging up: the ringing
+/// callee is called off rather than answering into an empty conference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moderator_waiting_alone_calls_off_its_dialout_by_leaving() {
+    let (url, got) = receiver().await;
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+        ],
+        &[],
+    )
+    .await;
+    let mut ws = c.client(0).await;
+    let owner = c.route(0, "moderated").await;
+    let sim = &c.node(&owner).sim;
+    let moderator = dial(
+        sim,
+        "moderated",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end"),
+            ("CONFROUTE_END_ON_EXIT", "true"),
+        ],
+    )
+    .await;
+    wait_bridged(sim, &moderator).await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "moderated", "to": "+15555550109"}),
+        )
+        .await;
+    let callee = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&callee, "ringing").await;
+    sim.hangup_far_end(&moderator, 16).await.expect("hang up");
+    let st = ws.statuses(&callee, "rejected").await;
+    assert_eq!(
+        st.last(),
+        Some(&json!({"callid": callee, "status": "rejected", "code": 487, "cause": 16})),
+        "{st:?}"
+    );
+    wait_for_async("the end callback", WAIT, || async {
+        (!got.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await
+    .expect("end callback");
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got.len(), 1, "never started: {got:#?}");
+    assert_eq!(got[0]["StatusCallbackEvent"], "conference-end");
+    assert_eq!(
+        got[0]["ReasonConferenceEnded"],
+        "participant-with-end-conference-on-exit-left"
+    );
+    assert_eq!(got[0]["CallSidEndingConference"], moderator);
+}
+
 /// The seat check before a cross-node move takes a share of the move's time: a target node
 /// that does not answer (its agent stopped) leaves the move its own budget, and the caller
 /// is moved.

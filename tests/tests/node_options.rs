@@ -182,6 +182,93 @@ async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
     assert_eq!(wait_bridged(&s.sim, &late).await, main_id);
 }
 
+/// With `conference.lone_starter_waits` a conference starts as Twilio's do: a starter alone
+/// waits with music and `conference-start` waits too; the second caller (here not a
+/// starter) starts it, and both are mixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_starter_waits_with_music_until_a_second_caller_when_asked() {
+    let (url, got) = receiver(0).await;
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+    ])
+    .await;
+    let starter = dial(
+        &s.sim,
+        "twilio-start",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start join"),
+            ("CONFROUTE_WAIT_MUSIC", "jazz"),
+        ],
+    )
+    .await;
+    let holding_id = wait_bridged(&s.sim, &starter).await;
+    assert_holding(&holding_id, 1, "twilio-start");
+    let snap = s.sim.snapshot();
+    assert_eq!(
+        snap.bridge(&holding_id)
+            .and_then(|b| b.moh.clone())
+            .as_deref(),
+        Some("jazz"),
+        "the lone starter hears the wait music"
+    );
+    wait_for_async("the starter's join callback", WAIT, || async {
+        (!got.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await
+    .expect("join callback");
+    let main_id = main_bridge(&snap, 1, "twilio-start")
+        .expect("main bridge")
+        .id
+        .clone();
+
+    let second = dial(
+        &s.sim,
+        "twilio-start",
+        &[
+            ("CONFROUTE_START_ON_ENTER", "false"),
+            ("CONFROUTE_BEEP", "true"),
+        ],
+    )
+    .await;
+    until(&s.sim, "both in the mixing bridge", |snap| {
+        snap.bridge(&main_id).is_some_and(|b| {
+            b.channels.len() == 2 && b.channels.contains(&starter) && b.channels.contains(&second)
+        }) && snap.bridge(&holding_id).is_none()
+    })
+    .await;
+    let target = format!("bridge:{main_id}");
+    wait_for_async("the start's beep", WAIT, || async {
+        (playbacks_on(&s.sim, &target).len() == 1).then_some(())
+    })
+    .await
+    .expect("the second caller's entry beep tells the starter the conference began");
+    wait_for_async("three callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == 3).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    let events: Vec<(&str, &str)> = got
+        .iter()
+        .map(|f| {
+            (
+                f["StatusCallbackEvent"].as_str(),
+                f.get("CallSid").map(String::as_str).unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("participant-join", starter.as_str()),
+            ("participant-join", second.as_str()),
+            ("conference-start", ""),
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_move_in_even_when_one_hangs_up_as_the_starter_joins() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;

@@ -534,7 +534,7 @@ impl Conference {
         }
         let mut opts = m.options.clone();
         opts.muted = m.muted;
-        let waiting = !(opts.start_on_enter || self.started);
+        let waiting = self.joins_waiting(&opts);
         if waiting {
             if let Err(e) = self.ensure_holding(&opts.wait_music).await {
                 let e = BusError::new(ErrorCode::Internal, e.to_string());
