@@ -359,6 +359,9 @@ struct Conference {
     beeps: u64,
     /// Sequence number of the last event published on the bus.
     seq: u64,
+    /// Someone entered, or a dial-out was placed: the application has heard of the
+    /// conference, so its end is told. One whose first caller never got in ends unheard.
+    heard_of: bool,
     /// Dial-outs ringing into this conference: call id and the callee's options.
     dialing: HashMap<String, Options>,
     /// A caller admitted and being brought in (answer, bridge): counted in the view, so a
@@ -391,6 +394,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         settings_saved: false,
         beeps: 0,
         seq: 0,
+        heard_of: false,
         dialing: HashMap::new(),
         admitting: false,
         reconciled: None,
@@ -518,6 +522,7 @@ impl Conference {
         self.recording = None;
         self.beeps = 0;
         self.seq = 0;
+        self.heard_of = false;
         self.apply_settings(opts, sid);
         tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
         // Visible (to drain and the heartbeat) from now on, before its first caller is in.
@@ -556,6 +561,7 @@ impl Conference {
     async fn resume_settings(&mut self) {
         let (opts, sid) = self.kept_settings().await;
         self.apply_settings(&opts, sid);
+        self.heard_of = true;
         if let Some(cb) = &mut self.callbacks {
             cb.resume_numbering().await;
         }
@@ -737,6 +743,7 @@ impl Conference {
     async fn entered(&mut self, ch: &str, p: Participant, moved_from: Option<&ConferenceName>) {
         // In now: counted as a participant from here on.
         self.admitting = false;
+        self.heard_of = true;
         let waiting = p.waiting;
         let starts = self.starts_with(&p);
         // A waiter that starts the conference (`lone_starter_waits`) is in the mix by the
@@ -1326,7 +1333,7 @@ impl Conference {
                 }
             }
         }
-        if let Some(mut cb) = self.callbacks.take() {
+        if let Some(mut cb) = self.callbacks.take().filter(|_| self.heard_of) {
             let mut extra = vec![("ReasonConferenceEnded", twilio_end_reason(reason))];
             if let Some(by) = ended_by {
                 extra.push(("CallSidEndingConference", by.to_string()));
@@ -1563,6 +1570,8 @@ impl Conference {
             };
             let (opts, sid) = self.kept_settings().await;
             self.activate(owned_epoch.unwrap_or(0), &opts, sid);
+            // Callers are in it: the application heard of it from the last life.
+            self.heard_of = true;
             if let Some(cb) = &mut self.callbacks {
                 cb.resume_numbering().await;
             }

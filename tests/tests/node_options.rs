@@ -615,6 +615,60 @@ async fn a_hold_from_the_phone_during_admission_is_announced_once_the_caller_is_
     assert_eq!(got[2]["CallSid"], ch);
 }
 
+/// A conference whose first caller never got in (it hung up while being answered) ends
+/// without a word to the application: it never heard of it, and a `conference-end` for a
+/// `ConferenceSid` no other callback named would be one it cannot place. Twilio creates no
+/// conference for a caller it never added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_nobody_entered_ends_without_callbacks() {
+    let (url, got) = receiver(0).await;
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let hooks = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end join leave"),
+    ];
+    s.sim.hold_operation("answer");
+    let shy = dial(&s.sim, "never-in", &hooks).await;
+    wait_for_async("the answer to be asked", WAIT, || async {
+        (s.sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .expect("answer asked");
+    s.sim.hangup_during_answer(&shy);
+    s.sim.release_operation("answer");
+    let node_url = s.node.http_url();
+    wait_for_async("the conference ended", WAIT, || async {
+        let m = fixtures::scrape(&node_url).await;
+        (fixtures::metric(
+            &m,
+            r#"confroute_node_conferences_ended_total{reason="join_failed"}"#,
+        ) == 1.0)
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // A conference someone entered, after it, to the same receiver: its callbacks coming
+    // through show the first one's would have come by now.
+    let a = dial(&s.sim, "was-in", &hooks).await;
+    wait_bridged(&s.sim, &a).await;
+    s.sim.hangup_far_end(&a, 16).await.expect("hang up");
+    wait_for_async("the second conference's end", WAIT, || async {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .any(|f| f["StatusCallbackEvent"] == "conference-end")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    assert!(
+        got.iter().all(|f| f["FriendlyName"] == "was-in"),
+        "{got:#?}"
+    );
+    assert_eq!(got.len(), 4, "{got:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
     let (url, got) = receiver(2).await;

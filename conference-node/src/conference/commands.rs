@@ -656,6 +656,7 @@ impl Conference {
         };
         match self.node.ari.originate(&o).await {
             Ok(_) => {
+                self.heard_of = true;
                 tracing::info!(conference = %self.name, callid = %callid, to = %d.to, endpoint = %d.endpoint, "dialing out");
                 pending.answer(&self.node, Ok(json!({"callid": callid})));
                 self.node.dialouts.accepted(&self.node, &callid);
