@@ -168,7 +168,7 @@ pub fn prepare(cfg: &NodeConfig, p: DialoutP) -> Result<DialoutOp, BusError> {
     if !(1..=600).contains(&timeout_secs) {
         return Err(invalid("timeout: 1-600 seconds".into()));
     }
-    let variables = callee_variables(&p.options.unwrap_or_default()).map_err(invalid)?;
+    let variables = options::dialout_variables(&p.options.unwrap_or_default()).map_err(invalid)?;
     let options = resolve_callee(cfg, &variables).map_err(invalid)?;
     let endpoint = endpoint(&cfg.dialout, t)?;
     Ok(DialoutOp {
@@ -185,54 +185,7 @@ pub fn prepare(cfg: &NodeConfig, p: DialoutP) -> Result<DialoutOp, BusError> {
 /// names over `[conference]`, with the same rules as a caller's channel variables; any bad
 /// value is an error naming the option.
 pub fn callee_options(cfg: &NodeConfig, given: &Map<String, Value>) -> Result<Options, String> {
-    resolve_callee(cfg, &callee_variables(given)?)
-}
-
-/// The dial-out's option names (TwiML) and the channel variables that carry them.
-const NAMES: &[(&str, &str)] = &[
-    ("profile", options::VAR_PROFILE),
-    ("muted", options::VAR_MUTED),
-    ("beep", options::VAR_BEEP),
-    ("startConferenceOnEnter", options::VAR_START_ON_ENTER),
-    ("endConferenceOnExit", options::VAR_END_ON_EXIT),
-    ("maxParticipants", options::VAR_MAX_PARTICIPANTS),
-    ("waitMusic", options::VAR_WAIT_MUSIC),
-    ("record", options::VAR_RECORD),
-    ("statusCallback", options::VAR_STATUS_CALLBACK),
-    ("statusCallbackEvent", options::VAR_STATUS_CALLBACK_EVENT),
-];
-
-/// The dial-out's `options` map as `CONFROUTE_*` channel variables; an unknown option or a
-/// value that is not text is an error naming it.
-fn callee_variables(given: &Map<String, Value>) -> Result<BTreeMap<String, String>, String> {
-    let mut vars = BTreeMap::new();
-    for (key, value) in given {
-        let Some((_, var)) = NAMES.iter().find(|(k, _)| k == key) else {
-            let known: Vec<&str> = NAMES.iter().map(|(k, _)| *k).collect();
-            return Err(format!(
-                "options.{}: unknown option; expected one of {}",
-                key.chars().take(64).collect::<String>(),
-                known.join(", ")
-            ));
-        };
-        let text = match value {
-            Value::String(s) => s.clone(),
-            Value::Bool(b) => b.to_string(),
-            Value::Number(n) => n.to_string(),
-            Value::Array(items) if items.iter().all(Value::is_string) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(" "),
-            _ => {
-                return Err(format!(
-                    "options.{key}: expected a string, a boolean or a number"
-                ))
-            }
-        };
-        vars.insert(var.to_string(), text);
-    }
-    Ok(vars)
+    resolve_callee(cfg, &options::dialout_variables(given)?)
 }
 
 /// Options from the callee's variables, by the join path's rules; a bad value is an error
@@ -240,11 +193,7 @@ fn callee_variables(given: &Map<String, Value>) -> Result<BTreeMap<String, Strin
 fn resolve_callee(cfg: &NodeConfig, vars: &BTreeMap<String, String>) -> Result<Options, String> {
     let (opts, warnings) = options::resolve(&cfg.conference, &cfg.profiles, vars);
     if let Some(w) = warnings.first() {
-        let key = NAMES
-            .iter()
-            .find(|(_, v)| *v == w.variable)
-            .map(|(k, _)| *k)
-            .unwrap_or(w.variable);
+        let key = options::dialout_option_name(w.variable).unwrap_or(w.variable);
         let why = w
             .message
             .trim_end_matches("; keeping the profile's value")

@@ -633,6 +633,12 @@ impl Control {
         if !(1..=600).contains(&timeout) {
             return Err(ControlError::InvalidParams("timeout: 1-600 seconds".into()));
         }
+        // Checked before the conference is homed: a claim made and given back would leave
+        // the name's next life a higher epoch.
+        if let Some(options) = &p.options {
+            confroute_shared::options::check_dialout_options(options)
+                .map_err(ControlError::InvalidParams)?;
+        }
         let home = self.home(&conference).await?;
         let call = self
             .bus

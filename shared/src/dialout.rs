@@ -26,7 +26,11 @@ pub fn target(t: &str) -> Option<Target<'_>> {
     {
         return Some(Target::Number(t));
     }
-    let rest = t.strip_prefix("sip:").or_else(|| t.strip_prefix("sips:"))?;
+    // URI schemes are case-insensitive (RFC 3261 §19.1.4).
+    let (scheme, rest) = t.split_once(':')?;
+    if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {
+        return None;
+    }
     let (user, host) = rest.split_once('@')?;
     let ok = !user.is_empty()
         && !host.is_empty()
@@ -50,6 +54,11 @@ mod tests {
             Some(Target::Sip("sip:alice@example.com"))
         );
         assert!(target("sips:bob@10.0.0.1:5061;transport=tls").is_some());
+        assert_eq!(
+            target("SIP:alice@example.com"),
+            Some(Target::Sip("SIP:alice@example.com"))
+        );
+        assert!(target("Sips:bob@example.com").is_some());
         let long = format!("sip:{}@h", "a".repeat(300));
         for bad in [
             &long,

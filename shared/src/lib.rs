@@ -7,6 +7,7 @@ pub mod dialout;
 pub mod http_serve;
 pub mod media;
 pub mod name;
+pub mod options;
 pub mod placement;
 pub mod runtime_metrics;
 pub mod secret;

@@ -309,9 +309,22 @@ async fn refused_dialouts_originate_nothing() {
             json!({"conference": "small-1", "to": "+15555550101", "options": {"colour": "red"}}),
             -32602,
         ),
-        // A conference with no home yet: the claim made for the command is given back.
+        // A conference with no home yet: refused before it is homed.
         (
             json!({"conference": "fresh-z", "to": "+15555550101", "options": {"colour": "red"}}),
+            -32602,
+        ),
+        (
+            json!({"conference": "fresh-z", "to": "+15555550101", "options": {"muted": "perhaps"}}),
+            -32602,
+        ),
+        (
+            json!({"conference": "fresh-z", "to": "+15555550101", "options": {"maxParticipants": 0}}),
+            -32602,
+        ),
+        (
+            json!({"conference": "fresh-z", "to": "+15555550101",
+                   "options": {"statusCallback": "http://169.254.169.254/x"}}),
             -32602,
         ),
         (
@@ -348,6 +361,37 @@ async fn refused_dialouts_originate_nothing() {
         .await
         .expect("lookup");
     assert_eq!(fresh, None, "a refused dial-out leaves no claim behind");
+    // Nor a higher epoch: the conference's first life is its first.
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "fresh-z", "to": "+15555550101",
+                   "options": {"profile": "default", "maxParticipants": 5.0}}),
+        )
+        .await;
+    assert!(r["callid"].is_string(), "{r}");
+    let conf = ws
+        .ok("conference.get", json!({"conference": "fresh-z"}))
+        .await;
+    assert_eq!(conf["epoch"], 1, "{conf}");
+}
+
+/// A SIP target's scheme is case-insensitive (RFC 3261 §19.1.4): `SIP:` dials as `sip:`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sip_target_in_capitals_is_dialled() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (owner, _) = room(&c, "caps-1", &[]).await;
+    let sim = &c.node(&owner).sim;
+    let mut ws = c.client(0).await;
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "caps-1", "to": "SIP:bob@example.com"}),
+        )
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&callid, "connected").await;
+    assert_eq!(originates(sim), vec![format!("/ari/channels/{callid}")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
