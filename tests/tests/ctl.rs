@@ -88,6 +88,19 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
     assert_eq!(v["items"].as_array().map(Vec::len), Some(3));
+    // --url and --token may follow the subcommand, as --json may.
+    let out = Command::new(workspace_bin("confroute-ctl").expect("built"))
+        .args(["nodes", "list", "--url", &url, "--token", TOKEN])
+        .env_remove("CONFROUTE_CTL_TOKEN")
+        .env_remove("CONFROUTE_CTL_URL")
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("node-a"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let (ok, out, err) = ctl(&url, Some(TOKEN), &["nodes", "drain", "node-a"]);
     assert!(ok, "{err}");

@@ -45,12 +45,18 @@ struct Cli {
     /// Controller HTTP address.
     #[arg(
         long,
+        global = true,
         env = "CONFROUTE_CTL_URL",
         default_value = "http://127.0.0.1:8080"
     )]
     url: String,
     /// API token (`http.api_token` of the controller).
-    #[arg(long, env = "CONFROUTE_CTL_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "CONFROUTE_CTL_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]

@@ -52,6 +52,8 @@ pub struct NodeHandle {
     pub sim: Option<AriSim>,
     /// Agent HTTP address.
     pub http: SocketAddr,
+    /// The ARI base URL the agent uses.
+    pub ari_url: String,
     /// False once killed.
     pub alive: bool,
     kill: Option<tokio::sync::oneshot::Sender<()>>,
@@ -69,6 +71,8 @@ pub struct Cluster {
     pub controllers: Vec<ControllerHandle>,
     /// Nodes.
     pub nodes: Vec<NodeHandle>,
+    /// Nodes that had not reached their Asterisk when the controllers started.
+    pub not_placeable: Vec<String>,
 }
 
 fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
@@ -139,6 +143,12 @@ impl Cluster {
             nodes.push(start_agent(id, sim, cfg)?);
         }
 
+        // Controllers read the nodes once as they start, then every `node_refresh`: with
+        // the nodes placeable by then, the first calls find them (not 503s that say nothing
+        // about the cluster).
+        let not_placeable =
+            Self::wait_placeable(&store, &nodes, std::time::Duration::from_secs(10)).await;
+
         let mut controllers = Vec::new();
         for i in 0..t.controllers {
             let cfg: ControllerConfig = load_from(
@@ -166,7 +176,36 @@ impl Cluster {
             store,
             controllers,
             nodes,
+            not_placeable,
         })
+    }
+
+    /// Waits up to `limit` until every node is registered, serving and connected to its
+    /// Asterisk; the ids of those that are not.
+    async fn wait_placeable(
+        store: &Store,
+        nodes: &[NodeHandle],
+        limit: std::time::Duration,
+    ) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let records = store.list_nodes().await.unwrap_or_default();
+            let waiting: Vec<String> = nodes
+                .iter()
+                .filter(|n| {
+                    !records.iter().any(|r| {
+                        r.info.id.as_str() == n.id
+                            && r.info.state == confroute_shared::types::NodeState::Serving
+                            && r.load.ari
+                    })
+                })
+                .map(|n| n.id.clone())
+                .collect();
+            if waiting.is_empty() || tokio::time::Instant::now() >= deadline {
+                return waiting;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Kills node `i` as a crash would: its Asterisk dies with every call, its agent stops
@@ -230,6 +269,7 @@ impl Cluster {
 
 /// Starts an agent on its own runtime thread and waits until it is up.
 fn start_agent(id: String, sim: Option<AriSim>, cfg: NodeConfig) -> Result<NodeHandle, String> {
+    let ari_url = cfg.ari.url.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -280,6 +320,7 @@ fn start_agent(id: String, sim: Option<AriSim>, cfg: NodeConfig) -> Result<NodeH
         id,
         sim,
         http,
+        ari_url,
         alive: true,
         kill: Some(kill_tx),
         stop: Some(stop_tx),

@@ -111,6 +111,12 @@ pub async fn run(args: DevArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for id in &cluster.not_placeable {
+        eprintln!(
+            "confroute-dev: warning: {id} has not reached its Asterisk (ARI events WebSocket down: check --ari and its credentials; details in {}); it gets no conference until it does",
+            log_file.display()
+        );
+    }
     view::banner(&cluster, &token, &log_file);
 
     let node_ids: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();

@@ -31,7 +31,12 @@ pub fn banner(cluster: &Cluster, token: &str, log: &std::path::Path) {
             .sim
             .as_ref()
             .map(|s| format!("simulated Asterisk {}", s.base_url()))
-            .unwrap_or_else(|| "real Asterisk".to_string());
+            .unwrap_or_else(|| {
+                format!(
+                    "real Asterisk {}; the generated calls do not reach it",
+                    n.ari_url
+                )
+            });
         println!("  {}: agent http://{}  ({asterisk})", n.id, n.http);
     }
     if let Some(c) = cluster.controllers.first() {
@@ -43,6 +48,12 @@ pub fn banner(cluster: &Cluster, token: &str, log: &std::path::Path) {
         println!(
             "       cargo run --release -p confroute-controller --bin confroute-ctl -- --url http://{} --token {token} conferences list",
             c.http
+        );
+    }
+    if let Some(c) = cluster.controllers.first() {
+        println!(
+            "       sipp {} -sf tests/sipp/invite.xml -s my-room -m 1   (a SIP INVITE; the 302 names the node)",
+            c.sip
         );
     }
     println!("  logs: {}", log.display());

@@ -23,6 +23,10 @@ impl Proc {
             .try_clone()
             .map_err(|e| HarnessError(format!("cannot reuse log {}: {e}", log.display())))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // A terminal's Ctrl-C goes to its whole foreground process group: in a group of its
+        // own, a helper (Redis under confroute-dev) is stopped by its owner, in order, after
+        // the agents have drained through it, not at the same moment as they start to.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes the
         // kernel kill the child if the spawning thread dies without running our destructor.
         unsafe {
