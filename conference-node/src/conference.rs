@@ -1217,16 +1217,21 @@ impl Conference {
         if p.caller_held == held {
             return;
         }
+        // A callback's `Hold` is one state, either hold: it is told when that changes, not
+        // when a second hold comes on or one of two goes.
+        let told = !p.held;
         p.caller_held = held;
-        self.callback_participant(
-            CallbackEvent::Hold,
-            if held {
-                "participant-hold"
-            } else {
-                "participant-unhold"
-            },
-            ch,
-        );
+        if told {
+            self.callback_participant(
+                CallbackEvent::Hold,
+                if held {
+                    "participant-hold"
+                } else {
+                    "participant-unhold"
+                },
+                ch,
+            );
+        }
         self.emit(
             if held { "hold" } else { "unhold" },
             json!({"participant": ch, "by": "caller"}),

@@ -1203,6 +1203,63 @@ async fn wait_held_by(ws: &mut Client, conference: &str, participant: &str, want
     }
 }
 
+/// A callback's `Hold` is one state whichever side holds: the API's hold and the phone's
+/// on top of it give one `participant-hold`, and the `participant-unhold` comes when the
+/// last of them goes, with `Hold=false`, never while the other still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_callbacks_follow_one_hold_state_across_api_and_phone() {
+    let (url, got) = receiver().await;
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let mut ws = c.client(0).await;
+    let owner = c.route(0, "two-holds").await;
+    let sim = &c.node(&owner).sim;
+    let a = dial(
+        sim,
+        "two-holds",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "hold mute"),
+        ],
+    )
+    .await;
+    wait_bridged(sim, &a).await;
+    let b = dial(sim, "two-holds", &[]).await;
+    wait_bridged(sim, &b).await;
+    let who = json!({"conference": "two-holds", "participant": b});
+    ws.ok("participant.hold", who.clone()).await;
+    sim.caller_hold(&b, true).await.expect("the phone holds");
+    wait_held_by(&mut ws, "two-holds", &b, json!(["api", "caller"])).await;
+    ws.ok("participant.unhold", who.clone()).await;
+    wait_held_by(&mut ws, "two-holds", &b, json!(["caller"])).await;
+    sim.caller_hold(&b, false).await.expect("the phone resumes");
+    wait_held_by(&mut ws, "two-holds", &b, json!([])).await;
+    // The last callback, after the others in the conference's one queue.
+    ws.ok("participant.mute", who).await;
+    wait_for_async("the mute callback", WAIT, || async {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .any(|f| f["StatusCallbackEvent"] == "participant-mute")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    let seen: Vec<(&str, &str)> = got
+        .iter()
+        .map(|f| (f["StatusCallbackEvent"].as_str(), f["Hold"].as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("participant-hold", "true"),
+            ("participant-unhold", "false"),
+            ("participant-mute", "false"),
+        ],
+        "{got:#?}"
+    );
+}
+
 /// A move does not take the caller's phone off hold: the target lists the caller as held by
 /// its phone and announces the phone's resume. A hold from the phone while the caller is
 /// being moved is not lost either.

@@ -347,19 +347,24 @@ impl Conference {
         {
             tracing::warn!(conference = %self.name, channel = ch, error = %e, "cannot record the hold on the channel; a restarted agent may not know it");
         }
+        let mut told = true;
         if let Some(p) = self.participants.get_mut(ch) {
             p.held = on;
             if to_mix {
                 p.waiting = false;
                 p.bridge_muted = p.muted;
             }
+            // The phone's own hold keeps the callback's one `Hold` state as it was.
+            told = !p.caller_held;
         }
         let status = if on {
             "participant-hold"
         } else {
             "participant-unhold"
         };
-        self.callback_participant(CallbackEvent::Hold, status, ch);
+        if told {
+            self.callback_participant(CallbackEvent::Hold, status, ch);
+        }
         self.emit(
             if on { "hold" } else { "unhold" },
             json!({"participant": ch, "by": "api"}),
