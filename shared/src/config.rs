@@ -652,7 +652,7 @@ impl RedisConfig {
     /// A loggable description with no credentials.
     pub fn describe(&self) -> String {
         match self.target() {
-            RedisTarget::Single(url) => format!("redis {}", redact_url(&url)),
+            RedisTarget::Single(url) => format!("single server {}", redact_url(&url)),
             RedisTarget::Sentinel {
                 master_name,
                 addresses,

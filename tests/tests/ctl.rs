@@ -533,6 +533,10 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
         .expect("ctl ran");
     assert!(!ok, "a non-zero exit");
     assert!(err.contains("closed the connection"), "{err}");
+    assert!(
+        err.contains("room-1 is not on any node now"),
+        "says why nothing came: {err}"
+    );
 
     // A controller that stops answering without closing (frozen): given up after the idle
     // timeout, not awaited for good.

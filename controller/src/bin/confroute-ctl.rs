@@ -880,6 +880,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 ws.send(Message::Text(req.to_string().into()))
                     .await
                     .map_err(|e| Failure(format!("send: {e}")))?;
+                // Subscribing to a conference nobody is in succeeds: a look at it tells the
+                // user why nothing comes.
+                let look = json!({"jsonrpc": "2.0", "method": "conference.get", "params": {"conference": c}, "id": format!("look-{i}")});
+                ws.send(Message::Text(look.to_string().into()))
+                    .await
+                    .map_err(|e| Failure(format!("send: {e}")))?;
             }
             // A quiet conference sends nothing for hours: pings tell a live controller from
             // one that stopped answering (frozen, or cut off without a close).
@@ -906,6 +912,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 heard = tokio::time::Instant::now();
                 let Ok(Message::Text(t)) = msg else { continue };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                let look = v["id"]
+                    .as_str()
+                    .and_then(|id| id.strip_prefix("look-"))
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .and_then(|i| conferences.get(i));
+                if let Some(c) = look {
+                    if v["error"]["code"] == -32001 {
+                        eprintln!("({c} is not on any node now: its events start when a caller or a dial-out brings it to one)");
+                    }
+                    continue;
+                }
                 if let Some(e) = v.get("error") {
                     return Err(rpc_failure(e));
                 }
