@@ -43,6 +43,12 @@ pub fn check(media: &str) -> Result<(), String> {
         if resource.is_empty() {
             return Err(format!("media: `{uri}` names nothing to play"));
         }
+        // Asterisk reads a `number:` with sscanf("%d") and skips one it cannot read, saying
+        // so only in its log: the playback would end at once with nothing heard.
+        let digits = resource.strip_prefix(['+', '-']).unwrap_or(resource);
+        if scheme == "number" && !digits.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(format!("media: `{uri}` is not a number Asterisk can say"));
+        }
     }
     Ok(())
 }
@@ -58,6 +64,7 @@ mod tests {
             "sound:/var/lib/asterisk/custom/welcome",
             "recording:greeting",
             "number:42",
+            "number:-7",
             "digits:1234",
             "characters:abc",
             "tone:ring;tonezone=us",
@@ -74,6 +81,8 @@ mod tests {
             ("sound:a,", "not a media URI"),
             ("sound:a b", "no spaces"),
             ("sound:a\u{1}", "control"),
+            ("number:abc", "not a number"),
+            ("number:-", "not a number"),
         ] {
             let err = check(bad).expect_err(bad);
             assert!(err.contains(says), "{bad}: {err}");

@@ -183,6 +183,12 @@ async fn bad_commands_get_precise_errors_and_change_nothing() {
         ),
         (
             "participant.play",
+            p(json!({"media": "number:abc"})),
+            InvalidParams,
+            "not a number",
+        ),
+        (
+            "participant.play",
             json!({"conference": "room", "media": "sound:x"}),
             InvalidParams,
             "participant is required",
