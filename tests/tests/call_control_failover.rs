@@ -136,9 +136,15 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
         .expect("continue");
     assert_eq!(code, -32003, "{msg}");
     // Answered after the agent read everything it was sent while stopped.
-    let list = ws
-        .ok("participant.list", json!({"conference": "paused"}))
+    let v = ws
+        .call("participant.list", json!({"conference": "paused"}))
         .await;
+    let list = v.get("result").cloned().unwrap_or_else(|| {
+        panic!(
+            "participant.list failed: {v}\n{}",
+            c.node(&owner).proc.output()
+        )
+    });
     let muted = list["participants"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["id"] == a.as_str()))
