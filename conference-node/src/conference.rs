@@ -364,6 +364,8 @@ struct Conference {
     heard_of: bool,
     /// Dial-outs ringing into this conference: call id and the callee's options.
     dialing: HashMap<String, Options>,
+    /// A dial-out's callee that answered and is being let in: call id and options.
+    answering: Option<(String, Options)>,
     /// A caller admitted and being brought in (answer, bridge): counted in the view, so a
     /// heartbeat meanwhile does not write the conference's count back to 0.
     admitting: bool,
@@ -396,6 +398,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         seq: 0,
         heard_of: false,
         dialing: HashMap::new(),
+        answering: None,
         admitting: false,
         reconciled: None,
     };
@@ -780,7 +783,8 @@ impl Conference {
         if self.started {
             return false;
         }
-        !opts.start_on_enter || (self.node.cfg.conference.lone_starter_waits && self.present() == 0)
+        !opts.start_on_enter
+            || (self.lone_starter_waits() && self.present() + 1 < self.start_needs())
     }
 
     /// Whether `p`, coming in now (not yet counted), starts the conference. With
@@ -790,19 +794,56 @@ impl Conference {
         if self.started {
             return false;
         }
-        if !self.node.cfg.conference.lone_starter_waits {
+        if !self.lone_starter_waits() {
             return p.options.start_on_enter;
         }
-        let starter_waits = self
-            .participants
-            .values()
-            .any(|q| q.waiting && !q.moving && q.options.start_on_enter);
-        self.present() > 0 && (p.options.start_on_enter || starter_waits)
+        self.present() + 1 >= self.start_needs()
+            && (p.options.start_on_enter || self.waiting_starter().is_some())
+    }
+
+    fn lone_starter_waits(&self) -> bool {
+        self.node.cfg.conference.lone_starter_waits
+    }
+
+    /// Participants a start takes: two, as Twilio's, but one where only one may be in.
+    fn start_needs(&self) -> usize {
+        if self.max_participants <= 1 {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// A starter waiting here for the start (not on its way out).
+    fn waiting_starter(&self) -> Option<String> {
+        self.participants
+            .iter()
+            .find(|(_, p)| p.waiting && !p.moving && !p.redirected && p.options.start_on_enter)
+            .map(|(id, _)| id.clone())
     }
 
     /// Participants that are here and staying (not being moved out).
     fn present(&self) -> usize {
-        self.participants.values().filter(|p| !p.moving).count()
+        self.participants
+            .values()
+            .filter(|p| !p.moving && !p.redirected)
+            .count()
+    }
+
+    /// With `conference.lone_starter_waits`, starts a conference whose waiters make one now
+    /// (a move out refused, callers adopted after a restart): nothing else would, and they
+    /// would wait with music for a third caller.
+    async fn start_if_due(&mut self) {
+        if self.phase == Phase::Idle || self.started || !self.lone_starter_waits() {
+            return;
+        }
+        if self.present() < self.start_needs() {
+            return;
+        }
+        if let Some(by) = self.waiting_starter() {
+            self.start(&by).await;
+            self.publish();
+        }
     }
 
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
@@ -932,7 +973,7 @@ impl Conference {
         let waiting: Vec<String> = self
             .participants
             .iter()
-            .filter(|(_, p)| p.waiting && !p.held && !p.moving)
+            .filter(|(_, p)| p.waiting && !p.held && !p.moving && !p.redirected)
             .map(|(id, _)| id.clone())
             .collect();
         // addChannel takes one mute flag per call: move the muted and the others apart.
@@ -1171,7 +1212,9 @@ impl Conference {
         let kicked = reason == "kicked";
         // A starter waiting alone (`lone_starter_waits`) is the conference's moderator all
         // the same: its leaving calls off the callees still ringing for it.
-        if p.options.end_on_exit && (!p.waiting || p.options.start_on_enter) {
+        if p.options.end_on_exit
+            && (!p.waiting || (self.lone_starter_waits() && p.options.start_on_enter))
+        {
             let why = if kicked {
                 "end_conference_on_exit_kicked"
             } else {
@@ -1292,6 +1335,12 @@ impl Conference {
                 "leave",
                 json!({"participant": ch, "reason": "conference_ended"}),
             );
+        }
+        // A callee refused as it answered (the refusal is what ends the conference).
+        if let Some((ch, opts)) = self.answering.take() {
+            if !remaining.iter().any(|(id, _)| *id == ch) {
+                self.callback_add_failed(&ch, &opts, "failed");
+            }
         }
         // Callees still ringing are called off too (their dial-out ends `rejected`, 487).
         let ringing: Vec<(String, Options)> =
@@ -1605,6 +1654,9 @@ impl Conference {
             tracing::info!(conference = %self.name, participants = self.participants.len(), owned = owned_epoch.is_some(), "re-adopted conference found in Asterisk");
             match fence {
                 Fence::Owned(_) => {
+                    // A restart between a start's first step and its last leaves callers
+                    // that make a start waiting.
+                    self.start_if_due().await;
                     self.counts_changed().await;
                     return true;
                 }
@@ -1651,7 +1703,13 @@ impl Conference {
             // (taken out behind the agent's back) is no longer routed here, so the
             // reconciliation's last step joins it again rather than leaving it in silence.
             self.node.release_route(&id, &self.name);
-            self.left(&id, "gone").await;
+            // Not listed at all: its hangup was lost (the events WebSocket was down).
+            let reason = if members.contains_key(&id) {
+                "gone"
+            } else {
+                "hangup"
+            };
+            self.left(&id, reason).await;
             if self.phase == Phase::Idle {
                 return false;
             }

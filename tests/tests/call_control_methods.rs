@@ -795,6 +795,79 @@ async fn a_move_refused_after_its_conference_ended_hangs_the_caller_up() {
     wait_bridged(sim, &y).await;
 }
 
+/// With `conference.lone_starter_waits`, a starter waiting alone whose move out is refused
+/// comes back to a caller who joined meanwhile (and waited: the starter was on its way out):
+/// the two make a start, and the conference starts then, not at a third caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_move_gives_back_a_starter_that_starts_the_conference_it_returns_to() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(1, "back-from").await;
+    let sim = &c.node(&owner).sim;
+    let starter = dial(sim, "back-from", &[]).await;
+    wait_bridged(sim, &starter).await;
+    let x = dial(sim, "back-to", &[("CONFROUTE_MAX_PARTICIPANTS", "2")]).await;
+    wait_bridged(sim, &x).await;
+    let mut ws = c.client(0).await;
+    for conf in ["back-from", "back-to"] {
+        let deadline = std::time::Instant::now() + WAIT;
+        while ids(&ws
+            .ok("participant.list", json!({ "conference": conf }))
+            .await)
+        .len()
+            != 1
+        {
+            assert!(std::time::Instant::now() < deadline, "{conf}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    // The target fills (its own caller's addChannel answer held): the move waits behind it.
+    sim.hold_operation("answer addChannel");
+    let y = dial(sim, "back-to", &[]).await;
+    wait_for_async("the target adding its own caller", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 1).then_some(())
+    })
+    .await
+    .expect("the target joins y");
+    let mut mover = c.client(0).await;
+    let params = json!({"conference": "back-from", "participant": starter, "to": "back-to"});
+    let moved = tokio::spawn(async move { mover.err("participant.move", params).await });
+    let who = json!({"conference": "back-from", "participant": starter});
+    let deadline = std::time::Instant::now() + WAIT;
+    while ws.call("participant.mute", who.clone()).await["error"]["code"] != -32006 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move never reached the source"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A second caller comes while the starter is on its way out: it waits.
+    let second = dial(sim, "back-from", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
+    wait_for_async("the second caller being added", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 2).then_some(())
+    })
+    .await
+    .expect("the source adds the second caller");
+    sim.release_operation("answer addChannel");
+    let (code, msg) = moved.await.expect("the move's answer");
+    assert_eq!(code, -32005, "the target is full: {msg}");
+    until(sim, "both mixed in the conference they are in", |snap| {
+        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
+        bridge(&starter).is_some_and(|b| {
+            bridge(&second).as_deref() == Some(b.as_str())
+                && snap.bridge(&b).is_some_and(|b| b.bridge_type == "mixing")
+        })
+    })
+    .await;
+    wait_bridged(sim, &y).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_older_than_an_end_does_not_take_back_a_caller_moving_out() {
     let c = Cluster::start(
@@ -1094,6 +1167,88 @@ async fn participant_leave_callbacks_say_why_as_twilio_does() {
     assert_eq!(end["StatusCallbackEvent"], "conference-end", "{got:#?}");
     assert_eq!(end["ReasonConferenceEnded"], "conference-ended-via-api");
     assert!(!end.contains_key("ReasonParticipantLeft"), "{end:?}");
+}
+
+/// A dial-out's callee that answers but never gets in (it hangs up before its addChannel
+/// runs, which fails) is reported as Twilio reports a participant it could not add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_lost_as_it_joins_is_reported_not_added() {
+    let (url, got) = receiver().await;
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let mut ws = c.client(0).await;
+    let owner = c.route(0, "lost-callee").await;
+    let sim = &c.node(&owner).sim;
+    let host = dial(
+        sim,
+        "lost-callee",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "join leave end"),
+        ],
+    )
+    .await;
+    wait_bridged(sim, &host).await;
+    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "lost-callee", "to": "+15555550108"}),
+        )
+        .await;
+    let callee = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&callee, "ringing").await;
+    sim.hold_operation("addChannel");
+    sim.answer_far_end(&callee).await.expect("answer");
+    wait_for_async("the callee's addChannel", WAIT, || async {
+        (sim.held_requests("addChannel") == 1).then_some(())
+    })
+    .await
+    .expect("the agent adds the callee");
+    sim.hangup_far_end(&callee, 16).await.expect("hang up");
+    sim.release_operation("addChannel");
+    ws.statuses(&callee, "cleared").await;
+    ws.ok("conference.end", json!({"conference": "lost-callee"}))
+        .await;
+    wait_for_async("the end callback", WAIT, || async {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .any(|f| f["StatusCallbackEvent"] == "conference-end")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    let got = got.lock().expect("lock").clone();
+    let seen: Vec<(&str, &str, &str)> = got
+        .iter()
+        .map(|f| {
+            (
+                f["StatusCallbackEvent"].as_str(),
+                f.get("CallSid").map(String::as_str).unwrap_or(""),
+                f.get("ReasonParticipantLeft")
+                    .map(String::as_str)
+                    .unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("participant-join", host.as_str(), ""),
+            (
+                "participant-leave",
+                callee.as_str(),
+                "participant_add_failed"
+            ),
+            (
+                "participant-leave",
+                host.as_str(),
+                "conference_ended_via_api"
+            ),
+            ("conference-end", "", ""),
+        ],
+        "{got:#?}"
+    );
 }
 
 /// With `conference.lone_starter_waits`, a moderator (starter with endConferenceOnExit)

@@ -51,6 +51,18 @@ fn run(args: &[&str], interrupt_after: Option<Duration>) -> (Option<i32>, String
         .spawn()
         .expect("start confroute-dev");
     let pid = child.id();
+    // In a group of its own, a failing test's runner no longer reaches it: a panic here
+    // stops it and all it started.
+    struct Group(i32);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                // SAFETY: kill(2) on the process group this test started.
+                unsafe { libc::kill(-self.0, libc::SIGKILL) };
+            }
+        }
+    }
+    let _group = Group(pid as i32);
     let mut seen = HashSet::new();
     let started = Instant::now();
     let mut interrupted = false;

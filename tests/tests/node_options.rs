@@ -669,6 +669,37 @@ async fn a_conference_nobody_entered_ends_without_callbacks() {
     assert_eq!(got.len(), 4, "{got:#?}");
 }
 
+/// A caller whose hangup was lost with the events WebSocket is found gone by the
+/// reconciliation after the reconnect and reported as having hung up, its call completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_lost_with_the_websocket_is_reported_as_a_hangup() {
+    let (url, got) = receiver(0).await;
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(
+        &s.sim,
+        "lost-hangup",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "lost-hangup", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    s.sim.drop_websockets();
+    s.sim.hangup_far_end(&b, 16).await.expect("hang up");
+    wait_for_async("b's leave callback", WAIT, || async {
+        (!got.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got[0]["CallSid"], b, "{got:#?}");
+    assert_eq!(got[0]["ReasonParticipantLeft"], "participant_hung_up");
+    assert_eq!(got[0]["ParticipantCallStatus"], "completed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
     let (url, got) = receiver(2).await;

@@ -614,6 +614,9 @@ impl Conference {
             if self.node.route(ch, &self.name) {
                 self.sync_caller_hold(ch);
             }
+            // Not counted while it was on its way out: with it back, the waiters may make a
+            // start now.
+            self.start_if_due().await;
         }
     }
 
@@ -723,7 +726,16 @@ impl Conference {
             }
             return;
         };
+        let ch = channel.id.clone();
+        self.answering = Some((ch.clone(), options.clone()));
         self.join(Join { channel, options }).await;
+        // Answered but not let in (refused, or its join failed): reported as a participant
+        // that could not be added, unless the conference's end already did.
+        if let Some((ch, opts)) = self.answering.take() {
+            if !self.participants.contains_key(&ch) {
+                self.callback_add_failed(&ch, &opts, "failed");
+            }
+        }
     }
 
     /// A dial-out ended before its callee answered.
