@@ -40,6 +40,67 @@ async fn receiver() -> (String, Received) {
     (url, got)
 }
 
+/// The channel variables that ask for status callbacks of `events` to `url`.
+fn hooks<'a>(url: &'a str, events: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CONFROUTE_STATUS_CALLBACK", url),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", events),
+    ]
+}
+
+/// Routes `conf` through controller 0 and brings a caller with `vars` into it: its node's
+/// simulated Asterisk and the caller's channel.
+async fn first_caller<'a>(
+    c: &'a Cluster,
+    conf: &str,
+    vars: &[(&str, &str)],
+) -> (&'a TestSim, String) {
+    let owner = c.route(0, conf).await;
+    let sim = &c.node(&owner).sim;
+    let ch = dial(sim, conf, vars).await;
+    wait_bridged(sim, &ch).await;
+    (sim, ch)
+}
+
+/// A dial-out into `conf` to number `to`, met by the simulated far end with `outcome`,
+/// followed until its status `until`: its call id.
+async fn dial_out(
+    ws: &mut Client,
+    sim: &TestSim,
+    conf: &str,
+    to: &str,
+    outcome: Outcome,
+    until: &str,
+) -> String {
+    sim.set_originate_behavior(EndpointMatch::exact(format!("PJSIP/{to}@trunk")), outcome);
+    let r = ws
+        .ok("dialout", json!({"conference": conf, "to": to}))
+        .await;
+    let callee = r["callid"].as_str().expect("callid").to_string();
+    ws.statuses(&callee, until).await;
+    callee
+}
+
+/// A dial-out into `conf` whose callee rings until the test answers or hangs it up: its
+/// call id.
+async fn ringing_callee(ws: &mut Client, sim: &TestSim, conf: &str, to: &str) -> String {
+    dial_out(ws, sim, conf, to, Outcome::Manual, "ringing").await
+}
+
+/// Waits until the receiver has a callback of `event`; all it has by then.
+async fn callbacks_through(got: &Received, event: &str) -> Vec<HashMap<String, String>> {
+    wait_for_async(event, WAIT, || async {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .any(|f| f["StatusCallbackEvent"] == event)
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    got.lock().expect("lock").clone()
+}
+
 fn participant<'a>(list: &'a Value, id: &str) -> &'a Value {
     list["participants"]
         .as_array()
@@ -749,26 +810,29 @@ async fn a_start_does_not_pull_back_a_waiter_being_moved_out() {
     assert_eq!(ids(&from), vec![starter.clone()], "{from}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_refused_after_its_conference_ended_hangs_the_caller_up() {
-    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
-    let room_for_two = [("CONFROUTE_MAX_PARTICIPANTS", "2")];
-    let (sim, a, b, _x, mut ws) =
-        two_conferences_on_one_node(&c, "from-4", "to-4", &room_for_two).await;
-    // The target is busy bringing in a caller of its own (its addChannel answer held), which
-    // fills it: the move waits behind that, while its old conference ends.
+/// Moves `a` from `from` to `to` while `to` brings in a caller of its own (`y`, its
+/// addChannel answer held until the test releases "answer addChannel"), so the move waits
+/// behind it; returns once the source has the move (it refuses other commands for `a`):
+/// `y` and the move's error, to come.
+async fn move_behind_a_filling_target(
+    c: &Cluster,
+    sim: &TestSim,
+    ws: &mut Client,
+    from: &str,
+    a: &str,
+    to: &str,
+) -> (String, tokio::task::JoinHandle<(i64, String)>) {
     sim.hold_operation("answer addChannel");
-    let y = dial(sim, "to-4", &[]).await;
+    let y = dial(sim, to, &[]).await;
     wait_for_async("the target adding its own caller", WAIT, || async {
         (sim.held_requests("answer addChannel") == 1).then_some(())
     })
     .await
-    .expect("the target joins y");
+    .expect("the target joins its caller");
     let mut mover = c.client(0).await;
-    let params = json!({"conference": "from-4", "participant": a, "to": "to-4"});
+    let params = json!({"conference": from, "participant": a, "to": to});
     let moved = tokio::spawn(async move { mover.err("participant.move", params).await });
-    // The source has the move once it refuses other commands for the caller.
-    let who = json!({"conference": "from-4", "participant": a});
+    let who = json!({"conference": from, "participant": a});
     let deadline = std::time::Instant::now() + WAIT;
     while ws.call("participant.mute", who.clone()).await["error"]["code"] != -32006 {
         assert!(
@@ -777,6 +841,18 @@ async fn a_move_refused_after_its_conference_ended_hangs_the_caller_up() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    (y, moved)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_refused_after_its_conference_ended_hangs_the_caller_up() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let room_for_two = [("CONFROUTE_MAX_PARTICIPANTS", "2")];
+    let (sim, a, b, _x, mut ws) =
+        two_conferences_on_one_node(&c, "from-4", "to-4", &room_for_two).await;
+    // The target is busy bringing in a caller of its own, which fills it: the move waits
+    // behind that, while its old conference ends.
+    let (y, moved) = move_behind_a_filling_target(&c, sim, &mut ws, "from-4", &a, "to-4").await;
     ws.ok("conference.end", json!({"conference": "from-4"}))
         .await;
     assert_eq!(
@@ -827,26 +903,9 @@ async fn a_refused_move_gives_back_a_starter_that_starts_the_conference_it_retur
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
-    // The target fills (its own caller's addChannel answer held): the move waits behind it.
-    sim.hold_operation("answer addChannel");
-    let y = dial(sim, "back-to", &[]).await;
-    wait_for_async("the target adding its own caller", WAIT, || async {
-        (sim.held_requests("answer addChannel") == 1).then_some(())
-    })
-    .await
-    .expect("the target joins y");
-    let mut mover = c.client(0).await;
-    let params = json!({"conference": "back-from", "participant": starter, "to": "back-to"});
-    let moved = tokio::spawn(async move { mover.err("participant.move", params).await });
-    let who = json!({"conference": "back-from", "participant": starter});
-    let deadline = std::time::Instant::now() + WAIT;
-    while ws.call("participant.mute", who.clone()).await["error"]["code"] != -32006 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the move never reached the source"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // The target fills: the move waits behind it.
+    let (y, moved) =
+        move_behind_a_filling_target(&c, sim, &mut ws, "back-from", &starter, "back-to").await;
     // A second caller comes while the starter is on its way out: it waits.
     let second = dial(sim, "back-from", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
     wait_for_async("the second caller being added", WAIT, || async {
@@ -1026,10 +1085,7 @@ async fn a_conference_ended_by_a_kick_says_so_in_its_end_callback() {
     let (url, got) = receiver().await;
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
     let mut ws = c.client(0).await;
-    let hooks = [
-        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-        ("CONFROUTE_STATUS_CALLBACK_EVENT", "end"),
-    ];
+    let hooks = hooks(&url, "end");
     let owner = c.route(0, "kick-last").await;
     let sim = &c.node(&owner).sim;
     let a = dial(sim, "kick-last", &hooks).await;
@@ -1084,14 +1140,8 @@ async fn participant_leave_callbacks_say_why_as_twilio_does() {
     let (url, got) = receiver().await;
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
     let mut ws = c.client(0).await;
-    let hooks = [
-        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-        ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
-    ];
-    let owner = c.route(0, "why").await;
-    let sim = &c.node(&owner).sim;
-    let stays = dial(sim, "why", &hooks).await;
-    wait_bridged(sim, &stays).await;
+    let hooks = hooks(&url, "leave end");
+    let (sim, stays) = first_caller(&c, "why", &hooks).await;
     let mut callers = Vec::new();
     for _ in 0..3 {
         let ch = dial(sim, "why", &[]).await;
@@ -1110,30 +1160,16 @@ async fn participant_leave_callbacks_say_why_as_twilio_does() {
         json!({"conference": "why", "participant": moved, "to": "why-next"}),
     )
     .await;
-    sim.set_originate_behavior(
-        EndpointMatch::exact("PJSIP/+15555550102@trunk"),
+    let busy = dial_out(
+        &mut ws,
+        sim,
+        "why",
+        "+15555550102",
         Outcome::Busy,
-    );
-    let r = ws
-        .ok(
-            "dialout",
-            json!({"conference": "why", "to": "+15555550102"}),
-        )
-        .await;
-    let busy = r["callid"].as_str().expect("callid").to_string();
-    ws.statuses(&busy, "rejected").await;
-    sim.set_originate_behavior(
-        EndpointMatch::exact("PJSIP/+15555550103@trunk"),
-        Outcome::Manual,
-    );
-    let r = ws
-        .ok(
-            "dialout",
-            json!({"conference": "why", "to": "+15555550103"}),
-        )
-        .await;
-    let ringing = r["callid"].as_str().expect("callid").to_string();
-    ws.statuses(&ringing, "ringing").await;
+        "rejected",
+    )
+    .await;
+    let ringing = ringing_callee(&mut ws, sim, "why", "+15555550103").await;
     wait_for_async("four leave callbacks", WAIT, || async {
         (got.lock().expect("lock").len() == 4).then_some(())
     })
@@ -1176,27 +1212,9 @@ async fn a_callee_lost_as_it_joins_is_reported_not_added() {
     let (url, got) = receiver().await;
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
     let mut ws = c.client(0).await;
-    let owner = c.route(0, "lost-callee").await;
-    let sim = &c.node(&owner).sim;
-    let host = dial(
-        sim,
-        "lost-callee",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "join leave end"),
-        ],
-    )
-    .await;
-    wait_bridged(sim, &host).await;
-    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
-    let r = ws
-        .ok(
-            "dialout",
-            json!({"conference": "lost-callee", "to": "+15555550108"}),
-        )
-        .await;
-    let callee = r["callid"].as_str().expect("callid").to_string();
-    ws.statuses(&callee, "ringing").await;
+    let hooks = hooks(&url, "join leave end");
+    let (sim, host) = first_caller(&c, "lost-callee", &hooks).await;
+    let callee = ringing_callee(&mut ws, sim, "lost-callee", "+15555550108").await;
     sim.hold_operation("addChannel");
     sim.answer_far_end(&callee).await.expect("answer");
     wait_for_async("the callee's addChannel", WAIT, || async {
@@ -1209,16 +1227,7 @@ async fn a_callee_lost_as_it_joins_is_reported_not_added() {
     ws.statuses(&callee, "cleared").await;
     ws.ok("conference.end", json!({"conference": "lost-callee"}))
         .await;
-    wait_for_async("the end callback", WAIT, || async {
-        got.lock()
-            .expect("lock")
-            .iter()
-            .any(|f| f["StatusCallbackEvent"] == "conference-end")
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
-    let got = got.lock().expect("lock").clone();
+    let got = callbacks_through(&got, "conference-end").await;
     let seen: Vec<(&str, &str, &str)> = got
         .iter()
         .map(|f| {
@@ -1266,28 +1275,13 @@ async fn a_moderator_waiting_alone_calls_off_its_dialout_by_leaving() {
     )
     .await;
     let mut ws = c.client(0).await;
-    let owner = c.route(0, "moderated").await;
-    let sim = &c.node(&owner).sim;
-    let moderator = dial(
-        sim,
-        "moderated",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end"),
-            ("CONFROUTE_END_ON_EXIT", "true"),
-        ],
-    )
-    .await;
-    wait_bridged(sim, &moderator).await;
-    sim.set_originate_behavior(EndpointMatch::Any, Outcome::Manual);
-    let r = ws
-        .ok(
-            "dialout",
-            json!({"conference": "moderated", "to": "+15555550109"}),
-        )
-        .await;
-    let callee = r["callid"].as_str().expect("callid").to_string();
-    ws.statuses(&callee, "ringing").await;
+    let hooks = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end"),
+        ("CONFROUTE_END_ON_EXIT", "true"),
+    ];
+    let (sim, moderator) = first_caller(&c, "moderated", &hooks).await;
+    let callee = ringing_callee(&mut ws, sim, "moderated", "+15555550109").await;
     sim.hangup_far_end(&moderator, 16).await.expect("hang up");
     let st = ws.statuses(&callee, "rejected").await;
     assert_eq!(
@@ -1295,12 +1289,7 @@ async fn a_moderator_waiting_alone_calls_off_its_dialout_by_leaving() {
         Some(&json!({"callid": callee, "status": "rejected", "code": 487, "cause": 16})),
         "{st:?}"
     );
-    wait_for_async("the end callback", WAIT, || async {
-        (!got.lock().expect("lock").is_empty()).then_some(())
-    })
-    .await
-    .expect("end callback");
-    let got = got.lock().expect("lock").clone();
+    let got = callbacks_through(&got, "conference-end").await;
     assert_eq!(got.len(), 1, "never started: {got:#?}");
     assert_eq!(got[0]["StatusCallbackEvent"], "conference-end");
     assert_eq!(
@@ -1366,18 +1355,8 @@ async fn hold_callbacks_follow_one_hold_state_across_api_and_phone() {
     let (url, got) = receiver().await;
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
     let mut ws = c.client(0).await;
-    let owner = c.route(0, "two-holds").await;
-    let sim = &c.node(&owner).sim;
-    let a = dial(
-        sim,
-        "two-holds",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "hold mute"),
-        ],
-    )
-    .await;
-    wait_bridged(sim, &a).await;
+    let hooks = hooks(&url, "hold mute");
+    let (sim, _a) = first_caller(&c, "two-holds", &hooks).await;
     let b = dial(sim, "two-holds", &[]).await;
     wait_bridged(sim, &b).await;
     let who = json!({"conference": "two-holds", "participant": b});
@@ -1390,16 +1369,7 @@ async fn hold_callbacks_follow_one_hold_state_across_api_and_phone() {
     wait_held_by(&mut ws, "two-holds", &b, json!([])).await;
     // The last callback, after the others in the conference's one queue.
     ws.ok("participant.mute", who).await;
-    wait_for_async("the mute callback", WAIT, || async {
-        got.lock()
-            .expect("lock")
-            .iter()
-            .any(|f| f["StatusCallbackEvent"] == "participant-mute")
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
-    let got = got.lock().expect("lock").clone();
+    let got = callbacks_through(&got, "participant-mute").await;
     let seen: Vec<(&str, &str)> = got
         .iter()
         .map(|f| (f["StatusCallbackEvent"].as_str(), f["Hold"].as_str()))

@@ -244,21 +244,8 @@ async fn a_lone_starter_waits_with_music_until_a_second_caller_when_asked() {
     })
     .await
     .expect("the second caller's entry beep tells the starter the conference began");
-    wait_for_async("three callbacks", WAIT, || async {
-        (got.lock().expect("lock").len() == 3).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
-    let got = got.lock().expect("lock").clone();
-    let events: Vec<(&str, &str)> = got
-        .iter()
-        .map(|f| {
-            (
-                f["StatusCallbackEvent"].as_str(),
-                f.get("CallSid").map(String::as_str).unwrap_or(""),
-            )
-        })
-        .collect();
+    let got = callbacks(&got, 3).await;
+    let events = event_pairs(&got);
     assert_eq!(
         events,
         [
@@ -523,6 +510,28 @@ async fn record_from_start_records_the_bridge_until_the_end() {
 
 type Received = Arc<Mutex<Vec<HashMap<String, String>>>>;
 
+/// Waits until the receiver has `n` callbacks; they, in order.
+async fn callbacks(got: &Received, n: usize) -> Vec<HashMap<String, String>> {
+    wait_for_async("the callbacks", WAIT, || async {
+        (got.lock().expect("lock").len() == n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
+    got.lock().expect("lock").clone()
+}
+
+/// Each callback's `StatusCallbackEvent` and `CallSid` (empty for a conference event).
+fn event_pairs(got: &[HashMap<String, String>]) -> Vec<(&str, &str)> {
+    got.iter()
+        .map(|f| {
+            (
+                f["StatusCallbackEvent"].as_str(),
+                f.get("CallSid").map(String::as_str).unwrap_or(""),
+            )
+        })
+        .collect()
+}
+
 /// A status callback receiver: its URL and what it took. It answers 500 to the first
 /// `fail_first` requests, and each answer takes `slow`.
 async fn receiver_with(fail_first: usize, slow: std::time::Duration) -> (String, Received) {
@@ -723,21 +732,8 @@ async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
     s.sim.caller_hold(&b, false).await.expect("unhold");
     s.sim.hangup_far_end(&b, 16).await.expect("b leaves");
     s.sim.hangup_far_end(&a, 16).await.expect("a leaves");
-    wait_for_async("all callbacks", WAIT, || async {
-        (got.lock().expect("lock").len() == 8).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:#?}", got.lock().expect("lock")));
-    let got = got.lock().expect("lock").clone();
-    let events: Vec<(&str, &str)> = got
-        .iter()
-        .map(|f| {
-            (
-                f["StatusCallbackEvent"].as_str(),
-                f.get("CallSid").map(String::as_str).unwrap_or(""),
-            )
-        })
-        .collect();
+    let got = callbacks(&got, 8).await;
+    let events = event_pairs(&got);
     assert_eq!(
         events,
         vec![
