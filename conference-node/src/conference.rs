@@ -11,7 +11,7 @@
 mod commands;
 mod settings;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,8 @@ pub enum Msg {
         holding: Vec<Bridge>,
         /// Snapshots of the bridges' members, as listed with them.
         members: HashMap<String, Channel>,
+        /// Every channel Asterisk listed: one of the conference's missing there is gone.
+        listed: Arc<HashSet<String>>,
         /// When the listing was taken: what changed since is newer than it.
         taken: Instant,
         /// Answers whether the conference is active and owned afterwards.
@@ -432,12 +434,15 @@ impl Conference {
                 main,
                 holding,
                 members,
+                listed,
                 taken,
                 reply,
             } => {
                 let main = self.one_bridge(main, &self.main.clone()).await;
                 let holding = self.one_bridge(holding, &self.holding.clone()).await;
-                let owned = self.reconcile(main, holding, &members, taken).await;
+                let owned = self
+                    .reconcile(main, holding, &members, &listed, taken)
+                    .await;
                 self.reconciled = Some((reply, owned));
             }
             Msg::End { reason } => self.end(reason, None).await,
@@ -814,20 +819,17 @@ impl Conference {
         }
     }
 
-    /// A starter waiting here for the start (not on its way out).
+    /// A starter waiting here for the start (not on hold, not on its way out).
     fn waiting_starter(&self) -> Option<String> {
         self.participants
             .iter()
-            .find(|(_, p)| p.waiting && !p.moving && !p.redirected && p.options.start_on_enter)
+            .find(|(_, p)| p.waiting && !p.held && !p.moving && p.options.start_on_enter)
             .map(|(id, _)| id.clone())
     }
 
     /// Participants that are here and staying (not being moved out).
     fn present(&self) -> usize {
-        self.participants
-            .values()
-            .filter(|p| !p.moving && !p.redirected)
-            .count()
+        self.participants.values().filter(|p| !p.moving).count()
     }
 
     /// With `conference.lone_starter_waits`, starts a conference whose waiters make one now
@@ -840,10 +842,18 @@ impl Conference {
         if self.present() < self.start_needs() {
             return;
         }
-        if let Some(by) = self.waiting_starter() {
-            self.start(&by).await;
-            self.publish();
+        let Some(by) = self.waiting_starter() else {
+            return;
+        };
+        // Adopted from its holding bridge alone, the conference may have no mix yet.
+        if !self.main_created {
+            if let Err(e) = self.create_main().await {
+                tracing::error!(conference = %self.name, error = %e, "cannot create the conference bridge to start it");
+                return;
+            }
         }
+        self.start(&by).await;
+        self.publish();
     }
 
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
@@ -973,7 +983,7 @@ impl Conference {
         let waiting: Vec<String> = self
             .participants
             .iter()
-            .filter(|(_, p)| p.waiting && !p.held && !p.moving && !p.redirected)
+            .filter(|(_, p)| p.waiting && !p.held && !p.moving)
             .map(|(id, _)| id.clone())
             .collect();
         // addChannel takes one mute flag per call: move the muted and the others apart.
@@ -1576,6 +1586,7 @@ impl Conference {
         main: Option<Bridge>,
         holding: Option<Bridge>,
         members: &HashMap<String, Channel>,
+        listed: &HashSet<String>,
         taken: Instant,
     ) -> bool {
         let in_main: Vec<String> = main
@@ -1690,7 +1701,9 @@ impl Conference {
         let gone: Vec<String> = self
             .participants
             .iter()
-            .filter(|(id, p)| p.since < taken && !present.contains(id))
+            // One being moved out is the move's to settle: the listing may show it in its
+            // new conference's bridge already.
+            .filter(|(id, p)| p.since < taken && !p.moving && !present.contains(id))
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
@@ -1704,7 +1717,7 @@ impl Conference {
             // reconciliation's last step joins it again rather than leaving it in silence.
             self.node.release_route(&id, &self.name);
             // Not listed at all: its hangup was lost (the events WebSocket was down).
-            let reason = if members.contains_key(&id) {
+            let reason = if listed.contains(&id) {
                 "gone"
             } else {
                 "hangup"
@@ -1714,6 +1727,9 @@ impl Conference {
                 return false;
             }
         }
+        // Callers adopted by a newcomer's admission may make a start the newcomer's join
+        // never made (it was refused, or hung up).
+        self.start_if_due().await;
         self.phase == Phase::Active
     }
 

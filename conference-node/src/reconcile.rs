@@ -77,6 +77,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     let channels = node.ari.list_channels().await.map_err(|e| e.to_string())?;
     let snapshots: HashMap<&str, &Channel> = channels.iter().map(|c| (c.id.as_str(), c)).collect();
     let present: HashSet<&str> = snapshots.keys().copied().collect();
+    let listed: Arc<HashSet<String>> = Arc::new(present.iter().map(|c| c.to_string()).collect());
     node.dialouts.vanished(node, &present, taken);
     let forgotten = node.forget_vanished(routed, &present);
     if forgotten > 0 {
@@ -130,6 +131,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
             main: found.main,
             holding: found.holding,
             members,
+            listed: listed.clone(),
             taken,
             reply: tx,
         };

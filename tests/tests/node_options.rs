@@ -256,6 +256,49 @@ async fn a_lone_starter_waits_with_music_until_a_second_caller_when_asked() {
     );
 }
 
+/// With `conference.lone_starter_waits`, callers left waiting that make a start (the agent
+/// stopped between the second caller's wait and the start) are started by the restarted
+/// agent once it adopts them, not left with music until a third caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_that_make_a_start_are_started_after_a_restart() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+    ])
+    .await;
+    let starter = dial(&s.sim, "restart-start", &[]).await;
+    let holding = wait_bridged(&s.sim, &starter).await;
+    assert_holding(&holding, 1, "restart-start");
+    // The second caller's answer waits; meanwhile it lands beside the starter in the holding
+    // bridge (as the agent's own add would have put it), and the agent stops.
+    s.sim.hold_operation("answer");
+    let second = dial(&s.sim, "restart-start", &[]).await;
+    wait_for_async("the second caller's answer", WAIT, || async {
+        (s.sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .expect("answer asked");
+    let resp = fixtures::http()
+        .post(format!(
+            "{}/ari/bridges/{holding}/addChannel?channel={second}",
+            s.sim.base_url()
+        ))
+        .basic_auth(s.sim.username(), Some(s.sim.password()))
+        .send()
+        .await
+        .expect("addChannel");
+    assert_eq!(resp.status().as_u16(), 204);
+    s.node.process().kill();
+    s.sim.release_operation("answer");
+    s.node.restart().expect("restart");
+    until(&s.sim, "both mixed", |snap| {
+        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
+        bridge(&starter)
+            .is_some_and(|b| b != holding && bridge(&second).as_deref() == Some(b.as_str()))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_move_in_even_when_one_hangs_up_as_the_starter_joins() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
@@ -707,6 +750,49 @@ async fn a_hangup_lost_with_the_websocket_is_reported_as_a_hangup() {
     assert_eq!(got[0]["CallSid"], b, "{got:#?}");
     assert_eq!(got[0]["ReasonParticipantLeft"], "participant_hung_up");
     assert_eq!(got[0]["ParticipantCallStatus"], "completed");
+}
+
+/// A caller taken out of the conference's bridge by another ARI client, still up and in
+/// the app, is reported removed with its call in progress (not hung up), and the
+/// reconciliation brings it back in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_taken_out_behind_the_agents_back_is_reported_removed_not_hung_up() {
+    let (url, got) = receiver(0).await;
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+    ])
+    .await;
+    let a = dial(
+        &s.sim,
+        "taken-out",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave"),
+        ],
+    )
+    .await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "taken-out", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    let resp = fixtures::http()
+        .post(format!(
+            "{}/ari/bridges/{bridge}/removeChannel?channel={b}",
+            s.sim.base_url()
+        ))
+        .basic_auth(s.sim.username(), Some(s.sim.password()))
+        .send()
+        .await
+        .expect("removeChannel");
+    assert_eq!(resp.status().as_u16(), 204);
+    let got = callbacks(&got, 1).await;
+    assert_eq!(got[0]["CallSid"], b, "{got:#?}");
+    assert_eq!(got[0]["ReasonParticipantLeft"], "participant_removed");
+    assert_eq!(got[0]["ParticipantCallStatus"], "in-progress");
+    until(&s.sim, "b back in the conference", |snap| {
+        snap.channel(&b).and_then(|c| c.bridge.clone()).as_deref() == Some(bridge.as_str())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
