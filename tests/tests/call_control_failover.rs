@@ -387,3 +387,56 @@ async fn a_held_caller_moved_to_a_waiting_conference_joins_its_start_after_a_res
     })
     .await;
 }
+
+/// With `conference.lone_starter_waits`, a started conference whose callers are all on hold
+/// (all in the holding bridge, its mix empty) is not started a second time by a restarted
+/// agent that adopts them: a held starter makes no start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_start_again_a_conference_whose_callers_are_all_held() {
+    let mut c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(0, "all-held").await;
+    let (a, b) = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(sim, "all-held", &[]).await;
+        let b = dial(sim, "all-held", &[]).await;
+        until(sim, "both mixed", |snap| {
+            let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
+            bridge(&a).is_some() && bridge(&a) == bridge(&b)
+        })
+        .await;
+        (a, b)
+    };
+    let mut ws = c.client(0).await;
+    for who in [&a, &b] {
+        ws.ok(
+            "participant.hold",
+            json!({"conference": "all-held", "participant": who}),
+        )
+        .await;
+    }
+    let mut watcher = c.client(1).await;
+    watcher
+        .ok("subscribe", json!({"conference": "all-held"}))
+        .await;
+    restart_and_readopt(&mut c, &owner, 2).await;
+    let mut ws = c.client(0).await;
+    ws.ok(
+        "participant.unhold",
+        json!({"conference": "all-held", "participant": b}),
+    )
+    .await;
+    let events = watcher
+        .events_until(|e| e["event"] == "unhold" && e["data"]["participant"] == b.as_str())
+        .await;
+    assert!(
+        !events.iter().any(|e| e["event"] == "start"),
+        "started again: {events:#?}"
+    );
+}
