@@ -118,6 +118,22 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
         a
     };
     let mut ws = c.client(0).await;
+    // In the bridge is not yet in the conference: the agent must have had its addChannel
+    // answered, or the pause fails the join itself (its request times out across it).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = ws
+            .call("participant.list", json!({"conference": "paused"}))
+            .await;
+        if v["result"]["participants"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["id"] == a.as_str()))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the caller never listed: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     c.node_mut(&owner)
         .proc
         .process()
