@@ -674,6 +674,9 @@ impl Conference {
             self.admitting = false;
             self.publish();
         }
+        // Callers the admission adopted after a restart may make a start that a newcomer
+        // refused or gone never made; the reconciliation may be a while yet.
+        self.start_if_due().await;
     }
 
     async fn bring_in(&mut self, j: Join) {
@@ -1727,8 +1730,7 @@ impl Conference {
                 return false;
             }
         }
-        // Callers adopted by a newcomer's admission may make a start the newcomer's join
-        // never made (it was refused, or hung up).
+        // Callers adopted before a restart may make a start nothing else made.
         self.start_if_due().await;
         self.phase == Phase::Active
     }

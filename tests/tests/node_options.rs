@@ -269,10 +269,26 @@ async fn waiters_that_make_a_start_are_started_after_a_restart() {
     let starter = dial(&s.sim, "restart-start", &[]).await;
     let holding = wait_bridged(&s.sim, &starter).await;
     assert_holding(&holding, 1, "restart-start");
-    // The second caller's answer waits; meanwhile it lands beside the starter in the holding
-    // bridge (as the agent's own add would have put it), and the agent stops.
+    let second = second_waiter_behind_a_stopped_agent(&mut s, "restart-start", &holding).await;
+    s.node.restart().expect("restart");
+    both_mixed(&s.sim, &starter, &second, &holding).await;
+}
+
+/// Waits until `a` and `b` share a bridge other than `holding`.
+async fn both_mixed(sim: &TestSim, a: &str, b: &str, holding: &str) {
+    until(sim, "both mixed", |snap| {
+        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
+        bridge(a).is_some_and(|m| m != holding && bridge(b).as_deref() == Some(m.as_str()))
+    })
+    .await;
+}
+
+/// Puts a second caller of `conf` in the holding bridge beside the starter while the agent's
+/// own join of it waits on its answer, then stops the agent: as if it stopped between the
+/// second caller's wait and the start. Returns the second caller's channel.
+async fn second_waiter_behind_a_stopped_agent(s: &mut Single, conf: &str, holding: &str) -> String {
     s.sim.hold_operation("answer");
-    let second = dial(&s.sim, "restart-start", &[]).await;
+    let second = dial(&s.sim, conf, &[]).await;
     wait_for_async("the second caller's answer", WAIT, || async {
         (s.sim.held_requests("answer") == 1).then_some(())
     })
@@ -290,13 +306,31 @@ async fn waiters_that_make_a_start_are_started_after_a_restart() {
     assert_eq!(resp.status().as_u16(), 204);
     s.node.process().kill();
     s.sim.release_operation("answer");
-    s.node.restart().expect("restart");
-    until(&s.sim, "both mixed", |snap| {
-        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
-        bridge(&starter)
-            .is_some_and(|b| b != holding && bridge(&second).as_deref() == Some(b.as_str()))
-    })
+    second
+}
+
+/// The same waiters, adopted by a newcomer's admission before the restarted agent's first
+/// reconciliation, start as that newcomer is refused (the conference is full), not only once
+/// the reconciliation comes round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_adopted_for_a_refused_newcomer_start_at_once() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+    ])
     .await;
+    let max = [("CONFROUTE_MAX_PARTICIPANTS", "2")];
+    let starter = dial(&s.sim, "adopt-start", &max).await;
+    let holding = wait_bridged(&s.sim, &starter).await;
+    assert_holding(&holding, 1, "adopt-start");
+    let second = second_waiter_behind_a_stopped_agent(&mut s, "adopt-start", &holding).await;
+    s.restart_with_channel_listing_held().await;
+    let third = dial(&s.sim, "adopt-start", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &third).await, 17, "full: busy");
+    // The reconciliation still waits for its channel listing: the start is the refusal's.
+    both_mixed(&s.sim, &starter, &second, &holding).await;
+    assert!(s.sim.held_requests("GET /channels") > 0);
+    s.sim.release_operation("GET /channels");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
