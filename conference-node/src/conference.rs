@@ -859,6 +859,32 @@ impl Conference {
         self.publish();
     }
 
+    /// A start cut short by an agent restart (some waiters moved into the mix, others not)
+    /// left adopted waiters in the holding bridge of a started conference: the start runs
+    /// again for them. Its `start` event and callback were never sent, as they follow the
+    /// moves.
+    async fn finish_cut_short_start(&mut self) {
+        if !self.started {
+            return;
+        }
+        let waiter = |p: &Participant| p.waiting && !p.held && !p.moving;
+        if !self.participants.values().any(waiter) {
+            return;
+        }
+        let in_mix = |p: &Participant| !p.waiting && !p.held && !p.moving;
+        let by = self
+            .participants
+            .iter()
+            .filter(|(_, p)| in_mix(p))
+            .max_by_key(|(_, p)| p.options.start_on_enter)
+            .map(|(id, _)| id.clone());
+        let Some(by) = by else {
+            return;
+        };
+        tracing::info!(conference = %self.name, "finishing a start cut short by a restart");
+        self.start(&by).await;
+    }
+
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
     /// destroyed behind the agent's back) is created again once.
     async fn add(&mut self, ch: &str, waiting: bool, opts: &Options) -> Result<(), AriError> {
@@ -932,6 +958,7 @@ impl Conference {
                 self.participants.insert(id, p);
             }
             tracing::info!(conference = %self.name, participants = self.participants.len(), "adopted the callers left in the conference's bridges from before a restart");
+            self.finish_cut_short_start().await;
         }
         self.publish();
     }
@@ -1669,8 +1696,9 @@ impl Conference {
             match fence {
                 Fence::Owned(_) => {
                     // A restart between a start's first step and its last leaves callers
-                    // that make a start waiting.
+                    // that make a start waiting, or some of them moved in and others not.
                     self.start_if_due().await;
+                    self.finish_cut_short_start().await;
                     self.counts_changed().await;
                     return true;
                 }

@@ -333,6 +333,52 @@ async fn waiters_adopted_for_a_refused_newcomer_start_at_once() {
     s.sim.release_operation("GET /channels");
 }
 
+/// A start cut short by an agent restart (one waiter moved into the mix, the other not) is
+/// finished by the restarted agent: the waiter left with music joins the others and the
+/// holding bridge goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_short_by_a_restart_is_finished() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let wait = [("CONFROUTE_START_ON_ENTER", "false")];
+    let w1 = dial(&s.sim, "cut-short", &wait).await;
+    let holding = wait_bridged(&s.sim, &w1).await;
+    assert_holding(&holding, 1, "cut-short");
+    let w2 = dial(&s.sim, "cut-short", &wait).await;
+    assert_eq!(wait_bridged(&s.sim, &w2).await, holding);
+    let main = main_bridge(&s.sim.snapshot(), 1, "cut-short")
+        .expect("main bridge")
+        .id
+        .clone();
+    // The starter's own join waits on its answer; meanwhile the start's first moves happen
+    // (the starter and one waiter into the mix) and the agent stops before the second.
+    s.sim.hold_operation("answer");
+    let starter = dial(&s.sim, "cut-short", &[]).await;
+    wait_for_async("the starter's answer", WAIT, || async {
+        (s.sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .expect("answer asked");
+    for ch in [&starter, &w1] {
+        let resp = fixtures::http()
+            .post(format!(
+                "{}/ari/bridges/{main}/addChannel?channel={ch}",
+                s.sim.base_url()
+            ))
+            .basic_auth(s.sim.username(), Some(s.sim.password()))
+            .send()
+            .await
+            .expect("addChannel");
+        assert_eq!(resp.status().as_u16(), 204);
+    }
+    s.node.process().kill();
+    s.sim.release_operation("answer");
+    s.node.restart().expect("restart");
+    until(&s.sim, "all three mixed, the holding bridge gone", |snap| {
+        snap.bridge(&main).is_some_and(|b| b.channels.len() == 3) && snap.bridge(&holding).is_none()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_move_in_even_when_one_hangs_up_as_the_starter_joins() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
