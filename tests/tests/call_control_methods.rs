@@ -594,6 +594,40 @@ async fn a_waiter_held_before_the_start_joins_the_mix_on_unhold() {
     );
 }
 
+/// Asterisk before asterisk/asterisk#1094 answers a create of a bridge that exists with 500,
+/// not 409. A holding bridge made by a request the agent gave up on (its answer came after
+/// the ARI request timeout) is found and used by the next hold, not refused for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_uses_the_holding_bridge_a_timed_out_create_made_on_older_asterisk() {
+    let c = Cluster::start_tuned(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ],
+        &[],
+        |s| s.bridge_update_on_create = true,
+    )
+    .await;
+    let (sim, a) = first_caller(&c, "old-ast", &[]).await;
+    let main = wait_bridged(sim, &a).await;
+    let holding = main.replacen("cr-", "crh-", 1);
+    let who = json!({"conference": "old-ast", "participant": a});
+    let mut ws = c.client(0).await;
+    sim.hold_operation("createWithId");
+    let (code, message) = ws.err("participant.hold", who.clone()).await;
+    assert_eq!(sim.held_requests("createWithId"), 1, "{code} {message}");
+    sim.release_operation("createWithId");
+    until(sim, "the holding bridge made after all", |snap| {
+        snap.bridge(&holding).is_some()
+    })
+    .await;
+    assert_eq!(ws.ok("participant.hold", who).await, json!({}));
+    until(sim, "a on hold", |snap| {
+        snap.channel(&a).and_then(|ch| ch.bridge.as_deref()) == Some(holding.as_str())
+    })
+    .await;
+}
+
 /// Conference `from` with callers a and b, and `to` with caller x, on one node (so a move
 /// between them is bridge to bridge); returns the node's simulator, a, b, x and a client
 /// that has seen all three listed.

@@ -286,7 +286,12 @@ impl AriClient {
         })
     }
 
-    /// `POST /bridges/{id}`: creates the bridge; `Ok(false)` when it existed already (409).
+    /// `POST /bridges/{id}`: creates the bridge; `Ok(false)` when it existed already.
+    ///
+    /// Asterisk says so with a 409 since asterisk/asterisk#1094 (2025). Before, it took the
+    /// request for an update of the bridge and answered 500 ("Supplying a bridge type when
+    /// updating a bridge is not allowed"): a 500 is followed by a look for the bridge. It
+    /// exists when a create the agent gave up on (timed out) was carried out after all.
     pub async fn create_bridge(&self, id: &str, types: &str, name: &str) -> Result<bool, AriError> {
         let path = format!("/bridges/{}", encode(id));
         match self
@@ -300,6 +305,23 @@ impl AriClient {
         {
             Ok(_) => Ok(true),
             Err(e) if e.kind == AriErrorKind::Conflict => Ok(false),
+            Err(e) if e.status == Some(500) => match self.bridge_exists(id).await {
+                Ok(true) => Ok(false),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /bridges/{id}`: whether the bridge exists (`false` on 404).
+    pub async fn bridge_exists(&self, id: &str) -> Result<bool, AriError> {
+        let path = format!("/bridges/{}", encode(id));
+        match self
+            .call_json::<Bridge>("getBridge", Method::Get, &path, &[])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }

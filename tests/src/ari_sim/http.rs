@@ -490,6 +490,8 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         Err(_) => Err(ApiErr::new(500, "Internal Server Error")),
     };
     let resp = match result {
+        // Asterisk writes no body for a NULL message (`ast_ari_response_ok(response, NULL)`).
+        Ok(Resp::Ok(Value::Null)) => json_response(core, 200, None, Vec::new()),
         Ok(Resp::Ok(v)) => json_response(core, 200, Some(&v), Vec::new()),
         Ok(Resp::Created(location, v)) => {
             json_response(core, 201, Some(&v), vec![(header::LOCATION, location)])

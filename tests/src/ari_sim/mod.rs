@@ -110,6 +110,10 @@ pub struct SimConfig {
     pub playback_duration: Duration,
     /// `duration_ms` of DTMF digits from callers.
     pub dtmf_duration_ms: u32,
+    /// Asterisk before asterisk/asterisk#1094 (2025; every 16–19 release and the 20, 21 and
+    /// 22 releases before it): `createWithId` on a bridge that exists is taken for an update:
+    /// 500 when it names a type or another name, 200 without a body otherwise; not 409.
+    pub bridge_update_on_create: bool,
     /// Keep every delivered event for [`AriSim::event_log`] (turn off for load runs).
     pub record_events: bool,
     /// Keep every request for [`AriSim::request_log`] (turn off for load runs).
@@ -131,6 +135,7 @@ impl Default for SimConfig {
             reject_delay: Duration::from_millis(20),
             playback_duration: Duration::from_millis(100),
             dtmf_duration_ms: 100,
+            bridge_update_on_create: false,
             record_events: true,
             record_requests: true,
         }

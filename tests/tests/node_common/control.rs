@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use confroute_shared::config::RedisConfig;
+use confroute_tests::ari_sim::SimConfig;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{ControllerProc, NodeProc, RedisServer};
 use futures_util::{SinkExt, StreamExt};
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{env, sim, wait_app, TestSim, WAIT};
+use super::{env, sim_tuned, wait_app, TestSim, CHANNELVARS, WAIT};
 
 /// Dial strings every test node gets (the simulator answers any endpoint).
 pub const DIALOUT_ENV: &[(&str, &str)] = &[
@@ -47,11 +48,20 @@ impl Cluster {
     /// controller's settings. Returns once both controllers see both nodes and both nodes
     /// hear commands.
     pub async fn start(node_extra: &[(&str, &str)], ctl_extra: &[(&str, &str)]) -> Cluster {
+        Self::start_tuned(node_extra, ctl_extra, |_| {}).await
+    }
+
+    /// [`Cluster::start`] with every simulated Asterisk's settings changed by `tune`.
+    pub async fn start_tuned(
+        node_extra: &[(&str, &str)],
+        ctl_extra: &[(&str, &str)],
+        tune: impl Fn(&mut SimConfig),
+    ) -> Cluster {
         let redis = RedisServer::start().expect("redis");
         let cfg = fixtures::single(&redis.url());
         let mut nodes = Vec::new();
         for id in ["node-a", "node-b"] {
-            let sim = sim().await;
+            let sim = sim_tuned(CHANNELVARS, &tune).await;
             let mut extra: Vec<(&str, &str)> = DIALOUT_ENV.to_vec();
             extra.extend_from_slice(node_extra);
             let mut proc = NodeProc::start(id, &env(&sim, &cfg, &extra)).expect("node starts");

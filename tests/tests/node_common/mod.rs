@@ -53,15 +53,20 @@ pub async fn sim() -> TestSim {
 
 /// A simulated Asterisk listing `channelvars` in channel snapshots.
 pub async fn sim_with(channelvars: &[&str]) -> TestSim {
-    let sim = AriSim::start(SimConfig {
+    sim_tuned(channelvars, |_| {}).await
+}
+
+/// [`sim_with`], its settings changed by `tune` (e.g. an older Asterisk's behaviour).
+pub async fn sim_tuned(channelvars: &[&str], tune: impl FnOnce(&mut SimConfig)) -> TestSim {
+    let mut cfg = SimConfig {
         username: "confroute".into(),
         password: "s3cret-ari".into(),
         channelvars: channelvars.iter().map(|s| s.to_string()).collect(),
         playback_duration: Duration::from_millis(50),
         ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
+    };
+    tune(&mut cfg);
+    let sim = AriSim::start(cfg).await.expect("simulator starts");
     let observer =
         EventStream::connect(&format!("{}&subscribeAll=true", sim.events_url("observer")))
             .await
