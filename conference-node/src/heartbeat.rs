@@ -125,6 +125,17 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     match beat {
         Ok(Heartbeat::Unregistered) => {
             tracing::warn!(node = %node.id, "node record gone (lease expired or Redis restarted); registering again");
+            // First: with every node gone, Redis lost them all, and nothing may be placed
+            // until the others are back too (this node must not be given their conferences).
+            match node.store.settle_after_loss(lease(node)).await {
+                Ok(true) => {
+                    tracing::warn!(node = %node.id, wait = ?lease(node), "no node is registered: Redis lost its data; conferences are placed again once the nodes have registered again")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot tell whether Redis lost every node record")
+                }
+            }
             if register(node).await {
                 node.request_reconcile();
                 return true;

@@ -261,3 +261,80 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
         "no second home was claimed"
     );
 }
+
+/// A controller that starts after Redis came back empty knows of no node from before, so its
+/// own wait cannot hold it back: the mark the first agent registering again leaves
+/// (`settle_after_loss`, as every agent calls it when its record is gone) does. No conference
+/// is placed until the nodes that were live are back; the conference's own node then claims
+/// it back and the new controller routes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_started_after_redis_came_back_empty_places_nothing_until_the_nodes_are_back()
+{
+    let mut redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let lease = Duration::from_secs(30);
+    for id in ["node-a", "node-b"] {
+        store
+            .register(&fixtures::node(id, 100), lease)
+            .await
+            .expect("register");
+    }
+    let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
+    let claim = store
+        .claim(&name, &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    redis.restart().expect("redis back, empty");
+    // node-b is back first, as an agent registers again; node-a is late.
+    let back = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let first = store.settle_after_loss(lease).await.ok()?;
+            store.register(&fixtures::node(id, 100), lease).await.ok()?;
+            Some(first)
+        }
+    };
+    let first = wait_for_async("node-b to register again", Duration::from_secs(10), || {
+        back("node-b")
+    })
+    .await
+    .expect("node-b registers again");
+    assert!(first, "no node was live: the store is marked settling");
+
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    fixtures::wait_placeable(&controller.http_url(), 1)
+        .await
+        .expect("node-b placeable");
+    let during = invite(controller.sip_addr(), "sales-42");
+    assert!(
+        during.starts_with("SIP/2.0 503") && during.contains("Retry-After"),
+        "{during}\n{}",
+        controller.output()
+    );
+    assert!(
+        store.lookup(&name).await.expect("lookup").is_none(),
+        "no second home was claimed"
+    );
+
+    // node-a is back and claims its conference back, as its agent's first heartbeat does.
+    assert!(!back("node-a").await.expect("node-a registers again"));
+    let hosted = [confroute_shared::store::Hosted {
+        name: name.clone(),
+        epoch: claim.owner.expect("owner").epoch,
+        participants: 3,
+        count_version: 1,
+    }];
+    store
+        .heartbeat_reclaiming(&fixtures::id("node-a"), &Default::default(), lease, &hosted)
+        .await
+        .expect("heartbeat");
+    let after = invite(controller.sip_addr(), "sales-42");
+    assert!(
+        after.contains("X-Conference-Node: node-a"),
+        "{after}\n{}",
+        controller.output()
+    );
+}

@@ -64,6 +64,13 @@ async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
     let a = dial(&s.sim, "steady", &[]).await;
     let bridge = wait_bridged(&s.sim, &a).await;
     assert_main(&bridge, 1, "steady");
+    let settling = |s: &Single| {
+        s.redis
+            .query(redis::cmd("PTTL").arg("{confroute}:settling"))
+            .and_then(|v| redis::from_redis_value::<i64>(v).ok())
+            .unwrap_or(-2)
+    };
+    assert_eq!(settling(&s), -2, "a first registration marks nothing");
     s.redis.kill();
     let ready = format!("{}/readyz", s.node.http_url());
     wait_for_async("readyz reports Redis down", WAIT, || async {
@@ -102,6 +109,11 @@ async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // Registering again with no node live, the agent held back placements for its lease
+    // (the mark lives 600 ms here: its log says it set it).
+    s.node
+        .wait_log("no node is registered: Redis lost its data", WAIT)
+        .expect("settling mark set");
     wait_for_async("ready again", WAIT, || async {
         (status(&ready).await == 200).then_some(())
     })

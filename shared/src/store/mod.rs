@@ -514,7 +514,7 @@ impl Store {
                 let placed = reply.string(0).ok();
                 if wait > 0
                     && acked.is_none_or(|(need, got)| got >= need)
-                    && placed.as_deref() != Some("no_capacity")
+                    && !matches!(placed.as_deref(), Some("no_capacity" | "settling"))
                 {
                     // Acknowledged (or no replica could be promoted without it): lookups may
                     // route to it from now on. Only this claim's mark: the WAIT says nothing
@@ -737,6 +737,26 @@ impl Store {
             })
             .await?;
         reply::optional_state("register", &value)
+    }
+
+    /// For a running agent that must register again (its record is gone): when no node is
+    /// live, Redis lost them all, and claims wait `lease` for the nodes that were live to
+    /// register again and claim back their conferences (`settle.lua`). True when it set
+    /// that wait.
+    pub async fn settle_after_loss(&self, lease: Duration) -> Result<bool, StoreError> {
+        let mark = format!("{}settling", self.prefix);
+        let script = &self.scripts.settle;
+        let set: i64 = self
+            .run("settle", |mut c| async move {
+                script
+                    .key(&self.nodes_key)
+                    .key(&mark)
+                    .arg(lease.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(set == 1)
     }
 
     /// Keeps an existing node record (and its index entry and placement set) alive for at
@@ -978,6 +998,11 @@ fn parse_claim(values: &[Value]) -> Result<Claim, StoreError> {
         "claimed" => ClaimKind::Claimed,
         "rehomed" => ClaimKind::Rehomed,
         "no_capacity" => ClaimKind::NoCapacity,
+        "settling" => {
+            return Err(StoreError::Unavailable(
+                "redis lost the node records (restarted empty, or every lease ran out); placing nothing until the nodes that were live have registered again".into(),
+            ))
+        }
         other => {
             return Err(StoreError::Protocol {
                 op: "claim",

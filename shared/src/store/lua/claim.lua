@@ -18,7 +18,9 @@
 -- mark), so no lookup routes to a claim a failover could still lose (invariant 1).
 -- ARGV[5..] candidate node ids, best first.
 -- Returns {outcome, owner, epoch, owner_sip_uri, created_ms, candidates_skipped, replicas}
--- with outcome one of existing | claimed | rehomed | no_capacity.
+-- with outcome one of existing | claimed | rehomed | no_capacity | settling (settle.lua's mark
+-- lives: Redis lost the node records, and the nodes live before may not be back yet; nothing
+-- is placed or re-homed, invariant 1).
 
 local prefix, name, lease, touch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local t = redis.call('TIME')
@@ -40,6 +42,8 @@ local function usable(id)
   if redis.call('SCARD', set_key(id)) >= (tonumber(n[2]) or 0) then return nil end
   return n[3]
 end
+
+local settling = redis.call('EXISTS', prefix .. 'settling') == 1
 
 local function place(epoch, created, outcome)
   for i = 5, #ARGV do
@@ -81,6 +85,7 @@ if rec[1] then
     if touch == '1' then redis.call('HSET', KEYS[1], 'seen_ms', now) end
     return {'existing', owner, epoch, n[2], created, 0, replicas}
   end
+  if settling then return {'settling', owner, epoch, '', created, 0, replicas} end
   local placed = place(epoch + 1, created, 'rehomed')
   if placed then
     redis.call('SREM', set_key(owner), name)
@@ -91,6 +96,7 @@ end
 
 -- A new life of a name starts above the epoch its last life ended with (release.lua keeps it
 -- for a conference lease): a late compare-and-delete of that life cannot match this one.
+if settling then return {'settling', '', 0, '', 0, 0, replicas} end
 local ended = tonumber(redis.call('GET', prefix .. 'ended:' .. name) or '0') or 0
 local placed = place(ended + 1, now, 'claimed')
 if placed then return placed end
