@@ -149,6 +149,55 @@ pub fn end_all(node: &Arc<Node>, reason: &'static str) {
     }
 }
 
+/// How long after its placement a conference's first caller may still be on its way to this
+/// Asterisk (the edge following the 302, a SIP retransmission): a stopping node waits that
+/// long for it rather than leave it with nobody to answer.
+const ARRIVAL_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits, at most until `deadline`, while a conference placed on this node within
+/// [`ARRIVAL_GRACE`] has not had its first caller. True when one came in (the node hosts a
+/// conference again).
+async fn wait_arrivals(node: &Node, deadline: Instant) -> bool {
+    loop {
+        let changed = node.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if !node.idle() {
+            return true;
+        }
+        let claims = match node.store.empty_claims(&node.id).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for conferences placed here just before the stop");
+                return false;
+            }
+        };
+        let hosted = node.actor_names();
+        let left = claims
+            .iter()
+            .filter(|(name, _)| !hosted.iter().any(|h| h.as_str() == name))
+            .filter_map(|(_, age)| ARRIVAL_GRACE.checked_sub(Duration::from_millis(*age)))
+            .filter(|left| !left.is_zero())
+            .max();
+        let Some(left) = left else {
+            return false;
+        };
+        tracing::info!(
+            ?left,
+            "stopping: waiting for the first caller of a conference placed here just before"
+        );
+        let until = (Instant::now() + left).min(deadline);
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(until) => {
+                if until >= deadline {
+                    return !node.idle();
+                }
+            }
+        }
+    }
+}
+
 /// Longest a drain waits for the agent's first look at what Asterisk holds before it trusts
 /// its own (empty) list of conferences: Asterisk may be gone for good, and the node must
 /// still stop.
@@ -203,7 +252,13 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
         // it adopts next running; at the deadline they are ended like any others.
         wait_reconciled(&node, Instant::now() + FIRST_LOOK_WAIT).await;
     }
-    if !wait_empty(&node, deadline).await {
+    let mut empty = wait_empty(&node, deadline).await;
+    // A conference placed here just before the stop has its first caller on the way; once
+    // in, it is drained like the others.
+    while empty && shutdown && wait_arrivals(&node, deadline).await {
+        empty = wait_empty(&node, deadline).await;
+    }
+    if !empty {
         let (left, participants) = node.load();
         tracing::warn!(
             conferences = left,

@@ -518,3 +518,34 @@ async fn a_second_stop_signal_during_a_slow_drain_start_is_heard() {
     let code = s.node.process().wait_exit(WAIT).expect("exits");
     assert_eq!(code, Some(0), "{}", s.node.output());
 }
+
+/// A conference placed on the node just before its stop has its first caller on the way (the
+/// edge follows the 302): the stopping agent waits for that caller and admits it, then drains
+/// the conference like any other, rather than exit at once and leave it with nobody to answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_a_placement_waits_for_its_first_caller() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let name: ConferenceName = "just-placed".parse().expect("name");
+    store
+        .claim(&name, &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    s.node
+        .wait_log(
+            "waiting for the first caller of a conference placed here just before",
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let a = dial(&s.sim, "just-placed", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    assert!(s.node.process().is_running(), "{}", s.node.output());
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    assert_eq!(
+        s.node.process().wait_exit(WAIT).expect("exits"),
+        Some(0),
+        "{}",
+        s.node.output()
+    );
+}

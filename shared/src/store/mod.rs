@@ -739,6 +739,42 @@ impl Store {
         reply::optional_state("register", &value)
     }
 
+    /// Conferences claimed for node `id` that nobody is in yet, each with how long ago (Redis
+    /// time, ms) its claim was last written: a stopping agent waits for the first caller of
+    /// one placed just now.
+    pub async fn empty_claims(&self, id: &NodeId) -> Result<Vec<(String, u64)>, StoreError> {
+        let set = format!("{}node:{id}:confs", self.prefix);
+        let names: Vec<String> = self
+            .run("empty_claims", |mut c| async move {
+                redis::cmd("SMEMBERS").arg(&set).query_async(&mut c).await
+            })
+            .await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.time_ms().await?;
+        let mut out = Vec::new();
+        for name in names {
+            let key = self.conf_key(&name);
+            let rec: Vec<Option<String>> = self
+                .run("empty_claims", |mut c| async move {
+                    redis::cmd("HMGET")
+                        .arg(&key)
+                        .arg(&["owner", "participants", "updated_ms"])
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let field = |i: usize| rec.get(i).cloned().flatten();
+            let empty = field(1).is_none_or(|p| p.parse::<u64>().is_ok_and(|n| n == 0));
+            if field(0).as_deref() == Some(id.as_str()) && empty {
+                let written = field(2).and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
+                out.push((name, now.saturating_sub(written)));
+            }
+        }
+        Ok(out)
+    }
+
     /// For a running agent that must register again (its record is gone): when no node is
     /// live, Redis lost them all, and claims wait `lease` for the nodes that were live to
     /// register again and claim back their conferences (`settle.lua`). True when it set
