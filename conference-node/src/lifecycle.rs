@@ -49,6 +49,7 @@ async fn start(node: &Arc<Node>, shutdown: bool, elapsed: Duration) -> NodeState
     if previous == NodeState::ShuttingDown {
         return previous;
     }
+    let left;
     {
         let mut slot = lock(&node.drain);
         match slot.as_ref() {
@@ -63,11 +64,17 @@ async fn start(node: &Arc<Node>, shutdown: bool, elapsed: Duration) -> NodeState
         let _ =
             node.drain_since_ms
                 .compare_exchange(0, now_ms(), Ordering::SeqCst, Ordering::SeqCst);
+        // A stop during an admin's drain keeps that drain's deadline: it counts from when the
+        // drain began, as `drain_since_ms` (and the alert on a stuck drain) says, not from
+        // the stop.
+        let since = node.drain_since_ms.load(Ordering::SeqCst);
+        let elapsed = elapsed.max(Duration::from_millis(now_ms().saturating_sub(since)));
+        left = node.cfg.node.drain_deadline.saturating_sub(elapsed);
         let task = tokio::spawn(run(node.clone(), shutdown, elapsed));
         *slot = Some((task, shutdown));
     }
     node.write_state().await;
-    tracing::info!(shutdown, deadline = ?node.cfg.node.drain_deadline, "draining: no new conferences on this node");
+    tracing::info!(shutdown, deadline = ?node.cfg.node.drain_deadline, ?left, "draining: no new conferences on this node");
     previous
 }
 

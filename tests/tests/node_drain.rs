@@ -308,6 +308,34 @@ async fn an_admin_drains_deadline_carries_over_a_restart() {
     );
 }
 
+/// A stop during an admin's drain keeps that drain's deadline (counted from when the drain
+/// began, as `drain_since_ms` and the stuck-drain alert count it), not a whole deadline from
+/// the stop; the agent then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_an_admin_drain_keeps_its_deadline() {
+    const DEADLINE: Duration = Duration::from_secs(8);
+    let (mut s, a, drained_at) =
+        admin_drained_with_a_caller("stop-late", &[("CONFROUTE_NODE__DRAIN_DEADLINE", "8s")]).await;
+    // Half the deadline passes before the stop: the time itself is what is tested.
+    tokio::time::sleep_until((drained_at + DEADLINE / 2).into()).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "ended at the deadline");
+    let ended = drained_at.elapsed();
+    // A whole deadline after the stop would be at least 12 s after the drain.
+    assert!(
+        ended >= DEADLINE - Duration::from_secs(1)
+            && ended < DEADLINE + Duration::from_millis(2500),
+        "ended {ended:?} after the drain, deadline {DEADLINE:?}\n{}",
+        s.node.output()
+    );
+    assert_eq!(
+        s.node.process().wait_exit(WAIT).expect("exits"),
+        Some(0),
+        "{}",
+        s.node.output()
+    );
+}
+
 /// An admin drain whose deadline passed while its agent was down (its record still alive):
 /// the agent started again first adopts the conference Asterisk still holds, then ends it
 /// (the deadline is past), rather than finding itself empty before the adoption and leaving
