@@ -1145,7 +1145,8 @@ fn refused_at_render(dir: &std::path::Path, what: &str, values: &Value, names: &
 fn values_that_would_drop_calls_are_refused_at_render() {
     let dir = TempDir::new("values").expect("dir");
     // Kubernetes kills a node pod at its grace period: one shorter than the drain deadline
-    // plus 30 s (the agent's reconciliation wait) cuts the preStop drain and drops the calls.
+    // plus 60 s (the agent's reconciliation wait, the teardown and the last callbacks) cuts
+    // the preStop drain and drops the calls.
     refused_at_render(
         dir.path(),
         "node grace below the drain deadline",
@@ -1153,13 +1154,13 @@ fn values_that_would_drop_calls_are_refused_at_render() {
         &[
             "node.terminationGracePeriodSeconds",
             "node.drainDeadlineSeconds",
-            "630",
+            "660",
         ],
     );
     refused_at_render(
         dir.path(),
-        "node grace without the reconciliation wait",
-        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 629}}),
+        "node grace without the wait past the deadline",
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 659}}),
         &[
             "node.terminationGracePeriodSeconds",
             "node.drainDeadlineSeconds",
@@ -1196,11 +1197,11 @@ fn values_that_would_drop_calls_are_refused_at_render() {
     let r = render(&values_file(
         dir.path(),
         "bound",
-        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 630}}),
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 660}}),
     ));
     assert_eq!(
         r.one("StatefulSet", "-node")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
-        630
+        660
     );
 }
 

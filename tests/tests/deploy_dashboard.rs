@@ -49,7 +49,7 @@ fn dashboard_has_its_variables_and_panels() {
     };
     assert_eq!(var("datasource")["type"], "datasource");
     assert_eq!(var("datasource")["query"], "prometheus");
-    for v in ["zone", "node"] {
+    for v in ["namespace", "zone", "node"] {
         assert_eq!(var(v)["type"], "query");
         assert_eq!(var(v)["includeAll"], true);
     }
@@ -89,7 +89,8 @@ fn dashboard_has_its_variables_and_panels() {
             "no panel reads {metric} {by}: {exprs:?}"
         );
     }
-    // Every query goes to the chosen data source, and node panels honour the variables.
+    // Every query goes to the chosen data source and keeps to the chosen namespace (one
+    // Prometheus may scrape several installs), and node panels honour the variables.
     for p in d["panels"].as_array().expect("panels") {
         if p["type"] == "row" {
             continue;
@@ -98,6 +99,13 @@ fn dashboard_has_its_variables_and_panels() {
         for t in p["targets"].as_array().expect("targets") {
             assert_eq!(t["datasource"]["uid"], "${datasource}", "{}", p["title"]);
             let expr = t["expr"].as_str().expect("expr");
+            let selectors = expr.matches("confroute_").count();
+            assert_eq!(
+                expr.matches("{namespace=~\"$namespace\"").count(),
+                selectors,
+                "{}: every series of {expr}",
+                p["title"]
+            );
             if expr.contains("confroute_node_") || expr.contains("confroute_ari_") {
                 assert!(
                     expr.contains("node=~\"$node\"") && expr.contains("zone=~\"$zone\""),

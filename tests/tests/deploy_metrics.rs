@@ -31,6 +31,9 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Nodes, their zones.
 const NODES: &[(&str, &str)] = &[("node-a", "zone-1"), ("node-b", "zone-2")];
 
+/// The `namespace` label every target gets, as a ServiceMonitor's targets do.
+const NAMESPACE: &str = "confroute-test";
+
 /// A node agent beside its simulated Asterisk.
 struct Node {
     id: String,
@@ -94,6 +97,11 @@ impl Cluster {
                 (
                     "CONFROUTE_DIALOUT__ENDPOINT".to_string(),
                     "PJSIP/{number}@trunk".to_string(),
+                ),
+                // Short, so that an answer held back below times out.
+                (
+                    "CONFROUTE_ARI__REQUEST_TIMEOUT".to_string(),
+                    "300ms".to_string(),
                 ),
             ]);
             let proc = NodeProc::start(id, &env).expect("node agent");
@@ -167,6 +175,22 @@ impl Cluster {
         wait_bridged(sim, &b).await;
         sim.hangup_far_end(&b, 16).await.expect("hang up");
 
+        // An ARI request that times out (Asterisk holds the answer back): the ARI errors
+        // panel shows failures only.
+        sim.hold_operation("answer");
+        let _slow = dial(sim, "slow-4").await;
+        let node_url = self
+            .node(v["node_id"].as_str().expect("node_id"))
+            .proc
+            .http_url();
+        wait_for_async("an ARI request timed out", WAIT, || async {
+            let t = fixtures::scrape(&node_url).await;
+            t.contains("status=\"timeout\"").then_some(())
+        })
+        .await
+        .expect("ARI timeout counted");
+        sim.release_operation("answer");
+
         let (code, _) = invite(self.broken.sip_addr(), "sales-3", "z9hG4bKdeploy2");
         assert_eq!(code, 503, "a controller without Redis turns callers away");
 
@@ -212,15 +236,17 @@ impl Cluster {
 
     /// Every scrape target.
     fn targets(&self) -> Vec<Target> {
+        let ns = || ("namespace".to_string(), NAMESPACE.to_string());
         let mut t = vec![
-            (self.controller.http_url(), "controller", vec![]),
-            (self.broken.http_url(), "controller", vec![]),
+            (self.controller.http_url(), "controller", vec![ns()]),
+            (self.broken.http_url(), "controller", vec![ns()]),
         ];
         for n in &self.nodes {
             t.push((
                 n.proc.http_url(),
                 "node",
                 vec![
+                    ns(),
                     ("node".into(), n.id.clone()),
                     ("zone".into(), n.zone.clone()),
                 ],
@@ -449,11 +475,13 @@ fn encode(key: &str, value: &str) -> String {
         .finish()
 }
 
-/// A query as Grafana sends it with `$node` and `$zone` set to every node and zone.
+/// A query as Grafana sends it with `$namespace` set to the cluster's, and `$node` and
+/// `$zone` to every node and zone.
 fn fill(expr: &str) -> String {
     let nodes: Vec<&str> = NODES.iter().map(|(n, _)| *n).collect();
     let zones: Vec<&str> = NODES.iter().map(|(_, z)| *z).collect();
     expr.replace("$__rate_interval", "10s")
+        .replace("$namespace", NAMESPACE)
         .replace("$node", &format!("({})", nodes.join("|")))
         .replace("$zone", &format!("({})", zones.join("|")))
 }
@@ -474,6 +502,7 @@ async fn prometheus_answers_every_dashboard_query_from_the_running_cluster() {
                 .collect::<BTreeSet<_>>(),
         ),
         ("node", NODES.iter().map(|(n, _)| n.to_string()).collect()),
+        ("namespace", BTreeSet::from([NAMESPACE.to_string()])),
     ] {
         let url = format!("{}/api/v1/label/{label}/values", prom.url);
         wait_for_async(&format!("values of ${label}"), WAIT, || async {

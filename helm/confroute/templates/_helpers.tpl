@@ -313,9 +313,12 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{ end -}}
 
 {{/*
-Grace period of a node pod. Kubernetes kills the pod when it ends, preStop drain or not; the
-agent may wait up to 30 s past the drain deadline (its first reconciliation after a restart,
-docs/configuration.md), so a shorter grace would cut the drain and drop the calls.
+Grace period of a node pod. Kubernetes kills the pod when it ends, preStop drain or not. Past
+the drain deadline the agent may still wait up to 30 s for its first reconciliation after a
+restart (docs/configuration.md), 10 s for the conferences it ends to tear down and twice
+webhook.timeout (10 s by default) for their last status callbacks before it deregisters: a
+grace under the deadline plus 60 s would cut that and leave claims, callbacks and the node
+record behind.
 */}}
 {{- define "confroute.nodeTerminationGrace" -}}
 {{- $deadline := int .Values.node.drainDeadlineSeconds -}}
@@ -323,9 +326,9 @@ docs/configuration.md), so a shorter grace would cut the drain and drop the call
 {{- add $deadline 300 -}}
 {{- else -}}
 {{- $grace := int .Values.node.terminationGracePeriodSeconds -}}
-{{- $least := add $deadline 30 -}}
+{{- $least := add $deadline 60 -}}
 {{- if lt $grace $least -}}
-{{- fail (printf "node.terminationGracePeriodSeconds (%d) is below node.drainDeadlineSeconds (%d) + 30 s: Kubernetes would kill draining nodes before their calls end. Set it to at least %d, or null for node.drainDeadlineSeconds + 300" $grace $deadline $least) -}}
+{{- fail (printf "node.terminationGracePeriodSeconds (%d) is below node.drainDeadlineSeconds (%d) + 60 s: Kubernetes would kill draining nodes before their calls end, their claims are released and their last status callbacks are sent. Set it to at least %d, or null for node.drainDeadlineSeconds + 300" $grace $deadline $least) -}}
 {{- end -}}
 {{- $grace -}}
 {{- end -}}
