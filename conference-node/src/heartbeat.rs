@@ -184,7 +184,18 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                 }
             }
             if state != NodeState::ShuttingDown {
-                lifecycle::adopt(node, state, version);
+                // A drain set through the controller counts from when it was set (the record's
+                // `drain_since_ms`), not from when this heartbeat saw it: a registration after a
+                // Redis restart writes the agent's own back.
+                let since = if state == NodeState::Draining && node.state() == NodeState::Serving {
+                    match node.store.get_node(&node.id).await {
+                        Ok(rec) => rec.and_then(|r| r.drain_since_ms),
+                        Err(_) => None,
+                    }
+                } else {
+                    None
+                };
+                lifecycle::adopt(node, state, version, since);
             }
         }
         Err(e) => {

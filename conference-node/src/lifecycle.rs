@@ -97,8 +97,9 @@ pub async fn undrain(node: &Arc<Node>) -> Result<NodeState, NodeState> {
     Ok(previous)
 }
 
-/// Adopts a state an admin set through the controller (seen in a heartbeat reply).
-pub fn adopt(node: &Arc<Node>, remote: NodeState, version: u64) {
+/// Adopts a state an admin set through the controller (seen in a heartbeat reply); a drain
+/// counts from `since_ms` (the record's `drain_since_ms`) when known.
+pub fn adopt(node: &Arc<Node>, remote: NodeState, version: u64, since_ms: Option<u64>) {
     let local = node.state();
     if remote == local || local == NodeState::ShuttingDown {
         return;
@@ -112,16 +113,13 @@ pub fn adopt(node: &Arc<Node>, remote: NodeState, version: u64) {
             if let Some((task, _)) = slot.take() {
                 task.abort();
             }
-            let _ = node.drain_since_ms.compare_exchange(
-                0,
-                now_ms(),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            );
-            *slot = Some((
-                tokio::spawn(run(node.clone(), false, Duration::ZERO)),
-                false,
-            ));
+            let now = now_ms();
+            let since = since_ms.filter(|s| *s > 0).unwrap_or(now);
+            let _ =
+                node.drain_since_ms
+                    .compare_exchange(0, since, Ordering::SeqCst, Ordering::SeqCst);
+            let elapsed = Duration::from_millis(now.saturating_sub(since));
+            *slot = Some((tokio::spawn(run(node.clone(), false, elapsed)), false));
         }
         NodeState::Serving if node.adopt_state(NodeState::Serving, version) => {
             if let Some((task, _)) = slot.take() {

@@ -235,6 +235,46 @@ async fn drain_set_through_the_controller_is_adopted() {
     let _ = Duration::ZERO;
 }
 
+/// A drain set through the controller counts from when the controller set it: the agent
+/// adopts the record's `drain_since_ms`, so its registration after Redis came back empty
+/// writes that time back, not when the agent first saw the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_set_through_the_controller_keeps_its_start_across_a_redis_restart() {
+    let mut s = Single::start(&[]).await;
+    let store = fixtures::store(&s.cfg);
+    let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
+    let (status, body) = post(&format!("{}/v1/nodes/node-a/drain", controller.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    let since = |store: &confroute_shared::store::Store| {
+        let store = store.clone();
+        async move {
+            store
+                .get_node(&fixtures::id("node-a"))
+                .await
+                .ok()
+                .flatten()
+                .and_then(|n| n.drain_since_ms)
+        }
+    };
+    let set = since(&store)
+        .await
+        .expect("drain_since_ms set by the controller");
+    wait_for_async("agent adopts draining", WAIT, || async {
+        let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
+        (v["state"] == "draining").then_some(())
+    })
+    .await
+    .expect("adopted");
+    s.redis.restart().expect("redis back, empty");
+    let again = wait_for_async("registered again, draining", WAIT, || async {
+        let n = store.get_node(&fixtures::id("node-a")).await.ok()??;
+        (n.info.state == NodeState::Draining).then_some(n.drain_since_ms)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(again, Some(set), "{}", s.node.output());
+}
+
 /// An admin's drain carries over a crash: the agent started again at once watches its last
 /// life's record until it expires, and still resumes the drain that record held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
