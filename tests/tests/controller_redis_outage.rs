@@ -184,16 +184,19 @@ async fn an_unacknowledged_claim_is_not_routed_until_a_replica_has_it() {
     assert_eq!(body["node_id"], "node-a");
 }
 
-/// A Redis restarted without persistence comes back empty within a second: too short for
-/// live nodes to lose their leases to the outage, yet every lease is gone. Until the nodes
-/// that were live have written again, no conference is placed: the node that registers
-/// again first would otherwise be given a live conference of another (a second home).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_back() {
-    let mut redis = RedisServer::start().expect("redis");
+/// Redis with node-a and node-b registered (30 s leases: an outage in a test is far shorter
+/// than a third of one) and `sales-42` claimed on node-a.
+async fn two_nodes_and_a_claim() -> (
+    RedisServer,
+    confroute_shared::config::RedisConfig,
+    confroute_shared::store::Store,
+    Duration,
+    confroute_shared::name::ConferenceName,
+    confroute_shared::store::Claim,
+) {
+    let redis = RedisServer::start().expect("redis");
     let cfg = fixtures::single(&redis.url());
     let store = fixtures::store(&cfg);
-    // Long leases: the outage below is far shorter than a third of one.
     let lease = Duration::from_secs(30);
     for id in ["node-a", "node-b"] {
         store
@@ -202,10 +205,20 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
             .expect("register");
     }
     let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
-    store
+    let claim = store
         .claim(&name, &[fixtures::id("node-a")])
         .await
         .expect("claim");
+    (redis, cfg, store, lease, name, claim)
+}
+
+/// A Redis restarted without persistence comes back empty within a second: too short for
+/// live nodes to lose their leases to the outage, yet every lease is gone. Until the nodes
+/// that were live have written again, no conference is placed: the node that registers
+/// again first would otherwise be given a live conference of another (a second home).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_back() {
+    let (mut redis, cfg, store, lease, name, _) = two_nodes_and_a_claim().await;
     let mut env = fixtures::redis_env(&cfg);
     env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
     env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
@@ -270,21 +283,7 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_started_after_redis_came_back_empty_places_nothing_until_the_nodes_are_back()
 {
-    let mut redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
-    let store = fixtures::store(&cfg);
-    let lease = Duration::from_secs(30);
-    for id in ["node-a", "node-b"] {
-        store
-            .register(&fixtures::node(id, 100), lease)
-            .await
-            .expect("register");
-    }
-    let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
-    let claim = store
-        .claim(&name, &[fixtures::id("node-a")])
-        .await
-        .expect("claim");
+    let (mut redis, cfg, store, lease, name, claim) = two_nodes_and_a_claim().await;
     redis.restart().expect("redis back, empty");
     // node-b is back first, as an agent registers again; node-a is late.
     let back = |id: &'static str| {

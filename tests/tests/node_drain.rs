@@ -5,7 +5,7 @@
 
 mod node_common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use confroute_shared::name::ConferenceName;
 use confroute_shared::store::StateChange;
@@ -302,13 +302,13 @@ async fn an_admin_drain_survives_a_crash_and_an_immediate_restart() {
 async fn admin_drained_with_a_caller(
     conference: &str,
     extra: &[(&str, &str)],
-) -> (Single, String, std::time::Instant) {
+) -> (Single, String, Instant) {
     let mut settings = vec![("CONFROUTE_CONFERENCE__BEEP", "false")];
     settings.extend_from_slice(extra);
     let s = Single::start(&settings).await;
     let a = dial(&s.sim, conference, &[]).await;
     wait_bridged(&s.sim, &a).await;
-    let drained_at = std::time::Instant::now();
+    let drained_at = Instant::now();
     let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
     assert_eq!(status, 200, "{body}");
     (s, a, drained_at)
@@ -337,13 +337,19 @@ async fn an_admin_drains_deadline_carries_over_a_restart() {
     // Half the deadline passes in this life of the agent: the time itself is what is tested.
     tokio::time::sleep_until((drained_at + DEADLINE / 2).into()).await;
     restart_resuming_the_drain(&mut s);
-    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "ended at the deadline");
-    let ended = drained_at.elapsed();
     // A whole deadline after the restart would be at least 12 s after the drain.
+    ended_at_the_deadline(&s, &a, drained_at, DEADLINE).await;
+}
+
+/// Waits until caller `a` is hung up (16) and checks that came `deadline` after the drain
+/// began at `drained_at`, give or take the test's own delays.
+async fn ended_at_the_deadline(s: &Single, a: &str, drained_at: Instant, deadline: Duration) {
+    assert_eq!(wait_hangup(&s.sim, a).await, 16, "ended at the deadline");
+    let ended = drained_at.elapsed();
     assert!(
-        ended >= DEADLINE - Duration::from_secs(1)
-            && ended < DEADLINE + Duration::from_millis(2500),
-        "ended {ended:?} after the drain, deadline {DEADLINE:?}\n{}",
+        ended >= deadline - Duration::from_secs(1)
+            && ended < deadline + Duration::from_millis(2500),
+        "ended {ended:?} after the drain, deadline {deadline:?}\n{}",
         s.node.output()
     );
 }
@@ -359,15 +365,8 @@ async fn a_stop_during_an_admin_drain_keeps_its_deadline() {
     // Half the deadline passes before the stop: the time itself is what is tested.
     tokio::time::sleep_until((drained_at + DEADLINE / 2).into()).await;
     s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "ended at the deadline");
-    let ended = drained_at.elapsed();
     // A whole deadline after the stop would be at least 12 s after the drain.
-    assert!(
-        ended >= DEADLINE - Duration::from_secs(1)
-            && ended < DEADLINE + Duration::from_millis(2500),
-        "ended {ended:?} after the drain, deadline {DEADLINE:?}\n{}",
-        s.node.output()
-    );
+    ended_at_the_deadline(&s, &a, drained_at, DEADLINE).await;
     assert_eq!(
         s.node.process().wait_exit(WAIT).expect("exits"),
         Some(0),

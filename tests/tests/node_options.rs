@@ -283,27 +283,38 @@ async fn both_mixed(sim: &TestSim, a: &str, b: &str, holding: &str) {
     .await;
 }
 
+/// Waits until one `answer` is held back by the simulator.
+async fn answer_held(sim: &TestSim) {
+    wait_for_async("an answer held back", WAIT, || async {
+        (sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .expect("answer asked");
+}
+
+/// Adds `ch` to `bridge` through ARI, as another client (or the agent's own request in
+/// flight) would.
+async fn add_behind_the_agent(sim: &TestSim, bridge: &str, ch: &str) {
+    let resp = fixtures::http()
+        .post(format!(
+            "{}/ari/bridges/{bridge}/addChannel?channel={ch}",
+            sim.base_url()
+        ))
+        .basic_auth(sim.username(), Some(sim.password()))
+        .send()
+        .await
+        .expect("addChannel");
+    assert_eq!(resp.status().as_u16(), 204);
+}
+
 /// Puts a second caller of `conf` in the holding bridge beside the starter while the agent's
 /// own join of it waits on its answer, then stops the agent: as if it stopped between the
 /// second caller's wait and the start. Returns the second caller's channel.
 async fn second_waiter_behind_a_stopped_agent(s: &mut Single, conf: &str, holding: &str) -> String {
     s.sim.hold_operation("answer");
     let second = dial(&s.sim, conf, &[]).await;
-    wait_for_async("the second caller's answer", WAIT, || async {
-        (s.sim.held_requests("answer") == 1).then_some(())
-    })
-    .await
-    .expect("answer asked");
-    let resp = fixtures::http()
-        .post(format!(
-            "{}/ari/bridges/{holding}/addChannel?channel={second}",
-            s.sim.base_url()
-        ))
-        .basic_auth(s.sim.username(), Some(s.sim.password()))
-        .send()
-        .await
-        .expect("addChannel");
-    assert_eq!(resp.status().as_u16(), 204);
+    answer_held(&s.sim).await;
+    add_behind_the_agent(&s.sim, holding, &second).await;
     s.node.process().kill();
     s.sim.release_operation("answer");
     second
@@ -353,22 +364,9 @@ async fn a_start_cut_short_by_a_restart_is_finished() {
     // (the starter and one waiter into the mix) and the agent stops before the second.
     s.sim.hold_operation("answer");
     let starter = dial(&s.sim, "cut-short", &[]).await;
-    wait_for_async("the starter's answer", WAIT, || async {
-        (s.sim.held_requests("answer") == 1).then_some(())
-    })
-    .await
-    .expect("answer asked");
+    answer_held(&s.sim).await;
     for ch in [&starter, &w1] {
-        let resp = fixtures::http()
-            .post(format!(
-                "{}/ari/bridges/{main}/addChannel?channel={ch}",
-                s.sim.base_url()
-            ))
-            .basic_auth(s.sim.username(), Some(s.sim.password()))
-            .send()
-            .await
-            .expect("addChannel");
-        assert_eq!(resp.status().as_u16(), 204);
+        add_behind_the_agent(&s.sim, &main, ch).await;
     }
     s.node.process().kill();
     s.sim.release_operation("answer");
