@@ -571,6 +571,72 @@ async fn playbacks_queue_per_target_and_report_each_media_item() {
     assert_eq!(r.status, 500, "{}", r.text);
 }
 
+/// A channel runs its Stasis commands one at a time, and a playback on it holds that thread
+/// until it ends (res/res_stasis_playback.c `play_uri`). An `addChannel` moving the channel to
+/// another bridge waits behind the playback: Asterisk answers it, and the channel enters the
+/// bridge, only after `PlaybackFinished`. A bridge's own playback holds no channel.
+#[tokio::test]
+async fn a_move_waits_behind_the_channels_playback() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "pb"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    for b in ["one", "two"] {
+        ok(&c, "POST", &format!("/bridges/{b}?type=mixing")).await;
+    }
+    ok(&c, "POST", &format!("/bridges/one/addChannel?channel={a}")).await;
+    ok(
+        &c,
+        "POST",
+        "/bridges/one/play/tune?media=sound:w,sound:x,sound:y,sound:z",
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/long?media=sound:a,sound:b"),
+    )
+    .await;
+    let r = c
+        .call(
+            "POST",
+            &format!("/bridges/two/addChannel?channel={a}"),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 204, "{}", r.text);
+    let log = sim.event_log();
+    let at =
+        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
+    let entered = at("ChannelEnteredBridge", &|e| {
+        str_at(e, "/bridge/id") == "two"
+    });
+    assert!(
+        finished.is_some() && entered.is_some() && finished < entered,
+        "answered once the playback was over, then moved: {:?}",
+        summary(&log)
+    );
+    assert!(
+        at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "tune").is_none(),
+        "the bridge's playback held nothing: {:?}",
+        summary(&log)
+    );
+}
+
 #[tokio::test]
 async fn caller_dtmf_and_hold() {
     let sim = sim().await;

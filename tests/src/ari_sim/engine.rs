@@ -122,6 +122,37 @@ impl Core {
         }
     }
 
+    /// A channel runs its Stasis commands one at a time on its own thread
+    /// (res/stasis/control.c `control_dispatch_all`), and a playback on it holds that thread
+    /// until the playback ends (res/res_stasis_playback.c `play_uri`: a bridged channel's
+    /// `ast_bridge_channel_queue_playfile_sync`, otherwise `ast_control_streamfile_lang`).
+    /// So a command Asterisk sends through that queue and waits for (`addChannel`,
+    /// `removeChannel`, `answer`: `app_send_command_on_condition`) runs, and is answered,
+    /// once the channel's playbacks queued before it are over. Channels that are gone or
+    /// not in Stasis are answered at once, with the handler's error.
+    pub async fn wait_channel_commands(&self, channels: &[String]) {
+        loop {
+            let notified = self.events_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy = {
+                let st = self.lock();
+                let queued = channels
+                    .iter()
+                    .all(|c| st.channels.get(c).is_some_and(|ch| ch.stasis.is_some()));
+                queued
+                    && st
+                        .playbacks
+                        .values()
+                        .any(|p| matches!(&p.target, Target::Channel(c) if channels.contains(c)))
+            };
+            if !busy {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub fn log_request(&self, rec: RequestRecord) {
         if self.cfg.record_requests {
             self.requests

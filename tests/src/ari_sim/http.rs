@@ -471,6 +471,14 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         // Nicknames repeat across resources (`list`): a hold may also name the route itself.
         core.wait_held(nickname).await;
         core.wait_held(&by_path).await;
+        let queued_behind = match (route.method, nickname) {
+            ("POST", "addChannel" | "removeChannel") => req.params.multi("channel"),
+            ("POST", "answer") => vec![req.path("channelId")],
+            _ => Vec::new(),
+        };
+        if !queued_behind.is_empty() {
+            core.wait_channel_commands(&queued_behind).await;
+        }
         let result = handler(core, &mut req);
         let undeclared = req.params.take_undeclared();
         if !undeclared.is_empty() {
