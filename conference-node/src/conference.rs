@@ -888,6 +888,7 @@ impl Conference {
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
     /// destroyed behind the agent's back) is created again once.
     async fn add(&mut self, ch: &str, waiting: bool, opts: &Options) -> Result<(), AriError> {
+        self.node.stop_playbacks(ch).await;
         let mut recreated = false;
         loop {
             let bridge = if waiting { &self.holding } else { &self.main };
@@ -1016,6 +1017,10 @@ impl Conference {
             .filter(|(_, p)| p.waiting && !p.held && !p.moving)
             .map(|(id, _)| id.clone())
             .collect();
+        // A participant's announcement would hold its move until it ends.
+        for id in &waiting {
+            self.node.stop_playbacks(id).await;
+        }
         // addChannel takes one mute flag per call: move the muted and the others apart.
         for muted in [false, true] {
             let group: Vec<&str> = waiting

@@ -181,6 +181,9 @@ pub struct Node {
     /// restarts: it starts at the wall clock's microseconds), so Redis keeps the newest.
     count_versions: AtomicU64,
     playbacks: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    /// Playbacks started on participants' channels (id → channel), until their
+    /// `PlaybackFinished`.
+    channel_playbacks: Mutex<HashMap<String, String>>,
     /// Wakes whoever waits for the hosted set to change (drain).
     pub changed: Notify,
     reconcile: mpsc::UnboundedSender<()>,
@@ -246,6 +249,7 @@ impl Node {
                     .map_or(0, |d| d.as_micros() as u64),
             ),
             playbacks: Mutex::new(HashMap::new()),
+            channel_playbacks: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             reconcile,
             drain: Mutex::new(None),
@@ -382,6 +386,38 @@ impl Node {
     /// Whether no conference has an actor (nothing hosted, nothing being set up).
     pub fn idle(&self) -> bool {
         lock(&self.registry).is_empty() && lock(&self.views).is_empty()
+    }
+
+    /// Plays `media` to a participant's channel as playback `id`, noted until it finishes.
+    pub async fn play_to(&self, channel: &str, id: &str, media: &str) -> Result<(), AriError> {
+        lock(&self.channel_playbacks).insert(id.to_string(), channel.to_string());
+        let r = self.ari.play_on_channel(channel, id, media).await;
+        if r.is_err() {
+            lock(&self.channel_playbacks).remove(id);
+        }
+        r
+    }
+
+    /// Stops the playbacks the agent started on `channel`. Asterisk runs a channel's commands
+    /// one at a time, and a playback holds the channel until it ends: an `addChannel` moving
+    /// it (hold, unhold, an unmute that re-adds it, a move, the start) would wait for it, past
+    /// the request's timeout, and be carried out later behind the agent's back.
+    pub async fn stop_playbacks(&self, channel: &str) {
+        let ids: Vec<String> = lock(&self.channel_playbacks)
+            .iter()
+            .filter(|(_, c)| c.as_str() == channel)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            match self.ari.stop_playback(&id).await {
+                Ok(()) => {
+                    lock(&self.channel_playbacks).remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(channel, playback = %id, error = %e, "cannot stop a playback before moving the channel")
+                }
+            }
+        }
     }
 
     /// Names of conferences with an actor.
@@ -766,6 +802,7 @@ impl Node {
                 }
             }
             Event::StasisEnd { channel } => {
+                lock(&self.channel_playbacks).retain(|_, c| *c != channel.id);
                 self.join_abandoned(&channel.id);
                 lock(&self.caller_holds).remove(&channel.id);
                 lock(&self.ended).insert(channel.id.clone());
@@ -842,6 +879,7 @@ impl Node {
             Event::ChannelTalkingStarted { channel } => self.talking(&channel.id, true),
             Event::ChannelTalkingFinished { channel } => self.talking(&channel.id, false),
             Event::PlaybackFinished { playback } => {
+                lock(&self.channel_playbacks).remove(&playback.id);
                 if let Some(tx) = lock(&self.playbacks).remove(&playback.id) {
                     let _ = tx.send(());
                 }

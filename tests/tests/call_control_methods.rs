@@ -628,6 +628,55 @@ async fn a_hold_uses_the_holding_bridge_a_timed_out_create_made_on_older_asteris
     .await;
 }
 
+/// Asterisk runs a channel's commands one at a time, and a playback holds the channel until
+/// it ends. A hold asked during a participant's announcement stops the announcement first:
+/// the caller goes on hold at once, not after the announcement (and after the request's
+/// timeout, the hold then carried out behind the agent's back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_during_an_announcement_stops_it_and_holds_at_once() {
+    let c = Cluster::start_tuned(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "500ms"),
+        ],
+        &[],
+        |s| s.playback_duration = std::time::Duration::from_secs(60),
+    )
+    .await;
+    let (sim, a) = first_caller(&c, "announce", &[]).await;
+    let main = wait_bridged(sim, &a).await;
+    let holding = main.replacen("cr-", "crh-", 1);
+    let mut ws = c.client(0).await;
+    ws.ok(
+        "participant.play",
+        json!({"conference": "announce", "participant": a, "media": "sound:long-notice"}),
+    )
+    .await;
+    let target = format!("channel:{a}");
+    wait_for_async("the announcement playing", WAIT, || async {
+        playback_started(sim, &target, "sound:long-notice").then_some(())
+    })
+    .await
+    .expect("announcement started");
+    let who = json!({"conference": "announce", "participant": a});
+    assert_eq!(ws.ok("participant.hold", who).await, json!({}));
+    until(sim, "a on hold", |snap| {
+        snap.channel(&a).and_then(|ch| ch.bridge.as_deref()) == Some(holding.as_str())
+    })
+    .await;
+    assert!(
+        sim.event_log()
+            .iter()
+            .any(|e| e["type"] == "PlaybackFinished"
+                && e["playback"]["target_uri"] == target.as_str()),
+        "the announcement was stopped"
+    );
+    let list = ws
+        .ok("participant.list", json!({"conference": "announce"}))
+        .await;
+    assert_eq!(participant(&list, &a)["held"], true, "{list}");
+}
+
 /// Conference `from` with callers a and b, and `to` with caller x, on one node (so a move
 /// between them is bridge to bridge); returns the node's simulator, a, b, x and a client
 /// that has seen all three listed.

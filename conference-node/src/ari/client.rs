@@ -579,6 +579,16 @@ impl AriClient {
         .map(drop)
     }
 
+    /// `DELETE /playbacks/{id}`; a playback already finished is fine.
+    pub async fn stop_playback(&self, id: &str) -> Result<(), AriError> {
+        let path = format!("/playbacks/{}", encode(id));
+        match self.call("stopPlayback", Method::Delete, &path, &[]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST /recordings/live/{name}/stop`; a recording already finished is fine.
     pub async fn stop_recording(&self, name: &str) -> Result<(), AriError> {
         let path = format!("/recordings/live/{}/stop", encode(name));

@@ -248,8 +248,7 @@ impl Conference {
         }
         let id = format!("pp-{:016x}", rand::random::<u64>());
         self.node
-            .ari
-            .play_on_channel(ch, &id, media)
+            .play_to(ch, &id, media)
             .await
             .map_err(|e| ari_failure(ch, &e))?;
         Ok(json!({"playback": id}))
@@ -283,6 +282,7 @@ impl Conference {
             .await
             .map_err(|e| ari_failure(ch, &e))?;
         if !on && bridge_muted {
+            self.node.stop_playbacks(ch).await;
             ari.add_channels(&bridge, &[ch], false)
                 .await
                 .map_err(|e| ari_failure(ch, &e))?;
@@ -328,6 +328,7 @@ impl Conference {
             self.ensure_holding(&opts.wait_music)
                 .await
                 .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
+            self.node.stop_playbacks(ch).await;
             self.node
                 .ari
                 .add_channels(&self.holding, &[ch], false)
@@ -490,6 +491,8 @@ impl Conference {
             return None;
         }
         let endpoint = redirect_endpoint(&p.tech, to_sip_uri, to.as_str());
+        // Asterisk would carry the transfer out only once the participant's announcement ended.
+        self.node.stop_playbacks(ch).await;
         match self.node.ari.redirect(ch, &endpoint).await {
             Ok(()) => {
                 if let Some(p) = self.participants.get_mut(ch) {
