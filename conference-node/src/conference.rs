@@ -859,10 +859,11 @@ impl Conference {
         self.publish();
     }
 
-    /// A start cut short by an agent restart (some waiters moved into the mix, others not)
-    /// left adopted waiters in the holding bridge of a started conference: the start runs
-    /// again for them. Its `start` event and callback were never sent, as they follow the
-    /// moves.
+    /// A start cut short by an agent restart (some waiters moved into the mix, others not),
+    /// or one that could not move a waiter, left adopted waiters in the holding bridge of a
+    /// started conference: they are moved in now. Quietly: whether the last life sent the
+    /// start's event and callback, and started its recording, cannot be told (they follow
+    /// the moves), and twice would be worse than never.
     async fn finish_cut_short_start(&mut self) {
         if !self.started {
             return;
@@ -871,18 +872,10 @@ impl Conference {
         if !self.participants.values().any(waiter) {
             return;
         }
-        let in_mix = |p: &Participant| !p.waiting && !p.held && !p.moving;
-        let by = self
-            .participants
-            .iter()
-            .filter(|(_, p)| in_mix(p))
-            .max_by_key(|(_, p)| p.options.start_on_enter)
-            .map(|(id, _)| id.clone());
-        let Some(by) = by else {
-            return;
-        };
-        tracing::info!(conference = %self.name, "finishing a start cut short by a restart");
-        self.start(&by).await;
+        let moved = self.move_waiters_in().await;
+        tracing::info!(conference = %self.name, moved = moved.len(), "moved in the callers a start cut short left waiting");
+        self.tidy_holding().await;
+        self.publish();
     }
 
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
@@ -1002,8 +995,49 @@ impl Conference {
     /// moved to another conference, whose new bridge has them), recording starts.
     async fn start(&mut self, by: &str) {
         self.started = true;
-        // Who stops waiting, for the `start` event: without it a subscriber would see them
-        // still waiting, as their `join` said.
+        let mut unwaited = self.move_waiters_in().await;
+        unwaited.sort();
+        self.emit(
+            "start",
+            json!({"started_by": by, "no_longer_waiting": unwaited}),
+        );
+        self.tidy_holding().await;
+        if self.record == Record::RecordFromStart && self.recording.is_none() {
+            let name = format!(
+                "confroute-{}-{}-{:08x}",
+                self.name,
+                self.epoch,
+                rand::random::<u32>()
+            );
+            match self
+                .node
+                .ari
+                .record_bridge(
+                    &self.main,
+                    &name,
+                    &self.node.cfg.conference.recording_format,
+                )
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(conference = %self.name, recording = %name, "recording started");
+                    self.recording = Some(name);
+                }
+                Err(e) => {
+                    tracing::error!(conference = %self.name, error = %e, "cannot start recording")
+                }
+            }
+        }
+        tracing::info!(conference = %self.name, "conference started");
+        if let Some(cb) = &mut self.callbacks {
+            cb.send(CallbackEvent::Start, "conference-start", None, &[]);
+        }
+    }
+
+    /// Moves the participants waiting in the holding bridge into the mix (a held one stays,
+    /// no longer waiting); returns who stopped waiting, for the `start` event: without it a
+    /// subscriber would see them still waiting, as their `join` said.
+    async fn move_waiters_in(&mut self) -> Vec<String> {
         let mut unwaited: Vec<String> = Vec::new();
         for (id, p) in self.participants.iter_mut() {
             if p.waiting && p.held && !p.moving {
@@ -1066,42 +1100,7 @@ impl Conference {
                 }
             }
         }
-        unwaited.sort();
-        self.emit(
-            "start",
-            json!({"started_by": by, "no_longer_waiting": unwaited}),
-        );
-        self.tidy_holding().await;
-        if self.record == Record::RecordFromStart && self.recording.is_none() {
-            let name = format!(
-                "confroute-{}-{}-{:08x}",
-                self.name,
-                self.epoch,
-                rand::random::<u32>()
-            );
-            match self
-                .node
-                .ari
-                .record_bridge(
-                    &self.main,
-                    &name,
-                    &self.node.cfg.conference.recording_format,
-                )
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(conference = %self.name, recording = %name, "recording started");
-                    self.recording = Some(name);
-                }
-                Err(e) => {
-                    tracing::error!(conference = %self.name, error = %e, "cannot start recording")
-                }
-            }
-        }
-        tracing::info!(conference = %self.name, "conference started");
-        if let Some(cb) = &mut self.callbacks {
-            cb.send(CallbackEvent::Start, "conference-start", None, &[]);
-        }
+        unwaited
     }
 
     /// Destroys the holding bridge once the conference has started and nobody waits or is

@@ -19,6 +19,10 @@ pub fn lease(node: &Node) -> Duration {
     node.cfg.node.heartbeat_interval * 3
 }
 
+/// Longest the store stays settling after Redis lost every node record (a node's lease, at
+/// most this): the controllers' own wait after trouble they saw has the same bound.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(10);
+
 /// The record to register, with the node's current state.
 fn info(node: &Node) -> NodeInfo {
     NodeInfo {
@@ -127,9 +131,10 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
             tracing::warn!(node = %node.id, "node record gone (lease expired or Redis restarted); registering again");
             // First: with every node gone, Redis lost them all, and nothing may be placed
             // until the others are back too (this node must not be given their conferences).
-            match node.store.settle_after_loss(lease(node)).await {
+            let wait = lease(node).min(SETTLE_AT_MOST);
+            match node.store.settle_after_loss(wait).await {
                 Ok(true) => {
-                    tracing::warn!(node = %node.id, wait = ?lease(node), "no node is registered: Redis lost its data; conferences are placed again once the nodes have registered again")
+                    tracing::warn!(node = %node.id, ?wait, "no node is registered: Redis lost its data; conferences are placed again once the nodes have registered again")
                 }
                 Ok(false) => {}
                 Err(e) => {

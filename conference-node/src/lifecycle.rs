@@ -259,7 +259,11 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
     }
     let mut empty = wait_empty(&node, deadline).await;
     // A conference placed here just before the stop has its first caller on the way; once
-    // in, it is drained like the others.
+    // in, it is drained like the others. Redis says draining first (the task may have
+    // started before the stop's own write): no placement can follow the look.
+    if empty && shutdown {
+        node.write_state().await;
+    }
     while empty && shutdown && wait_arrivals(&node, deadline).await {
         empty = wait_empty(&node, deadline).await;
     }

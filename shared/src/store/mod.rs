@@ -69,6 +69,10 @@ pub enum StoreError {
     /// The Redis settings cannot be used.
     #[error("redis configuration: {0}")]
     Config(String),
+    /// Redis lost the node records (restarted empty, or every lease ran out): no conference
+    /// is placed or re-homed until the nodes that were live are back (`settle.lua`).
+    #[error("redis lost the node records (restarted empty, or every lease ran out); placing nothing until the nodes that were live have registered again")]
+    Settling,
     /// Fewer replicas than `redis.wait_replicas` acknowledged a write in time.
     #[error("claim not acknowledged by {wanted} replica(s) within the deadline (got {got})")]
     NotReplicated {
@@ -83,6 +87,7 @@ impl StoreError {
     /// A bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
+            StoreError::Settling => "settling",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Redis { .. } => "redis",
             StoreError::Protocol { .. } => "protocol",
@@ -1034,11 +1039,7 @@ fn parse_claim(values: &[Value]) -> Result<Claim, StoreError> {
         "claimed" => ClaimKind::Claimed,
         "rehomed" => ClaimKind::Rehomed,
         "no_capacity" => ClaimKind::NoCapacity,
-        "settling" => {
-            return Err(StoreError::Unavailable(
-                "redis lost the node records (restarted empty, or every lease ran out); placing nothing until the nodes that were live have registered again".into(),
-            ))
-        }
+        "settling" => return Err(StoreError::Settling),
         other => {
             return Err(StoreError::Protocol {
                 op: "claim",
