@@ -7,7 +7,7 @@
 -- A running controller waits on its own after trouble it saw; the mark also holds back one
 -- that started meanwhile and knows of no node from before.
 -- KEYS[1] node index, KEYS[2] the mark (<prefix>settling).
--- ARGV[1] how long the mark lives (ms): the registering node's lease.
+-- ARGV[1] how long the mark lives (ms): the registering node's lease, at most 10 s.
 -- Returns 1 when it set the mark, 0 when a node is live (nothing was lost).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
