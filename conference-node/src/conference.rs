@@ -861,9 +861,10 @@ impl Conference {
 
     /// A start cut short by an agent restart (some waiters moved into the mix, others not),
     /// or one that could not move a waiter, left adopted waiters in the holding bridge of a
-    /// started conference: they are moved in now. Quietly: whether the last life sent the
-    /// start's event and callback, and started its recording, cannot be told (they follow
-    /// the moves), and twice would be worse than never.
+    /// started conference: they are moved in now. Whether the last life sent the start's
+    /// callback and started its recording cannot be told (they follow the moves), and twice
+    /// would be worse than never: only the `start` event goes out again, so that subscribers
+    /// see who no longer waits (a repeat tells them nothing false).
     async fn finish_cut_short_start(&mut self) {
         if !self.started {
             return;
@@ -872,8 +873,19 @@ impl Conference {
         if !self.participants.values().any(waiter) {
             return;
         }
-        let moved = self.move_waiters_in().await;
+        let by = self
+            .participants
+            .iter()
+            .filter(|(_, p)| !p.waiting && !p.held && !p.moving)
+            .max_by_key(|(_, p)| p.options.start_on_enter)
+            .map(|(id, _)| id.clone());
+        let mut moved = self.move_waiters_in().await;
+        moved.sort();
         tracing::info!(conference = %self.name, moved = moved.len(), "moved in the callers a start cut short left waiting");
+        self.emit(
+            "start",
+            json!({"started_by": by, "no_longer_waiting": moved}),
+        );
         self.tidy_holding().await;
         self.publish();
     }
@@ -1052,9 +1064,8 @@ impl Conference {
             .map(|(id, _)| id.clone())
             .collect();
         // A participant's announcement would hold its move until it ends.
-        for id in &waiting {
-            self.node.stop_playbacks(id).await;
-        }
+        let node = self.node.clone();
+        futures_util::future::join_all(waiting.iter().map(|id| node.stop_playbacks(id))).await;
         // addChannel takes one mute flag per call: move the muted and the others apart.
         for muted in [false, true] {
             let group: Vec<&str> = waiting

@@ -408,10 +408,12 @@ impl Node {
             .filter(|(_, c)| c.as_str() == channel)
             .map(|(id, _)| id.clone())
             .collect();
-        for id in ids {
-            match self.ari.stop_playback(&id).await {
+        // Together: one slow answer bounds the wait, however many there are.
+        let stops = ids.iter().map(|id| self.ari.stop_playback(id));
+        for (id, r) in ids.iter().zip(futures_util::future::join_all(stops).await) {
+            match r {
                 Ok(()) => {
-                    lock(&self.channel_playbacks).remove(&id);
+                    lock(&self.channel_playbacks).remove(id);
                 }
                 Err(e) => {
                     tracing::warn!(channel, playback = %id, error = %e, "cannot stop a playback before moving the channel")
@@ -497,6 +499,7 @@ impl Node {
             if routes.get(c).is_some_and(settled) {
                 routes.remove(c);
                 lock(&self.caller_holds).remove(c);
+                lock(&self.channel_playbacks).retain(|_, ch| ch != c);
                 forgotten += 1;
             }
         }

@@ -243,9 +243,9 @@ impl Conference {
     }
 
     async fn play(&mut self, ch: &str, media: &str) -> Result<Value, BusError> {
-        if !self.participants.contains_key(ch) {
-            return Err(not_found(ch));
-        }
+        // Not to one being moved: its move stopped its announcements, and a new one would
+        // hold the move up.
+        self.settled(ch)?;
         let id = format!("pp-{:016x}", rand::random::<u64>());
         self.node
             .play_to(ch, &id, media)
