@@ -259,6 +259,9 @@ struct Inner {
 const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// A `TIME` round trip longer than this says too little about the offset to be used.
 const CLOCK_SAMPLE_MAX_RTT_MS: u64 = 100;
+/// First delay before comparing again when a comparison failed or was unusable; it doubles
+/// up to [`CLOCK_CHECK_EVERY`].
+const CLOCK_RETRY_MIN: Duration = Duration::from_millis(100);
 
 impl Inner {
     /// Now by Redis's clock, as this process reckons it; `None` before the first comparison.
@@ -272,6 +275,24 @@ impl Inner {
         let offset = self.offset_ms.load(Ordering::Relaxed);
         Some(now_ms().saturating_add_signed(offset))
     }
+}
+
+/// One comparison of this process's clock with Redis's; false when Redis did not answer or
+/// answered too slowly for the offset to mean anything.
+async fn compare_clocks(inner: &Inner) -> bool {
+    let before = now_ms();
+    let Ok(redis) = inner.store.time_ms().await else {
+        return false;
+    };
+    let after = now_ms();
+    if after.saturating_sub(before) > CLOCK_SAMPLE_MAX_RTT_MS {
+        return false;
+    }
+    let ours = before + (after - before) / 2;
+    let offset = i64::try_from(redis).unwrap_or(i64::MAX) - i64::try_from(ours).unwrap_or(i64::MAX);
+    inner.offset_ms.store(offset, Ordering::Relaxed);
+    inner.offset_at.store(after.max(1), Ordering::Relaxed);
+    true
 }
 
 /// A process's end of the bus; cheap to clone.
@@ -329,22 +350,21 @@ impl Bus {
     fn spawn_clock(&self) {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CLOCK_CHECK_EVERY);
+            // A failed or unusable comparison is tried again soon: until the first one
+            // counts, commands held on their way cannot be told from fresh ones.
+            let mut retry = CLOCK_RETRY_MIN;
             loop {
-                tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
-                let before = now_ms();
-                let Ok(redis) = inner.store.time_ms().await else {
-                    continue;
+                let next = if compare_clocks(&inner).await {
+                    retry = CLOCK_RETRY_MIN;
+                    CLOCK_CHECK_EVERY
+                } else {
+                    let now = retry;
+                    retry = (retry * 2).min(CLOCK_CHECK_EVERY);
+                    now
                 };
-                let after = now_ms();
-                if after.saturating_sub(before) <= CLOCK_SAMPLE_MAX_RTT_MS {
-                    let ours = before + (after - before) / 2;
-                    let offset = i64::try_from(redis).unwrap_or(i64::MAX)
-                        - i64::try_from(ours).unwrap_or(i64::MAX);
-                    inner.offset_ms.store(offset, Ordering::Relaxed);
-                    inner.offset_at.store(after.max(1), Ordering::Relaxed);
-                }
+                drop(inner);
+                tokio::time::sleep(next).await;
             }
         });
     }

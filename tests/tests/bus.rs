@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use confroute_shared::bus::{Bus, BusError, Call, ErrorCode, Event, Reply};
+use confroute_shared::bus::{Bus, BusError, Call, Command, ErrorCode, Event, Reply};
 use confroute_shared::config::RedisConfig;
 use confroute_shared::secret::Secret;
 use confroute_tests::fixtures;
@@ -480,4 +480,72 @@ async fn an_idle_cluster_bus_opens_no_connections() {
         cluster.nodes().len() as u64,
         "connections opened by idle buses"
     );
+}
+
+/// A process that started while Redis answered slowly (its first clock comparison failed)
+/// compares its clock again soon, not a whole check period later. Until it knows Redis's
+/// clock it cannot tell a command held on its way from a fresh one, and carries out commands
+/// whose sender already reported them unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_started_while_redis_was_slow_soon_drops_commands_held_on_their_way() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    redis.signal(libc::SIGSTOP).expect("pause redis");
+    let node_id = fixtures::id("node-late-clock");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &node_id);
+    // Redis stays silent past the clock comparison's longest usable round trip.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.signal(libc::SIGCONT).expect("resume redis");
+    assert!(
+        node.wait_connected(Duration::from_secs(10)).await,
+        "bus connects"
+    );
+    let channel = format!("{}cmd:{node_id}", cfg.prefix);
+    let publish = |cmd: &Command| {
+        let text = serde_json::to_string(cmd).expect("command JSON");
+        redis_query::<i64>(redis.port(), redis::cmd("PUBLISH").arg(&channel).arg(text))
+            .expect("publish");
+    };
+    // Well before the next regular comparison (5 s after the first).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    for round in 0.. {
+        let (secs, micros): (u64, u64) =
+            redis_query(redis.port(), &mut redis::cmd("TIME")).expect("TIME");
+        let now = secs * 1000 + micros / 1000;
+        let command = |id: String, sent_ms: u64| Command {
+            id,
+            reply_to: "test".into(),
+            method: "echo".into(),
+            params: json!({}),
+            deadline_ms: now + 2_000,
+            timeout_ms: 2_000,
+            sent_ms,
+        };
+        // Sent 3 s ago with a 2 s budget: its sender gave up a second ago.
+        let stale = command(format!("stale-{round}"), now - 3_000);
+        let fresh = command(format!("fresh-{round}"), 0);
+        publish(&stale);
+        publish(&fresh);
+        let mut stale_delivered = false;
+        loop {
+            let got = tokio::time::timeout(Duration::from_secs(5), commands.recv())
+                .await
+                .expect("the fresh command arrives")
+                .expect("bus running");
+            if got.id == stale.id {
+                stale_delivered = true;
+            }
+            if got.id == fresh.id {
+                break;
+            }
+        }
+        if !stale_delivered {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commands held on their way still delivered 3 s after Redis answered again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -165,6 +165,14 @@ impl RedisServer {
         self.proc.as_ref().and_then(Proc::pid)
     }
 
+    /// Sends `signal` to the server (SIGSTOP: a Redis that answers nothing until SIGCONT).
+    pub fn signal(&self, signal: i32) -> HarnessResult<()> {
+        match &self.proc {
+            Some(p) => p.signal(signal),
+            None => Err(HarnessError("redis-server is not running".into())),
+        }
+    }
+
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
