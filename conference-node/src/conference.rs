@@ -9,6 +9,7 @@
 //! one per conference (reset when the conference starts again on this node).
 
 mod commands;
+mod restore;
 mod settings;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -349,6 +350,9 @@ struct Conference {
     holding: String,
     holding_created: bool,
     started: bool,
+    /// When this actor last asked Asterisk to put a channel in one of its bridges: a listing
+    /// taken before then may show the channel where it was.
+    moved_at: Instant,
     participants: BTreeMap<String, Participant>,
     max_participants: u32,
     record: Record,
@@ -389,6 +393,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         holding: String::new(),
         holding_created: false,
         started: false,
+        moved_at: Instant::now(),
         participants: BTreeMap::new(),
         max_participants: 0,
         record: Record::DoNotRecord,
@@ -896,6 +901,7 @@ impl Conference {
         self.node.stop_playbacks(ch).await;
         let mut recreated = false;
         loop {
+            self.moved_at = Instant::now();
             let bridge = if waiting { &self.holding } else { &self.main };
             match self.node.ari.add_channels(bridge, &[ch], opts.muted).await {
                 Err(e) if e.kind == AriErrorKind::NotFound && !recreated => {
@@ -1066,6 +1072,7 @@ impl Conference {
         // A participant's announcement would hold its move until it ends.
         let node = self.node.clone();
         futures_util::future::join_all(waiting.iter().map(|id| node.stop_playbacks(id))).await;
+        self.moved_at = Instant::now();
         // addChannel takes one mute flag per call: move the muted and the others apart.
         for muted in [false, true] {
             let group: Vec<&str> = waiting
@@ -1773,6 +1780,7 @@ impl Conference {
                 return false;
             }
         }
+        self.restore_placements(&in_main, &in_holding, taken).await;
         // Callers adopted before a restart may make a start nothing else made.
         self.start_if_due().await;
         self.phase == Phase::Active

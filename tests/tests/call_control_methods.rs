@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::routing::post;
-use confroute_tests::ari_sim::{EndpointMatch, Outcome};
+use confroute_tests::ari_sim::{EndpointMatch, Outcome, SimSnapshot};
 use confroute_tests::fixtures;
 use confroute_tests::harness::wait_for_async;
 use node_common::control::*;
@@ -675,6 +675,166 @@ async fn a_hold_during_an_announcement_stops_it_and_holds_at_once() {
         .ok("participant.list", json!({"conference": "announce"}))
         .await;
     assert_eq!(participant(&list, &a)["held"], true, "{list}");
+}
+
+/// Asterisk carries out a request it has read even when the agent gave up waiting for its
+/// answer (the ARI request timeout). A hold and an unhold reported failed but carried out
+/// later are undone by the next reconciliation: the caller is back where the application
+/// was told it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_or_unhold_carried_out_after_its_timeout_is_undone_by_reconciliation() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+            ("CONFROUTE_ARI__RECONCILE_INTERVAL", "1s"),
+        ],
+        &[],
+    )
+    .await;
+    let (sim, a) = first_caller(&c, "late-hold", &[]).await;
+    let main = wait_bridged(sim, &a).await;
+    let holding = main.replacen("cr-", "crh-", 1);
+    let who = json!({"conference": "late-hold", "participant": a});
+    let mut ws = c.client(0).await;
+    let in_bridge = |bridge: &str| {
+        let bridge = bridge.to_string();
+        let a = a.clone();
+        move |snap: &SimSnapshot| {
+            snap.channel(&a).and_then(|ch| ch.bridge.clone()) == Some(bridge.clone())
+        }
+    };
+
+    // The hold's addChannel waits in Asterisk past the agent's timeout, then runs.
+    sim.hold_operation("addChannel");
+    let (code, message) = ws.err("participant.hold", who.clone()).await;
+    assert_eq!(sim.held_requests("addChannel"), 1, "{code} {message}");
+    let entered_holding = entries(sim, &a, &holding);
+    sim.release_operation("addChannel");
+    wait_for_async("the late hold carried out", WAIT, || async {
+        (entries(sim, &a, &holding) > entered_holding).then_some(())
+    })
+    .await
+    .expect("a entered the holding bridge");
+    until(sim, "a back in the mix", in_bridge(&main)).await;
+    until(sim, "the holding bridge gone", |snap| {
+        snap.bridge(&holding).is_none()
+    })
+    .await;
+    let list = ws
+        .ok("participant.list", json!({"conference": "late-hold"}))
+        .await;
+    assert_eq!(participant(&list, &a)["held"], false, "{list}");
+
+    // Now on hold for real; the unhold's addChannel is the one carried out late.
+    assert_eq!(ws.ok("participant.hold", who.clone()).await, json!({}));
+    until(sim, "a on hold", |snap| {
+        snap.channel(&a)
+            .and_then(|ch| ch.bridge.as_deref())
+            .is_some_and(|b| b.starts_with("crh-"))
+    })
+    .await;
+    // A new holding bridge: the last one was destroyed with its last caller.
+    let holding = sim
+        .snapshot()
+        .channel(&a)
+        .and_then(|ch| ch.bridge.clone())
+        .expect("a's holding bridge");
+    sim.hold_operation("addChannel");
+    let (code, message) = ws.err("participant.unhold", who.clone()).await;
+    assert_eq!(sim.held_requests("addChannel"), 1, "{code} {message}");
+    let entered_main = entries(sim, &a, &main);
+    sim.release_operation("addChannel");
+    wait_for_async("the late unhold carried out", WAIT, || async {
+        (entries(sim, &a, &main) > entered_main).then_some(())
+    })
+    .await
+    .expect("a entered the mix");
+    until(sim, "a back on hold", in_bridge(&holding)).await;
+    let list = ws
+        .ok("participant.list", json!({"conference": "late-hold"}))
+        .await;
+    assert_eq!(participant(&list, &a)["held"], true, "{list}");
+}
+
+/// A start whose move of a waiter into the mix timed out leaves the waiter waiting in the
+/// agent's view; Asterisk moves it later. The next reconciliation settles it: the waiter is
+/// listed in the mix, waiting no more, and the holding bridge goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_move_carried_out_after_its_timeout_is_settled_by_reconciliation() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+            ("CONFROUTE_ARI__RECONCILE_INTERVAL", "1s"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(1, "late-start").await;
+    let sim = &c.node(&owner).sim;
+    let w = dial(sim, "late-start", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
+    let holding = wait_bridged(sim, &w).await;
+    assert!(holding.starts_with("crh-"), "{holding}");
+    let main = holding.replacen("crh-", "cr-", 1);
+    let mut ws = c.client(0).await;
+    let held = format!("addChannel {w}");
+    sim.hold_operation(&held);
+    let s = dial(sim, "late-start", &[]).await;
+    assert_eq!(wait_bridged(sim, &s).await, main);
+    wait_for_async("the waiter's move held", WAIT, || async {
+        (sim.held_requests(&held) == 1).then_some(())
+    })
+    .await
+    .expect("the start moves the waiter");
+    // Past the agent's timeout the waiter is still listed waiting.
+    let node = &c.node(&owner).proc;
+    wait_for_async("the move given up", WAIT, || async {
+        node.output()
+            .contains("cannot move waiting participants")
+            .then_some(())
+    })
+    .await
+    .expect("the start's move timed out");
+    assert!(waiting(&mut ws, "late-start", &w).await);
+    sim.release_operation(&held);
+    until(
+        sim,
+        "the waiter in the mix, the holding bridge gone",
+        |snap| {
+            snap.channel(&w).and_then(|ch| ch.bridge.as_deref()) == Some(main.as_str())
+                && snap.bridge(&holding).is_none()
+        },
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while waiting(&mut ws, "late-start", &w).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{w} still listed waiting"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `participant.list` shows `id` of `conference` waiting for the start.
+async fn waiting(ws: &mut Client, conference: &str, id: &str) -> bool {
+    let list = ws
+        .ok("participant.list", json!({"conference": conference}))
+        .await;
+    participant(&list, id)["waiting"] == true
+}
+
+/// How many times `ch` entered `bridge`, as the simulator's events say.
+fn entries(sim: &TestSim, ch: &str, bridge: &str) -> usize {
+    sim.event_log()
+        .iter()
+        .filter(|e| {
+            e["type"] == "ChannelEnteredBridge"
+                && e["channel"]["id"] == ch
+                && e["bridge"]["id"] == bridge
+        })
+        .count()
 }
 
 /// Conference `from` with callers a and b, and `to` with caller x, on one node (so a move

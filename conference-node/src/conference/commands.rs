@@ -329,6 +329,7 @@ impl Conference {
                 .await
                 .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
             self.node.stop_playbacks(ch).await;
+            self.moved_at = std::time::Instant::now();
             self.node
                 .ari
                 .add_channels(&self.holding, &[ch], false)

@@ -476,6 +476,9 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
             ("POST", "answer") => vec![req.path("channelId")],
             _ => Vec::new(),
         };
+        for ch in &queued_behind {
+            core.wait_held(&format!("{nickname} {ch}")).await;
+        }
         if !queued_behind.is_empty() {
             core.wait_channel_commands(&queued_behind).await;
         }

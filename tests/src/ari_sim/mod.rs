@@ -522,8 +522,9 @@ impl AriSim {
     /// Test-only latency: requests for the ARI operation `op` (its Swagger nickname, e.g.
     /// `answer`, or method and path template, e.g. `GET /channels`, where the nickname is
     /// shared; `answer <nickname>` holds the answer after the work is done and its events
-    /// are out) wait, unhandled and unanswered, until [`AriSim::release_operation`]; what
-    /// they do then is unchanged.
+    /// are out; `<nickname> <channel id>` holds only the addChannel, removeChannel or answer
+    /// naming that channel) wait, unhandled and unanswered, until
+    /// [`AriSim::release_operation`]; what they do then is unchanged.
     pub fn hold_operation(&self, op: &str) {
         self.core.held_ops.send_modify(|h| {
             h.insert(op.to_string());

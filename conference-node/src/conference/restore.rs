@@ -1,0 +1,145 @@
+//! Reconciliation's last word on where each participant is: the mixing bridge or the
+//! holding bridge, as the agent placed it.
+//!
+//! Asterisk carries out a request it has read even when the agent gave up waiting for the
+//! answer (the ARI request timeout). A hold, an unhold or a start's move that timed out was
+//! reported failed, yet may put the caller in the other bridge later: a caller on hold
+//! music while the application and the agent list it as not held, or the reverse. The
+//! agent's view is what the application was told, so the caller is moved back to match it.
+//! A waiter a started conference failed to move in (the agent's view says it waits though
+//! the conference started) is moved in now, as the start meant to.
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::Conference;
+
+/// Where the agent placed a participant, from its view.
+fn belongs_in_holding(held: bool, waiting: bool, started: bool) -> bool {
+    held || (waiting && !started)
+}
+
+impl Conference {
+    /// Moves participants that the listing taken at `taken` shows in the other of the
+    /// conference's two bridges back to the one the agent placed them in.
+    pub(super) async fn restore_placements(
+        &mut self,
+        in_main: &[String],
+        in_holding: &[String],
+        taken: Instant,
+    ) {
+        // A move this actor asked for after the listing may not show in it.
+        if self.moved_at >= taken {
+            return;
+        }
+        let started = self.started;
+        let mut to_holding = Vec::new();
+        let mut to_main = Vec::new();
+        let mut unwaited = Vec::new();
+        for (id, p) in self.participants.iter_mut() {
+            if p.since >= taken || p.moving || p.redirected {
+                continue;
+            }
+            let (mixed, holding) = (in_main.contains(id), in_holding.contains(id));
+            if belongs_in_holding(p.held, p.waiting, started) {
+                if mixed {
+                    to_holding.push(id.clone());
+                }
+            } else if holding {
+                to_main.push(id.clone());
+            } else if mixed && p.waiting {
+                // A start's move Asterisk carried out after the agent gave up on it.
+                p.waiting = false;
+                p.bridge_muted = p.muted;
+                unwaited.push(id.clone());
+            }
+        }
+        if to_holding.is_empty() && to_main.is_empty() && unwaited.is_empty() {
+            return;
+        }
+        for id in &to_holding {
+            self.restore_one(id, true).await;
+        }
+        for id in &to_main {
+            if self.restore_one(id, false).await {
+                if let Some(p) = self.participants.get_mut(id).filter(|p| p.waiting) {
+                    p.waiting = false;
+                    unwaited.push(id.clone());
+                }
+            }
+        }
+        if !unwaited.is_empty() {
+            unwaited.sort();
+            // Subscribers saw these callers join waiting; the start they missed tells them.
+            let by = self
+                .participants
+                .iter()
+                .filter(|(_, p)| !p.waiting && !p.held && !p.moving)
+                .max_by_key(|(_, p)| p.options.start_on_enter)
+                .map(|(id, _)| id.clone());
+            self.emit(
+                "start",
+                json!({"started_by": by, "no_longer_waiting": unwaited}),
+            );
+        }
+        self.tidy_holding().await;
+        self.publish();
+    }
+
+    /// Moves `id` into the holding bridge (`holding`) or the mix; true once it is there.
+    async fn restore_one(&mut self, id: &str, holding: bool) -> bool {
+        let Some(p) = self.participants.get(id) else {
+            return false;
+        };
+        let mut opts = p.options.clone();
+        opts.muted = p.muted;
+        tracing::warn!(conference = %self.name, channel = id, holding, "participant found in the other bridge than the agent placed it in (an ARI request carried out after its timeout); moving it back");
+        let moved = if holding {
+            match self.ensure_holding(&opts.wait_music).await {
+                Ok(()) => {
+                    self.node.stop_playbacks(id).await;
+                    self.moved_at = Instant::now();
+                    let holding = self.holding.clone();
+                    self.node.ari.add_channels(&holding, &[id], false).await
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            self.add(id, false, &opts).await
+        };
+        match moved {
+            Ok(()) => {
+                if let Some(p) = self.participants.get_mut(id).filter(|_| !holding) {
+                    p.bridge_muted = p.muted;
+                }
+                self.node
+                    .metrics
+                    .reconcile_actions
+                    .with_label_values(&["restored_participant_bridge"])
+                    .inc();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot move the participant back; the next reconciliation tries again");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::belongs_in_holding;
+
+    #[test]
+    fn held_callers_and_waiters_before_the_start_belong_in_the_holding_bridge() {
+        assert!(belongs_in_holding(true, false, true));
+        assert!(belongs_in_holding(true, true, false));
+        assert!(belongs_in_holding(false, true, false));
+        // A waiter of a started conference was meant to move in with the start.
+        assert!(!belongs_in_holding(false, true, true));
+        assert!(!belongs_in_holding(false, false, true));
+        assert!(!belongs_in_holding(false, false, false));
+    }
+}
