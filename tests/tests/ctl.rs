@@ -18,6 +18,12 @@ use node_common::{dial, wait_bridged, Single, WAIT};
 const TOKEN: &str = "ctl-token-0123456789abcdef";
 
 fn ctl(url: &str, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let (code, out, err) = ctl_code(url, token, args);
+    (code == Some(0), out, err)
+}
+
+/// [`ctl`] with the exit status (`None` when a signal ended it).
+fn ctl_code(url: &str, token: Option<&str>, args: &[&str]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(workspace_bin("confroute-ctl").expect("confroute-ctl built"));
     cmd.arg("--url")
         .arg(url)
@@ -28,7 +34,7 @@ fn ctl(url: &str, token: Option<&str>, args: &[&str]) -> (bool, String, String) 
     }
     let out = cmd.output().expect("run confroute-ctl");
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
@@ -169,8 +175,9 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     assert_eq!(out.trim(), "node-a: draining -> serving");
 
     // Errors: exit non-zero with the API's code, nothing changed.
-    let (ok, _, err) = ctl(&url, None, &["nodes", "drain", "node-b"]);
-    assert!(!ok);
+    // The exit status tells a script the kind: 4 for the token.
+    let (code, _, err) = ctl_code(&url, None, &["nodes", "drain", "node-b"]);
+    assert_eq!(code, Some(4), "{err}");
     assert!(err.contains("unauthorized"), "{err}");
     let node_b = store
         .get_node(&fixtures::id("node-b"))
@@ -178,14 +185,14 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         .expect("get")
         .expect("live");
     assert_eq!(node_b.info.state.as_str(), "serving");
-    let (ok, _, err) = ctl(&url, Some(TOKEN), &["nodes", "drain", "ghost"]);
-    assert!(!ok);
+    let (code, _, err) = ctl_code(&url, Some(TOKEN), &["nodes", "drain", "ghost"]);
+    assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("node_not_found"), "{err}");
-    let (ok, _, err) = ctl(&url, Some(TOKEN), &["route", "bad name"]);
-    assert!(!ok);
+    let (code, _, err) = ctl_code(&url, Some(TOKEN), &["route", "bad name"]);
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("invalid_conference"), "{err}");
-    let (ok, _, err) = ctl("http://127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
-    assert!(!ok);
+    let (code, _, err) = ctl_code("http://127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
+    assert_eq!(code, Some(5), "{err}");
     assert!(err.contains("cannot reach"), "{err}");
     // A password in --url is not repeated in messages.
     let (ok, _, err) = ctl(
@@ -198,8 +205,8 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         err.contains("cannot reach") && err.contains("***") && !err.contains("hunter2"),
         "{err}"
     );
-    let (ok, _, err) = ctl("127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
-    assert!(!ok);
+    let (code, _, err) = ctl_code("127.0.0.1:1", Some(TOKEN), &["nodes", "list"]);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("bad --url 127.0.0.1:1: give the scheme, http:// or https://"),
         "{err}"
@@ -225,8 +232,8 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         );
     }
     // A token no header can carry is named as the problem, not the network.
-    let (ok, _, err) = ctl(&url, Some("ctl-token\nsecond-line"), &["nodes", "list"]);
-    assert!(!ok);
+    let (code, _, err) = ctl_code(&url, Some("ctl-token\nsecond-line"), &["nodes", "list"]);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("the token") && !err.contains("cannot reach"),
         "{err}"
@@ -294,8 +301,8 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
                 .await;
         }
     });
-    let (ok, _, err) = ctl(&other_url, Some(TOKEN), &["nodes", "list"]);
-    assert!(!ok);
+    let (code, _, err) = ctl_code(&other_url, Some(TOKEN), &["nodes", "list"]);
+    assert_eq!(code, Some(1), "a stranger's 404 is no missing node: {err}");
     assert!(
         err.contains("404 Not Found")
             && err.contains("does not answer like a confroute controller")
@@ -306,11 +313,17 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
 
 /// Runs `confroute-ctl` off the async runtime (the simulated Asterisk lives on it).
 async fn ctl_async(url: &str, args: &[&str]) -> (bool, String, String) {
+    let (code, out, err) = ctl_async_code(url, args).await;
+    (code == Some(0), out, err)
+}
+
+/// [`ctl_async`] with the exit status.
+async fn ctl_async_code(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let url = url.to_string();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ctl(&url, None, &args)
+        ctl_code(&url, None, &args)
     })
     .await
     .expect("confroute-ctl ran")
@@ -448,11 +461,16 @@ async fn ctl_dials_out_and_follows_the_call() {
             .count()
     };
     let before = originates();
-    let (ok, _, err) = ctl_async(&url, &["dialout", "ctl-room", "12", "--wait"]).await;
-    assert!(!ok);
+    let (code, _, err) = ctl_async_code(&url, &["dialout", "ctl-room", "12", "--wait"]).await;
+    assert_eq!(code, Some(1), "{err}");
     // Named as the REST commands name theirs, with the JSON-RPC number beside it.
     assert!(err.contains("invalid_number (-32004): "), "{err}");
     assert_eq!(originates(), before);
+    // One nobody can find exits 3, as a missing node or conference does.
+    let (code, _, err) =
+        ctl_async_code(&url, &["participants", "kick", "ctl-room", "nobody.1"]).await;
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("participant_not_found"), "{err}");
 }
 
 /// A name or id is sent as one path segment: `?`, `#`, `/` and dot segments in what the
@@ -564,7 +582,7 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
         err.push_str(&line);
         err.push('\n');
     }
-    assert!(!status.success(), "a non-zero exit");
+    assert_eq!(status.code(), Some(5), "unavailable: {err}");
     assert!(err.contains("closed the connection"), "{err}");
 
     // A controller that stops answering without closing (frozen): given up after the idle
@@ -574,17 +592,17 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
     let events = {
         let url = url.clone();
         tokio::task::spawn_blocking(move || {
-            ctl(&url, None, &["events", "room-1", "--idle-timeout", "2"])
+            ctl_code(&url, None, &["events", "room-1", "--idle-timeout", "2"])
         })
     };
     wait_events_open(&url).await;
     frozen.process().signal(libc::SIGSTOP).expect("freeze");
     let ended = tokio::time::timeout(WAIT, events).await;
     frozen.process().signal(libc::SIGCONT).expect("thaw");
-    let (ok, _, err) = ended
+    let (code, _, err) = ended
         .expect("ctl gives up on a frozen controller")
         .expect("ctl ran");
-    assert!(!ok, "a non-zero exit");
+    assert_eq!(code, Some(5), "unavailable: {err}");
     assert!(err.contains("sent nothing for 2s"), "{err}");
 }
 
@@ -634,7 +652,7 @@ async fn ctl_dialout_wait_reports_a_node_that_dies_mid_ring() {
     s.node.process().kill();
     let done = child.wait_with_output().await.expect("ctl exits");
     let err = String::from_utf8_lossy(&done.stderr);
-    assert!(!done.status.success(), "{out}");
+    assert_eq!(done.status.code(), Some(5), "outcome unknown: {out}");
     assert!(
         err.contains("the node placing the call is gone (node_lost)"),
         "{err}\n{out}"

@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// `print!` that ends the process when whoever reads the output has gone: quietly for a
 /// closed pipe (`| head -1` on `events`), with the error for anything else (a full disk).
@@ -39,7 +39,11 @@ macro_rules! outln {
 #[command(
     name = "confroute-ctl",
     version,
-    about = "Operate a confroute cluster through any controller"
+    about = "Operate a confroute cluster through any controller",
+    after_help = "Exit status: 0 done; 1 failed (refused, or the call did not go through); \
+2 a mistake in the command line; 3 no such node, conference or participant; \
+4 the API token is missing or wrong; 5 the controller, Redis or the node could not be \
+reached or did not answer (the outcome may be unknown)."
 )]
 struct Cli {
     /// Controller HTTP address.
@@ -221,8 +225,48 @@ enum PartCmd {
     },
 }
 
-/// A failed command, with the API's error code when it gave one.
-struct Failure(String);
+/// A failed command: its message, and the exit status that tells a script its kind.
+struct Failure(String, Exit);
+
+/// Exit statuses besides 0 (success) and clap's 2 for a command line it cannot parse.
+#[derive(Clone, Copy, Debug)]
+enum Exit {
+    /// The command failed: refused by the controller, or the call did not go through.
+    Failed = 1,
+    /// A mistake in the command line that clap cannot see (`--url`, the token, an id).
+    Usage = 2,
+    /// The node, conference or participant does not exist.
+    NotFound = 3,
+    /// The API token is missing or wrong.
+    Denied = 4,
+    /// The controller (or behind it Redis or the node) cannot be reached or did not answer.
+    Unavailable = 5,
+}
+
+/// A failure of the generic kind.
+fn failed(message: impl Into<String>) -> Failure {
+    Failure(message.into(), Exit::Failed)
+}
+
+/// A command-line mistake.
+fn usage(message: impl Into<String>) -> Failure {
+    Failure(message.into(), Exit::Usage)
+}
+
+/// Nobody to answer: the controller, or Redis or the node behind it.
+fn unavailable(message: impl Into<String>) -> Failure {
+    Failure(message.into(), Exit::Unavailable)
+}
+
+/// The exit status for the controller's refusal with `status`.
+fn http_exit(status: reqwest::StatusCode) -> Exit {
+    match status.as_u16() {
+        401 | 403 => Exit::Denied,
+        404 => Exit::NotFound,
+        502..=504 => Exit::Unavailable,
+        _ => Exit::Failed,
+    }
+}
 
 /// Longest wait for the WebSocket to open.
 const WS_CONNECT: Duration = Duration::from_secs(10);
@@ -253,23 +297,23 @@ fn api(http: reqwest::Client, url: &str, token: Option<String>) -> Result<Api, F
     };
     // Without one, `host:port` would parse as a URL whose scheme is the host.
     if !url.contains("://") {
-        return Err(Failure(format!(
+        return Err(usage(format!(
             "bad --url {redacted}: give the scheme, http:// or https://"
         )));
     }
     let shown = match reqwest::Url::parse(url) {
         Ok(u) if !matches!(u.scheme(), "http" | "https") => {
-            return Err(Failure(format!(
+            return Err(usage(format!(
                 "bad --url {redacted}: the scheme must be http or https"
             )))
         }
         Ok(_) => redacted,
-        Err(e) => return Err(Failure(format!("bad --url {redacted}: {e}"))),
+        Err(e) => return Err(usage(format!("bad --url {redacted}: {e}"))),
     };
     if let Some(t) = &token {
         if reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).is_err() {
-            return Err(Failure(
-                "the token (--token or CONFROUTE_CTL_TOKEN) holds a character an HTTP header cannot carry, such as a line break".into(),
+            return Err(usage(
+                "the token (--token or CONFROUTE_CTL_TOKEN) holds a character an HTTP header cannot carry, such as a line break",
             ));
         }
     }
@@ -304,11 +348,11 @@ impl Api {
     ) -> Result<Value, Failure> {
         // The URL parser would resolve these as path steps rather than send them.
         if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
-            return Err(Failure(format!(
+            return Err(usage(format!(
                 "`{bad}` is not a valid conference name, node id or participant id"
             )));
         }
-        let bad_url = |e: String| Failure(format!("bad --url {}: {e}", self.shown));
+        let bad_url = |e: String| usage(format!("bad --url {}: {e}", self.shown));
         let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(e.to_string()))?;
         url.path_segments_mut()
             .map_err(|()| bad_url("not an http(s) URL".into()))?
@@ -326,10 +370,13 @@ impl Api {
         }
         let resp = req.send().await.map_err(|e| {
             if e.is_timeout() {
-                Failure(format!("{} did not answer within 30 s", self.shown))
+                Failure(
+                    format!("{} did not answer within 30 s", self.shown),
+                    Exit::Unavailable,
+                )
             } else {
                 // reqwest's message repeats the URL, password and all.
-                Failure(format!(
+                unavailable(format!(
                     "cannot reach {}: {}",
                     self.shown,
                     causes(&e.without_url())
@@ -340,19 +387,27 @@ impl Api {
         let text = resp
             .text()
             .await
-            .map_err(|e| Failure(format!("reading the answer: {e}")))?;
+            .map_err(|e| failed(format!("reading the answer: {e}")))?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
             Ok(v)
         } else if let (Some(code), Some(msg)) =
             (v["error"]["code"].as_str(), v["error"]["message"].as_str())
         {
-            Err(Failure(format!("{status}: {code}: {msg}")))
+            Err(Failure(
+                format!("{status}: {code}: {msg}"),
+                http_exit(status),
+            ))
         } else {
             // Not a controller's error body: some other server (a wrong --url, a proxy).
             let body: String = match &v {
                 Value::String(t) => t.chars().take(200).collect(),
                 other => other.to_string().chars().take(200).collect(),
+            };
+            let exit = if status.is_server_error() {
+                Exit::Unavailable
+            } else {
+                Exit::Failed
             };
             Err(Failure(format!(
                 "{status} from {}, which does not answer like a confroute controller (is --url right?){}",
@@ -362,7 +417,7 @@ impl Api {
                 } else {
                     format!(": {}", body.trim())
                 }
-            )))
+            ), exit))
         }
     }
 
@@ -381,17 +436,23 @@ impl Api {
             .replacen("https://", "wss://", 1);
         let mut req = format!("{ws_url}/v1/rpc")
             .into_client_request()
-            .map_err(|e| Failure(format!("bad url: {e}")))?;
+            .map_err(|e| usage(format!("bad url: {e}")))?;
         if let Some(t) = &self.token {
             let v = format!("Bearer {t}")
                 .parse()
-                .map_err(|_| Failure("the token is not a valid header value".into()))?;
+                .map_err(|_| usage("the token is not a valid header value"))?;
             req.headers_mut().insert("authorization", v);
         }
         let (ws, _) = tokio::time::timeout(WS_CONNECT, tokio_tungstenite::connect_async(req))
             .await
-            .map_err(|_| Failure(format!("cannot open the WebSocket within {WS_CONNECT:?}")))?
-            .map_err(|e| Failure(format!("cannot open the WebSocket: {e}")))?;
+            .map_err(|_| unavailable(format!("cannot open the WebSocket within {WS_CONNECT:?}")))?
+            .map_err(|e| match e {
+                WsError::Http(resp) => Failure(
+                    format!("cannot open the WebSocket: {}", resp.status()),
+                    http_exit(resp.status()),
+                ),
+                other => unavailable(format!("cannot open the WebSocket: {other}")),
+            })?;
         Ok(ws)
     }
 }
@@ -455,7 +516,15 @@ fn rpc_failure(e: &Value) -> Failure {
         codes::UNAVAILABLE => "unavailable",
         _ => "error",
     };
-    Failure(format!("{name} ({}): {}", s(&e["code"]), s(&e["message"])))
+    let exit = match e["code"].as_i64().unwrap_or(0) {
+        codes::CONFERENCE_NOT_FOUND | codes::PARTICIPANT_NOT_FOUND => Exit::NotFound,
+        codes::NODE_UNAVAILABLE | codes::TIMEOUT | codes::UNAVAILABLE => Exit::Unavailable,
+        _ => Exit::Failed,
+    };
+    Failure(
+        format!("{name} ({}): {}", s(&e["code"]), s(&e["message"])),
+        exit,
+    )
 }
 
 fn s(v: &Value) -> String {
@@ -576,7 +645,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(|e| Failure(format!("http client: {e}")))?;
+        .map_err(|e| failed(format!("http client: {e}")))?;
     let api = api(http, &cli.url, cli.token.clone())?;
     let json_out = cli.json;
     let show = |v: &Value, human: fn(&Value)| {
@@ -814,7 +883,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let req = json!({"jsonrpc": "2.0", "method": "dialout", "params": params, "id": 1});
             ws.send(Message::Text(req.to_string().into()))
                 .await
-                .map_err(|e| Failure(format!("send: {e}")))?;
+                .map_err(|e| unavailable(format!("send: {e}")))?;
             // A node that dies while the call rings never sends the last status: give up
             // once the ring time and a margin have passed.
             let ring = Duration::from_secs(timeout.unwrap_or(30));
@@ -824,7 +893,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Ok(Some(msg)) => msg,
                     Ok(None) => break,
                     Err(_) => {
-                        return Err(Failure(format!(
+                        return Err(failed(format!(
                             "no final status within {:?} (the ring time and {DIALOUT_MARGIN:?})",
                             ring + DIALOUT_MARGIN
                         )))
@@ -855,9 +924,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                     match status {
                         "connected" | "cleared" => return Ok(()),
-                        "rejected" => return Err(Failure("the call was rejected".into())),
+                        "rejected" => return Err(failed("the call was rejected")),
                         "unknown" => {
-                            return Err(Failure(format!(
+                            return Err(unavailable(format!(
                                 "the node placing the call is gone ({}); its outcome is unknown",
                                 s(&p["reason"])
                             )))
@@ -866,8 +935,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                 }
             }
-            return Err(Failure(
-                "the connection closed before the call finished".into(),
+            return Err(unavailable(
+                "the connection closed before the call finished",
             ));
         }
         Cmd::Events {
@@ -879,13 +948,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let req = json!({"jsonrpc": "2.0", "method": "subscribe", "params": {"conference": c}, "id": i});
                 ws.send(Message::Text(req.to_string().into()))
                     .await
-                    .map_err(|e| Failure(format!("send: {e}")))?;
+                    .map_err(|e| unavailable(format!("send: {e}")))?;
                 // Subscribing to a conference nobody is in succeeds: a look at it tells the
                 // user why nothing comes.
                 let look = json!({"jsonrpc": "2.0", "method": "conference.get", "params": {"conference": c}, "id": format!("look-{i}")});
                 ws.send(Message::Text(look.to_string().into()))
                     .await
-                    .map_err(|e| Failure(format!("send: {e}")))?;
+                    .map_err(|e| unavailable(format!("send: {e}")))?;
             }
             // A quiet conference sends nothing for hours: pings tell a live controller from
             // one that stopped answering (frozen, or cut off without a close).
@@ -898,13 +967,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     msg = ws.next() => msg,
                     _ = ping.tick() => {
                         if heard.elapsed() >= idle {
-                            return Err(Failure(format!(
+                            return Err(unavailable(format!(
                                 "the controller sent nothing for {idle:?}, not even a pong; giving up"
                             )));
                         }
                         ws.send(Message::Ping(Vec::new().into()))
                             .await
-                            .map_err(|e| Failure(format!("send: {e}")))?;
+                            .map_err(|e| unavailable(format!("send: {e}")))?;
                         continue;
                     }
                 };
@@ -945,7 +1014,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             // Only Ctrl-C is a normal end; a script must see the controller going away.
-            return Err(Failure("the controller closed the connection".into()));
+            return Err(unavailable("the controller closed the connection"));
         }
     }
     Ok(())
@@ -957,9 +1026,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(m)) => {
+        Err(Failure(m, exit)) => {
             eprintln!("confroute-ctl: {m}");
-            ExitCode::FAILURE
+            ExitCode::from(exit as u8)
         }
     }
 }
