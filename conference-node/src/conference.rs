@@ -288,6 +288,9 @@ struct Participant {
     /// Wall-clock join time (ms since the epoch).
     joined_ms: u64,
     since: Instant,
+    /// When the agent last had an addChannel for it under way (sent or answered): a
+    /// listing taken before then may show it where it was.
+    placed_at: Instant,
 }
 
 impl Participant {
@@ -306,6 +309,7 @@ impl Participant {
             tech: "PJSIP".to_string(),
             joined_ms: now_ms(),
             since: Instant::now(),
+            placed_at: Instant::now(),
         }
     }
 }
@@ -350,9 +354,6 @@ struct Conference {
     holding: String,
     holding_created: bool,
     started: bool,
-    /// When this actor last asked Asterisk to put a channel in one of its bridges: a listing
-    /// taken before then may show the channel where it was.
-    moved_at: Instant,
     participants: BTreeMap<String, Participant>,
     max_participants: u32,
     record: Record,
@@ -393,7 +394,6 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         holding: String::new(),
         holding_created: false,
         started: false,
-        moved_at: Instant::now(),
         participants: BTreeMap::new(),
         max_participants: 0,
         record: Record::DoNotRecord,
@@ -895,15 +895,53 @@ impl Conference {
         self.publish();
     }
 
+    /// `addChannel` of `ids` into `bridge`, with each participant among them marked as being
+    /// placed while the request is under way (see [`Participant::placed_at`]).
+    async fn bridge_add(
+        &mut self,
+        bridge: &str,
+        ids: &[&str],
+        muted: bool,
+    ) -> Result<(), AriError> {
+        self.mark_placed(ids);
+        let result = self.node.ari.add_channels(bridge, ids, muted).await;
+        self.mark_placed(ids);
+        result
+    }
+
+    fn mark_placed(&mut self, ids: &[&str]) {
+        let now = Instant::now();
+        for id in ids {
+            if let Some(p) = self.participants.get_mut(*id) {
+                p.placed_at = now;
+            }
+        }
+    }
+
+    /// Moves `ch` out of the mix into the holding bridge, made first if need be (and made
+    /// again once if it vanished, as [`Conference::add`] does).
+    async fn into_holding(&mut self, ch: &str, opts: &Options) -> Result<(), AriError> {
+        self.ensure_holding(&opts.wait_music).await?;
+        // Nobody is mixed there: a bridge mute would only have to be taken off again.
+        let unmuted = Options {
+            muted: false,
+            ..opts.clone()
+        };
+        self.add(ch, true, &unmuted).await
+    }
+
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
     /// destroyed behind the agent's back) is created again once.
     async fn add(&mut self, ch: &str, waiting: bool, opts: &Options) -> Result<(), AriError> {
         self.node.stop_playbacks(ch).await;
         let mut recreated = false;
         loop {
-            self.moved_at = Instant::now();
-            let bridge = if waiting { &self.holding } else { &self.main };
-            match self.node.ari.add_channels(bridge, &[ch], opts.muted).await {
+            let bridge = if waiting {
+                self.holding.clone()
+            } else {
+                self.main.clone()
+            };
+            match self.bridge_add(&bridge, &[ch], opts.muted).await {
                 Err(e) if e.kind == AriErrorKind::NotFound && !recreated => {
                     tracing::warn!(conference = %self.name, bridge = %bridge, "bridge vanished; creating it again");
                     recreated = true;
@@ -1072,7 +1110,7 @@ impl Conference {
         // A participant's announcement would hold its move until it ends.
         let node = self.node.clone();
         futures_util::future::join_all(waiting.iter().map(|id| node.stop_playbacks(id))).await;
-        self.moved_at = Instant::now();
+        let main = self.main.clone();
         // addChannel takes one mute flag per call: move the muted and the others apart.
         for muted in [false, true] {
             let group: Vec<&str> = waiting
@@ -1083,7 +1121,7 @@ impl Conference {
             if group.is_empty() {
                 continue;
             }
-            let moved = match self.node.ari.add_channels(&self.main, &group, muted).await {
+            let moved = match self.bridge_add(&main, &group, muted).await {
                 Ok(()) => group,
                 Err(e) if group.len() > 1 => {
                     // Asterisk adds nobody when one channel of the list is gone or out of
@@ -1093,7 +1131,7 @@ impl Conference {
                     tracing::warn!(conference = %self.name, error = %e, "cannot move the waiting participants together; moving them one by one");
                     let mut moved = Vec::new();
                     for id in group {
-                        match self.node.ari.add_channels(&self.main, &[id], muted).await {
+                        match self.bridge_add(&main, &[id], muted).await {
                             Ok(()) => moved.push(id),
                             Err(e) if e.channel_gone() => {
                                 tracing::info!(conference = %self.name, channel = id, "waiting participant left as the conference started");
@@ -1606,7 +1644,7 @@ impl Conference {
             tracing::warn!(conference = %self.name, keep = %chosen.id, leftover = %extra.id, callers = extra.channels.len(), "two bridges of one kind for the conference; merging the leftover into the other");
             if !extra.channels.is_empty() {
                 let ids: Vec<&str> = extra.channels.iter().map(String::as_str).collect();
-                match self.node.ari.add_channels(&chosen.id, &ids, false).await {
+                match self.bridge_add(&chosen.id, &ids, false).await {
                     Ok(()) => chosen.channels.extend(extra.channels.iter().cloned()),
                     Err(e) => {
                         tracing::warn!(bridge = %extra.id, error = %e, "cannot move callers out of a leftover bridge");

@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 
 use confroute_shared::bus::{BusError, ErrorCode};
 use confroute_shared::config::Issues;
+use confroute_shared::dialout::caller_id;
 pub use confroute_shared::dialout::{target, Target};
 
 use crate::config::{DialoutConfig, NodeConfig};
@@ -23,8 +24,6 @@ use crate::control::{DialoutP, Pending};
 use crate::node::{lock, Node};
 use crate::options::{self, Options};
 
-/// Longest accepted caller id.
-const MAX_CALLER_ID: usize = 128;
 /// Seconds a callee rings when the command names no timeout.
 const DEFAULT_TIMEOUT: u64 = 30;
 /// How long after the callee's StasisEnd the call is reported `cleared` if Asterisk's
@@ -118,16 +117,6 @@ pub fn check_config(cfg: &DialoutConfig, issues: &mut Issues) {
     );
     if let Err(e) = caller_id(&cfg.caller_id) {
         issues.add("dialout.caller_id", e);
-    }
-}
-
-fn caller_id(s: &str) -> Result<(), String> {
-    if s.len() > MAX_CALLER_ID || s.bytes().any(|b| b.is_ascii_control()) {
-        Err(format!(
-            "must be at most {MAX_CALLER_ID} printable characters"
-        ))
-    } else {
-        Ok(())
     }
 }
 

@@ -758,8 +758,9 @@ async fn a_hold_or_unhold_carried_out_after_its_timeout_is_undone_by_reconciliat
 }
 
 /// A start whose move of a waiter into the mix timed out leaves the waiter waiting in the
-/// agent's view; Asterisk moves it later. The next reconciliation settles it: the waiter is
-/// listed in the mix, waiting no more, and the holding bridge goes.
+/// agent's view; Asterisk moves it later, with the bridge mute of that moment. The next
+/// reconciliation settles it: the waiter is listed in the mix, waiting no more, with the
+/// bridge mute its mute now calls for, and the holding bridge goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_move_carried_out_after_its_timeout_is_settled_by_reconciliation() {
     let c = Cluster::start(
@@ -778,6 +779,9 @@ async fn a_start_move_carried_out_after_its_timeout_is_settled_by_reconciliation
     assert!(holding.starts_with("crh-"), "{holding}");
     let main = holding.replacen("crh-", "cr-", 1);
     let mut ws = c.client(0).await;
+    let who = json!({"conference": "late-start", "participant": w});
+    // Muted while waiting: the start moves it in with the bridge mute.
+    assert_eq!(ws.ok("participant.mute", who.clone()).await, json!({}));
     let held = format!("addChannel {w}");
     sim.hold_operation(&held);
     let s = dial(sim, "late-start", &[]).await;
@@ -797,13 +801,22 @@ async fn a_start_move_carried_out_after_its_timeout_is_settled_by_reconciliation
     .await
     .expect("the start's move timed out");
     assert!(waiting(&mut ws, "late-start", &w).await);
+    // Unmuted before the late move lands: nothing in the mix to take a bridge mute off yet.
+    assert_eq!(ws.ok("participant.unmute", who).await, json!({}));
+    let entered_main = entries(sim, &w, &main);
     sim.release_operation(&held);
+    wait_for_async("the late move carried out", WAIT, || async {
+        (entries(sim, &w, &main) > entered_main).then_some(())
+    })
+    .await
+    .expect("the waiter entered the mix");
     until(
         sim,
-        "the waiter in the mix, the holding bridge gone",
+        "the waiter in the mix without a bridge mute, the holding bridge gone",
         |snap| {
-            snap.channel(&w).and_then(|ch| ch.bridge.as_deref()) == Some(main.as_str())
-                && snap.bridge(&holding).is_none()
+            snap.channel(&w).is_some_and(|ch| {
+                ch.bridge.as_deref() == Some(main.as_str()) && !ch.bridge_mute && !ch.muted_in
+            }) && snap.bridge(&holding).is_none()
         },
     )
     .await;

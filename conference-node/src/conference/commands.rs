@@ -277,16 +277,18 @@ impl Conference {
         } else {
             self.main.clone()
         };
-        let ari = &self.node.ari;
-        ari.mute(ch, "in", on)
+        self.node
+            .ari
+            .mute(ch, "in", on)
             .await
             .map_err(|e| ari_failure(ch, &e))?;
         if !on && bridge_muted {
             self.node.stop_playbacks(ch).await;
-            ari.add_channels(&bridge, &[ch], false)
+            self.bridge_add(&bridge, &[ch], false)
                 .await
                 .map_err(|e| ari_failure(ch, &e))?;
         }
+        let ari = &self.node.ari;
         // Asterisk shows no mute that an agent restarted later could read back; the
         // variable a caller joins muted with can say it instead.
         let value = if on { "true" } else { "false" };
@@ -325,14 +327,7 @@ impl Conference {
         let mut opts = p.options.clone();
         opts.muted = p.muted;
         if on && !p.waiting {
-            self.ensure_holding(&opts.wait_music)
-                .await
-                .map_err(|e| BusError::new(ErrorCode::Internal, e.to_string()))?;
-            self.node.stop_playbacks(ch).await;
-            self.moved_at = std::time::Instant::now();
-            self.node
-                .ari
-                .add_channels(&self.holding, &[ch], false)
+            self.into_holding(ch, &opts)
                 .await
                 .map_err(|e| ari_failure(ch, &e))?;
         } else if to_mix {

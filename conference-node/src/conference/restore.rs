@@ -6,8 +6,9 @@
 //! reported failed, yet may put the caller in the other bridge later: a caller on hold
 //! music while the application and the agent list it as not held, or the reverse. The
 //! agent's view is what the application was told, so the caller is moved back to match it.
-//! A waiter a started conference failed to move in (the agent's view says it waits though
-//! the conference started) is moved in now, as the start meant to.
+//! A waiter a started conference did not move in (the move failed, or timed out and was
+//! carried out later) is moved in now, as the start meant to, with a second `start` event
+//! naming it.
 
 use std::time::Instant;
 
@@ -29,16 +30,12 @@ impl Conference {
         in_holding: &[String],
         taken: Instant,
     ) {
-        // A move this actor asked for after the listing may not show in it.
-        if self.moved_at >= taken {
-            return;
-        }
         let started = self.started;
         let mut to_holding = Vec::new();
         let mut to_main = Vec::new();
-        let mut unwaited = Vec::new();
-        for (id, p) in self.participants.iter_mut() {
-            if p.since >= taken || p.moving || p.redirected {
+        for (id, p) in &self.participants {
+            // The listing may predate its join or its last move (sent, or answered since).
+            if p.since >= taken || p.placed_at >= taken || p.moving || p.redirected {
                 continue;
             }
             let (mixed, holding) = (in_main.contains(id), in_holding.contains(id));
@@ -46,21 +43,20 @@ impl Conference {
                 if mixed {
                     to_holding.push(id.clone());
                 }
-            } else if holding {
+            } else if holding || (mixed && p.waiting) {
+                // A waiter of a started conference found in the mix got there by a start's
+                // move Asterisk carried out late, with the mute flag of that moment: added
+                // again, it has the bridge mute its current mute calls for.
                 to_main.push(id.clone());
-            } else if mixed && p.waiting {
-                // A start's move Asterisk carried out after the agent gave up on it.
-                p.waiting = false;
-                p.bridge_muted = p.muted;
-                unwaited.push(id.clone());
             }
         }
-        if to_holding.is_empty() && to_main.is_empty() && unwaited.is_empty() {
+        if to_holding.is_empty() && to_main.is_empty() {
             return;
         }
         for id in &to_holding {
             self.restore_one(id, true).await;
         }
+        let mut unwaited = Vec::new();
         for id in &to_main {
             if self.restore_one(id, false).await {
                 if let Some(p) = self.participants.get_mut(id).filter(|p| p.waiting) {
@@ -94,17 +90,9 @@ impl Conference {
         };
         let mut opts = p.options.clone();
         opts.muted = p.muted;
-        tracing::warn!(conference = %self.name, channel = id, holding, "participant found in the other bridge than the agent placed it in (an ARI request carried out after its timeout); moving it back");
+        tracing::warn!(conference = %self.name, channel = id, holding, "participant found in the other bridge than the agent placed it in (a move Asterisk carried out after the agent gave up on it, or one that failed); moving it");
         let moved = if holding {
-            match self.ensure_holding(&opts.wait_music).await {
-                Ok(()) => {
-                    self.node.stop_playbacks(id).await;
-                    self.moved_at = Instant::now();
-                    let holding = self.holding.clone();
-                    self.node.ari.add_channels(&holding, &[id], false).await
-                }
-                Err(e) => Err(e),
-            }
+            self.into_holding(id, &opts).await
         } else {
             self.add(id, false, &opts).await
         };
