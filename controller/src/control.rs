@@ -623,10 +623,8 @@ impl Control {
             ));
         }
         if let Some(from) = &p.from {
-            if from.len() > 128 || from.bytes().any(|b| b.is_ascii_control()) {
-                return Err(ControlError::InvalidParams(
-                    "from: at most 128 printable characters".into(),
-                ));
+            if let Err(e) = confroute_shared::dialout::caller_id(from) {
+                return Err(ControlError::InvalidParams(format!("from: {e}")));
             }
         }
         let timeout = p.timeout.unwrap_or(30);

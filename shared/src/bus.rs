@@ -345,7 +345,8 @@ impl Bus {
         }
     }
 
-    /// Compares this process's clock with Redis's now and every [`CLOCK_CHECK_EVERY`], so
+    /// Compares this process's clock with Redis's now and every [`CLOCK_CHECK_EVERY`] (sooner
+    /// again after a comparison that failed or took too long), so
     /// commands carry when they were sent by the clock every process shares.
     fn spawn_clock(&self) {
         let weak = Arc::downgrade(&self.inner);

@@ -1,8 +1,23 @@
-//! Dial-out targets: the one rule the controller checks before sending a dial-out and the
-//! node checks again before dialling (it trusts nobody's checks).
+//! Dial-out targets and caller ids: the rules the controller checks before sending a
+//! dial-out and the node checks again before dialling (it trusts nobody's checks).
 
 /// Longest accepted target.
 pub const MAX_TARGET: usize = 256;
+
+/// Longest accepted caller id, in characters.
+pub const MAX_CALLER_ID: usize = 128;
+
+/// Checks a caller id (`from`, `dialout.caller_id`): at most [`MAX_CALLER_ID`] characters,
+/// none of them a control character (they would end up in a SIP header).
+pub fn caller_id(s: &str) -> Result<(), String> {
+    if s.chars().count() > MAX_CALLER_ID || s.chars().any(char::is_control) {
+        Err(format!(
+            "must be at most {MAX_CALLER_ID} characters, none of them control characters"
+        ))
+    } else {
+        Ok(())
+    }
+}
 
 /// Where a dial-out goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +59,16 @@ pub fn target(t: &str) -> Option<Target<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caller_ids_count_characters_and_refuse_control_characters() {
+        assert!(caller_id("").is_ok());
+        assert!(caller_id(&"é".repeat(128)).is_ok());
+        assert!(caller_id(&"é".repeat(129)).is_err());
+        assert!(caller_id("Alice \u{85}").is_err());
+        assert!(caller_id("Alice\r\nVia: x").is_err());
+        assert!(caller_id("\"Alice\" <+15550001>").is_ok());
+    }
 
     #[test]
     fn targets() {
