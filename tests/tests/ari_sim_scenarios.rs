@@ -637,6 +637,109 @@ async fn a_move_waits_behind_the_channels_playback() {
     );
 }
 
+/// Asynchronous channel commands (mute, DTMF, setChannelVar, ...: control.c
+/// `stasis_app_send_command_async`) are answered at once but wait in the channel's command
+/// queue behind its playback, and run in order before the playback queued after them. A
+/// setChannelVar that cannot be carried out is still answered 204 (the failure is only
+/// logged), and a getChannelVar, which is not queued, reads the value of the moment.
+#[tokio::test]
+async fn async_channel_commands_run_after_the_channels_playback() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "q"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/long?media=sound:a"),
+    )
+    .await;
+    ws.until(WAIT, is("PlaybackStarted"))
+        .await
+        .expect("the playback started");
+    for path in [
+        format!("/channels/{a}/mute?direction=in"),
+        format!("/channels/{a}/dtmf?dtmf=1"),
+        format!("/channels/{a}/variable?variable=QUEUED&value=1"),
+        format!("/channels/{a}/variable?variable=NOSUCHFUNC(x)&value=1"),
+    ] {
+        let r = c.call("POST", &path, None).await.expect("answered");
+        assert_eq!(r.status, 204, "{path}: {}", r.text);
+    }
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/next?media=sound:b"),
+    )
+    .await;
+    let snap = sim.snapshot();
+    let ch = snap.channel(&a).expect("channel");
+    assert!(!ch.muted_in && ch.dtmf_sent.is_empty(), "{ch:?}");
+    let r = c
+        .call(
+            "GET",
+            &format!("/channels/{a}/variable?variable=QUEUED"),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 404, "not set yet: {}", r.text);
+
+    ok(&c, "DELETE", "/playbacks/long").await;
+    ws.until(WAIT, |e| {
+        ty(e) == "PlaybackStarted" && str_at(e, "/playback/id") == "next"
+    })
+    .await
+    .expect("the next playback started");
+    let snap = sim.snapshot();
+    let ch = snap.channel(&a).expect("channel");
+    assert!(ch.muted_in && ch.dtmf_sent == "1", "{ch:?}");
+    let log = sim.event_log();
+    let at =
+        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
+    let varset = at("ChannelVarset", &|e| str_at(e, "/variable") == "QUEUED");
+    let next = at("PlaybackStarted", &|e| str_at(e, "/playback/id") == "next");
+    assert!(
+        finished.is_some()
+            && varset.is_some()
+            && next.is_some()
+            && finished < varset
+            && varset < next,
+        "in queue order: {:?}",
+        summary(&log)
+    );
+    let value = ok(
+        &c,
+        "GET",
+        &format!("/channels/{a}/variable?variable=QUEUED"),
+    )
+    .await;
+    assert_eq!(value["value"], "1");
+
+    // Behind the second playback, an unmute waits in turn too.
+    ok(&c, "DELETE", &format!("/channels/{a}/mute?direction=in")).await;
+    assert!(sim.snapshot().channel(&a).is_some_and(|ch| ch.muted_in));
+    ok(&c, "DELETE", "/playbacks/next").await;
+    assert!(
+        sim.wait_until(WAIT, |snap| snap.channel(&a).is_some_and(|ch| !ch.muted_in))
+            .await,
+        "unmuted once the playback ended"
+    );
+}
+
 #[tokio::test]
 async fn caller_dtmf_and_hold() {
     let sim = sim().await;

@@ -435,6 +435,19 @@ pub(crate) struct State {
     pub globals: HashMap<String, String>,
     pub behaviors: Vec<(EndpointMatch, Outcome)>,
     pub event_log: Vec<Value>,
+    /// Asynchronous channel commands waiting behind a playback on their channel.
+    queued_commands: Vec<QueuedCommand>,
+}
+
+/// What an asynchronous channel command does once its turn comes.
+pub(crate) type CommandEffect = Box<dyn FnOnce(&Arc<Core>, &mut State) + Send>;
+
+/// An asynchronous channel command (`stasis_app_send_command_async`) in its channel's queue.
+struct QueuedCommand {
+    channel: String,
+    /// Its place in the queue, among the channel's playbacks.
+    seq: u64,
+    effect: CommandEffect,
 }
 
 impl State {
@@ -456,7 +469,40 @@ impl State {
             globals: HashMap::new(),
             behaviors: Vec::new(),
             event_log: Vec::new(),
+            queued_commands: Vec::new(),
         }
+    }
+
+    /// Runs an asynchronous channel command (mute, hold, music on hold, DTMF,
+    /// setChannelVar, redirect, ...) as Asterisk does: through the channel's command queue,
+    /// which a playback on the channel holds until it ends (control.c `exec_command`,
+    /// res_stasis_playback.c `play_uri`). Asterisk answers such a request at once; its
+    /// effect comes when its turn does, or never if the channel leaves Stasis first.
+    pub fn run_channel_command(
+        core: &Arc<Core>,
+        st: &mut State,
+        channel: &str,
+        effect: impl FnOnce(&Arc<Core>, &mut State) + Send + 'static,
+    ) {
+        let target = Target::Channel(channel.to_string());
+        let busy = st.playbacks.values().any(|p| p.target == target)
+            || st.queued_commands.iter().any(|c| c.channel == channel);
+        if !busy {
+            effect(core, st);
+            return;
+        }
+        let seq = st.next_seq();
+        st.queued_commands.push(QueuedCommand {
+            channel: channel.to_string(),
+            seq,
+            effect: Box::new(effect),
+        });
+    }
+
+    /// Drops the queued commands of a channel that left Stasis or is gone
+    /// (`control_flush_queue`: nothing runs them).
+    fn flush_commands(&mut self, channel: &str) {
+        self.queued_commands.retain(|c| c.channel != channel);
     }
 
     /// Forgets everything, as an Asterisk process that died would; originate behaviours stay.
@@ -470,6 +516,7 @@ impl State {
         self.playbacks.clear();
         self.recordings.clear();
         self.globals.clear();
+        self.queued_commands.clear();
         self.epoch += 1;
         self.up = false;
     }
@@ -933,7 +980,9 @@ impl State {
         let Some(info) = ch.stasis.clone() else {
             return;
         };
-        if let Some(bid) = ch.bridge.clone() {
+        let bridge = ch.bridge.clone();
+        self.flush_commands(id);
+        if let Some(bid) = bridge {
             self.bridge_remove(core, &bid, id, true);
         }
         if let Some(ch) = self.channels.get_mut(id) {
@@ -977,6 +1026,7 @@ impl State {
             let ev = self.dial_ev(core, id, dial_status_of(cause), d.caller.as_deref());
             self.emit(core, ev);
         }
+        self.flush_commands(id);
         let target = Target::Channel(id.to_string());
         let pbs: Vec<String> = self
             .playbacks
@@ -1167,19 +1217,39 @@ impl State {
     }
 
     /// Starts the oldest queued playback of `target` unless one of its playbacks is under
-    /// way.
+    /// way; on a channel, the asynchronous commands queued before that playback run first.
     fn next_playback(core: &Arc<Core>, st: &mut State, target: &Target) {
-        let mut mine: Vec<(&String, &Playback)> = st
-            .playbacks
-            .iter()
-            .filter(|(_, p)| &p.target == target)
-            .collect();
-        if mine.iter().any(|(_, p)| p.state != "queued") {
-            return;
-        }
-        mine.sort_by_key(|(_, p)| p.seq);
-        let Some(id) = mine.first().map(|(id, _)| (*id).clone()) else {
-            return;
+        let id = loop {
+            let mut mine: Vec<(&String, &Playback)> = st
+                .playbacks
+                .iter()
+                .filter(|(_, p)| &p.target == target)
+                .collect();
+            if mine.iter().any(|(_, p)| p.state != "queued") {
+                return;
+            }
+            mine.sort_by_key(|(_, p)| p.seq);
+            let next = mine.first().map(|(id, p)| ((*id).clone(), p.seq));
+            let command = match target {
+                Target::Channel(c) => st
+                    .queued_commands
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, q)| &q.channel == c)
+                    .min_by_key(|(_, q)| q.seq)
+                    .filter(|(_, q)| next.as_ref().is_none_or(|(_, seq)| q.seq < *seq))
+                    .map(|(i, _)| i),
+                Target::Bridge(_) => None,
+            };
+            if let Some(i) = command {
+                let q = st.queued_commands.remove(i);
+                (q.effect)(core, st);
+                continue;
+            }
+            match next {
+                Some((id, _)) => break id,
+                None => return,
+            }
         };
         if let Some(pb) = st.playbacks.get_mut(&id) {
             // Taken up: no longer waiting, whatever it does next.

@@ -1132,12 +1132,15 @@ pub(crate) fn continue_in_dialplan(core: &Arc<Core>, req: &mut Req) -> ApiResult
     } else {
         1
     };
-    st.leave_stasis(core, &id);
-    if let Some(ch) = st.channels.get_mut(&id) {
-        ch.context = ctx;
-        ch.exten = exten;
-        ch.priority = pri;
-    }
+    let channel = id.clone();
+    State::run_channel_command(core, &mut st, &id, move |core, st| {
+        st.leave_stasis(core, &channel);
+        if let Some(ch) = st.channels.get_mut(&channel) {
+            ch.context = ctx;
+            ch.exten = exten;
+            ch.priority = pri;
+        }
+    });
     no_content()
 }
 
@@ -1148,9 +1151,24 @@ pub(crate) fn move_app(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let args = split_args(&req.params.se("appArgs"));
     let mut st = core.lock();
     find_control(&st, &id)?;
-    let Some(old) = st.channels.get(&id).and_then(|c| c.stasis.clone()) else {
+    if st.channels.get(&id).is_none_or(|c| c.stasis.is_none()) {
         return Err(ApiErr::new(409, "Channel not in Stasis application"));
+    }
+    // The move itself is the channel's Stasis loop's, once its queue gets to it.
+    let channel = id.clone();
+    State::run_channel_command(core, &mut st, &id, move |core, st| {
+        move_to_app(core, st, &channel, app, args)
+    });
+    no_content()
+}
+
+/// `app_control_move` and the Stasis loop's move: StasisEnd in the old app, StasisStart in
+/// the new one, or ApplicationMoveFailed when the new one is not registered.
+fn move_to_app(core: &Arc<Core>, st: &mut State, id: &str, app: String, args: Vec<String>) {
+    let Some(old) = st.channels.get(id).and_then(|c| c.stasis.clone()) else {
+        return;
     };
+    let id = id.to_string();
     if !st.app_active(&app) {
         let mut ev = st
             .chan_ev(core, "ApplicationMoveFailed", &id)
@@ -1160,7 +1178,7 @@ pub(crate) fn move_app(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         ev.endpoints.clear();
         ev.to_app = Some(old.app);
         st.emit(core, ev);
-        return no_content();
+        return;
     }
     let bridge = st.channels.get(&id).and_then(|c| c.bridge.clone());
     if let Some(ch) = st.channels.get_mut(&id) {
@@ -1178,7 +1196,6 @@ pub(crate) fn move_app(core: &Arc<Core>, req: &mut Req) -> ApiResult {
             st.sub_bridge(&app, b);
         }
     }
-    no_content()
 }
 
 /// `ast_ari_channels_redirect`: the far end is told to go elsewhere and hangs up.
@@ -1216,12 +1233,15 @@ pub(crate) fn redirect(core: &Arc<Core>, req: &mut Req) -> ApiResult {
             format!("Endpoint technology '{tech}' does not match channel technology '{chan_tech}'"),
         ));
     }
-    if let Some(ch) = st.channels.get_mut(&id) {
-        ch.redirected_to = Some(endpoint.clone());
-    }
-    let epoch = st.epoch;
-    super::engine::schedule(core, epoch, core.cfg.ring_time, move |core, st| {
-        st.hangup(core, &id, 16, Some(HangupRequest::Remote));
+    let channel = id.clone();
+    State::run_channel_command(core, &mut st, &id, move |core, st| {
+        if let Some(ch) = st.channels.get_mut(&channel) {
+            ch.redirected_to = Some(endpoint);
+        }
+        let epoch = st.epoch;
+        super::engine::schedule(core, epoch, core.cfg.ring_time, move |core, st| {
+            st.hangup(core, &channel, 16, Some(HangupRequest::Remote));
+        });
     });
     no_content()
 }
@@ -1244,7 +1264,9 @@ pub(crate) fn answer(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     no_content()
 }
 
-fn with_channel<F: FnOnce(&mut super::engine::Channel)>(
+/// An asynchronous command on a channel in Stasis: answered at once, `f` applied to the
+/// channel when its turn in the channel's command queue comes.
+fn with_channel<F: FnOnce(&mut super::engine::Channel) + Send + 'static>(
     core: &Arc<Core>,
     req: &mut Req,
     f: F,
@@ -1252,10 +1274,23 @@ fn with_channel<F: FnOnce(&mut super::engine::Channel)>(
     let id = req.path("channelId");
     let mut st = core.lock();
     controllable(&st, &id)?;
-    if let Some(ch) = st.channels.get_mut(&id) {
-        f(ch);
-    }
+    on_channel(core, &mut st, &id, f);
     no_content()
+}
+
+/// Queues `f` on channel `id` as an asynchronous command ([`State::run_channel_command`]).
+fn on_channel<F: FnOnce(&mut super::engine::Channel) + Send + 'static>(
+    core: &Arc<Core>,
+    st: &mut State,
+    id: &str,
+    f: F,
+) {
+    let channel = id.to_string();
+    State::run_channel_command(core, st, id, move |_, st| {
+        if let Some(ch) = st.channels.get_mut(&channel) {
+            f(ch);
+        }
+    });
 }
 
 /// `ast_ari_channels_ring`.
@@ -1286,9 +1321,7 @@ pub(crate) fn send_dtmf(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     if dtmf.is_empty() {
         return Err(ApiErr::new(400, "DTMF is required"));
     }
-    if let Some(ch) = st.channels.get_mut(&id) {
-        ch.dtmf_sent.push_str(&dtmf);
-    }
+    on_channel(core, &mut st, &id, move |ch| ch.dtmf_sent.push_str(&dtmf));
     no_content()
 }
 
@@ -1304,14 +1337,14 @@ fn mute_direction(core: &Arc<Core>, req: &mut Req, on: bool) -> ApiResult {
         "both" => (true, true),
         _ => return Err(ApiErr::new(400, "Invalid direction specified")),
     };
-    if let Some(ch) = st.channels.get_mut(&id) {
+    on_channel(core, &mut st, &id, move |ch| {
         if inbound {
             ch.mute_in = on;
         }
         if outbound {
             ch.mute_out = on;
         }
-    }
+    });
     no_content()
 }
 
@@ -1332,9 +1365,7 @@ fn hold_state(core: &Arc<Core>, req: &mut Req, held: bool) -> ApiResult {
     let id = req.path("channelId");
     let mut st = core.lock();
     controllable(&st, &id)?;
-    if let Some(ch) = st.channels.get_mut(&id) {
-        ch.held = held;
-    }
+    on_channel(core, &mut st, &id, move |ch| ch.held = held);
     no_content()
 }
 
@@ -1459,26 +1490,31 @@ pub(crate) fn set_channel_var(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     }
     let mut st = core.lock();
     find_control(&st, &id)?;
-    if let Some(inner) = var.strip_suffix(')') {
-        let Some(ch) = st.channels.get_mut(&id) else {
-            return Err(ApiErr::new(404, "Channel not found"));
-        };
-        let v = value.unwrap_or_default();
-        match inner.to_ascii_uppercase().as_str() {
-            "CALLERID(NAME" => ch.caller_name = v,
-            "CALLERID(NUM" | "CALLERID(NUMBER" => ch.caller_number = v,
-            _ => return Err(ApiErr::new(400, "Failed to execute function")),
+    // Queued (`stasis_app_control_set_channel_var`): answered 204 before it runs, so a
+    // function that cannot be written fails later, in Asterisk's log only.
+    let channel = id.clone();
+    State::run_channel_command(core, &mut st, &id, move |core, st| {
+        if let Some(inner) = var.strip_suffix(')') {
+            let Some(ch) = st.channels.get_mut(&channel) else {
+                return;
+            };
+            let v = value.unwrap_or_default();
+            match inner.to_ascii_uppercase().as_str() {
+                "CALLERID(NAME" => ch.caller_name = v,
+                "CALLERID(NUM" | "CALLERID(NUMBER" => ch.caller_number = v,
+                _ => {}
+            }
+            return;
         }
-        return no_content();
-    }
-    match value {
-        Some(v) => st.set_var(core, &id, &var, &v),
-        None => {
-            if let Some(ch) = st.channels.get_mut(&id) {
-                ch.vars.remove(&var);
+        match value {
+            Some(v) => st.set_var(core, &channel, &var, &v),
+            None => {
+                if let Some(ch) = st.channels.get_mut(&channel) {
+                    ch.vars.remove(&var);
+                }
             }
         }
-    }
+    });
     no_content()
 }
 
