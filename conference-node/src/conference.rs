@@ -920,7 +920,7 @@ impl Conference {
 
     /// Moves `ch` out of the mix into the holding bridge, made first if need be (and made
     /// again once if it vanished, as [`Conference::add`] does).
-    async fn into_holding(&mut self, ch: &str, opts: &Options) -> Result<(), AriError> {
+    async fn move_to_holding(&mut self, ch: &str, opts: &Options) -> Result<(), AriError> {
         self.ensure_holding(&opts.wait_music).await?;
         // Nobody is mixed there: a bridge mute would only have to be taken off again.
         let unmuted = Options {

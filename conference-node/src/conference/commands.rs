@@ -327,7 +327,7 @@ impl Conference {
         let mut opts = p.options.clone();
         opts.muted = p.muted;
         if on && !p.waiting {
-            self.into_holding(ch, &opts)
+            self.move_to_holding(ch, &opts)
                 .await
                 .map_err(|e| ari_failure(ch, &e))?;
         } else if to_mix {

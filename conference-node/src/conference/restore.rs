@@ -92,7 +92,7 @@ impl Conference {
         opts.muted = p.muted;
         tracing::warn!(conference = %self.name, channel = id, holding, "participant found in the other bridge than the agent placed it in (a move Asterisk carried out after the agent gave up on it, or one that failed); moving it");
         let moved = if holding {
-            self.into_holding(id, &opts).await
+            self.move_to_holding(id, &opts).await
         } else {
             self.add(id, false, &opts).await
         };
