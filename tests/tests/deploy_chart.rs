@@ -916,6 +916,41 @@ fn a_changed_configuration_changes_the_checksum() {
     }
 }
 
+/// A secret given in the values rolls the pods that read it when it changes; generated
+/// secrets (kept across upgrades, new on every `helm template`) add no checksum.
+#[test]
+fn a_changed_secret_value_rolls_the_pods_that_read_it() {
+    let dir = TempDir::new("secret-values").expect("dir");
+    let sum = |values: Value, kind: &str, suffix: &str| {
+        let r = render(&values_file(dir.path(), "v", &values));
+        r.one(kind, suffix)["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+            .clone()
+    };
+    let controller = |v: Value| sum(v, "Deployment", "-controller");
+    let node = |v: Value| sum(v, "StatefulSet", "-node");
+    assert!(controller(json!({})).is_null());
+    assert!(node(json!({})).is_null());
+    let token = |t: &str| json!({"apiToken": {"value": t}});
+    let ari = |p: &str| json!({"asterisk": {"ariPassword": {"value": p}}});
+    let first = token("token-number-one-0001");
+    let second = token("token-number-two-0002");
+    assert!(controller(first.clone()).is_string());
+    assert_ne!(controller(first.clone()), controller(second.clone()));
+    assert_ne!(node(first.clone()), node(second));
+    assert_eq!(controller(first.clone()), controller(first));
+    assert_ne!(node(ari("one-ari-password")), node(ari("two-ari-password")));
+    assert!(
+        controller(ari("one-ari-password")).is_null(),
+        "the controllers do not read the ARI password"
+    );
+    let redis = |p: &str| json!({"redis": {"password": {"value": p}}});
+    assert_ne!(controller(redis("one")), controller(redis("two")));
+    // A Secret of the operator's own is theirs to roll.
+    let existing =
+        json!({"apiToken": {"value": "token-number-one-0001", "existingSecret": "mine"}});
+    assert!(controller(existing).is_null());
+}
+
 /// A new chart version with the same values leaves the pod templates alone: a changed
 /// StatefulSet template rolls every conference node, each draining for hours.
 #[test]

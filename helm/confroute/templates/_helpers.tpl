@@ -122,6 +122,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
+{{/*
+A checksum of the secret values given in values.yaml that `component`'s pods read, so that
+changing one rolls them; empty when none is given: generated values stay the same across
+upgrades, and would differ on every `helm template` render.
+*/}}
+{{- define "confroute.secretChecksum" -}}
+{{- $v := .root.Values -}}
+{{- $given := list -}}
+{{- if and $v.apiToken.enabled (not $v.apiToken.existingSecret) $v.apiToken.value -}}
+{{- $given = append $given (print "api-token=" $v.apiToken.value) -}}
+{{- end -}}
+{{- if and $v.redis.password.value (not $v.redis.password.existingSecret) -}}
+{{- $given = append $given (print "redis-password=" $v.redis.password.value) -}}
+{{- end -}}
+{{- if and (eq .component "node") $v.asterisk.ariPassword.value (not $v.asterisk.ariPassword.existingSecret) -}}
+{{- $given = append $given (print "ari-password=" $v.asterisk.ariPassword.value) -}}
+{{- end -}}
+{{- if $given -}}{{ join "\n" $given | sha256sum }}{{- end -}}
+{{- end -}}
+
 {{- define "confroute.ariPasswordRef" -}}
 {{- if .Values.asterisk.ariPassword.existingSecret -}}
 name: {{ .Values.asterisk.ariPassword.existingSecret }}
