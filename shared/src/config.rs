@@ -99,7 +99,6 @@ pub fn load_from<T: DeserializeOwned + Validate>(
     file: Option<&Path>,
     env: &[(String, String)],
 ) -> Result<T, ConfigError> {
-    let mut figment = Figment::new();
     if let Some(path) = file {
         if !path.is_file() {
             return Err(ConfigError::new(
@@ -118,12 +117,114 @@ pub fn load_from<T: DeserializeOwned + Validate>(
                 format!("cannot read {}: {e}", path.display()),
             ));
         }
-        figment = figment.merge(Toml::file_exact(path));
     }
-    let figment = figment.merge(EnvSnapshot { vars: env.to_vec() });
-    let value: T = figment.extract().map_err(convert)?;
+    let mut layers = Vec::new();
+    if let Some(path) = file {
+        layers.push(Layer::of(Toml::file_exact(path))?);
+    }
+    layers.push(Layer::of(EnvSnapshot { vars: env.to_vec() })?);
+    let value: T = extract_all(&mut layers)?;
     value.validate()?;
     Ok(value)
+}
+
+/// Most type mistakes one load reports; a guard against a loop that removes nothing.
+const MAX_TYPE_ISSUES: usize = 64;
+
+/// Extracts `T` from `layers`, reporting every value of the wrong type, not just the first:
+/// serde stops at the first, so each is taken out (its default stands in) and the
+/// extraction tried again.
+fn extract_all<T: DeserializeOwned>(layers: &mut [Layer]) -> Result<T, ConfigError> {
+    let mut issues: Vec<ConfigIssue> = Vec::new();
+    loop {
+        let figment = layers
+            .iter()
+            .fold(Figment::new(), |f, l| f.merge(l.clone()));
+        let errors = match figment.extract::<T>() {
+            Ok(value) if issues.is_empty() => return Ok(value),
+            Ok(_) => return Err(ConfigError { issues }),
+            Err(e) => e,
+        };
+        let mut removed = false;
+        for e in errors {
+            // An array element's mistake takes the whole array out: its indexes would shift.
+            let mut path: Vec<String> = e
+                .path
+                .iter()
+                .take_while(|p| p.parse::<usize>().is_err())
+                .cloned()
+                .collect();
+            if let figment::error::Kind::UnknownField(name, _) = &e.kind {
+                if path.last() != Some(name) {
+                    path.push(name.clone());
+                }
+            }
+            for layer in layers.iter_mut() {
+                removed |= layer.remove(&path);
+            }
+            issues.extend(convert(e).issues);
+        }
+        if !removed || issues.len() >= MAX_TYPE_ISSUES {
+            return Err(ConfigError { issues });
+        }
+    }
+}
+
+/// One source of settings (the file, the environment) read once, so that values found to be
+/// of the wrong type can be taken out of it; it keeps the source's metadata, which says
+/// where a value was set.
+#[derive(Clone)]
+struct Layer {
+    metadata: figment::Metadata,
+    data: figment::value::Map<figment::Profile, figment::value::Dict>,
+}
+
+impl Layer {
+    fn of(provider: impl figment::Provider) -> Result<Layer, ConfigError> {
+        let metadata = provider.metadata();
+        match provider.data() {
+            Ok(data) => Ok(Layer { metadata, data }),
+            // As a merge would: the error says which source it came from.
+            Err(mut e) => {
+                e.metadata = Some(metadata);
+                Err(convert(e))
+            }
+        }
+    }
+
+    /// Takes the value at `path` out of every profile; true when one was there.
+    fn remove(&mut self, path: &[String]) -> bool {
+        let mut removed = false;
+        for dict in self.data.values_mut() {
+            removed |= remove_path(dict, path);
+        }
+        removed
+    }
+}
+
+impl figment::Provider for Layer {
+    fn metadata(&self) -> figment::Metadata {
+        self.metadata.clone()
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(self.data.clone())
+    }
+}
+
+fn remove_path(dict: &mut figment::value::Dict, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => dict.remove(last).is_some(),
+        [first, rest @ ..] => match dict.get_mut(first) {
+            Some(figment::value::Value::Dict(_, inner)) => remove_path(inner, rest),
+            // A scalar where a section belongs: the mistake is the scalar itself.
+            Some(_) => dict.remove(first).is_some(),
+            None => false,
+        },
+    }
 }
 
 /// `CONFROUTE_*` variables as a figment provider; `__` separates nesting levels.
@@ -960,6 +1061,46 @@ mod tests {
             assert!(err.mentions(key), "{key}: {err}");
             assert!(err.to_string().contains(says), "{err}");
         }
+    }
+
+    #[test]
+    fn every_type_mistake_is_reported_at_once_with_where_it_was_set() {
+        let f = toml("[redis]\ntimeout = \"soon\"\nbogus = 1\n[log]\nformat = \"xml\"\n");
+        let err = load_from::<Root>(
+            Some(f.path()),
+            &env(&[
+                ("CONFROUTE_REDIS__CONNECT_TIMEOUT", "5"),
+                ("CONFROUTE_REDIS__PASSWORD", "pw"),
+            ]),
+        )
+        .expect_err("four mistakes");
+        for key in [
+            "redis.timeout",
+            "redis.bogus",
+            "log.format",
+            "redis.connect_timeout",
+        ] {
+            assert!(err.mentions(key), "{key}: {err}");
+        }
+        assert_eq!(err.issues.len(), 4, "{err}");
+        let text = err.to_string();
+        let file = f.path().display().to_string();
+        assert!(text.contains(&format!("(set in {file})")), "{text}");
+        assert!(
+            text.contains("(set in environment variable CONFROUTE_REDIS__CONNECT_TIMEOUT)"),
+            "{text}"
+        );
+        let broken = toml("[redis\n");
+        let err = load_from::<Root>(Some(broken.path()), &[]).expect_err("a syntax error");
+        let file = broken.path().display().to_string();
+        assert!(
+            err.to_string().contains(&format!("(set in {file})")),
+            "{err}"
+        );
+        // The limits wait for the types: nothing is said about what the defaults stood in for.
+        let f = toml("[redis]\ntimeout = \"soon\"\nconference_lease = \"1ms\"\n");
+        let err = load_from::<Root>(Some(f.path()), &[]).expect_err("a type mistake");
+        assert_eq!(err.issues.len(), 1, "{err}");
     }
 
     #[test]
