@@ -637,6 +637,156 @@ async fn a_move_waits_behind_the_channels_playback() {
     );
 }
 
+/// Commands Asterisk queues on the channel and waits for (`addChannel`, `removeChannel`,
+/// `answer`: control.c `app_send_command_on_condition`) take their place in the channel's
+/// queue in arrival order: one sent during a playback runs when that playback ends, before a
+/// playback queued after it. Their checks are made on arrival; a channel that hangs up while
+/// they wait fails them in the queue, which `answer` reports (500) and `removeChannel` does
+/// not (204).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "fifo"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    ok(&c, "POST", "/bridges/one?type=mixing").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/long?media=sound:a"),
+    )
+    .await;
+    ws.until(WAIT, is("PlaybackStarted"))
+        .await
+        .expect("the playback started");
+    let queued = |n: usize| {
+        let a = a.clone();
+        move |s: &confroute_tests::ari_sim::SimSnapshot| {
+            s.channel(&a).is_some_and(|ch| ch.queued_commands == n)
+        }
+    };
+    let send = |method: &'static str, path: String| {
+        let client = AriClient::new(&sim).expect("client");
+        tokio::spawn(async move { client.call(method, &path, None).await })
+    };
+
+    let add = send("POST", format!("/bridges/one/addChannel?channel={a}"));
+    assert!(sim.wait_until(WAIT, queued(1)).await, "the add is queued");
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/next?media=sound:b"),
+    )
+    .await;
+    ok(&c, "DELETE", "/playbacks/long").await;
+    let r = tokio::time::timeout(WAIT, add)
+        .await
+        .expect("the add is answered once the first playback ends")
+        .expect("task")
+        .expect("answered");
+    assert_eq!(r.status, 204, "{}", r.text);
+    ws.until(WAIT, |e| {
+        ty(e) == "PlaybackStarted" && str_at(e, "/playback/id") == "next"
+    })
+    .await
+    .expect("the next playback started");
+    let log = sim.event_log();
+    let at =
+        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
+    let entered = at("ChannelEnteredBridge", &|e| {
+        str_at(e, "/bridge/id") == "one"
+    });
+    let next = at("PlaybackStarted", &|e| str_at(e, "/playback/id") == "next");
+    assert!(
+        finished.is_some() && entered.is_some() && next.is_some(),
+        "{:?}",
+        summary(&log)
+    );
+    assert!(
+        finished < entered && entered < next,
+        "the add ran in its place, before the playback queued after it: {:?}",
+        summary(&log)
+    );
+
+    // Behind "next": both pass their checks now, then the channel hangs up.
+    let answer = send("POST", format!("/channels/{a}/answer"));
+    let remove = send("POST", format!("/bridges/one/removeChannel?channel={a}"));
+    assert!(sim.wait_until(WAIT, queued(2)).await, "both are queued");
+    ok(&c, "DELETE", &format!("/channels/{a}")).await;
+    let answer = tokio::time::timeout(WAIT, answer)
+        .await
+        .expect("answered")
+        .expect("task")
+        .expect("answered");
+    assert_eq!(answer.status, 500, "{}", answer.text);
+    let body: Value = serde_json::from_str(&answer.text).expect("JSON error body");
+    assert_eq!(body["message"], "Failed to answer channel");
+    let remove = tokio::time::timeout(WAIT, remove)
+        .await
+        .expect("answered")
+        .expect("task")
+        .expect("answered");
+    assert_eq!(remove.status, 204, "{}", remove.text);
+}
+
+/// `addChannel` with several channels adds them one after another and checks each for a
+/// recording as it queues its add: a recording channel answers 409 after the channels named
+/// before it were added, and those stay in the bridge.
+#[tokio::test]
+async fn add_channel_stops_at_a_recording_channel_keeping_those_added_before() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let mut ids = Vec::new();
+    for conf in ["x", "y", "z"] {
+        let id = sim
+            .dial_in(dial_in("confroute", conf))
+            .await
+            .expect("dial in");
+        ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+        ok(&c, "POST", &format!("/channels/{id}/answer")).await;
+        ids.push(id);
+    }
+    let (x, y, z) = (&ids[0], &ids[1], &ids[2]);
+    ok(&c, "POST", "/bridges/one?type=mixing").await;
+    let r = c
+        .call(
+            "POST",
+            &format!("/channels/{y}/record?name=busy&format=wav"),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = c
+        .call(
+            "POST",
+            &format!("/bridges/one/addChannel?channel={x},{y},{z}"),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 409, "{}", r.text);
+    let body: Value = serde_json::from_str(&r.text).expect("JSON error body");
+    assert_eq!(body["message"], format!("Channel {y} currently recording"));
+    let snap = sim.snapshot();
+    let bridge = snap.bridge("one").expect("bridge");
+    assert_eq!(bridge.channels, vec![x.clone()], "x added, y and z not");
+}
+
 /// Asynchronous channel commands (mute, DTMF, setChannelVar, ...: control.c
 /// `stasis_app_send_command_async`) are answered at once but wait in the channel's command
 /// queue behind its playback, and run in order before the playback queued after them. A

@@ -122,37 +122,6 @@ impl Core {
         }
     }
 
-    /// A channel runs its Stasis commands one at a time on its own thread
-    /// (res/stasis/control.c `control_dispatch_all`), and a playback on it holds that thread
-    /// until the playback ends (res/res_stasis_playback.c `play_uri`: a bridged channel's
-    /// `ast_bridge_channel_queue_playfile_sync`, otherwise `ast_control_streamfile_lang`).
-    /// So a command Asterisk sends through that queue and waits for (`addChannel`,
-    /// `removeChannel`, `answer`: `app_send_command_on_condition`) runs, and is answered,
-    /// once the channel's playbacks queued before it are over. Channels that are gone or
-    /// not in Stasis are answered at once, with the handler's error.
-    pub async fn wait_channel_commands(&self, channels: &[String]) {
-        loop {
-            let notified = self.events_changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let busy = {
-                let st = self.lock();
-                let queued = channels
-                    .iter()
-                    .all(|c| st.channels.get(c).is_some_and(|ch| ch.stasis.is_some()));
-                queued
-                    && st
-                        .playbacks
-                        .values()
-                        .any(|p| matches!(&p.target, Target::Channel(c) if channels.contains(c)))
-            };
-            if !busy {
-                return;
-            }
-            notified.await;
-        }
-    }
-
     pub fn log_request(&self, rec: RequestRecord) {
         if self.cfg.record_requests {
             self.requests
@@ -497,6 +466,26 @@ impl State {
             seq,
             effect: Box::new(effect),
         });
+    }
+
+    /// Queues a synchronous channel command (`app_send_command`: answer, addChannel,
+    /// removeChannel) in the channel's queue as [`State::run_channel_command`] does; the
+    /// request waits on the receiver for what `effect` gave. A channel that has left
+    /// Stasis, or leaves before the command's turn, completes it with failure: the
+    /// receiver then gives an error.
+    pub fn call_channel_command<T: Send + 'static>(
+        core: &Arc<Core>,
+        st: &mut State,
+        channel: &str,
+        effect: impl FnOnce(&Arc<Core>, &mut State) -> T + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if st.channels.get(channel).is_some_and(|c| c.stasis.is_some()) {
+            Self::run_channel_command(core, st, channel, move |core, st| {
+                let _ = tx.send(effect(core, st));
+            });
+        }
+        rx
     }
 
     /// Drops the queued commands of a channel that left Stasis or is gone
@@ -1695,6 +1684,8 @@ pub struct ChannelSnapshot {
     pub recording: Option<String>,
     /// Where ARI redirected it (`POST /channels/{id}/redirect`).
     pub redirected_to: Option<String>,
+    /// Commands waiting in its queue (behind a playback).
+    pub queued_commands: usize,
 }
 
 /// State of one bridge, for test assertions.
@@ -1844,6 +1835,11 @@ impl State {
                     caller_number: c.caller_number.clone(),
                     recording: c.recording.clone(),
                     redirected_to: c.redirected_to.clone(),
+                    queued_commands: self
+                        .queued_commands
+                        .iter()
+                        .filter(|q| q.channel == c.id)
+                        .count(),
                 })
                 .collect(),
             bridges: bridges

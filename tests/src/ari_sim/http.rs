@@ -48,11 +48,27 @@ impl ApiErr {
 }
 
 /// A successful ARI answer.
-#[derive(Debug)]
 pub(crate) enum Resp {
     Ok(Value),
     Created(String, Value),
     NoContent,
+    /// Checked, and waiting for commands in channels' queues (`app_send_command`): the
+    /// answer is what the future gives once they have run or been flushed.
+    Later(Pending),
+}
+
+/// The rest of a request that waits for channel commands.
+pub(crate) type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult> + Send>>;
+
+impl std::fmt::Debug for Resp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resp::Ok(v) => f.debug_tuple("Ok").field(v).finish(),
+            Resp::Created(l, v) => f.debug_tuple("Created").field(l).field(v).finish(),
+            Resp::NoContent => f.write_str("NoContent"),
+            Resp::Later(_) => f.write_str("Later"),
+        }
+    }
 }
 
 /// Result of an ARI operation handler.
@@ -479,9 +495,6 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         for ch in &queued_behind {
             core.wait_held(&format!("{nickname} {ch}")).await;
         }
-        if !queued_behind.is_empty() {
-            core.wait_channel_commands(&queued_behind).await;
-        }
         let result = handler(core, &mut req);
         let undeclared = req.params.take_undeclared();
         if !undeclared.is_empty() {
@@ -491,6 +504,14 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
                 .extend(undeclared);
         }
         core.events_changed.notify_waiters();
+        let result = match result {
+            Ok(Resp::Later(rest)) => {
+                let r = rest.await;
+                core.events_changed.notify_waiters();
+                r
+            }
+            r => r,
+        };
         // Test-only latency after the work is done: the events it caused are out, the
         // answer waits (`answer <nickname>`).
         core.wait_held(&format!("answer {nickname}")).await;
@@ -508,6 +529,10 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
             json_response(core, 201, Some(&v), vec![(header::LOCATION, location)])
         }
         Ok(Resp::NoContent) => json_response(core, 204, None, Vec::new()),
+        // A pending answer was awaited above; a handler's future never gives another.
+        Ok(Resp::Later(_)) => {
+            error_response(core, &ApiErr::new(500, "Internal Server Error"), Vec::new())
+        }
         Err(e) => error_response(core, &e, Vec::new()),
     };
     (resp, Some(route.nickname))

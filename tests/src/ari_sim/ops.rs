@@ -555,7 +555,11 @@ pub(crate) fn bridge_destroy(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     no_content()
 }
 
-/// `ast_ari_bridges_add_channel`.
+/// `ast_ari_bridges_add_channel`: the bridge and every channel are checked on arrival; then
+/// each channel in turn, once the one before it has been added, is refused 409 if it is
+/// recording (the add rule, checked as the command is queued: earlier channels stay added)
+/// or queued and waited for. A queued add that fails, the channel having left Stasis
+/// first, still answers 204: only the recording check is reported.
 pub(crate) fn bridge_add_channel(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("bridgeId");
     let channels = req.params.multi("channel");
@@ -563,46 +567,76 @@ pub(crate) fn bridge_add_channel(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let absorb = req.params.boolean("absorbDTMF");
     let mute = req.params.boolean("mute");
     let _ = req.params.boolean("inhibitConnectedLineUpdates");
-    let mut st = core.lock();
-    find_bridge(&st, &id)?;
-    let list = control_list(&st, &channels)?;
-    for c in &list {
-        if st.channels.get(c).is_some_and(|ch| ch.recording.is_some()) {
-            return Err(ApiErr::new(409, format!("Channel {c} currently recording")));
+    let list = {
+        let st = core.lock();
+        find_bridge(&st, &id)?;
+        control_list(&st, &channels)?
+    };
+    let core = core.clone();
+    Ok(Resp::Later(Box::pin(async move {
+        for c in list {
+            let added = {
+                let mut st = core.lock();
+                if st.channels.get(&c).is_some_and(|ch| ch.recording.is_some()) {
+                    return Err(ApiErr::new(409, format!("Channel {c} currently recording")));
+                }
+                let races = core
+                    .hangup_during_add
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&c);
+                if races {
+                    st.hangup(&core, &c, 16, Some(HangupRequest::Remote));
+                }
+                let (id, c2, role) = (id.clone(), c.clone(), role.clone());
+                State::call_channel_command(&core, &mut st, &c, move |core, st| {
+                    // The bridge was found on arrival; one dissolved since takes no one.
+                    if st.bridges.get(&id).is_some_and(|b| !b.dissolving) {
+                        st.bridge_add(core, &id, &c2, role, mute, absorb);
+                    }
+                })
+            };
+            // Failure (the channel left Stasis) is not reported.
+            let _ = added.await;
         }
-    }
-    for c in &list {
-        let races = core
-            .hangup_during_add
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(c);
-        if races {
-            st.hangup(core, c, 16, Some(HangupRequest::Remote));
-            continue;
-        }
-        st.bridge_add(core, &id, c, role.clone(), mute, absorb);
-    }
-    no_content()
+        no_content()
+    })))
 }
 
-/// `ast_ari_bridges_remove_channel`.
+/// `ast_ari_bridges_remove_channel`: every channel must be in the bridge on arrival; the
+/// removals are then queued and waited for one after another, their failures unreported.
 pub(crate) fn bridge_remove_channel(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("bridgeId");
     let channels = req.params.multi("channel");
-    let mut st = core.lock();
-    find_bridge(&st, &id)?;
-    let list = control_list(&st, &channels)?;
-    if list
-        .iter()
-        .any(|c| st.channels.get(c).and_then(|ch| ch.bridge.as_deref()) != Some(id.as_str()))
-    {
-        return Err(ApiErr::new(422, "Channel not in this bridge"));
-    }
-    for c in &list {
-        st.bridge_remove(core, &id, c, true);
-    }
-    no_content()
+    let list = {
+        let st = core.lock();
+        find_bridge(&st, &id)?;
+        let list = control_list(&st, &channels)?;
+        if list
+            .iter()
+            .any(|c| st.channels.get(c).and_then(|ch| ch.bridge.as_deref()) != Some(id.as_str()))
+        {
+            return Err(ApiErr::new(422, "Channel not in this bridge"));
+        }
+        list
+    };
+    let core = core.clone();
+    Ok(Resp::Later(Box::pin(async move {
+        for c in list {
+            let removed = {
+                let mut st = core.lock();
+                let (id, c2) = (id.clone(), c.clone());
+                State::call_channel_command(&core, &mut st, &c, move |core, st| {
+                    // `app_control_remove_channel_from_bridge` departs only its own bridge.
+                    if st.channels.get(&c2).and_then(|ch| ch.bridge.as_deref()) == Some(&id) {
+                        st.bridge_remove(core, &id, &c2, true);
+                    }
+                })
+            };
+            let _ = removed.await;
+        }
+        no_content()
+    })))
 }
 
 /// `ast_ari_bridges_start_moh`.
@@ -1246,7 +1280,8 @@ pub(crate) fn redirect(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     no_content()
 }
 
-/// `ast_ari_channels_answer`.
+/// `ast_ari_channels_answer`: checked on arrival, then queued and waited for; a channel that
+/// leaves Stasis or hangs up before its turn answers 500.
 pub(crate) fn answer(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let id = req.path("channelId");
     let mut st = core.lock();
@@ -1258,10 +1293,17 @@ pub(crate) fn answer(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         .remove(&id);
     if races {
         st.hangup(core, &id, 16, Some(HangupRequest::Remote));
-        return Err(ApiErr::new(500, "Failed to answer channel"));
     }
-    st.set_state(core, &id, ChanState::Up);
-    no_content()
+    let channel = id.clone();
+    let answered = State::call_channel_command(core, &mut st, &id, move |core, st| {
+        st.set_state(core, &channel, ChanState::Up);
+    });
+    Ok(Resp::Later(Box::pin(async move {
+        match answered.await {
+            Ok(()) => no_content(),
+            Err(_) => Err(ApiErr::new(500, "Failed to answer channel")),
+        }
+    })))
 }
 
 /// An asynchronous command on a channel in Stasis: answered at once, `f` applied to the
