@@ -742,6 +742,76 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
     assert_eq!(remove.status, 204, "{}", remove.text);
 }
 
+/// A channel recording runs on the channel's own thread through its command queue, like a
+/// playback (res_stasis_recording.c `record_file`): asked for during a playback it is
+/// answered at once as `queued` and starts when the playback ends; while it records, later
+/// commands wait until it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_recording_waits_its_turn_and_holds_the_queue() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "rec"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/long?media=sound:a"),
+    )
+    .await;
+    ws.until(WAIT, is("PlaybackStarted"))
+        .await
+        .expect("the playback started");
+    let r = c
+        .call(
+            "POST",
+            &format!("/channels/{a}/record?name=memo&format=wav"),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 201, "{}", r.text);
+    let body: Value = serde_json::from_str(&r.text).expect("JSON body");
+    assert_eq!(body["state"], "queued");
+    ok(&c, "DELETE", "/playbacks/long").await;
+    let evs = ws
+        .until(WAIT, is("RecordingStarted"))
+        .await
+        .expect("the recording started");
+    assert!(
+        evs.iter().any(|e| ty(e) == "PlaybackFinished"),
+        "after the playback: {:?}",
+        summary(&evs)
+    );
+    ok(&c, "POST", &format!("/channels/{a}/mute?direction=in")).await;
+    assert!(
+        sim.snapshot()
+            .channel(&a)
+            .is_some_and(|ch| ch.queued_commands == 1 && !ch.muted_in),
+        "the mute waits behind the recording"
+    );
+    ok(&c, "POST", "/recordings/live/memo/stop").await;
+    ws.until(WAIT, is("RecordingFinished"))
+        .await
+        .expect("the recording finished");
+    assert!(
+        sim.wait_until(WAIT, |s| s.channel(&a).is_some_and(|ch| ch.muted_in))
+            .await,
+        "the mute ran once the recording stopped"
+    );
+}
+
 /// `addChannel` with several channels adds them one after another and checks each for a
 /// recording as it queues its add: a recording channel answers 409 after the channels named
 /// before it were added, and those stay in the bridge.

@@ -357,6 +357,8 @@ pub(crate) struct Recording {
     pub state: &'static str,
     pub started: Option<Instant>,
     pub token: u64,
+    /// A channel recording under way holds its channel's command queue.
+    pub running: bool,
 }
 
 /// An event before it is addressed to applications.
@@ -455,6 +457,10 @@ impl State {
     ) {
         let target = Target::Channel(channel.to_string());
         let busy = st.playbacks.values().any(|p| p.target == target)
+            || st
+                .recordings
+                .values()
+                .any(|r| r.target == target && r.running)
             || st.queued_commands.iter().any(|c| c.channel == channel);
         if !busy {
             effect(core, st);
@@ -1209,6 +1215,13 @@ impl State {
     /// way; on a channel, the asynchronous commands queued before that playback run first.
     fn next_playback(core: &Arc<Core>, st: &mut State, target: &Target) {
         let id = loop {
+            if st
+                .recordings
+                .values()
+                .any(|r| &r.target == target && r.running)
+            {
+                return;
+            }
             let mut mine: Vec<(&String, &Playback)> = st
                 .playbacks
                 .iter()
@@ -1346,33 +1359,61 @@ impl State {
                 }
             }
         }
+        let target = rec.target.clone();
         st.recordings.insert(name.clone(), rec);
-        let epoch = st.epoch;
-        let n = name.clone();
-        schedule(core, epoch, Duration::ZERO, move |core, st| {
-            let Some(rec) = st.recordings.get_mut(&n) else {
+        // `record_file` runs on a channel's own thread through its command queue
+        // (`stasis_app_send_command_async`), so a channel recording starts when the channel's
+        // earlier commands and playbacks are done, and holds the queue until it ends; a
+        // bridge records through its own recorder channel and starts at once.
+        let begin = move |core: &Arc<Core>, st: &mut State| {
+            let Some(rec) = st.recordings.get_mut(&name) else {
                 return;
             };
             if rec.token != token {
                 return;
             }
-            rec.state = "recording";
-            rec.started = Some(Instant::now());
-            let v = Self::recording_json(rec);
-            let target = rec.target.clone();
-            let ev = st
-                .target_ev(core, "RecordingStarted", &target)
-                .with("recording", v);
-            st.emit(core, ev);
-        });
-        if let Some(max) = max_duration {
-            schedule(core, epoch, max, move |core, st| {
-                if st.recordings.get(&name).is_some_and(|r| r.token == token) {
-                    st.finish_recording(core, &name, "done");
+            rec.running = true;
+            let epoch = st.epoch;
+            let n = name.clone();
+            schedule(core, epoch, Duration::ZERO, move |core, st| {
+                let Some(rec) = st.recordings.get_mut(&n) else {
+                    return;
+                };
+                if rec.token != token {
+                    return;
                 }
+                rec.state = "recording";
+                rec.started = Some(Instant::now());
+                let v = Self::recording_json(rec);
+                let target = rec.target.clone();
+                let ev = st
+                    .target_ev(core, "RecordingStarted", &target)
+                    .with("recording", v);
+                st.emit(core, ev);
             });
+            if let Some(max) = max_duration {
+                schedule(core, epoch, max, move |core, st| {
+                    if st.recordings.get(&name).is_some_and(|r| r.token == token) {
+                        Self::end_recording(core, st, &name, "done");
+                    }
+                });
+            }
+        };
+        match &target {
+            Target::Channel(c) => Self::run_channel_command(core, st, c, begin),
+            Target::Bridge(_) => begin(core, st),
         }
         first
+    }
+
+    /// Ends a live recording ([`State::finish_recording`]); a channel's queued commands and
+    /// playbacks then go on.
+    pub fn end_recording(core: &Arc<Core>, st: &mut State, name: &str, state: &'static str) {
+        let target = st.recordings.get(name).map(|r| r.target.clone());
+        st.finish_recording(core, name, state);
+        if let Some(target @ Target::Channel(_)) = target {
+            Self::next_playback(core, st, &target);
+        }
     }
 
     pub fn finish_recording(&mut self, core: &Core, name: &str, state: &'static str) {

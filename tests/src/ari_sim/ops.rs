@@ -763,6 +763,7 @@ fn start_record(core: &Arc<Core>, st: &mut State, target: Target, a: RecordArgs)
         state: "queued",
         started: None,
         token,
+        running: false,
     };
     let max = (a.max_duration > 0)
         .then(|| Duration::from_secs(u64::try_from(a.max_duration).unwrap_or(0)));
@@ -1638,7 +1639,7 @@ pub(crate) fn recording_stop(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     if !st.recordings.contains_key(&name) {
         return Err(ApiErr::new(404, "Recording not found"));
     }
-    st.finish_recording(core, &name, "done");
+    State::end_recording(core, &mut st, &name, "done");
     no_content()
 }
 
@@ -1649,7 +1650,7 @@ pub(crate) fn recording_cancel(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     if !st.recordings.contains_key(&name) {
         return Err(ApiErr::new(404, "Recording not found"));
     }
-    st.finish_recording(core, &name, "canceled");
+    State::end_recording(core, &mut st, &name, "canceled");
     no_content()
 }
 
