@@ -812,6 +812,46 @@ async fn a_channel_recording_waits_its_turn_and_holds_the_queue() {
     );
 }
 
+/// Sending media to a channel not yet answered (music on hold, silence, DTMF, a playback)
+/// first indicates progress, as control.c and res_stasis_playback.c do: early media, and the
+/// channel stays unanswered. An answered channel gets no progress indication.
+#[tokio::test]
+async fn media_to_an_unanswered_channel_indicates_progress_first() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let mut ids = Vec::new();
+    for conf in ["moh", "silence", "dtmf", "play", "answered"] {
+        let id = sim
+            .dial_in(dial_in("confroute", conf))
+            .await
+            .expect("dial in");
+        ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+        ids.push(id);
+    }
+    ok(&c, "POST", &format!("/channels/{}/answer", ids[4])).await;
+    ok(&c, "POST", &format!("/channels/{}/moh", ids[0])).await;
+    ok(&c, "POST", &format!("/channels/{}/silence", ids[1])).await;
+    ok(&c, "POST", &format!("/channels/{}/dtmf?dtmf=5", ids[2])).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{}/play/p?media=sound:a", ids[3]),
+    )
+    .await;
+    ok(&c, "POST", &format!("/channels/{}/moh", ids[4])).await;
+    ws.until(WAIT, is("PlaybackStarted"))
+        .await
+        .expect("the playback started");
+    let snap = sim.snapshot();
+    for id in &ids[..4] {
+        let ch = snap.channel(id).expect("channel");
+        assert!(ch.early_media && ch.state == "Ring", "{ch:?}");
+    }
+    let ch = snap.channel(&ids[4]).expect("channel");
+    assert!(!ch.early_media && ch.state == "Up", "{ch:?}");
+}
+
 /// `addChannel` with several channels adds them one after another and checks each for a
 /// recording as it queues its add: a recording channel answers 409 after the channels named
 /// before it were added, and those stay in the bridge.

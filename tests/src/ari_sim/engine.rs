@@ -1257,6 +1257,11 @@ impl State {
             // Taken up: no longer waiting, whatever it does next.
             pb.state = "starting";
         }
+        if let Target::Channel(c) = target {
+            if let Some(ch) = st.channels.get_mut(c) {
+                super::ops::progress_unless_up(ch);
+            }
+        }
         let epoch = st.epoch;
         schedule(core, epoch, Duration::ZERO, move |core, st| {
             Self::play_item(core, st, id);

@@ -1186,9 +1186,6 @@ pub(crate) fn move_app(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let args = split_args(&req.params.se("appArgs"));
     let mut st = core.lock();
     find_control(&st, &id)?;
-    if st.channels.get(&id).is_none_or(|c| c.stasis.is_none()) {
-        return Err(ApiErr::new(409, "Channel not in Stasis application"));
-    }
     // The move itself is the channel's Stasis loop's, once its queue gets to it.
     let channel = id.clone();
     State::run_channel_command(core, &mut st, &id, move |core, st| {
@@ -1364,7 +1361,10 @@ pub(crate) fn send_dtmf(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     if dtmf.is_empty() {
         return Err(ApiErr::new(400, "DTMF is required"));
     }
-    on_channel(core, &mut st, &id, move |ch| ch.dtmf_sent.push_str(&dtmf));
+    on_channel(core, &mut st, &id, move |ch| {
+        progress_unless_up(ch);
+        ch.dtmf_sent.push_str(&dtmf)
+    });
     no_content()
 }
 
@@ -1422,10 +1422,20 @@ pub(crate) fn unhold(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     hold_state(core, req, false)
 }
 
+/// control.c `app_control_moh_start`, `app_control_silence_start`, `app_control_dtmf` (and
+/// res_stasis_playback.c `play_on_channel`) indicate progress to a channel not yet answered
+/// before they send it media: early media, the channel still unanswered.
+pub(crate) fn progress_unless_up(ch: &mut super::engine::Channel) {
+    if ch.state != ChanState::Up {
+        ch.early_media = true;
+    }
+}
+
 /// `ast_ari_channels_start_moh`.
 pub(crate) fn channel_start_moh(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let class = req.params.s("mohClass").filter(|c| !c.is_empty());
     with_channel(core, req, |ch| {
+        progress_unless_up(ch);
         ch.moh = Some(class.unwrap_or_else(|| "default".into()))
     })
 }
@@ -1437,7 +1447,10 @@ pub(crate) fn channel_stop_moh(core: &Arc<Core>, req: &mut Req) -> ApiResult {
 
 /// `ast_ari_channels_start_silence`.
 pub(crate) fn start_silence(core: &Arc<Core>, req: &mut Req) -> ApiResult {
-    with_channel(core, req, |ch| ch.silence = true)
+    with_channel(core, req, |ch| {
+        progress_unless_up(ch);
+        ch.silence = true
+    })
 }
 
 /// `ast_ari_channels_stop_silence`.
