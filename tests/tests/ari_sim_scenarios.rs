@@ -812,6 +812,371 @@ async fn a_channel_recording_waits_its_turn_and_holds_the_queue() {
     );
 }
 
+/// A hangup does not stop the dispatch pass under way (control.c `control_dispatch_all`):
+/// the playback it cuts short finishes `failed`, then the commands queued behind it still
+/// run on the hung-up channel: a queued playback starts and fails at once, a setChannelVar
+/// sets its variable, a waited-for answer fails (500). Stasis ends after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_lets_the_queued_commands_run_before_stasis_ends() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "hang"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/first?media=sound:a"),
+    )
+    .await;
+    ws.until(WAIT, is("PlaybackStarted"))
+        .await
+        .expect("the playback started");
+    ok(&c, "POST", &format!("/channels/{a}/mute?direction=in")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/second?media=sound:b,sound:c"),
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/variable?variable=QUEUED&value=1"),
+    )
+    .await;
+    let answer = {
+        let client = AriClient::new(&sim).expect("client");
+        let path = format!("/channels/{a}/answer");
+        tokio::spawn(async move { client.call("POST", &path, None).await })
+    };
+    assert!(
+        sim.wait_until(WAIT, |s| s
+            .channel(&a)
+            .is_some_and(|ch| ch.queued_commands == 3))
+            .await,
+        "mute, setChannelVar and answer queued"
+    );
+    ok(&c, "DELETE", &format!("/channels/{a}")).await;
+    let answer = tokio::time::timeout(WAIT, answer)
+        .await
+        .expect("answered")
+        .expect("task")
+        .expect("answered");
+    assert_eq!(answer.status, 500, "{}", answer.text);
+    ws.until(WAIT, is("StasisEnd")).await.expect("Stasis ended");
+    let log = sim.event_log();
+    let order: Vec<String> = log
+        .iter()
+        .filter(|e| {
+            matches!(
+                ty(e),
+                "ChannelHangupRequest"
+                    | "PlaybackStarted"
+                    | "PlaybackFinished"
+                    | "ChannelVarset"
+                    | "StasisEnd"
+            ) && !(ty(e) == "ChannelVarset" && str_at(e, "/variable") != "QUEUED")
+        })
+        .map(|e| {
+            let what = [str_at(e, "/playback/id"), str_at(e, "/playback/state")].join(" ");
+            format!("{} {}", ty(e), what.trim()).trim_end().to_string()
+        })
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            "PlaybackStarted first playing",
+            "ChannelHangupRequest",
+            "PlaybackFinished first failed",
+            "PlaybackStarted second playing",
+            "PlaybackFinished second failed",
+            "ChannelVarset",
+            "StasisEnd",
+        ],
+        "{:?}",
+        summary(&log)
+    );
+}
+
+/// `app_control_move` only notes where to go; the Stasis loop moves the channel between
+/// dispatch passes. Commands queued behind the move in the same pass still run in the old
+/// application, and two moves in one pass make one move: to the last one's application,
+/// with both moves' arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_happens_once_the_dispatch_pass_is_over() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let mut other = events(&sim, "other").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "mv"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/long?media=sound:a"),
+    )
+    .await;
+    ws.until(WAIT, is("PlaybackStarted"))
+        .await
+        .expect("the playback started");
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/move?app=nowhere&appArgs=one"),
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/move?app=other&appArgs=two"),
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/variable?variable=BEHIND&value=1"),
+    )
+    .await;
+    ok(&c, "DELETE", "/playbacks/long").await;
+    let start = other.until(WAIT, is("StasisStart")).await.expect("moved");
+    assert_eq!(
+        start.last().expect("event")["args"],
+        serde_json::json!(["one", "two"]),
+        "one move, with both moves' arguments"
+    );
+    let old = ws.until(WAIT, is("StasisEnd")).await.expect("left");
+    assert!(
+        old.iter()
+            .any(|e| ty(e) == "ChannelVarset" && str_at(e, "/variable") == "BEHIND"),
+        "the command behind the move ran in the old app: {:?}",
+        summary(&old)
+    );
+    assert!(
+        !sim.event_log()
+            .iter()
+            .any(|e| ty(e) == "ApplicationMoveFailed"),
+        "the first move was overridden, not tried"
+    );
+}
+
+/// A bridge records through a recorder channel of its own and plays through an announcer of
+/// its own: neither waits for the other.
+#[tokio::test]
+async fn a_bridge_plays_while_it_records() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "br"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", "/bridges/one?type=mixing").await;
+    ok(&c, "POST", &format!("/bridges/one/addChannel?channel={a}")).await;
+    let r = c
+        .call("POST", "/bridges/one/record?name=minutes&format=wav", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 201, "{}", r.text);
+    ws.until(WAIT, is("RecordingStarted"))
+        .await
+        .expect("the recording started");
+    ok(&c, "POST", "/bridges/one/play/hello?media=sound:hello").await;
+    ws.until(WAIT, |e| {
+        ty(e) == "PlaybackFinished" && str_at(e, "/playback/id") == "hello"
+    })
+    .await
+    .expect("the playback ran while the bridge records");
+}
+
+/// `res_stasis_recording.c`: a channel recording still queued is only marked canceled by a
+/// stop (`recording_disregard`, no event) and still records when its turn comes; a second stop
+/// finds it not in session (409). One queued before a `continue` ran still records before
+/// the channel leaves Stasis. `record_file` answers a ringing channel first, and refuses a
+/// bridged one with `RecordingFailed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_recordings_follow_their_command_in_the_queue() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let mut ids = Vec::new();
+    for conf in ["stop", "gone", "ring", "bridged"] {
+        let id = sim
+            .dial_in(dial_in("confroute", conf))
+            .await
+            .expect("dial in");
+        ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+        ids.push(id);
+    }
+    let (a, b, r, x) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    let record = |id: &str, name: &str| {
+        let path = format!("/channels/{id}/record?name={name}&format=wav");
+        let client = AriClient::new(&sim).expect("client");
+        async move { client.call("POST", &path, None).await.expect("answered") }
+    };
+    let status = |name: &str| {
+        let path = format!("/recordings/live/{name}");
+        let client = AriClient::new(&sim).expect("client");
+        async move { client.call("GET", &path, None).await.expect("answered") }
+    };
+
+    // Stopped while queued behind a playback: disregarded, then recorded all the same.
+    for id in [a, b] {
+        ok(&c, "POST", &format!("/channels/{id}/answer")).await;
+        ok(
+            &c,
+            "POST",
+            &format!("/channels/{id}/play/pb-{id}?media=sound:a"),
+        )
+        .await;
+    }
+    assert_eq!(record(a, "kept").await.status, 201);
+    let stop = c
+        .call("POST", "/recordings/live/kept/stop", None)
+        .await
+        .expect("answered");
+    assert_eq!(stop.status, 204, "{}", stop.text);
+    let got: Value = serde_json::from_str(&status("kept").await.text).expect("JSON");
+    assert_eq!(got["state"], "canceled");
+    let again = c
+        .call("POST", "/recordings/live/kept/stop", None)
+        .await
+        .expect("answered");
+    assert_eq!(again.status, 409, "{}", again.text);
+    ok(&c, "DELETE", &format!("/playbacks/pb-{a}")).await;
+    let started = ws
+        .until(WAIT, is("RecordingStarted"))
+        .await
+        .expect("it started when its turn came");
+    assert_eq!(
+        str_at(started.last().expect("event"), "/recording/name"),
+        "kept"
+    );
+    let got: Value = serde_json::from_str(&status("kept").await.text).expect("JSON");
+    assert_eq!(got["state"], "recording");
+
+    // A continue, then a recording, behind a playback: the continue only marks the control
+    // done; the recording queued before it ran still records in the same dispatch pass, and
+    // commands sent after it are refused (answered, never carried out). Stasis ends when
+    // the recording does.
+    ok(&c, "POST", &format!("/channels/{b}/continue")).await;
+    assert_eq!(record(b, "after-continue").await.status, 201);
+    ok(&c, "DELETE", &format!("/playbacks/pb-{b}")).await;
+    ws.until(WAIT, |e| {
+        ty(e) == "RecordingStarted" && str_at(e, "/recording/name") == "after-continue"
+    })
+    .await
+    .expect("the recording queued before the continue ran started");
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{b}/variable?variable=LATE&value=1"),
+    )
+    .await;
+    let late = c
+        .call(
+            "POST",
+            &format!("/channels/{b}/play/late?media=sound:z"),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(late.status, 201, "{}", late.text);
+    let snap = sim.snapshot();
+    let ch = snap.channel(b).expect("channel");
+    assert!(
+        ch.stasis_app.is_some() && !ch.variables.contains_key("LATE"),
+        "still in Stasis, the late command refused: {ch:?}"
+    );
+    let gone = c
+        .call("GET", "/playbacks/late", None)
+        .await
+        .expect("answered");
+    assert_eq!(gone.status, 404, "the refused playback is forgotten");
+    ok(&c, "POST", "/recordings/live/after-continue/stop").await;
+    let evs = ws
+        .until(WAIT, |e| {
+            ty(e) == "StasisEnd" && str_at(e, "/channel/id") == b.as_str()
+        })
+        .await
+        .expect("the channel left Stasis once its queue was empty");
+    assert!(
+        evs.iter().any(|e| ty(e) == "RecordingFinished"),
+        "{:?}",
+        summary(&evs)
+    );
+
+    // A ringing channel is answered first; a bridged one cannot be recorded.
+    assert_eq!(record(r, "answered").await.status, 201);
+    let evs = ws
+        .until(WAIT, |e| {
+            ty(e) == "RecordingStarted" && str_at(e, "/recording/name") == "answered"
+        })
+        .await
+        .expect("recording");
+    assert!(
+        evs.iter().any(|e| ty(e) == "ChannelStateChange"
+            && str_at(e, "/channel/id") == r.as_str()
+            && str_at(e, "/channel/state") == "Up"),
+        "answered before it records: {:?}",
+        summary(&evs)
+    );
+    ok(&c, "POST", &format!("/channels/{x}/answer")).await;
+    ok(&c, "POST", "/bridges/one?type=mixing").await;
+    ok(&c, "POST", &format!("/bridges/one/addChannel?channel={x}")).await;
+    assert_eq!(record(x, "refused").await.status, 201);
+    let evs = ws
+        .until(WAIT, is("RecordingFailed"))
+        .await
+        .expect("the recording failed");
+    let failed = evs.last().expect("event");
+    assert_eq!(str_at(failed, "/recording/name"), "refused");
+    assert_eq!(
+        str_at(failed, "/recording/cause"),
+        "Cannot record channel while in bridge"
+    );
+    assert_eq!(status("refused").await.status, 404);
+    let snap = sim.snapshot();
+    assert!(snap.channel(x).is_some_and(|ch| ch.recording.is_none()));
+    assert!(
+        !sim.event_log()
+            .iter()
+            .any(|e| ty(e) == "RecordingFinished" && str_at(e, "/recording/name") == "refused"),
+        "the refused recording never finished: {:?}",
+        summary(&sim.event_log())
+    );
+}
+
 /// Sending media to a channel not yet answered (music on hold, silence, DTMF, a playback)
 /// first indicates progress, as control.c and res_stasis_playback.c do: early media, and the
 /// channel stays unanswered. An answered channel gets no progress indication.

@@ -254,6 +254,15 @@ pub(crate) struct Channel {
     pub originated: bool,
     pub recording: Option<String>,
     pub redirected_to: Option<String>,
+    /// Its Stasis control is done (`control_mark_done`: a `continue` ran, or it hung up):
+    /// the commands already queued still run, later ones are refused, and it leaves Stasis
+    /// once its queue is empty.
+    pub control_done: bool,
+    /// Hung up while its queue drains: waited-for commands fail.
+    pub hung_up: bool,
+    /// Where a `move` sends it once its queue is empty (`control->next_app`): the last
+    /// move's app, every move's arguments.
+    pub next_app: Option<(String, Vec<String>)>,
 }
 
 pub(crate) struct Bridge {
@@ -455,15 +464,17 @@ impl State {
         channel: &str,
         effect: impl FnOnce(&Arc<Core>, &mut State) + Send + 'static,
     ) {
-        let target = Target::Channel(channel.to_string());
-        let busy = st.playbacks.values().any(|p| p.target == target)
-            || st
-                .recordings
-                .values()
-                .any(|r| r.target == target && r.running)
-            || st.queued_commands.iter().any(|c| c.channel == channel);
-        if !busy {
+        // `stasis_app_send_command_async` refuses commands once the control is done.
+        if !st
+            .channels
+            .get(channel)
+            .is_some_and(|c| c.stasis.is_some() && !c.control_done)
+        {
+            return;
+        }
+        if !st.channel_busy(channel) {
             effect(core, st);
+            Self::end_of_pass(core, st, channel);
             return;
         }
         let seq = st.next_seq();
@@ -472,6 +483,39 @@ impl State {
             seq,
             effect: Box::new(effect),
         });
+    }
+
+    /// Whether the channel's thread is busy: a playback or recording of its own under way or
+    /// waiting, or commands queued.
+    fn channel_busy(&self, channel: &str) -> bool {
+        let target = Target::Channel(channel.to_string());
+        self.playbacks.values().any(|p| p.target == target)
+            || self
+                .recordings
+                .values()
+                .any(|r| r.target == target && r.running)
+            || self.queued_commands.iter().any(|c| c.channel == channel)
+    }
+
+    /// The end of a dispatch pass (`control_dispatch_all` found the queue empty): a channel
+    /// whose control is done leaves Stasis; one with a move pending moves
+    /// (`stasis_app_exec`'s loop checks both only between passes).
+    fn end_of_pass(core: &Arc<Core>, st: &mut State, channel: &str) {
+        if st.channel_busy(channel) {
+            return;
+        }
+        let Some(ch) = st.channels.get_mut(channel) else {
+            return;
+        };
+        if ch.stasis.is_none() {
+            return;
+        }
+        if ch.control_done {
+            ch.next_app = None;
+            st.leave_stasis(core, channel);
+        } else if let Some((app, args)) = ch.next_app.take() {
+            super::ops::move_to_app(core, st, channel, app, args);
+        }
     }
 
     /// Queues a synchronous channel command (`app_send_command`: answer, addChannel,
@@ -486,11 +530,13 @@ impl State {
         effect: impl FnOnce(&Arc<Core>, &mut State) -> T + Send + 'static,
     ) -> tokio::sync::oneshot::Receiver<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if st.channels.get(channel).is_some_and(|c| c.stasis.is_some()) {
-            Self::run_channel_command(core, st, channel, move |core, st| {
+        let id = channel.to_string();
+        Self::run_channel_command(core, st, channel, move |core, st| {
+            // On a channel hung up while its queue drains, the command fails.
+            if !st.channels.get(&id).is_some_and(|c| c.hung_up) {
                 let _ = tx.send(effect(core, st));
-            });
-        }
+            }
+        });
         rx
     }
 
@@ -498,6 +544,18 @@ impl State {
     /// (`control_flush_queue`: nothing runs them).
     fn flush_commands(&mut self, channel: &str) {
         self.queued_commands.retain(|c| c.channel != channel);
+        // A flushed `record_file` command's data destructor (`recording_cleanup`) drops its
+        // recording without a word.
+        let target = Target::Channel(channel.to_string());
+        let before = self.recordings.len();
+        self.recordings
+            .retain(|_, r| r.target != target || r.running);
+        if self.recordings.len() != before {
+            let kept = self.recordings.values().any(|r| r.target == target);
+            if let Some(ch) = self.channels.get_mut(channel).filter(|_| !kept) {
+                ch.recording = None;
+            }
+        }
     }
 
     /// Forgets everything, as an Asterisk process that died would; originate behaviours stay.
@@ -621,7 +679,8 @@ impl State {
             "state": rec.state,
             "target_uri": rec.target.uri(),
         });
-        if rec.state == "done" || rec.state == "canceled" {
+        // `duration` once `ast_play_and_record_full` has measured one.
+        if rec.started.is_some() && (rec.state == "done" || rec.state == "canceled") {
             let secs = rec.started.map(|s| s.elapsed().as_secs()).unwrap_or(0);
             if let Some(o) = v.as_object_mut() {
                 o.insert("duration".into(), json!(secs));
@@ -894,6 +953,9 @@ impl State {
                 ringing: false,
                 early_media: false,
                 silence: false,
+                control_done: false,
+                hung_up: false,
+                next_app: None,
                 dtmf_sent: String::new(),
                 dialing: None,
                 dialstring: None,
@@ -957,6 +1019,8 @@ impl State {
                 app: app.to_string(),
                 args: args.clone(),
             });
+            ch.control_done = false;
+            ch.next_app = None;
         }
         let mut ev = self
             .chan_ev(core, "StasisStart", id)
@@ -992,7 +1056,13 @@ impl State {
 
     /// Hangs a channel up with Q.850 `cause`: optional `ChannelHangupRequest`, media stops,
     /// Stasis ends, `ChannelDestroyed`.
-    pub fn hangup(&mut self, core: &Core, id: &str, cause: i64, request: Option<HangupRequest>) {
+    pub fn hangup(
+        &mut self,
+        core: &Arc<Core>,
+        id: &str,
+        cause: i64,
+        request: Option<HangupRequest>,
+    ) {
         if !self.channels.contains_key(id) {
             return;
         }
@@ -1021,6 +1091,7 @@ impl State {
             let ev = self.dial_ev(core, id, dial_status_of(cause), d.caller.as_deref());
             self.emit(core, ev);
         }
+        self.drain_after_hangup(core, id);
         self.flush_commands(id);
         let target = Target::Channel(id.to_string());
         let pbs: Vec<String> = self
@@ -1053,6 +1124,99 @@ impl State {
                 a.channels.remove(id);
             }
             self.reap_app(&app);
+        }
+    }
+
+    /// A hangup does not stop the dispatch pass under way (`control_dispatch_all` checks for
+    /// none): the media on the channel ends (a playback `failed`, a recording `done`), then
+    /// every command already queued runs on the hung-up channel in turn. A queued playback
+    /// starts and fails at once, a queued recording starts and finishes, waited-for commands
+    /// fail, and the rest (a setChannelVar's `ChannelVarset`) happen. Stasis ends after.
+    fn drain_after_hangup(&mut self, core: &Arc<Core>, id: &str) {
+        let Some(ch) = self.channels.get_mut(id) else {
+            return;
+        };
+        if ch.stasis.is_none() {
+            return;
+        }
+        ch.hung_up = true;
+        ch.control_done = true;
+        let target = Target::Channel(id.to_string());
+        let playing: Vec<String> = self
+            .playbacks
+            .values()
+            .filter(|p| p.target == target && p.state != "queued")
+            .map(|p| p.id.clone())
+            .collect();
+        for pb in playing {
+            self.finish_playback(core, &pb, "failed");
+        }
+        self.finish_running_recording(core, &target);
+        loop {
+            let command = self
+                .queued_commands
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.channel == id)
+                .min_by_key(|(_, q)| q.seq)
+                .map(|(i, q)| (i, q.seq));
+            let playback = self
+                .playbacks
+                .values()
+                .filter(|p| p.target == target)
+                .min_by_key(|p| p.seq)
+                .map(|p| (p.id.clone(), p.seq));
+            match (command, playback) {
+                (Some((i, cseq)), p) if p.as_ref().is_none_or(|(_, pseq)| cseq < *pseq) => {
+                    let q = self.queued_commands.remove(i);
+                    (q.effect)(core, self);
+                    self.finish_running_recording(core, &target);
+                }
+                (_, Some((pb, _))) => {
+                    let canceled = self.playbacks.get(&pb).is_some_and(|p| p.canceled);
+                    if let Some(p) = self.playbacks.get_mut(&pb) {
+                        p.state = if canceled { "starting" } else { "playing" };
+                    }
+                    if !canceled {
+                        if let Some(p) = self.playbacks.get(&pb) {
+                            let v = Self::playback_json(p);
+                            let ev = self
+                                .target_ev(core, "PlaybackStarted", &target)
+                                .with("playback", v);
+                            self.emit(core, ev);
+                        }
+                    }
+                    self.finish_playback(core, &pb, if canceled { "done" } else { "failed" });
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// A channel recording a drained command started on a hung-up channel records nothing:
+    /// `RecordingStarted`, then `RecordingFinished`.
+    fn finish_running_recording(&mut self, core: &Core, target: &Target) {
+        let running: Vec<String> = self
+            .recordings
+            .values()
+            .filter(|r| &r.target == target && r.running)
+            .map(|r| r.name.clone())
+            .collect();
+        for name in running {
+            if let Some(rec) = self
+                .recordings
+                .get_mut(&name)
+                .filter(|r| r.state != "recording")
+            {
+                rec.state = "recording";
+                rec.started = Some(Instant::now());
+                let v = Self::recording_json(rec);
+                let ev = self
+                    .target_ev(core, "RecordingStarted", target)
+                    .with("recording", v);
+                self.emit(core, ev);
+            }
+            self.finish_recording(core, &name, "done");
         }
     }
 
@@ -1206,6 +1370,12 @@ impl State {
         pb.seq = st.next_seq();
         let first = Self::playback_json(&pb);
         let target = pb.target.clone();
+        if let Target::Channel(c) = &target {
+            // Refused by a done control: answered all the same, never played, forgotten.
+            if st.channels.get(c).is_some_and(|ch| ch.control_done) {
+                return first;
+            }
+        }
         st.playbacks.insert(id, pb);
         Self::next_playback(core, st, &target);
         first
@@ -1215,10 +1385,11 @@ impl State {
     /// way; on a channel, the asynchronous commands queued before that playback run first.
     fn next_playback(core: &Arc<Core>, st: &mut State, target: &Target) {
         let id = loop {
-            if st
-                .recordings
-                .values()
-                .any(|r| &r.target == target && r.running)
+            if matches!(target, Target::Channel(_))
+                && st
+                    .recordings
+                    .values()
+                    .any(|r| &r.target == target && r.running)
             {
                 return;
             }
@@ -1250,7 +1421,12 @@ impl State {
             }
             match next {
                 Some((id, _)) => break id,
-                None => return,
+                None => {
+                    if let Target::Channel(c) = target {
+                        Self::end_of_pass(core, st, c);
+                    }
+                    return;
+                }
             }
         };
         if let Some(pb) = st.playbacks.get_mut(&id) {
@@ -1371,13 +1547,20 @@ impl State {
         // earlier commands and playbacks are done, and holds the queue until it ends; a
         // bridge records through its own recorder channel and starts at once.
         let begin = move |core: &Arc<Core>, st: &mut State| {
-            let Some(rec) = st.recordings.get_mut(&name) else {
+            let Some(rec) = st.recordings.get(&name).filter(|r| r.token == token) else {
                 return;
             };
-            if rec.token != token {
-                return;
+            if let Target::Channel(c) = rec.target.clone() {
+                if st.channels.get(&c).is_some_and(|ch| ch.bridge.is_some()) {
+                    st.fail_recording(core, &name, "Cannot record channel while in bridge");
+                    return;
+                }
+                // `ast_auto_answer`.
+                st.set_state(core, &c, ChanState::Up);
+                if let Some(rec) = st.recordings.get_mut(&name) {
+                    rec.running = true;
+                }
             }
-            rec.running = true;
             let epoch = st.epoch;
             let n = name.clone();
             schedule(core, epoch, Duration::ZERO, move |core, st| {
@@ -1387,6 +1570,7 @@ impl State {
                 if rec.token != token {
                     return;
                 }
+                // Whatever a stop while it was queued said (`recording_disregard`).
                 rec.state = "recording";
                 rec.started = Some(Instant::now());
                 let v = Self::recording_json(rec);
@@ -1409,6 +1593,28 @@ impl State {
             Target::Bridge(_) => begin(core, st),
         }
         first
+    }
+
+    /// `recording_fail`: `RecordingFailed` with its cause; the recording is gone and its
+    /// channel may be added to bridges again.
+    fn fail_recording(&mut self, core: &Core, name: &str, cause: &str) {
+        let Some(mut rec) = self.recordings.remove(name) else {
+            return;
+        };
+        if let Target::Channel(c) = &rec.target {
+            if let Some(ch) = self.channels.get_mut(c) {
+                ch.recording = None;
+            }
+        }
+        rec.state = "failed";
+        let mut v = Self::recording_json(&rec);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("cause".into(), json!(cause));
+        }
+        let ev = self
+            .target_ev(core, "RecordingFailed", &rec.target)
+            .with("recording", v);
+        self.emit(core, ev);
     }
 
     /// Ends a live recording ([`State::finish_recording`]); a channel's queued commands and
@@ -1564,7 +1770,7 @@ impl State {
     }
 
     /// The far end of a dialling channel answers.
-    pub fn far_end_answer(&mut self, core: &Core, id: &str) -> bool {
+    pub fn far_end_answer(&mut self, core: &Arc<Core>, id: &str) -> bool {
         let Some(dialing) = self.channels.get_mut(id).and_then(|c| c.dialing.take()) else {
             return false;
         };
@@ -1601,7 +1807,7 @@ impl State {
     }
 
     /// The far end of a dialling channel gives up with `outcome` (busy, congestion, reject, no answer).
-    pub fn far_end_fail(&mut self, core: &Core, id: &str, outcome: &Outcome) {
+    pub fn far_end_fail(&mut self, core: &Arc<Core>, id: &str, outcome: &Outcome) {
         if self.channels.get(id).is_none_or(|c| c.dialing.is_none()) {
             return;
         }
@@ -1624,7 +1830,7 @@ impl State {
     }
 
     /// Rejects a ringing call with an arbitrary cause, as a far end sending a final error would.
-    pub fn far_end_reject(&mut self, core: &Core, id: &str, cause: i64) {
+    pub fn far_end_reject(&mut self, core: &Arc<Core>, id: &str, cause: i64) {
         self.hangup(core, id, cause, Some(HangupRequest::Remote));
     }
 }

@@ -1167,13 +1167,15 @@ pub(crate) fn continue_in_dialplan(core: &Arc<Core>, req: &mut Req) -> ApiResult
     } else {
         1
     };
+    // `app_control_continue`: the goto, then `control_mark_done`; the channel leaves Stasis
+    // once its queue is empty.
     let channel = id.clone();
-    State::run_channel_command(core, &mut st, &id, move |core, st| {
-        st.leave_stasis(core, &channel);
+    State::run_channel_command(core, &mut st, &id, move |_, st| {
         if let Some(ch) = st.channels.get_mut(&channel) {
             ch.context = ctx;
             ch.exten = exten;
             ch.priority = pri;
+            ch.control_done = true;
         }
     });
     no_content()
@@ -1186,17 +1188,29 @@ pub(crate) fn move_app(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let args = split_args(&req.params.se("appArgs"));
     let mut st = core.lock();
     find_control(&st, &id)?;
-    // The move itself is the channel's Stasis loop's, once its queue gets to it.
+    // `app_control_move` only notes the move; the Stasis loop makes it between dispatch
+    // passes. The last move's app wins, and every move's arguments add up (the vector of
+    // `next_app_args` is never cleared).
     let channel = id.clone();
-    State::run_channel_command(core, &mut st, &id, move |core, st| {
-        move_to_app(core, st, &channel, app, args)
+    State::run_channel_command(core, &mut st, &id, move |_, st| {
+        if let Some(ch) = st.channels.get_mut(&channel) {
+            let mut all = ch.next_app.take().map(|(_, a)| a).unwrap_or_default();
+            all.extend(args);
+            ch.next_app = Some((app, all));
+        }
     });
     no_content()
 }
 
-/// `app_control_move` and the Stasis loop's move: StasisEnd in the old app, StasisStart in
-/// the new one, or ApplicationMoveFailed when the new one is not registered.
-fn move_to_app(core: &Arc<Core>, st: &mut State, id: &str, app: String, args: Vec<String>) {
+/// The Stasis loop's move: StasisEnd in the old app, StasisStart in the new one, or
+/// ApplicationMoveFailed when the new one is not registered.
+pub(crate) fn move_to_app(
+    core: &Arc<Core>,
+    st: &mut State,
+    id: &str,
+    app: String,
+    args: Vec<String>,
+) {
     let Some(old) = st.channels.get(id).and_then(|c| c.stasis.clone()) else {
         return;
     };
@@ -1645,26 +1659,36 @@ pub(crate) fn recording_get(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         .ok_or_else(|| ApiErr::new(404, "Recording not found"))
 }
 
-/// `ast_ari_recordings_stop`.
-pub(crate) fn recording_stop(core: &Arc<Core>, req: &mut Req) -> ApiResult {
+/// `control_recording` with `stasis_app_recording_operation`: a recording still queued is
+/// only marked canceled (`recording_disregard`: no event; it still starts, and records, when
+/// its turn comes); one that was is no longer "in session"; one under way ends.
+fn recording_operation(core: &Arc<Core>, req: &mut Req, end_state: &'static str) -> ApiResult {
     let name = req.path("recordingName");
     let mut st = core.lock();
-    if !st.recordings.contains_key(&name) {
+    let Some(rec) = st.recordings.get_mut(&name) else {
         return Err(ApiErr::new(404, "Recording not found"));
+    };
+    match rec.state {
+        "queued" => {
+            rec.state = "canceled";
+            no_content()
+        }
+        "recording" => {
+            State::end_recording(core, &mut st, &name, end_state);
+            no_content()
+        }
+        _ => Err(ApiErr::new(409, "Recording not in session")),
     }
-    State::end_recording(core, &mut st, &name, "done");
-    no_content()
+}
+
+/// `ast_ari_recordings_stop`.
+pub(crate) fn recording_stop(core: &Arc<Core>, req: &mut Req) -> ApiResult {
+    recording_operation(core, req, "done")
 }
 
 /// `ast_ari_recordings_cancel`.
 pub(crate) fn recording_cancel(core: &Arc<Core>, req: &mut Req) -> ApiResult {
-    let name = req.path("recordingName");
-    let mut st = core.lock();
-    if !st.recordings.contains_key(&name) {
-        return Err(ApiErr::new(404, "Recording not found"));
-    }
-    State::end_recording(core, &mut st, &name, "canceled");
-    no_content()
+    recording_operation(core, req, "canceled")
 }
 
 #[cfg(test)]
