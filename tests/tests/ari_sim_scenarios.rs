@@ -742,6 +742,94 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
     assert_eq!(remove.status, 204, "{}", remove.text);
 }
 
+/// An answer or addChannel waiting behind a playback runs at its turn, not on arrival: the
+/// ringing channel is answered between the playback's end and the next playback, and an add
+/// whose bridge was destroyed while it waited answers 204 and adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_commands_act_at_their_turn() {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = sim
+        .dial_in(dial_in("confroute", "turn"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", "/bridges/doomed?type=mixing").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/long?media=sound:a"),
+    )
+    .await;
+    ws.until(WAIT, is("PlaybackStarted"))
+        .await
+        .expect("the playback started");
+    let send = |path: String| {
+        let client = AriClient::new(&sim).expect("client");
+        tokio::spawn(async move { client.call("POST", &path, None).await })
+    };
+    let answer = send(format!("/channels/{a}/answer"));
+    let add = send(format!("/bridges/doomed/addChannel?channel={a}"));
+    assert!(
+        sim.wait_until(WAIT, |s| s
+            .channel(&a)
+            .is_some_and(|ch| ch.queued_commands == 2))
+            .await,
+        "both queued"
+    );
+    assert!(sim
+        .snapshot()
+        .channel(&a)
+        .is_some_and(|ch| ch.state == "Ring"));
+    ok(&c, "DELETE", "/bridges/doomed").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/play/next?media=sound:b"),
+    )
+    .await;
+    ok(&c, "DELETE", "/playbacks/long").await;
+    for (what, task) in [("answer", answer), ("add", add)] {
+        let r = tokio::time::timeout(WAIT, task)
+            .await
+            .expect("answered")
+            .expect("task")
+            .expect("answered");
+        assert_eq!(r.status, 204, "{what}: {}", r.text);
+    }
+    ws.until(WAIT, |e| {
+        ty(e) == "PlaybackStarted" && str_at(e, "/playback/id") == "next"
+    })
+    .await
+    .expect("the next playback started");
+    let log = sim.event_log();
+    let at =
+        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
+    let up = at("ChannelStateChange", &|e| {
+        str_at(e, "/channel/state") == "Up"
+    });
+    let next = at("PlaybackStarted", &|e| str_at(e, "/playback/id") == "next");
+    assert!(
+        finished.is_some() && up.is_some() && finished < up && up < next,
+        "answered at its turn: {:?}",
+        summary(&log)
+    );
+    assert!(
+        at("ChannelEnteredBridge", &|_| true).is_none(),
+        "the destroyed bridge took no one: {:?}",
+        summary(&log)
+    );
+}
+
 /// A channel recording runs on the channel's own thread through its command queue, like a
 /// playback (res_stasis_recording.c `record_file`): asked for during a playback it is
 /// answered at once as `queued` and starts when the playback ends; while it records, later
@@ -1177,9 +1265,10 @@ async fn channel_recordings_follow_their_command_in_the_queue() {
     );
 }
 
-/// Sending media to a channel not yet answered (music on hold, silence, DTMF, a playback)
-/// first indicates progress, as control.c and res_stasis_playback.c do: early media, and the
-/// channel stays unanswered. An answered channel gets no progress indication.
+/// Sending media to a channel not yet answered (music on hold, silence, DTMF, a playback,
+/// a bridge's first playback to its members) first indicates progress, as control.c,
+/// res_stasis_playback.c and resource_bridges.c do: early media, and the channel stays
+/// unanswered. An answered channel gets no progress indication.
 #[tokio::test]
 async fn media_to_an_unanswered_channel_indicates_progress_first() {
     let sim = sim().await;
@@ -1208,8 +1297,28 @@ async fn media_to_an_unanswered_channel_indicates_progress_first() {
     ws.until(WAIT, is("PlaybackStarted"))
         .await
         .expect("the playback started");
+    // A bridge's first playback makes its announcer, which indicates progress to every
+    // member (`ari_bridges_play_new`).
+    let member = sim
+        .dial_in(dial_in("confroute", "member"))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    ok(&c, "POST", "/bridges/early?type=mixing").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/early/addChannel?channel={member}"),
+    )
+    .await;
+    assert!(sim
+        .snapshot()
+        .channel(&member)
+        .is_some_and(|ch| !ch.early_media));
+    ok(&c, "POST", "/bridges/early/play/hello?media=sound:hello").await;
+    ids.push(member);
     let snap = sim.snapshot();
-    for id in &ids[..4] {
+    for id in ids[..4].iter().chain(&ids[5..]) {
         let ch = snap.channel(id).expect("channel");
         assert!(ch.early_media && ch.state == "Ring", "{ch:?}");
     }

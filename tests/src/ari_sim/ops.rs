@@ -700,8 +700,19 @@ pub(crate) fn bridge_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         seq: 0,
         canceled: false,
     };
-    if let Some(b) = st.bridges.get_mut(&id) {
-        b.announcer = true;
+    // `ari_bridges_play_new`: a new announcer indicates progress to every member
+    // (`ast_bridge_queue_everyone_else`), so one not yet answered gets early media.
+    let members = match st.bridges.get_mut(&id) {
+        Some(b) if !b.announcer => {
+            b.announcer = true;
+            b.channels.clone()
+        }
+        _ => Vec::new(),
+    };
+    for m in members {
+        if let Some(ch) = st.channels.get_mut(&m) {
+            progress_unless_up(ch);
+        }
     }
     let json = State::start_playback(core, &mut st, pb);
     Ok(Resp::Created(format!("/playbacks/{pid}"), json))
