@@ -240,6 +240,10 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
     }
     let parsed: Value = match serde_json::from_str(text) {
         Ok(v) => v,
+        // Valid JSON this reader cannot hold is a request refused, not a parse error.
+        Err(_) if serde_json::from_str::<&RawValue>(text).is_ok() => {
+            return unreadable(text, limits)
+        }
         Err(e) => return Decoded::Refused(RpcError::new(codes::PARSE_ERROR, e.to_string())),
     };
     // The ids as written, beside the values read: a second pass over a frame already known
@@ -259,21 +263,80 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
             if items.is_empty() {
                 return Decoded::Refused(RpcError::new(codes::INVALID_REQUEST, "empty batch"));
             }
-            if items.len() > limits.max_batch {
-                return Decoded::Refused(RpcError::new(
+            let over = (items.len() > limits.max_batch).then(|| {
+                RpcError::new(
                     codes::INVALID_REQUEST,
-                    format!("batch of {} exceeds {}", items.len(), limits.max_batch),
-                ));
-            }
+                    format!(
+                        "batch of {} exceeds {}: nothing in it was carried out",
+                        items.len(),
+                        limits.max_batch
+                    ),
+                )
+            });
             let mut ids = raw_ids(true);
-            Decoded::Batch(
-                items
-                    .into_iter()
-                    .map(|v| request(v, ids.next().flatten()))
-                    .collect(),
-            )
+            let items = items
+                .into_iter()
+                .map(|v| request(v, ids.next().flatten()))
+                .collect();
+            match over {
+                Some(e) => Decoded::Batch(refuse_all(items, &e)),
+                None => Decoded::Batch(items),
+            }
         }
         single => Decoded::Single(request(single, raw_ids(false).next().flatten())),
+    }
+}
+
+/// A batch refused whole is still a batch (JSON-RPC 2.0 §6): each request gets its own
+/// error with its own id; notifications get no answer, as ever (§4.1).
+fn refuse_all(items: Vec<Item>, e: &RpcError) -> Vec<Item> {
+    items
+        .into_iter()
+        .filter_map(|item| match item {
+            Ok(Request { id: Some(id), .. }) => Some(Err((id, e.clone()))),
+            Ok(Request { id: None, .. }) => None,
+            Err(invalid) => Some(Err(invalid)),
+        })
+        .collect()
+}
+
+/// A frame that is JSON but holds what `Value` cannot (a number beyond a double's range,
+/// nesting deeper than the reader's limit): each request in it is refused with its id as
+/// written, where one can be read.
+fn unreadable(text: &str, limits: &Limits) -> Decoded {
+    let refused = RpcError::new(
+        codes::INVALID_REQUEST,
+        "the request holds a number beyond a double's range (about 1.8e308) or nests deeper than 128 levels",
+    );
+    let one = |raw: &str| -> Item {
+        match serde_json::from_str::<Value>(raw) {
+            Ok(v) => request(v, raw_id(raw)),
+            Err(_) => {
+                let id = raw_id(raw)
+                    .filter(|id| !id.get().starts_with(['{', '[', 't', 'f']))
+                    .map_or_else(Id::null, Id);
+                Err((id, refused.clone()))
+            }
+        }
+    };
+    match serde_json::from_str::<Vec<&RawValue>>(text) {
+        Ok(items) => {
+            let items: Vec<Item> = items.iter().map(|raw| one(raw.get())).collect();
+            if items.len() > limits.max_batch {
+                let e = RpcError::new(
+                    codes::INVALID_REQUEST,
+                    format!(
+                        "batch of {} exceeds {}: nothing in it was carried out",
+                        items.len(),
+                        limits.max_batch
+                    ),
+                );
+                Decoded::Batch(refuse_all(items, &e))
+            } else {
+                Decoded::Batch(items)
+            }
+        }
+        Err(_) => Decoded::Single(one(text)),
     }
 }
 
@@ -325,7 +388,7 @@ fn request(v: Value, raw: Option<Box<RawValue>>) -> Result<Request, (Id, RpcErro
         // INVALID_PARAMS, so an unknown method still gets METHOD_NOT_FOUND and a
         // notification gets no answer (§4.1).
         Some(p @ (Value::Object(_) | Value::Array(_))) => p.clone(),
-        Some(_) => return Err(invalid("\"params\" must be an object")),
+        Some(_) => return Err(invalid("\"params\" must be an object or an array")),
     };
     if let Some(extra) = obj
         .keys()
@@ -1211,8 +1274,58 @@ mod tests {
         assert_eq!(refused(&"x".repeat(65)), codes::MESSAGE_TOO_LARGE);
         assert_eq!(refused("{"), codes::PARSE_ERROR);
         assert_eq!(refused("[]"), codes::INVALID_REQUEST);
-        assert_eq!(refused("[1,2,3]"), codes::INVALID_REQUEST);
         assert!(matches!(decode("[1,2]", &limits), Decoded::Batch(b) if b.len() == 2));
+        // Over the batch limit: each call refused with its own id, no notification answered.
+        let limits = Limits {
+            max_batch: 2,
+            ..Limits::default()
+        };
+        let call = |id: u32| format!(r#"{{"jsonrpc":"2.0","method":"conference.list","id":{id}}}"#);
+        let note = r#"{"jsonrpc":"2.0","method":"conference.list"}"#;
+        let over = format!("[{},{note},{}]", call(1), call(2));
+        let Decoded::Batch(items) = decode(&over, &limits) else {
+            panic!("a batch over the limit is still a batch");
+        };
+        let ids: Vec<(String, i64)> = items
+            .iter()
+            .map(|i| match i {
+                Err((id, e)) => (id.raw().to_string(), e.code),
+                Ok(r) => panic!("carried out: {r:?}"),
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("1".to_string(), codes::INVALID_REQUEST),
+                ("2".to_string(), codes::INVALID_REQUEST)
+            ]
+        );
+        // JSON with a number no double holds is a request refused, with its id as written.
+        for (text, id) in [
+            (
+                r#"{"jsonrpc":"2.0","method":"conference.list","id":1e400}"#,
+                "1e400",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"conference.list","params":{"x":1e999},"id":"a"}"#,
+                "\"a\"",
+            ),
+        ] {
+            match decode(text, &limits) {
+                Decoded::Single(Err((got, e))) => {
+                    assert_eq!((got.raw(), e.code), (id, codes::INVALID_REQUEST), "{text}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let mixed = format!(
+            r#"[{},{{"jsonrpc":"2.0","method":"m","id":-1e999}}]"#,
+            call(3)
+        );
+        assert!(
+            matches!(decode(&mixed, &limits), Decoded::Batch(b) if b.len() == 2 && b[0].is_ok() && b[1].is_err()),
+            "only the unreadable member is refused"
+        );
 
         // The answer carries the id exactly as written, whatever a JSON reader would make
         // of it (found by fuzzing: a 180-digit number), alone or in a batch, and for an

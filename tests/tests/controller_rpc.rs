@@ -388,7 +388,24 @@ async fn batches_rate_limits_and_subscription_limits() {
         .map(|i| json!({"jsonrpc": "2.0", "method": "conference.list", "id": i}))
         .collect();
     send(&mut ws, &Value::Array(five).to_string()).await;
-    assert_eq!(code(&recv(&mut ws).await), -32600, "batch over the limit");
+    let over = recv(&mut ws).await;
+    let over = over
+        .as_array()
+        .expect("a batch over the limit is answered as a batch");
+    let ids: Vec<&Value> = over.iter().map(|a| &a["id"]).collect();
+    assert_eq!(
+        ids,
+        (0..5)
+            .map(|i| json!(i))
+            .collect::<Vec<_>>()
+            .iter()
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        over.iter()
+            .all(|a| code(a) == -32600 && a.get("result").is_none()),
+        "each refused: {over:?}"
+    );
 
     // The bucket (burst 5) is spent by now: the next commands are refused, then allowed again.
     let mut limited = 0;
@@ -1626,7 +1643,7 @@ async fn a_stopping_controller_waits_briefly_for_answers_then_closes() {
 
 /// An answer carries its request's id exactly as written (JSON-RPC 2.0 §5): numbers a JSON
 /// reader would turn into floats or round come back as sent, alone, in a batch, and in the
-/// error answer to an invalid request.
+/// error answer to an invalid request, even one refused for a number beyond a double's range.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_echo_their_request_ids_exactly_as_written() {
     let s = setup(&[]).await;
@@ -1660,6 +1677,18 @@ async fn answers_echo_their_request_ids_exactly_as_written() {
             "{id}: {batch}"
         );
     }
+    // Valid JSON holding a number no double holds: refused as a request (-32600), not as
+    // unparseable (-32700), with the id as written.
+    send(
+        &mut ws,
+        r#"{"jsonrpc":"2.0","method":"conference.list","params":{"limit":1e999},"id":1e400}"#,
+    )
+    .await;
+    let answer = next_text(&mut ws).await;
+    assert!(
+        answer.contains(r#""id":1e400"#) && answer.contains(r#""code":-32600"#),
+        "{answer}"
+    );
 }
 
 /// The next text frame, as written.

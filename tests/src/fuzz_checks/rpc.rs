@@ -31,9 +31,7 @@ fn frame(text: &str, limits: &Limits) {
             } else {
                 match serde_json::from_str::<Value>(text) {
                     Err(_) => codes::PARSE_ERROR,
-                    Ok(Value::Array(a)) if a.is_empty() || a.len() > limits.max_batch => {
-                        codes::INVALID_REQUEST
-                    }
+                    Ok(Value::Array(a)) if a.is_empty() => codes::INVALID_REQUEST,
                     Ok(v) => panic!("refused a decodable frame {v}: {e:?}"),
                 }
             };
@@ -45,7 +43,19 @@ fn frame(text: &str, limits: &Limits) {
             one(item);
         }
         Decoded::Batch(items) => {
-            assert!(!items.is_empty() && items.len() <= limits.max_batch);
+            let members = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text)
+                .map(|m| m.len())
+                .unwrap_or_default();
+            assert!(items.len() <= members, "{} of {members}", items.len());
+            if members > limits.max_batch {
+                // Refused whole: every call answered with an error, notifications dropped.
+                assert!(
+                    items.iter().all(|i| i.is_err()),
+                    "carried out past the limit"
+                );
+            } else {
+                assert!(!items.is_empty() && items.len() == members);
+            }
             items.into_iter().for_each(one);
         }
     }
