@@ -226,6 +226,27 @@ pub enum Decoded {
     Batch(Vec<Item>),
 }
 
+/// Every method of the endpoint (docs/call-control.md).
+const METHODS: &[&str] = &[
+    "conference.list",
+    "conference.get",
+    "conference.end",
+    "conference.play",
+    "participant.list",
+    "participant.mute",
+    "participant.unmute",
+    "participant.hold",
+    "participant.unhold",
+    "participant.kick",
+    "participant.dtmf",
+    "participant.play",
+    "participant.move",
+    "participant.update",
+    "dialout",
+    "subscribe",
+    "unsubscribe",
+];
+
 /// Decodes one text frame under `limits`: size, JSON, batch shape, then each request.
 pub fn decode(text: &str, limits: &Limits) -> Decoded {
     if text.len() > limits.max_message_size {
@@ -925,7 +946,7 @@ impl Session {
 
     /// The place in line of a request naming a conference (taken as frames are read).
     fn turn(&self, item: &Item) -> Option<Turn> {
-        let req = item.as_ref().ok()?;
+        let req = item.as_ref().ok().filter(|r| Self::known(&r.method))?;
         let params = &req.params;
         // A move names its target too (a dial-out's `to` is a number, not a conference).
         let keys: &[&str] = if req.method == "participant.move" {
@@ -979,6 +1000,18 @@ impl Session {
                 return Some(response(&id, Err(e)));
             }
         };
+        if !Self::known(&req.method) {
+            drop(turn);
+            let e = RpcError::new(
+                codes::METHOD_NOT_FOUND,
+                format!(
+                    "method `{}` does not exist",
+                    req.method.chars().take(64).collect::<String>()
+                ),
+            );
+            self.count(&e);
+            return req.id.map(|id| response(&id, Err(e)));
+        }
         let allowed = self.bucket.lock().map(|mut b| b.take()).unwrap_or(false);
         // A command waiting in line is not in progress: the in-flight slot is taken once its
         // turn has come, so a slow conference does not stall the connection's others.
@@ -1022,6 +1055,12 @@ impl Session {
             self.count(e);
         }
         req.id.map(|id| response(&id, result))
+    }
+
+    /// Whether `method` is one this endpoint has: an unknown one is answered -32601 before
+    /// it takes a rate token or a place in line, so the answer names the real mistake.
+    fn known(method: &str) -> bool {
+        METHODS.contains(&method)
     }
 
     async fn dispatch(
@@ -1257,6 +1296,17 @@ mod tests {
                 Err((_, e)) => assert_eq!(e.code, code, "{v}"),
                 Ok(_) => panic!("{v} should be rejected"),
             }
+        }
+    }
+
+    #[test]
+    fn every_method_is_documented() {
+        let doc = include_str!("../../docs/call-control.md");
+        for m in METHODS {
+            assert!(
+                doc.contains(&format!("`{m}`")),
+                "{m} missing from call-control.md"
+            );
         }
     }
 

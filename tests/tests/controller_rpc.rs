@@ -415,6 +415,11 @@ async fn batches_rate_limits_and_subscription_limits() {
         }
     }
     assert!(limited >= 5, "rate limit applied ({limited} of 10 refused)");
+    // An unknown method is named as such, not rate limited: it takes no token.
+    assert_eq!(
+        code(&rpc(&mut ws, "conference.nope", json!({"conference": "c"}), 150).await),
+        -32601
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(
         rpc(&mut ws, "conference.list", json!({}), 200).await["result"].is_object(),
