@@ -422,6 +422,14 @@ pub(crate) struct State {
 /// What an asynchronous channel command does once its turn comes.
 pub(crate) type CommandEffect = Box<dyn FnOnce(&Arc<Core>, &mut State) + Send>;
 
+/// The next entry of a channel's or bridge's queue.
+enum QueueHead {
+    /// The queued command at this index of `queued_commands`.
+    Command(usize),
+    /// The queued playback with this id.
+    Playback(String),
+}
+
 /// An asynchronous channel command (`stasis_app_send_command_async`) in its channel's queue.
 struct QueuedCommand {
     channel: String,
@@ -1152,27 +1160,14 @@ impl State {
             self.finish_playback(core, &pb, "failed");
         }
         self.finish_running_recording(core, &target);
-        loop {
-            let command = self
-                .queued_commands
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| q.channel == id)
-                .min_by_key(|(_, q)| q.seq)
-                .map(|(i, q)| (i, q.seq));
-            let playback = self
-                .playbacks
-                .values()
-                .filter(|p| p.target == target)
-                .min_by_key(|p| p.seq)
-                .map(|p| (p.id.clone(), p.seq));
-            match (command, playback) {
-                (Some((i, cseq)), p) if p.as_ref().is_none_or(|(_, pseq)| cseq < *pseq) => {
+        while let Some(head) = self.queue_head(&target) {
+            match head {
+                QueueHead::Command(i) => {
                     let q = self.queued_commands.remove(i);
                     (q.effect)(core, self);
                     self.finish_running_recording(core, &target);
                 }
-                (_, Some((pb, _))) => {
+                QueueHead::Playback(pb) => {
                     let canceled = self.playbacks.get(&pb).is_some_and(|p| p.canceled);
                     if let Some(p) = self.playbacks.get_mut(&pb) {
                         p.state = if canceled { "starting" } else { "playing" };
@@ -1188,7 +1183,6 @@ impl State {
                     }
                     self.finish_playback(core, &pb, if canceled { "done" } else { "failed" });
                 }
-                _ => break,
             }
         }
     }
@@ -1381,6 +1375,33 @@ impl State {
         first
     }
 
+    /// What `target`'s queue holds next, in arrival order: a channel's commands and
+    /// playbacks share one queue; a bridge has playbacks only.
+    fn queue_head(&self, target: &Target) -> Option<QueueHead> {
+        let playback = self
+            .playbacks
+            .values()
+            .filter(|p| &p.target == target && p.state == "queued")
+            .min_by_key(|p| p.seq)
+            .map(|p| (p.id.clone(), p.seq));
+        let command = match target {
+            Target::Channel(c) => self
+                .queued_commands
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| &q.channel == c)
+                .min_by_key(|(_, q)| q.seq)
+                .map(|(i, q)| (i, q.seq)),
+            Target::Bridge(_) => None,
+        };
+        match (command, playback) {
+            (Some((i, cseq)), Some((_, pseq))) if cseq < pseq => Some(QueueHead::Command(i)),
+            (_, Some((id, _))) => Some(QueueHead::Playback(id)),
+            (Some((i, _)), None) => Some(QueueHead::Command(i)),
+            (None, None) => None,
+        }
+    }
+
     /// Starts the oldest queued playback of `target` unless one of its playbacks is under
     /// way; on a channel, the asynchronous commands queued before that playback run first.
     fn next_playback(core: &Arc<Core>, st: &mut State, target: &Target) {
@@ -1393,34 +1414,19 @@ impl State {
             {
                 return;
             }
-            let mut mine: Vec<(&String, &Playback)> = st
+            if st
                 .playbacks
-                .iter()
-                .filter(|(_, p)| &p.target == target)
-                .collect();
-            if mine.iter().any(|(_, p)| p.state != "queued") {
+                .values()
+                .any(|p| &p.target == target && p.state != "queued")
+            {
                 return;
             }
-            mine.sort_by_key(|(_, p)| p.seq);
-            let next = mine.first().map(|(id, p)| ((*id).clone(), p.seq));
-            let command = match target {
-                Target::Channel(c) => st
-                    .queued_commands
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, q)| &q.channel == c)
-                    .min_by_key(|(_, q)| q.seq)
-                    .filter(|(_, q)| next.as_ref().is_none_or(|(_, seq)| q.seq < *seq))
-                    .map(|(i, _)| i),
-                Target::Bridge(_) => None,
-            };
-            if let Some(i) = command {
-                let q = st.queued_commands.remove(i);
-                (q.effect)(core, st);
-                continue;
-            }
-            match next {
-                Some((id, _)) => break id,
+            match st.queue_head(target) {
+                Some(QueueHead::Command(i)) => {
+                    let q = st.queued_commands.remove(i);
+                    (q.effect)(core, st);
+                }
+                Some(QueueHead::Playback(id)) => break id,
                 None => {
                     if let Target::Channel(c) = target {
                         Self::end_of_pass(core, st, c);
