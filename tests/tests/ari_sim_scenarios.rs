@@ -111,6 +111,32 @@ fn dial_in(app: &str, conf: &str) -> DialIn {
     }
 }
 
+/// A simulator whose playbacks last a minute (tests end them when they need to), a client,
+/// and the events of the `confroute` application.
+async fn slow_playbacks() -> (AriSim, AriClient, EventStream) {
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        playback_duration: Duration::from_secs(60),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let ws = events(&sim, "confroute").await;
+    (sim, c, ws)
+}
+
+/// A caller dialling in for `conf`, once it is in the `confroute` application.
+async fn caller(sim: &AriSim, ws: &mut EventStream, conf: &str) -> String {
+    let id = sim
+        .dial_in(dial_in("confroute", conf))
+        .await
+        .expect("dial in");
+    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    id
+}
+
 #[tokio::test]
 async fn caller_dials_in_joins_and_hangs_up() {
     let sim = sim().await;
@@ -492,11 +518,7 @@ async fn playbacks_queue_per_target_and_report_each_media_item() {
     let sim = sim().await;
     let c = AriClient::new(&sim).expect("client");
     let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "pb"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let a = caller(&sim, &mut ws, "pb").await;
     ok(&c, "POST", &format!("/channels/{a}/answer")).await;
     ok(
         &c,
@@ -587,11 +609,7 @@ async fn a_move_waits_behind_the_channels_playback() {
     .expect("simulator starts");
     let c = AriClient::new(&sim).expect("client");
     let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "pb"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let a = caller(&sim, &mut ws, "pb").await;
     ok(&c, "POST", &format!("/channels/{a}/answer")).await;
     for b in ["one", "two"] {
         ok(&c, "POST", &format!("/bridges/{b}?type=mixing")).await;
@@ -645,21 +663,8 @@ async fn a_move_waits_behind_the_channels_playback() {
 /// not (204).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
-    let sim = AriSim::start(SimConfig {
-        username: "u".into(),
-        password: "p".into(),
-        playback_duration: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let c = AriClient::new(&sim).expect("client");
-    let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "fifo"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let (sim, c, mut ws) = slow_playbacks().await;
+    let a = caller(&sim, &mut ws, "fifo").await;
     ok(&c, "POST", &format!("/channels/{a}/answer")).await;
     ok(&c, "POST", "/bridges/one?type=mixing").await;
     ok(
@@ -747,21 +752,8 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
 /// whose bridge was destroyed while it waited answers 204 and adds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_commands_act_at_their_turn() {
-    let sim = AriSim::start(SimConfig {
-        username: "u".into(),
-        password: "p".into(),
-        playback_duration: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let c = AriClient::new(&sim).expect("client");
-    let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "turn"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let (sim, c, mut ws) = slow_playbacks().await;
+    let a = caller(&sim, &mut ws, "turn").await;
     ok(&c, "POST", "/bridges/doomed?type=mixing").await;
     ok(
         &c,
@@ -836,21 +828,8 @@ async fn waiting_commands_act_at_their_turn() {
 /// commands wait until it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_recording_waits_its_turn_and_holds_the_queue() {
-    let sim = AriSim::start(SimConfig {
-        username: "u".into(),
-        password: "p".into(),
-        playback_duration: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let c = AriClient::new(&sim).expect("client");
-    let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "rec"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let (sim, c, mut ws) = slow_playbacks().await;
+    let a = caller(&sim, &mut ws, "rec").await;
     ok(&c, "POST", &format!("/channels/{a}/answer")).await;
     ok(
         &c,
@@ -906,21 +885,8 @@ async fn a_channel_recording_waits_its_turn_and_holds_the_queue() {
 /// sets its variable, a waited-for answer fails (500). Stasis ends after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hangup_lets_the_queued_commands_run_before_stasis_ends() {
-    let sim = AriSim::start(SimConfig {
-        username: "u".into(),
-        password: "p".into(),
-        playback_duration: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let c = AriClient::new(&sim).expect("client");
-    let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "hang"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let (sim, c, mut ws) = slow_playbacks().await;
+    let a = caller(&sim, &mut ws, "hang").await;
     ok(&c, "POST", &format!("/channels/{a}/answer")).await;
     ok(
         &c,
@@ -1004,22 +970,9 @@ async fn a_hangup_lets_the_queued_commands_run_before_stasis_ends() {
 /// with both moves' arguments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_happens_once_the_dispatch_pass_is_over() {
-    let sim = AriSim::start(SimConfig {
-        username: "u".into(),
-        password: "p".into(),
-        playback_duration: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let c = AriClient::new(&sim).expect("client");
-    let mut ws = events(&sim, "confroute").await;
+    let (sim, c, mut ws) = slow_playbacks().await;
     let mut other = events(&sim, "other").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "mv"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let a = caller(&sim, &mut ws, "mv").await;
     ok(&c, "POST", &format!("/channels/{a}/answer")).await;
     ok(
         &c,
@@ -1077,11 +1030,7 @@ async fn a_bridge_plays_while_it_records() {
     let sim = sim().await;
     let c = AriClient::new(&sim).expect("client");
     let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "br"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let a = caller(&sim, &mut ws, "br").await;
     ok(&c, "POST", "/bridges/one?type=mixing").await;
     ok(&c, "POST", &format!("/bridges/one/addChannel?channel={a}")).await;
     let r = c
@@ -1107,16 +1056,7 @@ async fn a_bridge_plays_while_it_records() {
 /// bridged one with `RecordingFailed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_recordings_follow_their_command_in_the_queue() {
-    let sim = AriSim::start(SimConfig {
-        username: "u".into(),
-        password: "p".into(),
-        playback_duration: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let c = AriClient::new(&sim).expect("client");
-    let mut ws = events(&sim, "confroute").await;
+    let (sim, c, mut ws) = slow_playbacks().await;
     let mut ids = Vec::new();
     for conf in ["stop", "gone", "ring", "bridged"] {
         let id = sim
@@ -1299,11 +1239,7 @@ async fn media_to_an_unanswered_channel_indicates_progress_first() {
         .expect("the playback started");
     // A bridge's first playback makes its announcer, which indicates progress to every
     // member (`ari_bridges_play_new`).
-    let member = sim
-        .dial_in(dial_in("confroute", "member"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let member = caller(&sim, &mut ws, "member").await;
     ok(&c, "POST", "/bridges/early?type=mixing").await;
     ok(
         &c,
@@ -1378,21 +1314,8 @@ async fn add_channel_stops_at_a_recording_channel_keeping_those_added_before() {
 /// logged), and a getChannelVar, which is not queued, reads the value of the moment.
 #[tokio::test]
 async fn async_channel_commands_run_after_the_channels_playback() {
-    let sim = AriSim::start(SimConfig {
-        username: "u".into(),
-        password: "p".into(),
-        playback_duration: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let c = AriClient::new(&sim).expect("client");
-    let mut ws = events(&sim, "confroute").await;
-    let a = sim
-        .dial_in(dial_in("confroute", "q"))
-        .await
-        .expect("dial in");
-    ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
+    let (sim, c, mut ws) = slow_playbacks().await;
+    let a = caller(&sim, &mut ws, "q").await;
     ok(&c, "POST", &format!("/channels/{a}/answer")).await;
     ok(
         &c,
