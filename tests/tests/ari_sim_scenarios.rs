@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use confroute_tests::ari_sim::client::{AriClient, EventStream};
+use confroute_tests::ari_sim::client::{AriClient, AriResponse, ClientError, EventStream};
 use confroute_tests::ari_sim::{AriSim, DialIn, EndpointMatch, Outcome, SimConfig};
 use serde_json::Value;
 
@@ -125,6 +125,31 @@ async fn slow_playbacks() -> (AriSim, AriClient, EventStream) {
     let c = AriClient::new(&sim).expect("client");
     let ws = events(&sim, "confroute").await;
     (sim, c, ws)
+}
+
+/// A request sent on a client of its own, for a test to collect with [`answer_of`] once it
+/// is answered (it may wait in a channel's command queue meanwhile).
+fn send_later(
+    sim: &AriSim,
+    method: &'static str,
+    path: String,
+) -> tokio::task::JoinHandle<Result<AriResponse, ClientError>> {
+    let client = AriClient::new(sim).expect("client");
+    tokio::spawn(async move { client.call(method, &path, None).await })
+}
+
+/// The answer to a request sent with [`send_later`], within `WAIT`.
+async fn answer_of(task: tokio::task::JoinHandle<Result<AriResponse, ClientError>>) -> AriResponse {
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("answered in time")
+        .expect("task")
+        .expect("answered")
+}
+
+/// Where in `log` the first event of type `t` that `pred` accepts is.
+fn position(log: &[Value], t: &str, pred: impl Fn(&Value) -> bool) -> Option<usize> {
+    log.iter().position(|e| ty(e) == t && pred(e))
 }
 
 /// A caller dialling in for `conf`, once it is in the `confroute` application.
@@ -637,8 +662,7 @@ async fn a_move_waits_behind_the_channels_playback() {
         .expect("answered");
     assert_eq!(r.status, 204, "{}", r.text);
     let log = sim.event_log();
-    let at =
-        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let at = |t: &str, pred: &dyn Fn(&Value) -> bool| position(&log, t, pred);
     let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
     let entered = at("ChannelEnteredBridge", &|e| {
         str_at(e, "/bridge/id") == "two"
@@ -682,12 +706,8 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
             s.channel(&a).is_some_and(|ch| ch.queued_commands == n)
         }
     };
-    let send = |method: &'static str, path: String| {
-        let client = AriClient::new(&sim).expect("client");
-        tokio::spawn(async move { client.call(method, &path, None).await })
-    };
 
-    let add = send("POST", format!("/bridges/one/addChannel?channel={a}"));
+    let add = send_later(&sim, "POST", format!("/bridges/one/addChannel?channel={a}"));
     assert!(sim.wait_until(WAIT, queued(1)).await, "the add is queued");
     ok(
         &c,
@@ -696,11 +716,7 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
     )
     .await;
     ok(&c, "DELETE", "/playbacks/long").await;
-    let r = tokio::time::timeout(WAIT, add)
-        .await
-        .expect("the add is answered once the first playback ends")
-        .expect("task")
-        .expect("answered");
+    let r = answer_of(add).await;
     assert_eq!(r.status, 204, "{}", r.text);
     ws.until(WAIT, |e| {
         ty(e) == "PlaybackStarted" && str_at(e, "/playback/id") == "next"
@@ -708,8 +724,7 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
     .await
     .expect("the next playback started");
     let log = sim.event_log();
-    let at =
-        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let at = |t: &str, pred: &dyn Fn(&Value) -> bool| position(&log, t, pred);
     let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
     let entered = at("ChannelEnteredBridge", &|e| {
         str_at(e, "/bridge/id") == "one"
@@ -727,23 +742,19 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
     );
 
     // Behind "next": both pass their checks now, then the channel hangs up.
-    let answer = send("POST", format!("/channels/{a}/answer"));
-    let remove = send("POST", format!("/bridges/one/removeChannel?channel={a}"));
+    let answer = send_later(&sim, "POST", format!("/channels/{a}/answer"));
+    let remove = send_later(
+        &sim,
+        "POST",
+        format!("/bridges/one/removeChannel?channel={a}"),
+    );
     assert!(sim.wait_until(WAIT, queued(2)).await, "both are queued");
     ok(&c, "DELETE", &format!("/channels/{a}")).await;
-    let answer = tokio::time::timeout(WAIT, answer)
-        .await
-        .expect("answered")
-        .expect("task")
-        .expect("answered");
+    let answer = answer_of(answer).await;
     assert_eq!(answer.status, 500, "{}", answer.text);
     let body: Value = serde_json::from_str(&answer.text).expect("JSON error body");
     assert_eq!(body["message"], "Failed to answer channel");
-    let remove = tokio::time::timeout(WAIT, remove)
-        .await
-        .expect("answered")
-        .expect("task")
-        .expect("answered");
+    let remove = answer_of(remove).await;
     assert_eq!(remove.status, 204, "{}", remove.text);
 }
 
@@ -764,12 +775,12 @@ async fn waiting_commands_act_at_their_turn() {
     ws.until(WAIT, is("PlaybackStarted"))
         .await
         .expect("the playback started");
-    let send = |path: String| {
-        let client = AriClient::new(&sim).expect("client");
-        tokio::spawn(async move { client.call("POST", &path, None).await })
-    };
-    let answer = send(format!("/channels/{a}/answer"));
-    let add = send(format!("/bridges/doomed/addChannel?channel={a}"));
+    let answer = send_later(&sim, "POST", format!("/channels/{a}/answer"));
+    let add = send_later(
+        &sim,
+        "POST",
+        format!("/bridges/doomed/addChannel?channel={a}"),
+    );
     assert!(
         sim.wait_until(WAIT, |s| s
             .channel(&a)
@@ -790,11 +801,7 @@ async fn waiting_commands_act_at_their_turn() {
     .await;
     ok(&c, "DELETE", "/playbacks/long").await;
     for (what, task) in [("answer", answer), ("add", add)] {
-        let r = tokio::time::timeout(WAIT, task)
-            .await
-            .expect("answered")
-            .expect("task")
-            .expect("answered");
+        let r = answer_of(task).await;
         assert_eq!(r.status, 204, "{what}: {}", r.text);
     }
     ws.until(WAIT, |e| {
@@ -803,8 +810,7 @@ async fn waiting_commands_act_at_their_turn() {
     .await
     .expect("the next playback started");
     let log = sim.event_log();
-    let at =
-        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let at = |t: &str, pred: &dyn Fn(&Value) -> bool| position(&log, t, pred);
     let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
     let up = at("ChannelStateChange", &|e| {
         str_at(e, "/channel/state") == "Up"
@@ -910,11 +916,7 @@ async fn a_hangup_lets_the_queued_commands_run_before_stasis_ends() {
         &format!("/channels/{a}/variable?variable=QUEUED&value=1"),
     )
     .await;
-    let answer = {
-        let client = AriClient::new(&sim).expect("client");
-        let path = format!("/channels/{a}/answer");
-        tokio::spawn(async move { client.call("POST", &path, None).await })
-    };
+    let answer = send_later(&sim, "POST", format!("/channels/{a}/answer"));
     assert!(
         sim.wait_until(WAIT, |s| s
             .channel(&a)
@@ -923,11 +925,7 @@ async fn a_hangup_lets_the_queued_commands_run_before_stasis_ends() {
         "mute, setChannelVar and answer queued"
     );
     ok(&c, "DELETE", &format!("/channels/{a}")).await;
-    let answer = tokio::time::timeout(WAIT, answer)
-        .await
-        .expect("answered")
-        .expect("task")
-        .expect("answered");
+    let answer = answer_of(answer).await;
     assert_eq!(answer.status, 500, "{}", answer.text);
     ws.until(WAIT, is("StasisEnd")).await.expect("Stasis ended");
     let log = sim.event_log();
@@ -1364,8 +1362,7 @@ async fn async_channel_commands_run_after_the_channels_playback() {
     let ch = snap.channel(&a).expect("channel");
     assert!(ch.muted_in && ch.dtmf_sent == "1", "{ch:?}");
     let log = sim.event_log();
-    let at =
-        |t: &str, pred: &dyn Fn(&Value) -> bool| log.iter().position(|e| ty(e) == t && pred(e));
+    let at = |t: &str, pred: &dyn Fn(&Value) -> bool| position(&log, t, pred);
     let finished = at("PlaybackFinished", &|e| str_at(e, "/playback/id") == "long");
     let varset = at("ChannelVarset", &|e| str_at(e, "/variable") == "QUEUED");
     let next = at("PlaybackStarted", &|e| str_at(e, "/playback/id") == "next");
