@@ -864,6 +864,16 @@ impl Conference {
         self.publish();
     }
 
+    /// Whom a repeated `start` event names as its starter: a participant in the mix, one
+    /// with `startConferenceOnEnter` first; `None` when the mix is empty.
+    fn started_by_in_mix(&self) -> Option<String> {
+        self.participants
+            .iter()
+            .filter(|(_, p)| !p.waiting && !p.held && !p.moving)
+            .max_by_key(|(_, p)| p.options.start_on_enter)
+            .map(|(id, _)| id.clone())
+    }
+
     /// A start cut short by an agent restart (some waiters moved into the mix, others not),
     /// or one that could not move a waiter, left adopted waiters in the holding bridge of a
     /// started conference: they are moved in now. Whether the last life sent the start's
@@ -878,12 +888,7 @@ impl Conference {
         if !self.participants.values().any(waiter) {
             return;
         }
-        let by = self
-            .participants
-            .iter()
-            .filter(|(_, p)| !p.waiting && !p.held && !p.moving)
-            .max_by_key(|(_, p)| p.options.start_on_enter)
-            .map(|(id, _)| id.clone());
+        let by = self.started_by_in_mix();
         let mut moved = self.move_waiters_in().await;
         moved.sort();
         tracing::info!(conference = %self.name, moved = moved.len(), "moved in the callers a start cut short left waiting");

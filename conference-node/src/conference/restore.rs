@@ -68,12 +68,7 @@ impl Conference {
         if !unwaited.is_empty() {
             unwaited.sort();
             // Subscribers saw these callers join waiting; the start they missed tells them.
-            let by = self
-                .participants
-                .iter()
-                .filter(|(_, p)| !p.waiting && !p.held && !p.moving)
-                .max_by_key(|(_, p)| p.options.start_on_enter)
-                .map(|(id, _)| id.clone());
+            let by = self.started_by_in_mix();
             self.emit(
                 "start",
                 json!({"started_by": by, "no_longer_waiting": unwaited}),
