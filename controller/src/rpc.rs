@@ -226,6 +226,17 @@ pub enum Decoded {
     Batch(Vec<Item>),
 }
 
+/// The answer to a method this endpoint does not have.
+fn method_not_found(method: &str) -> RpcError {
+    RpcError::new(
+        codes::METHOD_NOT_FOUND,
+        format!(
+            "method `{}` does not exist",
+            method.chars().take(64).collect::<String>()
+        ),
+    )
+}
+
 /// Every method of the endpoint (docs/call-control.md).
 const METHODS: &[&str] = &[
     "conference.list",
@@ -262,13 +273,13 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
     let parsed: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         // Valid JSON this reader cannot hold is a request refused, not a parse error.
-        Err(_) if serde_json::from_str::<&RawValue>(text).is_ok() => {
-            return unreadable(text, limits)
+        Err(e) if serde_json::from_str::<&RawValue>(text).is_ok() => {
+            return unreadable(text, limits, &e)
         }
         Err(e) => return Decoded::Refused(RpcError::new(codes::PARSE_ERROR, e.to_string())),
     };
     // The ids as written, beside the values read: a second pass over a frame already known
-    // to be JSON (and, for a batch, of an accepted size).
+    // to be JSON, of an accepted size.
     let raw_ids = |batch: bool| -> std::vec::IntoIter<Option<Box<RawValue>>> {
         let ids: Vec<Option<Box<RawValue>>> = if batch {
             serde_json::from_str::<Vec<&RawValue>>(text)
@@ -284,16 +295,10 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
             if items.is_empty() {
                 return Decoded::Refused(RpcError::new(codes::INVALID_REQUEST, "empty batch"));
             }
-            let over = (items.len() > limits.max_batch).then(|| {
-                RpcError::new(
-                    codes::INVALID_REQUEST,
-                    format!(
-                        "batch of {} exceeds {}: nothing in it was carried out",
-                        items.len(),
-                        limits.max_batch
-                    ),
-                )
-            });
+            let over = match over_limit(items.len(), limits) {
+                Err(refused) => return refused,
+                Ok(over) => over,
+            };
             let mut ids = raw_ids(true);
             let items = items
                 .into_iter()
@@ -307,6 +312,30 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
         single => Decoded::Single(request(single, raw_ids(false).next().flatten())),
     }
 }
+
+/// The error of a batch over `rpc.max_batch` (`Ok(None)` within it). One far over it (more
+/// than `BATCH_ANSWERS_CAP` × the limit) gets a single answer, as an empty batch does: an
+/// error per member would make a small frame of tiny members a large answer.
+fn over_limit(members: usize, limits: &Limits) -> Result<Option<RpcError>, Decoded> {
+    if members <= limits.max_batch {
+        return Ok(None);
+    }
+    let e = RpcError::new(
+        codes::INVALID_REQUEST,
+        format!(
+            "batch of {members} exceeds {}: nothing in it was carried out",
+            limits.max_batch
+        ),
+    );
+    if members > limits.max_batch.saturating_mul(BATCH_ANSWERS_CAP) {
+        return Err(Decoded::Refused(e));
+    }
+    Ok(Some(e))
+}
+
+/// How many times `rpc.max_batch` an oversized batch may have and still be answered member
+/// by member.
+const BATCH_ANSWERS_CAP: usize = 4;
 
 /// A batch refused whole is still a batch (JSON-RPC 2.0 §6): each request gets its own
 /// error with its own id; notifications get no answer, as ever (§4.1).
@@ -322,12 +351,12 @@ fn refuse_all(items: Vec<Item>, e: &RpcError) -> Vec<Item> {
 }
 
 /// A frame that is JSON but holds what `Value` cannot (a number beyond a double's range,
-/// nesting deeper than the reader's limit): each request in it is refused with its id as
-/// written, where one can be read.
-fn unreadable(text: &str, limits: &Limits) -> Decoded {
+/// nesting deeper than the reader's limit, a lone surrogate escape): each request in it is
+/// refused with its id as written, where one can be read.
+fn unreadable(text: &str, limits: &Limits, why: &serde_json::Error) -> Decoded {
     let refused = RpcError::new(
         codes::INVALID_REQUEST,
-        "the request holds a number beyond a double's range (about 1.8e308) or nests deeper than 128 levels",
+        format!("valid JSON this server cannot read: {why}"),
     );
     let one = |raw: &str| -> Item {
         match serde_json::from_str::<Value>(raw) {
@@ -342,19 +371,14 @@ fn unreadable(text: &str, limits: &Limits) -> Decoded {
     };
     match serde_json::from_str::<Vec<&RawValue>>(text) {
         Ok(items) => {
+            let over = match over_limit(items.len(), limits) {
+                Err(refused) => return refused,
+                Ok(over) => over,
+            };
             let items: Vec<Item> = items.iter().map(|raw| one(raw.get())).collect();
-            if items.len() > limits.max_batch {
-                let e = RpcError::new(
-                    codes::INVALID_REQUEST,
-                    format!(
-                        "batch of {} exceeds {}: nothing in it was carried out",
-                        items.len(),
-                        limits.max_batch
-                    ),
-                );
-                Decoded::Batch(refuse_all(items, &e))
-            } else {
-                Decoded::Batch(items)
+            match over {
+                Some(e) => Decoded::Batch(refuse_all(items, &e)),
+                None => Decoded::Batch(items),
             }
         }
         Err(_) => Decoded::Single(one(text)),
@@ -1001,14 +1025,7 @@ impl Session {
             }
         };
         if !Self::known(&req.method) {
-            drop(turn);
-            let e = RpcError::new(
-                codes::METHOD_NOT_FOUND,
-                format!(
-                    "method `{}` does not exist",
-                    req.method.chars().take(64).collect::<String>()
-                ),
-            );
+            let e = method_not_found(&req.method);
             self.count(&e);
             return req.id.map(|id| response(&id, Err(e)));
         }
@@ -1182,15 +1199,8 @@ impl Session {
             }
             "subscribe" => return self.subscribe(params(p)?),
             "unsubscribe" => return self.unsubscribe(params(p)?),
-            other => {
-                return Err(RpcError::new(
-                    codes::METHOD_NOT_FOUND,
-                    format!(
-                        "method `{}` does not exist",
-                        other.chars().take(64).collect::<String>()
-                    ),
-                ))
-            }
+            // Unknown methods are answered before they get here (`known`).
+            other => return Err(method_not_found(other)),
         };
         r.map_err(RpcError::from)
     }
@@ -1349,6 +1359,11 @@ mod tests {
                 ("1".to_string(), codes::INVALID_REQUEST),
                 ("2".to_string(), codes::INVALID_REQUEST)
             ]
+        );
+        // Far over the limit: one answer, however many members.
+        let nine = format!("[{}]", ["0"; 9].join(","));
+        assert!(
+            matches!(decode(&nine, &limits), Decoded::Refused(e) if e.code == codes::INVALID_REQUEST)
         );
         // JSON with a number no double holds is a request refused, with its id as written.
         for (text, id) in [

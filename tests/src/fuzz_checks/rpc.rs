@@ -29,10 +29,14 @@ fn frame(text: &str, limits: &Limits) {
             let expected = if text.len() > limits.max_message_size {
                 codes::MESSAGE_TOO_LARGE
             } else {
-                match serde_json::from_str::<Value>(text) {
-                    Err(_) => codes::PARSE_ERROR,
-                    Ok(Value::Array(a)) if a.is_empty() => codes::INVALID_REQUEST,
-                    Ok(v) => panic!("refused a decodable frame {v}: {e:?}"),
+                // Refused whole: not JSON, an empty batch, or one far over the batch limit.
+                let members = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text)
+                    .map(|m| m.len())
+                    .ok();
+                match (serde_json::from_str::<Value>(text), members) {
+                    (_, Some(n)) if n == 0 || n > limits.max_batch * 4 => codes::INVALID_REQUEST,
+                    (Err(_), _) => codes::PARSE_ERROR,
+                    (Ok(v), _) => panic!("refused a decodable frame {v}: {e:?}"),
                 }
             };
             assert_eq!(e.code, expected, "{e:?}");
