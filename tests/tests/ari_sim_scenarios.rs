@@ -709,6 +709,16 @@ async fn waiting_commands_keep_their_place_and_are_checked_on_arrival() {
 
     let add = send_later(&sim, "POST", format!("/bridges/one/addChannel?channel={a}"));
     assert!(sim.wait_until(WAIT, queued(1)).await, "the add is queued");
+    // Checked on arrival: the channel is not in the bridge yet, whatever is queued.
+    let early = c
+        .call(
+            "POST",
+            &format!("/bridges/one/removeChannel?channel={a}"),
+            None,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(early.status, 422, "{}", early.text);
     ok(
         &c,
         "POST",
@@ -1056,7 +1066,7 @@ async fn a_bridge_plays_while_it_records() {
 async fn channel_recordings_follow_their_command_in_the_queue() {
     let (sim, c, mut ws) = slow_playbacks().await;
     let mut ids = Vec::new();
-    for conf in ["stop", "gone", "ring", "bridged"] {
+    for conf in ["stop", "gone", "ring", "bridged", "unanswered"] {
         let id = sim
             .dial_in(dial_in("confroute", conf))
             .await
@@ -1064,7 +1074,7 @@ async fn channel_recordings_follow_their_command_in_the_queue() {
         ws.until(WAIT, is("StasisStart")).await.expect("in Stasis");
         ids.push(id);
     }
-    let (a, b, r, x) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    let (a, b, r, x, u) = (&ids[0], &ids[1], &ids[2], &ids[3], &ids[4]);
     let record = |id: &str, name: &str| {
         let path = format!("/channels/{id}/record?name={name}&format=wav");
         let client = AriClient::new(&sim).expect("client");
@@ -1123,6 +1133,9 @@ async fn channel_recordings_follow_their_command_in_the_queue() {
     })
     .await
     .expect("the recording queued before the continue ran started");
+    // Asked for once the control is done: answered 201, never recorded, forgotten.
+    assert_eq!(record(b, "too-late").await.status, 201);
+    assert_eq!(status("too-late").await.status, 404);
     ok(
         &c,
         "POST",
@@ -1192,6 +1205,33 @@ async fn channel_recordings_follow_their_command_in_the_queue() {
         "Cannot record channel while in bridge"
     );
     assert_eq!(status("refused").await.status, 404);
+
+    // Queued on a channel never answered that then hangs up: its turn still comes, and
+    // answering the hung-up channel fails it.
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{u}/play/pb-u?media=sound:a"),
+    )
+    .await;
+    assert_eq!(record(u, "never").await.status, 201);
+    ok(&c, "DELETE", &format!("/channels/{u}")).await;
+    let evs = ws
+        .until(WAIT, |e| {
+            ty(e) == "RecordingFailed" && str_at(e, "/recording/name") == "never"
+        })
+        .await
+        .expect("the recording failed");
+    assert_eq!(
+        str_at(evs.last().expect("event"), "/recording/cause"),
+        "Failed to answer channel"
+    );
+    assert!(
+        !evs.iter()
+            .any(|e| ty(e) == "ChannelStateChange" && str_at(e, "/channel/id") == u.as_str()),
+        "the hung-up channel was not answered: {:?}",
+        summary(&evs)
+    );
     let snap = sim.snapshot();
     assert!(snap.channel(x).is_some_and(|ch| ch.recording.is_none()));
     assert!(

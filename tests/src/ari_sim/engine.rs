@@ -415,7 +415,8 @@ pub(crate) struct State {
     pub globals: HashMap<String, String>,
     pub behaviors: Vec<(EndpointMatch, Outcome)>,
     pub event_log: Vec<Value>,
-    /// Asynchronous channel commands waiting behind a playback on their channel.
+    /// Channel commands waiting their turn behind a playback, a recording or earlier
+    /// commands on their channel.
     queued_commands: Vec<QueuedCommand>,
 }
 
@@ -463,27 +464,29 @@ impl State {
 
     /// Runs an asynchronous channel command (mute, hold, music on hold, DTMF,
     /// setChannelVar, redirect, ...) as Asterisk does: through the channel's command queue,
-    /// which a playback on the channel holds until it ends (control.c `exec_command`,
-    /// res_stasis_playback.c `play_uri`). Asterisk answers such a request at once; its
-    /// effect comes when its turn does, or never if the channel leaves Stasis first.
+    /// which a playback or a recording on the channel holds until it ends (control.c
+    /// `exec_command`, res_stasis_playback.c `play_uri`). Asterisk answers such a request at
+    /// once; its effect comes when its turn does, or never if the channel leaves Stasis
+    /// first. A control that is done (a `continue` ran, or the channel hung up) refuses it:
+    /// false, and `effect` is dropped.
     pub fn run_channel_command(
         core: &Arc<Core>,
         st: &mut State,
         channel: &str,
         effect: impl FnOnce(&Arc<Core>, &mut State) + Send + 'static,
-    ) {
+    ) -> bool {
         // `stasis_app_send_command_async` refuses commands once the control is done.
         if !st
             .channels
             .get(channel)
             .is_some_and(|c| c.stasis.is_some() && !c.control_done)
         {
-            return;
+            return false;
         }
         if !st.channel_busy(channel) {
             effect(core, st);
             Self::end_of_pass(core, st, channel);
-            return;
+            return true;
         }
         let seq = st.next_seq();
         st.queued_commands.push(QueuedCommand {
@@ -491,6 +494,7 @@ impl State {
             seq,
             effect: Box::new(effect),
         });
+        true
     }
 
     /// Whether the channel's thread is busy: a playback or recording of its own under way or
@@ -539,7 +543,8 @@ impl State {
     ) -> tokio::sync::oneshot::Receiver<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let id = channel.to_string();
-        Self::run_channel_command(core, st, channel, move |core, st| {
+        // Refused, the sender is dropped with the effect: the command failed.
+        let _ = Self::run_channel_command(core, st, channel, move |core, st| {
             // On a channel hung up while its queue drains, the command fails.
             if !st.channels.get(&id).is_some_and(|c| c.hung_up) {
                 let _ = tx.send(effect(core, st));
@@ -1157,7 +1162,16 @@ impl State {
             .map(|p| p.id.clone())
             .collect();
         for pb in playing {
-            self.finish_playback(core, &pb, "failed");
+            // Taken up, its PlaybackStarted not out yet: it starts, then fails, as a queued one.
+            if self
+                .playbacks
+                .get(&pb)
+                .is_some_and(|p| p.state == "starting")
+            {
+                self.fail_unplayed(core, &target, &pb);
+            } else {
+                self.finish_playback(core, &pb, "failed");
+            }
         }
         self.finish_running_recording(core, &target);
         while let Some(head) = self.queue_head(&target) {
@@ -1167,24 +1181,28 @@ impl State {
                     (q.effect)(core, self);
                     self.finish_running_recording(core, &target);
                 }
-                QueueHead::Playback(pb) => {
-                    let canceled = self.playbacks.get(&pb).is_some_and(|p| p.canceled);
-                    if let Some(p) = self.playbacks.get_mut(&pb) {
-                        p.state = if canceled { "starting" } else { "playing" };
-                    }
-                    if !canceled {
-                        if let Some(p) = self.playbacks.get(&pb) {
-                            let v = Self::playback_json(p);
-                            let ev = self
-                                .target_ev(core, "PlaybackStarted", &target)
-                                .with("playback", v);
-                            self.emit(core, ev);
-                        }
-                    }
-                    self.finish_playback(core, &pb, if canceled { "done" } else { "failed" });
-                }
+                QueueHead::Playback(pb) => self.fail_unplayed(core, &target, &pb),
             }
         }
+    }
+
+    /// A playback whose turn comes on a hung-up channel: `PlaybackStarted`, then it fails at
+    /// once (`play_on_channel`); one stopped while it waited only finishes.
+    fn fail_unplayed(&mut self, core: &Core, target: &Target, pb: &str) {
+        let canceled = self.playbacks.get(pb).is_some_and(|p| p.canceled);
+        if let Some(p) = self.playbacks.get_mut(pb) {
+            p.state = if canceled { "starting" } else { "playing" };
+        }
+        if !canceled {
+            if let Some(p) = self.playbacks.get(pb) {
+                let v = Self::playback_json(p);
+                let ev = self
+                    .target_ev(core, "PlaybackStarted", target)
+                    .with("playback", v);
+                self.emit(core, ev);
+            }
+        }
+        self.finish_playback(core, pb, if canceled { "done" } else { "failed" });
     }
 
     /// A channel recording a drained command started on a hung-up channel records nothing:
@@ -1371,7 +1389,7 @@ impl State {
             }
         }
         st.playbacks.insert(id, pb);
-        Self::next_playback(core, st, &target);
+        Self::dispatch_queue(core, st, &target);
         first
     }
 
@@ -1402,9 +1420,10 @@ impl State {
         }
     }
 
-    /// Starts the oldest queued playback of `target` unless one of its playbacks is under
-    /// way; on a channel, the asynchronous commands queued before that playback run first.
-    fn next_playback(core: &Arc<Core>, st: &mut State, target: &Target) {
+    /// The dispatch loop of `target`'s queue: unless a playback (or, on a channel, a
+    /// recording) holds it, runs the commands and starts the playback next in line, in
+    /// arrival order; a channel whose queue is empty ends its pass (`end_of_pass`).
+    fn dispatch_queue(core: &Arc<Core>, st: &mut State, target: &Target) {
         let id = loop {
             if matches!(target, Target::Channel(_))
                 && st
@@ -1504,7 +1523,7 @@ impl State {
             return;
         };
         st.finish_playback(core, id, "done");
-        Self::next_playback(core, st, &target);
+        Self::dispatch_queue(core, st, &target);
     }
 
     /// Ends a playback; one that had started (or was stopped while it waited and whose turn
@@ -1561,7 +1580,15 @@ impl State {
                     st.fail_recording(core, &name, "Cannot record channel while in bridge");
                     return;
                 }
-                // `ast_auto_answer`.
+                // `ast_auto_answer`, which fails on a hung-up channel not yet answered.
+                if st
+                    .channels
+                    .get(&c)
+                    .is_some_and(|ch| ch.hung_up && ch.state != ChanState::Up)
+                {
+                    st.fail_recording(core, &name, "Failed to answer channel");
+                    return;
+                }
                 st.set_state(core, &c, ChanState::Up);
                 if let Some(rec) = st.recordings.get_mut(&name) {
                     rec.running = true;
@@ -1595,7 +1622,16 @@ impl State {
             }
         };
         match &target {
-            Target::Channel(c) => Self::run_channel_command(core, st, c, begin),
+            Target::Channel(c) => {
+                // Refused by a done control: the flushed command's `recording_cleanup`
+                // forgets the recording; the request was answered 201 all the same.
+                if !Self::run_channel_command(core, st, c, begin) {
+                    st.recordings.retain(|_, r| r.token != token);
+                    if let Some(ch) = st.channels.get_mut(c) {
+                        ch.recording = None;
+                    }
+                }
+            }
             Target::Bridge(_) => begin(core, st),
         }
         first
@@ -1629,7 +1665,7 @@ impl State {
         let target = st.recordings.get(name).map(|r| r.target.clone());
         st.finish_recording(core, name, state);
         if let Some(target @ Target::Channel(_)) = target {
-            Self::next_playback(core, st, &target);
+            Self::dispatch_queue(core, st, &target);
         }
     }
 
@@ -1942,7 +1978,7 @@ pub struct ChannelSnapshot {
     pub recording: Option<String>,
     /// Where ARI redirected it (`POST /channels/{id}/redirect`).
     pub redirected_to: Option<String>,
-    /// Commands waiting in its queue (behind a playback).
+    /// Commands waiting in its queue (behind a playback, a recording or earlier commands).
     pub queued_commands: usize,
 }
 
