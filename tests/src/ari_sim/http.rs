@@ -495,6 +495,11 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         for ch in &queued_behind {
             core.wait_held(&format!("{nickname} {ch}")).await;
         }
+        // A request still on its way when the simulated Asterisk died is lost with it: its
+        // connection is gone, and the emptied state must not carry it out.
+        if !core.lock().up {
+            std::future::pending::<()>().await;
+        }
         let result = handler(core, &mut req);
         let undeclared = req.params.take_undeclared();
         if !undeclared.is_empty() {

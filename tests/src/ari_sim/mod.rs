@@ -489,6 +489,13 @@ impl AriSim {
 
     /// Asterisk dies and stays down until [`AriSim::recover`].
     pub fn crash(&self) {
+        // Connections die first, as with a dead process: a request answered in between would
+        // otherwise be answered from the emptied state (a 404 for a channel that was there),
+        // which a dead Asterisk never sends.
+        self.core.ctl.send_modify(|c| {
+            c.up = false;
+            c.generation += 1;
+        });
         self.core.lock().crash();
         // Test latency set for the channels of this life goes with them.
         self.core
@@ -496,10 +503,6 @@ impl AriSim {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.core.ctl.send_modify(|c| {
-            c.up = false;
-            c.generation += 1;
-        });
         self.done();
     }
 
