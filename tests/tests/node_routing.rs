@@ -45,6 +45,15 @@ impl Cluster {
         c
     }
 
+    /// What the agent of node `id` logged, for failure messages.
+    fn node_output(&self, id: &str) -> String {
+        self.nodes
+            .iter()
+            .find(|(n, _, _)| n == id)
+            .map(|(_, _, p)| p.output())
+            .unwrap_or_default()
+    }
+
     fn sim_of(&self, id: &str) -> &TestSim {
         &self
             .nodes
@@ -190,10 +199,12 @@ async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
         let conf = format!("new-{i}");
         assert_eq!(c.route_http(&conf).await, "node-b", "{conf}");
     }
+    let home = c.route_http(&kept).await;
     assert_eq!(
-        c.route_http(&kept).await,
+        home,
         "node-a",
-        "the live conference stays"
+        "the live conference stays; node-a's agent logged:\n{}",
+        c.node_output("node-a")
     );
 
     sim_a.recover();
