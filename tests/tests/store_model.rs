@@ -125,6 +125,73 @@ async fn rehome_after_owner_lease_expires_raises_epoch_by_one() {
     );
 }
 
+/// The node listing and the claim agree on the millisecond a node's lease ends: a node the
+/// listing no longer shows is dead to the claim too. Redis keeps a key through the
+/// millisecond it expires at, so the listing must keep the node through it as well.
+#[tokio::test]
+async fn a_node_the_listing_calls_gone_is_gone_to_the_claim() {
+    let (redis, store) = with_nodes(&["b"]).await;
+    let prefix = store.prefix().to_string();
+    let b = [id("b")];
+    // A pair that straddles the millisecond (the listing before it, the claim after) says
+    // nothing; another round is tried.
+    for round in 0..20 {
+        store
+            .register(&node("a", 10), LONG)
+            .await
+            .expect("register a");
+        let room = name(&format!("edge-{round}"));
+        let first = store.claim(&room, &[id("a")]).await.expect("claim");
+        assert_eq!(first.owner, Some(owner("a", 1)));
+        // Node a's record and its index entry end on the same millisecond, as a heartbeat
+        // leaves them when Redis's clock does not tick during the script.
+        let (secs, micros): (String, String) =
+            redis_query(redis.port(), &mut redis::cmd("TIME")).expect("time");
+        let now_ms = secs.parse::<u64>().expect("secs") * 1000
+            + micros.parse::<u64>().expect("micros") / 1000;
+        let end = now_ms + 200;
+        let _: i64 = redis_query(
+            redis.port(),
+            redis::cmd("PEXPIREAT")
+                .arg(format!("{prefix}node:a"))
+                .arg(end),
+        )
+        .expect("pexpireat");
+        let _: i64 = redis_query(
+            redis.port(),
+            redis::cmd("ZADD")
+                .arg(format!("{prefix}nodes"))
+                .arg(end)
+                .arg("a"),
+        )
+        .expect("zadd");
+        // Each listing and the claim after it go out together and nearly always run in the
+        // same millisecond, one pair after another until the listing drops a: some pair runs
+        // in the millisecond the lease ends.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (nodes, claim) = tokio::join!(store.list_nodes(), store.claim(&room, &b));
+            let listed = nodes.expect("list").iter().any(|n| n.info.id == id("a"));
+            let claim = claim.expect("claim");
+            if !listed {
+                assert_eq!(
+                    claim.kind,
+                    ClaimKind::Rehomed,
+                    "the listing dropped node a; the claim right after it still kept a's conference"
+                );
+                assert_eq!(claim.owner, Some(owner("b", 2)));
+                return;
+            }
+            if claim.kind == ClaimKind::Rehomed {
+                break;
+            }
+            assert_eq!(claim.kind, ClaimKind::Existing, "a is still listed");
+            assert!(Instant::now() < deadline, "node a never left the listing");
+        }
+    }
+    panic!("every round's pair straddled the end of the lease");
+}
+
 /// Invariant 4: a serving node whose heartbeat says its ARI is down is passed over for new
 /// conferences, keeps the ones it has (empty or not), and is a candidate again once it is back.
 #[tokio::test]

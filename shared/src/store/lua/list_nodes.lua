@@ -5,7 +5,9 @@
 local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+-- A node lives through the millisecond its lease ends at, as Redis keeps a key through the
+-- millisecond it expires at: a node listed as gone is then gone to claim.lua too.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local key = prefix .. 'node:' .. id
