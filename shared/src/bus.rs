@@ -253,12 +253,18 @@ struct Inner {
     /// Redis's clock minus ours (ms), and when (our clock) it was last measured; 0 = never.
     offset_ms: std::sync::atomic::AtomicI64,
     offset_at: AtomicU64,
+    /// The round trip (ms) of the comparison the offset comes from.
+    offset_rtt: AtomicU64,
 }
 
 /// How often this process compares its clock with Redis's.
 const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
-/// A `TIME` round trip longer than this says too little about the offset to be used.
+/// A `TIME` round trip up to this gives an offset good for [`CLOCK_CHECK_EVERY`].
 const CLOCK_SAMPLE_MAX_RTT_MS: u64 = 100;
+/// A `TIME` round trip up to this still gives an offset within half of it: used until a
+/// better comparison comes (Redis or this host loaded), since without any offset a command
+/// held on its way cannot be told from a fresh one. Longer says too little to be used.
+const CLOCK_SAMPLE_USABLE_RTT_MS: u64 = 500;
 /// First delay before comparing again when a comparison failed or was unusable; it doubles
 /// up to [`CLOCK_CHECK_EVERY`].
 const CLOCK_RETRY_MIN: Duration = Duration::from_millis(100);
@@ -278,21 +284,38 @@ impl Inner {
 }
 
 /// One comparison of this process's clock with Redis's; false when Redis did not answer or
-/// answered too slowly for the offset to mean anything.
+/// answered too slowly for the offset to last (a slow answer still replaces a slower one, or
+/// none, as long as it is usable).
 async fn compare_clocks(inner: &Inner) -> bool {
     let before = now_ms();
     let Ok(redis) = inner.store.time_ms().await else {
         return false;
     };
     let after = now_ms();
-    if after.saturating_sub(before) > CLOCK_SAMPLE_MAX_RTT_MS {
-        return false;
+    let rtt = after.saturating_sub(before);
+    let held = (inner.offset_at.load(Ordering::Relaxed) != 0)
+        .then(|| inner.offset_rtt.load(Ordering::Relaxed));
+    if sample_used(rtt, held) {
+        let ours = before + rtt / 2;
+        let offset =
+            i64::try_from(redis).unwrap_or(i64::MAX) - i64::try_from(ours).unwrap_or(i64::MAX);
+        inner.offset_ms.store(offset, Ordering::Relaxed);
+        inner.offset_rtt.store(rtt, Ordering::Relaxed);
+        inner.offset_at.store(after.max(1), Ordering::Relaxed);
+        inner
+            .store
+            .metrics()
+            .clock_compared(Duration::from_millis(rtt));
     }
-    let ours = before + (after - before) / 2;
-    let offset = i64::try_from(redis).unwrap_or(i64::MAX) - i64::try_from(ours).unwrap_or(i64::MAX);
-    inner.offset_ms.store(offset, Ordering::Relaxed);
-    inner.offset_at.store(after.max(1), Ordering::Relaxed);
-    true
+    rtt <= CLOCK_SAMPLE_MAX_RTT_MS
+}
+
+/// Whether a comparison with round trip `rtt` (ms) replaces the one in use (`held`: its
+/// round trip, `None` when there is none): a good one always does (the clocks drift), a slow
+/// but usable one only a slower one or none.
+fn sample_used(rtt: u64, held: Option<u64>) -> bool {
+    rtt <= CLOCK_SAMPLE_MAX_RTT_MS
+        || (rtt <= CLOCK_SAMPLE_USABLE_RTT_MS && held.is_none_or(|h| rtt < h))
 }
 
 /// A process's end of the bus; cheap to clone.
@@ -341,6 +364,7 @@ impl Bus {
                 counter: AtomicU64::new(0),
                 offset_ms: std::sync::atomic::AtomicI64::new(0),
                 offset_at: AtomicU64::new(0),
+                offset_rtt: AtomicU64::new(0),
             }),
         }
     }
@@ -733,6 +757,25 @@ fn deliver(inner: &Inner, reply: Reply) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_clock_comparison_is_used_only_until_a_faster_one() {
+        assert!(
+            sample_used(300, None),
+            "better than not knowing Redis's clock"
+        );
+        assert!(sample_used(200, Some(300)), "a faster one replaces it");
+        assert!(!sample_used(400, Some(300)), "a slower one does not");
+        assert!(
+            !sample_used(150, Some(20)),
+            "nor does one slower than a good one"
+        );
+        assert!(
+            sample_used(90, Some(20)),
+            "a good one always does: the clocks drift"
+        );
+        assert!(!sample_used(600, None), "too slow to say anything");
+    }
 
     #[test]
     fn deadlines_count_from_receipt_whatever_the_clocks() {

@@ -493,8 +493,8 @@ async fn a_bus_started_while_redis_was_slow_soon_drops_commands_held_on_their_wa
     redis.signal(libc::SIGSTOP).expect("pause redis");
     let node_id = fixtures::id("node-late-clock");
     let (node, mut commands) = Bus::node(fixtures::store(&cfg), &node_id);
-    // Redis stays silent past the clock comparison's longest usable round trip.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Redis stays silent past the clock comparison's longest usable round trip (500 ms).
+    tokio::time::sleep(Duration::from_millis(700)).await;
     redis.signal(libc::SIGCONT).expect("resume redis");
     assert!(
         node.wait_connected(Duration::from_secs(10)).await,

@@ -134,6 +134,8 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
         assert!(Instant::now() < deadline, "the caller never listed: {v}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Only a command that says when it was sent can be told held on its way.
+    c.wait_clocks_known().await;
     c.node_mut(&owner)
         .proc
         .process()
@@ -168,7 +170,8 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
     assert_eq!(
         muted,
         Some(json!(false)),
-        "the mute reported unanswered was carried out later: {list}"
+        "the mute reported unanswered ({msg}) was carried out later: {list}\n{}",
+        c.node(&owner).proc.output()
     );
     let sim = &c.node(&owner).sim;
     assert!(

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::store::StoreError;
 
@@ -11,6 +11,7 @@ use crate::store::StoreError;
 pub struct StoreMetrics {
     latency: Option<HistogramVec>,
     errors: Option<IntCounterVec>,
+    clock: Option<Gauge>,
 }
 
 impl StoreMetrics {
@@ -33,11 +34,18 @@ impl StoreMetrics {
             ),
             &["op", "kind"],
         )?;
+        let clock = Gauge::new(
+            "confroute_redis_clock_uncertainty_seconds",
+            "Half the round trip of the comparison of this process's clock with Redis's that commands are timed by; +Inf before the first.",
+        )?;
+        clock.set(f64::INFINITY);
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(clock.clone()))?;
         Ok(StoreMetrics {
             latency: Some(latency),
             errors: Some(errors),
+            clock: Some(clock),
         })
     }
 
@@ -46,6 +54,7 @@ impl StoreMetrics {
         StoreMetrics {
             latency: None,
             errors: None,
+            clock: None,
         }
     }
 
@@ -53,6 +62,13 @@ impl StoreMetrics {
     pub(crate) fn error(&self, op: &'static str, e: &StoreError) {
         if let Some(c) = &self.errors {
             c.with_label_values(&[op, e.kind()]).inc();
+        }
+    }
+
+    /// Notes the round trip of the clock comparison now in use.
+    pub(crate) fn clock_compared(&self, rtt: Duration) {
+        if let Some(g) = &self.clock {
+            g.set(rtt.as_secs_f64() / 2.0);
         }
     }
 

@@ -386,6 +386,11 @@ impl Store {
         .await
     }
 
+    /// The store's instrumentation.
+    pub(crate) fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+
     /// Redis's clock (`TIME`), in ms since the epoch: the clock every process shares. Read
     /// on the server holding the prefix's keys (on a Cluster `TIME` alone would go to any
     /// node, each with its own clock).

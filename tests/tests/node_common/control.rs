@@ -117,6 +117,31 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no node {id}"))
     }
 
+    /// Waits until every controller and agent knows Redis's clock (its
+    /// `confroute_redis_clock_uncertainty_seconds` is finite): from then on a command says
+    /// when it was sent, and one held on its way is told from a fresh one.
+    pub async fn wait_clocks_known(&self) {
+        let series = "confroute_redis_clock_uncertainty_seconds";
+        let bases = self
+            .controllers
+            .iter()
+            .map(|c| c.http_url())
+            .chain(self.nodes.iter().map(|n| n.proc.http_url()));
+        for base in bases {
+            confroute_tests::harness::wait_for_async(
+                &format!("{base} to know Redis's clock"),
+                WAIT,
+                || async {
+                    let text = fixtures::scrape(&base).await;
+                    let listed = text.lines().any(|l| l.starts_with(&format!("{series} ")));
+                    (listed && fixtures::metric(&text, series).is_finite()).then_some(())
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
     /// The node that is not `id`.
     pub fn other(&self, id: &str) -> &ClusterNode {
         self.nodes
