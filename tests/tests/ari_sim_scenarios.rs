@@ -1722,3 +1722,56 @@ async fn a_channel_hanging_up_during_add_channel_gets_204_and_never_enters() {
     );
     assert!(sim.snapshot().channel(&id).is_none());
 }
+
+/// Requests held on their way (the test-only latency of `hold_operation`) go on in the order
+/// they came once released, as requests queued behind one another on a channel do: the last
+/// `addChannel` sent leaves its bridge mute, whichever was released first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_go_on_in_the_order_they_came() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = caller(&sim, &mut ws, "order").await;
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    ok(&c, "POST", "/bridges/one?type=mixing").await;
+    let op = format!("addChannel {a}");
+    for round in 0..10 {
+        sim.hold_operation(&op);
+        let (first, last) = if round % 2 == 0 {
+            ("true", "false")
+        } else {
+            ("false", "true")
+        };
+        let add = |mute: &str| {
+            send_later(
+                &sim,
+                "POST",
+                format!("/bridges/one/addChannel?channel={a}&mute={mute}"),
+            )
+        };
+        let earlier = add(first);
+        assert!(
+            sim.wait_until(WAIT, |_| sim.held_requests(&op) == 1).await,
+            "the first add is held"
+        );
+        let later = add(last);
+        assert!(
+            sim.wait_until(WAIT, |_| sim.held_requests(&op) == 2).await,
+            "both adds are held"
+        );
+        sim.release_operation(&op);
+        for r in [answer_of(earlier).await, answer_of(later).await] {
+            assert_eq!(r.status, 204, "{}", r.text);
+        }
+        let muted = sim
+            .snapshot()
+            .channel(&a)
+            .map(|ch| ch.bridge_mute)
+            .expect("the channel");
+        assert_eq!(
+            muted.to_string(),
+            last,
+            "round {round}: the add sent last left its mute"
+        );
+    }
+}

@@ -49,6 +49,9 @@ pub(crate) struct Core {
     pub held_ops: watch::Sender<BTreeSet<String>>,
     /// How many requests of each held operation wait now.
     pub held_waiting: Mutex<HashMap<String, usize>>,
+    /// Per operation ever held: its requests pass in the order they came (a fair lock
+    /// taken on arrival and kept until the request has been handled).
+    held_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Channels whose far end hangs up between an `addChannel`'s checks and its queued add.
     pub hangup_during_add: Mutex<BTreeSet<String>>,
     /// Channels whose next `answer` finds them hung up once its command runs.
@@ -80,6 +83,7 @@ impl Core {
             stall_until: Mutex::new(None),
             held_ops: watch::Sender::new(BTreeSet::new()),
             held_waiting: Mutex::new(HashMap::new()),
+            held_turns: Mutex::new(HashMap::new()),
             hangup_during_add: Mutex::new(BTreeSet::new()),
             hangup_during_answer: Mutex::new(BTreeSet::new()),
             slow_hangups: Mutex::new(BTreeMap::new()),
@@ -108,18 +112,33 @@ impl Core {
         }
     }
 
-    /// Waits while requests for `op` are held, counted among the held meanwhile.
-    pub async fn wait_held(&self, op: &str) {
+    /// Waits while requests for `op` are held, counted among the held meanwhile. Released
+    /// requests go on in the order they came, as requests queued behind one another on a
+    /// channel do: the turn returned is kept until the request has been handled.
+    pub async fn wait_held(&self, op: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         let mut rx = self.held_ops.subscribe();
-        if !rx.borrow_and_update().contains(op) {
-            return;
-        }
+        let held = rx.borrow_and_update().contains(op);
+        let turn = {
+            let mut turns = self.held_turns.lock().unwrap_or_else(|p| p.into_inner());
+            if held {
+                Some(turns.entry(op.to_string()).or_default().clone())
+            } else {
+                // Released ones may still be on their way: a newcomer goes behind them.
+                turns.get(op).cloned()
+            }
+        }?;
         let waiting = || self.held_waiting.lock().unwrap_or_else(|p| p.into_inner());
-        *waiting().entry(op.to_string()).or_default() += 1;
-        let _ = rx.wait_for(|held| !held.contains(op)).await;
-        if let Some(n) = waiting().get_mut(op) {
-            *n = n.saturating_sub(1);
+        if held {
+            *waiting().entry(op.to_string()).or_default() += 1;
         }
+        let guard = turn.lock_owned().await;
+        let _ = rx.wait_for(|h| !h.contains(op)).await;
+        if held {
+            if let Some(n) = waiting().get_mut(op) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        Some(guard)
     }
 
     pub fn log_request(&self, rec: RequestRecord) {

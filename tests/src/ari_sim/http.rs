@@ -485,15 +485,21 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
     let work = tokio::spawn(async move {
         let core = &worker;
         // Nicknames repeat across resources (`list`): a hold may also name the route itself.
-        core.wait_held(nickname).await;
-        core.wait_held(&by_path).await;
-        let queued_behind = match (route.method, nickname) {
+        // The turns are kept until the request is handled, so held requests keep their order.
+        let mut turns = Vec::new();
+        turns.push(core.wait_held(nickname).await);
+        turns.push(core.wait_held(&by_path).await);
+        let mut queued_behind = match (route.method, nickname) {
             ("POST", "addChannel" | "removeChannel") => req.params.multi("channel"),
             ("POST", "answer") => vec![req.path("channelId")],
             _ => Vec::new(),
         };
+        // One order for every request, so two naming the same channels cannot wait on each
+        // other's turn.
+        queued_behind.sort();
+        queued_behind.dedup();
         for ch in &queued_behind {
-            core.wait_held(&format!("{nickname} {ch}")).await;
+            turns.push(core.wait_held(&format!("{nickname} {ch}")).await);
         }
         // A request still on its way when the simulated Asterisk died is lost with it: its
         // connection is gone, and the emptied state must not carry it out.
@@ -501,6 +507,7 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
             std::future::pending::<()>().await;
         }
         let result = handler(core, &mut req);
+        drop(turns);
         let undeclared = req.params.take_undeclared();
         if !undeclared.is_empty() {
             core.violations
@@ -516,7 +523,7 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         }
         // Test-only latency after the work is done: the events it caused are out, the
         // answer waits (`answer <nickname>`).
-        core.wait_held(&format!("answer {nickname}")).await;
+        drop(core.wait_held(&format!("answer {nickname}")).await);
         result
     });
     let result = match work.await {
