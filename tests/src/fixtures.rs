@@ -165,6 +165,21 @@ pub async fn scrape(base: &str) -> String {
         .expect("metrics body")
 }
 
+/// Waits until the process at `base` answers `GET /readyz` with 200 (for a controller:
+/// Redis reachable, SIP bound, the call-control bus subscribed).
+pub async fn wait_ready(base: &str) -> crate::harness::HarnessResult<()> {
+    let url = format!("{base}/readyz");
+    crate::harness::wait_for_async(
+        &format!("{url} to answer 200"),
+        Duration::from_secs(30),
+        || async {
+            let r = http().get(&url).send().await.ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await
+}
+
 /// Waits until the controller at `base` would place conferences on `n` nodes: its view holds
 /// them serving with ARI up. A node is listed as soon as its agent registers, but its record
 /// says ARI is up only after a heartbeat that followed the events connection, and the view

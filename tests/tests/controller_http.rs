@@ -744,9 +744,12 @@ async fn documented_routes_are_served_and_metrics_pass_promtool() {
         call(&s, Method::GET, "/healthz", None, None).await.body,
         json!({"status": "ok"})
     );
+    fixtures::wait_ready(&s.controller.http_url())
+        .await
+        .expect("controller ready");
     assert_eq!(
         call(&s, Method::GET, "/readyz", None, None).await.body,
-        json!({"status": "ready", "redis": true, "sip": true})
+        json!({"status": "ready", "redis": true, "sip": true, "bus": true})
     );
     let metrics = call(&s, Method::GET, "/metrics", None, None).await;
     assert!(metrics

@@ -37,6 +37,10 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
     let mut env = fixtures::redis_env(&cfg);
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let controller = ControllerProc::start(&env).expect("controller");
+    // Commands sent before the bus is subscribed are refused ("reconnecting").
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
     Setup { redis, controller }
 }
 

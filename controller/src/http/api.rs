@@ -68,16 +68,21 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: Redis reachable and SIP sockets bound.
+/// `GET /readyz`: Redis reachable, SIP sockets bound and the call-control bus subscribed.
 pub async fn readyz(State(state): State<ApiState>) -> Response {
     let redis = state.router.redis_ok();
     let sip = sip_ready(&state);
+    // Without its subscription the controller cannot hear a node's answer: every call
+    // control command would be refused.
+    let bus = state.control.bus().connected();
+    let ready = redis && sip && bus;
     let body = json!({
-        "status": if redis && sip { "ready" } else { "not_ready" },
+        "status": if ready { "ready" } else { "not_ready" },
         "redis": redis,
         "sip": sip,
+        "bus": bus,
     });
-    let status = if redis && sip {
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -92,6 +92,9 @@ impl Cluster {
             fixtures::wait_placeable(&c.http_url(), 2)
                 .await
                 .expect("nodes placeable");
+            fixtures::wait_ready(&c.http_url())
+                .await
+                .expect("controller ready");
         }
         Cluster {
             redis,
