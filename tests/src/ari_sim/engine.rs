@@ -114,7 +114,8 @@ impl Core {
 
     /// Waits while requests for `op` are held, counted among the held meanwhile. Released
     /// requests go on in the order they came, as requests queued behind one another on a
-    /// channel do: the turn returned is kept until the request has been handled.
+    /// channel do: a request held on arrival gets a turn to keep until it has been handled;
+    /// one that was not only waits for the released ones still before it.
     pub async fn wait_held(&self, op: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         let mut rx = self.held_ops.subscribe();
         let held = rx.borrow_and_update().contains(op);
@@ -123,20 +124,20 @@ impl Core {
             if held {
                 Some(turns.entry(op.to_string()).or_default().clone())
             } else {
-                // Released ones may still be on their way: a newcomer goes behind them.
                 turns.get(op).cloned()
             }
         }?;
-        let waiting = || self.held_waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if held {
-            *waiting().entry(op.to_string()).or_default() += 1;
+        if !held {
+            // Behind the released ones still on their way, holding up nobody after it.
+            drop(turn.lock_owned().await);
+            return None;
         }
+        let waiting = || self.held_waiting.lock().unwrap_or_else(|p| p.into_inner());
+        *waiting().entry(op.to_string()).or_default() += 1;
         let guard = turn.lock_owned().await;
         let _ = rx.wait_for(|h| !h.contains(op)).await;
-        if held {
-            if let Some(n) = waiting().get_mut(op) {
-                *n = n.saturating_sub(1);
-            }
+        if let Some(n) = waiting().get_mut(op) {
+            *n = n.saturating_sub(1);
         }
         Some(guard)
     }

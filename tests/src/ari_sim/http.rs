@@ -502,8 +502,10 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
             turns.push(core.wait_held(&format!("{nickname} {ch}")).await);
         }
         // A request still on its way when the simulated Asterisk died is lost with it: its
-        // connection is gone, and the emptied state must not carry it out.
+        // connection is gone, and the emptied state must not carry it out. It gives up its
+        // turns, or it would hold up every later request of its operation.
         if !core.lock().up {
+            turns.clear();
             std::future::pending::<()>().await;
         }
         let result = handler(core, &mut req);

@@ -527,14 +527,15 @@ impl AriSim {
     /// shared; `answer <nickname>` holds the answer after the work is done and its events
     /// are out; `<nickname> <channel id>` holds only the addChannel, removeChannel or answer
     /// naming that channel) wait, unhandled and unanswered, until
-    /// [`AriSim::release_operation`]; what they do then is unchanged.
+    /// [`AriSim::release_operation`]; what they do then is unchanged, in the order they came.
     pub fn hold_operation(&self, op: &str) {
         self.core.held_ops.send_modify(|h| {
             h.insert(op.to_string());
         });
     }
 
-    /// Lets the held requests for `op` through, and the later ones straight away.
+    /// Lets the held requests for `op` through, in the order they came; later ones go on
+    /// straight away once those before them have been handled.
     pub fn release_operation(&self, op: &str) {
         self.core.held_ops.send_modify(|h| {
             h.remove(op);
