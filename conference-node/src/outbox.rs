@@ -120,6 +120,7 @@ async fn publish(bus: Bus, mut rx: mpsc::Receiver<Outgoing>) {
                     deadline_ms: 0,
                     timeout_ms: 0,
                     sent_ms: 0,
+                    sent_uncertainty_ms: 0,
                 };
                 bus.respond(&cmd, result).await;
             }

@@ -104,6 +104,11 @@ pub struct Command {
     /// held on its way (its own process paused, Redis slow) from clocks that differ.
     #[serde(default)]
     pub sent_ms: u64,
+    /// How far `sent_ms` may be off (ms): half the round trip of the sender's comparison
+    /// of its clock with Redis's. A receiver counts a command as held only for what is
+    /// certain.
+    #[serde(default)]
+    pub sent_uncertainty_ms: u64,
 }
 
 /// More than this between the sender's deadline and the one re-based on our clock means the
@@ -126,13 +131,18 @@ pub fn local_deadline(cmd: &Command, now_ms: u64) -> u64 {
     now_ms.saturating_add(cmd.timeout_ms / 2)
 }
 
-/// How long `cmd` has been on its way (ms) by Redis's clock, when both its sender and this
-/// process (`redis_now`) know that clock; `None` otherwise, or for a command without a budget.
-pub fn held_for(cmd: &Command, redis_now: Option<u64>) -> Option<u64> {
+/// How long `cmd` has certainly been on its way (ms) by Redis's clock, when both its sender
+/// and this process know that clock (`redis_now`: now by it and how far that may be off);
+/// `None` otherwise, or for a command without a budget. What either side's comparison may
+/// be off by is left out: a fresh command is never taken for a held one.
+pub fn held_for(cmd: &Command, redis_now: Option<(u64, u64)>) -> Option<u64> {
     if cmd.sent_ms == 0 || cmd.timeout_ms == 0 {
         return None;
     }
-    redis_now.map(|now| now.saturating_sub(cmd.sent_ms))
+    redis_now.map(|(now, uncertainty)| {
+        now.saturating_sub(cmd.sent_ms)
+            .saturating_sub(uncertainty.saturating_add(cmd.sent_uncertainty_ms))
+    })
 }
 
 /// [`local_deadline`] for a command `held` ms on its way: the first half of the budget
@@ -259,8 +269,12 @@ struct Inner {
 
 /// How often this process compares its clock with Redis's.
 const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
-/// A `TIME` round trip up to this gives an offset good for [`CLOCK_CHECK_EVERY`].
+/// A `TIME` round trip up to this gives a good offset: the next check comes after
+/// [`CLOCK_CHECK_EVERY`], and only a good one replaces it before [`CLOCK_SAMPLE_STALE_MS`].
 const CLOCK_SAMPLE_MAX_RTT_MS: u64 = 100;
+/// After this long (ms) any usable comparison replaces the one in use: a clock stepped
+/// meanwhile (NTP) makes an old offset wrong by the step.
+const CLOCK_SAMPLE_STALE_MS: u64 = 15_000;
 /// A `TIME` round trip up to this still gives an offset within half of it: used until a
 /// better comparison comes (Redis or this host loaded), since without any offset a command
 /// held on its way cannot be told from a fresh one. Longer says too little to be used.
@@ -270,16 +284,18 @@ const CLOCK_SAMPLE_USABLE_RTT_MS: u64 = 500;
 const CLOCK_RETRY_MIN: Duration = Duration::from_millis(100);
 
 impl Inner {
-    /// Now by Redis's clock, as this process reckons it; `None` before the first comparison.
-    /// An old comparison still counts: the clocks drift apart by parts per million, and a
-    /// process paused for minutes must judge the commands it then reads by it before its
-    /// next comparison comes back.
-    fn redis_now(&self) -> Option<u64> {
+    /// Now by Redis's clock, as this process reckons it, and how far that may be off (ms:
+    /// half the comparison's round trip); `None` before the first comparison. An old
+    /// comparison still counts: the clocks drift apart by parts per million, and a process
+    /// paused for minutes must judge the commands it then reads by it before its next
+    /// comparison comes back.
+    fn redis_clock(&self) -> Option<(u64, u64)> {
         if self.offset_at.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let offset = self.offset_ms.load(Ordering::Relaxed);
-        Some(now_ms().saturating_add_signed(offset))
+        let uncertainty = self.offset_rtt.load(Ordering::Relaxed).div_ceil(2);
+        Some((now_ms().saturating_add_signed(offset), uncertainty))
     }
 }
 
@@ -293,8 +309,13 @@ async fn compare_clocks(inner: &Inner) -> bool {
     };
     let after = now_ms();
     let rtt = after.saturating_sub(before);
-    let held = (inner.offset_at.load(Ordering::Relaxed) != 0)
-        .then(|| inner.offset_rtt.load(Ordering::Relaxed));
+    let at = inner.offset_at.load(Ordering::Relaxed);
+    let held = (at != 0).then(|| {
+        (
+            inner.offset_rtt.load(Ordering::Relaxed),
+            after.saturating_sub(at),
+        )
+    });
     if sample_used(rtt, held) {
         let ours = before + rtt / 2;
         let offset =
@@ -311,11 +332,12 @@ async fn compare_clocks(inner: &Inner) -> bool {
 }
 
 /// Whether a comparison with round trip `rtt` (ms) replaces the one in use (`held`: its
-/// round trip, `None` when there is none): a good one always does (the clocks drift), a slow
-/// but usable one only a slower one or none.
-fn sample_used(rtt: u64, held: Option<u64>) -> bool {
+/// round trip and age in ms, `None` when there is none): a good one always does (the clocks
+/// drift), a slow but usable one only a slower one, a stale one or none.
+fn sample_used(rtt: u64, held: Option<(u64, u64)>) -> bool {
     rtt <= CLOCK_SAMPLE_MAX_RTT_MS
-        || (rtt <= CLOCK_SAMPLE_USABLE_RTT_MS && held.is_none_or(|h| rtt < h))
+        || (rtt <= CLOCK_SAMPLE_USABLE_RTT_MS
+            && held.is_none_or(|(h, age)| rtt < h || age >= CLOCK_SAMPLE_STALE_MS))
 }
 
 /// A process's end of the bus; cheap to clone.
@@ -458,6 +480,7 @@ impl Bus {
             inner: self.inner.clone(),
             id: id.clone(),
         };
+        let clock = self.inner.redis_clock();
         let cmd = Command {
             id: id.clone(),
             reply_to: self.inner.instance.clone(),
@@ -466,7 +489,8 @@ impl Bus {
             deadline_ms: now_ms() + timeout.as_millis() as u64,
             // 0 would read as "no budget given" (an older sender).
             timeout_ms: (timeout.as_millis() as u64).max(1),
-            sent_ms: self.inner.redis_now().unwrap_or(0),
+            sent_ms: clock.map_or(0, |(now, _)| now),
+            sent_uncertainty_ms: clock.map_or(0, |(_, u)| u),
         };
         let payload = match serde_json::to_vec(&cmd) {
             Ok(p) => p,
@@ -682,7 +706,7 @@ async fn listen(
                     match serde_json::from_slice::<Command>(&payload) {
                         Ok(mut cmd) => {
                             let now = now_ms();
-                            let held = held_for(&cmd, inner.redis_now());
+                            let held = held_for(&cmd, inner.redis_clock());
                             if held.is_some_and(|ms| ms >= cmd.timeout_ms) {
                                 // Its sender has reported it unanswered: nobody listens.
                                 tracing::warn!(id = %cmd.id, held_ms = held, "dropping a command that reached this process after its sender gave up (this process paused, or Redis slow)");
@@ -764,14 +788,18 @@ mod tests {
             sample_used(300, None),
             "better than not knowing Redis's clock"
         );
-        assert!(sample_used(200, Some(300)), "a faster one replaces it");
-        assert!(!sample_used(400, Some(300)), "a slower one does not");
+        assert!(sample_used(200, Some((300, 0))), "a faster one replaces it");
+        assert!(!sample_used(400, Some((300, 0))), "a slower one does not");
         assert!(
-            !sample_used(150, Some(20)),
+            !sample_used(150, Some((20, 5_000))),
             "nor does one slower than a good one"
         );
         assert!(
-            sample_used(90, Some(20)),
+            sample_used(150, Some((20, CLOCK_SAMPLE_STALE_MS))),
+            "unless that one is stale: a clock may have been stepped since"
+        );
+        assert!(
+            sample_used(90, Some((20, 0))),
             "a good one always does: the clocks drift"
         );
         assert!(!sample_used(600, None), "too slow to say anything");
@@ -787,6 +815,7 @@ mod tests {
             deadline_ms,
             timeout_ms,
             sent_ms: 0,
+            sent_uncertainty_ms: 0,
         };
         // The sender's clock is an hour behind ours: its deadline is long past here. The
         // command may start within the first half of its budget.
@@ -822,18 +851,26 @@ mod tests {
             deadline_ms: 0,
             timeout_ms: 5_000,
             sent_ms,
+            sent_uncertainty_ms: 0,
         };
         // Both know Redis's clock: held 1 s, 1.5 s of the first half are left.
-        let held = held_for(&sent(now - 1_000), Some(now));
+        let held = held_for(&sent(now - 1_000), Some((now, 0)));
         assert_eq!(held, Some(1_000));
         assert_eq!(start_by(&sent(now - 1_000), now, 1_000), now + 1_500);
         // Held past the first half (a paused process): already too late to start.
         assert!(start_by(&sent(now - 3_000), now, 3_000) < now);
         // Either side not knowing Redis's clock: counted from receipt, as before.
-        assert_eq!(held_for(&sent(0), Some(now)), None);
+        assert_eq!(held_for(&sent(0), Some((now, 0))), None);
         assert_eq!(held_for(&sent(now - 1_000), None), None);
         // A sender a little ahead (estimates differ by milliseconds): not held at all.
-        assert_eq!(held_for(&sent(now + 3), Some(now)), Some(0));
+        assert_eq!(held_for(&sent(now + 3), Some((now, 0))), Some(0));
+        // Comparisons that may be off: only what is certain counts as held.
+        let unsure = Command {
+            sent_uncertainty_ms: 150,
+            ..sent(now - 1_000)
+        };
+        assert_eq!(held_for(&unsure, Some((now, 100))), Some(750));
+        assert_eq!(held_for(&unsure, Some((now, 900))), Some(0));
     }
 
     #[test]

@@ -520,6 +520,7 @@ async fn a_bus_started_while_redis_was_slow_soon_drops_commands_held_on_their_wa
             deadline_ms: now + 2_000,
             timeout_ms: 2_000,
             sent_ms,
+            sent_uncertainty_ms: 0,
         };
         // Sent 3 s ago with a 2 s budget: its sender gave up a second ago.
         let stale = command(format!("stale-{round}"), now - 3_000);
