@@ -165,16 +165,20 @@ pub async fn scrape(base: &str) -> String {
         .expect("metrics body")
 }
 
-/// Waits until the process at `base` answers `GET /readyz` with 200 (for a controller:
-/// Redis reachable, SIP bound, the call-control bus subscribed).
+/// Waits until the process at `base` answers `GET /readyz` with 200 and, for a controller,
+/// reports its call-control bus subscribed (commands sent before are refused).
 pub async fn wait_ready(base: &str) -> crate::harness::HarnessResult<()> {
     let url = format!("{base}/readyz");
     crate::harness::wait_for_async(
-        &format!("{url} to answer 200"),
+        &format!("{url} to answer 200 with the bus subscribed"),
         Duration::from_secs(30),
         || async {
             let r = http().get(&url).send().await.ok()?;
-            r.status().is_success().then_some(())
+            if !r.status().is_success() {
+                return None;
+            }
+            let body: serde_json::Value = r.json().await.ok()?;
+            (body["bus"] != false).then_some(())
         },
     )
     .await

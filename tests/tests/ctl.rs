@@ -343,6 +343,9 @@ async fn dialout_cluster() -> (Single, ControllerProc) {
     })
     .await
     .expect("node registered");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
     (s, controller)
 }
 
