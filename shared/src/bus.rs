@@ -617,12 +617,16 @@ impl Bus {
             let mut backoff = Duration::from_millis(100);
             // True once a subscription was up: every later one follows a gap.
             let mut lost_once = false;
+            // Failed tries in a row: a Redis that refuses the subscription (an ACL without
+            // channel rights) must show in the log, not only at debug level.
+            let mut failures: u32 = 0;
             loop {
                 let Some(inner) = weak.upgrade() else { break };
                 let prefix = inner.store.prefix().to_string();
                 match subscribe(&inner, &prefix, &channels).await {
                     Ok((pubsub, home)) => {
                         backoff = Duration::from_millis(100);
+                        failures = 0;
                         inner.connected.store(true, Ordering::Relaxed);
                         if lost_once {
                             inner.gaps.send_modify(|g| *g += 1);
@@ -637,7 +641,13 @@ impl Bus {
                     }
                     Err(e) => {
                         drop(inner);
-                        tracing::debug!(error = %e, "command bus cannot subscribe yet");
+                        failures = failures.saturating_add(1);
+                        // About 3 s of failures, then every 5 minutes.
+                        if failures == 5 || failures.is_multiple_of(150) {
+                            tracing::warn!(error = %e, tries = failures, "command bus cannot subscribe; call control is unavailable until it does (Redis unreachable, or its ACL refuses the channels)");
+                        } else {
+                            tracing::debug!(error = %e, "command bus cannot subscribe yet");
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }

@@ -1713,3 +1713,97 @@ async fn next_text(ws: &mut Ws) -> String {
         }
     }
 }
+
+/// A Redis whose ACL refuses the controller's channels: routing goes on and the controller
+/// stays ready (its SIP Service must not lose it), `/readyz` says the bus is down, the log
+/// says why, and a command is refused at once as not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_refusing_the_subscription_leaves_routing_up_and_commands_refused() {
+    let redis = RedisServer::start().expect("redis");
+    let admin = fixtures::single(&redis.url());
+    let store = fixtures::store(&admin);
+    store
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    // The keys and channels under the prefix, as docs/configuration.md asks: the bus is up.
+    let acl = |user: &str, rules: &[&str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER")
+            .arg(user)
+            .arg("on")
+            .arg(">secret")
+            .arg(rules);
+        let _: String =
+            confroute_tests::harness::redis_query(redis.port(), &mut cmd).expect("acl user");
+    };
+    let prefix = admin.prefix.clone();
+    acl(
+        "scoped",
+        &[&format!("~{prefix}*"), &format!("&{prefix}*"), "+@all"],
+    );
+    let as_user = |user: &str| confroute_shared::config::RedisConfig {
+        prefix: prefix.clone(),
+        ..fixtures::single(&format!("redis://{user}:secret@127.0.0.1:{}", redis.port()))
+    };
+    let scoped =
+        ControllerProc::start(&fixtures::redis_env(&as_user("scoped"))).expect("controller");
+    fixtures::wait_ready(&scoped.http_url())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", scoped.output()));
+    drop(scoped);
+    // Every key and command, no channel.
+    acl("router", &["~*", "+@all", "resetchannels"]);
+    let cfg = as_user("router");
+    let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    let base = controller.http_url();
+    wait_for_async(
+        "the controller to log the refused subscription",
+        Duration::from_secs(20),
+        || async {
+            controller
+                .output()
+                .contains("command bus cannot subscribe")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
+    let ready = fixtures::http()
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.expect("readyz JSON");
+    assert_eq!(
+        body,
+        json!({"status": "ready", "redis": true, "sip": true, "bus": false})
+    );
+    let routed: Value = fixtures::http()
+        .post(format!("{base}/v1/route"))
+        .json(&json!({"conference": "acl-room"}))
+        .send()
+        .await
+        .expect("route")
+        .json()
+        .await
+        .expect("route JSON");
+    assert_eq!(routed["node_id"], "node-a", "{routed}");
+    let s = Setup { redis, controller };
+    let mut ws = connect(&s, None).await.expect("connect");
+    let v = rpc(
+        &mut ws,
+        "participant.list",
+        json!({"conference": "acl-room"}),
+        1,
+    )
+    .await;
+    assert_eq!(v["error"]["code"], -32003, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nothing was sent")),
+        "{v}"
+    );
+}
