@@ -10,7 +10,6 @@ use std::time::Duration;
 use confroute_shared::bus::{Bus, ErrorCode};
 use confroute_tests::ari_sim::{EndpointMatch, Outcome};
 use confroute_tests::fixtures;
-use confroute_tests::harness::wait_for_async;
 use node_common::control::DIALOUT_ENV;
 use node_common::*;
 use serde_json::{json, Value};
@@ -44,15 +43,11 @@ async fn listening_with_a_caller(extra: &[(&str, &str)]) -> (Single, String) {
         .expect("the node hears commands");
     let a = dial(&s.sim, "room", &[]).await;
     wait_bridged(&s.sim, &a).await;
-    // The join is done (its entry beep asked for) once Redis counts the caller: a test that
-    // counts Asterisk requests from here sees none of the join's.
-    let store = fixtures::store(&s.cfg);
-    wait_for_async("the caller counted in Redis", WAIT, || async {
-        let rec = store.lookup(&"room".parse().ok()?).await.ok()??;
-        (rec.participants == 1).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // The join is done (its entry beep asked for) once the agent lists the caller: a test
+    // that counts Asterisk requests from here sees none of the join's.
+    wait_listed(&s.node.http_url(), &a)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     (s, a)
 }
 

@@ -54,6 +54,15 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// The HTTP base of node `id`'s agent.
+    fn node_url(&self, id: &str) -> String {
+        self.nodes
+            .iter()
+            .find(|(n, _, _)| n == id)
+            .map(|(_, _, p)| p.http_url())
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
     fn sim_of(&self, id: &str) -> &TestSim {
         &self
             .nodes
@@ -183,15 +192,11 @@ async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
     let sim_a = c.sim_of("node-a");
     let caller = dial(sim_a, &kept, &[]).await;
     wait_bridged(sim_a, &caller).await;
-    // The join is over once the agent has counted the caller in Redis.
-    let store = fixtures::store(&c.cfg);
-    let name = confroute_shared::name::ConferenceName::parse(&kept).expect("name");
-    wait_for_async("the caller counted", WAIT, || async {
-        let rec = store.lookup(&name).await.ok()??;
-        (rec.participants == 1).then_some(())
-    })
-    .await
-    .expect("caller joined");
+    // The join is over once the agent lists the caller: a crash before its addChannel is
+    // answered fails the join and ends the conference.
+    wait_listed(&c.node_url("node-a"), &caller)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
 
     sim_a.crash();
     wait_ari(&c, "node-a", false).await;

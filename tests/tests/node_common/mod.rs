@@ -179,6 +179,24 @@ pub async fn dial(sim: &AriSim, conf: &str, vars: &[(&str, &str)]) -> String {
     .expect("dial in")
 }
 
+/// Waits until the agent at `node_url` lists channel `ch` in one of its conferences. Its
+/// join is then over: the addChannel answered, the entry beep asked for, the count written.
+/// A count in Redis alone comes earlier (the first caller's seat is written before its add).
+pub async fn wait_listed(node_url: &str, ch: &str) -> Result<(), String> {
+    let url = format!("{node_url}/v1/conferences");
+    confroute_tests::harness::wait_for_async(&format!("{ch} listed by the agent"), WAIT, || async {
+        let v = fixtures::try_get_json(&url).await?;
+        let listed = v["items"].as_array()?.iter().any(|conf| {
+            conf["participants"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["channel"] == ch))
+        });
+        listed.then_some(())
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// Waits until channel `ch` is in a bridge; returns the bridge id.
 pub async fn wait_bridged(sim: &AriSim, ch: &str) -> String {
     let ok = sim
