@@ -134,10 +134,13 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         .await
         .is_ok_and(|r| r.is_ok());
     let ready = ari && redis;
+    // Reported, not required, as on the controller: callers are admitted without it.
+    let bus = node.outbox.subscribed();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "ari": ari,
         "redis": redis,
+        "bus": bus,
         "state": node.state(),
     });
     let status = if ready {

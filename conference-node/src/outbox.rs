@@ -53,6 +53,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// Whether the command subscription is up (commands can be heard).
+    pub fn subscribed(&self) -> bool {
+        self.bus.connected()
+    }
+
     /// Starts the publisher task on `bus`.
     pub fn start(bus: Bus, metrics: Metrics) -> (Outbox, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);

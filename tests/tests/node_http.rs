@@ -77,6 +77,12 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         (status, body["ari"].clone(), body["redis"].clone()),
         (200, true.into(), true.into())
     );
+    confroute_tests::harness::wait_for_async("readyz to report the bus up", WAIT, || async {
+        let (_, body) = call("GET", &format!("{base}/readyz"), None).await;
+        (body["bus"] == true).then_some(())
+    })
+    .await
+    .expect("bus reported up");
     let (status, body) = call("POST", &format!("{base}/v1/drain"), Some(TOKEN)).await;
     assert_eq!((status, body["state"].clone()), (200, "draining".into()));
     assert_eq!(state().await, Some(NodeState::Draining));
@@ -101,4 +107,11 @@ async fn health_without_ari_or_redis_and_readiness_with_both() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["ari"], false);
     assert_eq!(body["redis"], false);
+    // The command bus lost its subscription with Redis, and says so.
+    confroute_tests::harness::wait_for_async("readyz to report the bus down", WAIT, || async {
+        let (_, body) = call("GET", &format!("{base}/readyz"), None).await;
+        (body["bus"] == false).then_some(())
+    })
+    .await
+    .expect("bus reported down");
 }
