@@ -496,6 +496,8 @@ impl Bus {
             Ok(p) => p,
             Err(e) => return Err(BusError::new(ErrorCode::Internal, format!("encode: {e}"))),
         };
+        let sent_at = tokio::time::Instant::now();
+        let mut unconfirmed = None;
         match self
             .inner
             .store
@@ -509,7 +511,13 @@ impl Bus {
                 ));
             }
             Ok(_) => {}
-            // The command may have reached Redis and the node all the same.
+            // No answer from Redis in time: the command may well have reached Redis and the
+            // node (Redis slow, not gone). Its answer is awaited for the rest of the budget,
+            // so the client learns what came of it rather than a guess.
+            Err(e) if sent_at.elapsed() >= self.inner.store.timeout() => {
+                unconfirmed = Some(e);
+            }
+            // It never left (no connection): certainly not carried out.
             Err(e) => {
                 self.forget(&id);
                 return Ok(Call {
@@ -525,7 +533,7 @@ impl Bus {
                 });
             }
         }
-        let first = tokio::time::timeout(timeout, rx.recv()).await;
+        let first = tokio::time::timeout_at(sent_at + timeout, rx.recv()).await;
         let reply = match first {
             Ok(Some(Reply::Result { result, .. })) => Ok(result),
             Ok(Some(Reply::Error { error, .. })) => Err(error),
@@ -535,7 +543,10 @@ impl Bus {
             )),
             Err(_) => Err(BusError::new(
                 ErrorCode::NodeUnavailable,
-                format!("node {node} did not answer within {timeout:?}"),
+                match &unconfirmed {
+                    Some(e) => format!("node {node} did not answer within {timeout:?}, and Redis did not confirm the command was sent ({e})"),
+                    None => format!("node {node} did not answer within {timeout:?}"),
+                },
             )),
         };
         if reply.is_err() || !follow {

@@ -550,3 +550,60 @@ async fn a_bus_started_while_redis_was_slow_soon_drops_commands_held_on_their_wa
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Redis stalls past `redis.timeout` while a command is on its way, then carries it: the
+/// node acts on it and answers, and the sender, still listening for the rest of its budget,
+/// reports that answer rather than "node unavailable" for a command that was carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_redis_confirms_late_is_answered_with_what_the_node_did() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = RedisConfig {
+        timeout: Duration::from_millis(200),
+        ..fixtures::single(&redis.url())
+    };
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node = echo_node(&cfg);
+    assert!(controller.wait_connected(Duration::from_secs(10)).await);
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let node_a = fixtures::id("node-a");
+    redis.signal(libc::SIGSTOP).expect("pause redis");
+    let started = Instant::now();
+    let (call, resumed) = tokio::join!(
+        controller.call(
+            &node_a,
+            "echo",
+            json!({"n": 7}),
+            Duration::from_secs(5),
+            false,
+        ),
+        async {
+            // Three times `redis.timeout`: the command's PUBLISH gets no answer in time.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            redis.signal(libc::SIGCONT)
+        }
+    );
+    resumed.expect("resume redis");
+    let call = call.expect("sent");
+    assert_eq!(call.reply, Ok(json!({"n": 7})));
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "answered only once Redis was back"
+    );
+
+    // A command that never left (Redis gone) is still refused at once.
+    drop(redis);
+    let started = Instant::now();
+    let call = controller
+        .call(&node_a, "echo", json!({}), Duration::from_secs(5), false)
+        .await;
+    let refused = match call {
+        Err(e) => e,
+        Ok(c) => c.reply.expect_err("no Redis, no answer"),
+    };
+    assert_eq!(refused.code, ErrorCode::NodeUnavailable, "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once: {:?}",
+        started.elapsed()
+    );
+}

@@ -386,6 +386,11 @@ impl Store {
         .await
     }
 
+    /// `redis.timeout`: how long one operation may wait for Redis's answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The store's instrumentation.
     pub(crate) fn metrics(&self) -> &StoreMetrics {
         &self.metrics
