@@ -127,7 +127,8 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: the events WebSocket is connected and Redis answers.
+/// `GET /readyz`: the events WebSocket is connected and Redis answers; the body also says
+/// whether the call-control subscription is up.
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let ari = node.ari_connected.load(Ordering::SeqCst);
     let redis = tokio::time::timeout(Duration::from_secs(1), node.store.ping())

@@ -501,7 +501,7 @@ impl Bus {
         match self
             .inner
             .store
-            .publish(&format!("cmd:{node}"), &payload)
+            .publish_unsure(&format!("cmd:{node}"), &payload)
             .await
         {
             Ok(0) => {
@@ -514,11 +514,12 @@ impl Bus {
             // No answer from Redis in time: the command may well have reached Redis and the
             // node (Redis slow, not gone). Its answer is awaited for the rest of the budget,
             // so the client learns what came of it rather than a guess.
-            Err(e) if sent_at.elapsed() >= self.inner.store.timeout() => {
+            Err((e, true)) => {
                 unconfirmed = Some(e);
             }
-            // It never left (no connection): certainly not carried out.
-            Err(e) => {
+            // Not sent (no connection), or refused; a socket error may still have come after
+            // the write, so this too may have been carried out.
+            Err((e, false)) => {
                 self.forget(&id);
                 return Ok(Call {
                     id,
@@ -653,8 +654,9 @@ impl Bus {
                     Err(e) => {
                         drop(inner);
                         failures = failures.saturating_add(1);
-                        // About 3 s of failures, then every 5 minutes.
-                        if failures == 5 || failures.is_multiple_of(150) {
+                        // About 3 s of failures (the waits double from 100 ms), then every
+                        // 150 tries (5 to 10 minutes).
+                        if failures == 6 || failures.is_multiple_of(150) {
                             tracing::warn!(error = %e, tries = failures, "command bus cannot subscribe; call control is unavailable until it does (Redis unreachable, or its ACL refuses the channels)");
                         } else {
                             tracing::debug!(error = %e, "command bus cannot subscribe yet");

@@ -100,8 +100,15 @@ async fn health_without_ari_or_redis_and_readiness_with_both() {
         format!("http://127.0.0.1:{closed}"),
     ));
     let node = NodeProc::start("node-a", &env).expect("starts without Asterisk");
-    redis.kill();
     let base = node.http_url();
+    // Subscribed first, so that losing it is what the end shows.
+    confroute_tests::harness::wait_for_async("readyz to report the bus up", WAIT, || async {
+        let (_, body) = call("GET", &format!("{base}/readyz"), None).await;
+        (body["bus"] == true).then_some(())
+    })
+    .await
+    .expect("bus reported up");
+    redis.kill();
     assert_eq!(call("GET", &format!("{base}/healthz"), None).await.0, 200);
     let (status, body) = call("GET", &format!("{base}/readyz"), None).await;
     assert_eq!(status, 503, "{body}");

@@ -1032,7 +1032,6 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     let plain = dial(&s.sim, "plain", &[]).await;
     wait_bridged(&s.sim, &plain).await;
     let plain_name = confroute_shared::name::ConferenceName::parse("plain").expect("name");
-    // Its join over: the count that would carry settings is written.
     wait_listed(&s.node.http_url(), &plain)
         .await
         .expect("the plain caller listed");
@@ -1046,6 +1045,12 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     s.node.restart().expect("restart");
     wait_app(&s.sim, &s.node).await;
     wait_kept_listed(&s, 1).await;
+    // Every write of the first life is done by now (the listing above can come just before
+    // its count is written), and adopting the conference records nothing either.
+    assert_eq!(
+        store.conference_settings(&plain_name).await.expect("read"),
+        None
+    );
 
     let b = dial(&s.sim, "kept", &[]).await;
     wait_bridged(&s.sim, &b).await;

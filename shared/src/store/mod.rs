@@ -273,36 +273,60 @@ impl Store {
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
     {
+        self.exchange(connector, op, f).await.map_err(|(e, _)| e)
+    }
+
+    /// [`Store::run_on`], telling with a failure whether the request may have reached
+    /// Redis: only one sent that got no answer in time may have. A failure to connect, or
+    /// an error Redis or the socket returned, comes with `false`.
+    async fn exchange<T, F, Fut>(
+        &self,
+        connector: &Connector,
+        op: &'static str,
+        f: F,
+    ) -> Result<T, (StoreError, bool)>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
         let started = Instant::now();
         let result = async {
-            let (conn, generation) = connector.get().await?;
+            let (conn, generation) = connector.get().await.map_err(|e| (e, false))?;
             match tokio::time::timeout(self.timeout, f(conn)).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => {
                     if conn::is_fatal(&e) {
                         connector.invalidate(generation);
-                        Err(StoreError::Unavailable(format!("{op}: {e}")))
+                        // The client's own response deadline: sent, not answered.
+                        let unsure = e.is_timeout();
+                        Err((StoreError::Unavailable(format!("{op}: {e}")), unsure))
                     } else {
-                        Err(StoreError::Redis {
-                            op,
-                            message: e.to_string(),
-                        })
+                        Err((
+                            StoreError::Redis {
+                                op,
+                                message: e.to_string(),
+                            },
+                            false,
+                        ))
                     }
                 }
                 Err(_) => {
                     // A socket that swallows requests (a partition) looks exactly like this;
                     // start over with a fresh connection next time.
                     connector.invalidate(generation);
-                    Err(StoreError::Unavailable(format!(
-                        "{op}: no answer within {:?}",
-                        self.timeout
-                    )))
+                    Err((
+                        StoreError::Unavailable(format!(
+                            "{op}: no answer within {:?}",
+                            self.timeout
+                        )),
+                        true,
+                    ))
                 }
             }
         }
         .await;
         self.metrics
-            .observe(op, started.elapsed(), result.as_ref().err());
+            .observe(op, started.elapsed(), result.as_ref().err().map(|(e, _)| e));
         result
     }
 
@@ -375,8 +399,20 @@ impl Store {
     /// Publishes `payload` on `channel` (under the key prefix); returns how many subscribers
     /// received it, which is 0 when nobody listens.
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<u64, StoreError> {
+        self.publish_unsure(channel, payload)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// [`Store::publish`], telling with a failure whether the message may have gone out all
+    /// the same (sent, no answer within `redis.timeout`).
+    pub async fn publish_unsure(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<u64, (StoreError, bool)> {
         let channel = format!("{}{channel}", self.prefix);
-        self.run("publish", |mut c| async move {
+        self.exchange(&self.conn, "publish", |mut c| async move {
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(payload)
@@ -384,11 +420,6 @@ impl Store {
                 .await
         })
         .await
-    }
-
-    /// `redis.timeout`: how long one operation may wait for Redis's answer.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// The store's instrumentation.

@@ -180,8 +180,9 @@ pub async fn dial(sim: &AriSim, conf: &str, vars: &[(&str, &str)]) -> String {
 }
 
 /// Waits until the agent at `node_url` lists channel `ch` in one of its conferences. Its
-/// join is then over: the addChannel answered, the entry beep asked for, the count written.
-/// A count in Redis alone comes earlier (the first caller's seat is written before its add).
+/// join's requests to Asterisk are then over: the addChannel answered, the entry beep asked
+/// for (the count in Redis is written just after the listing is published). A count in
+/// Redis alone comes earlier: the first caller's seat is written before its add.
 pub async fn wait_listed(node_url: &str, ch: &str) -> Result<(), String> {
     let url = format!("{node_url}/v1/conferences");
     confroute_tests::harness::wait_for_async(&format!("{ch} listed by the agent"), WAIT, || async {
