@@ -310,13 +310,13 @@ async fn compare_clocks(inner: &Inner) -> bool {
     let after = now_ms();
     let rtt = after.saturating_sub(before);
     let at = inner.offset_at.load(Ordering::Relaxed);
-    let held = (at != 0).then(|| {
+    let in_use = (at != 0).then(|| {
         (
             inner.offset_rtt.load(Ordering::Relaxed),
             after.saturating_sub(at),
         )
     });
-    if sample_used(rtt, held) {
+    if sample_used(rtt, in_use) {
         let ours = before + rtt / 2;
         let offset =
             i64::try_from(redis).unwrap_or(i64::MAX) - i64::try_from(ours).unwrap_or(i64::MAX);
@@ -331,13 +331,13 @@ async fn compare_clocks(inner: &Inner) -> bool {
     rtt <= CLOCK_SAMPLE_MAX_RTT_MS
 }
 
-/// Whether a comparison with round trip `rtt` (ms) replaces the one in use (`held`: its
+/// Whether a comparison with round trip `rtt` (ms) replaces the one in use (`in_use`: its
 /// round trip and age in ms, `None` when there is none): a good one always does (the clocks
 /// drift), a slow but usable one only a slower one, a stale one or none.
-fn sample_used(rtt: u64, held: Option<(u64, u64)>) -> bool {
+fn sample_used(rtt: u64, in_use: Option<(u64, u64)>) -> bool {
     rtt <= CLOCK_SAMPLE_MAX_RTT_MS
         || (rtt <= CLOCK_SAMPLE_USABLE_RTT_MS
-            && held.is_none_or(|(h, age)| rtt < h || age >= CLOCK_SAMPLE_STALE_MS))
+            && in_use.is_none_or(|(h, age)| rtt < h || age >= CLOCK_SAMPLE_STALE_MS))
 }
 
 /// A process's end of the bus; cheap to clone.
