@@ -106,6 +106,11 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
             ("CONFROUTE_CONFERENCE__BEEP", "false"),
             // A lease (three heartbeats) that outlasts the pause: the node stays the owner.
             ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
+            // What the agent made of the command, should this fail.
+            (
+                "CONFROUTE_LOG__LEVEL",
+                "confroute_shared::bus=debug,confroute_node::control=debug,info",
+            ),
         ],
         &[("CONFROUTE_RPC__COMMAND_TIMEOUT", "2s")],
     )
@@ -141,12 +146,14 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
         .process()
         .signal(libc::SIGSTOP)
         .expect("stop");
+    let asked = Instant::now();
     let (code, msg) = ws
         .err(
             "participant.mute",
             json!({"conference": "paused", "participant": a}),
         )
         .await;
+    let answered_after = asked.elapsed();
     c.node_mut(&owner)
         .proc
         .process()
@@ -178,7 +185,9 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
         !sim.request_log()
             .iter()
             .any(|r| r.operation.as_deref() == Some("mute")),
-        "Asterisk was asked to mute"
+        "Asterisk was asked to mute; the client was answered ({msg}) after {answered_after:?}; \
+         the agent logged:\n{}",
+        c.node(&owner).proc.output()
     );
 }
 
