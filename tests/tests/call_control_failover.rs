@@ -141,11 +141,7 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
     }
     // Only a command that says when it was sent can be told held on its way.
     c.wait_clocks_known().await;
-    c.node_mut(&owner)
-        .proc
-        .process()
-        .signal(libc::SIGSTOP)
-        .expect("stop");
+    c.node(&owner).proc.process_ref().pause().expect("stop");
     let asked = Instant::now();
     let (code, msg) = ws
         .err(

@@ -1568,10 +1568,10 @@ async fn a_move_to_a_node_slow_to_answer_still_goes_ahead() {
     let y = dial(&c.node(&other_id).sim, "to-6", &[]).await;
     wait_bridged(&c.node(&other_id).sim, &y).await;
     let mut ws = c.client(0).await;
-    c.node_mut(&other_id)
+    c.node(&other_id)
         .proc
-        .process()
-        .signal(libc::SIGSTOP)
+        .process_ref()
+        .pause()
         .expect("SIGSTOP the target's agent");
     let r = ws
         .call(

@@ -599,7 +599,7 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
         })
     };
     wait_events_open(&url).await;
-    frozen.process().signal(libc::SIGSTOP).expect("freeze");
+    frozen.process().pause().expect("freeze");
     let ended = tokio::time::timeout(WAIT, events).await;
     frozen.process().signal(libc::SIGCONT).expect("thaw");
     let (code, _, err) = ended

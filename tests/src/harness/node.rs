@@ -107,4 +107,9 @@ impl NodeProc {
     pub fn process(&mut self) -> &mut Proc {
         &mut self.proc
     }
+
+    /// The process, to signal or pause it.
+    pub fn process_ref(&self) -> &Proc {
+        &self.proc
+    }
 }

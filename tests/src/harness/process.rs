@@ -87,6 +87,22 @@ impl Proc {
         Ok(())
     }
 
+    /// Stops the process (SIGSTOP) and waits until every thread of it has stopped. The
+    /// signal is acted on by one thread once it runs; under load the others may go on
+    /// working meanwhile (reading a socket, sending a request), so a test that pauses a
+    /// process to hold what it is sent must wait for this.
+    pub fn pause(&self) -> HarnessResult<()> {
+        self.signal(libc::SIGSTOP)?;
+        let pid = self
+            .pid()
+            .ok_or_else(|| HarnessError(format!("{} is not running", self.name)))?;
+        super::wait_for(
+            &format!("every thread of {} to stop", self.name),
+            std::time::Duration::from_secs(10),
+            || all_threads_stopped(pid).then_some(()),
+        )
+    }
+
     /// Waits for exit up to `within`; returns the exit code (None if killed by a signal).
     pub fn wait_exit(&mut self, within: std::time::Duration) -> HarnessResult<Option<i32>> {
         let name = self.name.clone();
@@ -114,4 +130,22 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// True when every thread of `pid` is stopped (or gone), as `/proc/<pid>/task/*/stat` says.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            // Gone since the listing.
+            return true;
+        };
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        matches!(state, Some("T" | "t" | "Z" | "X"))
+    })
 }
