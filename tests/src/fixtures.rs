@@ -165,6 +165,23 @@ pub async fn scrape(base: &str) -> String {
         .expect("metrics body")
 }
 
+/// Routes `conference` through the controller at `base` (`POST /v1/route`); the node id.
+pub async fn route_node(base: &str, conference: &str) -> String {
+    let v: serde_json::Value = http()
+        .post(format!("{base}/v1/route"))
+        .json(&serde_json::json!({ "conference": conference }))
+        .send()
+        .await
+        .expect("POST /v1/route")
+        .json()
+        .await
+        .expect("route JSON");
+    v["node_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no node_id in {v}"))
+        .to_string()
+}
+
 /// Waits until the process at `base` answers `GET /readyz` with 200 and, for a controller,
 /// reports its call-control bus subscribed (commands sent before are refused).
 pub async fn wait_ready(base: &str) -> crate::harness::HarnessResult<()> {

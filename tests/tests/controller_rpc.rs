@@ -1781,16 +1781,7 @@ async fn a_redis_refusing_the_subscription_leaves_routing_up_and_commands_refuse
         body,
         json!({"status": "ready", "redis": true, "sip": true, "bus": false})
     );
-    let routed: Value = fixtures::http()
-        .post(format!("{base}/v1/route"))
-        .json(&json!({"conference": "acl-room"}))
-        .send()
-        .await
-        .expect("route")
-        .json()
-        .await
-        .expect("route JSON");
-    assert_eq!(routed["node_id"], "node-a", "{routed}");
+    assert_eq!(fixtures::route_node(&base, "acl-room").await, "node-a");
     let s = Setup { redis, controller };
     let mut ws = connect(&s, None).await.expect("connect");
     let v = rpc(

@@ -98,16 +98,7 @@ impl Cluster {
 
     /// Edge 2 asks over HTTP.
     async fn route_http(&self, conf: &str) -> String {
-        let v: serde_json::Value = fixtures::http()
-            .post(format!("{}/v1/route", self.controller.http_url()))
-            .json(&json!({ "conference": conf }))
-            .send()
-            .await
-            .expect("route")
-            .json()
-            .await
-            .expect("json");
-        v["node_id"].as_str().expect("node_id").to_string()
+        fixtures::route_node(&self.controller.http_url(), conf).await
     }
 }
 

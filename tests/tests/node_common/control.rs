@@ -155,19 +155,7 @@ impl Cluster {
 
     /// Places `conference` through controller `c` (`POST /v1/route`); the owner's id.
     pub async fn route(&self, c: usize, conference: &str) -> String {
-        let v: Value = fixtures::http()
-            .post(format!("{}/v1/route", self.controllers[c].http_url()))
-            .json(&json!({"conference": conference}))
-            .send()
-            .await
-            .expect("route")
-            .json()
-            .await
-            .expect("route JSON");
-        v["node_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no node_id in {v}"))
-            .to_string()
+        fixtures::route_node(&self.controllers[c].http_url(), conference).await
     }
 
     /// A JSON-RPC client on controller `c`.
