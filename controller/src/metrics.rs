@@ -23,6 +23,8 @@ pub struct Metrics {
     pub sip_dropped: IntCounterVec,
     /// INVITE retransmissions answered from the transaction table.
     pub sip_retransmissions: IntCounter,
+    /// Final answers resent over UDP while their ACK was awaited (Timer G).
+    pub sip_answer_resends: IntCounter,
     /// Routing decisions by outcome.
     pub routes: IntCounterVec,
     /// Routing decision latency by entry point (`sip`, `http`).
@@ -62,6 +64,10 @@ impl Metrics {
         let sip_retransmissions = IntCounter::new(
             "confroute_sip_retransmissions_total",
             "INVITE retransmissions answered again without routing.",
+        )?;
+        let sip_answer_resends = IntCounter::new(
+            "confroute_sip_answer_resends_total",
+            "Final INVITE answers resent over UDP while their ACK was awaited.",
         )?;
         let routes = IntCounterVec::new(
             Opts::new("confroute_route_total", "Routing decisions by outcome."),
@@ -108,6 +114,7 @@ impl Metrics {
         registry.register(Box::new(sip_requests.clone()))?;
         registry.register(Box::new(sip_dropped.clone()))?;
         registry.register(Box::new(sip_retransmissions.clone()))?;
+        registry.register(Box::new(sip_answer_resends.clone()))?;
         registry.register(Box::new(routes.clone()))?;
         registry.register(Box::new(route_duration.clone()))?;
         registry.register(Box::new(claim_conflicts.clone()))?;
@@ -128,6 +135,7 @@ impl Metrics {
             sip_requests,
             sip_dropped,
             sip_retransmissions,
+            sip_answer_resends,
             routes,
             route_duration,
             claim_conflicts,

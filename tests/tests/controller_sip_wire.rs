@@ -315,6 +315,97 @@ async fn a_cancel_on_a_tcp_connection_full_of_waiting_invites_is_answered() {
     proxy.heal();
 }
 
+/// The ACK a caller sends for `answer`, a non-2xx final answer to `invite` (RFC 3261
+/// §17.1.1.3): the INVITE's Request-URI, Via, Call-ID and From, the answer's To.
+fn ack_for(invite: &str, answer: &str) -> String {
+    let to = header(answer, "To").expect("To");
+    invite
+        .split("\r\n")
+        .map(|line| {
+            if line.starts_with("INVITE ") {
+                line.replacen("INVITE ", "ACK ", 1)
+            } else if line.starts_with("To:") {
+                format!("To: {to}")
+            } else if line.starts_with("CSeq:") {
+                line.replace("INVITE", "ACK")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// RFC 3261 §17.2.1: over UDP, the final answer to an INVITE that was sent `100 Trying` is
+/// resent (Timer G: 500 ms, then 1 s, 2 s, ...) until its ACK, since the caller stopped
+/// retransmitting when the 100 came and would never ask again for a lost answer. An answer
+/// that came without a 100 is not resent: its caller retransmits by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_answer_after_100_trying_is_resent_over_udp_until_its_ack() {
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp,
+    } = stalled("1s", &[]).await;
+    let msg = invite("sip:lost@router", udp.port(), "z9hG4bKlost", "");
+    udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    assert_eq!(status(&udp.recv()), 100);
+    // The routing deadline passes: 503. Taken as lost: no ACK.
+    let first = udp.recv();
+    assert_eq!(status(&first), 503, "{first}");
+    let started = std::time::Instant::now();
+    let again = udp.recv();
+    assert_eq!(again, first, "the same answer, resent");
+    let second = udp.recv();
+    assert_eq!(second, first);
+    // 0.5 s then 1 s apart: the second resend comes no sooner than 1.5 s after the first.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "resent at T1, then 2·T1: {:?}",
+        started.elapsed()
+    );
+    udp.socket
+        .send_to(ack_for(&msg, &first).as_bytes(), udp.to)
+        .expect("send");
+    // The next resend was due 2 s after the last one.
+    udp.silence(b"\r\n", Duration::from_millis(3000));
+    let url = controller.http_url();
+    assert_eq!(
+        metric(&scrape(&url).await, "confroute_sip_answer_resends_total"),
+        2.0
+    );
+
+    // Redis back: an INVITE routed at once gets its 302 without a 100 and, unacknowledged,
+    // is not resent (the warm-up INVITE of the set-up was not acknowledged either).
+    proxy.heal();
+    // Routing works again once the controller's Redis connection is back: the conference is
+    // homed over HTTP, so the INVITE below is a quick lookup.
+    let client = reqwest::Client::new();
+    confroute_tests::harness::wait_for_async(
+        "routing to work again",
+        Duration::from_secs(10),
+        || async {
+            let r = client
+                .post(format!("{url}/v1/route"))
+                .json(&serde_json::json!({ "conference": "quick" }))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await
+    .expect("routes again");
+    let quick = udp.exchange(&invite("sip:quick@router", udp.port(), "z9hG4bKquick", ""));
+    assert_eq!(status(&quick), 302, "{quick}");
+    udp.silence(b"\r\n", Duration::from_millis(1200));
+    assert_eq!(
+        metric(&scrape(&url).await, "confroute_sip_answer_resends_total"),
+        2.0
+    );
+}
+
 /// Reads from `tcp` into `got` until `done` holds; fails after 10 s (the routing these
 /// answers must not wait for would take a minute).
 async fn read_until(
@@ -385,7 +476,20 @@ async fn udp_invites_waiting_on_redis_are_capped() {
         let call = header(&a, "Call-ID").unwrap_or("").to_string();
         match status(&a) {
             100 => trying.push(call),
-            503 => answered.push(call),
+            503 => {
+                // As a caller does: otherwise the 503 is resent (it followed a 100).
+                let branch = call.trim_end_matches("@test");
+                let sent = invite(
+                    &format!("sip:{}@router", branch.trim_start_matches("z9hG4bK")),
+                    udp.port(),
+                    branch,
+                    "",
+                );
+                udp.socket
+                    .send_to(ack_for(&sent, &a).as_bytes(), udp.to)
+                    .expect("send");
+                answered.push(call)
+            }
             other => panic!("unexpected {other}: {a}"),
         }
     }

@@ -16,7 +16,7 @@ use super::message::{
     self, parse_digits, parse_sip_uri, percent_decode, ParseError, Request, UriError,
 };
 use super::response::{self, Response, ALLOW};
-use super::transactions::{Answer, Begin, Cancel, Transactions};
+use super::transactions::{Answer, Begin, Cancel, Resend, Transactions};
 use crate::config::{SipConfig, Transport};
 use crate::metrics::Metrics;
 use crate::router::{RouteError, Router};
@@ -30,6 +30,9 @@ pub struct Outgoing {
     pub bytes: Vec<u8>,
     /// Destination (UDP; TCP answers on the same connection).
     pub to: SocketAddr,
+    /// Set for a final answer over UDP whose sender was sent `100 Trying`: resend it until
+    /// the ACK comes (RFC 3261 §17.2.1, Timer G), as `serve_udp` does.
+    pub resend: Option<Resend>,
 }
 
 /// Where a provisional answer goes while its INVITE is still being routed: the transport
@@ -171,6 +174,11 @@ impl SipService {
     pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.trusted.is_empty() || self.trusted.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Counts a final answer resent while its ACK is awaited.
+    pub fn note_resent(&self) {
+        self.metrics.sip_answer_resends.inc();
     }
 
     /// Counts a packet dropped without an answer.
@@ -330,7 +338,7 @@ impl SipService {
                 "INVITE" if known_only && self.transactions.peek(&key).is_none() => {
                     return self.drop_packet("overloaded");
                 }
-                "INVITE" => return self.invite(&req, &key, source, to, early).await,
+                "INVITE" => return self.invite(&req, &key, source, to, early, transport).await,
                 "OPTIONS" => match unsupported_requirements(&req) {
                     Some(unsupported) => (
                         Response::new(420, "Bad Extension")
@@ -379,6 +387,7 @@ impl SipService {
         Some(Outgoing {
             bytes: response::build(&req, &resp, &tag, source),
             to,
+            resend: None,
         })
     }
 
@@ -418,6 +427,7 @@ impl SipService {
         source: SocketAddr,
         to: SocketAddr,
         early: Option<&dyn Early>,
+        transport: Transport,
     ) -> Option<Outgoing> {
         let cancel = match self.transactions.begin(key.to_string()) {
             Begin::Answered(answer) => {
@@ -425,6 +435,7 @@ impl SipService {
                 return Some(Outgoing {
                     bytes: rebuild(req, &answer, source),
                     to,
+                    resend: None,
                 });
             }
             // Still being routed (Redis is slow): 100 Trying stops the sender's
@@ -435,6 +446,7 @@ impl SipService {
                 return Some(Outgoing {
                     bytes: response::build(req, &Response::new(100, "Trying"), "", source),
                     to,
+                    resend: None,
                 });
             }
             Begin::New(cancel) => cancel,
@@ -468,12 +480,14 @@ impl SipService {
                         },
                         () = &mut trying, if !tried => {
                             tried = true;
+                            self.transactions.provisional(key);
                             self.count("INVITE", 100);
                             let trying = Response::new(100, "Trying");
                             early
                                 .send(Outgoing {
                                     bytes: response::build(req, &trying, "", source),
                                     to,
+                                    resend: None,
                                 })
                                 .await;
                         }
@@ -481,10 +495,15 @@ impl SipService {
                 }
             }
         };
-        let answer = self.transactions.complete(key, answer);
-        self.count("INVITE", answer.response.code);
-        let bytes = rebuild(req, &answer, source);
-        Some(Outgoing { bytes, to })
+        let completed = self.transactions.complete(key, answer);
+        self.count("INVITE", completed.answer.response.code);
+        let bytes = rebuild(req, &completed.answer, source);
+        Some(Outgoing {
+            bytes,
+            to,
+            // A stream delivers the answer or fails the connection: nothing to resend.
+            resend: completed.resend.filter(|_| transport == Transport::Udp),
+        })
     }
 
     /// `to_tag` is derived from the transaction, so even an answer the table had no room

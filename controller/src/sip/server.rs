@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::handler::{Early, Outgoing, SipService};
 use super::message::{header_end, parse_digits};
 use super::pktinfo;
+use super::transactions::Resend;
 use crate::config::Transport;
 
 /// INVITEs of one TCP connection being routed at once (other requests are answered as they
@@ -92,14 +93,51 @@ pub async fn serve_udp(
                 let answered = service
                     .handle_early(&packet, source, Transport::Udp, &early)
                     .await;
+                drop(permit);
+                drop(packet);
                 if let Some(out) = answered {
                     send(&socket, &out.bytes, out.to, local).await;
+                    if let Some(resend) = out.resend {
+                        resend_until_acked(&socket, &service, &out.bytes, out.to, local, resend)
+                            .await;
+                    }
                 }
-                drop(permit);
             }));
         } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
             send(&socket, &out.bytes, out.to, local).await;
         }
+    }
+}
+
+/// RFC 3261 Timer G's first interval (T1) and its cap (T2).
+const T1: Duration = Duration::from_millis(500);
+const T2: Duration = Duration::from_secs(4);
+
+/// Resends a final answer at T1, 2·T1, … up to T2 apart until its ACK arrives or the
+/// transaction is forgotten (Timer H). Only for an INVITE that was sent `100 Trying`: its
+/// sender no longer retransmits, so a lost answer would otherwise never be asked for again.
+/// No permit is held meanwhile: an ACK is expected within a round trip, and a caller that
+/// never sends one costs a sleeping task for at most 32 s.
+async fn resend_until_acked(
+    socket: &UdpSocket,
+    service: &SipService,
+    bytes: &[u8],
+    to: SocketAddr,
+    local: Option<IpAddr>,
+    resend: Resend,
+) {
+    let until = tokio::time::Instant::from_std(resend.until);
+    let mut interval = T1;
+    let mut next = tokio::time::Instant::now() + interval;
+    while next < until {
+        tokio::select! {
+            () = resend.acked.notified() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        service.note_resent();
+        send(socket, bytes, to, local).await;
+        interval = (interval * 2).min(T2);
+        next += interval;
     }
 }
 

@@ -5,6 +5,11 @@
 //! Only the answer's parts are kept (status, headers, To-tag), not the bytes: the response is
 //! rebuilt from the retransmitted request, which carries the same headers. An entry lives
 //! 32 s (Timer H, 64·T1) until its ACK arrives, then 5 s (Timer I, T4) for ACK retransmits.
+//!
+//! A transaction that was sent `100 Trying` also says so when it completes: its sender has
+//! stopped retransmitting (RFC 3261 §17.1.1.2), so over UDP the final answer must be resent
+//! until the ACK comes (Timer G), or one lost datagram leaves the call waiting on the edge's
+//! own timer for minutes.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -54,6 +59,24 @@ pub enum Begin {
     Answered(Arc<Answer>),
 }
 
+/// A recorded final answer ([`Transactions::complete`]).
+#[derive(Debug)]
+pub struct Completed {
+    /// The answer to send.
+    pub answer: Arc<Answer>,
+    /// Set when the answer must be resent over UDP until its ACK.
+    pub resend: Option<Resend>,
+}
+
+/// How to resend an answer until its ACK (RFC 3261 §17.2.1, Timers G and H).
+#[derive(Debug, Clone)]
+pub struct Resend {
+    /// Fires when the ACK arrives.
+    pub acked: Arc<Notify>,
+    /// When the transaction is forgotten (Timer H): no resending past it.
+    pub until: Instant,
+}
+
 enum State {
     /// Being routed; `cancelled` once a CANCEL for it came, which `cancel` also notifies.
     Pending {
@@ -66,6 +89,10 @@ enum State {
 struct Entry {
     state: State,
     expires: Instant,
+    /// A provisional answer went out: the sender no longer retransmits.
+    provisional: bool,
+    /// Notified by the ACK; set when the answer of a `provisional` transaction is recorded.
+    acked: Option<Arc<Notify>>,
 }
 
 /// Transaction table, sharded to keep lock hold times short under load.
@@ -97,9 +124,13 @@ impl Transactions {
             return Begin::New(None);
         };
         let now = Instant::now();
-        match map.get(&key) {
+        match map.get_mut(&key) {
             Some(e) if e.expires > now => match &e.state {
-                State::Pending { .. } => Begin::Pending,
+                // The caller answers this retransmission `100 Trying`.
+                State::Pending { .. } => {
+                    e.provisional = true;
+                    Begin::Pending
+                }
                 State::Answered(a) => Begin::Answered(a.clone()),
             },
             _ => {
@@ -115,6 +146,8 @@ impl Transactions {
                             cancel: cancel.clone(),
                         },
                         expires: now + TIMER_H,
+                        provisional: false,
+                        acked: None,
                     },
                 );
                 Begin::New(Some(cancel))
@@ -157,14 +190,29 @@ impl Transactions {
         }
     }
 
+    /// Notes that `key` was sent a provisional answer.
+    pub fn provisional(&self, key: &str) {
+        if let Ok(mut map) = self.shard(key).lock() {
+            if let Some(e) = map.get_mut(key) {
+                e.provisional = true;
+            }
+        }
+    }
+
     /// Records the final answer of `key` and returns it: `487 Request Terminated` instead
-    /// when a CANCEL came while it was routed.
-    pub fn complete(&self, key: &str, answer: Answer) -> Arc<Answer> {
+    /// when a CANCEL came while it was routed. With it comes, for a transaction that was
+    /// sent a provisional answer, the notice its ACK fires and how long the answer may still
+    /// be resent ([`Completed`]).
+    pub fn complete(&self, key: &str, answer: Answer) -> Completed {
+        let lone = |answer| Completed {
+            answer: Arc::new(answer),
+            resend: None,
+        };
         let Ok(mut map) = self.shard(key).lock() else {
-            return Arc::new(answer);
+            return lone(answer);
         };
         let Some(e) = map.get_mut(key) else {
-            return Arc::new(answer);
+            return lone(answer);
         };
         let answer = match e.state {
             State::Pending {
@@ -178,7 +226,15 @@ impl Transactions {
         };
         let answer = Arc::new(answer);
         e.state = State::Answered(answer.clone());
-        answer
+        let resend = e.provisional.then(|| {
+            let acked = Arc::new(Notify::new());
+            e.acked = Some(acked.clone());
+            Resend {
+                acked,
+                until: e.expires,
+            }
+        });
+        Completed { answer, resend }
     }
 
     /// Forgets a pending transaction whose routing failed before any answer.
@@ -196,6 +252,10 @@ impl Transactions {
         match map.get_mut(key) {
             Some(e) => {
                 e.expires = e.expires.min(Instant::now() + TIMER_I);
+                if let Some(acked) = &e.acked {
+                    // A permit is kept if the resending task is not waiting at this moment.
+                    acked.notify_one();
+                }
                 true
             }
             None => false,
@@ -225,13 +285,16 @@ mod tests {
         let t = Transactions::new(1000);
         assert!(matches!(t.begin("b1".into()), Begin::New(_)));
         assert!(matches!(t.begin("b1".into()), Begin::Pending));
-        let a = t.complete(
+        let done = t.complete(
             "b1",
             Answer {
                 response: Response::new(302, "Moved Temporarily").header("Contact", "<sip:x@y>"),
                 to_tag: "t".into(),
             },
         );
+        // The second copy was answered 100 Trying: its sender stopped retransmitting.
+        assert!(done.resend.is_some(), "a transaction sent 100 is resent");
+        let a = done.answer;
         assert_eq!(a.response.code, 302);
         match t.begin("b1".into()) {
             Begin::Answered(got) => assert_eq!(got, a),
@@ -248,15 +311,40 @@ mod tests {
         assert!(matches!(t.cancel("b"), Cancel::Unknown));
         assert!(matches!(t.begin("b".into()), Begin::New(_)));
         assert!(matches!(t.cancel("b"), Cancel::Pending));
-        let got = t.complete(
-            "b",
-            Answer {
-                response: Response::new(302, "Moved Temporarily"),
-                to_tag: "t".into(),
-            },
-        );
+        let got = t
+            .complete(
+                "b",
+                Answer {
+                    response: Response::new(302, "Moved Temporarily"),
+                    to_tag: "t".into(),
+                },
+            )
+            .answer;
         assert_eq!((got.response.code, got.to_tag.as_str()), (487, "t"));
         assert!(matches!(t.cancel("b"), Cancel::Answered(a) if a.response.code == 487));
+    }
+
+    #[tokio::test]
+    async fn only_an_answer_after_a_provisional_one_waits_for_its_ack() {
+        let t = Transactions::new(1000);
+        let answer = || Answer {
+            response: Response::new(302, "Moved Temporarily"),
+            to_tag: "t".into(),
+        };
+        assert!(matches!(t.begin("quick".into()), Begin::New(_)));
+        assert!(
+            t.complete("quick", answer()).resend.is_none(),
+            "a sender that got no 100 retransmits by itself"
+        );
+        assert!(matches!(t.begin("slow".into()), Begin::New(_)));
+        t.provisional("slow");
+        let resend = t.complete("slow", answer()).resend.expect("resend");
+        assert!(resend.until > Instant::now());
+        // The ACK may come before anyone waits for it: the notice is kept.
+        assert!(t.ack("slow"));
+        tokio::time::timeout(Duration::from_secs(5), resend.acked.notified())
+            .await
+            .expect("the ACK is noticed");
     }
 
     #[test]
