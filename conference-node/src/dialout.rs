@@ -3,10 +3,11 @@
 //! This module holds what does not belong to one conference: the dial strings of
 //! `[dialout]` and their start-up checks, the target and option checks of a command, the
 //! Q.850 → SIP status mapping, and the tracker that turns the call's ARI events into
-//! `dialout.status` notifications: `accepted` → `ringing` (Dial `RINGING`/`PROGRESS`) →
-//! `connected` (the callee is in the conference's bridge), or `rejected` with `code` and
-//! `cause` when the call ends before that, or `cleared` with `cause` when it ends after. The
-//! conference's actor originates the call and joins the callee (`conference::commands`).
+//! `dialout.status` notifications: `accepted` → `ringing` (the channel state `Ringing`, or
+//! a Dial `RINGING`/`PROGRESS`) → `connected` (the callee is in the conference's bridge),
+//! or `rejected` with `code` and `cause` when the call ends before that, or `cleared` with
+//! `cause` when it ends after. The conference's actor originates the call and joins the
+//! callee (`conference::commands`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -359,7 +360,8 @@ impl Dialouts {
         lock(&self.calls).remove(callid);
     }
 
-    /// A Dial event of the call; false when the call is not tracked (never, or no more).
+    /// Progress of the call (a Dial status, or `RINGING` from its channel state); false when
+    /// the call is not tracked (never, or no more).
     pub fn dial_status(&self, node: &Node, callid: &str, status: &str) -> bool {
         let mut calls = lock(&self.calls);
         let Some(t) = calls.get_mut(callid) else {

@@ -845,24 +845,11 @@ impl Node {
             }
             Event::ChannelHold { channel } => self.hold(&channel.id, true),
             Event::ChannelUnhold { channel } => self.hold(&channel.id, false),
-            Event::Dial { peer, dialstatus } => {
-                let tracked = self.dialouts.dial_status(self, &peer.id, &dialstatus);
-                // A dial-out given up (its originate failed, yet Asterisk placed the call
-                // after the agent's hangup found nothing): hung up as soon as it shows alive.
-                // A final status (busy, no answer, ...) is its end already.
-                let alive = matches!(
-                    dialstatus.as_str(),
-                    "" | "RINGING" | "PROGRESS" | "PROCEEDING" | "ANSWER"
-                );
-                if !tracked && self.is_dialout(&peer.id) && alive {
-                    let node = self.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = node.hang_up(&peer.id, conference::CAUSE_NORMAL).await {
-                            tracing::warn!(callid = %peer.id, error = %e, "cannot hang up a dial-out that was given up");
-                        }
-                    });
-                }
+            // An originated callee rings (a 180): Asterisk shows it only as the state.
+            Event::ChannelStateChange { channel } if channel.state == "Ringing" => {
+                self.dial_progress(channel.id, "RINGING");
             }
+            Event::Dial { peer, dialstatus } => self.dial_progress(peer.id, &dialstatus),
             Event::ChannelHangupRequest {
                 channel,
                 cause,
@@ -896,7 +883,30 @@ impl Node {
                 tracing::warn!(recording = %recording.name, "conference recording failed");
             }
             // The events WebSocket reconnects on ApplicationReplaced itself.
-            Event::ChannelLeftBridge { .. } | Event::ApplicationReplaced { .. } | Event::Other => {}
+            Event::ChannelLeftBridge { .. }
+            | Event::ChannelStateChange { .. }
+            | Event::ApplicationReplaced { .. }
+            | Event::Other => {}
+        }
+    }
+
+    /// Progress of an outgoing call `callid`: a Dial status, or `RINGING` from its state.
+    fn dial_progress(self: &Arc<Self>, callid: String, status: &str) {
+        let tracked = self.dialouts.dial_status(self, &callid, status);
+        // A dial-out given up (its originate failed, yet Asterisk placed the call after the
+        // agent's hangup found nothing): hung up as soon as it shows alive. A final status
+        // (busy, no answer, ...) is its end already.
+        let alive = matches!(
+            status,
+            "" | "RINGING" | "PROGRESS" | "PROCEEDING" | "ANSWER"
+        );
+        if !tracked && self.is_dialout(&callid) && alive {
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.hang_up(&callid, conference::CAUSE_NORMAL).await {
+                    tracing::warn!(%callid, error = %e, "cannot hang up a dial-out that was given up");
+                }
+            });
         }
     }
 

@@ -222,13 +222,21 @@ pub enum Event {
         recording: LiveRecording,
     },
     /// Progress of an outgoing call (originate): `dialstatus` is empty when the dial
-    /// starts, then `RINGING`, `PROGRESS`, `ANSWER`, `BUSY`, `NOANSWER`, `CONGESTION`, ...
+    /// starts, then `ANSWER`, `BUSY`, `NOANSWER`, `CONGESTION`, ... (`RINGING` and
+    /// `PROGRESS` only where a calling channel is dialled, never for an originate).
     Dial {
         /// The called channel.
         peer: Channel,
         /// Dial status.
         #[serde(default)]
         dialstatus: String,
+    },
+    /// A channel's state changed. An originated call's ringing shows only here (state
+    /// `Ringing`, from a 180): Asterisk's dialler, having no calling channel, publishes no
+    /// Dial event for it (`handle_frame_ownerless` in main/dial.c).
+    ChannelStateChange {
+        /// The channel, with its new state.
+        channel: Channel,
     },
     /// Something asked for the channel to hang up; `cause` is Q.850 unless `soft`.
     ChannelHangupRequest {

@@ -1766,6 +1766,12 @@ impl State {
         caller: Option<String>,
     ) {
         let token = st.next_seq();
+        // An originate dials with no calling channel (`ari_originate_dial` runs
+        // `ast_dial_run(dial, NULL, 0)`), and `handle_frame_ownerless` in main/dial.c
+        // publishes no Dial event for ringing: only the channel driver's state change (a 180
+        // in chan_pjsip) shows it. A channel dialled with /channels/{id}/dial rings inside the
+        // dial bridge, which the simulator reports as a Dial status.
+        let stasis_dial = matches!(after, AfterAnswer::StayInStasis);
         let Some(ch) = st.channels.get_mut(id) else {
             return;
         };
@@ -1789,8 +1795,10 @@ impl State {
             st.emit(core, ev);
             let ring = |core: &Arc<Core>, st: &mut State| {
                 st.set_state(core, &id, ChanState::Ringing);
-                let ev = st.dial_ev(core, &id, "RINGING", caller.as_deref());
-                st.emit(core, ev);
+                if stasis_dial {
+                    let ev = st.dial_ev(core, &id, "RINGING", caller.as_deref());
+                    st.emit(core, ev);
+                }
             };
             let epoch = st.epoch;
             let mut answer_at = None;
