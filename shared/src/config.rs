@@ -536,7 +536,9 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Replicas that must acknowledge a claim before it is answered (Redis `WAIT`), capped at
     /// the replicas connected at that moment; 0 = none. Set 1 or more behind Sentinel so a
-    /// failover cannot lose a claim that was already answered.
+    /// failover cannot lose a claim that was already answered; since only connected
+    /// replicas are waited for, set Redis's `min-replicas-to-write` on the primary too, or a
+    /// primary cut off from its replicas confirms claims the promoted one never gets.
     pub wait_replicas: u32,
     /// Lease of a conference claim, renewed by its owner while the conference lives.
     #[serde(deserialize_with = "duration")]
