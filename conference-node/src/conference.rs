@@ -69,6 +69,11 @@ pub enum Msg {
         /// On hold now.
         held: bool,
     },
+    /// A bridge recording finished (stopped by the agent, or ended by Asterisk).
+    RecordingFinished {
+        /// The recording's name.
+        name: String,
+    },
     /// One of the conference's bridges was destroyed.
     BridgeGone {
         /// Bridge id.
@@ -132,6 +137,24 @@ pub enum Msg {
         /// Talking now.
         talking: bool,
     },
+}
+
+/// The name of a new recording of conference `name` in lifetime `epoch`:
+/// `confroute-<name>-<epoch>-<8 hex digits>` ([`recording_conference`] reads it back).
+fn recording_name(name: &ConferenceName, epoch: u64) -> String {
+    format!("confroute-{}-{}-{:08x}", name, epoch, rand::random::<u32>())
+}
+
+/// The conference a recording named by [`recording_name`] belongs to.
+pub fn recording_conference(recording: &str) -> Option<ConferenceName> {
+    let rest = recording.strip_prefix("confroute-")?;
+    let mut parts = rest.rsplitn(3, '-');
+    let (hex, epoch, name) = (parts.next()?, parts.next()?, parts.next()?);
+    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    epoch.parse::<u64>().ok()?;
+    ConferenceName::parse(name).ok()
 }
 
 /// A participant moving between two conferences of this node.
@@ -267,10 +290,9 @@ enum Phase {
 struct Participant {
     options: Options,
     waiting: bool,
-    /// Not heard by the others (ARI channel mute `in`, or joined muted).
+    /// Not heard by the others (ARI channel mute `in`, which follows the channel from
+    /// bridge to bridge).
     muted: bool,
-    /// Joined with addChannel's `mute`: a bridge feature only a new addChannel takes off.
-    bridge_muted: bool,
     /// On hold through call control: in the holding bridge, hearing music, out of the mix.
     held: bool,
     /// The caller's own phone put the call on hold (ChannelHold).
@@ -299,7 +321,6 @@ impl Participant {
             options,
             waiting,
             muted,
-            bridge_muted: muted,
             held: false,
             caller_held: false,
             talking: false,
@@ -434,6 +455,7 @@ impl Conference {
             Msg::Left { channel } => self.left(&channel, "hangup").await,
             Msg::Hold { channel, held } => self.hold(&channel, held),
             Msg::BridgeGone { bridge } => self.bridge_gone(&bridge).await,
+            Msg::RecordingFinished { name } => self.recording_finished(&name).await,
             Msg::Claim { status, epoch } => self.claim_status(status, epoch).await,
             Msg::Reconcile {
                 main,
@@ -740,6 +762,17 @@ impl Conference {
                 return;
             }
         }
+        // Muted on the channel, not with addChannel's bridge `mute`: a bridge mute only a
+        // new addChannel takes off, and adding a channel to the bridge it is in makes it
+        // leave first, which takes a lone member's wait music or recording along (lonely
+        // bridge members, main/bridge.c). Asterisk runs the channel's commands in order, so
+        // the mute is on before the channel is in the bridge.
+        if j.options.muted {
+            if let Err(e) = self.node.ari.mute(&ch, "in", true).await {
+                self.join_failed(&ch, &e).await;
+                return;
+            }
+        }
         if let Err(e) = self.add(&ch, waiting, &j.options).await {
             self.join_failed(&ch, &e).await;
             return;
@@ -902,14 +935,9 @@ impl Conference {
 
     /// `addChannel` of `ids` into `bridge`, with each participant among them marked as being
     /// placed while the request is under way (see [`Participant::placed_at`]).
-    async fn bridge_add(
-        &mut self,
-        bridge: &str,
-        ids: &[&str],
-        muted: bool,
-    ) -> Result<(), AriError> {
+    async fn bridge_add(&mut self, bridge: &str, ids: &[&str]) -> Result<(), AriError> {
         self.mark_placed(ids);
-        let result = self.node.ari.add_channels(bridge, ids, muted).await;
+        let result = self.node.ari.add_channels(bridge, ids).await;
         self.mark_placed(ids);
         result
     }
@@ -927,12 +955,7 @@ impl Conference {
     /// again once if it vanished, as [`Conference::add`] does).
     async fn move_to_holding(&mut self, ch: &str, opts: &Options) -> Result<(), AriError> {
         self.ensure_holding(&opts.wait_music).await?;
-        // Nobody is mixed there: a bridge mute would only have to be taken off again.
-        let unmuted = Options {
-            muted: false,
-            ..opts.clone()
-        };
-        self.add(ch, true, &unmuted).await
+        self.add(ch, true, opts).await
     }
 
     /// `addChannel` into the mixing or the holding bridge. A bridge that vanished (404:
@@ -946,7 +969,11 @@ impl Conference {
             } else {
                 self.main.clone()
             };
-            match self.bridge_add(&bridge, &[ch], opts.muted).await {
+            match self.bridge_add(&bridge, &[ch]).await {
+                Ok(()) if !waiting => {
+                    self.record_on().await;
+                    return Ok(());
+                }
                 Err(e) if e.kind == AriErrorKind::NotFound && !recreated => {
                     tracing::warn!(conference = %self.name, bridge = %bridge, "bridge vanished; creating it again");
                     recreated = true;
@@ -1063,35 +1090,75 @@ impl Conference {
             json!({"started_by": by, "no_longer_waiting": unwaited}),
         );
         self.tidy_holding().await;
-        if self.record == Record::RecordFromStart && self.recording.is_none() {
-            let name = format!(
-                "confroute-{}-{}-{:08x}",
-                self.name,
-                self.epoch,
-                rand::random::<u32>()
-            );
-            match self
-                .node
-                .ari
-                .record_bridge(
-                    &self.main,
-                    &name,
-                    &self.node.cfg.conference.recording_format,
-                )
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(conference = %self.name, recording = %name, "recording started");
-                    self.recording = Some(name);
-                }
-                Err(e) => {
-                    tracing::error!(conference = %self.name, error = %e, "cannot start recording")
-                }
-            }
+        if self.record == Record::RecordFromStart {
+            self.start_recording().await;
         }
         tracing::info!(conference = %self.name, "conference started");
         if let Some(cb) = &mut self.callbacks {
             cb.send(CallbackEvent::Start, "conference-start", None, &[]);
+        }
+    }
+
+    /// Starts recording the mixing bridge, unless a recording of it is under way.
+    async fn start_recording(&mut self) {
+        if self.recording.is_some() || !self.main_created {
+            return;
+        }
+        let name = recording_name(&self.name, self.epoch);
+        match self
+            .node
+            .ari
+            .record_bridge(
+                &self.main,
+                &name,
+                &self.node.cfg.conference.recording_format,
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(conference = %self.name, recording = %name, "recording started");
+                self.recording = Some(name);
+            }
+            Err(e) => {
+                tracing::error!(conference = %self.name, error = %e, "cannot start recording")
+            }
+        }
+    }
+
+    /// Records the mix again after someone was added to it, if the conference records and
+    /// its recording ended meanwhile (see [`Conference::recording_finished`]).
+    async fn record_on(&mut self) {
+        if self.started && self.phase != Phase::Idle && self.record == Record::RecordFromStart {
+            self.start_recording().await;
+        }
+    }
+
+    /// A recording of this conference finished. One the agent did not stop was ended by
+    /// Asterisk: the recording is a lonely member of the bridge (a Recorder channel) that
+    /// leaves with the last participant in the mix, for instance when that one is put on
+    /// hold. The conference goes on, so its recording does too, in a new file: now if the
+    /// mix has someone in it again, else with the next participant added to it. Not when
+    /// the mix is empty, which is also how a conference's last caller hanging up looks at
+    /// this point (its leave comes after).
+    async fn recording_finished(&mut self, name: &str) {
+        if self.recording.as_deref() != Some(name) {
+            return;
+        }
+        self.recording = None;
+        if !self.started || self.phase == Phase::Idle || self.record != Record::RecordFromStart {
+            return;
+        }
+        match self.node.ari.get_bridge(&self.main).await {
+            Ok(Some(b)) if !b.channels.is_empty() => {
+                tracing::info!(conference = %self.name, recording = %name, "recording ended by Asterisk while the mix emptied; recording on in a new file");
+                self.start_recording().await;
+            }
+            Ok(_) => {
+                tracing::info!(conference = %self.name, recording = %name, "recording ended by Asterisk as the mix emptied; the next participant in the mix starts a new file");
+            }
+            Err(e) => {
+                tracing::warn!(conference = %self.name, error = %e, "cannot look at the conference bridge; the next participant in the mix starts a new recording file");
+            }
         }
     }
 
@@ -1116,61 +1183,56 @@ impl Conference {
         let node = self.node.clone();
         futures_util::future::join_all(waiting.iter().map(|id| node.stop_playbacks(id))).await;
         let main = self.main.clone();
-        // addChannel takes one mute flag per call: move the muted and the others apart.
-        for muted in [false, true] {
-            let group: Vec<&str> = waiting
-                .iter()
-                .filter(|id| self.participants.get(*id).is_some_and(|p| p.muted == muted))
-                .map(String::as_str)
-                .collect();
-            if group.is_empty() {
-                continue;
-            }
-            let moved = match self.bridge_add(&main, &group, muted).await {
-                Ok(()) => group,
-                Err(e) if group.len() > 1 => {
-                    // Asterisk adds nobody when one channel of the list is gone or out of
-                    // Stasis (control_list_create checks them all first), and nothing runs
-                    // start() again: one waiter hanging up as the starter joins would leave
-                    // the others on hold music for good.
-                    tracing::warn!(conference = %self.name, error = %e, "cannot move the waiting participants together; moving them one by one");
-                    let mut moved = Vec::new();
-                    for id in group {
-                        match self.bridge_add(&main, &[id], muted).await {
-                            Ok(()) => moved.push(id),
-                            Err(e) if e.channel_gone() => {
-                                tracing::info!(conference = %self.name, channel = id, "waiting participant left as the conference started");
-                            }
-                            Err(e) => {
-                                tracing::error!(conference = %self.name, channel = id, error = %e, "cannot move a waiting participant into the conference");
-                            }
+        let group: Vec<&str> = waiting.iter().map(String::as_str).collect();
+        if group.is_empty() {
+            return unwaited;
+        }
+        let moved = match self.bridge_add(&main, &group).await {
+            Ok(()) => group,
+            Err(e) if group.len() > 1 => {
+                // Asterisk adds nobody when one channel of the list is gone or out of
+                // Stasis (control_list_create checks them all first), and nothing runs
+                // start() again: one waiter hanging up as the starter joins would leave the
+                // others on hold music for good.
+                tracing::warn!(conference = %self.name, error = %e, "cannot move the waiting participants together; moving them one by one");
+                let mut moved = Vec::new();
+                for id in group {
+                    match self.bridge_add(&main, &[id]).await {
+                        Ok(()) => moved.push(id),
+                        Err(e) if e.channel_gone() => {
+                            tracing::info!(conference = %self.name, channel = id, "waiting participant left as the conference started");
+                        }
+                        Err(e) => {
+                            tracing::error!(conference = %self.name, channel = id, error = %e, "cannot move a waiting participant into the conference");
                         }
                     }
-                    moved
                 }
-                Err(e) => {
-                    tracing::error!(conference = %self.name, error = %e, "cannot move waiting participants into the conference");
-                    Vec::new()
-                }
-            };
-            for id in moved {
-                if let Some(p) = self.participants.get_mut(id) {
-                    p.waiting = false;
-                    p.bridge_muted = muted;
-                    unwaited.push(id.to_string());
-                }
+                moved
             }
+            Err(e) => {
+                tracing::error!(conference = %self.name, error = %e, "cannot move waiting participants into the conference");
+                Vec::new()
+            }
+        };
+        let any = !moved.is_empty();
+        for id in moved {
+            if let Some(p) = self.participants.get_mut(id) {
+                p.waiting = false;
+                unwaited.push(id.to_string());
+            }
+        }
+        if any {
+            self.record_on().await;
         }
         unwaited
     }
 
-    /// Destroys the holding bridge once the conference has started and nobody waits or is
-    /// on hold in it.
+    /// Destroys the holding bridge once nobody waits or is on hold in it. Its wait music is
+    /// a lonely member (an Announcer channel) that Asterisk makes leave with the last
+    /// caller, and forgets: a holding bridge kept for the next caller would be silent. The
+    /// next one is made with its music.
     async fn tidy_holding(&mut self) {
-        if !self.holding_created
-            || !self.started
-            || self.participants.values().any(|p| p.waiting || p.held)
-        {
+        if !self.holding_created || self.participants.values().any(|p| p.waiting || p.held) {
             return;
         }
         if let Err(e) = self.node.ari.destroy_bridge(&self.holding).await {
@@ -1649,7 +1711,7 @@ impl Conference {
             tracing::warn!(conference = %self.name, keep = %chosen.id, leftover = %extra.id, callers = extra.channels.len(), "two bridges of one kind for the conference; merging the leftover into the other");
             if !extra.channels.is_empty() {
                 let ids: Vec<&str> = extra.channels.iter().map(String::as_str).collect();
-                match self.bridge_add(&chosen.id, &ids, false).await {
+                match self.bridge_add(&chosen.id, &ids).await {
                     Ok(()) => chosen.channels.extend(extra.channels.iter().cloned()),
                     Err(e) => {
                         tracing::warn!(bridge = %extra.id, error = %e, "cannot move callers out of a leftover bridge");
@@ -2032,6 +2094,25 @@ impl Conference {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_names_lead_back_to_their_conference() {
+        let name = ConferenceName::parse("sales-42-7").expect("name");
+        let rec = recording_name(&name, 12);
+        assert_eq!(recording_conference(&rec), Some(name));
+        for other in [
+            "",
+            "confroute-",
+            "confroute-sales-12",
+            "confroute-sales-x-0000abcd",
+            "confroute-sales-12-abcd",
+            "confroute-sales-12-0000abcg",
+            "voicemail-sales-12-0000abcd",
+            "confroute--12-0000abcd",
+        ] {
+            assert_eq!(recording_conference(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn failed_dialouts_report_twilio_call_statuses() {

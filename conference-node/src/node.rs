@@ -879,6 +879,17 @@ impl Node {
                     self.send(&name, Msg::BridgeGone { bridge: bridge.id }, false);
                 }
             }
+            Event::RecordingFinished { recording } => {
+                if let Some(name) = conference::recording_conference(&recording.name) {
+                    self.send(
+                        &name,
+                        Msg::RecordingFinished {
+                            name: recording.name,
+                        },
+                        false,
+                    );
+                }
+            }
             Event::RecordingFailed { recording } => {
                 tracing::warn!(recording = %recording.name, "conference recording failed");
             }

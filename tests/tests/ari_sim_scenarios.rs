@@ -1774,3 +1774,101 @@ async fn held_requests_go_on_in_the_order_they_came() {
         );
     }
 }
+
+/// A bridge's music and recording are lonely members (an Announcer and a Recorder channel,
+/// `bridge_moh_create` in res_stasis.c and `ast_ari_bridges_record`): when the last other
+/// member leaves, `bridge_channel_dissolve_check` (main/bridge.c) makes them leave too, so
+/// the music stops for good and the recording finishes. A channel added again to the bridge
+/// it is in departs it first (`control_swap_channel_in_bridge`), which counts as leaving.
+#[tokio::test]
+async fn the_last_member_leaving_takes_the_music_and_the_recording_along() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = caller(&sim, &mut ws, "lonely").await;
+    let b = caller(&sim, &mut ws, "lonely").await;
+    ok(&c, "POST", "/bridges/hold-1?type=holding").await;
+    ok(&c, "POST", "/bridges/hold-1/moh?mohClass=jazz").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/hold-1/addChannel?channel={a}"),
+    )
+    .await;
+    ws.until(WAIT, is("ChannelEnteredBridge"))
+        .await
+        .expect("entered");
+    let moh = |sim: &AriSim| sim.snapshot().bridge("hold-1").and_then(|b| b.moh.clone());
+    assert_eq!(moh(&sim).as_deref(), Some("jazz"));
+    // Added again to the bridge it is in, the only member leaves it first: no more music.
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/hold-1/addChannel?channel={a}"),
+    )
+    .await;
+    expect_seq(
+        &mut ws,
+        is("ChannelEnteredBridge"),
+        &["ChannelLeftBridge", "ChannelEnteredBridge"],
+    )
+    .await;
+    assert_eq!(moh(&sim), None, "the music left with the last member");
+    // Started again, it stays while another member remains.
+    ok(&c, "POST", "/bridges/hold-1/moh?mohClass=jazz").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/hold-1/addChannel?channel={b}"),
+    )
+    .await;
+    ws.until(WAIT, is("ChannelEnteredBridge"))
+        .await
+        .expect("entered");
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/hold-1/removeChannel?channel={a}"),
+    )
+    .await;
+    ws.until(WAIT, is("ChannelLeftBridge")).await.expect("left");
+    assert_eq!(moh(&sim).as_deref(), Some("jazz"), "one member is left");
+
+    // A recording of a mixing bridge finishes when its last member leaves.
+    ok(&c, "POST", "/bridges/mix-1?type=mixing").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/mix-1/addChannel?channel={a}"),
+    )
+    .await;
+    ws.until(WAIT, is("ChannelEnteredBridge"))
+        .await
+        .expect("entered");
+    ok(
+        &c,
+        "POST",
+        "/bridges/mix-1/record?name=lonely-rec&format=wav",
+    )
+    .await;
+    ws.until(WAIT, is("RecordingStarted"))
+        .await
+        .expect("recording");
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/mix-1/removeChannel?channel={a}"),
+    )
+    .await;
+    let evs = expect_seq(
+        &mut ws,
+        is("RecordingFinished"),
+        &["ChannelLeftBridge", "RecordingFinished"],
+    )
+    .await;
+    assert_eq!(str_at(&evs[1], "/recording/name"), "lonely-rec");
+    assert!(sim
+        .snapshot()
+        .bridge("mix-1")
+        .is_some_and(|b| b.recording.is_none()));
+}

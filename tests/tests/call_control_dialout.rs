@@ -54,7 +54,10 @@ async fn dialout_outcomes_have_their_exact_status_sequences() {
         .channel(&callid)
         .expect("the callee's channel has the call id");
     assert_eq!(callee.bridge.as_deref(), Some(bridge.as_str()));
-    assert!(callee.bridge_mute, "options.muted applied");
+    assert!(
+        callee.muted_in && !callee.bridge_mute,
+        "options.muted applied"
+    );
     assert_eq!(callee.caller_number, "+15550000");
     assert_eq!(
         originates(sim),

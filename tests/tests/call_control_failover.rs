@@ -199,7 +199,7 @@ async fn a_restarted_agent_keeps_its_participants_options() {
         for ch in [&muted, &moderator, &other] {
             wait_bridged(sim, ch).await;
         }
-        assert!(sim.snapshot().channel(&muted).expect("muted").bridge_mute);
+        assert!(sim.snapshot().channel(&muted).expect("muted").muted_in);
         (muted, moderator, other)
     };
     // Call control hands the end-on-exit role from the moderator to the other caller.
@@ -292,7 +292,7 @@ async fn a_restarted_agent_keeps_its_dial_out_callees_options() {
             .snapshot()
             .channel(&callee)
             .expect("callee")
-            .bridge_mute,
+            .muted_in,
         "options.muted applied"
     );
 
@@ -312,7 +312,7 @@ async fn a_restarted_agent_keeps_its_dial_out_callees_options() {
     assert_eq!(muted_of(&caller), Some(json!(false)), "{list}");
     let snap = c.node(&owner).sim.snapshot();
     assert!(
-        snap.channel(&callee).expect("callee").bridge_mute,
+        snap.channel(&callee).expect("callee").muted_in,
         "still muted in Asterisk"
     );
 }

@@ -221,8 +221,19 @@ async fn every_method_works_through_any_controller() {
         s.channel(&a).is_some_and(|c| !c.muted_in)
     })
     .await;
-    // One who joined muted (addChannel mute) is unmuted in the bridge as well.
-    assert!(sim.snapshot().channel(&m).is_some_and(|c| c.bridge_mute));
+    // One who joined muted is muted on the channel, as a mute command does (a bridge mute
+    // would have to be taken off by adding it to its bridge again).
+    assert!(sim
+        .snapshot()
+        .channel(&m)
+        .is_some_and(|c| c.muted_in && !c.bridge_mute));
+    let adds = |sim: &confroute_tests::ari_sim::AriSim| {
+        sim.request_log()
+            .iter()
+            .filter(|r| r.operation.as_deref() == Some("addChannel"))
+            .count()
+    };
+    let adds_before = adds(sim);
     ws.ok("participant.unmute", who(&m)).await;
     until(sim, "m unmuted in the bridge", |s| {
         s.channel(&m).is_some_and(|c| {
@@ -230,6 +241,7 @@ async fn every_method_works_through_any_controller() {
         })
     })
     .await;
+    assert_eq!(adds(sim), adds_before, "unmuted without being added again");
     let list = ws.ok("participant.list", room.clone()).await;
     assert_eq!(participant(&list, &m)["muted"], false);
 
@@ -580,9 +592,9 @@ async fn a_waiter_held_before_the_start_joins_the_mix_on_unhold() {
     // Unheld, it joins the mix, still muted, and waits no more.
     assert_eq!(ws.ok("participant.unhold", who).await, json!({}));
     until(sim, "the waiter in the mix, holding bridge gone", |snap| {
-        snap.channel(&w)
-            .is_some_and(|ch| ch.bridge.as_deref() == Some(main.as_str()) && ch.bridge_mute)
-            && snap.bridge(&holding).is_none()
+        snap.channel(&w).is_some_and(|ch| {
+            ch.bridge.as_deref() == Some(main.as_str()) && ch.muted_in && !ch.bridge_mute
+        }) && snap.bridge(&holding).is_none()
     })
     .await;
     let list = ws.ok("participant.list", room).await;
@@ -1673,4 +1685,105 @@ async fn the_hold_a_callers_phone_put_on_survives_a_move() {
     sim.release_operation("answer addChannel");
     moved.await.expect("the move's answer");
     wait_held_by(&mut ws, "from-h", &a, json!(["caller"])).await;
+}
+
+/// Asterisk's bridge music is a lonely member of the holding bridge that leaves with the
+/// last caller in it, and adding a channel to the bridge it is in makes it leave first. A
+/// caller who joined muted, alone on hold, is unmuted without being added again: the
+/// music plays on. Before, the unmute added it to its bridge again (to lift a bridge mute)
+/// and, against Asterisk, left it in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_alone_on_hold_music_keeps_it_when_unmuted() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "lone-music").await;
+    let sim = &c.node(&owner).sim;
+    let s = dial(sim, "lone-music", &[]).await;
+    let main = wait_bridged(sim, &s).await;
+    let m = dial(sim, "lone-music", &[("CONFROUTE_MUTED", "true")]).await;
+    assert_eq!(wait_bridged(sim, &m).await, main);
+    let mut ws = c.client(0).await;
+    let who = json!({"conference": "lone-music", "participant": m});
+    assert_eq!(ws.ok("participant.hold", who.clone()).await, json!({}));
+    let holding = main.replacen("cr-", "crh-", 1);
+    until(sim, "m alone on hold with music", |snap| {
+        snap.channel(&m).and_then(|c| c.bridge.as_deref()) == Some(holding.as_str())
+            && snap.bridge(&holding).is_some_and(|b| b.moh.is_some())
+    })
+    .await;
+    assert_eq!(ws.ok("participant.unmute", who).await, json!({}));
+    until(sim, "m unmuted", |snap| {
+        snap.channel(&m)
+            .is_some_and(|c| !c.muted_in && !c.bridge_mute)
+    })
+    .await;
+    let snap = sim.snapshot();
+    assert_eq!(
+        snap.channel(&m).and_then(|c| c.bridge.clone()),
+        Some(holding.clone())
+    );
+    assert!(
+        snap.bridge(&holding).is_some_and(|b| b.moh.is_some()),
+        "still hearing the music: {snap:#?}"
+    );
+}
+
+/// A recording is a lonely member of the mixing bridge too: it ends when the last
+/// participant in the mix leaves it, here for the holding bridge. The conference records on
+/// in a new file once someone is in the mix again, and its last caller hanging up makes no
+/// new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_ended_by_an_emptied_mix_goes_on_in_a_new_file() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "rec-hold").await;
+    let sim = &c.node(&owner).sim;
+    let a = dial(
+        sim,
+        "rec-hold",
+        &[("CONFROUTE_RECORD", "record-from-start")],
+    )
+    .await;
+    let main = wait_bridged(sim, &a).await;
+    let target = format!("bridge:{main}");
+    let recording_started = |from: usize| {
+        let target = target.clone();
+        async move {
+            sim.wait_for_event_after(from, WAIT, |e| {
+                e["type"] == "RecordingStarted" && e["recording"]["target_uri"] == target.as_str()
+            })
+            .await
+            .and_then(|e| e["recording"]["name"].as_str().map(str::to_string))
+        }
+    };
+    let first = recording_started(0).await.expect("recording started");
+    let mut ws = c.client(0).await;
+    let who = json!({"conference": "rec-hold", "participant": a});
+    let mark = sim.event_count();
+    assert_eq!(ws.ok("participant.hold", who.clone()).await, json!({}));
+    sim.wait_for_event_after(mark, WAIT, |e| {
+        e["type"] == "RecordingFinished" && e["recording"]["name"] == first.as_str()
+    })
+    .await
+    .expect("the recording left with the last participant in the mix");
+    let mark = sim.event_count();
+    assert_eq!(ws.ok("participant.unhold", who).await, json!({}));
+    let second = recording_started(mark).await.expect("recording on");
+    assert_ne!(second, first);
+    assert!(second.starts_with("confroute-rec-hold-"), "{second}");
+    until(sim, "the mix recorded again", |snap| {
+        snap.bridge(&main)
+            .is_some_and(|b| b.recording.as_deref() == Some(second.as_str()))
+    })
+    .await;
+
+    // The last caller hangs up: the recording ends with the conference, and no new one.
+    let mark = sim.event_count();
+    sim.hangup_far_end(&a, 16).await.expect("hang up");
+    until(sim, "bridges gone", |snap| snap.bridges.is_empty()).await;
+    let again = sim
+        .event_log()
+        .iter()
+        .skip(mark)
+        .filter(|e| e["type"] == "RecordingStarted")
+        .count();
+    assert_eq!(again, 0, "no recording after the last caller left");
 }

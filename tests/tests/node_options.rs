@@ -83,7 +83,7 @@ async fn muted_profile_and_overrides_with_bad_values_logged() {
         wait_bridged(&s.sim, ch).await;
     }
     let snap = s.sim.snapshot();
-    let muted = |ch: &str| snap.channel(ch).expect("channel").bridge_mute;
+    let muted = |ch: &str| snap.channel(ch).expect("channel").muted_in;
     assert!(muted(&listener), "profile listener joins muted");
     assert!(!muted(&talker));
     assert!(muted(&forced), "CONFROUTE_MUTED=yes");
@@ -109,7 +109,7 @@ async fn options_are_read_with_get_channel_var_without_channelvars() {
     )
     .await;
     assert_main(&wait_bridged(&sim, &ch).await, 1, "novars");
-    assert!(sim.snapshot().channel(&ch).expect("channel").bridge_mute);
+    assert!(sim.snapshot().channel(&ch).expect("channel").muted_in);
     assert!(ops(&sim, "getChannelVar") >= 2);
 }
 
@@ -167,9 +167,9 @@ async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
         "the starter enters first, then the waiters move"
     );
     let snap = s.sim.snapshot();
-    assert!(!snap.channel(&w1).expect("w1").bridge_mute);
+    assert!(!snap.channel(&w1).expect("w1").muted_in);
     assert!(
-        snap.channel(&w2).expect("w2").bridge_mute,
+        snap.channel(&w2).expect("w2").muted_in,
         "a muted waiter stays muted in the conference"
     );
     // A later caller with startConferenceOnEnter=false joins the started conference directly.
@@ -583,17 +583,26 @@ async fn max_participants_refuses_the_next_caller_with_a_sound_then_busy() {
     );
 }
 
+/// `record-from-start` records the mixing bridge from the start; a conference ended while
+/// others are still in it (its moderator leaving, `endConferenceOnExit`) has its recording
+/// stopped before its bridge goes. A conference's last caller hanging up takes the
+/// recording along by itself (a lonely bridge member in Asterisk), and no new one starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_from_start_records_the_bridge_until_the_end() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let a = dial(
         &s.sim,
         "rec-room",
-        &[("CONFROUTE_RECORD", "record-from-start")],
+        &[
+            ("CONFROUTE_RECORD", "record-from-start"),
+            ("CONFROUTE_END_ON_EXIT", "true"),
+        ],
     )
     .await;
     let bridge = wait_bridged(&s.sim, &a).await;
     assert_main(&bridge, 1, "rec-room");
+    let b = dial(&s.sim, "rec-room", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &b).await, bridge);
     let target = format!("bridge:{bridge}");
     let started = s
         .sim
@@ -627,6 +636,40 @@ async fn record_from_start_records_the_bridge_until_the_end() {
         stop.is_some() && stop < destroy,
         "recording stopped before the bridge went: {log:#?}"
     );
+
+    // Alone, the last caller hanging up ends the recording itself.
+    let c = dial(
+        &s.sim,
+        "rec-room-2",
+        &[("CONFROUTE_RECORD", "record-from-start")],
+    )
+    .await;
+    let bridge = wait_bridged(&s.sim, &c).await;
+    let target = format!("bridge:{bridge}");
+    let started = s
+        .sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "RecordingStarted" && e["recording"]["target_uri"] == target.as_str()
+        })
+        .await
+        .expect("recording started");
+    let mark = s.sim.event_count();
+    s.sim.hangup_far_end(&c, 16).await.expect("leave");
+    s.sim
+        .wait_for_event_after(mark, WAIT, |e| {
+            e["type"] == "RecordingFinished"
+                && e["recording"]["name"] == started["recording"]["name"]
+        })
+        .await
+        .expect("recording finished");
+    until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
+    let restarted = s
+        .sim
+        .event_log()
+        .iter()
+        .skip(mark)
+        .any(|e| e["type"] == "RecordingStarted");
+    assert!(!restarted, "no recording after the last caller left");
 }
 
 type Received = Arc<Mutex<Vec<HashMap<String, String>>>>;

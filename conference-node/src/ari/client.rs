@@ -343,6 +343,19 @@ impl AriClient {
             .await
     }
 
+    /// `GET /bridges/{id}`; `None` on 404.
+    pub async fn get_bridge(&self, id: &str) -> Result<Option<Bridge>, AriError> {
+        let path = format!("/bridges/{}", encode(id));
+        match self
+            .call_json::<Bridge>("getBridge", Method::Get, &path, &[])
+            .await
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET /channels/{id}`: whether the channel still exists (`false` on 404).
     pub async fn channel_exists(&self, channel: &str) -> Result<bool, AriError> {
         let path = format!("/channels/{}", encode(channel));
@@ -363,18 +376,10 @@ impl AriClient {
     }
 
     /// `POST /bridges/{id}/addChannel` with one or more channels (moved from any other bridge).
-    pub async fn add_channels(
-        &self,
-        bridge: &str,
-        channels: &[&str],
-        mute: bool,
-    ) -> Result<(), AriError> {
+    pub async fn add_channels(&self, bridge: &str, channels: &[&str]) -> Result<(), AriError> {
         let path = format!("/bridges/{}/addChannel", encode(bridge));
         let list = channels.join(",");
-        let mut q = vec![("channel", list.as_str())];
-        if mute {
-            q.push(("mute", "true"));
-        }
+        let q = [("channel", list.as_str())];
         self.call("addChannel", Method::Post, &path, &q)
             .await
             .map(drop)

@@ -216,6 +216,11 @@ pub enum Event {
         /// The playback.
         playback: Playback,
     },
+    /// A recording finished: stopped, or ended by Asterisk.
+    RecordingFinished {
+        /// The recording.
+        recording: LiveRecording,
+    },
     /// A recording failed.
     RecordingFailed {
         /// The recording.

@@ -2,9 +2,10 @@
 //! [`crate::control`]): list, end, play, mute, hold, kick, DTMF, move, update and dial-out.
 //!
 //! - Mute is ARI's channel mute in direction `in`: the participant hears the conference
-//!   but is not heard. A participant who joined muted has addChannel's bridge `mute` as
-//!   well, a bridge feature that only a new addChannel clears, so unmuting adds it to its
-//!   bridge again without it.
+//!   but is not heard, in whichever bridge it is. A caller who joins muted is muted the
+//!   same way, never with addChannel's bridge `mute`, which only adding the channel again
+//!   takes off; and adding a channel to the bridge it is in makes it leave first, taking a
+//!   lone member's wait music or the recording along (lonely bridge members in Asterisk).
 //! - Hold is Twilio's: the participant leaves the mix and hears music. ARI's channel
 //!   `hold` only indicates hold to the far end (chan_pjsip then plays music locally) and
 //!   leaves the channel's audio in the mixing bridge, so the others would still hear it;
@@ -271,23 +272,11 @@ impl Conference {
         if p.muted == on {
             return Ok(json!({}));
         }
-        let bridge_muted = p.bridge_muted;
-        let bridge = if p.waiting || p.held {
-            self.holding.clone()
-        } else {
-            self.main.clone()
-        };
         self.node
             .ari
             .mute(ch, "in", on)
             .await
             .map_err(|e| ari_failure(ch, &e))?;
-        if !on && bridge_muted {
-            self.node.stop_playbacks(ch).await;
-            self.bridge_add(&bridge, &[ch], false)
-                .await
-                .map_err(|e| ari_failure(ch, &e))?;
-        }
         let ari = &self.node.ari;
         // Asterisk shows no mute that an agent restarted later could read back; the
         // variable a caller joins muted with can say it instead.
@@ -297,9 +286,6 @@ impl Conference {
         }
         if let Some(p) = self.participants.get_mut(ch) {
             p.muted = on;
-            if !on {
-                p.bridge_muted = false;
-            }
         }
         let status = if on {
             "participant-mute"
@@ -349,7 +335,6 @@ impl Conference {
             p.held = on;
             if to_mix {
                 p.waiting = false;
-                p.bridge_muted = p.muted;
             }
             // The phone's own hold keeps the callback's one `Hold` state as it was.
             told = !p.caller_held;

@@ -93,9 +93,6 @@ impl Conference {
         };
         match moved {
             Ok(()) => {
-                if let Some(p) = self.participants.get_mut(id).filter(|_| !holding) {
-                    p.bridge_muted = p.muted;
-                }
                 self.node
                     .metrics
                     .reconcile_actions

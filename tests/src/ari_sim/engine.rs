@@ -1315,6 +1315,19 @@ impl State {
         if b.channels.len() == before {
             return;
         }
+        // The bridge's music and recording are channels of their own (an Announcer and a
+        // Recorder) pushed with AST_BRIDGE_CHANNEL_FLAG_LONELY (`bridge_moh_create` in
+        // res_stasis.c, `ast_ari_bridges_record`): when the last other member leaves,
+        // `bridge_channel_dissolve_check` (main/bridge.c) makes them leave too. The music is
+        // forgotten with its channel (`moh_after_bridge_cb`) and the recording ends. A channel
+        // added again to the bridge it is in departs it first, so that counts as leaving.
+        let emptied = b.channels.is_empty();
+        let rec = if emptied {
+            b.moh = None;
+            b.recording.clone()
+        } else {
+            None
+        };
         let app = match self.channels.get_mut(cid) {
             Some(ch) => {
                 ch.bridge = None;
@@ -1328,6 +1341,9 @@ impl State {
             .with("bridge", self.brg_json(bid));
         ev.bridges.push(bid.to_string());
         self.emit(core, ev);
+        if let Some(rec) = rec {
+            self.finish_recording(core, &rec, "done");
+        }
         if unsubscribe {
             if let Some(app) = app {
                 self.unsub_bridge(&app, bid);
