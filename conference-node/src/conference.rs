@@ -1925,7 +1925,10 @@ impl Conference {
             id: id.to_string(),
             ..Channel::default()
         });
-        let vars = crate::join::option_variables(&self.node, &channel).await;
+        let (vars, failed) = crate::join::option_variables(&self.node, &channel).await;
+        if let Some(e) = failed {
+            tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot read an adopted participant's options; the unread ones take their defaults");
+        }
         let (opts, warnings) =
             options::resolve(&self.node.cfg.conference, &self.node.cfg.profiles, &vars);
         for w in warnings {

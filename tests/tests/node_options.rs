@@ -1347,3 +1347,43 @@ async fn callbacks_are_signed_as_twilio_signs_them_when_an_auth_token_is_set() {
         assert_eq!(sig, &want, "{form:?}");
     }
 }
+
+/// Without `channelvars`, a caller's options are read from its channel. When Asterisk does
+/// not answer those reads, the caller is refused with a temporary failure (Q.850 34, SIP
+/// 503: the edge may try again), never admitted with defaults in place of its options (a
+/// listener who joins muted would be heard). The same for the conference's name when it
+/// is not an app argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_whose_options_cannot_be_read_is_refused_for_now() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim_with(&[]).await;
+    let node = NodeProc::start(
+        "node-a",
+        &env(&sim, &cfg, &[("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms")]),
+    )
+    .expect("node");
+    wait_app(&sim, &node).await;
+    sim.lose_operation("getChannelVar");
+    let listener = dial(&sim, "unread", &[("CONFROUTE_MUTED", "true")]).await;
+    assert_eq!(wait_hangup(&sim, &listener).await, 34);
+    let unnamed = dial(&sim, "", &[("CONFROUTE_CONFERENCE", "unread")]).await;
+    assert_eq!(wait_hangup(&sim, &unnamed).await, 34);
+    assert!(
+        sim.snapshot().bridges.is_empty(),
+        "nobody admitted: {:#?}",
+        sim.snapshot()
+    );
+    let m = fixtures::scrape(&node.http_url()).await;
+    assert_eq!(
+        fixtures::metric(&m, r#"confroute_node_joins_total{outcome="ari_error"}"#),
+        2.0
+    );
+    assert!(node.output().contains("cannot read the caller's options"));
+
+    // Asterisk answers again: the next caller gets in with its options.
+    sim.deliver_operation("getChannelVar");
+    let later = dial(&sim, "unread", &[("CONFROUTE_MUTED", "true")]).await;
+    wait_bridged(&sim, &later).await;
+    assert!(sim.snapshot().channel(&later).is_some_and(|c| c.muted_in));
+}

@@ -66,6 +66,12 @@ async fn rest(State(fake): State<Fake>, req: Request) -> Response {
         ("GET", "/ari/bridges") | ("GET", "/ari/channels") => {
             (StatusCode::OK, axum::Json(json!([]))).into_response()
         }
+        // No option variables set: Asterisk's answer for an unset variable.
+        ("GET", p) if p.starts_with("/ari/channels/") && p.ends_with("/variable") => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"message": "Provided variable was not found"})),
+        )
+            .into_response(),
         // Not what Asterisk would ever say: a proxy's HTML error page.
         ("POST", p) if p.starts_with("/ari/bridges/cr-1.") && p.ends_with("-room-503") => (
             StatusCode::SERVICE_UNAVAILABLE,

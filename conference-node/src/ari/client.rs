@@ -139,7 +139,10 @@ impl AriClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Under Asterisk's own keep-alive (http.conf `session_keep_alive`, 15 s by
+            // default), so the agent never sends a request on a connection Asterisk is
+            // closing as idle: that request would fail without reaching it.
+            .pool_idle_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| format!("building the ARI HTTP client: {e}"))?;
         Ok(AriClient {
@@ -519,6 +522,10 @@ impl AriClient {
             Err(e) if e.kind == AriErrorKind::NotFound && e.message.contains("variable") => {
                 Ok(None)
             }
+            // A function Asterisk cannot read for this channel (`PJSIP_HEADER` of a header
+            // the call did not carry) is answered 500 "Unable to read provided function"
+            // (`ast_ari_channels_get_channel_var`): nothing to read, not a failure.
+            Err(e) if e.kind == AriErrorKind::Server && variable.ends_with(')') => Ok(None),
             Err(e) => Err(e),
         }
     }
