@@ -1703,3 +1703,80 @@ async fn an_empty_to_tag_gets_a_400_with_the_to_as_sent() {
         "{empty}"
     );
 }
+
+/// An ACK is never answered, and one this server would refuse as a request changes nothing:
+/// from outside `sip.trusted_cidrs`, or malformed, it does not end the transaction of the
+/// answer it names (here seen by that answer still being resent, Timer G), and is counted.
+/// The caller's own ACK then does end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_or_malformed_ack_ends_no_transaction() {
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp,
+    } = stalled(
+        "1s",
+        &[("CONFROUTE_SIP__TRUSTED_CIDRS", "[\"127.0.0.1/32\"]")],
+    )
+    .await;
+    let msg = invite("sip:acked@router", udp.port(), "z9hG4bKacked", "");
+    udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    assert_eq!(status(&udp.recv()), 100);
+    let answer = udp.recv();
+    assert_eq!(status(&answer), 503, "{answer}");
+    let ack = ack_for(&msg, &answer);
+    // The same ACK from an address outside the ACL, and a malformed one from the caller.
+    let outsider = UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    outsider.send_to(ack.as_bytes(), udp.to).expect("send");
+    let malformed = ack.replace("CSeq: 1 ACK", "CSeq: 1 INVITE");
+    udp.socket
+        .send_to(malformed.as_bytes(), udp.to)
+        .expect("send");
+    assert_eq!(udp.recv(), answer, "still resent: the transaction goes on");
+    let url = controller.http_url();
+    let m = scrape(&url).await;
+    for reason in ["untrusted_ack", "malformed_ack"] {
+        let series = format!(r#"confroute_sip_dropped_total{{reason="{reason}"}}"#);
+        assert_eq!(metric(&m, &series), 1.0, "{series}");
+    }
+    udp.socket.send_to(ack.as_bytes(), udp.to).expect("send");
+    udp.silence(b"\r\n", Duration::from_millis(2500));
+    proxy.heal();
+}
+
+/// A configured conference header that is present but empty (an edge's unset variable) is
+/// an incomplete address, answered 484 as an empty user part is, and not read past to the
+/// Request-URI. A Via with an IPv6 address not in brackets has no port one can trust
+/// (`2001:db8::10` is not host `2001:db8:` at port 10): nothing can be answered to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_conference_header_is_incomplete_and_a_bare_ipv6_via_is_not_answered() {
+    let s = setup(&[("CONFROUTE_SIP__CONFERENCE_HEADER", "X-Conference")]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let a = udp.exchange(&invite(
+        "sip:sales-42@router",
+        udp.port(),
+        "z9hG4bKemptyhdr",
+        "X-Conference: \r\n",
+    ));
+    assert_eq!(status(&a), 484, "{a}");
+    assert!(
+        header(&a, "Warning").is_some_and(|w| w.contains("X-Conference header is empty")),
+        "{a}"
+    );
+    let bare = invite("sip:sales-42@router", udp.port(), "z9hG4bKbare6", "").replace(
+        &format!("SIP/2.0/UDP 127.0.0.1:{}", udp.port()),
+        "SIP/2.0/UDP 2001:db8::10",
+    );
+    udp.silence(bare.as_bytes(), Duration::from_millis(500));
+    let m = scrape(&s.controller.http_url()).await;
+    assert_eq!(
+        metric(&m, r#"confroute_sip_dropped_total{reason="no_via"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, r#"confroute_route_total{outcome="claimed"}"#),
+        0.0,
+        "nothing routed"
+    );
+}

@@ -298,7 +298,18 @@ impl SipService {
         let key = self.compact_key(transaction_key(&req, &via));
 
         if req.method == "ACK" {
-            // The ACK for our final answer ends the transaction; ACKs are never answered.
+            // ACKs are never answered; one this server would refuse as a request changes
+            // nothing either: an ACK from outside the ACL must not cut a transaction short.
+            if !self.trusts(source.ip()) {
+                return self.drop_packet("untrusted_ack");
+            }
+            if !req.version.eq_ignore_ascii_case("SIP/2.0")
+                || fault.is_some()
+                || malformed(&req, packet, transport).is_some()
+            {
+                return self.drop_packet("malformed_ack");
+            }
+            // The ACK for our final answer ends the transaction.
             self.transactions.ack(&key);
             self.metrics
                 .sip_requests
@@ -564,6 +575,16 @@ impl SipService {
         if !self.conference_header.is_empty() {
             let mut values = req.headers_named(&self.conference_header).map(str::trim);
             if let Some(v) = values.next() {
+                // Present but empty (an edge's variable that was not set): as incomplete an
+                // address as an empty user part, and not to be read past to the URI, which
+                // may name something else.
+                if v.is_empty() {
+                    self.router.record_invalid();
+                    return Target::Reject(
+                        Response::new(484, "Address Incomplete")
+                            .warning(&format!("the {} header is empty", self.conference_header)),
+                    );
+                }
                 // Two headers naming different conferences leave the call's room a guess
                 // (an edge adding its own beside the caller's): refused, not first-wins.
                 if values.any(|other| other != v) {

@@ -431,7 +431,9 @@ pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
     match s.rfind(':') {
         Some(i) => {
             let host = s[..i].trim_end();
-            if host.is_empty() {
+            // An IPv6 address must be bracketed (RFC 3261 §25.1 IPv6reference): read
+            // without, `2001:db8::10` would be host `2001:db8:` port 10.
+            if host.is_empty() || host.contains(':') {
                 return None;
             }
             Some((host, Some(s[i + 1..].trim_start().parse().ok()?)))
@@ -528,6 +530,25 @@ pub fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_sent_by_needs_its_brackets() {
+        assert_eq!(
+            split_host_port("[2001:db8::10]:5070"),
+            Some(("[2001:db8::10]", Some(5070)))
+        );
+        assert_eq!(
+            split_host_port("[2001:db8::10]"),
+            Some(("[2001:db8::10]", None))
+        );
+        assert_eq!(
+            split_host_port("10.0.0.1:5060"),
+            Some(("10.0.0.1", Some(5060)))
+        );
+        // Read without brackets it would be host `2001:db8:` at port 10.
+        assert_eq!(split_host_port("2001:db8::10"), None);
+        assert_eq!(split_host_port("::1"), None);
+    }
 
     const INVITE: &str = "INVITE sip:sales-42@router.example.com SIP/2.0\r\n\
         Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776asdhds;rport\r\n\
