@@ -381,7 +381,7 @@ async fn a_final_answer_after_100_trying_is_resent_over_udp_until_its_ack() {
     proxy.heal();
     // Routing works again once the controller's Redis connection is back: the conference is
     // homed over HTTP, so the INVITE below is a quick lookup.
-    let client = reqwest::Client::new();
+    let client = fixtures::http();
     confroute_tests::harness::wait_for_async(
         "routing to work again",
         Duration::from_secs(10),
@@ -1779,4 +1779,70 @@ async fn an_empty_conference_header_is_incomplete_and_a_bare_ipv6_via_is_not_ans
         0.0,
         "nothing routed"
     );
+}
+
+/// One TCP connection of an edge, Redis out of reach (its requests go unanswered) and known
+/// to be so (`/readyz` says it): as many INVITEs as a connection may have waiting on Redis
+/// (64) wait out the routing timeout, and the ones after them are answered 503 with
+/// Retry-After at once, so the stream behind them is read on (the OPTIONS at its end is
+/// answered before any of the waiting INVITEs is). Before, the connection was not read
+/// until a waiting INVITE gave up: 64 answers per timeout, the rest of the stream stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_full_of_invites_waiting_on_a_redis_known_down_gets_503_at_once() {
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp: _udp,
+    } = stalled("5s", &[]).await;
+    let ready = format!("{}/readyz", controller.http_url());
+    confroute_tests::harness::wait_for_async(
+        "readyz to say Redis is down",
+        Duration::from_secs(20),
+        || async {
+            let r = fixtures::http().get(&ready).send().await.ok()?;
+            (r.status().as_u16() == 503).then_some(())
+        },
+    )
+    .await
+    .expect("Redis known down");
+
+    let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+        .await
+        .expect("connect");
+    let tcp_invite = |i: usize| {
+        invite(
+            &format!("sip:down-{i}@router"),
+            5060,
+            &format!("z9hG4bKdown{i}"),
+            "",
+        )
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+    };
+    let mut batch = String::new();
+    for i in 0..100 {
+        batch.push_str(&tcp_invite(i));
+    }
+    batch.push_str(&options_tcp("z9hG4bKdownopt", "down-opt@test"));
+    tcp.write_all(batch.as_bytes()).await.expect("write");
+    let mut got = String::new();
+    read_until(&mut tcp, &mut got, |g| g.contains("CSeq: 1 OPTIONS")).await;
+    let answers: Vec<&str> = got.split("SIP/2.0 ").filter(|a| !a.is_empty()).collect();
+    let finals: Vec<&&str> = answers
+        .iter()
+        .filter(|a| a.starts_with("503") && a.contains("INVITE"))
+        .collect();
+    assert_eq!(finals.len(), 36, "the INVITEs past the 64 waiting: {got}");
+    assert!(finals.iter().all(|a| a.contains("Retry-After:")), "{got}");
+    // Only the 36 past the limit, and before any of the waiting ones is answered.
+    for i in 0..64 {
+        let call = format!("Call-ID: z9hG4bKdown{i}@test\r\n");
+        assert!(
+            !finals.iter().any(|a| a.contains(&call)),
+            "INVITE {i} waits on Redis: {got}"
+        );
+    }
+    let m = scrape(&controller.http_url()).await;
+    assert!(metric(&m, r#"confroute_route_total{outcome="redis_error"}"#) >= 36.0);
+    proxy.heal();
 }

@@ -52,6 +52,9 @@ struct How<'a> {
     transport: Transport,
     /// Answer only what the transaction table knows (INVITEs past `max_pending_invites`).
     known_only: bool,
+    /// Answer a new INVITE 503 at once, without routing (Redis is known to be out of reach
+    /// and as many INVITEs as may wait on it already do).
+    refuse_new: bool,
     /// A framing fault to answer with 400 (513 for the size) instead of handling the request.
     fault: Option<&'static str>,
     early: Option<&'a dyn Early>,
@@ -63,6 +66,7 @@ impl How<'_> {
         How {
             transport,
             known_only: false,
+            refuse_new: false,
             fault: None,
             early: None,
         }
@@ -244,6 +248,23 @@ impl SipService {
         self.handle_as(packet, source, how).await
     }
 
+    /// Whether the router last found Redis reachable.
+    pub fn redis_ok(&self) -> bool {
+        self.router.redis_ok()
+    }
+
+    /// [`SipService::handle`] for a stream request read while the connection's INVITEs
+    /// waiting on Redis are at their limit and Redis is known to be out of reach: a new
+    /// INVITE is answered 503 at once instead of waiting its turn to wait out the routing
+    /// deadline, so the stream behind it (ACKs, CANCELs, OPTIONS) is read on.
+    pub async fn handle_refusing(&self, packet: &[u8], source: SocketAddr) -> Option<Outgoing> {
+        let how = How {
+            refuse_new: true,
+            ..How::plain(Transport::Tcp)
+        };
+        self.handle_as(packet, source, how).await
+    }
+
     async fn handle_as(&self, packet: &[u8], source: SocketAddr, how: How<'_>) -> Option<Outgoing> {
         match message::parse(packet) {
             Err(ParseError::NotUtf8) => {
@@ -273,6 +294,7 @@ impl SipService {
         let How {
             transport,
             known_only,
+            refuse_new,
             fault,
             early,
         } = how;
@@ -348,6 +370,18 @@ impl SipService {
             match req.method {
                 "INVITE" if known_only && self.transactions.peek(&key).is_none() => {
                     return self.drop_packet("overloaded");
+                }
+                "INVITE" if refuse_new && self.transactions.peek(&key).is_none() => {
+                    self.metrics
+                        .routes
+                        .with_label_values(&["redis_error"])
+                        .inc();
+                    (
+                        Response::new(503, "Service Unavailable")
+                            .header("Retry-After", self.retry_after.clone())
+                            .warning("routing store unreachable"),
+                        tag(),
+                    )
                 }
                 "INVITE" => return self.invite(&req, &key, source, to, early, transport).await,
                 "OPTIONS" => match unsupported_requirements(&req) {

@@ -17,7 +17,8 @@ use crate::config::Transport;
 
 /// INVITEs of one TCP connection being routed at once (other requests are answered as they
 /// are read). Past it the connection is not read until answers are written, so a peer that
-/// sends without reading is held back by TCP instead of growing the controller's memory.
+/// sends without reading is held back by TCP instead of growing the controller's memory;
+/// while Redis is known to be out of reach, further INVITEs are answered 503 at once.
 const TCP_PENDING: usize = 64;
 
 /// Longest a TCP message may take to arrive once begun (RFC 3261 Timer B and F: its sender
@@ -506,9 +507,26 @@ async fn connection(
                     }
                 }
                 Frame::Message(len) => {
-                    let permit = tokio::select! {
-                        permit = pending.clone().acquire_owned() => permit,
-                        () = tx.closed() => break 'read,
+                    let permit = match pending.clone().try_acquire_owned() {
+                        Ok(p) => Ok(p),
+                        // Those waiting would only be joined by more waiting out the
+                        // routing deadline, one connection's worth per deadline, with the
+                        // rest of the stream unread: 503 now, and read on.
+                        Err(_) if !service.redis_ok() => {
+                            let message: Vec<u8> = buf.drain(..len).collect();
+                            scanned = 0;
+                            begun = None;
+                            if let Some(out) = service.handle_refusing(&message, peer).await {
+                                if tx.send(out.bytes).await.is_err() {
+                                    break 'read;
+                                }
+                            }
+                            continue;
+                        }
+                        Err(_) => tokio::select! {
+                            permit = pending.clone().acquire_owned() => permit,
+                            () = tx.closed() => break 'read,
+                        },
                     };
                     let Ok(permit) = permit else {
                         break 'read;
