@@ -1631,3 +1631,49 @@ async fn the_store_reads_redis_clock() {
     let theirs = store.time_ms().await.expect("time");
     assert!(theirs.abs_diff(ours) < 5_000, "{theirs} vs {ours}");
 }
+
+/// A node away from Redis past its lease comes back and claims again, at its own epoch, a
+/// conference it still hosts that meanwhile lived and ended on another node at a higher
+/// epoch. When that reclaimed life ends too, the next life of the name starts above both
+/// (the remembered ended epoch never goes down), so no (node, epoch) pair is used twice.
+#[tokio::test]
+async fn the_next_life_starts_above_every_ended_one() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    let short = Duration::from_millis(400);
+    store.register(&node("a", 10), short).await.expect("a");
+    store.register(&node("b", 10), LONG).await.expect("b");
+    let room = name("twice");
+    let first = store.claim(&room, &[id("a")]).await.expect("claim");
+    assert_eq!(first.owner, Some(owner("a", 1)));
+    gone(&store, "a").await;
+    let moved = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(moved.owner, Some(owner("b", 2)));
+    assert!(store.release(&room, &owner("b", 2)).await.expect("release"));
+
+    // a is back and still hosts its callers of the first life.
+    store.register(&node("a", 10), LONG).await.expect("a again");
+    let hosted = [Hosted {
+        name: room.clone(),
+        epoch: 1,
+        participants: 1,
+        count_version: 1,
+    }];
+    store
+        .heartbeat_reclaiming(&id("a"), &NodeLoad::default(), LONG, &hosted)
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
+        Some(owner("a", 1))
+    );
+    assert!(store.release(&room, &owner("a", 1)).await.expect("release"));
+
+    let next = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(next.kind, ClaimKind::Claimed);
+    assert_eq!(
+        next.owner,
+        Some(owner("b", 3)),
+        "above the b@2 life, not just above a@1"
+    );
+}

@@ -3,7 +3,7 @@
 -- the claim of the current one. The ended epoch is remembered for ARGV[6] ms (the
 -- conference lease) so that the next life of the name starts above it (claim.lua): a late
 -- release of this life, retried or delayed in the network, then cannot match the next one,
--- even on the same node.
+-- even on the same node. The remembered epoch only grows.
 -- KEYS[1] conference record, KEYS[2] conference index.
 -- ARGV[1] prefix, ARGV[2] name, ARGV[3] node id, ARGV[4] epoch, ARGV[5] "1" to
 -- release only a conference nobody is in (a claim made for a command that was refused may
@@ -14,7 +14,12 @@ local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'participants')
 if ARGV[5] == '1' and (tonumber(r[3]) or 0) > 0 then return 0 end
 if r[1] == ARGV[3] and r[2] == ARGV[4] then
   redis.call('DEL', KEYS[1])
-  redis.call('SET', ARGV[1] .. 'ended:' .. ARGV[2], ARGV[4], 'PX', ARGV[6])
+  -- Never lowered: a life an old owner reclaimed at its own epoch after the name had
+  -- lived on elsewhere ends below that one, and the next life must start above both.
+  local ended_key = ARGV[1] .. 'ended:' .. ARGV[2]
+  local before = tonumber(redis.call('GET', ended_key) or '0') or 0
+  local ended = math.max(before, tonumber(ARGV[4]) or 0)
+  redis.call('SET', ended_key, ended, 'PX', ARGV[6])
   redis.call('ZREM', KEYS[2], ARGV[2])
   redis.call('SREM', ARGV[1] .. 'node:' .. ARGV[3] .. ':confs', ARGV[2])
   return 1
