@@ -379,6 +379,10 @@ struct Conference {
     max_participants: u32,
     record: Record,
     recording: Option<String>,
+    /// Adopted started from Asterisk after a restart: a recording of the last life may be
+    /// under way under a name this life does not know (ARI lists no live recordings), so
+    /// none is started until Asterisk says it ended.
+    recording_inherited: bool,
     callbacks: Option<Callbacks>,
     /// The conference's settings as kept in Redis (none when they are the configured
     /// defaults), and whether the record has them.
@@ -419,6 +423,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         max_participants: 0,
         record: Record::DoNotRecord,
         recording: None,
+        recording_inherited: false,
         callbacks: None,
         settings: None,
         settings_saved: false,
@@ -470,6 +475,7 @@ impl Conference {
                 let owned = self
                     .reconcile(main, holding, &members, &listed, taken)
                     .await;
+                self.check_recording().await;
                 self.reconciled = Some((reply, owned));
             }
             Msg::End { reason } => self.end(reason, None).await,
@@ -555,6 +561,7 @@ impl Conference {
         self.holding_created = false;
         self.started = false;
         self.recording = None;
+        self.recording_inherited = false;
         self.beeps = 0;
         self.seq = 0;
         self.heard_of = false;
@@ -1031,6 +1038,7 @@ impl Conference {
             // Not the newcomer's settings: those of the conference it walks into.
             self.resume_settings().await;
             self.started = members.iter().any(|(_, waiting)| !waiting) || !holding_found;
+            self.recording_inherited = self.started;
             let none = HashMap::new();
             let adopted = members
                 .iter()
@@ -1101,7 +1109,7 @@ impl Conference {
 
     /// Starts recording the mixing bridge, unless a recording of it is under way.
     async fn start_recording(&mut self) {
-        if self.recording.is_some() || !self.main_created {
+        if self.recording.is_some() || self.recording_inherited || !self.main_created {
             return;
         }
         let name = recording_name(&self.name, self.epoch);
@@ -1125,6 +1133,24 @@ impl Conference {
         }
     }
 
+    /// Reconciliation: a recording whose end was lost with the events WebSocket is taken as
+    /// ended (and the conference records on).
+    async fn check_recording(&mut self) {
+        let Some(name) = self.recording.clone() else {
+            return;
+        };
+        match self.node.ari.live_recording_exists(&name).await {
+            Ok(false) => {
+                tracing::warn!(conference = %self.name, recording = %name, "the recording ended unseen");
+                self.recording_finished(&name).await;
+            }
+            Ok(true) => {}
+            Err(e) => {
+                tracing::debug!(conference = %self.name, error = %e, "cannot look at the recording")
+            }
+        }
+    }
+
     /// Records the mix again after someone was added to it, if the conference records and
     /// its recording ended meanwhile (see [`Conference::recording_finished`]).
     async fn record_on(&mut self) {
@@ -1141,10 +1167,13 @@ impl Conference {
     /// the mix is empty, which is also how a conference's last caller hanging up looks at
     /// this point (its leave comes after).
     async fn recording_finished(&mut self, name: &str) {
-        if self.recording.as_deref() != Some(name) {
+        let inherited =
+            self.recording_inherited && recording_conference(name).as_ref() == Some(&self.name);
+        if self.recording.as_deref() != Some(name) && !inherited {
             return;
         }
         self.recording = None;
+        self.recording_inherited = false;
         if !self.started || self.phase == Phase::Idle || self.record != Record::RecordFromStart {
             return;
         }
@@ -1156,8 +1185,10 @@ impl Conference {
             Ok(_) => {
                 tracing::info!(conference = %self.name, recording = %name, "recording ended by Asterisk as the mix emptied; the next participant in the mix starts a new file");
             }
+            // Better a file begun in an empty mix than the rest of the conference lost.
             Err(e) => {
-                tracing::warn!(conference = %self.name, error = %e, "cannot look at the conference bridge; the next participant in the mix starts a new recording file");
+                tracing::warn!(conference = %self.name, error = %e, "cannot look at the conference bridge; recording on in a new file");
+                self.start_recording().await;
             }
         }
     }
@@ -1807,6 +1838,7 @@ impl Conference {
                 self.holding_created = true;
             }
             self.started = !in_main.is_empty() || holding.is_none();
+            self.recording_inherited = self.started;
             for (ids, waiting) in [(&in_main, false), (&in_holding, true)] {
                 let adopted = ids.iter().map(|id| self.adopted(id, members, waiting));
                 for (id, p) in futures_util::future::join_all(adopted).await {
@@ -1913,8 +1945,9 @@ impl Conference {
     }
 
     /// A participant found in one of the conference's bridges after a restart, with the
-    /// options its channel variables give, as when it joined. Joined muted, it was added to
-    /// the bridge muted, so an unmute must take that off too.
+    /// options its channel variables give, as when it joined. Muted, it is muted on its
+    /// channel again (a no-op when it is already): an agent before this one muted joiners
+    /// with addChannel's bridge mute only, which the next move between bridges drops.
     async fn adopted(
         &self,
         id: &str,
@@ -1935,6 +1968,11 @@ impl Conference {
             tracing::warn!(conference = %self.name, channel = id, variable = w.variable, "{}", w.message);
         }
         let muted = opts.muted;
+        if muted {
+            if let Err(e) = self.node.ari.mute(id, "in", true).await {
+                tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot mute an adopted participant on its channel");
+            }
+        }
         // Only a caller still in the holding bridge is on hold: one found in the mix was
         // taken off hold before the variable could say so.
         let held = waiting

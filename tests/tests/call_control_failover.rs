@@ -464,3 +464,80 @@ async fn a_restart_does_not_start_again_a_conference_whose_callers_are_all_held(
         "started again: {events:#?}"
     );
 }
+
+/// A restarted agent adopts a conference whose recording the last life started: ARI lists
+/// no live recordings, so it cannot know that one is under way, and starts none beside it
+/// when callers join. Once Asterisk ends that recording (the mix emptied: its only caller
+/// put on hold), the conference records on in a new file as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_starts_no_second_recording_beside_the_last_lifes() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "rec-kept").await;
+    let (a, main) = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(
+            sim,
+            "rec-kept",
+            &[("CONFROUTE_RECORD", "record-from-start")],
+        )
+        .await;
+        let main = wait_bridged(sim, &a).await;
+        sim.wait_for_event(WAIT, |e| e["type"] == "RecordingStarted")
+            .await
+            .expect("recording started");
+        (a, main)
+    };
+    // The conference's settings (record-from-start) are in Redis for the next life.
+    let store = confroute_tests::fixtures::store(&c.cfg);
+    let room = confroute_shared::name::ConferenceName::parse("rec-kept").expect("name");
+    wait_for_async("the settings kept", WAIT, || async {
+        store
+            .conference_settings(&room)
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| s.contains("record-from-start"))
+            .map(drop)
+    })
+    .await
+    .expect("settings kept");
+    restart_and_readopt(&mut c, &owner, 1).await;
+    let sim = &c.node(&owner).sim;
+    // Recordings started since event `from` (an event is logged once per application
+    // that got it).
+    let started = |from: usize| {
+        sim.event_log()
+            .iter()
+            .skip(from)
+            .filter(|e| e["type"] == "RecordingStarted")
+            .filter_map(|e| e["recording"]["name"].as_str().map(str::to_string))
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    let mark = sim.event_count();
+    let b = dial(sim, "rec-kept", &[]).await;
+    assert_eq!(wait_bridged(sim, &b).await, main);
+    wait_listed(&c.node(&owner).proc.http_url(), &b)
+        .await
+        .expect("b in");
+    assert_eq!(started(mark), 0, "the last life's recording goes on alone");
+    assert_eq!(
+        sim.snapshot().bridge(&main).map(|b| b.recording.is_some()),
+        Some(true)
+    );
+
+    // b leaves and a is held: the mix empties and Asterisk ends the recording.
+    sim.hangup_far_end(&b, 16).await.expect("b leaves");
+    let mut ws = c.client(0).await;
+    let who = json!({"conference": "rec-kept", "participant": a});
+    let mark = sim.event_count();
+    assert_eq!(ws.ok("participant.hold", who.clone()).await, json!({}));
+    sim.wait_for_event_after(mark, WAIT, |e| e["type"] == "RecordingFinished")
+        .await
+        .expect("the recording ended with the mix");
+    assert_eq!(ws.ok("participant.unhold", who).await, json!({}));
+    sim.wait_for_event_after(mark, WAIT, |e| e["type"] == "RecordingStarted")
+        .await
+        .expect("recording on in a new file");
+    assert_eq!(started(mark), 1);
+}

@@ -318,15 +318,7 @@ impl AriClient {
 
     /// `GET /bridges/{id}`: whether the bridge exists (`false` on 404).
     pub async fn bridge_exists(&self, id: &str) -> Result<bool, AriError> {
-        let path = format!("/bridges/{}", encode(id));
-        match self
-            .call_json::<Bridge>("getBridge", Method::Get, &path, &[])
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.get_bridge(id).await.map(|b| b.is_some())
     }
 
     /// `DELETE /bridges/{id}`; a bridge already gone is fine, and so is one already being
@@ -525,7 +517,13 @@ impl AriClient {
             // A function Asterisk cannot read for this channel (`PJSIP_HEADER` of a header
             // the call did not carry) is answered 500 "Unable to read provided function"
             // (`ast_ari_channels_get_channel_var`): nothing to read, not a failure.
-            Err(e) if e.kind == AriErrorKind::Server && variable.ends_with(')') => Ok(None),
+            Err(e)
+                if e.status == Some(500)
+                    && e.message.contains("Unable to read provided function")
+                    && variable.ends_with(')') =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -597,6 +595,19 @@ impl AriClient {
         match self.call("stopPlayback", Method::Delete, &path, &[]).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /recordings/live/{name}`: whether the recording is still under way.
+    pub async fn live_recording_exists(&self, name: &str) -> Result<bool, AriError> {
+        let path = format!("/recordings/live/{}", encode(name));
+        match self
+            .call_json::<serde_json::Value>("getLive", Method::Get, &path, &[])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }

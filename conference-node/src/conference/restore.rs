@@ -33,6 +33,7 @@ impl Conference {
         let started = self.started;
         let mut to_holding = Vec::new();
         let mut to_main = Vec::new();
+        let mut unwaited = Vec::new();
         for (id, p) in &self.participants {
             // The listing may predate its join or its last move (sent, or answered since).
             if p.since >= taken || p.placed_at >= taken || p.moving || p.redirected {
@@ -43,20 +44,27 @@ impl Conference {
                 if mixed {
                     to_holding.push(id.clone());
                 }
-            } else if holding || (mixed && p.waiting) {
-                // A waiter of a started conference found in the mix got there by a start's
-                // move Asterisk carried out late, with the mute flag of that moment: added
-                // again, it has the bridge mute its current mute calls for.
+            } else if holding {
                 to_main.push(id.clone());
+            } else if mixed && p.waiting {
+                // A waiter of a started conference found in the mix got there by a start's
+                // move Asterisk carried out late. It is where it belongs, its mute on its
+                // channel: it only stops waiting. (Adding it again would make it leave
+                // first, ending the recording were it alone in the mix.)
+                unwaited.push(id.clone());
             }
         }
-        if to_holding.is_empty() && to_main.is_empty() {
+        for id in &unwaited {
+            if let Some(p) = self.participants.get_mut(id) {
+                p.waiting = false;
+            }
+        }
+        if to_holding.is_empty() && to_main.is_empty() && unwaited.is_empty() {
             return;
         }
         for id in &to_holding {
             self.restore_one(id, true).await;
         }
-        let mut unwaited = Vec::new();
         for id in &to_main {
             if self.restore_one(id, false).await {
                 if let Some(p) = self.participants.get_mut(id).filter(|p| p.waiting) {
