@@ -32,6 +32,12 @@ use crate::node::{ConferenceView, Node, ParticipantView};
 use crate::options::{self, CallbackEvent, Options, Record};
 use crate::webhook::{Callbacks, ParticipantFields, Reservations};
 
+/// How long a participant redirected to another node may still be seen here before the
+/// redirect counts as refused: an answered call is moved with a REFER, which its phone or
+/// trunk may refuse, and ARI reports nothing of it (`app_control_redirect` ignores the
+/// outcome); a transfer that went through ends the channel within seconds.
+pub const REDIRECT_GRACE: Duration = Duration::from_secs(10);
+
 /// Q.850 cause for a caller the conference cannot take now: switching congestion (SIP 503),
 /// so the edge can try again through the router.
 pub const CAUSE_UNAVAILABLE: u16 = 34;
@@ -303,6 +309,8 @@ struct Participant {
     moving: bool,
     /// Redirected to another node: its hangup is a move, not a leave.
     redirected: bool,
+    /// When it was redirected, and to which conference (see [`REDIRECT_GRACE`]).
+    redirect: Option<(Instant, ConferenceName)>,
     /// Caller id number.
     caller: String,
     /// Channel technology (`PJSIP`), for redirects.
@@ -326,6 +334,7 @@ impl Participant {
             talking: false,
             moving: false,
             redirected: false,
+            redirect: None,
             caller,
             tech: "PJSIP".to_string(),
             joined_ms: now_ms(),
@@ -476,6 +485,7 @@ impl Conference {
                     .reconcile(main, holding, &members, &listed, taken)
                     .await;
                 self.check_recording().await;
+                self.check_redirects(&listed, taken);
                 self.reconciled = Some((reply, owned));
             }
             Msg::End { reason } => self.end(reason, None).await,
@@ -1130,6 +1140,38 @@ impl Conference {
             Err(e) => {
                 tracing::error!(conference = %self.name, error = %e, "cannot start recording")
             }
+        }
+    }
+
+    /// Reconciliation: a participant redirected to another node that Asterisk still lists
+    /// [`REDIRECT_GRACE`] after was refused the transfer by its far end. It is a participant
+    /// here again (its hangup a leave, not a move), and subscribers hear `move_failed`.
+    fn check_redirects(&mut self, listed: &HashSet<String>, taken: Instant) {
+        let refused: Vec<(String, ConferenceName)> = self
+            .participants
+            .iter()
+            .filter(|(id, p)| p.redirected && listed.contains(*id))
+            .filter_map(|(id, p)| {
+                let (at, to) = p.redirect.as_ref()?;
+                (taken.checked_duration_since(*at)? >= REDIRECT_GRACE)
+                    .then(|| (id.clone(), to.clone()))
+            })
+            .collect();
+        for (id, to) in refused {
+            if let Some(p) = self.participants.get_mut(&id) {
+                p.redirected = false;
+                p.redirect = None;
+            }
+            tracing::warn!(conference = %self.name, channel = %id, to = %to, "a participant redirected to another node is still here: its phone or trunk refused the transfer; it stays in this conference");
+            self.node
+                .metrics
+                .reconcile_actions
+                .with_label_values(&["redirect_refused"])
+                .inc();
+            self.emit(
+                "move_failed",
+                json!({"participant": id, "to": to.to_string()}),
+            );
         }
     }
 

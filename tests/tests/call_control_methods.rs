@@ -1787,3 +1787,61 @@ async fn a_recording_ended_by_an_emptied_mix_goes_on_in_a_new_file() {
         .count();
     assert_eq!(again, 0, "no recording after the last caller left");
 }
+
+/// A participant moved to another node's conference is redirected with ARI `redirect`,
+/// which chan_pjsip sends as a REFER once the call is answered. A phone or trunk that
+/// refuses it leaves the call where it was, and Asterisk reports nothing: at a
+/// reconciliation 10 s on, the agent finds it still there, tells subscribers `move_failed`,
+/// and takes it as a participant again (its hangup is a `leave` with `hangup`, not `moved`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_the_far_end_refuses_is_reported_and_the_participant_stays() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__RECONCILE_INTERVAL", "1s"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(0, "stay-here").await;
+    let sim = &c.node(&owner).sim;
+    let other = c.other(&owner);
+    let a = dial(sim, "stay-here", &[]).await;
+    let b = dial(sim, "stay-here", &[]).await;
+    let main = wait_bridged(sim, &a).await;
+    assert_eq!(wait_bridged(sim, &b).await, main);
+    let far = dial(&other.sim, "far-room", &[]).await;
+    wait_bridged(&other.sim, &far).await;
+    sim.refuse_transfers(&a);
+
+    let mut ws = c.client(0).await;
+    ws.ok("subscribe", json!({"conference": "stay-here"})).await;
+    let r = ws
+        .ok(
+            "participant.move",
+            json!({"conference": "stay-here", "participant": a, "to": "far-room"}),
+        )
+        .await;
+    assert_eq!(r["moved"], "redirect", "{r}");
+    let failed = ws
+        .notification_where("event", std::time::Duration::from_secs(30), |p| {
+            p["event"] == "move_failed"
+        })
+        .await
+        .expect("move_failed");
+    assert_eq!(failed["params"]["data"]["participant"], a.as_str());
+    assert_eq!(failed["params"]["data"]["to"], "far-room");
+    assert_eq!(
+        sim.snapshot().channel(&a).and_then(|ch| ch.bridge.clone()),
+        Some(main.clone()),
+        "still in the conference"
+    );
+    sim.hangup_far_end(&a, 16).await.expect("a hangs up");
+    let left = ws
+        .notification_where("event", WAIT, |p| {
+            p["event"] == "leave" && p["data"]["participant"] == a.as_str()
+        })
+        .await
+        .expect("a's leave");
+    assert_eq!(left["params"]["data"]["reason"], "hangup");
+}

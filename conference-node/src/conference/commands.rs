@@ -478,6 +478,7 @@ impl Conference {
             Ok(()) => {
                 if let Some(p) = self.participants.get_mut(ch) {
                     p.redirected = true;
+                    p.redirect = Some((std::time::Instant::now(), to.clone()));
                 }
                 tracing::info!(conference = %self.name, channel = ch, to = %to, node = %to_node, %endpoint, "participant redirected to the target's node");
                 Some((

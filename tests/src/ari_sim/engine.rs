@@ -61,6 +61,9 @@ pub(crate) struct Core {
     pub slow_hangups: Mutex<BTreeMap<String, Option<i64>>>,
     /// Operations whose requests are lost on the way: never carried out, never answered.
     pub lost_ops: Mutex<BTreeSet<String>>,
+    /// Channels whose far end refuses a transfer (a REFER answered 4xx): a redirect is
+    /// carried out, and the channel stays.
+    pub refused_transfers: Mutex<BTreeSet<String>>,
     pub ctl: watch::Sender<Ctl>,
     pub events_changed: Notify,
     pub violations: Mutex<Vec<String>>,
@@ -88,6 +91,7 @@ impl Core {
             hangup_during_answer: Mutex::new(BTreeSet::new()),
             slow_hangups: Mutex::new(BTreeMap::new()),
             lost_ops: Mutex::new(BTreeSet::new()),
+            refused_transfers: Mutex::new(BTreeSet::new()),
             ctl,
             events_changed: Notify::new(),
             violations: Mutex::new(Vec::new()),

@@ -554,6 +554,17 @@ impl AriSim {
             .insert(channel.to_string());
     }
 
+    /// Test-only far end: `channel`'s phone or trunk refuses transfers. A `redirect` of it
+    /// is answered 204 and carried out, and the call stays where it was, as when chan_pjsip's
+    /// REFER is answered with an error (Asterisk reports nothing of it over ARI).
+    pub fn refuse_transfers(&self, channel: &str) {
+        self.core
+            .refused_transfers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.to_string());
+    }
+
     /// Test-only race: the next `answer` naming `channel` finds its channel, then the far
     /// end hangs up before the queued answer command runs. Asterisk answers such a request
     /// 500 `Failed to answer channel` (`ast_ari_channels_answer`: the command queue of a

@@ -1295,6 +1295,16 @@ pub(crate) fn redirect(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         if let Some(ch) = st.channels.get_mut(&channel) {
             ch.redirected_to = Some(endpoint);
         }
+        // `app_control_redirect` ignores how the transfer ends: a far end that refuses it
+        // leaves the channel as it was, and ARI says nothing.
+        let refused = core
+            .refused_transfers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&channel);
+        if refused {
+            return;
+        }
         let epoch = st.epoch;
         super::engine::schedule(core, epoch, core.cfg.ring_time, move |core, st| {
             st.hangup(core, &channel, 16, Some(HangupRequest::Remote));
