@@ -35,8 +35,9 @@ use crate::webhook::{Callbacks, ParticipantFields, Reservations};
 /// How long a participant redirected to another node may still be seen here before the
 /// redirect counts as refused: an answered call is moved with a REFER, which its phone or
 /// trunk may refuse, and ARI reports nothing of it (`app_control_redirect` ignores the
-/// outcome); a transfer that went through ends the channel within seconds.
-pub const REDIRECT_GRACE: Duration = Duration::from_secs(10);
+/// outcome). The far end hangs up once its new call to the target is answered, which takes
+/// seconds; the margin covers a slow target under load.
+pub const REDIRECT_GRACE: Duration = Duration::from_secs(30);
 
 /// Q.850 cause for a caller the conference cannot take now: switching congestion (SIP 503),
 /// so the edge can try again through the router.
@@ -77,6 +78,11 @@ pub enum Msg {
     },
     /// A bridge recording finished (stopped by the agent, or ended by Asterisk).
     RecordingFinished {
+        /// The recording's name.
+        name: String,
+    },
+    /// A bridge recording failed.
+    RecordingFailed {
         /// The recording's name.
         name: String,
     },
@@ -392,6 +398,9 @@ struct Conference {
     /// under way under a name this life does not know (ARI lists no live recordings), so
     /// none is started until Asterisk says it ended.
     recording_inherited: bool,
+    /// A recording of this life failed: a fault a new file would meet again (format, disk),
+    /// so none is started any more.
+    recording_failed: bool,
     callbacks: Option<Callbacks>,
     /// The conference's settings as kept in Redis (none when they are the configured
     /// defaults), and whether the record has them.
@@ -433,6 +442,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         record: Record::DoNotRecord,
         recording: None,
         recording_inherited: false,
+        recording_failed: false,
         callbacks: None,
         settings: None,
         settings_saved: false,
@@ -470,6 +480,7 @@ impl Conference {
             Msg::Hold { channel, held } => self.hold(&channel, held),
             Msg::BridgeGone { bridge } => self.bridge_gone(&bridge).await,
             Msg::RecordingFinished { name } => self.recording_finished(&name).await,
+            Msg::RecordingFailed { name } => self.recording_failed(&name),
             Msg::Claim { status, epoch } => self.claim_status(status, epoch).await,
             Msg::Reconcile {
                 main,
@@ -572,6 +583,7 @@ impl Conference {
         self.started = false;
         self.recording = None;
         self.recording_inherited = false;
+        self.recording_failed = false;
         self.beeps = 0;
         self.seq = 0;
         self.heard_of = false;
@@ -1119,7 +1131,11 @@ impl Conference {
 
     /// Starts recording the mixing bridge, unless a recording of it is under way.
     async fn start_recording(&mut self) {
-        if self.recording.is_some() || self.recording_inherited || !self.main_created {
+        if self.recording.is_some()
+            || self.recording_inherited
+            || self.recording_failed
+            || !self.main_created
+        {
             return;
         }
         let name = recording_name(&self.name, self.epoch);
@@ -1191,6 +1207,17 @@ impl Conference {
                 tracing::debug!(conference = %self.name, error = %e, "cannot look at the recording")
             }
         }
+    }
+
+    /// Asterisk could not record (say the format is unknown to it, or the disk is full):
+    /// this life records no more rather than fail again at every chance.
+    fn recording_failed(&mut self, name: &str) {
+        if self.recording.as_deref() != Some(name) {
+            return;
+        }
+        tracing::error!(conference = %self.name, recording = %name, "the conference recording failed; not recording again in this conference");
+        self.recording = None;
+        self.recording_failed = true;
     }
 
     /// Records the mix again after someone was added to it, if the conference records and

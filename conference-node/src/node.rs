@@ -892,6 +892,15 @@ impl Node {
             }
             Event::RecordingFailed { recording } => {
                 tracing::warn!(recording = %recording.name, "conference recording failed");
+                if let Some(name) = conference::recording_conference(&recording.name) {
+                    self.send(
+                        &name,
+                        Msg::RecordingFailed {
+                            name: recording.name,
+                        },
+                        false,
+                    );
+                }
             }
             // The events WebSocket reconnects on ApplicationReplaced itself.
             Event::ChannelLeftBridge { .. }

@@ -1791,8 +1791,9 @@ async fn a_recording_ended_by_an_emptied_mix_goes_on_in_a_new_file() {
 /// A participant moved to another node's conference is redirected with ARI `redirect`,
 /// which chan_pjsip sends as a REFER once the call is answered. A phone or trunk that
 /// refuses it leaves the call where it was, and Asterisk reports nothing: at a
-/// reconciliation 10 s on, the agent finds it still there, tells subscribers `move_failed`,
+/// reconciliation 30 s on, the agent finds it still there, tells subscribers `move_failed`,
 /// and takes it as a participant again (its hangup is a `leave` with `hangup`, not `moved`).
+/// A redirect that goes through gets no `move_failed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_the_far_end_refuses_is_reported_and_the_participant_stays() {
     let c = Cluster::start(
@@ -1813,6 +1814,8 @@ async fn a_redirect_the_far_end_refuses_is_reported_and_the_participant_stays() 
     let far = dial(&other.sim, "far-room", &[]).await;
     wait_bridged(&other.sim, &far).await;
     sim.refuse_transfers(&a);
+    let d = dial(sim, "stay-here", &[]).await;
+    assert_eq!(wait_bridged(sim, &d).await, main);
 
     let mut ws = c.client(0).await;
     ws.ok("subscribe", json!({"conference": "stay-here"})).await;
@@ -1823,12 +1826,27 @@ async fn a_redirect_the_far_end_refuses_is_reported_and_the_participant_stays() 
         )
         .await;
     assert_eq!(r["moved"], "redirect", "{r}");
+    let moved_at = std::time::Instant::now();
+    // d's phone takes the transfer: it leaves for far-room, with no move_failed.
+    let r = ws
+        .ok(
+            "participant.move",
+            json!({"conference": "stay-here", "participant": d, "to": "far-room"}),
+        )
+        .await;
+    assert_eq!(r["moved"], "redirect", "{r}");
+    until(sim, "d transferred", |s| s.channel(&d).is_none()).await;
     let failed = ws
-        .notification_where("event", std::time::Duration::from_secs(30), |p| {
+        .notification_where("event", std::time::Duration::from_secs(60), |p| {
             p["event"] == "move_failed"
         })
         .await
         .expect("move_failed");
+    assert!(
+        moved_at.elapsed() >= std::time::Duration::from_secs(30),
+        "a transfer gets 30 s: {:?}",
+        moved_at.elapsed()
+    );
     assert_eq!(failed["params"]["data"]["participant"], a.as_str());
     assert_eq!(failed["params"]["data"]["to"], "far-room");
     assert_eq!(
@@ -1844,4 +1862,12 @@ async fn a_redirect_the_far_end_refuses_is_reported_and_the_participant_stays() 
         .await
         .expect("a's leave");
     assert_eq!(left["params"]["data"]["reason"], "hangup");
+    assert!(
+        ws.notification_where("event", std::time::Duration::from_millis(100), |p| {
+            p["event"] == "move_failed"
+        })
+        .await
+        .is_none(),
+        "one move_failed, for a only"
+    );
 }

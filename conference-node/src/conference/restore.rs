@@ -59,6 +59,10 @@ impl Conference {
                 p.waiting = false;
             }
         }
+        if !unwaited.is_empty() {
+            // The start's recording may have failed with its moves (timed out) as well.
+            self.record_on().await;
+        }
         if to_holding.is_empty() && to_main.is_empty() && unwaited.is_empty() {
             return;
         }
