@@ -401,6 +401,9 @@ struct Conference {
     /// A recording of this life failed: a fault a new file would meet again (format, disk),
     /// so none is started any more.
     recording_failed: bool,
+    /// What the kept settings said of the recording under way when the conference was
+    /// adopted after a restart (see [`settings::recording`]).
+    kept_recording: Option<Option<String>>,
     callbacks: Option<Callbacks>,
     /// The conference's settings as kept in Redis (none when they are the configured
     /// defaults), and whether the record has them.
@@ -443,6 +446,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         recording: None,
         recording_inherited: false,
         recording_failed: false,
+        kept_recording: None,
         callbacks: None,
         settings: None,
         settings_saved: false,
@@ -480,7 +484,7 @@ impl Conference {
             Msg::Hold { channel, held } => self.hold(&channel, held),
             Msg::BridgeGone { bridge } => self.bridge_gone(&bridge).await,
             Msg::RecordingFinished { name } => self.recording_finished(&name).await,
-            Msg::RecordingFailed { name } => self.recording_failed(&name),
+            Msg::RecordingFailed { name } => self.recording_failed(&name).await,
             Msg::Claim { status, epoch } => self.claim_status(status, epoch).await,
             Msg::Reconcile {
                 main,
@@ -623,8 +627,9 @@ impl Conference {
     /// The conference lived here before a restart: it goes on with the settings its first
     /// caller gave it, and its callbacks go on numbering above what they sent.
     async fn resume_settings(&mut self) {
-        let (opts, sid) = self.kept_settings().await;
+        let (opts, sid, recording) = self.kept_settings().await;
         self.apply_settings(&opts, sid);
+        self.kept_recording = recording;
         self.heard_of = true;
         if let Some(cb) = &mut self.callbacks {
             cb.resume_numbering().await;
@@ -1061,6 +1066,7 @@ impl Conference {
             self.resume_settings().await;
             self.started = members.iter().any(|(_, waiting)| !waiting) || !holding_found;
             self.recording_inherited = self.started;
+            self.settle_inherited_recording().await;
             let none = HashMap::new();
             let adopted = members
                 .iter()
@@ -1152,6 +1158,7 @@ impl Conference {
             Ok(()) => {
                 tracing::info!(conference = %self.name, recording = %name, "recording started");
                 self.recording = Some(name);
+                self.note_recording().await;
             }
             Err(e) => {
                 tracing::error!(conference = %self.name, error = %e, "cannot start recording")
@@ -1211,13 +1218,64 @@ impl Conference {
 
     /// Asterisk could not record (say the format is unknown to it, or the disk is full):
     /// this life records no more rather than fail again at every chance.
-    fn recording_failed(&mut self, name: &str) {
+    async fn recording_failed(&mut self, name: &str) {
         if self.recording.as_deref() != Some(name) {
             return;
         }
         tracing::error!(conference = %self.name, recording = %name, "the conference recording failed; not recording again in this conference");
         self.recording = None;
         self.recording_failed = true;
+        self.note_recording().await;
+    }
+
+    /// Keeps the recording under way (or that none is) in the settings in Redis, for an
+    /// agent that restarts: ARI cannot tell it.
+    async fn note_recording(&mut self) {
+        if let Some(text) = &self.settings {
+            self.settings = Some(settings::with_recording(text, self.recording.as_deref()));
+            self.settings_saved = false;
+            self.counts_changed().await;
+        }
+    }
+
+    /// A started conference adopted after a restart: the kept settings say which recording
+    /// the last life had under way, if any, and Asterisk whether it still is. Unknown (settings
+    /// of an agent before this one, or Asterisk out of reach), the last life's recording may
+    /// still run: none is started until Asterisk reports it ended.
+    async fn settle_inherited_recording(&mut self) {
+        let kept = self.kept_recording.take();
+        if !self.recording_inherited {
+            return;
+        }
+        let live = match kept {
+            None => return,
+            Some(None) => None,
+            Some(Some(name)) => match self.node.ari.live_recording_exists(&name).await {
+                Ok(true) => Some(name),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(conference = %self.name, recording = %name, error = %e, "cannot ask whether the last life's recording runs; recording no more until it is seen to end");
+                    return;
+                }
+            },
+        };
+        self.recording_inherited = false;
+        match live {
+            Some(name) => {
+                tracing::info!(conference = %self.name, recording = %name, "the last life's recording goes on");
+                self.recording = Some(name);
+                self.note_recording().await;
+            }
+            None => {
+                self.note_recording().await;
+                // Asterisk ended it with the mix: on again now if the mix has someone, else
+                // with the next participant added to it.
+                if matches!(self.node.ari.get_bridge(&self.main).await, Ok(Some(b)) if !b.channels.is_empty())
+                {
+                    self.record_on().await;
+                }
+            }
+        }
     }
 
     /// Records the mix again after someone was added to it, if the conference records and
@@ -1243,6 +1301,7 @@ impl Conference {
         }
         self.recording = None;
         self.recording_inherited = false;
+        self.note_recording().await;
         if !self.started || self.phase == Phase::Idle || self.record != Record::RecordFromStart {
             return;
         }
@@ -1890,8 +1949,9 @@ impl Conference {
                 }
                 _ => None,
             };
-            let (opts, sid) = self.kept_settings().await;
+            let (opts, sid, recording) = self.kept_settings().await;
             self.activate(owned_epoch.unwrap_or(0), &opts, sid);
+            self.kept_recording = recording;
             // Callers are in it: the application heard of it from the last life.
             self.heard_of = true;
             if let Some(cb) = &mut self.callbacks {
@@ -1908,6 +1968,7 @@ impl Conference {
             }
             self.started = !in_main.is_empty() || holding.is_none();
             self.recording_inherited = self.started;
+            self.settle_inherited_recording().await;
             for (ids, waiting) in [(&in_main, false), (&in_holding, true)] {
                 let adopted = ids.iter().map(|id| self.adopted(id, members, waiting));
                 for (id, p) in futures_util::future::join_all(adopted).await {
@@ -1994,11 +2055,11 @@ impl Conference {
 
     /// The settings the conference was started with, as its record in Redis keeps them, for
     /// adopting it after a restart; the configuration's defaults when there are none.
-    async fn kept_settings(&self) -> (Options, Option<String>) {
+    async fn kept_settings(&self) -> (Options, Option<String>, Option<Option<String>>) {
         let cfg = &self.node.cfg;
         match self.node.store.conference_settings(&self.name).await {
             Ok(Some(text)) => match settings::decode(&cfg.conference, &cfg.profiles, &text) {
-                Ok(kept) => return kept,
+                Ok((opts, sid)) => return (opts, sid, settings::recording(&text)),
                 Err(why) => {
                     tracing::warn!(conference = %self.name, reason = %why, "the conference's recorded settings are unusable; using the configured defaults")
                 }
@@ -2010,7 +2071,7 @@ impl Conference {
             }
         }
         let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
-        (defaults, None)
+        (defaults, None, None)
     }
 
     /// A participant found in one of the conference's bridges after a restart, with the

@@ -548,3 +548,59 @@ async fn a_restarted_agent_starts_no_second_recording_beside_the_last_lifes() {
         .expect("recording on in a new file");
     assert_eq!(started(mark), 1);
 }
+
+/// The conference's settings in Redis say which recording is under way, so a restarted agent
+/// knows the last life's recording by name (ARI cannot list live recordings): ending the
+/// conference, it stops that recording before the bridge goes, as the last life would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_knows_the_recording_under_way_and_stops_it_at_the_end() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "rec-known").await;
+    let name = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(
+            sim,
+            "rec-known",
+            &[("CONFROUTE_RECORD", "record-from-start")],
+        )
+        .await;
+        wait_bridged(sim, &a).await;
+        let started = sim
+            .wait_for_event(WAIT, |e| e["type"] == "RecordingStarted")
+            .await
+            .expect("recording started");
+        started["recording"]["name"]
+            .as_str()
+            .expect("name")
+            .to_string()
+    };
+    let store = confroute_tests::fixtures::store(&c.cfg);
+    let room = confroute_shared::name::ConferenceName::parse("rec-known").expect("name");
+    wait_for_async("the settings to name the recording", WAIT, || async {
+        store
+            .conference_settings(&room)
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| s.contains(&name))
+            .map(drop)
+    })
+    .await
+    .expect("settings kept");
+    restart_and_readopt(&mut c, &owner, 1).await;
+    let mut ws = c.client(0).await;
+    ws.ok("conference.end", json!({"conference": "rec-known"}))
+        .await;
+    let sim = &c.node(&owner).sim;
+    until(sim, "bridges gone", |snap| snap.bridges.is_empty()).await;
+    let log = sim.request_log();
+    let stop = format!("/ari/recordings/live/{name}/stop");
+    let stopped = log.iter().position(|r| r.path == stop);
+    let destroyed = log.iter().rposition(|r| {
+        r.operation.as_deref() == Some("destroy") && r.path.starts_with("/ari/bridges/")
+    });
+    assert!(
+        stopped.is_some() && stopped < destroyed,
+        "the last life's recording stopped before the bridge went: {log:#?}"
+    );
+}

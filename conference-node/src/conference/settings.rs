@@ -14,6 +14,10 @@ use crate::options::{self, Options, Record};
 
 /// The key of the ConferenceSid beside the option variables.
 const SID: &str = "sid";
+/// The key of the conference's recording under way: its name, or empty when none is. A
+/// restarted agent cannot ask Asterisk (ARI lists no live recordings), so it reads it here.
+/// Absent in settings an agent before it wrote: then the agent cannot tell.
+const RECORDING: &str = "recording";
 
 /// The settings of a conference started with `opts`, with the ConferenceSid of its status
 /// callbacks, as the text kept in Redis; `None` when they are `defaults` without callbacks.
@@ -57,11 +61,29 @@ pub fn decode(
     let mut vars: BTreeMap<String, String> =
         serde_json::from_str(text).map_err(|e| format!("not a settings object: {e}"))?;
     let sid = vars.remove(SID);
+    vars.remove(RECORDING);
     let (opts, warnings) = options::resolve(defaults, profiles, &vars);
     match warnings.first() {
         Some(w) => Err(format!("{}: {}", w.variable, w.message)),
         None => Ok((opts, sid)),
     }
+}
+
+/// `text` (settings [`encode`] wrote) saying that `recording` is under way (`None`: none).
+pub fn with_recording(text: &str, recording: Option<&str>) -> String {
+    let Ok(mut vars) = serde_json::from_str::<BTreeMap<String, String>>(text) else {
+        return text.to_string();
+    };
+    vars.insert(RECORDING.to_string(), recording.unwrap_or("").to_string());
+    serde_json::to_string(&vars).unwrap_or_else(|_| text.to_string())
+}
+
+/// What the settings say of the recording under way: `None` when they do not say (written
+/// by an agent before this one), `Some(None)` when none is, `Some(Some(name))`.
+pub fn recording(text: &str) -> Option<Option<String>> {
+    let vars: BTreeMap<String, String> = serde_json::from_str(text).ok()?;
+    let name = vars.get(RECORDING)?;
+    Some((!name.is_empty()).then(|| name.clone()))
 }
 
 #[cfg(test)]
@@ -91,6 +113,24 @@ mod tests {
             vec![CallbackEvent::Start, CallbackEvent::Join]
         );
         assert_eq!(sid.as_deref(), Some("CF0123"));
+    }
+
+    #[test]
+    fn the_recording_under_way_is_kept_beside_the_settings() {
+        let (plain, _) = options::resolve(&defaults(), &BTreeMap::new(), &BTreeMap::new());
+        let mut opts = plain.clone();
+        opts.record = Record::RecordFromStart;
+        let text = encode(&opts, &plain, "CF1").expect("not the defaults");
+        assert_eq!(recording(&text), None, "not said: unknown");
+        let live = with_recording(&text, Some("confroute-r-1-0000abcd"));
+        assert_eq!(
+            recording(&live),
+            Some(Some("confroute-r-1-0000abcd".to_string()))
+        );
+        let none = with_recording(&live, None);
+        assert_eq!(recording(&none), Some(None));
+        let (back, _) = decode(&defaults(), &BTreeMap::new(), &live).expect("decodes");
+        assert_eq!(back.record, Record::RecordFromStart);
     }
 
     #[test]
