@@ -169,6 +169,18 @@ pub fn recording_conference(recording: &str) -> Option<ConferenceName> {
     ConferenceName::parse(name).ok()
 }
 
+/// What a conference's record in Redis keeps for an agent that restarts.
+struct Kept {
+    /// The conference-wide settings.
+    opts: Options,
+    /// The status callbacks' ConferenceSid.
+    sid: Option<String>,
+    /// The recording under way ([`settings::recording`]).
+    recording: Option<Option<String>>,
+    /// Whether it had started.
+    started: bool,
+}
+
 /// A participant moving between two conferences of this node.
 #[derive(Debug)]
 pub struct MoveIn {
@@ -404,6 +416,8 @@ struct Conference {
     /// What the kept settings said of the recording under way when the conference was
     /// adopted after a restart (see [`settings::recording`]).
     kept_recording: Option<Option<String>>,
+    /// Whether the kept settings said the conference had started, when it was adopted.
+    kept_started: bool,
     callbacks: Option<Callbacks>,
     /// The conference's settings as kept in Redis (none when they are the configured
     /// defaults), and whether the record has them.
@@ -447,6 +461,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         recording_inherited: false,
         recording_failed: false,
         kept_recording: None,
+        kept_started: false,
         callbacks: None,
         settings: None,
         settings_saved: false,
@@ -627,9 +642,10 @@ impl Conference {
     /// The conference lived here before a restart: it goes on with the settings its first
     /// caller gave it, and its callbacks go on numbering above what they sent.
     async fn resume_settings(&mut self) {
-        let (opts, sid, recording) = self.kept_settings().await;
-        self.apply_settings(&opts, sid);
-        self.kept_recording = recording;
+        let kept = self.kept_settings().await;
+        self.apply_settings(&kept.opts, kept.sid);
+        self.kept_recording = kept.recording;
+        self.kept_started = kept.started;
         self.heard_of = true;
         if let Some(cb) = &mut self.callbacks {
             cb.resume_numbering().await;
@@ -1064,7 +1080,12 @@ impl Conference {
         if !members.is_empty() {
             // Not the newcomer's settings: those of the conference it walks into.
             self.resume_settings().await;
-            self.started = members.iter().any(|(_, waiting)| !waiting) || !holding_found;
+            self.started = members.iter().any(|(_, waiting)| !waiting)
+                || !holding_found
+                || std::mem::take(&mut self.kept_started);
+            if self.started {
+                self.mark_started();
+            }
             self.recording_inherited = self.started;
             self.settle_inherited_recording().await;
             let none = HashMap::new();
@@ -1119,6 +1140,7 @@ impl Conference {
     /// moved to another conference, whose new bridge has them), recording starts.
     async fn start(&mut self, by: &str) {
         self.started = true;
+        self.mark_started();
         let mut unwaited = self.move_waiters_in().await;
         unwaited.sort();
         self.emit(
@@ -1226,6 +1248,15 @@ impl Conference {
         self.recording = None;
         self.recording_failed = true;
         self.note_recording().await;
+    }
+
+    /// Notes in the settings (written with the next count, the join's) that the conference
+    /// started: a restart that finds nobody in the mix, its callers on hold, then still
+    /// knows. A conference with the default settings gets settings for it.
+    fn mark_started(&mut self) {
+        let text = self.settings.as_deref().unwrap_or("{}");
+        self.settings = Some(settings::with_started(text));
+        self.settings_saved = false;
     }
 
     /// Keeps the recording under way (or that none is) in the settings in Redis, for an
@@ -1949,9 +1980,10 @@ impl Conference {
                 }
                 _ => None,
             };
-            let (opts, sid, recording) = self.kept_settings().await;
-            self.activate(owned_epoch.unwrap_or(0), &opts, sid);
-            self.kept_recording = recording;
+            let kept = self.kept_settings().await;
+            self.activate(owned_epoch.unwrap_or(0), &kept.opts, kept.sid);
+            self.kept_recording = kept.recording;
+            self.kept_started = kept.started;
             // Callers are in it: the application heard of it from the last life.
             self.heard_of = true;
             if let Some(cb) = &mut self.callbacks {
@@ -1966,7 +1998,11 @@ impl Conference {
                 self.holding = b.id.clone();
                 self.holding_created = true;
             }
-            self.started = !in_main.is_empty() || holding.is_none();
+            self.started =
+                !in_main.is_empty() || holding.is_none() || std::mem::take(&mut self.kept_started);
+            if self.started {
+                self.mark_started();
+            }
             self.recording_inherited = self.started;
             self.settle_inherited_recording().await;
             for (ids, waiting) in [(&in_main, false), (&in_holding, true)] {
@@ -2055,11 +2091,18 @@ impl Conference {
 
     /// The settings the conference was started with, as its record in Redis keeps them, for
     /// adopting it after a restart; the configuration's defaults when there are none.
-    async fn kept_settings(&self) -> (Options, Option<String>, Option<Option<String>>) {
+    async fn kept_settings(&self) -> Kept {
         let cfg = &self.node.cfg;
         match self.node.store.conference_settings(&self.name).await {
             Ok(Some(text)) => match settings::decode(&cfg.conference, &cfg.profiles, &text) {
-                Ok((opts, sid)) => return (opts, sid, settings::recording(&text)),
+                Ok((opts, sid)) => {
+                    return Kept {
+                        opts,
+                        sid,
+                        recording: settings::recording(&text),
+                        started: settings::started(&text),
+                    }
+                }
                 Err(why) => {
                     tracing::warn!(conference = %self.name, reason = %why, "the conference's recorded settings are unusable; using the configured defaults")
                 }
@@ -2071,7 +2114,12 @@ impl Conference {
             }
         }
         let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
-        (defaults, None, None)
+        Kept {
+            opts: defaults,
+            sid: None,
+            recording: None,
+            started: false,
+        }
     }
 
     /// A participant found in one of the conference's bridges after a restart, with the

@@ -604,3 +604,59 @@ async fn a_restarted_agent_knows_the_recording_under_way_and_stops_it_at_the_end
         "the last life's recording stopped before the bridge went: {log:#?}"
     );
 }
+
+/// A started conference whose only caller is on hold has nobody in its mix. The settings in
+/// Redis say it started, so an agent restarted then does not take it for one waiting for a
+/// starter: taken off hold, the caller goes back into the mix. Before, it stayed with the
+/// wait music, counted as waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_knows_a_conference_with_an_empty_mix_had_started() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "held-alone").await;
+    let a = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(sim, "held-alone", &[]).await;
+        assert!(wait_bridged(sim, &a).await.starts_with("cr-"));
+        a
+    };
+    let mut ws = c.client(0).await;
+    let who = json!({"conference": "held-alone", "participant": a});
+    assert_eq!(ws.ok("participant.hold", who.clone()).await, json!({}));
+    until(&c.node(&owner).sim, "a on hold", |snap| {
+        snap.channel(&a)
+            .and_then(|ch| ch.bridge.as_deref())
+            .is_some_and(|b| b.starts_with("crh-"))
+    })
+    .await;
+    let store = confroute_tests::fixtures::store(&c.cfg);
+    let room = confroute_shared::name::ConferenceName::parse("held-alone").expect("name");
+    wait_for_async("the settings to say it started", WAIT, || async {
+        store
+            .conference_settings(&room)
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| s.contains(r#""started":"1""#))
+            .map(drop)
+    })
+    .await
+    .expect("settings kept");
+    restart_and_readopt(&mut c, &owner, 1).await;
+    let mut ws = c.client(0).await;
+    assert_eq!(ws.ok("participant.unhold", who).await, json!({}));
+    until(&c.node(&owner).sim, "a back in the mix", |snap| {
+        snap.channel(&a)
+            .and_then(|ch| ch.bridge.as_deref())
+            .is_some_and(|b| b.starts_with("cr-"))
+    })
+    .await;
+    let list = ws
+        .ok("participant.list", json!({"conference": "held-alone"}))
+        .await;
+    let p = &list["participants"][0];
+    assert_eq!(
+        (&p["waiting"], &p["held"]),
+        (&json!(false), &json!(false)),
+        "{list}"
+    );
+}

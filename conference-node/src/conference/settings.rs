@@ -1,8 +1,9 @@
 //! What a conference keeps for its whole life (room size, recording, status callbacks and
 //! their ConferenceSid), fixed by the caller that started it. The agent records them beside
 //! the conference's claim in Redis, so that after a restart it adopts the conference with
-//! them rather than with the configuration's defaults. A conference started with exactly
-//! the defaults and no callbacks records nothing: most keep the record at its bare size.
+//! them rather than with the configuration's defaults. A conference with exactly the
+//! defaults and no callbacks records only that it started, once it has, and the recording
+//! under way, which a restarted agent cannot ask Asterisk about.
 //!
 //! They are written as the channel variables that would have set them, so reading them back
 //! goes through the same resolution (and the same checks) as a caller's options.
@@ -18,6 +19,9 @@ const SID: &str = "sid";
 /// restarted agent cannot ask Asterisk (ARI lists no live recordings), so it reads it here.
 /// Absent in settings an agent before it wrote: then the agent cannot tell.
 const RECORDING: &str = "recording";
+/// The key that says the conference has started: a restarted agent finding nobody in the
+/// mix (its callers on hold) would otherwise take it for one still waiting for a starter.
+const STARTED: &str = "started";
 
 /// The settings of a conference started with `opts`, with the ConferenceSid of its status
 /// callbacks, as the text kept in Redis; `None` when they are `defaults` without callbacks.
@@ -62,6 +66,7 @@ pub fn decode(
         serde_json::from_str(text).map_err(|e| format!("not a settings object: {e}"))?;
     let sid = vars.remove(SID);
     vars.remove(RECORDING);
+    vars.remove(STARTED);
     let (opts, warnings) = options::resolve(defaults, profiles, &vars);
     match warnings.first() {
         Some(w) => Err(format!("{}: {}", w.variable, w.message)),
@@ -69,13 +74,29 @@ pub fn decode(
     }
 }
 
-/// `text` (settings [`encode`] wrote) saying that `recording` is under way (`None`: none).
-pub fn with_recording(text: &str, recording: Option<&str>) -> String {
+/// `text` (settings [`encode`] wrote) with `key` set to `value`.
+fn with_field(text: &str, key: &str, value: &str) -> String {
     let Ok(mut vars) = serde_json::from_str::<BTreeMap<String, String>>(text) else {
         return text.to_string();
     };
-    vars.insert(RECORDING.to_string(), recording.unwrap_or("").to_string());
+    vars.insert(key.to_string(), value.to_string());
     serde_json::to_string(&vars).unwrap_or_else(|_| text.to_string())
+}
+
+/// `text` (settings [`encode`] wrote) saying that `recording` is under way (`None`: none).
+pub fn with_recording(text: &str, recording: Option<&str>) -> String {
+    with_field(text, RECORDING, recording.unwrap_or(""))
+}
+
+/// `text` (settings [`encode`] wrote) saying that the conference has started.
+pub fn with_started(text: &str) -> String {
+    with_field(text, STARTED, "1")
+}
+
+/// Whether the settings say the conference has started.
+pub fn started(text: &str) -> bool {
+    serde_json::from_str::<BTreeMap<String, String>>(text)
+        .is_ok_and(|vars| vars.get(STARTED).is_some_and(|v| v == "1"))
 }
 
 /// What the settings say of the recording under way: `None` when they do not say (written
@@ -129,6 +150,10 @@ mod tests {
         );
         let none = with_recording(&live, None);
         assert_eq!(recording(&none), Some(None));
+        assert!(!started(&none));
+        let begun = with_started(&none);
+        assert!(started(&begun));
+        assert_eq!(recording(&begun), Some(None), "the other field kept");
         let (back, _) = decode(&defaults(), &BTreeMap::new(), &live).expect("decodes");
         assert_eq!(back.record, Record::RecordFromStart);
     }
