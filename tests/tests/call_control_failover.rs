@@ -32,6 +32,28 @@ async fn restart_and_readopt(c: &mut Cluster, owner: &str, participants: usize) 
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 }
 
+/// Waits until the settings Redis keeps for `conference` contain `needle`, so that an agent
+/// restarted next finds them.
+async fn wait_settings(c: &Cluster, conference: &str, needle: &str) {
+    let store = confroute_tests::fixtures::store(&c.cfg);
+    let room = confroute_shared::name::ConferenceName::parse(conference).expect("name");
+    wait_for_async(
+        &format!("{conference}'s settings to hold {needle}"),
+        WAIT,
+        || async {
+            store
+                .conference_settings(&room)
+                .await
+                .ok()
+                .flatten()
+                .filter(|s| s.contains(needle))
+                .map(drop)
+        },
+    )
+    .await
+    .expect("settings kept");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_command_is_reported_unavailable_in_time() {
     let mut c = Cluster::start(
@@ -488,19 +510,7 @@ async fn a_restarted_agent_starts_no_second_recording_beside_the_last_lifes() {
         (a, main)
     };
     // The conference's settings (record-from-start) are in Redis for the next life.
-    let store = confroute_tests::fixtures::store(&c.cfg);
-    let room = confroute_shared::name::ConferenceName::parse("rec-kept").expect("name");
-    wait_for_async("the settings kept", WAIT, || async {
-        store
-            .conference_settings(&room)
-            .await
-            .ok()
-            .flatten()
-            .filter(|s| s.contains("record-from-start"))
-            .map(drop)
-    })
-    .await
-    .expect("settings kept");
+    wait_settings(&c, "rec-kept", "record-from-start").await;
     restart_and_readopt(&mut c, &owner, 1).await;
     let sim = &c.node(&owner).sim;
     // Recordings started since event `from` (an event is logged once per application
@@ -574,19 +584,7 @@ async fn a_restarted_agent_knows_the_recording_under_way_and_stops_it_at_the_end
             .expect("name")
             .to_string()
     };
-    let store = confroute_tests::fixtures::store(&c.cfg);
-    let room = confroute_shared::name::ConferenceName::parse("rec-known").expect("name");
-    wait_for_async("the settings to name the recording", WAIT, || async {
-        store
-            .conference_settings(&room)
-            .await
-            .ok()
-            .flatten()
-            .filter(|s| s.contains(&name))
-            .map(drop)
-    })
-    .await
-    .expect("settings kept");
+    wait_settings(&c, "rec-known", &name).await;
     restart_and_readopt(&mut c, &owner, 1).await;
     let mut ws = c.client(0).await;
     ws.ok("conference.end", json!({"conference": "rec-known"}))
@@ -628,19 +626,7 @@ async fn a_restarted_agent_knows_a_conference_with_an_empty_mix_had_started() {
             .is_some_and(|b| b.starts_with("crh-"))
     })
     .await;
-    let store = confroute_tests::fixtures::store(&c.cfg);
-    let room = confroute_shared::name::ConferenceName::parse("held-alone").expect("name");
-    wait_for_async("the settings to say it started", WAIT, || async {
-        store
-            .conference_settings(&room)
-            .await
-            .ok()
-            .flatten()
-            .filter(|s| s.contains(r#""started":"1""#))
-            .map(drop)
-    })
-    .await
-    .expect("settings kept");
+    wait_settings(&c, "held-alone", r#""started":"1""#).await;
     restart_and_readopt(&mut c, &owner, 1).await;
     let mut ws = c.client(0).await;
     assert_eq!(ws.ok("participant.unhold", who).await, json!({}));
