@@ -351,8 +351,9 @@ impl Validate for ControllerConfig {
         if !(Duration::from_secs(1)..=DAY).contains(&self.rpc.ping_interval) {
             issues.add("rpc.ping_interval", "must be between 1s and 24h");
         }
-        if self.rpc.max_batch == 0 {
-            issues.add("rpc.max_batch", "must be at least 1");
+        // Each member of a batch may be in progress at once: a bound keeps that a number.
+        if !(1..=10_000).contains(&self.rpc.max_batch) {
+            issues.add("rpc.max_batch", "must be between 1 and 10000");
         }
         if self.rpc.max_subscriptions == 0 {
             issues.add("rpc.max_subscriptions", "must be at least 1");
@@ -436,6 +437,11 @@ mod tests {
                 "rpc.command_timeout",
             ),
             ("CONFROUTE_RPC__MAX_BATCH", "0", "rpc.max_batch"),
+            (
+                "CONFROUTE_RPC__MAX_BATCH",
+                "4611686018427387904",
+                "rpc.max_batch",
+            ),
             ("CONFROUTE_RPC__MAX_CONNECTIONS", "0", "rpc.max_connections"),
             (
                 "CONFROUTE_RPC__MAX_SUBSCRIPTIONS",

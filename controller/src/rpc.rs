@@ -224,6 +224,15 @@ pub enum Decoded {
     Single(Item),
     /// A batch, in order.
     Batch(Vec<Item>),
+    /// A batch over `rpc.max_batch`, nothing in it carried out: an error answer for each
+    /// request in it, and how many notifications it held (each one's error is counted, not
+    /// answered).
+    RefusedBatch {
+        /// The error answers, in order.
+        answers: Vec<Item>,
+        /// The notifications refused with it.
+        notifications: usize,
+    },
 }
 
 /// The answer to a method this endpoint does not have.
@@ -305,7 +314,7 @@ pub fn decode(text: &str, limits: &Limits) -> Decoded {
                 .map(|v| request(v, ids.next().flatten()))
                 .collect();
             match over {
-                Some(e) => Decoded::Batch(refuse_all(items, &e)),
+                Some(e) => refuse_all(items, &e),
                 None => Decoded::Batch(items),
             }
         }
@@ -339,15 +348,23 @@ const BATCH_ANSWERS_CAP: usize = 4;
 
 /// A batch refused whole is still a batch (JSON-RPC 2.0 §6): each request gets its own
 /// error with its own id; notifications get no answer, as ever (§4.1).
-fn refuse_all(items: Vec<Item>, e: &RpcError) -> Vec<Item> {
-    items
+fn refuse_all(items: Vec<Item>, e: &RpcError) -> Decoded {
+    let mut notifications = 0;
+    let answers = items
         .into_iter()
         .filter_map(|item| match item {
             Ok(Request { id: Some(id), .. }) => Some(Err((id, e.clone()))),
-            Ok(Request { id: None, .. }) => None,
+            Ok(Request { id: None, .. }) => {
+                notifications += 1;
+                None
+            }
             Err(invalid) => Some(Err(invalid)),
         })
-        .collect()
+        .collect();
+    Decoded::RefusedBatch {
+        answers,
+        notifications,
+    }
 }
 
 /// A frame that is JSON but holds what `Value` cannot (a number beyond a double's range,
@@ -377,7 +394,7 @@ fn unreadable(text: &str, limits: &Limits, why: &serde_json::Error) -> Decoded {
             };
             let items: Vec<Item> = items.iter().map(|raw| one(raw.get())).collect();
             match over {
-                Some(e) => Decoded::Batch(refuse_all(items, &e)),
+                Some(e) => refuse_all(items, &e),
                 None => Decoded::Batch(items),
             }
         }
@@ -928,6 +945,29 @@ impl Session {
                 self.count(&e);
                 self.send(response(&Id::null(), Err(e))).await
             }
+            Decoded::RefusedBatch {
+                answers,
+                notifications,
+            } => {
+                // A notification gets no answer, but its error counts as any other.
+                if notifications > 0 {
+                    let e = RpcError::new(codes::INVALID_REQUEST, "batch over rpc.max_batch");
+                    for _ in 0..notifications {
+                        self.count(&e);
+                    }
+                }
+                let mut out = Vec::with_capacity(answers.len());
+                for item in answers {
+                    if let Err((id, e)) = item {
+                        self.count(&e);
+                        out.push(response(&id, Err(e)));
+                    }
+                }
+                if !out.is_empty() {
+                    self.send(format!("[{}]", out.join(","))).await;
+                }
+                drop(permit);
+            }
             Decoded::Batch(items) => {
                 // Turns are taken here, in the order the requests were written.
                 let items: Vec<(Item, Option<Turn>)> = items
@@ -1343,8 +1383,12 @@ mod tests {
         let call = |id: u32| format!(r#"{{"jsonrpc":"2.0","method":"conference.list","id":{id}}}"#);
         let note = r#"{"jsonrpc":"2.0","method":"conference.list"}"#;
         let over = format!("[{},{note},{}]", call(1), call(2));
-        let Decoded::Batch(items) = decode(&over, &limits) else {
-            panic!("a batch over the limit is still a batch");
+        let Decoded::RefusedBatch {
+            answers: items,
+            notifications: 1,
+        } = decode(&over, &limits)
+        else {
+            panic!("a batch over the limit is still a batch, its notification counted");
         };
         let ids: Vec<(String, i64)> = items
             .iter()

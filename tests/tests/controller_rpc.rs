@@ -357,6 +357,12 @@ async fn a_whole_batch_runs_when_the_rate_allows_it() {
     assert!(refused.is_empty(), "refused members: {refused:?}");
 }
 
+/// `confroute_rpc_errors_total` for -32600 (invalid request) on the controller.
+async fn invalid_requests(s: &Setup) -> f64 {
+    let m = fixtures::scrape(&s.controller.http_url()).await;
+    fixtures::metric(&m, r#"confroute_rpc_errors_total{code="-32600"}"#)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_rate_limits_and_subscription_limits() {
     let s = setup(&[
@@ -403,6 +409,16 @@ async fn batches_rate_limits_and_subscription_limits() {
             .all(|a| code(a) == -32600 && a.get("result").is_none()),
         "each refused: {over:?}"
     );
+
+    // Notifications over the limit get no answer, but each refusal is counted; a call sent
+    // after them is answered first, so they were read and left nothing behind.
+    let refused_before = invalid_requests(&s).await;
+    let notes: Vec<Value> = (0..5)
+        .map(|_| json!({"jsonrpc": "2.0", "method": "conference.list"}))
+        .collect();
+    send(&mut ws, &Value::Array(notes).to_string()).await;
+    assert!(rpc(&mut ws, "conference.list", json!({}), 99).await["result"].is_object());
+    assert_eq!(invalid_requests(&s).await - refused_before, 5.0);
 
     // The bucket (burst 5) is spent by now: the next commands are refused, then allowed again.
     let mut limited = 0;
@@ -1559,6 +1575,11 @@ async fn an_upgrade_for_another_websocket_version_is_told_version_13() {
             .get("sec-websocket-version")
             .and_then(|v| v.to_str().ok()),
         Some("13")
+    );
+    // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+    assert_eq!(
+        r.headers().get("upgrade").and_then(|v| v.to_str().ok()),
+        Some("websocket")
     );
     let body: Value = r.json().await.expect("JSON error body");
     assert_eq!(body["error"]["code"], "upgrade_required", "{body}");

@@ -262,6 +262,7 @@ async fn as_json_error(resp: Response) -> Response {
     };
     let code = match status {
         StatusCode::BAD_REQUEST => "invalid_request",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::UPGRADE_REQUIRED => "upgrade_required",
@@ -273,7 +274,15 @@ async fn as_json_error(resp: Response) -> Response {
     } else {
         text
     };
-    ApiError::new(status, code, message).into_response()
+    let mut out = ApiError::new(status, code, message).into_response();
+    if status == StatusCode::UPGRADE_REQUIRED {
+        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+        out.headers_mut().insert(
+            header::UPGRADE,
+            axum::http::HeaderValue::from_static("websocket"),
+        );
+    }
+    out
 }
 
 #[cfg(test)]

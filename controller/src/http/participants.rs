@@ -83,6 +83,11 @@ pub async fn rpc(
                 "sec-websocket-version",
                 axum::http::HeaderValue::from_static("13"),
             );
+            // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+            r.headers_mut().insert(
+                axum::http::header::UPGRADE,
+                axum::http::HeaderValue::from_static("websocket"),
+            );
             return r;
         }
         Err(other) => return other.into_response(),
@@ -196,7 +201,8 @@ pub async fn dialout(
     let name = checked(name)?;
     q?;
     let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)])?)?;
-    let d = state.control.dialout(p).await?;
+    let control = state.control.clone();
+    let d = to_the_end(async move { control.dialout(p).await }).await??;
     // Statuses are not events: REST callers see the callee's `join` (participant = call id)
     // among the conference events; the JSON-RPC `dialout` streams every status. Dropping
     // the stream forgets the command.
@@ -343,7 +349,26 @@ pub async fn move_to(
     q?;
     let v = with(body(b)?, &[("conference", &p.name), ("participant", &p.id)])?;
     let params: MoveParams = decode(v)?;
-    Ok(Json(state.control.move_participant(params).await?))
+    let control = state.control.clone();
+    Ok(Json(
+        to_the_end(async move { control.move_participant(params).await }).await??,
+    ))
+}
+
+/// Runs a command that claims a home in a task of its own, so it finishes even when the
+/// client hangs up (hyper then drops the request's future): cut short between its claim and
+/// the claim's hand-back after a node's refusal, it would leave an empty conference holding
+/// a seat of the node's capacity.
+async fn to_the_end<T: Send + 'static>(
+    command: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(command).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the command failed: {e}"),
+        )
+    })
 }
 
 /// `PATCH .../participants/{id}` with `{"endConferenceOnExit"?, "beepOnExit"?}`.

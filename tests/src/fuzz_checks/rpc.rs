@@ -51,16 +51,31 @@ fn frame(text: &str, limits: &Limits) {
                 .map(|m| m.len())
                 .unwrap_or_default();
             assert!(items.len() <= members, "{} of {members}", items.len());
-            if members > limits.max_batch {
-                // Refused whole: every call answered with an error, notifications dropped.
-                assert!(
-                    items.iter().all(|i| i.is_err()),
-                    "carried out past the limit"
-                );
-            } else {
-                assert!(!items.is_empty() && items.len() == members);
-            }
+            assert!(
+                members <= limits.max_batch,
+                "{members} carried out past the limit"
+            );
+            assert!(!items.is_empty() && items.len() == members);
             items.into_iter().for_each(one);
+        }
+        Decoded::RefusedBatch {
+            answers,
+            notifications,
+        } => {
+            // Refused whole: every call answered with an error, notifications counted.
+            let members = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text)
+                .map(|m| m.len())
+                .unwrap_or_default();
+            assert!(
+                members > limits.max_batch,
+                "{members} refused within the limit"
+            );
+            assert_eq!(answers.len() + notifications, members);
+            assert!(
+                answers.iter().all(|i| i.is_err()),
+                "carried out past the limit"
+            );
+            answers.into_iter().for_each(one);
         }
     }
 }
