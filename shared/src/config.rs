@@ -543,6 +543,12 @@ pub struct RedisConfig {
     /// Lease of a conference claim, renewed by its owner while the conference lives.
     #[serde(deserialize_with = "duration")]
     pub conference_lease: Duration,
+    /// Lease of a new claim until a caller or dial-out reaches its node (the agent's first
+    /// count write then gives it `conference_lease`), capped at `conference_lease`: a claim
+    /// no call ever reaches (a scanner, an edge that does not follow the 302) frees its
+    /// node's capacity after this, not after a whole conference lease.
+    #[serde(deserialize_with = "duration")]
+    pub claim_lease: Duration,
 }
 
 /// Sentinel group settings.
@@ -592,6 +598,7 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(1),
             wait_replicas: 0,
             conference_lease: Duration::from_secs(60),
+            claim_lease: Duration::from_secs(10),
         }
     }
 }
@@ -900,6 +907,9 @@ impl Validate for RedisConfig {
         if self.conference_lease < Duration::from_secs(1) {
             issues.add("redis.conference_lease", "must be at least 1s");
         }
+        if self.claim_lease < Duration::from_secs(1) {
+            issues.add("redis.claim_lease", "must be at least 1s");
+        }
         issues.finish()
     }
 }
@@ -1103,6 +1113,21 @@ mod tests {
         let f = toml("[redis]\ntimeout = \"soon\"\nconference_lease = \"1ms\"\n");
         let err = load_from::<Root>(Some(f.path()), &[]).expect_err("a type mistake");
         assert_eq!(err.issues.len(), 1, "{err}");
+    }
+
+    #[test]
+    fn leases_under_a_second_are_refused_by_name() {
+        let root: Root = load_from(None, &[]).expect("defaults load");
+        assert_eq!(root.redis.claim_lease, Duration::from_secs(10));
+        assert_eq!(root.redis.conference_lease, Duration::from_secs(60));
+        for key in ["conference_lease", "claim_lease"] {
+            let var = format!("CONFROUTE_REDIS__{}", key.to_uppercase());
+            let err = load_from::<Root>(None, &env(&[(var.as_str(), "500ms")]))
+                .expect_err("a lease under a second");
+            assert!(err.mentions(&format!("redis.{key}")), "{key}: {err}");
+            assert!(err.to_string().contains("at least 1s"), "{err}");
+            assert_eq!(err.issues.len(), 1, "{err}");
+        }
     }
 
     #[test]

@@ -69,6 +69,29 @@ async fn callers_of_one_conference_share_one_bridge_and_the_claim_counts_them() 
     assert_eq!(metric(&m, "confroute_node_conferences"), 0.0);
 }
 
+/// A new claim lives only `redis.claim_lease` (here 1 s) unless a call reaches it: the first
+/// caller's count gives it the whole conference lease at once, not the next heartbeat (here
+/// every 5 s), so its conference cannot lose its home in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_caller_gives_the_claim_the_whole_conference_lease() {
+    let s = Single::start(&[
+        ("CONFROUTE_REDIS__CLAIM_LEASE", "1s"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s"),
+    ])
+    .await;
+    let a = dial(&s.sim, "lease-1", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let left: i64 = confroute_tests::harness::redis_query(
+        s.redis.port(),
+        redis::cmd("PTTL").arg(format!("{}conf:lease-1", s.cfg.prefix)),
+    )
+    .expect("PTTL");
+    assert!(
+        left > 5_000,
+        "the claim of a conference in use has {left} ms left"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_from_variable_or_sip_header_when_no_argument() {
     let s = Single::start(&[]).await;

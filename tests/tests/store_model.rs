@@ -1677,3 +1677,125 @@ async fn the_next_life_starts_above_every_ended_one() {
         "above the b@2 life, not just above a@1"
     );
 }
+
+/// A claim no call reaches gives its node's seat back after `redis.claim_lease`, not a whole
+/// conference lease; the owner's first count gives a claim the conference lease.
+#[tokio::test]
+async fn an_unused_claim_frees_its_seat_after_the_claim_lease() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = RedisConfig {
+        claim_lease: Duration::from_secs(1),
+        conference_lease: LONG,
+        ..fixtures::single(&redis.url())
+    };
+    let store = fixtures::store(&cfg);
+    store.register(&node("a", 2), LONG).await.expect("register");
+    let pttl = |room: &str| {
+        redis_query::<i64>(
+            redis.port(),
+            redis::cmd("PTTL").arg(format!("{}conf:{room}", cfg.prefix)),
+        )
+        .expect("PTTL")
+    };
+    for room in ["used", "unused"] {
+        let c = store.claim(&name(room), &[id("a")]).await.expect("claim");
+        assert_eq!(c.kind, ClaimKind::Claimed, "{room}");
+        let left = pttl(room);
+        assert!(
+            left > 0 && left <= 1000,
+            "{room}: a new claim's lease is {left} ms"
+        );
+    }
+    // A caller reached node a: its agent's first count.
+    assert!(store
+        .set_participants(&name("used"), &owner("a", 1), 1, 1, None)
+        .await
+        .expect("count"));
+    let left = pttl("used");
+    assert!(left > 50_000, "a claim in use has {left} ms of lease");
+    let full = store
+        .claim(&name("third"), &[id("a")])
+        .await
+        .expect("claim");
+    assert_eq!(full.kind, ClaimKind::NoCapacity);
+
+    wait_for_async(
+        "the unused claim to expire",
+        Duration::from_secs(10),
+        || async {
+            store
+                .lookup(&name("unused"))
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await
+    .expect("the unused claim expires");
+    // The node's next heartbeat drops it from the node's placements: the seat is free.
+    let hosted = [Hosted {
+        name: name("used"),
+        epoch: 1,
+        participants: 1,
+        count_version: 2,
+    }];
+    store
+        .heartbeat(&id("a"), &NodeLoad::default(), LONG, &hosted)
+        .await
+        .expect("heartbeat");
+    let third = store
+        .claim(&name("third"), &[id("a")])
+        .await
+        .expect("claim");
+    assert_eq!(third.kind, ClaimKind::Claimed);
+    let used = store.lookup(&name("used")).await.expect("lookup");
+    assert_eq!(used.map(|r| r.owner), Some(owner("a", 1)));
+}
+
+/// A home claimed back by a heartbeat at an epoch below a life that ended meanwhile is
+/// re-homed above that ended life too: no (node, epoch) is used twice.
+#[tokio::test]
+async fn a_rehome_starts_above_an_ended_life_too() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    store.register(&node("a", 10), LONG).await.expect("a");
+    store.register(&node("b", 10), LONG).await.expect("b");
+    let room = name("again");
+    // The b@2 life ended; a, away meanwhile, claims its own first life back at epoch 1.
+    store.claim(&room, &[id("a")]).await.expect("claim");
+    rehome_from_a_to_b(&store, &room).await;
+    assert!(store.release(&room, &owner("b", 2)).await.expect("release"));
+    store
+        .set_state(&id("a"), NodeState::Serving)
+        .await
+        .expect("serve");
+    let hosted = [Hosted {
+        name: room.clone(),
+        epoch: 1,
+        participants: 0,
+        count_version: 1,
+    }];
+    store
+        .heartbeat_reclaiming(&id("a"), &NodeLoad::default(), LONG, &hosted)
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
+        Some(owner("a", 1))
+    );
+    // a drains with the conference empty: it moves to b, above the ended b@2.
+    let moved = {
+        store
+            .set_state(&id("a"), NodeState::Draining)
+            .await
+            .expect("drain");
+        store.claim(&room, &[id("b")]).await.expect("claim")
+    };
+    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    assert_eq!(
+        moved.owner,
+        Some(owner("b", 3)),
+        "b@2 was used by the ended life"
+    );
+}

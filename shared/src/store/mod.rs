@@ -6,7 +6,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<p>conf:<name>` | hash, lease = `redis.conference_lease` | owner, epoch, participants, created_ms |
+//! | `<p>conf:<name>` | hash, lease = `redis.claim_lease` until its owner's first count, then `redis.conference_lease` | owner, epoch, participants, created_ms |
 //! | `<p>confs` | sorted set (score 0) | conference names, for paged listing |
 //! | `<p>ended:<name>` | string, lease = `redis.conference_lease` | the epoch the name's last life ended with |
 //! | `<p>node:<id>` | hash, lease = node lease | sip_uri, control, zone, capacity, state, load |
@@ -203,6 +203,7 @@ pub struct Store {
     scripts: std::sync::Arc<Scripts>,
     timeout: Duration,
     conference_lease: Duration,
+    claim_lease: Duration,
     wait_replicas: u32,
     metrics: StoreMetrics,
 }
@@ -223,6 +224,7 @@ impl Store {
             scripts: std::sync::Arc::new(Scripts::new()),
             timeout: cfg.timeout,
             conference_lease: cfg.conference_lease,
+            claim_lease: cfg.claim_lease.min(cfg.conference_lease),
             wait_replicas: cfg.wait_replicas,
             metrics,
         })
@@ -523,7 +525,7 @@ impl Store {
     ) -> Result<Claim, StoreError> {
         let conf_key = self.conf_key(name.as_str());
         let touch = if self.wait_replicas > 0 { "1" } else { "0" };
-        let lease_ms = self.conference_lease.as_millis() as u64;
+        let lease_ms = self.claim_lease.as_millis() as u64;
         let script = &self.scripts.claim;
         let wait = self.wait_replicas;
         // The server-side WAIT must end before the client's deadline for the command (the
@@ -650,7 +652,8 @@ impl Store {
     /// Records the participant count of a conference this owner holds, and with `settings`
     /// the opaque settings its agent keeps across a restart; false if not owner. `version`
     /// orders it against the counts heartbeats carry: one rising counter per agent, so a
-    /// heartbeat's older snapshot never undoes this write.
+    /// heartbeat's older snapshot never undoes this write. The write gives the claim the
+    /// whole conference lease: a new claim has only `redis.claim_lease` until then.
     pub async fn set_participants(
         &self,
         name: &ConferenceName,
@@ -668,6 +671,7 @@ impl Store {
                 .arg(owner.epoch)
                 .arg(count)
                 .arg(version)
+                .arg(self.conference_lease.as_millis() as u64)
                 .arg(settings)
                 .invoke_async::<i64>(&mut c)
                 .await

@@ -10,7 +10,9 @@
 --
 -- KEYS[1] conference record   <prefix>conf:<name>
 -- KEYS[2] conference index    <prefix>confs
--- ARGV[1] prefix, ARGV[2] name, ARGV[3] conference lease (ms),
+-- ARGV[1] prefix, ARGV[2] name, ARGV[3] claim lease (ms): a home placed here lives that long
+-- unless its owner's first count (participants.lua) gives it the conference lease, so a claim
+-- no call reaches frees its node's capacity soon (invariants 3 and 4),
 -- ARGV[4] "1" when the caller will WAIT for replicas: then every path writes (so the WAIT
 -- also covers a claim made by another client that this call only read) and the reply
 -- carries the number of replicas connected now (a WAIT for more would only time out).
@@ -86,7 +88,11 @@ if rec[1] then
     return {'existing', owner, epoch, n[2], created, 0, replicas}
   end
   if settling then return {'settling', owner, epoch, '', created, 0, replicas} end
-  local placed = place(epoch + 1, created, 'rehomed')
+  -- Above the name's last ended life too: a heartbeat may have claimed it back at an epoch
+  -- below one that ended meanwhile, and a late compare-and-delete of that life must not
+  -- match the new home.
+  local ended = tonumber(redis.call('GET', prefix .. 'ended:' .. name) or '0') or 0
+  local placed = place(math.max(epoch, ended) + 1, created, 'rehomed')
   if placed then
     redis.call('SREM', set_key(owner), name)
     return placed
