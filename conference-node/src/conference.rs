@@ -439,6 +439,9 @@ struct Conference {
     /// A reconciliation's answer, sent once the actor has retired if it was going to: the
     /// reconciliation then finds the names of actors that ended gone from the registry.
     reconciled: Option<(oneshot::Sender<bool>, bool)>,
+    /// The last reconciliation could not tell whether this node owns the conference (Redis
+    /// did not answer): its answer is withheld, so the pass counts as incomplete.
+    reconcile_unsure: bool,
 }
 
 /// Runs a conference's actor until it is idle with nothing queued.
@@ -472,6 +475,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         answering: None,
         admitting: false,
         reconciled: None,
+        reconcile_unsure: false,
     };
     loop {
         let retired = c.phase == Phase::Idle && node.retire(&name, &rx);
@@ -516,7 +520,12 @@ impl Conference {
                     .await;
                 self.check_recording().await;
                 self.check_redirects(&listed, taken);
-                self.reconciled = Some((reply, owned));
+                if std::mem::take(&mut self.reconcile_unsure) {
+                    // Dropped unanswered: the pass is retried and releases no claim.
+                    drop(reply);
+                } else {
+                    self.reconciled = Some((reply, owned));
+                }
             }
             Msg::End { reason } => self.end(reason, None).await,
             Msg::Command(req) => {
@@ -564,7 +573,10 @@ impl Conference {
         let store = &self.node.store;
         match store.lookup(&self.name).await {
             Err(e) => return Fence::Unavailable(e.to_string()),
-            Ok(Some(rec)) if rec.owner.node == self.node.id => {
+            // An unconfirmed claim (its replicas' WAIT failed) may yet be lost in a failover:
+            // the claim below waits for the replicas again and confirms it first, as a
+            // controller's routing does.
+            Ok(Some(rec)) if rec.owner.node == self.node.id && !rec.unconfirmed => {
                 return Fence::Owned(rec.owner.epoch)
             }
             Ok(_) => {}
@@ -1976,6 +1988,8 @@ impl Conference {
                 Fence::Owned(e) => Some(*e),
                 Fence::Unavailable(why) => {
                     tracing::warn!(conference = %self.name, error = %why, "cannot check ownership while reconciling; will retry");
+                    // Not "not here": the pass must not go on to release this claim.
+                    self.reconcile_unsure = true;
                     return false;
                 }
                 _ => None,
@@ -2033,8 +2047,22 @@ impl Conference {
                     return false;
                 }
                 _ => {
-                    // No claim and none to be had (the node is draining): keep serving
-                    // who is here without admitting anyone new.
+                    // No claim, and claim.lua places nothing on this node now (draining, full,
+                    // or its ARI not yet reported up), while its callers are here: the
+                    // reclaiming heartbeat claims it back at its bridge's epoch, as for any
+                    // hosted conference whose claim went missing. Left unclaimed, the next
+                    // caller would give it a second home. Nobody new is admitted meanwhile.
+                    let epoch = main
+                        .iter()
+                        .chain(holding.iter())
+                        .find_map(|b| parse_bridge_id(&b.id))
+                        .map(|(_, epoch, _)| epoch);
+                    if let Some(epoch) = epoch {
+                        tracing::warn!(conference = %self.name, epoch, "adopted conference has no claim and this node takes no placement; claiming it back with the heartbeat");
+                        self.epoch = epoch;
+                        self.publish();
+                        return true;
+                    }
                     self.phase = Phase::Lost;
                     self.publish();
                     return false;

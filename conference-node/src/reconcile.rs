@@ -143,6 +143,8 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
                 active.insert(name);
             }
             Ok(Ok(false)) => {}
+            // No answer (the actor could not ask Redis who owns it, or took too long): its
+            // claim must not be released as stale by this pass.
             _ => incomplete = true,
         }
     }

@@ -426,6 +426,127 @@ async fn a_draining_node_claims_again_a_live_conference_whose_claim_vanished() {
     );
 }
 
+/// An agent restarted on a draining node finds its conference's bridge, callers in it, and
+/// its claim gone (a failover lost it): the claim script places nothing on a draining node,
+/// so the agent claims it back at its bridge's epoch with the heartbeat, as it does for a
+/// conference it never lost sight of. It used to keep the callers unclaimed, and the next
+/// caller was placed on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_draining_agent_claims_back_an_adopted_conference_whose_claim_vanished() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "vanished-2", &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    let rec = wait_for_async("the caller counted", WAIT, || async {
+        let rec = store.lookup(&name("vanished-2")).await.ok()??;
+        (rec.participants == 1).then_some(rec)
+    })
+    .await
+    .expect("counted");
+    let drained = fixtures::http()
+        .post(format!("{}/v1/drain", s.node.http_url()))
+        .send()
+        .await
+        .expect("drain");
+    assert!(drained.status().is_success());
+    s.restart_with_channel_listing_held().await;
+    assert!(store
+        .release(&name("vanished-2"), &rec.owner)
+        .await
+        .expect("release"));
+    s.sim.release_operation("GET /channels");
+    let back = wait_for_async("the claim back on its node", WAIT, || async {
+        store.lookup(&name("vanished-2")).await.ok()?
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(back.owner, rec.owner, "back at its bridge's epoch");
+    let node = store
+        .get_node(&fixtures::id("node-a"))
+        .await
+        .expect("node")
+        .expect("registered");
+    assert_eq!(
+        node.info.state,
+        confroute_shared::types::NodeState::Draining
+    );
+    assert_eq!(
+        s.sim.snapshot().channel(&a).and_then(|c| c.bridge.clone()),
+        Some(bridge)
+    );
+}
+
+/// Redis stalls just as a restarted agent asks it who owns a conference it found in
+/// Asterisk, and answers again for the pass's next step. The pass used to take the
+/// unanswered check for "not here" and release the live conference's claim as stale; now
+/// it is incomplete, retried, and the conference adopted with its claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_stall_during_adoption_releases_no_claim_of_a_live_conference() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "keep", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    // The restarted agent's first reconciliation waits for its bridge listing.
+    s.node.process().kill();
+    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
+    s.sim.hold_operation("GET /bridges");
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async(
+        "the reconciliation waiting for its bridges",
+        WAIT,
+        || async { (s.sim.held_requests("GET /bridges") > 0).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // A script that keeps Redis busy for 900 ms: the agent's ownership check (500 ms
+    // deadline) fails, and what it sends after that waits less than its deadline.
+    let script = "local s = redis.call('TIME'); local t0 = s[1] * 1000000 + s[2]; \
+        while true do local t = redis.call('TIME'); \
+        if t[1] * 1000000 + t[2] - t0 > tonumber(ARGV[1]) then break end end return 1";
+    let mut busy = std::net::TcpStream::connect(("127.0.0.1", s.redis.port())).expect("connect");
+    let frame = format!(
+        "*4\r\n$4\r\nEVAL\r\n${}\r\n{script}\r\n$1\r\n0\r\n$6\r\n900000\r\n",
+        script.len()
+    );
+    std::io::Write::write_all(&mut busy, frame.as_bytes()).expect("send the script");
+    s.sim.release_operation("GET /bridges");
+    let url = s.node.http_url();
+    wait_for_async("the conference adopted", WAIT, || async {
+        let m = scrape(&url).await;
+        (metric(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="adopted_conference"}"#,
+        ) == 1.0)
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let m = scrape(&url).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="released_stale_claim"}"#
+        ),
+        0.0,
+        "{}",
+        s.node.output()
+    );
+    let rec = store.lookup(&name("keep")).await.expect("lookup");
+    assert_eq!(
+        rec.map(|r| r.owner.node.as_str().to_string()),
+        Some("node-a".into())
+    );
+    let mut reply = [0u8; 64];
+    let n = std::io::Read::read(&mut busy, &mut reply).unwrap_or(0);
+    eprintln!(
+        "SCRIPT REPLY {:?}\n{}",
+        String::from_utf8_lossy(&reply[..n]),
+        s.node.output()
+    );
+    drop(busy);
+}
+
 /// A placement whose caller never comes is released by reconciliation, but only after it
 /// has been stale for the grace a caller on its way gets (5 s), however many passes run
 /// meanwhile (here one every 300 ms).
