@@ -739,6 +739,21 @@ fn services_offer_only_the_transports_served() {
         "no Service for a transport not served: {:?}",
         r.names()
     );
+    // The notes point edges at the Services that exist.
+    let notes = r.notes();
+    assert!(notes.contains("-sip-udp."), "{notes}");
+    assert!(!notes.contains("-sip-tcp"), "{notes}");
+    let dir = TempDir::new("values").expect("dir");
+    let tcp_only = render(&values_file(
+        dir.path(),
+        "tcp-only",
+        &json!({"controller": {"config": {"sip": {"transports": ["tcp"]}},
+            "service": {"sip": {"split": true}}}}),
+    ));
+    let notes = tcp_only.notes();
+    assert!(notes.contains("-sip-tcp."), "{notes}");
+    assert!(!notes.contains("-sip-udp"), "{notes}");
+    tcp_only.one("Service", "-sip-tcp");
 }
 
 /// Outside the cluster the SIP Services keep the caller's source address unless told
@@ -1056,6 +1071,16 @@ fn values_that_break_the_schema_are_refused() {
             "mode",
         ),
         (
+            "a node budget that blocks every drain",
+            json!({"node": {"podDisruptionBudget": {"maxUnavailable": 0}}}),
+            "maxUnavailable",
+        ),
+        (
+            "a node budget of 0 %",
+            json!({"node": {"podDisruptionBudget": {"maxUnavailable": "0%"}}}),
+            "maxUnavailable",
+        ),
+        (
             "sentinel without addresses",
             json!({"redis": {"mode": "sentinel"}}),
             "addresses",
@@ -1217,6 +1242,36 @@ fn values_that_would_drop_calls_are_refused_at_render() {
             "redis.tlsSecret.caCertificate",
             "redis.tlsSecret.clientCertificate",
         ],
+    );
+    // Asterisk with no RTP port, or two of a node pod's listeners on one port.
+    refused_at_render(
+        dir.path(),
+        "RTP range upside down",
+        &json!({"asterisk": {"rtp": {"start": 20000, "end": 10000}}}),
+        &["asterisk.rtp.start", "asterisk.rtp.end"],
+    );
+    refused_at_render(
+        dir.path(),
+        "agent on Asterisk's HTTP port",
+        &json!({"node": {"httpPort": 8088}, "asterisk": {"ariPort": 8088}}),
+        &["node.httpPort", "asterisk.ariPort", "8088"],
+    );
+    refused_at_render(
+        dir.path(),
+        "agent on Asterisk's SIP port",
+        &json!({"node": {"httpPort": 5060, "sipPort": 5060}}),
+        &["node.httpPort", "node.sipPort"],
+    );
+    // A rediss:// seed uses TLS as the binaries read it: the Secret is not refused.
+    let seeds = render(&values_file(
+        dir.path(),
+        "tls-seeds",
+        &json!({"redis": {"mode": "cluster", "cluster": {"seeds": ["rediss://c1:6379"]},
+            "tlsSecret": {"name": "redis-ca"}}}),
+    ));
+    assert!(
+        config_of(&seeds, "-controller", "controller.toml").contains("tls_ca_file"),
+        "the CA reaches the controller"
     );
     // The grace period counts the preStop sleep: one no longer kills the controller mid-sleep,
     // before it has stopped at all.
