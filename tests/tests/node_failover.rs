@@ -547,6 +547,52 @@ async fn a_redis_stall_during_adoption_releases_no_claim_of_a_live_conference() 
     drop(busy);
 }
 
+/// With `redis.wait_replicas`, a claim no replica acknowledged stays marked unconfirmed: a
+/// failover could still lose it. A caller reaching its node then is refused for now (503,
+/// the edge may retry), as a controller's route is, and admitted once a replica has the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_is_not_admitted_on_a_claim_no_replica_acknowledged() {
+    let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
+    let cfg = fixtures::replicated(&primary.url());
+    let store = fixtures::store(&cfg);
+    let sim = sim().await;
+    let node = NodeProc::start(
+        "node-a",
+        &env(&sim, &cfg, &[("CONFROUTE_CONFERENCE__BEEP", "false")]),
+    )
+    .expect("node starts");
+    wait_app(&sim, &node).await;
+    wait_for_async("the node placeable", WAIT, || async {
+        let rec = store.get_node(&fixtures::id("node-a")).await.ok()??;
+        rec.load.ari.then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let pid = replica.pid().expect("replica pid") as libc::pid_t;
+    // SAFETY: signals a child process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let placed = store.claim(&name("fresh"), &[fixtures::id("node-a")]).await;
+    let a = dial(&sim, "fresh", &[]).await;
+    let cause = wait_hangup(&sim, &a).await;
+    // SAFETY: as above; resumed before any assertion can fail.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        matches!(
+            placed,
+            Err(confroute_shared::store::StoreError::NotReplicated { .. })
+        ),
+        "{placed:?}"
+    );
+    assert_eq!(cause, 34, "refused for now\n{}", node.output());
+    let b = dial(&sim, "fresh", &[]).await;
+    wait_bridged(&sim, &b).await;
+    let rec = store.lookup(&name("fresh")).await.expect("lookup");
+    assert_eq!(
+        rec.map(|r| (r.owner.epoch, r.unconfirmed)),
+        Some((1, false))
+    );
+}
+
 /// A placement whose caller never comes is released by reconciliation, but only after it
 /// has been stale for the grace a caller on its way gets (5 s), however many passes run
 /// meanwhile (here one every 300 ms).
