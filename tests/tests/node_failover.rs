@@ -389,14 +389,23 @@ async fn a_leftover_bridge_of_an_earlier_lifetime_is_merged_not_taken_for_the_co
     assert_eq!(wait_bridged(&s.sim, &b).await, main);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_node_claims_again_a_live_conference_whose_claim_vanished() {
+/// An agent with one caller in `conf`, counted in Redis, drained by an admin; returns the
+/// agent, a store, the caller, its bridge and the conference's record.
+async fn a_caller_on_a_draining_node(
+    conf: &str,
+) -> (
+    Single,
+    confroute_shared::store::Store,
+    String,
+    String,
+    confroute_shared::types::ConferenceRecord,
+) {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let store = fixtures::store(&s.cfg);
-    let a = dial(&s.sim, "vanished", &[]).await;
+    let a = dial(&s.sim, conf, &[]).await;
     let bridge = wait_bridged(&s.sim, &a).await;
     let rec = wait_for_async("the caller counted", WAIT, || async {
-        let rec = store.lookup(&name("vanished")).await.ok()??;
+        let rec = store.lookup(&name(conf)).await.ok()??;
         (rec.participants == 1).then_some(rec)
     })
     .await
@@ -407,6 +416,12 @@ async fn a_draining_node_claims_again_a_live_conference_whose_claim_vanished() {
         .await
         .expect("drain");
     assert!(drained.status().is_success());
+    (s, store, a, bridge, rec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_claims_again_a_live_conference_whose_claim_vanished() {
+    let (s, store, a, bridge, rec) = a_caller_on_a_draining_node("vanished").await;
     // The claim goes (a failover to a replica without it, or a release by mistake) while the
     // conference lives on the draining node: it must come back there, or the next caller
     // would be placed elsewhere and the conference would have two homes.
@@ -433,22 +448,7 @@ async fn a_draining_node_claims_again_a_live_conference_whose_claim_vanished() {
 /// caller was placed on another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_draining_agent_claims_back_an_adopted_conference_whose_claim_vanished() {
-    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
-    let store = fixtures::store(&s.cfg);
-    let a = dial(&s.sim, "vanished-2", &[]).await;
-    let bridge = wait_bridged(&s.sim, &a).await;
-    let rec = wait_for_async("the caller counted", WAIT, || async {
-        let rec = store.lookup(&name("vanished-2")).await.ok()??;
-        (rec.participants == 1).then_some(rec)
-    })
-    .await
-    .expect("counted");
-    let drained = fixtures::http()
-        .post(format!("{}/v1/drain", s.node.http_url()))
-        .send()
-        .await
-        .expect("drain");
-    assert!(drained.status().is_success());
+    let (mut s, store, a, bridge, rec) = a_caller_on_a_draining_node("vanished-2").await;
     s.restart_with_channel_listing_held().await;
     assert!(store
         .release(&name("vanished-2"), &rec.owner)
