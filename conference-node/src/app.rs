@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use confroute_shared::bus::Bus;
+use confroute_shared::config::RedisConfig;
 use confroute_shared::store::Store;
 use confroute_shared::types::{NodeId, NodeInfo, NodeRecord, NodeState};
 
@@ -116,8 +117,14 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     // reqwest is built without a default TLS provider; a second install is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Metrics::new().map_err(|e| StartError(format!("metrics: {e}")))?;
-    let store =
-        Store::new(&cfg.redis, metrics.store.clone()).map_err(|e| StartError(e.to_string()))?;
+    // The agent claims a conference only for a caller or dial-out already here, whose count
+    // may not land at once (Redis trouble): its claims take the conference lease from the
+    // start, never a short `redis.claim_lease` that could lapse before its next heartbeat.
+    let redis = RedisConfig {
+        claim_lease: cfg.redis.conference_lease,
+        ..cfg.redis.clone()
+    };
+    let store = Store::new(&redis, metrics.store.clone()).map_err(|e| StartError(e.to_string()))?;
     store.spawn_settings_check();
     let ari = AriClient::new(
         &cfg.ari_base(),

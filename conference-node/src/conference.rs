@@ -604,6 +604,14 @@ impl Conference {
     /// Starts the conference's life on this node with the settings of `opts`; `sid` is the
     /// ConferenceSid of an adopted conference's callbacks (a new one otherwise).
     fn activate(&mut self, epoch: u64, opts: &Options, sid: Option<String>) {
+        self.activate_quietly(epoch, opts, sid);
+        // Visible (to drain and the heartbeat) from now on, before its first caller is in.
+        self.publish();
+    }
+
+    /// [`Self::activate`] without showing the conference to the heartbeat yet: an adopted
+    /// conference is shown once its callers are in, so no heartbeat writes it empty.
+    fn activate_quietly(&mut self, epoch: u64, opts: &Options, sid: Option<String>) {
         let (main, holding) = bridge_ids(&self.name, epoch, rand::random());
         self.phase = Phase::Active;
         self.epoch = epoch;
@@ -620,8 +628,6 @@ impl Conference {
         self.heard_of = false;
         self.apply_settings(opts, sid);
         tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
-        // Visible (to drain and the heartbeat) from now on, before its first caller is in.
-        self.publish();
     }
 
     /// Takes the conference-wide settings of `opts` (the first caller's, or those kept from
@@ -1994,8 +2000,24 @@ impl Conference {
                 }
                 _ => None,
             };
+            // No claim, and claim.lua places nothing on this node now (draining, full, or its
+            // ARI not yet reported up), while its callers are here: the reclaiming heartbeat
+            // claims it back at its bridge's epoch, as for any hosted conference whose claim
+            // went missing. Left unclaimed, the next caller would give it a second home.
+            let reclaim_at = match fence {
+                Fence::NotServing => main
+                    .iter()
+                    .chain(holding.iter())
+                    .find_map(|b| parse_bridge_id(&b.id))
+                    .map(|(_, epoch, _)| epoch),
+                _ => None,
+            };
             let kept = self.kept_settings().await;
-            self.activate(owned_epoch.unwrap_or(0), &kept.opts, kept.sid);
+            self.activate_quietly(
+                owned_epoch.or(reclaim_at).unwrap_or(0),
+                &kept.opts,
+                kept.sid,
+            );
             self.kept_recording = kept.recording;
             self.kept_started = kept.started;
             // Callers are in it: the application heard of it from the last life.
@@ -2034,6 +2056,7 @@ impl Conference {
             tracing::info!(conference = %self.name, participants = self.participants.len(), owned = owned_epoch.is_some(), "re-adopted conference found in Asterisk");
             match fence {
                 Fence::Owned(_) => {
+                    self.publish();
                     // A restart between a start's first step and its last leaves callers
                     // that make a start waiting, or some of them moved in and others not.
                     self.start_if_due().await;
@@ -2046,23 +2069,16 @@ impl Conference {
                     self.lost(&node).await;
                     return false;
                 }
+                _ if reclaim_at.is_some() => {
+                    tracing::warn!(conference = %self.name, epoch = self.epoch, "adopted conference has no claim and this node takes no placement; claiming it back with the heartbeat");
+                    // Shown with its callers in: the heartbeat's claim counts them. Nobody
+                    // new is admitted until it holds.
+                    self.publish();
+                    self.start_if_due().await;
+                    self.finish_cut_short_start().await;
+                    return true;
+                }
                 _ => {
-                    // No claim, and claim.lua places nothing on this node now (draining, full,
-                    // or its ARI not yet reported up), while its callers are here: the
-                    // reclaiming heartbeat claims it back at its bridge's epoch, as for any
-                    // hosted conference whose claim went missing. Left unclaimed, the next
-                    // caller would give it a second home. Nobody new is admitted meanwhile.
-                    let epoch = main
-                        .iter()
-                        .chain(holding.iter())
-                        .find_map(|b| parse_bridge_id(&b.id))
-                        .map(|(_, epoch, _)| epoch);
-                    if let Some(epoch) = epoch {
-                        tracing::warn!(conference = %self.name, epoch, "adopted conference has no claim and this node takes no placement; claiming it back with the heartbeat");
-                        self.epoch = epoch;
-                        self.publish();
-                        return true;
-                    }
                     self.phase = Phase::Lost;
                     self.publish();
                     return false;

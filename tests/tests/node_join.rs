@@ -69,16 +69,25 @@ async fn callers_of_one_conference_share_one_bridge_and_the_claim_counts_them() 
     assert_eq!(metric(&m, "confroute_node_conferences"), 0.0);
 }
 
-/// A new claim lives only `redis.claim_lease` (here 1 s) unless a call reaches it: the first
-/// caller's count gives it the whole conference lease at once, not the next heartbeat (here
-/// every 5 s), so its conference cannot lose its home in between.
+/// A claim a controller placed lives only `redis.claim_lease` (here 1 s) unless a call
+/// reaches it: the first caller's count gives it the whole conference lease at once, not the
+/// next heartbeat (here every 5 s), so its conference cannot lose its home in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_caller_gives_the_claim_the_whole_conference_lease() {
-    let s = Single::start(&[
-        ("CONFROUTE_REDIS__CLAIM_LEASE", "1s"),
-        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s"),
-    ])
-    .await;
+    let s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s")]).await;
+    let controller = fixtures::store(&confroute_shared::config::RedisConfig {
+        claim_lease: std::time::Duration::from_secs(1),
+        ..s.cfg.clone()
+    });
+    let name = ConferenceName::parse("lease-1").expect("name");
+    let placed = controller
+        .claim(&name, &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    assert_eq!(
+        placed.owner.map(|o| o.node.as_str().to_string()),
+        Some("node-a".into())
+    );
     let a = dial(&s.sim, "lease-1", &[]).await;
     wait_bridged(&s.sim, &a).await;
     let left: i64 = confroute_tests::harness::redis_query(
