@@ -1071,6 +1071,11 @@ fn values_that_break_the_schema_are_refused() {
             "mode",
         ),
         (
+            "a batch limit the controller refuses",
+            json!({"controller": {"config": {"rpc": {"max_batch": 10001}}}}),
+            "max_batch",
+        ),
+        (
             "a node budget that blocks every drain",
             json!({"node": {"podDisruptionBudget": {"maxUnavailable": 0}}}),
             "maxUnavailable",
@@ -1262,12 +1267,13 @@ fn values_that_would_drop_calls_are_refused_at_render() {
         &json!({"node": {"httpPort": 5060, "sipPort": 5060}}),
         &["node.httpPort", "node.sipPort"],
     );
-    // A rediss:// seed uses TLS as the binaries read it: the Secret is not refused.
+    // A rediss:// seed uses TLS as the binaries read it: the Secret is not refused (nor is a
+    // block of another mode dropped with null).
     let seeds = render(&values_file(
         dir.path(),
         "tls-seeds",
         &json!({"redis": {"mode": "cluster", "cluster": {"seeds": ["rediss://c1:6379"]},
-            "tlsSecret": {"name": "redis-ca"}}}),
+            "sentinel": null, "tlsSecret": {"name": "redis-ca"}}}),
     ));
     assert!(
         config_of(&seeds, "-controller", "controller.toml").contains("tls_ca_file"),

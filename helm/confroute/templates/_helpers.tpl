@@ -172,7 +172,8 @@ key: ari-password
 {{- with $r.tlsSecret.name -}}
 {{- $tlsInUse := or $r.tls (and (eq $r.mode "url") (hasPrefix "rediss://" $r.url)) (and (eq $r.mode "sentinel") $r.sentinel.tls) -}}
 {{- /* A rediss:// seed or sentinel address uses TLS too, as the binaries read it. */ -}}
-{{- $addrs := ternary $r.cluster.seeds (ternary $r.sentinel.addresses (list) (eq $r.mode "sentinel")) (eq $r.mode "cluster") -}}
+{{- $addrs := list -}}
+{{- if eq $r.mode "cluster" }}{{ $addrs = ($r.cluster).seeds }}{{ else if eq $r.mode "sentinel" }}{{ $addrs = ($r.sentinel).addresses }}{{ end -}}
 {{- range $a := $addrs }}{{ if hasPrefix "rediss://" $a }}{{ $tlsInUse = true }}{{ end }}{{ end -}}
 {{- if not $tlsInUse }}{{ fail "redis.tlsSecret.name is set but no connection to Redis uses TLS: set redis.tls (or a rediss:// redis.url, or redis.sentinel.tls)" }}{{ end -}}
 {{- if not (or $r.tlsSecret.caCertificate $r.tlsSecret.clientCertificate) }}{{ fail "redis.tlsSecret.name is set but neither redis.tlsSecret.caCertificate nor redis.tlsSecret.clientCertificate uses it" }}{{ end -}}
