@@ -76,6 +76,24 @@ pub fn redis_env(cfg: &RedisConfig) -> Vec<(String, String)> {
     if let Some(url) = &cfg.url {
         env.push(("CONFROUTE_REDIS__URL".into(), url.clone()));
     }
+    // Only leases a test chose: a test's own later setting of one must not be shadowed.
+    let defaults = RedisConfig::default();
+    for (key, lease, default) in [
+        (
+            "CONFROUTE_REDIS__CONFERENCE_LEASE",
+            cfg.conference_lease,
+            defaults.conference_lease,
+        ),
+        (
+            "CONFROUTE_REDIS__CLAIM_LEASE",
+            cfg.claim_lease,
+            defaults.claim_lease,
+        ),
+    ] {
+        if lease != default {
+            env.push((key.into(), format!("{}ms", lease.as_millis())));
+        }
+    }
     for (key, file) in [
         ("CONFROUTE_REDIS__TLS_CA_FILE", &cfg.tls_ca_file),
         ("CONFROUTE_REDIS__TLS_CERT_FILE", &cfg.tls_cert_file),

@@ -25,7 +25,13 @@ fn capacity(i: u32) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_placers_respect_capacity_and_stay_balanced() {
     let redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
+    // The placements are counted from the claims afterwards: nobody joins them, so they get
+    // a claim lease longer than the run.
+    let cfg = confroute_shared::config::RedisConfig {
+        claim_lease: Duration::from_secs(600),
+        conference_lease: Duration::from_secs(600),
+        ..fixtures::single(&redis.url())
+    };
     let admin = fixtures::store(&cfg);
     for i in 0..NODES {
         admin

@@ -33,6 +33,16 @@ struct Storm {
     _dir: TempDir,
 }
 
+/// `cfg` with claims that outlive the storm: nobody joins them, so with the short claim
+/// lease the first names claimed would expire before the last contenders ask for them.
+fn lasting(cfg: RedisConfig) -> RedisConfig {
+    RedisConfig {
+        claim_lease: Duration::from_secs(600),
+        conference_lease: Duration::from_secs(600),
+        ..cfg
+    }
+}
+
 async fn register_contender_nodes(store: &Store) {
     for i in 0..CONTENDERS {
         store
@@ -133,7 +143,7 @@ async fn verify(store: &Store, told: &HashMap<String, Vec<Told>>, exactly_one_cl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn race_on_single_redis_gives_one_owner_per_name() {
     let redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
+    let cfg = lasting(fixtures::single(&redis.url()));
     let store = fixtures::store(&cfg);
     register_contender_nodes(&store).await;
     let told = finish_storm(start_storm(&cfg, 32));
@@ -143,7 +153,7 @@ async fn race_on_single_redis_gives_one_owner_per_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn race_on_redis_cluster_gives_one_owner_per_name() {
     let cluster = RedisCluster::start().expect("redis cluster");
-    let cfg = fixtures::cluster(&cluster.seeds());
+    let cfg = lasting(fixtures::cluster(&cluster.seeds()));
     let store = fixtures::store(&cfg);
     register_contender_nodes(&store).await;
     let told = finish_storm(start_storm(&cfg, 32));
@@ -153,7 +163,10 @@ async fn race_on_redis_cluster_gives_one_owner_per_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn race_on_sentinel_survives_a_primary_failover() {
     let mut group = SentinelGroup::start().expect("sentinel group");
-    let cfg = fixtures::sentinel(group.master_name(), &group.sentinel_urls());
+    let cfg = lasting(fixtures::sentinel(
+        group.master_name(),
+        &group.sentinel_urls(),
+    ));
     let store = fixtures::store(&cfg);
     register_contender_nodes(&store).await;
     // Claims waiting for replicas have a connection of their own: open it on the old primary.

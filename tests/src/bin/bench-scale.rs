@@ -272,15 +272,14 @@ async fn controller_memory(
     let redis = RedisServer::start().map_err(|e| e.to_string())?;
     let mut cfg = fixtures::single(&redis.url());
     cfg.conference_lease = LONG_LEASE;
+    cfg.claim_lease = LONG_LEASE;
     let store = fixtures::store(&cfg);
     register_nodes(&store, nodes).await?;
     let mut env = fixtures::redis_env(&cfg);
     // The production default; the harness shortens it for tests.
     env.push(("CONFROUTE_ROUTING__NODE_REFRESH".into(), "500ms".into()));
-    env.push((
-        "CONFROUTE_REDIS__CONFERENCE_LEASE".into(),
-        format!("{}s", LONG_LEASE.as_secs()),
-    ));
+    // Nobody joins these conferences: their claims outlive the run (redis_env carries both
+    // leases of `cfg`).
     let controller = ControllerProc::start(&env).map_err(|e| e.to_string())?;
     let pid = controller.pid().ok_or("the controller has no process id")?;
     let base = controller.http_url();
@@ -618,6 +617,7 @@ async fn place(
     let redis = RedisServer::start().map_err(|e| e.to_string())?;
     let mut cfg = fixtures::single(&redis.url());
     cfg.conference_lease = LONG_LEASE;
+    cfg.claim_lease = LONG_LEASE;
     let admin = fixtures::store(&cfg);
     for i in 0..nodes {
         admin

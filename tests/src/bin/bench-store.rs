@@ -109,7 +109,13 @@ async fn main() -> std::process::ExitCode {
             }
         },
     };
-    let store = fixtures::store(&fixtures::single(&url));
+    // Nobody joins the claimed names: their claims must outlive the run for the lookups and
+    // "claim-exist" to find them.
+    let store = fixtures::store(&confroute_shared::config::RedisConfig {
+        claim_lease: Duration::from_secs(24 * 3600),
+        conference_lease: Duration::from_secs(24 * 3600),
+        ..fixtures::single(&url)
+    });
     for i in 0..8 {
         if let Err(e) = store
             .register(
