@@ -1820,3 +1820,62 @@ async fn a_redis_refusing_the_subscription_leaves_routing_up_and_commands_refuse
         "{v}"
     );
 }
+
+/// A REST dial-out runs to its end even when its client hangs up first: the node's late
+/// refusal still gives back the home the dial-out claimed, as it does for a client that
+/// waits. Cut short with the request, it left an empty claim holding a seat on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_dial_out_whose_client_hung_up_still_gives_its_new_home_back() {
+    let s = setup(&[]).await;
+    let cfg = fixtures::single(&s.redis.url());
+    let store = fixtures::store(&cfg);
+    // Only node-a takes the new conference; its agent answers late, with a refusal.
+    store
+        .set_state(
+            &fixtures::id("node-b"),
+            confroute_shared::types::NodeState::Draining,
+        )
+        .await
+        .expect("drain node-b");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let (hung_up, client_gone) = tokio::sync::oneshot::channel::<()>();
+    let (answered, node_answered) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Some(cmd) = commands.recv().await {
+            // The node answers only once the client has given up.
+            let _ = client_gone.await;
+            node.respond(
+                &cmd,
+                Err(BusError::new(ErrorCode::Forbidden, "no dial template")),
+            )
+            .await;
+            let _ = answered.send(());
+        }
+    });
+    let name: confroute_shared::name::ConferenceName = "late-refusal".parse().expect("name");
+    let sent = fixtures::http()
+        .post(format!(
+            "{}/v1/conferences/late-refusal/participants",
+            s.controller.http_url()
+        ))
+        .json(&json!({"to": "+15555550101"}))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(
+        sent.as_ref().is_err_and(|e| e.is_timeout()),
+        "the client gives up first: {sent:?}"
+    );
+    assert!(
+        store.lookup(&name).await.expect("lookup").is_some(),
+        "homed for the dial-out"
+    );
+    let _ = hung_up.send(());
+    node_answered.await.expect("the node answered");
+    wait_for_async("the home given back", Duration::from_secs(5), || async {
+        store.lookup(&name).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.controller.output()));
+}
