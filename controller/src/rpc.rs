@@ -4,6 +4,7 @@
 //! Methods, notifications and error codes are documented in `docs/call-control.md`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -493,6 +494,13 @@ impl Bucket {
 /// instead of growing the controller's memory with waiting answers.
 const MAX_PENDING_FRAMES: usize = 256;
 
+/// Bytes of answers, notifications and events a connection may have queued and not yet
+/// written. The frame limits alone do not bound memory: an answer can be large
+/// (`conference.list` of 1000, in a batch of 50), and a client that reads slowly, but not
+/// slowly enough to be taken for gone, could have hundreds of MB of them held for it. Past
+/// this the connection is closed (1008).
+const MAX_UNWRITTEN_BYTES: usize = 16 << 20;
+
 /// The last command of each conference this connection has running, by arrival number.
 #[derive(Default)]
 struct Order {
@@ -575,6 +583,10 @@ struct Session {
     bucket: Mutex<Bucket>,
     in_flight: Arc<Semaphore>,
     out: mpsc::Sender<String>,
+    /// Bytes queued in `out` and not yet written (see [`MAX_UNWRITTEN_BYTES`]).
+    unwritten: Arc<AtomicUsize>,
+    /// Told when `unwritten` would pass its bound: the connection is then closed.
+    overflow: tokio::sync::Notify,
     /// Becomes true when the client is gone; dial-out status streams stop on it.
     closed: tokio::sync::watch::Receiver<bool>,
     /// `confroute_rpc_errors_total`, by code.
@@ -591,6 +603,8 @@ pub async fn serve(
 ) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<String>(1024);
+    let unwritten = Arc::new(AtomicUsize::new(0));
+    let written = unwritten.clone();
     // Why the server ends the connection, for its close frame; set before the queue closes.
     let (ending, why) = tokio::sync::oneshot::channel::<CloseFrame>();
     let ping_every = limits.ping_interval;
@@ -605,9 +619,13 @@ pub async fn serve(
         let mut closing: Option<(CloseFrame, tokio::time::Instant)> = None;
         loop {
             let grace = closing.as_ref().map(|(_, until)| *until);
+            let mut size = 0;
             let msg = tokio::select! {
                 text = out_rx.recv() => match text {
-                    Some(text) => Message::Text(text.into()),
+                    Some(text) => {
+                        size = text.len();
+                        Message::Text(text.into())
+                    }
                     None => break,
                 },
                 r = &mut why, if !heard => {
@@ -623,7 +641,9 @@ pub async fn serve(
             // A client that stays connected but reads nothing (hung, stopped) would hold
             // this task, its queue and every task answering it for good: one that takes
             // no frame for as long as a silent one is allowed is closed.
-            match tokio::time::timeout(silence, sink.send(msg)).await {
+            let sent = tokio::time::timeout(silence, sink.send(msg)).await;
+            written.fetch_sub(size, Ordering::SeqCst);
+            match sent {
                 Ok(Ok(())) => {}
                 // Ending here drops the queue, which tells the reader and every task
                 // answering into it that nobody takes their frames any more.
@@ -661,6 +681,8 @@ pub async fn serve(
         control,
         limits,
         out,
+        unwritten,
+        overflow: tokio::sync::Notify::new(),
         closed,
         errors,
     });
@@ -679,6 +701,7 @@ pub async fn serve(
                 )),
             },
             _ = writer_gone.closed() => break None,
+            _ = session.overflow.notified() => break Some(unread()),
             _ = stop.wait_for(|s| *s) => {
                 break Some(close_frame(close_code::AWAY, "the controller is shutting down".into()))
             }
@@ -691,6 +714,7 @@ pub async fn serve(
                         Err(_) => break None,
                     },
                     _ = writer_gone.closed() => break None,
+                    _ = session.overflow.notified() => break Some(unread()),
                 };
                 session.clone().incoming(text.as_str(), permit).await
             }
@@ -760,6 +784,17 @@ fn refusal(e: &axum::Error) -> Option<CloseFrame> {
     Some(close_frame(code, reason))
 }
 
+/// The close frame of a connection whose client left too much unread.
+fn unread() -> CloseFrame {
+    close_frame(
+        close_code::POLICY,
+        format!(
+            "more than {} MiB of answers and events not read",
+            MAX_UNWRITTEN_BYTES >> 20
+        ),
+    )
+}
+
 /// Sends subscribed conferences' events as `event` notifications. A client that does not
 /// read fast enough loses events rather than stalling anyone, and is told how many by one
 /// `events.lost` notification as soon as its queue has room again, before any later event.
@@ -780,7 +815,7 @@ async fn forward_events(session: Arc<Session>) {
                 }
                 // The bus lost its subscription: whatever was published meanwhile is
                 // unknown. A full queue keeps the notice for when it has room.
-                if following(&session) && session.out.try_send(gap_notice()).is_err() {
+                if following(&session) && session.try_queue(gap_notice()).is_err() {
                     gap = true;
                 }
             }
@@ -794,10 +829,10 @@ async fn forward_events(session: Arc<Session>) {
                     if !wanted {
                         continue;
                     }
-                    if gap && session.out.try_send(gap_notice()).is_ok() {
+                    if gap && session.try_queue(gap_notice()).is_ok() {
                         gap = false;
                     }
-                    if !gap && lost > 0 && session.out.try_send(lost_notice(lost)).is_ok() {
+                    if !gap && lost > 0 && session.try_queue(lost_notice(lost)).is_ok() {
                         lost = 0;
                     }
                     let text = notification(
@@ -805,7 +840,7 @@ async fn forward_events(session: Arc<Session>) {
                         json!({"conference": ev.conference, "node": ev.node, "seq": ev.seq,
                                "event": ev.event, "data": ev.data}),
                     );
-                    if gap || lost > 0 || session.out.try_send(text).is_err() {
+                    if gap || lost > 0 || session.try_queue(text).is_err() {
                         lost += 1;
                     }
                 }
@@ -820,11 +855,15 @@ async fn forward_events(session: Arc<Session>) {
             },
             room = session.out.reserve(), if gap || lost > 0 => match room {
                 Ok(slot) if gap => {
-                    slot.send(gap_notice());
+                    let notice = gap_notice();
+                    session.unwritten.fetch_add(notice.len(), Ordering::SeqCst);
+                    slot.send(notice);
                     gap = false;
                 }
                 Ok(slot) => {
-                    slot.send(lost_notice(lost));
+                    let notice = lost_notice(lost);
+                    session.unwritten.fetch_add(notice.len(), Ordering::SeqCst);
+                    slot.send(notice);
                     lost = 0;
                 }
                 Err(_) => return,
@@ -935,7 +974,34 @@ impl Session {
     }
 
     async fn send(&self, answer: String) {
-        let _ = self.out.send(answer).await;
+        let size = answer.len();
+        if self.admit(size) && self.out.send(answer).await.is_err() {
+            self.unwritten.fetch_sub(size, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts `size` more bytes as queued for the client; false, with the connection to be
+    /// closed, when that would pass [`MAX_UNWRITTEN_BYTES`].
+    fn admit(&self, size: usize) -> bool {
+        let before = self.unwritten.fetch_add(size, Ordering::SeqCst);
+        if before + size > MAX_UNWRITTEN_BYTES {
+            self.unwritten.fetch_sub(size, Ordering::SeqCst);
+            self.overflow.notify_one();
+            return false;
+        }
+        true
+    }
+
+    /// Queues `text` without waiting (events, which a slow reader loses rather than
+    /// holding anyone up); `Err` when the queue is full or past its bytes.
+    fn try_queue(&self, text: String) -> Result<(), ()> {
+        let size = text.len();
+        if !self.admit(size) {
+            return Err(());
+        }
+        self.out.try_send(text).map_err(|_| {
+            self.unwritten.fetch_sub(size, Ordering::SeqCst);
+        })
     }
 
     /// Answers one text frame; `permit` is held until its answer is queued for writing.
@@ -1246,7 +1312,7 @@ impl Session {
     }
 
     async fn send_text(&self, text: String) {
-        let _ = self.out.send(text).await;
+        self.send(text).await;
     }
 
     fn subscribe(&self, p: control::ConferenceRef) -> Result<Value, RpcError> {

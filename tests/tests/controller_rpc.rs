@@ -1879,3 +1879,91 @@ async fn a_rest_dial_out_whose_client_hung_up_still_gives_its_new_home_back() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.controller.output()));
 }
+
+/// A client that asks for large answers and does not read them is disconnected (1008) once
+/// 16 MiB of them wait to be written, rather than having its controller hold them all: here
+/// 300 pages of 1000 conferences, about 60 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_large_answers_unread_is_disconnected() {
+    let s = setup(&[
+        ("CONFROUTE_RPC__RATE_LIMIT", "100000"),
+        ("CONFROUTE_RPC__BURST", "100000"),
+        // Room for all the requests in progress at once (the limit is the larger of 64
+        // and the batch limit).
+        ("CONFROUTE_RPC__MAX_BATCH", "1000"),
+        // 300 pages of 1000 asked at once keep Redis busy for a while.
+        ("CONFROUTE_REDIS__TIMEOUT", "30s"),
+    ])
+    .await;
+    let store = fixtures::store(&confroute_shared::config::RedisConfig {
+        claim_lease: Duration::from_secs(600),
+        ..fixtures::single(&s.redis.url())
+    });
+    store
+        .register(
+            &fixtures::node("node-big", 100_000),
+            Duration::from_secs(300),
+        )
+        .await
+        .expect("register");
+    for i in 0..1000 {
+        let name = format!("a-conference-with-a-long-name-{i:04}")
+            .parse()
+            .expect("name");
+        store
+            .claim(&name, &[fixtures::id("node-big")])
+            .await
+            .expect("claim");
+    }
+    // A small receive buffer, so what the client leaves unread stays at the controller and
+    // not in the kernel (whose loopback buffers can take tens of MB).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+    let tcp = socket
+        .connect(([127, 0, 0, 1], s.controller.http_port).into())
+        .await
+        .expect("connect");
+    let url = format!("ws://127.0.0.1:{}/v1/rpc", s.controller.http_port);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
+        .await
+        .expect("upgrade");
+    const ASKED: u64 = 300;
+    for id in 0..ASKED {
+        let req = json!({"jsonrpc": "2.0", "method": "conference.list",
+                         "params": {"limit": 1000}, "id": id});
+        ws.send(Message::Text(req.to_string().into()))
+            .await
+            .expect("send");
+    }
+    // The client reads nothing until the controller says it closes the connection.
+    wait_for_async(
+        "the connection closed for unread answers",
+        Duration::from_secs(60),
+        || async {
+            s.controller
+                .output()
+                .contains("answers and events not read")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.controller.output()));
+    let mut answers = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Text(_)) => answers += 1,
+                Ok(Message::Close(frame)) => return frame,
+                Ok(_) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not closed after {answers} answers"));
+    let frame = closed.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1008, "{frame:?}");
+    assert!(frame.reason.contains("not read"), "{frame:?}");
+    assert!(answers < ASKED, "every answer was held for the client");
+}
