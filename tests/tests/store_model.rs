@@ -1653,20 +1653,7 @@ async fn the_next_life_starts_above_every_ended_one() {
 
     // a is back and still hosts its callers of the first life.
     store.register(&node("a", 10), LONG).await.expect("a again");
-    let hosted = [Hosted {
-        name: room.clone(),
-        epoch: 1,
-        participants: 1,
-        count_version: 1,
-    }];
-    store
-        .heartbeat_reclaiming(&id("a"), &NodeLoad::default(), LONG, &hosted)
-        .await
-        .expect("heartbeat");
-    assert_eq!(
-        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
-        Some(owner("a", 1))
-    );
+    a_claims_its_first_life_back(&store, &room, 1).await;
     assert!(store.release(&room, &owner("a", 1)).await.expect("release"));
 
     let next = store.claim(&room, &[id("b")]).await.expect("claim");
@@ -1753,6 +1740,25 @@ async fn an_unused_claim_frees_its_seat_after_the_claim_lease() {
     assert_eq!(used.map(|r| r.owner), Some(owner("a", 1)));
 }
 
+/// Node a's reclaiming heartbeat for `room`'s first life (epoch 1), with `participants`:
+/// the claim is a's at epoch 1 again.
+async fn a_claims_its_first_life_back(store: &Store, room: &ConferenceName, participants: u32) {
+    let hosted = [Hosted {
+        name: room.clone(),
+        epoch: 1,
+        participants,
+        count_version: 1,
+    }];
+    store
+        .heartbeat_reclaiming(&id("a"), &NodeLoad::default(), LONG, &hosted)
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        store.lookup(room).await.expect("lookup").map(|r| r.owner),
+        Some(owner("a", 1))
+    );
+}
+
 /// A home claimed back by a heartbeat at an epoch below a life that ended meanwhile is
 /// re-homed above that ended life too: no (node, epoch) is used twice.
 #[tokio::test]
@@ -1770,20 +1776,7 @@ async fn a_rehome_starts_above_an_ended_life_too() {
         .set_state(&id("a"), NodeState::Serving)
         .await
         .expect("serve");
-    let hosted = [Hosted {
-        name: room.clone(),
-        epoch: 1,
-        participants: 0,
-        count_version: 1,
-    }];
-    store
-        .heartbeat_reclaiming(&id("a"), &NodeLoad::default(), LONG, &hosted)
-        .await
-        .expect("heartbeat");
-    assert_eq!(
-        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
-        Some(owner("a", 1))
-    );
+    a_claims_its_first_life_back(&store, &room, 0).await;
     // a drains with the conference empty: it moves to b, above the ended b@2.
     let moved = {
         store
