@@ -321,17 +321,35 @@ pub fn dialout_variables(given: &Map<String, Value>) -> Result<BTreeMap<String, 
                 }
                 _ => n.to_string(),
             },
-            Value::Array(items) if items.iter().all(Value::is_string) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(" "),
+            // Only the event list has several values.
+            Value::Array(items)
+                if *var == VAR_STATUS_CALLBACK_EVENT && items.iter().all(Value::is_string) =>
+            {
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+            _ if *var == VAR_STATUS_CALLBACK_EVENT => {
+                return Err(format!(
+                    "options.{key}: expected a string or an array of strings"
+                ))
+            }
             _ => {
                 return Err(format!(
                     "options.{key}: expected a string, a boolean or a number"
                 ))
             }
         };
+        // An empty value is an unset variable to every agent that reads the callee's
+        // channel (a restarted one too), but would be "none" to the one that dials: refused,
+        // so the option means one thing.
+        if text.trim().is_empty() {
+            return Err(format!(
+                "options.{key}: empty; leave the option out to use the profile's value"
+            ));
+        }
         vars.insert(var.to_string(), text);
     }
     Ok(vars)
@@ -432,6 +450,36 @@ mod tests {
                 "options.statusCallbackEvent:",
             ),
             (json!({"waitMusic": "a b"}), "options.waitMusic:"),
+            (
+                json!({"muted": ["true"]}),
+                "options.muted: expected a string, a boolean or a number",
+            ),
+            (
+                json!({"maxParticipants": ["7"]}),
+                "options.maxParticipants: expected a string",
+            ),
+            (
+                json!({"profile": ["moderator"]}),
+                "options.profile: expected a string",
+            ),
+            (json!({"waitMusic": ["x"]}), "options.waitMusic: expected"),
+            (
+                json!({"statusCallbackEvent": [1]}),
+                "options.statusCallbackEvent: expected a string or an array of strings",
+            ),
+            (
+                json!({"statusCallbackEvent": ""}),
+                "options.statusCallbackEvent: empty",
+            ),
+            (
+                json!({"statusCallbackEvent": []}),
+                "options.statusCallbackEvent: empty",
+            ),
+            (
+                json!({"statusCallback": " "}),
+                "options.statusCallback: empty",
+            ),
+            (json!({"profile": ""}), "options.profile: empty"),
         ] {
             let e = check_dialout_options(&map(bad.clone())).expect_err("refused");
             assert!(e.starts_with(says), "{bad}: {e}");
