@@ -139,6 +139,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     let webhook_http = reqwest::Client::builder()
         .timeout(cfg.webhook.timeout)
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(crate::webhook::CallbackResolver))
         .build()
         .map_err(|e| StartError(format!("webhook client: {e}")))?;
     let listener = TcpListener::bind(cfg.http.listen)

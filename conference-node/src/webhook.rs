@@ -11,7 +11,10 @@ use crate::config::WebhookConfig;
 use crate::metrics::Metrics;
 use crate::options::CallbackEvent;
 
+mod resolve;
 mod sequence;
+
+pub use resolve::CallbackResolver;
 
 pub use sequence::Reservations;
 use sequence::Sequence;

@@ -207,6 +207,21 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// Whether a status callback may not be sent to `ip`: a link-local address (a cloud
+/// metadata service) or the unspecified one (the host itself).
+pub fn callback_address_refused(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(ip) => ip.is_link_local() || ip.is_unspecified(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_unspecified()
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_link_local() || v4.is_unspecified())
+        }
+    }
+}
+
 /// A status callback URL as given (trimmed; empty for none), or why it is refused.
 pub fn callback_ok(s: &str) -> Result<String, String> {
     let t = s.trim();
@@ -217,19 +232,13 @@ pub fn callback_ok(s: &str) -> Result<String, String> {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
             // Link-local addresses are cloud metadata services, and unspecified ones reach
             // the host itself: no status callback belongs there.
+            // A name is checked where it is resolved, at each delivery (the agent's
+            // webhook resolver), with the same rule.
             let host = u.host_str().unwrap_or("");
             let literal = host.trim_start_matches('[').trim_end_matches(']');
-            let refused = match literal.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(ip)) => ip.is_link_local() || ip.is_unspecified(),
-                Ok(std::net::IpAddr::V6(ip)) => {
-                    ip.is_unspecified()
-                        || (ip.segments()[0] & 0xffc0) == 0xfe80
-                        || ip
-                            .to_ipv4_mapped()
-                            .is_some_and(|v4| v4.is_link_local() || v4.is_unspecified())
-                }
-                Err(_) => false,
-            };
+            let refused = literal
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(callback_address_refused);
             if refused {
                 Err(format!("`{host}` is a link-local or unspecified address"))
             } else {

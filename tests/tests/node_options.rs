@@ -1213,6 +1213,24 @@ async fn refused_callbacks_are_not_retried_nor_redirected_and_their_secrets_not_
     }
 }
 
+/// A callback URL naming a host goes through the agent's own resolver (which drops
+/// link-local and unspecified answers) and is delivered to the address the name has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_url_naming_a_host_is_resolved_and_delivered() {
+    let (url, got) = receiver(0).await;
+    let url = url.replacen("127.0.0.1", "localhost", 1);
+    assert!(url.starts_with("http://localhost:"), "{url}");
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let vars = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "start"),
+    ];
+    let a = dial(&s.sim, "named-hook", &vars).await;
+    wait_bridged(&s.sim, &a).await;
+    let got = callbacks(&got, 1).await;
+    assert_eq!(event_pairs(&got), vec![("conference-start", "")]);
+}
+
 /// The leave and end callbacks of the conferences a shutdown ends are queued as they end:
 /// the agent gives them time to go out before it exits, even to a slow receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
