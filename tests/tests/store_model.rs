@@ -1792,3 +1792,103 @@ async fn a_rehome_starts_above_an_ended_life_too() {
         "b@2 was used by the ended life"
     );
 }
+
+/// Redis brings back an older life of a conference (a restart from a snapshot, or a failover
+/// that lost the re-home): the record names its dead first owner at a lower epoch while the
+/// conference lives on the node it moved to. That node's heartbeat claims it back, rather
+/// than being told it lost it and leaving the next caller to a second home; a record at a
+/// higher epoch, or one whose owner lives, is still lost.
+#[tokio::test]
+async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_owner() {
+    let (redis, store) = with_nodes(&["a", "b", "c"]).await;
+    let room = name("restored");
+    // c's life at epoch 1; c dies and the conference moves to a at epoch 2.
+    store.claim(&room, &[id("c")]).await.expect("claim");
+    assert!(store.deregister(&id("c")).await.expect("deregister"));
+    let moved = store.claim(&room, &[id("a")]).await.expect("re-home");
+    assert_eq!(moved.owner, Some(owner("a", 2)));
+    let set_record = |owner: &str, epoch: u64| {
+        redis
+            .query(
+                redis::cmd("HSET")
+                    .arg("{confroute}:conf:restored")
+                    .arg("owner")
+                    .arg(owner)
+                    .arg("epoch")
+                    .arg(epoch)
+                    .arg("settings")
+                    .arg("{\"of\":\"the older life\"}"),
+            )
+            .expect("hset")
+    };
+    let hosted = [Hosted {
+        name: room.clone(),
+        epoch: 2,
+        participants: 3,
+        count_version: 1,
+    }];
+    let load = NodeLoad::default();
+    let statuses = |hb: Heartbeat| match hb {
+        Heartbeat::Renewed { hosted, .. } => hosted,
+        other => panic!("unexpected {other:?}"),
+    };
+    // The older life comes back.
+    set_record("c", 1);
+    // An ordinary heartbeat takes it for missing (and so asks for a reclaiming one) ...
+    let hb = store.heartbeat(&id("a"), &load, LONG, &hosted).await;
+    assert_eq!(
+        statuses(hb.expect("heartbeat")),
+        vec![HostedStatus::Missing]
+    );
+    assert_eq!(
+        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
+        Some(owner("c", 1)),
+        "an ordinary heartbeat writes nothing"
+    );
+    // ... which claims it back at the node's epoch, without the older life's fields.
+    let hb = store
+        .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
+        .await;
+    assert_eq!(
+        statuses(hb.expect("heartbeat")),
+        vec![HostedStatus::Reclaimed]
+    );
+    let rec = store.lookup(&room).await.expect("lookup").expect("record");
+    assert_eq!(rec.owner, owner("a", 2));
+    assert_eq!(rec.participants, 3);
+    let settings = redis.query(
+        redis::cmd("HGET")
+            .arg("{confroute}:conf:restored")
+            .arg("settings"),
+    );
+    assert_eq!(
+        settings,
+        Some(redis::Value::Nil),
+        "the older life's settings went with it"
+    );
+    let next = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(next.kind, ClaimKind::Existing);
+    assert_eq!(next.owner, Some(owner("a", 2)));
+    // A dead owner's record at a higher epoch is a later life: lost, and left alone.
+    set_record("c", 3);
+    for reclaim in [false, true] {
+        let hb = if reclaim {
+            store
+                .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
+                .await
+        } else {
+            store.heartbeat(&id("a"), &load, LONG, &hosted).await
+        };
+        assert_eq!(statuses(hb.expect("heartbeat")), vec![HostedStatus::Lost]);
+    }
+    // So is a live owner's record, whatever its epoch.
+    set_record("b", 1);
+    let hb = store
+        .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
+        .await;
+    assert_eq!(statuses(hb.expect("heartbeat")), vec![HostedStatus::Lost]);
+    assert_eq!(
+        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
+        Some(owner("b", 1))
+    );
+}

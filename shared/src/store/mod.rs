@@ -158,11 +158,13 @@ pub enum HostedStatus {
     Owned,
     /// Another node or a newer epoch owns it now: stop admitting (invariant 2).
     Lost,
-    /// The claim had expired (Redis was away longer than the conference lease); the
+    /// The claim had expired (Redis was away longer than the conference lease), or only a
+    /// dead owner's record at a lower epoch was left (an older life Redis brought back); the
     /// heartbeat claimed it again for this node at the same epoch
     /// ([`Store::heartbeat_reclaiming`] only).
     Reclaimed,
-    /// No claim exists any more (it expired or was released), and it was not claimed again.
+    /// No claim exists any more (it expired or was released), or only a dead owner's record
+    /// at a lower epoch, and it was not claimed again.
     Missing,
 }
 

@@ -10,6 +10,10 @@
 -- is claimed again here, at the node's epoch, in the same step that shows the node alive:
 -- a controller that sees this node renewed after Redis trouble then finds its conferences
 -- claimed, and never places a second home beside the live bridge (invariant 1).
+-- A record that names a dead owner (no node record) at an epoch below the node's is an older
+-- life come back (Redis restarted from a snapshot, or a failover lost the re-home to this
+-- node): to this script it is as good as missing, so the node claims its live conference
+-- back rather than losing it to the next placement beside its bridge (invariants 1, 2).
 -- KEYS[1] node record, KEYS[2] node index.
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease (ms), ARGV[4] conference lease (ms),
 -- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu, ARGV[8] "1" to claim again,
@@ -44,10 +48,16 @@ for i = 10, #ARGV, 4 do
     redis.call('PEXPIRE', ckey, conf_lease)
     redis.call('SADD', prefix .. 'node:' .. id .. ':confs', ARGV[i])
     out[#out + 1] = 'ok'
-  elseif r[1] then
+  elseif r[1] and not (redis.call('EXISTS', prefix .. 'node:' .. r[1]) == 0
+      and (tonumber(r[2]) or 0) < tonumber(ARGV[i + 1])) then
     out[#out + 1] = 'lost'
   elseif reclaim and (out[1] == 'serving' or out[1] == 'draining') then
     local epoch = tonumber(ARGV[i + 1])
+    if r[1] then
+      -- The older life's own fields are not this one's.
+      redis.call('DEL', ckey)
+      redis.call('SREM', prefix .. 'node:' .. r[1] .. ':confs', ARGV[i])
+    end
     redis.call('HSET', ckey, 'owner', id, 'epoch', epoch, 'participants',
       tonumber(ARGV[i + 2]), 'count_v', ARGV[i + 3], 'created_ms', now, 'updated_ms', now)
     redis.call('PEXPIRE', ckey, conf_lease)
@@ -55,7 +65,8 @@ for i = 10, #ARGV, 4 do
     redis.call('ZADD', prefix .. 'confs', 0, ARGV[i])
     out[#out + 1] = 'reclaimed'
   else
-    -- Released by its conference on ending, or the node (shutting down) ends it anyway.
+    -- Released by its conference on ending, or the node (shutting down) ends it anyway; or a
+    -- dead owner's older record, which the reclaiming heartbeat this answer asks for takes.
     out[#out + 1] = 'missing'
   end
 end
