@@ -131,6 +131,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         &cfg.ari.username,
         cfg.ari.password.clone(),
         cfg.ari.request_timeout,
+        cfg.ari.max_connections,
         metrics.clone(),
     )
     .map_err(|e| StartError(format!("ari: {e}")))?;

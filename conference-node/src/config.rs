@@ -126,6 +126,9 @@ pub struct AriConfig {
     /// Deadline of one REST call.
     #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
+    /// REST calls (so HTTP connections) open at once; kept under Asterisk's http.conf
+    /// `sessionlimit`, beyond which it closes new connections unanswered.
+    pub max_connections: usize,
     /// First reconnect delay of the events WebSocket; doubles up to `reconnect_max`.
     #[serde(deserialize_with = "duration")]
     pub reconnect_min: Duration,
@@ -302,6 +305,9 @@ impl Default for AriConfig {
             password: Secret::default(),
             app: "confroute".to_string(),
             request_timeout: Duration::from_secs(2),
+            // Half of http.conf's default `sessionlimit` (100), leaving the rest to the
+            // events WebSocket and to other ARI clients.
+            max_connections: 50,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
@@ -527,6 +533,15 @@ impl Validate for NodeConfig {
                 issues.add(key, "must be greater than zero");
             }
         }
+        if !(1..=1000).contains(&self.ari.max_connections) {
+            issues.add(
+                "ari.max_connections",
+                format!(
+                    "{} is out of range; expected 1-1000, below http.conf's sessionlimit",
+                    self.ari.max_connections
+                ),
+            );
+        }
         if self.ari.reconnect_max < self.ari.reconnect_min {
             issues.add(
                 "ari.reconnect_max",
@@ -719,6 +734,12 @@ mod tests {
                 "CONFROUTE_ARI__REQUEST_TIMEOUT",
                 "0s",
                 "ari.request_timeout",
+            ),
+            ("CONFROUTE_ARI__MAX_CONNECTIONS", "0", "ari.max_connections"),
+            (
+                "CONFROUTE_ARI__MAX_CONNECTIONS",
+                "5000",
+                "ari.max_connections",
             ),
             ("CONFROUTE_CONFERENCE__BEEP", "loud", "conference.beep"),
             (

@@ -1345,3 +1345,65 @@ fn hold_events(sim: &AriSim, ch: &str) -> usize {
         .filter(|e| matches!(ty(e), "ChannelHold" | "ChannelUnhold") && e["channel"]["id"] == ch)
         .count()
 }
+
+/// http.conf's `sessionlimit`: with that many connections open, Asterisk closes the next
+/// one at once without reading it (`httpd_helper_thread`, main/http.c); once one closes, a
+/// new connection is served again.
+#[tokio::test]
+async fn connections_beyond_the_session_limit_are_closed_unanswered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = AriSim::start(SimConfig {
+        session_limit: 2,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            sim.username(),
+            sim.password()
+        ))
+    };
+    let ping = format!(
+        "GET /ari/asterisk/ping HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\r\n"
+    );
+    // The answer on a fresh connection: its status line, or "" when closed unanswered.
+    let ask = |mut conn: tokio::net::TcpStream| {
+        let ping = ping.clone();
+        async move {
+            conn.write_all(ping.as_bytes()).await.expect("write");
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("an answer or a close")
+                .unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            (head, conn)
+        }
+    };
+    let connect = || tokio::net::TcpStream::connect(sim.addr());
+    let (first, a) = ask(connect().await.expect("connect")).await;
+    let (second, _b) = ask(connect().await.expect("connect")).await;
+    assert_eq!(first, "HTTP/1.1 200 OK");
+    assert_eq!(second, "HTTP/1.1 200 OK");
+    let (third, _c) = ask(connect().await.expect("connect")).await;
+    assert_eq!(third, "", "closed unanswered beyond the limit");
+    drop(a);
+    let mut served = String::new();
+    for _ in 0..100 {
+        let (head, _conn) = ask(connect().await.expect("connect")).await;
+        if !head.is_empty() {
+            served = head;
+            break;
+        }
+        // The server notices the closed connection a moment later.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served, "HTTP/1.1 200 OK", "served again once one closed");
+}

@@ -113,6 +113,48 @@ async fn options_are_read_with_get_channel_var_without_channelvars() {
     assert!(ops(&sim, "getChannelVar") >= 2);
 }
 
+/// A burst of callers whose options are read one request each (no `channelvars`) stays
+/// within Asterisk's HTTP session limit (http.conf `sessionlimit`, 100 by default, beyond
+/// which Asterisk closes new connections unanswered): every caller is read and let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_callers_stays_within_asterisks_http_session_limit() {
+    const CALLERS: usize = 60;
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim_with(&[]).await;
+    let node = NodeProc::start(
+        "node-a",
+        &env(&sim, &cfg, &[("CONFROUTE_CONFERENCE__BEEP", "false")]),
+    )
+    .expect("node");
+    wait_app(&sim, &node).await;
+    let store = fixtures::store(&cfg);
+    wait_for_async("the node placeable in Redis", WAIT, || async {
+        let rec = store.get_node(&fixtures::id("node-a")).await.ok()??;
+        rec.load.ari.then_some(())
+    })
+    .await
+    .expect("placeable");
+    let calls = (0..CALLERS).map(|i| {
+        let sim = sim.clone();
+        async move {
+            let var = format!("burst-{}", i % 3);
+            dial(&sim, "", &[("CONFROUTE_CONFERENCE", var.as_str())]).await
+        }
+    });
+    let channels = futures_util::future::join_all(calls).await;
+    for ch in &channels {
+        wait_bridged(&sim, ch).await;
+    }
+    let m = fixtures::scrape(&node.http_url()).await;
+    assert_eq!(
+        fixtures::metric(&m, r#"confroute_node_joins_total{outcome="ari_error"}"#),
+        0.0,
+        "{}",
+        node.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;

@@ -306,6 +306,7 @@ async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
         sim.username(),
         confroute_shared::secret::Secret::new(sim.password()),
         Duration::from_secs(5),
+        50,
         metrics.clone(),
     )
     .expect("client");

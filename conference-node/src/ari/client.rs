@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 
 use serde::de::DeserializeOwned;
 
@@ -117,6 +120,10 @@ pub struct AriClient {
     password: Secret,
     timeout: Duration,
     metrics: Metrics,
+    /// One permit per request in flight (`ari.max_connections`): each takes a connection of
+    /// Asterisk's HTTP server, which closes those beyond http.conf's `sessionlimit` unanswered.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 /// HTTP method of a call.
@@ -128,17 +135,21 @@ enum Method {
 }
 
 impl AriClient {
-    /// A client for the Asterisk at `base` (`http://host:port`, ARI under `/ari`).
+    /// A client for the Asterisk at `base` (`http://host:port`, ARI under `/ari`), with at
+    /// most `max_connections` requests (so connections) open at once.
     pub fn new(
         base: &str,
         username: &str,
         password: Secret,
         timeout: Duration,
+        max_connections: usize,
         metrics: Metrics,
     ) -> Result<AriClient, String> {
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            .pool_max_idle_per_host(max_connections)
             // Under Asterisk's own keep-alive (http.conf `session_keep_alive`, 15 s by
             // default), so the agent never sends a request on a connection Asterisk is
             // closing as idle: that request would fail without reaching it.
@@ -152,6 +163,8 @@ impl AriClient {
             password,
             timeout,
             metrics,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
         })
     }
 
@@ -217,6 +230,22 @@ impl AriClient {
         };
         let started = Instant::now();
         let result = async {
+            // The wait for a free connection counts against the request's deadline.
+            let _slot = match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    return Err(AriError {
+                        op,
+                        kind: AriErrorKind::Timeout,
+                        status: None,
+                        message: format!(
+                            "no free connection within {:?} (all {} of ari.max_connections in use)",
+                            self.timeout, self.max_connections
+                        ),
+                    })
+                }
+            };
+            let req = req.timeout(self.timeout.saturating_sub(started.elapsed()));
             let resp = req.send().await.map_err(|e| self.transport(op, e))?;
             let status = resp.status().as_u16();
             let body = resp.bytes().await.map_err(|e| self.transport(op, e))?;

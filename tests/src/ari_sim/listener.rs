@@ -1,10 +1,14 @@
 //! A listener that can take its port down and kill every open connection, so a simulated
 //! restart looks like a process dying: refused connections while down, resets for open ones.
+//! It keeps http.conf's `sessionlimit` as Asterisk's HTTP server does (`httpd_helper_thread`
+//! in main/http.c): a connection beyond the limit is closed at once, unanswered.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,15 +22,33 @@ pub(crate) struct SimListener {
     addr: SocketAddr,
     listener: Option<TcpListener>,
     ctl: watch::Receiver<Ctl>,
+    sessions: Arc<AtomicUsize>,
+    session_limit: usize,
 }
 
 impl SimListener {
-    pub fn new(listener: TcpListener, addr: SocketAddr, ctl: watch::Receiver<Ctl>) -> SimListener {
+    pub fn new(
+        listener: TcpListener,
+        addr: SocketAddr,
+        ctl: watch::Receiver<Ctl>,
+        session_limit: usize,
+    ) -> SimListener {
         SimListener {
             addr,
             listener: Some(listener),
             ctl,
+            sessions: Arc::default(),
+            session_limit,
         }
+    }
+}
+
+/// One open HTTP session, counted until its connection is dropped.
+struct Session(Arc<AtomicUsize>);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -60,8 +82,18 @@ impl axum::serve::Listener for SimListener {
             tokio::select! {
                 res = listener.accept() => match res {
                     Ok((stream, peer)) => {
+                        if self.sessions.fetch_add(1, Ordering::SeqCst) >= self.session_limit {
+                            self.sessions.fetch_sub(1, Ordering::SeqCst);
+                            tracing::warn!(limit = self.session_limit, "HTTP session count exceeded; closing the connection");
+                            drop(stream);
+                            continue;
+                        }
+                        let session = Session(self.sessions.clone());
                         let _ = stream.set_nodelay(true);
-                        return (KillableStream::new(stream, self.ctl.clone(), ctl.generation), peer);
+                        return (
+                            KillableStream::new(stream, self.ctl.clone(), ctl.generation, session),
+                            peer,
+                        );
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                 },
@@ -86,10 +118,16 @@ pub(crate) struct KillableStream {
     inner: TcpStream,
     kill: KillFuture,
     killed: bool,
+    _session: Session,
 }
 
 impl KillableStream {
-    fn new(inner: TcpStream, mut ctl: watch::Receiver<Ctl>, generation: u64) -> KillableStream {
+    fn new(
+        inner: TcpStream,
+        mut ctl: watch::Receiver<Ctl>,
+        generation: u64,
+        session: Session,
+    ) -> KillableStream {
         let kill = Box::pin(async move {
             let _ = ctl.wait_for(|c| c.generation != generation).await;
         });
@@ -97,6 +135,7 @@ impl KillableStream {
             inner,
             kill,
             killed: false,
+            _session: session,
         }
     }
 

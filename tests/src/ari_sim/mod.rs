@@ -118,6 +118,9 @@ pub struct SimConfig {
     pub record_events: bool,
     /// Keep every request for [`AriSim::request_log`] (turn off for load runs).
     pub record_requests: bool,
+    /// http.conf `sessionlimit`: HTTP connections (the events WebSocket's included) open
+    /// at once; Asterisk closes any beyond it at once, unanswered.
+    pub session_limit: usize,
 }
 
 impl Default for SimConfig {
@@ -138,6 +141,8 @@ impl Default for SimConfig {
             bridge_update_on_create: false,
             record_events: true,
             record_requests: true,
+            // http.conf's default.
+            session_limit: 100,
         }
     }
 }
@@ -241,7 +246,12 @@ impl AriSim {
             .fallback(http::entry)
             .with_state(Arc::clone(&core));
         let app = control::router(detached.clone()).fallback_service(ari);
-        let listener = listener::SimListener::new(listener, addr, core.ctl.subscribe());
+        let listener = listener::SimListener::new(
+            listener,
+            addr,
+            core.ctl.subscribe(),
+            core.cfg.session_limit,
+        );
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::warn!(error = %e, "ARI simulator server stopped");
