@@ -1871,3 +1871,42 @@ async fn a_redirect_the_far_end_refuses_is_reported_and_the_participant_stays() 
         "one move_failed, for a only"
     );
 }
+
+/// An unmute reaches Asterisk even when the agent takes the participant for unmuted
+/// already (here another ARI client muted the channel behind its back; an adopted
+/// participant whose options could not be read is taken for unmuted too): the channel's own
+/// mute is what the others hear. It sends no event, the state being unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmute_reaches_asterisk_even_when_the_agent_thinks_it_done() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "stuck-mute").await;
+    let sim = &c.node(&owner).sim;
+    let a = dial(sim, "stuck-mute", &[]).await;
+    wait_bridged(sim, &a).await;
+    let other = confroute_tests::ari_sim::client::AriClient::new(sim).expect("client");
+    let r = other
+        .call_raw(
+            "POST",
+            &format!("/channels/{a}/mute?direction=in"),
+            None,
+            true,
+        )
+        .await
+        .expect("mute behind the agent's back");
+    assert_eq!(r.status, 204);
+    assert!(sim.snapshot().channel(&a).expect("channel").muted_in);
+    let mut ws = c.client(0).await;
+    ws.ok(
+        "participant.unmute",
+        json!({"conference": "stuck-mute", "participant": a}),
+    )
+    .await;
+    assert!(
+        !sim.snapshot().channel(&a).expect("channel").muted_in,
+        "the channel is unmuted in Asterisk"
+    );
+    let list = ws
+        .ok("participant.list", json!({"conference": "stuck-mute"}))
+        .await;
+    assert_eq!(participant(&list, &a)["muted"], false);
+}

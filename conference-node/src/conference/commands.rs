@@ -269,14 +269,18 @@ impl Conference {
 
     async fn mute(&mut self, ch: &str, on: bool) -> Result<Value, BusError> {
         let p = self.settled(ch)?;
-        if p.muted == on {
-            return Ok(json!({}));
-        }
+        let already = p.muted == on;
+        // Asked of Asterisk even when this agent believes it done: its belief may be a
+        // default (an adopted participant whose options could not be read), and only the
+        // channel's own mute decides what the others hear. Asterisk's mute is idempotent.
         self.node
             .ari
             .mute(ch, "in", on)
             .await
             .map_err(|e| ari_failure(ch, &e))?;
+        if already {
+            return Ok(json!({}));
+        }
         let ari = &self.node.ari;
         // Asterisk shows no mute that an agent restarted later could read back; the
         // variable a caller joins muted with can say it instead.
