@@ -2198,9 +2198,16 @@ impl Conference {
         // Only a caller still in the holding bridge is on hold: one found in the mix was
         // taken off hold before the variable could say so.
         let held = waiting
-            && crate::join::variable(&self.node, &channel, options::VAR_HELD)
-                .await
-                .is_some_and(|v| v == "true");
+            && match crate::join::variable(&self.node, &channel, options::VAR_HELD).await {
+                Ok(v) => v.is_some_and(|v| v == "true"),
+                // Unknown: in a started conference it stays held, with the music, rather than
+                // be put into the mix against a hold (an unhold brings it in); before the
+                // start it waits there either way.
+                Err(e) => {
+                    tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot read whether an adopted participant is held; keeping it on hold");
+                    self.started
+                }
+            };
         let waiting = waiting && !(held && self.started);
         let mut p = Participant::new(opts, waiting, muted, channel.caller.number.clone());
         p.held = held;

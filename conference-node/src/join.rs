@@ -132,23 +132,28 @@ async fn conference_name(
     }
 }
 
-/// One channel variable: from `channelvars` when the snapshot carries it, else read.
-pub(crate) async fn variable(node: &Node, channel: &Channel, name: &str) -> Option<String> {
+/// One channel variable: from `channelvars` when the snapshot carries it, else read; an
+/// error when Asterisk could not be asked.
+pub(crate) async fn variable(
+    node: &Node,
+    channel: &Channel,
+    name: &str,
+) -> Result<Option<String>, AriError> {
     if let Some(v) = channel.channelvar(name) {
-        return Some(v);
+        return Ok(Some(v));
     }
     if channel
         .channelvars
         .as_ref()
         .is_some_and(|m| m.contains_key(name))
     {
-        return None;
+        return Ok(None);
     }
     let mut out = BTreeMap::new();
     if let Some(e) = read_variables(node, &channel.id, &[name], &mut out).await {
-        tracing::warn!(channel = %channel.id, variable = name, error = %e, "cannot read a channel variable; taking it as unset");
+        return Err(e);
     }
-    out.remove(name).filter(|v| !v.is_empty())
+    Ok(out.remove(name).filter(|v| !v.is_empty()))
 }
 
 /// The option variables that are set: from `channelvars` when the snapshot carries them

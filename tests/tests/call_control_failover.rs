@@ -383,6 +383,62 @@ async fn a_restarted_agent_keeps_a_held_participant_held() {
     .await;
 }
 
+/// A restarted agent that cannot read whether a participant it finds in the holding bridge
+/// of a started conference is held (Asterisk does not answer its reads) keeps it on hold,
+/// rather than put it into the mix against the hold; its unhold brings it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held() {
+    let mut c = Cluster::start_tuned(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ],
+        &[],
+        // Every variable is read with getChannelVar, none comes in the snapshots.
+        |sim| sim.channelvars.clear(),
+    )
+    .await;
+    let owner = c.route(0, "unread-hold").await;
+    let (b, main) = {
+        let sim = &c.node(&owner).sim;
+        let a = dial(sim, "unread-hold", &[]).await;
+        let b = dial(sim, "unread-hold", &[]).await;
+        let main = wait_bridged(sim, &a).await;
+        wait_bridged(sim, &b).await;
+        (b, main)
+    };
+    let mut ws = c.client(0).await;
+    let who = json!({"conference": "unread-hold", "participant": b});
+    ws.ok("participant.hold", who.clone()).await;
+    let holding = main.replacen("cr-", "crh-", 1);
+    let on_hold = |s: &confroute_tests::ari_sim::SimSnapshot| {
+        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(holding.as_str())
+    };
+    until(&c.node(&owner).sim, "b on hold", on_hold).await;
+
+    c.node(&owner).sim.lose_operation("getChannelVar");
+    restart_and_readopt(&mut c, &owner, 2).await;
+    let url = format!("{}/v1/conferences", c.node(&owner).proc.http_url());
+    let adopted = get_json(&url).await;
+    let b_of = adopted["items"][0]["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["channel"] == b.as_str()).cloned())
+        .unwrap_or_default();
+    assert_eq!(b_of["hold"], json!(true), "{adopted}");
+    assert!(
+        on_hold(&c.node(&owner).sim.snapshot()),
+        "b is still in the holding bridge\n{}",
+        c.logs()
+    );
+    c.node(&owner).sim.deliver_operation("getChannelVar");
+    let mut ws = c.client(0).await;
+    ws.ok("participant.unhold", who).await;
+    until(&c.node(&owner).sim, "b back in the mix", |s| {
+        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(main.as_str())
+    })
+    .await;
+}
+
 /// A caller held in one conference and moved to another of the same node is not held there;
 /// an agent that restarts while it waits for that conference's start must not take it for
 /// held (its channel still said so), or the start would leave it with the music.
