@@ -671,6 +671,71 @@ pub(crate) fn hash_slot(key: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// Connections for claims that WAIT for replicas, each lent to one claim at a time: Redis
+/// holds a client's later commands until its WAIT returns, so two claims sharing a
+/// connection would wait one behind the other, and behind a lagging replica every claim
+/// after the first would run out of time. Connections open as concurrency asks for them.
+pub(crate) struct ConnectorPool {
+    connectors: Vec<Connector>,
+    free: std::sync::Mutex<Vec<usize>>,
+    permits: tokio::sync::Semaphore,
+}
+
+/// One connection of a [`ConnectorPool`], given back when dropped.
+pub(crate) struct Lent<'a> {
+    pool: &'a ConnectorPool,
+    index: usize,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Lent<'_> {
+    /// The lent connection.
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.pool.connectors[self.index]
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.index);
+    }
+}
+
+impl ConnectorPool {
+    /// `size` lazily connecting connectors for `cfg`.
+    pub(crate) fn new(cfg: &RedisConfig, size: usize) -> Result<Self, StoreError> {
+        let size = size.max(1);
+        let connectors = (0..size)
+            .map(|_| Connector::new(cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Taken from the end: the connection used last (already open) is lent first.
+        let free = (0..size).rev().collect();
+        Ok(ConnectorPool {
+            connectors,
+            free: std::sync::Mutex::new(free),
+            permits: tokio::sync::Semaphore::new(size),
+        })
+    }
+
+    /// Lends a connection no other claim uses, waiting at most `within` for one.
+    pub(crate) async fn lend(&self, within: Duration) -> Option<Lent<'_>> {
+        let permit = tokio::time::timeout(within, self.permits.acquire())
+            .await
+            .ok()?
+            .ok()?;
+        let index = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+        Some(Lent {
+            pool: self,
+            index,
+            _permit: permit,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{hash_slot, primary_of};

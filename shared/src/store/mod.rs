@@ -191,14 +191,19 @@ pub struct ConferencePage {
     pub next: Option<String>,
 }
 
+/// Connections open at most for claims that WAIT for replicas (`redis.wait_replicas`): as
+/// many such claims run at once, each waiting up to half of `redis.timeout` on a lagging
+/// replica.
+const REPLICATED_CONNECTIONS: usize = 32;
+
 /// Handle to the Redis data model; cheap to clone and share.
 #[derive(Clone)]
 pub struct Store {
     conn: Connector,
-    /// Claims that WAIT for replicas run here: Redis holds a client's later commands until
-    /// its WAIT returns, so on the shared connection a lagging replica would stall every
-    /// lookup and readiness probe queued behind a claim.
-    replicated: Option<Connector>,
+    /// Claims that WAIT for replicas run here, each on a connection of its own: Redis holds
+    /// a client's later commands until its WAIT returns, so on a shared connection a lagging
+    /// replica would stall every lookup, readiness probe and claim queued behind a claim.
+    replicated: Option<std::sync::Arc<conn::ConnectorPool>>,
     prefix: String,
     confs_key: String,
     nodes_key: String,
@@ -216,7 +221,10 @@ impl Store {
         Ok(Store {
             conn: Connector::new(cfg)?,
             replicated: if cfg.wait_replicas > 0 {
-                Some(Connector::new(cfg)?)
+                Some(std::sync::Arc::new(conn::ConnectorPool::new(
+                    cfg,
+                    REPLICATED_CONNECTIONS,
+                )?))
             } else {
                 None
             },
@@ -537,7 +545,21 @@ impl Store {
         let wait_ms = (self.timeout.as_millis() as u64 / 2).max(1);
         let slot = conn::hash_slot(conf_key.as_bytes());
         let cluster = self.conn.is_cluster();
-        let connector = self.replicated.as_ref().unwrap_or(&self.conn);
+        let lent = match &self.replicated {
+            Some(pool) => match pool.lend(self.timeout).await {
+                Some(lent) => Some(lent),
+                None => {
+                    let e = StoreError::Unavailable(format!(
+                        "claim: all {REPLICATED_CONNECTIONS} connections for replicated claims busy for {:?}",
+                        self.timeout
+                    ));
+                    self.metrics.error("claim", &e);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let connector = lent.as_ref().map_or(&self.conn, |l| l.connector());
         let (values, acked): (Vec<Value>, Option<(u32, u32)>) = self
             .run_on(connector, "claim", |mut c| async move {
                 let mut inv = script.key(&conf_key);
