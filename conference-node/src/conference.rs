@@ -335,6 +335,9 @@ struct Participant {
     tech: String,
     /// Wall-clock join time (ms since the epoch).
     joined_ms: u64,
+    /// Adopted with default options because Asterisk did not answer their reads: each
+    /// reconciliation tries again (see [`Conference::reread_options`]).
+    options_unread: bool,
     since: Instant,
     /// When the agent last had an addChannel for it under way (sent or answered): a
     /// listing taken before then may show it where it was.
@@ -356,6 +359,7 @@ impl Participant {
             caller,
             tech: "PJSIP".to_string(),
             joined_ms: now_ms(),
+            options_unread: false,
             since: Instant::now(),
             placed_at: Instant::now(),
         }
@@ -520,6 +524,7 @@ impl Conference {
                     .await;
                 self.check_recording().await;
                 self.check_redirects(&listed, taken);
+                self.reread_options().await;
                 if std::mem::take(&mut self.reconcile_unsure) {
                     // Dropped unanswered: the pass is retried and releases no claim.
                     drop(reply);
@@ -1209,6 +1214,56 @@ impl Conference {
     /// Reconciliation: a participant redirected to another node that Asterisk still lists
     /// [`REDIRECT_GRACE`] after was refused the transfer by its far end. It is a participant
     /// here again (its hangup a leave, not a move), and subscribers hear `move_failed`.
+    /// Reads again the options of participants adopted with defaults because Asterisk did
+    /// not answer (see [`Participant::options_unread`]), and applies them: its channel
+    /// variables say what the participant joined with and what call control changed since
+    /// (mute, `participant.update`). A mute they show is made Asterisk's too; this is a
+    /// correction of what the agent believed, so it sends no event.
+    async fn reread_options(&mut self) {
+        let unread: Vec<String> = self
+            .participants
+            .iter()
+            .filter(|(_, p)| p.options_unread && !p.moving)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in unread {
+            let channel = Channel {
+                id: id.clone(),
+                ..Channel::default()
+            };
+            let (vars, failed) = crate::join::option_variables(&self.node, &channel).await;
+            if let Some(e) = failed {
+                tracing::warn!(conference = %self.name, channel = %id, error = %e, "still cannot read an adopted participant's options; trying again at the next reconciliation");
+                continue;
+            }
+            let (opts, _) =
+                options::resolve(&self.node.cfg.conference, &self.node.cfg.profiles, &vars);
+            let muted = opts.muted;
+            let was_muted = match self.participants.get_mut(&id) {
+                Some(p) => {
+                    p.options = opts;
+                    p.options_unread = false;
+                    p.muted
+                }
+                None => continue,
+            };
+            if muted != was_muted {
+                match self.node.ari.mute(&id, "in", muted).await {
+                    Ok(()) => {
+                        if let Some(p) = self.participants.get_mut(&id) {
+                            p.muted = muted;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(conference = %self.name, channel = %id, error = %e, "cannot set an adopted participant's mute on its channel");
+                    }
+                }
+            }
+            tracing::info!(conference = %self.name, channel = %id, muted, "read an adopted participant's options at last");
+            self.publish();
+        }
+    }
+
     fn check_redirects(&mut self, listed: &HashSet<String>, taken: Instant) {
         let refused: Vec<(String, ConferenceName)> = self
             .participants
@@ -2181,8 +2236,8 @@ impl Conference {
             ..Channel::default()
         });
         let (vars, failed) = crate::join::option_variables(&self.node, &channel).await;
-        if let Some(e) = failed {
-            tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot read an adopted participant's options; the unread ones take their defaults");
+        if let Some(e) = &failed {
+            tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot read an adopted participant's options; the unread ones take their defaults until a reconciliation reads them");
         }
         let (opts, warnings) =
             options::resolve(&self.node.cfg.conference, &self.node.cfg.profiles, &vars);
@@ -2211,6 +2266,7 @@ impl Conference {
         let waiting = waiting && !(held && self.started);
         let mut p = Participant::new(opts, waiting, muted, channel.caller.number.clone());
         p.held = held;
+        p.options_unread = failed.is_some();
         // The last life knew when it joined; the channel's creation is the nearest Asterisk
         // keeps (a caller joins as it reaches the app), better than the moment of adoption.
         if let Some(created) = channel.created_ms().filter(|ms| *ms <= p.joined_ms) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use confroute_tests::harness::wait_for_async;
 use node_common::control::*;
 use node_common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// `rpc.command_timeout` of the controllers here.
 const DEADLINE: Duration = Duration::from_secs(2);
@@ -437,6 +437,79 @@ async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held
         s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(main.as_str())
     })
     .await;
+}
+
+/// A restarted agent whose reads of a participant's options went unanswered adopts it with
+/// the defaults, then reads them at a later reconciliation and applies them: the muted
+/// listener is muted again, in the listing and in Asterisk, and the moderator's
+/// endConferenceOnExit ends the conference when it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_unread_at_adoption_are_read_at_a_later_reconciliation() {
+    let mut c = Cluster::start_tuned(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+            ("CONFROUTE_ARI__RECONCILE_INTERVAL", "1s"),
+        ],
+        &[],
+        |sim| sim.channelvars.clear(),
+    )
+    .await;
+    let owner = c.route(0, "late-options").await;
+    let (moderator, listener) = {
+        let sim = &c.node(&owner).sim;
+        let moderator = dial(sim, "late-options", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+        let listener = dial(sim, "late-options", &[("CONFROUTE_MUTED", "true")]).await;
+        wait_bridged(sim, &moderator).await;
+        wait_bridged(sim, &listener).await;
+        (moderator, listener)
+    };
+    let sim = c.node(&owner).sim.clone();
+    sim.lose_operation("getChannelVar");
+    restart_and_readopt(&mut c, &owner, 2).await;
+    let url = format!("{}/v1/conferences", c.node(&owner).proc.http_url());
+    let muted_of = |v: &Value| {
+        v["items"][0]["participants"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["channel"] == listener.as_str()))
+            .map(|p| p["muted"].clone())
+    };
+    assert_eq!(
+        muted_of(&get_json(&url).await),
+        Some(json!(false)),
+        "adopted with the defaults while the reads go unanswered"
+    );
+    sim.deliver_operation("getChannelVar");
+    wait_for_async("the listener's options read at last", WAIT, || async {
+        (muted_of(&get_json(&url).await) == Some(json!(true))).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert!(
+        sim.snapshot()
+            .channel(&listener)
+            .expect("listener")
+            .muted_in
+    );
+    // The moderator's options may be read a pass later (its read of this pass may have
+    // been sent before the reads got through again).
+    c.node_mut(&owner)
+        .proc
+        .wait_log(
+            &format!(
+                "read an adopted participant's options at last conference=late-options channel={moderator}"
+            ),
+            WAIT,
+        )
+        .expect("the moderator's options read at last");
+    sim.hangup_far_end(&moderator, 16)
+        .await
+        .expect("moderator leaves");
+    assert_eq!(
+        wait_hangup(&sim, &listener).await,
+        16,
+        "the moderator's endConferenceOnExit ended the conference"
+    );
 }
 
 /// A caller held in one conference and moved to another of the same node is not held there;
