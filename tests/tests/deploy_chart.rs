@@ -505,7 +505,27 @@ fn prometheus_rule_carries_the_rules_file() {
         assert_eq!(rs.len(), es.len());
         for (r, e) in rs.iter().zip(es) {
             assert_eq!(r["alert"], e["alert"]);
-            assert_eq!(r["expr"], e["expr"], "{}", e["alert"]);
+            // Kept to the release's namespace ("voice"), the controllers' absence included.
+            let ari = "confroute_nodes_ari_down{namespace=\"voice\"}";
+            let scoped = e["expr"]
+                .as_str()
+                .expect("expr")
+                .replace(
+                    "absent(confroute_nodes_ari_down)",
+                    &format!("absent({ari})"),
+                )
+                .replace(
+                    "group(present_over_time(confroute_nodes_ari_down[6h]))",
+                    &format!("group(present_over_time({ari}[6h]))"),
+                );
+            assert_eq!(
+                r["expr"].as_str().expect("expr"),
+                format!(
+                    "({scoped})\nand on (namespace) label_replace(vector(1), \"namespace\", \"voice\", \"\", \"\")"
+                ),
+                "{}",
+                e["alert"]
+            );
             assert_eq!(r["annotations"], e["annotations"], "{}", e["alert"]);
             assert_eq!(r["labels"]["severity"], e["labels"]["severity"]);
             assert_eq!(
@@ -1548,4 +1568,53 @@ fn asterisk_prestop_waits_for_its_last_channel_through_a_slow_answer_and_not_for
         1,
         "MAX_WAIT bounds the wait"
     );
+}
+
+/// The rendered alerts, run by promtool: each install's copy fires for its own namespace
+/// alone (one Prometheus may watch several installs), the controllers' absence included,
+/// and keeps each rule's own severity over `alertLabels`.
+#[test]
+fn rendered_alerts_fire_for_their_own_namespace_only() {
+    let promtool =
+        confroute_tests::harness::require_tool("promtool", "prometheus").expect("promtool");
+    let r = check_scenario("prometheusrule");
+    let pr = r.one("PrometheusRule", "confroute");
+    let dir = confroute_tests::harness::TempDir::new("rendered-rules").expect("temp dir");
+    // JSON is YAML: the rule file as the operator hands it to Prometheus.
+    let rules = json!({"groups": pr["spec"]["groups"].clone()});
+    std::fs::write(dir.path().join("rules.json"), rules.to_string()).expect("write rules");
+    let tests = r#"
+rule_files: [rules.json]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'confroute_nodes{namespace="voice", job="controller", instance="c1:8080", state="serving"}'
+        values: '2 0 0 0 0 0'
+      - series: 'confroute_nodes{namespace="other", job="controller", instance="c9:8080", state="serving"}'
+        values: '2 0 0 0 0 0'
+      - series: 'confroute_nodes_ari_down{namespace="other", job="controller", instance="c9:8080"}'
+        values: '0x5'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: ConfrouteNoServingNode
+        exp_alerts:
+          - exp_labels: {severity: critical, team: voice, namespace: voice, job: controller}
+            exp_annotations:
+              summary: No conference node is serving
+              description: "The controllers see no node in state `serving`: every new conference is answered 503. Check the node pods, their agents' connection to Redis, and drains left on."
+      # No controller series in this namespace ever (another install's do not count).
+      - eval_time: 4m
+        alertname: ConfrouteControllersDown
+        exp_alerts:
+          - exp_labels: {severity: critical, team: voice, namespace: voice}
+            exp_annotations:
+              summary: No confroute controller is up
+              description: "No controller has answered a scrape for two minutes: INVITEs get no answer (edges time out), the HTTP API and call control are gone, and the alerts computed from the controllers' view cannot fire. Check the controller pods: crash-looping, or unready and out of the Services (Redis unreachable)."
+"#;
+    std::fs::write(dir.path().join("rendered.test.yaml"), tests).expect("write tests");
+    let out = run(std::process::Command::new(promtool)
+        .current_dir(dir.path())
+        .args(["test", "rules", "rendered.test.yaml"]));
+    assert!(out.status.success(), "{}", text(&out));
 }
