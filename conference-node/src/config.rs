@@ -451,10 +451,26 @@ impl Validate for NodeConfig {
         issues.extend(self.log.validate());
         if let Some(uri) = &self.node.sip_uri {
             let lower = uri.to_ascii_lowercase();
-            let host = lower
+            let rest = lower
                 .strip_prefix("sip:")
                 .or_else(|| lower.strip_prefix("sips:"));
-            if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+            // The host the controller's 302 Contact names: after any user part, before any
+            // parameter or port; without one the Contact would be `<sip:NAME@>`.
+            let host = rest.map(|r| {
+                let hostport = r.rsplit_once('@').map_or(r, |(_, h)| h);
+                let end = hostport.find([';', '?']).unwrap_or(hostport.len());
+                let hostport = &hostport[..end];
+                if hostport.starts_with('[') {
+                    hostport
+                        .split_once(']')
+                        .map_or("", |(h, _)| h.trim_start_matches('['))
+                } else {
+                    hostport.split(':').next().unwrap_or("")
+                }
+            });
+            if rest.is_none_or(|r| r.contains(char::is_whitespace))
+                || host.is_none_or(str::is_empty)
+            {
                 issues.add(
                     "node.sip_uri",
                     format!("`{uri}` is not a SIP URI; expected e.g. sip:10.0.0.5:5060"),
@@ -705,6 +721,14 @@ mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("CONFROUTE_NODE__ID", "bad id", "node.id"),
             ("CONFROUTE_NODE__SIP_URI", "10.0.0.5", "node.sip_uri"),
+            ("CONFROUTE_NODE__SIP_URI", "sip:user@", "node.sip_uri"),
+            (
+                "CONFROUTE_NODE__SIP_URI",
+                "sip:;transport=tcp",
+                "node.sip_uri",
+            ),
+            ("CONFROUTE_NODE__SIP_URI", "sip::5060", "node.sip_uri"),
+            ("CONFROUTE_NODE__SIP_URI", "sip:[]:5060", "node.sip_uri"),
             ("CONFROUTE_NODE__CAPACITY", "0", "node.capacity"),
             (
                 "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
@@ -874,6 +898,15 @@ mod tests {
         )
         .expect("bracketed IPv6 addresses");
         assert_eq!(cfg.node.sip_uri.as_deref(), Some("sip:[fd00:10::5]:5060"));
+        for uri in [
+            "sip:10.0.0.5",
+            "sips:asterisk-0.voice.svc:5061;transport=tls",
+            "sip:confroute@10.0.0.5:5060;transport=tcp",
+        ] {
+            let cfg: NodeConfig = load_from(None, &env(&[("CONFROUTE_NODE__SIP_URI", uri)]))
+                .unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert_eq!(cfg.node.sip_uri.as_deref(), Some(uri));
+        }
         // A header name the controller takes, the node takes too.
         let cfg: NodeConfig = load_from(
             None,

@@ -308,8 +308,14 @@ impl Validate for ControllerConfig {
         if !HEADER_TIMEOUT_RANGE.contains(&self.http.header_timeout) {
             issues.add("http.header_timeout", "must be between 1s and 1h");
         }
-        if self.routing.deadline.is_zero() {
-            issues.add("routing.deadline", "must be greater than zero");
+        // Under RFC 3261's 32 s (Timer H, 64·T1): past it the INVITE's transaction is
+        // forgotten while it is still being routed, and neither a CANCEL nor a lost answer's
+        // resend can find it.
+        if self.routing.deadline.is_zero() || self.routing.deadline >= Duration::from_secs(32) {
+            issues.add(
+                "routing.deadline",
+                "must be greater than zero and under 32s (an INVITE transaction's lifetime)",
+            );
         }
         if !(1..=1_000_000).contains(&self.sip.max_pending_invites) {
             issues.add("sip.max_pending_invites", "must be between 1 and 1000000");
@@ -410,6 +416,7 @@ mod tests {
                 "http.header_timeout",
             ),
             ("CONFROUTE_ROUTING__DEADLINE", "0s", "routing.deadline"),
+            ("CONFROUTE_ROUTING__DEADLINE", "32s", "routing.deadline"),
             ("CONFROUTE_ROUTING__CANDIDATES", "99", "routing.candidates"),
             ("CONFROUTE_HTTP__NOPE", "1", "http.nope"),
             (

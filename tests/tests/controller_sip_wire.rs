@@ -188,7 +188,7 @@ async fn an_invite_slow_to_route_gets_100_trying_and_a_cancel_ends_it_with_487()
         proxy,
         controller,
         udp,
-    } = stalled("60s", &[]).await;
+    } = stalled("30s", &[]).await;
 
     // UDP: sent once, never retransmitted.
     let msg = invite(
@@ -277,7 +277,7 @@ async fn a_cancel_on_a_tcp_connection_full_of_waiting_invites_is_answered() {
         proxy,
         controller,
         udp: _udp,
-    } = stalled("60s", &[]).await;
+    } = stalled("30s", &[]).await;
 
     let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
         .await
@@ -875,6 +875,53 @@ async fn many_folded_lines_are_joined_and_answered() {
     assert_eq!(status(&answer), 200, "{answer}");
 }
 
+/// A header line that is skipped (no colon) keeps its folded continuation to itself: the
+/// Via before it is answered as sent, so the sender matches the 400 to its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fold_of_a_skipped_line_is_not_joined_to_the_header_before_it() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let msg = format!(
+        "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKskipfold\r\n\
+         NoColon\r\n x\r\nFrom: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\n\
+         Call-ID: skipfold@test\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        udp.port()
+    );
+    let answer = udp.exchange(&msg);
+    assert_eq!(status(&answer), 400, "{answer}");
+    let via = header(&answer, "Via").expect("Via");
+    assert!(
+        via.starts_with(&format!(
+            "SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKskipfold;",
+            udp.port()
+        )) || via
+            == format!(
+                "SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKskipfold",
+                udp.port()
+            ),
+        "{answer}"
+    );
+}
+
+/// A CSeq number of 2³¹ or more breaks RFC 3261 §8.1.1.5, and the 400 says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cseq_of_two_to_the_31_or_more_is_named_in_the_400() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let msg = format!(
+        "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{};branch=z9hG4bKbigcseq\r\n\
+         From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\n\
+         Call-ID: bigcseq@test\r\nCSeq: 3000000000 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        udp.port()
+    );
+    let answer = udp.exchange(&msg);
+    assert_eq!(status(&answer), 400, "{answer}");
+    assert!(
+        header(&answer, "Warning").is_some_and(|w| w.contains("2^31")),
+        "{answer}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
     let s = setup(&[]).await;
@@ -1225,6 +1272,15 @@ async fn conference_header_takes_precedence_and_percent_escapes_decode() {
         header(&d, "Contact"),
         Some("<sip:+15555550101@10.0.0.11:5060;transport=udp>")
     );
+    // The same with the number's `+` escaped: the number is told as decoded.
+    let d2 = udp.exchange(&invite(
+        "sip:%2B15555550101;npdi;rn=%2B15555550000@router;user=phone",
+        udp.port(),
+        "z9hG4bKlnpesc",
+        "",
+    ));
+    assert_eq!(status(&d2), 302, "{d2}");
+    assert_eq!(header(&d2, "X-Conference"), Some("+15555550101"));
     let e = udp.exchange(&invite("sip:;npdi@router", udp.port(), "z9hG4bKnonum", ""));
     assert_eq!(status(&e), 484, "{e}");
     // Two headers naming different conferences are refused; repeating the same one is not.

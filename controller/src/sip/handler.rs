@@ -655,8 +655,15 @@ impl SipService {
         // (`+15555550101;npdi;rn=+15555550000`, RFC 3966): the number names the conference.
         // Any other user part is a name as it stands (`sales;x` is refused, not `sales`);
         // parameters with no number before them leave the address incomplete.
+        // The number is told as decoded (`%2B1555…` is `+1555…`); the split is on the literal
+        // `;`, which an escaped `%3B` is not.
         let user = uri.user.map(|u| match u.split_once(';') {
-            Some((number, _)) if number.is_empty() || is_phone_number(number) => number,
+            Some((number, _))
+                if number.is_empty()
+                    || percent_decode(number).is_some_and(|n| is_phone_number(&n)) =>
+            {
+                number
+            }
             _ => u,
         });
         let Some(user) = user.filter(|u| !u.is_empty()) else {
@@ -759,6 +766,16 @@ fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<S
         return Some("the To tag parameter has no value".into());
     }
     match req.cseq() {
+        // §8.1.1.5: a request's sequence number is below 2³¹.
+        None if req.header("CSeq").is_some_and(|v| {
+            v.split_whitespace()
+                .next()
+                .and_then(parse_digits::<u64>)
+                .is_some_and(|n| n >= 1 << 31)
+        }) =>
+        {
+            return Some("CSeq number is 2^31 or more (RFC 3261 §8.1.1.5)".into())
+        }
         None => return Some("CSeq is not `number METHOD`".into()),
         Some((_, m)) if m != req.method => {
             return Some(format!("CSeq method {m} does not match {}", req.method))

@@ -204,8 +204,14 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
         return Err(ParseError::Garbage("empty request-URI"));
     }
     let mut headers: Vec<Header<'_>> = Vec::with_capacity(16);
+    // The last header line was skipped (no colon, or a name that is not a token): its
+    // continuation lines are its own, not the header before it.
+    let mut skipping = false;
     for line in lines {
         if line.starts_with(' ') || line.starts_with('\t') {
+            if skipping {
+                continue;
+            }
             // Folded continuation (RFC 3261 §7.3.1): joined to the previous value.
             let Some(last) = headers.last_mut() else {
                 return Err(ParseError::Garbage("continuation line before any header"));
@@ -222,6 +228,7 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
             }
             continue;
         }
+        skipping = true;
         let Some(colon) = line.find(':') else {
             defect = defect.or(Some("a header line has no colon"));
             continue;
@@ -231,6 +238,7 @@ pub fn parse(buf: &[u8]) -> Result<Request<'_>, ParseError> {
             defect = defect.or(Some("a header name is not a token"));
             continue;
         }
+        skipping = false;
         let name = match expand_compact(raw_name) {
             Some(full) => Cow::Borrowed(full),
             None => Cow::Borrowed(raw_name),
