@@ -10,12 +10,12 @@ use confroute_shared::store::StoreMetrics;
 
 /// Join latency buckets (StasisStart to ChannelEnteredBridge), in seconds.
 const JOIN_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// ARI request latency buckets, in seconds.
+/// ARI request latency buckets, in seconds; up to 10 s, for a long `ari.request_timeout`.
 const ARI_BUCKETS: &[f64] = &[
-    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// How a caller's attempt to join ended (the `outcome` label of joins).

@@ -7,9 +7,10 @@ use prometheus::{
 
 use confroute_shared::store::StoreMetrics;
 
-/// Latency buckets for routing decisions, in seconds.
+/// Latency buckets for routing decisions, in seconds; up to 10 s, so an outage's worst
+/// (a connect timeout plus `redis.timeout`, or a long `routing.deadline`) stays visible.
 const ROUTE_BUCKETS: &[f64] = &[
-    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Every series the controller exports.

@@ -783,6 +783,18 @@ async fn documented_routes_are_served_and_metrics_pass_promtool() {
         !metrics.text.contains("doc-check"),
         "no conference name appears in any label"
     );
+    // The latency histograms reach past an outage's worst (docs/metrics.md's ranges): a
+    // connect timeout plus redis.timeout, a long routing.deadline.
+    for bucket in [
+        "confroute_route_duration_seconds_bucket{entry=\"http\",le=\"10\"}",
+        "confroute_redis_request_duration_seconds_bucket{op=\"claim\",le=\"5\"}",
+    ] {
+        assert!(
+            metrics.text.contains(bucket),
+            "{bucket} in\n{}",
+            metrics.text
+        );
+    }
 }
 
 /// `runtime.worker_threads`: one thread (the current-thread scheduler) and several (the

@@ -22,8 +22,11 @@ impl StoreMetrics {
                 "confroute_redis_request_duration_seconds",
                 "Time of one Redis store operation, by operation.",
             )
+            // Up to 5 s: an operation's time includes opening a connection
+            // (`redis.connect_timeout`) on top of `redis.timeout`.
             .buckets(vec![
-                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0,
             ]),
             &["op"],
         )?;
