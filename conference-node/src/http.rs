@@ -156,6 +156,10 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     let tracked = i64::try_from(node.tracked_channels()).unwrap_or(i64::MAX);
     node.metrics.tracked_channels.set(tracked);
+    node.metrics.drain_deadline.set(
+        node.drain_deadline_unix()
+            .map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+    );
     (
         [(
             header::CONTENT_TYPE,

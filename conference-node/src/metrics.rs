@@ -86,6 +86,8 @@ pub struct Metrics {
     pub participants: IntGauge,
     /// Channels whose ARI events the agent routes, set at each scrape.
     pub tracked_channels: IntGauge,
+    /// When the running drain's deadline comes (Unix seconds); 0 when not draining.
+    pub drain_deadline: IntGauge,
     /// Join attempts by outcome.
     pub joins: IntCounterVec,
     /// Participants that left, by reason.
@@ -141,6 +143,10 @@ impl Metrics {
         let tracked_channels = IntGauge::new(
             "confroute_node_tracked_channels",
             "Channels whose ARI events the agent routes: participants, callers being admitted, ringing dial-outs, channels whose end is awaited.",
+        )?;
+        let drain_deadline = IntGauge::new(
+            "confroute_node_drain_deadline_timestamp_seconds",
+            "When the running drain's deadline comes, in Unix seconds; 0 when the node is not draining.",
         )?;
         let joins = IntCounterVec::new(
             Opts::new(
@@ -257,6 +263,7 @@ impl Metrics {
         registry.register(Box::new(conferences.clone()))?;
         registry.register(Box::new(participants.clone()))?;
         registry.register(Box::new(tracked_channels.clone()))?;
+        registry.register(Box::new(drain_deadline.clone()))?;
         registry.register(Box::new(joins.clone()))?;
         registry.register(Box::new(leaves.clone()))?;
         registry.register(Box::new(join_duration.clone()))?;
@@ -304,6 +311,7 @@ impl Metrics {
             conferences,
             participants,
             tracked_channels,
+            drain_deadline,
             joins,
             leaves,
             join_duration,

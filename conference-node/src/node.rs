@@ -313,6 +313,15 @@ impl Node {
         }
     }
 
+    /// When the running drain's deadline comes, in Unix seconds (its start, as the record
+    /// keeps it across restarts, plus `node.drain_deadline`); `None` when not draining.
+    pub fn drain_deadline_unix(&self) -> Option<u64> {
+        let since = self.drain_since_ms.load(Ordering::SeqCst);
+        let draining = matches!(self.state(), NodeState::Draining | NodeState::ShuttingDown);
+        (draining && since > 0)
+            .then(|| (since / 1000).saturating_add(self.cfg.node.drain_deadline.as_secs()))
+    }
+
     /// True from the start of the node's own shutdown drain: its record must say so.
     pub fn stopping(&self) -> bool {
         self.state() == NodeState::ShuttingDown

@@ -341,6 +341,43 @@ async fn an_admin_drains_deadline_carries_over_a_restart() {
     ended_at_the_deadline(&s, &a, drained_at, DEADLINE).await;
 }
 
+/// The agent exports when its drain's deadline comes (the stuck-drain alert's input): the
+/// drain's start plus `node.drain_deadline`, the same after a restart of the agent, and 0
+/// once it is undrained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_is_exported_and_kept_across_a_restart() {
+    let (mut s, _a, _) = admin_drained_with_a_caller(
+        "deadline-gauge",
+        &[("CONFROUTE_NODE__DRAIN_DEADLINE", "10m")],
+    )
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let gauge = "confroute_node_drain_deadline_timestamp_seconds";
+    let before = fixtures::metric(&fixtures::scrape(&s.node.http_url()).await, gauge);
+    assert!(
+        (before - (now + 600.0)).abs() < 5.0,
+        "{before} is not ten minutes from now ({now})"
+    );
+    restart_resuming_the_drain(&mut s);
+    let url = s.node.http_url();
+    wait_for_async("the restarted agent's drain deadline", WAIT, || async {
+        let after = fixtures::metric(&fixtures::scrape(&url).await, gauge);
+        (after == before).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let (status, body) = post(&format!("{url}/v1/undrain")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        fixtures::metric(&fixtures::scrape(&url).await, gauge),
+        0.0,
+        "not draining"
+    );
+}
+
 /// Waits until caller `a` is hung up (16) and checks that came `deadline` after the drain
 /// began at `drained_at`, give or take the test's own delays.
 async fn ended_at_the_deadline(s: &Single, a: &str, drained_at: Instant, deadline: Duration) {
