@@ -141,6 +141,11 @@ pub struct AriConfig {
     /// How often bridges and channels are compared with what the agent believes.
     #[serde(deserialize_with = "duration")]
     pub reconcile_interval: Duration,
+    /// How long Asterisk may stay out of reach (no events WebSocket) before the agent gives
+    /// back its conferences' claims, so their next callers are placed on a live node rather
+    /// than sent to this Asterisk; zero: never.
+    #[serde(deserialize_with = "duration")]
+    pub release_after: Duration,
     /// Create bridges with `proxy_media` (media always flows through Asterisk).
     pub proxy_media: bool,
     /// Channel variable naming the conference when no app argument does.
@@ -312,6 +317,7 @@ impl Default for AriConfig {
             reconnect_max: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
             reconcile_interval: Duration::from_secs(60),
+            release_after: Duration::from_secs(120),
             proxy_media: false,
             conference_variable: "CONFROUTE_CONFERENCE".to_string(),
             conference_header: "X-Conference".to_string(),
@@ -549,6 +555,9 @@ impl Validate for NodeConfig {
                 issues.add(key, "must be greater than zero");
             }
         }
+        if !self.ari.release_after.is_zero() && self.ari.release_after < Duration::from_secs(1) {
+            issues.add("ari.release_after", "must be at least 1s, or 0s for never");
+        }
         if !(1..=1000).contains(&self.ari.max_connections) {
             issues.add(
                 "ari.max_connections",
@@ -760,6 +769,7 @@ mod tests {
                 "ari.request_timeout",
             ),
             ("CONFROUTE_ARI__MAX_CONNECTIONS", "0", "ari.max_connections"),
+            ("CONFROUTE_ARI__RELEASE_AFTER", "500ms", "ari.release_after"),
             (
                 "CONFROUTE_ARI__MAX_CONNECTIONS",
                 "5000",

@@ -107,7 +107,15 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     if node.state_dirty() {
         node.write_state().await;
     }
-    let hosted = node.hosted();
+    let hosted = if node.ari_given_up() {
+        give_back_claims(node).await;
+        Vec::new()
+    } else {
+        if node.claims_given_back.swap(false, Ordering::SeqCst) {
+            tracing::info!("Asterisk is back: claiming again the conferences still here");
+        }
+        node.hosted()
+    };
     let (conferences, participants) = node.load();
     let load = NodeLoad {
         conferences,
@@ -266,6 +274,33 @@ fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
     let total: u64 = v.iter().take(8).sum();
     let idle = v[3] + v.get(4).copied().unwrap_or(0);
     Some((total.saturating_sub(idle), total))
+}
+
+/// Asterisk has been out of reach for `ari.release_after`: gives back (compare-and-delete)
+/// the claims of the conferences hosted here, once, so each one's next caller is placed on a
+/// live node instead of being sent to an Asterisk that may never come back. The callers
+/// still in its bridges (if it lives) are beyond the agent's reach meanwhile; once it is
+/// back, the heartbeat claims again those no other node took (reported missing), and
+/// ownership decides for the others (`node.on_ownership_lost`).
+async fn give_back_claims(node: &Arc<Node>) {
+    if node.claims_given_back.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let hosted = node.hosted();
+    tracing::warn!(
+        after = ?node.cfg.ari.release_after,
+        conferences = hosted.len(),
+        "Asterisk out of reach for ari.release_after: giving back the claims of this node's conferences, so their next callers are placed elsewhere"
+    );
+    for h in hosted {
+        let owner = Owner {
+            node: node.id.clone(),
+            epoch: h.epoch,
+        };
+        if let Err(e) = node.store.release(&h.name, &owner).await {
+            tracing::warn!(conference = %h.name, error = %e, "cannot give back a claim; it expires with its lease, no longer renewed");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -143,6 +143,10 @@ pub struct Node {
     /// `ari` changes at once rather than a heartbeat later: callers arriving right after a
     /// reconnection find the node placeable again.
     pub ari_changed: Notify,
+    /// Since when the events WebSocket is down (from the start until its first connection).
+    ari_down_since: Mutex<Option<Instant>>,
+    /// The claims were given back for Asterisk being out of reach (see [`Node::ari_given_up`]).
+    pub claims_given_back: AtomicBool,
     /// Heartbeats started so far, so the events WebSocket can wait for one that saw it
     /// connected (see [`Sink`]).
     pub beats_started: AtomicU64,
@@ -224,6 +228,8 @@ impl Node {
             ari_connected: AtomicBool::new(false),
             drain_since_ms: AtomicU64::new(0),
             ari_changed: Notify::new(),
+            ari_down_since: Mutex::new(Some(Instant::now())),
+            claims_given_back: AtomicBool::new(false),
             beats_started: AtomicU64::new(0),
             beats_done: watch::channel(0).0,
             beat_gate: tokio::sync::Mutex::new(false),
@@ -708,6 +714,13 @@ impl Node {
             .collect()
     }
 
+    /// Whether Asterisk has been out of reach longer than `ari.release_after`: its
+    /// conferences' claims are then given back, and no longer renewed until it is back.
+    pub fn ari_given_up(&self) -> bool {
+        let after = self.cfg.ari.release_after;
+        !after.is_zero() && lock(&self.ari_down_since).is_some_and(|t| t.elapsed() >= after)
+    }
+
     /// `(conferences, participants)` hosted now.
     pub fn load(&self) -> (u32, u32) {
         let views = lock(&self.views);
@@ -994,6 +1007,7 @@ impl EventSink for Sink {
     fn connected(&self, _reconnect: bool) -> BoxFuture<'static, ()> {
         self.0.connections.fetch_add(1, Ordering::SeqCst);
         self.0.ari_connected.store(true, Ordering::SeqCst);
+        *lock(&self.0.ari_down_since) = None;
         let wanted = self.0.beats_started.load(Ordering::SeqCst) + 1;
         let mut done = self.0.beats_done.subscribe();
         self.0.ari_changed.notify_one();
@@ -1005,6 +1019,7 @@ impl EventSink for Sink {
 
     fn disconnected(&self) {
         self.0.ari_connected.store(false, Ordering::SeqCst);
+        lock(&self.0.ari_down_since).get_or_insert_with(Instant::now);
         self.0.ari_changed.notify_one();
     }
 

@@ -22,6 +22,11 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[]).await
+    }
+
+    /// [`Cluster::start`] with `extra` settings for every agent.
+    async fn start_with(n: usize, extra: &[(&str, &str)]) -> Cluster {
         let redis = RedisServer::start().expect("redis");
         let cfg = fixtures::single(&redis.url());
         let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
@@ -29,7 +34,7 @@ impl Cluster {
         for i in 0..n {
             let id = format!("node-{}", (b'a' + i as u8) as char);
             let sim = sim().await;
-            let node = NodeProc::start(&id, &env(&sim, &cfg, &[])).expect("node");
+            let node = NodeProc::start(&id, &env(&sim, &cfg, extra)).expect("node");
             wait_app(&sim, &node).await;
             nodes.push((id, sim, node));
         }
@@ -212,6 +217,67 @@ async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
         }
     }
     assert!(on_a > 0, "node-a gets new conferences again");
+}
+
+/// An Asterisk out of reach for `ari.release_after` has its conferences' claims given back:
+/// the next caller of such a conference is placed on a live node, not sent to the Asterisk
+/// that may never come back. Once it is back (here restarted, empty), the node takes new
+/// conferences again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conferences_of_an_asterisk_gone_past_release_after_are_placed_elsewhere() {
+    let c = Cluster::start_with(2, &[("CONFROUTE_ARI__RELEASE_AFTER", "2s")]).await;
+    let mut kept = None;
+    for i in 0..40 {
+        let conf = format!("stranded-{i}");
+        if c.route_http(&conf).await == "node-a" {
+            kept = Some(conf);
+            break;
+        }
+    }
+    let kept = kept.expect("a conference placed on node-a");
+    let sim_a = c.sim_of("node-a");
+    let caller = dial(sim_a, &kept, &[]).await;
+    wait_bridged(sim_a, &caller).await;
+    wait_listed(&c.node_url("node-a"), &caller)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+
+    sim_a.crash();
+    wait_ari(&c, "node-a", false).await;
+    // Within the two seconds it keeps its home; past them the claim is given back.
+    let store = fixtures::store(&c.cfg);
+    let name = confroute_shared::name::ConferenceName::parse(&kept).expect("name");
+    wait_for_async("the claim given back", WAIT, || async {
+        store.lookup(&name).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+    assert!(
+        c.node_output("node-a")
+            .contains("Asterisk out of reach for ari.release_after"),
+        "{}",
+        c.node_output("node-a")
+    );
+    assert_eq!(
+        c.route_http(&kept).await,
+        "node-b",
+        "the next caller goes to a live node"
+    );
+
+    sim_a.recover();
+    wait_ari(&c, "node-a", true).await;
+    let mut on_a = 0;
+    for i in 0..20 {
+        if c.route_http(&format!("after-{i}")).await == "node-a" {
+            on_a += 1;
+        }
+    }
+    assert!(on_a > 0, "node-a gets new conferences again");
+    assert_eq!(
+        c.route_http(&kept).await,
+        "node-b",
+        "the conference keeps its new home"
+    );
 }
 
 /// Invariant 4 from the first moment: an agent that never reached its Asterisk (here a wrong
