@@ -524,7 +524,7 @@ impl Conference {
                     .await;
                 self.check_recording().await;
                 self.check_redirects(&listed, taken);
-                self.reread_options().await;
+                self.reread_options(taken).await;
                 if std::mem::take(&mut self.reconcile_unsure) {
                     // Dropped unanswered: the pass is retried and releases no claim.
                     drop(reply);
@@ -1211,27 +1211,34 @@ impl Conference {
         }
     }
 
-    /// Reconciliation: a participant redirected to another node that Asterisk still lists
-    /// [`REDIRECT_GRACE`] after was refused the transfer by its far end. It is a participant
-    /// here again (its hangup a leave, not a move), and subscribers hear `move_failed`.
     /// Reads again the options of participants adopted with defaults because Asterisk did
     /// not answer (see [`Participant::options_unread`]), and applies them: its channel
     /// variables say what the participant joined with and what call control changed since
     /// (mute, `participant.update`). A mute they show is made Asterisk's too; this is a
-    /// correction of what the agent believed, so it sends no event.
-    async fn reread_options(&mut self) {
+    /// correction of what the agent believed, so it sends no event. Participants adopted
+    /// within `taken`'s pass wait for the next one (their reads just failed), and the others
+    /// are read together, so a pass waits for one round of reads at most.
+    async fn reread_options(&mut self, taken: Instant) {
         let unread: Vec<String> = self
             .participants
             .iter()
-            .filter(|(_, p)| p.options_unread && !p.moving)
+            .filter(|(_, p)| p.options_unread && !p.moving && p.since < taken)
             .map(|(id, _)| id.clone())
             .collect();
-        for id in unread {
+        if unread.is_empty() {
+            return;
+        }
+        let node = self.node.clone();
+        let reads = unread.iter().map(|id| {
             let channel = Channel {
                 id: id.clone(),
                 ..Channel::default()
             };
-            let (vars, failed) = crate::join::option_variables(&self.node, &channel).await;
+            let node = node.clone();
+            async move { crate::join::option_variables(&node, &channel).await }
+        });
+        let results = futures_util::future::join_all(reads).await;
+        for (id, (vars, failed)) in unread.into_iter().zip(results) {
             if let Some(e) = failed {
                 tracing::warn!(conference = %self.name, channel = %id, error = %e, "still cannot read an adopted participant's options; trying again at the next reconciliation");
                 continue;
@@ -1239,31 +1246,33 @@ impl Conference {
             let (opts, _) =
                 options::resolve(&self.node.cfg.conference, &self.node.cfg.profiles, &vars);
             let muted = opts.muted;
-            let was_muted = match self.participants.get_mut(&id) {
-                Some(p) => {
-                    p.options = opts;
-                    p.options_unread = false;
-                    p.muted
-                }
-                None => continue,
+            let Some(was_muted) = self.participants.get(&id).map(|p| p.muted) else {
+                continue;
             };
             if muted != was_muted {
-                match self.node.ari.mute(&id, "in", muted).await {
-                    Ok(()) => {
-                        if let Some(p) = self.participants.get_mut(&id) {
-                            p.muted = muted;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(conference = %self.name, channel = %id, error = %e, "cannot set an adopted participant's mute on its channel");
-                    }
+                if let Err(e) = self.node.ari.mute(&id, "in", muted).await {
+                    tracing::warn!(conference = %self.name, channel = %id, error = %e, "cannot set an adopted participant's mute on its channel; trying again at the next reconciliation");
+                    continue;
                 }
             }
+            if let Some(p) = self.participants.get_mut(&id) {
+                p.options = opts;
+                p.muted = muted;
+                p.options_unread = false;
+            }
+            self.node
+                .metrics
+                .reconcile_actions
+                .with_label_values(&["read_adopted_options"])
+                .inc();
             tracing::info!(conference = %self.name, channel = %id, muted, "read an adopted participant's options at last");
             self.publish();
         }
     }
 
+    /// Reconciliation: a participant redirected to another node that Asterisk still lists
+    /// [`REDIRECT_GRACE`] after was refused the transfer by its far end. It is a participant
+    /// here again (its hangup a leave, not a move), and subscribers hear `move_failed`.
     fn check_redirects(&mut self, listed: &HashSet<String>, taken: Instant) {
         let refused: Vec<(String, ConferenceName)> = self
             .participants

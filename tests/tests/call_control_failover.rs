@@ -456,32 +456,42 @@ async fn options_unread_at_adoption_are_read_at_a_later_reconciliation() {
     )
     .await;
     let owner = c.route(0, "late-options").await;
-    let (moderator, listener) = {
+    let (moderator, listener, freed) = {
         let sim = &c.node(&owner).sim;
         let moderator = dial(sim, "late-options", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
         let listener = dial(sim, "late-options", &[("CONFROUTE_MUTED", "true")]).await;
-        wait_bridged(sim, &moderator).await;
-        wait_bridged(sim, &listener).await;
-        (moderator, listener)
+        let freed = dial(sim, "late-options", &[("CONFROUTE_MUTED", "true")]).await;
+        for ch in [&moderator, &listener, &freed] {
+            wait_bridged(sim, ch).await;
+        }
+        (moderator, listener, freed)
     };
     let sim = c.node(&owner).sim.clone();
     sim.lose_operation("getChannelVar");
-    restart_and_readopt(&mut c, &owner, 2).await;
+    restart_and_readopt(&mut c, &owner, 3).await;
+    // Unmuted through call control while the agent takes it for unmuted already: the
+    // later reading of its options must not mute it again.
+    let mut ws = c.client(0).await;
+    ws.ok(
+        "participant.unmute",
+        json!({"conference": "late-options", "participant": freed}),
+    )
+    .await;
     let url = format!("{}/v1/conferences", c.node(&owner).proc.http_url());
-    let muted_of = |v: &Value| {
+    let muted_of = |v: &Value, ch: &str| {
         v["items"][0]["participants"]
             .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["channel"] == listener.as_str()))
+            .and_then(|ps| ps.iter().find(|p| p["channel"] == ch))
             .map(|p| p["muted"].clone())
     };
     assert_eq!(
-        muted_of(&get_json(&url).await),
+        muted_of(&get_json(&url).await, &listener),
         Some(json!(false)),
         "adopted with the defaults while the reads go unanswered"
     );
     sim.deliver_operation("getChannelVar");
     wait_for_async("the listener's options read at last", WAIT, || async {
-        (muted_of(&get_json(&url).await) == Some(json!(true))).then_some(())
+        (muted_of(&get_json(&url).await, &listener) == Some(json!(true))).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -502,6 +512,21 @@ async fn options_unread_at_adoption_are_read_at_a_later_reconciliation() {
             WAIT,
         )
         .expect("the moderator's options read at last");
+    c.node_mut(&owner)
+        .proc
+        .wait_log(
+            &format!(
+                "read an adopted participant's options at last conference=late-options channel={freed} muted=false"
+            ),
+            WAIT,
+        )
+        .expect("the unmuted participant's options read at last");
+    assert_eq!(
+        muted_of(&get_json(&url).await, &freed),
+        Some(json!(false)),
+        "still unmuted"
+    );
+    assert!(!sim.snapshot().channel(&freed).expect("freed").muted_in);
     sim.hangup_far_end(&moderator, 16)
         .await
         .expect("moderator leaves");

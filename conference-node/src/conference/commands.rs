@@ -278,15 +278,17 @@ impl Conference {
             .mute(ch, "in", on)
             .await
             .map_err(|e| ari_failure(ch, &e))?;
-        if already {
-            return Ok(json!({}));
-        }
         let ari = &self.node.ari;
         // Asterisk shows no mute that an agent restarted later could read back; the
-        // variable a caller joins muted with can say it instead.
+        // variable a caller joins muted with can say it instead. Written in either case: a
+        // variable left saying the opposite would be read back later (a restart, or the
+        // re-read of an adoption's options) and undo this.
         let value = if on { "true" } else { "false" };
         if let Err(e) = ari.set_variable(ch, options::VAR_MUTED, value).await {
             tracing::warn!(conference = %self.name, channel = ch, error = %e, "cannot record the mute on the channel; a restarted agent may not know it");
+        }
+        if already {
+            return Ok(json!({}));
         }
         if let Some(p) = self.participants.get_mut(ch) {
             p.muted = on;
