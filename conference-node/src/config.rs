@@ -126,8 +126,8 @@ pub struct AriConfig {
     /// Deadline of one REST call.
     #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
-    /// REST calls (so HTTP connections) open at once; kept under Asterisk's http.conf
-    /// `sessionlimit`, beyond which it closes new connections unanswered.
+    /// REST calls in flight at once (the client may keep up to twice as many connections);
+    /// kept under Asterisk's http.conf `sessionlimit`, beyond which it closes new ones.
     pub max_connections: usize,
     /// First reconnect delay of the events WebSocket; doubles up to `reconnect_max`.
     #[serde(deserialize_with = "duration")]
@@ -310,9 +310,10 @@ impl Default for AriConfig {
             password: Secret::default(),
             app: "confroute".to_string(),
             request_timeout: Duration::from_secs(2),
-            // Half of http.conf's default `sessionlimit` (100), leaving the rest to the
-            // events WebSocket and to other ARI clients.
-            max_connections: 50,
+            // The HTTP client may keep up to twice this many connections open (idle ones, and
+            // one opened for a call an idle one then served): 81 with the events WebSocket,
+            // under http.conf's default `sessionlimit` (100), with room for other clients.
+            max_connections: 40,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),

@@ -107,7 +107,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     if node.state_dirty() {
         node.write_state().await;
     }
-    let hosted = if node.ari_given_up() {
+    let hosted = if node.ari_given_up() && asterisk_gone(node).await {
         give_back_claims(node).await;
         Vec::new()
     } else {
@@ -274,6 +274,25 @@ fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
     let total: u64 = v.iter().take(8).sum();
     let idle = v[3] + v.get(4).copied().unwrap_or(0);
     Some((total.saturating_sub(idle), total))
+}
+
+/// Whether an Asterisk whose events WebSocket has been down for `ari.release_after` is gone
+/// too: its claims given back already, or its REST interface not answering either (within
+/// half a heartbeat, so the heartbeat keeps its pace). One that answers lives, and so may the
+/// callers in its bridges (the WebSocket alone is broken, or another client holds the app):
+/// its conferences keep their home.
+async fn asterisk_gone(node: &Arc<Node>) -> bool {
+    if node.claims_given_back.load(Ordering::SeqCst) {
+        return true;
+    }
+    let within = node.cfg.node.heartbeat_interval / 2;
+    match tokio::time::timeout(within, node.ari.ping()).await {
+        Ok(Ok(())) => {
+            tracing::debug!("events WebSocket down past ari.release_after, but Asterisk answers REST: keeping its conferences");
+            false
+        }
+        _ => true,
+    }
 }
 
 /// Asterisk has been out of reach for `ari.release_after`: gives back (compare-and-delete)

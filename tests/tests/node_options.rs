@@ -153,6 +153,13 @@ async fn a_burst_of_callers_stays_within_asterisks_http_session_limit() {
         "{}",
         node.output()
     );
+    // ari.max_connections (40) calls in flight, as many idle connections again at most, and
+    // the events WebSocket: what docs/configuration.md tells operators to plan for.
+    assert!(
+        sim.peak_sessions() <= 2 * 40 + 1,
+        "{} connections open at once",
+        sim.peak_sessions()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,6 +122,8 @@ pub struct AriClient {
     metrics: Metrics,
     /// One permit per request in flight (`ari.max_connections`): each takes a connection of
     /// Asterisk's HTTP server, which closes those beyond http.conf's `sessionlimit` unanswered.
+    /// The pool may hold up to as many idle ones again (hyper opens a connection for a request
+    /// that an idle one then serves, and keeps both).
     slots: Arc<Semaphore>,
     max_connections: usize,
 }
@@ -343,6 +345,13 @@ impl AriClient {
             },
             Err(e) => Err(e),
         }
+    }
+
+    /// `GET /asterisk/ping`: whether Asterisk's REST interface answers at all.
+    pub async fn ping(&self) -> Result<(), AriError> {
+        self.call("ping", Method::Get, "/asterisk/ping", &[])
+            .await
+            .map(drop)
     }
 
     /// `GET /bridges/{id}`: whether the bridge exists (`false` on 404).

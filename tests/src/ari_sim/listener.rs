@@ -24,6 +24,7 @@ pub(crate) struct SimListener {
     ctl: watch::Receiver<Ctl>,
     sessions: Arc<AtomicUsize>,
     session_limit: usize,
+    peak: Arc<AtomicUsize>,
 }
 
 impl SimListener {
@@ -32,6 +33,7 @@ impl SimListener {
         addr: SocketAddr,
         ctl: watch::Receiver<Ctl>,
         session_limit: usize,
+        peak: Arc<AtomicUsize>,
     ) -> SimListener {
         SimListener {
             addr,
@@ -39,6 +41,7 @@ impl SimListener {
             ctl,
             sessions: Arc::default(),
             session_limit,
+            peak,
         }
     }
 }
@@ -82,7 +85,9 @@ impl axum::serve::Listener for SimListener {
             tokio::select! {
                 res = listener.accept() => match res {
                     Ok((stream, peer)) => {
-                        if self.sessions.fetch_add(1, Ordering::SeqCst) >= self.session_limit {
+                        let open = self.sessions.fetch_add(1, Ordering::SeqCst);
+                        self.peak.fetch_max(open + 1, Ordering::SeqCst);
+                        if open >= self.session_limit {
                             self.sessions.fetch_sub(1, Ordering::SeqCst);
                             tracing::warn!(limit = self.session_limit, "HTTP session count exceeded; closing the connection");
                             drop(stream);

@@ -205,6 +205,7 @@ pub struct AriSim {
     core: Arc<Core>,
     addr: SocketAddr,
     guard: Option<Arc<Guard>>,
+    peak_sessions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for AriSim {
@@ -241,6 +242,7 @@ impl AriSim {
             core: Arc::clone(&core),
             addr,
             guard: None,
+            peak_sessions: Arc::default(),
         };
         let ari = Router::new()
             .fallback(http::entry)
@@ -251,6 +253,7 @@ impl AriSim {
             addr,
             core.ctl.subscribe(),
             core.cfg.session_limit,
+            detached.peak_sessions.clone(),
         );
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -521,6 +524,12 @@ impl AriSim {
         self.core.lock().boot();
         self.core.ctl.send_modify(|c| c.up = true);
         self.done();
+    }
+
+    /// The most HTTP connections (the events WebSocket's included) ever open at once, a
+    /// connection closed for going past `session_limit` counted as the one it would have made.
+    pub fn peak_sessions(&self) -> usize {
+        self.peak_sessions.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Asterisk keeps connections open but answers nothing (requests or events) for `d`.
