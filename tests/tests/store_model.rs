@@ -1841,6 +1841,28 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
     };
     // The older life comes back.
     set_record("c", 1);
+    // While Redis is settling (it lost the node records), a missing node record does not
+    // say the owner is dead: nothing is taken.
+    redis
+        .query(
+            redis::cmd("SET")
+                .arg("{confroute}:settling")
+                .arg(1)
+                .arg("PX")
+                .arg(60_000),
+        )
+        .expect("settling");
+    let hb = store
+        .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
+        .await;
+    assert_eq!(statuses(hb.expect("heartbeat")), vec![HostedStatus::Lost]);
+    assert_eq!(
+        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
+        Some(owner("c", 1))
+    );
+    redis
+        .query(redis::cmd("DEL").arg("{confroute}:settling"))
+        .expect("settled");
     // An ordinary heartbeat takes it for missing (and so asks for a reclaiming one) ...
     let hb = store.heartbeat(&id("a"), &load, LONG, &hosted).await;
     assert_eq!(

@@ -1,6 +1,7 @@
 -- callback_seq: reserve the next block of status-callback SequenceNumbers for the conference's
 -- current home, so the numbers an application sees keep increasing across agent restarts.
--- Keeps invariant 2 (fencing): only the conference's owner reserves numbers for it. No
+-- Keeps invariant 2's fencing by node: only the node that owns the conference reserves numbers
+-- for it (the node, not the epoch: the agent lives of one home share its numbering). No
 -- block is handed out twice while the conference keeps its home (claim.lua drops the field
 -- when it moves, and the new home's callbacks carry a new ConferenceSid).
 -- KEYS[1] conference record. ARGV[1] node id, ARGV[2] block size, ARGV[3] the highest number

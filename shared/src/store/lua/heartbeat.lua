@@ -13,7 +13,9 @@
 -- A record that names a dead owner (no node record) at an epoch below the node's is an older
 -- life come back (Redis restarted from a snapshot, or a failover lost the re-home to this
 -- node): to this script it is as good as missing, so the node claims its live conference
--- back rather than losing it to the next placement beside its bridge (invariants 1, 2).
+-- back rather than losing it to the next placement beside its bridge (invariants 1, 2). Not
+-- while settle.lua's mark lives: Redis lost the node records, so "no node record" does not
+-- say the owner is dead (claim.lua re-homes nothing then either).
 -- KEYS[1] node record, KEYS[2] node index.
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease (ms), ARGV[4] conference lease (ms),
 -- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu, ARGV[8] "1" to claim again,
@@ -35,6 +37,7 @@ redis.call('HSET', KEYS[1], 'conferences', ARGV[5], 'participants', ARGV[6], 'cp
 redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 
+local settling = redis.call('EXISTS', prefix .. 'settling') == 1
 local out = {redis.call('HGET', KEYS[1], 'state')}
 for i = 10, #ARGV, 4 do
   local ckey = prefix .. 'conf:' .. ARGV[i]
@@ -48,8 +51,8 @@ for i = 10, #ARGV, 4 do
     redis.call('PEXPIRE', ckey, conf_lease)
     redis.call('SADD', prefix .. 'node:' .. id .. ':confs', ARGV[i])
     out[#out + 1] = 'ok'
-  elseif r[1] and not (redis.call('EXISTS', prefix .. 'node:' .. r[1]) == 0
-      and (tonumber(r[2]) or 0) < tonumber(ARGV[i + 1])) then
+  elseif r[1] and (settling or redis.call('EXISTS', prefix .. 'node:' .. r[1]) == 1
+      or (tonumber(r[2]) or 0) >= tonumber(ARGV[i + 1])) then
     out[#out + 1] = 'lost'
   elseif reclaim and (out[1] == 'serving' or out[1] == 'draining') then
     local epoch = tonumber(ARGV[i + 1])
