@@ -564,6 +564,13 @@ impl Connector {
     }
 
     /// Drops connection `generation` after a failure that means it is no longer usable.
+    /// Drops the current connection whatever its generation: the next request opens one.
+    pub(crate) fn reset(&self) {
+        if let Ok(mut slot) = self.inner.current.write() {
+            *slot = None;
+        }
+    }
+
     pub(crate) fn invalidate(&self, generation: u64) {
         if let Ok(mut slot) = self.inner.current.write() {
             if slot.as_ref().is_some_and(|c| c.generation == generation) {
@@ -685,6 +692,7 @@ pub(crate) struct ConnectorPool {
 pub(crate) struct Lent<'a> {
     pool: &'a ConnectorPool,
     index: usize,
+    done: bool,
     _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
@@ -693,10 +701,21 @@ impl Lent<'_> {
     pub(crate) fn connector(&self) -> &Connector {
         &self.pool.connectors[self.index]
     }
+
+    /// The claim ran to its end: nothing of it is left waiting on the connection.
+    pub(crate) fn finished(&mut self) {
+        self.done = true;
+    }
 }
 
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
+        // A claim dropped halfway (its caller's deadline) may leave a WAIT Redis still holds
+        // the connection for: the next claim lent it would queue behind that WAIT. It opens
+        // a new connection instead.
+        if !self.done {
+            self.connector().reset();
+        }
         self.pool
             .free
             .lock()
@@ -731,6 +750,7 @@ impl ConnectorPool {
         Some(Lent {
             pool: self,
             index,
+            done: false,
             _permit: permit,
         })
     }

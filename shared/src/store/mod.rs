@@ -191,6 +191,9 @@ pub struct ConferencePage {
     pub next: Option<String>,
 }
 
+/// A claim's script answer, and for a WAIT the replicas needed and those that acknowledged.
+type ClaimRun = (Vec<Value>, Option<(u32, u32)>);
+
 /// Connections open at most for claims that WAIT for replicas (`redis.wait_replicas`): as
 /// many such claims run at once, each waiting up to half of `redis.timeout` on a lagging
 /// replica.
@@ -545,7 +548,7 @@ impl Store {
         let wait_ms = (self.timeout.as_millis() as u64 / 2).max(1);
         let slot = conn::hash_slot(conf_key.as_bytes());
         let cluster = self.conn.is_cluster();
-        let lent = match &self.replicated {
+        let mut lent = match &self.replicated {
             Some(pool) => match pool.lend(self.timeout).await {
                 Some(lent) => Some(lent),
                 None => {
@@ -560,7 +563,7 @@ impl Store {
             None => None,
         };
         let connector = lent.as_ref().map_or(&self.conn, |l| l.connector());
-        let (values, acked): (Vec<Value>, Option<(u32, u32)>) = self
+        let ran: Result<ClaimRun, StoreError> = self
             .run_on(connector, "claim", |mut c| async move {
                 let mut inv = script.key(&conf_key);
                 inv.key(&self.confs_key)
@@ -603,7 +606,11 @@ impl Store {
                 }
                 Ok((values, acked))
             })
-            .await?;
+            .await;
+        if let Some(l) = lent.as_mut() {
+            l.finished();
+        }
+        let (values, acked) = ran?;
         if let Some((need, got)) = acked {
             if got < need {
                 // Redis answered every command, so the run above counted no error.
