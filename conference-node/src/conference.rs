@@ -338,6 +338,9 @@ struct Participant {
     /// Adopted with default options because Asterisk did not answer their reads: each
     /// reconciliation tries again (see [`Conference::reread_options`]).
     options_unread: bool,
+    /// Adopted on hold from a started conference's holding bridge because its hold mark
+    /// could not be read: each reconciliation reads it again.
+    held_unread: bool,
     since: Instant,
     /// When the agent last had an addChannel for it under way (sent or answered): a
     /// listing taken before then may show it where it was.
@@ -360,6 +363,7 @@ impl Participant {
             tech: "PJSIP".to_string(),
             joined_ms: now_ms(),
             options_unread: false,
+            held_unread: false,
             since: Instant::now(),
             placed_at: Instant::now(),
         }
@@ -1266,6 +1270,60 @@ impl Conference {
                 .with_label_values(&["read_adopted_options"])
                 .inc();
             tracing::info!(conference = %self.name, channel = %id, muted, "read an adopted participant's options at last");
+            self.publish();
+        }
+        self.reread_holds(taken).await;
+    }
+
+    /// Reads again the hold mark of participants adopted on hold because it could not be read
+    /// (see [`Participant::held_unread`]): one the mark does not say is held (a waiter whose
+    /// move into the started mix a restart cut short) joins the mix. A correction of what the
+    /// agent believed, so it sends no event.
+    async fn reread_holds(&mut self, taken: Instant) {
+        let unknown: Vec<String> = self
+            .participants
+            .iter()
+            .filter(|(_, p)| p.held_unread && !p.moving && p.since < taken)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in unknown {
+            let channel = Channel {
+                id: id.clone(),
+                ..Channel::default()
+            };
+            let held = match crate::join::variable(&self.node, &channel, options::VAR_HELD).await {
+                Ok(v) => v.is_some_and(|v| v == "true"),
+                Err(e) => {
+                    tracing::warn!(conference = %self.name, channel = %id, error = %e, "still cannot read whether an adopted participant is held; trying again at the next reconciliation");
+                    continue;
+                }
+            };
+            if !held {
+                let Some(opts) = self.participants.get(&id).map(|p| {
+                    let mut o = p.options.clone();
+                    o.muted = p.muted;
+                    o
+                }) else {
+                    continue;
+                };
+                if let Err(e) = self.add(&id, false, &opts).await {
+                    tracing::warn!(conference = %self.name, channel = %id, error = %e, "cannot move an adopted participant that is not held into the mix; trying again at the next reconciliation");
+                    continue;
+                }
+            }
+            if let Some(p) = self.participants.get_mut(&id) {
+                p.held_unread = false;
+                if !held {
+                    p.held = false;
+                    p.waiting = false;
+                }
+            }
+            self.node
+                .metrics
+                .reconcile_actions
+                .with_label_values(&["read_adopted_options"])
+                .inc();
+            tracing::info!(conference = %self.name, channel = %id, held, "read an adopted participant's hold mark at last");
             self.publish();
         }
     }
@@ -2261,20 +2319,23 @@ impl Conference {
         }
         // Only a caller still in the holding bridge is on hold: one found in the mix was
         // taken off hold before the variable could say so.
+        let mut held_unread = false;
         let held = waiting
             && match crate::join::variable(&self.node, &channel, options::VAR_HELD).await {
                 Ok(v) => v.is_some_and(|v| v == "true"),
                 // Unknown: in a started conference it stays held, with the music, rather than
-                // be put into the mix against a hold (an unhold brings it in); before the
-                // start it waits there either way.
+                // be put into the mix against a hold, until a reconciliation reads the mark
+                // (or an unhold brings it in); before the start it waits there either way.
                 Err(e) => {
-                    tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot read whether an adopted participant is held; keeping it on hold");
+                    tracing::warn!(conference = %self.name, channel = id, error = %e, "cannot read whether an adopted participant is held; keeping it on hold until a reconciliation reads it");
+                    held_unread = self.started;
                     self.started
                 }
             };
         let waiting = waiting && !(held && self.started);
         let mut p = Participant::new(opts, waiting, muted, channel.caller.number.clone());
         p.held = held;
+        p.held_unread = held_unread;
         p.options_unread = failed.is_some();
         // The last life knew when it joined; the channel's creation is the nearest Asterisk
         // keeps (a caller joins as it reaches the app), better than the moment of adoption.

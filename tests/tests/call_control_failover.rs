@@ -392,6 +392,7 @@ async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held
         &[
             ("CONFROUTE_CONFERENCE__BEEP", "false"),
             ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+            ("CONFROUTE_ARI__RECONCILE_INTERVAL", "1s"),
         ],
         &[],
         // Every variable is read with getChannelVar, none comes in the snapshots.
@@ -399,142 +400,82 @@ async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held
     )
     .await;
     let owner = c.route(0, "unread-hold").await;
-    let (b, main) = {
+    let (b, w, main) = {
         let sim = &c.node(&owner).sim;
         let a = dial(sim, "unread-hold", &[]).await;
         let b = dial(sim, "unread-hold", &[]).await;
+        let w = dial(sim, "unread-hold", &[]).await;
         let main = wait_bridged(sim, &a).await;
         wait_bridged(sim, &b).await;
-        (b, main)
+        wait_bridged(sim, &w).await;
+        (b, w, main)
     };
     let mut ws = c.client(0).await;
-    let who = json!({"conference": "unread-hold", "participant": b});
-    ws.ok("participant.hold", who.clone()).await;
+    let who = |p: &str| json!({"conference": "unread-hold", "participant": p});
+    ws.ok("participant.hold", who(&b)).await;
+    ws.ok("participant.hold", who(&w)).await;
     let holding = main.replacen("cr-", "crh-", 1);
-    let on_hold = |s: &confroute_tests::ari_sim::SimSnapshot| {
-        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(holding.as_str())
+    let in_bridge = |s: &confroute_tests::ari_sim::SimSnapshot, ch: &str, bridge: &str| {
+        s.channel(ch).and_then(|c| c.bridge.as_deref()) == Some(bridge)
     };
-    until(&c.node(&owner).sim, "b on hold", on_hold).await;
-
-    c.node(&owner).sim.lose_operation("getChannelVar");
-    restart_and_readopt(&mut c, &owner, 2).await;
-    let url = format!("{}/v1/conferences", c.node(&owner).proc.http_url());
-    let adopted = get_json(&url).await;
-    let b_of = adopted["items"][0]["participants"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["channel"] == b.as_str()).cloned())
-        .unwrap_or_default();
-    assert_eq!(b_of["hold"], json!(true), "{adopted}");
-    assert!(
-        on_hold(&c.node(&owner).sim.snapshot()),
-        "b is still in the holding bridge\n{}",
-        c.logs()
-    );
-    c.node(&owner).sim.deliver_operation("getChannelVar");
-    let mut ws = c.client(0).await;
-    ws.ok("participant.unhold", who).await;
-    until(&c.node(&owner).sim, "b back in the mix", |s| {
-        s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(main.as_str())
+    until(&c.node(&owner).sim, "b and w on hold", |s| {
+        in_bridge(s, &b, &holding) && in_bridge(s, &w, &holding)
     })
     .await;
-}
+    // w's mark says it is not held, as a waiter's does whose move into the started mix a
+    // restart cut short.
+    let other =
+        confroute_tests::ari_sim::client::AriClient::new(&c.node(&owner).sim).expect("client");
+    let r = other
+        .call_raw(
+            "POST",
+            &format!("/channels/{w}/variable?variable=CONFROUTE_HELD&value=false"),
+            None,
+            true,
+        )
+        .await
+        .expect("set the mark");
+    assert_eq!(r.status, 204);
 
-/// A restarted agent whose reads of a participant's options went unanswered adopts it with
-/// the defaults, then reads them at a later reconciliation and applies them: the muted
-/// listener is muted again, in the listing and in Asterisk, and the moderator's
-/// endConferenceOnExit ends the conference when it leaves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn options_unread_at_adoption_are_read_at_a_later_reconciliation() {
-    let mut c = Cluster::start_tuned(
-        &[
-            ("CONFROUTE_CONFERENCE__BEEP", "false"),
-            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
-            ("CONFROUTE_ARI__RECONCILE_INTERVAL", "1s"),
-        ],
-        &[],
-        |sim| sim.channelvars.clear(),
-    )
-    .await;
-    let owner = c.route(0, "late-options").await;
-    let (moderator, listener, freed) = {
-        let sim = &c.node(&owner).sim;
-        let moderator = dial(sim, "late-options", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
-        let listener = dial(sim, "late-options", &[("CONFROUTE_MUTED", "true")]).await;
-        let freed = dial(sim, "late-options", &[("CONFROUTE_MUTED", "true")]).await;
-        for ch in [&moderator, &listener, &freed] {
-            wait_bridged(sim, ch).await;
-        }
-        (moderator, listener, freed)
-    };
     let sim = c.node(&owner).sim.clone();
     sim.lose_operation("getChannelVar");
     restart_and_readopt(&mut c, &owner, 3).await;
-    // Unmuted through call control while the agent takes it for unmuted already: the
-    // later reading of its options must not mute it again.
-    let mut ws = c.client(0).await;
-    ws.ok(
-        "participant.unmute",
-        json!({"conference": "late-options", "participant": freed}),
-    )
-    .await;
     let url = format!("{}/v1/conferences", c.node(&owner).proc.http_url());
-    let muted_of = |v: &Value, ch: &str| {
+    let adopted = get_json(&url).await;
+    let hold_of = |v: &Value, ch: &str| {
         v["items"][0]["participants"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["channel"] == ch))
-            .map(|p| p["muted"].clone())
+            .map(|p| p["hold"].clone())
     };
-    assert_eq!(
-        muted_of(&get_json(&url).await, &listener),
-        Some(json!(false)),
-        "adopted with the defaults while the reads go unanswered"
+    assert_eq!(hold_of(&adopted, &b), Some(json!(true)), "{adopted}");
+    assert_eq!(hold_of(&adopted, &w), Some(json!(true)), "{adopted}");
+    assert!(
+        in_bridge(&sim.snapshot(), &b, &holding) && in_bridge(&sim.snapshot(), &w, &holding),
+        "both kept out of the mix while their marks are unread\n{}",
+        c.logs()
     );
+    // The marks read at last: w joins the mix, b stays held.
     sim.deliver_operation("getChannelVar");
-    wait_for_async("the listener's options read at last", WAIT, || async {
-        (muted_of(&get_json(&url).await, &listener) == Some(json!(true))).then_some(())
+    until(&sim, "w in the mix", |s| in_bridge(s, &w, &main)).await;
+    wait_for_async("w listed as not held", WAIT, || async {
+        (hold_of(&get_json(&url).await, &w) == Some(json!(false))).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    assert!(
-        sim.snapshot()
-            .channel(&listener)
-            .expect("listener")
-            .muted_in
-    );
-    // The moderator's options may be read a pass later (its read of this pass may have
-    // been sent before the reads got through again).
     c.node_mut(&owner)
         .proc
         .wait_log(
             &format!(
-                "read an adopted participant's options at last conference=late-options channel={moderator}"
+                "read an adopted participant's hold mark at last conference=unread-hold channel={b} held=true"
             ),
             WAIT,
         )
-        .expect("the moderator's options read at last");
-    c.node_mut(&owner)
-        .proc
-        .wait_log(
-            &format!(
-                "read an adopted participant's options at last conference=late-options channel={freed} muted=false"
-            ),
-            WAIT,
-        )
-        .expect("the unmuted participant's options read at last");
-    assert_eq!(
-        muted_of(&get_json(&url).await, &freed),
-        Some(json!(false)),
-        "still unmuted"
-    );
-    assert!(!sim.snapshot().channel(&freed).expect("freed").muted_in);
-    sim.hangup_far_end(&moderator, 16)
-        .await
-        .expect("moderator leaves");
-    assert_eq!(
-        wait_hangup(&sim, &listener).await,
-        16,
-        "the moderator's endConferenceOnExit ended the conference"
-    );
+        .expect("b's mark read at last");
+    assert!(in_bridge(&sim.snapshot(), &b, &holding), "b still on hold");
+    let mut ws = c.client(0).await;
+    ws.ok("participant.unhold", who(&b)).await;
+    until(&sim, "b back in the mix", |s| in_bridge(s, &b, &main)).await;
 }
 
 /// A caller held in one conference and moved to another of the same node is not held there;
