@@ -213,10 +213,21 @@ pub fn callback_address_refused(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(ip) => ip.is_link_local() || ip.is_unspecified(),
         std::net::IpAddr::V6(ip) => {
+            let seg = ip.segments();
+            // NAT64's well-known prefix (RFC 6052) reaches the IPv4 address in its last 32 bits.
+            let nat64 = (seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]).then(|| {
+                std::net::Ipv4Addr::new(
+                    (seg[6] >> 8) as u8,
+                    seg[6] as u8,
+                    (seg[7] >> 8) as u8,
+                    seg[7] as u8,
+                )
+            });
             ip.is_unspecified()
-                || (ip.segments()[0] & 0xffc0) == 0xfe80
+                || (seg[0] & 0xffc0) == 0xfe80
                 || ip
                     .to_ipv4_mapped()
+                    .or(nat64)
                     .is_some_and(|v4| v4.is_link_local() || v4.is_unspecified())
         }
     }
@@ -389,6 +400,7 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
             "http://[fe80::1]/x",
             "http://[::ffff:169.254.169.254]/latest",
+            "http://[64:ff9b::a9fe:a9fe]/latest",
             "http://0.0.0.0:9090/v1/drain",
             "http://[::]/x",
             "ftp://example.com/x",
@@ -400,6 +412,7 @@ mod tests {
             "http://127.0.0.1:8080/events",
             "http://10.0.0.7/events",
             "http://[2001:db8::1]:8080/e",
+            "http://[64:ff9b::a00:7]/events",
         ] {
             assert_eq!(callback_ok(good).as_deref(), Ok(good));
         }
