@@ -171,14 +171,13 @@ async fn wait_ari(c: &Cluster, node: &str, up: bool) {
     .expect("ARI state reported");
 }
 
-/// Invariant 4: while a node's Asterisk is down its agent can admit nobody, so new conferences
-/// go elsewhere; its conference keeps its home, and it gets new ones again once ARI is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
-    let c = Cluster::start(2).await;
+/// A conference the controller placed on node-a (named `prefix-N`) with one caller in it,
+/// whose join is over (the agent lists it: a crash before its addChannel is answered would
+/// fail the join and end the conference); the conference and the caller.
+async fn a_caller_on_node_a(c: &Cluster, prefix: &str) -> (String, String) {
     let mut kept = None;
     for i in 0..40 {
-        let conf = format!("kept-{i}");
+        let conf = format!("{prefix}-{i}");
         if c.route_http(&conf).await == "node-a" {
             kept = Some(conf);
             break;
@@ -188,11 +187,19 @@ async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
     let sim_a = c.sim_of("node-a");
     let caller = dial(sim_a, &kept, &[]).await;
     wait_bridged(sim_a, &caller).await;
-    // The join is over once the agent lists the caller: a crash before its addChannel is
-    // answered fails the join and ends the conference.
     wait_listed(&c.node_url("node-a"), &caller)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+    (kept, caller)
+}
+
+/// Invariant 4: while a node's Asterisk is down its agent can admit nobody, so new conferences
+/// go elsewhere; its conference keeps its home, and it gets new ones again once ARI is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
+    let c = Cluster::start(2).await;
+    let (kept, _) = a_caller_on_node_a(&c, "kept").await;
+    let sim_a = c.sim_of("node-a");
 
     sim_a.crash();
     wait_ari(&c, "node-a", false).await;
@@ -226,21 +233,8 @@ async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conferences_of_an_asterisk_gone_past_release_after_are_placed_elsewhere() {
     let c = Cluster::start_with(2, &[("CONFROUTE_ARI__RELEASE_AFTER", "2s")]).await;
-    let mut kept = None;
-    for i in 0..40 {
-        let conf = format!("stranded-{i}");
-        if c.route_http(&conf).await == "node-a" {
-            kept = Some(conf);
-            break;
-        }
-    }
-    let kept = kept.expect("a conference placed on node-a");
+    let (kept, _) = a_caller_on_node_a(&c, "stranded").await;
     let sim_a = c.sim_of("node-a");
-    let caller = dial(sim_a, &kept, &[]).await;
-    wait_bridged(sim_a, &caller).await;
-    wait_listed(&c.node_url("node-a"), &caller)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
 
     sim_a.crash();
     wait_ari(&c, "node-a", false).await;
