@@ -481,12 +481,15 @@ impl Router {
 
     async fn decide(&self, name: &ConferenceName) -> Result<Decision, RouteError> {
         let unavailable = |e: StoreError| self.store_failed(e);
+        // Whether the lookup found no record at all (not merely one it could not read).
+        let mut found_none = true;
         let record = match self.store.lookup(name).await {
             Ok(r) => r,
             // A record this process cannot read (written by hand, or by something else) is
             // the claim's to judge: it reads such fields leniently and keeps one home.
             Err(StoreError::Protocol { message, .. }) => {
                 tracing::warn!(conference = %name, error = %message, "unreadable conference record; letting the claim decide");
+                found_none = false;
                 None
             }
             Err(e) => return Err(unavailable(e)),
@@ -534,7 +537,9 @@ impl Router {
         match (claim.kind, claim.owner) {
             (ClaimKind::NoCapacity, _) | (_, None) => Err(RouteError::NoCapacity),
             (kind, Some(owner)) => {
-                if kind == ClaimKind::Existing && record.is_none() {
+                // A race with another caller only when the lookup saw no record at all: an
+                // unreadable one was there all along.
+                if kind == ClaimKind::Existing && record.is_none() && found_none {
                     self.metrics.claim_conflicts.inc();
                 }
                 Ok(Decision {

@@ -580,6 +580,9 @@ async fn an_unreadable_conference_record_is_left_to_the_claim() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     assert_eq!(a.body["node_id"], "node-a", "{}", a.text);
     assert_eq!(a.body["created"], false, "{}", a.text);
+    // The record was there all along: no race with another caller is counted.
+    let m = fixtures::scrape(&s.controller.http_url()).await;
+    assert_eq!(fixtures::metric(&m, "confroute_claim_conflicts_total"), 0.0);
 }
 
 /// A path segment that is not UTF-8 is refused with 400 on every route that has one, as
