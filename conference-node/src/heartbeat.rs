@@ -288,7 +288,9 @@ async fn asterisk_gone(node: &Arc<Node>) -> bool {
     let within = node.cfg.node.heartbeat_interval / 2;
     match tokio::time::timeout(within, node.ari.ping()).await {
         Ok(Ok(())) => {
-            tracing::debug!("events WebSocket down past ari.release_after, but Asterisk answers REST: keeping its conferences");
+            if !node.rest_answers_logged.swap(true, Ordering::SeqCst) {
+                tracing::warn!("events WebSocket down past ari.release_after, but Asterisk answers REST: keeping its conferences");
+            }
             false
         }
         _ => true,

@@ -147,6 +147,8 @@ pub struct Node {
     ari_down_since: Mutex<Option<Instant>>,
     /// The claims were given back for Asterisk being out of reach (see [`Node::ari_given_up`]).
     pub claims_given_back: AtomicBool,
+    /// This outage of the events WebSocket was logged as one Asterisk's REST still answers.
+    pub rest_answers_logged: AtomicBool,
     /// Heartbeats started so far, so the events WebSocket can wait for one that saw it
     /// connected (see [`Sink`]).
     pub beats_started: AtomicU64,
@@ -230,6 +232,7 @@ impl Node {
             ari_changed: Notify::new(),
             ari_down_since: Mutex::new(Some(Instant::now())),
             claims_given_back: AtomicBool::new(false),
+            rest_answers_logged: AtomicBool::new(false),
             beats_started: AtomicU64::new(0),
             beats_done: watch::channel(0).0,
             beat_gate: tokio::sync::Mutex::new(false),
@@ -1008,6 +1011,7 @@ impl EventSink for Sink {
         self.0.connections.fetch_add(1, Ordering::SeqCst);
         self.0.ari_connected.store(true, Ordering::SeqCst);
         *lock(&self.0.ari_down_since) = None;
+        self.0.rest_answers_logged.store(false, Ordering::SeqCst);
         let wanted = self.0.beats_started.load(Ordering::SeqCst) + 1;
         let mut done = self.0.beats_done.subscribe();
         self.0.ari_changed.notify_one();

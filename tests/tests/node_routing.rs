@@ -274,6 +274,75 @@ async fn conferences_of_an_asterisk_gone_past_release_after_are_placed_elsewhere
     );
 }
 
+/// `ari.release_after` against an Asterisk that lives: while only its events WebSocket is
+/// unreachable (REST answers) the conference keeps its home, its callers may be talking;
+/// once REST stops answering too the claim is given back; and when Asterisk answers again
+/// with the call still up, nobody having taken the conference, node-a claims it back as it
+/// was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_after_keeps_a_live_asterisks_conference_and_claims_back_a_returning_one() {
+    let c = Cluster::start_with(
+        2,
+        &[
+            ("CONFROUTE_ARI__RELEASE_AFTER", "1s"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ],
+    )
+    .await;
+    let (kept, caller) = a_caller_on_node_a(&c, "returning").await;
+    let sim_a = c.sim_of("node-a");
+    let store = fixtures::store(&c.cfg);
+    let name = confroute_shared::name::ConferenceName::parse(&kept).expect("name");
+    let home = || async { store.lookup(&name).await.ok().flatten().map(|r| r.owner) };
+    let before = home().await.expect("claimed");
+
+    // The events WebSocket is cut off; REST still answers.
+    sim_a.lose_operation("eventWebsocket");
+    sim_a.drop_websockets();
+    wait_ari(&c, "node-a", false).await;
+    wait_for_async(
+        "the agent to keep a conference whose Asterisk answers",
+        WAIT,
+        || async {
+            c.node_output("node-a")
+                .contains("events WebSocket down past ari.release_after, but Asterisk answers REST")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+    assert_eq!(
+        home().await,
+        Some(before.clone()),
+        "kept while REST answers"
+    );
+
+    // REST stops answering too: given back.
+    sim_a.lose_operation("ping");
+    wait_for_async("the claim given back", WAIT, || async {
+        home().await.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+
+    // Asterisk answers again, the call still up: node-a claims it back as it was.
+    sim_a.deliver_operation("ping");
+    sim_a.deliver_operation("eventWebsocket");
+    wait_for_async("the claim taken back", WAIT, || async {
+        (home().await == Some(before.clone())).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+    assert!(
+        sim_a
+            .snapshot()
+            .channel(&caller)
+            .is_some_and(|ch| ch.bridge.is_some()),
+        "the caller is still in its bridge"
+    );
+    assert_eq!(c.route_http(&kept).await, "node-a");
+}
+
 /// Invariant 4 from the first moment: an agent that never reached its Asterisk (here a wrong
 /// ARI password) registers, but no conference is placed on it until its ARI is up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -443,6 +443,15 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
     let handler = match route.kind {
         Kind::Rest(h) => h,
         Kind::Events => {
+            let lost = core
+                .lost_ops
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(route.nickname);
+            if lost {
+                // Test-only loss, as for REST requests: the handshake never reaches Asterisk.
+                std::future::pending::<()>().await;
+            }
             let params = Params::new(query, None, route.params, route.nickname);
             return (
                 events_upgrade(core, &mut parts, params).await,

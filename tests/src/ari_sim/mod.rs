@@ -598,7 +598,8 @@ impl AriSim {
 
     /// Test-only loss: requests for `op` (as [`AriSim::hold_operation`] names them) are lost
     /// on the way (a dropped connection, a proxy failing): never carried out, never
-    /// answered, until [`AriSim::deliver_operation`].
+    /// answered, until [`AriSim::deliver_operation`]. `eventWebsocket` loses the events
+    /// WebSocket's handshakes (REST still answered).
     pub fn lose_operation(&self, op: &str) {
         self.core
             .lost_ops
