@@ -119,32 +119,19 @@ async fn options_are_read_with_get_channel_var_without_channelvars() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_callers_stays_within_asterisks_http_session_limit() {
     const CALLERS: usize = 60;
-    let redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
-    let sim = sim_with(&[]).await;
-    let node = NodeProc::start(
-        "node-a",
-        &env(&sim, &cfg, &[("CONFROUTE_CONFERENCE__BEEP", "false")]),
+    let s = Single::start_on(
+        sim_with(&[]).await,
+        &[("CONFROUTE_CONFERENCE__BEEP", "false")],
     )
-    .expect("node");
-    wait_app(&sim, &node).await;
-    let store = fixtures::store(&cfg);
-    wait_for_async("the node placeable in Redis", WAIT, || async {
-        let rec = store.get_node(&fixtures::id("node-a")).await.ok()??;
-        rec.load.ari.then_some(())
-    })
-    .await
-    .expect("placeable");
-    let calls = (0..CALLERS).map(|i| {
-        let sim = sim.clone();
-        async move {
-            let var = format!("burst-{}", i % 3);
-            dial(&sim, "", &[("CONFROUTE_CONFERENCE", var.as_str())]).await
-        }
+    .await;
+    let (sim, node) = (&s.sim, &s.node);
+    let calls = (0..CALLERS).map(|i| async move {
+        let var = format!("burst-{}", i % 3);
+        dial(sim, "", &[("CONFROUTE_CONFERENCE", var.as_str())]).await
     });
     let channels = futures_util::future::join_all(calls).await;
     for ch in &channels {
-        wait_bridged(&sim, ch).await;
+        wait_bridged(sim, ch).await;
     }
     let m = fixtures::scrape(&node.http_url()).await;
     assert_eq!(

@@ -99,9 +99,13 @@ impl Single {
     /// Starts Redis, a simulator and agent `node-a` with `extra` settings, and waits until
     /// the agent's Stasis app is registered.
     pub async fn start(extra: &[(&str, &str)]) -> Single {
+        Self::start_on(sim().await, extra).await
+    }
+
+    /// [`Single::start`] beside the simulator `sim` (one tuned by the test).
+    pub async fn start_on(sim: TestSim, extra: &[(&str, &str)]) -> Single {
         let redis = RedisServer::start().expect("redis");
         let cfg = fixtures::single(&redis.url());
-        let sim = sim().await;
         let node = NodeProc::start("node-a", &env(&sim, &cfg, extra)).expect("node starts");
         wait_app(&sim, &node).await;
         // The app is registered before the heartbeat says ARI is up: until then no
