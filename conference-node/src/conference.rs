@@ -1223,12 +1223,7 @@ impl Conference {
     /// within `taken`'s pass wait for the next one (their reads just failed), and the others
     /// are read together, so a pass waits for one round of reads at most.
     async fn reread_options(&mut self, taken: Instant) {
-        let unread: Vec<String> = self
-            .participants
-            .iter()
-            .filter(|(_, p)| p.options_unread && !p.moving && p.since < taken)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let unread = self.adopted_unread(taken, |p| p.options_unread);
         if unread.is_empty() {
             return;
         }
@@ -1264,15 +1259,29 @@ impl Conference {
                 p.muted = muted;
                 p.options_unread = false;
             }
-            self.node
-                .metrics
-                .reconcile_actions
-                .with_label_values(&["read_adopted_options"])
-                .inc();
             tracing::info!(conference = %self.name, channel = %id, muted, "read an adopted participant's options at last");
-            self.publish();
+            self.adopted_read();
         }
         self.reread_holds(taken).await;
+    }
+
+    /// Participants adopted before `taken`'s pass, not being moved, for which `unread` holds.
+    fn adopted_unread(&self, taken: Instant, unread: impl Fn(&Participant) -> bool) -> Vec<String> {
+        self.participants
+            .iter()
+            .filter(|(_, p)| unread(p) && !p.moving && p.since < taken)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Something an adoption could not read was read at last and applied.
+    fn adopted_read(&self) {
+        self.node
+            .metrics
+            .reconcile_actions
+            .with_label_values(&["read_adopted_options"])
+            .inc();
+        self.publish();
     }
 
     /// Reads again the hold mark of participants adopted on hold because it could not be read
@@ -1280,12 +1289,7 @@ impl Conference {
     /// move into the started mix a restart cut short) joins the mix. A correction of what the
     /// agent believed, so it sends no event.
     async fn reread_holds(&mut self, taken: Instant) {
-        let unknown: Vec<String> = self
-            .participants
-            .iter()
-            .filter(|(_, p)| p.held_unread && !p.moving && p.since < taken)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let unknown = self.adopted_unread(taken, |p| p.held_unread);
         for id in unknown {
             let channel = Channel {
                 id: id.clone(),
@@ -1318,13 +1322,8 @@ impl Conference {
                     p.waiting = false;
                 }
             }
-            self.node
-                .metrics
-                .reconcile_actions
-                .with_label_values(&["read_adopted_options"])
-                .inc();
             tracing::info!(conference = %self.name, channel = %id, held, "read an adopted participant's hold mark at last");
-            self.publish();
+            self.adopted_read();
         }
     }
 
