@@ -163,6 +163,7 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         control: cfg.control_url(http_addr),
         zone: cfg.node.zone.clone(),
         capacity: cfg.node.capacity,
+        participant_capacity: cfg.node.participant_capacity,
         state: initial,
     };
     let (reconcile_tx, reconcile_rx) = mpsc::unbounded_channel();

@@ -81,6 +81,9 @@ pub struct NodeSection {
     pub zone: String,
     /// Most conferences this node hosts at once.
     pub capacity: u32,
+    /// Participants (as the last heartbeat counted) at which the node takes no new
+    /// conference; 0 for no such limit.
+    pub participant_capacity: u32,
     /// How often the node record and load are written (the lease is three of these).
     #[serde(deserialize_with = "duration")]
     pub heartbeat_interval: Duration,
@@ -284,6 +287,7 @@ impl Default for NodeSection {
             control: None,
             zone: String::new(),
             capacity: 100,
+            participant_capacity: 0,
             heartbeat_interval: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(600),
             wrong_node: WrongNodePolicy::Redirect,
@@ -740,6 +744,16 @@ mod tests {
             ("CONFROUTE_NODE__SIP_URI", "sip::5060", "node.sip_uri"),
             ("CONFROUTE_NODE__SIP_URI", "sip:[]:5060", "node.sip_uri"),
             ("CONFROUTE_NODE__CAPACITY", "0", "node.capacity"),
+            (
+                "CONFROUTE_NODE__PARTICIPANT_CAPACITY",
+                "-1",
+                "node.participant_capacity",
+            ),
+            (
+                "CONFROUTE_NODE__PARTICIPANT_CAPACITY",
+                "many",
+                "node.participant_capacity",
+            ),
             (
                 "CONFROUTE_NODE__HEARTBEAT_INTERVAL",
                 "soon",

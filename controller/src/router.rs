@@ -574,6 +574,7 @@ mod tests {
                 control: String::new(),
                 zone: String::new(),
                 capacity: 10,
+                participant_capacity: 0,
                 state: NodeState::Serving,
             },
             load: NodeLoad {

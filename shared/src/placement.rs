@@ -36,6 +36,9 @@ struct Entry {
     reported: u32,
     placed: u32,
     blocked: bool,
+    /// Participants the node last reported, and its limit on them (0: none).
+    participants: u32,
+    participant_capacity: u32,
 }
 
 impl Entry {
@@ -45,8 +48,14 @@ impl Entry {
         f64::from(self.reported) + f64::from(self.placed) * placers
     }
 
+    /// The fuller of the node's two limits: conferences, and participants when it has a
+    /// limit on them (a node of a few large conferences is busier than its count says).
     fn utilisation(&self, placers: f64) -> f64 {
-        self.load(placers) / f64::from(self.capacity.max(1))
+        let conferences = self.load(placers) / f64::from(self.capacity.max(1));
+        if self.participant_capacity == 0 {
+            return conferences;
+        }
+        conferences.max(f64::from(self.participants) / f64::from(self.participant_capacity))
     }
 
     fn eligible(&self) -> bool {
@@ -55,6 +64,7 @@ impl Entry {
             && !self.blocked
             && self.capacity > 0
             && self.reported.saturating_add(self.placed) < self.capacity
+            && (self.participant_capacity == 0 || self.participants < self.participant_capacity)
     }
 }
 
@@ -129,6 +139,8 @@ impl Placer {
                 reported: n.claimed.max(n.load.conferences),
                 placed: 0,
                 blocked: false,
+                participants: n.load.participants,
+                participant_capacity: n.info.participant_capacity,
             })
             .collect();
     }
@@ -227,6 +239,7 @@ mod tests {
                 control: String::new(),
                 zone: zone.into(),
                 capacity,
+                participant_capacity: 0,
                 state,
             },
             load: NodeLoad::default(),
@@ -269,6 +282,45 @@ mod tests {
 
     fn id(s: &str) -> NodeId {
         NodeId::parse(s).expect("id")
+    }
+
+    fn with_participants(mut n: NodeRecord, participants: u32, most: u32) -> NodeRecord {
+        n.load.participants = participants;
+        n.info.participant_capacity = most;
+        n
+    }
+
+    #[test]
+    fn a_node_at_its_participant_limit_is_no_candidate() {
+        let mut p = Placer::new(None, Some(1));
+        p.refresh(&[
+            with_participants(node("full", "", 10, 1, NodeState::Serving), 50, 50),
+            with_participants(node("over", "", 10, 1, NodeState::Serving), 60, 50),
+            with_participants(node("ok", "", 10, 5, NodeState::Serving), 49, 50),
+            with_participants(node("unbounded", "", 10, 5, NodeState::Serving), 900, 0),
+        ]);
+        for _ in 0..50 {
+            let mut c = p.candidates(4).expect("two candidates");
+            c.sort();
+            assert_eq!(c, vec![id("ok"), id("unbounded")]);
+        }
+    }
+
+    #[test]
+    fn the_fuller_limit_orders_candidates() {
+        let mut p = Placer::new(None, Some(1));
+        // "crowded" hosts fewer conferences but is at 90 % of its participants; "roomy" is at
+        // 50 % of its conferences and has no participant limit.
+        p.refresh(&[
+            with_participants(node("crowded", "", 10, 2, NodeState::Serving), 90, 100),
+            node("roomy", "", 10, 5, NodeState::Serving),
+        ]);
+        for _ in 0..20 {
+            assert_eq!(
+                p.candidates(2).expect("room"),
+                vec![id("roomy"), id("crowded")]
+            );
+        }
     }
 
     #[test]
@@ -374,6 +426,7 @@ mod stale_views {
                     control: String::new(),
                     zone: String::new(),
                     capacity,
+                    participant_capacity: 0,
                     state: NodeState::Serving,
                 },
                 load: NodeLoad::default(),

@@ -117,6 +117,10 @@ pub struct NodeInfo {
     pub zone: String,
     /// Most conferences this node may host at once.
     pub capacity: u32,
+    /// Participants (as the last heartbeat reported) at or above which the node takes no new
+    /// conference; its own keep admitting callers. 0 for no such limit.
+    #[serde(default)]
+    pub participant_capacity: u32,
     /// Current state.
     pub state: NodeState,
 }

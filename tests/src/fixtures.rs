@@ -132,6 +132,7 @@ pub fn node(id: &str, capacity: u32) -> NodeInfo {
         control: format!("http://{id}.test:9090"),
         zone: String::new(),
         capacity,
+        participant_capacity: 0,
         state: NodeState::Serving,
     }
 }

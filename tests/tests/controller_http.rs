@@ -262,6 +262,7 @@ async fn nodes_drain_undrain_and_their_errors() {
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["state"], "serving");
     assert_eq!(a.body["capacity"], 100);
+    assert_eq!(a.body["participant_capacity"], 0, "{}", a.text);
     assert_eq!(a.body["drain_since_ms"], Value::Null, "{}", a.text);
     assert_eq!(a.body["stopping"], false, "{}", a.text);
     assert_error(

@@ -226,6 +226,32 @@ async fn a_node_whose_ari_is_down_gets_no_new_conference_but_keeps_its_own() {
     assert!(on_a > 0, "node-a gets new conferences again");
 }
 
+/// `node.participant_capacity`: once a node's agent counts that many callers, new
+/// conferences go elsewhere, while its own conference keeps its home and admits more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_participant_capacity_gets_no_new_conference_but_admits_to_its_own() {
+    let c = Cluster::start_with(2, &[("CONFROUTE_NODE__PARTICIPANT_CAPACITY", "2")]).await;
+    let (kept, _) = a_caller_on_node_a(&c, "big").await;
+    let sim_a = c.sim_of("node-a");
+    let second = dial(sim_a, &kept, &[]).await;
+    wait_bridged(sim_a, &second).await;
+    let url = format!("{}/v1/nodes/node-a", c.controller.http_url());
+    wait_for_async("node-a reporting two participants", WAIT, || async {
+        let v = fixtures::try_get_json(&url).await?;
+        (v["participants"] == json!(2) && v["participant_capacity"] == json!(2)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+
+    for i in 0..20 {
+        let conf = format!("new-{i}");
+        assert_eq!(c.route_http(&conf).await, "node-b", "{conf}");
+    }
+    assert_eq!(c.route_http(&kept).await, "node-a", "its conference stays");
+    let third = dial(sim_a, &kept, &[]).await;
+    wait_bridged(sim_a, &third).await;
+}
+
 /// An Asterisk out of reach for `ari.release_after` has its conferences' claims given back:
 /// the next caller of such a conference is placed on a live node, not sent to the Asterisk
 /// that may never come back. Once it is back (here restarted, empty), the node takes new

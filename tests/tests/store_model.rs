@@ -9,7 +9,7 @@ use confroute_shared::name::ConferenceName;
 use confroute_shared::store::{
     ClaimKind, Heartbeat, Hosted, HostedStatus, StateChange, Store, StoreError,
 };
-use confroute_shared::types::{NodeLoad, NodeState, Owner};
+use confroute_shared::types::{NodeInfo, NodeLoad, NodeState, Owner};
 use confroute_tests::fixtures::{self, id, node};
 use confroute_tests::harness::{
     redis_query, wait_for_async, RedisCluster, RedisServer, SentinelGroup,
@@ -251,6 +251,104 @@ async fn claim_skips_a_node_whose_ari_is_down_but_keeps_its_conferences() {
         Some(owner("a", 1)),
         "a takes new conferences again"
     );
+}
+
+/// Invariant 4 with `node.participant_capacity`: a node whose last heartbeat counted its
+/// participant limit gets no new conference, keeps its own, and is a candidate again once
+/// callers leave; a node without such a limit is placed on whatever its count.
+#[tokio::test]
+async fn claim_skips_a_node_at_its_participant_capacity_but_keeps_its_conferences() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    let limited = NodeInfo {
+        participant_capacity: 30,
+        ..node("a", 10)
+    };
+    store.register(&limited, LONG).await.expect("register a");
+    store
+        .register(&node("b", 10), LONG)
+        .await
+        .expect("register b");
+    let listed = store.get_node(&id("a")).await.expect("get").expect("a");
+    assert_eq!(
+        listed.info.participant_capacity, 30,
+        "the record keeps the limit"
+    );
+
+    let big = store.claim(&name("big"), &[id("a")]).await.expect("claim");
+    assert_eq!(big.owner, Some(owner("a", 1)));
+    let hosted = |participants| {
+        [Hosted {
+            name: name("big"),
+            epoch: 1,
+            participants,
+            count_version: 1,
+        }]
+    };
+    let beat = |node: &'static str, participants: u32, h: [Hosted; 1]| {
+        let store = store.clone();
+        async move {
+            let load = NodeLoad {
+                conferences: 1,
+                participants,
+                ..NodeLoad::default()
+            };
+            store
+                .heartbeat(&id(node), &load, LONG, &h)
+                .await
+                .expect("heartbeat");
+        }
+    };
+    beat("a", 29, hosted(29)).await;
+    let under = store
+        .claim(&name("under"), &[id("a")])
+        .await
+        .expect("claim");
+    assert_eq!(under.owner, Some(owner("a", 1)), "29 of 30: room");
+
+    beat("a", 30, hosted(30)).await;
+    let fresh = store
+        .claim(&name("fresh"), &[id("a"), id("b")])
+        .await
+        .expect("claim");
+    assert_eq!(
+        fresh.owner,
+        Some(owner("b", 1)),
+        "30 of 30: no new conference"
+    );
+    assert_eq!(fresh.skipped, 1);
+    let none = store.claim(&name("none"), &[id("a")]).await.expect("claim");
+    assert_eq!(none.kind, ClaimKind::NoCapacity);
+    let kept = store.claim(&name("big"), &[id("b")]).await.expect("claim");
+    assert_eq!(
+        kept.kind,
+        ClaimKind::Existing,
+        "its conference keeps its home"
+    );
+    assert_eq!(kept.owner, Some(owner("a", 1)));
+
+    // No limit: b takes a conference whatever its participants.
+    store
+        .heartbeat(
+            &id("b"),
+            &NodeLoad {
+                participants: 100_000,
+                ..NodeLoad::default()
+            },
+            LONG,
+            &[],
+        )
+        .await
+        .expect("heartbeat b");
+    let unlimited = store
+        .claim(&name("unlimited"), &[id("b")])
+        .await
+        .expect("claim");
+    assert_eq!(unlimited.owner, Some(owner("b", 1)));
+
+    beat("a", 12, hosted(12)).await;
+    let back = store.claim(&name("back"), &[id("a")]).await.expect("claim");
+    assert_eq!(back.owner, Some(owner("a", 1)), "callers left: room again");
 }
 
 /// Invariant 4 from registration: an agent that registers with its ARI down is no candidate

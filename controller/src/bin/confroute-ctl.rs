@@ -572,7 +572,11 @@ fn print_nodes(v: &Value) {
             },
             s(&n["conferences"]),
             format!("{}/{}", s(&n["claimed"]), s(&n["capacity"])),
-            s(&n["participants"]),
+            // Participants against the node's limit on them, when it has one.
+            match n["participant_capacity"].as_u64() {
+                Some(most) if most > 0 => format!("{}/{most}", s(&n["participants"])),
+                _ => s(&n["participants"]),
+            },
             format!("{:.0}%", n["cpu"].as_f64().unwrap_or(0.0)),
             s(&n["sip_uri"]),
         ]);

@@ -184,6 +184,7 @@ fn node_json(n: &NodeRecord) -> Value {
         "control": n.info.control,
         "zone": n.info.zone,
         "capacity": n.info.capacity,
+        "participant_capacity": n.info.participant_capacity,
         "state": n.info.state,
         "ari": n.load.ari,
         "conferences": n.load.conferences,

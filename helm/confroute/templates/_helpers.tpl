@@ -319,7 +319,7 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- include "confroute.checkDurations" . -}}
 {{- $n := .Values.node -}}
 {{- $cfg := deepCopy ($n.config | default dict) -}}
-{{- $node := dict "zone" $n.zone "capacity" $n.capacity "drain_deadline" (printf "%ds" (int $n.drainDeadlineSeconds)) -}}
+{{- $node := dict "zone" $n.zone "capacity" $n.capacity "participant_capacity" (int ($n.participantCapacity | default 0)) "drain_deadline" (printf "%ds" (int $n.drainDeadlineSeconds)) -}}
 {{- $_ := set $cfg "node" (merge $node ($cfg.node | default dict)) -}}
 {{- $_ := set $cfg "http" (dict "listen" (printf "%s:%d" (include "confroute.anyAddr" .) (int $n.httpPort))) -}}
 {{- $ari := dict "url" (printf "http://127.0.0.1:%d" (int .Values.asterisk.ariPort)) "username" .Values.asterisk.ariUser "app" .Values.asterisk.ariApp -}}

@@ -809,9 +809,10 @@ impl Store {
                     .arg(&node.control)
                     .arg(&node.zone)
                     .arg(node.capacity)
+                    .arg(node.participant_capacity)
                     .arg(node.state.as_str())
                     .arg(ari.map(|up| if up { "1" } else { "0" }))
-                    // ARGV[10] only follows ARGV[9].
+                    // ARGV[11] only follows ARGV[10].
                     .arg(ari.and(drain_since_ms))
                     .invoke_async(&mut c)
                     .await

@@ -176,6 +176,11 @@ pub(crate) fn node_record(fields: &[Value]) -> Result<NodeRecord, StoreError> {
             control: field("control")?,
             zone: field("zone")?,
             capacity: num("capacity")? as u32,
+            // Absent from the record of an agent that knows no such limit.
+            participant_capacity: get
+                .get("participant_capacity")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
             state: parse_state("list_nodes", &field("state")?)?,
         },
         load: NodeLoad {

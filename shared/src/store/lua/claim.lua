@@ -4,8 +4,9 @@
 -- serving and the conference has no participants; each change of owner adds 1 to the epoch,
 -- and a new life of a name released a short while ago starts above its last epoch).
 -- Keeps invariant 4: a node that is not serving, whose agent reports its ARI events WebSocket
--- down (it could admit nobody), or is at capacity, gets no new conference. The owner check
--- below ignores ARI: callers of a live conference are in that Asterisk, so it keeps its home.
+-- down (it could admit nobody), or is at capacity or at its participant limit, gets no new
+-- conference. The owner check below ignores ARI and the limits: callers of a live conference
+-- are in that Asterisk, so it keeps its home.
 -- Every key shares the prefix's hash tag, so this touches one Cluster slot.
 --
 -- KEYS[1] conference record   <prefix>conf:<name>
@@ -37,10 +38,14 @@ local function node_key(id) return prefix .. 'node:' .. id end
 local function set_key(id) return prefix .. 'node:' .. id .. ':confs' end
 
 -- A candidate must hold a live lease, be serving with its ARI up, and have room under its
--- capacity. A record without `ari` has not had a heartbeat yet since registering.
+-- capacity, and under its participant limit if it has one (as its last heartbeat counted).
+-- A record without `ari` has not had a heartbeat yet since registering.
 local function usable(id)
-  local n = redis.call('HMGET', node_key(id), 'state', 'capacity', 'sip_uri', 'ari')
+  local n = redis.call('HMGET', node_key(id), 'state', 'capacity', 'sip_uri', 'ari',
+    'participant_capacity', 'participants')
   if n[1] ~= 'serving' or n[4] == '0' then return nil end
+  local most = tonumber(n[5]) or 0
+  if most > 0 and (tonumber(n[6]) or 0) >= most then return nil end
   if redis.call('SCARD', set_key(id)) >= (tonumber(n[2]) or 0) then return nil end
   return n[3]
 end
