@@ -211,6 +211,9 @@ pub struct Request {
     pub params: Value,
     /// `None` for a notification (no answer).
     pub id: Option<Id>,
+    /// Why a well-formed request's members could not be read (valid JSON beyond what this
+    /// server holds, such as a number past a double's range): its method refuses it.
+    pub unreadable: Option<String>,
 }
 
 /// One member of a frame: a request, or the error answer (with its id) for an invalid one.
@@ -379,12 +382,7 @@ fn unreadable(text: &str, limits: &Limits, why: &serde_json::Error) -> Decoded {
     let one = |raw: &str| -> Item {
         match serde_json::from_str::<Value>(raw) {
             Ok(v) => request(v, raw_id(raw)),
-            Err(_) => {
-                let id = raw_id(raw)
-                    .filter(|id| !id.get().starts_with(['{', '[', 't', 'f']))
-                    .map_or_else(Id::null, Id);
-                Err((id, refused.clone()))
-            }
+            Err(_) => unreadable_request(raw, &refused),
         }
     };
     match serde_json::from_str::<Vec<&RawValue>>(text) {
@@ -463,6 +461,48 @@ fn request(v: Value, raw: Option<Box<RawValue>>) -> Result<Request, (Id, RpcErro
         method: method.clone(),
         params,
         id,
+        unreadable: None,
+    })
+}
+
+/// A request object holding a value `Value` cannot hold. When its members make a request
+/// (§4) it stays one, with `unreadable` set: its method refuses it like any other request, so
+/// a notification gets no answer (§4.1) and an unknown method gets METHOD_NOT_FOUND. Other
+/// objects are refused with `refused`, with the id as written where it can be echoed.
+fn unreadable_request(raw: &str, refused: &RpcError) -> Item {
+    let id = raw_id(raw).filter(|id| !id.get().starts_with(['{', '[', 't', 'f']));
+    let invalid = |id: Option<Box<RawValue>>| Err((id.map_or_else(Id::null, Id), refused.clone()));
+    let Ok(members) = serde_json::from_str::<HashMap<String, Box<RawValue>>>(raw) else {
+        return invalid(id);
+    };
+    let text = |k: &str| {
+        members
+            .get(k)
+            .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+    };
+    let well_formed = text("jsonrpc").as_deref() == Some("2.0")
+        && members
+            .get("method")
+            .is_some_and(|m| m.get().starts_with('"'))
+        && members
+            .get("params")
+            .is_none_or(|p| p.get().starts_with(['{', '[']))
+        && members
+            .keys()
+            .all(|k| matches!(k.as_str(), "jsonrpc" | "method" | "params" | "id"));
+    // An id this reader cannot hold is no id to answer under.
+    let id_readable = id
+        .as_ref()
+        .is_none_or(|id| serde_json::from_str::<Value>(id.get()).is_ok());
+    if !well_formed || !id_readable || (members.contains_key("id") && id.is_none()) {
+        return invalid(id);
+    }
+    Ok(Request {
+        // A method name this reader cannot hold names no method here.
+        method: text("method").unwrap_or_default(),
+        params: Value::Object(Default::default()),
+        id: id.map(Id),
+        unreadable: Some(refused.message.clone()),
     })
 }
 
@@ -1135,6 +1175,11 @@ impl Session {
             self.count(&e);
             return req.id.map(|id| response(&id, Err(e)));
         }
+        if let Some(why) = &req.unreadable {
+            let e = RpcError::new(codes::INVALID_PARAMS, why.clone());
+            self.count(&e);
+            return req.id.map(|id| response(&id, Err(e)));
+        }
         let allowed = self.bucket.lock().map(|mut b| b.take()).unwrap_or(false);
         // A command waiting in line is not in progress: the in-flight slot is taken once its
         // turn has come, so a slow conference does not stall the connection's others.
@@ -1475,20 +1520,77 @@ mod tests {
         assert!(
             matches!(decode(&nine, &limits), Decoded::Refused(e) if e.code == codes::INVALID_REQUEST)
         );
-        // JSON with a number no double holds is a request refused, with its id as written.
+        // JSON with a number no double holds as its id is a request refused, with its id
+        // as written.
         for (text, id) in [
             (
                 r#"{"jsonrpc":"2.0","method":"conference.list","id":1e400}"#,
                 "1e400",
             ),
             (
-                r#"{"jsonrpc":"2.0","method":"conference.list","params":{"x":1e999},"id":"a"}"#,
+                r#"{"jsonrpc":"1.0","method":"conference.list","params":{"x":1e999},"id":"a"}"#,
                 "\"a\"",
             ),
         ] {
             match decode(text, &limits) {
                 Decoded::Single(Err((got, e))) => {
                     assert_eq!((got.raw(), e.code), (id, codes::INVALID_REQUEST), "{text}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // A well-formed request whose params or method name hold what no reader here can is
+        // still a request: its method refuses it, and a notification gets no answer.
+        for (text, id, method) in [
+            (
+                r#"{"jsonrpc":"2.0","method":"conference.list","params":{"x":1e999},"id":"a"}"#,
+                Some("\"a\""),
+                "conference.list",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"conference.list","params":{"limit":1e999}}"#,
+                None,
+                "conference.list",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"dialout","params":{"from":"\ud83d"}}"#,
+                None,
+                "dialout",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"no.such\ud83d","id":4}"#,
+                Some("4"),
+                "",
+            ),
+        ] {
+            match decode(text, &limits) {
+                Decoded::Single(Ok(req)) => {
+                    assert_eq!(req.id.as_ref().map(|i| i.raw()), id, "{text}");
+                    assert_eq!(req.method, method, "{text}");
+                    assert!(req.unreadable.is_some(), "{text}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let notifications = r#"[{"jsonrpc":"2.0","method":"no.such","params":{"a":1e999}}]"#;
+        assert!(
+            matches!(decode(notifications, &limits), Decoded::Batch(b) if matches!(&b[..], [Ok(r)] if r.id.is_none())),
+            "a batch of one notification stays one"
+        );
+        // Not a request (an unknown member, an id that is an object): refused, id null.
+        for text in [
+            r#"{"jsonrpc":"2.0","method":"m","params":{"x":1e999},"extra":1,"id":3}"#,
+            r#"{"jsonrpc":"2.0","method":"m","params":{"x":1e999},"id":{"a":1}}"#,
+            r#"{"jsonrpc":"2.0","method":"m","params":5,"x":1e999}"#,
+        ] {
+            match decode(text, &limits) {
+                Decoded::Single(Err((got, e))) => {
+                    assert_eq!(e.code, codes::INVALID_REQUEST, "{text}");
+                    if text.contains("extra") {
+                        assert_eq!(got.raw(), "3", "{text}");
+                    } else {
+                        assert_eq!(got.raw(), "null", "{text}");
+                    }
                 }
                 other => panic!("{text}: {other:?}"),
             }

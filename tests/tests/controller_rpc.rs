@@ -258,6 +258,15 @@ async fn protocol_errors_keep_the_connection_usable() {
     ] {
         send(&mut ws, &notification.to_string()).await;
     }
+    // Also those holding a value no reader here can hold (a number past a double's range, a
+    // lone surrogate): they are still notifications.
+    for notification in [
+        r#"{"jsonrpc":"2.0","method":"conference.list","params":{"limit":1e999}}"#,
+        r#"{"jsonrpc":"2.0","method":"dialout","params":{"from":"\ud83d"}}"#,
+        r#"[{"jsonrpc":"2.0","method":"no.such","params":{"a":1e999}}]"#,
+    ] {
+        send(&mut ws, notification).await;
+    }
     send(
         &mut ws,
         &json!({"jsonrpc": "2.0", "method": "conference.list", "id": 6}).to_string(),
@@ -265,6 +274,21 @@ async fn protocol_errors_keep_the_connection_usable() {
     .await;
     let v = recv(&mut ws).await;
     assert_eq!(v["id"], json!(6), "only the request is answered: {v}");
+    // With an id, such a request is refused by its method: unknown, or its params unread.
+    send(
+        &mut ws,
+        r#"{"jsonrpc":"2.0","method":"conference.list","params":{"limit":1e999},"id":8}"#,
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!((v["id"].clone(), code(&v)), (json!(8), -32602), "{v}");
+    send(
+        &mut ws,
+        r#"{"jsonrpc":"2.0","method":"no.such","params":{"a":1e999},"id":9}"#,
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!((v["id"].clone(), code(&v)), (json!(9), -32601), "{v}");
 
     // Bad input is counted by error code.
     let m = fixtures::scrape(&s.controller.http_url()).await;
