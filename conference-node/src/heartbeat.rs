@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use confroute_shared::store::{Heartbeat, HostedStatus};
 use confroute_shared::types::{NodeInfo, NodeLoad, NodeState, Owner};
@@ -277,24 +277,30 @@ fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
 }
 
 /// Whether an Asterisk whose events WebSocket has been down for `ari.release_after` is gone
-/// too: its claims given back already, or its REST interface not answering either (within
-/// half a heartbeat, so the heartbeat keeps its pace). One that answers lives, and so may the
-/// callers in its bridges (the WebSocket alone is broken, or another client holds the app):
-/// its conferences keep their home.
+/// too: its REST interface has not answered a ping (each within half a heartbeat, so the
+/// heartbeat keeps its pace) for a whole node lease. Any HTTP answer counts, an error status
+/// too: the server lives, and so may the callers in its bridges (the WebSocket alone is
+/// broken, or another client holds the app), so its conferences keep their home. One slow
+/// or lost ping is no proof: giving the claims back while callers talk would split their
+/// conferences. Pinged at every heartbeat, after the claims were given back too, so an
+/// Asterisk that answers again has its conferences claimed again.
 async fn asterisk_gone(node: &Arc<Node>) -> bool {
-    if node.claims_given_back.load(Ordering::SeqCst) {
-        return true;
-    }
     let within = node.cfg.node.heartbeat_interval / 2;
-    match tokio::time::timeout(within, node.ari.ping()).await {
-        Ok(Ok(())) => {
-            if !node.rest_answers_logged.swap(true, Ordering::SeqCst) {
-                tracing::warn!("events WebSocket down past ari.release_after, but Asterisk answers REST: keeping its conferences");
-            }
-            false
+    let answered = match tokio::time::timeout(within, node.ari.ping()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => e.status.is_some(),
+        Err(_) => false,
+    };
+    let mut silent_since = crate::node::lock(&node.rest_silent_since);
+    if answered {
+        *silent_since = None;
+        if !node.rest_answers_logged.swap(true, Ordering::SeqCst) {
+            tracing::warn!("events WebSocket down past ari.release_after, but Asterisk answers REST: keeping its conferences");
         }
-        _ => true,
+        return false;
     }
+    let since = *silent_since.get_or_insert_with(Instant::now);
+    since.elapsed() >= lease(node)
 }
 
 /// Asterisk has been out of reach for `ari.release_after`: gives back (compare-and-delete)

@@ -149,6 +149,9 @@ pub struct Node {
     pub claims_given_back: AtomicBool,
     /// This outage of the events WebSocket was logged as one Asterisk's REST still answers.
     pub rest_answers_logged: AtomicBool,
+    /// Since when Asterisk's REST interface has not answered a ping, while the events
+    /// WebSocket has been down past `ari.release_after` (`None` while it answers).
+    pub rest_silent_since: Mutex<Option<Instant>>,
     /// Heartbeats started so far, so the events WebSocket can wait for one that saw it
     /// connected (see [`Sink`]).
     pub beats_started: AtomicU64,
@@ -233,6 +236,7 @@ impl Node {
             ari_down_since: Mutex::new(Some(Instant::now())),
             claims_given_back: AtomicBool::new(false),
             rest_answers_logged: AtomicBool::new(false),
+            rest_silent_since: Mutex::new(None),
             beats_started: AtomicU64::new(0),
             beats_done: watch::channel(0).0,
             beat_gate: tokio::sync::Mutex::new(false),
@@ -1012,6 +1016,7 @@ impl EventSink for Sink {
         self.0.ari_connected.store(true, Ordering::SeqCst);
         *lock(&self.0.ari_down_since) = None;
         self.0.rest_answers_logged.store(false, Ordering::SeqCst);
+        *lock(&self.0.rest_silent_since) = None;
         let wanted = self.0.beats_started.load(Ordering::SeqCst) + 1;
         let mut done = self.0.beats_done.subscribe();
         self.0.ari_changed.notify_one();

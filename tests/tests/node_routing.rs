@@ -312,6 +312,8 @@ async fn release_after_keeps_a_live_asterisks_conference_and_claims_back_a_retur
         &[
             ("CONFROUTE_ARI__RELEASE_AFTER", "1s"),
             ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+            // A node lease of 1.5 s, so a loss of pings can be shorter than it.
+            ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "500ms"),
         ],
     )
     .await;
@@ -341,6 +343,47 @@ async fn release_after_keeps_a_live_asterisks_conference_and_claims_back_a_retur
         home().await,
         Some(before.clone()),
         "kept while REST answers"
+    );
+
+    // A ping or two lost (here for less than a node lease) proves nothing: nothing given back.
+    let pings = || {
+        sim_a
+            .request_log()
+            .iter()
+            .filter(|r| r.operation.as_deref() == Some("ping"))
+            .count()
+    };
+    sim_a.lose_operation("ping");
+    // The length of the loss is the scenario (over one heartbeat, under three), not a wait;
+    // throughout it the conference keeps its home.
+    let lossy = tokio::time::Instant::now() + Duration::from_millis(700);
+    while tokio::time::Instant::now() < lossy {
+        assert_eq!(
+            home().await,
+            Some(before.clone()),
+            "kept through a short loss of pings:\n{}",
+            c.node_output("node-a")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sim_a.deliver_operation("ping");
+    let answered = pings();
+    wait_for_async("two more pings answered", WAIT, || async {
+        (pings() >= answered + 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.node_output("node-a")));
+    assert_eq!(
+        home().await,
+        Some(before.clone()),
+        "a short loss of pings gives nothing back:\n{}",
+        c.node_output("node-a")
+    );
+    assert!(
+        !c.node_output("node-a")
+            .contains("Asterisk out of reach for ari.release_after"),
+        "{}",
+        c.node_output("node-a")
     );
 
     // REST stops answering too: given back.
