@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use confroute_shared::config::{
-    duration, string_like, ConfigError, Issues, LogConfig, RedisConfig, Validate,
+    duration, redact_url, string_like, ConfigError, Issues, LogConfig, RedisConfig, Validate,
 };
 use confroute_shared::secret::Secret;
 use confroute_shared::types::NodeId;
@@ -429,13 +429,21 @@ fn check_callback(issues: &mut Issues, key: &str, url: &str) {
     if url.is_empty() {
         return;
     }
+    // The error names the URL without what may be a secret: a user part, a query.
+    let full = redact_url(url);
+    let shown = match full.split_once('?') {
+        Some((head, _)) => format!("{head}?…"),
+        None => full.clone(),
+    };
     if !http_url_ok(url) {
         issues.add(
             key,
-            format!("`{url}` is not an http(s) URL; expected e.g. https://app.example.com/events"),
+            format!(
+                "`{shown}` is not an http(s) URL; expected e.g. https://app.example.com/events"
+            ),
         );
     } else if let Err(why) = crate::options::callback_ok(url) {
-        issues.add(key, format!("`{url}` is refused: {why}"));
+        issues.add(key, format!("`{shown}` is refused: {why}"));
     }
 }
 
@@ -531,7 +539,7 @@ impl Validate for NodeConfig {
                 "ari.url",
                 format!(
                     "`{}` is not a plain http URL; expected e.g. http://127.0.0.1:8088 (the agent runs beside Asterisk; TLS to ARI is not supported)",
-                    self.ari.url
+                    redact_url(&self.ari.url)
                 ),
             );
         }

@@ -58,7 +58,7 @@ async fn main() -> ExitCode {
         node = %node.id,
         sip_uri = %node.info.sip_uri,
         http = %agent.http_addr,
-        ari = %ari_url,
+        ari = %confroute_shared::config::redact_url(&ari_url),
         redis = %redis,
         "confroute-node started"
     );

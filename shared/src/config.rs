@@ -800,11 +800,15 @@ pub fn header_name_ok(s: &str) -> bool {
 
 /// Removes `user:password@` from a URL so it can be logged.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
-        }
-        _ => url.to_string(),
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    // Only an `@` of the authority ends a user part: one in a path or query is data.
+    let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+    match authority.rfind('@') {
+        Some(at) => format!("{}://***@{}", &url[..scheme_end], &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -1379,5 +1383,17 @@ mod tests {
     fn redaction() {
         assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://***@h:1/0");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact_url("http://asterisk:s3cret@127.0.0.1:8088"),
+            "http://***@127.0.0.1:8088"
+        );
+        assert_eq!(
+            redact_url("https://app.example/cb?mail=a@b.example"),
+            "https://app.example/cb?mail=a@b.example"
+        );
+        assert_eq!(
+            redact_url("https://u:p@app.example/cb?mail=a@b"),
+            "https://***@app.example/cb?mail=a@b"
+        );
     }
 }

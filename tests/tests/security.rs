@@ -302,12 +302,59 @@ async fn secrets_never_appear_in_logs() {
         String::from_utf8_lossy(&bad_url.stderr)
     );
     assert!(bad_url_text.contains("redis.url"), "{bad_url_text}");
+    // The agent's URLs with a password in them: refused ones name their key, not the
+    // password; an ARI URL it starts with is logged without it.
+    let bad_node = std::process::Command::new(
+        confroute_tests::harness::workspace_bin("confroute-node").expect("binary"),
+    )
+    .env(
+        "CONFROUTE_ARI__URL",
+        format!("ws://confroute:{ARI_PW}@127.0.0.1:1"),
+    )
+    .env(
+        "CONFROUTE_CONFERENCE__STATUS_CALLBACK",
+        format!("ftp://app:{TOKEN}@app.example/cb"),
+    )
+    .env(
+        "CONFROUTE_PROFILES__VIP__STATUS_CALLBACK",
+        format!("https://169.254.169.254/cb?token={NODE_TOKEN}"),
+    )
+    .output()
+    .expect("run");
+    let bad_node_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad_node.stdout),
+        String::from_utf8_lossy(&bad_node.stderr)
+    );
+    for key in [
+        "ari.url",
+        "conference.status_callback",
+        "profiles.vip.status_callback",
+    ] {
+        assert!(bad_node_text.contains(key), "{key}: {bad_node_text}");
+    }
+    let mut env = common_env(&s.redis);
+    env.push((
+        "CONFROUTE_ARI__URL".into(),
+        s.sim
+            .base_url()
+            .replacen("http://", &format!("http://confroute:{ARI_PW}@"), 1),
+    ));
+    env.push(("CONFROUTE_ARI__PASSWORD".into(), ARI_PW.into()));
+    let with_userinfo = NodeProc::start("node-u", &env).expect("node with a password in ari.url");
+    assert!(
+        with_userinfo.output().contains("confroute-node started"),
+        "{}",
+        with_userinfo.output()
+    );
 
     let logs = [
         ("controller", s.controller.output()),
         ("node", s.node.output()),
         ("controller with a wrong Redis password", wrong.output()),
         ("config error", bad_url_text),
+        ("node config error", bad_node_text),
+        ("node with a password in ari.url", with_userinfo.output()),
     ];
     for (who, text) in &logs {
         assert!(!text.is_empty(), "{who} logged something");
