@@ -267,6 +267,50 @@ async fn a_websocket_that_stops_answering_pings_is_dropped_and_reconnected() {
     assert!(metric(&m, "confroute_ari_reconnects_total") >= 1.0, "{m}");
 }
 
+/// Upgrades, then closes at once: a proxy or an Asterisk that will not keep the session.
+async fn closing_events(
+    State(seen): State<Arc<Mutex<Vec<std::time::Instant>>>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    seen.lock().expect("lock").push(std::time::Instant::now());
+    ws.on_upgrade(|mut socket| async move {
+        let _ = socket.send(Message::Close(None)).await;
+    })
+}
+
+/// A connection that ends right after its handshake does not start the backoff over: the
+/// agent waits longer before each new try instead of reconnecting (and reconciling) as fast
+/// as the handshakes go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_closed_right_after_its_handshake_is_retried_with_growing_delays() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let seen: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let app = axum::Router::new()
+        .route("/ari/events", get(closing_events))
+        .fallback(|| async { (StatusCode::OK, axum::Json(json!([]))) })
+        .with_state(seen.clone());
+    let addr = fixtures::serve_http(app).await;
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_ARI__URL".into(), format!("http://{addr}")));
+    // The harness's backoff: 50 ms doubling up to 500 ms, each delay at least half of it.
+    let node = NodeProc::start("node-a", &env).expect("node");
+    wait_for_async("eight connections", WAIT, || {
+        let seen = seen.clone();
+        async move { (seen.lock().expect("lock").len() >= 8).then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let seen = seen.lock().expect("lock").clone();
+    // From the sixth try on the delay is capped at 500 ms, so at least 250 ms apart.
+    let gap = seen[7] - seen[6];
+    assert!(
+        gap >= Duration::from_millis(250),
+        "the 8th connection came {gap:?} after the 7th:\n{}",
+        node.output()
+    );
+}
+
 /// The events WebSocket hands over no event of a connection before the sink says it is
 /// ready (the node waits for a heartbeat recording its ARI up): a caller arriving at once is
 /// held back, not handled against a node record that still says ARI is down.
@@ -322,7 +366,7 @@ async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
         ping_interval: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(30),
     };
-    let (_stop_tx, stop) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(false);
     let task = tokio::spawn(ws::run(
         client,
         "confroute".into(),
@@ -359,5 +403,11 @@ async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
         .expect("the held events follow")
         .expect("an event");
     assert!(first.contains("StasisStart"), "{first}");
-    task.abort();
+    // Nobody left to say stop (its owner dropped the sender): the WebSocket stops rather than
+    // reconnecting for ever.
+    drop(stop_tx);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the events WebSocket stops once its stop sender is gone")
+        .expect("the task ends cleanly");
 }

@@ -68,12 +68,11 @@ pub async fn run(
     let mut replaced: u32 = 0;
     let mut ever_connected = false;
     loop {
-        if *stop.borrow() {
+        if stopping(&stop) {
             return;
         }
         match connect(&client, &url, timing.connect_timeout).await {
             Ok(ws) => {
-                attempt = 0;
                 if ever_connected {
                     metrics.ari_reconnects.inc();
                 }
@@ -93,7 +92,7 @@ pub async fn run(
                 let lost = read_loop(ws, &app, &timing, &metrics, sink.as_ref(), &mut stop).await;
                 metrics.ari_connected.set(0);
                 sink.disconnected();
-                if *stop.borrow() {
+                if stopping(&stop) {
                     return;
                 }
                 match lost {
@@ -110,6 +109,12 @@ pub async fn run(
                     }
                     Lost::Other(why) => {
                         replaced = 0;
+                        // Only a connection that held starts the backoff over: one closed right
+                        // after its handshake (a proxy, an Asterisk refusing the session) would
+                        // otherwise be reconnected, and reconciled, ten times a second.
+                        if since.elapsed() > timing.reconnect_max {
+                            attempt = 0;
+                        }
                         tracing::warn!(reason = %why, "ARI events connection lost; reconnecting");
                     }
                 }
@@ -142,6 +147,11 @@ async fn connect(client: &AriClient, url: &str, timeout: Duration) -> Result<Ws,
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no handshake within {timeout:?}")),
     }
+}
+
+/// The agent is stopping: told so, or its stop sender is gone (nobody could tell it any more).
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
 }
 
 /// Why a connection's read loop ended.
