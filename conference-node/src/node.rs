@@ -152,6 +152,9 @@ pub struct Node {
     /// Since when Asterisk's REST interface has not answered a ping, while the events
     /// WebSocket has been down past `ari.release_after` (`None` while it answers).
     pub rest_silent_since: Mutex<Option<Instant>>,
+    /// The events connection (see [`Node::connection`]) for which Asterisk was last seen to
+    /// let the agent write; 0 before any.
+    pub writes_checked: AtomicU64,
     /// Heartbeats started so far, so the events WebSocket can wait for one that saw it
     /// connected (see [`Sink`]).
     pub beats_started: AtomicU64,
@@ -237,6 +240,7 @@ impl Node {
             claims_given_back: AtomicBool::new(false),
             rest_answers_logged: AtomicBool::new(false),
             rest_silent_since: Mutex::new(None),
+            writes_checked: AtomicU64::new(0),
             beats_started: AtomicU64::new(0),
             beats_done: watch::channel(0).0,
             beat_gate: tokio::sync::Mutex::new(false),
@@ -764,9 +768,10 @@ impl Node {
 
     /// Whether the node can take new conferences as far as ARI goes: false while the events
     /// WebSocket is down, including before its first connection: an agent that never reached
-    /// its Asterisk (wrong URL or password, Asterisk not up yet) can admit nobody.
+    /// its Asterisk (wrong URL or password, Asterisk not up yet) can admit nobody; and while
+    /// Asterisk refuses its writes (a user ari.conf makes `read_only`).
     pub fn ari_available(&self) -> bool {
-        self.ari_connected.load(Ordering::SeqCst)
+        self.ari_connected.load(Ordering::SeqCst) && !self.ari.writes_refused()
     }
 
     /// The events WebSocket connection in place now (counted from 1).

@@ -390,6 +390,42 @@ async fn older_asterisk_answers_a_create_of_an_existing_bridge_as_an_update() {
     assert!(c.problems.is_empty(), "{:#?}", c.problems);
 }
 
+/// A `read_only` ARI user (ari.conf): res_ari.c answers every request but GET and OPTIONS
+/// with 403 "Write access denied" before routing it, so a write to a bridge that does not
+/// exist is refused as such rather than answered 404; reads and the events WebSocket work.
+#[tokio::test]
+async fn a_read_only_users_writes_are_refused_before_routing() {
+    let sim = AriSim::start(SimConfig::default())
+        .await
+        .expect("simulator starts");
+    let client = AriClient::new(&sim).expect("client");
+    sim.set_read_only(true);
+    for (method, path) in [
+        ("POST", "/bridges?type=mixing"),
+        ("DELETE", "/bridges/no-such-bridge"),
+        ("POST", "/no/such/resource"),
+    ] {
+        let r = client.call(method, path, None).await.expect("answered");
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text);
+        assert_eq!(
+            r.json.expect("json")["message"],
+            "Write access denied",
+            "{method} {path}"
+        );
+    }
+    let r = client
+        .call("GET", "/bridges", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", r.text);
+    sim.set_read_only(false);
+    let r = client
+        .call("DELETE", "/bridges/no-such-bridge", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 404, "{}", r.text);
+}
+
 #[tokio::test]
 async fn broad_session_conforms() {
     let Some(spec) = load_spec() else { return };

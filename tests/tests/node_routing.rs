@@ -412,13 +412,69 @@ async fn release_after_keeps_a_live_asterisks_conference_and_claims_back_a_retur
     assert_eq!(c.route_http(&kept).await, "node-a");
 }
 
+/// Invariant 4 when Asterisk lets the agent read but not write (ari.conf makes its user
+/// `read_only`: the events WebSocket and every GET still work): the node gets no new
+/// conference, whether the refusal comes with a caller or is there from the start, and takes
+/// conferences again once writes go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_asterisk_refuses_its_writes_gets_no_new_conference() {
+    let c = Cluster::start(2).await;
+    let sim_a = c.sim_of("node-a");
+    // A reload made the user read-only: the next caller's bridge is refused, and with it
+    // the node.
+    sim_a.set_read_only(true);
+    let mut on_a = None;
+    for i in 0..40 {
+        let conf = format!("ro-{i}");
+        if c.route_http(&conf).await == "node-a" {
+            on_a = Some(conf);
+            break;
+        }
+    }
+    let conf = on_a.expect("a conference placed on node-a");
+    dial(sim_a, &conf, &[]).await;
+    wait_ari(&c, "node-a", false).await;
+    let refused = "Asterisk refuses the agent's ARI requests";
+    assert!(
+        c.node_output("node-a").contains(refused),
+        "{}",
+        c.node_output("node-a")
+    );
+    for i in 0..20 {
+        let conf = format!("new-{i}");
+        assert_eq!(c.route_http(&conf).await, "node-b", "{conf}");
+    }
+    sim_a.set_read_only(false);
+    wait_ari(&c, "node-a", true).await;
+
+    // Read-only from the start: the agent connects its events, and is still not placed on.
+    let sim_z = sim().await;
+    sim_z.set_read_only(true);
+    let mut node = NodeProc::start("node-z", &env(&sim_z, &c.cfg, &[])).expect("node");
+    node.wait_log(refused, WAIT).expect("the refusal logged");
+    let url = format!("{}/v1/nodes/node-z", c.controller.http_url());
+    let seen = fixtures::try_get_json(&url).await.expect("node-z listed");
+    assert_eq!(seen["ari"], json!(false), "{seen}\n{}", node.output());
+    for i in 0..20 {
+        let conf = format!("later-{i}");
+        assert_ne!(c.route_http(&conf).await, "node-z", "{conf}");
+    }
+    sim_z.set_read_only(false);
+    wait_for_async("node-z placeable once writes go through", WAIT, || async {
+        let v = fixtures::try_get_json(&url).await?;
+        (v["ari"] == json!(true)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+}
+
 /// Invariant 4 from the first moment: an agent that never reached its Asterisk (here a wrong
 /// ARI password) registers, but no conference is placed on it until its ARI is up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_agent_never_reached_ari_gets_no_conference() {
     let c = Cluster::start(1).await;
     let sim = sim().await;
-    let node = NodeProc::start(
+    let mut node = NodeProc::start(
         "node-z",
         &env(
             &sim,
@@ -448,4 +504,7 @@ async fn a_node_whose_agent_never_reached_ari_gets_no_conference() {
     })
     .await
     .expect("confroute_nodes_ari_down");
+    // And the agent's log names the settings to check.
+    node.wait_log("check ari.username and ari.password", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,7 +127,13 @@ pub struct AriClient {
     /// that an idle one then serves, and keeps both).
     slots: Arc<Semaphore>,
     max_connections: usize,
+    /// Asterisk refuses this user's writes (401 or 403; see [`AriClient::writes_refused`]).
+    refused: Arc<AtomicBool>,
 }
+
+/// The bridge id the write check deletes: no bridge of the agent's is ever named so, so an
+/// Asterisk that lets the user write answers 404 and nothing changes.
+const WRITE_CHECK_BRIDGE: &str = "confroute-write-check";
 
 /// HTTP method of a call.
 #[derive(Clone, Copy)]
@@ -167,7 +174,36 @@ impl AriClient {
             metrics,
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
+            refused: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Asterisk refused the last write (or any request) of this user with 401 or 403, and
+    /// none has been let through since: a wrong password, or a user ari.conf makes
+    /// `read_only`, whose reads and events still work. Such a node can admit nobody.
+    pub fn writes_refused(&self) -> bool {
+        self.refused.load(Ordering::SeqCst)
+    }
+
+    /// Whether Asterisk lets this user write, without changing anything: deletes a bridge
+    /// that does not exist (404 when writes are allowed; res_ari.c refuses a read-only
+    /// user's with 403 before it looks for the bridge). Updates [`Self::writes_refused`].
+    pub async fn check_writes(&self) -> Result<bool, AriError> {
+        let path = format!("/bridges/{WRITE_CHECK_BRIDGE}");
+        match self.call("writeCheck", Method::Delete, &path, &[]).await {
+            Ok(_) => Ok(self.allowed()),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(self.allowed()),
+            Err(e) if e.kind == AriErrorKind::Unauthorized => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a write Asterisk let through; true.
+    fn allowed(&self) -> bool {
+        if self.refused.swap(false, Ordering::SeqCst) {
+            tracing::info!("Asterisk accepts the agent's ARI writes again");
+        }
+        true
     }
 
     /// `ws://host:port/ari/events?app=APP` for the events WebSocket.
@@ -275,12 +311,20 @@ impl AriClient {
             .ari_requests
             .with_label_values(&[op, &label])
             .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            if matches!(
-                e.kind,
-                AriErrorKind::Unexpected | AriErrorKind::Server | AriErrorKind::Unauthorized
-            ) {
-                tracing::warn!(error = %e, "unexpected ARI answer");
+        match &result {
+            Err(e) => {
+                // The first refusal of a run of them is logged, as an error: it needs a fix.
+                let refused = e.kind == AriErrorKind::Unauthorized;
+                if refused && !self.refused.swap(true, Ordering::SeqCst) {
+                    tracing::error!(error = %e, user = %self.username, "Asterisk refuses the agent's ARI requests: check ari.username and ari.password, and that ari.conf does not make the user read_only; the node takes no new conference until a write goes through");
+                } else if matches!(e.kind, AriErrorKind::Unexpected | AriErrorKind::Server) {
+                    tracing::warn!(error = %e, "unexpected ARI answer");
+                }
+            }
+            Ok(_) => {
+                if !matches!(method, Method::Get) {
+                    self.allowed();
+                }
             }
         }
         result

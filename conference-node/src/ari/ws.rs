@@ -144,6 +144,14 @@ async fn connect(client: &AriClient, url: &str, timeout: Duration) -> Result<Ws,
     req.headers_mut().insert("Authorization", auth);
     match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req)).await {
         Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
+            if matches!(resp.status().as_u16(), 401 | 403) =>
+        {
+            Err(format!(
+                "Asterisk refused the ARI credentials ({}): check ari.username and ari.password against ari.conf",
+                resp.status()
+            ))
+        }
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no handshake within {timeout:?}")),
     }

@@ -64,6 +64,8 @@ pub(crate) struct Core {
     /// Channels whose far end refuses a transfer (a REFER answered 4xx): a redirect is
     /// carried out, and the channel stays.
     pub refused_transfers: Mutex<BTreeSet<String>>,
+    /// The ARI user is `read_only` in ari.conf: requests other than GET and OPTIONS get 403.
+    pub read_only: std::sync::atomic::AtomicBool,
     pub ctl: watch::Sender<Ctl>,
     pub events_changed: Notify,
     pub violations: Mutex<Vec<String>>,
@@ -92,6 +94,7 @@ impl Core {
             slow_hangups: Mutex::new(BTreeMap::new()),
             lost_ops: Mutex::new(BTreeSet::new()),
             refused_transfers: Mutex::new(BTreeSet::new()),
+            read_only: std::sync::atomic::AtomicBool::new(false),
             ctl,
             events_changed: Notify::new(),
             violations: Mutex::new(Vec::new()),

@@ -388,6 +388,14 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         );
         return (error_response(core, &err, vec![challenge]), None);
     }
+    // res_ari.c refuses a read-only user's writes before it looks at the path.
+    if core.read_only.load(std::sync::atomic::Ordering::SeqCst)
+        && parts.method != Method::GET
+        && parts.method != Method::OPTIONS
+    {
+        let err = ApiErr::new(403, "Write access denied");
+        return (error_response(core, &err, Vec::new()), None);
+    }
     if rel.ends_with('/') {
         let err = ApiErr::new(
             404,

@@ -608,6 +608,14 @@ impl AriSim {
             .insert(op.to_string());
     }
 
+    /// Makes the ARI user `read_only` in ari.conf, or not (a reload): Asterisk then answers
+    /// every request but GET and OPTIONS with 403 "Write access denied", before routing it.
+    pub fn set_read_only(&self, read_only: bool) {
+        self.core
+            .read_only
+            .store(read_only, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Requests for `op` reach Asterisk again (the lost ones stay lost).
     pub fn deliver_operation(&self, op: &str) {
         self.core
