@@ -660,14 +660,15 @@ async fn record_from_start_records_the_bridge_until_the_end() {
         .await
         .expect("recording finished");
     until(&s.sim, "bridge gone", |snap| snap.bridges.is_empty()).await;
-    wait_request(&s.sim, "destroy", "/ari/bridges/").await;
+    let bridge_path = format!("/ari/bridges/{bridge}");
+    wait_request(&s.sim, "destroy", &bridge_path).await;
     let log = s.sim.request_log();
     let stop = log.iter().position(|r| {
         r.operation.as_deref() == Some("stop") && r.path.starts_with("/ari/recordings/live/")
     });
-    let destroy = log.iter().position(|r| {
-        r.operation.as_deref() == Some("destroy") && r.path.starts_with("/ari/bridges/")
-    });
+    let destroy = log
+        .iter()
+        .position(|r| r.operation.as_deref() == Some("destroy") && r.path == bridge_path);
     assert!(
         stop.is_some() && stop < destroy,
         "recording stopped before the bridge went: {log:#?}"
