@@ -601,13 +601,13 @@ impl Validate for NodeConfig {
                 ),
             );
         }
-        if let Some(t) = &self.http.api_token {
-            if t.expose().len() < 16 {
-                issues.add(
-                    "http.api_token",
-                    "must be at least 16 characters (or unset to leave the API open)",
-                );
-            }
+        if let Some(problem) = self
+            .http
+            .api_token
+            .as_ref()
+            .and_then(|t| confroute_shared::secret::api_token_problem(t.expose()))
+        {
+            issues.add("http.api_token", problem);
         }
         if !confroute_shared::http_serve::HEADER_TIMEOUT_RANGE.contains(&self.http.header_timeout) {
             issues.add("http.header_timeout", "must be between 1s and 1h");
@@ -820,6 +820,11 @@ mod tests {
                 "conference.status_callback_event",
             ),
             ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            (
+                "CONFROUTE_HTTP__API_TOKEN",
+                "abcdefghijklmnop\n",
+                "http.api_token",
+            ),
             (
                 "CONFROUTE_HTTP__HEADER_TIMEOUT",
                 "500ms",

@@ -294,13 +294,13 @@ impl Validate for ControllerConfig {
         if self.sip.retry_after == 0 {
             issues.add("sip.retry_after", "must be at least 1 second");
         }
-        if let Some(t) = &self.http.api_token {
-            if t.expose().len() < 16 {
-                issues.add(
-                    "http.api_token",
-                    "must be at least 16 characters (or unset to leave the API open)",
-                );
-            }
+        if let Some(problem) = self
+            .http
+            .api_token
+            .as_ref()
+            .and_then(|t| confroute_shared::secret::api_token_problem(t.expose()))
+        {
+            issues.add("http.api_token", problem);
         }
         if self.http.max_body_size < 1024 {
             issues.add("http.max_body_size", "must be at least 1024 bytes");
@@ -405,6 +405,11 @@ mod tests {
             ("CONFROUTE_SIP__HEADER_NODE", "X Node", "sip.header_node"),
             ("CONFROUTE_SIP__RETRY_AFTER", "0", "sip.retry_after"),
             ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            (
+                "CONFROUTE_HTTP__API_TOKEN",
+                "abcdefghijklmnop\n",
+                "http.api_token",
+            ),
             (
                 "CONFROUTE_HTTP__HEADER_TIMEOUT",
                 "0s",

@@ -50,6 +50,27 @@ impl Secret {
     }
 }
 
+/// Why `token` cannot be an `http.api_token`, if it cannot: under 16 characters, or outside
+/// what a `Bearer` credential may hold (RFC 6750 §2.1: `A-Z a-z 0-9 - . _ ~ + /`, then any
+/// `=`). A space, a line end or a non-ASCII letter in it (a Secret made with `echo`) could
+/// never be sent in an `Authorization` header, so every request would be refused with 401.
+pub fn api_token_problem(token: &str) -> Option<String> {
+    if token.len() < 16 {
+        return Some("must be at least 16 characters (or unset to leave the API open)".into());
+    }
+    let body = token.trim_end_matches('=');
+    let bad = body
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '+' | '/')));
+    match bad {
+        Some(c) => Some(format!(
+            "holds {c:?}, which a bearer token cannot carry (RFC 6750: A-Z a-z 0-9 - . _ ~ + /, then any =); a trailing line end often comes from `echo` into a Secret"
+        )),
+        None if body.is_empty() => Some("must not be only `=`".into()),
+        None => None,
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"***\"")
@@ -70,7 +91,25 @@ impl<'de> Deserialize<'de> for Secret {
 
 #[cfg(test)]
 mod tests {
-    use super::Secret;
+    use super::{api_token_problem, Secret};
+
+    #[test]
+    fn api_tokens_must_fit_a_bearer_header() {
+        for ok in ["abcdefghijklmnop", "A-Z.a_z~0+9/xyzw==", "0001234567890123"] {
+            assert_eq!(api_token_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "short",
+            "abcdefghijklmnop\n",
+            "abcdefghijklmnop ",
+            " abcdefghijklmnop",
+            "abcdéfghijklmnop",
+            "abcdefgh=ijklmnop",
+            "================",
+        ] {
+            assert!(api_token_problem(bad).is_some(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn matches_only_the_same_bytes() {
