@@ -613,6 +613,48 @@ impl Drop for Turn {
     }
 }
 
+/// The bytes of answers, notifications and events a connection has queued and not yet
+/// written, within [`MAX_UNWRITTEN_BYTES`].
+struct Unwritten {
+    /// Shared with the writer, which takes off what it wrote.
+    bytes: Arc<AtomicUsize>,
+    /// Told when an answer would pass the bound: the connection is then closed.
+    overflow: tokio::sync::Notify,
+}
+
+impl Unwritten {
+    /// Counts an answer's `size` bytes; false, with the connection to be closed, when that
+    /// would pass the bound (an answer is owed: it cannot be dropped).
+    fn admit(&self, size: usize) -> bool {
+        if self.reserve(size) {
+            return true;
+        }
+        self.overflow.notify_one();
+        false
+    }
+
+    /// Counts `size` bytes when that stays within the bound; false, counting nothing and
+    /// closing nothing, otherwise.
+    fn reserve(&self, size: usize) -> bool {
+        let before = self.bytes.fetch_add(size, Ordering::SeqCst);
+        if before + size > MAX_UNWRITTEN_BYTES {
+            self.bytes.fetch_sub(size, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Counts `size` bytes whatever the bound (a notice of lost events, small and owed).
+    fn add(&self, size: usize) {
+        self.bytes.fetch_add(size, Ordering::SeqCst);
+    }
+
+    /// Takes off `size` bytes counted for something that was not queued after all.
+    fn release(&self, size: usize) {
+        self.bytes.fetch_sub(size, Ordering::SeqCst);
+    }
+}
+
 /// One connection's state shared by its tasks.
 struct Session {
     control: Control,
@@ -623,10 +665,8 @@ struct Session {
     bucket: Mutex<Bucket>,
     in_flight: Arc<Semaphore>,
     out: mpsc::Sender<String>,
-    /// Bytes queued in `out` and not yet written (see [`MAX_UNWRITTEN_BYTES`]).
-    unwritten: Arc<AtomicUsize>,
-    /// Told when `unwritten` would pass its bound: the connection is then closed.
-    overflow: tokio::sync::Notify,
+    /// Bytes queued in `out` and not yet written.
+    unwritten: Unwritten,
     /// Becomes true when the client is gone; dial-out status streams stop on it.
     closed: tokio::sync::watch::Receiver<bool>,
     /// `confroute_rpc_errors_total`, by code.
@@ -721,8 +761,10 @@ pub async fn serve(
         control,
         limits,
         out,
-        unwritten,
-        overflow: tokio::sync::Notify::new(),
+        unwritten: Unwritten {
+            bytes: unwritten,
+            overflow: tokio::sync::Notify::new(),
+        },
         closed,
         errors,
     });
@@ -741,7 +783,7 @@ pub async fn serve(
                 )),
             },
             _ = writer_gone.closed() => break None,
-            _ = session.overflow.notified() => break Some(unread()),
+            _ = session.unwritten.overflow.notified() => break Some(unread()),
             _ = stop.wait_for(|s| *s) => {
                 break Some(close_frame(close_code::AWAY, "the controller is shutting down".into()))
             }
@@ -754,7 +796,7 @@ pub async fn serve(
                         Err(_) => break None,
                     },
                     _ = writer_gone.closed() => break None,
-                    _ = session.overflow.notified() => break Some(unread()),
+                    _ = session.unwritten.overflow.notified() => break Some(unread()),
                 };
                 session.clone().incoming(text.as_str(), permit).await
             }
@@ -896,13 +938,13 @@ async fn forward_events(session: Arc<Session>) {
             room = session.out.reserve(), if gap || lost > 0 => match room {
                 Ok(slot) if gap => {
                     let notice = gap_notice();
-                    session.unwritten.fetch_add(notice.len(), Ordering::SeqCst);
+                    session.unwritten.add(notice.len());
                     slot.send(notice);
                     gap = false;
                 }
                 Ok(slot) => {
                     let notice = lost_notice(lost);
-                    session.unwritten.fetch_add(notice.len(), Ordering::SeqCst);
+                    session.unwritten.add(notice.len());
                     slot.send(notice);
                     lost = 0;
                 }
@@ -1015,32 +1057,22 @@ impl Session {
 
     async fn send(&self, answer: String) {
         let size = answer.len();
-        if self.admit(size) && self.out.send(answer).await.is_err() {
-            self.unwritten.fetch_sub(size, Ordering::SeqCst);
+        if self.unwritten.admit(size) && self.out.send(answer).await.is_err() {
+            self.unwritten.release(size);
         }
-    }
-
-    /// Counts `size` more bytes as queued for the client; false, with the connection to be
-    /// closed, when that would pass [`MAX_UNWRITTEN_BYTES`].
-    fn admit(&self, size: usize) -> bool {
-        let before = self.unwritten.fetch_add(size, Ordering::SeqCst);
-        if before + size > MAX_UNWRITTEN_BYTES {
-            self.unwritten.fetch_sub(size, Ordering::SeqCst);
-            self.overflow.notify_one();
-            return false;
-        }
-        true
     }
 
     /// Queues `text` without waiting (events, which a slow reader loses rather than
-    /// holding anyone up); `Err` when the queue is full or past its bytes.
+    /// holding anyone up); `Err` when the queue is full or past its bytes. An event past the
+    /// bytes is lost like one past the queue (the caller reports it with `events.lost`): it
+    /// does not close the connection, which only answers can.
     fn try_queue(&self, text: String) -> Result<(), ()> {
         let size = text.len();
-        if !self.admit(size) {
+        if !self.unwritten.reserve(size) {
             return Err(());
         }
         self.out.try_send(text).map_err(|_| {
-            self.unwritten.fetch_sub(size, Ordering::SeqCst);
+            self.unwritten.release(size);
         })
     }
 
@@ -1643,6 +1675,24 @@ mod tests {
             panic!("valid");
         };
         assert_eq!(req.id.map(|i| i.value()), Some(json!(2)));
+    }
+
+    #[tokio::test]
+    async fn only_an_answer_past_the_byte_bound_closes_the_connection() {
+        let u = Unwritten {
+            bytes: Arc::new(AtomicUsize::new(MAX_UNWRITTEN_BYTES - 10)),
+            overflow: tokio::sync::Notify::new(),
+        };
+        let told =
+            |u: &Unwritten| futures_util::FutureExt::now_or_never(u.overflow.notified()).is_some();
+        // An event that does not fit is lost, and nothing else happens.
+        assert!(!u.reserve(300));
+        assert!(!told(&u), "an event closed the connection");
+        assert_eq!(u.bytes.load(Ordering::SeqCst), MAX_UNWRITTEN_BYTES - 10);
+        assert!(u.reserve(10), "what fits is queued");
+        // An answer that does not fit closes it.
+        assert!(!u.admit(1));
+        assert!(told(&u), "an answer past the bound closes the connection");
     }
 
     #[test]

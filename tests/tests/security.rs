@@ -185,10 +185,20 @@ async fn bad_names_are_refused_at_every_entry_and_create_nothing() {
         assert_eq!(resp.status().as_u16(), 422, "{label} in the path");
 
         // JSON-RPC.
-        for method in ["conference.get", "subscribe", "participant.mute"] {
+        for method in [
+            "conference.get",
+            "subscribe",
+            "unsubscribe",
+            "participant.mute",
+        ] {
             let id = i * 10 + method.len();
-            let msg = json!({"jsonrpc": "2.0", "method": method,
-                             "params": {"conference": name, "participant": "p1"}, "id": id});
+            // Each method's own params, so the name is what it refuses.
+            let params = if method.starts_with("participant.") {
+                json!({"conference": name, "participant": "p1"})
+            } else {
+                json!({"conference": name})
+            };
+            let msg = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
             ws.send(Message::Text(msg.to_string().into()))
                 .await
                 .expect("send");
@@ -199,6 +209,12 @@ async fn bad_names_are_refused_at_every_entry_and_create_nothing() {
                 let v: Value = serde_json::from_str(t.as_str()).expect("json");
                 if v["id"] == json!(id) {
                     assert_eq!(v["error"]["code"], -32602, "{label} via {method}: {v}");
+                    assert!(
+                        v["error"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("conference")),
+                        "{label} via {method}: the name is what is refused: {v}"
+                    );
                     break;
                 }
             }
