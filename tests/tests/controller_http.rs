@@ -584,6 +584,62 @@ async fn an_unreadable_conference_record_is_left_to_the_claim() {
     // The record was there all along: no race with another caller is counted.
     let m = fixtures::scrape(&s.controller.http_url()).await;
     assert_eq!(fixtures::metric(&m, "confroute_claim_conflicts_total"), 0.0);
+    // The admin API reads it as the claim does: its epoch is 0.
+    let a = call(&s, Method::GET, "/v1/conferences/junk", None, None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["epoch"], 0, "{}", a.text);
+
+    // A record naming a node no node can be is no home: not found, and left out of the
+    // listing, whose pages after it are still reachable.
+    s._redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:bad-owner")
+                .arg("owner")
+                .arg("a b")
+                .arg("epoch")
+                .arg(1),
+        )
+        .expect("write the record");
+    s._redis
+        .query(
+            redis::cmd("ZADD")
+                .arg("{confroute}:confs")
+                .arg(0)
+                .arg("bad-owner"),
+        )
+        .expect("index it");
+    let a = call(&s, Method::GET, "/v1/conferences/bad-owner", None, None).await;
+    assert_error(&a, 404, "conference_not_found");
+    for name in ["zz-after-1", "zz-after-2"] {
+        let a = call(
+            &s,
+            Method::POST,
+            "/v1/route",
+            Some(&format!(r#"{{"conference":"{name}"}}"#)),
+            None,
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    let mut listed = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let path = match &next {
+            Some(c) => format!("/v1/conferences?limit=1&after={c}"),
+            None => "/v1/conferences?limit=1".to_string(),
+        };
+        let a = call(&s, Method::GET, &path, None, None).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text);
+        for item in a.body["items"].as_array().expect("items") {
+            listed.push(item["conference"].as_str().unwrap_or("").to_string());
+        }
+        match a.body["next"].as_str() {
+            Some(c) => next = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(listed, ["zz-after-1", "zz-after-2"], "{listed:?}");
 }
 
 /// A path segment that is not UTF-8 is refused with 400 on every route that has one, as

@@ -515,14 +515,24 @@ impl Store {
         if r.is_nil(0)? {
             return Ok(None);
         }
+        // Fields read as claim.lua reads them, so a record written by something else means
+        // the same here: an owner no node can be is no home (the next claim re-homes the
+        // conference), a field that is not a number is 0.
+        let node = match r.node_id(0) {
+            Ok(node) => node,
+            Err(e) => {
+                tracing::warn!(conference = %name, error = %e, "conference record names no possible node; taken for no home");
+                return Ok(None);
+            }
+        };
         Ok(Some(ConferenceRecord {
             owner: Owner {
-                node: r.node_id(0)?,
-                epoch: r.u64(1)?,
+                node,
+                epoch: r.u64_lenient(1)?,
             },
-            participants: r.u64_or_zero(2)? as u32,
-            created_ms: r.u64_or_zero(3)?,
-            unconfirmed: r.u64_or_zero(4)? == 1,
+            participants: r.u64_lenient(2)? as u32,
+            created_ms: r.u64_lenient(3)?,
+            unconfirmed: r.u64_lenient(4)? == 1,
         }))
     }
 

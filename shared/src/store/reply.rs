@@ -73,6 +73,15 @@ impl<'a> Reply<'a> {
         self.u64(i)
     }
 
+    /// A number as the scripts read one (`tonumber(x) or 0`): nil or not a non-negative
+    /// integer reads as 0, so every reader of a record sees the same value.
+    pub(crate) fn u64_lenient(&self, i: usize) -> Result<u64, StoreError> {
+        if self.is_nil(i)? {
+            return Ok(0);
+        }
+        Ok(self.string(i)?.parse::<u64>().unwrap_or(0))
+    }
+
     pub(crate) fn node_id(&self, i: usize) -> Result<NodeId, StoreError> {
         let s = self.string(i)?;
         NodeId::parse(&s).map_err(|e| self.err(e.to_string()))
@@ -209,13 +218,24 @@ pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreE
     let mut items = Vec::new();
     let mut i = 1;
     while i + 5 <= values.len() {
-        let name = ConferenceName::parse(&r.string(i)?).map_err(|e| r.err(e.to_string()))?;
+        // A record this reader cannot take for a conference (a name or an owner no node can
+        // have, written by something else) is left out of the page rather than failing it:
+        // the pages after it must still be reachable. Its next call re-homes it.
+        let readable = r
+            .string(i)
+            .ok()
+            .and_then(|n| ConferenceName::parse(&n).ok())
+            .zip(r.node_id(i + 1).ok());
+        let Some((name, node)) = readable else {
+            i += 5;
+            continue;
+        };
         items.push((
             name,
             ConferenceRecord {
                 owner: Owner {
-                    node: r.node_id(i + 1)?,
-                    epoch: r.u64(i + 2)?,
+                    node,
+                    epoch: r.u64_lenient(i + 2)?,
                 },
                 participants: r.u64_or_zero(i + 3)? as u32,
                 created_ms: r.u64_or_zero(i + 4)?,
