@@ -220,11 +220,18 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     ));
     let app = http::app(node.clone());
     let header_timeout = node.cfg.http.header_timeout;
+    let max_connections = node.cfg.http.max_connections;
     let (http_stop, http_rx) = tokio::sync::oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
-        confroute_shared::http_serve::serve(listener, app, header_timeout, async {
-            let _ = http_rx.await;
-        })
+        confroute_shared::http_serve::serve(
+            listener,
+            app,
+            header_timeout,
+            max_connections,
+            async {
+                let _ = http_rx.await;
+            },
+        )
         .await;
     });
     tasks.shrink_to_fit();

@@ -106,9 +106,11 @@ pub struct HttpConfig {
     /// Bearer token required on `/v1/*`; none = open.
     pub api_token: Option<Secret>,
     /// Longest a connection may take to send a request's head (or sit idle between
-    /// requests) before it is closed.
+    /// requests, or leave an answer unread) before it is closed.
     #[serde(deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// HTTP connections open at once; further ones are closed as they are accepted.
+    pub max_connections: usize,
 }
 
 /// `[ari]`.
@@ -302,6 +304,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             api_token: None,
             header_timeout: confroute_shared::http_serve::DEFAULT_HEADER_TIMEOUT,
+            max_connections: confroute_shared::http_serve::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -612,6 +615,10 @@ impl Validate for NodeConfig {
         if !confroute_shared::http_serve::HEADER_TIMEOUT_RANGE.contains(&self.http.header_timeout) {
             issues.add("http.header_timeout", "must be between 1s and 1h");
         }
+        if !confroute_shared::http_serve::MAX_CONNECTIONS_RANGE.contains(&self.http.max_connections)
+        {
+            issues.add("http.max_connections", "must be between 1 and 1000000");
+        }
         let c = &self.conference;
         check_max(
             &mut issues,
@@ -820,6 +827,11 @@ mod tests {
                 "conference.status_callback_event",
             ),
             ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            (
+                "CONFROUTE_HTTP__MAX_CONNECTIONS",
+                "0",
+                "http.max_connections",
+            ),
             (
                 "CONFROUTE_HTTP__API_TOKEN",
                 "abcdefghijklmnop\n",

@@ -164,11 +164,18 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     let http_addr = listener.local_addr().unwrap_or(cfg.http.listen);
     let app = http::app(state, cfg.http.max_body_size);
     let header_timeout = cfg.http.header_timeout;
+    let max_connections = cfg.http.max_connections;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let http_task = tokio::spawn(async move {
-        confroute_shared::http_serve::serve(listener, app, header_timeout, async {
-            let _ = stop_rx.await;
-        })
+        confroute_shared::http_serve::serve(
+            listener,
+            app,
+            header_timeout,
+            max_connections,
+            async {
+                let _ = stop_rx.await;
+            },
+        )
         .await;
     });
     sip_bound.store(true, Ordering::Relaxed);

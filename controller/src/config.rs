@@ -124,9 +124,11 @@ pub struct HttpConfig {
     /// Largest accepted request body in bytes.
     pub max_body_size: usize,
     /// Longest a connection may take to send a request's head (or sit idle between
-    /// requests) before it is closed.
+    /// requests, or leave an answer unread) before it is closed.
     #[serde(deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// HTTP connections open at once; further ones are closed as they are accepted.
+    pub max_connections: usize,
 }
 
 /// How conferences are placed and how long a routing decision may take.
@@ -248,6 +250,7 @@ impl Default for HttpConfig {
             api_token: None,
             max_body_size: 64 * 1024,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: confroute_shared::http_serve::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -307,6 +310,10 @@ impl Validate for ControllerConfig {
         }
         if !HEADER_TIMEOUT_RANGE.contains(&self.http.header_timeout) {
             issues.add("http.header_timeout", "must be between 1s and 1h");
+        }
+        if !confroute_shared::http_serve::MAX_CONNECTIONS_RANGE.contains(&self.http.max_connections)
+        {
+            issues.add("http.max_connections", "must be between 1 and 1000000");
         }
         // Under RFC 3261's 32 s (Timer H, 64·T1): past it the INVITE's transaction is
         // forgotten while it is still being routed, and neither a CANCEL nor a lost answer's
@@ -405,6 +412,11 @@ mod tests {
             ("CONFROUTE_SIP__HEADER_NODE", "X Node", "sip.header_node"),
             ("CONFROUTE_SIP__RETRY_AFTER", "0", "sip.retry_after"),
             ("CONFROUTE_HTTP__API_TOKEN", "short", "http.api_token"),
+            (
+                "CONFROUTE_HTTP__MAX_CONNECTIONS",
+                "0",
+                "http.max_connections",
+            ),
             (
                 "CONFROUTE_HTTP__API_TOKEN",
                 "abcdefghijklmnop\n",

@@ -1,8 +1,9 @@
-//! The HTTP server loop of both binaries: `axum::serve` with a header-read timer and a
-//! deadline on request bodies. Without them, a client that opens a connection and sends half
-//! a request (or nothing, on an idle keep-alive connection, or a body a byte a minute) holds
-//! its task and file descriptor for good; enough of them exhaust the process's descriptors,
-//! which the SIP listener shares.
+//! The HTTP server loop of both binaries: `axum::serve` with a header-read timer, a
+//! deadline on request bodies, a deadline on answers the client does not read, and a cap on
+//! connections. Without them, a client that opens a connection and sends half a request (or
+//! nothing, on an idle keep-alive connection, or a body a byte a minute), or asks for answers
+//! and never reads them, holds its task and file descriptor for good; enough of them exhaust
+//! the process's descriptors, which the SIP listener and the Redis connections share.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +22,12 @@ use tower_service::Service;
 /// request on it and fail that request.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// `http.max_connections` by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Accepted values of `http.max_connections`.
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+
 /// Accepted values of `http.header_timeout`.
 pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
@@ -28,13 +35,20 @@ pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
 /// Serves `app` on `listener` until `stop` completes, then lets the requests in progress
 /// finish (an upgraded WebSocket lives on in its own task, as under `axum::serve`). A
 /// connection that has not sent a whole request head within `header_timeout` of starting
-/// one, or of its previous answer, is closed.
+/// one, or of its previous answer, is closed; so is one whose client has read nothing of an
+/// answer for `header_timeout`. With `max_connections` open (upgraded ones no longer count),
+/// further connections are closed as they are accepted.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     header_timeout: Duration,
+    max_connections: usize,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let mut refused: u64 = 0;
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     // Each connection holds a sender; when the last is dropped, every connection is done.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -49,6 +63,19 @@ pub async fn serve(
                 }
             },
             _ = &mut stop => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once: a client may retry elsewhere, and the descriptors stay free.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    max_connections,
+                    refused,
+                    "http.max_connections reached: closing new HTTP connections"
+                );
+            }
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let service = app.clone();
@@ -70,7 +97,7 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(Unread::new(stream, header_timeout)), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -85,6 +112,7 @@ pub async fn serve(
                 }
             }
             drop(done);
+            drop(slot);
         });
     }
     drop(listener);
@@ -134,6 +162,96 @@ impl http_body::Body for Deadline {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A connection's stream on which a write that makes no progress (the client reads nothing,
+/// its window is full) fails after `limit`, so the connection is closed rather than held.
+struct Unread<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Unread<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Unread {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// The outcome of a write or flush: progress clears the stall timer; no progress starts
+    /// it, and past `limit` turns into an error.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing of the answer within http.header_timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Unread<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Unread<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(cx, polled)
     }
 }
 

@@ -1009,3 +1009,106 @@ async fn input_a_route_does_not_take_is_refused_and_changes_nothing() {
         "invalid_conference",
     );
 }
+
+/// `http.max_connections`: with that many connections open, the next is closed as it is
+/// accepted, and once one closes a new one is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_http_max_connections_are_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start().expect("redis");
+    let mut env = fixtures::redis_env(&fixtures::single(&redis.url()));
+    env.push(("CONFROUTE_HTTP__MAX_CONNECTIONS".into(), "3".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let addr = controller.http_url().replace("http://", "");
+    // Opened, then one request answered on each, so the server holds all three.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).await.expect("an answer");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        held.push(c);
+    }
+    let mut fourth = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let _ = fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), fourth.read(&mut buf))
+        .await
+        .expect("closed, not left waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "answered past the cap: {:?}", &buf[..n]);
+    drop(held.pop());
+    let answer = confroute_tests::harness::wait_for_async(
+        "a connection served again",
+        Duration::from_secs(10),
+        || async { fixtures::try_get_json(&format!("{}/healthz", controller.http_url())).await },
+    )
+    .await;
+    assert!(answer.is_ok(), "{}", controller.output());
+}
+
+/// A client that asks for answers and reads none of them holds its connection no longer
+/// than `http.header_timeout`: the controller gives up on the answer and closes it, so the
+/// client gets only what was written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start().expect("redis");
+    let mut env = fixtures::redis_env(&fixtures::single(&redis.url()));
+    env.push(("CONFROUTE_HTTP__HEADER_TIMEOUT".into(), "1s".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let addr: std::net::SocketAddr = controller
+        .http_url()
+        .replace("http://", "")
+        .parse()
+        .expect("addr");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let conn = socket.connect(addr).await.expect("connect");
+    let (mut rx, mut tx) = conn.into_split();
+    const ASKED: usize = 5000;
+    let writer = tokio::spawn(async move {
+        let one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        for _ in 0..ASKED {
+            if tx.write_all(one).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.flush().await;
+        // Kept open: a half-closed request side could end the exchange by itself.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    // Not reading is the scenario: for well over the timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .expect("the controller closed the connection");
+    writer.abort();
+    let answered = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(
+        answered < ASKED,
+        "all {ASKED} answers ({} bytes) were held for a client reading none of them",
+        got.len()
+    );
+}
