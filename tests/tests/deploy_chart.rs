@@ -466,6 +466,15 @@ fn the_controller_pdb_never_blocks_a_drain_for_good() {
             "{values}"
         );
     }
+    // A string is a percentage: "2" would be taken for 2 % and rendered as 2 pods.
+    for bad in ["2", "abc", "50 %"] {
+        refused_at_render(
+            dir.path(),
+            &format!("minAvailable {bad:?}"),
+            &json!({"controller": {"replicas": 2, "podDisruptionBudget": {"minAvailable": bad}}}),
+            &["minAvailable"],
+        );
+    }
 }
 
 #[test]
@@ -1159,6 +1168,16 @@ fn values_that_break_the_schema_are_refused() {
         (
             "the unspecified address, spelt short, as the callback",
             json!({"node": {"config": {"conference": {"status_callback": "http://0/x"}}}}),
+            "status_callback",
+        ),
+        (
+            "a password in the callback URL (it would sit in a ConfigMap)",
+            json!({"node": {"config": {"conference": {"status_callback": "https://app:s3cret@app.example/cb"}}}}),
+            "status_callback",
+        ),
+        (
+            "a password in a profile's callback URL",
+            json!({"node": {"config": {"profiles": {"vip": {"status_callback": "https://app:s3cret@app.example/cb"}}}}}),
             "status_callback",
         ),
         (

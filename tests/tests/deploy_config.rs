@@ -355,6 +355,25 @@ fn durations_the_binaries_refuse_are_refused_by_the_chart() {
             ),
         ),
         (
+            serde_json::json!({"controller": {"config": {"routing": {"deadline": "40s"}}}}),
+            "controller.config.routing.deadline",
+            ("confroute-controller", "CONFROUTE_ROUTING__DEADLINE", "40s"),
+        ),
+        (
+            serde_json::json!({"controller": {"config": {"http": {"header_timeout": "2h"}}}}),
+            "controller.config.http.header_timeout",
+            (
+                "confroute-controller",
+                "CONFROUTE_HTTP__HEADER_TIMEOUT",
+                "2h",
+            ),
+        ),
+        (
+            serde_json::json!({"node": {"config": {"ari": {"release_after": "500ms"}}}}),
+            "node.config.ari.release_after",
+            ("confroute-node", "CONFROUTE_ARI__RELEASE_AFTER", "500ms"),
+        ),
+        (
             serde_json::json!({"redis": {"timeout": "0s"}}),
             "redis.timeout",
             ("confroute-controller", "CONFROUTE_REDIS__TIMEOUT", "0s"),
@@ -388,8 +407,13 @@ fn durations_the_binaries_refuse_are_refused_by_the_chart() {
         "controller": {"config": {
             "sip": {"tcp_idle_timeout": "1s"},
             "rpc": {"ping_interval": "1000ms"},
+            "routing": {"deadline": "31s"},
+            "http": {"header_timeout": "1h"},
         }},
-        "node": {"config": {"node": {"heartbeat_interval": "20s"}}},
+        "node": {"config": {
+            "node": {"heartbeat_interval": "20s"},
+            "ari": {"release_after": "0s"},
+        }},
     });
     let r = render(&values_file(dir.path(), "bounds", &values));
     let cfg = dir.path().join("controller.toml");

@@ -293,10 +293,19 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- include "confroute.checkDuration" (dict "key" "controller.config.rpc.ping_interval" "value" $rpc.ping_interval "min" 1000000.0 "max" 86400000000.0 "limit" "must be between 1s and 24h") -}}
 {{- include "confroute.checkDuration" (dict "key" "controller.config.rpc.command_timeout" "value" $rpc.command_timeout "min" 100000.0 "max" 86400000000.0 "limit" "must be between 100ms and 24h") -}}
 {{- $routing := $c.routing | default dict -}}
-{{- include "confroute.checkDuration" (dict "key" "controller.config.routing.deadline" "value" $routing.deadline "min" 1.0 "max" 0 "limit" "must be greater than zero") -}}
+{{- include "confroute.checkDuration" (dict "key" "controller.config.routing.deadline" "value" $routing.deadline "min" 1.0 "max" 31999999.0 "limit" "must be greater than zero and under 32s (an INVITE transaction's lifetime)") -}}
+{{- $http := $c.http | default dict -}}
+{{- include "confroute.checkDuration" (dict "key" "controller.config.http.header_timeout" "value" $http.header_timeout "min" 1000000.0 "max" 3600000000.0 "limit" "must be between 1s and 1h") -}}
 {{- include "confroute.checkDuration" (dict "key" "controller.config.routing.node_refresh" "value" $routing.node_refresh "min" 50000.0 "max" 0 "limit" "must be at least 50ms") -}}
 {{- include "confroute.checkDuration" (dict "key" "redis.timeout" "value" .Values.redis.timeout "min" 1.0 "max" 0 "limit" "must be greater than zero") -}}
 {{- $n := (.Values.node.config | default dict).node | default dict -}}
+{{- $ari := (.Values.node.config | default dict).ari | default dict -}}
+{{- with $ari.release_after -}}
+{{- $us := include "confroute.durationMicros" . -}}
+{{- if and $us (gt ($us | float64) 0.0) (lt ($us | float64) 1000000.0) -}}
+{{- fail (printf "node.config.ari.release_after is %q; the binary refuses it: must be at least 1s, or 0s for never" .) -}}
+{{- end -}}
+{{- end -}}
 {{- include "confroute.checkDuration" (dict "key" "node.config.node.heartbeat_interval" "value" $n.heartbeat_interval "min" 100000.0 "max" 20000000.0 "limit" "must be between 100ms and 20s, a third of the 60s redis.conference_lease (claims are renewed only by heartbeats, three per lease)") -}}
 {{- end -}}
 
