@@ -341,10 +341,17 @@ fn controllers_serve_on_while_their_endpoint_is_withdrawn() {
 #[test]
 fn ipv6_pods_listen_on_ipv6_and_get_bracketed_node_uris() {
     let dir = TempDir::new("values").expect("dir");
+    // The edge's calls must match an IPv6 range, or Asterisk refuses them all.
+    refused_at_render(
+        dir.path(),
+        "IPv6 pods with only IPv4 trusted ranges",
+        &json!({"ipFamily": "IPv6"}),
+        &["asterisk.trustedCidrs", "IPv6"],
+    );
     let r = render(&values_file(
         dir.path(),
         "ipv6",
-        &json!({"ipFamily": "IPv6"}),
+        &json!({"ipFamily": "IPv6", "asterisk": {"trustedCidrs": ["fd00:10::/56"]}}),
     ));
     let controller_toml = config_of(&r, "-controller", "controller.toml");
     assert!(
@@ -356,7 +363,9 @@ fn ipv6_pods_listen_on_ipv6_and_get_bracketed_node_uris() {
     assert!(node_toml.contains("listen = \"[::]:9090\""), "{node_toml}");
     let pjsip = config_of(&r, "-asterisk", "pjsip.conf");
     assert!(
-        pjsip.contains("bind = [::]:5060") && pjsip.contains("rtp_ipv6 = yes"),
+        pjsip.contains("bind = [::]:5060")
+            && pjsip.contains("rtp_ipv6 = yes")
+            && pjsip.contains("match = fd00:10::/56"),
         "{pjsip}"
     );
     // The default stays IPv4 throughout.
