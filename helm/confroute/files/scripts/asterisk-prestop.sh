@@ -8,10 +8,17 @@
 # liveness probe restarts it, and is not waited for; one slow answer during a long drain is
 # not that, and does not end the wait under live calls. (A liveness restart is cut at the
 # probe's own 30 s grace whatever this does.)
+# No channel must be seen QUIET_CHECKS times in a row (10 s by default), not once: the hooks
+# start together, and the agent's drain still admits, for up to 5 s, the first caller of a
+# conference placed here just before the stop, who is on the way to Asterisk while it has
+# no channel yet.
 max_wait="${1:-14460}"
 max_failing="${2:-60}"
+poll="${POLL_SECONDS:-2}"
+quiet_checks="${QUIET_CHECKS:-5}"
 start=$(date +%s)
 failing_since=""
+quiet=0
 cli() {
   if command -v timeout >/dev/null 2>&1; then
     timeout 10 asterisk -rx "$1"
@@ -23,11 +30,16 @@ while [ $(( $(date +%s) - start )) -lt "$max_wait" ]; do
   if out=$(cli "core show channels count" 2>/dev/null); then
     failing_since=""
     n=$(printf '%s\n' "$out" | sed -n 's/^\([0-9][0-9]*\) active channel.*/\1/p' | head -n 1)
-    [ "$n" = "0" ] && break
+    if [ "$n" = "0" ]; then
+      quiet=$((quiet + 1))
+      [ "$quiet" -ge "$quiet_checks" ] && break
+    else
+      quiet=0
+    fi
   else
     now=$(date +%s)
     [ -z "$failing_since" ] && failing_since=$now
     [ $(( now - failing_since )) -ge "$max_failing" ] && break
   fi
-  sleep 2
+  sleep "$poll"
 done
