@@ -1112,3 +1112,36 @@ async fn a_client_that_reads_nothing_is_closed_after_the_header_timeout() {
         got.len()
     );
 }
+
+/// Every status a documented route answers to a query it does not take, or to a body over
+/// `http.max_body_size`, is one `docs/openapi.json` gives for that route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statuses_of_stray_queries_and_oversized_bodies_are_documented() {
+    let s = setup(None).await;
+    let doc = openapi();
+    let big = format!(r#"{{"conference":"t","pad":"{}"}}"#, "x".repeat(4096));
+    let mut undocumented = Vec::new();
+    for (method, path) in documented() {
+        if path == "/v1/rpc" {
+            continue;
+        }
+        let (m, concrete, _) = concrete_request(&method, &path, "stray");
+        let responses = &doc["paths"][&path][method.to_lowercase()]["responses"];
+        let query = format!("{concrete}?bogus=1");
+        for (what, target, body) in [
+            ("a stray query", query.as_str(), None),
+            ("an oversized body", concrete.as_str(), Some(big.as_str())),
+        ] {
+            let a = call(&s, m.clone(), target, body, None).await;
+            let status = a.status.as_u16().to_string();
+            if responses.get(&status).is_none() {
+                undocumented.push(format!("{method} {path}: {what} got {status}"));
+            }
+        }
+    }
+    assert!(
+        undocumented.is_empty(),
+        "statuses not in docs/openapi.json:\n{}",
+        undocumented.join("\n")
+    );
+}
