@@ -1025,7 +1025,16 @@ impl EventSink for Sink {
         let wanted = self.0.beats_started.load(Ordering::SeqCst) + 1;
         let mut done = self.0.beats_done.subscribe();
         self.0.ari_changed.notify_one();
-        self.0.request_reconcile();
+        // The reconciliation waits for the same heartbeat: a caller it joins again may need
+        // the node to claim the conference, which claim.lua refuses while the record still
+        // says ARI is down. A heartbeat that does not come within a lease does not hold it.
+        let node = self.0.clone();
+        let mut beat = self.0.beats_done.subscribe();
+        let within = crate::heartbeat::lease(&node);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(within, beat.wait_for(|n| *n >= wanted)).await;
+            node.request_reconcile();
+        });
         Box::pin(async move {
             let _ = done.wait_for(|n| *n >= wanted).await;
         })
