@@ -611,6 +611,27 @@ async fn an_unreadable_conference_record_is_left_to_the_claim() {
         .expect("index it");
     let a = call(&s, Method::GET, "/v1/conferences/bad-owner", None, None).await;
     assert_error(&a, 404, "conference_not_found");
+    // A count no reader can take for one reads as 0, as in the scripts.
+    s._redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:neg-count")
+                .arg("owner")
+                .arg("node-a")
+                .arg("epoch")
+                .arg(1)
+                .arg("participants")
+                .arg(-1),
+        )
+        .expect("write the record");
+    s._redis
+        .query(
+            redis::cmd("ZADD")
+                .arg("{confroute}:confs")
+                .arg(0)
+                .arg("neg-count"),
+        )
+        .expect("index it");
     for name in ["zz-after-1", "zz-after-2"] {
         let a = call(
             &s,
@@ -639,7 +660,11 @@ async fn an_unreadable_conference_record_is_left_to_the_claim() {
             None => break,
         }
     }
-    assert_eq!(listed, ["zz-after-1", "zz-after-2"], "{listed:?}");
+    assert_eq!(
+        listed,
+        ["neg-count", "zz-after-1", "zz-after-2"],
+        "{listed:?}"
+    );
 }
 
 /// A path segment that is not UTF-8 is refused with 400 on every route that has one, as

@@ -530,7 +530,7 @@ impl Store {
                 node,
                 epoch: r.u64_lenient(1)?,
             },
-            participants: r.u64_lenient(2)? as u32,
+            participants: u32::try_from(r.u64_lenient(2)?).unwrap_or(u32::MAX),
             created_ms: r.u64_lenient(3)?,
             unconfirmed: r.u64_lenient(4)? == 1,
         }))

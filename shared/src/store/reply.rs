@@ -73,18 +73,36 @@ impl<'a> Reply<'a> {
         self.u64(i)
     }
 
-    /// A number as the scripts read one (`tonumber(x) or 0`): nil or not a non-negative
-    /// integer reads as 0, so every reader of a record sees the same value.
+    /// A number as the scripts read one (`tonumber(x) or 0`, then used as a count): nil or
+    /// not a number reads as 0, so every reader of a record sees the same value. Lua also
+    /// reads hexadecimal, exponents, fractions and surrounding spaces; a fraction is cut to
+    /// its integer part and a negative number is 0.
     pub(crate) fn u64_lenient(&self, i: usize) -> Result<u64, StoreError> {
         if self.is_nil(i)? {
             return Ok(0);
         }
-        Ok(self.string(i)?.parse::<u64>().unwrap_or(0))
+        Ok(lua_count(&self.string(i)?))
     }
 
     pub(crate) fn node_id(&self, i: usize) -> Result<NodeId, StoreError> {
         let s = self.string(i)?;
         NodeId::parse(&s).map_err(|e| self.err(e.to_string()))
+    }
+}
+
+/// What Lua's `tonumber(s) or 0` makes of `s`, as a count (see [`Reply::u64_lenient`]).
+fn lua_count(s: &str) -> u64 {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return n;
+    }
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).unwrap_or(0);
+    }
+    match t.parse::<f64>() {
+        // `as` saturates at u64::MAX for a value past it.
+        Ok(f) if f.is_finite() && f > 0.0 => f.floor() as u64,
+        _ => 0,
     }
 }
 
@@ -237,8 +255,8 @@ pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreE
                     node,
                     epoch: r.u64_lenient(i + 2)?,
                 },
-                participants: r.u64_or_zero(i + 3)? as u32,
-                created_ms: r.u64_or_zero(i + 4)?,
+                participants: u32::try_from(r.u64_lenient(i + 3)?).unwrap_or(u32::MAX),
+                created_ms: r.u64_lenient(i + 4)?,
                 unconfirmed: false,
             },
         ));
@@ -248,4 +266,26 @@ pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreE
         items,
         next: (!next.is_empty()).then_some(next),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lua_count;
+
+    #[test]
+    fn counts_read_as_lua_reads_numbers() {
+        for (text, n) in [
+            ("7", 7),
+            (" 7 ", 7),
+            ("0x10", 16),
+            ("1e3", 1000),
+            ("12.9", 12),
+            ("-1", 0),
+            ("not-a-number", 0),
+            ("", 0),
+            ("nan", 0),
+        ] {
+            assert_eq!(lua_count(text), n, "{text:?}");
+        }
+    }
 }

@@ -37,6 +37,7 @@ while [ $(( $(date +%s) - start )) -lt "$max_wait" ]; do
       quiet=0
     fi
   else
+    quiet=0
     now=$(date +%s)
     [ -z "$failing_since" ] && failing_since=$now
     [ $(( now - failing_since )) -ge "$max_failing" ] && break
