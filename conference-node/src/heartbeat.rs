@@ -107,7 +107,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     if node.state_dirty() {
         node.write_state().await;
     }
-    check_writes(node).await;
+    node.recheck_writes();
     let hosted = if node.ari_given_up() && asterisk_gone(node).await {
         give_back_claims(node).await;
         Vec::new()
@@ -275,26 +275,6 @@ fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
     let total: u64 = v.iter().take(8).sum();
     let idle = v[3] + v.get(4).copied().unwrap_or(0);
     Some((total.saturating_sub(idle), total))
-}
-
-/// Asks Asterisk whether it lets the agent write ([`AriClient::check_writes`]): once per
-/// events connection, before the heartbeat that tells Redis the node's ARI is up, so a user
-/// ari.conf makes `read_only` (its reads and events work) gets no conference; and at every
-/// heartbeat while it refuses, so a fixed ari.conf is noticed without a restart.
-///
-/// [`AriClient::check_writes`]: crate::ari::AriClient::check_writes
-async fn check_writes(node: &Arc<Node>) {
-    if !node.ari_connected.load(Ordering::SeqCst) {
-        return;
-    }
-    let connection = node.connection();
-    if !node.ari.writes_refused() && node.writes_checked.load(Ordering::SeqCst) == connection {
-        return;
-    }
-    let within = node.cfg.node.heartbeat_interval / 2;
-    if let Ok(Ok(_)) = tokio::time::timeout(within, node.ari.check_writes()).await {
-        node.writes_checked.store(connection, Ordering::SeqCst);
-    }
 }
 
 /// Whether an Asterisk whose events WebSocket has been down for `ari.release_after` is gone

@@ -155,6 +155,8 @@ pub struct Node {
     /// The events connection (see [`Node::connection`]) for which Asterisk was last seen to
     /// let the agent write; 0 before any.
     pub writes_checked: AtomicU64,
+    /// Held by the write check in progress (see [`Node::check_writes`]).
+    write_check: tokio::sync::Mutex<()>,
     /// Heartbeats started so far, so the events WebSocket can wait for one that saw it
     /// connected (see [`Sink`]).
     pub beats_started: AtomicU64,
@@ -241,6 +243,7 @@ impl Node {
             rest_answers_logged: AtomicBool::new(false),
             rest_silent_since: Mutex::new(None),
             writes_checked: AtomicU64::new(0),
+            write_check: tokio::sync::Mutex::new(()),
             beats_started: AtomicU64::new(0),
             beats_done: watch::channel(0).0,
             beat_gate: tokio::sync::Mutex::new(false),
@@ -771,7 +774,49 @@ impl Node {
     /// its Asterisk (wrong URL or password, Asterisk not up yet) can admit nobody; and while
     /// Asterisk refuses its writes (a user ari.conf makes `read_only`).
     pub fn ari_available(&self) -> bool {
-        self.ari_connected.load(Ordering::SeqCst) && !self.ari.writes_refused()
+        self.ari_connected.load(Ordering::SeqCst)
+            && !self.ari.writes_refused()
+            && self.writes_checked.load(Ordering::SeqCst) == self.connection()
+    }
+
+    /// Asks Asterisk whether it lets the agent write ([`AriClient::check_writes`]), unless
+    /// that is known for the events connection in place and nothing was refused since: a
+    /// user ari.conf makes `read_only` keeps its reads and its events, and would draw
+    /// conferences whose callers it cannot bridge. Bounded by `ari.request_timeout`.
+    ///
+    /// [`AriClient::check_writes`]: crate::ari::AriClient::check_writes
+    pub async fn check_writes(&self) {
+        let _one = self.write_check.lock().await;
+        if !self.ari_connected.load(Ordering::SeqCst) {
+            return;
+        }
+        let connection = self.connection();
+        if !self.ari.writes_refused() && self.writes_checked.load(Ordering::SeqCst) == connection {
+            return;
+        }
+        if let Ok(true) = self.ari.check_writes().await {
+            self.writes_checked.store(connection, Ordering::SeqCst);
+        }
+    }
+
+    /// Starts [`Node::check_writes`] in the background when it is due (a connection not
+    /// checked yet, or writes refused: a fixed ari.conf is noticed without a restart), and
+    /// wakes the heartbeat when it changes whether the node can admit.
+    pub fn recheck_writes(self: &Arc<Self>) {
+        let due = self.ari_connected.load(Ordering::SeqCst)
+            && (self.ari.writes_refused()
+                || self.writes_checked.load(Ordering::SeqCst) != self.connection());
+        if !due || self.write_check.try_lock().is_err() {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let before = node.ari_available();
+            node.check_writes().await;
+            if node.ari_available() != before {
+                node.ari_changed.notify_one();
+            }
+        });
     }
 
     /// The events WebSocket connection in place now (counted from 1).
@@ -1012,8 +1057,9 @@ impl Node {
 pub struct Sink(pub Arc<Node>);
 
 impl EventSink for Sink {
-    /// Completes once a heartbeat that started after the connection has run: Redis then says
-    /// this node's ARI is up before the connection's first event is handled. A caller's
+    /// Completes once Asterisk was asked whether it lets the agent write and a heartbeat that
+    /// started after that has run: Redis then says whether this node's ARI is up before the
+    /// connection's first event is handled. A caller's
     /// StasisStart may need the node to claim a new conference for itself, which claim.lua
     /// refuses to a node whose record says ARI is down.
     fn connected(&self, _reconnect: bool) -> BoxFuture<'static, ()> {
@@ -1022,21 +1068,28 @@ impl EventSink for Sink {
         *lock(&self.0.ari_down_since) = None;
         self.0.rest_answers_logged.store(false, Ordering::SeqCst);
         *lock(&self.0.rest_silent_since) = None;
-        let wanted = self.0.beats_started.load(Ordering::SeqCst) + 1;
-        let mut done = self.0.beats_done.subscribe();
-        self.0.ari_changed.notify_one();
-        // The reconciliation waits for the same heartbeat: a caller it joins again may need
-        // the node to claim the conference, which claim.lua refuses while the record still
-        // says ARI is down. A heartbeat that does not come within a lease does not hold it.
+        // First the write check, then a heartbeat that started after it, which tells Redis
+        // whether the node can admit; then the connection's events are handled and the
+        // reconciliation runs: a caller either joins may need the node to claim the
+        // conference, which claim.lua refuses while the record says ARI is down. Held at
+        // most a lease.
         let node = self.0.clone();
-        let mut beat = self.0.beats_done.subscribe();
+        let (ready, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let within = crate::heartbeat::lease(&node);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(within, beat.wait_for(|n| *n >= wanted)).await;
+            let _ = tokio::time::timeout(within, async {
+                node.check_writes().await;
+                let wanted = node.beats_started.load(Ordering::SeqCst) + 1;
+                let mut done = node.beats_done.subscribe();
+                node.ari_changed.notify_one();
+                let _ = done.wait_for(|n| *n >= wanted).await;
+            })
+            .await;
+            let _ = ready.send(());
             node.request_reconcile();
         });
         Box::pin(async move {
-            let _ = done.wait_for(|n| *n >= wanted).await;
+            let _ = ready_rx.await;
         })
     }
 

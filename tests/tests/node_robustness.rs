@@ -411,3 +411,55 @@ async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
         .expect("the events WebSocket stops once its stop sender is gone")
         .expect("the task ends cleanly");
 }
+
+/// A write Asterisk refuses (a user ari.conf makes `read_only`) marks the client's writes
+/// refused; a write sent before the refusal and answered after it does not lift it, and
+/// the write check tells a refusing Asterisk from one that lets writes through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_stands_against_a_write_sent_before_it() {
+    use confroute_node::ari::AriClient;
+    let sim = node_common::sim().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = confroute_node::metrics::Metrics::new().expect("metrics");
+    let client = AriClient::new(
+        &sim.base_url(),
+        sim.username(),
+        confroute_shared::secret::Secret::new(sim.password()),
+        Duration::from_secs(5),
+        10,
+        metrics,
+    )
+    .expect("client");
+    assert!(client.check_writes().await.expect("answered"), "writable");
+    // A write in flight (held past Asterisk's user checks), then a reload to read-only and
+    // a refused write.
+    sim.hold_operation("createWithId");
+    let early = {
+        let client = client.clone();
+        tokio::spawn(async move { client.create_bridge("early", "mixing", "early").await })
+    };
+    wait_for_async("the early write held", WAIT, || async {
+        (sim.held_requests("createWithId") > 0).then_some(())
+    })
+    .await
+    .expect("held");
+    sim.set_read_only(true);
+    assert!(client
+        .create_bridge("late", "mixing", "late")
+        .await
+        .is_err());
+    assert!(client.writes_refused());
+    sim.release_operation("createWithId");
+    early
+        .await
+        .expect("task")
+        .expect("the early write went through");
+    assert!(
+        client.writes_refused(),
+        "a write sent before the refusal does not lift it"
+    );
+    assert!(!client.check_writes().await.expect("answered"));
+    sim.set_read_only(false);
+    assert!(client.check_writes().await.expect("answered"));
+    assert!(!client.writes_refused());
+}

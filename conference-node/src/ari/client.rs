@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,8 +126,9 @@ pub struct AriClient {
     /// that an idle one then serves, and keeps both).
     slots: Arc<Semaphore>,
     max_connections: usize,
-    /// Asterisk refuses this user's writes (401 or 403; see [`AriClient::writes_refused`]).
-    refused: Arc<AtomicBool>,
+    /// When Asterisk last refused this user (401 or 403), while no request sent after that
+    /// has been let through (see [`AriClient::writes_refused`]).
+    refused: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// The bridge id the write check deletes: no bridge of the agent's is ever named so, so an
@@ -174,7 +174,7 @@ impl AriClient {
             metrics,
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
-            refused: Arc::new(AtomicBool::new(false)),
+            refused: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -182,7 +182,16 @@ impl AriClient {
     /// none has been let through since: a wrong password, or a user ari.conf makes
     /// `read_only`, whose reads and events still work. Such a node can admit nobody.
     pub fn writes_refused(&self) -> bool {
-        self.refused.load(Ordering::SeqCst)
+        self.refusal().is_some()
+    }
+
+    fn refusal(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a refusal (401 or 403); true when it is the first since writes went through.
+    fn refuse(&self) -> bool {
+        self.refusal().replace(Instant::now()).is_none()
     }
 
     /// Whether Asterisk lets this user write, without changing anything: deletes a bridge
@@ -190,20 +199,30 @@ impl AriClient {
     /// user's with 403 before it looks for the bridge). Updates [`Self::writes_refused`].
     pub async fn check_writes(&self) -> Result<bool, AriError> {
         let path = format!("/bridges/{WRITE_CHECK_BRIDGE}");
+        let started = Instant::now();
         match self.call("writeCheck", Method::Delete, &path, &[]).await {
-            Ok(_) => Ok(self.allowed()),
-            Err(e) if e.kind == AriErrorKind::NotFound => Ok(self.allowed()),
             Err(e) if e.kind == AriErrorKind::Unauthorized => Ok(false),
+            // Any other answer got past res_ari.c's user checks, which come before routing.
+            Ok(_) => Ok(self.allowed(started)),
+            Err(e) if e.status.is_some() => Ok(self.allowed(started)),
             Err(e) => Err(e),
         }
     }
 
-    /// Records a write Asterisk let through; true.
-    fn allowed(&self) -> bool {
-        if self.refused.swap(false, Ordering::SeqCst) {
-            tracing::info!("Asterisk accepts the agent's ARI writes again");
+    /// Records that a request sent at `started` was let through; whether writes are allowed
+    /// now. A refusal that came after the request was sent (ari.conf reloaded meanwhile)
+    /// stands.
+    fn allowed(&self, started: Instant) -> bool {
+        let mut refused = self.refusal();
+        match *refused {
+            Some(at) if at > started => false,
+            Some(_) => {
+                *refused = None;
+                tracing::info!("Asterisk accepts the agent's ARI writes again");
+                true
+            }
+            None => true,
         }
-        true
     }
 
     /// `ws://host:port/ari/events?app=APP` for the events WebSocket.
@@ -315,7 +334,7 @@ impl AriClient {
             Err(e) => {
                 // The first refusal of a run of them is logged, as an error: it needs a fix.
                 let refused = e.kind == AriErrorKind::Unauthorized;
-                if refused && !self.refused.swap(true, Ordering::SeqCst) {
+                if refused && self.refuse() {
                     tracing::error!(error = %e, user = %self.username, "Asterisk refuses the agent's ARI requests: check ari.username and ari.password, and that ari.conf does not make the user read_only; the node takes no new conference until a write goes through");
                 } else if matches!(e.kind, AriErrorKind::Unexpected | AriErrorKind::Server) {
                     tracing::warn!(error = %e, "unexpected ARI answer");
@@ -323,7 +342,7 @@ impl AriClient {
             }
             Ok(_) => {
                 if !matches!(method, Method::Get) {
-                    self.allowed();
+                    self.allowed(started);
                 }
             }
         }
