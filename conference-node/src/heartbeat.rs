@@ -278,30 +278,39 @@ fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
 }
 
 /// Whether an Asterisk whose events WebSocket has been down for `ari.release_after` is gone
-/// too: its REST interface has not answered a ping (each within half a heartbeat, so the
-/// heartbeat keeps its pace) for a whole node lease. Any HTTP answer counts, an error status
-/// too: the server lives, and so may the callers in its bridges (the WebSocket alone is
-/// broken, or another client holds the app), so its conferences keep their home. One slow
-/// or lost ping is no proof: giving the claims back while callers talk would split their
-/// conferences. Pinged at every heartbeat, after the claims were given back too, so an
-/// Asterisk that answers again has its conferences claimed again.
+/// too: its REST interface has answered no ping for a whole node lease. Pings run one at a
+/// time beside the heartbeat (so a slow one does not hold it up), each with the whole
+/// `ari.request_timeout` and outside `ari.max_connections` (calls waiting on a busy
+/// Asterisk are no silence). Any HTTP answer counts, an error status too: the server lives,
+/// and so may the callers in its bridges (the WebSocket alone is broken, or another client
+/// holds the app), so its conferences keep their home. Giving the claims back while callers
+/// talk would split their conferences. Pinged at every heartbeat, after the claims were
+/// given back too, so an Asterisk that answers again has its conferences claimed again.
 async fn asterisk_gone(node: &Arc<Node>) -> bool {
-    let within = node.cfg.node.heartbeat_interval / 2;
-    let answered = match tokio::time::timeout(within, node.ari.ping()).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => e.status.is_some(),
-        Err(_) => false,
-    };
-    let mut silent_since = crate::node::lock(&node.rest_silent_since);
-    if answered {
-        *silent_since = None;
-        if !node.rest_answers_logged.swap(true, Ordering::SeqCst) {
-            tracing::warn!("events WebSocket down past ari.release_after, but Asterisk answers REST: keeping its conferences");
-        }
-        return false;
+    if !node.rest_ping_running.swap(true, Ordering::SeqCst) {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let answered = match node.ari.ping().await {
+                Ok(()) => true,
+                Err(e) => e.status.is_some(),
+            };
+            {
+                let mut silent_since = crate::node::lock(&node.rest_silent_since);
+                if answered {
+                    *silent_since = None;
+                } else {
+                    silent_since.get_or_insert(sent);
+                }
+            }
+            if answered && !node.rest_answers_logged.swap(true, Ordering::SeqCst) {
+                tracing::warn!("events WebSocket down past ari.release_after, but Asterisk answers REST: keeping its conferences");
+            }
+            node.rest_ping_running.store(false, Ordering::SeqCst);
+        });
     }
-    let since = *silent_since.get_or_insert_with(Instant::now);
-    since.elapsed() >= lease(node)
+    let silent_since = *crate::node::lock(&node.rest_silent_since);
+    silent_since.is_some_and(|since| since.elapsed() >= lease(node))
 }
 
 /// Asterisk has been out of reach for `ari.release_after`: gives back (compare-and-delete)

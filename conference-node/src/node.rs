@@ -152,6 +152,8 @@ pub struct Node {
     /// Since when Asterisk's REST interface has not answered a ping, while the events
     /// WebSocket has been down past `ari.release_after` (`None` while it answers).
     pub rest_silent_since: Mutex<Option<Instant>>,
+    /// A ping of Asterisk's REST interface is in flight (see `heartbeat::asterisk_gone`).
+    pub rest_ping_running: AtomicBool,
     /// The events connection (see [`Node::connection`]) for which Asterisk was last seen to
     /// let the agent write; 0 before any.
     pub writes_checked: AtomicU64,
@@ -242,6 +244,7 @@ impl Node {
             claims_given_back: AtomicBool::new(false),
             rest_answers_logged: AtomicBool::new(false),
             rest_silent_since: Mutex::new(None),
+            rest_ping_running: AtomicBool::new(false),
             writes_checked: AtomicU64::new(0),
             write_check: tokio::sync::Mutex::new(()),
             beats_started: AtomicU64::new(0),

@@ -312,8 +312,9 @@ async fn release_after_keeps_a_live_asterisks_conference_and_claims_back_a_retur
         &[
             ("CONFROUTE_ARI__RELEASE_AFTER", "1s"),
             ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
-            // A node lease of 1.5 s, so a loss of pings can be shorter than it.
-            ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "500ms"),
+            // A node lease of 3 s, so a loss of pings can be shorter than it with room for
+            // the ping under way to time out and the next one to come.
+            ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1s"),
         ],
     )
     .await;
@@ -356,7 +357,7 @@ async fn release_after_keeps_a_live_asterisks_conference_and_claims_back_a_retur
     sim_a.lose_operation("ping");
     // The length of the loss is the scenario (over one heartbeat, under three), not a wait;
     // throughout it the conference keeps its home.
-    let lossy = tokio::time::Instant::now() + Duration::from_millis(700);
+    let lossy = tokio::time::Instant::now() + Duration::from_millis(1000);
     while tokio::time::Instant::now() < lossy {
         assert_eq!(
             home().await,
@@ -507,4 +508,57 @@ async fn a_node_whose_agent_never_reached_ari_gets_no_conference() {
     // And the agent's log names the settings to check.
     node.wait_log("check ari.username and ari.password", WAIT)
         .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+}
+
+/// `ari.release_after` tells a silent Asterisk from a busy one: with every ARI connection
+/// the agent may open taken by a call Asterisk is slow to answer, its pings still reach
+/// Asterisk, which answers them, so its conference keeps its home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_after_pings_a_busy_asterisk_past_its_connection_limit() {
+    let s = Single::start(&[
+        ("CONFROUTE_ARI__RELEASE_AFTER", "1s"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "30s"),
+        ("CONFROUTE_ARI__MAX_CONNECTIONS", "1"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    // The caller's answer stays unanswered: the agent's one connection is taken.
+    s.sim.hold_operation("answer");
+    dial(&s.sim, "busy-room", &[]).await;
+    wait_for_async("the answer held", WAIT, || async {
+        (s.sim.held_requests("answer") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let store = fixtures::store(&s.cfg);
+    let name = confroute_shared::name::ConferenceName::parse("busy-room").expect("name");
+    let before = store
+        .lookup(&name)
+        .await
+        .expect("lookup")
+        .expect("claimed")
+        .owner;
+
+    s.sim.lose_operation("eventWebsocket");
+    s.sim.drop_websockets();
+    let pings = || {
+        s.sim
+            .request_log()
+            .iter()
+            .filter(|r| r.operation.as_deref() == Some("ping") && r.status == 200)
+            .count()
+    };
+    // Past release_after, pings for more than a node lease (heartbeats of 200 ms).
+    wait_for_async("eight pings answered", WAIT, || async {
+        (pings() >= 8).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(
+        store.lookup(&name).await.expect("lookup").map(|r| r.owner),
+        Some(before),
+        "kept while Asterisk answers:\n{}",
+        s.node.output()
+    );
+    s.sim.release_operation("answer");
 }
