@@ -37,7 +37,10 @@ pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
 /// connection that has not sent a whole request head within `header_timeout` of starting
 /// one, or of its previous answer, is closed; so is one whose client has read nothing of an
 /// answer for `header_timeout`. With `max_connections` open (upgraded ones no longer count),
-/// further connections are closed as they are accepted.
+/// a new connection asks the oldest to close once idle (at once when it is between
+/// requests) and takes its place; one that finds no place within a second is closed. New
+/// connections, the probes' among them, so get through however many idle ones a client
+/// holds open.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
@@ -48,7 +51,8 @@ pub async fn serve(
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(
         max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
     ));
-    let mut refused: u64 = 0;
+    let open = std::sync::Arc::new(std::sync::Mutex::new(Open::default()));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     // Each connection holds a sender; when the last is dropped, every connection is done.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -64,24 +68,37 @@ pub async fn serve(
             },
             _ = &mut stop => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Closed at once: a client may retry elsewhere, and the descriptors stay free.
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(
-                    max_connections,
-                    refused,
-                    "http.max_connections reached: closing new HTTP connections"
-                );
+        if slots.available_permits() == 0 {
+            if let Some(oldest) = open.lock().unwrap_or_else(|p| p.into_inner()).pop_oldest() {
+                oldest.notify_one();
             }
-            drop(stream);
-            continue;
-        };
+        }
         let _ = stream.set_nodelay(true);
         let service = app.clone();
+        // Set once the connection is upgraded: the WebSocket's own deadlines watch it then.
+        let upgraded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let io = Unread::new(stream, header_timeout, upgraded.clone());
         let mut drain = drain_rx.clone();
         let done = done_tx.clone();
+        let slots = slots.clone();
+        let open = open.clone();
+        let refused = refused.clone();
         tokio::spawn(async move {
+            let slot = match tokio::time::timeout(EVICTION_WAIT, slots.acquire_owned()).await {
+                Ok(Ok(slot)) => slot,
+                _ => {
+                    let n = refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            max_connections,
+                            refused = n,
+                            "http.max_connections reached and no connection idle: closing new HTTP connections"
+                        );
+                    }
+                    return;
+                }
+            };
+            let (id, close) = open.lock().unwrap_or_else(|p| p.into_inner()).add();
             let service = hyper::service::service_fn(move |r: Request<Incoming>| {
                 let until = tokio::time::Instant::now() + header_timeout;
                 let body = r.map(|inner| {
@@ -92,12 +109,22 @@ pub async fn serve(
                     })
                 });
                 // A Router is always ready: no poll_ready needed before `call`.
-                service.clone().call(body)
+                let answer = service.clone().call(body);
+                let upgraded = upgraded.clone();
+                async move {
+                    let answer = answer.await;
+                    if let Ok(r) = &answer {
+                        if r.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+                            upgraded.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    answer
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(Unread::new(stream, header_timeout)), service)
+                .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -110,7 +137,12 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
+                _ = close.notified() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
+            open.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
             drop(done);
             drop(slot);
         });
@@ -165,20 +197,56 @@ impl http_body::Body for Deadline {
     }
 }
 
+/// How long a new connection waits for the place of the oldest one, asked to close, before
+/// it is closed itself (the oldest was in the middle of a request).
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// The connections open now, oldest first, each with what asks it to close once idle.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    by_age: std::collections::BTreeMap<u64, std::sync::Arc<tokio::sync::Notify>>,
+}
+
+impl Open {
+    fn add(&mut self) -> (u64, std::sync::Arc<tokio::sync::Notify>) {
+        self.next += 1;
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
+        self.by_age.insert(self.next, close.clone());
+        (self.next, close)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.by_age.remove(&id);
+    }
+
+    fn pop_oldest(&mut self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.by_age.pop_first().map(|(_, close)| close)
+    }
+}
+
 /// A connection's stream on which a write that makes no progress (the client reads nothing,
 /// its window is full) fails after `limit`, so the connection is closed rather than held.
+/// Not once `upgraded`: a JSON-RPC WebSocket closes a client that reads nothing itself,
+/// with its close code (`rpc.ping_interval`, and its bound on unread answers).
 struct Unread<S> {
     inner: S,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    upgraded: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<S> Unread<S> {
-    fn new(inner: S, limit: Duration) -> Self {
+    fn new(
+        inner: S,
+        limit: Duration,
+        upgraded: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         Unread {
             inner,
             limit,
             stalled: None,
+            upgraded,
         }
     }
 
@@ -189,7 +257,7 @@ impl<S> Unread<S> {
         cx: &mut Context<'_>,
         polled: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        if polled.is_ready() {
+        if polled.is_ready() || self.upgraded.load(std::sync::atomic::Ordering::Relaxed) {
             self.stalled = None;
             return polled;
         }
