@@ -348,6 +348,12 @@ fn ipv6_pods_listen_on_ipv6_and_get_bracketed_node_uris() {
         &json!({"ipFamily": "IPv6"}),
         &["asterisk.trustedCidrs", "IPv6"],
     );
+    refused_at_render(
+        dir.path(),
+        "IPv6 pods with only IPv4-mapped trusted ranges",
+        &json!({"ipFamily": "IPv6", "asterisk": {"trustedCidrs": ["::ffff:10.0.0.0/104"]}}),
+        &["asterisk.trustedCidrs", "IPv6"],
+    );
     let r = render(&values_file(
         dir.path(),
         "ipv6",
