@@ -157,7 +157,8 @@ fn name(raw: &str) -> Result<ConferenceName, ControlError> {
     ConferenceName::parse(raw).map_err(|e| ControlError::InvalidParams(format!("conference: {e}")))
 }
 
-fn participant_id(raw: &str) -> Result<&str, ControlError> {
+/// Checks a participant id: 1-128 bytes of `A-Z a-z 0-9 . _ -`.
+pub(crate) fn participant_id(raw: &str) -> Result<&str, ControlError> {
     let ok = !raw.is_empty()
         && raw.len() <= 128
         && raw

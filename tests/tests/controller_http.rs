@@ -1170,3 +1170,26 @@ async fn the_statuses_of_stray_queries_and_oversized_bodies_are_documented() {
         undocumented.join("\n")
     );
 }
+
+/// A participant id in the path that breaks its rules is what the answer names, whatever
+/// else is wrong with the request (a body the route cannot take).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_participant_id_in_the_path_is_named_before_the_body() {
+    let s = setup(None).await;
+    for (method, path) in documented() {
+        if !path.contains("/participants/{id}") {
+            continue;
+        }
+        let m = Method::from_bytes(method.as_bytes()).expect("method");
+        let concrete = path.replace("{name}", "room").replace("{id}", "bad%20id");
+        let a = call(&s, m, &concrete, Some("[1]"), None).await;
+        assert_error(&a, 422, "invalid_params");
+        assert!(
+            a.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("participant")),
+            "{method} {path}: {}",
+            a.text
+        );
+    }
+}

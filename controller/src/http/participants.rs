@@ -149,8 +149,11 @@ fn checked(name: String) -> Result<String, ApiError> {
 }
 
 impl ParticipantPath {
+    /// The path's names, checked before the query and body: what the path names wrong is
+    /// what the answer says, whatever else is wrong with the request.
     fn checked(self) -> Result<Self, ApiError> {
         conference_name(&self.name)?;
+        crate::control::participant_id(&self.id).map_err(ApiError::from)?;
         Ok(self)
     }
 }
