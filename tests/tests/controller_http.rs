@@ -1041,10 +1041,7 @@ async fn input_a_route_does_not_take_is_refused_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_connection_past_http_max_connections_replaces_the_oldest_idle_one() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let redis = RedisServer::start().expect("redis");
-    let mut env = fixtures::redis_env(&fixtures::single(&redis.url()));
-    env.push(("CONFROUTE_HTTP__MAX_CONNECTIONS".into(), "3".into()));
-    let controller = ControllerProc::start(&env).expect("controller");
+    let (_redis, controller) = controller_with("CONFROUTE_HTTP__MAX_CONNECTIONS", "3");
     let addr = controller.http_url().replace("http://", "");
     let ask = |mut c: tokio::net::TcpStream| async move {
         c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1087,10 +1084,7 @@ async fn a_new_connection_past_http_max_connections_replaces_the_oldest_idle_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_nothing_is_closed_after_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let redis = RedisServer::start().expect("redis");
-    let mut env = fixtures::redis_env(&fixtures::single(&redis.url()));
-    env.push(("CONFROUTE_HTTP__HEADER_TIMEOUT".into(), "1s".into()));
-    let controller = ControllerProc::start(&env).expect("controller");
+    let (_redis, controller) = controller_with("CONFROUTE_HTTP__HEADER_TIMEOUT", "1s");
     let addr: std::net::SocketAddr = controller
         .http_url()
         .replace("http://", "")
@@ -1192,4 +1186,13 @@ async fn a_bad_participant_id_in_the_path_is_named_before_the_body() {
             a.text
         );
     }
+}
+
+/// Redis and a controller started with one setting beside the usual ones.
+fn controller_with(key: &str, value: &str) -> (RedisServer, ControllerProc) {
+    let redis = RedisServer::start().expect("redis");
+    let mut env = fixtures::redis_env(&fixtures::single(&redis.url()));
+    env.push((key.into(), value.into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    (redis, controller)
 }

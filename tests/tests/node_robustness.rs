@@ -317,7 +317,7 @@ async fn a_websocket_closed_right_after_its_handshake_is_retried_with_growing_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
     use confroute_node::ari::ws::{self, EventSink, Timing};
-    use confroute_node::ari::{AriClient, Event};
+    use confroute_node::ari::Event;
     use futures_util::future::BoxFuture;
     use tokio::sync::{oneshot, watch};
 
@@ -341,19 +341,9 @@ async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
         }
     }
 
-    // reqwest is built without a default TLS provider; the agent installs this one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let sim = node_common::sim().await;
     let metrics = confroute_node::metrics::Metrics::new().expect("metrics");
-    let client = AriClient::new(
-        &sim.base_url(),
-        sim.username(),
-        confroute_shared::secret::Secret::new(sim.password()),
-        Duration::from_secs(5),
-        50,
-        metrics.clone(),
-    )
-    .expect("client");
+    let client = sim_client(&sim, 50, &metrics);
     let (ready_tx, ready_rx) = oneshot::channel();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let sink = Arc::new(Sink {
@@ -417,19 +407,9 @@ async fn no_event_reaches_the_sink_before_it_is_ready_for_the_connection() {
 /// the write check tells a refusing Asterisk from one that lets writes through again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_stands_against_a_write_sent_before_it() {
-    use confroute_node::ari::AriClient;
     let sim = node_common::sim().await;
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = confroute_node::metrics::Metrics::new().expect("metrics");
-    let client = AriClient::new(
-        &sim.base_url(),
-        sim.username(),
-        confroute_shared::secret::Secret::new(sim.password()),
-        Duration::from_secs(5),
-        10,
-        metrics,
-    )
-    .expect("client");
+    let client = sim_client(&sim, 10, &metrics);
     assert!(client.check_writes().await.expect("answered"), "writable");
     // A write in flight (held past Asterisk's user checks), then a reload to read-only and
     // a refused write.
@@ -462,4 +442,23 @@ async fn a_refusal_stands_against_a_write_sent_before_it() {
     sim.set_read_only(false);
     assert!(client.check_writes().await.expect("answered"));
     assert!(!client.writes_refused());
+}
+
+/// The agent's ARI client for `sim`, with at most `connections` requests at once.
+fn sim_client(
+    sim: &confroute_tests::ari_sim::AriSim,
+    connections: usize,
+    metrics: &confroute_node::metrics::Metrics,
+) -> confroute_node::ari::AriClient {
+    // reqwest is built without a default TLS provider; the agent installs this one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    confroute_node::ari::AriClient::new(
+        &sim.base_url(),
+        sim.username(),
+        confroute_shared::secret::Secret::new(sim.password()),
+        Duration::from_secs(5),
+        connections,
+        metrics.clone(),
+    )
+    .expect("client")
 }
