@@ -291,10 +291,16 @@ async fn asterisk_gone(node: &Arc<Node>) -> bool {
         let node = node.clone();
         tokio::spawn(async move {
             let sent = Instant::now();
+            let connection = node.connection();
             let answered = match node.ari.ping().await {
                 Ok(()) => true,
                 Err(e) => e.status.is_some(),
             };
+            // A ping that outlived the outage it was sent in says nothing of the next one.
+            if node.connection() != connection || !node.ari_given_up() {
+                node.rest_ping_running.store(false, Ordering::SeqCst);
+                return;
+            }
             {
                 let mut silent_since = crate::node::lock(&node.rest_silent_since);
                 if answered {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
@@ -1079,9 +1079,14 @@ impl EventSink for Sink {
         let node = self.0.clone();
         let (ready, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let within = crate::heartbeat::lease(&node);
+        // The events WebSocket waits for `ready` at most max(ari.request_timeout, 1 s) before
+        // it reads on (Asterisk drops a subscriber that reads nothing for long): the check
+        // takes half of that, the heartbeat the rest. One not done by then is the
+        // heartbeat's to finish.
+        let check_within = node.cfg.ari.request_timeout.max(Duration::from_secs(1)) / 2;
         tokio::spawn(async move {
             let _ = tokio::time::timeout(within, async {
-                node.check_writes().await;
+                let _ = tokio::time::timeout(check_within, node.check_writes()).await;
                 let wanted = node.beats_started.load(Ordering::SeqCst) + 1;
                 let mut done = node.beats_done.subscribe();
                 node.ari_changed.notify_one();

@@ -7,8 +7,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use std::time::Instant;
 
 use axum::extract::Request;
 use hyper::body::Incoming;
@@ -37,10 +40,10 @@ pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
 /// connection that has not sent a whole request head within `header_timeout` of starting
 /// one, or of its previous answer, is closed; so is one whose client has read nothing of an
 /// answer for `header_timeout`. With `max_connections` open (upgraded ones no longer count),
-/// a new connection asks the oldest to close once idle (at once when it is between
-/// requests) and takes its place; one that finds no place within a second is closed. New
-/// connections, the probes' among them, so get through however many idle ones a client
-/// holds open.
+/// a new connection asks the least recently active one not in a request to close (at once
+/// between requests; one reading a request head gets a second) and takes its place; with
+/// none such, or 64 new ones waiting already, it is closed. New connections, the probes'
+/// among them, so get through however many idle ones a client holds open.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
@@ -48,11 +51,7 @@ pub async fn serve(
     max_connections: usize,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(
-        max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
-    ));
-    let open = std::sync::Arc::new(std::sync::Mutex::new(Open::default()));
-    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let capacity = Arc::new(Capacity::new(max_connections));
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     // Each connection holds a sender; when the last is dropped, every connection is done.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -68,37 +67,25 @@ pub async fn serve(
             },
             _ = &mut stop => break,
         };
-        if slots.available_permits() == 0 {
-            if let Some(oldest) = open.lock().unwrap_or_else(|p| p.into_inner()).pop_oldest() {
-                oldest.notify_one();
-            }
+        let admission = capacity.admit();
+        if matches!(admission, Admission::Refused) {
+            // Closed at once: the descriptors stay free.
+            continue;
         }
         let _ = stream.set_nodelay(true);
         let service = app.clone();
         // Set once the connection is upgraded: the WebSocket's own deadlines watch it then.
-        let upgraded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upgraded = Arc::new(AtomicBool::new(false));
         let io = Unread::new(stream, header_timeout, upgraded.clone());
         let mut drain = drain_rx.clone();
         let done = done_tx.clone();
-        let slots = slots.clone();
-        let open = open.clone();
-        let refused = refused.clone();
+        let capacity = capacity.clone();
         tokio::spawn(async move {
-            let slot = match tokio::time::timeout(EVICTION_WAIT, slots.acquire_owned()).await {
-                Ok(Ok(slot)) => slot,
-                _ => {
-                    let n = refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if n.is_power_of_two() {
-                        tracing::warn!(
-                            max_connections,
-                            refused = n,
-                            "http.max_connections reached and no connection idle: closing new HTTP connections"
-                        );
-                    }
-                    return;
-                }
+            let Some(slot) = capacity.slot(admission).await else {
+                return;
             };
-            let (id, close) = open.lock().unwrap_or_else(|p| p.into_inner()).add();
+            let registered = capacity.register();
+            let conn_state = registered.conn.clone();
             let service = hyper::service::service_fn(move |r: Request<Incoming>| {
                 let until = tokio::time::Instant::now() + header_timeout;
                 let body = r.map(|inner| {
@@ -108,14 +95,17 @@ pub async fn serve(
                         sleep: None,
                     })
                 });
+                conn_state.begin();
                 // A Router is always ready: no poll_ready needed before `call`.
                 let answer = service.clone().call(body);
                 let upgraded = upgraded.clone();
+                let conn_state = conn_state.clone();
                 async move {
                     let answer = answer.await;
+                    conn_state.end();
                     if let Ok(r) = &answer {
                         if r.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
-                            upgraded.store(true, std::sync::atomic::Ordering::SeqCst);
+                            upgraded.store(true, Ordering::SeqCst);
                         }
                     }
                     answer
@@ -137,12 +127,14 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
-                _ = close.notified() => {
+                _ = registered.conn.close.notified() => {
+                    // Asked to make room: closed at once when between requests; one in the
+                    // middle of a request head or answer gets a moment, then goes anyway.
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    let _ = tokio::time::timeout(EVICTION_GRACE, conn).await;
                 }
             }
-            open.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            drop(registered);
             drop(done);
             drop(slot);
         });
@@ -151,6 +143,191 @@ pub async fn serve(
     let _ = drain_tx.send(true);
     drop(done_tx);
     let _ = done_rx.recv().await;
+}
+
+/// How long a connection asked to close for a new one may take to finish what it is in.
+const EVICTION_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a new connection waits for the place of the one asked to close.
+const EVICTION_WAIT: Duration = Duration::from_secs(2);
+
+/// New connections waiting at once for a place (the rest are closed as they come).
+const MAX_WAITING: usize = 64;
+
+/// The connections a server holds, within `http.max_connections`.
+struct Capacity {
+    slots: Arc<tokio::sync::Semaphore>,
+    /// New connections waiting for the place of one asked to close.
+    waiting: Arc<tokio::sync::Semaphore>,
+    open: Mutex<Open>,
+    refused: AtomicU64,
+    max: usize,
+}
+
+/// What a new connection gets: a place, the promise of one, or nothing.
+enum Admission {
+    Now(tokio::sync::OwnedSemaphorePermit),
+    /// A connection was asked to close for this one, which holds a waiter's place.
+    After(tokio::sync::OwnedSemaphorePermit),
+    Refused,
+}
+
+impl Capacity {
+    fn new(max: usize) -> Self {
+        Capacity {
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            waiting: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING)),
+            open: Mutex::new(Open::default()),
+            refused: AtomicU64::new(0),
+            max,
+        }
+    }
+
+    /// A place for a new connection, or the least recently active idle connection asked to
+    /// close for it (one per waiter), or a refusal.
+    fn admit(&self) -> Admission {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Admission::Now(slot);
+        }
+        let Ok(waiter) = self.waiting.clone().try_acquire_owned() else {
+            self.refuse();
+            return Admission::Refused;
+        };
+        let evicted = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_least_recently_active_idle();
+        match evicted {
+            Some(conn) => {
+                conn.close.notify_one();
+                Admission::After(waiter)
+            }
+            None => {
+                self.refuse();
+                Admission::Refused
+            }
+        }
+    }
+
+    /// The place the admission stands for, once there is one.
+    async fn slot(&self, admission: Admission) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match admission {
+            Admission::Now(slot) => Some(slot),
+            Admission::After(waiter) => {
+                let got =
+                    tokio::time::timeout(EVICTION_WAIT, self.slots.clone().acquire_owned()).await;
+                drop(waiter);
+                match got {
+                    Ok(Ok(slot)) => Some(slot),
+                    _ => {
+                        self.refuse();
+                        None
+                    }
+                }
+            }
+            Admission::Refused => None,
+        }
+    }
+
+    fn refuse(&self) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                max_connections = self.max,
+                refused = n,
+                "http.max_connections reached, no idle connection to close: closing new HTTP connections"
+            );
+        }
+    }
+
+    /// Records a connection now open; it leaves the record when the returned value drops.
+    fn register(self: &Arc<Self>) -> Registered {
+        let conn = Arc::new(ConnState {
+            close: tokio::sync::Notify::new(),
+            in_request: AtomicUsize::new(0),
+            active: Mutex::new(Instant::now()),
+        });
+        let id = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(conn.clone());
+        Registered {
+            capacity: self.clone(),
+            id,
+            conn,
+        }
+    }
+}
+
+/// One open connection, as the capacity sees it.
+struct ConnState {
+    /// Asks it to close to make room.
+    close: tokio::sync::Notify,
+    in_request: AtomicUsize,
+    /// When a request last began or ended on it (or it opened).
+    active: Mutex<Instant>,
+}
+
+impl ConnState {
+    fn begin(&self) {
+        self.in_request.fetch_add(1, Ordering::SeqCst);
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn end(&self) {
+        self.in_request.fetch_sub(1, Ordering::SeqCst);
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+}
+
+/// A connection's entry in the capacity's record, removed when dropped (a panicking handler
+/// included).
+struct Registered {
+    capacity: Arc<Capacity>,
+    id: u64,
+    conn: Arc<ConnState>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.capacity
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .remove(&self.id);
+    }
+}
+
+/// The connections open now.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    by_id: std::collections::HashMap<u64, Arc<ConnState>>,
+}
+
+impl Open {
+    fn add(&mut self, conn: Arc<ConnState>) -> u64 {
+        self.next += 1;
+        self.by_id.insert(self.next, conn);
+        self.next
+    }
+
+    /// Takes out the connection not in a request whose last request is the longest ago:
+    /// clients that reuse their connections keep them, one held open and idle goes first.
+    fn take_least_recently_active_idle(&mut self) -> Option<Arc<ConnState>> {
+        let id = self
+            .by_id
+            .iter()
+            .filter(|(_, c)| c.in_request.load(Ordering::SeqCst) == 0)
+            .min_by_key(|(_, c)| *c.active.lock().unwrap_or_else(|p| p.into_inner()))
+            .map(|(id, _)| *id)?;
+        self.by_id.remove(&id)
+    }
 }
 
 /// A request body that must arrive by `until` (`http.header_timeout` after its head): one
@@ -197,34 +374,6 @@ impl http_body::Body for Deadline {
     }
 }
 
-/// How long a new connection waits for the place of the oldest one, asked to close, before
-/// it is closed itself (the oldest was in the middle of a request).
-const EVICTION_WAIT: Duration = Duration::from_secs(1);
-
-/// The connections open now, oldest first, each with what asks it to close once idle.
-#[derive(Default)]
-struct Open {
-    next: u64,
-    by_age: std::collections::BTreeMap<u64, std::sync::Arc<tokio::sync::Notify>>,
-}
-
-impl Open {
-    fn add(&mut self) -> (u64, std::sync::Arc<tokio::sync::Notify>) {
-        self.next += 1;
-        let close = std::sync::Arc::new(tokio::sync::Notify::new());
-        self.by_age.insert(self.next, close.clone());
-        (self.next, close)
-    }
-
-    fn remove(&mut self, id: u64) {
-        self.by_age.remove(&id);
-    }
-
-    fn pop_oldest(&mut self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
-        self.by_age.pop_first().map(|(_, close)| close)
-    }
-}
-
 /// A connection's stream on which a write that makes no progress (the client reads nothing,
 /// its window is full) fails after `limit`, so the connection is closed rather than held.
 /// Not once `upgraded`: a JSON-RPC WebSocket closes a client that reads nothing itself,
@@ -233,15 +382,11 @@ struct Unread<S> {
     inner: S,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-    upgraded: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    upgraded: Arc<AtomicBool>,
 }
 
 impl<S> Unread<S> {
-    fn new(
-        inner: S,
-        limit: Duration,
-        upgraded: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ) -> Self {
+    fn new(inner: S, limit: Duration, upgraded: Arc<AtomicBool>) -> Self {
         Unread {
             inner,
             limit,
@@ -257,7 +402,7 @@ impl<S> Unread<S> {
         cx: &mut Context<'_>,
         polled: Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        if polled.is_ready() || self.upgraded.load(std::sync::atomic::Ordering::Relaxed) {
+        if polled.is_ready() || self.upgraded.load(Ordering::Relaxed) {
             self.stalled = None;
             return polled;
         }

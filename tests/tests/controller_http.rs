@@ -1036,10 +1036,12 @@ async fn input_a_route_does_not_take_is_refused_and_changes_nothing() {
 }
 
 /// `http.max_connections`: with that many connections open, a new one takes the place of
-/// the oldest, closed since it sits idle between requests: a client holding idle
-/// connections cannot keep out the next (a probe's, say).
+/// the one whose last request is the longest ago, closed since it sits idle between
+/// requests: a client holding idle connections cannot keep out the next (a probe's, say),
+/// and a client that uses its connection keeps it. So does a connection halfway through a
+/// request head, for a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_connection_past_http_max_connections_replaces_the_oldest_idle_one() {
+async fn a_new_connection_past_http_max_connections_replaces_the_least_recently_used() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_redis, controller) = controller_with("CONFROUTE_HTTP__MAX_CONNECTIONS", "3");
     let addr = controller.http_url().replace("http://", "");
@@ -1055,7 +1057,15 @@ async fn a_new_connection_past_http_max_connections_replaces_the_oldest_idle_one
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
         c
     };
-    // Opened one after the other, each answered once, so the server holds all three.
+    let closed = |mut c: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("closed, not left open")
+            .unwrap_or(0)
+            == 0
+    };
+    // Opened one after the other, each answered once; then the first used again.
     let mut held = Vec::new();
     for _ in 0..3 {
         let c = tokio::net::TcpStream::connect(&addr)
@@ -1063,19 +1073,30 @@ async fn a_new_connection_past_http_max_connections_replaces_the_oldest_idle_one
             .expect("connect");
         held.push(ask(c).await);
     }
-    let fourth = tokio::net::TcpStream::connect(&addr)
+    let first = ask(held.remove(0)).await;
+    let (second, third) = (held.remove(0), held.remove(0));
+    let fourth = ask(tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect"))
+    .await;
+    assert!(closed(second).await, "{}", controller.output());
+    let first = ask(first).await;
+    drop(third);
+
+    // A connection that never finishes its request head goes too, after its second.
+    let mut slow = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
-    let _fourth = ask(fourth).await;
-    // The oldest was closed for it; the others are still open.
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), held[0].read(&mut buf))
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHo")
         .await
-        .expect("the oldest closed, not left open")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "{}", controller.output());
-    let second = held.remove(1);
-    ask(second).await;
+        .expect("write");
+    let _first = ask(first).await;
+    let _fourth = ask(fourth).await;
+    let _fifth = ask(tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect"))
+    .await;
+    assert!(closed(slow).await, "{}", controller.output());
 }
 
 /// A client that asks for answers and reads none of them holds its connection no longer

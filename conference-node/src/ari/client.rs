@@ -202,9 +202,10 @@ impl AriClient {
         let started = Instant::now();
         match self.call("writeCheck", Method::Delete, &path, &[]).await {
             Err(e) if e.kind == AriErrorKind::Unauthorized => Ok(false),
-            // Any other answer got past res_ari.c's user checks, which come before routing.
+            // Any other answer of Asterisk's got past res_ari.c's user checks, which come
+            // before routing; a 5xx may be a proxy's, or Asterisk still booting: no answer.
             Ok(_) => Ok(self.allowed(started)),
-            Err(e) if e.status.is_some() => Ok(self.allowed(started)),
+            Err(e) if e.status.is_some_and(|s| s < 500) => Ok(self.allowed(started)),
             Err(e) => Err(e),
         }
     }

@@ -92,7 +92,7 @@ impl<'a> Reply<'a> {
 
 /// What Lua's `tonumber(s) or 0` makes of `s`, as a count (see [`Reply::u64_lenient`]).
 fn lua_count(s: &str) -> u64 {
-    let t = s.trim();
+    let t = s.trim_ascii();
     if let Ok(n) = t.parse::<u64>() {
         return n;
     }
@@ -100,8 +100,8 @@ fn lua_count(s: &str) -> u64 {
         return u64::from_str_radix(hex, 16).unwrap_or(0);
     }
     match t.parse::<f64>() {
-        // `as` saturates at u64::MAX for a value past it.
-        Ok(f) if f.is_finite() && f > 0.0 => f.floor() as u64,
+        // `as` saturates at u64::MAX for a value past it, infinity included.
+        Ok(f) if f > 0.0 => f.floor() as u64,
         _ => 0,
     }
 }
@@ -284,6 +284,9 @@ mod tests {
             ("not-a-number", 0),
             ("", 0),
             ("nan", 0),
+            ("inf", u64::MAX),
+            ("1e400", u64::MAX),
+            ("\u{a0}7", 0),
         ] {
             assert_eq!(lua_count(text), n, "{text:?}");
         }
