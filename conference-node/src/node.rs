@@ -1073,7 +1073,7 @@ impl EventSink for Sink {
         *lock(&self.0.rest_silent_since) = None;
         // First the write check, then a heartbeat that started after it, which tells Redis
         // whether the node can admit; then the connection's events are handled and the
-        // reconciliation runs: a caller either joins may need the node to claim the
+        // reconciliation runs: a caller joined by either may need the node to claim the
         // conference, which claim.lua refuses while the record says ARI is down. Held at
         // most a lease.
         let node = self.0.clone();
