@@ -309,6 +309,60 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
             && err.contains("no such thing"),
         "{err}"
     );
+    // One that answers 200 to anything did nothing asked of it.
+    let yes = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let yes_url = format!("http://{}", yes.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = yes.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\n<html></html>")
+                .await;
+        }
+    });
+    for args in [
+        &["conferences", "end", "sales-4"][..],
+        &["nodes", "drain", "node-a"][..],
+    ] {
+        let (code, out, err) = ctl_code(&yes_url, Some(TOKEN), args);
+        assert_eq!(code, Some(1), "{args:?}: {out}{err}");
+        assert!(
+            err.contains("does not answer like a confroute controller"),
+            "{err}"
+        );
+    }
+    // The controller's own 404 for a route it does not have (a --url with a path) is no
+    // missing node.
+    let (code, _, err) = ctl_code(&format!("{url}/v1"), Some(TOKEN), &["nodes", "list"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("route_not_found"), "{err}");
+}
+
+/// A node's refusal is no token problem (exit 1, not 4), over REST and over the WebSocket,
+/// and no room for a conference is a refusal too (exit 1, not 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_exit_statuses_tell_refusals_from_token_and_outage() {
+    let (_s, controller) =
+        dialout_cluster_with(&[("CONFROUTE_DIALOUT__ENDPOINT", "PJSIP/{number}@trunk")]).await;
+    let url = controller.http_url();
+    for wait in [false, true] {
+        let mut args = vec!["dialout", "sip-room", "sip:alice@example.com"];
+        if wait {
+            args.push("--wait");
+        }
+        let (code, _, err) = ctl_async_code(&url, &args).await;
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains("forbidden"), "{args:?}: {err}");
+    }
+    let (ok, _, err) = ctl_async(&url, &["nodes", "drain", "node-a"]).await;
+    assert!(ok, "{err}");
+    let (code, _, err) = ctl_async_code(&url, &["route", "no-room-left"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no_capacity"), "{err}");
 }
 
 /// Runs `confroute-ctl` off the async runtime (the simulated Asterisk lives on it).
@@ -331,7 +385,12 @@ async fn ctl_async_code(url: &str, args: &[&str]) -> (Option<i32>, String, Strin
 
 /// One agent beside a simulated Asterisk that can dial out, and a controller that sees it.
 async fn dialout_cluster() -> (Single, ControllerProc) {
-    let mut s = Single::start(DIALOUT_ENV).await;
+    dialout_cluster_with(DIALOUT_ENV).await
+}
+
+/// [`dialout_cluster`] with the agent's dial-out settings `env`.
+async fn dialout_cluster_with(env: &[(&str, &str)]) -> (Single, ControllerProc) {
+    let mut s = Single::start(env).await;
     s.node
         .wait_log("command bus subscribed", WAIT)
         .expect("the node hears commands");

@@ -258,12 +258,19 @@ fn unavailable(message: impl Into<String>) -> Failure {
     Failure(message.into(), Exit::Unavailable)
 }
 
-/// The exit status for the controller's refusal with `status`.
-fn http_exit(status: reqwest::StatusCode) -> Exit {
-    match status.as_u16() {
-        401 | 403 => Exit::Denied,
-        404 => Exit::NotFound,
-        502..=504 => Exit::Unavailable,
+/// The exit status for the controller's refusal with `status` and error `code` (none for a
+/// WebSocket handshake, whose body is not read). Only the token makes 4 and only a missing
+/// node, conference or participant 3: a node's `forbidden` (403) and a route the
+/// controller does not have (`route_not_found`, a wrong `--url` path) are refusals, and so
+/// is `no_capacity`, a definite answer with nothing done.
+fn http_exit(status: reqwest::StatusCode, code: Option<&str>) -> Exit {
+    match (status.as_u16(), code) {
+        (_, Some("unauthorized")) | (401, _) => Exit::Denied,
+        (_, Some("node_not_found" | "conference_not_found" | "participant_not_found")) => {
+            Exit::NotFound
+        }
+        (_, Some("no_capacity" | "too_many_connections")) => Exit::Failed,
+        (502..=504, _) => Exit::Unavailable,
         _ => Exit::Failed,
     }
 }
@@ -384,19 +391,22 @@ impl Api {
             }
         })?;
         let status = resp.status();
+        // Cut off halfway, the answer leaves the outcome unknown.
         let text = resp
             .text()
             .await
-            .map_err(|e| failed(format!("reading the answer: {e}")))?;
+            .map_err(|e| unavailable(format!("reading the answer: {e}")))?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if status.is_success() {
+        // A controller answers with a JSON object; a server that answers 200 to anything
+        // (a wrong --url) did nothing that was asked.
+        if status.is_success() && v.is_object() {
             Ok(v)
         } else if let (Some(code), Some(msg)) =
             (v["error"]["code"].as_str(), v["error"]["message"].as_str())
         {
             Err(Failure(
                 format!("{status}: {code}: {msg}"),
-                http_exit(status),
+                http_exit(status, Some(code)),
             ))
         } else {
             // Not a controller's error body: some other server (a wrong --url, a proxy).
@@ -449,7 +459,7 @@ impl Api {
             .map_err(|e| match e {
                 WsError::Http(resp) => Failure(
                     format!("cannot open the WebSocket: {}", resp.status()),
-                    http_exit(resp.status()),
+                    http_exit(resp.status(), None),
                 ),
                 other => unavailable(format!("cannot open the WebSocket: {other}")),
             })?;
@@ -896,9 +906,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
                     Ok(Some(msg)) => msg,
                     Ok(None) => break,
+                    // The node may have died mid-ring, or the call may still connect.
                     Err(_) => {
-                        return Err(failed(format!(
-                            "no final status within {:?} (the ring time and {DIALOUT_MARGIN:?})",
+                        return Err(unavailable(format!(
+                            "no final status within {:?} (the ring time and {DIALOUT_MARGIN:?}): outcome unknown",
                             ring + DIALOUT_MARGIN
                         )))
                     }
