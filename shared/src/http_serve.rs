@@ -81,10 +81,9 @@ pub async fn serve(
         let done = done_tx.clone();
         let capacity = capacity.clone();
         tokio::spawn(async move {
-            let Some(slot) = capacity.slot(admission).await else {
+            let Some((slot, registered)) = capacity.slot(admission).await else {
                 return;
             };
-            let registered = capacity.register();
             let conn_state = registered.conn.clone();
             let service = hyper::service::service_fn(move |r: Request<Incoming>| {
                 let until = tokio::time::Instant::now() + header_timeout;
@@ -164,9 +163,10 @@ struct Capacity {
     max: usize,
 }
 
-/// What a new connection gets: a place, the promise of one, or nothing.
+/// What a new connection gets: a place (recorded at once, so the next connection can ask it
+/// to close), the promise of one, or nothing.
 enum Admission {
-    Now(tokio::sync::OwnedSemaphorePermit),
+    Now(tokio::sync::OwnedSemaphorePermit, Registered),
     /// A connection was asked to close for this one, which holds a waiter's place.
     After(tokio::sync::OwnedSemaphorePermit),
     Refused,
@@ -187,9 +187,9 @@ impl Capacity {
 
     /// A place for a new connection, or the least recently active idle connection asked to
     /// close for it (one per waiter), or a refusal.
-    fn admit(&self) -> Admission {
+    fn admit(self: &Arc<Self>) -> Admission {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            return Admission::Now(slot);
+            return Admission::Now(slot, self.register());
         }
         let Ok(waiter) = self.waiting.clone().try_acquire_owned() else {
             self.refuse();
@@ -212,16 +212,19 @@ impl Capacity {
         }
     }
 
-    /// The place the admission stands for, once there is one.
-    async fn slot(&self, admission: Admission) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// The place the admission stands for, once there is one, and its record.
+    async fn slot(
+        self: &Arc<Self>,
+        admission: Admission,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, Registered)> {
         match admission {
-            Admission::Now(slot) => Some(slot),
+            Admission::Now(slot, registered) => Some((slot, registered)),
             Admission::After(waiter) => {
                 let got =
                     tokio::time::timeout(EVICTION_WAIT, self.slots.clone().acquire_owned()).await;
                 drop(waiter);
                 match got {
-                    Ok(Ok(slot)) => Some(slot),
+                    Ok(Ok(slot)) => Some((slot, self.register())),
                     _ => {
                         self.refuse();
                         None
