@@ -287,20 +287,10 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
     );
 
     // Some other HTTP server at --url: said so, with what it answered.
-    let other = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let other_url = format!("http://{}", other.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut conn, _)) = other.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf).await;
-            let _ = conn
-                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 13\r\nConnection: close\r\n\r\nno such thing")
-                .await;
-        }
-    });
+    let other_url = stranger(
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 13\r\nConnection: close\r\n\r\nno such thing",
+    )
+    .await;
     let (code, _, err) = ctl_code(&other_url, Some(TOKEN), &["nodes", "list"]);
     assert_eq!(code, Some(1), "a stranger's 404 is no missing node: {err}");
     assert!(
@@ -310,20 +300,10 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         "{err}"
     );
     // One that answers 200 to anything did nothing asked of it.
-    let yes = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let yes_url = format!("http://{}", yes.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut conn, _)) = yes.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = conn.read(&mut buf).await;
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\n<html></html>")
-                .await;
-        }
-    });
+    let yes_url = stranger(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\n<html></html>",
+    )
+    .await;
     for args in [
         &["conferences", "end", "sales-4"][..],
         &["nodes", "drain", "node-a"][..],
@@ -363,6 +343,23 @@ async fn ctl_exit_statuses_tell_refusals_from_token_and_outage() {
     let (code, _, err) = ctl_async_code(&url, &["route", "no-room-left"]).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("no_capacity"), "{err}");
+}
+
+/// Another HTTP server on a free port, answering every request with `answer`; its URL.
+async fn stranger(answer: &'static [u8]) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn.write_all(answer).await;
+        }
+    });
+    url
 }
 
 /// Runs `confroute-ctl` off the async runtime (the simulated Asterisk lives on it).
