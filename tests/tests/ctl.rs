@@ -169,6 +169,36 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         out.contains("weekly-sync") && !out.contains("+1555555010"),
         "{out}"
     );
+    // --all follows the pages to the end: every conference once, no paging hint.
+    let (ok, out, err) = ctl(
+        &url,
+        Some(TOKEN),
+        &["conferences", "list", "--limit", "1", "--all"],
+    );
+    assert!(ok, "{err}");
+    for name in ["+15555550101", "+15555550102", "weekly-sync"] {
+        assert_eq!(out.matches(name).count(), 1, "{name} once: {out}");
+    }
+    assert_eq!(out.lines().count(), 4, "a header and three rows: {out}");
+    assert!(!err.contains("more:"), "{err}");
+    let (ok, out, err) = ctl(
+        &url,
+        Some(TOKEN),
+        &["--json", "conferences", "list", "--limit", "2", "--all"],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(3), "{out}");
+    assert!(v["next"].is_null(), "{out}");
+    // A page size the API refuses is a command-line mistake, caught before any request.
+    for limit in ["0", "1001"] {
+        let (code, _, err) = ctl_code(
+            &url,
+            Some(TOKEN),
+            &["conferences", "list", "--limit", limit],
+        );
+        assert_eq!(code, Some(2), "--limit {limit}: {err}");
+    }
 
     let (ok, out, err) = ctl(&url, Some(TOKEN), &["nodes", "undrain", "node-a"]);
     assert!(ok, "{err}");
@@ -503,6 +533,45 @@ async fn ctl_dials_out_and_follows_the_call() {
     );
     assert!(err.contains("rejected"), "{err}");
 
+    // Options go along: the callee joins muted.
+    let (ok, out, err) = ctl_async(
+        &url,
+        &[
+            "dialout",
+            "ctl-room",
+            "+15555550103",
+            "--option",
+            "muted=true",
+            "-o",
+            "beep=false",
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let muted = out
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("callid "))
+        .expect("callid line");
+    let snap = s.sim.snapshot();
+    let callee = snap.channel(muted).expect("the muted callee");
+    // The caller has moved out and the callee before was kicked: this is a new life of the
+    // conference, with a bridge of its own.
+    assert!(
+        callee
+            .bridge
+            .as_deref()
+            .is_some_and(|b| b.ends_with("-ctl-room")),
+        "in the conference: {out}"
+    );
+    assert!(callee.muted_in || callee.bridge_mute, "joined muted");
+    assert_eq!(
+        callee.variables.get("CONFROUTE_MUTED").map(String::as_str),
+        Some("true"),
+        "the option rides on the callee's channel"
+    );
+
     // Without --wait: the call id at once.
     let (ok, out, err) = ctl_async(&url, &["dialout", "ctl-room", "sip:bob@example.com"]).await;
     assert!(ok, "{err}");
@@ -524,6 +593,34 @@ async fn ctl_dials_out_and_follows_the_call() {
     assert_eq!(code, Some(1), "{err}");
     // Named as the REST commands name theirs, with the JSON-RPC number beside it.
     assert!(err.contains("invalid_number (-32004): "), "{err}");
+    assert_eq!(originates(), before);
+    // An option the controller does not know is named; one without a value, or given twice,
+    // or a ring time out of range, is a command-line mistake (2) that sends nothing.
+    let (code, _, err) = ctl_async_code(
+        &url,
+        &["dialout", "ctl-room", "+15555550104", "-o", "loud=true"],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("loud"), "{err}");
+    for args in [
+        vec!["dialout", "ctl-room", "+15555550104", "-o", "muted"],
+        vec!["dialout", "ctl-room", "+15555550104", "-o", "=true"],
+        vec![
+            "dialout",
+            "ctl-room",
+            "+15555550104",
+            "-o",
+            "muted=true",
+            "-o",
+            "muted=false",
+        ],
+        vec!["dialout", "ctl-room", "+15555550104", "--timeout", "0"],
+        vec!["dialout", "ctl-room", "+15555550104", "--timeout", "601"],
+    ] {
+        let (code, _, err) = ctl_async_code(&url, &args).await;
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+    }
     assert_eq!(originates(), before);
     // One nobody can find exits 3, as a missing node or conference does.
     let (code, _, err) =

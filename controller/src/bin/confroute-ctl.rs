@@ -100,9 +100,13 @@ enum Cmd {
         /// Caller id to present.
         #[arg(long)]
         from: Option<String>,
-        /// Seconds to ring.
-        #[arg(long)]
+        /// Seconds to ring (1-600; the controller's default is 30).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
         timeout: Option<u64>,
+        /// A participant option, `NAME=VALUE` (repeatable): `muted=true`, `beep=false`,
+        /// `endConferenceOnExit=true`, `profile=sales`; docs/call-control.md lists them.
+        #[arg(long = "option", short = 'o', value_name = "NAME=VALUE", value_parser = option_pair)]
+        options: Vec<(String, String)>,
         /// Follow the call's status until it connects or fails.
         #[arg(long)]
         wait: bool,
@@ -147,9 +151,12 @@ enum ConfCmd {
         /// Start after this name.
         #[arg(long)]
         after: Option<String>,
-        /// Page size.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        /// Page size (1-1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+        /// Follow the pages to the end and print every conference.
+        #[arg(long)]
+        all: bool,
     },
     /// Show a conference and its owner.
     Get {
@@ -223,6 +230,14 @@ enum PartCmd {
         /// Target conference.
         to: String,
     },
+}
+
+/// One `--option NAME=VALUE`; the controller checks the name and the value.
+fn option_pair(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("`{arg}` is not NAME=VALUE")),
+    }
 }
 
 /// A failed command: its message, and the exit status that tells a script its kind.
@@ -706,17 +721,46 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         },
         Cmd::Conferences { cmd } => match cmd {
-            ConfCmd::List { after, limit } => {
+            ConfCmd::List {
+                mut after,
+                limit,
+                all,
+            } => {
                 let limit = limit.to_string();
-                let mut query = vec![("limit", limit.as_str())];
-                if let Some(a) = &after {
-                    query.push(("after", a));
+                let mut items = Vec::new();
+                loop {
+                    let mut query = vec![("limit", limit.as_str())];
+                    if let Some(a) = &after {
+                        query.push(("after", a));
+                    }
+                    let mut page = api
+                        .call_with_query(Method::GET, &["v1", "conferences"], &query, None)
+                        .await?;
+                    if !all {
+                        show(&page, print_conferences);
+                        break;
+                    }
+                    if let Some(page_items) = page["items"].as_array_mut() {
+                        items.append(page_items);
+                    }
+                    // The cursor is the last name of the page, so each page starts past the
+                    // one before: a conference created meanwhile shows up once or not at all.
+                    match page["next"].as_str() {
+                        // Names are paged in byte order: a cursor that does not move on
+                        // would fetch the same page for ever.
+                        Some(next) if after.as_deref().is_some_and(|a| next <= a) => {
+                            return Err(failed(format!(
+                                "the controller's next page starts at {next:?}, not past {:?}",
+                                after.unwrap_or_default()
+                            )));
+                        }
+                        Some(next) => after = Some(next.to_string()),
+                        None => {
+                            show(&json!({"items": items, "next": null}), print_conferences);
+                            break;
+                        }
+                    }
                 }
-                show(
-                    &api.call_with_query(Method::GET, &["v1", "conferences"], &query, None)
-                        .await?,
-                    print_conferences,
-                );
             }
             ConfCmd::Get { name } => show(
                 &api.call(Method::GET, &["v1", "conferences", &name], None)
@@ -869,6 +913,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             to,
             from,
             timeout,
+            options,
             wait,
         } => {
             let mut params = json!({"conference": conference, "to": to});
@@ -877,6 +922,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             if let Some(t) = timeout {
                 params["timeout"] = json!(t);
+            }
+            if !options.is_empty() {
+                let mut map = serde_json::Map::new();
+                for (name, value) in options {
+                    if map.contains_key(&name) {
+                        return Err(usage(format!("--option {name} is given twice")));
+                    }
+                    map.insert(name, Value::String(value));
+                }
+                params["options"] = Value::Object(map);
             }
             if !wait {
                 let mut body = params.clone();
