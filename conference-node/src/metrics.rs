@@ -100,6 +100,8 @@ pub struct Metrics {
     pub ari_reconnects: IntCounter,
     /// 1 while the events WebSocket is connected.
     pub ari_connected: IntGauge,
+    /// 1 while Asterisk refuses the agent's requests (401/403) and none went through since.
+    pub ari_writes_refused: IntGauge,
     /// Events received, by kind (`known`, `unknown`, `malformed`).
     pub ari_events: IntCounterVec,
     /// Status callback deliveries by outcome.
@@ -184,6 +186,10 @@ impl Metrics {
         let ari_connected = IntGauge::new(
             "confroute_ari_connected",
             "1 while the ARI events WebSocket is connected.",
+        )?;
+        let ari_writes_refused = IntGauge::new(
+            "confroute_ari_writes_refused",
+            "1 while Asterisk refuses the agent's ARI requests (401 or 403) and none went through since: the node takes no new conference.",
         )?;
         let ari_events = IntCounterVec::new(
             Opts::new(
@@ -270,6 +276,7 @@ impl Metrics {
         registry.register(Box::new(ari_requests.clone()))?;
         registry.register(Box::new(ari_reconnects.clone()))?;
         registry.register(Box::new(ari_connected.clone()))?;
+        registry.register(Box::new(ari_writes_refused.clone()))?;
         registry.register(Box::new(ari_events.clone()))?;
         registry.register(Box::new(webhooks.clone()))?;
         registry.register(Box::new(webhook_retries.clone()))?;
@@ -318,6 +325,7 @@ impl Metrics {
             ari_requests,
             ari_reconnects,
             ari_connected,
+            ari_writes_refused,
             ari_events,
             webhooks,
             webhook_retries,

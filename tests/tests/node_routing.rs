@@ -460,6 +460,18 @@ async fn a_node_whose_asterisk_refuses_its_writes_gets_no_new_conference() {
         let conf = format!("later-{i}");
         assert_ne!(c.route_http(&conf).await, "node-z", "{conf}");
     }
+    // The node's own metrics tell it from a lost Asterisk: connected, but refused.
+    let text = fixtures::scrape(&node.http_url()).await;
+    assert_eq!(
+        fixtures::metric(&text, "confroute_ari_connected"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        fixtures::metric(&text, "confroute_ari_writes_refused"),
+        1.0,
+        "{text}"
+    );
     sim_z.set_read_only(false);
     wait_for_async("node-z placeable once writes go through", WAIT, || async {
         let v = fixtures::try_get_json(&url).await?;
@@ -467,6 +479,11 @@ async fn a_node_whose_asterisk_refuses_its_writes_gets_no_new_conference() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let text = fixtures::scrape(&node.http_url()).await;
+    assert!(
+        text.lines().any(|l| l == "confroute_ari_writes_refused 0"),
+        "{text}"
+    );
 }
 
 /// Invariant 4 from the first moment: an agent that never reached its Asterisk (here a wrong

@@ -191,7 +191,9 @@ impl AriClient {
 
     /// Records a refusal (401 or 403); true when it is the first since writes went through.
     fn refuse(&self) -> bool {
-        self.refusal().replace(Instant::now()).is_none()
+        let mut refused = self.refusal();
+        self.metrics.ari_writes_refused.set(1);
+        refused.replace(Instant::now()).is_none()
     }
 
     /// Whether Asterisk lets this user write, without changing anything: deletes a bridge
@@ -219,6 +221,7 @@ impl AriClient {
             Some(at) if at > started => false,
             Some(_) => {
                 *refused = None;
+                self.metrics.ari_writes_refused.set(0);
                 tracing::info!("Asterisk accepts the agent's ARI writes again");
                 true
             }
