@@ -194,19 +194,25 @@ fn resolve_callee(cfg: &NodeConfig, vars: &BTreeMap<String, String>) -> Result<O
 }
 
 /// The SIP status reported for a dial-out that ended before it connected, from the
-/// Q.850 cause of its channel (docs/call-control.md).
+/// Q.850 cause of its channel (docs/call-control.md). It inverts chan_pjsip's own mapping
+/// of a callee's final answer to a cause (`hangup_sip2cause`), so a 408 from the far end
+/// reads as 408 again, and otherwise follows its `hangup_cause2sip`.
 pub fn sip_code(cause: i64) -> u16 {
     match cause {
-        1 => 404,
-        3 => 604,
+        1..=3 => 404,
         // Called off by this side before an answer: the conference ended or it was kicked.
         16 => 487,
         17 => 486,
-        18..=20 => 480,
+        // chan_pjsip's cause for a 408 or a transaction timeout: nobody answered the INVITE.
+        18 => 408,
+        19 | 20 => 480,
+        // A 603 Decline (or a 403) from the far end; a person turning the call down
+        // sends 603.
         21 => 603,
         22 => 410,
         27 => 502,
         28 => 484,
+        29 => 501,
         34 | 38 | 41 | 42 => 503,
         58 => 488,
         _ => 500,
@@ -591,15 +597,18 @@ mod tests {
     fn q850_to_sip() {
         for (cause, code) in [
             (17, 486),
-            (18, 480),
+            (18, 408),
             (19, 480),
+            (20, 480),
             (21, 603),
+            (29, 501),
             (34, 503),
             (38, 503),
             (41, 503),
             (42, 503),
             (1, 404),
-            (3, 604),
+            (2, 404),
+            (3, 404),
             (16, 487),
             (99, 500),
         ] {
