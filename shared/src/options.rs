@@ -256,7 +256,22 @@ pub fn callback_ok(s: &str) -> Result<String, String> {
                 Ok(t.to_string())
             }
         }
-        _ => Err(format!("`{t}` is not an http(s) URL")),
+        // The value itself stays out: it may carry a password or a token, and these
+        // messages are logged.
+        _ => Err(match t.split_once("://") {
+            Some((scheme, _))
+                if !scheme.is_empty()
+                    && scheme.len() <= 16
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+                    && !scheme.eq_ignore_ascii_case("http")
+                    && !scheme.eq_ignore_ascii_case("https") =>
+            {
+                format!("not an http(s) URL (scheme `{scheme}`)")
+            }
+            _ => "not an http(s) URL with a host".to_string(),
+        }),
     }
 }
 
@@ -394,6 +409,26 @@ mod tests {
 
     /// Status callbacks go to http(s) receivers, never to a cloud metadata service or the
     /// unspecified address; loopback stays allowed for a receiver beside the agent.
+    #[test]
+    fn a_refused_callback_url_is_not_repeated_in_its_error() {
+        for (bad, why) in [
+            (
+                "htps://app:s3cret@host/cb?token=X",
+                "not an http(s) URL (scheme `htps`)",
+            ),
+            (
+                "app:s3cret@host/cb?token=X",
+                "not an http(s) URL with a host",
+            ),
+            (
+                "https://:s3cret@/cb?token=X",
+                "not an http(s) URL with a host",
+            ),
+        ] {
+            assert_eq!(callback_ok(bad), Err(why.to_string()), "{bad}");
+        }
+    }
+
     #[test]
     fn callback_urls_refuse_link_local_and_unspecified_hosts() {
         for bad in [

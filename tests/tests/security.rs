@@ -263,6 +263,13 @@ async fn secrets_never_appear_in_logs() {
         .dial_in(DialIn {
             app: "confroute".into(),
             args: vec!["secret-check".into()],
+            // A mistyped callback with a password in it: refused with a warning that
+            // must not repeat it.
+            variables: [(
+                "CONFROUTE_STATUS_CALLBACK".to_string(),
+                format!("htps://app:{TOKEN}@app.example/cb"),
+            )]
+            .into(),
             ..DialIn::default()
         })
         .await
@@ -364,6 +371,13 @@ async fn secrets_never_appear_in_logs() {
         with_userinfo.output()
     );
 
+    assert!(
+        s.node
+            .output()
+            .contains("not an http(s) URL (scheme `htps`)"),
+        "the refused callback was warned of: {}",
+        s.node.output()
+    );
     let logs = [
         ("controller", s.controller.output()),
         ("node", s.node.output()),
