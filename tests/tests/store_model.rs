@@ -12,7 +12,7 @@ use confroute_shared::store::{
 use confroute_shared::types::{NodeInfo, NodeLoad, NodeState, Owner};
 use confroute_tests::fixtures::{self, id, node};
 use confroute_tests::harness::{
-    redis_query, wait_for_async, RedisCluster, RedisServer, SentinelGroup,
+    redis_query, wait_for_async, DarkPort, RedisCluster, RedisServer, SentinelGroup,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -1253,6 +1253,55 @@ async fn every_operation_behind_sentinel() {
     let group = SentinelGroup::start().expect("sentinel");
     let cfg = fixtures::sentinel(group.master_name(), &group.sentinel_urls());
     exercise_every_operation(&fixtures::store(&cfg)).await;
+}
+
+/// Invariant 5 when a failover took a whole host with it: a first-listed sentinel or
+/// cluster seed whose address drops every packet (each connect to it waits out its whole
+/// timeout) must not keep the store from Redis. Callers that give up early (a SIP request
+/// past `routing.deadline`) must not cancel the connect either: the next caller gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dark_first_sentinel_or_seed_does_not_keep_redis_away() {
+    let dark = DarkPort::start().expect("dark port");
+    let dark_url = format!("redis://{}", dark.addr());
+
+    let group = SentinelGroup::start().expect("sentinel");
+    let mut sentinels = vec![dark_url.clone()];
+    sentinels.extend(group.sentinel_urls());
+    let store = fixtures::store(&fixtures::sentinel(group.master_name(), &sentinels));
+    // Each call waits less than the dark sentinel holds the lookup (redis-rs's 1 s connect
+    // timeout), as requests under a routing deadline do.
+    let mut answered = None;
+    for attempt in 0..8 {
+        if let Ok(r) = tokio::time::timeout(
+            Duration::from_millis(700),
+            store.register(&node("behind-sentinel", 10), LONG),
+        )
+        .await
+        {
+            answered = Some((attempt, r));
+            break;
+        }
+    }
+    let (attempt, result) = answered.expect("no call got through: each cancelled the connect");
+    result.expect("registered through the second sentinel");
+    assert!(
+        attempt >= 1,
+        "the first call cannot outwait the dark sentinel"
+    );
+
+    let cluster = RedisCluster::start().expect("cluster");
+    let mut seeds = vec![dark_url];
+    seeds.extend(cluster.seeds());
+    let store = fixtures::store(&fixtures::cluster(&seeds));
+    store
+        .register(&node("on-cluster", 10), LONG)
+        .await
+        .expect("registered through the other seeds");
+    assert!(store
+        .get_node(&id("on-cluster"))
+        .await
+        .expect("read")
+        .is_some());
 }
 
 /// With `redis.wait_replicas = 1` a claim is answered once a replica holds it. A replica

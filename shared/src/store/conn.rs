@@ -27,6 +27,12 @@ use crate::store::StoreError;
 /// into a connect storm.
 const RECONNECT_GAP: Duration = Duration::from_millis(200);
 
+/// What asking one sentinel may take beyond `redis.connect_timeout`: redis-rs asks the
+/// sentinels in their listed order with its own deadlines (1 s to connect, 0.5 s for an
+/// answer), so a first sentinel whose host went dark holds the lookup that long before the
+/// next one's answer counts.
+const SENTINEL_LOOKUP: Duration = Duration::from_secs(2);
+
 /// A live connection of any deployment kind.
 #[derive(Clone)]
 pub(crate) enum Conn {
@@ -90,8 +96,15 @@ struct Inner {
     source: RwLock<Arc<Source>>,
     current: RwLock<Option<Current>>,
     generation: AtomicU64,
-    connecting: tokio::sync::Mutex<ConnectState>,
+    /// Held while a connection is being opened; the opening runs in a task of its own that
+    /// holds it, so a caller that gives up (a SIP request past `routing.deadline`) does not
+    /// cancel a connect that needs longer than any one request waits.
+    connecting: Arc<tokio::sync::Mutex<ConnectState>>,
     connect_timeout: Duration,
+    /// Deadline for opening a connection through all its steps: `redis.connect_timeout` for
+    /// a single server; more behind Sentinel or on a Cluster, whose connect asks other
+    /// servers first, one of which may be the host that just went dark.
+    connect_budget: Duration,
     response_timeout: Duration,
     is_cluster: bool,
     cluster_seeds: Vec<redis::ConnectionInfo>,
@@ -188,6 +201,18 @@ fn sentinel_with_certs(
     b.build()
 }
 
+/// [`Inner::connect_budget`] for `cfg`.
+fn connect_budget(cfg: &RedisConfig) -> Duration {
+    match cfg.target() {
+        RedisTarget::Single(_) => cfg.connect_timeout,
+        // The sentinels' answer, then the primary they name: connect and handshake.
+        RedisTarget::Sentinel { .. } => SENTINEL_LOOKUP + cfg.connect_timeout + cfg.timeout,
+        // Every seed at once (the slowest, a dark one, counts), their slot map, then the
+        // primaries it names.
+        RedisTarget::Cluster(_) => cfg.connect_timeout * 2 + cfg.timeout,
+    }
+}
+
 impl Connector {
     /// Prepares a connector; no connection is opened until the first request.
     pub(crate) fn new(cfg: &RedisConfig) -> Result<Self, StoreError> {
@@ -200,8 +225,9 @@ impl Connector {
                 source: RwLock::new(Arc::new(source)),
                 current: RwLock::new(None),
                 generation: AtomicU64::new(0),
-                connecting: tokio::sync::Mutex::new(ConnectState { last_failure: None }),
+                connecting: Arc::new(tokio::sync::Mutex::new(ConnectState { last_failure: None })),
                 connect_timeout: cfg.connect_timeout,
+                connect_budget: connect_budget(cfg),
                 response_timeout: cfg.timeout,
                 is_cluster,
                 cluster_seeds,
@@ -400,7 +426,7 @@ impl Connector {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
-        let mut state = self.inner.connecting.lock().await;
+        let state = self.inner.connecting.clone().lock_owned().await;
         if let Some(c) = self.cached() {
             return Ok(c);
         }
@@ -411,7 +437,20 @@ impl Connector {
                 )));
             }
         }
-        match tokio::time::timeout(self.inner.connect_timeout, self.connect()).await {
+        let me = self.clone();
+        match tokio::spawn(async move { me.open(state).await }).await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Unavailable(format!("connect failed: {e}"))),
+        }
+    }
+
+    /// Opens a connection within the connect budget and records the outcome; `state` is
+    /// held until then.
+    async fn open(
+        &self,
+        mut state: tokio::sync::OwnedMutexGuard<ConnectState>,
+    ) -> Result<(Conn, u64), StoreError> {
+        match tokio::time::timeout(self.inner.connect_budget, self.connect()).await {
             Ok(Ok(conn)) => {
                 let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Ok(mut slot) = self.inner.current.write() {
@@ -429,7 +468,7 @@ impl Connector {
                 Err(StoreError::Unavailable(why))
             }
             Err(_) => {
-                let why = format!("connect timed out after {:?}", self.inner.connect_timeout);
+                let why = format!("connect timed out after {:?}", self.inner.connect_budget);
                 state.last_failure = Some((Instant::now(), why.clone()));
                 Err(StoreError::Unavailable(why))
             }

@@ -6,6 +6,7 @@
 //! that thread dies without running destructors (`PR_SET_PDEATHSIG`).
 
 mod controller;
+mod dark;
 mod kamailio;
 mod node;
 mod process;
@@ -21,6 +22,7 @@ pub use self::redis::{
     redis_query, wait_replica_acks, RedisCluster, RedisServer, SentinelGroup, TestCa,
 };
 pub use controller::ControllerProc;
+pub use dark::DarkPort;
 pub use kamailio::{kamailio_example_config, KamailioOptions, KamailioProc};
 pub use node::NodeProc;
 pub use process::Proc;
