@@ -7,7 +7,7 @@
 //! one placed here that nobody reached releases its claim).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -31,7 +31,13 @@ pub struct Pending {
     pub(crate) reply_to: String,
     method: &'static str,
     deadline_ms: u64,
+    /// When the sender gives up waiting, on this process's clock: the start deadline plus
+    /// the second half of the budget, kept for the work and the answer.
+    finish_by_ms: u64,
 }
+
+/// What the answer needs of the budget to reach the sender over Redis pub/sub.
+const ANSWER_WAY_BACK_MS: u64 = 100;
 
 impl Pending {
     fn new(cmd: &Command) -> Pending {
@@ -44,7 +50,19 @@ impl Pending {
                 .copied()
                 .unwrap_or("unknown"),
             deadline_ms: cmd.deadline_ms,
+            finish_by_ms: cmd.deadline_ms.saturating_add(cmd.timeout_ms / 2),
         }
+    }
+
+    /// How long the work may still take for its answer to reach the sender in time; zero
+    /// once it cannot. Work that would outlast this must not be done: the sender will
+    /// have reported the node unavailable, and the application may retry it.
+    pub fn time_left(&self) -> Duration {
+        Duration::from_millis(
+            self.finish_by_ms
+                .saturating_sub(ANSWER_WAY_BACK_MS)
+                .saturating_sub(now_ms()),
+        )
     }
 
     /// The method, as the metrics label it.

@@ -676,6 +676,59 @@ async fn a_dialout_placed_after_its_originate_timed_out_is_hung_up_as_it_rings()
     );
 }
 
+/// A dial-out whose admission and originate would outlast `rpc.command_timeout` (Asterisk
+/// slow to take the originate, the agent's `ari.request_timeout` longer than the budget) is
+/// given up within the budget and its call hung up: placed after the controller told the
+/// application the node did not answer, it would ring and join, and a retry call twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialout_whose_originate_outlasts_its_budget_never_joins() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__REQUEST_TIMEOUT", "10s"),
+        ],
+        &[("CONFROUTE_RPC__COMMAND_TIMEOUT", "2s")],
+    )
+    .await;
+    let owner = c.route(0, "slow-dial").await;
+    let sim = &c.node(&owner).sim;
+    let caller = dial(sim, "slow-dial", &[]).await;
+    wait_bridged(sim, &caller).await;
+    sim.hold_operation("originateWithId");
+    let mut ws = c.client(0).await;
+    let asked = Instant::now();
+    let v = ws
+        .call(
+            "dialout",
+            json!({"conference": "slow-dial", "to": "+15555550171"}),
+        )
+        .await;
+    assert!(v["error"].is_object(), "{v}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "{v}");
+    // Asterisk takes the originate up now, long before the agent's own request timeout.
+    sim.release_operation("originateWithId");
+    // The agent gave up on it within the budget, and hangs the call up.
+    wait_request(sim, "hangup", "/ari/channels/dial-").await;
+    let gone = sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "ChannelDestroyed"
+                && e["channel"]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("dial-"))
+        })
+        .await
+        .unwrap_or_else(|| panic!("the late call still rings: {:#?}", sim.snapshot()));
+    let callid = gone["channel"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_never_joined(
+        sim,
+        &callid,
+        "the callee of a dial-out given up at its deadline joined the conference",
+    );
+}
+
 /// Conference `conf` with one caller in it, its node's originates ringing until answered;
 /// returns the node.
 async fn ringing_conference(c: &Cluster, conf: &str) -> String {

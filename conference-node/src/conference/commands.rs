@@ -28,10 +28,13 @@ use confroute_shared::types::NodeId;
 use super::{
     redirect_endpoint, Conference, Join, MoveIn, Msg, Participant, Phase, Refusal, CAUSE_NORMAL,
 };
-use crate::ari::{AriError, Channel, Originate};
+use crate::ari::{AriError, AriErrorKind, Channel, Originate};
 use crate::control::{Op, Pending, Request};
 use crate::dialout::{self, DialoutOp};
 use crate::options::{self, Beep, CallbackEvent};
+
+/// The least of a dial-out command's budget worth placing the call with: one ARI request.
+const MIN_ORIGINATE: Duration = Duration::from_millis(50);
 
 fn not_found(ch: &str) -> BusError {
     BusError::new(
@@ -631,6 +634,22 @@ impl Conference {
             pending.answer(&self.node, Err(e));
             return;
         }
+        // Admission may have taken most of the budget (a slow Redis or Asterisk). A call
+        // placed after the sender gave up would ring while the application was told the
+        // node did not answer, and a retry would call the callee twice.
+        let left = pending.time_left();
+        if left < MIN_ORIGINATE {
+            tracing::warn!(conference = %self.name, to = %d.to, left_ms = left.as_millis() as u64, "dial-out not placed: its command's deadline came during admission");
+            self.end_if_empty("dialout_failed").await;
+            pending.answer(
+                &self.node,
+                Err(BusError::new(
+                    ErrorCode::Timeout,
+                    "the dial-out's deadline came before it could be placed; nothing was dialled",
+                )),
+            );
+            return;
+        }
         let callid = format!(
             "dial-{:016x}{:08x}",
             rand::random::<u64>(),
@@ -653,7 +672,20 @@ impl Conference {
             timeout_secs: d.timeout_secs,
             variables: &d.variables,
         };
-        match self.node.ari.originate(&o).await {
+        // Within what is left of the command's budget: a placed call whose answer comes too
+        // late takes the failure path below, which hangs it up.
+        let placed = match tokio::time::timeout(left, self.node.ari.originate(&o)).await {
+            Ok(r) => r,
+            Err(_) => Err(AriError {
+                op: "originateWithId",
+                kind: AriErrorKind::Timeout,
+                status: None,
+                message: format!(
+                    "no answer within the {left:?} left of the command's budget (rpc.command_timeout)"
+                ),
+            }),
+        };
+        match placed {
             Ok(_) => {
                 self.heard_of = true;
                 tracing::info!(conference = %self.name, callid = %callid, to = %d.to, endpoint = %d.endpoint, "dialing out");
