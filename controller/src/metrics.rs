@@ -28,7 +28,7 @@ pub struct Metrics {
     pub sip_answer_resends: IntCounter,
     /// Routing decisions by outcome.
     pub routes: IntCounterVec,
-    /// Routing decision latency by entry point (`sip`, `http`).
+    /// Routing decision latency by entry point (`sip`, `http`, `control`).
     pub route_duration: HistogramVec,
     /// Claims that found the conference already homed by someone else in the meantime.
     pub claim_conflicts: IntCounter,
