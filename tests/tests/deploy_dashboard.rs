@@ -49,7 +49,11 @@ fn dashboard_has_its_variables_and_panels() {
     };
     assert_eq!(var("datasource")["type"], "datasource");
     assert_eq!(var("datasource")["query"], "prometheus");
-    for v in ["namespace", "zone", "node"] {
+    // One install at a time: controller panels sum over every controller they see.
+    assert_eq!(var("namespace")["type"], "query");
+    assert_eq!(var("namespace")["includeAll"], false);
+    assert_eq!(var("namespace")["multi"], false);
+    for v in ["zone", "node"] {
         assert_eq!(var(v)["type"], "query");
         assert_eq!(var(v)["includeAll"], true);
     }
