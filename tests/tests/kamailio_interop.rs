@@ -26,15 +26,25 @@ struct NodeUas {
 }
 
 impl NodeUas {
-    fn start() -> Self {
+    /// A node that answers the call, saying it is `name`.
+    fn start(name: &str) -> Self {
+        Self::start_with("conference_node_uas.xml", &[("uas_name", name)])
+    }
+
+    /// A UAS playing `scenario` with these `-key` values.
+    fn start_with(scenario_file: &str, keys: &[(&str, &str)]) -> Self {
         require_tool("sipp", "sip-tester").expect("sipp installed");
         let dir = TempDir::new("sipp-uas").expect("temp dir");
         let port = free_udp_tcp_port();
         let mut cmd = Command::new("sipp");
         cmd.current_dir(dir.path())
             .arg("-sf")
-            .arg(scenario("conference_node_uas.xml"))
-            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", "u1"])
+            .arg(scenario(scenario_file))
+            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", "u1"]);
+        for (k, v) in keys {
+            cmd.args(["-key", k, v]);
+        }
+        cmd
             .args(["-m", "1", "-timeout", "30s", "-timeout_error", "-nostdin"])
             .args(["-trace_logs", "-log_file"])
             .arg(dir.path().join("actions.log"))
@@ -157,7 +167,7 @@ async fn caller_reaches_the_conference_node_through_kamailio_with_the_conference
     // Caller → Kamailio over UDP with Kamailio → controller over UDP, then both over TCP.
     // Kamailio → node is UDP in both cases (the node's registered URI says so).
     for (caller, to_controller) in [(SippTransport::Udp, "udp"), (SippTransport::Tcp, "tcp")] {
-        let uas = NodeUas::start();
+        let uas = NodeUas::start("node-a");
         let s = setup(Some(("node-a", uas.sip_uri()))).await;
         let kam = kamailio(&s.controller, to_controller);
         let conf = format!("sales-{to_controller}");
@@ -246,6 +256,40 @@ async fn caller_reaches_the_conference_node_through_kamailio_with_the_conference
         );
         assert_eq!(metric(&m, "confroute_sip_retransmissions_total"), 0.0);
     }
+}
+
+/// A node the conference moved away from while the call was on its way answers 302 to the
+/// node that has it (the agent's default `node.wrong_node = "redirect"`): the edge follows
+/// that too, so the caller is answered by the conference's node, not sent the 302.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kamailio_follows_a_conference_nodes_redirect_to_its_owner() {
+    let owner = NodeUas::start("node-b");
+    let owner_host = format!("127.0.0.1:{}", owner.port);
+    let stale = NodeUas::start_with("wrong_node_uas.xml", &[("owner", owner_host.as_str())]);
+    let s = setup(Some(("node-a", stale.sip_uri()))).await;
+    let kam = kamailio(&s.controller, "udp");
+    let conf = "moved-room";
+    let run = run_sipp("edge_caller.xml", kam.sip_addr(), SippTransport::Udp, conf, 1)
+        .expect("sipp caller");
+    assert_eq!(
+        run.code,
+        Some(0),
+        "caller failed\n--- caller messages\n{}\n--- stale node\n{}\n--- owner\n{}\n--- kamailio\n{}",
+        run.messages,
+        stale.messages(),
+        owner.messages(),
+        kam.output()
+    );
+    assert_eq!(run.get("answered_by"), Some("node-b"), "{}", run.messages);
+    let seen = owner.finish();
+    assert_eq!(seen.get("conference").map(String::as_str), Some(conf), "{seen:?}");
+    assert_eq!(seen.get("ruri_user").map(String::as_str), Some(conf), "{seen:?}");
+    assert_eq!(
+        seen.get("node").map(String::as_str),
+        Some(""),
+        "the controller named the node that redirected, not this one: {seen:?}"
+    );
+    stale.finish();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
