@@ -104,13 +104,14 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         break;
     }
     let (udp, tcp) = bound.unwrap_or((None, None));
+    // INVITEs being routed at once, over UDP and TCP together.
+    let pending = Arc::new(tokio::sync::Semaphore::new(cfg.sip.max_pending_invites));
     if let Some(socket) = udp {
         let socket = Arc::new(socket);
         // Several receivers on one socket let a burst use every core.
         let receivers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let pending = Arc::new(tokio::sync::Semaphore::new(cfg.sip.max_pending_invites));
         for _ in 0..receivers {
             tasks.push(tokio::spawn(server::serve_udp(
                 socket.clone(),
@@ -130,6 +131,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
                 max_connections: cfg.sip.tcp_max_connections,
                 idle: cfg.sip.tcp_idle_timeout,
             },
+            pending,
         )));
     }
     let sweeper = service.clone();

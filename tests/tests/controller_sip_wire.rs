@@ -315,6 +315,63 @@ async fn a_cancel_on_a_tcp_connection_full_of_waiting_invites_is_answered() {
     proxy.heal();
 }
 
+/// `sip.max_pending_invites` bounds INVITEs being routed over UDP and TCP together: many
+/// connections, each under its own limit, must not pile up routing tasks and Redis commands
+/// on a stalled Redis without bound. Over TCP, where nothing is retransmitted, one past the
+/// limit is answered 503 with Retry-After at once, and counted as overloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_invites_past_the_process_wide_limit_are_answered_503() {
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp: _udp,
+    } = stalled("30s", &[("CONFROUTE_SIP__MAX_PENDING_INVITES", "2")]).await;
+    let tcp_invite = |name: &str| {
+        invite(
+            &format!("sip:{name}@router"),
+            5060,
+            &format!("z9hG4bK{name}"),
+            "",
+        )
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+    };
+    let mut first = tokio::net::TcpStream::connect(controller.sip_addr())
+        .await
+        .expect("connect");
+    first
+        .write_all(format!("{}{}", tcp_invite("wait-1"), tcp_invite("wait-2")).as_bytes())
+        .await
+        .expect("write");
+    let mut got = String::new();
+    read_until(&mut first, &mut got, |g| {
+        g.matches("SIP/2.0 100 Trying").count() == 2
+    })
+    .await;
+
+    let mut second = tokio::net::TcpStream::connect(controller.sip_addr())
+        .await
+        .expect("connect");
+    second
+        .write_all(tcp_invite("over").as_bytes())
+        .await
+        .expect("write");
+    let mut over = String::new();
+    read_until(&mut second, &mut over, |g| g.contains("\r\n\r\n")).await;
+    assert_eq!(status(&over), 503, "{over}");
+    assert!(header(&over, "Retry-After").is_some(), "{over}");
+    assert!(
+        header(&over, "Warning").is_some_and(|w| w.contains("sip.max_pending_invites")),
+        "{over}"
+    );
+    let m = scrape(&controller.http_url()).await;
+    assert_eq!(
+        metric(&m, r#"confroute_sip_dropped_total{reason="overloaded"}"#),
+        1.0
+    );
+    proxy.heal();
+}
+
 /// The ACK a caller sends for `answer`, a non-2xx final answer to `invite` (RFC 3261
 /// §17.1.1.3): the INVITE's Request-URI, Via, Call-ID and From, the answer's To.
 fn ack_for(invite: &str, answer: &str) -> String {

@@ -405,7 +405,8 @@ async fn sip_message_size_limits_hold() {
     env.push(("CONFROUTE_SIP__MAX_MESSAGE_SIZE".into(), "2048".into()));
     let controller = ControllerProc::start(&env).expect("controller");
 
-    // UDP: an oversized datagram is dropped and counted; the socket keeps working.
+    // UDP: an oversized datagram whose header block does not fit is dropped and counted;
+    // the socket keeps working.
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
     socket
         .set_read_timeout(Some(Duration::from_millis(400)))
@@ -434,10 +435,30 @@ async fn sip_message_size_limits_hold() {
         .expect("timeout");
     let n = socket.recv(&mut buf).expect("answer");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("SIP/2.0 200"));
+    // One whose header block fits but whose body does not is answered 513 (RFC 3261
+    // §21.5.14), as over TCP, instead of being retransmitted for 32 s.
+    let big_body = format!(
+        "INVITE sip:room@router SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKbody\r\n\
+         From: <sip:a@b>;tag=1\r\nTo: <sip:room@router>\r\nCall-ID: body\r\nCSeq: 1 INVITE\r\n\
+         Content-Type: application/sdp\r\nContent-Length: 3000\r\n\r\n{}",
+        "v".repeat(3000)
+    );
+    socket
+        .send_to(big_body.as_bytes(), controller.sip_addr())
+        .expect("send");
+    let n = socket.recv(&mut buf).expect("answer");
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("SIP/2.0 513 "), "{answer}");
+    assert!(answer.contains("Call-ID: body\r\n"), "{answer}");
     let m = fixtures::scrape(&controller.http_url()).await;
     assert_eq!(
         fixtures::metric(&m, r#"confroute_sip_dropped_total{reason="too_large"}"#),
         1.0
+    );
+    assert_eq!(
+        fixtures::metric(&m, r#"confroute_route_total{outcome="claimed"}"#),
+        0.0,
+        "nothing routed"
     );
 
     // TCP: a header block that never ends within the limit closes the connection.

@@ -47,14 +47,23 @@ pub trait Early: Sync {
 pub const TRYING_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// How one request is to be handled, beside the request itself.
+/// Why a new INVITE read from a stream is answered 503 without being routed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refuse {
+    /// Redis is known to be out of reach, and as many INVITEs of the connection as may
+    /// wait on it already do.
+    RedisDown,
+    /// `sip.max_pending_invites` INVITEs are being routed already.
+    Overloaded,
+}
+
 #[derive(Clone, Copy)]
 struct How<'a> {
     transport: Transport,
     /// Answer only what the transaction table knows (INVITEs past `max_pending_invites`).
     known_only: bool,
-    /// Answer a new INVITE 503 at once, without routing (Redis is known to be out of reach
-    /// and as many INVITEs as may wait on it already do).
-    refuse_new: bool,
+    /// Answer a new INVITE 503 at once, without routing, and why.
+    refuse_new: Option<Refuse>,
     /// A framing fault to answer with 400 (513 for the size) instead of handling the request.
     fault: Option<&'static str>,
     early: Option<&'a dyn Early>,
@@ -66,7 +75,7 @@ impl How<'_> {
         How {
             transport,
             known_only: false,
-            refuse_new: false,
+            refuse_new: None,
             fault: None,
             early: None,
         }
@@ -229,10 +238,11 @@ impl SipService {
         head: &[u8],
         source: SocketAddr,
         why: &'static str,
+        transport: Transport,
     ) -> Option<Outgoing> {
         let how = How {
             fault: Some(why),
-            ..How::plain(Transport::Tcp)
+            ..How::plain(transport)
         };
         self.handle_as(head, source, how).await
     }
@@ -253,13 +263,17 @@ impl SipService {
         self.router.redis_ok()
     }
 
-    /// [`SipService::handle`] for a stream request read while the connection's INVITEs
-    /// waiting on Redis are at their limit and Redis is known to be out of reach: a new
-    /// INVITE is answered 503 at once instead of waiting its turn to wait out the routing
-    /// deadline, so the stream behind it (ACKs, CANCELs, OPTIONS) is read on.
-    pub async fn handle_refusing(&self, packet: &[u8], source: SocketAddr) -> Option<Outgoing> {
+    /// [`SipService::handle`] for a stream request read while a new INVITE cannot be
+    /// routed now (`why`): it is answered 503 at once instead of waiting its turn to wait
+    /// out the routing deadline, so the stream behind it (ACKs, CANCELs, OPTIONS) is read on.
+    pub async fn handle_refusing(
+        &self,
+        packet: &[u8],
+        source: SocketAddr,
+        why: Refuse,
+    ) -> Option<Outgoing> {
         let how = How {
-            refuse_new: true,
+            refuse_new: Some(why),
             ..How::plain(Transport::Tcp)
         };
         self.handle_as(packet, source, how).await
@@ -371,15 +385,24 @@ impl SipService {
                 "INVITE" if known_only && self.transactions.peek(&key).is_none() => {
                     return self.drop_packet("overloaded");
                 }
-                "INVITE" if refuse_new && self.transactions.peek(&key).is_none() => {
-                    self.metrics
-                        .routes
-                        .with_label_values(&["redis_error"])
-                        .inc();
+                "INVITE" if refuse_new.is_some() && self.transactions.peek(&key).is_none() => {
+                    let warning = match refuse_new {
+                        Some(Refuse::Overloaded) => {
+                            self.note_dropped("overloaded");
+                            "too many calls being routed at once (sip.max_pending_invites)"
+                        }
+                        _ => {
+                            self.metrics
+                                .routes
+                                .with_label_values(&["redis_error"])
+                                .inc();
+                            "routing store unreachable"
+                        }
+                    };
                     (
                         Response::new(503, "Service Unavailable")
                             .header("Retry-After", self.retry_after.clone())
-                            .warning("routing store unreachable"),
+                            .warning(warning),
                         tag(),
                     )
                 }

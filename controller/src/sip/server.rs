@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::handler::{Early, Outgoing, SipService};
+use super::handler::{Early, Outgoing, Refuse, SipService};
 use super::message::{header_end, parse_digits};
 use super::pktinfo;
 use super::transactions::Resend;
@@ -58,7 +58,20 @@ pub async fn serve_udp(
             }
         };
         if len > max_message {
-            service.note_dropped("too_large");
+            // Answered 513 from its header block when that fits (RFC 3261 §21.5.14), as
+            // over TCP, rather than left to be retransmitted for 32 s.
+            let answer = match header_end(&buf[..len]) {
+                Some(head) => {
+                    service
+                        .handle_unframeable(&buf[..head], source, TOO_LARGE, Transport::Udp)
+                        .await
+                }
+                None => None,
+            };
+            match answer {
+                Some(out) => send(&socket, &out.bytes, out.to, local).await,
+                None => service.note_dropped("too_large"),
+            }
             continue;
         }
         // Line ends before the start line are skipped, as RFC 3261 §7.5 asks of streams;
@@ -235,7 +248,12 @@ fn force_buffer(socket: &socket2::Socket, option: libc::c_int, size: usize) -> s
 /// Accepts TCP connections forever. Connections from sources outside `sip.trusted_cidrs`
 /// are closed at once (over TCP nobody else may hold a connection open), and past
 /// `limits.max_connections` new ones are closed until others end.
-pub async fn serve_tcp(listener: TcpListener, service: Arc<SipService>, limits: TcpLimits) {
+pub async fn serve_tcp(
+    listener: TcpListener,
+    service: Arc<SipService>,
+    limits: TcpLimits,
+    routing: Arc<Semaphore>,
+) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         match listener.accept().await {
@@ -250,9 +268,9 @@ pub async fn serve_tcp(listener: TcpListener, service: Arc<SipService>, limits: 
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let service = service.clone();
+                let (service, routing) = (service.clone(), routing.clone());
                 tokio::spawn(async move {
-                    connection(stream, peer, service, limits).await;
+                    connection(stream, peer, service, limits, routing).await;
                     drop(slot);
                 });
             }
@@ -386,11 +404,15 @@ fn content_length(head: &[u8]) -> Result<usize, &'static str> {
     }
 }
 
+/// One TCP connection. Its INVITEs being routed count against its own limit
+/// ([`TCP_PENDING`]) and against `routing`, the process-wide `sip.max_pending_invites`
+/// shared with UDP, which bounds what many connections together pile up on a slow Redis.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     service: Arc<SipService>,
     limits: TcpLimits,
+    routing: Arc<Semaphore>,
 ) {
     let max = limits.max_message;
     let pending = Arc::new(Semaphore::new(TCP_PENDING));
@@ -484,7 +506,10 @@ async fn connection(
                     // The header block alone is answered 400 (513 for its size) naming the fault (an ACK or
                     // garbage gets nothing). The stream cannot go on after it.
                     tracing::debug!(%peer, why, "answering an unframeable message, then closing");
-                    match service.handle_unframeable(&buf[..head], peer, why).await {
+                    match service
+                        .handle_unframeable(&buf[..head], peer, why, Transport::Tcp)
+                        .await
+                    {
                         Some(out) => {
                             let _ = tx.send(out.bytes).await;
                             linger = true;
@@ -516,7 +541,10 @@ async fn connection(
                             let message: Vec<u8> = buf.drain(..len).collect();
                             scanned = 0;
                             begun = None;
-                            if let Some(out) = service.handle_refusing(&message, peer).await {
+                            if let Some(out) = service
+                                .handle_refusing(&message, peer, Refuse::RedisDown)
+                                .await
+                            {
                                 if tx.send(out.bytes).await.is_err() {
                                     break 'read;
                                 }
@@ -531,6 +559,23 @@ async fn connection(
                     let Ok(permit) = permit else {
                         break 'read;
                     };
+                    // Over TCP nothing is retransmitted: an INVITE past the process-wide
+                    // limit is answered 503 now rather than dropped as over UDP.
+                    let Ok(routing_permit) = routing.clone().try_acquire_owned() else {
+                        drop(permit);
+                        let message: Vec<u8> = buf.drain(..len).collect();
+                        scanned = 0;
+                        begun = None;
+                        if let Some(out) = service
+                            .handle_refusing(&message, peer, Refuse::Overloaded)
+                            .await
+                        {
+                            if tx.send(out.bytes).await.is_err() {
+                                break 'read;
+                            }
+                        }
+                        continue;
+                    };
                     let message: Vec<u8> = buf.drain(..len).collect();
                     scanned = 0;
                     begun = None;
@@ -544,6 +589,7 @@ async fn connection(
                             let _ = early.tx.send(out.bytes).await;
                         }
                         drop(permit);
+                        drop(routing_permit);
                     });
                 }
             }

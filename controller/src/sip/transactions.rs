@@ -226,6 +226,10 @@ impl Transactions {
         };
         let answer = Arc::new(answer);
         e.state = State::Answered(answer.clone());
+        // Timer H runs from the final answer (RFC 3261 §17.2.1), not from the INVITE: a
+        // routing that took most of `routing.deadline` still leaves the answer its whole
+        // time to be resent and to absorb retransmissions and a late CANCEL.
+        e.expires = Instant::now() + TIMER_H;
         let resend = e.provisional.then(|| {
             let acked = Arc::new(Notify::new());
             e.acked = Some(acked.clone());
@@ -250,6 +254,12 @@ impl Transactions {
             return false;
         };
         match map.get_mut(key) {
+            // An ACK before any final answer acknowledges nothing: the INVITE being routed
+            // keeps its entry, or its answer would be neither kept nor resent.
+            Some(Entry {
+                state: State::Pending { .. },
+                ..
+            }) => true,
             Some(e) => {
                 e.expires = e.expires.min(Instant::now() + TIMER_I);
                 if let Some(acked) = &e.acked {
@@ -345,6 +355,50 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), resend.acked.notified())
             .await
             .expect("the ACK is noticed");
+    }
+
+    fn expires(t: &Transactions, key: &str) -> Option<Instant> {
+        t.shard(key).lock().ok()?.get(key).map(|e| e.expires)
+    }
+
+    #[test]
+    fn timer_h_runs_from_the_final_answer() {
+        let t = Transactions::new(1000);
+        assert!(matches!(t.begin("long".into()), Begin::New(_)));
+        // As if routing took 31 of its 32 s.
+        if let Some(e) = t.shard("long").lock().expect("lock").get_mut("long") {
+            e.expires = Instant::now() + Duration::from_secs(1);
+        }
+        t.provisional("long");
+        let done = t.complete(
+            "long",
+            Answer {
+                response: Response::new(302, "Moved Temporarily"),
+                to_tag: "t".into(),
+            },
+        );
+        let least = Instant::now() + TIMER_H - Duration::from_secs(1);
+        assert!(expires(&t, "long").is_some_and(|at| at > least));
+        assert!(done.resend.is_some_and(|r| r.until > least));
+    }
+
+    #[test]
+    fn an_ack_before_the_answer_leaves_the_transaction_alone() {
+        let t = Transactions::new(1000);
+        assert!(matches!(t.begin("early".into()), Begin::New(_)));
+        let before = expires(&t, "early");
+        assert!(t.ack("early"), "absorbed");
+        assert_eq!(expires(&t, "early"), before);
+        t.provisional("early");
+        let done = t.complete(
+            "early",
+            Answer {
+                response: Response::new(302, "Moved Temporarily"),
+                to_tag: "t".into(),
+            },
+        );
+        assert!(done.resend.is_some(), "the answer is kept and resent");
+        assert!(matches!(t.begin("early".into()), Begin::Answered(_)));
     }
 
     #[test]
