@@ -293,8 +293,19 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
     // The last conferences' callbacks (their leave and end events) were queued as they
     // ended: they get a bounded time to go out while the node is still registered (a
     // heartbeat would register a deregistered node again).
+    // Their bus events too (call control's subscribers would never see those conferences
+    // end), over the same bound.
     let bound = node.cfg.webhook.timeout * 2;
-    let left = node.webhooks.in_flight.settle(bound).await;
+    let (left, unsent) = tokio::join!(
+        node.webhooks.in_flight.settle(bound),
+        node.outbox.flush(bound)
+    );
+    if unsent > 0 {
+        tracing::warn!(
+            unsent,
+            "bus messages (events, command answers) still unsent at exit after {bound:?}; dropped"
+        );
+    }
     if left > 0 {
         tracing::warn!(
             left,
@@ -321,8 +332,15 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
 
 /// A second stop signal: end everything now and exit.
 pub async fn shutdown_now(node: &Arc<Node>) {
-    if let Some((task, _)) = lock(&node.drain).take() {
-        task.abort();
+    {
+        let mut slot = lock(&node.drain);
+        if let Some((task, _)) = slot.take() {
+            task.abort();
+        }
+        // Stopping from here on: with the drain's slot empty, nothing else would say so
+        // while the conferences are torn down, and an undrain then would make a node about
+        // to exit take new conferences.
+        node.set_state_local(NodeState::ShuttingDown);
     }
     tracing::warn!("second stop signal: ending every conference now");
     end_all(node, "shutdown");

@@ -6,8 +6,12 @@
 //! is slow the queue fills and, past its bound, messages are dropped and counted
 //! (`confroute_node_bus_dropped_total`) rather than stalling calls.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use confroute_shared::bus::{Bus, BusError, Command, Event};
@@ -50,6 +54,14 @@ pub struct Outbox {
     tx: mpsc::Sender<Outgoing>,
     bus: Bus,
     metrics: Metrics,
+    unsent: Arc<Unsent>,
+}
+
+/// Messages queued and not yet published, for [`Outbox::flush`].
+#[derive(Default)]
+struct Unsent {
+    count: AtomicUsize,
+    drained: Notify,
 }
 
 impl Outbox {
@@ -61,8 +73,34 @@ impl Outbox {
     /// Starts the publisher task on `bus`.
     pub fn start(bus: Bus, metrics: Metrics) -> (Outbox, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(publish(bus.clone(), rx));
-        (Outbox { tx, bus, metrics }, task)
+        let unsent = Arc::new(Unsent::default());
+        let task = tokio::spawn(publish(bus.clone(), rx, unsent.clone()));
+        (
+            Outbox {
+                tx,
+                bus,
+                metrics,
+                unsent,
+            },
+            task,
+        )
+    }
+
+    /// Waits until everything queued so far is published, at most `bound`; how many
+    /// messages were still unsent then. A stopping node's last events (the `leave` and
+    /// `end` of the conferences it ended) are queued just before it exits.
+    pub async fn flush(&self, bound: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let drained = self.unsent.drained.notified();
+            let left = self.unsent.count.load(Ordering::SeqCst);
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return self.unsent.count.load(Ordering::SeqCst);
+            }
+        }
     }
 
     /// The bus the messages go out on.
@@ -71,7 +109,10 @@ impl Outbox {
     }
 
     fn queue(&self, o: Outgoing) {
+        // Counted before it can be published, so the publisher never counts below zero.
+        self.unsent.count.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.tx.try_send(o) {
+            self.unsent.count.fetch_sub(1, Ordering::SeqCst);
             let o = match e {
                 mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
             };
@@ -108,34 +149,41 @@ impl Outbox {
     }
 }
 
-async fn publish(bus: Bus, mut rx: mpsc::Receiver<Outgoing>) {
+async fn publish(bus: Bus, mut rx: mpsc::Receiver<Outgoing>, unsent: Arc<Unsent>) {
     while let Some(o) = rx.recv().await {
-        match o {
-            Outgoing::Reply {
-                id,
-                reply_to,
-                result,
-            } => {
-                // `respond` reads only the id and the reply channel of the command.
-                let cmd = Command {
-                    id,
-                    reply_to,
-                    method: String::new(),
-                    params: Value::Null,
-                    deadline_ms: 0,
-                    timeout_ms: 0,
-                    sent_ms: 0,
-                    sent_uncertainty_ms: 0,
-                };
-                bus.respond(&cmd, result).await;
-            }
-            Outgoing::Notify {
-                id,
-                reply_to,
-                params,
-                last,
-            } => bus.notify(&reply_to, &id, params, last).await,
-            Outgoing::Event(ev) => bus.publish_event(&ev).await,
+        publish_one(&bus, o).await;
+        if unsent.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            unsent.drained.notify_waiters();
         }
+    }
+}
+
+async fn publish_one(bus: &Bus, o: Outgoing) {
+    match o {
+        Outgoing::Reply {
+            id,
+            reply_to,
+            result,
+        } => {
+            // `respond` reads only the id and the reply channel of the command.
+            let cmd = Command {
+                id,
+                reply_to,
+                method: String::new(),
+                params: Value::Null,
+                deadline_ms: 0,
+                timeout_ms: 0,
+                sent_ms: 0,
+                sent_uncertainty_ms: 0,
+            };
+            bus.respond(&cmd, result).await;
+        }
+        Outgoing::Notify {
+            id,
+            reply_to,
+            params,
+            last,
+        } => bus.notify(&reply_to, &id, params, last).await,
+        Outgoing::Event(ev) => bus.publish_event(&ev).await,
     }
 }

@@ -44,8 +44,7 @@ impl NodeUas {
         for (k, v) in keys {
             cmd.args(["-key", k, v]);
         }
-        cmd
-            .args(["-m", "1", "-timeout", "30s", "-timeout_error", "-nostdin"])
+        cmd.args(["-m", "1", "-timeout", "30s", "-timeout_error", "-nostdin"])
             .args(["-trace_logs", "-log_file"])
             .arg(dir.path().join("actions.log"))
             .args(["-trace_err", "-error_file"])
@@ -269,8 +268,14 @@ async fn kamailio_follows_a_conference_nodes_redirect_to_its_owner() {
     let s = setup(Some(("node-a", stale.sip_uri()))).await;
     let kam = kamailio(&s.controller, "udp");
     let conf = "moved-room";
-    let run = run_sipp("edge_caller.xml", kam.sip_addr(), SippTransport::Udp, conf, 1)
-        .expect("sipp caller");
+    let run = run_sipp(
+        "edge_caller.xml",
+        kam.sip_addr(),
+        SippTransport::Udp,
+        conf,
+        1,
+    )
+    .expect("sipp caller");
     assert_eq!(
         run.code,
         Some(0),
@@ -282,8 +287,16 @@ async fn kamailio_follows_a_conference_nodes_redirect_to_its_owner() {
     );
     assert_eq!(run.get("answered_by"), Some("node-b"), "{}", run.messages);
     let seen = owner.finish();
-    assert_eq!(seen.get("conference").map(String::as_str), Some(conf), "{seen:?}");
-    assert_eq!(seen.get("ruri_user").map(String::as_str), Some(conf), "{seen:?}");
+    assert_eq!(
+        seen.get("conference").map(String::as_str),
+        Some(conf),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get("ruri_user").map(String::as_str),
+        Some(conf),
+        "{seen:?}"
+    );
     assert_eq!(
         seen.get("node").map(String::as_str),
         Some(""),

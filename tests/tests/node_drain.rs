@@ -11,7 +11,7 @@ use confroute_shared::name::ConferenceName;
 use confroute_shared::store::StateChange;
 use confroute_shared::types::NodeState;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{wait_for_async, ControllerProc};
+use confroute_tests::harness::{wait_for_async, ControllerProc, NodeProc, RedisServer, TcpProxy};
 use node_common::*;
 use serde_json::Value;
 
@@ -623,6 +623,43 @@ async fn a_second_stop_signal_during_a_slow_drain_start_is_heard() {
     assert_eq!(code, Some(0), "{}", s.node.output());
 }
 
+/// After a second stop signal the node is stopping for good: while its conferences are torn
+/// down (here Asterisk is slow to hang the caller up), an undrain is refused and the node
+/// takes no new conference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_ending_everything_after_a_second_stop_signal_cannot_be_undrained() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "busy", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    s.node
+        .wait_log("stop requested; draining", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.hold_operation("hangup");
+    s.node.process().signal(libc::SIGINT).expect("sigint");
+    s.node
+        .wait_log("second stop signal", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    wait_for_async("the caller's hangup sent", WAIT, || async {
+        (s.sim.held_requests("hangup") > 0).then_some(())
+    })
+    .await
+    .expect("hangup held");
+    let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "node_shutting_down", "{body}");
+    let store = fixtures::store(&s.cfg);
+    assert_ne!(
+        node_state(&store, "node-a").await,
+        Some(NodeState::Serving),
+        "{}",
+        s.node.output()
+    );
+    s.sim.release_operation("hangup");
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
+
 /// A conference placed on the node just before its stop has its first caller on the way (the
 /// edge follows the 302): the stopping agent waits for that caller and admits it, then drains
 /// the conference like any other, rather than exit at once and leave it with nobody to answer.
@@ -652,4 +689,73 @@ async fn a_stop_right_after_a_placement_waits_for_its_first_caller() {
         "{}",
         s.node.output()
     );
+}
+
+/// A stopping node's last bus messages go out before it exits: at the drain deadline it
+/// ends its conferences at once, and a burst of `leave` events, then each conference's
+/// `end`, is queued just before it deregisters. With Redis a little slow the publisher is
+/// still working through them then; call control's subscribers must see every conference
+/// end all the same, not have the tail cut off with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_publishes_its_last_events_before_it_exits() {
+    use futures_util::StreamExt;
+    const CONFERENCES: usize = 4;
+    const CALLERS: usize = 100;
+    let redis = RedisServer::start().expect("redis");
+    let upstream = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    let cfg = fixtures::single(&proxy.redis_url());
+    let sim = sim().await;
+    let mut node = NodeProc::start(
+        "node-a",
+        &env(
+            &sim,
+            &cfg,
+            &[
+                ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+                ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ],
+        ),
+    )
+    .expect("node");
+    wait_app(&sim, &node).await;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut events = client.get_async_pubsub().await.expect("pubsub");
+    events
+        .subscribe(format!("{}events", cfg.prefix))
+        .await
+        .expect("subscribe");
+    let mut callers = Vec::new();
+    for c in 0..CONFERENCES {
+        for _ in 0..CALLERS {
+            callers.push(dial(&sim, &format!("crowd-{c}"), &[]).await);
+        }
+    }
+    for ch in &callers {
+        wait_bridged(&sim, ch).await;
+    }
+    // Each publish now takes a few milliseconds: the last events queue up behind each other.
+    proxy.set_delay(Duration::from_millis(2));
+    node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = node
+        .process()
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits");
+    assert_eq!(code, Some(0), "{}", node.output());
+    // Everything published before the exit is in the subscription's buffer by now.
+    let mut stream = events.on_message();
+    let (mut ended, mut left) = (std::collections::BTreeSet::new(), 0);
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), stream.next()).await {
+        let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+        let v: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+        match v["event"].as_str() {
+            Some("end") => {
+                ended.insert(v["conference"].as_str().unwrap_or_default().to_string());
+            }
+            Some("leave") => left += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(left, CONFERENCES * CALLERS, "every leave published");
+    assert_eq!(ended.len(), CONFERENCES, "every end published: {ended:?}");
 }

@@ -8,7 +8,9 @@
 //! forwards again, as TCP retransmissions would be when a real partition heals.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,6 +24,8 @@ pub struct TcpProxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     forwarding: watch::Sender<bool>,
+    /// Microseconds each chunk waits before it is passed on (a slow link).
+    delay_us: Arc<AtomicU64>,
     accept: JoinHandle<()>,
     pumps: Arc<Mutex<Vec<AbortHandle>>>,
 }
@@ -37,16 +41,19 @@ impl TcpProxy {
             .map_err(|e| HarnessError(format!("proxy: no local address: {e}")))?;
         let (forwarding, _) = watch::channel(true);
         let pumps: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let delay_us: Arc<AtomicU64> = Arc::default();
         let accept = tokio::spawn(accept_loop(
             listener,
             upstream,
             forwarding.clone(),
+            delay_us.clone(),
             pumps.clone(),
         ));
         Ok(TcpProxy {
             addr,
             upstream,
             forwarding,
+            delay_us,
             accept,
             pumps,
         })
@@ -77,6 +84,16 @@ impl TcpProxy {
         self.forwarding.send_replace(true);
     }
 
+    /// Holds each chunk read, either way, for `delay` before passing it on: a slow link,
+    /// on which a client that waits for each answer before its next request gets one per
+    /// round trip of twice that. Zero passes them on at once again.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us.store(
+            u64::try_from(delay.as_micros()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+    }
+
     /// True while bytes are forwarded.
     pub fn is_forwarding(&self) -> bool {
         *self.forwarding.borrow()
@@ -97,6 +114,7 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     forwarding: watch::Sender<bool>,
+    delay_us: Arc<AtomicU64>,
     pumps: Arc<Mutex<Vec<AbortHandle>>>,
 ) {
     loop {
@@ -118,8 +136,18 @@ async fn accept_loop(
         let _ = server.set_nodelay(true);
         let (client_rx, client_tx) = client.into_split();
         let (server_rx, server_tx) = server.into_split();
-        let up = tokio::spawn(pump(client_rx, server_tx, forwarding.subscribe()));
-        let down = tokio::spawn(pump(server_rx, client_tx, forwarding.subscribe()));
+        let up = tokio::spawn(pump(
+            client_rx,
+            server_tx,
+            forwarding.subscribe(),
+            delay_us.clone(),
+        ));
+        let down = tokio::spawn(pump(
+            server_rx,
+            client_tx,
+            forwarding.subscribe(),
+            delay_us.clone(),
+        ));
         let mut list = pumps.lock().unwrap_or_else(|p| p.into_inner());
         list.retain(|h| !h.is_finished());
         list.push(up.abort_handle());
@@ -137,6 +165,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut forwarding: watch::Receiver<bool>,
+    delay_us: Arc<AtomicU64>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -151,6 +180,10 @@ async fn pump(
         if n == 0 {
             let _ = to.shutdown().await;
             return;
+        }
+        let delay = delay_us.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_micros(delay)).await;
         }
         // Bytes read just before a cut are held until it heals.
         if !open(&mut forwarding).await || to.write_all(&buf[..n]).await.is_err() {
