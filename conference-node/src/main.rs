@@ -32,6 +32,7 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init(&cfg.log);
+    exit_on_panic();
     let redis = cfg.redis.describe();
     let ari_url = cfg.ari_base();
     // Listened for before start-up, which can take two heartbeats of a previous life's
@@ -85,4 +86,18 @@ async fn main() -> ExitCode {
     agent.stop().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Makes a panic anywhere in the agent end the process. A panic ends only its own task, and
+/// an agent missing one (a conference's actor, the events WebSocket, the heartbeat) would
+/// look alive: it would keep renewing claims and drawing callers it no longer serves. A
+/// process that exits is restarted (by Kubernetes or systemd) and adopts the calls Asterisk
+/// still holds.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!(panic = %info, "the agent panicked; exiting so that it is restarted and adopts the calls Asterisk holds");
+        std::process::exit(70);
+    }));
 }
