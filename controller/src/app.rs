@@ -194,6 +194,18 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
 }
 
 impl Controller {
+    /// Waits until one of the controller's long-running tasks (the node view's refresher,
+    /// the SIP receivers, the transaction sweeper, the HTTP server) ends, which none does
+    /// but by a panic; what it was. A controller missing one would look alive while routing
+    /// from a stale view, or not answering SIP: it should exit, to be restarted.
+    pub async fn failed(&mut self) -> String {
+        let mut all: Vec<&mut JoinHandle<()>> = self.tasks.iter_mut().collect();
+        if let Some(http) = self.http_task.as_mut() {
+            all.push(http);
+        }
+        first_ended(all).await
+    }
+
     /// Stops SIP at once (the edge retries elsewhere) and lets HTTP requests in flight finish.
     pub async fn stop(mut self) {
         for t in &self.tasks {
@@ -214,5 +226,40 @@ impl Controller {
             self.rpc_connections.acquire_many(all),
         )
         .await;
+    }
+}
+
+/// Waits until the first of `tasks` ends; how it ended. With none, waits for ever.
+async fn first_ended(tasks: Vec<&mut JoinHandle<()>>) -> String {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let (result, _, _) = futures_util::future::select_all(tasks).await;
+    match result {
+        Ok(()) => "a task ended".to_string(),
+        Err(e) if e.is_panic() => format!("a task panicked: {e}"),
+        Err(e) => format!("a task was cancelled: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_is_reported() {
+        let mut calm = tokio::spawn(std::future::pending::<()>());
+        let mut failing = tokio::spawn(async {
+            tokio::task::yield_now().await;
+            panic!("refresher broke");
+        });
+        let why = tokio::time::timeout(
+            Duration::from_secs(5),
+            first_ended(vec![&mut calm, &mut failing]),
+        )
+        .await
+        .expect("noticed");
+        assert!(why.contains("panicked"), "{why}");
+        calm.abort();
     }
 }

@@ -75,7 +75,7 @@ async fn serve(cfg: ControllerConfig) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let controller = match app::start(&cfg).await {
+    let mut controller = match app::start(&cfg).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
@@ -89,8 +89,15 @@ async fn serve(cfg: ControllerConfig) -> ExitCode {
         redis = %cfg.redis.describe(),
         "confroute-controller started"
     );
-    let sig = signals.next().await;
-    tracing::info!(?sig, "stopping");
+    tokio::select! {
+        sig = signals.next() => tracing::info!(?sig, "stopping"),
+        why = controller.failed() => {
+            // Exits rather than serve half: routes from a view no longer refreshed, or no
+            // SIP answers, behind a liveness probe that stays green.
+            tracing::error!(%why, "a part of the controller stopped; exiting so that it is restarted");
+            return ExitCode::from(70);
+        }
+    }
     controller.stop().await;
     ExitCode::SUCCESS
 }
