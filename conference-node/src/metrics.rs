@@ -18,6 +18,22 @@ const ARI_BUCKETS: &[f64] = &[
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Every `action` of `confroute_node_reconcile_actions_total` (docs/metrics.md).
+pub const RECONCILE_ACTIONS: &[&str] = &[
+    "adopted_conference",
+    "merged_leftover_bridge",
+    "destroyed_empty_bridge",
+    "ended_missing_bridge",
+    "removed_gone_participant",
+    "restored_participant_bridge",
+    "rejoined_channel",
+    "redirect_refused",
+    "hung_up_again",
+    "read_adopted_options",
+    "released_stale_claim",
+    "forgot_vanished_channel",
+];
+
 /// How a caller's attempt to join ended (the `outcome` label of joins).
 pub const JOIN_OUTCOMES: &[&str] = &[
     "joined",
@@ -312,6 +328,13 @@ impl Metrics {
         }
         for k in ["reply", "notify", "event"] {
             bus_dropped.with_label_values(&[k]).inc_by(0);
+        }
+        for a in RECONCILE_ACTIONS {
+            reconcile_actions.with_label_values(&[a]).inc_by(0);
+        }
+        // An agent that never gets a heartbeat through still shows zero successes.
+        for o in ["renewed", "registered", "error"] {
+            heartbeats.with_label_values(&[o]).inc_by(0);
         }
         Ok(Metrics {
             registry,

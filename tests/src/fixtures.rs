@@ -163,13 +163,16 @@ pub async fn try_get_json(url: &str) -> Option<serde_json::Value> {
 /// The value of one series in a Prometheus text exposition (`name{labels}` exactly as
 /// rendered, labels sorted by name), or 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+    metric_opt(text, series).unwrap_or(0.0)
+}
+
+/// [`metric`] for a series that must be exported: its value, or `None` when it is absent
+/// (so a renamed series or label does not read as a zero).
+pub fn metric_opt(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// Fetches `/metrics` from `base`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use confroute_shared::bus::{Bus, BusError, ErrorCode, Event};
 use confroute_tests::fixtures;
-use confroute_tests::harness::{wait_for_async, ControllerProc, RedisServer};
+use confroute_tests::harness::{wait_for, wait_for_async, ControllerProc, RedisServer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -570,6 +570,13 @@ async fn commands_reach_the_owner_and_fail_fast_without_it() {
     )
     .await;
     assert_eq!(code(&v), -32003, "{v}");
+    // Fast: nobody heard it, so nothing was waited for (not the command's 1 s deadline).
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not listening")),
+        "{v}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "node unavailable within the deadline"
@@ -1671,7 +1678,10 @@ async fn a_stopping_controller_waits_briefly_for_answers_then_closes() {
         .process()
         .signal(15)
         .expect("SIGTERM the controller");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the controller stopping", Duration::from_secs(10), || {
+        s.controller.output().contains("stopping").then_some(())
+    })
+    .expect("stopping");
     // One answer comes soon; the other never does.
     let quick = heard
         .iter()

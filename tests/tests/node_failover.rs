@@ -524,11 +524,11 @@ async fn a_redis_stall_during_adoption_releases_no_claim_of_a_live_conference() 
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     let m = scrape(&url).await;
     assert_eq!(
-        metric(
+        fixtures::metric_opt(
             &m,
             r#"confroute_node_reconcile_actions_total{action="released_stale_claim"}"#
         ),
-        0.0,
+        Some(0.0),
         "{}",
         s.node.output()
     );
@@ -898,11 +898,11 @@ async fn assert_stays_ended(s: &Single, conf: &str, other: &str, created: usize)
     let m = scrape(&s.node.http_url()).await;
     for action in ["rejoined_channel", "adopted_conference"] {
         assert_eq!(
-            metric(
+            fixtures::metric_opt(
                 &m,
                 &format!(r#"confroute_node_reconcile_actions_total{{action="{action}"}}"#)
             ),
-            0.0,
+            Some(0.0),
             "{action}\n{}",
             s.node.output()
         );

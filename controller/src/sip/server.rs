@@ -60,7 +60,9 @@ pub async fn serve_udp(
         if len > max_message {
             // Answered 513 from its header block when that fits (RFC 3261 §21.5.14), as
             // over TCP, rather than left to be retransmitted for 32 s.
-            let answer = match header_end(&buf[..len]) {
+            let head = header_end(&buf[..len]);
+            let head_fits = head.is_some();
+            let answer = match head {
                 Some(head) => {
                     service
                         .handle_unframeable(&buf[..head], source, TOO_LARGE, Transport::Udp)
@@ -68,9 +70,12 @@ pub async fn serve_udp(
                 }
                 None => None,
             };
-            match answer {
-                Some(out) => send(&socket, &out.bytes, out.to, local).await,
-                None => service.note_dropped("too_large"),
+            match (head_fits, answer) {
+                (_, Some(out)) => send(&socket, &out.bytes, out.to, local).await,
+                // One whose header block was read and got no answer (an ACK, a response)
+                // was counted under its own reason.
+                (true, None) => {}
+                (false, None) => service.note_dropped("too_large"),
             }
             continue;
         }
@@ -174,9 +179,10 @@ struct TcpEarly {
 
 impl Early for TcpEarly {
     fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let _ = self.tx.send(out.bytes).await;
-        })
+        // A provisional answer only: to a peer that reads so slowly that its answers back
+        // up, it is left out rather than waited for with the INVITE's permits held.
+        let _ = self.tx.try_send(out.bytes);
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -585,11 +591,13 @@ async fn connection(
                         let answered = service
                             .handle_early(&message, peer, Transport::Tcp, &early)
                             .await;
+                        // Routed: the process-wide permit goes back before the answer
+                        // waits on a peer that reads slowly, as over UDP.
+                        drop(routing_permit);
                         if let Some(out) = answered {
                             let _ = early.tx.send(out.bytes).await;
                         }
                         drop(permit);
-                        drop(routing_permit);
                     });
                 }
             }
