@@ -704,7 +704,8 @@ async fn a_dialout_whose_originate_outlasts_its_budget_never_joins() {
         )
         .await;
     assert!(v["error"].is_object(), "{v}");
-    assert!(asked.elapsed() < Duration::from_secs(3), "{v}");
+    // Answered by the budget, long before the agent's own 10 s ARI timeout.
+    assert!(asked.elapsed() < Duration::from_secs(8), "{v}");
     // Asterisk takes the originate up now, long before the agent's own request timeout.
     sim.release_operation("originateWithId");
     // The agent gave up on it within the budget, and hangs the call up.
@@ -820,7 +821,6 @@ async fn a_dialout_that_waited_past_half_its_budget_is_not_placed() {
     sim.clear_request_log();
 
     let mut second = c.client(1).await;
-    let asked = Instant::now();
     let dialout = tokio::spawn(async move {
         second
             .call(
@@ -834,11 +834,9 @@ async fn a_dialout_that_waited_past_half_its_budget_is_not_placed() {
     sim.release_operation("mute");
 
     let v = dialout.await.expect("dial-out task");
+    // The node's own `timeout` answer, which came before the controller gave up: the
+    // controller's would be -32003 (node unavailable).
     assert_eq!(v["error"]["code"], -32007, "{v}");
-    assert!(
-        asked.elapsed() < Duration::from_secs(2),
-        "the node's own answer came before the controller gave up"
-    );
     let v = mute.await.expect("mute task");
     assert!(v["result"].is_object(), "the mute itself went through: {v}");
     // Whatever the node does with the conference next comes after the refused dial-out.

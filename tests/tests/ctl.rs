@@ -696,21 +696,21 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
     let mut controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
     let url = controller.http_url();
     // Its stderr read as it comes: the controller goes once ctl has said why nothing came.
-    let mut child = Command::new(workspace_bin("confroute-ctl").expect("built"))
+    // Killed should the test fail before it ends.
+    let mut child = tokio::process::Command::new(workspace_bin("confroute-ctl").expect("built"))
         .args(["--url", &url, "events", "room-1"])
         .env_remove("CONFROUTE_CTL_TOKEN")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .expect("run confroute-ctl");
     let stderr = child.stderr.take().expect("stderr");
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut read = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = read.next_line().await {
             if lines_tx.send(line).is_err() {
                 break;
             }
@@ -730,10 +730,10 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
     .await;
     assert_eq!(hint.ok(), Some(true), "says why nothing came: {err}");
     controller.process().kill();
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let status = tokio::time::timeout(WAIT, child.wait())
         .await
-        .expect("joined")
-        .expect("ctl ends when the controller goes");
+        .expect("ctl ends when the controller goes")
+        .expect("ctl ran");
     while let Ok(Some(line)) = tokio::time::timeout(WAIT, lines.recv()).await {
         err.push_str(&line);
         err.push('\n');
@@ -797,13 +797,17 @@ async fn ctl_dialout_wait_reports_a_node_that_dies_mid_ring() {
     // The node answered the command and reported the ringing: then it dies, well inside the
     // 5 s ring time (were it alive then, it would report the unanswered call).
     let mut out = String::new();
-    while let Some(line) = lines.next_line().await.expect("ctl output") {
-        out.push_str(&line);
-        out.push('\n');
-        if line == "ringing" {
-            break;
+    let ringing = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("ctl output") {
+            out.push_str(&line);
+            out.push('\n');
+            if line == "ringing" {
+                break;
+            }
         }
-    }
+    })
+    .await;
+    assert!(ringing.is_ok(), "no ringing in time: {out}");
     assert!(out.ends_with("accepted\nringing\n"), "{out}");
     s.node.process().kill();
     let done = child.wait_with_output().await.expect("ctl exits");
