@@ -452,6 +452,7 @@ async fn batches_rate_limits_and_subscription_limits() {
         }
     }
     assert!(limited >= 5, "rate limit applied ({limited} of 10 refused)");
+    // Time is meant to pass here: the bucket refills at its rate.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(
         rpc(&mut ws, "conference.list", json!({}), 200).await["result"].is_object(),
