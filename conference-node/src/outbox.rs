@@ -1,9 +1,11 @@
 //! The node's one ordered publisher on the command bus: command answers, dial-out status
 //! notifications and conference events are queued by whoever produces them (conference
-//! actors, the command intake, the dial-out tracker) and published by one task in the order
-//! they were queued. So a command's answer always precedes its notifications, each
-//! conference's events go out in `seq` order, and no actor ever waits for Redis: when Redis
-//! is slow the queue fills and, past its bound, messages are dropped and counted
+//! actors, the command intake, the dial-out tracker) and published by one task, in two
+//! lanes each in the order it was queued: command traffic (answers and notifications)
+//! first, then events. So a command's answer always precedes its notifications and is not
+//! held behind a burst of events (a large conference ending) past its sender's deadline,
+//! each conference's events go out in `seq` order, and no actor ever waits for Redis: when
+//! Redis is slow the queues fill and, past their bound, messages are dropped and counted
 //! (`confroute_node_bus_dropped_total`) rather than stalling calls.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,6 +53,9 @@ impl Outgoing {
 /// The queue's sending end; cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
+    /// Answers and notifications.
+    commands: mpsc::Sender<Outgoing>,
+    /// Events.
     tx: mpsc::Sender<Outgoing>,
     bus: Bus,
     metrics: Metrics,
@@ -73,10 +78,12 @@ impl Outbox {
     /// Starts the publisher task on `bus`.
     pub fn start(bus: Bus, metrics: Metrics) -> (Outbox, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (commands, commands_rx) = mpsc::channel(QUEUE);
         let unsent = Arc::new(Unsent::default());
-        let task = tokio::spawn(publish(bus.clone(), rx, unsent.clone()));
+        let task = tokio::spawn(publish(bus.clone(), commands_rx, rx, unsent.clone()));
         (
             Outbox {
+                commands,
                 tx,
                 bus,
                 metrics,
@@ -111,7 +118,11 @@ impl Outbox {
     fn queue(&self, o: Outgoing) {
         // Counted before it can be published, so the publisher never counts below zero.
         self.unsent.count.fetch_add(1, Ordering::SeqCst);
-        if let Err(e) = self.tx.try_send(o) {
+        let lane = match o {
+            Outgoing::Event(_) => &self.tx,
+            Outgoing::Reply { .. } | Outgoing::Notify { .. } => &self.commands,
+        };
+        if let Err(e) = lane.try_send(o) {
             self.unsent.count.fetch_sub(1, Ordering::SeqCst);
             let o = match e {
                 mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
@@ -149,8 +160,19 @@ impl Outbox {
     }
 }
 
-async fn publish(bus: Bus, mut rx: mpsc::Receiver<Outgoing>, unsent: Arc<Unsent>) {
-    while let Some(o) = rx.recv().await {
+async fn publish(
+    bus: Bus,
+    mut commands: mpsc::Receiver<Outgoing>,
+    mut events: mpsc::Receiver<Outgoing>,
+    unsent: Arc<Unsent>,
+) {
+    loop {
+        let o = tokio::select! {
+            biased;
+            Some(o) = commands.recv() => o,
+            Some(o) = events.recv() => o,
+            else => break,
+        };
         publish_one(&bus, o).await;
         if unsent.count.fetch_sub(1, Ordering::SeqCst) == 1 {
             unsent.drained.notify_waiters();

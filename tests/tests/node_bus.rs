@@ -1,0 +1,150 @@
+//! The node's bus publisher (answers, dial-out statuses and conference events over Redis
+//! pub/sub) with Redis a little slow: a stopping node still publishes its last events before
+//! it exits, and a command's answer is not held behind a burst of events.
+
+mod node_common;
+
+use std::time::Duration;
+
+use confroute_shared::bus::Bus;
+use confroute_shared::config::RedisConfig;
+use confroute_tests::fixtures;
+use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer, TcpProxy};
+use futures_util::StreamExt;
+use node_common::*;
+use serde_json::{json, Value};
+
+const CONFERENCES: usize = 4;
+const CALLERS: usize = 100;
+
+/// Redis, a proxy in front of it for the agent, and agent `node-a` with `CALLERS` callers
+/// in each of `CONFERENCES` conferences `crowd-0` ...; the proxy passes bytes on at once.
+struct Crowd {
+    redis: RedisServer,
+    proxy: TcpProxy,
+    cfg: RedisConfig,
+    sim: TestSim,
+    node: NodeProc,
+    callers: Vec<String>,
+}
+
+async fn crowd() -> Crowd {
+    let redis = RedisServer::start().expect("redis");
+    let upstream = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    let cfg = fixtures::single(&proxy.redis_url());
+    let sim = sim().await;
+    let node = NodeProc::start(
+        "node-a",
+        &env(
+            &sim,
+            &cfg,
+            &[
+                ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+                ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ],
+        ),
+    )
+    .expect("node");
+    wait_app(&sim, &node).await;
+    let mut callers = Vec::new();
+    for c in 0..CONFERENCES {
+        for _ in 0..CALLERS {
+            callers.push(dial(&sim, &format!("crowd-{c}"), &[]).await);
+        }
+    }
+    for ch in &callers {
+        wait_bridged(&sim, ch).await;
+    }
+    Crowd {
+        redis,
+        proxy,
+        cfg,
+        sim,
+        node,
+        callers,
+    }
+}
+
+/// A stopping node's last bus messages go out before it exits: at the drain deadline it
+/// ends its conferences at once, and a burst of `leave` events, then each conference's
+/// `end`, is queued just before it deregisters. With Redis a little slow the publisher is
+/// still working through them then; call control's subscribers must see every conference
+/// end all the same, not have the tail cut off with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_publishes_its_last_events_before_it_exits() {
+    let mut c = crowd().await;
+    let client = redis::Client::open(c.redis.url()).expect("client");
+    let mut events = client.get_async_pubsub().await.expect("pubsub");
+    events
+        .subscribe(format!("{}events", c.cfg.prefix))
+        .await
+        .expect("subscribe");
+    // Each publish now takes a few milliseconds: the last events queue up behind each other.
+    c.proxy.set_delay(Duration::from_millis(2));
+    c.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = c
+        .node
+        .process()
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits");
+    assert_eq!(code, Some(0), "{}", c.node.output());
+    // Everything published before the exit is in the subscription's buffer by now.
+    let mut stream = events.on_message();
+    let (mut ended, mut left) = (std::collections::BTreeSet::new(), 0);
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), stream.next()).await {
+        let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+        let v: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+        match v["event"].as_str() {
+            Some("end") => {
+                ended.insert(v["conference"].as_str().unwrap_or_default().to_string());
+            }
+            Some("leave") => left += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(left, CONFERENCES * CALLERS, "every leave published");
+    assert_eq!(ended.len(), CONFERENCES, "every end published: {ended:?}");
+}
+
+/// A command's answer goes out ahead of events queued before it: when a burst of events
+/// (here 400 callers leaving at once, some 2.4 s of publishing) backs up behind a slow
+/// Redis, an answer queued after them would reach its controller past the command's 1 s
+/// deadline, which then reports the node
+/// unavailable for a command the node carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_answer_is_not_held_behind_a_burst_of_events() {
+    let c = crowd().await;
+    // A conference of its own, whose actor has nothing else to do.
+    let quiet = dial(&c.sim, "quiet", &[]).await;
+    wait_bridged(&c.sim, &quiet).await;
+    let bus = Bus::controller(fixtures::store(&fixtures::single(&c.redis.url())));
+    assert!(bus.wait_connected(Duration::from_secs(10)).await);
+    c.proxy.set_delay(Duration::from_millis(3));
+    let hangups = c.callers.iter().map(|ch| c.sim.hangup_far_end(ch, 16));
+    for r in futures_util::future::join_all(hangups).await {
+        r.expect("hang up");
+    }
+    // The leave events are queued as the agent hears the hangups; the command follows.
+    wait_for_async("the callers gone", WAIT, || async {
+        let snap = c.sim.snapshot();
+        c.callers
+            .iter()
+            .all(|ch| snap.channel(ch).is_none())
+            .then_some(())
+    })
+    .await
+    .expect("hung up");
+    let call = bus
+        .call(
+            &fixtures::id("node-a"),
+            "participant.list",
+            json!({"conference": "quiet"}),
+            Duration::from_secs(1),
+            false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("answered within 1 s: {e:?}\n{}", c.node.output()));
+    let listed = call.reply.expect("listed").to_string();
+    assert!(listed.contains(&quiet), "{listed}");
+}
