@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use confroute_tests::ari_sim::DialIn;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{wait_for_async, ControllerProc, NodeProc, RedisServer};
 use node_common::*;
@@ -526,65 +525,6 @@ async fn a_node_whose_agent_never_reached_ari_gets_no_conference() {
     // And the agent's log names the settings to check.
     node.wait_log("check ari.username and ari.password", WAIT)
         .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
-}
-
-/// A request that waited for one of `ari.max_connections` still gets the whole
-/// `ari.request_timeout` for Asterisk's answer: in a burst of joins the caller last in line
-/// is admitted, not refused for the time others took.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_waiting_for_a_free_ari_connection_keeps_its_whole_timeout() {
-    let s = Single::start(&[
-        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "1s"),
-        ("CONFROUTE_ARI__MAX_CONNECTIONS", "1"),
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-    ])
-    .await;
-    let caller = |id: &str, room: &str| DialIn {
-        app: "confroute".into(),
-        args: vec![room.to_string()],
-        channel_id: Some(id.to_string()),
-        ..DialIn::default()
-    };
-    // Two conferences, each with its bridge: a join into either is one answer and one
-    // addChannel, and the two conferences' joins do not wait on each other but for the
-    // connection.
-    for (id, room) in [("pre-a", "room-a"), ("pre-b", "room-b")] {
-        s.sim.dial_in(caller(id, room)).await.expect("dial");
-        wait_bridged(&s.sim, id).await;
-    }
-    let held = |op: &'static str| {
-        let sim = &s.sim;
-        async move {
-            wait_for_async(op, WAIT, || async {
-                (sim.held_requests(op) > 0).then_some(())
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-    };
-    // The first caller's answer takes the one connection.
-    s.sim.hold_operation("answer first");
-    s.sim
-        .dial_in(caller("first", "room-a"))
-        .await
-        .expect("dial");
-    held("answer first").await;
-    // The second waits for it: 700 ms of its 1 s pass before the connection is free. The
-    // time is meant to pass here.
-    s.sim.hold_operation("answer second");
-    s.sim
-        .dial_in(caller("second", "room-b"))
-        .await
-        .expect("dial");
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    s.sim.release_operation("answer first");
-    held("answer second").await;
-    // Asterisk then takes 500 ms to answer it: past what was left of the second's timeout
-    // counted from its start, well within a whole one counted from its send.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    s.sim.release_operation("answer second");
-    wait_bridged(&s.sim, "first").await;
-    wait_bridged(&s.sim, "second").await;
 }
 
 /// `ari.release_after` tells a silent Asterisk from a busy one: with every ARI connection

@@ -291,12 +291,9 @@ impl AriClient {
         };
         let started = Instant::now();
         let result = async {
-            // A request waits for a free connection up to `ari.request_timeout`, then has
-            // the whole of it for Asterisk's answer: in a burst of joins (each one answer
-            // and one addChannel) the last in line would otherwise be left too little time
-            // and refused though Asterisk keeps up. A ping takes no connection: it asks
-            // whether Asterisk answers at all, which calls waiting on a busy one must not
-            // make look like silence.
+            // The wait for a free connection counts against the request's deadline. A ping
+            // takes none: it asks whether Asterisk answers at all, which calls waiting on a
+            // busy one must not make look like silence.
             let _slot = if op == "ping" {
                 None
             } else {
@@ -315,7 +312,7 @@ impl AriClient {
                     }
                 }
             };
-            let req = req.timeout(self.timeout);
+            let req = req.timeout(self.timeout.saturating_sub(started.elapsed()));
             let resp = req.send().await.map_err(|e| self.transport(op, e))?;
             let status = resp.status().as_u16();
             let body = resp.bytes().await.map_err(|e| self.transport(op, e))?;
