@@ -810,7 +810,10 @@ async fn ctl_dialout_wait_reports_a_node_that_dies_mid_ring() {
     assert!(ringing.is_ok(), "no ringing in time: {out}");
     assert!(out.ends_with("accepted\nringing\n"), "{out}");
     s.node.process().kill();
-    let done = child.wait_with_output().await.expect("ctl exits");
+    let done = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("ctl exits in time")
+        .expect("ctl ran");
     let err = String::from_utf8_lossy(&done.stderr);
     assert_eq!(done.status.code(), Some(5), "outcome unknown: {out}");
     assert!(

@@ -125,16 +125,20 @@ async fn a_command_answer_is_not_held_behind_a_burst_of_events() {
     for r in futures_util::future::join_all(hangups).await {
         r.expect("hang up");
     }
-    // The leave events are queued as the agent hears the hangups; the command follows.
-    wait_for_async("the callers gone", WAIT, || async {
-        let snap = c.sim.snapshot();
-        c.callers
+    // The agent has ended the crowd's conferences, so their leave and end events are all
+    // queued (far from all published); the command follows.
+    let hosted = format!("{}/v1/conferences", c.node.http_url());
+    wait_for_async("the crowd's conferences ended", WAIT, || async {
+        let v = fixtures::try_get_json(&hosted).await?;
+        let names: Vec<&str> = v["items"]
+            .as_array()?
             .iter()
-            .all(|ch| snap.channel(ch).is_none())
-            .then_some(())
+            .filter_map(|c| c["conference"].as_str())
+            .collect();
+        (names == ["quiet"]).then_some(())
     })
     .await
-    .expect("hung up");
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.node.output()));
     let call = bus
         .call(
             &fixtures::id("node-a"),

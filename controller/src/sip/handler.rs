@@ -38,8 +38,8 @@ pub struct Outgoing {
 /// Where a provisional answer goes while its INVITE is still being routed: the transport
 /// the request came over.
 pub trait Early: Sync {
-    /// Sends `out` now.
-    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, ()>;
+    /// Sends `out` now; false when it was left out (see the TCP one).
+    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, bool>;
 }
 
 /// How long an INVITE may wait on routing before it gets `100 Trying` (RFC 3261 §17.2.1:
@@ -88,7 +88,7 @@ struct Latin1<'a> {
 }
 
 impl Early for Latin1<'_> {
-    fn send(&self, mut out: Outgoing) -> futures_util::future::BoxFuture<'_, ()> {
+    fn send(&self, mut out: Outgoing) -> futures_util::future::BoxFuture<'_, bool> {
         out.bytes = message::utf8_as_latin1(&out.bytes);
         self.inner.send(out)
     }
@@ -548,16 +548,18 @@ impl SipService {
                         },
                         () = &mut trying, if !tried => {
                             tried = true;
-                            self.transactions.provisional(key);
-                            self.count("INVITE", 100);
                             let trying = Response::new(100, "Trying");
-                            early
+                            let sent = early
                                 .send(Outgoing {
                                     bytes: response::build(req, &trying, "", source),
                                     to,
                                     resend: None,
                                 })
                                 .await;
+                            if sent {
+                                self.transactions.provisional(key);
+                                self.count("INVITE", 100);
+                            }
                         }
                     }
                 }

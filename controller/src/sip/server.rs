@@ -167,8 +167,11 @@ struct UdpEarly<'a> {
 }
 
 impl Early for UdpEarly<'_> {
-    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, ()> {
-        Box::pin(async move { send(self.socket, &out.bytes, out.to, self.local).await })
+    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, bool> {
+        Box::pin(async move {
+            send(self.socket, &out.bytes, out.to, self.local).await;
+            true
+        })
     }
 }
 
@@ -178,11 +181,10 @@ struct TcpEarly {
 }
 
 impl Early for TcpEarly {
-    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, ()> {
+    fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, bool> {
         // A provisional answer only: to a peer that reads so slowly that its answers back
         // up, it is left out rather than waited for with the INVITE's permits held.
-        let _ = self.tx.try_send(out.bytes);
-        Box::pin(std::future::ready(()))
+        Box::pin(std::future::ready(self.tx.try_send(out.bytes).is_ok()))
     }
 }
 
