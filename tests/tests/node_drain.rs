@@ -279,7 +279,9 @@ async fn a_drain_set_through_the_controller_keeps_its_start_across_a_redis_resta
 /// life's record until it expires, and still resumes the drain that record held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_drain_survives_a_crash_and_an_immediate_restart() {
-    let mut s = Single::start(&[]).await;
+    // A lease (three heartbeats) of 3 s: the restart must come while the record lives, and
+    // a loaded machine may take more than the harness's 600 ms to start a process.
+    let mut s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1s")]).await;
     let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
     assert_eq!(status, 200, "{body}");
     s.node.process().kill();
@@ -332,8 +334,15 @@ fn restart_resuming_the_drain(s: &mut Single) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_drains_deadline_carries_over_a_restart() {
     const DEADLINE: Duration = Duration::from_secs(8);
-    let (mut s, a, drained_at) =
-        admin_drained_with_a_caller("long-haul", &[("CONFROUTE_NODE__DRAIN_DEADLINE", "8s")]).await;
+    // A 3 s lease: the restart must come while the record lives, on a loaded machine too.
+    let (mut s, a, drained_at) = admin_drained_with_a_caller(
+        "long-haul",
+        &[
+            ("CONFROUTE_NODE__DRAIN_DEADLINE", "8s"),
+            ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1s"),
+        ],
+    )
+    .await;
     // Half the deadline passes in this life of the agent: the time itself is what is tested.
     tokio::time::sleep_until((drained_at + DEADLINE / 2).into()).await;
     restart_resuming_the_drain(&mut s);
@@ -346,9 +355,13 @@ async fn an_admin_drains_deadline_carries_over_a_restart() {
 /// once it is undrained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_deadline_is_exported_and_kept_across_a_restart() {
+    // A 3 s lease: the restart must come while the record lives, on a loaded machine too.
     let (mut s, _a, _) = admin_drained_with_a_caller(
         "deadline-gauge",
-        &[("CONFROUTE_NODE__DRAIN_DEADLINE", "10m")],
+        &[
+            ("CONFROUTE_NODE__DRAIN_DEADLINE", "10m"),
+            ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1s"),
+        ],
     )
     .await;
     let now = std::time::SystemTime::now()

@@ -211,7 +211,9 @@ async fn second_agent_is_refused(s: &Single) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_under_a_live_agents_node_id_refuses_to_start_and_takes_nothing() {
-    let mut s = Single::start(&[]).await;
+    // A 3 s lease: the restart at the end must come while the record lives, on a loaded
+    // machine too.
+    let mut s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1s")]).await;
     let store = fixtures::store(&s.cfg);
     let caller = dial(&s.sim, "phoenix", &[]).await;
     let bridge = wait_bridged(&s.sim, &caller).await;
