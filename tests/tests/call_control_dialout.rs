@@ -656,24 +656,7 @@ async fn a_dialout_placed_after_its_originate_timed_out_is_hung_up_as_it_rings()
     let sim = &c.node(&owner).sim;
     wait_request(sim, "hangup", "/ari/channels/dial-").await;
     sim.release_operation("originateWithId");
-    let gone = sim
-        .wait_for_event(WAIT, |e| {
-            e["type"] == "ChannelDestroyed"
-                && e["channel"]["id"]
-                    .as_str()
-                    .is_some_and(|id| id.starts_with("dial-"))
-        })
-        .await
-        .unwrap_or_else(|| panic!("the late call still rings: {:#?}", sim.snapshot()));
-    let callid = gone["channel"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert_never_joined(
-        sim,
-        &callid,
-        "the callee of a failed dial-out joined the conference",
-    );
+    assert_late_call_hung_up(sim, "the callee of a failed dial-out joined the conference").await;
 }
 
 /// A dial-out whose admission and originate would outlast `rpc.command_timeout` (Asterisk
@@ -710,24 +693,11 @@ async fn a_dialout_whose_originate_outlasts_its_budget_never_joins() {
     sim.release_operation("originateWithId");
     // The agent gave up on it within the budget, and hangs the call up.
     wait_request(sim, "hangup", "/ari/channels/dial-").await;
-    let gone = sim
-        .wait_for_event(WAIT, |e| {
-            e["type"] == "ChannelDestroyed"
-                && e["channel"]["id"]
-                    .as_str()
-                    .is_some_and(|id| id.starts_with("dial-"))
-        })
-        .await
-        .unwrap_or_else(|| panic!("the late call still rings: {:#?}", sim.snapshot()));
-    let callid = gone["channel"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert_never_joined(
+    assert_late_call_hung_up(
         sim,
-        &callid,
         "the callee of a dial-out given up at its deadline joined the conference",
-    );
+    )
+    .await;
 }
 
 /// Conference `conf` with one caller in it, its node's originates ringing until answered;
@@ -780,6 +750,25 @@ async fn ringing_dialout(conf: &str, to: &str) -> (Cluster, String, Client, Stri
         ["accepted", "ringing"]
     );
     (c, owner, ws, callid)
+}
+
+/// Waits for the dial-out Asterisk placed after the agent gave up on it to be hung up, and
+/// asserts it never entered a bridge; `what` says what that would mean.
+async fn assert_late_call_hung_up(sim: &TestSim, what: &str) {
+    let gone = sim
+        .wait_for_event(WAIT, |e| {
+            e["type"] == "ChannelDestroyed"
+                && e["channel"]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("dial-"))
+        })
+        .await
+        .unwrap_or_else(|| panic!("the late call still rings: {:#?}", sim.snapshot()));
+    let callid = gone["channel"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_never_joined(sim, &callid, what);
 }
 
 /// Asserts that the callee `callid` never entered a bridge; `what` says what that means.

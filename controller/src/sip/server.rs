@@ -540,53 +540,43 @@ async fn connection(
                     }
                 }
                 Frame::Message(len) => {
-                    let permit = match pending.clone().try_acquire_owned() {
+                    let permits = match pending.clone().try_acquire_owned() {
                         Ok(p) => Ok(p),
                         // Those waiting would only be joined by more waiting out the
                         // routing deadline, one connection's worth per deadline, with the
                         // rest of the stream unread: 503 now, and read on.
-                        Err(_) if !service.redis_ok() => {
-                            let message: Vec<u8> = buf.drain(..len).collect();
-                            scanned = 0;
-                            begun = None;
-                            if let Some(out) = service
-                                .handle_refusing(&message, peer, Refuse::RedisDown)
-                                .await
-                            {
+                        Err(_) if !service.redis_ok() => Err(Refuse::RedisDown),
+                        Err(_) => tokio::select! {
+                            permit = pending.clone().acquire_owned() => match permit {
+                                Ok(p) => Ok(p),
+                                Err(_) => break 'read,
+                            },
+                            () = tx.closed() => break 'read,
+                        },
+                    }
+                    // Over TCP nothing is retransmitted: an INVITE past the process-wide
+                    // limit is answered 503 now rather than dropped as over UDP.
+                    .and_then(|permit| {
+                        routing
+                            .clone()
+                            .try_acquire_owned()
+                            .map(|routing_permit| (permit, routing_permit))
+                            .map_err(|_| Refuse::Overloaded)
+                    });
+                    let message: Vec<u8> = buf.drain(..len).collect();
+                    scanned = 0;
+                    begun = None;
+                    let (permit, routing_permit) = match permits {
+                        Ok(p) => p,
+                        Err(why) => {
+                            if let Some(out) = service.handle_refusing(&message, peer, why).await {
                                 if tx.send(out.bytes).await.is_err() {
                                     break 'read;
                                 }
                             }
                             continue;
                         }
-                        Err(_) => tokio::select! {
-                            permit = pending.clone().acquire_owned() => permit,
-                            () = tx.closed() => break 'read,
-                        },
                     };
-                    let Ok(permit) = permit else {
-                        break 'read;
-                    };
-                    // Over TCP nothing is retransmitted: an INVITE past the process-wide
-                    // limit is answered 503 now rather than dropped as over UDP.
-                    let Ok(routing_permit) = routing.clone().try_acquire_owned() else {
-                        drop(permit);
-                        let message: Vec<u8> = buf.drain(..len).collect();
-                        scanned = 0;
-                        begun = None;
-                        if let Some(out) = service
-                            .handle_refusing(&message, peer, Refuse::Overloaded)
-                            .await
-                        {
-                            if tx.send(out.bytes).await.is_err() {
-                                break 'read;
-                            }
-                        }
-                        continue;
-                    };
-                    let message: Vec<u8> = buf.drain(..len).collect();
-                    scanned = 0;
-                    begun = None;
                     let (service, tx) = (service.clone(), tx.clone());
                     tokio::spawn(async move {
                         let early = TcpEarly { tx };
