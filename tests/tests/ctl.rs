@@ -500,8 +500,75 @@ async fn ctl_dials_out_and_follows_the_call() {
         assert!(ok, "{args:?}: {err}");
         assert!(out.contains(want), "{args:?}: {out}");
     }
+    // Media to one participant and to the whole conference; an option changed.
+    let plays = |target: &str| {
+        s.sim
+            .request_log()
+            .iter()
+            .filter(|r| {
+                r.operation
+                    .as_deref()
+                    .is_some_and(|o| o.starts_with("play"))
+                    && r.path.starts_with(target)
+            })
+            .count()
+    };
+    let to_caller = format!("/ari/channels/{a}/play");
+    let to_bridge = format!("/ari/bridges/{bridge}/play");
+    let before = (plays(&to_caller), plays(&to_bridge));
+    let (ok, out, err) = ctl_async(
+        &url,
+        &["participants", "play", "ctl-room", a.as_str(), "sound:beep"],
+    )
+    .await;
+    assert!(ok && out.contains("playing"), "{out}{err}");
+    assert_eq!(plays(&to_caller), before.0 + 1);
+    let (ok, out, err) = ctl_async(
+        &url,
+        &["conferences", "play", "ctl-room", "sound:conf-onlyperson"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "ctl-room: playing sound:conf-onlyperson");
+    assert_eq!(plays(&to_bridge), before.1 + 1);
+    let (ok, out, err) = ctl_async(
+        &url,
+        &[
+            "participants",
+            "update",
+            "ctl-room",
+            a.as_str(),
+            "--end-conference-on-exit",
+            "false",
+        ],
+    )
+    .await;
+    assert!(ok && out.contains("updated"), "{out}{err}");
+    // Nothing to change, or not a boolean: a command-line mistake, nothing sent.
+    for args in [
+        vec!["participants", "update", "ctl-room", a.as_str()],
+        vec![
+            "participants",
+            "update",
+            "ctl-room",
+            a.as_str(),
+            "--beep-on-exit",
+            "maybe",
+        ],
+    ] {
+        let (code, _, err) = ctl_async_code(&url, &args).await;
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+    }
     let snap = s.sim.snapshot();
     let caller = snap.channel(&a).expect("caller still there");
+    assert_eq!(
+        caller
+            .variables
+            .get("CONFROUTE_END_ON_EXIT")
+            .map(String::as_str),
+        Some("false"),
+        "the update reached the participant"
+    );
     assert_eq!(caller.dtmf_sent, "12#");
     assert!(!caller.bridge_mute, "muted, then unmuted");
     assert!(

@@ -168,6 +168,13 @@ enum ConfCmd {
         /// Conference name.
         name: String,
     },
+    /// Play media to everyone in a conference.
+    Play {
+        /// Conference name.
+        name: String,
+        /// Media URI, e.g. `sound:conf-onlyperson`.
+        media: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -229,6 +236,28 @@ enum PartCmd {
         participant: String,
         /// Target conference.
         to: String,
+    },
+    /// Play media to one participant.
+    Play {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+        /// Media URI, e.g. `sound:beep`.
+        media: String,
+    },
+    /// Change a participant's options (at least one).
+    Update {
+        /// Conference name.
+        conference: String,
+        /// Participant id.
+        participant: String,
+        /// Whether the conference ends when this participant leaves.
+        #[arg(long, value_name = "BOOL")]
+        end_conference_on_exit: Option<bool>,
+        /// Whether a beep plays when this participant leaves.
+        #[arg(long, value_name = "BOOL")]
+        beep_on_exit: Option<bool>,
     },
 }
 
@@ -773,6 +802,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await?;
                 done(&v, &format!("{name}: ended"));
             }
+            ConfCmd::Play { name, media } => {
+                let v = api
+                    .call(
+                        Method::POST,
+                        &["v1", "conferences", &name, "play"],
+                        Some(json!({"media": media})),
+                    )
+                    .await?;
+                done(&v, &format!("{name}: playing {media}"));
+            }
         },
         Cmd::Participants { cmd } => {
             // (method, conference, participant, action after the participant, body, done)
@@ -856,6 +895,45 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Some(json!({"digits": digits})),
                     "digits sent",
                 ),
+                PartCmd::Play {
+                    conference,
+                    participant,
+                    media,
+                } => (
+                    Method::POST,
+                    conference,
+                    participant,
+                    Some("play"),
+                    Some(json!({"media": media})),
+                    "playing",
+                ),
+                PartCmd::Update {
+                    conference,
+                    participant,
+                    end_conference_on_exit,
+                    beep_on_exit,
+                } => {
+                    let mut body = serde_json::Map::new();
+                    if let Some(v) = end_conference_on_exit {
+                        body.insert("endConferenceOnExit".into(), json!(v));
+                    }
+                    if let Some(v) = beep_on_exit {
+                        body.insert("beepOnExit".into(), json!(v));
+                    }
+                    if body.is_empty() {
+                        return Err(usage(
+                            "update needs --end-conference-on-exit or --beep-on-exit",
+                        ));
+                    }
+                    (
+                        Method::PATCH,
+                        conference,
+                        participant,
+                        None,
+                        Some(Value::Object(body)),
+                        "updated",
+                    )
+                }
                 PartCmd::Move {
                     conference,
                     participant,
