@@ -562,6 +562,7 @@ impl Conference {
         self.node.outbox.event(bus::Event {
             conference: self.name.to_string(),
             node: self.node.id.to_string(),
+            epoch: self.epoch,
             seq: self.seq,
             event: event.to_string(),
             data,

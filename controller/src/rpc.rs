@@ -919,7 +919,8 @@ async fn forward_events(session: Arc<Session>) {
                     }
                     let text = notification(
                         "event",
-                        json!({"conference": ev.conference, "node": ev.node, "seq": ev.seq,
+                        json!({"conference": ev.conference, "node": ev.node,
+                               "epoch": ev.epoch, "seq": ev.seq,
                                "event": ev.event, "data": ev.data}),
                     );
                     if gap || lost > 0 || session.try_queue(text).is_err() {

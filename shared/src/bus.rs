@@ -200,6 +200,10 @@ pub struct Event {
     pub conference: String,
     /// Publishing node.
     pub node: String,
+    /// The epoch of the conference's claim in the life the event belongs to: with the name
+    /// and node it tells one life from the next (0 from agents that did not say).
+    #[serde(default)]
+    pub epoch: u64,
     /// Per-conference sequence number on that node, so receivers can see order and gaps.
     pub seq: u64,
     /// Event type: `join`, `leave`, `mute`, `hold`, `talking`, `end`, `owner_change`, ...

@@ -130,6 +130,7 @@ async fn exercise(cfg: &RedisConfig) {
         node.publish_event(&Event {
             conference: "room".into(),
             node: "node-a".into(),
+            epoch: 1,
             seq,
             event: "join".into(),
             data: json!({}),

@@ -93,6 +93,21 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
     assert!(events
         .iter()
         .all(|e| e["conference"] == "events-1" && e["node"] == owner.as_str()));
+    // Every event names the life it belongs to: the claim's epoch in Redis.
+    let epoch: u64 = c
+        .redis
+        .query(
+            redis::cmd("HGET")
+                .arg(format!("{}conf:events-1", c.cfg.prefix))
+                .arg("epoch"),
+        )
+        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+        .and_then(|v| v.parse().ok())
+        .expect("epoch");
+    assert!(
+        events.iter().all(|e| e["epoch"] == json!(epoch)),
+        "{epoch}: {events:#?}"
+    );
     assert_eq!(events[1]["data"]["started_by"], a.as_str());
     assert_eq!(events[1]["data"]["no_longer_waiting"], json!([]));
     assert_eq!(events[5]["data"]["by"], "api");
@@ -116,6 +131,11 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
     let change = more.last().expect("owner_change");
     assert_eq!(change["data"]["owner"], other.as_str(), "{more:#?}");
     assert_eq!(change["seq"], json!(13));
+    assert_eq!(
+        change["epoch"],
+        json!(epoch),
+        "the life that lost its claim"
+    );
 
     // The last one out ends what is left of the conference here.
     sim.hangup_far_end(&a, 16).await.expect("a leaves");

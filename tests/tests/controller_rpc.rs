@@ -626,6 +626,7 @@ async fn commands_reach_the_owner_and_fail_fast_without_it() {
         node.publish_event(&Event {
             conference: conf.into(),
             node: "node-a".into(),
+            epoch: 1,
             seq,
             event: "join".into(),
             data: json!({"participant": format!("p{seq}")}),
@@ -795,6 +796,7 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
         node.publish_event(&Event {
             conference: "loud".into(),
             node: "node-a".into(),
+            epoch: 1,
             seq,
             event: "talking".into(),
             data: json!({ "pad": pad }),
