@@ -418,6 +418,11 @@ struct Conference {
     /// under way under a name this life does not know (ARI lists no live recordings), so
     /// none is started until Asterisk says it ended.
     recording_inherited: bool,
+    /// The mixing bridge the app follows for itself ([`AriClient::follow_bridge`]), so a
+    /// recording's end is heard however the mix emptied.
+    ///
+    /// [`AriClient::follow_bridge`]: crate::ari::AriClient::follow_bridge
+    followed: Option<String>,
     /// A recording of this life failed: a fault a new file would meet again (format, disk),
     /// so none is started any more.
     recording_failed: bool,
@@ -470,6 +475,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         record: Record::DoNotRecord,
         recording: None,
         recording_inherited: false,
+        followed: None,
         recording_failed: false,
         kept_recording: None,
         kept_started: false,
@@ -1186,6 +1192,26 @@ impl Conference {
     }
 
     /// Starts recording the mixing bridge, unless a recording of it is under way.
+    /// Has the app follow the mixing bridge for itself, once per bridge (see
+    /// [`Conference::followed`]); a failure is logged, and reconciliation still finds a
+    /// recording that ended unheard.
+    async fn follow_main(&mut self) {
+        if self.followed.as_deref() == Some(self.main.as_str()) || self.main.is_empty() {
+            return;
+        }
+        match self
+            .node
+            .ari
+            .follow_bridge(&self.node.cfg.ari.app, &self.main)
+            .await
+        {
+            Ok(()) => self.followed = Some(self.main.clone()),
+            Err(e) => {
+                tracing::warn!(conference = %self.name, bridge = %self.main, error = %e, "cannot follow the mixing bridge; a recording's end may be seen only at a reconciliation")
+            }
+        }
+    }
+
     async fn start_recording(&mut self) {
         if self.recording.is_some()
             || self.recording_inherited
@@ -1194,6 +1220,7 @@ impl Conference {
         {
             return;
         }
+        self.follow_main().await;
         let name = recording_name(&self.name, self.epoch);
         match self
             .node
@@ -1418,6 +1445,8 @@ impl Conference {
         if !self.recording_inherited {
             return;
         }
+        // Its end is awaited: heard however the mix empties.
+        self.follow_main().await;
         let live = match kept {
             None => return,
             Some(None) => None,

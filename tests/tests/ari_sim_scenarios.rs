@@ -1860,15 +1860,54 @@ async fn the_last_member_leaving_takes_the_music_and_the_recording_along() {
         &format!("/bridges/mix-1/removeChannel?channel={a}"),
     )
     .await;
+    // The app followed the bridge only through its member: that subscription goes as the
+    // member leaves (it stays in Stasis), before the lonely Recorder leaves, so the app does
+    // not hear the recording end (res/stasis/control.c `internal_bridge_after_cb`, the
+    // `stasis_app_exec` loop in res_stasis.c). The next event it hears is the member's
+    // return.
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/mix-1/addChannel?channel={a}"),
+    )
+    .await;
+    expect_seq(
+        &mut ws,
+        is("ChannelEnteredBridge"),
+        &["ChannelLeftBridge", "ChannelEnteredBridge"],
+    )
+    .await;
+    assert!(sim
+        .snapshot()
+        .bridge("mix-1")
+        .is_some_and(|b| b.recording.is_none()));
+    // An app that follows the bridge for itself hears it.
+    ok(
+        &c,
+        "POST",
+        "/applications/confroute/subscription?eventSource=bridge:mix-1",
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        "/bridges/mix-1/record?name=lonely-rec-2&format=wav",
+    )
+    .await;
+    ws.until(WAIT, is("RecordingStarted"))
+        .await
+        .expect("recording");
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/mix-1/removeChannel?channel={a}"),
+    )
+    .await;
     let evs = expect_seq(
         &mut ws,
         is("RecordingFinished"),
         &["ChannelLeftBridge", "RecordingFinished"],
     )
     .await;
-    assert_eq!(str_at(&evs[1], "/recording/name"), "lonely-rec");
-    assert!(sim
-        .snapshot()
-        .bridge("mix-1")
-        .is_some_and(|b| b.recording.is_none()));
+    assert_eq!(str_at(&evs[1], "/recording/name"), "lonely-rec-2");
 }

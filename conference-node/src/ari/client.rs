@@ -702,6 +702,23 @@ impl AriClient {
         .map(drop)
     }
 
+    /// `POST /applications/{app}/subscription?eventSource=bridge:{id}`: the app follows the
+    /// bridge for itself, not only through the channels in it. Asterisk drops a bridge
+    /// subscription that came through a channel when the channel moves out, before the
+    /// bridge's lonely Recorder leaves, so a recording's end would go unheard.
+    pub async fn follow_bridge(&self, app: &str, bridge: &str) -> Result<(), AriError> {
+        let path = format!("/applications/{}/subscription", encode(app));
+        let source = format!("bridge:{bridge}");
+        self.call(
+            "subscribe",
+            Method::Post,
+            &path,
+            &[("eventSource", &source)],
+        )
+        .await
+        .map(drop)
+    }
+
     /// `DELETE /playbacks/{id}`; a playback already finished is fine.
     pub async fn stop_playback(&self, id: &str) -> Result<(), AriError> {
         let path = format!("/playbacks/{}", encode(id));

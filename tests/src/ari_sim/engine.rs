@@ -1082,7 +1082,7 @@ impl State {
         let bridge = ch.bridge.clone();
         self.flush_commands(id);
         if let Some(bid) = bridge {
-            self.bridge_remove(core, &bid, id, true);
+            self.bridge_remove(core, &bid, id, Leave::LeftStasis);
         }
         if let Some(ch) = self.channels.get_mut(id) {
             ch.stasis = None;
@@ -1289,7 +1289,7 @@ impl State {
         // `control_add_channel_to_bridge` departs the channel's current Stasis bridge first,
         // the one it is added to included, then imparts it again with the new features.
         if let Some(old) = ch.bridge.clone() {
-            self.bridge_remove(core, &old, cid, true);
+            self.bridge_remove(core, &old, cid, Leave::Moved);
         }
         let Some(b) = self.bridges.get_mut(bid) else {
             return;
@@ -1313,7 +1313,7 @@ impl State {
     }
 
     /// Takes a channel out of a bridge (`ChannelLeftBridge`); `unsubscribe` drops its app's interest.
-    pub fn bridge_remove(&mut self, core: &Core, bid: &str, cid: &str, unsubscribe: bool) {
+    pub fn bridge_remove(&mut self, core: &Core, bid: &str, cid: &str, how: Leave) {
         let Some(b) = self.bridges.get_mut(bid) else {
             return;
         };
@@ -1348,10 +1348,23 @@ impl State {
             .with("bridge", self.brg_json(bid));
         ev.bridges.push(bid.to_string());
         self.emit(core, ev);
+        // A member moved to another bridge (or removed) stays in Stasis: the app's bridge
+        // subscription through it is dropped as it leaves (`internal_bridge_after_cb` in
+        // res/stasis/control.c, then the `stasis_app_exec` loop in res_stasis.c), before the
+        // lonely Recorder leaves, so the recording's end reaches only apps that follow the
+        // bridge otherwise (`POST /applications/{app}/subscribe`). One that left Stasis
+        // (hung up) keeps it until after: the loop ends before its unsubscribe.
+        let in_stasis = !matches!(how, Leave::LeftStasis);
+        let unsubscribe = !matches!(how, Leave::Destroyed);
+        if unsubscribe && in_stasis {
+            if let Some(app) = &app {
+                self.unsub_bridge(app, bid);
+            }
+        }
         if let Some(rec) = rec {
             self.finish_recording(core, &rec, "done");
         }
-        if unsubscribe {
+        if unsubscribe && !in_stasis {
             if let Some(app) = app {
                 self.unsub_bridge(&app, bid);
             }
@@ -1379,7 +1392,7 @@ impl State {
             self.finish_recording(core, &rec, "done");
         }
         for cid in &members {
-            self.bridge_remove(core, bid, cid, false);
+            self.bridge_remove(core, bid, cid, Leave::Destroyed);
         }
         let mut ev = Ev::new("BridgeDestroyed").with("bridge", self.brg_json(bid));
         ev.bridges.push(bid.to_string());
@@ -2235,4 +2248,15 @@ fn dial_status_of(cause: i64) -> &'static str {
         3 | 20 => "CHANUNAVAIL",
         _ => "NOANSWER",
     }
+}
+
+/// How a channel leaves a bridge, which decides when its app stops following the bridge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leave {
+    /// Moved to another bridge or removed: it stays in Stasis.
+    Moved,
+    /// Out of Stasis (hung up, or continued in the dialplan).
+    LeftStasis,
+    /// The bridge is being destroyed: subscriptions go with it.
+    Destroyed,
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use super::engine::{
-    AfterAnswer, Bridge, ChanState, Core, Ev, HangupRequest, Playback, Recording, State, Target,
+    AfterAnswer, Bridge, ChanState, Core, Ev, HangupRequest, Leave, Playback, Recording, State,
+    Target,
 };
 use super::http::{ApiErr, ApiResult, Req, Resp};
 use super::scenario::reason_cause;
@@ -629,7 +630,7 @@ pub(crate) fn bridge_remove_channel(core: &Arc<Core>, req: &mut Req) -> ApiResul
                 State::call_channel_command(&core, &mut st, &c, move |core, st| {
                     // `app_control_remove_channel_from_bridge` departs only its own bridge.
                     if st.channels.get(&c2).and_then(|ch| ch.bridge.as_deref()) == Some(&id) {
-                        st.bridge_remove(core, &id, &c2, true);
+                        st.bridge_remove(core, &id, &c2, Leave::Moved);
                     }
                 })
             };
