@@ -1845,21 +1845,7 @@ async fn the_last_member_leaving_takes_the_music_and_the_recording_along() {
     ws.until(WAIT, is("ChannelEnteredBridge"))
         .await
         .expect("entered");
-    ok(
-        &c,
-        "POST",
-        "/bridges/mix-1/record?name=lonely-rec&format=wav",
-    )
-    .await;
-    ws.until(WAIT, is("RecordingStarted"))
-        .await
-        .expect("recording");
-    ok(
-        &c,
-        "POST",
-        &format!("/bridges/mix-1/removeChannel?channel={a}"),
-    )
-    .await;
+    record_then_empty(&c, &mut ws, "lonely-rec", &a).await;
     // The app followed the bridge only through its member: that subscription goes as the
     // member leaves (it stays in Stasis), before the lonely Recorder leaves, so the app does
     // not hear the recording end (res/stasis/control.c `internal_bridge_after_cb`, the
@@ -1888,21 +1874,7 @@ async fn the_last_member_leaving_takes_the_music_and_the_recording_along() {
         "/applications/confroute/subscription?eventSource=bridge:mix-1",
     )
     .await;
-    ok(
-        &c,
-        "POST",
-        "/bridges/mix-1/record?name=lonely-rec-2&format=wav",
-    )
-    .await;
-    ws.until(WAIT, is("RecordingStarted"))
-        .await
-        .expect("recording");
-    ok(
-        &c,
-        "POST",
-        &format!("/bridges/mix-1/removeChannel?channel={a}"),
-    )
-    .await;
+    record_then_empty(&c, &mut ws, "lonely-rec-2", &a).await;
     let evs = expect_seq(
         &mut ws,
         is("RecordingFinished"),
@@ -1910,4 +1882,23 @@ async fn the_last_member_leaving_takes_the_music_and_the_recording_along() {
     )
     .await;
     assert_eq!(str_at(&evs[1], "/recording/name"), "lonely-rec-2");
+}
+
+/// Records bridge `mix-1` as `name`, then takes its only member `member` out of it.
+async fn record_then_empty(c: &AriClient, ws: &mut EventStream, name: &str, member: &str) {
+    ok(
+        c,
+        "POST",
+        &format!("/bridges/mix-1/record?name={name}&format=wav"),
+    )
+    .await;
+    ws.until(WAIT, is("RecordingStarted"))
+        .await
+        .expect("recording");
+    ok(
+        c,
+        "POST",
+        &format!("/bridges/mix-1/removeChannel?channel={member}"),
+    )
+    .await;
 }
