@@ -1535,7 +1535,9 @@ impl Conference {
         let waiting: Vec<String> = self
             .participants
             .iter()
-            .filter(|(_, p)| p.waiting && !p.held && !p.moving)
+            // One being transferred to another node would hold the whole group's move up
+            // until its transfer ends; it stays waiting (see `check_redirects`).
+            .filter(|(_, p)| p.waiting && !p.held && !p.moving && !p.redirected)
             .map(|(id, _)| id.clone())
             .collect();
         // A participant's announcement would hold its move until it ends.
@@ -2023,7 +2025,7 @@ impl Conference {
             let stranded: Vec<(String, Options)> = self
                 .participants
                 .iter()
-                .filter(|(_, p)| (p.waiting || p.held) && !p.moving)
+                .filter(|(_, p)| (p.waiting || p.held) && !p.moving && !p.redirected)
                 .map(|(id, p)| (id.clone(), p.options.clone()))
                 .collect();
             if stranded.is_empty() {

@@ -1872,6 +1872,147 @@ async fn a_redirect_the_far_end_refuses_is_reported_and_the_participant_stays() 
     );
 }
 
+/// Conference `from` on one node with callers a and b, `to` on the other with a caller; a's
+/// phone refuses transfers, and a is moved to `to`: the redirect is answered and the
+/// transfer stays under way. Returns the cluster's `from` simulator, a, b and a client
+/// subscribed to `from`.
+async fn a_transfer_under_way<'a>(
+    c: &'a Cluster,
+    from: &str,
+    to: &str,
+    a_options: &[(&str, &str)],
+) -> (&'a TestSim, String, String, Client) {
+    let owner = c.route(0, from).await;
+    let sim = &c.node(&owner).sim;
+    let other = c.other(&owner);
+    let a = dial(sim, from, a_options).await;
+    wait_bridged(sim, &a).await;
+    let b = dial(sim, from, a_options).await;
+    wait_bridged(sim, &b).await;
+    let far = dial(&other.sim, to, &[]).await;
+    wait_bridged(&other.sim, &far).await;
+    sim.refuse_transfers(&a);
+    let mut ws = c.client(0).await;
+    ws.ok("subscribe", json!({ "conference": from })).await;
+    let r = ws
+        .ok(
+            "participant.move",
+            json!({"conference": from, "participant": a, "to": to}),
+        )
+        .await;
+    assert_eq!(r["moved"], "redirect", "{r}");
+    (sim, a, b, ws)
+}
+
+/// Asterisk runs none of a channel's commands while its REFER is under way (`ast_transfer`
+/// reads the channel until the far end says how it ended): a hold, mute, play, update or
+/// another move of a participant being transferred to another node is refused at once, as
+/// one of a caller being moved within the node is, rather than wait on Asterisk with the
+/// conference held up. A kick still hangs it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_a_caller_being_transferred_to_another_node_are_refused() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let (sim, a, b, mut ws) = a_transfer_under_way(&c, "xfer-from", "xfer-to", &[]).await;
+    // The far end's refusal comes after the simulator's ring time: a command let through
+    // would then be carried out.
+    for method in [
+        "participant.hold",
+        "participant.mute",
+        "participant.play",
+        "participant.move",
+        "participant.update",
+    ] {
+        let mut params = json!({"conference": "xfer-from", "participant": a});
+        match method {
+            "participant.move" => params["to"] = json!("xfer-to"),
+            "participant.update" => params["endConferenceOnExit"] = json!(true),
+            "participant.play" => params["media"] = json!("sound:beep"),
+            _ => {}
+        }
+        let (code, msg) = ws.err(method, params).await;
+        assert_eq!(code, -32006, "{method}: {msg}");
+        assert!(msg.contains("transferred"), "{method}: {msg}");
+    }
+    let main = sim
+        .snapshot()
+        .channel(&a)
+        .and_then(|ch| ch.bridge.clone())
+        .expect("a is still in a bridge");
+    assert!(
+        sim.snapshot().channel(&a).is_some_and(|ch| ch.transferring),
+        "the test checks commands during the transfer"
+    );
+    until(sim, "the transfer refused", |s| {
+        s.channel(&a).is_some_and(|ch| !ch.transferring)
+    })
+    .await;
+    assert_eq!(
+        sim.snapshot().channel(&a).and_then(|ch| ch.bridge.clone()),
+        Some(main),
+        "nothing was carried out after the refusal"
+    );
+    let list = ws
+        .ok("participant.list", json!({"conference": "xfer-from"}))
+        .await;
+    assert_eq!(participant(&list, &a)["held"], false, "{list}");
+    assert_eq!(participant(&list, &a)["muted"], false, "{list}");
+    // Other participants are not held up.
+    ws.ok(
+        "participant.hold",
+        json!({"conference": "xfer-from", "participant": b}),
+    )
+    .await;
+    ws.ok(
+        "participant.kick",
+        json!({"conference": "xfer-from", "participant": a}),
+    )
+    .await;
+    until(sim, "a hung up", |s| s.channel(&a).is_none()).await;
+}
+
+/// A starter joining while a waiter is being transferred to another node moves the other
+/// waiters into the mix without it: Asterisk adds a list of channels only once each is free,
+/// so the transfer would hold the whole start up. The waiter stays in the holding bridge;
+/// had its phone refused the transfer, it joins at a reconciliation after `move_failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_leaves_a_waiter_being_transferred_to_another_node_waiting() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
+    let (sim, a, b, mut ws) = a_transfer_under_way(&c, "xfer-wait", "xfer-far", &waits).await;
+    let holding = sim
+        .snapshot()
+        .channel(&a)
+        .and_then(|ch| ch.bridge.clone())
+        .expect("a waits in the holding bridge");
+    let starter = dial(sim, "xfer-wait", &[]).await;
+    let main = wait_bridged(sim, &starter).await;
+    let started = ws
+        .notification_where("event", WAIT, |p| p["event"] == "start")
+        .await
+        .expect("start");
+    assert_eq!(
+        started["params"]["data"]["no_longer_waiting"],
+        json!([b.clone()]),
+        "{started}"
+    );
+    until(sim, "b in the mix", |s| {
+        s.channel(&b).and_then(|ch| ch.bridge.as_deref()) == Some(main.as_str())
+    })
+    .await;
+    // Past the far end's refusal, when anything queued for a would have run.
+    until(sim, "the transfer refused", |s| {
+        s.channel(&a).is_some_and(|ch| !ch.transferring)
+    })
+    .await;
+    let snap = sim.snapshot();
+    assert_eq!(
+        snap.channel(&a).and_then(|ch| ch.bridge.clone()),
+        Some(holding),
+        "a still waits"
+    );
+    assert_eq!(entries(sim, &a, &main), 0, "a was never added to the mix");
+}
+
 /// An unmute reaches Asterisk even when the agent takes the participant for unmuted
 /// already (here another ARI client muted the channel behind its back; an adopted
 /// participant whose options could not be read is taken for unmuted too): the channel's own

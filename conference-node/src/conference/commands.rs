@@ -52,6 +52,17 @@ fn moving(ch: &str) -> BusError {
     )
 }
 
+/// A participant redirected to another node whose transfer has not ended either way: Asterisk
+/// runs none of its channel's commands until the far end says how the REFER ended
+/// (`ast_transfer` reads the channel till then), and a bridge move waiting there would hold
+/// the conference up. It ends with the participant's leave, or with `move_failed`.
+fn transferring(ch: &str) -> BusError {
+    BusError::new(
+        ErrorCode::Forbidden,
+        format!("participant `{ch}` is being transferred to another node; it leaves when its phone takes the transfer, or stays and `move_failed` follows"),
+    )
+}
+
 /// Who holds a participant: `api` (call control), `caller` (its own phone), or both.
 fn held_by(api: bool, caller: bool) -> Vec<&'static str> {
     [(api, "api"), (caller, "caller")]
@@ -372,14 +383,20 @@ impl Conference {
         match self.participants.get(ch) {
             None => Err(not_found(ch)),
             Some(p) if p.moving => Err(moving(ch)),
+            Some(p) if p.redirected => Err(transferring(ch)),
             Some(p) => Ok(p),
         }
     }
 
     async fn kick(&mut self, ch: &str) -> Result<Value, BusError> {
         let ringing = self.dialing.contains_key(ch);
-        if !ringing {
-            self.settled(ch)?;
+        // One being transferred can be hung up: Asterisk's hangup does not wait in its
+        // channel's queue.
+        match self.participants.get(ch) {
+            _ if ringing => {}
+            None => return Err(not_found(ch)),
+            Some(p) if p.moving => return Err(moving(ch)),
+            Some(_) => {}
         }
         if let Err(e) = self.node.hang_up(ch, CAUSE_NORMAL).await {
             // The application hears the kick failed: nothing is to carry it out later.

@@ -281,6 +281,9 @@ pub(crate) struct Channel {
     pub originated: bool,
     pub recording: Option<String>,
     pub redirected_to: Option<String>,
+    /// A REFER of a `redirect` is under way: `ast_transfer` (main/channel.c) reads the
+    /// channel until the transfer's result or its hangup, holding its command queue.
+    pub transferring: bool,
     /// Its Stasis control is done (`control_mark_done`: a `continue` ran, or it hung up):
     /// the commands already queued still run, later ones are refused, and it leaves Stasis
     /// once its queue is empty.
@@ -534,6 +537,7 @@ impl State {
                 .values()
                 .any(|r| r.target == target && r.running)
             || self.queued_commands.iter().any(|c| c.channel == channel)
+            || self.channels.get(channel).is_some_and(|c| c.transferring)
     }
 
     /// The end of a dispatch pass (`control_dispatch_all` found the queue empty): a channel
@@ -1002,6 +1006,7 @@ impl State {
                 originated: false,
                 recording: None,
                 redirected_to: None,
+                transferring: false,
             },
         );
         if let Some(ch) = self.channels.get_mut(&id) {
@@ -1481,13 +1486,14 @@ impl State {
     /// arrival order; a channel whose queue is empty ends its pass (`end_of_pass`).
     fn dispatch_queue(core: &Arc<Core>, st: &mut State, target: &Target) {
         let id = loop {
-            if matches!(target, Target::Channel(_))
-                && st
+            if let Target::Channel(c) = target {
+                let recording = st
                     .recordings
                     .values()
-                    .any(|r| &r.target == target && r.running)
-            {
-                return;
+                    .any(|r| &r.target == target && r.running);
+                if recording || st.channels.get(c).is_some_and(|ch| ch.transferring) {
+                    return;
+                }
             }
             if st
                 .playbacks
@@ -1713,6 +1719,16 @@ impl State {
             .target_ev(core, "RecordingFailed", &rec.target)
             .with("recording", v);
         self.emit(core, ev);
+    }
+
+    /// The result of a channel's transfer arrived (`AST_CONTROL_TRANSFER`): its queued
+    /// commands and playbacks go on.
+    pub fn end_transfer(core: &Arc<Core>, st: &mut State, channel: &str) {
+        let Some(ch) = st.channels.get_mut(channel).filter(|c| c.transferring) else {
+            return;
+        };
+        ch.transferring = false;
+        Self::dispatch_queue(core, st, &Target::Channel(channel.to_string()));
     }
 
     /// Ends a live recording ([`State::finish_recording`]); a channel's queued commands and
@@ -2042,7 +2058,10 @@ pub struct ChannelSnapshot {
     pub recording: Option<String>,
     /// Where ARI redirected it (`POST /channels/{id}/redirect`).
     pub redirected_to: Option<String>,
-    /// Commands waiting in its queue (behind a playback, a recording or earlier commands).
+    /// The REFER of a redirect is under way: its commands wait.
+    pub transferring: bool,
+    /// Commands waiting in its queue (behind a playback, a recording, a transfer or
+    /// earlier commands).
     pub queued_commands: usize,
 }
 
@@ -2193,6 +2212,7 @@ impl State {
                     caller_number: c.caller_number.clone(),
                     recording: c.recording.clone(),
                     redirected_to: c.redirected_to.clone(),
+                    transferring: c.transferring,
                     queued_commands: self
                         .queued_commands
                         .iter()

@@ -1293,8 +1293,13 @@ pub(crate) fn redirect(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     }
     let channel = id.clone();
     State::run_channel_command(core, &mut st, &id, move |core, st| {
+        // chan_pjsip's `transfer()`: an unanswered call is answered 302, its transfer done at
+        // once (`transfer_redirect`); an answered one gets a REFER, and `ast_transfer` holds
+        // the channel's command queue until the far end's NOTIFY says how it ended, or the
+        // call ends (`transfer_refer`, `ast_transfer` in main/channel.c).
         if let Some(ch) = st.channels.get_mut(&channel) {
             ch.redirected_to = Some(endpoint);
+            ch.transferring = ch.state == ChanState::Up;
         }
         // `app_control_redirect` ignores how the transfer ends: a far end that refuses it
         // leaves the channel as it was, and ARI says nothing.
@@ -1303,12 +1308,13 @@ pub(crate) fn redirect(core: &Arc<Core>, req: &mut Req) -> ApiResult {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&channel);
-        if refused {
-            return;
-        }
         let epoch = st.epoch;
         super::engine::schedule(core, epoch, core.cfg.ring_time, move |core, st| {
-            st.hangup(core, &channel, 16, Some(HangupRequest::Remote));
+            if refused {
+                State::end_transfer(core, st, &channel);
+            } else {
+                st.hangup(core, &channel, 16, Some(HangupRequest::Remote));
+            }
         });
     });
     no_content()
