@@ -948,7 +948,9 @@ impl Conference {
     fn waiting_starter(&self) -> Option<String> {
         self.participants
             .iter()
-            .find(|(_, p)| p.waiting && !p.held && !p.moving && p.options.start_on_enter)
+            .find(|(_, p)| {
+                p.waiting && !p.held && !p.moving && !p.redirected && p.options.start_on_enter
+            })
             .map(|(id, _)| id.clone())
     }
 
@@ -1001,7 +1003,7 @@ impl Conference {
         if !self.started {
             return;
         }
-        let waiter = |p: &Participant| p.waiting && !p.held && !p.moving;
+        let waiter = |p: &Participant| p.waiting && !p.held && !p.moving && !p.redirected;
         if !self.participants.values().any(waiter) {
             return;
         }

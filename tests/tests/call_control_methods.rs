@@ -1195,6 +1195,98 @@ async fn a_refused_move_gives_back_a_starter_that_starts_the_conference_it_retur
     wait_bridged(sim, &y).await;
 }
 
+/// Waits until `conference` lists `n` participants.
+async fn wait_listed(ws: &mut Client, conference: &str, n: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while ids(&ws
+        .ok("participant.list", json!({ "conference": conference }))
+        .await)
+    .len()
+        != n
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{conference} lists {n} participants"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A waiter whose move to another conference of the node is refused comes back to its
+/// conference. When that one started meanwhile (its start skipped the waiter, then on its
+/// way out), the waiter joins the mix at once, not at the next reconciliation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_move_is_refused_joins_the_conference_that_started_meanwhile() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "late-from").await;
+    let sim = &c.node(&owner).sim;
+    let w = dial(sim, "late-from", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
+    wait_bridged(sim, &w).await;
+    let x = dial(sim, "late-to", &[("CONFROUTE_MAX_PARTICIPANTS", "2")]).await;
+    wait_bridged(sim, &x).await;
+    let mut ws = c.client(0).await;
+    wait_listed(&mut ws, "late-from", 1).await;
+    wait_listed(&mut ws, "late-to", 1).await;
+    let (y, moved) =
+        move_behind_a_filling_target(&c, sim, &mut ws, "late-from", &w, "late-to").await;
+    // A starter joins while the waiter is on its way out: the conference starts without it.
+    let starter = dial(sim, "late-from", &[]).await;
+    wait_for_async("the starter being added", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 2).then_some(())
+    })
+    .await
+    .expect("the source adds the starter");
+    sim.release_operation("answer addChannel");
+    let (code, msg) = moved.await.expect("the move's answer");
+    assert_eq!(code, -32005, "the target is full: {msg}");
+    let main = wait_bridged(sim, &starter).await;
+    until(sim, "the waiter in the started conference's mix", |snap| {
+        snap.channel(&w).and_then(|ch| ch.bridge.as_deref()) == Some(main.as_str())
+    })
+    .await;
+    assert!(!waiting(&mut ws, "late-from", &w).await);
+    wait_bridged(sim, &y).await;
+}
+
+/// With `conference.lone_starter_waits`, a starter waiting alone that is put on hold, and
+/// taken off hold once another caller came, starts the conference with that caller then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unheld_lone_starter_starts_the_conference_with_who_came_meanwhile() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(1, "unhold-start").await;
+    let sim = &c.node(&owner).sim;
+    let s = dial(sim, "unhold-start", &[]).await;
+    let holding = wait_bridged(sim, &s).await;
+    let mut ws = c.client(0).await;
+    wait_listed(&mut ws, "unhold-start", 1).await;
+    let who = json!({"conference": "unhold-start", "participant": s});
+    ws.ok("participant.hold", who.clone()).await;
+    let n = dial(
+        sim,
+        "unhold-start",
+        &[("CONFROUTE_START_ON_ENTER", "false")],
+    )
+    .await;
+    assert_eq!(wait_bridged(sim, &n).await, holding);
+    wait_listed(&mut ws, "unhold-start", 2).await;
+    ws.ok("participant.unhold", who).await;
+    until(sim, "both mixed", |snap| {
+        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
+        bridge(&s).is_some_and(|b| {
+            bridge(&n).as_deref() == Some(b.as_str())
+                && snap.bridge(&b).is_some_and(|b| b.bridge_type == "mixing")
+        })
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_older_than_an_end_does_not_take_back_a_caller_moving_out() {
     let c = Cluster::start(

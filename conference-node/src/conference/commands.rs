@@ -373,6 +373,9 @@ impl Conference {
         );
         if !on {
             self.tidy_holding().await;
+            // A starter back from hold may make a start with whoever came meanwhile
+            // (`lone_starter_waits`); nothing else would look again.
+            self.start_if_due().await;
         }
         self.publish();
         Ok(json!({}))
@@ -626,8 +629,10 @@ impl Conference {
                 self.sync_caller_hold(ch);
             }
             // Not counted while it was on its way out: with it back, the waiters may make a
-            // start now.
+            // start now. A waiter that a start skipped while it was on its way out joins the
+            // mix now.
             self.start_if_due().await;
+            self.finish_cut_short_start().await;
         }
     }
 
