@@ -1848,11 +1848,17 @@ impl Conference {
             }
         }
         // A caller being moved to another conference of this node is the target's now:
-        // should the target refuse it after all, `moved_out` hangs it up.
-        let remaining: Vec<(String, Participant)> = std::mem::take(&mut self.participants)
+        // should the target refuse it after all, `moved_out` hangs it up. It leaves this one
+        // by its move, and is told so before the end.
+        let (moving, remaining): (Vec<_>, Vec<_>) = std::mem::take(&mut self.participants)
             .into_iter()
-            .filter(|(_, p)| !p.moving)
-            .collect();
+            .partition(|(_, p)| p.moving);
+        for (ch, p) in &moving {
+            self.node.metrics.leaves.with_label_values(&["moved"]).inc();
+            let (why, call_status) = twilio_leave("moved");
+            self.callback_left(ch, p, why, call_status);
+            self.emit("leave", json!({"participant": ch, "reason": "moved"}));
+        }
         let why = twilio_leave_at_end(reason);
         for (ch, p) in &remaining {
             self.node

@@ -935,6 +935,7 @@ async fn ending_a_conference_during_a_move_keeps_the_caller_being_moved() {
     let (sim, a, b, x, mut ws) = two_conferences_on_one_node(&c, "from-2", "to-2", &[]).await;
     // The target has added the caller to its bridge; the answer is held while the source
     // conference is ended.
+    ws.ok("subscribe", json!({"conference": "from-2"})).await;
     let moved = held_move(&c, sim, "from-2", &a, "to-2").await;
     ws.ok("conference.end", json!({"conference": "from-2"}))
         .await;
@@ -943,6 +944,30 @@ async fn ending_a_conference_during_a_move_keeps_the_caller_being_moved() {
         16,
         "the one who stayed is hung up"
     );
+    // Subscribers hear both leave before the end: the caller being moved by its move.
+    let mut left = Vec::new();
+    loop {
+        let ev = ws
+            .notification("event", WAIT)
+            .await
+            .expect("the ended conference's events");
+        let p = &ev["params"];
+        match p["event"].as_str() {
+            Some("leave") => left.push((
+                p["data"]["participant"].as_str().unwrap_or("").to_string(),
+                p["data"]["reason"].as_str().unwrap_or("").to_string(),
+            )),
+            Some("end") => break,
+            _ => {}
+        }
+    }
+    left.sort();
+    let mut want = vec![
+        (a.clone(), "moved".to_string()),
+        (b.clone(), "conference_ended".to_string()),
+    ];
+    want.sort();
+    assert_eq!(left, want);
     let store = fixtures::store(&c.cfg);
     wait_for_async("the ended conference's claim released", WAIT, || async {
         let rec = store.lookup(&"from-2".parse().ok()?).await.ok()?;
