@@ -1625,6 +1625,8 @@ impl Conference {
     }
 
     async fn join_failed(&mut self, ch: &str, e: &AriError) {
+        // No longer being brought in: counted no more.
+        self.admitting = false;
         // A caller hanging up while a request for it waits in its channel's queue gets that
         // request a plain failure (`answer`: 500); whether the channel is still there tells.
         // Only then: asking after a timeout would hold this conference up for another one.
@@ -2481,12 +2483,14 @@ impl Conference {
         self.node.publish(&self.name, Some(view));
     }
 
-    /// Publishes the view and records the participant count in Redis (owner-only write).
     /// Who keeps the conference at its home: participants and dial-outs ringing into it.
+    /// The caller being admitted counts too: a count written while it is being brought in
+    /// (a recording restarted by its add) would otherwise say 0 for a live conference.
     fn people(&self) -> u32 {
-        (self.participants.len() + self.dialing.len()) as u32
+        (self.participants.len() + self.dialing.len() + usize::from(self.admitting)) as u32
     }
 
+    /// Publishes the view and records the participant count in Redis (owner-only write).
     async fn counts_changed(&mut self) {
         self.publish();
         if self.phase != Phase::Active {
