@@ -409,6 +409,9 @@ struct Conference {
     main_created_at: Instant,
     holding: String,
     holding_created: bool,
+    /// The holding bridge's wait music did not start: asked again for the next caller put
+    /// there.
+    holding_music_failed: bool,
     started: bool,
     participants: BTreeMap<String, Participant>,
     max_participants: u32,
@@ -469,6 +472,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         main_created_at: Instant::now(),
         holding: String::new(),
         holding_created: false,
+        holding_music_failed: false,
         started: false,
         participants: BTreeMap::new(),
         max_participants: 0,
@@ -1157,16 +1161,24 @@ impl Conference {
     }
 
     async fn ensure_holding(&mut self, moh: &str) -> Result<(), AriError> {
-        if self.holding_created {
+        if self.holding_created && !self.holding_music_failed {
             return Ok(());
         }
-        self.node
-            .ari
-            .create_bridge(&self.holding, "holding", self.name.as_str())
-            .await?;
-        self.holding_created = true;
-        if let Err(e) = self.node.ari.start_bridge_moh(&self.holding, moh).await {
-            tracing::warn!(conference = %self.name, error = %e, "cannot start wait music");
+        if !self.holding_created {
+            self.node
+                .ari
+                .create_bridge(&self.holding, "holding", self.name.as_str())
+                .await?;
+            self.holding_created = true;
+        }
+        // Music that did not start is asked again for the next caller put here, rather than
+        // leave everyone waiting in silence for the bridge's life.
+        match self.node.ari.start_bridge_moh(&self.holding, moh).await {
+            Ok(()) => self.holding_music_failed = false,
+            Err(e) => {
+                self.holding_music_failed = true;
+                tracing::warn!(conference = %self.name, error = %e, "cannot start wait music; asking again for the next caller who waits")
+            }
         }
         Ok(())
     }

@@ -149,6 +149,35 @@ async fn a_burst_of_callers_stays_within_asterisks_http_session_limit() {
     );
 }
 
+/// Wait music the holding bridge could not start (Asterisk did not answer) is asked again
+/// for the next caller who waits, rather than leave every waiter in silence for as long as
+/// the bridge lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_music_that_did_not_start_is_asked_again_for_the_next_waiter() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "1s"),
+    ])
+    .await;
+    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
+    s.sim.lose_operation("startMoh");
+    let w1 = dial(&s.sim, "quiet-room", &waits).await;
+    let holding = wait_bridged(&s.sim, &w1).await;
+    assert_holding(&holding, 1, "quiet-room");
+    assert_eq!(
+        s.sim.snapshot().bridge(&holding).map(|b| b.moh.clone()),
+        Some(None),
+        "no music yet"
+    );
+    s.sim.deliver_operation("startMoh");
+    let w2 = dial(&s.sim, "quiet-room", &waits).await;
+    assert_eq!(wait_bridged(&s.sim, &w2).await, holding);
+    until(&s.sim, "wait music in the holding bridge", |snap| {
+        snap.bridge(&holding).is_some_and(|b| b.moh.is_some())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_hear_music_in_a_holding_bridge_until_a_starter_joins() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
