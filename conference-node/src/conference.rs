@@ -1999,21 +1999,20 @@ impl Conference {
                 self.settings_saved = false;
                 self.counts_changed().await;
             }
-            HostedStatus::Lost => {
-                let owner = match self.node.store.lookup(&self.name).await {
-                    Ok(Some(rec)) => rec.owner.node,
-                    _ => self.node.id.clone(),
-                };
-                if owner == self.node.id {
-                    // Same node, newer epoch: a restart of ours claimed it again.
-                    if let Ok(Some(rec)) = self.node.store.lookup(&self.name).await {
-                        self.epoch = rec.owner.epoch;
-                        self.publish();
-                        return;
-                    }
+            HostedStatus::Lost => match self.node.store.lookup(&self.name).await {
+                // Same node, newer epoch: a restart of ours claimed it again.
+                Ok(Some(rec)) if rec.owner.node == self.node.id => {
+                    self.epoch = rec.owner.epoch;
+                    self.publish();
                 }
-                self.lost(&owner).await;
-            }
+                Ok(Some(rec)) => self.lost(&rec.owner.node).await,
+                // Gone since, or not known: the next heartbeat says again. Meanwhile a
+                // newcomer's admission asks Redis itself (invariant 2 holds).
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(conference = %self.name, error = %e, "the heartbeat found the claim lost, and its new owner cannot be read; asking again at the next heartbeat")
+                }
+            },
             HostedStatus::Missing => {
                 // The claim expired (Redis was away longer than the lease, or restarted
                 // empty): claim it again; whoever holds it now wins.
