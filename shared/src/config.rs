@@ -846,6 +846,9 @@ fn check_addresses(issues: &mut Issues, key: &str, list: &[String], tls: bool) {
     }
 }
 
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 impl Validate for RedisConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut issues = Issues::default();
@@ -901,17 +904,34 @@ impl Validate for RedisConfig {
                 ),
             ),
         }
-        if self.timeout.is_zero() {
-            issues.add("redis.timeout", "must be greater than zero");
+        // Bounded above too: the store multiplies these into budgets and millisecond
+        // leases, which an absurd value would overflow.
+        for (key, value) in [
+            ("redis.timeout", self.timeout),
+            ("redis.connect_timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() || value > HOUR {
+                issues.add(key, "must be greater than zero and at most 1h");
+            }
         }
-        if self.connect_timeout.is_zero() {
-            issues.add("redis.connect_timeout", "must be greater than zero");
+        for (key, value) in [
+            ("redis.conference_lease", self.conference_lease),
+            ("redis.claim_lease", self.claim_lease),
+        ] {
+            if !(Duration::from_secs(1)..=DAY).contains(&value) {
+                issues.add(key, "must be at least 1s and at most 24h");
+            }
         }
-        if self.conference_lease < Duration::from_secs(1) {
-            issues.add("redis.conference_lease", "must be at least 1s");
-        }
-        if self.claim_lease < Duration::from_secs(1) {
-            issues.add("redis.claim_lease", "must be at least 1s");
+        // redis-rs would send `AUTH ""`, which every Redis refuses: no connection, with
+        // nothing naming the key.
+        let sentinel_password = self.sentinel.as_ref().and_then(|s| s.password.as_ref());
+        for (key, secret) in [
+            ("redis.password", self.password.as_ref()),
+            ("redis.sentinel.password", sentinel_password),
+        ] {
+            if secret.is_some_and(Secret::is_empty) {
+                issues.add(key, "must not be empty (leave it unset for no password)");
+            }
         }
         issues.finish()
     }
@@ -1301,6 +1321,51 @@ mod tests {
         let f = toml("[redis.sentinel]\naddresses = [\"127.0.0.1:26379\"]\n");
         let err = load_from::<Root>(Some(f.path()), &[]).expect_err("missing master name");
         assert!(err.mentions("redis.sentinel.master_name"), "{err}");
+    }
+
+    #[test]
+    fn redis_timers_and_passwords_out_of_range_name_their_key() {
+        for (var, value, key) in [
+            ("CONFROUTE_REDIS__TIMEOUT", "200000000000y", "redis.timeout"),
+            ("CONFROUTE_REDIS__TIMEOUT", "2h", "redis.timeout"),
+            (
+                "CONFROUTE_REDIS__CONNECT_TIMEOUT",
+                "0s",
+                "redis.connect_timeout",
+            ),
+            (
+                "CONFROUTE_REDIS__CONNECT_TIMEOUT",
+                "61m",
+                "redis.connect_timeout",
+            ),
+            (
+                "CONFROUTE_REDIS__CONFERENCE_LEASE",
+                "25h",
+                "redis.conference_lease",
+            ),
+            ("CONFROUTE_REDIS__CLAIM_LEASE", "500ms", "redis.claim_lease"),
+            ("CONFROUTE_REDIS__PASSWORD", "", "redis.password"),
+        ] {
+            let err = load_from::<Root>(None, &env(&[(var, value)]))
+                .expect_err(&format!("{var}={value} is refused"));
+            assert!(err.mentions(key), "{var}={value}: {err}");
+            assert_eq!(err.issues.len(), 1, "{err}");
+        }
+        let f = toml(
+            "[redis.sentinel]\nmaster_name = \"m\"\naddresses = [\"127.0.0.1:26379\"]\npassword = \"\"\n",
+        );
+        let err = load_from::<Root>(Some(f.path()), &[]).expect_err("empty sentinel password");
+        assert!(err.mentions("redis.sentinel.password"), "{err}");
+        let root: Root = load_from(
+            None,
+            &env(&[
+                ("CONFROUTE_REDIS__TIMEOUT", "1h"),
+                ("CONFROUTE_REDIS__CONFERENCE_LEASE", "24h"),
+                ("CONFROUTE_REDIS__PASSWORD", "pw"),
+            ]),
+        )
+        .expect("the bounds themselves are accepted");
+        assert_eq!(root.redis.timeout, Duration::from_secs(3600));
     }
 
     #[test]

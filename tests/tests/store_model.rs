@@ -1606,8 +1606,9 @@ async fn a_wait_confirms_only_the_claim_it_covered() {
 }
 
 /// Redis settings that break the store's guarantees are named: an eviction policy that may
-/// evict claims and leases (they all carry TTLs), and replica waits on a primary that keeps
-/// accepting writes cut off from its replicas. Settings that keep them say nothing.
+/// evict claims and leases (they all carry TTLs), replica waits on a primary that keeps
+/// accepting writes cut off from its replicas, and a primary with replicas that claims do
+/// not wait for. Settings that keep them say nothing.
 #[tokio::test]
 async fn redis_settings_that_break_guarantees_are_named() {
     let evicting =
@@ -1651,6 +1652,18 @@ async fn redis_settings_that_break_guarantees_are_named() {
         .await
         .expect("read");
     assert_eq!(warnings, Vec::<String>::new());
+
+    // A primary with a replica, claims not waiting for it: a failover may lose a claim.
+    let (primary, _replica) = RedisServer::with_replica().expect("primary and replica");
+    let warnings = fixtures::store(&fixtures::single(&primary.url()))
+        .settings_warnings()
+        .await
+        .expect("read");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("redis.wait_replicas is 0"),
+        "{warnings:?}"
+    );
 }
 
 /// A Redis that refuses writes (a primary cut off from its replicas under

@@ -372,6 +372,17 @@ impl Store {
             )),
             _ => {}
         }
+        let replicas = field("connected_slaves")
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        if self.wait_replicas == 0 && replicas > 0 {
+            out.push(format!(
+                "the Redis primary has {replicas} replica(s) but redis.wait_replicas is 0: a \
+                 claim is answered before any replica has it, and a failover right after \
+                 loses it, which gives the conference a second home; set redis.wait_replicas \
+                 to 1"
+            ));
+        }
         if self.wait_replicas > 0 && field("min_slaves_good_slaves").is_none() {
             out.push(
                 "redis.wait_replicas is set but the primary has no min-replicas-to-write: \
