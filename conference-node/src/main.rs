@@ -63,6 +63,7 @@ async fn main() -> ExitCode {
         redis = %redis,
         "confroute-node started"
     );
+    confroute_shared::http_serve::warn_if_open(agent.http_addr, node.cfg.http.api_token.is_some());
     let mut exit = node.exit.subscribe();
     // A shutdown drain is started by a stop signal or over HTTP (`POST /v1/drain?shutdown=true`,
     // the chart's preStop hook); either way the agent exits when it is done.

@@ -89,6 +89,7 @@ async fn serve(cfg: ControllerConfig) -> ExitCode {
         redis = %cfg.redis.describe(),
         "confroute-controller started"
     );
+    confroute_shared::http_serve::warn_if_open(controller.http_addr, cfg.http.api_token.is_some());
     tokio::select! {
         sig = signals.next() => tracing::info!(?sig, "stopping"),
         why = controller.failed() => {

@@ -35,6 +35,14 @@ pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=1_000_000
 pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(3600);
 
+/// Warns when the API answers anyone who reaches it: no `http.api_token`, and `listen` not
+/// a loopback address. The API dials out, ends conferences and drains nodes.
+pub fn warn_if_open(listen: std::net::SocketAddr, token_set: bool) {
+    if !token_set && !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "http.api_token is not set and http.listen is reachable from other hosts: anyone who reaches it can dial out, end conferences and drain nodes; set http.api_token");
+    }
+}
+
 /// Serves `app` on `listener` until `stop` completes, then lets the requests in progress
 /// finish (an upgraded WebSocket lives on in its own task, as under `axum::serve`). A
 /// connection that has not sent a whole request head within `header_timeout` of starting

@@ -112,6 +112,31 @@ fn an_evicting_redis_is_named_in_the_log() {
     }
 }
 
+/// An API without `http.api_token` on an address other hosts reach is said in the log (it
+/// dials out, ends conferences and drains nodes); with a token, nothing is said.
+#[test]
+fn an_open_api_on_a_routable_address_is_warned_about() {
+    let redis = RedisServer::start().expect("redis");
+    let warning = "http.api_token is not set";
+    for bin in BINARIES {
+        let open = format!("0.0.0.0:{}", free_port());
+        let env = [("CONFROUTE_HTTP__LISTEN", open.as_str())];
+        let (_dir, mut p) = spawn_with_until(bin, &redis.url(), &env, warning);
+        p.signal(libc::SIGTERM).expect("sigterm");
+        let _ = p.wait_exit(Duration::from_secs(10));
+
+        let open = format!("0.0.0.0:{}", free_port());
+        let env = [
+            ("CONFROUTE_HTTP__LISTEN", open.as_str()),
+            ("CONFROUTE_HTTP__API_TOKEN", "t0ken-for-the-test"),
+        ];
+        let (_dir, mut p) = spawn_with_until(bin, &redis.url(), &env, "started");
+        p.signal(libc::SIGTERM).expect("sigterm");
+        let _ = p.wait_exit(Duration::from_secs(10));
+        assert!(!p.output().contains(warning), "{bin}: {}", p.output());
+    }
+}
+
 /// A `RUST_LOG` that is not a filter is said, not silently replaced by `log.level`.
 #[test]
 fn a_bad_rust_log_is_named_and_log_level_used() {
