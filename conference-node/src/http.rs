@@ -87,12 +87,20 @@ async fn not_found(State(node): State<Arc<Node>>, req: Request) -> Response {
     ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route").into_response()
 }
 
-async fn method_not_allowed() -> ApiError {
+async fn method_not_allowed(State(node): State<Arc<Node>>, req: Request) -> Response {
+    // The route layer does not cover this fallback: without the check a 405 would tell
+    // which /v1 routes exist.
+    if req.uri().path().starts_with("/v1/") {
+        if let Some(refused) = unauthorized(&node, &req) {
+            return refused;
+        }
+    }
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "this route does not take that method",
     )
+    .into_response()
 }
 
 async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {

@@ -69,6 +69,12 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
     let (status, body) = call("GET", &format!("{base}/v1/undrain"), Some(TOKEN)).await;
     assert_eq!(status, 405, "{body}");
     assert_eq!(body["error"]["code"], "method_not_allowed");
+    // Nor does a wrong method tell it.
+    let (status, body) = call("GET", &format!("{base}/v1/undrain"), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, "unauthorized".into())
+    );
     assert_eq!(state().await, Some(NodeState::Serving));
     // Health and metrics stay open; the token opens the admin routes.
     assert_eq!(call("GET", &format!("{base}/healthz"), None).await.0, 200);
