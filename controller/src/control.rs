@@ -217,6 +217,15 @@ impl Control {
         self.timeout
     }
 
+    /// The same service for a command with only `left` of its timeout remaining (it waited
+    /// in line behind earlier commands): what it sends carries that as its deadline.
+    pub fn with_timeout(&self, left: Duration) -> Control {
+        Control {
+            timeout: left,
+            ..self.clone()
+        }
+    }
+
     /// The bus (for event subscriptions).
     pub fn bus(&self) -> &Bus {
         &self.bus

@@ -1214,10 +1214,14 @@ impl Session {
             return req.id.map(|id| response(&id, Err(e)));
         }
         let allowed = self.bucket.lock().map(|mut b| b.take()).unwrap_or(false);
+        // One rpc.command_timeout for the whole command, its wait in line included: it
+        // waits at most half of it, and what is left goes with it to the node.
+        let arrived = tokio::time::Instant::now();
+        let limit = self.control.timeout();
         // A command waiting in line is not in progress: the in-flight slot is taken once its
         // turn has come, so a slow conference does not stall the connection's others.
         let waited = match turn.as_mut() {
-            Some(t) if allowed => t.wait(self.control.timeout()).await,
+            Some(t) if allowed => t.wait(limit / 2).await,
             _ => true,
         };
         let result = if !allowed {
@@ -1229,14 +1233,18 @@ impl Session {
             Err(RpcError::new(
                 codes::TIMEOUT,
                 format!(
-                    "not carried out: the commands sent before it for this conference took longer than rpc.command_timeout ({:?})",
-                    self.control.timeout()
+                    "not carried out: the commands sent before it for this conference took longer than half of rpc.command_timeout ({limit:?})"
                 ),
             ))
         } else {
             match self.in_flight.clone().try_acquire_owned() {
                 Ok(_permit) => {
-                    let result = self.dispatch(&req.method, req.params, answered).await;
+                    let control = self
+                        .control
+                        .with_timeout(limit.saturating_sub(arrived.elapsed()));
+                    let result = self
+                        .dispatch(&control, &req.method, req.params, answered)
+                        .await;
                     drop(turn.take());
                     result
                 }
@@ -1266,11 +1274,11 @@ impl Session {
 
     async fn dispatch(
         self: &Arc<Self>,
+        c: &Control,
         method: &str,
         p: Value,
         mut answered: watch::Receiver<bool>,
     ) -> Result<Value, RpcError> {
-        let c = &self.control;
         let r = match method {
             "conference.list" => c.list(params(p)?).await,
             "conference.get" => c.get(params(p)?).await,
