@@ -515,27 +515,20 @@ impl Bus {
                 ));
             }
             Ok(_) => {}
-            // No answer from Redis in time: the command may well have reached Redis and the
-            // node (Redis slow, not gone). Its answer is awaited for the rest of the budget,
-            // so the client learns what came of it rather than a guess.
+            // No answer from Redis in time, or the connection failed under the request: the
+            // command may well have reached Redis and the node. Its answer is awaited for the
+            // rest of the budget, so the client learns what came of it rather than a guess.
             Err((e, true)) => {
                 unconfirmed = Some(e);
             }
-            // Not sent (no connection), or refused; a socket error may still have come after
-            // the write, so this too may have been carried out.
+            // Not sent (no connection could be had), or refused by Redis: certainly no effect.
             Err((e, false)) => {
                 self.forget(&id);
-                return Ok(Call {
-                    id,
-                    reply: Err(BusError::new(
-                        ErrorCode::NodeUnavailable,
-                        format!("cannot reach node {node}: {e}"),
-                    )),
-                    notifications: Notifications {
-                        rx,
-                        _pending: pending,
-                    },
-                });
+                drop((rx, pending));
+                return Err(BusError::new(
+                    ErrorCode::NodeUnavailable,
+                    format!("cannot send the command to node {node} through Redis; nothing was sent: {e}"),
+                ));
             }
         }
         let first = tokio::time::timeout_at(sent_at + timeout, rx.recv()).await;

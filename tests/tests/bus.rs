@@ -623,8 +623,12 @@ async fn a_command_redis_confirms_late_is_answered_with_what_the_node_did() {
         }
     );
     let (second, took) = second;
-    let refused = second.expect("tried").reply.expect_err("never sent");
+    // Refused as never sent (an `Err`, not a reply): a caller gives back what it made for it.
+    let Err(refused) = second else {
+        panic!("a command that never left was taken as sent");
+    };
     assert_eq!(refused.code, ErrorCode::NodeUnavailable, "{refused:?}");
+    assert!(refused.message.contains("nothing was sent"), "{refused:?}");
     assert!(
         took < Duration::from_secs(4),
         "refused when its connect gave up, not after its {budget:?} budget: {took:?}"

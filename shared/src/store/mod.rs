@@ -292,8 +292,9 @@ impl Store {
     }
 
     /// [`Store::run_on`], telling with a failure whether the request may have reached
-    /// Redis: only one sent that got no answer in time may have. A failure to connect, or
-    /// an error Redis or the socket returned, comes with `false`.
+    /// Redis: one sent that got no answer in time, or whose connection failed under it (the
+    /// write may have gone out first), may have. A failure to connect, or an error Redis
+    /// returned, comes with `false`: certainly not carried out.
     async fn exchange<T, F, Fut>(
         &self,
         connector: &Connector,
@@ -312,9 +313,9 @@ impl Store {
                 Ok(Err(e)) => {
                     if conn::is_fatal(&e) {
                         connector.invalidate(generation);
-                        // The client's own response deadline: sent, not answered.
-                        let unsure = e.is_timeout();
-                        Err((StoreError::Unavailable(format!("{op}: {e}")), unsure))
+                        // The client's own response deadline (sent, not answered), or the
+                        // connection failing under the request: it may have been written.
+                        Err((StoreError::Unavailable(format!("{op}: {e}")), true))
                     } else {
                         Err((
                             StoreError::Redis {
