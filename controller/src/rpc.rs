@@ -890,7 +890,15 @@ async fn forward_events(session: Arc<Session>) {
     // Only a connection that follows some conference has anything to re-read.
     let following = |s: &Session| s.subscriptions.lock().is_ok_and(|s| !s.is_empty());
     loop {
+        // A notice goes out when the queue has a slot and its bytes are back under half the
+        // bound: past the bound every event is dropped, and a notice each would stand in
+        // for the one `events.lost` promised. The writer says nothing as it drains, so that
+        // is looked at again shortly.
+        let owed = gap || lost > 0;
+        let bytes_ok = session.unwritten.bytes.load(Ordering::SeqCst) < MAX_UNWRITTEN_BYTES / 2;
         tokio::select! {
+            // A gap is noticed before events that came after it.
+            biased;
             changed = gaps.changed() => {
                 if changed.is_err() {
                     return;
@@ -911,10 +919,12 @@ async fn forward_events(session: Arc<Session>) {
                     if !wanted {
                         continue;
                     }
-                    if gap && session.try_queue(gap_notice()).is_ok() {
+                    let drained = session.unwritten.bytes.load(Ordering::SeqCst)
+                        < MAX_UNWRITTEN_BYTES / 2;
+                    if gap && drained && session.try_queue(gap_notice()).is_ok() {
                         gap = false;
                     }
-                    if !gap && lost > 0 && session.try_queue(lost_notice(lost)).is_ok() {
+                    if !gap && lost > 0 && drained && session.try_queue(lost_notice(lost)).is_ok() {
                         lost = 0;
                     }
                     let text = notification(
@@ -936,7 +946,8 @@ async fn forward_events(session: Arc<Session>) {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
-            room = session.out.reserve(), if gap || lost > 0 => match room {
+            _ = tokio::time::sleep(Duration::from_millis(50)), if owed && !bytes_ok => {}
+            room = session.out.reserve(), if owed && bytes_ok => match room {
                 Ok(slot) if gap => {
                     let notice = gap_notice();
                     session.unwritten.add(notice.len());

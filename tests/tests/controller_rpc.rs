@@ -818,6 +818,51 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
     ping(&mut ws, 2).await;
 }
 
+/// Events large enough to reach the 16 MiB bound on unwritten output before the queue's
+/// slots run out are dropped and told in one `events.lost` once the client has read the
+/// backlog, not in a notice per dropped event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_lost_past_the_byte_bound_are_told_in_one_notice() {
+    let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
+    let store = fixtures::store(&fixtures::single(&s.redis.url()));
+    let (node, _commands) = Bus::node(store, &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let mut ws = connect(&s, None).await.expect("connect");
+    assert!(rpc(&mut ws, "subscribe", json!({"conference": "big"}), 1).await["result"].is_object());
+    // 1,500 events of 32 KB: 48 MB, past the bound with the queue's 1,024 slots not full.
+    const SENT: u64 = 1_500;
+    let pad = "x".repeat(32 * 1024);
+    for seq in 0..SENT {
+        node.publish_event(&Event {
+            conference: "big".into(),
+            node: "node-a".into(),
+            epoch: 1,
+            seq,
+            event: "talking".into(),
+            data: json!({ "pad": pad }),
+        })
+        .await;
+    }
+    let (mut events, mut lost, mut notices) = (0u64, 0u64, 0u64);
+    while events + lost < SENT {
+        let v = recv(&mut ws).await;
+        match v["method"].as_str() {
+            Some("event") => events += 1,
+            Some("events.lost") => {
+                notices += 1;
+                lost += v["params"]["count"].as_u64().expect("count");
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert!(lost > 0, "the client did lose events ({events} arrived)");
+    assert!(
+        notices <= 3,
+        "{notices} notices for {lost} lost events ({events} arrived)"
+    );
+    ping(&mut ws, 2).await;
+}
+
 /// `dialout.status` notifications come after the `{callid}` answer, as documented, also
 /// when the dial-out is in a batch answered only once its slowest member is done: the node
 /// sends `accepted` right after its answer, and a client must not see statuses of a call
