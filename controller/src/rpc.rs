@@ -797,6 +797,10 @@ pub async fn serve(
                     },
                     _ = writer_gone.closed() => break None,
                     _ = session.unwritten.overflow.notified() => break Some(unread()),
+                    // A connection with every frame slot taken still hears the stop.
+                    _ = stop.wait_for(|s| *s) => {
+                        break Some(close_frame(close_code::AWAY, "the controller is shutting down".into()))
+                    }
                 };
                 session.clone().incoming(text.as_str(), permit).await
             }

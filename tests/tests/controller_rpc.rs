@@ -1796,6 +1796,44 @@ async fn a_stopping_controller_waits_briefly_for_answers_then_closes() {
     );
 }
 
+/// A connection with every one of its 256 frame slots taken by commands waiting on a node
+/// that does not answer still hears its controller stop, and is closed with 1001, not cut
+/// off when the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_every_frame_slot_taken_is_closed_1001_at_a_stop() {
+    use tokio::io::AsyncWriteExt;
+    let mut s = setup(&[
+        ("CONFROUTE_RPC__COMMAND_TIMEOUT", "60s"),
+        ("CONFROUTE_RPC__RATE_LIMIT", "100000"),
+        ("CONFROUTE_RPC__BURST", "100000"),
+    ])
+    .await;
+    let (_store, _node, mut commands) = hosted_on_node_a(&s, "full-slots").await;
+    let mut tcp = raw_ws(&s).await;
+    // Commands of one conference wait in line, each holding its frame's slot.
+    for id in 0..300 {
+        let req = json!({"jsonrpc": "2.0", "method": "participant.mute",
+                         "params": {"conference": "full-slots", "participant": format!("p{id}")}, "id": id});
+        tcp.write_all(&frame(0x1, req.to_string().as_bytes()))
+            .await
+            .expect("write");
+    }
+    tokio::time::timeout(Duration::from_secs(10), commands.recv())
+        .await
+        .expect("the node hears the first command")
+        .expect("bus open");
+    s.controller
+        .process()
+        .signal(15)
+        .expect("SIGTERM the controller");
+    let mut texts = Vec::new();
+    assert_eq!(
+        frames_until_close(&mut tcp, &mut texts).await,
+        Some(Some(1001)),
+        "{texts:?}"
+    );
+}
+
 /// An answer carries its request's id exactly as written (JSON-RPC 2.0 §5): numbers a JSON
 /// reader would turn into floats or round come back as sent, alone, in a batch, and in the
 /// error answer to an invalid request, even one refused for a number beyond a double's range.
