@@ -978,6 +978,91 @@ async fn a_dial_out_nobody_heard_gives_its_new_home_back() {
     );
 }
 
+/// -32011: a dial-out into a conference with no home when no node has room (nothing is
+/// placed), and any command while Redis cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_node_with_room_or_no_redis_is_unavailable() {
+    let mut s = setup(&[]).await;
+    let store = fixtures::store(&fixtures::single(&s.redis.url()));
+    store
+        .claim(&"homed".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    for id in ["node-a", "node-b"] {
+        let r = fixtures::http()
+            .post(format!("{}/v1/nodes/{id}/drain", s.controller.http_url()))
+            .send()
+            .await
+            .expect("drain");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let mut ws = connect(&s, None).await.expect("connect");
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "roomless", "to": "+15555550100"}),
+        1,
+    )
+    .await;
+    assert_eq!(code(&v), -32011, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    let home = store
+        .lookup(&"roomless".parse().expect("name"))
+        .await
+        .expect("lookup");
+    assert_eq!(home, None, "nothing was placed");
+
+    s.redis.kill();
+    let v = rpc(
+        &mut ws,
+        "participant.mute",
+        json!({"conference": "homed", "participant": "p1"}),
+        2,
+    )
+    .await;
+    assert_eq!(code(&v), -32011, "{v}");
+}
+
+/// A request whose params hold what the server cannot read (nested deeper than 128 levels)
+/// is refused as invalid params, its id echoed; `conference.play` refuses a `participant`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_params_and_a_participant_for_conference_play_are_refused() {
+    let s = setup(&[]).await;
+    let mut ws = connect(&s, None).await.expect("connect");
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let req = format!(
+        r#"{{"jsonrpc":"2.0","method":"conference.list","params":{{"after":{deep}}},"id":41}}"#
+    );
+    send(&mut ws, &req).await;
+    let v = recv(&mut ws).await;
+    assert_eq!((v["id"].clone(), code(&v)), (json!(41), -32602), "{v}");
+    // Nested that deep outside params, it is no request at all.
+    let req = format!(r#"{{"jsonrpc":"2.0","method":"ping","x":{deep},"id":42}}"#);
+    send(&mut ws, &req).await;
+    let v = recv(&mut ws).await;
+    assert_eq!((v["id"].clone(), code(&v)), (json!(42), -32600), "{v}");
+    let v = rpc(
+        &mut ws,
+        "conference.play",
+        json!({"conference": "room", "participant": "p1", "media": "sound:beep"}),
+        43,
+    )
+    .await;
+    assert_eq!(code(&v), -32602, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("participant")),
+        "{v}"
+    );
+    ping(&mut ws, 44).await;
+}
+
 /// Ids of the Redis clients holding a subscription now.
 fn pubsub_clients(port: u16) -> Vec<String> {
     let list: String = confroute_tests::harness::redis_query(
