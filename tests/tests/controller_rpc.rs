@@ -1063,6 +1063,60 @@ async fn deep_params_and_a_participant_for_conference_play_are_refused() {
     ping(&mut ws, 44).await;
 }
 
+/// A connection with `max(64, rpc.max_batch)` commands in progress gets -32008 for the next
+/// one at once (nothing sent), and is not closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_past_the_in_progress_limit_are_refused_at_once() {
+    let s = setup(&[
+        ("CONFROUTE_RPC__COMMAND_TIMEOUT", "30s"),
+        ("CONFROUTE_RPC__RATE_LIMIT", "100000"),
+        ("CONFROUTE_RPC__BURST", "100000"),
+    ])
+    .await;
+    let (store, _node, mut commands) = hosted_on_node_a(&s, "busy-0").await;
+    // One conference each: commands of different conferences do not wait for each other.
+    for i in 1..=64 {
+        store
+            .claim(
+                &format!("busy-{i}").parse().expect("name"),
+                &[fixtures::id("node-a")],
+            )
+            .await
+            .expect("claim");
+    }
+    let mut ws = connect(&s, None).await.expect("connect");
+    let mute = |i: u64| {
+        json!({"jsonrpc": "2.0", "method": "participant.mute", "id": i,
+               "params": {"conference": format!("busy-{}", i.min(64)), "participant": "p"}})
+        .to_string()
+    };
+    for i in 0..64 {
+        send(&mut ws, &mute(i)).await;
+    }
+    // All 64 reach the (silent) node: they are in progress.
+    for _ in 0..64 {
+        tokio::time::timeout(Duration::from_secs(10), commands.recv())
+            .await
+            .expect("the node hears the command")
+            .expect("bus open");
+    }
+    send(&mut ws, &mute(100)).await;
+    let v = recv(&mut ws).await;
+    assert_eq!((v["id"].clone(), code(&v)), (json!(100), -32008), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("in progress")),
+        "{v}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), commands.recv())
+            .await
+            .is_err(),
+        "the refused command was not sent"
+    );
+}
+
 /// Ids of the Redis clients holding a subscription now.
 fn pubsub_clients(port: u16) -> Vec<String> {
     let list: String = confroute_tests::harness::redis_query(
