@@ -149,6 +149,35 @@ async fn a_burst_of_callers_stays_within_asterisks_http_session_limit() {
     );
 }
 
+/// A start moves every waiter into the mix even when there are more than one `addChannel`
+/// may name (Asterisk refuses a list of 128 channels or more with 400): the agent splits the
+/// list, and Asterisk refuses none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_moves_more_waiters_than_one_add_channel_takes() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
+    let mut waiters = Vec::new();
+    for _ in 0..140 {
+        waiters.push(dial(&s.sim, "crowded-room", &waits).await);
+    }
+    for w in &waiters {
+        wait_bridged(&s.sim, w).await;
+    }
+    let starter = dial(&s.sim, "crowded-room", &[]).await;
+    let main = wait_bridged(&s.sim, &starter).await;
+    until(&s.sim, "every waiter in the mix", |snap| {
+        snap.bridge(&main).is_some_and(|b| b.channels.len() == 141)
+    })
+    .await;
+    let refused: Vec<_> = s
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.operation.as_deref() == Some("addChannel") && r.status >= 400)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+}
+
 /// Wait music the holding bridge could not start (Asterisk did not answer) is asked again
 /// for the next caller who waits, rather than leave every waiter in silence for as long as
 /// the bridge lives.

@@ -17,6 +17,10 @@ use confroute_shared::secret::Secret;
 use super::events::{Bridge, Channel};
 use crate::metrics::Metrics;
 
+/// Channels named in one `addChannel`: well under Asterisk's 128 values, and with ids of up
+/// to about 40 characters within its 4 KiB request line.
+const ADD_CHANNELS_AT_ONCE: usize = 64;
+
 /// What kind of failure an ARI call had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AriErrorKind {
@@ -484,13 +488,17 @@ impl AriClient {
     }
 
     /// `POST /bridges/{id}/addChannel` with one or more channels (moved from any other bridge).
+    /// Asterisk refuses a list of 128 channels or more (its parsers' `MAX_VALS`), and a
+    /// request line past 4 KiB: a longer list goes in several requests, in order, stopping
+    /// at the first error.
     pub async fn add_channels(&self, bridge: &str, channels: &[&str]) -> Result<(), AriError> {
         let path = format!("/bridges/{}/addChannel", encode(bridge));
-        let list = channels.join(",");
-        let q = [("channel", list.as_str())];
-        self.call("addChannel", Method::Post, &path, &q)
-            .await
-            .map(drop)
+        for part in channels.chunks(ADD_CHANNELS_AT_ONCE) {
+            let list = part.join(",");
+            let q = [("channel", list.as_str())];
+            self.call("addChannel", Method::Post, &path, &q).await?;
+        }
+        Ok(())
     }
 
     /// `POST /channels/{id}/answer`.

@@ -19,6 +19,19 @@ use serde_json::{json, Value};
 use super::engine::{Core, RequestRecord};
 use super::routes::{dispatch, Dispatch, Kind};
 
+/// The Swagger's `allowMultiple` query parameters of the operations simulated.
+const ALLOW_MULTIPLE: [&str; 6] = [
+    "channel",
+    "only",
+    "eventSource",
+    "media",
+    "variables",
+    "source",
+];
+
+/// `MAX_VALS` of the generated ARI parsers: a list of this many values or more is refused.
+const MAX_VALS: usize = 128;
+
 /// Largest request body read (Asterisk refuses bodies over its own limit with 413).
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
@@ -468,6 +481,17 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         }
     };
 
+    // The generated parsers (res/ari/res_ari_*.c) split a comma-separated `allowMultiple`
+    // query value into at most MAX_VALS (128) values and refuse a list that fills them,
+    // before the body is read.
+    for (name, value) in &query {
+        let multiple =
+            ALLOW_MULTIPLE.contains(&name.as_str()) && route.params.contains(&name.as_str());
+        if multiple && !value.is_empty() && value.split(',').count() >= MAX_VALS {
+            let err = ApiErr::new(400, format!("Too many values for {name}"));
+            return (error_response(core, &err, Vec::new()), Some(route.nickname));
+        }
+    }
     let json = if content_type == "application/json"
         && !route.params.is_empty()
         && !bytes.iter().all(u8::is_ascii_whitespace)
