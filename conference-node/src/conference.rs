@@ -2276,8 +2276,13 @@ impl Conference {
             .participants
             .iter()
             // One being moved out is the move's to settle: the listing may show it in its
-            // new conference's bridge already.
-            .filter(|(id, p)| p.since < taken && !p.moving && !present.contains(id))
+            // new conference's bridge already. One the agent was moving between the two
+            // bridges as the listing was taken (a hold, a start) may be in neither: Asterisk
+            // takes it out of one before it puts it in the other, and lists bridges one by
+            // one.
+            .filter(|(id, p)| {
+                p.since < taken && p.placed_at < taken && !p.moving && !present.contains(id)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
