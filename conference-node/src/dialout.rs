@@ -73,6 +73,21 @@ fn check_dial_string(issues: &mut Issues, key: &str, s: &str, allowed: &[&str], 
     if tech.is_empty() || !tech.bytes().all(|b| b.is_ascii_alphanumeric()) || resource.is_empty() {
         return bad(issues, "is not an ARI endpoint TECH/resource");
     }
+    // A Local channel Asterisk may optimise away puts the callee's own channel in the
+    // conference in its place (a StasisStart with `replace_channel`), which the agent does
+    // not follow: `/n` keeps the Local channel in the bridge.
+    if tech.eq_ignore_ascii_case("local") {
+        let options = resource
+            .split_once('@')
+            .and_then(|(_, context)| context.split_once('/'))
+            .map_or("", |(_, options)| options);
+        if !options.contains('n') {
+            return bad(
+                issues,
+                "is a Local channel without the `/n` option: Asterisk would optimise it away once the callee answers and put the callee's own channel in the conference in its place, which the agent does not follow",
+            );
+        }
+    }
     let mut rest = s;
     let mut found = false;
     while let Some(open) = rest.find('{') {
@@ -578,8 +593,12 @@ mod tests {
         };
         assert!(check("", "").is_ok());
         assert!(check("PJSIP/{number}@trunk", "PJSIP/trunk/{uri}").is_ok());
-        assert!(check("Local/{digits}@outbound", "").is_ok());
+        assert!(check("Local/{digits}@outbound/n", "").is_ok());
+        assert!(check("Local/{digits}@outbound/nj", "").is_ok());
         for (e, s, key) in [
+            ("Local/{digits}@outbound", "", "dialout.endpoint"),
+            ("local/{digits}@outbound/j", "", "dialout.endpoint"),
+            ("", "Local/{uri}@sip-out", "dialout.sip_endpoint"),
             ("PJSIP/trunk", "", "dialout.endpoint"),
             ("{number}", "", "dialout.endpoint"),
             ("PJSIP/{num}", "", "dialout.endpoint"),
