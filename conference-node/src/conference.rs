@@ -1711,9 +1711,14 @@ impl Conference {
         let ch = channel.id.as_str();
         self.node.join_abandoned(ch);
         let tech = channel.name.split('/').next().unwrap_or("PJSIP");
+        // Only chan_pjsip answers an unanswered call's transfer with a 302, and only in state
+        // `Ring` (`transfer()` in channels/chan_pjsip.c; otherwise a REFER, which an early
+        // dialog cannot take). Other drivers transfer nothing, and ARI says nothing either
+        // way: the caller would be left in the app.
         let can_redirect = self.node.cfg.node.wrong_node == WrongNodePolicy::Redirect
             && !sip_uri.is_empty()
-            && !channel.state.eq_ignore_ascii_case("Up");
+            && tech.eq_ignore_ascii_case("PJSIP")
+            && channel.state.eq_ignore_ascii_case("Ring");
         if can_redirect {
             let endpoint = redirect_endpoint(tech, sip_uri, self.name.as_str());
             match self.node.ari.redirect(ch, &endpoint).await {

@@ -93,12 +93,25 @@ async fn wrong_node_caller_is_hung_up_when_configured_or_already_answered() {
             .await
             .expect("dial");
     assert_eq!(wait_hangup(&t.b.0, &answered).await, 34);
+    // Nor can a call of a driver that transfers nothing (Asterisk would say nothing of it).
+    let analog =
+        t.b.0
+            .dial_in(DialIn {
+                app: "confroute".into(),
+                args: vec!["mine-a".into()],
+                tech: "DAHDI".into(),
+                ..DialIn::default()
+            })
+            .await
+            .expect("dial");
+    assert_eq!(wait_hangup(&t.b.0, &analog).await, 34);
+    assert_eq!(ops(&t.b.0, "redirect"), 0);
     let m = scrape(&t.b.1.http_url()).await;
     assert_eq!(
         metric(
             &m,
             r#"confroute_node_joins_total{outcome="wrong_node_hangup"}"#
         ),
-        1.0
+        2.0
     );
 }

@@ -1297,6 +1297,14 @@ pub(crate) fn redirect(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         // once (`transfer_redirect`); an answered one gets a REFER, and `ast_transfer` holds
         // the channel's command queue until the far end's NOTIFY says how it ended, or the
         // call ends (`transfer_refer`, `ast_transfer` in main/channel.c).
+        // A channel driver without a transfer callback (DAHDI, Local, ...) does nothing:
+        // `ast_transfer` returns 0 and `app_control_redirect` only logs it.
+        let supported = st.channels.get(&channel).is_some_and(|c| {
+            c.tech.eq_ignore_ascii_case("PJSIP") || c.tech.eq_ignore_ascii_case("SIP")
+        });
+        if !supported {
+            return;
+        }
         if let Some(ch) = st.channels.get_mut(&channel) {
             ch.redirected_to = Some(endpoint);
             ch.transferring = ch.state == ChanState::Up;
