@@ -36,8 +36,10 @@ fn elsewhere(route: Option<&Route>, name: &ConferenceName) -> bool {
     }
 }
 
-/// How long a hangup the agent asked for counts as under way: Asterisk carries one out in
-/// milliseconds, and a channel still there after this is taken for what it is.
+/// How long a hangup the agent asked for counts as under way, at least: Asterisk carries one
+/// out in milliseconds, and a channel still there after this is taken for what it is. Never
+/// less than three reconciliation periods ([`Node::hangup_window`]), so each pass still
+/// finds the request it repeated at the last one and repeats it again.
 const HANGUP_UNDER_WAY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
@@ -543,7 +545,13 @@ impl Node {
     pub fn forget_ended(&self) {
         lock(&self.ended).clear();
         // A channel never in Stasis (a callee that did not answer) sends no StasisEnd.
-        lock(&self.hanging_up).retain(|_, (asked, _)| asked.elapsed() < HANGUP_UNDER_WAY);
+        let window = self.hangup_window();
+        lock(&self.hanging_up).retain(|_, (asked, _)| asked.elapsed() < window);
+    }
+
+    /// How long a hangup asked for is remembered (see [`HANGUP_UNDER_WAY`]).
+    fn hangup_window(&self) -> std::time::Duration {
+        HANGUP_UNDER_WAY.max(self.cfg.ari.reconcile_interval * 3)
     }
 
     /// Asks Asterisk to hang up `channel` with Q.850 `cause`. Asterisk answers before the
@@ -563,7 +571,7 @@ impl Node {
     pub fn hangup_under_way(&self, channel: &str) -> bool {
         lock(&self.hanging_up)
             .get(channel)
-            .is_some_and(|(asked, _)| asked.elapsed() < HANGUP_UNDER_WAY)
+            .is_some_and(|(asked, _)| asked.elapsed() < self.hangup_window())
     }
 
     /// The cause of a hangup the agent asked for before `before` and that has not happened
@@ -573,7 +581,7 @@ impl Node {
             .get(channel)
             .filter(|(asked, _)| {
                 before.checked_duration_since(*asked) >= Some(HANGUP_RETRY_AFTER)
-                    && asked.elapsed() < HANGUP_UNDER_WAY
+                    && asked.elapsed() < self.hangup_window()
             })
             .map(|(_, cause)| *cause)
     }
