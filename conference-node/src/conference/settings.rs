@@ -26,9 +26,12 @@ const STARTED: &str = "started";
 /// The settings of a conference started with `opts`, with the ConferenceSid of its status
 /// callbacks, as the text kept in Redis; `None` when they are `defaults` without callbacks.
 pub fn encode(opts: &Options, defaults: &Options, sid: &str) -> Option<String> {
+    // No callbacks where the defaults have one is a choice to keep too: a restarted agent
+    // would otherwise adopt the conference with the default's.
     if opts.max_participants == defaults.max_participants
         && opts.record == defaults.record
         && opts.status_callback.is_empty()
+        && defaults.status_callback.is_empty()
     {
         return None;
     }
@@ -168,6 +171,21 @@ mod tests {
         let (back, sid) = decode(&defaults(), &BTreeMap::new(), &text).expect("decodes");
         assert_eq!(back.max_participants, 2);
         assert_eq!(sid, None, "no callbacks, no ConferenceSid to keep");
+    }
+
+    #[test]
+    fn no_callbacks_against_a_default_callback_are_kept() {
+        let with_hook = ConferenceDefaults {
+            status_callback: "https://app.example/default".into(),
+            ..defaults()
+        };
+        let (plain, _) = options::resolve(&with_hook, &BTreeMap::new(), &BTreeMap::new());
+        let mut quiet = plain.clone();
+        quiet.status_callback = String::new();
+        let text = encode(&quiet, &plain, "CF0").expect("the opt-out is recorded");
+        let (back, sid) = decode(&with_hook, &BTreeMap::new(), &text).expect("decodes");
+        assert_eq!(back.status_callback, "", "{text}");
+        assert_eq!(sid, None);
     }
 
     #[test]
