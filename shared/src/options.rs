@@ -79,9 +79,11 @@ pub enum Record {
 impl FromStr for Record {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "do-not-record" | "false" => Ok(Record::DoNotRecord),
-            "record-from-start" | "true" => Ok(Record::RecordFromStart),
+        // Any case, and the booleans every other option takes, as the Twilio libraries
+        // write them (`True`, `record-from-start`).
+        match s.trim().to_ascii_lowercase().as_str() {
+            "do-not-record" | "false" | "no" | "0" | "off" => Ok(Record::DoNotRecord),
+            "record-from-start" | "true" | "yes" | "1" | "on" => Ok(Record::RecordFromStart),
             _ => Err(format!(
                 "`{s}` is not a record setting; expected do-not-record or record-from-start"
             )),
@@ -406,6 +408,32 @@ pub fn check_dialout_options(given: &Map<String, Value>) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn record_reads_any_case_and_the_booleans() {
+        for on in [
+            "record-from-start",
+            "Record-From-Start",
+            "true",
+            "True",
+            "YES",
+            "1",
+            " on ",
+        ] {
+            assert_eq!(on.parse::<Record>(), Ok(Record::RecordFromStart), "{on}");
+        }
+        for off in [
+            "do-not-record",
+            "DO-NOT-RECORD",
+            "false",
+            "False",
+            "no",
+            "0",
+        ] {
+            assert_eq!(off.parse::<Record>(), Ok(Record::DoNotRecord), "{off}");
+        }
+        assert!("sometimes".parse::<Record>().is_err());
+    }
 
     /// Status callbacks go to http(s) receivers, never to a cloud metadata service or the
     /// unspecified address; loopback stays allowed for a receiver beside the agent.
