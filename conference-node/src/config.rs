@@ -549,7 +549,11 @@ impl Validate for NodeConfig {
         if self.ari.username.is_empty() {
             issues.add("ari.username", "must not be empty");
         }
+        // `.` and `..` are path segments URL parsers collapse: `/applications/../subscription`
+        // would be another path.
         if self.ari.app.is_empty()
+            || self.ari.app == "."
+            || self.ari.app == ".."
             || !self
                 .ari
                 .app
@@ -558,7 +562,7 @@ impl Validate for NodeConfig {
         {
             issues.add(
                 "ari.app",
-                "must be a Stasis application name (letters, digits, '_', '-', '.')",
+                "must be a Stasis application name (letters, digits, '_', '-', '.'; not `.` or `..`)",
             );
         }
         for (key, d) in [
@@ -793,6 +797,8 @@ mod tests {
             ("CONFROUTE_NODE__WRONG_NODE", "bounce", "node.wrong_node"),
             ("CONFROUTE_ARI__URL", "ws://x", "ari.url"),
             ("CONFROUTE_ARI__APP", "bad app", "ari.app"),
+            ("CONFROUTE_ARI__APP", "..", "ari.app"),
+            ("CONFROUTE_ARI__APP", ".", "ari.app"),
             (
                 "CONFROUTE_ARI__REQUEST_TIMEOUT",
                 "0s",

@@ -167,6 +167,9 @@ impl AriClient {
             // default), so the agent never sends a request on a connection Asterisk is
             // closing as idle: that request would fail without reaching it.
             .pool_idle_timeout(Duration::from_secs(10))
+            // ARI answers itself; a redirect (a proxy, http.conf's `redirect`) would turn a
+            // POST or DELETE into a GET whose 404 reads as "channel gone".
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("building the ARI HTTP client: {e}"))?;
         Ok(AriClient {
