@@ -747,18 +747,25 @@ impl AriClient {
             .call_json::<serde_json::Value>("getLive", Method::Get, &path, &[])
             .await
         {
-            Ok(_) => Ok(true),
+            // Asterisk lists a recording that has just ended (`done`, `failed`, `canceled`)
+            // until its command is cleaned up: over all the same.
+            Ok(v) => Ok(matches!(
+                v.get("state").and_then(serde_json::Value::as_str),
+                None | Some("queued" | "recording" | "paused")
+            )),
             Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    /// `POST /recordings/live/{name}/stop`; a recording already finished is fine.
+    /// `POST /recordings/live/{name}/stop`; a recording already finished is fine (404, or
+    /// 409 "Recording not in session" while Asterisk still lists it, `control_recording` in
+    /// res/ari/resource_recordings.c).
     pub async fn stop_recording(&self, name: &str) -> Result<(), AriError> {
         let path = format!("/recordings/live/{}/stop", encode(name));
         match self.call("stopRecording", Method::Post, &path, &[]).await {
             Ok(_) => Ok(()),
-            Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Err(e) if matches!(e.kind, AriErrorKind::NotFound | AriErrorKind::Conflict) => Ok(()),
             Err(e) => Err(e),
         }
     }
