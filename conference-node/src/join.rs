@@ -107,11 +107,14 @@ async fn conference_name(
     channel: &Channel,
     args: &[String],
 ) -> Result<Option<String>, AriError> {
-    if let Some(a) = args.first().filter(|a| !a.is_empty()) {
-        return Ok(Some(a.clone()));
+    // Trimmed as the header is: a name holds no spaces, and a dialplan's stray one
+    // (`Stasis(confroute, sales-42)`, a `Set()` with a trailing space) is no reason to refuse.
+    let named = |v: &str| Some(v.trim().to_string()).filter(|v| !v.is_empty());
+    if let Some(a) = args.first().and_then(|a| named(a)) {
+        return Ok(Some(a));
     }
     let var = &node.cfg.ari.conference_variable;
-    if let Some(v) = channel.channelvar(var) {
+    if let Some(v) = channel.channelvar(var).and_then(|v| named(&v)) {
         return Ok(Some(v));
     }
     let listed = channel
@@ -120,14 +123,14 @@ async fn conference_name(
         .is_some_and(|m| m.contains_key(var.as_str()));
     if !listed {
         match node.ari.get_variable(&channel.id, var).await {
-            Ok(Some(v)) => return Ok(Some(v)),
-            Ok(None) => {}
+            Ok(Some(v)) if named(&v).is_some() => return Ok(named(&v)),
+            Ok(_) => {}
             Err(e) => return Err(e),
         }
     }
     let header = format!("PJSIP_HEADER(read,{})", node.cfg.ari.conference_header);
     match node.ari.get_variable(&channel.id, &header).await {
-        Ok(v) => Ok(v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())),
+        Ok(v) => Ok(v.and_then(|s| named(&s))),
         Err(e) => Err(e),
     }
 }

@@ -119,6 +119,23 @@ async fn name_from_variable_or_sip_header_when_no_argument() {
     // An E.164 name survives the trip through the bridge id in a URL path.
     let e164 = dial(&s.sim, "+15555550101", &[]).await;
     assert_main(&wait_bridged(&s.sim, &e164).await, 1, "+15555550101");
+    // A dialplan's stray spaces around a name are no reason to refuse it.
+    let spaced = dial(&s.sim, " room-var ", &[]).await;
+    assert_main(&wait_bridged(&s.sim, &spaced).await, 1, "room-var");
+    let spaced_var = dial(&s.sim, "", &[("CONFROUTE_CONFERENCE", "room-var ")]).await;
+    assert_main(&wait_bridged(&s.sim, &spaced_var).await, 1, "room-var");
+    // Only spaces names nothing: the header is asked next.
+    let blank = s
+        .sim
+        .dial_in(DialIn {
+            app: "confroute".into(),
+            args: vec!["  ".into()],
+            sip_headers: [("X-Conference".to_string(), "room-hdr".to_string())].into(),
+            ..DialIn::default()
+        })
+        .await
+        .expect("dial in");
+    assert_main(&wait_bridged(&s.sim, &blank).await, 1, "room-hdr");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
