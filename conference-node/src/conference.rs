@@ -537,7 +537,12 @@ impl Conference {
                     .reconcile(main, holding, &members, &listed, taken)
                     .await;
                 self.check_recording().await;
-                self.check_redirects(&listed, taken);
+                if self.check_redirects(&listed, taken) {
+                    // A waiter whose transfer failed is one again: a start may be due, or
+                    // one that skipped it may take it in now.
+                    self.start_if_due().await;
+                    self.finish_cut_short_start().await;
+                }
                 self.reread_options(taken).await;
                 if std::mem::take(&mut self.reconcile_unsure) {
                     // Dropped unanswered: the pass is retried and releases no claim.
@@ -958,9 +963,13 @@ impl Conference {
             .map(|(id, _)| id.clone())
     }
 
-    /// Participants that are here and staying (not being moved out).
+    /// Participants that are here and staying (not being moved out, nor transferred to
+    /// another node).
     fn present(&self) -> usize {
-        self.participants.values().filter(|p| !p.moving).count()
+        self.participants
+            .values()
+            .filter(|p| !p.moving && !p.redirected)
+            .count()
     }
 
     /// With `conference.lone_starter_waits`, starts a conference whose waiters make one now
@@ -1371,8 +1380,9 @@ impl Conference {
 
     /// Reconciliation: a participant redirected to another node that Asterisk still lists
     /// [`REDIRECT_GRACE`] after was refused the transfer by its far end. It is a participant
-    /// here again (its hangup a leave, not a move), and subscribers hear `move_failed`.
-    fn check_redirects(&mut self, listed: &HashSet<String>, taken: Instant) {
+    /// here again (its hangup a leave, not a move), and subscribers hear `move_failed`. True
+    /// when there was one.
+    fn check_redirects(&mut self, listed: &HashSet<String>, taken: Instant) -> bool {
         let refused: Vec<(String, ConferenceName)> = self
             .participants
             .iter()
@@ -1383,6 +1393,7 @@ impl Conference {
                     .then(|| (id.clone(), to.clone()))
             })
             .collect();
+        let any = !refused.is_empty();
         for (id, to) in refused {
             if let Some(p) = self.participants.get_mut(&id) {
                 p.redirected = false;
@@ -1399,6 +1410,7 @@ impl Conference {
                 json!({"participant": id, "to": to.to_string()}),
             );
         }
+        any
     }
 
     /// Reconciliation: a recording whose end was lost with the events WebSocket is taken as

@@ -322,7 +322,7 @@ impl Conference {
     }
 
     async fn hold_api(&mut self, ch: &str, on: bool) -> Result<Value, BusError> {
-        let p = self.settled(ch)?;
+        let p = self.movable(ch)?;
         if p.held == on {
             return Ok(json!({}));
         }
@@ -386,9 +386,19 @@ impl Conference {
         match self.participants.get(ch) {
             None => Err(not_found(ch)),
             Some(p) if p.moving => Err(moving(ch)),
-            Some(p) if p.redirected => Err(transferring(ch)),
             Some(p) => Ok(p),
         }
+    }
+
+    /// [`Conference::settled`], and not being transferred to another node: a bridge move
+    /// (hold, unhold, move) would wait in Asterisk until the transfer ends. Mute, play and
+    /// the rest are queued by Asterisk and answered at once.
+    fn movable(&self, ch: &str) -> Result<&Participant, BusError> {
+        let p = self.settled(ch)?;
+        if p.redirected {
+            return Err(transferring(ch));
+        }
+        Ok(p)
     }
 
     async fn kick(&mut self, ch: &str) -> Result<Value, BusError> {
@@ -472,7 +482,7 @@ impl Conference {
         to_sip_uri: &str,
         pending: Pending,
     ) -> Option<(Pending, Result<Value, BusError>)> {
-        if let Err(e) = self.settled(ch) {
+        if let Err(e) = self.movable(ch) {
             return Some((pending, Err(e)));
         }
         let Some(p) = self.participants.get_mut(ch) else {
