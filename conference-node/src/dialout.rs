@@ -77,10 +77,9 @@ fn check_dial_string(issues: &mut Issues, key: &str, s: &str, allowed: &[&str], 
     // conference in its place (a StasisStart with `replace_channel`), which the agent does
     // not follow: `/n` keeps the Local channel in the bridge.
     if tech.eq_ignore_ascii_case("local") {
-        let options = resource
-            .split_once('@')
-            .and_then(|(_, context)| context.split_once('/'))
-            .map_or("", |(_, options)| options);
+        // `local_alloc` (channels/core_local.c) takes the options after the resource's
+        // first `/`, the context being optional (`default`).
+        let options = resource.split_once('/').map_or("", |(_, options)| options);
         if !options.contains('n') {
             return bad(
                 issues,
@@ -595,6 +594,7 @@ mod tests {
         assert!(check("PJSIP/{number}@trunk", "PJSIP/trunk/{uri}").is_ok());
         assert!(check("Local/{digits}@outbound/n", "").is_ok());
         assert!(check("Local/{digits}@outbound/nj", "").is_ok());
+        assert!(check("Local/{digits}/n", "").is_ok());
         for (e, s, key) in [
             ("Local/{digits}@outbound", "", "dialout.endpoint"),
             ("local/{digits}@outbound/j", "", "dialout.endpoint"),

@@ -747,11 +747,12 @@ impl AriClient {
             .call_json::<serde_json::Value>("getLive", Method::Get, &path, &[])
             .await
         {
-            // Asterisk lists a recording that has just ended (`done`, `failed`, `canceled`)
-            // until its command is cleaned up: over all the same.
-            Ok(v) => Ok(matches!(
+            // Asterisk lists a recording that has just ended (`done`, `canceled`) until its
+            // command is cleaned up: over all the same. A `failed` one stays for its
+            // `RecordingFailed` to say (no new file after a failure).
+            Ok(v) => Ok(!matches!(
                 v.get("state").and_then(serde_json::Value::as_str),
-                None | Some("queued" | "recording" | "paused")
+                Some("done" | "canceled")
             )),
             Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),

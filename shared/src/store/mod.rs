@@ -315,7 +315,9 @@ impl Store {
                         connector.invalidate(generation);
                         // The client's own response deadline (sent, not answered), or the
                         // connection failing under the request: it may have been written.
-                        Err((StoreError::Unavailable(format!("{op}: {e}")), true))
+                        // A refusal Redis answered (READONLY, LOADING, ...) did nothing.
+                        let unsure = e.is_timeout() || e.is_io_error() || e.is_connection_dropped();
+                        Err((StoreError::Unavailable(format!("{op}: {e}")), unsure))
                     } else {
                         Err((
                             StoreError::Redis {
