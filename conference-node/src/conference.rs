@@ -1035,6 +1035,16 @@ impl Conference {
     /// `addChannel` of `ids` into `bridge`, with each participant among them marked as being
     /// placed while the request is under way (see [`Participant::placed_at`]).
     async fn bridge_add(&mut self, bridge: &str, ids: &[&str]) -> Result<(), AriError> {
+        self.bridge_add_counted(bridge, ids).await.1
+    }
+
+    /// [`Conference::bridge_add`], also saying how many of `ids`, from the first, are in
+    /// (a long list goes in several requests; those before a failure went through).
+    async fn bridge_add_counted(
+        &mut self,
+        bridge: &str,
+        ids: &[&str],
+    ) -> (usize, Result<(), AriError>) {
         self.mark_placed(ids);
         let result = self.node.ari.add_channels(bridge, ids).await;
         self.mark_placed(ids);
@@ -1574,16 +1584,18 @@ impl Conference {
         if group.is_empty() {
             return unwaited;
         }
-        let moved = match self.bridge_add(&main, &group).await {
-            Ok(()) => group,
-            Err(e) if group.len() > 1 => {
+        let moved = match self.bridge_add_counted(&main, &group).await {
+            (_, Ok(())) => group,
+            (added, Err(e)) if group.len() - added > 1 => {
                 // Asterisk adds nobody when one channel of the list is gone or out of
                 // Stasis (control_list_create checks them all first), and nothing runs
                 // start() again: one waiter hanging up as the starter joins would leave the
                 // others on hold music for good.
                 tracing::warn!(conference = %self.name, error = %e, "cannot move the waiting participants together; moving them one by one");
-                let mut moved = Vec::new();
-                for id in group {
+                // Those a request before the failure moved are in: adding one again would
+                // have it leave the mix first.
+                let mut moved = group[..added].to_vec();
+                for id in group[added..].iter().copied() {
                     match self.bridge_add(&main, &[id]).await {
                         Ok(()) => moved.push(id),
                         Err(e) if e.channel_gone() => {
@@ -1596,9 +1608,9 @@ impl Conference {
                 }
                 moved
             }
-            Err(e) => {
+            (added, Err(e)) => {
                 tracing::error!(conference = %self.name, error = %e, "cannot move waiting participants into the conference");
-                Vec::new()
+                group[..added].to_vec()
             }
         };
         let any = !moved.is_empty();
@@ -2110,12 +2122,13 @@ impl Conference {
             tracing::warn!(conference = %self.name, keep = %chosen.id, leftover = %extra.id, callers = extra.channels.len(), "two bridges of one kind for the conference; merging the leftover into the other");
             if !extra.channels.is_empty() {
                 let ids: Vec<&str> = extra.channels.iter().map(String::as_str).collect();
-                match self.bridge_add(&chosen.id, &ids).await {
-                    Ok(()) => chosen.channels.extend(extra.channels.iter().cloned()),
-                    Err(e) => {
-                        tracing::warn!(bridge = %extra.id, error = %e, "cannot move callers out of a leftover bridge");
-                        continue;
-                    }
+                let (added, result) = self.bridge_add_counted(&chosen.id, &ids).await;
+                chosen
+                    .channels
+                    .extend(extra.channels.iter().take(added).cloned());
+                if let Err(e) = result {
+                    tracing::warn!(bridge = %extra.id, error = %e, "cannot move callers out of a leftover bridge");
+                    continue;
                 }
             }
             self.destroy_found(&extra.id, "merged_leftover_bridge")

@@ -178,6 +178,49 @@ async fn a_start_moves_more_waiters_than_one_add_channel_takes() {
     assert!(refused.is_empty(), "{refused:?}");
 }
 
+/// When a start's later `addChannel` fails (a waiter named in it hung up just then), the
+/// waiters an earlier request moved stay where they are, and only the rest are moved one by
+/// one: adding a channel again to the bridge it is in makes it leave first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_later_add_fails_moves_no_waiter_twice() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
+    let mut waiters = Vec::new();
+    for _ in 0..100 {
+        waiters.push(dial(&s.sim, "split-room", &waits).await);
+    }
+    for w in &waiters {
+        wait_bridged(&s.sim, w).await;
+    }
+    // The agent moves waiters in the order of their ids, 64 to a request.
+    waiters.sort();
+    let gone = waiters[80].clone();
+    let op = format!("addChannel {gone}");
+    s.sim.hold_operation(&op);
+    let starter = dial(&s.sim, "split-room", &[]).await;
+    let main = wait_bridged(&s.sim, &starter).await;
+    wait_for_async("the second request held", WAIT, || async {
+        (s.sim.held_requests(&op) == 1).then_some(())
+    })
+    .await
+    .expect("the start's second addChannel");
+    s.sim.hangup_far_end(&gone, 16).await.expect("hang up");
+    s.sim.release_operation(&op);
+    until(&s.sim, "every other waiter in the mix", |snap| {
+        snap.bridge(&main).is_some_and(|b| b.channels.len() == 100)
+    })
+    .await;
+    // Added again, a waiter would leave the mix first.
+    let left_mix: Vec<String> = s
+        .sim
+        .event_log()
+        .iter()
+        .filter(|e| e["type"] == "ChannelLeftBridge" && e["bridge"]["id"] == main.as_str())
+        .filter_map(|e| e["channel"]["id"].as_str().map(str::to_string))
+        .collect();
+    assert!(left_mix.is_empty(), "{left_mix:?}");
+}
+
 /// Wait music the holding bridge could not start (Asterisk did not answer) is asked again
 /// for the next caller who waits, rather than leave every waiter in silence for as long as
 /// the bridge lives.

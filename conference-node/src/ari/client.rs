@@ -493,15 +493,24 @@ impl AriClient {
     /// `POST /bridges/{id}/addChannel` with one or more channels (moved from any other bridge).
     /// Asterisk refuses a list of 128 channels or more (its parsers' `MAX_VALS`), and a
     /// request line past 4 KiB: a longer list goes in several requests, in order, stopping
-    /// at the first error.
-    pub async fn add_channels(&self, bridge: &str, channels: &[&str]) -> Result<(), AriError> {
+    /// at the first error. Also says how many channels the requests that went through added
+    /// (each request is all or nothing).
+    pub async fn add_channels(
+        &self,
+        bridge: &str,
+        channels: &[&str],
+    ) -> (usize, Result<(), AriError>) {
         let path = format!("/bridges/{}/addChannel", encode(bridge));
+        let mut added = 0;
         for part in channels.chunks(ADD_CHANNELS_AT_ONCE) {
             let list = part.join(",");
             let q = [("channel", list.as_str())];
-            self.call("addChannel", Method::Post, &path, &q).await?;
+            if let Err(e) = self.call("addChannel", Method::Post, &path, &q).await {
+                return (added, Err(e));
+            }
+            added += part.len();
         }
-        Ok(())
+        (added, Ok(()))
     }
 
     /// `POST /channels/{id}/answer`.
