@@ -1502,7 +1502,9 @@ async fn a_command_for_a_moves_target_waits_for_the_move() {
 /// 4 s; mute 4 (2 s) gives up at 5 s, behind mute 2, although mute 3 left the line at 4 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
-    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "3s")]).await;
+    // Mute 1 holds the line 4 s; the others give up 2 s after they came, at 2.5 s and 3 s:
+    // a second of slack for the gaps below.
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "4s")]).await;
     let (_store, _node, mut commands) = hosted_on_node_a(&s, "slow-room").await;
     let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
@@ -1528,7 +1530,7 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
         answers.insert(v["id"].as_u64().expect("id"), v);
     }
     assert_eq!(code(&answers[&1]), -32003, "{:?}", answers[&1]);
-    // Mute 1 holds the line for the whole 3 s: the others give up after half of it.
+    // Mute 1 holds the line for the whole timeout: the others give up after half of it.
     for id in [2, 3] {
         assert_eq!(code(&answers[&id]), -32007, "{:?}", answers[&id]);
         assert!(
@@ -1934,7 +1936,8 @@ async fn a_connection_with_every_frame_slot_taken_is_closed_1001_at_a_stop() {
     .await;
     let (_store, _node, mut commands) = hosted_on_node_a(&s, "full-slots").await;
     let mut tcp = raw_ws(&s).await;
-    // Commands of one conference wait in line, each holding its frame's slot.
+    // Commands of one conference wait in line, each holding its frame's slot: the reader
+    // waits for a free one at the 257th, and the ping after them goes unanswered.
     for id in 0..300 {
         let req = json!({"jsonrpc": "2.0", "method": "participant.mute",
                          "params": {"conference": "full-slots", "participant": format!("p{id}")}, "id": id});
@@ -1942,10 +1945,18 @@ async fn a_connection_with_every_frame_slot_taken_is_closed_1001_at_a_stop() {
             .await
             .expect("write");
     }
+    let ping = json!({"jsonrpc": "2.0", "method": "ping", "id": "after"});
+    tcp.write_all(&frame(0x1, ping.to_string().as_bytes()))
+        .await
+        .expect("write");
     tokio::time::timeout(Duration::from_secs(10), commands.recv())
         .await
         .expect("the node hears the first command")
         .expect("bus open");
+    // Time for the reader to take up the frames already in its socket: nothing the
+    // controller shows tells when it waits for a slot (a stop before that would be seen by
+    // its outer loop, and the test would prove nothing).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     s.controller
         .process()
         .signal(15)
@@ -1955,6 +1966,10 @@ async fn a_connection_with_every_frame_slot_taken_is_closed_1001_at_a_stop() {
         frames_until_close(&mut tcp, &mut texts).await,
         Some(Some(1001)),
         "{texts:?}"
+    );
+    assert!(
+        !texts.iter().any(|t| t.contains(r#""id":"after""#)),
+        "the ping was read: the reader never waited for a slot: {texts:?}"
     );
 }
 

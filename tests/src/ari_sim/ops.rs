@@ -1305,17 +1305,28 @@ pub(crate) fn redirect(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         if !supported {
             return;
         }
+        // State Ring gets the 302, which ends the call: no far end can refuse it. Any other
+        // gets a REFER, which an early dialog cannot take (refused), and an answered call's
+        // far end may refuse.
+        let mut redirected = false;
         if let Some(ch) = st.channels.get_mut(&channel) {
             ch.redirected_to = Some(endpoint);
-            ch.transferring = ch.state == ChanState::Up;
+            redirected = ch.state == ChanState::Ring;
+            ch.transferring = !redirected;
         }
+        let early = st
+            .channels
+            .get(&channel)
+            .is_some_and(|c| c.state != ChanState::Up && c.state != ChanState::Ring);
         // `app_control_redirect` ignores how the transfer ends: a far end that refuses it
         // leaves the channel as it was, and ARI says nothing.
-        let refused = core
-            .refused_transfers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&channel);
+        let refused = !redirected
+            && (early
+                || core
+                    .refused_transfers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&channel));
         let epoch = st.epoch;
         super::engine::schedule(core, epoch, core.cfg.ring_time, move |core, st| {
             if refused {
