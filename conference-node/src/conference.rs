@@ -32,6 +32,9 @@ use crate::node::{ConferenceView, Node, ParticipantView};
 use crate::options::{self, CallbackEvent, Options, Record};
 use crate::webhook::{Callbacks, ParticipantFields, Reservations};
 
+/// How often wait music that failed to start is asked for again, at most.
+const MUSIC_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long a participant redirected to another node may still be seen here before the
 /// redirect counts as refused: an answered call is moved with a REFER, which its phone or
 /// trunk may refuse, and ARI reports nothing of it (`app_control_redirect` ignores the
@@ -409,9 +412,9 @@ struct Conference {
     main_created_at: Instant,
     holding: String,
     holding_created: bool,
-    /// The holding bridge's wait music did not start: asked again for the next caller put
-    /// there.
-    holding_music_failed: bool,
+    /// When the holding bridge's wait music last failed to start: asked again for a caller
+    /// put there [`MUSIC_RETRY_EVERY`] later or more.
+    holding_music_failed: Option<Instant>,
     started: bool,
     participants: BTreeMap<String, Participant>,
     max_participants: u32,
@@ -472,7 +475,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         main_created_at: Instant::now(),
         holding: String::new(),
         holding_created: false,
-        holding_music_failed: false,
+        holding_music_failed: None,
         started: false,
         participants: BTreeMap::new(),
         max_participants: 0,
@@ -1180,7 +1183,12 @@ impl Conference {
     }
 
     async fn ensure_holding(&mut self, moh: &str) -> Result<(), AriError> {
-        if self.holding_created && !self.holding_music_failed {
+        // A retry at most every few seconds: one that times out holds the actor for a whole
+        // `ari.request_timeout`, which each waiter of a burst would pay.
+        let retry = self
+            .holding_music_failed
+            .is_some_and(|at| at.elapsed() >= MUSIC_RETRY_EVERY);
+        if self.holding_created && !retry {
             return Ok(());
         }
         if !self.holding_created {
@@ -1193,9 +1201,9 @@ impl Conference {
         // Music that did not start is asked again for the next caller put here, rather than
         // leave everyone waiting in silence for the bridge's life.
         match self.node.ari.start_bridge_moh(&self.holding, moh).await {
-            Ok(()) => self.holding_music_failed = false,
+            Ok(()) => self.holding_music_failed = None,
             Err(e) => {
-                self.holding_music_failed = true;
+                self.holding_music_failed = Some(Instant::now());
                 tracing::warn!(conference = %self.name, error = %e, "cannot start wait music; asking again for the next caller who waits")
             }
         }
