@@ -234,7 +234,15 @@ async fn release_stale_claims(
                 node: node.id.clone(),
                 epoch: rec.owner.epoch,
             };
-            match node.store.release(name, &owner).await {
+            // Only while still empty when it was read so: a first caller's actor, started
+            // since the check above, counts itself in Redis before anything else, and its
+            // claim must stay.
+            let released = if rec.participants == 0 {
+                node.store.release_if_empty(name, &owner).await
+            } else {
+                node.store.release(name, &owner).await
+            };
+            match released {
                 Ok(true) => {
                     tracing::info!(conference = %name, epoch = rec.owner.epoch, "released a claim whose bridge no longer exists");
                     node.metrics
