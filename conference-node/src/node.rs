@@ -926,7 +926,10 @@ impl Node {
                     );
                 }
             }
-            Event::ChannelEnteredBridge { channel, .. } => {
+            Event::ChannelEnteredBridge {
+                channel: Some(channel),
+                ..
+            } => {
                 if let Some(at) = lock(&self.joining).remove(&channel.id) {
                     self.metrics
                         .join_duration
@@ -994,6 +997,7 @@ impl Node {
             }
             // The events WebSocket reconnects on ApplicationReplaced itself.
             Event::ChannelLeftBridge { .. }
+            | Event::ChannelEnteredBridge { channel: None, .. }
             | Event::ChannelStateChange { .. }
             | Event::ApplicationReplaced { .. }
             | Event::Other => {}

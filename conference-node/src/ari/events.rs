@@ -189,8 +189,9 @@ pub enum Event {
     },
     /// A channel entered a bridge.
     ChannelEnteredBridge {
-        /// The channel.
-        channel: Channel,
+        /// The channel (optional in the Swagger's model).
+        #[serde(default)]
+        channel: Option<Channel>,
         /// The bridge.
         bridge: Bridge,
     },
@@ -426,5 +427,10 @@ mod tests {
             decode(r#"{"type":"ChannelEnteredBridge","channel":{"id":"a"},"bridge":{"id":7}}"#)
                 .expect_err("bad bridge id");
         assert_eq!(err.kind, "ChannelEnteredBridge");
+        // The Swagger makes the channel optional: an event without one is still read.
+        assert!(matches!(
+            decode(r#"{"type":"ChannelEnteredBridge","bridge":{"id":"b"}}"#),
+            Ok(Event::ChannelEnteredBridge { channel: None, .. })
+        ));
     }
 }
