@@ -353,7 +353,9 @@ impl AriClient {
                 let refused = e.kind == AriErrorKind::Unauthorized;
                 if refused && self.refuse() {
                     tracing::error!(error = %e, user = %self.username, "Asterisk refuses the agent's ARI requests: check ari.username and ari.password, and that ari.conf does not make the user read_only; the node takes no new conference until a write goes through");
-                } else if matches!(e.kind, AriErrorKind::Unexpected | AriErrorKind::Server) {
+                } else if matches!(e.kind, AriErrorKind::Unexpected | AriErrorKind::Server)
+                    && !unreadable_function(e)
+                {
                     tracing::warn!(error = %e, "unexpected ARI answer");
                 }
             }
@@ -650,13 +652,7 @@ impl AriClient {
             // A function Asterisk cannot read for this channel (`PJSIP_HEADER` of a header
             // the call did not carry) is answered 500 "Unable to read provided function"
             // (`ast_ari_channels_get_channel_var`): nothing to read, not a failure.
-            Err(e)
-                if e.status == Some(500)
-                    && e.message.contains("Unable to read provided function")
-                    && variable.ends_with(')') =>
-            {
-                Ok(None)
-            }
+            Err(e) if unreadable_function(&e) && variable.ends_with(')') => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -779,6 +775,15 @@ impl AriClient {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Asterisk's answer to reading a function it cannot read for the channel (`PJSIP_HEADER` of
+/// a header the call did not carry): expected, not worth a warning (see
+/// [`AriClient::get_variable`]).
+fn unreadable_function(e: &AriError) -> bool {
+    e.op == "getChannelVar"
+        && e.status == Some(500)
+        && e.message.contains("Unable to read provided function")
 }
 
 /// What an originate asks for.
