@@ -102,6 +102,17 @@ fn finish_storm(mut storm: Storm) -> HashMap<String, Vec<Told>> {
 /// `exactly_one_claimed`: whether exactly one contender per name must have been told
 /// `claimed` (false across a failover, where a winner may lose the reply and retry).
 async fn verify(store: &Store, told: &HashMap<String, Vec<Told>>, exactly_one_claimed: bool) {
+    verify_won(store, told, exactly_one_claimed, "claimed", 1).await;
+}
+
+/// [`verify`] for a race whose winner is told `won` and gets `epoch`.
+async fn verify_won(
+    store: &Store,
+    told: &HashMap<String, Vec<Told>>,
+    exactly_one_claimed: bool,
+    won: &str,
+    epoch: u64,
+) {
     assert_eq!(told.len(), NAMES, "every name got answers");
     for (name, answers) in told {
         assert_eq!(
@@ -117,7 +128,7 @@ async fn verify(store: &Store, told: &HashMap<String, Vec<Told>>, exactly_one_cl
                 "{name}: contenders were told different owners: {answers:?}"
             );
         }
-        let claimed = answers.iter().filter(|a| a.kind == "claimed").count();
+        let claimed = answers.iter().filter(|a| a.kind == won).count();
         if exactly_one_claimed {
             assert_eq!(claimed, 1, "{name}: {answers:?}");
         } else {
@@ -130,7 +141,7 @@ async fn verify(store: &Store, told: &HashMap<String, Vec<Told>>, exactly_one_cl
             .unwrap_or_else(|| panic!("{name} has no owner in redis"));
         assert_eq!(rec.owner.node.as_str(), first.owner, "{name}: redis owner");
         assert_eq!(rec.owner.epoch, first.epoch, "{name}: redis epoch");
-        assert_eq!(rec.owner.epoch, 1, "{name}: nobody should have re-homed");
+        assert_eq!(rec.owner.epoch, epoch, "{name}: epoch");
     }
     let winners: std::collections::HashSet<&str> =
         told.values().map(|a| a[0].owner.as_str()).collect();
@@ -148,6 +159,52 @@ async fn race_on_single_redis_gives_one_owner_per_name() {
     register_contender_nodes(&store).await;
     let told = finish_storm(start_storm(&cfg, 32));
     verify(&store, &told, true).await;
+}
+
+/// Every contender re-homes the same conferences from one dead owner at once: each name
+/// moves exactly once, to one node every contender is told, at the dead owner's epoch + 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rehoming_from_a_dead_owner_moves_each_name_once() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = lasting(fixtures::single(&redis.url()));
+    let store = fixtures::store(&cfg);
+    store
+        .register(
+            &fixtures::node("node-dead", 100_000),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("register the owner to die");
+    for i in 0..NAMES {
+        let name = ConferenceName::parse(&format!("race-{i}")).expect("name");
+        let c = store
+            .claim(&name, &[fixtures::id("node-dead")])
+            .await
+            .expect("claim");
+        assert_eq!(
+            c.owner.map(|o| (o.node.to_string(), o.epoch)),
+            Some(("node-dead".into(), 1))
+        );
+    }
+    register_contender_nodes(&store).await;
+    // The owner stops heartbeating: its lease runs out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store
+        .list_nodes()
+        .await
+        .expect("nodes")
+        .iter()
+        .any(|n| n.info.id.as_str() == "node-dead")
+    {
+        assert!(Instant::now() < deadline, "the owner's lease never ran out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let told = finish_storm(start_storm(&cfg, 32));
+    verify_won(&store, &told, true, "rehomed", 2).await;
+    assert!(
+        told.values().all(|a| a[0].owner != "node-dead"),
+        "a name stayed with the dead owner"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
