@@ -647,6 +647,14 @@ async fn unreadable_fields_fail_no_operation_for_the_rest() {
     ids.sort();
     assert_eq!(ids, ["a", "b"]);
 
+    // A node whose running count of placements is not a number still takes conferences.
+    let _: Option<i64> = redis_query(
+        port,
+        redis::cmd("HSET")
+            .arg("{confroute}:node:a")
+            .arg("placements")
+            .arg("lots"),
+    );
     // A conference of node a whose epoch and callback numbering are not numbers.
     store.claim(&name("odd"), &[id("a")]).await.expect("claim");
     for (field, value) in [("epoch", "seven"), ("callback_seq", "many")] {

@@ -57,6 +57,14 @@ local function place(epoch, created, outcome)
     local id = ARGV[i]
     local uri = usable(id)
     if uri then
+      -- A running count lets placers see how many placements everyone made between two
+      -- looks at the nodes, whatever ended meanwhile. One that is no integer (written by
+      -- hand) starts again rather than fail the claim.
+      local placed = redis.call('HGET', node_key(id), 'placements')
+      if placed and not string.match(placed, '^%-?%d+$') then
+        redis.call('HSET', node_key(id), 'placements', 0)
+      end
+      redis.call('HINCRBY', node_key(id), 'placements', 1)
       redis.call('HSET', KEYS[1], 'owner', id, 'epoch', epoch, 'participants', 0,
         'created_ms', created, 'updated_ms', now)
       -- The settings, callback numbering and count version were the last home's; the new
@@ -66,9 +74,6 @@ local function place(epoch, created, outcome)
       if touch == '1' then redis.call('HSET', KEYS[1], 'unconfirmed', 1) end
       redis.call('PEXPIRE', KEYS[1], lease)
       redis.call('SADD', set_key(id), name)
-      -- A running count lets placers see how many placements everyone made between two
-      -- looks at the nodes, whatever ended meanwhile.
-      redis.call('HINCRBY', node_key(id), 'placements', 1)
       -- The placement set lives exactly as long as its node's lease.
       local pttl = redis.call('PTTL', node_key(id))
       if pttl > 0 then redis.call('PEXPIRE', set_key(id), pttl) end
