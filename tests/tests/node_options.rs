@@ -149,20 +149,26 @@ async fn a_burst_of_callers_stays_within_asterisks_http_session_limit() {
     );
 }
 
+/// `n` callers of `conference` waiting for its start, each in the holding bridge.
+async fn waiting_callers(sim: &TestSim, conference: &str, n: usize) -> Vec<String> {
+    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
+    let mut waiters = Vec::new();
+    for _ in 0..n {
+        waiters.push(dial(sim, conference, &waits).await);
+    }
+    for w in &waiters {
+        wait_bridged(sim, w).await;
+    }
+    waiters
+}
+
 /// A start moves every waiter into the mix even when there are more than one `addChannel`
 /// may name (Asterisk refuses a list of 128 channels or more with 400): the agent splits the
 /// list, and Asterisk refuses none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_moves_more_waiters_than_one_add_channel_takes() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
-    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
-    let mut waiters = Vec::new();
-    for _ in 0..140 {
-        waiters.push(dial(&s.sim, "crowded-room", &waits).await);
-    }
-    for w in &waiters {
-        wait_bridged(&s.sim, w).await;
-    }
+    waiting_callers(&s.sim, "crowded-room", 140).await;
     let starter = dial(&s.sim, "crowded-room", &[]).await;
     let main = wait_bridged(&s.sim, &starter).await;
     until(&s.sim, "every waiter in the mix", |snap| {
@@ -184,14 +190,7 @@ async fn a_start_moves_more_waiters_than_one_add_channel_takes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_whose_later_add_fails_moves_no_waiter_twice() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
-    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
-    let mut waiters = Vec::new();
-    for _ in 0..100 {
-        waiters.push(dial(&s.sim, "split-room", &waits).await);
-    }
-    for w in &waiters {
-        wait_bridged(&s.sim, w).await;
-    }
+    let mut waiters = waiting_callers(&s.sim, "split-room", 100).await;
     // The agent moves waiters in the order of their ids, 64 to a request.
     waiters.sort();
     let gone = waiters[80].clone();
