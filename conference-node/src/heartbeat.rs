@@ -187,12 +187,19 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                     && status == HostedStatus::Reclaimed
                 {
                     // The conference ended between the listing and the heartbeat: give back
-                    // the claim the heartbeat just made for it.
+                    // the claim the heartbeat just made for it. One it made empty is given back
+                    // only while still empty: a first caller's new actor may have counted
+                    // itself in since, and its claim must stay.
                     let owner = Owner {
                         node: node.id.clone(),
                         epoch: h.epoch,
                     };
-                    if let Err(e) = node.store.release(&h.name, &owner).await {
+                    let released = if h.participants == 0 {
+                        node.store.release_if_empty(&h.name, &owner).await
+                    } else {
+                        node.store.release(&h.name, &owner).await
+                    };
+                    if let Err(e) = released {
                         tracing::warn!(conference = %h.name, error = %e, "cannot release the claim of an ended conference; it expires with its lease");
                     }
                 }
