@@ -1090,8 +1090,7 @@ impl Conference {
                     tracing::warn!(conference = %self.name, bridge = %bridge, "bridge vanished; creating it again");
                     recreated = true;
                     if waiting {
-                        self.holding_created = false;
-                        self.ensure_holding(&opts.wait_music).await?;
+                        self.renew_holding(&opts.wait_music, ch).await?;
                     } else {
                         self.main_created = false;
                         self.create_main().await?;
@@ -2080,21 +2079,18 @@ impl Conference {
             self.holding_created = false;
             // Destroyed outside the agent: Asterisk left its callers in the Stasis app, in
             // silence. They go back to waiting with music in a new holding bridge.
-            let stranded: Vec<(String, Options)> = self
-                .participants
-                .iter()
-                .filter(|(_, p)| (p.waiting || p.held) && !p.moving && !p.redirected)
-                .map(|(id, p)| (id.clone(), p.options.clone()))
-                .collect();
-            if stranded.is_empty() {
+            let Some(music) = self
+                .stranded_in_holding("")
+                .first()
+                .and_then(|id| self.participants.get(id))
+                .map(|p| p.options.wait_music.clone())
+            else {
+                self.holding = bridge_ids(&self.name, self.epoch, rand::random()).1;
                 return;
-            }
-            tracing::warn!(conference = %self.name, callers = stranded.len(), "holding bridge destroyed outside the agent; putting its callers back");
-            self.holding = bridge_ids(&self.name, self.epoch, rand::random()).1;
-            for (id, opts) in stranded {
-                if let Err(e) = self.add(&id, true, &opts).await {
-                    tracing::warn!(conference = %self.name, channel = %id, error = %e, "cannot put a caller back on hold");
-                }
+            };
+            tracing::warn!(conference = %self.name, "holding bridge destroyed outside the agent; putting its callers back");
+            if let Err(e) = self.renew_holding(&music, "").await {
+                tracing::warn!(conference = %self.name, error = %e, "cannot make the holding bridge again");
             }
             return;
         }
@@ -2103,6 +2099,43 @@ impl Conference {
             tracing::warn!(conference = %self.name, "conference bridge destroyed outside the agent; ending the conference");
             self.end("bridge_gone", None).await;
         }
+    }
+
+    /// Those who wait or are held with music but `skip`, in the holding bridge as far as the
+    /// agent knows.
+    fn stranded_in_holding(&self, skip: &str) -> Vec<String> {
+        self.participants
+            .iter()
+            .filter(|(id, p)| {
+                (p.waiting || p.held) && !p.moving && !p.redirected && id.as_str() != skip
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The holding bridge is gone (destroyed outside the agent): a new one, under an id of
+    /// its own, takes everyone who waited or was held in it but `skip` (whose own add comes
+    /// next). The new id keeps the old bridge's `BridgeDestroyed`, which may come later, from
+    /// being taken for the new one's end, and a bridge made again under the old id from being
+    /// left behind, empty, when that event moves its callers on.
+    async fn renew_holding(&mut self, music: &str, skip: &str) -> Result<(), AriError> {
+        self.holding_created = false;
+        self.holding = bridge_ids(&self.name, self.epoch, rand::random()).1;
+        self.ensure_holding(music).await?;
+        let stranded = self.stranded_in_holding(skip);
+        if stranded.is_empty() {
+            return Ok(());
+        }
+        for id in &stranded {
+            self.node.stop_playbacks(id).await;
+        }
+        let ids: Vec<&str> = stranded.iter().map(String::as_str).collect();
+        let holding = self.holding.clone();
+        let (moved, result) = self.bridge_add_counted(&holding, &ids).await;
+        if let Err(e) = result {
+            tracing::warn!(conference = %self.name, put_back = moved, left = ids.len() - moved, error = %e, "cannot put every caller back on hold; reconciliation takes the rest");
+        }
+        Ok(())
     }
 
     /// Of the bridges of one kind found for this conference, the one to go on with: the

@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 
 use confroute_shared::name::ConferenceName;
 use confroute_tests::ari_sim::client::EventStream;
+use confroute_tests::ari_sim::SimSnapshot;
 use confroute_tests::fixtures::{self, metric, scrape};
 use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer};
 use node_common::*;
@@ -348,6 +349,52 @@ async fn callers_taken_out_of_their_bridge_behind_the_agents_back_are_put_back()
         Some(main),
         "the other caller was never disturbed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holding_bridge_destroyed_during_a_join_leaves_one_holding_bridge_with_every_waiter() {
+    // Reconciliation far off: what it would tidy up is the join's to get right.
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let other = confroute_tests::ari_sim::client::AriClient::new(&s.sim).expect("client");
+    let waits = [("CONFROUTE_START_ON_ENTER", "false")];
+    let first = dial(&s.sim, "yanked-wait", &waits).await;
+    let holding = wait_bridged(&s.sim, &first).await;
+    assert!(is_holding(&holding, 1, "yanked-wait"), "{holding}");
+    // The second waiter's addChannel is under way when another application destroys the
+    // holding bridge: it is answered 404, and the BridgeDestroyed reaches the agent after.
+    s.sim.hold_operation("addChannel");
+    let second = dial(&s.sim, "yanked-wait", &waits).await;
+    until(&s.sim, "the second waiter's add under way", |_| {
+        s.sim.held_requests("addChannel") == 1
+    })
+    .await;
+    let r = other
+        .call("DELETE", &format!("/bridges/{holding}"), None)
+        .await
+        .expect("destroy");
+    assert_eq!(r.status, 204);
+    s.sim.release_operation("addChannel");
+    let together = |snap: &SimSnapshot| {
+        let a = snap.channel(&first).and_then(|c| c.bridge.clone());
+        let b = snap.channel(&second).and_then(|c| c.bridge.clone());
+        a.is_some() && a == b
+    };
+    until(&s.sim, "both waiters in one holding bridge", together).await;
+    let holdings = |snap: &SimSnapshot| {
+        snap.bridges
+            .iter()
+            .filter(|b| is_holding(&b.id, 1, "yanked-wait"))
+            .map(|b| (b.id.clone(), b.channels.len()))
+            .collect::<Vec<_>>()
+    };
+    until(&s.sim, "no holding bridge but the waiters'", |snap| {
+        together(snap) && holdings(snap).len() == 1
+    })
+    .await;
+    let snap = s.sim.snapshot();
+    let kept = snap.channel(&first).and_then(|c| c.bridge.clone());
+    assert_ne!(kept.as_deref(), Some(holding.as_str()), "a new bridge");
+    assert_eq!(holdings(&snap), vec![(kept.unwrap_or_default(), 2)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
