@@ -187,18 +187,17 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                     && status == HostedStatus::Reclaimed
                 {
                     // The conference ended between the listing and the heartbeat: give back
-                    // the claim the heartbeat just made for it. One it made empty is given back
-                    // only while still empty: a first caller's new actor may have counted
-                    // itself in since, and its claim must stay.
+                    // the claim the heartbeat just made for it, with the listing's count. Only
+                    // while that count is still the last written: a first caller's new actor
+                    // may have counted itself in since, and its claim must stay.
                     let owner = Owner {
                         node: node.id.clone(),
                         epoch: h.epoch,
                     };
-                    let released = if h.participants == 0 {
-                        node.store.release_if_empty(&h.name, &owner).await
-                    } else {
-                        node.store.release(&h.name, &owner).await
-                    };
+                    let released = node
+                        .store
+                        .release_unless_counted_since(&h.name, &owner, h.count_version)
+                        .await;
                     if let Err(e) = released {
                         tracing::warn!(conference = %h.name, error = %e, "cannot release the claim of an ended conference; it expires with its lease");
                     }

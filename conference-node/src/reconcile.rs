@@ -234,14 +234,13 @@ async fn release_stale_claims(
                 node: node.id.clone(),
                 epoch: rec.owner.epoch,
             };
-            // Only while still empty when it was read so: a first caller's actor, started
+            // Only while its count is still the one listed: a first caller's actor, started
             // since the check above, counts itself in Redis before anything else, and its
             // claim must stay.
-            let released = if rec.participants == 0 {
-                node.store.release_if_empty(name, &owner).await
-            } else {
-                node.store.release(name, &owner).await
-            };
+            let released = node
+                .store
+                .release_unless_counted_since(name, &owner, rec.count_version)
+                .await;
             match released {
                 Ok(true) => {
                     tracing::info!(conference = %name, epoch = rec.owner.epoch, "released a claim whose bridge no longer exists");

@@ -206,6 +206,10 @@ pub struct ConferenceRecord {
     /// which waits again) before sending anyone there. Read by `lookup` only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unconfirmed: bool,
+    /// Version of the participant count (`count_v`, the writing agent's counter), read by
+    /// the conference listing for a release that must not undo a later count; 0 elsewhere.
+    #[serde(skip)]
+    pub count_version: u64,
 }
 
 #[cfg(test)]

@@ -1569,6 +1569,46 @@ async fn a_refused_commands_claim_is_given_back_only_while_nobody_is_in_it() {
 }
 
 #[tokio::test]
+async fn a_release_on_a_listed_count_keeps_a_claim_counted_since() {
+    let (_redis, store) = with_nodes(&["a"]).await;
+    let room = name("room");
+    let placed = store.claim(&room, &[id("a")]).await.expect("claim");
+    let owner = placed.owner.clone().expect("owner");
+    assert!(store
+        .set_participants(&room, &owner, 3, 40, None)
+        .await
+        .expect("count"));
+    let listed = store.list_conferences(None, 10).await.expect("list");
+    assert_eq!(listed.items.len(), 1);
+    let seen = listed.items[0].1.count_version;
+    assert_eq!(seen, 40, "the listing reads the count's version");
+    // A new actor of the name counts its first caller in after the listing.
+    assert!(store
+        .set_participants(&room, &owner, 1, 41, None)
+        .await
+        .expect("count"));
+    assert!(!store
+        .release_unless_counted_since(&room, &owner, seen)
+        .await
+        .expect("release"));
+    assert_eq!(
+        store
+            .lookup(&room)
+            .await
+            .expect("lookup")
+            .map(|r| r.participants),
+        Some(1),
+        "the claim stays with the later count"
+    );
+    // Nothing written since the version seen: released, whatever the count.
+    assert!(store
+        .release_unless_counted_since(&room, &owner, 41)
+        .await
+        .expect("release"));
+    assert!(store.lookup(&room).await.expect("lookup").is_none());
+}
+
+#[tokio::test]
 async fn a_wait_confirms_only_the_claim_it_covered() {
     let redis = RedisServer::start().expect("redis");
     let key = "{confroute}:conf:room";

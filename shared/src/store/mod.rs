@@ -547,6 +547,7 @@ impl Store {
             participants: u32::try_from(r.u64_lenient(2)?).unwrap_or(u32::MAX),
             created_ms: r.u64_lenient(3)?,
             unconfirmed: r.u64_lenient(4)? == 1,
+            count_version: 0,
         }))
     }
 
@@ -666,7 +667,7 @@ impl Store {
 
     /// Ends a claim by compare-and-delete on owner and epoch; false if not the owner.
     pub async fn release(&self, name: &ConferenceName, owner: &Owner) -> Result<bool, StoreError> {
-        self.release_with(name, owner, false).await
+        self.release_with(name, owner, false, None).await
     }
 
     /// [`Store::release`], only while nobody is in the conference (its recorded count is 0):
@@ -676,7 +677,19 @@ impl Store {
         name: &ConferenceName,
         owner: &Owner,
     ) -> Result<bool, StoreError> {
-        self.release_with(name, owner, true).await
+        self.release_with(name, owner, true, None).await
+    }
+
+    /// [`Store::release`], only while the participant count is the one of version `seen`
+    /// or older: for a claim released on what a listing said, which a new actor of the same
+    /// name may have counted its first caller into since.
+    pub async fn release_unless_counted_since(
+        &self,
+        name: &ConferenceName,
+        owner: &Owner,
+        seen: u64,
+    ) -> Result<bool, StoreError> {
+        self.release_with(name, owner, false, Some(seen)).await
     }
 
     async fn release_with(
@@ -684,6 +697,7 @@ impl Store {
         name: &ConferenceName,
         owner: &Owner,
         only_empty: bool,
+        seen: Option<u64>,
     ) -> Result<bool, StoreError> {
         let key = self.conf_key(name.as_str());
         let script = &self.scripts.release;
@@ -697,6 +711,7 @@ impl Store {
                 .arg(owner.epoch)
                 .arg(if only_empty { "1" } else { "0" })
                 .arg(self.conference_lease.as_millis() as u64)
+                .arg(seen.map(|v| v.to_string()))
                 .invoke_async::<i64>(&mut c)
                 .await
                 .map(|n| n == 1)

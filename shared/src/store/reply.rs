@@ -235,7 +235,7 @@ pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreE
     let next = r.string_or_empty(0)?;
     let mut items = Vec::new();
     let mut i = 1;
-    while i + 5 <= values.len() {
+    while i + 6 <= values.len() {
         // A record this reader cannot take for a conference (a name or an owner no node can
         // have, written by something else) is left out of the page rather than failing it:
         // the pages after it must still be reachable. Its next call re-homes it.
@@ -245,7 +245,7 @@ pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreE
             .and_then(|n| ConferenceName::parse(&n).ok())
             .zip(r.node_id(i + 1).ok());
         let Some((name, node)) = readable else {
-            i += 5;
+            i += 6;
             continue;
         };
         items.push((
@@ -258,9 +258,10 @@ pub(crate) fn conference_page(values: &[Value]) -> Result<ConferencePage, StoreE
                 participants: u32::try_from(r.u64_lenient(i + 3)?).unwrap_or(u32::MAX),
                 created_ms: r.u64_lenient(i + 4)?,
                 unconfirmed: false,
+                count_version: r.u64_lenient(i + 5)?,
             },
         ));
-        i += 5;
+        i += 6;
     }
     Ok(ConferencePage {
         items,

@@ -4,7 +4,8 @@
 -- so a short page is usually the last one.
 -- KEYS[1] conference index. ARGV[1] prefix, ARGV[2] exclusive start name ('' for the first
 -- page), ARGV[3] page size.
--- Returns {next_cursor, name, owner, epoch, participants, created_ms, ...}; next_cursor is
+-- Returns {next_cursor, name, owner, epoch, participants, created_ms, count_v, ...};
+-- next_cursor is
 -- '' on the last page (one name more is read to know: a full last page has none), else the
 -- last name read.
 local prefix, after, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -21,7 +22,7 @@ while true do
     local name = names[i]
     read = read + 1
     local r = redis.call('HMGET', prefix .. 'conf:' .. name, 'owner', 'epoch', 'participants',
-      'created_ms')
+      'created_ms', 'count_v')
     if r[1] then
       out[#out + 1] = name
       out[#out + 1] = r[1]
@@ -29,6 +30,7 @@ while true do
       out[#out + 1] = tonumber(r[2]) or 0
       out[#out + 1] = tonumber(r[3]) or 0
       out[#out + 1] = tonumber(r[4]) or 0
+      out[#out + 1] = tonumber(r[5]) or 0
       found = found + 1
     else
       redis.call('ZREM', KEYS[1], name)

@@ -7,11 +7,14 @@
 -- KEYS[1] conference record, KEYS[2] conference index.
 -- ARGV[1] prefix, ARGV[2] name, ARGV[3] node id, ARGV[4] epoch, ARGV[5] "1" to
 -- release only a conference nobody is in (a claim made for a command that was refused may
--- meanwhile have been used by a caller), ARGV[6] how long the ended epoch is remembered (ms).
+-- meanwhile have been used by a caller), ARGV[6] how long the ended epoch is remembered (ms),
+-- ARGV[7] (optional) the count version (`count_v`) the releaser last saw: a count written
+-- since (a new actor of the name counted its first caller in) keeps the claim.
 -- Returns 1 when released, 0 when the caller was not the owner at that epoch (or people are
--- in it and ARGV[5] asked).
-local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'participants')
+-- in it and ARGV[5] asked, or the count changed since ARGV[7]).
+local r = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'participants', 'count_v')
 if ARGV[5] == '1' and (tonumber(r[3]) or 0) > 0 then return 0 end
+if ARGV[7] and (tonumber(r[4]) or 0) > tonumber(ARGV[7]) then return 0 end
 if r[1] == ARGV[3] and r[2] == ARGV[4] then
   redis.call('DEL', KEYS[1])
   -- Never lowered: a life an old owner reclaimed at its own epoch after the name had
