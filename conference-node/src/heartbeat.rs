@@ -138,10 +138,11 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     match beat {
         Ok(Heartbeat::Unregistered) => {
             tracing::warn!(node = %node.id, "node record gone (lease expired or Redis restarted); registering again");
-            // First: with every node gone, Redis lost them all, and nothing may be placed
-            // until the others are back too (this node must not be given their conferences).
+            // First: with every node gone but those registered since this one's record was
+            // lost, Redis lost them all, and nothing may be placed until the others are back
+            // too (neither this node nor a newcomer may be given their conferences).
             let wait = lease(node).min(SETTLE_AT_MOST);
-            match node.store.settle_after_loss(wait).await {
+            match node.store.settle_after_loss(wait, lease(node)).await {
                 Ok(true) => {
                     tracing::warn!(node = %node.id, ?wait, "no node is registered: Redis lost its data; conferences are placed again once the nodes have registered again")
                 }

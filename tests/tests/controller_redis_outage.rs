@@ -277,19 +277,29 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
 
 /// A controller that starts after Redis came back empty knows of no node from before, so its
 /// own wait cannot hold it back: the mark the first agent registering again leaves
-/// (`settle_after_loss`, as every agent calls it when its record is gone) does. No conference
-/// is placed until the nodes that were live are back; the conference's own node then claims
-/// it back and the new controller routes to it.
+/// (`settle_after_loss`, as every agent calls it when its record is gone) does, even when a
+/// new agent registered into the emptied Redis before it. No conference is placed until the
+/// nodes that were live are back; the conference's own node then claims it back and the new
+/// controller routes to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_started_after_redis_came_back_empty_places_nothing_until_the_nodes_are_back()
 {
     let (mut redis, cfg, store, lease, name, claim) = two_nodes_and_a_claim().await;
     redis.restart().expect("redis back, empty");
-    // node-b is back first, as an agent registers again; node-a is late.
+    // A new agent, node-c, starts into the emptied Redis: a first registration marks nothing.
+    wait_for_async("node-c to register", Duration::from_secs(10), || async {
+        store
+            .register(&fixtures::node("node-c", 100), lease)
+            .await
+            .ok()
+    })
+    .await
+    .expect("node-c registers");
+    // node-b is back next, as an agent registers again; node-a is late.
     let back = |id: &'static str| {
         let store = store.clone();
         async move {
-            let first = store.settle_after_loss(lease).await.ok()?;
+            let first = store.settle_after_loss(lease, lease).await.ok()?;
             store.register(&fixtures::node(id, 100), lease).await.ok()?;
             Some(first)
         }
@@ -299,14 +309,17 @@ async fn a_controller_started_after_redis_came_back_empty_places_nothing_until_t
     })
     .await
     .expect("node-b registers again");
-    assert!(first, "no node was live: the store is marked settling");
+    assert!(
+        first,
+        "no node from before the loss was live: the store is marked settling"
+    );
 
     let mut env = fixtures::redis_env(&cfg);
     env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
     let controller = ControllerProc::start(&env).expect("controller");
-    fixtures::wait_placeable(&controller.http_url(), 1)
+    fixtures::wait_placeable(&controller.http_url(), 2)
         .await
-        .expect("node-b placeable");
+        .expect("node-b and node-c placeable");
     let during = invite(controller.sip_addr(), "sales-42");
     assert!(
         during.starts_with("SIP/2.0 503") && during.contains("Retry-After"),
@@ -318,8 +331,9 @@ async fn a_controller_started_after_redis_came_back_empty_places_nothing_until_t
         "no second home was claimed"
     );
 
-    // node-a is back and claims its conference back, as its agent's first heartbeat does.
-    assert!(!back("node-a").await.expect("node-a registers again"));
+    // node-a is back and claims its conference back, as its agent's first heartbeat does;
+    // node-b and node-c registered since the loss, so the wait is set again from now.
+    assert!(back("node-a").await.expect("node-a registers again"));
     let hosted = [confroute_shared::store::Hosted {
         name: name.clone(),
         epoch: claim.owner.expect("owner").epoch,

@@ -1609,6 +1609,48 @@ async fn a_release_on_a_listed_count_keeps_a_claim_counted_since() {
 }
 
 #[tokio::test]
+async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
+    let (redis, store) = with_nodes(&["a"]).await;
+    let mark = || {
+        redis
+            .query(redis::cmd("EXISTS").arg("{confroute}:settling"))
+            .and_then(|v| redis::from_redis_value::<i64>(v).ok())
+            .expect("exists")
+    };
+    let lease = Duration::from_secs(30);
+    // Node a registered longer ago than the caller's record can have been lost: it outlived
+    // whatever took that record, so Redis did not lose everything.
+    assert!(!store
+        .settle_after_loss(lease, Duration::ZERO)
+        .await
+        .expect("settle"));
+    assert_eq!(mark(), 0);
+    // Registered since: a newcomer (or another node already back) says nothing about the
+    // others, and placements wait for them.
+    assert!(store
+        .settle_after_loss(lease, Duration::from_secs(3600))
+        .await
+        .expect("settle"));
+    assert_eq!(mark(), 1);
+    // A record that does not say when it registered counts as from before.
+    redis
+        .query(
+            redis::cmd("HDEL")
+                .arg("{confroute}:node:a")
+                .arg("registered_ms"),
+        )
+        .expect("hdel");
+    redis
+        .query(redis::cmd("DEL").arg("{confroute}:settling"))
+        .expect("del");
+    assert!(!store
+        .settle_after_loss(lease, Duration::from_secs(3600))
+        .await
+        .expect("settle"));
+    assert_eq!(mark(), 0);
+}
+
+#[tokio::test]
 async fn a_wait_confirms_only_the_claim_it_covered() {
     let redis = RedisServer::start().expect("redis");
     let key = "{confroute}:conf:room";

@@ -896,11 +896,17 @@ impl Store {
         Ok(out)
     }
 
-    /// For a running agent that must register again (its record is gone): when no node is
-    /// live, Redis lost them all, and claims wait `lease` for the nodes that were live to
-    /// register again and claim back their conferences (`settle.lua`). True when it set
-    /// that wait.
-    pub async fn settle_after_loss(&self, lease: Duration) -> Result<bool, StoreError> {
+    /// For a running agent that must register again (its record is gone): when no node
+    /// registered more than `since` ago is live, Redis lost them all, and claims wait `lease`
+    /// for the nodes that were live to register again and claim back their conferences
+    /// (`settle.lua`). `since` is the caller's own lease: its record was lost within it, so
+    /// a node registered since then is a newcomer or one already back. True when it set that
+    /// wait.
+    pub async fn settle_after_loss(
+        &self,
+        lease: Duration,
+        since: Duration,
+    ) -> Result<bool, StoreError> {
         let mark = format!("{}settling", self.prefix);
         let script = &self.scripts.settle;
         let set: i64 = self
@@ -909,6 +915,8 @@ impl Store {
                     .key(&self.nodes_key)
                     .key(&mark)
                     .arg(lease.as_millis() as u64)
+                    .arg(since.as_millis() as u64)
+                    .arg(&self.prefix)
                     .invoke_async(&mut c)
                     .await
             })
