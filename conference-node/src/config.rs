@@ -225,6 +225,9 @@ pub struct Profile {
     pub status_callback_event: Option<Vec<CallbackEvent>>,
 }
 
+/// Longest `webhook.shutdown_wait`: past it a stop would outlast any sane grace period.
+const MAX_SHUTDOWN_WAIT: Duration = Duration::from_secs(600);
+
 /// `[webhook]`: how status callbacks are delivered.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -242,6 +245,10 @@ pub struct WebhookConfig {
     pub retry_max: Duration,
     /// Events queued per conference at most; past it new events are dropped and counted.
     pub queue_size: usize,
+    /// How long a stopping agent waits for the callbacks still queued (the leave and end
+    /// events of the conferences it ended) before it exits without them.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_wait: Duration,
     /// Signs each callback as Twilio does (`X-Twilio-Signature`, HMAC-SHA1 of the URL and the
     /// sorted form fields), with the auth token the receiving application validates with.
     pub auth_token: Option<Secret>,
@@ -361,6 +368,7 @@ impl Default for WebhookConfig {
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             queue_size: 1000,
+            shutdown_wait: Duration::from_secs(30),
             auth_token: None,
             account_sid: String::new(),
         }
@@ -671,6 +679,12 @@ impl Validate for NodeConfig {
         if self.webhook.timeout.is_zero() {
             issues.add("webhook.timeout", "must be greater than zero");
         }
+        if self.webhook.shutdown_wait.is_zero() || self.webhook.shutdown_wait > MAX_SHUTDOWN_WAIT {
+            issues.add(
+                "webhook.shutdown_wait",
+                "must be greater than zero and at most 10m (a stopping pod's grace period must cover it)",
+            );
+        }
         if self
             .webhook
             .auth_token
@@ -927,6 +941,16 @@ mod tests {
                 "webhook.retry_initial",
             ),
             ("CONFROUTE_WEBHOOK__RETRY_MAX", "1ms", "webhook.retry_max"),
+            (
+                "CONFROUTE_WEBHOOK__SHUTDOWN_WAIT",
+                "0s",
+                "webhook.shutdown_wait",
+            ),
+            (
+                "CONFROUTE_WEBHOOK__SHUTDOWN_WAIT",
+                "11m",
+                "webhook.shutdown_wait",
+            ),
             ("CONFROUTE_HTTP__LISTEN", "localhost:9090", "http.listen"),
             ("CONFROUTE_WEBHOOK__AUTH_TOKEN", "", "webhook.auth_token"),
             (

@@ -295,9 +295,12 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
     // heartbeat would register a deregistered node again).
     // Their bus events too (call control's subscribers would never see those conferences
     // end), over the same bound.
+    // Callbacks go one at a time per conference, so a big conference's leave events can
+    // take a while ahead of its end event: they get `webhook.shutdown_wait`.
+    let wait = node.cfg.webhook.shutdown_wait;
     let bound = node.cfg.webhook.timeout * 2;
     let (left, unsent) = tokio::join!(
-        node.webhooks.in_flight.settle(bound),
+        node.webhooks.in_flight.settle(wait),
         node.outbox.flush(bound)
     );
     if unsent > 0 {
@@ -309,7 +312,7 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
     if left > 0 {
         tracing::warn!(
             left,
-            "status callbacks still queued at exit after {bound:?}; dropped"
+            "status callbacks still queued at exit after webhook.shutdown_wait ({wait:?}); dropped"
         );
         node.metrics
             .webhooks

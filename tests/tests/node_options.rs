@@ -1438,6 +1438,43 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
     );
 }
 
+/// A conference's callbacks go out one at a time: a shutdown that ends a conference of
+/// several callers queues a leave for each before the end, and the agent waits
+/// `webhook.shutdown_wait` for them all, not a bound tied to one POST's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_conferences_end_callback_goes_out_behind_its_leaves_at_exit() {
+    let (url, got) = receiver_with(0, std::time::Duration::from_millis(300)).await;
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+        // One POST's deadline: twice it is less than the queue at exit takes.
+        ("CONFROUTE_WEBHOOK__TIMEOUT", "500ms"),
+    ])
+    .await;
+    let vars = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
+    ];
+    let mut callers = Vec::new();
+    for _ in 0..5 {
+        let c = dial(&s.sim, "crowd", &vars).await;
+        wait_bridged(&s.sim, &c).await;
+        callers.push(c);
+    }
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    let events: Vec<String> = got
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|f| f["StatusCallbackEvent"].clone())
+        .collect();
+    let mut expected = vec!["participant-leave".to_string(); callers.len()];
+    expected.push("conference-end".to_string());
+    assert_eq!(events, expected, "{}", s.node.output());
+}
+
 /// Signed callbacks: the signature, the URL as the receiver rebuilds it, and the form.
 type Signed = Arc<Mutex<Vec<(String, String, Vec<(String, String)>)>>>;
 
