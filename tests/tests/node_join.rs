@@ -197,3 +197,22 @@ async fn a_caller_gone_while_being_answered_is_abandoned_not_an_error() {
     );
     assert_eq!(ops(&s.sim, "hangup"), 0, "nobody left to hang up");
 }
+
+/// Proxy variables in the agent's environment (set cluster-wide for egress) do not carry its
+/// ARI requests: Asterisk is reached directly, as the events WebSocket always is, and a join
+/// works with a proxy that answers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ari_requests_ignore_proxy_variables_in_the_environment() {
+    let dark = confroute_tests::harness::DarkPort::start().expect("dark port");
+    let proxy = format!("http://{}", dark.addr());
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("HTTP_PROXY", proxy.as_str()),
+        ("http_proxy", proxy.as_str()),
+        ("ALL_PROXY", proxy.as_str()),
+        ("NO_PROXY", ""),
+    ])
+    .await;
+    let a = dial(&s.sim, "direct", &[]).await;
+    assert_main(&wait_bridged(&s.sim, &a).await, 1, "direct");
+}

@@ -170,6 +170,9 @@ impl AriClient {
             // ARI answers itself; a redirect (a proxy, http.conf's `redirect`) would turn a
             // POST or DELETE into a GET whose 404 reads as "channel gone".
             .redirect(reqwest::redirect::Policy::none())
+            // Proxy variables set for the host's egress must not carry requests (and their
+            // credentials) to the local Asterisk, whose events WebSocket goes direct anyway.
+            .no_proxy()
             .build()
             .map_err(|e| format!("building the ARI HTTP client: {e}"))?;
         Ok(AriClient {
