@@ -840,18 +840,78 @@ fn is_phone_number(s: &str) -> bool {
 
 /// Option tags in `Require` this server does not support (it supports none).
 fn unsupported_requirements(req: &Request<'_>) -> Option<String> {
-    let tags: Vec<&str> = req
+    let mut tags: Vec<&str> = Vec::new();
+    let mut len = 0;
+    for tag in req
         .headers_named("Require")
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .collect();
+    {
+        // The list is kept with the transaction for 32 s and resent with each answer: a
+        // request repeating or piling up tags must not make either grow past a few. The
+        // first tag is always named, cut to the bound: no real option tag is that long.
+        if tags.is_empty() {
+            let mut end = tag.len().min(UNSUPPORTED_MAX_BYTES);
+            while !tag.is_char_boundary(end) {
+                end -= 1;
+            }
+            tags.push(&tag[..end]);
+            len = end;
+            continue;
+        }
+        if tags.len() >= UNSUPPORTED_MAX_TAGS || len + 2 + tag.len() > UNSUPPORTED_MAX_BYTES {
+            break;
+        }
+        if !tags.contains(&tag) {
+            tags.push(tag);
+            len += 2 + tag.len();
+        }
+    }
     (!tags.is_empty()).then(|| tags.join(", "))
 }
+
+/// Most option tags a 420's `Unsupported` names.
+const UNSUPPORTED_MAX_TAGS: usize = 8;
+/// Longest `Unsupported` value a 420 carries.
+const UNSUPPORTED_MAX_BYTES: usize = 256;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsupported_names_each_required_tag_once_and_stays_small() {
+        let request = |require: &str| {
+            format!(
+                "INVITE sip:a@r SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
+                 From: <sip:c@h>;tag=1\r\nTo: <sip:a@r>\r\nCall-ID: x\r\n\
+                 CSeq: 1 INVITE\r\n{require}Content-Length: 0\r\n\r\n"
+            )
+        };
+        let of = |require: &str| {
+            let text = request(require);
+            let req = super::super::message::parse(text.as_bytes()).expect("parses");
+            unsupported_requirements(&req)
+        };
+        assert_eq!(of(""), None);
+        assert_eq!(
+            of("Require: 100rel, timer\r\nRequire: 100rel\r\n").as_deref(),
+            Some("100rel, timer")
+        );
+        let many = vec!["a"; 5000].join(",");
+        assert_eq!(of(&format!("Require: {many}\r\n")).as_deref(), Some("a"));
+        let distinct: Vec<String> = (0..2000).map(|i| format!("tag{i}")).collect();
+        let listed = of(&format!("Require: {}\r\n", distinct.join(","))).expect("420");
+        assert_eq!(listed.split(", ").count(), UNSUPPORTED_MAX_TAGS, "{listed}");
+        let long = "x".repeat(10_000);
+        let listed = of(&format!("Require: {long}, y\r\n")).expect("420");
+        assert_eq!(
+            listed.len(),
+            UNSUPPORTED_MAX_BYTES,
+            "the first tag is cut to the bound"
+        );
+    }
 
     #[test]
     fn phone_numbers_are_told_from_names() {
