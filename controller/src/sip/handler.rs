@@ -325,7 +325,13 @@ impl SipService {
         };
         let to = match (transport, via.rport) {
             (Transport::Tcp, _) | (Transport::Udp, true) => source,
-            (Transport::Udp, false) => SocketAddr::new(source.ip(), via.port.unwrap_or(5060)),
+            // The source's own address, scope id included: a link-local IPv6 peer's answer
+            // needs its interface.
+            (Transport::Udp, false) => {
+                let mut to = source;
+                to.set_port(via.port.unwrap_or(5060));
+                to
+            }
         };
         // On a dual-stack socket an IPv4 peer is `::ffff:a.b.c.d`; its Via gets
         // `received=a.b.c.d` (the answer still goes out through the socket's own family).

@@ -422,6 +422,10 @@ impl<'a> Via<'a> {
 
 /// Splits `host[:port]`, handling `[v6]:port`.
 pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
+    // `1*DIGIT`, and never 0: an answer sent to port 0 is lost without a trace.
+    fn port(p: &str) -> Option<u16> {
+        parse_digits::<u16>(p).filter(|&p| p != 0)
+    }
     if s.is_empty() {
         return None;
     }
@@ -430,7 +434,7 @@ pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
         let host = &s[..close + 2];
         let after = rest[close + 1..].trim_start();
         return match after.strip_prefix(':') {
-            Some(p) => Some((host, Some(p.trim_start().parse().ok()?))),
+            Some(p) => Some((host, Some(port(p.trim_start())?))),
             None if after.is_empty() => Some((host, None)),
             None => None,
         };
@@ -444,7 +448,7 @@ pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
             if host.is_empty() || host.contains(':') {
                 return None;
             }
-            Some((host, Some(s[i + 1..].trim_start().parse().ok()?)))
+            Some((host, Some(port(s[i + 1..].trim_start())?)))
         }
         None => Some((s, None)),
     }
@@ -555,6 +559,9 @@ mod tests {
         );
         // Read without brackets it would be host `2001:db8:` at port 10.
         assert_eq!(split_host_port("2001:db8::10"), None);
+        assert_eq!(split_host_port("10.0.0.1:0"), None);
+        assert_eq!(split_host_port("10.0.0.1:+5060"), None);
+        assert_eq!(split_host_port("[2001:db8::10]:0"), None);
         assert_eq!(split_host_port("::1"), None);
     }
 
