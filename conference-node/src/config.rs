@@ -440,11 +440,16 @@ fn check_callback(issues: &mut Issues, key: &str, url: &str) {
     if url.is_empty() {
         return;
     }
-    // The error names the URL without what may be a secret: a user part, a query.
-    let full = redact_url(url);
-    let shown = match full.split_once('?') {
-        Some((head, _)) => format!("{head}?…"),
-        None => full.clone(),
+    // The error names the URL without what may be a secret: a user part, a path, a query
+    // (one that does not parse, without its user part and query).
+    let shown = if reqwest::Url::parse(url).is_ok() {
+        crate::webhook::redacted(url)
+    } else {
+        let full = redact_url(url);
+        match full.split_once('?') {
+            Some((head, _)) => format!("{head}?…"),
+            None => full,
+        }
     };
     if !http_url_ok(url) {
         issues.add(

@@ -284,17 +284,19 @@ fn as_received(url: &str) -> String {
     }
 }
 
-/// `url` without its user, password and query, for logs.
-fn redacted(url: &str) -> String {
+/// `url` as its scheme, host and port, for logs: webhook services carry their secret in the
+/// user and password, the query or the path (`/services/T…/B…/<secret>`) alike.
+pub(crate) fn redacted(url: &str) -> String {
     match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let had_query = u.query().is_some();
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.set_fragment(None);
-            let mut s = u.to_string();
-            if had_query {
+        Ok(u) => {
+            let mut s = format!("{}://{}", u.scheme(), u.host_str().unwrap_or(""));
+            if let Some(port) = u.port() {
+                s.push_str(&format!(":{port}"));
+            }
+            if u.path() != "/" {
+                s.push_str("/…");
+            }
+            if u.query().is_some() {
                 s.push_str("?…");
             }
             s

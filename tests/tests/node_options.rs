@@ -1303,9 +1303,12 @@ async fn refusing_receiver() -> (std::net::SocketAddr, Hits) {
         })
     };
     let app = axum::Router::new()
-        .route("/gone", count(hits.clone(), "gone", StatusCode::NOT_FOUND))
         .route(
-            "/moved",
+            "/gone/p4th-s3cret",
+            count(hits.clone(), "gone", StatusCode::NOT_FOUND),
+        )
+        .route(
+            "/moved/p4th-s3cret",
             count(hits.clone(), "moved", StatusCode::TEMPORARY_REDIRECT),
         )
         .route(
@@ -1317,7 +1320,8 @@ async fn refusing_receiver() -> (std::net::SocketAddr, Hits) {
 
 /// A receiver that refuses a callback (404) gets it once: the same request would get the
 /// same answer. A redirect is not followed (an outside receiver must not send the agent's
-/// POSTs to an address inside), nor retried. Credentials in the URL never reach the log.
+/// POSTs to an address inside), nor retried. Credentials in the URL (user, password, path,
+/// query) never reach the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_callbacks_are_not_retried_nor_redirected_and_their_secrets_not_logged() {
     let (addr, hits) = refusing_receiver().await;
@@ -1328,7 +1332,8 @@ async fn refused_callbacks_are_not_retried_nor_redirected_and_their_secrets_not_
     ])
     .await;
     for (conf, path) in [("refused", "gone"), ("redirected", "moved")] {
-        let url = format!("http://hook-user:s3cr3t-pw@{addr}/{path}?token=t0ken-value");
+        // Webhook services put their secret in the path as often as in the query.
+        let url = format!("http://hook-user:s3cr3t-pw@{addr}/{path}/p4th-s3cret?token=t0ken-value");
         let vars = [
             ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
             ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end"),
@@ -1366,7 +1371,7 @@ async fn refused_callbacks_are_not_retried_nor_redirected_and_their_secrets_not_
     );
     let log = s.node.output();
     assert!(log.contains("status callback given up"), "{log}");
-    for secret in ["s3cr3t-pw", "t0ken-value", "hook-user"] {
+    for secret in ["s3cr3t-pw", "t0ken-value", "hook-user", "p4th-s3cret"] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
