@@ -209,11 +209,15 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
-/// Whether a status callback may not be sent to `ip`: a link-local address (a cloud
-/// metadata service) or the unspecified one (the host itself).
+/// Whether a status callback may not be sent to `ip`: a cloud metadata service (any
+/// link-local address, AWS's IPv6 `fd00:ec2::254`, Alibaba's `100.100.100.200`) or the
+/// unspecified address (the host itself).
 pub fn callback_address_refused(ip: std::net::IpAddr) -> bool {
+    let v4_refused = |v4: std::net::Ipv4Addr| {
+        v4.is_link_local() || v4.is_unspecified() || v4 == ALIBABA_METADATA
+    };
     match ip {
-        std::net::IpAddr::V4(ip) => ip.is_link_local() || ip.is_unspecified(),
+        std::net::IpAddr::V4(ip) => v4_refused(ip),
         std::net::IpAddr::V6(ip) => {
             let seg = ip.segments();
             // NAT64's well-known prefix (RFC 6052) reaches the IPv4 address in its last 32 bits.
@@ -227,13 +231,17 @@ pub fn callback_address_refused(ip: std::net::IpAddr) -> bool {
             });
             ip.is_unspecified()
                 || (seg[0] & 0xffc0) == 0xfe80
-                || ip
-                    .to_ipv4_mapped()
-                    .or(nat64)
-                    .is_some_and(|v4| v4.is_link_local() || v4.is_unspecified())
+                || ip == AWS_METADATA_V6
+                || ip.to_ipv4_mapped().or(nat64).is_some_and(v4_refused)
         }
     }
 }
+
+/// Alibaba Cloud's metadata service, outside the link-local range.
+const ALIBABA_METADATA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 200);
+/// AWS's IPv6 metadata service (Nitro instances), a unique-local address.
+const AWS_METADATA_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
 /// A status callback URL as given (trimmed; empty for none), or why it is refused.
 pub fn callback_ok(s: &str) -> Result<String, String> {
@@ -466,6 +474,9 @@ mod tests {
             "http://[64:ff9b::a9fe:a9fe]/latest",
             "http://0.0.0.0:9090/v1/drain",
             "http://[::]/x",
+            "http://[fd00:ec2::254]/latest/meta-data",
+            "http://100.100.100.200/latest/meta-data",
+            "http://[::ffff:100.100.100.200]/latest",
             "ftp://example.com/x",
         ] {
             assert!(callback_ok(bad).is_err(), "{bad}");
@@ -476,6 +487,8 @@ mod tests {
             "http://10.0.0.7/events",
             "http://[2001:db8::1]:8080/e",
             "http://[64:ff9b::a00:7]/events",
+            "http://100.100.100.201/events",
+            "http://[fd00:ec2::255]/events",
         ] {
             assert_eq!(callback_ok(good).as_deref(), Ok(good));
         }
