@@ -86,6 +86,14 @@ fn check_dial_string(issues: &mut Issues, key: &str, s: &str, allowed: &[&str], 
                 "is a Local channel without the `/n` option: Asterisk would optimise it away once the callee answers and put the callee's own channel in the conference in its place, which the agent does not follow",
             );
         }
+        // A SIP URI always holds an `@` (and may hold a `/`): Local would take what follows
+        // the URI's `@` for its context, and every such dial-out would fail.
+        if resource.contains("{uri}") {
+            return bad(
+                issues,
+                "puts {uri} in a Local channel, which reads the URI's `@` as the start of its context (and a `/` as its options)",
+            );
+        }
     }
     let mut rest = s;
     let mut found = false;
@@ -599,6 +607,7 @@ mod tests {
             ("Local/{digits}@outbound", "", "dialout.endpoint"),
             ("local/{digits}@outbound/j", "", "dialout.endpoint"),
             ("", "Local/{uri}@sip-out", "dialout.sip_endpoint"),
+            ("", "Local/{uri}@sip-out/n", "dialout.sip_endpoint"),
             ("PJSIP/trunk", "", "dialout.endpoint"),
             ("{number}", "", "dialout.endpoint"),
             ("PJSIP/{num}", "", "dialout.endpoint"),
