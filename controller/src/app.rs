@@ -129,6 +129,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
             server::TcpLimits {
                 max_message: cfg.sip.max_message_size,
                 max_connections: cfg.sip.tcp_max_connections,
+                max_per_source: cfg.sip.tcp_max_connections_per_source,
                 idle: cfg.sip.tcp_idle_timeout,
             },
             pending,

@@ -95,6 +95,9 @@ pub struct SipConfig {
     pub max_pending_invites: usize,
     /// TCP connections open at once; further ones are closed as they are accepted.
     pub tcp_max_connections: usize,
+    /// TCP connections open at once from one address, so that one host cannot take every
+    /// slot and keep the edge proxies out.
+    pub tcp_max_connections_per_source: usize,
     /// A TCP connection with no traffic for this long is closed.
     #[serde(deserialize_with = "duration")]
     pub tcp_idle_timeout: Duration,
@@ -238,6 +241,7 @@ impl Default for SipConfig {
             udp_buffer_size: 4 * 1024 * 1024,
             max_pending_invites: 10_000,
             tcp_max_connections: 4096,
+            tcp_max_connections_per_source: 256,
             tcp_idle_timeout: Duration::from_secs(600),
         }
     }
@@ -329,6 +333,12 @@ impl Validate for ControllerConfig {
         }
         if !(1..=1_000_000).contains(&self.sip.tcp_max_connections) {
             issues.add("sip.tcp_max_connections", "must be between 1 and 1000000");
+        }
+        if !(1..=1_000_000).contains(&self.sip.tcp_max_connections_per_source) {
+            issues.add(
+                "sip.tcp_max_connections_per_source",
+                "must be between 1 and 1000000",
+            );
         }
         if self.sip.tcp_idle_timeout < Duration::from_secs(1) {
             issues.add("sip.tcp_idle_timeout", "must be at least 1s");
@@ -440,6 +450,11 @@ mod tests {
                 "CONFROUTE_SIP__TCP_MAX_CONNECTIONS",
                 "0",
                 "sip.tcp_max_connections",
+            ),
+            (
+                "CONFROUTE_SIP__TCP_MAX_CONNECTIONS_PER_SOURCE",
+                "0",
+                "sip.tcp_max_connections_per_source",
             ),
             (
                 "CONFROUTE_SIP__MAX_PENDING_INVITES",

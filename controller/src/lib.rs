@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod router;
 pub mod rpc;
 pub mod sip;
+pub mod throttle;

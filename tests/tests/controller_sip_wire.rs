@@ -1575,6 +1575,69 @@ async fn a_tcp_message_trickling_in_is_cut_off_and_frees_its_slot() {
     );
 }
 
+/// One address may hold `sip.tcp_max_connections_per_source` connections: past it its new
+/// ones are closed at accept, while another address still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_tcp_slot() {
+    let s = setup(&[
+        ("CONFROUTE_SIP__TCP_MAX_CONNECTIONS", "4"),
+        ("CONFROUTE_SIP__TCP_MAX_CONNECTIONS_PER_SOURCE", "2"),
+    ])
+    .await;
+    let from = |ip: &'static str| {
+        let addr = s.controller.sip_addr();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(format!("{ip}:0").parse().expect("address"))
+                .expect("bind");
+            socket.connect(addr).await.expect("connect")
+        }
+    };
+    let mut a = from("127.0.0.1").await;
+    let mut b = from("127.0.0.1").await;
+    assert!(options_answered(&mut a, "z9hG4bKsrca").await);
+    assert!(options_answered(&mut b, "z9hG4bKsrcb").await);
+    let mut c = from("127.0.0.1").await;
+    assert!(
+        closed_by_peer(&mut c).await,
+        "a third from one address is closed"
+    );
+    let mut other = from("127.0.0.2").await;
+    assert!(
+        options_answered(&mut other, "z9hG4bKsrco").await,
+        "another address gets in"
+    );
+    // The address's place frees once one of its connections ends.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut d = from("127.0.0.1").await;
+        if options_answered(&mut d, "z9hG4bKsrcd").await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a place frees when a connection ends"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = scrape(&s.controller.http_url()).await;
+    assert!(
+        metric(
+            &m,
+            r#"confroute_sip_dropped_total{reason="too_many_connections_from_source"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"confroute_sip_dropped_total{reason="too_many_connections"}"#
+        ),
+        0.0
+    );
+}
+
 /// Whether the controller has closed `tcp` (checked without waiting long).
 async fn closed_soon(tcp: &mut tokio::net::TcpStream) -> bool {
     let mut buf = [0u8; 512];

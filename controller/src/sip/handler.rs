@@ -106,6 +106,8 @@ pub struct SipService {
     metrics: Metrics,
     /// Keys of the To-tags derived for answers that are not remembered.
     tag_keys: std::collections::hash_map::RandomState,
+    /// Routing failures (Redis out of reach fails every call) are logged one line a period.
+    failures: crate::throttle::Throttle,
 }
 
 /// A bounded method label for metrics.
@@ -174,6 +176,7 @@ impl SipService {
             retry_after: cfg.retry_after.to_string(),
             metrics,
             tag_keys: Default::default(),
+            failures: crate::throttle::Throttle::new(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -623,7 +626,9 @@ impl SipService {
                 .header("Retry-After", self.retry_after.clone())
                 .warning("no conference node is taking new conferences with room to spare (each is full, draining or without its Asterisk)"),
             Err(RouteError::Unavailable(why)) => {
-                tracing::warn!(conference = %name, error = %why, "routing failed; answering 503");
+                if let Some(n) = self.failures.note() {
+                    tracing::warn!(conference = %name, error = %why, failed = n, "routing failed; answering 503 (one line per 10 s: `failed` counts the calls since the last)");
+                }
                 Response::new(503, "Service Unavailable")
                     .header("Retry-After", self.retry_after.clone())
                     .warning("routing store unavailable")

@@ -1,6 +1,7 @@
 //! SIP over UDP and TCP: receiving, framing (Content-Length on streams, pipelined requests,
 //! CRLF keepalives) and sending answers.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use super::message::{header_end, parse_digits};
 use super::pktinfo;
 use super::transactions::Resend;
 use crate::config::Transport;
+use crate::throttle::Throttle;
 
 /// INVITEs of one TCP connection being routed at once (other requests are answered as they
 /// are read). Past it the connection is not read until answers are written, so a peer that
@@ -32,6 +34,8 @@ pub struct TcpLimits {
     pub max_message: usize,
     /// Connections open at once; further ones are closed as they are accepted.
     pub max_connections: usize,
+    /// Connections open at once from one address; further ones from it are closed.
+    pub max_per_source: usize,
     /// A connection with no traffic for this long is closed.
     pub idle: Duration,
 }
@@ -253,9 +257,47 @@ fn force_buffer(socket: &socket2::Socket, option: libc::c_int, size: usize) -> s
     }
 }
 
+/// Connections open per source address; an entry goes when its last connection ends.
+type PerSource = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+
+/// One connection's place in [`PerSource`], given back when dropped.
+struct SourceSlot {
+    table: PerSource,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    /// Takes a place for `ip` unless it holds `max` already.
+    fn take(table: &PerSource, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Accepts TCP connections forever. Connections from sources outside `sip.trusted_cidrs`
 /// are closed at once (over TCP nobody else may hold a connection open), and past
-/// `limits.max_connections` new ones are closed until others end.
+/// `limits.max_connections` (or `limits.max_per_source` from one address) new ones are
+/// closed until others end.
 pub async fn serve_tcp(
     listener: TcpListener,
     service: Arc<SipService>,
@@ -263,6 +305,8 @@ pub async fn serve_tcp(
     routing: Arc<Semaphore>,
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let per_source: PerSource = Arc::default();
+    let refusals = Throttle::new(REFUSAL_WARN_EVERY);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -270,9 +314,19 @@ pub async fn serve_tcp(
                     service.note_dropped("untrusted_connection");
                     continue;
                 }
+                let ip = peer.ip().to_canonical();
+                let Some(source) = SourceSlot::take(&per_source, ip, limits.max_per_source) else {
+                    service.note_dropped("too_many_connections_from_source");
+                    if let Some(n) = refusals.note() {
+                        tracing::warn!(%peer, refused = n, max = limits.max_per_source, "tcp connections refused: sip.tcp_max_connections_per_source reached");
+                    }
+                    continue;
+                };
                 let Ok(slot) = open.clone().try_acquire_owned() else {
                     service.note_dropped("too_many_connections");
-                    tracing::warn!(%peer, max = limits.max_connections, "tcp connection refused: sip.tcp_max_connections reached");
+                    if let Some(n) = refusals.note() {
+                        tracing::warn!(%peer, refused = n, max = limits.max_connections, "tcp connections refused: sip.tcp_max_connections reached");
+                    }
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -280,6 +334,7 @@ pub async fn serve_tcp(
                 tokio::spawn(async move {
                     connection(stream, peer, service, limits, routing).await;
                     drop(slot);
+                    drop(source);
                 });
             }
             Err(e) => {
@@ -289,6 +344,9 @@ pub async fn serve_tcp(
         }
     }
 }
+
+/// Least time between two warnings about refused connections.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What the framer found at the start of the buffer.
 #[derive(Debug, PartialEq, Eq)]
