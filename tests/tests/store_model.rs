@@ -1314,6 +1314,50 @@ async fn a_dark_first_sentinel_or_seed_does_not_keep_redis_away() {
         .is_some());
 }
 
+/// A replica still in its first full sync (as the old primary is after a failover, for the
+/// sync's delay and length) can acknowledge nothing: claims do not wait for it, and are not
+/// refused as unreplicated meanwhile.
+#[tokio::test]
+async fn claims_do_not_wait_for_a_replica_still_syncing() {
+    // The primary holds each new replica's sync back for a minute.
+    let primary = RedisServer::start_with(&[
+        "--repl-diskless-sync",
+        "yes",
+        "--repl-diskless-sync-delay",
+        "60",
+    ])
+    .expect("primary");
+    let port = primary.port().to_string();
+    let _replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]).expect("replica");
+    wait_for_async("the replica waiting for its sync", LONG, || async {
+        let info: String = redis_query(primary.port(), redis::cmd("INFO").arg("replication"))?;
+        info.contains("state=wait_bgsave").then_some(())
+    })
+    .await
+    .expect("a syncing replica");
+    let cfg = fixtures::replicated(&primary.url());
+    let registry = prometheus::Registry::new();
+    let metrics = confroute_shared::store::StoreMetrics::new(&registry).expect("metrics");
+    let store = confroute_shared::store::Store::new(&cfg, metrics).expect("store");
+    store
+        .register(&node("node-a", 100), LONG)
+        .await
+        .expect("register");
+    let placed = store
+        .claim(&name("while-syncing"), &[id("node-a")])
+        .await
+        .expect("a claim while the only replica syncs");
+    assert_eq!(placed.kind, ClaimKind::Claimed);
+    assert!(
+        store
+            .lookup(&name("while-syncing"))
+            .await
+            .expect("lookup")
+            .is_some_and(|r| !r.unconfirmed),
+        "routed at once"
+    );
+}
+
 /// With `redis.wait_replicas = 1` a claim is answered once a replica holds it. A replica
 /// that stays connected but does not acknowledge (stopped) makes the claim fail as not
 /// replicated, a typed error the router answers with 503, and claims go through again once

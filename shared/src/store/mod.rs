@@ -600,8 +600,9 @@ impl Store {
                     inv.arg(id.as_str());
                 }
                 let values: Vec<Value> = inv.invoke_async(&mut c).await?;
-                // Wait only for replicas connected now: with none, no replica lacking this
-                // write can be promoted, and a WAIT would just time out.
+                // Wait only for replicas online now: with none, no replica lacking this write
+                // can be promoted with data newer than its last sync, and a WAIT would just
+                // time out.
                 let connected = Reply::new("claim", &values).u64_or_zero(6).unwrap_or(0) as u32;
                 let need = wait.min(connected);
                 let acked = if need > 0 {

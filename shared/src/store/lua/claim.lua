@@ -16,7 +16,8 @@
 -- no call reaches frees its node's capacity soon (invariants 3 and 4),
 -- ARGV[4] "1" when the caller will WAIT for replicas: then every path writes (so the WAIT
 -- also covers a claim made by another client that this call only read) and the reply
--- carries the number of replicas connected now (a WAIT for more would only time out).
+-- carries the number of replicas online now (a WAIT for more would only time out: one still
+-- in its first full sync, as after a failover, acknowledges nothing until the sync is over).
 -- A home placed then is marked unconfirmed until that WAIT succeeds (the caller clears the
 -- mark), so no lookup routes to a claim a failover could still lose (invariant 1).
 -- ARGV[5..] candidate node ids, best first.
@@ -31,7 +32,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local replicas = 0
 if touch == '1' then
-  replicas = tonumber(string.match(redis.call('INFO', 'replication'), 'connected_slaves:(%d+)')) or 0
+  for line in string.gmatch(redis.call('INFO', 'replication'), 'slave%d+:[^\r\n]*') do
+    if string.find(line, 'state=online', 1, true) then replicas = replicas + 1 end
+  end
 end
 
 local function node_key(id) return prefix .. 'node:' .. id end
