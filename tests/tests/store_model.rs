@@ -1314,6 +1314,47 @@ async fn a_dark_first_sentinel_or_seed_does_not_keep_redis_away() {
         .is_some());
 }
 
+/// A Redis that refuses writes for minutes (memory full under `noeviction`) fails each write
+/// as unavailable, but is not reconnected to on every one of them: reads, which it still
+/// serves, go on being answered on the same connection.
+#[tokio::test]
+async fn a_redis_refusing_writes_is_not_reconnected_to_on_every_write() {
+    let (redis, store) = with_nodes(&["a"]).await;
+    store
+        .claim(&name("before-oom"), &[id("a")])
+        .await
+        .expect("claim");
+    let connections = || {
+        let info: String =
+            redis_query(redis.port(), redis::cmd("INFO").arg("stats")).expect("info");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("total_connections_received")
+    };
+    let _: () = redis_query(
+        redis.port(),
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"),
+    )
+    .expect("maxmemory");
+    let before = connections();
+    for _ in 0..30 {
+        let refused = store.register(&node("a", 10), LONG).await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(ref why)) if why.contains("OOM")),
+            "{refused:?}"
+        );
+        assert!(store
+            .lookup(&name("before-oom"))
+            .await
+            .expect("read while writes are refused")
+            .is_some());
+    }
+    // The INFO connection itself, and at most one reconnect a second.
+    let opened = connections() - before;
+    assert!(opened <= 3, "{opened} connections for 30 refused writes");
+}
+
 /// A replica still in its first full sync (as the old primary is after a failover, for the
 /// sync's delay and length) can acknowledge nothing: claims do not wait for it, and are not
 /// refused as unreplicated meanwhile.

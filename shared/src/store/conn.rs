@@ -26,6 +26,8 @@ use crate::store::StoreError;
 /// Minimum gap between two connection attempts, so an outage does not turn every request
 /// into a connect storm.
 const RECONNECT_GAP: Duration = Duration::from_millis(200);
+/// Least age of a connection dropped because its server refuses writes for now.
+const REFUSAL_RECONNECT_GAP: Duration = Duration::from_secs(1);
 
 /// What asking one sentinel may take beyond `redis.connect_timeout`: redis-rs asks the
 /// sentinels in their listed order with its own deadlines (1 s to connect, 0.5 s for an
@@ -79,6 +81,7 @@ enum Source {
 struct Current {
     conn: Conn,
     generation: u64,
+    opened: Instant,
 }
 
 struct ConnectState {
@@ -457,6 +460,7 @@ impl Connector {
                     *slot = Some(Current {
                         conn: conn.clone(),
                         generation,
+                        opened: Instant::now(),
                     });
                 }
                 state.last_failure = None;
@@ -617,6 +621,21 @@ impl Connector {
             }
         }
     }
+
+    /// [`Connector::invalidate`] for a server that refuses writes for now (see
+    /// [`is_refusal`]): only a connection open [`REFUSAL_RECONNECT_GAP`] or longer is dropped.
+    /// A reconnect finds a new primary if there is one; while the same server goes on
+    /// refusing (memory full for minutes), every refused write would otherwise open a
+    /// connection of its own, and reads, which it still serves, would queue behind them.
+    pub(crate) fn invalidate_refused(&self, generation: u64) {
+        if let Ok(mut slot) = self.inner.current.write() {
+            if slot.as_ref().is_some_and(|c| {
+                c.generation == generation && c.opened.elapsed() >= REFUSAL_RECONNECT_GAP
+            }) {
+                *slot = None;
+            }
+        }
+    }
 }
 
 /// `host:port` of a connection's address (the socket path for a Unix socket).
@@ -673,20 +692,20 @@ pub(crate) fn is_fatal(e: &RedisError) -> bool {
     {
         return true;
     }
-    // A former primary demoted by Sentinel answers READONLY; MASTERDOWN and LOADING mean the
-    // server behind this socket cannot serve writes now. A primary cut off from its replicas
-    // refuses writes with NOREPLICAS (min-replicas-to-write) and may never learn it was
-    // replaced: connecting again asks Sentinel for the primary anew. OOM and MISCONF refuse
-    // every write too, heartbeats included, so leases run out as in an outage.
+    // A former primary demoted by Sentinel answers READONLY; MASTERDOWN means the server
+    // behind this socket cannot serve now.
+    matches!(e.code(), Some("READONLY") | Some("MASTERDOWN")) || is_refusal(e)
+}
+
+/// True for a server that refuses writes for now, and may go on refusing for minutes. LOADING
+/// and CLUSTERDOWN pass. A primary cut off from its replicas refuses writes with NOREPLICAS
+/// (min-replicas-to-write) and may never learn it was replaced: connecting again asks
+/// Sentinel for the primary anew. OOM and MISCONF refuse every write too, heartbeats
+/// included, so leases run out as in an outage.
+pub(crate) fn is_refusal(e: &RedisError) -> bool {
     matches!(
         e.code(),
-        Some("READONLY")
-            | Some("MASTERDOWN")
-            | Some("LOADING")
-            | Some("CLUSTERDOWN")
-            | Some("NOREPLICAS")
-            | Some("OOM")
-            | Some("MISCONF")
+        Some("LOADING") | Some("CLUSTERDOWN") | Some("NOREPLICAS") | Some("OOM") | Some("MISCONF")
     )
 }
 

@@ -312,7 +312,11 @@ impl Store {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => {
                     if conn::is_fatal(&e) {
-                        connector.invalidate(generation);
+                        if conn::is_refusal(&e) {
+                            connector.invalidate_refused(generation);
+                        } else {
+                            connector.invalidate(generation);
+                        }
                         // The client's own response deadline (sent, not answered), or the
                         // connection failing under the request: it may have been written.
                         // A refusal Redis answered (READONLY, LOADING, ...) did nothing.
