@@ -678,6 +678,134 @@ async fn a_move_waits_behind_the_channels_playback() {
     );
 }
 
+/// An add that waits in the channel's queue while its bridge is destroyed: at its turn the
+/// channel departs its own bridge all the same (`control_swap_channel_in_bridge`), and the
+/// impart into the dissolved bridge fails, leaving it in none; the request answers 204.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_whose_bridge_goes_while_it_waits_leaves_the_channel_in_no_bridge() {
+    // A transfer the far end refuses holds the channel's queue for the ring time: long
+    // enough for the bridge to go meanwhile, short enough to wait out.
+    let sim = AriSim::start(SimConfig {
+        username: "u".into(),
+        password: "p".into(),
+        ring_time: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let a = caller(&sim, &mut ws, "gone").await;
+    ok(&c, "POST", &format!("/channels/{a}/answer")).await;
+    for b in ["one", "two"] {
+        ok(&c, "POST", &format!("/bridges/{b}?type=mixing")).await;
+    }
+    ok(&c, "POST", &format!("/bridges/one/addChannel?channel={a}")).await;
+    sim.refuse_transfers(&a);
+    ok(
+        &c,
+        "POST",
+        &format!("/channels/{a}/redirect?endpoint=PJSIP/elsewhere"),
+    )
+    .await;
+    assert!(
+        sim.wait_until(WAIT, |s| s.channel(&a).is_some_and(|ch| ch.transferring))
+            .await
+    );
+    let add = send_later(&sim, "POST", format!("/bridges/two/addChannel?channel={a}"));
+    assert!(
+        sim.wait_until(WAIT, |s| s
+            .channel(&a)
+            .is_some_and(|ch| ch.queued_commands == 1))
+            .await,
+        "the add waits behind the transfer"
+    );
+    let r = c
+        .call("DELETE", "/bridges/two", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 204, "{}", r.text);
+    let r = answer_of(add).await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let snap = sim.snapshot();
+    assert_eq!(
+        snap.channel(&a).and_then(|ch| ch.bridge.clone()),
+        None,
+        "departed its own bridge, joined none"
+    );
+    assert!(snap.bridge("one").is_some_and(|b| b.channels.is_empty()));
+    let log = sim.event_log();
+    assert!(
+        position(&log, "ChannelLeftBridge", |e| str_at(e, "/bridge/id")
+            == "one")
+        .is_some(),
+        "{:?}",
+        summary(&log)
+    );
+}
+
+/// `ChannelEnteredBridge` and `ChannelLeftBridge` go to the bridge's topic alone: an app that
+/// follows only the channel does not get them, one that follows the bridge does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_enter_and_leave_reach_the_bridges_followers_only() {
+    let sim = sim().await;
+    let c = AriClient::new(&sim).expect("client");
+    let mut ws = events(&sim, "confroute").await;
+    let mut channel_only = events(&sim, "by-channel").await;
+    let mut bridge_too = events(&sim, "by-bridge").await;
+    let a = caller(&sim, &mut ws, "topics").await;
+    ok(&c, "POST", "/bridges/mix?type=mixing").await;
+    ok(
+        &c,
+        "POST",
+        &format!("/applications/by-channel/subscription?eventSource=channel:{a}"),
+    )
+    .await;
+    ok(
+        &c,
+        "POST",
+        "/applications/by-bridge/subscription?eventSource=bridge:mix",
+    )
+    .await;
+    ok(&c, "POST", &format!("/bridges/mix/addChannel?channel={a}")).await;
+    ok(
+        &c,
+        "POST",
+        &format!("/bridges/mix/removeChannel?channel={a}"),
+    )
+    .await;
+    ok(&c, "DELETE", &format!("/channels/{a}")).await;
+    for (ws, who) in [(&mut bridge_too, "the bridge's follower")] {
+        ws.until(WAIT, is("ChannelEnteredBridge"))
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e:?}"));
+        ws.until(WAIT, is("ChannelLeftBridge"))
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e:?}"));
+    }
+    // The channel's follower hears of the hangup, and of no bridge on the way.
+    let seen = channel_only
+        .until(WAIT, is("ChannelDestroyed"))
+        .await
+        .expect("the channel's end");
+    let log = sim.event_log();
+    let heard = |app: &str, t: &str| {
+        log.iter()
+            .any(|e| str_at(e, "/application") == app && str_at(e, "/type") == t)
+    };
+    assert!(heard("by-channel", "ChannelDestroyed"), "{seen:?}");
+    assert!(
+        !heard("by-channel", "ChannelEnteredBridge"),
+        "{:?}",
+        summary(&log)
+    );
+    assert!(
+        !heard("by-channel", "ChannelLeftBridge"),
+        "{:?}",
+        summary(&log)
+    );
+}
+
 /// Commands Asterisk queues on the channel and waits for (`addChannel`, `removeChannel`,
 /// `answer`: control.c `app_send_command_on_condition`) take their place in the channel's
 /// queue in arrival order: one sent during a playback runs when that playback ends, before a

@@ -657,7 +657,10 @@ impl State {
                 .channelvars
                 .iter()
                 .map(|name| {
-                    let val = read_variable(ch, name).ok().flatten().unwrap_or_default();
+                    let val = read_variable(ch, name, &self.globals)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
                     (name.clone(), Value::String(val))
                 })
                 .collect();
@@ -1296,7 +1299,10 @@ impl State {
         if let Some(old) = ch.bridge.clone() {
             self.bridge_remove(core, &old, cid, Leave::Moved);
         }
-        let Some(b) = self.bridges.get_mut(bid) else {
+        // The bridge was found when the request came; one dissolved since refuses the
+        // impart (`bridge_channel_internal_push`), and the channel, departed from its own
+        // bridge all the same, is left in none. The request still answers 204.
+        let Some(b) = self.bridges.get_mut(bid).filter(|b| !b.dissolving) else {
             return;
         };
         b.channels.push(cid.to_string());
@@ -1313,8 +1319,17 @@ impl State {
         let mut ev = self
             .chan_ev(core, "ChannelEnteredBridge", cid)
             .with("bridge", self.brg_json(bid));
-        ev.bridges.push(bid.to_string());
+        Self::bridge_topic_only(&mut ev, bid);
         self.emit(core, ev);
+    }
+
+    /// Routes a bridge enter or leave event as Asterisk publishes it: to the bridge's topic
+    /// alone (`ast_bridge_publish_enter`/`_leave` in main/stasis_bridges.c), so it reaches
+    /// apps that follow the bridge, not those that follow only the channel or its endpoint.
+    fn bridge_topic_only(ev: &mut Ev, bid: &str) {
+        ev.channels.clear();
+        ev.endpoints.clear();
+        ev.bridges.push(bid.to_string());
     }
 
     /// Takes a channel out of a bridge (`ChannelLeftBridge`); `unsubscribe` drops its app's interest.
@@ -1351,7 +1366,7 @@ impl State {
         let mut ev = self
             .chan_ev(core, "ChannelLeftBridge", cid)
             .with("bridge", self.brg_json(bid));
-        ev.bridges.push(bid.to_string());
+        Self::bridge_topic_only(&mut ev, bid);
         self.emit(core, ev);
         // A member moved to another bridge (or removed) stays in Stasis: the app's bridge
         // subscription through it is dropped as it leaves (`internal_bridge_after_cb` in
@@ -1960,7 +1975,11 @@ impl State {
 /// Reads a channel variable or dialplan function the way `getChannelVar` resolves it.
 ///
 /// `Ok(None)`: not set; `Err(())`: a function the simulator cannot read.
-pub(crate) fn read_variable(ch: &Channel, name: &str) -> Result<Option<String>, ()> {
+pub(crate) fn read_variable(
+    ch: &Channel,
+    name: &str,
+    globals: &HashMap<String, String>,
+) -> Result<Option<String>, ()> {
     if let Some(inner) = name.strip_suffix(')') {
         let (func, args) = inner.split_once('(').ok_or(())?;
         let args: Vec<&str> = args.split(',').map(str::trim).collect();
@@ -2007,7 +2026,9 @@ pub(crate) fn read_variable(ch: &Channel, name: &str) -> Result<Option<String>, 
         "CONTEXT" => Some(ch.context.clone()),
         "PRIORITY" => Some(ch.priority.to_string()),
         "LANGUAGE" => Some(ch.language.clone()),
-        _ => None,
+        // `ast_str_retrieve_variable` looks in the channel's variables, then in the globals
+        // (`places[2] = { headp, &globals }`).
+        _ => globals.get(name).cloned(),
     })
 }
 

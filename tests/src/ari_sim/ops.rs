@@ -305,7 +305,9 @@ fn parse_source(s: &str) -> Option<Source> {
 fn source_exists(st: &State, s: &Source) -> bool {
     match s {
         Source::Channel(id) => st.channels.contains_key(id),
-        Source::Bridge(id) => st.bridges.contains_key(id),
+        // `stasis_app_bridge_destroy` unlinks a bridge from the Stasis bridges before it
+        // dissolves: `bridge_find` no longer sees one being destroyed.
+        Source::Bridge(id) => st.bridges.get(id).is_some_and(|b| !b.dissolving),
         Source::Endpoint(id) => {
             let (tech, _) = id.split_once('/').unwrap_or((id.as_str(), ""));
             !tech.is_empty() && canonical_tech(tech).is_some()
@@ -591,10 +593,7 @@ pub(crate) fn bridge_add_channel(core: &Arc<Core>, req: &mut Req) -> ApiResult {
                 }
                 let (id, c2, role) = (id.clone(), c.clone(), role.clone());
                 State::call_channel_command(&core, &mut st, &c, move |core, st| {
-                    // The bridge was found on arrival; one dissolved since takes no one.
-                    if st.bridges.get(&id).is_some_and(|b| !b.dissolving) {
-                        st.bridge_add(core, &id, &c2, role, mute, absorb);
-                    }
+                    st.bridge_add(core, &id, &c2, role, mute, absorb);
                 })
             };
             // Failure (the channel left Stasis) is not reported.
@@ -1589,7 +1588,7 @@ pub(crate) fn get_channel_var(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let Some(ch) = st.channels.get(&id) else {
         return Err(ApiErr::new(404, "Provided channel was not found"));
     };
-    match super::engine::read_variable(ch, &var) {
+    match super::engine::read_variable(ch, &var, &st.globals) {
         Err(()) => Err(ApiErr::new(500, "Unable to read provided function")),
         Ok(None) => Err(ApiErr::new(404, "Provided variable was not found")),
         Ok(Some(v)) => ok(json!({ "value": v })),
