@@ -1782,6 +1782,28 @@ async fn a_wait_confirms_only_the_claim_it_covered() {
     assert!(!marked(), "its own WAIT confirms it");
 }
 
+/// On a Cluster, the settings are read from the primary of the store's slot, and the
+/// readiness ping asks it alone.
+#[tokio::test]
+async fn redis_settings_that_break_guarantees_are_named_on_a_cluster_too() {
+    let cluster = RedisCluster::start().expect("cluster");
+    for n in cluster.nodes() {
+        for (k, v) in [("maxmemory", "64mb"), ("maxmemory-policy", "volatile-lru")] {
+            let _: () = redis_query(n.port(), redis::cmd("CONFIG").arg("SET").arg(k).arg(v))
+                .expect("config set");
+        }
+    }
+    let store = fixtures::store(&fixtures::cluster(&cluster.seeds()));
+    // Read from the primary of the store's slot, not from every node as a map.
+    let warnings = store.settings_warnings().await.expect("read");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("maxmemory-policy volatile-lru"),
+        "{warnings:?}"
+    );
+    store.ping().await.expect("ping");
+}
+
 /// Redis settings that break the store's guarantees are named: an eviction policy that may
 /// evict claims and leases (they all carry TTLs), replica waits on a primary that keeps
 /// accepting writes cut off from its replicas, and a primary with replicas that claims do

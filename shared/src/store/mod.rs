@@ -355,13 +355,26 @@ impl Store {
     /// What in Redis's own settings breaks this store's guarantees, one sentence each (read
     /// with `INFO`, which managed Redis offerings allow where `CONFIG GET` is refused).
     pub async fn settings_warnings(&self) -> Result<Vec<String>, StoreError> {
+        // On a Cluster, the primary of this store's slot: INFO without a route goes to every
+        // node and comes back as a map no string can be read from.
+        let slot = conn::hash_slot(self.prefix.as_bytes());
         let info: String = self
             .run("settings_check", |mut c| async move {
-                redis::cmd("INFO")
-                    .arg("memory")
-                    .arg("replication")
-                    .query_async(&mut c)
-                    .await
+                let mut cmd = redis::cmd("INFO");
+                cmd.arg("memory").arg("replication");
+                match &mut c {
+                    Conn::Cluster(cc) => {
+                        use redis::cluster_routing::{
+                            Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+                        };
+                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                            Route::new(slot, SlotAddr::Master),
+                        ));
+                        let v = cc.route_command(cmd, route).await?;
+                        Ok(redis::from_redis_value(v)?)
+                    }
+                    Conn::Plain(_) => cmd.query_async(&mut c).await,
+                }
             })
             .await?;
         let field = |k: &str| {
@@ -499,10 +512,14 @@ impl Store {
             .map_err(|e| StoreError::Unavailable(format!("cluster slots: {e}")))
     }
 
-    /// Checks that Redis answers (used by readiness probes).
+    /// Checks that Redis answers (used by readiness probes). On a Cluster only the primary
+    /// holding this store's slot is asked (a script on the prefix's key): a `PING` would go to
+    /// every primary, and a shard this store never uses being down would fail it.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        let key = format!("{}clock", self.prefix);
+        let script = &self.scripts.time;
         self.run("ping", |mut c| async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await?;
+            script.key(&key).invoke_async::<(u64, u64)>(&mut c).await?;
             Ok(())
         })
         .await
