@@ -720,6 +720,15 @@ impl Node {
         self.count_versions.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Keeps later count versions above `seen`, one written by this node (an earlier life
+    /// whose clock ran ahead of this one's): versions start at the wall clock, which may have
+    /// been stepped back since, and a count written below one already in Redis would not
+    /// hold against heartbeats, nor guard its claim against a release on an older listing.
+    pub fn count_versions_above(&self, seen: u64) {
+        self.count_versions
+            .fetch_max(seen.saturating_add(1), Ordering::Relaxed);
+    }
+
     /// Every conference view.
     pub fn views(&self) -> Vec<ConferenceView> {
         lock(&self.views).values().cloned().collect()

@@ -212,6 +212,9 @@ async fn release_stale_claims(
             .await
             .map_err(|e| e.to_string())?;
         for (name, rec) in &page.items {
+            if rec.owner.node == node.id {
+                node.count_versions_above(rec.count_version);
+            }
             if rec.owner.node != node.id || active.contains(name) {
                 continue;
             }

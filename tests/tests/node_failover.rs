@@ -1148,3 +1148,68 @@ async fn channels_an_asterisk_restart_dropped_are_forgotten() {
     wait_bridged(&s.sim, &ch).await;
     assert_eq!(tracked().await, 1.0);
 }
+
+/// Count versions start at the agent's wall clock. One stepped back since an earlier life
+/// (or a new host) would write counts below those that life left in Redis, which heartbeats
+/// and releases on an older listing take for older: the agent keeps its versions above any
+/// it finds in its own records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_versions_stay_above_those_an_earlier_life_left() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "300ms"),
+    ])
+    .await;
+    // About 70 years ahead in microseconds, below 2^53 (Lua reads numbers as doubles).
+    let ahead: u64 = 4_000_000_000_000_000;
+    // An earlier life's record, its count written with a clock far ahead; its bridge is gone,
+    // so reconciliation releases it, having read it.
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:earlier-life")
+                .arg("owner")
+                .arg("node-a")
+                .arg("epoch")
+                .arg(1)
+                .arg("participants")
+                .arg(2)
+                .arg("count_v")
+                .arg(ahead),
+        )
+        .expect("hset");
+    s.redis
+        .query(
+            redis::cmd("ZADD")
+                .arg("{confroute}:confs")
+                .arg(0)
+                .arg("earlier-life"),
+        )
+        .expect("zadd");
+    let store = fixtures::store(&s.cfg);
+    wait_for_async("the earlier life's claim released", WAIT, || async {
+        store
+            .lookup(&name("earlier-life"))
+            .await
+            .ok()
+            .and_then(|r| r.is_none().then_some(()))
+    })
+    .await
+    .expect("released");
+    let a = dial(&s.sim, "later-life", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let written = || {
+        s.redis
+            .query(
+                redis::cmd("HGET")
+                    .arg("{confroute}:conf:later-life")
+                    .arg("count_v"),
+            )
+            .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+    };
+    assert!(
+        written().is_some_and(|v| v > ahead),
+        "count_v {:?} not above {ahead}",
+        written()
+    );
+}
