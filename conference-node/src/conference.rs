@@ -1591,35 +1591,9 @@ impl Conference {
         if group.is_empty() {
             return unwaited;
         }
-        let moved = match self.bridge_add_counted(&main, &group).await {
-            (_, Ok(())) => group,
-            (added, Err(e)) if group.len() - added > 1 => {
-                // Asterisk adds nobody when one channel of the list is gone or out of
-                // Stasis (control_list_create checks them all first), and nothing runs
-                // start() again: one waiter hanging up as the starter joins would leave the
-                // others on hold music for good.
-                tracing::warn!(conference = %self.name, error = %e, "cannot move the waiting participants together; moving them one by one");
-                // Those a request before the failure moved are in: adding one again would
-                // have it leave the mix first.
-                let mut moved = group[..added].to_vec();
-                for id in group[added..].iter().copied() {
-                    match self.bridge_add(&main, &[id]).await {
-                        Ok(()) => moved.push(id),
-                        Err(e) if e.channel_gone() => {
-                            tracing::info!(conference = %self.name, channel = id, "waiting participant left as the conference started");
-                        }
-                        Err(e) => {
-                            tracing::error!(conference = %self.name, channel = id, error = %e, "cannot move a waiting participant into the conference");
-                        }
-                    }
-                }
-                moved
-            }
-            (added, Err(e)) => {
-                tracing::error!(conference = %self.name, error = %e, "cannot move waiting participants into the conference");
-                group[..added].to_vec()
-            }
-        };
+        // Nothing runs start() again: one waiter hanging up as the starter joins must not
+        // leave the others on hold music for good.
+        let moved = self.add_all(&main, &group).await;
         let any = !moved.is_empty();
         for id in moved {
             if let Some(p) = self.participants.get_mut(id) {
@@ -2131,11 +2105,40 @@ impl Conference {
         }
         let ids: Vec<&str> = stranded.iter().map(String::as_str).collect();
         let holding = self.holding.clone();
-        let (moved, result) = self.bridge_add_counted(&holding, &ids).await;
-        if let Err(e) = result {
-            tracing::warn!(conference = %self.name, put_back = moved, left = ids.len() - moved, error = %e, "cannot put every caller back on hold; reconciliation takes the rest");
-        }
+        self.add_all(&holding, &ids).await;
         Ok(())
+    }
+
+    /// `addChannel` of `group` into `bridge`, in one request if it can; the ones in once it
+    /// is over. Asterisk adds nobody when one channel of a list is gone or out of Stasis
+    /// (`control_list_create` checks them all first): then the rest go one by one, those
+    /// gone left out, so that one caller hanging up meanwhile strands no other.
+    async fn add_all<'g>(&mut self, bridge: &str, group: &[&'g str]) -> Vec<&'g str> {
+        match self.bridge_add_counted(bridge, group).await {
+            (_, Ok(())) => group.to_vec(),
+            (added, Err(e)) if group.len() - added > 1 => {
+                tracing::warn!(conference = %self.name, bridge, error = %e, "cannot add the participants together; adding them one by one");
+                // Those a request before the failure added are in: adding one again would
+                // have it leave the bridge first.
+                let mut moved = group[..added].to_vec();
+                for id in group[added..].iter().copied() {
+                    match self.bridge_add(bridge, &[id]).await {
+                        Ok(()) => moved.push(id),
+                        Err(e) if e.channel_gone() => {
+                            tracing::info!(conference = %self.name, channel = id, "participant left before it could be added");
+                        }
+                        Err(e) => {
+                            tracing::error!(conference = %self.name, channel = id, bridge, error = %e, "cannot add a participant to the bridge");
+                        }
+                    }
+                }
+                moved
+            }
+            (added, Err(e)) => {
+                tracing::error!(conference = %self.name, bridge, error = %e, "cannot add participants to the bridge");
+                group[..added].to_vec()
+            }
+        }
     }
 
     /// Of the bridges of one kind found for this conference, the one to go on with: the

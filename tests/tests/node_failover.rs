@@ -362,12 +362,17 @@ async fn a_holding_bridge_destroyed_during_a_join_leaves_one_holding_bridge_with
     assert!(is_holding(&holding, 1, "yanked-wait"), "{holding}");
     // The second waiter's addChannel is under way when another application destroys the
     // holding bridge: it is answered 404, and the BridgeDestroyed reaches the agent after.
+    // Another waiter hangs up meanwhile, its end not yet seen by the agent: a list naming it
+    // is refused whole, and the others must still be put back.
+    let gone = dial(&s.sim, "yanked-wait", &waits).await;
+    assert_eq!(wait_bridged(&s.sim, &gone).await, holding);
     s.sim.hold_operation("addChannel");
     let second = dial(&s.sim, "yanked-wait", &waits).await;
     until(&s.sim, "the second waiter's add under way", |_| {
         s.sim.held_requests("addChannel") == 1
     })
     .await;
+    s.sim.hangup_far_end(&gone, 16).await.expect("hangs up");
     let r = other
         .call("DELETE", &format!("/bridges/{holding}"), None)
         .await

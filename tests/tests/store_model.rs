@@ -1355,6 +1355,20 @@ async fn a_redis_refusing_writes_is_not_reconnected_to_on_every_write() {
     assert!(opened <= 3, "{opened} connections for 30 refused writes");
 }
 
+/// A store whose claims wait for one replica (`redis.wait_replicas = 1`) on `primary`, with
+/// node-a registered, and the registry of its metrics.
+async fn waiting_for_replicas(primary: &RedisServer) -> (RedisConfig, Store, prometheus::Registry) {
+    let cfg = fixtures::replicated(&primary.url());
+    let registry = prometheus::Registry::new();
+    let metrics = confroute_shared::store::StoreMetrics::new(&registry).expect("metrics");
+    let store = Store::new(&cfg, metrics).expect("store");
+    store
+        .register(&node("node-a", 100), LONG)
+        .await
+        .expect("register");
+    (cfg, store, registry)
+}
+
 /// A replica still in its first full sync (as the old primary is after a failover, for the
 /// sync's delay and length) can acknowledge nothing: claims do not wait for it, and are not
 /// refused as unreplicated meanwhile.
@@ -1376,14 +1390,7 @@ async fn claims_do_not_wait_for_a_replica_still_syncing() {
     })
     .await
     .expect("a syncing replica");
-    let cfg = fixtures::replicated(&primary.url());
-    let registry = prometheus::Registry::new();
-    let metrics = confroute_shared::store::StoreMetrics::new(&registry).expect("metrics");
-    let store = confroute_shared::store::Store::new(&cfg, metrics).expect("store");
-    store
-        .register(&node("node-a", 100), LONG)
-        .await
-        .expect("register");
+    let (_, store, _) = waiting_for_replicas(&primary).await;
     let placed = store
         .claim(&name("while-syncing"), &[id("node-a")])
         .await
@@ -1406,14 +1413,7 @@ async fn claims_do_not_wait_for_a_replica_still_syncing() {
 #[tokio::test]
 async fn claims_wait_for_a_replica_and_fail_typed_when_none_acknowledges() {
     let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
-    let cfg = fixtures::replicated(&primary.url());
-    let registry = prometheus::Registry::new();
-    let metrics = confroute_shared::store::StoreMetrics::new(&registry).expect("metrics");
-    let store = confroute_shared::store::Store::new(&cfg, metrics).expect("store");
-    store
-        .register(&node("node-a", 100), LONG)
-        .await
-        .expect("register");
+    let (cfg, store, registry) = waiting_for_replicas(&primary).await;
 
     let first = store
         .claim(&name("replicated-1"), &[id("node-a")])
