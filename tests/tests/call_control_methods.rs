@@ -807,7 +807,7 @@ async fn a_start_move_carried_out_after_its_timeout_is_settled_by_reconciliation
     let node = &c.node(&owner).proc;
     wait_for_async("the move given up", WAIT, || async {
         node.output()
-            .contains("cannot move waiting participants")
+            .contains("cannot add participants to the bridge")
             .then_some(())
     })
     .await
