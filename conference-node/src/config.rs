@@ -368,7 +368,7 @@ impl Default for WebhookConfig {
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             queue_size: 1000,
-            shutdown_wait: Duration::from_secs(30),
+            shutdown_wait: Duration::from_secs(20),
             auth_token: None,
             account_sid: String::new(),
         }
@@ -445,9 +445,11 @@ fn check_callback(issues: &mut Issues, key: &str, url: &str) {
     let shown = if reqwest::Url::parse(url).is_ok() {
         crate::webhook::redacted(url)
     } else {
+        // Up to the first `/` after the scheme: a path may be a secret as much as a query.
         let full = redact_url(url);
-        match full.split_once('?') {
-            Some((head, _)) => format!("{head}?…"),
+        let start = full.find("://").map_or(0, |i| i + 3);
+        match full[start..].find(['/', '?']) {
+            Some(i) => format!("{}…", &full[..start + i]),
             None => full,
         }
     };

@@ -144,7 +144,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
             let wait = lease(node).min(SETTLE_AT_MOST);
             match node.store.settle_after_loss(wait, lease(node)).await {
                 Ok(true) => {
-                    tracing::warn!(node = %node.id, ?wait, "no node is registered: Redis lost its data; conferences are placed again once the nodes have registered again")
+                    tracing::warn!(node = %node.id, ?wait, "no node registered before this one's record was lost is live: Redis lost its data; conferences are placed again once the nodes have registered again")
                 }
                 Ok(false) => {}
                 Err(e) => {

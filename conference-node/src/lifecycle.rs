@@ -294,7 +294,7 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
     // ended: they get a bounded time to go out while the node is still registered (a
     // heartbeat would register a deregistered node again).
     // Their bus events too (call control's subscribers would never see those conferences
-    // end), over the same bound.
+    // end), within twice `webhook.timeout`.
     // Callbacks go one at a time per conference, so a big conference's leave events can
     // take a while ahead of its end event: they get `webhook.shutdown_wait`.
     let wait = node.cfg.webhook.shutdown_wait;

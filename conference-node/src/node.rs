@@ -47,6 +47,10 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Count versions stay below this, far under 2^53 (the last integer Lua's doubles hold
+/// exactly), with room for a life's worth of counts above it.
+const MAX_COUNT_VERSION: u64 = (1 << 53) - (1 << 40);
+
 /// A route that only the channel's StasisEnd ends: a participant's, a move's, a refusal's.
 /// (A join still working one out, and a dial-out, end otherwise.)
 fn settled(r: &Route) -> bool {
@@ -724,9 +728,13 @@ impl Node {
     /// whose clock ran ahead of this one's): versions start at the wall clock, which may have
     /// been stepped back since, and a count written below one already in Redis would not
     /// hold against heartbeats, nor guard its claim against a release on an older listing.
+    /// A version past [`MAX_COUNT_VERSION`] (written by hand, or by a clock gone wild) is
+    /// not followed: Lua compares versions as doubles, exact only below 2^53.
     pub fn count_versions_above(&self, seen: u64) {
-        self.count_versions
-            .fetch_max(seen.saturating_add(1), Ordering::Relaxed);
+        if seen < MAX_COUNT_VERSION {
+            self.count_versions
+                .fetch_max(seen.saturating_add(1), Ordering::Relaxed);
+        }
     }
 
     /// Every conference view.

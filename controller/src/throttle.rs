@@ -47,10 +47,14 @@ mod tests {
         let now = Throttle::new(Duration::ZERO);
         assert_eq!(now.note(), Some(1));
         assert_eq!(now.note(), Some(1), "no period: every event");
+        let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(7200)) else {
+            return;
+        };
         let t = Throttle {
             every: Duration::from_secs(3600),
-            state: Mutex::new((Instant::now().checked_sub(Duration::from_secs(7200)), 2)),
+            state: Mutex::new((Some(long_ago), 2)),
         };
         assert_eq!(t.note(), Some(3), "the line covers those left unlogged");
+        assert_eq!(t.note(), None, "and starts a new period");
     }
 }

@@ -535,7 +535,7 @@ pub struct RedisConfig {
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// Replicas that must acknowledge a claim before it is answered (Redis `WAIT`), capped at
-    /// the replicas connected at that moment; 0 = none. Set 1 or more behind Sentinel so a
+    /// the replicas online at that moment (not in their first full sync); 0 = none. Set 1 or more behind Sentinel so a
     /// failover cannot lose a claim that was already answered; since only connected
     /// replicas are waited for, set Redis's `min-replicas-to-write` on the primary too, or a
     /// primary cut off from its replicas confirms claims the promoted one never gets.

@@ -326,6 +326,11 @@ impl SipService {
         let Some(via) = req.top_via() else {
             return self.drop_packet("no_via");
         };
+        // Over UDP without `rport` the answer goes to the Via's port: 0 is nowhere (the
+        // kernel refuses it), as good as no Via. TCP and `rport` answers go to the source.
+        if transport == Transport::Udp && !via.rport && via.port == Some(0) {
+            return self.drop_packet("no_via");
+        }
         let to = match (transport, via.rport) {
             (Transport::Tcp, _) | (Transport::Udp, true) => source,
             // The source's own address, scope id included: a link-local IPv6 peer's answer

@@ -422,9 +422,9 @@ impl<'a> Via<'a> {
 
 /// Splits `host[:port]`, handling `[v6]:port`.
 pub fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
-    // `1*DIGIT`, and never 0: an answer sent to port 0 is lost without a trace.
+    // `1*DIGIT`: Rust's parse would take a sign.
     fn port(p: &str) -> Option<u16> {
-        parse_digits::<u16>(p).filter(|&p| p != 0)
+        parse_digits::<u16>(p)
     }
     if s.is_empty() {
         return None;
@@ -559,9 +559,8 @@ mod tests {
         );
         // Read without brackets it would be host `2001:db8:` at port 10.
         assert_eq!(split_host_port("2001:db8::10"), None);
-        assert_eq!(split_host_port("10.0.0.1:0"), None);
         assert_eq!(split_host_port("10.0.0.1:+5060"), None);
-        assert_eq!(split_host_port("[2001:db8::10]:0"), None);
+        assert_eq!(split_host_port("[2001:db8::10]:+5070"), None);
         assert_eq!(split_host_port("::1"), None);
     }
 

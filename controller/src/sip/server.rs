@@ -306,7 +306,10 @@ pub async fn serve_tcp(
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let per_source: PerSource = Arc::default();
-    let refusals = Throttle::new(REFUSAL_WARN_EVERY);
+    let (from_source, over_all) = (
+        Throttle::new(REFUSAL_WARN_EVERY),
+        Throttle::new(REFUSAL_WARN_EVERY),
+    );
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -317,14 +320,14 @@ pub async fn serve_tcp(
                 let ip = peer.ip().to_canonical();
                 let Some(source) = SourceSlot::take(&per_source, ip, limits.max_per_source) else {
                     service.note_dropped("too_many_connections_from_source");
-                    if let Some(n) = refusals.note() {
+                    if let Some(n) = from_source.note() {
                         tracing::warn!(%peer, refused = n, max = limits.max_per_source, "tcp connections refused: sip.tcp_max_connections_per_source reached");
                     }
                     continue;
                 };
                 let Ok(slot) = open.clone().try_acquire_owned() else {
                     service.note_dropped("too_many_connections");
-                    if let Some(n) = refusals.note() {
+                    if let Some(n) = over_all.note() {
                         tracing::warn!(%peer, refused = n, max = limits.max_connections, "tcp connections refused: sip.tcp_max_connections reached");
                     }
                     continue;
