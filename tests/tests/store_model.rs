@@ -1369,6 +1369,29 @@ async fn waiting_for_replicas(primary: &RedisServer) -> (RedisConfig, Store, pro
     (cfg, store, registry)
 }
 
+/// Sentinel kills the clients of a primary it reconfigures, and Redis or a proxy may close
+/// idle connections: the lookup that finds its connection closed under it (sent nowhere) is
+/// made again on a new one, not answered as an outage (a 503 for the caller).
+#[tokio::test]
+async fn a_lookup_on_a_connection_the_server_closed_is_made_again() {
+    let (redis, store) = with_nodes(&["a"]).await;
+    store.claim(&name("kept"), &[id("a")]).await.expect("claim");
+    for round in 0..3 {
+        let _: i64 = redis_query(
+            redis.port(),
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("normal")
+                .arg("SKIPME")
+                .arg("yes"),
+        )
+        .expect("client kill");
+        let found = store.lookup(&name("kept")).await;
+        assert!(matches!(found, Ok(Some(_))), "round {round}: {found:?}");
+    }
+}
+
 /// A replica still in its first full sync (as the old primary is after a failover, for the
 /// sync's delay and length) can acknowledge nothing: claims do not wait for it, and are not
 /// refused as unreplicated meanwhile.

@@ -168,6 +168,19 @@ pub enum HostedStatus {
     Missing,
 }
 
+/// Whether a failed request may have reached Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// Certainly not carried out: the connection could not be had, or Redis answered with
+    /// an error.
+    No,
+    /// Sent and not answered in time: it may have been carried out.
+    Maybe,
+    /// The connection failed under it (closed by the server, reset): it may have been
+    /// written first, and a read may be made again on a new connection.
+    Cut,
+}
+
 /// The reply to [`Store::heartbeat`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Heartbeat {
@@ -291,23 +304,36 @@ impl Store {
         self.exchange(connector, op, f).await.map_err(|(e, _)| e)
     }
 
+    /// [`Store::run`] for a read, made once more on a new connection when its connection
+    /// turned out closed under it (Sentinel kills a reconfigured primary's clients; Redis or
+    /// a proxy closes idle ones): a read is safe to repeat, and the caller gets an answer
+    /// rather than an outage. A timeout is not repeated: it already took the deadline.
+    async fn read<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        match self.exchange(&self.conn, op, &f).await {
+            Err((_, Sent::Cut)) => self.run(op, f).await,
+            other => other.map_err(|(e, _)| e),
+        }
+    }
+
     /// [`Store::run_on`], telling with a failure whether the request may have reached
-    /// Redis: one sent that got no answer in time, or whose connection failed under it (the
-    /// write may have gone out first), may have. A failure to connect, or an error Redis
-    /// returned, comes with `false`: certainly not carried out.
+    /// Redis (see [`Sent`]).
     async fn exchange<T, F, Fut>(
         &self,
         connector: &Connector,
         op: &'static str,
         f: F,
-    ) -> Result<T, (StoreError, bool)>
+    ) -> Result<T, (StoreError, Sent)>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
     {
         let started = Instant::now();
         let result = async {
-            let (conn, generation) = connector.get().await.map_err(|e| (e, false))?;
+            let (conn, generation) = connector.get().await.map_err(|e| (e, Sent::No))?;
             match tokio::time::timeout(self.timeout, f(conn)).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => {
@@ -320,15 +346,21 @@ impl Store {
                         // The client's own response deadline (sent, not answered), or the
                         // connection failing under the request: it may have been written.
                         // A refusal Redis answered (READONLY, LOADING, ...) did nothing.
-                        let unsure = e.is_timeout() || e.is_io_error() || e.is_connection_dropped();
-                        Err((StoreError::Unavailable(format!("{op}: {e}")), unsure))
+                        let sent = if e.is_timeout() {
+                            Sent::Maybe
+                        } else if e.is_io_error() || e.is_connection_dropped() {
+                            Sent::Cut
+                        } else {
+                            Sent::No
+                        };
+                        Err((StoreError::Unavailable(format!("{op}: {e}")), sent))
                     } else {
                         Err((
                             StoreError::Redis {
                                 op,
                                 message: e.to_string(),
                             },
-                            false,
+                            Sent::No,
                         ))
                     }
                 }
@@ -341,7 +373,7 @@ impl Store {
                             "{op}: no answer within {:?}",
                             self.timeout
                         )),
-                        true,
+                        Sent::Maybe,
                     ))
                 }
             }
@@ -466,6 +498,7 @@ impl Store {
                 .await
         })
         .await
+        .map_err(|(e, sent)| (e, sent != Sent::No))
     }
 
     /// The store's instrumentation.
@@ -531,10 +564,11 @@ impl Store {
         name: &ConferenceName,
     ) -> Result<Option<ConferenceRecord>, StoreError> {
         let key = self.conf_key(name.as_str());
+        let key = &key;
         let values: Vec<Value> = self
-            .run("lookup", |mut c| async move {
+            .read("lookup", |mut c| async move {
                 redis::cmd("HMGET")
-                    .arg(&key)
+                    .arg(key)
                     .arg(&[
                         "owner",
                         "epoch",
