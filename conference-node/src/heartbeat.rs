@@ -48,6 +48,7 @@ pub async fn register(node: &Node) -> bool {
         Ok(previous) => {
             node.redis_ok.store(true, Ordering::SeqCst);
             node.state_written(version);
+            node.measure_redis_clock().await;
             node.metrics
                 .heartbeats
                 .with_label_values(&["registered"])

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -17,13 +17,6 @@ use crate::node::{lock, Node};
 /// How long ended conferences get to tear down after the deadline.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Milliseconds since the epoch on this host's clock.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Starts draining; `shutdown` makes the drain end in an exit. Returns the previous state.
 pub async fn drain(node: &Arc<Node>, shutdown: bool) -> NodeState {
     start(node, shutdown, Duration::ZERO).await
@@ -33,7 +26,7 @@ pub async fn drain(node: &Arc<Node>, shutdown: bool) -> NodeState {
 /// at `since_ms` (Redis time): it ends at the deadline it had (invariant 4), not a whole
 /// `node.drain_deadline` after the restart.
 pub async fn resume_drain(node: &Arc<Node>, since_ms: u64) -> NodeState {
-    let elapsed = Duration::from_millis(now_ms().saturating_sub(since_ms));
+    let elapsed = Duration::from_millis(node.redis_now_ms().saturating_sub(since_ms));
     node.drain_since_ms.store(since_ms, Ordering::SeqCst);
     let left = node.cfg.node.drain_deadline.saturating_sub(elapsed);
     tracing::info!(
@@ -61,14 +54,19 @@ async fn start(node: &Arc<Node>, shutdown: bool, elapsed: Duration) -> NodeState
             task.abort();
         }
         node.set_state_local(NodeState::Draining);
-        let _ =
-            node.drain_since_ms
-                .compare_exchange(0, now_ms(), Ordering::SeqCst, Ordering::SeqCst);
+        let _ = node.drain_since_ms.compare_exchange(
+            0,
+            node.redis_now_ms(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         // A stop during an admin's drain keeps that drain's deadline: it counts from when the
         // drain began, as `drain_since_ms` (and the alert on a stuck drain) says, not from
         // the stop.
         let since = node.drain_since_ms.load(Ordering::SeqCst);
-        let elapsed = elapsed.max(Duration::from_millis(now_ms().saturating_sub(since)));
+        let elapsed = elapsed.max(Duration::from_millis(
+            node.redis_now_ms().saturating_sub(since),
+        ));
         left = node.cfg.node.drain_deadline.saturating_sub(elapsed);
         let task = tokio::spawn(run(node.clone(), shutdown, elapsed));
         *slot = Some((task, shutdown));
@@ -113,7 +111,7 @@ pub fn adopt(node: &Arc<Node>, remote: NodeState, version: u64, since_ms: Option
             if let Some((task, _)) = slot.take() {
                 task.abort();
             }
-            let now = now_ms();
+            let now = node.redis_now_ms();
             let since = since_ms.filter(|s| *s > 0).unwrap_or(now);
             let _ =
                 node.drain_since_ms

@@ -47,6 +47,13 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// This host's clock (ms since the epoch).
+fn local_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Count versions stay below this, far under 2^53 (the last integer Lua's doubles hold
 /// exactly), with room for a life's worth of counts above it.
 const MAX_COUNT_VERSION: u64 = (1 << 53) - (1 << 40);
@@ -145,6 +152,9 @@ pub struct Node {
     /// When the current drain began (ms since the epoch; 0 while serving), handed to a
     /// registration of a draining node so its record keeps the drain's deadline.
     pub drain_since_ms: AtomicU64,
+    /// Redis's clock less this host's (ms), as last measured: drain starts and deadlines are
+    /// counted on Redis's clock, which `drain_since_ms` in the node record is written in.
+    redis_clock_offset_ms: std::sync::atomic::AtomicI64,
     /// Wakes the heartbeat when the events WebSocket connects or drops, so the node record's
     /// `ari` changes at once rather than a heartbeat later: callers arriving right after a
     /// reconnection find the node placeable again.
@@ -245,6 +255,7 @@ impl Node {
             redis_ok: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
             drain_since_ms: AtomicU64::new(0),
+            redis_clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             ari_changed: Notify::new(),
             ari_down_since: Mutex::new(Some(Instant::now())),
             claims_given_back: AtomicBool::new(false),
@@ -734,6 +745,27 @@ impl Node {
         if seen < MAX_COUNT_VERSION {
             self.count_versions
                 .fetch_max(seen.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Now on Redis's clock (ms since the epoch), from this host's clock and the last
+    /// measured offset ([`Node::measure_redis_clock`]); this host's own until one is.
+    pub fn redis_now_ms(&self) -> u64 {
+        let offset = self.redis_clock_offset_ms.load(Ordering::Relaxed);
+        local_now_ms().saturating_add_signed(offset)
+    }
+
+    /// Reads Redis's clock and keeps its offset from this host's: a drain begun by an admin
+    /// (its start in Redis time) and one begun here then count on the same clock, however
+    /// far apart the hosts' clocks are. Kept as it was when Redis does not answer.
+    pub async fn measure_redis_clock(&self) {
+        let before = local_now_ms();
+        if let Ok(redis) = self.store.time_ms().await {
+            // Taken as read halfway through the round trip.
+            let local = before / 2 + local_now_ms() / 2;
+            let offset =
+                i64::try_from(redis).unwrap_or(i64::MAX) - i64::try_from(local).unwrap_or(i64::MAX);
+            self.redis_clock_offset_ms.store(offset, Ordering::Relaxed);
         }
     }
 
