@@ -2112,11 +2112,13 @@ impl Conference {
     /// `addChannel` of `group` into `bridge`, in one request if it can; the ones in once it
     /// is over. Asterisk adds nobody when one channel of a list is gone or out of Stasis
     /// (`control_list_create` checks them all first): then the rest go one by one, those
-    /// gone left out, so that one caller hanging up meanwhile strands no other.
+    /// gone left out, so that one caller hanging up meanwhile strands no other. Any other
+    /// failure (a timeout: Asterisk may still carry the list out) is left to reconciliation,
+    /// rather than hold the actor a request deadline per caller.
     async fn add_all<'g>(&mut self, bridge: &str, group: &[&'g str]) -> Vec<&'g str> {
         match self.bridge_add_counted(bridge, group).await {
             (_, Ok(())) => group.to_vec(),
-            (added, Err(e)) if group.len() - added > 1 => {
+            (added, Err(e)) if group.len() - added > 1 && e.channel_gone() => {
                 tracing::warn!(conference = %self.name, bridge, error = %e, "cannot add the participants together; adding them one by one");
                 // Those a request before the failure added are in: adding one again would
                 // have it leave the bridge first.

@@ -368,7 +368,7 @@ impl Default for WebhookConfig {
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             queue_size: 1000,
-            shutdown_wait: Duration::from_secs(20),
+            shutdown_wait: Duration::from_secs(15),
             auth_token: None,
             account_sid: String::new(),
         }

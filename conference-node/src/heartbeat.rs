@@ -169,6 +169,9 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                 .heartbeats
                 .with_label_values(&["renewed"])
                 .inc();
+            if node.redis_clock_stale() {
+                node.measure_redis_clock().await;
+            }
             // A claim gone while its conference lives here (deleted, or lost in a failover):
             // claim it again at once, as a reclaiming heartbeat does whatever this node's
             // state. Left to the conference, a draining, full or ARI-down node could not, and

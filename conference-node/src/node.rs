@@ -47,6 +47,9 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How often Redis's clock is measured again.
+const REDIS_CLOCK_REMEASURE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// This host's clock (ms since the epoch).
 fn local_now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -155,6 +158,8 @@ pub struct Node {
     /// Redis's clock less this host's (ms), as last measured: drain starts and deadlines are
     /// counted on Redis's clock, which `drain_since_ms` in the node record is written in.
     redis_clock_offset_ms: std::sync::atomic::AtomicI64,
+    /// When the offset was last measured; `None` until it is.
+    redis_clock_measured: Mutex<Option<std::time::Instant>>,
     /// Wakes the heartbeat when the events WebSocket connects or drops, so the node record's
     /// `ari` changes at once rather than a heartbeat later: callers arriving right after a
     /// reconnection find the node placeable again.
@@ -256,6 +261,7 @@ impl Node {
             ari_connected: AtomicBool::new(false),
             drain_since_ms: AtomicU64::new(0),
             redis_clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            redis_clock_measured: Mutex::new(None),
             ari_changed: Notify::new(),
             ari_down_since: Mutex::new(Some(Instant::now())),
             claims_given_back: AtomicBool::new(false),
@@ -766,7 +772,15 @@ impl Node {
             let offset =
                 i64::try_from(redis).unwrap_or(i64::MAX) - i64::try_from(local).unwrap_or(i64::MAX);
             self.redis_clock_offset_ms.store(offset, Ordering::Relaxed);
+            *lock(&self.redis_clock_measured) = Some(std::time::Instant::now());
         }
+    }
+
+    /// Whether Redis's clock is to be measured again: never measured yet (Redis did not
+    /// answer), or not for [`REDIS_CLOCK_REMEASURE`] (a failover may have brought another
+    /// primary, and clocks drift).
+    pub fn redis_clock_stale(&self) -> bool {
+        lock(&self.redis_clock_measured).is_none_or(|at| at.elapsed() >= REDIS_CLOCK_REMEASURE)
     }
 
     /// Every conference view.

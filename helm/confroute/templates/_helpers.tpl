@@ -349,7 +349,7 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 Grace period of a node pod. Kubernetes kills the pod when it ends, preStop drain or not. Past
 the drain deadline the agent may still wait up to 30 s for its first reconciliation after a
 restart (docs/configuration.md), 10 s for the conferences it ends to tear down and
-webhook.shutdown_wait (20 s by default) for their last status callbacks before it deregisters: a
+webhook.shutdown_wait (15 s by default) for their last status callbacks before it deregisters: a
 grace under the deadline plus 60 s would cut that and leave claims, callbacks and the node
 record behind.
 */}}
