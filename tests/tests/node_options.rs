@@ -1394,6 +1394,22 @@ async fn a_callback_url_naming_a_host_is_resolved_and_delivered() {
     assert_eq!(event_pairs(&got), vec![("conference-start", "")]);
 }
 
+/// Stops the agent with SIGTERM and waits for its clean exit.
+async fn stop(s: &mut Single) {
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
+
+/// The `StatusCallbackEvent` of each callback received, in order.
+fn callback_events(got: &Received) -> Vec<String> {
+    got.lock()
+        .expect("lock")
+        .iter()
+        .map(|f| f["StatusCallbackEvent"].clone())
+        .collect()
+}
+
 /// The leave and end callbacks of the conferences a shutdown ends are queued as they end:
 /// the agent gives them time to go out before it exits, even to a slow receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1411,9 +1427,7 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
     ];
     let a = dial(&s.sim, "last", &vars).await;
     wait_bridged(&s.sim, &a).await;
-    s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    let code = s.node.process().wait_exit(WAIT).expect("exits");
-    assert_eq!(code, Some(0), "{}", s.node.output());
+    stop(&mut s).await;
     // Deregistered last: no heartbeat brought the record back while the callbacks went out.
     let store = fixtures::store(&s.cfg);
     assert!(
@@ -1425,12 +1439,7 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
         "the exited node is not registered: {}",
         s.node.output()
     );
-    let events: Vec<String> = got
-        .lock()
-        .expect("lock")
-        .iter()
-        .map(|f| f["StatusCallbackEvent"].clone())
-        .collect();
+    let events = callback_events(&got);
     assert_eq!(
         events,
         [
@@ -1466,15 +1475,8 @@ async fn a_big_conferences_end_callback_goes_out_behind_its_leaves_at_exit() {
         wait_bridged(&s.sim, &c).await;
         callers.push(c);
     }
-    s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    let code = s.node.process().wait_exit(WAIT).expect("exits");
-    assert_eq!(code, Some(0), "{}", s.node.output());
-    let events: Vec<String> = got
-        .lock()
-        .expect("lock")
-        .iter()
-        .map(|f| f["StatusCallbackEvent"].clone())
-        .collect();
+    stop(&mut s).await;
+    let events = callback_events(&got);
     let mut expected = vec!["participant-leave".to_string(); callers.len()];
     expected.push("conference-end".to_string());
     assert_eq!(events, expected, "{}", s.node.output());
