@@ -33,10 +33,10 @@ impl NodeUas {
 
     /// A UAS playing `scenario` with these `-key` values.
     fn start_with(scenario_file: &str, keys: &[(&str, &str)]) -> Self {
-        require_tool("sipp", "sip-tester").expect("sipp installed");
+        let sipp = require_tool("sipp", "sip-tester").expect("sipp installed");
         let dir = TempDir::new("sipp-uas").expect("temp dir");
         let port = free_udp_tcp_port();
-        let mut cmd = Command::new("sipp");
+        let mut cmd = Command::new(sipp);
         cmd.current_dir(dir.path())
             .arg("-sf")
             .arg(scenario(scenario_file))

@@ -6,6 +6,7 @@
 //! order on Ctrl-C or after `--duration`, with a summary.
 
 mod cluster;
+mod setup;
 mod stats;
 pub(crate) mod traffic;
 mod view;
@@ -85,6 +86,10 @@ pub async fn run(args: DevArgs) -> ExitCode {
         eprintln!("confroute-dev: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = setup::ensure_redis() {
+        eprintln!("confroute-dev: {e}");
+        return ExitCode::from(2);
+    }
     let log_dir = std::env::temp_dir().join(format!("confroute-dev-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&log_dir);
     let log_file = log_dir.join("cluster.log");
@@ -145,11 +150,14 @@ pub async fn run(args: DevArgs) -> ExitCode {
             rate: args.rate,
             hold: (args.hold_min, args.hold_max),
             entry: args.entry,
-            dialouts_per_minute: args.dialouts_per_minute,
+            dialouts_per_minute: generated_dialouts(&args),
             token: token.clone(),
         },
     ));
 
+    if args.ari.is_some() && args.dialouts_per_minute > 0.0 {
+        println!("confroute-dev: no generated dial-outs with --ari: a conference on the real Asterisk would dial real numbers");
+    }
     let live = !args.plain && std::io::stdout().is_terminal();
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -287,6 +295,16 @@ struct Load {
     token: String,
 }
 
+/// Dial-outs per minute the generator places: none with a real Asterisk, whose node could
+/// host the conference and would dial a real number through its trunk.
+fn generated_dialouts(args: &DevArgs) -> f64 {
+    if args.ari.is_some() {
+        0.0
+    } else {
+        args.dialouts_per_minute
+    }
+}
+
 /// Places callers at the configured rate, and dial-outs now and then.
 async fn generate(traffic: Traffic, sims: Arc<Vec<Option<crate::ari_sim::AriSim>>>, load: Load) {
     let Load {
@@ -367,5 +385,20 @@ async fn wait_empty(cluster: &Cluster) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a real Asterisk behind node 1 the generator dials no one out: the conference
+    /// could be on that node, whose dial-outs leave through a real trunk.
+    #[test]
+    fn no_dialouts_are_generated_with_a_real_asterisk() {
+        let simulated = DevArgs::parse_from(["confroute-dev"]);
+        assert!(generated_dialouts(&simulated) > 0.0);
+        let real = DevArgs::parse_from(["confroute-dev", "--ari", "http://10.0.0.5:8088"]);
+        assert_eq!(generated_dialouts(&real), 0.0);
     }
 }

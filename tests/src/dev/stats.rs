@@ -89,6 +89,8 @@ pub struct Stats {
     pub joined: u64,
     /// Callers that did not, by reason.
     pub join_failures: BTreeMap<String, u64>,
+    /// Calls routed to the node on a real Asterisk (`--ari`): not dialled, and not failures.
+    pub not_dialled: u64,
     /// INVITE→302 (or POST /v1/route) latency.
     pub route_latency: Latency,
     /// Caller entering the app → in the bridge.

@@ -284,8 +284,8 @@ impl SipAnswer {
     }
 }
 
-/// Sends an INVITE for `conference` over UDP and ACKs the answer; `Err` when none comes
-/// within `wait`.
+/// Sends an INVITE for `conference` over UDP and ACKs the final answer (provisional ones
+/// are passed over); `Err` when none comes within `wait`.
 pub async fn sip_invite(
     controller: SocketAddr,
     conference: &str,
@@ -311,17 +311,28 @@ pub async fn sip_invite(
         .await
         .map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; 4096];
-    let n = match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
-        Ok(Ok(n)) => n,
-        _ => return Err(format!("no SIP answer within {} s", wait.as_secs_f64())),
+    let deadline = tokio::time::Instant::now() + wait;
+    // A `100 Trying` comes first when routing takes a while; the answer is the final one.
+    let answer = loop {
+        let n = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => {
+                return Err(format!(
+                    "no final SIP answer within {} s",
+                    wait.as_secs_f64()
+                ))
+            }
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        let status: u16 = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if !(100..200).contains(&status) {
+            break SipAnswer { status, text };
+        }
     };
-    let text = String::from_utf8_lossy(&buf[..n]).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let answer = SipAnswer { status, text };
     let to_tag = answer
         .header("To")
         .and_then(|t| t.split(";tag=").nth(1).map(|t| format!(";tag={t}")))
@@ -467,9 +478,7 @@ pub async fn call(
         return;
     };
     let Some(Some(sim)) = sims.get(node).cloned() else {
-        stats::with(&traffic.stats, |s| {
-            s.join_failed("node on a real Asterisk (not dialled)")
-        });
+        stats::with(&traffic.stats, |s| s.not_dialled += 1);
         return;
     };
     let channel_id = format!("dev-{:016x}", rand::random::<u64>());
@@ -567,5 +576,44 @@ pub async fn dialout(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `100 Trying` before the redirect is passed over: the 302 is the answer, and it is
+    /// the one acknowledged.
+    #[tokio::test]
+    async fn a_provisional_answer_is_not_taken_for_the_final_one() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("local address");
+        let peer = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let (_, from) = server.recv_from(&mut buf).await.expect("INVITE");
+            for answer in [
+                "SIP/2.0 100 Trying\r\nContent-Length: 0\r\n\r\n",
+                "SIP/2.0 302 Moved Temporarily\r\nTo: <sip:c@x>;tag=t9\r\nX-Conference-Node: node-a\r\nContent-Length: 0\r\n\r\n",
+            ] {
+                server.send_to(answer.as_bytes(), from).await.expect("answer");
+            }
+            let (n, _) = server.recv_from(&mut buf).await.expect("ACK");
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        });
+        let answer = sip_invite(addr, "c", Duration::from_secs(5))
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 302);
+        assert_eq!(
+            answer.header("X-Conference-Node").as_deref(),
+            Some("node-a")
+        );
+        let ack = tokio::time::timeout(Duration::from_secs(5), peer)
+            .await
+            .expect("the ACK within 5 s")
+            .expect("peer task");
+        assert!(ack.starts_with("ACK "), "{ack}");
+        assert!(ack.contains(";tag=t9"), "{ack}");
     }
 }

@@ -60,6 +60,15 @@ pub fn banner(cluster: &Cluster, token: &str, log: &std::path::Path) {
     println!();
 }
 
+/// The live view's note of calls routed to the real Asterisk, which the tool does not dial.
+fn not_dialled(s: &stats::Stats) -> String {
+    if s.not_dialled == 0 {
+        String::new()
+    } else {
+        format!("  to the real Asterisk (not dialled) {}", s.not_dialled)
+    }
+}
+
 fn lines(traffic: &Traffic, nodes: &[NodeRecord], names: &[String], t: f64) -> Vec<String> {
     let per_node = match traffic.members.lock() {
         Ok(m) => (m.per_node(names.len()), m.active()),
@@ -72,8 +81,8 @@ fn lines(traffic: &Traffic, nodes: &[NodeRecord], names: &[String], t: f64) -> V
         let rate = if t > 0.0 { s.placed as f64 / t } else { 0.0 };
         let mut out = vec![
             format!(
-                "t={t:>5.0}s  calls placed {} ({rate:.1}/s)  routed {}  route failures {}  joined {}  join failures {}  in conferences {}",
-                s.placed, s.routed, s.failed_routes(), s.joined, s.failed_joins(), per_node.1
+                "t={t:>5.0}s  calls placed {} ({rate:.1}/s)  routed {}  route failures {}  joined {}  join failures {}  in conferences {}{}",
+                s.placed, s.routed, s.failed_routes(), s.joined, s.failed_joins(), per_node.1, not_dialled(s)
             ),
             format!("  route latency {}   join latency {}", s.route_latency.describe(), s.join_latency.describe()),
             format!(
@@ -144,6 +153,12 @@ pub fn summary(traffic: &Traffic, nodes: &[NodeRecord], t: f64) {
             s.joined,
             s.failed_joins()
         );
+        if s.not_dialled > 0 {
+            println!(
+                "routed to the real Asterisk and not dialled (call it yourself): {}",
+                s.not_dialled
+            );
+        }
         for (why, n) in &s.route_failures {
             println!("  route failure: {why}: {n}");
         }

@@ -71,6 +71,8 @@ fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
 
 /// One private `redis-server` on a free loopback port.
 pub struct RedisServer {
+    // The path `require_tool` found: it may be outside `PATH` (`/usr/sbin`).
+    program: std::path::PathBuf,
     port: u16,
     proc: Option<Proc>,
     dir: TempDir,
@@ -87,8 +89,9 @@ impl RedisServer {
 
     /// Starts a server with extra `--option value` arguments.
     pub fn start_with(extra: &[&str]) -> HarnessResult<Self> {
-        require_tool("redis-server", "redis-server redis-tools")?;
+        let program = require_tool("redis-server", "redis-server redis-tools")?;
         let mut server = RedisServer {
+            program,
             port: free_port(),
             proc: None,
             dir: TempDir::new("redis")?,
@@ -115,7 +118,7 @@ impl RedisServer {
 
     fn launch(&mut self) -> HarnessResult<()> {
         self.starts += 1;
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = Command::new(&self.program);
         cmd.arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -212,7 +215,7 @@ impl RedisCluster {
     }
 
     fn start_inner(ca: Option<&TestCa>) -> HarnessResult<(Self, Option<Vec<String>>)> {
-        require_tool("redis-cli", "redis-tools")?;
+        let cli = require_tool("redis-cli", "redis-tools")?;
         let mut nodes = Vec::new();
         let mut tls_seeds = Vec::new();
         for _ in 0..3 {
@@ -256,7 +259,7 @@ impl RedisCluster {
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             nodes.push(RedisServer::start_with(&refs)?);
         }
-        let mut create = Command::new("redis-cli");
+        let mut create = Command::new(&cli);
         create.arg("--cluster").arg("create");
         for n in &nodes {
             create.arg(format!("127.0.0.1:{}", n.port()));
@@ -334,7 +337,7 @@ impl SentinelGroup {
                 ),
             )
             .map_err(|e| HarnessError(format!("cannot write {}: {e}", conf.display())))?;
-            let mut cmd = Command::new("redis-server");
+            let mut cmd = Command::new(&primary.program);
             cmd.arg(&conf).arg("--sentinel");
             let log = dir.path().join(format!("sentinel-{i}.log"));
             sentinels.push((port, Proc::spawn(&format!("sentinel :{port}"), cmd, &log)?));

@@ -66,12 +66,12 @@ pub fn run_sipp(
     service: &str,
     calls: u32,
 ) -> HarnessResult<SippRun> {
-    require_tool("sipp", "sip-tester")?;
+    let sipp = require_tool("sipp", "sip-tester")?;
     let dir = TempDir::new("sipp")?;
     let log = dir.path().join("actions.log");
     let errors = dir.path().join("errors.log");
     let messages = dir.path().join("messages.log");
-    let mut cmd = Command::new("sipp");
+    let mut cmd = Command::new(sipp);
     cmd.current_dir(dir.path())
         .arg("-sf")
         .arg(scenario(scenario_file))
