@@ -42,25 +42,30 @@ pub struct Agent {
     http_task: Option<JoinHandle<()>>,
 }
 
-/// Fails when another live agent renews the record of node `id`; otherwise returns the record
-/// a previous life left (if any).
+/// What the start-up check of the node id found.
+pub enum IdCheck {
+    /// No other agent uses the id; the record a previous life left, if any.
+    Free(Option<NodeRecord>),
+    /// Redis could not be read (why): nothing is known yet.
+    Unreadable(String),
+}
+
+/// Fails when another live agent renews the record of node `id`; otherwise tells the record
+/// a previous life left (if any), or that Redis could not be read.
 ///
 /// Two agents under one id would each take the other's conferences for claims that outlived
 /// their callers and release them: a conference with callers in two places. A record left by
 /// a crashed previous life is not renewed, so watching it until it expires or is renewed
 /// tells the cases apart; an agent that stopped cleanly left no record, and starts at once.
-async fn id_free(
+pub async fn id_free(
     store: &Store,
     id: &NodeId,
     heartbeat: Duration,
-) -> Result<Option<NodeRecord>, StartError> {
+) -> Result<IdCheck, StartError> {
     let first = match store.get_node(id).await {
         Ok(Some(rec)) => rec,
-        Ok(None) => return Ok(None),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read this node's record; cannot tell whether another agent uses this node id");
-            return Ok(None);
-        }
+        Ok(None) => return Ok(IdCheck::Free(None)),
+        Err(e) => return Ok(IdCheck::Unreadable(e.to_string())),
     };
     tracing::info!(
         node = %id,
@@ -93,7 +98,7 @@ async fn id_free(
         if let Ok(false) = store.hold_node(id, hold_for).await {
             // Expired before it could be held: its last life's state (an admin drain) still
             // carries over.
-            return Ok(last);
+            return Ok(IdCheck::Free(last));
         }
         tokio::time::sleep(every).await;
         match store.get_node(id).await {
@@ -105,11 +110,23 @@ async fn id_free(
             }
             Ok(Some(rec)) => last = Some(rec),
             // Expired: its last life's state (an admin drain) still carries over.
-            Ok(None) => return Ok(last),
+            Ok(None) => return Ok(IdCheck::Free(last)),
             Err(_) => {}
         }
     }
-    Ok(last)
+    Ok(IdCheck::Free(last))
+}
+
+/// The state an agent starts in after the record its last life left: an admin drain (and
+/// when it began) carries over; the agent's own shutdown drain does not, since a new process
+/// is a new life, and one killed in its shutdown drain would otherwise drain for good.
+pub fn inherited(last: Option<&NodeRecord>) -> (NodeState, Option<u64>) {
+    match last {
+        Some(rec) if rec.info.state == NodeState::Draining && !rec.stopping => {
+            (NodeState::Draining, rec.drain_since_ms)
+        }
+        _ => (NodeState::Serving, None),
+    }
 }
 
 /// Binds the HTTP port, registers the node and starts every task.
@@ -148,14 +165,14 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
         .map_err(|e| StartError(format!("http.listen: cannot bind {}: {e}", cfg.http.listen)))?;
     let http_addr = listener.local_addr().unwrap_or(cfg.http.listen);
     let id = cfg.node_id();
-    // An admin drain survives an agent restart: keep the state the record still has. The
-    // agent's own shutdown drain does not: a new process is a new life, and one killed in its
-    // shutdown drain (its grace period ran out) would otherwise drain for good.
-    let (initial, drain_since) = match id_free(&store, &id, cfg.node.heartbeat_interval).await? {
-        Some(rec) if rec.info.state == NodeState::Draining && !rec.stopping => {
-            (NodeState::Draining, rec.drain_since_ms)
+    // An admin drain survives an agent restart: keep the state the record still has.
+    let check = id_free(&store, &id, cfg.node.heartbeat_interval).await?;
+    let (initial, drain_since) = match &check {
+        IdCheck::Free(last) => inherited(last.as_ref()),
+        IdCheck::Unreadable(e) => {
+            tracing::warn!(error = %e, "cannot read this node's record; the node registers once Redis answers and no other agent is seen using this node id");
+            (NodeState::Serving, None)
         }
-        _ => (NodeState::Serving, None),
     };
     let info = NodeInfo {
         id,
@@ -191,7 +208,10 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     if let Some(since) = drain_since {
         node.drain_since_ms.store(since, Ordering::SeqCst);
     }
-    if !heartbeat::register(&node).await {
+    if matches!(check, IdCheck::Unreadable(_)) {
+        // Registered by the heartbeat once Redis answers, after the same check.
+        node.id_unchecked.store(true, Ordering::SeqCst);
+    } else if !heartbeat::register(&node).await {
         tracing::warn!("Redis not reachable at start-up; refusing new conferences until it is");
     }
     if initial == NodeState::Draining {

@@ -47,6 +47,7 @@ pub async fn register(node: &Node) -> bool {
     match registered {
         Ok(previous) => {
             node.redis_ok.store(true, Ordering::SeqCst);
+            node.registered.store(true, Ordering::SeqCst);
             node.state_written(version);
             node.measure_redis_clock().await;
             node.metrics
@@ -105,6 +106,9 @@ pub async fn beat(node: &Arc<Node>, cpu: f32) {
 /// again, or claims of its conferences are missing). With `reclaim`, or when Redis failed the
 /// last time, it also claims again the hosted conferences whose claims expired.
 async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
+    if !node.registered.load(Ordering::SeqCst) {
+        return first_registration(node).await;
+    }
     if node.state_dirty() {
         node.write_state().await;
     }
@@ -230,6 +234,47 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                 tracing::warn!(error = %e, "heartbeat failed; serving existing conferences, refusing new ones until Redis is back");
             }
         }
+    }
+    false
+}
+
+/// Registers this life for the first time, when start-up could not: after the check that no
+/// other agent uses the node id, if start-up could not make it, taking over an admin drain the
+/// last life's record held. True when registered (a reclaiming heartbeat follows).
+async fn first_registration(node: &Arc<Node>) -> bool {
+    if node.id_unchecked.load(Ordering::SeqCst) {
+        let interval = node.cfg.node.heartbeat_interval;
+        match crate::app::id_free(&node.store, &node.id, interval).await {
+            Ok(crate::app::IdCheck::Free(last)) => {
+                node.id_unchecked.store(false, Ordering::SeqCst);
+                if let (NodeState::Draining, since) = crate::app::inherited(last.as_ref()) {
+                    if node.state() == NodeState::Serving {
+                        tracing::info!("the node record says draining (an admin drained it): resuming the drain");
+                        match since {
+                            Some(since) => lifecycle::resume_drain(node, since).await,
+                            None => lifecycle::drain(node, false).await,
+                        };
+                    }
+                }
+            }
+            Ok(crate::app::IdCheck::Unreadable(_)) => {
+                // Said once at start-up; the metric counts each try.
+                node.redis_ok.store(false, Ordering::SeqCst);
+                node.metrics.heartbeats.with_label_values(&["error"]).inc();
+                return false;
+            }
+            Err(e) => {
+                // Registering would take the other agent's conferences; this one stays out
+                // of placement and checks again at the next heartbeat.
+                node.metrics.heartbeats.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e.0, "not registering this node");
+                return false;
+            }
+        }
+    }
+    if register(node).await {
+        node.request_reconcile();
+        return true;
     }
     false
 }

@@ -142,13 +142,17 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let redis = tokio::time::timeout(Duration::from_secs(1), node.store.ping())
         .await
         .is_ok_and(|r| r.is_ok());
-    let ready = ari && redis;
+    // Registered in this life: until then the node is in no placement (Redis read-only, or
+    // another agent seen under its id).
+    let registered = node.registered.load(Ordering::SeqCst);
+    let ready = ari && redis && registered;
     // Reported, not required, as on the controller: callers are admitted without it.
     let bus = node.outbox.subscribed();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "ari": ari,
         "redis": redis,
+        "registered": registered,
         "bus": bus,
         "state": node.state(),
     });

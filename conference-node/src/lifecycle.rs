@@ -278,14 +278,19 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
         }
     }
     if shutdown {
-        finish_shutdown(&node).await;
+        finish_shutdown(&node, false).await;
     } else {
         tracing::info!("drained: no conference left; the node stays drained until undrained");
     }
 }
 
-/// `shutting_down`, deregistration, and the signal to exit.
-pub async fn finish_shutdown(node: &Arc<Node>) {
+/// Longest a second stop signal waits for the last callbacks and bus messages: it asked for
+/// an exit now, not after `webhook.shutdown_wait`.
+const HURRIED_SEND: Duration = Duration::from_secs(5);
+
+/// `shutting_down`, deregistration, and the signal to exit; `hurry` after a second stop
+/// signal bounds the wait for the last callbacks by [`HURRIED_SEND`].
+pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     node.set_state_local(NodeState::ShuttingDown);
     node.write_state().await;
     // The last conferences' callbacks (their leave and end events) were queued as they
@@ -295,8 +300,11 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
     // end), within twice `webhook.timeout`.
     // Callbacks go one at a time per conference, so a big conference's leave events can
     // take a while ahead of its end event: they get `webhook.shutdown_wait`.
-    let wait = node.cfg.webhook.shutdown_wait;
-    let bound = node.cfg.webhook.timeout * 2;
+    let (mut wait, mut bound) = (node.cfg.webhook.shutdown_wait, node.cfg.webhook.timeout * 2);
+    if hurry {
+        wait = wait.min(HURRIED_SEND);
+        bound = bound.min(HURRIED_SEND);
+    }
     let (left, unsent) = tokio::join!(
         node.webhooks.in_flight.settle(wait),
         node.outbox.flush(bound)
@@ -310,7 +318,7 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
     if left > 0 {
         tracing::warn!(
             left,
-            "status callbacks still queued at exit after webhook.shutdown_wait ({wait:?}); dropped"
+            "status callbacks still queued at exit after {wait:?} (webhook.shutdown_wait, or less after a second stop signal); dropped"
         );
         node.metrics
             .webhooks
@@ -321,10 +329,14 @@ pub async fn finish_shutdown(node: &Arc<Node>) {
     // gone would register the node again, left to live out its lease.
     let mut deregistered = node.beat_gate.lock().await;
     *deregistered = true;
-    match node.store.deregister(&node.id).await {
-        Ok(_) => tracing::info!(node = %node.id, "deregistered"),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot deregister; the node record expires with its lease")
+    // A record this life never wrote is an earlier life's or another agent's: not this
+    // one's to delete.
+    if node.registered.load(Ordering::SeqCst) {
+        match node.store.deregister(&node.id).await {
+            Ok(_) => tracing::info!(node = %node.id, "deregistered"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot deregister; the node record expires with its lease")
+            }
         }
     }
     drop(deregistered);
@@ -346,5 +358,5 @@ pub async fn shutdown_now(node: &Arc<Node>) {
     tracing::warn!("second stop signal: ending every conference now");
     end_all(node, "shutdown");
     wait_empty(node, Instant::now() + TEARDOWN_GRACE).await;
-    finish_shutdown(node).await;
+    finish_shutdown(node, true).await;
 }

@@ -150,6 +150,12 @@ pub struct Node {
     pub webhooks: crate::webhook::Delivery,
     /// Whether the last Redis operation of the heartbeat succeeded.
     pub redis_ok: AtomicBool,
+    /// Whether this life has registered the node yet: until it has, a heartbeat would renew
+    /// an earlier life's record (its state, drain and capacity) instead of writing this one's.
+    pub registered: AtomicBool,
+    /// Set when the start-up check that no other agent uses this node id could not read
+    /// Redis: the first registration makes it first.
+    pub id_unchecked: AtomicBool,
     /// Whether the events WebSocket is connected.
     pub ari_connected: AtomicBool,
     /// When the current drain began (ms since the epoch; 0 while serving), handed to a
@@ -258,6 +264,8 @@ impl Node {
                 in_flight: crate::webhook::InFlight::default(),
             },
             redis_ok: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
+            id_unchecked: AtomicBool::new(false),
             ari_connected: AtomicBool::new(false),
             drain_since_ms: AtomicU64::new(0),
             redis_clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
@@ -377,6 +385,11 @@ impl Node {
     /// Writes the local state to Redis now (best effort; the heartbeat retries). During a
     /// shutdown the record is marked stopping, so no admin can make the node serving again.
     pub async fn write_state(&self) {
+        // Before this life registers, the record is an earlier life's or another agent's;
+        // the registration writes the state.
+        if !self.registered.load(Ordering::SeqCst) {
+            return;
+        }
         let (state, version) = self.state_versioned();
         let stopping = self.stopping();
         match self.store.set_own_state(&self.id, state, stopping).await {

@@ -11,7 +11,7 @@ use confroute_shared::name::ConferenceName;
 use confroute_shared::store::StateChange;
 use confroute_shared::types::NodeState;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{wait_for_async, ControllerProc};
+use confroute_tests::harness::{wait_for_async, ControllerProc, NodeProc, RedisServer};
 use node_common::*;
 use serde_json::Value;
 
@@ -699,6 +699,182 @@ async fn a_stop_right_after_a_placement_waits_for_its_first_caller() {
     assert_eq!(
         s.node.process().wait_exit(WAIT).expect("exits"),
         Some(0),
+        "{}",
+        s.node.output()
+    );
+}
+
+/// Writes the record a last life of node-a left: `state`, `stopping`, capacity 5, the drain
+/// begun at `since` (Redis time), with 30 s left though its heartbeat was short (the id check
+/// watches two of them: 400 ms).
+async fn last_lives_record(
+    store: &confroute_shared::store::Store,
+    redis_port: u16,
+    state: NodeState,
+    stopping: bool,
+    since: u64,
+) {
+    let info = confroute_shared::types::NodeInfo {
+        sip_uri: "sip:last-life.test:5060".into(),
+        state,
+        ..fixtures::node("node-a", 5)
+    };
+    store
+        .register_draining_agent(&info, Duration::from_secs(30), true, since)
+        .await
+        .expect("register the last life");
+    if stopping {
+        store
+            .set_own_state(&fixtures::id("node-a"), state, true)
+            .await
+            .expect("mark stopping");
+    }
+    let set: Option<i64> = confroute_tests::harness::redis_query(
+        redis_port,
+        redis::cmd("HSET")
+            .arg("{confroute}:node:node-a")
+            .arg("lease_period_ms")
+            .arg(600),
+    );
+    assert_eq!(set, Some(0), "lease_period_ms written by the registration");
+}
+
+fn redis_maxmemory(port: u16, bytes: u64) {
+    let ok: Option<String> = confroute_tests::harness::redis_query(
+        port,
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(bytes),
+    );
+    assert_eq!(ok.as_deref(), Some("OK"));
+}
+
+/// An agent whose first registration is refused (Redis refusing writes for a moment) while
+/// the record of its last life, killed in its shutdown drain, still lives registers at a
+/// later heartbeat: it does not renew that record and carry on its drain, stopping mark,
+/// SIP URI and capacity for the whole of its own life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_registration_failed_at_start_registers_rather_than_renew_its_last_life() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let sim = sim().await;
+    last_lives_record(&store, redis.port(), NodeState::Draining, true, 1).await;
+    // Reads are answered, writes refused (OOM).
+    redis_maxmemory(redis.port(), 1);
+    let mut node = NodeProc::start(
+        "node-a",
+        &env(&sim, &cfg, &[("CONFROUTE_CONFERENCE__BEEP", "false")]),
+    )
+    .expect("node starts");
+    node.wait_log("cannot register the node", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    redis_maxmemory(redis.port(), 0);
+    wait_for_async("this life registered", WAIT, || async {
+        let rec = store.get_node(&fixtures::id("node-a")).await.ok()??;
+        (rec.info.capacity == 100
+            && rec.info.sip_uri == "sip:node-a.test:5060"
+            && rec.info.state == NodeState::Serving
+            && !rec.stopping)
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let v = get_json(&format!("{}/v1/conferences", node.http_url())).await;
+    assert_eq!(v["state"], "serving", "{v}");
+}
+
+/// An agent that cannot read Redis at start cannot tell whether its last life was drained by
+/// an admin: it registers only once Redis answers, after the id check, and the admin drain
+/// the record holds carries over with its start, as it does when Redis answers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_carries_over_a_restart_that_could_not_read_redis_at_first() {
+    let redis = RedisServer::start().expect("redis");
+    let upstream = format!("127.0.0.1:{}", redis.port())
+        .parse()
+        .expect("address");
+    let proxy = confroute_tests::harness::TcpProxy::start(upstream)
+        .await
+        .expect("proxy");
+    let direct = fixtures::store(&fixtures::single(&redis.url()));
+    let since: u64 = {
+        let t: Option<Vec<String>> =
+            confroute_tests::harness::redis_query(redis.port(), &mut redis::cmd("TIME"));
+        let t = t.expect("TIME");
+        t[0].parse::<u64>().expect("seconds") * 1000 - 2_000
+    };
+    last_lives_record(&direct, redis.port(), NodeState::Draining, false, since).await;
+    proxy.black_hole();
+    let cfg = fixtures::single(&proxy.redis_url());
+    let sim = sim().await;
+    let mut node = NodeProc::start(
+        "node-a",
+        &env(
+            &sim,
+            &cfg,
+            &[
+                ("CONFROUTE_CONFERENCE__BEEP", "false"),
+                ("CONFROUTE_REDIS__TIMEOUT", "300ms"),
+            ],
+        ),
+    )
+    .expect("node starts");
+    node.wait_log("cannot read this node's record", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    proxy.heal();
+    wait_for_async("this life registered, draining", WAIT, || async {
+        let rec = direct.get_node(&fixtures::id("node-a")).await.ok()??;
+        (rec.info.capacity == 100).then_some(rec)
+    })
+    .await
+    .map(|rec| {
+        assert_eq!(rec.info.state, NodeState::Draining, "{}", node.output());
+        assert_eq!(rec.drain_since_ms, Some(since), "the drain's start is kept");
+        assert!(!rec.stopping);
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let v = get_json(&format!("{}/v1/conferences", node.http_url())).await;
+    assert_eq!(v["state"], "draining", "{v}");
+}
+
+/// A second stop signal means now: the callbacks its ending of every conference queued do
+/// not hold the exit for `webhook.shutdown_wait` when their receiver answers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_does_not_wait_out_the_callbacks_shutdown_wait() {
+    let dark = confroute_tests::harness::DarkPort::start().expect("dark port");
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_WEBHOOK__TIMEOUT", "10m"),
+        ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "10m"),
+    ])
+    .await;
+    let url = format!("http://{}/events", dark.addr());
+    let a = dial(
+        &s.sim,
+        "busy",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    s.node
+        .wait_log("stop requested; draining", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.node.process().signal(libc::SIGINT).expect("sigint");
+    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "everything ended now");
+    // The teardown's grace (10 s) and the hurried wait (5 s), with room to spare; far below
+    // the 10 minutes configured.
+    let code = s
+        .node
+        .process()
+        .wait_exit(Duration::from_secs(40))
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    assert!(
+        s.node
+            .output()
+            .contains("status callbacks still queued at exit"),
         "{}",
         s.node.output()
     );

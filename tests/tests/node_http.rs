@@ -128,3 +128,22 @@ async fn health_without_ari_or_redis_and_readiness_with_both() {
     .await
     .expect("bus reported down");
 }
+
+/// An agent pointed at a Redis that answers reads but refuses its writes (a replica, a read
+/// endpoint) never registers: `/readyz` says so, though `PING` is answered and ARI is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_needs_the_node_registered_not_only_redis_answering() {
+    let (primary, replica) = RedisServer::with_replica().expect("primary and replica");
+    let cfg = fixtures::single(&replica.url());
+    let sim = sim().await;
+    let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &[])).expect("node starts");
+    wait_app(&sim, &node).await;
+    node.wait_log("cannot read this node's record", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let (status, body) = call("GET", &format!("{}/readyz", node.http_url()), None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["registered"], false, "{body}");
+    assert_eq!(body["redis"], true, "{body}");
+    assert_eq!(body["ari"], true, "{body}");
+    drop(primary);
+}
