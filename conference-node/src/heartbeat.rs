@@ -19,10 +19,6 @@ pub fn lease(node: &Node) -> Duration {
     node.cfg.node.heartbeat_interval * 3
 }
 
-/// Longest the store stays settling after Redis lost every node record (a node's lease, at
-/// most this): the controllers' own wait after trouble they saw has the same bound.
-const SETTLE_AT_MOST: Duration = Duration::from_secs(10);
-
 /// The record to register, with the node's current state.
 fn info(node: &Node) -> NodeInfo {
     NodeInfo {
@@ -146,7 +142,9 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
             // First: with every node gone but those registered since this one's record was
             // lost, Redis lost them all, and nothing may be placed until the others are back
             // too (neither this node nor a newcomer may be given their conferences).
-            let wait = lease(node).min(SETTLE_AT_MOST);
+            // For this node's whole lease: the others renew within theirs (one heartbeat
+            // interval for a cluster), however long it is.
+            let wait = lease(node);
             match node.store.settle_after_loss(wait, lease(node)).await {
                 Ok(true) => {
                     tracing::warn!(node = %node.id, ?wait, "no node registered before this one's record was lost is live: Redis lost its data; conferences are placed again once the nodes have registered again")

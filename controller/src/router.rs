@@ -87,9 +87,11 @@ impl NodeView {
 /// Lease assumed for nodes never seen (three heartbeats of the default 1 s).
 const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3);
 
-/// Longest wait for the known nodes after Redis trouble: a node registered with a longer
-/// lease is waited for this long at most before it counts as gone.
-const MAX_SETTLE: Duration = Duration::from_secs(10);
+/// Longest wait for the known nodes after Redis trouble: the longest lease an agent takes
+/// (three of the longest `node.heartbeat_interval`, 60 s). A node is waited for its whole
+/// lease, however long: one that renews every 20 s could not write twice within a shorter
+/// wait, and its conferences would be placed beside their live bridges (invariant 1).
+const MAX_SETTLE: Duration = Duration::from_secs(180);
 
 /// Writes of a node that must be seen after Redis trouble, each newer than the last: the
 /// first may have been made before the trouble; a node that had to register again renews
@@ -639,5 +641,31 @@ mod tests {
         }
         r.settle(&[record("node-b", 100)]);
         assert!(r.settling(), "node-a is gone from Redis");
+    }
+
+    /// After trouble, a node with a long lease (a long heartbeat interval) is waited for as
+    /// long as its lease, not a fixed bound shorter than two of its heartbeats.
+    #[test]
+    fn settling_waits_as_long_as_the_longest_lease() {
+        let r = router();
+        if let Ok(mut h) = r.health.lock() {
+            *h = Health::Trouble {
+                known: vec![Known {
+                    id: "node-a".parse().expect("id"),
+                    lease: Duration::from_secs(60),
+                    updated_ms: 100,
+                }],
+                since: Instant::now() - Duration::from_secs(30),
+            };
+        }
+        r.settle(&[record("node-b", 100)]);
+        let until = match r.health.lock().as_deref() {
+            Ok(Health::Settling { until, .. }) => *until,
+            _ => panic!("settling"),
+        };
+        assert!(
+            until >= Instant::now() + Duration::from_secs(55),
+            "waits the node's 60 s lease"
+        );
     }
 }

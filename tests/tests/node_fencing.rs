@@ -242,3 +242,23 @@ async fn a_claim_won_back_at_the_same_epoch_is_renewed_by_heartbeats() {
     let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
     assert_eq!(v["items"][0]["phase"], "active", "{v}");
 }
+
+/// An agent finding Redis emptied marks the store settling for its whole lease, however long
+/// its heartbeat: the other agents of its cluster renew within the same interval, and a
+/// shorter mark would let their conferences be placed beside their live bridges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settling_mark_lasts_the_agents_whole_lease_past_ten_seconds() {
+    // A 4 s heartbeat: a 12 s lease.
+    let mut s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "4s")]).await;
+    s.redis.restart().expect("redis back, empty");
+    let ttl = wait_for_async("the settling mark", Duration::from_secs(15), || async {
+        let ttl: Option<i64> = confroute_tests::harness::redis_query(
+            s.redis.port(),
+            redis::cmd("PTTL").arg("{confroute}:settling"),
+        );
+        ttl.filter(|t| *t > 0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert!(ttl > 10_000, "the mark lives the 12 s lease: {ttl} ms left");
+}

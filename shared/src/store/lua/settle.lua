@@ -12,7 +12,7 @@
 -- A running controller waits on its own after trouble it saw; the mark also holds back one
 -- that started meanwhile and knows of no node from before.
 -- KEYS[1] node index, KEYS[2] the mark (<prefix>settling).
--- ARGV[1] how long the mark lives (ms): the registering node's lease, at most 10 s;
+-- ARGV[1] how long the mark lives (ms): the registering node's lease;
 -- ARGV[2] how recent a registration is taken for one since the loss (ms); ARGV[3] prefix.
 -- Returns 1 when it set the mark, 0 when a node from before is live (nothing was lost).
 local t = redis.call('TIME')
