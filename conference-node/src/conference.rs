@@ -24,7 +24,7 @@ use confroute_shared::bus;
 
 use confroute_shared::name::ConferenceName;
 use confroute_shared::store::{ClaimKind, HostedStatus};
-use confroute_shared::types::{NodeId, Owner};
+use confroute_shared::types::{NodeId, NodeState, Owner};
 
 use crate::ari::{AriError, AriErrorKind, Bridge, Channel};
 use crate::config::{LostPolicy, WrongNodePolicy};
@@ -702,6 +702,13 @@ impl Conference {
     /// nobody does), there is room, and the mixing bridge exists.
     async fn admit(&mut self, opts: &Options) -> Result<(), Refusal> {
         match self.fence().await {
+            // Past its drain the node is about to deregister and exit: a conference started
+            // now would be left running under it (its claim re-homed once the node is gone).
+            Fence::Owned(_)
+                if self.phase == Phase::Idle && self.node.state() == NodeState::ShuttingDown =>
+            {
+                return Err(Refusal::NotServing);
+            }
             Fence::Owned(epoch) => match self.phase {
                 Phase::Idle => {
                     self.activate(epoch, opts, None);

@@ -292,6 +292,13 @@ const HURRIED_SEND: Duration = Duration::from_secs(5);
 /// signal bounds the wait for the last callbacks by [`HURRIED_SEND`].
 pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     node.set_state_local(NodeState::ShuttingDown);
+    // A first caller admitted after the drain found the node empty, before the state above:
+    // nothing is admitted from here on, and what came in is ended rather than left running.
+    if !node.idle() {
+        tracing::warn!("conferences still here as the node stops (a first caller admitted after the drain found the node empty, or a teardown past its grace); ending them");
+        end_all(node, "shutdown");
+        wait_empty(node, Instant::now() + TEARDOWN_GRACE).await;
+    }
     node.write_state().await;
     // The last conferences' callbacks (their leave and end events) were queued as they
     // ended: they get a bounded time to go out while the node is still registered (a

@@ -879,3 +879,60 @@ async fn a_second_stop_signal_does_not_wait_out_the_callbacks_shutdown_wait() {
         s.node.output()
     );
 }
+
+/// The first caller of a conference placed here before a stop, arriving only once the drain
+/// has found the node empty and it is stopping (its last callbacks still going out), is
+/// refused: admitted, its conference would run on under an agent about to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_caller_arriving_as_the_node_stops_is_refused() {
+    let dark = confroute_tests::harness::DarkPort::start().expect("dark port");
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_WEBHOOK__TIMEOUT", "10m"),
+        ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "5s"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let url = format!("http://{}/events", dark.addr());
+    let a = dial(
+        &s.sim,
+        "first",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    // Placed here by a controller; its caller is slow to come.
+    let late = ConferenceName::parse("late").expect("name");
+    store
+        .claim(&late, &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    wait_draining(&s, &store).await;
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    // The drain waits out the placement's grace, then stops: its callbacks hold the exit.
+    wait_for_async("shutting down", Duration::from_secs(15), || async {
+        (node_state(&store, "node-a").await == Some(NodeState::ShuttingDown)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let b = dial(&s.sim, "late", &[]).await;
+    wait_hangup(&s.sim, &b).await;
+    assert!(
+        !s.sim
+            .event_log()
+            .iter()
+            .any(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == b.as_str()),
+        "the late caller never entered a bridge\n{}",
+        s.node.output()
+    );
+    let code = s
+        .node
+        .process()
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
