@@ -600,7 +600,8 @@ mod tests {
     #[test]
     fn settling_counts_each_write_once() {
         let r = router();
-        if let Ok(mut h) = r.health.lock() {
+        {
+            let mut h = r.health.lock().expect("health lock");
             *h = Health::Trouble {
                 known: vec![Known {
                     id: "node-a".parse().expect("id"),
@@ -631,12 +632,14 @@ mod tests {
             }],
             since: Instant::now(),
         };
-        if let Ok(mut h) = r.health.lock() {
+        {
+            let mut h = r.health.lock().expect("health lock");
             *h = trouble();
         }
         r.settle(&[record("node-a", 100)]);
         assert!(!r.settling(), "still listed: nothing was lost");
-        if let Ok(mut h) = r.health.lock() {
+        {
+            let mut h = r.health.lock().expect("health lock");
             *h = trouble();
         }
         r.settle(&[record("node-b", 100)]);
@@ -648,7 +651,8 @@ mod tests {
     #[test]
     fn settling_waits_as_long_as_the_longest_lease() {
         let r = router();
-        if let Ok(mut h) = r.health.lock() {
+        {
+            let mut h = r.health.lock().expect("health lock");
             *h = Health::Trouble {
                 known: vec![Known {
                     id: "node-a".parse().expect("id"),

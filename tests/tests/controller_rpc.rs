@@ -1655,6 +1655,21 @@ async fn a_move_gets_one_command_timeout_in_all() {
 
 /// A raw WebSocket connection to the controller's `/v1/rpc`, upgraded, for frames no client
 /// library sends.
+/// Bytes waiting unread in the receive queue of the IPv4 loopback socket on `port` whose
+/// peer is on `peer` (from `/proc/net/tcp`).
+fn unread_bytes(port: u16, peer: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let remote = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+        if local != port || remote != peer {
+            return None;
+        }
+        u64::from_str_radix(f.get(4)?.rsplit(':').next()?, 16).ok()
+    })
+}
+
 async fn raw_ws(s: &Setup) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.controller.http_port))
@@ -1953,10 +1968,23 @@ async fn a_connection_with_every_frame_slot_taken_is_closed_1001_at_a_stop() {
         .await
         .expect("the node hears the first command")
         .expect("bus open");
-    // Time for the reader to take up the frames already in its socket: nothing the
-    // controller shows tells when it waits for a slot (a stop before that would be seen by
-    // its outer loop, and the test would prove nothing).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The reader has taken up what it could and waits for a slot: the controller's side of
+    // the socket keeps unread bytes (the frames past the 256th and the ping), no longer
+    // shrinking. A stop before that would be seen by its outer loop, and the test would
+    // prove nothing.
+    let local = tcp.local_addr().expect("local address").port();
+    let unread = || unread_bytes(s.controller.http_port, local);
+    wait_for_async(
+        "the reader waiting for a slot",
+        Duration::from_secs(10),
+        || async {
+            let before = unread()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            (before > 0 && unread() == Some(before)).then_some(())
+        },
+    )
+    .await
+    .expect("the reader stops with frames unread");
     s.controller
         .process()
         .signal(15)

@@ -175,7 +175,18 @@ fn binaries_accept_what_the_chart_renders() {
 #[test]
 fn binaries_accept_the_packaged_sample_configuration() {
     let dir = repo().join("examples/packaging");
+    // The samples name the usual local Redis and Asterisk ports: a private Redis and an ARI
+    // port nobody serves keep a developer's own Redis and Asterisk out of the test.
+    let redis = confroute_tests::harness::RedisServer::start().expect("redis");
+    let private = [
+        ("CONFROUTE_REDIS__URL".to_string(), redis.url()),
+        (
+            "CONFROUTE_ARI__URL".to_string(),
+            format!("http://127.0.0.1:{}", free_port()),
+        ),
+    ];
     let mut env = local_listen(true);
+    env.extend(private.iter().take(1).cloned());
     env.push(("CONFROUTE_HTTP__API_TOKEN".into(), SECRET.into()));
     starts(
         "confroute-controller",
@@ -184,6 +195,7 @@ fn binaries_accept_the_packaged_sample_configuration() {
         "examples/packaging/controller.toml",
     );
     let mut env = local_listen(false);
+    env.extend(private.iter().cloned());
     env.push(("CONFROUTE_ARI__PASSWORD".into(), SECRET.into()));
     starts(
         "confroute-node",

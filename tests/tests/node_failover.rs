@@ -54,7 +54,15 @@ async fn a_restarted_agent_holds_its_last_lives_record_while_it_checks_its_id() 
         format!("http://127.0.0.1:{}", node_a.http_port),
         "the new life registered"
     );
+    // A key of the test's own expires now: its notification shows expiries are heard, so
+    // hearing none for the record means it did not expire.
+    let set: Option<String> = confroute_tests::harness::redis_query(
+        redis.port(),
+        redis::cmd("SET").arg("control").arg("1").arg("PX").arg(100),
+    );
+    assert_eq!(set.as_deref(), Some("OK"));
     let mut messages = expired.on_message();
+    let mut control_expired = false;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), messages.next()).await
     {
         let key: String = m.get_payload().unwrap_or_default();
@@ -62,7 +70,9 @@ async fn a_restarted_agent_holds_its_last_lives_record_while_it_checks_its_id() 
             !key.ends_with("node:node-a"),
             "the node's record expired while its agent was starting again"
         );
+        control_expired |= key == "control";
     }
+    assert!(control_expired, "expiry notifications are heard");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,11 +601,16 @@ async fn a_redis_stall_during_adoption_releases_no_claim_of_a_live_conference() 
         rec.map(|r| r.owner.node.as_str().to_string()),
         Some("node-a".into())
     );
+    // The stall happened (the script ran its 900 ms) and overlapped the pass: its check
+    // failed and the pass was retried, not taken for "not here".
     let mut reply = [0u8; 64];
-    let n = std::io::Read::read(&mut busy, &mut reply).unwrap_or(0);
-    eprintln!(
-        "SCRIPT REPLY {:?}\n{}",
-        String::from_utf8_lossy(&reply[..n]),
+    let n = std::io::Read::read(&mut busy, &mut reply).expect("the script's reply");
+    assert_eq!(&reply[..n], b":1\r\n", "the stalling script ran to its end");
+    assert!(
+        s.node
+            .output()
+            .contains("reconciliation incomplete; retrying"),
+        "the stall hit the pass\n{}",
         s.node.output()
     );
     drop(busy);
