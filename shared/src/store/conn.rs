@@ -388,9 +388,14 @@ fn build(
                 info = with_credentials(info, cfg);
                 cluster_seeds.push(info);
             }
+            // No retries inside the client: it sends a request again after its connection
+            // failed, though Redis may have run it and only the answer was lost, and a
+            // command published twice is carried out twice (two dial-outs). The store
+            // decides, knowing whether a request may have been sent (`Sent`).
             let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
                 .connection_timeout(cfg.connect_timeout)
-                .response_timeout(cfg.timeout);
+                .response_timeout(cfg.timeout)
+                .retries(0);
             if let Some(user) = &cfg.username {
                 builder = builder.username(user);
             }
