@@ -90,8 +90,32 @@ pub trait Validate {
 
 /// Loads `T` from defaults, the optional TOML file, then `CONFROUTE_*` variables, and validates it.
 pub fn load<T: DeserializeOwned + Validate>(file: Option<&Path>) -> Result<T, ConfigError> {
-    let vars: Vec<(String, String)> = std::env::vars().collect();
-    load_from(file, &vars)
+    load_from(file, &settings_vars(std::env::vars_os())?)
+}
+
+/// The `CONFROUTE_*` variables of an environment; one whose name or value is not UTF-8 is
+/// an error naming it. Others are not looked at: a variable of another program's that is
+/// not UTF-8 is no concern of ours.
+fn settings_vars(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        let shown = name.to_string_lossy();
+        if !shown.starts_with(ENV_PREFIX) {
+            continue;
+        }
+        match (name.to_str(), value.into_string()) {
+            (Some(n), Ok(v)) => out.push((n.to_string(), v)),
+            _ => {
+                return Err(ConfigError::new(
+                    "(environment)",
+                    format!("variable {shown} is not valid UTF-8"),
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Like [`load`] but with an explicit environment, so tests need not touch the process's own.
@@ -328,6 +352,34 @@ fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment:
     }
 }
 
+/// A wrong value as an error shows it: text is not quoted, since it may be a secret (a
+/// password, a token, a URL with credentials) set where another type was expected.
+fn unquoted(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Str(_) => "a string".to_string(),
+        Actual::Bytes(_) => "bytes".to_string(),
+        Actual::Char(_) => "a character".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A parser's message without the lines that quote the file (`2 | api_token = s3cr3t`):
+/// the line at fault may hold a secret; the message says where it is.
+fn without_source_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let t = t
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start();
+            !t.starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn convert(err: figment::Error) -> ConfigError {
     use figment::error::Kind;
     let issues = err
@@ -352,10 +404,10 @@ fn convert(err: figment::Error) -> ConfigError {
                     "required key is missing".to_string()
                 }
                 Kind::InvalidType(actual, expected) => {
-                    format!("found {actual}, expected {expected}")
+                    format!("found {}, expected {expected}", unquoted(actual))
                 }
                 Kind::InvalidValue(actual, expected) => {
-                    format!("invalid value {actual}, expected {expected}")
+                    format!("invalid value {}, expected {expected}", unquoted(actual))
                 }
                 Kind::UnknownVariant(actual, expected) => {
                     format!(
@@ -363,7 +415,7 @@ fn convert(err: figment::Error) -> ConfigError {
                         expected.join(", ")
                     )
                 }
-                other => other.to_string(),
+                other => without_source_lines(&other.to_string()),
             };
             // Array elements show as `key[i]`; their variable is the array's own.
             let mut key = String::new();
@@ -1098,6 +1150,26 @@ mod tests {
         }
     }
 
+    /// A variable that is not UTF-8 is no panic: another program's is passed over, one of
+    /// ours is named.
+    #[test]
+    fn variables_that_are_not_utf8_are_passed_over_or_named() {
+        use std::os::unix::ffi::OsStringExt;
+        let junk = std::ffi::OsString::from_vec(vec![0xff, 0xfe]);
+        let vars = vec![
+            ("JUNK".into(), junk.clone()),
+            ("CONFROUTE_LOG__FORMAT".into(), "json".into()),
+        ];
+        let ours = settings_vars(vars.into_iter()).expect("others' variables are passed over");
+        assert_eq!(ours, vec![("CONFROUTE_LOG__FORMAT".into(), "json".into())]);
+        let vars = vec![("CONFROUTE_REDIS__PASSWORD".into(), junk)];
+        let err = settings_vars(vars.into_iter()).expect_err("ours must be UTF-8");
+        assert!(
+            err.to_string().contains("CONFROUTE_REDIS__PASSWORD"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn every_type_mistake_is_reported_at_once_with_where_it_was_set() {
         let f = toml("[redis]\ntimeout = \"soon\"\nbogus = 1\n[log]\nformat = \"xml\"\n");
@@ -1125,6 +1197,24 @@ mod tests {
             text.contains("(set in environment variable CONFROUTE_REDIS__CONNECT_TIMEOUT)"),
             "{text}"
         );
+        // Neither a parse error nor a type mistake quotes the value: it may be a secret.
+        let unquoted = toml("[http]\napi_token = s3cr3t-token-0123456789\n");
+        let err = load_from::<Root>(Some(unquoted.path()), &[]).expect_err("a syntax error");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        assert!(err.to_string().contains("line 2"), "{err}");
+        let escaped = toml("[redis]\npassword = \"pa\\ss-s3cr3t\"\n");
+        let err = load_from::<Root>(Some(escaped.path()), &[]).expect_err("a bad escape");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        let err = load_from::<Root>(
+            None,
+            &env(&[(
+                "CONFROUTE_REDIS__CLUSTER__SEEDS",
+                "rediss://default:s3cr3t@c1:6379",
+            )]),
+        )
+        .expect_err("seeds are a list");
+        assert!(err.mentions("redis.cluster.seeds"), "{err}");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
         let broken = toml("[redis\n");
         let err = load_from::<Root>(Some(broken.path()), &[]).expect_err("a syntax error");
         let file = broken.path().display().to_string();

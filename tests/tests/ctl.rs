@@ -345,6 +345,20 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
             "{err}"
         );
     }
+    // A redirect (an ingress sending http to https) is not followed: across schemes the
+    // token would be dropped (an exit 4 for a good token) and a POST would become a GET.
+    let moved_url = stranger(
+        b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://api.example/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    for args in [&["nodes", "list"][..], &["nodes", "drain", "node-a"][..]] {
+        let (code, out, err) = ctl_code(&moved_url, Some(TOKEN), args);
+        assert_eq!(code, Some(1), "{args:?}: {out}{err}");
+        assert!(
+            err.contains("redirects to https://api.example/"),
+            "{args:?}: {err}"
+        );
+    }
     // The controller's own 404 for a route it does not have (a --url with a path) is no
     // missing node.
     let (code, _, err) = ctl_code(&format!("{url}/v1"), Some(TOKEN), &["nodes", "list"]);
@@ -729,6 +743,10 @@ async fn ctl_never_turns_a_bad_name_into_another_conference() {
         &["participants", "kick", "sales-4", ".."][..],
         &["conferences", "end", "."],
         &["nodes", "drain", ""],
+        // The URL parser drops tabs and line breaks: these would be `..` too.
+        &["participants", "kick", "sales-4", "..\n"],
+        &["participants", "play", "sales-4", "\t..", "sound:beep"],
+        &["participants", "kick", "sales-4", "abc\r"],
     ] {
         let (ok, out, err) = ctl(&url, Some(TOKEN), args);
         assert!(!ok, "{args:?} succeeded: {out}");
@@ -896,4 +914,34 @@ async fn ctl_dialout_wait_reports_a_node_that_dies_mid_ring() {
         started.elapsed() < Duration::from_secs(35),
         "before the ring time and its margin ran out"
     );
+}
+
+/// The controller refusing the WebSocket for want of a connection slot is a refusal with its
+/// code (exit 1), not an outage whose outcome is unknown (exit 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reports_a_websocket_refused_for_slots_with_its_code() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_HTTP__API_TOKEN".into(), TOKEN.into()));
+    env.push(("CONFROUTE_RPC__MAX_CONNECTIONS".into(), "1".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let url = controller.http_url();
+    let mut req = format!("{}/v1/rpc", url.replacen("http", "ws", 1))
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header"),
+    );
+    let (_held, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("the one slot taken");
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || ctl_code(&url, Some(TOKEN), &["events", "sales-4"]))
+            .await
+            .expect("confroute-ctl ran");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("too_many_connections"), "{err}");
 }

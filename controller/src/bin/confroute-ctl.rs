@@ -302,8 +302,8 @@ fn unavailable(message: impl Into<String>) -> Failure {
     Failure(message.into(), Exit::Unavailable)
 }
 
-/// The exit status for the controller's refusal with `status` and error `code` (none for a
-/// WebSocket handshake, whose body is not read). Only the token makes 4 and only a missing
+/// The exit status for the controller's refusal with `status` and error `code` (none when
+/// the body is not the controller's JSON error). Only the token makes 4 and only a missing
 /// node, conference or participant 3: a node's `forbidden` (403) and a route the
 /// controller does not have (`route_not_found`, a wrong `--url` path) are refusals, and so
 /// is `no_capacity`, a definite answer with nothing done.
@@ -397,10 +397,14 @@ impl Api {
         query: &[(&str, &str)],
         body: Option<Value>,
     ) -> Result<Value, Failure> {
-        // The URL parser would resolve these as path steps rather than send them.
-        if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
+        // The URL parser would resolve these as path steps rather than send them, and it
+        // drops tabs and line breaks, so `..` followed by one is such a step too.
+        if let Some(bad) = segments
+            .iter()
+            .find(|s| matches!(**s, "" | "." | "..") || s.chars().any(char::is_control))
+        {
             return Err(usage(format!(
-                "`{bad}` is not a valid conference name, node id or participant id"
+                "{bad:?} is not a valid conference name, node id or participant id"
             )));
         }
         let bad_url = |e: String| usage(format!("bad --url {}: {e}", self.shown));
@@ -435,6 +439,18 @@ impl Api {
             }
         })?;
         let status = resp.status();
+        if status.is_redirection() {
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("elsewhere")
+                .to_string();
+            return Err(failed(format!(
+                "{status}: {} redirects to {to}; give --url the address that serves the API",
+                self.shown
+            )));
+        }
         // Cut off halfway, the answer leaves the outcome unknown.
         let text = resp
             .text()
@@ -501,10 +517,23 @@ impl Api {
             .await
             .map_err(|_| unavailable(format!("cannot open the WebSocket within {WS_CONNECT:?}")))?
             .map_err(|e| match e {
-                WsError::Http(resp) => Failure(
-                    format!("cannot open the WebSocket: {}", resp.status()),
-                    http_exit(resp.status(), None),
-                ),
+                WsError::Http(resp) => {
+                    // The controller's refusal carries its JSON error body, as any other.
+                    let v: Value = resp
+                        .body()
+                        .as_deref()
+                        .and_then(|b| serde_json::from_slice(b).ok())
+                        .unwrap_or(Value::Null);
+                    let code = v["error"]["code"].as_str();
+                    let said = match (code, v["error"]["message"].as_str()) {
+                        (Some(c), Some(m)) => format!(": {c}: {m}"),
+                        _ => String::new(),
+                    };
+                    Failure(
+                        format!("cannot open the WebSocket: {}{said}", resp.status()),
+                        http_exit(resp.status(), code),
+                    )
+                }
                 other => unavailable(format!("cannot open the WebSocket: {other}")),
             })?;
         Ok(ws)
@@ -700,8 +729,11 @@ fn print_participants(v: &Value) {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // Redirects are not followed: across schemes the token would be dropped (an exit 4 for
+    // a good token), and a 301 or 302 turns a POST into a GET; the answer names the target.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| failed(format!("http client: {e}")))?;
     let api = api(http, &cli.url, cli.token.clone())?;
