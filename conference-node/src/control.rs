@@ -101,6 +101,7 @@ fn code_label(code: ErrorCode) -> &'static str {
         ErrorCode::Forbidden => "forbidden",
         ErrorCode::Timeout => "timeout",
         ErrorCode::InvalidParams => "invalid_params",
+        ErrorCode::Unavailable => "unavailable",
         ErrorCode::Internal => "internal",
     }
 }

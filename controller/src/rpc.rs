@@ -114,6 +114,7 @@ impl From<ControlError> for RpcError {
                     ErrorCode::Forbidden => codes::FORBIDDEN,
                     ErrorCode::Timeout => codes::TIMEOUT,
                     ErrorCode::InvalidParams => codes::INVALID_PARAMS,
+                    ErrorCode::Unavailable => codes::UNAVAILABLE,
                     ErrorCode::Internal => codes::INTERNAL_ERROR,
                 };
                 RpcError::new(code, b.message)

@@ -57,7 +57,11 @@ pub enum ErrorCode {
     Timeout,
     /// Parameters the node cannot use.
     InvalidParams,
-    /// The node failed for a reason of its own.
+    /// The node could not reach Redis to check or claim the conference; nothing was done.
+    Unavailable,
+    /// The node failed for a reason of its own; also any code this version does not know
+    /// (a newer node's), so an answer is never lost to its code.
+    #[serde(other)]
     Internal,
 }
 

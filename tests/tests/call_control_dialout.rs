@@ -889,3 +889,48 @@ async fn ended_dialouts_leave_no_timer_tasks_behind() {
         tasks().await
     );
 }
+
+/// A node that cannot reach Redis to check or claim the conference refuses the dial-out as
+/// `unavailable` (-32011, as the controller's own Redis trouble is), not as an internal
+/// error, and originates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_read_redis_refuses_a_dialout_as_unavailable() {
+    use confroute_tests::harness::{ControllerProc, NodeProc, RedisServer};
+    // The agent's own Redis user; it loses HMGET below, the controller keeps it.
+    let redis =
+        RedisServer::start_with(&["--user", "agent", "on", ">agent-pw", "~*", "&*", "+@all"])
+            .expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim().await;
+    let mut extra: Vec<(&str, &str)> = DIALOUT_ENV.to_vec();
+    extra.extend([
+        ("CONFROUTE_REDIS__USERNAME", "agent"),
+        ("CONFROUTE_REDIS__PASSWORD", "agent-pw"),
+        // A long lease: the record outlives the heartbeats the lost HMGET fails.
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "5s"),
+    ]);
+    let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &extra)).expect("node starts");
+    wait_app(&sim, &node).await;
+    node.wait_log("command bus subscribed", WAIT)
+        .expect("the node hears commands");
+    let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    fixtures::wait_placeable(&controller.http_url(), 1)
+        .await
+        .expect("node placeable");
+    let denied: Option<String> = confroute_tests::harness::redis_query(
+        redis.port(),
+        redis::cmd("ACL").arg("SETUSER").arg("agent").arg("-hmget"),
+    );
+    assert_eq!(denied.as_deref(), Some("OK"));
+    let mut client = Client::connect(controller.http_port).await;
+    let (code, message) = client
+        .err(
+            "dialout",
+            json!({"conference": "fresh", "to": "+15551230000", "timeout": 10}),
+        )
+        .await;
+    assert_eq!(code, -32011, "{message}\n{}", node.output());
+    assert!(message.contains("in Redis"), "{message}");
+    assert_eq!(ops(&sim, "originate"), 0, "nothing originated");
+    assert_eq!(ops(&sim, "originateWithId"), 0, "nothing originated");
+}

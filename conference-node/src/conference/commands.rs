@@ -91,8 +91,8 @@ fn refusal_error(name: &ConferenceName, node: &NodeId, r: Refusal) -> BusError {
             format!("conference `{name}` has no home and node {node} takes no new conferences"),
         ),
         Refusal::Unavailable(why) => BusError::new(
-            ErrorCode::Internal,
-            format!("cannot check the ownership of `{name}` in Redis: {why}"),
+            ErrorCode::Unavailable,
+            format!("node {node} cannot check the ownership of `{name}` in Redis: {why}"),
         ),
         Refusal::Full => BusError::new(
             ErrorCode::ConferenceFull,
@@ -123,7 +123,7 @@ impl Conference {
     async fn end_unreached(&mut self) -> Result<Value, BusError> {
         let unavailable = |e: confroute_shared::store::StoreError| {
             BusError::new(
-                ErrorCode::Internal,
+                ErrorCode::Unavailable,
                 format!("cannot check the claim of `{}` in Redis: {e}", self.name),
             )
         };

@@ -55,6 +55,7 @@ impl From<ControlError> for ApiError {
                     ErrorCode::InvalidParams => {
                         (StatusCode::UNPROCESSABLE_ENTITY, "invalid_params")
                     }
+                    ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                     ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
                 };
                 ApiError::new(status, code, b.message)
