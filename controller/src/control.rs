@@ -3,7 +3,7 @@
 //! mirrors, so both check the same things and answer the same errors.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -273,16 +273,34 @@ impl Control {
         }
     }
 
+    /// What is left of the command's timeout `started` ago for its message to the node: the
+    /// lookups before it count (an answer comes within one `rpc.command_timeout` of the
+    /// command's arrival, and the node acts on it no later). None left: it is not sent.
+    fn left(&self, started: Instant) -> Result<Duration, ControlError> {
+        let left = self.timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(ControlError::code(
+                ErrorCode::Timeout,
+                format!(
+                    "not carried out: Redis took the whole of rpc.command_timeout ({:?}) before the command could be sent; nothing was sent",
+                    self.timeout
+                ),
+            ));
+        }
+        Ok(left)
+    }
+
     async fn send(
         &self,
         conference: &ConferenceName,
         method: &str,
         params: Value,
     ) -> Result<Value, ControlError> {
+        let started = Instant::now();
         let node = self.owner(conference).await?;
         let call = self
             .bus
-            .call(&node, method, params, self.timeout, false)
+            .call(&node, method, params, self.left(started)?, false)
             .await
             .map_err(ControlError::Node)?;
         call.reply.map_err(ControlError::Node)
@@ -316,6 +334,7 @@ impl Control {
 
     /// `conference.get`: owner, epoch and the participants with their state (from the node).
     pub async fn get(&self, p: ConferenceRef) -> Result<Value, ControlError> {
+        let started = Instant::now();
         let conference = name(&p.conference)?;
         let rec = self
             .router
@@ -335,7 +354,7 @@ impl Control {
                 &rec.owner.node,
                 "participant.list",
                 json!({"conference": conference}),
-                self.timeout,
+                self.left(started)?,
                 false,
             )
             .await
@@ -622,6 +641,7 @@ impl Control {
     /// `dialout`: validates the target, homes the conference if it has no home yet, and asks
     /// the owning node to originate; status notifications follow.
     pub async fn dialout(&self, p: DialoutParams) -> Result<Dialout, ControlError> {
+        let started = Instant::now();
         let conference = name(&p.conference)?;
         if !valid_target(&p.to) {
             return Err(ControlError::code(
@@ -648,6 +668,15 @@ impl Control {
                 .map_err(ControlError::InvalidParams)?;
         }
         let home = self.home(&conference).await?;
+        let left = match self.left(started) {
+            Ok(left) => left,
+            Err(e) => {
+                // Homed for this dial-out and never sent: given back as a refusal is.
+                let unsent = BusError::new(ErrorCode::Timeout, "not sent");
+                self.give_back(&conference, &home, &unsent, false).await;
+                return Err(e);
+            }
+        };
         let call = self
             .bus
             .call(
@@ -655,7 +684,7 @@ impl Control {
                 "dialout",
                 json!({"conference": conference, "to": p.to, "from": p.from,
                        "timeout": timeout, "options": p.options.unwrap_or_default()}),
-                self.timeout,
+                left,
                 true,
             )
             .await;

@@ -2292,3 +2292,64 @@ async fn a_client_that_leaves_large_answers_unread_is_disconnected() {
     assert!(frame.reason.contains("not read"), "{frame:?}");
     assert!(answers < ASKED, "every answer was held for the client");
 }
+
+/// The Redis lookup that finds a command's node counts against its `rpc.command_timeout`:
+/// the node is given only what is left, so the answer (and anything the node does) comes
+/// within one timeout of the command's arrival, not a lookup later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lookup_leaves_the_node_only_what_is_left_of_the_timeout() {
+    let redis = RedisServer::start().expect("redis");
+    let upstream = format!("127.0.0.1:{}", redis.port())
+        .parse()
+        .expect("address");
+    let proxy = confroute_tests::harness::TcpProxy::start(upstream)
+        .await
+        .expect("proxy");
+    let s = Setup {
+        controller: {
+            let mut env = fixtures::redis_env(&fixtures::single(&proxy.redis_url()));
+            env.extend([
+                (
+                    "CONFROUTE_RPC__COMMAND_TIMEOUT".to_string(),
+                    "2s".to_string(),
+                ),
+                ("CONFROUTE_REDIS__TIMEOUT".to_string(), "3s".to_string()),
+            ]);
+            let store = fixtures::store(&fixtures::single(&redis.url()));
+            store
+                .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+                .await
+                .expect("register");
+            let controller = ControllerProc::start(&env).expect("controller");
+            fixtures::wait_ready(&controller.http_url())
+                .await
+                .expect("controller ready");
+            controller
+        },
+        redis,
+    };
+    let (_store, node, mut commands) = hosted_on_node_a(&s, "slow-lookup").await;
+    let mut ws = connect(&s, None).await.expect("connect");
+    // Each way 300 ms: the lookup takes at least 600 ms of the 2 s.
+    proxy.set_delay(Duration::from_millis(300));
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.mute",
+                "params": {"conference": "slow-lookup", "participant": "p1"}, "id": 1})
+        .to_string(),
+    )
+    .await;
+    let cmd = tokio::time::timeout(Duration::from_secs(10), commands.recv())
+        .await
+        .expect("the node hears the command")
+        .expect("bus open");
+    assert!(
+        cmd.timeout_ms <= 1_400,
+        "the node was given {} ms of the 2,000 after a lookup of 600 ms or more",
+        cmd.timeout_ms
+    );
+    node.respond(&cmd, Ok(json!({"muted": true}))).await;
+    proxy.set_delay(Duration::ZERO);
+    let v = recv(&mut ws).await;
+    assert_eq!(v["result"]["muted"], true, "{v}");
+}
