@@ -6,6 +6,7 @@
 //! answered `conference_not_found` (only a dial-out may start one, after fencing; an end of
 //! one placed here that nobody reached releases its claim).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,6 +76,11 @@ impl Pending {
     /// started later could take effect after the sender reported the node unavailable.
     pub fn expired(&self) -> bool {
         now_ms() > self.deadline_ms
+    }
+
+    /// How long until [`Pending::expired`] (zero once it is).
+    fn until_expired(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms.saturating_sub(now_ms()).saturating_add(1))
     }
 
     /// Answers the command.
@@ -194,14 +200,78 @@ pub struct Request {
 }
 
 /// Hands every command heard on the bus to its conference until the bus goes away.
+///
+/// A command for a conference with no actor here, heard before the agent's first look at
+/// what Asterisk holds since its events WebSocket (re)connected, is held until that look:
+/// the conference may be one Asterisk still has, about to be adopted, and "not hosted"
+/// would tell the application it ended. Held commands go on in the order they came; one
+/// whose start deadline passes first is answered `timeout`, nothing done.
 pub async fn run(node: Arc<Node>, mut commands: mpsc::Receiver<Command>) {
-    while let Some(cmd) = commands.recv().await {
-        intake(&node, cmd);
+    let mut held: VecDeque<Request> = VecDeque::new();
+    loop {
+        let changed = node.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if !held.is_empty() && node.reconciled() {
+            while let Some(req) = held.pop_front() {
+                hand_over(&node, req, false, &mut held);
+            }
+        }
+        while held.front().is_some_and(|r| r.pending.expired()) {
+            if let Some(req) = held.pop_front() {
+                let msg = "not carried out: the agent was still looking at what Asterisk holds after a (re)start when the command's time to start ran out; nothing was done";
+                req.pending
+                    .answer(&node, Err(BusError::new(ErrorCode::Timeout, msg)));
+            }
+        }
+        // Woken for the look, or to answer the oldest held command at its deadline.
+        let next_expiry = held
+            .front()
+            .map(|r| tokio::time::Instant::now() + r.pending.until_expired());
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => {
+                    if let Some(req) = intake(&node, cmd) {
+                        hand_over(&node, req, true, &mut held);
+                    }
+                }
+                None => break,
+            },
+            _ = &mut changed, if !held.is_empty() => {}
+            _ = tokio::time::sleep_until(next_expiry.unwrap_or_else(tokio::time::Instant::now)), if next_expiry.is_some() => {}
+        }
     }
 }
 
-/// Checks one command and routes it to its conference's actor (or answers it at once).
-pub fn intake(node: &Arc<Node>, cmd: Command) {
+/// Gives `req` to its conference's actor; one for a conference not here is held (`hold`,
+/// before the first look at Asterisk, or behind others held) or answered "not hosted".
+fn hand_over(node: &Arc<Node>, req: Request, hold: bool, held: &mut VecDeque<Request>) {
+    // Behind held commands, in order, whatever this one's conference.
+    if hold && !held.is_empty() {
+        held.push_back(req);
+        return;
+    }
+    let spawn = matches!(req.op, Op::Dialout(_) | Op::End);
+    let conference = req.conference.clone();
+    if let Err(back) = node.deliver(&conference, Msg::Command(Box::new(req)), spawn) {
+        if let Msg::Command(req) = *back {
+            if hold && !node.reconciled() {
+                held.push_back(*req);
+                return;
+            }
+            let msg = format!(
+                "conference `{conference}` is not hosted on node {}",
+                node.id
+            );
+            req.pending
+                .answer(node, Err(BusError::new(ErrorCode::ConferenceNotFound, msg)));
+        }
+    }
+}
+
+/// Checks one command: answers it at once (bad parameters, `dialout.state`), or gives back
+/// the request for its conference's actor.
+fn intake(node: &Arc<Node>, cmd: Command) -> Option<Request> {
     tracing::debug!(id = %cmd.id, method = %cmd.method, "command received");
     let pending = Pending::new(&cmd);
     // A controller whose bus was reconnecting may have missed statuses of a dial-out it
@@ -211,34 +281,23 @@ pub fn intake(node: &Arc<Node>, cmd: Command) {
             .and_then(|p| participant(&p.callid))
             .map(|callid| json!({"status": node.dialouts.state(&callid)}));
         pending.answer(node, state);
-        return;
+        return None;
     }
     let (conference, op) = match parse(node, &cmd) {
         Ok(x) => x,
         Err(e) => {
             pending.answer(node, Err(e));
-            return;
+            return None;
         }
     };
     // Only a dial-out may bring a conference to this node; everything else needs one here,
     // but for an end of one placed here that no caller reached yet (its actor releases the
-    // claim, in order with any first caller).
-    let spawn = matches!(op, Op::Dialout(_) | Op::End);
-    let req = Request {
-        conference: conference.clone(),
+    // claim, in order with any first caller): see `hand_over`.
+    Some(Request {
+        conference,
         op,
         pending,
-    };
-    if let Err(back) = node.deliver(&conference, Msg::Command(Box::new(req)), spawn) {
-        if let Msg::Command(req) = *back {
-            let msg = format!(
-                "conference `{conference}` is not hosted on node {}",
-                node.id
-            );
-            req.pending
-                .answer(node, Err(BusError::new(ErrorCode::ConferenceNotFound, msg)));
-        }
-    }
+    })
 }
 
 fn invalid(message: impl Into<String>) -> BusError {

@@ -1233,3 +1233,50 @@ async fn count_versions_stay_above_those_an_earlier_life_left() {
         written()
     );
 }
+
+/// A command for a conference Asterisk still holds, reaching a restarted agent before it has
+/// looked at what Asterisk holds, waits for that look and is carried out: answered "not
+/// hosted" it would tell the application the conference had ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        // Says when a command is heard.
+        ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
+    ])
+    .await;
+    let controller = confroute_tests::harness::ControllerProc::start(&fixtures::redis_env(&s.cfg))
+        .expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    let a = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.restart_with_channel_listing_held().await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let port = controller.http_port;
+    let listed = tokio::spawn(async move {
+        let mut client = node_common::control::Client::connect(port).await;
+        client
+            .call(
+                "participant.list",
+                serde_json::json!({"conference": "kept"}),
+            )
+            .await
+    });
+    // The command is in line at the agent before its look ends.
+    s.node
+        .wait_log("command received", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("GET /channels");
+    let v = tokio::time::timeout(WAIT, listed)
+        .await
+        .expect("answered")
+        .expect("client task");
+    let participants = v["result"]["participants"]
+        .as_array()
+        .unwrap_or_else(|| panic!("listed: {v}\n{}", s.node.output()));
+    assert_eq!(participants.len(), 1, "{v}");
+}
