@@ -23,14 +23,14 @@ use tracing::Instrument;
 use confroute_shared::bus;
 
 use confroute_shared::name::ConferenceName;
-use confroute_shared::store::{ClaimKind, HostedStatus};
+use confroute_shared::store::{ClaimKind, HostedStatus, SequenceKind};
 use confroute_shared::types::{NodeId, NodeState, Owner};
 
 use crate::ari::{AriError, AriErrorKind, Bridge, Channel};
 use crate::config::{LostPolicy, WrongNodePolicy};
 use crate::node::{ConferenceView, Node, ParticipantView};
 use crate::options::{self, CallbackEvent, Options, Record};
-use crate::webhook::{Callbacks, ParticipantFields, Reservations};
+use crate::webhook::{Callbacks, ParticipantFields, Reservations, Sequence};
 
 /// How often wait music that failed to start is asked for again, at most.
 const MUSIC_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -443,8 +443,9 @@ struct Conference {
     settings: Option<String>,
     settings_saved: bool,
     beeps: u64,
-    /// Sequence number of the last event published on the bus.
-    seq: u64,
+    /// Numbers of the events published on the bus: from 1 in a new life, above what an
+    /// earlier agent lifetime used in an adopted one.
+    seq: Sequence,
     /// Someone entered, or a dial-out was placed: the application has heard of the
     /// conference, so its end is told. One whose first caller never got in ends unheard.
     heard_of: bool,
@@ -461,6 +462,16 @@ struct Conference {
     /// The last reconciliation could not tell whether this node owns the conference (Redis
     /// did not answer): its answer is withheld, so the pass counts as incomplete.
     reconcile_unsure: bool,
+}
+
+/// A new life's event numbering (from 1), reserving its next blocks in the conference's record.
+fn events_sequence(node: &Node, name: &ConferenceName) -> Sequence {
+    Sequence::new(Arc::new(Reservations {
+        kind: SequenceKind::Events,
+        store: node.store.clone(),
+        name: name.clone(),
+        node: node.id.clone(),
+    }))
 }
 
 /// Runs a conference's actor until it is idle with nothing queued.
@@ -490,7 +501,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         settings: None,
         settings_saved: false,
         beeps: 0,
-        seq: 0,
+        seq: events_sequence(&node, &name),
         heard_of: false,
         dialing: HashMap::new(),
         answering: None,
@@ -576,12 +587,12 @@ impl Conference {
     /// Publishes a conference event on the bus (through the node's ordered publisher, so
     /// the actor never waits for Redis).
     fn emit(&mut self, event: &str, data: Value) {
-        self.seq += 1;
+        let seq = self.seq.next();
         self.node.outbox.event(bus::Event {
             conference: self.name.to_string(),
             node: self.node.id.to_string(),
             epoch: self.epoch,
-            seq: self.seq,
+            seq,
             event: event.to_string(),
             data,
         });
@@ -652,7 +663,7 @@ impl Conference {
         self.recording_inherited = false;
         self.recording_failed = false;
         self.beeps = 0;
-        self.seq = 0;
+        self.seq = events_sequence(&self.node, &self.name);
         self.heard_of = false;
         self.apply_settings(opts, sid);
         tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
@@ -677,6 +688,7 @@ impl Conference {
                 self.node.metrics.clone(),
                 sid,
                 Reservations {
+                    kind: SequenceKind::Callbacks,
                     store: self.node.store.clone(),
                     name: self.name.clone(),
                     node: self.node.id.clone(),
@@ -693,8 +705,17 @@ impl Conference {
         self.kept_recording = kept.recording;
         self.kept_started = kept.started;
         self.heard_of = true;
+        self.resume_numbering().await;
+    }
+
+    /// An adopted conference's callbacks and events go on numbering above what the last
+    /// agent lifetime sent.
+    async fn resume_numbering(&mut self) {
         if let Some(cb) = &mut self.callbacks {
             cb.resume_numbering().await;
+        }
+        if !self.seq.resume().await {
+            tracing::warn!(conference = %self.name, "event seq starts again at 1");
         }
     }
 
@@ -2279,9 +2300,7 @@ impl Conference {
             self.kept_started = kept.started;
             // Callers are in it: the application heard of it from the last life.
             self.heard_of = true;
-            if let Some(cb) = &mut self.callbacks {
-                cb.resume_numbering().await;
-            }
+            self.resume_numbering().await;
             if let Some(b) = &main {
                 self.main = b.id.clone();
                 self.main_created = true;

@@ -17,7 +17,7 @@ mod sequence;
 pub use resolve::CallbackResolver;
 
 pub use sequence::Reservations;
-use sequence::Sequence;
+pub(crate) use sequence::Sequence;
 
 /// Status callbacks queued or being sent, across the node's conferences: the agent gives
 /// them a bounded time to go out before it exits.

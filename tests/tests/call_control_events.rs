@@ -168,3 +168,45 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
     assert_eq!(started[1]["data"]["started_by"], x.as_str());
     assert_eq!(started[1]["data"]["no_longer_waiting"], json!([w]));
 }
+
+/// An agent restarted under a live conference adopts it at the same epoch; its events go on
+/// numbering above those of its last life, so a subscriber ordering them by `seq` drops
+/// none and sees the jump as the gap it is (events during the restart were never sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_seq_keeps_rising_across_an_agent_restart() {
+    let mut c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let mut watcher = c.client(1).await;
+    watcher
+        .ok("subscribe", json!({"conference": "events-3"}))
+        .await;
+    let owner = c.route(0, "events-3").await;
+    let a = dial(&c.node(&owner).sim, "events-3", &[]).await;
+    wait_bridged(&c.node(&owner).sim, &a).await;
+    let before = watcher
+        .events_until(|e| e["event"] == "start")
+        .await;
+    let last = before.last().cloned().unwrap_or_default();
+    let (seq, epoch) = (last["seq"].as_u64().expect("seq"), last["epoch"].clone());
+    {
+        let n = c.node_mut(&owner);
+        n.proc.process().kill();
+        until(&n.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
+        n.proc.restart().expect("restart");
+        wait_app(&n.sim, &n.proc).await;
+    }
+    let mut ctl = c.client(0).await;
+    // Adopted: the command reaches the conference's actor once the agent has looked.
+    ctl.ok(
+        "participant.mute",
+        json!({"conference": "events-3", "participant": a}),
+    )
+    .await;
+    let after = watcher.events_until(|e| e["event"] == "mute").await;
+    let mute = after.last().cloned().unwrap_or_default();
+    assert_eq!(mute["epoch"], epoch, "the same life: {mute}");
+    assert!(
+        mute["seq"].as_u64().expect("seq") > seq,
+        "seq {} after {seq} before the restart",
+        mute["seq"]
+    );
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use confroute_shared::config::RedisConfig;
 use confroute_shared::name::ConferenceName;
 use confroute_shared::store::{
-    ClaimKind, Heartbeat, Hosted, HostedStatus, StateChange, Store, StoreError,
+    ClaimKind, Heartbeat, Hosted, HostedStatus, SequenceKind, StateChange, Store, StoreError,
 };
 use confroute_shared::types::{NodeInfo, NodeLoad, NodeState, Owner};
 use confroute_tests::fixtures::{self, id, node};
@@ -674,7 +674,7 @@ async fn unreadable_fields_fail_no_operation_for_the_rest() {
     assert_eq!(page.items[0].0, name("odd"));
     assert_eq!(page.items[0].1.owner, owner("a", 0));
     let ceiling = store
-        .reserve_callback_sequence(&name("odd"), &id("a"), 100, 0)
+        .reserve_sequence(SequenceKind::Callbacks, &name("odd"), &id("a"), 100, 0)
         .await
         .expect("reserve");
     assert_eq!(ceiling, Some(200), "counted as the first block only");
@@ -1608,7 +1608,7 @@ async fn callback_numbers_are_reserved_by_the_owner_above_what_it_used() {
     const BLOCK: u64 = 100;
     assert_eq!(
         store
-            .reserve_callback_sequence(&room, &id("a"), BLOCK, 0)
+            .reserve_sequence(SequenceKind::Callbacks, &room, &id("a"), BLOCK, 0)
             .await
             .expect("reserve"),
         None,
@@ -1620,7 +1620,7 @@ async fn callback_numbers_are_reserved_by_the_owner_above_what_it_used() {
         let room = room.clone();
         async move {
             store
-                .reserve_callback_sequence(&room, &id(node), BLOCK, used)
+                .reserve_sequence(SequenceKind::Callbacks, &room, &id(node), BLOCK, used)
                 .await
                 .expect("reserve")
         }

@@ -1,12 +1,13 @@
-//! Status callbacks' `SequenceNumber`s. Applications order a conference's events by them, so
-//! they keep increasing when an agent restarts and adopts the conference: each agent lifetime
-//! numbers from blocks reserved in the conference's record (callback_seq.lua), and reserves
-//! the next block while half of the current one is left, so no event waits for Redis.
+//! Status callbacks' `SequenceNumber`s and call-control events' `seq`. Applications order a
+//! conference's events by them, so they keep increasing when an agent restarts and adopts the
+//! conference: each agent lifetime numbers from blocks reserved in the conference's record
+//! (callback_seq.lua), and reserves the next block while half of the current one is left, so
+//! no event waits for Redis.
 
 use std::sync::Arc;
 
 use confroute_shared::name::ConferenceName;
-use confroute_shared::store::Store;
+use confroute_shared::store::{SequenceKind, Store};
 use confroute_shared::types::NodeId;
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
@@ -25,6 +26,8 @@ pub(crate) trait Reserve: Send + Sync {
 /// Where a conference's numbers are reserved: its record in Redis, for its owner.
 #[derive(Clone)]
 pub struct Reservations {
+    /// Which numbering.
+    pub kind: SequenceKind,
     /// The store holding the conference's record.
     pub store: Store,
     /// The conference.
@@ -39,16 +42,16 @@ impl Reserve for Reservations {
         Box::pin(async move {
             match r
                 .store
-                .reserve_callback_sequence(&r.name, &r.node, BLOCK, used)
+                .reserve_sequence(r.kind, &r.name, &r.node, BLOCK, used)
                 .await
             {
                 Ok(Some(ceiling)) => Some(ceiling),
                 Ok(None) => {
-                    tracing::info!(conference = %r.name, "conference no longer owned here; status callback numbers not reserved");
+                    tracing::info!(conference = %r.name, kind = ?r.kind, "conference no longer owned here; numbers not reserved");
                     None
                 }
                 Err(e) => {
-                    tracing::warn!(conference = %r.name, error = %e, "cannot reserve status callback numbers");
+                    tracing::warn!(conference = %r.name, kind = ?r.kind, error = %e, "cannot reserve numbers for events");
                     None
                 }
             }
@@ -111,10 +114,7 @@ impl Sequence {
             } else if !self.warned {
                 // Numbers go on increasing; only a restart before a reservation could repeat some.
                 self.warned = true;
-                tracing::warn!(
-                    last = self.last,
-                    "status callback numbers beyond the reserved block"
-                );
+                tracing::warn!(last = self.last, "event numbers beyond the reserved block");
             }
         }
         self.last += 1;

@@ -44,6 +44,25 @@ pub enum StateChange {
     Stopping(NodeState),
 }
 
+/// A numbering a conference's home keeps increasing across agent restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SequenceKind {
+    /// Status callbacks' `SequenceNumber`.
+    Callbacks,
+    /// Call-control events' `seq`.
+    Events,
+}
+
+impl SequenceKind {
+    /// The conference record's field holding the numbers reserved.
+    fn field(self) -> &'static str {
+        match self {
+            SequenceKind::Callbacks => "callback_seq",
+            SequenceKind::Events => "event_seq",
+        }
+    }
+}
+
 /// A store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -823,11 +842,12 @@ impl Store {
         .await
     }
 
-    /// Reserves the next `block` status-callback sequence numbers of a conference `node`
-    /// owns, above `used` (the highest it may have used already); returns the block's last
+    /// Reserves the next `block` numbers of sequence `kind` of a conference `node` owns,
+    /// above `used` (the highest it may have used already); returns the block's last
     /// number, or `None` when `node` is not the owner.
-    pub async fn reserve_callback_sequence(
+    pub async fn reserve_sequence(
         &self,
+        kind: SequenceKind,
         name: &ConferenceName,
         node: &NodeId,
         block: u64,
@@ -835,12 +855,13 @@ impl Store {
     ) -> Result<Option<u64>, StoreError> {
         let key = self.conf_key(name.as_str());
         let script = &self.scripts.callback_seq;
-        self.run("reserve_callback_sequence", |mut c| async move {
+        self.run("reserve_sequence", |mut c| async move {
             script
                 .key(&key)
                 .arg(node.as_str())
                 .arg(block)
                 .arg(used)
+                .arg(kind.field())
                 .invoke_async::<i64>(&mut c)
                 .await
                 .map(|n| u64::try_from(n).ok())

@@ -72,7 +72,7 @@ local function place(epoch, created, outcome)
         'created_ms', created, 'updated_ms', now)
       -- The settings, callback numbering and count version were the last home's; the new
       -- one has its own.
-      redis.call('HDEL', KEYS[1], 'settings', 'callback_seq', 'count_v')
+      redis.call('HDEL', KEYS[1], 'settings', 'callback_seq', 'event_seq', 'count_v')
       -- Not routed by lookups until the caller's WAIT confirms it (it clears the mark).
       if touch == '1' then redis.call('HSET', KEYS[1], 'unconfirmed', 1) end
       redis.call('PEXPIRE', KEYS[1], lease)
