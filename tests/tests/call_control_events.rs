@@ -182,9 +182,7 @@ async fn event_seq_keeps_rising_across_an_agent_restart() {
     let owner = c.route(0, "events-3").await;
     let a = dial(&c.node(&owner).sim, "events-3", &[]).await;
     wait_bridged(&c.node(&owner).sim, &a).await;
-    let before = watcher
-        .events_until(|e| e["event"] == "start")
-        .await;
+    let before = watcher.events_until(|e| e["event"] == "start").await;
     let last = before.last().cloned().unwrap_or_default();
     let (seq, epoch) = (last["seq"].as_u64().expect("seq"), last["epoch"].clone());
     {

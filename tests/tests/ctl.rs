@@ -945,3 +945,91 @@ async fn ctl_reports_a_websocket_refused_for_slots_with_its_code() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("too_many_connections"), "{err}");
 }
+
+/// `events` for more conferences than one connection's burst of commands takes (a subscribe
+/// and a look for each): the subscriptions refused for the rate are asked again, and the
+/// last conference's events come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_events_follows_more_conferences_than_the_rate_burst() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let controller = ControllerProc::start(&fixtures::redis_env(&s.cfg)).expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    let names: Vec<String> = (0..60).map(|i| format!("many-{i}")).collect();
+    let mut args = vec![
+        "--url".to_string(),
+        controller.http_url(),
+        "events".to_string(),
+    ];
+    args.extend(names.iter().cloned());
+    let mut child = tokio::process::Command::new(workspace_bin("confroute-ctl").expect("built"))
+        .args(&args)
+        .env_remove("CONFROUTE_CTL_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run confroute-ctl");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let a = dial(&s.sim, "many-59", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    // Nothing tells when ctl's last subscription is in: the caller is muted and unmuted
+    // until one of its events is printed (or ctl gives up, ending its output).
+    let http = fixtures::http();
+    let base = format!(
+        "{}/v1/conferences/many-59/participants/{a}",
+        controller.http_url()
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut printed = None;
+    let mut mute = true;
+    while printed.is_none() && tokio::time::Instant::now() < deadline {
+        let verb = if mute { "mute" } else { "unmute" };
+        mute = !mute;
+        let r = http
+            .post(format!("{base}/{verb}"))
+            .send()
+            .await
+            .expect("POST");
+        assert!(r.status().is_success(), "{verb}: {}", r.status());
+        let until = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+        while let Ok(line) = tokio::time::timeout_at(until, out.next_line()).await {
+            match line {
+                Ok(Some(l)) if l.starts_with("many-59 ") => {
+                    printed = Some(l);
+                    break;
+                }
+                Ok(Some(_)) => {}
+                _ => panic!("confroute-ctl stopped following"),
+            }
+        }
+    }
+    assert!(
+        printed.is_some(),
+        "the last conference's events were printed"
+    );
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "still following"
+    );
+}
+
+/// `--timeout` bounds the wait for an answer (a controller that accepts and never answers:
+/// exit 5, outcome unknown, naming the flag); a value out of range is a usage error.
+#[test]
+fn ctl_waits_as_long_as_its_timeout_says() {
+    let dark = confroute_tests::harness::DarkPort::start().expect("dark port");
+    let url = format!("http://{}", dark.addr());
+    let (code, _, err) = ctl_code(&url, None, &["--timeout", "1", "nodes", "list"]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("did not answer within 1 s (--timeout)"),
+        "{err}"
+    );
+    for bad in ["0", "86401", "soon"] {
+        let (code, _, err) = ctl_code(&url, None, &["--timeout", bad, "nodes", "list"]);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(err.contains("--timeout"), "{bad}: {err}");
+    }
+}

@@ -65,6 +65,16 @@ struct Cli {
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Seconds to wait for each answer (1-86400); give at least the controller's
+    /// `rpc.command_timeout` when it is raised, or a slow command is reported unanswered.
+    #[arg(
+        long,
+        global = true,
+        env = "CONFROUTE_CTL_TIMEOUT",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    timeout: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -326,6 +336,8 @@ const WS_CONNECT: Duration = Duration::from_secs(10);
 const DIALOUT_MARGIN: Duration = Duration::from_secs(30);
 
 struct Api {
+    /// `--timeout`, for messages.
+    timeout_secs: u64,
     http: reqwest::Client,
     url: String,
     /// `url` as messages show it: without its password, if it has one.
@@ -335,7 +347,12 @@ struct Api {
 
 /// Checks `--url` and `--token` before any request: a mistake in either gets a message
 /// naming it rather than a client library's.
-fn api(http: reqwest::Client, url: &str, token: Option<String>) -> Result<Api, Failure> {
+fn api(
+    http: reqwest::Client,
+    url: &str,
+    token: Option<String>,
+    timeout_secs: u64,
+) -> Result<Api, Failure> {
     // Whatever the URL's shape, user information (before the last '@' of the authority)
     // stays out of every message; an '@' in the path or query is not one.
     let start = url.find("://").map_or(0, |s| s + 3);
@@ -369,6 +386,7 @@ fn api(http: reqwest::Client, url: &str, token: Option<String>) -> Result<Api, F
         }
     }
     Ok(Api {
+        timeout_secs,
         http,
         url: url.to_string(),
         shown,
@@ -426,7 +444,10 @@ impl Api {
         let resp = req.send().await.map_err(|e| {
             if e.is_timeout() {
                 Failure(
-                    format!("{} did not answer within 30 s", self.shown),
+                    format!(
+                        "{} did not answer within {} s (--timeout); the outcome is unknown",
+                        self.shown, self.timeout_secs
+                    ),
                     Exit::Unavailable,
                 )
             } else {
@@ -732,11 +753,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     // Redirects are not followed: across schemes the token would be dropped (an exit 4 for
     // a good token), and a 301 or 302 turns a POST into a GET; the answer names the target.
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(cli.timeout))
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| failed(format!("http client: {e}")))?;
-    let api = api(http, &cli.url, cli.token.clone())?;
+    let api = api(http, &cli.url, cli.token.clone(), cli.timeout)?;
     let json_out = cli.json;
     let show = |v: &Value, human: fn(&Value)| {
         if json_out {
@@ -1124,9 +1145,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             idle_timeout,
         } => {
             let mut ws = api.websocket().await?;
-            for (i, c) in conferences.iter().enumerate() {
+            let subscribe = |i: usize, c: &str| {
                 let req = json!({"jsonrpc": "2.0", "method": "subscribe", "params": {"conference": c}, "id": i});
-                ws.send(Message::Text(req.to_string().into()))
+                Message::Text(req.to_string().into())
+            };
+            for (i, c) in conferences.iter().enumerate() {
+                ws.send(subscribe(i, c))
                     .await
                     .map_err(|e| unavailable(format!("send: {e}")))?;
                 // Subscribing to a conference nobody is in succeeds: a look at it tells the
@@ -1173,6 +1197,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     continue;
                 }
                 if let Some(e) = v.get("error") {
+                    // Many conferences at once pass the connection's rate (rpc.rate_limit,
+                    // burst rpc.burst): a subscription refused for it is asked again.
+                    let retry = v["id"].as_u64().and_then(|i| {
+                        let i = usize::try_from(i).ok()?;
+                        conferences.get(i).map(|c| (i, c))
+                    });
+                    if let (Some((i, c)), true) = (retry, e["code"] == -32008) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        ws.send(subscribe(i, c))
+                            .await
+                            .map_err(|e| unavailable(format!("send: {e}")))?;
+                        continue;
+                    }
                     return Err(rpc_failure(e));
                 }
                 if v["method"] == "event" {
