@@ -202,71 +202,157 @@ pub struct Request {
 /// Hands every command heard on the bus to its conference until the bus goes away.
 ///
 /// A command for a conference with no actor here, heard before the agent's first look at
-/// what Asterisk holds since its events WebSocket (re)connected, is held until that look:
-/// the conference may be one Asterisk still has, about to be adopted, and "not hosted"
-/// would tell the application it ended. Held commands go on in the order they came; one
-/// whose start deadline passes first is answered `timeout`, nothing done.
+/// what Asterisk holds since its events WebSocket (re)connected, is held: the conference may
+/// be one Asterisk still has, about to be adopted, and "not hosted" would tell the
+/// application it ended. It goes to the conference's actor as soon as the look makes one,
+/// behind any held before it for the same conference; commands for other conferences do not
+/// wait. Once the look is done, what is still held is answered as usual; one whose start
+/// deadline comes first is answered `timeout`, nothing done.
 pub async fn run(node: Arc<Node>, mut commands: mpsc::Receiver<Command>) {
-    let mut held: VecDeque<Request> = VecDeque::new();
+    let mut held = Held::default();
     loop {
         let changed = node.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if !held.is_empty() && node.reconciled() {
-            while let Some(req) = held.pop_front() {
-                hand_over(&node, req, false, &mut held);
-            }
-        }
-        while held.front().is_some_and(|r| r.pending.expired()) {
-            if let Some(req) = held.pop_front() {
-                let msg = "not carried out: the agent was still looking at what Asterisk holds after a (re)start when the command's time to start ran out; nothing was done";
-                req.pending
-                    .answer(&node, Err(BusError::new(ErrorCode::Timeout, msg)));
-            }
-        }
-        // Woken for the look, or to answer the oldest held command at its deadline.
-        let next_expiry = held
-            .front()
-            .map(|r| tokio::time::Instant::now() + r.pending.until_expired());
+        held.release(&node);
+        // Woken for the look, to try again where an actor may have come (the look makes
+        // them one by one), or to answer a held command at its deadline.
+        let wake = held
+            .next_expiry()
+            .map(|at| at.min(tokio::time::Instant::now() + HELD_RETRY));
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(cmd) => {
                     if let Some(req) = intake(&node, cmd) {
-                        hand_over(&node, req, true, &mut held);
+                        held.hand_over(&node, req);
                     }
                 }
                 None => break,
             },
             _ = &mut changed, if !held.is_empty() => {}
-            _ = tokio::time::sleep_until(next_expiry.unwrap_or_else(tokio::time::Instant::now)), if next_expiry.is_some() => {}
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
         }
     }
 }
 
-/// Gives `req` to its conference's actor; one for a conference not here is held (`hold`,
-/// before the first look at Asterisk, or behind others held) or answered "not hosted".
-fn hand_over(node: &Arc<Node>, req: Request, hold: bool, held: &mut VecDeque<Request>) {
-    // Behind held commands, in order, whatever this one's conference.
-    if hold && !held.is_empty() {
-        held.push_back(req);
-        return;
+/// How often held commands look for their conference's actor while the look goes on.
+const HELD_RETRY: Duration = Duration::from_millis(50);
+
+/// Most commands held at once; past it one is answered `timeout` at once, nothing done.
+const MAX_HELD: usize = 10_000;
+
+/// Commands held until the first look at Asterisk, by conference, each in arrival order.
+#[derive(Default)]
+struct Held {
+    by_conference: std::collections::HashMap<ConferenceName, VecDeque<Request>>,
+    count: usize,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.count == 0
     }
-    let spawn = matches!(req.op, Op::Dialout(_) | Op::End);
-    let conference = req.conference.clone();
-    if let Err(back) = node.deliver(&conference, Msg::Command(Box::new(req)), spawn) {
-        if let Msg::Command(req) = *back {
-            if hold && !node.reconciled() {
-                held.push_back(*req);
-                return;
+
+    /// The earliest start deadline among the held commands.
+    fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        self.by_conference
+            .values()
+            .filter_map(|q| q.iter().map(|r| r.pending.until_expired()).min())
+            .min()
+            .map(|d| tokio::time::Instant::now() + d)
+    }
+
+    /// Gives `req` to its conference's actor, or holds it (see [`run`]), or answers it.
+    fn hand_over(&mut self, node: &Arc<Node>, req: Request) {
+        if let Some(q) = self.by_conference.get_mut(&req.conference) {
+            // Behind the ones held for its conference.
+            if self.count >= MAX_HELD {
+                return refuse_held(node, req);
             }
-            let msg = format!(
-                "conference `{conference}` is not hosted on node {}",
-                node.id
-            );
-            req.pending
-                .answer(node, Err(BusError::new(ErrorCode::ConferenceNotFound, msg)));
+            q.push_back(req);
+            self.count += 1;
+            return;
+        }
+        let looked = node.reconciled();
+        // Before the look, an end does not make an actor: the conference may be one about
+        // to be adopted, not one placed here that no caller reached.
+        let spawn = match req.op {
+            Op::Dialout(_) => true,
+            Op::End => looked,
+            _ => false,
+        };
+        let conference = req.conference.clone();
+        if let Err(back) = node.deliver(&conference, Msg::Command(Box::new(req)), spawn) {
+            if let Msg::Command(req) = *back {
+                if !looked {
+                    if self.count >= MAX_HELD {
+                        return refuse_held(node, *req);
+                    }
+                    self.by_conference
+                        .entry(conference)
+                        .or_default()
+                        .push_back(*req);
+                    self.count += 1;
+                    return;
+                }
+                not_hosted(node, *req);
+            }
         }
     }
+
+    /// Hands held commands on where their conference's actor has come, or all of them once
+    /// the look is done; answers those past their start deadline.
+    fn release(&mut self, node: &Arc<Node>) {
+        if self.count == 0 {
+            return;
+        }
+        let looked = node.reconciled();
+        let names: Vec<ConferenceName> = self.by_conference.keys().cloned().collect();
+        for name in names {
+            let Some(mut q) = self.by_conference.remove(&name) else {
+                continue;
+            };
+            while let Some(req) = q.pop_front() {
+                if req.pending.expired() {
+                    self.count -= 1;
+                    refuse_held(node, req);
+                    continue;
+                }
+                let spawn = looked && matches!(req.op, Op::End);
+                match node.deliver(&name, Msg::Command(Box::new(req)), spawn) {
+                    Ok(()) => self.count -= 1,
+                    Err(back) => {
+                        let Msg::Command(req) = *back else { continue };
+                        if looked {
+                            self.count -= 1;
+                            not_hosted(node, *req);
+                        } else {
+                            q.push_front(*req);
+                            break;
+                        }
+                    }
+                }
+            }
+            if !q.is_empty() {
+                self.by_conference.insert(name, q);
+            }
+        }
+    }
+}
+
+fn not_hosted(node: &Arc<Node>, req: Request) {
+    let msg = format!(
+        "conference `{}` is not hosted on node {}",
+        req.conference, node.id
+    );
+    req.pending
+        .answer(node, Err(BusError::new(ErrorCode::ConferenceNotFound, msg)));
+}
+
+fn refuse_held(node: &Arc<Node>, req: Request) {
+    let msg = "not carried out: the agent was still looking at what Asterisk holds after a (re)start when the command's time to start ran out; nothing was done";
+    req.pending
+        .answer(node, Err(BusError::new(ErrorCode::Timeout, msg)));
 }
 
 /// Checks one command: answers it at once (bad parameters, `dialout.state`), or gives back

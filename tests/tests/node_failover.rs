@@ -1280,3 +1280,119 @@ async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption
         .unwrap_or_else(|| panic!("listed: {v}\n{}", s.node.output()));
     assert_eq!(participants.len(), 1, "{v}");
 }
+
+/// While a reconnected agent looks again at what Asterisk holds, a command held for a
+/// conference it has no actor for does not hold up commands for the conferences it hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_command_does_not_hold_up_commands_for_hosted_conferences() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
+    ])
+    .await;
+    let controller = confroute_tests::harness::ControllerProc::start(&fixtures::redis_env(&s.cfg))
+        .expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    let a = dial(&s.sim, "live", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    // "ghost" is claimed for the node but nothing of it is here.
+    let store = fixtures::store(&s.cfg);
+    store
+        .claim(&name("ghost"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    // The events WebSocket drops; the look after the reconnect waits for its channel list.
+    s.sim.hold_operation("GET /channels");
+    s.sim.drop_websockets();
+    wait_for_async("the look waiting for its channels", WAIT, || async {
+        (s.sim.held_requests("GET /channels") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let port = controller.http_port;
+    let ghost = tokio::spawn(async move {
+        let mut client = node_common::control::Client::connect(port).await;
+        client
+            .call(
+                "participant.list",
+                serde_json::json!({"conference": "ghost"}),
+            )
+            .await
+    });
+    // The ghost's command is at the agent, held, before the next one is sent.
+    wait_for_async("the ghost's command heard", WAIT, || async {
+        s.node.output().contains("command received").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}
+{}",
+            s.node.output()
+        )
+    });
+    let mut client = node_common::control::Client::connect(port).await;
+    let listed = client
+        .ok(
+            "participant.list",
+            serde_json::json!({"conference": "live"}),
+        )
+        .await;
+    assert_eq!(
+        listed["participants"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert!(
+        !ghost.is_finished(),
+        "the ghost's command waits for the look"
+    );
+    s.sim.release_operation("GET /channels");
+    let v = tokio::time::timeout(WAIT, ghost)
+        .await
+        .expect("answered")
+        .expect("client task");
+    assert_eq!(v["error"]["code"], -32001, "not hosted once looked: {v}");
+}
+
+/// `conference.end` heard before a restarted agent's first look ends the conference once
+/// it is adopted: before, it made an empty actor that found the claim counted and answered
+/// "not hosted", and the callers stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_before_the_restarted_agents_first_look_ends_the_adopted_conference() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
+    ])
+    .await;
+    let controller = confroute_tests::harness::ControllerProc::start(&fixtures::redis_env(&s.cfg))
+        .expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    let a = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.restart_with_channel_listing_held().await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let port = controller.http_port;
+    let ended = tokio::spawn(async move {
+        let mut client = node_common::control::Client::connect(port).await;
+        client
+            .call("conference.end", serde_json::json!({"conference": "kept"}))
+            .await
+    });
+    s.node
+        .wait_log("command received", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("GET /channels");
+    let v = tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("answered")
+        .expect("client task");
+    assert!(v.get("result").is_some(), "ended: {v}\n{}", s.node.output());
+    wait_hangup(&s.sim, &a).await;
+}

@@ -110,6 +110,8 @@ struct Inner {
     connect_budget: Duration,
     response_timeout: Duration,
     is_cluster: bool,
+    /// Whether a Cluster client sends a request again by itself (see [`Retries`]).
+    retries: Retries,
     cluster_seeds: Vec<redis::ConnectionInfo>,
     /// `redis.tls_*` files, for clients opened later (a Cluster's pub/sub primaries).
     certs: RwLock<Option<redis::TlsCertificates>>,
@@ -216,13 +218,25 @@ fn connect_budget(cfg: &RedisConfig) -> Duration {
     }
 }
 
+/// Whether a Redis Cluster client sends a request again by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Retries {
+    /// It follows MOVED and ASK (a slot migration), and sends again after its connection
+    /// failed: for requests that may run twice (reads, and scripts that check before they
+    /// write).
+    Client,
+    /// Never: for a call-control command's PUBLISH, which Redis may have run when only its
+    /// answer was lost, and which a node would carry out twice (PUBLISH gets no MOVED).
+    None,
+}
+
 impl Connector {
     /// Prepares a connector; no connection is opened until the first request.
-    pub(crate) fn new(cfg: &RedisConfig) -> Result<Self, StoreError> {
+    pub(crate) fn new(cfg: &RedisConfig, retries: Retries) -> Result<Self, StoreError> {
         let is_cluster = matches!(cfg.target(), RedisTarget::Cluster(_));
         let files = tls_files(cfg)?;
         let certs = files.as_ref().map(certificates);
-        let (source, cluster_seeds) = build(cfg, certs.as_ref())?;
+        let (source, cluster_seeds) = build(cfg, certs.as_ref(), retries)?;
         Ok(Connector {
             inner: Arc::new(Inner {
                 source: RwLock::new(Arc::new(source)),
@@ -233,6 +247,7 @@ impl Connector {
                 connect_budget: connect_budget(cfg),
                 response_timeout: cfg.timeout,
                 is_cluster,
+                retries,
                 cluster_seeds,
                 certs: RwLock::new(certs),
                 tls_reload: files.map(|f| (cfg.clone(), std::sync::Mutex::new(f))),
@@ -250,7 +265,7 @@ impl Connector {
                     let changed = built_from.lock().map(|f| *f != now).unwrap_or(false);
                     if changed {
                         let certs = certificates(&now);
-                        match build(cfg, Some(&certs)) {
+                        match build(cfg, Some(&certs), self.inner.retries) {
                             Ok((source, _)) => {
                                 tracing::info!("Redis TLS files changed; new connections use them");
                                 if let Ok(mut s) = self.inner.source.write() {
@@ -305,6 +320,7 @@ fn with_credentials(info: redis::ConnectionInfo, cfg: &RedisConfig) -> redis::Co
 fn build(
     cfg: &RedisConfig,
     certs: Option<&redis::TlsCertificates>,
+    retries: Retries,
 ) -> Result<(Source, Vec<redis::ConnectionInfo>), StoreError> {
     let mut cluster_seeds = Vec::new();
     let source = match cfg.target() {
@@ -388,14 +404,12 @@ fn build(
                 info = with_credentials(info, cfg);
                 cluster_seeds.push(info);
             }
-            // No retries inside the client: it sends a request again after its connection
-            // failed, though Redis may have run it and only the answer was lost, and a
-            // command published twice is carried out twice (two dial-outs). The store
-            // decides, knowing whether a request may have been sent (`Sent`).
             let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
                 .connection_timeout(cfg.connect_timeout)
-                .response_timeout(cfg.timeout)
-                .retries(0);
+                .response_timeout(cfg.timeout);
+            if retries == Retries::None {
+                builder = builder.retries(0);
+            }
             if let Some(user) = &cfg.username {
                 builder = builder.username(user);
             }
@@ -792,7 +806,7 @@ impl ConnectorPool {
     pub(crate) fn new(cfg: &RedisConfig, size: usize) -> Result<Self, StoreError> {
         let size = size.max(1);
         let connectors = (0..size)
-            .map(|_| Connector::new(cfg))
+            .map(|_| Connector::new(cfg, Retries::Client))
             .collect::<Result<Vec<_>, _>>()?;
         // Taken from the end: the connection used last (already open) is lent first.
         let free = (0..size).rev().collect();

@@ -235,6 +235,9 @@ const REPLICATED_CONNECTIONS: usize = 32;
 #[derive(Clone)]
 pub struct Store {
     conn: Connector,
+    /// On a Cluster, the connection for call-control commands' PUBLISH (see
+    /// [`conn::Retries::None`]); elsewhere `conn` serves, whose client never resends.
+    unsure: Option<Connector>,
     /// Claims that WAIT for replicas run here, each on a connection of its own: Redis holds
     /// a client's later commands until its WAIT returns, so on a shared connection a lagging
     /// replica would stall every lookup, readiness probe and claim queued behind a claim.
@@ -254,7 +257,15 @@ impl Store {
     /// Prepares a store for `cfg`; connects lazily, so it succeeds while Redis is down.
     pub fn new(cfg: &RedisConfig, metrics: StoreMetrics) -> Result<Self, StoreError> {
         Ok(Store {
-            conn: Connector::new(cfg)?,
+            conn: Connector::new(cfg, conn::Retries::Client)?,
+            // A command published twice is carried out twice (two dial-outs): its PUBLISH
+            // gets a Cluster client that never sends it again by itself.
+            unsure: match cfg.target() {
+                crate::config::RedisTarget::Cluster(_) => {
+                    Some(Connector::new(cfg, conn::Retries::None)?)
+                }
+                _ => None,
+            },
             replicated: if cfg.wait_replicas > 0 {
                 Some(std::sync::Arc::new(conn::ConnectorPool::new(
                     cfg,
@@ -509,7 +520,8 @@ impl Store {
         payload: &[u8],
     ) -> Result<u64, (StoreError, bool)> {
         let channel = format!("{}{channel}", self.prefix);
-        self.exchange(&self.conn, "publish", |mut c| async move {
+        let connector = self.unsure.as_ref().unwrap_or(&self.conn);
+        self.exchange(connector, "publish", |mut c| async move {
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(payload)
