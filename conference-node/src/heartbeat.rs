@@ -247,6 +247,8 @@ async fn first_registration(node: &Arc<Node>) -> bool {
                 node.id_unchecked.store(false, Ordering::SeqCst);
                 if let (NodeState::Draining, since) = crate::app::inherited(last.as_ref()) {
                     if node.state() == NodeState::Serving {
+                        // The drain's deadline counts on Redis's clock.
+                        node.measure_redis_clock().await;
                         tracing::info!("the node record says draining (an admin drained it): resuming the drain");
                         match since {
                             Some(since) => lifecycle::resume_drain(node, since).await,

@@ -278,6 +278,16 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
         }
     }
     if shutdown {
+        if empty {
+            // Nothing is admitted once shutting down; a first caller admitted after the
+            // drain found the node empty, before that, is ended rather than left running.
+            node.set_state_local(NodeState::ShuttingDown);
+            if !node.idle() {
+                tracing::warn!("a conference began after the drain found the node empty; ending it");
+                end_all(&node, "shutdown");
+                wait_empty(&node, Instant::now() + TEARDOWN_GRACE).await;
+            }
+        }
         finish_shutdown(&node, false).await;
     } else {
         tracing::info!("drained: no conference left; the node stays drained until undrained");
@@ -292,13 +302,6 @@ const HURRIED_SEND: Duration = Duration::from_secs(5);
 /// signal bounds the wait for the last callbacks by [`HURRIED_SEND`].
 pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     node.set_state_local(NodeState::ShuttingDown);
-    // A first caller admitted after the drain found the node empty, before the state above:
-    // nothing is admitted from here on, and what came in is ended rather than left running.
-    if !node.idle() {
-        tracing::warn!("conferences still here as the node stops (a first caller admitted after the drain found the node empty, or a teardown past its grace); ending them");
-        end_all(node, "shutdown");
-        wait_empty(node, Instant::now() + TEARDOWN_GRACE).await;
-    }
     node.write_state().await;
     // The last conferences' callbacks (their leave and end events) were queued as they
     // ended: they get a bounded time to go out while the node is still registered (a

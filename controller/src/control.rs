@@ -194,6 +194,10 @@ pub struct Dialout {
     pub node: NodeId,
 }
 
+/// Least of a command's timeout worth sending it with: with less, the node could not hear
+/// it and answer in time, and the sender could only report the outcome unknown.
+const MIN_SEND: Duration = Duration::from_millis(50);
+
 /// Call control over the bus.
 #[derive(Clone)]
 pub struct Control {
@@ -278,7 +282,7 @@ impl Control {
     /// command's arrival, and the node acts on it no later). None left: it is not sent.
     fn left(&self, started: Instant) -> Result<Duration, ControlError> {
         let left = self.timeout.saturating_sub(started.elapsed());
-        if left.is_zero() {
+        if left < MIN_SEND {
             return Err(ControlError::code(
                 ErrorCode::Timeout,
                 format!(
@@ -459,8 +463,10 @@ impl Control {
         }
         // One deadline for the whole move, as for any command: the participant check, the
         // target's homing and the move itself share `rpc.command_timeout`.
+        let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.timeout;
         let node = self.owner(&conference).await?;
+        let first = self.left(started)?;
         // Homing the target claims it: a move refused for its participant would have changed
         // state (a claim given back leaves the name's next life a higher epoch), so the
         // participant is looked for first. One that leaves meanwhile is still refused by
@@ -471,7 +477,7 @@ impl Control {
                 &node,
                 "participant.list",
                 json!({"conference": conference}),
-                deadline.saturating_duration_since(tokio::time::Instant::now()),
+                first,
                 false,
             )
             .await
@@ -492,7 +498,7 @@ impl Control {
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         // Too little left for the node to hear the move and answer: not sent at all.
-        let (reply, sent) = if left < Duration::from_millis(50) {
+        let (reply, sent) = if left < MIN_SEND {
             let e = BusError::new(
                 ErrorCode::Timeout,
                 format!(
@@ -580,6 +586,7 @@ impl Control {
             || matches!(
                 why.code,
                 ErrorCode::InvalidParams
+                    | ErrorCode::Unavailable
                     | ErrorCode::InvalidNumber
                     | ErrorCode::ParticipantNotFound
                     | ErrorCode::ConferenceNotFound
