@@ -283,7 +283,9 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
             // drain found the node empty, before that, is ended rather than left running.
             node.set_state_local(NodeState::ShuttingDown);
             if !node.idle() {
-                tracing::warn!("a conference began after the drain found the node empty; ending it");
+                tracing::warn!(
+                    "a conference began after the drain found the node empty; ending it"
+                );
                 end_all(&node, "shutdown");
                 wait_empty(&node, Instant::now() + TEARDOWN_GRACE).await;
             }

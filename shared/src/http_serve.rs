@@ -108,9 +108,15 @@ pub async fn serve(
                 let upgraded = upgraded.clone();
                 let conn_state = conn_state.clone();
                 async move {
-                    let answer = answer.await;
+                    let mut answer = answer.await;
                     conn_state.end();
-                    if let Ok(r) = &answer {
+                    if let Ok(r) = &mut answer {
+                        // The router names a path's methods on any answer to a wrong one,
+                        // a refusal for want of the token too: without the token, which
+                        // routes exist is not told.
+                        if r.status() == axum::http::StatusCode::UNAUTHORIZED {
+                            r.headers_mut().remove(axum::http::header::ALLOW);
+                        }
                         if r.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
                             upgraded.store(true, Ordering::SeqCst);
                         }

@@ -785,6 +785,20 @@ async fn token_guards_every_v1_route_but_not_health_or_metrics() {
         404,
         "route_not_found",
     );
+    // Nor by the methods a known path takes: a wrong method without the token is a plain
+    // 401, without the `Allow` its 405 has with the token.
+    for (m, path) in [(Method::GET, "/v1/route"), (Method::POST, "/v1/nodes/x")] {
+        let a = call(&s, m.clone(), path, None, None).await;
+        assert_error(&a, 401, "unauthorized");
+        assert!(
+            !a.headers.contains_key("allow"),
+            "{m} {path}: {:?}",
+            a.headers
+        );
+        let a = call(&s, m.clone(), path, None, Some(TOKEN)).await;
+        assert_error(&a, 405, "method_not_allowed");
+        assert!(a.headers.contains_key("allow"), "{m} {path}");
+    }
     for path in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
             call(&s, Method::GET, path, None, None).await.status,
@@ -1218,4 +1232,32 @@ fn controller_with(key: &str, value: &str) -> (RedisServer, ControllerProc) {
     env.push((key.into(), value.into()));
     let controller = ControllerProc::start(&env).expect("controller");
     (redis, controller)
+}
+
+/// The WebSocket upgrade takes no query, as no `/v1` route without parameters does (a
+/// `?token=` would otherwise be silently ignored); a wrong method is 405 whatever body it
+/// announces, not 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_refuses_a_query_and_a_wrong_method_is_405_before_413() {
+    let s = setup(None).await;
+    let upgrade = |target: &str| {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    let head = head_only(&s, &upgrade("/v1/rpc?token=abc")).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let head = head_only(&s, &upgrade("/v1/rpc")).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let head = head_only(
+        &s,
+        "PUT /v1/route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nallow: post"),
+        "{head}"
+    );
 }

@@ -49,6 +49,18 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         (status, body["error"]["code"].clone()),
         (401, "unauthorized".into())
     );
+    // A wrong method without the token says nothing of the methods the path takes.
+    let wrong = fixtures::http()
+        .get(format!("{base}/v1/drain"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert!(
+        wrong.headers().get("allow").is_none(),
+        "{:?}",
+        wrong.headers()
+    );
     // The scheme is case-insensitive (RFC 9110 §11.1), as on the controller.
     let lower = fixtures::http()
         .get(format!("{base}/v1/conferences"))

@@ -157,6 +157,16 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Whether route `template` takes `method` (HEAD wherever GET).
+fn takes(template: &str, method: &axum::http::Method) -> bool {
+    let method = if method == axum::http::Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    ROUTES.iter().any(|(m, p)| *p == template && *m == method)
+}
+
 /// True when `given` is the `Authorization` value the configured token asks for; compared in
 /// constant time.
 fn authorized(token: &Secret, given: Option<&header::HeaderValue>) -> bool {
@@ -189,7 +199,10 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             .into_response()
         }
         // Past the router's own 404 and 405, which need no body.
-        _ if route.is_some() && announced.is_some_and(|n| n > state.max_body as u64) => {
+        _ if route.is_some()
+            && takes(template, req.method())
+            && announced.is_some_and(|n| n > state.max_body as u64) =>
+        {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",

@@ -67,8 +67,12 @@ impl From<ControlError> for ApiError {
 /// `GET /v1/rpc`: upgrades to the JSON-RPC WebSocket.
 pub async fn rpc(
     State(state): State<ApiState>,
+    q: Result<super::input::NoQuery, ApiError>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    if let Err(e) = q {
+        return e.into_response();
+    }
     let ws = match ws {
         Ok(ws) => ws,
         // RFC 6455 §4.2.2: a version this server does not speak is answered with the one it
