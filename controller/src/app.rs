@@ -37,6 +37,8 @@ pub struct Controller {
     rpc_stop: tokio::sync::watch::Sender<bool>,
     rpc_connections: Arc<tokio::sync::Semaphore>,
     rpc_max_connections: usize,
+    /// How long HTTP requests in flight may take at a stop: the longest a request runs.
+    http_grace: Duration,
 }
 
 /// Binds every socket and starts serving.
@@ -191,6 +193,10 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         rpc_stop,
         rpc_connections,
         rpc_max_connections: cfg.rpc.max_connections,
+        // A call-control request homes its conference (up to routing.deadline) and then
+        // waits for its node (rpc.command_timeout): cut short, a dial-out's client would
+        // see its connection drop, and a refused dial-out's home would not be given back.
+        http_grace: cfg.rpc.command_timeout + cfg.routing.deadline + Duration::from_secs(1),
     })
 }
 
@@ -216,7 +222,7 @@ impl Controller {
             let _ = tx.send(());
         }
         if let Some(t) = self.http_task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            let _ = tokio::time::timeout(self.http_grace, t).await;
         }
         // Call-control clients are told the controller is going (close 1001) rather than
         // seeing their connections drop as in a crash; answers on their way get a moment first.

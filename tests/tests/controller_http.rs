@@ -1261,3 +1261,52 @@ async fn the_upgrade_refuses_a_query_and_a_wrong_method_is_405_before_413() {
         "{head}"
     );
 }
+
+/// A stop lets a call-control request in flight run its course (up to its
+/// `rpc.command_timeout`): its client gets the answer, here 503 from a node that never
+/// answered, rather than a connection dropped a few seconds into the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_a_call_control_request_in_flight_finish() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    store
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    store
+        .claim(&"held-up".parse().expect("name"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    // node-a hears commands and answers none.
+    let (_node, mut commands) =
+        confroute_shared::bus::Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_RPC__COMMAND_TIMEOUT".into(), "7s".into()));
+    let mut controller = ControllerProc::start(&env).expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    let url = format!(
+        "{}/v1/conferences/held-up/participants/p1/mute",
+        controller.http_url()
+    );
+    let request = tokio::spawn(async move { fixtures::http().post(url).send().await });
+    tokio::time::timeout(Duration::from_secs(10), commands.recv())
+        .await
+        .expect("the node hears the command")
+        .expect("bus open");
+    controller.process().signal(libc::SIGTERM).expect("sigterm");
+    let answer = tokio::time::timeout(Duration::from_secs(20), request)
+        .await
+        .expect("the request ends")
+        .expect("request task")
+        .expect("an answer, not a dropped connection");
+    assert_eq!(answer.status().as_u16(), 503);
+    let body: Value = answer.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "node_unavailable", "{body}");
+    controller
+        .process()
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits");
+}
