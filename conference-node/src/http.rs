@@ -74,8 +74,13 @@ pub fn app(node: Arc<Node>) -> Router {
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // No route takes a body but `{}`: nothing larger is read.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(node)
 }
+
+/// Most of a request body read; the routes take none, or `{}` (which clients send by habit).
+const MAX_BODY: usize = 1024;
 
 async fn not_found(State(node): State<Arc<Node>>, req: Request) -> Response {
     // Which /v1 routes exist is not told without the token.
@@ -223,7 +228,15 @@ fn no_query(query: Option<&str>) -> Result<(), ApiError> {
 /// Refuses a body on a route that takes none (an empty one, or `{}` as HTTP clients send by
 /// habit, is none): settings the client put there would otherwise be ignored.
 fn no_body(body: Result<Bytes, BytesRejection>) -> Result<(), ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
+    let body = body.map_err(|e| match e.status() {
+        // Past the limit: as any other body, one this route does not take.
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "this route takes no body: send none, or {}",
+        ),
+        status => ApiError::new(status, "invalid_body", e.body_text()),
+    })?;
     if confroute_shared::http_serve::says_nothing(&body) {
         Ok(())
     } else {

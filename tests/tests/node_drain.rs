@@ -503,10 +503,33 @@ async fn a_drain_for_a_stop_ends_in_an_exit_and_does_not_outlive_the_agent() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_query", "{body}");
     // And routes that take no body refuse one other than `{}`.
+    // A body past what any route reads is refused as any other, without waiting for the rest.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.node.http_port))
+            .await
+            .expect("connect");
+        tcp.write_all(b"POST /v1/drain HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n")
+            .await
+            .expect("write");
+        // A first part of it: more than any route reads.
+        tcp.write_all(&[b'x'; 2048]).await.expect("write");
+        let mut head = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut head))
+            .await
+            .expect("an answer before the body")
+            .expect("read");
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+        assert!(head.contains("invalid_body"), "{head}");
+    }
+    let big = "x".repeat(4096);
     for (url, body) in [
         (&drain, "{\"deadline\":\"5s\"}"),
         (&drain, "[1"),
         (&format!("{}/v1/undrain", s.node.http_url()), "x"),
+        // Past what any route reads: the same refusal, not a 413.
+        (&drain, big.as_str()),
     ] {
         let r = fixtures::http()
             .post(url.as_str())
