@@ -1234,12 +1234,9 @@ async fn count_versions_stay_above_those_an_earlier_life_left() {
     );
 }
 
-/// A command for a conference Asterisk still holds, reaching a restarted agent before it has
-/// looked at what Asterisk holds, waits for that look and is carried out: answered "not
-/// hosted" it would tell the application the conference had ended.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption() {
-    let mut s = Single::start(&[
+/// An agent that logs each command it hears, and a controller to send them through.
+async fn agent_with_a_controller() -> (Single, confroute_tests::harness::ControllerProc) {
+    let s = Single::start(&[
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
         // Says when a command is heard.
         ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
@@ -1250,6 +1247,15 @@ async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption
     fixtures::wait_ready(&controller.http_url())
         .await
         .expect("controller ready");
+    (s, controller)
+}
+
+/// A command for a conference Asterisk still holds, reaching a restarted agent before it has
+/// looked at what Asterisk holds, waits for that look and is carried out: answered "not
+/// hosted" it would tell the application the conference had ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption() {
+    let (mut s, controller) = agent_with_a_controller().await;
     let a = dial(&s.sim, "kept", &[]).await;
     wait_bridged(&s.sim, &a).await;
     s.restart_with_channel_listing_held().await;
@@ -1285,16 +1291,7 @@ async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption
 /// conference it has no actor for does not hold up commands for the conferences it hosts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_command_does_not_hold_up_commands_for_hosted_conferences() {
-    let s = Single::start(&[
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-        ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
-    ])
-    .await;
-    let controller = confroute_tests::harness::ControllerProc::start(&fixtures::redis_env(&s.cfg))
-        .expect("controller");
-    fixtures::wait_ready(&controller.http_url())
-        .await
-        .expect("controller ready");
+    let (s, controller) = agent_with_a_controller().await;
     let a = dial(&s.sim, "live", &[]).await;
     wait_bridged(&s.sim, &a).await;
     // "ghost" is claimed for the node but nothing of it is here.
@@ -1362,16 +1359,7 @@ async fn a_held_command_does_not_hold_up_commands_for_hosted_conferences() {
 /// "not hosted", and the callers stayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_before_the_restarted_agents_first_look_ends_the_adopted_conference() {
-    let mut s = Single::start(&[
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-        ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
-    ])
-    .await;
-    let controller = confroute_tests::harness::ControllerProc::start(&fixtures::redis_env(&s.cfg))
-        .expect("controller");
-    fixtures::wait_ready(&controller.http_url())
-        .await
-        .expect("controller ready");
+    let (mut s, controller) = agent_with_a_controller().await;
     let a = dial(&s.sim, "kept", &[]).await;
     wait_bridged(&s.sim, &a).await;
     s.restart_with_channel_listing_held().await;
