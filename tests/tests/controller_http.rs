@@ -857,21 +857,14 @@ async fn documented_routes_are_served_and_metrics_pass_promtool() {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")));
     let promtool = require_tool("promtool", "prometheus").expect("promtool");
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(metrics.text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool finishes");
+    let mut check = std::process::Command::new(promtool);
+    check.args(["check", "metrics"]);
+    let out = confroute_tests::harness::run_with_input(
+        check,
+        metrics.text.as_bytes(),
+        Duration::from_secs(30),
+    )
+    .expect("promtool finishes");
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
         "promtool check metrics:\n{}{}",

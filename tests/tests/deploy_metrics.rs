@@ -10,9 +10,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::net::UdpSocket;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -372,20 +371,14 @@ async fn binaries_export_every_metric_the_dashboard_and_alerts_use() {
     };
 
     for (url, body) in &scraped {
-        let mut child = Command::new(&promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(body.as_bytes())
-            .expect("write metrics");
-        let out = child.wait_with_output().expect("promtool output");
+        let mut check = Command::new(&promtool);
+        check.args(["check", "metrics"]);
+        let out = confroute_tests::harness::run_with_input(
+            check,
+            body.as_bytes(),
+            Duration::from_secs(30),
+        )
+        .expect("promtool output");
         assert!(
             out.status.success() && text(&out).trim().is_empty(),
             "promtool check metrics on {url}/metrics:\n{}",

@@ -25,7 +25,7 @@ pub use controller::ControllerProc;
 pub use dark::DarkPort;
 pub use kamailio::{kamailio_example_config, KamailioOptions, KamailioProc};
 pub use node::NodeProc;
-pub use process::Proc;
+pub use process::{run_with_input, Proc};
 pub use proxy::TcpProxy;
 pub use sipp::{run_sipp, scenario, SippRun, SippTransport};
 

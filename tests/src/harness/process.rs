@@ -149,3 +149,61 @@ fn all_threads_stopped(pid: u32) -> bool {
         matches!(state, Some("T" | "t" | "Z" | "X"))
     })
 }
+
+/// Runs `cmd` to its end with `input` on its standard input, its output collected; killed
+/// (and an error) if it has not ended within `within`, so a tool that hangs fails the test
+/// rather than hanging it, and none is left running.
+pub fn run_with_input(
+    mut cmd: Command,
+    input: &[u8],
+    within: std::time::Duration,
+) -> HarnessResult<std::process::Output> {
+    use std::io::{Read, Write};
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| HarnessError(format!("cannot start {cmd:?}: {e}")))?;
+    let mut stdin = child.stdin.take();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        if let Some(s) = stdin.as_mut() {
+            let _ = s.write_all(&input);
+        }
+    });
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = r.read_to_end(&mut out);
+            out
+        })
+    };
+    let stdout = child.stdout.take().map(|s| read(Box::new(s)));
+    let stderr = child.stderr.take().map(|s| read(Box::new(s)));
+    let deadline = std::time::Instant::now() + within;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HarnessError(format!(
+                    "{cmd:?} did not end within {within:?}; killed"
+                )));
+            }
+        }
+    };
+    let _ = writer.join();
+    let collect = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+        h.and_then(|h| h.join().ok()).unwrap_or_default()
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    })
+}
