@@ -274,13 +274,7 @@ impl Held {
             return;
         }
         let looked = node.reconciled();
-        // Before the look, an end does not make an actor: the conference may be one about
-        // to be adopted, not one placed here that no caller reached.
-        let spawn = match req.op {
-            Op::Dialout(_) => true,
-            Op::End => looked,
-            _ => false,
-        };
+        let spawn = spawns(&req.op, looked);
         let conference = req.conference.clone();
         if let Err(back) = node.deliver(&conference, Msg::Command(Box::new(req)), spawn) {
             if let Msg::Command(req) = *back {
@@ -318,7 +312,7 @@ impl Held {
                     refuse_held(node, req);
                     continue;
                 }
-                let spawn = looked && matches!(req.op, Op::End);
+                let spawn = spawns(&req.op, looked);
                 match node.deliver(&name, Msg::Command(Box::new(req)), spawn) {
                     Ok(()) => self.count -= 1,
                     Err(back) => {
@@ -337,6 +331,17 @@ impl Held {
                 self.by_conference.insert(name, q);
             }
         }
+    }
+}
+
+/// Whether `op` may start its conference's actor: a dial-out brings its conference; an end
+/// of one placed here that no caller reached (its actor gives the claim back), but only once
+/// the look is done: before, the conference may be one about to be adopted.
+fn spawns(op: &Op, looked: bool) -> bool {
+    match op {
+        Op::Dialout(_) => true,
+        Op::End => looked,
+        _ => false,
     }
 }
 

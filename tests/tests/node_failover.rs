@@ -1236,12 +1236,13 @@ async fn count_versions_stay_above_those_an_earlier_life_left() {
 
 /// An agent that logs each command it hears, and a controller to send them through.
 async fn agent_with_a_controller() -> (Single, confroute_tests::harness::ControllerProc) {
-    let s = Single::start(&[
+    let mut settings = vec![
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
         // Says when a command is heard.
         ("CONFROUTE_LOG__LEVEL", "confroute_node::control=debug,info"),
-    ])
-    .await;
+    ];
+    settings.extend_from_slice(node_common::control::DIALOUT_ENV);
+    let s = Single::start(&settings).await;
     let controller = confroute_tests::harness::ControllerProc::start(&fixtures::redis_env(&s.cfg))
         .expect("controller");
     fixtures::wait_ready(&controller.http_url())
@@ -1383,4 +1384,65 @@ async fn an_end_before_the_restarted_agents_first_look_ends_the_adopted_conferen
         .expect("client task");
     assert!(v.get("result").is_some(), "ended: {v}\n{}", s.node.output());
     wait_hangup(&s.sim, &a).await;
+}
+
+/// A dial-out held behind another command for its conference before the first look still
+/// brings its conference once the look is done (the other, for a conference with nothing
+/// here, is answered not hosted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialout_held_behind_another_command_still_starts_its_conference() {
+    let (mut s, controller) = agent_with_a_controller().await;
+    let store = fixtures::store(&s.cfg);
+    store
+        .claim(&name("placed"), &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    s.restart_with_channel_listing_held().await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let port = controller.http_port;
+    let listed = tokio::spawn(async move {
+        let mut client = node_common::control::Client::connect(port).await;
+        client
+            .call(
+                "participant.list",
+                serde_json::json!({"conference": "placed"}),
+            )
+            .await
+    });
+    wait_for_async("the list heard", WAIT, || async {
+        s.node.output().contains("command received").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let dialed = tokio::spawn(async move {
+        let mut client = node_common::control::Client::connect(port).await;
+        client
+            .call(
+                "dialout",
+                serde_json::json!({"conference": "placed", "to": "+15555550123"}),
+            )
+            .await
+    });
+    wait_for_async("the dial-out heard", WAIT, || async {
+        (s.node.output().matches("command received").count() >= 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("GET /channels");
+    let list = tokio::time::timeout(WAIT, listed)
+        .await
+        .expect("answered")
+        .expect("client task");
+    assert_eq!(list["error"]["code"], -32001, "{list}");
+    let dial = tokio::time::timeout(WAIT, dialed)
+        .await
+        .expect("answered")
+        .expect("client task");
+    assert!(
+        dial["result"]["callid"].is_string(),
+        "{dial}\n{}",
+        s.node.output()
+    );
 }
