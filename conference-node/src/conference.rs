@@ -641,15 +641,9 @@ impl Conference {
     }
 
     /// Starts the conference's life on this node with the settings of `opts`; `sid` is the
-    /// ConferenceSid of an adopted conference's callbacks (a new one otherwise).
-    fn activate(&mut self, epoch: u64, opts: &Options, sid: Option<String>) {
-        self.activate_quietly(epoch, opts, sid);
-        // Visible (to drain and the heartbeat) from now on, before its first caller is in.
-        self.publish();
-    }
-
-    /// [`Self::activate`] without showing the conference to the heartbeat yet: an adopted
-    /// conference is shown once its callers are in, so no heartbeat writes it empty.
+    /// ConferenceSid of an adopted conference's callbacks (a new one otherwise). Not shown to
+    /// the heartbeat yet: the caller publishes once the callers of an adopted conference are
+    /// in, so no heartbeat writes it empty.
     fn activate_quietly(&mut self, epoch: u64, opts: &Options, sid: Option<String>) {
         let (main, holding) = bridge_ids(&self.name, epoch, rand::random());
         self.phase = Phase::Active;
@@ -732,8 +726,19 @@ impl Conference {
             }
             Fence::Owned(epoch) => match self.phase {
                 Phase::Idle => {
-                    self.activate(epoch, opts, None);
-                    self.find_bridges().await;
+                    // Shown to the heartbeat only with the callers a restart left in its
+                    // bridges adopted: shown empty first, a heartbeat would write it empty,
+                    // and a draining node's conference could be placed elsewhere.
+                    self.activate_quietly(epoch, opts, None);
+                    if let Err(e) = self.find_bridges().await {
+                        // A new bridge beside the one still holding the callers would split
+                        // the conference: the newcomer is refused for now.
+                        self.phase = Phase::Idle;
+                        return Err(Refusal::Unavailable(format!(
+                            "cannot look for bridges left from before a restart: {e}"
+                        )));
+                    }
+                    self.publish();
                 }
                 // A Lost conference may win its claim back at the epoch it had (epochs
                 // restart at 1 once a claim is released): only Active claims are renewed.
@@ -1133,15 +1138,15 @@ impl Conference {
     /// bridges of this conference made before an agent restart: the newcomer joins those,
     /// with the callers still in them, not a new lifetime's, so the conference stays in one
     /// mix.
-    async fn find_bridges(&mut self) {
+    async fn find_bridges(&mut self) -> Result<(), AriError> {
         if self.node.reconciled() {
-            return;
+            return Ok(());
         }
         let bridges = match self.node.ari.list_bridges().await {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(conference = %self.name, error = %e, "cannot look for bridges left from before a restart");
-                return;
+                tracing::warn!(conference = %self.name, error = %e, "cannot look for bridges left from before a restart; refusing the newcomer for now");
+                return Err(e);
             }
         };
         let (mut mains, mut holdings) = (Vec::new(), Vec::new());
@@ -1189,6 +1194,7 @@ impl Conference {
             self.finish_cut_short_start().await;
         }
         self.publish();
+        Ok(())
     }
 
     async fn create_main(&mut self) -> Result<(), AriError> {

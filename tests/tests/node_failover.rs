@@ -1446,3 +1446,36 @@ async fn a_dialout_held_behind_another_command_still_starts_its_conference() {
         s.node.output()
     );
 }
+
+/// A newcomer reaching a restarted agent before its first look, whose own look for the
+/// bridges a restart left fails (Asterisk slow past `ari.request_timeout`), is refused for
+/// now (the edge may retry) rather than given a new bridge beside the callers' one: two
+/// mixes of one conference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_whose_look_for_old_bridges_fails_is_refused_not_split_off() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "1s"),
+    ])
+    .await;
+    let a = dial(&s.sim, "split", &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    s.restart_with_channel_listing_held().await;
+    s.sim.hold_operation("GET /bridges");
+    let c = dial(&s.sim, "split", &[]).await;
+    assert_eq!(
+        wait_hangup(&s.sim, &c).await,
+        34,
+        "refused for now\n{}",
+        s.node.output()
+    );
+    s.sim.release_operation("GET /bridges");
+    s.sim.release_operation("GET /channels");
+    let snap = s.sim.snapshot();
+    assert_eq!(snap.bridges.len(), 1, "one mix: {:?}", snap.bridges);
+    assert_eq!(
+        snap.channel(&a).and_then(|ch| ch.bridge.clone()),
+        Some(bridge),
+        "the caller stays in its bridge"
+    );
+}
