@@ -2288,17 +2288,26 @@ impl Conference {
             // ARI not yet reported up), while its callers are here: the reclaiming heartbeat
             // claims it back at its bridge's epoch, as for any hosted conference whose claim
             // went missing. Left unclaimed, the next caller would give it a second home.
+            // The life its bridges were made in.
+            let bridge_epoch = main
+                .iter()
+                .chain(holding.iter())
+                .find_map(|b| parse_bridge_id(&b.id))
+                .map(|(_, epoch, _)| epoch);
             let reclaim_at = match fence {
-                Fence::NotServing => main
-                    .iter()
-                    .chain(holding.iter())
-                    .find_map(|b| parse_bridge_id(&b.id))
-                    .map(|(_, epoch, _)| epoch),
+                Fence::NotServing => bridge_epoch,
                 _ => None,
             };
-            let kept = self.kept_settings().await;
+            // Settings and numbering are the current owner's: those of a conference re-homed
+            // elsewhere meanwhile (its settings, its ConferenceSid) are not this life's.
+            let ours = owned_epoch.is_some() || reclaim_at.is_some();
+            let kept = if ours {
+                self.kept_settings().await
+            } else {
+                self.default_settings()
+            };
             self.activate_quietly(
-                owned_epoch.or(reclaim_at).unwrap_or(0),
+                owned_epoch.or(bridge_epoch).unwrap_or(0),
                 &kept.opts,
                 kept.sid,
             );
@@ -2306,7 +2315,9 @@ impl Conference {
             self.kept_started = kept.started;
             // Callers are in it: the application heard of it from the last life.
             self.heard_of = true;
-            self.resume_numbering().await;
+            if ours {
+                self.resume_numbering().await;
+            }
             if let Some(b) = &main {
                 self.main = b.id.clone();
                 self.main_created = true;
@@ -2444,6 +2455,12 @@ impl Conference {
                 tracing::warn!(conference = %self.name, error = %e, "cannot read the conference's settings; using the configured defaults")
             }
         }
+        self.default_settings()
+    }
+
+    /// The configured defaults, as a conference started without options has them.
+    fn default_settings(&self) -> Kept {
+        let cfg = &self.node.cfg;
         let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
         Kept {
             opts: defaults,

@@ -1479,3 +1479,48 @@ async fn a_newcomer_whose_look_for_old_bridges_fails_is_refused_not_split_off() 
         "the caller stays in its bridge"
     );
 }
+
+/// An agent back after its conference was re-homed elsewhere adopts its callers still in
+/// Asterisk as the life they were in (its bridge's epoch, lost to the new home), not as epoch
+/// 0, and without the new home's settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_adopted_after_a_rehome_keeps_its_own_epoch() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let sim_a = sim().await;
+    let mut node_a = NodeProc::start("node-a", &env(&sim_a, &cfg, &[])).expect("node a");
+    let sim_b = sim().await;
+    let node_b = NodeProc::start("node-b", &env(&sim_b, &cfg, &[])).expect("node b");
+    wait_app(&sim_a, &node_a).await;
+    wait_app(&sim_b, &node_b).await;
+    let first = dial(&sim_a, "phoenix", &[]).await;
+    wait_bridged(&sim_a, &first).await;
+    node_a.process().kill();
+    wait_for_async("node a's lease to expire", WAIT, || async {
+        store
+            .get_node(&fixtures::id("node-a"))
+            .await
+            .ok()
+            .and_then(|n| n.is_none().then_some(()))
+    })
+    .await
+    .expect("lease expired");
+    let next = dial(&sim_b, "phoenix", &[("CONFROUTE_MAX_PARTICIPANTS", "7")]).await;
+    wait_bridged(&sim_b, &next).await;
+    node_a.restart().expect("restart");
+    wait_app(&sim_a, &node_a).await;
+    let url = format!("{}/v1/conferences", node_a.http_url());
+    let view = wait_for_async("the orphan adopted", WAIT, || async {
+        let v = fixtures::try_get_json(&url).await?;
+        v["items"]
+            .as_array()?
+            .iter()
+            .find(|c| c["conference"] == "phoenix")
+            .cloned()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node_a.output()));
+    assert_eq!(view["phase"], "lost", "{view}");
+    assert_eq!(view["epoch"], 1, "the life its bridge was made in: {view}");
+}
