@@ -2039,9 +2039,15 @@ impl Conference {
             HostedStatus::Owned => {}
             HostedStatus::Reclaimed => {
                 tracing::info!(conference = %self.name, epoch = self.epoch, "claim had expired while Redis was away; the heartbeat claimed it again");
-                // The record was made anew without the settings.
+                // The record was made anew without the settings and the numbers used.
                 self.settings_saved = false;
                 self.counts_changed().await;
+                if let Some(cb) = &mut self.callbacks {
+                    cb.record_numbering().await;
+                }
+                if !self.seq.record_again().await {
+                    tracing::warn!(conference = %self.name, "event numbers not recorded again; a restart may repeat some");
+                }
             }
             HostedStatus::Lost => match self.node.store.lookup(&self.name).await {
                 // Same node, newer epoch: a restart of ours claimed it again.

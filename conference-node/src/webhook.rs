@@ -127,6 +127,14 @@ impl Callbacks {
         }
     }
 
+    /// After the conference's record was made anew (its claim expired and was made again):
+    /// the numbers used so far are recorded there again.
+    pub async fn record_numbering(&mut self) {
+        if !self.seq.record_again().await {
+            tracing::warn!(conference = %self.name, "status callback numbers not recorded again; a restart may repeat some");
+        }
+    }
+
     /// For a conference adopted after a restart: reserves a block above every number an
     /// earlier lifetime may have used, and numbers from it. Without a reservation (Redis
     /// unreachable, the conference owned elsewhere) numbering starts again at 1.

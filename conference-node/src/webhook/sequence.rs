@@ -95,6 +95,19 @@ impl Sequence {
         }
     }
 
+    /// Records in a record made anew (a claim made again after it expired) a block above the
+    /// numbers used so far: without it, an agent restarted next would number from the first
+    /// blocks again. False when none could be reserved.
+    pub(crate) async fn record_again(&mut self) -> bool {
+        match self.reservations.reserve(self.ceiling.max(self.last)).await {
+            Some(ceiling) => {
+                self.ceiling = self.ceiling.max(ceiling);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The next event's number.
     pub(crate) fn next(&mut self) -> u64 {
         if let Some(rx) = &mut self.pending {
@@ -200,6 +213,26 @@ mod tests {
         let mut again = Sequence::new(rec);
         assert!(again.resume().await);
         assert!(numbers(&mut again, 1).await[0] > few[2]);
+    }
+
+    /// A record made anew (its claim expired and was made again) has lost what was reserved:
+    /// recorded again, a restart after it still numbers above everything used.
+    #[tokio::test(flavor = "current_thread")]
+    async fn numbers_recorded_again_in_a_new_record_keep_a_restart_above_them() {
+        let rec = record(true);
+        let mut first = Sequence::new(rec.clone());
+        let before = numbers(&mut first, 2 * BLOCK + 5).await;
+        // The record expires and is made again without the field.
+        *rec.stored.lock().expect("lock") = None;
+        assert!(first.record_again().await);
+        let mut second = Sequence::new(rec.clone());
+        assert!(second.resume().await);
+        let after = numbers(&mut second, 1).await;
+        assert!(
+            before.last() < after.first(),
+            "{:?} then {after:?}",
+            before.last()
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
