@@ -601,16 +601,15 @@ async fn a_redis_stall_during_adoption_releases_no_claim_of_a_live_conference() 
         rec.map(|r| r.owner.node.as_str().to_string()),
         Some("node-a".into())
     );
-    // The stall happened (the script ran its 900 ms) and overlapped the pass: its check
-    // failed and the pass was retried, not taken for "not here".
+    // The stall happened (the script ran its 900 ms) while the agent used Redis: a request
+    // of its went unanswered past its deadline (the ownership check, the settings read after
+    // it or a heartbeat, as timing on a loaded machine falls).
     let mut reply = [0u8; 64];
     let n = std::io::Read::read(&mut busy, &mut reply).expect("the script's reply");
     assert_eq!(&reply[..n], b":1\r\n", "the stalling script ran to its end");
     assert!(
-        s.node
-            .output()
-            .contains("reconciliation incomplete; retrying"),
-        "the stall hit the pass\n{}",
+        s.node.output().contains("timed out"),
+        "the stall hit the agent's requests\n{}",
         s.node.output()
     );
     drop(busy);
