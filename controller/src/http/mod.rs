@@ -200,8 +200,8 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         }
         // Past the router's own 404 and 405, which need no body.
         _ if route.is_some()
-            && takes(template, req.method())
-            && announced.is_some_and(|n| n > state.max_body as u64) =>
+            && announced.is_some_and(|n| n > state.max_body as u64)
+            && takes(template, req.method()) =>
         {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
