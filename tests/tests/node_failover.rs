@@ -1250,6 +1250,35 @@ async fn agent_with_a_controller() -> (Single, confroute_tests::harness::Control
     (s, controller)
 }
 
+/// Sends `method` through the controller on `port`, on a connection of its own; its answer.
+fn call_apart(
+    port: u16,
+    method: &'static str,
+    params: serde_json::Value,
+) -> tokio::task::JoinHandle<serde_json::Value> {
+    tokio::spawn(async move {
+        let mut client = node_common::control::Client::connect(port).await;
+        client.call(method, params).await
+    })
+}
+
+/// The answer `call` gets, within [`WAIT`].
+async fn answer(call: tokio::task::JoinHandle<serde_json::Value>) -> serde_json::Value {
+    tokio::time::timeout(WAIT, call)
+        .await
+        .expect("answered")
+        .expect("client task")
+}
+
+/// Waits until the agent has logged `n` commands heard (it is held or in line there).
+async fn commands_heard(s: &Single, n: usize) {
+    wait_for_async("the commands heard", WAIT, || async {
+        (s.node.output().matches("command received").count() >= n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
 /// A command for a conference Asterisk still holds, reaching a restarted agent before it has
 /// looked at what Asterisk holds, waits for that look and is carried out: answered "not
 /// hosted" it would tell the application the conference had ended.
@@ -1263,24 +1292,15 @@ async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption
         .wait_log("command bus subscribed", WAIT)
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     let port = controller.http_port;
-    let listed = tokio::spawn(async move {
-        let mut client = node_common::control::Client::connect(port).await;
-        client
-            .call(
-                "participant.list",
-                serde_json::json!({"conference": "kept"}),
-            )
-            .await
-    });
+    let listed = call_apart(
+        port,
+        "participant.list",
+        serde_json::json!({"conference": "kept"}),
+    );
     // The command is in line at the agent before its look ends.
-    s.node
-        .wait_log("command received", WAIT)
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    commands_heard(&s, 1).await;
     s.sim.release_operation("GET /channels");
-    let v = tokio::time::timeout(WAIT, listed)
-        .await
-        .expect("answered")
-        .expect("client task");
+    let v = answer(listed).await;
     let participants = v["result"]["participants"]
         .as_array()
         .unwrap_or_else(|| panic!("listed: {v}\n{}", s.node.output()));
@@ -1309,27 +1329,13 @@ async fn a_held_command_does_not_hold_up_commands_for_hosted_conferences() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     let port = controller.http_port;
-    let ghost = tokio::spawn(async move {
-        let mut client = node_common::control::Client::connect(port).await;
-        client
-            .call(
-                "participant.list",
-                serde_json::json!({"conference": "ghost"}),
-            )
-            .await
-    });
+    let ghost = call_apart(
+        port,
+        "participant.list",
+        serde_json::json!({"conference": "ghost"}),
+    );
     // The ghost's command is at the agent, held, before the next one is sent.
-    wait_for_async("the ghost's command heard", WAIT, || async {
-        s.node.output().contains("command received").then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}
-{}",
-            s.node.output()
-        )
-    });
+    commands_heard(&s, 1).await;
     let mut client = node_common::control::Client::connect(port).await;
     let listed = client
         .ok(
@@ -1347,10 +1353,7 @@ async fn a_held_command_does_not_hold_up_commands_for_hosted_conferences() {
         "the ghost's command waits for the look"
     );
     s.sim.release_operation("GET /channels");
-    let v = tokio::time::timeout(WAIT, ghost)
-        .await
-        .expect("answered")
-        .expect("client task");
+    let v = answer(ghost).await;
     assert_eq!(v["error"]["code"], -32001, "not hosted once looked: {v}");
 }
 
@@ -1367,20 +1370,14 @@ async fn an_end_before_the_restarted_agents_first_look_ends_the_adopted_conferen
         .wait_log("command bus subscribed", WAIT)
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     let port = controller.http_port;
-    let ended = tokio::spawn(async move {
-        let mut client = node_common::control::Client::connect(port).await;
-        client
-            .call("conference.end", serde_json::json!({"conference": "kept"}))
-            .await
-    });
-    s.node
-        .wait_log("command received", WAIT)
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let ended = call_apart(
+        port,
+        "conference.end",
+        serde_json::json!({"conference": "kept"}),
+    );
+    commands_heard(&s, 1).await;
     s.sim.release_operation("GET /channels");
-    let v = tokio::time::timeout(WAIT, ended)
-        .await
-        .expect("answered")
-        .expect("client task");
+    let v = answer(ended).await;
     assert!(v.get("result").is_some(), "ended: {v}\n{}", s.node.output());
     wait_hangup(&s.sim, &a).await;
 }
@@ -1401,44 +1398,22 @@ async fn a_dialout_held_behind_another_command_still_starts_its_conference() {
         .wait_log("command bus subscribed", WAIT)
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     let port = controller.http_port;
-    let listed = tokio::spawn(async move {
-        let mut client = node_common::control::Client::connect(port).await;
-        client
-            .call(
-                "participant.list",
-                serde_json::json!({"conference": "placed"}),
-            )
-            .await
-    });
-    wait_for_async("the list heard", WAIT, || async {
-        s.node.output().contains("command received").then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    let dialed = tokio::spawn(async move {
-        let mut client = node_common::control::Client::connect(port).await;
-        client
-            .call(
-                "dialout",
-                serde_json::json!({"conference": "placed", "to": "+15555550123"}),
-            )
-            .await
-    });
-    wait_for_async("the dial-out heard", WAIT, || async {
-        (s.node.output().matches("command received").count() >= 2).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let listed = call_apart(
+        port,
+        "participant.list",
+        serde_json::json!({"conference": "placed"}),
+    );
+    commands_heard(&s, 1).await;
+    let dialed = call_apart(
+        port,
+        "dialout",
+        serde_json::json!({"conference": "placed", "to": "+15555550123"}),
+    );
+    commands_heard(&s, 2).await;
     s.sim.release_operation("GET /channels");
-    let list = tokio::time::timeout(WAIT, listed)
-        .await
-        .expect("answered")
-        .expect("client task");
+    let list = answer(listed).await;
     assert_eq!(list["error"]["code"], -32001, "{list}");
-    let dial = tokio::time::timeout(WAIT, dialed)
-        .await
-        .expect("answered")
-        .expect("client task");
+    let dial = answer(dialed).await;
     assert!(
         dial["result"]["callid"].is_string(),
         "{dial}\n{}",
