@@ -208,6 +208,9 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     if let Some(since) = drain_since {
         node.drain_since_ms.store(since, Ordering::SeqCst);
     }
+    if let IdCheck::Free(Some(last)) = &check {
+        *crate::node::lock(&node.seen_state) = Some(last.info.state);
+    }
     if matches!(check, IdCheck::Unreadable(_)) {
         // Registered by the heartbeat once Redis answers, after the same check.
         node.id_unchecked.store(true, Ordering::SeqCst);

@@ -7,12 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use confroute_shared::store::{Heartbeat, HostedStatus};
+use confroute_shared::store::{Heartbeat, HostedStatus, Registration};
 use confroute_shared::types::{NodeInfo, NodeLoad, NodeState, Owner};
 
 use crate::conference::Msg;
 use crate::lifecycle;
-use crate::node::Node;
+use crate::node::{lock, Node};
 
 /// Lease of the node record: three heartbeats.
 pub fn lease(node: &Node) -> Duration {
@@ -31,17 +31,20 @@ fn info(node: &Node) -> NodeInfo {
 pub async fn register(node: &Node) -> bool {
     let (state, version) = node.state_versioned();
     let since = node.drain_since_ms.load(Ordering::SeqCst);
-    let registered = if state == NodeState::Draining && since > 0 {
-        node.store
-            .register_draining_agent(&info(node), lease(node), node.ari_available(), since)
-            .await
-    } else {
-        node.store
-            .register_agent(&info(node), lease(node), node.ari_available())
-            .await
+    let seen = *lock(&node.seen_state);
+    let how = Registration {
+        ari: Some(node.ari_available()),
+        drain_since_ms: (state == NodeState::Draining && since > 0).then_some(since),
+        seen,
     };
+    let registered = node
+        .store
+        .register_with(&info(node), lease(node), &how)
+        .await;
     match registered {
         Ok(previous) => {
+            // Later registrations follow a lost record: nothing there for an admin to change.
+            lock(&node.seen_state).take();
             node.redis_ok.store(true, Ordering::SeqCst);
             node.registered.store(true, Ordering::SeqCst);
             node.state_written(version);
@@ -245,6 +248,7 @@ async fn first_registration(node: &Arc<Node>) -> bool {
         match crate::app::id_free(&node.store, &node.id, interval).await {
             Ok(crate::app::IdCheck::Free(last)) => {
                 node.id_unchecked.store(false, Ordering::SeqCst);
+                *lock(&node.seen_state) = last.as_ref().map(|rec| rec.info.state);
                 if let (NodeState::Draining, since) = crate::app::inherited(last.as_ref()) {
                     if node.state() == NodeState::Serving {
                         // The drain's deadline counts on Redis's clock.

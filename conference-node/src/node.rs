@@ -156,6 +156,9 @@ pub struct Node {
     /// Set when the start-up check that no other agent uses this node id could not read
     /// Redis: the first registration makes it first.
     pub id_unchecked: AtomicBool,
+    /// The state this life read in the node's live record before its first registration:
+    /// the registration keeps a different one an admin set there meanwhile.
+    pub seen_state: Mutex<Option<NodeState>>,
     /// Whether the events WebSocket is connected.
     pub ari_connected: AtomicBool,
     /// When the current drain began (ms since the epoch; 0 while serving), handed to a
@@ -266,6 +269,7 @@ impl Node {
             redis_ok: AtomicBool::new(false),
             registered: AtomicBool::new(false),
             id_unchecked: AtomicBool::new(false),
+            seen_state: Mutex::new(None),
             ari_connected: AtomicBool::new(false),
             drain_since_ms: AtomicU64::new(0),
             redis_clock_offset_ms: std::sync::atomic::AtomicI64::new(0),

@@ -299,6 +299,48 @@ async fn an_admin_drain_survives_a_crash_and_an_immediate_restart() {
     assert_eq!(wait_hangup(&s.sim, &refused).await, 34);
 }
 
+/// An admin drain set (through the controller's store call) while a restarted agent checks
+/// that no other agent uses its node id is kept: the agent starts draining. (A drain landing
+/// after the check's last read is kept by `register.lua`: `store_model`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_set_while_a_restarted_agent_checks_its_id_is_kept() {
+    // A 3 s lease: the restart comes while the record lives, and the check watches two
+    // heartbeats of it (2 s), time enough to drain during it.
+    let mut s = Single::start(&[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "1s")]).await;
+    s.node.process().kill();
+    s.node.relaunch().expect("relaunch");
+    s.node
+        .wait_log(
+            "this node id has a live record: checking that no other agent renews it",
+            WAIT,
+        )
+        .expect("the restarted agent checks its id");
+    let store = fixtures::store(&s.cfg);
+    let change = store
+        .set_state(&fixtures::id("node-a"), NodeState::Draining)
+        .await
+        .expect("admin drain");
+    assert_eq!(change, StateChange::Changed(NodeState::Serving));
+    s.node.wait_started().expect("the agent starts");
+    let url = format!("{}/v1/conferences", s.node.http_url());
+    wait_for_async("the restarted agent adopting the drain", WAIT, || async {
+        (get_json(&url).await["state"] == "draining").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let rec = store
+        .get_node(&fixtures::id("node-a"))
+        .await
+        .expect("read")
+        .expect("live record");
+    assert_eq!(
+        rec.info.state,
+        NodeState::Draining,
+        "the record keeps the drain"
+    );
+    assert!(rec.drain_since_ms.is_some(), "with when it began");
+}
+
 /// node-a with `extra` settings and a caller in `conference`, drained through its API;
 /// returns the setup, the caller and when the drain was asked for.
 async fn admin_drained_with_a_caller(

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use confroute_shared::config::RedisConfig;
 use confroute_shared::name::ConferenceName;
 use confroute_shared::store::{
-    ClaimKind, Heartbeat, Hosted, HostedStatus, SequenceKind, StateChange, Store, StoreError,
+    ClaimKind, Heartbeat, Hosted, HostedStatus, Registration, SequenceKind, StateChange, Store,
+    StoreError,
 };
 use confroute_shared::types::{NodeInfo, NodeLoad, NodeState, Owner};
 use confroute_tests::fixtures::{self, id, node};
@@ -482,6 +483,92 @@ async fn a_drain_keeps_when_it_began_until_the_node_serves_again() {
         .await
         .expect("register serving");
     assert_eq!(since(&store).await, None);
+}
+
+/// A registration that read the record's state before an admin changed it (the agent's id
+/// check, then its registration) keeps the admin's drain or undrain, with its drain start;
+/// one that read the current state, or over the agent's own stopping record, writes its own.
+#[tokio::test]
+async fn a_registration_keeps_a_state_an_admin_set_after_the_agent_read_it() {
+    let redis = RedisServer::start().expect("redis");
+    let store = fixtures::store(&fixtures::single(&redis.url()));
+    let a = id("a");
+    let read = |store: &Store| {
+        let store = store.clone();
+        async move {
+            let rec = store.get_node(&id("a")).await.expect("get").expect("live");
+            (rec.info.state, rec.drain_since_ms)
+        }
+    };
+    let seen = |state| Registration {
+        ari: Some(true),
+        drain_since_ms: None,
+        seen: Some(state),
+    };
+    store
+        .register_agent(&node("a", 10), LONG, true)
+        .await
+        .expect("register");
+
+    // Read serving, then an admin drains: the serving registration keeps the drain.
+    store
+        .set_state(&a, NodeState::Draining)
+        .await
+        .expect("admin drain");
+    let (_, since) = read(&store).await;
+    assert!(since.is_some());
+    let before = store
+        .register_with(&node("a", 10), LONG, &seen(NodeState::Serving))
+        .await
+        .expect("register");
+    assert_eq!(before, Some(NodeState::Draining));
+    assert_eq!(read(&store).await, (NodeState::Draining, since));
+
+    // Read draining (resuming the drain), then an admin undrains: serving it stays.
+    store
+        .set_state(&a, NodeState::Serving)
+        .await
+        .expect("admin undrain");
+    let mut draining = node("a", 10);
+    draining.state = NodeState::Draining;
+    let resuming = Registration {
+        drain_since_ms: since,
+        ..seen(NodeState::Draining)
+    };
+    store
+        .register_with(&draining, LONG, &resuming)
+        .await
+        .expect("register");
+    assert_eq!(read(&store).await, (NodeState::Serving, None));
+
+    // Read what is there: the agent's own state is written.
+    let resumed = Registration {
+        seen: Some(NodeState::Serving),
+        ..resuming
+    };
+    store
+        .register_with(&draining, LONG, &resumed)
+        .await
+        .expect("register");
+    assert_eq!(read(&store).await, (NodeState::Draining, since));
+
+    // Without a state read (a registration after a lost record), the agent's own is written.
+    store
+        .register_agent(&node("a", 10), LONG, true)
+        .await
+        .expect("register");
+    assert_eq!(read(&store).await, (NodeState::Serving, None));
+
+    // The agent's own shutdown drain is no admin's change: a new life serves.
+    store
+        .set_own_state(&a, NodeState::Draining, true)
+        .await
+        .expect("own shutdown drain");
+    store
+        .register_with(&node("a", 10), LONG, &seen(NodeState::Serving))
+        .await
+        .expect("register");
+    assert_eq!(read(&store).await, (NodeState::Serving, None));
 }
 
 /// Redis's clock, in ms since the epoch.

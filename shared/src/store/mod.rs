@@ -44,6 +44,19 @@ pub enum StateChange {
     Stopping(NodeState),
 }
 
+/// How a node registers, beyond its record (`register.lua`'s optional arguments).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Registration {
+    /// Whether the agent's ARI events WebSocket is up; `None` when the registrant does not
+    /// know (counts as up).
+    pub ari: Option<bool>,
+    /// For a registration that is not serving: when the drain it resumes began (Redis ms).
+    pub drain_since_ms: Option<u64>,
+    /// The state the agent read in this node's live record before registering: a different
+    /// one there now was set by an admin meanwhile, and is kept.
+    pub seen: Option<NodeState>,
+}
+
 /// A numbering a conference's home keeps increasing across agent restarts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SequenceKind {
@@ -888,7 +901,8 @@ impl Store {
         node: &NodeInfo,
         lease: Duration,
     ) -> Result<Option<NodeState>, StoreError> {
-        self.register_with_ari(node, lease, None, None).await
+        self.register_with(node, lease, &Registration::default())
+            .await
     }
 
     /// Announces a node agent with a lease and whether its ARI events WebSocket is up, so an
@@ -899,7 +913,11 @@ impl Store {
         lease: Duration,
         ari: bool,
     ) -> Result<Option<NodeState>, StoreError> {
-        self.register_with_ari(node, lease, Some(ari), None).await
+        let how = Registration {
+            ari: Some(ari),
+            ..Registration::default()
+        };
+        self.register_with(node, lease, &how).await
     }
 
     /// [`Store::register_agent`] for an agent that resumes a drain its last life's record
@@ -912,38 +930,56 @@ impl Store {
         ari: bool,
         drain_since_ms: u64,
     ) -> Result<Option<NodeState>, StoreError> {
-        self.register_with_ari(node, lease, Some(ari), Some(drain_since_ms))
-            .await
+        let how = Registration {
+            ari: Some(ari),
+            drain_since_ms: Some(drain_since_ms),
+            seen: None,
+        };
+        self.register_with(node, lease, &how).await
     }
 
-    async fn register_with_ari(
+    /// Announces a node the way `how` says (`register.lua`): with `seen`, a state an admin
+    /// set on the live record since the agent read it wins over `node.state`.
+    pub async fn register_with(
         &self,
         node: &NodeInfo,
         lease: Duration,
-        ari: Option<bool>,
-        drain_since_ms: Option<u64>,
+        how: &Registration,
     ) -> Result<Option<NodeState>, StoreError> {
         let key = self.node_key(&node.id);
         let script = &self.scripts.register;
+        let ari = match how.ari {
+            Some(true) => "1",
+            Some(false) => "0",
+            None => "",
+        };
+        let since = how
+            .drain_since_ms
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let seen = how.seen.map(NodeState::as_str).unwrap_or_default();
         let value: Value = self
-            .run("register", |mut c| async move {
-                script
-                    .key(&key)
-                    .key(&self.nodes_key)
-                    .arg(&self.prefix)
-                    .arg(node.id.as_str())
-                    .arg(lease.as_millis() as u64)
-                    .arg(&node.sip_uri)
-                    .arg(&node.control)
-                    .arg(&node.zone)
-                    .arg(node.capacity)
-                    .arg(node.participant_capacity)
-                    .arg(node.state.as_str())
-                    .arg(ari.map(|up| if up { "1" } else { "0" }))
-                    // ARGV[11] only follows ARGV[10].
-                    .arg(ari.and(drain_since_ms))
-                    .invoke_async(&mut c)
-                    .await
+            .run("register", |mut c| {
+                let since = since.clone();
+                async move {
+                    script
+                        .key(&key)
+                        .key(&self.nodes_key)
+                        .arg(&self.prefix)
+                        .arg(node.id.as_str())
+                        .arg(lease.as_millis() as u64)
+                        .arg(&node.sip_uri)
+                        .arg(&node.control)
+                        .arg(&node.zone)
+                        .arg(node.capacity)
+                        .arg(node.participant_capacity)
+                        .arg(node.state.as_str())
+                        .arg(ari)
+                        .arg(since)
+                        .arg(seen)
+                        .invoke_async(&mut c)
+                        .await
+                }
             })
             .await?;
         reply::optional_state("register", &value)

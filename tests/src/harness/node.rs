@@ -62,7 +62,8 @@ impl NodeProc {
         )
     }
 
-    fn wait_started(&mut self) -> HarnessResult<()> {
+    /// Waits until the current process says it started (after [`NodeProc::relaunch`]).
+    pub fn wait_started(&mut self) -> HarnessResult<()> {
         let started = wait_for("node start-up", Duration::from_secs(20), || {
             let out = self.proc.output();
             if out.contains("confroute-node started") {
@@ -78,10 +79,16 @@ impl NodeProc {
 
     /// Starts the agent again (after a kill or an exit) on the same port and settings.
     pub fn restart(&mut self) -> HarnessResult<()> {
+        self.relaunch()?;
+        self.wait_started()
+    }
+
+    /// [`NodeProc::restart`] without waiting for the start: a test acts during it.
+    pub fn relaunch(&mut self) -> HarnessResult<()> {
         self.proc.kill();
         self.starts += 1;
         self.proc = Self::spawn(&self.id, &self.env, &self.dir, self.starts)?;
-        self.wait_started()
+        Ok(())
     }
 
     /// `http://127.0.0.1:<port>`.

@@ -3,34 +3,47 @@
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] lease (ms), ARGV[4] sip_uri, ARGV[5] control,
 -- ARGV[6] zone, ARGV[7] capacity, ARGV[8] participant_capacity (0: none; claim.lua places no new
 -- conference on a node whose reported participants reached it, invariant 4),
--- ARGV[9] state, ARGV[10] (optional) '1'/'0': the agent's ARI events WebSocket is up. It
+-- ARGV[9] state, ARGV[10] '1'/'0': the agent's ARI events WebSocket is up. It
 -- keeps invariant 4 from the first moment: an agent that has not reached its Asterisk yet
--- can admit nobody, so claim.lua must not place on it. Without
--- ARGV[10] (a registration that does not know) the field is removed: unknown counts as up.
--- ARGV[11] (optional, with ARGV[10]) for a registration that is not serving: when its drain
--- began (Redis time, ms), as the agent knows it from its last life's record; a live record's
--- own `drain_since_ms` wins (set_state.lua keeps it, for invariant 4's deadline).
+-- can admit nobody, so claim.lua must not place on it. Empty (a registration that does not
+-- know): the field is removed, and unknown counts as up.
+-- ARGV[11] for a registration that is not serving: when its drain began (Redis time, ms),
+-- as the agent knows it from its last life's record, or empty; a live record's own
+-- `drain_since_ms` wins (set_state.lua keeps it, for invariant 4's deadline).
+-- ARGV[12] the state the agent read in this record before registering, or empty. A live
+-- record, not stopping, whose state differs from it was changed by an admin since
+-- (set_state.lua): that drain or undrain wins over the state the agent brings, which read
+-- the record before it (invariant 4 holds a drain the admin set), and the agent's heartbeat
+-- adopts it.
 -- Returns the state the record had before (false when it did not exist).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[3])
 local before = redis.call('HGET', KEYS[1], 'state')
+local seen = ARGV[12] or ''
+local state = ARGV[9]
+local admin_changed = seen ~= '' and before and before ~= seen
+  and (before == 'serving' or before == 'draining')
+  and redis.call('HGET', KEYS[1], 'stopping') ~= '1'
+if admin_changed then state = before end
 -- `lease_period_ms`: the lease each renewal grants, so an agent starting under the same id
 -- knows how long a live one may take to renew (three of its heartbeats).
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5],
-  'zone', ARGV[6], 'capacity', ARGV[7], 'participant_capacity', ARGV[8], 'state', ARGV[9],
+  'zone', ARGV[6], 'capacity', ARGV[7], 'participant_capacity', ARGV[8], 'state', state,
   'conferences', 0,
   'participants', 0, 'cpu', 0, 'registered_ms', now, 'updated_ms', now,
   'lease_period_ms', lease)
 -- A new registration is a new life: a stopping mark of the last one does not carry over.
 redis.call('HDEL', KEYS[1], 'stopping')
 -- Nor does the last life's ARI state.
-if ARGV[10] then
+if ARGV[10] ~= '' then
   redis.call('HSET', KEYS[1], 'ari', ARGV[10])
 else
   redis.call('HDEL', KEYS[1], 'ari')
 end
-if ARGV[9] == 'serving' then
+if admin_changed then
+  -- The admin's change keeps the drain start it wrote, or cleared.
+elseif state == 'serving' then
   redis.call('HDEL', KEYS[1], 'drain_since_ms')
 elseif not before or before == 'serving'
     or redis.call('HEXISTS', KEYS[1], 'drain_since_ms') == 0 then
