@@ -1843,6 +1843,33 @@ async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
         .await
         .expect("settle"));
     assert_eq!(mark(), 0);
+    // An agent restarting over its live record (a rolling restart) keeps it from before.
+    redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:node:a")
+                .arg("registered_ms")
+                .arg(1),
+        )
+        .expect("hset");
+    store
+        .register_agent(&node("a", 10), lease, true)
+        .await
+        .expect("register again");
+    assert!(!store
+        .settle_after_loss(lease, Duration::from_secs(3600))
+        .await
+        .expect("settle"));
+    assert_eq!(mark(), 0);
+    // An index entry whose record is gone (deleted, evicted) is no live node from before.
+    redis
+        .query(redis::cmd("DEL").arg("{confroute}:node:a"))
+        .expect("del");
+    assert!(store
+        .settle_after_loss(lease, Duration::from_secs(3600))
+        .await
+        .expect("settle"));
+    assert_eq!(mark(), 1);
 }
 
 #[tokio::test]

@@ -28,10 +28,13 @@ local admin_changed = seen ~= '' and before and before ~= seen
 if admin_changed then state = before end
 -- `lease_period_ms`: the lease each renewal grants, so an agent starting under the same id
 -- knows how long a live one may take to renew (three of its heartbeats).
+-- `registered_ms`: since when this record has lived (settle.lua's evidence that Redis lost
+-- nothing). An agent restarting over its live record keeps it: the record never went away.
+local registered = before and redis.call('HGET', KEYS[1], 'registered_ms') or now
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5],
   'zone', ARGV[6], 'capacity', ARGV[7], 'participant_capacity', ARGV[8], 'state', state,
   'conferences', 0,
-  'participants', 0, 'cpu', 0, 'registered_ms', now, 'updated_ms', now,
+  'participants', 0, 'cpu', 0, 'registered_ms', registered, 'updated_ms', now,
   'lease_period_ms', lease)
 -- A new registration is a new life: a stopping mark of the last one does not carry over.
 redis.call('HDEL', KEYS[1], 'stopping')

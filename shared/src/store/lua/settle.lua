@@ -8,7 +8,10 @@
 -- A node registered less than ARGV[2] ago (the caller's lease: its own record was lost no
 -- longer ago than that) does not count as being from before the loss: an agent that started
 -- into the emptied Redis, or one of the others already back, must not keep the mark off.
--- A node whose record does not say when it registered counts as being from before.
+-- A node whose record does not say when it registered counts as being from before; an index
+-- entry whose record is gone (deleted, or evicted under memory pressure) is no live node.
+-- `registered_ms` is when the record appeared: an agent restarting over its live record keeps
+-- it (register.lua), so a rolling restart does not make every node look new.
 -- A running controller waits on its own after trouble it saw; the mark also holds back one
 -- that started meanwhile and knows of no node from before.
 -- KEYS[1] node index, KEYS[2] the mark (<prefix>settling).
@@ -19,8 +22,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local recent = tonumber(ARGV[2]) or 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
-  local registered = tonumber(redis.call('HGET', ARGV[3] .. 'node:' .. id, 'registered_ms'))
-  if not registered or now - registered >= recent then return 0 end
+  local rec = ARGV[3] .. 'node:' .. id
+  if redis.call('EXISTS', rec) == 1 then
+    local registered = tonumber(redis.call('HGET', rec, 'registered_ms'))
+    if not registered or now - registered >= recent then return 0 end
+  end
 end
 redis.call('SET', KEYS[2], now, 'PX', tonumber(ARGV[1]))
 return 1
