@@ -86,6 +86,7 @@ pub const COMMAND_OUTCOMES: &[&str] = &[
     "invalid_params",
     "internal",
     "node_unavailable",
+    "unavailable",
 ];
 
 /// Node states, for the state gauge.
