@@ -180,7 +180,9 @@ fn defaults_render_a_complete_deployment() {
     assert_eq!(spec["enableServiceLinks"], false);
     let c = r.container(d, "controller");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // Not `/readyz`: a Redis outage would leave the SIP Service without an endpoint, where
+    // the controllers must answer 503 with Retry-After.
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -1670,7 +1672,7 @@ tests:
           - exp_labels: {severity: critical, team: voice, namespace: voice}
             exp_annotations:
               summary: No confroute controller is up
-              description: "No controller has answered a scrape for two minutes: INVITEs get no answer (edges time out), the HTTP API and call control are gone, and the alerts computed from the controllers' view cannot fire. Check the controller pods: crash-looping, or unready and out of the Services (Redis unreachable)."
+              description: "No controller has answered a scrape for two minutes: INVITEs get no answer (edges time out), the HTTP API and call control are gone, and the alerts computed from the controllers' view cannot fire. Check the controller pods (crash-looping, not scheduled) and the scrape configuration."
 "#;
     std::fs::write(dir.path().join("rendered.test.yaml"), tests).expect("write tests");
     let out = run(std::process::Command::new(promtool)

@@ -33,6 +33,19 @@ fn promtool_unit_tests_of_every_alert_pass() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// The heartbeat alert at Prometheus's default 1 minute scrape interval, evaluated between
+/// scrapes: it keeps firing at every alignment.
+#[test]
+fn the_heartbeat_alert_fires_at_every_alignment_with_one_minute_scrapes() {
+    let promtool = require_tool("promtool", "prometheus").expect("promtool");
+    let out = run(Command::new(promtool).current_dir(deploy_dir()).args([
+        "test",
+        "rules",
+        "alerts.scrape-phase.test.yaml",
+    ]));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// Each alert has a case where it fires and one where it does not.
 #[test]
 fn every_alert_is_tested_firing_and_quiet() {
