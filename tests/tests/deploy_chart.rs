@@ -1406,14 +1406,55 @@ fn values_that_would_drop_calls_are_refused_at_render() {
             "controller.preStopSleepSeconds",
         ],
     );
+    // A raised webhook.shutdown_wait (the last status callbacks) needs its time past the
+    // deadline too; so does a raised command timeout in a controller's stop.
+    refused_at_render(
+        dir.path(),
+        "node grace without a raised callbacks wait",
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 660,
+            "config": {"webhook": {"shutdown_wait": "2m"}}}}),
+        &[
+            "node.terminationGracePeriodSeconds",
+            "node.config.webhook.shutdown_wait (120 s)",
+            "765",
+        ],
+    );
+    refused_at_render(
+        dir.path(),
+        "controller grace below a raised command timeout",
+        &json!({"controller": {"config": {"rpc": {"command_timeout": "60s"}}}}),
+        &[
+            "controller.terminationGracePeriodSeconds (30)",
+            "controller.config.rpc.command_timeout",
+            "70",
+        ],
+    );
     let r = render(&values_file(
         dir.path(),
         "bound",
-        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 660}}),
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 660},
+            "controller": {"terminationGracePeriodSeconds": 15}}),
     ));
     assert_eq!(
         r.one("StatefulSet", "-node")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
         660
+    );
+    assert_eq!(
+        r.one("Deployment", "-controller")["spec"]["template"]["spec"]
+            ["terminationGracePeriodSeconds"],
+        15,
+        "5 s of preStop sleep, 5 s command timeout, 1 s routing deadline, 4 s"
+    );
+    // Left unset, the node's grace counts a raised callbacks wait.
+    let r = render(&values_file(
+        dir.path(),
+        "computed",
+        &json!({"node": {"drainDeadlineSeconds": 600,
+            "config": {"webhook": {"shutdown_wait": "1m30s"}}}}),
+    ));
+    assert_eq!(
+        r.one("StatefulSet", "-node")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+        600 + 285 + 90
     );
 }
 

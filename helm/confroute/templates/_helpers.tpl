@@ -350,21 +350,51 @@ Grace period of a node pod. Kubernetes kills the pod when it ends, preStop drain
 the drain deadline the agent may still wait up to 30 s for its first reconciliation after a
 restart (docs/configuration.md), 10 s for the conferences it ends to tear down and
 webhook.shutdown_wait (15 s by default) for their last status callbacks before it deregisters: a
-grace under the deadline plus 60 s would cut that and leave claims, callbacks and the node
-record behind.
+grace under the deadline plus 45 s plus that wait would cut that and leave claims, callbacks
+and the node record behind.
 */}}
 {{- define "confroute.nodeTerminationGrace" -}}
 {{- $deadline := int .Values.node.drainDeadlineSeconds -}}
+{{- $webhook := (.Values.node.config | default dict).webhook | default dict -}}
+{{- $wait := include "confroute.ceilSeconds" (dict "value" $webhook.shutdown_wait "default" 15) | int -}}
 {{- if kindIs "invalid" .Values.node.terminationGracePeriodSeconds -}}
-{{- add $deadline 300 -}}
+{{- add $deadline 285 $wait -}}
 {{- else -}}
 {{- $grace := int .Values.node.terminationGracePeriodSeconds -}}
-{{- $least := add $deadline 60 -}}
+{{- $least := add $deadline 45 $wait -}}
 {{- if lt $grace $least -}}
-{{- fail (printf "node.terminationGracePeriodSeconds (%d) is below node.drainDeadlineSeconds (%d) + 60 s: Kubernetes would kill draining nodes before their calls end, their claims are released and their last status callbacks are sent. Set it to at least %d, or null for node.drainDeadlineSeconds + 300" $grace $deadline $least) -}}
+{{- fail (printf "node.terminationGracePeriodSeconds (%d) is below node.drainDeadlineSeconds (%d) + 45 s + node.config.webhook.shutdown_wait (%d s): Kubernetes would kill draining nodes before their calls end, their claims are released and their last status callbacks are sent. Set it to at least %d, or null for node.drainDeadlineSeconds + 285 s + webhook.shutdown_wait" $grace $deadline $wait $least) -}}
 {{- end -}}
 {{- $grace -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+Whole seconds a duration setting lasts, rounded up: (dict "value" V "default" SECONDS) for an
+unset or unreadable value (the binary refuses the latter at start).
+*/}}
+{{- define "confroute.ceilSeconds" -}}
+{{- $us := "" -}}
+{{- if and .value (kindIs "string" .value) -}}
+{{- $us = include "confroute.durationMicros" .value -}}
+{{- end -}}
+{{- if $us -}}
+{{- ceil (divf ($us | float64) 1000000.0) | int -}}
+{{- else -}}
+{{- .default -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Least grace period of a controller pod: its preStop sleep, then the HTTP requests in flight
+(rpc.command_timeout + routing.deadline + 1 s: a call-control request homes its conference,
+then waits for its node), then 2 s for call-control clients to be told, and 1 s to spare.
+*/}}
+{{- define "confroute.controllerLeastGrace" -}}
+{{- $c := .Values.controller.config | default dict -}}
+{{- $command := include "confroute.ceilSeconds" (dict "value" ($c.rpc | default dict).command_timeout "default" 5) | int -}}
+{{- $routing := include "confroute.ceilSeconds" (dict "value" ($c.routing | default dict).deadline "default" 1) | int -}}
+{{- add (int .Values.controller.preStopSleepSeconds) $command $routing 4 -}}
 {{- end -}}
 
 {{/* Pod anti-affinity over hosts: (dict "root" $ "component" "node" "mode" "soft"). */}}
