@@ -1187,8 +1187,13 @@ impl Conference {
                 .iter()
                 .map(|(id, waiting)| self.adopted(id, &none, *waiting));
             for (id, p) in futures_util::future::join_all(adopted).await {
-                self.node.claim_adopted(&id, &self.name);
-                self.participants.insert(id, p);
+                if self.node.claim_adopted(&id, &self.name) {
+                    self.participants.insert(id, p);
+                } else {
+                    // Gone while its options were read: it leaves, without the conference
+                    // ending as its last participant would (the newcomer is on its way in).
+                    self.left_while_adopted(&id, &p);
+                }
             }
             tracing::info!(conference = %self.name, participants = self.participants.len(), "adopted the callers left in the conference's bridges from before a restart");
             self.finish_cut_short_start().await;
@@ -1830,6 +1835,33 @@ impl Conference {
         self.counts_changed().await;
     }
 
+    /// Adopted participants that left Stasis while they were being adopted leave now, as
+    /// when their StasisEnd comes; false when the conference ended with them.
+    async fn leave_gone(&mut self, gone: &[String]) -> bool {
+        for id in gone {
+            self.left(id, "hangup").await;
+            if self.phase == Phase::Idle {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A caller left in the bridges from before a restart, gone while a newcomer's join
+    /// adopted it: its leave is told (the last life told its join), and the conference goes
+    /// on for the newcomer.
+    fn left_while_adopted(&mut self, ch: &str, p: &Participant) {
+        self.node
+            .metrics
+            .leaves
+            .with_label_values(&["hangup"])
+            .inc();
+        tracing::info!(conference = %self.name, channel = ch, "a caller left from before the restart hung up while it was adopted");
+        let (why, call_status) = twilio_leave("hangup");
+        self.callback_left(ch, p, why, call_status);
+        self.emit("leave", json!({"participant": ch, "reason": "hangup"}));
+    }
+
     /// Catches up with the caller's own hold of a participant this conference just took in
     /// or got back: a ChannelHold that came while it was joining or moving reached no
     /// conference.
@@ -2340,11 +2372,16 @@ impl Conference {
             }
             self.recording_inherited = self.started;
             self.settle_inherited_recording().await;
+            // Callers whose StasisEnd came while their options were read: it reached no
+            // conference (their channels were routed nowhere yet), so they leave here.
+            let mut gone_meanwhile = Vec::new();
             for (ids, waiting) in [(&in_main, false), (&in_holding, true)] {
                 let adopted = ids.iter().map(|id| self.adopted(id, members, waiting));
                 for (id, p) in futures_util::future::join_all(adopted).await {
                     self.participants.insert(id.clone(), p);
-                    self.node.claim_adopted(&id, &self.name);
+                    if !self.node.claim_adopted(&id, &self.name) {
+                        gone_meanwhile.push(id);
+                    }
                 }
             }
             self.node
@@ -2356,6 +2393,9 @@ impl Conference {
             match fence {
                 Fence::Owned(_) => {
                     self.publish();
+                    if !self.leave_gone(&gone_meanwhile).await {
+                        return false;
+                    }
                     // A restart between a start's first step and its last leaves callers
                     // that make a start waiting, or some of them moved in and others not.
                     self.start_if_due().await;
@@ -2364,6 +2404,10 @@ impl Conference {
                     return true;
                 }
                 Fence::Elsewhere { node, .. } => {
+                    // Not this node's to report: their leaves are gone with them.
+                    for id in &gone_meanwhile {
+                        self.participants.remove(id);
+                    }
                     self.phase = Phase::Active;
                     self.lost(&node).await;
                     return false;
@@ -2373,11 +2417,17 @@ impl Conference {
                     // Shown with its callers in: the heartbeat's claim counts them. Nobody
                     // new is admitted until it holds.
                     self.publish();
+                    if !self.leave_gone(&gone_meanwhile).await {
+                        return false;
+                    }
                     self.start_if_due().await;
                     self.finish_cut_short_start().await;
                     return true;
                 }
                 _ => {
+                    for id in &gone_meanwhile {
+                        self.participants.remove(id);
+                    }
                     self.phase = Phase::Lost;
                     self.publish();
                     return false;

@@ -705,12 +705,19 @@ impl Node {
     }
 
     /// Routes a channel found in one of the conference's bridges by reconciliation, unless
-    /// it belongs elsewhere by now (see [`Node::routed_elsewhere`]).
-    pub fn claim_adopted(&self, channel: &str, name: &ConferenceName) {
+    /// it belongs elsewhere by now (see [`Node::routed_elsewhere`]). False when it left
+    /// Stasis since the listing: its StasisEnd found no route and reached no conference.
+    pub fn claim_adopted(&self, channel: &str, name: &ConferenceName) -> bool {
         let mut routes = lock(&self.routes);
+        // Checked under the routes lock: a StasisEnd marks the channel ended before it looks
+        // for its route, so it either is seen here or finds the route taken now.
+        if self.ended_since_listing(channel) {
+            return false;
+        }
         if !elsewhere(routes.get(channel), name) {
             routes.insert(channel.to_string(), Route::Conference(name.clone()));
         }
+        true
     }
 
     /// Whether the channel's events go somewhere other than conference `name`: another

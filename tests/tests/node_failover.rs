@@ -885,6 +885,53 @@ async fn a_restarted_agent_reads_back_the_options_of_the_callers_it_adopts() {
     assert_eq!(wait_hangup(&sim, &muted).await, 16);
 }
 
+/// A caller hanging up while the restarted agent adopts its conference (reading the
+/// callers' options) leaves it then, not at the next periodic reconciliation: its StasisEnd
+/// came before the agent routed its channel anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_hanging_up_during_the_adoption_leaves_at_once() {
+    // ari.conf lists no channelvars: the adoption reads each caller's options, which the
+    // test holds up.
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim_with(&[]).await;
+    let extra = [
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        // Only the fix can take the caller out before the test ends.
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "10m"),
+    ];
+    let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &extra)).expect("node");
+    wait_app(&sim, &node).await;
+    let leaving = dial(&sim, "adopting", &[]).await;
+    let staying = dial(&sim, "adopting", &[]).await;
+    for ch in [&leaving, &staying] {
+        wait_bridged(&sim, ch).await;
+    }
+    node.process().kill();
+    until(&sim, "agent's socket gone", |s| s.websockets == 1).await;
+    sim.hold_operation("getChannelVar");
+    node.restart().expect("restart");
+    wait_for_async("the adoption reading options", WAIT, || async {
+        (sim.held_requests("getChannelVar") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    sim.hangup_far_end(&leaving, 16).await.expect("hangup");
+    until(&sim, "the caller gone", |s| s.channel(&leaving).is_none()).await;
+    sim.release_operation("getChannelVar");
+    let url = format!("{}/v1/conferences", node.http_url());
+    let listed = wait_for_async("only the caller still there listed", WAIT, || async {
+        let v = get_json(&url).await;
+        let ps = v["items"][0]["participants"].as_array()?.clone();
+        let ids: Vec<&str> = ps.iter().filter_map(|p| p["channel"].as_str()).collect();
+        (ids == [staying.as_str()]).then_some(())
+    })
+    .await;
+    if let Err(e) = listed {
+        panic!("{e}\n{}\n{}", get_json(&url).await, node.output());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_coming_before_the_restarted_agent_reconciles_joins_the_same_mix() {
     let redis = RedisServer::start().expect("redis");
