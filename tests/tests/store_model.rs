@@ -1872,6 +1872,43 @@ async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
     assert_eq!(mark(), 1);
 }
 
+/// A re-home by a store that waits for no replica is confirmed as it is made: the mark of a
+/// last home's claim its WAIT never confirmed does not keep the new home from lookups.
+#[tokio::test]
+async fn a_rehome_without_replicas_to_wait_for_is_not_left_unconfirmed() {
+    let (redis, store) = with_nodes(&["b"]).await;
+    // Node a's claim, made by a store waiting for replicas that never acknowledged; node a
+    // is gone (no record).
+    redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:room")
+                .arg("owner")
+                .arg("a")
+                .arg("epoch")
+                .arg(1)
+                .arg("participants")
+                .arg(0)
+                .arg("unconfirmed")
+                .arg(1),
+        )
+        .expect("hset");
+    let room = ConferenceName::parse("room").expect("name");
+    assert!(
+        store
+            .lookup(&room)
+            .await
+            .expect("lookup")
+            .is_some_and(|r| r.unconfirmed),
+        "the last home's claim is unconfirmed"
+    );
+    let moved = store.claim(&room, &[id("b")]).await.expect("claim");
+    assert_eq!(moved.kind, ClaimKind::Rehomed);
+    let rec = store.lookup(&room).await.expect("lookup").expect("record");
+    assert_eq!(rec.owner, owner("b", 2));
+    assert!(!rec.unconfirmed, "{rec:?}");
+}
+
 #[tokio::test]
 async fn a_wait_confirms_only_the_claim_it_covered() {
     let redis = RedisServer::start().expect("redis");

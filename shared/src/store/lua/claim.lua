@@ -73,8 +73,14 @@ local function place(epoch, created, outcome)
       -- The settings, callback numbering and count version were the last home's; the new
       -- one has its own.
       redis.call('HDEL', KEYS[1], 'settings', 'callback_seq', 'event_seq', 'count_v')
-      -- Not routed by lookups until the caller's WAIT confirms it (it clears the mark).
-      if touch == '1' then redis.call('HSET', KEYS[1], 'unconfirmed', 1) end
+      -- Not routed by lookups until the caller's WAIT confirms it (it clears the mark). A
+      -- caller that waits for no replica places a confirmed home: the mark a last home's
+      -- claim may have left is not this one's.
+      if touch == '1' then
+        redis.call('HSET', KEYS[1], 'unconfirmed', 1)
+      else
+        redis.call('HDEL', KEYS[1], 'unconfirmed')
+      end
       redis.call('PEXPIRE', KEYS[1], lease)
       redis.call('SADD', set_key(id), name)
       -- The placement set lives exactly as long as its node's lease.
