@@ -414,9 +414,10 @@ fn durations_the_binaries_refuse_are_refused_by_the_chart() {
         );
     }
 
-    // The bounds are accepted by the chart and by the binaries.
+    // The bounds are accepted by the chart and by the binaries (the grace period covering a
+    // stop that waits out the longest routing deadline).
     let values = serde_json::json!({
-        "controller": {"config": {
+        "controller": {"terminationGracePeriodSeconds": 45, "config": {
             "sip": {"tcp_idle_timeout": "1s"},
             "rpc": {"ping_interval": "1000ms"},
             "routing": {"deadline": "31s"},

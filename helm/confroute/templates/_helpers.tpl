@@ -354,6 +354,7 @@ grace under the deadline plus 45 s plus that wait would cut that and leave claim
 and the node record behind.
 */}}
 {{- define "confroute.nodeTerminationGrace" -}}
+{{- include "confroute.checkDurations" . -}}
 {{- $deadline := int .Values.node.drainDeadlineSeconds -}}
 {{- $webhook := (.Values.node.config | default dict).webhook | default dict -}}
 {{- $wait := include "confroute.ceilSeconds" (dict "value" $webhook.shutdown_wait "default" 15) | int -}}
@@ -391,6 +392,8 @@ Least grace period of a controller pod: its preStop sleep, then the HTTP request
 then waits for its node), then 2 s for call-control clients to be told, and 1 s to spare.
 */}}
 {{- define "confroute.controllerLeastGrace" -}}
+{{- /* A duration the binary refuses is named as such first. */ -}}
+{{- include "confroute.checkDurations" . -}}
 {{- $c := .Values.controller.config | default dict -}}
 {{- $command := include "confroute.ceilSeconds" (dict "value" ($c.rpc | default dict).command_timeout "default" 5) | int -}}
 {{- $routing := include "confroute.ceilSeconds" (dict "value" ($c.routing | default dict).deadline "default" 1) | int -}}
