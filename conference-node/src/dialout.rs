@@ -235,8 +235,13 @@ pub fn sip_code(cause: i64) -> u16 {
         27 => 502,
         28 => 484,
         29 => 501,
-        34 | 38 | 41 | 42 => 503,
+        34 | 41 | 42 => 503,
+        // A far-end 500 (chan_pjsip's AST_CAUSE_FAILURE), reported as the error it was
+        // rather than as a congestion a caller would try again after.
+        38 => 500,
         58 => 488,
+        // A far-end 504 (a gateway's timeout).
+        102 => 504,
         _ => 500,
     }
 }
@@ -631,7 +636,8 @@ mod tests {
             (21, 603),
             (29, 501),
             (34, 503),
-            (38, 503),
+            (38, 500),
+            (102, 504),
             (41, 503),
             (42, 503),
             (1, 404),
