@@ -107,7 +107,10 @@ impl Callbacks {
         sid: String,
         reservations: Reservations,
     ) -> Callbacks {
-        let (tx, rx) = mpsc::channel(cfg.queue_size);
+        // One slot past the bound is kept for `conference-end`, the last event: a conference
+        // ending with more leaves than the queue holds (or behind a slow receiver) must not
+        // lose the one telling it ended.
+        let (tx, rx) = mpsc::channel(cfg.queue_size + 1);
         tokio::spawn(deliver(
             delivery.clone(),
             url,
@@ -181,7 +184,8 @@ impl Callbacks {
         }
         // Counted before the delivery task can see it, so the count never runs below zero.
         self.in_flight.add();
-        if self.tx.try_send(form).is_err() {
+        let room = event == CallbackEvent::End || self.tx.capacity() > 1;
+        if !room || self.tx.try_send(form).is_err() {
             self.in_flight.done();
             self.metrics.webhooks.with_label_values(&["dropped"]).inc();
             tracing::warn!(conference = %self.name, event = %event, "status callback queue full; event dropped");

@@ -1482,6 +1482,49 @@ async fn a_big_conferences_end_callback_goes_out_behind_its_leaves_at_exit() {
     assert_eq!(events, expected, "{}", s.node.output());
 }
 
+/// A conference ending with more leaves than its callback queue holds (behind a slow
+/// receiver) drops leaves, counted, but never its `conference-end`, which comes last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_callback_queue_drops_leaves_but_never_the_end() {
+    let (url, got) = receiver_with(0, std::time::Duration::from_millis(300)).await;
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+        ("CONFROUTE_WEBHOOK__QUEUE_SIZE", "2"),
+    ])
+    .await;
+    let vars = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
+    ];
+    let mut callers = Vec::new();
+    for _ in 0..6 {
+        let c = dial(&s.sim, "overflow", &vars).await;
+        wait_bridged(&s.sim, &c).await;
+        callers.push(c);
+    }
+    stop(&mut s).await;
+    let events = callback_events(&got);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("conference-end"),
+        "{events:?}\n{}",
+        s.node.output()
+    );
+    let leaves = events.iter().filter(|e| *e == "participant-leave").count();
+    assert!(
+        leaves < callers.len(),
+        "the queue of 2 overflowed: {events:?}"
+    );
+    assert!(
+        s.node
+            .output()
+            .contains("status callback queue full; event dropped"),
+        "{}",
+        s.node.output()
+    );
+}
+
 /// Signed callbacks: the signature, the URL as the receiver rebuilds it, and the form.
 type Signed = Arc<Mutex<Vec<(String, String, Vec<(String, String)>)>>>;
 
