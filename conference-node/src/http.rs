@@ -115,8 +115,19 @@ async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> R
     }
 }
 
-/// The 401 for a request without the configured token, if one is configured.
+/// The 403 for a request from a web page of another site (see `confroute_shared::origin`),
+/// or the 401 for one without the configured token, if one is configured.
 fn unauthorized(node: &Node, req: &Request) -> Option<Response> {
+    if confroute_shared::origin::cross_site(req.headers()) {
+        return Some(
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                "refused: the request comes from a web page of another site (its Origin is not this server)",
+            )
+            .into_response(),
+        );
+    }
     let token = node.cfg.http.api_token.as_ref()?;
     let given = req
         .headers()

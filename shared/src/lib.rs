@@ -8,6 +8,7 @@ pub mod http_serve;
 pub mod media;
 pub mod name;
 pub mod options;
+pub mod origin;
 pub mod placement;
 pub mod runtime_metrics;
 pub mod secret;

@@ -484,3 +484,119 @@ async fn sip_message_size_limits_hold() {
         1.0
     );
 }
+
+/// A web page of another site, opened in a browser that reaches the API (left without a
+/// token here), cannot use it: its POSTs and its WebSocket handshake carry its `Origin`, and
+/// the controller and the agent refuse them (403 `cross_site`) and change nothing. A
+/// program naming the server itself in `Origin` (as some WebSocket libraries do) is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_of_other_sites_cannot_use_an_api_without_a_token() {
+    let redis = RedisServer::start().expect("redis");
+    let sim = AriSim::start(SimConfig {
+        username: "confroute".into(),
+        password: ARI_PW.into(),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let env = vec![("CONFROUTE_REDIS__URL".to_string(), redis.url())];
+    let controller = ControllerProc::start(&env).expect("controller");
+    let mut node_env = env.clone();
+    node_env.extend([
+        ("CONFROUTE_ARI__URL".to_string(), sim.base_url()),
+        (
+            "CONFROUTE_ARI__USERNAME".to_string(),
+            "confroute".to_string(),
+        ),
+        ("CONFROUTE_ARI__PASSWORD".to_string(), ARI_PW.to_string()),
+    ]);
+    let node = NodeProc::start("node-a", &node_env).expect("node agent");
+    fixtures::wait_placeable(&controller.http_url(), 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", controller.output(), node.output()));
+    const PAGE: &str = "https://pages.example";
+    let http = fixtures::http();
+    let refused = |resp: reqwest::Response| async move {
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.expect("JSON error body");
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"]["code"], "cross_site", "{body}");
+    };
+    // A page's form-like POSTs, which a browser sends without asking first.
+    let c = controller.http_url();
+    for (path, body) in [
+        ("/v1/route", r#"{"conference":"from-a-page"}"#),
+        ("/v1/nodes/node-a/drain", ""),
+    ] {
+        let resp = http
+            .post(format!("{c}{path}"))
+            .header("origin", PAGE)
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        refused(resp).await;
+    }
+    let resp = http
+        .post(format!("{}/v1/drain?shutdown=true", node.http_url()))
+        .header("origin", PAGE)
+        .send()
+        .await
+        .expect("request");
+    refused(resp).await;
+    let nodes: Value = http
+        .get(format!("{c}/v1/nodes"))
+        .send()
+        .await
+        .expect("nodes")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(nodes["items"][0]["state"], "serving", "{nodes}");
+    let conf: Value = http
+        .get(format!("{c}/v1/conferences/from-a-page"))
+        .send()
+        .await
+        .expect("conference")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(conf["error"]["code"], "conference_not_found", "{conf}");
+
+    // The call-control WebSocket: a page's handshake is refused, a program's is served.
+    let ws = |origin: String| {
+        let mut req = format!("ws://127.0.0.1:{}/v1/rpc", controller.http_port)
+            .into_client_request()
+            .expect("request");
+        req.headers_mut()
+            .insert("origin", origin.parse().expect("header"));
+        tokio_tungstenite::connect_async(req)
+    };
+    match ws(PAGE.to_string()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 403)
+        }
+        other => panic!(
+            "a page's WebSocket was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let own = format!("http://127.0.0.1:{}", controller.http_port);
+    let (mut socket, _) = ws(own)
+        .await
+        .expect("a program naming the server is served");
+    socket
+        .send(Message::Text(
+            r#"{"jsonrpc":"2.0","id":1,"method":"conference.list","params":{}}"#.into(),
+        ))
+        .await
+        .expect("send");
+    let answer = loop {
+        match socket.next().await.expect("answer").expect("frame") {
+            Message::Text(t) => break serde_json::from_str::<Value>(&t).expect("JSON"),
+            _ => continue,
+        }
+    };
+    assert!(answer["result"].is_object(), "{answer}");
+}
