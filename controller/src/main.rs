@@ -90,6 +90,11 @@ async fn serve(cfg: ControllerConfig) -> ExitCode {
         "confroute-controller started"
     );
     confroute_shared::http_serve::warn_if_open(controller.http_addr, cfg.http.api_token.is_some());
+    if cfg.sip.trusted_cidrs.is_empty() && !controller.sip_addr.ip().is_loopback() {
+        // Each INVITE for a new name places a conference, holding a seat on a node until a
+        // call arrives or the claim lapses: a flood of made-up names fills every node.
+        tracing::warn!(sip = %controller.sip_addr, "sip.trusted_cidrs is empty and sip.listen is reachable from other hosts: anyone who can send it INVITEs places conferences, each holding a node's seat for redis.claim_lease until a call arrives; set sip.trusted_cidrs to the edge proxies");
+    }
     tokio::select! {
         sig = signals.next() => tracing::info!(?sig, "stopping"),
         why = controller.failed() => {

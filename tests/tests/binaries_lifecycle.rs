@@ -137,6 +137,35 @@ fn an_open_api_on_a_routable_address_is_warned_about() {
     }
 }
 
+/// A controller taking SIP from any host (`sip.trusted_cidrs` empty on an address other
+/// hosts reach) says so in its log: anyone sending INVITEs for made-up names places
+/// conferences. With the edges trusted, or on loopback, nothing is said.
+#[test]
+fn sip_open_to_every_host_is_warned_about() {
+    let redis = RedisServer::start().expect("redis");
+    let warning = "sip.trusted_cidrs is empty";
+    let open = format!("0.0.0.0:{}", free_port());
+    let env = [("CONFROUTE_SIP__LISTEN", open.as_str())];
+    let (_dir, mut p) = spawn_with_until("confroute-controller", &redis.url(), &env, warning);
+    p.signal(libc::SIGTERM).expect("sigterm");
+    let _ = p.wait_exit(Duration::from_secs(10));
+
+    let open = format!("0.0.0.0:{}", free_port());
+    let loopback = format!("127.0.0.1:{}", free_port());
+    for env in [
+        vec![
+            ("CONFROUTE_SIP__LISTEN", open.as_str()),
+            ("CONFROUTE_SIP__TRUSTED_CIDRS", "[\"10.0.0.0/8\"]"),
+        ],
+        vec![("CONFROUTE_SIP__LISTEN", loopback.as_str())],
+    ] {
+        let (_dir, mut p) = spawn_with_until("confroute-controller", &redis.url(), &env, "started");
+        p.signal(libc::SIGTERM).expect("sigterm");
+        let _ = p.wait_exit(Duration::from_secs(10));
+        assert!(!p.output().contains(warning), "{env:?}: {}", p.output());
+    }
+}
+
 /// A `RUST_LOG` that is not a filter is said, not silently replaced by `log.level`.
 #[test]
 fn a_bad_rust_log_is_named_and_log_level_used() {
