@@ -553,8 +553,9 @@ impl Issues {
     }
 }
 
-/// How to reach Redis: exactly one of `url`, `sentinel` or `cluster`.
-#[derive(Clone, Debug, Deserialize)]
+/// How to reach Redis: exactly one of `url`, `sentinel` or `cluster`. Its `Debug` hides the
+/// credentials a URL may carry (`redis://user:password@host`).
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// A single Redis: `redis://host:port/db` or `rediss://` for TLS.
@@ -603,8 +604,35 @@ pub struct RedisConfig {
     pub claim_lease: Duration,
 }
 
-/// Sentinel group settings.
-#[derive(Clone, Debug, Deserialize)]
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("sentinel", &self.sentinel)
+            .field("cluster", &self.cluster)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("conference_lease", &self.conference_lease)
+            .field("claim_lease", &self.claim_lease)
+            .finish()
+    }
+}
+
+/// URLs as they may be logged (see [`redact_url`]).
+fn redacted_all(urls: &[String]) -> Vec<String> {
+    urls.iter().map(|u| redact_url(u)).collect()
+}
+
+/// Sentinel group settings. Its `Debug` hides credentials in the addresses.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SentinelConfig {
     /// Name of the monitored primary (`sentinel monitor <name> ...`).
@@ -622,12 +650,32 @@ pub struct SentinelConfig {
     pub tls: bool,
 }
 
-/// Redis Cluster settings.
-#[derive(Clone, Debug, Deserialize)]
+impl std::fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("master_name", &self.master_name)
+            .field("addresses", &redacted_all(&self.addresses))
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// Redis Cluster settings. Its `Debug` hides credentials in the seeds.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Seed nodes as `host:port` or `redis://host:port`.
     pub seeds: Vec<String>,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("seeds", &redacted_all(&self.seeds))
+            .finish()
+    }
 }
 
 /// Default Redis address when none is configured.
@@ -1043,6 +1091,34 @@ impl Validate for LogConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Debug output of the Redis settings (a `tracing::debug!(?cfg)` some day) shows no
+    /// password a URL carries.
+    #[test]
+    fn redis_settings_debug_hides_url_credentials() {
+        let cfg = RedisConfig {
+            url: Some("redis://app:url-secret-1@redis:6379/0".into()),
+            sentinel: Some(SentinelConfig {
+                master_name: "main".into(),
+                addresses: vec!["redis://s:sentinel-secret-2@s1:26379".into()],
+                username: None,
+                password: None,
+                tls: false,
+            }),
+            cluster: Some(ClusterConfig {
+                seeds: vec!["redis://c:cluster-secret-3@c1:6379".into()],
+            }),
+            ..RedisConfig::default()
+        };
+        let shown = format!("{cfg:?}");
+        for secret in ["url-secret-1", "sentinel-secret-2", "cluster-secret-3"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("redis:6379/0") && shown.contains("c1:6379"),
+            "{shown}"
+        );
+    }
     use std::io::Write;
 
     #[derive(Debug, Deserialize, Default)]
