@@ -245,7 +245,8 @@ async fn attempt_all(
                     || (r.status().is_client_error()
                         && !matches!(r.status().as_u16(), 408 | 425 | 429)),
             ),
-            Err(e) => (without_url(&e), false),
+            // A host that resolves only to refused addresses is refused again at once.
+            Err(e) => (without_url(&e), refused_host(&e)),
         };
         if permanent || attempt >= cfg.max_attempts {
             metrics.webhooks.with_label_values(&["failed"]).inc();
@@ -258,6 +259,19 @@ async fn attempt_all(
         tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await;
         delay = (delay * 2).min(cfg.retry_max.max(cfg.retry_initial));
     }
+}
+
+/// Whether the request failed because its host resolves only to addresses no callback is
+/// sent to (the resolver's refusal, somewhere in the error's causes).
+fn refused_host(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<resolve::Refused>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Twilio's request signature: base64 of HMAC-SHA1, keyed with the auth token, over the URL
@@ -368,6 +382,48 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolver refusing every name, as the callback resolver refuses one that resolves
+    /// only to link-local addresses.
+    struct RefuseAll;
+
+    impl reqwest::dns::Resolve for RefuseAll {
+        fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+            let host = name.as_str().to_string();
+            Box::pin(async move {
+                Err(Box::new(resolve::Refused(host)) as Box<dyn std::error::Error + Send + Sync>)
+            })
+        }
+    }
+
+    /// The resolver's refusal is told apart from a failure worth retrying (a connection
+    /// refused, a timeout).
+    #[tokio::test]
+    async fn a_refused_host_is_not_retried() {
+        // As the agent does at start (reqwest is built without a default TLS provider).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let refusing = reqwest::Client::builder()
+            .dns_resolver(Arc::new(RefuseAll))
+            .build()
+            .expect("client");
+        let e = refusing
+            .post("http://metadata.test/")
+            .send()
+            .await
+            .expect_err("refused");
+        assert!(refused_host(&e), "{e:?}");
+        // Nothing listens on a port just freed: a connection refused is retried.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let e = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .expect_err("nothing listens");
+        assert!(!refused_host(&e), "{e:?}");
+    }
 
     /// Twilio's own worked example ("Validating signatures from Twilio"): the same URL, form
     /// and auth token give the signature Twilio's documentation shows.

@@ -18,15 +18,20 @@ impl Resolve for CallbackResolver {
             let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
             let kept = allowed(found);
             if kept.is_empty() {
-                return Err(format!(
-                    "`{host}` resolves only to link-local or unspecified addresses, where no status callback is sent"
-                )
-                .into());
+                return Err(Box::new(Refused(host)) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(kept.into_iter()) as Addrs)
         })
     }
 }
+
+/// A callback host that resolves only to addresses no callback is sent to: sending again
+/// would be refused again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "`{0}` resolves only to link-local or unspecified addresses, where no status callback is sent"
+)]
+pub struct Refused(pub String);
 
 /// The addresses of `found` a status callback may be sent to, in their order.
 fn allowed(found: impl Iterator<Item = SocketAddr>) -> Vec<SocketAddr> {
