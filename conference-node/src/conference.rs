@@ -751,10 +751,10 @@ impl Conference {
                     }
                     self.phase = Phase::Active;
                     self.epoch = epoch;
-                    // A new claim is a new record: the next count writes the settings.
-                    self.settings_saved = false;
                     // The heartbeat renews what the view says is active.
                     self.publish();
+                    // A new claim is a new record: the settings and numbers go in again.
+                    self.record_anew().await;
                 }
                 _ => {}
             },
@@ -2071,15 +2071,8 @@ impl Conference {
             HostedStatus::Owned => {}
             HostedStatus::Reclaimed => {
                 tracing::info!(conference = %self.name, epoch = self.epoch, "claim had expired while Redis was away; the heartbeat claimed it again");
-                // The record was made anew without the settings and the numbers used.
-                self.settings_saved = false;
+                self.record_anew().await;
                 self.counts_changed().await;
-                if let Some(cb) = &mut self.callbacks {
-                    cb.record_numbering().await;
-                }
-                if !self.seq.record_again().await {
-                    tracing::warn!(conference = %self.name, "event numbers not recorded again; a restart may repeat some");
-                }
             }
             HostedStatus::Lost => match self.node.store.lookup(&self.name).await {
                 // Same node, newer epoch: a restart of ours claimed it again.
@@ -2102,13 +2095,27 @@ impl Conference {
                     Fence::Owned(e) => {
                         tracing::info!(conference = %self.name, epoch = e, "claim re-established after it expired");
                         self.epoch = e;
-                        self.settings_saved = false;
+                        self.record_anew().await;
                         self.counts_changed().await;
                     }
                     Fence::Elsewhere { node, .. } => self.lost(&node).await,
                     Fence::NotServing | Fence::Unavailable(_) => {}
                 }
             }
+        }
+    }
+
+    /// The conference's record was made anew (its claim expired and was made again):
+    /// without the settings, the count, and the callback and event numbers used, which a
+    /// restart after it would otherwise number from the first blocks again.
+    /// The next count write puts the settings back.
+    async fn record_anew(&mut self) {
+        self.settings_saved = false;
+        if let Some(cb) = &mut self.callbacks {
+            cb.record_numbering().await;
+        }
+        if !self.seq.record_again().await {
+            tracing::warn!(conference = %self.name, "event numbers not recorded again; a restart may repeat some");
         }
     }
 
