@@ -257,18 +257,6 @@ fn force_buffer(socket: &socket2::Socket, option: libc::c_int, size: usize) -> s
     }
 }
 
-/// The source a connection counts against: its IPv4 address, or its IPv6 /64 (one host
-/// commonly holds a whole /64, and would otherwise have as many sources as it likes).
-fn source_of(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(std::net::Ipv6Addr::from(bits))
-        }
-        v4 => v4,
-    }
-}
-
 /// Connections open per source address; an entry goes when its last connection ends.
 type PerSource = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
 
@@ -329,7 +317,7 @@ pub async fn serve_tcp(
                     service.note_dropped("untrusted_connection");
                     continue;
                 }
-                let ip = source_of(peer.ip());
+                let ip = peer.ip().to_canonical();
                 let Some(source) = SourceSlot::take(&per_source, ip, limits.max_per_source) else {
                     service.note_dropped("too_many_connections_from_source");
                     if let Some(n) = from_source.note() {
@@ -699,22 +687,6 @@ const LINGER_BYTES: usize = 1 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ipv6_sources_count_by_their_64() {
-        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
-        assert_eq!(
-            source_of(ip("2001:db8:1:2:aaaa::1")),
-            source_of(ip("2001:db8:1:2:bbbb::9"))
-        );
-        assert_ne!(
-            source_of(ip("2001:db8:1:2::1")),
-            source_of(ip("2001:db8:1:3::1"))
-        );
-        assert_eq!(source_of(ip("10.0.0.5")), ip("10.0.0.5"));
-        assert_eq!(source_of(ip("::ffff:10.0.0.5")), ip("10.0.0.5"));
-        assert_ne!(source_of(ip("10.0.0.5")), source_of(ip("10.0.0.6")));
-    }
 
     #[test]
     fn frames_pipelined_messages_by_content_length() {
