@@ -694,60 +694,6 @@ fn cluster_seeds_and_an_existing_password_secret() {
     }
 }
 
-/// Running containers mount ConfigMap files by `subPath`, never a ConfigMap directory: the
-/// kubelet rewrites a directory in running pods soon after an upgrade, and a container of a
-/// pod the (hours-long) node rollout has not reached yet, restarted meanwhile, would read the
-/// next release's settings and scripts with its own image. Files it mounts are the ones the
-/// commands and the preStop hooks name.
-#[test]
-fn running_containers_keep_the_config_files_their_pod_started_with() {
-    let r = check_scenario("default");
-    for (kind, suffix, containers) in [
-        ("StatefulSet", "-node", &["agent", "asterisk"][..]),
-        ("Deployment", "-controller", &["controller"][..]),
-    ] {
-        let workload = r.one(kind, suffix);
-        let config_maps: Vec<&str> = workload["spec"]["template"]["spec"]["volumes"]
-            .as_array()
-            .expect("volumes")
-            .iter()
-            .filter(|v| v["configMap"].is_object())
-            .filter_map(|v| v["name"].as_str())
-            .collect();
-        for name in containers {
-            let c = r.container(workload, name);
-            let mounts = c["volumeMounts"].as_array().expect("volumeMounts");
-            for m in mounts {
-                let volume = m["name"].as_str().unwrap_or_default();
-                if config_maps.contains(&volume) {
-                    assert!(
-                        m["subPath"].is_string(),
-                        "{suffix}/{name}: ConfigMap {volume} mounted as a directory: {m}"
-                    );
-                }
-            }
-            let paths: Vec<&str> = mounts
-                .iter()
-                .filter_map(|m| m["mountPath"].as_str())
-                .collect();
-            let used = [&c["command"], &c["lifecycle"]["preStop"]["exec"]["command"]]
-                .into_iter()
-                .filter_map(|cmd| cmd.as_array())
-                .flatten()
-                .filter_map(|arg| arg.as_str())
-                .filter(|arg| arg.starts_with("/etc/confroute/"))
-                .collect::<Vec<_>>();
-            assert!(!used.is_empty(), "{suffix}/{name}: names a mounted file");
-            for file in used {
-                assert!(
-                    paths.contains(&file),
-                    "{suffix}/{name}: {file} is not mounted"
-                );
-            }
-        }
-    }
-}
-
 /// A Redis TLS Secret from a public issuer has no `ca.crt`: with `caCertificate: false` the
 /// binaries keep the public roots and take only the client certificate from it.
 #[test]
