@@ -211,19 +211,23 @@ pub async fn start(cfg: NodeConfig) -> Result<Agent, StartError> {
     if let IdCheck::Free(Some(last)) = &check {
         *crate::node::lock(&node.seen_state) = Some(last.info.state);
     }
-    if matches!(check, IdCheck::Unreadable(_)) {
-        // Registered by the heartbeat once Redis answers, after the same check.
-        node.id_unchecked.store(true, Ordering::SeqCst);
-    } else if !heartbeat::register(&node).await {
-        tracing::warn!("Redis not reachable at start-up; refusing new conferences until it is");
-    }
     if initial == NodeState::Draining {
+        // Resumed before the registration, which then finds any undrain an admin set since
+        // the record was read, keeps it, and the heartbeat adopts it (resumed after, the
+        // drain's own write would undo it).
+        node.measure_redis_clock().await;
         tracing::info!("the node record says draining (an admin drained it): resuming the drain");
         match drain_since {
             Some(since) => crate::lifecycle::resume_drain(&node, since).await,
             // A record written before drains kept their start: a whole deadline.
             None => crate::lifecycle::drain(&node, false).await,
         };
+    }
+    if matches!(check, IdCheck::Unreadable(_)) {
+        // Registered by the heartbeat once Redis answers, after the same check.
+        node.id_unchecked.store(true, Ordering::SeqCst);
+    } else if !heartbeat::register(&node).await {
+        tracing::warn!("Redis not reachable at start-up; refusing new conferences until it is");
     }
     let mut tasks = vec![
         tokio::spawn(heartbeat::run(node.clone())),
