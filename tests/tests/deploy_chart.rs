@@ -183,6 +183,9 @@ fn defaults_render_a_complete_deployment() {
     // Not `/readyz`: a Redis outage would leave the SIP Service without an endpoint, where
     // the controllers must answer 503 with Retry-After.
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    // But a new controller is ready only once it has reached Redis: a release that cannot
+    // stalls its rollout rather than replacing the working controllers.
+    assert_eq!(c["startupProbe"]["httpGet"]["path"], "/readyz");
     let sc = &c["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
