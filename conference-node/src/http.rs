@@ -115,10 +115,10 @@ async fn authorize(State(node): State<Arc<Node>>, req: Request, next: Next) -> R
     }
 }
 
-/// The 403 for a request from a web page of another site (see `confroute_shared::origin`),
-/// or the 401 for one without the configured token, if one is configured.
+/// The 401 for a request without the configured token, if one is configured; without one,
+/// the 403 for a request from a web page of another site (see `confroute_shared::origin`).
 fn unauthorized(node: &Node, req: &Request) -> Option<Response> {
-    if confroute_shared::origin::cross_site(req.headers()) {
+    if node.cfg.http.api_token.is_none() && confroute_shared::origin::cross_site(req.headers()) {
         return Some(
             ApiError::new(
                 StatusCode::FORBIDDEN,

@@ -1,4 +1,4 @@
-//! Refusing the API to web pages of other sites.
+//! Refusing an API left without a token to web pages of other sites.
 //!
 //! Applications, `confroute-ctl` and edges call the API from programs, which send no `Origin`
 //! (or, as some WebSocket libraries do, one naming the server they call). A browser sends
@@ -6,8 +6,12 @@
 //! POST without asking first (a "simple" request) and open a WebSocket to any address: a
 //! page the operator merely visits could otherwise dial out, end conferences or drain nodes
 //! through an API left without a token, and read the call-control WebSocket's answers. The
-//! API serves no page of its own, so a request whose `Origin` is not the server it calls
-//! comes from another site's page, and is refused.
+//! API serves no page of its own, so a request whose `Origin` names another host than the
+//! one it calls comes from another site's page, and is refused. With a token the check is
+//! not needed (a page cannot send the `Authorization` header without the server's consent,
+//! which the API never gives), and is not made: a reverse proxy rewriting `Host` would make
+//! a program's own `Origin` look foreign. It does not stop a page whose name the attacker
+//! points at the server (DNS rebinding): only the token does.
 
 use axum::http::{header, HeaderMap};
 

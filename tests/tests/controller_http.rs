@@ -1303,3 +1303,26 @@ async fn a_stop_lets_a_call_control_request_in_flight_finish() {
         .wait_exit(Duration::from_secs(10))
         .expect("exits");
 }
+
+/// With a token, a request's `Origin` is not judged: a program behind a reverse proxy that
+/// rewrites `Host` (its own `Origin` then names another host) is served on its token, and a
+/// browser page cannot send the token anyway. Without the token it is refused as always.
+#[tokio::test]
+async fn with_a_token_a_foreign_origin_is_not_refused() {
+    let s = setup(Some(TOKEN)).await;
+    let route = |token: Option<&'static str>| {
+        let mut req = fixtures::http()
+            .post(format!("{}/v1/route", s.controller.http_url()))
+            .header("origin", "https://public-name.example")
+            .header("content-type", "application/json")
+            .body(r#"{"conference":"behind-a-proxy"}"#);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    let served = route(Some(TOKEN)).await.expect("request");
+    assert_eq!(served.status().as_u16(), 200);
+    let refused = route(None).await.expect("request");
+    assert_eq!(refused.status().as_u16(), 401);
+}

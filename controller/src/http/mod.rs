@@ -190,7 +190,7 @@ async fn gate(State(state): State<ApiState>, req: Request, next: Next) -> Respon
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let mut resp = match &state.token {
-        _ if guarded && confroute_shared::origin::cross_site(req.headers()) => ApiError::new(
+        None if guarded && confroute_shared::origin::cross_site(req.headers()) => ApiError::new(
             StatusCode::FORBIDDEN,
             "cross_site",
             "refused: the request comes from a web page of another site (its Origin is not this server)",
