@@ -698,8 +698,9 @@ mod tests {
 
     #[test]
     fn error_codes_have_bounded_labels() {
-        // Every code, kept whole by the match below: a new code fails to compile here until
-        // it is listed, and then this test until the metric's outcomes know its label.
+        // Every code: the match below stops compiling when a code is added, as a reminder to
+        // list it in `codes` too (kept in step by hand), and then this test fails until the
+        // metric's outcomes know its label.
         let codes = [
             ErrorCode::ConferenceNotFound,
             ErrorCode::ParticipantNotFound,

@@ -626,9 +626,15 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
-/// URLs as they may be logged (see [`redact_url`]).
+/// Addresses as they may be logged: a URL as [`redact_url`] shows it, and `user:pass@host`
+/// (an address taken without its scheme) without its user part.
 fn redacted_all(urls: &[String]) -> Vec<String> {
-    urls.iter().map(|u| redact_url(u)).collect()
+    urls.iter()
+        .map(|u| match (u.contains("://"), u.rfind('@')) {
+            (false, Some(at)) => format!("***@{}", &u[at + 1..]),
+            _ => redact_url(u),
+        })
+        .collect()
 }
 
 /// Sentinel group settings. Its `Debug` hides credentials in the addresses.
@@ -1100,7 +1106,10 @@ mod tests {
             url: Some("redis://app:url-secret-1@redis:6379/0".into()),
             sentinel: Some(SentinelConfig {
                 master_name: "main".into(),
-                addresses: vec!["redis://s:sentinel-secret-2@s1:26379".into()],
+                addresses: vec![
+                    "redis://s:sentinel-secret-2@s1:26379".into(),
+                    "s:bare-secret-4@s2:26379".into(),
+                ],
                 username: None,
                 password: None,
                 tls: false,
@@ -1111,7 +1120,12 @@ mod tests {
             ..RedisConfig::default()
         };
         let shown = format!("{cfg:?}");
-        for secret in ["url-secret-1", "sentinel-secret-2", "cluster-secret-3"] {
+        for secret in [
+            "url-secret-1",
+            "sentinel-secret-2",
+            "cluster-secret-3",
+            "bare-secret-4",
+        ] {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(

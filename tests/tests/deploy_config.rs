@@ -381,6 +381,11 @@ fn durations_the_binaries_refuse_are_refused_by_the_chart() {
             ),
         ),
         (
+            serde_json::json!({"node": {"config": {"webhook": {"shutdown_wait": "11m"}}}}),
+            "node.config.webhook.shutdown_wait",
+            ("confroute-node", "CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "11m"),
+        ),
+        (
             serde_json::json!({"node": {"config": {"ari": {"release_after": "500ms"}}}}),
             "node.config.ari.release_after",
             ("confroute-node", "CONFROUTE_ARI__RELEASE_AFTER", "500ms"),

@@ -307,6 +307,8 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- end -}}
 {{- end -}}
 {{- include "confroute.checkDuration" (dict "key" "node.config.node.heartbeat_interval" "value" $n.heartbeat_interval "min" 100000.0 "max" 20000000.0 "limit" "must be between 100ms and 20s, a third of the 60s redis.conference_lease (claims are renewed only by heartbeats, three per lease)") -}}
+{{- $webhook := (.Values.node.config | default dict).webhook | default dict -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.webhook.shutdown_wait" "value" $webhook.shutdown_wait "min" 1.0 "max" 600000000.0 "limit" "must be greater than zero and at most 10m") -}}
 {{- end -}}
 
 {{/* The controller's TOML file. */}}
