@@ -22,28 +22,25 @@ fn promtool_checks_the_rules_file() {
     assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
 }
 
+/// Runs `promtool test rules` on the unit-test file `file` of tests/deploy; asserts it passes.
+fn promtool_test_rules(file: &str) {
+    let promtool = require_tool("promtool", "prometheus").expect("promtool");
+    let out = run(Command::new(promtool)
+        .current_dir(deploy_dir())
+        .args(["test", "rules", file]));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 #[test]
 fn promtool_unit_tests_of_every_alert_pass() {
-    let promtool = require_tool("promtool", "prometheus").expect("promtool");
-    let out = run(Command::new(promtool).current_dir(deploy_dir()).args([
-        "test",
-        "rules",
-        "alerts.test.yaml",
-    ]));
-    assert!(out.status.success(), "{}", text(&out));
+    promtool_test_rules("alerts.test.yaml");
 }
 
 /// The heartbeat alert at Prometheus's default 1 minute scrape interval, evaluated between
 /// scrapes: it keeps firing at every alignment.
 #[test]
 fn the_heartbeat_alert_fires_at_every_alignment_with_one_minute_scrapes() {
-    let promtool = require_tool("promtool", "prometheus").expect("promtool");
-    let out = run(Command::new(promtool).current_dir(deploy_dir()).args([
-        "test",
-        "rules",
-        "alerts.scrape-phase.test.yaml",
-    ]));
-    assert!(out.status.success(), "{}", text(&out));
+    promtool_test_rules("alerts.scrape-phase.test.yaml");
 }
 
 /// Each alert has a case where it fires and one where it does not.

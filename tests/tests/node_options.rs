@@ -1457,54 +1457,49 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
 /// `webhook.shutdown_wait` for them all, not a bound tied to one POST's deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_conferences_end_callback_goes_out_behind_its_leaves_at_exit() {
+    // One POST's deadline: twice it is less than the queue at exit takes.
+    let (s, events) =
+        leaves_and_end_at_exit("crowd", 5, ("CONFROUTE_WEBHOOK__TIMEOUT", "500ms")).await;
+    let mut expected = vec!["participant-leave".to_string(); 5];
+    expected.push("conference-end".to_string());
+    assert_eq!(events, expected, "{}", s.node.output());
+}
+
+/// `n` callers in `conference`, asking for leave and end callbacks from a receiver taking
+/// 300 ms per answer, on an agent with `setting` that is then stopped (its drain deadline
+/// 1 s); the agent and the callbacks received by its exit.
+async fn leaves_and_end_at_exit(
+    conference: &str,
+    n: usize,
+    setting: (&str, &str),
+) -> (Single, Vec<String>) {
     let (url, got) = receiver_with(0, std::time::Duration::from_millis(300)).await;
     let mut s = Single::start(&[
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
         ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
-        // One POST's deadline: twice it is less than the queue at exit takes.
-        ("CONFROUTE_WEBHOOK__TIMEOUT", "500ms"),
+        setting,
     ])
     .await;
     let vars = [
         ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
         ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
     ];
-    let mut callers = Vec::new();
-    for _ in 0..5 {
-        let c = dial(&s.sim, "crowd", &vars).await;
+    for _ in 0..n {
+        let c = dial(&s.sim, conference, &vars).await;
         wait_bridged(&s.sim, &c).await;
-        callers.push(c);
     }
     stop(&mut s).await;
     let events = callback_events(&got);
-    let mut expected = vec!["participant-leave".to_string(); callers.len()];
-    expected.push("conference-end".to_string());
-    assert_eq!(events, expected, "{}", s.node.output());
+    (s, events)
 }
 
 /// A conference ending with more leaves than its callback queue holds (behind a slow
 /// receiver) drops leaves, counted, but never its `conference-end`, which comes last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_callback_queue_drops_leaves_but_never_the_end() {
-    let (url, got) = receiver_with(0, std::time::Duration::from_millis(300)).await;
-    let mut s = Single::start(&[
-        ("CONFROUTE_CONFERENCE__BEEP", "false"),
-        ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
-        ("CONFROUTE_WEBHOOK__QUEUE_SIZE", "2"),
-    ])
-    .await;
-    let vars = [
-        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-        ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
-    ];
-    let mut callers = Vec::new();
-    for _ in 0..6 {
-        let c = dial(&s.sim, "overflow", &vars).await;
-        wait_bridged(&s.sim, &c).await;
-        callers.push(c);
-    }
-    stop(&mut s).await;
-    let events = callback_events(&got);
+    const CALLERS: usize = 6;
+    let (s, events) =
+        leaves_and_end_at_exit("overflow", CALLERS, ("CONFROUTE_WEBHOOK__QUEUE_SIZE", "2")).await;
     assert_eq!(
         events.last().map(String::as_str),
         Some("conference-end"),
@@ -1512,10 +1507,7 @@ async fn a_full_callback_queue_drops_leaves_but_never_the_end() {
         s.node.output()
     );
     let leaves = events.iter().filter(|e| *e == "participant-leave").count();
-    assert!(
-        leaves < callers.len(),
-        "the queue of 2 overflowed: {events:?}"
-    );
+    assert!(leaves < CALLERS, "the queue of 2 overflowed: {events:?}");
     assert!(
         s.node
             .output()
