@@ -231,6 +231,12 @@ async fn attempt_all(
             request = request.header("X-Twilio-Signature", s);
         }
         let result = request.send().await;
+        // A receiver that says when to come back (429, 503) is asked again then, within
+        // `webhook.retry_max`, rather than sooner.
+        let asked_wait = match &result {
+            Ok(r) if matches!(r.status().as_u16(), 429 | 503) => retry_after(r.headers()),
+            _ => None,
+        };
         let (why, permanent) = match result {
             Ok(r) if r.status().is_success() => {
                 metrics.webhooks.with_label_values(&["delivered"]).inc();
@@ -255,10 +261,28 @@ async fn attempt_all(
         }
         metrics.webhook_retries.inc();
         tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
-        // Jittered, so the conferences of a node do not all come back at once.
-        tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await;
-        delay = (delay * 2).min(cfg.retry_max.max(cfg.retry_initial));
+        let most = cfg.retry_max.max(cfg.retry_initial);
+        match asked_wait {
+            Some(wait) => tokio::time::sleep(wait.min(most)).await,
+            // Jittered, so the conferences of a node do not all come back at once.
+            None => tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await,
+        }
+        delay = (delay * 2).min(most);
     }
+}
+
+/// The wait a `Retry-After` header asks for, in seconds (RFC 9110 §10.2.3); its HTTP-date
+/// form is not read (the usual backoff applies).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)))
 }
 
 /// Whether the request failed because its host resolves only to addresses no callback is

@@ -1517,6 +1517,52 @@ async fn a_full_callback_queue_drops_leaves_but_never_the_end() {
     );
 }
 
+/// A receiver answering 429 with `Retry-After: 2` is asked again after those 2 s, not after
+/// the agent's own backoff (50 ms here); the event then goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receivers_retry_after_is_waited_for() {
+    type Arrivals = Arc<Mutex<Vec<std::time::Instant>>>;
+    let arrivals: Arrivals = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            post(|State(arrivals): State<Arrivals>| async move {
+                let mut a = arrivals.lock().expect("lock");
+                a.push(std::time::Instant::now());
+                if a.len() == 1 {
+                    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "2")]).into_response()
+                } else {
+                    StatusCode::NO_CONTENT.into_response()
+                }
+            }),
+        )
+        .with_state(arrivals.clone());
+    let url = format!("http://{}/events", fixtures::serve_http(app).await);
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_WEBHOOK__RETRY_INITIAL", "50ms"),
+        ("CONFROUTE_WEBHOOK__RETRY_MAX", "10s"),
+    ])
+    .await;
+    let vars = [
+        ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+        ("CONFROUTE_STATUS_CALLBACK_EVENT", "start"),
+    ];
+    let c = dial(&s.sim, "rate-limited", &vars).await;
+    wait_bridged(&s.sim, &c).await;
+    wait_for_async("the callback delivered on its second try", WAIT, || async {
+        (arrivals.lock().expect("lock").len() == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let a = arrivals.lock().expect("lock").clone();
+    let waited = a[1] - a[0];
+    assert!(
+        waited >= std::time::Duration::from_millis(1900),
+        "asked again after {waited:?}, not the 2 s asked for"
+    );
+}
+
 /// Signed callbacks: the signature, the URL as the receiver rebuilds it, and the form.
 type Signed = Arc<Mutex<Vec<(String, String, Vec<(String, String)>)>>>;
 
