@@ -168,10 +168,12 @@ async fn rehoming_from_a_dead_owner_moves_each_name_once() {
     let redis = RedisServer::start().expect("redis");
     let cfg = lasting(fixtures::single(&redis.url()));
     let store = fixtures::store(&cfg);
+    // A lease long enough for every claim below on a loaded machine; the owner's last
+    // heartbeat (after them) grants a short one.
     store
         .register(
             &fixtures::node("node-dead", 100_000),
-            Duration::from_secs(1),
+            Duration::from_secs(60),
         )
         .await
         .expect("register the owner to die");
@@ -187,6 +189,13 @@ async fn rehoming_from_a_dead_owner_moves_each_name_once() {
         );
     }
     register_contender_nodes(&store).await;
+    store
+        .register(
+            &fixtures::node("node-dead", 100_000),
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("the owner's last heartbeat");
     // The owner stops heartbeating: its lease runs out.
     let deadline = Instant::now() + Duration::from_secs(10);
     while store
