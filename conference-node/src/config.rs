@@ -225,6 +225,9 @@ pub struct Profile {
     pub status_callback_event: Option<Vec<CallbackEvent>>,
 }
 
+/// Largest `webhook.queue_size` (events queued per conference).
+pub const MAX_QUEUE_SIZE: usize = 1_000_000;
+
 /// Longest `webhook.shutdown_wait`: past it a stop would outlast any sane grace period.
 const MAX_SHUTDOWN_WAIT: Duration = Duration::from_secs(600);
 
@@ -680,8 +683,10 @@ impl Validate for NodeConfig {
         if self.webhook.max_attempts == 0 {
             issues.add("webhook.max_attempts", "must be at least 1");
         }
-        if self.webhook.queue_size == 0 {
-            issues.add("webhook.queue_size", "must be at least 1");
+        // Each queue holds whole callback forms: past a million per conference the node
+        // runs out of memory long before, and the channel cannot be that large anyway.
+        if !(1..=MAX_QUEUE_SIZE).contains(&self.webhook.queue_size) {
+            issues.add("webhook.queue_size", "must be between 1 and 1000000");
         }
         if self.webhook.timeout.is_zero() {
             issues.add("webhook.timeout", "must be greater than zero");
@@ -957,6 +962,12 @@ mod tests {
                 "CONFROUTE_WEBHOOK__SHUTDOWN_WAIT",
                 "11m",
                 "webhook.shutdown_wait",
+            ),
+            ("CONFROUTE_WEBHOOK__QUEUE_SIZE", "0", "webhook.queue_size"),
+            (
+                "CONFROUTE_WEBHOOK__QUEUE_SIZE",
+                "1000001",
+                "webhook.queue_size",
             ),
             ("CONFROUTE_HTTP__LISTEN", "localhost:9090", "http.listen"),
             ("CONFROUTE_WEBHOOK__AUTH_TOKEN", "", "webhook.auth_token"),

@@ -263,7 +263,9 @@ async fn attempt_all(
         tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
         let most = cfg.retry_max.max(cfg.retry_initial);
         match asked_wait {
-            Some(wait) => tokio::time::sleep(wait.min(most)).await,
+            // Not sooner than the first retry either: `Retry-After: 0` from a receiver still
+            // refusing would have the attempts spent back to back.
+            Some(wait) => tokio::time::sleep(wait.clamp(cfg.retry_initial, most)).await,
             // Jittered, so the conferences of a node do not all come back at once.
             None => tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await,
         }

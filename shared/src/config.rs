@@ -629,8 +629,18 @@ impl std::fmt::Debug for RedisConfig {
 /// Addresses as they may be logged: a URL as [`redact_url`] shows it, and `user:pass@host`
 /// (an address taken without its scheme) without its user part.
 fn redacted_all(urls: &[String]) -> Vec<String> {
+    // A scheme is letters first, then letters, digits, `+`, `-` or `.`: a `://` after
+    // anything else is inside a password.
+    let has_scheme = |u: &str| {
+        u.split_once("://").is_some_and(|(scheme, _)| {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        })
+    };
     urls.iter()
-        .map(|u| match (u.contains("://"), u.rfind('@')) {
+        .map(|u| match (has_scheme(u), u.rfind('@')) {
             (false, Some(at)) => format!("***@{}", &u[at + 1..]),
             _ => redact_url(u),
         })
@@ -1109,6 +1119,7 @@ mod tests {
                 addresses: vec![
                     "redis://s:sentinel-secret-2@s1:26379".into(),
                     "s:bare-secret-4@s2:26379".into(),
+                    "s:odd://secret-5@s3:26379".into(),
                 ],
                 username: None,
                 password: None,
@@ -1125,6 +1136,8 @@ mod tests {
             "sentinel-secret-2",
             "cluster-secret-3",
             "bare-secret-4",
+            "odd:",
+            "secret-5",
         ] {
             assert!(!shown.contains(secret), "{shown}");
         }
