@@ -17,6 +17,9 @@ use tokio::sync::oneshot;
 /// changes.
 pub const BLOCK: u64 = 10_000;
 
+/// First wait before trying an adopted conference's reservation again.
+const RESUME_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Reserves the next block above `used`; its last number, or `None` when none was had.
 pub(crate) trait Reserve: Send + Sync {
     /// Reserves the block after `used` (the highest number that may have been used).
@@ -83,16 +86,23 @@ impl Sequence {
     }
 
     /// An adopted conference: numbers from a block above anything an earlier lifetime may
-    /// have used; false (numbering from 1) when none could be reserved.
+    /// have used; false (numbering from 1) when none could be reserved. Tried three times
+    /// within 0.6 s: numbering from 1 again repeats numbers an application has seen under
+    /// the same ConferenceSid, so a moment of Redis trouble is worth waiting out.
     pub(crate) async fn resume(&mut self) -> bool {
-        match self.reservations.reserve(0).await {
-            Some(ceiling) => {
+        let mut wait = RESUME_RETRY;
+        for attempt in 1..=3 {
+            if let Some(ceiling) = self.reservations.reserve(0).await {
                 self.last = ceiling.saturating_sub(BLOCK);
                 self.ceiling = ceiling;
-                true
+                return true;
             }
-            None => false,
+            if attempt < 3 {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
         }
+        false
     }
 
     /// Records in a record made anew (a claim made again after it expired) a block above the
@@ -213,6 +223,40 @@ mod tests {
         let mut again = Sequence::new(rec);
         assert!(again.resume().await);
         assert!(numbers(&mut again, 1).await[0] > few[2]);
+    }
+
+    /// A reservation that fails a moment (Redis trouble) is tried again before an adopted
+    /// conference numbers from 1 again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resume_tries_again_before_numbering_from_one() {
+        struct FailingFirst {
+            inner: Arc<Record>,
+            failures: Mutex<u32>,
+        }
+        impl Reserve for FailingFirst {
+            fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>> {
+                let mut f = self.failures.lock().expect("lock");
+                if *f > 0 {
+                    *f -= 1;
+                    return Box::pin(async { None });
+                }
+                self.inner.reserve(used)
+            }
+        }
+        let rec = record(true);
+        let mut first = Sequence::new(rec.clone());
+        numbers(&mut first, 3).await;
+        let flaky = |failures| {
+            Arc::new(FailingFirst {
+                inner: rec.clone(),
+                failures: Mutex::new(failures),
+            })
+        };
+        let mut second = Sequence::new(flaky(2));
+        assert!(second.resume().await, "the third try is had");
+        assert!(numbers(&mut second, 1).await[0] > BLOCK);
+        let mut third = Sequence::new(flaky(3));
+        assert!(!third.resume().await, "three failures give up");
     }
 
     /// A record made anew (its claim expired and was made again) has lost what was reserved:
