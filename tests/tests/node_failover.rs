@@ -1326,18 +1326,32 @@ async fn commands_heard(s: &Single, n: usize) {
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
 }
 
+/// Restarts the agent with its first look at Asterisk held (its channel listing), and waits
+/// until it hears commands.
+async fn restart_before_the_first_look(s: &mut Single) {
+    s.restart_with_channel_listing_held().await;
+    s.node
+        .wait_log("command bus subscribed", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
+/// An agent with a controller and a caller in conference `kept`, restarted as
+/// [`restart_before_the_first_look`] says; the caller's channel.
+async fn kept_caller_before_the_first_look(
+) -> (Single, confroute_tests::harness::ControllerProc, String) {
+    let (mut s, controller) = agent_with_a_controller().await;
+    let a = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    restart_before_the_first_look(&mut s).await;
+    (s, controller, a)
+}
+
 /// A command for a conference Asterisk still holds, reaching a restarted agent before it has
 /// looked at what Asterisk holds, waits for that look and is carried out: answered "not
 /// hosted" it would tell the application the conference had ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_before_the_restarted_agents_first_look_waits_for_the_adoption() {
-    let (mut s, controller) = agent_with_a_controller().await;
-    let a = dial(&s.sim, "kept", &[]).await;
-    wait_bridged(&s.sim, &a).await;
-    s.restart_with_channel_listing_held().await;
-    s.node
-        .wait_log("command bus subscribed", WAIT)
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let (s, controller, _caller) = kept_caller_before_the_first_look().await;
     let port = controller.http_port;
     let listed = call_apart(
         port,
@@ -1409,13 +1423,7 @@ async fn a_held_command_does_not_hold_up_commands_for_hosted_conferences() {
 /// "not hosted", and the callers stayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_before_the_restarted_agents_first_look_ends_the_adopted_conference() {
-    let (mut s, controller) = agent_with_a_controller().await;
-    let a = dial(&s.sim, "kept", &[]).await;
-    wait_bridged(&s.sim, &a).await;
-    s.restart_with_channel_listing_held().await;
-    s.node
-        .wait_log("command bus subscribed", WAIT)
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let (s, controller, a) = kept_caller_before_the_first_look().await;
     let port = controller.http_port;
     let ended = call_apart(
         port,
@@ -1440,10 +1448,7 @@ async fn a_dialout_held_behind_another_command_still_starts_its_conference() {
         .claim(&name("placed"), &[fixtures::id("node-a")])
         .await
         .expect("claim");
-    s.restart_with_channel_listing_held().await;
-    s.node
-        .wait_log("command bus subscribed", WAIT)
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    restart_before_the_first_look(&mut s).await;
     let port = controller.http_port;
     let listed = call_apart(
         port,

@@ -1813,6 +1813,17 @@ async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
             .expect("exists")
     };
     let lease = Duration::from_secs(30);
+    // Whether the store settles for a node whose record was lost within the last hour: only
+    // nodes registered before that keep the mark off.
+    let settles_after_an_hour = || {
+        let store = store.clone();
+        async move {
+            store
+                .settle_after_loss(lease, Duration::from_secs(3600))
+                .await
+                .expect("settle")
+        }
+    };
     // Node a registered longer ago than the caller's record can have been lost: it outlived
     // whatever took that record, so Redis did not lose everything.
     assert!(!store
@@ -1822,10 +1833,7 @@ async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
     assert_eq!(mark(), 0);
     // Registered since: a newcomer (or another node already back) says nothing about the
     // others, and placements wait for them.
-    assert!(store
-        .settle_after_loss(lease, Duration::from_secs(3600))
-        .await
-        .expect("settle"));
+    assert!(settles_after_an_hour().await);
     assert_eq!(mark(), 1);
     // A record that does not say when it registered counts as from before.
     redis
@@ -1838,10 +1846,7 @@ async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
     redis
         .query(redis::cmd("DEL").arg("{confroute}:settling"))
         .expect("del");
-    assert!(!store
-        .settle_after_loss(lease, Duration::from_secs(3600))
-        .await
-        .expect("settle"));
+    assert!(!settles_after_an_hour().await);
     assert_eq!(mark(), 0);
     // An agent restarting over its live record (a rolling restart) keeps it from before.
     redis
@@ -1856,19 +1861,13 @@ async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
         .register_agent(&node("a", 10), lease, true)
         .await
         .expect("register again");
-    assert!(!store
-        .settle_after_loss(lease, Duration::from_secs(3600))
-        .await
-        .expect("settle"));
+    assert!(!settles_after_an_hour().await);
     assert_eq!(mark(), 0);
     // An index entry whose record is gone (deleted, evicted) is no live node from before.
     redis
         .query(redis::cmd("DEL").arg("{confroute}:node:a"))
         .expect("del");
-    assert!(store
-        .settle_after_loss(lease, Duration::from_secs(3600))
-        .await
-        .expect("settle"));
+    assert!(settles_after_an_hour().await);
     assert_eq!(mark(), 1);
 }
 
