@@ -345,3 +345,165 @@ async fn controller_refusals_reach_the_caller_through_kamailio_unchanged() {
     let page = s.store.list_conferences(None, 10).await.expect("list");
     assert!(page.items.is_empty(), "nothing claimed: {:?}", page.items);
 }
+
+/// A UDP caller at `source` (a loopback address of its own, as Kamailio's flood protection
+/// counts by address) that sends INVITEs for made-up conferences straight from a socket.
+struct RawCaller {
+    socket: UdpSocket,
+    /// Final status of each call answered so far, by Call-ID.
+    finals: HashMap<String, u16>,
+}
+
+impl RawCaller {
+    fn new(source: &str) -> Self {
+        let socket = UdpSocket::bind((source, 0)).expect("bind caller");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        RawCaller {
+            socket,
+            finals: HashMap::new(),
+        }
+    }
+
+    /// Sends `count` INVITEs at once, each for a conference of its own; returns their Call-IDs.
+    fn invite(&self, edge: std::net::SocketAddr, tag: &str, count: usize) -> Vec<String> {
+        let local = self.socket.local_addr().expect("local addr");
+        (0..count)
+            .map(|i| {
+                let call_id = format!("{tag}-{i}@{}", local.ip());
+                let invite = format!(
+                    "INVITE sip:{tag}-{i}@{edge} SIP/2.0\r\n\
+                     Via: SIP/2.0/UDP {local};branch=z9hG4bK-{tag}-{i}\r\n\
+                     Max-Forwards: 70\r\nFrom: <sip:caller@{local}>;tag=f{i}\r\n\
+                     To: <sip:{tag}-{i}@{edge}>\r\nCall-ID: {call_id}\r\n\
+                     CSeq: 1 INVITE\r\nContact: <sip:caller@{local}>\r\n\
+                     Content-Length: 0\r\n\r\n"
+                );
+                self.socket.send_to(invite.as_bytes(), edge).expect("send");
+                call_id
+            })
+            .collect()
+    }
+
+    /// Reads what has arrived, recording each final answer.
+    fn read(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let status = text
+                .strip_prefix("SIP/2.0 ")
+                .and_then(|rest| rest.get(..3))
+                .and_then(|code| code.parse::<u16>().ok());
+            let call_id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Call-ID: "))
+                .map(str::to_string);
+            if let (Some(status @ 200..), Some(call_id)) = (status, call_id) {
+                self.finals.insert(call_id, status);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_antiflood_option_drops_a_flooding_source_but_not_trusted_ones() {
+    // No node: every INVITE that gets through is answered 503 by the controller, passed on by
+    // Kamailio; one the flood protection drops is answered by nobody, and logged.
+    let s = setup(None).await;
+    let opts = KamailioOptions::new(kamailio_example_config())
+        .define(
+            "CONTROLLER",
+            format!("\"sip:127.0.0.1:{};transport=udp\"", s.controller.sip_port),
+        )
+        .define("UDP_CHILDREN", "2")
+        .define("TCP_CHILDREN", "2")
+        .define("LOG_LEVEL", "2")
+        .define("WITH_ANTIFLOOD", "1")
+        .define("ANTIFLOOD_DENSITY", "10")
+        .define("ANTIFLOOD_TRUSTED", "\"192.0.2.1,127.0.0.3/32\"");
+    let kam = KamailioProc::start(&opts).expect("kamailio");
+    let edge = kam.sip_addr();
+    const FLOOD: usize = 200;
+
+    // The flooding source: every INVITE is either answered or logged as dropped, and some
+    // are dropped.
+    let mut flooder = RawCaller::new("127.0.0.2");
+    flooder.invite(edge, "flood", FLOOD);
+    let dropped = || {
+        kam.output()
+            .lines()
+            .filter(|l| {
+                l.contains("antiflood:") && l.contains("127.0.0.2") && l.contains("dropped")
+            })
+            .count()
+    };
+    wait_for(
+        "every flooding INVITE answered or dropped",
+        Duration::from_secs(20),
+        || {
+            flooder.read();
+            (flooder.finals.len() + dropped() >= FLOOD).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} answered, {} dropped\n--- kamailio\n{}",
+            flooder.finals.len(),
+            dropped(),
+            kam.output()
+        )
+    });
+    assert!(dropped() > 0, "nothing dropped:\n{}", kam.output());
+    assert!(
+        !flooder.finals.is_empty(),
+        "the first INVITEs of a source get through"
+    );
+    assert!(
+        flooder.finals.values().all(|s| *s == 503),
+        "{:?}",
+        flooder.finals
+    );
+    assert!(
+        kam.output()
+            .contains("antiflood: 127.0.0.2 banned for 300 s"),
+        "{}",
+        kam.output()
+    );
+    // Once banned, a source stays banned: a single INVITE of it is dropped too.
+    let before = dropped();
+    flooder.invite(edge, "again", 1);
+    wait_for(
+        "the banned source's next INVITE dropped",
+        Duration::from_secs(10),
+        || (dropped() > before).then_some(()),
+    )
+    .expect("dropped");
+
+    // A trusted source sending as fast is never banned: every INVITE is answered.
+    let mut trunk = RawCaller::new("127.0.0.3");
+    trunk.invite(edge, "trunk", FLOOD);
+    wait_for(
+        "every trusted INVITE answered",
+        Duration::from_secs(20),
+        || {
+            trunk.read();
+            (trunk.finals.len() >= FLOOD).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} answered", trunk.finals.len()));
+
+    // Another caller is not held to the flooder's ban.
+    let mut other = RawCaller::new("127.0.0.4");
+    other.invite(edge, "other", 1);
+    wait_for("another caller answered", Duration::from_secs(10), || {
+        other.read();
+        (!other.finals.is_empty()).then_some(())
+    })
+    .expect("answered");
+    assert!(
+        !kam.output().contains("127.0.0.3 banned") && !kam.output().contains("127.0.0.4 banned"),
+        "{}",
+        kam.output()
+    );
+}
