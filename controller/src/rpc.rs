@@ -542,6 +542,14 @@ const MAX_PENDING_FRAMES: usize = 256;
 /// this the connection is closed (1008).
 const MAX_UNWRITTEN_BYTES: usize = 16 << 20;
 
+/// What a request got as its frame was read.
+struct Ticket {
+    /// It had a rate token.
+    allowed: bool,
+    /// Its place in the lines of the conferences it names.
+    turn: Option<Turn>,
+}
+
 /// The last command of each conference this connection has running, by arrival number.
 #[derive(Default)]
 struct Order {
@@ -769,7 +777,13 @@ pub async fn serve(
         closed,
         errors,
     });
-    let events = tokio::spawn(forward_events(session.clone()));
+    // Subscribed here, before any frame is read: subscribed in its task, events published
+    // between a `subscribe` and the task's first run would be lost with no `events.lost`.
+    let events = tokio::spawn(forward_events(
+        session.clone(),
+        session.control.bus().events(),
+        session.control.bus().gaps(),
+    ));
     // A pong or any message proves the client is there; silence past `silence` ends it, and
     // so does the writer giving up on a client that reads nothing (its queue is closed).
     let writer_gone = session.out.clone();
@@ -885,9 +899,11 @@ fn unread() -> CloseFrame {
 /// Sends subscribed conferences' events as `event` notifications. A client that does not
 /// read fast enough loses events rather than stalling anyone, and is told how many by one
 /// `events.lost` notification as soon as its queue has room again, before any later event.
-async fn forward_events(session: Arc<Session>) {
-    let mut rx = session.control.bus().events();
-    let mut gaps = session.control.bus().gaps();
+async fn forward_events(
+    session: Arc<Session>,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<confroute_shared::bus::Event>>,
+    mut gaps: watch::Receiver<u64>,
+) {
     gaps.borrow_and_update();
     let mut lost: u64 = 0;
     // A gap notice that found the queue full, to send before anything else.
@@ -1124,12 +1140,12 @@ impl Session {
                 drop(permit);
             }
             Decoded::Batch(items) => {
-                // Turns are taken here, in the order the requests were written.
-                let items: Vec<(Item, Option<Turn>)> = items
+                // Tickets are taken here, in the order the requests were written.
+                let items: Vec<(Item, Ticket)> = items
                     .into_iter()
                     .map(|i| {
-                        let turn = self.turn(&i);
-                        (i, turn)
+                        let ticket = self.ticket(&i);
+                        (i, ticket)
                     })
                     .collect();
                 // The batch is answered as one array once every member is done.
@@ -1138,7 +1154,7 @@ impl Session {
                     let answers = futures_util::future::join_all(
                         items
                             .into_iter()
-                            .map(|(i, turn)| self.clone().one(i, turn, sent.clone())),
+                            .map(|(i, ticket)| self.clone().one(i, ticket, sent.clone())),
                     )
                     .await;
                     let answers: Vec<String> = answers.into_iter().flatten().collect();
@@ -1150,10 +1166,10 @@ impl Session {
                 });
             }
             Decoded::Single(item) => {
-                let turn = self.turn(&item);
+                let ticket = self.ticket(&item);
                 tokio::spawn(async move {
                     let (answered, sent) = watch::channel(false);
-                    if let Some(answer) = self.clone().one(item, turn, sent).await {
+                    if let Some(answer) = self.clone().one(item, ticket, sent).await {
                         self.send(answer).await;
                     }
                     let _ = answered.send(true);
@@ -1163,9 +1179,36 @@ impl Session {
         }
     }
 
-    /// The place in line of a request naming a conference (taken as frames are read).
-    fn turn(&self, item: &Item) -> Option<Turn> {
-        let req = item.as_ref().ok().filter(|r| Self::known(&r.method))?;
+    /// A request's rate token and place in line, taken as its frame is read.
+    fn ticket(&self, item: &Item) -> Ticket {
+        // Answered with its error at once: no token, no place.
+        let Some(req) = item
+            .as_ref()
+            .ok()
+            .filter(|r| Self::known(&r.method) && r.unreadable.is_none())
+        else {
+            return Ticket {
+                allowed: true,
+                turn: None,
+            };
+        };
+        // Refused by the rate limit, a request takes no place in line either: in line behind
+        // a slow command, each refused one would hold a task until that command ended, and a
+        // client retrying fast could pile up any number of them.
+        if !self.bucket.lock().map(|mut b| b.take()).unwrap_or(false) {
+            return Ticket {
+                allowed: false,
+                turn: None,
+            };
+        }
+        Ticket {
+            allowed: true,
+            turn: self.turn(req),
+        }
+    }
+
+    /// The place in line of a request naming a conference.
+    fn turn(&self, req: &Request) -> Option<Turn> {
         let params = &req.params;
         // A move names its target too (a dial-out's `to` is a number, not a conference).
         let keys: &[&str] = if req.method == "participant.move" {
@@ -1209,9 +1252,10 @@ impl Session {
     async fn one(
         self: Arc<Self>,
         item: Item,
-        mut turn: Option<Turn>,
+        ticket: Ticket,
         answered: watch::Receiver<bool>,
     ) -> Option<String> {
+        let Ticket { allowed, mut turn } = ticket;
         let req = match item {
             Ok(r) => r,
             Err((id, e)) => {
@@ -1229,7 +1273,6 @@ impl Session {
             self.count(&e);
             return req.id.map(|id| response(&id, Err(e)));
         }
-        let allowed = self.bucket.lock().map(|mut b| b.take()).unwrap_or(false);
         // One rpc.command_timeout for the whole command, its wait in line included: it
         // waits at most half of it, and what is left goes with it to the node.
         let arrived = tokio::time::Instant::now();

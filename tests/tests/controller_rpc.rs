@@ -2374,3 +2374,56 @@ async fn a_slow_lookup_leaves_the_node_only_what_is_left_of_the_timeout() {
     let v = recv(&mut ws).await;
     assert_eq!(v["result"]["muted"], true, "{v}");
 }
+
+/// Commands the rate limit refuses take no place in their conference's line: behind a slow
+/// command each would hold a task until that command ended, and a client retrying fast could
+/// pile up any number of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_commands_behind_a_slow_one_hold_nothing() {
+    let s = setup(&[
+        ("CONFROUTE_RPC__COMMAND_TIMEOUT", "30s"),
+        ("CONFROUTE_RPC__RATE_LIMIT", "5"),
+        ("CONFROUTE_RPC__BURST", "5"),
+    ])
+    .await;
+    let (_store, node, mut commands) = hosted_on_node_a(&s, "slow").await;
+    let mut ws = connect(&s, None).await.expect("connect");
+    let mute = |i: u64| {
+        json!({"jsonrpc": "2.0", "method": "participant.mute", "id": i,
+               "params": {"conference": "slow", "participant": "p"}})
+        .to_string()
+    };
+    send(&mut ws, &mute(0)).await;
+    // The node hears it and stays silent: the conference's line is held.
+    let held = tokio::time::timeout(Duration::from_secs(10), commands.recv())
+        .await
+        .expect("the node hears the command")
+        .expect("bus open");
+    let tasks = || async {
+        fixtures::metric(
+            &fixtures::scrape(&s.controller.http_url()).await,
+            "confroute_runtime_tasks",
+        )
+    };
+    let before = tasks().await;
+    const SENT: u64 = 2000;
+    for i in 1..=SENT {
+        send(&mut ws, &mute(i)).await;
+    }
+    // All but the few the bucket still had (and what it refilled meanwhile) are refused.
+    let mut refused = 0;
+    while refused < SENT - 100 {
+        let v = tokio::time::timeout(Duration::from_secs(10), recv(&mut ws))
+            .await
+            .unwrap_or_else(|_| panic!("answers stopped after {refused} refusals"));
+        assert_eq!(code(&v), -32008, "{v}");
+        refused += 1;
+    }
+    let after = tasks().await;
+    assert!(
+        after - before < 100.0,
+        "{refused} refused commands left {} tasks behind",
+        after - before
+    );
+    node.respond(&held, Ok(json!({"muted": true}))).await;
+}
