@@ -719,8 +719,11 @@ impl Conference {
         match self.fence().await {
             // Past its drain the node is about to deregister and exit: a conference started
             // now would be left running under it (its claim re-homed once the node is gone).
+            // Past an admin drain's deadline, it would be ended at once.
             Fence::Owned(_)
-                if self.phase == Phase::Idle && self.node.state() == NodeState::ShuttingDown =>
+                if self.phase == Phase::Idle
+                    && (self.node.state() == NodeState::ShuttingDown
+                        || self.node.drain_overdue()) =>
             {
                 return Err(Refusal::NotServing);
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use confroute_shared::name::ConferenceName;
 use confroute_shared::types::NodeState;
 
 use crate::conference::Msg;
@@ -292,7 +293,66 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
         }
         finish_shutdown(&node, false).await;
     } else {
-        tracing::info!("drained: no conference left; the node stays drained until undrained");
+        stay_drained(&node, deadline).await;
+    }
+}
+
+/// An admin's drain, once the node is empty, lasts until undrained (this task is aborted
+/// then). A conference that begins here meanwhile (its first caller was routed before the
+/// drain, or a restarted Asterisk's callers are adopted) is held to the same deadline, and
+/// past it ended at once (a first caller is refused by then): left alone, it would run on a
+/// drained node for ever.
+async fn stay_drained(node: &Arc<Node>, deadline: Instant) {
+    loop {
+        if node.idle() {
+            tracing::info!("drained: no conference left; the node stays drained until undrained");
+            wait_busy(node).await;
+        }
+        if wait_empty(node, deadline).await {
+            continue;
+        }
+        let (left, participants) = node.load();
+        tracing::warn!(
+            conferences = left,
+            participants,
+            "a conference began on the drained node; ending it at the drain deadline"
+        );
+        let ended = node.actor_names();
+        end_all(node, "drain_deadline");
+        // Those ended; one beginning meanwhile (adopted) is the next round's.
+        if !wait_gone(node, &ended, Instant::now() + TEARDOWN_GRACE).await {
+            tracing::error!("conferences still tearing down after the grace period");
+        }
+    }
+}
+
+/// Waits until none of `names` has an actor, or `until`; true when none has.
+async fn wait_gone(node: &Node, names: &[ConferenceName], until: Instant) -> bool {
+    loop {
+        let changed = node.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let hosted = node.actor_names();
+        if !names.iter().any(|n| hosted.contains(n)) {
+            return true;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = tokio::time::sleep_until(until) => return false,
+        }
+    }
+}
+
+/// Waits until the node hosts a conference.
+async fn wait_busy(node: &Node) {
+    loop {
+        let changed = node.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if !node.idle() {
+            return;
+        }
+        changed.await;
     }
 }
 

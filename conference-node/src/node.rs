@@ -322,6 +322,16 @@ impl Node {
         *self.state.borrow()
     }
 
+    /// Whether the node is drained past its drain's deadline: a conference that has not
+    /// begun here by then does not begin (it would be ended at once).
+    pub fn drain_overdue(&self) -> bool {
+        let since = self.drain_since_ms.load(Ordering::SeqCst);
+        let deadline = u64::try_from(self.cfg.node.drain_deadline.as_millis()).unwrap_or(u64::MAX);
+        self.state() == NodeState::Draining
+            && since > 0
+            && self.redis_now_ms() >= since.saturating_add(deadline)
+    }
+
     /// A receiver that sees every state change.
     pub fn watch_state(&self) -> watch::Receiver<NodeState> {
         self.state.subscribe()

@@ -1002,3 +1002,54 @@ async fn a_first_caller_arriving_as_the_node_stops_is_refused() {
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     assert_eq!(code, Some(0), "{}", s.node.output());
 }
+
+/// A conference whose first caller arrives after an admin drain found the node empty (it was
+/// placed just before the drain) is held to the drain's deadline, and past the deadline a
+/// first caller is refused: a drained node does not host a conference for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_beginning_on_a_drained_node_is_held_to_the_drain_deadline() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "3s"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    // Placed here by a controller before the drain; their callers are slow to come.
+    for name in ["late", "later"] {
+        store
+            .claim(
+                &ConferenceName::parse(name).expect("name"),
+                &[fixtures::id("node-a")],
+            )
+            .await
+            .expect("claim");
+    }
+    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    s.node
+        .wait_log("drained: no conference left", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let a = dial(&s.sim, "late", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    assert_eq!(wait_hangup(&s.sim, &a).await, 16, "ended at the deadline");
+    s.node
+        .wait_log("a conference began on the drained node", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // Past the deadline, a first caller is refused: its conference would be ended at once.
+    let b = dial(&s.sim, "later", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &b).await, 34, "{}", s.node.output());
+    assert!(
+        !s.sim
+            .event_log()
+            .iter()
+            .any(|e| e["type"] == "ChannelEnteredBridge" && e["channel"]["id"] == b.as_str()),
+        "the late caller never entered a bridge\n{}",
+        s.node.output()
+    );
+    until(&s.sim, "bridges gone", |snap| snap.bridges.is_empty()).await;
+    assert_eq!(
+        node_state(&store, "node-a").await,
+        Some(NodeState::Draining),
+        "still drained"
+    );
+}
