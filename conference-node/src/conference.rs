@@ -2078,10 +2078,18 @@ impl Conference {
                 self.counts_changed().await;
             }
             HostedStatus::Lost => match self.node.store.lookup(&self.name).await {
-                // Same node, newer epoch: a restart of ours claimed it again.
+                // Same node, another epoch: the claim was made anew for this node (a restart of
+                // ours, or a placement after the claim was given back): a new record, without
+                // the settings and numbers.
                 Ok(Some(rec)) if rec.owner.node == self.node.id => {
-                    self.epoch = rec.owner.epoch;
-                    self.publish();
+                    if rec.owner.epoch != self.epoch {
+                        tracing::info!(conference = %self.name, from = self.epoch, to = rec.owner.epoch, "claim re-established at a new epoch");
+                        self.epoch = rec.owner.epoch;
+                        self.record_anew().await;
+                        self.counts_changed().await;
+                    } else {
+                        self.publish();
+                    }
                 }
                 Ok(Some(rec)) => self.lost(&rec.owner.node).await,
                 // Gone since, or not known: the next heartbeat says again. Meanwhile a

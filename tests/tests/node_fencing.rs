@@ -262,3 +262,53 @@ async fn the_settling_mark_lasts_the_agents_whole_lease_past_ten_seconds() {
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     assert!(ttl > 10_000, "the mark lives the 12 s lease: {ttl} ms left");
 }
+
+/// A claim made anew for this same node at another epoch while its conference runs (given
+/// back, then placed here again by a controller) is a new record without the conference's
+/// settings: the agent writes them in again, and the count, or a restart would adopt the
+/// conference with the configuration's defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_made_anew_here_at_another_epoch_gets_the_conference_settings_again() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "400ms"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let room = name("kept");
+    let a = dial(&s.sim, "kept", &[("CONFROUTE_MAX_PARTICIPANTS", "7")]).await;
+    wait_bridged(&s.sim, &a).await;
+    let settings_kept = || async {
+        store
+            .conference_settings(&room)
+            .await
+            .ok()
+            .flatten()
+            .filter(|t| t.contains(r#""CONFROUTE_MAX_PARTICIPANTS":"7""#))
+            .map(drop)
+    };
+    wait_for_async("settings kept", WAIT, settings_kept)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // In one step, as claim.lua makes a new home: the record again, at epoch 2, with nothing
+    // of the last one's.
+    s.redis
+        .query(
+            redis::cmd("EVAL")
+                .arg(
+                    "redis.call('DEL', KEYS[1]) \
+                     redis.call('HSET', KEYS[1], 'owner', 'node-a', 'epoch', 2, \
+                       'participants', 0, 'created_ms', 1, 'updated_ms', 1) \
+                     redis.call('PEXPIRE', KEYS[1], 10000) return 1",
+                )
+                .arg(1)
+                .arg("{confroute}:conf:kept"),
+        )
+        .expect("eval");
+    wait_for_async("settings written again", WAIT, settings_kept)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let rec = store.lookup(&room).await.expect("lookup").expect("record");
+    assert_eq!((rec.owner.node.as_str(), rec.owner.epoch), ("node-a", 2));
+    assert_eq!(rec.participants, 1);
+}
