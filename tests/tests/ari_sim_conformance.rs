@@ -1465,3 +1465,131 @@ async fn connections_beyond_the_session_limit_are_closed_unanswered() {
     }
     assert_eq!(served, "HTTP/1.1 200 OK", "served again once one closed");
 }
+
+/// `playback_stop` (res/res_stasis_playback.c): a sound can be stopped as it plays, a said
+/// number, digit string or characters cannot (`ast_ari_playbacks_stop` answers 500 "Could
+/// not stop playback") and is said to the end.
+#[tokio::test]
+async fn only_sounds_recordings_and_tones_can_be_stopped_as_they_play() {
+    let sim = AriSim::start(SimConfig {
+        playback_duration: Duration::from_secs(30),
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let client = AriClient::new(&sim).expect("client");
+    // The application's socket: callers enter Stasis only while it is connected.
+    let app_ws = EventStream::connect(&sim.events_url("confroute"))
+        .await
+        .expect("app socket");
+    let playing = |media: &'static str| {
+        let sim = &sim;
+        let client = &client;
+        async move {
+            let ch = sim
+                .dial_in(DialIn {
+                    app: "confroute".into(),
+                    args: vec!["conf-1".into()],
+                    caller_number: "+15550001".into(),
+                    ..DialIn::default()
+                })
+                .await
+                .expect("dial-in");
+            let r = client
+                .call("POST", &format!("/channels/{ch}/play?media={media}"), None)
+                .await
+                .expect("answered");
+            assert_eq!(r.status, 201, "{}", r.text);
+            let id = id_of(&r);
+            sim.wait_for_event(WAIT, |e| {
+                ty(e) == "PlaybackStarted" && e["playback"]["id"] == id.as_str()
+            })
+            .await
+            .expect("playing");
+            id
+        }
+    };
+    for media in ["digits:123456", "number:42", "characters:abc"] {
+        let id = playing(media).await;
+        let r = client
+            .call("DELETE", &format!("/playbacks/{id}"), None)
+            .await
+            .expect("answered");
+        assert_eq!(r.status, 500, "{media}: {}", r.text);
+        assert_eq!(
+            r.json.expect("json")["message"],
+            "Could not stop playback",
+            "{media}"
+        );
+        let r = client
+            .call("GET", &format!("/playbacks/{id}"), None)
+            .await
+            .expect("answered");
+        assert_eq!(r.status, 200, "{media} still plays: {}", r.text);
+    }
+    for media in ["sound:beep", "tone:ring"] {
+        let id = playing(media).await;
+        let r = client
+            .call("DELETE", &format!("/playbacks/{id}"), None)
+            .await
+            .expect("answered");
+        assert_eq!(r.status, 204, "{media}: {}", r.text);
+    }
+    drop(app_ws);
+}
+
+/// A recording's `format` is a file extension a format module registers
+/// (`ast_get_format_for_file_ext`): `sln` and `wav` are, the codec name `slin` is not (422);
+/// an originate's `formats` are codec names (`ast_format_cache_get`): `slin` is, `wav` is not
+/// (400).
+#[tokio::test]
+async fn recordings_take_file_extensions_and_originates_codec_names() {
+    let sim = AriSim::start(SimConfig::default())
+        .await
+        .expect("simulator starts");
+    let client = AriClient::new(&sim).expect("client");
+    let call = |method: &'static str, path: String| {
+        let client = &client;
+        async move {
+            let r = client.call(method, &path, None).await.expect("answered");
+            (r.status, r.json.unwrap_or(Value::Null))
+        }
+    };
+    let (status, bridge) = call("POST", "/bridges?type=mixing".into()).await;
+    assert_eq!(status, 200, "{bridge}");
+    let bridge = bridge["id"].as_str().expect("id").to_string();
+    let (status, body) = call(
+        "POST",
+        format!("/bridges/{bridge}/record?name=r-slin&format=slin"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (422, Some("specified format is unknown on this system"))
+    );
+    for (i, format) in ["sln", "wav", "gsm"].iter().enumerate() {
+        let (status, body) = call(
+            "POST",
+            format!("/bridges/{bridge}/record?name=r-{i}&format={format}"),
+        )
+        .await;
+        assert_eq!(status, 201, "{format}: {body}");
+        let (status, _) = call("POST", format!("/recordings/live/r-{i}/stop")).await;
+        assert_eq!(status, 204, "{format}");
+    }
+    let (status, body) = call(
+        "POST",
+        "/channels?endpoint=PJSIP/alice&app=confroute&formats=wav".into(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (400, Some("Provided format (wav) was not found"))
+    );
+    let (status, body) = call(
+        "POST",
+        "/channels?endpoint=PJSIP/alice&app=confroute&formats=slin,ulaw".into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

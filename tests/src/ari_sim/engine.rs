@@ -387,6 +387,9 @@ pub(crate) struct Playback {
     pub seq: u64,
     /// Stopped while queued (`playback_cancel`): it ends, unplayed, when its turn comes.
     pub canceled: bool,
+    /// Once an item of it could be stopped (a sound, a recording, a tone), it can be for the
+    /// rest of its items too (`play_on_channel` never clears the flag).
+    pub controllable: bool,
 }
 
 pub(crate) struct Recording {
@@ -1557,6 +1560,13 @@ impl State {
             return;
         }
         pb.state = "playing";
+        if pb.media.get(pb.index).is_some_and(|m| {
+            ["sound:", "recording:", "tone:"]
+                .iter()
+                .any(|scheme| m.starts_with(scheme))
+        }) {
+            pb.controllable = true;
+        }
         let v = Self::playback_json(pb);
         let target = pb.target.clone();
         let ev = st

@@ -32,10 +32,16 @@ const TECHS: &[&str] = &[
     "AudioSocket",
 ];
 
-/// Media formats known to the simulated Asterisk (`ast_format_cache_get` / file extensions).
-const FORMATS: &[&str] = &[
-    "ulaw", "alaw", "gsm", "g722", "g729", "g726", "ilbc", "slin", "slin16", "slin48", "speex",
-    "opus", "h264", "vp8", "vp9", "wav", "wav16", "WAV", "sln", "sln16", "ogg", "mp3",
+/// File extensions a recording may be made in: those the format modules of a stock build
+/// register (`ast_get_format_for_file_ext`, case-sensitive), `formats/format_*.c`. Codec names
+/// that are no extension (`slin`, `g726`, `speex`) are unknown there. `opus` is left out: its
+/// stock module reads only, so Asterisk accepts it and the recording fails at its first
+/// write, which the simulator does not model.
+const FILE_FORMATS: &[&str] = &[
+    "sln", "raw", "sln12", "sln16", "sln24", "sln32", "sln44", "sln48", "sln96", "sln192", "pcm",
+    "ulaw", "ul", "mu", "ulw", "alaw", "al", "alw", "au", "g722", "g719", "g723", "g723sf",
+    "g726-40", "g726-32", "g726-24", "g726-16", "g729", "gsm", "ilbc", "h263", "h264", "vp8",
+    "vox", "siren7", "siren14", "wav", "wav16", "WAV", "wav49", "ogg", "spx", "spx16", "spx32",
 ];
 
 fn canonical_tech(tech: &str) -> Option<&'static str> {
@@ -699,6 +705,7 @@ pub(crate) fn bridge_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         state: "queued",
         seq: 0,
         canceled: false,
+        controllable: false,
     };
     // `ari_bridges_play_new`: a new announcer indicates progress to every member
     // (`ast_bridge_queue_everyone_else`), so one not yet answered gets early media.
@@ -748,7 +755,7 @@ fn start_record(core: &Arc<Core>, st: &mut State, target: Target, a: RecordArgs)
     if !matches!(a.if_exists.as_str(), "" | "fail" | "overwrite" | "append") {
         return Err(ApiErr::new(400, "ifExists invalid"));
     }
-    if !FORMATS.contains(&a.format.as_str()) {
+    if !FILE_FORMATS.contains(&a.format.as_str()) {
         return Err(ApiErr::new(
             422,
             "specified format is unknown on this system",
@@ -783,11 +790,14 @@ fn start_record(core: &Arc<Core>, st: &mut State, target: Target, a: RecordArgs)
     Ok(Resp::Created(format!("/recordings/live/{encoded}"), json))
 }
 
-/// Media format names Asterisk's format cache knows (`recorder_format`).
+/// Media format names Asterisk's format cache knows (`ast_format_cache_get`, the codecs
+/// `main/codec_builtin.c` registers): `recorder_format`, and an originate's `formats`.
 const CODECS: &[&str] = &[
-    "ulaw", "alaw", "gsm", "g722", "g723", "g726", "g726aal2", "g729", "ilbc", "lpc10", "adpcm",
-    "speex", "speex16", "speex32", "opus", "siren7", "siren14", "testlaw", "slin", "slin12",
-    "slin16", "slin24", "slin32", "slin44", "slin48", "slin96", "slin192",
+    "codec2", "ulaw", "alaw", "gsm", "g722", "g723", "g726", "g726aal2", "g729", "ilbc", "lpc10",
+    "adpcm", "speex", "speex16", "speex32", "opus", "siren7", "siren14", "g719", "testlaw", "slin",
+    "slin12", "slin16", "slin24", "slin32", "slin44", "slin48", "slin96", "slin192", "silk8",
+    "silk12", "silk16", "silk24", "jpeg", "png", "h261", "h263", "h263p", "h264", "mpeg4", "vp8",
+    "red", "t140",
 ];
 
 /// `ast_ari_bridges_record`: the file format, then the recorder channel's format, are
@@ -798,7 +808,7 @@ pub(crate) fn bridge_record(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     let a = record_args(req);
     let mut st = core.lock();
     find_bridge(&st, &id)?;
-    if !FORMATS.contains(&a.format.as_str()) {
+    if !FILE_FORMATS.contains(&a.format.as_str()) {
         return Err(ApiErr::new(
             422,
             "specified format is unknown on this system",
@@ -841,7 +851,7 @@ pub(crate) fn channel_get(core: &Arc<Core>, req: &mut Req) -> ApiResult {
 
 fn check_formats(formats: &str) -> Result<(), ApiErr> {
     for f in formats.split(',').map(str::trim) {
-        if !FORMATS.contains(&f) {
+        if !CODECS.contains(&f) {
             return Err(ApiErr::new(
                 400,
                 format!("Provided format ({f}) was not found"),
@@ -1557,6 +1567,7 @@ pub(crate) fn channel_play(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         state: "queued",
         seq: 0,
         canceled: false,
+        controllable: false,
     };
     let json = State::start_playback(core, &mut st, pb);
     Ok(Resp::Created(format!("/playbacks/{pid}"), json))
@@ -1690,6 +1701,11 @@ pub(crate) fn playback_stop(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     if matches!(pb.state, "queued" | "starting") {
         pb.canceled = true;
         return no_content();
+    }
+    // `playback_stop`: only a sound, a recording or a tone can be stopped; `number:`,
+    // `digits:` and `characters:` are said to the end.
+    if !pb.controllable {
+        return Err(ApiErr::new(500, "Could not stop playback"));
     }
     State::end_playback(core, &mut st, &id);
     no_content()
