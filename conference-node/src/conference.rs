@@ -1319,6 +1319,17 @@ impl Conference {
                 self.recording = Some(name);
                 self.note_recording().await;
             }
+            // A format this Asterisk has no module for (422), options it refuses (400): the
+            // same answer at every join, so this life records no more.
+            Err(e)
+                if matches!(
+                    e.kind,
+                    AriErrorKind::Unprocessable | AriErrorKind::BadRequest
+                ) =>
+            {
+                tracing::error!(conference = %self.name, error = %e, format = %self.node.cfg.conference.recording_format, "cannot start recording; not trying again in this conference (conference.recording_format is a file extension of a format module Asterisk has loaded, e.g. wav)");
+                self.recording_failed = true;
+            }
             Err(e) => {
                 tracing::error!(conference = %self.name, error = %e, "cannot start recording")
             }

@@ -1692,3 +1692,38 @@ async fn a_caller_whose_options_cannot_be_read_is_refused_for_now() {
     wait_bridged(&sim, &later).await;
     assert!(sim.snapshot().channel(&later).is_some_and(|c| c.muted_in));
 }
+
+/// A recording format Asterisk refuses (a codec name, not a file extension) is tried once per
+/// conference: asking again at every join would fail the same way each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_format_asterisk_refuses_is_tried_once_per_conference() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_CONFERENCE__RECORDING_FORMAT", "slin"),
+    ])
+    .await;
+    let a = dial(
+        &s.sim,
+        "rec-bad",
+        &[("CONFROUTE_RECORD", "record-from-start")],
+    )
+    .await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    // Joins are handled one at a time: once the last is in, the others' tries are done.
+    for _ in 0..2 {
+        let b = dial(&s.sim, "rec-bad", &[]).await;
+        assert_eq!(wait_bridged(&s.sim, &b).await, bridge);
+    }
+    s.node
+        .wait_log("not trying again in this conference", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let record = format!("/ari/bridges/{bridge}/record");
+    let tries = s
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.path == record)
+        .count();
+    assert_eq!(tries, 1, "{}", s.node.output());
+    assert!(s.sim.snapshot().recordings.is_empty());
+}
