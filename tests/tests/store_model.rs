@@ -863,6 +863,46 @@ async fn scripts_are_reloaded_after_script_flush() {
         .expect("heartbeat after flush");
 }
 
+/// After a failover a Cluster's new primary has none of the scripts (NOSCRIPT): each is run
+/// again on the node its keys live on, not loaded on every node of the Cluster, so a node
+/// that does not answer meanwhile (restarting, loading, not yet failed over) does not stop
+/// claims and heartbeats.
+#[tokio::test]
+async fn scripts_are_run_where_their_keys_are_with_a_cluster_node_not_answering() {
+    let cluster = RedisCluster::start().expect("cluster");
+    let store = fixtures::store(&fixtures::cluster(&cluster.seeds()));
+    store
+        .register(&node("a", 10), LONG)
+        .await
+        .expect("register");
+    for n in cluster.nodes() {
+        let flushed: Option<String> = redis_query(n.port(), redis::cmd("SCRIPT").arg("FLUSH"));
+        assert_eq!(flushed.as_deref(), Some("OK"));
+    }
+    // A node holding none of the data (every key is in the one `{confroute}` slot) stops
+    // answering, for longer than the store waits for an answer.
+    let quiet = cluster
+        .nodes()
+        .iter()
+        .find(|n| redis_query::<i64>(n.port(), &mut redis::cmd("DBSIZE")) == Some(0))
+        .expect("a node without the data");
+    let paused: Option<String> = redis_query(
+        quiet.port(),
+        redis::cmd("CLIENT").arg("PAUSE").arg(60_000).arg("ALL"),
+    );
+    assert_eq!(paused.as_deref(), Some("OK"));
+    let c = store
+        .claim(&name("after-flush"), &[id("a")])
+        .await
+        .expect("claim with a node of the Cluster not answering");
+    assert_eq!(c.kind, ClaimKind::Claimed);
+    store
+        .heartbeat(&id("a"), &NodeLoad::default(), LONG, &[])
+        .await
+        .expect("heartbeat with a node of the Cluster not answering");
+    let _: Option<String> = redis_query(quiet.port(), redis::cmd("CLIENT").arg("UNPAUSE"));
+}
+
 #[tokio::test]
 async fn heartbeat_renews_owned_claims_and_reports_lost_ones() {
     let redis = RedisServer::start().expect("redis");

@@ -1,9 +1,90 @@
 //! The Lua scripts of the data model, each in its own `.lua` file next to this one.
 //!
-//! `redis::Script` sends `EVALSHA` and falls back to loading the script on `NOSCRIPT`, so the
-//! store keeps working after `SCRIPT FLUSH` or a failover to a server that never saw them.
+//! A script is sent as `EVALSHA`, and on `NOSCRIPT` (after `SCRIPT FLUSH`, a restart, or a
+//! failover to a server that never saw it) as `EVAL`, which runs it on the server its keys
+//! live on and leaves it cached there. `redis::Script`'s own fallback sends `SCRIPT LOAD`,
+//! which a Cluster client sends to every node of the Cluster: after a failover, one node
+//! down or restarting anywhere then failed every script until all nodes answered.
 
-use redis::Script;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, ServerErrorKind, ToRedisArgs};
+
+/// One script: its text and the SHA1 `EVALSHA` names it by.
+pub(crate) struct Script {
+    code: &'static str,
+    hash: String,
+}
+
+impl Script {
+    fn new(code: &'static str) -> Self {
+        Script {
+            code,
+            hash: redis::Script::new(code).get_hash().to_string(),
+        }
+    }
+
+    /// An invocation with `key` as its first key.
+    pub(crate) fn key<T: ToRedisArgs>(&self, key: T) -> Invocation<'_> {
+        let mut inv = Invocation {
+            script: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        };
+        inv.key(key);
+        inv
+    }
+}
+
+/// A script's keys and arguments, to run.
+pub(crate) struct Invocation<'a> {
+    script: &'a Script,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation<'_> {
+    /// Adds a key (`KEYS[i]`).
+    pub(crate) fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        key.write_redis_args(&mut self.keys);
+        self
+    }
+
+    /// Adds an argument (`ARGV[i]`).
+    pub(crate) fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// Runs the script: `EVALSHA`, then `EVAL` when the server does not have it.
+    pub(crate) async fn invoke_async<T: FromRedisValue>(
+        &self,
+        con: &mut impl redis::aio::ConnectionLike,
+    ) -> RedisResult<T> {
+        match self
+            .command("EVALSHA", &self.script.hash)
+            .query_async(con)
+            .await
+        {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.command("EVAL", self.script.code)
+                    .query_async(con)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    fn command(&self, verb: &str, script: &str) -> Cmd {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(script).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k.as_slice());
+        }
+        for a in &self.args {
+            cmd.arg(a.as_slice());
+        }
+        cmd
+    }
+}
 
 /// All scripts, hashed once at start-up.
 pub(crate) struct Scripts {
