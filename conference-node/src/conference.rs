@@ -1220,6 +1220,8 @@ impl Conference {
         }
         self.main_created = true;
         self.main_created_at = Instant::now();
+        // A bridge made again (Asterisk restarted) is a new one to follow.
+        self.followed = None;
         Ok(())
     }
 
@@ -1329,6 +1331,14 @@ impl Conference {
             {
                 tracing::error!(conference = %self.name, error = %e, format = %self.node.cfg.conference.recording_format, "cannot start recording; not trying again in this conference (conference.recording_format is a file extension of a format module Asterisk has loaded, e.g. wav)");
                 self.recording_failed = true;
+            }
+            // Asterisk may have started it all the same, answering late: taken for under way,
+            // so the next join does not start a second recording (a second file); the next
+            // reconciliation forgets it if Asterisk has no such recording.
+            Err(e) if e.kind == AriErrorKind::Timeout => {
+                tracing::warn!(conference = %self.name, recording = %name, error = %e, "no answer to the recording's start; taken for under way until a reconciliation says otherwise");
+                self.recording = Some(name);
+                self.note_recording().await;
             }
             Err(e) => {
                 tracing::error!(conference = %self.name, error = %e, "cannot start recording")

@@ -1727,3 +1727,46 @@ async fn a_recording_format_asterisk_refuses_is_tried_once_per_conference() {
     assert_eq!(tries, 1, "{}", s.node.output());
     assert!(s.sim.snapshot().recordings.is_empty());
 }
+
+/// A recording whose start got no answer in time (Asterisk slow, the recording under way all
+/// the same) is taken for under way: the next join does not start a second one, which would
+/// make a second file of the same conference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_start_left_unanswered_is_not_started_twice() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "1s"),
+    ])
+    .await;
+    // Asterisk starts the recording, then is slow to say so.
+    s.sim.hold_operation("answer record");
+    let a = dial(
+        &s.sim,
+        "rec-slow",
+        &[("CONFROUTE_RECORD", "record-from-start")],
+    )
+    .await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    s.node
+        .wait_log("recordBridge: Timeout", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("answer record");
+    let b = dial(&s.sim, "rec-slow", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &b).await, bridge);
+    // Logged once its join is done, recording start included.
+    s.node
+        .wait_log("participants=2", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let target = format!("bridge:{bridge}");
+    let started: std::collections::BTreeSet<String> = s
+        .sim
+        .event_log()
+        .iter()
+        .filter(|e| {
+            e["type"] == "RecordingStarted" && e["recording"]["target_uri"] == target.as_str()
+        })
+        .filter_map(|e| e["recording"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(started.len(), 1, "{started:?}\n{}", s.node.output());
+    assert_eq!(s.sim.snapshot().recordings.len(), 1);
+}
