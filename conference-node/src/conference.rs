@@ -1332,13 +1332,20 @@ impl Conference {
                 tracing::error!(conference = %self.name, error = %e, format = %self.node.cfg.conference.recording_format, "cannot start recording; not trying again in this conference (conference.recording_format is a file extension of a format module Asterisk has loaded, e.g. wav)");
                 self.recording_failed = true;
             }
-            // Asterisk may have started it all the same, answering late: taken for under way,
-            // so the next join does not start a second recording (a second file); the next
-            // reconciliation forgets it if Asterisk has no such recording.
+            // Asterisk may have started it all the same, answering late (or the request may
+            // never have left: no free connection): Asterisk says which. One under way is
+            // kept, so the next join does not start a second recording (a second file).
             Err(e) if e.kind == AriErrorKind::Timeout => {
-                tracing::warn!(conference = %self.name, recording = %name, error = %e, "no answer to the recording's start; taken for under way until a reconciliation says otherwise");
-                self.recording = Some(name);
-                self.note_recording().await;
+                match self.node.ari.live_recording_exists(&name).await {
+                    Ok(true) => {
+                        tracing::warn!(conference = %self.name, recording = %name, error = %e, "no answer to the recording's start, but it is under way");
+                        self.recording = Some(name);
+                        self.note_recording().await;
+                    }
+                    _ => {
+                        tracing::error!(conference = %self.name, error = %e, "cannot start recording")
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(conference = %self.name, error = %e, "cannot start recording")
