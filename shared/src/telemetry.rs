@@ -4,9 +4,27 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// The most the WebSocket client's handshake may log (more specific than any `tungstenite`
-/// directive an operator gives).
-const HANDSHAKE_CAP: &str = "tungstenite::handshake=debug";
+/// The most the WebSocket client's handshake may log when the filter lets trace lines through
+/// (its modules too: an operator's directive naming one would be more specific).
+const HANDSHAKE_CAPS: [&str; 3] = [
+    "tungstenite::handshake=debug",
+    "tungstenite::handshake::client=debug",
+    "tungstenite::handshake::machine=debug",
+];
+
+/// At trace level the WebSocket client logs each handshake request whole, the ARI
+/// credentials (its Basic authorization) included: a filter that lets any trace line through
+/// gets the handshake capped at debug (a directive replaces one for the same target). One
+/// that does not is left as it is: a directive turns its level on, it would add debug lines.
+fn without_handshake_trace(filter: EnvFilter) -> EnvFilter {
+    if filter.max_level_hint() != Some(tracing_subscriber::filter::LevelFilter::TRACE) {
+        return filter;
+    }
+    HANDSHAKE_CAPS
+        .iter()
+        .filter_map(|cap| cap.parse().ok())
+        .fold(filter, |f, cap| f.add_directive(cap))
+}
 
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `log.level` when set.
 pub fn init(cfg: &LogConfig) {
@@ -24,12 +42,7 @@ pub fn init(cfg: &LogConfig) {
     let filter = from_env
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    // At trace level the WebSocket client logs each handshake request whole, the ARI
-    // credentials (its Basic authorization) included: never that, whatever the filter.
-    let filter = match HANDSHAKE_CAP.parse() {
-        Ok(cap) => filter.add_directive(cap),
-        Err(_) => filter,
-    };
+    let filter = without_handshake_trace(filter);
     // Colours only for a terminal: escape codes in a log file or a collector's stream are
     // noise to every tool that reads them.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -42,4 +55,31 @@ pub fn init(cfg: &LogConfig) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_filter_letting_trace_through_gets_the_handshake_capped() {
+        for (given, capped) in [
+            ("info", false),
+            ("debug", false),
+            ("confroute_node=debug,warn", false),
+            ("trace", true),
+            ("info,tungstenite=trace", true),
+            ("info,tungstenite::handshake=trace", true),
+            ("info,tungstenite::handshake::client=trace", true),
+        ] {
+            let f = without_handshake_trace(EnvFilter::new(given)).to_string();
+            for cap in HANDSHAKE_CAPS {
+                assert_eq!(f.contains(cap), capped, "{given}: {f}");
+            }
+            assert!(!f.contains("handshake::client=trace"), "{given}: {f}");
+            if !capped {
+                assert_eq!(f, EnvFilter::new(given).to_string(), "{given} unchanged");
+            }
+        }
+    }
 }
