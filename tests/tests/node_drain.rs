@@ -1009,7 +1009,7 @@ async fn a_first_caller_arriving_as_the_node_stops_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conference_beginning_on_a_drained_node_is_held_to_the_drain_deadline() {
     let mut s = Single::start(&[
-        ("CONFROUTE_NODE__DRAIN_DEADLINE", "3s"),
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "6s"),
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
     ])
     .await;
