@@ -633,9 +633,17 @@ struct Unwritten {
 
 impl Unwritten {
     /// Counts an answer's `size` bytes; false, with the connection to be closed, when that
-    /// would pass the bound (an answer is owed: it cannot be dropped).
+    /// would pass the bound (an answer is owed: it cannot be dropped). One answer larger than
+    /// the bound by itself is let through when nothing else waits to be written: its client
+    /// has read all it was sent (a batch of big pages under a raised `rpc.max_batch`), and
+    /// no more than one such answer is held at a time.
     fn admit(&self, size: usize) -> bool {
-        if self.reserve(size) {
+        if self.reserve(size)
+            || self
+                .bytes
+                .compare_exchange(0, size, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
             return true;
         }
         self.overflow.notify_one();
@@ -1761,6 +1769,13 @@ mod tests {
         // An answer that does not fit closes it.
         assert!(!u.admit(1));
         assert!(told(&u), "an answer past the bound closes the connection");
+        // Even one past the bound by itself goes out to a client that read everything, but
+        // only then.
+        u.bytes.store(0, Ordering::SeqCst);
+        assert!(u.admit(MAX_UNWRITTEN_BYTES + 1));
+        assert!(!told(&u));
+        assert!(!u.admit(MAX_UNWRITTEN_BYTES + 1));
+        assert!(told(&u), "a second one waiting closes the connection");
     }
 
     #[test]
