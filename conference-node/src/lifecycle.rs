@@ -373,14 +373,23 @@ pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     // Callbacks go one at a time per conference, so a big conference's leave events can
     // take a while ahead of its end event: they get `webhook.shutdown_wait`.
     let (mut wait, mut bound) = (node.cfg.webhook.shutdown_wait, node.cfg.webhook.timeout * 2);
+    let mut hangups = TEARDOWN_GRACE;
     if hurry {
         wait = wait.min(HURRIED_SEND);
         bound = bound.min(HURRIED_SEND);
+        hangups = HURRIED_SEND;
     }
-    let (left, unsent) = tokio::join!(
+    let (left, unsent, not_hung_up) = tokio::join!(
         node.webhooks.in_flight.settle(wait),
-        node.outbox.flush(bound)
+        node.outbox.flush(bound),
+        hang_up_again(node, Instant::now() + hangups)
     );
+    if not_hung_up > 0 {
+        tracing::error!(
+            channels = not_hung_up,
+            "Asterisk did not acknowledge the hangup of these callers by exit; they stay in Asterisk until they hang up"
+        );
+    }
     if unsent > 0 {
         tracing::warn!(
             unsent,
@@ -413,6 +422,41 @@ pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     }
     drop(deregistered);
     node.exit.send_replace(true);
+}
+
+/// Pause between two rounds of [`hang_up_again`] whose asks failed.
+const HANGUP_ROUND_PAUSE: Duration = Duration::from_secs(1);
+
+/// Asks Asterisk again, until `until`, to hang up the callers whose hangup it has not
+/// acknowledged (the request was lost with its connection, refused past http.conf's
+/// `sessionlimit`, or timed out): nothing would ask again once the agent has exited, and
+/// they would stay in silence. One that was only slow is answered 404 now, which counts as
+/// done. Returns how many are still unacknowledged.
+async fn hang_up_again(node: &Node, until: Instant) -> usize {
+    loop {
+        let left = node.unacknowledged_hangups();
+        if left.is_empty() || Instant::now() >= until {
+            return left.len();
+        }
+        tracing::warn!(
+            channels = left.len(),
+            "asking Asterisk again to hang up callers before exiting"
+        );
+        let asks = left.iter().map(|(ch, cause)| node.hang_up(ch, *cause));
+        let Ok(answers) =
+            tokio::time::timeout_at(until, futures_util::future::join_all(asks)).await
+        else {
+            return node.unacknowledged_hangups().len();
+        };
+        // One line per round: under a storm there may be thousands.
+        let mut failed = answers.into_iter().filter_map(Result::err);
+        if let Some(first) = failed.next() {
+            tracing::warn!(failed = 1 + failed.count(), error = %first, "cannot hang up callers again");
+        }
+        if !node.unacknowledged_hangups().is_empty() {
+            tokio::time::sleep_until((Instant::now() + HANGUP_ROUND_PAUSE).min(until)).await;
+        }
+    }
 }
 
 /// A second stop signal: end everything now and exit.

@@ -36,11 +36,32 @@ fn elsewhere(route: Option<&Route>, name: &ConferenceName) -> bool {
     }
 }
 
-/// How long a hangup the agent asked for counts as under way, at least: Asterisk carries one
-/// out in milliseconds, and a channel still there after this is taken for what it is. Never
+/// How long a hangup Asterisk acknowledged counts as under way, at least: Asterisk carries one
+/// out in milliseconds, and a channel still there after this is taken for what it is (one
+/// never acknowledged counts until a listing shows its channel gone). Never
 /// less than three reconciliation periods ([`Node::hangup_window`]), so each pass still
 /// finds the request it repeated at the last one and repeats it again.
 const HANGUP_UNDER_WAY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A hangup the agent asked Asterisk for.
+#[derive(Clone, Copy)]
+struct Hangup {
+    /// When it was last asked for.
+    asked: Instant,
+    /// Its Q.850 cause.
+    cause: u16,
+    /// Whether Asterisk said yes (or that the channel was gone already) to the last ask: one
+    /// never acknowledged (the request failed or is in flight) is kept until a listing
+    /// shows the channel gone, however long Asterisk is unreachable.
+    acknowledged: bool,
+}
+
+impl Hangup {
+    /// Whether it still counts as asked for: see [`HANGUP_UNDER_WAY`].
+    fn current(&self, window: std::time::Duration) -> bool {
+        !self.acknowledged || self.asked.elapsed() < window
+    }
+}
 
 /// Locks a mutex, taking over a poisoned one (a panicked actor must not stop the node).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,9 +239,9 @@ pub struct Node {
     vanished: Mutex<std::collections::HashSet<String>>,
     joining: Mutex<HashMap<String, Instant>>,
     ended: Mutex<std::collections::HashSet<String>>,
-    /// Channels the agent asked Asterisk to hang up, when and with which cause, until their
-    /// `StasisEnd`.
-    hanging_up: Mutex<HashMap<String, (Instant, u16)>>,
+    /// Channels the agent asked Asterisk to hang up, until their `StasisEnd` or a listing
+    /// without them.
+    hanging_up: Mutex<HashMap<String, Hangup>>,
     stale_claims: Mutex<HashMap<(ConferenceName, u64), Instant>>,
     views: Mutex<BTreeMap<ConferenceName, ConferenceView>>,
     /// Versions of participant counts, rising across views and direct writes (and across
@@ -594,7 +615,13 @@ impl Node {
         lock(&self.ended).clear();
         // A channel never in Stasis (a callee that did not answer) sends no StasisEnd.
         let window = self.hangup_window();
-        lock(&self.hanging_up).retain(|_, (asked, _)| asked.elapsed() < window);
+        lock(&self.hanging_up).retain(|_, h| h.current(window));
+    }
+
+    /// Forgets the hangups asked for before `taken` whose channel a listing taken then no
+    /// longer shows: they are done, whether or not Asterisk said so.
+    pub fn forget_hangups_done(&self, present: &HashSet<&str>, taken: Instant) {
+        lock(&self.hanging_up).retain(|ch, h| h.asked > taken || present.contains(ch.as_str()));
     }
 
     /// How long a hangup asked for is remembered (see [`HANGUP_UNDER_WAY`]).
@@ -606,8 +633,23 @@ impl Node {
     /// channel has left its bridge and Stasis, so the channel is remembered until its
     /// `StasisEnd`: a listing taken meanwhile shows it, and must not bring it back.
     pub async fn hang_up(&self, channel: &str, cause: u16) -> Result<(), AriError> {
-        lock(&self.hanging_up).insert(channel.to_string(), (Instant::now(), cause));
-        self.ari.hangup(channel, cause).await
+        let asked = Instant::now();
+        let ask = Hangup {
+            asked,
+            cause,
+            acknowledged: false,
+        };
+        lock(&self.hanging_up).insert(channel.to_string(), ask);
+        let result = self.ari.hangup(channel, cause).await;
+        if result.is_ok() {
+            if let Some(h) = lock(&self.hanging_up)
+                .get_mut(channel)
+                .filter(|h| h.asked == asked)
+            {
+                h.acknowledged = true;
+            }
+        }
+        result
     }
 
     /// Forgets a hangup request that failed and is not to be repeated (the caller was told).
@@ -617,21 +659,33 @@ impl Node {
 
     /// Whether the agent asked for `channel`'s hangup and it has not left Stasis yet.
     pub fn hangup_under_way(&self, channel: &str) -> bool {
+        let window = self.hangup_window();
         lock(&self.hanging_up)
             .get(channel)
-            .is_some_and(|(asked, _)| asked.elapsed() < self.hangup_window())
+            .is_some_and(|h| h.current(window))
     }
 
     /// The cause of a hangup the agent asked for before `before` and that has not happened
     /// yet (the request failed, or Asterisk lost it): the channel is still listed after it.
     pub fn hangup_overdue(&self, channel: &str, before: Instant) -> Option<u16> {
+        let window = self.hangup_window();
         lock(&self.hanging_up)
             .get(channel)
-            .filter(|(asked, _)| {
-                before.checked_duration_since(*asked) >= Some(HANGUP_RETRY_AFTER)
-                    && asked.elapsed() < self.hangup_window()
+            .filter(|h| {
+                before.checked_duration_since(h.asked) >= Some(HANGUP_RETRY_AFTER)
+                    && h.current(window)
             })
-            .map(|(_, cause)| *cause)
+            .map(|h| h.cause)
+    }
+
+    /// The hangups Asterisk has not acknowledged (failed, or still in flight), with their
+    /// causes.
+    pub fn unacknowledged_hangups(&self) -> Vec<(String, u16)> {
+        lock(&self.hanging_up)
+            .iter()
+            .filter(|(_, h)| !h.acknowledged)
+            .map(|(ch, h)| (ch.clone(), h.cause))
+            .collect()
     }
 
     /// Whether the channel left Stasis since [`Node::forget_ended`].
@@ -1218,5 +1272,25 @@ impl EventSink for Sink {
 
     fn event(&self, event: Event) {
         self.0.dispatch(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hangup_asterisk_never_acknowledged_outlives_the_window() {
+        let ask = |acknowledged| Hangup {
+            asked: Instant::now(),
+            cause: 16,
+            acknowledged,
+        };
+        let window = std::time::Duration::ZERO;
+        assert!(!ask(true).current(window), "acknowledged: past the window");
+        assert!(
+            ask(false).current(window),
+            "never acknowledged: kept until a listing shows the channel gone"
+        );
     }
 }

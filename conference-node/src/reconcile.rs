@@ -79,6 +79,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     let present: HashSet<&str> = snapshots.keys().copied().collect();
     let listed: Arc<HashSet<String>> = Arc::new(present.iter().map(|c| c.to_string()).collect());
     node.dialouts.vanished(node, &present, taken);
+    node.forget_hangups_done(&present, taken);
     let forgotten = node.forget_vanished(routed, &present);
     if forgotten > 0 {
         tracing::info!(

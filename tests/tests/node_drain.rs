@@ -1053,3 +1053,38 @@ async fn a_conference_beginning_on_a_drained_node_is_held_to_the_drain_deadline(
         "still drained"
     );
 }
+
+/// At a stop's drain deadline, hangups lost on their way to Asterisk (a connection dropped,
+/// or closed for going past http.conf's `sessionlimit` under a storm of them) are asked again
+/// before the agent exits: nothing would ask once it is gone, and those callers would stay
+/// in Asterisk in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangups_lost_at_the_drain_deadline_are_asked_again_before_the_exit() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "700ms"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "1s"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
+    let a = dial(&s.sim, "slow-end", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "slow-end", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    s.sim.lose_operation("hangup");
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    // The deadline's hangups never reach Asterisk; the agent's requests time out.
+    s.node
+        .wait_log("cannot hang up participant", WAIT)
+        .expect("the deadline's hangups time out");
+    s.sim.deliver_operation("hangup");
+    let code = s.node.process().wait_exit(WAIT * 2).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    let snap = s.sim.snapshot();
+    for ch in [&a, &b] {
+        assert!(
+            snap.channel(ch).is_none(),
+            "caller {ch} left in Asterisk\n{}",
+            s.node.output()
+        );
+    }
+}
