@@ -612,6 +612,40 @@ async fn a_full_transaction_table_still_gives_retransmissions_the_same_to_tag() 
     assert_eq!(first, second, "the same answer, To-tag included");
 }
 
+/// Over UDP, a 100 Trying stops the sender's retransmissions: an INVITE slow to route that
+/// the full transaction table could not hold is sent none, since its final answer, sent
+/// once, is never resent. It gets that final answer, and nothing before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_the_full_table_cannot_hold_is_not_sent_100_trying_over_udp() {
+    let Stalled {
+        _redis,
+        proxy: _proxy,
+        controller,
+        udp: _warm,
+    } = stalled("2s", &[("CONFROUTE_SIP__MAX_TRANSACTIONS", "32")]).await;
+    // One entry per shard: 600 transactions fill all 32 (each stays until Timer H, 32 s).
+    let fill = Udp::new(controller.sip_addr());
+    for i in 0..600 {
+        let msg = invite(
+            "sip:fill@router",
+            fill.port(),
+            &format!("z9hG4bKfull{i}"),
+            "",
+        );
+        fill.socket.send_to(msg.as_bytes(), fill.to).expect("send");
+    }
+    let udp = Udp::new(controller.sip_addr());
+    let msg = invite("sip:unkept@router", udp.port(), "z9hG4bKunkept", "");
+    udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    // Routing gives up at its 2 s deadline; a 100 would come at 200 ms.
+    let first = udp.recv();
+    assert_eq!(
+        status(&first),
+        503,
+        "the first answer is the final one: {first}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_copies_vias_from_to_callid_cseq_with_compact_and_folded_headers() {
     let s = setup(&[]).await;

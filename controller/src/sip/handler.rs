@@ -548,7 +548,11 @@ impl SipService {
                 tokio::pin!(cancelled);
                 let trying = tokio::time::sleep(TRYING_AFTER);
                 tokio::pin!(trying);
-                let mut tried = false;
+                // A 100 stops the sender's retransmissions (RFC 3261 §17.1.1.2): over UDP,
+                // only a transaction the table holds may be sent one, since only such a
+                // transaction's final answer is resent until its ACK. One the full table
+                // could not hold is left to retransmit, each copy routed and answered again.
+                let mut tried = cancel.is_none() && transport == Transport::Udp;
                 loop {
                     tokio::select! {
                         biased;

@@ -172,7 +172,7 @@ impl Transactions {
         let Ok(mut map) = self.shard(key).lock() else {
             return Cancel::Unknown;
         };
-        match map.get_mut(key) {
+        match live(&mut map, key) {
             Some(Entry {
                 state: State::Answered(a),
                 ..
@@ -193,7 +193,7 @@ impl Transactions {
     /// Notes that `key` was sent a provisional answer.
     pub fn provisional(&self, key: &str) {
         if let Ok(mut map) = self.shard(key).lock() {
-            if let Some(e) = map.get_mut(key) {
+            if let Some(e) = live(&mut map, key) {
                 e.provisional = true;
             }
         }
@@ -211,7 +211,7 @@ impl Transactions {
         let Ok(mut map) = self.shard(key).lock() else {
             return lone(answer);
         };
-        let Some(e) = map.get_mut(key) else {
+        let Some(e) = live(&mut map, key) else {
             return lone(answer);
         };
         let answer = match e.state {
@@ -253,7 +253,7 @@ impl Transactions {
         let Ok(mut map) = self.shard(key).lock() else {
             return false;
         };
-        match map.get_mut(key) {
+        match live(&mut map, key) {
             // An ACK before any final answer acknowledges nothing: the INVITE being routed
             // keeps its entry, or its answer would be neither kept nor resent.
             Some(Entry {
@@ -286,9 +286,46 @@ impl Transactions {
     }
 }
 
+/// The entry of `key` unless it is past its expiry: the sweep drops those only once a second,
+/// and until then every method must see the same table as [`Transactions::begin`] (an expired
+/// transaction is unknown, never brought back).
+fn live<'a>(map: &'a mut HashMap<String, Entry>, key: &str) -> Option<&'a mut Entry> {
+    map.get_mut(key).filter(|e| e.expires > Instant::now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Makes `key`'s entry expire now, as Timer H or I would.
+    fn expire(t: &Transactions, key: &str) {
+        let mut map = t.shard(key).lock().expect("lock");
+        map.get_mut(key).expect("entry").expires = Instant::now();
+    }
+
+    #[test]
+    fn an_expired_transaction_is_unknown_to_every_method_before_the_sweep() {
+        let t = Transactions::new(1000);
+        let answer = || Answer {
+            response: Response::new(302, "Moved Temporarily"),
+            to_tag: "t".into(),
+        };
+        assert!(matches!(t.begin("answered".into()), Begin::New(_)));
+        t.provisional("answered");
+        let _ = t.complete("answered", answer());
+        expire(&t, "answered");
+        assert!(matches!(t.cancel("answered"), Cancel::Unknown));
+        assert!(!t.ack("answered"), "an ACK matches nothing");
+        assert!(matches!(t.begin("pending".into()), Begin::New(_)));
+        expire(&t, "pending");
+        assert!(matches!(t.cancel("pending"), Cancel::Unknown));
+        t.provisional("pending");
+        let done = t.complete("pending", answer());
+        assert!(
+            done.resend.is_none(),
+            "an expired entry is not brought back to be resent"
+        );
+    }
 
     #[test]
     fn retransmission_gets_the_same_answer() {
