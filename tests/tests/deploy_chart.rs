@@ -949,6 +949,47 @@ fn everything_at_once() {
     assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "confroute");
 }
 
+/// A trunk's password has a place outside the ConfigMaps: the Secret `asterisk.configSecret`
+/// names is mounted in Asterisk's /etc/asterisk/secret (for `#include secret/<key>`), and
+/// nothing is mounted without it.
+#[test]
+fn asterisk_secrets_are_mounted_from_a_secret_not_a_config_map() {
+    let dir = TempDir::new("values").expect("dir");
+    let secret_mount = |r: &Rendered| {
+        let workload = r.one("StatefulSet", "-node");
+        let mount = r.container(workload, "asterisk")["volumeMounts"]
+            .as_array()
+            .and_then(|m| m.iter().find(|v| v["name"] == "asterisk-secret"))
+            .cloned();
+        let volume = workload["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "asterisk-secret"))
+            .cloned();
+        (mount, volume)
+    };
+    let r = render(&values_file(
+        dir.path(),
+        "secret",
+        &json!({"asterisk": {"configSecret": "trunk-auth"}}),
+    ));
+    let (mount, volume) = secret_mount(&r);
+    let mount = mount.expect("mounted in the Asterisk container");
+    assert_eq!(mount["mountPath"], "/etc/asterisk/secret");
+    assert_eq!(mount["readOnly"], true);
+    assert_eq!(
+        volume.expect("volume")["secret"]["secretName"],
+        "trunk-auth"
+    );
+    let r = render(&values_file(dir.path(), "none", &json!({})));
+    assert_eq!(secret_mount(&r), (None, None));
+    refused_at_render(
+        dir.path(),
+        "a Secret name Kubernetes refuses",
+        &json!({"asterisk": {"configSecret": "Trunk_Auth"}}),
+        &["configSecret"],
+    );
+}
+
 #[test]
 fn a_changed_configuration_changes_the_checksum() {
     let dir = TempDir::new("values").expect("dir");
@@ -1367,6 +1408,20 @@ fn values_that_would_drop_calls_are_refused_at_render() {
             "node.config.webhook.shutdown_wait (120 s)",
             "765",
         ],
+    );
+    // Every unit spelling the binaries read counts, not only the common ones.
+    refused_at_render(
+        dir.path(),
+        "node grace without a callbacks wait in another spelling",
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 700,
+            "config": {"webhook": {"shutdown_wait": "2mins"}}}}),
+        &["node.config.webhook.shutdown_wait (120 s)", "765"],
+    );
+    refused_at_render(
+        dir.path(),
+        "controller grace below a command timeout in another spelling",
+        &json!({"controller": {"config": {"rpc": {"command_timeout": "1min 30secs"}}}}),
+        &["controller.config.rpc.command_timeout", "100"],
     );
     refused_at_render(
         dir.path(),

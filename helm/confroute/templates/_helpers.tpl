@@ -247,11 +247,12 @@ whole numbers are written as integers here.
 {{- end -}}
 
 {{/*
-A duration as humantime (the binaries' parser) reads it, in microseconds as a float; empty
-when a unit is not known here (the binary then names the key itself).
+A duration as humantime 2.4 (the binaries' parser) reads it, in microseconds as a float, with
+every unit spelling it knows (a missing one would size grace periods from defaults); empty
+when a unit is not known (the binary then names the key itself).
 */}}
 {{- define "confroute.durationMicros" -}}
-{{- $units := dict "nsec" 0.001 "ns" 0.001 "usec" 1.0 "us" 1.0 "µs" 1.0 "msec" 1000.0 "ms" 1000.0 "seconds" 1000000.0 "second" 1000000.0 "sec" 1000000.0 "s" 1000000.0 "minutes" 60000000.0 "minute" 60000000.0 "min" 60000000.0 "m" 60000000.0 "hours" 3600000000.0 "hour" 3600000000.0 "hr" 3600000000.0 "h" 3600000000.0 "days" 86400000000.0 "day" 86400000000.0 "d" 86400000000.0 "weeks" 604800000000.0 "week" 604800000000.0 "w" 604800000000.0 -}}
+{{- $units := dict "nanos" 0.001 "nsec" 0.001 "ns" 0.001 "usec" 1.0 "us" 1.0 "µs" 1.0 "millis" 1000.0 "msec" 1000.0 "ms" 1000.0 "seconds" 1000000.0 "second" 1000000.0 "secs" 1000000.0 "sec" 1000000.0 "s" 1000000.0 "minutes" 60000000.0 "minute" 60000000.0 "min" 60000000.0 "mins" 60000000.0 "m" 60000000.0 "hours" 3600000000.0 "hour" 3600000000.0 "hr" 3600000000.0 "hrs" 3600000000.0 "h" 3600000000.0 "days" 86400000000.0 "day" 86400000000.0 "d" 86400000000.0 "weeks" 604800000000.0 "week" 604800000000.0 "wk" 604800000000.0 "wks" 604800000000.0 "w" 604800000000.0 "months" 2630016000000.0 "month" 2630016000000.0 "M" 2630016000000.0 "years" 31557600000000.0 "year" 31557600000000.0 "yr" 31557600000000.0 "yrs" 31557600000000.0 "y" 31557600000000.0 -}}
 {{- $total := 0.0 -}}
 {{- $known := true -}}
 {{- range $part := regexFindAll "[0-9]+(\\.[0-9]+)?\\s*[a-zA-Zµ]+" (toString .) -1 -}}
