@@ -148,7 +148,8 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
 
     let bus = Bus::controller(router.store().clone());
     let control = Control::new(router.clone(), bus, cfg.rpc.command_timeout);
-    let sip_bound = Arc::new(AtomicBool::new(true));
+    // Set once the SIP sockets are bound, below: /readyz says so from this flag.
+    let sip_bound = Arc::new(AtomicBool::new(false));
     let (rpc_stop, rpc_stop_rx) = tokio::sync::watch::channel(false);
     let rpc_connections = Arc::new(tokio::sync::Semaphore::new(cfg.rpc.max_connections));
     let state = ApiState::new(ApiShared {

@@ -317,7 +317,7 @@ impl Control {
             return Err(ControlError::InvalidParams("limit must be 1-1000".into()));
         }
         if let Some(a) = &p.after {
-            name(a)?;
+            confroute_shared::name::validate_cursor(a).map_err(ControlError::InvalidParams)?;
         }
         let page = self
             .router

@@ -93,6 +93,24 @@ impl ConferenceName {
     }
 }
 
+/// Longest page cursor (`after`) accepted: far past any name, short of a request limit.
+pub const MAX_CURSOR_LEN: usize = 1024;
+
+/// Checks a page cursor (`after`): the previous page's `next`, which is the last name the
+/// index held on that page. That name need not meet the naming rules (one written by hand,
+/// another tool or an older version is left out of the page, not out of the index), so any
+/// 1 to [`MAX_CURSOR_LEN`] bytes is a position: refusing one would leave every page after
+/// it out of reach.
+pub fn validate_cursor(s: &str) -> Result<(), String> {
+    match s.len() {
+        0 => Err("after is empty: pass the previous page's next, or leave it out".into()),
+        n if n > MAX_CURSOR_LEN => Err(format!(
+            "after is {n} bytes; a page's next is at most {MAX_CURSOR_LEN}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks `s` against the conference-name rules without allocating.
 pub fn validate(s: &str) -> Result<(), NameError> {
     let bytes = s.as_bytes();

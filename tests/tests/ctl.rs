@@ -456,7 +456,10 @@ async fn ctl_dials_out_and_follows_the_call() {
     let a = dial(&s.sim, "ctl-room", &[]).await;
     let bridge = wait_bridged(&s.sim, &a).await;
 
-    let (ok, out, err) = ctl_async(&url, &["dialout", "ctl-room", "+15555550101", "--wait"]).await;
+    // Any spelling of the URL the REST calls take reaches the WebSocket too.
+    let spelled = format!("{}/", url.replacen("http://", "HTTP://", 1));
+    let (ok, out, err) =
+        ctl_async(&spelled, &["dialout", "ctl-room", "+15555550101", "--wait"]).await;
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 4, "{out}");

@@ -528,6 +528,12 @@ async fn web_pages_of_other_sites_cannot_use_an_api_without_a_token() {
         let body: Value = resp.json().await.expect("JSON error body");
         assert_eq!(status, 403, "{body}");
         assert_eq!(body["error"]["code"], "cross_site", "{body}");
+        assert!(
+            fixtures::documented_error_codes()
+                .iter()
+                .any(|c| c == "cross_site"),
+            "cross_site is in docs/openapi.json"
+        );
     };
     // A page's form-like POSTs, which a browser sends without asking first.
     let c = controller.http_url();

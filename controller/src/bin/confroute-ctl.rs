@@ -520,14 +520,25 @@ impl Api {
         >,
         Failure,
     > {
-        let ws_url = self
-            .url
-            .trim_end_matches('/')
-            .replacen("http://", "ws://", 1)
-            .replacen("https://", "wss://", 1);
-        let mut req = format!("{ws_url}/v1/rpc")
+        // Parsed as the REST calls' URL is, so any spelling they accept (`HTTP://`, a
+        // trailing query) reaches the same controller.
+        let bad_url = |e: String| usage(format!("bad --url {}: {e}", self.shown));
+        let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(e.to_string()))?;
+        let scheme = match url.scheme() {
+            "http" => "ws",
+            "https" => "wss",
+            other => return Err(bad_url(format!("{other}: not an http(s) URL"))),
+        };
+        url.set_scheme(scheme)
+            .map_err(|()| bad_url("not an http(s) URL".into()))?;
+        url.path_segments_mut()
+            .map_err(|()| bad_url("not an http(s) URL".into()))?
+            .pop_if_empty()
+            .extend(["v1", "rpc"]);
+        let mut req = url
+            .as_str()
             .into_client_request()
-            .map_err(|e| usage(format!("bad url: {e}")))?;
+            .map_err(|e| bad_url(e.to_string()))?;
         if let Some(t) = &self.token {
             let v = format!("Bearer {t}")
                 .parse()

@@ -302,8 +302,7 @@ pub async fn list_conferences(
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
     if let Some(after) = &q.after {
-        ConferenceName::parse(after)
-            .map_err(|e| ApiError::bad_request(format!("after is not a conference name: {e}")))?;
+        confroute_shared::name::validate_cursor(after).map_err(ApiError::bad_request)?;
     }
     let page = state
         .router
