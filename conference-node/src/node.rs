@@ -242,6 +242,8 @@ pub struct Node {
     /// Channels the agent asked Asterisk to hang up, until their `StasisEnd` or a listing
     /// without them.
     hanging_up: Mutex<HashMap<String, Hangup>>,
+    /// Set while a reconciliation is due to ask again for hangups that failed.
+    hangup_retry_due: Arc<AtomicBool>,
     stale_claims: Mutex<HashMap<(ConferenceName, u64), Instant>>,
     views: Mutex<BTreeMap<ConferenceName, ConferenceView>>,
     /// Versions of participant counts, rising across views and direct writes (and across
@@ -320,6 +322,7 @@ impl Node {
             joining: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::HashSet::new()),
             hanging_up: Mutex::new(HashMap::new()),
+            hangup_retry_due: Arc::new(AtomicBool::new(false)),
             stale_claims: Mutex::new(HashMap::new()),
             views: Mutex::new(BTreeMap::new()),
             count_versions: AtomicU64::new(
@@ -641,15 +644,35 @@ impl Node {
         };
         lock(&self.hanging_up).insert(channel.to_string(), ask);
         let result = self.ari.hangup(channel, cause).await;
-        if result.is_ok() {
-            if let Some(h) = lock(&self.hanging_up)
-                .get_mut(channel)
-                .filter(|h| h.asked == asked)
-            {
-                h.acknowledged = true;
+        match &result {
+            Ok(()) => {
+                if let Some(h) = lock(&self.hanging_up)
+                    .get_mut(channel)
+                    .filter(|h| h.asked == asked)
+                {
+                    h.acknowledged = true;
+                }
             }
+            Err(_) => self.retry_hangups_soon(),
         }
         result
+    }
+
+    /// Has a reconciliation run once [`HANGUP_RETRY_AFTER`] has passed, to ask again for
+    /// the hangups that failed (of a caller, or of a callee still ringing, which nothing
+    /// else would call off): waiting for the periodic one would leave them up to
+    /// `ari.reconcile_interval` in silence, or ringing. Failures meanwhile share that run;
+    /// one whose ask fails again schedules the next.
+    fn retry_hangups_soon(&self) {
+        if self.hangup_retry_due.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (due, reconcile) = (self.hangup_retry_due.clone(), self.reconcile.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(HANGUP_RETRY_AFTER).await;
+            due.store(false, Ordering::SeqCst);
+            let _ = reconcile.send(());
+        });
     }
 
     /// Forgets a hangup request that failed and is not to be repeated (the caller was told).

@@ -153,15 +153,9 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
         release_stale_claims(node, &active, &had_bridge).await?;
     }
     for ch in channels {
-        let Some((app, args)) = ch.stasis_app() else {
-            continue;
-        };
-        if app != node.cfg.ari.app {
-            continue;
-        }
-        // A caller the agent hung up (its conference ended, it was kicked or refused) is
-        // still here: the request failed or was lost, so it is asked again rather than left
-        // in silence.
+        // A caller the agent hung up (its conference ended, it was kicked or refused), or a
+        // callee it called off while ringing (outside Stasis), is still here: the request
+        // failed or was lost, so it is asked again rather than left in silence or ringing.
         if let Some(cause) = node.hangup_overdue(&ch.id, taken) {
             if !node.ended_since_listing(&ch.id) {
                 tracing::warn!(channel = %ch.id, cause, "a caller the agent hung up is still in Asterisk; hanging it up again");
@@ -176,6 +170,12 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
                     }
                 });
             }
+            continue;
+        }
+        let Some((app, args)) = ch.stasis_app() else {
+            continue;
+        };
+        if app != node.cfg.ari.app {
             continue;
         }
         if bridged.contains(&ch.id) || node.ended_since_listing(&ch.id) || !node.claim_route(&ch.id)

@@ -555,6 +555,84 @@ async fn a_dialout_whose_originate_timed_out_never_joins_when_it_answers_late() 
     );
 }
 
+/// An originate Asterisk refuses (a channel technology it does not have: 500 "Allocation
+/// failed") placed no call: its route goes at once, and nothing is hung up for it. Only a
+/// request whose fate is unknown (timed out, lost) is treated as maybe placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_originate_asterisk_refuses_leaves_no_route_behind() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_DIALOUT__ENDPOINT", "Nope/{number}"),
+        ],
+        &[],
+    )
+    .await;
+    let (owner, _) = room(&c, "refused-1", &[]).await;
+    let node = c.node(&owner);
+    let mut ws = c.client(0).await;
+    let (code, msg) = ws
+        .err(
+            "dialout",
+            json!({"conference": "refused-1", "to": "+15555550171"}),
+        )
+        .await;
+    assert_eq!(code, -32603, "{msg}");
+    assert!(msg.contains("Allocation failed"), "{msg}");
+    let placed = originates(&node.sim);
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    let m = fixtures::scrape(&node.proc.http_url()).await;
+    assert_eq!(
+        fixtures::metric(&m, "confroute_node_tracked_channels"),
+        1.0,
+        "only the caller's events are routed\n{m}"
+    );
+    let id = placed[0].rsplit('/').next().expect("channel id");
+    assert!(
+        !node
+            .sim
+            .request_log()
+            .iter()
+            .any(|r| r.operation.as_deref() == Some("hangup") && r.path.ends_with(id)),
+        "a call Asterisk never placed is hung up"
+    );
+}
+
+/// A conference ending while Asterisk loses its hangups (a dropped connection) still calls
+/// off its callee, ringing outside Stasis, and hangs up its caller: the agent asks again
+/// soon after the failure, not at the periodic reconciliation a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangups_lost_as_a_conference_ends_are_asked_again_for_callers_and_ringing_callees() {
+    let (c, owner, mut ws, callid) = ringing_dialout("lost-end", "+15555550161").await;
+    let sim = &c.node(&owner).sim;
+    let caller = sim
+        .snapshot()
+        .channels
+        .iter()
+        .find(|ch| ch.id != callid && ch.bridge.is_some())
+        .map(|ch| ch.id.clone())
+        .expect("the caller");
+    sim.lose_operation("hangup");
+    ws.ok("conference.end", json!({"conference": "lost-end"}))
+        .await;
+    // The end's hangups were lost: both are still there.
+    let snap = sim.snapshot();
+    assert!(snap.channel(&callid).is_some() && snap.channel(&caller).is_some());
+    sim.deliver_operation("hangup");
+    for ch in [&callid, &caller] {
+        let gone = sim
+            .wait_for_event(WAIT, |e| {
+                e["type"] == "ChannelDestroyed" && e["channel"]["id"] == ch.as_str()
+            })
+            .await;
+        assert!(
+            gone.is_some(),
+            "{ch} still in Asterisk\n{}",
+            c.node(&owner).proc.output()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callee_kicked_while_ringing_never_joins_even_if_it_answers_first() {
     let (c, owner, mut ws, callid) = ringing_dialout("kick-1", "+15555550141").await;

@@ -745,20 +745,35 @@ impl Conference {
                 tracing::warn!(conference = %self.name, to = %d.to, endpoint = %d.endpoint, error = %e, "cannot originate the dial-out");
                 self.node.dialouts.abandon(&callid);
                 self.dialing.remove(&callid);
-                // A request that timed out (or failed after Asterisk acted) may have placed
-                // the call all the same: it is hung up now, and should it still answer, its
-                // route (kept until it could have rung out) marks it a dial-out nobody waits
-                // for, hung up rather than joined as a caller.
-                let node = self.node.clone();
-                let limit = Duration::from_secs(d.timeout_secs) + dialout::RINGING_FALLBACK;
-                let placed = callid.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = node.hang_up(&placed, CAUSE_NORMAL).await {
-                        tracing::warn!(callid = %placed, error = %e, "cannot hang up a dial-out that failed");
-                    }
-                    tokio::time::sleep(limit).await;
-                    node.unroute_dialout(&placed);
-                });
+                // Refused by Asterisk (an endpoint it does not know, a channel it could not
+                // allocate): no call exists, and its route goes now. A request that timed
+                // out, failed on its way or answered what cannot be read may have placed the
+                // call all the same (a 409 says a channel has its id): it is hung up now, and
+                // should it still answer, its route (kept until it could have rung out) marks
+                // it a dial-out nobody waits for, hung up rather than joined as a caller.
+                let refused = matches!(
+                    e.kind,
+                    AriErrorKind::BadRequest
+                        | AriErrorKind::Unauthorized
+                        | AriErrorKind::NotFound
+                        | AriErrorKind::InvalidState
+                        | AriErrorKind::Unprocessable
+                        | AriErrorKind::Server
+                );
+                if refused {
+                    self.node.unroute_dialout(&callid);
+                } else {
+                    let node = self.node.clone();
+                    let limit = Duration::from_secs(d.timeout_secs) + dialout::RINGING_FALLBACK;
+                    let placed = callid.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = node.hang_up(&placed, CAUSE_NORMAL).await {
+                            tracing::warn!(callid = %placed, error = %e, "cannot hang up a dial-out that failed");
+                        }
+                        tokio::time::sleep(limit).await;
+                        node.unroute_dialout(&placed);
+                    });
+                }
                 self.end_if_empty("dialout_failed").await;
                 pending.answer(
                     &self.node,
