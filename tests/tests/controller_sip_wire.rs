@@ -739,6 +739,53 @@ async fn tcp_pipelined_requests_each_get_an_answer() {
     );
 }
 
+/// A body arriving in pieces after its header block, the last piece carrying the next
+/// request whole, frames both: the message is cut at its Content-Length however its bytes
+/// come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_body_arriving_in_pieces_is_framed_with_the_request_after_it() {
+    let s = setup(&[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let options = |branch: &str, body: &str| {
+        format!(
+            "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch={branch}\r\n\
+             From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: {branch}@test\r\n\
+             CSeq: 1 OPTIONS\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let first = options("z9hG4bKpieces1", "abcdefgh");
+    let (head, body) = first.split_at(first.len() - 8);
+    let pieces = [
+        head.to_string(),
+        body[..3].to_string(),
+        body[3..5].to_string(),
+        format!("{}{}", &body[5..], options("z9hG4bKpieces2", "")),
+    ];
+    for piece in &pieces {
+        tcp.write_all(piece.as_bytes()).await.expect("write");
+        tcp.flush().await.expect("flush");
+        tokio::task::yield_now().await;
+    }
+    let mut got = String::new();
+    let mut buf = vec![0u8; 16384];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.matches("SIP/2.0 200 OK").count() < 2 {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("two answers in time: {got}"))
+            .expect("read");
+        assert!(n > 0, "connection closed early: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    for branch in ["z9hG4bKpieces1", "z9hG4bKpieces2"] {
+        assert!(got.contains(branch), "{branch} answered: {got}");
+    }
+}
+
 /// Line ends as lenient SIP stacks send them: LF alone (in a block without any CR) and line
 /// ends before the start line (RFC 3261 §7.5), over UDP and in a TCP stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -360,8 +360,10 @@ pub enum Frame {
     Ping(usize),
     /// Stray line ends of this many bytes to skip.
     Skip(usize),
-    /// More bytes are needed.
+    /// More bytes are needed: no header block ends yet.
     Incomplete,
+    /// A header block is here, its body not all yet: the message is this many bytes.
+    Body(usize),
     /// The stream cannot be framed; close it.
     Broken(&'static str),
     /// A whole header block whose Content-Length cannot frame a body (not a number, more
@@ -418,7 +420,7 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
             why: TOO_LARGE,
         }
     } else if buf.len() < total {
-        Frame::Incomplete
+        Frame::Body(total)
     } else {
         Frame::Message(total)
     }
@@ -514,6 +516,9 @@ async fn connection(
     // No header block ends before this offset of `buf`: a message arriving in small pieces
     // is searched once, not again from its start on every read.
     let mut scanned = 0usize;
+    // Bytes the message in `buf` needs once its header block is framed: reads short of it
+    // (a body trickling in) are not framed again from the start.
+    let mut awaiting = 0usize;
     // Set when the connection ends on a refused message whose body may still be arriving.
     let mut linger = false;
     'read: loop {
@@ -545,6 +550,10 @@ async fn connection(
         };
         buf.extend_from_slice(&chunk[..n]);
         loop {
+            if buf.len() < awaiting {
+                break;
+            }
+            awaiting = 0;
             if buf.len() <= max
                 && !buf.starts_with(b"\r")
                 && !buf.starts_with(b"\n")
@@ -555,6 +564,10 @@ async fn connection(
             }
             match next_frame(&buf, max) {
                 Frame::Incomplete => break,
+                Frame::Body(total) => {
+                    awaiting = total;
+                    break;
+                }
                 Frame::Skip(n) => {
                     buf.drain(..n);
                     scanned = 0;
@@ -698,7 +711,10 @@ mod tests {
             next_frame(&two[one.len()..], 4096),
             Frame::Message(two.len() - one.len())
         );
-        assert_eq!(next_frame(&one[..one.len() - 1], 4096), Frame::Incomplete);
+        assert_eq!(
+            next_frame(&one[..one.len() - 1], 4096),
+            Frame::Body(one.len())
+        );
         assert_eq!(
             next_frame(b"OPTIONS sip:a SIP/2.0\r\n", 4096),
             Frame::Incomplete

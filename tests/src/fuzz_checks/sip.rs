@@ -66,6 +66,13 @@ fn framing(data: &[u8], max: usize) {
                 assert!(rest.len() <= max, "incomplete beyond the size limit");
                 return;
             }
+            Frame::Body(total) => {
+                assert!(
+                    rest.len() < total && total <= max,
+                    "a body awaited past the data or the size limit"
+                );
+                return;
+            }
             Frame::Broken(why) => {
                 assert!(!why.is_empty());
                 return;
