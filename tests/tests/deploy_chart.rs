@@ -1405,7 +1405,7 @@ fn values_that_would_drop_calls_are_refused_at_render() {
             "config": {"webhook": {"shutdown_wait": "2m"}}}}),
         &[
             "node.terminationGracePeriodSeconds",
-            "node.config.webhook.shutdown_wait (120 s)",
+            "120 s for the last callbacks",
             "765",
         ],
     );
@@ -1415,7 +1415,19 @@ fn values_that_would_drop_calls_are_refused_at_render() {
         "node grace without a callbacks wait in another spelling",
         &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 700,
             "config": {"webhook": {"shutdown_wait": "2mins"}}}}),
-        &["node.config.webhook.shutdown_wait (120 s)", "765"],
+        &["120 s for the last callbacks", "765"],
+    );
+    // The last bus messages get twice webhook.timeout: a longer one counts instead.
+    refused_at_render(
+        dir.path(),
+        "node grace without a raised callbacks timeout",
+        &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 700,
+            "config": {"webhook": {"timeout": "30s"}}}}),
+        &[
+            "60 s for the last callbacks",
+            "node.config.webhook.timeout",
+            "705",
+        ],
     );
     refused_at_render(
         dir.path(),

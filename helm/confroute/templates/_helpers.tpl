@@ -352,22 +352,26 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 Grace period of a node pod. Kubernetes kills the pod when it ends, preStop drain or not. Past
 the drain deadline the agent may still wait up to 30 s for its first reconciliation after a
 restart (docs/configuration.md), 10 s for the conferences it ends to tear down and
-webhook.shutdown_wait (15 s by default) for their last status callbacks before it deregisters: a
-grace under the deadline plus 45 s plus that wait would cut that and leave claims, callbacks
-and the node record behind.
+webhook.shutdown_wait (15 s by default; twice webhook.timeout when that is longer, for the
+last bus messages) for their last status callbacks before it deregisters: a grace under the
+deadline plus 45 s plus that wait would cut that and leave claims, callbacks and the node
+record behind.
 */}}
 {{- define "confroute.nodeTerminationGrace" -}}
 {{- include "confroute.checkDurations" . -}}
 {{- $deadline := int .Values.node.drainDeadlineSeconds -}}
 {{- $webhook := (.Values.node.config | default dict).webhook | default dict -}}
 {{- $wait := include "confroute.ceilSeconds" (dict "value" $webhook.shutdown_wait "default" 15) | int -}}
+{{- /* The last bus messages get twice webhook.timeout beside the callbacks' wait. */ -}}
+{{- $flush := mul 2 (include "confroute.ceilSeconds" (dict "value" $webhook.timeout "default" 5) | int) -}}
+{{- if gt $flush $wait }}{{ $wait = $flush }}{{ end -}}
 {{- if kindIs "invalid" .Values.node.terminationGracePeriodSeconds -}}
 {{- add $deadline 285 $wait -}}
 {{- else -}}
 {{- $grace := int .Values.node.terminationGracePeriodSeconds -}}
 {{- $least := add $deadline 45 $wait -}}
 {{- if lt $grace $least -}}
-{{- fail (printf "node.terminationGracePeriodSeconds (%d) is below node.drainDeadlineSeconds (%d) + 45 s + node.config.webhook.shutdown_wait (%d s): Kubernetes would kill draining nodes before their calls end, their claims are released and their last status callbacks are sent. Set it to at least %d, or null for node.drainDeadlineSeconds + 285 s + webhook.shutdown_wait" $grace $deadline $wait $least) -}}
+{{- fail (printf "node.terminationGracePeriodSeconds (%d) is below node.drainDeadlineSeconds (%d) + 45 s + %d s for the last callbacks and bus messages (node.config.webhook.shutdown_wait, or twice node.config.webhook.timeout when longer): Kubernetes would kill draining nodes before their calls end, their claims are released and their last status callbacks are sent. Set it to at least %d, or null for node.drainDeadlineSeconds + 285 s + that wait" $grace $deadline $wait $least) -}}
 {{- end -}}
 {{- $grace -}}
 {{- end -}}
