@@ -268,11 +268,13 @@ async fn first_registration(node: &Arc<Node>) -> bool {
                 return false;
             }
             Err(e) => {
-                // Registering would take the other agent's conferences; this one stays out
-                // of placement and checks again at the next heartbeat.
-                node.metrics.heartbeats.with_label_values(&["error"]).inc();
-                tracing::error!(error = %e.0, "not registering this node");
-                return false;
+                // As at start-up: registering would take the other agent's conferences, and
+                // running on would answer its commands and hold its record (marked without
+                // ARI, so no conference is placed on it) at every heartbeat. The process
+                // exits; no record or claim of its own is left behind.
+                tracing::error!(error = %e.0, "cannot start: exiting");
+                eprintln!("confroute-node: {e}");
+                std::process::exit(1);
             }
         }
     }

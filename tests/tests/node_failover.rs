@@ -220,6 +220,53 @@ async fn second_agent_is_refused(s: &Single) {
     assert_eq!(after.info.control, before.info.control, "record taken over");
 }
 
+/// The same refusal for an agent that could not read Redis at start-up and began without
+/// the check: once Redis answers, the check finds the live agent and the newcomer exits
+/// rather than run on beside it (answering its commands, holding its record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_that_starts_while_redis_is_away_exits_once_it_sees_the_live_one() {
+    let s = Single::start(&[]).await;
+    let store = fixtures::store(&s.cfg);
+    let before = store
+        .get_node(&fixtures::id("node-a"))
+        .await
+        .expect("redis")
+        .expect("record");
+    let upstream = format!("127.0.0.1:{}", s.redis.port())
+        .parse()
+        .expect("address");
+    let proxy = confroute_tests::harness::TcpProxy::start(upstream)
+        .await
+        .expect("proxy");
+    proxy.black_hole();
+    let cfg = fixtures::single(&proxy.redis_url());
+    let other = sim().await;
+    let mut second = NodeProc::start(
+        "node-a",
+        &env(&other, &cfg, &[("CONFROUTE_REDIS__TIMEOUT", "300ms")]),
+    )
+    .expect("starts without the check");
+    second
+        .wait_log("cannot read this node's record", WAIT)
+        .expect("the check postponed");
+    proxy.heal();
+    let code = second.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(1), "{}", second.output());
+    assert!(
+        second
+            .output()
+            .contains("node.id: node node-a is in use by another live agent"),
+        "{}",
+        second.output()
+    );
+    let rec = store
+        .get_node(&fixtures::id("node-a"))
+        .await
+        .expect("redis")
+        .expect("the live agent's record");
+    assert_eq!(rec.info.control, before.info.control, "record taken over");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_under_a_live_agents_node_id_refuses_to_start_and_takes_nothing() {
     // A 3 s lease: the restart at the end must come while the record lives, on a loaded
