@@ -1942,6 +1942,7 @@ impl Conference {
             return;
         }
         p.talking = talking;
+        self.node.publish_talking(&self.name, ch, talking);
         self.emit(
             if talking {
                 "talking_start"

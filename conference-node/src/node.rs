@@ -846,6 +846,18 @@ impl Node {
         self.changed.notify_waiters();
     }
 
+    /// Marks a participant of `name`'s published view talking or not: talk detection comes
+    /// often, and this leaves the rest of the view (and its count version) as it is.
+    pub fn publish_talking(&self, name: &ConferenceName, channel: &str, talking: bool) {
+        let mut views = lock(&self.views);
+        if let Some(p) = views
+            .get_mut(name)
+            .and_then(|v| v.participants.iter_mut().find(|p| p.channel == channel))
+        {
+            p.talking = talking;
+        }
+    }
+
     /// A participant count version newer than every view published so far: a count written
     /// with it is not undone by a heartbeat carrying an older view (heartbeat.lua).
     pub fn next_count_version(&self) -> u64 {

@@ -159,3 +159,32 @@ async fn readiness_needs_the_node_registered_not_only_redis_answering() {
     assert_eq!(body["ari"], true, "{body}");
     drop(primary);
 }
+
+/// Talk detection shows in the node's own listing as it happens, not only at the next
+/// join, mute or hold of the conference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_shows_who_is_talking_as_it_changes() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "chatty", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let base = s.node.http_url();
+    let talking = || async {
+        let (status, body) = call("GET", &format!("{base}/v1/conferences"), None).await;
+        assert_eq!(status, 200, "{body}");
+        body["items"][0]["participants"][0]["talking"].as_bool()
+    };
+    assert_eq!(talking().await, Some(false));
+    for (now, duration) in [(true, 0), (false, 1200)] {
+        s.sim
+            .caller_talks(&a, now, duration)
+            .await
+            .expect("talk detection");
+        confroute_tests::harness::wait_for_async(
+            "the listing follows talk detection",
+            WAIT,
+            || async { (talking().await == Some(now)).then_some(()) },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    }
+}

@@ -353,7 +353,9 @@ impl Conference {
         let mut told = true;
         if let Some(p) = self.participants.get_mut(ch) {
             p.held = on;
-            if to_mix {
+            // A waiter left behind by a start cut short is no longer waiting once held in a
+            // started conference, as start() leaves a held waiter.
+            if to_mix || (on && self.started) {
                 p.waiting = false;
             }
             // The phone's own hold keeps the callback's one `Hold` state as it was.

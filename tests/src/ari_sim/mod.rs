@@ -460,6 +460,32 @@ impl AriSim {
         Ok(())
     }
 
+    /// The caller starts (`true`) or stops talking, as talk detection hears it (the
+    /// dialplan ran `Set(TALK_DETECT(set)=)` before Stasis): `ChannelTalkingStarted`, or
+    /// `ChannelTalkingFinished` with the talk's `duration` in milliseconds.
+    pub async fn caller_talks(
+        &self,
+        channel: &str,
+        talking: bool,
+        duration_ms: u64,
+    ) -> Result<(), SimError> {
+        let core = &self.core;
+        let mut st = core.lock();
+        if !st.channels.contains_key(channel) {
+            return Err(SimError::NoSuchChannel(channel.to_string()));
+        }
+        let ev = if talking {
+            st.chan_ev(core, "ChannelTalkingStarted", channel)
+        } else {
+            st.chan_ev(core, "ChannelTalkingFinished", channel)
+                .with("duration", json!(duration_ms))
+        };
+        st.emit(core, ev);
+        drop(st);
+        self.done();
+        Ok(())
+    }
+
     /// The far end of a ringing outgoing channel answers (for [`Outcome::Manual`]).
     pub async fn answer_far_end(&self, channel: &str) -> Result<(), SimError> {
         let core = &self.core;
