@@ -1463,6 +1463,10 @@ impl Conference {
             tracing::info!(conference = %self.name, channel = %id, held, "read an adopted participant's hold mark at last");
             self.adopted_read();
         }
+        // One moved into the mix may have been the holding bridge's last member: Asterisk
+        // then took its music away with it, and a bridge kept would put the next caller held
+        // there in silence. It goes, as after any last leave; the next one is made with music.
+        self.tidy_holding().await;
     }
 
     /// Reconciliation: a participant redirected to another node that Asterisk still lists

@@ -151,10 +151,13 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: the events WebSocket is connected and Redis answers; the body also says
+/// `GET /readyz`: the events WebSocket is connected and Asterisk takes writes, Redis answers
+/// and this life registered; the body also says
 /// whether the call-control subscription is up.
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    let ari = node.ari_connected.load(Ordering::SeqCst);
+    // Connected, and its writes not refused (a user ari.conf made read_only): the node is
+    // out of placement otherwise, as heartbeats tell Redis.
+    let ari = node.ari_available();
     let redis = tokio::time::timeout(Duration::from_secs(1), node.store.ping())
         .await
         .is_ok_and(|r| r.is_ok());

@@ -188,3 +188,23 @@ async fn the_listing_shows_who_is_talking_as_it_changes() {
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     }
 }
+
+/// An Asterisk that refuses the agent's writes (a user ari.conf made `read_only`) takes the
+/// node out of placement, and `/readyz` says so: its events still come, but no call can be
+/// answered or bridged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_asterisk_refuses_writes() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let ready = format!("{}/readyz", s.node.http_url());
+    let (status, body) = call("GET", &ready, None).await;
+    assert_eq!((status, body["ari"].clone()), (200, true.into()), "{body}");
+    s.sim.set_read_only(true);
+    // A caller's answer is the write Asterisk refuses.
+    dial(&s.sim, "refused", &[]).await;
+    confroute_tests::harness::wait_for_async("readyz to report ARI unusable", WAIT, || async {
+        let (status, body) = call("GET", &ready, None).await;
+        (status == 503 && body["ari"] == false).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
