@@ -128,7 +128,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
         cpu,
         ari: node.ari_available(),
     };
-    let (_, version) = node.state_versioned();
+    let (version, in_redis) = node.state_snapshot();
     let was_ok = node.redis_ok.load(Ordering::SeqCst);
     let beat = if reclaim || !was_ok {
         node.store
@@ -213,7 +213,9 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                     }
                 }
             }
-            if state != NodeState::ShuttingDown {
+            // Only a state Redis held this node's own before the beat can have been changed
+            // by an admin since: otherwise the reply may predate the node's own write.
+            if state != NodeState::ShuttingDown && in_redis {
                 // A drain set through the controller counts from when it was set (the record's
                 // `drain_since_ms`), not from when this heartbeat saw it: a registration after a
                 // Redis restart writes the agent's own back.

@@ -229,6 +229,8 @@ pub struct Node {
     state: watch::Sender<NodeState>,
     state_version: AtomicU64,
     state_dirty: AtomicBool,
+    /// The newest state version known written to Redis.
+    state_in_redis: AtomicU64,
     registry: Mutex<HashMap<ConferenceName, mpsc::UnboundedSender<Msg>>>,
     routes: Mutex<HashMap<String, Route>>,
     /// Routed channels whose caller's phone has them on hold (ChannelHold), whatever
@@ -315,6 +317,7 @@ impl Node {
             state,
             state_version: AtomicU64::new(0),
             state_dirty: AtomicBool::new(false),
+            state_in_redis: AtomicU64::new(0),
             registry: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             caller_holds: Mutex::new(std::collections::HashSet::new()),
@@ -400,9 +403,21 @@ impl Node {
 
     /// Records that the local state reached Redis.
     pub fn state_written(&self, version: u64) {
+        self.state_in_redis.fetch_max(version, Ordering::SeqCst);
         if self.state_version.load(Ordering::SeqCst) == version {
             self.state_dirty.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// The state version now, and whether Redis was known to hold it then: a heartbeat
+    /// sent while a local change was still on its way may be answered with the state from
+    /// before it, which is no admin's change to adopt.
+    pub fn state_snapshot(&self) -> (u64, bool) {
+        // Read first: it never passes the version, so equal means the version did not move
+        // in between.
+        let written = self.state_in_redis.load(Ordering::SeqCst);
+        let version = self.state_version.load(Ordering::SeqCst);
+        (version, written >= version)
     }
 
     /// When the running drain's deadline comes, in Unix seconds (its start, as the record
