@@ -668,7 +668,10 @@ impl Node {
                     h.acknowledged = true;
                 }
             }
-            Err(_) => self.retry_hangups_soon(),
+            // A request lost or not answered; one Asterisk refused (a 400) would be refused
+            // again, and is left to the periodic reconciliation.
+            Err(e) if e.kind.transient() => self.retry_hangups_soon(),
+            Err(_) => {}
         }
         result
     }

@@ -49,6 +49,15 @@ pub enum AriErrorKind {
 }
 
 impl AriErrorKind {
+    /// Whether asking again may get another answer: the request timed out, was lost with its
+    /// connection, or Asterisk failed inside; not a request Asterisk refused as asked.
+    pub fn transient(self) -> bool {
+        matches!(
+            self,
+            AriErrorKind::Timeout | AriErrorKind::Transport | AriErrorKind::Server
+        )
+    }
+
     fn from_status(status: u16) -> AriErrorKind {
         match status {
             400 => AriErrorKind::BadRequest,
