@@ -1363,6 +1363,9 @@ impl Conference {
     async fn reread_options(&mut self, taken: Instant) {
         let unread = self.adopted_unread(taken, |p| p.options_unread);
         if unread.is_empty() {
+            // A hold mark is read on its own: one left unread while the options were read
+            // still needs its pass.
+            self.reread_holds(taken).await;
             return;
         }
         let node = self.node.clone();

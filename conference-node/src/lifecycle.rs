@@ -373,12 +373,12 @@ pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     // Callbacks go one at a time per conference, so a big conference's leave events can
     // take a while ahead of its end event: they get `webhook.shutdown_wait`.
     let (mut wait, mut bound) = (node.cfg.webhook.shutdown_wait, node.cfg.webhook.timeout * 2);
-    let mut hangups = TEARDOWN_GRACE;
     if hurry {
         wait = wait.min(HURRIED_SEND);
         bound = bound.min(HURRIED_SEND);
-        hangups = HURRIED_SEND;
     }
+    // Within the callbacks' and messages' own wait, which the pod's grace period counts.
+    let hangups = TEARDOWN_GRACE.min(wait.max(bound));
     let (left, unsent, not_hung_up) = tokio::join!(
         node.webhooks.in_flight.settle(wait),
         node.outbox.flush(bound),
@@ -442,7 +442,9 @@ async fn hang_up_again(node: &Node, until: Instant) -> usize {
             channels = left.len(),
             "asking Asterisk again to hang up callers before exiting"
         );
-        let asks = left.iter().map(|(ch, cause)| node.hang_up(ch, *cause));
+        let asks = left
+            .iter()
+            .map(|(ch, cause)| node.hang_up_again(ch, *cause));
         let Ok(answers) =
             tokio::time::timeout_at(until, futures_util::future::join_all(asks)).await
         else {

@@ -651,6 +651,17 @@ impl Node {
     /// channel has left its bridge and Stasis, so the channel is remembered until its
     /// `StasisEnd`: a listing taken meanwhile shows it, and must not bring it back.
     pub async fn hang_up(&self, channel: &str, cause: u16) -> Result<(), AriError> {
+        self.ask_hangup(channel, cause, true).await
+    }
+
+    /// [`Node::hang_up`] asked again (by a reconciliation, or before the exit): a failure
+    /// brings no reconciliation forward, so one that keeps failing is asked at the periodic
+    /// pace, not every few seconds, of an Asterisk already struggling.
+    pub async fn hang_up_again(&self, channel: &str, cause: u16) -> Result<(), AriError> {
+        self.ask_hangup(channel, cause, false).await
+    }
+
+    async fn ask_hangup(&self, channel: &str, cause: u16, first: bool) -> Result<(), AriError> {
         let asked = Instant::now();
         let ask = Hangup {
             asked,
@@ -670,7 +681,7 @@ impl Node {
             }
             // A request lost or not answered; one Asterisk refused (a 400) would be refused
             // again, and is left to the periodic reconciliation.
-            Err(e) if e.kind.transient() => self.retry_hangups_soon(),
+            Err(e) if first && e.kind.transient() => self.retry_hangups_soon(),
             Err(_) => {}
         }
         result
@@ -680,7 +691,7 @@ impl Node {
     /// the hangups that failed (of a caller, or of a callee still ringing, which nothing
     /// else would call off): waiting for the periodic one would leave them up to
     /// `ari.reconcile_interval` in silence, or ringing. Failures meanwhile share that run;
-    /// one whose ask fails again schedules the next.
+    /// one whose ask fails again waits for the periodic one.
     fn retry_hangups_soon(&self) {
         if self.hangup_retry_due.swap(true, Ordering::SeqCst) {
             return;

@@ -165,7 +165,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
                     .inc();
                 let node = node.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = node.hang_up(&ch.id, cause).await {
+                    if let Err(e) = node.hang_up_again(&ch.id, cause).await {
                         tracing::warn!(channel = %ch.id, error = %e, "cannot hang up the caller again");
                     }
                 });

@@ -753,15 +753,17 @@ impl Conference {
                 // call all the same (a 409 says a channel has its id): it is hung up now, and
                 // should it still answer, its route (kept until it could have rung out) marks
                 // it a dial-out nobody waits for, hung up rather than joined as a caller.
-                let refused = matches!(
-                    e.kind,
-                    AriErrorKind::BadRequest
-                        | AriErrorKind::Unauthorized
-                        | AriErrorKind::NotFound
-                        | AriErrorKind::InvalidState
-                        | AriErrorKind::Unprocessable
-                        | AriErrorKind::Server
-                );
+                // A 500 is Asterisk's own (no dial, no channel); a 502 to 504 may be a
+                // proxy's in front of an Asterisk that did place it.
+                let refused = e.status == Some(500)
+                    || matches!(
+                        e.kind,
+                        AriErrorKind::BadRequest
+                            | AriErrorKind::Unauthorized
+                            | AriErrorKind::NotFound
+                            | AriErrorKind::InvalidState
+                            | AriErrorKind::Unprocessable
+                    );
                 if refused {
                     self.node.unroute_dialout(&callid);
                 } else {
