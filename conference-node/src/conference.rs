@@ -909,6 +909,16 @@ impl Conference {
             self.join_failed(&ch, &e).await;
             return;
         }
+        // Adding it can end the conference (a recording's count write found the claim
+        // gone, under `on_ownership_lost = end`): the newcomer is hung up like the others,
+        // not recorded in a conference that is over and left in silence with no actor.
+        if self.phase == Phase::Idle {
+            tracing::info!(conference = %self.name, channel = %ch, "the conference ended as the caller joined; hanging it up");
+            if let Err(e) = self.node.hang_up(&ch, CAUSE_NORMAL).await {
+                tracing::warn!(channel = %ch, error = %e, "cannot hang up a caller whose conference ended as it joined");
+            }
+            return;
+        }
         let muted = j.options.muted;
         let mut p = Participant::new(j.options, waiting, muted, j.channel.caller.number.clone());
         if let Some(tech) = j.channel.name.split('/').next().filter(|t| !t.is_empty()) {
