@@ -590,69 +590,31 @@ async fn an_unreadable_conference_record_is_left_to_the_claim() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     assert_eq!(a.body["epoch"], 0, "{}", a.text);
 
+    // Records another writer left, each with its index entry.
+    let write_indexed = |name: &str, fields: &[(&str, &str)]| {
+        let mut hset = redis::cmd("HSET");
+        hset.arg(format!("{{confroute}}:conf:{name}"));
+        for (k, v) in fields {
+            hset.arg(*k).arg(*v);
+        }
+        s._redis.query(&mut hset).expect("write the record");
+        s._redis
+            .query(redis::cmd("ZADD").arg("{confroute}:confs").arg(0).arg(name))
+            .expect("index it");
+    };
     // A record naming a node no node can be is no home: not found, and left out of the
     // listing, whose pages after it are still reachable.
-    s._redis
-        .query(
-            redis::cmd("HSET")
-                .arg("{confroute}:conf:bad-owner")
-                .arg("owner")
-                .arg("a b")
-                .arg("epoch")
-                .arg(1),
-        )
-        .expect("write the record");
-    s._redis
-        .query(
-            redis::cmd("ZADD")
-                .arg("{confroute}:confs")
-                .arg(0)
-                .arg("bad-owner"),
-        )
-        .expect("index it");
+    write_indexed("bad-owner", &[("owner", "a b"), ("epoch", "1")]);
     let a = call(&s, Method::GET, "/v1/conferences/bad-owner", None, None).await;
     assert_error(&a, 404, "conference_not_found");
     // A count no reader can take for one reads as 0, as in the scripts.
-    s._redis
-        .query(
-            redis::cmd("HSET")
-                .arg("{confroute}:conf:neg-count")
-                .arg("owner")
-                .arg("node-a")
-                .arg("epoch")
-                .arg(1)
-                .arg("participants")
-                .arg(-1),
-        )
-        .expect("write the record");
-    s._redis
-        .query(
-            redis::cmd("ZADD")
-                .arg("{confroute}:confs")
-                .arg(0)
-                .arg("neg-count"),
-        )
-        .expect("index it");
+    write_indexed(
+        "neg-count",
+        &[("owner", "node-a"), ("epoch", "1"), ("participants", "-1")],
+    );
     // A name the rules refuse (written by another tool) is left out of its page, but may
     // be the page's `next`: the pages after it are reachable all the same.
-    s._redis
-        .query(
-            redis::cmd("HSET")
-                .arg("{confroute}:conf:bad@name")
-                .arg("owner")
-                .arg("node-a")
-                .arg("epoch")
-                .arg(1),
-        )
-        .expect("write the record");
-    s._redis
-        .query(
-            redis::cmd("ZADD")
-                .arg("{confroute}:confs")
-                .arg(0)
-                .arg("bad@name"),
-        )
-        .expect("index it");
+    write_indexed("bad@name", &[("owner", "node-a"), ("epoch", "1")]);
     for name in ["zz-after-1", "zz-after-2"] {
         let a = call(
             &s,
