@@ -609,6 +609,14 @@ impl Conference {
 
     /// Asks Redis who owns the conference; claims it for this node when nobody does.
     async fn fence(&self) -> Fence {
+        // Owning a claim counts only while this node's own record lives: heartbeats failing
+        // (Redis refusing writes) while lookups still answer would otherwise let callers in
+        // here after controllers took the node for dead and placed the conference elsewhere.
+        if !self.node.record_current() {
+            return Fence::Unavailable(
+                "this node's record may have expired: its heartbeats are not renewing it".into(),
+            );
+        }
         let store = &self.node.store;
         match store.lookup(&self.name).await {
             Err(e) => return Fence::Unavailable(e.to_string()),

@@ -37,6 +37,7 @@ pub async fn register(node: &Node) -> bool {
         drain_since_ms: (state == NodeState::Draining && since > 0).then_some(since),
         seen,
     };
+    let sent = std::time::Instant::now();
     let registered = node
         .store
         .register_with(&info(node), lease(node), &how)
@@ -47,6 +48,7 @@ pub async fn register(node: &Node) -> bool {
             lock(&node.seen_state).take();
             node.redis_ok.store(true, Ordering::SeqCst);
             node.registered.store(true, Ordering::SeqCst);
+            node.renewed(sent);
             node.state_written(version);
             node.measure_redis_clock().await;
             node.metrics
@@ -130,6 +132,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
     };
     let (version, in_redis) = node.state_snapshot();
     let was_ok = node.redis_ok.load(Ordering::SeqCst);
+    let sent = std::time::Instant::now();
     let beat = if reclaim || !was_ok {
         node.store
             .heartbeat_reclaiming(&node.id, &load, lease(node), &hosted)
@@ -167,6 +170,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
             hosted: statuses,
         }) => {
             node.redis_ok.store(true, Ordering::SeqCst);
+            node.renewed(sent);
             if !was_ok {
                 tracing::info!("Redis reachable again");
             }

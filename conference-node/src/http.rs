@@ -1,7 +1,6 @@
 //! The agent's HTTP port: health, readiness, metrics, drain and undrain, and the local view
 //! of its conferences. Errors are `{"error":{"code","message"}}`, as the controller's.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,9 +160,9 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let redis = tokio::time::timeout(Duration::from_secs(1), node.store.ping())
         .await
         .is_ok_and(|r| r.is_ok());
-    // Registered in this life: until then the node is in no placement (Redis read-only, or
-    // another agent seen under its id).
-    let registered = node.registered.load(Ordering::SeqCst);
+    // Registered in this life and renewed within its lease: otherwise the node is in no
+    // placement (Redis refusing its writes, or another agent seen under its id).
+    let registered = node.record_current();
     let ready = ari && redis && registered;
     // Reported, not required, as on the controller: callers are admitted without it.
     let bus = node.outbox.subscribed();

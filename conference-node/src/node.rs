@@ -231,6 +231,8 @@ pub struct Node {
     state_dirty: AtomicBool,
     /// The newest state version known written to Redis.
     state_in_redis: AtomicU64,
+    /// When the last heartbeat or registration that renewed this node's record was sent.
+    renewed_at: Mutex<Option<std::time::Instant>>,
     registry: Mutex<HashMap<ConferenceName, mpsc::UnboundedSender<Msg>>>,
     routes: Mutex<HashMap<String, Route>>,
     /// Routed channels whose caller's phone has them on hold (ChannelHold), whatever
@@ -318,6 +320,7 @@ impl Node {
             state_version: AtomicU64::new(0),
             state_dirty: AtomicBool::new(false),
             state_in_redis: AtomicU64::new(0),
+            renewed_at: Mutex::new(None),
             registry: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             caller_holds: Mutex::new(std::collections::HashSet::new()),
@@ -407,6 +410,23 @@ impl Node {
         if self.state_version.load(Ordering::SeqCst) == version {
             self.state_dirty.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Notes a renewal of this node's record by a heartbeat or registration sent at `sent`.
+    pub fn renewed(&self, sent: std::time::Instant) {
+        let mut at = lock(&self.renewed_at);
+        if at.is_none_or(|t| t < sent) {
+            *at = Some(sent);
+        }
+    }
+
+    /// Whether this node's record is surely alive in Redis: renewed within its lease (three
+    /// heartbeat intervals) counted from when the renewal was sent. Past it, controllers
+    /// may find no record and take the node for dead, re-homing its conferences at their
+    /// next call: a caller admitted here then would be split from the rest.
+    pub fn record_current(&self) -> bool {
+        let lease = crate::heartbeat::lease(self);
+        lock(&self.renewed_at).is_some_and(|t| t.elapsed() < lease)
     }
 
     /// The state version now, and whether Redis was known to hold it then: a heartbeat

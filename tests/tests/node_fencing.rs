@@ -123,6 +123,66 @@ async fn redis_outage_keeps_participants_refuses_joins_and_recovers() {
     assert_eq!(wait_bridged(&s.sim, &later).await, bridge);
 }
 
+/// A node whose heartbeats Redis refuses (out of memory) while its lookups still answer
+/// admits nobody once its own record may have expired: controllers take it for dead then
+/// and place the conference elsewhere at its next call. Writes allowed again, it registers
+/// and admits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_record_lapsed_admits_nobody_while_lookups_still_answer() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "lapsed", &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    let maxmemory = |bytes: u64| {
+        let ok: Option<String> = s
+            .redis
+            .query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(bytes))
+            .and_then(|v| redis::from_redis_value(v).ok());
+        assert_eq!(ok.as_deref(), Some("OK"));
+    };
+    // Out of memory: Redis refuses writes (heartbeats) and still answers reads (lookups).
+    maxmemory(1);
+    let store = fixtures::store(&s.cfg);
+    wait_for_async("the node record expired", WAIT, || async {
+        store
+            .get_node(&fixtures::id("node-a"))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let claim = store.lookup(&name("lapsed")).await.expect("lookups answer");
+    assert_eq!(
+        claim.map(|r| r.owner.node.as_str().to_string()).as_deref(),
+        Some("node-a"),
+        "the conference's claim outlives the node record"
+    );
+    let joiner = dial(&s.sim, "lapsed", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &joiner).await, 34);
+    assert_eq!(
+        s.sim.snapshot().bridge(&bridge).expect("bridge").channels,
+        vec![a.clone()],
+        "the participant stays, nobody joins"
+    );
+    maxmemory(0);
+    let ready = format!("{}/readyz", s.node.http_url());
+    wait_for_async("registered again", WAIT, || async {
+        (status(&ready).await == 200).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let again = dial(&s.sim, "lapsed", &[]).await;
+    let joined = s
+        .sim
+        .wait_until(WAIT, |snap| {
+            snap.channel(&again)
+                .is_some_and(|c| c.bridge.as_deref() == Some(bridge.as_str()))
+        })
+        .await;
+    assert!(joined, "not admitted again\n{}", s.node.output());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_claim_stops_admitting_and_says_so() {
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
