@@ -1449,6 +1449,7 @@ impl Conference {
     /// agent believed, so it sends no event.
     async fn reread_holds(&mut self, taken: Instant) {
         let unknown = self.adopted_unread(taken, |p| p.held_unread);
+        let mut moved = false;
         for id in unknown {
             let channel = Channel {
                 id: id.clone(),
@@ -1473,6 +1474,7 @@ impl Conference {
                     tracing::warn!(conference = %self.name, channel = %id, error = %e, "cannot move an adopted participant that is not held into the mix; trying again at the next reconciliation");
                     continue;
                 }
+                moved = true;
             }
             if let Some(p) = self.participants.get_mut(&id) {
                 p.held_unread = false;
@@ -1487,7 +1489,9 @@ impl Conference {
         // One moved into the mix may have been the holding bridge's last member: Asterisk
         // then took its music away with it, and a bridge kept would put the next caller held
         // there in silence. It goes, as after any last leave; the next one is made with music.
-        self.tidy_holding().await;
+        if moved {
+            self.tidy_holding().await;
+        }
     }
 
     /// Reconciliation: a participant redirected to another node that Asterisk still lists
