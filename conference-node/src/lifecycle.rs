@@ -382,7 +382,7 @@ pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     let (left, unsent, not_hung_up) = tokio::join!(
         node.webhooks.in_flight.settle(wait),
         node.outbox.flush(bound),
-        hang_up_again(node, Instant::now() + hangups)
+        hang_up_before_exit(node, Instant::now() + hangups)
     );
     if not_hung_up > 0 {
         tracing::error!(
@@ -424,7 +424,7 @@ pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     node.exit.send_replace(true);
 }
 
-/// Pause between two rounds of [`hang_up_again`] whose asks failed.
+/// Pause between two rounds of [`hang_up_before_exit`] whose asks failed.
 const HANGUP_ROUND_PAUSE: Duration = Duration::from_secs(1);
 
 /// Asks Asterisk again, until `until`, to hang up the callers whose hangup it has not
@@ -432,7 +432,7 @@ const HANGUP_ROUND_PAUSE: Duration = Duration::from_secs(1);
 /// `sessionlimit`, or timed out): nothing would ask again once the agent has exited, and
 /// they would stay in silence. One that was only slow is answered 404 now, which counts as
 /// done. Returns how many are still unacknowledged.
-async fn hang_up_again(node: &Node, until: Instant) -> usize {
+async fn hang_up_before_exit(node: &Node, until: Instant) -> usize {
     loop {
         let left = node.unacknowledged_hangups();
         if left.is_empty() || Instant::now() >= until {
