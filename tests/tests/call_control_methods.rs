@@ -1164,6 +1164,87 @@ async fn a_move_refused_after_its_conference_ended_hangs_the_caller_up() {
     wait_bridged(sim, &y).await;
 }
 
+/// A move's add can end its target: the mix it joins starts a new recording, whose write
+/// finds the conference claimed by another node (under `on_ownership_lost = end`). The
+/// caller, out of its old conference and in none now, is hung up and the move answered
+/// with the reason, not counted in a conference that is over and left in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_target_ends_as_it_adds_the_caller_hangs_it_up() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_NODE__ON_OWNERSHIP_LOST", "end"),
+        ],
+        &[],
+    )
+    .await;
+    let record = [("CONFROUTE_RECORD", "record-from-start")];
+    let (sim, a, _b, x, mut ws) = two_conferences_on_one_node(&c, "from-7", "to-7", &record).await;
+    // The target's only caller goes on hold: its recording leaves the emptied mix, so the
+    // next caller in the mix starts a new one.
+    let mark = sim.event_count();
+    let who = json!({"conference": "to-7", "participant": x});
+    assert_eq!(ws.ok("participant.hold", who).await, json!({}));
+    sim.wait_for_event_after(mark, WAIT, |e| e["type"] == "RecordingFinished")
+        .await
+        .expect("the recording left with the last caller in the mix");
+    ws.ok("subscribe", json!({"conference": "from-7"})).await;
+    sim.hold_operation("answer addChannel");
+    let mut mover = c.client(0).await;
+    let params = json!({"conference": "from-7", "participant": a, "to": "to-7"});
+    let moved = tokio::spawn(async move { mover.err("participant.move", params).await });
+    wait_for_async("the addChannel done, its answer held", WAIT, || async {
+        (sim.held_requests("answer addChannel") == 1).then_some(())
+    })
+    .await
+    .expect("the move adds the caller");
+    // Another node holds the target's claim by the time the recording's write reaches Redis
+    // (the agent's actor is waiting on the add, so nothing notices it before).
+    let owner = c
+        .nodes
+        .iter()
+        .find(|n| std::ptr::eq(&n.sim, sim))
+        .map(|n| n.id.clone())
+        .expect("the conferences' node");
+    let other = if owner == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    };
+    c.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:to-7")
+                .arg("owner")
+                .arg(other)
+                .arg("epoch")
+                .arg(99),
+        )
+        .expect("hset");
+    sim.release_operation("answer addChannel");
+    let (code, msg) = moved.await.expect("the move's answer");
+    assert_eq!(code, -32001, "the target ended: {msg}");
+    assert!(msg.contains("ended as participant"), "{msg}");
+    assert_eq!(
+        wait_hangup(sim, &a).await,
+        16,
+        "the caller whose target ended is hung up"
+    );
+    assert_eq!(wait_hangup(sim, &x).await, 16, "the target ended");
+    // Its old conference saw it leave by its move.
+    let left = ws
+        .notification_where("event", WAIT, |p| {
+            p["event"] == "leave" && p["data"]["participant"] == a.as_str()
+        })
+        .await
+        .expect("the caller's leave");
+    assert_eq!(left["params"]["data"]["reason"], "moved", "{left}");
+    let from = ws
+        .ok("participant.list", json!({"conference": "from-7"}))
+        .await;
+    assert!(!ids(&from).contains(&a), "{from}");
+}
+
 /// With `conference.lone_starter_waits`, a starter waiting alone whose move out is refused
 /// comes back to a caller who joined meanwhile (and waited: the starter was on its way out):
 /// the two make a start, and the conference starts then, not at a third caller.

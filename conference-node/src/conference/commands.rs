@@ -580,6 +580,34 @@ impl Conference {
             refused(self, m, e);
             return;
         }
+        // Adding it can end this conference (a recording's count write found the claim gone,
+        // under `on_ownership_lost = end`), taking its bridge, and the caller with it, away:
+        // the caller left its old conference and has none now, so it is hung up as it would
+        // have been had it arrived a moment earlier, not left in silence with no actor.
+        if self.phase == Phase::Idle {
+            tracing::info!(conference = %self.name, channel = %ch, from = %from, "the conference ended as the participant moved in; hanging it up");
+            self.node.send(
+                &from,
+                Msg::MovedOut {
+                    channel: ch.clone(),
+                    moved: true,
+                },
+                false,
+            );
+            self.node.unroute(&ch);
+            if let Err(e) = self.node.hang_up(&ch, CAUSE_NORMAL).await {
+                tracing::warn!(channel = %ch, error = %e, "cannot hang up a participant whose target conference ended as it moved in");
+            }
+            let e = BusError::new(
+                ErrorCode::ConferenceNotFound,
+                format!(
+                    "conference `{}` ended as participant `{ch}` was added to it; the participant was hung up",
+                    self.name
+                ),
+            );
+            m.pending.answer(&self.node, Err(e));
+            return;
+        }
         if !self.node.route(&ch, &self.name) {
             // It left Stasis while Asterisk carried out the add (answered all the same).
             tracing::info!(conference = %self.name, channel = %ch, "participant hung up during its move");
