@@ -50,6 +50,8 @@ pub async fn register(node: &Node) -> bool {
             node.registered.store(true, Ordering::SeqCst);
             node.renewed(sent);
             node.state_written(version);
+            // A record made anew (Redis lost the last one) numbers its states from 1 again.
+            node.state_numbering_restarted();
             node.measure_redis_clock().await;
             node.metrics
                 .heartbeats
@@ -167,6 +169,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
         }
         Ok(Heartbeat::Renewed {
             state,
+            state_seq,
             hosted: statuses,
         }) => {
             node.redis_ok.store(true, Ordering::SeqCst);
@@ -219,7 +222,18 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
             }
             // Only a state Redis held this node's own before the beat can have been changed
             // by an admin since: otherwise the reply may predate the node's own write.
-            if state != NodeState::ShuttingDown && in_redis {
+            if state == node.state() {
+                if in_redis {
+                    node.state_agreed(version, state_seq);
+                }
+            } else if in_redis && node.state_went_back(state_seq) {
+                // Not an admin's change: a Redis failover to a replica that missed this
+                // node's last state write (or an admin's it adopted) took the record back.
+                let local = node.state();
+                tracing::warn!(redis = %state, state = %local, "Redis holds an older state of this node than the one it last saw there (a failover lost a write); writing it again");
+                node.rewrite_state();
+                node.write_state().await;
+            } else if state != NodeState::ShuttingDown && in_redis {
                 // A drain set through the controller counts from when it was set (the record's
                 // `drain_since_ms`), not from when this heartbeat saw it: a registration after a
                 // Redis restart writes the agent's own back.
@@ -232,6 +246,9 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                     None
                 };
                 lifecycle::adopt(node, state, version, since);
+                if node.state() == state {
+                    node.state_agreed(version, state_seq);
+                }
             }
         }
         Err(e) => {

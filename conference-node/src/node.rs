@@ -231,6 +231,10 @@ pub struct Node {
     state_dirty: AtomicBool,
     /// The newest state version known written to Redis.
     state_in_redis: AtomicU64,
+    /// The number (`set_state.lua`) of the last state Redis was seen to hold in agreement
+    /// with this node's, 0 before any: a different state under a number no higher is one a
+    /// failover took back (the write of this state was lost), not an admin's change.
+    state_seq_seen: AtomicU64,
     /// When the last heartbeat or registration that renewed this node's record was sent.
     renewed_at: Mutex<Option<std::time::Instant>>,
     registry: Mutex<HashMap<ConferenceName, mpsc::UnboundedSender<Msg>>>,
@@ -320,6 +324,7 @@ impl Node {
             state_version: AtomicU64::new(0),
             state_dirty: AtomicBool::new(false),
             state_in_redis: AtomicU64::new(0),
+            state_seq_seen: AtomicU64::new(0),
             renewed_at: Mutex::new(None),
             registry: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
@@ -402,6 +407,31 @@ impl Node {
     /// True while a local state change still has to be written to Redis.
     pub fn state_dirty(&self) -> bool {
         self.state_dirty.load(Ordering::SeqCst)
+    }
+
+    /// Notes that Redis held this node's state under number `seq` at a heartbeat read while
+    /// the local state was at `version`, unless it changed since.
+    pub fn state_agreed(&self, version: u64, seq: Option<u64>) {
+        let Some(seq) = seq else { return };
+        if !self.state_dirty() && self.state_version.load(Ordering::SeqCst) == version {
+            self.state_seq_seen.store(seq, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a state Redis holds under number `seq` that differs from this node's is older
+    /// than the one last seen agreeing: a failover lost the write that agreed.
+    pub fn state_went_back(&self, seq: Option<u64>) -> bool {
+        seq.is_some_and(|s| s <= self.state_seq_seen.load(Ordering::SeqCst))
+    }
+
+    /// Forgets the number last seen: a new record numbers its states from 1.
+    pub fn state_numbering_restarted(&self) {
+        self.state_seq_seen.store(0, Ordering::SeqCst);
+    }
+
+    /// Marks the local state for writing to Redis again (Redis lost it).
+    pub fn rewrite_state(&self) {
+        self.state_dirty.store(true, Ordering::SeqCst);
     }
 
     /// Records that the local state reached Redis.

@@ -1088,3 +1088,133 @@ async fn hangups_lost_at_the_drain_deadline_are_asked_again_before_the_exit() {
         );
     }
 }
+
+/// Heartbeats this node renewed its record with, as its metrics count them.
+async fn renewals(s: &Single) -> f64 {
+    let text = fixtures::scrape(&s.node.http_url()).await;
+    fixtures::metric(
+        &text,
+        "confroute_node_heartbeats_total{outcome=\"renewed\"}",
+    )
+}
+
+/// Waits until two more heartbeats renewed the record: the second was sent after the
+/// record changed, so the agent read its state there.
+async fn two_heartbeats(s: &Single) {
+    let from = renewals(s).await;
+    wait_for_async("two heartbeats", WAIT, || async {
+        (renewals(s).await >= from + 2.0).then_some(())
+    })
+    .await
+    .expect("heartbeats");
+}
+
+/// The state field and its number in the node record.
+fn numbered_state(s: &Single) -> (String, u64, String) {
+    let reply = s
+        .redis
+        .query(
+            redis::cmd("HMGET")
+                .arg("{confroute}:node:node-a")
+                .arg("state")
+                .arg("state_seq")
+                .arg("state_seq_state"),
+        )
+        .expect("hmget");
+    let fields: Vec<Option<String>> = redis::from_redis_value(reply).expect("fields");
+    let text = |i: usize| fields.get(i).cloned().flatten().unwrap_or_default();
+    (text(0), text(1).parse().unwrap_or(0), text(2))
+}
+
+/// Puts the record back to `state` under number `seq`, as a replica that missed the writes
+/// after it would hold it once promoted.
+fn take_back(s: &Single, state: &str, seq: u64) {
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:node:node-a")
+                .arg("state")
+                .arg(state)
+                .arg("state_seq")
+                .arg(seq)
+                .arg("state_seq_state")
+                .arg(state),
+        )
+        .expect("hset");
+}
+
+async fn agent_state(s: &Single) -> Value {
+    get_json(&format!("{}/v1/conferences", s.node.http_url())).await["state"].clone()
+}
+
+/// A Redis failover to a replica that missed the node's last state write takes its record
+/// back to an older state. That is not an admin's change: the agent saw its own state there
+/// under a later number, so it writes it again, whether it drained itself or adopted an
+/// admin's drain. A state written without a number (by a controller from before numbering)
+/// is still adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_a_redis_failover_took_back_is_written_again() {
+    let mut s = Single::start(&[]).await;
+    two_heartbeats(&s).await;
+    let (state, serving_seq, of) = numbered_state(&s);
+    assert_eq!((state.as_str(), of.as_str()), ("serving", "serving"));
+    assert!(serving_seq > 0, "the registration numbered the state");
+
+    // The node's own drain, lost.
+    let (status, body) = post(&format!("{}/v1/drain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    let (state, drain_seq, _) = numbered_state(&s);
+    assert_eq!((state.as_str(), drain_seq), ("draining", serving_seq + 1));
+    two_heartbeats(&s).await;
+    take_back(&s, "serving", serving_seq);
+    wait_for_async("the drain written again", WAIT, || async {
+        (numbered_state(&s).0 == "draining").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(agent_state(&s).await, "draining", "{}", s.node.output());
+    s.node
+        .wait_log("a failover lost a write", WAIT)
+        .expect("the agent says why");
+
+    // An admin's drain the agent adopted, lost.
+    let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    two_heartbeats(&s).await;
+    let (_, undrained_seq, _) = numbered_state(&s);
+    let store = fixtures::store(&s.cfg);
+    store
+        .set_state(&fixtures::id("node-a"), NodeState::Draining)
+        .await
+        .expect("admin drain");
+    wait_for_async("the agent adopts the admin's drain", WAIT, || async {
+        (agent_state(&s).await == "draining").then_some(())
+    })
+    .await
+    .expect("adopted");
+    two_heartbeats(&s).await;
+    take_back(&s, "serving", undrained_seq);
+    wait_for_async("the admin's drain written again", WAIT, || async {
+        (numbered_state(&s).0 == "draining").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(agent_state(&s).await, "draining");
+
+    // An undrain written without a number is an admin's all the same.
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:node:node-a")
+                .arg("state")
+                .arg("serving"),
+        )
+        .expect("hset");
+    wait_for_async("the unnumbered undrain adopted", WAIT, || async {
+        (agent_state(&s).await == "serving").then_some(())
+    })
+    .await
+    .expect("adopted");
+    two_heartbeats(&s).await;
+    assert_eq!(numbered_state(&s).0, "serving", "{}", s.node.output());
+}

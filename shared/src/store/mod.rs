@@ -9,7 +9,7 @@
 //! | `<p>conf:<name>` | hash, lease = `redis.claim_lease` until its owner's first count, then `redis.conference_lease` | owner, epoch, participants, created_ms |
 //! | `<p>confs` | sorted set (score 0) | conference names, for paged listing |
 //! | `<p>ended:<name>` | string, lease = `redis.conference_lease` | the epoch the name's last life ended with |
-//! | `<p>node:<id>` | hash, lease = node lease | sip_uri, control, zone, capacity, state, load |
+//! | `<p>node:<id>` | hash, lease = node lease | sip_uri, control, zone, capacity, state (numbered: state_seq, state_seq_state), load |
 //! | `<p>node:<id>:confs` | set, lease = node lease | conferences placed on the node (capacity count) |
 //! | `<p>nodes` | sorted set (score = lease end, ms) | node ids, for listing |
 
@@ -220,6 +220,9 @@ pub enum Heartbeat {
     Renewed {
         /// State stored in Redis (an admin may have changed it).
         state: NodeState,
+        /// The number its write gave it (`set_state.lua`); `None` when it was written
+        /// without one (by a controller from before numbering).
+        state_seq: Option<u64>,
         /// One status per hosted conference, in the order given.
         hosted: Vec<HostedStatus>,
     },

@@ -153,14 +153,20 @@ pub(crate) fn heartbeat(values: &[Value], hosted: usize) -> Result<Heartbeat, St
         return Ok(Heartbeat::Unregistered);
     }
     let state = parse_state("heartbeat", &r.string(0)?)?;
-    if values.len() != hosted + 1 {
+    let seq = r.string_or_empty(1)?;
+    let state_seq = if seq.is_empty() {
+        None
+    } else {
+        Some(r.u64(1)?)
+    };
+    if values.len() != hosted + 2 {
         return Err(r.err(format!(
             "{} statuses for {hosted} hosted conferences",
-            values.len() - 1
+            values.len().saturating_sub(2)
         )));
     }
     let mut statuses = Vec::with_capacity(hosted);
-    for i in 1..values.len() {
+    for i in 2..values.len() {
         statuses.push(match r.string(i)?.as_str() {
             "ok" => HostedStatus::Owned,
             "lost" => HostedStatus::Lost,
@@ -171,6 +177,7 @@ pub(crate) fn heartbeat(values: &[Value], hosted: usize) -> Result<Heartbeat, St
     }
     Ok(Heartbeat::Renewed {
         state,
+        state_seq,
         hosted: statuses,
     })
 }

@@ -24,8 +24,9 @@
 -- ARGV[10..] quadruples (name, epoch, participants, count version) of conferences the
 -- node hosts. At other
 -- times a missing claim is one its conference released on ending after the node listed it.
--- Returns {state, status per hosted conference: ok | lost | reclaimed | missing}, or {false} when the
--- node has no record (its lease expired; it must register again).
+-- Returns {state, its number (set_state.lua; '' when the state was written without one), status
+-- per hosted conference: ok | lost | reclaimed | missing}, or {false} when the node has no
+-- record (its lease expired; it must register again).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {false} end
 local prefix, id = ARGV[1], ARGV[2]
 local lease, conf_lease = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -38,7 +39,10 @@ redis.call('PEXPIRE', KEYS[1], lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 
 local settling = redis.call('EXISTS', prefix .. 'settling') == 1
-local out = {redis.call('HGET', KEYS[1], 'state')}
+local st = redis.call('HMGET', KEYS[1], 'state', 'state_seq', 'state_seq_state')
+local seq = ''
+if st[1] and st[3] == st[1] then seq = st[2] or '' end
+local out = {st[1], seq}
 for i = 10, #ARGV, 4 do
   local ckey = prefix .. 'conf:' .. ARGV[i]
   local r = redis.call('HMGET', ckey, 'owner', 'epoch')
@@ -54,7 +58,7 @@ for i = 10, #ARGV, 4 do
   elseif r[1] and (settling or redis.call('EXISTS', prefix .. 'node:' .. r[1]) == 1
       or (tonumber(r[2]) or 0) >= tonumber(ARGV[i + 1])) then
     out[#out + 1] = 'lost'
-  elseif reclaim and (out[1] == 'serving' or out[1] == 'draining') then
+  elseif reclaim and (st[1] == 'serving' or st[1] == 'draining') then
     local epoch = tonumber(ARGV[i + 1])
     if r[1] then
       -- The older life's own fields are not this one's.

@@ -6,6 +6,11 @@
 -- Keeps invariant 4's deadline across an agent restart: `drain_since_ms` records (Redis time)
 -- when the node's current drain began, so an agent started again mid-drain ends it at the
 -- deadline it had, not a full deadline later.
+-- Keeps the node's state from going back after a Redis failover lost its last write: every
+-- write numbers the state (`state_seq`, and `state_seq_state`, the state that number went
+-- with); an agent that finds an older number than the one it last saw with another state
+-- writes its own again (heartbeat.lua returns the number). A state written without a number
+-- (a controller from before) is told by `state_seq_state` not matching it.
 -- KEYS[1] node record. ARGV[1] state. ARGV[2] who: 'admin', 'node', or 'node-stopping'
 -- (the node itself, starting or in its shutdown; marks the record stopping).
 -- Returns the previous state; false when the node has no live record; {'stopping', state}
@@ -17,6 +22,8 @@ if ARGV[2] == 'admin' and redis.call('HGET', KEYS[1], 'stopping') == '1' then
 end
 if ARGV[2] == 'node-stopping' then redis.call('HSET', KEYS[1], 'stopping', '1') end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'state_seq', 1)
+redis.call('HSET', KEYS[1], 'state_seq_state', ARGV[1])
 if ARGV[1] == 'serving' then
   redis.call('HDEL', KEYS[1], 'drain_since_ms')
 elseif before == 'serving' or redis.call('HEXISTS', KEYS[1], 'drain_since_ms') == 0 then
