@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::types::NodeId;
 
 /// How often an idle subscription is probed, so a dead connection is noticed.
@@ -512,6 +512,14 @@ impl Bus {
             .publish_unsure(&format!("cmd:{node}"), &payload)
             .await
         {
+            // A Cluster's count is the node it reached only (an old primary after a
+            // failover, say), and the Cluster carries the command on to every node: it may
+            // reach the node all the same, whose answer is awaited.
+            Ok(0) if self.inner.store.is_cluster() => {
+                unconfirmed = Some(StoreError::Unavailable(
+                    "no subscriber counted where the command was published".into(),
+                ));
+            }
             Ok(0) => {
                 return Err(BusError::new(
                     ErrorCode::NodeUnavailable,
@@ -775,6 +783,7 @@ async fn listen(
                     if let Ok(Some(now)) = inner.store.pubsub_home(&events_channel).await {
                         if &now != home {
                             tracing::info!(from = %home, to = %now, "the bus's Cluster slot moved; subscribing there");
+                            inner.store.follow_slot_move();
                             return;
                         }
                     }

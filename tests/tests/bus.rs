@@ -1,11 +1,12 @@
 //! The command bus over real Redis (single and Cluster): commands reach the node and its
-//! answers come back; notifications follow in order; a node that is not listening, or that
-//! never answers, fails fast with `node_unavailable`; events reach every controller in order.
+//! answers come back; notifications follow in order; a node that is not listening (at once on
+//! a single server, at the deadline on a Cluster), or that never answers, fails with
+//! `node_unavailable` by its deadline; events reach every controller in order.
 
 use std::time::{Duration, Instant};
 
 use confroute_shared::bus::{Bus, BusError, Call, Command, ErrorCode, Event, Reply};
-use confroute_shared::config::RedisConfig;
+use confroute_shared::config::{RedisConfig, RedisTarget};
 use confroute_shared::secret::Secret;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{redis_query, RedisCluster, RedisServer};
@@ -89,20 +90,30 @@ async fn exercise(cfg: &RedisConfig) {
     }
     assert_eq!(statuses, ["accepted", "ringing", "connected"]);
 
-    // Nobody listens on node-b: fails at once.
+    // Nobody listens on node-b: fails at once, on a single server. A Cluster's count is
+    // only that of the node the command reached, and the Cluster carries it on to the others
+    // (a subscriber on another may hear it): the answer is awaited until the deadline.
     let started = Instant::now();
-    let err = controller
+    let unheard = controller
         .call(
             &fixtures::id("node-b"),
             "echo",
             json!({}),
-            Duration::from_secs(5),
+            Duration::from_millis(500),
             false,
         )
-        .await
-        .err()
-        .expect("no listener");
-    assert_eq!(err.code, ErrorCode::NodeUnavailable);
+        .await;
+    if matches!(cfg.target(), RedisTarget::Cluster(_)) {
+        let call = unheard.expect("published");
+        let err = call.reply.expect_err("no listener");
+        assert_eq!(err.code, ErrorCode::NodeUnavailable);
+        assert!(err.message.contains("did not answer"), "{}", err.message);
+    } else {
+        let err = unheard.err().expect("no listener");
+        assert_eq!(err.code, ErrorCode::NodeUnavailable);
+        assert!(err.message.contains("not listening"), "{}", err.message);
+        assert!(started.elapsed() < Duration::from_millis(400));
+    }
     assert!(started.elapsed() < Duration::from_secs(2));
 
     // Heard but never answered: fails at the deadline, not later.
@@ -386,7 +397,7 @@ async fn cluster_buses() -> (RedisCluster, RedisConfig, Bus, Bus) {
 }
 
 /// The bus's channels move with their slot: after the slot is handed to another primary
-/// (what a failover or a resharding does), commands fail as "not listening" for a moment,
+/// (what a failover or a resharding does), commands may wait for their answer for a moment,
 /// then every process has subscribed where the slot is now served and commands get through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
@@ -448,6 +459,69 @@ async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
     .await
     .expect("the bus followed its slot");
     assert_eq!(slot_owner(ports[0], slot).map(|(_, p)| p), Some(to));
+    // Once every subscriber has left the old primary (still up, as after a manual
+    // failover), commands still get through: the controller publishes where the slot is
+    // now, not where it was (where nobody is counted any more).
+    let commands = format!("{}cmd:node-a", cfg.prefix);
+    let subscribers = |port: u16| {
+        let counts: Option<Vec<redis::Value>> =
+            redis_query(port, redis::cmd("PUBSUB").arg("NUMSUB").arg(&commands));
+        match counts.as_deref() {
+            Some([_, redis::Value::Int(n)]) => *n,
+            _ => -1,
+        }
+    };
+    confroute_tests::harness::wait_for_async(
+        "the node's subscription moved",
+        Duration::from_secs(30),
+        || async { (subscribers(to) == 1 && subscribers(from) == 0).then_some(()) },
+    )
+    .await
+    .expect("moved");
+    for i in 0..3 {
+        assert_eq!(echo().await, Some(json!(1)), "echo {i} after the move");
+    }
+}
+
+/// A node's reply is sent again over a new connection when the one it went out on was
+/// closed under it (an idle `timeout`, a proxy, `CLIENT KILL`): a reply read twice is
+/// harmless, a lost one leaves the controller waiting out the command's budget for an
+/// answer to something that was done. (Only commands go out without being sent again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_replies_over_a_new_connection_after_its_own_was_closed() {
+    let (cluster, _cfg, controller, _node) = cluster_buses().await;
+    let echo = |to: &'static str| {
+        let controller = controller.clone();
+        async move {
+            controller
+                .call(
+                    &fixtures::id(to),
+                    "echo",
+                    json!(1),
+                    Duration::from_secs(2),
+                    false,
+                )
+                .await
+                .ok()
+                .and_then(|c| c.reply.ok())
+        }
+    };
+    assert_eq!(echo("node-a").await, Some(json!(1)));
+    // Every connection but the subscriptions is closed: the node's, the controller's.
+    for n in cluster.nodes() {
+        let _: Option<i64> = redis_query(
+            n.port(),
+            redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal"),
+        );
+    }
+    // The controller's next PUBLISH finds its connection closed and opens another; this
+    // one goes to nobody, so the node's connection is still the closed one.
+    let _ = echo("node-b").await;
+    assert_eq!(
+        echo("node-a").await,
+        Some(json!(1)),
+        "the reply went out over a new connection"
+    );
 }
 
 /// Checking where the channels' slot is served (every 5 s) opens no connection: an idle

@@ -521,23 +521,12 @@ impl Store {
     }
 
     /// Publishes `payload` on `channel` (under the key prefix); returns how many subscribers
-    /// received it, which is 0 when nobody listens.
+    /// received it, which is 0 when nobody listens. The client may send it again after a
+    /// broken connection (a reply or an event read twice is harmless; see
+    /// [`Store::publish_unsure`] for what must not be).
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<u64, StoreError> {
-        self.publish_unsure(channel, payload)
-            .await
-            .map_err(|(e, _)| e)
-    }
-
-    /// [`Store::publish`], telling with a failure whether the message may have gone out all
-    /// the same (sent, no answer within `redis.timeout`).
-    pub async fn publish_unsure(
-        &self,
-        channel: &str,
-        payload: &[u8],
-    ) -> Result<u64, (StoreError, bool)> {
         let channel = format!("{}{channel}", self.prefix);
-        let connector = self.unsure.as_ref().unwrap_or(&self.conn);
-        self.exchange(connector, "publish", |mut c| async move {
+        self.exchange(&self.conn, "publish", |mut c| async move {
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(payload)
@@ -545,7 +534,47 @@ impl Store {
                 .await
         })
         .await
-        .map_err(|(e, sent)| (e, sent != Sent::No))
+        .map_err(|(e, _)| e)
+    }
+
+    /// On a Cluster, makes the next [`Store::publish_unsure`] learn where the slots are
+    /// anew. Its client hears no `MOVED` (Redis answers PUBLISH on any node), so after a
+    /// failover that left the old primary up it would go on publishing there, where the
+    /// subscribers, moved to the new primary, are no longer counted.
+    pub(crate) fn follow_slot_move(&self) {
+        if let Some(unsure) = &self.unsure {
+            unsure.reset();
+        }
+    }
+
+    /// Publishes a message that must not be sent twice (a call-control command), telling with
+    /// a failure whether it may have gone out all the same (sent, no answer within
+    /// `redis.timeout`). On a Cluster its client never resends by itself, and its count is
+    /// the subscribers of the node it reached only: a Cluster carries every message to
+    /// every node, so 0 there does not say that nobody heard it.
+    pub async fn publish_unsure(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<u64, (StoreError, bool)> {
+        let channel = format!("{}{channel}", self.prefix);
+        let connector = self.unsure.as_ref().unwrap_or(&self.conn);
+        let sent = self
+            .exchange(connector, "publish", |mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(payload)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await
+            .map_err(|(e, sent)| (e, sent != Sent::No));
+        // Nobody counted where it went: on a Cluster that may be an old primary, and the
+        // next one asks where the slot is now.
+        if matches!(sent, Ok(0)) {
+            self.follow_slot_move();
+        }
+        sent
     }
 
     /// The store's instrumentation.
