@@ -128,6 +128,10 @@ fn bounded_run_keeps_every_conference_on_one_node() {
         None,
     );
     assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("-i 127.0.0.1 -trace_logs"),
+        "prints a sipp line that logs the 302: {text}"
+    );
     let s = summary(&text);
     assert!(s.contains("failed routes 0,"), "{s}");
     // Dial-outs go through the JSON-RPC API to a node, which originates them on its
@@ -286,4 +290,113 @@ fn bad_options_are_refused_with_a_reason() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--kill-node-after needs at least 2 nodes")
     );
+    let out = Command::new(env!("CARGO_BIN_EXE_confroute-dev"))
+        .args(["--sip-uri", "sip:10.0.0.5"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--sip-uri is the SIP address of the real Asterisk given with --ari"));
+}
+
+/// A second Ctrl-C during the orderly stop ends it at once: exit status 130, no summary, and
+/// Redis killed with it. Redis is paused (SIGSTOP) before the first Ctrl-C, so the drain,
+/// which writes to it, cannot finish before the second arrives.
+#[test]
+fn a_second_ctrl_c_stops_at_once() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_confroute-dev"))
+        .args(["--nodes", "2", "--controllers", "1", "--conferences", "4"])
+        .args(["--rate", "5", "--plain"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start confroute-dev");
+    let pid = child.id();
+    struct Group(i32);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                // SAFETY: kill(2) on the process group this test started.
+                unsafe { libc::kill(-self.0, libc::SIGKILL) };
+            }
+        }
+    }
+    let _group = Group(pid as i32);
+    // Both streams' lines, as they come (a full pipe would block the tool).
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ]
+    .into_iter()
+    .map(|r| {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        })
+    })
+    .collect();
+    drop(tx);
+    let mut text = String::new();
+    let mut wait_line = |want: &str, text: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    text.push_str(&line);
+                    text.push('\n');
+                    if line.contains(want) {
+                        return;
+                    }
+                }
+                Err(_) => panic!("no line with `{want}`:\n{text}"),
+            }
+        }
+    };
+    // The banner ends with where the logs go: everything is up.
+    wait_line("logs:", &mut text);
+    let redis = descendants(pid);
+    assert!(!redis.is_empty(), "it started a Redis child process");
+    for p in &redis {
+        // SAFETY: kill(2) on a child of the tool this test started.
+        unsafe { libc::kill(*p as i32, libc::SIGSTOP) };
+    }
+    // SAFETY: kill(2) on our own child's process group, as a terminal's Ctrl-C.
+    unsafe { libc::kill(-(pid as i32), libc::SIGINT) };
+    wait_line("press Ctrl-C again to stop at once", &mut text);
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the orderly stop waits for the drain:\n{text}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(-(pid as i32), libc::SIGINT) };
+    let second = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            second.elapsed() < Duration::from_secs(10),
+            "a second Ctrl-C stops at once:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    text.extend(lines.try_iter().map(|l| l + "\n"));
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("stopped at once"), "{text}");
+    assert!(!text.contains("== confroute-dev summary"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<u32> = redis.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}\n{text}");
 }

@@ -31,8 +31,22 @@ pub struct Topology {
     pub capacity: u32,
     /// API token the controllers require.
     pub token: String,
-    /// A real Asterisk's ARI (`http://host:8088`, user, password) for node 1.
-    pub real_ari: Option<(String, String, String)>,
+    /// A real Asterisk for node 1 instead of a simulated one.
+    pub real_ari: Option<RealAri>,
+}
+
+/// A real Asterisk behind node 1.
+pub struct RealAri {
+    /// ARI base URL, `http://host:8088`.
+    pub url: String,
+    /// ari.conf user.
+    pub username: String,
+    /// Its password.
+    pub password: String,
+    /// Stasis application the agent subscribes to (the dialplan sends calls to it).
+    pub app: String,
+    /// Where callers of the node's conferences are sent (the controllers' 302 Contact).
+    pub sip_uri: String,
 }
 
 /// One controller.
@@ -54,6 +68,10 @@ pub struct NodeHandle {
     pub http: SocketAddr,
     /// The ARI base URL the agent uses.
     pub ari_url: String,
+    /// The Stasis application the agent subscribes to.
+    pub ari_app: String,
+    /// Where the controllers send callers of this node's conferences.
+    pub sip_uri: String,
     /// False once killed.
     pub alive: bool,
     kill: Option<tokio::sync::oneshot::Sender<()>>,
@@ -92,10 +110,19 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 0..t.nodes {
             let id = format!("node-{}", i + 1);
-            let (sim, url, user, password) = match (&t.real_ari, i) {
-                (Some((url, user, password)), 0) => {
-                    (None, url.clone(), user.clone(), password.clone())
-                }
+            let (sim, mut vars) = match (&t.real_ari, i) {
+                (Some(real), 0) => (
+                    None,
+                    vec![
+                        ("CONFROUTE_NODE__SIP_URI", real.sip_uri.clone()),
+                        ("CONFROUTE_ARI__URL", real.url.clone()),
+                        ("CONFROUTE_ARI__USERNAME", real.username.clone()),
+                        ("CONFROUTE_ARI__PASSWORD", real.password.clone()),
+                        // Not the production agents' app: Asterisk gives an app to its
+                        // newest events WebSocket, so sharing one would take it from them.
+                        ("CONFROUTE_ARI__APP", real.app.clone()),
+                    ],
+                ),
                 _ => {
                     let sim = AriSim::start(SimConfig {
                         listen: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
@@ -108,38 +135,36 @@ impl Cluster {
                     .await
                     .map_err(|e| format!("simulated Asterisk for {id}: {e}"))?;
                     let url = sim.base_url();
+                    // The node's SIP address is where a real edge would send its callers;
+                    // here the generator dials straight into the simulator, so any distinct
+                    // address will do.
+                    let sip_port = free_udp_tcp_port();
                     (
                         Some(sim),
-                        url,
-                        ARI_USER.to_string(),
-                        ARI_PASSWORD.to_string(),
+                        vec![
+                            (
+                                "CONFROUTE_NODE__SIP_URI",
+                                format!("sip:127.0.0.1:{sip_port}"),
+                            ),
+                            ("CONFROUTE_ARI__URL", url),
+                            ("CONFROUTE_ARI__USERNAME", ARI_USER.to_string()),
+                            ("CONFROUTE_ARI__PASSWORD", ARI_PASSWORD.to_string()),
+                        ],
                     )
                 }
             };
-            // The node's SIP address is where a real edge would send its callers; here the
-            // generator dials straight into the simulator, so any distinct address will do.
-            let sip_port = free_udp_tcp_port();
-            let cfg: NodeConfig = load_from(
-                None,
-                &env(&[
-                    ("CONFROUTE_NODE__ID", id.clone()),
-                    (
-                        "CONFROUTE_NODE__SIP_URI",
-                        format!("sip:127.0.0.1:{sip_port}"),
-                    ),
-                    ("CONFROUTE_NODE__CAPACITY", t.capacity.to_string()),
-                    ("CONFROUTE_NODE__DRAIN_DEADLINE", "15s".into()),
-                    ("CONFROUTE_HTTP__LISTEN", "127.0.0.1:0".into()),
-                    ("CONFROUTE_ARI__URL", url),
-                    ("CONFROUTE_ARI__USERNAME", user),
-                    ("CONFROUTE_ARI__PASSWORD", password),
-                    ("CONFROUTE_REDIS__URL", redis.url()),
-                    // The simulator rings and answers any endpoint; a real Asterisk given
-                    // with --ari needs a `trunk` endpoint in its pjsip.conf for dial-outs.
-                    ("CONFROUTE_DIALOUT__ENDPOINT", "PJSIP/{number}@trunk".into()),
-                ]),
-            )
-            .map_err(|e| format!("{id} configuration: {e}"))?;
+            vars.extend([
+                ("CONFROUTE_NODE__ID", id.clone()),
+                ("CONFROUTE_NODE__CAPACITY", t.capacity.to_string()),
+                ("CONFROUTE_NODE__DRAIN_DEADLINE", "15s".into()),
+                ("CONFROUTE_HTTP__LISTEN", "127.0.0.1:0".into()),
+                ("CONFROUTE_REDIS__URL", redis.url()),
+                // The simulator rings and answers any endpoint; a real Asterisk given
+                // with --ari needs a `trunk` endpoint in its pjsip.conf for dial-outs.
+                ("CONFROUTE_DIALOUT__ENDPOINT", "PJSIP/{number}@trunk".into()),
+            ]);
+            let cfg: NodeConfig =
+                load_from(None, &env(&vars)).map_err(|e| format!("{id} configuration: {e}"))?;
             nodes.push(start_agent(id, sim, cfg)?);
         }
 
@@ -243,7 +268,7 @@ impl Cluster {
 
     /// Stops what is left, in order: node agents (already drained), controllers, simulated
     /// Asterisks, Redis.
-    pub async fn stop(mut self) {
+    pub async fn stop(&mut self) {
         for n in &mut self.nodes {
             if let Some(s) = n.stop.take() {
                 let _ = s.send(());
@@ -257,19 +282,20 @@ impl Cluster {
                 r.stop().await;
             }
         }
-        for n in self.nodes {
-            if let Some(sim) = n.sim {
+        for n in &mut self.nodes {
+            if let Some(sim) = n.sim.take() {
                 sim.shutdown().await;
             }
         }
-        let mut redis = self.redis;
-        redis.kill();
+        self.redis.kill();
     }
 }
 
 /// Starts an agent on its own runtime thread and waits until it is up.
 fn start_agent(id: String, sim: Option<AriSim>, cfg: NodeConfig) -> Result<NodeHandle, String> {
     let ari_url = cfg.ari.url.clone();
+    let ari_app = cfg.ari.app.clone();
+    let sip_uri = cfg.sip_uri();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -321,6 +347,8 @@ fn start_agent(id: String, sim: Option<AriSim>, cfg: NodeConfig) -> Result<NodeH
         sim,
         http,
         ari_url,
+        ari_app,
+        sip_uri,
         alive: true,
         kill: Some(kill_tx),
         stop: Some(stop_tx),

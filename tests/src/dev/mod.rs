@@ -3,7 +3,7 @@
 //! Starts a private Redis, node agents each beside a simulated Asterisk (or a real one's ARI),
 //! and controllers; places calls into a set of conferences through the controllers (SIP or
 //! HTTP), then through the simulated Asterisks; shows what happens; and stops everything in
-//! order on Ctrl-C or after `--duration`, with a summary.
+//! order on Ctrl-C or after `--duration`, with a summary (a second Ctrl-C stops at once).
 
 mod cluster;
 mod setup;
@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rand::Rng;
 
-use cluster::{Cluster, Topology};
+use cluster::{Cluster, RealAri, Topology};
+use confroute_shared::shutdown::StopSignals;
 use traffic::{Entry, Traffic};
 
 /// Command line of `confroute-dev`.
@@ -62,7 +63,8 @@ pub struct DevArgs {
     /// Drain node 1 this many seconds in.
     #[arg(long)]
     pub drain_node_after: Option<f64>,
-    /// A real Asterisk's ARI for node 1 instead of the simulator, e.g. http://10.0.0.5:8088.
+    /// A real Asterisk's ARI for node 1 instead of the simulator, e.g. http://10.0.0.5:8088
+    /// (one no production agent serves).
     #[arg(long)]
     pub ari: Option<String>,
     /// ARI user for `--ari`.
@@ -71,6 +73,13 @@ pub struct DevArgs {
     /// ARI password for `--ari`.
     #[arg(long, default_value = "confroute")]
     pub ari_password: String,
+    /// Stasis application of node 1 with `--ari` (the dialplan must send calls to it).
+    #[arg(long, default_value = "confroute-dev")]
+    pub ari_app: String,
+    /// Where callers of node 1's conferences are sent with `--ari`, the real Asterisk's SIP
+    /// address (default: sip:<host of --ari>:5060).
+    #[arg(long)]
+    pub sip_uri: Option<String>,
     /// Conferences each node may host.
     #[arg(long, default_value_t = 1000)]
     pub capacity: u32,
@@ -86,6 +95,13 @@ pub async fn run(args: DevArgs) -> ExitCode {
         eprintln!("confroute-dev: {e}");
         return ExitCode::from(2);
     }
+    let real_ari = match real_ari(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("confroute-dev: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = setup::ensure_redis() {
         eprintln!("confroute-dev: {e}");
         return ExitCode::from(2);
@@ -100,10 +116,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         controllers: args.controllers,
         capacity: args.capacity,
         token: token.clone(),
-        real_ari: args
-            .ari
-            .clone()
-            .map(|u| (u, args.ari_username.clone(), args.ari_password.clone())),
+        real_ari,
     };
     println!(
         "confroute-dev: starting Redis, {} node(s) and {} controller(s)...",
@@ -164,11 +177,23 @@ pub async fn run(args: DevArgs) -> ExitCode {
     let mut killed = false;
     let mut drained = false;
     let mut first = true;
-    let mut stop_signal = Box::pin(confroute_shared::shutdown::signal());
+    let mut signals = match StopSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("confroute-dev: cannot listen for Ctrl-C: {e}");
+            generator.abort();
+            cluster.stop().await;
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut interrupted = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = &mut stop_signal => break,
+            _ = signals.next() => {
+                interrupted = true;
+                break;
+            }
         }
         let t = started.elapsed().as_secs_f64();
         traffic.check();
@@ -219,7 +244,35 @@ pub async fn run(args: DevArgs) -> ExitCode {
     generator.abort();
     // Calls already on their way still arrive; hanging up everyone cuts those too.
     traffic.stop();
-    println!("\nconfroute-dev: stopping: callers hang up, nodes drain, then everything stops");
+    println!(
+        "\nconfroute-dev: stopping: callers hang up, nodes drain, then everything stops ({})",
+        if interrupted {
+            "press Ctrl-C again to stop at once"
+        } else {
+            "Ctrl-C to stop at once"
+        }
+    );
+    // The orderly stop may take as long as the nodes' drain (up to 20 s); another Ctrl-C
+    // ends it there.
+    let finished = tokio::select! {
+        code = stop_in_order(&mut cluster, &traffic, &sims, background, started) => Some(code),
+        _ = signals.next() => None,
+    };
+    match finished {
+        Some(code) => code,
+        None => stop_at_once(cluster),
+    }
+}
+
+/// The orderly end of a run: every caller hangs up, the live nodes drain empty, everything
+/// stops, and the summary is printed; non-zero when a conference was ever split.
+async fn stop_in_order(
+    cluster: &mut Cluster,
+    traffic: &Traffic,
+    sims: &[Option<crate::ari_sim::AriSim>],
+    background: Vec<tokio::task::JoinHandle<()>>,
+    started: Instant,
+) -> ExitCode {
     for sim in sims.iter().flatten() {
         for ch in sim.snapshot().channels {
             let _ = sim.hangup_far_end(&ch.id, 16).await;
@@ -230,7 +283,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
             let _ = cluster.drain(i, None).await;
         }
     }
-    wait_empty(&cluster).await;
+    wait_empty(cluster).await;
     traffic.check();
     let nodes = cluster.store.list_nodes().await.unwrap_or_default();
     let splits = stats::with(&traffic.stats, |s| s.splits);
@@ -238,12 +291,23 @@ pub async fn run(args: DevArgs) -> ExitCode {
         b.abort();
     }
     cluster.stop().await;
-    view::summary(&traffic, &nodes, started.elapsed().as_secs_f64());
+    view::summary(traffic, &nodes, started.elapsed().as_secs_f64());
     if splits > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Ends the process on a second Ctrl-C, with no drain and no summary: Redis, the only child
+/// process, is killed (and its directory removed); the agents, controllers and simulated
+/// Asterisks are threads and tasks of this process and end with it.
+fn stop_at_once(cluster: Cluster) -> ! {
+    // Dropping the server kills it (SIGKILL), reaps it and removes its directory; what is
+    // left of the orderly stop (an agent still draining) is not waited for.
+    drop(cluster.redis);
+    eprintln!("confroute-dev: stopped at once (nodes not drained, no summary)");
+    std::process::exit(130)
 }
 
 fn validate(a: &DevArgs) -> Result<(), String> {
@@ -265,7 +329,37 @@ fn validate(a: &DevArgs) -> Result<(), String> {
     if a.kill_node_after.is_some() && a.nodes < 2 {
         return Err("--kill-node-after needs at least 2 nodes (one must survive)".into());
     }
+    if a.sip_uri.is_some() && a.ari.is_none() {
+        return Err("--sip-uri is the SIP address of the real Asterisk given with --ari".into());
+    }
     Ok(())
+}
+
+/// The real Asterisk of `--ari`, if given, with its SIP address: `--sip-uri`, or port 5060 on
+/// the host of the ARI URL.
+fn real_ari(a: &DevArgs) -> Result<Option<RealAri>, String> {
+    let Some(url) = &a.ari else {
+        return Ok(None);
+    };
+    let sip_uri = match &a.sip_uri {
+        Some(uri) => uri.clone(),
+        None => {
+            let host = reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .ok_or_else(|| {
+                    format!("--ari `{url}` is not a URL with a host, e.g. http://10.0.0.5:8088")
+                })?;
+            format!("sip:{host}:5060")
+        }
+    };
+    Ok(Some(RealAri {
+        url: url.clone(),
+        username: a.ari_username.clone(),
+        password: a.ari_password.clone(),
+        app: a.ari_app.clone(),
+        sip_uri,
+    }))
 }
 
 fn init_logging(file: &std::path::Path) {
@@ -400,5 +494,42 @@ mod tests {
         assert!(generated_dialouts(&simulated) > 0.0);
         let real = DevArgs::parse_from(["confroute-dev", "--ari", "http://10.0.0.5:8088"]);
         assert_eq!(generated_dialouts(&real), 0.0);
+    }
+
+    /// A real Asterisk gets an app of its own (not the production agents' `confroute`, which
+    /// Asterisk would hand over to this newer subscriber) and a SIP address callers can
+    /// reach: its own host unless `--sip-uri` names another.
+    #[test]
+    fn a_real_asterisk_gets_its_own_app_and_a_reachable_sip_address() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["confroute-dev"];
+            argv.extend_from_slice(extra);
+            DevArgs::parse_from(argv)
+        };
+        assert!(real_ari(&parse(&[])).expect("no --ari").is_none());
+        let real = real_ari(&parse(&["--ari", "http://10.0.0.5:8088"]))
+            .expect("valid")
+            .expect("given");
+        assert_eq!(real.app, "confroute-dev");
+        assert_eq!(real.sip_uri, "sip:10.0.0.5:5060");
+        assert_eq!(real.url, "http://10.0.0.5:8088");
+        let v6 = real_ari(&parse(&["--ari", "http://[fd00::5]:8088"]))
+            .expect("valid")
+            .expect("given");
+        assert_eq!(v6.sip_uri, "sip:[fd00::5]:5060");
+        let chosen = real_ari(&parse(&[
+            "--ari",
+            "http://10.0.0.5:8088",
+            "--ari-app",
+            "lab",
+            "--sip-uri",
+            "sip:pbx.lab:5080;transport=tcp",
+        ]))
+        .expect("valid")
+        .expect("given");
+        assert_eq!(chosen.app, "lab");
+        assert_eq!(chosen.sip_uri, "sip:pbx.lab:5080;transport=tcp");
+        assert!(real_ari(&parse(&["--ari", "10.0.0.5:8088"])).is_err());
+        assert!(validate(&parse(&["--sip-uri", "sip:10.0.0.5"])).is_err());
     }
 }

@@ -33,8 +33,8 @@ pub fn banner(cluster: &Cluster, token: &str, log: &std::path::Path) {
             .map(|s| format!("simulated Asterisk {}", s.base_url()))
             .unwrap_or_else(|| {
                 format!(
-                    "real Asterisk {}; the generated calls do not reach it",
-                    n.ari_url
+                    "real Asterisk {}, Stasis app {}, callers sent to {}; the generated calls do not reach it",
+                    n.ari_url, n.ari_app, n.sip_uri
                 )
             });
         println!("  {}: agent http://{}  ({asterisk})", n.id, n.http);
@@ -51,13 +51,20 @@ pub fn banner(cluster: &Cluster, token: &str, log: &std::path::Path) {
         );
     }
     if let Some(c) = cluster.controllers.first() {
-        println!(
-            "       sipp {} -sf tests/sipp/invite.xml -s my-room -m 1   (a SIP INVITE; the 302 names the node)",
-            c.sip
-        );
+        println!("       {}", sipp_line(c.sip));
+        println!("         (one SIP INVITE; the log shows the 302's Contact and X-Conference-Node: the node; sipp is Debian's sip-tester)");
     }
     println!("  logs: {}", log.display());
     println!();
+}
+
+/// A `sipp` command that sends one INVITE to the controller at `sip` and prints what the
+/// scenario logs of the 302 (its `<log>` actions write only with `-trace_logs`). The
+/// controllers listen on 127.0.0.1, so sipp must call from there too.
+fn sipp_line(sip: std::net::SocketAddr) -> String {
+    format!(
+        "sipp {sip} -sf tests/sipp/invite.xml -s my-room -m 1 -i 127.0.0.1 -trace_logs -log_file sipp-invite.log; cat sipp-invite.log"
+    )
 }
 
 /// The live view's note of calls routed to the real Asterisk, which the tool does not dial.
@@ -216,4 +223,20 @@ pub fn summary(traffic: &Traffic, nodes: &[NodeRecord], t: f64) {
             );
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The printed sipp line calls from the controllers' loopback address and writes the
+    /// scenario's log, where the 302's headers are, then shows it.
+    #[test]
+    fn the_sipp_line_calls_from_loopback_and_shows_the_302s_headers() {
+        let line = sipp_line("127.0.0.1:5070".parse().expect("address"));
+        assert!(line.starts_with("sipp 127.0.0.1:5070 -sf tests/sipp/invite.xml "));
+        assert!(line.contains(" -i 127.0.0.1 "));
+        assert!(line.contains(" -trace_logs -log_file sipp-invite.log"));
+        assert!(line.ends_with("; cat sipp-invite.log"));
+    }
 }
