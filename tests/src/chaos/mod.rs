@@ -2,7 +2,8 @@
 //! and `confroute-node` processes, simulated Asterisks), continuous callers, one fault
 //! injected under that load, and a [`Report`] of what callers and operators would have seen.
 //!
-//! Each scenario has a full length (`cargo run -p confroute-tests --bin chaos -- <scenario>`)
+//! Each scenario has a full length (`target/release/chaos <scenario>`, after
+//! `cargo build --release --workspace --bins`: it starts the binaries built beside it)
 //! and a short one that the test suite runs and asserts on (`tests/tests/chaos_*.rs`).
 //! `docs/chaos.md` describes them and records a full run.
 

@@ -198,9 +198,11 @@ impl Drop for TempDir {
     }
 }
 
-/// Path of a binary of this workspace, built into the same target directory as the test.
+/// Path of a binary of this workspace, built into the same target directory as the test (or
+/// tool) running.
 ///
-/// The README's test command builds every binary before running the tests.
+/// The README's test command builds every binary before running the tests; the benchmark,
+/// chaos and soak tools need `cargo build --release --workspace --bins` first.
 pub fn workspace_bin(name: &str) -> HarnessResult<PathBuf> {
     let exe = std::env::current_exe()
         .map_err(|e| HarnessError(format!("cannot find the test executable: {e}")))?;
@@ -220,7 +222,74 @@ pub fn workspace_bin(name: &str) -> HarnessResult<PathBuf> {
         }
     }
     Err(HarnessError(format!(
-        "binary `{name}` not found next to {}; build it first with `cargo build --workspace --bins`",
-        exe.display()
+        "binary `{name}` not found next to {}; build it first with `{}`",
+        exe.display(),
+        build_command(&exe)
     )))
+}
+
+/// The command that builds every binary of the workspace in the profile `exe` was built in:
+/// it sits in `<target>/<profile>/` (a tool) or `<target>/<profile>/deps/` (a test).
+fn build_command(exe: &Path) -> String {
+    let dir = exe.parent();
+    let profile_dir = match dir {
+        Some(d)
+            if d.file_name()
+                .is_some_and(|n| n == "deps" || n == "examples") =>
+        {
+            d.parent()
+        }
+        d => d,
+    };
+    // A target directory is named `target` or, when set elsewhere (CARGO_TARGET_DIR), holds
+    // the CACHEDIR.TAG cargo writes.
+    let in_target = profile_dir.and_then(Path::parent).is_some_and(|t| {
+        t.file_name().is_some_and(|n| n == "target") || t.join("CACHEDIR.TAG").is_file()
+    });
+    match profile_dir
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+    {
+        Some("release") => "cargo build --release --workspace --bins".to_string(),
+        Some(p) if in_target && p != "debug" => {
+            format!("cargo build --profile {p} --workspace --bins")
+        }
+        _ => "cargo build --workspace --bins".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hint for a missing binary builds in the profile of the executable that looked for
+    /// it: a release tool is not told to build debug binaries it would not find.
+    #[test]
+    fn the_build_hint_names_the_running_executables_profile() {
+        let hint = |p: &str| build_command(Path::new(p));
+        assert_eq!(
+            hint("/w/target/release/chaos"),
+            "cargo build --release --workspace --bins"
+        );
+        assert_eq!(
+            hint("/w/target/release/deps/dev_cluster-0123abcd"),
+            "cargo build --release --workspace --bins"
+        );
+        assert_eq!(
+            hint("/w/target/debug/deps/dev_cluster-0123abcd"),
+            "cargo build --workspace --bins"
+        );
+        assert_eq!(
+            hint("/w/target/debug/soak"),
+            "cargo build --workspace --bins"
+        );
+        assert_eq!(
+            hint("/w/target/profiling/bench-sip"),
+            "cargo build --profile profiling --workspace --bins"
+        );
+        assert_eq!(
+            hint("/usr/local/bin/soak"),
+            "cargo build --workspace --bins"
+        );
+    }
 }
