@@ -342,7 +342,7 @@ fn a_second_ctrl_c_stops_at_once() {
     .collect();
     drop(tx);
     let mut text = String::new();
-    let mut wait_line = |want: &str, text: &mut String| {
+    let wait_line = |want: &str, text: &mut String| {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
