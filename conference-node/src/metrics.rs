@@ -272,7 +272,7 @@ impl Metrics {
         let bus_dropped = IntCounterVec::new(
             Opts::new(
                 "confroute_node_bus_dropped_total",
-                "Command replies, dial-out notifications and conference events dropped because the bus publisher fell behind, by kind.",
+                "Command replies, dial-out notifications and conference events dropped because the bus publisher fell behind (and events Redis did not take), by kind.",
             ),
             &["kind"],
         )?;

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use confroute_shared::bus::{ErrorCode, Notifications, Reply};
+use confroute_shared::bus::{ErrorCode, Notifications, Reply, EVENTS_LOST};
 use confroute_shared::name::ConferenceName;
 use confroute_shared::types::NodeId;
 
@@ -956,12 +956,16 @@ async fn forward_events(
                     if !gap && lost > 0 && drained && session.try_queue(lost_notice(lost)).is_ok() {
                         lost = 0;
                     }
-                    let text = notification(
+                    let text = if ev.event == EVENTS_LOST {
+                        unpublished_notice(&ev)
+                    } else {
+                        notification(
                         "event",
                         json!({"conference": ev.conference, "node": ev.node,
                                "epoch": ev.epoch, "seq": ev.seq,
                                "event": ev.event, "data": ev.data}),
-                    );
+                        )
+                    };
                     if gap || lost > 0 || session.try_queue(text).is_err() {
                         lost += 1;
                     }
@@ -1032,6 +1036,20 @@ fn lost_notice(count: u64) -> String {
     notification(
         "events.lost",
         json!({ "count": count, "reason": "slow_client" }),
+    )
+}
+
+/// Events of one conference its node could not publish (Redis did not take them, or the
+/// node's queue was full), as the node's notice says.
+fn unpublished_notice(ev: &confroute_shared::bus::Event) -> String {
+    notification(
+        "events.lost",
+        json!({
+            "count": ev.data.get("count").and_then(Value::as_u64),
+            "reason": "node_unpublished",
+            "conference": ev.conference,
+            "node": ev.node,
+        }),
     )
 }
 

@@ -217,6 +217,11 @@ pub struct Event {
     pub data: Value,
 }
 
+/// The `event` of a node's notice that some of a conference's events never reached Redis
+/// (their publishing failed, or the node's queue was full); `data.count` says how many.
+/// Controllers tell the conference's subscribers with `events.lost`.
+pub const EVENTS_LOST: &str = "events_lost";
+
 /// An accepted command: its first answer, then any notifications.
 pub struct Call {
     /// The command id (to [`Bus::forget`] a call whose notifications are no longer wanted).
@@ -620,15 +625,20 @@ impl Bus {
         }
     }
 
-    /// Publishes a conference event (node side).
-    pub async fn publish_event(&self, event: &Event) {
+    /// Publishes a conference event (node side); false when Redis did not take it.
+    pub async fn publish_event(&self, event: &Event) -> bool {
         match serde_json::to_vec(event) {
-            Ok(payload) => {
-                if let Err(e) = self.inner.store.publish("events", &payload).await {
+            Ok(payload) => match self.inner.store.publish("events", &payload).await {
+                Ok(_) => true,
+                Err(e) => {
                     tracing::debug!(error = %e, "cannot publish a conference event");
+                    false
                 }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a conference event");
+                false
             }
-            Err(e) => tracing::warn!(error = %e, "cannot encode a conference event"),
         }
     }
 

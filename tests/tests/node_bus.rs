@@ -9,7 +9,7 @@ use std::time::Duration;
 use confroute_shared::bus::Bus;
 use confroute_shared::config::RedisConfig;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer, TcpProxy};
+use confroute_tests::harness::{wait_for_async, ControllerProc, NodeProc, RedisServer, TcpProxy};
 use futures_util::StreamExt;
 use node_common::*;
 use serde_json::{json, Value};
@@ -151,4 +151,62 @@ async fn a_command_answer_is_not_held_behind_a_burst_of_events() {
         .unwrap_or_else(|e| panic!("answered within 1 s: {e:?}\n{}", c.node.output()));
     let listed = call.reply.expect("listed").to_string();
     assert!(listed.contains(&quiet), "{listed}");
+}
+
+/// Events a node could not publish (Redis did not take them) are not lost without a trace:
+/// once Redis takes messages again the node publishes a notice for the conference, and
+/// every controller tells the conference's subscribers with `events.lost`
+/// (`node_unpublished`), so an application that missed a conference's `end` knows to re-read
+/// it rather than believe it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_redis_did_not_take_are_reported_to_subscribers_as_lost() {
+    let redis = RedisServer::start().expect("redis");
+    let upstream = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    let sim = sim().await;
+    let mut node = NodeProc::start(
+        "node-a",
+        &env(
+            &sim,
+            &fixtures::single(&proxy.redis_url()),
+            &[("CONFROUTE_CONFERENCE__BEEP", "false")],
+        ),
+    )
+    .expect("node");
+    wait_app(&sim, &node).await;
+    node.wait_log("command bus subscribed", WAIT)
+        .expect("the node's bus is up");
+    let cfg = fixtures::single(&redis.url());
+    let controller = ControllerProc::start(&fixtures::redis_env(&cfg)).expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    let mut ws = control::Client::connect(controller.http_port).await;
+    ws.ok("subscribe", json!({"conference": "solo"})).await;
+    let caller = dial(&sim, "solo", &[]).await;
+    wait_bridged(&sim, &caller).await;
+    ws.notification_where("event", WAIT, |p| p["event"] == "join")
+        .await
+        .expect("the join heard");
+    // The agent's link to Redis goes silent as the only caller hangs up: its leave and the
+    // conference's end cannot be published.
+    proxy.black_hole();
+    sim.hangup_far_end(&caller, 16).await.expect("hang up");
+    let series = "confroute_node_bus_dropped_total{kind=\"event\"}";
+    wait_for_async("the leave and end not published", WAIT, || async {
+        let text = fixtures::scrape(&node.http_url()).await;
+        (fixtures::metric(&text, series) >= 2.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    proxy.heal();
+    let lost = ws
+        .notification("events.lost", WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no events.lost\n{}", node.output()));
+    let p = &lost["params"];
+    assert_eq!(p["reason"], "node_unpublished", "{lost}");
+    assert_eq!(p["conference"], "solo", "{lost}");
+    assert_eq!(p["node"], "node-a", "{lost}");
+    assert!(p["count"].as_u64().is_some_and(|n| n >= 2), "{lost}");
 }
