@@ -451,8 +451,8 @@ impl Bus {
         self.inner.events.subscribe()
     }
 
-    /// Changes each time the subscription comes back after it was lost: the events
-    /// published meanwhile never reached this process.
+    /// Changes each time the subscription comes up (after it was lost, and the first time):
+    /// the events published before never reached this process.
     pub fn gaps(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.gaps.subscribe()
     }
@@ -646,8 +646,6 @@ impl Bus {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
-            // True once a subscription was up: every later one follows a gap.
-            let mut lost_once = false;
             // Failed tries in a row: a Redis that refuses the subscription (an ACL without
             // channel rights) must show in the log, not only at debug level.
             let mut failures: u32 = 0;
@@ -659,10 +657,11 @@ impl Bus {
                         backoff = Duration::from_millis(100);
                         failures = 0;
                         inner.connected.store(true, Ordering::Relaxed);
-                        if lost_once {
-                            inner.gaps.send_modify(|g| *g += 1);
-                        }
-                        lost_once = true;
+                        // Every subscription follows a time without one: a later one the
+                        // gap since the last was lost, the first the start-up (a client that
+                        // subscribed to a conference before it, or while Redis refused it,
+                        // missed what was published meanwhile).
+                        inner.gaps.send_modify(|g| *g += 1);
                         drop(inner);
                         listen(pubsub, home, &weak, &prefix, commands.as_ref()).await;
                         if let Some(inner) = weak.upgrade() {

@@ -2168,6 +2168,19 @@ async fn a_redis_refusing_the_subscription_leaves_routing_up_and_commands_refuse
     .await;
     assert_eq!(v["error"]["code"], -32003, "{v}");
     assert!(message(&v).contains("nothing was sent"), "{v}");
+    // A client that follows a conference meanwhile missed whatever was published: once
+    // Redis lets the controller subscribe, it is told to re-read.
+    let v = rpc(&mut ws, "subscribe", json!({"conference": "acl-room"}), 2).await;
+    assert!(v["result"].is_object(), "{v}");
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER").arg("router").arg("allchannels");
+    let _: String =
+        confroute_tests::harness::redis_query(s.redis.port(), &mut cmd).expect("acl channels");
+    let v = tokio::time::timeout(Duration::from_secs(20), recv(&mut ws))
+        .await
+        .unwrap_or_else(|_| panic!("no notice once subscribed\n{}", s.controller.output()));
+    assert_eq!(v["method"], "events.lost", "{v}");
+    assert_eq!(v["params"]["reason"], "bus_reconnected", "{v}");
 }
 
 /// A REST dial-out runs to its end even when its client hangs up first: the node's late
