@@ -2,7 +2,8 @@
 //! notifications and conference events are queued by whoever produces them (conference
 //! actors, the command intake, the dial-out tracker) and published by one task, in two
 //! lanes each in the order it was queued: command traffic (answers and notifications)
-//! first, then events. So a command's answer always precedes its notifications and is not
+//! first, then events, up to 64 messages in one round trip (a pipeline on one connection,
+//! which keeps their order). So a command's answer always precedes its notifications and is not
 //! held behind a burst of events (a large conference ending) past its sender's deadline,
 //! each conference's events go out in `seq` order, and no actor ever waits for Redis: when
 //! Redis is slow the queues fill and, past their bound, messages are dropped and counted
@@ -20,7 +21,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use confroute_shared::bus::{Bus, BusError, Command, Event, EVENTS_LOST};
+use confroute_shared::bus::{Bus, BusError, Event, Reply, EVENTS_LOST};
 
 use crate::metrics::Metrics;
 use crate::node::lock;
@@ -212,7 +213,7 @@ async fn publish(
     missed: MissedEvents,
     metrics: Metrics,
 ) {
-    // Whether Redis took the last message: notices wait for it, so an outage does not
+    // Whether Redis took the last batch: notices wait for it, so an outage does not
     // double every message's wait.
     let mut took = true;
     loop {
@@ -220,7 +221,7 @@ async fn publish(
             send_notices(&bus, &missed).await;
         }
         let owed = !lock(&missed).is_empty();
-        let o = tokio::select! {
+        let first = tokio::select! {
             biased;
             Some(o) = commands.recv() => o,
             Some(o) = events.recv() => o,
@@ -230,23 +231,128 @@ async fn publish(
             }
             else => break,
         };
-        took = match o {
-            Outgoing::Event(ev) => {
-                let sent = bus.publish_event(&ev).await;
-                if !sent {
-                    note_missed(&missed, &ev);
-                    metrics.bus_dropped.with_label_values(&["event"]).inc();
-                }
-                sent
-            }
-            other => {
-                publish_one(&bus, other).await;
-                true
-            }
-        };
-        if unsent.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let batch = fill_batch(first, &mut commands, &mut events);
+        let n = batch.len();
+        took = publish_batch(&bus, batch, &missed, &metrics).await;
+        if unsent.count.fetch_sub(n, Ordering::SeqCst) == n {
             unsent.drained.notify_waiters();
         }
+    }
+}
+
+/// Messages published in one round trip, at most: one PUBLISH per round trip would cap a
+/// node at one message per round trip to Redis (a thousand a second at 1 ms), and a large
+/// conference's burst of events would hold every other conference's up that long.
+const BATCH: usize = 64;
+
+/// `first` and what else is queued, up to [`BATCH`]: answers and notifications first (a
+/// command's sender waits on its deadline), but events keep half of it, so a steady flow of
+/// answers does not hold events back. Each lane keeps its order.
+fn fill_batch(
+    first: Outgoing,
+    commands: &mut mpsc::Receiver<Outgoing>,
+    events: &mut mpsc::Receiver<Outgoing>,
+) -> Vec<Outgoing> {
+    let mut batch = vec![first];
+    while batch.len() < BATCH / 2 {
+        match commands.try_recv() {
+            Ok(o) => batch.push(o),
+            Err(_) => break,
+        }
+    }
+    while batch.len() < BATCH {
+        match events.try_recv() {
+            Ok(o) => batch.push(o),
+            Err(_) => break,
+        }
+    }
+    while batch.len() < BATCH {
+        match commands.try_recv() {
+            Ok(o) => batch.push(o),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Publishes `batch` in one round trip; false when Redis did not take it. Its events are
+/// then noted as lost (a notice follows); its answers and notifications are lost with a
+/// warning (the controller reports the command unanswered at its deadline).
+async fn publish_batch(
+    bus: &Bus,
+    batch: Vec<Outgoing>,
+    missed: &MissedEvents,
+    metrics: &Metrics,
+) -> bool {
+    let mut encoded = Vec::with_capacity(batch.len());
+    let mut kept = Vec::with_capacity(batch.len());
+    for o in batch {
+        match encode(&o) {
+            Ok(m) => {
+                encoded.push(m);
+                kept.push(o);
+            }
+            Err(e) => tracing::warn!(kind = o.kind(), error = %e, "dropping a bus message"),
+        }
+    }
+    if encoded.is_empty() {
+        return true;
+    }
+    match bus.publish_batch(&encoded).await {
+        Ok(()) => true,
+        Err(e) => {
+            let mut answers = 0;
+            for o in &kept {
+                metrics.bus_dropped.with_label_values(&[o.kind()]).inc();
+                match o {
+                    Outgoing::Event(ev) => note_missed(missed, ev),
+                    _ => answers += 1,
+                }
+            }
+            if answers > 0 {
+                tracing::warn!(error = %e, answers, "cannot send command answers or notifications");
+            } else {
+                tracing::debug!(error = %e, events = kept.len(), "cannot publish conference events");
+            }
+            false
+        }
+    }
+}
+
+/// The channel and payload of one message.
+fn encode(o: &Outgoing) -> Result<(String, Vec<u8>), String> {
+    match o {
+        Outgoing::Reply {
+            id,
+            reply_to,
+            result,
+        } => {
+            let reply = match result {
+                Ok(result) => Reply::Result {
+                    id: id.clone(),
+                    result: result.clone(),
+                },
+                Err(error) => Reply::Error {
+                    id: id.clone(),
+                    error: error.clone(),
+                },
+            };
+            Bus::encode_reply(reply_to, &reply)
+        }
+        Outgoing::Notify {
+            id,
+            reply_to,
+            params,
+            last,
+        } => Bus::encode_reply(
+            reply_to,
+            &Reply::Notify {
+                id: id.clone(),
+                params: params.clone(),
+                last: *last,
+            },
+        ),
+        Outgoing::Event(ev) => Bus::encode_event(ev),
     }
 }
 
@@ -278,38 +384,5 @@ async fn send_notices(bus: &Bus, missed: &MissedEvents) {
             return;
         }
         tracing::info!(conference = %conference, count = m.count, "told subscribers that events of the conference were lost");
-    }
-}
-
-/// Publishes a command answer or notification (events go through [`publish`]).
-async fn publish_one(bus: &Bus, o: Outgoing) {
-    match o {
-        Outgoing::Reply {
-            id,
-            reply_to,
-            result,
-        } => {
-            // `respond` reads only the id and the reply channel of the command.
-            let cmd = Command {
-                id,
-                reply_to,
-                method: String::new(),
-                params: Value::Null,
-                deadline_ms: 0,
-                timeout_ms: 0,
-                sent_ms: 0,
-                sent_uncertainty_ms: 0,
-            };
-            bus.respond(&cmd, result).await;
-        }
-        Outgoing::Notify {
-            id,
-            reply_to,
-            params,
-            last,
-        } => bus.notify(&reply_to, &id, params, last).await,
-        Outgoing::Event(ev) => {
-            bus.publish_event(&ev).await;
-        }
     }
 }

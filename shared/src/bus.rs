@@ -625,6 +625,31 @@ impl Bus {
         }
     }
 
+    /// A command reply or notification for the controller `reply_to`, ready for
+    /// [`Bus::publish_batch`].
+    pub fn encode_reply(reply_to: &str, reply: &Reply) -> Result<(String, Vec<u8>), String> {
+        serde_json::to_vec(reply)
+            .map(|payload| (format!("reply:{reply_to}"), payload))
+            .map_err(|e| format!("cannot encode a command reply: {e}"))
+    }
+
+    /// A conference event, ready for [`Bus::publish_batch`].
+    pub fn encode_event(event: &Event) -> Result<(String, Vec<u8>), String> {
+        serde_json::to_vec(event)
+            .map(|payload| ("events".to_string(), payload))
+            .map_err(|e| format!("cannot encode a conference event: {e}"))
+    }
+
+    /// Publishes encoded replies and events in one round trip, in order (node side); an
+    /// error when Redis did not take them (some may have gone out all the same).
+    pub async fn publish_batch(&self, messages: &[(String, Vec<u8>)]) -> Result<(), String> {
+        self.inner
+            .store
+            .publish_all(messages)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Publishes a conference event (node side); false when Redis did not take it.
     pub async fn publish_event(&self, event: &Event) -> bool {
         match serde_json::to_vec(event) {

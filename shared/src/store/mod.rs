@@ -537,6 +537,25 @@ impl Store {
         .map_err(|(e, _)| e)
     }
 
+    /// Publishes `messages` (channel under the key prefix, payload) in one round trip, in
+    /// order: a pipeline on one connection. Resent like [`Store::publish`]; on a failure
+    /// any of them may have gone out.
+    pub async fn publish_all(&self, messages: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for (channel, payload) in messages {
+            pipe.cmd("PUBLISH")
+                .arg(format!("{}{channel}", self.prefix))
+                .arg(payload.as_slice())
+                .ignore();
+        }
+        let pipe = &pipe;
+        self.exchange(&self.conn, "publish", |mut c| async move {
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await
+        .map_err(|(e, _)| e)
+    }
+
     /// On a Cluster, makes the next [`Store::publish_unsure`] learn where the slots are
     /// anew. Its client hears no `MOVED` (Redis answers PUBLISH on any node), so after a
     /// failover that left the old primary up it would go on publishing there, where the
