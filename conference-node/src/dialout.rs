@@ -253,6 +253,8 @@ struct Track {
     reply_to: String,
     accepted: bool,
     ringing: bool,
+    /// The callee answered (its channel entered the app); its conference is joining it.
+    answered: bool,
     connected: bool,
     /// When the callee entered the conference.
     connected_at: Option<std::time::Instant>,
@@ -330,6 +332,7 @@ impl Dialouts {
                 reply_to: pending.reply_to.clone(),
                 accepted: false,
                 ringing: false,
+                answered: false,
                 connected: false,
                 connected_at: None,
                 accepted_at: None,
@@ -345,8 +348,22 @@ impl Dialouts {
     /// the callee answers or the call ends; stopped at once if that has already happened.
     pub fn watch(&self, callid: &str, timer: tokio::task::AbortHandle) {
         let timer = Timer(Some(timer));
-        if let Some(t) = lock(&self.calls).get_mut(callid).filter(|t| !t.connected) {
+        if let Some(t) = lock(&self.calls)
+            .get_mut(callid)
+            .filter(|t| !t.connected && !t.answered)
+        {
             t.timer = Some(timer);
+        }
+    }
+
+    /// The callee of call `callid` answered: the ring-timeout fallback stops. Its conference
+    /// may take long to join it (its actor busy with slow ARI requests), and the call is not
+    /// to be reported `rejected` meanwhile: it ends as `connected` then `cleared`, or, should
+    /// the join fail, with the channel's end (or its absence at a reconciliation).
+    pub fn answered(&self, callid: &str) {
+        if let Some(t) = lock(&self.calls).get_mut(callid) {
+            t.answered = true;
+            t.timer = None;
         }
     }
 
@@ -502,7 +519,7 @@ impl Dialouts {
         let mut calls = lock(&self.calls);
         if !calls
             .get(callid)
-            .is_some_and(|t| t.accepted && !t.connected)
+            .is_some_and(|t| t.accepted && !t.connected && !t.answered)
         {
             return None;
         }
@@ -560,6 +577,42 @@ fn clear_later(node: &Arc<Node>, callid: String, cause: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answered_call_stops_its_ring_timeout_fallback() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let calls = Dialouts::default();
+            let track = |id: &str| Track {
+                id: id.to_string(),
+                reply_to: "ctl".to_string(),
+                accepted: true,
+                ringing: true,
+                answered: false,
+                connected: false,
+                connected_at: None,
+                accepted_at: None,
+                requested: None,
+                ended: None,
+                timer: None,
+                rings_until: std::time::Instant::now(),
+            };
+            lock(&calls.calls).insert("c1".to_string(), track("cmd-1"));
+            let fallback = tokio::spawn(std::future::pending::<()>());
+            calls.watch("c1", fallback.abort_handle());
+            calls.answered("c1");
+            let ended = fallback.await.expect_err("stopped");
+            assert!(ended.is_cancelled());
+            // A fallback handed over after the answer is stopped at once.
+            let late = tokio::spawn(std::future::pending::<()>());
+            calls.watch("c1", late.abort_handle());
+            assert!(late.await.expect_err("stopped").is_cancelled());
+            assert_eq!(calls.state("c1"), Some("ringing"));
+        });
+    }
 
     #[test]
     fn endpoints_from_templates() {

@@ -1144,6 +1144,7 @@ impl Node {
                     // options the dial-out asked for.
                     Some(name) => {
                         let id = channel.id.clone();
+                        self.dialouts.answered(&id);
                         if !self.send(&name, Msg::DialoutAnswered { channel }, false) {
                             self.join_abandoned(&id);
                             let node = self.clone();
