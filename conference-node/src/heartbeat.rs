@@ -226,13 +226,14 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
                 if in_redis {
                     node.state_agreed(version, state_seq);
                 }
-            } else if in_redis && node.state_went_back(state_seq) {
+            } else if let Some(seq) =
+                state_seq.filter(|_| in_redis && node.state_went_back(state_seq))
+            {
                 // Not an admin's change: a Redis failover to a replica that missed this
                 // node's last state write (or an admin's it adopted) took the record back.
                 let local = node.state();
                 tracing::warn!(redis = %state, state = %local, "Redis holds an older state of this node than the one it last saw there (a failover lost a write); writing it again");
-                node.rewrite_state();
-                node.write_state().await;
+                node.restore_state(seq).await;
             } else if state != NodeState::ShuttingDown && in_redis {
                 // A drain set through the controller counts from when it was set (the record's
                 // `drain_since_ms`), not from when this heartbeat saw it: a registration after a

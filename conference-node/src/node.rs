@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use confroute_shared::name::ConferenceName;
-use confroute_shared::store::{Hosted, Store};
+use confroute_shared::store::{Hosted, StateChange, Store};
 use confroute_shared::types::{NodeId, NodeInfo, NodeState};
 
 use crate::ari::ws::EventSink;
@@ -410,11 +410,13 @@ impl Node {
     }
 
     /// Notes that Redis held this node's state under number `seq` at a heartbeat read while
-    /// the local state was at `version`, unless it changed since.
+    /// the local state was at `version`, unless it changed since. A state written without a
+    /// number (a controller from before numbering) leaves nothing to compare the next with:
+    /// the next numbered one is taken as newer.
     pub fn state_agreed(&self, version: u64, seq: Option<u64>) {
-        let Some(seq) = seq else { return };
         if !self.state_dirty() && self.state_version.load(Ordering::SeqCst) == version {
-            self.state_seq_seen.store(seq, Ordering::SeqCst);
+            self.state_seq_seen
+                .store(seq.unwrap_or(0), Ordering::SeqCst);
         }
     }
 
@@ -429,9 +431,25 @@ impl Node {
         self.state_seq_seen.store(0, Ordering::SeqCst);
     }
 
-    /// Marks the local state for writing to Redis again (Redis lost it).
-    pub fn rewrite_state(&self) {
-        self.state_dirty.store(true, Ordering::SeqCst);
+    /// Writes the local state back over the older one a failover left under number `seq`,
+    /// unless the record was written since (an admin's change, which the next heartbeat
+    /// reads). A failure is left to the next heartbeat, which finds the same again.
+    pub async fn restore_state(&self, seq: u64) {
+        let (state, version) = self.state_versioned();
+        let stopping = self.stopping();
+        match self
+            .store
+            .restore_own_state(&self.id, state, stopping, seq)
+            .await
+        {
+            Ok(StateChange::Superseded(now)) => {
+                tracing::info!(redis = %now, "the node's state was changed in Redis meanwhile; not writing it back")
+            }
+            Ok(_) => self.state_written(version),
+            Err(e) => {
+                tracing::warn!(error = %e, %state, "cannot write the node state back yet; the next heartbeat tries again")
+            }
+        }
     }
 
     /// Records that the local state reached Redis.

@@ -571,7 +571,6 @@ async fn a_registration_keeps_a_state_an_admin_set_after_the_agent_read_it() {
     assert_eq!(read(&store).await, (NodeState::Serving, None));
 }
 
-/// Redis's clock, in ms since the epoch.
 /// The state a heartbeat reads back from its node's record under the number its last
 /// write gave it.
 async fn heartbeat_state(store: &Store) -> (NodeState, Option<u64>) {
@@ -588,32 +587,73 @@ async fn heartbeat_state(store: &Store) -> (NodeState, Option<u64>) {
     }
 }
 
-/// Every state write numbers the state one past the last, so an agent can tell a failover
-/// that took its record back from an admin's change; a state written without a number (a
-/// controller from before) reads as unnumbered, and a new record numbers from 1.
+/// Every state write numbers the state with Redis's clock (one past the last when that is
+/// not behind it), so an agent can tell a failover that took its record back from an admin's
+/// change, and a write after a failover is numbered above what the lost ones had; a state
+/// written without a number (a controller from before) reads as unnumbered; a write that
+/// names the number it read is not made over one written since.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_writes_are_numbered_and_heartbeats_read_the_number() {
     let (redis, store) = with_nodes(&["a"]).await;
-    assert_eq!(heartbeat_state(&store).await, (NodeState::Serving, Some(1)));
+    let numbered = |want: NodeState| {
+        let store = &store;
+        async move {
+            let (state, seq) = heartbeat_state(store).await;
+            assert_eq!(state, want);
+            seq.expect("numbered")
+        }
+    };
+    let first = numbered(NodeState::Serving).await;
+    assert!(
+        first >= redis_time(&redis) - 60_000,
+        "Redis's clock: {first}"
+    );
     store
         .set_state(&id("a"), NodeState::Draining)
         .await
         .expect("drain");
-    assert_eq!(
-        heartbeat_state(&store).await,
-        (NodeState::Draining, Some(2))
-    );
+    let drained = numbered(NodeState::Draining).await;
+    assert!(drained > first);
     store
         .set_own_state(&id("a"), NodeState::Serving, false)
         .await
         .expect("own write");
-    assert_eq!(heartbeat_state(&store).await, (NodeState::Serving, Some(3)));
+    let own = numbered(NodeState::Serving).await;
+    assert!(own > drained);
     // A registration over the live record goes on numbering.
     store
         .register(&node("a", 10), LONG)
         .await
         .expect("register");
-    assert_eq!(heartbeat_state(&store).await, (NodeState::Serving, Some(4)));
+    let registered = numbered(NodeState::Serving).await;
+    assert!(registered > own);
+    // A number ahead of the clock (a primary whose clock ran fast) is still passed.
+    let ahead = redis_time(&redis) + 3_600_000;
+    let _: Option<i64> = redis_query(
+        redis.port(),
+        redis::cmd("HSET")
+            .arg("{confroute}:node:a")
+            .arg("state_seq")
+            .arg(ahead),
+    );
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("drain");
+    assert_eq!(numbered(NodeState::Draining).await, ahead + 1);
+    // A write back over a number that is no longer the record's is not made.
+    let change = store
+        .restore_own_state(&id("a"), NodeState::Serving, false, registered)
+        .await
+        .expect("conditional");
+    assert_eq!(change, StateChange::Superseded(NodeState::Draining));
+    assert_eq!(numbered(NodeState::Draining).await, ahead + 1);
+    let change = store
+        .restore_own_state(&id("a"), NodeState::Serving, false, ahead + 1)
+        .await
+        .expect("conditional");
+    assert_eq!(change, StateChange::Changed(NodeState::Draining));
+    assert_eq!(numbered(NodeState::Serving).await, ahead + 2);
     // A refused admin change (the node is stopping) writes nothing, so numbers nothing.
     store
         .set_own_state(&id("a"), NodeState::Draining, true)
@@ -624,10 +664,7 @@ async fn state_writes_are_numbered_and_heartbeats_read_the_number() {
         .await
         .expect("refused");
     assert_eq!(refused, StateChange::Stopping(NodeState::Draining));
-    assert_eq!(
-        heartbeat_state(&store).await,
-        (NodeState::Draining, Some(5))
-    );
+    assert_eq!(numbered(NodeState::Draining).await, ahead + 3);
     let _: Option<i64> = redis_query(
         redis.port(),
         redis::cmd("HSET")
@@ -636,15 +673,9 @@ async fn state_writes_are_numbered_and_heartbeats_read_the_number() {
             .arg("serving"),
     );
     assert_eq!(heartbeat_state(&store).await, (NodeState::Serving, None));
-    // A record made anew after it was lost numbers from 1.
-    let _: Option<String> = redis_query(redis.port(), &mut redis::cmd("FLUSHALL"));
-    store
-        .register(&node("a", 10), LONG)
-        .await
-        .expect("register");
-    assert_eq!(heartbeat_state(&store).await, (NodeState::Serving, Some(1)));
 }
 
+/// Redis's clock, in ms since the epoch.
 fn redis_time(redis: &RedisServer) -> u64 {
     let (secs, micros): (u64, u64) =
         redis_query(redis.port(), &mut redis::cmd("TIME")).expect("TIME");

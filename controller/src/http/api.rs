@@ -256,6 +256,12 @@ async fn set_state(state: &ApiState, raw_id: &str, to: NodeState) -> Result<Json
             "node_shutting_down",
             format!("node `{id}` is {current} for a shutdown; its state can no longer be changed"),
         )),
+        // Only a node's own conditional write is superseded; an admin's is unconditional.
+        Ok(StateChange::Superseded(current)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("node `{id}`'s state ({current}) was not written"),
+        )),
         Err(e) => Err(store_error(e, state.retry_after)),
     }
 }

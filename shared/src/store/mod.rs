@@ -42,6 +42,9 @@ pub enum StateChange {
     NotRegistered,
     /// Refused: the node is stopping for good (its shutdown drain); its current state.
     Stopping(NodeState),
+    /// Not written: the record's state was written again since the number the writer read
+    /// (an agent writing back what a failover took away); its current state.
+    Superseded(NodeState),
 }
 
 /// How a node registers, beyond its record (`register.lua`'s optional arguments).
@@ -1191,7 +1194,7 @@ impl Store {
         id: &NodeId,
         state: NodeState,
     ) -> Result<StateChange, StoreError> {
-        self.write_state(id, state, "admin").await
+        self.write_state(id, state, "admin", None).await
     }
 
     /// A node's own write of its state; `stopping` marks it as shutting down for good, so
@@ -1203,7 +1206,21 @@ impl Store {
         stopping: bool,
     ) -> Result<StateChange, StoreError> {
         let who = if stopping { "node-stopping" } else { "node" };
-        self.write_state(id, state, who).await
+        self.write_state(id, state, who, None).await
+    }
+
+    /// [`Store::set_own_state`] only while the record's state still has number `seq` (as a
+    /// heartbeat read it): a node writing back the state a failover took away leaves an
+    /// admin's change made since alone ([`StateChange::Superseded`]).
+    pub async fn restore_own_state(
+        &self,
+        id: &NodeId,
+        state: NodeState,
+        stopping: bool,
+        seq: u64,
+    ) -> Result<StateChange, StoreError> {
+        let who = if stopping { "node-stopping" } else { "node" };
+        self.write_state(id, state, who, Some(seq)).await
     }
 
     async fn write_state(
@@ -1211,17 +1228,23 @@ impl Store {
         id: &NodeId,
         state: NodeState,
         who: &'static str,
+        expected: Option<u64>,
     ) -> Result<StateChange, StoreError> {
         let key = self.node_key(id);
         let script = &self.scripts.set_state;
+        let expected = expected.map(|s| s.to_string()).unwrap_or_default();
         let value: Value = self
-            .run("set_state", |mut c| async move {
-                script
-                    .key(&key)
-                    .arg(state.as_str())
-                    .arg(who)
-                    .invoke_async(&mut c)
-                    .await
+            .run("set_state", |mut c| {
+                let expected = expected.clone();
+                async move {
+                    script
+                        .key(&key)
+                        .arg(state.as_str())
+                        .arg(who)
+                        .arg(expected)
+                        .invoke_async(&mut c)
+                        .await
+                }
             })
             .await?;
         reply::state_change(&value)

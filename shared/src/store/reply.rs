@@ -135,6 +135,12 @@ pub(crate) fn state_change(v: &Value) -> Result<super::StateChange, StoreError> 
                     None => Ok(StateChange::NotRegistered),
                 }
             }
+            [tag, state] if text(tag).as_deref() == Some("superseded") => {
+                match optional_state("set_state", state)? {
+                    Some(s) => Ok(StateChange::Superseded(s)),
+                    None => Ok(StateChange::NotRegistered),
+                }
+            }
             _ => Err(StoreError::Protocol {
                 op: "set_state",
                 message: format!("unexpected reply {v:?}"),

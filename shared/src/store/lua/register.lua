@@ -15,7 +15,8 @@
 -- (set_state.lua): that drain or undrain wins over the state the agent brings, which read
 -- the record before it (invariant 4 holds a drain the admin set), and the agent's heartbeat
 -- adopts it.
--- The state written is numbered as set_state.lua numbers it (a live record's number goes on).
+-- The state written is numbered as set_state.lua numbers it (Redis's clock in ms, above a live
+-- record's number).
 -- Returns the state the record had before (false when it did not exist).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -37,8 +38,8 @@ redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5
   'conferences', 0,
   'participants', 0, 'cpu', 0, 'registered_ms', registered, 'updated_ms', now,
   'lease_period_ms', lease)
-redis.call('HINCRBY', KEYS[1], 'state_seq', 1)
-redis.call('HSET', KEYS[1], 'state_seq_state', state)
+local last = tonumber(redis.call('HGET', KEYS[1], 'state_seq')) or 0
+redis.call('HSET', KEYS[1], 'state_seq', math.max(now, last + 1), 'state_seq_state', state)
 -- A new registration is a new life: a stopping mark of the last one does not carry over.
 redis.call('HDEL', KEYS[1], 'stopping')
 -- Nor does the last life's ARI state.
