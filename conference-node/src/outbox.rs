@@ -13,7 +13,7 @@
 //! re-read it rather than miss an `end` without a trace.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,21 +35,31 @@ struct Missed {
     node: String,
     epoch: u64,
     count: u64,
+    /// Events queued before the last one lost: the notice goes out once the publisher has
+    /// taken that many, after the conference's events that came before the loss.
+    due_after: u64,
 }
 
 /// Conferences with events lost since their last notice went out.
 type MissedEvents = Arc<Mutex<BTreeMap<String, Missed>>>;
 
-/// Notes that `ev` never reached Redis.
-fn note_missed(missed: &MissedEvents, ev: &Event) {
+/// Notes that `ev` never reached Redis, with `due_after` events queued before it.
+fn note_missed(missed: &MissedEvents, ev: &Event, due_after: u64) {
     let mut m = lock(missed);
     let entry = m.entry(ev.conference.clone()).or_insert(Missed {
         node: ev.node.clone(),
         epoch: ev.epoch,
         count: 0,
+        due_after,
     });
     entry.epoch = entry.epoch.max(ev.epoch);
     entry.count += 1;
+    entry.due_after = entry.due_after.max(due_after);
+}
+
+/// Whether a notice is due now that the publisher has taken `popped` events.
+fn notice_due(missed: &MissedEvents, popped: u64) -> bool {
+    lock(missed).values().any(|m| m.due_after <= popped)
 }
 
 /// Messages waiting for the publisher, at most; past it new ones are dropped.
@@ -100,6 +110,10 @@ pub struct Outbox {
 struct Unsent {
     count: AtomicUsize,
     drained: Notify,
+    /// Events handed to the publisher's queue so far.
+    events_queued: AtomicU64,
+    /// Events the publisher has taken from its queue so far.
+    events_taken: AtomicU64,
 }
 
 impl Outbox {
@@ -135,19 +149,20 @@ impl Outbox {
         )
     }
 
-    /// Waits until everything queued so far is published, at most `bound`; how many
-    /// messages were still unsent then. A stopping node's last events (the `leave` and
-    /// `end` of the conferences it ended) are queued just before it exits.
+    /// Waits until everything queued so far is published, and every notice of lost events
+    /// too, at most `bound`; how many messages and notices were still unsent then. A
+    /// stopping node's last events (the `leave` and `end` of the conferences it ended) are
+    /// queued just before it exits.
     pub async fn flush(&self, bound: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + bound;
+        let left = || self.unsent.count.load(Ordering::SeqCst) + lock(&self.missed).len();
         loop {
             let drained = self.unsent.drained.notified();
-            let left = self.unsent.count.load(Ordering::SeqCst);
-            if left == 0 {
+            if left() == 0 {
                 return 0;
             }
             if tokio::time::timeout_at(deadline, drained).await.is_err() {
-                return self.unsent.count.load(Ordering::SeqCst);
+                return left();
             }
         }
     }
@@ -164,20 +179,32 @@ impl Outbox {
             Outgoing::Event(_) => &self.tx,
             Outgoing::Reply { .. } | Outgoing::Notify { .. } => &self.commands,
         };
-        if let Err(e) = lane.try_send(o) {
-            self.unsent.count.fetch_sub(1, Ordering::SeqCst);
-            let o = match e {
-                mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
-            };
-            if let Outgoing::Event(ev) = &o {
-                note_missed(&self.missed, ev);
+        let event = matches!(o, Outgoing::Event(_));
+        match lane.try_send(o) {
+            Ok(()) if event => {
+                self.unsent.events_queued.fetch_add(1, Ordering::SeqCst);
             }
-            self.metrics
-                .bus_dropped
-                .with_label_values(&[o.kind()])
-                .inc();
-            tracing::warn!(kind = o.kind(), "bus publisher behind; dropping a message");
+            Ok(()) => {}
+            Err(e) => self.dropped(e),
         }
+    }
+
+    /// A message the full (or closed) queue did not take: counted, and an event noted for
+    /// its conference's notice.
+    fn dropped(&self, e: mpsc::error::TrySendError<Outgoing>) {
+        self.unsent.count.fetch_sub(1, Ordering::SeqCst);
+        let o = match e {
+            mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
+        };
+        if let Outgoing::Event(ev) = &o {
+            let before = self.unsent.events_queued.load(Ordering::SeqCst);
+            note_missed(&self.missed, ev, before);
+        }
+        self.metrics
+            .bus_dropped
+            .with_label_values(&[o.kind()])
+            .inc();
+        tracing::warn!(kind = o.kind(), "bus publisher behind; dropping a message");
     }
 
     /// Queues the answer to command `id` for the controller `reply_to`.
@@ -217,10 +244,15 @@ async fn publish(
     // double every message's wait.
     let mut took = true;
     loop {
-        if took && !lock(&missed).is_empty() {
-            send_notices(&bus, &missed).await;
+        let taken = unsent.events_taken.load(Ordering::SeqCst);
+        if took && notice_due(&missed, taken) {
+            // Redis not taking it is found again by the batch that follows.
+            send_notices(&bus, &missed, taken).await;
+            if unsent.count.load(Ordering::SeqCst) == 0 {
+                unsent.drained.notify_waiters();
+            }
         }
-        let owed = !lock(&missed).is_empty();
+        let owed = notice_due(&missed, taken);
         let first = tokio::select! {
             biased;
             Some(o) = commands.recv() => o,
@@ -233,7 +265,12 @@ async fn publish(
         };
         let batch = fill_batch(first, &mut commands, &mut events);
         let n = batch.len();
-        took = publish_batch(&bus, batch, &missed, &metrics).await;
+        let events_in = batch
+            .iter()
+            .filter(|o| matches!(o, Outgoing::Event(_)))
+            .count() as u64;
+        let taken = unsent.events_taken.fetch_add(events_in, Ordering::SeqCst) + events_in;
+        took = publish_batch(&bus, batch, &missed, &metrics, taken).await;
         if unsent.count.fetch_sub(n, Ordering::SeqCst) == n {
             unsent.drained.notify_waiters();
         }
@@ -283,6 +320,7 @@ async fn publish_batch(
     batch: Vec<Outgoing>,
     missed: &MissedEvents,
     metrics: &Metrics,
+    taken: u64,
 ) -> bool {
     let mut encoded = Vec::with_capacity(batch.len());
     let mut kept = Vec::with_capacity(batch.len());
@@ -305,7 +343,7 @@ async fn publish_batch(
             for o in &kept {
                 metrics.bus_dropped.with_label_values(&[o.kind()]).inc();
                 match o {
-                    Outgoing::Event(ev) => note_missed(missed, ev),
+                    Outgoing::Event(ev) => note_missed(missed, ev, taken),
                     _ => answers += 1,
                 }
             }
@@ -356,10 +394,15 @@ fn encode(o: &Outgoing) -> Result<(String, Vec<u8>), String> {
     }
 }
 
-/// Publishes a notice for each conference with lost events, up to the first Redis does not
-/// take (that one and the rest wait for the next try).
-async fn send_notices(bus: &Bus, missed: &MissedEvents) {
-    let owed: Vec<String> = lock(missed).keys().cloned().collect();
+/// Publishes a notice for each conference whose lost events are due (`taken` events taken
+/// from the queue), up to the first Redis does not take (that one and the rest wait for the
+/// next try).
+async fn send_notices(bus: &Bus, missed: &MissedEvents, taken: u64) {
+    let owed: Vec<String> = lock(missed)
+        .iter()
+        .filter(|(_, m)| m.due_after <= taken)
+        .map(|(c, _)| c.clone())
+        .collect();
     for conference in owed {
         let Some(m) = lock(missed).remove(&conference) else {
             continue;
@@ -379,10 +422,47 @@ async fn send_notices(bus: &Bus, missed: &MissedEvents) {
                 node: m.node,
                 epoch: m.epoch,
                 count: 0,
+                due_after: m.due_after,
             });
             entry.count += m.count;
+            entry.due_after = entry.due_after.max(m.due_after);
             return;
         }
         tracing::info!(conference = %conference, count = m.count, "told subscribers that events of the conference were lost");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(conference: &str, seq: u64) -> Event {
+        Event {
+            conference: conference.to_string(),
+            node: "node-a".to_string(),
+            epoch: 3,
+            seq,
+            event: "leave".to_string(),
+            data: Value::Null,
+        }
+    }
+
+    /// A notice waits until the events queued before the loss have been taken from the
+    /// queue: subscribers re-read the conference after those, not before.
+    #[test]
+    fn a_notice_is_due_after_the_events_queued_before_the_loss() {
+        let missed = MissedEvents::default();
+        assert!(!notice_due(&missed, 0));
+        note_missed(&missed, &event("a", 100), 60);
+        assert!(!notice_due(&missed, 59));
+        assert!(notice_due(&missed, 60));
+        // A later loss of the same conference moves the notice after its own predecessors
+        // and counts both.
+        note_missed(&missed, &event("a", 140), 90);
+        assert!(!notice_due(&missed, 60));
+        assert!(notice_due(&missed, 90));
+        let m = lock(&missed);
+        let a = m.get("a").expect("noted");
+        assert_eq!((a.count, a.due_after, a.epoch), (2, 90, 3));
     }
 }
