@@ -241,9 +241,15 @@ pub struct Notifications {
 
 impl Notifications {
     /// The next notification; `None` once the last one was delivered or the command was
-    /// forgotten.
+    /// forgotten. The command's answer came first, with [`Call::reply`]: one arriving again
+    /// (resent by a Redis client after a connection cut, as on a Cluster) is skipped.
     pub async fn recv(&mut self) -> Option<Reply> {
-        self.rx.recv().await
+        loop {
+            match self.rx.recv().await? {
+                Reply::Result { .. } => continue,
+                other => return Some(other),
+            }
+        }
     }
 }
 

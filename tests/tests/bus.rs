@@ -720,3 +720,48 @@ async fn a_command_redis_confirms_late_is_answered_with_what_the_node_did() {
     // The first one reached the node once Redis was back.
     assert_eq!(first.expect("sent").reply, Ok(json!({"n": 1})));
 }
+
+/// A command's answer that arrives twice (a Redis client resending it after a connection
+/// cut, as a Cluster's does) is not taken for a notification: the statuses that follow
+/// still reach the caller, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_delivered_twice_does_not_end_the_notifications() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node_id = fixtures::id("node-a");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &node_id);
+    for b in [&controller, &node] {
+        assert!(b.wait_connected(Duration::from_secs(10)).await);
+    }
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            responder.respond(&cmd, Ok(json!({"callid": "c1"}))).await;
+            responder.respond(&cmd, Ok(json!({"callid": "c1"}))).await;
+            for (i, status) in ["ringing", "connected"].iter().enumerate() {
+                responder
+                    .notify(&cmd.reply_to, &cmd.id, json!({"status": status}), i == 1)
+                    .await;
+            }
+        }
+    });
+    let mut call = controller
+        .call(&node_id, "dialout", json!({}), Duration::from_secs(5), true)
+        .await
+        .expect("accepted");
+    assert_eq!(call.reply, Ok(json!({"callid": "c1"})));
+    let mut statuses = Vec::new();
+    while let Some(reply) = call.notifications.recv().await {
+        match reply {
+            Reply::Notify { params, last, .. } => {
+                statuses.push(params["status"].as_str().unwrap_or("").to_string());
+                if last {
+                    break;
+                }
+            }
+            other => panic!("not a notification: {other:?}"),
+        }
+    }
+    assert_eq!(statuses, ["ringing", "connected"]);
+}

@@ -250,6 +250,9 @@ type ClaimRun = (Vec<Value>, Option<(u32, u32)>);
 /// replica.
 const REPLICATED_CONNECTIONS: usize = 32;
 
+/// How often, at most, a count of 0 makes the commands' Cluster client learn the slots anew.
+const UNSURE_RESET_GAP: Duration = Duration::from_secs(5);
+
 /// Handle to the Redis data model; cheap to clone and share.
 #[derive(Clone)]
 pub struct Store {
@@ -257,6 +260,8 @@ pub struct Store {
     /// On a Cluster, the connection for call-control commands' PUBLISH (see
     /// [`conn::Retries::None`]); elsewhere `conn` serves, whose client never resends.
     unsure: Option<Connector>,
+    /// When `unsure` was last made to learn the slots anew after a count of 0.
+    unsure_reset: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
     /// Claims that WAIT for replicas run here, each on a connection of its own: Redis holds
     /// a client's later commands until its WAIT returns, so on a shared connection a lagging
     /// replica would stall every lookup, readiness probe and claim queued behind a claim.
@@ -285,6 +290,7 @@ impl Store {
                 }
                 _ => None,
             },
+            unsure_reset: Default::default(),
             replicated: if cfg.wait_replicas > 0 {
                 Some(std::sync::Arc::new(conn::ConnectorPool::new(
                     cfg,
@@ -592,9 +598,18 @@ impl Store {
             .await
             .map_err(|(e, sent)| (e, sent != Sent::No));
         // Nobody counted where it went: on a Cluster that may be an old primary, and the
-        // next one asks where the slot is now.
-        if matches!(sent, Ok(0)) {
-            self.follow_slot_move();
+        // next one asks where the slot is now. At most every few seconds: each time opens
+        // connections to every server of the Cluster, and commands to a node that is simply
+        // not listening would do it every time.
+        if matches!(sent, Ok(0)) && self.unsure.is_some() {
+            let mut last = self
+                .unsure_reset
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|at| at.elapsed() >= UNSURE_RESET_GAP) {
+                *last = Some(Instant::now());
+                self.follow_slot_move();
+            }
         }
         sent
     }
