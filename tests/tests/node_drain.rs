@@ -1165,7 +1165,10 @@ async fn a_state_a_redis_failover_took_back_is_written_again() {
     assert_eq!(status, 200, "{body}");
     let (state, drain_seq, _) = numbered_state(&s);
     assert_eq!(state, "draining");
-    assert!(drain_seq > serving_seq, "numbered above: {drain_seq} {serving_seq}");
+    assert!(
+        drain_seq > serving_seq,
+        "numbered above: {drain_seq} {serving_seq}"
+    );
     two_heartbeats(&s).await;
     take_back(&s, "serving", serving_seq);
     wait_for_async("the drain written again", WAIT, || async {

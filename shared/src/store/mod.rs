@@ -602,10 +602,7 @@ impl Store {
         // connections to every server of the Cluster, and commands to a node that is simply
         // not listening would do it every time.
         if matches!(sent, Ok(0)) && self.unsure.is_some() {
-            let mut last = self
-                .unsure_reset
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut last = self.unsure_reset.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_none_or(|at| at.elapsed() >= UNSURE_RESET_GAP) {
                 *last = Some(Instant::now());
                 self.follow_slot_move();
