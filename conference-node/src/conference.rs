@@ -32,9 +32,8 @@ use crate::node::{ConferenceView, Node, ParticipantView};
 use crate::options::{self, CallbackEvent, Options, Record};
 use crate::webhook::{Callbacks, ParticipantFields, Reservations, Sequence};
 
-/// The channel function naming the music on hold class a channel hears when none is asked
-/// for, as in a holding bridge.
-const MUSIC_CLASS: &str = "CHANNEL(musicclass)";
+/// How often wait music that failed to start is asked for again, at most.
+const MUSIC_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a participant redirected to another node may still be seen here before the
 /// redirect counts as refused: an answered call is moved with a REFER, which its phone or
@@ -202,8 +201,6 @@ pub struct MoveIn {
     pub caller: String,
     /// The conference it leaves.
     pub from: ConferenceName,
-    /// The music on hold class the agent gave its channel, if any.
-    pub music: Option<String>,
     /// The command to answer once the move is done or refused.
     pub pending: crate::control::Pending,
 }
@@ -415,9 +412,9 @@ struct Conference {
     main_created_at: Instant,
     holding: String,
     holding_created: bool,
-    /// The music on hold class this agent gave each channel (`CHANNEL(musicclass)`), for
-    /// the holding bridge; a channel not here has the class its dialplan gave it, if any.
-    music: HashMap<String, String>,
+    /// When the holding bridge's wait music last failed to start: asked again for a caller
+    /// put there [`MUSIC_RETRY_EVERY`] later or more.
+    holding_music_failed: Option<Instant>,
     started: bool,
     participants: BTreeMap<String, Participant>,
     max_participants: u32,
@@ -489,7 +486,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         main_created_at: Instant::now(),
         holding: String::new(),
         holding_created: false,
-        music: HashMap::new(),
+        holding_music_failed: None,
         started: false,
         participants: BTreeMap::new(),
         max_participants: 0,
@@ -898,7 +895,7 @@ impl Conference {
         }
         let waiting = self.joins_waiting(&j.options);
         if waiting {
-            if let Err(e) = self.ensure_holding().await {
+            if let Err(e) = self.ensure_holding(&j.options.wait_music).await {
                 tracing::error!(conference = %self.name, error = %e, "cannot create the holding bridge");
                 self.refuse(&ch, CAUSE_UNAVAILABLE, "ari_error").await;
                 self.end_if_empty("bridge_failed").await;
@@ -1123,7 +1120,7 @@ impl Conference {
     /// Moves `ch` out of the mix into the holding bridge, made first if need be (and made
     /// again once if it vanished, as [`Conference::add`] does).
     async fn move_to_holding(&mut self, ch: &str, opts: &Options) -> Result<(), AriError> {
-        self.ensure_holding().await?;
+        self.ensure_holding(&opts.wait_music).await?;
         self.add(ch, true, opts).await
     }
 
@@ -1131,11 +1128,6 @@ impl Conference {
     /// destroyed behind the agent's back) is created again once.
     async fn add(&mut self, ch: &str, waiting: bool, opts: &Options) -> Result<(), AriError> {
         self.node.stop_playbacks(ch).await;
-        if waiting {
-            // Before the add: Asterisk runs a channel's commands in order, so the class is
-            // set when the holding bridge starts its music.
-            self.set_music(ch, &opts.wait_music).await;
-        }
         let mut recreated = false;
         loop {
             let bridge = if waiting {
@@ -1152,7 +1144,7 @@ impl Conference {
                     tracing::warn!(conference = %self.name, bridge = %bridge, "bridge vanished; creating it again");
                     recreated = true;
                     if waiting {
-                        self.renew_holding(ch).await?;
+                        self.renew_holding(&opts.wait_music, ch).await?;
                     } else {
                         self.main_created = false;
                         self.create_main().await?;
@@ -1251,42 +1243,32 @@ impl Conference {
         Ok(())
     }
 
-    /// Makes the holding bridge, if not made yet. Asterisk plays each caller there music on
-    /// hold of its own while it waits (`participant_entertainment_start` in
-    /// bridges/bridge_holding.c): of the class its channel names (see
-    /// [`Conference::set_music`]). Music asked for the bridge itself would be a participant
-    /// there like the others, which a holding bridge passes no audio from.
-    async fn ensure_holding(&mut self) -> Result<(), AriError> {
-        if self.holding_created {
+    async fn ensure_holding(&mut self, moh: &str) -> Result<(), AriError> {
+        // A retry at most every few seconds: one that times out holds the actor for a whole
+        // `ari.request_timeout`, which each waiter of a burst would pay.
+        let retry = self
+            .holding_music_failed
+            .is_some_and(|at| at.elapsed() >= MUSIC_RETRY_EVERY);
+        if self.holding_created && !retry {
             return Ok(());
         }
-        self.node
-            .ari
-            .create_bridge(&self.holding, "holding", self.name.as_str())
-            .await?;
-        self.holding_created = true;
-        Ok(())
-    }
-
-    /// Has `ch` hear music on hold class `class` in the holding bridge: its
-    /// `CHANNEL(musicclass)`, which the holding bridge's music for each caller follows (ARI
-    /// cannot give the bridge role its own class). A channel this agent never gave one keeps
-    /// the class its dialplan set, if any, when `class` is `default`. One that cannot be set
-    /// hears the class it had (`default` unless set): music all the same.
-    async fn set_music(&mut self, ch: &str, class: &str) {
-        match self.music.get(ch) {
-            Some(set) if set == class => return,
-            None if class == "default" => return,
-            _ => {}
+        if !self.holding_created {
+            self.node
+                .ari
+                .create_bridge(&self.holding, "holding", self.name.as_str())
+                .await?;
+            self.holding_created = true;
         }
-        match self.node.ari.set_variable(ch, MUSIC_CLASS, class).await {
-            Ok(()) => {
-                self.music.insert(ch.to_string(), class.to_string());
-            }
+        // Music that did not start is asked again for the next caller put here, rather than
+        // leave everyone waiting in silence for the bridge's life.
+        match self.node.ari.start_bridge_moh(&self.holding, moh).await {
+            Ok(()) => self.holding_music_failed = None,
             Err(e) => {
-                tracing::warn!(conference = %self.name, channel = ch, class, error = %e, "cannot set the caller's wait music class; it hears the class it had")
+                self.holding_music_failed = Some(Instant::now());
+                tracing::warn!(conference = %self.name, error = %e, "cannot start wait music; asking again for the next caller who waits")
             }
         }
+        Ok(())
     }
 
     /// A starter joined: everyone waiting moves into the mixing bridge (except those put on
@@ -1867,7 +1849,6 @@ impl Conference {
         let Some(p) = self.participants.remove(ch) else {
             return;
         };
-        self.music.remove(ch);
         let reason = if p.redirected && reason == "hangup" {
             "moved"
         } else {
@@ -2220,12 +2201,17 @@ impl Conference {
             self.holding_created = false;
             // Destroyed outside the agent: Asterisk left its callers in the Stasis app, in
             // silence. They go back to waiting with music in a new holding bridge.
-            if self.stranded_in_holding("").is_empty() {
+            let Some(music) = self
+                .stranded_in_holding("")
+                .first()
+                .and_then(|id| self.participants.get(id))
+                .map(|p| p.options.wait_music.clone())
+            else {
                 self.holding = bridge_ids(&self.name, self.epoch, rand::random()).1;
                 return;
-            }
+            };
             tracing::warn!(conference = %self.name, "holding bridge destroyed outside the agent; putting its callers back");
-            if let Err(e) = self.renew_holding("").await {
+            if let Err(e) = self.renew_holding(&music, "").await {
                 tracing::warn!(conference = %self.name, error = %e, "cannot make the holding bridge again");
             }
             return;
@@ -2254,10 +2240,10 @@ impl Conference {
     /// next). The new id keeps the old bridge's `BridgeDestroyed`, which may come later, from
     /// being taken for the new one's end, and a bridge made again under the old id from being
     /// left behind, empty, when that event moves its callers on.
-    async fn renew_holding(&mut self, skip: &str) -> Result<(), AriError> {
+    async fn renew_holding(&mut self, music: &str, skip: &str) -> Result<(), AriError> {
         self.holding_created = false;
         self.holding = bridge_ids(&self.name, self.epoch, rand::random()).1;
-        self.ensure_holding().await?;
+        self.ensure_holding(music).await?;
         let stranded = self.stranded_in_holding(skip);
         if stranded.is_empty() {
             return Ok(());

@@ -251,8 +251,7 @@ async fn every_method_works_through_any_controller() {
     until(sim, "b on hold", |s| {
         s.channel(&b).and_then(|c| c.bridge.as_deref()) == Some(holding.as_str())
             && s.bridge(&holding)
-                .is_some_and(|h| h.bridge_type == "holding")
-            && s.channel(&b).and_then(|c| c.hears.as_deref()) == Some("default")
+                .is_some_and(|h| h.bridge_type == "holding" && h.moh.as_deref() == Some("default"))
     })
     .await;
     let list = ws.ok("participant.list", room.clone()).await;
@@ -1906,7 +1905,7 @@ async fn a_caller_alone_on_hold_music_keeps_it_when_unmuted() {
     let holding = main.replacen("cr-", "crh-", 1);
     until(sim, "m alone on hold with music", |snap| {
         snap.channel(&m).and_then(|c| c.bridge.as_deref()) == Some(holding.as_str())
-            && snap.channel(&m).is_some_and(|c| c.hears.is_some())
+            && snap.bridge(&holding).is_some_and(|b| b.moh.is_some())
     })
     .await;
     assert_eq!(ws.ok("participant.unmute", who).await, json!({}));
@@ -1921,7 +1920,7 @@ async fn a_caller_alone_on_hold_music_keeps_it_when_unmuted() {
         Some(holding.clone())
     );
     assert!(
-        snap.channel(&m).is_some_and(|c| c.hears.is_some()),
+        snap.bridge(&holding).is_some_and(|b| b.moh.is_some()),
         "still hearing the music: {snap:#?}"
     );
 }

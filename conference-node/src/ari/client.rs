@@ -695,6 +695,19 @@ impl AriClient {
             .map(drop)
     }
 
+    /// `POST /bridges/{id}/moh?mohClass=...`.
+    pub async fn start_bridge_moh(&self, bridge: &str, class: &str) -> Result<(), AriError> {
+        let path = format!("/bridges/{}/moh", encode(bridge));
+        self.call(
+            "startBridgeMoh",
+            Method::Post,
+            &path,
+            &[("mohClass", class)],
+        )
+        .await
+        .map(drop)
+    }
+
     /// `POST /bridges/{id}/record`: a live recording named `name`.
     pub async fn record_bridge(
         &self,

@@ -506,7 +506,6 @@ impl Conference {
                 caller_held: p.caller_held,
                 caller: p.caller.clone(),
                 from: self.name.clone(),
-                music: self.music.get(ch).cloned(),
                 pending,
             };
             tracing::info!(conference = %self.name, channel = ch, to = %to, "moving a participant to a conference of this node");
@@ -539,7 +538,6 @@ impl Conference {
         let ch = m.channel.id.clone();
         let from = m.from.clone();
         let refused = |c: &mut Self, m: MoveIn, e: BusError| {
-            c.music.remove(&m.channel.id);
             let back = Msg::MovedOut {
                 channel: m.channel.id.clone(),
                 moved: false,
@@ -567,12 +565,9 @@ impl Conference {
         }
         let mut opts = m.options.clone();
         opts.muted = m.muted;
-        if let Some(music) = &m.music {
-            self.music.insert(ch.clone(), music.clone());
-        }
         let waiting = self.joins_waiting(&opts);
         if waiting {
-            if let Err(e) = self.ensure_holding().await {
+            if let Err(e) = self.ensure_holding(&opts.wait_music).await {
                 let e = BusError::new(ErrorCode::Internal, e.to_string());
                 self.end_if_empty("move_failed").await;
                 refused(self, m, e);

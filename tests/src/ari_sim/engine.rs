@@ -272,9 +272,6 @@ pub(crate) struct Channel {
     pub mute_out: bool,
     pub held: bool,
     pub moh: Option<String>,
-    /// `CHANNEL(musicclass)`: the class `ast_moh_start` plays it when asked for none, as a
-    /// holding bridge's idle music does.
-    pub music_class: String,
     pub ringing: bool,
     pub early_media: bool,
     pub silence: bool,
@@ -1003,7 +1000,6 @@ impl State {
                 mute_out: false,
                 held: false,
                 moh: None,
-                music_class: String::new(),
                 ringing: false,
                 early_media: false,
                 silence: false,
@@ -2025,7 +2021,6 @@ pub(crate) fn read_variable(
                 Some("name") => Ok(Some(ch.name.clone())),
                 Some("language") => Ok(Some(ch.language.clone())),
                 Some("state") => Ok(Some(ch.state.as_str().to_string())),
-                Some("musicclass") => Ok(Some(ch.music_class.clone())),
                 _ => Err(()),
             },
             _ => Err(()),
@@ -2076,17 +2071,8 @@ pub struct ChannelSnapshot {
     pub muted_out: bool,
     /// On hold (ARI hold or the caller's own hold).
     pub held: bool,
-    /// Music on hold class playing to it (`POST /channels/{id}/moh`).
+    /// Music on hold class playing to it.
     pub moh: Option<String>,
-    /// Music on hold class it hears: its own (`moh`), else, in a holding bridge with no
-    /// announcer, the idle music Asterisk plays each participant there
-    /// (`participant_entertainment_start` in bridges/bridge_holding.c, with no class of the
-    /// holding_participant role, which ARI cannot give: its `CHANNEL(musicclass)`, else
-    /// `default`). A holding bridge's own music (`POST /bridges/{id}/moh`) is a participant
-    /// like the others, whose audio the bridge does not pass on (`holding_bridge_write`).
-    pub hears: Option<String>,
-    /// `CHANNEL(musicclass)`.
-    pub music_class: String,
     /// Ringing indicated to it.
     pub ringing: bool,
     /// Progress (early media) indicated to it.
@@ -2125,8 +2111,7 @@ pub struct BridgeSnapshot {
     pub technology: String,
     /// Members in join order.
     pub channels: Vec<String>,
-    /// Music on hold class asked for the bridge (`POST /bridges/{id}/moh`): mixed into a
-    /// mixing bridge; in a holding bridge nobody hears it (see [`ChannelSnapshot::hears`]).
+    /// Music on hold class playing to the bridge.
     pub moh: Option<String>,
     /// Live recording of the bridge.
     pub recording: Option<String>,
@@ -2205,33 +2190,6 @@ impl SimSnapshot {
 }
 
 impl State {
-    /// What music on hold `c` hears (see [`ChannelSnapshot::hears`]).
-    fn hears(&self, c: &Channel) -> Option<String> {
-        if let Some(m) = &c.moh {
-            return Some(m.clone());
-        }
-        let b = self.bridges.get(c.bridge.as_deref()?)?;
-        if !b.holding || c.role.as_deref() == Some("announcer") {
-            return None;
-        }
-        // An announcer there stops everyone's idle music while it stays
-        // (`participant_reaction_announcer_join`).
-        let announced = b.announcer
-            || b.channels.iter().any(|id| {
-                self.channels
-                    .get(id)
-                    .is_some_and(|o| o.role.as_deref() == Some("announcer"))
-            });
-        if announced {
-            return None;
-        }
-        Some(if c.music_class.is_empty() {
-            "default".to_string()
-        } else {
-            c.music_class.clone()
-        })
-    }
-
     pub fn snapshot(&self) -> SimSnapshot {
         let mut chans: Vec<&Channel> = self.channels.values().collect();
         chans.sort_by_key(|c| c.seq);
@@ -2277,8 +2235,6 @@ impl State {
                     muted_out: c.mute_out,
                     held: c.held,
                     moh: c.moh.clone(),
-                    hears: self.hears(c),
-                    music_class: c.music_class.clone(),
                     ringing: c.ringing,
                     early_media: c.early_media,
                     silence: c.silence,

@@ -1629,7 +1629,6 @@ pub(crate) fn set_channel_var(core: &Arc<Core>, req: &mut Req) -> ApiResult {
             match inner.to_ascii_uppercase().as_str() {
                 "CALLERID(NAME" => ch.caller_name = v,
                 "CALLERID(NUM" | "CALLERID(NUMBER" => ch.caller_number = v,
-                "CHANNEL(MUSICCLASS" => ch.music_class = v,
                 _ => {}
             }
             return;
