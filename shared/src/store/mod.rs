@@ -534,8 +534,20 @@ impl Store {
     /// broken connection (a reply or an event read twice is harmless; see
     /// [`Store::publish_unsure`] for what must not be).
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<u64, StoreError> {
+        self.publish_on(&self.conn, channel, payload)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// One PUBLISH through `connector`.
+    async fn publish_on(
+        &self,
+        connector: &Connector,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<u64, (StoreError, Sent)> {
         let channel = format!("{}{channel}", self.prefix);
-        self.exchange(&self.conn, "publish", |mut c| async move {
+        self.exchange(connector, "publish", |mut c| async move {
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(payload)
@@ -543,7 +555,6 @@ impl Store {
                 .await
         })
         .await
-        .map_err(|(e, _)| e)
     }
 
     /// Publishes `messages` (channel under the key prefix, payload) in one round trip, in
@@ -585,16 +596,9 @@ impl Store {
         channel: &str,
         payload: &[u8],
     ) -> Result<u64, (StoreError, bool)> {
-        let channel = format!("{}{channel}", self.prefix);
         let connector = self.unsure.as_ref().unwrap_or(&self.conn);
         let sent = self
-            .exchange(connector, "publish", |mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(payload)
-                    .query_async::<u64>(&mut c)
-                    .await
-            })
+            .publish_on(connector, channel, payload)
             .await
             .map_err(|(e, sent)| (e, sent != Sent::No));
         // Nobody counted where it went: on a Cluster that may be an old primary, and the
