@@ -50,7 +50,8 @@ pub async fn register(node: &Node) -> bool {
             node.registered.store(true, Ordering::SeqCst);
             node.renewed(sent);
             node.state_written(version);
-            // A record made anew (Redis lost the last one) numbers its states from 1 again.
+            // A record made anew (Redis lost the last one) says nothing of the last one's
+            // numbers: the next heartbeat reads this one's.
             node.state_numbering_restarted();
             node.measure_redis_clock().await;
             node.metrics

@@ -426,7 +426,8 @@ impl Node {
         seq.is_some_and(|s| s <= self.state_seq_seen.load(Ordering::SeqCst))
     }
 
-    /// Forgets the number last seen: a new record numbers its states from 1.
+    /// Forgets the number last seen: a registration may have made the record anew, whose
+    /// numbers owe nothing to the lost one's.
     pub fn state_numbering_restarted(&self) {
         self.state_seq_seen.store(0, Ordering::SeqCst);
     }
