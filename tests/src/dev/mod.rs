@@ -118,6 +118,15 @@ pub async fn run(args: DevArgs) -> ExitCode {
         token: token.clone(),
         real_ari,
     };
+    // Listened for from the start: a Ctrl-C while the cluster starts (or as soon as the
+    // banner shows) stops it in order once it is up, rather than kill the process unheard.
+    let mut signals = match StopSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("confroute-dev: cannot listen for Ctrl-C: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     println!(
         "confroute-dev: starting Redis, {} node(s) and {} controller(s)...",
         args.nodes, args.controllers
@@ -177,15 +186,6 @@ pub async fn run(args: DevArgs) -> ExitCode {
     let mut killed = false;
     let mut drained = false;
     let mut first = true;
-    let mut signals = match StopSignals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("confroute-dev: cannot listen for Ctrl-C: {e}");
-            generator.abort();
-            cluster.stop().await;
-            return ExitCode::FAILURE;
-        }
-    };
     let mut interrupted = false;
     loop {
         tokio::select! {
