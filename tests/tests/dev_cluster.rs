@@ -39,10 +39,23 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Runs confroute-dev with `args`; `interrupt_after` sends SIGINT at that time to its whole
-/// process group, as a terminal's Ctrl-C does.
-fn run(args: &[&str], interrupt_after: Option<Duration>) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_confroute-dev"))
+/// Kills a process group when the test holding it panics.
+struct Group(i32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: kill(2) on the process group this test started.
+            unsafe { libc::kill(-self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Starts confroute-dev with `args` and `--plain`, its output piped, in a process group of
+/// its own: a failing test's runner no longer reaches it, so a panic here stops it and all
+/// it started.
+fn spawn_plain(args: &[&str]) -> (std::process::Child, Group) {
+    let child = Command::new(env!("CARGO_BIN_EXE_confroute-dev"))
         .args(args)
         .arg("--plain")
         .stdout(Stdio::piped())
@@ -50,19 +63,15 @@ fn run(args: &[&str], interrupt_after: Option<Duration>) -> (Option<i32>, String
         .process_group(0)
         .spawn()
         .expect("start confroute-dev");
+    let group = Group(child.id() as i32);
+    (child, group)
+}
+
+/// Runs confroute-dev with `args`; `interrupt_after` sends SIGINT at that time to its whole
+/// process group, as a terminal's Ctrl-C does.
+fn run(args: &[&str], interrupt_after: Option<Duration>) -> (Option<i32>, String) {
+    let (mut child, _group) = spawn_plain(args);
     let pid = child.id();
-    // In a group of its own, a failing test's runner no longer reaches it: a panic here
-    // stops it and all it started.
-    struct Group(i32);
-    impl Drop for Group {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                // SAFETY: kill(2) on the process group this test started.
-                unsafe { libc::kill(-self.0, libc::SIGKILL) };
-            }
-        }
-    }
-    let _group = Group(pid as i32);
     let mut seen = HashSet::new();
     let started = Instant::now();
     let mut interrupted = false;
@@ -305,25 +314,17 @@ fn bad_options_are_refused_with_a_reason() {
 #[test]
 fn a_second_ctrl_c_stops_at_once() {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_confroute-dev"))
-        .args(["--nodes", "2", "--controllers", "1", "--conferences", "4"])
-        .args(["--rate", "5", "--plain"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("start confroute-dev");
+    let (mut child, _group) = spawn_plain(&[
+        "--nodes",
+        "2",
+        "--controllers",
+        "1",
+        "--conferences",
+        "4",
+        "--rate",
+        "5",
+    ]);
     let pid = child.id();
-    struct Group(i32);
-    impl Drop for Group {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                // SAFETY: kill(2) on the process group this test started.
-                unsafe { libc::kill(-self.0, libc::SIGKILL) };
-            }
-        }
-    }
-    let _group = Group(pid as i32);
     // Both streams' lines, as they come (a full pipe would block the tool).
     let (tx, lines) = std::sync::mpsc::channel::<String>();
     let readers: Vec<_> = [

@@ -586,14 +586,7 @@ impl Conference {
         // have been had it arrived a moment earlier, not left in silence with no actor.
         if self.phase == Phase::Idle {
             tracing::info!(conference = %self.name, channel = %ch, from = %from, "the conference ended as the participant moved in; hanging it up");
-            self.node.send(
-                &from,
-                Msg::MovedOut {
-                    channel: ch.clone(),
-                    moved: true,
-                },
-                false,
-            );
+            self.tell_moved(&from, &ch);
             self.node.unroute(&ch);
             if let Err(e) = self.node.hang_up(&ch, CAUSE_NORMAL).await {
                 tracing::warn!(channel = %ch, error = %e, "cannot hang up a participant whose target conference ended as it moved in");
@@ -635,16 +628,18 @@ impl Conference {
         tracing::info!(conference = %self.name, channel = %ch, from = %from, "participant moved in");
         self.entered(&ch, p, Some(&from)).await;
         self.sync_caller_hold(&ch);
-        self.node.send(
-            &from,
-            Msg::MovedOut {
-                channel: ch.clone(),
-                moved: true,
-            },
-            false,
-        );
+        self.tell_moved(&from, &ch);
         let result = json!({"moved": "bridge", "to": self.name, "node": self.node.id});
         m.pending.answer(&self.node, Ok(result));
+    }
+
+    /// Tells the conference `from` that its participant `ch` left it for this one.
+    fn tell_moved(&self, from: &ConferenceName, ch: &str) {
+        let done = Msg::MovedOut {
+            channel: ch.to_string(),
+            moved: true,
+        };
+        self.node.send(from, done, false);
     }
 
     /// The answer of a move this conference started.
