@@ -203,6 +203,7 @@ const MIN_SEND: Duration = Duration::from_millis(50);
 pub struct Control {
     router: Arc<Router>,
     bus: Bus,
+    fanout: Arc<crate::fanout::Fanout>,
     timeout: Duration,
 }
 
@@ -211,6 +212,7 @@ impl Control {
     pub fn new(router: Arc<Router>, bus: Bus, timeout: Duration) -> Self {
         Control {
             router,
+            fanout: crate::fanout::Fanout::start(&bus),
             bus,
             timeout,
         }
@@ -230,9 +232,14 @@ impl Control {
         }
     }
 
-    /// The bus (for event subscriptions).
+    /// The bus (for gap notices and dial-out streams).
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// Who follows which conference's events.
+    pub fn fanout(&self) -> &Arc<crate::fanout::Fanout> {
+        &self.fanout
     }
 
     /// True when Redis answers and says `node` has no live lease: it is gone, not merely

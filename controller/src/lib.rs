@@ -8,6 +8,7 @@
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod fanout;
 pub mod http;
 pub mod metrics;
 pub mod router;

@@ -3,7 +3,7 @@
 //! notifications (dial-out status, conference events of subscribed conferences).
 //! Methods, notifications and error codes are documented in `docs/call-control.md`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use confroute_shared::name::ConferenceName;
 use confroute_shared::types::NodeId;
 
 use crate::control::{self, params, Control, ControlError};
+use crate::fanout::{Delivery, Feed, Following};
 
 /// Standard JSON-RPC codes.
 pub mod codes {
@@ -678,7 +679,8 @@ struct Session {
     /// Commands of one conference run in the order they arrived on this connection.
     order: Arc<Mutex<Order>>,
     limits: Limits,
-    subscriptions: Mutex<HashSet<String>>,
+    /// The conferences whose events this connection gets.
+    following: Following,
     bucket: Mutex<Bucket>,
     in_flight: Arc<Semaphore>,
     out: mpsc::Sender<String>,
@@ -765,6 +767,9 @@ pub async fn serve(
     });
     let (close, closed) = tokio::sync::watch::channel(false);
     let pending = Arc::new(Semaphore::new(MAX_PENDING_FRAMES));
+    // Joined here, before any frame is read: a `subscribe` answered before the feed existed
+    // would miss the events published in between, with no `events.lost`.
+    let (following, feed) = control.fanout().join();
     let session = Arc::new(Session {
         bucket: Mutex::new(Bucket {
             tokens: f64::from(limits.burst),
@@ -773,7 +778,7 @@ pub async fn serve(
             burst: f64::from(limits.burst),
         }),
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
-        subscriptions: Mutex::new(HashSet::new()),
+        following,
         order: Arc::default(),
         control,
         limits,
@@ -785,11 +790,9 @@ pub async fn serve(
         closed,
         errors,
     });
-    // Subscribed here, before any frame is read: subscribed in its task, events published
-    // between a `subscribe` and the task's first run would be lost with no `events.lost`.
     let events = tokio::spawn(forward_events(
         session.clone(),
-        session.control.bus().events(),
+        feed,
         session.control.bus().gaps(),
     ));
     // A pong or any message proves the client is there; silence past `silence` ends it, and
@@ -845,6 +848,8 @@ pub async fn serve(
         None => drop(ending),
     }
     events.abort();
+    // Tasks still answering may hold the session a while; its events stop now.
+    session.following.clear();
     let _ = close.send(true);
     drop(session);
     drop(writer_gone);
@@ -907,17 +912,13 @@ fn unread() -> CloseFrame {
 /// Sends subscribed conferences' events as `event` notifications. A client that does not
 /// read fast enough loses events rather than stalling anyone, and is told how many by one
 /// `events.lost` notification as soon as its queue has room again, before any later event.
-async fn forward_events(
-    session: Arc<Session>,
-    mut rx: tokio::sync::broadcast::Receiver<Arc<confroute_shared::bus::Event>>,
-    mut gaps: watch::Receiver<u64>,
-) {
+async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::Receiver<u64>) {
     gaps.borrow_and_update();
     let mut lost: u64 = 0;
     // A gap notice that found the queue full, to send before anything else.
     let mut gap = false;
     // Only a connection that follows some conference has anything to re-read.
-    let following = |s: &Session| s.subscriptions.lock().is_ok_and(|s| !s.is_empty());
+    let following = |s: &Session| s.following.any();
     loop {
         // A notice goes out when the queue has a slot and its bytes are back under half the
         // bound: past the bound every event is dropped, and a notice each would stand in
@@ -938,16 +939,8 @@ async fn forward_events(
                     gap = true;
                 }
             }
-            got = rx.recv() => match got {
-                Ok(ev) => {
-                    let wanted = session
-                        .subscriptions
-                        .lock()
-                        .map(|s| s.contains(&ev.conference))
-                        .unwrap_or(false);
-                    if !wanted {
-                        continue;
-                    }
+            got = feed.recv() => match got {
+                Delivery::Event(ev) => {
                     let drained = session.unwritten.bytes.load(Ordering::SeqCst)
                         < MAX_UNWRITTEN_BYTES / 2;
                     if gap && drained && session.try_queue(gap_notice()).is_ok() {
@@ -970,14 +963,7 @@ async fn forward_events(
                         lost += 1;
                     }
                 }
-                // Events of any conference were dropped; a connection that follows none
-                // lost nothing it wanted.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    if following(&session) {
-                        lost += n;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                Delivery::Lost(n) => lost += n,
             },
             _ = tokio::time::sleep(Duration::from_millis(50)), if owed && !bytes_ok => {}
             room = session.out.reserve(), if owed && bytes_ok => match room {
@@ -1489,31 +1475,16 @@ impl Session {
     fn subscribe(&self, p: control::ConferenceRef) -> Result<Value, RpcError> {
         let name = ConferenceName::parse(&p.conference)
             .map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("conference: {e}")))?;
-        let mut subs = self
-            .subscriptions
-            .lock()
-            .map_err(|_| RpcError::new(codes::INTERNAL_ERROR, "subscription table poisoned"))?;
-        if !subs.contains(name.as_str()) && subs.len() >= self.limits.max_subscriptions {
-            return Err(RpcError::new(
-                codes::TOO_MANY_SUBSCRIPTIONS,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.limits.max_subscriptions
-                ),
-            ));
-        }
-        subs.insert(name.to_string());
+        self.following
+            .follow(name.as_str(), self.limits.max_subscriptions)
+            .map_err(|e| RpcError::new(codes::TOO_MANY_SUBSCRIPTIONS, e.to_string()))?;
         Ok(json!({"subscribed": name}))
     }
 
     fn unsubscribe(&self, p: control::ConferenceRef) -> Result<Value, RpcError> {
         let name = ConferenceName::parse(&p.conference)
             .map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("conference: {e}")))?;
-        let removed = self
-            .subscriptions
-            .lock()
-            .map(|mut s| s.remove(name.as_str()))
-            .unwrap_or(false);
+        let removed = self.following.unfollow(name.as_str());
         Ok(json!({"unsubscribed": name, "was_subscribed": removed}))
     }
 }
