@@ -230,6 +230,12 @@ pub const MAX_QUEUE_SIZE: usize = 1_000_000;
 
 /// Longest `webhook.shutdown_wait`: past it a stop would outlast any sane grace period.
 const MAX_SHUTDOWN_WAIT: Duration = Duration::from_secs(600);
+/// Longest `webhook.timeout`: a receiver slower than this is down, and the stop's wait for the
+/// node's last bus messages (twice this) must stay within a pod's grace period.
+const MAX_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest `webhook.retry_max` (and so `retry_initial`): an event held longer than this
+/// between tries is stale to its receiver.
+const MAX_WEBHOOK_RETRY: Duration = Duration::from_secs(3600);
 
 /// `[webhook]`: how status callbacks are delivered.
 #[derive(Clone, Debug, Deserialize)]
@@ -688,8 +694,11 @@ impl Validate for NodeConfig {
         if !(1..=MAX_QUEUE_SIZE).contains(&self.webhook.queue_size) {
             issues.add("webhook.queue_size", "must be between 1 and 1000000");
         }
-        if self.webhook.timeout.is_zero() {
-            issues.add("webhook.timeout", "must be greater than zero");
+        if self.webhook.timeout.is_zero() || self.webhook.timeout > MAX_WEBHOOK_TIMEOUT {
+            issues.add(
+                "webhook.timeout",
+                "must be greater than zero and at most 5m",
+            );
         }
         if self.webhook.shutdown_wait.is_zero() || self.webhook.shutdown_wait > MAX_SHUTDOWN_WAIT {
             issues.add(
@@ -727,6 +736,8 @@ impl Validate for NodeConfig {
                 "webhook.retry_max",
                 "must not be less than webhook.retry_initial",
             );
+        } else if self.webhook.retry_max > MAX_WEBHOOK_RETRY {
+            issues.add("webhook.retry_max", "must be at most 1h");
         }
         issues.finish()
     }
@@ -953,6 +964,13 @@ mod tests {
                 "webhook.retry_initial",
             ),
             ("CONFROUTE_WEBHOOK__RETRY_MAX", "1ms", "webhook.retry_max"),
+            ("CONFROUTE_WEBHOOK__RETRY_MAX", "2h", "webhook.retry_max"),
+            ("CONFROUTE_WEBHOOK__TIMEOUT", "0s", "webhook.timeout"),
+            (
+                "CONFROUTE_WEBHOOK__TIMEOUT",
+                "300000000000y",
+                "webhook.timeout",
+            ),
             (
                 "CONFROUTE_WEBHOOK__SHUTDOWN_WAIT",
                 "0s",

@@ -266,11 +266,19 @@ async fn attempt_all(
             // Not sooner than the first retry either: `Retry-After: 0` from a receiver still
             // refusing would have the attempts spent back to back.
             Some(wait) => tokio::time::sleep(wait.clamp(cfg.retry_initial, most)).await,
-            // Jittered, so the conferences of a node do not all come back at once.
-            None => tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())).await,
+            // Jittered, so the conferences of a node do not all come back at once; never
+            // past `webhook.retry_max`, as documented.
+            None => tokio::time::sleep(jittered(delay, most)).await,
         }
-        delay = (delay * 2).min(most);
+        delay = delay.saturating_mul(2).min(most);
     }
+}
+
+/// `delay` times a random factor from 0.5 to 1.5, at most `most`.
+fn jittered(delay: Duration, most: Duration) -> Duration {
+    Duration::try_from_secs_f64(delay.as_secs_f64() * (0.5 + rand::random::<f64>()))
+        .unwrap_or(most)
+        .min(most)
 }
 
 /// The wait a `Retry-After` header asks for, in seconds (RFC 9110 §10.2.3); its HTTP-date
@@ -408,6 +416,20 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jittered_wait_stays_within_half_either_side_and_under_the_most() {
+        let delay = Duration::from_secs(20);
+        for _ in 0..1000 {
+            let wait = jittered(delay, Duration::from_secs(25));
+            assert!(wait >= Duration::from_secs(10), "{wait:?}");
+            assert!(wait <= Duration::from_secs(25), "{wait:?}");
+        }
+        assert_eq!(
+            jittered(Duration::MAX, Duration::from_secs(3600)),
+            Duration::from_secs(3600)
+        );
+    }
 
     /// A resolver refusing every name, as the callback resolver refuses one that resolves
     /// only to link-local addresses.

@@ -395,6 +395,21 @@ fn durations_the_binaries_refuse_are_refused_by_the_chart() {
             "redis.timeout",
             ("confroute-controller", "CONFROUTE_REDIS__TIMEOUT", "0s"),
         ),
+        (
+            serde_json::json!({"redis": {"timeout": "2h"}}),
+            "redis.timeout",
+            ("confroute-controller", "CONFROUTE_REDIS__TIMEOUT", "2h"),
+        ),
+        (
+            serde_json::json!({"node": {"config": {"webhook": {"timeout": "6m"}}}}),
+            "node.config.webhook.timeout",
+            ("confroute-node", "CONFROUTE_WEBHOOK__TIMEOUT", "6m"),
+        ),
+        (
+            serde_json::json!({"node": {"config": {"webhook": {"retry_max": "2h"}}}}),
+            "node.config.webhook.retry_max",
+            ("confroute-node", "CONFROUTE_WEBHOOK__RETRY_MAX", "2h"),
+        ),
     ];
     for (values, key, (bin, var, value)) in cases {
         // The binary refuses it (so the chart must).

@@ -298,7 +298,7 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- $http := $c.http | default dict -}}
 {{- include "confroute.checkDuration" (dict "key" "controller.config.http.header_timeout" "value" $http.header_timeout "min" 1000000.0 "max" 3600000000.0 "limit" "must be between 1s and 1h") -}}
 {{- include "confroute.checkDuration" (dict "key" "controller.config.routing.node_refresh" "value" $routing.node_refresh "min" 50000.0 "max" 0 "limit" "must be at least 50ms") -}}
-{{- include "confroute.checkDuration" (dict "key" "redis.timeout" "value" .Values.redis.timeout "min" 1.0 "max" 0 "limit" "must be greater than zero") -}}
+{{- include "confroute.checkDuration" (dict "key" "redis.timeout" "value" .Values.redis.timeout "min" 1.0 "max" 3600000000.0 "limit" "must be greater than zero and at most 1h") -}}
 {{- $n := (.Values.node.config | default dict).node | default dict -}}
 {{- $ari := (.Values.node.config | default dict).ari | default dict -}}
 {{- with $ari.release_after -}}
@@ -310,6 +310,9 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- include "confroute.checkDuration" (dict "key" "node.config.node.heartbeat_interval" "value" $n.heartbeat_interval "min" 100000.0 "max" 20000000.0 "limit" "must be between 100ms and 20s, a third of the 60s redis.conference_lease (claims are renewed only by heartbeats, three per lease)") -}}
 {{- $webhook := (.Values.node.config | default dict).webhook | default dict -}}
 {{- include "confroute.checkDuration" (dict "key" "node.config.webhook.shutdown_wait" "value" $webhook.shutdown_wait "min" 1.0 "max" 600000000.0 "limit" "must be greater than zero and at most 10m") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.webhook.timeout" "value" $webhook.timeout "min" 1.0 "max" 300000000.0 "limit" "must be greater than zero and at most 5m") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.webhook.retry_initial" "value" $webhook.retry_initial "min" 1.0 "max" 3600000000.0 "limit" "must be greater than zero and at most 1h (webhook.retry_max's bound)") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.webhook.retry_max" "value" $webhook.retry_max "min" 1.0 "max" 3600000000.0 "limit" "must be at most 1h") -}}
 {{- end -}}
 
 {{/* The controller's TOML file. */}}
