@@ -282,6 +282,18 @@ fn defaults_render_a_complete_deployment() {
 
     let http = config_of(&r, "-asterisk", "http.conf");
     assert!(http.contains("bindaddr = 127.0.0.1") && http.contains("bindport = 8088"));
+    // Asterisk's default: the agent's 40 REST calls hold at most 80 connections and its events
+    // WebSocket one more.
+    assert!(http.contains("\nsessionlimit = 100\n"), "{http}");
+    // Raised with the agent's calls in flight, which Asterisk would otherwise refuse.
+    let dir = TempDir::new("values").expect("dir");
+    let raised = render(&values_file(
+        dir.path(),
+        "ari-connections",
+        &json!({"node": {"config": {"ari": {"max_connections": 200}}}}),
+    ));
+    let http = config_of(&raised, "-asterisk", "http.conf");
+    assert!(http.contains("\nsessionlimit = 420\n"), "{http}");
     let ari = config_of(&r, "-asterisk", "ari.conf");
     assert!(ari.contains("enabled = yes") && ari.contains("#include \"confroute/ari-user.conf\""));
     let ext = config_of(&r, "-asterisk", "extensions.conf");
@@ -1256,6 +1268,26 @@ fn values_that_break_the_schema_are_refused() {
             json!({"redis": {"mode": "sentinel", "sentinel": {"masterName": "m", "addresses": [":s3cret@sentinel-0:26379"]}}}),
             "addresses",
         ),
+        (
+            "an ARI password with a line end (ari.conf would split or trim it)",
+            json!({"asterisk": {"ariPassword": {"value": "ari-password-0001\n"}}}),
+            "ariPassword",
+        ),
+        (
+            "a scrape interval the Prometheus Operator refuses",
+            json!({"serviceMonitor": {"interval": "1m 30s"}}),
+            "interval",
+        ),
+        (
+            "a host name among the trusted networks",
+            json!({"controller": {"config": {"sip": {"trusted_cidrs": ["edge.example.com"]}}}}),
+            "trusted_cidrs",
+        ),
+        (
+            "a node capacity past the binary's 32 bits",
+            json!({"node": {"capacity": 4294967296u64}}),
+            "capacity",
+        ),
     ];
     for (what, values, key) in cases {
         let file = values_file(dir.path(), "bad", &values);
@@ -1416,6 +1448,12 @@ fn values_that_would_drop_calls_are_refused_at_render() {
         &json!({"node": {"drainDeadlineSeconds": 600, "terminationGracePeriodSeconds": 700,
             "config": {"webhook": {"shutdown_wait": "2mins"}}}}),
         &["120 s for the last callbacks", "765"],
+    );
+    refused_at_render(
+        dir.path(),
+        "a scrape timeout longer than its interval",
+        &json!({"serviceMonitor": {"enabled": true, "interval": "15s", "scrapeTimeout": "1m"}}),
+        &["serviceMonitor.scrapeTimeout", "serviceMonitor.interval"],
     );
     // The last bus messages get twice webhook.timeout: a longer one counts instead.
     refused_at_render(
