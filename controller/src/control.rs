@@ -681,6 +681,11 @@ impl Control {
             confroute_shared::options::check_dialout_options(options)
                 .map_err(ControlError::InvalidParams)?;
         }
+        // Nor is it homed while the bus is down: the claim would be given back at once, its
+        // epoch spent.
+        if !self.bus.connected() {
+            return Err(ControlError::Node(BusError::reconnecting()));
+        }
         let home = self.home(&conference).await?;
         let left = match self.left(started) {
             Ok(left) => left,

@@ -83,6 +83,14 @@ impl BusError {
             message: message.into(),
         }
     }
+
+    /// The refusal of a command made while the subscription is down: nothing was sent.
+    pub fn reconnecting() -> BusError {
+        BusError::new(
+            ErrorCode::NodeUnavailable,
+            "the command bus is reconnecting to Redis; nothing was sent",
+        )
+    }
 }
 
 /// A command for a node.
@@ -484,10 +492,7 @@ impl Bus {
         // Without the subscription the answer could not be heard: the node would act and
         // the caller would be told, after the whole timeout, that it did not answer.
         if !self.connected() {
-            return Err(BusError::new(
-                ErrorCode::NodeUnavailable,
-                "the command bus is reconnecting to Redis; nothing was sent",
-            ));
+            return Err(BusError::reconnecting());
         }
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", self.inner.instance);

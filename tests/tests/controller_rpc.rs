@@ -2168,9 +2168,32 @@ async fn a_redis_refusing_the_subscription_leaves_routing_up_and_commands_refuse
     .await;
     assert_eq!(v["error"]["code"], -32003, "{v}");
     assert!(message(&v).contains("nothing was sent"), "{v}");
+    // A dial-out into a conference nobody has reached yet is refused before it is homed: a
+    // claim made and given back would leave the name's next life a higher epoch.
+    let claimed = r#"confroute_route_total{outcome="claimed"}"#;
+    let before = fixtures::metric(&fixtures::scrape(&base).await, claimed);
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "unhomed-room", "to": "+15555550101"}),
+        3,
+    )
+    .await;
+    assert_eq!(v["error"]["code"], -32003, "{v}");
+    assert!(message(&v).contains("nothing was sent"), "{v}");
+    assert_eq!(
+        fixtures::metric(&fixtures::scrape(&base).await, claimed),
+        before,
+        "a conference was claimed for a dial-out that could not be sent"
+    );
+    assert_eq!(
+        s.redis.query(redis::cmd("KEYS").arg("*unhomed-room*")),
+        Some(redis::Value::Array(vec![])),
+        "keys left for the refused dial-out's conference"
+    );
     // A client that follows a conference meanwhile missed whatever was published: once
     // Redis lets the controller subscribe, it is told to re-read.
-    let v = rpc(&mut ws, "subscribe", json!({"conference": "acl-room"}), 2).await;
+    let v = rpc(&mut ws, "subscribe", json!({"conference": "acl-room"}), 4).await;
     assert!(v["result"].is_object(), "{v}");
     let mut cmd = redis::cmd("ACL");
     cmd.arg("SETUSER").arg("router").arg("allchannels");
