@@ -241,17 +241,26 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
         err.contains("bad --url 127.0.0.1:1: give the scheme, http:// or https://"),
         "{err}"
     );
-    // An '@' in the query is not user information: the host stays in the message.
+    // An '@' in the path is not user information: the host stays in the message.
     let (ok, _, err) = ctl(
-        "http://127.0.0.1:1/?mail=a@b",
+        "http://127.0.0.1:1/mail=a@b",
         Some(TOKEN),
         &["nodes", "list"],
     );
     assert!(!ok);
     assert!(
-        err.contains("cannot reach http://127.0.0.1:1/?mail=a@b"),
+        err.contains("cannot reach http://127.0.0.1:1/mail=a@b"),
         "{err}"
     );
+    // A query would ride on every request, and every route refuses one: named at once.
+    for query in ["http://127.0.0.1:1/?x=1", "http://127.0.0.1:1/?"] {
+        let (code, _, err) = ctl_code(query, Some(TOKEN), &["nodes", "list"]);
+        assert_eq!(code, Some(2), "{query}: {err}");
+        assert!(
+            err.contains(&format!("bad --url {query}: ")) && err.contains("no query"),
+            "{query}: {err}"
+        );
+    }
     // Nor in a URL that does not parse, or lacks its scheme.
     for bad in ["http://admin:hunter2@host:99999", "admin:hunter2@host:9090"] {
         let (ok, _, err) = ctl(bad, Some(TOKEN), &["nodes", "list"]);

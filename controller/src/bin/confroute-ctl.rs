@@ -375,6 +375,12 @@ fn api(
                 "bad --url {redacted}: the scheme must be http or https"
             )))
         }
+        // Every request would carry it, and every route refuses a query.
+        Ok(u) if u.query().is_some() => {
+            return Err(usage(format!(
+                "bad --url {redacted}: give the controller's base URL, with no query"
+            )))
+        }
         Ok(_) => redacted,
         Err(e) => return Err(usage(format!("bad --url {redacted}: {e}"))),
     };
@@ -520,8 +526,8 @@ impl Api {
         >,
         Failure,
     > {
-        // Parsed as the REST calls' URL is, so any spelling they accept (`HTTP://`, a
-        // trailing query) reaches the same controller.
+        // Parsed as the REST calls' URL is, so any spelling they accept (`HTTP://`, a path
+        // prefix) reaches the same controller.
         let bad_url = |e: String| usage(format!("bad --url {}: {e}", self.shown));
         let mut url = reqwest::Url::parse(&self.url).map_err(|e| bad_url(e.to_string()))?;
         let scheme = match url.scheme() {
