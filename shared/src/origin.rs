@@ -28,15 +28,15 @@ pub fn cross_site(headers: &HeaderMap) -> bool {
         return true;
     };
     match origin_authority(origin) {
-        Some(authority) => !same_authority(&authority, host),
+        Some((authority, default)) => !same_authority(&authority, default, host),
         // `null` (a sandboxed page, a file) or anything else unreadable.
         None => true,
     }
 }
 
 /// The `host[:port]` of an `Origin` value (`scheme://host[:port]`), lower-cased, without the
-/// scheme's default port.
-fn origin_authority(origin: &str) -> Option<String> {
+/// scheme's default port; and that port (`:80`, `:443`).
+fn origin_authority(origin: &str) -> Option<(String, &'static str)> {
     let (scheme, rest) = origin.trim().split_once("://")?;
     if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
         return None;
@@ -47,20 +47,18 @@ fn origin_authority(origin: &str) -> Option<String> {
         "https" | "wss" => ":443",
         _ => return None,
     };
-    Some(rest.strip_suffix(default).unwrap_or(&rest).to_string())
+    Some((
+        rest.strip_suffix(default).unwrap_or(&rest).to_string(),
+        default,
+    ))
 }
 
-/// Whether `authority` (from `Origin`) names the server `host` (the `Host` header) does,
-/// a default port written out or not.
-fn same_authority(authority: &str, host: &str) -> bool {
+/// Whether `authority` (from `Origin`, whose scheme's default port is `default`) names the
+/// server `host` (the `Host` header) does, that default port written out or not: another
+/// scheme's default port is another origin.
+fn same_authority(authority: &str, default: &str, host: &str) -> bool {
     let host = host.trim().to_ascii_lowercase();
-    let bare = |h: &str| {
-        h.strip_suffix(":80")
-            .or_else(|| h.strip_suffix(":443"))
-            .map(str::to_string)
-            .unwrap_or_else(|| h.to_string())
-    };
-    authority == host || authority == bare(&host)
+    authority == host || host.strip_suffix(default) == Some(authority)
 }
 
 #[cfg(test)]
@@ -113,6 +111,9 @@ mod tests {
             ("http://a@10.0.0.5:8080", Some("10.0.0.5:8080")),
             ("chrome-extension://abc", Some("10.0.0.5:8080")),
             ("http://10.0.0.5:8080", None),
+            // Another scheme's default port is another origin.
+            ("https://controller.example", Some("controller.example:80")),
+            ("http://controller.example", Some("controller.example:443")),
         ] {
             assert!(
                 cross_site(&headers(Some(origin), host)),
