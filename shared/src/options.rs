@@ -125,6 +125,9 @@ impl FromStr for CallbackEvent {
             "leave" => Ok(CallbackEvent::Leave),
             "mute" => Ok(CallbackEvent::Mute),
             "hold" => Ok(CallbackEvent::Hold),
+            w if UNSENT_TWILIO_EVENTS.contains(&w) => Err(format!(
+                "`{w}` is a Twilio event confroute sends no callback for; expected start, end, join, leave, mute or hold"
+            )),
             _ => Err(format!(
                 "`{s}` is not a status callback event; expected start, end, join, leave, mute or hold"
             )),
@@ -152,10 +155,15 @@ impl fmt::Display for CallbackEvent {
     }
 }
 
-/// Parses a TwiML event list: space or comma separated.
+/// Twilio `statusCallbackEvent` words for callbacks confroute does not send.
+pub const UNSENT_TWILIO_EVENTS: [&str; 3] = ["modify", "speaker", "announcement"];
+
+/// Parses a TwiML event list: space or comma separated. Twilio's words for callbacks
+/// confroute does not send are skipped, so a list written for Twilio keeps the events that
+/// are sent; any other unknown word makes the list bad.
 pub fn parse_events(s: &str) -> Result<Vec<CallbackEvent>, String> {
     s.split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|p| !p.is_empty())
+        .filter(|p| !p.is_empty() && !UNSENT_TWILIO_EVENTS.contains(p))
         .map(str::parse)
         .collect()
 }
@@ -512,6 +520,23 @@ mod tests {
                 CallbackEvent::Join
             ])
         );
+        // A Twilio application's whole list: the events confroute sends are kept.
+        assert_eq!(
+            parse_events("start end join leave mute hold modify speaker announcement"),
+            Ok(vec![
+                CallbackEvent::Start,
+                CallbackEvent::End,
+                CallbackEvent::Join,
+                CallbackEvent::Leave,
+                CallbackEvent::Mute,
+                CallbackEvent::Hold
+            ])
+        );
+        assert!(parse_events("start jion").is_err_and(|e| e.contains("`jion`")));
+        // Alone (a configured list), such a word says why it is refused.
+        assert!("speaker"
+            .parse::<CallbackEvent>()
+            .is_err_and(|e| e.contains("sends no callback for")));
     }
 
     fn map(v: Value) -> Map<String, Value> {
