@@ -818,7 +818,7 @@ async fn ctl_events_fails_when_the_controller_goes_away() {
         while let Some(line) = lines.recv().await {
             err.push_str(&line);
             err.push('\n');
-            if line.contains("room-1 is not on any node now") {
+            if line.contains("room-1 is not live on any node now") {
                 return true;
             }
         }

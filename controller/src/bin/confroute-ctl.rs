@@ -1209,7 +1209,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .and_then(|i| conferences.get(i));
                 if let Some(c) = look {
                     if v["error"]["code"] == -32001 {
-                        eprintln!("({c} is not on any node now: its events start when a caller or a dial-out brings it to one)");
+                        eprintln!("({c} is not live on any node now: no home, or no caller has reached its node yet; its events start when a caller or a dial-out brings it there)");
                     }
                     continue;
                 }
