@@ -172,6 +172,11 @@ pub fn recording_conference(recording: &str) -> Option<ConferenceName> {
     ConferenceName::parse(name).ok()
 }
 
+/// Reads of an adopted conference's kept settings before it goes on without them.
+const SETTINGS_TRIES: u32 = 3;
+/// The wait after the first failed read (doubling).
+const SETTINGS_RETRY: Duration = Duration::from_millis(200);
+
 /// What a conference's record in Redis keeps for an agent that restarts.
 struct Kept {
     /// The conference-wide settings.
@@ -182,6 +187,8 @@ struct Kept {
     recording: Option<Option<String>>,
     /// Whether it had started.
     started: bool,
+    /// Redis could not say: these are the configured defaults standing in.
+    unread: bool,
 }
 
 /// A participant moving between two conferences of this node.
@@ -442,6 +449,10 @@ struct Conference {
     /// defaults), and whether the record has them.
     settings: Option<String>,
     settings_saved: bool,
+    /// The settings an earlier lifetime kept could not be read at adoption: those Redis has
+    /// are not written over, and no callback goes out (the URL and ConferenceSid are
+    /// unknown; callbacks under a new sid would name a conference the application never saw).
+    settings_unread: bool,
     beeps: u64,
     /// Numbers of the events published on the bus: from 1 in a new life, above what an
     /// earlier agent lifetime used in an adopted one.
@@ -500,6 +511,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         callbacks: None,
         settings: None,
         settings_saved: false,
+        settings_unread: false,
         beeps: 0,
         seq: events_sequence(&node, &name),
         heard_of: false,
@@ -681,6 +693,7 @@ impl Conference {
         let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
         self.settings = settings::encode(opts, &defaults, &sid);
         self.settings_saved = false;
+        self.settings_unread = false;
         self.callbacks = (!opts.status_callback.is_empty()).then(|| {
             Callbacks::start(
                 &self.node.webhooks,
@@ -704,10 +717,21 @@ impl Conference {
     async fn resume_settings(&mut self) {
         let kept = self.kept_settings().await;
         self.apply_settings(&kept.opts, kept.sid);
+        if kept.unread {
+            self.forgo_settings();
+        }
         self.kept_recording = kept.recording;
         self.kept_started = kept.started;
         self.heard_of = true;
         self.resume_numbering().await;
+    }
+
+    /// The kept settings could not be read: this lifetime runs on the defaults without
+    /// writing them or sending callbacks (see [`Conference::settings_unread`]).
+    fn forgo_settings(&mut self) {
+        tracing::warn!(conference = %self.name, "the conference's kept settings could not be read; it goes on with the configured defaults, sends no status callbacks and leaves the kept settings as they are");
+        self.settings_unread = true;
+        self.callbacks = None;
     }
 
     /// An adopted conference's callbacks and events go on numbering above what the last
@@ -2425,6 +2449,9 @@ impl Conference {
                 &kept.opts,
                 kept.sid,
             );
+            if kept.unread {
+                self.forgo_settings();
+            }
             self.kept_recording = kept.recording;
             self.kept_started = kept.started;
             // Callers are in it: the application heard of it from the last life.
@@ -2567,7 +2594,18 @@ impl Conference {
     /// adopting it after a restart; the configuration's defaults when there are none.
     async fn kept_settings(&self) -> Kept {
         let cfg = &self.node.cfg;
-        match self.node.store.conference_settings(&self.name).await {
+        // A failover or a slow moment passes: read again before giving up on them.
+        let mut wait = SETTINGS_RETRY;
+        let mut read = self.node.store.conference_settings(&self.name).await;
+        for _ in 1..SETTINGS_TRIES {
+            if read.is_ok() {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+            read = self.node.store.conference_settings(&self.name).await;
+        }
+        match read {
             Ok(Some(text)) => match settings::decode(&cfg.conference, &cfg.profiles, &text) {
                 Ok((opts, sid)) => {
                     return Kept {
@@ -2575,6 +2613,7 @@ impl Conference {
                         sid,
                         recording: settings::recording(&text),
                         started: settings::started(&text),
+                        unread: false,
                     }
                 }
                 Err(why) => {
@@ -2584,7 +2623,11 @@ impl Conference {
             // The conference was started with the defaults: nothing was recorded.
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(conference = %self.name, error = %e, "cannot read the conference's settings; using the configured defaults")
+                tracing::warn!(conference = %self.name, error = %e, tries = SETTINGS_TRIES, "cannot read the conference's settings");
+                return Kept {
+                    unread: true,
+                    ..self.default_settings()
+                };
             }
         }
         self.default_settings()
@@ -2599,6 +2642,7 @@ impl Conference {
             sid: None,
             recording: None,
             started: false,
+            unread: false,
         }
     }
 
@@ -2773,7 +2817,10 @@ impl Conference {
             node: self.node.id.clone(),
             epoch: self.epoch,
         };
-        let settings = self.settings.as_deref().filter(|_| !self.settings_saved);
+        let settings = self
+            .settings
+            .as_deref()
+            .filter(|_| !self.settings_saved && !self.settings_unread);
         match self
             .node
             .store

@@ -1263,6 +1263,65 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     check_kept_after_restart(&s, &got, &b).await;
 }
 
+/// A restarted agent that cannot read a conference's kept settings (every read fails all
+/// through the adoption) goes on with the configured defaults, but writes nothing over the
+/// settings Redis keeps (a later restart may read them) and sends no callback under a
+/// `ConferenceSid` the application never heard of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_settings_a_restarted_agent_cannot_read_are_not_written_over() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    kept_conference(&s, &url, &got).await;
+    let fields = || {
+        s.redis
+            .query(
+                redis::cmd("HMGET")
+                    .arg("{confroute}:conf:kept")
+                    .arg("settings")
+                    .arg("participants"),
+            )
+            .and_then(|v| redis::from_redis_value::<(Option<Vec<u8>>, Option<u64>)>(v).ok())
+    };
+    assert!(fields().and_then(|f| f.0).is_some(), "settings kept");
+    s.node.process().kill();
+    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
+    // Bytes that are not UTF-8: the agent's client fails every read of them, as it fails a
+    // read cut short. Nothing else the agent reads holds the settings.
+    let kept = b"{\"status_callback\":\"\xff\"}".to_vec();
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:kept")
+                .arg("settings")
+                .arg(&kept[..]),
+        )
+        .expect("HSET");
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    wait_kept_listed(&s, 1).await;
+    let b = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    wait_for_async("the newcomer counted in Redis", WAIT, || async {
+        (fields()?.1 == Some(2)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", fields(), s.node.output()));
+    assert_eq!(
+        fields().and_then(|f| f.0),
+        Some(kept),
+        "the kept settings were written over"
+    );
+    assert!(
+        s.node
+            .output()
+            .contains("the conference's kept settings could not be read"),
+        "{}",
+        s.node.output()
+    );
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got.len(), 2, "callbacks after the restart: {got:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newcomer_before_the_first_reconciliation_gets_the_settings_the_conference_had() {
     let (url, got) = receiver(0).await;
