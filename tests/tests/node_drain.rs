@@ -908,7 +908,7 @@ async fn a_second_stop_signal_does_not_wait_out_the_callbacks_shutdown_wait() {
     let dark = confroute_tests::harness::DarkPort::start().expect("dark port");
     let mut s = Single::start(&[
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
-        ("CONFROUTE_WEBHOOK__TIMEOUT", "10m"),
+        ("CONFROUTE_WEBHOOK__TIMEOUT", "5m"),
         ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "10m"),
     ])
     .await;
@@ -954,7 +954,7 @@ async fn a_first_caller_arriving_as_the_node_stops_is_refused() {
     let dark = confroute_tests::harness::DarkPort::start().expect("dark port");
     let mut s = Single::start(&[
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
-        ("CONFROUTE_WEBHOOK__TIMEOUT", "10m"),
+        ("CONFROUTE_WEBHOOK__TIMEOUT", "5m"),
         ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "5s"),
     ])
     .await;
