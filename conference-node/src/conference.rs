@@ -1906,7 +1906,8 @@ impl Conference {
             } else {
                 "last_participant_left"
             };
-            self.end(why, None).await;
+            // Its call ended the conference, as Twilio's CallSidEndingConference says.
+            self.end(why, Some(ch)).await;
             return;
         }
         if in_mix

@@ -1125,6 +1125,10 @@ async fn status_callbacks_arrive_in_order_with_retries_after_a_500() {
         .all(|f| &f["ConferenceSid"] == sid && f["FriendlyName"] == "hooks"));
     assert_eq!(got[3]["Hold"], "true");
     assert_eq!(got[7]["ReasonConferenceEnded"], "last-participant-left");
+    assert_eq!(
+        got[7]["CallSidEndingConference"], a,
+        "the last to leave ended it"
+    );
     assert_eq!(got[0]["Muted"], "false");
     assert!(got[0]["Timestamp"].ends_with("+0000"));
     let m = fixtures::scrape(&s.node.http_url()).await;
