@@ -694,7 +694,12 @@ impl Conference {
         self.settings = settings::encode(opts, &defaults, &sid);
         self.settings_saved = false;
         self.settings_unread = false;
-        self.callbacks = (!opts.status_callback.is_empty()).then(|| {
+        self.callbacks = self.start_callbacks(opts, sid);
+    }
+
+    /// The status callbacks `opts` ask for, under `sid`; none without a URL.
+    fn start_callbacks(&self, opts: &Options, sid: String) -> Option<Callbacks> {
+        (!opts.status_callback.is_empty()).then(|| {
             Callbacks::start(
                 &self.node.webhooks,
                 opts.status_callback.clone(),
@@ -709,7 +714,44 @@ impl Conference {
                     node: self.node.id.clone(),
                 },
             )
-        });
+        })
+    }
+
+    /// The last callers of a conference this node still holds at the epoch of its bridges
+    /// left while no agent was watching (it was restarting): the application heard of the
+    /// conference from the last lifetime (its settings were kept with a join) and is owed its
+    /// `conference-end`, numbered after what that lifetime sent. Who left is not known here:
+    /// no `participant-leave` goes with it.
+    async fn tell_ended_while_away(&mut self, bridge: Option<&Bridge>) {
+        let Some((_, epoch, _)) = bridge.and_then(|b| parse_bridge_id(&b.id)) else {
+            return;
+        };
+        // Not a life this node ended itself (its claim is released first, and this actor
+        // ran it), nor a later one.
+        if self.epoch == epoch || !matches!(self.fence().await, Fence::Owned(e) if e == epoch) {
+            return;
+        }
+        let kept = self.kept_settings().await;
+        let Some(sid) = kept.sid.filter(|_| !kept.unread) else {
+            return;
+        };
+        let Some(mut cb) = self.start_callbacks(&kept.opts, sid) else {
+            return;
+        };
+        cb.resume_numbering().await;
+        let reason = "last_participant_left";
+        cb.send(
+            CallbackEvent::End,
+            "conference-end",
+            None,
+            &[("ReasonConferenceEnded", twilio_end_reason(reason))],
+        );
+        self.node
+            .metrics
+            .conferences_ended
+            .with_label_values(&[reason])
+            .inc();
+        tracing::info!(conference = %self.name, epoch, "the conference's last callers left while the agent was away; its end is told");
     }
 
     /// The conference lived here before a restart: it goes on with the settings its first
@@ -2410,6 +2452,8 @@ impl Conference {
                 for b in main.iter().chain(holding.iter()) {
                     self.destroy_found(&b.id, "destroyed_empty_bridge").await;
                 }
+                self.tell_ended_while_away(main.as_ref().or(holding.as_ref()))
+                    .await;
                 return false;
             }
             let fence = self.fence().await;

@@ -1267,6 +1267,57 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
     check_kept_after_restart(&s, &got, &b).await;
 }
 
+/// The last caller of a conference hangs up while its agent is away (restarting): the
+/// restarted agent finds the conference's bridge empty and, the conference still claimed by
+/// this node at that bridge's epoch, tells the application it ended, under its
+/// `ConferenceSid` and numbered after what was sent before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_that_emptied_while_its_agent_was_away_is_told_ended() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(
+        &s.sim,
+        "away",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end join leave"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    callbacks(&got, 2).await;
+    let store = fixtures::store(&s.cfg);
+    let name = confroute_shared::name::ConferenceName::parse("away").expect("name");
+    wait_for_async("settings recorded", WAIT, || async {
+        store.conference_settings(&name).await.ok().flatten()
+    })
+    .await
+    .expect("settings in Redis");
+    s.node.process().kill();
+    until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
+    s.sim.hangup_far_end(&a, 16).await.expect("hangup");
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    until(&s.sim, "the empty bridge destroyed", |snap| {
+        snap.bridges.is_empty()
+    })
+    .await;
+    let got = callbacks(&got, 3).await;
+    assert_eq!(event_pairs(&got)[2], ("conference-end", ""), "{got:#?}");
+    assert_eq!(got[2]["ReasonConferenceEnded"], "last-participant-left");
+    assert_eq!(got[2]["ConferenceSid"], got[0]["ConferenceSid"]);
+    let seq = |i: usize| -> u64 { got[i]["SequenceNumber"].parse().expect("number") };
+    assert!(
+        seq(2) > seq(1),
+        "numbered after the last lifetime's: {got:#?}"
+    );
+    wait_for_async("the claim released", WAIT, || async {
+        store.lookup(&name).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
 /// A restarted agent that cannot read a conference's kept settings (every read fails all
 /// through the adoption) goes on with the configured defaults, but writes nothing over the
 /// settings Redis keeps (a later restart may read them) and sends no callback under a
