@@ -296,6 +296,7 @@ impl Node {
             webhooks: crate::webhook::Delivery {
                 http: webhook_http,
                 in_flight: crate::webhook::InFlight::default(),
+                stop_by: crate::webhook::StopBy::default(),
             },
             redis_ok: AtomicBool::new(false),
             registered: AtomicBool::new(false),

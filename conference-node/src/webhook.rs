@@ -65,6 +65,27 @@ pub struct Delivery {
     pub http: reqwest::Client,
     /// Callbacks queued or being sent.
     pub in_flight: InFlight,
+    /// Once the node stops: when the last callbacks are given up (`webhook.shutdown_wait`).
+    pub stop_by: StopBy,
+}
+
+/// When a stopping node gives up its last callbacks; unset while it serves.
+#[derive(Clone, Default)]
+pub struct StopBy(Arc<std::sync::Mutex<Option<tokio::time::Instant>>>);
+
+impl StopBy {
+    /// The node stops: what is not sent by `at` is dropped.
+    pub fn set(&self, at: tokio::time::Instant) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// Whether `needed` still fits before the stop's deadline (always, while serving).
+    fn leaves_room(&self, needed: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|at| tokio::time::Instant::now() + needed <= at)
+    }
 }
 
 /// What happened to the participant, for `participant-*` events.
@@ -202,22 +223,47 @@ async fn deliver(
 ) {
     // Callback URLs often carry credentials (`user:pass@`, `?token=`): logs get neither.
     let shown = redacted(&url);
-    let http = &delivery.http;
+    let mut skipped = 0u64;
     while let Some(form) = rx.recv().await {
-        attempt_all(http, &url, &shown, &form, &cfg, &metrics).await;
+        // At a stop, time for one try of the conference's last event is kept: an earlier
+        // one that could leave less is dropped (a big conference's leaves behind a slow
+        // receiver would otherwise hold its end past the exit).
+        let end = is_end(&form);
+        if !end && !delivery.stop_by.leaves_room(cfg.timeout.saturating_mul(2)) {
+            skipped += 1;
+            metrics.webhooks.with_label_values(&["dropped"]).inc();
+        } else {
+            if skipped > 0 {
+                tracing::warn!(url = %shown, dropped = skipped, "status callbacks dropped at the stop to leave time for the conference's end");
+                skipped = 0;
+            }
+            attempt_all(&delivery, &url, &shown, &form, end, &cfg, &metrics).await;
+        }
         delivery.in_flight.done();
+    }
+    if skipped > 0 {
+        tracing::warn!(url = %shown, dropped = skipped, "status callbacks dropped at the stop");
     }
 }
 
-/// Sends one event until it is delivered or given up.
+/// Whether `form` is a conference's `conference-end`, its last callback.
+fn is_end(form: &[(String, String)]) -> bool {
+    form.iter()
+        .any(|(k, v)| k == "StatusCallbackEvent" && v == "conference-end")
+}
+
+/// Sends one event until it is delivered or given up (`last`: a conference's end, which
+/// a stop leaves room for; any other event is not retried at a stop past that room).
 async fn attempt_all(
-    http: &reqwest::Client,
+    delivery: &Delivery,
     url: &str,
     shown: &str,
     form: &[(String, String)],
+    last: bool,
     cfg: &WebhookConfig,
     metrics: &Metrics,
 ) {
+    let http = &delivery.http;
     let signature = cfg
         .auth_token
         .as_ref()
@@ -254,22 +300,29 @@ async fn attempt_all(
             // A host that resolves only to refused addresses is refused again at once.
             Err(e) => (without_url(&e), refused_host(&e)),
         };
-        if permanent || attempt >= cfg.max_attempts {
+        let most = cfg.retry_max.max(cfg.retry_initial);
+        let wait = match asked_wait {
+            // Not sooner than the first retry either: `Retry-After: 0` from a receiver still
+            // refusing would have the attempts spent back to back.
+            Some(wait) => wait.clamp(cfg.retry_initial, most),
+            // Jittered, so the conferences of a node do not all come back at once; never
+            // past `webhook.retry_max`, as documented.
+            None => jittered(delay, most),
+        };
+        let reserve = if last {
+            cfg.timeout
+        } else {
+            cfg.timeout.saturating_mul(2)
+        };
+        let room = delivery.stop_by.leaves_room(wait.saturating_add(reserve));
+        if permanent || attempt >= cfg.max_attempts || !room {
             metrics.webhooks.with_label_values(&["failed"]).inc();
-            tracing::warn!(url = %shown, attempts = attempt, error = %why, "status callback given up");
+            tracing::warn!(url = %shown, attempts = attempt, error = %why, stopping = !room, "status callback given up");
             break;
         }
         metrics.webhook_retries.inc();
         tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
-        let most = cfg.retry_max.max(cfg.retry_initial);
-        match asked_wait {
-            // Not sooner than the first retry either: `Retry-After: 0` from a receiver still
-            // refusing would have the attempts spent back to back.
-            Some(wait) => tokio::time::sleep(wait.clamp(cfg.retry_initial, most)).await,
-            // Jittered, so the conferences of a node do not all come back at once; never
-            // past `webhook.retry_max`, as documented.
-            None => tokio::time::sleep(jittered(delay, most)).await,
-        }
+        tokio::time::sleep(wait).await;
         delay = delay.saturating_mul(2).min(most);
     }
 }

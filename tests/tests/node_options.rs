@@ -1574,27 +1574,27 @@ async fn callbacks_of_the_last_conferences_go_out_before_exit() {
 async fn a_big_conferences_end_callback_goes_out_behind_its_leaves_at_exit() {
     // One POST's deadline: twice it is less than the queue at exit takes.
     let (s, events) =
-        leaves_and_end_at_exit("crowd", 5, ("CONFROUTE_WEBHOOK__TIMEOUT", "500ms")).await;
+        leaves_and_end_at_exit("crowd", 5, &[("CONFROUTE_WEBHOOK__TIMEOUT", "500ms")]).await;
     let mut expected = vec!["participant-leave".to_string(); 5];
     expected.push("conference-end".to_string());
     assert_eq!(events, expected, "{}", s.node.output());
 }
 
 /// `n` callers in `conference`, asking for leave and end callbacks from a receiver taking
-/// 300 ms per answer, on an agent with `setting` that is then stopped (its drain deadline
+/// 300 ms per answer, on an agent with `settings` that is then stopped (its drain deadline
 /// 1 s); the agent and the callbacks received by its exit.
 async fn leaves_and_end_at_exit(
     conference: &str,
     n: usize,
-    setting: (&str, &str),
+    settings: &[(&str, &str)],
 ) -> (Single, Vec<String>) {
     let (url, got) = receiver_with(0, std::time::Duration::from_millis(300)).await;
-    let mut s = Single::start(&[
+    let mut all = vec![
         ("CONFROUTE_CONFERENCE__BEEP", "false"),
         ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
-        setting,
-    ])
-    .await;
+    ];
+    all.extend_from_slice(settings);
+    let mut s = Single::start(&all).await;
     let vars = [
         ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
         ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
@@ -1608,13 +1608,49 @@ async fn leaves_and_end_at_exit(
     (s, events)
 }
 
+/// A stop keeps time for each conference's `conference-end`: leaves that would leave less
+/// than one POST's deadline before `webhook.shutdown_wait` runs out are dropped, counted,
+/// and the end goes out. Sent in turn, 12 leaves of 300 ms would hold it past the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_keeps_time_for_the_end_behind_a_slow_receiver() {
+    const CALLERS: usize = 12;
+    let (s, events) = leaves_and_end_at_exit(
+        "slow-crowd",
+        CALLERS,
+        &[
+            ("CONFROUTE_WEBHOOK__TIMEOUT", "1s"),
+            ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "3s"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("conference-end"),
+        "{events:?}\n{}",
+        s.node.output()
+    );
+    let leaves = events.iter().filter(|e| *e == "participant-leave").count();
+    assert!(leaves < CALLERS, "some leaves made way: {events:?}");
+    assert!(
+        s.node.output().contains(
+            "status callbacks dropped at the stop to leave time for the conference's end"
+        ),
+        "{}",
+        s.node.output()
+    );
+}
+
 /// A conference ending with more leaves than its callback queue holds (behind a slow
 /// receiver) drops leaves, counted, but never its `conference-end`, which comes last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_callback_queue_drops_leaves_but_never_the_end() {
     const CALLERS: usize = 6;
-    let (s, events) =
-        leaves_and_end_at_exit("overflow", CALLERS, ("CONFROUTE_WEBHOOK__QUEUE_SIZE", "2")).await;
+    let (s, events) = leaves_and_end_at_exit(
+        "overflow",
+        CALLERS,
+        &[("CONFROUTE_WEBHOOK__QUEUE_SIZE", "2")],
+    )
+    .await;
     assert_eq!(
         events.last().map(String::as_str),
         Some("conference-end"),
