@@ -727,10 +727,20 @@ impl Conference {
             return;
         };
         // Not a life this node ended itself (its claim is released first, and this actor
-        // ran it), nor a later one.
-        if self.epoch == epoch || !matches!(self.fence().await, Fence::Owned(e) if e == epoch) {
+        // ran it or told its end already), nor a later one. Only looked at: a fence would
+        // claim a name nobody holds, for a conference that is over.
+        if self.epoch == epoch || !self.node.record_current() {
             return;
         }
+        let ours = matches!(
+            self.node.store.lookup(&self.name).await,
+            Ok(Some(rec)) if rec.owner.node == self.node.id && rec.owner.epoch == epoch
+        );
+        if !ours {
+            return;
+        }
+        // Once: bridges whose destruction failed are found again by the next pass.
+        self.epoch = epoch;
         let kept = self.kept_settings().await;
         let Some(sid) = kept.sid.filter(|_| !kept.unread) else {
             return;
