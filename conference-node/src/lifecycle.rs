@@ -377,10 +377,12 @@ pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
         wait = wait.min(HURRIED_SEND);
         bound = bound.min(HURRIED_SEND);
     }
-    // Each conference's delivery keeps time for its end within the wait.
-    node.webhooks
-        .stop_by
-        .set(tokio::time::Instant::now() + wait);
+    // Each conference's delivery keeps time for its end within the wait: one POST's
+    // deadline, at most half of the wait.
+    node.webhooks.stop_by.set(
+        tokio::time::Instant::now() + wait,
+        node.cfg.webhook.timeout.min(wait / 2),
+    );
     // Within the callbacks' and messages' own wait, which the pod's grace period counts.
     let hangups = TEARDOWN_GRACE.min(wait.max(bound));
     let (left, unsent, not_hung_up) = tokio::join!(

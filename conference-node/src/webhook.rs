@@ -69,22 +69,35 @@ pub struct Delivery {
     pub stop_by: StopBy,
 }
 
-/// When a stopping node gives up its last callbacks; unset while it serves.
+/// When a stopping node gives up its last callbacks, and the time each conference keeps of
+/// it for its `conference-end`; unset while it serves.
 #[derive(Clone, Default)]
-pub struct StopBy(Arc<std::sync::Mutex<Option<tokio::time::Instant>>>);
+pub struct StopBy(Arc<std::sync::Mutex<Option<(tokio::time::Instant, Duration)>>>);
+
+/// Shortest try worth making at a stop; with less left, a callback is given up.
+const LEAST_TRY: Duration = Duration::from_millis(100);
 
 impl StopBy {
-    /// The node stops: what is not sent by `at` is dropped.
-    pub fn set(&self, at: tokio::time::Instant) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    /// The node stops: what is not sent by `at` is dropped, and each conference that will
+    /// send its end keeps `reserve` before `at` for it.
+    pub fn set(&self, at: tokio::time::Instant, reserve: Duration) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, reserve));
     }
 
-    /// Whether `needed` still fits before the stop's deadline (always, while serving).
-    fn leaves_room(&self, needed: Duration) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none_or(|at| tokio::time::Instant::now() + needed <= at)
+    /// The deadline of a try starting `after` from now: `timeout` while serving; at a stop,
+    /// no more than is left then (less the end's reserve when `keep`), and `None` when that
+    /// is under [`LEAST_TRY`].
+    fn try_within(&self, after: Duration, timeout: Duration, keep: bool) -> Option<Duration> {
+        let Some((at, reserve)) = *self.0.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return Some(timeout);
+        };
+        let left = at.saturating_duration_since(tokio::time::Instant::now() + after);
+        let left = if keep {
+            left.saturating_sub(reserve)
+        } else {
+            left
+        };
+        (left >= LEAST_TRY).then(|| left.min(timeout))
     }
 }
 
@@ -114,7 +127,13 @@ pub struct Callbacks {
     seq: Sequence,
     metrics: Metrics,
     in_flight: InFlight,
+    /// Events this conference dropped for a full queue: logged at the first and every
+    /// [`DROPS_PER_LOG`]th, not each (a flood of them would flood the log too).
+    dropped: u64,
 }
+
+/// Dropped events of one conference per warning after the first.
+const DROPS_PER_LOG: u64 = 100;
 
 impl Callbacks {
     /// Starts delivery of the conference's events to `url`, numbered from blocks reserved
@@ -136,6 +155,7 @@ impl Callbacks {
             delivery.clone(),
             url,
             rx,
+            events.contains(&CallbackEvent::End),
             cfg.clone(),
             metrics.clone(),
         ));
@@ -148,6 +168,7 @@ impl Callbacks {
             seq: Sequence::new(Arc::new(reservations)),
             metrics,
             in_flight: delivery.in_flight.clone(),
+            dropped: 0,
         }
     }
 
@@ -209,7 +230,10 @@ impl Callbacks {
         if !room || self.tx.try_send(form).is_err() {
             self.in_flight.done();
             self.metrics.webhooks.with_label_values(&["dropped"]).inc();
-            tracing::warn!(conference = %self.name, event = %event, "status callback queue full; event dropped");
+            self.dropped += 1;
+            if self.dropped == 1 || self.dropped.is_multiple_of(DROPS_PER_LOG) {
+                tracing::warn!(conference = %self.name, event = %event, dropped = self.dropped, "status callback queue full; event dropped (logged at the first and every {DROPS_PER_LOG}th of this conference)");
+            }
         }
     }
 }
@@ -218,6 +242,7 @@ async fn deliver(
     delivery: Delivery,
     url: String,
     mut rx: mpsc::Receiver<Vec<(String, String)>>,
+    wants_end: bool,
     cfg: WebhookConfig,
     metrics: Metrics,
 ) {
@@ -225,11 +250,15 @@ async fn deliver(
     let shown = redacted(&url);
     let mut skipped = 0u64;
     while let Some(form) = rx.recv().await {
-        // At a stop, time for one try of the conference's last event is kept: an earlier
-        // one that could leave less is dropped (a big conference's leaves behind a slow
+        // At a stop, a conference that will send its end keeps time for it: an earlier
+        // event gets only what is left beyond that (a big conference's leaves behind a slow
         // receiver would otherwise hold its end past the exit).
-        let end = is_end(&form);
-        if !end && !delivery.stop_by.leaves_room(cfg.timeout.saturating_mul(2)) {
+        let keep = wants_end && !is_end(&form);
+        if delivery
+            .stop_by
+            .try_within(Duration::ZERO, cfg.timeout, keep)
+            .is_none()
+        {
             skipped += 1;
             metrics.webhooks.with_label_values(&["dropped"]).inc();
         } else {
@@ -237,7 +266,7 @@ async fn deliver(
                 tracing::warn!(url = %shown, dropped = skipped, "status callbacks dropped at the stop to leave time for the conference's end");
                 skipped = 0;
             }
-            attempt_all(&delivery, &url, &shown, &form, end, &cfg, &metrics).await;
+            attempt_all(&delivery, &url, &shown, &form, keep, &cfg, &metrics).await;
         }
         delivery.in_flight.done();
     }
@@ -252,14 +281,14 @@ fn is_end(form: &[(String, String)]) -> bool {
         .any(|(k, v)| k == "StatusCallbackEvent" && v == "conference-end")
 }
 
-/// Sends one event until it is delivered or given up (`last`: a conference's end, which
-/// a stop leaves room for; any other event is not retried at a stop past that room).
+/// Sends one event until it is delivered or given up; at a stop, each try within what is
+/// left (less the conference's end's reserve when `keep`).
 async fn attempt_all(
     delivery: &Delivery,
     url: &str,
     shown: &str,
     form: &[(String, String)],
-    last: bool,
+    keep: bool,
     cfg: &WebhookConfig,
     metrics: &Metrics,
 ) {
@@ -270,9 +299,13 @@ async fn attempt_all(
         .map(|token| twilio_signature(token.expose(), &as_received(url), form));
     let mut delay = cfg.retry_initial;
     let mut attempt = 0;
+    let mut within = delivery
+        .stop_by
+        .try_within(Duration::ZERO, cfg.timeout, keep)
+        .unwrap_or(LEAST_TRY);
     loop {
         attempt += 1;
-        let mut request = http.post(url).timeout(cfg.timeout).form(form);
+        let mut request = http.post(url).timeout(within).form(form);
         if let Some(s) = &signature {
             request = request.header("X-Twilio-Signature", s);
         }
@@ -309,12 +342,8 @@ async fn attempt_all(
             // past `webhook.retry_max`, as documented.
             None => jittered(delay, most),
         };
-        let reserve = if last {
-            cfg.timeout
-        } else {
-            cfg.timeout.saturating_mul(2)
-        };
-        let room = delivery.stop_by.leaves_room(wait.saturating_add(reserve));
+        let next = delivery.stop_by.try_within(wait, cfg.timeout, keep);
+        let room = next.is_some();
         if permanent || attempt >= cfg.max_attempts || !room {
             metrics.webhooks.with_label_values(&["failed"]).inc();
             tracing::warn!(url = %shown, attempts = attempt, error = %why, stopping = !room, "status callback given up");
@@ -323,6 +352,7 @@ async fn attempt_all(
         metrics.webhook_retries.inc();
         tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
         tokio::time::sleep(wait).await;
+        within = next.unwrap_or(LEAST_TRY);
         delay = delay.saturating_mul(2).min(most);
     }
 }

@@ -1608,9 +1608,10 @@ async fn leaves_and_end_at_exit(
     (s, events)
 }
 
-/// A stop keeps time for each conference's `conference-end`: leaves that would leave less
-/// than one POST's deadline before `webhook.shutdown_wait` runs out are dropped, counted,
-/// and the end goes out. Sent in turn, 12 leaves of 300 ms would hold it past the exit.
+/// A stop keeps time for each conference's `conference-end` (one POST's deadline, at most
+/// half of `webhook.shutdown_wait`): leaves get only what is left beyond it and are dropped,
+/// counted, once it is reached; the end goes out. Sent in turn, 12 leaves of 300 ms would
+/// hold it past the exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_keeps_time_for_the_end_behind_a_slow_receiver() {
     const CALLERS: usize = 12;
