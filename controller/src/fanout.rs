@@ -218,13 +218,14 @@ impl Following {
             .is_some_and(|(_, c)| !c.is_empty())
     }
 
-    /// Stops every delivery to this connection (it is closing).
-    pub fn clear(&self) {
+    /// Stops every delivery to this connection for good (it is closing): a `subscribe`
+    /// still being answered follows nothing any more.
+    pub fn close(&self) {
         let mut t = self.fanout.table();
         let conferences = t
             .by_follower
-            .get_mut(&self.id)
-            .map(|(_, c)| std::mem::take(c))
+            .remove(&self.id)
+            .map(|(_, c)| c)
             .unwrap_or_default();
         for c in conferences {
             forget(&mut t, &c, self.id);
@@ -244,8 +245,7 @@ fn forget(t: &mut Table, conference: &str, id: u64) {
 
 impl Drop for Following {
     fn drop(&mut self) {
-        self.clear();
-        self.fanout.table().by_follower.remove(&self.id);
+        self.close();
     }
 }
 
@@ -254,13 +254,17 @@ impl Feed {
     /// nothing is taken until it returns.
     pub async fn recv(&mut self) -> Delivery {
         loop {
+            // Read before the queue: a loss counted after an empty look could follow events
+            // queued since, and be told ahead of them. One counted before stops the queue
+            // from filling (the dispatcher drops everything while it is untold).
+            let lost_before = self.follower.missed.load(Ordering::SeqCst) > 0;
             if let Ok(ev) = self.rx.try_recv() {
                 return Delivery::Event(ev);
             }
             // Only once what was queued before the loss is out, so the loss is told in its
-            // place; the dispatcher drops everything meanwhile.
-            let missed = self.follower.missed.swap(0, Ordering::SeqCst);
-            if missed > 0 {
+            // place.
+            if lost_before {
+                let missed = self.follower.missed.swap(0, Ordering::SeqCst);
                 return Delivery::Lost(missed);
             }
             tokio::select! {
@@ -350,9 +354,14 @@ mod tests {
         let err = following.follow("c", 2).expect_err("past the limit");
         assert_eq!(err.to_string(), "at most 2 subscriptions per connection");
         assert!(following.any());
-        following.clear();
+        following.close();
         assert!(!following.any());
-        assert!(following.follow("c", 2).expect("room again"));
+        assert!(
+            !following.follow("c", 2).expect("no error"),
+            "a closed connection follows nothing"
+        );
+        assert_eq!(fanout.counts(), (0, 0));
+        assert!(fanout.table().by_follower.is_empty());
     }
 
     #[tokio::test]

@@ -849,7 +849,7 @@ pub async fn serve(
     }
     events.abort();
     // Tasks still answering may hold the session a while; its events stop now.
-    session.following.clear();
+    session.following.close();
     let _ = close.send(true);
     drop(session);
     drop(writer_gone);
