@@ -1455,6 +1455,15 @@ fn values_that_would_drop_calls_are_refused_at_render() {
         &json!({"serviceMonitor": {"enabled": true, "interval": "15s", "scrapeTimeout": "1m"}}),
         &["serviceMonitor.scrapeTimeout", "serviceMonitor.interval"],
     );
+    // Empty: Prometheus's global interval, which the chart does not know; left out.
+    let r = render(&values_file(
+        dir.path(),
+        "global-interval",
+        &json!({"serviceMonitor": {"enabled": true, "interval": ""}}),
+    ));
+    let endpoint = &r.one("ServiceMonitor", "-node")["spec"]["endpoints"][0];
+    assert!(endpoint.get("interval").is_none(), "{endpoint}");
+    assert_eq!(endpoint["scrapeTimeout"], "10s");
     // The last bus messages get twice webhook.timeout: a longer one counts instead.
     refused_at_render(
         dir.path(),

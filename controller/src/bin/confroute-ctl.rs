@@ -376,10 +376,12 @@ fn api(
             )))
         }
         // Every request would carry it, and every route refuses a query.
+        // Shown without the query, which may hold a credential (`?token=`).
         Ok(u) if u.query().is_some() => {
+            let base = redacted.split('?').next().unwrap_or_default();
             return Err(usage(format!(
-                "bad --url {redacted}: give the controller's base URL, with no query"
-            )))
+                "bad --url {base}?...: give the controller's base URL, with no query"
+            )));
         }
         Ok(_) => redacted,
         Err(e) => return Err(usage(format!("bad --url {redacted}: {e}"))),
