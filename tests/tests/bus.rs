@@ -462,19 +462,27 @@ async fn a_cluster_bus_follows_its_channels_slot_to_another_primary() {
     // Once every subscriber has left the old primary (still up, as after a manual
     // failover), commands still get through: the controller publishes where the slot is
     // now, not where it was (where nobody is counted any more).
+    // The node's subscription (its commands) and the controller's (its replies, with the
+    // events channel): a reply published while the latter moves is lost with it.
     let commands = format!("{}cmd:node-a", cfg.prefix);
-    let subscribers = |port: u16| {
+    let events = format!("{}events", cfg.prefix);
+    let subscribers = |port: u16, channel: &str| {
         let counts: Option<Vec<redis::Value>> =
-            redis_query(port, redis::cmd("PUBSUB").arg("NUMSUB").arg(&commands));
+            redis_query(port, redis::cmd("PUBSUB").arg("NUMSUB").arg(channel));
         match counts.as_deref() {
             Some([_, redis::Value::Int(n)]) => *n,
             _ => -1,
         }
     };
     confroute_tests::harness::wait_for_async(
-        "the node's subscription moved",
+        "both subscriptions moved",
         Duration::from_secs(30),
-        || async { (subscribers(to) == 1 && subscribers(from) == 0).then_some(()) },
+        || async {
+            [&commands, &events]
+                .iter()
+                .all(|c| subscribers(to, c) == 1 && subscribers(from, c) == 0)
+                .then_some(())
+        },
     )
     .await
     .expect("moved");
