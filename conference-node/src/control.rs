@@ -346,6 +346,33 @@ fn spawns(op: &Op, looked: bool) -> bool {
 }
 
 fn not_hosted(node: &Arc<Node>, req: Request) {
+    // A conference placed here (a route claimed it) that no caller has reached yet has
+    // nobody in it, as its record and the controller's `GET /v1/conferences/{name}` say:
+    // listed empty rather than not found. Anything else needs it started.
+    if matches!(req.op, Op::List) {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let placed = matches!(
+                node.store.lookup(&req.conference).await,
+                Ok(Some(rec)) if rec.owner.node == node.id
+            );
+            if placed {
+                let empty = json!({
+                    "participants": [],
+                    "seats_taken": 0,
+                    "max_participants": node.cfg.conference.max_participants,
+                });
+                req.pending.answer(&node, Ok(empty));
+            } else {
+                refuse_not_hosted(&node, req);
+            }
+        });
+        return;
+    }
+    refuse_not_hosted(node, req);
+}
+
+fn refuse_not_hosted(node: &Arc<Node>, req: Request) {
     let msg = format!(
         "conference `{}` is not hosted on node {}",
         req.conference, node.id

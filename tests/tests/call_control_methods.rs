@@ -511,9 +511,9 @@ async fn every_method_works_through_any_controller() {
     );
 }
 
-/// A conference placed on a node that no caller has reached (a route claimed it): commands
-/// on it are not found there, but ending it gives its claim back at once; ending it again
-/// finds no home. Asterisk is not touched.
+/// A conference placed on a node that no caller has reached (a route claimed it): it lists
+/// empty (as its record says), other commands on it are not found there, but ending it gives
+/// its claim back at once; ending it again finds no home. Asterisk is not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conference_the_node_does_not_host_is_not_found() {
     let c = Cluster::start(&[], &[]).await;
@@ -526,8 +526,13 @@ async fn a_conference_the_node_does_not_host_is_not_found() {
         .expect("claim");
     let mut ws = c.client(1).await;
     let before = changes(&c.node("node-a").sim);
+    let listed = ws
+        .ok("participant.list", json!({"conference": "ghost"}))
+        .await;
+    assert_eq!(listed["participants"], json!([]), "{listed}");
+    assert_eq!(listed["seats_taken"], 0, "{listed}");
+    assert!(listed["max_participants"].as_u64().is_some(), "{listed}");
     for (method, params) in [
-        ("participant.list", json!({"conference": "ghost"})),
         (
             "conference.play",
             json!({"conference": "ghost", "media": "sound:beep"}),
