@@ -762,6 +762,16 @@ impl Conference {
             .with_label_values(&[reason])
             .inc();
         tracing::info!(conference = %self.name, epoch, "the conference's last callers left while the agent was away; its end is told");
+        // Given back here, not left to the pass's release of stale claims: a pass cut short
+        // (another conference's look failing) would leave it for the next pass's new actor,
+        // which would tell the end again.
+        let owner = Owner {
+            node: self.node.id.clone(),
+            epoch,
+        };
+        if let Err(e) = self.node.store.release(&self.name, &owner).await {
+            tracing::warn!(conference = %self.name, error = %e, "cannot give back the claim of a conference that ended while the agent was away; the next reconciliation does");
+        }
     }
 
     /// The conference lived here before a restart: it goes on with the settings its first

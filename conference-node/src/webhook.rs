@@ -76,6 +76,8 @@ pub struct StopBy(Arc<std::sync::Mutex<Option<(tokio::time::Instant, Duration)>>
 
 /// Shortest try worth making at a stop; with less left, a callback is given up.
 const LEAST_TRY: Duration = Duration::from_millis(100);
+/// How much sooner than the stop's wait a try ends.
+const STOP_MARGIN: Duration = Duration::from_millis(50);
 
 impl StopBy {
     /// The node stops: what is not sent by `at` is dropped, and each conference that will
@@ -91,6 +93,9 @@ impl StopBy {
         let Some((at, reserve)) = *self.0.lock().unwrap_or_else(|p| p.into_inner()) else {
             return Some(timeout);
         };
+        // A try ends a moment before the wait does, so the stop counts it once, as what it
+        // came to, not also as dropped.
+        let at = at.checked_sub(STOP_MARGIN).unwrap_or(at);
         let left = at.saturating_duration_since(tokio::time::Instant::now() + after);
         let left = if keep {
             left.saturating_sub(reserve)
@@ -352,7 +357,18 @@ async fn attempt_all(
         metrics.webhook_retries.inc();
         tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
         tokio::time::sleep(wait).await;
-        within = next.unwrap_or(LEAST_TRY);
+        // The node may have begun to stop during the wait: the try fits what is left now.
+        match delivery
+            .stop_by
+            .try_within(Duration::ZERO, cfg.timeout, keep)
+        {
+            Some(w) => within = w,
+            None => {
+                metrics.webhooks.with_label_values(&["failed"]).inc();
+                tracing::warn!(url = %shown, attempts = attempt, error = %why, stopping = true, "status callback given up");
+                break;
+            }
+        }
         delay = delay.saturating_mul(2).min(most);
     }
 }
