@@ -263,8 +263,14 @@ async fn ctl_lists_routes_drains_and_reports_errors() {
             "{query}: {err}"
         );
     }
-    // Nor in a URL that does not parse, or lacks its scheme.
-    for bad in ["http://admin:hunter2@host:99999", "admin:hunter2@host:9090"] {
+    // Nor in a URL that does not parse, or lacks its scheme, nor a query's.
+    for bad in [
+        "http://admin:hunter2@host:99999",
+        "admin:hunter2@host:9090",
+        "http://host:99999/?token=hunter2",
+        "ftp://host/?token=hunter2",
+        "host/?token=hunter2",
+    ] {
         let (ok, _, err) = ctl(bad, Some(TOKEN), &["nodes", "list"]);
         assert!(!ok);
         assert!(

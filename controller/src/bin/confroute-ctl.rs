@@ -363,6 +363,11 @@ fn api(
         Some(at) => format!("{}***@{}", &url[..start], &url[start + at + 1..]),
         None => url.to_string(),
     };
+    // Nor a query, which may hold one (`?token=`).
+    let redacted = match redacted.split_once('?') {
+        Some((base, _)) => format!("{base}?..."),
+        None => redacted,
+    };
     // Without one, `host:port` would parse as a URL whose scheme is the host.
     if !url.contains("://") {
         return Err(usage(format!(
@@ -376,11 +381,9 @@ fn api(
             )))
         }
         // Every request would carry it, and every route refuses a query.
-        // Shown without the query, which may hold a credential (`?token=`).
         Ok(u) if u.query().is_some() => {
-            let base = redacted.split('?').next().unwrap_or_default();
             return Err(usage(format!(
-                "bad --url {base}?...: give the controller's base URL, with no query"
+                "bad --url {redacted}: give the controller's base URL, with no query"
             )));
         }
         Ok(_) => redacted,
