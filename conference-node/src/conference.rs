@@ -245,6 +245,15 @@ pub fn parse_bridge_id(id: &str) -> Option<(bool, u64, ConferenceName)> {
     Some((holding, epoch, ConferenceName::parse(name).ok()?))
 }
 
+/// Queues `conference-end` for `reason`, with the call that ended it when one did.
+fn send_end(cb: &mut Callbacks, reason: &str, ended_by: Option<&str>) {
+    let mut extra = vec![("ReasonConferenceEnded", twilio_end_reason(reason))];
+    if let Some(by) = ended_by {
+        extra.push(("CallSidEndingConference", by.to_string()));
+    }
+    cb.send(CallbackEvent::End, "conference-end", None, &extra);
+}
+
 /// `ReasonConferenceEnded` of a `conference-end` callback: Twilio's value where Twilio has
 /// one for the reason, else the agent's own with dashes (`drain-deadline`).
 fn twilio_end_reason(reason: &str) -> String {
@@ -750,12 +759,7 @@ impl Conference {
         };
         cb.resume_numbering().await;
         let reason = "last_participant_left";
-        cb.send(
-            CallbackEvent::End,
-            "conference-end",
-            None,
-            &[("ReasonConferenceEnded", twilio_end_reason(reason))],
-        );
+        send_end(&mut cb, reason, None);
         self.node
             .metrics
             .conferences_ended
@@ -2162,11 +2166,7 @@ impl Conference {
             }
         }
         if let Some(mut cb) = self.callbacks.take().filter(|_| self.heard_of) {
-            let mut extra = vec![("ReasonConferenceEnded", twilio_end_reason(reason))];
-            if let Some(by) = ended_by {
-                extra.push(("CallSidEndingConference", by.to_string()));
-            }
-            cb.send(CallbackEvent::End, "conference-end", None, &extra);
+            send_end(&mut cb, reason, ended_by);
         }
         self.node
             .metrics

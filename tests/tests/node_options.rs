@@ -11,6 +11,7 @@ use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
+use confroute_tests::ari_sim::AriSim;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{wait_for_async, NodeProc, RedisServer};
 use node_common::*;
@@ -894,6 +895,32 @@ async fn receiver(fail_first: usize) -> (String, Received) {
     receiver_with(fail_first, std::time::Duration::ZERO).await
 }
 
+/// A caller of `conference` asking for `events` callbacks to `url`, once in its bridge.
+async fn dial_hooked(sim: &AriSim, conference: &str, url: &str, events: &str) -> String {
+    let ch = dial(
+        sim,
+        conference,
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", events),
+        ],
+    )
+    .await;
+    wait_bridged(sim, &ch).await;
+    ch
+}
+
+/// Waits until conference `conference`'s settings are kept in Redis.
+async fn settings_kept(s: &Single, conference: &str) {
+    let store = fixtures::store(&s.cfg);
+    let name = confroute_shared::name::ConferenceName::parse(conference).expect("name");
+    wait_for_async("settings recorded", WAIT, || async {
+        store.conference_settings(&name).await.ok().flatten()
+    })
+    .await
+    .expect("settings in Redis");
+}
+
 /// The caller's phone puts the call on hold while the agent is still reading the caller's
 /// options (no `channelvars`, so it asks Asterisk for each): the conference it joins
 /// announces the hold once it is in.
@@ -1007,16 +1034,7 @@ async fn a_conference_nobody_entered_ends_without_callbacks() {
 async fn a_hangup_lost_with_the_websocket_is_reported_as_a_hangup() {
     let (url, got) = receiver(0).await;
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
-    let a = dial(
-        &s.sim,
-        "lost-hangup",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave"),
-        ],
-    )
-    .await;
-    wait_bridged(&s.sim, &a).await;
+    dial_hooked(&s.sim, "lost-hangup", &url, "leave").await;
     let b = dial(&s.sim, "lost-hangup", &[]).await;
     wait_bridged(&s.sim, &b).await;
     s.sim.drop_websockets();
@@ -1160,13 +1178,7 @@ async fn kept_conference(s: &Single, url: &str, got: &Received) -> String {
     )
     .await;
     wait_bridged(&s.sim, &a).await;
-    let store = fixtures::store(&s.cfg);
-    let name = confroute_shared::name::ConferenceName::parse("kept").expect("name");
-    wait_for_async("settings recorded", WAIT, || async {
-        store.conference_settings(&name).await.ok().flatten()
-    })
-    .await
-    .expect("settings in Redis");
+    settings_kept(s, "kept").await;
     wait_for_async("start callbacks", WAIT, || async {
         (got.lock().expect("lock").len() == 2).then_some(())
     })
@@ -1275,24 +1287,11 @@ async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conferen
 async fn a_conference_that_emptied_while_its_agent_was_away_is_told_ended() {
     let (url, got) = receiver(0).await;
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
-    let a = dial(
-        &s.sim,
-        "away",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end join leave"),
-        ],
-    )
-    .await;
-    wait_bridged(&s.sim, &a).await;
+    let a = dial_hooked(&s.sim, "away", &url, "start end join leave").await;
     callbacks(&got, 2).await;
+    settings_kept(&s, "away").await;
     let store = fixtures::store(&s.cfg);
     let name = confroute_shared::name::ConferenceName::parse("away").expect("name");
-    wait_for_async("settings recorded", WAIT, || async {
-        store.conference_settings(&name).await.ok().flatten()
-    })
-    .await
-    .expect("settings in Redis");
     s.node.process().kill();
     until(&s.sim, "agent's socket gone", |snap| snap.websockets == 1).await;
     s.sim.hangup_far_end(&a, 16).await.expect("hangup");
@@ -1761,16 +1760,7 @@ async fn callbacks_are_signed_as_twilio_signs_them_when_an_auth_token_is_set() {
         ("CONFROUTE_WEBHOOK__ACCOUNT_SID", account),
     ])
     .await;
-    let a = dial(
-        &s.sim,
-        "signed",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start join"),
-        ],
-    )
-    .await;
-    wait_bridged(&s.sim, &a).await;
+    dial_hooked(&s.sim, "signed", &url, "start join").await;
     wait_for_async("two callbacks", WAIT, || async {
         (got.lock().expect("lock").len() == 2).then_some(())
     })
