@@ -2,8 +2,9 @@
 //! binaries, sipp and Kamailio) on free loopback ports and stops them when dropped, whether
 //! the test passed or failed.
 //!
-//! Processes are started from the test's own thread: they are also killed by the kernel if
-//! that thread dies without running destructors (`PR_SET_PDEATHSIG`).
+//! Processes are started from one harness thread that lasts as long as the test process:
+//! they are also killed by the kernel if the process dies without running destructors
+//! (`PR_SET_PDEATHSIG`).
 
 mod controller;
 mod dark;

@@ -7,6 +7,40 @@ use std::process::{Child, Command, Stdio};
 
 use super::{HarnessError, HarnessResult};
 
+/// A command and where to send what its spawn gave.
+type SpawnRequest = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from one thread that lives as long as the test process: `PR_SET_PDEATHSIG`
+/// fires when the forking thread ends, and a test's thread, or a blocking pool's (idle ones
+/// end after seconds), may end while its child is still wanted.
+fn spawn_lasting(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        let started = std::thread::Builder::new()
+            .name("harness-spawner".into())
+            .spawn(move || {
+                for (mut cmd, back) in rx {
+                    let _ = back.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            eprintln!("cannot start the harness's spawner thread: {e}");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (back, answer) = std::sync::mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, back))
+        .map_err(|_| std::io::Error::other("the harness's spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the harness's spawner thread is gone"))?
+}
+
 /// A running child; dropping it kills it (SIGKILL) and waits for it.
 pub struct Proc {
     name: String,
@@ -27,19 +61,24 @@ impl Proc {
         // own, a helper (Redis under confroute-dev) is stopped by its owner, in order, after
         // the agents have drained through it, not at the same moment as they start to.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes the
-        // kernel kill the child if the spawning thread dies without running our destructor.
+        let parent = std::process::id();
+        // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent;
+        // the kernel kills the child when the thread that forked it ends, which
+        // `spawn_lasting` makes the test process's end, not that of a test's (or a blocking
+        // pool's) thread. A parent gone before the prctl took effect is caught by getppid.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    return Err(std::io::Error::other("the test process is gone"));
                 }
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| HarnessError(format!("cannot start {name}: {e}")))?;
+        let child =
+            spawn_lasting(cmd).map_err(|e| HarnessError(format!("cannot start {name}: {e}")))?;
         Ok(Proc {
             name: name.to_string(),
             child: Some(child),

@@ -128,15 +128,20 @@ impl RedisServer {
             .args(&self.extra);
         let log = self.dir.path().join(format!("redis-{}.log", self.starts));
         let proc = Proc::spawn(&format!("redis-server :{}", self.port), cmd, &log)?;
+        let pid = proc.pid();
         self.proc = Some(proc);
         let port = self.port;
         let password = self.password.clone();
+        // Ours, not another test's server on the same port (a restart reuses its port, whose
+        // reservation may have lapsed): the one answering must have our child's pid.
+        let ours = format!("process_id:{}", pid.unwrap_or(0));
         wait_for(
-            &format!("redis-server on port {port}"),
+            &format!("redis-server (pid {pid:?}) on port {port}"),
             START_TIMEOUT,
-            || match query_as(port, password.as_deref(), &mut redis::cmd("PING"))? {
-                redis::Value::SimpleString(p) if p == "PONG" => Some(()),
-                _ => None,
+            || {
+                let info = query_as(port, password.as_deref(), redis::cmd("INFO").arg("server"))?;
+                let text = redis::from_redis_value::<String>(info).ok()?;
+                text.lines().any(|l| l.trim() == ours).then_some(())
             },
         )
         .map_err(|e| HarnessError(format!("{e}\nredis output:\n{}", self.output())))?;
@@ -265,9 +270,8 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{}", n.port()));
         }
         create.args(["--cluster-replicas", "0", "--cluster-yes"]);
-        let out = create
-            .output()
-            .map_err(|e| HarnessError(format!("cannot run redis-cli --cluster create: {e}")))?;
+        // Bounded: a node that never joins (its bus port taken) fails the test, not hangs it.
+        let out = super::run_with_input(create, b"", START_TIMEOUT)?;
         if !out.status.success() {
             return Err(HarnessError(format!(
                 "redis-cli --cluster create failed:\n{}{}",
