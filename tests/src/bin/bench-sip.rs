@@ -750,9 +750,11 @@ async fn http_rate_here(
     if let Some(e) = failure {
         return Err(e);
     }
+    // Only answers that were 200 count: a server answering errors fast is not fast.
+    let errors = errors.load(Ordering::Relaxed);
     Ok((
-        requests as f64 / started.elapsed().as_secs_f64(),
-        errors.load(Ordering::Relaxed),
+        requests.saturating_sub(errors) as f64 / started.elapsed().as_secs_f64(),
+        errors,
     ))
 }
 
