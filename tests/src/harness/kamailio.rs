@@ -102,7 +102,14 @@ impl KamailioProc {
         // Its own process group, so that stopping it reaches every worker it forked: they
         // hold the listening sockets and would outlive a killed main process.
         cmd.process_group(0);
-        let proc = Proc::spawn("kamailio", cmd, &dir.path().join("kamailio.log"))?;
+        // Dying with the test process, its main process stops its workers on SIGTERM
+        // (`kill_all_children`), which SIGKILL would leave holding the SIP port.
+        let proc = Proc::spawn_with_death_signal(
+            "kamailio",
+            cmd,
+            &dir.path().join("kamailio.log"),
+            libc::SIGTERM,
+        )?;
         let mut me = KamailioProc {
             proc,
             sip_port,

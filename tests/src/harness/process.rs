@@ -49,8 +49,21 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `cmd` with stdout and stderr going to `log`.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> HarnessResult<Proc> {
+    /// Starts `cmd` with stdout and stderr going to `log`; killed (SIGKILL) if the test
+    /// process dies without dropping it.
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> HarnessResult<Proc> {
+        Self::spawn_with_death_signal(name, cmd, log, libc::SIGKILL)
+    }
+
+    /// [`Proc::spawn`], sent `signal` rather than SIGKILL if the test process dies without
+    /// dropping it: a server that forks workers (Kamailio) stops them on SIGTERM, while the
+    /// kernel's death signal reaches only the process the harness started.
+    pub fn spawn_with_death_signal(
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        signal: libc::c_int,
+    ) -> HarnessResult<Proc> {
         let out = File::create(log)
             .map_err(|e| HarnessError(format!("cannot create log {}: {e}", log.display())))?;
         let err = out
@@ -68,7 +81,7 @@ impl Proc {
         // pool's) thread. A parent gone before the prctl took effect is caught by getppid.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if u32::try_from(libc::getppid()).ok() != Some(parent) {
