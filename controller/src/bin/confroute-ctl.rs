@@ -46,7 +46,8 @@ macro_rules! outln {
 reached or did not answer (the outcome may be unknown)."
 )]
 struct Cli {
-    /// Controller HTTP address.
+    /// Controller HTTP base URL: scheme, host, port and an optional path prefix (a reverse
+    /// proxy's), no query.
     #[arg(
         long,
         global = true,
