@@ -147,7 +147,12 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     }));
 
     let bus = Bus::controller(router.store().clone());
-    let control = Control::new(router.clone(), bus, cfg.rpc.command_timeout);
+    let control = Control::new(
+        router.clone(),
+        bus,
+        cfg.rpc.command_timeout,
+        metrics.rpc_events_lost.clone(),
+    );
     // Set once the SIP sockets are bound, below: /readyz says so from this flag.
     let sip_bound = Arc::new(AtomicBool::new(false));
     let (rpc_stop, rpc_stop_rx) = tokio::sync::watch::channel(false);

@@ -208,11 +208,17 @@ pub struct Control {
 }
 
 impl Control {
-    /// A control service sending commands with `timeout` as their deadline.
-    pub fn new(router: Arc<Router>, bus: Bus, timeout: Duration) -> Self {
+    /// A control service sending commands with `timeout` as their deadline; events that
+    /// connections following them did not get are counted in `events_lost`.
+    pub fn new(
+        router: Arc<Router>,
+        bus: Bus,
+        timeout: Duration,
+        events_lost: prometheus::IntCounterVec,
+    ) -> Self {
         Control {
             router,
-            fanout: crate::fanout::Fanout::start(&bus),
+            fanout: crate::fanout::Fanout::start(&bus, events_lost),
             bus,
             timeout,
         }

@@ -18,7 +18,13 @@ const FEED_QUEUE: usize = 4096;
 pub struct Fanout {
     table: Mutex<Table>,
     next_id: AtomicU64,
+    /// `confroute_rpc_events_lost_total`, by reason.
+    lost: prometheus::IntCounterVec,
 }
+
+/// `confroute_rpc_events_lost_total` reason of events dropped while the dispatcher fell
+/// behind the bus.
+const DISPATCHER_LAG: &str = "dispatcher_lag";
 
 #[derive(Default)]
 struct Table {
@@ -70,11 +76,13 @@ pub struct Feed {
 pub struct TooMany(pub usize);
 
 impl Fanout {
-    /// Starts handing out `bus`'s events; the dispatching task ends with the last handle.
-    pub fn start(bus: &Bus) -> Arc<Fanout> {
+    /// Starts handing out `bus`'s events, counting those a connection did not get in
+    /// `lost`; the dispatching task ends with the last handle.
+    pub fn start(bus: &Bus, lost: prometheus::IntCounterVec) -> Arc<Fanout> {
         let fanout = Arc::new(Fanout {
             table: Mutex::default(),
             next_id: AtomicU64::new(1),
+            lost,
         });
         tokio::spawn(dispatch(bus.events(), Arc::downgrade(&fanout)));
         fanout
@@ -126,15 +134,17 @@ impl Fanout {
             return;
         };
         for f in followers.values() {
-            if f.missed.load(Ordering::SeqCst) > 0 {
+            let missed = f.missed.load(Ordering::SeqCst) > 0
+                || matches!(
+                    f.tx.try_send(ev.clone()),
+                    Err(mpsc::error::TrySendError::Full(_))
+                );
+            // A closed feed's entry goes with its `Following`.
+            if missed {
                 f.miss(1);
-                continue;
-            }
-            match f.tx.try_send(ev.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => f.miss(1),
-                // The feed is gone; its entry goes with its `Following`.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                self.lost
+                    .with_label_values(&[crate::rpc::SLOW_CLIENT])
+                    .inc();
             }
         }
     }
@@ -145,6 +155,7 @@ impl Fanout {
         for (f, conferences) in self.table().by_follower.values() {
             if !conferences.is_empty() {
                 f.miss(n);
+                self.lost.with_label_values(&[DISPATCHER_LAG]).inc_by(n);
             }
         }
     }
@@ -302,6 +313,11 @@ mod tests {
         Arc::new(Fanout {
             table: Mutex::default(),
             next_id: AtomicU64::new(1),
+            lost: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("lost_total", "test"),
+                &["reason"],
+            )
+            .expect("counter"),
         })
     }
 

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// JSON-RPC error answers by error code (bad input, unknown methods, limits, failures).
     pub rpc_errors: IntCounterVec,
+    /// JSON-RPC WebSocket connections open.
+    pub rpc_connections: IntGauge,
+    /// Conference events a following connection did not get, by reason.
+    pub rpc_events_lost: IntCounterVec,
     /// Nodes in the controller's view, by state.
     pub nodes: IntGaugeVec,
     /// Nodes in the view whose agent reports its ARI connection down.
@@ -100,6 +104,17 @@ impl Metrics {
             ),
             &["code"],
         )?;
+        let rpc_connections = IntGauge::new(
+            "confroute_rpc_connections",
+            "JSON-RPC WebSocket connections open.",
+        )?;
+        let rpc_events_lost = IntCounterVec::new(
+            Opts::new(
+                "confroute_rpc_events_lost_total",
+                "Conference events a JSON-RPC connection following their conference did not get, by reason.",
+            ),
+            &["reason"],
+        )?;
         let nodes = IntGaugeVec::new(
             Opts::new(
                 "confroute_nodes",
@@ -121,6 +136,8 @@ impl Metrics {
         registry.register(Box::new(claim_conflicts.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(rpc_errors.clone()))?;
+        registry.register(Box::new(rpc_connections.clone()))?;
+        registry.register(Box::new(rpc_events_lost.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
         let store = StoreMetrics::new(&registry)?;
         confroute_shared::runtime_metrics::RuntimeTasks::register(&registry)?;
@@ -142,6 +159,8 @@ impl Metrics {
             claim_conflicts,
             http_requests,
             rpc_errors,
+            rpc_connections,
+            rpc_events_lost,
             nodes,
             nodes_ari_down,
             store,

@@ -690,6 +690,17 @@ struct Session {
     closed: tokio::sync::watch::Receiver<bool>,
     /// `confroute_rpc_errors_total`, by code.
     errors: prometheus::IntCounterVec,
+    /// `confroute_rpc_events_lost_total`, by reason.
+    events_lost: prometheus::IntCounterVec,
+}
+
+/// The series a JSON-RPC connection counts into.
+#[derive(Clone)]
+pub struct Series {
+    /// `confroute_rpc_errors_total`, by code.
+    pub errors: prometheus::IntCounterVec,
+    /// `confroute_rpc_events_lost_total`, by reason.
+    pub events_lost: prometheus::IntCounterVec,
 }
 
 /// Serves one WebSocket until it closes.
@@ -697,7 +708,7 @@ pub async fn serve(
     socket: WebSocket,
     control: Control,
     limits: Limits,
-    errors: prometheus::IntCounterVec,
+    series: Series,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let (mut sink, mut stream) = socket.split();
@@ -788,7 +799,8 @@ pub async fn serve(
             overflow: tokio::sync::Notify::new(),
         },
         closed,
-        errors,
+        errors: series.errors,
+        events_lost: series.events_lost,
     });
     let events = tokio::spawn(forward_events(
         session.clone(),
@@ -961,6 +973,7 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
                     };
                     if gap || lost > 0 || session.try_queue(text).is_err() {
                         lost += 1;
+                        session.events_lost.with_label_values(&[SLOW_CLIENT]).inc();
                     }
                 }
                 Delivery::Lost(n) => lost += n,
@@ -1018,10 +1031,14 @@ fn status_rank(status: &str) -> u8 {
     }
 }
 
+/// `events.lost` reason and `confroute_rpc_events_lost_total` label of events a connection
+/// did not read fast enough for.
+pub const SLOW_CLIENT: &str = "slow_client";
+
 fn lost_notice(count: u64) -> String {
     notification(
         "events.lost",
-        json!({ "count": count, "reason": "slow_client" }),
+        json!({ "count": count, "reason": SLOW_CLIENT }),
     )
 }
 

@@ -750,8 +750,16 @@ async fn a_client_that_reads_nothing_is_closed_rather_than_waited_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_past_rpc_max_connections_are_refused_until_one_closes() {
     let s = setup(&[("CONFROUTE_RPC__MAX_CONNECTIONS", "1")]).await;
+    let open = || async {
+        fixtures::metric_opt(
+            &fixtures::scrape(&s.controller.http_url()).await,
+            "confroute_rpc_connections",
+        )
+    };
+    assert_eq!(open().await, Some(0.0));
     let mut first = connect(&s, None).await.expect("connect");
     ping(&mut first, 1).await;
+    assert_eq!(open().await, Some(1.0));
     match connect(&s, None).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 503);
@@ -770,6 +778,13 @@ async fn websockets_past_rpc_max_connections_are_refused_until_one_closes() {
     }
     first.close(None).await.expect("close");
     drop(first);
+    wait_for_async(
+        "the closed connection uncounted",
+        Duration::from_secs(10),
+        || async { (open().await == Some(0.0)).then_some(()) },
+    )
+    .await
+    .expect("counted down");
     let mut again = wait_for_async(
         "a place freed by the close",
         Duration::from_secs(10),
@@ -818,6 +833,18 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
     }
     assert_eq!(events + lost, SENT);
     assert!(lost > 0, "the client did lose events ({events} arrived)");
+    // Counted as told (none of them to a dispatcher falling behind, unless it did).
+    let m = fixtures::scrape(&s.controller.http_url()).await;
+    let counted: f64 = ["slow_client", "dispatcher_lag"]
+        .iter()
+        .map(|r| {
+            fixtures::metric(
+                &m,
+                &format!(r#"confroute_rpc_events_lost_total{{reason="{r}"}}"#),
+            )
+        })
+        .sum();
+    assert_eq!(counted, lost as f64, "{m}");
     ping(&mut ws, 2).await;
 }
 

@@ -108,7 +108,11 @@ pub async fn rpc(
     };
     let limits = state.rpc_limits.clone();
     let control = state.control.clone();
-    let errors = state.metrics.rpc_errors.clone();
+    let series = crate::rpc::Series {
+        errors: state.metrics.rpc_errors.clone(),
+        events_lost: state.metrics.rpc_events_lost.clone(),
+    };
+    let open = state.metrics.rpc_connections.clone();
     let stop = state.rpc_stop.clone();
     // The protocol cap sits well above our own limit so an oversize message gets a JSON-RPC
     // error and the connection stays usable; only absurd frames close it. The frame cap is
@@ -118,7 +122,16 @@ pub async fn rpc(
     ws.max_message_size(cap)
         .max_frame_size(cap)
         .on_upgrade(move |socket| async move {
-            crate::rpc::serve(socket, control, limits, errors, stop).await;
+            /// Counts the connection open until it ends, however it ends.
+            struct Open(prometheus::IntGauge);
+            impl Drop for Open {
+                fn drop(&mut self) {
+                    self.0.dec();
+                }
+            }
+            open.inc();
+            let _open = Open(open);
+            crate::rpc::serve(socket, control, limits, series, stop).await;
             drop(slot);
         })
 }
