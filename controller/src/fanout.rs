@@ -24,7 +24,7 @@ pub struct Fanout {
 
 /// `confroute_rpc_events_lost_total` reason of events dropped while the dispatcher fell
 /// behind the bus.
-const DISPATCHER_LAG: &str = "dispatcher_lag";
+pub const DISPATCHER_LAG: &str = "dispatcher_lag";
 
 #[derive(Default)]
 struct Table {

@@ -148,6 +148,9 @@ impl Metrics {
         for s in ["serving", "draining", "shutting_down"] {
             nodes.with_label_values(&[s]).set(0);
         }
+        for r in [crate::rpc::SLOW_CLIENT, crate::fanout::DISPATCHER_LAG] {
+            rpc_events_lost.with_label_values(&[r]).inc_by(0);
+        }
         Ok(Metrics {
             registry,
             sip_requests,

@@ -78,6 +78,7 @@ fn dashboard_has_its_variables_and_panels() {
         "Webhook failures",
         "SIP dropped by reason",
         "Call-control errors by code",
+        "Call-control connections and events lost",
     ] {
         assert!(titles.contains(&t), "panel {t:?} missing: {titles:?}");
     }
@@ -87,6 +88,7 @@ fn dashboard_has_its_variables_and_panels() {
     for (metric, by) in [
         ("confroute_sip_dropped_total", "by (reason)"),
         ("confroute_rpc_errors_total", "by (code)"),
+        ("confroute_rpc_events_lost_total", "by (reason)"),
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(metric) && e.contains(by)),
