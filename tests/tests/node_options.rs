@@ -1623,6 +1623,17 @@ async fn a_stop_keeps_time_for_the_end_behind_a_slow_receiver() {
         ],
     )
     .await;
+    end_kept_and_leaves_dropped(
+        &s,
+        &events,
+        CALLERS,
+        "status callbacks dropped at the stop to leave time for the conference's end",
+    );
+}
+
+/// `events` (callbacks received by the exit of `s`'s agent, `callers` of them leaves) end
+/// with `conference-end` though some leaves were dropped, as the log line `dropped` says.
+fn end_kept_and_leaves_dropped(s: &Single, events: &[String], callers: usize, dropped: &str) {
     assert_eq!(
         events.last().map(String::as_str),
         Some("conference-end"),
@@ -1630,14 +1641,8 @@ async fn a_stop_keeps_time_for_the_end_behind_a_slow_receiver() {
         s.node.output()
     );
     let leaves = events.iter().filter(|e| *e == "participant-leave").count();
-    assert!(leaves < CALLERS, "some leaves made way: {events:?}");
-    assert!(
-        s.node.output().contains(
-            "status callbacks dropped at the stop to leave time for the conference's end"
-        ),
-        "{}",
-        s.node.output()
-    );
+    assert!(leaves < callers, "some leaves were dropped: {events:?}");
+    assert!(s.node.output().contains(dropped), "{}", s.node.output());
 }
 
 /// A conference ending with more leaves than its callback queue holds (behind a slow
@@ -1651,20 +1656,11 @@ async fn a_full_callback_queue_drops_leaves_but_never_the_end() {
         &[("CONFROUTE_WEBHOOK__QUEUE_SIZE", "2")],
     )
     .await;
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("conference-end"),
-        "{events:?}\n{}",
-        s.node.output()
-    );
-    let leaves = events.iter().filter(|e| *e == "participant-leave").count();
-    assert!(leaves < CALLERS, "the queue of 2 overflowed: {events:?}");
-    assert!(
-        s.node
-            .output()
-            .contains("status callback queue full; event dropped"),
-        "{}",
-        s.node.output()
+    end_kept_and_leaves_dropped(
+        &s,
+        &events,
+        CALLERS,
+        "status callback queue full; event dropped",
     );
 }
 
