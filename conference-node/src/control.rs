@@ -108,7 +108,8 @@ fn code_label(code: ErrorCode) -> &'static str {
         ErrorCode::Timeout => "timeout",
         ErrorCode::InvalidParams => "invalid_params",
         ErrorCode::Unavailable => "unavailable",
-        ErrorCode::Internal => "internal",
+        // Made by a command's sender when its answer does not come; no node answers it.
+        ErrorCode::Internal | ErrorCode::NoAnswer => "internal",
     }
 }
 
@@ -124,8 +125,11 @@ fn now_ms() -> u64 {
 pub enum Op {
     /// `participant.list`.
     List,
-    /// `conference.end`.
-    End,
+    /// `conference.end`; with an epoch, only while the conference lives at that epoch.
+    End {
+        /// The conference's life the client means (its claim's epoch), when it named one.
+        epoch: Option<u64>,
+    },
     /// `conference.play`: media to the whole conference.
     PlayConference {
         /// Media URI.
@@ -340,7 +344,7 @@ impl Held {
 fn spawns(op: &Op, looked: bool) -> bool {
     match op {
         Op::Dialout(_) => true,
-        Op::End => looked,
+        Op::End { .. } => looked,
         _ => false,
     }
 }
@@ -481,6 +485,14 @@ struct ConferenceP {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct EndP {
+    conference: String,
+    #[serde(default)]
+    epoch: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ParticipantP {
     conference: String,
     participant: String,
@@ -566,14 +578,13 @@ fn parse(node: &Node, cmd: &Command) -> Result<(ConferenceName, Op), BusError> {
         Ok((conference(&v.conference)?, f(participant(&v.participant)?)))
     };
     match cmd.method.as_str() {
-        "participant.list" | "conference.end" => {
+        "participant.list" => {
             let v: ConferenceP = decode(p)?;
-            let op = if cmd.method == "conference.end" {
-                Op::End
-            } else {
-                Op::List
-            };
-            Ok((conference(&v.conference)?, op))
+            Ok((conference(&v.conference)?, Op::List))
+        }
+        "conference.end" => {
+            let v: EndP = decode(p)?;
+            Ok((conference(&v.conference)?, Op::End { epoch: v.epoch }))
         }
         "conference.play" => {
             let v: PlayP = decode(p)?;
@@ -739,6 +750,7 @@ mod tests {
             ErrorCode::InvalidParams,
             ErrorCode::Unavailable,
             ErrorCode::Internal,
+            ErrorCode::NoAnswer,
         ];
         for code in codes {
             match code {
@@ -751,7 +763,8 @@ mod tests {
                 | ErrorCode::Timeout
                 | ErrorCode::InvalidParams
                 | ErrorCode::Unavailable
-                | ErrorCode::Internal => {}
+                | ErrorCode::Internal
+                | ErrorCode::NoAnswer => {}
             }
             assert!(
                 crate::metrics::COMMAND_OUTCOMES.contains(&code_label(code)),

@@ -59,6 +59,18 @@ pub struct ConferenceRef {
     pub conference: String,
 }
 
+/// `conference.end`: `{conference, epoch?}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndParams {
+    /// Conference name.
+    pub conference: String,
+    /// The life of the conference to end (its claim's `epoch`, as `conference.get` or a
+    /// route gave it): when given, a conference living at another epoch is left alone.
+    #[serde(default)]
+    pub epoch: Option<u64>,
+}
+
 /// `{conference, participant}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,8 +292,15 @@ impl Control {
     }
 
     async fn owner(&self, conference: &ConferenceName) -> Result<NodeId, ControlError> {
+        Ok(self.record(conference).await?.owner.node)
+    }
+
+    async fn record(
+        &self,
+        conference: &ConferenceName,
+    ) -> Result<confroute_shared::types::ConferenceRecord, ControlError> {
         match self.router.store().lookup(conference).await {
-            Ok(Some(rec)) => Ok(rec.owner.node),
+            Ok(Some(rec)) => Ok(rec),
             Ok(None) => Err(ControlError::code(
                 ErrorCode::ConferenceNotFound,
                 format!("conference `{conference}` has no home"),
@@ -386,15 +405,44 @@ impl Control {
         }))
     }
 
-    /// `conference.end`: the owning node hangs everyone up and releases the claim.
-    pub async fn end(&self, p: ConferenceRef) -> Result<Value, ControlError> {
+    /// `conference.end`: the owning node hangs everyone up and releases the claim; with an
+    /// epoch, only that life of the conference (a later one under the same name lives on).
+    pub async fn end(&self, p: EndParams) -> Result<Value, ControlError> {
         let conference = name(&p.conference)?;
-        self.send(
-            &conference,
-            "conference.end",
-            json!({"conference": conference}),
-        )
-        .await
+        let Some(epoch) = p.epoch else {
+            return self
+                .send(
+                    &conference,
+                    "conference.end",
+                    json!({"conference": conference}),
+                )
+                .await;
+        };
+        let started = Instant::now();
+        let rec = self.record(&conference).await?;
+        if rec.owner.epoch != epoch {
+            return Err(ControlError::code(
+                ErrorCode::ConferenceNotFound,
+                format!(
+                    "conference `{conference}` lives at epoch {}, not {epoch}; nothing was done",
+                    rec.owner.epoch
+                ),
+            ));
+        }
+        // The node checks the epoch again: the conference may end and begin again on the
+        // same node between this look and the command.
+        let call = self
+            .bus
+            .call(
+                &rec.owner.node,
+                "conference.end",
+                json!({"conference": conference, "epoch": epoch}),
+                self.left(started)?,
+                false,
+            )
+            .await
+            .map_err(ControlError::Node)?;
+        call.reply.map_err(ControlError::Node)
     }
 
     /// `participant.list`.

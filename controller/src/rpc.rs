@@ -38,7 +38,8 @@ pub mod codes {
     pub const CONFERENCE_NOT_FOUND: i64 = -32001;
     /// No such participant.
     pub const PARTICIPANT_NOT_FOUND: i64 = -32002;
-    /// The owning node is gone or did not answer within the deadline.
+    /// The owning node is gone or not listening, or the command could not be sent: nothing
+    /// was done.
     pub const NODE_UNAVAILABLE: i64 = -32003;
     /// The dial-out target is not an E.164 number or SIP URI.
     pub const INVALID_NUMBER: i64 = -32004;
@@ -56,6 +57,9 @@ pub mod codes {
     pub const MESSAGE_TOO_LARGE: i64 = -32010;
     /// Routing is impossible now (Redis unavailable, no node with room).
     pub const UNAVAILABLE: i64 = -32011;
+    /// The command went to the owning node and no answer came in time: it may have been
+    /// carried out (a retried dial-out may ring twice).
+    pub const NO_ANSWER: i64 = -32012;
 }
 
 /// Limits of one connection.
@@ -116,6 +120,7 @@ impl From<ControlError> for RpcError {
                     ErrorCode::Timeout => codes::TIMEOUT,
                     ErrorCode::InvalidParams => codes::INVALID_PARAMS,
                     ErrorCode::Unavailable => codes::UNAVAILABLE,
+                    ErrorCode::NoAnswer => codes::NO_ANSWER,
                     ErrorCode::Internal => codes::INTERNAL_ERROR,
                 };
                 RpcError::new(code, b.message)
@@ -1521,7 +1526,7 @@ impl Default for Limits {
     }
 }
 
-/// How long a command may take end to end before the client gets `NODE_UNAVAILABLE`.
+/// How long a command may take end to end before the client gets `NO_ANSWER`.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]

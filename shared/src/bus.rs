@@ -16,8 +16,9 @@
 //! listening fails at once with `node_unavailable` (on a Cluster it counts only the
 //! subscribers of the node that took it, so everyone subscribes on the primary serving the
 //! channels' slot, where publishes are routed); one that is accepted but never answered
-//! fails at its deadline the same way. Nothing hangs. Pub/sub keeps no history: a message
-//! sent while a process reconnects is lost, which for commands shows up as the same error.
+//! fails at its deadline with `no_answer`, as it may have been carried out. Nothing hangs.
+//! Pub/sub keeps no history: a message sent while a process reconnects is lost, which for
+//! commands shows up as `no_answer`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +46,7 @@ pub enum ErrorCode {
     ConferenceNotFound,
     /// No such participant in the conference.
     ParticipantNotFound,
-    /// The owning node is not listening or did not answer in time.
+    /// The owning node is not listening, or the command could not be sent: nothing was done.
     NodeUnavailable,
     /// A dial-out target that is not an E.164 number or SIP URI.
     InvalidNumber,
@@ -59,6 +60,9 @@ pub enum ErrorCode {
     InvalidParams,
     /// The node could not reach Redis to check or claim the conference; nothing was done.
     Unavailable,
+    /// The command was sent (or may have been) and no answer came within its deadline: it
+    /// may have been carried out. Made by the sender, never by a node.
+    NoAnswer,
     /// The node failed for a reason of its own; also any code this version does not know
     /// (a newer node's), so an answer is never lost to its code.
     #[serde(other)]
@@ -480,7 +484,7 @@ impl Bus {
     /// notifications that come after the result are delivered on [`Call::notifications`]
     /// until the last one (or [`Bus::forget`]). An `Err` means the command was not sent, or
     /// nobody heard it: it certainly had no effect. A [`Call`] whose reply is an error may
-    /// have been carried out when that error is `node_unavailable` (no answer in time).
+    /// have been carried out when that error is `no_answer`.
     pub async fn call(
         &self,
         node: &NodeId,
@@ -568,7 +572,7 @@ impl Bus {
                 "node sent a notification before the result",
             )),
             Err(_) => Err(BusError::new(
-                ErrorCode::NodeUnavailable,
+                ErrorCode::NoAnswer,
                 match &unconfirmed {
                     Some(e) => format!("node {node} did not answer within {timeout:?}, and Redis did not confirm the command was sent ({e})"),
                     None => format!("node {node} did not answer within {timeout:?}"),

@@ -902,7 +902,7 @@ async fn a_dialout_that_waited_past_half_its_budget_is_not_placed() {
 
     let v = dialout.await.expect("dial-out task");
     // The node's own `timeout` answer, which came before the controller gave up: the
-    // controller's would be -32003 (node unavailable).
+    // controller's would be -32012 (no answer).
     assert_eq!(v["error"]["code"], -32007, "{v}");
     let v = mute.await.expect("mute task");
     assert!(v["result"].is_object(), "the mute itself went through: {v}");

@@ -1,6 +1,7 @@
-//! A node agent killed (SIGKILL) while it works on a command: the client hears "node
-//! unavailable" (-32003) within the controller's command deadline, and the next command
-//! to that node fails at once (nobody listens on its channel any more).
+//! A node agent killed (SIGKILL) while it works on a command: the client hears "no answer"
+//! (-32012: the command may have been carried out) within the controller's command deadline,
+//! and the next command to that node fails at once as "node unavailable" (-32003: nobody
+//! listens on its channel any more, so nothing was done).
 
 mod node_common;
 
@@ -93,7 +94,7 @@ async fn a_node_killed_mid_command_is_reported_unavailable_in_time() {
         .expect("the node took the command");
     node.proc.process().kill();
     let (v, answered) = pending.await.expect("client task");
-    assert_eq!(v["error"]["code"], -32003, "{v}");
+    assert_eq!(v["error"]["code"], -32012, "{v}");
     assert!(
         v["error"]["message"]
             .as_str()
@@ -177,7 +178,7 @@ async fn a_command_that_reaches_a_paused_agent_after_its_deadline_is_not_carried
         .process()
         .signal(libc::SIGCONT)
         .expect("continue");
-    assert_eq!(code, -32003, "{msg}");
+    assert_eq!(code, -32012, "{msg}");
     // Answered after the agent read everything it was sent while stopped.
     let v = ws
         .call("participant.list", json!({"conference": "paused"}))

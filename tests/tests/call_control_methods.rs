@@ -511,6 +511,135 @@ async fn every_method_works_through_any_controller() {
     );
 }
 
+/// `conference.end` with an epoch ends that life of the conference only: asked for another
+/// epoch, the controller leaves the conference alone (RPC -32001, REST 404), and so does the
+/// node when the command reaches it naming an epoch the conference no longer lives at (the
+/// name ended and was claimed again between the controller's look and the command), live
+/// or placed and unreached. Asked for its own epoch, it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_naming_an_epoch_ends_that_life_only() {
+    let c = Cluster::start(&[], &[]).await;
+    let store = fixtures::store(&c.cfg);
+    let owner = c.route(0, "life").await;
+    let sim = &c.node(&owner).sim;
+    let a = dial(sim, "life", &[]).await;
+    wait_bridged(sim, &a).await;
+    let name = "life".parse().expect("name");
+    let epoch = store
+        .lookup(&name)
+        .await
+        .expect("lookup")
+        .expect("homed")
+        .owner
+        .epoch;
+    let mut ws = c.client(0).await;
+
+    let (code, msg) = ws
+        .err(
+            "conference.end",
+            json!({"conference": "life", "epoch": epoch + 1}),
+        )
+        .await;
+    assert_eq!(code, -32001, "{msg}");
+    assert!(msg.contains(&format!("lives at epoch {epoch}")), "{msg}");
+    let (code, msg) = ws
+        .err(
+            "conference.end",
+            json!({"conference": "life", "epoch": "one"}),
+        )
+        .await;
+    assert_eq!(code, -32602, "{msg}");
+    let http = fixtures::http();
+    let url = format!("{}/v1/conferences/life", c.controllers[1].http_url());
+    let r = http
+        .delete(format!("{url}?epoch={}", epoch + 1))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status().as_u16(), 404);
+    let body: Value = r.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "conference_not_found", "{body}");
+    for bad in ["epoch=x", "epoch=", "epoch=1&epoch=2", "life=1"] {
+        let r = http
+            .delete(format!("{url}?{bad}"))
+            .send()
+            .await
+            .expect("DELETE");
+        assert_eq!(r.status().as_u16(), 400, "{bad}");
+        let body: Value = r.json().await.expect("JSON error");
+        assert_eq!(body["error"]["code"], "invalid_request", "{bad}: {body}");
+    }
+
+    // Straight to the node, past the controller's look, as after a race with a new life.
+    let bus = confroute_shared::bus::Bus::controller(store.clone());
+    assert!(bus.wait_connected(WAIT).await, "bus up");
+    let at_node = |conference: &'static str, epoch: u64| {
+        let bus = bus.clone();
+        let owner = fixtures::id(&owner);
+        async move {
+            bus.call(
+                &owner,
+                "conference.end",
+                json!({"conference": conference, "epoch": epoch}),
+                WAIT,
+                false,
+            )
+            .await
+            .expect("sent")
+            .reply
+        }
+    };
+    let refused = at_node("life", epoch + 5).await.expect_err("another life");
+    assert_eq!(
+        refused.code,
+        confroute_shared::bus::ErrorCode::ConferenceNotFound,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message.contains(&format!("lives at epoch {epoch}")),
+        "{refused:?}"
+    );
+    // Placed on the node and not reached by anyone: its claim stays too.
+    let ghost: confroute_shared::name::ConferenceName = "ghost-life".parse().expect("name");
+    let placed = store
+        .claim(&ghost, &[fixtures::id(&owner)])
+        .await
+        .expect("claim")
+        .owner
+        .expect("placed");
+    let refused = at_node("ghost-life", placed.epoch + 1)
+        .await
+        .expect_err("another life");
+    assert!(refused.message.contains("lives at epoch"), "{refused:?}");
+    assert!(store.lookup(&ghost).await.expect("lookup").is_some());
+    assert_eq!(
+        at_node("ghost-life", placed.epoch).await,
+        Ok(json!({"ended": true}))
+    );
+    assert!(store.lookup(&ghost).await.expect("lookup").is_none());
+    assert!(
+        sim.snapshot().channel(&a).is_some(),
+        "the caller of the live conference is still there"
+    );
+    assert_eq!(
+        store
+            .lookup(&name)
+            .await
+            .expect("lookup")
+            .map(|r| r.owner.epoch),
+        Some(epoch)
+    );
+
+    // Its own epoch, over REST: ended.
+    let r = http
+        .delete(format!("{url}?epoch={epoch}"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(wait_hangup(sim, &a).await, 16);
+}
+
 /// A conference placed on a node that no caller has reached (a route claimed it): it lists
 /// empty (as its record says), other commands on it are not found there, but ending it gives
 /// its claim back at once; ending it again finds no home. Asterisk is not touched.

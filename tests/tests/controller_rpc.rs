@@ -1580,7 +1580,7 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
         let v = recv(&mut ws).await;
         answers.insert(v["id"].as_u64().expect("id"), v);
     }
-    assert_eq!(code(&answers[&1]), -32003, "{:?}", answers[&1]);
+    assert_eq!(code(&answers[&1]), -32012, "{:?}", answers[&1]);
     // Mute 1 holds the line for the whole timeout: the others give up after half of it.
     for id in [2, 3] {
         assert_eq!(code(&answers[&id]), -32007, "{:?}", answers[&id]);
@@ -1637,7 +1637,7 @@ async fn a_command_that_waited_in_line_takes_what_is_left_of_the_timeout() {
         answers.insert(v["id"].as_u64().expect("id"), v);
     }
     assert!(answers[&1].get("result").is_some(), "{:?}", answers[&1]);
-    assert_eq!(code(&answers[&2]), -32003, "{:?}", answers[&2]);
+    assert_eq!(code(&answers[&2]), -32012, "{:?}", answers[&2]);
     let first = heard.recv().await.expect("p1 reached the node");
     let second = heard.recv().await.expect("p2 reached the node");
     assert_eq!((first.0.as_str(), second.0.as_str()), ("p1", "p2"));
@@ -1688,7 +1688,7 @@ async fn a_move_gets_one_command_timeout_in_all() {
     let answer = recv(&mut ws).await;
     assert_eq!(
         code(&answer),
-        -32003,
+        -32012,
         "the node never answers the move: {answer}"
     );
     let mut reached = Vec::new();

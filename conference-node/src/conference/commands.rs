@@ -116,11 +116,23 @@ impl Conference {
         )
     }
 
+    /// The refusal of a command meant for another life of this conference (`asked`, where
+    /// it lives at `epoch`): that life is over, or not begun.
+    fn other_life(&self, asked: u64, epoch: u64) -> BusError {
+        BusError::new(
+            ErrorCode::ConferenceNotFound,
+            format!(
+                "conference `{}` lives at epoch {epoch}, not {asked}; nothing was done",
+                self.name
+            ),
+        )
+    }
+
     /// `end` of a conference placed on this node that no caller has reached yet (a
     /// controller claimed it for a route, say): its claim is given back at once rather than
     /// when reconciliation finds it stale. Run in this conference's actor, so a first
     /// caller arriving meanwhile is handled after it, under a claim of its own.
-    async fn end_unreached(&mut self) -> Result<Value, BusError> {
+    async fn end_unreached(&mut self, epoch: Option<u64>) -> Result<Value, BusError> {
         let unavailable = |e: confroute_shared::store::StoreError| {
             BusError::new(
                 ErrorCode::Unavailable,
@@ -132,6 +144,9 @@ impl Conference {
             Ok(_) => return Err(self.not_hosted()),
             Err(e) => return Err(unavailable(e)),
         };
+        if let Some(asked) = epoch.filter(|e| *e != rec.owner.epoch) {
+            return Err(self.other_life(asked, rec.owner.epoch));
+        }
         match self
             .node
             .store
@@ -167,7 +182,7 @@ impl Conference {
         }
         if self.phase == Phase::Idle {
             let answer = match op {
-                Op::End => self.end_unreached().await,
+                Op::End { epoch } => self.end_unreached(epoch).await,
                 _ => Err(self.not_hosted()),
             };
             pending.answer(&self.node, answer);
@@ -175,7 +190,10 @@ impl Conference {
         }
         let result = match op {
             Op::List => Ok(self.list()),
-            Op::End => {
+            Op::End { epoch: Some(asked) } if asked != self.epoch => {
+                Err(self.other_life(asked, self.epoch))
+            }
+            Op::End { .. } => {
                 self.end("ended_by_api", None).await;
                 Ok(json!({"ended": true}))
             }

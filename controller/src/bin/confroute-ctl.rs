@@ -178,6 +178,10 @@ enum ConfCmd {
     End {
         /// Conference name.
         name: String,
+        /// End only this life of the conference (the epoch `conference get` shows); a
+        /// conference living at another epoch is left alone.
+        #[arg(long)]
+        epoch: Option<u64>,
     },
     /// Play media to everyone in a conference.
     Play {
@@ -641,11 +645,14 @@ fn rpc_failure(e: &Value) -> Failure {
         codes::TOO_MANY_SUBSCRIPTIONS => "too_many_subscriptions",
         codes::MESSAGE_TOO_LARGE => "message_too_large",
         codes::UNAVAILABLE => "unavailable",
+        codes::NO_ANSWER => "no_answer",
         _ => "error",
     };
     let exit = match e["code"].as_i64().unwrap_or(0) {
         codes::CONFERENCE_NOT_FOUND | codes::PARTICIPANT_NOT_FOUND => Exit::NotFound,
-        codes::NODE_UNAVAILABLE | codes::TIMEOUT | codes::UNAVAILABLE => Exit::Unavailable,
+        codes::NODE_UNAVAILABLE | codes::TIMEOUT | codes::UNAVAILABLE | codes::NO_ANSWER => {
+            Exit::Unavailable
+        }
         _ => Exit::Failed,
     };
     Failure(
@@ -872,9 +879,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .await?,
                 print_conferences,
             ),
-            ConfCmd::End { name } => {
+            ConfCmd::End { name, epoch } => {
+                let epoch = epoch.map(|e| e.to_string());
+                let query: Vec<(&str, &str)> =
+                    epoch.iter().map(|e| ("epoch", e.as_str())).collect();
                 let v = api
-                    .call(Method::DELETE, &["v1", "conferences", &name], None)
+                    .call_with_query(Method::DELETE, &["v1", "conferences", &name], &query, None)
                     .await?;
                 done(&v, &format!("{name}: ended"));
             }

@@ -40,7 +40,19 @@ impl<S: Send + Sync> FromRequest<S> for NoInput {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let (parts, body) = req.into_parts();
         refuse_query(&parts)?;
-        let req = Request::from_parts(parts, body);
+        NoBody::from_request(Request::from_parts(parts, body), state).await?;
+        Ok(NoInput)
+    }
+}
+
+/// The route takes no body (its input is in the query): a body other than an empty one or
+/// `{}` is a 400.
+pub struct NoBody;
+
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         // Within the body limit like any other (413 past it).
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -51,7 +63,7 @@ impl<S: Send + Sync> FromRequest<S> for NoInput {
             ApiError::new(e.status(), code, e.body_text())
         })?;
         if confroute_shared::http_serve::says_nothing(&bytes) {
-            Ok(NoInput)
+            Ok(NoBody)
         } else {
             Err(ApiError::bad_request(
                 "this route takes no body: send none, or {}",

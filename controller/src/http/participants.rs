@@ -2,9 +2,10 @@
 //! WebSocket, and the WebSocket upgrade itself. Both go through [`crate::control::Control`].
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,11 +15,11 @@ use serde_json::{json, Map, Value};
 use confroute_shared::bus::ErrorCode;
 
 use super::api::{conference_name, json_rejection};
-use super::input::{NoInput, NoQuery};
+use super::input::{NoBody, NoInput, NoQuery};
 use super::{ApiError, ApiState};
 use crate::control::{
-    ConferenceRef, ControlError, DialoutParams, DtmfParams, MoveParams, ParticipantRef, PlayParams,
-    UpdateParams,
+    ConferenceRef, ControlError, DialoutParams, DtmfParams, EndParams, MoveParams, ParticipantRef,
+    PlayParams, UpdateParams,
 };
 
 impl From<ControlError> for ApiError {
@@ -56,6 +57,8 @@ impl From<ControlError> for ApiError {
                         (StatusCode::UNPROCESSABLE_ENTITY, "invalid_params")
                     }
                     ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                    // Not 503: that invites a retry, and this command may have been done.
+                    ErrorCode::NoAnswer => (StatusCode::GATEWAY_TIMEOUT, "no_answer"),
                     ErrorCode::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
                 };
                 ApiError::new(status, code, b.message)
@@ -196,18 +199,32 @@ pub async fn list(
     ))
 }
 
-/// `DELETE /v1/conferences/{name}`: the owning node ends the conference.
+/// Query of `DELETE /v1/conferences/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndQuery {
+    /// Only this life of the conference (its claim's epoch).
+    epoch: Option<u64>,
+}
+
+/// `DELETE /v1/conferences/{name}[?epoch=N]`: the owning node ends the conference (with an
+/// epoch, only while it lives at that epoch).
 pub async fn end(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-    input: Result<NoInput, ApiError>,
+    q: Result<Query<EndQuery>, QueryRejection>,
+    input: Result<NoBody, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let name = checked(name)?;
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
     input?;
     Ok(Json(
         state
             .control
-            .end(ConferenceRef { conference: name })
+            .end(EndParams {
+                conference: name,
+                epoch: q.epoch,
+            })
             .await?,
     ))
 }
