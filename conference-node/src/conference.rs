@@ -927,10 +927,11 @@ impl Conference {
 
     async fn join(&mut self, j: Join) {
         self.bring_in(j).await;
-        if self.admitting {
-            self.admitting = false;
-            self.publish();
-        }
+        // Whatever came of it, the seat it held (being admitted, or a dial-out's callee
+        // ringing) is given back or taken: the view the heartbeat counts from says so now,
+        // not at the conference's next change, which a quiet call may never have.
+        self.admitting = false;
+        self.publish();
         // Callers the admission adopted after a restart may make a start that a newcomer
         // refused or gone never made; the reconciliation may be a while yet.
         self.start_if_due().await;

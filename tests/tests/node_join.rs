@@ -198,6 +198,40 @@ async fn a_caller_gone_while_being_answered_is_abandoned_not_an_error() {
     assert_eq!(ops(&s.sim, "hangup"), 0, "nobody left to hang up");
 }
 
+/// A caller who hangs up while being answered into a conference that has someone in it
+/// gives its seat back at once: the node's view counts no one ringing, and Redis's count
+/// comes back to the one participant (it stayed one too high for as long as nothing else
+/// changed in the conference).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_join_into_a_busy_conference_gives_its_seat_back() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "seats", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.sim.hold_operation("answer");
+    let b = dial(&s.sim, "seats", &[]).await;
+    confroute_tests::harness::wait_for_async("b's answer to be asked", WAIT, || async {
+        (s.sim.held_requests("answer") == 1).then_some(())
+    })
+    .await
+    .expect("answer asked");
+    s.sim.hangup_during_answer(&b);
+    s.sim.release_operation("answer");
+    wait_hangup(&s.sim, &b).await;
+    let url = format!("{}/v1/conferences", s.node.http_url());
+    let store = fixtures::store(&s.cfg);
+    let name: ConferenceName = "seats".parse().expect("name");
+    confroute_tests::harness::wait_for_async("one participant, nobody ringing", WAIT, || async {
+        let v = get_json(&url).await;
+        let view = v["items"].as_array()?.first()?.clone();
+        let counted = store.lookup(&name).await.ok()??.participants;
+        (view["ringing"] == 0 && view["participants"].as_array()?.len() == 1 && counted == 1)
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert!(s.sim.snapshot().channel(&a).is_some(), "a stays");
+}
+
 /// Proxy variables in the agent's environment (set cluster-wide for egress) do not carry its
 /// ARI requests: Asterisk is reached directly, as the events WebSocket always is, and a join
 /// works with a proxy that answers nothing.
