@@ -482,6 +482,9 @@ struct Conference {
     /// The last reconciliation could not tell whether this node owns the conference (Redis
     /// did not answer): its answer is withheld, so the pass counts as incomplete.
     reconcile_unsure: bool,
+    /// The events connection under which a newcomer last had this conference compared with
+    /// Asterisk before the reconciliation came to it (see [`Conference::look_before_admitting`]).
+    looked_under: u64,
 }
 
 /// A new life's event numbering (from 1), reserving its next blocks in the conference's record.
@@ -529,6 +532,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         admitting: false,
         reconciled: None,
         reconcile_unsure: false,
+        looked_under: 0,
     };
     loop {
         let retired = c.phase == Phase::Idle && node.retire(&name, &rx);
@@ -814,6 +818,7 @@ impl Conference {
     /// Checks that a newcomer may enter: this node owns the conference (claiming it when
     /// nobody does), there is room, and the mixing bridge exists.
     async fn admit(&mut self, opts: &Options) -> Result<(), Refusal> {
+        self.look_before_admitting().await;
         match self.fence().await {
             // Past its drain the node is about to deregister and exit: a conference started
             // now would be left running under it (its claim re-homed once the node is gone).
@@ -875,6 +880,60 @@ impl Conference {
             self.create_main().await.map_err(Refusal::Bridge)?;
         }
         Ok(())
+    }
+
+    /// A live conference's state may be stale after the events WebSocket (re)connected:
+    /// StasisEnds were lost while it was down, or Asterisk restarted and took the bridge and
+    /// every caller with it. Until the reconciliation reaches this conference (it goes one
+    /// conference at a time, behind the joins already queued), a newcomer is compared with
+    /// Asterisk's own lists first, once per connection: admitted against the stale state, it
+    /// would skip the wait for a start that a new conference needs, or be refused as full by
+    /// callers long gone, and the reconciliation's later removal of a gone
+    /// `endConferenceOnExit` participant would hang it up.
+    async fn look_before_admitting(&mut self) {
+        let connection = self.node.connection();
+        if self.phase != Phase::Active || self.node.reconciled() || self.looked_under == connection
+        {
+            return;
+        }
+        let taken = Instant::now();
+        let lists = async {
+            let bridges = self.node.ari.list_bridges().await?;
+            let channels = self.node.ari.list_channels().await?;
+            Ok::<_, AriError>((bridges, channels))
+        };
+        let (bridges, channels) = match lists.await {
+            Ok(lists) => lists,
+            // Admitted as before: the reconciliation is still to come.
+            Err(e) => {
+                tracing::warn!(conference = %self.name, error = %e, "cannot compare the conference with Asterisk before admitting a newcomer; the reconciliation will");
+                return;
+            }
+        };
+        self.looked_under = connection;
+        let (mut mains, mut holdings) = (Vec::new(), Vec::new());
+        for b in bridges {
+            match parse_bridge_id(&b.id) {
+                Some((true, _, name)) if name == self.name => holdings.push(b),
+                Some((false, _, name)) if name == self.name => mains.push(b),
+                _ => {}
+            }
+        }
+        let listed: HashSet<String> = channels.iter().map(|c| c.id.clone()).collect();
+        let members: HashMap<String, Channel> = channels
+            .into_iter()
+            .filter(|c| {
+                mains
+                    .iter()
+                    .chain(holdings.iter())
+                    .any(|b| b.channels.contains(&c.id))
+            })
+            .map(|c| (c.id.clone(), c))
+            .collect();
+        let main = self.one_bridge(mains, &self.main.clone()).await;
+        let holding = self.one_bridge(holdings, &self.holding.clone()).await;
+        self.reconcile(main, holding, &members, &listed, taken)
+            .await;
     }
 
     /// Why a newcomer cannot enter when the fence is not this node's own; a conference

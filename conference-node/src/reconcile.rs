@@ -49,6 +49,12 @@ pub async fn run(node: Arc<Node>, mut wake: mpsc::UnboundedReceiver<()>) {
             let connection = node.connection();
             match once(&node).await {
                 Ok(()) => {
+                    if !node.reconciled() {
+                        tracing::info!(
+                            connection,
+                            "first reconciliation since the events connection opened is done"
+                        );
+                    }
                     node.reconciled_at(connection);
                     break;
                 }

@@ -327,6 +327,76 @@ async fn asterisk_restart_is_survived_by_reconnecting_and_reconciling() {
     assert_eq!(metric(&m, "confroute_ari_connected"), 1.0);
 }
 
+/// A caller that reaches a conference after Asterisk restarted, before the reconciliation
+/// came to that conference, is not admitted against what the conference was before: the
+/// conference is compared with Asterisk first, found gone and ended, and the newcomer starts
+/// a new one. Admitted into the old state, it skipped the wait for a start (the old
+/// conference had started) and was hung up when the reconciliation then removed the
+/// `endConferenceOnExit` caller the restart had taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_after_an_asterisk_restart_is_not_admitted_into_the_lost_conference() {
+    const DONE: &str = "first reconciliation since the events connection opened is done";
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "10m"),
+    ])
+    .await;
+    let m = dial(&s.sim, "lost-life", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    wait_bridged(&s.sim, &m).await;
+    let other = dial(&s.sim, "lost-life", &[]).await;
+    wait_bridged(&s.sim, &other).await;
+    let before = s.node.output().matches(DONE).count();
+    // The reconciliation after the reconnect waits on its listing of bridges.
+    s.sim.hold_operation("GET /bridges");
+    s.sim
+        .restart_with_downtime(Duration::from_millis(300))
+        .await;
+    wait_app(&s.sim, &s.node).await;
+    wait_for_async("the reconciliation's listing to be asked", WAIT, || async {
+        (s.sim.held_requests("GET /bridges") >= 1).then_some(())
+    })
+    .await
+    .expect("listing asked");
+    let b = dial(
+        &s.sim,
+        "lost-life",
+        &[("CONFROUTE_START_ON_ENTER", "false")],
+    )
+    .await;
+    // The newcomer's admission is under way before the listings go on, so it is queued
+    // ahead of the reconciliation's message to the conference: it asks for a listing of
+    // its own, or (admitted against the old state) has its answer.
+    wait_for_async("the newcomer's admission under way", WAIT, || async {
+        let answered = s
+            .sim
+            .snapshot()
+            .channel(&b)
+            .is_some_and(|c| c.state == "Up");
+        (answered || s.sim.held_requests("GET /bridges") >= 2).then_some(())
+    })
+    .await
+    .expect("admission under way");
+    s.sim.release_operation("GET /bridges");
+    let in_bridge = wait_bridged(&s.sim, &b).await;
+    assert!(
+        in_bridge.starts_with("crh-"),
+        "the newcomer waits for a start in a new conference, not in {in_bridge}"
+    );
+    wait_for_async("the reconciliation done", WAIT, || async {
+        (s.node.output().matches(DONE).count() > before).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let snap = s.sim.snapshot();
+    assert!(
+        snap.channel(&b)
+            .is_some_and(|c| c.bridge.as_deref() == Some(in_bridge.as_str())),
+        "the newcomer is still waiting: {:?}\n{}",
+        snap.channel(&b),
+        s.node.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
