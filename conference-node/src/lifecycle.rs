@@ -385,11 +385,30 @@ pub async fn finish_shutdown(node: &Arc<Node>, hurry: bool) {
     );
     // Within the callbacks' and messages' own wait, which the pod's grace period counts.
     let hangups = TEARDOWN_GRACE.min(wait.max(bound));
-    let (left, unsent, not_hung_up) = tokio::join!(
+    let (left, unsent, mut not_hung_up) = tokio::join!(
         node.webhooks.in_flight.settle(wait),
         node.outbox.flush(bound),
         hang_up_before_exit(node, Instant::now() + hangups)
     );
+    // Callers still being admitted (they reached the Stasis app as the node stopped, and
+    // their variables were still being read) would reach no conference once the agent is
+    // gone, and stay in the app in silence: refused as a stopping node's callers are.
+    let pending = node.pending_joins();
+    if !pending.is_empty() {
+        tracing::warn!(
+            channels = pending.len(),
+            "callers still being admitted at exit; refusing them"
+        );
+        let asks = pending
+            .iter()
+            .map(|ch| node.hang_up(ch, crate::conference::CAUSE_UNAVAILABLE));
+        let _ = tokio::time::timeout(
+            node.cfg.ari.request_timeout,
+            futures_util::future::join_all(asks),
+        )
+        .await;
+        not_hung_up = node.unacknowledged_hangups().len();
+    }
     if not_hung_up > 0 {
         tracing::error!(
             channels = not_hung_up,

@@ -880,6 +880,15 @@ impl Node {
         }
     }
 
+    /// Channels being admitted (their variables read, their conference not yet reached).
+    pub fn pending_joins(&self) -> Vec<String> {
+        lock(&self.routes)
+            .iter()
+            .filter(|(_, r)| matches!(r, Route::Pending))
+            .map(|(ch, _)| ch.clone())
+            .collect()
+    }
+
     /// Marks a channel found by reconciliation as being worked on; false if already known.
     pub fn claim_route(&self, channel: &str) -> bool {
         let mut routes = lock(&self.routes);

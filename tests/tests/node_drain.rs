@@ -69,6 +69,31 @@ async fn post(url: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A caller that reached the Stasis app as the node stopped, whose variables were still
+/// being read when the agent was about to exit, is refused (Q.850 34) before the exit
+/// rather than left in the app in silence with nobody to admit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_still_being_admitted_at_exit_is_refused_not_left_in_silence() {
+    // Every variable is read with getChannelVar, none comes in the snapshots.
+    let mut s = Single::start_on(
+        sim_with(&[]).await,
+        &[("CONFROUTE_CONFERENCE__BEEP", "false")],
+    )
+    .await;
+    s.sim.hold_operation("getChannelVar");
+    let late = dial(&s.sim, "too-late", &[]).await;
+    confroute_tests::harness::wait_for_async("the caller's variables asked", WAIT, || async {
+        (s.sim.held_requests("getChannelVar") >= 1).then_some(())
+    })
+    .await
+    .expect("variables asked");
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    s.sim.release_operation("getChannelVar");
+    assert_eq!(wait_hangup(&s.sim, &late).await, 34, "{}", s.node.output());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
