@@ -842,6 +842,26 @@ async fn broad_session_conforms() {
     c.expect("GET", "/recordings/live/rec1", None, 404).await;
     c.expect("POST", "/recordings/live/rec1/stop", None, 404)
         .await;
+    // Only a directory part that climbs out of the recordings directory is refused
+    // (`ast_safe_mkdir`): `..` within a file name, as in a conference name, is not.
+    for escaping in ["../rec4", "sub/../../rec4", "/../rec4"] {
+        c.expect(
+            "POST",
+            &format!("/bridges/conf-1/record?name={escaping}&format=wav"),
+            None,
+            400,
+        )
+        .await;
+    }
+    c.expect(
+        "POST",
+        "/bridges/conf-1/record?name=rec..a..b&format=wav",
+        None,
+        201,
+    )
+    .await;
+    c.expect("POST", "/recordings/live/rec..a..b/stop", None, 204)
+        .await;
     c.expect("POST", "/bridges/conf-1/moh?mohClass=default", None, 204)
         .await;
     c.expect("DELETE", "/bridges/conf-1/moh", None, 204).await;

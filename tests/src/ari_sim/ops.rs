@@ -747,6 +747,28 @@ fn record_args(req: &mut Req) -> RecordArgs {
     a
 }
 
+/// Whether a recording name's directory part leaves the recordings directory: the one check
+/// `stasis_app_control_record` makes of a name (`ast_safe_mkdir` on what comes before the
+/// last `/`, EPERM, answered 400). `..` inside a file name, or a leading `/` (the name is
+/// appended to the directory after a `/`), stays inside.
+fn escapes_recording_dir(name: &str) -> bool {
+    let Some((dir, _file)) = name.rsplit_once('/') else {
+        return false;
+    };
+    let mut depth = 0usize;
+    for part in dir.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return true,
+            },
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
 /// Option checks shared by channel and bridge recording, then `stasis_app_control_record`.
 fn start_record(core: &Arc<Core>, st: &mut State, target: Target, a: RecordArgs) -> ApiResult {
     if !matches!(a.terminate_on.as_str(), "" | "none" | "any" | "*" | "#") {
@@ -761,7 +783,7 @@ fn start_record(core: &Arc<Core>, st: &mut State, target: Target, a: RecordArgs)
             "specified format is unknown on this system",
         ));
     }
-    if a.name.is_empty() || a.name.contains("..") || a.name.starts_with('/') {
+    if a.name.is_empty() || escapes_recording_dir(&a.name) {
         return Err(ApiErr::new(400, "Recording name invalid"));
     }
     if st.recordings.contains_key(&a.name) {
