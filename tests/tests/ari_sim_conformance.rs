@@ -426,6 +426,43 @@ async fn a_read_only_users_writes_are_refused_before_routing() {
     assert_eq!(r.status, 404, "{}", r.text);
 }
 
+/// Until it is fully booted, Asterisk answers every authenticated ARI request 503 "Asterisk
+/// not booted" (res_ari.c: after the credentials, before the read-only check and routing);
+/// wrong credentials still get 401.
+#[tokio::test]
+async fn a_booting_asterisk_answers_503_after_the_credentials() {
+    let sim = AriSim::start(SimConfig::default())
+        .await
+        .expect("simulator starts");
+    let client = AriClient::new(&sim).expect("client");
+    let stranger = AriClient::with_credentials(&sim.base_url(), "nobody", "wrong").expect("client");
+    sim.crash();
+    sim.recover_booting();
+    sim.set_read_only(true);
+    for (method, path) in [
+        ("GET", "/asterisk/ping"),
+        ("POST", "/bridges?type=mixing"),
+        ("GET", "/no/such/resource"),
+    ] {
+        let r = client.call(method, path, None).await.expect("answered");
+        assert_eq!(r.status, 503, "{method} {path}: {}", r.text);
+        assert_eq!(
+            r.json.expect("json")["message"],
+            "Asterisk not booted",
+            "{method} {path}"
+        );
+        let r = stranger.call(method, path, None).await.expect("answered");
+        assert_eq!(r.status, 401, "{method} {path}: {}", r.text);
+    }
+    sim.set_read_only(false);
+    sim.finish_boot();
+    let r = client
+        .call("GET", "/asterisk/ping", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 #[tokio::test]
 async fn broad_session_conforms() {
     let Some(spec) = load_spec() else { return };

@@ -397,6 +397,41 @@ async fn a_newcomer_after_an_asterisk_restart_is_not_admitted_into_the_lost_conf
     );
 }
 
+/// Asterisk serves its HTTP port before it is fully booted, answering every ARI request
+/// (the events WebSocket's too) 503 "Asterisk not booted": the agent keeps trying, connects
+/// once Asterisk is booted, finds the old conference gone and admits callers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asterisk_still_booting_is_waited_for() {
+    let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "booting", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.sim.crash();
+    s.sim.recover_booting();
+    wait_for_async(
+        "the events WebSocket refused while booting",
+        WAIT,
+        || async {
+            s.sim
+                .request_log()
+                .iter()
+                .any(|r| r.path == "/ari/events" && r.status == 503)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert!(
+        !s.sim.snapshot().apps.iter().any(|a| a.active),
+        "no app is registered while Asterisk boots"
+    );
+    s.sim.finish_boot();
+    wait_app(&s.sim, &s.node).await;
+    let b = dial(&s.sim, "booting", &[]).await;
+    assert_main(&wait_bridged(&s.sim, &b).await, 2, "booting");
+    let m = scrape(&s.node.http_url()).await;
+    assert_eq!(metric(&m, "confroute_ari_connected"), 1.0, "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;

@@ -66,6 +66,8 @@ pub(crate) struct Core {
     pub refused_transfers: Mutex<BTreeSet<String>>,
     /// The ARI user is `read_only` in ari.conf: requests other than GET and OPTIONS get 403.
     pub read_only: std::sync::atomic::AtomicBool,
+    /// Up but not yet fully booted: every authenticated ARI request gets 503.
+    pub booting: std::sync::atomic::AtomicBool,
     pub ctl: watch::Sender<Ctl>,
     pub events_changed: Notify,
     pub violations: Mutex<Vec<String>>,
@@ -95,6 +97,7 @@ impl Core {
             lost_ops: Mutex::new(BTreeSet::new()),
             refused_transfers: Mutex::new(BTreeSet::new()),
             read_only: std::sync::atomic::AtomicBool::new(false),
+            booting: std::sync::atomic::AtomicBool::new(false),
             ctl,
             events_changed: Notify::new(),
             violations: Mutex::new(Vec::new()),

@@ -401,6 +401,13 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         );
         return (error_response(core, &err, vec![challenge]), None);
     }
+    // res_ari.c: until Asterisk is fully booted (`ast_fully_booted`), an authenticated
+    // request (the events WebSocket's too) is answered 503 and its connection closed.
+    if core.booting.load(std::sync::atomic::Ordering::SeqCst) {
+        let err = ApiErr::new(503, "Asterisk not booted");
+        let close = (header::CONNECTION, "close".to_string());
+        return (error_response(core, &err, vec![close]), None);
+    }
     // res_ari.c refuses a read-only user's writes before it looks at the path.
     if core.read_only.load(std::sync::atomic::Ordering::SeqCst)
         && parts.method != Method::GET

@@ -634,6 +634,24 @@ impl AriSim {
             .insert(op.to_string());
     }
 
+    /// A crashed Asterisk comes back, empty, on the same port, and answers its HTTP port
+    /// before it is fully booted: every authenticated ARI request (the events WebSocket's
+    /// too) gets 503 "Asterisk not booted" until [`AriSim::finish_boot`].
+    pub fn recover_booting(&self) {
+        self.core
+            .booting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.recover();
+    }
+
+    /// Asterisk is fully booted: ARI requests are served again.
+    pub fn finish_boot(&self) {
+        self.core
+            .booting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.done();
+    }
+
     /// Makes the ARI user `read_only` in ari.conf, or not (a reload): Asterisk then answers
     /// every request but GET and OPTIONS with 403 "Write access denied", before routing it.
     pub fn set_read_only(&self, read_only: bool) {
