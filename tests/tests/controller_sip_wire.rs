@@ -1134,7 +1134,28 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
             "",
         ),
         (
-            invite("sip:req@router", port, "z9hG4bKreq", "Require: 100rel\r\n"),
+            invite("sip:req@router", port, "z9hG4bKreq", "Require: foo\r\n"),
+            420,
+            "extension",
+        ),
+        // Met by a redirect server as it is: no reliable provisional answer, no 2xx.
+        (
+            invite(
+                "sip:req2@router",
+                port,
+                "z9hG4bKreq2",
+                "Require: 100rel, timer\r\nRequire: TIMER\r\n",
+            ),
+            302,
+            "",
+        ),
+        (
+            invite(
+                "sip:req3@router",
+                port,
+                "z9hG4bKreq3",
+                "Require: 100rel, foo\r\n",
+            ),
             420,
             "extension",
         ),
@@ -1871,6 +1892,10 @@ async fn retransmissions_keep_their_to_tag_cancel_needs_its_invite_and_options_h
     let a = udp.exchange(&options("z9hG4bKreq", "Require: foo, bar\r\n"));
     assert_eq!(status(&a), 420, "{a}");
     assert_eq!(header(&a, "Unsupported"), Some("foo, bar"));
+    // Only what it does not meet is named: `100rel` it does.
+    let a = udp.exchange(&options("z9hG4bKreq2", "Require: 100rel, foo\r\n"));
+    assert_eq!(status(&a), 420, "{a}");
+    assert_eq!(header(&a, "Unsupported"), Some("foo"));
 
     // A CANCEL for an INVITE never seen: 481 (RFC 3261 §9.2).
     let cancel = invite("sip:ghost@router", port, "z9hG4bKghost", "")

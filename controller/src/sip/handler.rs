@@ -859,6 +859,14 @@ fn is_phone_number(s: &str) -> bool {
 }
 
 /// Option tags in `Require` this server does not support (it supports none).
+/// Option tags a redirect server meets by what it is: `100rel` (RFC 3262 §3: a `100` is never
+/// sent reliably, and this server sends no other provisional answer) and `timer` (RFC 4028:
+/// session timers bind 2xx answers, and this server sends none). Carriers' SBCs require them
+/// of every INVITE; a 420 would make them retry without, or fail the call.
+fn honoured(tag: &str) -> bool {
+    tag.eq_ignore_ascii_case("100rel") || tag.eq_ignore_ascii_case("timer")
+}
+
 fn unsupported_requirements(req: &Request<'_>) -> Option<String> {
     let mut tags: Vec<&str> = Vec::new();
     let mut len = 0;
@@ -866,7 +874,7 @@ fn unsupported_requirements(req: &Request<'_>) -> Option<String> {
         .headers_named("Require")
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && !honoured(t))
     {
         // The list is kept with the transaction for 32 s and resent with each answer: a
         // request repeating or piling up tags must not make either grow past a few. The
@@ -916,8 +924,13 @@ mod tests {
         };
         assert_eq!(of(""), None);
         assert_eq!(
-            of("Require: 100rel, timer\r\nRequire: 100rel\r\n").as_deref(),
-            Some("100rel, timer")
+            of("Require: foo, bar\r\nRequire: foo\r\n").as_deref(),
+            Some("foo, bar")
+        );
+        assert_eq!(of("Require: 100rel, Timer\r\nRequire: 100REL\r\n"), None);
+        assert_eq!(
+            of("Require: 100rel, foo, timer\r\n").as_deref(),
+            Some("foo")
         );
         let many = vec!["a"; 5000].join(",");
         assert_eq!(of(&format!("Require: {many}\r\n")).as_deref(), Some("a"));
