@@ -484,6 +484,70 @@ fn check_music(issues: &mut Issues, key: &str, class: &str) {
     }
 }
 
+/// Checks a node's SIP URI, which controllers copy into their 302's Contact as it is: a
+/// host (an IPv6 one in brackets, RFC 3261 §25.1), an optional port, parameters; no URI
+/// headers and nothing that would end the Contact's `<...>` early.
+fn check_sip_uri(uri: &str) -> Result<(), &'static str> {
+    let lower = uri.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("sip:")
+        .or_else(|| lower.strip_prefix("sips:"))
+        .ok_or("it must start with sip: or sips:")?;
+    if rest.contains(|c: char| c.is_whitespace() || c.is_control() || "<>\",\\".contains(c)) {
+        return Err("no blanks, control characters, <, >, \", , or \\");
+    }
+    if rest.contains('?') {
+        return Err("no URI headers (?...)");
+    }
+    // The host the Contact names: after any user part, before any parameter.
+    let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hostport = hostport.split(';').next().unwrap_or("");
+    let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+        let (v6, after) = bracketed
+            .split_once(']')
+            .ok_or("an IPv6 host's [ has no ]")?;
+        if v6.is_empty()
+            || !v6.contains(':')
+            || !v6
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        {
+            return Err("the bracketed host is not an IPv6 address");
+        }
+        match after {
+            "" => (v6, None),
+            p => (
+                v6,
+                Some(
+                    p.strip_prefix(':')
+                        .ok_or("after ] comes :port or nothing")?,
+                ),
+            ),
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    if !hostport.starts_with('[')
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err("the host is not a name or IPv4 address (an IPv6 address goes in brackets)");
+    }
+    if let Some(p) = port {
+        if !p.bytes().all(|b| b.is_ascii_digit()) || !matches!(p.parse::<u32>(), Ok(1..=65535)) {
+            return Err("the port is not 1-65535");
+        }
+    }
+    Ok(())
+}
+
 fn check_max(issues: &mut Issues, key: &str, n: u32) {
     if !(1..=10_000).contains(&n) {
         issues.add(key, "must be between 1 and 10000");
@@ -496,30 +560,10 @@ impl Validate for NodeConfig {
         issues.extend(self.redis.validate());
         issues.extend(self.log.validate());
         if let Some(uri) = &self.node.sip_uri {
-            let lower = uri.to_ascii_lowercase();
-            let rest = lower
-                .strip_prefix("sip:")
-                .or_else(|| lower.strip_prefix("sips:"));
-            // The host the controller's 302 Contact names: after any user part, before any
-            // parameter or port; without one the Contact would be `<sip:NAME@>`.
-            let host = rest.map(|r| {
-                let hostport = r.rsplit_once('@').map_or(r, |(_, h)| h);
-                let end = hostport.find([';', '?']).unwrap_or(hostport.len());
-                let hostport = &hostport[..end];
-                if hostport.starts_with('[') {
-                    hostport
-                        .split_once(']')
-                        .map_or("", |(h, _)| h.trim_start_matches('['))
-                } else {
-                    hostport.split(':').next().unwrap_or("")
-                }
-            });
-            if rest.is_none_or(|r| r.contains(char::is_whitespace))
-                || host.is_none_or(str::is_empty)
-            {
+            if let Err(why) = check_sip_uri(uri) {
                 issues.add(
                     "node.sip_uri",
-                    format!("`{uri}` is not a SIP URI; expected e.g. sip:10.0.0.5:5060"),
+                    format!("`{uri}` is not a SIP URI the controller's 302 Contact can carry ({why}); expected e.g. sip:10.0.0.5:5060 or sip:[2001:db8::5]:5060"),
                 );
             }
         }
@@ -1004,6 +1048,26 @@ mod tests {
             let err = load_from::<NodeConfig>(None, &env(&[(var, value)])).expect_err(var);
             assert!(err.mentions(key), "{var}={value}: {err}");
         }
+        // SIP URIs a 302's Contact could not carry as they are.
+        for uri in [
+            "sip:2001:db8::5:5060",
+            "sip:2001:db8::5",
+            "sip:[2001:db8::5",
+            "sip:[node-5]:5060",
+            "sip:[2001:db8::5]5060",
+            "sip:10.0.0.5:0",
+            "sip:10.0.0.5:70000",
+            "sip:10.0.0.5:50a",
+            "sip:node?X-A=a@b",
+            "sip:node>",
+            "sip:a,b",
+            "sip:no_underscore.example",
+            "http://10.0.0.5",
+        ] {
+            let err = load_from::<NodeConfig>(None, &env(&[("CONFROUTE_NODE__SIP_URI", uri)]))
+                .expect_err(uri);
+            assert!(err.mentions("node.sip_uri"), "{uri}: {err}");
+        }
         // The chart's IPv6 form of the node's addresses loads.
         let cfg: NodeConfig = load_from(
             None,
@@ -1018,6 +1082,9 @@ mod tests {
             "sip:10.0.0.5",
             "sips:asterisk-0.voice.svc:5061;transport=tls",
             "sip:confroute@10.0.0.5:5060;transport=tcp",
+            "sip:[2001:db8::5];transport=tcp",
+            "sip:+15555550101;npdi@gw.example.com",
+            "sip:[::ffff:10.0.0.5]:5060",
         ] {
             let cfg: NodeConfig = load_from(None, &env(&[("CONFROUTE_NODE__SIP_URI", uri)]))
                 .unwrap_or_else(|e| panic!("{uri}: {e}"));
