@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::routing::post;
-use confroute_tests::ari_sim::{EndpointMatch, Outcome, SimSnapshot};
+use confroute_tests::ari_sim::{DialIn, EndpointMatch, Outcome, SimSnapshot};
 use confroute_tests::fixtures;
 use confroute_tests::harness::wait_for_async;
 use node_common::control::*;
@@ -1675,6 +1675,49 @@ async fn a_move_to_a_full_conference_on_another_node_is_refused_up_front() {
         )
         .await;
     assert_eq!(r["moved"], "redirect", "{r}");
+}
+
+/// Asterisk hands a caller to another node by a SIP transfer, which only chan_pjsip carries
+/// out: a participant on another driver's channel is not moved there (forbidden, nothing
+/// asked of Asterisk), rather than told it moved while it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_on_a_channel_that_cannot_be_transferred_is_not_moved_to_another_node() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(0, "from-6").await;
+    let sim = &c.node(&owner).sim;
+    let other = c.other(&owner);
+    let a = sim
+        .dial_in(DialIn {
+            app: "confroute".into(),
+            args: vec!["from-6".into()],
+            tech: "IAX2".into(),
+            ..DialIn::default()
+        })
+        .await
+        .expect("dial in");
+    let bridge = wait_bridged(sim, &a).await;
+    let y = dial(&other.sim, "to-6", &[]).await;
+    wait_bridged(&other.sim, &y).await;
+    let mut ws = c.client(1).await;
+    let (code, msg) = ws
+        .err(
+            "participant.move",
+            json!({"conference": "from-6", "participant": a, "to": "to-6"}),
+        )
+        .await;
+    assert_eq!(code, -32006, "{msg}");
+    assert!(msg.contains("PJSIP"), "{msg}");
+    assert!(
+        !sim.request_log()
+            .iter()
+            .any(|r| r.operation.as_deref() == Some("redirect")),
+        "nobody was redirected"
+    );
+    assert_eq!(
+        sim.snapshot().channel(&a).and_then(|ch| ch.bridge.clone()),
+        Some(bridge),
+        "the caller stays in its conference"
+    );
 }
 
 /// A conference ended by a kick says so as Twilio does: `last-participant-kicked` when the

@@ -530,6 +530,22 @@ impl Conference {
             self.node.send(&to, Msg::MoveIn(Box::new(m)), true);
             return None;
         }
+        // Only chan_pjsip carries out a transfer to a SIP URI (a 302 or a REFER); ARI accepts
+        // the redirect of any channel whose driver matches and answers 204, and a driver
+        // without one (a Local channel of a dial-out template, say) only logs a notice: the
+        // application would be told the caller moved while it stayed.
+        if !p.tech.eq_ignore_ascii_case("PJSIP") {
+            return Some((
+                pending,
+                Err(BusError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "participant `{ch}` is on a {} channel: only a PJSIP channel can be moved to a conference on another node (Asterisk hands it over by SIP); nothing was done",
+                        p.tech
+                    ),
+                )),
+            ));
+        }
         let endpoint = redirect_endpoint(&p.tech, to_sip_uri, to.as_str());
         // Asterisk would carry the transfer out only once the participant's announcement ended.
         self.node.stop_playbacks(ch).await;
