@@ -691,6 +691,41 @@ async fn a_conference_the_node_does_not_host_is_not_found() {
     assert_eq!(changes(&c.node("node-a").sim), before);
 }
 
+/// `conference.play` with nobody in the mix (the only caller waits for the start) is
+/// refused rather than played to an empty bridge; once someone is in the mix, it plays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_play_nobody_would_hear_is_refused() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let owner = c.route(1, "waiting-room").await;
+    let sim = &c.node(&owner).sim;
+    let w = dial(
+        sim,
+        "waiting-room",
+        &[("CONFROUTE_START_ON_ENTER", "false")],
+    )
+    .await;
+    let holding = wait_bridged(sim, &w).await;
+    assert!(holding.starts_with("crh-"), "{holding}");
+    let mut ws = c.client(0).await;
+    let play = json!({"conference": "waiting-room", "media": "sound:conf-waitforleader"});
+    let (code, msg) = ws.err("conference.play", play.clone()).await;
+    assert_eq!(code, -32006, "{msg}");
+    assert!(
+        !sim.request_log()
+            .iter()
+            .any(|r| r.method == "POST" && r.path.contains("/play")),
+        "nothing played"
+    );
+    let s = dial(sim, "waiting-room", &[]).await;
+    let main = wait_bridged(sim, &s).await;
+    until(sim, "the waiter in the mix", |snap| {
+        snap.channel(&w).and_then(|c| c.bridge.clone()) == Some(main.clone())
+    })
+    .await;
+    let r = ws.ok("conference.play", play).await;
+    assert!(r["playback"].as_str().is_some(), "{r}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_held_before_the_start_joins_the_mix_on_unhold() {
     let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;

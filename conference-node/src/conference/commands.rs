@@ -260,10 +260,13 @@ impl Conference {
     }
 
     async fn play_conference(&mut self, media: &str) -> Result<Value, BusError> {
-        if !self.main_created {
+        // The mixing bridge exists from the first caller's admission, waiters' and ringing
+        // dial-outs' included: played there with nobody in it, it is heard by no one.
+        let heard = self.participants.values().any(|p| !p.waiting && !p.held);
+        if !self.main_created || !heard {
             return Err(BusError::new(
                 ErrorCode::Forbidden,
-                "nobody has joined the conference yet",
+                "nobody is in the conference's mix to hear it (nobody has joined yet, or everyone waits for the start or is on hold); nothing was played",
             ));
         }
         let id = format!("cp-{:016x}", rand::random::<u64>());
