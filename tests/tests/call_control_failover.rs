@@ -401,26 +401,29 @@ async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held
     )
     .await;
     let owner = c.route(0, "unread-hold").await;
-    let (b, w, main) = {
+    let (b, w, h, main) = {
         let sim = &c.node(&owner).sim;
         let a = dial(sim, "unread-hold", &[]).await;
         let b = dial(sim, "unread-hold", &[]).await;
         let w = dial(sim, "unread-hold", &[]).await;
+        let h = dial(sim, "unread-hold", &[]).await;
         let main = wait_bridged(sim, &a).await;
         wait_bridged(sim, &b).await;
         wait_bridged(sim, &w).await;
-        (b, w, main)
+        wait_bridged(sim, &h).await;
+        (b, w, h, main)
     };
     let mut ws = c.client(0).await;
     let who = |p: &str| json!({"conference": "unread-hold", "participant": p});
     ws.ok("participant.hold", who(&b)).await;
     ws.ok("participant.hold", who(&w)).await;
+    ws.ok("participant.hold", who(&h)).await;
     let holding = main.replacen("cr-", "crh-", 1);
     let in_bridge = |s: &confroute_tests::ari_sim::SimSnapshot, ch: &str, bridge: &str| {
         s.channel(ch).and_then(|c| c.bridge.as_deref()) == Some(bridge)
     };
-    until(&c.node(&owner).sim, "b and w on hold", |s| {
-        in_bridge(s, &b, &holding) && in_bridge(s, &w, &holding)
+    until(&c.node(&owner).sim, "b, w and h on hold", |s| {
+        in_bridge(s, &b, &holding) && in_bridge(s, &w, &holding) && in_bridge(s, &h, &holding)
     })
     .await;
     // w's mark says it is not held, as a waiter's does whose move into the started mix a
@@ -437,10 +440,21 @@ async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held
         .await
         .expect("set the mark");
     assert_eq!(r.status, 204);
+    // So does h's, which the application will hold again while its mark is unread.
+    let r = other
+        .call_raw(
+            "POST",
+            &format!("/channels/{h}/variable?variable=CONFROUTE_HELD&value=false"),
+            None,
+            true,
+        )
+        .await
+        .expect("set the mark");
+    assert_eq!(r.status, 204);
 
     let sim = c.node(&owner).sim.clone();
     sim.lose_operation("getChannelVar");
-    restart_and_readopt(&mut c, &owner, 3).await;
+    restart_and_readopt(&mut c, &owner, 4).await;
     let url = format!("{}/v1/conferences", c.node(&owner).proc.http_url());
     let adopted = get_json(&url).await;
     let hold_of = |v: &Value, ch: &str| {
@@ -456,7 +470,11 @@ async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held
         "both kept out of the mix while their marks are unread\n{}",
         c.logs()
     );
-    // The marks read at last: w joins the mix, b stays held.
+    // The application holds h while its mark is unread: its word settles it.
+    let mut ws = c.client(0).await;
+    assert_eq!(ws.ok("participant.hold", who(&h)).await, json!({}));
+    // The marks read at last: w joins the mix, b stays held, and h, whose mark the hold
+    // wrote again, too.
     sim.deliver_operation("getChannelVar");
     until(&sim, "w in the mix", |s| in_bridge(s, &w, &main)).await;
     wait_for_async("w listed as not held", WAIT, || async {
@@ -474,7 +492,12 @@ async fn a_held_participant_whose_mark_cannot_be_read_after_a_restart_stays_held
         )
         .expect("b's mark read at last");
     assert!(in_bridge(&sim.snapshot(), &b, &holding), "b still on hold");
-    let mut ws = c.client(0).await;
+    assert!(
+        in_bridge(&sim.snapshot(), &h, &holding),
+        "h, held by the application, still on hold\n{}",
+        c.logs()
+    );
+    assert_eq!(hold_of(&get_json(&url).await, &h), Some(json!(true)));
     ws.ok("participant.unhold", who(&b)).await;
     until(&sim, "b back in the mix", |s| in_bridge(s, &b, &main)).await;
 }

@@ -345,6 +345,22 @@ impl Conference {
     async fn hold_api(&mut self, ch: &str, on: bool) -> Result<Value, BusError> {
         let p = self.movable(ch)?;
         if p.held == on {
+            // Adopted after a restart whose read of its hold mark failed, it is taken for
+            // held until the mark is read: the application's hold settles it, and the mark
+            // is written so that reading it later does not undo the hold.
+            if on && p.held_unread {
+                if let Err(e) = self
+                    .node
+                    .ari
+                    .set_variable(ch, options::VAR_HELD, "true")
+                    .await
+                {
+                    tracing::warn!(conference = %self.name, channel = ch, error = %e, "cannot record the hold on the channel; a restarted agent may not know it");
+                }
+                if let Some(p) = self.participants.get_mut(ch) {
+                    p.held_unread = false;
+                }
+            }
             return Ok(json!({}));
         }
         // A participant waiting for the conference to start is in the holding bridge
@@ -374,6 +390,8 @@ impl Conference {
         let mut told = true;
         if let Some(p) = self.participants.get_mut(ch) {
             p.held = on;
+            // Settled by the application: a later read of the mark has nothing to correct.
+            p.held_unread = false;
             // A waiter left behind by a start cut short is no longer waiting once held in a
             // started conference, as start() leaves a held waiter.
             if to_mix || (on && self.started) {
