@@ -1626,6 +1626,39 @@ async fn a_tcp_peer_that_never_reads_is_closed_after_the_idle_timeout() {
     drop(stuck);
 }
 
+/// A connection that never sends a request (line-end keepalives are not one) is closed
+/// after 10 s, long before the idle timeout: silent connections cannot hold the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_that_sends_no_request_frees_its_slot() {
+    let s = setup(&[
+        ("CONFROUTE_SIP__TCP_MAX_CONNECTIONS", "1"),
+        ("CONFROUTE_SIP__TCP_IDLE_TIMEOUT", "5m"),
+    ])
+    .await;
+    let connect = || tokio::net::TcpStream::connect(s.controller.sip_addr());
+    let mut silent = connect().await.expect("connect");
+    silent.write_all(b"\r\n\r\n").await.expect("keepalive");
+    let started = tokio::time::Instant::now();
+    let mut used = loop {
+        let mut next = connect().await.expect("connect");
+        if options_answered(&mut next, "z9hG4bKsilent").await {
+            break next;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a connection that sent no request still holds the only slot"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // A connection that has sent a request is held to the idle timeout only: still served
+    // past the 10 s a silent one gets.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(
+        options_answered(&mut used, "z9hG4bKused2").await,
+        "a used connection is kept past 10 s"
+    );
+}
+
 /// A peer that keeps a message coming a byte at a time (every byte inside the idle timeout)
 /// loses its connection once the message has taken the idle timeout, so a few such peers
 /// cannot hold every slot; line-end keepalives alone do not count as a message.

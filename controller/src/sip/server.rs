@@ -26,6 +26,10 @@ const TCP_PENDING: usize = 64;
 /// Longest a TCP message may take to arrive once begun (RFC 3261 Timer B and F: its sender
 /// has given up on it by then), unless `sip.tcp_idle_timeout` is shorter.
 const MESSAGE_DEADLINE: Duration = Duration::from_secs(32);
+/// How long a new TCP connection may stay without a request (line-end keepalives do not
+/// count): an edge opens one to send a request at once, and silent connections would
+/// otherwise hold their slots for `sip.tcp_idle_timeout` each.
+const FIRST_REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Limits on the TCP listener.
 #[derive(Clone, Copy, Debug)]
@@ -521,11 +525,16 @@ async fn connection(
     let mut awaiting = 0usize;
     // Set when the connection ends on a refused message whose body may still be arriving.
     let mut linger = false;
+    let opened = tokio::time::Instant::now();
+    // Whether a request (or response) has come whole on this connection yet.
+    let mut used = false;
     'read: loop {
         let wait = match begun {
             Some(t) => {
                 (t + message_deadline).saturating_duration_since(tokio::time::Instant::now())
             }
+            None if !used => (opened + limits.idle.min(FIRST_REQUEST_DEADLINE))
+                .saturating_duration_since(tokio::time::Instant::now()),
             None => limits.idle,
         };
         let read = tokio::select! {
@@ -539,6 +548,8 @@ async fn connection(
                 if begun.is_some() {
                     service.note_dropped("incomplete");
                     tracing::debug!(%peer, "tcp message not complete in time; closing");
+                } else if !used {
+                    tracing::debug!(%peer, "tcp connection sent no request in time; closing");
                 }
                 break;
             }
@@ -607,6 +618,7 @@ async fn connection(
                     let message: Vec<u8> = buf.drain(..len).collect();
                     scanned = 0;
                     begun = None;
+                    used = true;
                     if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
                         if tx.send(out.bytes).await.is_err() {
                             break 'read;
@@ -640,6 +652,7 @@ async fn connection(
                     let message: Vec<u8> = buf.drain(..len).collect();
                     scanned = 0;
                     begun = None;
+                    used = true;
                     let (permit, routing_permit) = match permits {
                         Ok(p) => p,
                         Err(why) => {
