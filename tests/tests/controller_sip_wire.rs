@@ -739,6 +739,56 @@ async fn tcp_pipelined_requests_each_get_an_answer() {
     );
 }
 
+/// Over TCP the Content-Length frames the body (RFC 3261 §18.3): a request without one is
+/// answered 400 naming it and the connection closed, rather than its body read as the start
+/// of the next message and that message lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_request_without_content_length_is_refused_and_the_connection_closed() {
+    let s = setup(&[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n";
+    let no_length = invite("sip:nolength@router", 5060, "z9hG4bKnolen", "")
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+        .replace("Content-Length: 0\r\n", "Content-Type: application/sdp\r\n");
+    assert!(!no_length.contains("Content-Length"), "{no_length}");
+    let batch = format!(
+        "{no_length}{sdp}OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bKafter\r\n\
+         From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: after@test\r\nCSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    tcp.write_all(batch.as_bytes()).await.expect("write");
+    let mut got = String::new();
+    let mut buf = vec![0u8; 16384];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .expect("answered and closed in time")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.starts_with("SIP/2.0 400 "), "{got}");
+    assert!(got.contains("Content-Length is required"), "{got}");
+    assert_eq!(
+        got.matches("SIP/2.0 ").count(),
+        1,
+        "nothing else answered: {got}"
+    );
+    assert_eq!(
+        s.store
+            .lookup(&"nolength".parse().expect("name"))
+            .await
+            .expect("lookup"),
+        None,
+        "the refused INVITE placed nothing"
+    );
+}
+
 /// A body arriving in pieces after its header block, the last piece carrying the next
 /// request whole, frames both: the message is cut at its Content-Length however its bytes
 /// come.

@@ -407,7 +407,16 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
         };
     };
     let body = match content_length(&buf[..end]) {
-        Ok(n) => n,
+        Ok(Some(n)) => n,
+        // RFC 3261 §18.3: over a stream the length is what frames the body. Taken as 0, a
+        // body sent without one would be read as the start of the next message, and that
+        // message (a CANCEL, say) lost with it.
+        Ok(None) => {
+            return Frame::Refused {
+                head: end,
+                why: "Content-Length is required over TCP (RFC 3261 §18.3)",
+            }
+        }
         Err(why) => return Frame::Refused { head: end, why },
     };
     // A Content-Length near usize::MAX would wrap the sum (found by fuzzing): in a release
@@ -430,13 +439,13 @@ pub fn next_frame(buf: &[u8], max_message: usize) -> Frame {
     }
 }
 
-/// Content-Length (or `l`) from a raw header block; 0 when absent.
+/// Content-Length (or `l`) from a raw header block; `None` when absent.
 ///
 /// Folded lines are read as the parser reads them (joined to the header above, never a
 /// header of their own), so the framer cuts the body at the length the handler checks.
 /// Fuzzing found a folded ` Content-Length: 50` taken as the length here while the parser
 /// saw none, which would swallow the next pipelined request as body.
-fn content_length(head: &[u8]) -> Result<usize, &'static str> {
+fn content_length(head: &[u8]) -> Result<Option<usize>, &'static str> {
     // Lossy: a Latin-1 display name elsewhere in the block does not change where lines
     // end or what the length says (the handler reads such blocks as Latin-1).
     let text = String::from_utf8_lossy(head);
@@ -474,8 +483,10 @@ fn content_length(head: &[u8]) -> Result<usize, &'static str> {
         }
     }
     match found {
-        None => Ok(0),
-        Some(v) => parse_digits(&v).ok_or("Content-Length is not a number"),
+        None => Ok(None),
+        Some(v) => parse_digits(&v)
+            .map(Some)
+            .ok_or("Content-Length is not a number"),
     }
 }
 
@@ -751,8 +762,15 @@ mod tests {
             }
         );
         // A folded line that looks like a Content-Length belongs to the header above it.
+        // With none of its own, the message has no length: refused.
         let head = b"OPTIONS sip:a SIP/2.0\r\nSubject: x\r\n Content-Length: 3\r\n\r\nabc";
-        assert_eq!(next_frame(head, 4096), Frame::Message(head.len() - 3));
+        assert_eq!(
+            next_frame(head, 4096),
+            Frame::Refused {
+                head: head.len() - 3,
+                why: "Content-Length is required over TCP (RFC 3261 §18.3)"
+            }
+        );
         // A Content-Length value folded onto the next line still counts.
         let folded = b"OPTIONS sip:a SIP/2.0\r\nContent-Length:\r\n 3\r\nTo: b\r\n\r\nabc";
         assert_eq!(next_frame(folded, 4096), Frame::Message(folded.len()));
