@@ -911,14 +911,7 @@ impl Conference {
             }
         };
         self.looked_under = connection;
-        let (mut mains, mut holdings) = (Vec::new(), Vec::new());
-        for b in bridges {
-            match parse_bridge_id(&b.id) {
-                Some((true, _, name)) if name == self.name => holdings.push(b),
-                Some((false, _, name)) if name == self.name => mains.push(b),
-                _ => {}
-            }
-        }
+        let (mains, holdings) = self.own_bridges(bridges);
         let listed: HashSet<String> = channels.iter().map(|c| c.id.clone()).collect();
         let members: HashMap<String, Channel> = channels
             .into_iter()
@@ -934,6 +927,19 @@ impl Conference {
         let holding = self.one_bridge(holdings, &self.holding.clone()).await;
         self.reconcile(main, holding, &members, &listed, taken)
             .await;
+    }
+
+    /// This conference's mixing and holding bridges among `bridges` (any lifetime's).
+    fn own_bridges(&self, bridges: Vec<Bridge>) -> (Vec<Bridge>, Vec<Bridge>) {
+        let (mut mains, mut holdings) = (Vec::new(), Vec::new());
+        for b in bridges {
+            match parse_bridge_id(&b.id) {
+                Some((true, _, name)) if name == self.name => holdings.push(b),
+                Some((false, _, name)) if name == self.name => mains.push(b),
+                _ => {}
+            }
+        }
+        (mains, holdings)
     }
 
     /// Why a newcomer cannot enter when the fence is not this node's own; a conference
@@ -1320,14 +1326,7 @@ impl Conference {
                 return Err(e);
             }
         };
-        let (mut mains, mut holdings) = (Vec::new(), Vec::new());
-        for b in bridges {
-            match parse_bridge_id(&b.id) {
-                Some((true, _, name)) if name == self.name => holdings.push(b),
-                Some((false, _, name)) if name == self.name => mains.push(b),
-                _ => {}
-            }
-        }
+        let (mains, holdings) = self.own_bridges(bridges);
         let mut members: Vec<(String, bool)> = Vec::new();
         let holding_found = !holdings.is_empty();
         if let Some(b) = self.one_bridge(holdings, "").await {
