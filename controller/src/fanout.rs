@@ -220,6 +220,15 @@ impl Following {
         removed
     }
 
+    /// Whether this connection follows `conference` now.
+    pub fn follows(&self, conference: &str) -> bool {
+        self.fanout
+            .table()
+            .by_follower
+            .get(&self.id)
+            .is_some_and(|(_, c)| c.contains(conference))
+    }
+
     /// Whether this connection follows any conference.
     pub fn any(&self) -> bool {
         self.fanout

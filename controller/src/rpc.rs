@@ -644,7 +644,7 @@ impl Unwritten {
     /// has read all it was sent (a batch of big pages under a raised `rpc.max_batch`), and
     /// no more than one such answer is held at a time.
     fn admit(&self, size: usize) -> bool {
-        if self.reserve(size)
+        if self.reserve(size, MAX_UNWRITTEN_BYTES)
             || self
                 .bytes
                 .compare_exchange(0, size, Ordering::SeqCst, Ordering::SeqCst)
@@ -656,15 +656,22 @@ impl Unwritten {
         false
     }
 
-    /// Counts `size` bytes when that stays within the bound; false, counting nothing and
+    /// Counts `size` bytes when that stays within `limit`; false, counting nothing and
     /// closing nothing, otherwise.
-    fn reserve(&self, size: usize) -> bool {
+    fn reserve(&self, size: usize, limit: usize) -> bool {
         let before = self.bytes.fetch_add(size, Ordering::SeqCst);
-        if before + size > MAX_UNWRITTEN_BYTES {
+        if before + size > limit {
             self.bytes.fetch_sub(size, Ordering::SeqCst);
             return false;
         }
         true
+    }
+
+    /// Counts an event's `size` bytes when they stay within half the bound; false, counting
+    /// nothing, otherwise. Events keep the other half for the client's own answers, which
+    /// past the bound close the connection: a backlog of events never makes an answer do so.
+    fn reserve_event(&self, size: usize) -> bool {
+        self.reserve(size, MAX_UNWRITTEN_BYTES / 2)
     }
 
     /// Counts `size` bytes whatever the bound (a notice of lost events, small and owed).
@@ -937,6 +944,11 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
     // Only a connection that follows some conference has anything to re-read.
     let following = |s: &Session| s.following.any();
     loop {
+        // A connection that follows nothing now (it unsubscribed) has nothing to re-read:
+        // what it lost is of conferences it no longer follows.
+        if (gap || lost > 0) && !following(&session) {
+            (gap, lost) = (false, 0);
+        }
         // A notice goes out when the queue has a slot and its bytes are back under half the
         // bound: past the bound every event is dropped, and a notice each would stand in
         // for the one `events.lost` promised. The writer says nothing as it drains, so that
@@ -957,6 +969,9 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
                 }
             }
             got = feed.recv() => match got {
+                // Queued before its conference was unfollowed: the client said it no longer
+                // wants it, so it is neither sent nor counted lost.
+                Delivery::Event(ev) if !session.following.follows(ev.conference.as_str()) => {}
                 Delivery::Event(ev) => {
                     let drained = session.unwritten.bytes.load(Ordering::SeqCst)
                         < MAX_UNWRITTEN_BYTES / 2;
@@ -1135,7 +1150,7 @@ impl Session {
     /// does not close the connection, which only answers can.
     fn try_queue(&self, text: String) -> Result<(), ()> {
         let size = text.len();
-        if !self.unwritten.reserve(size) {
+        if !self.unwritten.reserve_event(size) {
             return Err(());
         }
         self.out.try_send(text).map_err(|_| {
@@ -1773,10 +1788,10 @@ mod tests {
         let told =
             |u: &Unwritten| futures_util::FutureExt::now_or_never(u.overflow.notified()).is_some();
         // An event that does not fit is lost, and nothing else happens.
-        assert!(!u.reserve(300));
+        assert!(!u.reserve_event(300));
         assert!(!told(&u), "an event closed the connection");
         assert_eq!(u.bytes.load(Ordering::SeqCst), MAX_UNWRITTEN_BYTES - 10);
-        assert!(u.reserve(10), "what fits is queued");
+        assert!(u.reserve(10, MAX_UNWRITTEN_BYTES), "what fits is queued");
         // An answer that does not fit closes it.
         assert!(!u.admit(1));
         assert!(told(&u), "an answer past the bound closes the connection");
@@ -1787,6 +1802,15 @@ mod tests {
         assert!(!told(&u));
         assert!(!u.admit(MAX_UNWRITTEN_BYTES + 1));
         assert!(told(&u), "a second one waiting closes the connection");
+        // Events stop at half the bound: an answer behind them still has room.
+        u.bytes
+            .store(MAX_UNWRITTEN_BYTES / 2 - 10, Ordering::SeqCst);
+        assert!(!u.reserve_event(300), "events keep to half the bound");
+        assert!(
+            u.admit(64 * 1024),
+            "an answer fits behind a backlog of events"
+        );
+        assert!(!told(&u));
     }
 
     #[test]

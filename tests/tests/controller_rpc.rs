@@ -893,6 +893,64 @@ async fn events_lost_past_the_byte_bound_are_told_in_one_notice() {
     ping(&mut ws, 2).await;
 }
 
+/// Events still queued for a connection when it unsubscribes are not sent after the
+/// `unsubscribe` answer, and the connection, following nothing now, is told of no lost
+/// events: it has nothing to re-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_of_an_unfollowed_conference_comes_after_the_unsubscribe() {
+    let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
+    let store = fixtures::store(&fixtures::single(&s.redis.url()));
+    let (node, _commands) = Bus::node(store, &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let mut ws = connect(&s, None).await.expect("connect");
+    assert!(
+        rpc(&mut ws, "subscribe", json!({"conference": "busy"}), 1).await["result"].is_object()
+    );
+    // Not read meanwhile: more than the connection's queue holds.
+    const SENT: u64 = 3_000;
+    let pad = "x".repeat(512);
+    for seq in 0..SENT {
+        node.publish_event(&Event {
+            conference: "busy".into(),
+            node: "node-a".into(),
+            epoch: 1,
+            seq,
+            event: "talking".into(),
+            data: json!({ "pad": pad }),
+        })
+        .await;
+    }
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "unsubscribe",
+                "params": {"conference": "busy"}, "id": 2})
+        .to_string(),
+    )
+    .await;
+    let mut before = 0u64;
+    loop {
+        let v = recv(&mut ws).await;
+        if v["id"] == json!(2) {
+            assert_eq!(v["result"]["was_subscribed"], true, "{v}");
+            break;
+        }
+        before += 1;
+    }
+    // Everything sent after the answer, up to a request's answer.
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "conference.list", "params": {}, "id": 3}).to_string(),
+    )
+    .await;
+    loop {
+        let v = recv(&mut ws).await;
+        if v["id"] == json!(3) {
+            break;
+        }
+        panic!("after the unsubscribe answer ({before} frames before it): {v}");
+    }
+}
+
 /// `dialout.status` notifications come after the `{callid}` answer, as documented, also
 /// when the dial-out is in a batch answered only once its slowest member is done: the node
 /// sends `accepted` right after its answer, and a client must not see statuses of a call
