@@ -547,6 +547,10 @@ const MAX_PENDING_FRAMES: usize = 256;
 /// slowly enough to be taken for gone, could have hundreds of MB of them held for it. Past
 /// this the connection is closed (1008).
 const MAX_UNWRITTEN_BYTES: usize = 16 << 20;
+/// Unwritten bytes below which a notice of lost events goes out: half of what events may
+/// fill ([`Unwritten::reserve_event`]), so a client reading slowly through a backlog is told
+/// once, not between every two events it is sent.
+const NOTICE_BELOW: usize = MAX_UNWRITTEN_BYTES / 4;
 
 /// What a request got as its frame was read.
 struct Ticket {
@@ -949,12 +953,12 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
         if (gap || lost > 0) && !following(&session) {
             (gap, lost) = (false, 0);
         }
-        // A notice goes out when the queue has a slot and its bytes are back under half the
-        // bound: past the bound every event is dropped, and a notice each would stand in
-        // for the one `events.lost` promised. The writer says nothing as it drains, so that
+        // A notice goes out when the queue has a slot and its bytes are back under
+        // [`NOTICE_BELOW`]: past the events' share every event is dropped, and a notice each
+        // would stand in for the one `events.lost` promised. The writer says nothing as it drains, so that
         // is looked at again shortly.
         let owed = gap || lost > 0;
-        let bytes_ok = session.unwritten.bytes.load(Ordering::SeqCst) < MAX_UNWRITTEN_BYTES / 2;
+        let bytes_ok = session.unwritten.bytes.load(Ordering::SeqCst) < NOTICE_BELOW;
         tokio::select! {
             // A gap is noticed before events that came after it.
             biased;
@@ -973,8 +977,7 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
                 // wants it, so it is neither sent nor counted lost.
                 Delivery::Event(ev) if !session.following.follows(ev.conference.as_str()) => {}
                 Delivery::Event(ev) => {
-                    let drained = session.unwritten.bytes.load(Ordering::SeqCst)
-                        < MAX_UNWRITTEN_BYTES / 2;
+                    let drained = session.unwritten.bytes.load(Ordering::SeqCst) < NOTICE_BELOW;
                     if gap && drained && session.try_queue(gap_notice()).is_ok() {
                         gap = false;
                     }
