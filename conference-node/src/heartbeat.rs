@@ -80,6 +80,7 @@ pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.cfg.node.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cpu = CpuSampler::new();
+    let started = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -87,7 +88,38 @@ pub async fn run(node: Arc<Node>) {
         }
         let n = node.beats_started.fetch_add(1, Ordering::SeqCst) + 1;
         beat(&node, cpu.sample()).await;
+        keep_inherited_claims(&node, started).await;
         node.beats_done.send_replace(n);
+    }
+}
+
+/// Until this life's first reconciliation has looked at what Asterisk still holds, the
+/// claims the last life left (its conferences, whose callers may still be in the bridges)
+/// are renewed by nothing else: the heartbeat renews only conferences this life has
+/// adopted. They are kept (see keep.lua), for at most `ari.release_after` after the start,
+/// as a running agent keeps its claims while Asterisk is out of reach.
+async fn keep_inherited_claims(node: &Arc<Node>, started: tokio::time::Instant) {
+    let bound = node.cfg.ari.release_after;
+    if node.ever_reconciled()
+        || !node.registered.load(Ordering::SeqCst)
+        || (!bound.is_zero() && started.elapsed() >= bound)
+    {
+        return;
+    }
+    // Not once deregistered: a node gone keeps nothing alive.
+    let deregistered = node.beat_gate.lock().await;
+    if *deregistered {
+        return;
+    }
+    match node.store.keep_claims(&node.id).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::debug!(
+                claims = n,
+                "kept the claims left from before the start until the first reconciliation"
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot keep the claims left from before the start"),
     }
 }
 

@@ -1136,6 +1136,11 @@ impl Node {
         self.changed.notify_waiters();
     }
 
+    /// Whether a reconciliation has completed in this agent's life.
+    pub fn ever_reconciled(&self) -> bool {
+        self.reconciled_under.load(Ordering::SeqCst) != 0
+    }
+
     /// Whether a reconciliation completed since the events WebSocket last connected.
     pub fn reconciled(&self) -> bool {
         let now = self.connection();

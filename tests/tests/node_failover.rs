@@ -432,6 +432,56 @@ async fn an_asterisk_still_booting_is_waited_for() {
     assert_eq!(metric(&m, "confroute_ari_connected"), 1.0, "{m}");
 }
 
+/// An agent started again under its id keeps the claims its last life left while it cannot
+/// yet look at what its Asterisk holds (its listing of channels is held here well past the
+/// conference lease): they do not expire while their callers are still in the bridges, to
+/// be placed on another node, and the conference is adopted under the same claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_left_by_the_last_life_outlive_a_slow_first_look() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_REDIS__CONFERENCE_LEASE", "2s"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "kept", &[]).await;
+    let bridge = wait_bridged(&s.sim, &a).await;
+    let rec = store
+        .lookup(&name("kept"))
+        .await
+        .expect("lookup")
+        .expect("claimed");
+    s.restart_with_channel_listing_held().await;
+    // Three conference leases after the restart, the claim is still there.
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        let now = store.lookup(&name("kept")).await.expect("lookup");
+        assert_eq!(
+            now.as_ref().map(|r| &r.owner),
+            Some(&rec.owner),
+            "the claim lapsed while its caller is in the bridge\n{}",
+            s.node.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.sim.release_operation("GET /channels");
+    wait_listed(&s.node.http_url(), &a)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(
+        store
+            .lookup(&name("kept"))
+            .await
+            .expect("lookup")
+            .map(|r| r.owner),
+        Some(rec.owner)
+    );
+    assert_eq!(
+        s.sim.snapshot().channel(&a).and_then(|c| c.bridge.clone()),
+        Some(bridge)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_destroyed_behind_the_agents_back_ends_the_conference_cleanly() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;

@@ -1143,6 +1143,27 @@ impl Store {
         Ok(held == 1)
     }
 
+    /// Extends the claims node `id` holds (its placement set's, naming it) to the conference
+    /// lease, creating none: the claims an agent's last life left, kept until the agent
+    /// started again has looked at what its Asterisk still holds. Returns how many.
+    pub async fn keep_claims(&self, id: &NodeId) -> Result<u64, StoreError> {
+        let set = format!("{}node:{}:confs", self.prefix, id.as_str());
+        let script = &self.scripts.keep;
+        let conf_lease = self.conference_lease.as_millis() as u64;
+        let kept: i64 = self
+            .run("keep", |mut c| async move {
+                script
+                    .key(&set)
+                    .arg(&self.prefix)
+                    .arg(id.as_str())
+                    .arg(conf_lease)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(u64::try_from(kept).unwrap_or(0))
+    }
+
     /// Renews a node's lease, records its load and renews the claims it hosts.
     pub async fn heartbeat(
         &self,

@@ -1,0 +1,23 @@
+-- keep: extends the claims a node's last agent life left, while the agent started again
+-- under its id has not yet compared them with what its Asterisk still holds (its first
+-- reconciliation, which adopts the conferences whose callers are still in the bridges and
+-- gives the others back). Left alone they would expire meanwhile (an Asterisk slow to take
+-- the new agent's connection, say) while their callers are still talking, and a controller
+-- would place those conferences on another node: a conference in two places (invariant 1).
+-- Invariant 3 still holds: only a claim that exists and names this node is extended, never
+-- created and never past the conference lease from now, and the agent asks for no longer
+-- than ari.release_after after its start, as a running agent keeps its claims while its
+-- Asterisk is out of reach.
+-- KEYS[1] node placement set. ARGV[1] prefix, ARGV[2] id, ARGV[3] conference lease (ms).
+-- Returns how many claims were kept.
+local conf_lease = tonumber(ARGV[3])
+local kept = 0
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local ckey = ARGV[1] .. 'conf:' .. name
+  if redis.call('HGET', ckey, 'owner') == ARGV[2] then
+    local pttl = redis.call('PTTL', ckey)
+    if pttl >= 0 and pttl < conf_lease then redis.call('PEXPIRE', ckey, conf_lease) end
+    kept = kept + 1
+  end
+end
+return kept
