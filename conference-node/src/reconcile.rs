@@ -60,7 +60,18 @@ pub async fn run(node: Arc<Node>, mut wake: mpsc::UnboundedReceiver<()>) {
                 }
                 Err(why) => {
                     tracing::warn!(error = %why, retry_in = ?delay, "reconciliation incomplete; retrying");
-                    tokio::time::sleep(delay).await;
+                    // A reconnect or a new registration asks for a pass at once: it is not
+                    // left waiting out a backoff that an earlier failure set.
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        got = wake.recv() => {
+                            if got.is_none() {
+                                return;
+                            }
+                            delay = RETRY;
+                            continue;
+                        }
+                    }
                     delay = (delay * 2).min(RETRY_MAX);
                 }
             }
