@@ -1980,6 +1980,16 @@ async fn only_nodes_registered_before_a_loss_keep_the_settling_mark_off() {
     // others, and placements wait for them.
     assert!(settles_after_an_hour().await);
     assert_eq!(mark(), 1);
+    // A node with a shorter lease does not cut the mark short.
+    assert!(store
+        .settle_after_loss(Duration::from_secs(3), Duration::from_secs(3600))
+        .await
+        .expect("settle"));
+    let left = redis
+        .query(redis::cmd("PTTL").arg("{confroute}:settling"))
+        .and_then(|v| redis::from_redis_value::<i64>(v).ok())
+        .expect("pttl");
+    assert!(left > 20_000, "the mark was cut short to {left} ms");
     // A record that does not say when it registered counts as from before.
     redis
         .query(

@@ -15,7 +15,7 @@
 -- A running controller waits on its own after trouble it saw; the mark also holds back one
 -- that started meanwhile and knows of no node from before.
 -- KEYS[1] node index, KEYS[2] the mark (<prefix>settling).
--- ARGV[1] how long the mark lives (ms): the registering node's lease;
+-- ARGV[1] how long the mark lives at least (ms): the registering node's lease;
 -- ARGV[2] how recent a registration is taken for one since the loss (ms); ARGV[3] prefix.
 -- Returns 1 when it set the mark, 0 when a node from before is live (nothing was lost).
 local t = redis.call('TIME')
@@ -28,5 +28,10 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
     if not registered or now - registered >= recent then return 0 end
   end
 end
-redis.call('SET', KEYS[2], now, 'PX', tonumber(ARGV[1]))
+-- Never shortened: a node with a shorter lease (another heartbeat interval) must not cut
+-- short the wait a node with a longer one set for the others to come back.
+local ms = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[2]) < ms then
+  redis.call('SET', KEYS[2], now, 'PX', ms)
+end
 return 1
