@@ -709,6 +709,16 @@ async fn call_control_bodies_may_not_name_what_their_path_names() {
             a.text
         );
     }
+    // A participant for the whole conference's announcement: refused as JSON-RPC refuses it.
+    let a = call(
+        &s,
+        Method::POST,
+        "/v1/conferences/path-conf/play",
+        Some(r#"{"media":"sound:beep","participant":"p1"}"#),
+        None,
+    )
+    .await;
+    assert_error(&a, 422, "invalid_params");
     let page = s.store.list_conferences(None, 10).await.expect("list");
     assert!(page.items.is_empty(), "nothing claimed: {:?}", page.items);
     // The path's own value, repeated in the body, is no conflict: the request goes on (to

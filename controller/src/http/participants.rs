@@ -257,11 +257,20 @@ pub async fn play_all(
 ) -> Result<Json<Value>, ApiError> {
     let name = checked(name)?;
     q?;
-    let m = body(b)?;
-    if m.contains_key("participant") {
-        return Err(ApiError::bad_request(
-            "use /participants/{id}/play for one participant",
-        ));
+    let mut m = body(b)?;
+    // As JSON-RPC's `conference.play` refuses it (a null one is no participant).
+    match m.get("participant") {
+        Some(Value::Null) => {
+            m.remove("participant");
+        }
+        Some(_) => {
+            return Err(ControlError::InvalidParams(
+                "participant: conference.play takes none; use /participants/{id}/play for one participant"
+                    .into(),
+            )
+            .into())
+        }
+        None => {}
     }
     let p: PlayParams = decode(with(m, &[("conference", &name)])?)?;
     Ok(Json(state.control.play(p).await?))
