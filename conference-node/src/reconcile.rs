@@ -61,15 +61,14 @@ pub async fn run(node: Arc<Node>, mut wake: mpsc::UnboundedReceiver<()>) {
                 Err(why) => {
                     tracing::warn!(error = %why, retry_in = ?delay, "reconciliation incomplete; retrying");
                     // A reconnect or a new registration asks for a pass at once: it is not
-                    // left waiting out a backoff that an earlier failure set.
+                    // left waiting out a backoff that an earlier failure set (the backoff
+                    // goes on growing should that pass fail too).
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         got = wake.recv() => {
                             if got.is_none() {
                                 return;
                             }
-                            delay = RETRY;
-                            continue;
                         }
                     }
                     delay = (delay * 2).min(RETRY_MAX);

@@ -1003,6 +1003,8 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
             },
             _ = tokio::time::sleep(Duration::from_millis(50)), if owed && !bytes_ok => {}
             room = session.out.reserve(), if owed && bytes_ok => match room {
+                // Unsubscribed from everything while the slot was awaited: nothing to tell.
+                Ok(_) if !following(&session) => (gap, lost) = (false, 0),
                 Ok(slot) if gap => {
                     let notice = gap_notice();
                     session.unwritten.add(notice.len());

@@ -262,7 +262,10 @@ impl Conference {
     async fn play_conference(&mut self, media: &str) -> Result<Value, BusError> {
         // The mixing bridge exists from the first caller's admission, waiters' and ringing
         // dial-outs' included: played there with nobody in it, it is heard by no one.
-        let heard = self.participants.values().any(|p| !p.waiting && !p.held);
+        let heard = self
+            .participants
+            .values()
+            .any(|p| !p.waiting && !p.held && !p.caller_held && !p.redirected);
         if !self.main_created || !heard {
             return Err(BusError::new(
                 ErrorCode::Forbidden,
@@ -561,7 +564,7 @@ impl Conference {
                 Err(BusError::new(
                     ErrorCode::Forbidden,
                     format!(
-                        "participant `{ch}` is on a {} channel: only a PJSIP channel can be moved to a conference on another node (Asterisk hands it over by SIP); nothing was done",
+                        "participant `{ch}` is on a {} channel: only a PJSIP channel can be moved to a conference on another node (the agent hands it over with a PJSIP transfer); nothing was done",
                         p.tech
                     ),
                 )),

@@ -1148,12 +1148,14 @@ impl Store {
     /// started again has looked at what its Asterisk still holds. Returns how many.
     pub async fn keep_claims(&self, id: &NodeId) -> Result<u64, StoreError> {
         let set = format!("{}node:{}:confs", self.prefix, id.as_str());
+        let record = self.node_key(id);
         let script = &self.scripts.keep;
         let conf_lease = self.conference_lease.as_millis() as u64;
         let kept: i64 = self
             .run("keep", |mut c| async move {
                 script
                     .key(&set)
+                    .key(&record)
                     .arg(&self.prefix)
                     .arg(id.as_str())
                     .arg(conf_lease)

@@ -8,8 +8,11 @@
 -- created and never past the conference lease from now, and the agent asks for no longer
 -- than ari.release_after after its start, as a running agent keeps its claims while its
 -- Asterisk is out of reach.
--- KEYS[1] node placement set. ARGV[1] prefix, ARGV[2] id, ARGV[3] conference lease (ms).
+-- Only while the node's record lives: a node gone keeps nothing alive.
+-- KEYS[1] node placement set, KEYS[2] node record. ARGV[1] prefix, ARGV[2] id, ARGV[3]
+-- conference lease (ms).
 -- Returns how many claims were kept.
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local conf_lease = tonumber(ARGV[3])
 local kept = 0
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
