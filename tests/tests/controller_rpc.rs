@@ -795,24 +795,32 @@ async fn websockets_past_rpc_max_connections_are_refused_until_one_closes() {
     ping(&mut again, 2).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
-    // The client reads nothing (and so answers no ping) while the events pile up, which on
-    // a loaded machine takes longer than the default silence limit.
-    let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
+/// A client subscribed to `conference`, and a node (kept listening) that has published
+/// `sent` events of it with `pad` bytes of data each, none of them read by the client yet.
+async fn flooded(
+    s: &Setup,
+    conference: &str,
+    sent: u64,
+    pad: usize,
+) -> (
+    Ws,
+    (
+        Bus,
+        tokio::sync::mpsc::Receiver<confroute_shared::bus::Command>,
+    ),
+) {
     let store = fixtures::store(&fixtures::single(&s.redis.url()));
-    let (node, _commands) = Bus::node(store, &fixtures::id("node-a"));
+    let (node, commands) = Bus::node(store, &fixtures::id("node-a"));
     assert!(node.wait_connected(Duration::from_secs(10)).await);
-    let mut ws = connect(&s, None).await.expect("connect");
+    let mut ws = connect(s, None).await.expect("connect");
     assert!(
-        rpc(&mut ws, "subscribe", json!({"conference": "loud"}), 1).await["result"].is_object()
+        rpc(&mut ws, "subscribe", json!({ "conference": conference }), 1).await["result"]
+            .is_object()
     );
-    // Far more than the connection's queue and socket buffers hold, read by nobody meanwhile.
-    const SENT: u64 = 20_000;
-    let pad = "x".repeat(1000);
-    for seq in 0..SENT {
+    let pad = "x".repeat(pad);
+    for seq in 0..sent {
         node.publish_event(&Event {
-            conference: "loud".into(),
+            conference: conference.into(),
             node: "node-a".into(),
             epoch: 1,
             seq,
@@ -821,6 +829,17 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
         })
         .await;
     }
+    (ws, (node, commands))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
+    // The client reads nothing (and so answers no ping) while the events pile up, which on
+    // a loaded machine takes longer than the default silence limit.
+    let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
+    // Far more than the connection's queue and socket buffers hold, read by nobody meanwhile.
+    const SENT: u64 = 20_000;
+    let (mut ws, _node) = flooded(&s, "loud", SENT, 1000).await;
     // Every event arrives or is counted as lost; the count comes though no event follows.
     let (mut events, mut lost) = (0u64, 0u64);
     while events + lost < SENT {
@@ -854,25 +873,9 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_lost_past_the_byte_bound_are_told_in_one_notice() {
     let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
-    let store = fixtures::store(&fixtures::single(&s.redis.url()));
-    let (node, _commands) = Bus::node(store, &fixtures::id("node-a"));
-    assert!(node.wait_connected(Duration::from_secs(10)).await);
-    let mut ws = connect(&s, None).await.expect("connect");
-    assert!(rpc(&mut ws, "subscribe", json!({"conference": "big"}), 1).await["result"].is_object());
     // 1,500 events of 32 KB: 48 MB, past the bound with the queue's 1,024 slots not full.
     const SENT: u64 = 1_500;
-    let pad = "x".repeat(32 * 1024);
-    for seq in 0..SENT {
-        node.publish_event(&Event {
-            conference: "big".into(),
-            node: "node-a".into(),
-            epoch: 1,
-            seq,
-            event: "talking".into(),
-            data: json!({ "pad": pad }),
-        })
-        .await;
-    }
+    let (mut ws, _node) = flooded(&s, "big", SENT, 32 * 1024).await;
     let (mut events, mut lost, mut notices) = (0u64, 0u64, 0u64);
     while events + lost < SENT {
         let v = recv(&mut ws).await;
@@ -899,27 +902,8 @@ async fn events_lost_past_the_byte_bound_are_told_in_one_notice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_of_an_unfollowed_conference_comes_after_the_unsubscribe() {
     let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
-    let store = fixtures::store(&fixtures::single(&s.redis.url()));
-    let (node, _commands) = Bus::node(store, &fixtures::id("node-a"));
-    assert!(node.wait_connected(Duration::from_secs(10)).await);
-    let mut ws = connect(&s, None).await.expect("connect");
-    assert!(
-        rpc(&mut ws, "subscribe", json!({"conference": "busy"}), 1).await["result"].is_object()
-    );
     // Not read meanwhile: more than the connection's queue holds.
-    const SENT: u64 = 3_000;
-    let pad = "x".repeat(512);
-    for seq in 0..SENT {
-        node.publish_event(&Event {
-            conference: "busy".into(),
-            node: "node-a".into(),
-            epoch: 1,
-            seq,
-            event: "talking".into(),
-            data: json!({ "pad": pad }),
-        })
-        .await;
-    }
+    let (mut ws, _node) = flooded(&s, "busy", 3_000, 512).await;
     send(
         &mut ws,
         &json!({"jsonrpc": "2.0", "method": "unsubscribe",
