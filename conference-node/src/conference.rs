@@ -896,14 +896,8 @@ impl Conference {
         {
             return;
         }
-        let taken = Instant::now();
-        let lists = async {
-            let bridges = self.node.ari.list_bridges().await?;
-            let channels = self.node.ari.list_channels().await?;
-            Ok::<_, AriError>((bridges, channels))
-        };
-        let (bridges, channels) = match lists.await {
-            Ok(lists) => lists,
+        let listing = match self.node.listing_since_connect().await {
+            Ok(listing) => listing,
             // Admitted as before: the reconciliation is still to come.
             Err(e) => {
                 tracing::warn!(conference = %self.name, error = %e, "cannot compare the conference with Asterisk before admitting a newcomer; the reconciliation will");
@@ -911,21 +905,24 @@ impl Conference {
             }
         };
         self.looked_under = connection;
-        let (mains, holdings) = self.own_bridges(bridges);
-        let listed: HashSet<String> = channels.iter().map(|c| c.id.clone()).collect();
-        let members: HashMap<String, Channel> = channels
-            .into_iter()
+        // Shared, and perhaps older than this conference's latest changes: reconcile() takes
+        // nothing from a listing older than a bridge or a participant.
+        let (mains, holdings) = self.own_bridges(listing.bridges.clone());
+        let listed: HashSet<String> = listing.channels.iter().map(|c| c.id.clone()).collect();
+        let members: HashMap<String, Channel> = listing
+            .channels
+            .iter()
             .filter(|c| {
                 mains
                     .iter()
                     .chain(holdings.iter())
                     .any(|b| b.channels.contains(&c.id))
             })
-            .map(|c| (c.id.clone(), c))
+            .map(|c| (c.id.clone(), c.clone()))
             .collect();
         let main = self.one_bridge(mains, &self.main.clone()).await;
         let holding = self.one_bridge(holdings, &self.holding.clone()).await;
-        self.reconcile(main, holding, &members, &listed, taken)
+        self.reconcile(main, holding, &members, &listed, listing.taken)
             .await;
     }
 

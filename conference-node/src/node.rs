@@ -23,6 +23,16 @@ use crate::dialout::Dialouts;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
+/// Asterisk's bridges and channels, listed one after the other.
+pub struct Listing {
+    /// When the listing began: it says nothing of what came after.
+    pub taken: Instant,
+    /// Every bridge.
+    pub bridges: Vec<crate::ari::Bridge>,
+    /// Every channel, listed after the bridges.
+    pub channels: Vec<crate::ari::Channel>,
+}
+
 /// How long before a reconciliation's listing a hangup must have been asked for to count as
 /// overdue there: Asterisk acts in milliseconds, but its StasisEnd may still be on its way.
 const HANGUP_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -222,6 +232,10 @@ pub struct Node {
     connections: AtomicU64,
     /// The connection under which the last complete reconciliation ran.
     reconciled_under: AtomicU64,
+    /// Asterisk's bridges and channels as listed under an events connection, for the
+    /// newcomers compared with them before the reconciliation reaches their conferences
+    /// ([`Node::listing_since_connect`]); one listing serves them all.
+    listing: tokio::sync::Mutex<Option<(u64, Arc<Listing>)>>,
     /// The ordered publisher of command replies, dial-out notifications and events.
     pub outbox: Outbox,
     /// Dial-outs in progress, turning their calls' events into status notifications.
@@ -319,6 +333,7 @@ impl Node {
             beat_gate: tokio::sync::Mutex::new(false),
             connections: AtomicU64::new(0),
             reconciled_under: AtomicU64::new(0),
+            listing: tokio::sync::Mutex::new(None),
             outbox,
             dialouts: Dialouts::default(),
             state,
@@ -1132,8 +1147,36 @@ impl Node {
     /// Records that a reconciliation started under `connection` completed.
     pub fn reconciled_at(&self, connection: u64) {
         self.reconciled_under.store(connection, Ordering::SeqCst);
+        // Newcomers need no listing of their own once the reconciliation has looked.
+        if let Ok(mut listing) = self.listing.try_lock() {
+            *listing = None;
+        }
         // A drain waits for this before it trusts an empty list of conferences.
         self.changed.notify_waiters();
+    }
+
+    /// Asterisk's bridges and channels listed under the current events connection: made by
+    /// the first caller to ask after a (re)connect, shared by the others (which wait for it
+    /// rather than list again), so a burst of newcomers after a reconnect asks Asterisk for
+    /// one listing, not one per conference. Not kept when listing failed.
+    pub async fn listing_since_connect(&self) -> Result<Arc<Listing>, AriError> {
+        let connection = self.connection();
+        let mut cached = self.listing.lock().await;
+        if let Some((under, listing)) = cached.as_ref() {
+            if *under == connection {
+                return Ok(listing.clone());
+            }
+        }
+        let taken = Instant::now();
+        let bridges = self.ari.list_bridges().await?;
+        let channels = self.ari.list_channels().await?;
+        let listing = Arc::new(Listing {
+            taken,
+            bridges,
+            channels,
+        });
+        *cached = Some((connection, listing.clone()));
+        Ok(listing)
     }
 
     /// Whether a reconciliation has completed in this agent's life.

@@ -397,6 +397,54 @@ async fn a_newcomer_after_an_asterisk_restart_is_not_admitted_into_the_lost_conf
     );
 }
 
+/// Newcomers of several live conferences arriving after a reconnect, before the
+/// reconciliation, are compared with one listing of Asterisk's bridges, not one each: a
+/// burst of callers after a reconnect does not multiply full listings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newcomers_after_a_reconnect_share_one_listing() {
+    let s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "10m"),
+    ])
+    .await;
+    let rooms = ["share-1", "share-2", "share-3"];
+    for room in rooms {
+        let a = dial(&s.sim, room, &[]).await;
+        wait_bridged(&s.sim, &a).await;
+    }
+    let listings = |from: usize| {
+        s.sim.request_log()[from..]
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == "/ari/bridges")
+            .count()
+    };
+    let from = s.sim.request_log().len();
+    s.sim.hold_operation("GET /bridges");
+    s.sim.drop_websockets();
+    wait_for_async("the reconciliation's listing asked", WAIT, || async {
+        (s.sim.held_requests("GET /bridges") >= 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let newcomers: Vec<String> =
+        futures_util::future::join_all(rooms.iter().map(|room| dial(&s.sim, room, &[]))).await;
+    wait_for_async("the first newcomer's listing asked", WAIT, || async {
+        (s.sim.held_requests("GET /bridges") >= 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("GET /bridges");
+    for ch in &newcomers {
+        wait_bridged(&s.sim, ch).await;
+    }
+    assert_eq!(
+        listings(from),
+        2,
+        "the reconciliation's listing and one shared by the newcomers\n{}",
+        s.node.output()
+    );
+}
+
 /// Asterisk serves its HTTP port before it is fully booted, answering every ARI request
 /// (the events WebSocket's too) 503 "Asterisk not booted": the agent keeps trying, connects
 /// once Asterisk is booted, finds the old conference gone and admits callers again.
