@@ -736,6 +736,13 @@ impl Node {
     /// channel has left its bridge and Stasis, so the channel is remembered until its
     /// `StasisEnd`: a listing taken meanwhile shows it, and must not bring it back.
     pub async fn hang_up(&self, channel: &str, cause: u16) -> Result<(), AriError> {
+        self.ask_hangup(channel, cause, true).await.map(drop)
+    }
+
+    /// [`Node::hang_up`], telling whether Asterisk still had the channel: false when it had
+    /// gone already (a caller hanging up as it is kicked), its `StasisEnd` perhaps not
+    /// yet heard.
+    pub async fn hang_up_found(&self, channel: &str, cause: u16) -> Result<bool, AriError> {
         self.ask_hangup(channel, cause, true).await
     }
 
@@ -743,10 +750,10 @@ impl Node {
     /// brings no reconciliation forward, so one that keeps failing is asked at the periodic
     /// pace, not every few seconds, of an Asterisk already struggling.
     pub async fn hang_up_again(&self, channel: &str, cause: u16) -> Result<(), AriError> {
-        self.ask_hangup(channel, cause, false).await
+        self.ask_hangup(channel, cause, false).await.map(drop)
     }
 
-    async fn ask_hangup(&self, channel: &str, cause: u16, first: bool) -> Result<(), AriError> {
+    async fn ask_hangup(&self, channel: &str, cause: u16, first: bool) -> Result<bool, AriError> {
         let asked = Instant::now();
         let ask = Hangup {
             asked,
@@ -756,7 +763,7 @@ impl Node {
         lock(&self.hanging_up).insert(channel.to_string(), ask);
         let result = self.ari.hangup(channel, cause).await;
         match &result {
-            Ok(()) => {
+            Ok(_) => {
                 if let Some(h) = lock(&self.hanging_up)
                     .get_mut(channel)
                     .filter(|h| h.asked == asked)

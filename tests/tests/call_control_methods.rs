@@ -1755,6 +1755,51 @@ async fn a_participant_on_a_channel_that_cannot_be_transferred_is_not_moved_to_a
     );
 }
 
+/// A participant that hangs up just as it is kicked left on its own: Asterisk answers the
+/// kick's hangup 404, and its leave says `hangup`, not `kicked`, while the kick succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_that_finds_its_participant_gone_reports_its_own_hangup() {
+    let c = Cluster::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")], &[]).await;
+    let mut ws = c.client(0).await;
+    let mut watcher = c.client(0).await;
+    watcher
+        .ok("subscribe", json!({"conference": "kick-race"}))
+        .await;
+    let owner = c.route(0, "kick-race").await;
+    let sim = &c.node(&owner).sim;
+    let stays = dial(sim, "kick-race", &[]).await;
+    wait_bridged(sim, &stays).await;
+    let leaving = dial(sim, "kick-race", &[]).await;
+    wait_bridged(sim, &leaving).await;
+    sim.hold_operation("hangup");
+    let kick = ws.ok(
+        "participant.kick",
+        json!({"conference": "kick-race", "participant": leaving}),
+    );
+    let hangs_up_first = async {
+        until(sim, "the kick's hangup under way", |_| {
+            sim.held_requests("hangup") == 1
+        })
+        .await;
+        sim.hangup_far_end(&leaving, 16).await.expect("hangs up");
+        sim.release_operation("hangup");
+    };
+    let (answer, ()) = tokio::join!(kick, hangs_up_first);
+    assert_eq!(answer, json!({}));
+    let events = watcher.events_until(|e| e["event"] == "leave").await;
+    let leave = &events[events.len() - 1]["data"];
+    assert_eq!(leave["participant"], leaving.as_str(), "{events:#?}");
+    assert_eq!(leave["reason"], "hangup", "{events:#?}");
+    let list = ws
+        .ok("participant.list", json!({"conference": "kick-race"}))
+        .await;
+    let ids: Vec<&str> = list["participants"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, vec![stays.as_str()], "the conference goes on");
+}
+
 /// A conference ended by a kick says so as Twilio does: `last-participant-kicked` when the
 /// kicked one was the last, `participant-with-end-conference-on-exit-kicked` when the kicked
 /// one ended it by leaving.

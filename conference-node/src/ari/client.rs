@@ -546,8 +546,8 @@ impl AriClient {
 
     /// `DELETE /channels/{id}` with the Q.850 `cause`, as a named `reason` where ARI has one
     /// (understood by every ARI version) and as `reason_code` otherwise (newer versions
-    /// only); a channel already gone is fine.
-    pub async fn hangup(&self, channel: &str, cause: u16) -> Result<(), AriError> {
+    /// only); a channel already gone is fine: false says it was (404).
+    pub async fn hangup(&self, channel: &str, cause: u16) -> Result<bool, AriError> {
         let path = format!("/channels/{}", encode(channel));
         let code = cause.to_string();
         let param = match hangup_reason(cause) {
@@ -555,8 +555,8 @@ impl AriClient {
             None => ("reason_code", code.as_str()),
         };
         match self.call("hangup", Method::Delete, &path, &[param]).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind == AriErrorKind::NotFound => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -455,12 +455,21 @@ impl Conference {
             Some(p) if p.moving => return Err(moving(ch)),
             Some(_) => {}
         }
-        if let Err(e) = self.node.hang_up(ch, CAUSE_NORMAL).await {
-            // The application hears the kick failed: nothing is to carry it out later.
-            self.node.hangup_failed(ch);
-            return Err(BusError::new(ErrorCode::Internal, e.to_string()));
-        }
-        if ringing {
+        let found = match self.node.hang_up_found(ch, CAUSE_NORMAL).await {
+            Ok(found) => found,
+            Err(e) => {
+                // The application hears the kick failed: nothing is to carry it out later.
+                self.node.hangup_failed(ch);
+                return Err(BusError::new(ErrorCode::Internal, e.to_string()));
+            }
+        };
+        if !found {
+            // It hung up on its own first: its end, on its way, tells how it left (a
+            // callee's real cause, a caller's hangup), not the kick that found it gone.
+            if !ringing {
+                self.left(ch, "hangup").await;
+            }
+        } else if ringing {
             // Its dial-out ends when its channel is destroyed. Should the callee answer
             // before Asterisk acts on the hangup, nobody waits for it: it is hung up, not
             // joined.
