@@ -112,6 +112,9 @@ pub enum Msg {
         members: HashMap<String, Channel>,
         /// Every channel Asterisk listed: one of the conference's missing there is gone.
         listed: Arc<HashSet<String>>,
+        /// Channels in this agent's Stasis app that no bridge held: a participant among
+        /// them was taken out behind the agent's back and is put back, not let go.
+        unbridged: Arc<HashSet<String>>,
         /// When the listing was taken: what changed since is newer than it.
         taken: Instant,
         /// Answers whether the conference is active and owned afterwards.
@@ -567,13 +570,14 @@ impl Conference {
                 holding,
                 members,
                 listed,
+                unbridged,
                 taken,
                 reply,
             } => {
                 let main = self.one_bridge(main, &self.main.clone()).await;
                 let holding = self.one_bridge(holding, &self.holding.clone()).await;
                 let owned = self
-                    .reconcile(main, holding, &members, &listed, taken)
+                    .reconcile(main, holding, &members, &listed, &unbridged, taken)
                     .await;
                 self.check_recording().await;
                 if self.check_redirects(&listed, taken) {
@@ -920,9 +924,16 @@ impl Conference {
             })
             .map(|c| (c.id.clone(), c.clone()))
             .collect();
+        let bridged: HashSet<String> = listing
+            .bridges
+            .iter()
+            .flat_map(|b| b.channels.iter().cloned())
+            .collect();
+        let unbridged =
+            crate::reconcile::unbridged(&self.node.cfg.ari.app, &bridged, &listing.channels);
         let main = self.one_bridge(mains, &self.main.clone()).await;
         let holding = self.one_bridge(holdings, &self.holding.clone()).await;
-        self.reconcile(main, holding, &members, &listed, listing.taken)
+        self.reconcile(main, holding, &members, &listed, &unbridged, listing.taken)
             .await;
     }
 
@@ -2493,6 +2504,7 @@ impl Conference {
         holding: Option<Bridge>,
         members: &HashMap<String, Channel>,
         listed: &HashSet<String>,
+        unbridged: &HashSet<String>,
         taken: Instant,
     ) -> bool {
         let in_main: Vec<String> = main
@@ -2679,8 +2691,17 @@ impl Conference {
             // bridges as the listing was taken (a hold, a start) may be in neither: Asterisk
             // takes it out of one before it puts it in the other, and lists bridges one by
             // one.
+            // One still in the Stasis app in no bridge at all was taken out by another
+            // ARI user: it is put back where the agent placed it, below, as the same
+            // participant. Letting it go and joining it again would tell a leave and a
+            // join for a caller that never left, and the leave of an `endConferenceOnExit`
+            // caller would end the conference for everyone.
             .filter(|(id, p)| {
-                p.since < taken && p.placed_at < taken && !p.moving && !present.contains(id)
+                p.since < taken
+                    && p.placed_at < taken
+                    && !p.moving
+                    && !present.contains(id)
+                    && (p.redirected || !unbridged.contains(*id))
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -2705,7 +2726,8 @@ impl Conference {
                 return false;
             }
         }
-        self.restore_placements(&in_main, &in_holding, taken).await;
+        self.restore_placements(&in_main, &in_holding, unbridged, taken)
+            .await;
         // Callers adopted before a restart may make a start nothing else made.
         self.start_if_due().await;
         self.phase == Phase::Active

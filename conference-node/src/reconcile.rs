@@ -84,6 +84,16 @@ struct Found {
     holding: Vec<Bridge>,
 }
 
+/// The channels in Stasis app `app` that no bridge holds (`bridged`: every bridge's
+/// members, listed before the channels).
+pub fn unbridged(app: &str, bridged: &HashSet<String>, channels: &[Channel]) -> HashSet<String> {
+    channels
+        .iter()
+        .filter(|c| !bridged.contains(&c.id) && c.stasis_app().is_some_and(|(a, _)| a == app))
+        .map(|c| c.id.clone())
+        .collect()
+}
+
 /// One reconciliation pass.
 pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     let taken = std::time::Instant::now();
@@ -128,6 +138,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
         .filter(|(_, f)| !f.main.is_empty() || !f.holding.is_empty())
         .map(|(n, _)| n.clone())
         .collect();
+    let unbridged = Arc::new(unbridged(&node.cfg.ari.app, &bridged, &channels));
     let mut active: HashSet<ConferenceName> = HashSet::new();
     let mut incomplete = false;
     for (name, found) in ours {
@@ -149,6 +160,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
             holding: found.holding,
             members,
             listed: listed.clone(),
+            unbridged: unbridged.clone(),
             taken,
             reply: tx,
         };

@@ -586,7 +586,7 @@ async fn callers_taken_out_of_their_bridge_behind_the_agents_back_are_put_back()
     .await;
 
     // A caller removed from the mixing bridge by another application: the next
-    // reconciliation finds it in no bridge and joins it again.
+    // reconciliation finds it in no bridge and puts it back.
     let a = dial(&s.sim, "put-back-2", &[]).await;
     let b = dial(&s.sim, "put-back-2", &[]).await;
     let main = wait_bridged(&s.sim, &a).await;
@@ -608,6 +608,51 @@ async fn callers_taken_out_of_their_bridge_behind_the_agents_back_are_put_back()
         s.sim.snapshot().channel(&a).and_then(|c| c.bridge.clone()),
         Some(main),
         "the other caller was never disturbed"
+    );
+
+    // The same for a chair (`endConferenceOnExit`): it never left, so the conference goes
+    // on, with the same bridge, the other caller and the chair back in it.
+    let chair = dial(&s.sim, "put-back-3", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    let main = wait_bridged(&s.sim, &chair).await;
+    let member = dial(&s.sim, "put-back-3", &[]).await;
+    assert_eq!(wait_bridged(&s.sim, &member).await, main);
+    let r = other
+        .call(
+            "POST",
+            &format!("/bridges/{main}/removeChannel?channel={chair}"),
+            None,
+        )
+        .await
+        .expect("remove");
+    assert_eq!(r.status, 204);
+    until(
+        &s.sim,
+        "the chair back in the conference's bridge",
+        |snap| snap.channel(&chair).and_then(|c| c.bridge.as_deref()) == Some(main.as_str()),
+    )
+    .await;
+    assert_eq!(
+        s.sim
+            .snapshot()
+            .channel(&member)
+            .and_then(|c| c.bridge.clone()),
+        Some(main),
+        "the conference did not end: the other caller is still in it"
+    );
+    // Put back as the participants they were: nobody left or joined again.
+    let m = scrape(&s.node.http_url()).await;
+    assert_eq!(
+        fixtures::metric_opt(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="rejoined_channel"}"#
+        ),
+        Some(0.0),
+        "{}",
+        s.node.output()
+    );
+    assert_eq!(
+        fixtures::metric_opt(&m, r#"confroute_node_leaves_total{reason="gone"}"#),
+        Some(0.0)
     );
 }
 

@@ -1051,9 +1051,10 @@ async fn a_hangup_lost_with_the_websocket_is_reported_as_a_hangup() {
     assert_eq!(got[0]["ParticipantCallStatus"], "completed");
 }
 
-/// A caller taken out of the conference's bridge by another ARI client, still up and in
-/// the app, is reported removed with its call in progress (not hung up), and the
-/// reconciliation brings it back in.
+/// A caller another ARI client put into a bridge of its own, still up and in the app, is
+/// reported removed with its call in progress (not hung up). (One merely taken out of the
+/// conference's bridge, in no bridge at all, is put back as the same participant:
+/// `node_failover::callers_taken_out_of_their_bridge_behind_the_agents_back_are_put_back`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_taken_out_behind_the_agents_back_is_reported_removed_not_hung_up() {
     let (url, got) = receiver(0).await;
@@ -1074,24 +1075,34 @@ async fn a_caller_taken_out_behind_the_agents_back_is_reported_removed_not_hung_
     let bridge = wait_bridged(&s.sim, &a).await;
     let b = dial(&s.sim, "taken-out", &[]).await;
     wait_bridged(&s.sim, &b).await;
-    let resp = fixtures::http()
-        .post(format!(
-            "{}/ari/bridges/{bridge}/removeChannel?channel={b}",
-            s.sim.base_url()
-        ))
-        .basic_auth(s.sim.username(), Some(s.sim.password()))
-        .send()
+    let ari = |path: String| {
+        fixtures::http()
+            .post(format!("{}/ari{path}", s.sim.base_url()))
+            .basic_auth(s.sim.username(), Some(s.sim.password()))
+            .send()
+    };
+    let resp = ari("/bridges/elsewhere?type=mixing".to_string())
         .await
-        .expect("removeChannel");
+        .expect("create a bridge");
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = ari(format!("/bridges/elsewhere/addChannel?channel={b}"))
+        .await
+        .expect("addChannel");
     assert_eq!(resp.status().as_u16(), 204);
     let got = callbacks(&got, 1).await;
     assert_eq!(got[0]["CallSid"], b, "{got:#?}");
     assert_eq!(got[0]["ReasonParticipantLeft"], "participant_removed");
     assert_eq!(got[0]["ParticipantCallStatus"], "in-progress");
-    until(&s.sim, "b back in the conference", |snap| {
-        snap.channel(&b).and_then(|c| c.bridge.clone()).as_deref() == Some(bridge.as_str())
-    })
-    .await;
+    assert_eq!(
+        s.sim.snapshot().channel(&b).and_then(|c| c.bridge.clone()),
+        Some("elsewhere".to_string()),
+        "left where the other client put it"
+    );
+    assert_eq!(
+        s.sim.snapshot().channel(&a).and_then(|c| c.bridge.clone()),
+        Some(bridge),
+        "the conference goes on"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,10 @@
 //! agent's view is what the application was told, so the caller is moved back to match it.
 //! A waiter a started conference did not move in (the move failed, or timed out and was
 //! carried out later) is moved in now, as the start meant to, with a second `start` event
-//! naming it.
+//! naming it. A participant another ARI user took out of its bridge, left in the Stasis
+//! app in no bridge, is put back the same way.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use serde_json::json;
@@ -28,6 +30,7 @@ impl Conference {
         &mut self,
         in_main: &[String],
         in_holding: &[String],
+        unbridged: &HashSet<String>,
         taken: Instant,
     ) {
         let started = self.started;
@@ -40,11 +43,13 @@ impl Conference {
                 continue;
             }
             let (mixed, holding) = (in_main.contains(id), in_holding.contains(id));
+            // Taken out of its bridge by another ARI user, still in the Stasis app.
+            let nowhere = !mixed && !holding && unbridged.contains(id);
             if belongs_in_holding(p.held, p.waiting, started) {
-                if mixed {
+                if mixed || nowhere {
                     to_holding.push(id.clone());
                 }
-            } else if holding {
+            } else if holding || nowhere {
                 to_main.push(id.clone());
             } else if mixed && p.waiting {
                 // A waiter of a started conference found in the mix got there by a start's
@@ -97,7 +102,7 @@ impl Conference {
         };
         let mut opts = p.options.clone();
         opts.muted = p.muted;
-        tracing::warn!(conference = %self.name, channel = id, holding, "participant found in the other bridge than the agent placed it in (a move Asterisk carried out after the agent gave up on it, or one that failed); moving it");
+        tracing::warn!(conference = %self.name, channel = id, holding, "participant found outside the bridge the agent placed it in (a move Asterisk carried out after the agent gave up on it, one that failed, or another ARI user's); moving it");
         let moved = if holding {
             self.move_to_holding(id, &opts).await
         } else {
