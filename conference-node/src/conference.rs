@@ -2263,8 +2263,30 @@ impl Conference {
         if self.node.cfg.node.on_ownership_lost == LostPolicy::End || self.participants.is_empty() {
             self.end("ownership_lost", None).await;
         } else {
+            // The callers stay, but a callee answering now would be refused (34): it is
+            // not left ringing for a conference it can never join.
+            let ringing = self.call_off_ringing();
+            let node = &self.node;
+            let hangups = ringing.iter().map(|ch| async move {
+                if let Err(e) = node.hang_up(ch, CAUSE_NORMAL).await {
+                    tracing::warn!(channel = %ch, error = %e, "cannot call off a ringing callee");
+                }
+            });
+            futures_util::future::join_all(hangups).await;
             self.publish();
         }
+    }
+
+    /// Takes the callees still ringing out of the conference, their dial-outs called off
+    /// (they end `rejected`, 487, once their channels go); returns their channels, for the
+    /// caller to hang up.
+    fn call_off_ringing(&mut self) -> Vec<String> {
+        let ringing: Vec<(String, Options)> =
+            std::mem::take(&mut self.dialing).into_iter().collect();
+        for (ch, opts) in &ringing {
+            self.callback_add_failed(ch, opts, "canceled");
+        }
+        ringing.into_iter().map(|(ch, _)| ch).collect()
     }
 
     async fn claim_status(&mut self, status: HostedStatus, epoch: u64) {

@@ -27,6 +27,7 @@ pub const RECONCILE_ACTIONS: &[&str] = &[
     "removed_gone_participant",
     "restored_participant_bridge",
     "rejoined_channel",
+    "joined_unheard_callee",
     "redirect_refused",
     "hung_up_again",
     "read_adopted_options",

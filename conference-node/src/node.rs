@@ -1202,6 +1202,41 @@ impl Node {
         let _ = self.reconcile.send(());
     }
 
+    /// The callee of a dial-out answered (its route turned from ringing to its conference):
+    /// its conference joins it with the options the dial-out asked for.
+    fn dialout_answered(self: &Arc<Self>, name: ConferenceName, channel: crate::ari::Channel) {
+        let id = channel.id.clone();
+        self.dialouts.answered(&id);
+        if !self.send(&name, Msg::DialoutAnswered { channel }, false) {
+            self.join_abandoned(&id);
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.hang_up(&id, conference::CAUSE_NORMAL).await {
+                    tracing::warn!(channel = %id, error = %e, "cannot hang up a callee whose conference is gone");
+                }
+            });
+        }
+    }
+
+    /// A callee a listing shows in the Stasis app, in no bridge, while the agent still
+    /// has it ringing: its StasisStart was lost (written to an events connection that had
+    /// died). It joins as that event would have made it; false when it was not ringing.
+    pub fn answered_unheard(self: &Arc<Self>, channel: crate::ari::Channel) -> bool {
+        let name = {
+            let mut routes = lock(&self.routes);
+            let Some(Route::Dialout(name)) = routes.get(&channel.id) else {
+                return false;
+            };
+            let name = name.clone();
+            routes.insert(channel.id.clone(), Route::Conference(name.clone()));
+            name
+        };
+        tracing::warn!(channel = %channel.id, conference = %name, "a ringing callee is found in the Stasis app: its StasisStart was lost; joining it");
+        self.join_started(&channel.id, Instant::now());
+        self.dialout_answered(name, channel);
+        true
+    }
+
     /// Handles one event (called in the order events arrive).
     pub fn dispatch(self: &Arc<Self>, event: Event) {
         match event {
@@ -1224,21 +1259,7 @@ impl Node {
                 };
                 self.join_started(&channel.id, now);
                 match dialout {
-                    // The callee of a dial-out answered: its conference joins it with the
-                    // options the dial-out asked for.
-                    Some(name) => {
-                        let id = channel.id.clone();
-                        self.dialouts.answered(&id);
-                        if !self.send(&name, Msg::DialoutAnswered { channel }, false) {
-                            self.join_abandoned(&id);
-                            let node = self.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = node.hang_up(&id, conference::CAUSE_NORMAL).await {
-                                    tracing::warn!(channel = %id, error = %e, "cannot hang up a callee whose conference is gone");
-                                }
-                            });
-                        }
-                    }
+                    Some(name) => self.dialout_answered(name, channel),
                     None => {
                         tokio::spawn(crate::join::prepare(self.clone(), channel, args));
                     }

@@ -206,8 +206,17 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
         if app != node.cfg.ari.app {
             continue;
         }
-        if bridged.contains(&ch.id) || node.ended_since_listing(&ch.id) || !node.claim_route(&ch.id)
-        {
+        if bridged.contains(&ch.id) || node.ended_since_listing(&ch.id) {
+            continue;
+        }
+        if !node.claim_route(&ch.id) {
+            // A callee still ringing for the agent whose StasisStart never came.
+            if node.answered_unheard(ch.clone()) {
+                node.metrics
+                    .reconcile_actions
+                    .with_label_values(&["joined_unheard_callee"])
+                    .inc();
+            }
             continue;
         }
         tracing::info!(channel = %ch.id, "caller in the Stasis app but in no bridge; joining it again");

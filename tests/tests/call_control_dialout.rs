@@ -1012,3 +1012,145 @@ async fn a_node_that_cannot_read_redis_refuses_a_dialout_as_unavailable() {
     assert_eq!(ops(&sim, "originate"), 0, "nothing originated");
     assert_eq!(ops(&sim, "originateWithId"), 0, "nothing originated");
 }
+
+/// A conference its node lost (another node owns its claim now) keeps its callers by
+/// default (`on_ownership_lost = keep`), but a callee still ringing could never join it
+/// (one answering would be refused): it is called off at once, `rejected` 487, not left
+/// ringing out its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_ringing_for_a_conference_its_node_lost_is_called_off() {
+    let (c, owner, mut ws, callid) = ringing_dialout("lost-own", "+15555550161").await;
+    let sim = &c.node(&owner).sim;
+    let other = c.other(&owner).id.clone();
+    c.redis
+        .query(
+            redis::cmd("HSET")
+                .arg(format!("{}conf:lost-own", c.cfg.prefix))
+                .arg("owner")
+                .arg(&other)
+                .arg("epoch")
+                .arg(99),
+        )
+        .expect("hset");
+    let st = ws.statuses(&callid, "rejected").await;
+    assert_eq!(
+        st,
+        vec![json!({"callid": callid, "status": "rejected", "code": 487, "cause": 16})]
+    );
+    assert!(
+        sim.snapshot().channel(&callid).is_none(),
+        "the callee's call is over"
+    );
+    let caller = sim.snapshot().channels[0].id.clone();
+    assert!(
+        sim.snapshot()
+            .channel(&caller)
+            .is_some_and(|ch| ch.bridge.is_some()),
+        "the caller stays in its bridge"
+    );
+}
+
+/// While the node's events WebSocket is down its Stasis app is not registered, and Asterisk
+/// would hang up a callee the moment it answered: a dial-out is refused `unavailable`, and
+/// nothing is dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialout_while_the_events_websocket_is_down_dials_nothing() {
+    // Reconnecting only after 10 s at the earliest.
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__RECONNECT_MIN", "20s"),
+            ("CONFROUTE_ARI__RECONNECT_MAX", "20s"),
+        ],
+        &[],
+    )
+    .await;
+    let (owner, bridge) = room(&c, "ws-down", &[]).await;
+    let node = c.node(&owner);
+    node.sim.drop_websockets();
+    wait_for_async(
+        "the agent to see its events connection gone",
+        WAIT,
+        || async {
+            let m = fixtures::scrape(&node.proc.http_url()).await;
+            (fixtures::metric(&m, "confroute_ari_connected") == 0.0).then_some(())
+        },
+    )
+    .await
+    .expect("disconnected");
+    let mut ws = c.client(0).await;
+    let (code, message) = ws
+        .err(
+            "dialout",
+            json!({"conference": "ws-down", "to": "+15555550162"}),
+        )
+        .await;
+    assert_eq!(code, -32011, "{message}");
+    assert!(message.contains("events connection"), "{message}");
+    assert!(originates(&node.sim).is_empty(), "nothing dialled");
+    let snap = node.sim.snapshot();
+    assert_eq!(snap.channels.len(), 1, "the caller only");
+    assert_eq!(
+        snap.channels[0].bridge.as_deref(),
+        Some(bridge.as_str()),
+        "the conference goes on"
+    );
+}
+
+/// The callee answers while the events connection is dead unnoticed (half-open: nothing
+/// comes, pongs included): Asterisk puts it in the Stasis app, and its StasisStart dies with
+/// the connection. After the reconnect the agent's look at Asterisk finds the callee
+/// there while it still has it ringing, and joins it: connected, in the bridge, not left in
+/// silence until its ring time runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_whose_stasis_start_was_lost_is_joined_after_the_reconnect() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_ARI__PING_INTERVAL", "500ms"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = ringing_conference(&c, "unheard").await;
+    let sim = &c.node(&owner).sim;
+    let bridge = sim
+        .snapshot()
+        .channels
+        .first()
+        .and_then(|ch| ch.bridge.clone())
+        .expect("the caller's bridge");
+    let mut ws = c.client(0).await;
+    let r = ws
+        .ok(
+            "dialout",
+            json!({"conference": "unheard", "to": "+15555550163", "timeout": 60}),
+        )
+        .await;
+    let callid = r["callid"].as_str().expect("callid").to_string();
+    assert_eq!(
+        names(&ws.statuses(&callid, "ringing").await),
+        ["accepted", "ringing"]
+    );
+    sim.freeze_websockets();
+    sim.answer_far_end(&callid).await.expect("answer");
+    assert_eq!(
+        names(&ws.statuses(&callid, "connected").await),
+        ["connected"]
+    );
+    assert_eq!(
+        wait_bridged(sim, &callid).await,
+        bridge,
+        "the callee is in the conference"
+    );
+    let m = fixtures::scrape(&c.node(&owner).proc.http_url()).await;
+    assert_eq!(
+        fixtures::metric(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="joined_unheard_callee"}"#
+        ),
+        1.0,
+        "its StasisStart was lost: {}",
+        c.node(&owner).proc.output()
+    );
+}

@@ -17,6 +17,7 @@
 //!   owner with ARI `redirect`, which chan_pjsip turns into a 302 while the call rings and
 //!   into a REFER once it is answered (`transfer()` in channels/chan_pjsip.c).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -752,6 +753,22 @@ impl Conference {
     /// Originates a dial-out into this conference once this node owns it (claiming it
     /// when nobody does) and it has room; answers with the call id at once.
     async fn dialout(&mut self, d: DialoutOp, pending: Pending) {
+        // With no events connection the Stasis app is not registered in Asterisk: a callee
+        // answering would be hung up on the spot, having been rung for nothing.
+        if !self.node.ari_connected.load(Ordering::SeqCst) {
+            self.end_if_empty("dialout_failed").await;
+            pending.answer(
+                &self.node,
+                Err(BusError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node {} has no events connection to Asterisk (its Stasis app is not registered): a callee answering now would be hung up; nothing was dialled",
+                        self.node.id
+                    ),
+                )),
+            );
+            return;
+        }
         if let Err(r) = self.admit(&d.options).await {
             let e = refusal_error(&self.name, &self.node.id, r);
             self.end_if_empty("dialout_failed").await;

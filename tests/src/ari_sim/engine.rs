@@ -357,6 +357,9 @@ impl App {
 pub(crate) enum WsCmd {
     Text(String),
     Drop,
+    /// The link dies without a word (a half-open TCP connection): nothing more is written
+    /// or read, pongs included, while Asterisk still counts the app as subscribed.
+    Freeze,
 }
 
 pub(crate) struct Session {

@@ -715,6 +715,16 @@ impl AriSim {
             .unwrap_or(0)
     }
 
+    /// Every events WebSocket goes dead without a word (a half-open connection): nothing
+    /// more reaches its client, pongs included, while its apps stay subscribed, so their
+    /// events (a StasisStart, say) are lost until the client notices and connects again.
+    pub fn freeze_websockets(&self) {
+        let st = self.core.lock();
+        for s in st.sessions.values() {
+            let _ = s.tx.send(WsCmd::Freeze);
+        }
+    }
+
     /// Every events WebSocket drops (no close frame); channels and bridges stay, and apps
     /// become inactive until a client connects again.
     pub fn drop_websockets(&self) {

@@ -16,6 +16,7 @@ pub(crate) async fn run_session(
     socket: WebSocket,
 ) {
     let (mut sink, mut stream) = socket.split();
+    let mut frozen = false;
     let writer = async {
         while let Some(cmd) = rx.recv().await {
             match cmd {
@@ -27,6 +28,10 @@ pub(crate) async fn run_session(
                 }
                 // Dropped without a close frame: the client sees the connection vanish.
                 WsCmd::Drop => break,
+                WsCmd::Freeze => {
+                    frozen = true;
+                    break;
+                }
             }
         }
     };
@@ -41,6 +46,15 @@ pub(crate) async fn run_session(
     tokio::select! {
         _ = writer => {}
         _ = reader => {}
+    }
+    if frozen {
+        // Events for the session are lost on the dead link until it is dropped; the
+        // socket is neither read nor written, so the client hears nothing, pongs included.
+        while let Some(cmd) = rx.recv().await {
+            if matches!(cmd, WsCmd::Drop) {
+                break;
+            }
+        }
     }
     core.lock().close_session(sid);
 }
