@@ -2187,13 +2187,12 @@ impl Conference {
                 self.callback_add_failed(&ch, &opts, "failed");
             }
         }
-        // Callees still ringing are called off too (their dial-out ends `rejected`, 487).
-        let ringing: Vec<(String, Options)> =
-            std::mem::take(&mut self.dialing).into_iter().collect();
-        for (ch, opts) in &ringing {
-            self.callback_add_failed(ch, opts, "canceled");
+        let ringing = self.call_off_ringing();
+        // Queued now, behind the leaves: the slow steps below (hangups, bridges, Redis, each
+        // up to its timeout) must not keep it from a stop's last deliveries.
+        if let Some(mut cb) = self.callbacks.take().filter(|_| self.heard_of) {
+            send_end(&mut cb, reason, ended_by);
         }
-        let ringing: Vec<String> = ringing.into_iter().map(|(ch, _)| ch).collect();
         let node = &self.node;
         let hangups = remaining
             .iter()
@@ -2231,9 +2230,6 @@ impl Conference {
                     tracing::warn!(conference = %self.name, error = %e, "cannot release claim; it expires with its lease")
                 }
             }
-        }
-        if let Some(mut cb) = self.callbacks.take().filter(|_| self.heard_of) {
-            send_end(&mut cb, reason, ended_by);
         }
         self.node
             .metrics
@@ -2606,6 +2602,12 @@ impl Conference {
             );
             if kept.unread {
                 self.forgo_settings();
+            }
+            if !ours {
+                // The application knows this conference under the new home's ConferenceSid,
+                // whose callbacks that home sends: the leaves and end of what is left here,
+                // under a sid made up now, would tell of a conference it never saw.
+                self.callbacks = None;
             }
             self.kept_recording = kept.recording;
             self.kept_started = kept.started;

@@ -71,8 +71,15 @@ pub struct Delivery {
 
 /// When a stopping node gives up its last callbacks, and the time each conference keeps of
 /// it for its `conference-end`; unset while it serves.
-#[derive(Clone, Default)]
-pub struct StopBy(Arc<std::sync::Mutex<Option<(tokio::time::Instant, Duration)>>>);
+/// A watch, so that retries waiting when the stop comes wake to it.
+#[derive(Clone)]
+pub struct StopBy(Arc<tokio::sync::watch::Sender<Option<(tokio::time::Instant, Duration)>>>);
+
+impl Default for StopBy {
+    fn default() -> Self {
+        StopBy(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
 
 /// Shortest try worth making at a stop; with less left, a callback is given up.
 const LEAST_TRY: Duration = Duration::from_millis(100);
@@ -83,14 +90,37 @@ impl StopBy {
     /// The node stops: what is not sent by `at` is dropped, and each conference that will
     /// send its end keeps `reserve` before `at` for it.
     pub fn set(&self, at: tokio::time::Instant, reserve: Duration) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, reserve));
+        self.0.send_replace(Some((at, reserve)));
+    }
+
+    /// Waits `wait` before a retry; false as soon as a stop, begun meanwhile, leaves no
+    /// room for that retry (see [`StopBy::try_within`]): a callback waiting out a receiver's
+    /// `Retry-After` must not hold up the conference's end queued behind it past the stop.
+    async fn wait_for_retry(&self, wait: Duration, timeout: Duration, keep: bool) -> bool {
+        let end = tokio::time::Instant::now() + wait;
+        let mut stop = self.0.subscribe();
+        loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            if self.try_within(left, timeout, keep).is_none() {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(end) => return true,
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        tokio::time::sleep_until(end).await;
+                        return true;
+                    }
+                }
+            }
+        }
     }
 
     /// The deadline of a try starting `after` from now: `timeout` while serving; at a stop,
     /// no more than is left then (less the end's reserve when `keep`), and `None` when that
     /// is under [`LEAST_TRY`].
     fn try_within(&self, after: Duration, timeout: Duration, keep: bool) -> Option<Duration> {
-        let Some((at, reserve)) = *self.0.lock().unwrap_or_else(|p| p.into_inner()) else {
+        let Some((at, reserve)) = *self.0.borrow() else {
             return Some(timeout);
         };
         // A try ends a moment before the wait does, so the stop counts it once, as what it
@@ -356,7 +386,15 @@ async fn attempt_all(
         }
         metrics.webhook_retries.inc();
         tracing::debug!(url = %shown, attempt, error = %why, "status callback failed; retrying");
-        tokio::time::sleep(wait).await;
+        if !delivery
+            .stop_by
+            .wait_for_retry(wait, cfg.timeout, keep)
+            .await
+        {
+            metrics.webhooks.with_label_values(&["failed"]).inc();
+            tracing::warn!(url = %shown, attempts = attempt, error = %why, stopping = true, "status callback given up");
+            break;
+        }
         // The node may have begun to stop during the wait: the try fits what is left now.
         match delivery
             .stop_by

@@ -5,8 +5,11 @@
 
 mod node_common;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::response::IntoResponse;
 use confroute_shared::name::ConferenceName;
 use confroute_shared::store::StateChange;
 use confroute_shared::types::NodeState;
@@ -966,6 +969,75 @@ async fn a_second_stop_signal_does_not_wait_out_the_callbacks_shutdown_wait() {
         s.node
             .output()
             .contains("status callbacks still queued at exit"),
+        "{}",
+        s.node.output()
+    );
+}
+
+/// A callback waiting out its receiver's `Retry-After` when the node stops is given up as
+/// soon as that retry could not come before the stop: the conference's end, queued behind
+/// it, still goes out, rather than being dropped when `webhook.shutdown_wait` runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_waiting_to_retry_at_a_stop_does_not_hold_up_the_conference_end() {
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app = {
+        let got = got.clone();
+        axum::Router::new().route(
+            "/events",
+            axum::routing::post(
+                move |axum::extract::Form(f): axum::extract::Form<HashMap<String, String>>| async move {
+                    let event = f.get("StatusCallbackEvent").cloned().unwrap_or_default();
+                    got.lock().expect("lock").push(event.clone());
+                    if event == "participant-leave" {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            [("retry-after", "30")],
+                        )
+                            .into_response()
+                    } else {
+                        axum::http::StatusCode::NO_CONTENT.into_response()
+                    }
+                },
+            ),
+        )
+    };
+    let url = format!("http://{}/events", fixtures::serve_http(app).await);
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "5s"),
+    ])
+    .await;
+    let a = dial(
+        &s.sim,
+        "retrying",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    s.sim.hangup_far_end(&a, 16).await.expect("hang up");
+    // The leave is refused, to be retried in 30 s; the end waits behind it.
+    wait_for_async("the leave refused once", WAIT, || async {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .any(|e| e == "participant-leave")
+            .then_some(())
+    })
+    .await
+    .expect("the leave was tried");
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = s
+        .node
+        .process()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    assert_eq!(
+        *got.lock().expect("lock"),
+        vec!["participant-leave", "conference-end"],
         "{}",
         s.node.output()
     );

@@ -4,6 +4,7 @@
 
 mod node_common;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -1818,8 +1819,28 @@ async fn an_orphan_adopted_after_a_rehome_keeps_its_own_epoch() {
     let redis = RedisServer::start().expect("redis");
     let cfg = fixtures::single(&redis.url());
     let store = fixtures::store(&cfg);
+    // Status callbacks of node a, the one the conference leaves.
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let hook = {
+        let got = got.clone();
+        let app = axum::Router::new().route(
+            "/events",
+            axum::routing::post(move |body: String| async move {
+                got.lock().expect("lock").push(body);
+                axum::http::StatusCode::NO_CONTENT
+            }),
+        );
+        format!("http://{}/events", fixtures::serve_http(app).await)
+    };
+    let hooks = [
+        ("CONFROUTE_CONFERENCE__STATUS_CALLBACK", hook.as_str()),
+        (
+            "CONFROUTE_CONFERENCE__STATUS_CALLBACK_EVENT",
+            "[\"leave\", \"end\"]",
+        ),
+    ];
     let sim_a = sim().await;
-    let mut node_a = NodeProc::start("node-a", &env(&sim_a, &cfg, &[])).expect("node a");
+    let mut node_a = NodeProc::start("node-a", &env(&sim_a, &cfg, &hooks)).expect("node a");
     let sim_b = sim().await;
     let node_b = NodeProc::start("node-b", &env(&sim_b, &cfg, &[])).expect("node b");
     wait_app(&sim_a, &node_a).await;
@@ -1853,4 +1874,26 @@ async fn an_orphan_adopted_after_a_rehome_keeps_its_own_epoch() {
     .unwrap_or_else(|e| panic!("{e}\n{}", node_a.output()));
     assert_eq!(view["phase"], "lost", "{view}");
     assert_eq!(view["epoch"], 1, "the life its bridge was made in: {view}");
+
+    // What is left of it here ends with its caller, untold: the application knows the
+    // conference by node b's ConferenceSid, and node b tells its story.
+    sim_a.hangup_far_end(&first, 16).await.expect("hang up");
+    wait_for_async("the orphan ended", WAIT, || async {
+        let v = fixtures::try_get_json(&url).await?;
+        v["items"].as_array()?.is_empty().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node_a.output()));
+    // A stop waits for the callbacks under way: once node a is gone, it has sent them all.
+    node_a.process().signal(libc::SIGTERM).expect("sigterm");
+    node_a
+        .process()
+        .wait_exit(Duration::from_secs(30))
+        .expect("node a stops");
+    assert_eq!(
+        *got.lock().expect("lock"),
+        Vec::<String>::new(),
+        "{}",
+        node_a.output()
+    );
 }
