@@ -1246,6 +1246,17 @@ async fn the_upgrade_refuses_a_query_and_a_wrong_method_is_405_before_413() {
         head.to_ascii_lowercase().contains("\r\nallow: post"),
         "{head}"
     );
+    // The upgrade takes no HEAD, whatever body it announces.
+    let head = head_only(
+        &s,
+        "HEAD /v1/rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nallow: get\r\n"),
+        "{head}"
+    );
 }
 
 /// A stop lets a call-control request in flight run its course (up to its

@@ -157,9 +157,10 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Whether route `template` takes `method` (HEAD wherever GET).
+/// Whether route `template` takes `method` (HEAD wherever GET, but for the WebSocket
+/// upgrade, which refuses one).
 fn takes(template: &str, method: &axum::http::Method) -> bool {
-    let method = if method == axum::http::Method::HEAD {
+    let method = if method == axum::http::Method::HEAD && template != "/v1/rpc" {
         "GET"
     } else {
         method.as_str()
