@@ -457,6 +457,9 @@ struct Conference {
     /// Whether the kept settings said the conference had started, when it was adopted.
     kept_started: bool,
     callbacks: Option<Callbacks>,
+    /// The callbacks of an orphan adopted as lost (its conference re-homed elsewhere), kept
+    /// silent: they are taken up should this node own the conference again.
+    parked_callbacks: Option<Callbacks>,
     /// The conference's settings as kept in Redis (none when they are the configured
     /// defaults), and whether the record has them.
     settings: Option<String>,
@@ -524,6 +527,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         kept_recording: None,
         kept_started: false,
         callbacks: None,
+        parked_callbacks: None,
         settings: None,
         settings_saved: false,
         settings_unread: false,
@@ -696,6 +700,7 @@ impl Conference {
         self.beeps = 0;
         self.seq = events_sequence(&self.node, &self.name);
         self.heard_of = false;
+        self.parked_callbacks = None;
         self.apply_settings(opts, sid);
         tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
     }
@@ -858,6 +863,9 @@ impl Conference {
                     }
                     if self.phase == Phase::Lost {
                         tracing::info!(conference = %self.name, epoch, "this node owns the conference again");
+                        if let Some(cb) = self.parked_callbacks.take() {
+                            self.callbacks = Some(cb);
+                        }
                     }
                     self.phase = Phase::Active;
                     self.epoch = epoch;
@@ -2606,8 +2614,9 @@ impl Conference {
             if !ours {
                 // The application knows this conference under the new home's ConferenceSid,
                 // whose callbacks that home sends: the leaves and end of what is left here,
-                // under a sid made up now, would tell of a conference it never saw.
-                self.callbacks = None;
+                // under a sid made up now, would tell of a conference it never saw. Should
+                // this node own it again, that sid becomes the new life's (see admit).
+                self.parked_callbacks = self.callbacks.take();
             }
             self.kept_recording = kept.recording;
             self.kept_started = kept.started;

@@ -1816,6 +1816,21 @@ async fn a_newcomer_whose_look_for_old_bridges_fails_is_refused_not_split_off() 
 /// 0, and without the new home's settings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orphan_adopted_after_a_rehome_keeps_its_own_epoch() {
+    orphan_after_a_rehome(false).await;
+}
+
+/// The orphan's node owns the conference again once the new home let it go and a caller
+/// comes back to the orphan: from then on it is this node's life, with its callbacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_whose_node_owns_it_again_sends_its_callbacks() {
+    orphan_after_a_rehome(true).await;
+}
+
+/// Conference `phoenix` re-homed from node a (killed) to node b, and node a back with its
+/// first caller still in the old bridge: the orphan, lost. Its status callbacks (node a's
+/// configuration) say nothing while node b holds the conference; with `again`, node b's
+/// caller leaves, a caller comes back to node a, which owns it again, and they do.
+async fn orphan_after_a_rehome(again: bool) {
     let redis = RedisServer::start().expect("redis");
     let cfg = fixtures::single(&redis.url());
     let store = fixtures::store(&cfg);
@@ -1875,8 +1890,29 @@ async fn an_orphan_adopted_after_a_rehome_keeps_its_own_epoch() {
     assert_eq!(view["phase"], "lost", "{view}");
     assert_eq!(view["epoch"], 1, "the life its bridge was made in: {view}");
 
-    // What is left of it here ends with its caller, untold: the application knows the
-    // conference by node b's ConferenceSid, and node b tells its story.
+    let back = if again {
+        sim_b.hangup_far_end(&next, 16).await.expect("hang up");
+        wait_for_async("node b's claim released", WAIT, || async {
+            store
+                .lookup(&name("phoenix"))
+                .await
+                .ok()
+                .and_then(|r| r.is_none().then_some(()))
+        })
+        .await
+        .expect("released");
+        let back = dial(&sim_a, "phoenix", &[]).await;
+        wait_bridged(&sim_a, &back).await;
+        let v = get_json(&url).await;
+        assert_eq!(v["items"][0]["phase"], "active", "{v}");
+        sim_a.hangup_far_end(&back, 16).await.expect("hang up");
+        Some(back)
+    } else {
+        None
+    };
+    // What is left of it here ends with its caller, untold while node b holds the
+    // conference: the application knows it by node b's ConferenceSid, and node b tells its
+    // story.
     sim_a.hangup_far_end(&first, 16).await.expect("hang up");
     wait_for_async("the orphan ended", WAIT, || async {
         let v = fixtures::try_get_json(&url).await?;
@@ -1890,10 +1926,24 @@ async fn an_orphan_adopted_after_a_rehome_keeps_its_own_epoch() {
         .process()
         .wait_exit(Duration::from_secs(30))
         .expect("node a stops");
-    assert_eq!(
-        *got.lock().expect("lock"),
-        Vec::<String>::new(),
-        "{}",
-        node_a.output()
-    );
+    let got = got.lock().expect("lock").clone();
+    match back {
+        None => assert_eq!(got, Vec::<String>::new(), "{}", node_a.output()),
+        // Both leaves and the end, under one ConferenceSid.
+        Some(back) => {
+            assert_eq!(got.len(), 3, "{got:#?}\n{}", node_a.output());
+            assert!(got[0].contains(&format!("CallSid={back}")), "{got:#?}");
+            assert!(got[1].contains(&format!("CallSid={first}")), "{got:#?}");
+            assert!(
+                got[2].contains("StatusCallbackEvent=conference-end"),
+                "{got:#?}"
+            );
+            let sid = |body: &str| {
+                body.split('&')
+                    .find(|kv| kv.starts_with("ConferenceSid="))
+                    .map(str::to_string)
+            };
+            assert!(got.iter().all(|b| sid(b) == sid(&got[0])), "{got:#?}");
+        }
+    }
 }
