@@ -1055,7 +1055,7 @@ async fn a_callee_ringing_for_a_conference_its_node_lost_is_called_off() {
 /// nothing is dialled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialout_while_the_events_websocket_is_down_dials_nothing() {
-    // Reconnecting only after 10 s at the earliest.
+    // Reconnecting only after 10 s at the earliest (20 s with up to half of it off).
     let c = Cluster::start(
         &[
             ("CONFROUTE_CONFERENCE__BEEP", "false"),

@@ -43,8 +43,13 @@ impl Conference {
                 continue;
             }
             let (mixed, holding) = (in_main.contains(id), in_holding.contains(id));
-            // Taken out of its bridge by another ARI user, still in the Stasis app.
-            let nowhere = !mixed && !holding && unbridged.contains(id);
+            // Taken out of its bridge by another ARI user, still in the Stasis app (one on
+            // its way out, hanging up, is in no bridge for a moment too).
+            let nowhere = !mixed
+                && !holding
+                && unbridged.contains(id)
+                && !self.node.ended_since_listing(id)
+                && !self.node.hangup_under_way(id);
             if belongs_in_holding(p.held, p.waiting, started) {
                 if mixed || nowhere {
                     to_holding.push(id.clone());
