@@ -203,19 +203,38 @@ async fn a_live_agent_with_a_slower_heartbeat_still_keeps_its_node_id() {
 }
 
 /// Another Asterisk's agent, given node-a's id by mistake, refuses to start and leaves the
-/// live agent's record as it was.
+/// live agent's record as it was: placeable all along (its check does not mark the live
+/// node's ARI down), and not taken over.
 async fn second_agent_is_refused(s: &Single) {
     let store = fixtures::store(&s.cfg);
     let id = fixtures::id("node-a");
     let before = store.get_node(&id).await.expect("redis").expect("record");
+    assert!(before.load.ari, "placeable before");
     let other = sim().await;
-    let err = match NodeProc::start("node-a", &env(&other, &s.cfg, &[])) {
-        Ok(p) => panic!("a second agent started as node-a:\n{}", p.output()),
+    let env = env(&other, &s.cfg, &[]);
+    let second =
+        tokio::task::spawn_blocking(move || NodeProc::start("node-a", &env).map(|p| p.output()));
+    // Every few milliseconds while the second agent checks the id.
+    let mut marked_down = 0;
+    while !second.is_finished() {
+        if let Ok(Some(rec)) = store.get_node(&id).await {
+            if !rec.load.ari {
+                marked_down += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let err = match second.await.expect("start attempt") {
+        Ok(out) => panic!("a second agent started as node-a:\n{out}"),
         Err(e) => e.to_string(),
     };
     assert!(
         err.contains("node.id: node node-a is in use by another live agent"),
         "{err}"
+    );
+    assert_eq!(
+        marked_down, 0,
+        "the live node was shown out of placement during the second agent's check"
     );
     let after = store.get_node(&id).await.expect("redis").expect("record");
     assert_eq!(after.info.control, before.info.control, "record taken over");

@@ -2222,7 +2222,8 @@ async fn a_redis_refusing_writes_is_unavailable() {
 
 /// `hold_node` (an agent starting again under its id, checking it is the only one): the
 /// record, its index entry, placement set and the claims it owns are kept for a lease, the
-/// record says its ARI is down (no new conference for an agent not running yet), and
+/// record says its ARI is down once it is two heartbeats old (no new conference for an agent
+/// not running yet; a record renewed just now may be a live agent's), and
 /// `updated_ms` is left as it was, so another agent's renewal still shows.
 #[tokio::test]
 async fn a_held_node_record_lives_on_says_ari_down_and_keeps_its_claims() {
@@ -2248,6 +2249,28 @@ async fn a_held_node_record_lives_on_says_ari_down_and_keeps_its_claims() {
         .expect("get")
         .expect("live");
     assert!(before.load.ari, "registered without saying: up");
+    // Renewed within two heartbeats: a live agent may be renewing it (a second agent
+    // under its id, about to find so), and what it says of its ARI stands.
+    assert!(store
+        .hold_node(&id("held"), Duration::from_secs(3))
+        .await
+        .expect("hold"));
+    let fresh = store
+        .get_node(&id("held"))
+        .await
+        .expect("get")
+        .expect("live");
+    assert!(fresh.load.ari, "a record renewed just now keeps its ARI up");
+    // Its last renewal two heartbeats (two thirds of its lease) ago, and more: overdue.
+    let period = before.lease_period_ms.expect("lease period");
+    let renewed = before.updated_ms - period * 2 / 3 - 100;
+    let _: Option<i64> = redis_query(
+        redis.port(),
+        redis::cmd("HSET")
+            .arg(format!("{}node:held", cfg.prefix))
+            .arg("updated_ms")
+            .arg(renewed),
+    );
     assert!(store
         .hold_node(&id("held"), Duration::from_secs(3))
         .await
@@ -2273,7 +2296,7 @@ async fn a_held_node_record_lives_on_says_ari_down_and_keeps_its_claims() {
         .expect("get")
         .expect("live");
     assert!(!after.load.ari, "a held record says its ARI is down");
-    assert_eq!(after.updated_ms, before.updated_ms, "not renewed");
+    assert_eq!(after.updated_ms, renewed, "not renewed");
     // A claim placed on it meanwhile would go to an agent that is not running.
     let placed = store
         .claim(&name("fresh"), &[id("held")])

@@ -8,7 +8,10 @@
 -- past two of its lease periods (and a second) after its last renewal (`updated_ms`, which
 -- this leaves alone, so another agent's renewal still shows): agents that keep crashing in
 -- their check cannot keep a dead node alive. While held the record says its ARI is down, so
--- claim.lua places no new conference on a node whose agent is not running yet (invariant 4).
+-- claim.lua places no new conference on a node whose agent is not running yet (invariant 4),
+-- once it has gone two of its heartbeats unrenewed: a record renewed within two (a live
+-- agent under the same id, which the check will find) keeps what its agent says of its
+-- ARI, as does one that does not say its lease period.
 -- KEYS[1] node record, KEYS[2] node index. ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease
 -- (ms), ARGV[4] conference lease (ms).
 -- Returns 1 when the record exists (held, or past its limit and left to expire), 0 when it
@@ -22,7 +25,9 @@ local r = redis.call('HMGET', KEYS[1], 'updated_ms', 'lease_period_ms')
 local renewed = tonumber(r[1]) or 0
 local period = tonumber(r[2]) or lease
 if now > renewed + 2 * period + 1000 then return 1 end
-redis.call('HSET', KEYS[1], 'ari', '0')
+-- The lease is three heartbeats: two of them, room for a late one. A record that does not
+-- say its period (an older agent's) says nothing of how late its renewal may be.
+if r[2] and now > renewed + math.floor(period * 2 / 3) then redis.call('HSET', KEYS[1], 'ari', '0') end
 local function keep(key, ms)
   local pttl = redis.call('PTTL', key)
   if pttl >= 0 and pttl < ms then redis.call('PEXPIRE', key, ms) end
