@@ -407,6 +407,14 @@ async fn observe(url: String, waiters: Waiters, ready: oneshot::Sender<()>) -> R
     Ok(())
 }
 
+/// `e` with the last lines the agent wrote, to tell why callers were not admitted.
+fn with_agent_output(e: String, node: &NodeProc) -> String {
+    let out = node.output();
+    let lines: Vec<&str> = out.lines().collect();
+    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+    format!("{e}\nagent output (last 60 lines):\n{tail}")
+}
+
 /// Dials every `(channel id, conference)` in and waits until each is in a bridge.
 async fn admit_all(
     sim: &AriSim,
@@ -524,17 +532,23 @@ async fn agent_memory(
             .map(|c| (format!("first-{c}"), format!("mem-{c}")))
             .collect()
     };
-    admit_all(&sim, &waiters, firsts(0..half), concurrency).await?;
+    admit_all(&sim, &waiters, firsts(0..half), concurrency)
+        .await
+        .map_err(|e| with_agent_output(e, &node))?;
     tokio::time::sleep(SETTLE).await;
     let half_kb = status_kb(pid, "VmRSS")?;
-    admit_all(&sim, &waiters, firsts(half..conferences), concurrency).await?;
+    admit_all(&sim, &waiters, firsts(half..conferences), concurrency)
+        .await
+        .map_err(|e| with_agent_output(e, &node))?;
     tokio::time::sleep(SETTLE).await;
     let confs_kb = status_kb(pid, "VmRSS")?;
     let rest: Vec<(String, String)> = (conferences..participants)
         .map(|i| (format!("p-{i}"), format!("mem-{}", i % conferences)))
         .collect();
     let added = rest.len();
-    admit_all(&sim, &waiters, rest, concurrency).await?;
+    admit_all(&sim, &waiters, rest, concurrency)
+        .await
+        .map_err(|e| with_agent_output(e, &node))?;
     tokio::time::sleep(SETTLE).await;
     let full_kb = status_kb(pid, "VmRSS")?;
     let hwm_kb = status_kb(pid, "VmHWM")?;
