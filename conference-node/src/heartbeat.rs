@@ -100,10 +100,11 @@ pub async fn run(node: Arc<Node>) {
 /// as a running agent keeps its claims while Asterisk is out of reach.
 async fn keep_inherited_claims(node: &Arc<Node>, started: tokio::time::Instant) {
     let bound = node.cfg.ari.release_after;
-    if node.ever_reconciled()
-        || !node.registered.load(Ordering::SeqCst)
-        || (!bound.is_zero() && started.elapsed() >= bound)
-    {
+    if node.ever_reconciled() || (!bound.is_zero() && started.elapsed() >= bound) {
+        lock(&node.inherited).take();
+        return;
+    }
+    if !node.registered.load(Ordering::SeqCst) {
         return;
     }
     // Not once deregistered: a node gone keeps nothing alive.
@@ -112,14 +113,33 @@ async fn keep_inherited_claims(node: &Arc<Node>, started: tokio::time::Instant) 
         return;
     }
     match node.store.keep_claims(&node.id).await {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::debug!(
-                claims = n,
-                "kept the claims left from before the start until the first reconciliation"
-            )
+        Ok(found) => {
+            if found.claims > 0 {
+                tracing::debug!(
+                    claims = found.claims,
+                    participants = found.participants,
+                    "kept the claims left from before the start until the first reconciliation"
+                );
+            }
+            *lock(&node.inherited) = Some(found);
         }
+        // The last estimate stands: the claims it counted are still kept by their leases.
         Err(e) => tracing::warn!(error = %e, "cannot keep the claims left from before the start"),
+    }
+}
+
+/// The load to report: the agent's own count, but until the first reconciliation at least
+/// what the last life's claims carry. Before it has looked, the agent counts only the
+/// callers that came since the start, while the bridges may still hold the last life's:
+/// reported as empty, the node would draw new conferences past its participant limit.
+fn reported_load(node: &Node) -> (u32, u32) {
+    let (conferences, participants) = node.load();
+    match *lock(&node.inherited) {
+        Some(last) if !node.ever_reconciled() => (
+            conferences.max(last.claims),
+            participants.max(last.participants),
+        ),
+        _ => (conferences, participants),
     }
 }
 
@@ -158,7 +178,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
         }
         node.hosted()
     };
-    let (conferences, participants) = node.load();
+    let (conferences, participants) = reported_load(node);
     let load = NodeLoad {
         conferences,
         participants,

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use confroute_shared::name::ConferenceName;
-use confroute_shared::store::{Hosted, StateChange, Store};
+use confroute_shared::store::{Hosted, Inherited, StateChange, Store};
 use confroute_shared::types::{NodeId, NodeInfo, NodeState};
 
 use crate::ari::ws::EventSink;
@@ -232,6 +232,9 @@ pub struct Node {
     connections: AtomicU64,
     /// The connection under which the last complete reconciliation ran.
     reconciled_under: AtomicU64,
+    /// The load the last life's claims carry, reported until the first reconciliation has
+    /// adopted what is left of it (the agent's own count is nothing before that).
+    pub inherited: Mutex<Option<Inherited>>,
     /// Asterisk's bridges and channels as listed under an events connection, for the
     /// newcomers compared with them before the reconciliation reaches their conferences
     /// ([`Node::listing_since_connect`]); one listing serves them all.
@@ -333,6 +336,7 @@ impl Node {
             beat_gate: tokio::sync::Mutex::new(false),
             connections: AtomicU64::new(0),
             reconciled_under: AtomicU64::new(0),
+            inherited: Mutex::new(None),
             listing: tokio::sync::Mutex::new(None),
             outbox,
             dialouts: Dialouts::default(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use confroute_shared::name::ConferenceName;
+use confroute_shared::store::ClaimKind;
 use confroute_tests::ari_sim::client::EventStream;
 use confroute_tests::ari_sim::SimSnapshot;
 use confroute_tests::fixtures::{self, metric, scrape};
@@ -548,6 +549,69 @@ async fn claims_left_by_the_last_life_outlive_a_slow_first_look() {
         s.sim.snapshot().channel(&a).and_then(|c| c.bridge.clone()),
         Some(bridge)
     );
+}
+
+/// Until its first reconciliation has adopted what the bridges still hold, a restarted
+/// agent counts none of its last life's callers itself. It reports the load those claims
+/// carry instead: reported as empty, a node at its participant limit drew new conferences
+/// for the callers still in its bridges, and placement favoured it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_reports_its_last_lives_load_until_it_has_looked() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_NODE__PARTICIPANT_CAPACITY", "2"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let id = fixtures::id("node-a");
+    let a = dial(&s.sim, "full", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "full", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    wait_for_async("two participants counted", WAIT, || async {
+        let rec = store.get_node(&id).await.ok()??;
+        (rec.load.participants == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+
+    s.restart_with_channel_listing_held().await;
+    // Three heartbeats of the new life, all before its first look.
+    let base = s.node.http_url();
+    wait_for_async("three heartbeats after the restart", WAIT, || async {
+        let m = scrape(&base).await;
+        let renewed = metric(&m, "confroute_node_heartbeats_total{outcome=\"renewed\"}");
+        (renewed >= 3.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let rec = store.get_node(&id).await.expect("read").expect("listed");
+    assert_eq!(
+        (rec.load.conferences, rec.load.participants, rec.load.ari),
+        (1, 2, true),
+        "{}",
+        s.node.output()
+    );
+    let claim = store
+        .claim(&name("another"), std::slice::from_ref(&id))
+        .await
+        .expect("claim");
+    assert_eq!(claim.kind, ClaimKind::NoCapacity, "{claim:?}");
+
+    // Once it has looked, its own count: the callers it adopted, and no more.
+    s.sim.release_operation("GET /channels");
+    wait_listed(&s.node.http_url(), &a)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.hangup_far_end(&b, 16).await.expect("hangup");
+    wait_for_async("one participant counted", WAIT, || async {
+        let rec = store.get_node(&id).await.ok()??;
+        (rec.load.participants == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    let claim = store.claim(&name("another"), &[id]).await.expect("claim");
+    assert_eq!(claim.kind, ClaimKind::Claimed, "{claim:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

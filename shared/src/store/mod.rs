@@ -172,6 +172,15 @@ pub struct Claim {
     pub skipped: usize,
 }
 
+/// The claims a node's last agent life left, as [`Store::keep_claims`] found them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inherited {
+    /// Claims that name the node.
+    pub claims: u32,
+    /// Participants their conference records last counted.
+    pub participants: u32,
+}
+
 /// A conference's status as reported by its owner with each heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hosted {
@@ -1145,13 +1154,14 @@ impl Store {
 
     /// Extends the claims node `id` holds (its placement set's, naming it) to the conference
     /// lease, creating none: the claims an agent's last life left, kept until the agent
-    /// started again has looked at what its Asterisk still holds. Returns how many.
-    pub async fn keep_claims(&self, id: &NodeId) -> Result<u64, StoreError> {
+    /// started again has looked at what its Asterisk still holds. Returns how many, and the
+    /// participants their records last counted.
+    pub async fn keep_claims(&self, id: &NodeId) -> Result<Inherited, StoreError> {
         let set = format!("{}node:{}:confs", self.prefix, id.as_str());
         let record = self.node_key(id);
         let script = &self.scripts.keep;
         let conf_lease = self.conference_lease.as_millis() as u64;
-        let kept: i64 = self
+        let (kept, participants): (i64, i64) = self
             .run("keep", |mut c| async move {
                 script
                     .key(&set)
@@ -1163,7 +1173,10 @@ impl Store {
                     .await
             })
             .await?;
-        Ok(u64::try_from(kept).unwrap_or(0))
+        Ok(Inherited {
+            claims: u32::try_from(kept.max(0)).unwrap_or(u32::MAX),
+            participants: u32::try_from(participants.max(0)).unwrap_or(u32::MAX),
+        })
     }
 
     /// Renews a node's lease, records its load and renews the claims it hosts.

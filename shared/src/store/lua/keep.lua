@@ -11,16 +11,22 @@
 -- Only while the node's record lives: a node gone keeps nothing alive.
 -- KEYS[1] node placement set, KEYS[2] node record. ARGV[1] prefix, ARGV[2] id, ARGV[3]
 -- conference lease (ms).
--- Returns how many claims were kept.
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+-- Returns {claims kept, participants their records last counted}: until it has looked, the
+-- agent reports that load rather than its own (nothing yet), so neither placement nor
+-- claim.lua's participant limit (invariant 4) takes the node for empty meanwhile.
+if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 0} end
 local conf_lease = tonumber(ARGV[3])
-local kept = 0
+local kept, participants = 0, 0
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local ckey = ARGV[1] .. 'conf:' .. name
-  if redis.call('HGET', ckey, 'owner') == ARGV[2] then
+  local r = redis.call('HMGET', ckey, 'owner', 'participants')
+  if r[1] == ARGV[2] then
     local pttl = redis.call('PTTL', ckey)
     if pttl >= 0 and pttl < conf_lease then redis.call('PEXPIRE', ckey, conf_lease) end
     kept = kept + 1
+    -- A count that is no whole number (written by hand) adds nothing.
+    local n = tonumber(r[2])
+    if n and n > 0 and n == math.floor(n) then participants = participants + n end
   end
 end
-return kept
+return {kept, participants}
