@@ -2514,7 +2514,7 @@ async fn a_rehome_starts_above_an_ended_life_too() {
 /// that lost the re-home): the record names its dead first owner at a lower epoch while the
 /// conference lives on the node it moved to. That node's heartbeat claims it back, rather
 /// than being told it lost it and leaving the next caller to a second home; a record at a
-/// higher epoch, or one whose owner lives, is still lost.
+/// higher epoch, or one whose owner lives and counts callers, is still lost.
 #[tokio::test]
 async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_owner() {
     let (redis, store) = with_nodes(&["a", "b", "c"]).await;
@@ -2552,7 +2552,8 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
     // The older life comes back.
     set_record("c", 1);
     // While Redis is settling (it lost the node records), a missing node record does not
-    // say the owner is dead: nothing is taken.
+    // say the owner is dead: nothing is taken, and nothing is lost for good either (the
+    // node asks again; lost, it would give up its callers' conference for a dead owner's).
     redis
         .query(
             redis::cmd("SET")
@@ -2562,14 +2563,23 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
                 .arg(60_000),
         )
         .expect("settling");
-    let hb = store
-        .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
-        .await;
-    assert_eq!(statuses(hb.expect("heartbeat")), vec![HostedStatus::Lost]);
-    assert_eq!(
-        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
-        Some(owner("c", 1))
-    );
+    for reclaim in [false, true] {
+        let hb = if reclaim {
+            store
+                .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
+                .await
+        } else {
+            store.heartbeat(&id("a"), &load, LONG, &hosted).await
+        };
+        assert_eq!(
+            statuses(hb.expect("heartbeat")),
+            vec![HostedStatus::Missing]
+        );
+        assert_eq!(
+            store.lookup(&room).await.expect("lookup").map(|r| r.owner),
+            Some(owner("c", 1))
+        );
+    }
     redis
         .query(redis::cmd("DEL").arg("{confroute}:settling"))
         .expect("settled");
@@ -2620,7 +2630,8 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
         };
         assert_eq!(statuses(hb.expect("heartbeat")), vec![HostedStatus::Lost]);
     }
-    // So is a live owner's record, whatever its epoch.
+    // So is a live owner's record that counts callers, whatever its epoch: both homes have
+    // callers, and the node is told.
     set_record("b", 1);
     let hb = store
         .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
@@ -2629,5 +2640,48 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
     assert_eq!(
         store.lookup(&room).await.expect("lookup").map(|r| r.owner),
         Some(owner("b", 1))
+    );
+    // A live owner's older record without callers (b drained, or a placement no caller
+    // reached) would go to the next claim: the node claims its conference back.
+    redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:restored")
+                .arg("participants")
+                .arg(0),
+        )
+        .expect("hset");
+    redis
+        .query(
+            redis::cmd("SADD")
+                .arg("{confroute}:node:b:confs")
+                .arg("restored"),
+        )
+        .expect("sadd");
+    let hb = store.heartbeat(&id("a"), &load, LONG, &hosted).await;
+    assert_eq!(
+        statuses(hb.expect("heartbeat")),
+        vec![HostedStatus::Missing]
+    );
+    let hb = store
+        .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
+        .await;
+    assert_eq!(
+        statuses(hb.expect("heartbeat")),
+        vec![HostedStatus::Reclaimed]
+    );
+    assert_eq!(
+        store.lookup(&room).await.expect("lookup").map(|r| r.owner),
+        Some(owner("a", 2))
+    );
+    let members = redis.query(
+        redis::cmd("SISMEMBER")
+            .arg("{confroute}:node:b:confs")
+            .arg("restored"),
+    );
+    assert_eq!(
+        members,
+        Some(redis::Value::Int(0)),
+        "b's placement set forgets it"
     );
 }

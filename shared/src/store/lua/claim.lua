@@ -84,8 +84,9 @@ local function place(epoch, created, outcome)
       redis.call('PEXPIRE', KEYS[1], lease)
       redis.call('SADD', set_key(id), name)
       -- The placement set lives exactly as long as its node's lease.
+      -- (In its last millisecond PTTL says 0; a set without expiry would outlive the node.)
       local pttl = redis.call('PTTL', node_key(id))
-      if pttl > 0 then redis.call('PEXPIRE', set_key(id), pttl) end
+      if pttl >= 0 then redis.call('PEXPIRE', set_key(id), math.max(pttl, 1)) end
       redis.call('ZADD', KEYS[2], 0, name)
       return {outcome, id, epoch, uri, created, i - 5, replicas}
     end
