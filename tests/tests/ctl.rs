@@ -716,8 +716,14 @@ async fn ctl_dials_out_and_follows_the_call() {
             "-o",
             "muted=false",
         ],
-        vec!["dialout", "ctl-room", "+15555550104", "--timeout", "0"],
-        vec!["dialout", "ctl-room", "+15555550104", "--timeout", "601"],
+        vec!["dialout", "ctl-room", "+15555550104", "--ring-timeout", "0"],
+        vec![
+            "dialout",
+            "ctl-room",
+            "+15555550104",
+            "--ring-timeout",
+            "601",
+        ],
     ] {
         let (code, _, err) = ctl_async_code(&url, &args).await;
         assert_eq!(code, Some(2), "{args:?}: {err}");
@@ -890,7 +896,7 @@ async fn ctl_dialout_wait_reports_a_node_that_dies_mid_ring() {
             "ring-room",
             "+15555550199",
         ])
-        .args(["--timeout", "5", "--wait"])
+        .args(["--ring-timeout", "5", "--wait"])
         .env_remove("CONFROUTE_CTL_TOKEN")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1051,5 +1057,81 @@ fn ctl_waits_as_long_as_its_timeout_says() {
         let (code, _, err) = ctl_code(&url, None, &["--timeout", bad, "nodes", "list"]);
         assert_eq!(code, Some(2), "{bad}: {err}");
         assert!(err.contains("--timeout"), "{bad}: {err}");
+    }
+}
+
+/// The wait for answers (`--timeout`, `CONFROUTE_CTL_TIMEOUT`) and a dial-out's ring time
+/// (`--ring-timeout`) are two settings: a long wait neither rings a callee for as long nor,
+/// above the 600 s a ring may last, makes the dial-out invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_keeps_its_wait_apart_from_a_dialouts_ring_time() {
+    use std::sync::{Arc, Mutex};
+    let bodies: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let seen = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/conferences/{name}/participants",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let seen = seen.clone();
+            async move {
+                if let Ok(mut b) = seen.lock() {
+                    b.push(body);
+                }
+                axum::Json(serde_json::json!({"callid": "dial-1"}))
+            }
+        }),
+    );
+    let url = format!("http://{}", fixtures::serve_http(app).await);
+    let run = |env: Option<(&'static str, &'static str)>, args: &'static [&'static str]| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(workspace_bin("confroute-ctl").expect("built"));
+            cmd.arg("--url")
+                .arg(&url)
+                .args(args)
+                .env_remove("CONFROUTE_CTL_TOKEN")
+                .env_remove("CONFROUTE_CTL_TIMEOUT");
+            if let Some((k, v)) = env {
+                cmd.env(k, v);
+            }
+            cmd.output().expect("run confroute-ctl")
+        })
+    };
+    type Case = (
+        Option<(&'static str, &'static str)>,
+        &'static [&'static str],
+        Option<u64>,
+    );
+    let cases: [Case; 4] = [
+        (
+            None,
+            &["--timeout", "120", "dialout", "room", "+15555550104"],
+            None,
+        ),
+        (
+            None,
+            &["dialout", "room", "+15555550104", "--timeout", "900"],
+            None,
+        ),
+        (
+            Some(("CONFROUTE_CTL_TIMEOUT", "900")),
+            &["dialout", "room", "+15555550104"],
+            None,
+        ),
+        (
+            None,
+            &["dialout", "room", "+15555550104", "--ring-timeout", "45"],
+            Some(45),
+        ),
+    ];
+    for (env, args, ring) in cases {
+        let out = run(env, args).await.expect("ran");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let body = bodies.lock().expect("bodies").pop().expect("one request");
+        assert_eq!(body["to"], "+15555550104", "{body}");
+        assert_eq!(body["timeout"].as_u64(), ring, "{args:?} {env:?}: {body}");
     }
 }

@@ -111,9 +111,13 @@ enum Cmd {
         /// Caller id to present.
         #[arg(long)]
         from: Option<String>,
-        /// Seconds to ring (1-600; the controller's default is 30).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
-        timeout: Option<u64>,
+        /// Seconds to ring (1-600; the controller's default is 30); `--timeout` is the wait
+        /// for each answer.
+        // Its own id: sharing `timeout` with the global flag, clap gave both one value, so a
+        // callee rang as long as the wait, and a wait above 600 s made every dial-out invalid.
+        #[arg(long = "ring-timeout", id = "ring_timeout", value_name = "SECONDS",
+              value_parser = clap::value_parser!(u64).range(1..=600))]
+        ring_timeout: Option<u64>,
         /// A participant option, `NAME=VALUE` (repeatable): `muted=true`, `beep=false`,
         /// `endConferenceOnExit=true`, `profile=sales`; docs/call-control.md lists them.
         #[arg(long = "option", short = 'o', value_name = "NAME=VALUE", value_parser = option_pair)]
@@ -127,7 +131,7 @@ enum Cmd {
         /// Conference names.
         #[arg(required = true)]
         conferences: Vec<String>,
-        /// Give up (exit 1) when the controller sends nothing, not even the answer to a
+        /// Give up (exit 5) when the controller sends nothing, not even the answer to a
         /// ping, for this many seconds.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
         idle_timeout: u64,
@@ -1076,7 +1080,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             conference,
             to,
             from,
-            timeout,
+            ring_timeout,
             options,
             wait,
         } => {
@@ -1084,7 +1088,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(f) = from {
                 params["from"] = json!(f);
             }
-            if let Some(t) = timeout {
+            if let Some(t) = ring_timeout {
                 params["timeout"] = json!(t);
             }
             if !options.is_empty() {
@@ -1119,7 +1123,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| unavailable(format!("send: {e}")))?;
             // A node that dies while the call rings never sends the last status: give up
             // once the ring time and a margin have passed.
-            let ring = Duration::from_secs(timeout.unwrap_or(30));
+            let ring = Duration::from_secs(ring_timeout.unwrap_or(30));
             let deadline = tokio::time::Instant::now() + ring + DIALOUT_MARGIN;
             loop {
                 let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
