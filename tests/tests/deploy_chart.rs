@@ -946,6 +946,7 @@ fn everything_at_once() {
     let node = config_of(&r, "-node", "node.toml");
     for line in [
         "[profiles.moderator]",
+        "[profiles.plain]",
         "participant_capacity = 600",
         "end_conference_on_exit = true",
         "beep = \"onEnter\"",

@@ -210,11 +210,12 @@ whole numbers are written as integers here.
 {{- end -}}
 {{- range $k := keys $map | sortAlpha -}}
 {{- $v := get $map $k -}}
-{{- if and (kindIs "map" $v) (not (empty $v)) -}}
+{{- /* An empty profile is a profile (the defaults under its name): its table is written. */ -}}
+{{- if and (kindIs "map" $v) (or (not (empty $v)) (eq $path "profiles")) -}}
 {{- $sub := include "confroute.tomlKey" $k -}}
 {{- if $path }}{{ $sub = printf "%s.%s" $path $sub }}{{ end }}
 {{- /* A table holding only tables needs no header of its own. */ -}}
-{{- $scalars := false -}}
+{{- $scalars := empty $v -}}
 {{- range $e := values $v }}{{ if not (kindIs "map" $e) }}{{ $scalars = true }}{{ end }}{{ end -}}
 {{- if $scalars }}
 
