@@ -2217,3 +2217,95 @@ async fn a_tcp_connection_full_of_invites_waiting_on_a_redis_known_down_gets_503
     assert!(metric(&m, r#"confroute_route_total{outcome="redis_error"}"#) >= 36.0);
     proxy.heal();
 }
+
+/// An INVITE whose From or To holds no URI, whose Call-ID is empty, or whose Request-URI
+/// names no host gets a 400 naming the defect, and no conference is claimed for it (an
+/// answer echoing such headers matches no client's request). A display name holding `<` in
+/// its quotes is no defect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_without_usable_from_to_call_id_or_host_gets_a_400_and_claims_nothing() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let base =
+        |room: &str, branch: &str| invite(&format!("sip:{room}@router"), udp.port(), branch, "");
+    let cases = [
+        (
+            "empty-to",
+            "To: <sip:empty-to@router>",
+            "To: ",
+            "the To header holds no URI",
+        ),
+        (
+            "word-to",
+            "To: <sip:word-to@router>",
+            "To: word-to",
+            "the To header holds no URI",
+        ),
+        (
+            "word-from",
+            "From: <sip:alice@example.com>;tag=a1",
+            "From: alice;tag=a1",
+            "the From header holds no URI",
+        ),
+        (
+            "open-from",
+            "From: <sip:alice@example.com>;tag=a1",
+            "From: \"A\" <sip:alice@example.com;tag=a1",
+            "the From header holds no URI",
+        ),
+        (
+            "empty-callid",
+            "Call-ID: z9hG4bKempty-callid@test",
+            "Call-ID: ",
+            "the Call-ID header is empty",
+        ),
+        (
+            "no-host",
+            "INVITE sip:no-host@router SIP/2.0",
+            "INVITE sip:no-host@:5060 SIP/2.0",
+            "no host",
+        ),
+    ];
+    for (room, from, to, why) in cases {
+        let msg = base(room, &format!("z9hG4bK{room}"));
+        assert!(msg.contains(from), "{room}: {msg}");
+        let answer = udp.exchange(&msg.replace(from, to));
+        assert_eq!(status(&answer), 400, "{room}: {answer}");
+        assert!(
+            header(&answer, "Warning").is_some_and(|w| w.contains(why)),
+            "{room}: {answer}"
+        );
+        let name = confroute_shared::name::ConferenceName::parse(room).expect("name");
+        assert_eq!(
+            s.store.lookup(&name).await.expect("lookup"),
+            None,
+            "{room}: nothing claimed"
+        );
+    }
+    let quoted = base("quoted-name", "z9hG4bKquoted").replace(
+        "From: <sip:alice@example.com>;tag=a1",
+        "From: \"Alice <ops>; \\\"x\\\"\" <sip:alice@example.com>;tag=a1",
+    );
+    let answer = udp.exchange(&quoted);
+    assert_eq!(status(&answer), 302, "{answer}");
+    let bare = base("bare-to", "z9hG4bKbare")
+        .replace("To: <sip:bare-to@router>", "To: sip:bare-to@router");
+    let answer = udp.exchange(&bare);
+    assert_eq!(status(&answer), 302, "{answer}");
+}
+
+/// Without an RFC 3261 branch, copies of one INVITE that a stateless proxy forked to two
+/// conferences (same Call-ID, CSeq and top Via) are two transactions: each gets its own
+/// conference's answer, and each one's retransmission its own again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_style_branches_forked_to_two_conferences_get_their_own_answers() {
+    let s = setup(&[]).await;
+    let udp = Udp::new(s.controller.sip_addr());
+    let copy = |room: &str| invite(&format!("sip:{room}@router"), udp.port(), "oldstyle1", "");
+    let a = udp.exchange(&copy("forked-a"));
+    let b = udp.exchange(&copy("forked-b"));
+    assert_eq!(header(&a, "X-Conference"), Some("forked-a"), "{a}");
+    assert_eq!(header(&b, "X-Conference"), Some("forked-b"), "{b}");
+    assert_eq!(udp.exchange(&copy("forked-a")), a);
+    assert_eq!(udp.exchange(&copy("forked-b")), b);
+}

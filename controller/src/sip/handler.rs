@@ -766,16 +766,50 @@ fn transaction_key(req: &Request<'_>, via: &message::Via<'_>) -> String {
             req.cseq().map(|c| c.0).unwrap_or(0),
         ),
         // The top Via value only: a CANCEL or ACK carries that one alone (RFC 3261 §9.1,
-        // §17.1.1.3), while the INVITE's first Via header may hold the whole path.
+        // §17.1.1.3), while the INVITE's first Via header may hold the whole path. With
+        // §17.2.3's Request-URI and From tag, which the ACK and CANCEL repeat: copies of one
+        // INVITE a stateless proxy forked to two conferences are two transactions. (Not the
+        // To tag: the ACK of a 3xx carries this server's.)
         _ => format!(
-            "{}|{}|{}",
+            "{}|{}|{}|{}|{}",
             req.header("Call-ID").unwrap_or(""),
             req.cseq().map(|c| c.0).unwrap_or(0),
             req.header("Via")
                 .map(message::split_first_value)
-                .unwrap_or("")
+                .unwrap_or(""),
+            req.uri,
+            req.header("From").and_then(response::to_tag).unwrap_or(""),
         ),
     }
+}
+
+/// Whether a From or To value holds a URI (`scheme:...`), as a name-addr (`"Name" <uri>`,
+/// the display name's quotes and escapes skipped) or an addr-spec before its parameters.
+fn holds_uri(value: &str) -> bool {
+    let scheme_first = |uri: &str| uri.trim().find(':').is_some_and(|c| c > 0);
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in value.char_indices() {
+        if quoted {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => quoted = true,
+            '<' => {
+                let inner = &value[i + 1..];
+                return inner
+                    .find('>')
+                    .is_some_and(|end| scheme_first(&inner[..end]));
+            }
+            _ => {}
+        }
+    }
+    !quoted && value.split(';').next().is_some_and(scheme_first)
 }
 
 /// What makes a request unanswerable as asked; `None` when it is well-formed.
@@ -792,6 +826,17 @@ fn malformed(req: &Request<'_>, packet: &[u8], transport: Transport) -> Option<S
             0 => return Some(format!("missing {name} header")),
             1 => {}
             _ => return Some(format!("more than one {name} header")),
+        }
+    }
+    // Echoed into the answer as they came (§8.2.6.2): a From or To without a URI (empty, or
+    // a bare word) would make an answer no client matches, and an empty Call-ID tells no
+    // call from another (§8.1.1.4).
+    if req.header("Call-ID").is_some_and(|v| v.trim().is_empty()) {
+        return Some("the Call-ID header is empty".into());
+    }
+    for name in ["From", "To"] {
+        if !req.header(name).is_some_and(holds_uri) {
+            return Some(format!("the {name} header holds no URI"));
         }
     }
     // Single-valued too: two lengths are the classic way to make two parsers cut a stream

@@ -505,7 +505,17 @@ pub fn parse_sip_uri(uri: &str) -> Result<SipUri<'_>, UriError> {
         ),
         None => (None, before_headers),
     };
-    if host.split(';').next().is_none_or(|h| h.is_empty()) {
+    // The host without its port: `sip:room@:5060` names no host either.
+    let hostport = host.split(';').next().unwrap_or("");
+    let hostname = match hostport.strip_prefix('[') {
+        Some(v6) => v6
+            .split(']')
+            .next()
+            .filter(|_| v6.contains(']'))
+            .unwrap_or(""),
+        None => hostport.split(':').next().unwrap_or(""),
+    };
+    if hostname.is_empty() {
         return Err(UriError::Malformed("no host"));
     }
     Ok(SipUri { scheme, user })
