@@ -344,13 +344,16 @@ pub fn parse_digits<T: std::str::FromStr>(s: &str) -> Option<T> {
     s.parse().ok()
 }
 
-/// The first element of a comma-separated header value, ignoring commas inside quotes or
-/// angle brackets.
+/// The first element of a comma-separated header value, ignoring commas inside quotes
+/// (with their `\"` escapes) or angle brackets.
 pub fn split_first_value(v: &str) -> &str {
     let mut quoted = false;
+    let mut escaped = false;
     let mut angle = false;
     for (i, c) in v.char_indices() {
         match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
             '<' if !quoted => angle = true,
             '>' if !quoted => angle = false,

@@ -112,26 +112,26 @@ fn name_addr_end(v: &str) -> Option<usize> {
 /// The `;`-separated parameters of `params` (text that must start with `;`, after
 /// whitespace), split outside quoted strings; text before the first `;` is none of them.
 fn header_params(params: &str) -> impl Iterator<Item = &str> {
-    let mut pieces = Vec::new();
-    let (mut quoted, mut escaped, mut start) = (false, false, None::<usize>);
-    for (i, c) in params.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            ';' if !quoted => {
-                if let Some(s) = start {
-                    pieces.push(&params[s..i]);
+    // Lazily, without a list: this runs for the top Via of every answer.
+    let mut rest = params.find(';').map(|i| &params[i + 1..]);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, c) in text.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ';' if !quoted => {
+                    rest = Some(&text[i + 1..]);
+                    return Some(&text[..i]);
                 }
-                start = Some(i + 1);
+                _ => {}
             }
-            _ => {}
         }
-    }
-    if let Some(s) = start {
-        pieces.push(&params[s..]);
-    }
-    pieces.into_iter()
+        rest = None;
+        Some(text)
+    })
 }
 
 /// Appends the top Via with `received` and `rport` filled in for a request from `source`.
@@ -143,11 +143,11 @@ fn push_top_via(out: &mut String, value: &str, source: SocketAddr) {
     // `top` is `value` trimmed up to its first top-level comma.
     let start = value.len() - value.trim_start().len();
     let rest = &value[start + top.len()..];
-    let mut parts = top.split(';');
-    let sent_by = parts.next().unwrap_or("");
+    // sent-by holds no quotes; the parameters may (a quoted `;` or `received` is a value).
+    let (sent_by, params) = top.split_at(top.find(';').unwrap_or(top.len()));
     out.push_str(sent_by.trim_end());
     let mut had_rport = false;
-    for part in parts {
+    for part in header_params(params) {
         let p = part.trim();
         let key = p.split('=').next().unwrap_or("").trim();
         if key.eq_ignore_ascii_case("rport") {
@@ -271,6 +271,31 @@ mod tests {
         assert!(text.contains("Call-ID: c1\r\nCSeq: 1 INVITE\r\n"));
         assert!(text.contains("Warning: 399 confroute \"say \\\"why\\\"\"\r\n"));
         assert!(text.ends_with("Content-Length: 0\r\n\r\n"));
+    }
+
+    /// A quoted Via parameter value may hold `\"`, `,` and `;` (RFC 3261 §25.1
+    /// quoted-string): the top Via still ends at the first comma outside quotes, and a
+    /// quoted `;received=...` is part of a value, kept as sent.
+    #[test]
+    fn quoted_via_parameters_are_kept_whole() {
+        let raw = "INVITE sip:room@router SIP/2.0\r\n\
+            Via: SIP/2.0/UDP client.example;branch=z9hG4bK1;x=\"a\\\"b,c\";y=\"1;received=2\";rport, SIP/2.0/UDP proxy;branch=z9hG4bK0\r\n\
+            From: <sip:a@b>;tag=f1\r\nTo: <sip:room@router>\r\n\
+            Call-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let req = parse(raw.as_bytes()).expect("parse");
+        let text = String::from_utf8(build(
+            &req,
+            &Response::new(302, "Moved Temporarily"),
+            "t1",
+            src("192.0.2.7:40000"),
+        ))
+        .expect("utf8");
+        assert!(
+            text.contains(
+                "Via: SIP/2.0/UDP client.example;branch=z9hG4bK1;x=\"a\\\"b,c\";y=\"1;received=2\";rport=40000;received=192.0.2.7, SIP/2.0/UDP proxy;branch=z9hG4bK0\r\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
