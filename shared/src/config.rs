@@ -719,6 +719,53 @@ impl Default for RedisConfig {
     }
 }
 
+/// Checks that `pem` (the file at `path`, named by `key`) holds X.509 certificates that
+/// parse; the error names the key.
+fn check_certificates(
+    key: &str,
+    path: &std::path::Path,
+    pem: &[u8],
+) -> Result<(), (String, String)> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let fail = |why: String| Err((key.to_string(), format!("`{}` {why}", path.display())));
+    let mut roots = rustls::RootCertStore::empty();
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = match cert {
+            Ok(c) => c,
+            Err(e) => return fail(format!("holds a certificate that is not valid PEM ({e})")),
+        };
+        // Read as a trust anchor: any well-formed certificate is one.
+        if let Err(e) = roots.add(cert) {
+            return fail(format!("holds a certificate that does not parse ({e})"));
+        }
+        found += 1;
+    }
+    if found == 0 {
+        return fail("holds no certificate (a `-----BEGIN CERTIFICATE-----` block)".into());
+    }
+    Ok(())
+}
+
+/// Checks that `pem` (the file at `path`) holds a private key rustls can sign with.
+fn check_private_key(path: &std::path::Path, pem: &[u8]) -> Result<(), (String, String)> {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    let fail = |why: String| {
+        Err((
+            "redis.tls_key_file".to_string(),
+            format!("`{}` {why}", path.display()),
+        ))
+    };
+    let key = match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("holds no private key ({e})")),
+    };
+    if let Err(e) = rustls::crypto::ring::sign::any_supported_type(&key) {
+        return fail(format!("holds a private key that cannot be used ({e})"));
+    }
+    Ok(())
+}
+
 /// TLS material for Redis read from the configured PEM files.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -809,6 +856,7 @@ impl RedisConfig {
         let ca = read("redis.tls_ca_file", &self.tls_ca_file)?;
         let cert = read("redis.tls_cert_file", &self.tls_cert_file)?;
         let key = read("redis.tls_key_file", &self.tls_key_file)?;
+
         let client = match (cert, key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -825,6 +873,17 @@ impl RedisConfig {
                 ))
             }
         };
+        // Parsed here, not only when connecting: a broken or swapped file is then a
+        // configuration error naming its key, not a connection error blamed on the URL.
+        if let (Some(pem), Some(path)) = (&ca, &self.tls_ca_file) {
+            check_certificates("redis.tls_ca_file", path, pem)?;
+        }
+        if let (Some((cert, key)), Some(cert_path), Some(key_path)) =
+            (&client, &self.tls_cert_file, &self.tls_key_file)
+        {
+            check_certificates("redis.tls_cert_file", cert_path, cert)?;
+            check_private_key(key_path, key)?;
+        }
         Ok(Some(TlsFiles { ca, client }))
     }
 
@@ -1207,19 +1266,13 @@ mod tests {
         let pem_path = pem.path().to_string_lossy().into_owned();
         let bad_path = not_pem.path().to_string_lossy().into_owned();
         let tls = ("CONFROUTE_REDIS__URL", "rediss://redis.example:6380");
-        let ok: Root = load_from(
-            None,
-            &env(&[
-                tls,
-                ("CONFROUTE_REDIS__TLS_CA_FILE", &pem_path),
-                ("CONFROUTE_REDIS__TLS_CERT_FILE", &pem_path),
-                ("CONFROUTE_REDIS__TLS_KEY_FILE", &pem_path),
-            ]),
-        )
-        .expect("CA, certificate and key");
-        let files = ok.redis.tls_files().expect("read").expect("set");
-        assert!(files.ca.is_some() && files.client.is_some());
+        // (Files that parse are read by the TLS tests of the test crate.)
         for (vars, key, says) in [
+            (
+                vec![tls, ("CONFROUTE_REDIS__TLS_CA_FILE", pem_path.as_str())],
+                "redis.tls_ca_file",
+                "does not parse",
+            ),
             (
                 vec![tls, ("CONFROUTE_REDIS__TLS_CA_FILE", "/nonexistent/ca.pem")],
                 "redis.tls_ca_file",

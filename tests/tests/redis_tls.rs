@@ -337,3 +337,104 @@ async fn renewed_tls_files_reach_the_next_connection_without_a_restart() {
     .await
     .expect("the store connects again with the renewed files");
 }
+
+/// TLS files that do not hold what their key says (a private key as the CA, the client
+/// certificate and key swapped, a certificate whose PEM text is corrupt) are a
+/// configuration error naming that key (exit 2, which service managers do not restart),
+/// not a connection error blamed on `redis.url` at start-up.
+#[test]
+fn tls_files_that_do_not_parse_are_a_config_error_naming_their_key() {
+    let ca = TestCa::new().expect("test CA");
+    let dir = confroute_tests::harness::TempDir::new("bad-pem").expect("dir");
+    let corrupt = dir.path().join("corrupt.pem");
+    let good = std::fs::read_to_string(ca.file("ca.pem")).expect("ca.pem");
+    // The base64 body keeps its form but no longer encodes a certificate.
+    let broken: String = good
+        .lines()
+        .map(|l| {
+            if l.starts_with("-----") {
+                l.to_string()
+            } else {
+                "A".repeat(l.len())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&corrupt, broken).expect("write");
+    let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    let (ca_pem, key, cert, corrupt) = (
+        path(ca.file("ca.pem")),
+        path(ca.file("client.key")),
+        path(ca.file("client.pem")),
+        path(corrupt),
+    );
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 4] = [
+        (
+            "confroute-controller",
+            vec![("CONFROUTE_REDIS__TLS_CA_FILE", &key)],
+            "redis.tls_ca_file",
+        ),
+        (
+            "confroute-controller",
+            vec![("CONFROUTE_REDIS__TLS_CA_FILE", &corrupt)],
+            "redis.tls_ca_file",
+        ),
+        (
+            "confroute-controller",
+            vec![
+                ("CONFROUTE_REDIS__TLS_CA_FILE", &ca_pem),
+                ("CONFROUTE_REDIS__TLS_CERT_FILE", &key),
+                ("CONFROUTE_REDIS__TLS_KEY_FILE", &cert),
+            ],
+            "redis.tls_cert_file",
+        ),
+        (
+            "confroute-node",
+            vec![
+                ("CONFROUTE_REDIS__TLS_CA_FILE", &ca_pem),
+                ("CONFROUTE_REDIS__TLS_CERT_FILE", &cert),
+                ("CONFROUTE_REDIS__TLS_KEY_FILE", &cert),
+            ],
+            "redis.tls_key_file",
+        ),
+    ];
+    for (bin, vars, key) in cases {
+        let mut child = std::process::Command::new(
+            confroute_tests::harness::workspace_bin(bin).expect("binary"),
+        )
+        .env_clear()
+        .env("CONFROUTE_REDIS__URL", "rediss://127.0.0.1:9")
+        .envs(vars.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+        // A binary that took the files would start and wait for Redis: stopped, it fails.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{bin} {vars:?} did not exit 2 within 10 s: {err}"
+        );
+        assert!(
+            err.contains(key),
+            "{bin} {vars:?} does not name {key}: {err}"
+        );
+    }
+}
