@@ -28,17 +28,22 @@ fn without_handshake_trace(filter: EnvFilter) -> EnvFilter {
 
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `log.level` when set.
 pub fn init(cfg: &LogConfig) {
-    let from_env = std::env::var("RUST_LOG").ok().and_then(|v| {
-        EnvFilter::try_new(&v)
-            .map_err(|e| {
-                // Said before logging starts: the operator asked for a filter and gets another.
-                eprintln!(
-                    "RUST_LOG `{v}` is not a log filter ({e}); using log.level `{}`",
-                    cfg.level
-                );
-            })
-            .ok()
-    });
+    // Set but blank (an env file passing `RUST_LOG=${RUST_LOG}` through) is unset: as a
+    // filter it turns every line off, the start-up errors too.
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| {
+            EnvFilter::try_new(&v)
+                .map_err(|e| {
+                    // Said before logging starts: the operator asked for a filter and gets another.
+                    eprintln!(
+                        "RUST_LOG `{v}` is not a log filter ({e}); using log.level `{}`",
+                        cfg.level
+                    );
+                })
+                .ok()
+        });
     let filter = from_env
         .or_else(|| EnvFilter::try_new(&cfg.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));

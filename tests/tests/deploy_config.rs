@@ -475,3 +475,25 @@ fn durations_the_binaries_refuse_are_refused_by_the_chart() {
     env.extend(local_listen(false));
     starts("confroute-node", &cfg, &env, "bounds");
 }
+
+/// `RUST_LOG` set but empty (an env file passing `RUST_LOG=${RUST_LOG}` through) is taken
+/// for unset: `log.level` applies, and a Redis that cannot be reached at start-up is still
+/// said. As a filter, the empty value turned every line off.
+#[test]
+fn an_empty_rust_log_leaves_log_level_in_charge() {
+    for (bin, sip) in [("confroute-controller", true), ("confroute-node", false)] {
+        let dir = TempDir::new("empty-rust-log").expect("dir");
+        let mut cmd = Command::new(workspace_bin(bin).expect("binary"));
+        cmd.env_clear()
+            .env("RUST_LOG", "")
+            .env("CONFROUTE_REDIS__URL", "redis://127.0.0.1:9")
+            .envs(local_listen(sip));
+        let mut p = Proc::spawn(bin, cmd, &dir.path().join("out.log")).expect("spawn");
+        wait_for(&format!("{bin} to log"), Duration::from_secs(30), || {
+            let out = p.output();
+            (out.contains("WARN") && out.contains("redis")).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+        p.kill();
+    }
+}
