@@ -643,6 +643,34 @@ impl Validate for NodeConfig {
                 issues.add(key, "must be greater than zero");
             }
         }
+        // Upper bounds well past any use: the agent adds these to clock readings and
+        // multiplies some, and a value near the type's limit (`300000000000y`) overflowed
+        // there, at the worst moment (a drain's deadline at SIGTERM).
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        for (key, d, most, shown) in [
+            (
+                "node.drain_deadline",
+                self.node.drain_deadline,
+                7 * DAY,
+                "7d",
+            ),
+            ("ari.request_timeout", self.ari.request_timeout, HOUR, "1h"),
+            ("ari.reconnect_min", self.ari.reconnect_min, HOUR, "1h"),
+            ("ari.reconnect_max", self.ari.reconnect_max, HOUR, "1h"),
+            ("ari.ping_interval", self.ari.ping_interval, HOUR, "1h"),
+            (
+                "ari.reconcile_interval",
+                self.ari.reconcile_interval,
+                DAY,
+                "24h",
+            ),
+            ("ari.release_after", self.ari.release_after, 7 * DAY, "7d"),
+        ] {
+            if d > most {
+                issues.add(key, format!("must be at most {shown}"));
+            }
+        }
         if !self.ari.release_after.is_zero() && self.ari.release_after < Duration::from_secs(1) {
             issues.add("ari.release_after", "must be at least 1s, or 0s for never");
         }

@@ -59,6 +59,37 @@ fn bad_keys_and_values_stop_start_up_naming_the_key() {
             "`profiles.vip.max_participants`",
             false,
         ),
+        // Past the upper bounds (a value near the type's limit overflowed at a SIGTERM).
+        (
+            "CONFROUTE_NODE__DRAIN_DEADLINE",
+            "300000000000y",
+            "`node.drain_deadline`",
+            false,
+        ),
+        (
+            "CONFROUTE_ARI__RECONCILE_INTERVAL",
+            "25h",
+            "`ari.reconcile_interval`",
+            false,
+        ),
+        (
+            "CONFROUTE_ARI__PING_INTERVAL",
+            "2h",
+            "`ari.ping_interval`",
+            false,
+        ),
+        (
+            "CONFROUTE_ARI__RELEASE_AFTER",
+            "8d",
+            "`ari.release_after`",
+            false,
+        ),
+        (
+            "CONFROUTE_ARI__REQUEST_TIMEOUT",
+            "2h",
+            "`ari.request_timeout`",
+            false,
+        ),
     ];
     for (var, value, key, origin) in cases {
         let (code, out) = run_to_exit(&[(var, value)], &[]);
