@@ -297,6 +297,19 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// `node.sip_uri` when it is not set: the host name, port 5060.
+fn default_sip_uri(host: &str) -> String {
+    format!("sip:{host}:5060")
+}
+
+/// Why `node.sip_uri`'s default from host name `host` cannot be used, if it cannot.
+fn default_sip_uri_problem(host: &str) -> Option<String> {
+    let uri = default_sip_uri(host);
+    check_sip_uri(&uri).err().map(|why| {
+        format!("is not set, and its default from the host name, `{uri}`, is not a SIP URI the controller's 302 Contact can carry ({why}); set node.sip_uri, e.g. sip:10.0.0.5:5060")
+    })
+}
+
 impl Default for NodeSection {
     fn default() -> Self {
         NodeSection {
@@ -409,7 +422,7 @@ impl NodeConfig {
         self.node
             .sip_uri
             .clone()
-            .unwrap_or_else(|| format!("sip:{}:5060", host_name()))
+            .unwrap_or_else(|| default_sip_uri(&host_name()))
     }
 
     /// The advertised control URL, given the bound HTTP address (a wildcard address is
@@ -566,6 +579,10 @@ impl Validate for NodeConfig {
                     format!("`{uri}` is not a SIP URI the controller's 302 Contact can carry ({why}); expected e.g. sip:10.0.0.5:5060 or sip:[2001:db8::5]:5060"),
                 );
             }
+        } else if let Some(problem) = default_sip_uri_problem(&host_name()) {
+            // Checked as a set one is: the controllers would otherwise send callers to a
+            // Contact they cannot use, or refuse to route to the node.
+            issues.add("node.sip_uri", problem);
         }
         if let Some(c) = &self.node.control {
             if !http_url_ok(c) {
@@ -825,6 +842,17 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// The default `node.sip_uri` (from the host name) is checked as a set one is: a host
+    /// name the controller's Contact cannot carry is refused at start, not advertised.
+    #[test]
+    fn the_default_sip_uri_from_the_host_name_is_checked() {
+        assert_eq!(default_sip_uri_problem("node-1.example"), None);
+        assert_eq!(default_sip_uri_problem("10.0.0.5"), None);
+        let problem = default_sip_uri_problem("my_host.example").expect("refused");
+        assert!(problem.contains("sip:my_host.example:5060"), "{problem}");
+        assert!(problem.contains("set node.sip_uri"), "{problem}");
     }
 
     #[test]
