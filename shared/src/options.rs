@@ -49,8 +49,9 @@ impl FromStr for Beep {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim().to_ascii_lowercase().as_str() {
-            "true" | "yes" | "1" => Ok(Beep::True),
-            "false" | "no" | "0" => Ok(Beep::False),
+            // The booleans `parse_bool` (and `record`) take: `off` must not beep.
+            "true" | "yes" | "1" | "on" => Ok(Beep::True),
+            "false" | "no" | "0" | "off" => Ok(Beep::False),
             "onenter" => Ok(Beep::OnEnter),
             "onexit" => Ok(Beep::OnExit),
             _ => Err(format!(
@@ -424,6 +425,19 @@ pub fn check_dialout_options(given: &Map<String, Value>) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn beep_reads_any_case_and_the_booleans() {
+        for on in ["true", "YES", "1", " On "] {
+            assert_eq!(on.parse::<Beep>(), Ok(Beep::True), "{on}");
+        }
+        for off in ["false", "No", "0", "OFF"] {
+            assert_eq!(off.parse::<Beep>(), Ok(Beep::False), "{off}");
+        }
+        assert_eq!("onenter".parse::<Beep>(), Ok(Beep::OnEnter));
+        assert_eq!("onExit".parse::<Beep>(), Ok(Beep::OnExit));
+        assert!("loud".parse::<Beep>().is_err());
+    }
 
     #[test]
     fn record_reads_any_case_and_the_booleans() {
