@@ -1249,6 +1249,14 @@ impl Conference {
         if !self.participants.values().any(waiter) {
             return;
         }
+        // Its mix may be gone (destroyed while the agent was away): made again first, as a
+        // start makes it, or every move would fail and the waiters stay on music.
+        if !self.main_created {
+            if let Err(e) = self.create_main().await {
+                tracing::error!(conference = %self.name, error = %e, "cannot create the conference bridge to move the waiters in");
+                return;
+            }
+        }
         let by = self.started_by_in_mix();
         let mut moved = self.move_waiters_in().await;
         moved.sort();

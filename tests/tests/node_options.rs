@@ -535,6 +535,86 @@ async fn a_start_cut_short_by_a_restart_is_finished() {
     .await;
 }
 
+/// A start cut short by an agent restart (the settings say started, one waiter was moved
+/// in), whose mixing bridge was then destroyed while the agent was down: the restarted agent
+/// finds only the holding bridge with a waiter of a started conference. It makes the mix again before it moves the waiter in (an addChannel
+/// to the missing bridge left the waiter on music until a later reconciliation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_short_start_whose_mix_is_gone_makes_it_again() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let wait = [("CONFROUTE_START_ON_ENTER", "false")];
+    let w1 = dial(&s.sim, "cut-gone", &wait).await;
+    let holding = wait_bridged(&s.sim, &w1).await;
+    let w2 = dial(&s.sim, "cut-gone", &wait).await;
+    assert_eq!(wait_bridged(&s.sim, &w2).await, holding);
+    let main = main_bridge(&s.sim.snapshot(), 1, "cut-gone")
+        .expect("main bridge")
+        .id
+        .clone();
+    s.sim.hold_operation("answer");
+    let starter = dial(&s.sim, "cut-gone", &[]).await;
+    answer_held(&s.sim).await;
+    for ch in [&starter, &w1] {
+        add_behind_the_agent(&s.sim, &main, ch).await;
+    }
+    s.node.process().kill();
+    s.sim.release_operation("answer");
+    // What the last life wrote as its start began: the settings say started.
+    let settings = s
+        .redis
+        .query(
+            redis::cmd("HGET")
+                .arg("{confroute}:conf:cut-gone")
+                .arg("settings"),
+        )
+        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+        .unwrap_or_else(|| "{}".into());
+    let mut kept: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&settings).expect("settings are a JSON object");
+    kept.insert("started".into(), "1".into());
+    s.redis
+        .query(
+            redis::cmd("HSET")
+                .arg("{confroute}:conf:cut-gone")
+                .arg("settings")
+                .arg(serde_json::Value::Object(kept).to_string()),
+        )
+        .expect("HSET");
+    let other = confroute_tests::ari_sim::client::AriClient::new(&s.sim).expect("client");
+    let r = other
+        .call("DELETE", &format!("/bridges/{main}"), None)
+        .await
+        .expect("destroy");
+    assert_eq!(r.status, 204);
+    let before = s.sim.request_log().len();
+    s.node.restart().expect("restart");
+    let mut want = vec![starter.clone(), w1.clone(), w2.clone()];
+    want.sort();
+    let mixed = |snap: &confroute_tests::ari_sim::SimSnapshot| {
+        snap.bridges.iter().any(|b| {
+            let mut got = b.channels.clone();
+            got.sort();
+            b.id != holding && got == want
+        }) && snap.bridge(&holding).is_none()
+    };
+    until(
+        &s.sim,
+        "all three in one mix, the holding bridge gone",
+        mixed,
+    )
+    .await;
+    let missing: Vec<_> = s.sim.request_log()[before..]
+        .iter()
+        .filter(|r| r.operation.as_deref() == Some("addChannel") && r.status == 404)
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "adds to a missing bridge: {missing:?}\n{}",
+        s.node.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_move_in_even_when_one_hangs_up_as_the_starter_joins() {
     let s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
