@@ -46,6 +46,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Valid apart, the two can still not work together: a heartbeat Redis answers within
+    // redis.timeout but after the lease has run out lets the node record lapse, and the
+    // controllers place the node's conferences elsewhere while their callers are still here.
+    let lease = cfg.node.heartbeat_interval * 3;
+    if lease < cfg.redis.timeout * 2 {
+        tracing::warn!(
+            node_lease = ?lease,
+            redis_timeout = ?cfg.redis.timeout,
+            "the node lease (three node.heartbeat_interval) is under twice redis.timeout: one slow heartbeat can let the node record lapse and its conferences be placed elsewhere; raise node.heartbeat_interval or lower redis.timeout"
+        );
+    }
     let agent = match app::start(cfg).await {
         Ok(a) => a,
         Err(e) => {

@@ -175,3 +175,41 @@ async fn metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A node lease (three heartbeats) under twice `redis.timeout` validates, but one heartbeat
+/// Redis answers slowly yet within its timeout can let the node record lapse: the agent says
+/// so at start, naming both keys; with the defaults it says nothing.
+#[test]
+fn a_node_lease_under_twice_the_redis_timeout_is_warned_of() {
+    for (env, warned) in [
+        (
+            vec![
+                ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "200ms"),
+                ("CONFROUTE_REDIS__TIMEOUT", "1s"),
+            ],
+            true,
+        ),
+        (vec![], false),
+    ] {
+        let dir = TempDir::new("node-lease").expect("temp dir");
+        let mut cmd = Command::new(workspace_bin("confroute-node").expect("binary built"));
+        cmd.env_clear()
+            .env("CONFROUTE_REDIS__URL", "redis://127.0.0.1:9")
+            .env("CONFROUTE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("CONFROUTE_ARI__URL", "http://127.0.0.1:9")
+            .envs(env.iter().copied());
+        let mut p = Proc::spawn("confroute-node", cmd, &dir.path().join("out.log")).expect("start");
+        // Said before the start line, on the same thread.
+        confroute_tests::harness::wait_for("the start line", Duration::from_secs(20), || {
+            p.output().contains("confroute-node started").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.output()));
+        let out = p.output();
+        assert_eq!(
+            out.contains("is under twice redis.timeout"),
+            warned,
+            "{env:?}:\n{out}"
+        );
+        p.kill();
+    }
+}
