@@ -80,7 +80,6 @@ pub async fn run(node: Arc<Node>) {
     let mut tick = tokio::time::interval(node.cfg.node.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cpu = CpuSampler::new();
-    let started = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -88,7 +87,6 @@ pub async fn run(node: Arc<Node>) {
         }
         let n = node.beats_started.fetch_add(1, Ordering::SeqCst) + 1;
         beat(&node, cpu.sample()).await;
-        keep_inherited_claims(&node, started).await;
         node.beats_done.send_replace(n);
     }
 }
@@ -97,19 +95,14 @@ pub async fn run(node: Arc<Node>) {
 /// claims the last life left (its conferences, whose callers may still be in the bridges)
 /// are renewed by nothing else: the heartbeat renews only conferences this life has
 /// adopted. They are kept (see keep.lua), for at most `ari.release_after` after the start,
-/// as a running agent keeps its claims while Asterisk is out of reach.
-async fn keep_inherited_claims(node: &Arc<Node>, started: tokio::time::Instant) {
+/// as a running agent keeps its claims while Asterisk is out of reach. Run by each
+/// heartbeat of a registered node before it reports its load (under the heartbeat's gate:
+/// a node gone keeps nothing alive), so even the first one after a registration reports
+/// what those claims carry.
+async fn keep_inherited_claims(node: &Arc<Node>) {
     let bound = node.cfg.ari.release_after;
-    if node.ever_reconciled() || (!bound.is_zero() && started.elapsed() >= bound) {
+    if node.ever_reconciled() || (!bound.is_zero() && node.born.elapsed() >= bound) {
         lock(&node.inherited).take();
-        return;
-    }
-    if !node.registered.load(Ordering::SeqCst) {
-        return;
-    }
-    // Not once deregistered: a node gone keeps nothing alive.
-    let deregistered = node.beat_gate.lock().await;
-    if *deregistered {
         return;
     }
     match node.store.keep_claims(&node.id).await {
@@ -178,6 +171,7 @@ async fn beat_once(node: &Arc<Node>, cpu: f32, reclaim: bool) -> bool {
         }
         node.hosted()
     };
+    keep_inherited_claims(node).await;
     let (conferences, participants) = reported_load(node);
     let load = NodeLoad {
         conferences,

@@ -235,6 +235,8 @@ pub struct Node {
     /// The load the last life's claims carry, reported until the first reconciliation has
     /// adopted what is left of it (the agent's own count is nothing before that).
     pub inherited: Mutex<Option<Inherited>>,
+    /// When this agent life started.
+    pub born: Instant,
     /// Asterisk's bridges and channels as listed under an events connection, for the
     /// newcomers compared with them before the reconciliation reaches their conferences
     /// ([`Node::listing_since_connect`]); one listing serves them all.
@@ -337,6 +339,7 @@ impl Node {
             connections: AtomicU64::new(0),
             reconciled_under: AtomicU64::new(0),
             inherited: Mutex::new(None),
+            born: Instant::now(),
             listing: tokio::sync::Mutex::new(None),
             outbox,
             dialouts: Dialouts::default(),

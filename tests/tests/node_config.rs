@@ -197,6 +197,8 @@ fn a_node_lease_under_twice_the_redis_timeout_is_warned_of() {
             .env("CONFROUTE_REDIS__URL", "redis://127.0.0.1:9")
             .env("CONFROUTE_HTTP__LISTEN", "127.0.0.1:0")
             .env("CONFROUTE_ARI__URL", "http://127.0.0.1:9")
+            // Not the host name's default, which a host name with `_` makes refused.
+            .env("CONFROUTE_NODE__SIP_URI", "sip:127.0.0.1:5060")
             .envs(env.iter().copied());
         let mut p = Proc::spawn("confroute-node", cmd, &dir.path().join("out.log")).expect("start");
         // Said before the start line, on the same thread.

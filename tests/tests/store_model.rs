@@ -2514,7 +2514,7 @@ async fn a_rehome_starts_above_an_ended_life_too() {
 /// that lost the re-home): the record names its dead first owner at a lower epoch while the
 /// conference lives on the node it moved to. That node's heartbeat claims it back, rather
 /// than being told it lost it and leaving the next caller to a second home; a record at a
-/// higher epoch, or one whose owner lives and counts callers, is still lost.
+/// higher epoch, or one whose owner lives and serves or counts callers, is still lost.
 #[tokio::test]
 async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_owner() {
     let (redis, store) = with_nodes(&["a", "b", "c"]).await;
@@ -2549,6 +2549,19 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
         Heartbeat::Renewed { hosted, .. } => hosted,
         other => panic!("unexpected {other:?}"),
     };
+    // An ordinary heartbeat of node a, or a reclaiming one.
+    let beat = |reclaim: bool| {
+        let (store, load, hosted) = (&store, &load, &hosted);
+        async move {
+            if reclaim {
+                store
+                    .heartbeat_reclaiming(&id("a"), load, LONG, hosted)
+                    .await
+            } else {
+                store.heartbeat(&id("a"), load, LONG, hosted).await
+            }
+        }
+    };
     // The older life comes back.
     set_record("c", 1);
     // While Redis is settling (it lost the node records), a missing node record does not
@@ -2564,13 +2577,7 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
         )
         .expect("settling");
     for reclaim in [false, true] {
-        let hb = if reclaim {
-            store
-                .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
-                .await
-        } else {
-            store.heartbeat(&id("a"), &load, LONG, &hosted).await
-        };
+        let hb = beat(reclaim).await;
         assert_eq!(
             statuses(hb.expect("heartbeat")),
             vec![HostedStatus::Missing]
@@ -2621,13 +2628,7 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
     // A dead owner's record at a higher epoch is a later life: lost, and left alone.
     set_record("c", 3);
     for reclaim in [false, true] {
-        let hb = if reclaim {
-            store
-                .heartbeat_reclaiming(&id("a"), &load, LONG, &hosted)
-                .await
-        } else {
-            store.heartbeat(&id("a"), &load, LONG, &hosted).await
-        };
+        let hb = beat(reclaim).await;
         assert_eq!(statuses(hb.expect("heartbeat")), vec![HostedStatus::Lost]);
     }
     // So is a live owner's record that counts callers, whatever its epoch: both homes have
@@ -2641,8 +2642,7 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
         store.lookup(&room).await.expect("lookup").map(|r| r.owner),
         Some(owner("b", 1))
     );
-    // A live owner's older record without callers (b drained, or a placement no caller
-    // reached) would go to the next claim: the node claims its conference back.
+    // Without callers counted, a serving owner keeps it too, as claim.lua would ...
     redis
         .query(
             redis::cmd("HSET")
@@ -2651,6 +2651,14 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
                 .arg(0),
         )
         .expect("hset");
+    let hb = beat(true).await;
+    assert_eq!(statuses(hb.expect("heartbeat")), vec![HostedStatus::Lost]);
+    // ... but a draining one's older record without callers would go to the next claim: the
+    // node claims its conference back.
+    store
+        .set_state(&id("b"), NodeState::Draining)
+        .await
+        .expect("drain b");
     redis
         .query(
             redis::cmd("SADD")

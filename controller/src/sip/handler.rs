@@ -749,8 +749,8 @@ fn rebuild(req: &Request<'_>, answer: &Answer, source: SocketAddr) -> Vec<u8> {
 }
 
 /// RFC 3261 §17.2.3: branch + sent-by identify a server transaction (ACK matches its INVITE).
-/// Pre-RFC 3261 branches, and a bare magic cookie, fall back to Call-ID, CSeq number and the
-/// Via itself.
+/// Pre-RFC 3261 branches, and a bare magic cookie, fall back to Call-ID, CSeq number, the
+/// top Via, the Request-URI and the From tag.
 ///
 /// The Call-ID and CSeq number are part of every key, though the RFC's match needs only the
 /// branch: a client that reuses a branch for another call (a weak generator, phones behind

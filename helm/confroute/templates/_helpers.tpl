@@ -308,6 +308,12 @@ crash-loop): (dict "key" K "value" V "min" MICROS "max" MICROS-or-0 "limit" TEXT
 {{- fail (printf "node.config.ari.release_after is %q; the binary refuses it: must be at least 1s, or 0s for never" .) -}}
 {{- end -}}
 {{- end -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.ari.request_timeout" "value" $ari.request_timeout "min" 1.0 "max" 3600000000.0 "limit" "must be greater than zero and at most 1h") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.ari.reconnect_min" "value" $ari.reconnect_min "min" 1.0 "max" 3600000000.0 "limit" "must be greater than zero and at most 1h") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.ari.reconnect_max" "value" $ari.reconnect_max "min" 0 "max" 3600000000.0 "limit" "must be at most 1h") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.ari.ping_interval" "value" $ari.ping_interval "min" 1.0 "max" 3600000000.0 "limit" "must be greater than zero and at most 1h") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.ari.reconcile_interval" "value" $ari.reconcile_interval "min" 1.0 "max" 86400000000.0 "limit" "must be greater than zero and at most 24h") -}}
+{{- include "confroute.checkDuration" (dict "key" "node.config.ari.release_after" "value" $ari.release_after "min" 0 "max" 604800000000.0 "limit" "must be at most 7d") -}}
 {{- include "confroute.checkDuration" (dict "key" "node.config.node.heartbeat_interval" "value" $n.heartbeat_interval "min" 100000.0 "max" 20000000.0 "limit" "must be between 100ms and 20s, a third of the 60s redis.conference_lease (claims are renewed only by heartbeats, three per lease)") -}}
 {{- $webhook := (.Values.node.config | default dict).webhook | default dict -}}
 {{- include "confroute.checkDuration" (dict "key" "node.config.webhook.shutdown_wait" "value" $webhook.shutdown_wait "min" 1.0 "max" 600000000.0 "limit" "must be greater than zero and at most 10m") -}}

@@ -11,14 +11,15 @@
 -- a controller that sees this node renewed after Redis trouble then finds its conferences
 -- claimed, and never places a second home beside the live bridge (invariant 1).
 -- A record that names another owner at an epoch below the node's is an older life come back
--- (Redis restarted from a snapshot, or a failover lost the re-home to this node). Unless that
--- owner lives and the record counts callers (claim.lua would keep it there: a conflict the
--- node is told of as lost), it is as good as missing: the node claims its live conference
--- back rather than losing it to the next placement beside its bridge (invariants 1, 2); a
--- live owner that is not serving, or serving an empty placement, would lose it to a claim
--- anyway. While settle.lua's mark lives, Redis lost the node records, so "no node record"
--- does not say the owner is dead: such a record is reported missing (the node asks again
--- later, nothing is lost for good) and not taken (claim.lua re-homes nothing then either).
+-- (Redis restarted from a snapshot, or a failover lost the re-home to this node). Where
+-- claim.lua would keep it with that owner (alive and serving, or alive with callers counted)
+-- the node is told it lost it: a conflict. Otherwise (the owner dead, or draining with
+-- nobody counted) a claim would move it anyway, so it is as good as missing: the node claims
+-- its live conference back rather than losing it to the next placement beside its bridge
+-- (invariants 1, 2). While settle.lua's mark lives, Redis lost the node records, so "no node
+-- record" does not say the owner is dead: such a record is reported missing (the node asks
+-- again later, nothing is lost for good) and not taken (claim.lua re-homes nothing then
+-- either).
 -- KEYS[1] node record, KEYS[2] node index.
 -- ARGV[1] prefix, ARGV[2] id, ARGV[3] node lease (ms), ARGV[4] conference lease (ms),
 -- ARGV[5] conferences, ARGV[6] participants, ARGV[7] cpu, ARGV[8] "1" to claim again,
@@ -59,8 +60,9 @@ for i = 10, #ARGV, 4 do
     redis.call('SADD', prefix .. 'node:' .. id .. ':confs', ARGV[i])
     out[#out + 1] = 'ok'
   elseif r[1] and ((tonumber(r[2]) or 0) >= tonumber(ARGV[i + 1])
-      or (not settling and redis.call('EXISTS', prefix .. 'node:' .. r[1]) == 1
-        and (tonumber(redis.call('HGET', ckey, 'participants')) or 0) > 0)) then
+      or (not settling and (redis.call('HGET', prefix .. 'node:' .. r[1], 'state') == 'serving'
+        or (redis.call('EXISTS', prefix .. 'node:' .. r[1]) == 1
+          and (tonumber(redis.call('HGET', ckey, 'participants')) or 0) > 0)))) then
     out[#out + 1] = 'lost'
   elseif reclaim and not (r[1] and settling) and (st[1] == 'serving' or st[1] == 'draining') then
     local epoch = tonumber(ARGV[i + 1])
