@@ -502,32 +502,39 @@ async fn waiters_adopted_for_a_refused_newcomer_start_at_once() {
     s.sim.release_operation("GET /channels");
 }
 
-/// A start cut short by an agent restart (one waiter moved into the mix, the other not) is
-/// finished by the restarted agent: the waiter left with music joins the others and the
-/// holding bridge goes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_start_cut_short_by_a_restart_is_finished() {
-    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+/// Two waiters of `conf`, then a starter whose own join waits on its answer while the
+/// start's first moves happen behind the agent (the starter and the first waiter into the
+/// mix), and the agent stopped before the second waiter's: a start cut short. Returns the
+/// mix and the holding bridge, and the starter and both waiters' channels.
+async fn cut_short_start(s: &mut Single, conf: &str) -> (String, String, [String; 3]) {
     let wait = [("CONFROUTE_START_ON_ENTER", "false")];
-    let w1 = dial(&s.sim, "cut-short", &wait).await;
+    let w1 = dial(&s.sim, conf, &wait).await;
     let holding = wait_bridged(&s.sim, &w1).await;
-    assert_holding(&holding, 1, "cut-short");
-    let w2 = dial(&s.sim, "cut-short", &wait).await;
+    assert_holding(&holding, 1, conf);
+    let w2 = dial(&s.sim, conf, &wait).await;
     assert_eq!(wait_bridged(&s.sim, &w2).await, holding);
-    let main = main_bridge(&s.sim.snapshot(), 1, "cut-short")
+    let main = main_bridge(&s.sim.snapshot(), 1, conf)
         .expect("main bridge")
         .id
         .clone();
-    // The starter's own join waits on its answer; meanwhile the start's first moves happen
-    // (the starter and one waiter into the mix) and the agent stops before the second.
     s.sim.hold_operation("answer");
-    let starter = dial(&s.sim, "cut-short", &[]).await;
+    let starter = dial(&s.sim, conf, &[]).await;
     answer_held(&s.sim).await;
     for ch in [&starter, &w1] {
         add_behind_the_agent(&s.sim, &main, ch).await;
     }
     s.node.process().kill();
     s.sim.release_operation("answer");
+    (main, holding, [starter, w1, w2])
+}
+
+/// A start cut short by an agent restart (one waiter moved into the mix, the other not) is
+/// finished by the restarted agent: the waiter left with music joins the others and the
+/// holding bridge goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_short_by_a_restart_is_finished() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let (main, holding, _) = cut_short_start(&mut s, "cut-short").await;
     s.node.restart().expect("restart");
     until(&s.sim, "all three mixed, the holding bridge gone", |snap| {
         snap.bridge(&main).is_some_and(|b| b.channels.len() == 3) && snap.bridge(&holding).is_none()
@@ -542,23 +549,7 @@ async fn a_start_cut_short_by_a_restart_is_finished() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_short_start_whose_mix_is_gone_makes_it_again() {
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
-    let wait = [("CONFROUTE_START_ON_ENTER", "false")];
-    let w1 = dial(&s.sim, "cut-gone", &wait).await;
-    let holding = wait_bridged(&s.sim, &w1).await;
-    let w2 = dial(&s.sim, "cut-gone", &wait).await;
-    assert_eq!(wait_bridged(&s.sim, &w2).await, holding);
-    let main = main_bridge(&s.sim.snapshot(), 1, "cut-gone")
-        .expect("main bridge")
-        .id
-        .clone();
-    s.sim.hold_operation("answer");
-    let starter = dial(&s.sim, "cut-gone", &[]).await;
-    answer_held(&s.sim).await;
-    for ch in [&starter, &w1] {
-        add_behind_the_agent(&s.sim, &main, ch).await;
-    }
-    s.node.process().kill();
-    s.sim.release_operation("answer");
+    let (main, holding, callers) = cut_short_start(&mut s, "cut-gone").await;
     // What the last life wrote as its start began: the settings say started.
     let settings = s
         .redis
@@ -588,7 +579,7 @@ async fn a_cut_short_start_whose_mix_is_gone_makes_it_again() {
     assert_eq!(r.status, 204);
     let before = s.sim.request_log().len();
     s.node.restart().expect("restart");
-    let mut want = vec![starter.clone(), w1.clone(), w2.clone()];
+    let mut want = callers.to_vec();
     want.sort();
     let mixed = |snap: &confroute_tests::ari_sim::SimSnapshot| {
         snap.bridges.iter().any(|b| {
