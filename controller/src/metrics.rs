@@ -124,7 +124,7 @@ impl Metrics {
         )?;
         let nodes_ari_down = IntGauge::new(
             "confroute_nodes_ari_down",
-            "Nodes with a live lease in this controller's view whose agent reports its ARI events WebSocket down: no new conference is placed there.",
+            "Nodes with a live lease in this controller's view whose agent reports its ARI unusable (events WebSocket down, writes refused, or not yet checked): no new conference is placed there.",
         )?;
         registry.register(Box::new(nodes_ari_down.clone()))?;
         registry.register(Box::new(sip_requests.clone()))?;

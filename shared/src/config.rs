@@ -652,6 +652,7 @@ fn redacted_all(urls: &[String]) -> Vec<String> {
 #[serde(deny_unknown_fields)]
 pub struct SentinelConfig {
     /// Name of the monitored primary (`sentinel monitor <name> ...`).
+    #[serde(deserialize_with = "string_like")]
     pub master_name: String,
     /// Sentinel addresses as `host:port` or `redis://host:port`.
     pub addresses: Vec<String>,
@@ -1444,6 +1445,17 @@ mod tests {
             let root: Root = load_from(None, &env(&[("CONFROUTE_NAME", text)])).expect("env loads");
             assert_eq!(root.name, text);
         }
+        // A Sentinel group named with digits (`sentinel monitor 1 ...` is valid).
+        let root: Root = load_from(
+            None,
+            &env(&[
+                ("CONFROUTE_REDIS__SENTINEL__MASTER_NAME", "1"),
+                ("CONFROUTE_REDIS__SENTINEL__ADDRESSES", "[\"s1:26379\"]"),
+            ]),
+        )
+        .expect("a numeric Sentinel group name loads");
+        let sentinel = root.redis.sentinel.as_ref().expect("sentinel settings");
+        assert_eq!(sentinel.master_name, "1");
         let root: Root = load_from(None, &env(&[("CONFROUTE_REDIS__WAIT_REPLICAS", "2")]))
             .expect("a number still fills a number");
         assert_eq!(root.redis.wait_replicas, 2);

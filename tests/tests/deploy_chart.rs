@@ -1543,6 +1543,47 @@ fn redis_tls_the_binaries_accept_passes_the_schema() {
     }
 }
 
+/// Every spelling of `beep` and `record` the agent reads (any case, the booleans, 1 and 0)
+/// passes the schema, and the node.toml the chart renders from it gives the agent the
+/// option it means.
+#[test]
+fn conference_options_the_agent_reads_pass_the_schema() {
+    use confroute_shared::options::{Beep, Record};
+    let dir = TempDir::new("values").expect("dir");
+    let cases = [
+        (json!({"beep": "yes"}), Some(Beep::True), None),
+        (json!({"beep": "OFF"}), Some(Beep::False), None),
+        (json!({"beep": "onenter"}), Some(Beep::OnEnter), None),
+        (json!({"beep": " onExit "}), Some(Beep::OnExit), None),
+        (json!({"beep": 0}), Some(Beep::False), None),
+        (json!({"beep": true}), Some(Beep::True), None),
+        (json!({"record": true}), None, Some(Record::RecordFromStart)),
+        (
+            json!({"record": "Record-From-Start"}),
+            None,
+            Some(Record::RecordFromStart),
+        ),
+        (json!({"record": "no"}), None, Some(Record::DoNotRecord)),
+        (json!({"record": 1}), None, Some(Record::RecordFromStart)),
+    ];
+    for (i, (conference, beep, record)) in cases.into_iter().enumerate() {
+        let values = json!({"node": {"config": {"conference": conference.clone()}}});
+        let r = render(&values_file(dir.path(), &format!("options-{i}"), &values));
+        let toml = dir.path().join(format!("node-{i}.toml"));
+        std::fs::write(&toml, config_of(&r, "-node", "node.toml")).expect("write node.toml");
+        let cfg: confroute_node::config::NodeConfig =
+            confroute_shared::config::load_from(Some(&toml), &[]).unwrap_or_else(|e| {
+                panic!("{conference}: the agent refuses the chart's file: {e}")
+            });
+        if let Some(beep) = beep {
+            assert_eq!(cfg.conference.beep, beep, "{conference}");
+        }
+        if let Some(record) = record {
+            assert_eq!(cfg.conference.record, record, "{conference}");
+        }
+    }
+}
+
 /// A user name in the Redis URL is no secret and passes; the notes name the Redis server by
 /// its address alone, never by the URL.
 #[test]
