@@ -820,7 +820,7 @@ impl Conference {
             cb.resume_numbering().await;
         }
         if !self.seq.resume().await {
-            tracing::warn!(conference = %self.name, "event seq starts again at 1");
+            tracing::warn!(conference = %self.name, "no event seq block could be reserved; events are numbered from the clock (milliseconds since 1970)");
         }
     }
 

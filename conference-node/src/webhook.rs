@@ -116,6 +116,43 @@ impl StopBy {
         }
     }
 
+    /// Runs one try (`send`), cut short (`None`) when a stop begun meanwhile leaves it less
+    /// time than its own deadline: a request already out when the node begins to stop must
+    /// not hold the conference's end queued behind it for a whole `webhook.timeout`.
+    async fn within_stop<F: std::future::Future>(
+        &self,
+        send: F,
+        timeout: Duration,
+        keep: bool,
+    ) -> Option<F::Output> {
+        let mut stop = self.0.subscribe();
+        tokio::pin!(send);
+        let mut cut_at: Option<tokio::time::Instant> = None;
+        loop {
+            let cut = async {
+                match cut_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = &mut send => return Some(out),
+                () = cut => return None,
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        return match cut_at {
+                            Some(at) => tokio::time::timeout_at(at, send).await.ok(),
+                            None => Some(send.await),
+                        };
+                    }
+                    let left = self.try_within(Duration::ZERO, timeout, keep)?;
+                    let at = tokio::time::Instant::now() + left;
+                    cut_at = Some(cut_at.map_or(at, |c| c.min(at)));
+                }
+            }
+        }
+    }
+
     /// The deadline of a try starting `after` from now: `timeout` while serving; at a stop,
     /// no more than is left then (less the end's reserve when `keep`), and `None` when that
     /// is under [`LEAST_TRY`].
@@ -217,10 +254,10 @@ impl Callbacks {
 
     /// For a conference adopted after a restart: reserves a block above every number an
     /// earlier lifetime may have used, and numbers from it. Without a reservation (Redis
-    /// unreachable, the conference owned elsewhere) numbering starts again at 1.
+    /// unreachable, the conference owned elsewhere) it numbers from the clock.
     pub async fn resume_numbering(&mut self) {
         if !self.seq.resume().await {
-            tracing::warn!(conference = %self.name, "status callback SequenceNumber starts again at 1");
+            tracing::warn!(conference = %self.name, "no SequenceNumber block could be reserved; status callbacks are numbered from the clock (milliseconds since 1970)");
         }
     }
 
@@ -344,7 +381,15 @@ async fn attempt_all(
         if let Some(s) = &signature {
             request = request.header("X-Twilio-Signature", s);
         }
-        let result = request.send().await;
+        let Some(result) = delivery
+            .stop_by
+            .within_stop(request.send(), cfg.timeout, keep)
+            .await
+        else {
+            metrics.webhooks.with_label_values(&["failed"]).inc();
+            tracing::warn!(url = %shown, attempts = attempt, stopping = true, "status callback given up: the node is stopping and its receiver had not answered");
+            break;
+        };
         // A receiver that says when to come back (429, 503) is asked again then, within
         // `webhook.retry_max`, rather than sooner.
         let asked_wait = match &result {

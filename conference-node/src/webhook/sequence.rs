@@ -70,7 +70,17 @@ pub(crate) struct Sequence {
     pending: Option<oneshot::Receiver<Option<u64>>>,
     next_ceiling: Option<u64>,
     warned: bool,
+    /// Numbering from the clock (no reservation could be had): each event asks for one,
+    /// so the record learns the numbers used and a later lifetime resumes above them.
+    unrecorded: bool,
+    /// When the last reservation was asked for while `unrecorded`: at most one per
+    /// `unrecorded_retry` ([`UNRECORDED_RETRY`]).
+    last_try: Option<std::time::Instant>,
+    unrecorded_retry: std::time::Duration,
 }
+
+/// How often a conference numbering from the clock asks again for a reservation.
+const UNRECORDED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Sequence {
     /// A new conference: numbers from 1, in the implied first block.
@@ -82,13 +92,17 @@ impl Sequence {
             pending: None,
             next_ceiling: None,
             warned: false,
+            unrecorded: false,
+            last_try: None,
+            unrecorded_retry: UNRECORDED_RETRY,
         }
     }
 
     /// An adopted conference: numbers from a block above anything an earlier lifetime may
-    /// have used; false (numbering from 1) when none could be reserved. Tried three times
-    /// within 0.6 s: numbering from 1 again repeats numbers an application has seen under
-    /// the same ConferenceSid, so a moment of Redis trouble is worth waiting out.
+    /// have used. Tried three times within 0.6 s; false when none could be reserved: it then
+    /// numbers from the clock (milliseconds since 1970, far above any count of events a
+    /// conference reaches), never from 1 again, which would repeat numbers an application has
+    /// seen under the same ConferenceSid and takes for duplicates.
     pub(crate) async fn resume(&mut self) -> bool {
         let mut wait = RESUME_RETRY;
         for attempt in 1..=3 {
@@ -102,6 +116,13 @@ impl Sequence {
                 wait *= 2;
             }
         }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2));
+        // Above the implied first block whatever the clock says.
+        self.last = self.last.max(now_ms).max(BLOCK);
+        self.ceiling = self.last.saturating_add(BLOCK);
+        self.unrecorded = true;
         false
     }
 
@@ -124,6 +145,9 @@ impl Sequence {
             match rx.try_recv() {
                 Ok(got) => {
                     self.pending = None;
+                    if got.is_some() {
+                        self.unrecorded = false;
+                    }
                     self.next_ceiling = got;
                 }
                 Err(oneshot::error::TryRecvError::Empty) => {}
@@ -141,8 +165,15 @@ impl Sequence {
             }
         }
         self.last += 1;
-        let low = self.ceiling.saturating_sub(self.last) <= BLOCK / 2;
+        let retry = self.unrecorded
+            && self
+                .last_try
+                .is_none_or(|t| t.elapsed() >= self.unrecorded_retry);
+        let low = retry || self.ceiling.saturating_sub(self.last) <= BLOCK / 2;
         if low && self.pending.is_none() && self.next_ceiling.is_none() {
+            if self.unrecorded {
+                self.last_try = Some(std::time::Instant::now());
+            }
             let (tx, rx) = oneshot::channel();
             let reserved = self.reservations.reserve(self.ceiling.max(self.last));
             tokio::spawn(async move {
@@ -259,6 +290,47 @@ mod tests {
         assert!(!third.resume().await, "three failures give up");
     }
 
+    /// An adopted conference whose reservation fails numbers from the clock, above anything
+    /// used before, never from 1 again; the record learns those numbers at the first
+    /// reservation that succeeds, so the next lifetime resumes above them.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_resume_numbers_from_the_clock_and_records_it() {
+        struct Failing {
+            inner: Arc<Record>,
+            failures: Mutex<u32>,
+        }
+        impl Reserve for Failing {
+            fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>> {
+                let mut f = self.failures.lock().expect("lock");
+                if *f > 0 {
+                    *f -= 1;
+                    return Box::pin(async { None });
+                }
+                self.inner.reserve(used)
+            }
+        }
+        let rec = record(true);
+        let mut first = Sequence::new(rec.clone());
+        let before = numbers(&mut first, 3).await;
+        // Three failures for the resume, one more for the first event's reservation.
+        let mut second = Sequence::new(Arc::new(Failing {
+            inner: rec.clone(),
+            failures: Mutex::new(4),
+        }));
+        assert!(!second.resume().await);
+        // Each event may ask again (a second apart in the agent).
+        second.unrecorded_retry = std::time::Duration::ZERO;
+        let clock = numbers(&mut second, 3).await;
+        let since_1970_ms = 1_700_000_000_000;
+        assert!(clock[0] > since_1970_ms, "{clock:?}");
+        assert!(clock.windows(2).all(|w| w[1] == w[0] + 1), "{clock:?}");
+        assert!(before.iter().all(|b| *b < clock[0]));
+        let mut third = Sequence::new(rec);
+        assert!(third.resume().await);
+        let after = numbers(&mut third, 1).await;
+        assert!(after[0] > clock[2], "{after:?} after {clock:?}");
+    }
+
     /// A record made anew (its claim expired and was made again) has lost what was reserved:
     /// recorded again, a restart after it still numbers above everything used.
     #[tokio::test(flavor = "current_thread")]
@@ -284,6 +356,6 @@ mod tests {
         let mut seq = Sequence::new(record(false));
         assert!(!seq.resume().await);
         let got = numbers(&mut seq, BLOCK + 2).await;
-        assert_eq!(got, (1..=BLOCK + 2).collect::<Vec<_>>());
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1));
     }
 }
