@@ -1517,7 +1517,7 @@ impl Conference {
             Err(e)
                 if matches!(
                     e.kind,
-                    AriErrorKind::Unprocessable | AriErrorKind::BadRequest
+                    AriErrorKind::Unprocessable | AriErrorKind::BadRequest | AriErrorKind::TooLong
                 ) =>
             {
                 tracing::error!(conference = %self.name, error = %e, format = %self.node.cfg.conference.recording_format, "cannot start recording; not trying again in this conference (conference.recording_format is a file extension of a format module Asterisk has loaded, e.g. wav)");

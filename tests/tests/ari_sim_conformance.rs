@@ -1650,3 +1650,87 @@ async fn recordings_take_file_extensions_and_originates_codec_names() {
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// main/http.c's limits: a JSON or form body over 4,096 bytes is refused 413 ("Request body
+/// too large", the connection closed after it), and a request line past 4,095 bytes is
+/// carried out cut short: here a channel list whose last id was cut names a channel that
+/// does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_and_request_lines_past_asterisks_limits() {
+    let sim = AriSim::start(SimConfig::default())
+        .await
+        .expect("simulator starts");
+    let client = AriClient::new(&sim).expect("client");
+    let big = json!({"variables": {"X": "v".repeat(4100)}});
+    let r = client
+        .call(
+            "POST",
+            "/channels/long-body?endpoint=PJSIP/alice&app=confroute",
+            Some(&big),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert_eq!(
+        r.json.as_ref().and_then(|j| j["message"].as_str()),
+        Some("Request body too large")
+    );
+    let form = format!("endpoint=PJSIP/alice&app=confroute&x={}", "v".repeat(4100));
+    let r = client
+        .call_raw(
+            "POST",
+            "/channels/long-form",
+            Some(("application/x-www-form-urlencoded", form)),
+            true,
+        )
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(sim.snapshot().channels.is_empty(), "nothing originated");
+    // A bridge and two callers with long ids, the second named last in a list that the
+    // line limit cuts.
+    let _app = EventStream::connect(&sim.events_url("confroute"))
+        .await
+        .expect("app socket");
+    let r = client
+        .call("POST", "/bridges/cut?type=mixing", None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", r.text);
+    let path = "/ari/bridges/cut/addChannel?channel=";
+    let first = "a".repeat(4095 - "POST ".len() - path.len() - 100);
+    let last = "c".repeat(200);
+    for id in [&first, &last] {
+        sim.dial_in(confroute_tests::ari_sim::DialIn {
+            app: "confroute".into(),
+            channel_id: Some(id.clone()),
+            answered: true,
+            ..Default::default()
+        })
+        .await
+        .expect("dial in");
+    }
+    let r = client
+        .call("POST", &format!("{path}{first},{last}"), None)
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(
+        r.json.as_ref().and_then(|j| j["message"].as_str()),
+        Some("Channel not found"),
+        "the cut id names no channel"
+    );
+    assert!(sim
+        .snapshot()
+        .bridge("cut")
+        .expect("bridge")
+        .channels
+        .is_empty());
+    for id in [&first, &last] {
+        let whole = client
+            .call("POST", &format!("{path}{id}"), None)
+            .await
+            .expect("answered");
+        assert_eq!(whole.status, 204, "{}", whole.text);
+    }
+}

@@ -462,3 +462,74 @@ fn sim_client(
     )
     .expect("client")
 }
+
+/// Asterisk reads a request line whole only up to 4,095 bytes and carries out the rest cut
+/// short: the client splits a long channel list over several `addChannel` requests by
+/// length (every channel added), and refuses, without sending it, a request that cannot be
+/// split (a DTMF string that long) rather than have a shortened one played.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_asterisks_line_limit_are_split_or_refused_never_cut() {
+    use confroute_node::ari::client::AriErrorKind;
+    use confroute_tests::ari_sim::client::EventStream;
+    use confroute_tests::ari_sim::DialIn;
+    let sim = node_common::sim().await;
+    let _app = EventStream::connect(&sim.events_url("long"))
+        .await
+        .expect("events");
+    let metrics = confroute_node::metrics::Metrics::new().expect("metrics");
+    let client = sim_client(&sim, 10, &metrics);
+    // Channel ids as long as a long `systemname` prefix makes them: 64 of them are 5 KiB.
+    let mut ids = Vec::new();
+    for i in 0..70 {
+        let id = format!(
+            "{}-{i:04}",
+            "pbx-eu-west-1a-media-server-0042.example.net".repeat(2)
+        );
+        sim.dial_in(DialIn {
+            app: "long".into(),
+            channel_id: Some(id.clone()),
+            answered: true,
+            ..DialIn::default()
+        })
+        .await
+        .expect("dial in");
+        ids.push(id);
+    }
+    assert!(client
+        .create_bridge("long-bridge", "mixing", "long")
+        .await
+        .expect("bridge"));
+    sim.clear_request_log();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (added, result) = client.add_channels("long-bridge", &refs).await;
+    result.expect("every part accepted");
+    assert_eq!(added, ids.len());
+    let mut members = sim
+        .snapshot()
+        .bridge("long-bridge")
+        .expect("bridge")
+        .channels
+        .clone();
+    members.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(members, expected, "every channel in the bridge");
+    let adds = sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.operation.as_deref() == Some("addChannel"))
+        .count();
+    assert!(adds >= 2, "split over {adds} requests");
+    sim.clear_request_log();
+    let digits = "1".repeat(5000);
+    let err = client
+        .send_dtmf(&ids[0], &digits)
+        .await
+        .expect_err("too long to send");
+    assert_eq!(err.kind, AriErrorKind::TooLong, "{err}");
+    assert!(
+        sim.request_log().is_empty(),
+        "nothing sent: {:?}",
+        sim.request_log()
+    );
+}

@@ -17,9 +17,26 @@ use confroute_shared::secret::Secret;
 use super::events::{Bridge, Channel};
 use crate::metrics::Metrics;
 
-/// Channels named in one `addChannel`: well under Asterisk's 128 values, and with ids of up
-/// to about 40 characters within its 4 KiB request line.
+/// Channels named in one `addChannel` at most: well under Asterisk's 128 values (fewer when
+/// their ids would not fit in one request line).
 const ADD_CHANNELS_AT_ONCE: usize = 64;
+
+/// Longest request line Asterisk reads whole (main/http.c reads it with `fgets` into 4,096
+/// bytes, CRLF included): past it the URI is cut and the request carried out as cut (a
+/// DTMF string, a sound list or a channel list shortened without a word).
+const MAX_REQUEST_LINE: usize = 4095;
+
+/// Longest JSON body Asterisk reads (main/http.c's `MAX_CONTENT_LENGTH`; 413 past it).
+const MAX_BODY: usize = 4096;
+
+/// Length of the request line (`METHOD SP path?query SP HTTP/1.1 CRLF`) for `url`.
+fn request_line_len(method: &str, url: &str) -> usize {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let target = url[after_scheme..]
+        .find('/')
+        .map_or("/", |i| &url[after_scheme + i..]);
+    method.len() + 1 + target.len() + " HTTP/1.1\r\n".len()
+}
 
 /// What kind of failure an ARI call had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +63,8 @@ pub enum AriErrorKind {
     Unexpected,
     /// A 2xx body that is not what the operation returns.
     Decode,
+    /// Not sent: its request line or body is longer than Asterisk reads (or 413 from it).
+    TooLong,
 }
 
 impl AriErrorKind {
@@ -64,6 +83,7 @@ impl AriErrorKind {
             401 | 403 => AriErrorKind::Unauthorized,
             404 => AriErrorKind::NotFound,
             409 => AriErrorKind::Conflict,
+            413 => AriErrorKind::TooLong,
             412 => AriErrorKind::InvalidState,
             422 => AriErrorKind::Unprocessable,
             500..=599 => AriErrorKind::Server,
@@ -298,6 +318,29 @@ impl AriClient {
             url.push('=');
             url.push_str(&encode(v));
         }
+        let verb = match method {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+        };
+        // Refused here, not sent to be cut short or refused there: nothing is done.
+        let line = request_line_len(verb, &url);
+        let body_len = body.map_or(0, |b| b.to_string().len());
+        if line > MAX_REQUEST_LINE || body_len > MAX_BODY {
+            let message = if line > MAX_REQUEST_LINE {
+                format!("request line of {line} bytes is longer than Asterisk reads whole ({MAX_REQUEST_LINE}); not sent")
+            } else {
+                format!(
+                    "body of {body_len} bytes is longer than Asterisk reads ({MAX_BODY}); not sent"
+                )
+            };
+            return Err(AriError {
+                op,
+                kind: AriErrorKind::TooLong,
+                status: None,
+                message,
+            });
+        }
         let req = match method {
             Method::Get => self.http.get(&url),
             Method::Post => self.http.post(&url),
@@ -515,14 +558,30 @@ impl AriClient {
         channels: &[&str],
     ) -> (usize, Result<(), AriError>) {
         let path = format!("/bridges/{}/addChannel", encode(bridge));
+        let fixed = request_line_len("POST", &format!("{}/ari{path}?channel=", self.base));
         let mut added = 0;
-        for part in channels.chunks(ADD_CHANNELS_AT_ONCE) {
+        let mut rest = channels;
+        while !rest.is_empty() {
+            // As many as fit in one request line (at least one: a single id too long for it
+            // is refused by `call` without being sent).
+            let mut line = fixed;
+            let mut n = 0;
+            for ch in rest.iter().take(ADD_CHANNELS_AT_ONCE) {
+                let more = encode(ch).len() + usize::from(n > 0) * encode(",").len();
+                if n > 0 && line + more > MAX_REQUEST_LINE {
+                    break;
+                }
+                line += more;
+                n += 1;
+            }
+            let (part, later) = rest.split_at(n);
             let list = part.join(",");
             let q = [("channel", list.as_str())];
             if let Err(e) = self.call("addChannel", Method::Post, &path, &q).await {
                 return (added, Err(e));
             }
             added += part.len();
+            rest = later;
         }
         (added, Ok(()))
     }

@@ -76,6 +76,9 @@ fn held_by(api: bool, caller: bool) -> Vec<&'static str> {
 fn ari_failure(ch: &str, e: &AriError) -> BusError {
     if e.channel_gone() {
         not_found(ch)
+    } else if e.kind == AriErrorKind::TooLong {
+        // Not sent: the caller's digits or sounds are too long for one ARI request.
+        BusError::new(ErrorCode::InvalidParams, e.to_string())
     } else {
         BusError::new(ErrorCode::Internal, e.to_string())
     }
@@ -870,6 +873,7 @@ impl Conference {
                             | AriErrorKind::NotFound
                             | AriErrorKind::InvalidState
                             | AriErrorKind::Unprocessable
+                            | AriErrorKind::TooLong
                     );
                 if refused {
                     self.node.unroute_dialout(&callid);
@@ -886,12 +890,15 @@ impl Conference {
                     });
                 }
                 self.end_if_empty("dialout_failed").await;
+                // Settings too long for Asterisk's request limits are the caller's to shorten.
+                let code = if e.kind == AriErrorKind::TooLong {
+                    ErrorCode::InvalidParams
+                } else {
+                    ErrorCode::Internal
+                };
                 pending.answer(
                     &self.node,
-                    Err(BusError::new(
-                        ErrorCode::Internal,
-                        format!("cannot call {}: {e}", d.to),
-                    )),
+                    Err(BusError::new(code, format!("cannot call {}: {e}", d.to))),
                 );
             }
         }

@@ -32,8 +32,30 @@ const ALLOW_MULTIPLE: [&str; 6] = [
 /// `MAX_VALS` of the generated ARI parsers: a list of this many values or more is refused.
 const MAX_VALS: usize = 128;
 
-/// Largest request body read (Asterisk refuses bodies over its own limit with 413).
+/// Largest request body read at all (a test's guard; Asterisk's own limit is below).
 const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// main/http.c's `MAX_CONTENT_LENGTH`: a JSON or form body longer than this is refused 413
+/// ("Request body too large") and the connection closed after the answer.
+const MAX_CONTENT_LENGTH: usize = 4096;
+
+/// main/http.c's `MAX_HTTP_LINE_LENGTH`: the request line is read with `fgets` into a buffer
+/// this long, so what lies past its first 4,095 bytes is cut off the URI (and read as a
+/// header line, which is skipped without a colon): the request is carried out as cut.
+const MAX_HTTP_LINE_LENGTH: usize = 4096;
+
+/// The URI Asterisk acts on for a request line of `method` and `uri` (`HTTP/1.1`, CRLF).
+fn as_read_by_fgets(method: &str, uri: &str) -> Option<String> {
+    let line = method.len() + 1 + uri.len() + " HTTP/1.1\r\n".len();
+    let room = (MAX_HTTP_LINE_LENGTH - 1).checked_sub(method.len() + 1)?;
+    (line > MAX_HTTP_LINE_LENGTH - 1 && room < uri.len()).then(|| {
+        let mut end = room;
+        while !uri.is_char_boundary(end) {
+            end -= 1;
+        }
+        uri[..end].to_string()
+    })
+}
 
 /// An ARI error: status code and JSON body.
 #[derive(Debug, Clone)]
@@ -346,6 +368,16 @@ pub(crate) async fn entry(State(core): State<Arc<Core>>, req: Request) -> Respon
 
 async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str>) {
     let (mut parts, body) = req.into_parts();
+    let sent = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if let Some(cut) = as_read_by_fgets(parts.method.as_str(), &sent) {
+        if let Ok(uri) = cut.parse() {
+            parts.uri = uri;
+        }
+    }
     let raw_path = parts.uri.path().to_string();
     let Some(rel) = raw_path
         .strip_prefix("/ari")
@@ -388,6 +420,12 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         })
         .unwrap_or_default();
     if content_type == "application/x-www-form-urlencoded" {
+        // res_ari.c reads form data before it looks at the credentials.
+        if bytes.len() > MAX_CONTENT_LENGTH {
+            let err = ApiErr::new(413, "Request body too large");
+            let close = (header::CONNECTION, "close".to_string());
+            return (error_response(core, &err, vec![close]), None);
+        }
         let mut post: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
         post.append(&mut query);
         query = post;
@@ -503,6 +541,14 @@ async fn serve(core: &Arc<Core>, req: Request) -> (Response, Option<&'static str
         && !route.params.is_empty()
         && !bytes.iter().all(u8::is_ascii_whitespace)
     {
+        if bytes.len() > MAX_CONTENT_LENGTH {
+            let err = ApiErr::new(413, "Request body too large");
+            let close = (header::CONNECTION, "close".to_string());
+            return (
+                error_response(core, &err, vec![close]),
+                Some(route.nickname),
+            );
+        }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(v) => Some(v),
             Err(_) => {
@@ -690,6 +736,19 @@ fn api_docs(core: &Core, file: &str, host: Option<&str>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_request_line_is_cut_where_fgets_stops() {
+        let short = "/ari/bridges/b/addChannel?channel=a,b";
+        assert_eq!(super::as_read_by_fgets("POST", short), None);
+        let long = format!("/ari/bridges/b/addChannel?channel={}", "x".repeat(5000));
+        let cut = super::as_read_by_fgets("POST", &long).expect("cut");
+        assert_eq!("POST ".len() + cut.len(), 4095);
+        assert!(long.starts_with(&cut));
+        // Only the version is cut off: the URI stays whole.
+        let just = format!("/ari/x?a={}", "y".repeat(4095 - "POST /ari/x?a=".len()));
+        assert_eq!(super::as_read_by_fgets("POST", &just), None);
+    }
+
     use super::*;
 
     #[test]
