@@ -976,19 +976,36 @@ impl Conference {
 
     /// Writes a count of 1 for the first one into an empty conference, while this node
     /// owns it; a claim found re-established by this node at another epoch is followed once.
+    /// The conference's settings (its ConferenceSid among them) go in with it: the join's
+    /// callbacks are queued before the next count write, and an agent restarted in between
+    /// must adopt the conference under the sid the application was told.
     async fn count_first_in(&mut self) -> Result<(), Refusal> {
         for _ in 0..2 {
             let owner = Owner {
                 node: self.node.id.clone(),
                 epoch: self.epoch,
             };
+            let settings = self
+                .settings
+                .as_deref()
+                .filter(|_| !self.settings_saved && !self.settings_unread);
+            let with_settings = settings.is_some();
             match self
                 .node
                 .store
-                .set_participants(&self.name, &owner, 1, self.node.next_count_version(), None)
+                .set_participants(
+                    &self.name,
+                    &owner,
+                    1,
+                    self.node.next_count_version(),
+                    settings,
+                )
                 .await
             {
-                Ok(true) => return Ok(()),
+                Ok(true) => {
+                    self.settings_saved |= with_settings;
+                    return Ok(());
+                }
                 Ok(false) => match self.fence().await {
                     Fence::Owned(epoch) => {
                         // A new claim is a new record: the next count writes the settings.

@@ -1323,6 +1323,48 @@ async fn check_kept_after_restart(s: &Single, got: &Received, b: &str) {
     );
 }
 
+/// The first caller's settings (its status callbacks, its ConferenceSid) are in Redis as
+/// soon as it is counted, before the ARI work of its entry: an agent killed while Asterisk
+/// is still adding it to the bridge is restarted into the conference with them, not with
+/// the configured defaults (which have no callbacks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_are_kept_from_the_first_callers_count() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    s.sim.hold_operation("addChannel");
+    let a = dial(
+        &s.sim,
+        "early",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "join"),
+        ],
+    )
+    .await;
+    wait_for_async("the first caller being added", WAIT, || async {
+        (s.sim.held_requests("addChannel") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    settings_kept(&s, "early").await;
+    s.node.process().kill();
+    s.sim.release_operation("addChannel");
+    wait_bridged(&s.sim, &a).await;
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    let b = dial(&s.sim, "early", &[]).await;
+    wait_bridged(&s.sim, &b).await;
+    wait_for_async("the second caller's join callback", WAIT, || async {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .any(|c| c.get("CallSid") == Some(&b))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conference() {
     let (url, got) = receiver(0).await;
