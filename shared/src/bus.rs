@@ -567,9 +567,15 @@ impl Bus {
         let reply = match first {
             Ok(Some(Reply::Result { result, .. })) => Ok(result),
             Ok(Some(Reply::Error { error, .. })) => Err(error),
-            Ok(Some(Reply::Notify { .. })) | Ok(None) => Err(BusError::new(
+            // The node reports progress on the command, so it took it; its answer was lost
+            // on the way (a Redis cut, a full queue): carried out, what came of it unknown.
+            Ok(Some(Reply::Notify { .. })) => Err(BusError::new(
+                ErrorCode::NoAnswer,
+                format!("node {node}'s answer was lost, but it reported progress on the command: it was carried out"),
+            )),
+            Ok(None) => Err(BusError::new(
                 ErrorCode::Internal,
-                "node sent a notification before the result",
+                "the command's answers stopped before its result",
             )),
             Err(_) => Err(BusError::new(
                 ErrorCode::NoAnswer,
@@ -748,11 +754,17 @@ async fn subscribe(
         .await
         .map_err(|_| "pub/sub connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
+    // The client waits for SUBSCRIBE's answers without a deadline of its own: a server (or
+    // a network) gone silent after the handshake would hold the bus unsubscribed until TCP
+    // gave up, minutes later.
     for c in channels {
-        pubsub
-            .subscribe(format!("{prefix}{c}"))
-            .await
-            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            pubsub.subscribe(format!("{prefix}{c}")),
+        )
+        .await
+        .map_err(|_| "SUBSCRIBE timed out".to_string())?
+        .map_err(|e| e.to_string())?;
     }
     Ok((pubsub, home))
 }
@@ -810,8 +822,18 @@ async fn listen(
                             // `timeout` (nothing done) while its sender still listens.
                             if local < now && held.is_none() {
                                 tracing::debug!(id = %cmd.id, "dropping a command past its deadline");
-                            } else if tx.try_send(cmd).is_err() {
-                                tracing::warn!("command queue full; dropping a command");
+                            } else if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
+                                // Answered `timeout` (nothing done) at once, rather than left
+                                // for its sender to wait out as "may have been done".
+                                tracing::warn!(id = %cmd.id, "command queue full; refusing a command");
+                                let bus = Bus { inner };
+                                tokio::spawn(async move {
+                                    let busy = BusError::new(
+                                        ErrorCode::Timeout,
+                                        "the node's command queue is full; nothing was done",
+                                    );
+                                    bus.respond(&cmd, Err(busy)).await;
+                                });
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "undecodable command"),

@@ -770,3 +770,76 @@ async fn an_answer_delivered_twice_does_not_end_the_notifications() {
     }
     assert_eq!(statuses, ["ringing", "connected"]);
 }
+
+/// A command whose answer was lost while the node's progress notices got through (a Redis
+/// cut between them) was carried out: the caller is told "no answer, may have been done"
+/// (so a client checks before sending it again), not an internal error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_before_a_lost_answer_says_the_command_was_carried_out() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node_id = fixtures::id("node-a");
+    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &node_id);
+    for b in [&controller, &node] {
+        assert!(b.wait_connected(Duration::from_secs(10)).await);
+    }
+    let responder = node.clone();
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            responder
+                .notify(&cmd.reply_to, &cmd.id, json!({"status": "ringing"}), false)
+                .await;
+        }
+    });
+    let call = controller
+        .call(&node_id, "dialout", json!({}), Duration::from_secs(5), true)
+        .await
+        .expect("sent");
+    let err = call.reply.expect_err("no result came");
+    assert_eq!(err.code, ErrorCode::NoAnswer, "{err}");
+}
+
+/// A command the node cannot queue (its 1,024 places full: the agent is stuck) is answered
+/// `timeout`, nothing done, at once, rather than left for its sender to wait out and report
+/// as "may have been carried out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_node_cannot_queue_is_answered_nothing_done() {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node_id = fixtures::id("node-a");
+    // Commands are never taken from the node's queue.
+    let (node, _commands) = Bus::node(fixtures::store(&cfg), &node_id);
+    for b in [&controller, &node] {
+        assert!(b.wait_connected(Duration::from_secs(10)).await);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..1100 {
+        let controller = controller.clone();
+        let node_id = node_id.clone();
+        calls.spawn(async move {
+            controller
+                .call(
+                    &node_id,
+                    "ping",
+                    json!({"i": i}),
+                    Duration::from_secs(5),
+                    false,
+                )
+                .await
+                .map(|c| c.reply)
+        });
+    }
+    let mut refused = 0;
+    let mut unanswered = 0;
+    while let Some(done) = calls.join_next().await {
+        match done.expect("task").expect("sent") {
+            Err(e) if e.code == ErrorCode::Timeout => refused += 1,
+            Err(e) if e.code == ErrorCode::NoAnswer => unanswered += 1,
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+    assert_eq!(unanswered, 1024, "the queued ones wait for the node");
+    assert_eq!(refused, 1100 - 1024, "the rest are refused at once");
+}
