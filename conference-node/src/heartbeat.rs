@@ -94,14 +94,16 @@ pub async fn run(node: Arc<Node>) {
 /// Until this life's first reconciliation has looked at what Asterisk still holds, the
 /// claims the last life left (its conferences, whose callers may still be in the bridges)
 /// are renewed by nothing else: the heartbeat renews only conferences this life has
-/// adopted. They are kept (see keep.lua), for at most `ari.release_after` after the start,
-/// as a running agent keeps its claims while Asterisk is out of reach. Run by each
-/// heartbeat of a registered node before it reports its load (under the heartbeat's gate:
-/// a node gone keeps nothing alive), so even the first one after a registration reports
-/// what those claims carry.
+/// adopted. They are kept (see keep.lua) as a running agent keeps its own: past
+/// `ari.release_after` without the events WebSocket, only while Asterisk answers REST (the
+/// callers may be talking; another client holding the app, say, keeps the WebSocket out).
+/// Run by each heartbeat of a registered node before it reports its load (under the
+/// heartbeat's gate: a node gone keeps nothing alive), so even the first one after a
+/// registration reports what those claims carry.
 async fn keep_inherited_claims(node: &Arc<Node>) {
     let bound = node.cfg.ari.release_after;
-    if node.ever_reconciled() || (!bound.is_zero() && node.born.elapsed() >= bound) {
+    let past_bound = !bound.is_zero() && node.born.elapsed() >= bound;
+    if node.ever_reconciled() || (past_bound && asterisk_gone(node).await) {
         lock(&node.inherited).take();
         return;
     }

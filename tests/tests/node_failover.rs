@@ -2030,3 +2030,63 @@ async fn orphan_after_a_rehome(again: bool) {
         }
     }
 }
+
+/// An agent restarted while its Asterisk answers REST but the events WebSocket cannot be
+/// opened (another client holds the app, a proxy refuses the upgrade) keeps the last life's
+/// claims past `ari.release_after`, as a running agent keeps its own: their callers may be
+/// talking, and a claim left to lapse would give their conference a second home. Once REST
+/// goes silent too, they are let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_without_its_websocket_keeps_the_last_lives_claims_while_rest_answers() {
+    let mut s = Single::start(&[
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__RELEASE_AFTER", "1s"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms"),
+        ("CONFROUTE_REDIS__CONFERENCE_LEASE", "1s"),
+    ])
+    .await;
+    let store = fixtures::store(&s.cfg);
+    let a = dial(&s.sim, "talking", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    let home = || async {
+        store
+            .lookup(&name("talking"))
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.owner.node.to_string())
+    };
+    assert_eq!(home().await.as_deref(), Some("node-a"));
+    s.node.process().kill();
+    until(&s.sim, "the agent's socket gone", |snap| {
+        snap.websockets == 1
+    })
+    .await;
+    s.sim.lose_operation("eventWebsocket");
+    s.node.restart().expect("restart");
+    wait_for_async("past release_after with REST answering", WAIT, || async {
+        s.node
+            .output()
+            .contains("events WebSocket down past ari.release_after, but Asterisk answers REST")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // Three conference leases, each of which would have ended the claim unrenewed.
+    let window = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < window {
+        assert_eq!(
+            home().await.as_deref(),
+            Some("node-a"),
+            "the last life's claim kept while REST answers\n{}",
+            s.node.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.sim.lose_operation("ping");
+    wait_for_async("the claim let go once REST is silent", WAIT, || async {
+        home().await.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+}
