@@ -177,8 +177,11 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
             _ => incomplete = true,
         }
     }
+    // A Redis failure here leaves the rest to do: what follows needs only ARI (hangups to
+    // repeat, callers in no bridge), and callers must not wait in silence for Redis.
+    let mut released = Ok(());
     if !incomplete {
-        release_stale_claims(node, &active, &had_bridge).await?;
+        released = release_stale_claims(node, &active, &had_bridge).await;
     }
     for ch in channels {
         // A caller the agent hung up (its conference ended, it was kicked or refused), or a
@@ -230,7 +233,7 @@ pub async fn once(node: &Arc<Node>) -> Result<(), String> {
     if incomplete {
         return Err("a conference did not answer in time".to_string());
     }
-    Ok(())
+    released
 }
 
 /// Releases (compare-and-delete) claims this node holds in Redis for conferences it does

@@ -2090,3 +2090,18 @@ async fn a_restarted_agent_without_its_websocket_keeps_the_last_lives_claims_whi
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
 }
+
+/// The hangup asked again at a reconciliation needs only Asterisk: with Redis down as well
+/// (the claims it would check unreadable), the caller left in silence is still hung up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_hangup_is_asked_again_while_redis_is_down() {
+    let (mut s, chair, other) =
+        chaired_conference("no-redis", &[("CONFROUTE_ARI__REQUEST_TIMEOUT", "300ms")]).await;
+    s.sim.lose_operation("hangup");
+    end_by_its_chair(&s, "no-redis", &chair).await;
+    s.redis.kill();
+    // Every pass from here on finds Redis down (one begun before it may have gone on).
+    wait_listings(&s, bridge_listings(&s), 2).await;
+    s.sim.deliver_operation("hangup");
+    assert_eq!(wait_hangup(&s.sim, &other).await, 16, "{}", s.node.output());
+}
