@@ -176,6 +176,42 @@ async fn stalled(timeout: &str, extra: &[(&str, &str)]) -> Stalled {
     }
 }
 
+/// A CANCEL sent right behind its INVITE over UDP (both datagrams waiting in the socket
+/// together, as from a sender that does not wait for a provisional answer) matches the
+/// INVITE still being routed: `200` for the CANCEL and `487` for the INVITE, not `481`
+/// followed by a redirect the caller gave up on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_right_behind_its_invite_over_udp_ends_it_with_487() {
+    let Stalled {
+        _redis,
+        proxy: _proxy,
+        controller: _controller,
+        udp,
+    } = stalled("30s", &[]).await;
+    let msg = invite("sip:b2b@router", udp.port(), "z9hG4bKb2b", "");
+    let cancel = msg
+        .replace(
+            "INVITE sip:b2b@router SIP/2.0",
+            "CANCEL sip:b2b@router SIP/2.0",
+        )
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
+    udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    udp.socket.send_to(cancel.as_bytes(), udp.to).expect("send");
+    let mut cancel_answer = None;
+    let mut invite_final = None;
+    while cancel_answer.is_none() || invite_final.is_none() {
+        let a = udp.recv();
+        let cseq = header(&a, "CSeq").unwrap_or_default().to_string();
+        if cseq.ends_with("CANCEL") {
+            cancel_answer = Some(status(&a));
+        } else if status(&a) >= 200 {
+            invite_final = Some(status(&a));
+        }
+    }
+    assert_eq!(cancel_answer, Some(200), "the CANCEL matches the INVITE");
+    assert_eq!(invite_final, Some(487));
+}
+
 /// RFC 3261 §17.2.1 and §9.2: an INVITE still being routed after 200 ms gets `100 Trying`
 /// without waiting for a retransmission (a TCP sender never retransmits), and a CANCEL for
 /// it gets `200` while the INVITE is answered `487` at once, not when routing gives up.

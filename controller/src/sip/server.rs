@@ -130,8 +130,17 @@ pub async fn serve_udp(
                     }
                 }
             }));
-        } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
-            send(&socket, &out.bytes, out.to, local).await;
+        } else {
+            if packet.starts_with(b"CANCEL ") {
+                // An INVITE read just before (its CANCEL right behind it in the socket) is
+                // routed on a task of its own that may not have run yet: let it begin its
+                // transaction first, or the CANCEL would find none (481) and the INVITE be
+                // redirected after its caller gave up. Rare enough to cost nothing.
+                tokio::task::yield_now().await;
+            }
+            if let Some(out) = service.handle(packet, source, Transport::Udp).await {
+                send(&socket, &out.bytes, out.to, local).await;
+            }
         }
     }
 }
