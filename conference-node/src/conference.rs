@@ -190,6 +190,8 @@ struct Kept {
     recording: Option<Option<String>>,
     /// Whether it had started.
     started: bool,
+    /// Whether the application was told of it ([`settings::announced`]).
+    announced: bool,
     /// Redis could not say: these are the configured defaults standing in.
     unread: bool,
 }
@@ -475,6 +477,8 @@ struct Conference {
     /// Someone entered, or a dial-out was placed: the application has heard of the
     /// conference, so its end is told. One whose first caller never got in ends unheard.
     heard_of: bool,
+    /// The settings say the application was told of the conference (its first join sent).
+    announced: bool,
     /// Dial-outs ringing into this conference: call id and the callee's options.
     dialing: HashMap<String, Options>,
     /// A dial-out's callee that answered and is being let in: call id and options.
@@ -534,6 +538,7 @@ pub async fn run(node: Arc<Node>, name: ConferenceName, mut rx: mpsc::UnboundedR
         beeps: 0,
         seq: events_sequence(&node, &name),
         heard_of: false,
+        announced: false,
         dialing: HashMap::new(),
         answering: None,
         admitting: false,
@@ -685,7 +690,13 @@ impl Conference {
     /// ConferenceSid of an adopted conference's callbacks (a new one otherwise). Not shown to
     /// the heartbeat yet: the caller publishes once the callers of an adopted conference are
     /// in, so no heartbeat writes it empty.
-    fn activate_quietly(&mut self, epoch: u64, opts: &Options, sid: Option<String>) {
+    fn activate_quietly(
+        &mut self,
+        epoch: u64,
+        opts: &Options,
+        sid: Option<String>,
+        announced: bool,
+    ) {
         let (main, holding) = bridge_ids(&self.name, epoch, rand::random());
         self.phase = Phase::Active;
         self.epoch = epoch;
@@ -701,19 +712,21 @@ impl Conference {
         self.seq = events_sequence(&self.node, &self.name);
         self.heard_of = false;
         self.parked_callbacks = None;
-        self.apply_settings(opts, sid);
+        self.apply_settings(opts, sid, announced);
         tracing::info!(conference = %self.name, epoch, bridge = %self.main, "conference starting on this node");
     }
 
     /// Takes the conference-wide settings of `opts` (the first caller's, or those kept from
     /// before a restart) and starts its status callbacks.
-    fn apply_settings(&mut self, opts: &Options, sid: Option<String>) {
+    fn apply_settings(&mut self, opts: &Options, sid: Option<String>, announced: bool) {
         self.max_participants = opts.max_participants;
         self.record = opts.record;
         let sid = sid.unwrap_or_else(|| format!("CF{:032x}", rand::random::<u128>()));
         let cfg = &self.node.cfg;
         let defaults = options::resolve(&cfg.conference, &cfg.profiles, &BTreeMap::new()).0;
-        self.settings = settings::encode(opts, &defaults, &sid);
+        self.announced = announced;
+        self.settings = settings::encode(opts, &defaults, &sid)
+            .map(|text| settings::with_announced(&text, announced));
         self.settings_saved = false;
         self.settings_unread = false;
         self.callbacks = self.start_callbacks(opts, sid);
@@ -764,7 +777,8 @@ impl Conference {
         // Once: bridges whose destruction failed are found again by the next pass.
         self.epoch = epoch;
         let kept = self.kept_settings().await;
-        let Some(sid) = kept.sid.filter(|_| !kept.unread) else {
+        // Not if its first caller never got in: the application never heard of it.
+        let Some(sid) = kept.sid.filter(|_| !kept.unread && kept.announced) else {
             return;
         };
         let Some(mut cb) = self.start_callbacks(&kept.opts, sid) else {
@@ -795,13 +809,14 @@ impl Conference {
     /// caller gave it, and its callbacks go on numbering above what they sent.
     async fn resume_settings(&mut self) {
         let kept = self.kept_settings().await;
-        self.apply_settings(&kept.opts, kept.sid);
+        self.apply_settings(&kept.opts, kept.sid, kept.announced);
         if kept.unread {
             self.forgo_settings();
         }
         self.kept_recording = kept.recording;
         self.kept_started = kept.started;
-        self.heard_of = true;
+        // Its end is told if the application was told of it.
+        self.heard_of = kept.announced;
         self.resume_numbering().await;
     }
 
@@ -844,7 +859,7 @@ impl Conference {
                     // Shown to the heartbeat only with the callers a restart left in its
                     // bridges adopted: shown empty first, a heartbeat would write it empty,
                     // and a draining node's conference could be placed elsewhere.
-                    self.activate_quietly(epoch, opts, None);
+                    self.activate_quietly(epoch, opts, None, false);
                     if let Err(e) = self.find_bridges().await {
                         // A new bridge beside the one still holding the callers would split
                         // the conference: the newcomer is refused for now.
@@ -1151,6 +1166,16 @@ impl Conference {
         tracing::info!(conference = %self.name, channel = %ch, waiting, participants = self.participants.len(), "participant joined");
         self.callback_participant(CallbackEvent::Join, "participant-join", ch);
         self.emit("join", data);
+        if !self.announced {
+            // Recorded before the entry's ARI work: an agent restarted from here on tells
+            // this conference's end, under the sid the join named.
+            self.announced = true;
+            if let Some(text) = self.settings.as_deref() {
+                self.settings = Some(settings::with_announced(text, true));
+                self.settings_saved = false;
+                self.counts_changed().await;
+            }
+        }
         self.node.dialouts.connected(&self.node, ch);
         if starts {
             self.start(ch).await;
@@ -2632,6 +2657,7 @@ impl Conference {
                 owned_epoch.or(bridge_epoch).unwrap_or(0),
                 &kept.opts,
                 kept.sid,
+                kept.announced,
             );
             if kept.unread {
                 self.forgo_settings();
@@ -2645,8 +2671,9 @@ impl Conference {
             }
             self.kept_recording = kept.recording;
             self.kept_started = kept.started;
-            // Callers are in it: the application heard of it from the last life.
-            self.heard_of = true;
+            // Callers are in it: the application heard of it from the last life, unless
+            // the first of them was still on its way in.
+            self.heard_of = kept.announced;
             if ours {
                 self.resume_numbering().await;
             }
@@ -2814,6 +2841,7 @@ impl Conference {
                         sid,
                         recording: settings::recording(&text),
                         started: settings::started(&text),
+                        announced: settings::announced(&text),
                         unread: false,
                     }
                 }
@@ -2843,6 +2871,7 @@ impl Conference {
             sid: None,
             recording: None,
             started: false,
+            announced: true,
             unread: false,
         }
     }

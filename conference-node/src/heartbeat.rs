@@ -103,7 +103,10 @@ pub async fn run(node: Arc<Node>) {
 async fn keep_inherited_claims(node: &Arc<Node>) {
     let bound = node.cfg.ari.release_after;
     let past_bound = !bound.is_zero() && node.born.elapsed() >= bound;
-    if node.ever_reconciled() || (past_bound && asterisk_gone(node).await) {
+    // With the WebSocket up, the reconciliation that would take them over is what is late:
+    // the bound stands, or a pass that never completes would keep them for ever.
+    if node.ever_reconciled() || (past_bound && (!node.ari_given_up() || asterisk_gone(node).await))
+    {
         lock(&node.inherited).take();
         return;
     }

@@ -126,6 +126,8 @@ impl StopBy {
         keep: bool,
     ) -> Option<F::Output> {
         let mut stop = self.0.subscribe();
+        // A stop set between the try's deadline and this subscription counts too.
+        stop.mark_changed();
         tokio::pin!(send);
         let mut cut_at: Option<tokio::time::Instant> = None;
         loop {

@@ -798,6 +798,8 @@ async fn progress_before_a_lost_answer_says_the_command_was_carried_out() {
         .expect("sent");
     let err = call.reply.expect_err("no result came");
     assert_eq!(err.code, ErrorCode::NoAnswer, "{err}");
+    // Told by the progress notice, not by the budget running out.
+    assert!(err.message.contains("reported progress"), "{err}");
 }
 
 /// A command the node cannot queue (its 1,024 places full: the agent is stuck) is answered

@@ -1365,6 +1365,54 @@ async fn settings_are_kept_from_the_first_callers_count() {
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
 }
 
+/// A first caller whose agent died before it was in (its join never sent) leaves a
+/// conference the application never heard of: the restarted agent that finds its bridge
+/// empty ends it without a `conference-end` under a ConferenceSid no callback named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conference_whose_first_caller_never_got_in_ends_untold_after_a_restart() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let store = fixtures::store(&s.cfg);
+    s.sim.hold_operation("addChannel");
+    let a = dial(
+        &s.sim,
+        "unheard",
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end join leave"),
+        ],
+    )
+    .await;
+    wait_for_async("the first caller being added", WAIT, || async {
+        (s.sim.held_requests("addChannel") > 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    settings_kept(&s, "unheard").await;
+    s.node.process().kill();
+    s.sim.release_operation("addChannel");
+    wait_bridged(&s.sim, &a).await;
+    s.sim.hangup_far_end(&a, 16).await.expect("hang up");
+    s.node.restart().expect("restart");
+    wait_app(&s.sim, &s.node).await;
+    let name = confroute_shared::name::ConferenceName::parse("unheard").expect("name");
+    wait_for_async("the empty conference ended", WAIT, || async {
+        store.lookup(&name).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    // Its end would have been queued before the claim went: a moment for its delivery.
+    let quiet = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while tokio::time::Instant::now() < quiet {
+        assert!(
+            got.lock().expect("lock").is_empty(),
+            "callbacks for a conference the application never heard of: {:?}",
+            got.lock().expect("lock")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_keeps_the_settings_the_first_caller_gave_the_conference() {
     let (url, got) = receiver(0).await;

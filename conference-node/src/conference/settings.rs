@@ -22,6 +22,10 @@ const RECORDING: &str = "recording";
 /// The key that says the conference has started: a restarted agent finding nobody in the
 /// mix (its callers on hold) would otherwise take it for one still waiting for a starter.
 const STARTED: &str = "started";
+/// The key that says whether the application was told of the conference (its first join
+/// sent): `0` until then, as the first caller's count writes the settings before it is in.
+/// Absent in settings an agent before it wrote, which wrote them only after the join.
+const ANNOUNCED: &str = "announced";
 
 /// The settings of a conference started with `opts`, with the ConferenceSid of its status
 /// callbacks, as the text kept in Redis; `None` when they are `defaults` without callbacks.
@@ -70,6 +74,7 @@ pub fn decode(
     let sid = vars.remove(SID);
     vars.remove(RECORDING);
     vars.remove(STARTED);
+    vars.remove(ANNOUNCED);
     let (opts, warnings) = options::resolve(defaults, profiles, &vars);
     match warnings.first() {
         Some(w) => Err(format!("{}: {}", w.variable, w.message)),
@@ -94,6 +99,19 @@ pub fn with_recording(text: &str, recording: Option<&str>) -> String {
 /// `text` (settings [`encode`] wrote) saying that the conference has started.
 pub fn with_started(text: &str) -> String {
     with_field(text, STARTED, "1")
+}
+
+/// `text` (settings [`encode`] wrote) saying whether the application was told of the
+/// conference.
+pub fn with_announced(text: &str, announced: bool) -> String {
+    with_field(text, ANNOUNCED, if announced { "1" } else { "0" })
+}
+
+/// Whether the settings say the application was told of the conference (yes when they do
+/// not say: written by an agent before this one, after the first join).
+pub fn announced(text: &str) -> bool {
+    serde_json::from_str::<BTreeMap<String, String>>(text)
+        .map_or(true, |vars| vars.get(ANNOUNCED).is_none_or(|v| v != "0"))
 }
 
 /// Whether the settings say the conference has started.
