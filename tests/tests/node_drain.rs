@@ -975,6 +975,50 @@ async fn a_second_stop_signal_does_not_wait_out_the_callbacks_shutdown_wait() {
     );
 }
 
+/// A caller of `conference` asking for its leave and end to `url` hangs up; once the
+/// receiver has seen the leave (`got`), the node is stopped: it exits cleanly, and the end
+/// reached the receiver after the leave.
+async fn leave_then_stop(
+    s: &mut Single,
+    conference: &str,
+    url: &str,
+    got: &Arc<Mutex<Vec<String>>>,
+) {
+    let a = dial(
+        &s.sim,
+        conference,
+        &[
+            ("CONFROUTE_STATUS_CALLBACK", url),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
+        ],
+    )
+    .await;
+    wait_bridged(&s.sim, &a).await;
+    s.sim.hangup_far_end(&a, 16).await.expect("hang up");
+    wait_for_async("the leave being sent", WAIT, || async {
+        got.lock()
+            .expect("lock")
+            .iter()
+            .any(|e| e == "participant-leave")
+            .then_some(())
+    })
+    .await
+    .expect("the leave was sent");
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    let code = s
+        .node
+        .process()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert_eq!(code, Some(0), "{}", s.node.output());
+    assert_eq!(
+        *got.lock().expect("lock"),
+        vec!["participant-leave", "conference-end"],
+        "{}",
+        s.node.output()
+    );
+}
+
 /// A callback waiting out its receiver's `Retry-After` when the node stops is given up as
 /// soon as that retry could not come before the stop: the conference's end, queued behind
 /// it, still goes out, rather than being dropped when `webhook.shutdown_wait` runs out.
@@ -1008,40 +1052,8 @@ async fn a_callback_waiting_to_retry_at_a_stop_does_not_hold_up_the_conference_e
         ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "5s"),
     ])
     .await;
-    let a = dial(
-        &s.sim,
-        "retrying",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
-        ],
-    )
-    .await;
-    wait_bridged(&s.sim, &a).await;
-    s.sim.hangup_far_end(&a, 16).await.expect("hang up");
     // The leave is refused, to be retried in 30 s; the end waits behind it.
-    wait_for_async("the leave refused once", WAIT, || async {
-        got.lock()
-            .expect("lock")
-            .iter()
-            .any(|e| e == "participant-leave")
-            .then_some(())
-    })
-    .await
-    .expect("the leave was tried");
-    s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    let code = s
-        .node
-        .process()
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    assert_eq!(code, Some(0), "{}", s.node.output());
-    assert_eq!(
-        *got.lock().expect("lock"),
-        vec!["participant-leave", "conference-end"],
-        "{}",
-        s.node.output()
-    );
+    leave_then_stop(&mut s, "retrying", &url, &got).await;
 }
 
 /// A callback already being sent when the node begins to stop, to a receiver that holds it
@@ -1075,39 +1087,7 @@ async fn a_callback_in_flight_at_a_stop_does_not_hold_up_the_conference_end() {
         ("CONFROUTE_WEBHOOK__SHUTDOWN_WAIT", "5s"),
     ])
     .await;
-    let a = dial(
-        &s.sim,
-        "held-open",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "leave end"),
-        ],
-    )
-    .await;
-    wait_bridged(&s.sim, &a).await;
-    s.sim.hangup_far_end(&a, 16).await.expect("hang up");
-    wait_for_async("the leave being sent", WAIT, || async {
-        got.lock()
-            .expect("lock")
-            .iter()
-            .any(|e| e == "participant-leave")
-            .then_some(())
-    })
-    .await
-    .expect("the leave was sent");
-    s.node.process().signal(libc::SIGTERM).expect("sigterm");
-    let code = s
-        .node
-        .process()
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    assert_eq!(code, Some(0), "{}", s.node.output());
-    assert_eq!(
-        *got.lock().expect("lock"),
-        vec!["participant-leave", "conference-end"],
-        "{}",
-        s.node.output()
-    );
+    leave_then_stop(&mut s, "held-open", &url, &got).await;
 }
 
 /// The first caller of a conference placed here before a stop, arriving only once the drain

@@ -1323,21 +1323,22 @@ async fn check_kept_after_restart(s: &Single, got: &Received, b: &str) {
     );
 }
 
-/// The first caller's settings (its status callbacks, its ConferenceSid) are in Redis as
-/// soon as it is counted, before the ARI work of its entry: an agent killed while Asterisk
-/// is still adding it to the bridge is restarted into the conference with them, not with
-/// the configured defaults (which have no callbacks).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn settings_are_kept_from_the_first_callers_count() {
-    let (url, got) = receiver(0).await;
-    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+/// A first caller of `conference` asking for `events` callbacks to `url` is counted (its
+/// settings in Redis) while Asterisk is still adding it to the bridge; the agent is killed
+/// then, and the add is carried out: returns the caller, in the bridge of an agent gone.
+async fn first_caller_in_as_the_agent_dies(
+    s: &mut Single,
+    conference: &str,
+    url: &str,
+    events: &str,
+) -> String {
     s.sim.hold_operation("addChannel");
     let a = dial(
         &s.sim,
-        "early",
+        conference,
         &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "join"),
+            ("CONFROUTE_STATUS_CALLBACK", url),
+            ("CONFROUTE_STATUS_CALLBACK_EVENT", events),
         ],
     )
     .await;
@@ -1346,10 +1347,22 @@ async fn settings_are_kept_from_the_first_callers_count() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    settings_kept(&s, "early").await;
+    settings_kept(s, conference).await;
     s.node.process().kill();
     s.sim.release_operation("addChannel");
     wait_bridged(&s.sim, &a).await;
+    a
+}
+
+/// The first caller's settings (its status callbacks, its ConferenceSid) are in Redis as
+/// soon as it is counted, before the ARI work of its entry: an agent killed while Asterisk
+/// is still adding it to the bridge is restarted into the conference with them, not with
+/// the configured defaults (which have no callbacks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_are_kept_from_the_first_callers_count() {
+    let (url, got) = receiver(0).await;
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    first_caller_in_as_the_agent_dies(&mut s, "early", &url, "join").await;
     s.node.restart().expect("restart");
     wait_app(&s.sim, &s.node).await;
     let b = dial(&s.sim, "early", &[]).await;
@@ -1373,25 +1386,8 @@ async fn a_conference_whose_first_caller_never_got_in_ends_untold_after_a_restar
     let (url, got) = receiver(0).await;
     let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
     let store = fixtures::store(&s.cfg);
-    s.sim.hold_operation("addChannel");
-    let a = dial(
-        &s.sim,
-        "unheard",
-        &[
-            ("CONFROUTE_STATUS_CALLBACK", url.as_str()),
-            ("CONFROUTE_STATUS_CALLBACK_EVENT", "start end join leave"),
-        ],
-    )
-    .await;
-    wait_for_async("the first caller being added", WAIT, || async {
-        (s.sim.held_requests("addChannel") > 0).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    settings_kept(&s, "unheard").await;
-    s.node.process().kill();
-    s.sim.release_operation("addChannel");
-    wait_bridged(&s.sim, &a).await;
+    let a =
+        first_caller_in_as_the_agent_dies(&mut s, "unheard", &url, "start end join leave").await;
     s.sim.hangup_far_end(&a, 16).await.expect("hang up");
     s.node.restart().expect("restart");
     wait_app(&s.sim, &s.node).await;

@@ -256,33 +256,38 @@ mod tests {
         assert!(numbers(&mut again, 1).await[0] > few[2]);
     }
 
+    /// [`Record`] behind its first `failures` reservations failing (Redis trouble).
+    struct FailingFirst {
+        inner: Arc<Record>,
+        failures: Mutex<u32>,
+    }
+
+    impl Reserve for FailingFirst {
+        fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>> {
+            let mut f = self.failures.lock().expect("lock");
+            if *f > 0 {
+                *f -= 1;
+                return Box::pin(async { None });
+            }
+            self.inner.reserve(used)
+        }
+    }
+
+    fn failing_first(inner: &Arc<Record>, failures: u32) -> Arc<FailingFirst> {
+        Arc::new(FailingFirst {
+            inner: inner.clone(),
+            failures: Mutex::new(failures),
+        })
+    }
+
     /// A reservation that fails a moment (Redis trouble) is tried again before an adopted
-    /// conference numbers from 1 again.
+    /// conference numbers from the clock.
     #[tokio::test(flavor = "current_thread")]
     async fn a_resume_tries_again_before_numbering_from_one() {
-        struct FailingFirst {
-            inner: Arc<Record>,
-            failures: Mutex<u32>,
-        }
-        impl Reserve for FailingFirst {
-            fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>> {
-                let mut f = self.failures.lock().expect("lock");
-                if *f > 0 {
-                    *f -= 1;
-                    return Box::pin(async { None });
-                }
-                self.inner.reserve(used)
-            }
-        }
         let rec = record(true);
         let mut first = Sequence::new(rec.clone());
         numbers(&mut first, 3).await;
-        let flaky = |failures| {
-            Arc::new(FailingFirst {
-                inner: rec.clone(),
-                failures: Mutex::new(failures),
-            })
-        };
+        let flaky = |failures| failing_first(&rec, failures);
         let mut second = Sequence::new(flaky(2));
         assert!(second.resume().await, "the third try is had");
         assert!(numbers(&mut second, 1).await[0] > BLOCK);
@@ -295,28 +300,11 @@ mod tests {
     /// reservation that succeeds, so the next lifetime resumes above them.
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_resume_numbers_from_the_clock_and_records_it() {
-        struct Failing {
-            inner: Arc<Record>,
-            failures: Mutex<u32>,
-        }
-        impl Reserve for Failing {
-            fn reserve(&self, used: u64) -> BoxFuture<'static, Option<u64>> {
-                let mut f = self.failures.lock().expect("lock");
-                if *f > 0 {
-                    *f -= 1;
-                    return Box::pin(async { None });
-                }
-                self.inner.reserve(used)
-            }
-        }
         let rec = record(true);
         let mut first = Sequence::new(rec.clone());
         let before = numbers(&mut first, 3).await;
         // Three failures for the resume, one more for the first event's reservation.
-        let mut second = Sequence::new(Arc::new(Failing {
-            inner: rec.clone(),
-            failures: Mutex::new(4),
-        }));
+        let mut second = Sequence::new(failing_first(&rec, 4));
         assert!(!second.resume().await);
         // Each event may ask again (a second apart in the agent).
         second.unrecorded_retry = std::time::Duration::ZERO;
