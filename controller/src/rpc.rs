@@ -1092,8 +1092,9 @@ fn gap_notice() -> String {
 
 impl Session {
     /// Asks `node` where dial-out `callid` stands and sends the status the stream has not
-    /// told yet. True when the stream ended: with the call's last status (still on its way
-    /// from the node), or, when the node no longer tracks the call, `unknown` with `reason`.
+    /// told yet. `Some(true)` when the stream ended: with the call's last status (still on its
+    /// way from the node), or, when the node no longer tracks the call, `unknown` with
+    /// `reason`; `None` when the node did not answer.
     async fn catch_up(
         &self,
         node: &NodeId,
@@ -1101,9 +1102,9 @@ impl Session {
         notes: &mut Notifications,
         last_status: &mut String,
         reason: &str,
-    ) -> bool {
+    ) -> Option<bool> {
         let Some(id) = callid.as_str() else {
-            return false;
+            return Some(false);
         };
         match self.control.dialout_state(node, id).await {
             Ok(Some(now)) => {
@@ -1112,7 +1113,7 @@ impl Session {
                     *last_status = now;
                     self.send_text(notification("dialout.status", params)).await;
                 }
-                false
+                Some(false)
             }
             // Ended, or forgotten: its last status may still be on its way from the node.
             Ok(None) => match tokio::time::timeout(LAST_STATUS_GRACE, notes.recv()).await {
@@ -1120,20 +1121,20 @@ impl Session {
                     let status = status_of(&params);
                     // Sent already, from an earlier answer of the node.
                     if !last && status_rank(&status) <= status_rank(last_status) {
-                        return false;
+                        return Some(false);
                     }
                     *last_status = status;
                     self.send_text(notification("dialout.status", params)).await;
-                    last
+                    Some(last)
                 }
                 _ => {
                     let params = json!({"callid": callid, "status": "unknown", "reason": reason});
                     self.send_text(notification("dialout.status", params)).await;
-                    true
+                    Some(true)
                 }
             },
             // The node does not answer: the watchdog tells whether it is gone.
-            Err(_) => false,
+            Err(_) => None,
         }
     }
 
@@ -1456,6 +1457,8 @@ impl Session {
                         DIALOUT_AUDIT_EVERY,
                     );
                     audit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    // A catch-up after a bus gap the node did not answer: its reason stands.
+                    let mut owed: Option<&'static str> = None;
                     loop {
                         tokio::select! {
                             note = notes.recv() => match note {
@@ -1476,15 +1479,21 @@ impl Session {
                             // Statuses published while the bus was reconnecting are lost:
                             // the node says where the call is now.
                             Ok(()) = gaps.changed() => {
-                                if me.catch_up(&node, &callid, &mut notes, &mut last_status, "bus_reconnected").await {
-                                    break;
+                                match me.catch_up(&node, &callid, &mut notes, &mut last_status, "bus_reconnected").await {
+                                    Some(true) => break,
+                                    Some(false) => {}
+                                    // Asked again at the next audit, for the same reason.
+                                    None => owed = Some("bus_reconnected"),
                                 }
                             }
                             // An agent restarted within its lease (the node never looked gone)
                             // no longer knows the call, and would never send its last status.
                             _ = audit.tick() => {
-                                if me.catch_up(&node, &callid, &mut notes, &mut last_status, "node_restarted").await {
-                                    break;
+                                let reason = owed.unwrap_or("node_restarted");
+                                match me.catch_up(&node, &callid, &mut notes, &mut last_status, reason).await {
+                                    Some(true) => break,
+                                    Some(false) => owed = None,
+                                    None => {}
                                 }
                             }
                             _ = watch.tick() => {

@@ -1315,6 +1315,77 @@ async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
     ping(&mut ws, 9).await;
 }
 
+/// A catch-up after a bus gap that the node did not answer (busy, its answer lost) is asked
+/// again at the next audit, still for the gap: a dial-out found ended then is `unknown` with
+/// `reason: bus_reconnected`, not `node_restarted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_the_node_did_not_answer_keeps_its_reason() {
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "1s")]).await;
+    let controller_subs = confroute_tests::harness::wait_for_async(
+        "the controller's subscription",
+        Duration::from_secs(10),
+        || async {
+            let ids = pubsub_clients(s.redis.port());
+            (!ids.is_empty()).then_some(ids)
+        },
+    )
+    .await
+    .expect("subscribed");
+    let (_store, node, mut commands) = hosted_on_node_a(&s, "gap-c").await;
+    let responder = node.clone();
+    tokio::spawn(async move {
+        let mut states = 0;
+        while let Some(cmd) = commands.recv().await {
+            match cmd.method.as_str() {
+                "dialout" => {
+                    responder
+                        .respond(&cmd, Ok(json!({"callid": "call-c"})))
+                        .await;
+                    responder
+                        .notify(
+                            &cmd.reply_to,
+                            &cmd.id,
+                            json!({"callid": "call-c", "status": "ringing"}),
+                            false,
+                        )
+                        .await;
+                }
+                "dialout.state" => {
+                    states += 1;
+                    // The first ask, right after the gap, goes unanswered; the call ended.
+                    if states > 1 {
+                        responder.respond(&cmd, Ok(json!({"status": null}))).await;
+                    }
+                }
+                _ => responder.respond(&cmd, Ok(json!({}))).await,
+            }
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    let v = rpc(
+        &mut ws,
+        "dialout",
+        json!({"conference": "gap-c", "to": "+15555550101"}),
+        1,
+    )
+    .await;
+    assert!(v["result"]["callid"].is_string(), "{v}");
+    let ringing = recv(&mut ws).await;
+    assert_eq!(ringing["params"]["status"], "ringing", "{ringing}");
+    for id in &controller_subs {
+        let _: Option<i64> = confroute_tests::harness::redis_query(
+            s.redis.port(),
+            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id),
+        );
+    }
+    let v = recv(&mut ws).await;
+    assert_eq!(
+        v["params"],
+        json!({"callid": "call-c", "status": "unknown", "reason": "bus_reconnected"}),
+        "{v}"
+    );
+}
+
 /// An agent restarted within its lease (its node never looked gone) no longer knows the
 /// dial-outs of its last life, whose last statuses will never come: the controller asks the
 /// node every few seconds, and ends such a stream with `unknown` (`reason: node_restarted`).
