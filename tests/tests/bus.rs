@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use confroute_shared::bus::{Bus, BusError, Call, Command, ErrorCode, Event, Reply};
 use confroute_shared::config::{RedisConfig, RedisTarget};
 use confroute_shared::secret::Secret;
+use confroute_shared::types::NodeId;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{redis_query, RedisCluster, RedisServer};
 use serde_json::json;
@@ -726,19 +727,25 @@ async fn a_command_redis_confirms_late_is_answered_with_what_the_node_did() {
     assert_eq!(first.expect("sent").reply, Ok(json!({"n": 1})));
 }
 
+/// A Redis, a controller's bus and node-a's bus, both subscribed; with node-a's commands.
+async fn connected_buses() -> (RedisServer, Bus, NodeId, Bus, mpsc::Receiver<Command>) {
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let controller = Bus::controller(fixtures::store(&cfg));
+    let node_id = fixtures::id("node-a");
+    let (node, commands) = Bus::node(fixtures::store(&cfg), &node_id);
+    for b in [&controller, &node] {
+        assert!(b.wait_connected(Duration::from_secs(10)).await);
+    }
+    (redis, controller, node_id, node, commands)
+}
+
 /// A command's answer that arrives twice (a Redis client resending it after a connection
 /// cut, as a Cluster's does) is not taken for a notification: the statuses that follow
 /// still reach the caller, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_delivered_twice_does_not_end_the_notifications() {
-    let redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
-    let controller = Bus::controller(fixtures::store(&cfg));
-    let node_id = fixtures::id("node-a");
-    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &node_id);
-    for b in [&controller, &node] {
-        assert!(b.wait_connected(Duration::from_secs(10)).await);
-    }
+    let (_redis, controller, node_id, node, mut commands) = connected_buses().await;
     let responder = node.clone();
     tokio::spawn(async move {
         while let Some(cmd) = commands.recv().await {
@@ -776,14 +783,7 @@ async fn an_answer_delivered_twice_does_not_end_the_notifications() {
 /// (so a client checks before sending it again), not an internal error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_before_a_lost_answer_says_the_command_was_carried_out() {
-    let redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
-    let controller = Bus::controller(fixtures::store(&cfg));
-    let node_id = fixtures::id("node-a");
-    let (node, mut commands) = Bus::node(fixtures::store(&cfg), &node_id);
-    for b in [&controller, &node] {
-        assert!(b.wait_connected(Duration::from_secs(10)).await);
-    }
+    let (_redis, controller, node_id, node, mut commands) = connected_buses().await;
     let responder = node.clone();
     tokio::spawn(async move {
         while let Some(cmd) = commands.recv().await {
@@ -807,15 +807,8 @@ async fn progress_before_a_lost_answer_says_the_command_was_carried_out() {
 /// as "may have been carried out".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_the_node_cannot_queue_is_answered_nothing_done() {
-    let redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
-    let controller = Bus::controller(fixtures::store(&cfg));
-    let node_id = fixtures::id("node-a");
     // Commands are never taken from the node's queue.
-    let (node, _commands) = Bus::node(fixtures::store(&cfg), &node_id);
-    for b in [&controller, &node] {
-        assert!(b.wait_connected(Duration::from_secs(10)).await);
-    }
+    let (_redis, controller, node_id, _node, _commands) = connected_buses().await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..1100 {
         let controller = controller.clone();

@@ -1207,14 +1207,9 @@ fn pubsub_clients(port: u16) -> Vec<String> {
         .collect()
 }
 
-/// Statuses published while the controller's bus was reconnecting never reach it. Once it
-/// is back, it asks the node where each dial-out it streams is: one that moved on is
-/// reported at its new status (and not again when the node's own notice follows); one that
-/// ended is reported `unknown` (`reason: bus_reconnected`), its last status being lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
-    let s = setup(&[]).await;
-    let controller_subs = confroute_tests::harness::wait_for_async(
+/// The controller's pub/sub connections to Redis, once it has subscribed.
+async fn controller_subscriptions(s: &Setup) -> Vec<String> {
+    confroute_tests::harness::wait_for_async(
         "the controller's subscription",
         Duration::from_secs(10),
         || async {
@@ -1223,7 +1218,27 @@ async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
         },
     )
     .await
-    .expect("subscribed");
+    .expect("subscribed")
+}
+
+/// Cuts the pub/sub connections `ids` (a bus gap), leaving every other connection be.
+fn cut_subscriptions(s: &Setup, ids: &[String]) {
+    for id in ids {
+        let _: Option<i64> = confroute_tests::harness::redis_query(
+            s.redis.port(),
+            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id),
+        );
+    }
+}
+
+/// Statuses published while the controller's bus was reconnecting never reach it. Once it
+/// is back, it asks the node where each dial-out it streams is: one that moved on is
+/// reported at its new status (and not again when the node's own notice follows); one that
+/// ended is reported `unknown` (`reason: bus_reconnected`), its last status being lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
+    let s = setup(&[]).await;
+    let controller_subs = controller_subscriptions(&s).await;
     let (store, node, mut commands) = hosted_on_node_a(&s, "gap-a").await;
     store
         .claim(&"gap-b".parse().expect("name"), &[fixtures::id("node-a")])
@@ -1277,12 +1292,7 @@ async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
     }
 
     // Only the controller's subscription is cut.
-    for id in &controller_subs {
-        let _: Option<i64> = confroute_tests::harness::redis_query(
-            s.redis.port(),
-            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id),
-        );
-    }
+    cut_subscriptions(&s, &controller_subs);
     let mut got = HashMap::new();
     while got.len() < 2 {
         let v = recv(&mut ws).await;
@@ -1321,16 +1331,7 @@ async fn dial_out_streams_catch_up_with_their_node_after_a_bus_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catch_up_the_node_did_not_answer_keeps_its_reason() {
     let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "1s")]).await;
-    let controller_subs = confroute_tests::harness::wait_for_async(
-        "the controller's subscription",
-        Duration::from_secs(10),
-        || async {
-            let ids = pubsub_clients(s.redis.port());
-            (!ids.is_empty()).then_some(ids)
-        },
-    )
-    .await
-    .expect("subscribed");
+    let controller_subs = controller_subscriptions(&s).await;
     let (_store, node, mut commands) = hosted_on_node_a(&s, "gap-c").await;
     let responder = node.clone();
     tokio::spawn(async move {
@@ -1372,12 +1373,7 @@ async fn a_catch_up_the_node_did_not_answer_keeps_its_reason() {
     assert!(v["result"]["callid"].is_string(), "{v}");
     let ringing = recv(&mut ws).await;
     assert_eq!(ringing["params"]["status"], "ringing", "{ringing}");
-    for id in &controller_subs {
-        let _: Option<i64> = confroute_tests::harness::redis_query(
-            s.redis.port(),
-            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id),
-        );
-    }
+    cut_subscriptions(&s, &controller_subs);
     let v = recv(&mut ws).await;
     assert_eq!(
         v["params"],
