@@ -2,6 +2,7 @@
 //! second Redis call, RFC 3261 §8.2.6 header copying, compact and folded headers, TCP
 //! pipelining and keepalives, each class of bad input, the conference header, and the ACL.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
@@ -176,40 +177,90 @@ async fn stalled(timeout: &str, extra: &[(&str, &str)]) -> Stalled {
     }
 }
 
-/// A CANCEL sent right behind its INVITE over UDP (both datagrams waiting in the socket
-/// together, as from a sender that does not wait for a provisional answer) matches the
-/// INVITE still being routed: `200` for the CANCEL and `487` for the INVITE, not `481`
-/// followed by a redirect the caller gave up on.
+/// A CANCEL sent right behind its INVITE (both datagrams waiting in the socket together,
+/// or both in one TCP segment, as from a sender that does not wait for a provisional
+/// answer) matches the INVITE still being routed: `200` for the CANCEL and `487` for the
+/// INVITE, not `481` followed by a redirect the caller gave up on. With two worker threads
+/// the socket's receivers read the pair in parallel, so the CANCEL may be looked at before
+/// the INVITE's task has begun: 200 pairs make that order all but certain to come up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_right_behind_its_invite_over_udp_ends_it_with_487() {
-    let Stalled {
-        _redis,
-        proxy: _proxy,
-        controller: _controller,
-        udp,
-    } = stalled("30s", &[]).await;
-    let msg = invite("sip:b2b@router", udp.port(), "z9hG4bKb2b", "");
-    let cancel = msg
-        .replace(
-            "INVITE sip:b2b@router SIP/2.0",
-            "CANCEL sip:b2b@router SIP/2.0",
+async fn a_cancel_right_behind_its_invite_ends_it_with_487() {
+    const PAIRS: usize = 200;
+    let cancel_of = |msg: &str, name: &str| {
+        msg.replace(
+            &format!("INVITE sip:{name}@router SIP/2.0"),
+            &format!("CANCEL sip:{name}@router SIP/2.0"),
         )
-        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
-    udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
-    udp.socket.send_to(cancel.as_bytes(), udp.to).expect("send");
-    let mut cancel_answer = None;
-    let mut invite_final = None;
-    while cancel_answer.is_none() || invite_final.is_none() {
-        let a = udp.recv();
-        let cseq = header(&a, "CSeq").unwrap_or_default().to_string();
-        if cseq.ends_with("CANCEL") {
-            cancel_answer = Some(status(&a));
-        } else if status(&a) >= 200 {
-            invite_final = Some(status(&a));
+        .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL")
+    };
+    for threads in ["1", "2"] {
+        let Stalled {
+            _redis,
+            proxy: _proxy,
+            controller,
+            udp,
+        } = stalled("30s", &[("CONFROUTE_RUNTIME__WORKER_THREADS", threads)]).await;
+        for pair in 0..PAIRS {
+            let (name, branch) = (format!("b2b{pair}"), format!("z9hG4bKb2b{pair}"));
+            let msg = invite(&format!("sip:{name}@router"), udp.port(), &branch, "");
+            udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+            udp.socket
+                .send_to(cancel_of(&msg, &name).as_bytes(), udp.to)
+                .expect("send");
         }
+        let mut cancel_answers = HashMap::new();
+        let mut invite_finals = HashMap::new();
+        while cancel_answers.len() < PAIRS || invite_finals.len() < PAIRS {
+            let a = udp.recv();
+            let call = header(&a, "Call-ID").unwrap_or_default().to_string();
+            let cseq = header(&a, "CSeq").unwrap_or_default().to_string();
+            if cseq.ends_with("CANCEL") {
+                // A CANCEL that missed its INVITE leaves that INVITE waiting on Redis, with
+                // no final answer to wait for here.
+                assert_eq!(
+                    status(&a),
+                    200,
+                    "UDP, {threads} thread(s): the CANCEL of {call} matches its INVITE: {a}"
+                );
+                cancel_answers.insert(call, status(&a));
+            } else if status(&a) >= 200 {
+                invite_finals.insert(call, status(&a));
+            }
+        }
+        for pair in 0..PAIRS {
+            let call = format!("z9hG4bKb2b{pair}@test");
+            assert_eq!(
+                cancel_answers.get(&call),
+                Some(&200),
+                "UDP, {threads} thread(s): the CANCEL of {call} matches its INVITE"
+            );
+            assert_eq!(
+                invite_finals.get(&call),
+                Some(&487),
+                "UDP, {threads} thread(s): {call}"
+            );
+        }
+
+        // TCP: both in one write, so the connection's reader has the CANCEL in hand as soon
+        // as it has handed the INVITE to its task.
+        let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+            .await
+            .expect("connect");
+        let msg = invite("sip:b2b-tcp@router", 5060, "z9hG4bKb2btcp", "")
+            .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+        let both = format!("{msg}{}", cancel_of(&msg, "b2b-tcp"));
+        tcp.write_all(both.as_bytes()).await.expect("write");
+        let mut got = String::new();
+        read_until(&mut tcp, &mut got, |g| {
+            g.contains("CSeq: 1 CANCEL")
+                && (g.contains("SIP/2.0 487 ") || g.contains("SIP/2.0 481 "))
+        })
+        .await;
+        assert!(
+            got.contains("SIP/2.0 200 OK") && got.contains("SIP/2.0 487 "),
+            "TCP, {threads} thread(s): the CANCEL matches its INVITE: {got}"
+        );
     }
-    assert_eq!(cancel_answer, Some(200), "the CANCEL matches the INVITE");
-    assert_eq!(invite_final, Some(487));
 }
 
 /// RFC 3261 §17.2.1 and §9.2: an INVITE still being routed after 200 ms gets `100 Trying`

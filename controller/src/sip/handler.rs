@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 
@@ -67,6 +68,8 @@ struct How<'a> {
     /// A framing fault to answer with 400 (513 for the size) instead of handling the request.
     fault: Option<&'static str>,
     early: Option<&'a dyn Early>,
+    /// How long a CANCEL matching no INVITE waits for one to begin ([`CANCEL_GRACE`]).
+    cancel_grace: Duration,
 }
 
 impl How<'_> {
@@ -78,9 +81,16 @@ impl How<'_> {
             refuse_new: None,
             fault: None,
             early: None,
+            cancel_grace: Duration::ZERO,
         }
     }
 }
+
+/// How long a CANCEL that matches no INVITE waits for one to begin before it is answered
+/// 481 ([`SipService::handle_cancel`]). The INVITE right in front of it is normally begun
+/// within microseconds; the bound only matters for a CANCEL that matches nothing. Under
+/// half of T1, so its sender has the answer before it retransmits.
+pub const CANCEL_GRACE: Duration = Duration::from_millis(200);
 
 /// An [`Early`] for a request read as Latin-1: what it sends goes back to Latin-1 bytes.
 struct Latin1<'a> {
@@ -108,7 +118,13 @@ pub struct SipService {
     tag_keys: std::collections::hash_map::RandomState,
     /// Routing failures (Redis out of reach fails every call) are logged one line a period.
     failures: crate::throttle::Throttle,
+    /// CANCELs that may wait for their INVITE at once ([`SipService::cancel_permit`]).
+    cancel_waits: Arc<tokio::sync::Semaphore>,
 }
+
+/// CANCELs that may wait for their INVITE at once: a flood of CANCELs matching nothing
+/// would otherwise hold a task each for [`CANCEL_GRACE`]. Past it a CANCEL is answered at once.
+const MAX_CANCEL_WAITS: usize = 1024;
 
 /// A bounded method label for metrics.
 fn method_label(method: &str) -> &'static str {
@@ -177,7 +193,15 @@ impl SipService {
             metrics,
             tag_keys: Default::default(),
             failures: crate::throttle::Throttle::new(std::time::Duration::from_secs(10)),
+            cancel_waits: Arc::new(tokio::sync::Semaphore::new(MAX_CANCEL_WAITS)),
         }
+    }
+
+    /// A slot for a CANCEL to be handled on a task of its own with
+    /// [`SipService::handle_cancel`]; `None` when too many wait already (handle it at once
+    /// with [`SipService::handle`]).
+    pub fn cancel_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.cancel_waits.clone().try_acquire_owned().ok()
     }
 
     /// Drops transactions past their timers; returns how many remain.
@@ -215,6 +239,22 @@ impl SipService {
         transport: Transport,
     ) -> Option<Outgoing> {
         self.handle_as(packet, source, How::plain(transport)).await
+    }
+
+    /// [`SipService::handle`] for a CANCEL that may wait up to [`CANCEL_GRACE`] for its
+    /// INVITE, read just before it and routed on another task, to begin its transaction.
+    /// For a task of its own: the wait must not hold up the requests read after it.
+    pub async fn handle_cancel(
+        &self,
+        packet: &[u8],
+        source: SocketAddr,
+        transport: Transport,
+    ) -> Option<Outgoing> {
+        let how = How {
+            cancel_grace: CANCEL_GRACE,
+            ..How::plain(transport)
+        };
+        self.handle_as(packet, source, how).await
     }
 
     /// [`SipService::handle`] for a request whose transport can carry a provisional answer
@@ -314,6 +354,7 @@ impl SipService {
             refuse_new,
             fault,
             early,
+            cancel_grace,
         } = how;
         let req = match parsed {
             Ok(r) => r,
@@ -447,7 +488,7 @@ impl SipService {
                 // The INVITE already has its final answer; the CANCEL changes nothing. Its 200
                 // carries the INVITE answer's To-tag; a CANCEL matching no INVITE we answered
                 // gets 481 (RFC 3261 §9.2).
-                "CANCEL" => match self.transactions.cancel(&key) {
+                "CANCEL" => match self.transactions.cancel_within(&key, cancel_grace).await {
                     Cancel::Answered(a) => (Response::new(200, "OK"), a.to_tag.clone()),
                     // Still being routed: it will be answered 487 (RFC 3261 §9.2).
                     Cancel::Pending => (Response::new(200, "OK"), self.tag_for(&key, "INVITE")),

@@ -45,9 +45,9 @@ pub struct TcpLimits {
 }
 
 /// Receives datagrams forever. INVITEs, which may wait on Redis, are answered in their own
-/// task, at most `pending` at once (`sip.max_pending_invites`); everything else (ACKs,
-/// OPTIONS, CANCELs, errors) is answered inline, which saves a task and a thread wake-up
-/// per packet.
+/// task, at most `pending` at once (`sip.max_pending_invites`), and so are CANCELs, which
+/// may wait for their INVITE's task; everything else (ACKs, OPTIONS, errors) is answered
+/// inline, which saves a task and a thread wake-up per packet.
 pub async fn serve_udp(
     socket: Arc<UdpSocket>,
     service: Arc<SipService>,
@@ -130,17 +130,25 @@ pub async fn serve_udp(
                     }
                 }
             }));
-        } else {
-            if packet.starts_with(b"CANCEL ") {
-                // An INVITE read just before (its CANCEL right behind it in the socket) is
-                // routed on a task of its own that may not have run yet: let it begin its
-                // transaction first, or the CANCEL would find none (481) and the INVITE be
-                // redirected after its caller gave up. Rare enough to cost nothing.
-                tokio::task::yield_now().await;
-            }
-            if let Some(out) = service.handle(packet, source, Transport::Udp).await {
-                send(&socket, &out.bytes, out.to, local).await;
-            }
+        } else if let Some(permit) = packet
+            .starts_with(b"CANCEL ")
+            .then(|| service.cancel_permit())
+            .flatten()
+        {
+            // An INVITE read just before (its CANCEL right behind it in the socket, or read
+            // by another receiver) is routed on a task of its own that may not have begun its
+            // transaction yet: the CANCEL waits for it on a task of its own.
+            let packet = packet.to_vec();
+            let (socket, service) = (socket.clone(), service.clone());
+            tokio::spawn(async move {
+                let answered = service.handle_cancel(&packet, source, Transport::Udp).await;
+                drop(permit);
+                if let Some(out) = answered {
+                    send(&socket, &out.bytes, out.to, local).await;
+                }
+            });
+        } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
+            send(&socket, &out.bytes, out.to, local).await;
         }
     }
 }
@@ -639,7 +647,23 @@ async fn connection(
                     scanned = 0;
                     begun = None;
                     used = true;
-                    if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
+                    let cancel = message
+                        .starts_with(b"CANCEL ")
+                        .then(|| service.cancel_permit())
+                        .flatten();
+                    if let Some(permit) = cancel {
+                        // Its INVITE, just read, is routed on another task that may not have
+                        // begun yet: the CANCEL waits for it without holding up the stream.
+                        let (service, tx) = (service.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let answered =
+                                service.handle_cancel(&message, peer, Transport::Tcp).await;
+                            drop(permit);
+                            if let Some(out) = answered {
+                                let _ = tx.send(out.bytes).await;
+                            }
+                        });
+                    } else if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
                         if tx.send(out.bytes).await.is_err() {
                             break 'read;
                         }

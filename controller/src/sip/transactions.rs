@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,11 @@ pub struct Transactions {
     shards: Vec<Mutex<HashMap<String, Entry>>>,
     hasher: std::collections::hash_map::RandomState,
     max_entries_per_shard: usize,
+    /// Notified when a transaction begins while a CANCEL waits for its INVITE
+    /// ([`Transactions::cancel_within`]); `waiting` counts those CANCELs, so an INVITE
+    /// wakes nobody (and takes no lock) when none waits.
+    begun: Notify,
+    waiting: AtomicUsize,
 }
 
 impl Transactions {
@@ -111,6 +117,8 @@ impl Transactions {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             max_entries_per_shard: (max_entries / SHARDS).max(1),
+            begun: Notify::new(),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -150,6 +158,12 @@ impl Transactions {
                         acked: None,
                     },
                 );
+                drop(map);
+                // SeqCst pairs with `cancel_within`'s count: either this load sees the
+                // waiter, or the waiter's look at the table (after its count) sees the entry.
+                if self.waiting.load(Ordering::SeqCst) > 0 {
+                    self.begun.notify_waiters();
+                }
                 Begin::New(Some(cancel))
             }
         }
@@ -187,6 +201,34 @@ impl Transactions {
                 Cancel::Pending
             }
             None => Cancel::Unknown,
+        }
+    }
+
+    /// [`Transactions::cancel`], waiting up to `grace` for the INVITE of `key` to begin when
+    /// it is not known yet. The INVITE read just before its CANCEL is routed on a task of its
+    /// own, which may not have begun its transaction when the CANCEL is looked at (on
+    /// another thread, or later on this one): without the wait the CANCEL would get 481 and
+    /// the INVITE be redirected after its caller gave up.
+    pub async fn cancel_within(&self, key: &str, grace: Duration) -> Cancel {
+        let found = self.cancel(key);
+        if !matches!(found, Cancel::Unknown) || grace.is_zero() {
+            return found;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _counted = Uncount(&self.waiting);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let begun = self.begun.notified();
+            tokio::pin!(begun);
+            // Registered before the look, so a transaction begun right after it still wakes us.
+            begun.as_mut().enable();
+            let found = self.cancel(key);
+            if !matches!(found, Cancel::Unknown) {
+                return found;
+            }
+            if tokio::time::timeout_at(deadline, begun).await.is_err() {
+                return self.cancel(key);
+            }
         }
     }
 
@@ -286,6 +328,15 @@ impl Transactions {
     }
 }
 
+/// Takes a waiting CANCEL off the count however its wait ends (the task may be dropped).
+struct Uncount<'a>(&'a AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The entry of `key` unless it is past its expiry: the sweep drops those only once a second,
 /// and until then every method must see the same table as [`Transactions::begin`] (an expired
 /// transaction is unknown, never brought back).
@@ -301,6 +352,44 @@ mod tests {
     fn expire(t: &Transactions, key: &str) {
         let mut map = t.shard(key).lock().expect("lock");
         map.get_mut(key).expect("entry").expires = Instant::now();
+    }
+
+    #[tokio::test]
+    async fn a_cancel_waits_for_its_invite_to_begin_and_no_longer_than_its_grace() {
+        let t = Arc::new(Transactions::new(1000));
+        let waiting = tokio::spawn({
+            let t = t.clone();
+            async move { t.cancel_within("late", Duration::from_secs(30)).await }
+        });
+        // The INVITE begins only once the CANCEL is counted as waiting for it.
+        while t.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(t.begin("other".into()), Begin::New(_)));
+        assert!(matches!(t.begin("late".into()), Begin::New(_)));
+        let found = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the CANCEL is woken by its INVITE, long before its grace")
+            .expect("task");
+        assert!(matches!(found, Cancel::Pending));
+        let done = t.complete(
+            "late",
+            Answer {
+                response: Response::new(302, "Moved Temporarily"),
+                to_tag: "t".into(),
+            },
+        );
+        assert_eq!(done.answer.response.code, 487, "the INVITE was cancelled");
+
+        let started = Instant::now();
+        let found = t.cancel_within("never", Duration::from_millis(50)).await;
+        assert!(matches!(found, Cancel::Unknown));
+        assert!(started.elapsed() >= Duration::from_millis(50), "it waited");
+        assert_eq!(
+            t.waiting.load(Ordering::SeqCst),
+            0,
+            "no waiter left counted"
+        );
     }
 
     #[test]
