@@ -940,24 +940,24 @@ fn unread() -> CloseFrame {
 /// Sends subscribed conferences' events as `event` notifications. A client that does not
 /// read fast enough loses events rather than stalling anyone, and is told how many by one
 /// `events.lost` notification as soon as its queue has room again, before any later event.
+/// A node's own notice of events it could not publish that comes meanwhile is kept, with
+/// its count and conference, and told right after.
 async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::Receiver<u64>) {
     gaps.borrow_and_update();
-    let mut lost: u64 = 0;
-    // A gap notice that found the queue full, to send before anything else.
-    let mut gap = false;
+    let mut owed = Owed::default();
     // Only a connection that follows some conference has anything to re-read.
     let following = |s: &Session| s.following.any();
     loop {
         // A connection that follows nothing now (it unsubscribed) has nothing to re-read:
         // what it lost is of conferences it no longer follows.
-        if (gap || lost > 0) && !following(&session) {
-            (gap, lost) = (false, 0);
+        if owed.any() && !following(&session) {
+            owed = Owed::default();
         }
         // A notice goes out when the queue has a slot and its bytes are back under
         // [`NOTICE_BELOW`]: past the events' share every event is dropped, and a notice each
         // would stand in for the one `events.lost` promised. The writer says nothing as it drains, so that
         // is looked at again shortly.
-        let owed = gap || lost > 0;
+        let any_owed = owed.any();
         let bytes_ok = session.unwritten.bytes.load(Ordering::SeqCst) < NOTICE_BELOW;
         tokio::select! {
             // A gap is noticed before events that came after it.
@@ -969,7 +969,7 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
                 // The bus lost its subscription: whatever was published meanwhile is
                 // unknown. A full queue keeps the notice for when it has room.
                 if following(&session) && session.try_queue(gap_notice()).is_err() {
-                    gap = true;
+                    owed.gap = true;
                 }
             }
             got = feed.recv() => match got {
@@ -977,49 +977,109 @@ async fn forward_events(session: Arc<Session>, mut feed: Feed, mut gaps: watch::
                 // wants it, so it is neither sent nor counted lost.
                 Delivery::Event(ev) if !session.following.follows(ev.conference.as_str()) => {}
                 Delivery::Event(ev) => {
-                    let drained = session.unwritten.bytes.load(Ordering::SeqCst) < NOTICE_BELOW;
-                    if gap && drained && session.try_queue(gap_notice()).is_ok() {
-                        gap = false;
+                    if session.unwritten.bytes.load(Ordering::SeqCst) < NOTICE_BELOW {
+                        while let Some(notice) = owed.next() {
+                            if session.try_queue(notice).is_err() {
+                                break;
+                            }
+                            owed.sent();
+                        }
                     }
-                    if !gap && lost > 0 && drained && session.try_queue(lost_notice(lost)).is_ok() {
-                        lost = 0;
+                    if ev.event == EVENTS_LOST {
+                        let count = ev.data.get("count").and_then(Value::as_u64);
+                        let notice = unpublished_notice(&ev.conference, &ev.node, count);
+                        let told = !owed.any() && session.try_queue(notice).is_ok();
+                        if !told && !owed.unpublished(&ev.conference, &ev.node, count) {
+                            owed.lost += 1;
+                            session.events_lost.with_label_values(&[SLOW_CLIENT]).inc();
+                        }
+                        continue;
                     }
-                    let text = if ev.event == EVENTS_LOST {
-                        unpublished_notice(&ev)
-                    } else {
-                        notification(
+                    let text = notification(
                         "event",
                         json!({"conference": ev.conference, "node": ev.node,
                                "epoch": ev.epoch, "seq": ev.seq,
                                "event": ev.event, "data": ev.data}),
-                        )
-                    };
-                    if gap || lost > 0 || session.try_queue(text).is_err() {
-                        lost += 1;
+                    );
+                    if owed.any() || session.try_queue(text).is_err() {
+                        owed.lost += 1;
                         session.events_lost.with_label_values(&[SLOW_CLIENT]).inc();
                     }
                 }
-                Delivery::Lost(n) => lost += n,
+                Delivery::Lost(n) => owed.lost += n,
             },
-            _ = tokio::time::sleep(Duration::from_millis(50)), if owed && !bytes_ok => {}
-            room = session.out.reserve(), if owed && bytes_ok => match room {
+            _ = tokio::time::sleep(Duration::from_millis(50)), if any_owed && !bytes_ok => {}
+            room = session.out.reserve(), if any_owed && bytes_ok => match room {
                 // Unsubscribed from everything while the slot was awaited: nothing to tell.
-                Ok(_) if !following(&session) => (gap, lost) = (false, 0),
-                Ok(slot) if gap => {
-                    let notice = gap_notice();
-                    session.unwritten.add(notice.len());
-                    slot.send(notice);
-                    gap = false;
-                }
+                Ok(_) if !following(&session) => owed = Owed::default(),
                 Ok(slot) => {
-                    let notice = lost_notice(lost);
-                    session.unwritten.add(notice.len());
-                    slot.send(notice);
-                    lost = 0;
+                    if let Some(notice) = owed.next() {
+                        session.unwritten.add(notice.len());
+                        slot.send(notice);
+                        owed.sent();
+                    }
                 }
                 Err(_) => return,
             },
         }
+    }
+}
+
+/// Most node notices of unpublished events one connection keeps while it owes other
+/// notices; past that (one per followed conference and node is the usual most) a further
+/// one is counted as one event this connection lost.
+const MAX_HELD_NOTICES: usize = 1024;
+
+/// The `events.lost` notices a connection owes, told in this order: the bus's gap, the
+/// events this connection dropped, then the nodes' own notices.
+#[derive(Default)]
+struct Owed {
+    gap: bool,
+    lost: u64,
+    /// Node notices by (conference, node): their counts summed, `None` once one was unknown.
+    unpublished: Vec<((String, String), Option<u64>)>,
+}
+
+impl Owed {
+    fn any(&self) -> bool {
+        self.gap || self.lost > 0 || !self.unpublished.is_empty()
+    }
+
+    /// The notice to send first, if any; [`Owed::sent`] once it is queued.
+    fn next(&self) -> Option<String> {
+        if self.gap {
+            Some(gap_notice())
+        } else if self.lost > 0 {
+            Some(lost_notice(self.lost))
+        } else {
+            let ((conference, node), count) = self.unpublished.first()?;
+            Some(unpublished_notice(conference, node, *count))
+        }
+    }
+
+    /// Forgets the notice [`Owed::next`] gave.
+    fn sent(&mut self) {
+        if self.gap {
+            self.gap = false;
+        } else if self.lost > 0 {
+            self.lost = 0;
+        } else if !self.unpublished.is_empty() {
+            self.unpublished.remove(0);
+        }
+    }
+
+    /// Keeps a node's notice that `count` events of `conference` were not published; false
+    /// when too many are kept already (the caller counts it as a lost event).
+    fn unpublished(&mut self, conference: &str, node: &str, count: Option<u64>) -> bool {
+        let key = (conference.to_string(), node.to_string());
+        if let Some((_, held)) = self.unpublished.iter_mut().find(|(k, _)| *k == key) {
+            *held = held.zip(count).map(|(a, b)| a.saturating_add(b));
+        } else if self.unpublished.len() < MAX_HELD_NOTICES {
+            self.unpublished.push((key, count));
+        } else {
+            return false;
+        }
+        true
     }
 }
 
@@ -1069,14 +1129,14 @@ fn lost_notice(count: u64) -> String {
 
 /// Events of one conference its node could not publish (Redis did not take them, or the
 /// node's queue was full), as the node's notice says.
-fn unpublished_notice(ev: &confroute_shared::bus::Event) -> String {
+fn unpublished_notice(conference: &str, node: &str, count: Option<u64>) -> String {
     notification(
         "events.lost",
         json!({
-            "count": ev.data.get("count").and_then(Value::as_u64),
+            "count": count,
             "reason": "node_unpublished",
-            "conference": ev.conference,
-            "node": ev.node,
+            "conference": conference,
+            "node": node,
         }),
     )
 }

@@ -867,6 +867,53 @@ async fn a_client_that_reads_too_slowly_is_told_how_many_events_it_lost() {
     ping(&mut ws, 2).await;
 }
 
+/// A node's notice that it could not publish some of a conference's events, reaching a
+/// connection that already owes its own loss notice, is told after it with the node's count
+/// and reason, not folded into the connection's count as one more lost event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_loss_notice_behind_a_slow_clients_keeps_its_count_and_reason() {
+    let s = setup(&[("CONFROUTE_RPC__PING_INTERVAL", "1h")]).await;
+    const SENT: u64 = 20_000;
+    let (mut ws, (node, _commands)) = flooded(&s, "loud", SENT, 1000).await;
+    node.publish_event(&Event {
+        conference: "loud".into(),
+        node: "node-a".into(),
+        epoch: 1,
+        seq: SENT,
+        event: confroute_shared::bus::EVENTS_LOST.into(),
+        data: json!({ "count": 7 }),
+    })
+    .await;
+    let (mut events, mut slow, mut told) = (0u64, 0u64, None);
+    while told.is_none() {
+        let v = recv(&mut ws).await;
+        match (v["method"].as_str(), v["params"]["reason"].as_str()) {
+            (Some("event"), _) => events += 1,
+            (Some("events.lost"), Some("slow_client")) => {
+                slow += v["params"]["count"].as_u64().expect("count");
+                // Folded, the node's notice would be the one event past those published.
+                assert!(
+                    events + slow <= SENT,
+                    "the node's notice was counted as lost"
+                );
+            }
+            (Some("events.lost"), Some("node_unpublished")) => told = Some(v),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    let told = told.expect("told");
+    assert_eq!(told["params"]["count"], 7, "{told}");
+    assert_eq!(told["params"]["conference"], "loud", "{told}");
+    assert_eq!(told["params"]["node"], "node-a", "{told}");
+    assert!(slow > 0, "the client did lose events ({events} arrived)");
+    assert_eq!(
+        events + slow,
+        SENT,
+        "every event arrived or was counted, before it"
+    );
+    ping(&mut ws, 2).await;
+}
+
 /// Events large enough to reach the 16 MiB bound on unwritten output before the queue's
 /// slots run out are dropped and told in one `events.lost` once the client has read the
 /// backlog, not in a notice per dropped event.
