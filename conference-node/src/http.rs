@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::lifecycle;
 use crate::node::Node;
+use confroute_shared::types::NodeState;
 
 /// Every route as (method, path).
 pub const ROUTES: &[(&str, &str)] = &[
@@ -223,6 +224,11 @@ async fn drain(
         }
     };
     no_body(body)?;
+    // The stop wins: an admin's drain answered 200 here would say the node stays drained,
+    // while it exits once empty.
+    if !shutdown && lifecycle::stopping(&node) {
+        return Err(shutting_down(node.state()));
+    }
     let previous = lifecycle::drain(&node, shutdown).await;
     Ok(Json(
         json!({"id": node.id, "state": node.state(), "previous": previous}),
@@ -282,12 +288,20 @@ async fn undrain(
         Ok(previous) => Ok(Json(
             json!({"id": node.id, "state": node.state(), "previous": previous}),
         )),
-        Err(state) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "node_shutting_down",
-            format!("the node is stopping (state {state}); it cannot be undrained"),
-        )),
+        Err(state) => Err(shutting_down(state)),
     }
+}
+
+/// 409 `node_shutting_down`: the node is stopping, and an admin's drain or undrain would
+/// change nothing (it exits once empty).
+fn shutting_down(state: NodeState) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "node_shutting_down",
+        format!(
+            "the node is stopping (state {state}); it exits once empty, whatever an admin asks"
+        ),
+    )
 }
 
 /// `GET /v1/conferences`: the conferences this node hosts, as it sees them (all of them:

@@ -77,6 +77,12 @@ async fn start(node: &Arc<Node>, shutdown: bool, elapsed: Duration) -> NodeState
     previous
 }
 
+/// Whether the node is stopping: a stop's drain (SIGTERM, `?shutdown=true`) is under way,
+/// or it is shutting down. An admin's drain or undrain then changes nothing.
+pub fn stopping(node: &Node) -> bool {
+    node.state() == NodeState::ShuttingDown || matches!(lock(&node.drain).as_ref(), Some((_, true)))
+}
+
 /// Ends a drain started by an admin; `Err` with the current state when the node is
 /// shutting down.
 pub async fn undrain(node: &Arc<Node>) -> Result<NodeState, NodeState> {

@@ -106,11 +106,21 @@ async fn sigterm_drains_then_deregisters_and_exits_zero_when_empty() {
     wait_bridged(&s.sim, &a).await;
     s.node.process().signal(libc::SIGTERM).expect("sigterm");
     wait_draining(&s, &store).await;
-    // An admin cannot undrain a node that is stopping.
-    let (status, body) = post(&format!("{}/v1/undrain", s.node.http_url())).await;
-    assert_eq!(status, 409, "{body}");
-    // The same code as the controller's, below.
-    assert_eq!(body["error"]["code"], "node_shutting_down");
+    // An admin cannot undrain a node that is stopping, nor turn its stop into a drain it
+    // stays in: both would be answered as done while the agent still exits once empty.
+    for action in ["undrain", "drain", "drain?shutdown=false"] {
+        let (status, body) = post(&format!("{}/v1/{action}", s.node.http_url())).await;
+        assert_eq!(status, 409, "{action}: {body}");
+        // The same code as the controller's, below.
+        assert_eq!(
+            body["error"]["code"], "node_shutting_down",
+            "{action}: {body}"
+        );
+    }
+    // Asking for the stop it is doing already is fine.
+    let (status, body) = post(&format!("{}/v1/drain?shutdown=true", s.node.http_url())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "draining", "{body}");
     // Nor through a controller: Redis would say serving and conferences would be placed
     // on a node that ends them at its drain deadline.
     for action in ["undrain", "drain"] {
