@@ -308,6 +308,52 @@ fn bad_options_are_refused_with_a_reason() {
         .contains("--sip-uri is the SIP address of the real Asterisk given with --ari"));
 }
 
+/// A Ctrl-C while the cluster is still starting (here its node waits for an Asterisk that
+/// is not there) stops it there: exit status 130, no banner and no summary, Redis killed with
+/// it, and the log's path given, rather than heard only once the start is over.
+#[test]
+fn a_ctrl_c_while_starting_stops_at_once() {
+    use std::io::BufRead;
+    let nothing_there = confroute_tests::harness::free_port();
+    let ari = format!("http://127.0.0.1:{nothing_there}");
+    let (mut child, _group) = spawn_plain(&["--nodes", "1", "--controllers", "1", "--ari", &ari]);
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("read");
+    assert!(first.contains("starting Redis"), "{first}");
+    // Redis is up (the start goes on to the node), then the Ctrl-C.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let redis = loop {
+        let d = descendants(pid);
+        if !d.is_empty() {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no Redis started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: kill(2) on our own child's process group, as a terminal's Ctrl-C.
+    unsafe { libc::kill(-(pid as i32), libc::SIGINT) };
+    let status = child.wait().expect("wait");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("stdout");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).expect("stderr");
+    }
+    let text = format!("{first}{rest}{err}");
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("interrupted while starting"), "{text}");
+    assert!(text.contains("cluster.log"), "the log is named: {text}");
+    assert!(!text.contains("logs:"), "no banner: {text}");
+    assert!(!text.contains("== confroute-dev summary"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!redis.iter().any(|p| alive(*p)), "Redis stopped with it");
+}
+
 /// A second Ctrl-C during the orderly stop ends it at once: exit status 130, no summary, and
 /// Redis killed with it. Redis is paused (SIGSTOP) before the first Ctrl-C, so the drain,
 /// which writes to it, cannot finish before the second arrives.

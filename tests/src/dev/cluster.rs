@@ -165,7 +165,7 @@ impl Cluster {
             ]);
             let cfg: NodeConfig =
                 load_from(None, &env(&vars)).map_err(|e| format!("{id} configuration: {e}"))?;
-            nodes.push(start_agent(id, sim, cfg)?);
+            nodes.push(start_agent(id, sim, cfg).await?);
         }
 
         // Controllers read the nodes once as they start, then every `node_refresh`: with
@@ -292,11 +292,16 @@ impl Cluster {
 }
 
 /// Starts an agent on its own runtime thread and waits until it is up.
-fn start_agent(id: String, sim: Option<AriSim>, cfg: NodeConfig) -> Result<NodeHandle, String> {
+async fn start_agent(
+    id: String,
+    sim: Option<AriSim>,
+    cfg: NodeConfig,
+) -> Result<NodeHandle, String> {
     let ari_url = cfg.ari.url.clone();
     let ari_app = cfg.ari.app.clone();
     let sip_uri = cfg.sip_uri();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
+    // Awaited, not blocked on: a Ctrl-C while the cluster starts is heard meanwhile.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<SocketAddr, String>>();
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let name = id.clone();
@@ -339,9 +344,10 @@ fn start_agent(id: String, sim: Option<AriSim>, cfg: NodeConfig) -> Result<NodeH
             rt.shutdown_background();
         })
         .map_err(|e| format!("agent thread: {e}"))?;
-    let http = ready_rx
-        .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| format!("{name}: agent did not start within 20 s"))??;
+    let http = tokio::time::timeout(Duration::from_secs(20), ready_rx)
+        .await
+        .map_err(|_| format!("{name}: agent did not start within 20 s"))?
+        .map_err(|_| format!("{name}: the agent's thread ended before it started"))??;
     Ok(NodeHandle {
         id,
         sim,

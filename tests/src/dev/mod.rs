@@ -106,9 +106,16 @@ pub async fn run(args: DevArgs) -> ExitCode {
         eprintln!("confroute-dev: {e}");
         return ExitCode::from(2);
     }
-    let log_dir = std::env::temp_dir().join(format!("confroute-dev-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&log_dir);
-    let log_file = log_dir.join("cluster.log");
+    let log_file = match log_dir() {
+        Ok(dir) => dir.join("cluster.log"),
+        Err(e) => {
+            eprintln!(
+                "confroute-dev: cannot make a log directory in {}: {e}",
+                std::env::temp_dir().display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     init_logging(&log_file);
     let token = format!("{:032x}", rand::random::<u128>());
     let topology = Topology {
@@ -131,10 +138,22 @@ pub async fn run(args: DevArgs) -> ExitCode {
         "confroute-dev: starting Redis, {} node(s) and {} controller(s)...",
         args.nodes, args.controllers
     );
-    let mut cluster = match Cluster::start(&topology).await {
+    // A Ctrl-C while the cluster starts (an unreachable --ari keeps it starting for a
+    // while) stops it there: what was started is dropped with the start (Redis killed).
+    let started = tokio::select! {
+        started = Cluster::start(&topology) => started,
+        _ = signals.next() => {
+            eprintln!("confroute-dev: interrupted while starting; details in {}", log_file.display());
+            return ExitCode::from(130);
+        }
+    };
+    let mut cluster = match started {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("confroute-dev: cannot start the cluster: {e}");
+            eprintln!(
+                "confroute-dev: cannot start the cluster: {e} (details in {})",
+                log_file.display()
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -259,9 +278,33 @@ pub async fn run(args: DevArgs) -> ExitCode {
         _ = signals.next() => None,
     };
     match finished {
-        Some(code) => code,
+        Some(code) => {
+            println!("confroute-dev: the cluster's log is {}", log_file.display());
+            code
+        }
         None => stop_at_once(cluster),
     }
+}
+
+/// A new directory of this run's own for the cluster's log, under a name nobody could have
+/// prepared (a shared /tmp: a path another user made, or a link there, is never written
+/// through). Kept after the run, for reading.
+fn log_dir() -> std::io::Result<std::path::PathBuf> {
+    let mut last = None;
+    for _ in 0..16 {
+        let dir = std::env::temp_dir().join(format!(
+            "confroute-dev-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        // `create_dir` fails on anything already there, a link included.
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
 }
 
 /// The orderly end of a run: every caller hangs up, the live nodes drain empty, everything
@@ -320,11 +363,27 @@ fn validate(a: &DevArgs) -> Result<(), String> {
     if a.conferences == 0 {
         return Err("--conferences must be at least 1".into());
     }
-    if !(a.rate > 0.0 && a.rate <= 5000.0) {
-        return Err("--rate must be between 0 and 5000 calls/s".into());
+    // Bounded so that every interval the generator derives from them is a Duration.
+    if !(0.01..=5000.0).contains(&a.rate) {
+        return Err("--rate must be between 0.01 and 5000 calls/s".into());
     }
-    if !(a.hold_min >= 0.0 && a.hold_max >= a.hold_min) {
-        return Err("--hold-min must be >= 0 and <= --hold-max".into());
+    if !(a.hold_min >= 0.0 && a.hold_max >= a.hold_min && a.hold_max <= 86_400.0) {
+        return Err("--hold-min must be >= 0 and <= --hold-max, at most 86400 s".into());
+    }
+    if !(a.dialouts_per_minute == 0.0 || (0.01..=60_000.0).contains(&a.dialouts_per_minute)) {
+        return Err("--dialouts-per-minute must be 0 or between 0.01 and 60000".into());
+    }
+    if a.capacity == 0 {
+        return Err("--capacity must be at least 1".into());
+    }
+    for (flag, value) in [
+        ("--duration", a.duration),
+        ("--kill-node-after", a.kill_node_after),
+        ("--drain-node-after", a.drain_node_after),
+    ] {
+        if value.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            return Err(format!("{flag} must be a number of seconds, 0 or more"));
+        }
     }
     if a.kill_node_after.is_some() && a.nodes < 2 {
         return Err("--kill-node-after needs at least 2 nodes (one must survive)".into());
@@ -531,5 +590,54 @@ mod tests {
         assert_eq!(chosen.sip_uri, "sip:pbx.lab:5080;transport=tcp");
         assert!(real_ari(&parse(&["--ari", "10.0.0.5:8088"])).is_err());
         assert!(validate(&parse(&["--sip-uri", "sip:10.0.0.5"])).is_err());
+    }
+
+    /// Numbers the generator could not turn into intervals (or that would panic its task and
+    /// leave the view at zero calls) are refused at start, naming the flag.
+    #[test]
+    fn numbers_the_generator_cannot_use_are_refused_naming_the_flag() {
+        let check = |extra: &[&str]| {
+            let mut argv = vec!["confroute-dev".to_string()];
+            // `--flag=` with its value joined: a value starting with `-` is no flag then.
+            match extra {
+                [flag, value] if flag.ends_with('=') => argv.push(format!("{flag}{value}")),
+                _ => argv.extend(extra.iter().map(|a| a.to_string())),
+            }
+            validate(&DevArgs::try_parse_from(argv).expect("parses"))
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&["--dialouts-per-minute", "0", "--rate", "0.5"]).is_ok());
+        for (flag, value) in [
+            ("--rate", "1e-30"),
+            ("--rate", "NaN"),
+            ("--hold-max", "1e20"),
+            ("--hold-max", "inf"),
+            ("--dialouts-per-minute", "1e-300"),
+            ("--dialouts-per-minute=", "-1"),
+            ("--capacity", "0"),
+            ("--duration", "NaN"),
+            ("--kill-node-after=", "-5"),
+            ("--drain-node-after", "inf"),
+        ] {
+            let refused = check(&[flag, value]).expect_err(value);
+            let flag = flag.trim_end_matches('=');
+            let named = if flag == "--hold-max" {
+                "--hold-"
+            } else {
+                flag
+            };
+            assert!(refused.contains(named), "{flag} {value}: {refused}");
+        }
+    }
+
+    /// The log directory is new and this run's own: never one already there.
+    #[test]
+    fn each_run_gets_a_log_directory_of_its_own() {
+        let (a, b) = (log_dir().expect("dir"), log_dir().expect("dir"));
+        assert_ne!(a, b);
+        assert!(a.is_dir() && b.is_dir());
+        for d in [a, b] {
+            std::fs::remove_dir(d).expect("empty, removed");
+        }
     }
 }
