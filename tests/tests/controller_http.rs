@@ -219,6 +219,15 @@ async fn route_answers_and_its_error_paths() {
     assert_eq!(no_type.status().as_u16(), 415);
     let page = s.store.list_conferences(None, 100).await.expect("list");
     assert_eq!(page.items.len(), 1, "bad requests created nothing");
+    // Each one that reached the route named no valid conference: counted `invalid`, a body
+    // that is not one (the cases, the 415) as much as a badly spelled name (the long one).
+    // The 413 is refused from its Content-Length, before the route.
+    let m = fixtures::scrape(&s.controller.http_url()).await;
+    assert_eq!(
+        fixtures::metric(&m, r#"confroute_route_total{outcome="invalid"}"#),
+        (cases.len() + 2) as f64,
+        "{m}"
+    );
 
     // Every node drained: no capacity.
     drain_every_node(&s).await;
@@ -721,17 +730,22 @@ async fn call_control_bodies_may_not_name_what_their_path_names() {
     assert_error(&a, 422, "invalid_params");
     let page = s.store.list_conferences(None, 10).await.expect("list");
     assert!(page.items.is_empty(), "nothing claimed: {:?}", page.items);
-    // The path's own value, repeated in the body, is no conflict: the request goes on (to
-    // the node, which no agent answers here).
-    let a = call(
-        &s,
-        Method::POST,
-        "/v1/conferences/path-conf/participants/p1/dtmf",
-        Some(r#"{"digits":"1","conference":"path-conf","participant":"p1"}"#),
-        None,
-    )
-    .await;
-    assert_ne!(a.status.as_u16(), 422, "{}", a.text);
+    // The path's own value, repeated in the body, is no conflict, nor is `null` (a client
+    // library's unset field): the request goes on (to the node, which no agent answers here).
+    for body in [
+        r#"{"digits":"1","conference":"path-conf","participant":"p1"}"#,
+        r#"{"digits":"1","conference":null,"participant":null}"#,
+    ] {
+        let a = call(
+            &s,
+            Method::POST,
+            "/v1/conferences/path-conf/participants/p1/dtmf",
+            Some(body),
+            None,
+        )
+        .await;
+        assert_ne!(a.status.as_u16(), 422, "{body}: {}", a.text);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2045,10 +2045,19 @@ async fn an_upgrade_for_another_websocket_version_is_told_version_13() {
             .and_then(|v| v.to_str().ok()),
         Some("13")
     );
-    // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+    // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to, and §7.8 lists `upgrade`
+    // in Connection with it.
     assert_eq!(
         r.headers().get("upgrade").and_then(|v| v.to_str().ok()),
         Some("websocket")
+    );
+    assert!(
+        r.headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade")),
+        "{:?}",
+        r.headers()
     );
     let body: Value = r.json().await.expect("JSON error body");
     assert_eq!(body["error"]["code"], "upgrade_required", "{body}");

@@ -154,7 +154,11 @@ pub async fn route(
     body: Result<Json<RouteRequest>, JsonRejection>,
 ) -> Result<Json<RouteAnswer>, ApiError> {
     q?;
-    let Json(req) = body.map_err(json_rejection)?;
+    // A body that names no conference (not JSON, no `conference`) is an invalid routing
+    // request as much as a badly spelled name: an edge sending the wrong field shows there.
+    let Json(req) = body
+        .map_err(json_rejection)
+        .inspect_err(|_| state.router.record_invalid())?;
     let name = conference_name(&req.conference).inspect_err(|_| state.router.record_invalid())?;
     match state.router.route(&name, "http").await {
         Ok(d) => Ok(Json(RouteAnswer {

@@ -296,10 +296,15 @@ async fn as_json_error(resp: Response) -> Response {
     };
     let mut out = ApiError::new(status, code, message).into_response();
     if status == StatusCode::UPGRADE_REQUIRED {
-        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to; §7.8: with `upgrade`
+        // in Connection, so that intermediaries do not pass it on.
         out.headers_mut().insert(
             header::UPGRADE,
             axum::http::HeaderValue::from_static("websocket"),
+        );
+        out.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("upgrade"),
         );
     }
     out

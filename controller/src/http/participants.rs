@@ -91,10 +91,15 @@ pub async fn rpc(
                 "sec-websocket-version",
                 axum::http::HeaderValue::from_static("13"),
             );
-            // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+            // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to; §7.8: with
+            // `upgrade` in Connection, so that intermediaries do not pass it on.
             r.headers_mut().insert(
                 axum::http::header::UPGRADE,
                 axum::http::HeaderValue::from_static("websocket"),
+            );
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("upgrade"),
             );
             return r;
         }
@@ -148,10 +153,13 @@ fn body(b: Result<Json<Value>, JsonRejection>) -> Result<Map<String, Value>, Api
 
 /// The body with the path's values added. A body naming another one is refused: acting on
 /// what the path says while the client meant what its body says would act on the wrong
-/// conference or participant. The same value, repeated, is fine.
+/// conference or participant. The same value, repeated, is fine, and so is `null` (a client
+/// library's unset field, as JSON-RPC takes it).
 fn with(mut m: Map<String, Value>, extra: &[(&str, &str)]) -> Result<Value, ApiError> {
     for (k, v) in extra {
-        if m.get(*k).is_some_and(|given| given.as_str() != Some(*v)) {
+        if m.get(*k)
+            .is_some_and(|given| !given.is_null() && given.as_str() != Some(*v))
+        {
             return Err(ControlError::InvalidParams(format!(
                 "`{k}` differs from the {k} the path names"
             ))
