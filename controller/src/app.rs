@@ -39,6 +39,9 @@ pub struct Controller {
     rpc_max_connections: usize,
     /// How long HTTP requests in flight may take at a stop: the longest a request runs.
     http_grace: Duration,
+    /// REST commands that run to their end, whose clients may have gone.
+    running: Arc<tokio::sync::Semaphore>,
+    max_running: usize,
 }
 
 /// Binds every socket and starts serving.
@@ -157,6 +160,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     let sip_bound = Arc::new(AtomicBool::new(false));
     let (rpc_stop, rpc_stop_rx) = tokio::sync::watch::channel(false);
     let rpc_connections = Arc::new(tokio::sync::Semaphore::new(cfg.rpc.max_connections));
+    let running = Arc::new(tokio::sync::Semaphore::new(cfg.http.max_running_commands));
     let state = ApiState::new(ApiShared {
         router,
         metrics,
@@ -168,6 +172,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         max_body: cfg.http.max_body_size,
         rpc_connections: rpc_connections.clone(),
         rpc_stop: rpc_stop_rx,
+        running: running.clone(),
     });
     let listener = TcpListener::bind(cfg.http.listen)
         .await
@@ -203,6 +208,8 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         // waits for its node (rpc.command_timeout): cut short, a dial-out's client would
         // see its connection drop, and a refused dial-out's home would not be given back.
         http_grace: cfg.rpc.command_timeout + cfg.routing.deadline + Duration::from_secs(1),
+        running,
+        max_running: cfg.http.max_running_commands,
     })
 }
 
@@ -227,9 +234,16 @@ impl Controller {
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());
         }
-        if let Some(t) = self.http_task.take() {
-            let _ = tokio::time::timeout(self.http_grace, t).await;
-        }
+        // Requests in flight, and the dial-outs and moves whose clients hung up but which run
+        // on: cut between a claim and its hand-back, one would leave a claim holding a seat.
+        let running = u32::try_from(self.max_running).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(self.http_grace, async {
+            if let Some(t) = self.http_task.take() {
+                let _ = t.await;
+            }
+            let _ = self.running.acquire_many(running).await;
+        })
+        .await;
         // Call-control clients are told the controller is going (close 1001) rather than
         // seeing their connections drop as in a crash; answers on their way get a moment first.
         let _ = self.rpc_stop.send(true);

@@ -115,6 +115,9 @@ pub enum Transport {
 
 pub use confroute_shared::http_serve::{DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_RANGE};
 
+/// Most `http.max_running_commands` allowed (a task each, with its bus call).
+pub const MAX_RUNNING_COMMANDS: usize = 100_000;
+
 /// HTTP API settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -132,6 +135,9 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
     /// HTTP connections open at once; further ones are closed as they are accepted.
     pub max_connections: usize,
+    /// REST dial-outs and moves running at once (each runs to its end even when its client
+    /// hangs up); past it one is refused with 503.
+    pub max_running_commands: usize,
 }
 
 /// How conferences are placed and how long a routing decision may take.
@@ -255,6 +261,7 @@ impl Default for HttpConfig {
             max_body_size: 64 * 1024,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_connections: confroute_shared::http_serve::DEFAULT_MAX_CONNECTIONS,
+            max_running_commands: 1024,
         }
     }
 }
@@ -318,6 +325,9 @@ impl Validate for ControllerConfig {
         if !confroute_shared::http_serve::MAX_CONNECTIONS_RANGE.contains(&self.http.max_connections)
         {
             issues.add("http.max_connections", "must be between 1 and 1000000");
+        }
+        if !(1..=MAX_RUNNING_COMMANDS).contains(&self.http.max_running_commands) {
+            issues.add("http.max_running_commands", "must be between 1 and 100000");
         }
         // Under RFC 3261's 32 s (Timer H, 64·T1): past it the INVITE's transaction is
         // forgotten while it is still being routed, and neither a CANCEL nor a lost answer's
@@ -426,6 +436,16 @@ mod tests {
                 "CONFROUTE_HTTP__MAX_CONNECTIONS",
                 "0",
                 "http.max_connections",
+            ),
+            (
+                "CONFROUTE_HTTP__MAX_RUNNING_COMMANDS",
+                "0",
+                "http.max_running_commands",
+            ),
+            (
+                "CONFROUTE_HTTP__MAX_RUNNING_COMMANDS",
+                "100001",
+                "http.max_running_commands",
             ),
             (
                 "CONFROUTE_HTTP__API_TOKEN",

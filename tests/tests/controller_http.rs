@@ -1325,6 +1325,97 @@ async fn a_stop_lets_a_call_control_request_in_flight_finish() {
         .expect("exits");
 }
 
+/// REST dial-outs run to their end even when their client hangs up, so they are bounded by
+/// `http.max_running_commands` (past it: 503 `too_many_commands`, nothing claimed), and a
+/// stop waits for them: a node's refusal that arrives after the stop began still has the
+/// conference's claim given back, instead of an empty claim left holding a seat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_dialouts_whose_clients_left_are_bounded_and_finished_at_a_stop() {
+    use confroute_shared::bus::{BusError, ErrorCode};
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    store
+        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
+        .await
+        .expect("register");
+    // node-a hears commands; the test answers them.
+    let (node, mut commands) =
+        confroute_shared::bus::Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_RPC__COMMAND_TIMEOUT".into(), "10s".into()));
+    env.push(("CONFROUTE_HTTP__MAX_RUNNING_COMMANDS".into(), "1".into()));
+    let mut controller = ControllerProc::start(&env).expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    let dialout = |conference: &str| {
+        fixtures::http()
+            .post(format!(
+                "{}/v1/conferences/{conference}/participants",
+                controller.http_url()
+            ))
+            .header("content-type", "application/json")
+            .body(r#"{"to":"+15555550101"}"#)
+    };
+    // The first client gives up long before the node answers.
+    let gave_up = dialout("first")
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "no answer within the client's time");
+    let cmd = tokio::time::timeout(Duration::from_secs(10), commands.recv())
+        .await
+        .expect("the node hears the dial-out")
+        .expect("bus open");
+    assert_eq!(cmd.method, "dialout");
+    let first = "first".parse().expect("name");
+    assert!(
+        store.lookup(&first).await.expect("lookup").is_some(),
+        "homed"
+    );
+
+    // Its command still runs: a second one has no slot.
+    let refused = dialout("second").send().await.expect("request");
+    assert_eq!(refused.status().as_u16(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "too_many_commands", "{body}");
+    let second = "second".parse().expect("name");
+    assert!(
+        store.lookup(&second).await.expect("lookup").is_none(),
+        "nothing claimed for the refused one"
+    );
+
+    controller.process().signal(libc::SIGTERM).expect("sigterm");
+    confroute_tests::harness::wait_for_async(
+        "the controller stopping",
+        Duration::from_secs(10),
+        || async { controller.output().contains("stopping").then_some(()) },
+    )
+    .await
+    .expect("stopping");
+    node.respond(
+        &cmd,
+        Err(BusError::new(
+            ErrorCode::ConferenceFull,
+            "no room for a callee",
+        )),
+    )
+    .await;
+    let code = controller
+        .process()
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits");
+    assert_eq!(code, Some(0), "{}", controller.output());
+    assert!(
+        store.lookup(&first).await.expect("lookup").is_none(),
+        "the refused dial-out's claim was given back before the exit: {}",
+        controller.output()
+    );
+}
+
 /// With a token, a request's `Origin` is not judged: a program behind a reverse proxy that
 /// rewrites `Host` (its own `Origin` then names another host) is served on its token, and a
 /// browser page cannot send the token anyway. Without the token it is refused as always.

@@ -91,6 +91,9 @@ pub struct ApiShared {
     pub rpc_connections: Arc<tokio::sync::Semaphore>,
     /// Becomes true when the controller stops: open WebSockets close with 1001.
     pub rpc_stop: tokio::sync::watch::Receiver<bool>,
+    /// Slots of REST commands that run to their end (`http.max_running_commands`); a stop
+    /// waits for them all.
+    pub running: Arc<tokio::sync::Semaphore>,
 }
 
 /// The handler of one entry of [`ROUTES`]; registering from the table keeps the router and

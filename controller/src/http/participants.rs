@@ -248,7 +248,7 @@ pub async fn dialout(
     q?;
     let p: DialoutParams = decode(with(body(b)?, &[("conference", &name)])?)?;
     let control = state.control.clone();
-    let d = to_the_end(async move { control.dialout(p).await }).await??;
+    let d = to_the_end(&state, async move { control.dialout(p).await }).await??;
     // Statuses are not events: REST callers see the callee's `join` (participant = call id)
     // among the conference events; the JSON-RPC `dialout` streams every status. Dropping
     // the stream forgets the command.
@@ -406,18 +406,38 @@ pub async fn move_to(
     let params: MoveParams = decode(v)?;
     let control = state.control.clone();
     Ok(Json(
-        to_the_end(async move { control.move_participant(params).await }).await??,
+        to_the_end(
+            &state,
+            async move { control.move_participant(params).await },
+        )
+        .await??,
     ))
 }
 
 /// Runs a command that claims a home in a task of its own, so it finishes even when the
 /// client hangs up (hyper then drops the request's future): cut short between its claim and
 /// the claim's hand-back after a node's refusal, it would leave an empty conference holding
-/// a seat of the node's capacity.
+/// a seat of the node's capacity. Such tasks outlive their requests, so they take a slot of
+/// `http.max_running_commands` (a client hanging up at once and asking again would
+/// otherwise start commands without bound), and a stop waits for them.
 async fn to_the_end<T: Send + 'static>(
+    state: &ApiState,
     command: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::spawn(command).await.map_err(|e| {
+    let Ok(slot) = state.running.clone().try_acquire_owned() else {
+        return Err(ApiError::unavailable(
+            "too_many_commands",
+            "this controller runs http.max_running_commands dial-outs and moves already; retry, or use another controller",
+            state.retry_after,
+        ));
+    };
+    tokio::spawn(async move {
+        let done = command.await;
+        drop(slot);
+        done
+    })
+    .await
+    .map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
