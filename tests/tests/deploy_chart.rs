@@ -589,6 +589,41 @@ fn prometheus_rule_carries_the_rules_file() {
     }
 }
 
+/// The alerts are kept to the release's namespace, which series scraped without the chart's
+/// ServiceMonitors may not carry: every scoped alert would stay silent and the controllers'
+/// absence page for ever. The chart refuses that pairing, and renders the rules file as it is
+/// for a scrape configuration of one's own.
+#[test]
+fn scoped_alerts_need_the_service_monitors_or_go_unscoped() {
+    let dir = TempDir::new("values").expect("dir");
+    refused_at_render(
+        dir.path(),
+        "scoped rules without ServiceMonitors",
+        &json!({"prometheusRule": {"enabled": true}}),
+        &["serviceMonitor.enabled", "prometheusRule.scopeToNamespace"],
+    );
+    let r = render(&values_file(
+        dir.path(),
+        "unscoped",
+        &json!({"prometheusRule": {"enabled": true, "scopeToNamespace": false}}),
+    ));
+    let pr = r.one("PrometheusRule", "confroute");
+    let file = yaml_to_json(&chart_dir().join("rules/confroute.rules.yaml"));
+    let rendered = pr["spec"]["groups"].as_array().expect("groups");
+    let expected = file["groups"].as_array().expect("groups");
+    assert_eq!(rendered.len(), expected.len());
+    for (g, e) in rendered.iter().zip(expected) {
+        for (r, e) in g["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .zip(e["rules"].as_array().expect("rules"))
+        {
+            assert_eq!(r["expr"], e["expr"], "{} as in the file", e["alert"]);
+        }
+    }
+}
+
 #[test]
 fn network_policies_admit_the_named_peers() {
     let r = check_scenario("networkpolicy");

@@ -333,9 +333,44 @@ fn used_names() -> BTreeSet<String> {
     for (_, e) in alert_rules() {
         names.extend(metric_names(&e));
     }
-    // The dashboard's variables read this one too.
-    names.insert("confroute_node_state".into());
+    // The dashboard's variables read series too.
+    for (_, metric, _) in variables() {
+        names.insert(metric);
+    }
     names
+}
+
+/// The dashboard's `label_values(metric{...}, label)` variables, as (variable, metric, the
+/// query's selector with variables filled in).
+fn variables() -> Vec<(String, String, String)> {
+    let d = dashboard();
+    let mut out = Vec::new();
+    for v in d["templating"]["list"].as_array().expect("variables") {
+        let Some(q) = v["query"]["query"].as_str().or(v["query"].as_str()) else {
+            continue;
+        };
+        let Some(inner) = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+        else {
+            continue;
+        };
+        let (selector, _label) = inner
+            .rsplit_once(',')
+            .expect("label_values(selector, label)");
+        let metric = selector
+            .split('{')
+            .next()
+            .expect("metric")
+            .trim()
+            .to_string();
+        out.push((
+            v["name"].as_str().expect("name").to_string(),
+            metric,
+            fill(selector.trim()),
+        ));
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,6 +404,20 @@ async fn binaries_export_every_metric_the_dashboard_and_alerts_use() {
             panic!("{e}: used by the dashboard or the alerts but exported by no binary: {missing:?}\nexported: {all:?}");
         }
     };
+
+    // The namespace variable, which every panel filters on, reads a series both kinds of
+    // process export from their start: controllers alone (no node up, the very incident)
+    // still fill it.
+    let (_, namespaces, _) = variables()
+        .into_iter()
+        .find(|(name, _, _)| name == "namespace")
+        .expect("a namespace variable");
+    for (url, body) in &scraped {
+        assert!(
+            sample_names(body).contains(&namespaces),
+            "{url} exports no {namespaces}, which the namespace variable reads"
+        );
+    }
 
     for (url, body) in &scraped {
         let mut check = Command::new(&promtool);
@@ -485,7 +534,9 @@ async fn prometheus_answers_every_dashboard_query_from_the_running_cluster() {
     let prom = Prometheus::start(&c).await;
     c.traffic().await;
 
-    // The variables: zone and node values come from the node agents' series.
+    // The variables, each read from its own query's series: zone and node values come from
+    // the node agents'.
+    let selectors = variables();
     for (label, want) in [
         (
             "zone",
@@ -498,12 +549,13 @@ async fn prometheus_answers_every_dashboard_query_from_the_running_cluster() {
         ("namespace", BTreeSet::from([NAMESPACE.to_string()])),
     ] {
         let url = format!("{}/api/v1/label/{label}/values", prom.url);
+        let (_, _, selector) = selectors
+            .iter()
+            .find(|(name, _, _)| name == label)
+            .unwrap_or_else(|| panic!("no ${label} variable"));
         wait_for_async(&format!("values of ${label}"), WAIT, || async {
             let v: Value = fixtures::http()
-                .get(format!(
-                    "{url}?{}",
-                    encode("match[]", "confroute_node_state")
-                ))
+                .get(format!("{url}?{}", encode("match[]", selector)))
                 .send()
                 .await
                 .ok()?
