@@ -60,9 +60,87 @@ where
     requests as f64 / started.elapsed().as_secs_f64()
 }
 
-fn redis_benchmark_get(port: u16, clients: usize, requests: usize) -> Option<f64> {
-    let out = std::process::Command::new("redis-benchmark")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+/// Where `redis-benchmark` measures the reference: the same server (and database, and
+/// credentials) the store runs against.
+struct Target {
+    host: String,
+    port: u16,
+    user: Option<String>,
+    password: Option<String>,
+    db: u32,
+}
+
+impl Target {
+    /// The parts of a `redis://` URL `redis-benchmark` needs; an error for one it cannot
+    /// reach the same way (TLS, a Unix socket).
+    fn from_url(url: &str) -> Result<Target, String> {
+        let u = reqwest::Url::parse(url).map_err(|e| format!("--redis-url `{url}`: {e}"))?;
+        if u.scheme() != "redis" {
+            return Err(format!(
+                "--redis-url `{url}`: only redis:// is measured (redis-benchmark is started without TLS)"
+            ));
+        }
+        let host = u
+            .host_str()
+            .ok_or_else(|| format!("--redis-url `{url}` names no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let db = match u.path().trim_start_matches('/') {
+            "" => 0,
+            d => d
+                .parse()
+                .map_err(|_| format!("--redis-url `{url}`: database `{d}` is not a number"))?,
+        };
+        Ok(Target {
+            host,
+            port: u.port().unwrap_or(6379),
+            user: Some(u.username())
+                .filter(|n| !n.is_empty())
+                .map(percent_decode),
+            password: u.password().map(percent_decode),
+            db,
+        })
+    }
+}
+
+/// `%XX` escapes of a URL's user or password, decoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn redis_benchmark_get(target: &Target, clients: usize, requests: usize) -> Option<f64> {
+    let mut cmd = std::process::Command::new("redis-benchmark");
+    cmd.args(["-h", &target.host, "-p", &target.port.to_string()])
+        .args(["--dbnum", &target.db.to_string()]);
+    if let Some(user) = &target.user {
+        cmd.args(["--user", user]);
+    }
+    if let Some(password) = &target.password {
+        // From the environment, not the command line other users can read.
+        cmd.env("REDISCLI_AUTH", password);
+    }
+    let out = cmd
         .args([
             "-t",
             "get",
@@ -89,25 +167,25 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let private;
-    let (url, port) = match &args.redis_url {
-        Some(u) => {
-            let port = u
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.trim_end_matches('/').parse().ok())
-                .unwrap_or(6379);
-            (u.clone(), port)
-        }
+    let url = match &args.redis_url {
+        Some(u) => u.clone(),
         None => match RedisServer::start() {
             Ok(r) => {
                 private = r;
-                (private.url(), private.port())
+                private.url()
             }
             Err(e) => {
                 eprintln!("{e}");
                 return std::process::ExitCode::FAILURE;
             }
         },
+    };
+    let target = match Target::from_url(&url) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::from(2);
+        }
     };
     // Nobody joins the claimed names: their claims must outlive the run for the lookups and
     // "claim-exist" to find them.
@@ -183,7 +261,7 @@ async fn main() -> std::process::ExitCode {
             }
         })
         .await;
-        let get = redis_benchmark_get(port, c, args.requests);
+        let get = redis_benchmark_get(&target, c, args.requests);
         let ratio = get
             .map(|g| format!("{:.2}x", lookups / g))
             .unwrap_or("-".into());
@@ -203,4 +281,23 @@ async fn main() -> std::process::ExitCode {
         }
     }
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference is measured on the server, database and account the store uses.
+    #[test]
+    fn the_reference_targets_the_stores_own_redis() {
+        let t = Target::from_url("redis://bench:p%40ss@10.0.0.7:6380/3").expect("url");
+        assert_eq!((t.host.as_str(), t.port, t.db), ("10.0.0.7", 6380, 3));
+        assert_eq!(t.user.as_deref(), Some("bench"));
+        assert_eq!(t.password.as_deref(), Some("p@ss"));
+        let t = Target::from_url("redis://[::1]/").expect("url");
+        assert_eq!((t.host.as_str(), t.port, t.db), ("::1", 6379, 0));
+        assert!(t.user.is_none() && t.password.is_none());
+        assert!(Target::from_url("rediss://10.0.0.7:6380").is_err());
+        assert!(Target::from_url("redis://10.0.0.7/x").is_err());
+    }
 }
