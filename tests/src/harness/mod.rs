@@ -85,8 +85,20 @@ const PICK_RESERVED: Duration = Duration::from_secs(60);
 /// Reserves `port` for this pick, across processes, by creating a file named after it; false
 /// when another process picked it less than [`PICK_RESERVED`] ago.
 fn reserve_pick(port: u16) -> bool {
-    let dir = std::env::temp_dir().join("confroute-test-ports");
-    if std::fs::create_dir_all(&dir).is_err() {
+    // One directory per user: a directory another user made (a run as root, say) would refuse
+    // this user's files, and every pick would fall back to ports the kernel hands out.
+    // SAFETY: getuid(2) cannot fail.
+    let uid = unsafe { libc::getuid() };
+    reserve_in(
+        &std::env::temp_dir().join(format!("confroute-test-ports-{uid}")),
+        port,
+    )
+}
+
+/// [`reserve_pick`] in `dir`. Where no reservation can be made there at all, the pick goes
+/// ahead unreserved rather than being refused.
+fn reserve_in(dir: &std::path::Path, port: u16) -> bool {
+    if std::fs::create_dir_all(dir).is_err() {
         return true;
     }
     let path = dir.join(port.to_string());
@@ -95,15 +107,16 @@ fn reserve_pick(port: u16) -> bool {
             .write(true)
             .create_new(true)
             .open(&path)
-            .is_ok()
     };
-    if create() {
-        return true;
+    match create() {
+        Ok(_) => return true,
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return true,
+        Err(_) => {}
     }
     let stale = std::fs::metadata(&path)
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > PICK_RESERVED));
-    stale && std::fs::remove_file(&path).is_ok() && create()
+    stale && std::fs::remove_file(&path).is_ok() && create().is_ok()
 }
 
 /// Lowest port [`free_port`] picks itself.
@@ -262,6 +275,22 @@ fn build_command(exe: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port picked a moment ago by another process is not handed out again; where no
+    /// reservation can be made (the directory cannot exist), picks go ahead rather than
+    /// every one being refused.
+    #[test]
+    fn port_reservations_refuse_a_fresh_pick_and_never_block_all_picks() {
+        let dir = crate::harness::TempDir::new("ports").expect("dir");
+        let ports = dir.path().join("ports");
+        assert!(reserve_in(&ports, 20_001));
+        assert!(!reserve_in(&ports, 20_001), "picked a moment ago");
+        assert!(reserve_in(&ports, 20_002));
+        // A file where the directory should be: nothing can be reserved.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, b"").expect("file");
+        assert!(reserve_in(&blocked, 20_001));
+    }
 
     /// The hint for a missing binary builds in the profile of the executable that looked for
     /// it: a release tool is not told to build debug binaries it would not find.
