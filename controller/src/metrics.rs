@@ -44,6 +44,8 @@ pub struct Metrics {
     pub nodes: IntGaugeVec,
     /// Nodes in the view whose agent reports its ARI connection down.
     pub nodes_ari_down: IntGauge,
+    /// `confroute_nodes_placeable`.
+    pub nodes_placeable: IntGauge,
     /// Redis store instrumentation.
     pub store: StoreMetrics,
 }
@@ -127,6 +129,11 @@ impl Metrics {
             "Nodes with a live lease in this controller's view whose agent reports its ARI unusable (events WebSocket down, writes refused, or not yet checked): no new conference is placed there.",
         )?;
         registry.register(Box::new(nodes_ari_down.clone()))?;
+        let nodes_placeable = IntGauge::new(
+            "confroute_nodes_placeable",
+            "Nodes with a live lease in this controller's view that take a new conference now: serving, ARI usable, below their capacity.",
+        )?;
+        registry.register(Box::new(nodes_placeable.clone()))?;
         registry.register(Box::new(sip_requests.clone()))?;
         registry.register(Box::new(sip_dropped.clone()))?;
         registry.register(Box::new(sip_retransmissions.clone()))?;
@@ -166,6 +173,7 @@ impl Metrics {
             rpc_events_lost,
             nodes,
             nodes_ari_down,
+            nodes_placeable,
             store,
         })
     }

@@ -413,6 +413,22 @@ impl Router {
         self.metrics
             .nodes_ari_down
             .set(i64::try_from(ari_down).unwrap_or(i64::MAX));
+        // As the placer and claim.lua judge them: serving nodes can all be full or without
+        // their Asterisk, when every new conference is refused as surely as with none.
+        let placeable = nodes
+            .iter()
+            .filter(|n| {
+                n.lease_ms > 0
+                    && n.info.state == NodeState::Serving
+                    && n.load.ari
+                    && n.claimed.max(n.load.conferences) < n.info.capacity
+                    && (n.info.participant_capacity == 0
+                        || n.load.participants < n.info.participant_capacity)
+            })
+            .count();
+        self.metrics
+            .nodes_placeable
+            .set(i64::try_from(placeable).unwrap_or(i64::MAX));
         let view = Arc::new(NodeView {
             nodes: nodes.into_iter().map(|n| (n.info.id.clone(), n)).collect(),
             read_at: asked,

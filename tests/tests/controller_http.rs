@@ -1416,6 +1416,66 @@ async fn rest_dialouts_whose_clients_left_are_bounded_and_finished_at_a_stop() {
     );
 }
 
+/// `confroute_nodes_placeable` counts the nodes the placer would offer a new conference:
+/// serving, ARI usable, below capacity. A full node, a draining one and one whose ARI is
+/// down are serving or listed but not placeable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeable_nodes_leave_out_full_draining_and_deaf_ones() {
+    use confroute_shared::types::{NodeLoad, NodeState};
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let lease = Duration::from_secs(300);
+    store
+        .register(&fixtures::node("open", 100), lease)
+        .await
+        .expect("register");
+    store
+        .register(&fixtures::node("full", 1), lease)
+        .await
+        .expect("register");
+    let mut draining = fixtures::node("draining", 100);
+    draining.state = NodeState::Draining;
+    store.register(&draining, lease).await.expect("register");
+    store
+        .claim(&"filler".parse().expect("name"), &[fixtures::id("full")])
+        .await
+        .expect("claim");
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_ROUTING__NODE_REFRESH".into(), "200ms".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let gauges = || async {
+        let m = fixtures::scrape(&controller.http_url()).await;
+        (
+            fixtures::metric(&m, "confroute_nodes_placeable"),
+            fixtures::metric(&m, r#"confroute_nodes{state="serving"}"#),
+        )
+    };
+    confroute_tests::harness::wait_for_async(
+        "one placeable node of two serving",
+        Duration::from_secs(10),
+        || async { (gauges().await == (1.0, 2.0)).then_some(()) },
+    )
+    .await
+    .expect("placeable 1");
+    // The open node's Asterisk goes: none takes a conference, both still serve.
+    let deaf = NodeLoad {
+        ari: false,
+        ..NodeLoad::default()
+    };
+    store
+        .heartbeat(&fixtures::id("open"), &deaf, lease, &[])
+        .await
+        .expect("heartbeat");
+    confroute_tests::harness::wait_for_async(
+        "no placeable node, two serving",
+        Duration::from_secs(10),
+        || async { (gauges().await == (0.0, 2.0)).then_some(()) },
+    )
+    .await
+    .expect("placeable 0");
+}
+
 /// With a token, a request's `Origin` is not judged: a program behind a reverse proxy that
 /// rewrites `Host` (its own `Origin` then names another host) is served on its token, and a
 /// browser page cannot send the token anyway. Without the token it is refused as always.
