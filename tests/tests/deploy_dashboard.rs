@@ -122,3 +122,39 @@ fn dashboard_has_its_variables_and_panels() {
         }
     }
 }
+
+/// Picking a node or a zone narrows every panel over series the node agents export (the
+/// Redis panels too, which controllers share: `node=~"$node|"` keeps their unlabelled
+/// series), so one node with a bad path to Redis or Asterisk can be looked at alone.
+#[test]
+fn panels_over_agent_series_follow_the_node_and_zone_variables() {
+    const AGENT_PREFIXES: [&str; 4] = [
+        "confroute_node_",
+        "confroute_ari_",
+        "confroute_webhook_",
+        "confroute_redis_",
+    ];
+    for (title, expr) in dashboard_queries(&dashboard()) {
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("confroute_") {
+            let tail = &rest[at..];
+            let name_end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..name_end];
+            if AGENT_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                let selector = tail[name_end..]
+                    .strip_prefix('{')
+                    .and_then(|s| s.split('}').next())
+                    .unwrap_or("");
+                for var in ["node", "zone"] {
+                    assert!(
+                        selector.contains(&format!("{var}=~\"${var}")),
+                        "panel {title:?}: {name} ignores ${var}: {expr}"
+                    );
+                }
+            }
+            rest = &tail[name_end..];
+        }
+    }
+}
