@@ -37,6 +37,29 @@ pub const RINGING_FALLBACK: Duration = Duration::from_secs(30);
 /// The ARI endpoint for `target` from the configured dial strings; `forbidden` when that
 /// kind of target is not configured on this node.
 pub fn endpoint(cfg: &DialoutConfig, target: Target<'_>) -> Result<String, BusError> {
+    let endpoint = dial_string(cfg, target)?;
+    // Asterisk's originate copies what follows `TECH/` into an 80-byte buffer
+    // (`AST_CHANNEL_NAME`) and dials what fits without a word: a long SIP URI would go out
+    // cut (its `;transport=tls`, or part of its host, gone).
+    let resource = endpoint.split_once('/').map_or("", |(_, r)| r);
+    if resource.len() > MAX_DIAL_DEVICE {
+        return Err(BusError::new(
+            ErrorCode::InvalidParams,
+            format!(
+                "`to` makes a dial string of {} bytes after its technology, past the {MAX_DIAL_DEVICE} Asterisk dials without cutting it",
+                resource.len()
+            ),
+        ));
+    }
+    Ok(endpoint)
+}
+
+/// Longest dial string after `TECH/` Asterisk's originate dials whole (`AST_CHANNEL_NAME`
+/// less its terminating NUL).
+pub const MAX_DIAL_DEVICE: usize = 79;
+
+/// The dial string for `target` from the configured templates.
+fn dial_string(cfg: &DialoutConfig, target: Target<'_>) -> Result<String, BusError> {
     match target {
         Target::Number(n) if !cfg.endpoint.is_empty() => Ok(cfg
             .endpoint

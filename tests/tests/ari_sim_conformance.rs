@@ -987,6 +987,26 @@ async fn broad_session_conforms() {
         .until(WAIT, |e| ty(e) == "ChannelDestroyed" && e["cause"] == 17)
         .await
         .expect("busy call ends");
+    // Asterisk copies the resource after `TECH/` into 80 bytes (`AST_CHANNEL_NAME`) and dials
+    // what fits: a longer one is cut, without an error, and the cut one is what rings.
+    let kept = format!("busy-{}", "x".repeat(74));
+    assert_eq!(kept.len(), 79);
+    sim.set_originate_behavior(EndpointMatch::exact(format!("PJSIP/{kept}")), Outcome::Busy);
+    sim.set_originate_behavior(
+        EndpointMatch::prefix(format!("PJSIP/{kept}y")),
+        Outcome::NoAnswer,
+    );
+    c.expect(
+        "POST",
+        &format!("/channels?endpoint=PJSIP/{kept}yz&app=confroute"),
+        None,
+        200,
+    )
+    .await;
+    app_ws
+        .until(WAIT, |e| ty(e) == "ChannelDestroyed" && e["cause"] == 17)
+        .await
+        .expect("the cut endpoint is dialled: busy");
     sim.set_originate_behavior(EndpointMatch::prefix("PJSIP/ring"), Outcome::NoAnswer);
     c.expect(
         "POST",

@@ -437,6 +437,39 @@ async fn dialout_needs_its_dial_string() {
     assert_eq!(changes(&s.sim), before);
 }
 
+/// Asterisk's originate dials at most 79 bytes after `TECH/` and cuts the rest without a
+/// word: a SIP URI that long would go out to another address (its `;transport=tls` gone).
+/// It is refused, and nothing is dialled; one that fits is dialled whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_string_asterisk_would_cut_is_refused() {
+    let (s, _caller) =
+        listening_with_a_caller(&[("CONFROUTE_DIALOUT__SIP_ENDPOINT", "PJSIP/trunk/{uri}")]).await;
+    let bus = bus(&s).await;
+    let before = changes(&s.sim);
+    // "trunk/" (6) and this URI (74): 80 bytes, one past what Asterisk dials.
+    let long = format!(
+        "sip:+49301234567@{}.example.net;transport=tls",
+        "s".repeat(31)
+    );
+    assert_eq!(long.len(), 74);
+    match send(&bus, "dialout", json!({"conference": "room", "to": long})).await {
+        Err((code, msg)) => {
+            assert_eq!(code, ErrorCode::InvalidParams, "{msg}");
+            assert!(msg.contains("79"), "{msg}");
+        }
+        Ok(v) => panic!("a dial string Asterisk would cut, yet {v}"),
+    }
+    assert_eq!(changes(&s.sim), before, "nothing dialled");
+    let fits = format!(
+        "sip:+49301234567@{}.example.net;transport=tls",
+        "s".repeat(30)
+    );
+    let v = send(&bus, "dialout", json!({"conference": "room", "to": fits}))
+        .await
+        .unwrap_or_else(|(code, msg)| panic!("{code:?}: {msg}"));
+    assert!(v["callid"].is_string(), "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_dial_string_stops_start_up_naming_the_key() {
     let redis = confroute_tests::harness::RedisServer::start().expect("redis");

@@ -18,6 +18,20 @@ use super::time::{ari_timestamp, uuid4};
 
 /// `AST_MAX_PUBLIC_UNIQUEID`.
 const MAX_PUBLIC_UNIQUEID: usize = 128;
+/// `AST_CHANNEL_NAME`: originate copies the endpoint's resource into a buffer this long, so
+/// what is past its 79th byte is cut off without a word (`ast_copy_string` into
+/// `dialdevice`).
+const CHANNEL_NAME: usize = 80;
+
+/// `s` cut as `ast_copy_string` into a buffer of `size` bytes cuts it: at most `size - 1`
+/// bytes (a cut inside a UTF-8 sequence drops the sequence, where Asterisk keeps its bytes).
+fn copy_string(s: &str, size: usize) -> &str {
+    let mut end = s.len().min(size.saturating_sub(1));
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 /// Channel technologies the simulated Asterisk has drivers for (canonical spelling).
 const TECHS: &[&str] = &[
@@ -925,6 +939,7 @@ pub(crate) fn originate(core: &Arc<Core>, req: &mut Req) -> ApiResult {
         ));
     }
     let (tech, resource) = endpoint.split_once('/').unwrap_or((endpoint.as_str(), ""));
+    let resource = copy_string(resource, CHANNEL_NAME);
     if tech.is_empty() || resource.is_empty() {
         return Err(ApiErr::new(400, "Invalid endpoint specified"));
     }
