@@ -1987,7 +1987,9 @@ impl Conference {
     /// A full conference: optional sound, then busy. Runs beside the actor so the sound
     /// does not hold up other callers. The sound goes out as early media: answering would
     /// turn the busy into a 200 and a BYE, billed as answered, that the edge cannot fail
-    /// over. Without early media (Asterisk before 20.16, 21.11, 22.6) the caller hears none.
+    /// over. An Asterisk without `progress` (before 20.16, 21.11, 22.6) is asked to play all
+    /// the same: its playback indicates progress itself to a channel not answered
+    /// (res_stasis_playback.c `play_on_channel`).
     async fn refuse_full(&self, channel: &Channel) {
         let ch = channel.id.clone();
         self.node.metrics.join("full");
@@ -2010,6 +2012,14 @@ impl Conference {
                         .play_on_channel(&ch, &id, &format!("sound:{sound}"))
                         .await
                         .is_ok(),
+                    // No such route (or the caller gone, which the play finds out too).
+                    Err(e) if e.kind == AriErrorKind::NotFound => {
+                        tracing::debug!(channel = %ch, error = %e, "no progress request here; the playback gives the early media");
+                        node.ari
+                            .play_on_channel(&ch, &id, &format!("sound:{sound}"))
+                            .await
+                            .is_ok()
+                    }
                     Err(e) => {
                         tracing::info!(channel = %ch, error = %e, "no early media for the conference-full sound; refusing with busy only");
                         false

@@ -121,6 +121,9 @@ pub struct SimConfig {
     /// http.conf `sessionlimit`: HTTP connections (the events WebSocket's included) open
     /// at once; Asterisk closes any beyond it at once, unanswered.
     pub session_limit: usize,
+    /// `POST /channels/{channelId}/progress` exists (Asterisk 20.16, 21.11, 22.6 and later);
+    /// false: an older Asterisk, which answers it 404 "Resource not found".
+    pub progress_route: bool,
 }
 
 impl Default for SimConfig {
@@ -143,6 +146,7 @@ impl Default for SimConfig {
             record_requests: true,
             // http.conf's default.
             session_limit: 100,
+            progress_route: true,
         }
     }
 }

@@ -564,6 +564,12 @@ pub(crate) fn dispatch(core: &Core, method: &str, segments: &[String]) -> Dispat
     let t = tree();
     let mut node = &t.root;
     let mut params = HashMap::new();
+    // An Asterisk from before the route has no handler for it (`ast_ari_invoke`'s 404).
+    if !core.cfg.progress_route
+        && matches!(segments, [c, _, p] if c == "channels" && p == "progress")
+    {
+        return Dispatch::NotFound;
+    }
     for seg in segments {
         if let Some(child) = node.literal.get(seg.as_str()) {
             node = child;
