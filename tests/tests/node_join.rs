@@ -138,6 +138,32 @@ async fn name_from_variable_or_sip_header_when_no_argument() {
     assert_main(&wait_bridged(&s.sim, &blank).await, 1, "room-hdr");
 }
 
+/// An older Asterisk takes only `normal`, `busy` and `congestion` as a hangup's reason and
+/// refuses the rest with 400: a caller refused with another cause (a bad name: 28, no name:
+/// 1) is hung up all the same, with the nearest reason it knows, not left in Stasis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_callers_are_hung_up_on_an_asterisk_with_the_old_hangup_reasons() {
+    let s = Single::start_on(
+        sim_tuned(CHANNELVARS, |c| c.classic_hangup_reasons = true).await,
+        &[],
+    )
+    .await;
+    for conf in ["bad name", ""] {
+        let caller = dial(&s.sim, conf, &[]).await;
+        assert_eq!(
+            wait_hangup(&s.sim, &caller).await,
+            16,
+            "{conf:?}: hung up `normal`\n{}",
+            s.node.output()
+        );
+    }
+    // A full conference's busy is a reason every version knows.
+    let a = dial(&s.sim, "pair", &[("CONFROUTE_MAX_PARTICIPANTS", "1")]).await;
+    wait_bridged(&s.sim, &a).await;
+    let b = dial(&s.sim, "pair", &[]).await;
+    assert_eq!(wait_hangup(&s.sim, &b).await, 17, "busy");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_or_missing_names_are_hung_up_with_a_cause_and_touch_nothing() {
     let s = Single::start(&[]).await;

@@ -604,8 +604,10 @@ impl AriClient {
     }
 
     /// `DELETE /channels/{id}` with the Q.850 `cause`, as a named `reason` where ARI has one
-    /// (understood by every ARI version) and as `reason_code` otherwise (newer versions
-    /// only); a channel already gone is fine: false says it was (404).
+    /// and as `reason_code` otherwise (newer versions only; older ones ignore it and hang up
+    /// `normal`); a channel already gone is fine: false says it was (404). An older Asterisk
+    /// knows only `normal`, `busy` and `congestion` and refuses any other name with 400: the
+    /// hangup is asked again with the nearest of those, or the caller would stay in Stasis.
     pub async fn hangup(&self, channel: &str, cause: u16) -> Result<bool, AriError> {
         let path = format!("/channels/{}", encode(channel));
         let code = cause.to_string();
@@ -613,7 +615,22 @@ impl AriClient {
             Some(reason) => ("reason", reason),
             None => ("reason_code", code.as_str()),
         };
-        match self.call("hangup", Method::Delete, &path, &[param]).await {
+        let mut answer = self.call("hangup", Method::Delete, &path, &[param]).await;
+        if let (Err(e), ("reason", reason)) = (&answer, param) {
+            let classic = classic_hangup_reason(cause);
+            if e.kind == AriErrorKind::BadRequest && reason != classic {
+                tracing::debug!(
+                    channel,
+                    reason,
+                    classic,
+                    "Asterisk does not know this hangup reason; hanging up with an older one"
+                );
+                answer = self
+                    .call("hangup", Method::Delete, &path, &[("reason", classic)])
+                    .await;
+            }
+        }
+        match answer {
             Ok(_) => Ok(true),
             Err(e) if e.kind == AriErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
@@ -891,6 +908,17 @@ pub fn hangup_reason(cause: u16) -> Option<&'static str> {
         38 => "failure",
         _ => return None,
     })
+}
+
+/// The reason of the three every ARI version takes nearest to Q.850 `cause`: the edge gets
+/// busy for busy, a retry elsewhere (`congestion`) for a failure here, and a plain end
+/// otherwise.
+pub fn classic_hangup_reason(cause: u16) -> &'static str {
+    match cause {
+        17 => "busy",
+        34 | 38 | 41 | 42 | 47 => "congestion",
+        _ => "normal",
+    }
 }
 
 /// Asterisk's `{"message": ...}` error body, or the raw text.

@@ -124,6 +124,11 @@ pub struct SimConfig {
     /// `POST /channels/{channelId}/progress` exists (Asterisk 20.16, 21.11, 22.6 and later);
     /// false: an older Asterisk, which answers it 404 "Resource not found".
     pub progress_route: bool,
+    /// An Asterisk from before hangup's `reason_code` and its longer list of reasons: a
+    /// hangup takes only `normal`, `busy` and `congestion` (400 "Invalid reason for hangup
+    /// provided" for any other) and ignores `reason_code`, as it ignores any parameter it
+    /// does not know.
+    pub classic_hangup_reasons: bool,
 }
 
 impl Default for SimConfig {
@@ -147,6 +152,7 @@ impl Default for SimConfig {
             // http.conf's default.
             session_limit: 100,
             progress_route: true,
+            classic_hangup_reasons: false,
         }
     }
 }

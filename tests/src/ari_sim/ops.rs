@@ -1143,20 +1143,29 @@ pub(crate) fn hangup(core: &Arc<Core>, req: &mut Req) -> ApiResult {
     if !st.channels.contains_key(&id) {
         return Err(ApiErr::new(404, "Channel not found"));
     }
-    if !reason.is_empty() && !reason_code.is_empty() {
-        return Err(ApiErr::new(
-            400,
-            "The reason and reason_code can't both be specified",
-        ));
-    }
-    let cause = if !reason_code.is_empty() {
-        scan_int(&reason_code)
-            .ok_or_else(|| ApiErr::new(400, "Invalid reason for hangup reason code provided"))?
-    } else if !reason.is_empty() {
-        reason_cause(&reason)
-            .ok_or_else(|| ApiErr::new(400, "Invalid reason for hangup reason provided"))?
+    let cause = if core.cfg.classic_hangup_reasons {
+        match reason.as_str() {
+            "" | "normal" => 16,
+            "busy" => 17,
+            "congestion" => 34,
+            _ => return Err(ApiErr::new(400, "Invalid reason for hangup provided")),
+        }
     } else {
-        16
+        if !reason.is_empty() && !reason_code.is_empty() {
+            return Err(ApiErr::new(
+                400,
+                "The reason and reason_code can't both be specified",
+            ));
+        }
+        if !reason_code.is_empty() {
+            scan_int(&reason_code)
+                .ok_or_else(|| ApiErr::new(400, "Invalid reason for hangup reason code provided"))?
+        } else if !reason.is_empty() {
+            reason_cause(&reason)
+                .ok_or_else(|| ApiErr::new(400, "Invalid reason for hangup reason provided"))?
+        } else {
+            16
+        }
     };
     // Asterisk only queues a soft hangup here; a channel slow to act on it stays meanwhile.
     if let Some(pending) = core
