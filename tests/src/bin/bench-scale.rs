@@ -846,6 +846,14 @@ async fn rehome(short: bool) -> Result<(), String> {
             ("goals_missed", missed.len().to_string()),
         ],
     );
+    // A missed time goal is a figure for the table; two homes at once break invariant 1,
+    // which no figure makes up for.
+    if report.double_homes > 0 {
+        return Err(format!(
+            "{} conference(s) had two homes at once (invariant 1)",
+            report.double_homes
+        ));
+    }
     Ok(())
 }
 
