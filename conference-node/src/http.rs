@@ -158,9 +158,14 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     // Connected, and its writes not refused (a user ari.conf made read_only): the node is
     // out of placement otherwise, as heartbeats tell Redis.
     let ari = node.ari_available();
-    let redis = tokio::time::timeout(Duration::from_secs(1), node.store.ping())
-        .await
-        .is_ok_and(|r| r.is_ok());
+    // As long as any Redis call may take (`redis.timeout`): a Redis slower than a second
+    // but within that serves the node's heartbeats, and readiness must not flap on it.
+    let redis = tokio::time::timeout(
+        node.cfg.redis.timeout + Duration::from_millis(100),
+        node.store.ping(),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
     // Registered in this life and renewed within its lease: otherwise the node is in no
     // placement (Redis refusing its writes, or another agent seen under its id).
     let registered = node.record_current();
