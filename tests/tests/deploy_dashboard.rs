@@ -158,3 +158,26 @@ fn panels_over_agent_series_follow_the_node_and_zone_variables() {
         }
     }
 }
+
+/// A panel's series share one axis: per-second rates and per-interval counts (whose size
+/// changes with the zoom) are never drawn on the same one.
+#[test]
+fn no_panel_mixes_rates_with_counts_per_interval() {
+    let d = dashboard();
+    for p in d["panels"].as_array().expect("panels") {
+        let exprs: Vec<&str> = p["targets"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| t["expr"].as_str())
+            .collect();
+        let rates = exprs.iter().any(|e| e.contains("rate("));
+        let counts = exprs.iter().any(|e| e.contains("increase("));
+        assert!(
+            !(rates && counts),
+            "panel {:?} draws rates and increases together: {exprs:?}",
+            p["title"]
+        );
+    }
+}
