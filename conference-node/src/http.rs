@@ -231,10 +231,11 @@ async fn drain(
     no_body(body)?;
     // The stop wins: an admin's drain answered 200 here would say the node stays drained,
     // while it exits once empty.
-    if !shutdown && lifecycle::stopping(&node) {
-        return Err(shutting_down(node.state()));
-    }
-    let previous = lifecycle::drain(&node, shutdown).await;
+    let previous = if shutdown {
+        lifecycle::drain(&node, true).await
+    } else {
+        lifecycle::admin_drain(&node).await.map_err(shutting_down)?
+    };
     Ok(Json(
         json!({"id": node.id, "state": node.state(), "previous": previous}),
     ))

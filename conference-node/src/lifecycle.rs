@@ -20,7 +20,17 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Starts draining; `shutdown` makes the drain end in an exit. Returns the previous state.
 pub async fn drain(node: &Arc<Node>, shutdown: bool) -> NodeState {
-    start(node, shutdown, Duration::ZERO).await
+    start(node, shutdown, Duration::ZERO)
+        .await
+        .unwrap_or_else(|state| state)
+}
+
+/// An admin's drain: `Err` with the current state, nothing done, when the node is stopping
+/// (a stop's drain under way, or shutting down): the stop wins, and the node exits once
+/// empty rather than stay drained. Judged with the drain's own lock, so a stop that begins
+/// meanwhile is never answered as an admin's drain.
+pub async fn admin_drain(node: &Arc<Node>) -> Result<NodeState, NodeState> {
+    start(node, false, Duration::ZERO).await
 }
 
 /// Resumes, in an agent started again, the admin drain its last life's record held, begun
@@ -35,20 +45,33 @@ pub async fn resume_drain(node: &Arc<Node>, since_ms: u64) -> NodeState {
         ?left,
         "resuming the admin drain where its deadline stood"
     );
-    start(node, false, elapsed).await
+    start(node, false, elapsed)
+        .await
+        .unwrap_or_else(|state| state)
 }
 
-async fn start(node: &Arc<Node>, shutdown: bool, elapsed: Duration) -> NodeState {
+/// `Err(previous)` when a drain that is not a stop's meets a stop (under way, or shutting
+/// down); `Ok(previous)` otherwise, whether it began a drain or one was under way already.
+async fn start(
+    node: &Arc<Node>,
+    shutdown: bool,
+    elapsed: Duration,
+) -> Result<NodeState, NodeState> {
     let previous = node.state();
     if previous == NodeState::ShuttingDown {
-        return previous;
+        return if shutdown {
+            Ok(previous)
+        } else {
+            Err(previous)
+        };
     }
     let left;
     {
         let mut slot = lock(&node.drain);
         match slot.as_ref() {
-            Some((_, true)) => return previous,
-            Some((task, false)) if !shutdown && !task.is_finished() => return previous,
+            Some((_, true)) if shutdown => return Ok(previous),
+            Some((_, true)) => return Err(previous),
+            Some((task, false)) if !shutdown && !task.is_finished() => return Ok(previous),
             _ => {}
         }
         if let Some((task, _)) = slot.take() {
@@ -74,13 +97,7 @@ async fn start(node: &Arc<Node>, shutdown: bool, elapsed: Duration) -> NodeState
     }
     node.write_state().await;
     tracing::info!(shutdown, deadline = ?node.cfg.node.drain_deadline, ?left, "draining: no new conferences on this node");
-    previous
-}
-
-/// Whether the node is stopping: a stop's drain (SIGTERM, `?shutdown=true`) is under way,
-/// or it is shutting down. An admin's drain or undrain then changes nothing.
-pub fn stopping(node: &Node) -> bool {
-    node.state() == NodeState::ShuttingDown || matches!(lock(&node.drain).as_ref(), Some((_, true)))
+    Ok(previous)
 }
 
 /// Ends a drain started by an admin; `Err` with the current state when the node is

@@ -602,6 +602,21 @@ fn scoped_alerts_need_the_service_monitors_or_go_unscoped() {
         &json!({"prometheusRule": {"enabled": true}}),
         &["serviceMonitor.enabled", "prometheusRule.scopeToNamespace"],
     );
+    // Values from before the key (an upgrade with --reuse-values) keep the scoping.
+    let r = render(&values_file(
+        dir.path(),
+        "reused",
+        &json!({"prometheusRule": {"enabled": true, "scopeToNamespace": null},
+            "serviceMonitor": {"enabled": true}}),
+    ));
+    let pr = r.one("PrometheusRule", "confroute");
+    let first = pr["spec"]["groups"][0]["rules"][0]["expr"]
+        .as_str()
+        .expect("expr");
+    assert!(
+        first.contains("label_replace(vector(1), \"namespace\", \"voice\""),
+        "{first}"
+    );
     let r = render(&values_file(
         dir.path(),
         "unscoped",

@@ -45,9 +45,10 @@ pub struct TcpLimits {
 }
 
 /// Receives datagrams forever. INVITEs, which may wait on Redis, are answered in their own
-/// task, at most `pending` at once (`sip.max_pending_invites`), and so are CANCELs, which
-/// may wait for their INVITE's task; everything else (ACKs, OPTIONS, errors) is answered
-/// inline, which saves a task and a thread wake-up per packet.
+/// task, at most `pending` at once (`sip.max_pending_invites`); so are CANCELs, which may
+/// wait for their INVITE's task, at most [`SipService::cancel_permit`]'s 1,024 at once;
+/// everything else (ACKs, OPTIONS, errors) is answered inline, which saves a task and a
+/// thread wake-up per packet.
 pub async fn serve_udp(
     socket: Arc<UdpSocket>,
     service: Arc<SipService>,
@@ -147,8 +148,15 @@ pub async fn serve_udp(
                     send(&socket, &out.bytes, out.to, local).await;
                 }
             });
-        } else if let Some(out) = service.handle(packet, source, Transport::Udp).await {
-            send(&socket, &out.bytes, out.to, local).await;
+        } else {
+            if packet.starts_with(b"CANCEL ") {
+                // No slot left to wait in: at least let an INVITE read just before it, on
+                // this thread, begin its transaction first.
+                tokio::task::yield_now().await;
+            }
+            if let Some(out) = service.handle(packet, source, Transport::Udp).await {
+                send(&socket, &out.bytes, out.to, local).await;
+            }
         }
     }
 }

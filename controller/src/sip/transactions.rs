@@ -101,10 +101,10 @@ pub struct Transactions {
     shards: Vec<Mutex<HashMap<String, Entry>>>,
     hasher: std::collections::hash_map::RandomState,
     max_entries_per_shard: usize,
-    /// Notified when a transaction begins while a CANCEL waits for its INVITE
-    /// ([`Transactions::cancel_within`]); `waiting` counts those CANCELs, so an INVITE
-    /// wakes nobody (and takes no lock) when none waits.
-    begun: Notify,
+    /// Per shard, notified when a transaction begins there while a CANCEL waits for its
+    /// INVITE ([`Transactions::cancel_within`]): an INVITE wakes only the CANCELs of its own
+    /// shard. `waiting` counts them all, so an INVITE notifies nobody when none waits.
+    begun: Vec<Notify>,
     waiting: AtomicUsize,
 }
 
@@ -117,18 +117,23 @@ impl Transactions {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             max_entries_per_shard: (max_entries / SHARDS).max(1),
-            begun: Notify::new(),
+            begun: (0..SHARDS).map(|_| Notify::new()).collect(),
             waiting: AtomicUsize::new(0),
         }
     }
 
+    fn shard_index(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+        &self.shards[self.shard_index(key)]
     }
 
     /// Looks up `key`, registering it as pending when new.
     pub fn begin(&self, key: String) -> Begin {
-        let Ok(mut map) = self.shard(&key).lock() else {
+        let index = self.shard_index(&key);
+        let Ok(mut map) = self.shards[index].lock() else {
             return Begin::New(None);
         };
         let now = Instant::now();
@@ -162,7 +167,7 @@ impl Transactions {
                 // SeqCst pairs with `cancel_within`'s count: either this load sees the
                 // waiter, or the waiter's look at the table (after its count) sees the entry.
                 if self.waiting.load(Ordering::SeqCst) > 0 {
-                    self.begun.notify_waiters();
+                    self.begun[index].notify_waiters();
                 }
                 Begin::New(Some(cancel))
             }
@@ -217,8 +222,9 @@ impl Transactions {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _counted = Uncount(&self.waiting);
         let deadline = tokio::time::Instant::now() + grace;
+        let begun_here = &self.begun[self.shard_index(key)];
         loop {
-            let begun = self.begun.notified();
+            let begun = begun_here.notified();
             tokio::pin!(begun);
             // Registered before the look, so a transaction begun right after it still wakes us.
             begun.as_mut().enable();

@@ -133,12 +133,12 @@ fn redis_benchmark_get(target: &Target, clients: usize, requests: usize) -> Opti
     let mut cmd = std::process::Command::new("redis-benchmark");
     cmd.args(["-h", &target.host, "-p", &target.port.to_string()])
         .args(["--dbnum", &target.db.to_string()]);
-    if let Some(user) = &target.user {
-        cmd.args(["--user", user]);
-    }
+    // redis-benchmark reads no password from the environment, and `--user` needs `-a`.
     if let Some(password) = &target.password {
-        // From the environment, not the command line other users can read.
-        cmd.env("REDISCLI_AUTH", password);
+        cmd.args(["-a", password]);
+        if let Some(user) = &target.user {
+            cmd.args(["--user", user]);
+        }
     }
     let out = cmd
         .args([

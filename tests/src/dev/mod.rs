@@ -125,8 +125,9 @@ pub async fn run(args: DevArgs) -> ExitCode {
         token: token.clone(),
         real_ari,
     };
-    // Listened for from the start: a Ctrl-C while the cluster starts (or as soon as the
-    // banner shows) stops it in order once it is up, rather than kill the process unheard.
+    // Listened for from the start: a Ctrl-C while the cluster starts stops it there (status
+    // 130), and one as soon as the banner shows stops it in order, rather than kill the
+    // process unheard.
     let mut signals = match StopSignals::new() {
         Ok(s) => s,
         Err(e) => {
