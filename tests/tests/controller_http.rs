@@ -1273,11 +1273,17 @@ async fn the_upgrade_refuses_a_query_and_a_wrong_method_is_405_before_413() {
     );
 }
 
-/// A stop lets a call-control request in flight run its course (up to its
-/// `rpc.command_timeout`): its client gets the answer, here 504 `no_answer` from a node that
-/// heard the command and never answered, rather than a connection dropped a few seconds into the stop.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_lets_a_call_control_request_in_flight_finish() {
+/// A controller (with `extra` settings) and node `node-a`, registered, whose command bus
+/// the test plays: it hears the commands and answers them, or not.
+struct Played {
+    _redis: RedisServer,
+    store: Store,
+    node: confroute_shared::bus::Bus,
+    commands: tokio::sync::mpsc::Receiver<confroute_shared::bus::Command>,
+    controller: ControllerProc,
+}
+
+async fn node_a_played_by_the_test(extra: &[(&str, &str)]) -> Played {
     let redis = RedisServer::start().expect("redis");
     let cfg = fixtures::single(&redis.url());
     let store = fixtures::store(&cfg);
@@ -1285,19 +1291,41 @@ async fn a_stop_lets_a_call_control_request_in_flight_finish() {
         .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
         .await
         .expect("register");
+    let (node, commands) =
+        confroute_shared::bus::Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
+    assert!(node.wait_connected(Duration::from_secs(10)).await);
+    let mut env = fixtures::redis_env(&cfg);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let controller = ControllerProc::start(&env).expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    Played {
+        _redis: redis,
+        store,
+        node,
+        commands,
+        controller,
+    }
+}
+
+/// A stop lets a call-control request in flight run its course (up to its
+/// `rpc.command_timeout`): its client gets the answer, here 504 `no_answer` from a node that
+/// heard the command and never answered, rather than a connection dropped a few seconds into the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_a_call_control_request_in_flight_finish() {
+    let Played {
+        _redis,
+        store,
+        node: _node,
+        mut commands,
+        mut controller,
+    } = node_a_played_by_the_test(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "7s")]).await;
     store
         .claim(&"held-up".parse().expect("name"), &[fixtures::id("node-a")])
         .await
         .expect("claim");
     // node-a hears commands and answers none.
-    let (_node, mut commands) =
-        confroute_shared::bus::Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
-    let mut env = fixtures::redis_env(&cfg);
-    env.push(("CONFROUTE_RPC__COMMAND_TIMEOUT".into(), "7s".into()));
-    let mut controller = ControllerProc::start(&env).expect("controller");
-    fixtures::wait_ready(&controller.http_url())
-        .await
-        .expect("controller ready");
     let url = format!(
         "{}/v1/conferences/held-up/participants/p1/mute",
         controller.http_url()
@@ -1332,24 +1360,18 @@ async fn a_stop_lets_a_call_control_request_in_flight_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_dialouts_whose_clients_left_are_bounded_and_finished_at_a_stop() {
     use confroute_shared::bus::{BusError, ErrorCode};
-    let redis = RedisServer::start().expect("redis");
-    let cfg = fixtures::single(&redis.url());
-    let store = fixtures::store(&cfg);
-    store
-        .register(&fixtures::node("node-a", 100), Duration::from_secs(300))
-        .await
-        .expect("register");
     // node-a hears commands; the test answers them.
-    let (node, mut commands) =
-        confroute_shared::bus::Bus::node(fixtures::store(&cfg), &fixtures::id("node-a"));
-    assert!(node.wait_connected(Duration::from_secs(10)).await);
-    let mut env = fixtures::redis_env(&cfg);
-    env.push(("CONFROUTE_RPC__COMMAND_TIMEOUT".into(), "10s".into()));
-    env.push(("CONFROUTE_HTTP__MAX_RUNNING_COMMANDS".into(), "1".into()));
-    let mut controller = ControllerProc::start(&env).expect("controller");
-    fixtures::wait_ready(&controller.http_url())
-        .await
-        .expect("controller ready");
+    let Played {
+        _redis,
+        store,
+        node,
+        mut commands,
+        mut controller,
+    } = node_a_played_by_the_test(&[
+        ("CONFROUTE_RPC__COMMAND_TIMEOUT", "10s"),
+        ("CONFROUTE_HTTP__MAX_RUNNING_COMMANDS", "1"),
+    ])
+    .await;
     let dialout = |conference: &str| {
         fixtures::http()
             .post(format!(

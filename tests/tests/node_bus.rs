@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 const CONFERENCES: usize = 4;
 const CALLERS: usize = 100;
 
-/// Redis, a proxy in front of it for the agent, and agent `node-a` with `CALLERS` callers
-/// in each of `CONFERENCES` conferences `crowd-0` ...; the proxy passes bytes on at once.
+/// [`Proxied`] with `CALLERS` callers in each of `CONFERENCES` conferences `crowd-0` ...;
+/// the proxy passes bytes on at once.
 struct Crowd {
     redis: RedisServer,
     proxy: TcpProxy,
@@ -29,24 +29,17 @@ struct Crowd {
 }
 
 async fn crowd() -> Crowd {
-    let redis = RedisServer::start().expect("redis");
-    let upstream = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
-    let proxy = TcpProxy::start(upstream).await.expect("proxy");
-    let cfg = fixtures::single(&proxy.redis_url());
-    let sim = sim().await;
-    let node = NodeProc::start(
-        "node-a",
-        &env(
-            &sim,
-            &cfg,
-            &[
-                ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
-                ("CONFROUTE_CONFERENCE__BEEP", "false"),
-            ],
-        ),
-    )
-    .expect("node");
-    wait_app(&sim, &node).await;
+    let Proxied {
+        redis,
+        proxy,
+        cfg,
+        sim,
+        node,
+    } = behind_a_proxy(&[
+        ("CONFROUTE_NODE__DRAIN_DEADLINE", "1s"),
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+    ])
+    .await;
     let mut callers = Vec::new();
     for c in 0..CONFERENCES {
         for _ in 0..CALLERS {

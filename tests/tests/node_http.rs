@@ -6,7 +6,7 @@ mod node_common;
 
 use confroute_shared::types::NodeState;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{NodeProc, RedisServer, TcpProxy};
+use confroute_tests::harness::{NodeProc, RedisServer};
 use node_common::*;
 use serde_json::Value;
 
@@ -215,25 +215,18 @@ async fn readyz_fails_while_asterisk_refuses_writes() {
 /// Service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_redis_as_long_as_redis_timeout() {
-    let redis = RedisServer::start().expect("redis");
-    let upstream = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
-    let proxy = TcpProxy::start(upstream).await.expect("proxy");
-    let cfg = fixtures::single(&proxy.redis_url());
-    let sim = sim().await;
-    let node = NodeProc::start(
-        "node-a",
-        &env(
-            &sim,
-            &cfg,
-            &[
-                ("CONFROUTE_REDIS__TIMEOUT", "5s"),
-                ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
-                ("CONFROUTE_REDIS__CONFERENCE_LEASE", "30s"),
-            ],
-        ),
-    )
-    .expect("node");
-    wait_app(&sim, &node).await;
+    let Proxied {
+        redis: _redis,
+        proxy,
+        sim: _sim,
+        node,
+        ..
+    } = behind_a_proxy(&[
+        ("CONFROUTE_REDIS__TIMEOUT", "5s"),
+        ("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "3s"),
+        ("CONFROUTE_REDIS__CONFERENCE_LEASE", "30s"),
+    ])
+    .await;
     let url = format!("{}/readyz", node.http_url());
     confroute_tests::harness::wait_for_async("ready", WAIT, || async {
         (call("GET", &url, None).await.0 == 200).then_some(())

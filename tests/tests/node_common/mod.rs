@@ -9,7 +9,7 @@ use confroute_shared::config::RedisConfig;
 use confroute_tests::ari_sim::client::EventStream;
 use confroute_tests::ari_sim::{AriSim, BridgeSnapshot, DialIn, SimConfig, SimSnapshot};
 use confroute_tests::fixtures;
-use confroute_tests::harness::{NodeProc, RedisServer};
+use confroute_tests::harness::{NodeProc, RedisServer, TcpProxy};
 use serde_json::Value;
 
 pub mod control;
@@ -320,4 +320,32 @@ pub fn holding_bridge<'a>(
     conf: &str,
 ) -> Option<&'a BridgeSnapshot> {
     snap.bridges.iter().find(|b| is_holding(&b.id, epoch, conf))
+}
+
+/// Redis, a proxy in front of it for the agent (passing bytes on at once until told to be
+/// slow), a simulated Asterisk and agent `node-a` on them, its app registered.
+pub struct Proxied {
+    pub redis: RedisServer,
+    pub proxy: TcpProxy,
+    pub cfg: RedisConfig,
+    pub sim: TestSim,
+    pub node: NodeProc,
+}
+
+/// [`Proxied`], the agent started with `extra` settings.
+pub async fn behind_a_proxy(extra: &[(&str, &str)]) -> Proxied {
+    let redis = RedisServer::start().expect("redis");
+    let upstream = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
+    let proxy = TcpProxy::start(upstream).await.expect("proxy");
+    let cfg = fixtures::single(&proxy.redis_url());
+    let sim = sim().await;
+    let node = NodeProc::start("node-a", &env(&sim, &cfg, extra)).expect("node");
+    wait_app(&sim, &node).await;
+    Proxied {
+        redis,
+        proxy,
+        cfg,
+        sim,
+        node,
+    }
 }
