@@ -1045,6 +1045,12 @@ async fn a_tcp_message_with_an_unusable_content_length_is_answered_then_closed()
         );
         assert_eq!(got.matches("SIP/2.0 ").count(), 1, "{got}");
     }
+    // Each answer counted under its own code, not `other`.
+    let m = scrape(&s.controller.http_url()).await;
+    for (code, n) in [("400", 3.0), ("513", 1.0)] {
+        let series = format!(r#"confroute_sip_requests_total{{code="{code}",method="INVITE"}}"#);
+        assert_eq!(metric(&m, &series), n, "{series}\n{m}");
+    }
 }
 
 /// The value of header `name` in a raw message, as bytes.
@@ -1461,6 +1467,12 @@ async fn bad_input_gets_precise_answers_and_garbage_is_counted() {
                 "Warning should mention {why}: {answer}"
             );
         }
+    }
+    // Another version's answers are counted under their own code, not `other`.
+    let m = scrape(&s.controller.http_url()).await;
+    for method in ["INVITE", "OPTIONS"] {
+        let series = format!(r#"confroute_sip_requests_total{{code="505",method="{method}"}}"#);
+        assert_eq!(metric(&m, &series), 1.0, "{series}");
     }
     // That INVITE's answer adds its own To-tag after the quoted value.
     let quoted = udp.exchange(&quoted_to);
