@@ -138,6 +138,8 @@ impl StopBy {
                 }
             };
             tokio::select! {
+                // An answer that came as the cut fell due is an answer.
+                biased;
                 out = &mut send => return Some(out),
                 () = cut => return None,
                 changed = stop.changed() => {
@@ -146,6 +148,12 @@ impl StopBy {
                             Some(at) => tokio::time::timeout_at(at, send).await.ok(),
                             None => Some(send.await),
                         };
+                    }
+                    // While the node serves, the try ends at its own deadline (the request's
+                    // timeout) and is retried: a cut at that same instant would race it and
+                    // give the callback up as if the node were stopping.
+                    if self.0.borrow().is_none() {
+                        continue;
                     }
                     let left = self.try_within(Duration::ZERO, timeout, keep)?;
                     let at = tokio::time::Instant::now() + left;
@@ -655,6 +663,32 @@ mod tests {
             .await
             .expect_err("nothing listens");
         assert!(!refused_host(&e), "{e:?}");
+    }
+
+    /// A try that times out while the node serves comes back as the request's own timeout,
+    /// to be retried, never as a stop's cut: both fall due on the same timer tick.
+    #[tokio::test]
+    async fn a_timeout_while_serving_is_not_taken_for_a_stop() {
+        let stop = StopBy::default();
+        let timeout = Duration::from_millis(20);
+        for i in 0..40 {
+            // Made before the call, as reqwest arms its timeout when the request is sent.
+            let send = tokio::time::sleep(timeout);
+            assert!(
+                stop.within_stop(send, timeout, false).await.is_some(),
+                "try {i} was cut as if the node were stopping"
+            );
+        }
+        // A stop still cuts a try that would outlast it.
+        stop.set(
+            tokio::time::Instant::now() + Duration::from_millis(200),
+            Duration::ZERO,
+        );
+        let send = tokio::time::sleep(Duration::from_secs(30));
+        assert!(stop
+            .within_stop(send, Duration::from_secs(30), false)
+            .await
+            .is_none());
     }
 
     /// Twilio's own worked example ("Validating signatures from Twilio"): the same URL, form
