@@ -263,14 +263,22 @@ async fn publish(
             }
             else => break,
         };
-        let batch = fill_batch(first, &mut commands, &mut events);
+        // Notices still owed (Redis did not take the last batch, or them) ride first in this
+        // batch's round trip: nothing queued after a loss goes out before its notice.
+        let notices = take_due(&missed, taken);
+        let batch = fill_batch(
+            first,
+            &mut commands,
+            &mut events,
+            events_before_next_notice(&missed, taken),
+        );
         let n = batch.len();
         let events_in = batch
             .iter()
             .filter(|o| matches!(o, Outgoing::Event(_)))
             .count() as u64;
         let taken = unsent.events_taken.fetch_add(events_in, Ordering::SeqCst) + events_in;
-        took = publish_batch(&bus, batch, &missed, &metrics, taken).await;
+        took = publish_batch(&bus, notices, batch, &missed, &metrics, taken).await;
         if unsent.count.fetch_sub(n, Ordering::SeqCst) == n {
             unsent.drained.notify_waiters();
         }
@@ -284,12 +292,16 @@ const BATCH: usize = 64;
 
 /// `first` and what else is queued, up to [`BATCH`]: answers and notifications first (a
 /// command's sender waits on its deadline), but events keep half of it, so a steady flow of
-/// answers does not hold events back. Each lane keeps its order.
+/// answers does not hold events back. Each lane keeps its order. At most `events_room`
+/// events in all, so that a notice falling due within the batch goes out before the events
+/// queued after its loss.
 fn fill_batch(
     first: Outgoing,
     commands: &mut mpsc::Receiver<Outgoing>,
     events: &mut mpsc::Receiver<Outgoing>,
+    events_room: u64,
 ) -> Vec<Outgoing> {
+    let mut events_in = u64::from(matches!(first, Outgoing::Event(_)));
     let mut batch = vec![first];
     while batch.len() < BATCH / 2 {
         match commands.try_recv() {
@@ -297,9 +309,12 @@ fn fill_batch(
             Err(_) => break,
         }
     }
-    while batch.len() < BATCH {
+    while batch.len() < BATCH && events_in < events_room {
         match events.try_recv() {
-            Ok(o) => batch.push(o),
+            Ok(o) => {
+                batch.push(o);
+                events_in += 1;
+            }
             Err(_) => break,
         }
     }
@@ -317,12 +332,26 @@ fn fill_batch(
 /// warning (the controller reports the command unanswered at its deadline).
 async fn publish_batch(
     bus: &Bus,
+    notices: Vec<(String, Missed)>,
     batch: Vec<Outgoing>,
     missed: &MissedEvents,
     metrics: &Metrics,
     taken: u64,
 ) -> bool {
-    let mut encoded = Vec::with_capacity(batch.len());
+    let mut encoded = Vec::with_capacity(notices.len() + batch.len());
+    let mut sent_notices = Vec::with_capacity(notices.len());
+    for (conference, m) in notices {
+        match Bus::encode_event(&notice(&conference, &m)) {
+            Ok(e) => {
+                encoded.push(e);
+                sent_notices.push((conference, m));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a notice of lost events");
+                give_back(missed, conference, m);
+            }
+        }
+    }
     let mut kept = Vec::with_capacity(batch.len());
     for o in batch {
         match encode(&o) {
@@ -337,8 +366,16 @@ async fn publish_batch(
         return true;
     }
     match bus.publish_batch(&encoded).await {
-        Ok(()) => true,
+        Ok(()) => {
+            for (conference, m) in &sent_notices {
+                tracing::info!(conference = %conference, count = m.count, "told subscribers that events of the conference were lost");
+            }
+            true
+        }
         Err(e) => {
+            for (conference, m) in sent_notices {
+                give_back(missed, conference, m);
+            }
             let mut answers = 0;
             for o in &kept {
                 metrics.bus_dropped.with_label_values(&[o.kind()]).inc();
@@ -394,38 +431,66 @@ fn encode(o: &Outgoing) -> Result<(String, Vec<u8>), String> {
     }
 }
 
-/// Publishes a notice for each conference whose lost events are due (`taken` events taken
-/// from the queue), up to the first Redis does not take (that one and the rest wait for the
-/// next try).
-async fn send_notices(bus: &Bus, missed: &MissedEvents, taken: u64) {
-    let owed: Vec<String> = lock(missed)
+/// The notice telling a conference's subscribers that `m`'s events were lost.
+fn notice(conference: &str, m: &Missed) -> Event {
+    Event {
+        conference: conference.to_string(),
+        node: m.node.clone(),
+        epoch: m.epoch,
+        seq: 0,
+        event: EVENTS_LOST.to_string(),
+        data: serde_json::json!({ "count": m.count }),
+    }
+}
+
+/// Takes the notices due once `taken` events have been taken from the queue.
+fn take_due(missed: &MissedEvents, taken: u64) -> Vec<(String, Missed)> {
+    let mut all = lock(missed);
+    let due: Vec<String> = all
         .iter()
         .filter(|(_, m)| m.due_after <= taken)
         .map(|(c, _)| c.clone())
         .collect();
-    for conference in owed {
-        let Some(m) = lock(missed).remove(&conference) else {
-            continue;
-        };
-        let notice = Event {
-            conference: conference.clone(),
-            node: m.node.clone(),
-            epoch: m.epoch,
-            seq: 0,
-            event: EVENTS_LOST.to_string(),
-            data: serde_json::json!({ "count": m.count }),
-        };
-        if !bus.publish_event(&notice).await {
-            // Back, with whatever was lost meanwhile.
-            let mut all = lock(missed);
-            let entry = all.entry(conference).or_insert(Missed {
-                node: m.node,
-                epoch: m.epoch,
-                count: 0,
-                due_after: m.due_after,
-            });
-            entry.count += m.count;
-            entry.due_after = entry.due_after.max(m.due_after);
+    due.into_iter()
+        .filter_map(|c| all.remove(&c).map(|m| (c, m)))
+        .collect()
+}
+
+/// Puts back a notice Redis did not take, with whatever was lost meanwhile.
+fn give_back(missed: &MissedEvents, conference: String, m: Missed) {
+    let mut all = lock(missed);
+    let entry = all.entry(conference).or_insert(Missed {
+        node: m.node,
+        epoch: m.epoch,
+        count: 0,
+        due_after: m.due_after,
+    });
+    entry.epoch = entry.epoch.max(m.epoch);
+    entry.count += m.count;
+    entry.due_after = entry.due_after.max(m.due_after);
+}
+
+/// How many more events may be taken from the queue before a notice not yet due falls due.
+fn events_before_next_notice(missed: &MissedEvents, taken: u64) -> u64 {
+    lock(missed)
+        .values()
+        .filter(|m| m.due_after > taken)
+        .map(|m| m.due_after - taken)
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
+/// Publishes a notice for each conference whose lost events are due (`taken` events taken
+/// from the queue), up to the first Redis does not take (that one and the rest wait for the
+/// next try).
+async fn send_notices(bus: &Bus, missed: &MissedEvents, taken: u64) {
+    let mut due = take_due(missed, taken).into_iter();
+    while let Some((conference, m)) = due.next() {
+        if !bus.publish_event(&notice(&conference, &m)).await {
+            give_back(missed, conference, m);
+            for (conference, m) in due {
+                give_back(missed, conference, m);
+            }
             return;
         }
         tracing::info!(conference = %conference, count = m.count, "told subscribers that events of the conference were lost");
@@ -464,5 +529,37 @@ mod tests {
         let m = lock(&missed);
         let a = m.get("a").expect("noted");
         assert_eq!((a.count, a.due_after, a.epoch), (2, 90, 3));
+    }
+
+    /// A batch takes no events past the point where a notice falls due, and a notice taken
+    /// for a batch Redis did not take is owed again.
+    #[test]
+    fn a_batch_stops_where_a_notice_falls_due() {
+        let missed = MissedEvents::default();
+        assert_eq!(events_before_next_notice(&missed, 0), u64::MAX);
+        note_missed(&missed, &event("a", 5), 3);
+        assert_eq!(events_before_next_notice(&missed, 1), 2);
+        let (_ctx, mut commands) = mpsc::channel(8);
+        let (etx, mut events) = mpsc::channel(8);
+        for seq in 2..6 {
+            etx.try_send(Outgoing::Event(event("b", seq)))
+                .expect("room");
+        }
+        let batch = fill_batch(
+            Outgoing::Event(event("b", 1)),
+            &mut commands,
+            &mut events,
+            2,
+        );
+        assert_eq!(batch.len(), 2);
+        assert!(take_due(&missed, 2).is_empty());
+        let due = take_due(&missed, 3);
+        assert_eq!(due.len(), 1);
+        assert!(!notice_due(&missed, 100));
+        for (conference, m) in due {
+            give_back(&missed, conference, m);
+        }
+        assert!(notice_due(&missed, 3));
+        assert_eq!(lock(&missed).get("a").map(|m| m.count), Some(1));
     }
 }

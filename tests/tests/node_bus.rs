@@ -146,24 +146,28 @@ async fn a_command_answer_is_not_held_behind_a_burst_of_events() {
     assert!(listed.contains(&quiet), "{listed}");
 }
 
-/// Events a node could not publish (Redis did not take them) are not lost without a trace:
-/// once Redis takes messages again the node publishes a notice for the conference, and
-/// every controller tells the conference's subscribers with `events.lost`
-/// (`node_unpublished`), so an application that missed a conference's `end` knows to re-read
-/// it rather than believe it goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_redis_did_not_take_are_reported_to_subscribers_as_lost() {
+/// An agent whose link to Redis runs through `proxy` (which the test can silence), and a
+/// controller reaching Redis directly, with a call-control client subscribed to
+/// `conference`.
+struct Watched {
+    _redis: RedisServer,
+    proxy: TcpProxy,
+    sim: TestSim,
+    node: NodeProc,
+    _controller: ControllerProc,
+    ws: control::Client,
+}
+
+async fn watched(conference: &str, extra: &[(&str, &str)]) -> Watched {
     let redis = RedisServer::start().expect("redis");
     let upstream = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
     let proxy = TcpProxy::start(upstream).await.expect("proxy");
     let sim = sim().await;
+    let mut settings = vec![("CONFROUTE_CONFERENCE__BEEP", "false")];
+    settings.extend_from_slice(extra);
     let mut node = NodeProc::start(
         "node-a",
-        &env(
-            &sim,
-            &fixtures::single(&proxy.redis_url()),
-            &[("CONFROUTE_CONFERENCE__BEEP", "false")],
-        ),
+        &env(&sim, &fixtures::single(&proxy.redis_url()), &settings),
     )
     .expect("node");
     wait_app(&sim, &node).await;
@@ -175,7 +179,33 @@ async fn events_redis_did_not_take_are_reported_to_subscribers_as_lost() {
         .await
         .expect("controller ready");
     let mut ws = control::Client::connect(controller.http_port).await;
-    ws.ok("subscribe", json!({"conference": "solo"})).await;
+    ws.ok("subscribe", json!({ "conference": conference }))
+        .await;
+    Watched {
+        _redis: redis,
+        proxy,
+        sim,
+        node,
+        _controller: controller,
+        ws,
+    }
+}
+
+/// Events a node could not publish (Redis did not take them) are not lost without a trace:
+/// once Redis takes messages again the node publishes a notice for the conference, and
+/// every controller tells the conference's subscribers with `events.lost`
+/// (`node_unpublished`), so an application that missed a conference's `end` knows to re-read
+/// it rather than believe it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_redis_did_not_take_are_reported_to_subscribers_as_lost() {
+    let Watched {
+        proxy,
+        sim,
+        node,
+        mut ws,
+        _redis,
+        _controller,
+    } = watched("solo", &[]).await;
     let caller = dial(&sim, "solo", &[]).await;
     wait_bridged(&sim, &caller).await;
     ws.notification_where("event", WAIT, |p| p["event"] == "join")
@@ -202,4 +232,57 @@ async fn events_redis_did_not_take_are_reported_to_subscribers_as_lost() {
     assert_eq!(p["conference"], "solo", "{lost}");
     assert_eq!(p["node"], "node-a", "{lost}");
     assert!(p["count"].as_u64().is_some_and(|n| n >= 2), "{lost}");
+}
+
+/// The notice of events Redis did not take goes out before any later event of the
+/// conference: a caller joining right after Redis takes messages again is heard after the
+/// `events.lost`, so an application re-reads the conference knowing its gap comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_notice_goes_out_before_the_events_after_the_loss() {
+    // The node's lease outlasts the silence: only the events are lost, not the node's
+    // record and with it the conference.
+    let Watched {
+        proxy,
+        sim,
+        node,
+        mut ws,
+        _redis,
+        _controller,
+    } = watched("duo", &[("CONFROUTE_NODE__HEARTBEAT_INTERVAL", "2s")]).await;
+    let first = dial(&sim, "duo", &[]).await;
+    let second = dial(&sim, "duo", &[]).await;
+    for ch in [&first, &second] {
+        wait_bridged(&sim, ch).await;
+        ws.notification_where("event", WAIT, |p| {
+            p["event"] == "join" && p["data"]["participant"] == ch.as_str()
+        })
+        .await
+        .expect("the join heard");
+    }
+    // The first caller's leave cannot be published: Redis does not answer the agent.
+    proxy.black_hole();
+    sim.hangup_far_end(&first, 16).await.expect("hang up");
+    let series = "confroute_node_bus_dropped_total{kind=\"event\"}";
+    wait_for_async("the leave not published", WAIT, || async {
+        let text = fixtures::scrape(&node.http_url()).await;
+        (fixtures::metric(&text, series) >= 1.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    // Redis answers again, and a caller joins at once: its join is queued while the notice
+    // is still owed.
+    proxy.heal();
+    let third = dial(&sim, "duo", &[]).await;
+    ws.notification_where("event", WAIT, |p| {
+        p["event"] == "join" && p["data"]["participant"] == third.as_str()
+    })
+    .await
+    .unwrap_or_else(|| panic!("the third caller's join\n{}", node.output()));
+    // Everything heard before that join was kept: the notice must be among it.
+    let lost = ws
+        .notification("events.lost", Duration::ZERO)
+        .await
+        .unwrap_or_else(|| panic!("the join came before the notice\n{}", node.output()));
+    assert_eq!(lost["params"]["conference"], "duo", "{lost}");
+    assert_eq!(lost["params"]["reason"], "node_unpublished", "{lost}");
 }
