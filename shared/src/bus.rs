@@ -296,7 +296,14 @@ struct Inner {
     offset_at: AtomicU64,
     /// The round trip (ms) of the comparison the offset comes from.
     offset_rtt: AtomicU64,
+    /// Refusals of commands the full queue did not take, being published at once: bounded,
+    /// so that a flood of commands while Redis is slow cannot pile up tasks without end.
+    refusals: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most refusals (command queue full) published at once; past it a refused command gets no
+/// answer and its sender reports it unanswered when its time is up.
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 
 /// How often this process compares its clock with Redis's.
 const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -418,6 +425,7 @@ impl Bus {
                 offset_ms: std::sync::atomic::AtomicI64::new(0),
                 offset_at: AtomicU64::new(0),
                 offset_rtt: AtomicU64::new(0),
+                refusals: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             }),
         }
     }
@@ -825,15 +833,21 @@ async fn listen(
                             } else if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
                                 // Answered `timeout` (nothing done) at once, rather than left
                                 // for its sender to wait out as "may have been done".
-                                tracing::warn!(id = %cmd.id, "command queue full; refusing a command");
-                                let bus = Bus { inner };
-                                tokio::spawn(async move {
-                                    let busy = BusError::new(
-                                        ErrorCode::Timeout,
-                                        "the node's command queue is full; nothing was done",
-                                    );
-                                    bus.respond(&cmd, Err(busy)).await;
-                                });
+                                match inner.refusals.clone().try_acquire_owned() {
+                                    Ok(permit) => {
+                                        tracing::warn!(id = %cmd.id, "command queue full; refusing a command");
+                                        let bus = Bus { inner };
+                                        tokio::spawn(async move {
+                                            let busy = BusError::new(
+                                                ErrorCode::Timeout,
+                                                "the node's command queue is full; nothing was done",
+                                            );
+                                            bus.respond(&cmd, Err(busy)).await;
+                                            drop(permit);
+                                        });
+                                    }
+                                    Err(_) => tracing::warn!(id = %cmd.id, "command queue full and too many refusals still being published; dropping a command unanswered"),
+                                }
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "undecodable command"),
