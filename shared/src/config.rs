@@ -1013,13 +1013,35 @@ fn check_url(issues: &mut Issues, key: &str, url: &str) {
     }
 }
 
-fn check_addresses(issues: &mut Issues, key: &str, list: &[String], tls: bool) {
+fn check_addresses(issues: &mut Issues, key: &str, list: &[String], tls: bool, flag: &str) {
     if list.is_empty() {
         issues.add(key, "must list at least one address (host:port)");
     }
     for (i, a) in list.iter().enumerate() {
-        check_url(issues, &format!("{key}[{i}]"), &normalise_addr(a, tls));
+        let key = format!("{key}[{i}]");
+        // Some connections (the bus's, the slot lookups) take their TLS from the address
+        // alone: a redis:// one would go out in plaintext, password and all, while the
+        // operator believes TLS is on.
+        if tls && a.starts_with("redis://") {
+            issues.add(
+                &key,
+                format!(
+                    "`{}` is a redis:// URL but {flag} is true; write it as host:port or rediss://host:port",
+                    redact_url(a)
+                ),
+            );
+            continue;
+        }
+        check_url(issues, &key, &normalise_addr(a, tls));
     }
+}
+
+/// Whether any of these addresses carries a password of its own (`redis://:pw@host`).
+fn any_password(addresses: &[String], tls: bool) -> bool {
+    addresses.iter().any(|a| {
+        redis::IntoConnectionInfo::into_connection_info(normalise_addr(a, tls).as_str())
+            .is_ok_and(|info| info.redis_settings().password().is_some())
+    })
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -1049,10 +1071,37 @@ impl Validate for RedisConfig {
             if s.master_name.trim().is_empty() {
                 issues.add("redis.sentinel.master_name", "must not be empty");
             }
-            check_addresses(&mut issues, "redis.sentinel.addresses", &s.addresses, s.tls);
+            check_addresses(
+                &mut issues,
+                "redis.sentinel.addresses",
+                &s.addresses,
+                s.tls,
+                "redis.sentinel.tls",
+            );
         }
         if let Some(c) = &self.cluster {
-            check_addresses(&mut issues, "redis.cluster.seeds", &c.seeds, self.tls);
+            check_addresses(
+                &mut issues,
+                "redis.cluster.seeds",
+                &c.seeds,
+                self.tls,
+                "redis.tls",
+            );
+            // A Cluster has database 0 only: a seed naming another fails every connection
+            // ("SELECT is not allowed in cluster mode") with nothing naming the key.
+            for (i, seed) in c.seeds.iter().enumerate() {
+                let db = redis::IntoConnectionInfo::into_connection_info(
+                    normalise_addr(seed, self.tls).as_str(),
+                )
+                .map(|info| info.redis_settings().db())
+                .unwrap_or(0);
+                if db != 0 {
+                    issues.add(
+                        format!("redis.cluster.seeds[{i}]"),
+                        format!("names database {db}; a Redis Cluster has database 0 only"),
+                    );
+                }
+            }
         }
         // A single server's TLS comes from its URL scheme alone; accepting the flag beside a
         // redis:// URL would send the password in plaintext while the operator believes not.
@@ -1107,6 +1156,43 @@ impl Validate for RedisConfig {
         ] {
             if secret.is_some_and(Secret::is_empty) {
                 issues.add(key, "must not be empty (leave it unset for no password)");
+            }
+        }
+        // A user name goes out only with a password (`AUTH user password`): without one it
+        // would be dropped and the connection run as `default`; an empty one is refused by
+        // every Redis.
+        let data_urls: Vec<String> = match self.target() {
+            RedisTarget::Single(url) => vec![url],
+            RedisTarget::Cluster(seeds) => seeds,
+            RedisTarget::Sentinel { .. } => Vec::new(),
+        };
+        let sentinel_user = self.sentinel.as_ref().map(|s| {
+            (
+                s.username.as_ref(),
+                sentinel_password.is_some() || any_password(&s.addresses, s.tls),
+            )
+        });
+        for (key, user, has_password) in [
+            (
+                "redis.username",
+                self.username.as_ref(),
+                self.password.is_some() || any_password(&data_urls, self.tls),
+            ),
+            (
+                "redis.sentinel.username",
+                sentinel_user.and_then(|(u, _)| u),
+                sentinel_user.is_some_and(|(_, p)| p),
+            ),
+        ] {
+            match user {
+                Some(u) if u.is_empty() => {
+                    issues.add(key, "must not be empty (leave it unset for the default user)")
+                }
+                Some(_) if !has_password => issues.add(
+                    key,
+                    "is set without a password; set the matching password too (a user name alone is never sent)",
+                ),
+                _ => {}
             }
         }
         issues.finish()
@@ -1563,6 +1649,50 @@ mod tests {
         load_from::<Root>(Some(f.path()), &[]).expect("tls behind sentinel");
         let f = toml("[redis]\ntls = true\n[redis.cluster]\nseeds = [\"127.0.0.1:7000\"]\n");
         load_from::<Root>(Some(f.path()), &[]).expect("tls to a cluster");
+    }
+
+    /// What the client would otherwise take wrongly, or fail on at every connection with
+    /// nothing naming the key: a redis:// address beside a TLS flag, a Cluster seed naming a
+    /// database, a user name without a password or an empty one.
+    #[test]
+    fn redis_addresses_and_users_the_client_would_take_wrongly_name_their_key() {
+        for (text, key) in [
+            (
+                "[redis]\ntls = true\npassword = \"pw\"\n[redis.cluster]\nseeds = [\"127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n",
+                "redis.cluster.seeds[1]",
+            ),
+            (
+                "[redis.sentinel]\nmaster_name = \"m\"\ntls = true\naddresses = [\"redis://127.0.0.1:26379\"]\n",
+                "redis.sentinel.addresses[0]",
+            ),
+            (
+                "[redis.cluster]\nseeds = [\"redis://127.0.0.1:7000/2\"]\n",
+                "redis.cluster.seeds[0]",
+            ),
+            ("[redis]\nusername = \"app\"\n", "redis.username"),
+            (
+                "[redis]\nusername = \"\"\npassword = \"pw\"\n",
+                "redis.username",
+            ),
+            (
+                "[redis.sentinel]\nmaster_name = \"m\"\naddresses = [\"127.0.0.1:26379\"]\nusername = \"watcher\"\n",
+                "redis.sentinel.username",
+            ),
+        ] {
+            let f = toml(text);
+            let err = load_from::<Root>(Some(f.path()), &[]).expect_err(text);
+            assert!(err.mentions(key), "{text}: {err}");
+            assert_eq!(err.issues.len(), 1, "{text}: {err}");
+        }
+        // A password in the URL goes with the user name; rediss:// beside the flag is TLS.
+        for text in [
+            "[redis]\nurl = \"redis://:pw@127.0.0.1:6379\"\nusername = \"app\"\n",
+            "[redis]\ntls = true\n[redis.cluster]\nseeds = [\"rediss://127.0.0.1:7000\", \"127.0.0.1:7001\"]\n",
+            "[redis.sentinel]\nmaster_name = \"m\"\naddresses = [\"127.0.0.1:26379\"]\nusername = \"watcher\"\npassword = \"pw\"\n",
+        ] {
+            let f = toml(text);
+            load_from::<Root>(Some(f.path()), &[]).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
     }
 
     #[test]
