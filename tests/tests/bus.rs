@@ -10,7 +10,7 @@ use confroute_shared::config::{RedisConfig, RedisTarget};
 use confroute_shared::secret::Secret;
 use confroute_shared::types::NodeId;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{redis_query, RedisCluster, RedisServer};
+use confroute_tests::harness::{redis_query, DarkPort, RedisCluster, RedisServer, SentinelGroup};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -837,4 +837,41 @@ async fn a_command_the_node_cannot_queue_is_answered_nothing_done() {
     }
     assert_eq!(unanswered, 1024, "the queued ones wait for the node");
     assert_eq!(refused, 1100 - 1024, "the rest are refused at once");
+}
+
+/// A first-listed sentinel or Cluster seed whose host went dark (each connect to it waits
+/// out its whole timeout) does not keep the bus from subscribing through the others, even
+/// with a short `redis.timeout`: finding the server for the subscription gets the time the
+/// lookup needs, not a few operation timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dark_first_sentinel_or_seed_does_not_keep_the_bus_away() {
+    let dark = DarkPort::start().expect("dark port");
+    let dark_url = format!("redis://{}", dark.addr());
+
+    let group = SentinelGroup::start().expect("sentinel");
+    let mut sentinels = vec![dark_url.clone()];
+    sentinels.extend(group.sentinel_urls());
+    let cfg = RedisConfig {
+        timeout: Duration::from_millis(200),
+        wait_replicas: 0,
+        ..fixtures::sentinel(group.master_name(), &sentinels)
+    };
+    let bus = Bus::controller(fixtures::store(&cfg));
+    assert!(
+        bus.wait_connected(Duration::from_secs(15)).await,
+        "the bus subscribed behind sentinel"
+    );
+
+    let cluster = RedisCluster::start().expect("cluster");
+    let mut seeds = vec![dark_url];
+    seeds.extend(cluster.seeds());
+    let cfg = RedisConfig {
+        timeout: Duration::from_millis(200),
+        ..fixtures::cluster(&seeds)
+    };
+    let bus = Bus::controller(fixtures::store(&cfg));
+    assert!(
+        bus.wait_connected(Duration::from_secs(15)).await,
+        "the bus subscribed on the cluster"
+    );
 }

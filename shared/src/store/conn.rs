@@ -218,6 +218,20 @@ fn connect_budget(cfg: &RedisConfig) -> Duration {
     }
 }
 
+/// What finding the server for a pub/sub connection may take: the sentinels' answer (asked
+/// in their listed order, a dark first one holding the lookup), or on a Cluster each seed in
+/// turn (connect, then its slot map), so that a dark first sentinel or seed does not keep the
+/// bus from ever subscribing when `redis.timeout` is short.
+pub(crate) fn lookup_budget(cfg: &RedisConfig) -> Duration {
+    let most = match cfg.target() {
+        RedisTarget::Single(_) => Duration::ZERO,
+        RedisTarget::Sentinel { .. } => SENTINEL_LOOKUP + cfg.connect_timeout + cfg.timeout,
+        RedisTarget::Cluster(seeds) => (cfg.connect_timeout + cfg.timeout)
+            .saturating_mul(u32::try_from(seeds.len()).unwrap_or(u32::MAX)),
+    };
+    most.max(cfg.timeout * 4)
+}
+
 /// Whether a Redis Cluster client sends a request again by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Retries {
@@ -597,10 +611,12 @@ impl Connector {
         .map_err(|_| {
             RedisError::from((redis::ErrorKind::Io, "cluster seed connect timed out"))
         })??;
-        let slots: redis::Value = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut conn)
-            .await?;
+        let slots: redis::Value = tokio::time::timeout(
+            self.inner.response_timeout,
+            redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| RedisError::from((redis::ErrorKind::Io, "cluster seed answer timed out")))??;
         let (host, port) = primary_of(&slots, slot).ok_or_else(|| {
             RedisError::from((redis::ErrorKind::Client, "no primary serves the bus's slot"))
         })?;

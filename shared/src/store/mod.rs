@@ -280,6 +280,9 @@ pub struct Store {
     nodes_key: String,
     scripts: std::sync::Arc<Scripts>,
     timeout: Duration,
+    /// What finding the server for a pub/sub connection may take (see
+    /// [`conn::lookup_budget`]).
+    lookup_budget: Duration,
     conference_lease: Duration,
     claim_lease: Duration,
     wait_replicas: u32,
@@ -313,6 +316,7 @@ impl Store {
             nodes_key: format!("{}nodes", cfg.prefix),
             scripts: std::sync::Arc::new(Scripts::new()),
             timeout: cfg.timeout,
+            lookup_budget: conn::lookup_budget(cfg),
             conference_lease: cfg.conference_lease,
             claim_lease: cfg.claim_lease.min(cfg.conference_lease),
             wait_replicas: cfg.wait_replicas,
@@ -647,7 +651,7 @@ impl Store {
     /// primary serving `channel`'s slot.
     pub(crate) async fn pubsub_client(&self, channel: &str) -> Result<redis::Client, StoreError> {
         let slot = conn::hash_slot(channel.as_bytes());
-        tokio::time::timeout(self.timeout * 4, self.conn.pubsub_client(slot))
+        tokio::time::timeout(self.lookup_budget, self.conn.pubsub_client(slot))
             .await
             .map_err(|_| StoreError::Unavailable("pub/sub connect timed out".into()))?
             .map_err(|e| StoreError::Unavailable(format!("pub/sub connect: {e}")))
@@ -662,7 +666,7 @@ impl Store {
     /// single server or Sentinel (nothing to follow).
     pub(crate) async fn pubsub_home(&self, channel: &str) -> Result<Option<String>, StoreError> {
         let slot = conn::hash_slot(channel.as_bytes());
-        tokio::time::timeout(self.timeout * 4, self.conn.slot_primary(slot))
+        tokio::time::timeout(self.lookup_budget, self.conn.slot_primary(slot))
             .await
             .map_err(|_| StoreError::Unavailable("cluster slots timed out".into()))?
             .map_err(|e| StoreError::Unavailable(format!("cluster slots: {e}")))
