@@ -772,8 +772,13 @@ pub async fn serve(
             match sent {
                 Ok(Ok(())) => {}
                 // Ending here drops the queue, which tells the reader and every task
-                // answering into it that nobody takes their frames any more.
-                Ok(Err(_)) => return,
+                // answering into it that nobody takes their frames any more. A client that
+                // closed first is still owed the close reply the protocol layer queued
+                // (RFC 6455 §5.5.1): only a close or flush writes it.
+                Ok(Err(_)) => {
+                    let _ = tokio::time::timeout(silence, sink.close()).await;
+                    return;
+                }
                 Err(_) => {
                     tracing::info!("JSON-RPC client reads nothing; closing its connection");
                     return;

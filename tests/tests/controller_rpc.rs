@@ -2657,3 +2657,28 @@ async fn rate_limited_commands_behind_a_slow_one_hold_nothing() {
     );
     node.respond(&held, Ok(json!({"muted": true}))).await;
 }
+
+/// A client's close is answered with a close (RFC 6455 §5.5.1) even when an answer comes due
+/// after it: the frame the client no longer takes must not end the connection without the
+/// reply, which clients would see as an unclean close (1006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_close_is_answered_even_with_an_answer_coming_due() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "1s")]).await;
+    let (_store, _node, mut commands) = hosted_on_node_a(&s, "closing-1").await;
+    let mut tcp = raw_ws(&s).await;
+    let req = json!({"jsonrpc": "2.0", "method": "participant.mute",
+                     "params": {"conference": "closing-1", "participant": "p1"}, "id": 1});
+    tcp.write_all(&frame(0x1, req.to_string().as_bytes()))
+        .await
+        .expect("write");
+    tokio::time::timeout(Duration::from_secs(10), commands.recv())
+        .await
+        .expect("the node hears the command")
+        .expect("bus open");
+    // The node never answers: the command's timeout answer comes due after the close.
+    tcp.write_all(&frame(0x8, &1000u16.to_be_bytes()))
+        .await
+        .expect("close");
+    assert_eq!(close_code_of(&mut tcp).await, Some(Some(1000)));
+}
