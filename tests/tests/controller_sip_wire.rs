@@ -2408,3 +2408,97 @@ async fn old_style_branches_forked_to_two_conferences_get_their_own_answers() {
     assert_eq!(udp.exchange(&copy("forked-a")), a);
     assert_eq!(udp.exchange(&copy("forked-b")), b);
 }
+
+/// The controller's resident memory, from /proc (kB).
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no VmRSS for process {pid}"))
+}
+
+/// Peers that pipeline large requests and read none of the answers cost the controller a
+/// bounded amount of memory each: answers copy every Via of their request, so a connection
+/// stops being read once its waiting answers pass a byte budget, not only a number of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_read_no_answers_hold_little_memory() {
+    const CONNECTIONS: usize = 8;
+    const REQUESTS: usize = 400;
+    let s = setup(&[]).await;
+    let pid = s.controller.pid().expect("controller pid");
+    // Close to the default 16 KiB message limit, nearly all of it Via lines.
+    let vias: String = (0..140)
+        .map(|i| {
+            format!(
+                "Via: SIP/2.0/TCP 10.1.{}.{}:5060;branch=z9hG4bKvia{i:060}\r\n",
+                i / 250,
+                i % 250
+            )
+        })
+        .collect();
+    let request = |c: usize, i: usize| {
+        format!(
+            "OPTIONS sip:router SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bKnr{c}x{i}\r\n{vias}\
+             From: <sip:p@x>;tag=1\r\nTo: <sip:router>\r\nCall-ID: nr{c}x{i}@test\r\nCSeq: 1 OPTIONS\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+    };
+    assert!(request(0, 0).len() > 12_000 && request(0, 0).len() < 16_000);
+    // The process as it serves one connection's OPTIONS.
+    let mut warm = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    warm.write_all(request(99, 0).as_bytes())
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 65536];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), warm.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let before = rss_kb(pid);
+    let mut peers = Vec::new();
+    for c in 0..CONNECTIONS {
+        let addr = s.controller.sip_addr();
+        let text: Vec<u8> = (0..REQUESTS)
+            .flat_map(|i| request(c, i).into_bytes())
+            .collect();
+        peers.push(tokio::spawn(async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .set_recv_buffer_size(4096)
+                .expect("small receive buffer");
+            let mut tcp = socket.connect(addr).await.expect("connect");
+            // Written until the controller stops reading (then this write waits), or whole.
+            let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&text)).await;
+            tcp
+        }));
+    }
+    let mut held = Vec::new();
+    for p in peers {
+        held.push(p.await.expect("peer"));
+    }
+    // The most the process holds while those answers wait.
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(rss_kb(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown_kb = most.saturating_sub(before);
+    // 128 KiB of waiting answers per connection, an answer being written, a request being
+    // read: well under 1 MiB each. A count of 256 answers alone would be some 3.5 MiB each.
+    assert!(
+        grown_kb < (CONNECTIONS as u64) * 1024,
+        "the controller grew by {grown_kb} kB for {CONNECTIONS} peers that read nothing"
+    );
+    drop(held);
+}

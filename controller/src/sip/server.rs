@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::handler::{Early, Outgoing, Refuse, SipService};
 use super::message::{header_end, parse_digits};
@@ -208,16 +208,64 @@ impl Early for UdpEarly<'_> {
     }
 }
 
+/// Bytes of answers one TCP connection may have waiting for its writer. Past it the
+/// connection is not read until its peer reads: answers copy every Via of their request, so
+/// a count of answers alone would let a peer that never reads pin megabytes per connection.
+const ANSWER_BYTES: usize = 128 * 1024;
+
+/// Answers of one TCP connection on their way to its writer, bounded in bytes
+/// ([`ANSWER_BYTES`]) as well as in number.
+#[derive(Clone)]
+struct Answers {
+    tx: mpsc::Sender<(Vec<u8>, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
+}
+
+impl Answers {
+    fn new() -> (Answers, mpsc::Receiver<(Vec<u8>, OwnedSemaphorePermit)>) {
+        let (tx, rx) = mpsc::channel(256);
+        let room = Arc::new(Semaphore::new(ANSWER_BYTES));
+        (Answers { tx, room }, rx)
+    }
+
+    /// What `bytes` takes of the room (an answer larger than all of it takes all of it).
+    fn cost(bytes: &[u8]) -> u32 {
+        u32::try_from(bytes.len().clamp(1, ANSWER_BYTES)).unwrap_or(u32::MAX)
+    }
+
+    /// Queues `bytes` once there is room; an error once the writer has given up.
+    async fn send(&self, bytes: Vec<u8>) -> Result<(), ()> {
+        let permit = tokio::select! {
+            p = self.room.clone().acquire_many_owned(Self::cost(&bytes)) => p.map_err(|_| ())?,
+            () = self.tx.closed() => return Err(()),
+        };
+        self.tx.send((bytes, permit)).await.map_err(|_| ())
+    }
+
+    /// Queues `bytes` if there is room now.
+    fn try_send(&self, bytes: Vec<u8>) -> bool {
+        match self.room.clone().try_acquire_many_owned(Self::cost(&bytes)) {
+            Ok(permit) => self.tx.try_send((bytes, permit)).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Resolves once the writer has given up on the peer.
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
 /// Provisional answers over TCP, through the connection's writer.
 struct TcpEarly {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: Answers,
 }
 
 impl Early for TcpEarly {
     fn send(&self, out: Outgoing) -> futures_util::future::BoxFuture<'_, bool> {
         // A provisional answer only: to a peer that reads so slowly that its answers back
         // up, it is left out rather than waited for with the INVITE's permits held.
-        Box::pin(std::future::ready(self.tx.try_send(out.bytes).is_ok()))
+        Box::pin(std::future::ready(self.tx.try_send(out.bytes)))
     }
 }
 
@@ -529,13 +577,16 @@ async fn connection(
     let pending = Arc::new(Semaphore::new(TCP_PENDING));
     let (mut reader, mut writer) = stream.into_split();
     // Pipelined requests are routed concurrently; one writer keeps answers whole.
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
-    let idle = limits.idle;
+    let (tx, mut rx) = Answers::new();
+    // A peer that takes longer than this to read one answer has given up on its
+    // transactions (Timer B and F); its connection would otherwise hold a slot and its
+    // queued answers for as long as it trickles a few bytes now and then.
+    let write_deadline = limits.idle.min(MESSAGE_DEADLINE);
     let writer_task = tokio::spawn(async move {
-        while let Some(bytes) = rx.recv().await {
-            // A peer that reads nothing for as long as it may stay idle is gone; its
-            // connection would otherwise hold a slot and its queued answers forever.
-            match tokio::time::timeout(idle, writer.write_all(&bytes)).await {
+        while let Some((bytes, room)) = rx.recv().await {
+            let written = tokio::time::timeout(write_deadline, writer.write_all(&bytes)).await;
+            drop(room);
+            match written {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => break,
                 Err(_) => {
@@ -723,8 +774,10 @@ async fn connection(
                             .handle_early(&message, peer, Transport::Tcp, &early)
                             .await;
                         // Routed: the process-wide permit goes back before the answer
-                        // waits on a peer that reads slowly, as over UDP.
+                        // waits on a peer that reads slowly, as over UDP; so does the
+                        // request's memory.
                         drop(routing_permit);
+                        drop(message);
                         if let Some(out) = answered {
                             let _ = early.tx.send(out.bytes).await;
                         }
