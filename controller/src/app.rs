@@ -42,6 +42,23 @@ pub struct Controller {
     /// REST commands that run to their end, whose clients may have gone.
     running: Arc<tokio::sync::Semaphore>,
     max_running: usize,
+    /// What a stop waits for on the SIP side.
+    sip: SipInFlight,
+}
+
+/// The SIP work a stop lets finish: every INVITE read gets its final answer (one sent
+/// `100 Trying` is no longer retransmitted by its edge, which would otherwise wait out its
+/// own INVITE timer), and TCP connections close once their answers are written.
+struct SipInFlight {
+    service: Arc<SipService>,
+    /// INVITEs being routed (`sip.max_pending_invites` permits).
+    pending: Arc<tokio::sync::Semaphore>,
+    max_pending: usize,
+    /// TCP connections open (`sip.tcp_max_connections` permits).
+    tcp_open: Arc<tokio::sync::Semaphore>,
+    max_tcp: usize,
+    /// Longest a routing decision takes, and a moment to write its answer.
+    grace: Duration,
 }
 
 /// Binds every socket and starts serving.
@@ -111,6 +128,7 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
     let (udp, tcp) = bound.unwrap_or((None, None));
     // INVITEs being routed at once, over UDP and TCP together.
     let pending = Arc::new(tokio::sync::Semaphore::new(cfg.sip.max_pending_invites));
+    let tcp_open = Arc::new(tokio::sync::Semaphore::new(cfg.sip.tcp_max_connections));
     if let Some(socket) = udp {
         let socket = Arc::new(socket);
         // Several receivers on one socket let a burst use every core.
@@ -137,7 +155,8 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
                 max_per_source: cfg.sip.tcp_max_connections_per_source,
                 idle: cfg.sip.tcp_idle_timeout,
             },
-            pending,
+            pending.clone(),
+            tcp_open.clone(),
         )));
     }
     let sweeper = service.clone();
@@ -210,6 +229,14 @@ pub async fn start(cfg: &ControllerConfig) -> Result<Controller, StartError> {
         http_grace: cfg.rpc.command_timeout + cfg.routing.deadline + Duration::from_secs(1),
         running,
         max_running: cfg.http.max_running_commands,
+        sip: SipInFlight {
+            service,
+            pending,
+            max_pending: cfg.sip.max_pending_invites,
+            tcp_open,
+            max_tcp: cfg.sip.tcp_max_connections,
+            grace: cfg.routing.deadline + Duration::from_secs(1),
+        },
     })
 }
 
@@ -226,34 +253,48 @@ impl Controller {
         first_ended(all).await
     }
 
-    /// Stops SIP at once (the edge retries elsewhere) and lets HTTP requests in flight finish.
+    /// Stops reading SIP at once (the edge sends its next requests elsewhere), answers the
+    /// INVITEs already read, and lets HTTP requests in flight finish.
     pub async fn stop(mut self) {
         for t in &self.tasks {
             t.abort();
         }
+        self.sip.service.stop();
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());
         }
+        let sip = &self.sip;
+        let sip_done = tokio::time::timeout(sip.grace, async {
+            let _ = sip.pending.acquire_many(permits(sip.max_pending)).await;
+            let _ = sip.tcp_open.acquire_many(permits(sip.max_tcp)).await;
+        });
         // Requests in flight, and the dial-outs and moves whose clients hung up but which run
         // on: cut between a claim and its hand-back, one would leave a claim holding a seat.
-        let running = u32::try_from(self.max_running).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(self.http_grace, async {
-            if let Some(t) = self.http_task.take() {
+        let running = permits(self.max_running);
+        let http_task = self.http_task.take();
+        let running_done = &self.running;
+        let http_done = tokio::time::timeout(self.http_grace, async {
+            if let Some(t) = http_task {
                 let _ = t.await;
             }
-            let _ = self.running.acquire_many(running).await;
-        })
-        .await;
+            let _ = running_done.acquire_many(running).await;
+        });
+        let _ = tokio::join!(sip_done, http_done);
         // Call-control clients are told the controller is going (close 1001) rather than
         // seeing their connections drop as in a crash; answers on their way get a moment first.
         let _ = self.rpc_stop.send(true);
-        let all = u32::try_from(self.rpc_max_connections).unwrap_or(u32::MAX);
+        let all = permits(self.rpc_max_connections);
         let _ = tokio::time::timeout(
             crate::rpc::CLOSE_GRACE + Duration::from_secs(1),
             self.rpc_connections.acquire_many(all),
         )
         .await;
     }
+}
+
+/// `n` semaphore permits, as `acquire_many` counts them.
+fn permits(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Waits until the first of `tasks` ends; how it ended. With none, waits for ever.

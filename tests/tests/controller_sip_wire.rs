@@ -2502,3 +2502,53 @@ async fn peers_that_read_no_answers_hold_little_memory() {
     );
     drop(held);
 }
+
+/// A stopping controller reads no more requests but answers the INVITEs it has read: one
+/// sent `100 Trying` is no longer retransmitted by its edge, which would otherwise wait out
+/// its own INVITE timer (minutes) rather than try another controller. Its TCP connections
+/// then close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_controller_answers_the_invites_it_read() {
+    let Stalled {
+        _redis,
+        proxy: _proxy,
+        mut controller,
+        udp,
+    } = stalled("3s", &[]).await;
+    let msg = invite("sip:stop-udp@router", udp.port(), "z9hG4bKstopudp", "");
+    udp.socket.send_to(msg.as_bytes(), udp.to).expect("send");
+    let trying = udp.recv();
+    assert_eq!(status(&trying), 100, "{trying}");
+    let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+        .await
+        .expect("connect");
+    let msg = invite("sip:stop-tcp@router", 5060, "z9hG4bKstoptcp", "")
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    tcp.write_all(msg.as_bytes()).await.expect("write");
+    let mut got = String::new();
+    read_until(&mut tcp, &mut got, |g| g.contains("SIP/2.0 100 Trying")).await;
+
+    controller.process().signal(libc::SIGTERM).expect("SIGTERM");
+    // Redis never answers: the routing deadline's 503, rather than nothing.
+    udp.socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let last = udp.recv();
+    assert_eq!(status(&last), 503, "{last}");
+    assert!(header(&last, "Retry-After").is_some(), "{last}");
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the connection stays open after the stop: {got}"))
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        got.contains("SIP/2.0 503 Service Unavailable"),
+        "the TCP INVITE's final answer before the close: {got}"
+    );
+}

@@ -120,6 +120,8 @@ pub struct SipService {
     failures: crate::throttle::Throttle,
     /// CANCELs that may wait for their INVITE at once ([`SipService::cancel_permit`]).
     cancel_waits: Arc<tokio::sync::Semaphore>,
+    /// Set when the process stops: TCP connections read no more requests.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// CANCELs that may wait for their INVITE at once: a flood of CANCELs matching nothing
@@ -196,7 +198,20 @@ impl SipService {
             tag_keys: Default::default(),
             failures: crate::throttle::Throttle::new(std::time::Duration::from_secs(10)),
             cancel_waits: Arc::new(tokio::sync::Semaphore::new(MAX_CANCEL_WAITS)),
+            stopping: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Tells every TCP connection to read no more requests: each closes once the INVITEs it
+    /// read are answered.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`SipService::stop`] was called.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     /// A slot for a CANCEL to be handled on a task of its own with

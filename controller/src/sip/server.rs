@@ -121,10 +121,13 @@ pub async fn serve_udp(
                 let answered = service
                     .handle_early(&packet, source, Transport::Udp, &early)
                     .await;
-                drop(permit);
                 drop(packet);
                 if let Some(out) = answered {
                     send(&socket, &out.bytes, out.to, local).await;
+                    // Held until the answer is out: a stopping process waits for every
+                    // permit, so that no INVITE it read (sent 100 Trying, perhaps) is left
+                    // without its final answer.
+                    drop(permit);
                     if let Some(resend) = out.resend {
                         resend_until_acked(&socket, &service, &out.bytes, out.to, local, resend)
                             .await;
@@ -380,8 +383,8 @@ pub async fn serve_tcp(
     service: Arc<SipService>,
     limits: TcpLimits,
     routing: Arc<Semaphore>,
+    open: Arc<Semaphore>,
 ) {
-    let open = Arc::new(Semaphore::new(limits.max_connections));
     let per_source: PerSource = Arc::default();
     let (from_source, over_all) = (
         Throttle::new(REFUSAL_WARN_EVERY),
@@ -628,6 +631,9 @@ async fn connection(
             read = tokio::time::timeout(wait, reader.read(&mut chunk)) => read,
             // The writer gave up on the peer: nothing read now could be answered.
             () = tx.closed() => break,
+            // The process stops: what was read is answered, then the connection closes and
+            // the edge sends its next requests to another controller.
+            () = service.stopped() => break,
         };
         let n = match read {
             Ok(Ok(0)) => break,
