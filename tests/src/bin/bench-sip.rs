@@ -32,8 +32,8 @@ use clap::Parser;
 use confroute_shared::name::ConferenceName;
 use confroute_tests::fixtures;
 use confroute_tests::harness::{
-    free_udp_tcp_port, redis_query, require_tool, scenario, ControllerProc, KamailioOptions,
-    KamailioProc, Proc, RedisServer, TempDir,
+    free_udp_tcp_port, redis_query, require_tool, run_with_input, scenario, ControllerProc,
+    KamailioOptions, KamailioProc, Proc, RedisServer, TempDir,
 };
 use rand::seq::SliceRandom;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -756,13 +756,22 @@ async fn http_rate_here(
     ))
 }
 
+/// Longest a `redis-benchmark` run may take before it is killed and its figure left out.
+const REDIS_BENCHMARK_LIMIT: Duration = Duration::from_secs(300);
+
 fn redis_benchmark_get(port: u16, clients: usize, requests: usize) -> Option<f64> {
-    let out = Command::new("redis-benchmark")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-t", "get", "-c", &clients.to_string()])
-        .args(["-n", &requests.to_string(), "-q", "--csv"])
-        .output()
-        .ok()?;
+        .args(["-n", &requests.to_string(), "-q", "--csv"]);
+    // redis-benchmark has no timeout of its own: a Redis that stops answering would hang the run.
+    let out = match run_with_input(cmd, b"", REDIS_BENCHMARK_LIMIT) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("redis-benchmark: {e}");
+            return None;
+        }
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find(|l| l.starts_with("\"GET\""))

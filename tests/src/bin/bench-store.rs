@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use confroute_shared::name::ConferenceName;
 use confroute_tests::fixtures;
-use confroute_tests::harness::{require_tool, RedisServer};
+use confroute_tests::harness::{require_tool, run_with_input, RedisServer};
 
 #[derive(Parser)]
 #[command(about = "Store throughput vs raw Redis GET, side by side")]
@@ -129,6 +129,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Longest a `redis-benchmark` run may take before it is killed and its figure left out.
+const REDIS_BENCHMARK_LIMIT: Duration = Duration::from_secs(300);
+
 fn redis_benchmark_get(target: &Target, clients: usize, requests: usize) -> Option<f64> {
     let mut cmd = std::process::Command::new("redis-benchmark");
     cmd.args(["-h", &target.host, "-p", &target.port.to_string()])
@@ -140,18 +143,23 @@ fn redis_benchmark_get(target: &Target, clients: usize, requests: usize) -> Opti
             cmd.args(["--user", user]);
         }
     }
-    let out = cmd
-        .args([
-            "-t",
-            "get",
-            "-c",
-            &clients.to_string(),
-            "-n",
-            &requests.to_string(),
-        ])
-        .args(["-q", "--csv"])
-        .output()
-        .ok()?;
+    cmd.args([
+        "-t",
+        "get",
+        "-c",
+        &clients.to_string(),
+        "-n",
+        &requests.to_string(),
+    ])
+    .args(["-q", "--csv"]);
+    // redis-benchmark has no timeout of its own: a Redis that stops answering would hang the run.
+    let out = match run_with_input(cmd, b"", REDIS_BENCHMARK_LIMIT) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("redis-benchmark: {e}");
+            return None;
+        }
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find(|l| l.starts_with("\"GET\""))
