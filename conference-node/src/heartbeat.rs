@@ -36,6 +36,7 @@ pub async fn register(node: &Node) -> bool {
         ari: Some(node.ari_available()),
         drain_since_ms: (state == NodeState::Draining && since > 0).then_some(since),
         seen,
+        stopping: node.stopping(),
     };
     let sent = std::time::Instant::now();
     let registered = node
@@ -59,11 +60,6 @@ pub async fn register(node: &Node) -> bool {
                 .with_label_values(&["registered"])
                 .inc();
             tracing::info!(node = %node.id, state = %node.state(), ?previous, "node registered");
-            // A registration is a new record without the stopping mark: a node registering
-            // again in its shutdown drain marks it again, or an admin could make it serving.
-            if node.stopping() {
-                node.write_state().await;
-            }
             true
         }
         Err(e) => {

@@ -504,6 +504,7 @@ async fn a_registration_keeps_a_state_an_admin_set_after_the_agent_read_it() {
         ari: Some(true),
         drain_since_ms: None,
         seen: Some(state),
+        stopping: false,
     };
     store
         .register_agent(&node("a", 10), LONG, true)
@@ -569,6 +570,44 @@ async fn a_registration_keeps_a_state_an_admin_set_after_the_agent_read_it() {
         .await
         .expect("register");
     assert_eq!(read(&store).await, (NodeState::Serving, None));
+}
+
+/// A node in its shutdown drain whose record expired (Redis slow past its lease) registers
+/// it again marked stopping in the same step: an admin's undrain in between cannot make a
+/// stopping node serving and place new conferences on it (invariant 4). A registration of a
+/// new life clears an old mark.
+#[tokio::test]
+async fn a_stopping_agent_registering_again_keeps_its_record_stopping() {
+    let (_redis, store) = with_nodes(&[]).await;
+    let mut draining = node("a", 10);
+    draining.state = NodeState::Draining;
+    let stopping = Registration {
+        ari: Some(true),
+        stopping: true,
+        ..Registration::default()
+    };
+    store
+        .register_with(&draining, LONG, &stopping)
+        .await
+        .expect("register");
+    let refused = store
+        .set_state(&id("a"), NodeState::Serving)
+        .await
+        .expect("refused");
+    assert_eq!(refused, StateChange::Stopping(NodeState::Draining));
+    let room = name("after-the-stop");
+    let claim = store.claim(&room, &[id("a")]).await.expect("claim");
+    assert_eq!(claim.kind, ClaimKind::NoCapacity, "{claim:?}");
+    // A new life of the agent starts unmarked: an admin may change its state again.
+    store
+        .register_with(&draining, LONG, &Registration::default())
+        .await
+        .expect("register");
+    let changed = store
+        .set_state(&id("a"), NodeState::Serving)
+        .await
+        .expect("undrain");
+    assert_eq!(changed, StateChange::Changed(NodeState::Draining));
 }
 
 /// The state a heartbeat reads back from its node's record under the number its last

@@ -58,6 +58,9 @@ pub struct Registration {
     /// The state the agent read in this node's live record before registering: a different
     /// one there now was set by an admin meanwhile, and is kept.
     pub seen: Option<NodeState>,
+    /// The agent is in its shutdown drain: the record is marked stopping in the same step,
+    /// so no admin undrain can make it serving in between (invariant 4).
+    pub stopping: bool,
 }
 
 /// A numbering a conference's home keeps increasing across agent restarts.
@@ -1016,7 +1019,7 @@ impl Store {
         let how = Registration {
             ari: Some(ari),
             drain_since_ms: Some(drain_since_ms),
-            seen: None,
+            ..Registration::default()
         };
         self.register_with(node, lease, &how).await
     }
@@ -1060,6 +1063,7 @@ impl Store {
                         .arg(ari)
                         .arg(since)
                         .arg(seen)
+                        .arg(if how.stopping { "1" } else { "" })
                         .invoke_async(&mut c)
                         .await
                 }

@@ -15,6 +15,9 @@
 -- (set_state.lua): that drain or undrain wins over the state the agent brings, which read
 -- the record before it (invariant 4 holds a drain the admin set), and the agent's heartbeat
 -- adopts it.
+-- ARGV[13] '1' when the agent registering is in its shutdown drain (its record expired and
+-- is made again): the record is marked stopping in this same step, so that no admin undrain
+-- can make a stopping node serving in between (invariant 4); empty otherwise.
 -- The state written is numbered as set_state.lua numbers it (Redis's clock in ms, above a live
 -- record's number).
 -- Returns the state the record had before (false when it did not exist).
@@ -40,8 +43,13 @@ redis.call('HSET', KEYS[1], 'id', ARGV[2], 'sip_uri', ARGV[4], 'control', ARGV[5
   'lease_period_ms', lease)
 local last = tonumber(redis.call('HGET', KEYS[1], 'state_seq')) or 0
 redis.call('HSET', KEYS[1], 'state_seq', math.max(now, last + 1), 'state_seq_state', state)
--- A new registration is a new life: a stopping mark of the last one does not carry over.
-redis.call('HDEL', KEYS[1], 'stopping')
+-- A new registration is a new life: a stopping mark of the last one does not carry over;
+-- a stopping agent registering again marks its own.
+if ARGV[13] == '1' then
+  redis.call('HSET', KEYS[1], 'stopping', 1)
+else
+  redis.call('HDEL', KEYS[1], 'stopping')
+end
 -- Nor does the last life's ARI state.
 if ARGV[10] ~= '' then
   redis.call('HSET', KEYS[1], 'ari', ARGV[10])
