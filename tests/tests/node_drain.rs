@@ -714,6 +714,34 @@ async fn a_drain_right_after_a_restart_waits_for_the_conferences_asterisk_holds(
     assert_eq!(code, Some(0), "{}", s.node.output());
 }
 
+/// A second stop signal before the agent's first look at what Asterisk holds after a
+/// restart still ends the conferences Asterisk holds: the agent waits briefly for the look,
+/// adopts them and hangs their callers up, rather than exiting and leaving them in Asterisk
+/// with no agent and their claims to lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_before_the_first_look_still_ends_what_asterisk_holds() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "kept", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.restart_with_channel_listing_held().await;
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    s.node
+        .wait_log("waiting for the first look", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.node.process().signal(libc::SIGINT).expect("sigint");
+    s.node
+        .wait_log("second stop signal", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("GET /channels");
+    assert_eq!(
+        wait_hangup(&s.sim, &a).await,
+        16,
+        "the adopted caller hung up"
+    );
+    let code = s.node.process().wait_exit(WAIT).expect("exits");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
+
 /// A second stop signal sent while the first one's drain is still being written to a slow
 /// Redis is not lost: the agent ends everything now, as it does for any second signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
