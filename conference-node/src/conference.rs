@@ -1234,12 +1234,14 @@ impl Conference {
             .map(|(id, _)| id.clone())
     }
 
-    /// Participants that are here and staying (not being moved out, nor transferred to
-    /// another node).
+    /// Participants that are here, staying (not being moved out, nor transferred to another
+    /// node) and not on hold: the ones a start would put in the mix. A held one would leave
+    /// a lone starter in a silent mix (`lone_starter_waits`), as a held starter starts
+    /// nothing.
     fn present(&self) -> usize {
         self.participants
             .values()
-            .filter(|p| !p.moving && !p.redirected)
+            .filter(|p| !p.moving && !p.redirected && !p.held)
             .count()
     }
 

@@ -1562,6 +1562,46 @@ async fn an_unheld_lone_starter_starts_the_conference_with_who_came_meanwhile() 
     .await;
 }
 
+/// With `conference.lone_starter_waits`, a participant on hold is not the second caller a
+/// start takes: a starter coming in while the only other participant is held waits with
+/// its music rather than sit alone in a silent mix, and the conference starts with both
+/// once the held one is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_participant_does_not_start_a_lone_starters_conference() {
+    let c = Cluster::start(
+        &[
+            ("CONFROUTE_CONFERENCE__BEEP", "false"),
+            ("CONFROUTE_CONFERENCE__LONE_STARTER_WAITS", "true"),
+        ],
+        &[],
+    )
+    .await;
+    let owner = c.route(1, "held-start").await;
+    let sim = &c.node(&owner).sim;
+    let n = dial(sim, "held-start", &[("CONFROUTE_START_ON_ENTER", "false")]).await;
+    let holding = wait_bridged(sim, &n).await;
+    let mut ws = c.client(0).await;
+    wait_listed(&mut ws, "held-start", 1).await;
+    let who = json!({"conference": "held-start", "participant": n});
+    ws.ok("participant.hold", who.clone()).await;
+    let s = dial(sim, "held-start", &[]).await;
+    assert_eq!(
+        wait_bridged(sim, &s).await,
+        holding,
+        "the starter waits: the only other participant is on hold"
+    );
+    wait_listed(&mut ws, "held-start", 2).await;
+    ws.ok("participant.unhold", who).await;
+    until(sim, "both mixed", |snap| {
+        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
+        bridge(&s).is_some_and(|b| {
+            bridge(&n).as_deref() == Some(b.as_str())
+                && snap.bridge(&b).is_some_and(|b| b.bridge_type == "mixing")
+        })
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_older_than_an_end_does_not_take_back_a_caller_moving_out() {
     let c = Cluster::start(
