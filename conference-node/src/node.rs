@@ -613,7 +613,7 @@ impl Node {
 
     /// Stops the playbacks the agent started on `channel`. Asterisk runs a channel's commands
     /// one at a time, and a playback holds the channel until it ends: an `addChannel` moving
-    /// it (hold, unhold, an unmute that re-adds it, a move, the start) would wait for it, past
+    /// it (hold, unhold, a move, the start) would wait for it, past
     /// the request's timeout, and be carried out later behind the agent's back.
     pub async fn stop_playbacks(&self, channel: &str) {
         let ids: Vec<String> = lock(&self.channel_playbacks)
