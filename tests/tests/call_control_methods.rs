@@ -1459,14 +1459,7 @@ async fn a_refused_move_gives_back_a_starter_that_starts_the_conference_it_retur
     sim.release_operation("answer addChannel");
     let (code, msg) = moved.await.expect("the move's answer");
     assert_eq!(code, -32005, "the target is full: {msg}");
-    until(sim, "both mixed in the conference they are in", |snap| {
-        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
-        bridge(&starter).is_some_and(|b| {
-            bridge(&second).as_deref() == Some(b.as_str())
-                && snap.bridge(&b).is_some_and(|b| b.bridge_type == "mixing")
-        })
-    })
-    .await;
+    wait_mixed_together(sim, &starter, &second).await;
     wait_bridged(sim, &y).await;
 }
 
@@ -1552,14 +1545,7 @@ async fn an_unheld_lone_starter_starts_the_conference_with_who_came_meanwhile() 
     assert_eq!(wait_bridged(sim, &n).await, holding);
     wait_listed(&mut ws, "unhold-start", 2).await;
     ws.ok("participant.unhold", who).await;
-    until(sim, "both mixed", |snap| {
-        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
-        bridge(&s).is_some_and(|b| {
-            bridge(&n).as_deref() == Some(b.as_str())
-                && snap.bridge(&b).is_some_and(|b| b.bridge_type == "mixing")
-        })
-    })
-    .await;
+    wait_mixed_together(sim, &s, &n).await;
 }
 
 /// With `conference.lone_starter_waits`, a participant on hold is not the second caller a
@@ -1592,14 +1578,7 @@ async fn a_held_participant_does_not_start_a_lone_starters_conference() {
     );
     wait_listed(&mut ws, "held-start", 2).await;
     ws.ok("participant.unhold", who).await;
-    until(sim, "both mixed", |snap| {
-        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
-        bridge(&s).is_some_and(|b| {
-            bridge(&n).as_deref() == Some(b.as_str())
-                && snap.bridge(&b).is_some_and(|b| b.bridge_type == "mixing")
-        })
-    })
-    .await;
+    wait_mixed_together(sim, &s, &n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

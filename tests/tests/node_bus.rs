@@ -191,6 +191,26 @@ async fn watched(conference: &str, extra: &[(&str, &str)]) -> Watched {
     }
 }
 
+/// Silences the agent's link to Redis, hangs `caller` up, and waits until the agent has
+/// given up publishing `events` events.
+async fn hang_up_unheard(
+    proxy: &TcpProxy,
+    sim: &TestSim,
+    node: &NodeProc,
+    caller: &str,
+    events: f64,
+) {
+    proxy.black_hole();
+    sim.hangup_far_end(caller, 16).await.expect("hang up");
+    let series = "confroute_node_bus_dropped_total{kind=\"event\"}";
+    wait_for_async("the events not published", WAIT, || async {
+        let text = fixtures::scrape(&node.http_url()).await;
+        (fixtures::metric(&text, series) >= events).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+}
+
 /// Events a node could not publish (Redis did not take them) are not lost without a trace:
 /// once Redis takes messages again the node publishes a notice for the conference, and
 /// every controller tells the conference's subscribers with `events.lost`
@@ -213,15 +233,7 @@ async fn events_redis_did_not_take_are_reported_to_subscribers_as_lost() {
         .expect("the join heard");
     // The agent's link to Redis goes silent as the only caller hangs up: its leave and the
     // conference's end cannot be published.
-    proxy.black_hole();
-    sim.hangup_far_end(&caller, 16).await.expect("hang up");
-    let series = "confroute_node_bus_dropped_total{kind=\"event\"}";
-    wait_for_async("the leave and end not published", WAIT, || async {
-        let text = fixtures::scrape(&node.http_url()).await;
-        (fixtures::metric(&text, series) >= 2.0).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    hang_up_unheard(&proxy, &sim, &node, &caller, 2.0).await;
     proxy.heal();
     let lost = ws
         .notification("events.lost", WAIT)
@@ -260,15 +272,7 @@ async fn a_loss_notice_goes_out_before_the_events_after_the_loss() {
         .expect("the join heard");
     }
     // The first caller's leave cannot be published: Redis does not answer the agent.
-    proxy.black_hole();
-    sim.hangup_far_end(&first, 16).await.expect("hang up");
-    let series = "confroute_node_bus_dropped_total{kind=\"event\"}";
-    wait_for_async("the leave not published", WAIT, || async {
-        let text = fixtures::scrape(&node.http_url()).await;
-        (fixtures::metric(&text, series) >= 1.0).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    hang_up_unheard(&proxy, &sim, &node, &first, 1.0).await;
     // Redis answers again, and a caller joins at once: its join is queued while the notice
     // is still owed.
     proxy.heal();

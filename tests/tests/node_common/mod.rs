@@ -232,6 +232,18 @@ pub async fn until(sim: &AriSim, what: &str, pred: impl Fn(&SimSnapshot) -> bool
     }
 }
 
+/// Waits until `a` and `b` are in one mixing bridge.
+pub async fn wait_mixed_together(sim: &AriSim, a: &str, b: &str) {
+    until(sim, "both mixed", |snap| {
+        let bridge = |ch: &str| snap.channel(ch).and_then(|c| c.bridge.clone());
+        bridge(a).is_some_and(|m| {
+            bridge(b).as_deref() == Some(m.as_str())
+                && snap.bridge(&m).is_some_and(|m| m.bridge_type == "mixing")
+        })
+    })
+    .await;
+}
+
 /// `GET` a JSON document from the agent.
 pub async fn get_json(url: &str) -> Value {
     fixtures::http()
