@@ -203,6 +203,9 @@ pub struct MoveIn {
     pub channel: Channel,
     /// Its options, carried over.
     pub options: Options,
+    /// Those options are defaults standing in for ones an adoption could not read: the
+    /// conference it joins reads them again (see [`Conference::reread_options`]).
+    pub options_unread: bool,
     /// Muted in the conference it leaves.
     pub muted: bool,
     /// Held in the conference it leaves (its channel says so for a restarted agent).

@@ -1264,6 +1264,73 @@ async fn a_restarted_agent_reads_back_the_options_of_the_callers_it_adopts() {
     assert_eq!(wait_hangup(&sim, &muted).await, 16);
 }
 
+/// A participant adopted with default options (Asterisk did not answer their reads) and
+/// moved to another conference of the node before a reconciliation read them is read again
+/// there: its `endConferenceOnExit` still ends the conference it was moved to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_an_adoption_could_not_read_are_read_after_a_move() {
+    // ari.conf lists no channelvars: the adoption reads each caller's options.
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let sim = sim_with(&[]).await;
+    let extra = [
+        ("CONFROUTE_CONFERENCE__BEEP", "false"),
+        ("CONFROUTE_ARI__REQUEST_TIMEOUT", "500ms"),
+        ("CONFROUTE_ARI__RECONCILE_INTERVAL", "500ms"),
+    ];
+    let mut node = NodeProc::start("node-a", &env(&sim, &cfg, &extra)).expect("node");
+    wait_app(&sim, &node).await;
+    let moderator = dial(&sim, "moved-from", &[("CONFROUTE_END_ON_EXIT", "true")]).await;
+    let stays = dial(&sim, "moved-from", &[]).await;
+    let there = dial(&sim, "moved-to", &[]).await;
+    for ch in [&moderator, &stays, &there] {
+        wait_bridged(&sim, ch).await;
+    }
+    node.process().kill();
+    until(&sim, "agent's socket gone", |s| s.websockets == 1).await;
+    // Every read of the callers' options goes unanswered until the move is made.
+    sim.hold_operation("getChannelVar");
+    node.restart().expect("restart");
+    wait_app(&sim, &node).await;
+    let url = format!("{}/v1/conferences", node.http_url());
+    wait_for_async("both conferences adopted", WAIT, || async {
+        let v = get_json(&url).await;
+        let n: usize = v["items"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| c["participants"].as_array().map(Vec::len))
+            .sum();
+        (n == 3).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    let bus = confroute_shared::bus::Bus::controller(fixtures::store(&cfg));
+    assert!(bus.wait_connected(WAIT).await);
+    let moved = bus
+        .call(
+            &fixtures::id("node-a"),
+            "participant.move",
+            serde_json::json!({"conference": "moved-from", "participant": moderator, "to": "moved-to", "to_node": "node-a"}),
+            Duration::from_secs(5),
+            false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("moved: {e:?}\n{}", node.output()));
+    let answer = moved.reply.expect("moved").to_string();
+    assert!(answer.contains("bridge"), "{answer}");
+    sim.release_operation("getChannelVar");
+    // All three read at last, the moderator's in the conference it was moved to.
+    let series = r#"confroute_node_reconcile_actions_total{action="read_adopted_options"}"#;
+    wait_for_async("the options read at last", WAIT, || async {
+        let text = scrape(&node.http_url()).await;
+        (metric(&text, series) >= 3.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.output()));
+    sim.hangup_far_end(&moderator, 16).await.expect("hangup");
+    assert_eq!(wait_hangup(&sim, &there).await, 16, "{}", node.output());
+}
+
 /// A caller hanging up while the restarted agent adopts its conference (reading the
 /// callers' options) leaves it then, not at the next periodic reconciliation: its StasisEnd
 /// came before the agent routed its channel anywhere.

@@ -556,6 +556,7 @@ impl Conference {
                     ..Channel::default()
                 },
                 options: p.options.clone(),
+                options_unread: p.options_unread,
                 muted: p.muted,
                 held: p.held,
                 caller_held: p.caller_held,
@@ -696,6 +697,8 @@ impl Conference {
         }
         // A move does not take the phone off hold.
         p.caller_held = m.caller_held;
+        // Nor does it read what an adoption could not: the next reconciliation here does.
+        p.options_unread = m.options_unread;
         tracing::info!(conference = %self.name, channel = %ch, from = %from, "participant moved in");
         self.entered(&ch, p, Some(&from)).await;
         self.sync_caller_hold(&ch);
