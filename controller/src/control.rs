@@ -543,7 +543,17 @@ impl Control {
             )
             .await
             .and_then(|call| call.reply)
-            .map_err(ControlError::Node)?;
+            .map_err(|e| match e.code {
+                // Only the check was asked (a read): the move itself was never sent.
+                ErrorCode::NoAnswer => ControlError::Node(BusError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the move was not carried out: asked whether the participant is there, {}; nothing was sent to move it",
+                        e.message
+                    ),
+                )),
+                _ => ControlError::Node(e),
+            })?;
         let present = listed["participants"]
             .as_array()
             .is_some_and(|ps| ps.iter().any(|p| p["id"] == participant));

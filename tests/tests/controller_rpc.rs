@@ -1859,6 +1859,41 @@ async fn a_move_gets_one_command_timeout_in_all() {
     assert!(*budget <= 1000, "the move was given {budget} ms");
 }
 
+/// A move whose participant check gets no answer was never sent: it is refused `timeout`
+/// (nothing done), not `no_answer` (may have been done), and its target is not homed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_check_gets_no_answer_says_nothing_was_done() {
+    let s = setup(&[("CONFROUTE_RPC__COMMAND_TIMEOUT", "1s")]).await;
+    let (store, _node, mut commands) = hosted_on_node_a(&s, "unchecked").await;
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    // The node hears the check and never answers it.
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            let _ = heard_tx.send(cmd.method.clone());
+        }
+    });
+    let mut ws = connect(&s, None).await.expect("connect");
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.move", "id": 1,
+            "params": {"conference": "unchecked", "participant": "p1", "to": "never-homed"}})
+        .to_string(),
+    )
+    .await;
+    let answer = recv(&mut ws).await;
+    assert_eq!(code(&answer), -32007, "nothing was done: {answer}");
+    let mut reached = Vec::new();
+    while let Ok(m) = heard.try_recv() {
+        reached.push(m);
+    }
+    assert_eq!(reached, ["participant.list"]);
+    let home = store
+        .lookup(&"never-homed".parse().expect("name"))
+        .await
+        .expect("lookup");
+    assert_eq!(home, None);
+}
+
 /// A raw WebSocket connection to the controller's `/v1/rpc`, upgraded, for frames no client
 /// library sends.
 /// Bytes waiting unread in the receive queue of the IPv4 loopback socket on `port` whose
