@@ -598,6 +598,29 @@ async fn a_stopping_agent_registering_again_keeps_its_record_stopping() {
     let room = name("after-the-stop");
     let claim = store.claim(&room, &[id("a")]).await.expect("claim");
     assert_eq!(claim.kind, ClaimKind::NoCapacity, "{claim:?}");
+    // An agent that read its record serving, then began its stop before it could register,
+    // registers draining and stopping even though an admin made the record serving since:
+    // a stopping node takes no new conference.
+    store
+        .register_with(&node("a", 10), LONG, &Registration::default())
+        .await
+        .expect("register unmarked");
+    let read_then = Registration {
+        seen: Some(NodeState::Draining),
+        ..stopping
+    };
+    store
+        .set_state(&id("a"), NodeState::Serving)
+        .await
+        .expect("admin undrain");
+    store
+        .register_with(&draining, LONG, &read_then)
+        .await
+        .expect("register");
+    let rec = store.get_node(&id("a")).await.expect("read").expect("live");
+    assert_eq!(rec.info.state, NodeState::Draining);
+    let claim = store.claim(&room, &[id("a")]).await.expect("claim");
+    assert_eq!(claim.kind, ClaimKind::NoCapacity, "{claim:?}");
     // A new life of the agent starts unmarked: an admin may change its state again.
     store
         .register_with(&draining, LONG, &Registration::default())

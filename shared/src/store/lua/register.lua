@@ -27,9 +27,11 @@ local lease = tonumber(ARGV[3])
 local before = redis.call('HGET', KEYS[1], 'state')
 local seen = ARGV[12] or ''
 local state = ARGV[9]
+-- Not for an agent in its shutdown drain (ARGV[13]): it drains whatever an admin set.
 local admin_changed = seen ~= '' and before and before ~= seen
   and (before == 'serving' or before == 'draining')
   and redis.call('HGET', KEYS[1], 'stopping') ~= '1'
+  and ARGV[13] ~= '1'
 if admin_changed then state = before end
 -- `lease_period_ms`: the lease each renewal grants, so an agent starting under the same id
 -- knows how long a live one may take to renew (three of its heartbeats).
