@@ -669,7 +669,9 @@ impl Store {
     /// single server or Sentinel (nothing to follow).
     pub(crate) async fn pubsub_home(&self, channel: &str) -> Result<Option<String>, StoreError> {
         let slot = conn::hash_slot(channel.as_bytes());
-        tokio::time::timeout(self.lookup_budget, self.conn.slot_primary(slot))
+        // A check of a live subscription, on its listener: a few operation timeouts, not
+        // the whole lookup a new subscription may need, or commands wait unread meanwhile.
+        tokio::time::timeout(self.timeout * 4, self.conn.slot_primary(slot))
             .await
             .map_err(|_| StoreError::Unavailable("cluster slots timed out".into()))?
             .map_err(|e| StoreError::Unavailable(format!("cluster slots: {e}")))
