@@ -216,6 +216,10 @@ impl Early for UdpEarly<'_> {
 /// a count of answers alone would let a peer that never reads pin megabytes per connection.
 const ANSWER_BYTES: usize = 128 * 1024;
 
+/// What an answer adds to the header block of its request (a To-tag, a Contact, the
+/// conference headers), for [`Answers::reserve`].
+const RESERVE_SLACK: u32 = 512;
+
 /// Answers of one TCP connection on their way to its writer, bounded in bytes
 /// ([`ANSWER_BYTES`]) as well as in number.
 #[derive(Clone)]
@@ -243,6 +247,26 @@ impl Answers {
             () = self.tx.closed() => return Err(()),
         };
         self.tx.send((bytes, permit)).await.map_err(|_| ())
+    }
+
+    /// Takes room for the answer to `request`, to be sent on another task: about its
+    /// header block, which the answer copies. Waits for room; an error once the writer has
+    /// given up.
+    async fn reserve(&self, request: &[u8]) -> Result<OwnedSemaphorePermit, ()> {
+        let head = header_end(request).unwrap_or(request.len());
+        let most = u32::try_from(ANSWER_BYTES).unwrap_or(u32::MAX);
+        let cost = Self::cost(&request[..head.min(request.len())])
+            .saturating_add(RESERVE_SLACK)
+            .min(most);
+        tokio::select! {
+            p = self.room.clone().acquire_many_owned(cost) => p.map_err(|_| ()),
+            () = self.tx.closed() => Err(()),
+        }
+    }
+
+    /// Queues `bytes` in room taken with [`Answers::reserve`].
+    async fn send_reserved(&self, bytes: Vec<u8>, room: OwnedSemaphorePermit) -> Result<(), ()> {
+        self.tx.send((bytes, room)).await.map_err(|_| ())
     }
 
     /// Queues `bytes` if there is room now.
@@ -719,14 +743,17 @@ async fn connection(
                     if let Some(permit) = cancel {
                         // Its INVITE, just read, is routed on another task that may not have
                         // begun yet: the CANCEL waits for it without holding up the stream.
+                        let Ok(room) = tx.reserve(&message).await else {
+                            break 'read;
+                        };
                         let (service, tx) = (service.clone(), tx.clone());
                         tokio::spawn(async move {
                             let answered =
                                 service.handle_cancel(&message, peer, Transport::Tcp).await;
-                            drop(permit);
                             if let Some(out) = answered {
-                                let _ = tx.send(out.bytes).await;
+                                let _ = tx.send_reserved(out.bytes, room).await;
                             }
+                            drop(permit);
                         });
                     } else if let Some(out) = service.handle(&message, peer, Transport::Tcp).await {
                         if tx.send(out.bytes).await.is_err() {
@@ -735,6 +762,11 @@ async fn connection(
                     }
                 }
                 Frame::Message(len) => {
+                    // Room for its answer first, holding no permit: a peer that reads
+                    // nothing stops being read here.
+                    let Ok(room) = tx.reserve(&buf[..len]).await else {
+                        break 'read;
+                    };
                     let permits = match pending.clone().try_acquire_owned() {
                         Ok(p) => Ok(p),
                         // Those waiting would only be joined by more waiting out the
@@ -766,7 +798,7 @@ async fn connection(
                         Ok(p) => p,
                         Err(why) => {
                             if let Some(out) = service.handle_refusing(&message, peer, why).await {
-                                if tx.send(out.bytes).await.is_err() {
+                                if tx.send_reserved(out.bytes, room).await.is_err() {
                                     break 'read;
                                 }
                             }
@@ -785,7 +817,7 @@ async fn connection(
                         drop(routing_permit);
                         drop(message);
                         if let Some(out) = answered {
-                            let _ = early.tx.send(out.bytes).await;
+                            let _ = early.tx.send_reserved(out.bytes, room).await;
                         }
                         drop(permit);
                     });
