@@ -524,9 +524,15 @@ pub async fn shutdown_now(node: &Arc<Node>) {
     // Right after a restart the conferences Asterisk still holds are ended only once they
     // are adopted: exiting before the first look would leave their callers in Asterisk with
     // no agent, and their claims to lapse under them (a second home). A short wait here.
-    if !node.reconciled() && claims_left(node).await {
-        tracing::warn!("second stop signal: waiting briefly for the first look at what Asterisk holds, to end it too");
-        wait_reconciled(node, Instant::now() + HURRIED_SEND).await;
+    if !node.reconciled() {
+        let until = Instant::now() + HURRIED_SEND;
+        let look = async {
+            if claims_left(node).await {
+                tracing::warn!("second stop signal: waiting briefly for the first look at what Asterisk holds, to end it too");
+                wait_reconciled(node, until).await;
+            }
+        };
+        let _ = tokio::time::timeout_at(until, look).await;
     }
     tracing::warn!("second stop signal: ending every conference now");
     end_all(node, "shutdown");

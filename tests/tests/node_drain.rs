@@ -730,7 +730,7 @@ async fn a_second_stop_signal_before_the_first_look_still_ends_what_asterisk_hol
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     s.node.process().signal(libc::SIGINT).expect("sigint");
     s.node
-        .wait_log("second stop signal", WAIT)
+        .wait_log("waiting briefly for the first look", WAIT)
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     s.sim.release_operation("GET /channels");
     assert_eq!(
