@@ -1437,6 +1437,28 @@ fn values_that_would_drop_calls_are_refused_at_render() {
             "redis.tlsSecret.clientCertificate",
         ],
     );
+    // Addresses the binaries refuse at start (a plaintext address beside a TLS flag, a
+    // Cluster seed naming a database): pods that would crash-loop.
+    refused_at_render(
+        dir.path(),
+        "a redis:// sentinel beside sentinel TLS",
+        &json!({"redis": {"mode": "sentinel", "sentinel": {"tls": true,
+            "addresses": ["s1:26379", "redis://s2:26379"]}}}),
+        &["redis.sentinel.addresses[1]", "redis.sentinel.tls"],
+    );
+    refused_at_render(
+        dir.path(),
+        "a redis:// seed beside TLS",
+        &json!({"redis": {"mode": "cluster", "tls": true,
+            "cluster": {"seeds": ["redis://c1:7000"]}}}),
+        &["redis.cluster.seeds[0]", "redis.tls"],
+    );
+    refused_at_render(
+        dir.path(),
+        "a seed naming a database",
+        &json!({"redis": {"mode": "cluster", "cluster": {"seeds": ["c1:7000", "redis://c2:7000/2"]}}}),
+        &["redis.cluster.seeds[1]", "database"],
+    );
     // Asterisk with no RTP port, or two of a node pod's listeners on one port.
     refused_at_render(
         dir.path(),

@@ -162,11 +162,17 @@ key: ari-password
 {{- $_ := set $out "url" $r.url -}}
 {{- else if eq $r.mode "sentinel" -}}
 {{- if not $r.sentinel.addresses }}{{ fail "redis.sentinel.addresses is required with redis.mode=sentinel" }}{{ end -}}
+{{- /* As the binaries refuse: a redis:// address beside the flag would go out in plaintext on some connections. */ -}}
+{{- if $r.sentinel.tls }}{{ range $i, $a := $r.sentinel.addresses }}{{ if hasPrefix "redis://" $a }}{{ fail (printf "redis.sentinel.addresses[%d] is a redis:// URL but redis.sentinel.tls is true: write it as host:port" $i) }}{{ end }}{{ end }}{{ end -}}
 {{- $s := dict "master_name" $r.sentinel.masterName "addresses" $r.sentinel.addresses "tls" $r.sentinel.tls -}}
 {{- if $r.sentinel.username }}{{ $_ := set $s "username" $r.sentinel.username }}{{ end -}}
 {{- $_ := set $out "sentinel" $s -}}
 {{- else if eq $r.mode "cluster" -}}
 {{- if not $r.cluster.seeds }}{{ fail "redis.cluster.seeds is required with redis.mode=cluster" }}{{ end -}}
+{{- range $i, $a := $r.cluster.seeds -}}
+{{- if and $r.tls (hasPrefix "redis://" $a) }}{{ fail (printf "redis.cluster.seeds[%d] is a redis:// URL but redis.tls is true: write it as host:port" $i) }}{{ end -}}
+{{- if regexMatch "^([a-z]+://)?[^/]*/[1-9][0-9]*$" $a }}{{ fail (printf "redis.cluster.seeds[%d] names a database: a Redis Cluster has database 0 only" $i) }}{{ end -}}
+{{- end -}}
 {{- $_ := set $out "cluster" (dict "seeds" $r.cluster.seeds) -}}
 {{- end -}}
 {{- with $r.tlsSecret.name -}}
