@@ -112,8 +112,14 @@ struct Known {
 enum Health {
     /// No trouble seen since the last settled state.
     Good,
-    /// Redis failed at `since`; these nodes were live before.
-    Trouble { known: Vec<Known>, since: Instant },
+    /// Redis failed at `since`; these nodes were live before. `restarted`: the server behind
+    /// the store changed meanwhile (a restart from saved data, a failover), which may have
+    /// lost the last claims while keeping the node records as they were.
+    Trouble {
+        known: Vec<Known>,
+        since: Instant,
+        restarted: bool,
+    },
     /// Redis is back; waiting for these nodes to write to Redis again (writes seen since,
     /// each newer than the last, with the last one's time), at most until `until`.
     Settling {
@@ -153,6 +159,8 @@ pub struct Router {
     view_generation: std::sync::atomic::AtomicU64,
     /// Held by the placement that reads the nodes again after trouble or a reconnect.
     verifying: tokio::sync::Mutex<()>,
+    /// The Redis server the store was last found on ([`Store::server_id`]).
+    server: Mutex<Option<String>>,
 }
 
 impl Router {
@@ -179,16 +187,23 @@ impl Router {
             leases: Mutex::new(HashMap::new()),
             view_generation: std::sync::atomic::AtomicU64::new(0),
             verifying: tokio::sync::Mutex::new(()),
+            server: Mutex::new(None),
         }
     }
 
     /// Notes a Redis failure: placements wait until the live nodes are seen again.
     fn trouble(&self) {
+        self.trouble_with(false);
+    }
+
+    /// [`Router::trouble`]; `restarted` when the server behind the store changed, which no
+    /// short trouble makes harmless.
+    fn trouble_with(&self, restarted: bool) {
         let mut health = match self.health.lock() {
             Ok(h) => h,
             Err(p) => p.into_inner(),
         };
-        let (known, since) = match &*health {
+        let (known, since) = match &mut *health {
             Health::Good => {
                 let view = self.view();
                 let leases = match self.leases.lock() {
@@ -209,11 +224,20 @@ impl Router {
                     .collect();
                 (known, Instant::now())
             }
-            Health::Trouble { .. } => return,
+            Health::Trouble {
+                restarted: before, ..
+            } => {
+                *before |= restarted;
+                return;
+            }
             // Trouble again while settling: it counts from now.
             Health::Settling { known, .. } => (known.clone(), Instant::now()),
         };
-        *health = Health::Trouble { known, since };
+        *health = Health::Trouble {
+            known,
+            since,
+            restarted,
+        };
     }
 
     /// After a successful refresh: moves on from trouble once the nodes known before it are
@@ -223,16 +247,24 @@ impl Router {
             Ok(h) => h,
             Err(p) => p.into_inner(),
         };
-        if let Health::Trouble { known, since } = &*health {
+        if let Health::Trouble {
+            known,
+            since,
+            restarted,
+        } = &*health
+        {
             // Short trouble left every lease time to be renewed, unless Redis lost them: a
             // restart without persistence comes back empty in well under a second, and a
             // node that registers again first would be given the conferences of the others.
+            // A server that changed (a restart from saved data, a failover) may have kept
+            // the node records and lost the last claims: their nodes claim them back at
+            // their next heartbeats, and nothing is placed until then.
             let intact = known.iter().all(|k| {
                 nodes
                     .iter()
                     .any(|n| n.info.id == k.id && n.updated_ms >= k.updated_ms)
             });
-            if since.elapsed() < harmless(known) && intact {
+            if since.elapsed() < harmless(known) && intact && !restarted {
                 *health = Health::Good;
                 return;
             }
@@ -322,7 +354,11 @@ impl Router {
         };
         match &*health {
             Health::Good => false,
-            Health::Trouble { known, since } => since.elapsed() >= harmless(known),
+            Health::Trouble {
+                known,
+                since,
+                restarted,
+            } => *restarted || since.elapsed() >= harmless(known),
             Health::Settling { until, .. } => Instant::now() < *until,
         }
     }
@@ -380,8 +416,28 @@ impl Router {
         // against the view from before it.
         let after = self.store.connection_generation();
         let previous = self.view_generation.swap(generation, Ordering::Relaxed);
-        if previous != 0 && (previous != generation || generation != after) {
+        let reconnected = previous != generation || generation != after;
+        if previous != 0 && reconnected {
             self.trouble();
+        }
+        // On a new connection, whether it reached the server of before: Redis restarted from
+        // saved data, or a replica promoted, comes back with the node records but may lack
+        // the last claims written, which a short reconnect would not show.
+        let unknown = match self.server.lock() {
+            Ok(s) => s.is_none(),
+            Err(_) => false,
+        };
+        if reconnected || unknown {
+            if let Ok(id) = self.store.server_id().await {
+                let changed = match self.server.lock() {
+                    Ok(mut s) => s.replace(id).is_some_and(|old| Some(&old) != s.as_ref()),
+                    Err(_) => false,
+                };
+                if changed {
+                    tracing::warn!("the redis server behind the store changed (a restart or a failover); placing no conference until the nodes that were live have renewed their leases and claims");
+                    self.trouble_with(true);
+                }
+            }
         }
         if let Ok(mut leases) = self.leases.lock() {
             // Only listed nodes are looked up; a node id gone from Redis (a replaced agent
@@ -625,6 +681,7 @@ mod tests {
                     updated_ms: 100,
                 }],
                 since: Instant::now() - Duration::from_secs(5),
+                restarted: false,
             };
         }
         r.settle(&[record("node-a", 150)]);
@@ -647,6 +704,7 @@ mod tests {
                 updated_ms: 100,
             }],
             since: Instant::now(),
+            restarted: false,
         };
         {
             let mut h = r.health.lock().expect("health lock");
@@ -660,6 +718,15 @@ mod tests {
         }
         r.settle(&[record("node-b", 100)]);
         assert!(r.settling(), "node-a is gone from Redis");
+        // A server that changed may have kept the records and lost the last claims.
+        {
+            let mut h = r.health.lock().expect("health lock");
+            *h = trouble();
+        }
+        r.trouble_with(true);
+        assert!(r.settling(), "the server changed: settling at once");
+        r.settle(&[record("node-a", 100)]);
+        assert!(r.settling(), "still listed, but the server changed");
     }
 
     /// After trouble, a node with a long lease (a long heartbeat interval) is waited for as
@@ -676,6 +743,7 @@ mod tests {
                     updated_ms: 100,
                 }],
                 since: Instant::now() - Duration::from_secs(30),
+                restarted: false,
             };
         }
         r.settle(&[record("node-b", 100)]);

@@ -109,7 +109,11 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
     })
     .await
     .expect("register again");
+    // A Redis that restarted may have lost claims: routing waits for the nodes that were
+    // live to write again twice (their heartbeats, which claim their conferences back),
+    // which this test plays too.
     wait_for_async("routing to work again", Duration::from_secs(10), || async {
+        store.register(&node, Duration::from_secs(300)).await.ok()?;
         invite(controller.sip_addr(), "after")
             .starts_with("SIP/2.0 302")
             .then_some(())
@@ -263,6 +267,54 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
     )
     .await
     .expect("node-b listed alone");
+    let during = invite(controller.sip_addr(), "sales-42");
+    assert!(
+        during.starts_with("SIP/2.0 503"),
+        "{during}\n{}",
+        controller.output()
+    );
+    assert!(
+        store.lookup(&name).await.expect("lookup").is_none(),
+        "no second home was claimed"
+    );
+}
+
+/// A Redis restarted from saved data (a snapshot, an append-only file synced every second)
+/// comes back with the node records as they were but without the claims written last: a
+/// conference whose claim was lost still has its callers on its node, and placing it anew
+/// would give it a second home. The controller notices the server changed (its `run_id`)
+/// and places nothing until the nodes that were live have renewed their leases (and with
+/// them, claimed their conferences back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_from_saved_data_places_nothing_until_the_nodes_are_back() {
+    let mut redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    for id in ["node-a", "node-b"] {
+        store
+            .register(&fixtures::node(id, 100), Duration::from_secs(30))
+            .await
+            .expect("register");
+    }
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    let warm = invite(controller.sip_addr(), "warm-up");
+    assert!(warm.contains("302 Moved"), "{warm}");
+    // The snapshot, then a claim it does not hold: the tail a restart loses.
+    redis.query(&mut redis::cmd("SAVE")).expect("SAVE");
+    let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
+    store
+        .claim(&name, &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    redis.restart().expect("redis back from its snapshot");
+    assert!(
+        store.lookup(&name).await.expect("lookup").is_none(),
+        "the claim was lost with the restart"
+    );
     let during = invite(controller.sip_addr(), "sales-42");
     assert!(
         during.starts_with("SIP/2.0 503"),

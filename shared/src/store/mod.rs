@@ -455,30 +455,53 @@ impl Store {
         result
     }
 
+    /// `INFO` of `sections` from the server holding this store's keys: on a Cluster, the
+    /// primary of the prefix's slot (INFO without a route goes to every node and comes back
+    /// as a map no string can be read from).
+    async fn info(&self, op: &'static str, sections: &[&str]) -> Result<String, StoreError> {
+        let slot = conn::hash_slot(self.prefix.as_bytes());
+        self.run(op, |mut c| async move {
+            let mut cmd = redis::cmd("INFO");
+            for section in sections {
+                cmd.arg(*section);
+            }
+            match &mut c {
+                Conn::Cluster(cc) => {
+                    use redis::cluster_routing::{
+                        Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+                    };
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::new(slot, SlotAddr::Master),
+                    ));
+                    let v = cc.route_command(cmd, route).await?;
+                    Ok(redis::from_redis_value(v)?)
+                }
+                Conn::Plain(_) => cmd.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
+    /// Which Redis server holds this store's keys (its `run_id`): it changes when that
+    /// server restarts, or another takes over (a failover), either of which may have lost
+    /// the last writes.
+    pub async fn server_id(&self) -> Result<String, StoreError> {
+        let info = self.info("server_id", &["server"]).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_string())
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| StoreError::Protocol {
+                op: "server_id",
+                message: "INFO server has no run_id".into(),
+            })
+    }
+
     /// What in Redis's own settings breaks this store's guarantees, one sentence each (read
     /// with `INFO`, which managed Redis offerings allow where `CONFIG GET` is refused).
     pub async fn settings_warnings(&self) -> Result<Vec<String>, StoreError> {
-        // On a Cluster, the primary of this store's slot: INFO without a route goes to every
-        // node and comes back as a map no string can be read from.
-        let slot = conn::hash_slot(self.prefix.as_bytes());
-        let info: String = self
-            .run("settings_check", |mut c| async move {
-                let mut cmd = redis::cmd("INFO");
-                cmd.arg("memory").arg("replication");
-                match &mut c {
-                    Conn::Cluster(cc) => {
-                        use redis::cluster_routing::{
-                            Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-                        };
-                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                            Route::new(slot, SlotAddr::Master),
-                        ));
-                        let v = cc.route_command(cmd, route).await?;
-                        Ok(redis::from_redis_value(v)?)
-                    }
-                    Conn::Plain(_) => cmd.query_async(&mut c).await,
-                }
-            })
+        let info = self
+            .info("settings_check", &["memory", "replication"])
             .await?;
         let field = |k: &str| {
             info.lines()
