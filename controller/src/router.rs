@@ -93,6 +93,10 @@ const DEFAULT_NODE_LEASE: Duration = Duration::from_secs(3);
 /// wait, and its conferences would be placed beside their live bridges (invariant 1).
 const MAX_SETTLE: Duration = Duration::from_secs(180);
 
+/// Claims one placement may make: each after the last one's candidates all turned out full,
+/// draining or gone since the node view was read.
+const CLAIM_TRIES: usize = 3;
+
 /// Writes of a node that must be seen after Redis trouble, each newer than the last: the
 /// first may have been made before the trouble; a node that had to register again renews
 /// (or claims again) the conferences it hosts right after, which the second leaves time for.
@@ -589,25 +593,36 @@ impl Router {
                 "redis was unreachable; waiting for the live nodes to renew their leases before placing or re-homing a conference".into(),
             ));
         }
-        let candidates = match self.placer.lock() {
-            Ok(mut p) => p.candidates(self.candidates).unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        let claim = self
-            .store
-            .claim(name, &candidates)
-            .await
-            .map_err(unavailable)?;
-        if let Ok(mut p) = self.placer.lock() {
-            for skipped in candidates.iter().take(claim.skipped) {
-                p.unavailable(skipped);
-            }
-            if matches!(claim.kind, ClaimKind::Claimed | ClaimKind::Rehomed) {
-                if let Some(o) = &claim.owner {
-                    p.placed(&o.node);
+        // The view may be up to a refresh old: candidates the claim finds full, draining or
+        // gone are set aside and others asked, so a stale view does not answer 503 while a
+        // node (another zone's, a fifth) has room.
+        let mut tries = 0;
+        let claim = loop {
+            tries += 1;
+            let candidates = match self.placer.lock() {
+                Ok(mut p) => p.candidates(self.candidates).unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            let claim = self
+                .store
+                .claim(name, &candidates)
+                .await
+                .map_err(unavailable)?;
+            if let Ok(mut p) = self.placer.lock() {
+                for skipped in candidates.iter().take(claim.skipped) {
+                    p.unavailable(skipped);
+                }
+                if matches!(claim.kind, ClaimKind::Claimed | ClaimKind::Rehomed) {
+                    if let Some(o) = &claim.owner {
+                        p.placed(&o.node);
+                    }
                 }
             }
-        }
+            let all_stale = !candidates.is_empty() && claim.skipped >= candidates.len();
+            if claim.kind != ClaimKind::NoCapacity || !all_stale || tries >= CLAIM_TRIES {
+                break claim;
+            }
+        };
         match (claim.kind, claim.owner) {
             (ClaimKind::NoCapacity, _) | (_, None) => Err(RouteError::NoCapacity),
             (kind, Some(owner)) => {

@@ -117,3 +117,51 @@ async fn stale_placers_respect_capacity_and_stay_balanced() {
         "max/mean utilisation {ratio:.3} > 1.15 ({utilisation:?})"
     );
 }
+
+/// A controller whose view is stale (every candidate of its preferred zone drained since it
+/// read the nodes) still places a new conference where there is room, in the other zone,
+/// rather than answering 503 until its next refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_view_does_not_refuse_a_conference_another_node_has_room_for() {
+    use confroute_shared::types::NodeState;
+    use confroute_tests::harness::ControllerProc;
+    let redis = RedisServer::start().expect("redis");
+    let cfg = fixtures::single(&redis.url());
+    let store = fixtures::store(&cfg);
+    let lease = Duration::from_secs(60);
+    for (id, zone) in [
+        ("eu1", "eu"),
+        ("eu2", "eu"),
+        ("eu3", "eu"),
+        ("eu4", "eu"),
+        ("us1", "us"),
+    ] {
+        let mut info = fixtures::node(id, 10);
+        info.zone = zone.into();
+        store.register(&info, lease).await.expect("register");
+    }
+    let mut env = fixtures::redis_env(&cfg);
+    env.push(("CONFROUTE_ROUTING__ZONE".into(), "eu".into()));
+    // The view is read at start and not again during the test.
+    env.push(("CONFROUTE_ROUTING__NODE_REFRESH".into(), "10m".into()));
+    let controller = ControllerProc::start(&env).expect("controller");
+    fixtures::wait_ready(&controller.http_url())
+        .await
+        .expect("controller ready");
+    for id in ["eu1", "eu2", "eu3", "eu4"] {
+        store
+            .set_state(&fixtures::id(id), NodeState::Draining)
+            .await
+            .expect("drain");
+    }
+    let answer: serde_json::Value = fixtures::http()
+        .post(format!("{}/v1/route", controller.http_url()))
+        .json(&serde_json::json!({"conference": "placed-anyway"}))
+        .send()
+        .await
+        .expect("route")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["node_id"], "us1", "{answer}");
+}
