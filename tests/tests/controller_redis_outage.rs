@@ -31,6 +31,16 @@ fn request(to: std::net::SocketAddr, method: &str, name: &str) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// A controller's settings for `cfg` that notice Redis trouble quickly: 300 ms Redis and
+/// connect timeouts, an 800 ms routing deadline.
+fn quick_env(cfg: &confroute_shared::config::RedisConfig) -> Vec<(String, String)> {
+    let mut env = fixtures::redis_env(cfg);
+    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
+    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    env
+}
+
 async fn status(url: &str) -> u16 {
     fixtures::http()
         .get(url)
@@ -50,10 +60,7 @@ async fn redis_outage_gives_503s_and_recovery_needs_no_restart() {
         .register(&node, Duration::from_secs(300))
         .await
         .expect("register");
-    let mut env = fixtures::redis_env(&cfg);
-    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
-    env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    let env = quick_env(&cfg);
     let mut controller = ControllerProc::start(&env).expect("controller");
     let base = controller.http_url();
     let pid = controller.process().pid();
@@ -223,10 +230,7 @@ async fn two_nodes_and_a_claim() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_back() {
     let (mut redis, cfg, store, lease, name, _) = two_nodes_and_a_claim().await;
-    let mut env = fixtures::redis_env(&cfg);
-    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
-    env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    let env = quick_env(&cfg);
     let controller = ControllerProc::start(&env).expect("controller");
     let before = invite(controller.sip_addr(), "sales-42");
     assert!(
@@ -296,10 +300,7 @@ async fn a_redis_restarted_from_saved_data_places_nothing_until_the_nodes_are_ba
             .await
             .expect("register");
     }
-    let mut env = fixtures::redis_env(&cfg);
-    env.push(("CONFROUTE_REDIS__TIMEOUT".into(), "300ms".into()));
-    env.push(("CONFROUTE_REDIS__CONNECT_TIMEOUT".into(), "300ms".into()));
-    env.push(("CONFROUTE_ROUTING__DEADLINE".into(), "800ms".into()));
+    let env = quick_env(&cfg);
     let controller = ControllerProc::start(&env).expect("controller");
     let warm = invite(controller.sip_addr(), "warm-up");
     assert!(warm.contains("302 Moved"), "{warm}");
