@@ -41,6 +41,25 @@ fn quick_env(cfg: &confroute_shared::config::RedisConfig) -> Vec<(String, String
     env
 }
 
+/// An INVITE for `name`, which has no claim, is answered 503 while the controller waits for
+/// the nodes, and nothing is claimed for it.
+async fn refused_without_a_second_home(
+    controller: &ControllerProc,
+    store: &confroute_shared::store::Store,
+    name: &confroute_shared::name::ConferenceName,
+) {
+    let during = invite(controller.sip_addr(), name.as_str());
+    assert!(
+        during.starts_with("SIP/2.0 503"),
+        "{during}\n{}",
+        controller.output()
+    );
+    assert!(
+        store.lookup(name).await.expect("lookup").is_none(),
+        "no second home was claimed"
+    );
+}
+
 async fn status(url: &str) -> u16 {
     fixtures::http()
         .get(url)
@@ -271,16 +290,7 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
     )
     .await
     .expect("node-b listed alone");
-    let during = invite(controller.sip_addr(), "sales-42");
-    assert!(
-        during.starts_with("SIP/2.0 503"),
-        "{during}\n{}",
-        controller.output()
-    );
-    assert!(
-        store.lookup(&name).await.expect("lookup").is_none(),
-        "no second home was claimed"
-    );
+    refused_without_a_second_home(&controller, &store, &name).await;
 }
 
 /// A Redis restarted from saved data (a snapshot, an append-only file synced every second)
@@ -316,16 +326,7 @@ async fn a_redis_restarted_from_saved_data_places_nothing_until_the_nodes_are_ba
         store.lookup(&name).await.expect("lookup").is_none(),
         "the claim was lost with the restart"
     );
-    let during = invite(controller.sip_addr(), "sales-42");
-    assert!(
-        during.starts_with("SIP/2.0 503"),
-        "{during}\n{}",
-        controller.output()
-    );
-    assert!(
-        store.lookup(&name).await.expect("lookup").is_none(),
-        "no second home was claimed"
-    );
+    refused_without_a_second_home(&controller, &store, &name).await;
 }
 
 /// A controller that starts after Redis came back empty knows of no node from before, so its
