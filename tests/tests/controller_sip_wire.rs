@@ -2552,3 +2552,99 @@ async fn a_stopping_controller_answers_the_invites_it_read() {
         "the TCP INVITE's final answer before the close: {got}"
     );
 }
+
+/// An edge whose TCP connection closes while its INVITE is being routed still gets the
+/// final answer: on a new connection to the address it came from and its Via's port (RFC
+/// 3261 §18.2.2), where the edge listens, rather than never (its INVITE timer, 120 s on
+/// Kamailio, to run out). One whose Via names a port nobody listens on is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_answer_whose_connection_closed_goes_on_a_new_one() {
+    let Stalled {
+        _redis,
+        proxy,
+        controller,
+        udp: _udp,
+    } = stalled("5s", &[]).await;
+    let edge = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("edge listener");
+    let edge_port = edge.local_addr().expect("edge address").port();
+    // Nothing listens there: free_port checked it was free, and nothing binds it.
+    let nowhere = confroute_tests::harness::free_port();
+    let before = scrape(&controller.http_url()).await;
+    let undelivered = |m: &str| {
+        metric(
+            m,
+            r#"confroute_sip_dropped_total{reason="answer_undelivered"}"#,
+        )
+    };
+
+    for (name, port) in [("gone-edge", edge_port), ("gone-nowhere", nowhere)] {
+        let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+            .await
+            .expect("connect");
+        let msg = invite(
+            &format!("sip:{name}@router"),
+            port,
+            &format!("z9hG4bK{name}"),
+            "",
+        )
+        .replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+        tcp.write_all(msg.as_bytes()).await.expect("write");
+        // The INVITE is being routed (Redis answers nothing meanwhile) when the edge's
+        // connection closes.
+        let mut got = String::new();
+        read_until(&mut tcp, &mut got, |g| g.contains("SIP/2.0 100 Trying")).await;
+        drop(tcp);
+    }
+    proxy.heal();
+
+    let (mut back, from) = tokio::time::timeout(Duration::from_secs(10), edge.accept())
+        .await
+        .expect("no new connection to the edge for the answer")
+        .expect("accept");
+    assert_eq!(from.ip(), controller.sip_addr().ip());
+    let mut got = String::new();
+    let mut buf = vec![0u8; 8192];
+    // The controller closes the new connection once the answer is written.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), back.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the new connection stays open: {got}"))
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(status(&got), 302, "{got}");
+    assert_eq!(
+        header(&got, "Call-ID"),
+        Some("z9hG4bKgone-edge@test"),
+        "{got}"
+    );
+    assert!(
+        header(&got, "Via").is_some_and(|v| v.contains("branch=z9hG4bKgone-edge")),
+        "{got}"
+    );
+    assert_eq!(header(&got, "X-Conference-Node"), Some("node-a"), "{got}");
+    assert_eq!(
+        got.matches("SIP/2.0 302").count(),
+        1,
+        "one answer only: {got}"
+    );
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = scrape(&controller.http_url()).await;
+        if undelivered(&now) - undelivered(&before) == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the answer for a Via port nobody listens on is not counted: {}",
+            undelivered(&now) - undelivered(&before)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

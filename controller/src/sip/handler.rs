@@ -29,7 +29,8 @@ const MAX_KEY: usize = 160;
 pub struct Outgoing {
     /// Serialised response.
     pub bytes: Vec<u8>,
-    /// Destination (UDP; TCP answers on the same connection).
+    /// Destination over UDP; over TCP, where a new connection goes should the request's
+    /// close before the answer is written (RFC 3261 §18.2.2).
     pub to: SocketAddr,
     /// Set for a final answer over UDP whose sender was sent `100 Trying`: resend it until
     /// the ACK comes (RFC 3261 §17.2.1, Timer G), as `serve_udp` does.
@@ -385,12 +386,17 @@ impl SipService {
             return self.drop_packet("no_via");
         };
         // Over UDP without `rport` the answer goes to the Via's port: 0 is nowhere (the
-        // kernel refuses it), as good as no Via. TCP and `rport` answers go to the source.
+        // kernel refuses it), as good as no Via. `rport` answers go to the source; TCP ones
+        // on the request's connection, or should it close first, on a new one to the
+        // source's address and the Via's port (RFC 3261 §18.2.2).
         if transport == Transport::Udp && !via.rport && via.port == Some(0) {
             return self.drop_packet("no_via");
         }
         let to = match (transport, via.rport) {
-            (Transport::Tcp, _) | (Transport::Udp, true) => source,
+            (Transport::Udp, true) => source,
+            (Transport::Tcp, _) => {
+                SocketAddr::new(source.ip().to_canonical(), via.port.unwrap_or(5060))
+            }
             // The source's own address, scope id included: a link-local IPv6 peer's answer
             // needs its interface.
             (Transport::Udp, false) => {

@@ -3,6 +3,7 @@
 pub mod handler;
 pub mod message;
 pub mod pktinfo;
+pub mod reconnect;
 pub mod response;
 pub mod server;
 pub mod transactions;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use super::handler::{Early, Outgoing, Refuse, SipService};
 use super::message::{header_end, parse_digits};
 use super::pktinfo;
+use super::reconnect::Reconnect;
 use super::transactions::Resend;
 use crate::config::Transport;
 use crate::throttle::Throttle;
@@ -220,16 +222,26 @@ const ANSWER_BYTES: usize = 128 * 1024;
 /// conference headers), for [`Answers::reserve`].
 const RESERVE_SLACK: u32 = 512;
 
+/// An answer waiting for a TCP connection's writer.
+struct Queued {
+    bytes: Vec<u8>,
+    /// Its share of [`ANSWER_BYTES`], given back once it is written.
+    room: OwnedSemaphorePermit,
+    /// Where a new connection goes should the peer close this one first (RFC 3261
+    /// §18.2.2), for the answers its sender still waits for (INVITE, CANCEL).
+    reconnect: Option<SocketAddr>,
+}
+
 /// Answers of one TCP connection on their way to its writer, bounded in bytes
 /// ([`ANSWER_BYTES`]) as well as in number.
 #[derive(Clone)]
 struct Answers {
-    tx: mpsc::Sender<(Vec<u8>, OwnedSemaphorePermit)>,
+    tx: mpsc::Sender<Queued>,
     room: Arc<Semaphore>,
 }
 
 impl Answers {
-    fn new() -> (Answers, mpsc::Receiver<(Vec<u8>, OwnedSemaphorePermit)>) {
+    fn new() -> (Answers, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(256);
         let room = Arc::new(Semaphore::new(ANSWER_BYTES));
         (Answers { tx, room }, rx)
@@ -246,7 +258,12 @@ impl Answers {
             p = self.room.clone().acquire_many_owned(Self::cost(&bytes)) => p.map_err(|_| ())?,
             () = self.tx.closed() => return Err(()),
         };
-        self.tx.send((bytes, permit)).await.map_err(|_| ())
+        let queued = Queued {
+            bytes,
+            room: permit,
+            reconnect: None,
+        };
+        self.tx.send(queued).await.map_err(|_| ())
     }
 
     /// Takes room for the answer to `request`, to be sent on another task: about its
@@ -264,15 +281,28 @@ impl Answers {
         }
     }
 
-    /// Queues `bytes` in room taken with [`Answers::reserve`].
-    async fn send_reserved(&self, bytes: Vec<u8>, room: OwnedSemaphorePermit) -> Result<(), ()> {
-        self.tx.send((bytes, room)).await.map_err(|_| ())
+    /// Queues `out` in room taken with [`Answers::reserve`]; should the peer close the
+    /// connection first, it goes on a new one to `out.to`.
+    async fn send_reserved(&self, out: Outgoing, room: OwnedSemaphorePermit) -> Result<(), ()> {
+        let queued = Queued {
+            bytes: out.bytes,
+            room,
+            reconnect: Some(out.to),
+        };
+        self.tx.send(queued).await.map_err(|_| ())
     }
 
     /// Queues `bytes` if there is room now.
     fn try_send(&self, bytes: Vec<u8>) -> bool {
         match self.room.clone().try_acquire_many_owned(Self::cost(&bytes)) {
-            Ok(permit) => self.tx.try_send((bytes, permit)).is_ok(),
+            Ok(room) => self
+                .tx
+                .try_send(Queued {
+                    bytes,
+                    room,
+                    reconnect: None,
+                })
+                .is_ok(),
             Err(_) => false,
         }
     }
@@ -609,21 +639,52 @@ async fn connection(
     // transactions (Timer B and F); its connection would otherwise hold a slot and its
     // queued answers for as long as it trickles a few bytes now and then.
     let write_deadline = limits.idle.min(MESSAGE_DEADLINE);
-    let writer_task = tokio::spawn(async move {
-        while let Some((bytes, room)) = rx.recv().await {
-            let written = tokio::time::timeout(write_deadline, writer.write_all(&bytes)).await;
-            drop(room);
-            match written {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    tracing::debug!(%peer, "tcp peer reads nothing; closing");
-                    break;
+    // Set by the reader when the peer closes the connection or it fails: what is still to
+    // be answered then goes on a new connection.
+    let peer_gone = Arc::new(AtomicBool::new(false));
+    let writer_task = {
+        let (service, peer_gone) = (service.clone(), peer_gone.clone());
+        tokio::spawn(async move {
+            let mut reconnect: Option<Reconnect> = None;
+            while let Some(Queued {
+                bytes,
+                room,
+                reconnect: to,
+            }) = rx.recv().await
+            {
+                if reconnect.is_none() && !peer_gone.load(Ordering::Acquire) {
+                    let written =
+                        tokio::time::timeout(write_deadline, writer.write_all(&bytes)).await;
+                    drop(room);
+                    match written {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => {}
+                        Err(_) => {
+                            tracing::debug!(%peer, "tcp peer reads nothing; closing");
+                            break;
+                        }
+                    }
+                } else {
+                    drop(room);
+                }
+                // The peer is gone; the answers its transactions wait for go on a new
+                // connection (RFC 3261 §18.2.2), others are left (a keepalive's, one
+                // whose request came after the close cannot exist).
+                let fallback = reconnect.get_or_insert_with(|| Reconnect::new(write_deadline));
+                let sent = match to {
+                    Some(to) => fallback.send(to, &bytes).await,
+                    None => true,
+                };
+                if !sent {
+                    service.note_dropped("answer_undelivered");
                 }
             }
-        }
-        let _ = writer.shutdown().await;
-    });
+            let _ = writer.shutdown().await;
+            if let Some(mut fallback) = reconnect {
+                fallback.close().await;
+            }
+        })
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
     // When the message now in `buf` began: it must be whole by `message_deadline` from
@@ -660,7 +721,10 @@ async fn connection(
             () = service.stopped() => break,
         };
         let n = match read {
-            Ok(Ok(0)) => break,
+            Ok(Ok(0)) => {
+                peer_gone.store(true, Ordering::Release);
+                break;
+            }
             Err(_) => {
                 if begun.is_some() {
                     service.note_dropped("incomplete");
@@ -673,6 +737,7 @@ async fn connection(
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "tcp read failed");
+                peer_gone.store(true, Ordering::Release);
                 break;
             }
         };
@@ -751,7 +816,7 @@ async fn connection(
                             let answered =
                                 service.handle_cancel(&message, peer, Transport::Tcp).await;
                             if let Some(out) = answered {
-                                let _ = tx.send_reserved(out.bytes, room).await;
+                                let _ = tx.send_reserved(out, room).await;
                             }
                             drop(permit);
                         });
@@ -798,7 +863,7 @@ async fn connection(
                         Ok(p) => p,
                         Err(why) => {
                             if let Some(out) = service.handle_refusing(&message, peer, why).await {
-                                if tx.send_reserved(out.bytes, room).await.is_err() {
+                                if tx.send_reserved(out, room).await.is_err() {
                                     break 'read;
                                 }
                             }
@@ -817,7 +882,7 @@ async fn connection(
                         drop(routing_permit);
                         drop(message);
                         if let Some(out) = answered {
-                            let _ = early.tx.send_reserved(out.bytes, room).await;
+                            let _ = early.tx.send_reserved(out, room).await;
                         }
                         drop(permit);
                     });

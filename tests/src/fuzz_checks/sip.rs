@@ -356,7 +356,11 @@ fn handler(data: &[u8]) {
                     };
                     assert!(answers, "answered an ACK");
                     let expected_to = match (transport, rport) {
-                        (Transport::Tcp, _) | (Transport::Udp, true) => source,
+                        (Transport::Udp, true) => source,
+                        // Where a new connection goes should the request's close first.
+                        (Transport::Tcp, _) => {
+                            SocketAddr::new(source.ip().to_canonical(), via_port.unwrap_or(5060))
+                        }
                         (Transport::Udp, false) => {
                             SocketAddr::new(source.ip(), via_port.unwrap_or(5060))
                         }
