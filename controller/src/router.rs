@@ -116,9 +116,10 @@ struct Known {
 enum Health {
     /// No trouble seen since the last settled state.
     Good,
-    /// Redis failed at `since`; these nodes were live before. `restarted`: the server behind
-    /// the store changed meanwhile (a restart from saved data, a failover), which may have
-    /// lost the last claims while keeping the node records as they were.
+    /// Redis failed at `since`; these nodes were live before. `restarted`: no short trouble
+    /// makes it harmless: the server behind the store changed meanwhile (a restart from
+    /// saved data, a failover), which may have lost the last claims while keeping the node
+    /// records as they were, or it came while settling after earlier trouble.
     Trouble {
         known: Vec<Known>,
         since: Instant,
@@ -207,7 +208,7 @@ impl Router {
             Ok(h) => h,
             Err(p) => p.into_inner(),
         };
-        let (known, since) = match &mut *health {
+        let (known, since, restarted) = match &mut *health {
             Health::Good => {
                 let view = self.view();
                 let leases = match self.leases.lock() {
@@ -226,7 +227,7 @@ impl Router {
                         updated_ms: n.updated_ms,
                     })
                     .collect();
-                (known, Instant::now())
+                (known, Instant::now(), restarted)
             }
             Health::Trouble {
                 restarted: before, ..
@@ -234,8 +235,11 @@ impl Router {
                 *before |= restarted;
                 return;
             }
-            // Trouble again while settling: it counts from now.
-            Health::Settling { known, .. } => (known.clone(), Instant::now()),
+            // Trouble again while settling counts from now, and does not end the wait as a
+            // short trouble would: the nodes live before have not all written since the
+            // first one, which may have lost their claims (a reconnect right after a
+            // restart, say, would otherwise place conferences whose claims it lost).
+            Health::Settling { known, .. } => (known.clone(), Instant::now(), true),
         };
         *health = Health::Trouble {
             known,
@@ -742,6 +746,11 @@ mod tests {
         assert!(r.settling(), "the server changed: settling at once");
         r.settle(&[record("node-a", 100)]);
         assert!(r.settling(), "still listed, but the server changed");
+        // A blip while settling (a reconnect right after the restart) is no short trouble
+        // of its own: the records still listed say nothing of the claims lost before it.
+        r.trouble();
+        r.settle(&[record("node-a", 100)]);
+        assert!(r.settling(), "a blip while settling does not end the wait");
     }
 
     /// After trouble, a node with a long lease (a long heartbeat interval) is waited for as

@@ -6,7 +6,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use confroute_tests::fixtures;
-use confroute_tests::harness::{wait_for_async, ControllerProc, RedisServer};
+use confroute_tests::harness::{wait_for, wait_for_async, ControllerProc, RedisServer};
 
 fn invite(to: std::net::SocketAddr, name: &str) -> String {
     request(to, "INVITE", name)
@@ -58,6 +58,52 @@ async fn refused_without_a_second_home(
         store.lookup(name).await.expect("lookup").is_none(),
         "no second home was claimed"
     );
+}
+
+/// node-a and node-b come back as their agents' heartbeats bring them (a lease renewed,
+/// node-a claiming `name` back at `epoch`), until the controller routes `name` to node-a
+/// again: placement resumes without a restart once the nodes live before have written.
+async fn routes_again_once_the_nodes_are_back(
+    controller: &ControllerProc,
+    store: &confroute_shared::store::Store,
+    name: &confroute_shared::name::ConferenceName,
+    epoch: u64,
+) {
+    let lease = Duration::from_secs(30);
+    let hosted = [confroute_shared::store::Hosted {
+        name: name.clone(),
+        epoch,
+        participants: 1,
+        count_version: 1,
+    }];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        for id in ["node-a", "node-b"] {
+            store
+                .register(&fixtures::node(id, 100), lease)
+                .await
+                .expect("register");
+        }
+        store
+            .heartbeat_reclaiming(&fixtures::id("node-a"), &Default::default(), lease, &hosted)
+            .await
+            .expect("heartbeat");
+        let answer = invite(controller.sip_addr(), name.as_str());
+        if answer.starts_with("SIP/2.0 302") {
+            assert!(
+                answer.contains("X-Conference-Node: node-a"),
+                "routed to the node that claimed it back: {answer}"
+            );
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no routing after the nodes came back: {answer}\n{}",
+            controller.output()
+        );
+        // A heartbeat period of the agents this plays.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 async fn status(url: &str) -> u16 {
@@ -248,7 +294,7 @@ async fn two_nodes_and_a_claim() -> (
 /// again first would otherwise be given a live conference of another (a second home).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_back() {
-    let (mut redis, cfg, store, lease, name, _) = two_nodes_and_a_claim().await;
+    let (mut redis, cfg, store, lease, name, claim) = two_nodes_and_a_claim().await;
     let env = quick_env(&cfg);
     let controller = ControllerProc::start(&env).expect("controller");
     let before = invite(controller.sip_addr(), "sales-42");
@@ -291,6 +337,8 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
     .await
     .expect("node-b listed alone");
     refused_without_a_second_home(&controller, &store, &name).await;
+    let epoch = claim.owner.expect("owner").epoch;
+    routes_again_once_the_nodes_are_back(&controller, &store, &name, epoch).await;
 }
 
 /// A Redis restarted from saved data (a snapshot, an append-only file synced every second)
@@ -317,7 +365,7 @@ async fn a_redis_restarted_from_saved_data_places_nothing_until_the_nodes_are_ba
     // The snapshot, then a claim it does not hold: the tail a restart loses.
     redis.query(&mut redis::cmd("SAVE")).expect("SAVE");
     let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
-    store
+    let claim = store
         .claim(&name, &[fixtures::id("node-a")])
         .await
         .expect("claim");
@@ -326,7 +374,22 @@ async fn a_redis_restarted_from_saved_data_places_nothing_until_the_nodes_are_ba
         store.lookup(&name).await.expect("lookup").is_none(),
         "the claim was lost with the restart"
     );
+    // The controller has read the new server (both nodes listed, as in the snapshot) and
+    // told it from the old one: the 503 below is that wait, not a connection still broken.
+    wait_for(
+        "the controller to notice the server changed",
+        Duration::from_secs(10),
+        || {
+            controller
+                .output()
+                .contains("the redis server behind the store changed")
+                .then_some(())
+        },
+    )
+    .expect("noticed");
     refused_without_a_second_home(&controller, &store, &name).await;
+    let epoch = claim.owner.expect("owner").epoch;
+    routes_again_once_the_nodes_are_back(&controller, &store, &name, epoch).await;
 }
 
 /// A controller that starts after Redis came back empty knows of no node from before, so its
