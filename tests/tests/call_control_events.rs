@@ -144,10 +144,25 @@ async fn subscribers_on_another_controller_see_every_event_in_order() {
     assert_eq!(tail, ["leave", "end"], "{rest:#?}");
     assert_eq!(rest[1]["seq"], json!(15));
 
-    // Unsubscribed, nothing more arrives for it: the next conference's events only.
+    // Unsubscribed, nothing more arrives for it: the next conference's events only. A new
+    // life of events-1 after the unsubscribe makes events; a second subscriber on the same
+    // controller hears its join, so the first would have it queued before anything below.
     watcher
         .ok("unsubscribe", json!({"conference": "events-1"}))
         .await;
+    let mut control = c.client(1).await;
+    control
+        .ok("subscribe", json!({"conference": "events-1"}))
+        .await;
+    let owner1 = c.route(0, "events-1").await;
+    let again = dial(&c.node(&owner1).sim, "events-1", &[]).await;
+    let heard = control
+        .events_until(|e| e["event"] == "join" && e["data"]["participant"] == again.as_str())
+        .await;
+    assert_eq!(
+        heard.last().map(|e| &e["conference"]),
+        Some(&json!("events-1"))
+    );
     watcher
         .ok("subscribe", json!({"conference": "events-2"}))
         .await;

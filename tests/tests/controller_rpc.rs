@@ -1702,10 +1702,10 @@ async fn a_command_for_a_moves_target_waits_for_the_move() {
 }
 
 /// A command whose turn does not come within `rpc.command_timeout` is answered `timeout` and
-/// never reaches the node; and the command after it still waits for the slow one, not just
-/// for the one that gave up. With a 3 s timeout and a node that answers nothing: mute 1 runs
-/// 0–3 s; mute 2 (sent at 0.5 s) waits, then runs 3–6 s; mute 3 (1 s) gives up waiting at
-/// 4 s; mute 4 (2 s) gives up at 5 s, behind mute 2, although mute 3 left the line at 4 s.
+/// never reaches the node. With a 4 s timeout and a node that answers nothing: mute 1 holds
+/// the conference's line 0–4 s; mutes 2 and 3 (sent at 0.5 s and 1 s) wait for it, give up
+/// within their own timeout and are never sent, not even once the line frees: a fourth
+/// command sent after every answer reaches the node right after mute 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
     // Mute 1 holds the line 4 s; the others give up 2 s after they came, at 2.5 s and 3 s:
@@ -1747,11 +1747,22 @@ async fn a_command_left_waiting_in_line_past_the_timeout_is_not_carried_out() {
             answers[&id]
         );
     }
+    // A barrier: the conference's next command. Anything the ones that gave up sent would
+    // reach the node before it.
+    send(&mut ws, &mute(9)).await;
     let mut reached = Vec::new();
-    while let Ok(m) = heard.try_recv() {
+    while reached.last().is_none_or(|m| m != "p9") {
+        let m = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the barrier never reached the node: {reached:?}"))
+            .expect("heard");
         reached.push(m);
     }
-    assert_eq!(reached, ["p1"], "a command that gave up reached the node");
+    assert_eq!(
+        reached,
+        ["p1", "p9"],
+        "a command that gave up reached the node"
+    );
 }
 
 /// A command that waited in line behind an earlier one of its conference takes to the node
@@ -1882,11 +1893,24 @@ async fn a_move_whose_check_gets_no_answer_says_nothing_was_done() {
     .await;
     let answer = recv(&mut ws).await;
     assert_eq!(code(&answer), -32007, "nothing was done: {answer}");
+    // A barrier: the conference's next command. A move sent after all would reach the node
+    // before it.
+    send(
+        &mut ws,
+        &json!({"jsonrpc": "2.0", "method": "participant.mute", "id": 2,
+            "params": {"conference": "unchecked", "participant": "p1"}})
+        .to_string(),
+    )
+    .await;
     let mut reached = Vec::new();
-    while let Ok(m) = heard.try_recv() {
+    while reached.last().is_none_or(|m| m != "participant.mute") {
+        let m = tokio::time::timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the barrier never reached the node: {reached:?}"))
+            .expect("heard");
         reached.push(m);
     }
-    assert_eq!(reached, ["participant.list"]);
+    assert_eq!(reached, ["participant.list", "participant.mute"]);
     let home = store
         .lookup(&"never-homed".parse().expect("name"))
         .await
