@@ -282,6 +282,27 @@ async fn a_restarted_agent_keeps_its_participants_options() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // The conference's listing comes after it has handled the moderator's leave: both
+    // others still in, neither hung up (an end-on-exit would have begun there).
+    let list = ws
+        .ok("participant.list", json!({"conference": "kept-options"}))
+        .await;
+    let mut ids: Vec<&str> = list["participants"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["id"].as_str()).collect())
+        .unwrap_or_default();
+    ids.sort_unstable();
+    let mut expected = [muted.as_str(), other.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "{list}");
+    assert!(
+        !sim.event_log()
+            .iter()
+            .any(|e| e["type"] == "ChannelDestroyed"
+                && (e["channel"]["id"] == muted.as_str() || e["channel"]["id"] == other.as_str())),
+        "the moderator's leave ended the conference\n{}",
+        c.logs()
+    );
     sim.hangup_far_end(&other, 16).await.expect("hangup");
     assert_eq!(wait_hangup(sim, &muted).await, 16);
 }

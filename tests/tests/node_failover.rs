@@ -2171,4 +2171,14 @@ async fn a_failed_hangup_is_asked_again_while_redis_is_down() {
     wait_listings(&s, bridge_listings(&s), 2).await;
     s.sim.deliver_operation("hangup");
     assert_eq!(wait_hangup(&s.sim, &other).await, 16, "{}", s.node.output());
+    // By the reconciliation's ask, not a first request that came late.
+    let m = scrape(&s.node.http_url()).await;
+    assert!(
+        metric(
+            &m,
+            r#"confroute_node_reconcile_actions_total{action="hung_up_again"}"#
+        ) >= 1.0,
+        "{}",
+        s.node.output()
+    );
 }

@@ -290,14 +290,22 @@ async fn a_claim_won_back_at_the_same_epoch_is_renewed_by_heartbeats() {
         .expect("del");
     let b = dial(&s.sim, "regained", &[]).await;
     assert_eq!(wait_bridged(&s.sim, &b).await, bridge);
-    // Two leases later the claim is still node a's: its heartbeats renew it.
-    tokio::time::sleep(lease * 2 + Duration::from_millis(500)).await;
-    let rec = store
-        .lookup(&name("regained"))
-        .await
-        .expect("lookup")
-        .unwrap_or_else(|| panic!("the claim lapsed\n{}", s.node.output()));
-    assert_eq!((rec.owner.node.as_str(), rec.owner.epoch), ("node-a", 1));
+    // For two leases the claim stays node a's, never lapsing in between (a claim that
+    // lapsed and was taken again at epoch 1 would look the same at the end): its heartbeats
+    // renew it. The length of the window is the scenario, not a wait.
+    let until = tokio::time::Instant::now() + lease * 2 + Duration::from_millis(500);
+    let mut rec = None;
+    while tokio::time::Instant::now() < until {
+        let now = store
+            .lookup(&name("regained"))
+            .await
+            .expect("lookup")
+            .unwrap_or_else(|| panic!("the claim lapsed\n{}", s.node.output()));
+        assert_eq!((now.owner.node.as_str(), now.owner.epoch), ("node-a", 1));
+        rec = Some(now);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec = rec.expect("looked up");
     assert_eq!(rec.participants, 2);
     let v = get_json(&format!("{}/v1/conferences", s.node.http_url())).await;
     assert_eq!(v["items"][0]["phase"], "active", "{v}");

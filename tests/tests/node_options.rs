@@ -1002,14 +1002,14 @@ async fn dial_hooked(sim: &AriSim, conference: &str, url: &str, events: &str) ->
 }
 
 /// Waits until conference `conference`'s settings are kept in Redis.
-async fn settings_kept(s: &Single, conference: &str) {
+async fn settings_kept(s: &Single, conference: &str) -> String {
     let store = fixtures::store(&s.cfg);
     let name = confroute_shared::name::ConferenceName::parse(conference).expect("name");
     wait_for_async("settings recorded", WAIT, || async {
         store.conference_settings(&name).await.ok().flatten()
     })
     .await
-    .expect("settings in Redis");
+    .expect("settings in Redis")
 }
 
 /// The caller's phone puts the call on hold while the agent is still reading the caller's
@@ -1366,7 +1366,9 @@ async fn first_caller_in_as_the_agent_dies(
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    settings_kept(s, conference).await;
+    // The callbacks are among them: a restarted agent that sends none did not lose them.
+    let kept = settings_kept(s, conference).await;
+    assert!(kept.contains(url), "{kept}");
     s.node.process().kill();
     s.sim.release_operation("addChannel");
     wait_bridged(&s.sim, &a).await;
