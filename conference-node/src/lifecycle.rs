@@ -230,6 +230,15 @@ async fn wait_arrivals(node: &Node, deadline: Instant) -> bool {
 /// still stop.
 const FIRST_LOOK_WAIT: Duration = Duration::from_secs(30);
 
+/// Whether the agent's first look at Asterisk may find conferences to adopt: Redis holds
+/// claims for this node (true when Redis cannot say), or the events connection is up, so
+/// that the look is under way (an agent away longer than `redis.conference_lease` has no
+/// claims left, while Asterisk may still hold its callers). An agent whose Asterisk is gone
+/// and that hosted nothing does not wait for a look that may never come.
+async fn may_find_conferences(node: &Node) -> bool {
+    node.ari_connected.load(std::sync::atomic::Ordering::SeqCst) || claims_left(node).await
+}
+
 /// Whether Redis holds conference claims for this node (true when Redis cannot say).
 async fn claims_left(node: &Node) -> bool {
     let mut after: Option<String> = None;
@@ -271,8 +280,8 @@ async fn run(node: Arc<Node>, shutdown: bool, elapsed: Duration) {
     // Right after a restart the agent hosts nothing until it has adopted the conferences
     // Asterisk still holds: empty then is not drained, and exiting would leave those calls
     // without an agent (and their claims to expire under them). Claims in Redis for this
-    // node say a previous life hosted some.
-    if !node.reconciled() && claims_left(&node).await {
+    // node say a previous life hosted some; a connected Asterisk may hold some either way.
+    if !node.reconciled() && may_find_conferences(&node).await {
         tracing::info!("draining: waiting for the first look at what Asterisk holds");
         // Not cut short by the deadline: a deadline already near (a resumed drain, a short
         // setting) would find the node idle before the adoption and leave the conferences
@@ -527,7 +536,7 @@ pub async fn shutdown_now(node: &Arc<Node>) {
     if !node.reconciled() {
         let until = Instant::now() + HURRIED_SEND;
         let look = async {
-            if claims_left(node).await {
+            if may_find_conferences(node).await {
                 tracing::warn!("second stop signal: waiting briefly for the first look at what Asterisk holds, to end it too");
                 wait_reconciled(node, until).await;
             }

@@ -716,6 +716,46 @@ async fn a_drain_right_after_a_restart_waits_for_the_conferences_asterisk_holds(
     assert_eq!(code, Some(0), "{}", s.node.output());
 }
 
+/// The same stop right after a restart, when the agent was away longer than the claims'
+/// lease (Redis holds none for the node any more): what Asterisk holds is still adopted and
+/// drained, not left with its callers to an agent that exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_right_after_a_restart_waits_for_asterisk_even_with_the_claims_lapsed() {
+    let mut s = Single::start(&[("CONFROUTE_CONFERENCE__BEEP", "false")]).await;
+    let a = dial(&s.sim, "lapsed", &[]).await;
+    wait_bridged(&s.sim, &a).await;
+    s.restart_with_channel_listing_held().await;
+    // The claim lapsed while the agent was away.
+    s.redis
+        .query(redis::cmd("DEL").arg("{confroute}:conf:lapsed"))
+        .expect("del");
+    let store = fixtures::store(&s.cfg);
+    assert!(store
+        .lookup(&ConferenceName::parse("lapsed").expect("name"))
+        .await
+        .expect("lookup")
+        .is_none());
+    s.node.process().signal(libc::SIGTERM).expect("sigterm");
+    s.node
+        .wait_log("waiting for the first look", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    s.sim.release_operation("GET /channels");
+    wait_for_async("the conference adopted while draining", WAIT, || async {
+        let v = fixtures::try_get_json(&format!("{}/v1/conferences", s.node.http_url())).await?;
+        (v["state"] == "draining" && v["items"].as_array().is_some_and(|i| i.len() == 1))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert!(s.node.process().is_running(), "still serving its callers");
+    s.sim
+        .hangup_far_end(&a, 16)
+        .await
+        .expect("the caller leaves");
+    let code = s.node.process().wait_exit(WAIT).expect("exits once empty");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
+
 /// A second stop signal before the agent's first look at what Asterisk holds after a
 /// restart still ends the conferences Asterisk holds: the agent waits briefly for the look,
 /// adopts them and hangs their callers up, rather than exiting and leaving them in Asterisk
