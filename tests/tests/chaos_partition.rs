@@ -1,7 +1,8 @@
 //! Chaos, short run (see docs/chaos.md): one agent cut off from Redis by a black-holed proxy
-//! under load. It admits nobody while cut off, its conferences are re-homed within the node
-//! lease (plus the documented margin), no conference is admitted on two nodes, and once the
-//! partition heals it ends what was left of the conferences it lost.
+//! under load. It admits nobody while cut off (and refuses the callers sent to it), its
+//! conferences are re-homed within the node lease (plus the documented margin), no
+//! conference is admitted on two nodes, and once the partition heals it ends the long
+//! callers left in the conferences it lost (there must be some).
 
 use confroute_tests::chaos::{self, Common, Length};
 
@@ -14,8 +15,15 @@ async fn partitioned_node_stops_admitting_loses_its_conferences_and_tears_down_o
         .expect("the scenario runs");
     println!("{report}");
     assert_eq!(report.value("admitted_cut_off"), 0.0, "{report}");
+    assert!(report.value("refused_cut_off") > 0.0, "{report}");
     assert_eq!(report.double_homes, 0, "{report}");
     assert_eq!(report.value("torn_down"), 1.0, "{report}");
+    assert!(report.value("stranded_callers") > 0.0, "{report}");
+    assert_eq!(
+        report.value("torn_down_callers"),
+        report.value("stranded_callers"),
+        "{report}"
+    );
     let missed = chaos::missed_goals("partition", &report);
     assert!(missed.is_empty(), "goals missed: {missed:#?}\n{report}");
 }

@@ -21,6 +21,8 @@ async fn redis_outage_keeps_everyone_alive_refuses_with_503_and_recovers_in_plac
     );
     assert!(report.fault_503 > 0, "{report}");
     assert_eq!(report.fault_503_without_retry_after, 0, "{report}");
+    assert_eq!(report.unavailable_without_retry_after, 0, "{report}");
+    assert_eq!(report.other_route_answers(), 0, "{report}");
     assert_eq!(report.dropped, 0, "{report}");
     assert_eq!(report.restarted, 0, "{report}");
     let missed = chaos::missed_goals("redis-outage", &report);

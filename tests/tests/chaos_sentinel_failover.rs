@@ -15,6 +15,8 @@ async fn primary_failover_gives_503s_never_a_second_home_and_recovers_in_place()
     println!("{report}");
     assert!(report.fault_503 > 0, "{report}");
     assert_eq!(report.fault_503_without_retry_after, 0, "{report}");
+    assert_eq!(report.unavailable_without_retry_after, 0, "{report}");
+    assert_eq!(report.other_route_answers(), 0, "{report}");
     assert_eq!(report.double_homes + report.split_by_rehome, 0, "{report}");
     assert_eq!(report.restarted, 0, "{report}");
     let missed = chaos::missed_goals("sentinel-failover", &report);

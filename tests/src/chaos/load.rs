@@ -103,6 +103,8 @@ pub struct Dropped {
     pub node: usize,
     /// Conference.
     pub conference: String,
+    /// The caller's channel.
+    pub channel: String,
     /// Hangup cause (-1 when the observer missed the event).
     pub cause: i64,
     /// On a node whose conferences were expected to end (stopping, or torn down).
@@ -239,6 +241,20 @@ impl Tracker {
                     .any(|((n, _), h)| *n == node && !h.members.is_empty())
             })
             .map(|(c, _)| c.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Callers in a bridge on node index `node` now: (channel, conference, when it first
+    /// entered a bridge).
+    pub fn callers_on(&self, node: usize) -> Vec<(String, String, Instant)> {
+        let st = lock(&self.state);
+        let mut out: Vec<(String, String, Instant)> = st
+            .chans
+            .iter()
+            .filter(|(_, c)| c.node == node && c.bridge.is_some() && c.destroyed.is_none())
+            .filter_map(|(id, c)| Some((id.clone(), c.conference.clone(), c.entered?)))
             .collect();
         out.sort();
         out
@@ -462,6 +478,7 @@ impl Tracker {
                 at: Instant::now(),
                 node,
                 conference: c.conference.clone(),
+                channel: channel.to_string(),
                 cause,
                 expected,
             };

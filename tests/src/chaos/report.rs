@@ -27,8 +27,10 @@ pub struct Calls {
     pub routed: u64,
     /// Answered 503.
     pub unavailable: u64,
-    /// Other routing failures, by reason.
+    /// Other routing answers (another status, no answer in time), by reason.
     pub route_failures: BTreeMap<String, u64>,
+    /// Of those, answered while the fault lasted (and until routing came back).
+    pub fault_route_failures: u64,
     /// Callers that reached a bridge.
     pub joined: u64,
     /// Callers that did not, by reason.
@@ -52,6 +54,8 @@ pub struct Report {
     pub fault_503: u64,
     /// Of those, answers without `Retry-After`.
     pub fault_503_without_retry_after: u64,
+    /// 503 answers without `Retry-After` over the whole run, fault window or not.
+    pub unavailable_without_retry_after: u64,
     /// Conferences admitted on two nodes under claims that cannot both be current.
     pub double_homes: u64,
     /// Times Redis named two owners for one conference life and epoch.
@@ -109,6 +113,9 @@ impl Report {
                 RouteOutcome::Node(_) => r.calls.routed += 1,
                 RouteOutcome::Unavailable { retry_after } => {
                     r.calls.unavailable += 1;
+                    if !retry_after {
+                        r.unavailable_without_retry_after += 1;
+                    }
                     if ev.at >= fault.0 && ev.at <= fault.1 {
                         r.fault_503 += 1;
                         if !retry_after {
@@ -117,7 +124,10 @@ impl Report {
                     }
                 }
                 RouteOutcome::Other(why) => {
-                    *r.calls.route_failures.entry(why.clone()).or_default() += 1
+                    *r.calls.route_failures.entry(why.clone()).or_default() += 1;
+                    if ev.at >= fault.0 && ev.at <= fault.1 {
+                        r.calls.fault_route_failures += 1;
+                    }
                 }
             }
         }
@@ -157,6 +167,12 @@ impl Report {
                 .map(|c| format!("caller {c} was out of its bridge")),
         );
         r
+    }
+
+    /// Routing answers that were neither a node nor a 503 (another status, no answer in
+    /// time), over the whole run.
+    pub fn other_route_answers(&self) -> u64 {
+        self.calls.route_failures.values().sum()
     }
 
     /// Adds a scenario-specific figure.
@@ -218,7 +234,17 @@ pub fn shared_goals(r: &Report, splits_allowed: bool) -> Vec<String> {
     zero("orphan bridges", r.orphan_bridges);
     zero("orphan claims", r.orphan_claims);
     zero("processes restarted", r.restarted);
-    zero("503s without Retry-After", r.fault_503_without_retry_after);
+    // A caller told nothing it can act on (a timeout, a 500) is worse than a 503: it may
+    // retry at once or give up; during a fault and outside one, a controller answers a
+    // node, or 503 with `Retry-After`.
+    zero(
+        "routing answers neither a node nor 503 (other status, no answer)",
+        r.other_route_answers(),
+    );
+    zero(
+        "503s without Retry-After (whole run)",
+        r.unavailable_without_retry_after,
+    );
     missed
 }
 
@@ -243,13 +269,21 @@ impl fmt::Display for Report {
         for (why, n) in &c.route_failures {
             writeln!(f, "  route failed ({why}): {n}")?;
         }
+        writeln!(
+            f,
+            "routing answers neither a node nor 503: {} ({} during the fault)",
+            self.other_route_answers(),
+            c.fault_route_failures
+        )?;
         for (why, n) in &c.join_failures {
             writeln!(f, "  join failed ({why}): {n}")?;
         }
         writeln!(
             f,
-            "503s during the fault: {} ({} without Retry-After)",
-            self.fault_503, self.fault_503_without_retry_after
+            "503s during the fault: {} ({} without Retry-After; {} without it in the whole run)",
+            self.fault_503,
+            self.fault_503_without_retry_after,
+            self.unavailable_without_retry_after
         )?;
         writeln!(
             f,
