@@ -164,7 +164,7 @@ pub struct Router {
     view_generation: std::sync::atomic::AtomicU64,
     /// Held by the placement that reads the nodes again after trouble or a reconnect.
     verifying: tokio::sync::Mutex<()>,
-    /// The Redis server the store was last found on ([`Store::server_id`]).
+    /// The Redis server the nodes were last listed on (its `run_id`).
     server: Mutex<Option<String>>,
 }
 
@@ -215,10 +215,12 @@ impl Router {
                     Ok(l) => l.clone(),
                     Err(p) => p.into_inner().clone(),
                 };
+                // Every node of the last listing, live when it was read: trouble noticed late
+                // (a slow first failure) must not take nodes whose leases seem to have run
+                // out meanwhile, by our clock, for gone.
                 let known = view
                     .nodes
-                    .keys()
-                    .filter_map(|id| view.live(id))
+                    .values()
                     .map(|n| Known {
                         id: n.info.id.clone(),
                         lease: Duration::from_millis(
@@ -405,9 +407,9 @@ impl Router {
         // The connection as it was before the read: one opened meanwhile (by this read or
         // another call) is noticed by the next look rather than credited with this listing.
         let generation = self.store.connection_generation();
-        let result = self.store.list_nodes().await;
+        let result = self.store.list_nodes_on_server().await;
         self.redis_ok.store(result.is_ok(), Ordering::Relaxed);
-        let nodes = match result {
+        let (nodes, server) = match result {
             Ok(n) => n,
             Err(e) => {
                 if matches!(e, StoreError::Unavailable(_)) {
@@ -428,24 +430,12 @@ impl Router {
         if previous != 0 && reconnected {
             self.trouble();
         }
-        // On a new connection, whether it reached the server of before: Redis restarted from
-        // saved data, or a replica promoted, comes back with the node records but may lack
-        // the last claims written, which a short reconnect would not show.
-        let unknown = match self.server.lock() {
-            Ok(s) => s.is_none(),
-            Err(_) => false,
-        };
-        if reconnected || unknown {
-            if let Ok(id) = self.store.server_id().await {
-                let changed = match self.server.lock() {
-                    Ok(mut s) => s.replace(id).is_some_and(|old| Some(&old) != s.as_ref()),
-                    Err(_) => false,
-                };
-                if changed {
-                    tracing::warn!("the redis server behind the store changed (a restart or a failover); placing no conference until the nodes that were live have renewed their leases and claims");
-                    self.trouble_with(true);
-                }
-            }
+        // Whether the listing came from the server of before, on every listing (a Cluster
+        // client reconnects to a restarted shard without a new connection of ours): Redis
+        // restarted from saved data, or a replica promoted, comes back with the node records
+        // but may lack the last claims written, which a short reconnect would not show.
+        if let Some(id) = server {
+            self.server_seen(id);
         }
         if let Ok(mut leases) = self.leases.lock() {
             // Only listed nodes are looked up; a node id gone from Redis (a replaced agent
@@ -534,6 +524,24 @@ impl Router {
         self.metrics.routes.with_label_values(&["invalid"]).inc();
     }
 
+    /// Notes that the store's Redis server is `id` (its `run_id`); one that changed is
+    /// trouble no short outage makes harmless. The trouble is set before the new id is
+    /// visible: a placement or refresh that sees the new id finds the trouble too.
+    fn server_seen(&self, id: String) {
+        let mut known = match self.server.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        if known.as_deref() == Some(id.as_str()) {
+            return;
+        }
+        if known.is_some() {
+            tracing::warn!("the redis server behind the store changed (a restart or a failover); placing no conference until the nodes that were live have renewed their leases and claims");
+            self.trouble_with(true);
+        }
+        *known = Some(id);
+    }
+
     /// Decides the node for `name`; `entry` labels the latency metric (`sip`, `http`).
     pub async fn route(
         &self,
@@ -607,11 +615,25 @@ impl Router {
                 Ok(mut p) => p.candidates(self.candidates).unwrap_or_default(),
                 Err(_) => Vec::new(),
             };
-            let claim = self
+            let server = match self.server.lock() {
+                Ok(s) => s.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            let claim = match self
                 .store
-                .claim(name, &candidates)
+                .claim_on(name, &candidates, server.as_deref())
                 .await
-                .map_err(unavailable)?;
+            {
+                Ok(c) => c,
+                Err(StoreError::ServerChanged) => {
+                    // Found before the refresher: the same wait for the nodes as it sets.
+                    self.trouble_with(true);
+                    return Err(RouteError::Unavailable(
+                        StoreError::ServerChanged.to_string(),
+                    ));
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
             if let Ok(mut p) = self.placer.lock() {
                 for skipped in candidates.iter().take(claim.skipped) {
                     p.unavailable(skipped);

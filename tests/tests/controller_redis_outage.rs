@@ -468,3 +468,66 @@ async fn a_controller_started_after_redis_came_back_empty_places_nothing_until_t
         controller.output()
     );
 }
+
+/// On a Redis Cluster, the shard holding the store's slot restarted from saved data (node
+/// records kept, the last claim lost) is told from the server of before, by the `run_id`
+/// every listing and every placement checks, and nothing is placed until the nodes are
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_shard_restarted_from_saved_data_places_nothing_until_the_nodes_are_back() {
+    let mut cluster = confroute_tests::harness::RedisCluster::start().expect("cluster");
+    let cfg = fixtures::cluster(&cluster.seeds());
+    let store = fixtures::store(&cfg);
+    for id in ["node-a", "node-b"] {
+        store
+            .register(&fixtures::node(id, 100), Duration::from_secs(30))
+            .await
+            .expect("register");
+    }
+    let env = quick_env(&cfg);
+    let controller = ControllerProc::start(&env).expect("controller");
+    let warm = invite(controller.sip_addr(), "warm-up");
+    assert!(warm.contains("302 Moved"), "{warm}");
+    // Every key shares the prefix's hash tag: one shard holds them all.
+    let shard = cluster
+        .nodes()
+        .iter()
+        .position(|n| {
+            n.query(&mut redis::cmd("DBSIZE"))
+                .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+                .is_some_and(|n| n > 0)
+        })
+        .expect("the shard holding the store");
+    cluster.nodes()[shard]
+        .query(&mut redis::cmd("SAVE"))
+        .expect("SAVE");
+    let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
+    let claim = store
+        .claim(&name, &[fixtures::id("node-a")])
+        .await
+        .expect("claim");
+    cluster
+        .restart_node(shard)
+        .expect("shard back from its snapshot");
+    wait_for_async(
+        "the claim lost with the restart",
+        Duration::from_secs(10),
+        || async { store.lookup(&name).await.ok()?.is_none().then_some(()) },
+    )
+    .await
+    .expect("lost");
+    wait_for(
+        "the controller to notice the server changed",
+        Duration::from_secs(10),
+        || {
+            controller
+                .output()
+                .contains("the redis server behind the store changed")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
+    refused_without_a_second_home(&controller, &store, &name).await;
+    let epoch = claim.owner.expect("owner").epoch;
+    routes_again_once_the_nodes_are_back(&controller, &store, &name, epoch).await;
+}

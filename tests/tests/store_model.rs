@@ -2755,3 +2755,74 @@ async fn a_heartbeat_claims_back_a_conference_redis_brought_back_under_a_dead_ow
         "b's placement set forgets it"
     );
 }
+
+/// The node listing names the Redis server it came from (its `run_id`, read in the same
+/// step), and a claim given that name places or re-homes only on that server: on another (a
+/// restart from saved data, a failover), which may have lost the claims of live
+/// conferences, it places nothing and says so. An existing live home is still returned.
+#[tokio::test]
+async fn a_claim_places_only_on_the_server_the_nodes_were_listed_on() {
+    let (redis, store) = with_nodes(&["a", "b"]).await;
+    let (nodes, server) = store.list_nodes_on_server().await.expect("list");
+    assert_eq!(nodes.len(), 2);
+    let info = redis
+        .query(redis::cmd("INFO").arg("server"))
+        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+        .expect("INFO");
+    let run_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
+        .expect("run_id");
+    assert_eq!(server.as_deref(), Some(run_id));
+
+    let other = "0".repeat(40);
+    let refused = store
+        .claim_on(&name("elsewhere"), &[id("a")], Some(&other))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::ServerChanged)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.lookup(&name("elsewhere")).await.expect("lookup"),
+        None
+    );
+    // Nor is a conference whose owner is gone re-homed there.
+    store.claim(&name("kept"), &[id("a")]).await.expect("claim");
+    store
+        .set_state(&id("a"), NodeState::Draining)
+        .await
+        .expect("drain");
+    let refused = store
+        .claim_on(&name("kept"), &[id("b")], Some(&other))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::ServerChanged)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store
+            .lookup(&name("kept"))
+            .await
+            .expect("lookup")
+            .map(|r| r.owner),
+        Some(owner("a", 1))
+    );
+    // A live home is routed on whatever server holds it.
+    store
+        .set_state(&id("a"), NodeState::Serving)
+        .await
+        .expect("serve");
+    let existing = store
+        .claim_on(&name("kept"), &[id("b")], Some(&other))
+        .await
+        .expect("existing");
+    assert_eq!(existing.kind, ClaimKind::Existing);
+    // On the server named, placement goes on.
+    let placed = store
+        .claim_on(&name("elsewhere"), &[id("a")], server.as_deref())
+        .await
+        .expect("claim");
+    assert_eq!(placed.kind, ClaimKind::Claimed);
+}

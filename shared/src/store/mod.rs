@@ -111,6 +111,11 @@ pub enum StoreError {
     /// is placed or re-homed until the nodes that were live are back (`settle.lua`).
     #[error("redis lost the node records (restarted empty, or every lease ran out); placing nothing until the nodes that were live have registered again")]
     Settling,
+    /// The Redis server holding the store is not the one the nodes were last listed on (a
+    /// restart from saved data, a failover): it may have lost claims of live conferences, so
+    /// nothing is placed or re-homed until the nodes have renewed them (`claim.lua`).
+    #[error("the redis server changed since the nodes were listed (a restart or a failover); placing nothing until the nodes that were live have renewed their leases and claims")]
+    ServerChanged,
     /// Fewer replicas than `redis.wait_replicas` acknowledged a write in time.
     #[error("claim not acknowledged by {wanted} replica(s) within the deadline (got {got})")]
     NotReplicated {
@@ -126,6 +131,7 @@ impl StoreError {
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Settling => "settling",
+            StoreError::ServerChanged => "server_changed",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Redis { .. } => "redis",
             StoreError::Protocol { .. } => "protocol",
@@ -771,6 +777,19 @@ impl Store {
         name: &ConferenceName,
         candidates: &[NodeId],
     ) -> Result<Claim, StoreError> {
+        self.claim_on(name, candidates, None).await
+    }
+
+    /// [`Store::claim`], placing or re-homing only on the Redis server whose `run_id` is
+    /// `server` (the one the nodes were listed on, [`Store::list_nodes_on_server`]): on
+    /// another, [`StoreError::ServerChanged`].
+    pub async fn claim_on(
+        &self,
+        name: &ConferenceName,
+        candidates: &[NodeId],
+        server: Option<&str>,
+    ) -> Result<Claim, StoreError> {
+        let server = server.filter(|s| !s.is_empty()).unwrap_or("-");
         let conf_key = self.conf_key(name.as_str());
         let touch = if self.wait_replicas > 0 { "1" } else { "0" };
         let lease_ms = self.claim_lease.as_millis() as u64;
@@ -805,7 +824,8 @@ impl Store {
                     .arg(&self.prefix)
                     .arg(name.as_str())
                     .arg(lease_ms)
-                    .arg(touch);
+                    .arg(touch)
+                    .arg(server);
                 for id in candidates {
                     inv.arg(id.as_str());
                 }
@@ -825,7 +845,10 @@ impl Store {
                 let placed = reply.string(0).ok();
                 if wait > 0
                     && acked.is_none_or(|(need, got)| got >= need)
-                    && !matches!(placed.as_deref(), Some("no_capacity" | "settling"))
+                    && !matches!(
+                        placed.as_deref(),
+                        Some("no_capacity" | "settling" | "server_changed")
+                    )
                 {
                     // Acknowledged (or no replica could be promoted without it): lookups may
                     // route to it from now on. Only this claim's mark: the WAIT says nothing
@@ -1354,8 +1377,16 @@ impl Store {
 
     /// Every node with a live lease.
     pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(self.list_nodes_on_server().await?.0)
+    }
+
+    /// [`Store::list_nodes`], with the `run_id` of the Redis server the listing came from,
+    /// read in the same step (`None` where Redis refuses `INFO`).
+    pub async fn list_nodes_on_server(
+        &self,
+    ) -> Result<(Vec<NodeRecord>, Option<String>), StoreError> {
         let script = &self.scripts.list_nodes;
-        let values: Vec<Vec<Value>> = self
+        let (server, values): (String, Vec<Vec<Value>>) = self
             .run("list_nodes", |mut c| async move {
                 script
                     .key(&self.nodes_key)
@@ -1364,9 +1395,10 @@ impl Store {
                     .await
             })
             .await?;
+        let server = (!server.is_empty()).then_some(server);
         // One unreadable record (written by hand, or by something else) must not hide every
         // node from placement: it is skipped, said in the log and counted.
-        Ok(values
+        let nodes = values
             .iter()
             .filter_map(|v| match reply::node_record(v) {
                 Ok(n) => Some(n),
@@ -1376,7 +1408,8 @@ impl Store {
                     None
                 }
             })
-            .collect())
+            .collect();
+        Ok((nodes, server))
     }
 
     /// One node with a live lease, if registered.
@@ -1448,6 +1481,7 @@ fn parse_claim(values: &[Value]) -> Result<Claim, StoreError> {
         "rehomed" => ClaimKind::Rehomed,
         "no_capacity" => ClaimKind::NoCapacity,
         "settling" => return Err(StoreError::Settling),
+        "server_changed" => return Err(StoreError::ServerChanged),
         other => {
             return Err(StoreError::Protocol {
                 op: "claim",

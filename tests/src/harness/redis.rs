@@ -201,6 +201,20 @@ impl RedisServer {
     }
 }
 
+/// Waits until every one of `nodes` says the cluster is whole.
+fn cluster_ok(nodes: &[RedisServer]) -> HarnessResult<()> {
+    let ports: Vec<u16> = nodes.iter().map(RedisServer::port).collect();
+    wait_for("cluster_state:ok on every node", START_TIMEOUT, || {
+        ports
+            .iter()
+            .all(|&p| {
+                query_string(p, redis::cmd("CLUSTER").arg("INFO"))
+                    .is_some_and(|t| t.contains("cluster_state:ok"))
+            })
+            .then_some(())
+    })
+}
+
 /// A Redis Cluster of three primaries (no replicas), all slots assigned.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
@@ -279,17 +293,20 @@ impl RedisCluster {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        let ports: Vec<u16> = nodes.iter().map(RedisServer::port).collect();
-        wait_for("cluster_state:ok on every node", START_TIMEOUT, || {
-            ports
-                .iter()
-                .all(|&p| {
-                    query_string(p, redis::cmd("CLUSTER").arg("INFO"))
-                        .is_some_and(|t| t.contains("cluster_state:ok"))
-                })
-                .then_some(())
-        })?;
+        cluster_ok(&nodes)?;
         Ok((RedisCluster { nodes }, ca.map(|_| tls_seeds)))
+    }
+
+    /// Kills server `i` and starts it again on its port and directory (its `nodes.conf`
+    /// keeps its id and slots, a `dump.rdb` there its data), then waits until every server
+    /// says the cluster is whole again.
+    pub fn restart_node(&mut self, i: usize) -> HarnessResult<()> {
+        let node = self
+            .nodes
+            .get_mut(i)
+            .ok_or_else(|| HarnessError(format!("no cluster server {i}")))?;
+        node.restart()?;
+        cluster_ok(&self.nodes)
     }
 
     /// Seed addresses as `redis://127.0.0.1:<port>`.

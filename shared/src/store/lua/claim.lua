@@ -20,13 +20,19 @@
 -- in its first full sync, as after a failover, acknowledges nothing until the sync is over).
 -- A home placed then is marked unconfirmed until that WAIT succeeds (the caller clears the
 -- mark), so no lookup routes to a claim a failover could still lose (invariant 1).
--- ARGV[5..] candidate node ids, best first.
+-- ARGV[5] the `run_id` of the server the caller last listed the nodes on ('-' for any): a
+-- different server here (a restart from saved data, a failover) may have lost claims of
+-- live conferences while keeping their nodes' records, so nothing is placed or re-homed
+-- until the caller has seen the nodes renew (invariant 1).
+-- ARGV[6..] candidate node ids, best first.
 -- Returns {outcome, owner, epoch, owner_sip_uri, created_ms, candidates_skipped, replicas}
 -- with outcome one of existing | claimed | rehomed | no_capacity | settling (settle.lua's mark
 -- lives: Redis lost the node records, and the nodes live before may not be back yet; nothing
--- is placed or re-homed, invariant 1).
+-- is placed or re-homed, invariant 1) | server_changed (ARGV[5] names another server).
 
 local prefix, name, lease, touch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local expected = ARGV[5]
+local first_candidate = 6
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -55,8 +61,18 @@ end
 
 local settling = redis.call('EXISTS', prefix .. 'settling') == 1
 
+-- Read only when a placement is about to be made: INFO is not free, and an existing home
+-- is routed whatever server holds it.
+local function server_changed()
+  if expected == '-' then return false end
+  local info = redis.pcall('INFO', 'server')
+  if type(info) ~= 'string' then return false end
+  local id = string.match(info, 'run_id:(%x+)')
+  return id ~= nil and id ~= expected
+end
+
 local function place(epoch, created, outcome)
-  for i = 5, #ARGV do
+  for i = first_candidate, #ARGV do
     local id = ARGV[i]
     local uri = usable(id)
     if uri then
@@ -88,7 +104,7 @@ local function place(epoch, created, outcome)
       local pttl = redis.call('PTTL', node_key(id))
       if pttl >= 0 then redis.call('PEXPIRE', set_key(id), math.max(pttl, 1)) end
       redis.call('ZADD', KEYS[2], 0, name)
-      return {outcome, id, epoch, uri, created, i - 5, replicas}
+      return {outcome, id, epoch, uri, created, i - first_candidate, replicas}
     end
   end
   return nil
@@ -108,6 +124,7 @@ if rec[1] then
     return {'existing', owner, epoch, n[2], created, 0, replicas}
   end
   if settling then return {'settling', owner, epoch, '', created, 0, replicas} end
+  if server_changed() then return {'server_changed', owner, epoch, '', created, 0, replicas} end
   -- Above the name's last ended life too: a heartbeat may have claimed it back at an epoch
   -- below one that ended meanwhile, and a late compare-and-delete of that life must not
   -- match the new home.
@@ -117,13 +134,14 @@ if rec[1] then
     redis.call('SREM', set_key(owner), name)
     return placed
   end
-  return {'no_capacity', owner, epoch, '', created, #ARGV - 4, replicas}
+  return {'no_capacity', owner, epoch, '', created, #ARGV - first_candidate + 1, replicas}
 end
 
 -- A new life of a name starts above the epoch its last life ended with (release.lua keeps it
 -- for a conference lease): a late compare-and-delete of that life cannot match this one.
 if settling then return {'settling', '', 0, '', 0, 0, replicas} end
+if server_changed() then return {'server_changed', '', 0, '', 0, 0, replicas} end
 local ended = tonumber(redis.call('GET', prefix .. 'ended:' .. name) or '0') or 0
 local placed = place(ended + 1, now, 'claimed')
 if placed then return placed end
-return {'no_capacity', '', 0, '', 0, #ARGV - 4, replicas}
+return {'no_capacity', '', 0, '', 0, #ARGV - first_candidate + 1, replicas}

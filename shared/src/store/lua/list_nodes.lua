@@ -1,7 +1,11 @@
 -- list_nodes: every node with a live lease, with its claimed-conference count and lease left.
 -- Keeps invariant 3 for the index: members whose record expired are removed here.
 -- KEYS[1] node index. ARGV[1] prefix.
--- Returns a list of flat field/value lists (HGETALL plus claimed and lease_ms).
+-- Returns {run_id, nodes}: the `run_id` of the server that ran it ('' when INFO is refused),
+-- read in the same step as the listing, so that a reader can tell whether the listing comes
+-- from the server it knew (a restart or a failover may have lost the last claims while
+-- keeping these records, invariant 1); nodes is a list of flat field/value lists (HGETALL
+-- plus claimed and lease_ms).
 local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -22,4 +26,6 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     out[#out + 1] = fields
   end
 end
-return out
+local info = redis.pcall('INFO', 'server')
+local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
+return {run_id, out}
