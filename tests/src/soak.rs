@@ -285,6 +285,9 @@ impl Outcomes {
 #[derive(Debug)]
 struct Chan {
     node: usize,
+    /// The conference it dialled: its callers in bridges on two nodes at once is a second
+    /// home.
+    conference: String,
     phase: usize,
     waiter: Option<oneshot::Sender<Result<Instant, String>>>,
     joined: bool,
@@ -322,12 +325,27 @@ impl Counter {
     }
 
     fn entered(st: &mut CallState, channel: &str) {
-        if let Some(c) = st.chans.get_mut(channel) {
-            c.in_bridge = true;
-            c.joined = true;
-            if let Some(w) = c.waiter.take() {
-                let _ = w.send(Ok(Instant::now()));
-            }
+        let Some(c) = st.chans.get_mut(channel) else {
+            return;
+        };
+        c.in_bridge = true;
+        c.joined = true;
+        if let Some(w) = c.waiter.take() {
+            let _ = w.send(Ok(Instant::now()));
+        }
+        let (node, phase, conference) = (c.node, c.phase, c.conference.clone());
+        // Nothing fails in a soak: callers of one conference bridged on two nodes at once
+        // are a second home (invariant 1), never a re-home.
+        let elsewhere = st
+            .chans
+            .values()
+            .find(|o| o.conference == conference && o.node != node && o.in_bridge && !o.destroyed)
+            .map(|o| o.node);
+        if let Some(other) = elsewhere {
+            st.phases[phase].error(
+                "double home: callers of one conference bridged on two nodes".into(),
+                format!("conference {conference} on nodes {other} and {node}"),
+            );
         }
     }
 
@@ -500,6 +518,7 @@ async fn caller(
             channel.clone(),
             Chan {
                 node,
+                conference: conference.clone(),
                 phase,
                 waiter: Some(tx),
                 joined: false,
@@ -661,8 +680,11 @@ impl CallLoad {
     /// every caller is done.
     async fn stop(&mut self) {
         self.stop.send_replace(true);
-        if let Some(g) = self.generator.take() {
-            let _ = tokio::time::timeout(STOP_WAIT, g).await;
+        if let Some(mut g) = self.generator.take() {
+            // Callers still running past the wait are stopped, not left to the runtime.
+            if tokio::time::timeout(STOP_WAIT, &mut g).await.is_err() {
+                g.abort();
+            }
         }
     }
 

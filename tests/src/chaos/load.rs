@@ -649,8 +649,14 @@ impl Load {
     /// until they have.
     pub async fn stop(&mut self) {
         self.stop.send_replace(true);
-        if let Some(g) = self.generator.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), g).await;
+        if let Some(mut g) = self.generator.take() {
+            // Callers still running past the wait are stopped, not left to the runtime.
+            if tokio::time::timeout(Duration::from_secs(30), &mut g)
+                .await
+                .is_err()
+            {
+                g.abort();
+            }
         }
     }
 }
