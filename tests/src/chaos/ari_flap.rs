@@ -51,8 +51,9 @@ pub fn load(common: &Common) -> LoadSpec {
     )
 }
 
-/// Bridges in the Asterisks that their agent does not host now: `node:bridge`.
-async fn unknown_bridges(cluster: &Cluster) -> Vec<String> {
+/// Bridges in the Asterisks that their agent does not host now: `node:bridge`, each with
+/// its member count (which may change from one look to the next: not part of the key).
+async fn unknown_bridges(cluster: &Cluster) -> Vec<(String, usize)> {
     let http = fixtures::http();
     let mut out = Vec::new();
     for (i, sim) in cluster.sims.iter().enumerate() {
@@ -80,11 +81,9 @@ async fn unknown_bridges(cluster: &Cluster) -> Vec<String> {
             let known = parse_bridge_id(&b.id)
                 .is_some_and(|(_, epoch, name)| hosted.contains(&(name.to_string(), epoch)));
             if !known {
-                out.push(format!(
-                    "{}:{} ({} member(s))",
-                    cluster.node_ids[i],
-                    b.id,
-                    b.channels.len()
+                out.push((
+                    format!("{}:{}", cluster.node_ids[i], b.id),
+                    b.channels.len(),
                 ));
             }
         }
@@ -127,7 +126,7 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
     while !unknown.is_empty() && settle.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = unknown_bridges(&cluster).await;
-        unknown.retain(|b| now.contains(b));
+        unknown.retain(|(b, _)| now.iter().any(|(n, _)| n == b));
     }
     // A measurement window under load, not a wait for an event.
     tokio::time::sleep(common.pick(Duration::from_secs(5), Duration::from_secs(1))).await;
@@ -188,9 +187,9 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
         unknown.len().to_string(),
     );
     report.notes.extend(
-        unknown
-            .iter()
-            .map(|b| format!("bridge {b} not hosted by its agent")),
+        unknown.iter().map(|(b, members)| {
+            format!("bridge {b} ({members} member(s)) not hosted by its agent")
+        }),
     );
     report.figure("reconnects counted by the agents", reconnects.join(", "));
     report.figure("reconciliation actions", reconciles.join("; "));
