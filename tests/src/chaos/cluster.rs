@@ -307,7 +307,7 @@ impl Cluster {
             let _ = std::fs::write(dir.join(format!("controller-{}.log", i + 1)), c.output());
         }
         for (id, n) in self.node_ids.iter().zip(&self.nodes) {
-            let _ = std::fs::write(dir.join(format!("{id}.log")), n.output());
+            let _ = std::fs::write(dir.join(format!("{id}.log")), n.all_output());
         }
     }
 

@@ -101,6 +101,19 @@ impl NodeProc {
         self.proc.output()
     }
 
+    /// What every process of this agent logged, each start under a header of its own: the
+    /// lives before a kill or a restart too.
+    pub fn all_output(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.starts {
+            let log = self.dir.path().join(format!("node-{}-{n}.log", self.id));
+            let text = std::fs::read_to_string(&log)
+                .unwrap_or_else(|e| format!("(cannot read {}: {e})\n", log.display()));
+            out.push_str(&format!("==== start {n} of {} ====\n{text}", self.starts));
+        }
+        out
+    }
+
     /// Waits until the current process logged `text`.
     pub fn wait_log(&mut self, text: &str, within: Duration) -> HarnessResult<()> {
         let proc = &mut self.proc;
