@@ -318,6 +318,27 @@ async fn nodes_drain_undrain_and_their_errors() {
         a.body,
         json!({"id": "node-a", "state": "serving", "previous": "draining"})
     );
+    // Serving again: new conferences reach node-a once the controller's view has it so.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for i in 0.. {
+        let a = call(
+            &s,
+            Method::POST,
+            "/v1/route",
+            Some(&format!(r#"{{"conference":"u{i}"}}"#)),
+            None,
+        )
+        .await;
+        if a.body["node_id"] == "node-a" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new conference on the undrained node: {}",
+            a.text
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_error(
         &call(&s, Method::POST, "/v1/nodes/ghost/drain", None, None).await,
         404,
