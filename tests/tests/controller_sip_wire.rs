@@ -2648,3 +2648,43 @@ async fn a_tcp_answer_whose_connection_closed_goes_on_a_new_one() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A peer that only shuts down its sending side after its requests still reads: every
+/// answer comes on its connection (RFC 3261 §18.2.2: the existing connection while it is
+/// open), an OPTIONS answer included, then the controller closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_sending_gets_its_answers_on_its_connection() {
+    let s = setup(&[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.controller.sip_addr())
+        .await
+        .expect("connect");
+    let tcp_request = |msg: String| msg.replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    let options = tcp_request(
+        invite("sip:probe@router", 5060, "z9hG4bKhalfopt", "")
+            .replace("INVITE sip:probe@router", "OPTIONS sip:probe@router")
+            .replace("CSeq: 1 INVITE", "CSeq: 1 OPTIONS"),
+    );
+    let call = tcp_request(invite("sip:half@router", 5060, "z9hG4bKhalfinv", ""));
+    tcp.write_all(format!("{options}{call}").as_bytes())
+        .await
+        .expect("write");
+    tcp.shutdown().await.expect("shut down the sending side");
+    let mut got = String::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the connection stays open: {got}"))
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("SIP/2.0 200 OK"), "the OPTIONS answer: {got}");
+    assert!(
+        got.contains("SIP/2.0 302 Moved Temporarily"),
+        "the INVITE's answer: {got}"
+    );
+    assert!(got.contains("X-Conference-Node: node-a"), "{got}");
+}

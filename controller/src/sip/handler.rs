@@ -395,7 +395,17 @@ impl SipService {
         let to = match (transport, via.rport) {
             (Transport::Udp, true) => source,
             (Transport::Tcp, _) => {
-                SocketAddr::new(source.ip().to_canonical(), via.port.unwrap_or(5060))
+                // The source's own address, scope id included (a link-local IPv6 peer's
+                // connection needs its interface), but an IPv4 peer of a dual-stack
+                // socket as itself.
+                let mut to = match source.ip() {
+                    std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                        SocketAddr::new(source.ip().to_canonical(), 0)
+                    }
+                    _ => source,
+                };
+                to.set_port(via.port.unwrap_or(5060));
+                to
             }
             // The source's own address, scope id included: a link-local IPv6 peer's answer
             // needs its interface.

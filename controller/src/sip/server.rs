@@ -646,33 +646,47 @@ async fn connection(
         let (service, peer_gone) = (service.clone(), peer_gone.clone());
         tokio::spawn(async move {
             let mut reconnect: Option<Reconnect> = None;
+            // A write on the connection failed: nothing more is written on it.
+            let mut broken = false;
             while let Some(Queued {
                 bytes,
                 room,
                 reconnect: to,
             }) = rx.recv().await
             {
-                if reconnect.is_none() && !peer_gone.load(Ordering::Acquire) {
+                // Written on the request's connection while it may be open: after the
+                // peer's end of stream too, as a peer that only shut down its sending side
+                // still reads (RFC 3261 §18.2.2: the existing connection if still open).
+                if !broken {
                     let written =
                         tokio::time::timeout(write_deadline, writer.write_all(&bytes)).await;
-                    drop(room);
                     match written {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(_)) => {}
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => broken = true,
                         Err(_) => {
                             tracing::debug!(%peer, "tcp peer reads nothing; closing");
                             break;
                         }
                     }
-                } else {
-                    drop(room);
                 }
-                // The peer is gone; the answers its transactions wait for go on a new
-                // connection (RFC 3261 §18.2.2), others are left (a keepalive's, one
-                // whose request came after the close cannot exist).
-                let fallback = reconnect.get_or_insert_with(|| Reconnect::new(write_deadline));
+                drop(room);
+                // Past the peer's end of stream, a write succeeds into the kernel even when
+                // the peer closed for good (its reset comes after): the answers its
+                // transactions wait for (INVITE, CANCEL) also go on a new connection to its
+                // Via (a peer that still reads gets one twice, which its transaction layer
+                // absorbs as a retransmission). Others (an OPTIONS answer, a keepalive) are
+                // only for the connection.
+                let gone = broken || peer_gone.load(Ordering::Acquire);
+                if !gone {
+                    continue;
+                }
                 let sent = match to {
-                    Some(to) => fallback.send(to, &bytes).await,
+                    Some(to) => {
+                        let fallback =
+                            reconnect.get_or_insert_with(|| Reconnect::new(write_deadline));
+                        fallback.send(to, &bytes).await
+                    }
+                    // Counted for the answers a transaction waits for only.
                     None => true,
                 };
                 if !sent {
