@@ -124,6 +124,9 @@ enum Health {
         known: Vec<Known>,
         since: Instant,
         restarted: bool,
+        /// The writes seen and the end of the wait, when the trouble came while settling
+        /// (and the server did not change): a short trouble then resumes that wait.
+        during: Option<Sightings>,
     },
     /// Redis is back; waiting for these nodes to write to Redis again (writes seen since,
     /// each newer than the last, with the last one's time), at most until `until`.
@@ -133,6 +136,10 @@ enum Health {
         until: Instant,
     },
 }
+
+/// Writes seen per node while settling (each newer than the last, with the last one's time),
+/// and when the wait ends at the latest.
+type Sightings = (HashMap<NodeId, (u8, u64)>, Instant);
 
 /// How long Redis trouble may last without any live node losing its lease for it: a live
 /// node renews every third of its lease (three heartbeats per lease), so it still has a
@@ -232,21 +239,38 @@ impl Router {
                 (known, Instant::now(), restarted)
             }
             Health::Trouble {
-                restarted: before, ..
+                restarted: before,
+                during,
+                ..
             } => {
                 *before |= restarted;
+                // A server that changed may have lost writes counted before.
+                if restarted {
+                    *during = None;
+                }
                 return;
             }
-            // Trouble again while settling counts from now, and does not end the wait as a
-            // short trouble would: the nodes live before have not all written since the
-            // first one, which may have lost their claims (a reconnect right after a
-            // restart, say, would otherwise place conferences whose claims it lost).
-            Health::Settling { known, .. } => (known.clone(), Instant::now(), true),
+            // Trouble again while settling does not end the wait as a short trouble would:
+            // the nodes live before have not all written since the first one, which may have
+            // lost their claims (a reconnect right after a restart, say, would otherwise
+            // place conferences whose claims it lost). A short one resumes it with the writes
+            // seen so far, so that repeated blips do not keep placements refused.
+            Health::Settling { known, seen, until } => {
+                let during = (!restarted).then(|| (seen.clone(), *until));
+                *health = Health::Trouble {
+                    known: known.clone(),
+                    since: Instant::now(),
+                    restarted,
+                    during,
+                };
+                return;
+            }
         };
         *health = Health::Trouble {
             known,
             since,
             restarted,
+            during: None,
         };
     }
 
@@ -261,8 +285,20 @@ impl Router {
             known,
             since,
             restarted,
+            during,
         } = &*health
         {
+            let short = since.elapsed() < harmless(known);
+            if let (Some((seen, until)), true) = (during, short) {
+                // A blip while settling: the wait goes on where it was, as long again as
+                // the blip lasted.
+                *health = Health::Settling {
+                    known: known.clone(),
+                    seen: seen.clone(),
+                    until: *until + since.elapsed(),
+                };
+                return self.count_sightings(&mut health, nodes);
+            }
             // Short trouble left every lease time to be renewed, unless Redis lost them: a
             // restart without persistence comes back empty in well under a second, and a
             // node that registers again first would be given the conferences of the others.
@@ -274,7 +310,7 @@ impl Router {
                     .iter()
                     .any(|n| n.info.id == k.id && n.updated_ms >= k.updated_ms)
             });
-            if since.elapsed() < harmless(known) && intact && !restarted {
+            if short && intact && !restarted && during.is_none() {
                 *health = Health::Good;
                 return;
             }
@@ -292,7 +328,13 @@ impl Router {
                 until: Instant::now() + longest,
             };
         }
-        let Health::Settling { known, seen, until } = &mut *health else {
+        self.count_sightings(&mut health, nodes);
+    }
+
+    /// While settling: counts the writes of the known nodes in this listing, and moves on
+    /// once each wrote twice (or the wait is over).
+    fn count_sightings(&self, health: &mut Health, nodes: &[NodeRecord]) {
+        let Health::Settling { known, seen, until } = health else {
             return;
         };
         // A record that merely outlived the trouble says nothing: it may expire before its
@@ -368,7 +410,8 @@ impl Router {
                 known,
                 since,
                 restarted,
-            } => *restarted || since.elapsed() >= harmless(known),
+                during,
+            } => *restarted || during.is_some() || since.elapsed() >= harmless(known),
             Health::Settling { until, .. } => Instant::now() < *until,
         }
     }
@@ -723,6 +766,7 @@ mod tests {
                 }],
                 since: Instant::now() - Duration::from_secs(5),
                 restarted: false,
+                during: None,
             };
         }
         r.settle(&[record("node-a", 150)]);
@@ -746,6 +790,7 @@ mod tests {
             }],
             since: Instant::now(),
             restarted: false,
+            during: None,
         };
         {
             let mut h = r.health.lock().expect("health lock");
@@ -771,8 +816,61 @@ mod tests {
         // A blip while settling (a reconnect right after the restart) is no short trouble
         // of its own: the records still listed say nothing of the claims lost before it.
         r.trouble();
+        assert!(r.settling(), "nothing placed during the blip");
         r.settle(&[record("node-a", 100)]);
         assert!(r.settling(), "a blip while settling does not end the wait");
+    }
+
+    /// Blips while settling do not start the wait over: the writes seen before one still
+    /// count after it, so repeated short troubles cannot keep placements refused for ever.
+    /// A server that changed does start it over.
+    #[test]
+    fn writes_seen_while_settling_count_across_a_blip() {
+        let r = router();
+        {
+            let mut h = r.health.lock().expect("health lock");
+            *h = Health::Trouble {
+                known: vec![Known {
+                    id: "node-a".parse().expect("id"),
+                    lease: Duration::from_secs(3),
+                    updated_ms: 100,
+                }],
+                since: Instant::now() - Duration::from_secs(5),
+                restarted: false,
+                during: None,
+            };
+        }
+        r.settle(&[record("node-a", 200)]);
+        assert!(r.settling(), "one write seen");
+        r.trouble();
+        r.settle(&[record("node-a", 300)]);
+        assert!(
+            !r.settling(),
+            "the second write, after a blip: the node is back"
+        );
+
+        {
+            let mut h = r.health.lock().expect("health lock");
+            *h = Health::Trouble {
+                known: vec![Known {
+                    id: "node-a".parse().expect("id"),
+                    lease: Duration::from_secs(3),
+                    updated_ms: 100,
+                }],
+                since: Instant::now() - Duration::from_secs(5),
+                restarted: false,
+                during: None,
+            };
+        }
+        r.settle(&[record("node-a", 200)]);
+        r.trouble_with(true);
+        r.settle(&[record("node-a", 300)]);
+        assert!(
+            r.settling(),
+            "a new server: the writes before it count for nothing"
+        );
+        r.settle(&[record("node-a", 400)]);
+        assert!(!r.settling(), "two writes on the new server");
     }
 
     /// After trouble, a node with a long lease (a long heartbeat interval) is waited for as
@@ -790,6 +888,7 @@ mod tests {
                 }],
                 since: Instant::now() - Duration::from_secs(30),
                 restarted: false,
+                during: None,
             };
         }
         r.settle(&[record("node-b", 100)]);
