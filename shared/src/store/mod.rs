@@ -878,7 +878,13 @@ impl Store {
                 return Err(e);
             }
         }
-        parse_claim(&values)
+        let claim = parse_claim(&values);
+        // Refusals the script answered (`settling`, `server_changed`): Redis answered, so
+        // the run counted nothing.
+        if let Err(e) = &claim {
+            self.metrics.error("claim", e);
+        }
+        claim
     }
 
     /// Extends the lease of a claim this owner holds; false if it is no longer the owner.
