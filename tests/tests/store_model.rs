@@ -2777,13 +2777,33 @@ async fn a_claim_places_only_on_the_server_the_nodes_were_listed_on() {
     assert_eq!(server.as_deref(), Some(run_id));
 
     let other = "0".repeat(40);
-    let refused = store
+    // Counted as a refusal of the claim, though Redis answered.
+    let registry = prometheus::Registry::new();
+    let counted = Store::new(
+        &fixtures::single(&redis.url()),
+        confroute_shared::store::StoreMetrics::new(&registry).expect("metrics"),
+    )
+    .expect("store");
+    let refused = counted
         .claim_on(&name("elsewhere"), &[id("a")], Some(&other))
         .await;
     assert!(
         matches!(refused, Err(StoreError::ServerChanged)),
         "{refused:?}"
     );
+    let errors: f64 = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "confroute_redis_errors_total")
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "kind" && l.value() == "server_changed")
+        })
+        .map(|m| m.get_counter().get_value())
+        .sum();
+    assert_eq!(errors, 1.0);
     assert_eq!(
         store.lookup(&name("elsewhere")).await.expect("lookup"),
         None
