@@ -751,24 +751,28 @@ mod tests {
         }
     }
 
+    /// Trouble that began 5 s ago, longer than node-a's 3 s lease makes harmless; node-a
+    /// last wrote at 100 before it.
+    fn past_trouble(r: &Router) {
+        let mut h = r.health.lock().expect("health lock");
+        *h = Health::Trouble {
+            known: vec![Known {
+                id: "node-a".parse().expect("id"),
+                lease: Duration::from_secs(3),
+                updated_ms: 100,
+            }],
+            since: Instant::now() - Duration::from_secs(5),
+            restarted: false,
+            during: None,
+        };
+    }
+
     /// The view taken when trouble began may predate a node's last write before it: that
     /// write, read on refresh after refresh, is one sighting, not the node being back.
     #[test]
     fn settling_counts_each_write_once() {
         let r = router();
-        {
-            let mut h = r.health.lock().expect("health lock");
-            *h = Health::Trouble {
-                known: vec![Known {
-                    id: "node-a".parse().expect("id"),
-                    lease: Duration::from_secs(3),
-                    updated_ms: 100,
-                }],
-                since: Instant::now() - Duration::from_secs(5),
-                restarted: false,
-                during: None,
-            };
-        }
+        past_trouble(&r);
         r.settle(&[record("node-a", 150)]);
         assert!(r.settling(), "one write seen");
         r.settle(&[record("node-a", 150)]);
@@ -827,19 +831,7 @@ mod tests {
     #[test]
     fn writes_seen_while_settling_count_across_a_blip() {
         let r = router();
-        {
-            let mut h = r.health.lock().expect("health lock");
-            *h = Health::Trouble {
-                known: vec![Known {
-                    id: "node-a".parse().expect("id"),
-                    lease: Duration::from_secs(3),
-                    updated_ms: 100,
-                }],
-                since: Instant::now() - Duration::from_secs(5),
-                restarted: false,
-                during: None,
-            };
-        }
+        past_trouble(&r);
         r.settle(&[record("node-a", 200)]);
         assert!(r.settling(), "one write seen");
         r.trouble();
@@ -849,19 +841,7 @@ mod tests {
             "the second write, after a blip: the node is back"
         );
 
-        {
-            let mut h = r.health.lock().expect("health lock");
-            *h = Health::Trouble {
-                known: vec![Known {
-                    id: "node-a".parse().expect("id"),
-                    lease: Duration::from_secs(3),
-                    updated_ms: 100,
-                }],
-                since: Instant::now() - Duration::from_secs(5),
-                restarted: false,
-                during: None,
-            };
-        }
+        past_trouble(&r);
         r.settle(&[record("node-a", 200)]);
         r.trouble_with(true);
         r.settle(&[record("node-a", 300)]);

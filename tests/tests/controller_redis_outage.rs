@@ -106,6 +106,40 @@ async fn routes_again_once_the_nodes_are_back(
     }
 }
 
+/// node-a and node-b registered with 30 s leases (no heartbeats: their records stay as
+/// written), and a controller on `cfg` that has routed a first call.
+async fn two_nodes_and_a_controller(
+    cfg: &confroute_shared::config::RedisConfig,
+) -> (confroute_shared::store::Store, ControllerProc) {
+    let store = fixtures::store(cfg);
+    for id in ["node-a", "node-b"] {
+        store
+            .register(&fixtures::node(id, 100), Duration::from_secs(30))
+            .await
+            .expect("register");
+    }
+    let controller = ControllerProc::start(&quick_env(cfg)).expect("controller");
+    let warm = invite(controller.sip_addr(), "warm-up");
+    assert!(warm.contains("302 Moved"), "{warm}");
+    (store, controller)
+}
+
+/// Waits until the controller says the Redis server behind the store changed: what it
+/// answers next is that wait's, not a connection still broken.
+fn server_change_noticed(controller: &ControllerProc) {
+    wait_for(
+        "the controller to notice the server changed",
+        Duration::from_secs(10),
+        || {
+            controller
+                .output()
+                .contains("the redis server behind the store changed")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
+}
+
 async fn status(url: &str) -> u16 {
     fixtures::http()
         .get(url)
@@ -351,17 +385,7 @@ async fn a_redis_that_came_back_empty_places_nothing_until_the_live_nodes_are_ba
 async fn a_redis_restarted_from_saved_data_places_nothing_until_the_nodes_are_back() {
     let mut redis = RedisServer::start().expect("redis");
     let cfg = fixtures::single(&redis.url());
-    let store = fixtures::store(&cfg);
-    for id in ["node-a", "node-b"] {
-        store
-            .register(&fixtures::node(id, 100), Duration::from_secs(30))
-            .await
-            .expect("register");
-    }
-    let env = quick_env(&cfg);
-    let controller = ControllerProc::start(&env).expect("controller");
-    let warm = invite(controller.sip_addr(), "warm-up");
-    assert!(warm.contains("302 Moved"), "{warm}");
+    let (store, controller) = two_nodes_and_a_controller(&cfg).await;
     // The snapshot, then a claim it does not hold: the tail a restart loses.
     redis.query(&mut redis::cmd("SAVE")).expect("SAVE");
     let name: confroute_shared::name::ConferenceName = "sales-42".parse().expect("name");
@@ -375,18 +399,8 @@ async fn a_redis_restarted_from_saved_data_places_nothing_until_the_nodes_are_ba
         "the claim was lost with the restart"
     );
     // The controller has read the new server (both nodes listed, as in the snapshot) and
-    // told it from the old one: the 503 below is that wait, not a connection still broken.
-    wait_for(
-        "the controller to notice the server changed",
-        Duration::from_secs(10),
-        || {
-            controller
-                .output()
-                .contains("the redis server behind the store changed")
-                .then_some(())
-        },
-    )
-    .expect("noticed");
+    // told it from the old one.
+    server_change_noticed(&controller);
     refused_without_a_second_home(&controller, &store, &name).await;
     let epoch = claim.owner.expect("owner").epoch;
     routes_again_once_the_nodes_are_back(&controller, &store, &name, epoch).await;
@@ -477,17 +491,7 @@ async fn a_controller_started_after_redis_came_back_empty_places_nothing_until_t
 async fn a_cluster_shard_restarted_from_saved_data_places_nothing_until_the_nodes_are_back() {
     let mut cluster = confroute_tests::harness::RedisCluster::start().expect("cluster");
     let cfg = fixtures::cluster(&cluster.seeds());
-    let store = fixtures::store(&cfg);
-    for id in ["node-a", "node-b"] {
-        store
-            .register(&fixtures::node(id, 100), Duration::from_secs(30))
-            .await
-            .expect("register");
-    }
-    let env = quick_env(&cfg);
-    let controller = ControllerProc::start(&env).expect("controller");
-    let warm = invite(controller.sip_addr(), "warm-up");
-    assert!(warm.contains("302 Moved"), "{warm}");
+    let (store, controller) = two_nodes_and_a_controller(&cfg).await;
     // Every key shares the prefix's hash tag: one shard holds them all.
     let shard = cluster
         .nodes()
@@ -516,17 +520,7 @@ async fn a_cluster_shard_restarted_from_saved_data_places_nothing_until_the_node
     )
     .await
     .expect("lost");
-    wait_for(
-        "the controller to notice the server changed",
-        Duration::from_secs(10),
-        || {
-            controller
-                .output()
-                .contains("the redis server behind the store changed")
-                .then_some(())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", controller.output()));
+    server_change_noticed(&controller);
     refused_without_a_second_home(&controller, &store, &name).await;
     let epoch = claim.owner.expect("owner").epoch;
     routes_again_once_the_nodes_are_back(&controller, &store, &name, epoch).await;

@@ -570,6 +570,22 @@ async fn read_until(
     }
 }
 
+/// Reads `tcp` until the controller closes it (each read within 10 s), as text.
+async fn read_to_close(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut got = String::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the connection stays open: {got}"))
+            .expect("read");
+        if n == 0 {
+            return got;
+        }
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
 /// While Redis does not answer, at most `sip.max_pending_invites` UDP INVITEs wait for it;
 /// the rest are dropped and counted, and once those are answered INVITEs are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2604,19 +2620,8 @@ async fn a_tcp_answer_whose_connection_closed_goes_on_a_new_one() {
         .expect("no new connection to the edge for the answer")
         .expect("accept");
     assert_eq!(from.ip(), controller.sip_addr().ip());
-    let mut got = String::new();
-    let mut buf = vec![0u8; 8192];
     // The controller closes the new connection once the answer is written.
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), back.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("the new connection stays open: {got}"))
-            .expect("read");
-        if n == 0 {
-            break;
-        }
-        got.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let got = read_to_close(&mut back).await;
     assert_eq!(status(&got), 302, "{got}");
     assert_eq!(
         header(&got, "Call-ID"),
@@ -2669,18 +2674,7 @@ async fn a_peer_that_stops_sending_gets_its_answers_on_its_connection() {
         .await
         .expect("write");
     tcp.shutdown().await.expect("shut down the sending side");
-    let mut got = String::new();
-    let mut buf = vec![0u8; 8192];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("the connection stays open: {got}"))
-            .expect("read");
-        if n == 0 {
-            break;
-        }
-        got.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let got = read_to_close(&mut tcp).await;
     assert!(got.contains("SIP/2.0 200 OK"), "the OPTIONS answer: {got}");
     assert!(
         got.contains("SIP/2.0 302 Moved Temporarily"),

@@ -688,6 +688,25 @@ async fn a_node_registering_again_in_its_shutdown_drain_stays_stopping() {
     );
 }
 
+/// The agent, stopping, has adopted the one conference Asterisk holds and drains it: it runs
+/// on until caller `a` leaves, then exits.
+async fn adopted_drained_then_exits(s: &mut Single, a: &str) {
+    wait_for_async("the conference adopted while draining", WAIT, || async {
+        let v = fixtures::try_get_json(&format!("{}/v1/conferences", s.node.http_url())).await?;
+        (v["state"] == "draining" && v["items"].as_array().is_some_and(|i| i.len() == 1))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
+    assert!(s.node.process().is_running(), "still serving its callers");
+    s.sim
+        .hangup_far_end(a, 16)
+        .await
+        .expect("the caller leaves");
+    let code = s.node.process().wait_exit(WAIT).expect("exits once empty");
+    assert_eq!(code, Some(0), "{}", s.node.output());
+}
+
 /// A stop signal right after a restart, before the agent has looked at what Asterisk holds:
 /// the agent hosts nothing yet, but that is not drained. It waits for its first look, adopts
 /// the conference still in Asterisk, and drains it instead of exiting under its callers.
@@ -701,20 +720,7 @@ async fn a_drain_right_after_a_restart_waits_for_the_conferences_asterisk_holds(
     let store = fixtures::store(&s.cfg);
     wait_draining(&s, &store).await;
     s.sim.release_operation("GET /channels");
-    wait_for_async("the conference adopted while draining", WAIT, || async {
-        let v = fixtures::try_get_json(&format!("{}/v1/conferences", s.node.http_url())).await?;
-        (v["state"] == "draining" && v["items"].as_array().is_some_and(|i| i.len() == 1))
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    assert!(s.node.process().is_running(), "still serving its callers");
-    s.sim
-        .hangup_far_end(&a, 16)
-        .await
-        .expect("the caller leaves");
-    let code = s.node.process().wait_exit(WAIT).expect("exits once empty");
-    assert_eq!(code, Some(0), "{}", s.node.output());
+    adopted_drained_then_exits(&mut s, &a).await;
 }
 
 /// The same stop right after a restart, when the agent was away longer than the claims'
@@ -741,20 +747,7 @@ async fn a_drain_right_after_a_restart_waits_for_asterisk_even_with_the_claims_l
         .wait_log("waiting for the first look", WAIT)
         .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
     s.sim.release_operation("GET /channels");
-    wait_for_async("the conference adopted while draining", WAIT, || async {
-        let v = fixtures::try_get_json(&format!("{}/v1/conferences", s.node.http_url())).await?;
-        (v["state"] == "draining" && v["items"].as_array().is_some_and(|i| i.len() == 1))
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.node.output()));
-    assert!(s.node.process().is_running(), "still serving its callers");
-    s.sim
-        .hangup_far_end(&a, 16)
-        .await
-        .expect("the caller leaves");
-    let code = s.node.process().wait_exit(WAIT).expect("exits once empty");
-    assert_eq!(code, Some(0), "{}", s.node.output());
+    adopted_drained_then_exits(&mut s, &a).await;
 }
 
 /// A second stop signal before the agent's first look at what Asterisk holds after a
