@@ -488,21 +488,6 @@ impl Store {
         .await
     }
 
-    /// Which Redis server holds this store's keys (its `run_id`): it changes when that
-    /// server restarts, or another takes over (a failover), either of which may have lost
-    /// the last writes.
-    pub async fn server_id(&self) -> Result<String, StoreError> {
-        let info = self.info("server_id", &["server"]).await?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|id| id.trim().to_string())
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| StoreError::Protocol {
-                op: "server_id",
-                message: "INFO server has no run_id".into(),
-            })
-    }
-
     /// What in Redis's own settings breaks this store's guarantees, one sentence each (read
     /// with `INFO`, which managed Redis offerings allow where `CONFIG GET` is refused).
     pub async fn settings_warnings(&self) -> Result<Vec<String>, StoreError> {
