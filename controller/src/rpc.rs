@@ -410,9 +410,34 @@ fn unreadable(text: &str, limits: &Limits, why: &serde_json::Error) -> Decoded {
 
 /// The `id` member of a request object as written; `None` for anything else.
 fn raw_id(item: &str) -> Option<Box<RawValue>> {
-    // Of members named twice the last counts, as for the value read.
-    let mut members: HashMap<String, Box<RawValue>> = serde_json::from_str(item).ok()?;
-    members.remove("id")
+    // Of members named twice the last counts, as for the value read. Names are read as
+    // bytes: one holding a lone surrogate escape (which no `String` holds) must not hide
+    // the request's id.
+    let mut members: HashMap<MemberName, Box<RawValue>> = serde_json::from_str(item).ok()?;
+    members.remove(&MemberName(b"id".to_vec()))
+}
+
+/// A member name as its bytes (escapes decoded; a lone surrogate as WTF-8).
+#[derive(PartialEq, Eq, Hash)]
+struct MemberName(Vec<u8>);
+
+impl<'de> serde::Deserialize<'de> for MemberName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = MemberName;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<MemberName, E> {
+                Ok(MemberName(v.to_vec()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MemberName, E> {
+                Ok(MemberName(v.as_bytes().to_vec()))
+            }
+        }
+        d.deserialize_bytes(Name)
+    }
 }
 
 /// Checks the request object shape (JSON-RPC 2.0 §4); `raw` is its id as written.

@@ -294,6 +294,15 @@ async fn protocol_errors_keep_the_connection_usable() {
     .await;
     let v = recv(&mut ws).await;
     assert_eq!((v["id"].clone(), code(&v)), (json!(9), -32601), "{v}");
+    // A member name holding a lone surrogate is an unexpected member: refused, under the
+    // request's own id.
+    send(
+        &mut ws,
+        r#"{"jsonrpc":"2.0","method":"conference.list","\ud800":1,"id":10}"#,
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!((v["id"].clone(), code(&v)), (json!(10), -32600), "{v}");
 
     // Bad input is counted by error code.
     let m = fixtures::scrape(&s.controller.http_url()).await;
