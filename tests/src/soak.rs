@@ -1706,6 +1706,7 @@ pub async fn run(cfg: &SoakConfig) -> SoakResult<SoakReport> {
         .run_until(cfg.sample_every, warm_end, false, &mut report_progress)
         .await;
     load.next_phase();
+    let measured_from = Instant::now();
     if progress {
         let o = load.outcomes();
         eprintln!(
@@ -1717,7 +1718,8 @@ pub async fn run(cfg: &SoakConfig) -> SoakResult<SoakReport> {
     sampler
         .run_until(cfg.sample_every, end, true, &mut report_progress)
         .await;
-    let soak_seconds = cfg.duration.as_secs_f64();
+    // As measured: the sampler's last step may end a little after the configured length.
+    let soak_seconds = measured_from.elapsed().as_secs_f64();
     let in_progress = load.in_progress();
     load.stop().await;
     let [warmup_calls, soak_calls] = load.outcomes();

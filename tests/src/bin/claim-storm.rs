@@ -3,7 +3,9 @@
 //! Reads the Redis settings the same way the binaries do (`CONFROUTE_REDIS__*`), claims every
 //! conference `<prefix-name>0 .. <prefix-name>N-1` in a shuffled order with the given node as
 //! its first candidate, retrying failed claims until a deadline, and prints one line per name:
-//! `name owner epoch kind`. Several of these started at once make a race between processes.
+//! `name owner epoch kind retries` (`- 0` for the owner and epoch of a claim that found no
+//! node with room, kind `no_capacity`). Several of these started at once make a race between
+//! processes. Exits 1 when a name could not be claimed by the deadline.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

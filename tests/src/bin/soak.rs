@@ -175,14 +175,21 @@ async fn main() -> ExitCode {
         }
         Some(Ok(report)) => {
             print!("{report}");
+            // Samples asked for and not written are a failed run, whatever the goals say:
+            // a script reading them would read nothing (or an old file).
+            let mut written = true;
             if let Some(path) = &args.samples_csv {
                 if let Err(e) = std::fs::write(path, report.samples_csv()) {
                     println!("soak: cannot write {}: {e}", path.display());
+                    written = false;
                 }
             }
-            if report.missed().is_empty() {
+            if report.missed().is_empty() && written {
                 println!("verdict: every goal met");
                 ExitCode::SUCCESS
+            } else if report.missed().is_empty() {
+                println!("verdict: every goal met, but the samples were not written");
+                ExitCode::FAILURE
             } else {
                 println!("verdict: {} goal(s) missed", report.missed().len());
                 ExitCode::FAILURE
