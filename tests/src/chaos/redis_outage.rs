@@ -36,6 +36,14 @@ pub fn goals(r: &Report) -> Vec<String> {
         &format!("processes whose /readyz turned red (of {processes})"),
         |v| v == processes,
     );
+    let nodes = r.value("nodes");
+    super::expect_value(
+        &mut missed,
+        r,
+        "probes",
+        &format!("nodes a caller was sent to during the outage (of {nodes})"),
+        |v| v == nodes,
+    );
     super::expect_value(
         &mut missed,
         r,
@@ -139,8 +147,13 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
     proxy.black_hole();
     let mut healthz_failures = Vec::new();
     let mut red: Vec<Option<Duration>> = vec![None; targets.len()];
-    let mut probes = (0usize, 0usize);
-    let mut probed = false;
+    // One caller sent straight to each node (a route learnt before the outage) once that
+    // node says it knows Redis is gone: it must be refused, not admitted. Each on a task of
+    // its own, so that one waiting for its answer holds up neither the others nor the
+    // probes of readiness.
+    let first_node = cluster.controllers.len();
+    let mut probing: Vec<Option<tokio::task::JoinHandle<bool>>> =
+        (0..cluster.sims.len()).map(|_| None).collect();
     while cut.elapsed() < outage {
         for (i, (name, url)) in targets.iter().enumerate() {
             let h = probe(&http, &format!("{url}/healthz")).await;
@@ -154,26 +167,32 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
                 red[i] = Some(cut.elapsed());
             }
         }
-        // Once the agents know Redis is gone, a caller sent straight to a node (a route
-        // learnt before the outage) must be refused, not admitted.
-        if !probed && cut.elapsed() >= Duration::from_secs(2) {
-            probed = true;
-            for (i, sim) in cluster.sims.iter().enumerate() {
-                let conf = tracker
-                    .conferences_on(i)
-                    .into_iter()
-                    .next()
-                    .unwrap_or_else(|| format!("probe-{i}"));
-                probes.0 += 1;
-                if matches!(
-                    tracker.probe_join(sim, i, &conf).await,
-                    JoinOutcome::Joined(_)
-                ) {
-                    probes.1 += 1;
-                }
+        for (i, sim) in cluster.sims.iter().enumerate() {
+            if probing[i].is_some() || red.get(first_node + i).is_none_or(Option::is_none) {
+                continue;
             }
+            let conf = tracker
+                .conferences_on(i)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| format!("probe-{i}"));
+            let (tracker, sim) = (tracker.clone(), sim.clone());
+            probing[i] = Some(tokio::spawn(async move {
+                matches!(
+                    tracker.probe_join(&sim, i, &conf).await,
+                    JoinOutcome::Joined(_)
+                )
+            }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Judged while Redis is still away: a probe still waiting is waited for before the heal.
+    let mut probes = (0usize, 0usize);
+    for handle in probing.into_iter().flatten() {
+        probes.0 += 1;
+        if handle.await.unwrap_or(false) {
+            probes.1 += 1;
+        }
     }
     let participants_end_of_outage: usize = (0..cluster.nodes.len())
         .map(|i| tracker.members_on(i))
@@ -291,6 +310,7 @@ pub async fn run(common: &Common) -> ChaosResult<Report> {
     report.set("readyz_red", turned_red as f64);
     report.set("processes", targets.len() as f64);
     report.set("probes", probes.0 as f64);
+    report.set("nodes", cluster.sims.len() as f64);
     report.set("probes_admitted", probes.1 as f64);
     report.set("participants_kept", participants_end_of_outage as f64);
     report.figure(
