@@ -288,6 +288,9 @@ struct Chan {
     /// The conference it dialled: its callers in bridges on two nodes at once is a second
     /// home.
     conference: String,
+    /// When its dial-in had created it in the Asterisk (set once the request returned): a
+    /// resync only takes a channel missing from a snapshot taken after that for gone.
+    created: Option<Instant>,
     phase: usize,
     waiter: Option<oneshot::Sender<Result<Instant, String>>>,
     joined: bool,
@@ -389,7 +392,9 @@ impl BridgeEvents for Counter {
 
     fn connected(&self, node: usize, sim: &AriSim) {
         // Events missed while the observer's socket was down are recovered from the
-        // Asterisk's state now.
+        // Asterisk's state now. A channel whose dial-in had not returned before the snapshot
+        // may not be in it yet.
+        let taken = Instant::now();
         let snap = sim.snapshot();
         let present: HashMap<&str, bool> = snap
             .channels
@@ -401,15 +406,16 @@ impl BridgeEvents for Counter {
                 *up = true;
             }
             st.observer_connects += 1;
-            let ours: Vec<String> = st
+            let ours: Vec<(String, bool)> = st
                 .chans
                 .iter()
                 .filter(|(_, c)| c.node == node && !c.destroyed)
-                .map(|(id, _)| id.clone())
+                .map(|(id, c)| (id.clone(), c.created.is_some_and(|t| t < taken)))
                 .collect();
-            for id in ours {
+            for (id, judged) in ours {
                 match present.get(id.as_str()) {
-                    None => Counter::gone(st, &id, -1),
+                    None if judged => Counter::gone(st, &id, -1),
+                    None => {}
                     Some(true) => Counter::entered(st, &id),
                     Some(false) => {
                         if let Some(c) = st.chans.get_mut(&id) {
@@ -519,6 +525,7 @@ async fn caller(
             Chan {
                 node,
                 conference: conference.clone(),
+                created: None,
                 phase,
                 waiter: Some(tx),
                 joined: false,
@@ -545,6 +552,11 @@ async fn caller(
             e.to_string(),
         );
     }
+    counter.with(|st| {
+        if let Some(c) = st.chans.get_mut(&channel) {
+            c.created = Some(Instant::now());
+        }
+    });
     match tokio::time::timeout(JOIN_WAIT, rx).await {
         Ok(Ok(Ok(at))) => counter.with(|st| {
             let p = &mut st.phases[phase];

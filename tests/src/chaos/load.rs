@@ -116,6 +116,9 @@ struct Chan {
     conference: String,
     node: usize,
     dialled: Instant,
+    /// When its dial-in had created it in the Asterisk (set once the request returned): a
+    /// resync only takes a channel missing from a snapshot taken after that for gone.
+    created: Option<Instant>,
     bridge: Option<String>,
     entered: Option<Instant>,
     hanging_up: bool,
@@ -282,12 +285,20 @@ impl Tracker {
                 conference: conference.to_string(),
                 node,
                 dialled: Instant::now(),
+                created: None,
                 bridge: None,
                 entered: None,
                 hanging_up: false,
                 destroyed: None,
             },
         );
+    }
+
+    /// Notes that `channel`'s dial-in returned: the Asterisk holds it from now on.
+    fn created(&self, channel: &str) {
+        if let Some(c) = lock(&self.state).chans.get_mut(channel) {
+            c.created = Some(Instant::now());
+        }
     }
 
     fn record_join(&self, channel: &str, outcome: JoinOutcome) {
@@ -504,10 +515,13 @@ impl Tracker {
         };
         let outcome = match sim.dial_in(dial).await {
             Err(e) => JoinOutcome::Failed(format!("dial-in: {e}")),
-            Ok(_) => match self.wait_joined(&channel, JOIN_WAIT).await {
-                Ok(latency) => JoinOutcome::Joined(latency),
-                Err(why) => JoinOutcome::Failed(why),
-            },
+            Ok(_) => {
+                self.created(&channel);
+                match self.wait_joined(&channel, JOIN_WAIT).await {
+                    Ok(latency) => JoinOutcome::Joined(latency),
+                    Err(why) => JoinOutcome::Failed(why),
+                }
+            }
         };
         self.hanging_up(&channel, false);
         let _ = sim.hangup_far_end(&channel, 16).await;
@@ -539,7 +553,9 @@ impl BridgeEvents for Tracker {
 
     fn connected(&self, node: usize, sim: &AriSim) {
         // Events missed while the observer's socket was down (it is dropped with the agent's
-        // when the WebSocket flaps) are recovered from the Asterisk's state now.
+        // when the WebSocket flaps) are recovered from the Asterisk's state now. A channel
+        // whose dial-in had not returned before the snapshot may not be in it yet.
+        let taken = Instant::now();
         let snap = sim.snapshot();
         let mut st = lock(&self.state);
         let present: HashMap<&str, Option<&str>> = snap
@@ -547,18 +563,22 @@ impl BridgeEvents for Tracker {
             .iter()
             .map(|c| (c.id.as_str(), c.bridge.as_deref()))
             .collect();
-        let ours: Vec<(String, Option<String>, bool)> = st
+        let ours: Vec<(String, Option<String>, bool, bool)> = st
             .chans
             .iter()
             .filter(|(_, c)| c.node == node)
-            .map(|(id, c)| (id.clone(), c.bridge.clone(), c.destroyed.is_some()))
+            .map(|(id, c)| {
+                let judged = c.created.is_some_and(|t| t < taken);
+                (id.clone(), c.bridge.clone(), c.destroyed.is_some(), judged)
+            })
             .collect();
-        for (id, bridge, destroyed) in ours {
+        for (id, bridge, destroyed, judged) in ours {
             if destroyed {
                 continue;
             }
             match present.get(id.as_str()) {
-                None => self.gone(&mut st, node, &id, -1),
+                None if judged => self.gone(&mut st, node, &id, -1),
+                None => {}
                 Some(now) => {
                     if let Some(b) = &bridge {
                         if *now != Some(b.as_str()) {
@@ -788,6 +808,7 @@ async fn caller(
         tracker.forget(&channel);
         return;
     }
+    tracker.created(&channel);
     match tracker.wait_joined(&channel, JOIN_WAIT).await {
         Ok(latency) => tracker.record_join(&channel, JoinOutcome::Joined(latency)),
         Err(why) => {
