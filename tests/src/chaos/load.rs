@@ -778,7 +778,14 @@ async fn caller(
         Entry::Http
     };
     let at = Instant::now();
-    let outcome = route(&http, controller, entry, &conference).await;
+    // A node id the run does not know is a routing answer no caller can follow: counted
+    // with the other wrong answers, not taken for a route.
+    let outcome = match route(&http, controller, entry, &conference).await {
+        RouteOutcome::Node(id) if !targets.node_ids.contains(&id) => {
+            RouteOutcome::Other(format!("routed to a node the run does not know ({id})"))
+        }
+        other => other,
+    };
     tracker.record_route(RouteEvent {
         at,
         answered: Instant::now(),
