@@ -153,6 +153,11 @@ struct Stalled {
 }
 
 async fn stalled(timeout: &str, extra: &[(&str, &str)]) -> Stalled {
+    stalled_on(std::net::Ipv4Addr::LOCALHOST.into(), timeout, extra).await
+}
+
+/// [`stalled`] with the controller's SIP on `ip`.
+async fn stalled_on(ip: std::net::IpAddr, timeout: &str, extra: &[(&str, &str)]) -> Stalled {
     let redis = RedisServer::start().expect("redis");
     let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().expect("addr");
     let proxy = TcpProxy::start(upstream).await.expect("proxy");
@@ -164,7 +169,7 @@ async fn stalled(timeout: &str, extra: &[(&str, &str)]) -> Stalled {
     env.push(("CONFROUTE_ROUTING__DEADLINE".into(), timeout.into()));
     env.push(("CONFROUTE_REDIS__TIMEOUT".into(), timeout.into()));
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let controller = ControllerProc::start(&env).expect("controller");
+    let controller = ControllerProc::start_sip_on(ip, &env).expect("controller");
     let udp = Udp::new(controller.sip_addr());
     let warm = udp.exchange(&invite("sip:warm@router", udp.port(), "z9hG4bKwarm", ""));
     assert_eq!(status(&warm), 302, "{warm}");
@@ -2572,7 +2577,9 @@ async fn a_stopping_controller_answers_the_invites_it_read() {
 /// An edge whose TCP connection closes while its INVITE is being routed still gets the
 /// final answer: on a new connection to the address it came from and its Via's port (RFC
 /// 3261 §18.2.2), where the edge listens, rather than never (its INVITE timer, 120 s on
-/// Kamailio, to run out). One whose Via names a port nobody listens on is counted.
+/// Kamailio, to run out). The new connection leaves from the address the edge reached (the
+/// controller listens on every address here, as on a multi-homed host). One whose Via names
+/// a port nobody listens on is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_answer_whose_connection_closed_goes_on_a_new_one() {
     let Stalled {
@@ -2580,7 +2587,9 @@ async fn a_tcp_answer_whose_connection_closed_goes_on_a_new_one() {
         proxy,
         controller,
         udp: _udp,
-    } = stalled("5s", &[]).await;
+    } = stalled_on(std::net::Ipv4Addr::UNSPECIFIED.into(), "5s", &[]).await;
+    // Another of the host's addresses than the one it would pick for the edge by itself.
+    let reached = std::net::SocketAddr::from(([127, 0, 0, 5], controller.sip_port));
     let edge = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("edge listener");
@@ -2596,7 +2605,7 @@ async fn a_tcp_answer_whose_connection_closed_goes_on_a_new_one() {
     };
 
     for (name, port) in [("gone-edge", edge_port), ("gone-nowhere", nowhere)] {
-        let mut tcp = tokio::net::TcpStream::connect(controller.sip_addr())
+        let mut tcp = tokio::net::TcpStream::connect(reached)
             .await
             .expect("connect");
         let msg = invite(
@@ -2619,7 +2628,7 @@ async fn a_tcp_answer_whose_connection_closed_goes_on_a_new_one() {
         .await
         .expect("no new connection to the edge for the answer")
         .expect("accept");
-    assert_eq!(from.ip(), controller.sip_addr().ip());
+    assert_eq!(from.ip(), reached.ip(), "from the address the edge reached");
     // The controller closes the new connection once the answer is written.
     let got = read_to_close(&mut back).await;
     assert_eq!(status(&got), 302, "{got}");

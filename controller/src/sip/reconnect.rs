@@ -2,11 +2,11 @@
 //! to the request's Via (RFC 3261 §18.2.2): the edge would otherwise wait out its own
 //! transaction timer (Kamailio's 120 s for an INVITE) for an answer already decided.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Longest a new connection for such answers may take to open: the edge listens where its
 /// Via says, so a slow connect means a peer that is gone.
@@ -28,16 +28,32 @@ pub struct Reconnect {
     /// not tried again (each would wait out the connect timeout).
     failed: Option<SocketAddr>,
     write_deadline: Duration,
+    /// The address the closed connection came to: new ones leave from it.
+    local: Option<IpAddr>,
 }
 
 impl Reconnect {
-    /// Nothing open yet; each answer's write must end within `write_deadline`.
-    pub fn new(write_deadline: Duration) -> Self {
+    /// Nothing open yet; each answer's write must end within `write_deadline`; new
+    /// connections leave from `local` when it is of the destination's family.
+    pub fn new(write_deadline: Duration, local: Option<IpAddr>) -> Self {
         Reconnect {
             open: None,
             failed: None,
             write_deadline,
+            local: local.map(|ip| ip.to_canonical()),
         }
+    }
+
+    /// A connection to `to`, from the local address when one fits.
+    async fn connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = match to {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if let Some(ip) = self.local.filter(|ip| ip.is_ipv4() == to.is_ipv4()) {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        socket.connect(to).await
     }
 
     /// Writes `bytes` on a connection to `to`, opened if need be; false when it could not.
@@ -49,7 +65,7 @@ impl Reconnect {
             self.close().await;
         }
         if self.open.is_none() {
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to)).await {
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(to)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     tracing::debug!(%to, "tcp peer closed its connection; answering on a new one");

@@ -632,6 +632,9 @@ async fn connection(
 ) {
     let max = limits.max_message;
     let pending = Arc::new(Semaphore::new(TCP_PENDING));
+    // A new connection for answers leaves from the address the edge reached: one from
+    // another address of a multi-homed host may be refused or not matched by the edge.
+    let local = stream.local_addr().ok().map(|a| a.ip());
     let (mut reader, mut writer) = stream.into_split();
     // Pipelined requests are routed concurrently; one writer keeps answers whole.
     let (tx, mut rx) = Answers::new();
@@ -683,7 +686,7 @@ async fn connection(
                 let sent = match to {
                     Some(to) => {
                         let fallback =
-                            reconnect.get_or_insert_with(|| Reconnect::new(write_deadline));
+                            reconnect.get_or_insert_with(|| Reconnect::new(write_deadline, local));
                         fallback.send(to, &bytes).await
                     }
                     // Counted for the answers a transaction waits for only.

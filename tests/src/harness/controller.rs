@@ -11,7 +11,9 @@ use super::{
 /// A running controller; killed when dropped.
 pub struct ControllerProc {
     proc: Proc,
-    /// SIP port (UDP and TCP) on 127.0.0.1.
+    /// The address SIP listens on.
+    sip_ip: std::net::IpAddr,
+    /// SIP port (UDP and TCP), on 127.0.0.1 unless started otherwise.
     pub sip_port: u16,
     /// HTTP port on 127.0.0.1.
     pub http_port: u16,
@@ -22,14 +24,24 @@ impl ControllerProc {
     /// Starts a controller with `env` (`CONFROUTE_*` settings) added to its own ports, and
     /// waits until it says it started.
     pub fn start(env: &[(String, String)]) -> HarnessResult<Self> {
+        Self::start_sip_on(std::net::Ipv4Addr::LOCALHOST.into(), env)
+    }
+
+    /// [`ControllerProc::start`] with SIP on `ip` (`0.0.0.0`: every address, a multi-homed
+    /// host's; [`ControllerProc::sip_addr`] is then on 127.0.0.1).
+    pub fn start_sip_on(ip: std::net::IpAddr, env: &[(String, String)]) -> HarnessResult<Self> {
         let sip_port = free_udp_tcp_port();
         let http_port = free_port();
         let dir = TempDir::new("controller")?;
         let mut cmd = Command::new(workspace_bin("confroute-controller")?);
-        cmd.env("CONFROUTE_SIP__LISTEN", format!("127.0.0.1:{sip_port}"))
-            .env("CONFROUTE_HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
-            .env("CONFROUTE_ROUTING__NODE_REFRESH", "100ms")
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let sip_ip = ip;
+        cmd.env(
+            "CONFROUTE_SIP__LISTEN",
+            std::net::SocketAddr::new(ip, sip_port).to_string(),
+        )
+        .env("CONFROUTE_HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
+        .env("CONFROUTE_ROUTING__NODE_REFRESH", "100ms")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let proc = Proc::spawn(
             "confroute-controller",
             cmd,
@@ -37,6 +49,7 @@ impl ControllerProc {
         )?;
         let mut me = ControllerProc {
             proc,
+            sip_ip,
             sip_port,
             http_port,
             _dir: dir,
@@ -63,7 +76,11 @@ impl ControllerProc {
 
     /// SIP address.
     pub fn sip_addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.sip_port))
+        if self.sip_ip.is_unspecified() {
+            std::net::SocketAddr::from(([127, 0, 0, 1], self.sip_port))
+        } else {
+            std::net::SocketAddr::new(self.sip_ip, self.sip_port)
+        }
     }
 
     /// Everything the controller logged so far.
